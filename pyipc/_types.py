@@ -1,0 +1,152 @@
+"""Types shared by both backends: events, callback results, errors and limits.
+
+Every name here is part of the public API and is re-exported by :mod:`pyipc`.
+The numbers of :class:`EventType` and :class:`CBEvent` are libIPC's, and the
+same numbers are used by the C ABI in ``zig/libipc.h``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+#: Default bound on one message's payload, in bytes (16 MiB).
+DEFAULT_MAX_MESSAGE_SIZE = 16 << 20
+#: Default bound on the bytes queued by ``schedule()`` for one fd (64 MiB).
+DEFAULT_MAX_QUEUE_SIZE = 64 << 20
+#: Default bound on the number of fds one context manages (services,
+#: connections and external fds together).
+DEFAULT_MAX_CONNECTIONS = 65536
+#: Hard upper bound of ``max_message_size``: the 4-byte length header.
+MAX_MESSAGE_SIZE_LIMIT = 0xFFFFFFFF
+#: Default run directory, the same as libIPC's.
+DEFAULT_RUNDIR = "/tmp/.libipc-run"
+#: Longest socket path accepted (``sun_path`` is 108 bytes on Linux, minus the NUL).
+MAX_SOCKET_PATH = 107
+#: Name of ipcd's service, reached by ``connect()`` when IPC_NETWORK is set.
+IPCD_SERVICE = "ipc"
+
+
+class EventType(enum.IntEnum):
+    """What an :class:`Event` reports (libIPC's numbers)."""
+
+    ERROR = 0
+    CONNECTION = 1
+    DISCONNECTION = 2
+    MESSAGE_RX = 3
+    MESSAGE_TX = 4
+    TIMER = 5
+    EXTERNAL = 6
+    SWITCH_RX = 7
+    SWITCH_TX = 8
+
+
+class CBEvent(enum.IntEnum):
+    """Result of a switching callback (libIPC's numbers)."""
+
+    NO_ERROR = 0
+    ERROR = 1
+    FD_CLOSING = 2
+    IGNORE = 3
+
+
+class Event:
+    """One thing that happened on a context.
+
+    ``type`` is an :class:`EventType`; ``fd`` the connection it concerns (-1 for
+    TIMER); ``index`` the connection's slot in the context's table (-1 for
+    TIMER); ``message`` the payload for MESSAGE_RX and SWITCH_RX (else None);
+    ``error`` the reason for an ERROR event (else None).
+    """
+
+    __slots__ = ("type", "fd", "index", "message", "error")
+
+    def __init__(
+        self,
+        type: EventType,
+        fd: int = -1,
+        index: int = -1,
+        message: Optional[bytes] = None,
+        error: Optional[str] = None,
+    ) -> None:
+        self.type = type
+        self.fd = fd
+        self.index = index
+        self.message = message
+        self.error = error
+
+    def __repr__(self) -> str:
+        parts = [f"Event({self.type.name}", f"fd={self.fd}", f"index={self.index}"]
+        if self.message is not None:
+            shown = self.message if len(self.message) <= 32 else self.message[:32] + b"..."
+            parts.append(f"message={shown!r} ({len(self.message)} B)")
+        if self.error is not None:
+            parts.append(f"error={self.error!r}")
+        return ", ".join(parts) + ")"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.type, self.fd, self.index, self.message, self.error) == (
+            other.type, other.fd, other.index, other.message, other.error)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class IPCError(OSError):
+    """Base class of every error pyipc raises."""
+
+
+class ServiceBusyError(IPCError):
+    """Another live process already runs a service of that name in the run dir."""
+
+
+class ServiceNotFoundError(IPCError):
+    """No service of that name in the run dir, or it refused the connection."""
+
+
+class InvalidNameError(IPCError):
+    """A service name that is empty, has '/' or NUL, or makes a path too long."""
+
+
+class RunDirError(IPCError):
+    """The run directory cannot be used: a symlink, writable by others, or not creatable."""
+
+
+class MessageTooLargeError(IPCError):
+    """A message is larger than the context's ``max_message_size``."""
+
+
+class QueueFullError(IPCError):
+    """A fd's send queue would exceed ``max_queue_size``; nothing was queued."""
+
+
+class ConnectionClosedError(IPCError):
+    """Read or write on a connection whose peer is gone."""
+
+
+class UnknownFdError(IPCError):
+    """A fd this context does not manage (or not of the kind the call needs)."""
+
+
+class ConnectionLimitError(IPCError):
+    """The context already manages ``max_connections`` fds."""
+
+
+class BackendError(IPCError):
+    """The requested backend cannot be used (the reason is in the message)."""
+
+
+#: Error classes by the code the C ABI returns (``IPC_E_*`` in libipc.h).
+ERRORS_BY_CODE: dict[int, type[IPCError]] = {
+    -1: IPCError,
+    -2: ServiceBusyError,
+    -3: ServiceNotFoundError,
+    -4: InvalidNameError,
+    -5: RunDirError,
+    -6: MessageTooLargeError,
+    -7: QueueFullError,
+    -8: ConnectionClosedError,
+    -9: UnknownFdError,
+    -10: ConnectionLimitError,
+}

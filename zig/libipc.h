@@ -1,0 +1,103 @@
+/*
+ * libipc.h: the C ABI of pyipc's Zig core.
+ *
+ * It keeps libIPC's functions, names, signatures and enum values, so a C program
+ * written for libIPC builds against this library unchanged, and adds what pyipc
+ * needs: error codes and text, batched events, limits, peer credentials and fd
+ * passing. pyipc's cffi wrapper reads the declarations between the CFFI markers
+ * below, so this file is the only copy of them: keep those lines plain C that
+ * cffi's parser accepts (no preprocessor directives, no comments inside).
+ *
+ * Return values: 0 on success, a negative IPC_E_* code on failure (libIPC
+ * returned -1; testing "!= 0" or "< 0" works with both). After a failure,
+ * ipc_last_error(ctx) gives the message, the same text the pure-Python backend
+ * puts in its exception.
+ *
+ * Payloads handed out by ipc_wait_events() point into
+ * memory the context owns; they stay valid until the next wait call or
+ * ipc_context_deinit() on that context. One context belongs to one thread at a
+ * time.
+ */
+#ifndef LIBIPC
+#define LIBIPC
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* CFFI-BEGIN */
+enum event_types {
+    ERROR = 0,
+    CONNECTION = 1,
+    DISCONNECTION = 2,
+    MESSAGE_RX = 3,
+    MESSAGE_TX = 4,
+    TIMER = 5,
+    EXTERNAL = 6,
+    SWITCH_RX = 7,
+    SWITCH_TX = 8
+};
+
+enum cb_event_types {
+    CB_NO_ERROR = 0,
+    CB_ERROR = 1,
+    CB_FD_CLOSING = 2,
+    CB_IGNORE = 3
+};
+
+enum ipc_error_codes {
+    IPC_OK = 0,
+    IPC_E_GENERIC = -1,
+    IPC_E_SERVICE_BUSY = -2,
+    IPC_E_SERVICE_NOT_FOUND = -3,
+    IPC_E_INVALID_NAME = -4,
+    IPC_E_RUNDIR = -5,
+    IPC_E_MESSAGE_TOO_LARGE = -6,
+    IPC_E_QUEUE_FULL = -7,
+    IPC_E_CONNECTION_CLOSED = -8,
+    IPC_E_UNKNOWN_FD = -9,
+    IPC_E_CONNECTION_LIMIT = -10,
+    IPC_E_BUFFER_TOO_SMALL = -11,
+    IPC_E_NO_MEMORY = -12
+};
+
+struct ipc_event {
+    int32_t type;
+    int32_t fd;
+    int64_t index;
+    const char *message;
+    uint32_t message_len;
+    const char *error;
+};
+
+int ipc_context_init(void **ctx);
+int ipc_service_init(void *ctx, int *servicefd, const char *service_name, uint16_t service_name_len);
+int ipc_connect_service(void *ctx, int *servicefd, const char *service_name, uint16_t service_name_len);
+void ipc_context_deinit(void **ctx);
+int ipc_write(void *ctx, int servicefd, char *mcontent, uint32_t mlen);
+int ipc_schedule(void *ctx, int servicefd, const char *mcontent, uint32_t mlen);
+int ipc_read_fd(void *ctx, int fd, char *buffer, size_t *buflen);
+int ipc_read(void *ctx, size_t index, char *buffer, size_t *buflen);
+int ipc_wait_event(void *ctx, char *t, size_t *index, int *originfd, char *buffer, size_t *buflen);
+void ipc_context_timer(void *ctx, int timer);
+int ipc_close_fd(void *ctx, int fd);
+int ipc_close(void *ctx, size_t index);
+int ipc_close_all(void *ctx);
+int ipc_add_external(void *ctx, int newfd);
+int ipc_add_switch(void *ctx, int fd1, int fd2);
+int ipc_set_switch_callbacks(void *ctx, int fd,
+    enum cb_event_types (*in)(int orig, char *payload, uint32_t *mlen),
+    enum cb_event_types (*out)(int dest, const char *payload, uint32_t mlen));
+
+const char *ipc_last_error(void *ctx);
+int ipc_context_set_rundir(void *ctx, const char *rundir, size_t rundir_len);
+int ipc_context_set_limits(void *ctx, uint32_t max_message_size, uint64_t max_queue_size, uint32_t max_connections);
+int ipc_connect(void *ctx, int *fd, const char *service_name, uint16_t service_name_len);
+int ipc_wait_events(void *ctx, struct ipc_event *events, size_t capacity, size_t *count);
+size_t ipc_pending_events(void *ctx);
+int ipc_peer_credentials(void *ctx, int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
+int ipc_send_fd(int sock, int fd_to_pass, const char *payload, uint32_t payload_len);
+int ipc_receive_fd(int sock, int *received_fd, char *buffer, size_t *buflen);
+/* CFFI-END */
+
+#endif

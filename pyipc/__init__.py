@@ -1,0 +1,25 @@
+"""pyipc: libIPC's model of inter-process communication, for Python.
+
+Services are Unix sockets named in a run directory; each process runs one event
+loop on a :class:`Context`; messages are length-prefixed frames. Two backends,
+``native`` (Zig core through cffi) and ``pure`` (plain Python), share this API.
+"""
+
+from ._backend import available as available_backends
+from ._context import Context
+from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
+                     DEFAULT_MAX_QUEUE_SIZE, DEFAULT_RUNDIR, BackendError, CBEvent,
+                     ConnectionClosedError, ConnectionLimitError, Event, EventType,
+                     InvalidNameError, IPCError, MessageTooLargeError, QueueFullError,
+                     RunDirError, ServiceBusyError, ServiceNotFoundError, UnknownFdError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Context", "Event", "EventType", "CBEvent", "available_backends",
+    "IPCError", "ServiceBusyError", "ServiceNotFoundError", "InvalidNameError",
+    "RunDirError", "MessageTooLargeError", "QueueFullError", "ConnectionClosedError",
+    "UnknownFdError", "ConnectionLimitError", "BackendError",
+    "DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_MAX_QUEUE_SIZE", "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_RUNDIR",
+]

@@ -1,0 +1,212 @@
+"""The public ``Context`` class: argument checks shared by both backends.
+
+``pyipc.Context(...)`` returns an instance of the chosen backend's subclass
+(``_pure.PureContext`` or ``_native.NativeContext``); everything that does not
+depend on the backend lives here so both behave the same.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Callable, Iterator, Optional, Tuple
+
+from ._rundir import PathLike, resolve_rundir
+from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
+                     DEFAULT_MAX_QUEUE_SIZE, MAX_MESSAGE_SIZE_LIMIT, CBEvent,
+                     ConnectionClosedError, Event, EventType)
+
+OnIn = Callable[[int], Tuple[CBEvent, Optional[bytes]]]
+OnOut = Callable[[int, bytes], CBEvent]
+
+
+def as_payload(payload: object) -> bytes | memoryview:
+    """A payload as something the socket layer takes: str is sent as UTF-8."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    try:
+        view = memoryview(payload)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"payload must be bytes-like or str, not {type(payload).__name__}") from None
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class Context:
+    """An event loop over services, connections and foreign fds.
+
+    ``Context(rundir=None, max_message_size=16 MiB, backend=None,
+    max_queue_size=64 MiB, max_connections=65536)``. ``backend`` is "native",
+    "pure" or None (env PYIPC_BACKEND, else native when it loads, else pure).
+    See the README for every method's behaviour.
+    """
+
+    __slots__ = ("rundir", "max_message_size", "max_queue_size", "max_connections",
+                 "_timer", "_pending", "__weakref__")
+
+    backend: str = "abstract"
+
+    def __new__(cls, *args: object, **kwargs: object) -> "Context":
+        if cls is Context:
+            from ._backend import select
+            cls = select(kwargs.get("backend"))  # type: ignore[arg-type]
+        return object.__new__(cls)
+
+    def __init__(self, rundir: Optional[PathLike] = None,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 backend: Optional[str] = None,
+                 max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        _check_limits(max_message_size, max_queue_size, max_connections)
+        self.rundir: str = resolve_rundir(rundir)
+        self.max_message_size = max_message_size
+        self.max_queue_size = max_queue_size
+        self.max_connections = max_connections
+        self._timer: Optional[int] = None
+        self._pending: deque[Event] = deque()   # events not yet returned, in order
+
+    # -- timer -----------------------------------------------------------------
+    @property
+    def timer(self) -> Optional[int]:
+        """Milliseconds wait_event waits before a TIMER event, or None (forever)."""
+        return self._timer
+
+    @timer.setter
+    def timer(self, value: Optional[int]) -> None:
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"timer must be None or int, not {type(value).__name__}")
+            if value < 0:
+                raise ValueError("timer must be None or >= 0 ms")
+            if value > 0x7FFFFFFF:
+                raise ValueError("timer must be at most 2147483647 ms")
+        self._timer = value
+        self._timer_changed(value)
+
+    def _timer_changed(self, value: Optional[int]) -> None:
+        """Hook for backends that keep the timer elsewhere."""
+
+    # -- conveniences ------------------------------------------------------------
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close_all()
+
+    def __iter__(self) -> Iterator[Event]:
+        """Yield events forever (wait_event in a loop)."""
+        while True:
+            yield self.wait_event()
+
+    def connect(self, name: str) -> int:
+        """Connect to service ``name``: through ipcd when IPC_NETWORK is set."""
+        network = os.environ.get("IPC_NETWORK")
+        if not network:
+            return self.connect_service(name)
+        return self._connect_ipcd(name, network)
+
+    def _take_pending_message(self, fd: int) -> Optional[bytes]:
+        """read()'s first source: a MESSAGE_RX of fd still waiting in _pending.
+
+        Raises ConnectionClosedError when fd's DISCONNECTION comes first.
+        """
+        for i, ev in enumerate(self._pending):
+            if ev.fd != fd:
+                continue
+            if ev.type == EventType.MESSAGE_RX:
+                del self._pending[i]
+                return ev.message
+            if ev.type == EventType.DISCONNECTION:
+                raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
+        return None
+
+    def _drop_pending(self, fd: int) -> None:
+        """Forget the events of fd that were not returned yet (after close)."""
+        if any(ev.fd == fd for ev in self._pending):
+            self._pending = deque(ev for ev in self._pending if ev.fd != fd)
+
+    def __repr__(self) -> str:
+        return f"<pyipc.Context backend={self.backend} rundir={self.rundir!r}>"
+
+    # -- the backend's part (documented in the README) ---------------------------
+    def service_init(self, name: str) -> int:
+        """Listen as service ``name``; return the listening fd."""
+        raise NotImplementedError
+
+    def connect_service(self, name: str) -> int:
+        """Connect straight to service ``name``; return the connection fd."""
+        raise NotImplementedError
+
+    def _connect_ipcd(self, name: str, network: str) -> int:
+        raise NotImplementedError
+
+    def write(self, fd: int, payload: object) -> None:
+        """Flush fd's queue, then write one message, blocking until it is written."""
+        raise NotImplementedError
+
+    def schedule(self, fd: int, payload: object) -> None:
+        """Queue one message for fd; the event loop sends it (MESSAGE_TX)."""
+        raise NotImplementedError
+
+    def read(self, fd: int) -> bytes:
+        """Return the next message from fd, blocking until one is whole."""
+        raise NotImplementedError
+
+    def wait_event(self) -> Event:
+        """Return one event, waiting at most ``timer`` ms (then TIMER)."""
+        if not self._pending:
+            self._fetch()
+        return self._pending.popleft()
+
+    def wait_events(self) -> list[Event]:
+        """Return every event ready now (at least one), in order."""
+        if not self._pending:
+            self._fetch()
+        events = list(self._pending)
+        self._pending.clear()
+        return events
+
+    def _fetch(self) -> None:
+        """Run the backend's event loop until _pending holds at least one event."""
+        raise NotImplementedError
+
+    def add_external(self, fd: int) -> None:
+        """Watch a foreign fd: EXTERNAL events while it is readable."""
+        raise NotImplementedError
+
+    def add_switch(self, fd1: int, fd2: int) -> None:
+        """Forward messages between fd1 and fd2, both ways."""
+        raise NotImplementedError
+
+    def set_switch_callbacks(self, fd: int, on_in: Optional[OnIn],
+                             on_out: Optional[OnOut]) -> None:
+        """Read (on_in) and write (on_out) fd's foreign protocol when switched."""
+        raise NotImplementedError
+
+    def peer_credentials(self, fd: int) -> Tuple[int, int, int]:
+        """(pid, uid, gid) of the process at the other end of connection fd."""
+        raise NotImplementedError
+
+    def close(self, fd: int) -> None:
+        """Close and forget fd (no event); a service's socket file is removed."""
+        raise NotImplementedError
+
+    def close_all(self) -> None:
+        """Close every fd of the context."""
+        raise NotImplementedError
+
+
+def _check_limits(max_message_size: int, max_queue_size: int, max_connections: int) -> None:
+    for name, value in (("max_message_size", max_message_size),
+                        ("max_queue_size", max_queue_size),
+                        ("max_connections", max_connections)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if not 1 <= max_message_size <= MAX_MESSAGE_SIZE_LIMIT:
+        raise ValueError(f"max_message_size must be between 1 and {MAX_MESSAGE_SIZE_LIMIT}")
+    if not max_message_size + 4 <= max_queue_size < 1 << 63:
+        raise ValueError("max_queue_size must be at least max_message_size + 4")
+    if not 1 <= max_connections <= 0x7FFFFFFF:
+        raise ValueError("max_connections must be between 1 and 2147483647")

@@ -1,0 +1,85 @@
+"""pyipc framing: a 4-byte big-endian length, then that many bytes of payload.
+
+The decoder is incremental: bytes arrive in any split (several frames in one
+chunk, one frame over many chunks, a header cut in two) and come out as whole
+payloads, in order. An announced length above the limit is refused before
+anything is allocated for it.
+"""
+
+from __future__ import annotations
+
+import struct
+
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+_unpack_from = HEADER.unpack_from
+
+
+def too_large_text(size: int, limit: int) -> str:
+    """The message text used for a payload over ``max_message_size``."""
+    return f"message of {size} bytes exceeds max_message_size ({limit})"
+
+
+class FrameTooLarge(Exception):
+    """A peer announced a payload larger than the decoder's limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(too_large_text(size, limit))
+        self.size = size
+        self.limit = limit
+
+
+def encode(payload: bytes) -> bytes:
+    """One frame: the header, then the payload (one copy)."""
+    return HEADER.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Turns a byte stream into payloads; keeps only an unfinished frame."""
+
+    __slots__ = ("_buf", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    @property
+    def partial(self) -> bool:
+        """True when part of a frame (header or payload) is buffered."""
+        return bool(self._buf)
+
+    def feed(self, data: memoryview, out: list) -> None:
+        """Decode ``data``; append every complete payload (bytes) to ``out``.
+
+        Raises FrameTooLarge after appending the payloads that preceded the
+        bad header; the decoder must not be used after that.
+        """
+        if self._buf:
+            self._buf += data
+            with memoryview(self._buf) as view:
+                used = self._decode(view, out)
+            if used == len(self._buf):
+                self._buf = bytearray()      # shrink back once a large frame is done
+            else:
+                del self._buf[:used]
+        else:
+            used = self._decode(data, out)    # fast path: no copy into the buffer
+            if used < len(data):
+                self._buf = bytearray(data[used:])
+
+    def _decode(self, view: memoryview, out: list) -> int:
+        """Decode whole frames from ``view``; return the number of bytes used."""
+        limit = self._limit
+        end = len(view)
+        off = 0
+        while end - off >= HEADER_SIZE:
+            (size,) = _unpack_from(view, off)
+            if size > limit:
+                self._buf = bytearray()
+                raise FrameTooLarge(size, limit)
+            start = off + HEADER_SIZE
+            if end - start < size:
+                break
+            out.append(bytes(view[start:start + size]))
+            off = start + size
+        return off

@@ -1,0 +1,274 @@
+"""The native backend: the Zig core (libipc) through cffi in ABI mode.
+
+The declarations come from the one header, ``libipc.h`` (between its CFFI
+markers), so there is no second copy of the C ABI here. The library is looked
+up in: env PYIPC_LIBRARY, the package directory (where ``pip install`` puts it),
+then ``zig-out/lib`` of a source checkout (``python -m ziglang build``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import weakref
+from pathlib import Path
+from typing import Optional, Tuple
+
+from ._context import Context, OnIn, OnOut, as_payload
+from ._framing import too_large_text
+from ._types import (ERRORS_BY_CODE, BackendError, CBEvent, Event,
+                     EventType, InvalidNameError, IPCError, MessageTooLargeError)
+
+log = logging.getLogger("pyipc")
+
+_PACKAGE = Path(__file__).resolve().parent
+_LIBRARY = "libipc.dylib" if sys.platform == "darwin" else "libipc.so"
+_E_BUFFER_TOO_SMALL = -11
+_E_NO_MEMORY = -12
+#: Events fetched from the core per call (more stay queued in the core).
+EVENT_BATCH = 1024
+#: Read buffer kept between calls; larger messages get a buffer of their own.
+READ_BUFFER = 64 * 1024
+
+_TYPES = tuple(EventType)
+_PAYLOAD_TYPES = (EventType.MESSAGE_RX, EventType.SWITCH_RX)
+
+
+def _header_text() -> str:
+    for header in (_PACKAGE / "libipc.h", _PACKAGE.parent / "zig" / "libipc.h"):
+        if header.exists():
+            text = header.read_text()
+            return text.split("/* CFFI-BEGIN */", 1)[1].split("/* CFFI-END */", 1)[0]
+    raise BackendError("native backend: libipc.h not found next to the package")
+
+
+def _library_candidates() -> list[Path]:
+    explicit = os.environ.get("PYIPC_LIBRARY")
+    if explicit:
+        return [Path(explicit)]
+    return [_PACKAGE / _LIBRARY, _PACKAGE.parent / "zig-out" / "lib" / _LIBRARY]
+
+
+def _load() -> tuple:
+    try:
+        import cffi
+    except ImportError as e:
+        raise BackendError(f"native backend needs cffi: {e}") from None
+    ffi = cffi.FFI()
+    ffi.cdef(_header_text())
+    tried = []
+    for path in _library_candidates():
+        if path.exists():
+            try:
+                return ffi, ffi.dlopen(str(path))
+            except OSError as e:
+                tried.append(f"{path}: {e}")
+        else:
+            tried.append(f"{path}: not found")
+    raise BackendError("native backend: cannot load libipc (" + "; ".join(tried) + ")")
+
+
+ffi, lib = _load()
+
+
+class NativeContext(Context):
+    """The native (Zig) backend of :class:`pyipc.Context`."""
+
+    __slots__ = ("_handle", "_ctx", "_events", "_count", "_rbuf", "_rlen",
+                 "_callbacks", "_cb_in", "_cb_out", "_finalizer")
+
+    backend = "native"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._handle = ffi.new("void **")
+        if lib.ipc_context_init(self._handle) != 0:
+            raise MemoryError("ipc_context_init failed")
+        self._ctx = self._handle[0]
+        self._finalizer = weakref.finalize(self, lib.ipc_context_deinit, self._handle)
+        rundir = os.fsencode(self.rundir)
+        self._check(lib.ipc_context_set_rundir(self._ctx, rundir, len(rundir)))
+        self._check(lib.ipc_context_set_limits(self._ctx, self.max_message_size,
+                                               self.max_queue_size, self.max_connections))
+        self._events = ffi.new("struct ipc_event[]", EVENT_BATCH)
+        self._count = ffi.new("size_t *")
+        self._rbuf = ffi.new("char[]", READ_BUFFER)
+        self._rlen = ffi.new("size_t *")
+        self._callbacks: dict[int, Tuple[Optional[OnIn], Optional[OnOut]]] = {}
+        self._cb_in = ffi.callback("enum cb_event_types(int, char *, uint32_t *)",
+                                   _trampoline_in(weakref.ref(self)))
+        self._cb_out = ffi.callback("enum cb_event_types(int, const char *, uint32_t)",
+                                    _trampoline_out(weakref.ref(self)))
+
+    def _check(self, rc: int) -> int:
+        """Raise the error class of a negative return code, with the core's text."""
+        if rc >= 0:
+            return rc
+        if rc == _E_NO_MEMORY:
+            raise MemoryError(ffi.string(lib.ipc_last_error(self._ctx)).decode())
+        cls = ERRORS_BY_CODE.get(rc, IPCError)
+        raise cls(ffi.string(lib.ipc_last_error(self._ctx)).decode("utf-8", "replace"))
+
+    def _timer_changed(self, value: Optional[int]) -> None:
+        lib.ipc_context_timer(self._ctx, -1 if value is None else value)
+
+    # -- services and connections ---------------------------------------------------
+    def service_init(self, name: str) -> int:
+        fd = ffi.new("int *")
+        raw = _name_bytes(name)
+        self._check(lib.ipc_service_init(self._ctx, fd, raw, len(raw)))
+        return fd[0]
+
+    def connect_service(self, name: str) -> int:
+        fd = ffi.new("int *")
+        raw = _name_bytes(name)
+        self._check(lib.ipc_connect_service(self._ctx, fd, raw, len(raw)))
+        return fd[0]
+
+    def connect(self, name: str) -> int:
+        """Connect to service ``name``: through ipcd when IPC_NETWORK is set."""
+        fd = ffi.new("int *")
+        raw = _name_bytes(name)
+        self._check(lib.ipc_connect(self._ctx, fd, raw, len(raw)))
+        return fd[0]
+
+    def add_external(self, fd: int) -> None:
+        self._check(lib.ipc_add_external(self._ctx, _fd_arg(fd)))
+
+    def add_switch(self, fd1: int, fd2: int) -> None:
+        self._check(lib.ipc_add_switch(self._ctx, _fd_arg(fd1), _fd_arg(fd2)))
+
+    def set_switch_callbacks(self, fd: int, on_in: Optional[OnIn],
+                             on_out: Optional[OnOut]) -> None:
+        for name, cb in (("on_in", on_in), ("on_out", on_out)):
+            if cb is not None and not callable(cb):
+                raise TypeError(f"{name} must be callable or None")
+        self._check(lib.ipc_set_switch_callbacks(
+            self._ctx, _fd_arg(fd),
+            self._cb_in if on_in is not None else ffi.NULL,
+            self._cb_out if on_out is not None else ffi.NULL))
+        self._callbacks[fd] = (on_in, on_out)
+
+    def peer_credentials(self, fd: int) -> Tuple[int, int, int]:
+        pid, uid, gid = ffi.new("int32_t *"), ffi.new("uint32_t *"), ffi.new("uint32_t *")
+        self._check(lib.ipc_peer_credentials(self._ctx, _fd_arg(fd), pid, uid, gid))
+        return pid[0], uid[0], gid[0]
+
+    # -- closing -----------------------------------------------------------------
+    def close(self, fd: int) -> None:
+        self._check(lib.ipc_close_fd(self._ctx, _fd_arg(fd)))
+        self._callbacks.pop(fd, None)
+        self._drop_pending(fd)
+
+    def close_all(self) -> None:
+        self._check(lib.ipc_close_all(self._ctx))
+        self._callbacks.clear()
+        self._pending.clear()
+
+    # -- sending and receiving -----------------------------------------------------
+    def _payload(self, payload: object) -> tuple:
+        data = as_payload(payload)
+        if len(data) > 0xFFFFFFFF:
+            raise MessageTooLargeError(too_large_text(len(data), self.max_message_size))
+        return ffi.from_buffer(data), len(data)
+
+    def write(self, fd: int, payload: object) -> None:
+        buf, size = self._payload(payload)
+        self._check(lib.ipc_write(self._ctx, _fd_arg(fd), buf, size))
+
+    def schedule(self, fd: int, payload: object) -> None:
+        buf, size = self._payload(payload)
+        self._check(lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size))
+
+    def read(self, fd: int) -> bytes:
+        message = self._take_pending_message(fd)
+        if message is not None:
+            return message
+        buf, rlen = self._rbuf, self._rlen
+        rlen[0] = READ_BUFFER
+        rc = lib.ipc_read_fd(self._ctx, _fd_arg(fd), buf, rlen)
+        if rc == _E_BUFFER_TOO_SMALL:
+            buf = ffi.new("char[]", rlen[0])
+            rc = lib.ipc_read_fd(self._ctx, fd, buf, rlen)
+        self._check(rc)
+        return ffi.buffer(buf, rlen[0])[:]
+
+    # -- the event loop ----------------------------------------------------------
+    def _fetch(self) -> None:
+        """One wait in the core, then every event it has queued, into _pending."""
+        ctx, events, count = self._ctx, self._events, self._count
+        self._check(lib.ipc_wait_events(ctx, events, EVENT_BATCH, count))
+        self._convert(count[0])
+        while lib.ipc_pending_events(ctx):
+            self._check(lib.ipc_wait_events(ctx, events, EVENT_BATCH, count))
+            self._convert(count[0])
+
+    def _convert(self, n: int) -> None:
+        append, buffer, string, NULL = self._pending.append, ffi.buffer, ffi.string, ffi.NULL
+        for i in range(n):
+            ev = self._events[i]
+            etype = _TYPES[ev.type]
+            message = buffer(ev.message, ev.message_len)[:] \
+                if etype in _PAYLOAD_TYPES and ev.message_len else \
+                (b"" if etype in _PAYLOAD_TYPES else None)
+            error = string(ev.error).decode("utf-8", "replace") if ev.error != NULL else None
+            append(Event(etype, ev.fd, ev.index, message, error))
+
+
+def _name_bytes(name: str) -> bytes:
+    if not isinstance(name, str):
+        raise TypeError(f"service name must be str, not {type(name).__name__}")
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 0xFFFF:
+        raise InvalidNameError("invalid service name: socket path is longer than 107 bytes")
+    return raw
+
+
+def _fd_arg(fd: int) -> int:
+    """An fd as a C int; out-of-range numbers become -1 (an unknown fd)."""
+    if not isinstance(fd, int):
+        raise TypeError(f"fd must be int, not {type(fd).__name__}")
+    return fd if -0x80000000 <= fd <= 0x7FFFFFFF else -1
+
+
+def _trampoline_in(ref: "weakref.ref[NativeContext]"):
+    """The C `in` callback: calls the Python on_in of the fd, copies its payload."""
+
+    def on_in(fd: int, buf: object, mlen: object) -> int:
+        ctx = ref()
+        try:
+            cb = ctx._callbacks[fd][0] if ctx is not None else None
+            if cb is None:
+                return int(CBEvent.ERROR)
+            result, payload = cb(fd)
+            result = CBEvent(result)
+            if result == CBEvent.NO_ERROR:
+                data = bytes(as_payload(payload))
+                if len(data) > mlen[0]:  # type: ignore[index]
+                    raise MessageTooLargeError(too_large_text(len(data), mlen[0]))  # type: ignore
+                ffi.memmove(buf, data, len(data))
+                mlen[0] = len(data)  # type: ignore[index]
+            return int(result)
+        except Exception:
+            log.exception("switch input callback of fd %d failed", fd)
+            return int(CBEvent.ERROR)
+
+    return on_in
+
+
+def _trampoline_out(ref: "weakref.ref[NativeContext]"):
+    """The C `out` callback: calls the Python on_out of the fd with the payload."""
+
+    def on_out(fd: int, payload: object, mlen: int) -> int:
+        ctx = ref()
+        try:
+            cb = ctx._callbacks[fd][1] if ctx is not None else None
+            if cb is None:
+                return int(CBEvent.ERROR)
+            return int(CBEvent(cb(fd, ffi.buffer(payload, mlen)[:])))
+        except Exception:
+            log.exception("switch output callback of fd %d failed", fd)
+            return int(CBEvent.ERROR)
+
+    return on_out

@@ -1,0 +1,624 @@
+"""The pure-Python backend: sockets, ``selectors`` and the rules of the README.
+
+This is the reference the native backend is tested against, so it follows the
+README's "Behaviour in detail" literally: one round = flush queues, wait for
+readiness, handle every ready fd; a connection that ends reports its last
+messages, then ERROR when there is a reason, then DISCONNECTION.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import select
+import selectors
+import socket
+import stat
+import struct
+import time
+from collections import deque
+from typing import Callable, Optional, Tuple
+
+from . import _rundir
+from ._context import Context, OnIn, OnOut, as_payload
+from ._framing import HEADER, FrameDecoder, FrameTooLarge, too_large_text
+from ._types import (IPCD_SERVICE, CBEvent, ConnectionClosedError, ConnectionLimitError,
+                     Event, EventType, IPCError, MessageTooLargeError, QueueFullError,
+                     ServiceNotFoundError, UnknownFdError)
+
+log = logging.getLogger("pyipc")
+
+#: Bytes read from one fd in one round at most, so one busy peer cannot starve others.
+READ_BUDGET = 256 * 1024
+#: Frames handed to one sendmsg() call at most (coalescing without huge iovecs).
+MAX_IOV = 64
+#: Size of the context's receive scratch buffer.
+SCRATCH_SIZE = 64 * 1024
+
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_PEERCRED = struct.Struct("3i")
+
+_RX = EventType.MESSAGE_RX
+_TX = EventType.MESSAGE_TX
+_SWITCH_RX = EventType.SWITCH_RX
+_SWITCH_TX = EventType.SWITCH_TX
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+
+SERVICE, CONNECTION, EXTERNAL = "service", "connection", "external"
+
+
+class _RawFd:
+    """A non-socket fd (a pipe, a tty) with the few socket methods we use."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def recv_into(self, buf: memoryview) -> int:
+        return os.readv(self._fd, [buf])
+
+    def sendmsg(self, buffers: list, *_: object) -> int:
+        return os.writev(self._fd, buffers)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _Conn:
+    """One managed fd: its kind, slot, decoder, send queue and switch state."""
+
+    __slots__ = ("fd", "io", "kind", "index", "alive", "decoder", "queue", "sent",
+                 "queued_bytes", "write_closed", "peer", "on_in", "on_out", "mask",
+                 "path", "lock_fd")
+
+    def __init__(self, fd: int, io: object, kind: str, limit: int) -> None:
+        self.fd = fd
+        self.io = io
+        self.kind = kind
+        self.index = -1
+        self.alive = True
+        self.decoder = FrameDecoder(limit)
+        self.queue: deque = deque()     # [frame bytes, event type to report when sent]
+        self.sent = 0                   # bytes of queue[0] already written
+        self.queued_bytes = 0
+        self.write_closed = False
+        self.peer: Optional[_Conn] = None
+        self.on_in: Optional[OnIn] = None
+        self.on_out: Optional[OnOut] = None
+        self.mask = 0
+        self.path: Optional[str] = None
+        self.lock_fd = -1
+
+
+class PureContext(Context):
+    """The pure-Python backend of :class:`pyipc.Context`."""
+
+    __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_selector",
+                 "_scratch", "_scratch_view")
+
+    backend = "pure"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._by_fd: dict[int, _Conn] = {}
+        self._slots: list[Optional[_Conn]] = []
+        self._free: list[int] = []                 # heap of free slot numbers
+        self._dirty: dict[_Conn, None] = {}        # connections with queued frames
+        self._selector = selectors.DefaultSelector()
+        self._scratch = bytearray(SCRATCH_SIZE)
+        self._scratch_view = memoryview(self._scratch)
+
+    # -- table -----------------------------------------------------------------
+    def _check_room(self) -> None:
+        if len(self._by_fd) >= self.max_connections:
+            raise ConnectionLimitError(
+                f"too many connections (max_connections {self.max_connections})")
+
+    def _add(self, conn: _Conn) -> _Conn:
+        """Give conn the lowest free slot and start watching it."""
+        conn.index = heapq.heappop(self._free) if self._free else len(self._slots)
+        if conn.index == len(self._slots):
+            self._slots.append(conn)
+        else:
+            self._slots[conn.index] = conn
+        self._by_fd[conn.fd] = conn
+        self._set_interest(conn)
+        return conn
+
+    def _forget(self, conn: _Conn) -> None:
+        """Stop watching conn, close its fd, free its slot (no event)."""
+        conn.alive = False
+        if conn.mask:
+            self._selector.unregister(conn.fd)
+        del self._by_fd[conn.fd]
+        self._slots[conn.index] = None
+        heapq.heappush(self._free, conn.index)
+        self._dirty.pop(conn, None)
+        if conn.path is not None:
+            _rundir.remove_stale_socket(conn.path)
+        if conn.lock_fd >= 0:
+            os.close(conn.lock_fd)
+        conn.io.close()  # type: ignore[attr-defined]
+
+    def _lookup(self, fd: int) -> _Conn:
+        conn = self._by_fd.get(fd)
+        if conn is None:
+            raise UnknownFdError(f"fd {fd} is not managed by this context")
+        return conn
+
+    def _connection(self, fd: int) -> _Conn:
+        """A managed connection (not a service, not a plain external fd)."""
+        conn = self._lookup(fd)
+        if conn.kind == SERVICE or (conn.kind == EXTERNAL and conn.peer is None):
+            raise UnknownFdError(f"fd {fd} is not a connection")
+        return conn
+
+    def _set_interest(self, conn: _Conn) -> None:
+        """Watch reads (unless back-pressure pauses them) and writes while queued."""
+        mask = 0 if conn.peer is not None and conn.peer.queued_bytes > self.max_queue_size \
+            else _READ
+        if conn.queue:
+            mask |= _WRITE
+        if mask == conn.mask:
+            return
+        if conn.mask == 0:
+            self._selector.register(conn.fd, mask, conn)
+        elif mask == 0:
+            self._selector.unregister(conn.fd)
+        else:
+            self._selector.modify(conn.fd, mask, conn)
+        conn.mask = mask
+
+    # -- services and connections --------------------------------------------------
+    def service_init(self, name: str) -> int:
+        path = _rundir.service_path(self.rundir, name)
+        self._check_room()
+        _rundir.check_rundir(self.rundir, create=True)
+        lock_fd = _rundir.lock_service(self.rundir, name, path)
+        sock = None
+        try:
+            _rundir.remove_stale_socket(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.bind(path)
+            os.chmod(path, 0o660)
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+        except OSError as e:
+            if sock is not None:
+                sock.close()
+            os.close(lock_fd)
+            raise IPCError(e.errno, f"cannot start service {name}: {os.strerror(e.errno or 0)}") \
+                from None
+        conn = _Conn(sock.fileno(), sock, SERVICE, self.max_message_size)
+        conn.path, conn.lock_fd = path, lock_fd
+        return self._add(conn).fd
+
+    def connect_service(self, name: str) -> int:
+        path = _rundir.service_path(self.rundir, name)
+        self._check_room()
+        if not _rundir.check_rundir(self.rundir, create=False):
+            raise ServiceNotFoundError(f"no service {name} in {self.rundir}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise ServiceNotFoundError(f"no service {name} in {self.rundir}") from None
+        except OSError as e:
+            sock.close()
+            raise IPCError(e.errno, f"cannot connect to service {name}: "
+                           f"{os.strerror(e.errno or 0)}") from None
+        sock.setblocking(False)
+        return self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
+
+    def _connect_ipcd(self, name: str, network: str) -> int:
+        _rundir.service_path(self.rundir, name)
+        try:
+            ipcd = self.connect_service(IPCD_SERVICE)
+        except ServiceNotFoundError:
+            raise ServiceNotFoundError(
+                f"IPC_NETWORK is set but ipcd is not running "
+                f"(no service {IPCD_SERVICE} in {self.rundir})") from None
+        sock = self._by_fd[ipcd].io
+        try:
+            self.write(ipcd, f"{name};{network}")
+            sock.setblocking(True)  # type: ignore[attr-defined]
+            answer, fds, _, _ = socket.recv_fds(sock, 2000, 1)  # type: ignore[arg-type]
+        except OSError:
+            answer, fds = b"", []
+        finally:
+            self.close(ipcd)
+        if answer != b"ok" or not fds:
+            for fd in fds:
+                os.close(fd)
+            raise IPCError(f"ipcd could not connect to service {name}")
+        sock = socket.socket(fileno=fds[0])
+        sock.setblocking(False)
+        return self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
+
+    def add_external(self, fd: int) -> None:
+        if fd in self._by_fd:
+            raise IPCError(f"fd {fd} is already managed by this context")
+        try:
+            mode = os.fstat(fd).st_mode
+        except (OSError, OverflowError, TypeError):
+            raise UnknownFdError(f"fd {fd} is not an open file descriptor") from None
+        self._check_room()
+        io = socket.socket(fileno=fd) if stat.S_ISSOCK(mode) else _RawFd(fd)
+        self._add(_Conn(fd, io, EXTERNAL, self.max_message_size))
+
+    def peer_credentials(self, fd: int) -> Tuple[int, int, int]:
+        conn = self._connection(fd)
+        if not hasattr(socket, "SO_PEERCRED"):
+            raise IPCError("peer credentials are not supported on this platform")
+        try:
+            raw = conn.io.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,  # type: ignore
+                                     _PEERCRED.size)
+        except (OSError, AttributeError) as e:
+            errno_ = getattr(e, "errno", None) or 0
+            raise IPCError(errno_, f"cannot read peer credentials of fd {fd}: "
+                           f"{os.strerror(errno_)}") from None
+        return _PEERCRED.unpack(raw)
+
+    # -- closing ---------------------------------------------------------------
+    def close(self, fd: int) -> None:
+        conn = self._lookup(fd)
+        for c in (conn, conn.peer):
+            if c is None or not c.alive:
+                continue
+            if c.queue:
+                log.warning("closing fd %d discards %d scheduled message(s)",
+                            c.fd, len(c.queue))
+            self._drop_pending(c.fd)
+            self._forget(c)
+
+    def close_all(self) -> None:
+        for conn in list(self._by_fd.values()):
+            if conn.alive:
+                self._forget(conn)
+        self._pending.clear()
+        self._free.clear()
+        self._slots.clear()
+
+    def _drop(self, conn: _Conn, error: Optional[str]) -> None:
+        """End a connection: ERROR (if any reason), DISCONNECTION, then its switch peer."""
+        if not conn.alive:
+            return
+        if error is None and conn.queue:
+            error = (f"peer closed the connection with {len(conn.queue)} "
+                     f"scheduled message(s) unsent")
+        if error is not None:
+            self._pending.append(Event(EventType.ERROR, conn.fd, conn.index, None, error))
+        self._pending.append(Event(EventType.DISCONNECTION, conn.fd, conn.index))
+        self._forget(conn)
+        peer = conn.peer
+        if peer is not None and peer.alive:
+            self._drop(peer, None)
+
+    # -- sending ---------------------------------------------------------------
+    def _prepare(self, fd: int, payload: object) -> Tuple[_Conn, bytes | memoryview]:
+        """Checks shared by write and schedule, in the documented order."""
+        data = as_payload(payload)
+        conn = self._connection(fd)
+        if len(data) > self.max_message_size:
+            raise MessageTooLargeError(too_large_text(len(data), self.max_message_size))
+        if conn.write_closed:
+            raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
+        return conn, data
+
+    def schedule(self, fd: int, payload: object) -> None:
+        conn, data = self._prepare(fd, payload)
+        size = len(data) + HEADER.size
+        if conn.queued_bytes + size > self.max_queue_size:
+            raise QueueFullError(
+                f"send queue of fd {fd} is full ({conn.queued_bytes} bytes queued, "
+                f"max_queue_size {self.max_queue_size})")
+        self._enqueue(conn, HEADER.pack(len(data)) + data, _TX)
+
+    def _enqueue(self, conn: _Conn, frame: bytes, kind: EventType) -> None:
+        conn.queue.append((frame, kind))
+        conn.queued_bytes += len(frame)
+        if conn not in self._dirty:
+            self._dirty[conn] = None
+            self._set_interest(conn)
+
+    def write(self, fd: int, payload: object) -> None:
+        conn, data = self._prepare(fd, payload)
+        try:
+            while conn.queue:
+                if not self._send_queued(conn):
+                    _wait_writable(fd)
+            frame = [HEADER.pack(len(data)), data]
+            while frame:
+                try:
+                    n = conn.io.sendmsg(frame, (), _SEND_FLAGS)  # type: ignore[attr-defined]
+                except (BlockingIOError, InterruptedError):
+                    _wait_writable(fd)
+                    continue
+                frame = _advance(frame, n)
+        except (BrokenPipeError, ConnectionResetError):
+            conn.write_closed = True
+            raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer") \
+                from None
+
+    def _send_queued(self, conn: _Conn) -> bool:
+        """Write queued frames without blocking; True when the queue is empty.
+
+        Reports MESSAGE_TX/SWITCH_TX per frame written; lets EPIPE through.
+        """
+        queue = conn.queue
+        while queue:
+            bufs = [memoryview(queue[0][0])[conn.sent:]]
+            bufs.extend(queue[i][0] for i in range(1, min(len(queue), MAX_IOV)))
+            try:
+                n = conn.io.sendmsg(bufs, (), _SEND_FLAGS)  # type: ignore[attr-defined]
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                break
+            self._account_sent(conn, n)
+        if not queue:
+            self._dirty.pop(conn, None)
+        self._set_interest(conn)
+        if conn.peer is not None:
+            self._set_interest(conn.peer)    # back-pressure may be over
+        return not queue
+
+    def _account_sent(self, conn: _Conn, n: int) -> None:
+        queue, pending = conn.queue, self._pending
+        n += conn.sent
+        while queue and n >= len(queue[0][0]):
+            frame, kind = queue.popleft()
+            n -= len(frame)
+            conn.queued_bytes -= len(frame)
+            pending.append(Event(kind, conn.fd, conn.index))
+        conn.sent = n
+
+    def _flush(self, conn: _Conn) -> None:
+        """Event-loop flush: a peer that is gone is read to the end, then dropped."""
+        try:
+            self._send_queued(conn)
+        except (BrokenPipeError, ConnectionResetError):
+            conn.write_closed = True
+            self._read_conn(conn)
+            self._drop(conn, None)
+        except OSError as e:
+            self._drop(conn, f"write failed: {os.strerror(e.errno or 0)}")
+
+    # -- receiving -----------------------------------------------------------------
+    def read(self, fd: int) -> bytes:
+        message = self._take_pending_message(fd)
+        if message is not None:
+            return message
+        conn = self._connection(fd)
+        msgs: list[bytes] = []
+        error: Optional[str] = None
+        while not msgs and error is None:
+            try:
+                n = conn.io.recv_into(self._scratch_view)  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                _wait_readable(fd)
+                continue
+            except ConnectionResetError:
+                n = 0
+            if n == 0:
+                self._drop(conn, None)
+                raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
+            try:
+                conn.decoder.feed(self._scratch_view[:n], msgs)
+            except FrameTooLarge as e:
+                error = str(e)
+        if not msgs:
+            self._drop(conn, None)
+            raise MessageTooLargeError(error)
+        # Messages that came with the first one wait as events, like any received.
+        self._pending.extend(Event(_RX, fd, conn.index, m) for m in msgs[1:])
+        if error is not None:
+            self._drop(conn, error)
+        return msgs[0]
+
+    def _read_conn(self, conn: _Conn) -> None:
+        """Read conn until it would block (or the budget is spent); deliver messages."""
+        msgs: list[bytes] = []
+        error: Optional[str] = None
+        ended = False
+        view, total = self._scratch_view, 0
+        while total < READ_BUDGET:
+            try:
+                n = conn.io.recv_into(view)  # type: ignore[attr-defined]
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except ConnectionResetError:
+                n = 0
+            except OSError as e:
+                error, ended = f"read failed: {os.strerror(e.errno or 0)}", True
+                break
+            if n == 0:
+                ended = True
+                if conn.decoder.partial:
+                    error = "peer closed the connection in the middle of a message"
+                break
+            total += n
+            try:
+                conn.decoder.feed(view[:n], msgs)
+            except FrameTooLarge as e:
+                error, ended = str(e), True
+                break
+        self._deliver(conn, msgs)
+        if ended:
+            self._drop(conn, error)
+
+    def _deliver(self, conn: _Conn, msgs: list) -> None:
+        if conn.peer is None:
+            fd, index, append = conn.fd, conn.index, self._pending.append
+            for m in msgs:
+                append(Event(_RX, fd, index, m))
+            return
+        for m in msgs:
+            if not conn.alive:
+                return
+            self._forward(conn, m)
+
+    # -- switching -------------------------------------------------------------
+    def add_switch(self, fd1: int, fd2: int) -> None:
+        if fd1 == fd2:
+            raise IPCError(f"cannot switch fd {fd1} with itself")
+        c1, c2 = self._switchable(fd1), self._switchable(fd2)
+        for c in (c1, c2):
+            if c.peer is not None:
+                raise IPCError(f"fd {c.fd} is already switched")
+        c1.peer, c2.peer = c2, c1
+        for c in (c1, c2):
+            os.set_blocking(c.fd, False)
+            self._set_interest(c)
+
+    def _switchable(self, fd: int) -> _Conn:
+        conn = self._lookup(fd)
+        if conn.kind == SERVICE:
+            raise UnknownFdError(f"fd {fd} is not a connection")
+        return conn
+
+    def set_switch_callbacks(self, fd: int, on_in: Optional[OnIn],
+                             on_out: Optional[OnOut]) -> None:
+        conn = self._switchable(fd)
+        for name, cb in (("on_in", on_in), ("on_out", on_out)):
+            if cb is not None and not callable(cb):
+                raise TypeError(f"{name} must be callable or None")
+        conn.on_in, conn.on_out = on_in, on_out
+
+    def _switch_in(self, conn: _Conn) -> None:
+        if conn.on_in is None:
+            self._read_conn(conn)
+            return
+        try:
+            result, payload = conn.on_in(conn.fd)
+            result = CBEvent(result)
+            if result == CBEvent.NO_ERROR:
+                payload = bytes(as_payload(payload))
+                if len(payload) > self.max_message_size:
+                    raise MessageTooLargeError(
+                        too_large_text(len(payload), self.max_message_size))
+        except Exception:
+            log.exception("switch input callback of fd %d failed", conn.fd)
+            result = CBEvent.ERROR
+        self._callback_result(conn, result, payload if result == CBEvent.NO_ERROR else None)
+
+    def _callback_result(self, conn: _Conn, result: CBEvent, payload: Optional[bytes]) -> None:
+        if result == CBEvent.NO_ERROR and payload is not None:
+            self._forward(conn, payload)
+        elif result == CBEvent.FD_CLOSING:
+            self._drop(conn, None)
+        elif result == CBEvent.ERROR:
+            self._drop(conn, f"switch callback failed on fd {conn.fd}")
+
+    def _forward(self, origin: _Conn, payload: bytes) -> None:
+        self._pending.append(Event(_SWITCH_RX, origin.fd, origin.index, payload))
+        dest = origin.peer
+        assert dest is not None and dest.alive
+        if dest.on_out is None:
+            self._enqueue(dest, HEADER.pack(len(payload)) + payload, _SWITCH_TX)
+            self._set_interest(origin)       # pause reading if dest is over its bound
+            return
+        try:
+            result = CBEvent(dest.on_out(dest.fd, payload))
+        except Exception:
+            log.exception("switch output callback of fd %d failed", dest.fd)
+            result = CBEvent.ERROR
+        if result == CBEvent.NO_ERROR:
+            self._pending.append(Event(_SWITCH_TX, dest.fd, dest.index))
+        else:
+            self._callback_result(dest, result, None)
+
+    # -- the event loop ----------------------------------------------------------
+    def _fetch(self) -> None:
+        if not self._by_fd and self._timer is None:
+            raise IPCError("nothing to wait for: no fd and no timer")
+        deadline = None if self._timer is None else time.monotonic() + self._timer / 1000
+        pending = self._pending
+        while True:
+            for conn in list(self._dirty):
+                if conn.alive:
+                    self._flush(conn)
+            if pending:
+                timeout: Optional[float] = 0
+            elif deadline is None:
+                timeout = None
+            else:
+                timeout = max(0.0, deadline - time.monotonic())
+            for key, mask in self._selector.select(timeout):
+                self._handle(key.data, mask)
+            if pending:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                pending.append(Event(EventType.TIMER))
+                return
+
+    def _handle(self, conn: _Conn, mask: int) -> None:
+        if not conn.alive:
+            return
+        if conn.kind == SERVICE:
+            self._accept(conn)
+        elif conn.peer is not None:
+            if mask & _READ:
+                self._switch_in(conn)
+            if conn.alive and mask & _WRITE:
+                self._flush(conn)
+        elif conn.kind == EXTERNAL:
+            self._pending.append(Event(EventType.EXTERNAL, conn.fd, conn.index))
+        else:
+            if mask & _READ:
+                self._read_conn(conn)
+            if conn.alive and mask & _WRITE:
+                self._flush(conn)
+
+    def _accept(self, service: _Conn) -> None:
+        while True:
+            try:
+                sock, _ = service.io.accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._pending.append(Event(EventType.ERROR, service.fd, service.index, None,
+                                           f"accept failed: {os.strerror(e.errno or 0)}"))
+                return
+            if len(self._by_fd) >= self.max_connections:
+                sock.close()
+                self._pending.append(Event(
+                    EventType.ERROR, service.fd, service.index, None,
+                    f"connection refused: max_connections ({self.max_connections}) reached"))
+                continue
+            sock.setblocking(False)
+            conn = self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size))
+            self._pending.append(Event(EventType.CONNECTION, conn.fd, conn.index))
+
+
+def _advance(buffers: list, n: int) -> list:
+    """The part of ``buffers`` left after ``n`` bytes were written."""
+    while buffers and n >= len(buffers[0]):
+        n -= len(buffers[0])
+        buffers = buffers[1:]
+    if buffers and n:
+        buffers = [memoryview(buffers[0])[n:]] + buffers[1:]
+    return buffers
+
+
+def _wait_fd(fd: int, events: int) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    poller.poll()
+
+
+def _wait_readable(fd: int) -> None:
+    _wait_fd(fd, select.POLLIN)
+
+
+def _wait_writable(fd: int) -> None:
+    _wait_fd(fd, select.POLLOUT)

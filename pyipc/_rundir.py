@@ -1,0 +1,93 @@
+"""Run directory and service names: resolution, checks, creation, locks.
+
+Used by the pure backend; the Zig core applies the same rules with the same
+messages (see README, "Errors" and "Run directory").
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from typing import Optional, Union
+
+from ._types import (DEFAULT_RUNDIR, MAX_SOCKET_PATH, InvalidNameError, RunDirError,
+                     ServiceBusyError)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def resolve_rundir(rundir: Optional[PathLike]) -> str:
+    """The ``rundir`` argument, else env RUNDIR, else libIPC's default."""
+    if rundir is not None:
+        return os.fspath(rundir)
+    return os.environ.get("RUNDIR") or DEFAULT_RUNDIR
+
+
+def service_path(rundir: str, name: str) -> str:
+    """``RUNDIR/NAME`` after checking the name; raises InvalidNameError."""
+    if not isinstance(name, str):
+        raise TypeError(f"service name must be str, not {type(name).__name__}")
+    if not name:
+        raise InvalidNameError("invalid service name: empty")
+    if "/" in name:
+        raise InvalidNameError("invalid service name: contains '/'")
+    if "\0" in name:
+        raise InvalidNameError("invalid service name: contains NUL")
+    path = os.path.join(rundir, name)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise InvalidNameError(
+            f"invalid service name: socket path is longer than {MAX_SOCKET_PATH} bytes")
+    return path
+
+
+def check_rundir(rundir: str, create: bool) -> bool:
+    """Check (and with ``create``, make) the run dir; False when it is missing.
+
+    Refuses a symlink, a non-directory and a directory writable by others.
+    """
+    try:
+        st = os.lstat(rundir)
+    except FileNotFoundError:
+        if not create:
+            return False
+        _create(rundir)
+        st = os.lstat(rundir)
+    if stat.S_ISLNK(st.st_mode):
+        raise RunDirError(f"run directory {rundir} is a symlink")
+    if not stat.S_ISDIR(st.st_mode):
+        raise RunDirError(f"run directory {rundir} is not a directory")
+    if st.st_mode & stat.S_IWOTH:
+        raise RunDirError(f"run directory {rundir} is writable by others")
+    return True
+
+
+def _create(rundir: str) -> None:
+    try:
+        os.makedirs(rundir, mode=0o770, exist_ok=True)
+        os.chmod(rundir, 0o770)     # makedirs' mode is filtered by the umask
+    except OSError as e:
+        raise RunDirError(
+            f"cannot create run directory {rundir}: {os.strerror(e.errno or 0)}") from None
+
+
+def lock_service(rundir: str, name: str, path: str) -> int:
+    """Take the exclusive lock ``NAME.lock``; return its fd (held until closed)."""
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise ServiceBusyError(f"service {name} is already running in {rundir}") from None
+        raise
+    return fd
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead service (we hold the lock)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,145 @@
+"""The ``pyipc`` command: demo, pongd (an echo service) and pong (its client).
+
+Exit codes: 0 success; 1 a pyipc error (service busy, not found, ...) or an echo
+that did not match; 2 bad usage (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional, Sequence
+
+from . import Context, EventType, IPCError
+
+log = logging.getLogger("pyipc.cli")
+
+#: How often pongd's loop wakes to notice a signal (ms).
+SIGNAL_CHECK_MS = 200
+
+
+def _context(args: argparse.Namespace) -> Context:
+    return Context(rundir=args.rundir, backend=args.backend)
+
+
+def cmd_pongd(args: argparse.Namespace) -> int:
+    """Echo every message back to its sender until SIGINT/SIGTERM."""
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True))
+    with _context(args) as ctx:
+        ctx.service_init(args.name)
+        print(f"pongd: serving {args.name} in {ctx.rundir} (backend {ctx.backend})", flush=True)
+        ctx.timer = SIGNAL_CHECK_MS
+        served = 0
+        while not stop:
+            for ev in ctx.wait_events():
+                if ev.type == EventType.MESSAGE_RX:
+                    ctx.schedule(ev.fd, ev.message)   # never blocks on a slow client
+                    served += 1
+                elif ev.type == EventType.CONNECTION:
+                    log.info("client connected on fd %d", ev.fd)
+                elif ev.type == EventType.DISCONNECTION:
+                    log.info("client on fd %d left", ev.fd)
+                elif ev.type == EventType.ERROR:
+                    log.warning("fd %d: %s", ev.fd, ev.error)
+    print(f"pongd: stopped after echoing {served} message(s)", flush=True)
+    return 0
+
+
+def cmd_pong(args: argparse.Namespace) -> int:
+    """Send each MESSAGE to the service and check that it comes back unchanged."""
+    with _context(args) as ctx:
+        fd = ctx.connect(args.name)
+        ok = True
+        for text in args.messages:
+            ctx.write(fd, text)
+            answer = ctx.read(fd).decode("utf-8", "replace")
+            same = answer == text
+            ok &= same
+            print(f"{args.label}sent {text!r}, received {answer!r}{'' if same else '  MISMATCH'}",
+                  flush=True)
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start pongd and a few pong clients as separate processes; print a summary."""
+    own_rundir = args.rundir is None
+    rundir = args.rundir or os.path.join(tempfile.mkdtemp(prefix="pyipc-demo-", dir="/tmp"),
+                                         "run")
+    base = [sys.executable, "-m", "pyipc", "--rundir", rundir]
+    if args.backend:
+        base += ["--backend", args.backend]
+    service = subprocess.Popen(base + ["pongd", "demo"], stdout=subprocess.PIPE, text=True)
+    try:
+        ready = service.stdout.readline()      # pongd prints once it listens
+        if not ready:
+            print("demo: pongd did not start", file=sys.stderr)
+            return 1
+        print(ready.rstrip())
+        started = time.monotonic()
+        clients = [
+            subprocess.Popen(base + ["pong", "--label", f"client {i}: ", "demo"]
+                             + [f"message {j} from client {i}" for j in range(args.messages)],
+                             stdout=subprocess.PIPE, text=True)
+            for i in range(args.clients)]
+        failures = 0
+        for proc in clients:
+            out, _ = proc.communicate()
+            print(out.rstrip())
+            failures += proc.returncode != 0
+        elapsed = time.monotonic() - started
+    finally:
+        service.send_signal(signal.SIGTERM)
+        out, _ = service.communicate()
+        print(out.rstrip())
+    total = args.clients * args.messages
+    verdict = "all echoes matched" if not failures else f"{failures} client(s) failed"
+    removed = not os.path.exists(os.path.join(rundir, "demo"))
+    print(f"demo: {args.clients} clients exchanged {total} messages with pongd in "
+          f"{elapsed:.2f} s; {verdict}; socket removed: {removed}")
+    if own_rundir:
+        shutil.rmtree(os.path.dirname(rundir), ignore_errors=True)
+    return 0 if not failures and service.returncode == 0 else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``pyipc`` command."""
+    p = argparse.ArgumentParser(prog="pyipc", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rundir", help="run directory (default: env RUNDIR, else /tmp/.libipc-run)")
+    p.add_argument("--backend", choices=["native", "pure"],
+                   help="backend (default: env PYIPC_BACKEND, else native if it loads)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="start pongd and some clients, print what they exchange")
+    d.add_argument("--clients", type=int, default=3)
+    d.add_argument("--messages", type=int, default=3)
+    d.set_defaults(func=cmd_demo)
+    s = sub.add_parser("pongd", help="run an echo service until Ctrl-C or SIGTERM")
+    s.add_argument("name", nargs="?", default="pong")
+    s.set_defaults(func=cmd_pongd)
+    c = sub.add_parser("pong", help="send messages to an echo service and check the echoes")
+    c.add_argument("name", nargs="?", default="pong")
+    c.add_argument("messages", nargs="*", default=["hello"])
+    c.add_argument("--label", default="", help=argparse.SUPPRESS)
+    c.set_defaults(func=cmd_pong)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``pyipc`` and ``python -m pyipc``."""
+    args = parser().parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except IPCError as e:
+        print(f"pyipc {args.command}: {e}", file=sys.stderr)
+        return 1

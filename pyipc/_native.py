@@ -35,12 +35,17 @@ _TYPES = tuple(EventType)
 _PAYLOAD_TYPES = (EventType.MESSAGE_RX, EventType.SWITCH_RX)
 
 
-def _header_text() -> str:
+def _header_path() -> Path:
     for header in (_PACKAGE / "libipc.h", _PACKAGE.parent / "zig" / "libipc.h"):
         if header.exists():
-            text = header.read_text()
-            return text.split("/* CFFI-BEGIN */", 1)[1].split("/* CFFI-END */", 1)[0]
+            return header
     raise BackendError("native backend: libipc.h not found next to the package")
+
+
+def _declarations(header: Path) -> str:
+    """The header's C declarations between its CFFI markers."""
+    text = header.read_text()
+    return text.split("/* CFFI-BEGIN */", 1)[1].split("/* CFFI-END */", 1)[0]
 
 
 def _library_candidates() -> list[Path]:
@@ -55,13 +60,14 @@ def _load() -> tuple:
         import cffi
     except ImportError as e:
         raise BackendError(f"native backend needs cffi: {e}") from None
+    header = _header_path()
     ffi = cffi.FFI()
-    ffi.cdef(_header_text())
+    ffi.cdef(_declarations(header))
     tried = []
     for path in _library_candidates():
         if path.exists():
             try:
-                return ffi, ffi.dlopen(str(path))
+                return ffi, ffi.dlopen(str(path)), path, header
             except OSError as e:
                 tried.append(f"{path}: {e}")
         else:
@@ -69,7 +75,7 @@ def _load() -> tuple:
     raise BackendError("native backend: cannot load libipc (" + "; ".join(tried) + ")")
 
 
-ffi, lib = _load()
+ffi, lib, LIBRARY_PATH, HEADER_PATH = _load()
 
 
 class NativeContext(Context):

@@ -1,13 +1,38 @@
+//! Builds pyipc's Zig core: libipc as a shared library (what cffi loads) and
+//! a static one (for C programs), the header, and the unit tests.
+//!
+//!   python -m ziglang build -Doptimize=ReleaseFast    -> zig-out/lib/libipc.so, libipc.a
+//!   python -m ziglang build test --summary all        -> unit + socket tests
+//!   python -m ziglang build -Dtarget=x86_64-freebsd   -> cross-compile
 const std = @import("std");
+
 pub fn build(b: *std.Build) void {
     const target = b.standardTargetOptions(.{});
     const optimize = b.standardOptimizeOption(.{});
+
     const mod = b.createModule(.{
         .root_source_file = b.path("zig/root.zig"),
-        .target = target, .optimize = optimize, .link_libc = true,
+        .target = target,
+        .optimize = optimize,
+        .link_libc = true,
     });
-    const lib = b.addLibrary(.{ .name = "ipc", .linkage = .dynamic, .root_module = mod });
-    b.installArtifact(lib);
+
+    const shared = b.addLibrary(.{ .name = "ipc", .linkage = .dynamic, .root_module = mod });
+    b.installArtifact(shared);
+
+    const static_mod = b.createModule(.{
+        .root_source_file = b.path("zig/root.zig"),
+        .target = target,
+        .optimize = optimize,
+        .link_libc = true,
+        .pic = true,
+    });
+    const static = b.addLibrary(.{ .name = "ipc", .linkage = .static, .root_module = static_mod });
+    b.installArtifact(static);
+
+    b.getInstallStep().dependOn(&b.addInstallFile(b.path("zig/libipc.h"), "include/libipc.h").step);
+
     const tests = b.addTest(.{ .root_module = mod });
-    b.step("test", "Run unit tests").dependOn(&b.addRunArtifact(tests).step);
+    const run_tests = b.addRunArtifact(tests);
+    b.step("test", "Run the unit and socket tests").dependOn(&run_tests.step);
 }

@@ -1,0 +1,750 @@
+//! The context: the connection table, the poller, the pending events, the
+//! limits, the run dir and the timer, and every operation of the C ABI on
+//! them. The rules are the README's "Behaviour in detail"; the pure-Python
+//! backend (pyipc/_pure.py) implements the same rules and is the reference for
+//! event order and error texts.
+
+const std = @import("std");
+const builtin = @import("builtin");
+const c = std.c;
+const assert = std.debug.assert;
+const Allocator = std.mem.Allocator;
+
+const sys = @import("sys.zig");
+const errors = @import("errors.zig");
+const framing = @import("framing.zig");
+const events_mod = @import("events.zig");
+const conn_table = @import("conn_table.zig");
+const poller_mod = @import("poller.zig");
+const rundir_mod = @import("rundir.zig");
+const credentials = @import("credentials.zig");
+const fdpass = @import("fdpass.zig");
+const switching = @import("switching.zig");
+
+pub const Error = errors.Error;
+pub const Conn = conn_table.Conn;
+pub const Credentials = credentials.Credentials;
+
+pub const Limits = struct {
+    max_message_size: u32 = 16 << 20,
+    max_queue_size: u64 = 64 << 20,
+    max_connections: u32 = 65536,
+};
+
+/// Bytes read from one fd per round at most, so one busy peer cannot starve the others.
+pub const read_budget = 256 * 1024;
+/// The context-wide receive buffer; complete frames are decoded straight from it.
+const scratch_size = 256 * 1024;
+/// Name of ipcd's service, reached by connect() when IPC_NETWORK is set.
+const ipcd_service = "ipc";
+
+pub const Context = struct {
+    gpa: Allocator,
+    limits: Limits = .{},
+    rundir: []u8,
+    /// Milliseconds a wait lasts before a TIMER event; negative: forever.
+    timer_ms: i32 = -1,
+    table: conn_table.Table = .{},
+    poller: poller_mod.Poller,
+    events: events_mod.Queue = .{},
+    last: errors.LastError = .{},
+    scratch: ?[]u8 = null,
+    /// The buffer a custom switch `in` callback fills (max_message_size bytes),
+    /// allocated the first time such a callback runs.
+    switch_buf: ?[]u8 = null,
+    /// Connections with queued frames: what step 1 of a round flushes.
+    dirty: std.ArrayList(*Conn) = .empty,
+    ready: [256]poller_mod.Ready = undefined,
+
+    // ------------------------------------------------------------ lifetime
+
+    /// A new context: run dir from env RUNDIR (when set and non-empty), else
+    /// libIPC's default; no timer; default limits.
+    pub fn create(gpa: Allocator) Error!*Context {
+        const self = try gpa.create(Context);
+        errdefer gpa.destroy(self);
+        const env = c.getenv("RUNDIR");
+        const dir: []const u8 = if (env) |e| std.mem.span(e) else "";
+        const rundir = try gpa.dupe(u8, if (dir.len > 0) dir else rundir_mod.default_rundir);
+        errdefer gpa.free(rundir);
+        const poller = poller_mod.Poller.init(gpa) catch return error.OutOfMemory;
+        self.* = .{ .gpa = gpa, .rundir = rundir, .poller = poller };
+        return self;
+    }
+
+    /// Close everything and free the context.
+    pub fn destroy(self: *Context) void {
+        const gpa = self.gpa;
+        self.closeAll();
+        self.events.deinit(gpa);
+        self.table.deinit(gpa);
+        self.poller.deinit(gpa);
+        self.dirty.deinit(gpa);
+        if (self.scratch) |s| gpa.free(s);
+        if (self.switch_buf) |s| gpa.free(s);
+        gpa.free(self.rundir);
+        gpa.destroy(self);
+    }
+
+    pub fn setRundir(self: *Context, dir: []const u8) Error!void {
+        const copy = try self.gpa.dupe(u8, dir);
+        self.gpa.free(self.rundir);
+        self.rundir = copy;
+    }
+
+    /// Same ranges as pyipc.Context's checks (and the same texts).
+    pub fn setLimits(self: *Context, limits: Limits) Error!void {
+        if (limits.max_message_size < 1)
+            return self.last.fail(error.Generic, "max_message_size must be between 1 and 4294967295", .{});
+        if (limits.max_queue_size < @as(u64, limits.max_message_size) + 4 or limits.max_queue_size >= 1 << 63)
+            return self.last.fail(error.Generic, "max_queue_size must be at least max_message_size + 4", .{});
+        if (limits.max_connections < 1 or limits.max_connections > 0x7FFF_FFFF)
+            return self.last.fail(error.Generic, "max_connections must be between 1 and 2147483647", .{});
+        self.limits = limits;
+        if (self.switch_buf) |s| if (s.len != limits.max_message_size) {
+            self.gpa.free(s);
+            self.switch_buf = null;
+        };
+    }
+
+    pub fn setTimer(self: *Context, ms: i32) void {
+        self.timer_ms = if (ms < 0) -1 else ms;
+    }
+
+    // ------------------------------------------------------------ table helpers
+
+    pub fn lookup(self: *Context, fd: i32) Error!*Conn {
+        return self.table.get(fd) orelse
+            self.last.fail(error.UnknownFd, "fd {d} is not managed by this context", .{fd});
+    }
+
+    /// A managed connection: not a service, not an external fd (unless switched).
+    pub fn connection(self: *Context, fd: i32) Error!*Conn {
+        const conn = try self.lookup(fd);
+        if (conn.kind == .service or (conn.kind == .external and conn.peer == null))
+            return self.last.fail(error.UnknownFd, "fd {d} is not a connection", .{fd});
+        return conn;
+    }
+
+    fn checkRoom(self: *Context) Error!void {
+        if (self.table.count() >= self.limits.max_connections)
+            return self.last.fail(error.ConnectionLimit, "too many connections (max_connections {d})", .{self.limits.max_connections});
+    }
+
+    /// Put fd in the table (lowest free slot) and watch it for reading.
+    fn addConn(self: *Context, fd: i32, kind: conn_table.Kind) Error!*Conn {
+        const conn = try self.table.add(self.gpa, fd, kind);
+        errdefer {
+            self.table.remove(self.gpa, conn);
+            self.table.reap(self.gpa);
+        }
+        const want: conn_table.Interest = .{ .read = true };
+        self.poller.update(self.gpa, fd, .{}, want) catch
+            return self.last.fail(error.Generic, "cannot watch fd {d}", .{fd});
+        conn.registered = want;
+        return conn;
+    }
+
+    /// Watch reads unless back-pressure pauses them (the switch peer's queue
+    /// is over max_queue_size), and writes while frames are queued.
+    pub fn updateInterest(self: *Context, conn: *Conn) void {
+        if (!conn.alive) return;
+        const paused = if (conn.peer) |p| p.queue.queuedBytes() > self.limits.max_queue_size else false;
+        const want: conn_table.Interest = .{ .read = !paused, .write = !conn.queue.isEmpty() };
+        if (want == conn.registered) return;
+        // On failure the old interest stays registered; the next change retries.
+        self.poller.update(self.gpa, conn.fd, conn.registered, want) catch return;
+        conn.registered = want;
+    }
+
+    pub fn markDirty(self: *Context, conn: *Conn) Allocator.Error!void {
+        if (conn.dirty_pos != null) return;
+        try self.dirty.append(self.gpa, conn);
+        conn.dirty_pos = @intCast(self.dirty.items.len - 1);
+    }
+
+    fn unmarkDirty(self: *Context, conn: *Conn) void {
+        const pos = conn.dirty_pos orelse return;
+        assert(self.dirty.items[pos] == conn);
+        _ = self.dirty.swapRemove(pos);
+        if (pos < self.dirty.items.len) self.dirty.items[pos].dirty_pos = pos;
+        conn.dirty_pos = null;
+    }
+
+    /// After frames were queued or written: keep the dirty list and the
+    /// poller's interest (this fd's writes, its switch peer's reads) in step.
+    pub fn queueChanged(self: *Context, conn: *Conn) void {
+        if (!conn.alive) return;
+        if (conn.queue.isEmpty()) self.unmarkDirty(conn);
+        self.updateInterest(conn);
+        if (conn.peer) |p| self.updateInterest(p);
+    }
+
+    /// Close fd and take it out of everything, with no event. A service's
+    /// socket file is removed and its lock released. The record is freed by reap.
+    fn forget(self: *Context, conn: *Conn) void {
+        assert(conn.alive);
+        self.unmarkDirty(conn);
+        self.poller.update(self.gpa, conn.fd, conn.registered, .{}) catch {};
+        conn.registered = .{};
+        if (conn.service_path) |p| _ = c.unlink(p.ptr);
+        sys.closeFd(conn.lock_fd);
+        conn.lock_fd = -1;
+        self.table.remove(self.gpa, conn);
+        sys.closeFd(conn.fd);
+    }
+
+    /// End a connection the event loop way (README "How a connection ends"):
+    /// ERROR when there is a reason, then DISCONNECTION; then its switch peer.
+    pub fn drop(self: *Context, conn: *Conn, reason: ?[]const u8) Allocator.Error!void {
+        if (!conn.alive) return;
+        var buf: [128]u8 = undefined;
+        const text: ?[]const u8 = reason orelse if (!conn.queue.isEmpty())
+            std.fmt.bufPrint(&buf, "peer closed the connection with {d} scheduled message(s) unsent", .{conn.queue.frameCount()}) catch unreachable
+        else
+            null;
+        const fd = conn.fd;
+        const index: i64 = conn.index;
+        const peer = conn.peer;
+        conn.peer = null;
+        if (peer) |p| p.peer = null;
+        self.forget(conn);
+        var failed: ?Allocator.Error = null;
+        if (text) |t| self.events.pushData(self.gpa, .err, fd, index, t) catch |e| {
+            failed = e;
+        };
+        self.events.push(self.gpa, .disconnection, fd, index) catch |e| {
+            failed = e;
+        };
+        if (peer) |p| self.drop(p, null) catch |e| {
+            failed = e;
+        };
+        if (failed) |e| return e;
+    }
+
+    fn scratchBuffer(self: *Context) Allocator.Error![]u8 {
+        if (self.scratch) |s| return s;
+        self.scratch = try self.gpa.alloc(u8, scratch_size);
+        return self.scratch.?;
+    }
+
+    pub fn switchBuffer(self: *Context) Allocator.Error![]u8 {
+        if (self.switch_buf) |s| return s;
+        self.switch_buf = try self.gpa.alloc(u8, self.limits.max_message_size);
+        return self.switch_buf.?;
+    }
+
+    fn tooLargeText(buf: []u8, size: u64, max: u32) []const u8 {
+        return std.fmt.bufPrint(buf, "message of {d} bytes exceeds max_message_size ({d})", .{ size, max }) catch unreachable;
+    }
+
+    // ------------------------------------------------------------ services and connections
+
+    pub fn serviceInit(self: *Context, name: []const u8) Error!i32 {
+        var pbuf: rundir_mod.PathBuf = undefined;
+        const path = try rundir_mod.servicePath(&pbuf, self.rundir, name, &self.last);
+        try self.checkRoom();
+        _ = try rundir_mod.check(self.rundir, true, &self.last);
+        const lock_fd = try rundir_mod.lockService(path, name, self.rundir, &self.last);
+        errdefer sys.closeFd(lock_fd);
+        const fd = try rundir_mod.listenAt(path, name, &self.last);
+        errdefer {
+            sys.closeFd(fd);
+            _ = c.unlink(path.ptr);
+        }
+        const owned_path = try self.gpa.dupeSentinel(u8, path, 0);
+        errdefer self.gpa.free(owned_path);
+        const conn = try self.addConn(fd, .service);
+        conn.service_path = owned_path;
+        conn.lock_fd = lock_fd;
+        return fd;
+    }
+
+    pub fn connectService(self: *Context, name: []const u8) Error!i32 {
+        var pbuf: rundir_mod.PathBuf = undefined;
+        const path = try rundir_mod.servicePath(&pbuf, self.rundir, name, &self.last);
+        try self.checkRoom();
+        if (!try rundir_mod.check(self.rundir, false, &self.last))
+            return self.last.fail(error.ServiceNotFound, "no service {s} in {s}", .{ name, self.rundir });
+        const fd = try rundir_mod.connectTo(path, name, self.rundir, &self.last);
+        errdefer sys.closeFd(fd);
+        _ = try self.addConn(fd, .connection);
+        return fd;
+    }
+
+    /// connect(): through ipcd when env IPC_NETWORK is set and non-empty.
+    pub fn connect(self: *Context, name: []const u8) Error!i32 {
+        const env = c.getenv("IPC_NETWORK");
+        const network: []const u8 = if (env) |e| std.mem.span(e) else "";
+        if (network.len == 0) return self.connectService(name);
+        return self.connectThroughIpcd(name, network);
+    }
+
+    /// Ask ipcd (service "ipc") to connect us: send "NAME;IPC_NETWORK", receive
+    /// the connected fd with the raw answer "ok" (libIPC's protocol).
+    fn connectThroughIpcd(self: *Context, name: []const u8, network: []const u8) Error!i32 {
+        var pbuf: rundir_mod.PathBuf = undefined;
+        _ = try rundir_mod.servicePath(&pbuf, self.rundir, name, &self.last);
+        const ipcd = self.connectService(ipcd_service) catch |e| return if (e == error.ServiceNotFound)
+            self.last.fail(error.ServiceNotFound, "IPC_NETWORK is set but ipcd is not running (no service {s} in {s})", .{ ipcd_service, self.rundir })
+        else
+            e;
+        var answer: [2000]u8 = undefined;
+        var received: i32 = -1;
+        const n = self.askIpcd(ipcd, name, network, &answer, &received);
+        self.close(ipcd) catch {};
+        if (n == null or !std.mem.eql(u8, answer[0..n.?], "ok") or received < 0) {
+            sys.closeFd(received);
+            return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
+        }
+        errdefer sys.closeFd(received);
+        if (!sys.setNonblocking(received, true)) return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
+        if (sys.send_flags == 0) rundir_mod.setNoSigpipe(received);
+        _ = try self.addConn(received, .connection);
+        return received;
+    }
+
+    /// The request/answer exchange with ipcd; null when it failed.
+    fn askIpcd(self: *Context, ipcd: i32, name: []const u8, network: []const u8, answer: []u8, received: *i32) ?usize {
+        const request = std.fmt.allocPrint(self.gpa, "{s};{s}", .{ name, network }) catch return null;
+        defer self.gpa.free(request);
+        self.write(ipcd, request) catch return null;
+        if (!sys.setNonblocking(ipcd, false)) return null;
+        return fdpass.receiveFd(ipcd, answer, received) catch null;
+    }
+
+    pub fn addExternal(self: *Context, fd: i32) Error!void {
+        if (self.table.get(fd) != null)
+            return self.last.fail(error.Generic, "fd {d} is already managed by this context", .{fd});
+        if (!sys.isOpen(fd))
+            return self.last.fail(error.UnknownFd, "fd {d} is not an open file descriptor", .{fd});
+        try self.checkRoom();
+        const conn = try self.addConn(fd, .external);
+        conn.is_socket = sys.isSocket(fd);
+    }
+
+    pub fn peerCredentials(self: *Context, fd: i32) Error!Credentials {
+        const conn = try self.connection(fd);
+        return switch (credentials.peer(conn.fd)) {
+            .ok => |cred| cred,
+            .failed => |e| self.last.fail(error.Generic, "cannot read peer credentials of fd {d}: {s}", .{ fd, errors.errText(e) }),
+        };
+    }
+
+    // ------------------------------------------------------------ closing
+
+    /// Close fd (and its switch peer) at once, with no event; their pending
+    /// events are dropped, and so are their unsent scheduled messages.
+    pub fn close(self: *Context, fd: i32) Error!void {
+        const conn = try self.lookup(fd);
+        const peer = conn.peer;
+        conn.peer = null;
+        if (peer) |p| p.peer = null;
+        for ([_]?*Conn{ conn, peer }) |maybe| {
+            const x = maybe orelse continue;
+            if (!x.alive) continue;
+            self.events.dropFd(self.gpa, x.fd);
+            self.forget(x);
+        }
+        self.table.reap(self.gpa);
+    }
+
+    /// Close every fd; slot numbers start from 0 again. The context stays usable.
+    pub fn closeAll(self: *Context) void {
+        for (self.table.slots.items) |maybe| {
+            const conn = maybe orelse continue;
+            conn.peer = null;
+            self.forget(conn);
+        }
+        self.events.clear(self.gpa);
+        self.table.resetSlots();
+        self.table.reap(self.gpa);
+        assert(self.dirty.items.len == 0);
+    }
+
+    // ------------------------------------------------------------ sending
+
+    /// Checks shared by write and schedule, in the pure backend's order.
+    fn prepareSend(self: *Context, fd: i32, len: usize) Error!*Conn {
+        const conn = try self.connection(fd);
+        if (len > self.limits.max_message_size)
+            return self.last.fail(error.MessageTooLarge, "message of {d} bytes exceeds max_message_size ({d})", .{ len, self.limits.max_message_size });
+        if (conn.write_closed) return self.closedByPeer(fd);
+        return conn;
+    }
+
+    fn closedByPeer(self: *Context, fd: i32) Error {
+        return self.last.fail(error.ConnectionClosed, "connection on fd {d} is closed by the peer", .{fd});
+    }
+
+    /// Queue a frame; the next rounds send it (MESSAGE_TX when fully written).
+    pub fn schedule(self: *Context, fd: i32, payload: []const u8) Error!void {
+        const conn = try self.prepareSend(fd, payload.len);
+        const queued = conn.queue.queuedBytes();
+        if (queued + framing.header_size + payload.len > self.limits.max_queue_size)
+            return self.last.fail(error.QueueFull, "send queue of fd {d} is full ({d} bytes queued, max_queue_size {d})", .{ fd, queued, self.limits.max_queue_size });
+        try self.markDirty(conn);
+        errdefer if (conn.queue.isEmpty()) self.unmarkDirty(conn);
+        try conn.queue.push(self.gpa, payload, .scheduled);
+        self.updateInterest(conn);
+    }
+
+    /// Send now: first what is queued for fd (its MESSAGE_TX events are still
+    /// reported by the next wait), then this message, blocking until written.
+    pub fn write(self: *Context, fd: i32, payload: []const u8) Error!void {
+        const conn = try self.prepareSend(fd, payload.len);
+        try self.flushBlocking(conn);
+        const header = framing.encodeHeader(@intCast(payload.len));
+        var iov = [2]std.posix.iovec_const{
+            .{ .base = &header, .len = header.len },
+            .{ .base = payload.ptr, .len = payload.len },
+        };
+        var parts: []std.posix.iovec_const = &iov;
+        while (parts.len > 0) {
+            switch (sys.writeSome(conn.fd, parts, conn.is_socket)) {
+                .done => |n| parts = skipWritten(parts, n),
+                .would_block => sys.waitFd(conn.fd, sys.POLLOUT),
+                .failed => |e| return self.writeFailed(conn, e),
+                .eof => unreachable,
+            }
+        }
+    }
+
+    fn flushBlocking(self: *Context, conn: *Conn) Error!void {
+        var sink: TxSink = .{ .ctx = self, .conn = conn };
+        defer self.queueChanged(conn);
+        while (true) {
+            switch (try conn.queue.flush(self.gpa, conn.fd, conn.is_socket, &sink)) {
+                .drained => return,
+                .would_block => sys.waitFd(conn.fd, sys.POLLOUT),
+                .failed => |e| return self.writeFailed(conn, e),
+            }
+        }
+    }
+
+    /// A failed blocking write: a peer that is gone is ConnectionClosed (the
+    /// connection stays until the event loop reports its DISCONNECTION).
+    fn writeFailed(self: *Context, conn: *Conn, e: sys.E) Error {
+        if (e == .PIPE or e == .CONNRESET) {
+            conn.write_closed = true;
+            return self.closedByPeer(conn.fd);
+        }
+        return self.last.fail(error.Generic, "write failed: {s}", .{errors.errText(e)});
+    }
+
+    fn skipWritten(parts: []std.posix.iovec_const, written: usize) []std.posix.iovec_const {
+        var n = written;
+        var rest = parts;
+        while (rest.len > 0 and n >= rest[0].len) {
+            n -= rest[0].len;
+            rest = rest[1..];
+        }
+        if (rest.len > 0) {
+            rest[0].base += n;
+            rest[0].len -= n;
+        }
+        return rest;
+    }
+
+    /// Reports each fully written queued frame (MESSAGE_TX or SWITCH_TX).
+    const TxSink = struct {
+        ctx: *Context,
+        conn: *Conn,
+        pub fn completed(self: *TxSink, origin: @import("send_queue.zig").Origin) Allocator.Error!void {
+            const kind: events_mod.Kind = switch (origin) {
+                .scheduled => .message_tx,
+                .switched => .switch_tx,
+            };
+            try self.ctx.events.push(self.ctx.gpa, kind, self.conn.fd, self.conn.index);
+        }
+    };
+
+    /// Event-loop flush: without blocking; a peer that is gone is read to the
+    /// end first (nothing it sent is lost), then dropped.
+    fn flushConn(self: *Context, conn: *Conn) Allocator.Error!void {
+        var sink: TxSink = .{ .ctx = self, .conn = conn };
+        const result = try conn.queue.flush(self.gpa, conn.fd, conn.is_socket, &sink);
+        switch (result) {
+            .drained, .would_block => self.queueChanged(conn),
+            .failed => |e| {
+                if (e == .PIPE or e == .CONNRESET) {
+                    conn.write_closed = true;
+                    try self.readConn(conn, true);
+                    return self.drop(conn, null);
+                }
+                var buf: [160]u8 = undefined;
+                const text = std.fmt.bufPrint(&buf, "write failed: {s}", .{errors.errText(e)}) catch buf[0..];
+                return self.drop(conn, text);
+            },
+        }
+    }
+
+    // ------------------------------------------------------------ receiving
+
+    /// Where decoded frames go: MESSAGE_RX events, or (switched fds in the
+    /// event loop) forwarding to the peer. Stops when the connection died.
+    const RxSink = struct {
+        ctx: *Context,
+        conn: *Conn,
+        forward: bool,
+        frames: usize = 0,
+        pub fn frame(self: *RxSink, payload: []const u8) framing.SinkError!void {
+            if (!self.conn.alive) return error.Stopped;
+            self.frames += 1;
+            if (self.forward and self.conn.peer != null) {
+                try switching.forward(self.ctx, self.conn, payload);
+                if (!self.conn.alive) return error.Stopped;
+            } else {
+                try self.ctx.events.pushData(self.ctx.gpa, .message_rx, self.conn.fd, self.conn.index, payload);
+            }
+        }
+    };
+
+    /// Read conn until it would block (at most read_budget bytes), deliver
+    /// every complete frame; on EOF, a bad frame or an error, end it.
+    pub fn readConn(self: *Context, conn: *Conn, forward: bool) Allocator.Error!void {
+        const scratch = try self.scratchBuffer();
+        var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = forward };
+        var total: usize = 0;
+        var buf: [160]u8 = undefined;
+        var reason: ?[]const u8 = null;
+        const ended = while (total < read_budget) {
+            const direct = conn.decoder.readTarget();
+            const room = read_budget - total;
+            const target = if (direct) |d| d[0..@min(d.len, room)] else scratch[0..@min(scratch.len, room)];
+            switch (sys.readSome(conn.fd, target)) {
+                .would_block => break false,
+                .eof => {
+                    if (conn.decoder.hasPartial()) reason = "peer closed the connection in the middle of a message";
+                    break true;
+                },
+                .failed => |e| {
+                    reason = std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch buf[0..];
+                    break true;
+                },
+                .done => |n| {
+                    total += n;
+                    if (direct != null) conn.decoder.commitRead(n);
+                    const input = if (direct != null) target[0..0] else target[0..n];
+                    conn.decoder.feed(self.gpa, input, self.limits.max_message_size, &sink) catch |err| switch (err) {
+                        error.OutOfMemory => return error.OutOfMemory,
+                        error.Stopped => return,
+                        error.FrameTooLarge => {
+                            reason = tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size);
+                            break true;
+                        },
+                    };
+                    if (!conn.alive) return;
+                },
+            }
+        } else false;
+        if (ended) try self.drop(conn, reason);
+    }
+
+    /// read(): the next message of fd not delivered yet, copied into `out`.
+    /// First a MESSAGE_RX still pending, then what is buffered, else block.
+    /// A message larger than `out` is kept (BufferTooSmall, *len = its size).
+    pub fn readFd(self: *Context, fd: i32, out: []u8, len: *usize) Error!void {
+        if (try self.takePending(fd, out, len)) return;
+        const conn = try self.connection(fd);
+        defer self.table.reap(self.gpa);
+        const scratch = try self.scratchBuffer();
+        var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
+        var buf: [160]u8 = undefined;
+        while (sink.frames == 0) {
+            const direct = conn.decoder.readTarget();
+            const target = direct orelse scratch;
+            switch (sys.readSome(conn.fd, target)) {
+                .would_block => sys.waitFd(conn.fd, sys.POLLIN),
+                .eof => {
+                    try self.drop(conn, null);
+                    return self.closedByPeer(fd);
+                },
+                .failed => |e| {
+                    const text = std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch buf[0..];
+                    try self.drop(conn, text);
+                    return self.last.failText(error.Generic, text);
+                },
+                .done => |n| {
+                    if (direct != null) conn.decoder.commitRead(n);
+                    const input = if (direct != null) target[0..0] else target[0..n];
+                    conn.decoder.feed(self.gpa, input, self.limits.max_message_size, &sink) catch |err| switch (err) {
+                        error.OutOfMemory => return error.OutOfMemory,
+                        error.Stopped => unreachable,
+                        error.FrameTooLarge => {
+                            const text = tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size);
+                            if (sink.frames == 0) {
+                                try self.drop(conn, null);
+                                return self.last.failText(error.MessageTooLarge, text);
+                            }
+                            try self.drop(conn, text);
+                        },
+                    };
+                },
+            }
+        }
+        // The first new message is now the first pending MESSAGE_RX of fd;
+        // the others wait as events, like any message received.
+        assert(try self.takePending(fd, out, len));
+    }
+
+    /// Take fd's first pending MESSAGE_RX, if any, into `out`. Its
+    /// DISCONNECTION coming first means the peer is gone.
+    fn takePending(self: *Context, fd: i32, out: []u8, len: *usize) Error!bool {
+        var it = self.events.iterFd(fd);
+        while (it.next()) |ev| {
+            switch (ev.kind) {
+                .message_rx => {
+                    if (ev.data.len > out.len) {
+                        len.* = ev.data.len;
+                        return self.last.fail(error.BufferTooSmall, "buffer of {d} bytes is too small for a message of {d} bytes", .{ out.len, ev.data.len });
+                    }
+                    @memcpy(out[0..ev.data.len], ev.data);
+                    len.* = ev.data.len;
+                    self.events.drop(self.gpa, ev);
+                    return true;
+                },
+                .disconnection => return self.closedByPeer(fd),
+                else => {},
+            }
+        }
+        return false;
+    }
+
+    // ------------------------------------------------------------ the event loop
+
+    /// Make sure at least one event is pending: return at once if one is,
+    /// else run rounds until one produces an event or the timer expires.
+    pub fn wait(self: *Context) Error!void {
+        if (self.events.live > 0) return;
+        if (self.table.count() == 0 and self.timer_ms < 0)
+            return self.last.fail(error.Generic, "nothing to wait for: no fd and no timer", .{});
+        const deadline: ?i64 = if (self.timer_ms >= 0) sys.nowMs() + self.timer_ms else null;
+        while (true) {
+            const timeout: i32 = if (deadline) |d| @intCast(std.math.clamp(d - sys.nowMs(), 0, std.math.maxInt(i32))) else -1;
+            try self.round(timeout);
+            if (self.events.live > 0) return;
+            if (deadline) |d| if (sys.nowMs() >= d) {
+                try self.events.push(self.gpa, .timer, -1, -1);
+                return;
+            };
+        }
+    }
+
+    /// One round: (1) flush every queue without blocking; (2) wait for
+    /// readiness (not at all if step 1 produced events); (3) handle every ready fd.
+    fn round(self: *Context, timeout_ms: i32) Error!void {
+        defer self.table.reap(self.gpa);
+        try self.flushDirty();
+        const t: i32 = if (self.events.live > 0) 0 else timeout_ms;
+        const n = self.poller.wait(&self.ready, t) catch
+            return self.last.fail(error.Generic, "waiting for events failed: {s}", .{errors.errText(c.errno(@as(c_int, -1)))});
+        for (self.ready[0..n]) |r| try self.handleReady(r);
+    }
+
+    fn flushDirty(self: *Context) Allocator.Error!void {
+        // Downwards: a flush that ends a connection swap-removes it, which
+        // only moves an entry already visited into the current position.
+        var i = self.dirty.items.len;
+        while (i > 0) {
+            i -= 1;
+            if (i >= self.dirty.items.len) continue;
+            try self.flushConn(self.dirty.items[i]);
+        }
+    }
+
+    fn handleReady(self: *Context, r: poller_mod.Ready) Allocator.Error!void {
+        // The fd may have been closed earlier in this round.
+        const conn = self.table.get(r.fd) orelse return;
+        if (conn.kind == .service) {
+            if (r.readable) try self.acceptAll(conn);
+            return;
+        }
+        if (conn.peer != null) {
+            if (r.readable) try switching.switchIn(self, conn);
+        } else if (conn.kind == .external) {
+            if (r.readable) try self.events.push(self.gpa, .external, conn.fd, conn.index);
+            return;
+        } else if (r.readable) {
+            try self.readConn(conn, true);
+        }
+        if (conn.alive and r.writable) try self.flushConn(conn);
+    }
+
+    /// Accept every pending client: CONNECTION each; past max_connections the
+    /// client is closed at once and the service gets an ERROR.
+    fn acceptAll(self: *Context, service: *Conn) Allocator.Error!void {
+        while (true) {
+            const fd = acceptOne(service.fd);
+            if (fd < 0) {
+                switch (c.errno(fd)) {
+                    .INTR => continue,
+                    .AGAIN => return,
+                    else => |e| {
+                        var buf: [160]u8 = undefined;
+                        const text = std.fmt.bufPrint(&buf, "accept failed: {s}", .{errors.errText(e)}) catch buf[0..];
+                        return self.events.pushData(self.gpa, .err, service.fd, service.index, text);
+                    },
+                }
+            }
+            if (self.table.count() >= self.limits.max_connections) {
+                sys.closeFd(fd);
+                var buf: [96]u8 = undefined;
+                const text = std.fmt.bufPrint(&buf, "connection refused: max_connections ({d}) reached", .{self.limits.max_connections}) catch unreachable;
+                try self.events.pushData(self.gpa, .err, service.fd, service.index, text);
+                continue;
+            }
+            if (sys.send_flags == 0) rundir_mod.setNoSigpipe(fd);
+            const conn = self.addConn(fd, .connection) catch {
+                sys.closeFd(fd);
+                return error.OutOfMemory;
+            };
+            try self.events.push(self.gpa, .connection, conn.fd, conn.index);
+        }
+    }
+
+    fn acceptOne(listen_fd: i32) i32 {
+        if (comptime builtin.os.tag.isDarwin()) {
+            const fd = c.accept(listen_fd, null, null);
+            if (fd >= 0) {
+                _ = sys.setNonblocking(fd, true);
+                _ = c.fcntl(fd, c.F.SETFD, @as(c_int, c.FD_CLOEXEC));
+            }
+            return fd;
+        }
+        return c.accept4(listen_fd, null, null, c.SOCK.NONBLOCK | c.SOCK.CLOEXEC);
+    }
+
+    // ------------------------------------------------------------ switching
+
+    pub fn addSwitch(self: *Context, fd1: i32, fd2: i32) Error!void {
+        if (fd1 == fd2) return self.last.fail(error.Generic, "cannot switch fd {d} with itself", .{fd1});
+        const c1 = try self.switchable(fd1);
+        const c2 = try self.switchable(fd2);
+        for ([_]*Conn{ c1, c2 }) |x| {
+            if (x.peer != null) return self.last.fail(error.Generic, "fd {d} is already switched", .{x.fd});
+        }
+        c1.peer = c2;
+        c2.peer = c1;
+        for ([_]*Conn{ c1, c2 }) |x| {
+            _ = sys.setNonblocking(x.fd, true);
+            self.updateInterest(x);
+        }
+    }
+
+    pub fn switchable(self: *Context, fd: i32) Error!*Conn {
+        const conn = try self.lookup(fd);
+        if (conn.kind == .service) return self.last.fail(error.UnknownFd, "fd {d} is not a connection", .{fd});
+        return conn;
+    }
+
+    pub fn setSwitchCallbacks(self: *Context, fd: i32, in: ?conn_table.InCallback, out: ?conn_table.OutCallback) Error!void {
+        const conn = try self.switchable(fd);
+        conn.cb_in = in;
+        conn.cb_out = out;
+    }
+};
+
+test {
+    _ = @import("context_test.zig");
+}

@@ -1,0 +1,526 @@
+//! Socket tests of the context over real Unix sockets, each in a fresh
+//! temporary run dir (removed afterwards). Server and client are two contexts
+//! in the same thread unless a test needs a blocking peer (then a thread).
+
+const std = @import("std");
+const c = std.c;
+const testing = std.testing;
+const context = @import("context.zig");
+const Context = context.Context;
+const sys = @import("sys.zig");
+const framing = @import("framing.zig");
+const Kind = @import("events.zig").Kind;
+
+const gpa = testing.allocator;
+
+extern "c" fn setenv(name: [*:0]const u8, value: [*:0]const u8, overwrite: c_int) c_int;
+extern "c" fn unsetenv(name: [*:0]const u8) c_int;
+
+/// A run dir under /tmp with a unique name; deinit removes it and its files.
+const TmpRun = struct {
+    buf: [96]u8 = undefined,
+    len: usize = 0,
+
+    var counter: u32 = 0;
+
+    fn init() TmpRun {
+        var t: TmpRun = .{};
+        counter += 1;
+        const p = sys.printZ(&t.buf, "/tmp/pyipc-zig-test-{d}-{d}-{d}", .{ c.getpid(), counter, sys.nowMs() }) catch unreachable;
+        t.len = p.len;
+        return t;
+    }
+
+    fn path(self: *const TmpRun) [:0]const u8 {
+        return self.buf[0..self.len :0];
+    }
+
+    fn deinit(self: *const TmpRun) void {
+        if (c.opendir(self.path().ptr)) |dir| {
+            defer _ = c.closedir(dir);
+            while (c.readdir(dir)) |ent| {
+                const name = std.mem.sliceTo(&ent.name, 0);
+                if (std.mem.eql(u8, name, ".") or std.mem.eql(u8, name, "..")) continue;
+                var buf: [200]u8 = undefined;
+                const full = sys.printZ(&buf, "{s}/{s}", .{ self.path(), name }) catch continue;
+                _ = c.unlink(full.ptr);
+            }
+        }
+        _ = c.rmdir(self.path().ptr);
+    }
+
+    fn newContext(self: *const TmpRun) !*Context {
+        const ctx = try Context.create(gpa);
+        errdefer ctx.destroy();
+        try ctx.setRundir(self.path());
+        ctx.setTimer(5000); // a hung test fails with a TIMER instead of hanging
+        return ctx;
+    }
+};
+
+/// A copy of one event (its payload copied, so it outlives the queue entry).
+const Ev = struct {
+    kind: Kind,
+    fd: i32,
+    index: i64,
+    data: std.ArrayList(u8) = .empty,
+
+    fn deinit(self: *Ev) void {
+        self.data.deinit(gpa);
+    }
+};
+
+fn nextEvent(ctx: *Context) !Ev {
+    ctx.events.releaseLent(gpa);
+    try ctx.wait();
+    const ev = ctx.events.peek().?;
+    var out: Ev = .{ .kind = ev.kind, .fd = ev.fd, .index = ev.index };
+    errdefer out.deinit();
+    try out.data.appendSlice(gpa, ev.data);
+    try ctx.events.pop(gpa, false);
+    return out;
+}
+
+fn expectEvent(ctx: *Context, kind: Kind, fd: i32, data: ?[]const u8) !Ev {
+    var ev = try nextEvent(ctx);
+    errdefer {
+        std.debug.print("got {s} fd={d} data={s}\n", .{ @tagName(ev.kind), ev.fd, ev.data.items });
+        ev.deinit();
+    }
+    try testing.expectEqual(kind, ev.kind);
+    if (fd != -2) try testing.expectEqual(fd, ev.fd);
+    if (data) |d| try testing.expectEqualStrings(d, ev.data.items);
+    return ev;
+}
+
+fn expectOnly(ctx: *Context, kind: Kind, fd: i32, data: ?[]const u8) !void {
+    var ev = try expectEvent(ctx, kind, fd, data);
+    ev.deinit();
+}
+
+/// A server context with service `name`, a client context connected to it,
+/// and the server side of that connection (after its CONNECTION event).
+const Pair = struct {
+    run: TmpRun,
+    server: *Context,
+    client: *Context,
+    service_fd: i32,
+    client_fd: i32,
+    server_fd: i32,
+
+    fn init(name: []const u8) !Pair {
+        var p: Pair = undefined;
+        p.run = TmpRun.init();
+        errdefer p.run.deinit();
+        p.server = try p.run.newContext();
+        errdefer p.server.destroy();
+        p.client = try p.run.newContext();
+        errdefer p.client.destroy();
+        p.service_fd = try p.server.serviceInit(name);
+        p.client_fd = try p.client.connectService(name);
+        var ev = try expectEvent(p.server, .connection, -2, null);
+        defer ev.deinit();
+        p.server_fd = ev.fd;
+        return p;
+    }
+
+    fn deinit(self: *Pair) void {
+        self.client.destroy();
+        self.server.destroy();
+        self.run.deinit();
+    }
+};
+
+fn sendRaw(fd: i32, bytes: []const u8) !void {
+    var off: usize = 0;
+    while (off < bytes.len) {
+        const n = c.send(fd, bytes[off..].ptr, bytes.len - off, sys.send_flags);
+        if (n < 0) {
+            if (c.errno(n) == .AGAIN) {
+                sys.waitFd(fd, sys.POLLOUT);
+                continue;
+            }
+            return error.SendFailed;
+        }
+        off += @intCast(n);
+    }
+}
+
+fn readMessage(ctx: *Context, fd: i32, buf: []u8) ![]u8 {
+    var len: usize = 0;
+    try ctx.readFd(fd, buf, &len);
+    return buf[0..len];
+}
+
+test "connect, exchange messages both ways, disconnection" {
+    var p = try Pair.init("pong");
+    defer p.deinit();
+    try p.client.write(p.client_fd, "hello");
+    try expectOnly(p.server, .message_rx, p.server_fd, "hello");
+    try p.server.write(p.server_fd, "world");
+    var buf: [64]u8 = undefined;
+    try testing.expectEqualStrings("world", try readMessage(p.client, p.client_fd, &buf));
+    try p.client.close(p.client_fd);
+    try expectOnly(p.server, .disconnection, p.server_fd, null);
+    try testing.expect(p.server.table.get(p.server_fd) == null);
+}
+
+test "framing over a socket: header split, payload apart, empty messages, many per read" {
+    var p = try Pair.init("frames");
+    defer p.deinit();
+    const h = framing.encodeHeader(5);
+    try sendRaw(p.client_fd, h[0..1]);
+    try sendRaw(p.client_fd, h[1..4]);
+    try testing.expectEqual(@as(usize, 0), p.server.events.live);
+    p.server.setTimer(50);
+    try expectOnly(p.server, .timer, -1, null); // an incomplete frame is no event, no drop
+    p.server.setTimer(5000);
+    try sendRaw(p.client_fd, "abcde");
+    try expectOnly(p.server, .message_rx, p.server_fd, "abcde");
+    // Many frames (empty ones too) in one send: all delivered, in order.
+    var stream: std.ArrayList(u8) = .empty;
+    defer stream.deinit(gpa);
+    const payloads = [_][]const u8{ "", "one", "", "two", "three", "" };
+    for (payloads) |pl| {
+        try stream.appendSlice(gpa, &framing.encodeHeader(@intCast(pl.len)));
+        try stream.appendSlice(gpa, pl);
+    }
+    try sendRaw(p.client_fd, stream.items);
+    for (payloads) |pl| try expectOnly(p.server, .message_rx, p.server_fd, pl);
+}
+
+fn floodSender(run: *const TmpRun, count: u32, result: *anyerror!void) void {
+    result.* = floodSend(run, count);
+}
+
+fn floodSend(run: *const TmpRun, count: u32) !void {
+    const ctx = try run.newContext();
+    defer ctx.destroy();
+    const fd = try ctx.connectService("flood");
+    var msg: [8]u8 = undefined;
+    for (0..count) |i| {
+        std.mem.writeInt(u32, msg[0..4], @intCast(i), .big);
+        @memcpy(msg[4..], "data");
+        try ctx.write(fd, &msg);
+    }
+}
+
+test "a flood of 200,000 messages is delivered whole and in order" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    const server = try run.newContext();
+    defer server.destroy();
+    _ = try server.serviceInit("flood");
+    const count: u32 = 200_000;
+    var result: anyerror!void = {};
+    const thread = try std.Thread.spawn(.{}, floodSender, .{ &run, count, &result });
+    var next: u32 = 0;
+    var disconnected = false;
+    while (!disconnected) {
+        var ev = try nextEvent(server);
+        defer ev.deinit();
+        switch (ev.kind) {
+            .connection => {},
+            .message_rx => {
+                try testing.expectEqual(@as(usize, 8), ev.data.items.len);
+                try testing.expectEqual(next, std.mem.readInt(u32, ev.data.items[0..4], .big));
+                next += 1;
+            },
+            .disconnection => disconnected = true,
+            else => return error.UnexpectedEvent,
+        }
+    }
+    thread.join();
+    try result;
+    try testing.expectEqual(count, next);
+}
+
+test "an oversize announcement: earlier messages, then ERROR, then DISCONNECTION" {
+    var p = try Pair.init("big");
+    defer p.deinit();
+    try p.server.setLimits(.{ .max_message_size = 1000, .max_queue_size = 1004, .max_connections = 10 });
+    var stream: [4 + 2 + 4]u8 = undefined;
+    @memcpy(stream[0..4], &framing.encodeHeader(2));
+    @memcpy(stream[4..6], "ok");
+    @memcpy(stream[6..10], &framing.encodeHeader(1001));
+    try sendRaw(p.client_fd, &stream);
+    try expectOnly(p.server, .message_rx, p.server_fd, "ok");
+    try expectOnly(p.server, .err, p.server_fd, "message of 1001 bytes exceeds max_message_size (1000)");
+    try expectOnly(p.server, .disconnection, p.server_fd, null);
+    try testing.expect(p.server.table.get(p.server_fd) == null);
+}
+
+test "max_message_size is accepted exactly; one byte more is refused on send" {
+    var p = try Pair.init("edge");
+    defer p.deinit();
+    const limits: context.Limits = .{ .max_message_size = 100_000, .max_queue_size = 100_004, .max_connections = 10 };
+    try p.server.setLimits(limits);
+    try p.client.setLimits(limits);
+    const msg = try gpa.alloc(u8, 100_001);
+    defer gpa.free(msg);
+    for (msg, 0..) |*b, i| b.* = @truncate(i *% 7);
+    try p.client.write(p.client_fd, msg[0..100_000]);
+    var ev = try expectEvent(p.server, .message_rx, p.server_fd, null);
+    defer ev.deinit();
+    try testing.expectEqualSlices(u8, msg[0..100_000], ev.data.items);
+    try testing.expectError(error.MessageTooLarge, p.client.write(p.client_fd, msg));
+    try testing.expectEqualStrings("message of 100001 bytes exceeds max_message_size (100000)", p.client.last.text());
+    try testing.expectError(error.MessageTooLarge, p.client.schedule(p.client_fd, msg));
+}
+
+test "the send queue bound: exactly max_queue_size is accepted, past it QueueFull" {
+    var p = try Pair.init("queue");
+    defer p.deinit();
+    try p.client.setLimits(.{ .max_message_size = 100, .max_queue_size = 208, .max_connections = 10 });
+    const msg: [100]u8 = @splat('q');
+    try p.client.schedule(p.client_fd, &msg);
+    try p.client.schedule(p.client_fd, &msg);
+    try testing.expectError(error.QueueFull, p.client.schedule(p.client_fd, ""));
+    var buf: [128]u8 = undefined;
+    const want = try std.fmt.bufPrint(&buf, "send queue of fd {d} is full (208 bytes queued, max_queue_size 208)", .{p.client_fd});
+    try testing.expectEqualStrings(want, p.client.last.text());
+    try expectOnly(p.client, .message_tx, p.client_fd, null);
+    try expectOnly(p.client, .message_tx, p.client_fd, null);
+    try expectOnly(p.server, .message_rx, p.server_fd, &msg);
+    try expectOnly(p.server, .message_rx, p.server_fd, &msg);
+    try p.client.schedule(p.client_fd, ""); // drained: room again
+}
+
+test "a second service of the same name is busy; the first is untouched" {
+    var p = try Pair.init("busy");
+    defer p.deinit();
+    const other = try p.run.newContext();
+    defer other.destroy();
+    try testing.expectError(error.ServiceBusy, other.serviceInit("busy"));
+    var buf: [200]u8 = undefined;
+    try testing.expectEqualStrings(try std.fmt.bufPrint(&buf, "service busy is already running in {s}", .{p.run.path()}), other.last.text());
+    try testing.expectError(error.ServiceBusy, p.server.serviceInit("busy"));
+    // The running service still accepts clients.
+    _ = try other.connectService("busy");
+    try expectOnly(p.server, .connection, -2, null);
+}
+
+test "a stale socket is replaced; a closed service can be re-created" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    const ctx = try run.newContext();
+    defer ctx.destroy();
+    const fd1 = try ctx.serviceInit("again");
+    try ctx.close(fd1);
+    var buf: [200]u8 = undefined;
+    const path = try sys.printZ(&buf, "{s}/again", .{run.path()});
+    try testing.expect(sys.lstatMode(path.ptr) == .failed); // socket file removed
+    // A stale socket file: bound by a socket that is gone, no lock holder.
+    const s = c.socket(c.AF.UNIX, c.SOCK.STREAM, 0);
+    var addr = std.mem.zeroes(c.sockaddr.un);
+    addr.family = c.AF.UNIX;
+    @memcpy(addr.path[0..path.len], path);
+    try testing.expectEqual(@as(c_int, 0), c.bind(s, @ptrCast(&addr), @sizeOf(c.sockaddr.un)));
+    sys.closeFd(s);
+    try testing.expectError(error.ServiceNotFound, ctx.connectService("again"));
+    const fd2 = try ctx.serviceInit("again");
+    _ = try ctx.connectService("again");
+    try expectOnly(ctx, .connection, -2, null);
+    try ctx.close(fd2);
+    _ = try ctx.serviceInit("again");
+}
+
+test "a new connection takes the lowest free index" {
+    var p = try Pair.init("slots");
+    defer p.deinit();
+    // server: service = 0, first client = 1.
+    try testing.expectEqual(@as(u32, 0), p.server.table.get(p.service_fd).?.index);
+    try testing.expectEqual(@as(u32, 1), p.server.table.get(p.server_fd).?.index);
+    _ = try p.client.connectService("slots");
+    var ev2 = try expectEvent(p.server, .connection, -2, null);
+    defer ev2.deinit();
+    try testing.expectEqual(@as(i64, 2), ev2.index);
+    _ = try p.client.connectService("slots");
+    var ev3 = try expectEvent(p.server, .connection, -2, null);
+    defer ev3.deinit();
+    try testing.expectEqual(@as(i64, 3), ev3.index);
+    try p.server.close(p.server_fd);
+    try p.server.close(ev2.fd);
+    _ = try p.client.connectService("slots");
+    var ev4 = try expectEvent(p.server, .connection, -2, null);
+    defer ev4.deinit();
+    try testing.expectEqual(@as(i64, 1), ev4.index);
+}
+
+test "peer credentials are those of this process" {
+    var p = try Pair.init("creds");
+    defer p.deinit();
+    const cred = try p.server.peerCredentials(p.server_fd);
+    try testing.expectEqual(c.getuid(), cred.uid);
+    try testing.expectEqual(c.getgid(), cred.gid);
+    try testing.expectEqual(c.getpid(), cred.pid);
+    try testing.expectError(error.UnknownFd, p.server.peerCredentials(p.service_fd));
+    var buf: [64]u8 = undefined;
+    try testing.expectEqualStrings(try std.fmt.bufPrint(&buf, "fd {d} is not a connection", .{p.service_fd}), p.server.last.text());
+}
+
+test "switching forwards both ways; one side ending closes both" {
+    var p = try Pair.init("sw");
+    defer p.deinit();
+    const b_client = try p.client.connectService("sw");
+    var evb = try expectEvent(p.server, .connection, -2, null);
+    defer evb.deinit();
+    const sa = p.server_fd;
+    const sb = evb.fd;
+    try testing.expectError(error.Generic, p.server.addSwitch(sa, sa));
+    try p.server.addSwitch(sa, sb);
+    try testing.expectError(error.Generic, p.server.addSwitch(sa, sb));
+    try p.client.write(p.client_fd, "to b");
+    try expectOnly(p.server, .switch_rx, sa, "to b");
+    try expectOnly(p.server, .switch_tx, sb, null);
+    var buf: [64]u8 = undefined;
+    try testing.expectEqualStrings("to b", try readMessage(p.client, b_client, &buf));
+    try p.client.write(b_client, "");
+    try expectOnly(p.server, .switch_rx, sb, "");
+    try expectOnly(p.server, .switch_tx, sa, null);
+    try testing.expectEqualStrings("", try readMessage(p.client, p.client_fd, &buf));
+    try p.client.close(p.client_fd);
+    try expectOnly(p.server, .disconnection, sa, null);
+    try expectOnly(p.server, .disconnection, sb, null);
+}
+
+var out_seen: [64]u8 = undefined;
+var out_len: usize = 0;
+
+fn testOut(dest: c_int, payload: [*]const u8, mlen: u32) callconv(.c) c_int {
+    _ = dest;
+    @memcpy(out_seen[0..mlen], payload[0..mlen]);
+    out_len = mlen;
+    return 0;
+}
+
+/// Reads raw bytes (a foreign protocol with no framing) as one unit.
+fn testIn(orig: c_int, payload: [*]u8, mlen: *u32) callconv(.c) c_int {
+    const n = c.read(orig, payload, mlen.*);
+    if (n <= 0) return 2; // FD_CLOSING
+    mlen.* = @intCast(n);
+    return 0;
+}
+
+test "switch callbacks: custom in and out" {
+    var p = try Pair.init("cb");
+    defer p.deinit();
+    var pair: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    defer sys.closeFd(pair[1]);
+    try p.server.addExternal(pair[0]);
+    try p.server.setSwitchCallbacks(pair[0], testIn, testOut);
+    try p.server.addSwitch(p.server_fd, pair[0]);
+    // framed in from the client, custom out to the external side
+    try p.client.write(p.client_fd, "framed");
+    try expectOnly(p.server, .switch_rx, p.server_fd, "framed");
+    try expectOnly(p.server, .switch_tx, pair[0], null);
+    try testing.expectEqualStrings("framed", out_seen[0..out_len]);
+    // raw in from the external side, framed out to the client
+    try sendRaw(pair[1], "raw bytes");
+    try expectOnly(p.server, .switch_rx, pair[0], "raw bytes");
+    try expectOnly(p.server, .switch_tx, p.server_fd, null);
+    var buf: [64]u8 = undefined;
+    try testing.expectEqualStrings("raw bytes", try readMessage(p.client, p.client_fd, &buf));
+    sys.closeFd(pair[1]);
+    pair[1] = -1;
+    try expectOnly(p.server, .disconnection, pair[0], null);
+    try expectOnly(p.server, .disconnection, p.server_fd, null);
+}
+
+fn fakeIpcd(ipcd: *Context, result: *anyerror!void) void {
+    result.* = serveIpcd(ipcd);
+}
+
+/// ipcd's part: read "NAME;NETWORK", connect to NAME, pass the fd with "ok".
+fn serveIpcd(ipcd: *Context) !void {
+    var conn = try expectEvent(ipcd, .connection, -2, null);
+    defer conn.deinit();
+    var req = try expectEvent(ipcd, .message_rx, conn.fd, "target;somewhere");
+    defer req.deinit();
+    const fd = try ipcd.connectService("target");
+    try @import("fdpass.zig").sendFd(conn.fd, fd, "ok");
+    try ipcd.close(fd);
+}
+
+test "connect through ipcd when IPC_NETWORK is set (fd passing)" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    const server = try run.newContext();
+    defer server.destroy();
+    const client = try run.newContext();
+    defer client.destroy();
+    _ = try server.serviceInit("target");
+    _ = setenv("IPC_NETWORK", "somewhere", 1);
+    defer _ = unsetenv("IPC_NETWORK");
+    try testing.expectError(error.ServiceNotFound, client.connect("target"));
+    var buf: [200]u8 = undefined;
+    try testing.expectEqualStrings(try std.fmt.bufPrint(&buf, "IPC_NETWORK is set but ipcd is not running (no service ipc in {s})", .{run.path()}), client.last.text());
+    const ipcd = try run.newContext();
+    defer ipcd.destroy();
+    _ = try ipcd.serviceInit("ipc");
+    var result: anyerror!void = {};
+    const thread = try std.Thread.spawn(.{}, fakeIpcd, .{ ipcd, &result });
+    const fd = client.connect("target");
+    thread.join();
+    try result;
+    const cfd = try fd;
+    try testing.expectEqual(@as(usize, 1), client.table.count()); // ipcd's connection is gone
+    var ev = try expectEvent(server, .connection, -2, null);
+    defer ev.deinit();
+    try client.write(cfd, "via ipcd");
+    try expectOnly(server, .message_rx, ev.fd, "via ipcd");
+}
+
+test "read_fd: pending message first, a small buffer keeps the message" {
+    var p = try Pair.init("rd");
+    defer p.deinit();
+    try p.client.write(p.client_fd, "first");
+    try p.client.write(p.client_fd, "second message");
+    var small: [3]u8 = undefined;
+    var len: usize = 0;
+    try testing.expectError(error.BufferTooSmall, p.server.readFd(p.server_fd, &small, &len));
+    try testing.expectEqual(@as(usize, 5), len);
+    var buf: [64]u8 = undefined;
+    try testing.expectEqualStrings("first", try readMessage(p.server, p.server_fd, &buf));
+    try testing.expectEqualStrings("second message", try readMessage(p.server, p.server_fd, &buf));
+    try p.client.close(p.client_fd);
+    try testing.expectError(error.ConnectionClosed, readMessage(p.server, p.server_fd, &buf));
+    try expectOnly(p.server, .disconnection, p.server_fd, null);
+}
+
+test "peer closing mid-message, and with scheduled messages unsent" {
+    var p = try Pair.init("mid");
+    defer p.deinit();
+    try sendRaw(p.client_fd, &framing.encodeHeader(10));
+    try sendRaw(p.client_fd, "abc");
+    try p.client.close(p.client_fd);
+    try expectOnly(p.server, .err, p.server_fd, "peer closed the connection in the middle of a message");
+    try expectOnly(p.server, .disconnection, p.server_fd, null);
+}
+
+test "errors: unknown fd, nothing to wait for, timer, connection limit" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    const ctx = try run.newContext();
+    defer ctx.destroy();
+    try testing.expectError(error.UnknownFd, ctx.write(12345, "x"));
+    try testing.expectEqualStrings("fd 12345 is not managed by this context", ctx.last.text());
+    try testing.expectError(error.ServiceNotFound, ctx.connectService("nobody"));
+    ctx.setTimer(-1);
+    try testing.expectError(error.Generic, ctx.wait());
+    try testing.expectEqualStrings("nothing to wait for: no fd and no timer", ctx.last.text());
+    ctx.setTimer(10);
+    try expectOnly(ctx, .timer, -1, null);
+    try ctx.setLimits(.{ .max_connections = 1 });
+    const svc = try ctx.serviceInit("lim");
+    try testing.expectError(error.ConnectionLimit, ctx.connectService("lim"));
+    try testing.expectEqualStrings("too many connections (max_connections 1)", ctx.last.text());
+    // A client of a full service is refused; the service gets an ERROR.
+    const other = try run.newContext();
+    defer other.destroy();
+    _ = try other.connectService("lim");
+    try expectOnly(ctx, .err, svc, "connection refused: max_connections (1) reached");
+    try testing.expectError(error.InvalidName, ctx.serviceInit("a/b"));
+    try testing.expectError(error.UnknownFd, ctx.addExternal(9999));
+}

@@ -1,0 +1,100 @@
+//! The library's one error set, its mapping to the IPC_E_* codes of libipc.h,
+//! and the per-context text of the last failure (the same texts the pure-Python
+//! backend puts in its exceptions, see README "Errors").
+
+const std = @import("std");
+
+/// Every failure a public operation can report. Each maps to one IPC_E_* code.
+pub const Error = error{
+    Generic,
+    ServiceBusy,
+    ServiceNotFound,
+    InvalidName,
+    RunDir,
+    MessageTooLarge,
+    QueueFull,
+    ConnectionClosed,
+    UnknownFd,
+    ConnectionLimit,
+    BufferTooSmall,
+    OutOfMemory,
+};
+
+/// The C ABI code of an error (enum ipc_error_codes in libipc.h).
+pub fn code(err: Error) c_int {
+    return switch (err) {
+        error.Generic => -1,
+        error.ServiceBusy => -2,
+        error.ServiceNotFound => -3,
+        error.InvalidName => -4,
+        error.RunDir => -5,
+        error.MessageTooLarge => -6,
+        error.QueueFull => -7,
+        error.ConnectionClosed => -8,
+        error.UnknownFd => -9,
+        error.ConnectionLimit => -10,
+        error.BufferTooSmall => -11,
+        error.OutOfMemory => -12,
+    };
+}
+
+extern "c" fn strerror(errnum: c_int) [*:0]const u8;
+
+/// The C library's text for an errno value (what Python's os.strerror gives).
+pub fn errText(e: std.c.E) []const u8 {
+    return std.mem.span(strerror(@intCast(@intFromEnum(e))));
+}
+
+/// The NUL-terminated text of the last failure on a context. A fixed buffer:
+/// recording an error never allocates, so it cannot fail itself.
+pub const LastError = struct {
+    buf: [1024]u8 = @splat(0),
+    len: usize = 0,
+
+    /// Record the text (truncated if it does not fit) and return `err`, so that
+    /// callers can write `return ctx.last.fail(error.X, "...", .{...});`.
+    pub fn fail(self: *LastError, err: Error, comptime fmt: []const u8, args: anytype) Error {
+        self.record(fmt, args);
+        return err;
+    }
+
+    /// Record a text without an error value (see fail).
+    pub fn record(self: *LastError, comptime fmt: []const u8, args: anytype) void {
+        const room = self.buf[0 .. self.buf.len - 1];
+        const written = std.fmt.bufPrint(room, fmt, args) catch room;
+        self.len = written.len;
+        self.buf[self.len] = 0;
+    }
+
+    /// Record a plain text (e.g. one built elsewhere) and return `err`.
+    pub fn failText(self: *LastError, err: Error, msg: []const u8) Error {
+        return self.fail(err, "{s}", .{msg});
+    }
+
+    pub fn text(self: *const LastError) [:0]const u8 {
+        return self.buf[0..self.len :0];
+    }
+
+    /// Fill in a text for errors whose site did not record one (out of memory).
+    pub fn ensureText(self: *LastError, err: Error) void {
+        if (err == error.OutOfMemory) self.record("out of memory", .{});
+    }
+};
+
+test "error codes match libipc.h" {
+    try std.testing.expectEqual(@as(c_int, -1), code(error.Generic));
+    try std.testing.expectEqual(@as(c_int, -10), code(error.ConnectionLimit));
+    try std.testing.expectEqual(@as(c_int, -11), code(error.BufferTooSmall));
+    try std.testing.expectEqual(@as(c_int, -12), code(error.OutOfMemory));
+}
+
+test "last error text is formatted, NUL-terminated and truncated safely" {
+    var last: LastError = .{};
+    const e = last.fail(error.UnknownFd, "fd {d} is not managed by this context", .{7});
+    try std.testing.expectEqual(error.UnknownFd, e);
+    try std.testing.expectEqualStrings("fd 7 is not managed by this context", last.text());
+    const long: [3000]u8 = @splat('x');
+    last.record("{s}", .{&long});
+    try std.testing.expectEqual(@as(usize, 1023), last.text().len);
+    try std.testing.expectEqual(@as(u8, 0), last.buf[1023]);
+}

@@ -1,0 +1,267 @@
+//! The context's queue of pending events, and the memory their payloads live in.
+//!
+//! Payload copies (MESSAGE_RX, SWITCH_RX) and error texts go into chunks that
+//! never move, so a pointer handed to the caller stays valid while later events
+//! are queued. Each chunk counts the events that still refer to it; an event
+//! releases its reference when it is dropped, copied out, or (for batches
+//! handed out by pointer) at the start of the next wait call. An unreferenced
+//! chunk is recycled (the current one) or freed. No allocation per message:
+//! one chunk serves many small payloads.
+
+const std = @import("std");
+const assert = std.debug.assert;
+const Allocator = std.mem.Allocator;
+
+/// libIPC's event numbers (enum event_types in libipc.h).
+pub const Kind = enum(i32) {
+    err = 0,
+    connection = 1,
+    disconnection = 2,
+    message_rx = 3,
+    message_tx = 4,
+    timer = 5,
+    external = 6,
+    switch_rx = 7,
+    switch_tx = 8,
+};
+
+const chunk_size = 64 * 1024;
+
+pub const Chunk = struct {
+    refs: u32 = 0,
+    used: usize = 0,
+    data: []u8,
+};
+
+pub const Event = struct {
+    kind: Kind,
+    fd: i32,
+    index: i64,
+    /// Payload (MESSAGE_RX, SWITCH_RX) or error text (ERROR; NUL follows it).
+    data: []const u8 = &.{},
+    chunk: ?*Chunk = null,
+    /// Removed from the queue out of order (read_fd took it, or its fd was closed).
+    dropped: bool = false,
+};
+
+pub const Queue = struct {
+    items: std.ArrayList(Event) = .empty,
+    head: usize = 0,
+    /// Events in items[head..] that are not dropped.
+    live: usize = 0,
+    current: ?*Chunk = null,
+    /// Chunks of events handed out by pointer, released at the next wait.
+    lent: std.ArrayList(*Chunk) = .empty,
+
+    pub fn deinit(self: *Queue, gpa: Allocator) void {
+        self.clear(gpa);
+        self.releaseLent(gpa);
+        if (self.current) |ch| self.freeChunk(gpa, ch);
+        self.current = null;
+        self.items.deinit(gpa);
+        self.lent.deinit(gpa);
+    }
+
+    /// Queue an event without payload.
+    pub fn push(self: *Queue, gpa: Allocator, kind: Kind, fd: i32, index: i64) Allocator.Error!void {
+        try self.items.append(gpa, .{ .kind = kind, .fd = fd, .index = index });
+        self.live += 1;
+    }
+
+    /// Queue an event with a copy of `data` (a NUL is stored after it, so
+    /// error texts can be handed out as C strings).
+    pub fn pushData(self: *Queue, gpa: Allocator, kind: Kind, fd: i32, index: i64, data: []const u8) Allocator.Error!void {
+        try self.items.ensureUnusedCapacity(gpa, 1);
+        if (data.len == 0 and kind != .err) return self.push(gpa, kind, fd, index);
+        const ch = try self.reserve(gpa, data.len + 1);
+        const dest = ch.data[ch.used .. ch.used + data.len];
+        @memcpy(dest, data);
+        ch.data[ch.used + data.len] = 0;
+        ch.used += data.len + 1;
+        ch.refs += 1;
+        self.items.appendAssumeCapacity(.{ .kind = kind, .fd = fd, .index = index, .data = dest, .chunk = ch });
+        self.live += 1;
+    }
+
+    /// A chunk with `n` free bytes: the current one, or a new one (the old
+    /// current is freed if nothing refers to it any more).
+    fn reserve(self: *Queue, gpa: Allocator, n: usize) Allocator.Error!*Chunk {
+        if (self.current) |ch| {
+            if (ch.refs == 0) ch.used = 0;
+            if (ch.data.len - ch.used >= n) return ch;
+        }
+        const data = try gpa.alloc(u8, @max(chunk_size, n));
+        errdefer gpa.free(data);
+        const ch = try gpa.create(Chunk);
+        ch.* = .{ .data = data };
+        if (self.current) |old| {
+            if (old.refs == 0) self.freeChunk(gpa, old);
+        }
+        self.current = ch;
+        return ch;
+    }
+
+    fn freeChunk(self: *Queue, gpa: Allocator, ch: *Chunk) void {
+        _ = self;
+        assert(ch.refs == 0);
+        gpa.free(ch.data);
+        gpa.destroy(ch);
+    }
+
+    /// Drop one reference; free a chunk nobody needs (keep the current one
+    /// unless it is oversized: a 16 MiB message must not pin 16 MiB forever).
+    fn unref(self: *Queue, gpa: Allocator, ch: *Chunk) void {
+        assert(ch.refs > 0);
+        ch.refs -= 1;
+        if (ch.refs != 0) return;
+        if (ch != self.current) return self.freeChunk(gpa, ch);
+        ch.used = 0;
+        if (ch.data.len > chunk_size) {
+            self.freeChunk(gpa, ch);
+            self.current = null;
+        }
+    }
+
+    /// The first live event, if any (dropped ones are skipped and discarded).
+    pub fn peek(self: *Queue) ?*Event {
+        while (self.head < self.items.items.len) {
+            const ev = &self.items.items[self.head];
+            if (!ev.dropped) return ev;
+            self.head += 1;
+        }
+        return null;
+    }
+
+    /// Remove the first live event; its payload is released at once
+    /// (the caller copied it) or lent (valid until releaseLent).
+    pub fn pop(self: *Queue, gpa: Allocator, lend: bool) Allocator.Error!void {
+        const ev = self.peek() orelse unreachable;
+        if (ev.chunk) |ch| {
+            if (lend) try self.lent.append(gpa, ch) else self.unref(gpa, ch);
+        }
+        self.head += 1;
+        self.live -= 1;
+        self.compact(gpa);
+    }
+
+    /// Remove an event from anywhere in the queue.
+    pub fn drop(self: *Queue, gpa: Allocator, ev: *Event) void {
+        assert(!ev.dropped);
+        if (ev.chunk) |ch| self.unref(gpa, ch);
+        ev.chunk = null;
+        ev.dropped = true;
+        self.live -= 1;
+        if (self.live == 0) self.compact(gpa);
+    }
+
+    /// Forget the consumed prefix, cheaply: reset when empty, shift when the
+    /// prefix is large (amortised O(1) per event).
+    fn compact(self: *Queue, gpa: Allocator) void {
+        if (self.live == 0) {
+            for (self.items.items[self.head..]) |ev| assert(ev.dropped);
+            self.head = 0;
+            if (self.items.capacity > 4096) self.items.clearAndFree(gpa) else self.items.clearRetainingCapacity();
+            return;
+        }
+        if (self.head < 1024 or self.head < self.items.items.len / 2) return;
+        const rest = self.items.items[self.head..];
+        std.mem.copyForwards(Event, self.items.items[0..rest.len], rest);
+        self.items.shrinkRetainingCapacity(rest.len);
+        self.head = 0;
+    }
+
+    /// Live events of `fd` still queued, in order.
+    pub fn iterFd(self: *Queue, fd: i32) FdIterator {
+        return .{ .queue = self, .fd = fd, .pos = self.head };
+    }
+
+    pub const FdIterator = struct {
+        queue: *Queue,
+        fd: i32,
+        pos: usize,
+        pub fn next(it: *FdIterator) ?*Event {
+            while (it.pos < it.queue.items.items.len) {
+                const ev = &it.queue.items.items[it.pos];
+                it.pos += 1;
+                if (!ev.dropped and ev.fd == it.fd) return ev;
+            }
+            return null;
+        }
+    };
+
+    /// Drop every pending event of `fd` (it was closed by the caller).
+    pub fn dropFd(self: *Queue, gpa: Allocator, fd: i32) void {
+        if (self.live == 0) return;
+        var it = self.iterFd(fd);
+        while (it.next()) |ev| self.drop(gpa, ev);
+    }
+
+    /// Drop every pending event.
+    pub fn clear(self: *Queue, gpa: Allocator) void {
+        while (self.peek()) |ev| self.drop(gpa, ev);
+        assert(self.live == 0);
+    }
+
+    /// The payloads handed out by the previous wait are no longer needed.
+    pub fn releaseLent(self: *Queue, gpa: Allocator) void {
+        for (self.lent.items) |ch| self.unref(gpa, ch);
+        if (self.lent.capacity > 4096) self.lent.clearAndFree(gpa) else self.lent.clearRetainingCapacity();
+    }
+};
+
+// ---------------------------------------------------------------- tests
+
+const testing = std.testing;
+
+test "payloads keep their address while more events are queued" {
+    const gpa = testing.allocator;
+    var q: Queue = .{};
+    defer q.deinit(gpa);
+    try q.pushData(gpa, .message_rx, 5, 0, "first");
+    const first = q.peek().?.data;
+    var big: [10_000]u8 = undefined;
+    @memset(&big, 'b');
+    for (0..50) |_| try q.pushData(gpa, .message_rx, 5, 0, &big); // several chunks
+    try q.pop(gpa, true);
+    try q.pushData(gpa, .err, 5, 0, "boom");
+    try testing.expectEqualStrings("first", first);
+    try testing.expectEqual(@as(usize, 51), q.live);
+    q.releaseLent(gpa);
+    while (q.peek()) |ev| {
+        if (ev.kind == .err) {
+            try testing.expectEqualStrings("boom", ev.data);
+            try testing.expectEqual(@as(u8, 0), ev.data.ptr[ev.data.len]);
+        }
+        try q.pop(gpa, false);
+    }
+    try testing.expectEqual(@as(usize, 0), q.live);
+}
+
+test "dropping events of one fd keeps the others in order" {
+    const gpa = testing.allocator;
+    var q: Queue = .{};
+    defer q.deinit(gpa);
+    try q.pushData(gpa, .message_rx, 1, 0, "a");
+    try q.pushData(gpa, .message_rx, 2, 1, "b");
+    try q.push(gpa, .disconnection, 1, 0);
+    try q.pushData(gpa, .message_rx, 2, 1, "c");
+    q.dropFd(gpa, 1);
+    try testing.expectEqual(@as(usize, 2), q.live);
+    try testing.expectEqualStrings("b", q.peek().?.data);
+    try q.pop(gpa, false);
+    try testing.expectEqualStrings("c", q.peek().?.data);
+    try q.pop(gpa, false);
+    try testing.expect(q.peek() == null);
+}
+
+test "a large payload gets its own chunk, freed after use" {
+    const gpa = testing.allocator;
+    var q: Queue = .{};
+    defer q.deinit(gpa);
+    const big = try gpa.alloc(u8, 1 << 20);
+    defer gpa.free(big);
+    @memset(big, 1);
+    try q.pushData(gpa, .message_rx, 3, 0, big);
+    try q.pop(gpa, false);
+    try testing.expect(q.current == null);
+}

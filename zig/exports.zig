@@ -1,0 +1,282 @@
+//! The C ABI: every function of libipc.h, exported. Each one converts its
+//! arguments, calls the context, and turns an error into its IPC_E_* code
+//! (the text stays available through ipc_last_error).
+
+const std = @import("std");
+const errors = @import("errors.zig");
+const ctx_mod = @import("context.zig");
+const Context = ctx_mod.Context;
+const Error = errors.Error;
+const fdpass = @import("fdpass.zig");
+const events = @import("events.zig");
+const conn_table = @import("conn_table.zig");
+
+const gpa = std.heap.c_allocator;
+
+const IPC_OK: c_int = 0;
+
+/// struct ipc_event of libipc.h.
+pub const IpcEvent = extern struct {
+    type: i32,
+    fd: i32,
+    index: i64,
+    message: ?[*]const u8,
+    message_len: u32,
+    @"error": ?[*:0]const u8,
+};
+
+fn context(ptr: ?*anyopaque) ?*Context {
+    return @ptrCast(@alignCast(ptr orelse return null));
+}
+
+/// Run `result` (an error union) to a return code, recording a text for
+/// errors that have none yet (out of memory).
+fn rc(ctx: *Context, result: anytype) c_int {
+    if (result) |_| {
+        return IPC_OK;
+    } else |err| {
+        ctx.last.ensureText(err);
+        return errors.code(err);
+    }
+}
+
+fn name(ptr: ?[*]const u8, len: u16) []const u8 {
+    return if (ptr) |p| p[0..len] else "";
+}
+
+fn bytes(ptr: ?[*]const u8, len: usize) []const u8 {
+    return if (ptr) |p| p[0..len] else "";
+}
+
+// ------------------------------------------------------------ lifetime
+
+export fn ipc_context_init(out: ?*?*anyopaque) callconv(.c) c_int {
+    const slot = out orelse return errors.code(error.Generic);
+    const ctx = Context.create(gpa) catch |err| return errors.code(err);
+    slot.* = ctx;
+    return IPC_OK;
+}
+
+export fn ipc_context_deinit(ptr: ?*?*anyopaque) callconv(.c) void {
+    const slot = ptr orelse return;
+    if (context(slot.*)) |ctx| ctx.destroy();
+    slot.* = null;
+}
+
+export fn ipc_last_error(ptr: ?*anyopaque) callconv(.c) [*:0]const u8 {
+    const ctx = context(ptr) orelse return "no context";
+    return ctx.last.text().ptr;
+}
+
+export fn ipc_context_set_rundir(ptr: ?*anyopaque, dir: ?[*]const u8, len: usize) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return rc(ctx, ctx.setRundir(bytes(dir, len)));
+}
+
+export fn ipc_context_set_limits(ptr: ?*anyopaque, max_message_size: u32, max_queue_size: u64, max_connections: u32) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return rc(ctx, ctx.setLimits(.{
+        .max_message_size = max_message_size,
+        .max_queue_size = max_queue_size,
+        .max_connections = max_connections,
+    }));
+}
+
+export fn ipc_context_timer(ptr: ?*anyopaque, timer: c_int) callconv(.c) void {
+    const ctx = context(ptr) orelse return;
+    ctx.setTimer(timer);
+}
+
+// ------------------------------------------------------------ services and connections
+
+fn openWith(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16, comptime op: anytype) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    const fd = op(ctx, name(service, len)) catch |err| return rc(ctx, @as(Error!void, err));
+    if (fd_out) |o| o.* = fd;
+    return IPC_OK;
+}
+
+export fn ipc_service_init(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
+    return openWith(ptr, fd_out, service, len, Context.serviceInit);
+}
+
+export fn ipc_connect_service(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
+    return openWith(ptr, fd_out, service, len, Context.connectService);
+}
+
+export fn ipc_connect(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
+    return openWith(ptr, fd_out, service, len, Context.connect);
+}
+
+export fn ipc_add_external(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return rc(ctx, ctx.addExternal(fd));
+}
+
+export fn ipc_add_switch(ptr: ?*anyopaque, fd1: c_int, fd2: c_int) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return rc(ctx, ctx.addSwitch(fd1, fd2));
+}
+
+export fn ipc_set_switch_callbacks(ptr: ?*anyopaque, fd: c_int, in: ?conn_table.InCallback, out: ?conn_table.OutCallback) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return rc(ctx, ctx.setSwitchCallbacks(fd, in, out));
+}
+
+export fn ipc_peer_credentials(ptr: ?*anyopaque, fd: c_int, pid: ?*i32, uid: ?*u32, gid: ?*u32) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    const cred = ctx.peerCredentials(fd) catch |err| return rc(ctx, @as(Error!void, err));
+    if (pid) |p| p.* = cred.pid;
+    if (uid) |u| u.* = cred.uid;
+    if (gid) |g| g.* = cred.gid;
+    return IPC_OK;
+}
+
+// ------------------------------------------------------------ closing
+
+export fn ipc_close_fd(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return rc(ctx, ctx.close(fd));
+}
+
+/// The fd in slot `index`, for libIPC's index-based calls.
+fn fdAt(ctx: *Context, index: usize) Error!i32 {
+    const conn = ctx.table.atSlot(index) orelse
+        return ctx.last.fail(error.UnknownFd, "index {d} is not managed by this context", .{index});
+    return conn.fd;
+}
+
+export fn ipc_close(ptr: ?*anyopaque, index: usize) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    const fd = fdAt(ctx, index) catch |err| return rc(ctx, @as(Error!void, err));
+    return rc(ctx, ctx.close(fd));
+}
+
+export fn ipc_close_all(ptr: ?*anyopaque) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    ctx.closeAll();
+    return IPC_OK;
+}
+
+// ------------------------------------------------------------ sending and receiving
+
+export fn ipc_write(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return rc(ctx, ctx.write(fd, bytes(payload, len)));
+}
+
+export fn ipc_schedule(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return rc(ctx, ctx.schedule(fd, bytes(payload, len)));
+}
+
+/// The caller's buffer: `*buflen` bytes at `buffer` (none when either is null).
+fn outBuffer(buffer: ?[*]u8, buflen: ?*usize) []u8 {
+    const len = if (buflen) |l| l.* else 0;
+    return if (buffer) |b| b[0..len] else &.{};
+}
+
+export fn ipc_read_fd(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    var len: usize = 0;
+    const result = ctx.readFd(fd, outBuffer(buffer, buflen), &len);
+    if (buflen) |l| {
+        if (result) |_| l.* = len else |err| if (err == error.BufferTooSmall) {
+            l.* = len;
+        }
+    }
+    return rc(ctx, result);
+}
+
+export fn ipc_read(ptr: ?*anyopaque, index: usize, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    const fd = fdAt(ctx, index) catch |err| return rc(ctx, @as(Error!void, err));
+    return ipc_read_fd(ptr, fd, buffer, buflen);
+}
+
+// ------------------------------------------------------------ the event loop
+
+/// Start of every wait call: what the previous one handed out by pointer
+/// may now be reused.
+fn beginWait(ctx: *Context) Error!void {
+    ctx.events.releaseLent(ctx.gpa);
+    try ctx.wait();
+}
+
+export fn ipc_wait_events(ptr: ?*anyopaque, out: ?[*]IpcEvent, capacity: usize, count: ?*usize) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    if (count) |n| n.* = 0;
+    beginWait(ctx) catch |err| return rc(ctx, @as(Error!void, err));
+    const dest = out orelse return IPC_OK;
+    var n: usize = 0;
+    while (n < capacity) : (n += 1) {
+        const ev = ctx.events.peek() orelse break;
+        dest[n] = toC(ev);
+        ctx.events.pop(ctx.gpa, true) catch |err| return rc(ctx, @as(Error!void, err));
+    }
+    if (count) |p| p.* = n;
+    return IPC_OK;
+}
+
+fn toC(ev: *const events.Event) IpcEvent {
+    const has_payload = ev.kind == .message_rx or ev.kind == .switch_rx;
+    return .{
+        .type = @intFromEnum(ev.kind),
+        .fd = ev.fd,
+        .index = ev.index,
+        .message = if (has_payload) ev.data.ptr else null,
+        .message_len = if (has_payload) @intCast(ev.data.len) else 0,
+        .@"error" = if (ev.kind == .err) @ptrCast(ev.data.ptr) else null,
+    };
+}
+
+export fn ipc_pending_events(ptr: ?*anyopaque) callconv(.c) usize {
+    const ctx = context(ptr) orelse return 0;
+    return ctx.events.live;
+}
+
+/// libIPC's one-event call: type, index and fd of the first event; its
+/// payload (or, for ERROR, its text) copied into `buffer`. A buffer too small
+/// gives IPC_E_BUFFER_TOO_SMALL with *buflen = the size needed, and the event
+/// stays first in the queue.
+export fn ipc_wait_event(ptr: ?*anyopaque, t: ?*u8, index: ?*usize, originfd: ?*c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    beginWait(ctx) catch |err| return rc(ctx, @as(Error!void, err));
+    const ev = ctx.events.peek().?;
+    if (t) |p| p.* = @intCast(@intFromEnum(ev.kind));
+    if (index) |p| p.* = if (ev.index < 0) std.math.maxInt(usize) else @intCast(ev.index);
+    if (originfd) |p| p.* = ev.fd;
+    const data: []const u8 = switch (ev.kind) {
+        .message_rx, .switch_rx, .err => ev.data,
+        else => "",
+    };
+    const room = outBuffer(buffer, buflen);
+    if (data.len > room.len) {
+        if (buflen) |l| l.* = data.len;
+        return rc(ctx, @as(Error!void, ctx.last.fail(error.BufferTooSmall, "buffer of {d} bytes is too small for a message of {d} bytes", .{ room.len, data.len })));
+    }
+    @memcpy(room[0..data.len], data);
+    // An error text is a C string when there is room for its NUL.
+    if (ev.kind == .err and room.len > data.len) room[data.len] = 0;
+    if (buflen) |l| l.* = data.len;
+    ctx.events.pop(ctx.gpa, false) catch unreachable; // no lending: cannot fail
+    return IPC_OK;
+}
+
+// ------------------------------------------------------------ fd passing
+
+export fn ipc_send_fd(sock: c_int, fd_to_pass: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
+    fdpass.sendFd(sock, fd_to_pass, bytes(payload, len)) catch return errors.code(error.Generic);
+    return IPC_OK;
+}
+
+export fn ipc_receive_fd(sock: c_int, received: ?*c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+    var fd: i32 = -1;
+    const n = fdpass.receiveFd(sock, outBuffer(buffer, buflen), &fd) catch |err| {
+        if (received) |r| r.* = fd;
+        return errors.code(if (err == error.BufferTooSmall) error.BufferTooSmall else error.Generic);
+    };
+    if (received) |r| r.* = fd;
+    if (buflen) |l| l.* = n;
+    return IPC_OK;
+}

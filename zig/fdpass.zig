@@ -1,0 +1,112 @@
+//! Passing file descriptors over a Unix socket (SCM_RIGHTS), as libIPC's ipcd
+//! does: the fd travels with a short raw (unframed) payload, e.g. "ok".
+
+const std = @import("std");
+const c = std.c;
+const sys = @import("sys.zig");
+
+pub const Error = error{ SendFailed, ReceiveFailed, BufferTooSmall };
+
+fn cmsgAlign(n: usize) usize {
+    return std.mem.alignForward(usize, n, c.cmsg_align);
+}
+const cmsg_data_offset = cmsgAlign(@sizeOf(c.cmsghdr));
+/// CMSG_SPACE(sizeof(int)): room for one fd.
+const control_space = cmsg_data_offset + cmsgAlign(@sizeOf(c_int));
+
+const Control = extern struct {
+    bytes: [control_space]u8 align(@alignOf(c.cmsghdr)),
+};
+
+/// Send `fd_to_pass` with `payload` (one byte NUL when empty: an fd needs at
+/// least one byte of data to travel on a stream socket). Blocks until sent.
+pub fn sendFd(sock: i32, fd_to_pass: i32, payload: []const u8) Error!void {
+    const data: []const u8 = if (payload.len == 0) "\x00" else payload;
+    var control: Control = .{ .bytes = @splat(0) };
+    const hdr: *c.cmsghdr = @ptrCast(&control.bytes);
+    hdr.len = @intCast(cmsg_data_offset + @sizeOf(c_int));
+    hdr.level = c.SOL.SOCKET;
+    hdr.type = c.SCM.RIGHTS;
+    std.mem.writeInt(c_int, control.bytes[cmsg_data_offset..][0..@sizeOf(c_int)], fd_to_pass, .native);
+    var iov = [1]std.posix.iovec_const{.{ .base = data.ptr, .len = data.len }};
+    var msg = std.mem.zeroes(c.msghdr_const);
+    msg.iov = &iov;
+    msg.iovlen = 1;
+    msg.control = &control.bytes;
+    msg.controllen = @intCast(control_space);
+    var sent: usize = while (true) {
+        const n = c.sendmsg(sock, &msg, sys.send_flags);
+        if (n >= 0) break @intCast(n);
+        switch (c.errno(n)) {
+            .INTR => continue,
+            .AGAIN => sys.waitFd(sock, sys.POLLOUT),
+            else => return error.SendFailed,
+        }
+    };
+    // The fd went with the first bytes; the rest of a long payload follows.
+    while (sent < data.len) {
+        const rest = [1]std.posix.iovec_const{.{ .base = data[sent..].ptr, .len = data.len - sent }};
+        switch (sys.writeSome(sock, &rest, true)) {
+            .done => |k| sent += k,
+            .would_block => sys.waitFd(sock, sys.POLLOUT),
+            .eof, .failed => return error.SendFailed,
+        }
+    }
+}
+
+/// Receive one message and the fd sent with it (-1 when none came), blocking.
+/// `buf` gets the payload; returns its length. A payload longer than `buf`
+/// is truncated by the kernel (MSG_TRUNC is not reported on stream sockets).
+pub fn receiveFd(sock: i32, buf: []u8, received: *i32) Error!usize {
+    received.* = -1;
+    var one: [1]u8 = undefined;
+    const target: []u8 = if (buf.len == 0) &one else buf;
+    var control: Control = .{ .bytes = @splat(0) };
+    var iov = [1]std.posix.iovec{.{ .base = target.ptr, .len = target.len }};
+    var msg = std.mem.zeroes(c.msghdr);
+    msg.iov = &iov;
+    msg.iovlen = 1;
+    msg.control = &control.bytes;
+    msg.controllen = @intCast(control_space);
+    const flags: u32 = if (@hasDecl(c.MSG, "CMSG_CLOEXEC")) c.MSG.CMSG_CLOEXEC else 0;
+    const n: usize = while (true) {
+        const rc = c.recvmsg(sock, &msg, flags);
+        if (rc >= 0) break @intCast(rc);
+        switch (c.errno(rc)) {
+            .INTR => continue,
+            .AGAIN => sys.waitFd(sock, sys.POLLIN),
+            else => return error.ReceiveFailed,
+        }
+    };
+    if (msg.controllen >= cmsg_data_offset + @sizeOf(c_int)) {
+        const hdr: *const c.cmsghdr = @ptrCast(&control.bytes);
+        if (hdr.level == c.SOL.SOCKET and hdr.type == c.SCM.RIGHTS) {
+            received.* = std.mem.readInt(c_int, control.bytes[cmsg_data_offset..][0..@sizeOf(c_int)], .native);
+            if (flags == 0) _ = c.fcntl(received.*, c.F.SETFD, @as(c_int, c.FD_CLOEXEC));
+        }
+    }
+    if (buf.len == 0 and n > 0) return error.BufferTooSmall;
+    return n;
+}
+
+test "an fd travels over a socketpair with its payload" {
+    var fds: [2]c.fd_t = undefined;
+    try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &fds));
+    defer _ = c.close(fds[0]);
+    defer _ = c.close(fds[1]);
+    var pipe: [2]c.fd_t = undefined;
+    try std.testing.expectEqual(@as(c_int, 0), c.pipe(&pipe));
+    defer _ = c.close(pipe[0]);
+    try sendFd(fds[0], pipe[1], "ok");
+    _ = c.close(pipe[1]);
+    var buf: [16]u8 = undefined;
+    var got: i32 = -1;
+    const n = try receiveFd(fds[1], &buf, &got);
+    try std.testing.expectEqualStrings("ok", buf[0..n]);
+    try std.testing.expect(got >= 0);
+    defer _ = c.close(got);
+    // The received fd is the pipe's write end: what we write comes out.
+    try std.testing.expectEqual(@as(isize, 3), c.write(got, "abc", 3));
+    try std.testing.expectEqual(@as(isize, 3), c.read(pipe[0], &buf, 3));
+    try std.testing.expectEqualStrings("abc", buf[0..3]);
+}

@@ -1,0 +1,211 @@
+//! Run directory and service names: path building and name checks, run dir
+//! checks and creation, the NAME.lock lock, and the service socket itself
+//! (listen side and connect side). Texts are the README's, byte for byte.
+
+const std = @import("std");
+const c = std.c;
+const sys = @import("sys.zig");
+const errors = @import("errors.zig");
+const Error = errors.Error;
+const LastError = errors.LastError;
+
+pub const default_rundir = "/tmp/.libipc-run";
+/// Longest socket path accepted (sun_path is 108 bytes on Linux, minus the NUL).
+pub const max_socket_path = 107;
+/// Room for a socket path plus ".lock" and a NUL.
+pub const PathBuf = [max_socket_path + 8]u8;
+
+/// Build RUNDIR/NAME into `buf` after checking the name, in the README's
+/// order: empty, contains '/', contains NUL, path too long. Like Python's
+/// os.path.join, no second '/' is added after a run dir ending with one.
+pub fn servicePath(buf: *PathBuf, rundir: []const u8, name: []const u8, last: *LastError) Error![:0]u8 {
+    if (name.len == 0) return last.fail(error.InvalidName, "invalid service name: empty", .{});
+    if (std.mem.indexOfScalar(u8, name, '/') != null)
+        return last.fail(error.InvalidName, "invalid service name: contains '/'", .{});
+    if (std.mem.indexOfScalar(u8, name, 0) != null)
+        return last.fail(error.InvalidName, "invalid service name: contains NUL", .{});
+    const sep: []const u8 = if (rundir.len == 0 or rundir[rundir.len - 1] == '/') "" else "/";
+    const len = rundir.len + sep.len + name.len;
+    if (len > max_socket_path or len >= sunPathSize())
+        return last.fail(error.InvalidName, "invalid service name: socket path is longer than {d} bytes", .{max_socket_path});
+    return sys.printZ(buf, "{s}{s}{s}", .{ rundir, sep, name }) catch unreachable;
+}
+
+fn sunPathSize() usize {
+    const un: c.sockaddr.un = undefined;
+    return un.path.len;
+}
+
+/// Check the run dir (and with `create`, make it, mode 0770). Returns false
+/// when it does not exist and `create` is false. Refuses a symlink, a
+/// non-directory and a directory writable by others.
+pub fn check(rundir: []const u8, create: bool, last: *LastError) Error!bool {
+    var zbuf: [4096]u8 = undefined;
+    const z = sys.printZ(&zbuf, "{s}", .{rundir}) catch
+        return last.fail(error.RunDir, "cannot create run directory {s}: {s}", .{ rundir, errors.errText(.NAMETOOLONG) });
+    var st = sys.lstatMode(z.ptr);
+    if (st == .failed and st.failed == .NOENT) {
+        if (!create) return false;
+        try makeDirs(z, last);
+        st = sys.lstatMode(z.ptr);
+    }
+    const mode = switch (st) {
+        .mode => |m| m,
+        .failed => |e| return last.fail(error.RunDir, "cannot create run directory {s}: {s}", .{ rundir, errors.errText(e) }),
+    };
+    if (mode & sys.S_IFMT == sys.S_IFLNK) return last.fail(error.RunDir, "run directory {s} is a symlink", .{rundir});
+    if (mode & sys.S_IFMT != sys.S_IFDIR) return last.fail(error.RunDir, "run directory {s} is not a directory", .{rundir});
+    if (mode & sys.S_IWOTH != 0) return last.fail(error.RunDir, "run directory {s} is writable by others", .{rundir});
+    return true;
+}
+
+/// mkdir -p: parents with the default mode, the run dir itself with 0770
+/// (then chmod, since mkdir's mode is filtered by the umask).
+fn makeDirs(path: [:0]u8, last: *LastError) Error!void {
+    var i: usize = 1;
+    while (i <= path.len) : (i += 1) {
+        if (i < path.len and path[i] != '/') continue;
+        const saved = path[i];
+        path[i] = 0;
+        defer path[i] = saved;
+        const leaf = i == path.len;
+        const rc = c.mkdir(path[0..i :0].ptr, if (leaf) 0o770 else 0o777);
+        if (rc != 0 and c.errno(rc) != .EXIST) {
+            return last.fail(error.RunDir, "cannot create run directory {s}: {s}", .{ path[0..path.len], errors.errText(c.errno(rc)) });
+        }
+        if (leaf and rc == 0 and c.chmod(path.ptr, 0o770) != 0) {
+            return last.fail(error.RunDir, "cannot create run directory {s}: {s}", .{ path[0..path.len], errors.errText(c.errno(@as(c_int, -1))) });
+        }
+    }
+}
+
+/// Take the exclusive, non-blocking lock RUNDIR/NAME.lock and return its fd,
+/// kept open (and locked) for the service's lifetime. The lock file is never
+/// removed: unlinking it would let two services lock two different files.
+pub fn lockService(path: [:0]const u8, name: []const u8, rundir: []const u8, last: *LastError) Error!i32 {
+    var buf: PathBuf = undefined;
+    const lock_path = sys.printZ(&buf, "{s}.lock", .{path}) catch unreachable;
+    const fd = c.open(lock_path.ptr, .{ .ACCMODE = .RDWR, .CREAT = true, .CLOEXEC = true }, @as(c.mode_t, 0o660));
+    if (fd < 0) return startFailed(name, c.errno(fd), last);
+    errdefer sys.closeFd(fd);
+    while (c.flock(fd, c.LOCK.EX | c.LOCK.NB) != 0) {
+        switch (c.errno(@as(c_int, -1))) {
+            .INTR => continue,
+            .AGAIN => return last.fail(error.ServiceBusy, "service {s} is already running in {s}", .{ name, rundir }),
+            else => |e| return startFailed(name, e, last),
+        }
+    }
+    return fd;
+}
+
+fn startFailed(name: []const u8, e: c.E, last: *LastError) Error {
+    return last.fail(error.Generic, "cannot start service {s}: {s}", .{ name, errors.errText(e) });
+}
+
+fn address(path: []const u8) c.sockaddr.un {
+    var addr = std.mem.zeroes(c.sockaddr.un);
+    addr.family = c.AF.UNIX;
+    @memcpy(addr.path[0..path.len], path);
+    return addr;
+}
+
+/// Remove a stale socket (we hold the lock, so no live service owns it),
+/// bind a new one (mode 0660) and listen. Returns the non-blocking socket.
+pub fn listenAt(path: [:0]const u8, name: []const u8, last: *LastError) Error!i32 {
+    if (c.unlink(path.ptr) != 0 and c.errno(@as(c_int, -1)) != .NOENT)
+        return startFailed(name, c.errno(@as(c_int, -1)), last);
+    const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC | c.SOCK.NONBLOCK, 0);
+    if (fd < 0) return startFailed(name, c.errno(fd), last);
+    errdefer sys.closeFd(fd);
+    const addr = address(path);
+    if (c.bind(fd, @ptrCast(&addr), @sizeOf(c.sockaddr.un)) != 0) return startFailed(name, c.errno(@as(c_int, -1)), last);
+    errdefer _ = c.unlink(path.ptr);
+    if (c.chmod(path.ptr, 0o660) != 0) return startFailed(name, c.errno(@as(c_int, -1)), last);
+    if (c.listen(fd, 4096) != 0) return startFailed(name, c.errno(@as(c_int, -1)), last);
+    return fd;
+}
+
+/// Connect to the service socket at `path`; returns a non-blocking socket.
+pub fn connectTo(path: [:0]const u8, name: []const u8, rundir: []const u8, last: *LastError) Error!i32 {
+    const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0);
+    if (fd < 0) return last.fail(error.Generic, "cannot connect to service {s}: {s}", .{ name, errors.errText(c.errno(fd)) });
+    errdefer sys.closeFd(fd);
+    const addr = address(path);
+    if (c.connect(fd, @ptrCast(&addr), @sizeOf(c.sockaddr.un)) != 0) {
+        const e = c.errno(@as(c_int, -1));
+        switch (e) {
+            .NOENT, .CONNREFUSED, .NOTDIR => return last.fail(error.ServiceNotFound, "no service {s} in {s}", .{ name, rundir }),
+            // Interrupted: the connection completes in the background.
+            .INTR => try finishConnect(fd, name, rundir, last),
+            else => return last.fail(error.Generic, "cannot connect to service {s}: {s}", .{ name, errors.errText(e) }),
+        }
+    }
+    if (!sys.setNonblocking(fd, true)) return last.fail(error.Generic, "cannot connect to service {s}: {s}", .{ name, errors.errText(c.errno(@as(c_int, -1))) });
+    if (sys.send_flags == 0) setNoSigpipe(fd);
+    return fd;
+}
+
+fn finishConnect(fd: i32, name: []const u8, rundir: []const u8, last: *LastError) Error!void {
+    sys.waitFd(fd, sys.POLLOUT);
+    var err: c_int = 0;
+    var len: c.socklen_t = @sizeOf(c_int);
+    if (c.getsockopt(fd, c.SOL.SOCKET, c.SO.ERROR, &err, &len) != 0 or err == 0) return;
+    const e: c.E = @enumFromInt(err);
+    if (e == .CONNREFUSED or e == .NOENT) return last.fail(error.ServiceNotFound, "no service {s} in {s}", .{ name, rundir });
+    return last.fail(error.Generic, "cannot connect to service {s}: {s}", .{ name, errors.errText(e) });
+}
+
+/// Where send has no MSG_NOSIGNAL (macOS), ask the socket not to raise SIGPIPE.
+pub fn setNoSigpipe(fd: i32) void {
+    if (@hasDecl(c.SO, "NOSIGPIPE")) {
+        const one: c_int = 1;
+        _ = c.setsockopt(fd, c.SOL.SOCKET, c.SO.NOSIGPIPE, &one, @sizeOf(c_int));
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+const testing = std.testing;
+
+test "service names are checked in the documented order" {
+    var last: LastError = .{};
+    var buf: PathBuf = undefined;
+    try testing.expectError(error.InvalidName, servicePath(&buf, "/tmp", "", &last));
+    try testing.expectEqualStrings("invalid service name: empty", last.text());
+    try testing.expectError(error.InvalidName, servicePath(&buf, "/tmp", "a/\x00", &last));
+    try testing.expectEqualStrings("invalid service name: contains '/'", last.text());
+    try testing.expectError(error.InvalidName, servicePath(&buf, "/tmp", "a\x00", &last));
+    try testing.expectEqualStrings("invalid service name: contains NUL", last.text());
+    const long: [103]u8 = @splat('n');
+    try testing.expectError(error.InvalidName, servicePath(&buf, "/tmp", &long, &last));
+    try testing.expectEqualStrings("invalid service name: socket path is longer than 107 bytes", last.text());
+    try testing.expectEqualStrings("/tmp/" ++ long[0..102], try servicePath(&buf, "/tmp", long[0..102], &last));
+    try testing.expectEqualStrings("/tmp/x", try servicePath(&buf, "/tmp/", "x", &last));
+}
+
+test "run dir: created 0770, symlink / file / others-writable refused" {
+    var last: LastError = .{};
+    var name_buf: [64]u8 = undefined;
+    const base = try sys.printZ(&name_buf, "/tmp/pyipc-zig-rd-{d}", .{sys.nowMs() ^ c.getpid()});
+    defer _ = c.rmdir(base.ptr);
+    var sub_buf: [96]u8 = undefined;
+    const sub = try sys.printZ(&sub_buf, "{s}/run", .{base});
+    try testing.expect(!try check(sub, false, &last));
+    try testing.expect(try check(sub, true, &last));
+    try testing.expectEqual(@as(u32, 0o770), sys.lstatMode(sub.ptr).mode & 0o777);
+    try testing.expect(try check(sub, true, &last)); // exists already: fine
+    _ = c.chmod(sub.ptr, 0o777);
+    try testing.expectError(error.RunDir, check(sub, false, &last));
+    var msg_buf: [200]u8 = undefined;
+    try testing.expectEqualStrings(try std.fmt.bufPrint(&msg_buf, "run directory {s} is writable by others", .{sub}), last.text());
+    _ = c.rmdir(sub.ptr);
+    try testing.expectEqual(@as(c_int, 0), c.symlink("/tmp", sub.ptr));
+    try testing.expectError(error.RunDir, check(sub, true, &last));
+    try testing.expect(std.mem.endsWith(u8, last.text(), "is a symlink"));
+    _ = c.unlink(sub.ptr);
+    const f = c.open(sub.ptr, .{ .ACCMODE = .WRONLY, .CREAT = true }, @as(c.mode_t, 0o600));
+    sys.closeFd(f);
+    try testing.expectError(error.RunDir, check(sub, true, &last));
+    try testing.expect(std.mem.endsWith(u8, last.text(), "is not a directory"));
+    _ = c.unlink(sub.ptr);
+}

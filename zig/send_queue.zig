@@ -1,0 +1,206 @@
+//! A connection's queue of outgoing frames.
+//!
+//! Frames are stored back to back in one byte buffer (header, payload, header,
+//! payload...), so one send call writes as many queued frames as the socket
+//! takes: coalescing needs no iovec array. A partial write just advances the
+//! head. A small side list remembers each frame's size and what to report when
+//! it is fully written (MESSAGE_TX, or SWITCH_TX for switched forwarding).
+//! The buffer is freed when the queue empties, so an idle connection holds none.
+
+const std = @import("std");
+const assert = std.debug.assert;
+const Allocator = std.mem.Allocator;
+const framing = @import("framing.zig");
+const sys = @import("sys.zig");
+
+/// What a completed frame is reported as.
+pub const Origin = enum(u8) { scheduled, switched };
+
+const FrameInfo = struct { size: u64, origin: Origin };
+
+/// Above this capacity an emptied buffer is freed rather than kept.
+const keep_capacity = 4096;
+
+pub const SendQueue = struct {
+    /// Queued bytes; bytes before `head` are already written.
+    bytes: std.ArrayList(u8) = .empty,
+    head: usize = 0,
+    /// One entry per queued frame; entries before `first` are done.
+    frames: std.ArrayList(FrameInfo) = .empty,
+    first: usize = 0,
+    /// Bytes of frames[first] already written.
+    first_sent: u64 = 0,
+
+    pub fn deinit(self: *SendQueue, gpa: Allocator) void {
+        self.bytes.deinit(gpa);
+        self.frames.deinit(gpa);
+        self.* = .{};
+    }
+
+    pub fn isEmpty(self: *const SendQueue) bool {
+        return self.first == self.frames.items.len;
+    }
+
+    /// Bytes still to write (headers included): what max_queue_size bounds.
+    pub fn queuedBytes(self: *const SendQueue) u64 {
+        return self.bytes.items.len - self.head;
+    }
+
+    /// Frames not completely written yet.
+    pub fn frameCount(self: *const SendQueue) usize {
+        return self.frames.items.len - self.first;
+    }
+
+    /// Append one frame (header + payload). The caller checked the bounds.
+    pub fn push(self: *SendQueue, gpa: Allocator, payload: []const u8, origin: Origin) Allocator.Error!void {
+        assert(payload.len <= std.math.maxInt(u32));
+        const size = framing.header_size + payload.len;
+        try self.frames.ensureUnusedCapacity(gpa, 1);
+        self.compact();
+        try self.bytes.ensureUnusedCapacity(gpa, size);
+        self.bytes.appendSliceAssumeCapacity(&framing.encodeHeader(@intCast(payload.len)));
+        self.bytes.appendSliceAssumeCapacity(payload);
+        self.frames.appendAssumeCapacity(.{ .size = size, .origin = origin });
+    }
+
+    /// Move the unwritten bytes to the front once the written part dominates,
+    /// so the buffer does not grow forever under a steady stream (amortised O(1)).
+    fn compact(self: *SendQueue) void {
+        if (self.head == 0 or self.head < self.bytes.items.len / 2) return;
+        const rest = self.bytes.items[self.head..];
+        std.mem.copyForwards(u8, self.bytes.items[0..rest.len], rest);
+        self.bytes.shrinkRetainingCapacity(rest.len);
+        self.head = 0;
+        if (self.first > 0) {
+            const live = self.frames.items[self.first..];
+            std.mem.copyForwards(FrameInfo, self.frames.items[0..live.len], live);
+            self.frames.shrinkRetainingCapacity(live.len);
+            self.first = 0;
+        }
+    }
+
+    /// Account for `n` written bytes; call `sink.completed(origin)` for every
+    /// frame that is now fully written, in order.
+    pub fn advance(self: *SendQueue, gpa: Allocator, n: usize, sink: anytype) Allocator.Error!void {
+        assert(n <= self.queuedBytes());
+        self.head += n;
+        var left: u64 = self.first_sent + n;
+        while (self.first < self.frames.items.len) {
+            const f = self.frames.items[self.first];
+            if (left < f.size) break;
+            left -= f.size;
+            self.first += 1;
+            try sink.completed(f.origin);
+        }
+        self.first_sent = left;
+        if (self.isEmpty()) self.reset(gpa);
+    }
+
+    fn reset(self: *SendQueue, gpa: Allocator) void {
+        assert(self.head == self.bytes.items.len and self.first_sent == 0);
+        if (self.bytes.capacity > keep_capacity) self.bytes.clearAndFree(gpa) else self.bytes.clearRetainingCapacity();
+        if (self.frames.capacity > keep_capacity / @sizeOf(FrameInfo)) self.frames.clearAndFree(gpa) else self.frames.clearRetainingCapacity();
+        self.head = 0;
+        self.first = 0;
+    }
+
+    pub const FlushResult = union(enum) {
+        /// Everything was written.
+        drained,
+        /// The socket is full; the rest stays queued.
+        would_block,
+        /// The write failed (EPIPE: the peer is gone).
+        failed: sys.E,
+    };
+
+    /// Write without blocking as much as the fd takes; report completed frames.
+    pub fn flush(self: *SendQueue, gpa: Allocator, fd: sys.fd_t, is_socket: bool, sink: anytype) Allocator.Error!FlushResult {
+        while (!self.isEmpty()) {
+            const pending = self.bytes.items[self.head..];
+            const iov = [1]std.posix.iovec_const{.{ .base = pending.ptr, .len = pending.len }};
+            switch (sys.writeSome(fd, &iov, is_socket)) {
+                .done => |n| try self.advance(gpa, n, sink),
+                .would_block => return .would_block,
+                .failed => |e| return .{ .failed = e },
+                .eof => unreachable,
+            }
+        }
+        return .drained;
+    }
+};
+
+// ---------------------------------------------------------------- tests
+
+const testing = std.testing;
+
+const Count = struct {
+    scheduled: usize = 0,
+    switched: usize = 0,
+    fn completed(self: *Count, origin: Origin) Allocator.Error!void {
+        switch (origin) {
+            .scheduled => self.scheduled += 1,
+            .switched => self.switched += 1,
+        }
+    }
+};
+
+test "partial writes complete frames one by one" {
+    const gpa = testing.allocator;
+    var q: SendQueue = .{};
+    defer q.deinit(gpa);
+    try q.push(gpa, "abc", .scheduled); // 7 bytes
+    try q.push(gpa, "", .switched); // 4 bytes
+    try q.push(gpa, "de", .scheduled); // 6 bytes
+    try testing.expectEqual(@as(u64, 17), q.queuedBytes());
+    try testing.expectEqual(@as(usize, 3), q.frameCount());
+    var count: Count = .{};
+    try q.advance(gpa, 6, &count);
+    try testing.expectEqual(@as(usize, 0), count.scheduled);
+    try q.advance(gpa, 1, &count);
+    try testing.expectEqual(@as(usize, 1), count.scheduled);
+    try q.advance(gpa, 5, &count); // the empty frame and 1 byte of the last
+    try testing.expectEqual(@as(usize, 1), count.switched);
+    try testing.expectEqual(@as(u64, 5), q.queuedBytes());
+    try q.advance(gpa, 5, &count);
+    try testing.expectEqual(@as(usize, 2), count.scheduled);
+    try testing.expect(q.isEmpty());
+    try testing.expectEqual(@as(u64, 0), q.queuedBytes());
+}
+
+test "flush coalesces frames into one socket write" {
+    const gpa = testing.allocator;
+    const c = std.c;
+    var fds: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.NONBLOCK, 0, &fds));
+    defer sys.closeFd(fds[0]);
+    defer sys.closeFd(fds[1]);
+    var q: SendQueue = .{};
+    defer q.deinit(gpa);
+    for (0..100) |_| try q.push(gpa, "0123456789", .scheduled);
+    var count: Count = .{};
+    try testing.expect(try q.flush(gpa, fds[0], true, &count) == .drained);
+    try testing.expectEqual(@as(usize, 100), count.scheduled);
+    var buf: [2000]u8 = undefined;
+    try testing.expectEqual(@as(usize, 1400), sys.readSome(fds[1], &buf).done);
+}
+
+test "a full socket keeps the rest queued; a closed peer gives EPIPE" {
+    const gpa = testing.allocator;
+    const c = std.c;
+    var fds: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.NONBLOCK, 0, &fds));
+    defer sys.closeFd(fds[0]);
+    var q: SendQueue = .{};
+    defer q.deinit(gpa);
+    const big = try gpa.alloc(u8, 1 << 20);
+    defer gpa.free(big);
+    @memset(big, 'z');
+    for (0..8) |_| try q.push(gpa, big, .scheduled);
+    var count: Count = .{};
+    try testing.expect(try q.flush(gpa, fds[0], true, &count) == .would_block);
+    try testing.expect(count.scheduled < 8);
+    sys.closeFd(fds[1]);
+    const r = try q.flush(gpa, fds[0], true, &count);
+    try testing.expect(r == .failed);
+    try testing.expect(r.failed == .PIPE or r.failed == .CONNRESET);
+}

@@ -1,0 +1,166 @@
+//! Thin layer over libc: errno decoding, EINTR-safe read/write/send, blocking
+//! waits with poll(2), non-blocking mode, monotonic time, lstat of a path.
+//! Everything else calls std.c directly; this file only holds what several
+//! files need and what differs between operating systems.
+
+const std = @import("std");
+const builtin = @import("builtin");
+const c = std.c;
+const linux = std.os.linux;
+
+pub const E = c.E;
+pub const fd_t = c.fd_t;
+
+/// MSG_NOSIGNAL where it exists: a write to a closed peer must give EPIPE,
+/// never SIGPIPE. (macOS has no such flag; there we set SO_NOSIGPIPE instead.)
+pub const send_flags: u32 = if (@hasDecl(c.MSG, "NOSIGNAL")) c.MSG.NOSIGNAL else 0;
+
+/// The errno of a failed libc call (-1 return).
+pub fn errno(rc: anytype) E {
+    return c.errno(rc);
+}
+
+/// Result of one non-blocking transfer: bytes moved, or why none were.
+pub const IoResult = union(enum) {
+    done: usize,
+    would_block,
+    eof,
+    failed: E,
+};
+
+/// read(2) once, retrying on EINTR. ECONNRESET counts as the end of the stream.
+pub fn readSome(fd: fd_t, buf: []u8) IoResult {
+    while (true) {
+        const n = c.read(fd, buf.ptr, buf.len);
+        if (n > 0) return .{ .done = @intCast(n) };
+        if (n == 0) return if (buf.len == 0) .{ .done = 0 } else .eof;
+        switch (errno(n)) {
+            .INTR => continue,
+            .AGAIN => return .would_block,
+            .CONNRESET => return .eof,
+            else => |e| return .{ .failed = e },
+        }
+    }
+}
+
+/// Write an iovec list once: sendmsg with MSG_NOSIGNAL on a socket (writev has
+/// no flags), writev on anything else (a pipe given to add_external).
+pub fn writeSome(fd: fd_t, iov: []const std.posix.iovec_const, is_socket: bool) IoResult {
+    while (true) {
+        const n: isize = if (is_socket) blk: {
+            var msg = std.mem.zeroes(c.msghdr_const);
+            msg.iov = iov.ptr;
+            msg.iovlen = @intCast(iov.len);
+            break :blk c.sendmsg(fd, &msg, send_flags);
+        } else c.writev(fd, iov.ptr, @intCast(iov.len));
+        if (n >= 0) return .{ .done = @intCast(n) };
+        switch (errno(n)) {
+            .INTR => continue,
+            .AGAIN => return .would_block,
+            else => |e| return .{ .failed = e },
+        }
+    }
+}
+
+/// Block until fd is readable (POLLIN) or writable (POLLOUT); EINTR retried.
+/// Hang-up and error conditions also end the wait: the next I/O call reports them.
+pub fn waitFd(fd: fd_t, events: i16) void {
+    var pfd = [1]c.pollfd{.{ .fd = fd, .events = events, .revents = 0 }};
+    while (true) {
+        const rc = c.poll(&pfd, 1, -1);
+        if (rc >= 0 or errno(rc) != .INTR) return;
+    }
+}
+
+pub const POLLIN: i16 = c.POLL.IN;
+pub const POLLOUT: i16 = c.POLL.OUT;
+
+/// Set or clear O_NONBLOCK.
+pub fn setNonblocking(fd: fd_t, on: bool) bool {
+    const flags = c.fcntl(fd, c.F.GETFL);
+    if (flags < 0) return false;
+    const bit: c_int = @bitCast(@as(u32, @bitCast(c.O{ .NONBLOCK = true })));
+    const new = if (on) flags | bit else flags & ~bit;
+    if (new == flags) return true;
+    return c.fcntl(fd, c.F.SETFL, new) >= 0;
+}
+
+/// True when fd is an open file descriptor.
+pub fn isOpen(fd: fd_t) bool {
+    return fd >= 0 and c.fcntl(fd, c.F.GETFD) >= 0;
+}
+
+/// True when fd is a socket (so send/sendmsg with MSG_NOSIGNAL work on it).
+pub fn isSocket(fd: fd_t) bool {
+    var ty: c_int = 0;
+    var len: c.socklen_t = @sizeOf(c_int);
+    return c.getsockopt(fd, c.SOL.SOCKET, c.SO.TYPE, &ty, &len) == 0;
+}
+
+/// Close, ignoring errors: after close(2) the fd is released on every system
+/// we target even when it reports EINTR, so retrying would be wrong.
+pub fn closeFd(fd: fd_t) void {
+    if (fd >= 0) _ = c.close(fd);
+}
+
+/// Milliseconds of a monotonic clock.
+pub fn nowMs() i64 {
+    var ts: c.timespec = undefined;
+    _ = c.clock_gettime(c.CLOCK.MONOTONIC, &ts);
+    return @as(i64, @intCast(ts.sec)) * 1000 + @divTrunc(@as(i64, @intCast(ts.nsec)), 1_000_000);
+}
+
+/// What lstat(2) tells about a path: its mode, or the errno.
+pub const LstatResult = union(enum) { mode: u32, failed: E };
+
+/// lstat a path (does not follow a final symlink). Linux: the statx system call
+/// (old glibc has no lstat symbol); elsewhere libc's fstatat.
+pub fn lstatMode(path: [*:0]const u8) LstatResult {
+    if (builtin.os.tag == .linux) {
+        var stx: linux.Statx = undefined;
+        const rc = linux.statx(linux.AT.FDCWD, path, linux.AT.SYMLINK_NOFOLLOW, .{ .TYPE = true, .MODE = true }, &stx);
+        const e = linux.errno(rc);
+        if (e != .SUCCESS) return .{ .failed = @enumFromInt(@intFromEnum(e)) };
+        return .{ .mode = stx.mode };
+    } else {
+        var st: c.Stat = undefined;
+        const rc = c.fstatat(c.AT.FDCWD, path, &st, c.AT.SYMLINK_NOFOLLOW);
+        if (rc != 0) return .{ .failed = errno(rc) };
+        return .{ .mode = @intCast(st.mode) };
+    }
+}
+
+pub const S_IFMT: u32 = 0o170000;
+pub const S_IFDIR: u32 = 0o040000;
+pub const S_IFLNK: u32 = 0o120000;
+pub const S_IWOTH: u32 = 0o002;
+
+test "readSome and writeSome over a socketpair" {
+    var fds: [2]c.fd_t = undefined;
+    try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC | c.SOCK.NONBLOCK, 0, &fds));
+    defer closeFd(fds[1]);
+    var buf: [8]u8 = undefined;
+    try std.testing.expect(readSome(fds[1], &buf) == .would_block);
+    const iov = [_]std.posix.iovec_const{ .{ .base = "ab", .len = 2 }, .{ .base = "cd", .len = 2 } };
+    try std.testing.expectEqual(@as(usize, 4), writeSome(fds[0], &iov, true).done);
+    try std.testing.expectEqual(@as(usize, 4), readSome(fds[1], &buf).done);
+    try std.testing.expectEqualStrings("abcd", buf[0..4]);
+    try std.testing.expect(isSocket(fds[0]));
+    try std.testing.expect(isOpen(fds[0]));
+    closeFd(fds[0]);
+    try std.testing.expect(readSome(fds[1], &buf) == .eof);
+}
+
+test "lstatMode sees a directory and a missing path" {
+    const r = lstatMode("/tmp");
+    try std.testing.expect(r == .mode);
+    try std.testing.expectEqual(S_IFDIR, r.mode & S_IFMT);
+    const missing = lstatMode("/nonexistent-pyipc-path");
+    try std.testing.expect(missing == .failed);
+    try std.testing.expectEqual(E.NOENT, missing.failed);
+}
+
+/// Format into `buf` with a NUL after the text (for paths given to libc).
+pub fn printZ(buf: []u8, comptime fmt: []const u8, args: anytype) error{NoSpaceLeft}![:0]u8 {
+    return std.mem.printSentinel(buf, fmt, args, 0);
+}

@@ -524,3 +524,149 @@ test "errors: unknown fd, nothing to wait for, timer, connection limit" {
     try testing.expectError(error.InvalidName, ctx.serviceInit("a/b"));
     try testing.expectError(error.UnknownFd, ctx.addExternal(9999));
 }
+
+test "a failed flush (peer gone) first delivers what the peer sent" {
+    var p = try Pair.init("epipe");
+    defer p.deinit();
+    try p.client.write(p.client_fd, "bye");
+    try p.client.close(p.client_fd);
+    try p.server.schedule(p.server_fd, "never read");
+    try expectOnly(p.server, .message_rx, p.server_fd, "bye");
+    try expectOnly(p.server, .err, p.server_fd, "peer closed the connection with 1 scheduled message(s) unsent");
+    try expectOnly(p.server, .disconnection, p.server_fd, null);
+}
+
+fn backPressureSender(run: *const TmpRun, count: u32, result: *anyerror!void) void {
+    result.* = backPressureSend(run, count);
+}
+
+fn backPressureSend(run: *const TmpRun, count: u32) !void {
+    const ctx = try run.newContext();
+    defer ctx.destroy();
+    const fd = try ctx.connectService("bp");
+    var msg: [1000]u8 = @splat('m');
+    for (0..count) |i| {
+        std.mem.writeInt(u32, msg[0..4], @intCast(i), .big);
+        try ctx.write(fd, &msg);
+    }
+    // Wait for the far end to have everything: it closes when done.
+    var buf: [8]u8 = undefined;
+    _ = readMessage(ctx, fd, &buf) catch {};
+}
+
+test "switch back-pressure: a slow reader bounds the queue, nothing is lost" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    const server = try run.newContext();
+    defer server.destroy();
+    const limits: context.Limits = .{ .max_message_size = 1000, .max_queue_size = 4004, .max_connections = 10 };
+    try server.setLimits(limits);
+    _ = try server.serviceInit("bp");
+    const reader = try run.newContext();
+    defer reader.destroy();
+    const b_fd = try reader.connectService("bp");
+    var evb = try expectEvent(server, .connection, -2, null);
+    defer evb.deinit();
+    const count: u32 = 3000; // 3 MB: far more than the socket buffers hold
+    var result: anyerror!void = {};
+    const thread = try std.Thread.spawn(.{}, backPressureSender, .{ &run, count, &result });
+    defer thread.join();
+    var eva = try expectEvent(server, .connection, -2, null);
+    defer eva.deinit();
+    try server.addSwitch(eva.fd, evb.fd);
+    const sb = server.table.get(evb.fd).?;
+    const bound = limits.max_queue_size + context.read_budget + limits.max_message_size + 4;
+    // Phase 1: the reader does not read. The server must not buffer it all.
+    server.setTimer(20);
+    for (0..50) |_| {
+        server.events.releaseLent(gpa);
+        try server.wait();
+        server.events.clear(gpa);
+        try testing.expect(sb.queue.queuedBytes() <= bound);
+    }
+    // Phase 2: the reader reads everything, in order.
+    reader.setTimer(0);
+    var got: u32 = 0;
+    var rounds: usize = 0;
+    while (got < count) : (rounds += 1) {
+        try testing.expect(rounds < 100_000);
+        server.events.releaseLent(gpa);
+        try server.wait();
+        server.events.clear(gpa);
+        try testing.expect(sb.queue.queuedBytes() <= bound);
+        while (true) {
+            var ev = try nextEvent(reader);
+            defer ev.deinit();
+            if (ev.kind == .timer) break;
+            try testing.expectEqual(Kind.message_rx, ev.kind);
+            try testing.expectEqual(got, std.mem.readInt(u32, ev.data.items[0..4], .big));
+            got += 1;
+        }
+    }
+    try reader.close(b_fd);
+    for (0..20) |_| { // let the server see the reader go, so the sender ends
+        server.events.releaseLent(gpa);
+        try server.wait();
+        server.events.clear(gpa);
+    }
+    try result;
+}
+
+/// Counts the bytes currently allocated through it (tests only).
+const Counting = struct {
+    parent: std.mem.Allocator,
+    live: usize = 0,
+
+    fn allocator(self: *Counting) std.mem.Allocator {
+        return .{ .ptr = self, .vtable = &.{ .alloc = alloc, .resize = resize, .remap = remap, .free = free } };
+    }
+    fn alloc(p: *anyopaque, len: usize, a: std.mem.Alignment, ra: usize) ?[*]u8 {
+        const self: *Counting = @ptrCast(@alignCast(p));
+        const r = self.parent.rawAlloc(len, a, ra) orelse return null;
+        self.live += len;
+        return r;
+    }
+    fn resize(p: *anyopaque, m: []u8, a: std.mem.Alignment, n: usize, ra: usize) bool {
+        const self: *Counting = @ptrCast(@alignCast(p));
+        if (!self.parent.rawResize(m, a, n, ra)) return false;
+        self.live = self.live - m.len + n;
+        return true;
+    }
+    fn remap(p: *anyopaque, m: []u8, a: std.mem.Alignment, n: usize, ra: usize) ?[*]u8 {
+        const self: *Counting = @ptrCast(@alignCast(p));
+        const r = self.parent.rawRemap(m, a, n, ra) orelse return null;
+        self.live = self.live - m.len + n;
+        return r;
+    }
+    fn free(p: *anyopaque, m: []u8, a: std.mem.Alignment, ra: usize) void {
+        const self: *Counting = @ptrCast(@alignCast(p));
+        self.parent.rawFree(m, a, ra);
+        self.live -= m.len;
+    }
+};
+
+test "an idle connection costs the core well under 2 KiB" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    var counting: Counting = .{ .parent = gpa };
+    const server = try Context.create(counting.allocator());
+    defer server.destroy();
+    try server.setRundir(run.path());
+    server.setTimer(5000);
+    _ = try server.serviceInit("idle");
+    const clients = try run.newContext();
+    defer clients.destroy();
+    // Warm up (scratch buffer, event chunk), then measure 500 more connections.
+    _ = try clients.connectService("idle");
+    try expectOnly(server, .connection, -2, null);
+    try clients.write(clients.table.slots.items[0].?.fd, "warm");
+    try expectOnly(server, .message_rx, -2, "warm");
+    const before = counting.live;
+    const n = 500;
+    for (0..n) |_| _ = try clients.connectService("idle");
+    var seen: usize = 0;
+    while (seen < n) : (seen += 1) try expectOnly(server, .connection, -2, null);
+    const per_conn = (counting.live - before) / n;
+    // About 300 bytes here: the record, its table entries, no buffers.
+    try testing.expect(per_conn <= 2048);
+}

@@ -11,7 +11,8 @@ const fdpass = @import("fdpass.zig");
 const events = @import("events.zig");
 const conn_table = @import("conn_table.zig");
 
-const gpa = std.heap.c_allocator;
+/// The C allocator in the library; the leak-checking one in tests.
+const gpa = if (@import("builtin").is_test) std.testing.allocator else std.heap.c_allocator;
 
 const IPC_OK: c_int = 0;
 
@@ -279,4 +280,100 @@ export fn ipc_receive_fd(sock: c_int, received: ?*c_int, buffer: ?[*]u8, buflen:
     if (received) |r| r.* = fd;
     if (buflen) |l| l.* = n;
     return IPC_OK;
+}
+
+// ---------------------------------------------------------------- tests
+
+const testing = std.testing;
+const sys = @import("sys.zig");
+
+fn expectOk(code: c_int) !void {
+    try testing.expectEqual(@as(c_int, 0), code);
+}
+
+test "C ABI: batches by pointer, pending events, small buffers, error texts" {
+    var dir_buf: [96]u8 = undefined;
+    const dir = try sys.printZ(&dir_buf, "/tmp/pyipc-zig-capi-{d}-{d}", .{ std.c.getpid(), sys.nowMs() });
+    defer {
+        var b: [128]u8 = undefined;
+        _ = std.c.unlink((sys.printZ(&b, "{s}/capi.lock", .{dir}) catch unreachable).ptr);
+        _ = std.c.rmdir(dir.ptr);
+    }
+    var server: ?*anyopaque = null;
+    var client: ?*anyopaque = null;
+    try expectOk(ipc_context_init(&server));
+    defer ipc_context_deinit(&server);
+    try expectOk(ipc_context_init(&client));
+    defer ipc_context_deinit(&client);
+    for ([_]?*anyopaque{ server, client }) |ctx| {
+        try expectOk(ipc_context_set_rundir(ctx, dir.ptr, dir.len));
+        ipc_context_timer(ctx, 5000);
+    }
+    var sfd: c_int = -1;
+    var cfd: c_int = -1;
+    try expectOk(ipc_service_init(server, &sfd, "capi", 4));
+    try expectOk(ipc_connect_service(client, &cfd, "capi", 4));
+    try expectOk(ipc_write(client, cfd, "one", 3));
+    try expectOk(ipc_write(client, cfd, "two", 3));
+
+    // CONNECTION, then the two messages, one batch of capacity 1 at a time.
+    var evs: [4]IpcEvent = undefined;
+    var count: usize = 0;
+    try expectOk(ipc_wait_events(server, &evs, 1, &count));
+    try testing.expectEqual(@as(usize, 1), count);
+    try testing.expectEqual(@as(i32, 1), evs[0].type);
+    try testing.expectEqual(@as(i64, 1), evs[0].index);
+    const conn_fd = evs[0].fd;
+    var messages: [2][]const u8 = undefined;
+    var got: usize = 0;
+    while (got < 2) {
+        try expectOk(ipc_wait_events(server, &evs, 4, &count));
+        for (evs[0..count]) |ev| {
+            try testing.expectEqual(@as(i32, 3), ev.type);
+            try testing.expect(ev.@"error" == null);
+            messages[got] = ev.message.?[0..ev.message_len];
+            got += 1;
+        }
+    }
+    // Payloads of the last batch stay valid across other (non-wait) calls.
+    try expectOk(ipc_write(client, cfd, "a longer message", 16));
+    try testing.expectEqualStrings("two", messages[1]);
+
+    // ipc_wait_event: a buffer too small keeps the event and says the size.
+    var t: u8 = 99;
+    var index: usize = 0;
+    var fd: c_int = -1;
+    var buf: [32]u8 = undefined;
+    var len: usize = 4;
+    try testing.expectEqual(@as(c_int, -11), ipc_wait_event(server, &t, &index, &fd, &buf, &len));
+    try testing.expectEqual(@as(usize, 16), len);
+    try testing.expectEqual(@as(u8, 3), t);
+    len = buf.len;
+    try expectOk(ipc_wait_event(server, &t, &index, &fd, &buf, &len));
+    try testing.expectEqualStrings("a longer message", buf[0..len]);
+    try testing.expectEqual(conn_fd, fd);
+    try testing.expectEqual(@as(usize, 1), index);
+    try testing.expectEqual(@as(usize, 0), ipc_pending_events(server));
+
+    // Errors: code and text.
+    try testing.expectEqual(@as(c_int, -9), ipc_write(server, 9999, "x", 1));
+    try testing.expectEqualStrings("fd 9999 is not managed by this context", std.mem.span(ipc_last_error(server)));
+    try testing.expectEqual(@as(c_int, -4), ipc_service_init(server, &sfd, "", 0));
+    try testing.expectEqualStrings("invalid service name: empty", std.mem.span(ipc_last_error(server)));
+
+    // An ERROR event carries its text as a C string.
+    const raw = [_]u8{ 0xff, 0xff, 0xff, 0xff };
+    try testing.expectEqual(@as(isize, 4), std.c.send(cfd, &raw, 4, 0));
+    try expectOk(ipc_wait_events(server, &evs, 4, &count));
+    try testing.expectEqual(@as(i32, 0), evs[0].type);
+    try testing.expectEqualStrings("message of 4294967295 bytes exceeds max_message_size (16777216)", std.mem.span(evs[0].@"error".?));
+    if (count < 2) try expectOk(ipc_wait_events(server, evs[1..], 3, &count));
+    try testing.expectEqual(@as(i32, 2), evs[1].type);
+
+    // read by index, close by index, and deinit clears the pointer.
+    try expectOk(ipc_close_all(client));
+    var other: ?*anyopaque = null;
+    try expectOk(ipc_context_init(&other));
+    ipc_context_deinit(&other);
+    try testing.expect(other == null);
 }

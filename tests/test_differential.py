@@ -18,7 +18,7 @@ import tempfile
 from collections import defaultdict
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import pyipc
@@ -39,7 +39,7 @@ steps = st.lists(st.one_of(
     st.tuples(st.just("vanish_mid_message"), client),
     st.tuples(st.just("oversize"), client),
     st.tuples(st.just("server_close"), client),
-), min_size=1, max_size=25)
+), min_size=5, max_size=40)
 
 
 def payload(size: int, salt: int) -> bytes:
@@ -158,6 +158,8 @@ class Scenario:
 
 
 def run(backend: str, ops: list) -> dict:
+    """Run the scenario (after every client connected once); return its log."""
+    ops = [("connect", i) for i in range(CLIENTS)] + list(ops)
     rundir = tempfile.mkdtemp(prefix="pyipc-diff-", dir="/tmp")
     scenario = Scenario(backend, os.path.join(rundir, "run"))
     try:
@@ -176,18 +178,19 @@ pytestmark = pytest.mark.skipif(bool(_MISSING) and os.environ.get("PYIPC_REQUIRE
                                 reason=f"a backend is missing: {_MISSING}")
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=steps)
 def test_backends_agree(ops):
     reference = run("pure", ops)
+    event(f"events recorded: {sum(map(len, reference.values())) // 10 * 10}+")
     assert run("native", ops) == reference
 
 
 def test_scenario_records_what_happens():
     """The harness itself sees traffic, so an empty log cannot pass unnoticed."""
     for backend in ("pure", "native"):
-        log = run(backend, [("connect", 0), ("write", 0, 5), ("reply", 0, 0),
+        log = run(backend, [("write", 0, 5), ("reply", 0, 0),
                             ("vanish_mid_message", 0)])
         server = log["server-side of client0/1"]
         assert [e[0] for e in server] == ["CONNECTION", "MESSAGE_RX", "ERROR", "DISCONNECTION"]

@@ -10,12 +10,20 @@ pub fn build(b: *std.Build) void {
     const target = b.standardTargetOptions(.{});
     const optimize = b.standardOptimizeOption(.{});
 
+    // The readiness backend: by default chosen from the target OS (epoll on
+    // Linux, kqueue on the BSDs and macOS, else poll); -Dpoller=poll runs the
+    // whole test suite over the portable fallback.
+    const poller = b.option(enum { auto, poll }, "poller", "Readiness backend (auto or poll)") orelse .auto;
+    const options = b.addOptions();
+    options.addOption(bool, "force_poll", poller == .poll);
+
     const mod = b.createModule(.{
         .root_source_file = b.path("zig/root.zig"),
         .target = target,
         .optimize = optimize,
         .link_libc = true,
     });
+    mod.addOptions("build_options", options);
 
     const shared = b.addLibrary(.{ .name = "ipc", .linkage = .dynamic, .root_module = mod });
     b.installArtifact(shared);
@@ -27,6 +35,7 @@ pub fn build(b: *std.Build) void {
         .link_libc = true,
         .pic = true,
     });
+    static_mod.addOptions("build_options", options);
     const static = b.addLibrary(.{ .name = "ipc", .linkage = .static, .root_module = static_mod });
     b.installArtifact(static);
 

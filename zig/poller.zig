@@ -18,7 +18,7 @@ pub const Ready = struct {
 
 pub const Error = error{ SystemResources, Unexpected };
 
-pub const Poller = switch (builtin.os.tag) {
+pub const Poller = if (@import("build_options").force_poll) @import("poller_poll.zig").Poller else switch (builtin.os.tag) {
     .linux => @import("poller_epoll.zig").Poller,
     .freebsd, .netbsd, .openbsd, .dragonfly, .macos, .ios => @import("poller_kqueue.zig").Poller,
     else => @import("poller_poll.zig").Poller,

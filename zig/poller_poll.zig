@@ -51,7 +51,10 @@ pub const Poller = struct {
 
     pub fn wait(self: *Poller, out: []P.Ready, timeout_ms: i32) P.Error!usize {
         if (self.left == 0) {
-            const rc = c.poll(self.fds.items.ptr, @intCast(self.fds.items.len), timeout_ms);
+            // An empty list has no valid pointer: give poll a real (unused) one.
+            var none: [1]c.pollfd = undefined;
+            const ptr = if (self.fds.items.len == 0) &none else self.fds.items.ptr;
+            const rc = c.poll(ptr, @intCast(self.fds.items.len), timeout_ms);
             if (rc < 0) return if (c.errno(rc) == .INTR) 0 else error.Unexpected;
             self.left = @intCast(rc);
             self.next = 0;

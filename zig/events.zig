@@ -144,14 +144,18 @@ pub const Queue = struct {
         self.compact(gpa);
     }
 
-    /// Remove an event from anywhere in the queue.
+    /// Remove an event from anywhere in the queue. Invalidates other *Event
+    /// pointers and iterators (the queue may be compacted).
     pub fn drop(self: *Queue, gpa: Allocator, ev: *Event) void {
         assert(!ev.dropped);
         if (ev.chunk) |ch| self.unref(gpa, ch);
         ev.chunk = null;
         ev.dropped = true;
         self.live -= 1;
-        if (self.live == 0) self.compact(gpa);
+        // Taking events from the front one by one (read_fd) must stay O(1):
+        // skip the dropped prefix now rather than on every later scan.
+        _ = self.peek();
+        self.compact(gpa);
     }
 
     /// Forget the consumed prefix, cheaply: reset when empty, shift when the
@@ -190,10 +194,23 @@ pub const Queue = struct {
     };
 
     /// Drop every pending event of `fd` (it was closed by the caller).
+    /// One pass that also squeezes out earlier dropped entries.
     pub fn dropFd(self: *Queue, gpa: Allocator, fd: i32) void {
         if (self.live == 0) return;
-        var it = self.iterFd(fd);
-        while (it.next()) |ev| self.drop(gpa, ev);
+        const items = self.items.items;
+        var keep: usize = self.head;
+        for (items[self.head..]) |ev| {
+            if (ev.dropped) continue;
+            if (ev.fd == fd) {
+                if (ev.chunk) |ch| self.unref(gpa, ch);
+                self.live -= 1;
+                continue;
+            }
+            items[keep] = ev;
+            keep += 1;
+        }
+        self.items.shrinkRetainingCapacity(keep);
+        self.compact(gpa);
     }
 
     /// Drop every pending event.
@@ -264,4 +281,22 @@ test "a large payload gets its own chunk, freed after use" {
     try q.pushData(gpa, .message_rx, 3, 0, big);
     try q.pop(gpa, false);
     try testing.expect(q.current == null);
+}
+
+test "taking events from the front one at a time stays compact" {
+    const gpa = testing.allocator;
+    var q: Queue = .{};
+    defer q.deinit(gpa);
+    for (0..5000) |i| try q.pushData(gpa, .message_rx, @intCast(i % 2), 0, "m");
+    var taken: usize = 0;
+    while (q.live > 1) : (taken += 1) {
+        var it = q.iterFd(@intCast(taken % 2));
+        const ev = it.next().?;
+        try testing.expect(it.pos - q.head <= 2); // found at the front, not after a long scan
+        q.drop(gpa, ev);
+    }
+    q.dropFd(gpa, 0);
+    q.dropFd(gpa, 1);
+    try testing.expectEqual(@as(usize, 0), q.live);
+    try testing.expectEqual(@as(usize, 0), q.items.items.len);
 }

@@ -670,3 +670,54 @@ test "an idle connection costs the core well under 2 KiB" {
     // About 300 bytes here: the record, its table entries, no buffers.
     try testing.expect(per_conn <= 2048);
 }
+
+test "external fds: EXTERNAL while readable; close drops pending events; close_all restarts slots" {
+    var p = try Pair.init("ext");
+    defer p.deinit();
+    var pair: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    defer sys.closeFd(pair[1]);
+    try p.server.addExternal(pair[0]);
+    try testing.expectError(error.Generic, p.server.addExternal(pair[0]));
+    try testing.expectError(error.UnknownFd, p.server.write(pair[0], "x"));
+    try sendRaw(pair[1], "ping");
+    try expectOnly(p.server, .external, pair[0], null);
+    try expectOnly(p.server, .external, pair[0], null); // still readable: reported again
+    try p.client.write(p.client_fd, "dropped");
+    try p.client.write(p.client_fd, "dropped too");
+    p.server.events.releaseLent(gpa);
+    try p.server.wait();
+    try p.server.close(p.server_fd);
+    var it = p.server.events.iterFd(p.server_fd);
+    try testing.expect(it.next() == null);
+    p.server.closeAll();
+    try testing.expectEqual(@as(usize, 0), p.server.events.live);
+    try testing.expectEqual(@as(usize, 0), p.server.table.count());
+    const svc = try p.server.serviceInit("ext2");
+    try testing.expectEqual(@as(u32, 0), p.server.table.get(svc).?.index);
+}
+
+test "read_fd meeting an oversize announcement: MessageTooLarge, then DISCONNECTION" {
+    var p = try Pair.init("rdbig");
+    defer p.deinit();
+    try p.server.setLimits(.{ .max_message_size = 10, .max_queue_size = 14, .max_connections = 10 });
+    try sendRaw(p.client_fd, &framing.encodeHeader(11));
+    var buf: [16]u8 = undefined;
+    try testing.expectError(error.MessageTooLarge, readMessage(p.server, p.server_fd, &buf));
+    try testing.expectEqualStrings("message of 11 bytes exceeds max_message_size (10)", p.server.last.text());
+    try expectOnly(p.server, .disconnection, p.server_fd, null);
+    try testing.expectError(error.UnknownFd, readMessage(p.server, p.server_fd, &buf));
+}
+
+test "closing one side of a switch closes both, with no event" {
+    var p = try Pair.init("swc");
+    defer p.deinit();
+    _ = try p.client.connectService("swc");
+    var evb = try expectEvent(p.server, .connection, -2, null);
+    defer evb.deinit();
+    try p.server.addSwitch(p.server_fd, evb.fd);
+    try p.server.close(evb.fd);
+    try testing.expectEqual(@as(usize, 1), p.server.table.count()); // the service only
+    p.server.setTimer(20);
+    try expectOnly(p.server, .timer, -1, null);
+}

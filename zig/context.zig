@@ -500,92 +500,101 @@ pub const Context = struct {
         }
     };
 
+    /// What one read-and-decode step gave.
+    const Chunk = union(enum) {
+        /// `n` bytes were read and every complete frame in them delivered.
+        read: usize,
+        would_block,
+        eof,
+        failed: sys.E,
+        /// The peer announced a frame over max_message_size (decoder.too_large).
+        too_large,
+        /// The connection was closed while its frames were delivered.
+        stopped,
+    };
+
+    /// Read once, at most `limit` bytes: into the decoder's own buffer while a
+    /// large frame is in progress (no copy), else into the scratch buffer;
+    /// then decode what came.
+    fn readChunk(self: *Context, conn: *Conn, limit: usize, sink: *RxSink) Allocator.Error!Chunk {
+        const direct = conn.decoder.readTarget();
+        const space = direct orelse try self.scratchBuffer();
+        const target = space[0..@min(space.len, limit)];
+        const n = switch (sys.readSome(conn.fd, target)) {
+            .done => |n| n,
+            .would_block => return .would_block,
+            .eof => return .eof,
+            .failed => |e| return .{ .failed = e },
+        };
+        if (direct != null) conn.decoder.commitRead(n);
+        const input = if (direct != null) target[0..0] else target[0..n];
+        conn.decoder.feed(self.gpa, input, self.limits.max_message_size, sink) catch |err| return switch (err) {
+            error.OutOfMemory => error.OutOfMemory,
+            error.Stopped => .stopped,
+            error.FrameTooLarge => .too_large,
+        };
+        return if (conn.alive) .{ .read = n } else .stopped;
+    }
+
     /// Read conn until it would block (at most read_budget bytes), deliver
     /// every complete frame; on EOF, a bad frame or an error, end it.
     pub fn readConn(self: *Context, conn: *Conn, forward: bool) Allocator.Error!void {
-        const scratch = try self.scratchBuffer();
         var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = forward };
         var total: usize = 0;
         var buf: [160]u8 = undefined;
-        var reason: ?[]const u8 = null;
-        const ended = while (total < read_budget) {
-            const direct = conn.decoder.readTarget();
-            const room = read_budget - total;
-            const target = if (direct) |d| d[0..@min(d.len, room)] else scratch[0..@min(scratch.len, room)];
-            switch (sys.readSome(conn.fd, target)) {
-                .would_block => break false,
-                .eof => {
-                    if (conn.decoder.hasPartial()) reason = "peer closed the connection in the middle of a message";
-                    break true;
-                },
-                .failed => |e| {
-                    reason = std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch buf[0..];
-                    break true;
-                },
-                .done => |n| {
+        while (total < read_budget) {
+            const reason: ?[]const u8 = switch (try self.readChunk(conn, read_budget - total, &sink)) {
+                .read => |n| {
                     total += n;
-                    if (direct != null) conn.decoder.commitRead(n);
-                    const input = if (direct != null) target[0..0] else target[0..n];
-                    conn.decoder.feed(self.gpa, input, self.limits.max_message_size, &sink) catch |err| switch (err) {
-                        error.OutOfMemory => return error.OutOfMemory,
-                        error.Stopped => return,
-                        error.FrameTooLarge => {
-                            reason = tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size);
-                            break true;
-                        },
-                    };
-                    if (!conn.alive) return;
+                    continue;
                 },
-            }
-        } else false;
-        if (ended) try self.drop(conn, reason);
+                .would_block, .stopped => return,
+                .eof => if (conn.decoder.hasPartial()) "peer closed the connection in the middle of a message" else null,
+                .failed => |e| std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf,
+                .too_large => tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size),
+            };
+            return self.drop(conn, reason);
+        }
     }
 
     /// read(): the next message of fd not delivered yet, copied into `out`.
     /// First a MESSAGE_RX still pending, then what is buffered, else block.
+    /// Messages that came in the same read wait as MESSAGE_RX events.
     /// A message larger than `out` is kept (BufferTooSmall, *len = its size).
     pub fn readFd(self: *Context, fd: i32, out: []u8, len: *usize) Error!void {
         if (try self.takePending(fd, out, len)) return;
         const conn = try self.connection(fd);
         defer self.table.reap(self.gpa);
-        const scratch = try self.scratchBuffer();
         var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
         var buf: [160]u8 = undefined;
         while (sink.frames == 0) {
-            const direct = conn.decoder.readTarget();
-            const target = direct orelse scratch;
-            switch (sys.readSome(conn.fd, target)) {
+            switch (try self.readChunk(conn, std.math.maxInt(usize), &sink)) {
+                .read => {},
                 .would_block => sys.waitFd(conn.fd, sys.POLLIN),
+                .stopped => unreachable, // only the event loop closes while delivering
                 .eof => {
                     try self.drop(conn, null);
                     return self.closedByPeer(fd);
                 },
                 .failed => |e| {
-                    const text = std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch buf[0..];
+                    const text = std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf;
                     try self.drop(conn, text);
                     return self.last.failText(error.Generic, text);
                 },
-                .done => |n| {
-                    if (direct != null) conn.decoder.commitRead(n);
-                    const input = if (direct != null) target[0..0] else target[0..n];
-                    conn.decoder.feed(self.gpa, input, self.limits.max_message_size, &sink) catch |err| switch (err) {
-                        error.OutOfMemory => return error.OutOfMemory,
-                        error.Stopped => unreachable,
-                        error.FrameTooLarge => {
-                            const text = tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size);
-                            if (sink.frames == 0) {
-                                try self.drop(conn, null);
-                                return self.last.failText(error.MessageTooLarge, text);
-                            }
-                            try self.drop(conn, text);
-                        },
-                    };
+                .too_large => {
+                    const text = tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size);
+                    if (sink.frames == 0) {
+                        try self.drop(conn, null);
+                        return self.last.failText(error.MessageTooLarge, text);
+                    }
+                    // The messages before the bad header are delivered first.
+                    try self.drop(conn, text);
                 },
             }
         }
-        // The first new message is now the first pending MESSAGE_RX of fd;
-        // the others wait as events, like any message received.
-        assert(try self.takePending(fd, out, len));
+        // The first new message is now fd's first pending MESSAGE_RX.
+        const found = try self.takePending(fd, out, len);
+        assert(found);
     }
 
     /// Take fd's first pending MESSAGE_RX, if any, into `out`. Its

@@ -107,14 +107,23 @@ class NativeContext(Context):
         self._cb_out = ffi.callback("enum cb_event_types(int, const char *, uint32_t)",
                                     _trampoline_out(weakref.ref(self)))
 
-    def _check(self, rc: int) -> int:
-        """Raise the error class of a negative return code, with the core's text."""
+    def _check(self, rc: int, *fds: int) -> int:
+        """Raise the error class of a negative return code, with the core's text.
+
+        ``fds`` are the Python fd arguments of the call: one out of C's int
+        range was passed as -1, and is named as given in the message.
+        """
         if rc >= 0:
             return rc
         if rc == _E_NO_MEMORY:
             raise MemoryError(ffi.string(lib.ipc_last_error(self._ctx)).decode())
         cls = ERRORS_BY_CODE.get(rc, IPCError)
-        raise cls(ffi.string(lib.ipc_last_error(self._ctx)).decode("utf-8", "replace"))
+        text = ffi.string(lib.ipc_last_error(self._ctx)).decode("utf-8", "replace")
+        for fd in fds:
+            if _fd_arg(fd) != fd and text.startswith("fd -1 "):
+                text = f"fd {fd} " + text[len("fd -1 "):]
+                break
+        raise cls(text)
 
     def _timer_changed(self, value: Optional[int]) -> None:
         lib.ipc_context_timer(self._ctx, -1 if value is None else value)
@@ -140,10 +149,10 @@ class NativeContext(Context):
         return fd[0]
 
     def add_external(self, fd: int) -> None:
-        self._check(lib.ipc_add_external(self._ctx, _fd_arg(fd)))
+        self._check(lib.ipc_add_external(self._ctx, _fd_arg(fd)), fd)
 
     def add_switch(self, fd1: int, fd2: int) -> None:
-        self._check(lib.ipc_add_switch(self._ctx, _fd_arg(fd1), _fd_arg(fd2)))
+        self._check(lib.ipc_add_switch(self._ctx, _fd_arg(fd1), _fd_arg(fd2)), fd1, fd2)
 
     def set_switch_callbacks(self, fd: int, on_in: Optional[OnIn],
                              on_out: Optional[OnOut]) -> None:
@@ -153,17 +162,17 @@ class NativeContext(Context):
         self._check(lib.ipc_set_switch_callbacks(
             self._ctx, _fd_arg(fd),
             self._cb_in if on_in is not None else ffi.NULL,
-            self._cb_out if on_out is not None else ffi.NULL))
+            self._cb_out if on_out is not None else ffi.NULL), fd)
         self._callbacks[fd] = (on_in, on_out)
 
     def peer_credentials(self, fd: int) -> Tuple[int, int, int]:
         pid, uid, gid = ffi.new("int32_t *"), ffi.new("uint32_t *"), ffi.new("uint32_t *")
-        self._check(lib.ipc_peer_credentials(self._ctx, _fd_arg(fd), pid, uid, gid))
+        self._check(lib.ipc_peer_credentials(self._ctx, _fd_arg(fd), pid, uid, gid), fd)
         return pid[0], uid[0], gid[0]
 
     # -- closing -----------------------------------------------------------------
     def close(self, fd: int) -> None:
-        self._check(lib.ipc_close_fd(self._ctx, _fd_arg(fd)))
+        self._check(lib.ipc_close_fd(self._ctx, _fd_arg(fd)), fd)
         self._callbacks.pop(fd, None)
         self._drop_pending(fd)
 
@@ -181,11 +190,11 @@ class NativeContext(Context):
 
     def write(self, fd: int, payload: object) -> None:
         buf, size = self._payload(payload)
-        self._check(lib.ipc_write(self._ctx, _fd_arg(fd), buf, size))
+        self._check(lib.ipc_write(self._ctx, _fd_arg(fd), buf, size), fd)
 
     def schedule(self, fd: int, payload: object) -> None:
         buf, size = self._payload(payload)
-        self._check(lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size))
+        self._check(lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size), fd)
 
     def read(self, fd: int) -> bytes:
         message = self._take_pending_message(fd)
@@ -197,7 +206,7 @@ class NativeContext(Context):
         if rc == _E_BUFFER_TOO_SMALL:
             buf = ffi.new("char[]", rlen[0])
             rc = lib.ipc_read_fd(self._ctx, fd, buf, rlen)
-        self._check(rc)
+        self._check(rc, fd)
         return ffi.buffer(buf, rlen[0])[:]
 
     # -- the event loop ----------------------------------------------------------

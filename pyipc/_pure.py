@@ -147,6 +147,7 @@ class PureContext(Context):
         conn.io.close()  # type: ignore[attr-defined]
 
     def _lookup(self, fd: int) -> _Conn:
+        _check_fd_type(fd)
         conn = self._by_fd.get(fd)
         if conn is None:
             raise UnknownFdError(f"fd {fd} is not managed by this context")
@@ -243,6 +244,7 @@ class PureContext(Context):
         return self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
 
     def add_external(self, fd: int) -> None:
+        _check_fd_type(fd)
         if fd in self._by_fd:
             raise IPCError(f"fd {fd} is already managed by this context")
         try:
@@ -598,6 +600,12 @@ class PureContext(Context):
             sock.setblocking(False)
             conn = self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size))
             self._pending.append(Event(EventType.CONNECTION, conn.fd, conn.index))
+
+
+def _check_fd_type(fd: object) -> None:
+    """The native backend's rule: a fd is an int (TypeError otherwise)."""
+    if not isinstance(fd, int):
+        raise TypeError(f"fd must be int, not {type(fd).__name__}")
 
 
 def _advance(buffers: list, n: int) -> list:

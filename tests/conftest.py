@@ -1,0 +1,221 @@
+"""Shared fixtures: every API test runs once per backend.
+
+``backend`` is parametrised over "pure" and "native". A backend that cannot
+load is skipped with the reason, except when PYIPC_REQUIRE_NATIVE=1 (CI): then
+the test fails, so a broken native build can never pass as "skipped".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import pytest
+
+import pyipc
+from pyipc import Event, EventType
+
+BACKENDS = ["pure", "native"]
+ROOT = Path(__file__).resolve().parent.parent
+
+Predicate = Union[EventType, Callable[[Event], bool]]
+
+
+def require_backend(name: str) -> str:
+    """``name`` if it loads; else skip, or fail when PYIPC_REQUIRE_NATIVE=1."""
+    why = pyipc.available_backends()[name]
+    if why is not None:
+        message = f"backend {name} cannot load: {why}"
+        if os.environ.get("PYIPC_REQUIRE_NATIVE") == "1":
+            pytest.fail(message + " (PYIPC_REQUIRE_NATIVE=1)")
+        pytest.skip(message)
+    return name
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return require_backend(request.param)
+
+
+@pytest.fixture
+def rundir():
+    """A short, private, existing run directory (sun_path is only 108 bytes)."""
+    path = tempfile.mkdtemp(prefix="pyipc-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def ctx_factory(backend, rundir):
+    """Make Contexts on the test's backend and run dir; all closed at teardown."""
+    made: list[pyipc.Context] = []
+
+    def make(**kwargs) -> pyipc.Context:
+        kwargs.setdefault("rundir", rundir)
+        kwargs.setdefault("backend", backend)
+        ctx = pyipc.Context(**kwargs)
+        made.append(ctx)
+        return ctx
+
+    try:
+        yield make
+    finally:
+        for ctx in made:
+            ctx.close_all()
+
+
+def _matcher(what: Predicate) -> Callable[[Event], bool]:
+    if isinstance(what, EventType):
+        return lambda ev: ev.type == what
+    return what
+
+
+def wait_for(ctx: pyipc.Context, what: Predicate, timeout: float = 10.0,
+             tick_ms: int = 50) -> list[Event]:
+    """Events of ctx (wait_event, one at a time) up to and including the first
+    that matches ``what`` (an EventType or a predicate). TIMER events from the
+    polling tick are left out. Fails when nothing matches within ``timeout`` s.
+    The events after the match stay pending in ctx."""
+    match = _matcher(what)
+    seen: list[Event] = []
+    saved = ctx.timer
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"no event matching {what!r} within {timeout} s on "
+                            f"{ctx.backend}; saw {seen!r}")
+            ctx.timer = max(1, min(tick_ms, int(left * 1000)))
+            ev = ctx.wait_event()
+            if ev.type == EventType.TIMER and not match(ev):
+                continue
+            seen.append(ev)
+            if match(ev):
+                return seen
+    finally:
+        ctx.timer = saved
+
+
+def collect(ctx: pyipc.Context, until: Callable[[list[Event]], bool],
+            timeout: float = 10.0) -> list[Event]:
+    """Non-TIMER events of ctx until ``until(events)`` is true (or fail)."""
+    seen: list[Event] = []
+    deadline = time.monotonic() + timeout
+    saved = ctx.timer
+    try:
+        while not until(seen):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"condition not met within {timeout} s on {ctx.backend}; "
+                            f"saw {seen!r}")
+            ctx.timer = max(1, min(50, int(left * 1000)))
+            seen.extend(ev for ev in ctx.wait_events() if ev.type != EventType.TIMER)
+        return seen
+    finally:
+        ctx.timer = saved
+
+
+def quiet(ctx: pyipc.Context, ms: int = 100) -> list[Event]:
+    """Every non-TIMER event of ctx until ``ms`` pass with nothing happening
+    (only to check that nothing more comes)."""
+    seen: list[Event] = []
+    saved = ctx.timer
+    ctx.timer = ms
+    try:
+        while True:
+            events = [ev for ev in ctx.wait_events() if ev.type != EventType.TIMER]
+            if not events:
+                return seen
+            seen.extend(events)
+    finally:
+        ctx.timer = saved
+
+
+def unread_bytes(fd: int) -> int:
+    """Bytes waiting in fd's socket receive buffer (FIONREAD)."""
+    buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return struct.unpack("i", buf)[0]
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def raw_connect(rundir: str, name: str) -> socket.socket:
+    """A plain Unix socket connected to service ``name`` (a foreign peer)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(os.path.join(rundir, name))
+    return sock
+
+
+class Pair:
+    """A service context and a client context connected to it in this process."""
+
+    def __init__(self, server: pyipc.Context, client: pyipc.Context, name: str) -> None:
+        self.server, self.client, self.name = server, client, name
+        self.service_fd = server.service_init(name)
+        self.client_fd = client.connect_service(name)
+        ev = wait_for(server, EventType.CONNECTION)[-1]
+        self.server_fd = ev.fd
+        self.server_index = ev.index
+
+
+@pytest.fixture
+def pair(ctx_factory) -> Pair:
+    return Pair(ctx_factory(), ctx_factory(), "svc")
+
+
+@pytest.fixture
+def wait():
+    """The wait_for helper, for tests that prefer a fixture to an import."""
+    return wait_for
+
+
+#: Children import the same pyipc as the tests (the checkout or the installed one).
+PYIPC_HOME = str(Path(pyipc.__file__).resolve().parent.parent)
+CHILD_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    p for p in (PYIPC_HOME, os.environ.get("PYTHONPATH", "")) if p))
+
+
+def spawn(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    """A Python child running ``code`` with the checkout importable."""
+    kwargs.setdefault("env", CHILD_ENV)
+    return subprocess.Popen([sys.executable, "-c", code, *args], **kwargs)
+
+
+@pytest.fixture
+def processes():
+    """Start children with ``processes(code, *args)``; all killed and reaped at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def start(code: str, *args: str, **kwargs) -> subprocess.Popen:
+        proc = spawn(code, *args, **kwargs)
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()

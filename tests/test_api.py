@@ -1,0 +1,309 @@
+"""The public API on both backends: construction, backend choice, limits,
+timer, context manager, iteration, repr and payload types."""
+
+from __future__ import annotations
+
+import array
+
+import pytest
+
+import pyipc
+from pyipc import EventType
+
+from conftest import wait_for
+
+
+def test_backend_argument_selects_the_backend(backend, rundir):
+    with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+        assert ctx.backend == backend
+        assert isinstance(ctx, pyipc.Context)
+        assert type(ctx).__name__ == {"pure": "PureContext", "native": "NativeContext"}[backend]
+
+
+def test_env_selects_the_backend(backend, rundir, monkeypatch):
+    monkeypatch.setenv("PYIPC_BACKEND", backend)
+    with pyipc.Context(rundir=rundir) as ctx:
+        assert ctx.backend == backend
+
+
+def test_argument_beats_env(backend, rundir, monkeypatch):
+    other = "pure" if backend == "native" else "native"
+    monkeypatch.setenv("PYIPC_BACKEND", other)
+    with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+        assert ctx.backend == backend
+
+
+def test_default_is_native_when_it_loads(rundir, monkeypatch):
+    monkeypatch.delenv("PYIPC_BACKEND", raising=False)
+    expected = "native" if pyipc.available_backends()["native"] is None else "pure"
+    with pyipc.Context(rundir=rundir) as ctx:
+        assert ctx.backend == expected
+
+
+def test_unknown_backend_is_a_backend_error(rundir, monkeypatch):
+    with pytest.raises(pyipc.BackendError) as info:
+        pyipc.Context(rundir=rundir, backend="turbo")
+    assert str(info.value) == "unknown backend 'turbo' (expected 'native' or 'pure')"
+    assert isinstance(info.value, pyipc.IPCError) and isinstance(info.value, OSError)
+    monkeypatch.setenv("PYIPC_BACKEND", "turbo")
+    with pytest.raises(pyipc.BackendError):
+        pyipc.Context(rundir=rundir)
+
+
+def test_native_asked_by_name_never_falls_back(rundir, monkeypatch, tmp_path):
+    """A native library that cannot load raises BackendError with the reason."""
+    import subprocess
+    import sys
+    from conftest import CHILD_ENV
+    env = dict(CHILD_ENV, PYIPC_LIBRARY=str(tmp_path / "nope.so"))
+    code = ("import pyipc\n"
+            "try:\n    pyipc.Context(rundir='/tmp', backend='native')\n"
+            "except pyipc.BackendError as e:\n    print('BackendError', e)\n"
+            "print(pyipc.available_backends()['native'] is not None)\n"
+            "print(pyipc.Context(rundir='/tmp').backend)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("BackendError native backend: cannot load libipc (")
+    assert "nope.so: not found" in lines[0]
+    assert lines[1:] == ["True", "pure"]
+
+
+def test_available_backends_reports_pure(backend):
+    available = pyipc.available_backends()
+    assert set(available) == {"native", "pure"}
+    assert available["pure"] is None
+    assert available[backend] is None
+
+
+def test_defaults_and_attributes(ctx_factory, rundir):
+    ctx = ctx_factory()
+    assert ctx.rundir == rundir
+    assert ctx.max_message_size == 16 << 20 == pyipc.DEFAULT_MAX_MESSAGE_SIZE
+    assert ctx.max_queue_size == 64 << 20 == pyipc.DEFAULT_MAX_QUEUE_SIZE
+    assert ctx.max_connections == 65536 == pyipc.DEFAULT_MAX_CONNECTIONS
+    assert ctx.timer is None
+
+
+def test_rundir_default_and_env(backend, monkeypatch, rundir):
+    monkeypatch.delenv("RUNDIR", raising=False)
+    with pyipc.Context(backend=backend) as ctx:
+        assert ctx.rundir == "/tmp/.libipc-run" == pyipc.DEFAULT_RUNDIR
+    monkeypatch.setenv("RUNDIR", rundir)
+    with pyipc.Context(backend=backend) as ctx:
+        assert ctx.rundir == rundir
+    with pyipc.Context(backend=backend, rundir="/tmp/elsewhere") as ctx:
+        assert ctx.rundir == "/tmp/elsewhere"
+
+
+def test_repr(ctx_factory, backend, rundir):
+    assert repr(ctx_factory()) == f"<pyipc.Context backend={backend} rundir={rundir!r}>"
+
+
+@pytest.mark.parametrize("kwargs, error, text", [
+    ({"max_message_size": 0}, ValueError, "max_message_size must be between 1 and 4294967295"),
+    ({"max_message_size": 1 << 32}, ValueError,
+     "max_message_size must be between 1 and 4294967295"),
+    ({"max_message_size": 100, "max_queue_size": 103}, ValueError,
+     "max_queue_size must be at least max_message_size + 4"),
+    ({"max_connections": 0}, ValueError, "max_connections must be between 1 and 2147483647"),
+    ({"max_connections": 1 << 31}, ValueError,
+     "max_connections must be between 1 and 2147483647"),
+    ({"max_message_size": 1.5}, TypeError, "max_message_size must be int, not float"),
+    ({"max_queue_size": "1"}, TypeError, "max_queue_size must be int, not str"),
+    ({"max_connections": True}, TypeError, "max_connections must be int, not bool"),
+])
+def test_limits_are_validated(backend, rundir, kwargs, error, text):
+    with pytest.raises(error) as info:
+        pyipc.Context(rundir=rundir, backend=backend, **kwargs)
+    assert str(info.value) == text
+
+
+def test_limits_at_their_edges_are_accepted(ctx_factory):
+    ctx = ctx_factory(max_message_size=1, max_queue_size=5, max_connections=1)
+    assert (ctx.max_message_size, ctx.max_queue_size, ctx.max_connections) == (1, 5, 1)
+    ctx = ctx_factory(max_message_size=0xFFFFFFFF, max_queue_size=0xFFFFFFFF + 4,
+                      max_connections=0x7FFFFFFF)
+    assert ctx.max_message_size == 0xFFFFFFFF
+
+
+def test_timer_property(ctx_factory):
+    ctx = ctx_factory()
+    ctx.timer = 0
+    assert ctx.timer == 0
+    ctx.timer = 1500
+    assert ctx.timer == 1500
+    ctx.timer = None
+    assert ctx.timer is None
+    with pytest.raises(ValueError):
+        ctx.timer = -1
+    with pytest.raises(ValueError):
+        ctx.timer = 1 << 31
+    for bad in (1.5, "10", True):
+        with pytest.raises(TypeError):
+            ctx.timer = bad
+    assert ctx.timer is None
+
+
+def test_timer_fires_after_its_time(ctx_factory):
+    import time
+    ctx = ctx_factory()
+    ctx.timer = 30
+    start = time.monotonic()
+    ev = ctx.wait_event()
+    elapsed = time.monotonic() - start
+    assert (ev.type, ev.fd, ev.index, ev.message, ev.error) == (EventType.TIMER, -1, -1, None, None)
+    assert 0.025 <= elapsed < 2
+
+
+def test_nothing_to_wait_for(ctx_factory):
+    ctx = ctx_factory()
+    with pytest.raises(pyipc.IPCError) as info:
+        ctx.wait_event()
+    assert str(info.value) == "nothing to wait for: no fd and no timer"
+    with pytest.raises(pyipc.IPCError):
+        ctx.wait_events()
+
+
+def test_context_manager_closes_everything(backend, rundir):
+    import os
+    with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+        fd = ctx.service_init("cm")
+        assert os.path.exists(os.path.join(rundir, "cm"))
+    assert not os.path.exists(os.path.join(rundir, "cm"))
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with pytest.raises(pyipc.UnknownFdError):
+        ctx.close(fd)
+
+
+def test_context_manager_closes_on_exception(backend, rundir):
+    import os
+    with pytest.raises(RuntimeError):
+        with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+            ctx.service_init("boom")
+            raise RuntimeError("x")
+    assert not os.path.exists(os.path.join(rundir, "boom"))
+
+
+def test_iteration_yields_events_forever(pair):
+    pair.client.write(pair.client_fd, b"one")
+    pair.client.write(pair.client_fd, b"two")
+    got = []
+    pair.server.timer = 2000
+    for ev in pair.server:
+        assert ev.type == EventType.MESSAGE_RX
+        got.append(ev.message)
+        if len(got) == 2:
+            break
+    assert got == [b"one", b"two"]
+    pair.server.timer = 10
+    it = iter(pair.server)
+    assert next(it).type == EventType.TIMER
+    assert next(it).type == EventType.TIMER
+
+
+def test_close_all_leaves_the_context_usable(ctx_factory, rundir):
+    ctx = ctx_factory()
+    ctx.service_init("again")
+    ctx.close_all()
+    fd = ctx.service_init("again")
+    client = ctx_factory()
+    client.connect_service("again")
+    ev = wait_for(ctx, EventType.CONNECTION)[-1]
+    assert ev.index == 1 and fd != ev.fd
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (b"bytes", b"bytes"),
+    ("str \u00e9\u4e2d", "str \u00e9\u4e2d".encode("utf-8")),
+    (bytearray(b"bytearray"), b"bytearray"),
+    (memoryview(b"xmemoryviewx")[1:-1], b"memoryview"),
+    (array.array("H", [1, 2]), array.array("H", [1, 2]).tobytes()),
+    (b"", b""),
+    ("", b""),
+])
+def test_payload_types(pair, payload, expected):
+    pair.client.write(pair.client_fd, payload)
+    ev = wait_for(pair.server, EventType.MESSAGE_RX)[-1]
+    assert ev.message == expected and type(ev.message) is bytes
+    pair.client.schedule(pair.client_fd, payload)
+    wait_for(pair.client, EventType.MESSAGE_TX)
+    assert pair.server.read(pair.server_fd) == expected
+    pair.server.write(pair.server_fd, payload)
+    received = pair.client.read(pair.client_fd)
+    assert received == expected and type(received) is bytes
+
+
+@pytest.mark.parametrize("payload", [123, None, 1.5, ["a"], object()])
+def test_other_payload_types_are_type_errors(pair, payload):
+    for call in (pair.client.write, pair.client.schedule):
+        with pytest.raises(TypeError) as info:
+            call(pair.client_fd, payload)
+        assert str(info.value) == (f"payload must be bytes-like or str, "
+                                   f"not {type(payload).__name__}")
+    # Nothing was sent or queued.
+    pair.client.write(pair.client_fd, b"after")
+    assert pair.server.read(pair.server_fd) == b"after"
+
+
+def test_non_int_fd_is_a_type_error(pair):
+    with pytest.raises(TypeError):
+        pair.client.write("3", b"x")
+    with pytest.raises(TypeError):
+        pair.client.read(None)
+
+
+def test_non_str_name_is_a_type_error(ctx_factory):
+    ctx = ctx_factory()
+    with pytest.raises(TypeError):
+        ctx.service_init(b"bytes")
+    with pytest.raises(TypeError):
+        ctx.connect_service(42)
+
+
+def test_event_repr_and_equality():
+    ev = pyipc.Event(EventType.MESSAGE_RX, 5, 1, b"x" * 40)
+    assert repr(ev) == ("Event(MESSAGE_RX, fd=5, index=1, message="
+                        + repr(b"x" * 32 + b"...") + " (40 B))")
+    assert ev == pyipc.Event(EventType.MESSAGE_RX, 5, 1, b"x" * 40)
+    assert ev != pyipc.Event(EventType.MESSAGE_RX, 5, 2, b"x" * 40)
+    assert repr(pyipc.Event(EventType.ERROR, 3, 0, None, "bad")) == \
+        "Event(ERROR, fd=3, index=0, error='bad')"
+
+
+def test_enum_values_are_libipcs():
+    assert [int(t) for t in EventType] == list(range(9))
+    assert [t.name for t in EventType] == [
+        "ERROR", "CONNECTION", "DISCONNECTION", "MESSAGE_RX", "MESSAGE_TX", "TIMER",
+        "EXTERNAL", "SWITCH_RX", "SWITCH_TX"]
+    assert {c.name: int(c) for c in pyipc.CBEvent} == {
+        "NO_ERROR": 0, "ERROR": 1, "FD_CLOSING": 2, "IGNORE": 3}
+
+
+def test_error_hierarchy():
+    for cls in (pyipc.ServiceBusyError, pyipc.ServiceNotFoundError, pyipc.InvalidNameError,
+                pyipc.RunDirError, pyipc.MessageTooLargeError, pyipc.QueueFullError,
+                pyipc.ConnectionClosedError, pyipc.UnknownFdError,
+                pyipc.ConnectionLimitError, pyipc.BackendError):
+        assert issubclass(cls, pyipc.IPCError)
+    assert issubclass(pyipc.IPCError, OSError)
+
+
+def test_wrong_fd_types_and_numbers_agree(pair):
+    for call in (lambda fd: pair.client.write(fd, b"x"), pair.client.read,
+                 pair.client.close, pair.client.add_external,
+                 pair.client.peer_credentials):
+        with pytest.raises(TypeError) as info:
+            call("3")
+        assert str(info.value) == "fd must be int, not str"
+    huge = 1 << 40
+    for call in (lambda fd: pair.client.write(fd, b"x"), pair.client.read,
+                 pair.client.close, pair.client.peer_credentials):
+        with pytest.raises(pyipc.UnknownFdError) as info:
+            call(huge)
+        assert str(info.value) == f"fd {huge} is not managed by this context"
+    with pytest.raises(pyipc.UnknownFdError) as info:
+        pair.client.add_external(huge)
+    assert str(info.value) == f"fd {huge} is not an open file descriptor"

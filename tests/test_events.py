@@ -1,0 +1,271 @@
+"""Every EventType, with its fd, index and payload, on both backends; slot
+indexes; wait_events returning one whole round in order."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+import pyipc
+from pyipc import CBEvent, EventType
+
+from conftest import collect, frame, quiet, raw_connect, unread_bytes, wait_for
+
+
+def test_connection_event(ctx_factory):
+    server, client = ctx_factory(), ctx_factory()
+    sfd = server.service_init("ev")
+    cfd = client.connect_service("ev")
+    ev = wait_for(server, EventType.CONNECTION)[-1]
+    assert ev.fd not in (sfd, -1) and ev.index == 1
+    assert ev.message is None and ev.error is None
+    # The new fd is a real connection: credentials name this process.
+    assert server.peer_credentials(ev.fd)[0] == os.getpid()
+    assert cfd != ev.fd
+
+
+def test_message_rx_event_carries_the_message(pair):
+    pair.client.write(pair.client_fd, b"hello")
+    ev = wait_for(pair.server, EventType.MESSAGE_RX)[-1]
+    assert (ev.fd, ev.index, ev.message, ev.error) == \
+        (pair.server_fd, pair.server_index, b"hello", None)
+
+
+def test_message_tx_event_after_schedule(pair):
+    pair.client.schedule(pair.client_fd, b"a")
+    pair.client.schedule(pair.client_fd, b"")
+    events = collect(pair.client, lambda e: len(e) >= 2)
+    assert [(e.type, e.fd, e.message, e.error) for e in events] == \
+        [(EventType.MESSAGE_TX, pair.client_fd, None, None)] * 2
+    assert events[0].index == 0
+    assert pair.server.read(pair.server_fd) == b"a"
+    assert pair.server.read(pair.server_fd) == b""
+
+
+def test_no_message_tx_for_write(pair):
+    pair.client.write(pair.client_fd, b"direct")
+    assert pair.server.read(pair.server_fd) == b"direct"
+    assert quiet(pair.client, 50) == []
+
+
+def test_disconnection_event_when_peer_closes(pair):
+    pair.client.close(pair.client_fd)
+    events = wait_for(pair.server, EventType.DISCONNECTION)
+    assert [(e.type, e.fd, e.index, e.error) for e in events] == \
+        [(EventType.DISCONNECTION, pair.server_fd, pair.server_index, None)]
+    # The fd is already forgotten.
+    with pytest.raises(pyipc.UnknownFdError):
+        pair.server.write(pair.server_fd, b"x")
+
+
+def test_disconnection_on_the_client_when_service_closes_it(pair):
+    pair.server.close(pair.server_fd)
+    ev = wait_for(pair.client, EventType.DISCONNECTION)[-1]
+    assert (ev.fd, ev.index, ev.error) == (pair.client_fd, 0, None)
+
+
+def test_timer_event(ctx_factory):
+    ctx = ctx_factory()
+    ctx.service_init("t")
+    ctx.timer = 0
+    ev = ctx.wait_event()
+    assert (ev.type, ev.fd, ev.index, ev.message, ev.error) == \
+        (EventType.TIMER, -1, -1, None, None)
+    assert [e.type for e in ctx.wait_events()] == [EventType.TIMER]
+
+
+def test_timer_none_waits_for_an_event(pair):
+    """With timer None, wait_event blocks until something arrives."""
+    import threading
+    pair.server.timer = None
+    t = threading.Timer(0.05, pair.client.write, (pair.client_fd, b"late"))
+    t.start()
+    try:
+        ev = pair.server.wait_event()
+    finally:
+        t.join()
+    assert (ev.type, ev.message) == (EventType.MESSAGE_RX, b"late")
+
+
+def test_external_event_with_a_pipe(ctx_factory):
+    ctx = ctx_factory()
+    r, w = os.pipe()
+    try:
+        ctx.add_external(r)
+        assert quiet(ctx, 30) == []
+        os.write(w, b"ping")
+        ev = wait_for(ctx, EventType.EXTERNAL)[-1]
+        assert (ev.fd, ev.index, ev.message, ev.error) == (r, 0, None, None)
+        # pyipc does not read it: still readable, so reported again next round.
+        ctx.timer = 0
+        assert [e.type for e in ctx.wait_events()] == [EventType.EXTERNAL]
+        assert os.read(r, 10) == b"ping"
+        assert quiet(ctx, 30) == []
+        ctx.close(r)
+        with pytest.raises(OSError):
+            os.fstat(r)     # the context owned and closed it
+    finally:
+        os.close(w)
+
+
+def test_external_fd_closed_by_close_all(ctx_factory):
+    ctx = ctx_factory()
+    r, w = os.pipe()
+    ctx.add_external(r)
+    ctx.close_all()
+    with pytest.raises(OSError):
+        os.fstat(r)
+    os.close(w)
+
+
+def test_switch_events(ctx_factory):
+    server, a, b = ctx_factory(), ctx_factory(), ctx_factory()
+    server.service_init("sw")
+    afd = a.connect_service("sw")
+    sa = wait_for(server, EventType.CONNECTION)[-1]
+    bfd = b.connect_service("sw")
+    sb = wait_for(server, EventType.CONNECTION)[-1]
+    server.add_switch(sa.fd, sb.fd)
+    a.write(afd, b"to b")
+    events = collect(server, lambda e: any(x.type == EventType.SWITCH_TX for x in e))
+    assert [(e.type, e.fd, e.index, e.message) for e in events] == [
+        (EventType.SWITCH_RX, sa.fd, sa.index, b"to b"),
+        (EventType.SWITCH_TX, sb.fd, sb.index, None)]
+    assert b.read(bfd) == b"to b"
+
+
+def test_error_event_then_disconnection(ctx_factory, rundir):
+    server = ctx_factory(max_message_size=10)
+    server.service_init("err")
+    raw = raw_connect(rundir, "err")
+    try:
+        conn = wait_for(server, EventType.CONNECTION)[-1]
+        raw.sendall(frame(b"ok") + b"\0\0\0\x0b")
+        events = collect(server, lambda e: any(x.type == EventType.DISCONNECTION for x in e))
+        assert [(e.type, e.fd, e.index, e.message, e.error) for e in events] == [
+            (EventType.MESSAGE_RX, conn.fd, conn.index, b"ok", None),
+            (EventType.ERROR, conn.fd, conn.index, None,
+             "message of 11 bytes exceeds max_message_size (10)"),
+            (EventType.DISCONNECTION, conn.fd, conn.index, None, None)]
+        assert raw.recv(10) == b""      # the service closed it
+    finally:
+        raw.close()
+
+
+def test_index_is_the_lowest_free_slot_and_is_reused(ctx_factory):
+    server = ctx_factory()
+    server.service_init("idx")                      # slot 0
+    clients = [ctx_factory() for _ in range(4)]
+    conns = []
+    for c in clients:
+        c.connect_service("idx")
+        conns.append(wait_for(server, EventType.CONNECTION)[-1])
+    assert [e.index for e in conns] == [1, 2, 3, 4]
+    # Free slots 2 and 3 (the peers close); the next clients take 2, then 3.
+    clients[2].close_all()
+    clients[1].close_all()
+    gone = collect(server, lambda e: len(e) >= 2)
+    assert sorted((e.type, e.index) for e in gone) == [
+        (EventType.DISCONNECTION, 2), (EventType.DISCONNECTION, 3)]
+    more = [ctx_factory(), ctx_factory(), ctx_factory()]
+    new, fds = [], []
+    for c in more:
+        fds.append(c.connect_service("idx"))
+        new.append(wait_for(server, EventType.CONNECTION)[-1])
+    assert [e.index for e in new] == [2, 3, 5]
+    # A slot stays the connection's for its lifetime.
+    more[0].write(fds[0], b"x")
+    ev = wait_for(server, EventType.MESSAGE_RX)[-1]
+    assert (ev.fd, ev.index) == (new[0].fd, 2)
+    clients[3].close_all()
+    ev = wait_for(server, EventType.DISCONNECTION)[-1]
+    assert (ev.fd, ev.index) == (conns[3].fd, 4)
+
+
+def test_index_of_close_and_external(ctx_factory):
+    ctx = ctx_factory()
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        s = ctx.service_init("slots")            # 0
+        ctx.add_external(r1)                     # 1
+        ctx.close(s)                             # frees 0
+        ctx.add_external(r2)                     # takes 0
+        os.write(w1, b"x")
+        os.write(w2, b"x")
+        events = collect(ctx, lambda e: len(e) >= 2)
+        assert sorted((e.fd, e.index) for e in events) == sorted([(r1, 1), (r2, 0)])
+    finally:
+        os.close(w1)
+        os.close(w2)
+
+
+def test_wait_events_returns_a_whole_round_in_order(pair):
+    raw = b"".join(frame(b"m%d" % i) for i in range(50))
+    os.write(pair.client_fd, raw)      # one send: all in the same round
+    while unread_bytes(pair.server_fd) < len(raw):
+        pass
+    events = pair.server.wait_events()
+    assert [e.message for e in events] == [b"m%d" % i for i in range(50)]
+    assert all(e.type == EventType.MESSAGE_RX for e in events)
+    pair.server.timer = 0
+    assert [e.type for e in pair.server.wait_events()] == [EventType.TIMER]
+
+
+def test_wait_event_keeps_the_rest_of_the_round(pair):
+    raw = b"".join(frame(b"%d" % i) for i in range(5))
+    os.write(pair.client_fd, raw)
+    while unread_bytes(pair.server_fd) < len(raw):
+        pass
+    assert pair.server.wait_event().message == b"0"
+    assert pair.server.wait_event().message == b"1"
+    assert [e.message for e in pair.server.wait_events()] == [b"2", b"3", b"4"]
+
+
+def test_one_round_covers_several_connections(ctx_factory):
+    server = ctx_factory()
+    server.service_init("many")
+    clients = []
+    for i in range(3):
+        c = ctx_factory()
+        fd = c.connect_service("many")
+        clients.append((c, fd))
+    collect(server, lambda e: len(e) >= 3)
+    for i, (c, fd) in enumerate(clients):
+        c.write(fd, b"from %d" % i)
+    events = collect(server, lambda e: len(e) >= 3)
+    assert sorted(e.message for e in events) == [b"from 0", b"from 1", b"from 2"]
+
+
+def test_close_drops_pending_events_of_that_fd(pair):
+    raw = b"".join(frame(b"%d" % i) for i in range(3))
+    os.write(pair.client_fd, raw)
+    while unread_bytes(pair.server_fd) < len(raw):
+        pass
+    assert pair.server.wait_event().message == b"0"
+    pair.server.close(pair.server_fd)
+    pair.server.timer = 0
+    assert [e.type for e in pair.server.wait_events()] == [EventType.TIMER]
+
+
+def test_switch_callback_events_fd_and_index(ctx_factory):
+    ctx = ctx_factory()
+    left, right = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        ctx.add_external(left.fileno())
+        ctx.add_external(r)
+        ctx.add_switch(left.fileno(), r)
+        ctx.set_switch_callbacks(r, lambda fd: (CBEvent.NO_ERROR, os.read(fd, 100)), None)
+        os.write(w, b"raw bytes")
+        events = collect(ctx, lambda e: any(x.type == EventType.SWITCH_TX for x in e))
+        assert [(e.type, e.fd, e.index, e.message) for e in events] == [
+            (EventType.SWITCH_RX, r, 1, b"raw bytes"),
+            (EventType.SWITCH_TX, left.fileno(), 0, None)]
+        assert right.recv(100) == frame(b"raw bytes")
+    finally:
+        left.detach()
+        right.close()
+        os.close(w)

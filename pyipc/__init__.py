@@ -12,6 +12,10 @@ from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      ConnectionClosedError, ConnectionLimitError, Event, EventType,
                      InvalidNameError, IPCError, MessageTooLargeError, QueueFullError,
                      RunDirError, ServiceBusyError, ServiceNotFoundError, UnknownFdError)
+from .typed import (CorruptMessageError, DuplicateClassError, DuplicateTypeError,
+                    FieldMismatchError, InvalidTypeNumberError, NotAMessageClassError,
+                    Registry, TypedMessageError, UnencodableValueError, UnknownTypeError,
+                    UnregisteredClassError)
 
 __version__ = "0.1.0"
 
@@ -22,4 +26,7 @@ __all__ = [
     "UnknownFdError", "ConnectionLimitError", "BackendError",
     "DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_MAX_QUEUE_SIZE", "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_RUNDIR",
+    "Registry", "TypedMessageError", "InvalidTypeNumberError", "DuplicateTypeError",
+    "DuplicateClassError", "NotAMessageClassError", "UnregisteredClassError",
+    "UnencodableValueError", "UnknownTypeError", "CorruptMessageError", "FieldMismatchError",
 ]

@@ -1,0 +1,591 @@
+"""Typed messages: libIPC's convention of one type byte, then the body.
+
+A typed message is an ordinary pyipc payload: its first byte is the message
+type (0..255), the rest is the body. A :class:`Registry` maps type numbers to
+Python classes and encodes each object's fields as a map, with CBOR (``cbor2``,
+the default) or JSON (the standard library), chosen per registry::
+
+    from dataclasses import dataclass
+    from pyipc.typed import Registry
+
+    messages = Registry()                 # Registry("json") for JSON bodies
+
+    @messages.register(1)
+    @dataclass
+    class Ping:
+        seq: int
+        note: str = ""
+
+    payload = messages.encode(Ping(7))    # b"\\x01" + CBOR {"seq": 7, "note": ""}
+    assert messages.decode(payload) == Ping(7)
+
+A message class is a dataclass (its ``init`` fields are the body; fields with a
+default may be absent from a received body) or any class with a ``to_dict()``
+method and a ``from_dict(cls, d)`` classmethod (used in preference when a class
+has both). Encoding looks the class up exactly: a subclass of a registered class
+must be registered itself.
+
+What a field may hold:
+
+* CBOR: everything ``cbor2`` encodes: None, bools, ints of any size (bignums),
+  floats including inf, -inf and nan, bytes, str, lists (tuples come back as
+  lists), dicts, sets, dates, Decimal, UUID, ... Datetimes must be timezone-aware
+  with an offset of whole minutes (RFC 3339, CBOR tag 0); they come back with a
+  fixed offset (a ``ZoneInfo`` zone becomes its offset at that instant, the same
+  instant). Naive datetimes are refused: they would mean different instants to
+  the two ends.
+* JSON: strict RFC 8259 JSON, so any JSON parser can read the bodies: None,
+  bools, ints (exact between Python peers; other parsers may round those beyond
+  2**53; at most ``sys.get_int_max_str_digits()`` digits, 4300 by default),
+  finite floats, str, lists (tuples come back as lists) and dicts with str keys.
+  Refused, with the path of the value in the message: bytes, datetimes (plain
+  JSON cannot tell an ISO-8601 string from a datetime, so neither round trip
+  would be unambiguous), inf and nan, non-str dict keys (``json`` would silently
+  turn them into strings), and any other type. Use CBOR for those, or convert
+  them in ``to_dict``/``from_dict``.
+
+Every error is a :class:`TypedMessageError` (a ``ValueError``); see each class.
+Values are not checked against the class's annotations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import inspect
+import io
+import json
+import math
+import sys
+from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Tuple, TypeVar, Union
+
+import cbor2
+
+from ._types import Event
+
+__all__ = [
+    "Registry", "TypedMessageError", "InvalidTypeNumberError", "DuplicateTypeError",
+    "DuplicateClassError", "NotAMessageClassError", "UnregisteredClassError",
+    "UnencodableValueError", "UnknownTypeError", "CorruptMessageError",
+    "FieldMismatchError", "CODECS", "MAX_TYPE_NUMBER",
+]
+
+#: The codecs a :class:`Registry` can use.
+CODECS = ("cbor", "json")
+#: Highest message type number (the type is one byte).
+MAX_TYPE_NUMBER = 255
+
+T = TypeVar("T", bound=type)
+BytesLike = Union[bytes, bytearray, memoryview]
+
+
+# -- errors ----------------------------------------------------------------------
+class TypedMessageError(ValueError):
+    """Base class of every typed-message error (a ``ValueError``)."""
+
+
+class InvalidTypeNumberError(TypedMessageError):
+    """register() got a type number that is not an int from 0 to 255."""
+
+
+class DuplicateTypeError(TypedMessageError):
+    """register() got a type number that the registry already maps to a class."""
+
+
+class DuplicateClassError(TypedMessageError):
+    """register() got a class that the registry already maps to a type number."""
+
+
+class NotAMessageClassError(TypedMessageError):
+    """register() got something that is not a dataclass nor a to_dict/from_dict class."""
+
+
+class UnregisteredClassError(TypedMessageError):
+    """encode() got an object whose exact class is not registered."""
+
+
+class UnencodableValueError(TypedMessageError):
+    """encode() met a field value that the registry's codec cannot represent."""
+
+
+class UnknownTypeError(TypedMessageError):
+    """decode() met a type number that is not registered; ``number`` holds it."""
+
+    def __init__(self, message: str, number: int) -> None:
+        super().__init__(message)
+        self.number = number
+
+
+class CorruptMessageError(TypedMessageError):
+    """decode() got an empty payload, a body that is not valid CBOR/JSON, has
+    trailing bytes, is not a map with str keys, or from which the class refuses
+    to be built (its constructor or ``from_dict`` raised)."""
+
+
+class FieldMismatchError(TypedMessageError):
+    """decode() got a body whose fields do not match the class.
+
+    ``missing`` holds the required fields that are absent, ``extra`` the ones the
+    class does not have (both sorted tuples of names, also in the message).
+    """
+
+    def __init__(self, message: str, missing: Tuple[str, ...] = (),
+                 extra: Tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.extra = extra
+
+
+# -- the registry ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    number: int
+    cls: type
+    protocol: bool                  # to_dict/from_dict, else dataclass
+    fields: Tuple[str, ...]         # dataclass init fields, in order
+    required: FrozenSet[str]        # dataclass init fields without a default
+
+
+class Registry:
+    """Maps message type numbers (0..255) to classes, and encodes/decodes them.
+
+    ``Registry(codec="cbor")``: ``codec`` is "cbor" (``cbor2``) or "json" (the
+    standard library, strict RFC 8259). Both ends of a connection must use
+    registries with the same numbers, classes' fields and codec.
+    """
+
+    __slots__ = ("_codec", "_by_number", "_by_class")
+
+    def __init__(self, codec: str = "cbor") -> None:
+        if codec not in CODECS:
+            raise ValueError(f"codec must be 'cbor' or 'json', not {codec!r}")
+        self._codec = codec
+        self._by_number: Dict[int, _Entry] = {}
+        self._by_class: Dict[type, _Entry] = {}
+
+    @property
+    def codec(self) -> str:
+        """The codec of the bodies: "cbor" or "json"."""
+        return self._codec
+
+    def __repr__(self) -> str:
+        types = ", ".join(f"{n}: {e.cls.__name__}" for n, e in sorted(self._by_number.items()))
+        return f"<pyipc.typed.Registry codec={self._codec} {{{types}}}>"
+
+    def __len__(self) -> int:
+        """How many message types are registered."""
+        return len(self._by_number)
+
+    def __contains__(self, item: object) -> bool:
+        """Whether a type number, or a class, is registered."""
+        if isinstance(item, type):
+            return item in self._by_class
+        return item in self._by_number
+
+    def __iter__(self) -> Iterator[Tuple[int, type]]:
+        """(number, class) of every registered type, by number."""
+        return iter([(n, e.cls) for n, e in sorted(self._by_number.items())])
+
+    # -- registration -------------------------------------------------------------
+    def register(self, number: int, cls: Optional[T] = None) -> Any:
+        """Register ``cls`` as message type ``number``.
+
+        Used as a decorator (``@registry.register(3)`` above the class, which is
+        returned unchanged) or called directly (``registry.register(3, Ping)``).
+        Raises :class:`InvalidTypeNumberError`, :class:`NotAMessageClassError`,
+        :class:`DuplicateTypeError` or :class:`DuplicateClassError`; nothing is
+        registered then.
+        """
+        _check_number(number)
+        if cls is None:
+            def decorator(c: T) -> T:
+                self._add(number, c)
+                return c
+            return decorator
+        self._add(number, cls)
+        return cls
+
+    def _add(self, number: int, cls: object) -> None:
+        entry = _entry(number, cls)
+        if number in self._by_number:
+            raise DuplicateTypeError(
+                f"message type {number} is already registered to "
+                f"{_name(self._by_number[number].cls)}")
+        if entry.cls in self._by_class:
+            raise DuplicateClassError(
+                f"class {_name(entry.cls)} is already registered as message type "
+                f"{self._by_class[entry.cls].number}")
+        self._by_number[number] = entry
+        self._by_class[entry.cls] = entry
+
+    def type_number(self, obj_or_cls: object) -> int:
+        """The type number of a registered class (or of an instance of it)."""
+        cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+        entry = self._by_class.get(cls)
+        if entry is None:
+            raise UnregisteredClassError(
+                f"class {_name(cls)} is not registered in this registry")
+        return entry.number
+
+    def message_class(self, number: int) -> type:
+        """The class registered as type ``number``."""
+        return self._entry_of(number).cls
+
+    def _entry_of(self, number: int) -> _Entry:
+        entry = self._by_number.get(number)
+        if entry is None:
+            known = ", ".join(str(n) for n in sorted(self._by_number)) or "none"
+            raise UnknownTypeError(
+                f"unknown message type {number} (registered: {known})", number)
+        return entry
+
+    # -- encoding -----------------------------------------------------------------
+    def encode(self, obj: object) -> bytes:
+        """The payload of ``obj``: its type byte, then its fields as a map.
+
+        Raises :class:`UnregisteredClassError` when ``type(obj)`` is not
+        registered, :class:`UnencodableValueError` when a value cannot be
+        encoded with this codec (the message names the field and the reason).
+        """
+        entry = self._by_class.get(type(obj))
+        if entry is None:
+            raise UnregisteredClassError(
+                f"cannot encode {_name(type(obj))}: its class is not registered in "
+                f"this registry")
+        if entry.protocol:
+            body = obj.to_dict()  # type: ignore[attr-defined]
+            if not isinstance(body, dict):
+                raise UnencodableValueError(
+                    f"cannot encode {_name(entry.cls)}: to_dict() returned "
+                    f"{type(body).__name__}, not dict")
+            bad = [k for k in body if not isinstance(k, str)]
+            if bad:
+                raise UnencodableValueError(
+                    f"cannot encode {_name(entry.cls)}: to_dict() returned a key that is "
+                    f"not str: {bad[0]!r}")
+        else:
+            body = {name: getattr(obj, name) for name in entry.fields}
+        what = f"{_name(entry.cls)} (message type {entry.number})"
+        if self._codec == "json":
+            return bytes((entry.number,)) + _json_encode(body, what)
+        return bytes((entry.number,)) + _cbor_encode(body, what)
+
+    # -- decoding -----------------------------------------------------------------
+    def decode(self, payload: BytesLike) -> Any:
+        """The object a payload carries (an instance of the registered class).
+
+        Raises :class:`CorruptMessageError` (empty payload, a body that is not
+        valid CBOR/JSON or not a map with str keys, a class that refuses the
+        values), :class:`UnknownTypeError`, :class:`FieldMismatchError`.
+        """
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes-like, not {type(payload).__name__}")
+        data = bytes(payload)
+        if not data:
+            raise CorruptMessageError("empty payload: a typed message needs at least its "
+                                      "type byte")
+        entry = self._entry_of(data[0])
+        what = f"message type {entry.number} ({_name(entry.cls)})"
+        if self._codec == "json":
+            body = _json_decode(data[1:], what)
+        else:
+            body = _cbor_decode(data[1:], what)
+        if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
+            raise CorruptMessageError(
+                f"body of {what} must be a map with str keys, not "
+                f"{_describe_body(body)}")
+        if entry.protocol:
+            return _build_protocol(entry, body, what)
+        return _build_dataclass(entry, body, what)
+
+    def decode_event(self, event: Event) -> Any:
+        """The object carried by a MESSAGE_RX (or SWITCH_RX) event.
+
+        An event without a message (any other type) raises ``ValueError``.
+        """
+        if not isinstance(event, Event):
+            raise TypeError(f"decode_event needs an Event, not {type(event).__name__}")
+        if event.message is None:
+            raise ValueError(f"event {event.type.name} on fd {event.fd} carries no message")
+        return self.decode(event.message)
+
+
+# -- registration helpers ----------------------------------------------------------
+def _name(cls: type) -> str:
+    return getattr(cls, "__qualname__", None) or getattr(cls, "__name__", repr(cls))
+
+
+def _check_number(number: object) -> None:
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise InvalidTypeNumberError(
+            f"message type number must be an int from 0 to {MAX_TYPE_NUMBER}, not "
+            f"{type(number).__name__}")
+    if not 0 <= number <= MAX_TYPE_NUMBER:
+        raise InvalidTypeNumberError(
+            f"message type number {number} is out of range (0 to {MAX_TYPE_NUMBER})")
+
+
+def _entry(number: int, cls: object) -> _Entry:
+    if not isinstance(cls, type):
+        raise NotAMessageClassError(f"register() needs a class, not {type(cls).__name__}")
+    to_dict = getattr(cls, "to_dict", None)
+    from_dict = inspect.getattr_static(cls, "from_dict", None)
+    if callable(to_dict) and isinstance(from_dict, (classmethod, staticmethod)):
+        return _Entry(number, cls, True, (), frozenset())
+    if dataclasses.is_dataclass(cls):
+        fields = tuple(f.name for f in dataclasses.fields(cls) if f.init)
+        required = frozenset(
+            f.name for f in dataclasses.fields(cls) if f.init
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING)  # type: ignore[misc]
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):   # pragma: no cover - builtins only
+            params = {}
+        hidden = [name for name, p in params.items() if name not in fields
+                  and p.default is inspect.Parameter.empty
+                  and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if hidden:
+            raise NotAMessageClassError(
+                f"{_name(cls)} cannot be a message class: its constructor needs "
+                f"{', '.join(map(repr, hidden))}, which is not a field (an InitVar?)")
+        return _Entry(number, cls, False, fields, required)
+    hint = (" (put @registry.register(N) above @dataclass)"
+            if getattr(cls, "__annotations__", None) else "")
+    raise NotAMessageClassError(
+        f"{_name(cls)} is neither a dataclass nor a class with a to_dict() method and a "
+        f"from_dict(cls, d) classmethod{hint}")
+
+
+def _build_dataclass(entry: _Entry, body: Dict[str, Any], what: str) -> Any:
+    missing = tuple(sorted(entry.required - body.keys()))
+    extra = tuple(sorted(body.keys() - set(entry.fields)))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append("missing field(s) " + ", ".join(map(repr, missing)))
+        if extra:
+            parts.append("unexpected field(s) " + ", ".join(map(repr, extra)))
+        raise FieldMismatchError(f"{what}: {'; '.join(parts)}", missing, extra)
+    try:
+        return entry.cls(**body)
+    except Exception as e:
+        raise CorruptMessageError(
+            f"{what}: {_name(entry.cls)} refused the values: {type(e).__name__}: {e}") from e
+
+
+def _build_protocol(entry: _Entry, body: Dict[str, Any], what: str) -> Any:
+    try:
+        return entry.cls.from_dict(body)  # type: ignore[attr-defined]
+    except KeyError as e:
+        name = str(e.args[0]) if e.args else "?"
+        raise FieldMismatchError(f"{what}: missing field(s) {name!r}", (name,), ()) from e
+    except Exception as e:
+        raise CorruptMessageError(
+            f"{what}: {_name(entry.cls)}.from_dict refused the body: "
+            f"{type(e).__name__}: {e}") from e
+
+
+def _describe_body(body: object) -> str:
+    if isinstance(body, dict):
+        key = next(k for k in body if not isinstance(k, str))
+        return f"a map with the key {key!r}"
+    return type(body).__name__
+
+
+# -- CBOR --------------------------------------------------------------------------
+class _DatetimeRefused(Exception):
+    """Raised inside cbor2 by _cbor_datetime; turned into UnencodableValueError."""
+
+
+def _datetime_problem(value: datetime.datetime) -> Optional[str]:
+    offset = value.utcoffset()
+    if offset is None:
+        return "naive datetime (no tzinfo): give it a timezone"
+    if offset % datetime.timedelta(minutes=1):
+        return (f"datetime with a UTC offset of {offset} that is not a whole number of "
+                f"minutes (RFC 3339 cannot carry it)")
+    return None
+
+
+def _cbor_datetime(encoder: Any, value: datetime.datetime) -> None:
+    problem = _datetime_problem(value)
+    if problem:
+        raise _DatetimeRefused(problem)
+    text = value.isoformat()
+    if text.endswith("+00:00"):
+        text = text[:-6] + "Z"
+    encoder.encode(cbor2.CBORTag(0, text))
+
+
+_CBOR_ENCODERS = {datetime.datetime: _cbor_datetime}
+
+
+def _cbor_dumps(value: object) -> bytes:
+    return cbor2.dumps(value, encoders=_CBOR_ENCODERS)
+
+
+def _cbor_encode(body: Dict[str, Any], what: str) -> bytes:
+    try:
+        return _cbor_dumps(body)
+    except (cbor2.CBORError, _DatetimeRefused, ValueError, TypeError, RecursionError) as e:
+        path, reason = _locate(body, "", _cbor_problem)
+        raise UnencodableValueError(
+            f"cannot encode {what} as CBOR: field {path}: {reason}"
+            if path else f"cannot encode {what} as CBOR: {_reason(e)}") from None
+
+
+def _cbor_problem(value: object) -> Optional[str]:
+    try:
+        _cbor_dumps(value)
+    except (cbor2.CBORError, _DatetimeRefused, ValueError, TypeError, RecursionError) as e:
+        return _reason(e)
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    text = str(e)
+    if isinstance(e, cbor2.CBORError) and "cannot encode type" in text:
+        return f"{text} (cbor2 has no encoding for it)"
+    return text or type(e).__name__
+
+
+def _locate(value: object, path: str, problem: Callable[[object], Optional[str]],
+            active: Optional[set] = None) -> Tuple[str, str]:
+    """The path and reason of the innermost value that fails (error path only)."""
+    active = set() if active is None else active
+    if id(value) in active:
+        return path, problem(value) or "cannot be encoded"
+    active.add(id(value))
+    if isinstance(value, dict):
+        children = [(f"{path}[{k!r}]" if path else str(k), v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        children = []
+    for child_path, child in children:
+        if id(child) in active:       # a cycle: the container itself is the problem
+            break
+        reason = problem(child)
+        if reason is not None:
+            return _locate(child, child_path, problem, active)
+    return path, problem(value) or "cannot be encoded"
+
+
+def _cbor_decode(data: bytes, what: str) -> Any:
+    if not data:
+        raise CorruptMessageError(f"body of {what} is empty (not valid CBOR)")
+    stream = io.BytesIO(data)
+    try:
+        body = cbor2.CBORDecoder(stream, allow_duplicate_keys=False).decode()
+    except Exception as e:   # cbor2's own errors, and those of its tag decoders
+        raise CorruptMessageError(f"body of {what} is not valid CBOR: {_reason(e)}") from e
+    left = len(data) - stream.tell()
+    if left:
+        raise CorruptMessageError(
+            f"body of {what} has {left} trailing byte(s) after its CBOR value")
+    return body
+
+
+# -- JSON --------------------------------------------------------------------------
+_digit_bounds: Dict[int, int] = {}
+
+
+def _json_problem(value: object, path: str, active: set) -> Optional[Tuple[str, str]]:
+    """(path, reason) of the first value JSON cannot round-trip, else None."""
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    if isinstance(value, int):
+        limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+        if limit:
+            bound = _digit_bounds.get(limit)
+            if bound is None:
+                bound = _digit_bounds.setdefault(limit, 10 ** limit)
+            if abs(value) >= bound:
+                return path, (f"int of more than {limit} digits (Python's int/str limit, "
+                              f"sys.get_int_max_str_digits()); use CBOR")
+        return None
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return None
+        return path, f"{value!r} is not a JSON number; use CBOR"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return path, "bytes cannot be carried by JSON; use CBOR, or encode them in to_dict()"
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return path, (f"{type(value).__name__} cannot be carried by JSON unambiguously; "
+                      f"use CBOR, or convert it in to_dict()/from_dict()")
+    if isinstance(value, (list, tuple, dict)):
+        if id(value) in active:
+            return path, "cyclic data structure"
+        active.add(id(value))
+        try:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if not isinstance(k, str):
+                        return (path, f"dict key {k!r} is not str (JSON object keys "
+                                f"are strings); use CBOR")
+                    found = _json_problem(v, f"{path}[{k!r}]" if path else str(k), active)
+                    if found:
+                        return found
+            else:
+                for i, v in enumerate(value):
+                    found = _json_problem(v, f"{path}[{i}]", active)
+                    if found:
+                        return found
+        finally:
+            active.discard(id(value))
+        return None
+    return path, f"{type(value).__name__} cannot be carried by JSON"
+
+
+def _json_encode(body: Dict[str, Any], what: str) -> bytes:
+    try:
+        found = _json_problem(body, "", set())
+    except RecursionError:
+        found = ("", "nested too deeply")
+    if found:
+        path, reason = found
+        where = f"field {path}: " if path else ""
+        raise UnencodableValueError(f"cannot encode {what} as JSON: {where}{reason}")
+    try:
+        text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnencodableValueError(
+            f"cannot encode {what} as JSON: a str holds a lone surrogate (not valid "
+            f"UTF-8)") from None
+    except (ValueError, TypeError, RecursionError) as e:
+        raise UnencodableValueError(f"cannot encode {what} as JSON: {_reason(e)}") from None
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of the range of a float")
+    return value
+
+
+def _json_object(pairs: list) -> Dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r}")
+            seen.add(k)
+    return result
+
+
+def _json_decode(data: bytes, what: str) -> Any:
+    try:
+        text = data.decode("utf-8")
+        return json.loads(text, parse_constant=_json_constant, parse_float=_json_float,
+                          object_pairs_hook=_json_object)
+    except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError
+        raise CorruptMessageError(f"body of {what} is not valid JSON: {_reason(e)}") from e

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from typing import Callable, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple
 
 from ._rundir import PathLike, resolve_rundir
 from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, MAX_MESSAGE_SIZE_LIMIT, CBEvent,
                      ConnectionClosedError, Event, EventType)
+
+if TYPE_CHECKING:
+    from .typed import Registry
 
 OnIn = Callable[[int], Tuple[CBEvent, Optional[bytes]]]
 OnOut = Callable[[int, bytes], CBEvent]
@@ -196,6 +199,23 @@ class Context:
     def close_all(self) -> None:
         """Close every fd of the context."""
         raise NotImplementedError
+
+    # -- typed messages (pyipc.typed; the same on both backends) -----------------
+    def write_typed(self, fd: int, obj: object, registry: "Registry") -> None:
+        """write() the typed message ``registry.encode(obj)`` to fd."""
+        self.write(fd, registry.encode(obj))
+
+    def schedule_typed(self, fd: int, obj: object, registry: "Registry") -> None:
+        """schedule() the typed message ``registry.encode(obj)`` for fd."""
+        self.schedule(fd, registry.encode(obj))
+
+    def read_typed(self, fd: int, registry: "Registry") -> Any:
+        """read() the next message of fd and return ``registry.decode()`` of it.
+
+        A message that does not decode is consumed all the same: the
+        TypedMessageError is raised and the connection stays open.
+        """
+        return registry.decode(self.read(fd))
 
 
 def _check_limits(max_message_size: int, max_queue_size: int, max_connections: int) -> None:

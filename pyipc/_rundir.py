@@ -53,7 +53,9 @@ def check_rundir(rundir: str, create: bool) -> bool:
         if not create:
             return False
         _create(rundir)
-        st = os.lstat(rundir)
+        st = _lstat(rundir)
+    except OSError as e:        # e.g. a parent that is not a directory (ENOTDIR)
+        raise _cannot_create(rundir, e) from None
     if stat.S_ISLNK(st.st_mode):
         raise RunDirError(f"run directory {rundir} is a symlink")
     if not stat.S_ISDIR(st.st_mode):
@@ -63,13 +65,23 @@ def check_rundir(rundir: str, create: bool) -> bool:
     return True
 
 
+def _cannot_create(rundir: str, e: OSError) -> RunDirError:
+    return RunDirError(f"cannot create run directory {rundir}: {os.strerror(e.errno or 0)}")
+
+
+def _lstat(rundir: str) -> os.stat_result:
+    try:
+        return os.lstat(rundir)
+    except OSError as e:
+        raise _cannot_create(rundir, e) from None
+
+
 def _create(rundir: str) -> None:
     try:
         os.makedirs(rundir, mode=0o770, exist_ok=True)
         os.chmod(rundir, 0o770)     # makedirs' mode is filtered by the umask
     except OSError as e:
-        raise RunDirError(
-            f"cannot create run directory {rundir}: {os.strerror(e.errno or 0)}") from None
+        raise _cannot_create(rundir, e) from None
 
 
 def lock_service(rundir: str, name: str, path: str) -> int:

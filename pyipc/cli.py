@@ -1,4 +1,4 @@
-"""The ``pyipc`` command: demo, pongd (an echo service) and pong (its client).
+"""The ``pyipc`` command: demo, pongd (an echo service), pong (its client) and bench.
 
 Exit codes: 0 success; 1 a pyipc error (service busy, not found, ...) or an echo
 that did not match; 2 bad usage (argparse).
@@ -110,6 +110,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if not failures and service.returncode == 0 else 1
 
 
+def _bench_module():
+    """The benchmark package of the source checkout (bench/ next to pyipc/), or None."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "bench", "main.py")):
+        return None
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench import main as bench_main
+    return bench_main
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmarks (bench/ of a source checkout); print the markdown table."""
+    bench_main = _bench_module()
+    if bench_main is None:
+        print("pyipc bench: needs a source checkout (bench/ is not installed with the package)",
+              file=sys.stderr)
+        return 1
+    return bench_main.run(args)
+
+
+def _add_bench(sub) -> None:
+    b = sub.add_parser("bench", help="benchmark pyipc against other IPC (source checkout)")
+    bench_main = _bench_module()
+    if bench_main is not None:
+        bench_main.add_arguments(b)
+    b.set_defaults(func=cmd_bench)
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pyipc`` command."""
     p = argparse.ArgumentParser(prog="pyipc", description=__doc__.split("\n\n")[0])
@@ -130,6 +159,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("messages", nargs="*", default=["hello"])
     c.add_argument("--label", default="", help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_pong)
+    _add_bench(sub)
     return p
 
 

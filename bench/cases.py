@@ -1,0 +1,101 @@
+"""The benchmark cases and the systems compared, and how to start each peer."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from . import cbuild
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: what the client does and which metrics come out of it."""
+
+    key: str
+    title: str
+    kind: str            # rtt | oneway | scale
+    size: int
+    n_full: int
+    n_quick: int
+    idle: int = 0
+
+    def n(self, quick: bool) -> int:
+        return self.n_quick if quick else self.n_full
+
+
+CASES: List[Case] = [
+    Case("rtt", "round trip, 64 B", "rtt", 64, 20_000, 2_000),
+    Case("tp64", "one-way 64 B", "oneway", 64, 500_000, 100_000),
+    Case("tp64k", "one-way 64 KiB", "oneway", 64 << 10, 10_000, 1_500),
+    Case("tp1m", "one-way 1 MiB", "oneway", 1 << 20, 600, 100),
+    Case("scale1k", "1,000 idle clients", "scale", 64, 2_000, 500, idle=1_000),
+    Case("scale10k", "10,000 idle clients", "scale", 64, 2_000, 500, idle=10_000),
+]
+
+
+@dataclass
+class System:
+    """A way to do the same IPC: a name and the command line of its peers."""
+
+    key: str
+    title: str
+    command: Callable[[str, Case, str, int], List[str]]   # (role, case, dir, n) -> argv
+    kinds: tuple = ("rtt", "oneway")
+    why_not: Optional[str] = None          # set when it cannot run here
+    extra: Dict[str, str] = field(default_factory=dict)
+
+
+def _python(module: str, *extra: str) -> Callable[[str, Case, str, int], List[str]]:
+    def command(role: str, case: Case, directory: str, n: int) -> List[str]:
+        return [sys.executable, "-m", f"bench.{module}", role, case.kind, "--dir", directory,
+                "--n", str(n), "--size", str(case.size), "--idle", str(case.idle), *extra]
+    return command
+
+
+def _program(exe_of: Callable[[], object], socket_file: bool
+             ) -> Callable[[str, Case, str, int], List[str]]:
+    """A C peer: it takes the socket file (floor) or the run dir (core)."""
+    def command(role: str, case: Case, directory: str, n: int) -> List[str]:
+        target = directory + "/bench.sock" if socket_file else directory
+        return [str(exe_of()), role, case.kind, target, str(n), str(case.size)]
+    return command
+
+
+def _native_reason() -> Optional[str]:
+    try:
+        from pyipc import _native  # noqa: F401
+    except Exception as e:       # BackendError, or cffi missing
+        return str(e)
+    return None
+
+
+def _build_reason(build: Callable[[], object]) -> Optional[str]:
+    try:
+        build()
+    except Exception as e:
+        return f"does not build: {e}"
+    return None
+
+
+def systems() -> List[System]:
+    """Every system, each with ``why_not`` set when it is not available here."""
+    native = _native_reason()
+    zmq = None if importlib.util.find_spec("zmq") else "not installed (pip install pyipc[bench])"
+    return [
+        System("native", "pyipc native", _python("peer_pyipc", "--backend", "native"),
+               ("rtt", "oneway", "scale"), native),
+        System("pure", "pyipc pure", _python("peer_pyipc", "--backend", "pure"),
+               ("rtt", "oneway", "scale")),
+        System("raw", "raw socket", _python("peer_raw"), ("rtt", "oneway", "scale")),
+        System("mp", "mp.connection", _python("peer_mp")),
+        System("zmq_pair", "zmq PAIR", _python("peer_zmq", "--mode", "pair"), why_not=zmq),
+        System("zmq_push", "zmq PUSH/PULL", _python("peer_zmq", "--mode", "pushpull"),
+               why_not=zmq),
+        System("c_floor", "C floor", _program(cbuild.build_floor, True),
+               why_not=_build_reason(cbuild.build_floor)),
+        System("c_core", "C + Zig core", _program(cbuild.build_core, False),
+               why_not=native or _build_reason(cbuild.build_core)),
+    ]

@@ -1,0 +1,157 @@
+"""Raw Python sockets with pyipc's framing (4-byte big-endian length, then payload).
+
+The baseline of what plain Python does: ``sendall(header + payload)`` per message,
+``recv_into`` a buffer and split the frames. Its scale server uses ``selectors``.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import struct
+import time
+from typing import List
+
+from . import proto
+from .scale_ctl import ScaleServer, run_client
+
+HEADER = struct.Struct(">I")
+BUFSIZE = 1 << 20
+#: One receive buffer for every connection of the process (as pyipc's scratch).
+SCRATCH = memoryview(bytearray(BUFSIZE))
+
+
+class Reader:
+    """Split a socket's byte stream into payloads."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+    def messages(self) -> List[bytes]:
+        """Every whole message of the next recv (blocking); [] at EOF."""
+        got = self.sock.recv_into(SCRATCH)
+        if not got:
+            raise EOFError
+        self.buf += SCRATCH[:got]
+        out, buf, off = [], self.buf, 0
+        while len(buf) - off >= 4:
+            (size,) = HEADER.unpack_from(buf, off)
+            if len(buf) - off - 4 < size:
+                break
+            out.append(bytes(buf[off + 4:off + 4 + size]))
+            off += 4 + size
+        del buf[:off]
+        return out
+
+    def one(self) -> bytes:
+        """The next message (blocking); assumes one at a time (round trips)."""
+        while True:
+            msgs = self.messages()
+            if msgs:
+                return msgs[0]
+
+
+def send(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(HEADER.pack(len(data)) + data)
+
+
+def serve(args) -> None:
+    path = proto.socket_path(args)
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(socket.SOMAXCONN)
+    proto.ready()
+    if args.case == "scale":
+        return serve_scale(lsock)
+    conn, _ = lsock.accept()
+    reader, count = Reader(conn), 0
+    try:
+        while True:
+            for m in reader.messages():
+                if args.case == "rtt":
+                    send(conn, m)
+                else:
+                    count += 1
+                    if count == args.n:
+                        send(conn, proto.ACK)
+    except (EOFError, ConnectionError):
+        pass
+
+
+def serve_scale(lsock: socket.socket) -> None:
+    """Accept everyone; answer the active client (the one that talks)."""
+    sel = selectors.DefaultSelector()
+    lsock.setblocking(False)
+    sel.register(lsock, selectors.EVENT_READ)
+    ctl, readers, active = ScaleServer(), {}, None
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj is lsock:
+                while True:
+                    try:
+                        c, _ = lsock.accept()
+                    except BlockingIOError:
+                        break
+                    readers[c] = Reader(c)
+                    sel.register(c, selectors.EVENT_READ)
+                if active is not None:
+                    _answer(active, ctl.on_connections(len(readers) - 1))
+                continue
+            c = key.fileobj
+            try:
+                msgs = readers[c].messages()
+            except (EOFError, ConnectionError):
+                sel.unregister(c)
+                del readers[c]
+                c.close()
+                if c is active:
+                    return
+                continue
+            active = c
+            for m in msgs:
+                _answer(c, ctl.on_message(m, len(readers) - 1))
+
+
+def _answer(sock, reply) -> None:
+    if reply is not None:
+        send(sock, reply)
+
+
+def client(args) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(proto.socket_path(args))
+    reader, data = Reader(sock), proto.payload(args.size)
+    if args.case == "scale":
+        def roundtrip(m: bytes) -> bytes:
+            send(sock, m)
+            return reader.one()
+        proto.raise_nofile(args.idle + 64)
+        proto.result(**run_client(roundtrip, proto.socket_path(args), args.idle, args.n,
+                                  args.size))
+        return
+    if args.case == "rtt":
+        for _ in range(proto.WARMUP):
+            send(sock, data)
+            reader.one()
+        start = time.perf_counter()
+        for _ in range(args.n):
+            send(sock, data)
+            reader.one()
+    else:
+        start = time.perf_counter()
+        for _ in range(args.n):
+            send(sock, data)
+        reader.one()
+    proto.result(seconds=time.perf_counter() - start)
+
+
+def main() -> None:
+    args = proto.parse()
+    if args.role == "server":
+        proto.raise_nofile(args.idle + 64)
+    (serve if args.role == "server" else client)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Medians, the markdown table and the ratios the targets are stated in."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Dict, List, Optional, Tuple
+
+from .cases import Case, System
+from .metrics import Metric, fmt, metrics_of
+
+#: (case, system, metric) -> the values of every repeat.
+Samples = Dict[Tuple[str, str, str], List[float]]
+
+
+def median(samples: Samples, case: str, system: str, metric: str) -> Optional[float]:
+    values = samples.get((case, system, metric))
+    return statistics.median(values) if values else None
+
+
+def table(cases: List[Case], systems: List[System], samples: Samples,
+          failures: Dict[Tuple[str, str], str]) -> str:
+    """Markdown: one row per metric, one column per system, medians."""
+    head = "| case | unit | " + " | ".join(s.title for s in systems) + " |"
+    rows = [head, "|" + "---|" * (len(systems) + 2)]
+    for case in cases:
+        for m in metrics_of(case):
+            cells = [_cell(case, s, m, samples, failures) for s in systems]
+            arrow = "higher is better" if m.higher_is_better else "lower is better"
+            rows.append(f"| {m.label} | {m.unit} ({arrow}) | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _cell(case: Case, system: System, m: Metric, samples: Samples,
+          failures: Dict[Tuple[str, str], str]) -> str:
+    if case.kind not in system.kinds:
+        return "–"
+    if system.why_not:
+        return "not installed" if "not installed" in system.why_not else "n/a"
+    value = median(samples, case.key, system.key, m.key)
+    if value is None:
+        return "failed" if (case.key, system.key) in failures else "–"
+    return fmt(value)
+
+
+def _ratio(samples: Samples, case: str, a: str, b: str, metric: str) -> Optional[float]:
+    x, y = median(samples, case, a, metric), median(samples, case, b, metric)
+    return x / y if x is not None and y else None
+
+
+def targets(samples: Samples) -> List[Tuple[str, Optional[float], str, bool]]:
+    """(what, measured, goal, met) for every target of the native backend."""
+    out = []
+
+    def add(what: str, value: Optional[float], goal: str, ok) -> None:
+        out.append((what, value, goal, value is not None and ok(value)))
+
+    add("native round trip / raw socket", _ratio(samples, "rtt", "native", "raw", "rtt_us"),
+        "<= 1.15", lambda v: v <= 1.15)
+    zmq = [v for v in (median(samples, "rtt", k, "rtt_us") for k in ("zmq_pair", "zmq_push"))
+           if v is not None]
+    nat = median(samples, "rtt", "native", "rtt_us")
+    add("native round trip / pyzmq (faster of PAIR, PUSH/PULL)",
+        nat / min(zmq) if zmq and nat else None, "<= 0.5", lambda v: v <= 0.5)
+    add("native one-way 64 B (msg/s)", median(samples, "tp64", "native", "msgs"),
+        ">= 1,500,000", lambda v: v >= 1.5e6)
+    for case, title in (("tp64k", "64 KiB"), ("tp1m", "1 MiB")):
+        add(f"native one-way {title} / C floor", _ratio(samples, case, "native", "c_floor", "mbs"),
+            ">= 0.9", lambda v: v >= 0.9)
+    add("native / pure one-way 64 B", _ratio(samples, "tp64", "native", "pure", "msgs"),
+        ">= 3", lambda v: v >= 3)
+    return out
+
+
+def targets_markdown(samples: Samples) -> str:
+    rows = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for what, value, goal, ok in targets(samples):
+        shown = "–" if value is None else (fmt(value) if value >= 10 else f"{value:.2f}")
+        rows.append(f"| {what} | {shown} | {goal} | {'yes' if ok else 'no'} |")
+    return "\n".join(rows)

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""chat_service: broadcasts each member's messages to every other member.
+
+A client first sends ``Join(name)`` and gets ``Welcome(members)`` (or
+``Refused(reason)`` and is hung up on, when the name is taken); then each
+``Say(text)`` it sends reaches every other member as ``Said(name, text)``, in
+the order it was sent; members are told when someone joins or leaves. Typed
+messages with JSON bodies (chat_messages.py). Prints one ``ready`` line on
+stdout once it listens; ends cleanly (exit 0, socket removed) on SIGTERM or
+Ctrl-C.
+
+    python examples/chat_service.py --rundir /tmp/run &
+    python examples/chat_client.py --rundir /tmp/run --name alice
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Set
+
+import pyipc
+from pyipc import EventType, TypedMessageError
+
+from chat_messages import Join, Joined, Left, Refused, Said, Say, Welcome, registry
+
+
+def stop_fd(ctx: pyipc.Context) -> int:
+    """A pipe that becomes readable on SIGINT/SIGTERM, watched by ctx (EXTERNAL)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    ctx.add_external(read_end)
+    return read_end
+
+
+class Chat:
+    """The members (fd -> name) and what the service does with each message.
+
+    Events are handled a batch (``wait_events()``) at a time, because a member
+    whose DISCONNECTION is in the batch is already closed while the events
+    before it are handled -- and its fd number may be reused by a CONNECTION
+    after it. ``gone`` counts those DISCONNECTIONs not handled yet: nothing is
+    sent to, or closed on, such a fd. ``dropped`` holds the fds this service
+    closed during the batch: their remaining events are skipped.
+    """
+
+    def __init__(self, ctx: pyipc.Context) -> None:
+        self.ctx = ctx
+        self.members: Dict[int, str] = {}
+        self.gone: Counter = Counter()
+        self.dropped: Set[int] = set()
+
+    def handle(self, events: List[pyipc.Event]) -> None:
+        """Handle one batch of events, in order."""
+        self.gone = Counter(ev.fd for ev in events if ev.type == EventType.DISCONNECTION)
+        self.dropped = set()
+        for ev in events:
+            if ev.fd in self.dropped:
+                continue
+            if ev.type == EventType.MESSAGE_RX:
+                try:
+                    message = registry.decode_event(ev)
+                except TypedMessageError as e:
+                    self.refuse(ev.fd, f"bad message: {e}")
+                    continue
+                self.receive(ev.fd, message)
+            elif ev.type == EventType.DISCONNECTION:
+                self.gone[ev.fd] -= 1
+                self.leave(ev.fd)
+            elif ev.type == EventType.ERROR:
+                print(f"chat_service: fd {ev.fd}: {ev.error}", file=sys.stderr)
+
+    def send(self, fd: int, obj: object) -> None:
+        """Queue obj for fd; a member that stopped reading is dropped."""
+        if self.gone[fd]:
+            return
+        try:
+            self.ctx.schedule_typed(fd, obj, registry)
+        except pyipc.QueueFullError:
+            print(f"chat_service: fd {fd} does not read, dropping it", file=sys.stderr)
+            self.leave(fd, close=True)
+
+    def broadcast(self, sender_fd: int, obj: object) -> None:
+        """Queue obj for every member except sender_fd."""
+        for fd in list(self.members):
+            if fd != sender_fd and fd in self.members:
+                self.send(fd, obj)
+
+    def leave(self, fd: int, close: bool = False) -> None:
+        """fd is gone (or is dropped): tell the others."""
+        name = self.members.pop(fd, None)
+        if close and not self.gone[fd]:
+            self.ctx.close(fd)
+            self.dropped.add(fd)
+        if name is not None:
+            self.broadcast(fd, Left(name))
+
+    def receive(self, fd: int, message: object) -> None:
+        """Handle one decoded message from fd."""
+        if isinstance(message, Join) and fd not in self.members:
+            if message.name in self.members.values() or not message.name:
+                self.refuse(fd, f"the name {message.name!r} is taken or empty")
+                return
+            self.members[fd] = message.name
+            self.send(fd, Welcome(sorted(self.members.values())))
+            self.broadcast(fd, Joined(message.name))
+        elif isinstance(message, Say) and fd in self.members:
+            self.broadcast(fd, Said(self.members[fd], message.text))
+        else:
+            self.refuse(fd, f"unexpected {type(message).__name__} (Join first, then Say)")
+
+    def refuse(self, fd: int, reason: str) -> None:
+        """Tell fd why, then hang up (write() so the reason is sent before close)."""
+        if not self.gone[fd]:
+            try:
+                self.ctx.write_typed(fd, Refused(reason), registry)
+            except pyipc.IPCError:
+                pass
+        self.leave(fd, close=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Serve until SIGINT/SIGTERM; return the exit code."""
+    p = argparse.ArgumentParser(description="pyipc chat service")
+    p.add_argument("--rundir", help="run directory (default: env RUNDIR, else /tmp/.libipc-run)")
+    p.add_argument("--backend", choices=["native", "pure"], help="pyipc backend")
+    p.add_argument("--name", default="chat", help="service name (default: chat)")
+    args = p.parse_args(argv)
+    with pyipc.Context(rundir=args.rundir, backend=args.backend) as ctx:
+        stop = stop_fd(ctx)
+        ctx.service_init(args.name)
+        print(f"chat_service: ready on {os.path.join(ctx.rundir, args.name)} "
+              f"(backend {ctx.backend})", flush=True)
+        chat = Chat(ctx)
+        while True:
+            events = ctx.wait_events()
+            chat.handle(events)
+            if any(ev.type == EventType.EXTERNAL and ev.fd == stop for ev in events):
+                break
+    print("chat_service: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""pong_service: a pyipc echo service (libIPC's classic example).
+
+Every message a client sends comes back to it unchanged. The service prints one
+``ready`` line on stdout once it listens, and ends cleanly (exit 0, socket file
+removed) on SIGTERM or Ctrl-C.
+
+    python examples/pong_service.py --rundir /tmp/run &
+    python examples/pong_client.py --rundir /tmp/run hello world
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections import Counter
+from typing import Optional, Sequence
+
+import pyipc
+from pyipc import EventType
+
+
+def stop_fd(ctx: pyipc.Context) -> int:
+    """A pipe that becomes readable on SIGINT/SIGTERM, watched by ctx (EXTERNAL).
+
+    Python's signal wakeup fd writes a byte to it the moment a signal arrives, so
+    the event loop wakes up at once, whichever backend waits.
+    """
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    ctx.add_external(read_end)
+    return read_end
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description="pyipc echo service")
+    p.add_argument("--rundir", help="run directory (default: env RUNDIR, else /tmp/.libipc-run)")
+    p.add_argument("--backend", choices=["native", "pure"], help="pyipc backend")
+    p.add_argument("--name", default="pong", help="service name (default: pong)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Serve until SIGINT/SIGTERM; return the exit code."""
+    args = parse_args(argv)
+    with pyipc.Context(rundir=args.rundir, backend=args.backend) as ctx:
+        stop = stop_fd(ctx)
+        ctx.service_init(args.name)
+        print(f"pong_service: ready on {os.path.join(ctx.rundir, args.name)} "
+              f"(backend {ctx.backend})", flush=True)
+        echoed = 0
+        running = True
+        while running:
+            events = ctx.wait_events()
+            # A client that sent a message and hung up at once is already closed
+            # when its MESSAGE_RX is handled (its DISCONNECTION is later in this
+            # batch, and its fd number may even be reused by a new client after
+            # it): nothing is sent to such a fd.
+            gone = Counter(ev.fd for ev in events if ev.type == EventType.DISCONNECTION)
+            for ev in events:
+                if ev.type == EventType.EXTERNAL and ev.fd == stop:
+                    running = False
+                elif ev.type == EventType.MESSAGE_RX and not gone[ev.fd]:
+                    ctx.schedule(ev.fd, ev.message)  # queued: a slow client never blocks us
+                    echoed += 1
+                elif ev.type == EventType.DISCONNECTION:
+                    gone[ev.fd] -= 1
+                elif ev.type == EventType.ERROR:
+                    print(f"pong_service: fd {ev.fd}: {ev.error}", file=sys.stderr)
+    print(f"pong_service: stopped after {echoed} echo(es)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

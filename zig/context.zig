@@ -54,6 +54,11 @@ pub const Context = struct {
     switch_buf: ?[]u8 = null,
     /// Connections with queued frames: what step 1 of a round flushes.
     dirty: std.ArrayList(*Conn) = .empty,
+    /// Fds of connections that ended (DISCONNECTION reported) but are not
+    /// closed yet: the number stays taken until the next round, so a new
+    /// connection cannot get it while the old one's events are being handled
+    /// (a reply to them would go to the wrong peer). See releaseEnded.
+    ended: std.AutoHashMapUnmanaged(i32, void) = .empty,
     ready: [256]poller_mod.Ready = undefined,
 
     // ------------------------------------------------------------ lifetime
@@ -80,6 +85,7 @@ pub const Context = struct {
         self.table.deinit(gpa);
         self.poller.deinit(gpa);
         self.dirty.deinit(gpa);
+        self.ended.deinit(gpa);
         if (self.scratch) |s| gpa.free(s);
         if (self.switch_buf) |s| gpa.free(s);
         gpa.free(self.rundir);
@@ -114,8 +120,9 @@ pub const Context = struct {
     // ------------------------------------------------------------ table helpers
 
     pub fn lookup(self: *Context, fd: i32) Error!*Conn {
-        return self.table.get(fd) orelse
-            self.last.fail(error.UnknownFd, "fd {d} is not managed by this context", .{fd});
+        if (self.table.get(fd)) |conn| return conn;
+        if (self.ended.contains(fd)) return self.closedByPeer(fd);
+        return self.last.fail(error.UnknownFd, "fd {d} is not managed by this context", .{fd});
     }
 
     /// A managed connection: not a service, not an external fd (unless switched).
@@ -183,6 +190,12 @@ pub const Context = struct {
     /// Close fd and take it out of everything, with no event. A service's
     /// socket file is removed and its lock released. The record is freed by reap.
     fn forget(self: *Context, conn: *Conn) void {
+        self.unwatch(conn);
+        sys.closeFd(conn.fd);
+    }
+
+    /// forget() but for closing the fd: the caller closes it or keeps it reserved.
+    fn unwatch(self: *Context, conn: *Conn) void {
         assert(conn.alive);
         self.unmarkDirty(conn);
         self.poller.update(self.gpa, conn.fd, conn.registered, .{}) catch {};
@@ -191,7 +204,14 @@ pub const Context = struct {
         sys.closeFd(conn.lock_fd);
         conn.lock_fd = -1;
         self.table.remove(self.gpa, conn);
-        sys.closeFd(conn.fd);
+    }
+
+    /// Close the fds of connections that ended before this round: every event
+    /// about them has been handed out, since a round only runs when none is pending.
+    fn releaseEnded(self: *Context) void {
+        var it = self.ended.keyIterator();
+        while (it.next()) |fd| sys.closeFd(fd.*);
+        self.ended.clearRetainingCapacity();
     }
 
     /// End a connection the event loop way (README "How a connection ends"):
@@ -208,8 +228,15 @@ pub const Context = struct {
         const peer = conn.peer;
         conn.peer = null;
         if (peer) |p| p.peer = null;
-        self.forget(conn);
+        self.unwatch(conn);
+        // The peer sees the end now (EOF, EPIPE); only the number stays taken.
+        // (Not for an external fd: it may be shared, shutdown would end it for all.)
+        if (conn.kind == .connection) _ = c.shutdown(fd, c.SHUT.RDWR);
         var failed: ?Allocator.Error = null;
+        self.ended.put(self.gpa, fd, {}) catch |e| {
+            sys.closeFd(fd); // cannot keep it reserved: close it now
+            failed = e;
+        };
         if (text) |t| self.events.pushData(self.gpa, .err, fd, index, t) catch |e| {
             failed = e;
         };
@@ -314,6 +341,7 @@ pub const Context = struct {
     }
 
     pub fn addExternal(self: *Context, fd: i32) Error!void {
+        if (self.ended.contains(fd)) return self.closedByPeer(fd);
         if (self.table.get(fd) != null)
             return self.last.fail(error.Generic, "fd {d} is already managed by this context", .{fd});
         if (!sys.isOpen(fd))
@@ -336,6 +364,11 @@ pub const Context = struct {
     /// Close fd (and its switch peer) at once, with no event; their pending
     /// events are dropped, and so are their unsent scheduled messages.
     pub fn close(self: *Context, fd: i32) Error!void {
+        if (self.ended.remove(fd)) {
+            self.events.dropFd(self.gpa, fd);
+            sys.closeFd(fd);
+            return;
+        }
         const conn = try self.lookup(fd);
         const peer = conn.peer;
         conn.peer = null;
@@ -356,6 +389,7 @@ pub const Context = struct {
             conn.peer = null;
             self.forget(conn);
         }
+        self.releaseEnded();
         self.events.clear(self.gpa);
         self.table.resetSlots();
         self.table.reap(self.gpa);
@@ -517,6 +551,7 @@ pub const Context = struct {
     /// large frame is in progress (no copy), else into the scratch buffer;
     /// then decode what came.
     fn readChunk(self: *Context, conn: *Conn, limit: usize, sink: *RxSink) Allocator.Error!Chunk {
+        try conn.decoder.growForRead(self.gpa);
         const direct = conn.decoder.readTarget();
         const space = direct orelse try self.scratchBuffer();
         const target = space[0..@min(space.len, limit)];
@@ -626,6 +661,7 @@ pub const Context = struct {
     /// else run rounds until one produces an event or the timer expires.
     pub fn wait(self: *Context) Error!void {
         if (self.events.live > 0) return;
+        self.releaseEnded();
         if (self.table.count() == 0 and self.timer_ms < 0)
             return self.last.fail(error.Generic, "nothing to wait for: no fd and no timer", .{});
         const deadline: ?i64 = if (self.timer_ms >= 0) sys.nowMs() + self.timer_ms else null;

@@ -2,9 +2,11 @@
 //!
 //! The decoder is incremental and allocation-light: frames wholly inside the
 //! input chunk are handed to the sink straight from it (no copy); only an
-//! unfinished frame is kept, in a buffer that is reserved once for the whole
-//! frame (after its length is checked against the limit) and freed when it
-//! is done, so an idle connection holds no receive memory.
+//! unfinished frame is kept, in a buffer that grows with the bytes that have
+//! actually arrived (at most doubling, never to the announced size at once:
+//! a peer that announces 4 GiB and sends 10 bytes costs 10 bytes, not 4 GiB)
+//! and is freed when the frame is done, so an idle connection holds no
+//! receive memory.
 
 const std = @import("std");
 const assert = std.debug.assert;
@@ -84,7 +86,6 @@ pub const Decoder = struct {
             const n = announced(self.buf.items);
             if (n > max) return self.refuse(n);
             const need = header_size + @as(usize, n);
-            try self.buf.ensureTotalCapacityPrecise(gpa, need);
             rest = try self.take(gpa, rest, need);
             if (self.buf.items.len < need) return rest;
             try sink.frame(self.buf.items[header_size..need]);
@@ -113,12 +114,10 @@ pub const Decoder = struct {
         self.buf.shrinkRetainingCapacity(items.len - n);
     }
 
-    /// Keep an unfinished frame; its length was checked, so reserve it whole.
+    /// Keep an unfinished frame: only the bytes that came (the announced
+    /// length is trusted for nothing but the limit check).
     fn stash(self: *Decoder, gpa: Allocator, tail: []const u8) Allocator.Error!void {
         assert(self.buf.items.len == 0);
-        if (tail.len >= header_size) {
-            try self.buf.ensureTotalCapacityPrecise(gpa, header_size + @as(usize, announced(tail)));
-        }
         try self.buf.appendSlice(gpa, tail);
     }
 
@@ -127,15 +126,28 @@ pub const Decoder = struct {
         return error.FrameTooLarge;
     }
 
+    /// Before a read while a large frame is in progress: make room for at
+    /// least direct_read_min more bytes of it, doubling the buffer at most
+    /// (capped at the frame's end), so memory follows what actually arrives.
+    pub fn growForRead(self: *Decoder, gpa: Allocator) Allocator.Error!void {
+        if (self.buf.items.len < header_size) return;
+        const need = header_size + @as(usize, announced(self.buf.items));
+        if (need < self.buf.items.len + direct_read_min) return;
+        if (self.buf.capacity >= self.buf.items.len + direct_read_min) return;
+        const want = @min(need, @max(self.buf.capacity * 2, self.buf.items.len + direct_read_min));
+        try self.buf.ensureTotalCapacityPrecise(gpa, want);
+    }
+
     /// Where to read next when a large frame is in progress: the free space of
     /// its own buffer up to the frame's end (saves a copy per byte), else null
-    /// (read into the scratch buffer and feed it).
+    /// (read into the scratch buffer and feed it). growForRead makes the room.
     pub fn readTarget(self: *Decoder) ?[]u8 {
         if (self.buf.items.len < header_size) return null;
         const need = header_size + @as(usize, announced(self.buf.items));
         if (need < self.buf.items.len + direct_read_min) return null;
-        if (self.buf.capacity < need) return null;
-        return self.buf.allocatedSlice()[self.buf.items.len..need];
+        const end = @min(need, self.buf.capacity);
+        if (end <= self.buf.items.len) return null;
+        return self.buf.allocatedSlice()[self.buf.items.len..end];
     }
 
     /// Account for `n` bytes read into the slice readTarget gave; the caller then
@@ -274,7 +286,9 @@ test "exactly max bytes is accepted; a large frame is read in place" {
     defer col.deinit();
     try dec.feed(gpa, &encodeHeader(size), size, &col);
     var done: usize = 0;
-    while (dec.readTarget()) |target| {
+    while (true) {
+        try dec.growForRead(gpa);
+        const target = dec.readTarget() orelse break;
         const k = @min(target.len, 50_000);
         @memcpy(target[0..k], payload[done .. done + k]);
         dec.commitRead(k);
@@ -298,4 +312,31 @@ test "several frames left in the buffer are all drained" {
     defer col.deinit();
     try dec.feed(gpa, &.{}, 100, &col);
     try expectSample(&col);
+}
+
+test "a huge announcement within the limit reserves only what arrives" {
+    const gpa = testing.allocator;
+    var dec: Decoder = .{};
+    defer dec.deinit(gpa);
+    var col: Collect = .{ .gpa = gpa };
+    defer col.deinit();
+    var chunk: [4 + 10]u8 = undefined;
+    @memcpy(chunk[0..4], &encodeHeader(0xFFFF_FFFF));
+    @memset(chunk[4..], 'x');
+    try dec.feed(gpa, &chunk, 0xFFFF_FFFF, &col);
+    try testing.expect(dec.buf.capacity < 4096);
+    // Reading in place: the buffer doubles with the data, never jumps to 4 GiB.
+    var received: usize = chunk.len;
+    for (0..20) |_| {
+        try dec.growForRead(gpa);
+        const target = dec.readTarget().?;
+        const k = @min(target.len, 100_000);
+        @memset(target[0..k], 'y');
+        dec.commitRead(k);
+        received += k;
+        try dec.feed(gpa, &.{}, 0xFFFF_FFFF, &col);
+        try testing.expect(dec.buf.capacity <= 2 * received + direct_read_min);
+    }
+    try testing.expectEqual(@as(usize, 0), col.frames.items.len);
+    try testing.expect(dec.hasPartial());
 }

@@ -144,6 +144,25 @@ def quiet(ctx: pyipc.Context, ms: int = 100) -> list[Event]:
         ctx.timer = saved
 
 
+def settle(ctx: pyipc.Context) -> list[Event]:
+    """Run rounds (timer 0) until one finds nothing; return the non-TIMER events.
+
+    After it, every connection that ended before is released: its fd number is
+    closed and unknown to ctx (an ended connection's fd may stay reserved until
+    the round after its DISCONNECTION)."""
+    seen: list[Event] = []
+    saved = ctx.timer
+    ctx.timer = 0
+    try:
+        while True:
+            events = [ev for ev in ctx.wait_events() if ev.type != EventType.TIMER]
+            if not events:
+                return seen
+            seen.extend(events)
+    finally:
+        ctx.timer = saved
+
+
 def unread_bytes(fd: int) -> int:
     """Bytes waiting in fd's socket receive buffer (FIONREAD)."""
     buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")

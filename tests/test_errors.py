@@ -12,7 +12,7 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import collect, raw_connect, wait_for
+from conftest import collect, raw_connect, settle, wait_for
 
 
 def raises(cls, text, call, *args):
@@ -301,6 +301,7 @@ def test_connection_closed_on_read(pair):
     ev = wait_for(pair.server, EventType.DISCONNECTION)
     assert [(e.type, e.fd, e.error) for e in ev] == \
         [(EventType.DISCONNECTION, pair.server_fd, None)]
+    assert settle(pair.server) == []
     raises(pyipc.UnknownFdError, f"fd {pair.server_fd} is not managed by this context",
            pair.server.read, pair.server_fd)
 
@@ -315,6 +316,7 @@ def test_connection_closed_on_write(pair):
     raises(pyipc.ConnectionClosedError, text, pair.client.schedule, pair.client_fd, b"x")
     ev = wait_for(pair.client, EventType.DISCONNECTION)[-1]
     assert ev.fd == pair.client_fd
+    assert settle(pair.client) == []
     raises(pyipc.UnknownFdError, f"fd {pair.client_fd} is not managed by this context",
            pair.client.write, pair.client_fd, b"x")
 
@@ -324,6 +326,7 @@ def test_read_after_pending_disconnection(pair):
     pair.client.close(pair.client_fd)
     events = wait_for(pair.server, EventType.DISCONNECTION)
     assert [e.type for e in events] == [EventType.MESSAGE_RX, EventType.DISCONNECTION]
+    assert settle(pair.server) == []
     raises(pyipc.UnknownFdError, f"fd {pair.server_fd} is not managed by this context",
            pair.server.read, pair.server_fd)
 

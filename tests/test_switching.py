@@ -1,0 +1,410 @@
+"""Switching: pyipc framing both ways, foreign protocols through callbacks,
+callback results, and how a switched pair ends."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import pytest
+
+import pyipc
+from pyipc import CBEvent, EventType
+
+from conftest import collect, frame, quiet, raw_connect, settle, wait_for
+
+
+class Switchboard:
+    """A service with two connected clients (pyipc contexts) switched together."""
+
+    def __init__(self, make) -> None:
+        self.server = make()
+        self.server.service_init("board")
+        self.a, self.b = make(), make()
+        self.afd = self.a.connect_service("board")
+        self.sa = wait_for(self.server, EventType.CONNECTION)[-1]
+        self.bfd = self.b.connect_service("board")
+        self.sb = wait_for(self.server, EventType.CONNECTION)[-1]
+        self.server.add_switch(self.sa.fd, self.sb.fd)
+
+
+@pytest.fixture
+def board(ctx_factory):
+    return Switchboard(ctx_factory)
+
+
+def pump(server, until, timeout=10):
+    return collect(server, until, timeout)
+
+
+def test_switch_forwards_both_ways(board):
+    board.a.write(board.afd, b"a to b")
+    board.b.write(board.bfd, b"b to a")
+    board.a.write(board.afd, b"")
+    events = pump(board.server,
+                  lambda e: sum(x.type == EventType.SWITCH_TX for x in e) >= 3)
+    rx = [(e.fd, e.message) for e in events if e.type == EventType.SWITCH_RX]
+    tx = [e.fd for e in events if e.type == EventType.SWITCH_TX]
+    assert sorted(rx) == sorted([(board.sa.fd, b"a to b"), (board.sb.fd, b"b to a"),
+                                 (board.sa.fd, b"")])
+    assert sorted(tx) == sorted([board.sb.fd, board.sa.fd, board.sb.fd])
+    assert not any(e.type == EventType.MESSAGE_RX for e in events)
+    assert board.b.read(board.bfd) == b"a to b"
+    assert board.b.read(board.bfd) == b""
+    assert board.a.read(board.afd) == b"b to a"
+
+
+def test_switch_keeps_order_and_sizes(board):
+    messages = [os.urandom(n) for n in (0, 1, 70_000, 5, 200_000, 0, 3)]
+    for m in messages:
+        board.a.schedule(board.afd, m)
+    got = []
+    while len(got) < len(messages):
+        board.a.timer = 0
+        board.a.wait_events()
+        board.server.timer = 0
+        board.server.wait_events()
+        board.b.timer = 0
+        got += [e.message for e in board.b.wait_events() if e.type == EventType.MESSAGE_RX]
+    assert got == messages
+
+
+def test_write_and_schedule_on_a_switched_fd_use_pyipc_framing(board):
+    board.server.write(board.sb.fd, b"from the switch itself")
+    board.server.schedule(board.sb.fd, b"scheduled")
+    wait_for(board.server, EventType.MESSAGE_TX)
+    assert board.b.read(board.bfd) == b"from the switch itself"
+    assert board.b.read(board.bfd) == b"scheduled"
+
+
+def test_one_side_ends_then_the_other_is_closed(board):
+    board.a.write(board.afd, b"last words")
+    board.a.close(board.afd)
+    events = pump(board.server, lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
+    # a's last message was read and queued for b in the same round that saw a
+    # end; b is closed with it, and its ERROR says the queued frame is lost.
+    assert [(e.type, e.fd, e.error) for e in events] == [
+        (EventType.SWITCH_RX, board.sa.fd, None),
+        (EventType.DISCONNECTION, board.sa.fd, None),
+        (EventType.ERROR, board.sb.fd,
+         "peer closed the connection with 1 scheduled message(s) unsent"),
+        (EventType.DISCONNECTION, board.sb.fd, None)]
+    ev = wait_for(board.b, EventType.DISCONNECTION)[-1]
+    assert ev.fd == board.bfd
+    assert settle(board.server) == []
+    with pytest.raises(pyipc.UnknownFdError):
+        board.server.write(board.sb.fd, b"x")
+
+
+def test_close_of_one_side_closes_both_without_events(board):
+    board.server.close(board.sa.fd)
+    for fd in (board.sa.fd, board.sb.fd):
+        with pytest.raises(pyipc.UnknownFdError):
+            board.server.write(fd, b"x")
+    assert quiet(board.server, 30) == []
+    assert wait_for(board.a, EventType.DISCONNECTION)[-1].fd == board.afd
+    assert wait_for(board.b, EventType.DISCONNECTION)[-1].fd == board.bfd
+
+
+def test_a_bad_frame_on_one_side_ends_both(ctx_factory, rundir):
+    server = ctx_factory(max_message_size=100)
+    server.service_init("bad")
+    raw = raw_connect(rundir, "bad")
+    s1 = wait_for(server, EventType.CONNECTION)[-1].fd
+    other = ctx_factory()
+    ofd = other.connect_service("bad")
+    s2 = wait_for(server, EventType.CONNECTION)[-1].fd
+    try:
+        server.add_switch(s1, s2)
+        raw.sendall(frame(b"fine") + struct.pack(">I", 101))
+        events = pump(server, lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
+        assert [(e.type, e.fd, e.error) for e in events] == [
+            (EventType.SWITCH_RX, s1, None),
+            (EventType.ERROR, s1, "message of 101 bytes exceeds max_message_size (100)"),
+            (EventType.DISCONNECTION, s1, None),
+            (EventType.ERROR, s2, "peer closed the connection with 1 scheduled message(s) unsent"),
+            (EventType.DISCONNECTION, s2, None)]
+    finally:
+        raw.close()
+    got = collect(other, lambda e: any(x.type == EventType.DISCONNECTION for x in e))
+    assert got[-1].fd == ofd
+
+
+class LineProtocol:
+    """A newline-delimited foreign protocol over a stream fd."""
+
+    def __init__(self, ignore_prefix: bytes = b"#") -> None:
+        self.ignore_prefix = ignore_prefix
+        self.calls_in = 0
+        self.calls_out = []
+
+    def on_in(self, fd: int):
+        self.calls_in += 1
+        line = b""
+        while not line.endswith(b"\n"):
+            byte = os.read(fd, 1)
+            if not byte:
+                return CBEvent.FD_CLOSING, None
+            line += byte
+        if line.startswith(self.ignore_prefix):
+            return CBEvent.IGNORE, None
+        if line == b"fail\n":
+            return CBEvent.ERROR, None
+        if line == b"raise\n":
+            raise RuntimeError("callback bug")
+        return CBEvent.NO_ERROR, line[:-1]
+
+    def on_out(self, fd: int, payload: bytes):
+        self.calls_out.append(payload)
+        if payload == b"drop me":
+            return CBEvent.IGNORE
+        if payload == b"close me":
+            return CBEvent.FD_CLOSING
+        if payload == b"break me":
+            raise ValueError("output callback bug")
+        os.write(fd, payload + b"\n")
+        return CBEvent.NO_ERROR
+
+
+class Foreign:
+    """A pyipc client, and a socketpair whose one end speaks lines and is
+    switched (with callbacks) to the client's connection in the service."""
+
+    def __init__(self, make) -> None:
+        self.server = make()
+        self.server.service_init("lines")
+        self.client = make()
+        self.cfd = self.client.connect_service("lines")
+        self.conn = wait_for(self.server, EventType.CONNECTION)[-1].fd
+        self.inner, self.outer = socket.socketpair()
+        self.fd = self.inner.detach()           # the context owns it now
+        self.proto = LineProtocol()
+        self.server.add_external(self.fd)
+        self.server.add_switch(self.fd, self.conn)
+        self.server.set_switch_callbacks(self.fd, self.proto.on_in, self.proto.on_out)
+        self.outer.settimeout(10)
+
+    def lines(self, n: int) -> list[bytes]:
+        data = b""
+        while data.count(b"\n") < n:
+            self.server.timer = 0
+            self.server.wait_events()
+            try:
+                data += self.outer.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+        return data.split(b"\n")[:n]
+
+
+@pytest.fixture
+def foreign(ctx_factory):
+    f = Foreign(ctx_factory)
+    try:
+        yield f
+    finally:
+        f.outer.close()
+
+
+def test_callbacks_translate_a_foreign_protocol(foreign):
+    foreign.outer.sendall(b"hello\nworld\n\n")
+    events = pump(foreign.server, lambda e: sum(x.type == EventType.SWITCH_TX for x in e) >= 3)
+    assert [(e.type, e.fd, e.message) for e in events] == [
+        (EventType.SWITCH_RX, foreign.fd, b"hello"),
+        (EventType.SWITCH_TX, foreign.conn, None),
+        (EventType.SWITCH_RX, foreign.fd, b"world"),
+        (EventType.SWITCH_TX, foreign.conn, None),
+        (EventType.SWITCH_RX, foreign.fd, b""),
+        (EventType.SWITCH_TX, foreign.conn, None)]
+    assert [foreign.client.read(foreign.cfd) for _ in range(3)] == [b"hello", b"world", b""]
+    # The other way: pyipc frames become lines, SWITCH_TX as soon as on_out returns.
+    foreign.client.write(foreign.cfd, b"one")
+    foreign.client.write(foreign.cfd, b"two")
+    assert foreign.lines(2) == [b"one", b"two"]
+    assert foreign.proto.calls_out == [b"one", b"two"]
+
+
+def test_on_out_reports_switch_tx_at_once(foreign):
+    foreign.client.write(foreign.cfd, b"ping")
+    events = pump(foreign.server, lambda e: any(x.type == EventType.SWITCH_TX for x in e))
+    assert [(e.type, e.fd, e.message) for e in events] == [
+        (EventType.SWITCH_RX, foreign.conn, b"ping"),
+        (EventType.SWITCH_TX, foreign.fd, None)]
+    assert foreign.outer.recv(100) == b"ping\n"
+
+
+def test_ignore_drops_the_unit(foreign):
+    foreign.outer.sendall(b"# comment\nreal\n")
+    events = pump(foreign.server, lambda e: any(x.type == EventType.SWITCH_TX for x in e))
+    assert [(e.type, e.message) for e in events] == [
+        (EventType.SWITCH_RX, b"real"), (EventType.SWITCH_TX, None)]
+    assert foreign.client.read(foreign.cfd) == b"real"
+    foreign.client.write(foreign.cfd, b"drop me")
+    foreign.client.write(foreign.cfd, b"kept")
+    events = pump(foreign.server, lambda e: any(x.type == EventType.SWITCH_TX for x in e))
+    assert [(e.type, e.message) for e in events] == [
+        (EventType.SWITCH_RX, b"drop me"), (EventType.SWITCH_RX, b"kept"),
+        (EventType.SWITCH_TX, None)]
+    assert foreign.outer.recv(100) == b"kept\n"
+
+
+def test_fd_closing_from_on_in_closes_both(foreign):
+    foreign.outer.shutdown(socket.SHUT_WR)          # on_in reads EOF -> FD_CLOSING
+    events = pump(foreign.server,
+                  lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
+    assert [(e.type, e.fd, e.error) for e in events] == [
+        (EventType.DISCONNECTION, foreign.fd, None),
+        (EventType.DISCONNECTION, foreign.conn, None)]
+    assert wait_for(foreign.client, EventType.DISCONNECTION)[-1].fd == foreign.cfd
+    assert settle(foreign.server) == []
+    assert foreign.outer.recv(10) == b""            # the external fd was closed
+
+
+def test_fd_closing_from_on_out_closes_both(foreign):
+    foreign.client.write(foreign.cfd, b"close me")
+    events = pump(foreign.server,
+                  lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
+    assert [(e.type, e.fd, e.error) for e in events] == [
+        (EventType.SWITCH_RX, foreign.conn, None),
+        (EventType.DISCONNECTION, foreign.fd, None),
+        (EventType.DISCONNECTION, foreign.conn, None)]
+
+
+@pytest.mark.parametrize("line", [b"fail\n", b"raise\n"])
+def test_on_in_error_or_exception(foreign, line):
+    foreign.outer.sendall(line)
+    events = pump(foreign.server,
+                  lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
+    assert [(e.type, e.fd, e.error) for e in events] == [
+        (EventType.ERROR, foreign.fd, f"switch callback failed on fd {foreign.fd}"),
+        (EventType.DISCONNECTION, foreign.fd, None),
+        (EventType.DISCONNECTION, foreign.conn, None)]
+
+
+def test_on_out_exception(foreign):
+    foreign.client.write(foreign.cfd, b"break me")
+    events = pump(foreign.server,
+                  lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
+    assert [(e.type, e.fd, e.error) for e in events] == [
+        (EventType.SWITCH_RX, foreign.conn, None),
+        (EventType.ERROR, foreign.fd, f"switch callback failed on fd {foreign.fd}"),
+        (EventType.DISCONNECTION, foreign.fd, None),
+        (EventType.DISCONNECTION, foreign.conn, None)]
+
+
+def test_on_in_payload_too_large(ctx_factory):
+    server = ctx_factory(max_message_size=4)
+    left, right = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        fd = left.detach()
+        server.add_external(fd)
+        server.add_external(r)
+        server.add_switch(fd, r)
+        server.set_switch_callbacks(r, lambda f: (CBEvent.NO_ERROR, os.read(f, 100)), None)
+        os.write(w, b"12345")
+        events = pump(server, lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
+        assert [(e.type, e.fd, e.error) for e in events] == [
+            (EventType.ERROR, r, f"switch callback failed on fd {r}"),
+            (EventType.DISCONNECTION, r, None),
+            (EventType.DISCONNECTION, fd, None)]
+    finally:
+        right.close()
+        os.close(w)
+
+
+def test_pipe_into_a_connection(ctx_factory):
+    """A pipe's read end with on_in, switched to a pyipc connection."""
+    server, client = ctx_factory(), ctx_factory()
+    server.service_init("pipe")
+    cfd = client.connect_service("pipe")
+    conn = wait_for(server, EventType.CONNECTION)[-1].fd
+    r, w = os.pipe()
+    try:
+        server.add_external(r)
+        server.add_switch(r, conn)
+
+        def on_in(fd):
+            data = os.read(fd, 3)          # fixed-size units of 3 bytes
+            return (CBEvent.NO_ERROR, data) if data else (CBEvent.FD_CLOSING, None)
+
+        server.set_switch_callbacks(r, on_in, None)
+        os.write(w, b"abcdefghi")
+        got = []
+        while len(got) < 3:
+            server.timer = 0
+            server.wait_events()
+            client.timer = 0
+            got += [e.message for e in client.wait_events() if e.type == EventType.MESSAGE_RX]
+        assert got == [b"abc", b"def", b"ghi"]
+    finally:
+        os.close(w)
+    events = pump(server, lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
+    assert [(e.type, e.fd) for e in events] == [
+        (EventType.DISCONNECTION, r), (EventType.DISCONNECTION, conn)]
+
+
+def test_callbacks_can_be_removed(foreign):
+    """set_switch_callbacks(fd, None, None): back to pyipc framing on that side."""
+    foreign.server.set_switch_callbacks(foreign.fd, None, None)
+    foreign.outer.sendall(frame(b"framed now"))
+    events = pump(foreign.server, lambda e: any(x.type == EventType.SWITCH_TX for x in e))
+    assert [(e.type, e.message) for e in events] == [
+        (EventType.SWITCH_RX, b"framed now"), (EventType.SWITCH_TX, None)]
+    assert foreign.client.read(foreign.cfd) == b"framed now"
+    foreign.client.write(foreign.cfd, b"back")
+    pump(foreign.server, lambda e: any(x.type == EventType.SWITCH_TX for x in e))
+    assert foreign.outer.recv(100) == frame(b"back")
+
+
+def test_callback_type_checks(foreign):
+    with pytest.raises(TypeError):
+        foreign.server.set_switch_callbacks(foreign.fd, "not callable", None)
+    with pytest.raises(TypeError):
+        foreign.server.set_switch_callbacks(foreign.fd, None, 42)
+
+
+def test_back_pressure_instead_of_loss(ctx_factory, rundir):
+    """A switched reader that does not read: the writer's side is paused, and
+    every message arrives, in order, once the reader reads."""
+    server = ctx_factory(max_message_size=1000, max_queue_size=20_000)
+    server.service_init("bp")
+    src = raw_connect(rundir, "bp")
+    s1 = wait_for(server, EventType.CONNECTION)[-1].fd
+    dst = raw_connect(rundir, "bp")
+    s2 = wait_for(server, EventType.CONNECTION)[-1].fd
+    try:
+        server.add_switch(s1, s2)
+        src.setblocking(False)
+        n = 3000
+        stream = b"".join(frame(struct.pack(">I", i) + b"p" * 996) for i in range(n))
+        view = memoryview(stream)
+        stalled_rounds = 0
+        while view and stalled_rounds < 200:      # the source fills every buffer
+            try:
+                sent = src.send(view)
+                view = view[sent:]
+                stalled_rounds = 0
+            except BlockingIOError:
+                stalled_rounds += 1
+            server.timer = 0
+            server.wait_events()
+        assert view, "a 3 MB stream should not fit: back-pressure must stop it"
+        received = b""
+        dst.setblocking(False)
+        while len(received) < len(stream):
+            if view:
+                try:
+                    view = view[src.send(view):]
+                except BlockingIOError:
+                    pass
+            server.timer = 0
+            server.wait_events()
+            try:
+                received += dst.recv(1 << 20)
+            except BlockingIOError:
+                pass
+        assert received == stream
+    finally:
+        src.close()
+        dst.close()

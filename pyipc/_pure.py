@@ -8,6 +8,7 @@ messages, then ERROR when there is a reason, then DISCONNECTION.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import logging
 import os
@@ -194,8 +195,7 @@ class PureContext(Context):
             if sock is not None:
                 sock.close()
             os.close(lock_fd)
-            raise IPCError(e.errno, f"cannot start service {name}: {os.strerror(e.errno or 0)}") \
-                from None
+            raise _os_error(f"cannot start service {name}", e.errno) from None
         conn = _Conn(sock.fileno(), sock, SERVICE, self.max_message_size)
         conn.path, conn.lock_fd = path, lock_fd
         return self._add(conn).fd
@@ -213,8 +213,7 @@ class PureContext(Context):
             raise ServiceNotFoundError(f"no service {name} in {self.rundir}") from None
         except OSError as e:
             sock.close()
-            raise IPCError(e.errno, f"cannot connect to service {name}: "
-                           f"{os.strerror(e.errno or 0)}") from None
+            raise _os_error(f"cannot connect to service {name}", e.errno) from None
         sock.setblocking(False)
         return self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
 
@@ -262,10 +261,11 @@ class PureContext(Context):
         try:
             raw = conn.io.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,  # type: ignore
                                      _PEERCRED.size)
-        except (OSError, AttributeError) as e:
-            errno_ = getattr(e, "errno", None) or 0
-            raise IPCError(errno_, f"cannot read peer credentials of fd {fd}: "
-                           f"{os.strerror(errno_)}") from None
+        except AttributeError:      # not a socket (a pipe switched in)
+            raise _os_error(f"cannot read peer credentials of fd {fd}", errno.ENOTSOCK) \
+                from None
+        except OSError as e:
+            raise _os_error(f"cannot read peer credentials of fd {fd}", e.errno) from None
         return _PEERCRED.unpack(raw)
 
     # -- closing ---------------------------------------------------------------
@@ -600,6 +600,14 @@ class PureContext(Context):
             sock.setblocking(False)
             conn = self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size))
             self._pending.append(Event(EventType.CONNECTION, conn.fd, conn.index))
+
+
+def _os_error(what: str, errno_: Optional[int]) -> IPCError:
+    """IPCError 'WHAT: STRERROR' (the native text, without OSError's '[Errno N]'),
+    with .errno set."""
+    err = IPCError(f"{what}: {os.strerror(errno_ or 0)}")
+    err.errno = errno_
+    return err
 
 
 def _check_fd_type(fd: object) -> None:

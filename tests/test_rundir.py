@@ -1,0 +1,177 @@
+"""The run directory and service files: modes, lock, stale sockets, cleanup."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import stat
+import subprocess
+
+import pytest
+
+import pyipc
+from pyipc import EventType
+
+from conftest import wait_for
+
+
+def test_rundir_is_created_with_mode_0770(ctx_factory, rundir):
+    path = os.path.join(rundir, "a", "b", "run")
+    old = os.umask(0o077)            # the mode must not depend on the umask
+    try:
+        ctx_factory(rundir=path).service_init("svc")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o770
+    assert stat.S_ISDIR(os.lstat(path).st_mode)
+
+
+def test_existing_rundir_mode_is_left_alone(ctx_factory, rundir):
+    os.chmod(rundir, 0o750)
+    ctx_factory().service_init("svc")
+    assert stat.S_IMODE(os.lstat(rundir).st_mode) == 0o750
+
+
+def test_socket_mode_0660_and_lock_file(ctx_factory, rundir):
+    old = os.umask(0o077)
+    try:
+        ctx_factory().service_init("svc")
+    finally:
+        os.umask(old)
+    st = os.lstat(os.path.join(rundir, "svc"))
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert os.path.isfile(os.path.join(rundir, "svc.lock"))
+
+
+def test_lock_is_an_exclusive_flock(ctx_factory, rundir):
+    ctx = ctx_factory()
+    sfd = ctx.service_init("svc")
+    fd = os.open(os.path.join(rundir, "svc.lock"), os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ctx.close(sfd)               # released with the service
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Someone else holding the lock makes the name busy, socket or not.
+        with pytest.raises(pyipc.ServiceBusyError):
+            ctx.service_init("svc")
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        ctx.service_init("svc")
+    finally:
+        os.close(fd)
+
+
+def test_lock_file_is_kept_after_close(ctx_factory, rundir):
+    ctx = ctx_factory()
+    ctx.close(ctx.service_init("svc"))
+    assert not os.path.exists(os.path.join(rundir, "svc"))
+    assert os.path.exists(os.path.join(rundir, "svc.lock"))
+
+
+def test_stale_socket_is_replaced(ctx_factory, rundir):
+    path = os.path.join(rundir, "svc")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()                     # a stale socket file, nobody holds the lock
+    os.link(path, path + ".old")     # keeps its inode taken, so a new one differs
+    old_ino = os.lstat(path).st_ino
+    server, client = ctx_factory(), ctx_factory()
+    server.service_init("svc")
+    assert os.lstat(path).st_ino != old_ino
+    fd = client.connect_service("svc")
+    client.write(fd, b"reached the new one")
+    assert wait_for(server, EventType.MESSAGE_RX)[-1].message == b"reached the new one"
+
+
+def test_stale_socket_of_a_killed_process(ctx_factory, rundir, processes, backend):
+    proc = processes("import sys, pyipc, os\n"
+                     "ctx = pyipc.Context(rundir=sys.argv[1], backend=sys.argv[2])\n"
+                     "ctx.service_init('svc')\nprint('ready', flush=True)\nimport signal; signal.pause()\n",
+                     rundir, backend, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    with pytest.raises(pyipc.ServiceBusyError):
+        ctx_factory().service_init("svc")
+    proc.kill()
+    proc.wait()
+    assert os.path.exists(os.path.join(rundir, "svc"))   # left behind by SIGKILL
+    server, client = ctx_factory(), ctx_factory()
+    server.service_init("svc")
+    fd = client.connect_service("svc")
+    client.write(fd, b"x")
+    assert wait_for(server, EventType.MESSAGE_RX)[-1].message == b"x"
+
+
+def test_socket_removed_on_close_and_close_all(ctx_factory, rundir):
+    ctx = ctx_factory()
+    fd = ctx.service_init("one")
+    ctx.service_init("two")
+    ctx.close(fd)
+    assert not os.path.exists(os.path.join(rundir, "one"))
+    assert os.path.exists(os.path.join(rundir, "two"))
+    ctx.close_all()
+    assert not os.path.exists(os.path.join(rundir, "two"))
+    with pytest.raises(pyipc.ServiceNotFoundError):
+        ctx_factory().connect_service("two")
+
+
+def test_service_recreated_in_the_same_process(ctx_factory, rundir):
+    """libIPC leaked the lock fd, so this failed; here it works many times."""
+    ctx, client = ctx_factory(), ctx_factory()
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        sfd = ctx.service_init("again")
+        cfd = client.connect_service("again")
+        client.write(cfd, b"%d" % i)
+        ev = wait_for(ctx, EventType.MESSAGE_RX)[-1]
+        assert ev.message == b"%d" % i
+        ctx.close(ev.fd)
+        ctx.close(sfd)
+        client.close(cfd)
+    ctx.timer = 0
+    ctx.timer = None
+    assert len(os.listdir("/proc/self/fd")) <= before + 1   # no fd leaks (lock fds)
+
+
+def test_rundir_env_is_used(backend, rundir, monkeypatch):
+    monkeypatch.setenv("RUNDIR", rundir)
+    with pyipc.Context(backend=backend) as server, pyipc.Context(backend=backend) as client:
+        server.service_init("envsvc")
+        assert os.path.exists(os.path.join(rundir, "envsvc"))
+        fd = client.connect_service("envsvc")
+        client.write(fd, b"via env")
+        assert wait_for(server, EventType.MESSAGE_RX)[-1].message == b"via env"
+
+
+def test_rundir_argument_beats_env(backend, rundir, monkeypatch, tmp_path):
+    monkeypatch.setenv("RUNDIR", str(tmp_path))
+    with pyipc.Context(backend=backend, rundir=rundir) as ctx:
+        ctx.service_init("argsvc")
+    assert not os.path.exists(tmp_path / "argsvc.lock")
+    assert os.path.exists(os.path.join(rundir, "argsvc.lock"))
+
+
+def test_pathlike_rundir(backend, rundir):
+    from pathlib import Path
+    with pyipc.Context(backend=backend, rundir=Path(rundir)) as ctx:
+        assert ctx.rundir == rundir
+        ctx.service_init("p")
+        assert os.path.exists(os.path.join(rundir, "p"))
+
+
+def test_other_process_reaches_the_service(ctx_factory, rundir, processes, backend):
+    server = ctx_factory()
+    server.service_init("xproc")
+    proc = processes("import sys, pyipc\n"
+                     "with pyipc.Context(rundir=sys.argv[1], backend=sys.argv[2]) as c:\n"
+                     "    fd = c.connect('xproc')\n"
+                     "    c.write(fd, b'from child')\n"
+                     "    print(c.read(fd).decode(), flush=True)\n",
+                     rundir, "pure" if backend == "native" else "native",
+                     stdout=subprocess.PIPE, text=True)
+    ev = wait_for(server, EventType.MESSAGE_RX)[-1]
+    assert ev.message == b"from child"
+    server.write(ev.fd, b"answer")
+    out, _ = proc.communicate(timeout=30)
+    assert out == "answer\n" and proc.returncode == 0

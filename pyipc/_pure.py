@@ -409,6 +409,12 @@ class PureContext(Context):
                 continue
             except ConnectionResetError:
                 n = 0
+            except OSError as e:
+                # Like the event loop (and native): the connection ends with an
+                # ERROR and a DISCONNECTION; the caller gets the same text.
+                err = _os_error("read failed", e.errno)
+                self._drop(conn, str(err))
+                raise err from None
             if n == 0:
                 self._drop(conn, None)
                 raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")

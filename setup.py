@@ -5,9 +5,15 @@ one first runs `python -m ziglang build` and copies the shared library and the
 header next to pyipc/__init__.py, where pyipc._native looks for them.
 Set PYIPC_SKIP_NATIVE=1 to install the pure backend only. PYIPC_ZIG_TARGET
 (e.g. aarch64-linux-gnu.2.17) cross-compiles, for ci/wheels.
+
+The library does not use the Python C API, so a wheel serves every Python 3:
+its tag is py3-none-PLATFORM. PLATFORM is env PYIPC_WHEEL_PLAT taken as is
+(e.g. manylinux_2_17_x86_64.manylinux2014_x86_64, dots separating platform
+tags), else `bdist_wheel --plat-name`, else this machine's platform.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,21 +23,34 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 from setuptools.dist import Distribution
 
+try:  # setuptools >= 70.1 has its own; before that it came with `wheel`
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # pragma: no cover
+    try:
+        from wheel.bdist_wheel import bdist_wheel
+    except ImportError:  # no wheel building here (e.g. an old setuptools, no wheel)
+        bdist_wheel = object
+
 ROOT = Path(__file__).resolve().parent
 LIBRARY_NAMES = ("libipc.so", "libipc.dylib")
 
 
 def build_native(dest: Path) -> None:
     """Run the Zig build and put the library and header into ``dest``."""
-    prefix = ROOT / "build" / "zig-out"
+    target = os.environ.get("PYIPC_ZIG_TARGET")
+    # One prefix per target, emptied first: a library left by an earlier build
+    # for another target must never end up in this wheel.
+    prefix = ROOT / "build" / "zig-out" / (target or "native")
+    shutil.rmtree(prefix / "lib", ignore_errors=True)
     cmd = [sys.executable, "-m", "ziglang", "build", "-Doptimize=ReleaseFast",
            "--prefix", str(prefix)]
-    target = os.environ.get("PYIPC_ZIG_TARGET")
     if target:
         cmd.append(f"-Dtarget={target}")
     print("pyipc: building the native core:", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
     dest.mkdir(parents=True, exist_ok=True)
+    for name in LIBRARY_NAMES:
+        (dest / name).unlink(missing_ok=True)
     for name in LIBRARY_NAMES:
         built = prefix / "lib" / name
         if built.exists():
@@ -60,4 +79,41 @@ class BinaryDistribution(Distribution):
         return os.environ.get("PYIPC_SKIP_NATIVE") != "1"
 
 
-setup(cmdclass={"build_py": BuildPyWithZig}, distclass=BinaryDistribution)
+def normalize_platform(plat: str) -> str:
+    """A wheel platform tag from a sysconfig-style name (``freebsd-14.0-RELEASE-amd64``
+    -> ``freebsd_14_0_release_amd64``); a name without ``-`` is taken to be tags
+    already, where dots separate several tags (manylinux_2_17_x86_64.manylinux2014_x86_64)."""
+    plat = plat.strip().lower()
+    if "-" in plat:
+        plat = re.sub(r"[-. ]", "_", plat)
+    if not re.fullmatch(r"[a-z0-9_]+(\.[a-z0-9_]+)*", plat):
+        raise ValueError(f"not a wheel platform tag: {plat!r}")
+    return plat
+
+
+class BdistWheelPy3(bdist_wheel):
+    """py3-none-PLATFORM: one wheel per platform for every Python 3 (the library is
+    loaded with cffi's ABI mode and does not depend on the Python ABI)."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if os.environ.get("PYIPC_SKIP_NATIVE") != "1":
+            self.root_is_pure = False
+
+    def get_tag(self) -> tuple:
+        if os.environ.get("PYIPC_SKIP_NATIVE") == "1":
+            return super().get_tag()
+        explicit = os.environ.get("PYIPC_WHEEL_PLAT")
+        if explicit:
+            plat = normalize_platform(explicit)
+        elif self.plat_name_supplied and self.plat_name:
+            plat = normalize_platform(self.plat_name)
+        else:
+            plat = super().get_tag()[2]
+        return "py3", "none", plat
+
+
+COMMANDS = {"build_py": BuildPyWithZig}
+if bdist_wheel is not object:
+    COMMANDS["bdist_wheel"] = BdistWheelPy3
+setup(cmdclass=COMMANDS, distclass=BinaryDistribution)

@@ -153,6 +153,19 @@ export fn ipc_close(ptr: ?*anyopaque, index: usize) callconv(.c) c_int {
     return rc(ctx, ctx.close(fd));
 }
 
+/// What close(fd) would discard: fd's scheduled messages not yet completely
+/// written, and its switch peer (closed with it) and that one's count
+/// (*peer_fd = -1 when fd is not switched). pyipc logs them as a warning.
+export fn ipc_queued_messages(ptr: ?*anyopaque, fd: c_int, count: ?*usize, peer_fd: ?*c_int, peer_count: ?*usize) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    const conn = ctx.lookup(fd) catch |err| return rc(ctx, @as(Error!void, err));
+    if (count) |p| p.* = conn.queue.frameCount();
+    const peer: ?*conn_table.Conn = if (conn.peer) |p| (if (p.alive) p else null) else null;
+    if (peer_fd) |p| p.* = if (peer) |x| x.fd else -1;
+    if (peer_count) |p| p.* = if (peer) |x| x.queue.frameCount() else 0;
+    return IPC_OK;
+}
+
 export fn ipc_close_all(ptr: ?*anyopaque) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     ctx.closeAll();

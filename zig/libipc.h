@@ -96,6 +96,7 @@ int ipc_connect(void *ctx, int *fd, const char *service_name, uint16_t service_n
 int ipc_wait_events(void *ctx, struct ipc_event *events, size_t capacity, size_t *count);
 size_t ipc_pending_events(void *ctx);
 int ipc_peer_credentials(void *ctx, int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
+int ipc_queued_messages(void *ctx, int fd, size_t *count, int *peer_fd, size_t *peer_count);
 int ipc_send_fd(int sock, int fd_to_pass, const char *payload, uint32_t payload_len);
 int ipc_receive_fd(int sock, int *received_fd, char *buffer, size_t *buflen);
 /* CFFI-END */

@@ -81,7 +81,7 @@ ffi, lib, LIBRARY_PATH, HEADER_PATH = _load()
 class NativeContext(Context):
     """The native (Zig) backend of :class:`pyipc.Context`."""
 
-    __slots__ = ("_handle", "_ctx", "_events", "_count", "_rbuf", "_rlen",
+    __slots__ = ("_handle", "_ctx", "_events", "_count", "_rbuf", "_rlen", "_close_info",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
     backend = "native"
@@ -101,6 +101,7 @@ class NativeContext(Context):
         self._count = ffi.new("size_t *")
         self._rbuf = ffi.new("char[]", READ_BUFFER)
         self._rlen = ffi.new("size_t *")
+        self._close_info = (ffi.new("size_t *"), ffi.new("int *"), ffi.new("size_t *"))
         self._callbacks: dict[int, Tuple[Optional[OnIn], Optional[OnOut]]] = {}
         self._cb_in = ffi.callback("enum cb_event_types(int, char *, uint32_t *)",
                                    _trampoline_in(weakref.ref(self)))
@@ -172,9 +173,19 @@ class NativeContext(Context):
 
     # -- closing -----------------------------------------------------------------
     def close(self, fd: int) -> None:
+        # What close discards (README: logged as a warning with the count), and
+        # the switch peer that is closed with fd.
+        count, peer, peer_count = self._close_info
+        peer[0] = -1
+        if lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count) == 0:
+            for f, n in ((fd, count[0]), (peer[0], peer_count[0])):
+                if n:
+                    log.warning("closing fd %d discards %d scheduled message(s)", f, n)
         self._check(lib.ipc_close_fd(self._ctx, _fd_arg(fd)), fd)
-        self._callbacks.pop(fd, None)
-        self._drop_pending(fd)
+        for f in (fd, peer[0]):
+            if f >= 0:
+                self._callbacks.pop(f, None)
+                self._drop_pending(f)
 
     def close_all(self) -> None:
         self._check(lib.ipc_close_all(self._ctx))

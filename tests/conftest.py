@@ -18,7 +18,7 @@ import tempfile
 import termios
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import pytest
 
@@ -161,6 +161,26 @@ def settle(ctx: pyipc.Context) -> list[Event]:
             seen.extend(events)
     finally:
         ctx.timer = saved
+
+
+def deadline(timeout: float = 30.0) -> Callable[[], None]:
+    """A tick() for polling loops: fails the test once ``timeout`` s have
+    passed, so a lost message fails instead of hanging."""
+    end = time.monotonic() + timeout
+
+    def tick() -> None:
+        if time.monotonic() > end:
+            pytest.fail(f"loop did not finish within {timeout} s")
+    return tick
+
+
+def spin_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Busy-wait (no sleep) for a condition another party makes true; fail
+    after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
 
 
 def unread_bytes(fd: int) -> int:

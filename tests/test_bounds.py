@@ -13,7 +13,7 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import collect, frame, quiet, raw_connect, unread_bytes, wait_for
+from conftest import collect, deadline, frame, quiet, raw_connect, wait_for
 
 
 # -- max_message_size ------------------------------------------------------------
@@ -52,7 +52,9 @@ def test_default_max_message_size_edge(ctx_factory):
     assert len(edge) == 16 << 20
     client.schedule(fd, edge)
     got = None
+    tick = deadline()
     while got is None:      # both sides' event loops move the 16 MiB along
+        tick()
         client.timer = 0
         client.wait_events()
         server.timer = 10
@@ -200,7 +202,9 @@ def test_queue_bound_with_a_stalled_reader(ctx_factory, rundir):
         raw.settimeout(10)
         expected = sent * 1004
         server.timer = 0
+        tick = deadline()
         while len(received) < expected:
+            tick()
             server.wait_events()
             try:
                 received += raw.recv(1 << 20, socket.MSG_DONTWAIT)

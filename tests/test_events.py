@@ -11,7 +11,7 @@ import pytest
 import pyipc
 from pyipc import CBEvent, EventType
 
-from conftest import collect, frame, quiet, raw_connect, settle, unread_bytes, wait_for
+from conftest import collect, frame, quiet, raw_connect, settle, spin_until, unread_bytes, wait_for
 
 
 def test_connection_event(ctx_factory):
@@ -206,8 +206,7 @@ def test_index_of_close_and_external(ctx_factory):
 def test_wait_events_returns_a_whole_round_in_order(pair):
     raw = b"".join(frame(b"m%d" % i) for i in range(50))
     os.write(pair.client_fd, raw)      # one send: all in the same round
-    while unread_bytes(pair.server_fd) < len(raw):
-        pass
+    spin_until(lambda: not (unread_bytes(pair.server_fd) < len(raw)))
     events = pair.server.wait_events()
     assert [e.message for e in events] == [b"m%d" % i for i in range(50)]
     assert all(e.type == EventType.MESSAGE_RX for e in events)
@@ -218,8 +217,7 @@ def test_wait_events_returns_a_whole_round_in_order(pair):
 def test_wait_event_keeps_the_rest_of_the_round(pair):
     raw = b"".join(frame(b"%d" % i) for i in range(5))
     os.write(pair.client_fd, raw)
-    while unread_bytes(pair.server_fd) < len(raw):
-        pass
+    spin_until(lambda: not (unread_bytes(pair.server_fd) < len(raw)))
     assert pair.server.wait_event().message == b"0"
     assert pair.server.wait_event().message == b"1"
     assert [e.message for e in pair.server.wait_events()] == [b"2", b"3", b"4"]
@@ -243,8 +241,7 @@ def test_one_round_covers_several_connections(ctx_factory):
 def test_close_drops_pending_events_of_that_fd(pair):
     raw = b"".join(frame(b"%d" % i) for i in range(3))
     os.write(pair.client_fd, raw)
-    while unread_bytes(pair.server_fd) < len(raw):
-        pass
+    spin_until(lambda: not (unread_bytes(pair.server_fd) < len(raw)))
     assert pair.server.wait_event().message == b"0"
     pair.server.close(pair.server_fd)
     pair.server.timer = 0

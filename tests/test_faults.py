@@ -15,7 +15,7 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import collect, frame, quiet, raw_connect, settle, unread_bytes, wait_for
+from conftest import collect, frame, quiet, raw_connect, settle, spin_until, unread_bytes, wait_for
 
 # A child that connects with a raw socket, sends what the parent says, then
 # stops itself (SIGSTOP) so the parent can SIGKILL it at a known point.
@@ -281,8 +281,7 @@ def test_close_of_a_switch_drops_the_peers_pending_events(ctx_factory):
     server.add_switch(sa, sb)
     os.write(afd, frame(b"1") + frame(b"2"))
     os.write(bfd, frame(b"3") + frame(b"4"))
-    while unread_bytes(sa) < 10 or unread_bytes(sb) < 10:
-        pass
+    spin_until(lambda: not (unread_bytes(sa) < 10 or unread_bytes(sb) < 10))
     first = server.wait_event()           # the rest of the round stays pending
     assert first.type == EventType.SWITCH_RX
     server.close(sa)

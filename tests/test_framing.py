@@ -13,6 +13,7 @@ import random
 import socket
 import struct
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 import pyipc
 from pyipc import EventType
 
-from conftest import frame, raw_connect, unread_bytes, wait_for
+from conftest import deadline, frame, raw_connect, unread_bytes, wait_for
 
 MAX = 70_000
 
@@ -52,13 +53,17 @@ class Feeder:
 
     def barrier(self) -> None:
         """Run rounds until the service has read everything sent so far."""
+        tick = deadline()
         while unread_bytes(self.fd) > 0:
+            tick()
             self.round()
         self.round()
 
     def send(self, chunk: bytes) -> None:
         view = memoryview(chunk)
+        tick = deadline()
         while view:
+            tick()
             try:
                 n = self.sock.send(view)
             except BlockingIOError:
@@ -181,8 +186,10 @@ def test_read_under_any_split(ctx_factory, rundir, lengths, seed, data):
             for cut in cuts + [len(stream)]:
                 sock.sendall(stream[start:cut])
                 start = cut
+                deadline = time.monotonic() + 30
                 while unread_bytes(fd) > 0 and not failure:
-                    pass
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the reader did not consume a chunk")
         except BaseException as e:      # pragma: no cover - reported below
             failure.append(e)
 
@@ -213,7 +220,9 @@ def test_client_side_decodes_a_split_stream(ctx_factory, rundir):
         got = []
         for i in range(0, len(stream), 9999):
             peer.sendall(stream[i:i + 9999])
+            tick = deadline()
             while unread_bytes(fd) > 0:
+                tick()
                 client.timer = 0
                 got += [e.message for e in client.wait_events()
                         if e.type == EventType.MESSAGE_RX]
@@ -227,7 +236,9 @@ def test_client_side_decodes_a_split_stream(ctx_factory, rundir):
 
 def _pump(sender: pyipc.Context, receiver: pyipc.Context) -> list[bytes]:
     """Run both event loops (timer 0) until the receiver got one message."""
+    tick = deadline()
     while True:
+        tick()
         sender.timer = 0
         sender.wait_events()
         receiver.timer = 0
@@ -242,7 +253,9 @@ def test_sizes_around_buffer_edges_both_ways(pair, size):
     pair.client.schedule(pair.client_fd, data)
     pair.client.schedule(pair.client_fd, b"next")
     got = _pump(pair.client, pair.server)
+    tick = deadline()
     while len(got) < 2:
+        tick()
         got += _pump(pair.client, pair.server)
     assert got == [data, b"next"]
     pair.server.schedule(pair.server_fd, data)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
 
 CLIENTS = 20
 MESSAGES = 500

@@ -6,7 +6,7 @@ import os
 
 from pyipc import EventType
 
-from conftest import collect, frame, quiet, unread_bytes, wait_for
+from conftest import collect, deadline, frame, quiet, spin_until, unread_bytes, wait_for
 
 
 def test_write_after_schedule_keeps_the_order(pair):
@@ -34,7 +34,9 @@ def test_interleaved_write_and_schedule(pair):
             pair.client.wait_events()
     pair.client.write(pair.client_fd, b"end")
     got = []
+    tick = deadline()
     while True:
+        tick()
         msg = pair.server.read(pair.server_fd)
         if msg == b"end":
             break
@@ -45,8 +47,7 @@ def test_interleaved_write_and_schedule(pair):
 def test_read_returns_pending_messages_first(pair):
     raw = b"".join(frame(b"%d" % i) for i in range(4))
     os.write(pair.client_fd, raw)
-    while unread_bytes(pair.server_fd) < len(raw):
-        pass
+    spin_until(lambda: not (unread_bytes(pair.server_fd) < len(raw)))
     first = pair.server.wait_event()                   # the round received all 4
     assert (first.type, first.message) == (EventType.MESSAGE_RX, b"0")
     assert pair.server.read(pair.server_fd) == b"1"     # pending, not the socket
@@ -61,8 +62,7 @@ def test_read_returns_pending_messages_first(pair):
 def test_messages_that_come_with_the_read_one_are_queued(pair):
     raw = b"".join(frame(b"m%d" % i) for i in range(5))
     os.write(pair.client_fd, raw)
-    while unread_bytes(pair.server_fd) < len(raw):
-        pass
+    spin_until(lambda: not (unread_bytes(pair.server_fd) < len(raw)))
     assert pair.server.read(pair.server_fd) == b"m0"
     events = pair.server.wait_events()
     assert [(e.type, e.fd, e.index, e.message) for e in events] == [
@@ -81,8 +81,7 @@ def test_read_leaves_other_fds_events_in_place(ctx_factory):
     raw_b, raw_a = frame(b"b1") + frame(b"b2"), frame(b"a1") + frame(b"a2")
     os.write(bfd, raw_b)
     os.write(afd, raw_a)
-    while unread_bytes(sa) < len(raw_a) or unread_bytes(sb) < len(raw_b):
-        pass
+    spin_until(lambda: not (unread_bytes(sa) < len(raw_a) or unread_bytes(sb) < len(raw_b)))
     first = server.wait_event()            # one round got all four
     if first.fd == sa:
         assert first.message == b"a1"
@@ -118,12 +117,16 @@ def test_flood_of_scheduled_messages_arrives_in_order(pair):
         pair.client.schedule(pair.client_fd, i.to_bytes(4, "big") * (i % 5))
     got = []
     tx = 0
+    tick = deadline()
     while len(got) < n:
+        tick()
         pair.client.timer = 0
         tx += sum(e.type == EventType.MESSAGE_TX for e in pair.client.wait_events())
         pair.server.timer = 0
         got += [e.message for e in pair.server.wait_events() if e.type == EventType.MESSAGE_RX]
+    tick = deadline()
     while tx < n:
+        tick()
         tx += sum(e.type == EventType.MESSAGE_TX for e in pair.client.wait_events())
     assert tx == n
     assert got == [i.to_bytes(4, "big") * (i % 5) for i in range(n)]
@@ -134,7 +137,9 @@ def test_replies_in_order_both_ways(pair):
         pair.client.schedule(pair.client_fd, b"q%d" % i)
     answers = []
     replied = 0
+    tick = deadline()
     while len(answers) < 100:
+        tick()
         pair.client.timer = 0
         answers += [e.message for e in pair.client.wait_events()
                     if e.type == EventType.MESSAGE_RX]

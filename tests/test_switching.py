@@ -12,7 +12,7 @@ import pytest
 import pyipc
 from pyipc import CBEvent, EventType
 
-from conftest import collect, frame, quiet, raw_connect, settle, wait_for
+from conftest import collect, deadline, frame, quiet, raw_connect, settle, wait_for
 
 
 class Switchboard:
@@ -60,7 +60,9 @@ def test_switch_keeps_order_and_sizes(board):
     for m in messages:
         board.a.schedule(board.afd, m)
     got = []
+    tick = deadline()
     while len(got) < len(messages):
+        tick()
         board.a.timer = 0
         board.a.wait_events()
         board.server.timer = 0
@@ -187,7 +189,9 @@ class Foreign:
 
     def lines(self, n: int) -> list[bytes]:
         data = b""
+        tick = deadline()
         while data.count(b"\n") < n:
+            tick()
             self.server.timer = 0
             self.server.wait_events()
             try:
@@ -331,7 +335,9 @@ def test_pipe_into_a_connection(ctx_factory):
         server.set_switch_callbacks(r, on_in, None)
         os.write(w, b"abcdefghi")
         got = []
+        tick = deadline()
         while len(got) < 3:
+            tick()
             server.timer = 0
             server.wait_events()
             client.timer = 0
@@ -380,7 +386,9 @@ def test_back_pressure_instead_of_loss(ctx_factory, rundir):
         stream = b"".join(frame(struct.pack(">I", i) + b"p" * 996) for i in range(n))
         view = memoryview(stream)
         stalled_rounds = 0
+        tick = deadline()
         while view and stalled_rounds < 200:      # the source fills every buffer
+            tick()
             try:
                 sent = src.send(view)
                 view = view[sent:]
@@ -392,7 +400,9 @@ def test_back_pressure_instead_of_loss(ctx_factory, rundir):
         assert view, "a 3 MB stream should not fit: back-pressure must stop it"
         received = b""
         dst.setblocking(False)
+        tick = deadline()
         while len(received) < len(stream):
+            tick()
             if view:
                 try:
                     view = view[src.send(view):]

@@ -307,3 +307,19 @@ def test_wrong_fd_types_and_numbers_agree(pair):
     with pytest.raises(pyipc.UnknownFdError) as info:
         pair.client.add_external(huge)
     assert str(info.value) == f"fd {huge} is not an open file descriptor"
+
+
+def test_a_missing_backend_fails_under_require_native(monkeypatch):
+    """The backend fixture's rule: skip with the reason, but fail in CI."""
+    import conftest
+    monkeypatch.setattr(pyipc, "available_backends",
+                        lambda: {"native": "libipc.so: not found", "pure": None})
+    monkeypatch.setenv("PYIPC_REQUIRE_NATIVE", "1")
+    with pytest.raises(pytest.fail.Exception) as info:
+        conftest.require_backend("native")
+    assert "libipc.so: not found" in str(info.value)
+    monkeypatch.delenv("PYIPC_REQUIRE_NATIVE")
+    with pytest.raises(pytest.skip.Exception) as info:
+        conftest.require_backend("native")
+    assert "libipc.so: not found" in str(info.value)
+    assert conftest.require_backend("pure") == "pure"

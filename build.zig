@@ -4,6 +4,8 @@
 //!   python -m ziglang build -Doptimize=ReleaseFast    -> zig-out/lib/libipc.so, libipc.a
 //!   python -m ziglang build test --summary all        -> unit + socket tests
 //!   python -m ziglang build -Dtarget=x86_64-freebsd   -> cross-compile
+//!   python -m ziglang build fuzz -Doptimize=ReleaseSafe -- N SEED
+//!                                                     -> randomised decoder test
 const std = @import("std");
 
 pub fn build(b: *std.Build) void {
@@ -44,4 +46,18 @@ pub fn build(b: *std.Build) void {
     const tests = b.addTest(.{ .root_module = mod });
     const run_tests = b.addRunArtifact(tests);
     b.step("test", "Run the unit and socket tests").dependOn(&run_tests.step);
+
+    // A long randomised run of the frame decoder against a reference parser
+    // (ci/fuzz runs it); arguments after `--` are the iteration count and seed.
+    const fuzz_exe = b.addExecutable(.{
+        .name = "fuzz-framing",
+        .root_module = b.createModule(.{
+            .root_source_file = b.path("zig/fuzz_framing.zig"),
+            .target = target,
+            .optimize = optimize,
+        }),
+    });
+    const run_fuzz = b.addRunArtifact(fuzz_exe);
+    run_fuzz.addPassthruArgs();
+    b.step("fuzz", "Randomised frame decoder test against a reference parser").dependOn(&run_fuzz.step);
 }

@@ -113,8 +113,9 @@ from pyipc import EventType
 rundir, backend = sys.argv[1], sys.argv[2]
 # 1.5 GiB of address space: a 4 GiB buffer for the announced size cannot exist.
 resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))
-ctx = pyipc.Context(rundir=rundir, backend=backend, max_message_size=0xFFFFFFFF,
-                    max_queue_size=0xFFFFFFFF + 4)
+limits = {} if sys.argv[3] == "default" else dict(
+    max_message_size=int(sys.argv[3]), max_queue_size=int(sys.argv[3]) + 4)
+ctx = pyipc.Context(rundir=rundir, backend=backend, **limits)
 ctx.service_init("huge")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print("ready", flush=True)
@@ -133,7 +134,7 @@ def test_announcement_of_4gib_within_a_huge_limit_allocates_nothing_huge(
         backend, rundir, processes):
     """max_message_size 2^32-1: the 4 GiB-1 announcement is legal; a peer that
     then sends 3 MB and vanishes must not have made the service reserve 4 GiB."""
-    proc = processes(_HUGE_LIMIT_SERVICE, rundir, backend,
+    proc = processes(_HUGE_LIMIT_SERVICE, rundir, backend, str(0xFFFFFFFF),
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "ready\n", proc.stderr.read()
     raw = raw_connect(rundir, "huge")
@@ -298,3 +299,25 @@ def test_socket_path_of_107_bytes(ctx_factory, rundir):
         with pytest.raises(pyipc.InvalidNameError) as info:
             call(name + "n")
         assert str(info.value) == "invalid service name: socket path is longer than 107 bytes"
+
+
+def test_announcement_of_4gib_on_the_default_limit_in_a_fresh_process(
+        backend, rundir, processes):
+    """The same announcement, measured in a process of its own (ru_maxrss of
+    the test process is a high-water mark of everything before)."""
+    proc = processes(_HUGE_LIMIT_SERVICE, rundir, backend, "default",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n", proc.stderr.read()
+    raw = raw_connect(rundir, "huge")
+    try:
+        raw.sendall(b"\xff\xff\xff\xff" + b"c" * 100_000)
+    except BrokenPipeError:
+        pass                    # the service may close it before all is sent
+    finally:
+        raw.close()
+    out, err = proc.communicate(timeout=60)
+    lines = out.splitlines()
+    assert proc.returncode == 0, err
+    assert lines[:2] == ["ERROR message of 4294967295 bytes exceeds max_message_size (16777216)",
+                         "DISCONNECTION None"], (out, err)
+    assert int(lines[2].split()[1]) < 100 * 1024, out

@@ -175,3 +175,18 @@ def test_other_process_reaches_the_service(ctx_factory, rundir, processes, backe
     server.write(ev.fd, b"answer")
     out, _ = proc.communicate(timeout=30)
     assert out == "answer\n" and proc.returncode == 0
+
+
+def test_closing_a_service_keeps_its_connections(ctx_factory, rundir):
+    server, client = ctx_factory(), ctx_factory()
+    sfd = server.service_init("svc")
+    cfd = client.connect_service("svc")
+    conn = wait_for(server, EventType.CONNECTION)[-1].fd
+    server.close(sfd)
+    assert not os.path.exists(os.path.join(rundir, "svc"))
+    client.write(cfd, b"still connected")
+    assert server.read(conn) == b"still connected"
+    server.write(conn, b"yes")
+    assert client.read(cfd) == b"yes"
+    with pytest.raises(pyipc.ServiceNotFoundError):
+        ctx_factory().connect_service("svc")

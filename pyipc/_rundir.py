@@ -19,10 +19,19 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def resolve_rundir(rundir: Optional[PathLike]) -> str:
-    """The ``rundir`` argument, else env RUNDIR, else libIPC's default."""
-    if rundir is not None:
-        return os.fspath(rundir)
-    return os.environ.get("RUNDIR") or DEFAULT_RUNDIR
+    """The ``rundir`` argument, else env RUNDIR, else libIPC's default.
+
+    A str or str path only (TypeError otherwise), without NUL (ValueError):
+    both backends refuse these the same way, before anything is touched.
+    """
+    if rundir is None:
+        return os.environ.get("RUNDIR") or DEFAULT_RUNDIR
+    path = os.fspath(rundir)
+    if not isinstance(path, str):
+        raise TypeError(f"rundir must be str or os.PathLike[str], not {type(path).__name__}")
+    if "\0" in path:
+        raise ValueError("rundir must not contain NUL")
+    return path
 
 
 def service_path(rundir: str, name: str) -> str:

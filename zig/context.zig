@@ -93,6 +93,9 @@ pub const Context = struct {
     }
 
     pub fn setRundir(self: *Context, dir: []const u8) Error!void {
+        // Paths are used as C strings: a NUL would silently cut it short.
+        if (std.mem.indexOfScalar(u8, dir, 0) != null)
+            return self.last.fail(error.Generic, "run directory must not contain NUL", .{});
         const copy = try self.gpa.dupe(u8, dir);
         self.gpa.free(self.rundir);
         self.rundir = copy;

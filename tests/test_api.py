@@ -323,3 +323,13 @@ def test_a_missing_backend_fails_under_require_native(monkeypatch):
         conftest.require_backend("native")
     assert "libipc.so: not found" in str(info.value)
     assert conftest.require_backend("pure") == "pure"
+
+
+def test_rundir_argument_type_and_nul(backend, tmp_path):
+    with pytest.raises(TypeError) as info:
+        pyipc.Context(rundir=b"/tmp/bytes", backend=backend)
+    assert str(info.value) == "rundir must be str or os.PathLike[str], not bytes"
+    with pytest.raises(ValueError) as info:
+        pyipc.Context(rundir=str(tmp_path / "a\0b"), backend=backend)
+    assert str(info.value) == "rundir must not contain NUL"
+    assert list(tmp_path.iterdir()) == []       # nothing made of a cut-short path

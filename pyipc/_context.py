@@ -34,6 +34,8 @@ def as_payload(payload: object) -> bytes | memoryview:
     except TypeError:
         raise TypeError(
             f"payload must be bytes-like or str, not {type(payload).__name__}") from None
+    if not view.c_contiguous:
+        return view.tobytes()       # e.g. a strided slice: sent as its bytes, in order
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 

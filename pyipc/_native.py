@@ -253,7 +253,7 @@ def _name_bytes(name: str) -> bytes:
 
 def _fd_arg(fd: int) -> int:
     """An fd as a C int; out-of-range numbers become -1 (an unknown fd)."""
-    if not isinstance(fd, int):
+    if not isinstance(fd, int) or isinstance(fd, bool):
         raise TypeError(f"fd must be int, not {type(fd).__name__}")
     return fd if -0x80000000 <= fd <= 0x7FFFFFFF else -1
 

@@ -617,8 +617,8 @@ def _os_error(what: str, errno_: Optional[int]) -> IPCError:
 
 
 def _check_fd_type(fd: object) -> None:
-    """The native backend's rule: a fd is an int (TypeError otherwise)."""
-    if not isinstance(fd, int):
+    """The native backend's rule: a fd is an int, not a bool (TypeError otherwise)."""
+    if not isinstance(fd, int) or isinstance(fd, bool):
         raise TypeError(f"fd must be int, not {type(fd).__name__}")
 
 

@@ -333,3 +333,20 @@ def test_rundir_argument_type_and_nul(backend, tmp_path):
         pyipc.Context(rundir=str(tmp_path / "a\0b"), backend=backend)
     assert str(info.value) == "rundir must not contain NUL"
     assert list(tmp_path.iterdir()) == []       # nothing made of a cut-short path
+
+
+def test_strided_memoryview_payload(pair):
+    strided = memoryview(b"a-b-c-")[::2]
+    pair.client.write(pair.client_fd, strided)
+    pair.client.schedule(pair.client_fd, strided)
+    wait_for(pair.client, EventType.MESSAGE_TX)
+    assert pair.server.read(pair.server_fd) == b"abc"
+    assert pair.server.read(pair.server_fd) == b"abc"
+
+
+def test_bool_is_not_a_fd(pair):
+    for call in (lambda: pair.client.write(True, b"x"), lambda: pair.client.read(False),
+                 lambda: pair.client.close(True), lambda: pair.client.add_external(True)):
+        with pytest.raises(TypeError) as info:
+            call()
+        assert str(info.value).startswith("fd must be int, not bool")

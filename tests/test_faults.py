@@ -115,9 +115,12 @@ def test_peer_killed_with_data_queued_both_ways(ctx_factory, rundir, processes, 
     assert events[-1] == pyipc.Event(EventType.DISCONNECTION, conn, events[-1].index)
 
 
-def test_write_to_a_gone_peer_raises_instead_of_sigpipe(ctx_factory, rundir, processes, backend):
-    """A child writes to a peer that is gone: ConnectionClosedError, and the
-    process lives (SIGPIPE has its default action in the child)."""
+@pytest.mark.parametrize("how", ["write", "schedule"])
+def test_write_to_a_gone_peer_raises_instead_of_sigpipe(ctx_factory, rundir, processes,
+                                                         backend, how):
+    """A child writes to a peer that is gone: ConnectionClosedError (write) or
+    ERROR + DISCONNECTION (schedule), and the process lives (SIGPIPE has its
+    default action in the child)."""
     server = ctx_factory()
     server.service_init("pipe")
     code = r"""
@@ -127,6 +130,15 @@ ctx = pyipc.Context(rundir=sys.argv[1], backend=sys.argv[2])
 fd = ctx.connect_service("pipe")
 print("connected", flush=True)
 sys.stdin.readline()
+if sys.argv[3] == "schedule":
+    for _ in range(10):
+        ctx.schedule(fd, b"x" * 100000)
+    ctx.timer = 5000
+    events = []
+    while not events or events[-1].type != pyipc.EventType.DISCONNECTION:
+        events += ctx.wait_events()
+    print("closed:", [e.type.name for e in events if e.type.name != "MESSAGE_TX"])
+    sys.exit(0)
 try:
     for _ in range(100):
         ctx.write(fd, b"x" * 100000)
@@ -134,14 +146,18 @@ try:
 except pyipc.ConnectionClosedError as e:
     print("closed:", e)
 """
-    proc = processes(code, rundir, backend, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                     text=True)
+    proc = processes(code, rundir, backend, how, stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "connected\n"
     conn = wait_for(server, EventType.CONNECTION)[-1].fd
     server.close(conn)
     out, _ = proc.communicate("go\n", timeout=30)
     assert proc.returncode == 0, f"child died with {proc.returncode}"
-    assert out.startswith("closed: connection on fd ") and out.endswith(" is closed by the peer\n")
+    if how == "write":
+        assert out.startswith("closed: connection on fd ")
+        assert out.endswith(" is closed by the peer\n")
+    else:
+        assert out == "closed: ['ERROR', 'DISCONNECTION']\n"
 
 
 def test_schedule_to_a_gone_peer_in_this_process(pair):

@@ -41,6 +41,9 @@ pub const Conn = struct {
     is_socket: bool = true,
     /// A write failed with EPIPE: further writes report ConnectionClosed.
     write_closed: bool = false,
+    /// Its switch peer ended: not read any more, closed (DISCONNECTION) once
+    /// what was forwarded to it is written.
+    closing: bool = false,
     registered: Interest = .{},
     /// Position in the context's list of fds with queued frames, or null.
     dirty_pos: ?u32 = null,

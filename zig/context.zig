@@ -160,7 +160,7 @@ pub const Context = struct {
     pub fn updateInterest(self: *Context, conn: *Conn) void {
         if (!conn.alive) return;
         const paused = if (conn.peer) |p| p.queue.queuedBytes() > self.limits.max_queue_size else false;
-        const want: conn_table.Interest = .{ .read = !paused, .write = !conn.queue.isEmpty() };
+        const want: conn_table.Interest = .{ .read = !paused and !conn.closing, .write = !conn.queue.isEmpty() };
         if (want == conn.registered) return;
         // On failure the old interest stays registered; the next change retries.
         self.poller.update(self.gpa, conn.fd, conn.registered, want) catch return;
@@ -246,10 +246,20 @@ pub const Context = struct {
         self.events.push(self.gpa, .disconnection, fd, index) catch |e| {
             failed = e;
         };
-        if (peer) |p| self.drop(p, null) catch |e| {
+        if (peer) |p| self.closeAfterFlush(p) catch |e| {
             failed = e;
         };
         if (failed) |e| return e;
+    }
+
+    /// The other side of a switch whose peer ended: closed too, but only once
+    /// what was forwarded to it is written, so the ended side's last messages
+    /// are not lost. Meanwhile it is not read (its input has nowhere to go).
+    fn closeAfterFlush(self: *Context, conn: *Conn) Allocator.Error!void {
+        if (!conn.alive) return;
+        if (conn.queue.isEmpty()) return self.drop(conn, null);
+        conn.closing = true;
+        self.updateInterest(conn);
     }
 
     fn scratchBuffer(self: *Context) Allocator.Error![]u8 {
@@ -406,7 +416,7 @@ pub const Context = struct {
         const conn = try self.connection(fd);
         if (len > self.limits.max_message_size)
             return self.last.fail(error.MessageTooLarge, "message of {d} bytes exceeds max_message_size ({d})", .{ len, self.limits.max_message_size });
-        if (conn.write_closed) return self.closedByPeer(fd);
+        if (conn.write_closed or conn.closing) return self.closedByPeer(fd);
         return conn;
     }
 
@@ -502,11 +512,15 @@ pub const Context = struct {
         var sink: TxSink = .{ .ctx = self, .conn = conn };
         const result = try conn.queue.flush(self.gpa, conn.fd, conn.is_socket, &sink);
         switch (result) {
-            .drained, .would_block => self.queueChanged(conn),
+            .drained, .would_block => {
+                self.queueChanged(conn);
+                if (conn.closing and conn.queue.isEmpty()) return self.drop(conn, null);
+            },
             .failed => |e| {
                 if (e == .PIPE or e == .CONNRESET) {
                     conn.write_closed = true;
-                    try self.readConn(conn, true);
+                    // (A closing side's input has nowhere to go: not read.)
+                    if (!conn.closing) try self.readConn(conn, true);
                     return self.drop(conn, null);
                 }
                 var buf: [160]u8 = undefined;
@@ -708,6 +722,8 @@ pub const Context = struct {
             if (r.readable) try self.acceptAll(conn);
             return;
         }
+        // Only written now (a hang-up shows as readable: the flush sees it).
+        if (conn.closing) return self.flushConn(conn);
         if (conn.peer != null) {
             if (r.readable) try switching.switchIn(self, conn);
         } else if (conn.kind == .external) {

@@ -721,3 +721,25 @@ test "closing one side of a switch closes both, with no event" {
     p.server.setTimer(20);
     try expectOnly(p.server, .timer, -1, null);
 }
+
+test "a switch side that ends: what it sent still reaches the other side, then that one closes" {
+    var p = try Pair.init("swlast");
+    defer p.deinit();
+    const b_client = try p.client.connectService("swlast");
+    var evb = try expectEvent(p.server, .connection, -2, null);
+    defer evb.deinit();
+    const sa = p.server_fd;
+    const sb = evb.fd;
+    try p.server.addSwitch(sa, sb);
+    try p.client.write(p.client_fd, "last words");
+    try p.client.close(p.client_fd);
+    try expectOnly(p.server, .switch_rx, sa, "last words");
+    try expectOnly(p.server, .disconnection, sa, null);
+    // Closing, not yet closed: not writable by the application any more.
+    try testing.expectError(error.ConnectionClosed, p.server.write(sb, "late"));
+    try expectOnly(p.server, .switch_tx, sb, null);
+    try expectOnly(p.server, .disconnection, sb, null);
+    var buf: [64]u8 = undefined;
+    try testing.expectEqualStrings("last words", try readMessage(p.client, b_client, &buf));
+    try testing.expectError(error.ConnectionClosed, readMessage(p.client, b_client, &buf));
+}

@@ -75,8 +75,8 @@ class _Conn:
     """One managed fd: its kind, slot, decoder, send queue and switch state."""
 
     __slots__ = ("fd", "io", "kind", "index", "alive", "decoder", "queue", "sent",
-                 "queued_bytes", "write_closed", "peer", "on_in", "on_out", "mask",
-                 "path", "lock_fd")
+                 "queued_bytes", "write_closed", "closing", "peer", "on_in", "on_out",
+                 "mask", "path", "lock_fd")
 
     def __init__(self, fd: int, io: object, kind: str, limit: int) -> None:
         self.fd = fd
@@ -89,6 +89,9 @@ class _Conn:
         self.sent = 0                   # bytes of queue[0] already written
         self.queued_bytes = 0
         self.write_closed = False
+        # Its switch peer ended: not read any more, closed (DISCONNECTION)
+        # once what was forwarded to it is written.
+        self.closing = False
         self.peer: Optional[_Conn] = None
         self.on_in: Optional[OnIn] = None
         self.on_out: Optional[OnOut] = None
@@ -163,8 +166,8 @@ class PureContext(Context):
 
     def _set_interest(self, conn: _Conn) -> None:
         """Watch reads (unless back-pressure pauses them) and writes while queued."""
-        mask = 0 if conn.peer is not None and conn.peer.queued_bytes > self.max_queue_size \
-            else _READ
+        mask = 0 if conn.closing or (
+            conn.peer is not None and conn.peer.queued_bytes > self.max_queue_size) else _READ
         if conn.queue:
             mask |= _WRITE
         if mask == conn.mask:
@@ -301,7 +304,18 @@ class PureContext(Context):
         self._forget(conn)
         peer = conn.peer
         if peer is not None and peer.alive:
-            self._drop(peer, None)
+            self._close_after_flush(peer)
+
+    def _close_after_flush(self, conn: _Conn) -> None:
+        """The other side of a switch whose peer ended: closed too, but only once
+        what was forwarded to it is written, so the ended side's last messages
+        are not lost. Meanwhile it is not read (its input has nowhere to go)."""
+        conn.peer = None
+        if not conn.queue:
+            self._drop(conn, None)
+            return
+        conn.closing = True
+        self._set_interest(conn)
 
     # -- sending ---------------------------------------------------------------
     def _prepare(self, fd: int, payload: object) -> Tuple[_Conn, bytes | memoryview]:
@@ -310,7 +324,7 @@ class PureContext(Context):
         conn = self._connection(fd)
         if len(data) > self.max_message_size:
             raise MessageTooLargeError(too_large_text(len(data), self.max_message_size))
-        if conn.write_closed:
+        if conn.write_closed or conn.closing:
             raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
         return conn, data
 
@@ -388,10 +402,14 @@ class PureContext(Context):
             self._send_queued(conn)
         except (BrokenPipeError, ConnectionResetError):
             conn.write_closed = True
-            self._read_conn(conn)
+            if not conn.closing:        # a closing side's input has nowhere to go
+                self._read_conn(conn)
             self._drop(conn, None)
         except OSError as e:
             self._drop(conn, f"write failed: {os.strerror(e.errno or 0)}")
+        else:
+            if conn.closing and not conn.queue:
+                self._drop(conn, None)
 
     # -- receiving -----------------------------------------------------------------
     def read(self, fd: int) -> bytes:
@@ -571,6 +589,9 @@ class PureContext(Context):
 
     def _handle(self, conn: _Conn, mask: int) -> None:
         if not conn.alive:
+            return
+        if conn.closing:
+            self._flush(conn)               # only written now
             return
         if conn.kind == SERVICE:
             self._accept(conn)

@@ -81,22 +81,72 @@ def test_write_and_schedule_on_a_switched_fd_use_pyipc_framing(board):
 
 
 def test_one_side_ends_then_the_other_is_closed(board):
+    """a's last message still reaches b; then b is closed (no ERROR: nothing lost)."""
     board.a.write(board.afd, b"last words")
     board.a.close(board.afd)
     events = pump(board.server, lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
-    # a's last message was read and queued for b in the same round that saw a
-    # end; b is closed with it, and its ERROR says the queued frame is lost.
     assert [(e.type, e.fd, e.error) for e in events] == [
         (EventType.SWITCH_RX, board.sa.fd, None),
         (EventType.DISCONNECTION, board.sa.fd, None),
-        (EventType.ERROR, board.sb.fd,
-         "peer closed the connection with 1 scheduled message(s) unsent"),
+        (EventType.SWITCH_TX, board.sb.fd, None),
         (EventType.DISCONNECTION, board.sb.fd, None)]
+    assert board.b.read(board.bfd) == b"last words"
     ev = wait_for(board.b, EventType.DISCONNECTION)[-1]
     assert ev.fd == board.bfd
     assert settle(board.server) == []
     with pytest.raises(pyipc.UnknownFdError):
         board.server.write(board.sb.fd, b"x")
+
+
+def test_the_other_side_is_not_writable_while_closing(board, ctx_factory):
+    """Between the end of a and the close of b, b only drains what a sent."""
+    big = os.urandom(3 << 20)             # more than b's socket takes at once
+    board.a.schedule(board.afd, big)
+    tick = deadline()
+    while True:                           # until the server has all of it queued for b
+        tick()
+        board.a.timer = 0
+        if any(e.type == EventType.MESSAGE_TX for e in board.a.wait_events()):
+            break
+        board.server.timer = 0
+        board.server.wait_events()
+    board.a.close(board.afd)
+    seen = pump(board.server, lambda e: any(x.type == EventType.DISCONNECTION for x in e))
+    assert [e.type for e in seen if e.type != EventType.SWITCH_RX] == [EventType.DISCONNECTION]
+    with pytest.raises(pyipc.ConnectionClosedError) as info:
+        board.server.write(board.sb.fd, b"x")
+    assert str(info.value) == f"connection on fd {board.sb.fd} is closed by the peer"
+    with pytest.raises(pyipc.ConnectionClosedError):
+        board.server.schedule(board.sb.fd, b"x")
+    got = None
+    rest = []
+    tick = deadline()
+    while got is None:                    # b reads; the server drains, then closes b
+        tick()
+        board.server.timer = 0
+        rest += board.server.wait_events()
+        board.b.timer = 0
+        for e in board.b.wait_events():
+            if e.type == EventType.MESSAGE_RX:
+                got = e.message
+    assert got == big
+    rest += pump(board.server, lambda e: any(x.type == EventType.DISCONNECTION for x in e)) \
+        if not any(e.type == EventType.DISCONNECTION for e in rest) else []
+    rest = [e for e in rest if e.type != EventType.TIMER]
+    assert [(e.type, e.fd) for e in rest] == [
+        (EventType.SWITCH_TX, board.sb.fd), (EventType.DISCONNECTION, board.sb.fd)]
+
+
+def test_the_other_side_gone_too_reports_what_was_lost(board):
+    """b's own peer is gone as well: what was forwarded to it is reported unsent."""
+    board.b.close(board.bfd)
+    board.a.write(board.afd, b"to nobody")
+    board.a.close(board.afd)
+    events = pump(board.server, lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
+    kinds = [(e.type, e.fd) for e in events]
+    assert (EventType.DISCONNECTION, board.sa.fd) in kinds
+    assert (EventType.DISCONNECTION, board.sb.fd) in kinds
+    assert (EventType.SWITCH_TX, board.sb.fd) not in kinds
 
 
 def test_close_of_one_side_closes_both_without_events(board):
@@ -125,11 +175,13 @@ def test_a_bad_frame_on_one_side_ends_both(ctx_factory, rundir):
             (EventType.SWITCH_RX, s1, None),
             (EventType.ERROR, s1, "message of 101 bytes exceeds max_message_size (100)"),
             (EventType.DISCONNECTION, s1, None),
-            (EventType.ERROR, s2, "peer closed the connection with 1 scheduled message(s) unsent"),
+            (EventType.SWITCH_TX, s2, None),
             (EventType.DISCONNECTION, s2, None)]
     finally:
         raw.close()
     got = collect(other, lambda e: any(x.type == EventType.DISCONNECTION for x in e))
+    assert [(e.type, e.message) for e in got] == [
+        (EventType.MESSAGE_RX, b"fine"), (EventType.DISCONNECTION, None)]
     assert got[-1].fd == ofd
 
 

@@ -362,6 +362,8 @@ class PureContext(Context):
             conn.write_closed = True
             raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer") \
                 from None
+        except OSError as e:        # native's text, not a raw OSError
+            raise _os_error("write failed", e.errno) from None
 
     def _send_queued(self, conn: _Conn) -> bool:
         """Write queued frames without blocking; True when the queue is empty.

@@ -332,3 +332,29 @@ def test_nothing_more_after_a_disconnection(pair):
     pair.client.close(pair.client_fd)
     wait_for(pair.server, EventType.DISCONNECTION)
     assert quiet(pair.server, 50) == []
+
+
+def test_write_error_other_than_epipe(ctx_factory):
+    """write() to a switched pipe's read end: IPCError 'write failed: STRERROR';
+    the event loop's flush of the same: ERROR, then both sides close."""
+    ctx = ctx_factory()
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        fd = a.detach()
+        ctx.add_external(fd)
+        ctx.add_external(r)
+        ctx.add_switch(fd, r)
+        with pytest.raises(pyipc.IPCError) as info:
+            ctx.write(r, b"x")
+        assert type(info.value) is pyipc.IPCError
+        assert str(info.value) == "write failed: Bad file descriptor"
+        ctx.schedule(r, b"y")
+        events = collect(ctx, lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
+        assert [(e.type, e.fd, e.error) for e in events] == [
+            (EventType.ERROR, r, "write failed: Bad file descriptor"),
+            (EventType.DISCONNECTION, r, None),
+            (EventType.DISCONNECTION, fd, None)]
+    finally:
+        b.close()
+        os.close(w)

@@ -358,3 +358,37 @@ def test_write_error_other_than_epipe(ctx_factory):
     finally:
         b.close()
         os.close(w)
+
+
+_EMFILE_SERVICE = r"""
+import os, resource, socket, sys, pyipc
+ctx = pyipc.Context(rundir=sys.argv[1], backend=sys.argv[2])
+sfd = ctx.service_init("acc")
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+hog = []
+try:
+    while True:
+        hog.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+os.close(hog.pop())                       # room for the client's socket only
+client = socket.socket(socket.AF_UNIX)
+client.connect(os.path.join(sys.argv[1], "acc"))
+ctx.timer = 1000
+ev = ctx.wait_events()
+print([(e.type.name, e.fd == sfd, e.index, e.error) for e in ev], flush=True)
+os.close(hog.pop())
+print([(e.type.name, e.fd == sfd) for e in ctx.wait_events()], flush=True)
+"""
+
+
+def test_accept_failure_is_an_error_on_the_service(backend, rundir, processes):
+    """accept() failing (EMFILE): ERROR 'accept failed: STRERROR' on the service
+    fd, no DISCONNECTION; the client is accepted once a fd is free."""
+    proc = processes(_EMFILE_SERVICE, rundir, backend, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [
+        "[('ERROR', True, 0, 'accept failed: Too many open files')]",
+        "[('CONNECTION', False)]"]

@@ -104,7 +104,7 @@ class PureContext(Context):
     """The pure-Python backend of :class:`pyipc.Context`."""
 
     __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_selector",
-                 "_scratch", "_scratch_view")
+                 "_scratch", "_scratch_view", "_ended")
 
     backend = "pure"
 
@@ -114,6 +114,10 @@ class PureContext(Context):
         self._slots: list[Optional[_Conn]] = []
         self._free: list[int] = []                 # heap of free slot numbers
         self._dirty: dict[_Conn, None] = {}        # connections with queued frames
+        # Connections that ended (DISCONNECTION reported) keep their fd open until
+        # the next round, so a new connection cannot get the same number while
+        # the old one's events are handled (a reply would reach the wrong peer).
+        self._ended: dict[int, object] = {}
         self._selector = selectors.DefaultSelector()
         self._scratch = bytearray(SCRATCH_SIZE)
         self._scratch_view = memoryview(self._scratch)
@@ -135,8 +139,8 @@ class PureContext(Context):
         self._set_interest(conn)
         return conn
 
-    def _forget(self, conn: _Conn) -> None:
-        """Stop watching conn, close its fd, free its slot (no event)."""
+    def _forget(self, conn: _Conn, keep_fd: bool = False) -> None:
+        """Stop watching conn, close its fd (or keep it reserved), free its slot."""
         conn.alive = False
         if conn.mask:
             self._selector.unregister(conn.fd)
@@ -148,12 +152,30 @@ class PureContext(Context):
             _rundir.remove_stale_socket(conn.path)
         if conn.lock_fd >= 0:
             os.close(conn.lock_fd)
-        conn.io.close()  # type: ignore[attr-defined]
+        if keep_fd:
+            # The peer sees the end now (EOF, EPIPE); only the number stays taken.
+            # (Not for an external fd: it may be shared, shutdown would end it for all.)
+            if conn.kind == CONNECTION:
+                try:
+                    conn.io.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._ended[conn.fd] = conn.io
+        else:
+            conn.io.close()  # type: ignore[attr-defined]
+
+    def _release_ended(self) -> None:
+        """Close the fds of ended connections: all their events were handed out."""
+        for io in self._ended.values():
+            io.close()  # type: ignore[attr-defined]
+        self._ended.clear()
 
     def _lookup(self, fd: int) -> _Conn:
         _check_fd_type(fd)
         conn = self._by_fd.get(fd)
         if conn is None:
+            if fd in self._ended:
+                raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
             raise UnknownFdError(f"fd {fd} is not managed by this context")
         return conn
 
@@ -247,6 +269,8 @@ class PureContext(Context):
 
     def add_external(self, fd: int) -> None:
         _check_fd_type(fd)
+        if fd in self._ended:
+            raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
         if fd in self._by_fd:
             raise IPCError(f"fd {fd} is already managed by this context")
         try:
@@ -273,6 +297,11 @@ class PureContext(Context):
 
     # -- closing ---------------------------------------------------------------
     def close(self, fd: int) -> None:
+        io = self._ended.pop(fd, None) if isinstance(fd, int) else None
+        if io is not None:
+            self._drop_pending(fd)
+            io.close()  # type: ignore[attr-defined]
+            return
         conn = self._lookup(fd)
         for c in (conn, conn.peer):
             if c is None or not c.alive:
@@ -287,6 +316,7 @@ class PureContext(Context):
         for conn in list(self._by_fd.values()):
             if conn.alive:
                 self._forget(conn)
+        self._release_ended()
         self._pending.clear()
         self._free.clear()
         self._slots.clear()
@@ -301,7 +331,7 @@ class PureContext(Context):
         if error is not None:
             self._pending.append(Event(EventType.ERROR, conn.fd, conn.index, None, error))
         self._pending.append(Event(EventType.DISCONNECTION, conn.fd, conn.index))
-        self._forget(conn)
+        self._forget(conn, keep_fd=True)
         peer = conn.peer
         if peer is not None and peer.alive:
             self._close_after_flush(peer)
@@ -569,6 +599,7 @@ class PureContext(Context):
     def _fetch(self) -> None:
         if not self._by_fd and self._timer is None:
             raise IPCError("nothing to wait for: no fd and no timer")
+        self._release_ended()
         deadline = None if self._timer is None else time.monotonic() + self._timer / 1000
         pending = self._pending
         while True:

@@ -706,7 +706,29 @@ test "read_fd meeting an oversize announcement: MessageTooLarge, then DISCONNECT
     try testing.expectError(error.MessageTooLarge, readMessage(p.server, p.server_fd, &buf));
     try testing.expectEqualStrings("message of 11 bytes exceeds max_message_size (10)", p.server.last.text());
     try expectOnly(p.server, .disconnection, p.server_fd, null);
-    try testing.expectError(error.UnknownFd, readMessage(p.server, p.server_fd, &buf));
+    try testing.expectError(error.ConnectionClosed, readMessage(p.server, p.server_fd, &buf));
+}
+
+test "an ended connection's fd number stays taken until the next round" {
+    var p = try Pair.init("reuse");
+    defer p.deinit();
+    try p.client.write(p.client_fd, "last words");
+    p.client.close(p.client_fd) catch unreachable;
+    try expectOnly(p.server, .message_rx, p.server_fd, "last words");
+    try expectOnly(p.server, .disconnection, p.server_fd, null);
+    // Handling the old peer's events: its fd is still open (no new
+    // connection can get the number) and sends to it fail cleanly.
+    try testing.expect(sys.isOpen(p.server_fd));
+    try testing.expectError(error.ConnectionClosed, p.server.write(p.server_fd, "reply"));
+    try testing.expectError(error.ConnectionClosed, p.server.schedule(p.server_fd, "reply"));
+    // The next round frees the number (a new client may get it) and the
+    // new connection works.
+    const second = try p.client.connectService("reuse");
+    var ev = try expectEvent(p.server, .connection, -2, null);
+    defer ev.deinit();
+    try p.server.write(ev.fd, "welcome");
+    var buf: [16]u8 = undefined;
+    try testing.expectEqualStrings("welcome", try readMessage(p.client, second, &buf));
 }
 
 test "closing one side of a switch closes both, with no event" {

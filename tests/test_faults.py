@@ -378,6 +378,7 @@ ctx.timer = 1000
 ev = ctx.wait_events()
 print([(e.type.name, e.fd == sfd, e.index, e.error) for e in ev], flush=True)
 os.close(hog.pop())
+os.close(hog.pop())                       # (accept needs a free fd even to say EAGAIN)
 print([(e.type.name, e.fd == sfd) for e in ctx.wait_events()], flush=True)
 """
 

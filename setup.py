@@ -4,7 +4,8 @@ setuptools calls build_py for `pip install .`, wheels and editable installs; thi
 one first runs `python -m ziglang build` and copies the shared library and the
 header next to pyipc/__init__.py, where pyipc._native looks for them.
 Set PYIPC_SKIP_NATIVE=1 to install the pure backend only. PYIPC_ZIG_TARGET
-(e.g. aarch64-linux-gnu.2.17) cross-compiles, for ci/wheels.
+(e.g. aarch64-linux-gnu.2.17) cross-compiles, for ci/wheels (a musl target
+also needs patchelf: see name_musl_libc).
 
 The library does not use the Python C API, so a wheel serves every Python 3:
 its tag is py3-none-PLATFORM. PLATFORM is env PYIPC_WHEEL_PLAT taken as is
@@ -59,6 +60,23 @@ def build_native(dest: Path) -> None:
     else:
         raise RuntimeError(f"zig build produced no library in {prefix / 'lib'}")
     shutil.copy2(ROOT / "zig" / "libipc.h", dest / "libipc.h")
+    if target and "-linux-musl" in target:
+        name_musl_libc(dest / "libipc.so", target.split("-", 1)[0])
+
+
+def name_musl_libc(library: Path, arch: str) -> None:
+    """Zig links musl's C library as DT_NEEDED ``libc.so``; musllinux wheels (built
+    on Alpine) need ``libc.musl-ARCH.so.1``, the name auditwheel's musllinux policy
+    allows. musl's loader takes any ``libc.*`` as itself, so both load everywhere;
+    the Alpine name makes the wheel what auditwheel and other tools expect.
+    Needs patchelf (``pip install patchelf``): only for cross-built musl wheels."""
+    patchelf = shutil.which("patchelf") or shutil.which("patchelf", path=str(Path(sys.executable).parent))
+    if patchelf is None:
+        raise RuntimeError("a musl target needs patchelf to name libc as musllinux "
+                           "wheels do: pip install patchelf")
+    cmd = [patchelf, "--replace-needed", "libc.so", f"libc.musl-{arch}.so.1", str(library)]
+    print("pyipc:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
 
 
 class BuildPyWithZig(build_py):

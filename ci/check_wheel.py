@@ -14,7 +14,7 @@ struct (no readelf, no lief):
 - the binary's machine (ELF e_machine, Mach-O cputype) is the tag's architecture;
 - the binary's OS is the tag's OS: EI_OSABI, the OS notes (.note.tag "FreeBSD",
   "NetBSD", "OpenBSD", "GNU" ABI tags), the C library it needs (DT_NEEDED: glibc
-  libc.so.6, musl libc.so, FreeBSD libc.so.7 with FBSD_1.x symbol versions,
+  libc.so.6, musl libc.musl-ARCH.so.1 (as on Alpine), FreeBSD libc.so.7 with FBSD_1.x symbol versions,
   NetBSD libc.so.12, OpenBSD libc.so.M.N; macOS libSystem) and, for macOS, the
   LC_BUILD_VERSION platform and minimum version (<= the tag's);
 - manylinux_X_Y / manylinux2014: every GLIBC_x.y version required
@@ -61,7 +61,7 @@ PLATFORM_MACOS = 1
 ALLOWED_NEEDED = {
     "glibc": re.compile(r"(libc\.so\.6|libm\.so\.6|libpthread\.so\.0|libdl\.so\.2|librt\.so\.1"
                         r"|ld-linux-(x86-64|aarch64)\.so\.[12])$"),
-    "musl": re.compile(r"(libc\.so|ld-musl-(x86_64|aarch64)\.so\.1)$"),
+    "musl": re.compile(r"(libc\.so|libc\.musl-(x86_64|aarch64)\.so\.1|ld-musl-(x86_64|aarch64)\.so\.1)$"),
     "freebsd": re.compile(r"(libc\.so\.7|libthr\.so\.3|libm\.so\.5|libgcc_s\.so\.1)$"),
     "netbsd": re.compile(r"(libc\.so\.12|libpthread\.so\.1|libm\.so\.0)$"),
     # Zig links OpenBSD's libc as plain "libc.so": its ld.so then takes the newest libc.so.M.N
@@ -228,7 +228,7 @@ def elf_os(b: Binary) -> tuple[str, str, str]:
         os_, libc = "linux", "glibc"
     elif "libc.so" in needed and "__errno" in b.imports:
         os_, libc = "openbsd", "openbsd"  # Zig links OpenBSD's libc unversioned
-    elif "libc.so" in needed:
+    elif "libc.so" in needed or any(re.fullmatch(r"libc\.musl-\w+\.so\.1", n) for n in needed):
         os_, libc = "linux", "musl"
     elif "libc.so.7" in needed:
         os_, libc = "freebsd", "freebsd"
@@ -453,6 +453,9 @@ def check_wheel(wheel: Path, repo_header: Path | None, use_auditwheel: bool) -> 
             raise CheckError(f"binary is for {os_}/{libc} ({evidence}), the tag {exp.tag} says "
                              f"{exp.os}/{exp.libc or 'any libc'}")
         passed.append(f"os {os_ if os_ == libc else os_ + '/' + libc} ({evidence})")
+        if exp.libc == "musl" and f"libc.musl-{b.arch}.so.1" not in b.needed:
+            raise CheckError(f"a musllinux library must need libc.musl-{b.arch}.so.1 (Alpine's name, "
+                             f"the one auditwheel's musllinux policy allows), not {b.needed}")
         if exp.libc == "glibc":
             versions = [v for vs in b.verneed.values() for v in vs if v.startswith("GLIBC_")]
             parsed = [tuple(int(x) for x in v[6:].split(".")[:2]) for v in versions]

@@ -44,20 +44,62 @@ pub fn readSome(fd: fd_t, buf: []u8) IoResult {
 }
 
 /// Write an iovec list once: sendmsg with MSG_NOSIGNAL on a socket (writev has
-/// no flags), writev on anything else (a pipe given to add_external).
+/// no flags), writev on anything else (a pipe given to add_external), with
+/// SIGPIPE held back (see writevQuiet).
 pub fn writeSome(fd: fd_t, iov: []const std.posix.iovec_const, is_socket: bool) IoResult {
+    if (!is_socket) return writevQuiet(fd, iov);
     while (true) {
-        const n: isize = if (is_socket) blk: {
-            var msg = std.mem.zeroes(c.msghdr_const);
-            msg.iov = iov.ptr;
-            msg.iovlen = @intCast(iov.len);
-            break :blk c.sendmsg(fd, &msg, send_flags);
-        } else c.writev(fd, iov.ptr, @intCast(iov.len));
+        var msg = std.mem.zeroes(c.msghdr_const);
+        msg.iov = iov.ptr;
+        msg.iovlen = @intCast(iov.len);
+        const n = c.sendmsg(fd, &msg, send_flags);
         if (n >= 0) return .{ .done = @intCast(n) };
         switch (errno(n)) {
             .INTR => continue,
             .AGAIN => return .would_block,
             else => |e| return .{ .failed = e },
+        }
+    }
+}
+
+extern "c" fn sigpending(set: *c.sigset_t) c_int;
+extern "c" fn sigwait(set: *const c.sigset_t, sig: *c_int) c_int;
+
+fn pipeSignalPending() bool {
+    var pending: c.sigset_t = std.posix.sigemptyset();
+    if (sigpending(&pending) != 0) return false;
+    return std.posix.sigismember(&pending, std.posix.SIG.PIPE);
+}
+
+/// writev without SIGPIPE (a pipe has no MSG_NOSIGNAL): SIGPIPE is blocked in
+/// this thread for the call, and the one a write to a closed pipe raised is
+/// taken off the pending set before the old mask comes back, so the caller
+/// only sees EPIPE, whatever the process's SIGPIPE disposition.
+fn writevQuiet(fd: fd_t, iov: []const std.posix.iovec_const) IoResult {
+    var pipe_set = std.posix.sigemptyset();
+    std.posix.sigaddset(&pipe_set, std.posix.SIG.PIPE);
+    var old: c.sigset_t = undefined;
+    const masked = c.pthread_sigmask(std.posix.SIG.BLOCK, &pipe_set, &old) == 0;
+    defer if (masked) {
+        var ignored: c.sigset_t = undefined;
+        _ = c.pthread_sigmask(std.posix.SIG.SETMASK, &old, &ignored);
+    };
+    // One already pending (not ours) is left alone.
+    const was_pending = masked and pipeSignalPending();
+    while (true) {
+        const n = c.writev(fd, iov.ptr, @intCast(iov.len));
+        if (n >= 0) return .{ .done = @intCast(n) };
+        const e = errno(n);
+        switch (e) {
+            .INTR => continue,
+            .AGAIN => return .would_block,
+            else => {
+                if (e == .PIPE and masked and !was_pending and pipeSignalPending()) {
+                    var sig: c_int = 0;
+                    _ = sigwait(&pipe_set, &sig); // pending: returns at once
+                }
+                return .{ .failed = e };
+            },
         }
     }
 }
@@ -149,6 +191,23 @@ test "readSome and writeSome over a socketpair" {
     try std.testing.expect(isOpen(fds[0]));
     closeFd(fds[0]);
     try std.testing.expect(readSome(fds[1], &buf) == .eof);
+}
+
+test "writeSome to a pipe nobody reads: EPIPE, no SIGPIPE, none left pending" {
+    // SIGPIPE at its default action: a raised one would end the test run.
+    var act = std.mem.zeroes(c.Sigaction);
+    act.handler = .{ .handler = c.SIG.DFL };
+    var saved: c.Sigaction = undefined;
+    try std.testing.expectEqual(@as(c_int, 0), c.sigaction(c.SIG.PIPE, &act, &saved));
+    defer _ = c.sigaction(c.SIG.PIPE, &saved, null);
+    var fds: [2]c.fd_t = undefined;
+    try std.testing.expectEqual(@as(c_int, 0), c.pipe(&fds));
+    closeFd(fds[0]);
+    defer closeFd(fds[1]);
+    const iov = [_]std.posix.iovec_const{.{ .base = "x", .len = 1 }};
+    const r = writeSome(fds[1], &iov, false);
+    try std.testing.expect(r == .failed and r.failed == .PIPE);
+    try std.testing.expect(!pipeSignalPending());
 }
 
 test "lstatMode sees a directory and a missing path" {

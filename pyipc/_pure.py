@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import selectors
+import signal
 import socket
 import stat
 import struct
@@ -65,7 +66,7 @@ class _RawFd:
         return os.readv(self._fd, [buf])
 
     def sendmsg(self, buffers: list, *_: object) -> int:
-        return os.writev(self._fd, buffers)
+        return _writev_quiet(self._fd, buffers)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -668,6 +669,26 @@ def _os_error(what: str, errno_: Optional[int]) -> IPCError:
     err = IPCError(f"{what}: {os.strerror(errno_ or 0)}")
     err.errno = errno_
     return err
+
+
+def _writev_quiet(fd: int, buffers: list) -> int:
+    """os.writev without SIGPIPE (a pipe has no MSG_NOSIGNAL), as native does:
+    unless SIGPIPE is ignored, it is blocked for the call and the one a write
+    to a closed pipe raised is taken off the pending set; the caller only sees
+    BrokenPipeError."""
+    if signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN:
+        return os.writev(fd, buffers)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+    try:
+        was_pending = signal.SIGPIPE in signal.sigpending()
+        try:
+            return os.writev(fd, buffers)
+        except BrokenPipeError:
+            if not was_pending and signal.SIGPIPE in signal.sigpending():
+                signal.sigwait({signal.SIGPIPE})
+            raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _check_fd_type(fd: object) -> None:

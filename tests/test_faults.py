@@ -393,3 +393,43 @@ def test_accept_failure_is_an_error_on_the_service(backend, rundir, processes):
     assert out.splitlines() == [
         "[('ERROR', True, 0, 'accept failed: Too many open files')]",
         "[('CONNECTION', False)]"]
+
+
+_PIPE_WRITER = r"""
+import os, signal, socket, sys, pyipc
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)        # a raised SIGPIPE kills us
+ctx = pyipc.Context(rundir=sys.argv[1], backend=sys.argv[2])
+a, peer = socket.socketpair()
+r, w = os.pipe()
+fd = a.detach()
+ctx.add_external(fd)
+ctx.add_external(w)
+ctx.add_switch(fd, w)
+os.close(r)                                           # nobody reads the pipe
+try:
+    ctx.write(w, b"x")
+except pyipc.ConnectionClosedError as e:
+    print("write:", e)
+r2, w2 = os.pipe()
+ctx.add_external(w2)
+fd2 = socket.socketpair()[0].detach()
+ctx.add_external(fd2)
+ctx.add_switch(fd2, w2)
+os.close(r2)
+ctx.schedule(w2, b"y")                                # the event loop's flush
+ctx.timer = 50
+for _ in range(5):
+    ctx.wait_events()
+print("alive", signal.SIGPIPE in signal.sigpending())
+"""
+
+
+def test_no_sigpipe_from_a_switched_pipe(backend, rundir, processes):
+    """Writes to a pipe (no MSG_NOSIGNAL there) must not raise SIGPIPE either."""
+    proc = processes(_PIPE_WRITER, rundir, backend, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, f"child ended with {proc.returncode}: {err}"
+    lines = out.splitlines()
+    assert lines[0].startswith("write: connection on fd ")
+    assert lines[1] == "alive False"

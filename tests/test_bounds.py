@@ -321,3 +321,20 @@ def test_announcement_of_4gib_on_the_default_limit_in_a_fresh_process(
     assert lines[:2] == ["ERROR message of 4294967295 bytes exceeds max_message_size (16777216)",
                          "DISCONNECTION None"], (out, err)
     assert int(lines[2].split()[1]) < 100 * 1024, out
+
+
+def test_read_of_a_message_of_exactly_the_default_limit(ctx_factory):
+    """read() (not the event loop) of a 16 MiB message written by another thread."""
+    import threading
+    server, client = ctx_factory(), ctx_factory()
+    server.service_init("bigread")
+    fd = client.connect_service("bigread")
+    conn = wait_for(server, EventType.CONNECTION)[-1].fd
+    edge = os.urandom(1 << 20) * 16
+    writer = threading.Thread(target=lambda: (client.write(fd, edge), client.write(fd, b"")))
+    writer.start()
+    try:
+        assert server.read(conn) == edge
+        assert server.read(conn) == b""
+    finally:
+        writer.join(60)

@@ -12,8 +12,8 @@ import os
 import stat
 from typing import Optional, Union
 
-from ._types import (DEFAULT_RUNDIR, MAX_SOCKET_PATH, InvalidNameError, RunDirError,
-                     ServiceBusyError)
+from ._types import (DEFAULT_RUNDIR, MAX_SOCKET_PATH, InvalidNameError, IPCError,
+                     RunDirError, ServiceBusyError)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -95,19 +95,40 @@ def _create(rundir: str) -> None:
 
 def lock_service(rundir: str, name: str, path: str) -> int:
     """Take the exclusive lock ``NAME.lock``; return its fd (held until closed)."""
-    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    try:
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    except OSError as e:        # e.g. ENXIO: a socket of service "NAME.lock" is there
+        raise _start_failed(name, e.errno) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise ServiceBusyError(f"service {name} is already running in {rundir}") from None
-        raise
+        raise _start_failed(name, e.errno) from None
     return fd
 
 
-def remove_stale_socket(path: str) -> None:
-    """Remove a socket file left by a dead service (we hold the lock)."""
+def _start_failed(name: str, errno_: Optional[int]) -> IPCError:
+    err = IPCError(f"cannot start service {name}: {os.strerror(errno_ or 0)}")
+    err.errno = errno_
+    return err
+
+
+def remove_stale_socket(path: str, name: Optional[str] = None) -> None:
+    """Remove a socket file left by a dead service (we hold the lock).
+
+    With ``name`` (service_init), anything but a socket at ``path`` is left
+    alone and refused: it may be another service's lock file (service
+    "x.lock" next to service "x") or a file that is not ours to delete.
+    """
+    if name is not None:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise IPCError(f"cannot start service {name}: {path} exists and is not a socket")
     try:
         os.unlink(path)
     except FileNotFoundError:

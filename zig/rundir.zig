@@ -111,7 +111,15 @@ fn address(path: []const u8) c.sockaddr.un {
 
 /// Remove a stale socket (we hold the lock, so no live service owns it),
 /// bind a new one (mode 0660) and listen. Returns the non-blocking socket.
+/// Anything but a socket at that path is left alone and refused: it may be
+/// another service's lock file (service "x.lock" next to service "x") or a
+/// file that is not ours to delete.
 pub fn listenAt(path: [:0]const u8, name: []const u8, last: *LastError) Error!i32 {
+    switch (sys.lstatMode(path.ptr)) {
+        .mode => |m| if (m & sys.S_IFMT != sys.S_IFSOCK)
+            return last.fail(error.Generic, "cannot start service {s}: {s} exists and is not a socket", .{ name, path }),
+        .failed => {},
+    }
     if (c.unlink(path.ptr) != 0 and c.errno(@as(c_int, -1)) != .NOENT)
         return startFailed(name, c.errno(@as(c_int, -1)), last);
     const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC | c.SOCK.NONBLOCK, 0);

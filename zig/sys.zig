@@ -175,6 +175,7 @@ pub fn lstatMode(path: [*:0]const u8) LstatResult {
 pub const S_IFMT: u32 = 0o170000;
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFLNK: u32 = 0o120000;
+pub const S_IFSOCK: u32 = 0o140000;
 pub const S_IWOTH: u32 = 0o002;
 
 test "readSome and writeSome over a socketpair" {

@@ -211,7 +211,7 @@ class PureContext(Context):
         lock_fd = _rundir.lock_service(self.rundir, name, path)
         sock = None
         try:
-            _rundir.remove_stale_socket(path)
+            _rundir.remove_stale_socket(path, name)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             sock.bind(path)
             os.chmod(path, 0o660)
@@ -221,6 +221,8 @@ class PureContext(Context):
             if sock is not None:
                 sock.close()
             os.close(lock_fd)
+            if isinstance(e, IPCError):
+                raise
             raise _os_error(f"cannot start service {name}", e.errno) from None
         conn = _Conn(sock.fileno(), sock, SERVICE, self.max_message_size)
         conn.path, conn.lock_fd = path, lock_fd

@@ -190,3 +190,40 @@ def test_closing_a_service_keeps_its_connections(ctx_factory, rundir):
     assert client.read(cfd) == b"yes"
     with pytest.raises(pyipc.ServiceNotFoundError):
         ctx_factory().connect_service("svc")
+
+
+def test_service_named_like_another_ones_lock_file(ctx_factory, rundir):
+    """Service "x.lock" next to service "x": it must not delete x's lock file
+    (which would let a second "x" start), and "x" after "x.lock" fails cleanly."""
+    x = ctx_factory()
+    x.service_init("x")
+    with pytest.raises(pyipc.IPCError) as info:
+        ctx_factory().service_init("x.lock")
+    assert type(info.value) is pyipc.IPCError
+    assert str(info.value) == \
+        f"cannot start service x.lock: {rundir}/x.lock exists and is not a socket"
+    assert os.path.isfile(os.path.join(rundir, "x.lock"))
+    with pytest.raises(pyipc.ServiceBusyError):
+        ctx_factory().service_init("x")          # still protected by its lock
+    # The other order: "y.lock" runs, then "y" cannot open its lock file.
+    ctx_factory().service_init("y.lock")
+    with pytest.raises(pyipc.IPCError) as info:
+        ctx_factory().service_init("y")
+    assert type(info.value) is pyipc.IPCError
+    assert str(info.value) == "cannot start service y: No such device or address"
+    assert stat.S_ISSOCK(os.lstat(os.path.join(rundir, "y.lock")).st_mode)
+
+
+def test_a_file_that_is_not_a_socket_is_not_deleted(ctx_factory, rundir):
+    path = os.path.join(rundir, "data")
+    with open(path, "w") as f:
+        f.write("precious")
+    with pytest.raises(pyipc.IPCError) as info:
+        ctx_factory().service_init("data")
+    assert str(info.value) == f"cannot start service data: {path} exists and is not a socket"
+    with open(path) as f:
+        assert f.read() == "precious"
+    os.mkdir(os.path.join(rundir, "adir"))
+    with pytest.raises(pyipc.IPCError):
+        ctx_factory().service_init("adir")
+    assert os.path.isdir(os.path.join(rundir, "adir"))

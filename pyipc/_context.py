@@ -11,6 +11,7 @@ import os
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple
 
+from . import _threads
 from ._rundir import PathLike, resolve_rundir
 from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, MAX_MESSAGE_SIZE_LIMIT, CBEvent,
@@ -49,9 +50,14 @@ class Context:
     """
 
     __slots__ = ("rundir", "max_message_size", "max_queue_size", "max_connections",
-                 "_timer", "_pending", "__weakref__")
+                 "_timer", "_pending", "_guard", "__weakref__")
 
     backend: str = "abstract"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each backend's public methods hold the thread guard (see _threads)."""
+        super().__init_subclass__(**kwargs)
+        _threads.guard_methods(cls)
 
     def __new__(cls, *args: object, **kwargs: object) -> "Context":
         if cls is Context:
@@ -71,6 +77,7 @@ class Context:
         self.max_connections = max_connections
         self._timer: Optional[int] = None
         self._pending: deque[Event] = deque()   # events not yet returned, in order
+        self._guard = _threads.ThreadGuard()
 
     # -- timer -----------------------------------------------------------------
     @property
@@ -92,6 +99,10 @@ class Context:
 
     def _timer_changed(self, value: Optional[int]) -> None:
         """Hook for backends that keep the timer elsewhere."""
+
+    def _wakeup(self) -> None:
+        """Any thread: make a wait in progress return (schedule() hand-over)."""
+        raise NotImplementedError
 
     # -- conveniences ------------------------------------------------------------
     def __enter__(self) -> "Context":

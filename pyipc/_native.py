@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import sys
+import time
 import weakref
 from pathlib import Path
 from typing import Optional, Tuple
@@ -32,7 +34,6 @@ EVENT_BATCH = 1024
 READ_BUFFER = 64 * 1024
 
 _TYPES = tuple(EventType)
-_PAYLOAD_TYPES = (EventType.MESSAGE_RX, EventType.SWITCH_RX)
 
 
 def _header_path() -> Path:
@@ -76,6 +77,22 @@ def _load() -> tuple:
 
 
 ffi, lib, LIBRARY_PATH, HEADER_PATH = _load()
+
+# Hot functions, looked up once.
+_ipc_write, _ipc_schedule, _ipc_read_fd = lib.ipc_write, lib.ipc_schedule, lib.ipc_read_fd
+_ipc_wait_events, _ipc_pending_events = lib.ipc_wait_events, lib.ipc_pending_events
+_unpack = ffi.unpack
+#: struct ipc_event as struct.iter_unpack decodes it (native sizes and alignment).
+_EVENT = struct.Struct("@iiqPIP")
+_EVENT_SIZE = ffi.sizeof("struct ipc_event")
+assert _EVENT.size == _EVENT_SIZE, "struct ipc_event layout does not match"
+_iter_unpack = _EVENT.iter_unpack
+#: A bytes-slicing view of this process's memory from address 1: a payload the
+#: core lends at address A with length L is copied out as _MEMORY[A-1:A-1+L], one
+#: C-level slice instead of several cffi calls per event. Only the slices taken
+#: are read, and only while the core keeps them valid (until its next wait).
+_MEMORY = ffi.buffer(ffi.cast("char *", 1), sys.maxsize - 1)
+_RX = EventType.MESSAGE_RX
 
 
 class NativeContext(Context):
@@ -200,46 +217,107 @@ class NativeContext(Context):
         return ffi.from_buffer(data), len(data)
 
     def write(self, fd: int, payload: object) -> None:
+        if type(payload) is bytes and type(fd) is int:     # fast path: no conversion
+            try:
+                rc = _ipc_write(self._ctx, fd, payload, len(payload))
+            except OverflowError:       # fd or size out of C's range: the slow path says why
+                pass
+            else:
+                if rc:
+                    self._check(rc, fd)
+                return
         buf, size = self._payload(payload)
         self._check(lib.ipc_write(self._ctx, _fd_arg(fd), buf, size), fd)
 
     def schedule(self, fd: int, payload: object) -> None:
+        if type(payload) is bytes and type(fd) is int:     # fast path: no conversion
+            try:
+                rc = _ipc_schedule(self._ctx, fd, payload, len(payload))
+            except OverflowError:
+                pass
+            else:
+                if rc:
+                    self._check(rc, fd)
+                return
         buf, size = self._payload(payload)
         self._check(lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size), fd)
 
     def read(self, fd: int) -> bytes:
-        message = self._take_pending_message(fd)
-        if message is not None:
-            return message
+        if self._pending:
+            message = self._take_pending_message(fd)
+            if message is not None:
+                return message
         buf, rlen = self._rbuf, self._rlen
         rlen[0] = READ_BUFFER
-        rc = lib.ipc_read_fd(self._ctx, _fd_arg(fd), buf, rlen)
+        rc = _ipc_read_fd(self._ctx, _fd_arg(fd), buf, rlen)
         if rc == _E_BUFFER_TOO_SMALL:
             buf = ffi.new("char[]", rlen[0])
-            rc = lib.ipc_read_fd(self._ctx, fd, buf, rlen)
-        self._check(rc, fd)
-        return ffi.buffer(buf, rlen[0])[:]
+            rc = _ipc_read_fd(self._ctx, fd, buf, rlen)
+        if rc:
+            self._check(rc, fd)
+        return _unpack(buf, rlen[0])
 
     # -- the event loop ----------------------------------------------------------
-    def _fetch(self) -> None:
-        """One wait in the core, then every event it has queued, into _pending."""
-        ctx, events, count = self._ctx, self._events, self._count
-        self._check(lib.ipc_wait_events(ctx, events, EVENT_BATCH, count))
-        self._convert(count[0])
-        while lib.ipc_pending_events(ctx):
-            self._check(lib.ipc_wait_events(ctx, events, EVENT_BATCH, count))
-            self._convert(count[0])
+    def wait_events(self) -> list[Event]:
+        if self._pending:
+            return super().wait_events()
+        start = time.monotonic()
+        return self._take_events() or self._after_wakeup(start)
 
-    def _convert(self, n: int) -> None:
-        append, buffer, string, NULL = self._pending.append, ffi.buffer, ffi.string, ffi.NULL
-        for i in range(n):
-            ev = self._events[i]
-            etype = _TYPES[ev.type]
-            message = buffer(ev.message, ev.message_len)[:] \
-                if etype in _PAYLOAD_TYPES and ev.message_len else \
-                (b"" if etype in _PAYLOAD_TYPES else None)
-            error = string(ev.error).decode("utf-8", "replace") if ev.error != NULL else None
-            append(Event(etype, ev.fd, ev.index, message, error))
+    def _fetch(self) -> None:
+        start = time.monotonic()
+        self._pending.extend(self._take_events() or self._after_wakeup(start))
+
+    def _wakeup(self) -> None:
+        lib.ipc_wakeup(self._ctx)
+
+    def _after_wakeup(self, since: float) -> list[Event]:
+        """The core's wait returned with no event: another thread handed over
+        messages (schedule). Schedule them, then wait again for what is left of
+        the timer, counted from ``since`` (when the wait began)."""
+        while True:
+            self._guard.apply(self)
+            if self._timer is None:
+                events = self._take_events()
+            else:
+                left = self._timer - int((time.monotonic() - since) * 1000)
+                lib.ipc_context_timer(self._ctx, max(0, left))
+                try:
+                    events = self._take_events()
+                finally:
+                    lib.ipc_context_timer(self._ctx, self._timer)
+            if events:
+                return events
+
+    def _take_events(self) -> list[Event]:
+        """One wait in the core, then every event it has queued, converted."""
+        ctx, events, count = self._ctx, self._events, self._count
+        rc = _ipc_wait_events(ctx, events, EVENT_BATCH, count)
+        if rc:
+            self._check(rc)
+        out = _convert(events, count[0])
+        while count[0] == EVENT_BATCH and _ipc_pending_events(ctx):
+            rc = _ipc_wait_events(ctx, events, EVENT_BATCH, count)
+            if rc:
+                self._check(rc)
+            out += _convert(events, count[0])
+        return out
+
+
+def _convert(events: object, n: int) -> list[Event]:
+    """Events of a batch the core filled: the structs are decoded in one C call
+    (struct.iter_unpack) and each payload is one slice of _MEMORY (one copy)."""
+    out: list[Event] = []
+    append, mem = out.append, _MEMORY
+    for etype, fd, index, msg, mlen, err in _iter_unpack(ffi.buffer(events, n * _EVENT_SIZE)):
+        if etype == 3:                       # MESSAGE_RX: the hot case
+            append(Event(_RX, fd, index, mem[msg - 1:msg - 1 + mlen], None))
+        else:
+            payload = mem[msg - 1:msg - 1 + mlen] if etype == 7 else None
+            error = ffi.string(ffi.cast("char *", err)).decode("utf-8", "replace") \
+                if err else None
+            append(Event(_TYPES[etype], fd, index, payload, error))
+    return out
 
 
 def _name_bytes(name: str) -> bytes:

@@ -19,6 +19,7 @@ import socket
 import stat
 import struct
 import time
+import weakref
 from collections import deque
 from typing import Callable, Optional, Tuple
 
@@ -46,6 +47,8 @@ _TX = EventType.MESSAGE_TX
 _SWITCH_RX = EventType.SWITCH_RX
 _SWITCH_TX = EventType.SWITCH_TX
 _READ = selectors.EVENT_READ
+#: The selector key data of the wake-up pipe (another thread's schedule()).
+_WAKE = object()
 _WRITE = selectors.EVENT_WRITE
 
 SERVICE, CONNECTION, EXTERNAL = "service", "connection", "external"
@@ -105,7 +108,7 @@ class PureContext(Context):
     """The pure-Python backend of :class:`pyipc.Context`."""
 
     __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_selector",
-                 "_scratch", "_scratch_view", "_ended")
+                 "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w")
 
     backend = "pure"
 
@@ -122,6 +125,11 @@ class PureContext(Context):
         self._selector = selectors.DefaultSelector()
         self._scratch = bytearray(SCRATCH_SIZE)
         self._scratch_view = memoryview(self._scratch)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, _READ, _WAKE)
+        weakref.finalize(self, _close_quietly, self._wake_r, self._wake_w, self._selector)
 
     # -- table -----------------------------------------------------------------
     def _check_room(self) -> None:
@@ -599,6 +607,12 @@ class PureContext(Context):
             self._callback_result(dest, result, None)
 
     # -- the event loop ----------------------------------------------------------
+    def _wakeup(self) -> None:
+        try:
+            os.write(self._wake_w, b"\1")
+        except BlockingIOError:
+            pass                                # full: a wake-up is already pending
+
     def _fetch(self) -> None:
         if not self._by_fd and self._timer is None:
             raise IPCError("nothing to wait for: no fd and no timer")
@@ -616,6 +630,10 @@ class PureContext(Context):
             else:
                 timeout = max(0.0, deadline - time.monotonic())
             for key, mask in self._selector.select(timeout):
+                if key.data is _WAKE:
+                    _drain(self._wake_r)
+                    self._guard.apply(self)     # messages other threads scheduled
+                    continue
                 self._handle(key.data, mask)
             if pending:
                 return
@@ -691,6 +709,21 @@ def _writev_quiet(fd: int, buffers: list) -> int:
             raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _close_quietly(r: int, w: int, selector: selectors.BaseSelector) -> None:
+    """Finalizer: the wake-up pipe and the selector of a collected context."""
+    selector.close()
+    os.close(r)
+    os.close(w)
 
 
 def _check_fd_type(fd: object) -> None:

@@ -20,6 +20,7 @@ const rundir_mod = @import("rundir.zig");
 const credentials = @import("credentials.zig");
 const fdpass = @import("fdpass.zig");
 const switching = @import("switching.zig");
+const Wakeup = @import("wakeup.zig").Wakeup;
 
 pub const Error = errors.Error;
 pub const Conn = conn_table.Conn;
@@ -60,6 +61,10 @@ pub const Context = struct {
     /// (a reply to them would go to the wrong peer). See releaseEnded.
     ended: std.AutoHashMapUnmanaged(i32, void) = .empty,
     ready: [256]poller_mod.Ready = undefined,
+    /// Lets another thread end a wait (ipc_wakeup); watched by the poller.
+    wakeup: Wakeup,
+    /// The wake-up pipe was readable in this wait.
+    woken: bool = false,
 
     // ------------------------------------------------------------ lifetime
 
@@ -72,8 +77,12 @@ pub const Context = struct {
         const dir: []const u8 = if (env) |e| std.mem.span(e) else "";
         const rundir = try gpa.dupe(u8, if (dir.len > 0) dir else rundir_mod.default_rundir);
         errdefer gpa.free(rundir);
-        const poller = poller_mod.Poller.init(gpa) catch return error.OutOfMemory;
-        self.* = .{ .gpa = gpa, .rundir = rundir, .poller = poller };
+        var poller = poller_mod.Poller.init(gpa) catch return error.OutOfMemory;
+        errdefer poller.deinit(gpa);
+        var wakeup = Wakeup.init() catch return error.OutOfMemory;
+        errdefer wakeup.deinit();
+        poller.update(gpa, wakeup.read_fd, .{}, .{ .read = true }) catch return error.OutOfMemory;
+        self.* = .{ .gpa = gpa, .rundir = rundir, .poller = poller, .wakeup = wakeup };
         return self;
     }
 
@@ -84,6 +93,7 @@ pub const Context = struct {
         self.events.deinit(gpa);
         self.table.deinit(gpa);
         self.poller.deinit(gpa);
+        self.wakeup.deinit();
         self.dirty.deinit(gpa);
         self.ended.deinit(gpa);
         if (self.scratch) |s| gpa.free(s);
@@ -676,7 +686,9 @@ pub const Context = struct {
 
     /// Make sure at least one event is pending: return at once if one is,
     /// else run rounds until one produces an event or the timer expires.
-    pub fn wait(self: *Context) Error!void {
+    /// With `stop_on_wakeup`, also return (with no event) when another thread
+    /// called ipc_wakeup during the wait.
+    pub fn wait(self: *Context, stop_on_wakeup: bool) Error!void {
         if (self.events.live > 0) return;
         self.releaseEnded();
         if (self.table.count() == 0 and self.timer_ms < 0)
@@ -686,6 +698,10 @@ pub const Context = struct {
             const timeout: i32 = if (deadline) |d| @intCast(std.math.clamp(d - sys.nowMs(), 0, std.math.maxInt(i32))) else -1;
             try self.round(timeout);
             if (self.events.live > 0) return;
+            if (self.woken) {
+                self.woken = false;
+                if (stop_on_wakeup) return;
+            }
             if (deadline) |d| if (sys.nowMs() >= d) {
                 try self.events.push(self.gpa, .timer, -1, -1);
                 return;
@@ -716,6 +732,11 @@ pub const Context = struct {
     }
 
     fn handleReady(self: *Context, r: poller_mod.Ready) Allocator.Error!void {
+        if (r.fd == self.wakeup.read_fd) {
+            self.wakeup.drain();
+            self.woken = true;
+            return;
+        }
         // The fd may have been closed earlier in this round.
         const conn = self.table.get(r.fd) orelse return;
         if (conn.kind == .service) {

@@ -72,7 +72,7 @@ const Ev = struct {
 
 fn nextEvent(ctx: *Context) !Ev {
     ctx.events.releaseLent(gpa);
-    try ctx.wait();
+    try ctx.wait(false);
     const ev = ctx.events.peek().?;
     var out: Ev = .{ .kind = ev.kind, .fd = ev.fd, .index = ev.index };
     errdefer out.deinit();
@@ -508,7 +508,7 @@ test "errors: unknown fd, nothing to wait for, timer, connection limit" {
     try testing.expectEqualStrings("fd 12345 is not managed by this context", ctx.last.text());
     try testing.expectError(error.ServiceNotFound, ctx.connectService("nobody"));
     ctx.setTimer(-1);
-    try testing.expectError(error.Generic, ctx.wait());
+    try testing.expectError(error.Generic, ctx.wait(false));
     try testing.expectEqualStrings("nothing to wait for: no fd and no timer", ctx.last.text());
     ctx.setTimer(10);
     try expectOnly(ctx, .timer, -1, null);
@@ -580,7 +580,7 @@ test "switch back-pressure: a slow reader bounds the queue, nothing is lost" {
     server.setTimer(20);
     for (0..50) |_| {
         server.events.releaseLent(gpa);
-        try server.wait();
+        try server.wait(false);
         server.events.clear(gpa);
         try testing.expect(sb.queue.queuedBytes() <= bound);
     }
@@ -591,7 +591,7 @@ test "switch back-pressure: a slow reader bounds the queue, nothing is lost" {
     while (got < count) : (rounds += 1) {
         try testing.expect(rounds < 100_000);
         server.events.releaseLent(gpa);
-        try server.wait();
+        try server.wait(false);
         server.events.clear(gpa);
         try testing.expect(sb.queue.queuedBytes() <= bound);
         while (true) {
@@ -606,7 +606,7 @@ test "switch back-pressure: a slow reader bounds the queue, nothing is lost" {
     try reader.close(b_fd);
     for (0..20) |_| { // let the server see the reader go, so the sender ends
         server.events.releaseLent(gpa);
-        try server.wait();
+        try server.wait(false);
         server.events.clear(gpa);
     }
     try result;
@@ -686,7 +686,7 @@ test "external fds: EXTERNAL while readable; close drops pending events; close_a
     try p.client.write(p.client_fd, "dropped");
     try p.client.write(p.client_fd, "dropped too");
     p.server.events.releaseLent(gpa);
-    try p.server.wait();
+    try p.server.wait(false);
     try p.server.close(p.server_fd);
     var it = p.server.events.iterFd(p.server_fd);
     try testing.expect(it.next() == null);
@@ -764,4 +764,20 @@ test "a switch side that ends: what it sent still reaches the other side, then t
     var buf: [64]u8 = undefined;
     try testing.expectEqualStrings("last words", try readMessage(p.client, b_client, &buf));
     try testing.expectError(error.ConnectionClosed, readMessage(p.client, b_client, &buf));
+}
+
+test "another thread's wakeup ends a wait with no event; a plain wait goes on" {
+    var p = try Pair.init("wake");
+    defer p.deinit();
+    p.server.setTimer(10_000);
+    const waker = try std.Thread.spawn(.{}, @import("wakeup.zig").Wakeup.signal, .{&p.server.wakeup});
+    const start = sys.nowMs();
+    try p.server.wait(true);
+    waker.join();
+    try testing.expect(sys.nowMs() - start < 5_000);
+    try testing.expectEqual(@as(usize, 0), p.server.events.live);
+    // wait(false) does not stop for a wake-up: it returns with the message.
+    p.server.wakeup.signal();
+    try p.client.write(p.client_fd, "after");
+    try expectOnly(p.server, .message_rx, p.server_fd, "after");
 }

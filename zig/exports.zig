@@ -212,15 +212,15 @@ export fn ipc_read(ptr: ?*anyopaque, index: usize, buffer: ?[*]u8, buflen: ?*usi
 
 /// Start of every wait call: what the previous one handed out by pointer
 /// may now be reused.
-fn beginWait(ctx: *Context) Error!void {
+fn beginWait(ctx: *Context, stop_on_wakeup: bool) Error!void {
     ctx.events.releaseLent(ctx.gpa);
-    try ctx.wait();
+    try ctx.wait(stop_on_wakeup);
 }
 
 export fn ipc_wait_events(ptr: ?*anyopaque, out: ?[*]IpcEvent, capacity: usize, count: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     if (count) |n| n.* = 0;
-    beginWait(ctx) catch |err| return rc(ctx, @as(Error!void, err));
+    beginWait(ctx, true) catch |err| return rc(ctx, @as(Error!void, err));
     const dest = out orelse return IPC_OK;
     var n: usize = 0;
     while (n < capacity) : (n += 1) {
@@ -229,6 +229,14 @@ export fn ipc_wait_events(ptr: ?*anyopaque, out: ?[*]IpcEvent, capacity: usize, 
         ctx.events.pop(ctx.gpa, true) catch |err| return rc(ctx, @as(Error!void, err));
     }
     if (count) |p| p.* = n;
+    return IPC_OK;
+}
+
+/// The one call any thread may make on a context: a wait in progress (or the
+/// next one) in ipc_wait_events returns, with no event if none came.
+export fn ipc_wakeup(ptr: ?*anyopaque) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    ctx.wakeup.signal();
     return IPC_OK;
 }
 
@@ -255,7 +263,7 @@ export fn ipc_pending_events(ptr: ?*anyopaque) callconv(.c) usize {
 /// stays first in the queue.
 export fn ipc_wait_event(ptr: ?*anyopaque, t: ?*u8, index: ?*usize, originfd: ?*c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    beginWait(ctx) catch |err| return rc(ctx, @as(Error!void, err));
+    beginWait(ctx, false) catch |err| return rc(ctx, @as(Error!void, err));
     const ev = ctx.events.peek().?;
     if (t) |p| p.* = @intCast(@intFromEnum(ev.kind));
     if (index) |p| p.* = if (ev.index < 0) std.math.maxInt(usize) else @intCast(ev.index);

@@ -16,7 +16,9 @@
  * Payloads handed out by ipc_wait_events() point into
  * memory the context owns; they stay valid until the next wait call or
  * ipc_context_deinit() on that context. One context belongs to one thread at a
- * time.
+ * time; the only call another thread may make is ipc_wakeup(ctx), which makes
+ * a wait in progress in ipc_wait_events() return (with no event if none came;
+ * ipc_wait_event() goes on waiting).
  */
 #ifndef LIBIPC
 #define LIBIPC
@@ -95,6 +97,7 @@ int ipc_context_set_limits(void *ctx, uint32_t max_message_size, uint64_t max_qu
 int ipc_connect(void *ctx, int *fd, const char *service_name, uint16_t service_name_len);
 int ipc_wait_events(void *ctx, struct ipc_event *events, size_t capacity, size_t *count);
 size_t ipc_pending_events(void *ctx);
+int ipc_wakeup(void *ctx);
 int ipc_peer_credentials(void *ctx, int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
 int ipc_queued_messages(void *ctx, int fd, size_t *count, int *peer_fd, size_t *peer_count);
 int ipc_send_fd(int sock, int fd_to_pass, const char *payload, uint32_t payload_len);

@@ -11,6 +11,7 @@
 //!   rundir.zig       run dir, names, NAME.lock, service sockets
 //!   credentials.zig  peer credentials
 //!   fdpass.zig       SCM_RIGHTS (ipcd)
+//!   wakeup.zig       the pipe another thread uses to end a wait (ipc_wakeup)
 //!   switching.zig    forwarding between switched fds, callbacks
 //!   context.zig      the context and its event loop
 //!   exports.zig      the C ABI
@@ -30,6 +31,7 @@ test {
     _ = @import("rundir.zig");
     _ = @import("credentials.zig");
     _ = @import("fdpass.zig");
+    _ = @import("wakeup.zig");
     _ = @import("context.zig");
     _ = @import("exports.zig");
 }

@@ -108,7 +108,8 @@ class PureContext(Context):
     """The pure-Python backend of :class:`pyipc.Context`."""
 
     __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_selector",
-                 "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w")
+                 "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
+                 "_spare_fd")
 
     backend = "pure"
 
@@ -130,6 +131,9 @@ class PureContext(Context):
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, _READ, _WAKE)
         weakref.finalize(self, _close_quietly, self._wake_r, self._wake_w, self._selector)
+        # A fd on /dev/null for refusing a client when out of fds (_refuse_with_spare).
+        self._spare_fd = _SpareFd()
+        weakref.finalize(self, self._spare_fd.close)
 
     # -- table -----------------------------------------------------------------
     def _check_room(self) -> None:
@@ -234,6 +238,7 @@ class PureContext(Context):
             raise _os_error(f"cannot start service {name}", e.errno) from None
         conn = _Conn(sock.fileno(), sock, SERVICE, self.max_message_size)
         conn.path, conn.lock_fd = path, lock_fd
+        self._spare_fd.open()
         return self._add(conn).fd
 
     def connect_service(self, name: str) -> int:
@@ -662,6 +667,22 @@ class PureContext(Context):
             if conn.alive and mask & _WRITE:
                 self._flush(conn)
 
+    def _refuse_with_spare(self, service: _Conn) -> Optional[bool]:
+        """Out of fds with a client waiting: accept() would fail at once every
+        round (level-triggered readiness), a busy loop. Free the spare fd, accept
+        the client with it and close it (it sees EOF), then take the spare again.
+        True: a client was refused; False: none was waiting; None: no spare."""
+        if not self._spare_fd.close():
+            return None
+        try:
+            sock, _ = service.io.accept()  # type: ignore[attr-defined]
+            sock.close()
+            taken = True
+        except OSError:
+            taken = False
+        self._spare_fd.open()
+        return taken
+
     def _accept(self, service: _Conn) -> None:
         while True:
             try:
@@ -669,8 +690,16 @@ class PureContext(Context):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
+                # Out of fds: a waiting client is refused, so the round does not
+                # spin on it; with no client waiting there is nothing to say.
+                refused = self._refuse_with_spare(service) \
+                    if e.errno in (errno.EMFILE, errno.ENFILE) else None
+                if refused is False:
+                    return
                 self._pending.append(Event(EventType.ERROR, service.fd, service.index, None,
                                            f"accept failed: {os.strerror(e.errno or 0)}"))
+                if refused:
+                    continue
                 return
             if len(self._by_fd) >= self.max_connections:
                 sock.close()
@@ -709,6 +738,30 @@ def _writev_quiet(fd: int, buffers: list) -> int:
             raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _SpareFd:
+    """One fd on /dev/null, held so that it can be freed when fds run out."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        self.fd = -1
+
+    def open(self) -> None:
+        if self.fd < 0:
+            try:
+                self.fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self.fd = -1
+
+    def close(self) -> bool:
+        """Free the fd; False when there was none."""
+        if self.fd < 0:
+            return False
+        os.close(self.fd)
+        self.fd = -1
+        return True
 
 
 def _drain(fd: int) -> None:

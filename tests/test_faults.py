@@ -377,21 +377,32 @@ client.connect(os.path.join(sys.argv[1], "acc"))
 ctx.timer = 1000
 ev = ctx.wait_events()
 print([(e.type.name, e.fd == sfd, e.index, e.error) for e in ev], flush=True)
-os.close(hog.pop())
-os.close(hog.pop())                       # (accept needs a free fd even to say EAGAIN)
+client.settimeout(10)
+print("refused client reads", client.recv(1), flush=True)   # EOF: it was refused
+client.close()
+ctx.timer = 300
+print([e.type.name for e in ctx.wait_events()], flush=True)  # no busy loop of ERRORs
+for _ in range(3):
+    os.close(hog.pop())                   # fds are free again: the service recovers
+again = socket.socket(socket.AF_UNIX)
+again.connect(os.path.join(sys.argv[1], "acc"))
 print([(e.type.name, e.fd == sfd) for e in ctx.wait_events()], flush=True)
 """
 
 
 def test_accept_failure_is_an_error_on_the_service(backend, rundir, processes):
     """accept() failing (EMFILE): ERROR 'accept failed: STRERROR' on the service
-    fd, no DISCONNECTION; the client is accepted once a fd is free."""
+    fd, no DISCONNECTION; that client is refused (the spare fd takes and closes
+    it), so the next round does not spin; the next client is accepted once fds
+    are free again."""
     proc = processes(_EMFILE_SERVICE, rundir, backend, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert out.splitlines() == [
         "[('ERROR', True, 0, 'accept failed: Too many open files')]",
+        "refused client reads b''",
+        "['TIMER']",
         "[('CONNECTION', False)]"]
 
 

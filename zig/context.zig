@@ -65,6 +65,9 @@ pub const Context = struct {
     wakeup: Wakeup,
     /// The wake-up pipe was readable in this wait.
     woken: bool = false,
+    /// An fd on /dev/null kept for refusing a client when the process is out
+    /// of fds (see refuseWithSpare); opened by the first service_init.
+    spare_fd: i32 = -1,
 
     // ------------------------------------------------------------ lifetime
 
@@ -94,6 +97,7 @@ pub const Context = struct {
         self.table.deinit(gpa);
         self.poller.deinit(gpa);
         self.wakeup.deinit();
+        sys.closeFd(self.spare_fd);
         self.dirty.deinit(gpa);
         self.ended.deinit(gpa);
         if (self.scratch) |s| gpa.free(s);
@@ -307,6 +311,7 @@ pub const Context = struct {
         const conn = try self.addConn(fd, .service);
         conn.service_path = owned_path;
         conn.lock_fd = lock_fd;
+        if (self.spare_fd < 0) self.spare_fd = openSpare();
         return fd;
     }
 
@@ -768,7 +773,14 @@ pub const Context = struct {
                     else => |e| {
                         var buf: [160]u8 = undefined;
                         const text = std.fmt.bufPrint(&buf, "accept failed: {s}", .{errors.errText(e)}) catch buf[0..];
-                        return self.events.pushData(self.gpa, .err, service.fd, service.index, text);
+                        // Out of fds: a waiting client is refused, so the round does
+                        // not spin on it; with no client waiting there is nothing to say.
+                        const out_of_fds = e == .MFILE or e == .NFILE;
+                        const refused = if (out_of_fds) self.refuseWithSpare(service.fd) else Refused.no_spare;
+                        if (refused == .none_waiting) return;
+                        try self.events.pushData(self.gpa, .err, service.fd, service.index, text);
+                        if (refused == .refused) continue;
+                        return;
                     },
                 }
             }
@@ -786,6 +798,25 @@ pub const Context = struct {
             };
             try self.events.push(self.gpa, .connection, conn.fd, conn.index);
         }
+    }
+
+    /// Out of fds with a client waiting: accept() fails at once every round
+    /// (level-triggered readiness), a busy loop. Free the spare fd, accept the
+    /// client with it and close it (the client sees EOF), then take the spare
+    /// again.
+    fn refuseWithSpare(self: *Context, listen_fd: i32) Refused {
+        if (self.spare_fd < 0) return .no_spare;
+        sys.closeFd(self.spare_fd);
+        const fd = acceptOne(listen_fd);
+        sys.closeFd(fd);
+        self.spare_fd = openSpare();
+        return if (fd >= 0) .refused else .none_waiting;
+    }
+
+    const Refused = enum { refused, none_waiting, no_spare };
+
+    fn openSpare() i32 {
+        return c.open("/dev/null", .{ .ACCMODE = .RDONLY, .CLOEXEC = true });
     }
 
     fn acceptOne(listen_fd: i32) i32 {

@@ -17,7 +17,7 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-from . import Context, EventType, IPCError
+from . import ConnectionClosedError, Context, EventType, IPCError
 
 log = logging.getLogger("pyipc.cli")
 
@@ -42,8 +42,11 @@ def cmd_pongd(args: argparse.Namespace) -> int:
         while not stop:
             for ev in ctx.wait_events():
                 if ev.type == EventType.MESSAGE_RX:
-                    ctx.schedule(ev.fd, ev.message)   # never blocks on a slow client
-                    served += 1
+                    try:
+                        ctx.schedule(ev.fd, ev.message)   # never blocks on a slow client
+                        served += 1
+                    except ConnectionClosedError:
+                        pass      # the client hung up after sending (its DISCONNECTION follows)
                 elif ev.type == EventType.CONNECTION:
                     log.info("client connected on fd %d", ev.fd)
                 elif ev.type == EventType.DISCONNECTION:

@@ -1,0 +1,73 @@
+"""The `pyipc` command: demo, pongd, pong, their exit codes and clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import pyipc
+
+from conftest import CHILD_ENV
+
+
+def _pyipc(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyipc", *args], capture_output=True,
+                          text=True, env=CHILD_ENV, timeout=120, **kwargs)
+
+
+@pytest.fixture
+def pongd(backend, rundir):
+    proc = subprocess.Popen([sys.executable, "-m", "pyipc", "--rundir", rundir,
+                             "--backend", backend, "pongd", "p"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=CHILD_ENV)
+    try:
+        assert proc.stdout.readline().startswith("pongd: serving p in"), proc.stderr.read()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_demo_runs_services_and_clients(backend):
+    done = _pyipc("--backend", backend, "demo", "--clients", "3", "--messages", "4")
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith("demo: 3 clients exchanged 12 messages with pongd in ")
+    assert last.endswith("; all echoes matched; socket removed: True")
+    assert done.stdout.count("received 'message") == 12
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_pongd_echoes_and_ends_cleanly_on_a_signal(backend, rundir, pongd, sig):
+    done = _pyipc("--rundir", rundir, "--backend", backend, "pong", "p", "one", "two")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["sent 'one', received 'one'",
+                                        "sent 'two', received 'two'"]
+    pongd.send_signal(sig)
+    out, err = pongd.communicate(timeout=30)
+    assert pongd.returncode == 0, err
+    assert out.splitlines()[-1] == "pongd: stopped after echoing 2 message(s)"
+    assert not os.path.exists(os.path.join(rundir, "p"))
+
+
+def test_pongd_survives_clients_that_hang_up_after_sending(backend, rundir, pongd):
+    for _ in range(30):
+        with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+            ctx.write(ctx.connect("p"), b"bye")
+    done = _pyipc("--rundir", rundir, "--backend", backend, "pong", "p", "still here")
+    assert done.returncode == 0, (done.stderr, pongd.poll())
+    assert done.stdout == "sent 'still here', received 'still here'\n"
+
+
+def test_exit_codes(rundir):
+    missing = _pyipc("--rundir", rundir, "pong", "nobody", "hi")
+    assert missing.returncode == 1
+    assert f"no service nobody in {rundir}" in missing.stderr
+    assert _pyipc("frobnicate").returncode == 2                # bad usage
+    assert _pyipc("--backend", "nosuch", "demo").returncode == 2

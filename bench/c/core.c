@@ -6,7 +6,9 @@
  *
  * Server: ipc_wait_events in a loop; round trips are echoed with ipc_write.
  * Client: ipc_write + ipc_read_fd per round trip; one-way messages are
- * ipc_schedule()d with at most 8 MiB in flight, counted back by MESSAGE_TX.
+ * ipc_schedule()d with at most 8 MiB in flight, counted back by MESSAGE_TX,
+ * except large ones (64 KiB and more): ipc_write, straight from the caller's
+ * buffer (the same choices as bench/peer_pyipc.py).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +20,7 @@
 #define WARMUP 200
 #define WINDOW_BYTES (8 << 20)
 #define BATCH 1024
+#define WRITE_FROM (64 << 10)
 
 static void check(void *ctx, int rc, const char *what) {
     if (rc < 0) {
@@ -98,7 +101,10 @@ static void client(int rtt, const char *rundir, long n, uint32_t size) {
         }
     } else {
         start = now();
-        send_window(ctx, fd, payload, size, n);
+        if (size >= WRITE_FROM)
+            for (long i = 0; i < n; i++) check(ctx, ipc_write(ctx, fd, payload, size), "write");
+        else
+            send_window(ctx, fd, payload, size, n);
         len = cap;
         check(ctx, ipc_read_fd(ctx, fd, buf, &len), "read ack");
     }

@@ -19,7 +19,6 @@ import argparse
 import os
 import signal
 import sys
-from collections import Counter
 from typing import Dict, List, Optional, Sequence, Set
 
 import pyipc
@@ -42,23 +41,22 @@ def stop_fd(ctx: pyipc.Context) -> int:
 class Chat:
     """The members (fd -> name) and what the service does with each message.
 
-    Events are handled a batch (``wait_events()``) at a time, because a member
-    whose DISCONNECTION is in the batch is already closed while the events
-    before it are handled -- and its fd number may be reused by a CONNECTION
-    after it. ``gone`` counts those DISCONNECTIONs not handled yet: nothing is
-    sent to, or closed on, such a fd. ``dropped`` holds the fds this service
-    closed during the batch: their remaining events are skipped.
+    Events are handled a batch (``wait_events()``) at a time. A member that
+    hung up may still be in ``members`` while the events before its
+    DISCONNECTION are handled: sending to it raises ConnectionClosedError (its
+    fd number stays reserved until the next round, so nothing can reach a new
+    client), which is ignored; its DISCONNECTION then tells the others.
+    ``dropped`` holds the fds this service closed during the batch: their
+    remaining events are skipped.
     """
 
     def __init__(self, ctx: pyipc.Context) -> None:
         self.ctx = ctx
         self.members: Dict[int, str] = {}
-        self.gone: Counter = Counter()
         self.dropped: Set[int] = set()
 
     def handle(self, events: List[pyipc.Event]) -> None:
         """Handle one batch of events, in order."""
-        self.gone = Counter(ev.fd for ev in events if ev.type == EventType.DISCONNECTION)
         self.dropped = set()
         for ev in events:
             if ev.fd in self.dropped:
@@ -71,17 +69,16 @@ class Chat:
                     continue
                 self.receive(ev.fd, message)
             elif ev.type == EventType.DISCONNECTION:
-                self.gone[ev.fd] -= 1
                 self.leave(ev.fd)
             elif ev.type == EventType.ERROR:
                 print(f"chat_service: fd {ev.fd}: {ev.error}", file=sys.stderr)
 
     def send(self, fd: int, obj: object) -> None:
         """Queue obj for fd; a member that stopped reading is dropped."""
-        if self.gone[fd]:
-            return
         try:
             self.ctx.schedule_typed(fd, obj, registry)
+        except pyipc.ConnectionClosedError:
+            pass        # it hung up; its DISCONNECTION (later in the batch) tells the others
         except pyipc.QueueFullError:
             print(f"chat_service: fd {fd} does not read, dropping it", file=sys.stderr)
             self.leave(fd, close=True)
@@ -95,8 +92,8 @@ class Chat:
     def leave(self, fd: int, close: bool = False) -> None:
         """fd is gone (or is dropped): tell the others."""
         name = self.members.pop(fd, None)
-        if close and not self.gone[fd]:
-            self.ctx.close(fd)
+        if close:
+            self.ctx.close(fd)      # also releases the fd of a member that already hung up
             self.dropped.add(fd)
         if name is not None:
             self.broadcast(fd, Left(name))
@@ -117,11 +114,10 @@ class Chat:
 
     def refuse(self, fd: int, reason: str) -> None:
         """Tell fd why, then hang up (write() so the reason is sent before close)."""
-        if not self.gone[fd]:
-            try:
-                self.ctx.write_typed(fd, Refused(reason), registry)
-            except pyipc.IPCError:
-                pass
+        try:
+            self.ctx.write_typed(fd, Refused(reason), registry)
+        except pyipc.ConnectionClosedError:
+            pass                    # already gone: nobody to tell
         self.leave(fd, close=True)
 
 

@@ -16,7 +16,6 @@ import argparse
 import os
 import signal
 import sys
-from collections import Counter
 from typing import Any, Dict, Optional, Sequence
 
 import pyipc
@@ -72,9 +71,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         running = True
         while running:
             events = ctx.wait_events()
-            # fds whose DISCONNECTION is in this batch are already closed (their
-            # number may even be reused later in the batch): no reply to them.
-            gone = Counter(ev.fd for ev in events if ev.type == EventType.DISCONNECTION)
             dropped = set()          # closed by us during this batch: skip their events
             for ev in events:
                 if ev.fd in dropped:
@@ -86,17 +82,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         reply = handle(store, registry.decode_event(ev))
                     except TypedMessageError as e:
                         reply = Reply(False, error=f"bad request: {e}")
-                    if gone[ev.fd]:
-                        continue     # the request counts, its sender is no longer there
                     try:
                         ctx.schedule_typed(ev.fd, reply, registry)
+                    except pyipc.ConnectionClosedError:
+                        # The client hung up after sending: the request counts, but
+                        # nobody is there for the reply (its DISCONNECTION follows;
+                        # its fd number is not reused before the next round).
+                        pass
                     except pyipc.QueueFullError:    # a client that never reads
                         print(f"kv_service: fd {ev.fd} does not read its replies, closing it",
                               file=sys.stderr)
                         ctx.close(ev.fd)
                         dropped.add(ev.fd)
-                elif ev.type == EventType.DISCONNECTION:
-                    gone[ev.fd] -= 1
                 elif ev.type == EventType.ERROR:
                     print(f"kv_service: fd {ev.fd}: {ev.error}", file=sys.stderr)
     print(f"kv_service: stopped with {len(store)} key(s)", flush=True)

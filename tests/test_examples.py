@@ -306,8 +306,8 @@ def test_chat_refuses_a_taken_name(run, rundir: str) -> None:
 def test_services_survive_clients_that_hang_up_at_once(run, rundir: str, backend: str,
                                                        script: str, name: str,
                                                        payload: bytes) -> None:
-    """A request whose sender is gone before the reply is sent (its fd already
-    closed, the number maybe reused) must not break the service."""
+    """A request whose sender is gone before the reply is sent (the reply raises
+    ConnectionClosedError in the service) must not break the service."""
     service = start_service(run, script)
     for _ in range(20):
         with pyipc.Context(rundir=rundir, backend=backend) as ctx:

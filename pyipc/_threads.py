@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional
 
 from ._types import IPCError
 
+_get_ident = threading.get_ident
+
 BUSY_TEXT = ("context is in use by another thread (a context belongs to one thread "
              "at a time; other threads may only call schedule())")
 
@@ -117,10 +119,25 @@ class ThreadGuard:
             raise item.error
 
 
+def _leave_fast(guard: ThreadGuard, ctx: Any) -> None:
+    """exit() of the outermost call, inlined for the common case (nothing handed over)."""
+    if guard._depth == 1 and not guard._handoffs:
+        guard._depth, guard._owner, guard._short = 0, None, False
+        guard._lock.release()
+    else:
+        guard.exit(ctx)
+
+
 def _guarded(method: Callable) -> Callable:
     @functools.wraps(method)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         guard = self._guard
+        if guard._lock.acquire(False):      # fast path: nobody inside (enter(), inlined)
+            guard._owner, guard._depth = _get_ident(), 1
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                _leave_fast(guard, self)
         guard.enter()
         try:
             return method(self, *args, **kwargs)
@@ -134,6 +151,12 @@ def _guarded_schedule(direct: Callable) -> Callable:
     @functools.wraps(direct)
     def schedule(self: Any, fd: int, payload: object) -> None:
         guard = self._guard
+        if guard._lock.acquire(False):      # fast path: try_enter(short=True), inlined
+            guard._owner, guard._depth, guard._short = _get_ident(), 1, True
+            try:
+                return direct(self, fd, payload)
+            finally:
+                _leave_fast(guard, self)
         if not guard.try_enter(short=True):
             return guard.hand_over(self, fd, payload)
         try:

@@ -92,7 +92,7 @@ _iter_unpack = _EVENT.iter_unpack
 #: C-level slice instead of several cffi calls per event. Only the slices taken
 #: are read, and only while the core keeps them valid (until its next wait).
 _MEMORY = ffi.buffer(ffi.cast("char *", 1), sys.maxsize - 1)
-_RX = EventType.MESSAGE_RX
+_RX, _TX = EventType.MESSAGE_RX, EventType.MESSAGE_TX
 
 
 class NativeContext(Context):
@@ -312,6 +312,8 @@ def _convert(events: object, n: int) -> list[Event]:
     for etype, fd, index, msg, mlen, err in _iter_unpack(ffi.buffer(events, n * _EVENT_SIZE)):
         if etype == 3:                       # MESSAGE_RX: the hot case
             append(Event(_RX, fd, index, mem[msg - 1:msg - 1 + mlen], None))
+        elif etype == 4:                     # MESSAGE_TX: one per scheduled message
+            append(Event(_TX, fd, index, None, None))
         else:
             payload = mem[msg - 1:msg - 1 + mlen] if etype == 7 else None
             error = ffi.string(ffi.cast("char *", err)).decode("utf-8", "replace") \

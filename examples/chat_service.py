@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from typing import Dict, List, Optional, Sequence, Set
 
@@ -25,17 +24,8 @@ import pyipc
 from pyipc import EventType, TypedMessageError
 
 from chat_messages import Join, Joined, Left, Refused, Said, Say, Welcome, registry
+from stop_signal import stop_fd
 
-
-def stop_fd(ctx: pyipc.Context) -> int:
-    """A pipe that becomes readable on SIGINT/SIGTERM, watched by ctx (EXTERNAL)."""
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    signal.set_wakeup_fd(write_end)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    ctx.add_external(read_end)
-    return read_end
 
 
 class Chat:

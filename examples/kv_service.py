@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from typing import Any, Dict, Optional, Sequence
 
@@ -22,17 +21,8 @@ import pyipc
 from pyipc import EventType, TypedMessageError
 
 from kv_messages import Delete, Dump, Get, Put, Reply, registry
+from stop_signal import stop_fd
 
-
-def stop_fd(ctx: pyipc.Context) -> int:
-    """A pipe that becomes readable on SIGINT/SIGTERM, watched by ctx (EXTERNAL)."""
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    signal.set_wakeup_fd(write_end)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    ctx.add_external(read_end)
-    return read_end
 
 
 def handle(store: Dict[str, Any], request: object) -> Reply:

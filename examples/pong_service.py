@@ -13,27 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from typing import Optional, Sequence
 
 import pyipc
 from pyipc import EventType
+from stop_signal import stop_fd
 
-
-def stop_fd(ctx: pyipc.Context) -> int:
-    """A pipe that becomes readable on SIGINT/SIGTERM, watched by ctx (EXTERNAL).
-
-    Python's signal wakeup fd writes a byte to it the moment a signal arrives, so
-    the event loop wakes up at once, whichever backend waits.
-    """
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    signal.set_wakeup_fd(write_end)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    ctx.add_external(read_end)
-    return read_end
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -7,6 +7,7 @@ that did not match; 2 bad usage (argparse).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shutil
@@ -74,13 +75,20 @@ def cmd_pong(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start pongd and a few pong clients as separate processes; print a summary."""
-    own_rundir = args.rundir is None
-    rundir = args.rundir or os.path.join(tempfile.mkdtemp(prefix="pyipc-demo-", dir="/tmp"),
-                                         "run")
+    workdir = tempfile.mkdtemp(prefix="pyipc-demo-", dir="/tmp")
+    rundir = os.path.abspath(args.rundir) if args.rundir else os.path.join(workdir, "run")
     base = [sys.executable, "-m", "pyipc", "--rundir", rundir]
     if args.backend:
         base += ["--backend", args.backend]
-    service = subprocess.Popen(base + ["pongd", "demo"], stdout=subprocess.PIPE, text=True)
+    # The children import this very pyipc: `python -m` puts the working
+    # directory first on sys.path, so they start in an empty one (from a source
+    # checkout they would otherwise import its pyipc, maybe without the library).
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (here, os.environ.get("PYTHONPATH", "")) if p))
+    spawn = functools.partial(subprocess.Popen, stdout=subprocess.PIPE, text=True,
+                              cwd=workdir, env=env)
+    service = spawn(base + ["pongd", "demo"])
     try:
         ready = service.stdout.readline()      # pongd prints once it listens
         if not ready:
@@ -89,9 +97,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(ready.rstrip())
         started = time.monotonic()
         clients = [
-            subprocess.Popen(base + ["pong", "--label", f"client {i}: ", "demo"]
-                             + [f"message {j} from client {i}" for j in range(args.messages)],
-                             stdout=subprocess.PIPE, text=True)
+            spawn(base + ["pong", "--label", f"client {i}: ", "demo"]
+                  + [f"message {j} from client {i}" for j in range(args.messages)])
             for i in range(args.clients)]
         failures = 0
         for proc in clients:
@@ -108,8 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     removed = not os.path.exists(os.path.join(rundir, "demo"))
     print(f"demo: {args.clients} clients exchanged {total} messages with pongd in "
           f"{elapsed:.2f} s; {verdict}; socket removed: {removed}")
-    if own_rundir:
-        shutil.rmtree(os.path.dirname(rundir), ignore_errors=True)
+    shutil.rmtree(workdir, ignore_errors=True)
     return 0 if not failures and service.returncode == 0 else 1
 
 

@@ -6,12 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import pyipc
 
-from conftest import CHILD_ENV
+from conftest import CHILD_ENV, ROOT
 
 
 def _pyipc(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -41,6 +42,20 @@ def test_demo_runs_services_and_clients(backend):
     assert last.startswith("demo: 3 clients exchanged 12 messages with pongd in ")
     assert last.endswith("; all echoes matched; socket removed: True")
     assert done.stdout.count("received 'message") == 12
+
+
+def test_demo_children_use_the_same_pyipc():
+    """`pyipc demo` run in a source checkout (which may have no library built):
+    its processes still import the pyipc that runs the demo (the README's demo
+    command is the installed `pyipc` script; without one, this is a checkout run)."""
+    script = Path(sys.executable).parent / "pyipc"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "pyipc"]
+    env = {k: v for k, v in CHILD_ENV.items() if k != "PYIPC_BACKEND"}
+    done = subprocess.run(command + ["demo", "--clients", "1", "--messages", "1"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    default = "native" if pyipc.available_backends()["native"] is None else "pure"
+    assert done.stdout.splitlines()[0].endswith(f"(backend {default})")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -73,6 +73,20 @@ def cmd_pong(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null (its reader is gone), so later output is dropped."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _say(text: str) -> None:
+    """print, unless whoever reads our output stopped (`pyipc demo | head`):
+    then the demo still runs to its end, without printing."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _quiet_stdout()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start pongd and a few pong clients as separate processes; print a summary."""
     workdir = tempfile.mkdtemp(prefix="pyipc-demo-", dir="/tmp")
@@ -94,7 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not ready:
             print("demo: pongd did not start", file=sys.stderr)
             return 1
-        print(ready.rstrip())
+        _say(ready.rstrip())
         started = time.monotonic()
         clients = [
             spawn(base + ["pong", "--label", f"client {i}: ", "demo"]
@@ -103,17 +117,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         failures = 0
         for proc in clients:
             out, _ = proc.communicate()
-            print(out.rstrip())
+            _say(out.rstrip())
             failures += proc.returncode != 0
         elapsed = time.monotonic() - started
     finally:
         service.send_signal(signal.SIGTERM)
         out, _ = service.communicate()
-        print(out.rstrip())
+        _say(out.rstrip())
     total = args.clients * args.messages
     verdict = "all echoes matched" if not failures else f"{failures} client(s) failed"
     removed = not os.path.exists(os.path.join(rundir, "demo"))
-    print(f"demo: {args.clients} clients exchanged {total} messages with pongd in "
+    _say(f"demo: {args.clients} clients exchanged {total} messages with pongd in "
           f"{elapsed:.2f} s; {verdict}; socket removed: {removed}")
     shutil.rmtree(workdir, ignore_errors=True)
     return 0 if not failures and service.returncode == 0 else 1
@@ -182,3 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except IPCError as e:
         print(f"pyipc {args.command}: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # Whoever read our output stopped (`pyipc pong ... | head`): not a failure.
+        _quiet_stdout()
+        return 0

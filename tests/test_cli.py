@@ -86,3 +86,19 @@ def test_exit_codes(rundir):
     assert f"no service nobody in {rundir}" in missing.stderr
     assert _pyipc("frobnicate").returncode == 2                # bad usage
     assert _pyipc("--backend", "nosuch", "demo").returncode == 2
+
+
+def test_demo_whose_reader_stops_early_still_ends_cleanly(backend):
+    """`pyipc demo | head -1`: no traceback, no client left failing, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "pyipc", "--backend", backend, "demo"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=CHILD_ENV)
+    try:
+        assert proc.stdout.readline().startswith("pongd: serving demo in ")
+        proc.stdout.close()                       # the reader goes away
+        assert proc.wait(60) == 0
+        assert proc.stderr.read() == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

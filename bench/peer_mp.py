@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import time
 from multiprocessing.connection import Client, Listener
+from argparse import Namespace
 
 from . import proto
 
 
-def serve(args) -> None:
+def serve(args: Namespace) -> None:
+    """Echo (rtt) or count and acknowledge (oneway) one client's messages."""
     listener = Listener(proto.socket_path(args), family="AF_UNIX")
     proto.ready()
     conn = listener.accept()
@@ -28,7 +30,8 @@ def serve(args) -> None:
         pass
 
 
-def client(args) -> None:
+def client(args: Namespace) -> None:
+    """Time the round trips or the one-way stream; print the result."""
     conn = Client(proto.socket_path(args), family="AF_UNIX")
     send, recv = conn.send_bytes, conn.recv_bytes
     data = proto.payload(args.size)
@@ -49,6 +52,7 @@ def client(args) -> None:
 
 
 def main() -> None:
+    """Run the peer the command line asks for."""
     args = proto.parse()
     (serve if args.role == "server" else client)(args)
 

@@ -10,7 +10,10 @@ caller's buffer (no copy into a queue).
 
 from __future__ import annotations
 
+import os
 import time
+from typing import Optional
+from argparse import Namespace
 
 import pyipc
 from pyipc import EventType
@@ -26,12 +29,14 @@ WINDOW_BYTES = 8 << 20
 WRITE_FROM = 64 << 10
 
 
-def context(args) -> pyipc.Context:
+def context(args: Namespace) -> pyipc.Context:
+    """The context of a peer: the run dir, the backend, room for the idle clients."""
     return pyipc.Context(rundir=args.dir, backend=args.backend,
                          max_connections=args.idle + 64)
 
 
-def serve(args) -> None:
+def serve(args: Namespace) -> None:
+    """Echo (rtt) or count and acknowledge (oneway) with the event loop."""
     ctx = context(args)
     ctx.service_init(proto.SERVICE)
     proto.ready()
@@ -52,6 +57,7 @@ def serve(args) -> None:
 
 
 def serve_scale(ctx: pyipc.Context) -> None:
+    """The scale server: every client is accepted; the one that talks is answered."""
     ctl, idle, active = ScaleServer(), 0, None
     while True:
         for ev in ctx.wait_events():
@@ -69,12 +75,14 @@ def serve_scale(ctx: pyipc.Context) -> None:
                 idle -= 1
 
 
-def _answer(ctx: pyipc.Context, fd, reply) -> None:
+def _answer(ctx: pyipc.Context, fd: Optional[int], reply: Optional[bytes]) -> None:
+    """Send the scale server's answer, if there is one now."""
     if reply is not None:
         ctx.write(fd, reply)
 
 
-def client(args) -> None:
+def client(args: Namespace) -> None:
+    """Time the round trips, the one-way stream or the scale case; print the result."""
     ctx = context(args)
     fd = ctx.connect(proto.SERVICE)
     data = proto.payload(args.size)
@@ -82,7 +90,6 @@ def client(args) -> None:
         def roundtrip(m: bytes) -> bytes:
             ctx.write(fd, m)
             return ctx.read(fd)
-        import os
         proto.raise_nofile(args.idle + 64)
         proto.result(**run_client(roundtrip, os.path.join(args.dir, proto.SERVICE),
                                   args.idle, args.n, args.size))
@@ -124,6 +131,7 @@ def send_window(ctx: pyipc.Context, fd: int, data: bytes, n: int) -> None:
 
 
 def main() -> None:
+    """Run the peer the command line asks for."""
     args = proto.parse()
     if args.role == "server":
         proto.raise_nofile(args.idle + 64)

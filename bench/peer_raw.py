@@ -10,7 +10,8 @@ import selectors
 import socket
 import struct
 import time
-from typing import List
+from typing import List, Optional
+from argparse import Namespace
 
 from . import proto
 from .scale_ctl import ScaleServer, run_client
@@ -53,10 +54,12 @@ class Reader:
 
 
 def send(sock: socket.socket, data: bytes) -> None:
+    """One frame with one sendall()."""
     sock.sendall(HEADER.pack(len(data)) + data)
 
 
-def serve(args) -> None:
+def serve(args: Namespace) -> None:
+    """Echo (rtt) or count and acknowledge (oneway) one client's messages."""
     path = proto.socket_path(args)
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     lsock.bind(path)
@@ -113,12 +116,14 @@ def serve_scale(lsock: socket.socket) -> None:
                 _answer(c, ctl.on_message(m, len(readers) - 1))
 
 
-def _answer(sock, reply) -> None:
+def _answer(sock: socket.socket, reply: Optional[bytes]) -> None:
+    """Send the scale server's answer, if there is one now."""
     if reply is not None:
         send(sock, reply)
 
 
-def client(args) -> None:
+def client(args: Namespace) -> None:
+    """Time the round trips, the one-way stream or the scale case; print the result."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(proto.socket_path(args))
     reader, data = Reader(sock), proto.payload(args.size)
@@ -147,6 +152,7 @@ def client(args) -> None:
 
 
 def main() -> None:
+    """Run the peer the command line asks for."""
     args = proto.parse()
     if args.role == "server":
         proto.raise_nofile(args.idle + 64)

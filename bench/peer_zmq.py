@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import os
 import time
+from argparse import Namespace
 
 import zmq
 
 from . import proto
 
 
-def _endpoints(args) -> tuple:
+def _endpoints(args: Namespace) -> tuple:
+    """The ipc:// endpoints: client to server, and back."""
     base = "ipc://" + os.path.join(args.dir, proto.SERVICE)
     return base + ".zmq", base + ".back.zmq"
 
 
-def _sockets(args, server: bool) -> tuple:
+def _sockets(args: Namespace, server: bool) -> tuple:
     """(send socket, receive socket) of this side."""
     ctx = zmq.Context()
     there, back = _endpoints(args)
@@ -35,7 +37,8 @@ def _sockets(args, server: bool) -> tuple:
     return tx, rx
 
 
-def serve(args) -> None:
+def serve(args: Namespace) -> None:
+    """Echo (rtt) or count and acknowledge (oneway)."""
     tx, rx = _sockets(args, server=True)
     proto.ready()
     recv, send = rx.recv, tx.send
@@ -49,7 +52,8 @@ def serve(args) -> None:
     time.sleep(0.2)            # let the last message leave before the context goes
 
 
-def client(args) -> None:
+def client(args: Namespace) -> None:
+    """Time the round trips or the one-way stream; print the result."""
     tx, rx = _sockets(args, server=False)
     send, recv = tx.send, rx.recv
     data = proto.payload(args.size)
@@ -71,6 +75,7 @@ def client(args) -> None:
 
 
 def main() -> None:
+    """Run the peer the command line asks for."""
     args = proto.parse()
     (serve if args.role == "server" else client)(args)
 

@@ -164,22 +164,39 @@ def _add_bench(sub) -> None:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pyipc`` command."""
-    p = argparse.ArgumentParser(prog="pyipc", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="pyipc", description=__doc__.split("\n\n")[0],
+        epilog="exit codes: 0 success; 1 a pyipc error (service busy or not found, ...) "
+               "or an echo that did not match; 2 bad usage. "
+               "`pyipc COMMAND --help` explains each command.")
     p.add_argument("--rundir", help="run directory (default: env RUNDIR, else /tmp/.libipc-run)")
     p.add_argument("--backend", choices=["native", "pure"],
                    help="backend (default: env PYIPC_BACKEND, else native if it loads)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="start pongd and some clients, print what they exchange")
-    d.add_argument("--clients", type=int, default=3)
-    d.add_argument("--messages", type=int, default=3)
+    d = sub.add_parser(
+        "demo", help="start pongd and some clients, print what they exchange",
+        description="Start `pyipc pongd demo` and N `pyipc pong` clients as separate "
+                    "processes (in a temporary run dir unless --rundir is given), print "
+                    "every exchange and a summary. Exit 0 when every echo matched.")
+    d.add_argument("--clients", type=int, default=3, help="client processes (default 3)")
+    d.add_argument("--messages", type=int, default=3, help="messages per client (default 3)")
     d.set_defaults(func=cmd_demo)
-    s = sub.add_parser("pongd", help="run an echo service until Ctrl-C or SIGTERM")
-    s.add_argument("name", nargs="?", default="pong")
+    s = sub.add_parser(
+        "pongd", help="run an echo service until Ctrl-C or SIGTERM",
+        description="Serve NAME: every message comes back to its sender. Prints one "
+                    "line once listening; Ctrl-C or SIGTERM ends it cleanly (exit 0, "
+                    "socket removed). Exit 1 when NAME is already served.")
+    s.add_argument("name", nargs="?", default="pong", help="service name (default pong)")
     s.set_defaults(func=cmd_pongd)
-    c = sub.add_parser("pong", help="send messages to an echo service and check the echoes")
-    c.add_argument("name", nargs="?", default="pong")
-    c.add_argument("messages", nargs="*", default=["hello"])
+    c = sub.add_parser(
+        "pong", help="send messages to an echo service and check the echoes",
+        description="Connect to service NAME (through ipcd when IPC_NETWORK is set), "
+                    "send each MESSAGE and check that it comes back unchanged. Exit 1 "
+                    "when the service is missing or an echo differs.")
+    c.add_argument("name", nargs="?", default="pong", help="service name (default pong)")
+    c.add_argument("messages", nargs="*", default=["hello"], metavar="MESSAGE",
+                   help="messages to send (default: hello)")
     c.add_argument("--label", default="", help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_pong)
     _add_bench(sub)

@@ -467,6 +467,12 @@ class PureContext(Context):
         conn = self._connection(fd)
         msgs: list[bytes] = []
         error: Optional[str] = None
+        # read() usually comes right after a request, before the answer: wait for
+        # it first rather than try a read that says EAGAIN (as native does). Only
+        # on our own socket connections: a foreign fd (a pipe's write end, say)
+        # may never be readable yet fail to read.
+        if conn.kind == CONNECTION:
+            _wait_readable(fd)
         while not msgs and error is None:
             try:
                 n = conn.io.recv_into(self._scratch_view)  # type: ignore[attr-defined]
@@ -526,6 +532,8 @@ class PureContext(Context):
             except FrameTooLarge as e:
                 error, ended = str(e), True
                 break
+            if n < len(view):
+                break       # drained: another read now would only say EAGAIN
         self._deliver(conn, msgs)
         if ended:
             self._drop(conn, error)

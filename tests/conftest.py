@@ -145,7 +145,9 @@ def quiet(ctx: pyipc.Context, ms: int = 100) -> list[Event]:
 
 
 def settle(ctx: pyipc.Context) -> list[Event]:
-    """Run rounds (timer 0) until one finds nothing; return the non-TIMER events.
+    """Run rounds (timer 0) until two in a row find nothing; return the non-TIMER
+    events. (A round may consume bytes without an event, e.g. part of a frame;
+    what follows them, such as the EOF, is seen by the next round.)
 
     After it, every connection that ended before is released: its fd number is
     closed and unknown to ctx (an ended connection's fd may stay reserved until
@@ -153,12 +155,13 @@ def settle(ctx: pyipc.Context) -> list[Event]:
     seen: list[Event] = []
     saved = ctx.timer
     ctx.timer = 0
+    quiet = 0
     try:
-        while True:
+        while quiet < 2:
             events = [ev for ev in ctx.wait_events() if ev.type != EventType.TIMER]
-            if not events:
-                return seen
+            quiet = 0 if events else quiet + 1
             seen.extend(events)
+        return seen
     finally:
         ctx.timer = saved
 

@@ -570,6 +570,9 @@ pub const Context = struct {
     const Chunk = union(enum) {
         /// `n` bytes were read and every complete frame in them delivered.
         read: usize,
+        /// The same, but fewer bytes than there was room for: the socket had
+        /// no more at that moment, so another read now would only say EAGAIN.
+        read_short: usize,
         would_block,
         eof,
         failed: sys.E,
@@ -600,7 +603,8 @@ pub const Context = struct {
             error.Stopped => .stopped,
             error.FrameTooLarge => .too_large,
         };
-        return if (conn.alive) .{ .read = n } else .stopped;
+        if (!conn.alive) return .stopped;
+        return if (n < target.len) .{ .read_short = n } else .{ .read = n };
     }
 
     /// Read conn until it would block (at most read_budget bytes), deliver
@@ -615,7 +619,9 @@ pub const Context = struct {
                     total += n;
                     continue;
                 },
-                .would_block, .stopped => return,
+                // Drained: a read that would only say EAGAIN is saved (one
+                // system call per ready fd per round); readiness is level-triggered.
+                .read_short, .would_block, .stopped => return,
                 .eof => if (conn.decoder.hasPartial()) "peer closed the connection in the middle of a message" else null,
                 .failed => |e| std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf,
                 .too_large => tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size),
@@ -634,9 +640,15 @@ pub const Context = struct {
         defer self.table.reap(self.gpa);
         var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
         var buf: [160]u8 = undefined;
+        // read() usually comes right after a request, before the answer: wait
+        // for it first rather than try a read that says EAGAIN (poll, then
+        // read: two system calls instead of three). Only on our own socket
+        // connections: they become readable or report an error; a foreign fd
+        // (a pipe's write end, say) may never be readable yet fail to read.
+        if (conn.kind == .connection) sys.waitFd(conn.fd, sys.POLLIN);
         while (sink.frames == 0) {
             switch (try self.readChunk(conn, std.math.maxInt(usize), &sink)) {
-                .read => {},
+                .read, .read_short => {},
                 .would_block => sys.waitFd(conn.fd, sys.POLLIN),
                 .stopped => unreachable, // only the event loop closes while delivering
                 .eof => {

@@ -54,7 +54,8 @@ def service_path(rundir: str, name: str) -> str:
 def check_rundir(rundir: str, create: bool) -> bool:
     """Check (and with ``create``, make) the run dir; False when it is missing.
 
-    Refuses a symlink, a non-directory and a directory writable by others.
+    Refuses a symlink, a non-directory, a directory writable by others and one
+    owned by another user than us or root.
     """
     try:
         st = os.lstat(rundir)
@@ -71,6 +72,9 @@ def check_rundir(rundir: str, create: bool) -> bool:
         raise RunDirError(f"run directory {rundir} is not a directory")
     if st.st_mode & stat.S_IWOTH:
         raise RunDirError(f"run directory {rundir} is writable by others")
+    # Another user's run dir could hand us their sockets; root's is trusted.
+    if st.st_uid not in (0, os.geteuid()):
+        raise RunDirError(f"run directory {rundir} is owned by another user (uid {st.st_uid})")
     return True
 
 

@@ -227,3 +227,24 @@ def test_a_file_that_is_not_a_socket_is_not_deleted(ctx_factory, rundir):
     with pytest.raises(pyipc.IPCError):
         ctx_factory().service_init("adir")
     assert os.path.isdir(os.path.join(rundir, "adir"))
+
+
+def test_rundir_owned_by_another_user_is_refused(backend, rundir):
+    """A run dir of another user (not root) could hand us their sockets."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the run dir to another user (CI runs as root)")
+    other = os.path.join(rundir, "theirs")
+    os.mkdir(other, 0o770)
+    os.chown(other, 54321, -1)
+    try:
+        with pytest.raises(pyipc.RunDirError) as info:
+            pyipc.Context(rundir=other, backend=backend).service_init("svc")
+        assert str(info.value) == f"run directory {other} is owned by another user (uid 54321)"
+        with pytest.raises(pyipc.RunDirError):
+            pyipc.Context(rundir=other, backend=backend).connect_service("svc")
+    finally:
+        os.chown(other, 0, -1)
+    # root's own run dir (as for a system daemon) is fine
+    ctx = pyipc.Context(rundir=other, backend=backend)
+    ctx.service_init("svc")
+    ctx.close_all()

@@ -56,6 +56,9 @@ pub fn check(rundir: []const u8, create: bool, last: *LastError) Error!bool {
     if (mode & sys.S_IFMT == sys.S_IFLNK) return last.fail(error.RunDir, "run directory {s} is a symlink", .{rundir});
     if (mode & sys.S_IFMT != sys.S_IFDIR) return last.fail(error.RunDir, "run directory {s} is not a directory", .{rundir});
     if (mode & sys.S_IWOTH != 0) return last.fail(error.RunDir, "run directory {s} is writable by others", .{rundir});
+    // Another user's run dir could hand us their sockets; root's is trusted.
+    if (sys.lstatOwner(z.ptr)) |uid| if (uid != 0 and uid != c.geteuid())
+        return last.fail(error.RunDir, "run directory {s} is owned by another user (uid {d})", .{ rundir, uid });
     return true;
 }
 

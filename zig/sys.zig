@@ -172,6 +172,21 @@ pub fn lstatMode(path: [*:0]const u8) LstatResult {
     }
 }
 
+/// The owner of a path (not following a final symlink), or null when it
+/// cannot be read.
+pub fn lstatOwner(path: [*:0]const u8) ?u32 {
+    if (builtin.os.tag == .linux) {
+        var stx: linux.Statx = undefined;
+        const rc = linux.statx(linux.AT.FDCWD, path, linux.AT.SYMLINK_NOFOLLOW, .{ .UID = true }, &stx);
+        if (linux.errno(rc) != .SUCCESS) return null;
+        return stx.uid;
+    } else {
+        var st: c.Stat = undefined;
+        if (c.fstatat(c.AT.FDCWD, path, &st, c.AT.SYMLINK_NOFOLLOW) != 0) return null;
+        return @intCast(st.uid);
+    }
+}
+
 pub const S_IFMT: u32 = 0o170000;
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFLNK: u32 = 0o120000;

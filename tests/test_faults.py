@@ -3,6 +3,7 @@ close() discarding scheduled messages."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -196,50 +197,64 @@ def test_epipe_while_flushing_reads_the_peers_last_words(pair):
         (EventType.MESSAGE_RX, b"goodbye"), (EventType.DISCONNECTION, None)]
 
 
+class SwitchedPipe:
+    """A socket (``fd``) switched with one end of a pipe (``end``); ``other`` is the
+    pipe's other end, which the test may close (close_other) to make a fault."""
+
+    def __init__(self, ctx: pyipc.Context, end: str) -> None:
+        self._peer, sock = socket.socketpair()
+        r, w = os.pipe()
+        self.end, self.other = (r, w) if end == "read" else (w, r)
+        self.fd = sock.detach()
+        ctx.add_external(self.fd)
+        ctx.add_external(self.end)
+        ctx.add_switch(self.fd, self.end)
+
+    def close_other(self) -> None:
+        os.close(self.other)
+        self.other = -1
+
+
+@contextlib.contextmanager
+def switched_pipe(ctx: pyipc.Context, end: str):
+    """A SwitchedPipe whose peer socket and other pipe end are closed afterwards
+    (ctx owns and closes fd and end)."""
+    sp = SwitchedPipe(ctx, end)
+    try:
+        yield sp
+    finally:
+        sp._peer.close()
+        if sp.other >= 0:
+            os.close(sp.other)
+
+
 def test_read_error_ends_the_connection(ctx_factory):
     """read() on a switched fd that cannot be read (a pipe's write end): the
     same IPCError text, ERROR and DISCONNECTION on both backends."""
     ctx = ctx_factory()
-    a, b = socket.socketpair()
-    r, w = os.pipe()
-    try:
-        fd = a.detach()
-        ctx.add_external(fd)
-        ctx.add_external(w)
-        ctx.add_switch(fd, w)
+    with switched_pipe(ctx, "write") as sp:
         with pytest.raises(pyipc.IPCError) as info:
-            ctx.read(w)
+            ctx.read(sp.end)
         assert type(info.value) is pyipc.IPCError
         assert str(info.value) == "read failed: Bad file descriptor"
         events = settle(ctx)
         assert [(e.type, e.fd, e.error) for e in events] == [
-            (EventType.ERROR, w, "read failed: Bad file descriptor"),
-            (EventType.DISCONNECTION, w, None),
-            (EventType.DISCONNECTION, fd, None)]
+            (EventType.ERROR, sp.end, "read failed: Bad file descriptor"),
+            (EventType.DISCONNECTION, sp.end, None),
+            (EventType.DISCONNECTION, sp.fd, None)]
         with pytest.raises(pyipc.UnknownFdError):
-            ctx.read(w)
-    finally:
-        b.close()
-        os.close(r)
+            ctx.read(sp.end)
 
 
 def test_read_error_in_the_event_loop(ctx_factory):
     ctx = ctx_factory()
-    a, b = socket.socketpair()
-    r, w = os.pipe()
-    try:
-        fd = a.detach()
-        ctx.add_external(fd)
-        ctx.add_external(w)
-        ctx.add_switch(fd, w)
-        os.close(r)                  # the write end becomes "readable" (POLLERR)
+    with switched_pipe(ctx, "write") as sp:
+        sp.close_other()             # the write end becomes "readable" (POLLERR)
         events = collect(ctx, lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
         assert [(e.type, e.fd, e.error) for e in events] == [
-            (EventType.ERROR, w, "read failed: Bad file descriptor"),
-            (EventType.DISCONNECTION, w, None),
-            (EventType.DISCONNECTION, fd, None)]
-    finally:
-        b.close()
+            (EventType.ERROR, sp.end, "read failed: Bad file descriptor"),
+            (EventType.DISCONNECTION, sp.end, None),
+            (EventType.DISCONNECTION, sp.fd, None)]
 
 
 def test_close_with_scheduled_messages_logs_a_warning(pair, caplog):
@@ -338,26 +353,17 @@ def test_write_error_other_than_epipe(ctx_factory):
     """write() to a switched pipe's read end: IPCError 'write failed: STRERROR';
     the event loop's flush of the same: ERROR, then both sides close."""
     ctx = ctx_factory()
-    a, b = socket.socketpair()
-    r, w = os.pipe()
-    try:
-        fd = a.detach()
-        ctx.add_external(fd)
-        ctx.add_external(r)
-        ctx.add_switch(fd, r)
+    with switched_pipe(ctx, "read") as sp:
         with pytest.raises(pyipc.IPCError) as info:
-            ctx.write(r, b"x")
+            ctx.write(sp.end, b"x")
         assert type(info.value) is pyipc.IPCError
         assert str(info.value) == "write failed: Bad file descriptor"
-        ctx.schedule(r, b"y")
+        ctx.schedule(sp.end, b"y")
         events = collect(ctx, lambda e: sum(x.type == EventType.DISCONNECTION for x in e) >= 2)
         assert [(e.type, e.fd, e.error) for e in events] == [
-            (EventType.ERROR, r, "write failed: Bad file descriptor"),
-            (EventType.DISCONNECTION, r, None),
-            (EventType.DISCONNECTION, fd, None)]
-    finally:
-        b.close()
-        os.close(w)
+            (EventType.ERROR, sp.end, "write failed: Bad file descriptor"),
+            (EventType.DISCONNECTION, sp.end, None),
+            (EventType.DISCONNECTION, sp.fd, None)]
 
 
 _EMFILE_SERVICE = r"""

@@ -130,10 +130,10 @@ class PureContext(Context):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, _READ, _WAKE)
-        weakref.finalize(self, _close_quietly, self._wake_r, self._wake_w, self._selector)
         # A fd on /dev/null for refusing a client when out of fds (_refuse_with_spare).
         self._spare_fd = _SpareFd()
-        weakref.finalize(self, self._spare_fd.close)
+        weakref.finalize(self, _close_quietly, self._wake_r, self._wake_w, self._selector,
+                         self._spare_fd)
 
     # -- table -----------------------------------------------------------------
     def _check_room(self) -> None:
@@ -780,11 +780,14 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _close_quietly(r: int, w: int, selector: selectors.BaseSelector) -> None:
-    """Finalizer: the wake-up pipe and the selector of a collected context."""
+def _close_quietly(r: int, w: int, selector: selectors.BaseSelector,
+                   spare: "_SpareFd") -> None:
+    """Finalizer: the wake-up pipe, the selector and the spare fd of a collected
+    context."""
     selector.close()
     os.close(r)
     os.close(w)
+    spare.close()
 
 
 def _check_fd_type(fd: object) -> None:

@@ -708,6 +708,8 @@ pub const Context = struct {
     pub fn wait(self: *Context, stop_on_wakeup: bool) Error!void {
         if (self.events.live > 0) return;
         self.releaseEnded();
+        // A wake-up that came during an earlier wait already ended that one.
+        self.woken = false;
         if (self.table.count() == 0 and self.timer_ms < 0)
             return self.last.fail(error.Generic, "nothing to wait for: no fd and no timer", .{});
         const deadline: ?i64 = if (self.timer_ms >= 0) sys.nowMs() + self.timer_ms else null;
@@ -787,12 +789,15 @@ pub const Context = struct {
                         const text = std.fmt.bufPrint(&buf, "accept failed: {s}", .{errors.errText(e)}) catch buf[0..];
                         // Out of fds: a waiting client is refused, so the round does
                         // not spin on it; with no client waiting there is nothing to say.
-                        const out_of_fds = e == .MFILE or e == .NFILE;
-                        const refused = if (out_of_fds) self.refuseWithSpare(service.fd) else Refused.no_spare;
-                        if (refused == .none_waiting) return;
-                        try self.events.pushData(self.gpa, .err, service.fd, service.index, text);
-                        if (refused == .refused) continue;
-                        return;
+                        if (e == .MFILE or e == .NFILE) switch (self.refuseWithSpare(service.fd)) {
+                            .none_waiting => return,
+                            .refused => {
+                                try self.events.pushData(self.gpa, .err, service.fd, service.index, text);
+                                continue;
+                            },
+                            .no_spare => {},
+                        };
+                        return self.events.pushData(self.gpa, .err, service.fd, service.index, text);
                     },
                 }
             }

@@ -8,7 +8,8 @@ loop on a :class:`Context`; messages are length-prefixed frames. Two backends,
 from ._backend import available as available_backends
 from ._context import Context
 from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
-                     DEFAULT_MAX_QUEUE_SIZE, DEFAULT_RUNDIR, BackendError, CBEvent,
+                     DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, DEFAULT_RUNDIR,
+                     MAX_READ_MANY, BackendError, CBEvent,
                      ConnectionClosedError, ConnectionLimitError, Event, EventType,
                      InvalidNameError, IPCError, MessageTooLargeError, QueueFullError,
                      RunDirError, ServiceBusyError, ServiceNotFoundError, UnknownFdError)
@@ -25,7 +26,7 @@ __all__ = [
     "RunDirError", "MessageTooLargeError", "QueueFullError", "ConnectionClosedError",
     "UnknownFdError", "ConnectionLimitError", "BackendError",
     "DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_MAX_QUEUE_SIZE", "DEFAULT_MAX_CONNECTIONS",
-    "DEFAULT_RUNDIR",
+    "DEFAULT_RUNDIR", "DEFAULT_READ_MANY", "MAX_READ_MANY",
     "Registry", "TypedMessageError", "InvalidTypeNumberError", "DuplicateTypeError",
     "DuplicateClassError", "NotAMessageClassError", "UnregisteredClassError",
     "UnencodableValueError", "UnknownTypeError", "CorruptMessageError", "FieldMismatchError",

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple
 from . import _threads
 from ._rundir import PathLike, resolve_rundir
 from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
-                     DEFAULT_MAX_QUEUE_SIZE, MAX_MESSAGE_SIZE_LIMIT, CBEvent,
-                     ConnectionClosedError, Event, EventType)
+                     DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, MAX_MESSAGE_SIZE_LIMIT,
+                     MAX_READ_MANY, CBEvent, ConnectionClosedError, Event, EventType)
 
 if TYPE_CHECKING:
     from .typed import Registry
@@ -38,6 +38,30 @@ def as_payload(payload: object) -> bytes | memoryview:
     if not view.c_contiguous:
         return view.tobytes()       # e.g. a strided slice: sent as its bytes, in order
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def as_payload_list(payloads: object) -> list:
+    """write_many()'s payloads as a list of bytes-like objects of byte format
+    (str as UTF-8), in order; TypeError names the first one that is neither."""
+    if isinstance(payloads, (str, bytes, bytearray, memoryview)):
+        raise TypeError("payloads must be an iterable of payloads, not one "
+                        f"{type(payloads).__name__}")
+    try:
+        items = payloads if type(payloads) is list else list(payloads)  # type: ignore
+    except TypeError:
+        raise TypeError("payloads must be an iterable of payloads, not "
+                        f"{type(payloads).__name__}") from None
+    if set(map(type, items)) <= {bytes}:     # the common case, checked at C speed
+        return items
+    return [as_payload(p) for p in items]
+
+
+def check_max_messages(max_messages: int) -> None:
+    """read_many()'s bound: an int from 1 to MAX_READ_MANY."""
+    if not isinstance(max_messages, int) or isinstance(max_messages, bool):
+        raise TypeError(f"max_messages must be int, not {type(max_messages).__name__}")
+    if not 1 <= max_messages <= MAX_READ_MANY:
+        raise ValueError(f"max_messages must be between 1 and {MAX_READ_MANY}")
 
 
 class Context:
@@ -138,6 +162,31 @@ class Context:
                 raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
         return None
 
+    def _take_pending_messages(self, fd: int, max_messages: int) -> list:
+        """read_many()'s first source: fd's MESSAGE_RX events still waiting in
+        _pending (at most max_messages, up to fd's DISCONNECTION).
+
+        Raises ConnectionClosedError when fd's DISCONNECTION comes first.
+        """
+        taken: list = []
+        keep: deque[Event] = deque()
+        done = False
+        for ev in self._pending:
+            if not done and ev.fd == fd:
+                if ev.type == EventType.MESSAGE_RX:
+                    taken.append(ev.message)
+                    done = len(taken) == max_messages
+                    continue
+                if ev.type == EventType.DISCONNECTION:
+                    if not taken:
+                        raise ConnectionClosedError(
+                            f"connection on fd {fd} is closed by the peer")
+                    done = True
+            keep.append(ev)
+        if taken:
+            self._pending = keep
+        return taken
+
     def _drop_pending(self, fd: int) -> None:
         """Forget the events of fd that were not returned yet (after close)."""
         if any(ev.fd == fd for ev in self._pending):
@@ -168,6 +217,18 @@ class Context:
 
     def read(self, fd: int) -> bytes:
         """Return the next message from fd, blocking until one is whole."""
+        raise NotImplementedError
+
+    def write_many(self, fd: int, payloads: object) -> None:
+        """write() every payload of an iterable to fd, in order, gathered into
+        as few system calls as possible; blocks until all are written. Every
+        payload is checked (type, size) before anything is sent."""
+        raise NotImplementedError
+
+    def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY) -> list[bytes]:
+        """Return fd's next messages: at least one (blocking for it, as read()
+        does), at most ``max_messages`` (1 to MAX_READ_MANY): every whole
+        message of fd already received, in order. No Event per message."""
         raise NotImplementedError
 
     def wait_event(self) -> Event:

@@ -14,12 +14,14 @@ import struct
 import sys
 import time
 import weakref
+from array import array
 from pathlib import Path
 from typing import Optional, Tuple
 
-from ._context import Context, OnIn, OnOut, as_payload
-from ._framing import too_large_text
-from ._types import (ERRORS_BY_CODE, BackendError, CBEvent, Event,
+from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
+                       check_max_messages)
+from ._framing import split_payloads, too_large_text
+from ._types import (DEFAULT_READ_MANY, ERRORS_BY_CODE, BackendError, CBEvent, Event,
                      EventType, InvalidNameError, IPCError, MessageTooLargeError)
 
 log = logging.getLogger("pyipc")
@@ -81,6 +83,8 @@ ffi, lib, LIBRARY_PATH, HEADER_PATH = _load()
 # Hot functions, looked up once.
 _ipc_write, _ipc_schedule, _ipc_read_fd = lib.ipc_write, lib.ipc_schedule, lib.ipc_read_fd
 _ipc_wait_events, _ipc_pending_events = lib.ipc_wait_events, lib.ipc_pending_events
+_ipc_write_many, _ipc_read_many = lib.ipc_write_many, lib.ipc_read_many
+_join = b"".join
 _unpack = ffi.unpack
 #: struct ipc_event as struct.iter_unpack decodes it (native sizes and alignment).
 _EVENT = struct.Struct("@iiqPIP")
@@ -98,7 +102,8 @@ _RX, _TX = EventType.MESSAGE_RX, EventType.MESSAGE_TX
 class NativeContext(Context):
     """The native (Zig) backend of :class:`pyipc.Context`."""
 
-    __slots__ = ("_handle", "_ctx", "_events", "_count", "_rbuf", "_rlen", "_close_info",
+    __slots__ = ("_handle", "_ctx", "_events", "_sizes", "_count", "_rbuf", "_rlen",
+                 "_close_info",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
     backend = "native"
@@ -115,6 +120,7 @@ class NativeContext(Context):
         self._check(lib.ipc_context_set_limits(self._ctx, self.max_message_size,
                                                self.max_queue_size, self.max_connections))
         self._events = ffi.new("struct ipc_event[]", EVENT_BATCH)
+        self._sizes = ffi.new("uint32_t[]", DEFAULT_READ_MANY)
         self._count = ffi.new("size_t *")
         self._rbuf = ffi.new("char[]", READ_BUFFER)
         self._rlen = ffi.new("size_t *")
@@ -256,6 +262,37 @@ class NativeContext(Context):
         if rc:
             self._check(rc, fd)
         return _unpack(buf, rlen[0])
+
+    def write_many(self, fd: int, payloads: object) -> None:
+        items = as_payload_list(payloads)
+        try:
+            lengths = array("I", map(len, items))
+        except OverflowError:       # one is over 4 GiB: too large for any limit
+            size = max(map(len, items))
+            raise MessageTooLargeError(too_large_text(size, self.max_message_size)) from None
+        data = _join(items)
+        rc = _ipc_write_many(self._ctx, _fd_arg(fd), data,
+                             ffi.from_buffer("uint32_t[]", lengths), len(items))
+        if rc:
+            self._check(rc, fd)
+
+    def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY) -> list[bytes]:
+        check_max_messages(max_messages)
+        if self._pending:
+            taken = self._take_pending_messages(fd, max_messages)
+            if taken:
+                return taken
+        sizes = self._sizes if max_messages <= DEFAULT_READ_MANY else \
+            ffi.new("uint32_t[]", max_messages)
+        buf, rlen, count = self._rbuf, self._rlen, self._count
+        rlen[0] = READ_BUFFER
+        rc = _ipc_read_many(self._ctx, _fd_arg(fd), buf, rlen, sizes, max_messages, count)
+        if rc == _E_BUFFER_TOO_SMALL:       # a first message over READ_BUFFER: its own buffer
+            buf = ffi.new("char[]", rlen[0])
+            rc = _ipc_read_many(self._ctx, fd, buf, rlen, sizes, max_messages, count)
+        if rc:
+            self._check(rc, fd)
+        return split_payloads(ffi.buffer(buf), _unpack(sizes, count[0]))
 
     # -- the event loop ----------------------------------------------------------
     def wait_events(self) -> list[Event]:

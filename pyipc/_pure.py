@@ -24,9 +24,10 @@ from collections import deque
 from typing import Callable, Optional, Tuple
 
 from . import _rundir
-from ._context import Context, OnIn, OnOut, as_payload
+from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
+                       check_max_messages)
 from ._framing import HEADER, FrameDecoder, FrameTooLarge, too_large_text
-from ._types import (IPCD_SERVICE, CBEvent, ConnectionClosedError, ConnectionLimitError,
+from ._types import (DEFAULT_READ_MANY, IPCD_SERVICE, CBEvent, ConnectionClosedError, ConnectionLimitError,
                      Event, EventType, IPCError, MessageTooLargeError, QueueFullError,
                      ServiceNotFoundError, UnknownFdError)
 
@@ -36,6 +37,8 @@ log = logging.getLogger("pyipc")
 READ_BUDGET = 256 * 1024
 #: Frames handed to one sendmsg() call at most (coalescing without huge iovecs).
 MAX_IOV = 64
+#: Messages write_many() gathers into one buffer (and one system call).
+WRITE_MANY_BATCH = 512
 #: Size of the context's receive scratch buffer.
 SCRATCH_SIZE = 64 * 1024
 
@@ -392,11 +395,35 @@ class PureContext(Context):
 
     def write(self, fd: int, payload: object) -> None:
         conn, data = self._prepare(fd, payload)
+        self._write_blocking(conn, [HEADER.pack(len(data)), data])
+
+    def write_many(self, fd: int, payloads: object) -> None:
+        items = as_payload_list(payloads)
+        conn = self._connection(fd)
+        largest = max(map(len, items), default=0)
+        if largest > self.max_message_size:
+            raise MessageTooLargeError(too_large_text(largest, self.max_message_size))
+        if conn.write_closed or conn.closing:
+            raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
+        pack = HEADER.pack
+        # Frames gathered into one buffer per batch (one copy, one system call
+        # for many small messages), as native gathers them into one writev.
+        batches = [b"".join([part for p in items[i:i + WRITE_MANY_BATCH]
+                             for part in (pack(len(p)), p)])
+                   for i in range(0, len(items), WRITE_MANY_BATCH)]
+        if not batches:
+            self._write_blocking(conn, [])      # still flushes the queue, as native does
+        for batch in batches:
+            self._write_blocking(conn, [batch])
+
+    def _write_blocking(self, conn: _Conn, frame: list) -> None:
+        """Flush conn's queue, then write every byte of ``frame`` (buffers),
+        waiting while the socket is full."""
+        fd = conn.fd
         try:
             while conn.queue:
                 if not self._send_queued(conn):
                     _wait_writable(fd)
-            frame = [HEADER.pack(len(data)), data]
             while frame:
                 try:
                     n = conn.io.sendmsg(frame, (), _SEND_FLAGS)  # type: ignore[attr-defined]
@@ -464,6 +491,16 @@ class PureContext(Context):
         message = self._take_pending_message(fd)
         if message is not None:
             return message
+        return self._receive(fd, 1)[0]
+
+    def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY) -> list[bytes]:
+        check_max_messages(max_messages)
+        taken = self._take_pending_messages(fd, max_messages)
+        return taken or self._receive(fd, max_messages)
+
+    def _receive(self, fd: int, keep: int) -> list[bytes]:
+        """Block until fd delivers at least one new message; return the first
+        ``keep`` of those that came, the rest wait as MESSAGE_RX events."""
         conn = self._connection(fd)
         msgs: list[bytes] = []
         error: Optional[str] = None
@@ -497,11 +534,14 @@ class PureContext(Context):
         if not msgs:
             self._drop(conn, None)
             raise MessageTooLargeError(error)
-        # Messages that came with the first one wait as events, like any received.
-        self._pending.extend(Event(_RX, fd, conn.index, m) for m in msgs[1:])
+        # Messages beyond `keep` wait as events, like any received, before the
+        # ERROR and DISCONNECTION of a bad header that followed them.
+        if len(msgs) > keep:
+            self._pending.extend(Event(_RX, fd, conn.index, m) for m in msgs[keep:])
+            del msgs[keep:]
         if error is not None:
             self._drop(conn, error)
-        return msgs[0]
+        return msgs
 
     def _read_conn(self, conn: _Conn) -> None:
         """Read conn until it would block (or the budget is spent); deliver messages."""

@@ -19,6 +19,10 @@ DEFAULT_MAX_QUEUE_SIZE = 64 << 20
 DEFAULT_MAX_CONNECTIONS = 65536
 #: Hard upper bound of ``max_message_size``: the 4-byte length header.
 MAX_MESSAGE_SIZE_LIMIT = 0xFFFFFFFF
+#: Default ``max_messages`` of ``read_many()``: messages returned by one call, at most.
+DEFAULT_READ_MANY = 1024
+#: Largest ``max_messages`` ``read_many()`` accepts (one call's batch).
+MAX_READ_MANY = 65536
 #: Default run directory, the same as libIPC's.
 DEFAULT_RUNDIR = "/tmp/.libipc-run"
 #: Longest socket path accepted (``sun_path`` is 108 bytes on Linux, minus the NUL).

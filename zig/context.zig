@@ -461,7 +461,46 @@ pub const Context = struct {
             .{ .base = &header, .len = header.len },
             .{ .base = payload.ptr, .len = payload.len },
         };
-        var parts: []std.posix.iovec_const = &iov;
+        try self.writeAllBlocking(conn, &iov);
+    }
+
+    /// Messages write_many gathers into one writev: two iovecs each, within
+    /// IOV_MAX (1024 on Linux and the BSDs).
+    const write_many_batch = 512;
+
+    /// write() of every payload in turn (`data` holds them back to back,
+    /// `lens` their sizes), gathered into few system calls, blocking until
+    /// all are written. Every size is checked before anything is sent.
+    pub fn writeMany(self: *Context, fd: i32, data: []const u8, lens: []const u32) Error!void {
+        var largest: usize = 0;
+        var total: usize = 0;
+        for (lens) |len| {
+            largest = @max(largest, len);
+            total += len;
+        }
+        assert(total == data.len);
+        const conn = try self.prepareSend(fd, largest);
+        try self.flushBlocking(conn);
+        var headers: [write_many_batch][framing.header_size]u8 = undefined;
+        var iov: [2 * write_many_batch]std.posix.iovec_const = undefined;
+        var offset: usize = 0;
+        var done: usize = 0;
+        while (done < lens.len) {
+            const batch = lens[done..@min(lens.len, done + write_many_batch)];
+            for (batch, 0..) |len, k| {
+                headers[k] = framing.encodeHeader(len);
+                iov[2 * k] = .{ .base = &headers[k], .len = framing.header_size };
+                iov[2 * k + 1] = .{ .base = data.ptr + offset, .len = len };
+                offset += len;
+            }
+            try self.writeAllBlocking(conn, iov[0 .. 2 * batch.len]);
+            done += batch.len;
+        }
+    }
+
+    /// Write every byte of `parts`, waiting while the socket is full.
+    fn writeAllBlocking(self: *Context, conn: *Conn, parts_in: []std.posix.iovec_const) Error!void {
+        var parts = parts_in;
         while (parts.len > 0) {
             switch (sys.writeSome(conn.fd, parts, conn.is_socket)) {
                 .done => |n| parts = skipWritten(parts, n),
@@ -636,6 +675,43 @@ pub const Context = struct {
     /// A message larger than `out` is kept (BufferTooSmall, *len = its size).
     pub fn readFd(self: *Context, fd: i32, out: []u8, len: *usize) Error!void {
         if (try self.takePending(fd, out, len)) return;
+        try self.receiveSome(fd);
+        // The first new message is now fd's first pending MESSAGE_RX.
+        const found = try self.takePending(fd, out, len);
+        assert(found);
+    }
+
+    /// read_many(): fd's next messages, at least one (blocking for it as
+    /// readFd does), at most `max`: pending MESSAGE_RX of fd up to its
+    /// DISCONNECTION, in order, as long as `taker.put(payload)` accepts them
+    /// (it copies each). Returns how many; 0 when the first was refused.
+    pub fn readMany(self: *Context, fd: i32, max: usize, taker: anytype) Error!usize {
+        if (max == 0) return self.last.fail(error.Generic, "read_many needs room for at least one message", .{});
+        var got = self.events.takeFd(self.gpa, fd, max, taker);
+        if (got.closed) return self.closedByPeer(fd);
+        if (got.count > 0 or self.hasPendingMessage(fd)) return got.count;
+        try self.receiveSome(fd);
+        got = self.events.takeFd(self.gpa, fd, max, taker);
+        return got.count;
+    }
+
+    /// fd has a MESSAGE_RX pending (before its DISCONNECTION, if any).
+    fn hasPendingMessage(self: *Context, fd: i32) bool {
+        var it = self.events.iterFd(fd);
+        while (it.next()) |ev| {
+            switch (ev.kind) {
+                .message_rx => return true,
+                .disconnection => return false,
+                else => {},
+            }
+        }
+        return false;
+    }
+
+    /// Block until fd has delivered at least one new MESSAGE_RX: read and
+    /// decode; EOF, a read error or a frame over the limit end fd (and fail,
+    /// unless messages before a bad header were delivered).
+    fn receiveSome(self: *Context, fd: i32) Error!void {
         const conn = try self.connection(fd);
         defer self.table.reap(self.gpa);
         var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
@@ -671,9 +747,6 @@ pub const Context = struct {
                 },
             }
         }
-        // The first new message is now fd's first pending MESSAGE_RX.
-        const found = try self.takePending(fd, out, len);
-        assert(found);
     }
 
     /// Take fd's first pending MESSAGE_RX, if any, into `out`. Its

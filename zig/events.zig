@@ -193,6 +193,41 @@ pub const Queue = struct {
         }
     };
 
+    /// What takeFd took.
+    pub const Taken = struct {
+        /// MESSAGE_RX events taken (the taker accepted their payloads).
+        count: usize,
+        /// fd's DISCONNECTION came before any message: the peer is gone.
+        closed: bool,
+    };
+
+    /// Take up to `max` of fd's pending MESSAGE_RX, in order: each payload
+    /// is offered to `taker.put(payload) bool` (it copies it, or says no and
+    /// the taking stops). Stops at fd's DISCONNECTION; fd's other events (an
+    /// ERROR) stay queued.
+    pub fn takeFd(self: *Queue, gpa: Allocator, fd: i32, max: usize, taker: anytype) Taken {
+        var count: usize = 0;
+        var closed = false;
+        for (self.items.items[self.head..]) |*ev| {
+            if (count == max) break;
+            if (ev.dropped or ev.fd != fd) continue;
+            if (ev.kind == .disconnection) {
+                closed = count == 0;
+                break;
+            }
+            if (ev.kind != .message_rx) continue;
+            if (!taker.put(ev.data)) break;
+            if (ev.chunk) |ch| self.unref(gpa, ch);
+            ev.chunk = null;
+            ev.dropped = true;
+            self.live -= 1;
+            count += 1;
+        }
+        _ = self.peek();
+        self.compact(gpa);
+        return .{ .count = count, .closed = closed };
+    }
+
     /// Drop every pending event of `fd` (it was closed by the caller).
     /// One pass that also squeezes out earlier dropped entries.
     pub fn dropFd(self: *Queue, gpa: Allocator, fd: i32) void {
@@ -299,4 +334,41 @@ test "taking events from the front one at a time stays compact" {
     q.dropFd(gpa, 1);
     try testing.expectEqual(@as(usize, 0), q.live);
     try testing.expectEqual(@as(usize, 0), q.items.items.len);
+}
+
+test "taking fd's messages stops at its disconnection, at a full taker, and keeps other fds' events" {
+    const gpa = testing.allocator;
+    var q: Queue = .{};
+    defer q.deinit(gpa);
+    try q.pushData(gpa, .message_rx, 1, 0, "a");
+    try q.pushData(gpa, .message_rx, 2, 1, "x");
+    try q.pushData(gpa, .message_rx, 1, 0, "bb");
+    try q.pushData(gpa, .message_rx, 1, 0, "c");
+    try q.push(gpa, .disconnection, 1, 0);
+    const Taker = struct {
+        buf: [3]u8 = undefined,
+        used: usize = 0,
+        fn put(self: *@This(), payload: []const u8) bool {
+            if (self.used + payload.len > self.buf.len) return false;
+            @memcpy(self.buf[self.used .. self.used + payload.len], payload);
+            self.used += payload.len;
+            return true;
+        }
+    };
+    var taker: Taker = .{};
+    const first = q.takeFd(gpa, 1, 1, &taker);
+    try testing.expectEqual(@as(usize, 1), first.count);
+    const rest = q.takeFd(gpa, 1, 10, &taker); // "bb" fits, "c" does not
+    try testing.expectEqual(@as(usize, 1), rest.count);
+    try testing.expect(!rest.closed);
+    try testing.expectEqualStrings("abb", &taker.buf);
+    taker.used = 0;
+    const last = q.takeFd(gpa, 1, 10, &taker);
+    try testing.expectEqual(@as(usize, 1), last.count);
+    try testing.expectEqualStrings("c", taker.buf[0..1]);
+    const gone = q.takeFd(gpa, 1, 10, &taker);
+    try testing.expectEqual(@as(usize, 0), gone.count);
+    try testing.expect(gone.closed);
+    try testing.expectEqual(@as(usize, 2), q.live); // x, DISCONNECTION
+    try testing.expectEqualStrings("x", q.peek().?.data);
 }

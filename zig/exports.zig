@@ -184,6 +184,18 @@ export fn ipc_schedule(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: 
     return rc(ctx, ctx.schedule(fd, bytes(payload, len)));
 }
 
+/// write() of `count` messages: their payloads back to back at `payloads`,
+/// their sizes in `lengths`; gathered into few system calls.
+export fn ipc_write_many(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const u8, lengths: ?[*]const u32, count: usize) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
+    var total: usize = 0;
+    for (lens) |len| total += len;
+    if (payloads == null and total > 0)
+        return rc(ctx, @as(Error!void, ctx.last.fail(error.Generic, "write_many: no payloads for {d} bytes", .{total})));
+    return rc(ctx, ctx.writeMany(fd, bytes(payloads, total), lens));
+}
+
 /// The caller's buffer: `*buflen` bytes at `buffer` (none when either is null).
 fn outBuffer(buffer: ?[*]u8, buflen: ?*usize) []u8 {
     const len = if (buflen) |l| l.* else 0;
@@ -206,6 +218,48 @@ export fn ipc_read(ptr: ?*anyopaque, index: usize, buffer: ?[*]u8, buflen: ?*usi
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const fd = fdAt(ctx, index) catch |err| return rc(ctx, @as(Error!void, err));
     return ipc_read_fd(ptr, fd, buffer, buflen);
+}
+
+/// Copies the messages read_many takes into the caller's buffer, back to
+/// back, and their sizes into `lengths`. The first one that does not fit is
+/// refused (and its size kept: the buffer a caller needs for it).
+const MessageCopier = struct {
+    buffer: []u8,
+    lengths: []u32,
+    used: usize = 0,
+    n: usize = 0,
+    refused: usize = 0,
+    pub fn put(self: *MessageCopier, payload: []const u8) bool {
+        if (self.n == self.lengths.len or payload.len > self.buffer.len - self.used) {
+            self.refused = payload.len;
+            return false;
+        }
+        @memcpy(self.buffer[self.used .. self.used + payload.len], payload);
+        self.used += payload.len;
+        self.lengths[self.n] = @intCast(payload.len);
+        self.n += 1;
+        return true;
+    }
+};
+
+/// fd's next messages: at least one (blocks for it), at most `capacity`,
+/// copied back to back into `buffer` (`*buflen` bytes), their sizes into
+/// `lengths`. *count says how many. A first message larger than the buffer
+/// stays queued: IPC_E_BUFFER_TOO_SMALL, *buflen = its size.
+export fn ipc_read_many(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize, lengths: ?[*]u32, capacity: usize, count: ?*usize) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    if (count) |n| n.* = 0;
+    const out = outBuffer(buffer, buflen);
+    if (out.len > std.math.maxInt(u32)) return rc(ctx, @as(Error!void, ctx.last.fail(error.Generic, "read_many: buffer over 4 GiB", .{})));
+    var copier: MessageCopier = .{ .buffer = out, .lengths = if (lengths) |l| l[0..capacity] else &.{} };
+    const result = ctx.readMany(fd, copier.lengths.len, &copier);
+    const n = result catch |err| return rc(ctx, @as(Error!void, err));
+    if (n == 0) {
+        if (buflen) |l| l.* = copier.refused;
+        return rc(ctx, @as(Error!void, ctx.last.fail(error.BufferTooSmall, "buffer of {d} bytes is too small for a message of {d} bytes", .{ out.len, copier.refused })));
+    }
+    if (count) |p| p.* = n;
+    return IPC_OK;
 }
 
 // ------------------------------------------------------------ the event loop
@@ -397,4 +451,79 @@ test "C ABI: batches by pointer, pending events, small buffers, error texts" {
     try expectOk(ipc_context_init(&other));
     ipc_context_deinit(&other);
     try testing.expect(other == null);
+}
+
+test "C ABI: write_many gathers frames, read_many copies them in order" {
+    var dir_buf: [96]u8 = undefined;
+    const dir = try sys.printZ(&dir_buf, "/tmp/pyipc-zig-many-{d}-{d}", .{ std.c.getpid(), sys.nowMs() });
+    defer {
+        var b: [128]u8 = undefined;
+        _ = std.c.unlink((sys.printZ(&b, "{s}/many.lock", .{dir}) catch unreachable).ptr);
+        _ = std.c.rmdir(dir.ptr);
+    }
+    var server: ?*anyopaque = null;
+    var client: ?*anyopaque = null;
+    try expectOk(ipc_context_init(&server));
+    defer ipc_context_deinit(&server);
+    try expectOk(ipc_context_init(&client));
+    defer ipc_context_deinit(&client);
+    for ([_]?*anyopaque{ server, client }) |ctx| {
+        try expectOk(ipc_context_set_rundir(ctx, dir.ptr, dir.len));
+        ipc_context_timer(ctx, 5000);
+    }
+    var sfd: c_int = -1;
+    var cfd: c_int = -1;
+    try expectOk(ipc_service_init(server, &sfd, "many", 4));
+    try expectOk(ipc_connect_service(client, &cfd, "many", 4));
+
+    // 1,000 messages of 0 to 100 bytes (more than one gathered batch).
+    const n = 1000;
+    var lens: [n]u32 = undefined;
+    var data: [n * 100]u8 = undefined;
+    var total: usize = 0;
+    for (&lens, 0..) |*len, i| {
+        len.* = @intCast(i % 101);
+        @memset(data[total .. total + len.*], @intCast(i % 251));
+        total += len.*;
+    }
+    try expectOk(ipc_write_many(client, cfd, &data, &lens, n));
+    try testing.expectEqual(@as(c_int, -1), ipc_write_many(client, cfd, null, &lens, n));
+
+    var evs: [1]IpcEvent = undefined;
+    var count: usize = 0;
+    try expectOk(ipc_wait_events(server, &evs, 1, &count)); // CONNECTION; messages may wait in the core
+    try testing.expectEqual(@as(i32, 1), evs[0].type);
+    const conn_fd = evs[0].fd;
+    var buf: [150]u8 = undefined;
+    var sizes: [7]u32 = undefined;
+    var len: usize = buf.len;
+    try testing.expectEqual(@as(c_int, -1), ipc_read_many(server, conn_fd, &buf, &len, &sizes, 0, &count));
+    var got: usize = 0;
+    var refused = false;
+    while (got < n) {
+        // Message 100 (100 bytes) does not fit 99 bytes: refused once, kept.
+        const small = got == 100 and !refused;
+        len = if (small) 99 else buf.len;
+        const code = ipc_read_many(server, conn_fd, &buf, &len, &sizes, if (got < 100) @min(sizes.len, 100 - got) else sizes.len, &count);
+        if (small) {
+            try testing.expectEqual(@as(c_int, -11), code);
+            try testing.expectEqual(@as(usize, 100), len);
+            refused = true;
+            continue;
+        }
+        try expectOk(code);
+        try testing.expect(count >= 1 and count <= sizes.len);
+        var start: usize = 0;
+        for (sizes[0..count]) |size| {
+            try testing.expectEqual(@as(usize, got % 101), size);
+            for (buf[start .. start + size]) |byte| try testing.expectEqual(@as(u8, @intCast(got % 251)), byte);
+            start += size;
+            got += 1;
+        }
+    }
+    try testing.expect(refused);
+    try expectOk(ipc_close_fd(client, cfd));
+    len = buf.len;
+    try testing.expectEqual(@as(c_int, -8), ipc_read_many(server, conn_fd, &buf, &len, &sizes, sizes.len, &count));
+    try testing.expectEqual(@as(usize, 0), count);
 }

@@ -15,7 +15,17 @@
  *
  * Payloads handed out by ipc_wait_events() point into
  * memory the context owns; they stay valid until the next wait call or
- * ipc_context_deinit() on that context. One context belongs to one thread at a
+ * ipc_context_deinit() on that context.
+ *
+ * Batches: ipc_write_many(ctx, fd, payloads, lengths, count) is ipc_write() of
+ * `count` messages whose payloads lie back to back at `payloads` (sizes in
+ * `lengths`), gathered into few system calls; every size is checked before
+ * anything is sent. ipc_read_many(ctx, fd, buffer, buflen, lengths, capacity,
+ * count) blocks like ipc_read_fd() until fd has a message, then copies fd's
+ * next messages, at least one and at most `capacity`, back to back into
+ * `buffer` (*buflen bytes, at most 4 GiB), their sizes into `lengths` (*count
+ * messages). When the first does not fit, it stays queued and the call
+ * returns IPC_E_BUFFER_TOO_SMALL with *buflen set to its size. One context belongs to one thread at a
  * time; the only call another thread may make is ipc_wakeup(ctx), which makes
  * a wait in progress in ipc_wait_events() return (with no event if none came;
  * ipc_wait_event() goes on waiting).
@@ -96,6 +106,8 @@ int ipc_context_set_rundir(void *ctx, const char *rundir, size_t rundir_len);
 int ipc_context_set_limits(void *ctx, uint32_t max_message_size, uint64_t max_queue_size, uint32_t max_connections);
 int ipc_connect(void *ctx, int *fd, const char *service_name, uint16_t service_name_len);
 int ipc_wait_events(void *ctx, struct ipc_event *events, size_t capacity, size_t *count);
+int ipc_write_many(void *ctx, int fd, const char *payloads, const uint32_t *lengths, size_t count);
+int ipc_read_many(void *ctx, int fd, char *buffer, size_t *buflen, uint32_t *lengths, size_t capacity, size_t *count);
 size_t ipc_pending_events(void *ctx);
 int ipc_wakeup(void *ctx);
 int ipc_peer_credentials(void *ctx, int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);

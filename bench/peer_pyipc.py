@@ -1,11 +1,10 @@
 """pyipc peers (``--backend native`` or ``pure``): the library's own API.
 
 Server: an event loop over ``wait_events()``; round trips are echoed with
-``write()``. Client: ``write()`` + ``read()`` per round trip; one-way messages are
-``schedule()``d (the core coalesces them into few system calls), with at most
-``window`` messages in flight, counted back by their MESSAGE_TX events; large
-ones (64 KiB and more) are sent with ``write()``, which writes straight from the
-caller's buffer (no copy into a queue).
+``write()``. Client: ``write()`` + ``read()`` per round trip. One way, the batch
+API: the client sends with ``write_many()`` (up to 1,024 messages or 1 MiB per
+call, gathered into one writev), the server takes them with ``read_many()``
+(every message already received, one call, no Event per message).
 """
 
 from __future__ import annotations
@@ -21,12 +20,11 @@ from pyipc import EventType
 from . import proto
 from .scale_ctl import ScaleServer, run_client
 
-RX, TX = EventType.MESSAGE_RX, EventType.MESSAGE_TX
+RX = EventType.MESSAGE_RX
 CONNECTION, DISCONNECTION = EventType.CONNECTION, EventType.DISCONNECTION
-#: Bytes scheduled but not yet written, at most (below max_queue_size).
-WINDOW_BYTES = 8 << 20
-#: Messages from this size on are sent with write() rather than schedule().
-WRITE_FROM = 64 << 10
+#: One write_many() call's batch: at most this many messages, this many bytes.
+BATCH_MESSAGES = 1024
+BATCH_BYTES = 1 << 20
 
 
 def context(args: Namespace) -> pyipc.Context:
@@ -42,18 +40,38 @@ def serve(args: Namespace) -> None:
     proto.ready()
     if args.case == "scale":
         return serve_scale(ctx)
-    count, n, write, rtt = 0, args.n, ctx.write, args.case == "rtt"
+    if args.case == "rtt":
+        return serve_rtt(ctx)
+    return serve_oneway(ctx, args.n)
+
+
+def serve_rtt(ctx: pyipc.Context) -> None:
+    """Echo every message with write() until the client hangs up."""
+    write = ctx.write
     while True:
         for ev in ctx.wait_events():
             if ev.type is RX:
-                if rtt:
-                    write(ev.fd, ev.message)
-                else:
-                    count += 1
-                    if count == n:
-                        write(ev.fd, proto.ACK)
+                write(ev.fd, ev.message)
             elif ev.type is DISCONNECTION:
                 return
+
+
+def serve_oneway(ctx: pyipc.Context, n: int) -> None:
+    """Count ``n`` messages (read_many after the CONNECTION), acknowledge the
+    last, then wait for the client to hang up."""
+    count, fd = 0, None
+    while fd is None:
+        for ev in ctx.wait_events():
+            if ev.type is CONNECTION:
+                fd = ev.fd
+            elif ev.type is RX:         # came in the same batch as the CONNECTION
+                count += 1
+    read_many = ctx.read_many
+    while count < n:
+        count += len(read_many(fd))
+    ctx.write(fd, proto.ACK)
+    while not any(ev.type is DISCONNECTION for ev in ctx.wait_events()):
+        pass
 
 
 def serve_scale(ctx: pyipc.Context) -> None:
@@ -105,37 +123,19 @@ def client(args: Namespace) -> None:
             read(fd)
     else:
         start = time.perf_counter()
-        acked = False
-        if len(data) >= WRITE_FROM:
-            write = ctx.write
-            for _ in range(args.n):
-                write(fd, data)
-        else:
-            acked = send_window(ctx, fd, data, args.n)
-        if not acked:
-            ctx.read(fd)
+        send_batches(ctx, fd, data, args.n)
+        ctx.read(fd)
     proto.result(seconds=time.perf_counter() - start)
 
 
-def send_window(ctx: pyipc.Context, fd: int, data: bytes, n: int) -> bool:
-    """Schedule ``n`` copies of ``data``, keeping at most WINDOW_BYTES in flight.
-    True when the receiver's acknowledgement already came among the events (it
-    can arrive in the same batch as the last MESSAGE_TX)."""
-    window = max(1, WINDOW_BYTES // (len(data) + 4))
-    schedule, wait_events = ctx.schedule, ctx.wait_events
-    sent = done = 0
-    acked = False
-    while done < n:
-        burst = min(n - sent, window - (sent - done))
-        for _ in range(burst):
-            schedule(fd, data)
-        sent += burst
-        for ev in wait_events():
-            if ev.type is TX:
-                done += 1
-            elif ev.type is RX:
-                acked = True
-    return acked
+def send_batches(ctx: pyipc.Context, fd: int, data: bytes, n: int) -> None:
+    """Send ``n`` copies of ``data`` with write_many(), a batch per call."""
+    per_call = max(1, min(BATCH_MESSAGES, BATCH_BYTES // max(1, len(data))))
+    batch, write_many = [data] * per_call, ctx.write_many
+    for _ in range(n // per_call):
+        write_many(fd, batch)
+    if n % per_call:
+        write_many(fd, batch[:n % per_call])
 
 
 def main() -> None:

@@ -32,8 +32,14 @@ _E_BUFFER_TOO_SMALL = -11
 _E_NO_MEMORY = -12
 #: Events fetched from the core per call (more stay queued in the core).
 EVENT_BATCH = 1024
-#: Read buffer kept between calls; larger messages get a buffer of their own.
+#: Read buffer a context starts with; it grows to the largest message read,
+#: up to READ_BUFFER_KEEP (reused: no fresh memory per large message); larger
+#: messages get a buffer of their own for the call.
 READ_BUFFER = 64 * 1024
+READ_BUFFER_KEEP = 4 << 20
+#: write_many() sends payloads of this average size and more from where they
+#: are (one pointer each); smaller ones are joined first (cheaper per message).
+WRITE_FROM_PLACE = 4096
 
 _TYPES = tuple(EventType)
 
@@ -84,6 +90,7 @@ ffi, lib, LIBRARY_PATH, HEADER_PATH = _load()
 _ipc_write, _ipc_schedule, _ipc_read_fd = lib.ipc_write, lib.ipc_schedule, lib.ipc_read_fd
 _ipc_wait_events, _ipc_pending_events = lib.ipc_wait_events, lib.ipc_pending_events
 _ipc_write_many, _ipc_read_many = lib.ipc_write_many, lib.ipc_read_many
+_ipc_write_many_ptrs = lib.ipc_write_many_ptrs
 _join = b"".join
 _unpack = ffi.unpack
 #: struct ipc_event as struct.iter_unpack decodes it (native sizes and alignment).
@@ -254,10 +261,10 @@ class NativeContext(Context):
             if message is not None:
                 return message
         buf, rlen = self._rbuf, self._rlen
-        rlen[0] = READ_BUFFER
+        rlen[0] = len(buf)
         rc = _ipc_read_fd(self._ctx, _fd_arg(fd), buf, rlen)
         if rc == _E_BUFFER_TOO_SMALL:
-            buf = ffi.new("char[]", rlen[0])
+            buf = self._larger_buffer(rlen[0])
             rc = _ipc_read_fd(self._ctx, fd, buf, rlen)
         if rc:
             self._check(rc, fd)
@@ -270,9 +277,14 @@ class NativeContext(Context):
         except OverflowError:       # one is over 4 GiB: too large for any limit
             size = max(map(len, items))
             raise MessageTooLargeError(too_large_text(size, self.max_message_size)) from None
-        data = _join(items)
-        rc = _ipc_write_many(self._ctx, _fd_arg(fd), data,
-                             ffi.from_buffer("uint32_t[]", lengths), len(items))
+        sizes = ffi.from_buffer("uint32_t[]", lengths)
+        if sum(lengths) < len(items) * WRITE_FROM_PLACE:
+            # Small payloads: copied together (one C call), written from there.
+            rc = _ipc_write_many(self._ctx, _fd_arg(fd), _join(items), sizes, len(items))
+        else:
+            # Large ones: written from where they are, no copy.
+            pointers = ffi.new("char *[]", [ffi.from_buffer(p) for p in items])
+            rc = _ipc_write_many_ptrs(self._ctx, _fd_arg(fd), pointers, sizes, len(items))
         if rc:
             self._check(rc, fd)
 
@@ -285,14 +297,22 @@ class NativeContext(Context):
         sizes = self._sizes if max_messages <= DEFAULT_READ_MANY else \
             ffi.new("uint32_t[]", max_messages)
         buf, rlen, count = self._rbuf, self._rlen, self._count
-        rlen[0] = READ_BUFFER
+        rlen[0] = len(buf)
         rc = _ipc_read_many(self._ctx, _fd_arg(fd), buf, rlen, sizes, max_messages, count)
-        if rc == _E_BUFFER_TOO_SMALL:       # a first message over READ_BUFFER: its own buffer
-            buf = ffi.new("char[]", rlen[0])
+        if rc == _E_BUFFER_TOO_SMALL:
+            buf = self._larger_buffer(rlen[0])
             rc = _ipc_read_many(self._ctx, fd, buf, rlen, sizes, max_messages, count)
         if rc:
             self._check(rc, fd)
         return split_payloads(ffi.buffer(buf), _unpack(sizes, count[0]))
+
+    def _larger_buffer(self, size: int) -> object:
+        """A read buffer of ``size`` bytes (the first message did not fit):
+        kept as the context's read buffer up to READ_BUFFER_KEEP."""
+        buf = ffi.new("char[]", size)
+        if size <= READ_BUFFER_KEEP:
+            self._rbuf = buf
+        return buf
 
     # -- the event loop ----------------------------------------------------------
     def wait_events(self) -> list[Event]:

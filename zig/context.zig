@@ -467,18 +467,31 @@ pub const Context = struct {
     /// Messages write_many gathers into one writev: two iovecs each, within
     /// IOV_MAX (1024 on Linux and the BSDs).
     const write_many_batch = 512;
+    /// The address an empty payload with a null pointer is written from.
+    const no_bytes: [*]const u8 = "";
 
-    /// write() of every payload in turn (`data` holds them back to back,
-    /// `lens` their sizes), gathered into few system calls, blocking until
-    /// all are written. Every size is checked before anything is sent.
-    pub fn writeMany(self: *Context, fd: i32, data: []const u8, lens: []const u32) Error!void {
+    /// Where write_many's payloads are: back to back in one buffer, or each
+    /// at its own address.
+    pub const Payloads = union(enum) {
+        contiguous: []const u8,
+        /// A null pointer only for an empty payload (nothing is read there).
+        each: []const ?[*]const u8,
+    };
+
+    /// write() of every payload in turn (`lens` their sizes), gathered into
+    /// few system calls, blocking until all are written. Every size is
+    /// checked before anything is sent.
+    pub fn writeMany(self: *Context, fd: i32, payloads: Payloads, lens: []const u32) Error!void {
         var largest: usize = 0;
         var total: usize = 0;
         for (lens) |len| {
             largest = @max(largest, len);
             total += len;
         }
-        assert(total == data.len);
+        switch (payloads) {
+            .contiguous => |data| assert(total == data.len),
+            .each => |ptrs| assert(ptrs.len == lens.len),
+        }
         const conn = try self.prepareSend(fd, largest);
         try self.flushBlocking(conn);
         var headers: [write_many_batch][framing.header_size]u8 = undefined;
@@ -488,9 +501,13 @@ pub const Context = struct {
         while (done < lens.len) {
             const batch = lens[done..@min(lens.len, done + write_many_batch)];
             for (batch, 0..) |len, k| {
+                const base = switch (payloads) {
+                    .contiguous => |data| data.ptr + offset,
+                    .each => |ptrs| ptrs[done + k] orelse no_bytes,
+                };
                 headers[k] = framing.encodeHeader(len);
                 iov[2 * k] = .{ .base = &headers[k], .len = framing.header_size };
-                iov[2 * k + 1] = .{ .base = data.ptr + offset, .len = len };
+                iov[2 * k + 1] = .{ .base = base, .len = len };
                 offset += len;
             }
             try self.writeAllBlocking(conn, iov[0 .. 2 * batch.len]);
@@ -603,6 +620,21 @@ pub const Context = struct {
                 try self.ctx.events.pushData(self.ctx.gpa, .message_rx, self.conn.fd, self.conn.index, payload);
             }
         }
+        /// A large frame in a buffer of its own (`memory`, the decoder's):
+        /// the event takes the buffer, no copy. Forwarded frames are copied
+        /// into the peer's queue, and the buffer is kept as the spare.
+        pub fn frameOwned(self: *RxSink, memory: []u8, payload: []const u8) framing.SinkError!void {
+            const events = &self.ctx.events;
+            if (!self.conn.alive or (self.forward and self.conn.peer != null)) {
+                defer events.keepSpare(self.ctx.gpa, memory);
+                return self.frame(payload);
+            }
+            self.frames += 1;
+            events.pushOwned(self.ctx.gpa, .message_rx, self.conn.fd, self.conn.index, memory, payload) catch |err| {
+                events.keepSpare(self.ctx.gpa, memory);
+                return err;
+            };
+        }
     };
 
     /// What one read-and-decode step gave.
@@ -625,6 +657,11 @@ pub const Context = struct {
     /// large frame is in progress (no copy), else into the scratch buffer;
     /// then decode what came.
     fn readChunk(self: *Context, conn: *Conn, limit: usize, sink: *RxSink) Allocator.Error!Chunk {
+        // A large frame in progress takes the spare buffer when it can hold
+        // the whole frame: memory already in use (no page faults), no growing.
+        if (conn.decoder.wantsBuffer()) |need| {
+            if (self.events.takeSpare(need)) |memory| conn.decoder.adopt(self.gpa, memory);
+        }
         try conn.decoder.growForRead(self.gpa);
         const direct = conn.decoder.readTarget();
         const space = direct orelse try self.scratchBuffer();

@@ -6,7 +6,13 @@
 //! releases its reference when it is dropped, copied out, or (for batches
 //! handed out by pointer) at the start of the next wait call. An unreferenced
 //! chunk is recycled (the current one) or freed. No allocation per message:
-//! one chunk serves many small payloads.
+//! one chunk serves many small payloads. A large payload's buffer is kept as
+//! the one spare (the largest seen, so at most one max-size message per
+//! context) and reused: by the next large payload, or as a connection's
+//! receive buffer for a large frame (takeSpare), which is then handed back
+//! with the whole frame in it (pushOwned), so a stream of large messages
+//! cycles through one buffer, with no copy into the queue and no fresh
+//! memory (page faults) per message.
 
 const std = @import("std");
 const assert = std.debug.assert;
@@ -52,6 +58,8 @@ pub const Queue = struct {
     current: ?*Chunk = null,
     /// Chunks of events handed out by pointer, released at the next wait.
     lent: std.ArrayList(*Chunk) = .empty,
+    /// One large buffer kept for reuse (see the file comment).
+    spare: ?[]u8 = null,
 
     pub fn deinit(self: *Queue, gpa: Allocator) void {
         self.clear(gpa);
@@ -60,6 +68,8 @@ pub const Queue = struct {
         self.current = null;
         self.items.deinit(gpa);
         self.lent.deinit(gpa);
+        if (self.spare) |sp| gpa.free(sp);
+        self.spare = null;
     }
 
     /// Queue an event without payload.
@@ -83,14 +93,48 @@ pub const Queue = struct {
         self.live += 1;
     }
 
+    /// Queue a MESSAGE_RX (or SWITCH_RX) whose payload lies in `memory`, a
+    /// buffer of gpa's that the queue now owns (no copy): freed, or kept as
+    /// the spare, once the event is consumed.
+    pub fn pushOwned(self: *Queue, gpa: Allocator, kind: Kind, fd: i32, index: i64, memory: []u8, payload: []const u8) Allocator.Error!void {
+        assert(kind == .message_rx or kind == .switch_rx);
+        assert(@intFromPtr(payload.ptr) >= @intFromPtr(memory.ptr) and
+            @intFromPtr(payload.ptr) + payload.len <= @intFromPtr(memory.ptr) + memory.len);
+        try self.items.ensureUnusedCapacity(gpa, 1);
+        const ch = try gpa.create(Chunk);
+        ch.* = .{ .data = memory, .used = memory.len, .refs = 1 };
+        self.items.appendAssumeCapacity(.{ .kind = kind, .fd = fd, .index = index, .data = payload, .chunk = ch });
+        self.live += 1;
+    }
+
+    /// The spare buffer if it holds at least `n` bytes (the caller owns it now).
+    pub fn takeSpare(self: *Queue, n: usize) ?[]u8 {
+        const sp = self.spare orelse return null;
+        if (sp.len < n) return null;
+        self.spare = null;
+        return sp;
+    }
+
+    /// Keep `data` (a large buffer no longer used) as the spare if it is the
+    /// largest one; free the other.
+    pub fn keepSpare(self: *Queue, gpa: Allocator, data: []u8) void {
+        if (self.spare) |sp| {
+            if (sp.len >= data.len) return gpa.free(data);
+            gpa.free(sp);
+        }
+        self.spare = data;
+    }
+
     /// A chunk with `n` free bytes: the current one, or a new one (the old
-    /// current is freed if nothing refers to it any more).
+    /// current is freed if nothing refers to it any more); a payload over
+    /// chunk_size gets the spare when it is large enough.
     fn reserve(self: *Queue, gpa: Allocator, n: usize) Allocator.Error!*Chunk {
         if (self.current) |ch| {
             if (ch.refs == 0) ch.used = 0;
             if (ch.data.len - ch.used >= n) return ch;
         }
-        const data = try gpa.alloc(u8, @max(chunk_size, n));
+        const data = (if (n > chunk_size) self.takeSpare(n) else null) orelse
+            try gpa.alloc(u8, @max(chunk_size, n));
         errdefer gpa.free(data);
         const ch = try gpa.create(Chunk);
         ch.* = .{ .data = data };
@@ -102,9 +146,8 @@ pub const Queue = struct {
     }
 
     fn freeChunk(self: *Queue, gpa: Allocator, ch: *Chunk) void {
-        _ = self;
         assert(ch.refs == 0);
-        gpa.free(ch.data);
+        if (ch.data.len > chunk_size) self.keepSpare(gpa, ch.data) else gpa.free(ch.data);
         gpa.destroy(ch);
     }
 
@@ -306,7 +349,7 @@ test "dropping events of one fd keeps the others in order" {
     try testing.expect(q.peek() == null);
 }
 
-test "a large payload gets its own chunk, freed after use" {
+test "a large payload gets its own chunk, kept as the spare after use and reused" {
     const gpa = testing.allocator;
     var q: Queue = .{};
     defer q.deinit(gpa);
@@ -314,8 +357,33 @@ test "a large payload gets its own chunk, freed after use" {
     defer gpa.free(big);
     @memset(big, 1);
     try q.pushData(gpa, .message_rx, 3, 0, big);
+    const first = q.peek().?.data.ptr;
     try q.pop(gpa, false);
     try testing.expect(q.current == null);
+    try testing.expect(q.spare != null);
+    try q.pushData(gpa, .message_rx, 3, 0, big[0 .. big.len - 1]);
+    try testing.expectEqual(first, q.peek().?.data.ptr); // the same memory, no new buffer
+    try testing.expect(q.spare == null);
+    try q.pop(gpa, false);
+}
+
+test "an owned buffer carries its payload without a copy and becomes the spare" {
+    const gpa = testing.allocator;
+    var q: Queue = .{};
+    defer q.deinit(gpa);
+    const small = try gpa.alloc(u8, 100 << 10);
+    try q.pushOwned(gpa, .message_rx, 4, 0, small, small[4..]);
+    try testing.expectEqual(small.ptr + 4, q.peek().?.data.ptr);
+    try q.pop(gpa, false);
+    try testing.expectEqual(small.ptr, q.spare.?.ptr);
+    const large = try gpa.alloc(u8, 200 << 10);
+    try q.pushOwned(gpa, .message_rx, 4, 0, large, large[4..]);
+    try q.pop(gpa, true);
+    q.releaseLent(gpa);
+    try testing.expectEqual(large.ptr, q.spare.?.ptr); // the larger one is kept
+    try testing.expect(q.takeSpare(300 << 10) == null);
+    const taken = q.takeSpare(150 << 10).?;
+    gpa.free(taken);
 }
 
 test "taking events from the front one at a time stays compact" {

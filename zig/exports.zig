@@ -191,9 +191,25 @@ export fn ipc_write_many(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const u8, le
     const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
     var total: usize = 0;
     for (lens) |len| total += len;
-    if (payloads == null and total > 0)
-        return rc(ctx, @as(Error!void, ctx.last.fail(error.Generic, "write_many: no payloads for {d} bytes", .{total})));
-    return rc(ctx, ctx.writeMany(fd, bytes(payloads, total), lens));
+    if (payloads == null and total > 0) return rc(ctx, noPayloads(ctx));
+    return rc(ctx, ctx.writeMany(fd, .{ .contiguous = bytes(payloads, total) }, lens));
+}
+
+/// ipc_write_many with one pointer per payload (payloads[i], lengths[i]
+/// bytes), for payloads that are not back to back: large ones are then
+/// written from where they are, not copied together first.
+export fn ipc_write_many_ptrs(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const ?[*]const u8, lengths: ?[*]const u32, count: usize) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
+    const ptrs = payloads orelse if (count == 0) return rc(ctx, ctx.writeMany(fd, .{ .each = &.{} }, lens)) else return rc(ctx, noPayloads(ctx));
+    for (ptrs[0..count], lens) |p, len| {
+        if (p == null and len > 0) return rc(ctx, noPayloads(ctx));
+    }
+    return rc(ctx, ctx.writeMany(fd, .{ .each = ptrs[0..count] }, lens));
+}
+
+fn noPayloads(ctx: *Context) Error!void {
+    return ctx.last.fail(error.Generic, "write_many: a payload pointer is null", .{});
 }
 
 /// The caller's buffer: `*buflen` bytes at `buffer` (none when either is null).
@@ -488,6 +504,16 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
     }
     try expectOk(ipc_write_many(client, cfd, &data, &lens, n));
     try testing.expectEqual(@as(c_int, -1), ipc_write_many(client, cfd, null, &lens, n));
+    // The same messages again, one pointer each.
+    var ptrs: [n]?[*]const u8 = undefined;
+    var at: usize = 0;
+    for (&ptrs, lens) |*p, len| {
+        p.* = if (len == 0) null else data[at..].ptr;
+        at += len;
+    }
+    try expectOk(ipc_write_many_ptrs(client, cfd, &ptrs, &lens, n));
+    ptrs[5] = null;
+    try testing.expectEqual(@as(c_int, -1), ipc_write_many_ptrs(client, cfd, &ptrs, &lens, n));
 
     var evs: [1]IpcEvent = undefined;
     var count: usize = 0;
@@ -500,7 +526,7 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
     try testing.expectEqual(@as(c_int, -1), ipc_read_many(server, conn_fd, &buf, &len, &sizes, 0, &count));
     var got: usize = 0;
     var refused = false;
-    while (got < n) {
+    while (got < 2 * n) {
         // Message 100 (100 bytes) does not fit 99 bytes: refused once, kept.
         const small = got == 100 and !refused;
         len = if (small) 99 else buf.len;
@@ -515,8 +541,9 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
         try testing.expect(count >= 1 and count <= sizes.len);
         var start: usize = 0;
         for (sizes[0..count]) |size| {
-            try testing.expectEqual(@as(usize, got % 101), size);
-            for (buf[start .. start + size]) |byte| try testing.expectEqual(@as(u8, @intCast(got % 251)), byte);
+            const i = got % n;
+            try testing.expectEqual(@as(usize, i % 101), size);
+            for (buf[start .. start + size]) |byte| try testing.expectEqual(@as(u8, @intCast(i % 251)), byte);
             start += size;
             got += 1;
         }

@@ -88,6 +88,16 @@ pub const Decoder = struct {
             const need = header_size + @as(usize, n);
             rest = try self.take(gpa, rest, need);
             if (self.buf.items.len < need) return rest;
+            if (need == self.buf.items.len and need >= direct_read_min and
+                @hasDecl(@TypeOf(sink.*), "frameOwned"))
+            {
+                // The buffer holds exactly this large frame: hand it over
+                // whole (no copy); the decoder starts empty.
+                const memory = self.buf.allocatedSlice();
+                self.buf = .empty;
+                try sink.frameOwned(memory, memory[header_size..need]);
+                continue;
+            }
             try sink.frame(self.buf.items[header_size..need]);
             self.consume(gpa, need);
         }
@@ -136,6 +146,27 @@ pub const Decoder = struct {
         if (self.buf.capacity >= self.buf.items.len + direct_read_min) return;
         const want = @min(need, @max(self.buf.capacity * 2, self.buf.items.len + direct_read_min));
         try self.buf.ensureTotalCapacityPrecise(gpa, want);
+    }
+
+    /// Bytes a buffer for the large frame in progress should hold (the whole
+    /// frame), or null when there is none (no header yet, or a small frame)
+    /// or the decoder's own buffer is already that large.
+    pub fn wantsBuffer(self: *const Decoder) ?usize {
+        if (self.buf.items.len < header_size) return null;
+        const need = header_size + @as(usize, announced(self.buf.items));
+        if (need < self.buf.items.len + direct_read_min or self.buf.capacity >= need) return null;
+        return need;
+    }
+
+    /// Take `memory` (a buffer of gpa's, at least wantsBuffer() bytes) as the
+    /// buffer of the frame in progress; what was buffered moves into it.
+    pub fn adopt(self: *Decoder, gpa: Allocator, memory: []u8) void {
+        const have = self.buf.items.len;
+        assert(memory.len >= have);
+        @memcpy(memory[0..have], self.buf.items);
+        self.buf.deinit(gpa);
+        self.buf = .initBuffer(memory); // owned from now on: freed by deinit
+        self.buf.items.len = have;
     }
 
     /// Where to read next when a large frame is in progress: the free space of
@@ -339,4 +370,42 @@ test "a huge announcement within the limit reserves only what arrives" {
     }
     try testing.expectEqual(@as(usize, 0), col.frames.items.len);
     try testing.expect(dec.hasPartial());
+}
+
+test "a large frame completed in the decoder's buffer is handed over whole" {
+    const gpa = testing.allocator;
+    const Owner = struct {
+        gpa: Allocator,
+        owned: usize = 0,
+        small: usize = 0,
+        first: u8 = 0,
+        owned_len: usize = 0,
+        pub fn frame(self: *@This(), payload: []const u8) SinkError!void {
+            _ = payload;
+            self.small += 1;
+        }
+        pub fn frameOwned(self: *@This(), memory: []u8, payload: []const u8) SinkError!void {
+            defer self.gpa.free(memory);
+            self.owned += 1;
+            self.first = payload[0];
+            self.owned_len = payload.len;
+        }
+    };
+    var sink: Owner = .{ .gpa = gpa };
+    var dec: Decoder = .{};
+    defer dec.deinit(gpa);
+    const header = encodeHeader(200_000);
+    try dec.feed(gpa, &header, 1 << 20, &sink);
+    var part: [50_000]u8 = undefined;
+    @memset(&part, 7);
+    for (0..4) |_| {
+        try dec.growForRead(gpa);
+        try dec.feed(gpa, &part, 1 << 20, &sink);
+    }
+    try testing.expectEqual(@as(usize, 1), sink.owned);
+    try testing.expectEqual(@as(u8, 7), sink.first);
+    try testing.expectEqual(@as(usize, 200_000), sink.owned_len);
+    try testing.expect(!dec.hasPartial());
+    try dec.feed(gpa, &(encodeHeader(1) ++ [_]u8{1}), 1 << 20, &sink); // small: copied
+    try testing.expectEqual(@as(usize, 1), sink.small);
 }

@@ -20,7 +20,8 @@
  * Batches: ipc_write_many(ctx, fd, payloads, lengths, count) is ipc_write() of
  * `count` messages whose payloads lie back to back at `payloads` (sizes in
  * `lengths`), gathered into few system calls; every size is checked before
- * anything is sent. ipc_read_many(ctx, fd, buffer, buflen, lengths, capacity,
+ * anything is sent. ipc_write_many_ptrs() is the same with one pointer per
+ * payload (large payloads are written from where they are, not copied). ipc_read_many(ctx, fd, buffer, buflen, lengths, capacity,
  * count) blocks like ipc_read_fd() until fd has a message, then copies fd's
  * next messages, at least one and at most `capacity`, back to back into
  * `buffer` (*buflen bytes, at most 4 GiB), their sizes into `lengths` (*count
@@ -107,6 +108,7 @@ int ipc_context_set_limits(void *ctx, uint32_t max_message_size, uint64_t max_qu
 int ipc_connect(void *ctx, int *fd, const char *service_name, uint16_t service_name_len);
 int ipc_wait_events(void *ctx, struct ipc_event *events, size_t capacity, size_t *count);
 int ipc_write_many(void *ctx, int fd, const char *payloads, const uint32_t *lengths, size_t count);
+int ipc_write_many_ptrs(void *ctx, int fd, const char *const *payloads, const uint32_t *lengths, size_t count);
 int ipc_read_many(void *ctx, int fd, char *buffer, size_t *buflen, uint32_t *lengths, size_t capacity, size_t *count);
 size_t ipc_pending_events(void *ctx);
 int ipc_wakeup(void *ctx);

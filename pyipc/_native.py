@@ -32,11 +32,9 @@ _E_BUFFER_TOO_SMALL = -11
 _E_NO_MEMORY = -12
 #: Events fetched from the core per call (more stay queued in the core).
 EVENT_BATCH = 1024
-#: Read buffer a context starts with; it grows to the largest message read,
-#: up to READ_BUFFER_KEEP (reused: no fresh memory per large message); larger
-#: messages get a buffer of their own for the call.
+#: read()/read_many() copy messages into this buffer (kept by the context);
+#: a larger message is copied once, straight from the core's buffer (lent).
 READ_BUFFER = 64 * 1024
-READ_BUFFER_KEEP = 4 << 20
 #: write_many() sends payloads of this average size and more from where they
 #: are (one pointer each); smaller ones are joined first (cheaper per message).
 WRITE_FROM_PLACE = 4096
@@ -90,7 +88,7 @@ ffi, lib, LIBRARY_PATH, HEADER_PATH = _load()
 _ipc_write, _ipc_schedule, _ipc_read_fd = lib.ipc_write, lib.ipc_schedule, lib.ipc_read_fd
 _ipc_wait_events, _ipc_pending_events = lib.ipc_wait_events, lib.ipc_pending_events
 _ipc_write_many, _ipc_read_many = lib.ipc_write_many, lib.ipc_read_many
-_ipc_write_many_ptrs = lib.ipc_write_many_ptrs
+_ipc_write_many_ptrs, _ipc_read_lent = lib.ipc_write_many_ptrs, lib.ipc_read_lent
 _join = b"".join
 _unpack = ffi.unpack
 #: struct ipc_event as struct.iter_unpack decodes it (native sizes and alignment).
@@ -109,7 +107,7 @@ _RX, _TX = EventType.MESSAGE_RX, EventType.MESSAGE_TX
 class NativeContext(Context):
     """The native (Zig) backend of :class:`pyipc.Context`."""
 
-    __slots__ = ("_handle", "_ctx", "_events", "_sizes", "_count", "_rbuf", "_rlen",
+    __slots__ = ("_handle", "_ctx", "_events", "_sizes", "_count", "_lent", "_rbuf", "_rlen",
                  "_close_info",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
@@ -130,6 +128,7 @@ class NativeContext(Context):
         self._sizes = ffi.new("uint32_t[]", DEFAULT_READ_MANY)
         self._count = ffi.new("size_t *")
         self._rbuf = ffi.new("char[]", READ_BUFFER)
+        self._lent = (ffi.new("char **"), ffi.new("size_t *"))
         self._rlen = ffi.new("size_t *")
         self._close_info = (ffi.new("size_t *"), ffi.new("int *"), ffi.new("size_t *"))
         self._callbacks: dict[int, Tuple[Optional[OnIn], Optional[OnOut]]] = {}
@@ -261,11 +260,10 @@ class NativeContext(Context):
             if message is not None:
                 return message
         buf, rlen = self._rbuf, self._rlen
-        rlen[0] = len(buf)
+        rlen[0] = READ_BUFFER
         rc = _ipc_read_fd(self._ctx, _fd_arg(fd), buf, rlen)
         if rc == _E_BUFFER_TOO_SMALL:
-            buf = self._larger_buffer(rlen[0])
-            rc = _ipc_read_fd(self._ctx, fd, buf, rlen)
+            return self._read_large(fd)
         if rc:
             self._check(rc, fd)
         return _unpack(buf, rlen[0])
@@ -297,22 +295,20 @@ class NativeContext(Context):
         sizes = self._sizes if max_messages <= DEFAULT_READ_MANY else \
             ffi.new("uint32_t[]", max_messages)
         buf, rlen, count = self._rbuf, self._rlen, self._count
-        rlen[0] = len(buf)
+        rlen[0] = READ_BUFFER
         rc = _ipc_read_many(self._ctx, _fd_arg(fd), buf, rlen, sizes, max_messages, count)
         if rc == _E_BUFFER_TOO_SMALL:
-            buf = self._larger_buffer(rlen[0])
-            rc = _ipc_read_many(self._ctx, fd, buf, rlen, sizes, max_messages, count)
+            return [self._read_large(fd)]
         if rc:
             self._check(rc, fd)
         return split_payloads(ffi.buffer(buf), _unpack(sizes, count[0]))
 
-    def _larger_buffer(self, size: int) -> object:
-        """A read buffer of ``size`` bytes (the first message did not fit):
-        kept as the context's read buffer up to READ_BUFFER_KEEP."""
-        buf = ffi.new("char[]", size)
-        if size <= READ_BUFFER_KEEP:
-            self._rbuf = buf
-        return buf
+    def _read_large(self, fd: int) -> bytes:
+        """fd's next message, larger than the read buffer: lent by the core and
+        copied once, into the bytes returned."""
+        ptr, size = self._lent
+        self._check(_ipc_read_lent(self._ctx, fd, ptr, size), fd)
+        return _unpack(ptr[0], size[0])
 
     # -- the event loop ----------------------------------------------------------
     def wait_events(self) -> list[Event]:

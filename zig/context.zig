@@ -732,6 +732,22 @@ pub const Context = struct {
         return got.count;
     }
 
+    /// read() without a copy: fd's next message (blocking for it as readFd
+    /// does), lent until the next wait or readLent call.
+    pub fn readLent(self: *Context, fd: i32) Error![]const u8 {
+        self.events.releaseLent(self.gpa);
+        var next = try self.events.lendNext(self.gpa, fd);
+        if (next == .none) {
+            try self.receiveSome(fd);
+            next = try self.events.lendNext(self.gpa, fd);
+        }
+        return switch (next) {
+            .message => |payload| payload,
+            .closed => self.closedByPeer(fd),
+            .none => unreachable, // receiveSome returns with a message of fd pending
+        };
+    }
+
     /// fd has a MESSAGE_RX pending (before its DISCONNECTION, if any).
     fn hasPendingMessage(self: *Context, fd: i32) bool {
         var it = self.events.iterFd(fd);

@@ -271,6 +271,36 @@ pub const Queue = struct {
         return .{ .count = count, .closed = closed };
     }
 
+    /// What lendNext found for a fd.
+    pub const Next = union(enum) {
+        /// fd's next MESSAGE_RX: its payload, lent until releaseLent.
+        message: []const u8,
+        /// fd's DISCONNECTION comes first: the peer is gone.
+        closed,
+        /// Nothing for fd yet.
+        none,
+    };
+
+    /// Take fd's next MESSAGE_RX out of the queue and lend its payload (no
+    /// copy; valid until releaseLent), unless its DISCONNECTION comes first.
+    pub fn lendNext(self: *Queue, gpa: Allocator, fd: i32) Allocator.Error!Next {
+        try self.lent.ensureUnusedCapacity(gpa, 1);
+        for (self.items.items[self.head..]) |*ev| {
+            if (ev.dropped or ev.fd != fd) continue;
+            if (ev.kind == .disconnection) return .closed;
+            if (ev.kind != .message_rx) continue;
+            const payload = ev.data;
+            if (ev.chunk) |ch| self.lent.appendAssumeCapacity(ch);
+            ev.chunk = null;
+            ev.dropped = true;
+            self.live -= 1;
+            _ = self.peek();
+            self.compact(gpa);
+            return .{ .message = payload };
+        }
+        return .none;
+    }
+
     /// Drop every pending event of `fd` (it was closed by the caller).
     /// One pass that also squeezes out earlier dropped entries.
     pub fn dropFd(self: *Queue, gpa: Allocator, fd: i32) void {
@@ -439,4 +469,25 @@ test "taking fd's messages stops at its disconnection, at a full taker, and keep
     try testing.expect(gone.closed);
     try testing.expectEqual(@as(usize, 2), q.live); // x, DISCONNECTION
     try testing.expectEqualStrings("x", q.peek().?.data);
+}
+
+test "lending fd's next message keeps its payload until releaseLent" {
+    const gpa = testing.allocator;
+    var q: Queue = .{};
+    defer q.deinit(gpa);
+    const big = try gpa.alloc(u8, 100 << 10);
+    defer gpa.free(big);
+    @memset(big, 9);
+    try q.pushData(gpa, .message_rx, 2, 0, "other");
+    try q.pushData(gpa, .message_rx, 1, 0, big);
+    try q.push(gpa, .disconnection, 1, 0);
+    const next = try q.lendNext(gpa, 1);
+    try testing.expectEqual(@as(usize, big.len), next.message.len);
+    try q.pushData(gpa, .message_rx, 2, 0, big); // the lent one is not reused meanwhile
+    try testing.expectEqual(@as(u8, 9), next.message[big.len - 1]);
+    try testing.expect(q.spare == null);
+    try testing.expect(try q.lendNext(gpa, 1) == .closed);
+    try testing.expect(try q.lendNext(gpa, 3) == .none);
+    q.releaseLent(gpa);
+    try testing.expect(q.spare != null); // now it may be reused
 }

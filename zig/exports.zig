@@ -278,6 +278,17 @@ export fn ipc_read_many(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*u
     return IPC_OK;
 }
 
+/// read() without a copy: fd's next message (blocks for it), lent: *message
+/// points into memory the context owns, valid until the next wait or
+/// ipc_read_lent call on it.
+export fn ipc_read_lent(ptr: ?*anyopaque, fd: c_int, message: ?*?[*]const u8, len: ?*usize) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    const payload = ctx.readLent(fd) catch |err| return rc(ctx, @as(Error!void, err));
+    if (message) |m| m.* = payload.ptr;
+    if (len) |l| l.* = payload.len;
+    return IPC_OK;
+}
+
 // ------------------------------------------------------------ the event loop
 
 /// Start of every wait call: what the previous one handed out by pointer
@@ -549,8 +560,15 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
         }
     }
     try testing.expect(refused);
+    const last: [3000]u8 = @splat(42);
+    try expectOk(ipc_write(client, cfd, @constCast(&last), last.len));
+    var lent: ?[*]const u8 = null;
+    var lent_len: usize = 0;
+    try expectOk(ipc_read_lent(server, conn_fd, &lent, &lent_len));
+    try testing.expectEqualSlices(u8, &last, lent.?[0..lent_len]);
     try expectOk(ipc_close_fd(client, cfd));
     len = buf.len;
     try testing.expectEqual(@as(c_int, -8), ipc_read_many(server, conn_fd, &buf, &len, &sizes, sizes.len, &count));
     try testing.expectEqual(@as(usize, 0), count);
+    try testing.expectEqual(@as(c_int, -8), ipc_read_lent(server, conn_fd, &lent, &lent_len)); // ended: still closed
 }

@@ -13,9 +13,9 @@
  * ipc_last_error(ctx) gives the message, the same text the pure-Python backend
  * puts in its exception.
  *
- * Payloads handed out by ipc_wait_events() point into
+ * Payloads handed out by ipc_wait_events() and ipc_read_lent() point into
  * memory the context owns; they stay valid until the next wait call or
- * ipc_context_deinit() on that context.
+ * ipc_read_lent() call, or ipc_context_deinit(), on that context.
  *
  * Batches: ipc_write_many(ctx, fd, payloads, lengths, count) is ipc_write() of
  * `count` messages whose payloads lie back to back at `payloads` (sizes in
@@ -110,6 +110,7 @@ int ipc_wait_events(void *ctx, struct ipc_event *events, size_t capacity, size_t
 int ipc_write_many(void *ctx, int fd, const char *payloads, const uint32_t *lengths, size_t count);
 int ipc_write_many_ptrs(void *ctx, int fd, const char *const *payloads, const uint32_t *lengths, size_t count);
 int ipc_read_many(void *ctx, int fd, char *buffer, size_t *buflen, uint32_t *lengths, size_t capacity, size_t *count);
+int ipc_read_lent(void *ctx, int fd, const char **message, size_t *len);
 size_t ipc_pending_events(void *ctx);
 int ipc_wakeup(void *ctx);
 int ipc_peer_credentials(void *ctx, int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);

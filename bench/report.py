@@ -68,6 +68,11 @@ def targets(samples: Samples) -> List[Tuple[str, Optional[float], str, bool]]:
             ">= 0.9", lambda v: v >= 0.9)
     add("native / pure one-way 64 B", _ratio(samples, "tp64", "native", "pure", "msgs"),
         ">= 3", lambda v: v >= 3)
+    among, alone = (median(samples, "scale10k", "native", m) for m in ("among_us", "alone_us"))
+    add("native 10,000 idle clients: round trip among them / with none",
+        among / alone if among is not None and alone else None, "<= 1.2", lambda v: v <= 1.2)
+    add("native 10,000 idle clients: memory per idle connection (KiB)",
+        median(samples, "scale10k", "native", "conn_kib"), "<= 2", lambda v: v <= 2)
     return out
 
 

@@ -1,7 +1,8 @@
 """Differential test: the same random scenario on both backends gives the same events.
 
-Hypothesis generates scenarios (clients that connect, write, schedule, receive,
-close, or vanish in the middle of a message, and messages of every size from 0
+Hypothesis generates scenarios (clients that connect, write, schedule, send
+batches that the server takes with read_many, receive, close, or vanish in the
+middle of a message, and messages of every size from 0
 to max_message_size, plus oversize announcements); each runs on the pure and
 on the native backend, and the per-connection event sequences (fds replaced by
 labels, payloads by digests), the received payloads and the errors raised must
@@ -29,12 +30,17 @@ CLIENTS = 3
 
 sizes = st.one_of(st.sampled_from([0, 1, 3, 4, 5, MAX - 1, MAX]), st.integers(0, MAX))
 client = st.integers(0, CLIENTS - 1)
+# At most two payloads per batch, so a batch fits the socket buffer (the server
+# reads it after the write returns); MAX + 1 makes the whole batch refused.
+batch = st.lists(st.one_of(st.integers(0, 2048), st.sampled_from([MAX, MAX + 1])),
+                 max_size=2)
 steps = st.lists(st.one_of(
     st.tuples(st.just("connect"), client),
     st.tuples(st.just("write"), client, sizes),
     st.tuples(st.just("schedule"), client, sizes),
     st.tuples(st.just("reply"), client, sizes),
     st.tuples(st.just("reply_scheduled"), client, sizes),
+    st.tuples(st.just("write_many"), client, batch, st.integers(1, 3)),
     st.tuples(st.just("close"), client),
     st.tuples(st.just("vanish_mid_message"), client),
     st.tuples(st.just("oversize"), client),
@@ -141,6 +147,8 @@ class Scenario:
         elif kind in ("reply", "reply_scheduled") and i in self.server_fd:
             call = self.server.write if kind == "reply" else self.server.schedule
             self.attempt(f"{kind} {n}", lambda: call(self.server_fd[i], payload(op[2], n)))
+        elif kind == "write_many":
+            self.write_many(n, conn, i, op[2], op[3])
         elif kind == "close":
             conn[0].close_all()
             del self.clients[i]
@@ -155,6 +163,26 @@ class Scenario:
             self.server.close(fd)
             self.forget("server", fd)
         self.drain()
+
+    def write_many(self, n: int, conn: tuple, i: int, sizes: list, per_call: int) -> None:
+        """The client sends a batch; the server, knowing how many came, takes
+        them with read_many (at most per_call a call) and logs each one."""
+        sent = [payload(size, n * 10 + k) for k, size in enumerate(sizes)]
+        try:
+            conn[0].write_many(conn[1], sent)
+        except pyipc.IPCError as e:
+            self.log["calls"].append((f"write_many {n}", type(e).__name__, str(e)))
+            return
+        if not sent or i not in self.server_fd:
+            return
+        fd = self.server_fd[i]
+        label = self.label[("server", fd)]
+        got: list = []
+        while len(got) < len(sent):
+            batch = self.server.read_many(fd, per_call)
+            assert 1 <= len(batch) <= per_call
+            got += batch
+        self.log[label].extend(("READ_MANY", digest(m)) for m in got)
 
     def close(self) -> None:
         for _, ctx in list(self.contexts()):
@@ -198,5 +226,8 @@ def test_scenario_records_what_happens():
                             ("vanish_mid_message", 0)])
         server = log["server-side of client0/1"]
         assert [e[0] for e in server] == ["CONNECTION", "MESSAGE_RX", "ERROR", "DISCONNECTION"]
+        batches = run(backend, [("write_many", 1, [3, 0, 5], 2)])
+        assert batches["server-side of client1/2"][1:] == [
+            ("READ_MANY", digest(payload(size, 30 + k))) for k, size in enumerate([3, 0, 5])]
         assert server[2][3] == "peer closed the connection in the middle of a message"
         assert log["client0/1"][0][:3] == ("MESSAGE_RX", 0, digest(b""))

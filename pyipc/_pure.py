@@ -420,15 +420,16 @@ class PureContext(Context):
         """Flush conn's queue, then write every byte of ``frame`` (buffers),
         waiting while the socket is full."""
         fd = conn.fd
+        room = _BlockingWait(conn)
         try:
             while conn.queue:
                 if not self._send_queued(conn):
-                    _wait_writable(fd)
+                    room.writable()
             while frame:
                 try:
                     n = conn.io.sendmsg(frame, (), _SEND_FLAGS)  # type: ignore[attr-defined]
                 except (BlockingIOError, InterruptedError):
-                    _wait_writable(fd)
+                    room.writable()
                     continue
                 frame = _advance(frame, n)
         except (BrokenPipeError, ConnectionResetError):
@@ -437,6 +438,8 @@ class PureContext(Context):
                 from None
         except OSError as e:        # native's text, not a raw OSError
             raise _os_error("write failed", e.errno) from None
+        finally:
+            room.end()
 
     def _send_queued(self, conn: _Conn) -> bool:
         """Write queued frames without blocking; True when the queue is empty.
@@ -502,14 +505,36 @@ class PureContext(Context):
         """Block until fd delivers at least one new message; return the first
         ``keep`` of those that came, the rest wait as MESSAGE_RX events."""
         conn = self._connection(fd)
+        # Our own sockets are read in blocking mode meanwhile, as native does
+        # (the kernel wakes the read itself: quicker than poll() then recv()).
+        # A foreign fd (a pipe's write end, say) may never be readable yet fail
+        # to read, so it is read without waiting first.
+        blocking = conn.kind == CONNECTION
+        if blocking:
+            conn.io.setblocking(True)  # type: ignore[attr-defined]
+        try:
+            msgs, error = self._read_until_message(conn)
+        finally:
+            if blocking and conn.io.fileno() >= 0:  # type: ignore[attr-defined]
+                conn.io.setblocking(False)  # type: ignore[attr-defined]
+        if not msgs:
+            self._drop(conn, None)
+            raise MessageTooLargeError(error)
+        # Messages beyond `keep` wait as events, like any received, before the
+        # ERROR and DISCONNECTION of a bad header that followed them.
+        if len(msgs) > keep:
+            self._pending.extend(Event(_RX, fd, conn.index, m) for m in msgs[keep:])
+            del msgs[keep:]
+        if error is not None:
+            self._drop(conn, error)
+        return msgs
+
+    def _read_until_message(self, conn: _Conn) -> Tuple[list, Optional[str]]:
+        """Read conn until at least one message is whole; (messages, the
+        too-large text if a bad header followed them or came first)."""
+        fd = conn.fd
         msgs: list[bytes] = []
         error: Optional[str] = None
-        # read() usually comes right after a request, before the answer: wait for
-        # it first rather than try a read that says EAGAIN (as native does). Only
-        # on our own socket connections: a foreign fd (a pipe's write end, say)
-        # may never be readable yet fail to read.
-        if conn.kind == CONNECTION:
-            _wait_readable(fd)
         while not msgs and error is None:
             try:
                 n = conn.io.recv_into(self._scratch_view)  # type: ignore[attr-defined]
@@ -531,17 +556,7 @@ class PureContext(Context):
                 conn.decoder.feed(self._scratch_view[:n], msgs)
             except FrameTooLarge as e:
                 error = str(e)
-        if not msgs:
-            self._drop(conn, None)
-            raise MessageTooLargeError(error)
-        # Messages beyond `keep` wait as events, like any received, before the
-        # ERROR and DISCONNECTION of a bad header that followed them.
-        if len(msgs) > keep:
-            self._pending.extend(Event(_RX, fd, conn.index, m) for m in msgs[keep:])
-            del msgs[keep:]
-        if error is not None:
-            self._drop(conn, error)
-        return msgs
+        return msgs, error
 
     def _read_conn(self, conn: _Conn) -> None:
         """Read conn until it would block (or the budget is spent); deliver messages."""
@@ -844,6 +859,29 @@ def _advance(buffers: list, n: int) -> list:
     if buffers and n:
         buffers = [memoryview(buffers[0])[n:]] + buffers[1:]
     return buffers
+
+
+class _BlockingWait:
+    """How a blocking write waits for room: our own socket is switched to
+    blocking mode until the write is done (as native does); other fds are
+    polled."""
+
+    __slots__ = ("conn", "blocking")
+
+    def __init__(self, conn: _Conn) -> None:
+        self.conn = conn
+        self.blocking = False
+
+    def writable(self) -> None:
+        if not self.blocking and self.conn.kind == CONNECTION:
+            self.conn.io.setblocking(True)  # type: ignore[attr-defined]
+            self.blocking = True
+        elif not self.blocking:
+            _wait_writable(self.conn.fd)
+
+    def end(self) -> None:
+        if self.blocking and self.conn.io.fileno() >= 0:  # type: ignore[attr-defined]
+            self.conn.io.setblocking(False)  # type: ignore[attr-defined]
 
 
 def _wait_fd(fd: int, events: int) -> None:

@@ -350,3 +350,26 @@ def test_bool_is_not_a_fd(pair):
         with pytest.raises(TypeError) as info:
             call()
         assert str(info.value).startswith("fd must be int, not bool")
+
+
+def test_fds_stay_non_blocking_after_blocking_calls(pair, backend):
+    """read(), read_many() and a write() that had to wait put the socket in
+    blocking mode meanwhile (a quicker wake-up); the event loop must never
+    find it so afterwards, whether the call succeeded or failed."""
+    import os
+    import threading
+    client, server = pair.client, pair.server
+    big = b"x" * (4 << 20)                       # more than the socket buffers hold
+    reader = threading.Thread(target=lambda: server.read(pair.server_fd))
+    reader.start()
+    client.write(pair.client_fd, big)            # waits for room
+    reader.join()
+    client.write(pair.client_fd, b"ping")
+    assert server.read_many(pair.server_fd) == [b"ping"]
+    server.write(pair.server_fd, b"pong")
+    assert client.read(pair.client_fd) == b"pong"
+    for fd in (pair.client_fd, pair.server_fd):
+        assert not os.get_blocking(fd)
+    client.close(pair.client_fd)
+    with pytest.raises(pyipc.ConnectionClosedError):
+        server.read(pair.server_fd)

@@ -1,0 +1,91 @@
+/*
+ * wait_modes.c: what the way a process waits for a socket costs a round trip.
+ *
+ * Two processes ping-pong a 68-byte frame over a socketpair, 20,000 times;
+ * the mode says how each side waits for the answer:
+ *   0  a blocking read() (what the C floor and raw Python sockets do)
+ *   1  poll() then read() on a non-blocking socket (an event loop's way)
+ *   2  epoll_wait() then read() on a non-blocking socket
+ *   3  O_NONBLOCK cleared (fcntl), a blocking read(), O_NONBLOCK set again
+ *      (what pyipc's read()/read_many()/write() do on their own sockets)
+ * Prints the mean round trip in microseconds. Not part of `pyipc bench`: it
+ * explains a choice (README, Benchmarks). Linux only (epoll).
+ *
+ *   python -m ziglang cc -O2 -o /tmp/wait_modes bench/c/wait_modes.c
+ *   for m in 0 1 2 3; do /tmp/wait_modes $m; done
+ */
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { FRAME = 68, ROUNDS = 20000 };
+
+static int mode;
+static int epoll_fd = -1;
+
+static void wait_readable(int fd) {
+    if (mode == 1) {
+        struct pollfd p = {fd, POLLIN, 0};
+        poll(&p, 1, -1);
+    } else if (mode == 2) {
+        struct epoll_event e;
+        epoll_wait(epoll_fd, &e, 1, -1);
+    }
+}
+
+/* One whole frame; exits the process at EOF (the other side is done). */
+static void read_frame(int fd, char *buf) {
+    size_t got = 0;
+    if (mode == 3) fcntl(fd, F_SETFL, 0);
+    while (got < FRAME) {
+        wait_readable(fd);
+        ssize_t n = read(fd, buf + got, FRAME - got);
+        if (n > 0) got += (size_t)n;
+        else if (n == 0) exit(0);
+    }
+    if (mode == 3) fcntl(fd, F_SETFL, O_NONBLOCK);
+}
+
+int main(int argc, char **argv) {
+    mode = argc > 1 ? atoi(argv[1]) : 0;
+    int sv[2];
+    if (mode < 0 || mode > 3 || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) {
+        fprintf(stderr, "usage: wait_modes 0|1|2|3\n");
+        return 2;
+    }
+    char buf[FRAME] = {0};
+    pid_t pid = fork();
+    int fd = pid == 0 ? sv[1] : sv[0];
+    close(pid == 0 ? sv[0] : sv[1]);
+    if (mode != 0) fcntl(fd, F_SETFL, O_NONBLOCK);
+    if (mode == 2) {
+        epoll_fd = epoll_create1(0);
+        struct epoll_event e = {EPOLLIN, {.fd = fd}};
+        epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &e);
+    }
+    if (pid == 0) {                         /* the echo side */
+        for (;;) {
+            read_frame(fd, buf);
+            if (write(fd, buf, FRAME) != FRAME) return 1;
+        }
+    }
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (int i = 0; i < ROUNDS; i++) {
+        if (write(fd, buf, FRAME) != FRAME) return 1;
+        read_frame(fd, buf);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    double us = ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / ROUNDS / 1000;
+    printf("mode %d: %.1f us per round trip\n", mode, us);
+    fflush(stdout);
+    close(fd);
+    wait(NULL);
+    return 0;
+}

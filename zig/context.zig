@@ -539,11 +539,11 @@ pub const Context = struct {
         blocking: bool = false,
         fn writable(self: *BlockingWait) void {
             if (!self.blocking and self.conn.kind == .connection and self.conn.is_socket)
-                self.blocking = sys.setNonblocking(self.conn.fd, false);
+                self.blocking = sys.setOwnSocketBlocking(self.conn.fd, true);
             if (!self.blocking) sys.waitFd(self.conn.fd, sys.POLLOUT);
         }
         fn end(self: *BlockingWait) void {
-            if (self.blocking) _ = sys.setNonblocking(self.conn.fd, true);
+            if (self.blocking) _ = sys.setOwnSocketBlocking(self.conn.fd, false);
         }
     };
 
@@ -823,9 +823,9 @@ pub const Context = struct {
     /// never be readable yet fail to read, so it is read without waiting first.
     fn readUntilMessage(self: *Context, conn: *Conn, sink: *RxSink) Allocator.Error!Chunk {
         const own_socket = conn.kind == .connection and conn.is_socket;
-        const blocking = own_socket and sys.setNonblocking(conn.fd, false);
+        const blocking = own_socket and sys.setOwnSocketBlocking(conn.fd, true);
         defer if (blocking) {
-            _ = sys.setNonblocking(conn.fd, true);
+            _ = sys.setOwnSocketBlocking(conn.fd, false);
         };
         if (own_socket and !blocking) sys.waitFd(conn.fd, sys.POLLIN);
         while (sink.frames == 0) {

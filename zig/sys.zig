@@ -127,6 +127,14 @@ pub fn setNonblocking(fd: fd_t, on: bool) bool {
     return c.fcntl(fd, c.F.SETFL, new) >= 0;
 }
 
+/// Switch one of pyipc's own sockets between blocking and non-blocking mode
+/// in one system call: they carry no file status flag but O_NONBLOCK (made
+/// with SOCK_NONBLOCK or by setNonblocking), so F_SETFL needs no F_GETFL.
+pub fn setOwnSocketBlocking(fd: fd_t, blocking: bool) bool {
+    const bit: c_int = @bitCast(@as(u32, @bitCast(c.O{ .NONBLOCK = true })));
+    return c.fcntl(fd, c.F.SETFL, if (blocking) @as(c_int, 0) else bit) >= 0;
+}
+
 /// True when fd is an open file descriptor.
 pub fn isOpen(fd: fd_t) bool {
     return fd >= 0 and c.fcntl(fd, c.F.GETFD) >= 0;

@@ -393,28 +393,43 @@ fn expectOk(code: c_int) !void {
     try testing.expectEqual(@as(c_int, 0), code);
 }
 
-test "C ABI: batches by pointer, pending events, small buffers, error texts" {
-    var dir_buf: [96]u8 = undefined;
-    const dir = try sys.printZ(&dir_buf, "/tmp/pyipc-zig-capi-{d}-{d}", .{ std.c.getpid(), sys.nowMs() });
-    defer {
+/// A service context and a client context connected to it (as `service`),
+/// in a fresh run dir under /tmp that deinit removes.
+const TestPair = struct {
+    dir_buf: [96]u8 = undefined,
+    dir: [:0]const u8 = "",
+    server: ?*anyopaque = null,
+    client: ?*anyopaque = null,
+    sfd: c_int = -1,
+    cfd: c_int = -1,
+
+    fn init(self: *TestPair, comptime service: []const u8) !void {
+        self.dir = try sys.printZ(&self.dir_buf, "/tmp/pyipc-zig-" ++ service ++ "-{d}-{d}", .{ std.c.getpid(), sys.nowMs() });
+        try expectOk(ipc_context_init(&self.server));
+        try expectOk(ipc_context_init(&self.client));
+        for ([_]?*anyopaque{ self.server, self.client }) |ctx| {
+            try expectOk(ipc_context_set_rundir(ctx, self.dir.ptr, self.dir.len));
+            ipc_context_timer(ctx, 5000);
+        }
+        try expectOk(ipc_service_init(self.server, &self.sfd, service.ptr, service.len));
+        try expectOk(ipc_connect_service(self.client, &self.cfd, service.ptr, service.len));
+    }
+
+    fn deinit(self: *TestPair, comptime service: []const u8) void {
+        ipc_context_deinit(&self.client);
+        ipc_context_deinit(&self.server);
+        if (self.dir.len == 0) return;
         var b: [128]u8 = undefined;
-        _ = std.c.unlink((sys.printZ(&b, "{s}/capi.lock", .{dir}) catch unreachable).ptr);
-        _ = std.c.rmdir(dir.ptr);
+        _ = std.c.unlink((sys.printZ(&b, "{s}/" ++ service ++ ".lock", .{self.dir}) catch unreachable).ptr);
+        _ = std.c.rmdir(self.dir.ptr);
     }
-    var server: ?*anyopaque = null;
-    var client: ?*anyopaque = null;
-    try expectOk(ipc_context_init(&server));
-    defer ipc_context_deinit(&server);
-    try expectOk(ipc_context_init(&client));
-    defer ipc_context_deinit(&client);
-    for ([_]?*anyopaque{ server, client }) |ctx| {
-        try expectOk(ipc_context_set_rundir(ctx, dir.ptr, dir.len));
-        ipc_context_timer(ctx, 5000);
-    }
-    var sfd: c_int = -1;
-    var cfd: c_int = -1;
-    try expectOk(ipc_service_init(server, &sfd, "capi", 4));
-    try expectOk(ipc_connect_service(client, &cfd, "capi", 4));
+};
+
+test "C ABI: batches by pointer, pending events, small buffers, error texts" {
+    var pair: TestPair = .{};
+    try pair.init("capi");
+    defer pair.deinit("capi");
+    const server, const client, const cfd = .{ pair.server, pair.client, pair.cfd };
     try expectOk(ipc_write(client, cfd, "one", 3));
     try expectOk(ipc_write(client, cfd, "two", 3));
 
@@ -460,7 +475,8 @@ test "C ABI: batches by pointer, pending events, small buffers, error texts" {
     // Errors: code and text.
     try testing.expectEqual(@as(c_int, -9), ipc_write(server, 9999, "x", 1));
     try testing.expectEqualStrings("fd 9999 is not managed by this context", std.mem.span(ipc_last_error(server)));
-    try testing.expectEqual(@as(c_int, -4), ipc_service_init(server, &sfd, "", 0));
+    var no_fd: c_int = -1;
+    try testing.expectEqual(@as(c_int, -4), ipc_service_init(server, &no_fd, "", 0));
     try testing.expectEqualStrings("invalid service name: empty", std.mem.span(ipc_last_error(server)));
 
     // An ERROR event carries its text as a C string.
@@ -481,27 +497,10 @@ test "C ABI: batches by pointer, pending events, small buffers, error texts" {
 }
 
 test "C ABI: write_many gathers frames, read_many copies them in order" {
-    var dir_buf: [96]u8 = undefined;
-    const dir = try sys.printZ(&dir_buf, "/tmp/pyipc-zig-many-{d}-{d}", .{ std.c.getpid(), sys.nowMs() });
-    defer {
-        var b: [128]u8 = undefined;
-        _ = std.c.unlink((sys.printZ(&b, "{s}/many.lock", .{dir}) catch unreachable).ptr);
-        _ = std.c.rmdir(dir.ptr);
-    }
-    var server: ?*anyopaque = null;
-    var client: ?*anyopaque = null;
-    try expectOk(ipc_context_init(&server));
-    defer ipc_context_deinit(&server);
-    try expectOk(ipc_context_init(&client));
-    defer ipc_context_deinit(&client);
-    for ([_]?*anyopaque{ server, client }) |ctx| {
-        try expectOk(ipc_context_set_rundir(ctx, dir.ptr, dir.len));
-        ipc_context_timer(ctx, 5000);
-    }
-    var sfd: c_int = -1;
-    var cfd: c_int = -1;
-    try expectOk(ipc_service_init(server, &sfd, "many", 4));
-    try expectOk(ipc_connect_service(client, &cfd, "many", 4));
+    var pair: TestPair = .{};
+    try pair.init("many");
+    defer pair.deinit("many");
+    const server, const client, const cfd = .{ pair.server, pair.client, pair.cfd };
 
     // 1,000 messages of 0 to 100 bytes (more than one gathered batch).
     const n = 1000;

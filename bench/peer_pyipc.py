@@ -4,7 +4,9 @@ Server: an event loop over ``wait_events()``; round trips are echoed with
 ``write()``. Client: ``write()`` + ``read()`` per round trip. One way, the batch
 API: the client sends with ``write_many()`` (up to 1,024 messages or 1 MiB per
 call, gathered into one writev), the server takes them with ``read_many()``
-(every message already received, one call, no Event per message).
+(every message already received, one call, no Event per message), or from
+64 KiB on with ``read_into()`` one reused buffer (read from the socket straight
+into it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ CONNECTION, DISCONNECTION = EventType.CONNECTION, EventType.DISCONNECTION
 #: One write_many() call's batch: at most this many messages, this many bytes.
 BATCH_MESSAGES = 1024
 BATCH_BYTES = 1 << 20
+#: Messages from this size on are received with read_into() (no copy in between).
+INTO_FROM = 64 << 10
 
 
 def context(args: Namespace) -> pyipc.Context:
@@ -42,7 +46,7 @@ def serve(args: Namespace) -> None:
         return serve_scale(ctx)
     if args.case == "rtt":
         return serve_rtt(ctx)
-    return serve_oneway(ctx, args.n)
+    return serve_oneway(ctx, args.n, args.size)
 
 
 def serve_rtt(ctx: pyipc.Context) -> None:
@@ -56,9 +60,10 @@ def serve_rtt(ctx: pyipc.Context) -> None:
                 return
 
 
-def serve_oneway(ctx: pyipc.Context, n: int) -> None:
-    """Count ``n`` messages (read_many after the CONNECTION), acknowledge the
-    last, then wait for the client to hang up."""
+def serve_oneway(ctx: pyipc.Context, n: int, size: int) -> None:
+    """Count ``n`` messages (after the CONNECTION: read_many, or read_into one
+    buffer for messages of 64 KiB and more), acknowledge the last, then wait
+    for the client to hang up."""
     count, fd = 0, None
     while fd is None:
         for ev in ctx.wait_events():
@@ -66,9 +71,14 @@ def serve_oneway(ctx: pyipc.Context, n: int) -> None:
                 fd = ev.fd
             elif ev.type is RX:         # came in the same batch as the CONNECTION
                 count += 1
-    read_many = ctx.read_many
-    while count < n:
-        count += len(read_many(fd))
+    if size >= INTO_FROM:
+        buf, read_into = bytearray(size), ctx.read_into
+        for _ in range(n - count):
+            read_into(fd, buf)
+    else:
+        read_many = ctx.read_many
+        while count < n:
+            count += len(read_many(fd))
     ctx.write(fd, proto.ACK)
     while not any(ev.type is DISCONNECTION for ev in ctx.wait_events()):
         pass

@@ -15,7 +15,8 @@ from . import _threads
 from ._rundir import PathLike, resolve_rundir
 from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, MAX_MESSAGE_SIZE_LIMIT,
-                     MAX_READ_MANY, CBEvent, ConnectionClosedError, Event, EventType)
+                     MAX_READ_MANY, CBEvent, ConnectionClosedError, Event, EventType,
+                     MessageTooLargeError)
 
 if TYPE_CHECKING:
     from .typed import Registry
@@ -54,6 +55,23 @@ def as_payload_list(payloads: object) -> list:
     if set(map(type, items)) <= {bytes}:     # the common case, checked at C speed
         return items
     return [as_payload(p) for p in items]
+
+
+def writable_view(buffer: object) -> memoryview:
+    """read_into()'s buffer as a writable, contiguous memoryview of bytes."""
+    try:
+        view = memoryview(buffer)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError("buffer must be a writable bytes-like object, not "
+                        f"{type(buffer).__name__}") from None
+    if view.readonly or not view.c_contiguous:
+        raise TypeError("buffer must be a writable, contiguous bytes-like object")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def buffer_too_small_text(size: int, message: int) -> str:
+    """read_into()'s MessageTooLargeError text: the message stays queued."""
+    return f"buffer of {size} bytes is too small for a message of {message} bytes"
 
 
 def check_max_messages(max_messages: int) -> None:
@@ -162,6 +180,25 @@ class Context:
                 raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
         return None
 
+    def _take_pending_into(self, fd: int, view: memoryview) -> Optional[int]:
+        """read_into()'s first source: fd's first MESSAGE_RX still in _pending,
+        copied into ``view``; its size, or None when there is none. A message
+        that does not fit stays (MessageTooLargeError); fd's DISCONNECTION
+        coming first raises ConnectionClosedError."""
+        for i, ev in enumerate(self._pending):
+            if ev.fd != fd:
+                continue
+            if ev.type == EventType.MESSAGE_RX:
+                size = len(ev.message)  # type: ignore[arg-type]
+                if size > len(view):
+                    raise MessageTooLargeError(buffer_too_small_text(len(view), size))
+                view[:size] = ev.message  # type: ignore[index]
+                del self._pending[i]
+                return size
+            if ev.type == EventType.DISCONNECTION:
+                raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
+        return None
+
     def _take_pending_messages(self, fd: int, max_messages: int) -> list:
         """read_many()'s first source: fd's MESSAGE_RX events still waiting in
         _pending (at most max_messages, up to fd's DISCONNECTION).
@@ -217,6 +254,14 @@ class Context:
 
     def read(self, fd: int) -> bytes:
         """Return the next message from fd, blocking until one is whole."""
+        raise NotImplementedError
+
+    def read_into(self, fd: int, buffer: object) -> int:
+        """Copy fd's next message into ``buffer`` (writable bytes-like, e.g. a
+        bytearray); return its size. Blocks like read(). A message of 64 KiB
+        or more that fits is read from the socket straight into the buffer
+        (no copy in between); one that does not fit raises
+        MessageTooLargeError and stays queued for the next read."""
         raise NotImplementedError
 
     def write_many(self, fd: int, payloads: object) -> None:

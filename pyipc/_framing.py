@@ -13,6 +13,8 @@ from itertools import accumulate
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
+#: read_into() reads a frame of this size or more straight into the caller's buffer.
+DIRECT_READ_MIN = 64 * 1024
 _unpack_from = HEADER.unpack_from
 
 
@@ -60,6 +62,14 @@ class FrameDecoder:
     def partial(self) -> bool:
         """True when part of a frame (header or payload) is buffered."""
         return bool(self._buf)
+
+    def buffered(self) -> bytes:
+        """The start of the one unfinished frame buffered (maybe empty)."""
+        return bytes(self._buf)
+
+    def discard(self) -> None:
+        """Forget the unfinished frame: the caller took it over (read_into)."""
+        self._buf = bytearray()
 
     def feed(self, data: memoryview, out: list) -> None:
         """Decode ``data``; append every complete payload (bytes) to ``out``.

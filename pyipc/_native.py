@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
-                       check_max_messages)
+                       buffer_too_small_text, check_max_messages, writable_view)
 from ._framing import split_payloads, too_large_text
 from ._types import (DEFAULT_READ_MANY, ERRORS_BY_CODE, BackendError, CBEvent, Event,
                      EventType, InvalidNameError, IPCError, MessageTooLargeError)
@@ -89,6 +89,7 @@ _ipc_write, _ipc_schedule, _ipc_read_fd = lib.ipc_write, lib.ipc_schedule, lib.i
 _ipc_wait_events, _ipc_pending_events = lib.ipc_wait_events, lib.ipc_pending_events
 _ipc_write_many, _ipc_read_many = lib.ipc_write_many, lib.ipc_read_many
 _ipc_write_many_ptrs, _ipc_read_lent = lib.ipc_write_many_ptrs, lib.ipc_read_lent
+_ipc_read_into = lib.ipc_read_into
 _join = b"".join
 _unpack = ffi.unpack
 #: struct ipc_event as struct.iter_unpack decodes it (native sizes and alignment).
@@ -302,6 +303,21 @@ class NativeContext(Context):
         if rc:
             self._check(rc, fd)
         return split_payloads(ffi.buffer(buf), _unpack(sizes, count[0]))
+
+    def read_into(self, fd: int, buffer: object) -> int:
+        view = writable_view(buffer)
+        if self._pending:
+            size = self._take_pending_into(fd, view)
+            if size is not None:
+                return size
+        rlen = self._rlen
+        rlen[0] = len(view)
+        rc = _ipc_read_into(self._ctx, _fd_arg(fd), ffi.from_buffer(view), rlen)
+        if rc == _E_BUFFER_TOO_SMALL:
+            raise MessageTooLargeError(buffer_too_small_text(len(view), rlen[0]))
+        if rc:
+            self._check(rc, fd)
+        return rlen[0]
 
     def _read_large(self, fd: int) -> bytes:
         """fd's next message, larger than the read buffer: lent by the core and

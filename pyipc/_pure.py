@@ -25,8 +25,9 @@ from typing import Callable, Optional, Tuple
 
 from . import _rundir
 from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
-                       check_max_messages)
-from ._framing import HEADER, FrameDecoder, FrameTooLarge, too_large_text
+                       buffer_too_small_text, check_max_messages, writable_view)
+from ._framing import (DIRECT_READ_MIN, HEADER, FrameDecoder, FrameTooLarge,
+                       too_large_text)
 from ._types import (DEFAULT_READ_MANY, IPCD_SERVICE, CBEvent, ConnectionClosedError, ConnectionLimitError,
                      Event, EventType, IPCError, MessageTooLargeError, QueueFullError,
                      ServiceNotFoundError, UnknownFdError)
@@ -501,6 +502,69 @@ class PureContext(Context):
         taken = self._take_pending_messages(fd, max_messages)
         return taken or self._receive(fd, max_messages)
 
+    def read_into(self, fd: int, buffer: object) -> int:
+        view = writable_view(buffer)
+        size = self._take_pending_into(fd, view)
+        if size is not None:
+            return size
+        conn = self._connection(fd)
+        if len(view) >= DIRECT_READ_MIN and conn.kind == CONNECTION:
+            size = self._read_frame_into(conn, view)
+            if size is None:
+                size = self._take_pending_into(fd, view)
+            if size is not None:
+                return size
+        self._receive(fd, 0)            # every new message waits as an event...
+        size = self._take_pending_into(fd, view)   # ...and the first is taken
+        assert size is not None
+        return size
+
+    def _read_frame_into(self, conn: _Conn, view: memoryview) -> Optional[int]:
+        """The next frame of conn read into ``view`` when it is large and fits
+        (as native does): its size; else None, with the header bytes read
+        given to the decoder. The socket is blocking meanwhile."""
+        had = conn.decoder.buffered()
+        known = min(len(had), HEADER.size)
+        header = bytearray(HEADER.size)
+        header[:known] = had[:known]
+        sock = conn.io
+        sock.setblocking(True)  # type: ignore[attr-defined]
+        try:
+            if not _recv_exactly(sock, header, known, HEADER.size):
+                return self._direct_eof(conn)
+            (size,) = HEADER.unpack(header)
+            if size < DIRECT_READ_MIN or size > len(view) or size > self.max_message_size:
+                msgs: list[bytes] = []
+                try:
+                    conn.decoder.feed(memoryview(header)[known:], msgs)
+                except FrameTooLarge as e:
+                    self._drop(conn, None)
+                    raise MessageTooLargeError(str(e)) from None
+                self._deliver(conn, msgs)     # a header alone may be an empty message
+                return None
+            got = len(had) - HEADER.size if len(had) > HEADER.size else 0
+            view[:got] = had[HEADER.size:]
+            conn.decoder.discard()
+            if not _recv_exactly(sock, view, got, size):
+                return self._direct_eof(conn)
+            return size
+        except ConnectionResetError:
+            return self._direct_eof(conn)
+        except OSError as e:
+            if isinstance(e, IPCError):     # ours (an IPCError is an OSError): as raised
+                raise
+            err = _os_error("read failed", e.errno)
+            self._drop(conn, str(err))
+            raise err from None
+        finally:
+            if sock.fileno() >= 0:  # type: ignore[attr-defined]
+                sock.setblocking(False)  # type: ignore[attr-defined]
+
+    def _direct_eof(self, conn: _Conn) -> int:
+        """The peer closed during a direct read: as read() reports it."""
+        self._drop(conn, None)
+        raise ConnectionClosedError(f"connection on fd {conn.fd} is closed by the peer")
+
     def _receive(self, fd: int, keep: int) -> list[bytes]:
         """Block until fd delivers at least one new message; return the first
         ``keep`` of those that came, the rest wait as MESSAGE_RX events."""
@@ -859,6 +923,20 @@ def _advance(buffers: list, n: int) -> list:
     if buffers and n:
         buffers = [memoryview(buffers[0])[n:]] + buffers[1:]
     return buffers
+
+
+def _recv_exactly(sock: object, buf: object, start: int, end: int) -> bool:
+    """Fill buf[start:end] from a blocking socket; False at EOF."""
+    view = memoryview(buf)  # type: ignore[arg-type]
+    while start < end:
+        try:
+            n = sock.recv_into(view[start:end])  # type: ignore[attr-defined]
+        except InterruptedError:
+            continue
+        if n == 0:
+            return False
+        start += n
+    return True
 
 
 class _BlockingWait:

@@ -739,6 +739,106 @@ pub const Context = struct {
         assert(found);
     }
 
+    /// read_into(): readFd, except that a large frame (direct_read_min bytes
+    /// or more) that fits `out` is read from one of our own sockets straight
+    /// into `out`: no copy through the core, only the kernel's. BufferTooSmall
+    /// (*len = its size) when the next message does not fit; it stays queued.
+    pub fn readInto(self: *Context, fd: i32, out: []u8, len: *usize) Error!void {
+        if (try self.takePending(fd, out, len)) return;
+        const conn = try self.connection(fd);
+        if (out.len >= framing.direct_read_min and conn.kind == .connection and conn.is_socket) {
+            if (try self.readFrameInto(conn, out)) |n| {
+                len.* = n;
+                return;
+            }
+            // The header read may have completed a message (an empty one).
+            if (try self.takePending(fd, out, len)) return;
+        }
+        try self.receiveSome(fd);
+        const found = try self.takePending(fd, out, len);
+        assert(found);
+    }
+
+    /// The next frame of conn read into `out`, when it is large and fits:
+    /// its payload size; else null, with the header bytes read given to the
+    /// decoder (the caller then reads the usual way). The socket is in
+    /// blocking mode meanwhile, as in readUntilMessage.
+    fn readFrameInto(self: *Context, conn: *Conn, out: []u8) Error!?usize {
+        const fd = conn.fd;
+        const blocking = sys.setOwnSocketBlocking(fd, true);
+        defer if (blocking) {
+            _ = sys.setOwnSocketBlocking(fd, false);
+        };
+        if (!blocking) return null;
+        var header: [framing.header_size]u8 = undefined;
+        const had = conn.decoder.buffered();
+        const have = @min(had.len, header.len);
+        @memcpy(header[0..have], had[0..have]);
+        if (have < header.len) {
+            if (readExactly(conn, header[have..])) |ended| return self.directFailed(conn, ended);
+        }
+        const size = std.mem.readInt(u32, &header, .big);
+        if (size < framing.direct_read_min or size > out.len or size > self.limits.max_message_size) {
+            // Not for this path: the decoder gets the header bytes read here
+            // (a frame over the limit is refused by it, as on any read).
+            var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
+            conn.decoder.feed(self.gpa, header[have..], self.limits.max_message_size, &sink) catch |err| switch (err) {
+                error.OutOfMemory => return error.OutOfMemory,
+                error.Stopped => unreachable, // the connection is alive: nothing stops
+                error.FrameTooLarge => {
+                    var buf: [160]u8 = undefined;
+                    const text = tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size);
+                    try self.drop(conn, null);
+                    self.table.reap(self.gpa);
+                    return self.last.failText(error.MessageTooLarge, text);
+                },
+            };
+            return null;
+        }
+        const payload = out[0..size];
+        const got = had.len -| header.len;
+        @memcpy(payload[0..got], had[header.len..][0..got]);
+        conn.decoder.discard(self.gpa);
+        if (readExactly(conn, payload[got..])) |ended| return self.directFailed(conn, ended);
+        return size;
+    }
+
+    /// How a direct read ended the connection.
+    const Ended = union(enum) { eof, failed: sys.E };
+
+    /// Blocking reads until `dest` is full (the socket is in blocking mode);
+    /// null when it is, else how the connection ended.
+    fn readExactly(conn: *Conn, dest: []u8) ?Ended {
+        var filled: usize = 0;
+        while (filled < dest.len) {
+            switch (sys.readSome(conn.fd, dest[filled..])) {
+                .done => |n| filled += n,
+                .would_block => sys.waitFd(conn.fd, sys.POLLIN),
+                .eof => return .eof,
+                .failed => |e| return .{ .failed = e },
+            }
+        }
+        return null;
+    }
+
+    /// A direct read ended the connection: reported as receiveSome does.
+    fn directFailed(self: *Context, conn: *Conn, ended: Ended) Error {
+        const fd = conn.fd;
+        defer self.table.reap(self.gpa);
+        switch (ended) {
+            .eof => {
+                try self.drop(conn, null);
+                return self.closedByPeer(fd);
+            },
+            .failed => |e| {
+                var buf: [160]u8 = undefined;
+                const text = std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf;
+                try self.drop(conn, text);
+                return self.last.failText(error.Generic, text);
+            },
+        }
+    }
+
     /// read_many(): fd's next messages, at least one (blocking for it as
     /// readFd does), at most `max`: pending MESSAGE_RX of fd up to its
     /// DISCONNECTION, in order, as long as `taker.put(payload)` accepts them

@@ -278,6 +278,20 @@ export fn ipc_read_many(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*u
     return IPC_OK;
 }
 
+/// ipc_read_fd, except that a large message (64 KiB or more) that fits the
+/// buffer is read from the socket straight into it, with no copy in between.
+export fn ipc_read_into(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    var len: usize = 0;
+    const result = ctx.readInto(fd, outBuffer(buffer, buflen), &len);
+    if (buflen) |l| {
+        if (result) |_| l.* = len else |err| if (err == error.BufferTooSmall) {
+            l.* = len;
+        }
+    }
+    return rc(ctx, result);
+}
+
 /// read() without a copy: fd's next message (blocks for it), lent: *message
 /// points into memory the context owns, valid until the next wait or
 /// ipc_read_lent call on it.

@@ -18,7 +18,7 @@ pub const header_size = 4;
 const keep_capacity = 256;
 /// A partial frame with at least this much missing is read into its own buffer
 /// directly (see readTarget), instead of through the scratch buffer.
-const direct_read_min = 64 * 1024;
+pub const direct_read_min = 64 * 1024;
 
 /// What a sink may fail with: out of memory, or Stopped (the connection went
 /// away while handling a frame; decoding must end at once).
@@ -167,6 +167,18 @@ pub const Decoder = struct {
         self.buf.deinit(gpa);
         self.buf = .initBuffer(memory); // owned from now on: freed by deinit
         self.buf.items.len = have;
+    }
+
+    /// The buffered bytes: the start of one unfinished frame (a partial
+    /// header, or a header and part of its payload), or nothing.
+    pub fn buffered(self: *const Decoder) []const u8 {
+        return self.buf.items;
+    }
+
+    /// Forget the buffered bytes: the caller took the unfinished frame over
+    /// (read_into completes it in the caller's buffer).
+    pub fn discard(self: *Decoder, gpa: Allocator) void {
+        self.consume(gpa, self.buf.items.len);
     }
 
     /// Where to read next when a large frame is in progress: the free space of

@@ -21,7 +21,9 @@
  * `count` messages whose payloads lie back to back at `payloads` (sizes in
  * `lengths`), gathered into few system calls; every size is checked before
  * anything is sent. ipc_write_many_ptrs() is the same with one pointer per
- * payload (large payloads are written from where they are, not copied). ipc_read_many(ctx, fd, buffer, buflen, lengths, capacity,
+ * payload (large payloads are written from where they are, not copied).
+ * ipc_read_into() is ipc_read_fd(), except that a message of 64 KiB or more
+ * that fits the buffer is read from the socket straight into it. ipc_read_many(ctx, fd, buffer, buflen, lengths, capacity,
  * count) blocks like ipc_read_fd() until fd has a message, then copies fd's
  * next messages, at least one and at most `capacity`, back to back into
  * `buffer` (*buflen bytes, at most 4 GiB), their sizes into `lengths` (*count
@@ -111,6 +113,7 @@ int ipc_write_many(void *ctx, int fd, const char *payloads, const uint32_t *leng
 int ipc_write_many_ptrs(void *ctx, int fd, const char *const *payloads, const uint32_t *lengths, size_t count);
 int ipc_read_many(void *ctx, int fd, char *buffer, size_t *buflen, uint32_t *lengths, size_t capacity, size_t *count);
 int ipc_read_lent(void *ctx, int fd, const char **message, size_t *len);
+int ipc_read_into(void *ctx, int fd, char *buffer, size_t *buflen);
 size_t ipc_pending_events(void *ctx);
 int ipc_wakeup(void *ctx);
 int ipc_peer_credentials(void *ctx, int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);

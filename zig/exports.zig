@@ -222,6 +222,12 @@ export fn ipc_read_fd(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usi
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     var len: usize = 0;
     const result = ctx.readFd(fd, outBuffer(buffer, buflen), &len);
+    return readReturn(ctx, result, len, buflen);
+}
+
+/// A read's return code; *buflen = the message's size after it was read, or
+/// when it did not fit (BufferTooSmall).
+fn readReturn(ctx: *Context, result: Error!void, len: usize, buflen: ?*usize) c_int {
     if (buflen) |l| {
         if (result) |_| l.* = len else |err| if (err == error.BufferTooSmall) {
             l.* = len;
@@ -284,12 +290,7 @@ export fn ipc_read_into(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*u
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     var len: usize = 0;
     const result = ctx.readInto(fd, outBuffer(buffer, buflen), &len);
-    if (buflen) |l| {
-        if (result) |_| l.* = len else |err| if (err == error.BufferTooSmall) {
-            l.* = len;
-        }
-    }
-    return rc(ctx, result);
+    return readReturn(ctx, result, len, buflen);
 }
 
 /// read() without a copy: fd's next message (blocks for it), lent: *message

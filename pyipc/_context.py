@@ -15,7 +15,7 @@ from . import _threads
 from ._rundir import PathLike, resolve_rundir
 from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, MAX_MESSAGE_SIZE_LIMIT,
-                     MAX_READ_MANY, CBEvent, ConnectionClosedError, Event, EventType,
+                     MAX_READ_MANY, READ_MANY_BYTES, CBEvent, ConnectionClosedError, Event, EventType,
                      MessageTooLargeError)
 
 if TYPE_CHECKING:
@@ -201,17 +201,25 @@ class Context:
 
     def _take_pending_messages(self, fd: int, max_messages: int) -> list:
         """read_many()'s first source: fd's MESSAGE_RX events still waiting in
-        _pending (at most max_messages, up to fd's DISCONNECTION).
+        _pending (at most max_messages and READ_MANY_BYTES together, a larger
+        first one alone; up to fd's DISCONNECTION).
 
         Raises ConnectionClosedError when fd's DISCONNECTION comes first.
         """
         taken: list = []
         keep: deque[Event] = deque()
         done = False
+        room = READ_MANY_BYTES
         for ev in self._pending:
             if not done and ev.fd == fd:
                 if ev.type == EventType.MESSAGE_RX:
+                    size = len(ev.message)  # type: ignore[arg-type]
+                    if taken and size > room:
+                        done = True          # the batch is full: this one waits
+                        keep.append(ev)
+                        continue
                     taken.append(ev.message)
+                    room -= size
                     done = len(taken) == max_messages
                     continue
                 if ev.type == EventType.DISCONNECTION:

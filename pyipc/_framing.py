@@ -71,6 +71,11 @@ class FrameDecoder:
         """Forget the unfinished frame: the caller took it over (read_into)."""
         self._buf = bytearray()
 
+    def restore(self, start: bytes) -> None:
+        """Buffer ``start`` again (the start of the unfinished frame, as far
+        as it was read): read_into was interrupted after discard()."""
+        self._buf = bytearray(start)
+
     def feed(self, data: memoryview, out: list) -> None:
         """Decode ``data``; append every complete payload (bytes) to ``out``.
 

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
                        buffer_too_small_text, check_max_messages, writable_view)
 from ._framing import split_payloads, too_large_text
-from ._types import (DEFAULT_READ_MANY, ERRORS_BY_CODE, BackendError, CBEvent, Event,
+from ._types import (DEFAULT_READ_MANY, ERRORS_BY_CODE, READ_MANY_BYTES, BackendError, CBEvent, Event,
                      EventType, InvalidNameError, IPCError, MessageTooLargeError)
 
 log = logging.getLogger("pyipc")
@@ -32,9 +32,10 @@ _E_BUFFER_TOO_SMALL = -11
 _E_NO_MEMORY = -12
 #: Events fetched from the core per call (more stay queued in the core).
 EVENT_BATCH = 1024
-#: read()/read_many() copy messages into this buffer (kept by the context);
-#: a larger message is copied once, straight from the core's buffer (lent).
-READ_BUFFER = 64 * 1024
+#: read()/read_many() copy messages into this buffer (kept by the context),
+#: so a read_many batch holds READ_MANY_BYTES at most; a larger message is
+#: copied once, straight from the core's buffer (lent).
+READ_BUFFER = READ_MANY_BYTES
 #: write_many() sends payloads of this average size and more from where they
 #: are (one pointer each); smaller ones are joined first (cheaper per message).
 WRITE_FROM_PLACE = 4096
@@ -281,9 +282,14 @@ class NativeContext(Context):
             # Small payloads: copied together (one C call), written from there.
             rc = _ipc_write_many(self._ctx, _fd_arg(fd), _join(items), sizes, len(items))
         else:
-            # Large ones: written from where they are, no copy.
-            pointers = ffi.new("char *[]", [ffi.from_buffer(p) for p in items])
+            # Large ones: written from where they are, no copy. ``pins`` keeps
+            # every payload alive (and a bytearray unresizable) for the whole
+            # call: the GIL is released while it blocks, and the caller's list
+            # may be changed by another thread meanwhile.
+            pins = [ffi.from_buffer(p) for p in items]
+            pointers = ffi.new("char *[]", pins)
             rc = _ipc_write_many_ptrs(self._ctx, _fd_arg(fd), pointers, sizes, len(items))
+            del pins
         if rc:
             self._check(rc, fd)
 

@@ -28,7 +28,7 @@ from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
                        buffer_too_small_text, check_max_messages, writable_view)
 from ._framing import (DIRECT_READ_MIN, HEADER, FrameDecoder, FrameTooLarge,
                        too_large_text)
-from ._types import (DEFAULT_READ_MANY, IPCD_SERVICE, CBEvent, ConnectionClosedError, ConnectionLimitError,
+from ._types import (DEFAULT_READ_MANY, IPCD_SERVICE, READ_MANY_BYTES, CBEvent, ConnectionClosedError, ConnectionLimitError,
                      Event, EventType, IPCError, MessageTooLargeError, QueueFullError,
                      ServiceNotFoundError, UnknownFdError)
 
@@ -500,7 +500,7 @@ class PureContext(Context):
     def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY) -> list[bytes]:
         check_max_messages(max_messages)
         taken = self._take_pending_messages(fd, max_messages)
-        return taken or self._receive(fd, max_messages)
+        return taken or self._receive(fd, max_messages, READ_MANY_BYTES)
 
     def read_into(self, fd: int, buffer: object) -> int:
         view = writable_view(buffer)
@@ -529,8 +529,12 @@ class PureContext(Context):
         header[:known] = had[:known]
         sock = conn.io
         sock.setblocking(True)  # type: ignore[attr-defined]
+        # How far the header and the payload were read: what the decoder gets
+        # back if a signal handler's exception (Ctrl-C) stops the read midway,
+        # so that the next read goes on from there.
+        got = [known, 0]
         try:
-            if not _recv_exactly(sock, header, known, HEADER.size):
+            if not _recv_exactly(sock, header, got, 0, HEADER.size):
                 return self._direct_eof(conn)
             (size,) = HEADER.unpack(header)
             if size < DIRECT_READ_MIN or size > len(view) or size > self.max_message_size:
@@ -540,12 +544,14 @@ class PureContext(Context):
                 except FrameTooLarge as e:
                     self._drop(conn, None)
                     raise MessageTooLargeError(str(e)) from None
-                self._deliver(conn, msgs)     # a header alone may be an empty message
+                # A header alone may be an empty message: it waits as an event
+                # (read_into reads fd even when it is switched: not forwarded).
+                self._pending.extend(Event(_RX, conn.fd, conn.index, m) for m in msgs)
                 return None
-            got = len(had) - HEADER.size if len(had) > HEADER.size else 0
-            view[:got] = had[HEADER.size:]
+            got[1] = len(had) - HEADER.size if len(had) > HEADER.size else 0
+            view[:got[1]] = had[HEADER.size:]
             conn.decoder.discard()
-            if not _recv_exactly(sock, view, got, size):
+            if not _recv_exactly(sock, view, got, 1, size):
                 return self._direct_eof(conn)
             return size
         except ConnectionResetError:
@@ -556,6 +562,10 @@ class PureContext(Context):
             err = _os_error("read failed", e.errno)
             self._drop(conn, str(err))
             raise err from None
+        except BaseException:
+            if conn.alive:
+                conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
+            raise
         finally:
             if sock.fileno() >= 0:  # type: ignore[attr-defined]
                 sock.setblocking(False)  # type: ignore[attr-defined]
@@ -565,9 +575,11 @@ class PureContext(Context):
         self._drop(conn, None)
         raise ConnectionClosedError(f"connection on fd {conn.fd} is closed by the peer")
 
-    def _receive(self, fd: int, keep: int) -> list[bytes]:
+    def _receive(self, fd: int, keep: int, room: Optional[int] = None) -> list[bytes]:
         """Block until fd delivers at least one new message; return the first
-        ``keep`` of those that came, the rest wait as MESSAGE_RX events."""
+        ``keep`` of those that came (and, with ``room``, no more than ``room``
+        bytes together, a larger first one alone: read_many's batch, as native
+        fills its buffer); the rest wait as MESSAGE_RX events."""
         conn = self._connection(fd)
         # Our own sockets are read in blocking mode meanwhile, as native does
         # (the kernel wakes the read itself: quicker than poll() then recv()).
@@ -584,6 +596,8 @@ class PureContext(Context):
         if not msgs:
             self._drop(conn, None)
             raise MessageTooLargeError(error)
+        if room is not None:
+            keep = min(keep, _fitting(msgs, room))
         # Messages beyond `keep` wait as events, like any received, before the
         # ERROR and DISCONNECTION of a bad header that followed them.
         if len(msgs) > keep:
@@ -925,17 +939,30 @@ def _advance(buffers: list, n: int) -> list:
     return buffers
 
 
-def _recv_exactly(sock: object, buf: object, start: int, end: int) -> bool:
-    """Fill buf[start:end] from a blocking socket; False at EOF."""
+def _fitting(msgs: list, room: int) -> int:
+    """How many of ``msgs`` fit in ``room`` bytes together (at least one)."""
+    count = 0
+    for m in msgs:
+        room -= len(m)
+        if room < 0 and count:
+            break
+        count += 1
+    return count
+
+
+def _recv_exactly(sock: object, buf: object, filled: list, at: int, end: int) -> bool:
+    """Fill buf from filled[at] to ``end`` from a blocking socket, keeping
+    filled[at] up to date (so an interruption knows how far it got); False
+    at EOF."""
     view = memoryview(buf)  # type: ignore[arg-type]
-    while start < end:
+    while filled[at] < end:
         try:
-            n = sock.recv_into(view[start:end])  # type: ignore[attr-defined]
+            n = sock.recv_into(view[filled[at]:end])  # type: ignore[attr-defined]
         except InterruptedError:
             continue
         if n == 0:
             return False
-        start += n
+        filled[at] += n
     return True
 
 

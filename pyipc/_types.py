@@ -23,6 +23,9 @@ MAX_MESSAGE_SIZE_LIMIT = 0xFFFFFFFF
 DEFAULT_READ_MANY = 1024
 #: Largest ``max_messages`` ``read_many()`` accepts (one call's batch).
 MAX_READ_MANY = 65536
+#: One read_many() batch holds messages of this many bytes together at most;
+#: a larger first message comes alone.
+READ_MANY_BYTES = 64 * 1024
 #: Default run directory, the same as libIPC's.
 DEFAULT_RUNDIR = "/tmp/.libipc-run"
 #: Longest socket path accepted (``sun_path`` is 108 bytes on Linux, minus the NUL).

@@ -15,7 +15,7 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import Pair, frame, raw_connect, settle, unread_bytes, wait_for
+from conftest import Pair, frame, raw_connect, settle, spin_until, unread_bytes, wait_for
 
 
 def numbered(n: int, size_of=lambda i: i % 100) -> list[bytes]:
@@ -254,3 +254,39 @@ def test_a_stream_of_large_messages_reuses_buffers_correctly(pair: Pair):
            for i in range(len(sent))]
     thread.join()
     assert got == sent
+
+
+def test_batches_hold_64_kib_together_on_both_backends(pair: Pair):
+    """read_many's batch: at most READ_MANY_BYTES together, a larger first
+    message alone; the same grouping whether the messages were pending or not."""
+    sizes = [1, 65_537, 1, 40_000, 20_000, 20_000, 5_000]
+    sent = [bytes([i + 1]) * size for i, size in enumerate(sizes)]
+    thread = writer(pair.client, pair.client_fd, sent)
+    # Everything is in the server's socket before the first read_many, so the
+    # grouping depends on the sizes alone.
+    spin_until(lambda: unread_bytes(pair.server_fd) == sum(sizes) + 4 * len(sizes))
+    thread.join()
+    batches: list = []
+    while sum(map(len, batches)) < len(sent):
+        batches.append(pair.server.read_many(pair.server_fd))
+    assert [[len(m) for m in batch] for batch in batches] == [
+        [1], [65_537], [1, 40_000, 20_000], [20_000, 5_000]]
+    assert [m for batch in batches for m in batch] == sent
+    assert pyipc.READ_MANY_BYTES == 64 * 1024
+
+
+def test_large_payloads_stay_alive_while_write_many_waits(pair: Pair):
+    """write_many blocks with the GIL released; another thread may empty the
+    caller's list meanwhile: the payloads must still be sent intact."""
+    import gc
+    payloads = [bytes([i]) * 100_000 for i in range(1, 41)]   # ~4 MB: it must wait
+    expected = [bytes(bytearray(p)) for p in payloads]    # copies: the originals must go
+    thread = writer(pair.client, pair.client_fd, payloads)
+    spin_until(lambda: unread_bytes(pair.server_fd) > 0)
+    payloads.clear()
+    gc.collect()
+    junk = [b"\xee" * 100_000 for _ in range(200)]           # reuses freed memory
+    got = read_all(pair.server, pair.server_fd, len(expected))
+    thread.join()
+    del junk
+    assert got == expected

@@ -138,3 +138,62 @@ def test_an_announced_size_over_the_limit(ctx_factory, rundir):
 def test_unknown_fd(pair: Pair):
     with pytest.raises(pyipc.UnknownFdError, match="^fd 999 is not managed by this context$"):
         pair.server.read_into(999, bytearray(10))
+
+
+def test_on_a_switched_connection_nothing_is_forwarded_by_read_into(ctx_factory, rundir):
+    """read_into reads a switched fd itself: a message its header read
+    completes (an empty one) is returned, not forwarded to the switch peer."""
+    server = ctx_factory()
+    server.service_init("svc")
+    a, b = raw_connect(rundir, "svc"), raw_connect(rundir, "svc")
+    fds: list = []
+    wait_for(server, lambda ev: len(server_fds(ev, fds)) == 2)
+    server.add_switch(fds[0], fds[1])
+    a.sendall(frame(b"") + frame(b"hello"))
+    assert server.read_into(fds[0], bytearray(MIB)) == 0
+    wait_for(server, EventType.SWITCH_TX)          # the event loop forwards the rest
+    assert b.recv(100) == frame(b"hello")
+    a.close()
+    b.close()
+
+
+def server_fds(ev, seen: list) -> list:
+    """The CONNECTION fds seen so far (a wait_for predicate's helper)."""
+    if ev.type == EventType.CONNECTION:
+        seen.append(ev.fd)
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["pure"])
+def test_interrupted_by_a_signal_handler_the_frame_is_kept(ctx_factory, rundir):
+    """Pure only: a Python exception from a signal handler (a timeout, Ctrl-C)
+    can stop its blocking read midway; what was read of the frame goes back
+    to the decoder, so the next read returns the whole message. (Native
+    finishes the read in C before the handler runs.)"""
+    import signal
+
+    class Alarm(Exception):
+        pass
+
+    def ring(*_):
+        raise Alarm()
+
+    server = ctx_factory()
+    server.service_init("svc")
+    sock = raw_connect(rundir, "svc")
+    fd = wait_for(server, EventType.CONNECTION)[-1].fd
+    big = frame(b"P" * 100_000)
+    sock.sendall(big[:80_000])                   # most of a large frame
+    old = signal.signal(signal.SIGALRM, ring)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Alarm):
+            server.read_into(fd, bytearray(MIB))  # waits for the rest: interrupted
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    sock.sendall(big[80_000:] + frame(b"next"))
+    buf = bytearray(MIB)
+    assert read_into_bytes(server, fd, buf) == b"P" * 100_000
+    assert read_into_bytes(server, fd, buf) == b"next"
+    sock.close()

@@ -150,10 +150,7 @@ def send_batches(ctx: pyipc.Context, fd: int, data: bytes, n: int) -> None:
 
 def main() -> None:
     """Run the peer the command line asks for."""
-    args = proto.parse()
-    if args.role == "server":
-        proto.raise_nofile(args.idle + 64)
-    (serve if args.role == "server" else client)(args)
+    proto.run_scale_capable_peer(serve, client)
 
 
 if __name__ == "__main__":

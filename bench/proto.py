@@ -12,7 +12,8 @@ import json
 import os
 import resource
 import sys
-from typing import Any, Optional, Sequence
+from argparse import Namespace
+from typing import Any, Callable, Optional, Sequence
 
 #: Name of the benchmark service (pyipc) or socket file (the others) in --dir.
 SERVICE = "bench"
@@ -69,6 +70,16 @@ def raise_nofile(needed: int) -> int:
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def run_scale_capable_peer(serve: Callable[[Namespace], None],
+                           client: Callable[[Namespace], None]) -> None:
+    """main() of a peer that also runs the scale cases: parse the command
+    line; a server first raises its fd limit for the idle clients."""
+    args = parse()
+    if args.role == "server":
+        raise_nofile(args.idle + 64)
+    (serve if args.role == "server" else client)(args)
 
 
 def payload(size: int) -> bytes:

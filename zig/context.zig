@@ -847,7 +847,7 @@ pub const Context = struct {
         if (max == 0) return self.last.fail(error.Generic, "read_many needs room for at least one message", .{});
         var got = self.events.takeFd(self.gpa, fd, max, taker);
         if (got.closed) return self.closedByPeer(fd);
-        if (got.count > 0 or self.hasPendingMessage(fd)) return got.count;
+        if (got.count > 0 or got.refused) return got.count;
         try self.receiveSome(fd);
         got = self.events.takeFd(self.gpa, fd, max, taker);
         return got.count;
@@ -867,19 +867,6 @@ pub const Context = struct {
             .closed => self.closedByPeer(fd),
             .none => unreachable, // receiveSome returns with a message of fd pending
         };
-    }
-
-    /// fd has a MESSAGE_RX pending (before its DISCONNECTION, if any).
-    fn hasPendingMessage(self: *Context, fd: i32) bool {
-        var it = self.events.iterFd(fd);
-        while (it.next()) |ev| {
-            switch (ev.kind) {
-                .message_rx => return true,
-                .disconnection => return false,
-                else => {},
-            }
-        }
-        return false;
     }
 
     /// Block until fd has delivered at least one new MESSAGE_RX: read and

@@ -242,6 +242,8 @@ pub const Queue = struct {
         count: usize,
         /// fd's DISCONNECTION came before any message: the peer is gone.
         closed: bool,
+        /// The taker said no to fd's next message (it stays queued).
+        refused: bool,
     };
 
     /// Take up to `max` of fd's pending MESSAGE_RX, in order: each payload
@@ -251,6 +253,7 @@ pub const Queue = struct {
     pub fn takeFd(self: *Queue, gpa: Allocator, fd: i32, max: usize, taker: anytype) Taken {
         var count: usize = 0;
         var closed = false;
+        var refused = false;
         for (self.items.items[self.head..]) |*ev| {
             if (count == max) break;
             if (ev.dropped or ev.fd != fd) continue;
@@ -259,7 +262,10 @@ pub const Queue = struct {
                 break;
             }
             if (ev.kind != .message_rx) continue;
-            if (!taker.put(ev.data)) break;
+            if (!taker.put(ev.data)) {
+                refused = true;
+                break;
+            }
             if (ev.chunk) |ch| self.unref(gpa, ch);
             ev.chunk = null;
             ev.dropped = true;
@@ -268,7 +274,7 @@ pub const Queue = struct {
         }
         _ = self.peek();
         self.compact(gpa);
-        return .{ .count = count, .closed = closed };
+        return .{ .count = count, .closed = closed, .refused = refused };
     }
 
     /// What lendNext found for a fd.
@@ -459,6 +465,7 @@ test "taking fd's messages stops at its disconnection, at a full taker, and keep
     const rest = q.takeFd(gpa, 1, 10, &taker); // "bb" fits, "c" does not
     try testing.expectEqual(@as(usize, 1), rest.count);
     try testing.expect(!rest.closed);
+    try testing.expect(rest.refused);
     try testing.expectEqualStrings("abb", &taker.buf);
     taker.used = 0;
     const last = q.takeFd(gpa, 1, 10, &taker);

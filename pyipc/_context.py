@@ -165,8 +165,8 @@ class Context:
             return self.connect_service(name)
         return self._connect_ipcd(name, network)
 
-    def _take_pending_message(self, fd: int) -> Optional[bytes]:
-        """read()'s first source: a MESSAGE_RX of fd still waiting in _pending.
+    def _first_pending_message(self, fd: int) -> Optional[int]:
+        """Where fd's first MESSAGE_RX waits in _pending, if one does.
 
         Raises ConnectionClosedError when fd's DISCONNECTION comes first.
         """
@@ -174,30 +174,34 @@ class Context:
             if ev.fd != fd:
                 continue
             if ev.type == EventType.MESSAGE_RX:
-                del self._pending[i]
-                return ev.message
+                return i
             if ev.type == EventType.DISCONNECTION:
                 raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
         return None
 
+    def _take_pending_message(self, fd: int) -> Optional[bytes]:
+        """read()'s first source: a MESSAGE_RX of fd still waiting in _pending."""
+        i = self._first_pending_message(fd)
+        if i is None:
+            return None
+        message = self._pending[i].message
+        del self._pending[i]
+        return message
+
     def _take_pending_into(self, fd: int, view: memoryview) -> Optional[int]:
         """read_into()'s first source: fd's first MESSAGE_RX still in _pending,
         copied into ``view``; its size, or None when there is none. A message
-        that does not fit stays (MessageTooLargeError); fd's DISCONNECTION
-        coming first raises ConnectionClosedError."""
-        for i, ev in enumerate(self._pending):
-            if ev.fd != fd:
-                continue
-            if ev.type == EventType.MESSAGE_RX:
-                size = len(ev.message)  # type: ignore[arg-type]
-                if size > len(view):
-                    raise MessageTooLargeError(buffer_too_small_text(len(view), size))
-                view[:size] = ev.message  # type: ignore[index]
-                del self._pending[i]
-                return size
-            if ev.type == EventType.DISCONNECTION:
-                raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
-        return None
+        that does not fit stays (MessageTooLargeError)."""
+        i = self._first_pending_message(fd)
+        if i is None:
+            return None
+        message = self._pending[i].message
+        size = len(message)  # type: ignore[arg-type]
+        if size > len(view):
+            raise MessageTooLargeError(buffer_too_small_text(len(view), size))
+        view[:size] = message  # type: ignore[index]
+        del self._pending[i]
+        return size
 
     def _take_pending_messages(self, fd: int, max_messages: int) -> list:
         """read_many()'s first source: fd's MESSAGE_RX events still waiting in

@@ -291,6 +291,21 @@ def test_on_out_reports_switch_tx_at_once(foreign):
     assert foreign.outer.recv(100) == b"ping\n"
 
 
+def test_a_callback_may_call_its_own_context(foreign):
+    """A callback runs inside wait_events(): its calls to the same context are
+    nested calls of the owner's thread, which the thread guard lets in."""
+    seen = []
+
+    def on_out(fd: int, payload: bytes):
+        seen.append(foreign.server.peer_credentials(foreign.conn)[0])
+        return foreign.proto.on_out(fd, payload)
+
+    foreign.server.set_switch_callbacks(foreign.fd, foreign.proto.on_in, on_out)
+    foreign.client.write(foreign.cfd, b"nested")
+    assert foreign.lines(1) == [b"nested"]
+    assert seen == [os.getpid()]
+
+
 def test_ignore_drops_the_unit(foreign):
     foreign.outer.sendall(b"# comment\nreal\n")
     events = pump(foreign.server, lambda e: any(x.type == EventType.SWITCH_TX for x in e))

@@ -113,3 +113,17 @@ def test_schedule_from_another_thread_when_idle_is_sent_by_the_next_wait(pair):
     thread.join()
     assert wait_for(pair.server, EventType.MESSAGE_TX)[-1].fd == pair.server_fd
     assert pair.client.read(pair.client_fd) == b"idle"
+
+
+def test_guarded_methods_keep_their_signatures(pair):
+    """The guard wraps each public method in a function with the method's own
+    parameters: keywords and defaults work, a wrong call names the method."""
+    pair.client.write(fd=pair.client_fd, payload=b"kw")
+    assert pair.server.read_many(pair.server_fd, max_messages=1) == [b"kw"]
+    pair.client.write_many(payloads=[b"a", b"b"], fd=pair.client_fd)
+    assert pair.server.read(fd=pair.server_fd) == b"a"
+    assert pair.server.read_many(pair.server_fd) == [b"b"]
+    with pytest.raises(TypeError, match=r"write\(\) missing 1 required positional argument"):
+        pair.client.write(pair.client_fd)          # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'size'"):
+        pair.client.read(pair.client_fd, size=3)   # type: ignore[call-arg]

@@ -109,7 +109,7 @@ _RX, _TX = EventType.MESSAGE_RX, EventType.MESSAGE_TX
 class NativeContext(Context):
     """The native (Zig) backend of :class:`pyipc.Context`."""
 
-    __slots__ = ("_handle", "_ctx", "_events", "_sizes", "_count", "_lent", "_rbuf", "_rlen",
+    __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_sizes", "_count", "_lent", "_rbuf", "_rlen",
                  "_close_info",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
@@ -127,6 +127,8 @@ class NativeContext(Context):
         self._check(lib.ipc_context_set_limits(self._ctx, self.max_message_size,
                                                self.max_queue_size, self.max_connections))
         self._events = ffi.new("struct ipc_event[]", EVENT_BATCH)
+        # The array's bytes, as struct decodes them (made once: ffi.buffer per wait costs).
+        self._event_bytes = memoryview(ffi.buffer(self._events))
         self._sizes = ffi.new("uint32_t[]", DEFAULT_READ_MANY)
         self._count = ffi.new("size_t *")
         self._rbuf = ffi.new("char[]", READ_BUFFER)
@@ -263,7 +265,8 @@ class NativeContext(Context):
                 return message
         buf, rlen = self._rbuf, self._rlen
         rlen[0] = READ_BUFFER
-        rc = _ipc_read_fd(self._ctx, _fd_arg(fd), buf, rlen)
+        c_fd = fd if type(fd) is int and -0x80000000 <= fd <= 0x7FFFFFFF else _fd_arg(fd)
+        rc = _ipc_read_fd(self._ctx, c_fd, buf, rlen)
         if rc == _E_BUFFER_TOO_SMALL:
             return self._read_large(fd)
         if rc:
@@ -336,11 +339,11 @@ class NativeContext(Context):
     def wait_events(self) -> list[Event]:
         if self._pending:
             return super().wait_events()
-        start = time.monotonic()
+        start = time.monotonic() if self._timer is not None else 0.0
         return self._take_events() or self._after_wakeup(start)
 
     def _fetch(self) -> None:
-        start = time.monotonic()
+        start = time.monotonic() if self._timer is not None else 0.0
         self._pending.extend(self._take_events() or self._after_wakeup(start))
 
     def _wakeup(self) -> None:
@@ -370,21 +373,24 @@ class NativeContext(Context):
         rc = _ipc_wait_events(ctx, events, EVENT_BATCH, count)
         if rc:
             self._check(rc)
-        out = _convert(events, count[0])
-        while count[0] == EVENT_BATCH and _ipc_pending_events(ctx):
+        n = count[0]
+        out = _convert(self._event_bytes, n)
+        while n == EVENT_BATCH and _ipc_pending_events(ctx):
             rc = _ipc_wait_events(ctx, events, EVENT_BATCH, count)
             if rc:
                 self._check(rc)
-            out += _convert(events, count[0])
+            n = count[0]
+            out += _convert(self._event_bytes, n)
         return out
 
 
-def _convert(events: object, n: int) -> list[Event]:
-    """Events of a batch the core filled: the structs are decoded in one C call
-    (struct.iter_unpack) and each payload is one slice of _MEMORY (one copy)."""
+def _convert(event_bytes: memoryview, n: int) -> list[Event]:
+    """The first ``n`` events of the batch the core filled: the structs are
+    decoded in one C call (struct.iter_unpack) and each payload is one slice of
+    _MEMORY (one copy)."""
     out: list[Event] = []
     append, mem = out.append, _MEMORY
-    for etype, fd, index, msg, mlen, err in _iter_unpack(ffi.buffer(events, n * _EVENT_SIZE)):
+    for etype, fd, index, msg, mlen, err in _iter_unpack(event_bytes[:n * _EVENT_SIZE]):
         if etype == 3:                       # MESSAGE_RX: the hot case
             append(Event(_RX, fd, index, mem[msg - 1:msg - 1 + mlen], None))
         elif etype == 4:                     # MESSAGE_TX: one per scheduled message

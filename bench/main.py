@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", nargs="+", metavar="SYSTEM",
                    help="systems to run (default: all): native pure raw mp zmq_pair "
                         "zmq_push c_floor c_core")
+    p.add_argument("--placement", choices=runner.PLACEMENTS, default="split",
+                   help="CPUs of the two peers: split (default: the server on one CPU, "
+                        "the client on another), same (both on one CPU), free (the "
+                        "scheduler's choice); pinning needs Linux, elsewhere it is free")
 
 
 def _selected(args: argparse.Namespace) -> Tuple[List[Case], List[System]]:
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         label = f"{case.title} · {system.title} · repeat {r + 1}/{repeats}"
         progress.begin(label)
         try:
-            values = metrics.derive(case, runner.run(system, case, case.n(args.quick)))
+            values = metrics.derive(case, runner.run(system, case, case.n(args.quick), args.placement))
         except (runner.PeerFailed, KeyError, ValueError) as e:
             failures[(case.key, system.key)] = str(e)
             progress.end(f"{label}: FAILED: {e}")
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             samples.setdefault((case.key, system.key, k), []).append(v)
         progress.end(f"{label}: {metrics.headline(case, values)}")
     progress.finish()
-    print(_header(repeats, args.quick))
+    print(_header(repeats, args.quick, args.placement))
     print()
     print(report.table(cases, chosen, samples, failures))
     print()
@@ -72,9 +76,12 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _header(repeats: int, quick: bool) -> str:
+def _header(repeats: int, quick: bool, placement: str) -> str:
+    server_cpu, client_cpu = runner.cpus_for(placement)
+    where = ("peers not pinned" if server_cpu is None else
+             f"server on CPU {server_cpu}, client on CPU {client_cpu}")
     return (f"pyipc bench{' --quick' if quick else ''}: median of {repeats} interleaved "
-            f"run(s); {os.cpu_count()} CPU(s), {platform.machine()}, "
+            f"run(s); {where}; {os.cpu_count()} CPU(s), {platform.machine()}, "
             f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
 
 

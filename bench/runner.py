@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict, Optional, Tuple
 
 from .cases import Case, System
 
@@ -54,18 +54,46 @@ def check_fd_limit(case: Case) -> None:
         raise PeerFailed(f"the hard RLIMIT_NOFILE ({hard}) prevents {case.idle} clients")
 
 
-def run(system: System, case: Case, n: int) -> dict:
+#: Where the two peers run (``--placement``): "split" pins the server to one
+#: CPU and the client to another; "same" pins both to one CPU; "free" lets the
+#: scheduler choose. Pinning takes the scheduler's choice of CPUs (which moves
+#: with load and timing) out of the figures: on the 2-CPU development VM a
+#: wake-up across CPUs costs 40-50 µs, one on the same CPU a few.
+PLACEMENTS = ("split", "same", "free")
+
+
+def cpus_for(placement: str) -> Tuple[Optional[int], Optional[int]]:
+    """The CPU of the server and of the client (None: not pinned)."""
+    if placement == "free" or not hasattr(os, "sched_setaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if placement == "same" or len(cpus) < 2:
+        return cpus[0], cpus[0]
+    return cpus[-1], cpus[-2]
+
+
+def _pinned(cpu: Optional[int]) -> Optional[Callable[[], None]]:
+    """A preexec_fn that pins the child to ``cpu``, or None."""
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def run(system: System, case: Case, n: int, placement: str = "split") -> dict:
     """Measurements of one run (the client's JSON result, plus ``n``)."""
     check_fd_limit(case)
+    server_cpu, client_cpu = cpus_for(placement)
     directory = tempfile.mkdtemp(prefix="pyipc-bench-", dir="/tmp")
     os.chmod(directory, 0o700)
     env = _env()
     server = subprocess.Popen(system.command("server", case, directory, n), env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_pinned(server_cpu))
     try:
         _wait_ready(server)
         client = subprocess.run(system.command("client", case, directory, n), env=env,
-                                capture_output=True, text=True, timeout=CLIENT_TIMEOUT)
+                                capture_output=True, text=True, timeout=CLIENT_TIMEOUT,
+                                preexec_fn=_pinned(client_cpu))
         lines = client.stdout.strip().splitlines()
         if client.returncode != 0 or not lines:
             raise PeerFailed(f"client failed ({client.returncode}): "

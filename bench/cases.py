@@ -55,11 +55,21 @@ def _python(module: str, *extra: str) -> Callable[[str, Case, str, int], List[st
     return command
 
 
+def _mixed(server: Callable[[str, Case, str, int], List[str]],
+           client: Callable[[str, Case, str, int], List[str]]
+           ) -> Callable[[str, Case, str, int], List[str]]:
+    """The server of one system with the client of another (the same framing
+    and socket file): which side of a round trip costs what."""
+    def command(role: str, case: Case, directory: str, n: int) -> List[str]:
+        return (server if role == "server" else client)(role, case, directory, n)
+    return command
+
+
 def _program(exe_of: Callable[[], object], socket_file: bool
              ) -> Callable[[str, Case, str, int], List[str]]:
     """A C peer: it takes the socket file (floor) or the run dir (core)."""
     def command(role: str, case: Case, directory: str, n: int) -> List[str]:
-        target = directory + "/bench.sock" if socket_file else directory
+        target = directory + "/bench" if socket_file else directory
         return [str(exe_of()), role, case.kind, target, str(n), str(case.size)]
     return command
 
@@ -90,6 +100,12 @@ def systems() -> List[System]:
         System("pure", "pyipc pure", _python("peer_pyipc", "--backend", "pure"),
                ("rtt", "oneway", "scale")),
         System("raw", "raw socket", _python("peer_raw"), ("rtt", "oneway", "scale")),
+        System("native_raw", "native client, raw server",
+               _mixed(_python("peer_raw"), _python("peer_pyipc", "--backend", "native")),
+               ("rtt",), native),
+        System("raw_native", "raw client, native server",
+               _mixed(_python("peer_pyipc", "--backend", "native"), _python("peer_raw")),
+               ("rtt",), native),
         System("mp", "mp.connection", _python("peer_mp")),
         System("zmq_pair", "zmq PAIR", _python("peer_zmq", "--mode", "pair"), why_not=zmq),
         System("zmq_push", "zmq PUSH/PULL", _python("peer_zmq", "--mode", "pushpull"),

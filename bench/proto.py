@@ -38,8 +38,10 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def socket_path(args: argparse.Namespace) -> str:
-    """The socket file of the non-pyipc systems."""
-    return os.path.join(args.dir, SERVICE + ".sock")
+    """The socket file of the non-pyipc systems: the one a pyipc service
+    ``SERVICE`` has in run dir ``args.dir``, so a pyipc peer and a raw-socket
+    peer can be paired (the mixed systems)."""
+    return os.path.join(args.dir, SERVICE)
 
 
 def ready() -> None:

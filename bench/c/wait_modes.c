@@ -8,16 +8,21 @@
  *   2  epoll_wait() then read() on a non-blocking socket
  *   3  O_NONBLOCK cleared (fcntl), a blocking read(), O_NONBLOCK set again
  *      (what pyipc's read()/read_many()/write() do on their own sockets)
- * Prints the mean round trip in microseconds. Not part of `pyipc bench`: it
- * explains a choice (README, Benchmarks). Linux only (epoll).
+ * With "split" as second argument the two processes are pinned to CPUs 0
+ * and 1 (as `pyipc bench` places its peers by default); without it the
+ * scheduler places them. Prints the mean round trip in microseconds. Not part
+ * of `pyipc bench`: it explains a choice (README, Benchmarks). Linux only.
  *
  *   python -m ziglang cc -O2 -o /tmp/wait_modes bench/c/wait_modes.c
- *   for m in 0 1 2 3; do /tmp/wait_modes $m; done
+ *   for m in 0 1 2 3; do /tmp/wait_modes $m split; done
  */
+#define _GNU_SOURCE
 #include <fcntl.h>
+#include <sched.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -56,11 +61,17 @@ int main(int argc, char **argv) {
     mode = argc > 1 ? atoi(argv[1]) : 0;
     int sv[2];
     if (mode < 0 || mode > 3 || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) {
-        fprintf(stderr, "usage: wait_modes 0|1|2|3\n");
+        fprintf(stderr, "usage: wait_modes 0|1|2|3 [split]\n");
         return 2;
     }
     char buf[FRAME] = {0};
     pid_t pid = fork();
+    if (argc > 2 && strcmp(argv[2], "split") == 0) {
+        cpu_set_t cpus;                     /* the echo side on CPU 1, the timer on 0 */
+        CPU_ZERO(&cpus);
+        CPU_SET(pid == 0 ? 1 : 0, &cpus);
+        if (sched_setaffinity(0, sizeof cpus, &cpus) != 0) perror("sched_setaffinity");
+    }
     int fd = pid == 0 ? sv[1] : sv[0];
     close(pid == 0 ? sv[0] : sv[1]);
     if (mode != 0) fcntl(fd, F_SETFL, O_NONBLOCK);

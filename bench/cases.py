@@ -31,8 +31,8 @@ CASES: List[Case] = [
     Case("tp64", "one-way 64 B", "oneway", 64, 2_000_000, 200_000),
     Case("tp64k", "one-way 64 KiB", "oneway", 64 << 10, 30_000, 1_500),
     Case("tp1m", "one-way 1 MiB", "oneway", 1 << 20, 2_000, 100),
-    Case("scale1k", "1,000 idle clients", "scale", 64, 2_000, 500, idle=1_000),
-    Case("scale10k", "10,000 idle clients", "scale", 64, 2_000, 500, idle=10_000),
+    Case("scale1k", "1,000 idle clients", "scale", 64, 5_000, 500, idle=1_000),
+    Case("scale10k", "10,000 idle clients", "scale", 64, 5_000, 500, idle=10_000),
 ]
 
 

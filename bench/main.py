@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", nargs="+", choices=[c.key for c in CASES], metavar="CASE",
                    help="cases to run: " + ", ".join(c.key for c in CASES) + " (default: all)")
     p.add_argument("--systems", nargs="+", metavar="SYSTEM",
-                   help="systems to run (default: all): native pure raw mp zmq_pair "
-                        "zmq_push c_floor c_core")
+                   help="systems to run (default: all): native pure raw native_raw "
+                        "raw_native mp zmq_pair zmq_push c_floor c_core")
     p.add_argument("--placement", choices=runner.PLACEMENTS, default="split",
                    help="CPUs of the two peers: split (default: the server on one CPU, "
                         "the client on another), same (both on one CPU), free (the "

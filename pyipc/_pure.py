@@ -44,6 +44,10 @@ WRITE_MANY_BATCH = 512
 SCRATCH_SIZE = 64 * 1024
 
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+#: Our own sockets are in blocking mode (the blocking calls wait in the kernel,
+#: no fcntl per call); the event loop's transfers pass MSG_DONTWAIT, as native's.
+_DONTWAIT = socket.MSG_DONTWAIT
+_SEND_NOW = _SEND_FLAGS | _DONTWAIT
 _PEERCRED = struct.Struct("3i")
 
 _RX = EventType.MESSAGE_RX
@@ -69,8 +73,8 @@ class _RawFd:
     def fileno(self) -> int:
         return self._fd
 
-    def recv_into(self, buf: memoryview) -> int:
-        return os.readv(self._fd, [buf])
+    def recv_into(self, buf: memoryview, *_: object) -> int:
+        return os.readv(self._fd, [buf])     # non-blocking mode: never waits
 
     def sendmsg(self, buffers: list, *_: object) -> int:
         return _writev_quiet(self._fd, buffers)
@@ -259,7 +263,6 @@ class PureContext(Context):
         except OSError as e:
             sock.close()
             raise _os_error(f"cannot connect to service {name}", e.errno) from None
-        sock.setblocking(False)
         return self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
 
     def _connect_ipcd(self, name: str, network: str) -> int:
@@ -273,7 +276,6 @@ class PureContext(Context):
         sock = self._by_fd[ipcd].io
         try:
             self.write(ipcd, f"{name};{network}")
-            sock.setblocking(True)  # type: ignore[attr-defined]
             answer, fds, _, _ = socket.recv_fds(sock, 2000, 1)  # type: ignore[arg-type]
         except OSError:
             answer, fds = b"", []
@@ -284,7 +286,7 @@ class PureContext(Context):
                 os.close(fd)
             raise IPCError(f"ipcd could not connect to service {name}")
         sock = socket.socket(fileno=fds[0])
-        sock.setblocking(False)
+        sock.setblocking(True)
         return self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
 
     def add_external(self, fd: int) -> None:
@@ -421,16 +423,19 @@ class PureContext(Context):
         """Flush conn's queue, then write every byte of ``frame`` (buffers),
         waiting while the socket is full."""
         fd = conn.fd
-        room = _BlockingWait(conn)
         try:
+            # Without MSG_DONTWAIT: our own socket waits for room in the
+            # kernel; a foreign fd (non-blocking) is polled.
             while conn.queue:
-                if not self._send_queued(conn):
-                    room.writable()
+                if not self._send_queued(conn, _SEND_FLAGS):
+                    _wait_writable(fd)
             while frame:
                 try:
                     n = conn.io.sendmsg(frame, (), _SEND_FLAGS)  # type: ignore[attr-defined]
-                except (BlockingIOError, InterruptedError):
-                    room.writable()
+                except BlockingIOError:
+                    _wait_writable(fd)
+                    continue
+                except InterruptedError:
                     continue
                 frame = _advance(frame, n)
         except (BrokenPipeError, ConnectionResetError):
@@ -439,11 +444,10 @@ class PureContext(Context):
                 from None
         except OSError as e:        # native's text, not a raw OSError
             raise _os_error("write failed", e.errno) from None
-        finally:
-            room.end()
 
-    def _send_queued(self, conn: _Conn) -> bool:
-        """Write queued frames without blocking; True when the queue is empty.
+    def _send_queued(self, conn: _Conn, flags: int = _SEND_NOW) -> bool:
+        """Write queued frames (without waiting, unless ``flags`` leaves out
+        MSG_DONTWAIT); True when the queue is empty.
 
         Reports MESSAGE_TX/SWITCH_TX per frame written; lets EPIPE through.
         """
@@ -452,7 +456,7 @@ class PureContext(Context):
             bufs = [memoryview(queue[0][0])[conn.sent:]]
             bufs.extend(queue[i][0] for i in range(1, min(len(queue), MAX_IOV)))
             try:
-                n = conn.io.sendmsg(bufs, (), _SEND_FLAGS)  # type: ignore[attr-defined]
+                n = conn.io.sendmsg(bufs, (), flags)  # type: ignore[attr-defined]
             except InterruptedError:
                 continue
             except BlockingIOError:
@@ -522,13 +526,12 @@ class PureContext(Context):
     def _read_frame_into(self, conn: _Conn, view: memoryview) -> Optional[int]:
         """The next frame of conn read into ``view`` when it is large and fits
         (as native does): its size; else None, with the header bytes read
-        given to the decoder. The socket is blocking meanwhile."""
+        given to the decoder. The reads wait in the kernel."""
         had = conn.decoder.buffered()
         known = min(len(had), HEADER.size)
         header = bytearray(HEADER.size)
         header[:known] = had[:known]
         sock = conn.io
-        sock.setblocking(True)  # type: ignore[attr-defined]
         # How far the header and the payload were read: what the decoder gets
         # back if a signal handler's exception (Ctrl-C) stops the read midway,
         # so that the next read goes on from there.
@@ -566,9 +569,6 @@ class PureContext(Context):
             if conn.alive:
                 conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
             raise
-        finally:
-            if sock.fileno() >= 0:  # type: ignore[attr-defined]
-                sock.setblocking(False)  # type: ignore[attr-defined]
 
     def _direct_eof(self, conn: _Conn) -> int:
         """The peer closed during a direct read: as read() reports it."""
@@ -581,18 +581,7 @@ class PureContext(Context):
         bytes together, a larger first one alone: read_many's batch, as native
         fills its buffer); the rest wait as MESSAGE_RX events."""
         conn = self._connection(fd)
-        # Our own sockets are read in blocking mode meanwhile, as native does
-        # (the kernel wakes the read itself: quicker than poll() then recv()).
-        # A foreign fd (a pipe's write end, say) may never be readable yet fail
-        # to read, so it is read without waiting first.
-        blocking = conn.kind == CONNECTION
-        if blocking:
-            conn.io.setblocking(True)  # type: ignore[attr-defined]
-        try:
-            msgs, error = self._read_until_message(conn)
-        finally:
-            if blocking and conn.io.fileno() >= 0:  # type: ignore[attr-defined]
-                conn.io.setblocking(False)  # type: ignore[attr-defined]
+        msgs, error = self._read_until_message(conn)
         if not msgs:
             self._drop(conn, None)
             raise MessageTooLargeError(error)
@@ -609,7 +598,9 @@ class PureContext(Context):
 
     def _read_until_message(self, conn: _Conn) -> Tuple[list, Optional[str]]:
         """Read conn until at least one message is whole; (messages, the
-        too-large text if a bad header followed them or came first)."""
+        too-large text if a bad header followed them or came first). The
+        reads wait in the kernel (our own sockets are in blocking mode: it
+        wakes the read itself, quicker than poll() then recv(), as native)."""
         fd = conn.fd
         msgs: list[bytes] = []
         error: Optional[str] = None
@@ -644,7 +635,7 @@ class PureContext(Context):
         view, total = self._scratch_view, 0
         while total < READ_BUDGET:
             try:
-                n = conn.io.recv_into(view)  # type: ignore[attr-defined]
+                n = conn.io.recv_into(view, 0, _DONTWAIT)  # type: ignore[attr-defined]
             except BlockingIOError:
                 break
             except InterruptedError:
@@ -692,7 +683,10 @@ class PureContext(Context):
                 raise IPCError(f"fd {c.fd} is already switched")
         c1.peer, c2.peer = c2, c1
         for c in (c1, c2):
-            os.set_blocking(c.fd, False)
+            # Foreign fds are read and written without waiting; our own
+            # sockets stay in blocking mode (the loop passes MSG_DONTWAIT).
+            if c.kind != CONNECTION:
+                os.set_blocking(c.fd, False)
             self._set_interest(c)
 
     def _switchable(self, fd: int) -> _Conn:
@@ -848,7 +842,7 @@ class PureContext(Context):
                     EventType.ERROR, service.fd, service.index, None,
                     f"connection refused: max_connections ({self.max_connections}) reached"))
                 continue
-            sock.setblocking(False)
+            sock.setblocking(True)        # blocking mode, whatever the listener's (see _DONTWAIT)
             conn = self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size))
             self._pending.append(Event(EventType.CONNECTION, conn.fd, conn.index))
 
@@ -964,29 +958,6 @@ def _recv_exactly(sock: object, buf: object, filled: list, at: int, end: int) ->
             return False
         filled[at] += n
     return True
-
-
-class _BlockingWait:
-    """How a blocking write waits for room: our own socket is switched to
-    blocking mode until the write is done (as native does); other fds are
-    polled."""
-
-    __slots__ = ("conn", "blocking")
-
-    def __init__(self, conn: _Conn) -> None:
-        self.conn = conn
-        self.blocking = False
-
-    def writable(self) -> None:
-        if not self.blocking and self.conn.kind == CONNECTION:
-            self.conn.io.setblocking(True)  # type: ignore[attr-defined]
-            self.blocking = True
-        elif not self.blocking:
-            _wait_writable(self.conn.fd)
-
-    def end(self) -> None:
-        if self.blocking and self.conn.io.fileno() >= 0:  # type: ignore[attr-defined]
-            self.conn.io.setblocking(False)  # type: ignore[attr-defined]
 
 
 def _wait_fd(fd: int, events: int) -> None:

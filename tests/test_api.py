@@ -352,14 +352,40 @@ def test_bool_is_not_a_fd(pair):
         assert str(info.value).startswith("fd must be int, not bool")
 
 
-def test_fds_stay_non_blocking_after_blocking_calls(pair, backend):
-    """read(), read_many() and a write() that had to wait put the socket in
-    blocking mode meanwhile (a quicker wake-up); the event loop must never
-    find it so afterwards, whether the call succeeded or failed."""
+def _returns_within(seconds: float, call) -> list:
+    """call() in a daemon thread; its result, or AssertionError when it is
+    still waiting after ``seconds`` (a hang shows as a failure, not a stuck run)."""
+    import threading
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    return out[0]
+
+
+def test_own_sockets_are_blocking_and_the_event_loop_never_waits_on_them(pair, backend):
+    """pyipc's own sockets are in blocking mode for good: the blocking calls
+    wait in the kernel with no fcntl per call, and every transfer of the event
+    loop passes MSG_DONTWAIT, so a full socket or half a frame never holds a
+    wait_events(timer=0) up. Nothing toggles the mode, also when a call fails."""
     import os
     import threading
     client, server = pair.client, pair.server
+    fds = (pair.client_fd, pair.server_fd)
+    assert all(os.get_blocking(fd) for fd in fds)
     big = b"x" * (4 << 20)                       # more than the socket buffers hold
+    client.schedule(pair.client_fd, big)
+    client.timer = server.timer = 0
+    # The client's loop writes what fits and returns; the server's reads the
+    # part of the frame that came and returns.
+    assert [e.type for e in _returns_within(10, client.wait_events)] == [EventType.TIMER]
+    assert [e.type for e in _returns_within(10, server.wait_events)] == [EventType.TIMER]
+    got: list = []
+    while not got:
+        client.wait_events()
+        got = [e.message for e in server.wait_events() if e.type == EventType.MESSAGE_RX]
+    assert got == [big]
     reader = threading.Thread(target=lambda: server.read(pair.server_fd))
     reader.start()
     client.write(pair.client_fd, big)            # waits for room
@@ -368,8 +394,8 @@ def test_fds_stay_non_blocking_after_blocking_calls(pair, backend):
     assert server.read_many(pair.server_fd) == [b"ping"]
     server.write(pair.server_fd, b"pong")
     assert client.read(pair.client_fd) == b"pong"
-    for fd in (pair.client_fd, pair.server_fd):
-        assert not os.get_blocking(fd)
+    assert all(os.get_blocking(fd) for fd in fds)
     client.close(pair.client_fd)
     with pytest.raises(pyipc.ConnectionClosedError):
         server.read(pair.server_fd)
+    assert os.get_blocking(pair.server_fd)

@@ -353,7 +353,7 @@ pub const Context = struct {
             return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
         }
         errdefer sys.closeFd(received);
-        if (!sys.setNonblocking(received, true)) return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
+        if (!sys.setNonblocking(received, false)) return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
         if (sys.send_flags == 0) rundir_mod.setNoSigpipe(received);
         _ = try self.addConn(received, .connection);
         return received;
@@ -364,7 +364,6 @@ pub const Context = struct {
         const request = std.fmt.allocPrint(self.gpa, "{s};{s}", .{ name, network }) catch return null;
         defer self.gpa.free(request);
         self.write(ipcd, request) catch return null;
-        if (!sys.setNonblocking(ipcd, false)) return null;
         return fdpass.receiveFd(ipcd, answer, received) catch null;
     }
 
@@ -515,47 +514,27 @@ pub const Context = struct {
         }
     }
 
-    /// Write every byte of `parts`, waiting while the socket is full.
+    /// Write every byte of `parts`, waiting while the socket is full: in
+    /// the kernel on our own (blocking-mode) sockets, else in poll().
     fn writeAllBlocking(self: *Context, conn: *Conn, parts_in: []std.posix.iovec_const) Error!void {
         var parts = parts_in;
-        var room: BlockingWait = .{ .conn = conn };
-        defer room.end();
         while (parts.len > 0) {
-            switch (sys.writeSome(conn.fd, parts, conn.is_socket)) {
+            switch (sys.writeSome(conn.fd, parts, conn.is_socket, .yes)) {
                 .done => |n| parts = skipWritten(parts, n),
-                .would_block => room.writable(),
+                .would_block => sys.waitFd(conn.fd, sys.POLLOUT),
                 .failed => |e| return self.writeFailed(conn, e),
                 .eof => unreachable,
             }
         }
     }
 
-    /// How a blocking write waits for room: our own socket is switched to
-    /// blocking mode until the write is done (the kernel wakes the write
-    /// itself: quicker than poll() then write(), see readUntilMessage);
-    /// other fds are polled.
-    const BlockingWait = struct {
-        conn: *Conn,
-        blocking: bool = false,
-        fn writable(self: *BlockingWait) void {
-            if (!self.blocking and self.conn.kind == .connection and self.conn.is_socket)
-                self.blocking = sys.setOwnSocketBlocking(self.conn.fd, true);
-            if (!self.blocking) sys.waitFd(self.conn.fd, sys.POLLOUT);
-        }
-        fn end(self: *BlockingWait) void {
-            if (self.blocking) _ = sys.setOwnSocketBlocking(self.conn.fd, false);
-        }
-    };
-
     fn flushBlocking(self: *Context, conn: *Conn) Error!void {
         var sink: TxSink = .{ .ctx = self, .conn = conn };
         defer self.queueChanged(conn);
-        var room: BlockingWait = .{ .conn = conn };
-        defer room.end();
         while (true) {
-            switch (try conn.queue.flush(self.gpa, conn.fd, conn.is_socket, &sink)) {
+            switch (try conn.queue.flush(self.gpa, conn.fd, conn.is_socket, .yes, &sink)) {
                 .drained => return,
-                .would_block => room.writable(),
+                .would_block => sys.waitFd(conn.fd, sys.POLLOUT),
                 .failed => |e| return self.writeFailed(conn, e),
             }
         }
@@ -602,7 +581,7 @@ pub const Context = struct {
     /// end first (nothing it sent is lost), then dropped.
     fn flushConn(self: *Context, conn: *Conn) Allocator.Error!void {
         var sink: TxSink = .{ .ctx = self, .conn = conn };
-        const result = try conn.queue.flush(self.gpa, conn.fd, conn.is_socket, &sink);
+        const result = try conn.queue.flush(self.gpa, conn.fd, conn.is_socket, .no, &sink);
         switch (result) {
             .drained, .would_block => {
                 self.queueChanged(conn);
@@ -676,8 +655,9 @@ pub const Context = struct {
 
     /// Read once, at most `limit` bytes: into the decoder's own buffer while a
     /// large frame is in progress (no copy), else into the scratch buffer;
-    /// then decode what came.
-    fn readChunk(self: *Context, conn: *Conn, limit: usize, sink: *RxSink) Allocator.Error!Chunk {
+    /// then decode what came. `waits` applies to sockets (see sys.Wait); other
+    /// fds are in non-blocking mode.
+    fn readChunk(self: *Context, conn: *Conn, limit: usize, waits: sys.Wait, sink: *RxSink) Allocator.Error!Chunk {
         // A large frame in progress takes the spare buffer when it can hold
         // the whole frame: memory already in use (no page faults), no growing.
         if (conn.decoder.wantsBuffer()) |need| {
@@ -687,7 +667,7 @@ pub const Context = struct {
         const direct = conn.decoder.readTarget();
         const space = direct orelse try self.scratchBuffer();
         const target = space[0..@min(space.len, limit)];
-        const n = switch (sys.readSome(conn.fd, target)) {
+        const n = switch (receive(conn, target, waits)) {
             .done => |n| n,
             .would_block => return .would_block,
             .eof => return .eof,
@@ -711,7 +691,7 @@ pub const Context = struct {
         var total: usize = 0;
         var buf: [160]u8 = undefined;
         while (total < read_budget) {
-            const reason: ?[]const u8 = switch (try self.readChunk(conn, read_budget - total, &sink)) {
+            const reason: ?[]const u8 = switch (try self.readChunk(conn, read_budget - total, .no, &sink)) {
                 .read => |n| {
                     total += n;
                     continue;
@@ -761,15 +741,9 @@ pub const Context = struct {
 
     /// The next frame of conn read into `out`, when it is large and fits:
     /// its payload size; else null, with the header bytes read given to the
-    /// decoder (the caller then reads the usual way). The socket is in
-    /// blocking mode meanwhile, as in readUntilMessage.
+    /// decoder (the caller then reads the usual way). Reads wait in the
+    /// kernel, as in readUntilMessage.
     fn readFrameInto(self: *Context, conn: *Conn, out: []u8) Error!?usize {
-        const fd = conn.fd;
-        const blocking = sys.setOwnSocketBlocking(fd, true);
-        defer if (blocking) {
-            _ = sys.setOwnSocketBlocking(fd, false);
-        };
-        if (!blocking) return null;
         var header: [framing.header_size]u8 = undefined;
         const had = conn.decoder.buffered();
         const have = @min(had.len, header.len);
@@ -806,12 +780,12 @@ pub const Context = struct {
     /// How a direct read ended the connection.
     const Ended = union(enum) { eof, failed: sys.E };
 
-    /// Blocking reads until `dest` is full (the socket is in blocking mode);
-    /// null when it is, else how the connection ended.
+    /// Blocking reads until `dest` is full; null when it is, else how the
+    /// connection ended.
     fn readExactly(conn: *Conn, dest: []u8) ?Ended {
         var filled: usize = 0;
         while (filled < dest.len) {
-            switch (sys.readSome(conn.fd, dest[filled..])) {
+            switch (receive(conn, dest[filled..], .yes)) {
                 .done => |n| filled += n,
                 .would_block => sys.waitFd(conn.fd, sys.POLLIN),
                 .eof => return .eof,
@@ -819,6 +793,12 @@ pub const Context = struct {
             }
         }
         return null;
+    }
+
+    /// One read of conn: recv on a socket, waiting or not (see sys.Wait);
+    /// read on anything else (in non-blocking mode: it never waits).
+    fn receive(conn: *const Conn, buf: []u8, waits: sys.Wait) sys.IoResult {
+        return if (conn.is_socket) sys.recvSome(conn.fd, buf, waits) else sys.readSome(conn.fd, buf);
     }
 
     /// A direct read ended the connection: reported as receiveSome does.
@@ -902,21 +882,13 @@ pub const Context = struct {
     }
 
     /// Read conn until a message is delivered (.read) or the connection
-    /// ends (.eof, .failed, .too_large). Our own sockets are read in blocking
-    /// mode meanwhile (restored before returning, so the event loop never
-    /// sees a blocking fd): the kernel then wakes the read itself, which on
-    /// the development VM saves 10-30 us per wait over poll() then read()
-    /// (bench/c/wait_modes.c). A foreign fd (a pipe's write end, say) may
-    /// never be readable yet fail to read, so it is read without waiting first.
+    /// ends (.eof, .failed, .too_large). On our own (blocking-mode) sockets
+    /// the read waits in the kernel, which wakes it itself: on the development
+    /// VM about 18 us quicker per wait than poll() then read()
+    /// (bench/c/wait_modes.c). Anything else is polled when it has nothing.
     fn readUntilMessage(self: *Context, conn: *Conn, sink: *RxSink) Allocator.Error!Chunk {
-        const own_socket = conn.kind == .connection and conn.is_socket;
-        const blocking = own_socket and sys.setOwnSocketBlocking(conn.fd, true);
-        defer if (blocking) {
-            _ = sys.setOwnSocketBlocking(conn.fd, false);
-        };
-        if (own_socket and !blocking) sys.waitFd(conn.fd, sys.POLLIN);
         while (sink.frames == 0) {
-            switch (try self.readChunk(conn, std.math.maxInt(usize), sink)) {
+            switch (try self.readChunk(conn, std.math.maxInt(usize), .yes, sink)) {
                 .read, .read_short => {},
                 .would_block => sys.waitFd(conn.fd, sys.POLLIN),
                 else => |end| return end,
@@ -1089,12 +1061,12 @@ pub const Context = struct {
         if (comptime builtin.os.tag.isDarwin()) {
             const fd = c.accept(listen_fd, null, null);
             if (fd >= 0) {
-                _ = sys.setNonblocking(fd, true);
+                _ = sys.setNonblocking(fd, false); // blocking mode (see sys.Wait), not the listener's
                 _ = c.fcntl(fd, c.F.SETFD, @as(c_int, c.FD_CLOEXEC));
             }
             return fd;
         }
-        return c.accept4(listen_fd, null, null, c.SOCK.NONBLOCK | c.SOCK.CLOEXEC);
+        return c.accept4(listen_fd, null, null, c.SOCK.CLOEXEC); // blocking mode: see sys.Wait
     }
 
     // ------------------------------------------------------------ switching
@@ -1109,7 +1081,9 @@ pub const Context = struct {
         c1.peer = c2;
         c2.peer = c1;
         for ([_]*Conn{ c1, c2 }) |x| {
-            _ = sys.setNonblocking(x.fd, true);
+            // Foreign fds are read and written without waiting; our own
+            // sockets stay in blocking mode (the loop passes MSG_DONTWAIT).
+            if (x.kind != .connection) _ = sys.setNonblocking(x.fd, true);
             self.updateInterest(x);
         }
     }

@@ -46,7 +46,7 @@ pub fn sendFd(sock: i32, fd_to_pass: i32, payload: []const u8) Error!void {
     // The fd went with the first bytes; the rest of a long payload follows.
     while (sent < data.len) {
         const rest = [1]std.posix.iovec_const{.{ .base = data[sent..].ptr, .len = data.len - sent }};
-        switch (sys.writeSome(sock, &rest, true)) {
+        switch (sys.writeSome(sock, &rest, true, .yes)) {
             .done => |k| sent += k,
             .would_block => sys.waitFd(sock, sys.POLLOUT),
             .eof, .failed => return error.SendFailed,

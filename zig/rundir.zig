@@ -136,7 +136,8 @@ pub fn listenAt(path: [:0]const u8, name: []const u8, last: *LastError) Error!i3
     return fd;
 }
 
-/// Connect to the service socket at `path`; returns a non-blocking socket.
+/// Connect to the service socket at `path`; returns the socket, in blocking
+/// mode (see sys.Wait).
 pub fn connectTo(path: [:0]const u8, name: []const u8, rundir: []const u8, last: *LastError) Error!i32 {
     const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0);
     if (fd < 0) return last.fail(error.Generic, "cannot connect to service {s}: {s}", .{ name, errors.errText(c.errno(fd)) });
@@ -151,7 +152,6 @@ pub fn connectTo(path: [:0]const u8, name: []const u8, rundir: []const u8, last:
             else => return last.fail(error.Generic, "cannot connect to service {s}: {s}", .{ name, errors.errText(e) }),
         }
     }
-    if (!sys.setNonblocking(fd, true)) return last.fail(error.Generic, "cannot connect to service {s}: {s}", .{ name, errors.errText(c.errno(@as(c_int, -1))) });
     if (sys.send_flags == 0) setNoSigpipe(fd);
     return fd;
 }

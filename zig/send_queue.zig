@@ -113,12 +113,13 @@ pub const SendQueue = struct {
         failed: sys.E,
     };
 
-    /// Write without blocking as much as the fd takes; report completed frames.
-    pub fn flush(self: *SendQueue, gpa: Allocator, fd: sys.fd_t, is_socket: bool, sink: anytype) Allocator.Error!FlushResult {
+    /// Write as much as the fd takes (a socket: waiting for room with
+    /// `wait == .yes`, see sys.Wait); report completed frames.
+    pub fn flush(self: *SendQueue, gpa: Allocator, fd: sys.fd_t, is_socket: bool, wait: sys.Wait, sink: anytype) Allocator.Error!FlushResult {
         while (!self.isEmpty()) {
             const pending = self.bytes.items[self.head..];
             const iov = [1]std.posix.iovec_const{.{ .base = pending.ptr, .len = pending.len }};
-            switch (sys.writeSome(fd, &iov, is_socket)) {
+            switch (sys.writeSome(fd, &iov, is_socket, wait)) {
                 .done => |n| try self.advance(gpa, n, sink),
                 .would_block => return .would_block,
                 .failed => |e| return .{ .failed = e },
@@ -178,7 +179,7 @@ test "flush coalesces frames into one socket write" {
     defer q.deinit(gpa);
     for (0..100) |_| try q.push(gpa, "0123456789", .scheduled);
     var count: Count = .{};
-    try testing.expect(try q.flush(gpa, fds[0], true, &count) == .drained);
+    try testing.expect(try q.flush(gpa, fds[0], true, .no, &count) == .drained);
     try testing.expectEqual(@as(usize, 100), count.scheduled);
     var buf: [2000]u8 = undefined;
     try testing.expectEqual(@as(usize, 1400), sys.readSome(fds[1], &buf).done);
@@ -188,7 +189,8 @@ test "a full socket keeps the rest queued; a closed peer gives EPIPE" {
     const gpa = testing.allocator;
     const c = std.c;
     var fds: [2]c.fd_t = undefined;
-    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.NONBLOCK, 0, &fds));
+    // Blocking mode, as pyipc's own sockets: .no must not wait all the same.
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &fds));
     defer sys.closeFd(fds[0]);
     var q: SendQueue = .{};
     defer q.deinit(gpa);
@@ -197,10 +199,10 @@ test "a full socket keeps the rest queued; a closed peer gives EPIPE" {
     @memset(big, 'z');
     for (0..8) |_| try q.push(gpa, big, .scheduled);
     var count: Count = .{};
-    try testing.expect(try q.flush(gpa, fds[0], true, &count) == .would_block);
+    try testing.expect(try q.flush(gpa, fds[0], true, .no, &count) == .would_block);
     try testing.expect(count.scheduled < 8);
     sys.closeFd(fds[1]);
-    const r = try q.flush(gpa, fds[0], true, &count);
+    const r = try q.flush(gpa, fds[0], true, .no, &count);
     try testing.expect(r == .failed);
     try testing.expect(r.failed == .PIPE or r.failed == .CONNRESET);
 }

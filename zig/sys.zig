@@ -15,6 +15,21 @@ pub const fd_t = c.fd_t;
 /// never SIGPIPE. (macOS has no such flag; there we set SO_NOSIGPIPE instead.)
 pub const send_flags: u32 = if (@hasDecl(c.MSG, "NOSIGNAL")) c.MSG.NOSIGNAL else 0;
 
+/// How a transfer on a socket waits. pyipc's own sockets are in blocking
+/// mode: the event loop's transfers pass MSG_DONTWAIT (`.no`), a blocking
+/// call's pass no flag (`.yes`) and the kernel wakes them when data or room
+/// comes, with no poll() and no fcntl() per call (README "How the blocking
+/// calls wait"). On a socket in non-blocking mode both return EAGAIN instead
+/// of waiting; the blocking calls then poll.
+pub const Wait = enum {
+    no,
+    yes,
+
+    fn flag(self: Wait) u32 {
+        return if (self == .no) c.MSG.DONTWAIT else 0;
+    }
+};
+
 /// The errno of a failed libc call (-1 return).
 pub fn errno(rc: anytype) E {
     return c.errno(rc);
@@ -43,16 +58,32 @@ pub fn readSome(fd: fd_t, buf: []u8) IoResult {
     }
 }
 
-/// Write an iovec list once: sendmsg with MSG_NOSIGNAL on a socket (writev has
-/// no flags), writev on anything else (a pipe given to add_external), with
-/// SIGPIPE held back (see writevQuiet).
-pub fn writeSome(fd: fd_t, iov: []const std.posix.iovec_const, is_socket: bool) IoResult {
+/// recv(2) once from a socket, waiting or not (see Wait), retrying on EINTR.
+/// ECONNRESET counts as the end of the stream.
+pub fn recvSome(fd: fd_t, buf: []u8, wait: Wait) IoResult {
+    while (true) {
+        const n = c.recv(fd, buf.ptr, buf.len, @intCast(wait.flag()));
+        if (n > 0) return .{ .done = @intCast(n) };
+        if (n == 0) return if (buf.len == 0) .{ .done = 0 } else .eof;
+        switch (errno(n)) {
+            .INTR => continue,
+            .AGAIN => return .would_block,
+            .CONNRESET => return .eof,
+            else => |e| return .{ .failed = e },
+        }
+    }
+}
+
+/// Write an iovec list once: sendmsg with MSG_NOSIGNAL on a socket, waiting or
+/// not (see Wait); writev on anything else (a pipe given to add_external: in
+/// non-blocking mode, it never waits), with SIGPIPE held back (see writevQuiet).
+pub fn writeSome(fd: fd_t, iov: []const std.posix.iovec_const, is_socket: bool, wait: Wait) IoResult {
     if (!is_socket) return writevQuiet(fd, iov);
     while (true) {
         var msg = std.mem.zeroes(c.msghdr_const);
         msg.iov = iov.ptr;
         msg.iovlen = @intCast(iov.len);
-        const n = c.sendmsg(fd, &msg, send_flags);
+        const n = c.sendmsg(fd, &msg, send_flags | wait.flag());
         if (n >= 0) return .{ .done = @intCast(n) };
         switch (errno(n)) {
             .INTR => continue,
@@ -125,14 +156,6 @@ pub fn setNonblocking(fd: fd_t, on: bool) bool {
     const new = if (on) flags | bit else flags & ~bit;
     if (new == flags) return true;
     return c.fcntl(fd, c.F.SETFL, new) >= 0;
-}
-
-/// Switch one of pyipc's own sockets between blocking and non-blocking mode
-/// in one system call: they carry no file status flag but O_NONBLOCK (made
-/// with SOCK_NONBLOCK or by setNonblocking), so F_SETFL needs no F_GETFL.
-pub fn setOwnSocketBlocking(fd: fd_t, blocking: bool) bool {
-    const bit: c_int = @bitCast(@as(u32, @bitCast(c.O{ .NONBLOCK = true })));
-    return c.fcntl(fd, c.F.SETFL, if (blocking) @as(c_int, 0) else bit) >= 0;
 }
 
 /// True when fd is an open file descriptor.
@@ -208,7 +231,7 @@ test "readSome and writeSome over a socketpair" {
     var buf: [8]u8 = undefined;
     try std.testing.expect(readSome(fds[1], &buf) == .would_block);
     const iov = [_]std.posix.iovec_const{ .{ .base = "ab", .len = 2 }, .{ .base = "cd", .len = 2 } };
-    try std.testing.expectEqual(@as(usize, 4), writeSome(fds[0], &iov, true).done);
+    try std.testing.expectEqual(@as(usize, 4), writeSome(fds[0], &iov, true, .no).done);
     try std.testing.expectEqual(@as(usize, 4), readSome(fds[1], &buf).done);
     try std.testing.expectEqualStrings("abcd", buf[0..4]);
     try std.testing.expect(isSocket(fds[0]));
@@ -229,9 +252,37 @@ test "writeSome to a pipe nobody reads: EPIPE, no SIGPIPE, none left pending" {
     closeFd(fds[0]);
     defer closeFd(fds[1]);
     const iov = [_]std.posix.iovec_const{.{ .base = "x", .len = 1 }};
-    const r = writeSome(fds[1], &iov, false);
+    const r = writeSome(fds[1], &iov, false, .no);
     try std.testing.expect(r == .failed and r.failed == .PIPE);
     try std.testing.expect(!pipeSignalPending());
+}
+
+test "a blocking-mode socket: Wait.no returns at once, Wait.yes takes what is there" {
+    var fds: [2]c.fd_t = undefined;
+    try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0, &fds));
+    defer closeFd(fds[0]);
+    defer closeFd(fds[1]);
+    var buf: [8]u8 = undefined;
+    try std.testing.expect(recvSome(fds[1], &buf, .no) == .would_block);
+    const iov = [_]std.posix.iovec_const{.{ .base = "xyz", .len = 3 }};
+    try std.testing.expectEqual(@as(usize, 3), writeSome(fds[0], &iov, true, .yes).done);
+    try std.testing.expectEqual(@as(usize, 3), recvSome(fds[1], &buf, .yes).done);
+    try std.testing.expectEqualStrings("xyz", buf[0..3]);
+    // Fill the socket: a write that may not wait stops at EAGAIN.
+    const big: [4096]u8 = @splat(0);
+    const chunk = [_]std.posix.iovec_const{.{ .base = &big, .len = big.len }};
+    while (writeSome(fds[0], &chunk, true, .no) != .would_block) {}
+    closeFd(fds[0]);
+    fds[0] = -1;
+    var total: usize = 0;
+    while (true) {
+        switch (recvSome(fds[1], &buf, .yes)) {
+            .done => |n| total += n,
+            .eof => break,
+            else => return error.TestUnexpectedResult,
+        }
+    }
+    try std.testing.expect(total > 0);
 }
 
 test "lstatMode sees a directory and a missing path" {

@@ -39,11 +39,15 @@ def build_core() -> Path:
     library the native backend loads)."""
     from pyipc import _native
     src, exe = SOURCES / "core.c", OUT / "core"
-    lib = Path(_native.LIBRARY_PATH)
-    if not _newer(exe, src, lib):
+    lib = Path(_native.LIBRARY_PATH).resolve()
+    # The program finds the library by its directory (rpath): it is rebuilt
+    # when the backend loads another one (PYIPC_LIBRARY), not only a newer one.
+    linked = OUT / "core.library"
+    if not (_newer(exe, src, lib) and linked.exists() and linked.read_text() == str(lib)):
         OUT.mkdir(parents=True, exist_ok=True)
         err = _cc(["-O2", f"-I{Path(_native.HEADER_PATH).parent}", "-o", str(exe), str(src),
                    str(lib), f"-Wl,-rpath,{lib.parent}"])
         if err:
             raise RuntimeError(err)
+        linked.write_text(str(lib))
     return exe

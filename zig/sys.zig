@@ -46,15 +46,7 @@ pub const IoResult = union(enum) {
 /// read(2) once, retrying on EINTR. ECONNRESET counts as the end of the stream.
 pub fn readSome(fd: fd_t, buf: []u8) IoResult {
     while (true) {
-        const n = c.read(fd, buf.ptr, buf.len);
-        if (n > 0) return .{ .done = @intCast(n) };
-        if (n == 0) return if (buf.len == 0) .{ .done = 0 } else .eof;
-        switch (errno(n)) {
-            .INTR => continue,
-            .AGAIN => return .would_block,
-            .CONNRESET => return .eof,
-            else => |e| return .{ .failed = e },
-        }
+        if (readResult(c.read(fd, buf.ptr, buf.len), buf.len)) |r| return r;
     }
 }
 
@@ -62,16 +54,21 @@ pub fn readSome(fd: fd_t, buf: []u8) IoResult {
 /// ECONNRESET counts as the end of the stream.
 pub fn recvSome(fd: fd_t, buf: []u8, wait: Wait) IoResult {
     while (true) {
-        const n = c.recv(fd, buf.ptr, buf.len, @intCast(wait.flag()));
-        if (n > 0) return .{ .done = @intCast(n) };
-        if (n == 0) return if (buf.len == 0) .{ .done = 0 } else .eof;
-        switch (errno(n)) {
-            .INTR => continue,
-            .AGAIN => return .would_block,
-            .CONNRESET => return .eof,
-            else => |e| return .{ .failed = e },
-        }
+        if (readResult(c.recv(fd, buf.ptr, buf.len, @intCast(wait.flag())), buf.len)) |r| return r;
     }
+}
+
+/// What a read(2) or recv(2) of `len` bytes that returned `n` means; null
+/// when a signal interrupted it (call again).
+fn readResult(n: isize, len: usize) ?IoResult {
+    if (n > 0) return .{ .done = @intCast(n) };
+    if (n == 0) return if (len == 0) .{ .done = 0 } else .eof;
+    return switch (errno(n)) {
+        .INTR => null,
+        .AGAIN => .would_block,
+        .CONNRESET => .eof,
+        else => |e| .{ .failed = e },
+    };
 }
 
 /// Write an iovec list once: sendmsg with MSG_NOSIGNAL on a socket, waiting or

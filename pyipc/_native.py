@@ -265,8 +265,7 @@ class NativeContext(Context):
                 return message
         buf, rlen = self._rbuf, self._rlen
         rlen[0] = READ_BUFFER
-        c_fd = fd if type(fd) is int and -0x80000000 <= fd <= 0x7FFFFFFF else _fd_arg(fd)
-        rc = _ipc_read_fd(self._ctx, c_fd, buf, rlen)
+        rc = _ipc_read_fd(self._ctx, _fd_arg(fd), buf, rlen)
         if rc == _E_BUFFER_TOO_SMALL:
             return self._read_large(fd)
         if rc:

@@ -93,17 +93,11 @@ class ThreadGuard:
             self.leave(ctx)
 
     def schedule(self, ctx: Any, direct: Callable, fd: int, payload: object) -> None:
-        """schedule() from any thread: direct when the context is free or this
-        thread is inside it, else handed over to the owner."""
-        me = _get_ident()
-        if self._owner == me:
+        """The slow path of schedule() (the lock was taken): direct when this
+        thread is inside the context, else handed over to the owner (which
+        hand_over also does itself if the owner has left meanwhile)."""
+        if self._owner == _get_ident():
             return direct(ctx, fd, payload)
-        if self._lock.acquire(False):
-            self._owner, self._short = me, True
-            try:
-                return direct(ctx, fd, payload)
-            finally:
-                self.leave(ctx)
         return self.hand_over(ctx, fd, payload)
 
     def apply(self, ctx: Any) -> None:

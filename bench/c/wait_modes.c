@@ -7,14 +7,16 @@
  *   1  poll() then read() on a non-blocking socket (an event loop's way)
  *   2  epoll_wait() then read() on a non-blocking socket
  *   3  O_NONBLOCK cleared (fcntl), a blocking read(), O_NONBLOCK set again
- *      (what pyipc's read()/read_many()/write() do on their own sockets)
+ *      (what pyipc's blocking calls did before its sockets stayed blocking)
+ *   4  an io_uring RECV submitted and waited for in one io_uring_enter()
+ *      (a completion-based loop: no readiness wait, no separate read)
  * With "split" as second argument the two processes are pinned to CPUs 0
  * and 1 (as `pyipc bench` places its peers by default); without it the
  * scheduler places them. Prints the mean round trip in microseconds. Not part
  * of `pyipc bench`: it explains a choice (README, Benchmarks). Linux only.
  *
  *   python -m ziglang cc -O2 -o /tmp/wait_modes bench/c/wait_modes.c
- *   for m in 0 1 2 3; do /tmp/wait_modes $m split; done
+ *   for m in 0 1 2 3 4; do /tmp/wait_modes $m split; done
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -24,15 +26,69 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/io_uring.h>
 
 enum { FRAME = 68, ROUNDS = 20000 };
 
 static int mode;
 static int epoll_fd = -1;
+
+/* Mode 4: one io_uring with its rings mapped; one RECV in flight at a time. */
+static int ring_fd = -1;
+static unsigned *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_tail, *cq_mask;
+static struct io_uring_sqe *sqes;
+static struct io_uring_cqe *cqes;
+
+static void *map_ring(size_t size, off_t offset) {
+    void *p = mmap(0, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring_fd, offset);
+    if (p == MAP_FAILED) { perror("mmap io_uring"); exit(2); }
+    return p;
+}
+
+static void ring_setup(void) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    ring_fd = (int)syscall(__NR_io_uring_setup, 4, &p);
+    if (ring_fd < 0) { perror("io_uring_setup"); exit(2); }
+    char *sq = map_ring(p.sq_off.array + p.sq_entries * sizeof(unsigned), IORING_OFF_SQ_RING);
+    char *cq = map_ring(p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe),
+                        IORING_OFF_CQ_RING);
+    sqes = map_ring(p.sq_entries * sizeof(struct io_uring_sqe), IORING_OFF_SQES);
+    sq_tail = (unsigned *)(sq + p.sq_off.tail);
+    sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+    sq_array = (unsigned *)(sq + p.sq_off.array);
+    cq_head = (unsigned *)(cq + p.cq_off.head);
+    cq_tail = (unsigned *)(cq + p.cq_off.tail);
+    cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+    cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+}
+
+/* Submit one RECV and wait for its completion in the same system call. */
+static ssize_t ring_recv(int fd, char *buf, size_t len) {
+    unsigned tail = *sq_tail, slot = tail & *sq_mask;
+    struct io_uring_sqe *sqe = &sqes[slot];
+    memset(sqe, 0, sizeof *sqe);
+    sqe->opcode = IORING_OP_RECV;
+    sqe->fd = fd;
+    sqe->addr = (unsigned long)buf;
+    sqe->len = (unsigned)len;
+    sq_array[slot] = slot;
+    __atomic_store_n(sq_tail, tail + 1, __ATOMIC_RELEASE);
+    if (syscall(__NR_io_uring_enter, ring_fd, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0) {
+        perror("io_uring_enter");
+        exit(2);
+    }
+    unsigned head = *cq_head;   /* min_complete=1: the completion is there */
+    ssize_t res = cqes[head & *cq_mask].res;
+    __atomic_store_n(cq_head, head + 1, __ATOMIC_RELEASE);
+    return res;
+}
 
 static void wait_readable(int fd) {
     if (mode == 1) {
@@ -50,7 +106,8 @@ static void read_frame(int fd, char *buf) {
     if (mode == 3) fcntl(fd, F_SETFL, 0);
     while (got < FRAME) {
         wait_readable(fd);
-        ssize_t n = read(fd, buf + got, FRAME - got);
+        ssize_t n = mode == 4 ? ring_recv(fd, buf + got, FRAME - got)
+                              : read(fd, buf + got, FRAME - got);
         if (n > 0) got += (size_t)n;
         else if (n == 0) exit(0);
     }
@@ -60,8 +117,8 @@ static void read_frame(int fd, char *buf) {
 int main(int argc, char **argv) {
     mode = argc > 1 ? atoi(argv[1]) : 0;
     int sv[2];
-    if (mode < 0 || mode > 3 || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) {
-        fprintf(stderr, "usage: wait_modes 0|1|2|3 [split]\n");
+    if (mode < 0 || mode > 4 || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) {
+        fprintf(stderr, "usage: wait_modes 0|1|2|3|4 [split]\n");
         return 2;
     }
     char buf[FRAME] = {0};
@@ -74,7 +131,8 @@ int main(int argc, char **argv) {
     }
     int fd = pid == 0 ? sv[1] : sv[0];
     close(pid == 0 ? sv[0] : sv[1]);
-    if (mode != 0) fcntl(fd, F_SETFL, O_NONBLOCK);
+    if (mode == 1 || mode == 2 || mode == 3) fcntl(fd, F_SETFL, O_NONBLOCK);
+    if (mode == 4) ring_setup();
     if (mode == 2) {
         epoll_fd = epoll_create1(0);
         struct epoll_event e = {EPOLLIN, {.fd = fd}};

@@ -1,4 +1,5 @@
-"""The pure-Python backend: sockets, ``selectors`` and the rules of the README.
+"""The pure-Python backend: sockets, a poller (epoll or ``selectors``) and the
+rules of the README.
 
 This is the reference the native backend is tested against, so it follows the
 README's "Behaviour in detail" literally: one round = flush queues, wait for
@@ -13,7 +14,6 @@ import heapq
 import logging
 import os
 import select
-import selectors
 import signal
 import socket
 import stat
@@ -23,7 +23,7 @@ import weakref
 from collections import deque
 from typing import Callable, Optional, Tuple
 
-from . import _rundir
+from . import _poller, _rundir
 from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
                        buffer_too_small_text, check_max_messages, writable_view)
 from ._framing import (DIRECT_READ_MIN, HEADER, FrameDecoder, FrameTooLarge,
@@ -42,6 +42,10 @@ MAX_IOV = 64
 WRITE_MANY_BATCH = 512
 #: Size of the context's receive scratch buffer.
 SCRATCH_SIZE = 64 * 1024
+#: write() joins header and payload up to this payload size into one buffer
+#: (a copy this small is cheaper than a two-part sendmsg); larger ones are
+#: sent from where they are.
+WRITE_JOINED_MAX = 4096
 
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 #: Our own sockets are in blocking mode (the blocking calls wait in the kernel,
@@ -54,10 +58,10 @@ _RX = EventType.MESSAGE_RX
 _TX = EventType.MESSAGE_TX
 _SWITCH_RX = EventType.SWITCH_RX
 _SWITCH_TX = EventType.SWITCH_TX
-_READ = selectors.EVENT_READ
-#: The selector key data of the wake-up pipe (another thread's schedule()).
+_READ = _poller.READ
+#: The poller data of the wake-up pipe (another thread's schedule()).
 _WAKE = object()
-_WRITE = selectors.EVENT_WRITE
+_WRITE = _poller.WRITE
 
 SERVICE, CONNECTION, EXTERNAL = "service", "connection", "external"
 
@@ -115,7 +119,7 @@ class _Conn:
 class PureContext(Context):
     """The pure-Python backend of :class:`pyipc.Context`."""
 
-    __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_selector",
+    __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_poller",
                  "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
                  "_spare_fd")
 
@@ -131,16 +135,16 @@ class PureContext(Context):
         # the next round, so a new connection cannot get the same number while
         # the old one's events are handled (a reply would reach the wrong peer).
         self._ended: dict[int, object] = {}
-        self._selector = selectors.DefaultSelector()
+        self._poller = _poller.new_poller()
         self._scratch = bytearray(SCRATCH_SIZE)
         self._scratch_view = memoryview(self._scratch)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, _READ, _WAKE)
+        self._poller.register(self._wake_r, _READ, _WAKE)
         # A fd on /dev/null for refusing a client when out of fds (_refuse_with_spare).
         self._spare_fd = _SpareFd()
-        weakref.finalize(self, _close_quietly, self._wake_r, self._wake_w, self._selector,
+        weakref.finalize(self, _close_quietly, self._wake_r, self._wake_w, self._poller,
                          self._spare_fd)
 
     # -- table -----------------------------------------------------------------
@@ -164,7 +168,7 @@ class PureContext(Context):
         """Stop watching conn, close its fd (or keep it reserved), free its slot."""
         conn.alive = False
         if conn.mask:
-            self._selector.unregister(conn.fd)
+            self._poller.unregister(conn.fd)
         del self._by_fd[conn.fd]
         self._slots[conn.index] = None
         heapq.heappush(self._free, conn.index)
@@ -192,7 +196,8 @@ class PureContext(Context):
         self._ended.clear()
 
     def _lookup(self, fd: int) -> _Conn:
-        _check_fd_type(fd)
+        if type(fd) is not int:         # the check costs a call: a plain int needs none
+            _check_fd_type(fd)
         conn = self._by_fd.get(fd)
         if conn is None:
             if fd in self._ended:
@@ -216,11 +221,11 @@ class PureContext(Context):
         if mask == conn.mask:
             return
         if conn.mask == 0:
-            self._selector.register(conn.fd, mask, conn)
+            self._poller.register(conn.fd, mask, conn)
         elif mask == 0:
-            self._selector.unregister(conn.fd)
+            self._poller.unregister(conn.fd)
         else:
-            self._selector.modify(conn.fd, mask, conn)
+            self._poller.modify(conn.fd, mask, conn)
         conn.mask = mask
 
     # -- services and connections --------------------------------------------------
@@ -372,7 +377,7 @@ class PureContext(Context):
     # -- sending ---------------------------------------------------------------
     def _prepare(self, fd: int, payload: object) -> Tuple[_Conn, bytes | memoryview]:
         """Checks shared by write and schedule, in the documented order."""
-        data = as_payload(payload)
+        data = payload if type(payload) is bytes else as_payload(payload)
         conn = self._connection(fd)
         if len(data) > self.max_message_size:
             raise MessageTooLargeError(too_large_text(len(data), self.max_message_size))
@@ -398,7 +403,9 @@ class PureContext(Context):
 
     def write(self, fd: int, payload: object) -> None:
         conn, data = self._prepare(fd, payload)
-        self._write_blocking(conn, [HEADER.pack(len(data)), data])
+        header = HEADER.pack(len(data))
+        self._write_blocking(conn, [header + data] if len(data) <= WRITE_JOINED_MAX
+                             else [header, data])
 
     def write_many(self, fd: int, payloads: object) -> None:
         items = as_payload_list(payloads)
@@ -496,9 +503,10 @@ class PureContext(Context):
 
     # -- receiving -----------------------------------------------------------------
     def read(self, fd: int) -> bytes:
-        message = self._take_pending_message(fd)
-        if message is not None:
-            return message
+        if self._pending:
+            message = self._take_pending_message(fd)
+            if message is not None:
+                return message
         return self._receive(fd, 1)[0]
 
     def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY) -> list[bytes]:
@@ -756,25 +764,27 @@ class PureContext(Context):
     def _fetch(self) -> None:
         if not self._by_fd and self._timer is None:
             raise IPCError("nothing to wait for: no fd and no timer")
-        self._release_ended()
+        if self._ended:
+            self._release_ended()
         deadline = None if self._timer is None else time.monotonic() + self._timer / 1000
         pending = self._pending
         while True:
-            for conn in list(self._dirty):
-                if conn.alive:
-                    self._flush(conn)
+            if self._dirty:
+                for conn in list(self._dirty):
+                    if conn.alive:
+                        self._flush(conn)
             if pending:
                 timeout: Optional[float] = 0
             elif deadline is None:
                 timeout = None
             else:
                 timeout = max(0.0, deadline - time.monotonic())
-            for key, mask in self._selector.select(timeout):
-                if key.data is _WAKE:
+            for conn, mask in self._poller.select(timeout):
+                if conn is _WAKE:
                     _drain(self._wake_r)
                     self._guard.apply(self)     # messages other threads scheduled
                     continue
-                self._handle(key.data, mask)
+                self._handle(conn, mask)
             if pending:
                 return
             if deadline is not None and time.monotonic() >= deadline:
@@ -907,11 +917,11 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _close_quietly(r: int, w: int, selector: selectors.BaseSelector,
+def _close_quietly(r: int, w: int, poller: "_poller.EpollPoller | _poller.SelectorPoller",
                    spare: "_SpareFd") -> None:
-    """Finalizer: the wake-up pipe, the selector and the spare fd of a collected
+    """Finalizer: the wake-up pipe, the poller and the spare fd of a collected
     context."""
-    selector.close()
+    poller.close()
     os.close(r)
     os.close(w)
     spare.close()

@@ -275,6 +275,23 @@ def test_batches_hold_64_kib_together_on_both_backends(pair: Pair):
     assert pyipc.READ_MANY_BYTES == 64 * 1024
 
 
+@pytest.mark.parametrize("sizes", [
+    [0, 1, 1023, 1024, 1025, 4096] * 300 + [1025] * 600,     # native: one joined buffer
+    [0, 3, 1024, 1025, 100_000] * 40 + [2000] * 600,          # native: a pointer each
+], ids=["mostly-small", "mostly-large"])
+def test_mixed_sizes_cross_every_gather_bound(pair: Pair, sizes):
+    """write_many copies small frames into one buffer and writes large ones
+    from where they are (native: zig/gather.zig): sizes on both sides of its
+    1 KiB copy limit, enough small frames to fill its 64 KiB buffer many times,
+    enough large ones to need more than one writev of 1,024 iovecs."""
+    sent = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    thread = writer(pair.client, pair.client_fd, sent)
+    got = read_all(pair.server, pair.server_fd, len(sent))
+    thread.join()
+    assert [len(m) for m in got] == sizes
+    assert got == sent
+
+
 def test_large_payloads_stay_alive_while_write_many_waits(pair: Pair):
     """write_many blocks with the GIL released; another thread may empty the
     caller's list meanwhile: the payloads must still be sent intact."""

@@ -21,6 +21,8 @@ const credentials = @import("credentials.zig");
 const fdpass = @import("fdpass.zig");
 const switching = @import("switching.zig");
 const Wakeup = @import("wakeup.zig").Wakeup;
+const gather_mod = @import("gather.zig");
+const Gather = gather_mod.Gather;
 
 pub const Error = errors.Error;
 pub const Conn = conn_table.Conn;
@@ -50,6 +52,9 @@ pub const Context = struct {
     events: events_mod.Queue = .{},
     last: errors.LastError = .{},
     scratch: ?[]u8 = null,
+    /// write_many's buffer of copied frames (gather.zig), allocated by the
+    /// first write_many.
+    gather_buf: ?[]u8 = null,
     /// The buffer a custom switch `in` callback fills (max_message_size bytes),
     /// allocated the first time such a callback runs.
     switch_buf: ?[]u8 = null,
@@ -101,6 +106,7 @@ pub const Context = struct {
         self.dirty.deinit(gpa);
         self.ended.deinit(gpa);
         if (self.scratch) |s| gpa.free(s);
+        if (self.gather_buf) |s| gpa.free(s);
         if (self.switch_buf) |s| gpa.free(s);
         gpa.free(self.rundir);
         gpa.destroy(self);
@@ -280,6 +286,12 @@ pub const Context = struct {
         if (self.scratch) |s| return s;
         self.scratch = try self.gpa.alloc(u8, scratch_size);
         return self.scratch.?;
+    }
+
+    fn gatherBuffer(self: *Context) Allocator.Error![]u8 {
+        if (self.gather_buf) |s| return s;
+        self.gather_buf = try self.gpa.alloc(u8, gather_mod.buffer_size);
+        return self.gather_buf.?;
     }
 
     pub fn switchBuffer(self: *Context) Allocator.Error![]u8 {
@@ -463,9 +475,6 @@ pub const Context = struct {
         try self.writeAllBlocking(conn, &iov);
     }
 
-    /// Messages write_many gathers into one writev: two iovecs each, within
-    /// IOV_MAX (1024 on Linux and the BSDs).
-    const write_many_batch = 512;
     /// The address an empty payload with a null pointer is written from.
     const no_bytes: [*]const u8 = "";
 
@@ -478,8 +487,9 @@ pub const Context = struct {
     };
 
     /// write() of every payload in turn (`lens` their sizes), gathered into
-    /// few system calls, blocking until all are written. Every size is
-    /// checked before anything is sent.
+    /// few system calls (small frames copied into one buffer, see gather.zig),
+    /// blocking until all are written. Every size is checked before anything
+    /// is sent.
     pub fn writeMany(self: *Context, fd: i32, payloads: Payloads, lens: []const u32) Error!void {
         var largest: usize = 0;
         var total: usize = 0;
@@ -493,25 +503,21 @@ pub const Context = struct {
         }
         const conn = try self.prepareSend(fd, largest);
         try self.flushBlocking(conn);
-        var headers: [write_many_batch][framing.header_size]u8 = undefined;
-        var iov: [2 * write_many_batch]std.posix.iovec_const = undefined;
+        var gather: Gather = .{ .buf = try self.gatherBuffer() };
         var offset: usize = 0;
-        var done: usize = 0;
-        while (done < lens.len) {
-            const batch = lens[done..@min(lens.len, done + write_many_batch)];
-            for (batch, 0..) |len, k| {
-                const base = switch (payloads) {
-                    .contiguous => |data| data.ptr + offset,
-                    .each => |ptrs| ptrs[done + k] orelse no_bytes,
-                };
-                headers[k] = framing.encodeHeader(len);
-                iov[2 * k] = .{ .base = &headers[k], .len = framing.header_size };
-                iov[2 * k + 1] = .{ .base = base, .len = len };
-                offset += len;
+        for (lens, 0..) |len, k| {
+            const base = switch (payloads) {
+                .contiguous => |data| data.ptr + offset,
+                .each => |ptrs| ptrs[k] orelse no_bytes,
+            };
+            offset += len;
+            if (!gather.fits(len)) {
+                try self.writeAllBlocking(conn, gather.parts());
+                gather.reset();
             }
-            try self.writeAllBlocking(conn, iov[0 .. 2 * batch.len]);
-            done += batch.len;
+            gather.add(base[0..len]);
         }
+        if (!gather.isEmpty()) try self.writeAllBlocking(conn, gather.parts());
     }
 
     /// Write every byte of `parts`, waiting while the socket is full: in

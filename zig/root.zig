@@ -5,6 +5,7 @@
 //!   sys.zig          thin libc layer (EINTR/EAGAIN-safe I/O, lstat, time)
 //!   framing.zig      incremental frame decoder, header encoding
 //!   send_queue.zig   per-connection outgoing frames (bounded, coalesced)
+//!   gather.zig       write_many's frames: small ones copied into one iovec
 //!   events.zig       pending events and the memory their payloads live in
 //!   conn_table.zig   connections by fd (O(1)) and by lowest free slot
 //!   poller*.zig      epoll / kqueue / poll, chosen at compile time
@@ -25,6 +26,7 @@ test {
     _ = @import("sys.zig");
     _ = @import("framing.zig");
     _ = @import("send_queue.zig");
+    _ = @import("gather.zig");
     _ = @import("events.zig");
     _ = @import("conn_table.zig");
     _ = @import("poller.zig");

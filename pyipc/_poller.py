@@ -24,7 +24,7 @@ _EPOLL_MASK = (0, select.EPOLLIN, select.EPOLLOUT, select.EPOLLIN | select.EPOLL
     if hasattr(select, "epoll") else ()
 
 
-def _ms_timeout(timeout: Optional[float]) -> float:
+def _epoll_timeout(timeout: Optional[float]) -> float:
     """selectors' rule: None waits for ever (-1), a timeout is rounded up to a
     whole millisecond (epoll's resolution), so a wait is never cut short."""
     if timeout is None:
@@ -66,7 +66,7 @@ class EpollPoller:
         keys = self._keys
         ready = []
         try:
-            events = self._epoll.poll(_ms_timeout(timeout), max(len(keys), 1))
+            events = self._epoll.poll(_epoll_timeout(timeout), max(len(keys), 1))
         except InterruptedError:
             return ready
         for fd, event in events:

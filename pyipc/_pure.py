@@ -417,7 +417,7 @@ class PureContext(Context):
             raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
         pack = HEADER.pack
         # Frames gathered into one buffer per batch (one copy, one system call
-        # for many small messages), as native gathers them into one writev.
+        # for many small messages), as native copies small frames into one buffer.
         batches = [b"".join([part for p in items[i:i + WRITE_MANY_BATCH]
                              for part in (pack(len(p)), p)])
                    for i in range(0, len(items), WRITE_MANY_BATCH)]

@@ -58,7 +58,7 @@ def test_hang_up_is_reported_as_readable(poller, pair):
     assert poller.select(0) == [("a", READ)]
 
 
-def test_unregistered_fd_is_not_reported_even_after_it_was_closed(poller, pair):
+def test_unregistered_fd_is_not_reported(poller, pair):
     a, b = pair
     other_a, other_b = socket.socketpair()
     try:
@@ -71,6 +71,21 @@ def test_unregistered_fd_is_not_reported_even_after_it_was_closed(poller, pair):
     finally:
         other_a.close()
         other_b.close()
+
+
+def test_unregister_after_the_fd_was_closed(poller, pair):
+    """pyipc may close an fd before it stops watching it: no error, and the
+    fd is not reported (the kernel dropped it from epoll when it closed)."""
+    a, b = pair
+    other_a, other_b = socket.socketpair()
+    fd = other_a.fileno()
+    poller.register(a.fileno(), READ, "a")
+    poller.register(fd, READ, "other")
+    other_b.close()                         # other_a would be readable (hang-up)
+    other_a.close()
+    poller.unregister(fd)
+    b.send(b"x")
+    assert poller.select(0) == [("a", READ)]
 
 
 @pytest.mark.skipif(not hasattr(select, "epoll"), reason="only epoll refuses regular files")

@@ -502,8 +502,9 @@ pub const Context = struct {
             .each => |ptrs| assert(ptrs.len == lens.len),
         }
         const conn = try self.prepareSend(fd, largest);
-        try self.flushBlocking(conn);
+        // Before anything is sent: out of memory must leave the queue as it was.
         var gather: Gather = .{ .buf = try self.gatherBuffer() };
+        try self.flushBlocking(conn);
         var offset: usize = 0;
         for (lens, 0..) |len, k| {
             const base = switch (payloads) {

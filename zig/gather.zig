@@ -24,6 +24,9 @@ pub const Gather = struct {
     used: usize = 0,
     iov: [iov_max]iovec_const = undefined,
     count: usize = 0,
+    /// The last iovec is the run of copied bytes ending at buf[used]: the
+    /// next copied frame extends it rather than taking another iovec.
+    copying: bool = false,
 
     /// Whether one more frame with a `len`-byte payload fits; when it does
     /// not, write parts() and reset() first.
@@ -45,7 +48,10 @@ pub const Gather = struct {
             self.used += payload.len;
         }
         self.appendCopied(self.buf[start..self.used]);
-        if (!small) self.append(.{ .base = payload.ptr, .len = payload.len });
+        if (!small) {
+            self.append(.{ .base = payload.ptr, .len = payload.len });
+            self.copying = false;
+        }
     }
 
     /// The iovecs of every frame added since the last reset.
@@ -61,18 +67,19 @@ pub const Gather = struct {
     pub fn reset(self: *Gather) void {
         self.used = 0;
         self.count = 0;
+        self.copying = false;
     }
 
-    /// Copied bytes extend the last iovec when they follow it in the buffer.
+    /// Copied bytes extend the last iovec when it is the copied run.
     fn appendCopied(self: *Gather, piece: []const u8) void {
-        if (self.count > 0) {
+        if (self.copying) {
             const last = &self.iov[self.count - 1];
-            if (last.base + last.len == piece.ptr) {
-                last.len += piece.len;
-                return;
-            }
+            assert(last.base + last.len == piece.ptr);
+            last.len += piece.len;
+            return;
         }
         self.append(.{ .base = piece.ptr, .len = piece.len });
+        self.copying = true;
     }
 
     fn append(self: *Gather, part: iovec_const) void {

@@ -5,7 +5,7 @@
  * 64-byte payload each) into a Unix socketpair; a child reads them away.
  *   0  one writev() per batch, two iovecs per frame (header, payload):
  *      what pyipc's write_many did before zig/gather.zig
- *   1  the frames copied into one buffer, one write() per batch:
+ *   1  the frames copied into one buffer, one writev() of one iovec per batch:
  *      what it does now for payloads up to 1 KiB
  * Prints the time per frame. Not part of `pyipc bench`: it explains a choice
  * (zig/gather.zig, README Benchmarks). Run both on one CPU for the software's

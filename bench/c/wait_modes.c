@@ -87,6 +87,10 @@ static ssize_t ring_recv(int fd, char *buf, size_t len) {
     unsigned head = *cq_head;   /* min_complete=1: the completion is there */
     ssize_t res = cqes[head & *cq_mask].res;
     __atomic_store_n(cq_head, head + 1, __ATOMIC_RELEASE);
+    if (res < 0) {              /* e.g. -EINVAL: a kernel without IORING_OP_RECV */
+        fprintf(stderr, "io_uring recv: %s\n", strerror((int)-res));
+        exit(2);
+    }
     return res;
 }
 

@@ -377,6 +377,7 @@ class PureContext(Context):
     # -- sending ---------------------------------------------------------------
     def _prepare(self, fd: int, payload: object) -> Tuple[_Conn, bytes | memoryview]:
         """Checks shared by write and schedule, in the documented order."""
+        # bytes is as_payload's first case: taken here without the call (hot path).
         data = payload if type(payload) is bytes else as_payload(payload)
         conn = self._connection(fd)
         if len(data) > self.max_message_size:

@@ -25,8 +25,17 @@ def numbered(n: int, size_of=lambda i: i % 100) -> list[bytes]:
 
 def writer(ctx: pyipc.Context, fd: int, payloads: list) -> threading.Thread:
     """write_many in another thread: for batches larger than the socket buffer
-    while this thread reads (each context is used by one thread at a time)."""
-    thread = threading.Thread(target=ctx.write_many, args=(fd, payloads))
+    while this thread reads (each context is used by one thread at a time).
+    If write_many fails, the writer closes fd: the reader then fails with
+    ConnectionClosedError instead of waiting for ever for the rest."""
+    def write() -> None:
+        try:
+            ctx.write_many(fd, payloads)
+        except BaseException:
+            ctx.close(fd)
+            raise
+
+    thread = threading.Thread(target=write)
     thread.start()
     return thread
 

@@ -16,7 +16,7 @@ import time
 import weakref
 from array import array
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import NoReturn, Optional, Tuple
 
 from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
                        buffer_too_small_text, check_max_messages, writable_view)
@@ -226,11 +226,18 @@ class NativeContext(Context):
         self._pending.clear()
 
     # -- sending and receiving -----------------------------------------------------
-    def _payload(self, payload: object) -> tuple:
+    def _payload(self, fd: int, payload: object) -> tuple:
         data = as_payload(payload)
         if len(data) > 0xFFFFFFFF:
-            raise MessageTooLargeError(too_large_text(len(data), self.max_message_size))
+            self._too_large_for_c(fd, len(data))
         return ffi.from_buffer(data), len(data)
+
+    def _too_large_for_c(self, fd: int, size: int) -> NoReturn:
+        """A payload over 4 GiB, which the C calls' uint32_t sizes cannot
+        carry: the core makes write()'s checks (an unknown fd is reported
+        before the size, as the pure backend does) and fails."""
+        self._check(lib.ipc_check_write(self._ctx, _fd_arg(fd), size), fd)
+        raise AssertionError("unreachable: no max_message_size allows 4 GiB")
 
     def write(self, fd: int, payload: object) -> None:
         if type(payload) is bytes and type(fd) is int:     # fast path: no conversion
@@ -242,7 +249,7 @@ class NativeContext(Context):
                 if rc:
                     self._check(rc, fd)
                 return
-        buf, size = self._payload(payload)
+        buf, size = self._payload(fd, payload)
         self._check(lib.ipc_write(self._ctx, _fd_arg(fd), buf, size), fd)
 
     def schedule(self, fd: int, payload: object) -> None:
@@ -255,7 +262,7 @@ class NativeContext(Context):
                 if rc:
                     self._check(rc, fd)
                 return
-        buf, size = self._payload(payload)
+        buf, size = self._payload(fd, payload)
         self._check(lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size), fd)
 
     def read(self, fd: int) -> bytes:
@@ -280,8 +287,9 @@ class NativeContext(Context):
         try:
             sizes = ffi.from_buffer("uint32_t[]", array("I", lengths))
         except OverflowError:       # one is over 4 GiB: too large for any limit
-            raise MessageTooLargeError(
-                too_large_text(max(lengths), self.max_message_size)) from None
+            sizes = None
+        if sizes is None:
+            self._too_large_for_c(fd, max(lengths))
         if sum(lengths) < len(items) * WRITE_FROM_PLACE:
             # Small payloads: copied together (one C call), written from there.
             rc = _ipc_write_many(self._ctx, _fd_arg(fd), _join(items), sizes, len(items))

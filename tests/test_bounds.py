@@ -13,7 +13,7 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import collect, deadline, frame, quiet, raw_connect, wait_for
+from conftest import Pair, collect, deadline, frame, quiet, raw_connect, wait_for
 
 
 # -- max_message_size ------------------------------------------------------------
@@ -338,3 +338,39 @@ def test_read_of_a_message_of_exactly_the_default_limit(ctx_factory):
         assert server.read(conn) == b""
     finally:
         writer.join(60)
+
+
+@pytest.fixture
+def over_4_gib():
+    """A payload of 4 GiB + 1 bytes: anonymous memory that is never touched,
+    so it costs address space, not RAM."""
+    import mmap
+    m = mmap.mmap(-1, (1 << 32) + 1)
+    view = memoryview(m)
+    yield view
+    try:
+        view.release()
+        m.close()
+    except BufferError:     # a failed test's traceback still holds a pointer into it
+        pass
+
+
+def test_a_payload_over_4_gib_is_checked_in_write_order(pair: Pair, over_4_gib):
+    """Over 4 GiB (more than a C uint32_t size can say): an unknown fd or a
+    service fd is reported first, as for any payload, then the size; nothing is
+    sent, and the connection still works."""
+    for name in ("write", "schedule", "write_many"):
+        def send(ctx: pyipc.Context, fd: int) -> None:
+            if name == "write_many":
+                ctx.write_many(fd, [b"x", over_4_gib])
+            else:
+                getattr(ctx, name)(fd, over_4_gib)
+        with pytest.raises(pyipc.UnknownFdError, match="is not managed"):
+            send(pair.client, 99999)
+        with pytest.raises(pyipc.UnknownFdError, match="is not a connection"):
+            send(pair.server, pair.service_fd)
+        with pytest.raises(pyipc.MessageTooLargeError,
+                           match=f"message of {(1 << 32) + 1} bytes exceeds max_message_size"):
+            send(pair.client, pair.client_fd)
+    pair.client.write(pair.client_fd, b"after")
+    assert pair.server.read(pair.server_fd) == b"after"

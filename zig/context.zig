@@ -446,6 +446,12 @@ pub const Context = struct {
         return conn;
     }
 
+    /// prepareSend's checks alone: what a write of `len` bytes to fd would
+    /// fail with, in the same order.
+    pub fn checkWrite(self: *Context, fd: i32, len: u64) Error!void {
+        _ = try self.prepareSend(fd, std.math.cast(usize, len) orelse std.math.maxInt(usize));
+    }
+
     fn closedByPeer(self: *Context, fd: i32) Error {
         return self.last.fail(error.ConnectionClosed, "connection on fd {d} is closed by the peer", .{fd});
     }

@@ -184,6 +184,14 @@ export fn ipc_schedule(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: 
     return rc(ctx, ctx.schedule(fd, bytes(payload, len)));
 }
 
+/// write()'s checks of fd and of a `len`-byte payload, in its order; nothing
+/// is written. For sizes uint32_t cannot carry: the failure says what
+/// ipc_write() would (an unknown fd before the size).
+export fn ipc_check_write(ptr: ?*anyopaque, fd: c_int, len: u64) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return rc(ctx, ctx.checkWrite(fd, len));
+}
+
 /// write() of `count` messages: their payloads back to back at `payloads`,
 /// their sizes in `lengths`; gathered into few system calls.
 export fn ipc_write_many(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const u8, lengths: ?[*]const u32, count: usize) callconv(.c) c_int {
@@ -585,4 +593,27 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
     try testing.expectEqual(@as(c_int, -8), ipc_read_many(server, conn_fd, &buf, &len, &sizes, sizes.len, &count));
     try testing.expectEqual(@as(usize, 0), count);
     try testing.expectEqual(@as(c_int, -8), ipc_read_lent(server, conn_fd, &lent, &lent_len)); // ended: still closed
+}
+
+test "C ABI: check_write makes write's checks in its order and writes nothing" {
+    var pair: TestPair = .{};
+    try pair.init("check");
+    defer pair.deinit("check");
+    const over_4_gib: u64 = (1 << 32) + 1;
+    // An unknown fd, then a service fd, come before the size.
+    try testing.expectEqual(@as(c_int, -9), ipc_check_write(pair.client, 99999, over_4_gib));
+    try testing.expectEqual(@as(c_int, -9), ipc_check_write(pair.server, pair.sfd, over_4_gib));
+    try testing.expectEqual(@as(c_int, -6), ipc_check_write(pair.client, pair.cfd, over_4_gib));
+    try testing.expectEqualStrings("message of 4294967297 bytes exceeds max_message_size (16777216)", std.mem.span(ipc_last_error(pair.client)));
+    try expectOk(ipc_check_write(pair.client, pair.cfd, 16));
+    // Nothing was written: the first message the server reads is the next one.
+    try expectOk(ipc_write(pair.client, pair.cfd, @constCast("ok"), 2));
+    var evs: [1]IpcEvent = undefined;
+    var count: usize = 0;
+    try expectOk(ipc_wait_events(pair.server, &evs, 1, &count)); // CONNECTION
+    try testing.expectEqual(@as(i32, 1), evs[0].type);
+    var buf: [8]u8 = undefined;
+    var len: usize = buf.len;
+    try expectOk(ipc_read_fd(pair.server, evs[0].fd, &buf, &len));
+    try testing.expectEqualStrings("ok", buf[0..len]);
 }

@@ -22,6 +22,9 @@
  * `lengths`), gathered into few system calls; every size is checked before
  * anything is sent. ipc_write_many_ptrs() is the same with one pointer per
  * payload (large payloads are written from where they are, not copied).
+ * ipc_check_write(ctx, fd, len) makes ipc_write()'s checks of fd and of a
+ * payload of `len` bytes, in its order, and writes nothing: for sizes a
+ * uint32_t cannot carry (its failure then says what ipc_write() would).
  * ipc_read_into() is ipc_read_fd(), except that a message of 64 KiB or more
  * that fits the buffer is read from the socket straight into it. ipc_read_many(ctx, fd, buffer, buflen, lengths, capacity,
  * count) blocks like ipc_read_fd() until fd has a message, then copies fd's
@@ -111,6 +114,7 @@ int ipc_connect(void *ctx, int *fd, const char *service_name, uint16_t service_n
 int ipc_wait_events(void *ctx, struct ipc_event *events, size_t capacity, size_t *count);
 int ipc_write_many(void *ctx, int fd, const char *payloads, const uint32_t *lengths, size_t count);
 int ipc_write_many_ptrs(void *ctx, int fd, const char *const *payloads, const uint32_t *lengths, size_t count);
+int ipc_check_write(void *ctx, int fd, uint64_t len);
 int ipc_read_many(void *ctx, int fd, char *buffer, size_t *buflen, uint32_t *lengths, size_t capacity, size_t *count);
 int ipc_read_lent(void *ctx, int fd, const char **message, size_t *len);
 int ipc_read_into(void *ctx, int fd, char *buffer, size_t *buflen);

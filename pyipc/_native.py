@@ -233,7 +233,7 @@ class NativeContext(Context):
         return ffi.from_buffer(data), len(data)
 
     def _too_large_for_c(self, fd: int, size: int) -> NoReturn:
-        """A payload over 4 GiB, which the C calls' uint32_t sizes cannot
+        """A payload of 4 GiB or more, which the C calls' uint32_t sizes cannot
         carry: the core makes write()'s checks (an unknown fd is reported
         before the size, as the pure backend does) and fails."""
         self._check(lib.ipc_check_write(self._ctx, _fd_arg(fd), size), fd)
@@ -286,7 +286,7 @@ class NativeContext(Context):
         lengths = list(map(len, items))
         try:
             sizes = ffi.from_buffer("uint32_t[]", array("I", lengths))
-        except OverflowError:       # one is over 4 GiB: too large for any limit
+        except OverflowError:       # one is 4 GiB or more: too large for any limit
             sizes = None
         if sizes is None:
             self._too_large_for_c(fd, max(lengths))

@@ -438,7 +438,7 @@ pub const Context = struct {
     // ------------------------------------------------------------ sending
 
     /// Checks shared by write and schedule, in the pure backend's order.
-    fn prepareSend(self: *Context, fd: i32, len: usize) Error!*Conn {
+    fn prepareSend(self: *Context, fd: i32, len: u64) Error!*Conn {
         const conn = try self.connection(fd);
         if (len > self.limits.max_message_size)
             return self.last.fail(error.MessageTooLarge, "message of {d} bytes exceeds max_message_size ({d})", .{ len, self.limits.max_message_size });
@@ -449,7 +449,7 @@ pub const Context = struct {
     /// prepareSend's checks alone: what a write of `len` bytes to fd would
     /// fail with, in the same order.
     pub fn checkWrite(self: *Context, fd: i32, len: u64) Error!void {
-        _ = try self.prepareSend(fd, std.math.cast(usize, len) orelse std.math.maxInt(usize));
+        _ = try self.prepareSend(fd, len);
     }
 
     fn closedByPeer(self: *Context, fd: i32) Error {

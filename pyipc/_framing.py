@@ -50,7 +50,7 @@ class FrameTooLarge(Exception):
         self.limit = limit
 
 
-def encode(payload: bytes) -> bytes:
+def encode(payload: bytes | memoryview) -> bytes:
     """One frame: the header, then the payload (one copy)."""
     return HEADER.pack(len(payload)) + payload
 

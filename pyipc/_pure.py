@@ -26,7 +26,7 @@ from typing import Callable, Optional, Tuple
 from . import _poller, _rundir
 from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
                        buffer_too_small_text, check_max_messages, writable_view)
-from ._framing import (DIRECT_READ_MIN, HEADER, FrameDecoder, FrameTooLarge,
+from ._framing import (DIRECT_READ_MIN, HEADER, FrameDecoder, FrameTooLarge, encode,
                        too_large_text)
 from ._types import (DEFAULT_READ_MANY, IPCD_SERVICE, READ_MANY_BYTES, CBEvent, ConnectionClosedError, ConnectionLimitError,
                      Event, EventType, IPCError, MessageTooLargeError, QueueFullError,
@@ -393,7 +393,7 @@ class PureContext(Context):
             raise QueueFullError(
                 f"send queue of fd {fd} is full ({conn.queued_bytes} bytes queued, "
                 f"max_queue_size {self.max_queue_size})")
-        self._enqueue(conn, HEADER.pack(len(data)) + data, _TX)
+        self._enqueue(conn, encode(data), _TX)
 
     def _enqueue(self, conn: _Conn, frame: bytes, kind: EventType) -> None:
         conn.queue.append((frame, kind))
@@ -404,9 +404,8 @@ class PureContext(Context):
 
     def write(self, fd: int, payload: object) -> None:
         conn, data = self._prepare(fd, payload)
-        header = HEADER.pack(len(data))
-        self._write_blocking(conn, [header + data] if len(data) <= WRITE_JOINED_MAX
-                             else [header, data])
+        self._write_blocking(conn, [encode(data)] if len(data) <= WRITE_JOINED_MAX
+                             else [HEADER.pack(len(data)), data])
 
     def write_many(self, fd: int, payloads: object) -> None:
         items = as_payload_list(payloads)
@@ -742,7 +741,7 @@ class PureContext(Context):
         dest = origin.peer
         assert dest is not None and dest.alive
         if dest.on_out is None:
-            self._enqueue(dest, HEADER.pack(len(payload)) + payload, _SWITCH_TX)
+            self._enqueue(dest, encode(payload), _SWITCH_TX)
             self._set_interest(origin)       # pause reading if dest is over its bound
             return
         try:

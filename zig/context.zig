@@ -474,6 +474,15 @@ pub const Context = struct {
         const conn = try self.prepareSend(fd, payload.len);
         try self.flushBlocking(conn);
         const header = framing.encodeHeader(@intCast(payload.len));
+        if (payload.len <= gather_mod.copy_max) {
+            // A small frame goes out of one buffer: copying it costs less than
+            // the kernel's walk over a second iovec.
+            var frame: [framing.header_size + gather_mod.copy_max]u8 = undefined;
+            @memcpy(frame[0..header.len], &header);
+            @memcpy(frame[header.len..][0..payload.len], payload);
+            var iov = [1]std.posix.iovec_const{.{ .base = &frame, .len = header.len + payload.len }};
+            return self.writeAllBlocking(conn, &iov);
+        }
         var iov = [2]std.posix.iovec_const{
             .{ .base = &header, .len = header.len },
             .{ .base = payload.ptr, .len = payload.len },

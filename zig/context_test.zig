@@ -10,6 +10,7 @@ const Context = context.Context;
 const sys = @import("sys.zig");
 const framing = @import("framing.zig");
 const Kind = @import("events.zig").Kind;
+const copy_max = @import("gather.zig").copy_max;
 
 const gpa = testing.allocator;
 
@@ -187,6 +188,18 @@ test "framing over a socket: header split, payload apart, empty messages, many p
     }
     try sendRaw(p.client_fd, stream.items);
     for (payloads) |pl| try expectOnly(p.server, .message_rx, p.server_fd, pl);
+}
+
+test "write: a frame up to copy_max goes out of one buffer, a larger one as two parts; both arrive whole" {
+    var p = try Pair.init("one-buffer");
+    defer p.deinit();
+    const at_edge: [copy_max]u8 = @splat('e');
+    const past_edge: [copy_max + 1]u8 = @splat('p');
+    const sizes = [_][]const u8{ "", "x", at_edge[0 .. copy_max - 1], &at_edge, &past_edge };
+    for (sizes) |payload| {
+        try p.client.write(p.client_fd, payload);
+        try expectOnly(p.server, .message_rx, p.server_fd, payload);
+    }
 }
 
 fn floodSender(run: *const TmpRun, count: u32, result: *anyerror!void) void {

@@ -43,7 +43,12 @@ pub fn build(b: *std.Build) void {
 
     b.getInstallStep().dependOn(&b.addInstallFile(b.path("zig/libipc.h"), "include/libipc.h").step);
 
-    const tests = b.addTest(.{ .root_module = mod });
+    // -Dtest-filter=TEXT runs only the tests whose names contain TEXT.
+    const test_filter = b.option([]const u8, "test-filter", "Run only the tests whose names contain this text");
+    const tests = b.addTest(.{
+        .root_module = mod,
+        .filters = if (test_filter) |f| &.{f} else &.{},
+    });
     const run_tests = b.addRunArtifact(tests);
     b.step("test", "Run the unit and socket tests").dependOn(&run_tests.step);
 

@@ -97,13 +97,15 @@ _unpack = ffi.unpack
 _EVENT = struct.Struct("@iiqPIP")
 _EVENT_SIZE = ffi.sizeof("struct ipc_event")
 assert _EVENT.size == _EVENT_SIZE, "struct ipc_event layout does not match"
-_iter_unpack = _EVENT.iter_unpack
+_iter_unpack, _unpack_from = _EVENT.iter_unpack, _EVENT.unpack_from
 #: A bytes-slicing view of this process's memory from address 1: a payload the
 #: core lends at address A with length L is copied out as _MEMORY[A-1:A-1+L], one
 #: C-level slice instead of several cffi calls per event. Only the slices taken
 #: are read, and only while the core keeps them valid (until its next wait).
 _MEMORY = ffi.buffer(ffi.cast("char *", 1), sys.maxsize - 1)
 _RX, _TX = EventType.MESSAGE_RX, EventType.MESSAGE_TX
+#: The range of a C int (an fd argument).
+_INT_MIN, _INT_MAX = -0x80000000, 0x7FFFFFFF
 
 
 class NativeContext(Context):
@@ -272,7 +274,9 @@ class NativeContext(Context):
                 return message
         buf, rlen = self._rbuf, self._rlen
         rlen[0] = READ_BUFFER
-        rc = _ipc_read_fd(self._ctx, _fd_arg(fd), buf, rlen)
+        # A plain int goes straight in (no _fd_arg call: it is a hot path).
+        c_fd = fd if type(fd) is int and _INT_MIN <= fd <= _INT_MAX else _fd_arg(fd)
+        rc = _ipc_read_fd(self._ctx, c_fd, buf, rlen)
         if rc == _E_BUFFER_TOO_SMALL:
             return self._read_large(fd)
         if rc:
@@ -396,7 +400,12 @@ class NativeContext(Context):
 def _convert(event_bytes: memoryview, n: int) -> list[Event]:
     """The first ``n`` events of the batch the core filled: the structs are
     decoded in one C call (struct.iter_unpack) and each payload is one slice of
-    _MEMORY (one copy)."""
+    _MEMORY (one copy). One message, the usual result of a wait in a
+    request-reply loop, is decoded on its own: no view slice, no iterator."""
+    if n == 1:
+        etype, fd, index, msg, mlen, err = _unpack_from(event_bytes)
+        if etype == 3:
+            return [Event(_RX, fd, index, _MEMORY[msg - 1:msg - 1 + mlen], None)]
     out: list[Event] = []
     append, mem = out.append, _MEMORY
     for etype, fd, index, msg, mlen, err in _iter_unpack(event_bytes[:n * _EVENT_SIZE]):
@@ -425,7 +434,7 @@ def _fd_arg(fd: int) -> int:
     """An fd as a C int; out-of-range numbers become -1 (an unknown fd)."""
     if not isinstance(fd, int) or isinstance(fd, bool):
         raise TypeError(f"fd must be int, not {type(fd).__name__}")
-    return fd if -0x80000000 <= fd <= 0x7FFFFFFF else -1
+    return fd if _INT_MIN <= fd <= _INT_MAX else -1
 
 
 def _trampoline_in(ref: "weakref.ref[NativeContext]"):

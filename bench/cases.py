@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import select
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -106,6 +107,9 @@ def systems() -> List[System]:
         System("raw_native", "raw client, native server",
                _mixed(_python("peer_pyipc", "--backend", "native"), _python("peer_raw")),
                ("rtt",), native),
+        System("raw_epoll", "raw client, epoll server",
+               _python("peer_raw", "--mode", "epoll"), ("rtt",),
+               None if hasattr(select, "epoll") else "no select.epoll here (Linux only)"),
         System("mp", "mp.connection", _python("peer_mp")),
         System("zmq_pair", "zmq PAIR", _python("peer_zmq", "--mode", "pair"), why_not=zmq),
         System("zmq_push", "zmq PUSH/PULL", _python("peer_zmq", "--mode", "pushpull"),

@@ -2,15 +2,18 @@
 
 The baseline of what plain Python does: ``sendall(header + payload)`` per message,
 ``recv_into`` a buffer and split the frames. Its scale server uses ``selectors``.
+With ``--mode epoll`` the one-client server waits in ``select.epoll`` before
+each recv, as an event loop does (the system "raw client, epoll server").
 """
 
 from __future__ import annotations
 
+import select
 import selectors
 import socket
 import struct
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 from argparse import Namespace
 
 from . import proto
@@ -69,8 +72,11 @@ def serve(args: Namespace) -> None:
         return serve_scale(lsock)
     conn, _ = lsock.accept()
     reader, count = Reader(conn), 0
+    wait = _readiness_wait(conn) if args.mode == "epoll" else None
     try:
         while True:
+            if wait is not None:
+                wait()
             for m in reader.messages():
                 if args.case == "rtt":
                     send(conn, m)
@@ -80,6 +86,14 @@ def serve(args: Namespace) -> None:
                         send(conn, proto.ACK)
     except (EOFError, ConnectionError):
         pass
+
+
+def _readiness_wait(conn: socket.socket) -> Callable[[], object]:
+    """A wait in epoll until ``conn`` is readable (the socket stays blocking:
+    the recv after it returns at once)."""
+    ep = select.epoll()
+    ep.register(conn.fileno(), select.EPOLLIN)
+    return ep.poll
 
 
 def serve_scale(lsock: socket.socket) -> None:

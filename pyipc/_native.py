@@ -98,10 +98,11 @@ _EVENT = struct.Struct("@iiqPIP")
 _EVENT_SIZE = ffi.sizeof("struct ipc_event")
 assert _EVENT.size == _EVENT_SIZE, "struct ipc_event layout does not match"
 _iter_unpack, _unpack_from = _EVENT.iter_unpack, _EVENT.unpack_from
-#: A bytes-slicing view of this process's memory from address 1: a payload the
-#: core lends at address A with length L is copied out as _MEMORY[A-1:A-1+L], one
-#: C-level slice instead of several cffi calls per event. Only the slices taken
-#: are read, and only while the core keeps them valid (until its next wait).
+#: A bytes-slicing view of this process's memory from address 1: a payload at
+#: address A with length L (lent by the core, or in read()'s buffer) is copied
+#: out as _MEMORY[A-1:A-1+L], one C-level slice instead of several cffi calls.
+#: Only the slices taken are read, and only while the memory is valid (a lent
+#: payload until the core's next wait).
 _MEMORY = ffi.buffer(ffi.cast("char *", 1), sys.maxsize - 1)
 _RX, _TX = EventType.MESSAGE_RX, EventType.MESSAGE_TX
 #: The range of a C int (an fd argument).
@@ -111,7 +112,7 @@ _INT_MIN, _INT_MAX = -0x80000000, 0x7FFFFFFF
 class NativeContext(Context):
     """The native (Zig) backend of :class:`pyipc.Context`."""
 
-    __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_sizes", "_count", "_lent", "_rbuf", "_rlen",
+    __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_sizes", "_count", "_lent", "_rbuf", "_rbuf_at", "_rlen",
                  "_close_info",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
@@ -134,6 +135,8 @@ class NativeContext(Context):
         self._sizes = ffi.new("uint32_t[]", DEFAULT_READ_MANY)
         self._count = ffi.new("size_t *")
         self._rbuf = ffi.new("char[]", READ_BUFFER)
+        # Where read() copies a message out from: _MEMORY[at:at + size] (see _MEMORY).
+        self._rbuf_at = int(ffi.cast("uintptr_t", self._rbuf)) - 1
         self._lent = (ffi.new("char **"), ffi.new("size_t *"))
         self._rlen = ffi.new("size_t *")
         self._close_info = (ffi.new("size_t *"), ffi.new("int *"), ffi.new("size_t *"))
@@ -281,7 +284,8 @@ class NativeContext(Context):
             return self._read_large(fd)
         if rc:
             self._check(rc, fd)
-        return _unpack(buf, rlen[0])
+        at = self._rbuf_at
+        return _MEMORY[at:at + rlen[0]]
 
     def write_many(self, fd: int, payloads: object) -> None:
         items = as_payload_list(payloads)

@@ -487,3 +487,25 @@ def test_back_pressure_instead_of_loss(ctx_factory, rundir):
     finally:
         src.close()
         dst.close()
+
+
+def test_frames_written_into_a_switched_pipe_arrive_whole(ctx_factory):
+    """write() to a pipe (a switch side): a small frame (sent as one buffer)
+    and a large one (header and payload apart) arrive whole and in order."""
+    ctx = ctx_factory()
+    a, peer = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        fd = a.detach()
+        ctx.add_external(fd)
+        ctx.add_external(w)
+        ctx.add_switch(fd, w)
+        large = bytes(range(256)) * 20
+        ctx.write(w, b"hello")
+        ctx.write(w, large)     # both written (blocking) before anything is read
+        expected = struct.pack(">I", 5) + b"hello" + struct.pack(">I", len(large)) + large
+        os.set_blocking(r, False)   # all of it is in the pipe already: no waiting
+        assert os.read(r, 65536) == expected
+    finally:
+        os.close(r)
+        peer.close()

@@ -3,6 +3,7 @@
 //!
 //!   python -m ziglang build -Doptimize=ReleaseFast    -> zig-out/lib/libipc.so, libipc.a
 //!   python -m ziglang build test --summary all        -> unit + socket tests
+//!   python -m ziglang build test -Dtest-filter=TEXT   -> only tests named with TEXT
 //!   python -m ziglang build -Dtarget=x86_64-freebsd   -> cross-compile
 //!   python -m ziglang build fuzz -Doptimize=ReleaseSafe -- N SEED
 //!                                                     -> randomised decoder test

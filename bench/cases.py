@@ -108,7 +108,7 @@ def systems() -> List[System]:
                _mixed(_python("peer_pyipc", "--backend", "native"), _python("peer_raw")),
                ("rtt",), native),
         System("raw_epoll", "raw client, epoll server",
-               _python("peer_raw", "--mode", "epoll"), ("rtt",),
+               _mixed(_python("peer_raw", "--mode", "epoll"), _python("peer_raw")), ("rtt",),
                None if hasattr(select, "epoll") else "no select.epoll here (Linux only)"),
         System("mp", "mp.connection", _python("peer_mp")),
         System("zmq_pair", "zmq PAIR", _python("peer_zmq", "--mode", "pair"), why_not=zmq),

@@ -112,7 +112,8 @@ _INT_MIN, _INT_MAX = -0x80000000, 0x7FFFFFFF
 class NativeContext(Context):
     """The native (Zig) backend of :class:`pyipc.Context`."""
 
-    __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_sizes", "_count", "_lent", "_rbuf", "_rbuf_at", "_rlen",
+    __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_sizes", "_count", "_lent",
+                 "_rbuf", "_rbuf_at", "_rlen",
                  "_close_info",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
@@ -408,7 +409,7 @@ def _convert(event_bytes: memoryview, n: int) -> list[Event]:
     request-reply loop, is decoded on its own: no view slice, no iterator."""
     if n == 1:
         etype, fd, index, msg, mlen, err = _unpack_from(event_bytes)
-        if etype == 3:
+        if etype == 3:                       # MESSAGE_RX (else: the loop below)
             return [Event(_RX, fd, index, _MEMORY[msg - 1:msg - 1 + mlen], None)]
     out: list[Event] = []
     append, mem = out.append, _MEMORY

@@ -190,7 +190,7 @@ test "framing over a socket: header split, payload apart, empty messages, many p
     for (payloads) |pl| try expectOnly(p.server, .message_rx, p.server_fd, pl);
 }
 
-test "write: a frame up to copy_max goes out of one buffer, a larger one as two parts; both arrive whole" {
+test "write: frames around copy_max (one buffer up to it, two parts past it) arrive whole" {
     var p = try Pair.init("one-buffer");
     defer p.deinit();
     const at_edge: [copy_max]u8 = @splat('e');

@@ -1,0 +1,53 @@
+"""`pyipc bench` from the checkout: every system's peers agree and finish.
+
+Not a timed test: it checks that each benchmark program runs (server and client
+in separate processes, as `pyipc bench` runs them) and reports a figure, so a
+change that breaks a peer fails here instead of in the next benchmark run. The
+figures themselves are not checked. pyzmq is not a test dependency, so its two
+systems are left out (they run wherever it is installed: `pip install .[bench]`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT, require_backend
+
+#: Every system that needs nothing beyond the test dependencies.
+SYSTEMS = ["native", "pure", "raw", "native_raw", "raw_native", "raw_epoll", "mp",
+           "c_floor", "c_core"]
+#: Column titles of the systems that only take part in the round trip.
+ROUND_TRIP_ONLY = {"native client, raw server", "raw client, native server",
+                   "raw client, epoll server"}
+NUMBER = re.compile(r"^[0-9][0-9,]*(\.[0-9]+)?$")
+
+
+def _table_rows(stdout: str) -> list[list[str]]:
+    """The cells of the results table (header first), as printed."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    end = next(i for i, line in enumerate(lines) if line.startswith("| target "))
+    return [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in lines[:end] if not line.startswith("|---")]
+
+
+def test_quick_bench_runs_every_system():
+    require_backend("native")
+    # The checkout's bench drives the checkout's pyipc; its library is the one
+    # the tested pyipc loads (a clean checkout has no library of its own).
+    from pyipc import _native
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYIPC_LIBRARY": str(_native.LIBRARY_PATH)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pyipc", "bench", "--quick", "--cases", "rtt", "tp64", "tp64k",
+         "--systems", *SYSTEMS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    header, *rows = _table_rows(done.stdout)
+    systems = header[2:]
+    assert len(systems) == len(SYSTEMS), header
+    assert [row[0] for row in rows] == ["round trip, 64 B", "one-way 64 B", "one-way 64 KiB"]
+    for row in rows:
+        for system, cell in zip(systems, row[2:]):
+            expected_figure = row[0].startswith("round trip") or system not in ROUND_TRIP_ONLY
+            assert bool(NUMBER.match(cell)) == expected_figure, (row[0], system, cell)

@@ -503,7 +503,7 @@ def test_frames_written_into_a_switched_pipe_arrive_whole(ctx_factory):
         large = bytes(range(256)) * 20
         ctx.write(w, b"hello")
         ctx.write(w, large)     # both written (blocking) before anything is read
-        expected = struct.pack(">I", 5) + b"hello" + struct.pack(">I", len(large)) + large
+        expected = frame(b"hello") + frame(large)
         os.set_blocking(r, False)   # all of it is in the pipe already: no waiting
         assert os.read(r, 65536) == expected
     finally:

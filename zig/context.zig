@@ -792,10 +792,11 @@ pub const Context = struct {
             return null;
         }
         const payload = out[0..size];
-        const got = had.len -| header.len;
-        @memcpy(payload[0..got], had[header.len..][0..got]);
+        // Payload bytes the decoder had (none when it had less than a header).
+        const got = had[have..];
+        @memcpy(payload[0..got.len], got);
         conn.decoder.discard(self.gpa);
-        if (readExactly(conn, payload[got..])) |ended| return self.directFailed(conn, ended);
+        if (readExactly(conn, payload[got.len..])) |ended| return self.directFailed(conn, ended);
         return size;
     }
 

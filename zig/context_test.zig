@@ -794,3 +794,32 @@ test "another thread's wakeup ends a wait with no event; a plain wait goes on" {
     try p.client.write(p.client_fd, "after");
     try expectOnly(p.server, .message_rx, p.server_fd, "after");
 }
+
+test "read_into: a large frame is read straight into the buffer, however much of it came before" {
+    var p = try Pair.init("into");
+    defer p.deinit();
+    const big = try gpa.alloc(u8, framing.direct_read_min + 7);
+    defer gpa.free(big);
+    for (big, 0..) |*b, i| b.* = @truncate(i *% 31);
+    const out = try gpa.alloc(u8, big.len);
+    defer gpa.free(out);
+    const h = framing.encodeHeader(@intCast(big.len));
+    // Nothing of it read before (the decoder has no byte), then 2 bytes of
+    // the header, then the header and 5 bytes of the payload.
+    for ([_]usize{ 0, 2, 9 }) |before| {
+        var frame: std.ArrayList(u8) = .empty;
+        defer frame.deinit(gpa);
+        try frame.appendSlice(gpa, &h);
+        try frame.appendSlice(gpa, big);
+        try sendRaw(p.server_fd, frame.items[0..before]);
+        if (before > 0) {
+            p.client.setTimer(0);
+            try expectOnly(p.client, .timer, -1, null); // the loop reads the part: no event
+            p.client.setTimer(5000);
+        }
+        try sendRaw(p.server_fd, frame.items[before..]);
+        var len: usize = 0;
+        try p.client.readInto(p.client_fd, out, &len);
+        try testing.expectEqualSlices(u8, big, out[0..len]);
+    }
+}

@@ -9,7 +9,7 @@ from ._backend import available as available_backends
 from ._context import Context
 from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, DEFAULT_RUNDIR,
-                     MAX_READ_MANY, READ_MANY_BYTES, BackendError, CBEvent,
+                     MAX_BUSY_POLL, MAX_READ_MANY, READ_MANY_BYTES, BackendError, CBEvent,
                      ConnectionClosedError, ConnectionLimitError, Event, EventType,
                      InvalidNameError, IPCError, MessageTooLargeError, QueueFullError,
                      RunDirError, ServiceBusyError, ServiceNotFoundError, UnknownFdError)
@@ -26,7 +26,7 @@ __all__ = [
     "RunDirError", "MessageTooLargeError", "QueueFullError", "ConnectionClosedError",
     "UnknownFdError", "ConnectionLimitError", "BackendError",
     "DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_MAX_QUEUE_SIZE", "DEFAULT_MAX_CONNECTIONS",
-    "DEFAULT_RUNDIR", "DEFAULT_READ_MANY", "MAX_READ_MANY", "READ_MANY_BYTES",
+    "DEFAULT_RUNDIR", "DEFAULT_READ_MANY", "MAX_READ_MANY", "MAX_BUSY_POLL", "READ_MANY_BYTES",
     "Registry", "TypedMessageError", "InvalidTypeNumberError", "DuplicateTypeError",
     "DuplicateClassError", "NotAMessageClassError", "UnregisteredClassError",
     "UnencodableValueError", "UnknownTypeError", "CorruptMessageError", "FieldMismatchError",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple
 from . import _threads
 from ._rundir import PathLike, resolve_rundir
 from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
-                     DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, MAX_MESSAGE_SIZE_LIMIT,
+                     DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, MAX_BUSY_POLL, MAX_MESSAGE_SIZE_LIMIT,
                      MAX_READ_MANY, READ_MANY_BYTES, CBEvent, ConnectionClosedError, Event, EventType,
                      MessageTooLargeError)
 
@@ -94,7 +94,7 @@ class Context:
     """
 
     __slots__ = ("rundir", "max_message_size", "max_queue_size", "max_connections",
-                 "_timer", "_pending", "_guard", "__weakref__")
+                 "_timer", "_busy_poll", "_pending", "_guard", "__weakref__")
 
     backend: str = "abstract"
 
@@ -120,6 +120,7 @@ class Context:
         self.max_queue_size = max_queue_size
         self.max_connections = max_connections
         self._timer: Optional[int] = None
+        self._busy_poll = 0
         self._pending: deque[Event] = deque()   # events not yet returned, in order
         self._guard = _threads.ThreadGuard()
 
@@ -143,6 +144,27 @@ class Context:
 
     def _timer_changed(self, value: Optional[int]) -> None:
         """Hook for backends that keep the timer elsewhere."""
+
+    # -- busy polling ------------------------------------------------------------
+    @property
+    def busy_poll(self) -> int:
+        """Microseconds a wait for events polls without sleeping before it
+        sleeps (0, the default: it sleeps at once), from 0 to MAX_BUSY_POLL.
+        It burns that much CPU per wait to answer a message that comes in the
+        meantime sooner; the timer still ends the wait in time."""
+        return self._busy_poll
+
+    @busy_poll.setter
+    def busy_poll(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"busy_poll must be int, not {type(value).__name__}")
+        if not 0 <= value <= MAX_BUSY_POLL:
+            raise ValueError(f"busy_poll must be between 0 and {MAX_BUSY_POLL} us")
+        self._busy_poll = value
+        self._busy_poll_changed(value)
+
+    def _busy_poll_changed(self, value: int) -> None:
+        """Hook for backends that keep busy_poll elsewhere."""
 
     def _wakeup(self) -> None:
         """Any thread: make a wait in progress return (schedule() hand-over)."""

@@ -168,6 +168,9 @@ class NativeContext(Context):
     def _timer_changed(self, value: Optional[int]) -> None:
         lib.ipc_context_timer(self._ctx, -1 if value is None else value)
 
+    def _busy_poll_changed(self, value: int) -> None:
+        self._check(lib.ipc_context_busy_poll(self._ctx, value))
+
     # -- services and connections ---------------------------------------------------
     def service_init(self, name: str) -> int:
         fd = ffi.new("int *")

@@ -557,7 +557,7 @@ class PureContext(Context):
         # so that the next read goes on from there.
         got = [known, 0]
         try:
-            if not _recv_exactly(sock, header, got, 0, HEADER.size):
+            if not _recv_exactly(sock, header, got, 0, HEADER.size, self._spin_end()):
                 return self._direct_eof(conn)
             (size,) = HEADER.unpack(header)
             if size < DIRECT_READ_MIN or size > len(view) or size > self.max_message_size:
@@ -574,7 +574,7 @@ class PureContext(Context):
             got[1] = len(had) - HEADER.size if len(had) > HEADER.size else 0
             view[:got[1]] = had[HEADER.size:]
             conn.decoder.discard()
-            if not _recv_exactly(sock, view, got, 1, size):
+            if not _recv_exactly(sock, view, got, 1, size, self._spin_end()):
                 return self._direct_eof(conn)
             return size
         except ConnectionResetError:
@@ -589,6 +589,11 @@ class PureContext(Context):
             if conn.alive:
                 conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
             raise
+
+    def _spin_end(self) -> float:
+        """When busy_poll's reads that do not wait end (monotonic), for a
+        read starting now; 0.0 without busy_poll: every read waits."""
+        return time.monotonic() + self._busy_poll / 1e6 if self._busy_poll else 0.0
 
     def _direct_eof(self, conn: _Conn) -> int:
         """The peer closed during a direct read: as read() reports it."""
@@ -620,15 +625,23 @@ class PureContext(Context):
         """Read conn until at least one message is whole; (messages, the
         too-large text if a bad header followed them or came first). The
         reads wait in the kernel (our own sockets are in blocking mode: it
-        wakes the read itself, quicker than poll() then recv(), as native)."""
+        wakes the read itself, quicker than poll() then recv(), as native),
+        after busy_poll's reads that do not wait."""
         fd = conn.fd
         msgs: list[bytes] = []
         error: Optional[str] = None
+        spin_end = self._spin_end()
         while not msgs and error is None:
             try:
-                n = conn.io.recv_into(self._scratch_view)  # type: ignore[attr-defined]
+                if spin_end:
+                    n = conn.io.recv_into(self._scratch_view, 0, _DONTWAIT)  # type: ignore[attr-defined]
+                else:
+                    n = conn.io.recv_into(self._scratch_view)  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
-                _wait_readable(fd)
+                if not spin_end:
+                    _wait_readable(fd)
+                elif time.monotonic() >= spin_end:
+                    spin_end = 0.0
                 continue
             except ConnectionResetError:
                 n = 0
@@ -780,28 +793,50 @@ class PureContext(Context):
             self._release_ended()
         deadline = None if self._timer is None else time.monotonic() + self._timer / 1000
         pending = self._pending
+        if self._busy_poll and self._spin(deadline):
+            return
         while True:
-            if self._dirty:
-                for conn in list(self._dirty):
-                    if conn.alive:
-                        self._flush(conn)
-            if pending:
-                timeout: Optional[float] = 0
-            elif deadline is None:
-                timeout = None
+            if deadline is None:
+                self._round(None)
             else:
-                timeout = max(0.0, deadline - time.monotonic())
-            for conn, mask in self._poller.select(timeout):
-                if conn is _WAKE:
-                    _drain(self._wake_r)
-                    self._guard.apply(self)     # messages other threads scheduled
-                    continue
-                self._handle(conn, mask)
+                self._round(max(0.0, deadline - time.monotonic()))
             if pending:
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 pending.append(Event(EventType.TIMER))
                 return
+
+    def _spin(self, deadline: Optional[float]) -> bool:
+        """busy_poll: rounds that do not sleep, for busy_poll us at most (less
+        when the timer's deadline comes first); True when one brought an event.
+        Why: see busy_poll in the README (a sleeping loop's wake-up costs more)."""
+        end = self._spin_end()
+        if deadline is not None:
+            end = min(end, deadline)
+        pending, monotonic = self._pending, time.monotonic
+        while True:
+            self._round(0)
+            if pending:
+                return True
+            if monotonic() >= end:
+                return False
+
+    def _round(self, timeout: Optional[float]) -> None:
+        """Flush every queue without blocking, wait up to ``timeout`` seconds
+        (None: forever; not at all when the flush brought events) for readiness,
+        then handle every ready fd."""
+        if self._dirty:
+            for conn in list(self._dirty):
+                if conn.alive:
+                    self._flush(conn)
+        if self._pending:
+            timeout = 0
+        for conn, mask in self._poller.select(timeout):
+            if conn is _WAKE:
+                _drain(self._wake_r)
+                self._guard.apply(self)     # messages other threads scheduled
+                continue
+            self._handle(conn, mask)
 
     def _handle(self, conn: _Conn, mask: int) -> None:
         if not conn.alive:
@@ -966,14 +1001,22 @@ def _fitting(msgs: list, room: int) -> int:
     return count
 
 
-def _recv_exactly(sock: object, buf: object, filled: list, at: int, end: int) -> bool:
+def _recv_exactly(sock: object, buf: object, filled: list, at: int, end: int,
+                  spin_end: float) -> bool:
     """Fill buf from filled[at] to ``end`` from a blocking socket, keeping
     filled[at] up to date (so an interruption knows how far it got); False
-    at EOF."""
+    at EOF. Until ``spin_end`` (monotonic; 0.0: none) the reads do not wait."""
     view = memoryview(buf)  # type: ignore[arg-type]
     while filled[at] < end:
         try:
-            n = sock.recv_into(view[filled[at]:end])  # type: ignore[attr-defined]
+            if spin_end:
+                n = sock.recv_into(view[filled[at]:end], 0, _DONTWAIT)  # type: ignore[attr-defined]
+            else:
+                n = sock.recv_into(view[filled[at]:end])  # type: ignore[attr-defined]
+        except BlockingIOError:             # only while spinning
+            if time.monotonic() >= spin_end:
+                spin_end = 0.0
+            continue
         except InterruptedError:
             continue
         if n == 0:

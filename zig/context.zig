@@ -34,6 +34,10 @@ pub const Limits = struct {
     max_connections: u32 = 65536,
 };
 
+/// Longest busy_poll a context takes, in microseconds: past a scheduler
+/// tick, sleeping in the kernel costs less than the CPU a spin burns.
+pub const max_busy_poll_us = 10_000;
+
 /// Bytes read from one fd per round at most, so one busy peer cannot starve the others.
 pub const read_budget = 256 * 1024;
 /// The context-wide receive buffer; complete frames are decoded straight from it.
@@ -47,6 +51,9 @@ pub const Context = struct {
     rundir: []u8,
     /// Milliseconds a wait lasts before a TIMER event; negative: forever.
     timer_ms: i32 = -1,
+    /// Microseconds a wait polls without blocking before it sleeps (0: it
+    /// sleeps at once). See spinRounds().
+    busy_poll_us: u32 = 0,
     table: conn_table.Table = .{},
     poller: poller_mod.Poller,
     events: events_mod.Queue = .{},
@@ -138,6 +145,12 @@ pub const Context = struct {
 
     pub fn setTimer(self: *Context, ms: i32) void {
         self.timer_ms = if (ms < 0) -1 else ms;
+    }
+
+    pub fn setBusyPoll(self: *Context, us: u32) Error!void {
+        if (us > max_busy_poll_us)
+            return self.last.fail(error.Generic, "busy_poll must be at most {d} us", .{max_busy_poll_us});
+        self.busy_poll_us = us;
     }
 
     // ------------------------------------------------------------ table helpers
@@ -771,7 +784,7 @@ pub const Context = struct {
         const have = @min(had.len, header.len);
         @memcpy(header[0..have], had[0..have]);
         if (have < header.len) {
-            if (readExactly(conn, header[have..])) |ended| return self.directFailed(conn, ended);
+            if (self.readExactly(conn, header[have..])) |ended| return self.directFailed(conn, ended);
         }
         const size = std.mem.readInt(u32, &header, .big);
         if (size < framing.direct_read_min or size > out.len or size > self.limits.max_message_size) {
@@ -796,21 +809,38 @@ pub const Context = struct {
         const got = had[have..];
         @memcpy(payload[0..got.len], got);
         conn.decoder.discard(self.gpa);
-        if (readExactly(conn, payload[got.len..])) |ended| return self.directFailed(conn, ended);
+        if (self.readExactly(conn, payload[got.len..])) |ended| return self.directFailed(conn, ended);
         return size;
     }
+
+    /// How a read of one connection waits: busy_poll's reads that do not
+    /// wait until end_ns (0: none), then reads that wait in the kernel.
+    const ReadSpin = struct {
+        end_ns: i64 = 0,
+
+        fn wait(self: *const ReadSpin) sys.Wait {
+            return if (self.end_ns != 0) .no else .yes;
+        }
+
+        /// Nothing to read: go on spinning while there is time, else wait.
+        fn idle(self: *ReadSpin, fd: i32) void {
+            if (self.end_ns == 0) return sys.waitFd(fd, sys.POLLIN);
+            if (sys.nowNs() >= self.end_ns) self.end_ns = 0;
+        }
+    };
 
     /// How a direct read ended the connection.
     const Ended = union(enum) { eof, failed: sys.E };
 
-    /// Blocking reads until `dest` is full; null when it is, else how the
-    /// connection ended.
-    fn readExactly(conn: *Conn, dest: []u8) ?Ended {
+    /// Reads until `dest` is full (after busy_poll's reads that do not wait,
+    /// they wait in the kernel); null when it is, else how the connection ended.
+    fn readExactly(self: *const Context, conn: *Conn, dest: []u8) ?Ended {
+        var spin = self.readSpin();
         var filled: usize = 0;
         while (filled < dest.len) {
-            switch (receive(conn, dest[filled..], .yes)) {
+            switch (receive(conn, dest[filled..], spin.wait())) {
                 .done => |n| filled += n,
-                .would_block => sys.waitFd(conn.fd, sys.POLLIN),
+                .would_block => spin.idle(conn.fd),
                 .eof => return .eof,
                 .failed => |e| return .{ .failed = e },
             }
@@ -909,15 +939,22 @@ pub const Context = struct {
     /// the read waits in the kernel, which wakes it itself: on the development
     /// VM about 18 us quicker per wait than poll() then read()
     /// (bench/c/wait_modes.c). Anything else is polled when it has nothing.
+    /// With busy_poll, reads that do not wait come first, for busy_poll_us.
     fn readUntilMessage(self: *Context, conn: *Conn, sink: *RxSink) Allocator.Error!Chunk {
+        var spin = self.readSpin();
         while (sink.frames == 0) {
-            switch (try self.readChunk(conn, std.math.maxInt(usize), .yes, sink)) {
+            switch (try self.readChunk(conn, std.math.maxInt(usize), spin.wait(), sink)) {
                 .read, .read_short => {},
-                .would_block => sys.waitFd(conn.fd, sys.POLLIN),
+                .would_block => spin.idle(conn.fd),
                 else => |end| return end,
             }
         }
         return .{ .read = 0 };
+    }
+
+    fn readSpin(self: *const Context) ReadSpin {
+        if (self.busy_poll_us == 0) return .{};
+        return .{ .end_ns = sys.nowNs() + @as(i64, self.busy_poll_us) * std.time.ns_per_us };
     }
 
     /// Take fd's first pending MESSAGE_RX, if any, into `out`. Its
@@ -956,20 +993,51 @@ pub const Context = struct {
         self.woken = false;
         if (self.table.count() == 0 and self.timer_ms < 0)
             return self.last.fail(error.Generic, "nothing to wait for: no fd and no timer", .{});
-        const deadline: ?i64 = if (self.timer_ms >= 0) sys.nowMs() + self.timer_ms else null;
+        // In nanoseconds, and the poll's timeout rounded up: a TIMER never
+        // comes before `timer_ms` have passed.
+        const deadline: ?i64 = if (self.timer_ms >= 0) sys.nowNs() + @as(i64, self.timer_ms) * std.time.ns_per_ms else null;
+        if (self.busy_poll_us > 0 and try self.spinRounds(deadline, stop_on_wakeup)) return;
         while (true) {
-            const timeout: i32 = if (deadline) |d| @intCast(std.math.clamp(d - sys.nowMs(), 0, std.math.maxInt(i32))) else -1;
+            const timeout: i32 = if (deadline) |d| msUntil(d) else -1;
             try self.round(timeout);
             if (self.events.live > 0) return;
             if (self.woken) {
                 self.woken = false;
                 if (stop_on_wakeup) return;
             }
-            if (deadline) |d| if (sys.nowMs() >= d) {
+            if (deadline) |d| if (sys.nowNs() >= d) {
                 try self.events.push(self.gpa, .timer, -1, -1);
                 return;
             };
         }
+    }
+
+    /// busy_poll: rounds that do not block, for busy_poll_us at most (less
+    /// when the timer's deadline comes first). True when the wait is over: an
+    /// event came, or (with `stop_on_wakeup`) a wake-up. Why spin: waking a
+    /// process asleep in a readiness wait takes an inter-processor interrupt,
+    /// which costs far more on a VM than on hardware; a round trip to a
+    /// spinning event loop was several times quicker there (README, Benchmarks).
+    fn spinRounds(self: *Context, deadline_ns: ?i64, stop_on_wakeup: bool) Error!bool {
+        const end_ns = sys.nowNs() + @as(i64, self.busy_poll_us) * std.time.ns_per_us;
+        while (true) {
+            try self.round(0);
+            if (self.events.live > 0) return true;
+            if (self.woken) {
+                self.woken = false;
+                if (stop_on_wakeup) return true;
+            }
+            const now_ns = sys.nowNs();
+            if (now_ns >= end_ns) return false;
+            if (deadline_ns) |d| if (now_ns >= d) return false;
+        }
+    }
+
+    /// Whole milliseconds from now until `deadline_ns`, rounded up (a poll
+    /// that ends early would only be repeated), at least 0.
+    fn msUntil(deadline_ns: i64) i32 {
+        const left = std.math.divCeil(i64, deadline_ns - sys.nowNs(), std.time.ns_per_ms) catch unreachable;
+        return @intCast(std.math.clamp(left, 0, std.math.maxInt(i32)));
     }
 
     /// One round: (1) flush every queue without blocking; (2) wait for

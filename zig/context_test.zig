@@ -823,3 +823,71 @@ test "read_into: a large frame is read straight into the buffer, however much of
         try testing.expectEqualSlices(u8, big, out[0..len]);
     }
 }
+
+/// CPU time of the calling thread, in nanoseconds.
+fn threadCpuNs() i64 {
+    var ts: c.timespec = undefined;
+    _ = c.clock_gettime(c.CLOCK.THREAD_CPUTIME_ID, &ts);
+    return @as(i64, @intCast(ts.sec)) * std.time.ns_per_s + @as(i64, @intCast(ts.nsec));
+}
+
+fn sendFrame(fd: i32, payload: []const u8) void {
+    const h = framing.encodeHeader(@intCast(payload.len));
+    sendRaw(fd, &h) catch return;
+    sendRaw(fd, payload) catch return;
+}
+
+test "busy_poll: bounded; a spinning wait delivers messages, wake-ups and its timer" {
+    var p = try Pair.init("spin");
+    defer p.deinit();
+    try testing.expectError(error.Generic, p.server.setBusyPoll(context.max_busy_poll_us + 1));
+    try testing.expectEqualStrings("busy_poll must be at most 10000 us", p.server.last.text());
+    try testing.expectEqual(@as(u32, 0), p.server.busy_poll_us);
+    try p.server.setBusyPoll(context.max_busy_poll_us);
+    // Already there, and sent by another thread while the wait may be spinning.
+    try p.client.write(p.client_fd, "before");
+    try expectOnly(p.server, .message_rx, p.server_fd, "before");
+    const sender = try std.Thread.spawn(.{}, sendFrame, .{ p.client_fd, "during" });
+    try expectOnly(p.server, .message_rx, p.server_fd, "during");
+    sender.join();
+    // A wake-up ends a spinning wait(true) with no event.
+    p.server.wakeup.signal();
+    try p.server.wait(true);
+    try testing.expectEqual(@as(usize, 0), p.server.events.live);
+    // A timer shorter than busy_poll ends the spin: far less CPU than 10 ms.
+    p.server.setTimer(1);
+    const cpu0 = threadCpuNs();
+    try expectOnly(p.server, .timer, -1, null);
+    try testing.expect(threadCpuNs() - cpu0 < 5 * std.time.ns_per_ms);
+    // A timer longer than busy_poll: the wait sleeps after the spin, and the
+    // TIMER comes no earlier than the timer says.
+    try p.server.setBusyPoll(1000);
+    p.server.setTimer(30);
+    const start = sys.nowNs();
+    try expectOnly(p.server, .timer, -1, null);
+    try testing.expect(sys.nowNs() - start >= 30 * std.time.ns_per_ms);
+}
+
+test "busy_poll: read and a direct read_into spin, then wait in the kernel" {
+    var p = try Pair.init("spinread");
+    defer p.deinit();
+    const big = try gpa.alloc(u8, framing.direct_read_min + 7);
+    defer gpa.free(big);
+    for (big, 0..) |*b, i| b.* = @truncate(i *% 31);
+    const out = try gpa.alloc(u8, big.len);
+    defer gpa.free(out);
+    var small: [16]u8 = undefined;
+    // 1 us: the sender thread comes after the spin (the kernel wait path);
+    // 10 ms: it comes during the spin (reads that do not wait find it).
+    for ([_]u32{ 1, context.max_busy_poll_us }) |us| {
+        try p.client.setBusyPoll(us);
+        const sender = try std.Thread.spawn(.{}, sendFrame, .{ p.server_fd, "ping" });
+        try testing.expectEqualStrings("ping", try readMessage(p.client, p.client_fd, &small));
+        sender.join();
+        const big_sender = try std.Thread.spawn(.{}, sendFrame, .{ p.server_fd, big });
+        var len: usize = 0;
+        try p.client.readInto(p.client_fd, out, &len);
+        big_sender.join();
+        try testing.expectEqualSlices(u8, big, out[0..len]);
+    }
+}

@@ -88,6 +88,11 @@ export fn ipc_context_timer(ptr: ?*anyopaque, timer: c_int) callconv(.c) void {
     ctx.setTimer(timer);
 }
 
+export fn ipc_context_busy_poll(ptr: ?*anyopaque, usec: u32) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return rc(ctx, ctx.setBusyPoll(usec));
+}
+
 // ------------------------------------------------------------ services and connections
 
 fn openWith(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16, comptime op: anytype) c_int {

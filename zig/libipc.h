@@ -110,6 +110,7 @@ int ipc_set_switch_callbacks(void *ctx, int fd,
 const char *ipc_last_error(void *ctx);
 int ipc_context_set_rundir(void *ctx, const char *rundir, size_t rundir_len);
 int ipc_context_set_limits(void *ctx, uint32_t max_message_size, uint64_t max_queue_size, uint32_t max_connections);
+int ipc_context_busy_poll(void *ctx, uint32_t usec);
 int ipc_connect(void *ctx, int *fd, const char *service_name, uint16_t service_name_len);
 int ipc_wait_events(void *ctx, struct ipc_event *events, size_t capacity, size_t *count);
 int ipc_write_many(void *ctx, int fd, const char *payloads, const uint32_t *lengths, size_t count);

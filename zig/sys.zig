@@ -187,6 +187,13 @@ pub fn nowMs() i64 {
     return @as(i64, @intCast(ts.sec)) * 1000 + @divTrunc(@as(i64, @intCast(ts.nsec)), 1_000_000);
 }
 
+/// Nanoseconds of the same monotonic clock as nowMs.
+pub fn nowNs() i64 {
+    var ts: c.timespec = undefined;
+    _ = c.clock_gettime(c.CLOCK.MONOTONIC, &ts);
+    return @as(i64, @intCast(ts.sec)) * std.time.ns_per_s + @as(i64, @intCast(ts.nsec));
+}
+
 /// What lstat(2) tells about a path: its mode, or the errno.
 pub const LstatResult = union(enum) { mode: u32, failed: E };
 

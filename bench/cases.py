@@ -37,6 +37,12 @@ CASES: List[Case] = [
 ]
 
 
+#: The busy_poll of the "native_busy" system's peers, in microseconds: about
+#: twice the client's share of a round trip, so that the server's spin still
+#: runs when the next request comes.
+BUSY_POLL_US = 50
+
+
 @dataclass
 class System:
     """A way to do the same IPC: a name and the command line of its peers."""
@@ -101,6 +107,9 @@ def systems() -> List[System]:
         System("pure", "pyipc pure", _python("peer_pyipc", "--backend", "pure"),
                ("rtt", "oneway", "scale")),
         System("raw", "raw socket", _python("peer_raw"), ("rtt", "oneway", "scale")),
+        System("native_busy", f"pyipc native, busy_poll {BUSY_POLL_US} µs",
+               _python("peer_pyipc", "--backend", "native", "--busy-poll", str(BUSY_POLL_US)),
+               ("rtt",), native),
         System("native_raw", "native client, raw server",
                _mixed(_python("peer_raw"), _python("peer_pyipc", "--backend", "native")),
                ("rtt",), native),

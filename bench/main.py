@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", nargs="+", choices=[c.key for c in CASES], metavar="CASE",
                    help="cases to run: " + ", ".join(c.key for c in CASES) + " (default: all)")
     p.add_argument("--systems", nargs="+", metavar="SYSTEM",
-                   help="systems to run (default: all): native pure raw native_raw "
+                   help="systems to run (default: all): native pure raw native_busy native_raw "
                         "raw_native raw_epoll mp zmq_pair zmq_push c_floor c_core")
     p.add_argument("--placement", choices=runner.PLACEMENTS, default="split",
                    help="CPUs of the two peers: split (default: the server on one CPU, "

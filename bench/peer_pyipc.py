@@ -32,9 +32,12 @@ INTO_FROM = 64 << 10
 
 
 def context(args: Namespace) -> pyipc.Context:
-    """The context of a peer: the run dir, the backend, room for the idle clients."""
-    return pyipc.Context(rundir=args.dir, backend=args.backend,
-                         max_connections=args.idle + 64)
+    """The context of a peer: the run dir, the backend, room for the idle
+    clients, busy_poll."""
+    ctx = pyipc.Context(rundir=args.dir, backend=args.backend,
+                        max_connections=args.idle + 64)
+    ctx.busy_poll = args.busy_poll
+    return ctx
 
 
 def serve(args: Namespace) -> None:

@@ -33,6 +33,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="payload bytes")
     p.add_argument("--idle", type=int, default=0, help="idle connections (scale)")
     p.add_argument("--backend", default="native", help="pyipc backend")
+    p.add_argument("--busy-poll", type=int, default=0,
+                   help="pyipc: the context's busy_poll, in microseconds")
     p.add_argument("--mode", default="pair", help="variant (zmq: pair or pushpull)")
     return p.parse_args(argv)
 

@@ -10,13 +10,15 @@
  *      (what pyipc's blocking calls did before its sockets stayed blocking)
  *   4  an io_uring RECV submitted and waited for in one io_uring_enter()
  *      (a completion-based loop: no readiness wait, no separate read)
+ *   5  epoll_wait() with timeout 0, again and again for up to 50 us, then
+ *      epoll_wait() that sleeps, then read() (pyipc's busy_poll = 50)
  * With "split" as second argument the two processes are pinned to CPUs 0
  * and 1 (as `pyipc bench` places its peers by default); without it the
  * scheduler places them. Prints the mean round trip in microseconds. Not part
  * of `pyipc bench`: it explains a choice (README, Benchmarks). Linux only.
  *
  *   python -m ziglang cc -O2 -o /tmp/wait_modes bench/c/wait_modes.c
- *   for m in 0 1 2 3 4; do /tmp/wait_modes $m split; done
+ *   for m in 0 1 2 3 4 5; do /tmp/wait_modes $m split; done
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -94,12 +96,23 @@ static ssize_t ring_recv(int fd, char *buf, size_t len) {
     return res;
 }
 
+static long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
 static void wait_readable(int fd) {
-    if (mode == 1) {
+    struct epoll_event e;
+    if (mode == 5) {                        /* busy_poll: 50 us without sleeping */
+        long long end = now_ns() + 50000;
+        while (now_ns() < end)
+            if (epoll_wait(epoll_fd, &e, 1, 0) > 0) return;
+        epoll_wait(epoll_fd, &e, 1, -1);
+    } else if (mode == 1) {
         struct pollfd p = {fd, POLLIN, 0};
         poll(&p, 1, -1);
     } else if (mode == 2) {
-        struct epoll_event e;
         epoll_wait(epoll_fd, &e, 1, -1);
     }
 }
@@ -121,8 +134,8 @@ static void read_frame(int fd, char *buf) {
 int main(int argc, char **argv) {
     mode = argc > 1 ? atoi(argv[1]) : 0;
     int sv[2];
-    if (mode < 0 || mode > 4 || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) {
-        fprintf(stderr, "usage: wait_modes 0|1|2|3|4 [split]\n");
+    if (mode < 0 || mode > 5 || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) {
+        fprintf(stderr, "usage: wait_modes 0|1|2|3|4|5 [split]\n");
         return 2;
     }
     char buf[FRAME] = {0};
@@ -135,9 +148,9 @@ int main(int argc, char **argv) {
     }
     int fd = pid == 0 ? sv[1] : sv[0];
     close(pid == 0 ? sv[0] : sv[1]);
-    if (mode == 1 || mode == 2 || mode == 3) fcntl(fd, F_SETFL, O_NONBLOCK);
+    if (mode == 1 || mode == 2 || mode == 3 || mode == 5) fcntl(fd, F_SETFL, O_NONBLOCK);
     if (mode == 4) ring_setup();
-    if (mode == 2) {
+    if (mode == 2 || mode == 5) {
         epoll_fd = epoll_create1(0);
         struct epoll_event e = {EPOLLIN, {.fd = fd}};
         epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &e);

@@ -640,8 +640,10 @@ class PureContext(Context):
             except (BlockingIOError, InterruptedError):
                 if not spin_end:
                     _wait_readable(fd)
-                elif time.monotonic() >= spin_end:
-                    spin_end = 0.0
+                else:
+                    _yield_cpu()
+                    if time.monotonic() >= spin_end:
+                        spin_end = 0.0
                 continue
             except ConnectionResetError:
                 n = 0
@@ -818,6 +820,7 @@ class PureContext(Context):
             self._round(0)
             if pending:
                 return True
+            _yield_cpu()                    # to a process on this CPU (as native)
             if monotonic() >= end:
                 return False
 
@@ -1014,6 +1017,7 @@ def _recv_exactly(sock: object, buf: object, filled: list, at: int, end: int,
             else:
                 n = sock.recv_into(view[filled[at]:end])  # type: ignore[attr-defined]
         except BlockingIOError:             # only while spinning
+            _yield_cpu()
             if time.monotonic() >= spin_end:
                 spin_end = 0.0
             continue
@@ -1023,6 +1027,13 @@ def _recv_exactly(sock: object, buf: object, filled: list, at: int, end: int,
             return False
         filled[at] += n
     return True
+
+
+def _yield_cpu() -> None:
+    """busy_poll, between two polls that found nothing: give the CPU to a
+    process waiting for this one (often the peer); without it, a spin on a
+    shared CPU kept the peer off it for the whole busy_poll."""
+    os.sched_yield()
 
 
 def _wait_fd(fd: int, events: int) -> None:

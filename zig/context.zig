@@ -1017,8 +1017,8 @@ pub const Context = struct {
     /// when the timer's deadline comes first). True when the wait is over: an
     /// event came, or (with `stop_on_wakeup`) a wake-up. Why spin: waking a
     /// process asleep in a readiness wait takes an inter-processor interrupt,
-    /// which costs far more on a VM than on hardware; a round trip to a
-    /// spinning event loop was several times quicker there (README, Benchmarks).
+    /// slow on the development VM; a round trip to a spinning event loop was
+    /// several times quicker there (README, busy_poll and Benchmarks).
     fn spinRounds(self: *Context, deadline_ns: ?i64, stop_on_wakeup: bool) Error!bool {
         const end_ns = sys.nowNs() + @as(i64, self.busy_poll_us) * std.time.ns_per_us;
         while (true) {

@@ -148,10 +148,12 @@ class Context:
     # -- busy polling ------------------------------------------------------------
     @property
     def busy_poll(self) -> int:
-        """Microseconds a wait for events polls without sleeping before it
-        sleeps (0, the default: it sleeps at once), from 0 to MAX_BUSY_POLL.
-        It burns that much CPU per wait to answer a message that comes in the
-        meantime sooner; the timer still ends the wait in time."""
+        """Microseconds a wait polls without sleeping before it sleeps (0,
+        the default: it sleeps at once), from 0 to MAX_BUSY_POLL: the event
+        loop's wait (wait_event, wait_events) and each read, read_many or
+        read_into call. It burns up to that much CPU per wait to answer a
+        message that comes in the meantime sooner; the timer still ends the
+        wait on time. Set it from the thread that owns the context."""
         return self._busy_poll
 
     @busy_poll.setter
@@ -160,8 +162,8 @@ class Context:
             raise TypeError(f"busy_poll must be int, not {type(value).__name__}")
         if not 0 <= value <= MAX_BUSY_POLL:
             raise ValueError(f"busy_poll must be between 0 and {MAX_BUSY_POLL} us")
+        self._busy_poll_changed(value)      # first: if it fails, nothing changed
         self._busy_poll = value
-        self._busy_poll_changed(value)
 
     def _busy_poll_changed(self, value: int) -> None:
         """Hook for backends that keep busy_poll elsewhere."""

@@ -519,12 +519,13 @@ class PureContext(Context):
             message = self._take_pending_message(fd)
             if message is not None:
                 return message
-        return self._receive(fd, 1)[0]
+        return self._receive(fd, 1, self._read_spin())[0]
 
     def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY) -> list[bytes]:
         check_max_messages(max_messages)
         taken = self._take_pending_messages(fd, max_messages)
-        return taken or self._receive(fd, max_messages, READ_MANY_BYTES)
+        return taken or self._receive(fd, max_messages, self._read_spin(),
+                                      READ_MANY_BYTES)
 
     def read_into(self, fd: int, buffer: object) -> int:
         view = writable_view(buffer)
@@ -532,18 +533,23 @@ class PureContext(Context):
         if size is not None:
             return size
         conn = self._connection(fd)
+        spin = self._read_spin()   # one busy_poll for the whole call
         if len(view) >= DIRECT_READ_MIN and conn.kind == CONNECTION:
-            size = self._read_frame_into(conn, view)
+            size = self._read_frame_into(conn, view, spin)
             if size is None:
                 size = self._take_pending_into(fd, view)
             if size is not None:
                 return size
-        self._receive(fd, 0)            # every new message waits as an event...
+        self._receive(fd, 0, spin)      # every new message waits as an event...
         size = self._take_pending_into(fd, view)   # ...and the first is taken
         assert size is not None
         return size
 
-    def _read_frame_into(self, conn: _Conn, view: memoryview) -> Optional[int]:
+    def _read_spin(self) -> "_ReadSpin":
+        """The busy_poll of one read call (no object made when it is 0)."""
+        return _ReadSpin(self._busy_poll) if self._busy_poll else _NO_SPIN
+
+    def _read_frame_into(self, conn: _Conn, view: memoryview, spin: _ReadSpin) -> Optional[int]:
         """The next frame of conn read into ``view`` when it is large and fits
         (as native does): its size; else None, with the header bytes read
         given to the decoder. The reads wait in the kernel."""
@@ -557,7 +563,7 @@ class PureContext(Context):
         # so that the next read goes on from there.
         got = [known, 0]
         try:
-            if not _recv_exactly(sock, header, got, 0, HEADER.size, self._spin_end()):
+            if not _recv_exactly(sock, header, got, 0, HEADER.size, spin):
                 return self._direct_eof(conn)
             (size,) = HEADER.unpack(header)
             if size < DIRECT_READ_MIN or size > len(view) or size > self.max_message_size:
@@ -574,7 +580,7 @@ class PureContext(Context):
             got[1] = len(had) - HEADER.size if len(had) > HEADER.size else 0
             view[:got[1]] = had[HEADER.size:]
             conn.decoder.discard()
-            if not _recv_exactly(sock, view, got, 1, size, self._spin_end()):
+            if not _recv_exactly(sock, view, got, 1, size, spin):
                 return self._direct_eof(conn)
             return size
         except ConnectionResetError:
@@ -590,23 +596,19 @@ class PureContext(Context):
                 conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
             raise
 
-    def _spin_end(self) -> float:
-        """When busy_poll's reads that do not wait end (monotonic), for a
-        read starting now; 0.0 without busy_poll: every read waits."""
-        return time.monotonic() + self._busy_poll / 1e6 if self._busy_poll else 0.0
-
     def _direct_eof(self, conn: _Conn) -> int:
         """The peer closed during a direct read: as read() reports it."""
         self._drop(conn, None)
         raise ConnectionClosedError(f"connection on fd {conn.fd} is closed by the peer")
 
-    def _receive(self, fd: int, keep: int, room: Optional[int] = None) -> list[bytes]:
+    def _receive(self, fd: int, keep: int, spin: _ReadSpin,
+                 room: Optional[int] = None) -> list[bytes]:
         """Block until fd delivers at least one new message; return the first
         ``keep`` of those that came (and, with ``room``, no more than ``room``
         bytes together, a larger first one alone: read_many's batch, as native
         fills its buffer); the rest wait as MESSAGE_RX events."""
         conn = self._connection(fd)
-        msgs, error = self._read_until_message(conn)
+        msgs, error = self._read_until_message(conn, spin)
         if not msgs:
             self._drop(conn, None)
             raise MessageTooLargeError(error)
@@ -621,7 +623,7 @@ class PureContext(Context):
             self._drop(conn, error)
         return msgs
 
-    def _read_until_message(self, conn: _Conn) -> Tuple[list, Optional[str]]:
+    def _read_until_message(self, conn: _Conn, spin: _ReadSpin) -> Tuple[list, Optional[str]]:
         """Read conn until at least one message is whole; (messages, the
         too-large text if a bad header followed them or came first). The
         reads wait in the kernel (our own sockets are in blocking mode: it
@@ -630,20 +632,11 @@ class PureContext(Context):
         fd = conn.fd
         msgs: list[bytes] = []
         error: Optional[str] = None
-        spin_end = self._spin_end()
         while not msgs and error is None:
             try:
-                if spin_end:
-                    n = conn.io.recv_into(self._scratch_view, 0, _DONTWAIT)  # type: ignore[attr-defined]
-                else:
-                    n = conn.io.recv_into(self._scratch_view)  # type: ignore[attr-defined]
+                n = conn.io.recv_into(self._scratch_view, 0, spin.flags())  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
-                if not spin_end:
-                    _wait_readable(fd)
-                else:
-                    _yield_cpu()
-                    if time.monotonic() >= spin_end:
-                        spin_end = 0.0
+                spin.idle(fd)
                 continue
             except ConnectionResetError:
                 n = 0
@@ -812,7 +805,7 @@ class PureContext(Context):
         """busy_poll: rounds that do not sleep, for busy_poll us at most (less
         when the timer's deadline comes first); True when one brought an event.
         Why: see busy_poll in the README (a sleeping loop's wake-up costs more)."""
-        end = self._spin_end()
+        end = time.monotonic() + self._busy_poll / 1e6
         if deadline is not None:
             end = min(end, deadline)
         pending, monotonic = self._pending, time.monotonic
@@ -1005,21 +998,16 @@ def _fitting(msgs: list, room: int) -> int:
 
 
 def _recv_exactly(sock: object, buf: object, filled: list, at: int, end: int,
-                  spin_end: float) -> bool:
+                  spin: _ReadSpin) -> bool:
     """Fill buf from filled[at] to ``end`` from a blocking socket, keeping
     filled[at] up to date (so an interruption knows how far it got); False
-    at EOF. Until ``spin_end`` (monotonic; 0.0: none) the reads do not wait."""
+    at EOF. The reads wait as ``spin`` says (busy_poll)."""
     view = memoryview(buf)  # type: ignore[arg-type]
     while filled[at] < end:
         try:
-            if spin_end:
-                n = sock.recv_into(view[filled[at]:end], 0, _DONTWAIT)  # type: ignore[attr-defined]
-            else:
-                n = sock.recv_into(view[filled[at]:end])  # type: ignore[attr-defined]
-        except BlockingIOError:             # only while spinning
-            _yield_cpu()
-            if time.monotonic() >= spin_end:
-                spin_end = 0.0
+            n = sock.recv_into(view[filled[at]:end], 0, spin.flags())  # type: ignore[attr-defined]
+        except BlockingIOError:
+            spin.idle(sock.fileno())  # type: ignore[attr-defined]
             continue
         except InterruptedError:
             continue
@@ -1027,6 +1015,35 @@ def _recv_exactly(sock: object, buf: object, filled: list, at: int, end: int,
             return False
         filled[at] += n
     return True
+
+
+class _ReadSpin:
+    """How one read call waits (busy_poll; the core's ReadSpin): reads that do
+    not wait until ``end`` (monotonic; 0.0: none), then reads that wait in the
+    kernel. One per call, so that the call spins busy_poll us at most."""
+
+    __slots__ = ("end",)
+
+    def __init__(self, busy_poll_us: int) -> None:
+        self.end = time.monotonic() + busy_poll_us / 1e6 if busy_poll_us else 0.0
+
+    def flags(self) -> int:
+        """recv flags of the next read."""
+        return _DONTWAIT if self.end else 0
+
+    def idle(self, fd: int) -> None:
+        """Nothing to read: go on spinning while there is time, else wait."""
+        if not self.end:
+            _wait_readable(fd)
+            return
+        _yield_cpu()
+        if time.monotonic() >= self.end:
+            self.end = 0.0
+
+
+#: The ReadSpin of every read call without busy_poll (never changed: its
+#: end is 0.0, so idle() only waits).
+_NO_SPIN = _ReadSpin(0)
 
 
 def _yield_cpu() -> None:

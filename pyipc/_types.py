@@ -26,8 +26,8 @@ MAX_READ_MANY = 65536
 #: One read_many() batch holds messages of this many bytes together at most;
 #: a larger first message comes alone.
 READ_MANY_BYTES = 64 * 1024
-#: Longest ``busy_poll`` a context takes, in microseconds (10 ms): past a
-#: scheduler tick, sleeping costs less than the CPU a spin burns.
+#: Longest ``busy_poll`` a context takes, in microseconds (10 ms): it bounds
+#: the CPU one wait may burn to save a wake-up that costs tens of microseconds.
 MAX_BUSY_POLL = 10_000
 #: Default run directory, the same as libIPC's.
 DEFAULT_RUNDIR = "/tmp/.libipc-run"

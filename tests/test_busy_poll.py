@@ -12,7 +12,7 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import wait_for
+from conftest import require_backend, wait_for
 
 RANGE_TEXT = f"busy_poll must be between 0 and {pyipc.MAX_BUSY_POLL} us"
 
@@ -22,6 +22,19 @@ def _cpu_of(call) -> tuple[object, float]:
     start = time.thread_time()
     result = call()
     return result, time.thread_time() - start
+
+
+def _most_cpu(attempt, at_least: float, tries: int = 3) -> float:
+    """The most CPU seconds of up to ``tries`` calls of attempt() (each
+    checks its own upper bounds and returns its CPU time), stopping once one
+    spent more than ``at_least``. A spin yields the CPU and ends by the clock,
+    so other load can only lower its CPU time: one good attempt is proof."""
+    most = 0.0
+    for _ in range(tries):
+        most = max(most, attempt())
+        if most > at_least:
+            break
+    return most
 
 
 def test_busy_poll_is_off_by_default_and_bounded(ctx_factory):
@@ -62,9 +75,10 @@ def _echo_server(server: pyipc.Context, failures: list) -> threading.Thread:
 
 @pytest.mark.parametrize("spin", [1, 50, pyipc.MAX_BUSY_POLL])
 def test_spinning_peers_exchange_every_message_whole_and_in_order(pair, spin):
-    """The loop and the reads spin (the message often comes during the spin;
-    with 1 us, after it, in the kernel's wait): every reply comes back whole,
-    in order, through read, read_many and a direct read_into."""
+    """The loop and the reads spin (with 1 us the message nearly always comes
+    after the spin, in the kernel's wait; with more, nearly always during it):
+    every reply comes back whole, in order, through read, read_many and a
+    direct read_into."""
     pair.server.busy_poll = spin
     pair.client.busy_poll = spin
     failures: list = []
@@ -102,24 +116,35 @@ def test_the_loop_spins_for_busy_poll_then_sleeps_until_the_timer(pair):
     ev, cpu_asleep = _cpu_of(pair.server.wait_event)
     assert ev.type is EventType.TIMER and cpu_asleep < 0.004
     pair.server.busy_poll = pyipc.MAX_BUSY_POLL        # 10 ms of the 40
-    began = time.monotonic()
-    ev, cpu_spinning = _cpu_of(pair.server.wait_event)
-    assert ev.type is EventType.TIMER
-    assert time.monotonic() - began >= 0.04            # the spin did not end it early
-    # It spun (CPU time) but not for the whole wait: it slept after 10 ms.
-    assert 0.002 < cpu_spinning < 0.03, f"{cpu_spinning * 1e3:.1f} ms of CPU"
+
+    def attempt() -> float:
+        began = time.monotonic()
+        ev, cpu = _cpu_of(pair.server.wait_event)
+        assert ev.type is EventType.TIMER
+        assert time.monotonic() - began >= 0.04        # the spin did not end it early
+        assert cpu < 0.03, f"{cpu * 1e3:.1f} ms of CPU: it did not sleep after 10 ms"
+        return cpu
+
+    # It spun: CPU time (a wait that sleeps at once spends well under 1 ms).
+    assert _most_cpu(attempt, 0.002) > 0.002
 
 
 def test_a_read_spins_for_busy_poll_then_sleeps_in_the_kernel(pair):
+    """The message comes 60 ms late, long after the 5 ms spin."""
     pair.client.busy_poll = 5_000
-    late = threading.Timer(0.06, pair.server.write, (pair.server_fd, b"late"))
-    late.start()
-    try:
-        message, cpu = _cpu_of(lambda: pair.client.read(pair.client_fd))
-    finally:
-        late.join()
-    assert message == b"late"
-    assert 0.001 < cpu < 0.04, f"{cpu * 1e3:.1f} ms of CPU in a 60 ms read"
+
+    def attempt() -> float:
+        late = threading.Timer(0.06, pair.server.write, (pair.server_fd, b"late"))
+        late.start()
+        try:
+            message, cpu = _cpu_of(lambda: pair.client.read(pair.client_fd))
+        finally:
+            late.join()
+        assert message == b"late"
+        assert cpu < 0.04, f"{cpu * 1e3:.1f} ms of CPU in a 60 ms read: it did not sleep"
+        return cpu
+
+    assert _most_cpu(attempt, 0.001) > 0.001
 
 
 def test_schedule_from_another_thread_ends_a_spinning_wait(pair):
@@ -157,3 +182,12 @@ def test_busy_poll_changes_no_event(pair):
     other.close(fd)
     gone = wait_for(pair.server, EventType.DISCONNECTION)[-1]
     assert gone.fd == connected.fd
+
+
+def test_the_core_refuses_what_python_refuses():
+    """The core's own bound (C callers reach it) is MAX_BUSY_POLL."""
+    require_backend("native")
+    with pyipc.Context(backend="native") as ctx:
+        ctx._busy_poll_changed(pyipc.MAX_BUSY_POLL)
+        with pytest.raises(pyipc.IPCError, match=f"busy_poll must be at most {pyipc.MAX_BUSY_POLL} us"):
+            ctx._busy_poll_changed(pyipc.MAX_BUSY_POLL + 1)

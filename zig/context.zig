@@ -34,8 +34,8 @@ pub const Limits = struct {
     max_connections: u32 = 65536,
 };
 
-/// Longest busy_poll a context takes, in microseconds: past a scheduler
-/// tick, sleeping in the kernel costs less than the CPU a spin burns.
+/// Longest busy_poll a context takes, in microseconds (10 ms): it bounds the
+/// CPU one wait may burn to save a wake-up that costs tens of microseconds.
 pub const max_busy_poll_us = 10_000;
 
 /// Bytes read from one fd per round at most, so one busy peer cannot starve the others.
@@ -748,7 +748,8 @@ pub const Context = struct {
     /// A message larger than `out` is kept (BufferTooSmall, *len = its size).
     pub fn readFd(self: *Context, fd: i32, out: []u8, len: *usize) Error!void {
         if (try self.takePending(fd, out, len)) return;
-        try self.receiveSome(fd);
+        var spin = self.readSpin();
+        try self.receiveSome(fd, &spin);
         // The first new message is now fd's first pending MESSAGE_RX.
         const found = try self.takePending(fd, out, len);
         assert(found);
@@ -761,15 +762,16 @@ pub const Context = struct {
     pub fn readInto(self: *Context, fd: i32, out: []u8, len: *usize) Error!void {
         if (try self.takePending(fd, out, len)) return;
         const conn = try self.connection(fd);
+        var spin = self.readSpin(); // one busy_poll for the whole call
         if (out.len >= framing.direct_read_min and conn.kind == .connection and conn.is_socket) {
-            if (try self.readFrameInto(conn, out)) |n| {
+            if (try self.readFrameInto(conn, out, &spin)) |n| {
                 len.* = n;
                 return;
             }
             // The header read may have completed a message (an empty one).
             if (try self.takePending(fd, out, len)) return;
         }
-        try self.receiveSome(fd);
+        try self.receiveSome(fd, &spin);
         const found = try self.takePending(fd, out, len);
         assert(found);
     }
@@ -778,13 +780,13 @@ pub const Context = struct {
     /// its payload size; else null, with the header bytes read given to the
     /// decoder (the caller then reads the usual way). Reads wait in the
     /// kernel, as in readUntilMessage.
-    fn readFrameInto(self: *Context, conn: *Conn, out: []u8) Error!?usize {
+    fn readFrameInto(self: *Context, conn: *Conn, out: []u8, spin: *ReadSpin) Error!?usize {
         var header: [framing.header_size]u8 = undefined;
         const had = conn.decoder.buffered();
         const have = @min(had.len, header.len);
         @memcpy(header[0..have], had[0..have]);
         if (have < header.len) {
-            if (self.readExactly(conn, header[have..])) |ended| return self.directFailed(conn, ended);
+            if (readExactly(conn, header[have..], spin)) |ended| return self.directFailed(conn, ended);
         }
         const size = std.mem.readInt(u32, &header, .big);
         if (size < framing.direct_read_min or size > out.len or size > self.limits.max_message_size) {
@@ -809,7 +811,7 @@ pub const Context = struct {
         const got = had[have..];
         @memcpy(payload[0..got.len], got);
         conn.decoder.discard(self.gpa);
-        if (self.readExactly(conn, payload[got.len..])) |ended| return self.directFailed(conn, ended);
+        if (readExactly(conn, payload[got.len..], spin)) |ended| return self.directFailed(conn, ended);
         return size;
     }
 
@@ -818,7 +820,7 @@ pub const Context = struct {
     const ReadSpin = struct {
         end_ns: i64 = 0,
 
-        fn wait(self: *const ReadSpin) sys.Wait {
+        fn mode(self: *const ReadSpin) sys.Wait {
             return if (self.end_ns != 0) .no else .yes;
         }
 
@@ -835,11 +837,10 @@ pub const Context = struct {
 
     /// Reads until `dest` is full (after busy_poll's reads that do not wait,
     /// they wait in the kernel); null when it is, else how the connection ended.
-    fn readExactly(self: *const Context, conn: *Conn, dest: []u8) ?Ended {
-        var spin = self.readSpin();
+    fn readExactly(conn: *Conn, dest: []u8, spin: *ReadSpin) ?Ended {
         var filled: usize = 0;
         while (filled < dest.len) {
-            switch (receive(conn, dest[filled..], spin.wait())) {
+            switch (receive(conn, dest[filled..], spin.mode())) {
                 .done => |n| filled += n,
                 .would_block => spin.idle(conn.fd),
                 .eof => return .eof,
@@ -882,7 +883,8 @@ pub const Context = struct {
         var got = self.events.takeFd(self.gpa, fd, max, taker);
         if (got.closed) return self.closedByPeer(fd);
         if (got.count > 0 or got.refused) return got.count;
-        try self.receiveSome(fd);
+        var spin = self.readSpin();
+        try self.receiveSome(fd, &spin);
         got = self.events.takeFd(self.gpa, fd, max, taker);
         return got.count;
     }
@@ -893,7 +895,8 @@ pub const Context = struct {
         self.events.releaseLent(self.gpa);
         var next = try self.events.lendNext(self.gpa, fd);
         if (next == .none) {
-            try self.receiveSome(fd);
+            var spin = self.readSpin();
+            try self.receiveSome(fd, &spin);
             next = try self.events.lendNext(self.gpa, fd);
         }
         return switch (next) {
@@ -906,12 +909,12 @@ pub const Context = struct {
     /// Block until fd has delivered at least one new MESSAGE_RX: read and
     /// decode; EOF, a read error or a frame over the limit end fd (and fail,
     /// unless messages before a bad header were delivered).
-    fn receiveSome(self: *Context, fd: i32) Error!void {
+    fn receiveSome(self: *Context, fd: i32, spin: *ReadSpin) Error!void {
         const conn = try self.connection(fd);
         defer self.table.reap(self.gpa);
         var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
         var buf: [160]u8 = undefined;
-        switch (try self.readUntilMessage(conn, &sink)) {
+        switch (try self.readUntilMessage(conn, &sink, spin)) {
             .read, .read_short, .would_block => {},
             .stopped => unreachable, // only the event loop closes while delivering
             .eof => {
@@ -941,10 +944,9 @@ pub const Context = struct {
     /// VM about 18 us quicker per wait than poll() then read()
     /// (bench/c/wait_modes.c). Anything else is polled when it has nothing.
     /// With busy_poll, reads that do not wait come first, for busy_poll_us.
-    fn readUntilMessage(self: *Context, conn: *Conn, sink: *RxSink) Allocator.Error!Chunk {
-        var spin = self.readSpin();
+    fn readUntilMessage(self: *Context, conn: *Conn, sink: *RxSink, spin: *ReadSpin) Allocator.Error!Chunk {
         while (sink.frames == 0) {
-            switch (try self.readChunk(conn, std.math.maxInt(usize), spin.wait(), sink)) {
+            switch (try self.readChunk(conn, std.math.maxInt(usize), spin.mode(), sink)) {
                 .read, .read_short => {},
                 .would_block => spin.idle(conn.fd),
                 else => |end| return end,
@@ -953,9 +955,15 @@ pub const Context = struct {
         return .{ .read = 0 };
     }
 
+    /// The busy_poll of one read call (read, read_many, read_into, read_lent).
     fn readSpin(self: *const Context) ReadSpin {
         if (self.busy_poll_us == 0) return .{};
-        return .{ .end_ns = sys.nowNs() + @as(i64, self.busy_poll_us) * std.time.ns_per_us };
+        return .{ .end_ns = self.spinEndNs() };
+    }
+
+    /// When a busy_poll starting now ends.
+    fn spinEndNs(self: *const Context) i64 {
+        return sys.nowNs() + @as(i64, self.busy_poll_us) * std.time.ns_per_us;
     }
 
     /// Take fd's first pending MESSAGE_RX, if any, into `out`. Its
@@ -1020,7 +1028,7 @@ pub const Context = struct {
     /// slow on the development VM; a round trip to a spinning event loop was
     /// several times quicker there (README, busy_poll and Benchmarks).
     fn spinRounds(self: *Context, deadline_ns: ?i64, stop_on_wakeup: bool) Error!bool {
-        const end_ns = sys.nowNs() + @as(i64, self.busy_poll_us) * std.time.ns_per_us;
+        const end_ns = self.spinEndNs();
         while (true) {
             try self.round(0);
             if (self.events.live > 0) return true;

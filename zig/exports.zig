@@ -622,3 +622,24 @@ test "C ABI: check_write makes write's checks in its order and writes nothing" {
     try expectOk(ipc_read_fd(pair.server, evs[0].fd, &buf, &len));
     try testing.expectEqualStrings("ok", buf[0..len]);
 }
+
+test "C ABI: busy_poll takes 0 to 10,000 us and refuses more with its text" {
+    var pair: TestPair = .{};
+    try pair.init("busy");
+    defer pair.deinit("busy");
+    try testing.expectEqual(@as(c_int, -1), ipc_context_busy_poll(pair.client, 10_001));
+    try testing.expectEqualStrings("busy_poll must be at most 10000 us", std.mem.span(ipc_last_error(pair.client)));
+    try testing.expectEqual(@as(c_int, -1), ipc_context_busy_poll(null, 0));
+    try expectOk(ipc_context_busy_poll(pair.client, 10_000));
+    try expectOk(ipc_context_busy_poll(pair.server, 50));
+    // A spinning client and server still exchange a message.
+    try expectOk(ipc_write(pair.client, pair.cfd, @constCast("spin"), 4));
+    var evs: [2]IpcEvent = undefined;
+    var count: usize = 0;
+    var got_message = false;
+    while (!got_message) {
+        try expectOk(ipc_wait_events(pair.server, &evs, evs.len, &count));
+        for (evs[0..count]) |ev| got_message = got_message or ev.type == 3;
+    }
+    try expectOk(ipc_context_busy_poll(pair.client, 0)); // off again
+}

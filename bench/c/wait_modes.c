@@ -10,8 +10,9 @@
  *      (what pyipc's blocking calls did before its sockets stayed blocking)
  *   4  an io_uring RECV submitted and waited for in one io_uring_enter()
  *      (a completion-based loop: no readiness wait, no separate read)
- *   5  epoll_wait() with timeout 0, again and again for up to 50 us, then
- *      epoll_wait() that sleeps, then read() (pyipc's busy_poll = 50)
+ *   5  epoll_wait() with timeout 0, again and again for up to 50 us with a
+ *      sched_yield() between, then epoll_wait() that sleeps, then read()
+ *      (the event loop's wait with pyipc's busy_poll = 50)
  * With "split" as second argument the two processes are pinned to CPUs 0
  * and 1 (as `pyipc bench` places its peers by default); without it the
  * scheduler places them. Prints the mean round trip in microseconds. Not part
@@ -106,8 +107,10 @@ static void wait_readable(int fd) {
     struct epoll_event e;
     if (mode == 5) {                        /* busy_poll: 50 us without sleeping */
         long long end = now_ns() + 50000;
-        while (now_ns() < end)
+        while (now_ns() < end) {
             if (epoll_wait(epoll_fd, &e, 1, 0) > 0) return;
+            sched_yield();
+        }
         epoll_wait(epoll_fd, &e, 1, -1);
     } else if (mode == 1) {
         struct pollfd p = {fd, POLLIN, 0};

@@ -795,14 +795,31 @@ test "another thread's wakeup ends a wait with no event; a plain wait goes on" {
     try expectOnly(p.server, .message_rx, p.server_fd, "after");
 }
 
+/// A patterned payload large enough for read_into's direct path, and a
+/// buffer of its size to read it into.
+const DirectIo = struct {
+    data: []u8,
+    out: []u8,
+
+    fn init() !DirectIo {
+        const data = try gpa.alloc(u8, framing.direct_read_min + 7);
+        errdefer gpa.free(data);
+        for (data, 0..) |*b, i| b.* = @truncate(i *% 31);
+        return .{ .data = data, .out = try gpa.alloc(u8, data.len) };
+    }
+
+    fn deinit(self: DirectIo) void {
+        gpa.free(self.out);
+        gpa.free(self.data);
+    }
+};
+
 test "read_into: a large frame is read straight into the buffer, however much of it came before" {
     var p = try Pair.init("into");
     defer p.deinit();
-    const big = try gpa.alloc(u8, framing.direct_read_min + 7);
-    defer gpa.free(big);
-    for (big, 0..) |*b, i| b.* = @truncate(i *% 31);
-    const out = try gpa.alloc(u8, big.len);
-    defer gpa.free(out);
+    const io = try DirectIo.init();
+    defer io.deinit();
+    const big, const out = .{ io.data, io.out };
     const h = framing.encodeHeader(@intCast(big.len));
     // Nothing of it read before (the decoder has no byte), then 2 bytes of
     // the header, then the header and 5 bytes of the payload.
@@ -877,11 +894,9 @@ test "busy_poll: bounded; a spinning wait delivers messages, wake-ups and its ti
 test "busy_poll: read and a direct read_into spin, then wait in the kernel" {
     var p = try Pair.init("spinread");
     defer p.deinit();
-    const big = try gpa.alloc(u8, framing.direct_read_min + 7);
-    defer gpa.free(big);
-    for (big, 0..) |*b, i| b.* = @truncate(i *% 31);
-    const out = try gpa.alloc(u8, big.len);
-    defer gpa.free(out);
+    const io = try DirectIo.init();
+    defer io.deinit();
+    const big, const out = .{ io.data, io.out };
     var small: [16]u8 = undefined;
     // 1 us: the thread's send nearly always comes after the spin (the
     // kernel's wait); 10 ms: it nearly always comes during the spin. Either

@@ -58,11 +58,11 @@ def targets(samples: Samples) -> List[Tuple[str, Optional[float], str, bool]]:
            if v is not None]
     # The default (busy_poll 0), then the opt-in that spends CPU on latency.
     for key, title in (("native", "native"), ("native_busy", f"native, busy_poll {BUSY_POLL_US} µs,")):
-        if key == "native_busy" and median(samples, "rtt", key, "rtt_us") is None:
+        nat = median(samples, "rtt", key, "rtt_us")
+        if key == "native_busy" and nat is None:
             continue                            # not run: no row
         add(f"{title} round trip / raw socket", _ratio(samples, "rtt", key, "raw", "rtt_us"),
             "<= 1.15", lambda v: v <= 1.15)
-        nat = median(samples, "rtt", key, "rtt_us")
         add(f"{title} round trip / pyzmq (faster of PAIR, PUSH/PULL)",
             nat / min(zmq) if zmq and nat else None, "<= 0.5", lambda v: v <= 0.5)
     add("native one-way 64 B (msg/s)", median(samples, "tp64", "native", "msgs"),

@@ -23,6 +23,9 @@ const switching = @import("switching.zig");
 const Wakeup = @import("wakeup.zig").Wakeup;
 const gather_mod = @import("gather.zig");
 const Gather = gather_mod.Gather;
+const blocking_mod = @import("blocking.zig");
+const Blocking = blocking_mod.Blocking;
+const Stop = blocking_mod.Stop;
 
 pub const Error = errors.Error;
 pub const Conn = conn_table.Conn;
@@ -54,6 +57,23 @@ pub const Context = struct {
     /// Microseconds a wait polls without blocking before it sleeps (0: it
     /// sleeps at once). See spinRounds().
     busy_poll_us: u32 = 0,
+    /// A signal ends a blocking call with error.Interrupted instead of the
+    /// call going on waiting (blocking.zig). Off for C programs, as libIPC.
+    interruptible: bool = false,
+    /// The longest a blocking call waits, in ns (negative: no limit); it
+    /// applies to every call until changed (ipc_context_call_timeout).
+    call_timeout_ns: i64 = -1,
+    /// The next blocking call skips busy_poll's spin (blocking.zig).
+    skip_spin: bool = false,
+    /// After a write or write_many stopped by a signal or its timeout: how
+    /// many of its messages were written or begun (a begun one's rest is
+    /// queued: it goes out whole). The others were not sent.
+    write_count: usize = 0,
+    /// The process that made the context: in another one (a forked child),
+    /// closing touches neither the service files nor the shared poller.
+    owner_pid: c.pid_t,
+    /// Found to be in a forked child (see noticeFork); it stays so.
+    forked: bool = false,
     table: conn_table.Table = .{},
     poller: poller_mod.Poller,
     events: events_mod.Queue = .{},
@@ -97,7 +117,7 @@ pub const Context = struct {
         var wakeup = Wakeup.init() catch return error.OutOfMemory;
         errdefer wakeup.deinit();
         poller.update(gpa, wakeup.read_fd, .{}, .{ .read = true }) catch return error.OutOfMemory;
-        self.* = .{ .gpa = gpa, .rundir = rundir, .poller = poller, .wakeup = wakeup };
+        self.* = .{ .gpa = gpa, .rundir = rundir, .poller = poller, .wakeup = wakeup, .owner_pid = c.getpid() };
         return self;
     }
 
@@ -151,6 +171,53 @@ pub const Context = struct {
         if (us > max_busy_poll_us)
             return self.last.fail(error.Generic, "busy_poll must be at most {d} us", .{max_busy_poll_us});
         self.busy_poll_us = us;
+    }
+
+    /// The timeout of every blocking call from now on, in ns; negative: none.
+    pub fn setCallTimeout(self: *Context, ns: i64) void {
+        self.call_timeout_ns = if (ns < 0) -1 else ns;
+    }
+
+    /// Whether this process is a forked child of the one that made the
+    /// context. Asked by the calls that close: in a child they close its
+    /// copies of the fds and nothing else. Unlinking the socket file, or
+    /// removing fds from the epoll/kqueue instance the child shares with its
+    /// parent, would break the parent's service (README "fork").
+    fn noticeFork(self: *Context) bool {
+        if (!self.forked and c.getpid() != self.owner_pid) self.forked = true;
+        return self.forked;
+    }
+
+    // ------------------------------------------------------------ blocking calls
+
+    /// How a blocking call starting now waits (blocking.zig): the call
+    /// timeout, signals, and with `spin` busy_poll (unless the call before
+    /// asked to skip it).
+    fn blocking(self: *Context, spin: bool) Blocking {
+        var b: Blocking = .{
+            .deadline_ns = blocking_mod.deadlineAfter(self.call_timeout_ns),
+            .interruptible = self.interruptible,
+            .skip_next_spin = &self.skip_spin,
+        };
+        if (spin) {
+            if (self.busy_poll_us > 0 and !self.skip_spin) {
+                b.spin_end_ns = self.spinEndNs();
+                if (b.deadline_ns) |d| b.spin_end_ns = @min(b.spin_end_ns, d);
+            }
+            self.skip_spin = false;
+        }
+        return b;
+    }
+
+    /// The error of a blocking call that `stop`ped, with its text (the pure
+    /// backend raises the same): "<what> timed out", "<what> was interrupted
+    /// by a signal". Any other error passes through.
+    fn stopped(self: *Context, err: Error, comptime what: []const u8, args: anytype) Error {
+        return switch (err) {
+            error.Interrupted => self.last.fail(error.Interrupted, what ++ " was interrupted by a signal", args),
+            error.Timeout => self.last.fail(error.Timeout, what ++ " timed out", args),
+            else => err,
+        };
     }
 
     // ------------------------------------------------------------ table helpers
@@ -234,9 +301,13 @@ pub const Context = struct {
     fn unwatch(self: *Context, conn: *Conn) void {
         assert(conn.alive);
         self.unmarkDirty(conn);
-        self.poller.update(self.gpa, conn.fd, conn.registered, .{}) catch {};
+        // A forked child shares the poller and the socket file with its
+        // parent: it leaves both alone (noticeFork).
+        if (!self.forked) {
+            self.poller.update(self.gpa, conn.fd, conn.registered, .{}) catch {};
+            if (conn.service_path) |p| _ = c.unlink(p.ptr);
+        }
         conn.registered = .{};
-        if (conn.service_path) |p| _ = c.unlink(p.ptr);
         sys.closeFd(conn.lock_fd);
         conn.lock_fd = -1;
         self.table.remove(self.gpa, conn);
@@ -371,7 +442,10 @@ pub const Context = struct {
             e;
         var answer: [2000]u8 = undefined;
         var received: i32 = -1;
-        const n = self.askIpcd(ipcd, name, network, &answer, &received);
+        const n = self.askIpcd(ipcd, name, network, &answer, &received) catch |stop| {
+            self.close(ipcd) catch {};
+            return self.stopped(stop, "connect to service {s}", .{name});
+        };
         self.close(ipcd) catch {};
         if (n == null or !std.mem.eql(u8, answer[0..n.?], "ok") or received < 0) {
             sys.closeFd(received);
@@ -384,11 +458,18 @@ pub const Context = struct {
         return received;
     }
 
-    /// The request/answer exchange with ipcd; null when it failed.
-    fn askIpcd(self: *Context, ipcd: i32, name: []const u8, network: []const u8, answer: []u8, received: *i32) ?usize {
+    /// The request/answer exchange with ipcd; null when it failed. It waits
+    /// as a blocking call does: a signal or the call timeout stops it.
+    fn askIpcd(self: *Context, ipcd: i32, name: []const u8, network: []const u8, answer: []u8, received: *i32) Stop!?usize {
         const request = std.fmt.allocPrint(self.gpa, "{s};{s}", .{ name, network }) catch return null;
         defer self.gpa.free(request);
-        self.write(ipcd, request) catch return null;
+        var block = self.blocking(false);
+        self.writeFrame(ipcd, request, &block) catch |err| switch (err) {
+            error.Interrupted, error.Timeout => |stop| return stop,
+            else => return null,
+        };
+        // An ipcd that accepted but does not answer must not hang us.
+        try block.idle(ipcd, sys.POLLIN);
         return fdpass.receiveFd(ipcd, answer, received) catch null;
     }
 
@@ -416,6 +497,7 @@ pub const Context = struct {
     /// Close fd (and its switch peer) at once, with no event; their pending
     /// events are dropped, and so are their unsent scheduled messages.
     pub fn close(self: *Context, fd: i32) Error!void {
+        _ = self.noticeFork();
         if (self.ended.remove(fd)) {
             self.events.dropFd(self.gpa, fd);
             sys.closeFd(fd);
@@ -436,6 +518,7 @@ pub const Context = struct {
 
     /// Close every fd; slot numbers start from 0 again. The context stays usable.
     pub fn closeAll(self: *Context) void {
+        _ = self.noticeFork();
         for (self.table.slots.items) |maybe| {
             const conn = maybe orelse continue;
             conn.peer = null;
@@ -483,9 +566,16 @@ pub const Context = struct {
 
     /// Send now: first what is queued for fd (its MESSAGE_TX events are still
     /// reported by the next wait), then this message, blocking until written.
+    /// A signal or the call timeout may stop it (keepFramed says what then).
     pub fn write(self: *Context, fd: i32, payload: []const u8) Error!void {
+        var block = self.blocking(false);
+        self.writeFrame(fd, payload, &block) catch |err| return self.stopped(err, "write on fd {d}", .{fd});
+    }
+
+    fn writeFrame(self: *Context, fd: i32, payload: []const u8, block: *Blocking) Error!void {
         const conn = try self.prepareSend(fd, payload.len);
-        try self.flushBlocking(conn);
+        self.write_count = 0;
+        try self.flushBlocking(conn, block);
         const header = framing.encodeHeader(@intCast(payload.len));
         if (payload.len <= gather_mod.copy_max) {
             // A small frame goes out of one buffer: copying it costs less than
@@ -494,13 +584,13 @@ pub const Context = struct {
             @memcpy(frame[0..header.len], &header);
             @memcpy(frame[header.len..][0..payload.len], payload);
             var iov = [1]std.posix.iovec_const{.{ .base = &frame, .len = header.len + payload.len }};
-            return self.writeAllBlocking(conn, &iov);
+            return self.writeFrames(conn, &iov, &.{@intCast(payload.len)}, 0, block);
         }
         var iov = [2]std.posix.iovec_const{
             .{ .base = &header, .len = header.len },
             .{ .base = payload.ptr, .len = payload.len },
         };
-        try self.writeAllBlocking(conn, &iov);
+        try self.writeFrames(conn, &iov, &.{@intCast(payload.len)}, 0, block);
     }
 
     /// The address an empty payload with a null pointer is written from.
@@ -519,6 +609,11 @@ pub const Context = struct {
     /// blocking until all are written. Every size is checked before anything
     /// is sent.
     pub fn writeMany(self: *Context, fd: i32, payloads: Payloads, lens: []const u32) Error!void {
+        var block = self.blocking(false);
+        self.writeManyFrames(fd, payloads, lens, &block) catch |err| return self.stopped(err, "write on fd {d}", .{fd});
+    }
+
+    fn writeManyFrames(self: *Context, fd: i32, payloads: Payloads, lens: []const u32, block: *Blocking) Error!void {
         var largest: usize = 0;
         var total: usize = 0;
         for (lens) |len| {
@@ -532,8 +627,10 @@ pub const Context = struct {
         const conn = try self.prepareSend(fd, largest);
         // Before anything is sent: out of memory must leave the queue as it was.
         var gather: Gather = .{ .buf = try self.gatherBuffer() };
-        try self.flushBlocking(conn);
+        self.write_count = 0;
+        try self.flushBlocking(conn, block);
         var offset: usize = 0;
+        var first: usize = 0; // lens[first..k] are the frames gathered
         for (lens, 0..) |len, k| {
             const base = switch (payloads) {
                 .contiguous => |data| data.ptr + offset,
@@ -541,35 +638,98 @@ pub const Context = struct {
             };
             offset += len;
             if (!gather.fits(len)) {
-                try self.writeAllBlocking(conn, gather.parts());
+                try self.writeFrames(conn, gather.parts(), lens[first..k], first, block);
                 gather.reset();
+                first = k;
             }
             gather.add(base[0..len]);
         }
-        if (!gather.isEmpty()) try self.writeAllBlocking(conn, gather.parts());
+        if (!gather.isEmpty()) try self.writeFrames(conn, gather.parts(), lens[first..], first, block);
     }
 
-    /// Write every byte of `parts`, waiting while the socket is full: in
-    /// the kernel on our own (blocking-mode) sockets, else in poll().
-    fn writeAllBlocking(self: *Context, conn: *Conn, parts_in: []std.posix.iovec_const) Error!void {
+    /// Write every byte of `parts`, the frames of payload sizes `lens` (the
+    /// call's messages from number `first` on), waiting (see blocking.zig)
+    /// while the socket is full. When a signal or the timeout stops it, see
+    /// keepFramed and write_count.
+    fn writeFrames(self: *Context, conn: *Conn, parts_in: []std.posix.iovec_const, lens: []const u32, first: usize, block: *Blocking) Error!void {
         var parts = parts_in;
+        var written: u64 = 0;
         while (parts.len > 0) {
-            switch (sys.writeSome(conn.fd, parts, conn.is_socket, .yes)) {
-                .done => |n| parts = skipWritten(parts, n),
-                .would_block => sys.waitFd(conn.fd, sys.POLLOUT),
+            const mode = block.mode();
+            const want = if (mode == .yes and conn.is_socket) totalLen(parts) else 0;
+            const waited: Stop!void = switch (sys.writeSome(conn.fd, parts, conn.is_socket, mode)) {
+                .done => |n| blk: {
+                    parts = skipWritten(parts, n);
+                    written += n;
+                    // A send that waits in the kernel returns early only
+                    // when a signal came (after moving some bytes).
+                    if (n < want) break :blk block.interrupted();
+                    continue;
+                },
+                .would_block => block.idle(conn.fd, sys.POLLOUT),
+                .interrupted => block.interrupted(),
                 .failed => |e| return self.writeFailed(conn, e),
                 .eof => unreachable,
-            }
+            };
+            waited catch |stop| {
+                const done = progress(lens, written);
+                try self.keepFramed(conn, parts, done.rest);
+                self.write_count = first + done.begun;
+                return stop;
+            };
         }
     }
 
-    fn flushBlocking(self: *Context, conn: *Conn) Error!void {
+    /// A write stopped (a signal, its timeout) in the middle of a frame: the
+    /// `rest` bytes of that frame, the first of `parts`, are queued (no
+    /// MESSAGE_TX is reported for them), so they go out before anything else
+    /// on the connection. A peer never finds a later frame inside an earlier
+    /// one; frames not begun are not sent (README "Signals and timeouts").
+    fn keepFramed(self: *Context, conn: *Conn, parts: []const std.posix.iovec_const, rest: u64) Allocator.Error!void {
+        if (rest == 0) return;
+        try self.markDirty(conn);
+        errdefer if (conn.queue.isEmpty()) self.unmarkDirty(conn);
+        try conn.queue.pushRemainder(self.gpa, parts, rest);
+        self.updateInterest(conn);
+    }
+
+    /// How far frames of payload sizes `lens` got when `written` bytes of
+    /// them went out: how many were written or begun, and the bytes left
+    /// of the one in progress (0 on a frame boundary).
+    const Progress = struct { begun: usize, rest: u64 };
+
+    fn progress(lens: []const u32, written: u64) Progress {
+        var start: u64 = 0;
+        for (lens, 0..) |len, i| {
+            const end = start + framing.header_size + len;
+            if (written < end) {
+                if (written > start) return .{ .begun = i + 1, .rest = end - written };
+                return .{ .begun = i, .rest = 0 };
+            }
+            start = end;
+        }
+        return .{ .begun = lens.len, .rest = 0 };
+    }
+
+    test progress {
+        const lens = [_]u32{ 2, 0, 10 }; // frames of 6, 4 and 14 bytes
+        try std.testing.expectEqual(Progress{ .begun = 0, .rest = 0 }, progress(&lens, 0));
+        try std.testing.expectEqual(Progress{ .begun = 1, .rest = 5 }, progress(&lens, 1));
+        try std.testing.expectEqual(Progress{ .begun = 1, .rest = 0 }, progress(&lens, 6));
+        try std.testing.expectEqual(Progress{ .begun = 3, .rest = 4 }, progress(&lens, 20));
+        try std.testing.expectEqual(Progress{ .begun = 3, .rest = 0 }, progress(&lens, 24));
+    }
+
+    /// Write what is queued for conn, waiting as `block` says. A stop leaves
+    /// the queue consistent (it knows how far its first frame went).
+    fn flushBlocking(self: *Context, conn: *Conn, block: *Blocking) Error!void {
         var sink: TxSink = .{ .ctx = self, .conn = conn };
         defer self.queueChanged(conn);
         while (true) {
-            switch (try conn.queue.flush(self.gpa, conn.fd, conn.is_socket, .yes, &sink)) {
+            switch (try conn.queue.flush(self.gpa, conn.fd, conn.is_socket, block.mode(), &sink)) {
                 .drained => return,
-                .would_block => sys.waitFd(conn.fd, sys.POLLOUT),
+                .would_block => try block.idle(conn.fd, sys.POLLOUT),
+                .interrupted => try block.interrupted(),
                 .failed => |e| return self.writeFailed(conn, e),
             }
         }
@@ -583,6 +743,12 @@ pub const Context = struct {
             return self.closedByPeer(conn.fd);
         }
         return self.last.fail(error.Generic, "write failed: {s}", .{errors.errText(e)});
+    }
+
+    fn totalLen(parts: []const std.posix.iovec_const) usize {
+        var n: usize = 0;
+        for (parts) |p| n += p.len;
+        return n;
     }
 
     fn skipWritten(parts: []std.posix.iovec_const, written: usize) []std.posix.iovec_const {
@@ -607,6 +773,7 @@ pub const Context = struct {
             const kind: events_mod.Kind = switch (origin) {
                 .scheduled => .message_tx,
                 .switched => .switch_tx,
+                .remainder => return, // of a write() that was stopped: no event
             };
             try self.ctx.events.push(self.ctx.gpa, kind, self.conn.fd, self.conn.index);
         }
@@ -618,7 +785,7 @@ pub const Context = struct {
         var sink: TxSink = .{ .ctx = self, .conn = conn };
         const result = try conn.queue.flush(self.gpa, conn.fd, conn.is_socket, .no, &sink);
         switch (result) {
-            .drained, .would_block => {
+            .drained, .would_block, .interrupted => {
                 self.queueChanged(conn);
                 if (conn.closing and conn.queue.isEmpty()) return self.drop(conn, null);
             },
@@ -686,6 +853,8 @@ pub const Context = struct {
         too_large,
         /// The connection was closed while its frames were delivered.
         stopped,
+        /// A read that waits was interrupted by a signal; nothing was read.
+        interrupted,
     };
 
     /// Read once, at most `limit` bytes: into the decoder's own buffer while a
@@ -705,6 +874,7 @@ pub const Context = struct {
         const n = switch (receive(conn, target, waits)) {
             .done => |n| n,
             .would_block => return .would_block,
+            .interrupted => return .interrupted,
             .eof => return .eof,
             .failed => |e| return .{ .failed = e },
         };
@@ -733,7 +903,7 @@ pub const Context = struct {
                 },
                 // Drained: a read that would only say EAGAIN is saved (one
                 // system call per ready fd per round); readiness is level-triggered.
-                .read_short, .would_block, .stopped => return,
+                .read_short, .would_block, .stopped, .interrupted => return,
                 .eof => if (conn.decoder.hasPartial()) "peer closed the connection in the middle of a message" else null,
                 .failed => |e| std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf,
                 .too_large => tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size),
@@ -748,8 +918,8 @@ pub const Context = struct {
     /// A message larger than `out` is kept (BufferTooSmall, *len = its size).
     pub fn readFd(self: *Context, fd: i32, out: []u8, len: *usize) Error!void {
         if (try self.takePending(fd, out, len)) return;
-        var spin = self.readSpin();
-        try self.receiveSome(fd, &spin);
+        var block = self.blocking(true);
+        try self.receiveSome(fd, &block);
         // The first new message is now fd's first pending MESSAGE_RX.
         const found = try self.takePending(fd, out, len);
         assert(found);
@@ -762,31 +932,36 @@ pub const Context = struct {
     pub fn readInto(self: *Context, fd: i32, out: []u8, len: *usize) Error!void {
         if (try self.takePending(fd, out, len)) return;
         const conn = try self.connection(fd);
-        var spin = self.readSpin(); // one busy_poll for the whole call
+        var block = self.blocking(true); // one busy_poll for the whole call
         if (out.len >= framing.direct_read_min and conn.kind == .connection and conn.is_socket) {
-            if (try self.readFrameInto(conn, out, &spin)) |n| {
+            if (try self.readFrameInto(conn, out, &block)) |n| {
                 len.* = n;
                 return;
             }
             // The header read may have completed a message (an empty one).
             if (try self.takePending(fd, out, len)) return;
         }
-        try self.receiveSome(fd, &spin);
+        try self.receiveSome(fd, &block);
         const found = try self.takePending(fd, out, len);
         assert(found);
     }
 
     /// The next frame of conn read into `out`, when it is large and fits:
     /// its payload size; else null, with the header bytes read given to the
-    /// decoder (the caller then reads the usual way). Reads wait in the
-    /// kernel, as in readUntilMessage.
-    fn readFrameInto(self: *Context, conn: *Conn, out: []u8, spin: *ReadSpin) Error!?usize {
+    /// decoder (the caller then reads the usual way). Reads wait as `block`
+    /// says; when a signal or the timeout stops them, what was read goes
+    /// back to the decoder, so the next read goes on from there.
+    fn readFrameInto(self: *Context, conn: *Conn, out: []u8, block: *Blocking) Error!?usize {
         var header: [framing.header_size]u8 = undefined;
         const had = conn.decoder.buffered();
         const have = @min(had.len, header.len);
         @memcpy(header[0..have], had[0..have]);
         if (have < header.len) {
-            if (readExactly(conn, header[have..], spin)) |ended| return self.directFailed(conn, ended);
+            var filled: usize = 0;
+            if (readExactly(conn, header[have..], &filled, block)) |ended| {
+                // The decoder still holds `had`: it gets the header bytes read since.
+                return self.directEnded(conn, ended, header[have..][0..filled], "");
+            }
         }
         const size = std.mem.readInt(u32, &header, .big);
         if (size < framing.direct_read_min or size > out.len or size > self.limits.max_message_size) {
@@ -811,43 +986,53 @@ pub const Context = struct {
         const got = had[have..];
         @memcpy(payload[0..got.len], got);
         conn.decoder.discard(self.gpa);
-        if (readExactly(conn, payload[got.len..], spin)) |ended| return self.directFailed(conn, ended);
+        var filled: usize = 0;
+        if (readExactly(conn, payload[got.len..], &filled, block)) |ended| {
+            // The decoder was emptied: it gets the whole frame read so far.
+            return self.directEnded(conn, ended, &header, payload[0 .. got.len + filled]);
+        }
         return size;
     }
 
-    /// How a read of one connection waits: busy_poll's reads that do not
-    /// wait until end_ns (0: none), then reads that wait in the kernel.
-    const ReadSpin = struct {
-        end_ns: i64 = 0,
+    /// How a direct read ended: the connection, or the call (a signal, the timeout).
+    const Ended = union(enum) { eof, failed: sys.E, stop: Stop };
 
-        fn mode(self: *const ReadSpin) sys.Wait {
-            return if (self.end_ns != 0) .no else .yes;
-        }
-
-        /// Nothing to read: go on spinning while there is time, else wait.
-        fn idle(self: *ReadSpin, fd: i32) void {
-            if (self.end_ns == 0) return sys.waitFd(fd, sys.POLLIN);
-            std.Thread.yield() catch {}; // as in spinRounds
-            if (sys.nowNs() >= self.end_ns) self.end_ns = 0;
-        }
-    };
-
-    /// How a direct read ended the connection.
-    const Ended = union(enum) { eof, failed: sys.E };
-
-    /// Reads until `dest` is full (after busy_poll's reads that do not wait,
-    /// they wait in the kernel); null when it is, else how the connection ended.
-    fn readExactly(conn: *Conn, dest: []u8, spin: *ReadSpin) ?Ended {
-        var filled: usize = 0;
-        while (filled < dest.len) {
-            switch (receive(conn, dest[filled..], spin.mode())) {
-                .done => |n| filled += n,
-                .would_block => spin.idle(conn.fd),
+    /// Reads until `dest` is full (`filled.*` counts the bytes read, also
+    /// when it stops early), waiting as `block` says; null when it is full,
+    /// else why it ended.
+    fn readExactly(conn: *Conn, dest: []u8, filled: *usize, block: *Blocking) ?Ended {
+        while (filled.* < dest.len) {
+            switch (receive(conn, dest[filled.*..], block.mode())) {
+                .done => |n| filled.* += n,
+                .would_block => block.idle(conn.fd, sys.POLLIN) catch |stop| return .{ .stop = stop },
+                .interrupted => block.interrupted() catch |stop| return .{ .stop = stop },
                 .eof => return .eof,
                 .failed => |e| return .{ .failed = e },
             }
         }
         return null;
+    }
+
+    /// A direct read ended early. A stop gives the bytes read back to the
+    /// decoder (`first`, then `second`: they continue what it holds) and
+    /// fails the call, the connection intact; the end of the connection is
+    /// reported as receiveSome does.
+    fn directEnded(self: *Context, conn: *Conn, ended: Ended, first: []const u8, second: []const u8) Error {
+        const stop = switch (ended) {
+            .stop => |stop| stop,
+            else => return self.directFailed(conn, ended),
+        };
+        var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
+        for ([_][]const u8{ first, second }) |part| {
+            // Less than one whole frame: nothing is delivered, nothing too large
+            // (the header was checked before the payload was read).
+            conn.decoder.feed(self.gpa, part, self.limits.max_message_size, &sink) catch |err| switch (err) {
+                error.OutOfMemory => return error.OutOfMemory,
+                error.Stopped, error.FrameTooLarge => unreachable,
+            };
+        }
+        assert(sink.frames == 0);
+        return self.stopped(stop, "read on fd {d}", .{conn.fd});
     }
 
     /// One read of conn: recv on a socket, waiting or not (see sys.Wait);
@@ -861,6 +1046,7 @@ pub const Context = struct {
         const fd = conn.fd;
         defer self.table.reap(self.gpa);
         switch (ended) {
+            .stop => unreachable, // directEnded
             .eof => {
                 try self.drop(conn, null);
                 return self.closedByPeer(fd);
@@ -883,8 +1069,8 @@ pub const Context = struct {
         var got = self.events.takeFd(self.gpa, fd, max, taker);
         if (got.closed) return self.closedByPeer(fd);
         if (got.count > 0 or got.refused) return got.count;
-        var spin = self.readSpin();
-        try self.receiveSome(fd, &spin);
+        var block = self.blocking(true);
+        try self.receiveSome(fd, &block);
         got = self.events.takeFd(self.gpa, fd, max, taker);
         return got.count;
     }
@@ -895,8 +1081,8 @@ pub const Context = struct {
         self.events.releaseLent(self.gpa);
         var next = try self.events.lendNext(self.gpa, fd);
         if (next == .none) {
-            var spin = self.readSpin();
-            try self.receiveSome(fd, &spin);
+            var block = self.blocking(true);
+            try self.receiveSome(fd, &block);
             next = try self.events.lendNext(self.gpa, fd);
         }
         return switch (next) {
@@ -909,13 +1095,19 @@ pub const Context = struct {
     /// Block until fd has delivered at least one new MESSAGE_RX: read and
     /// decode; EOF, a read error or a frame over the limit end fd (and fail,
     /// unless messages before a bad header were delivered).
-    fn receiveSome(self: *Context, fd: i32, spin: *ReadSpin) Error!void {
+    /// A signal or the call's timeout (`block`) ends the wait with nothing
+    /// consumed: bytes read so far stay in fd's decoder.
+    fn receiveSome(self: *Context, fd: i32, block: *Blocking) Error!void {
         const conn = try self.connection(fd);
         defer self.table.reap(self.gpa);
         var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
         var buf: [160]u8 = undefined;
-        switch (try self.readUntilMessage(conn, &sink, spin)) {
-            .read, .read_short, .would_block => {},
+        const chunk = self.readUntilMessage(conn, &sink, block) catch |err| switch (err) {
+            error.OutOfMemory => return error.OutOfMemory,
+            error.Interrupted, error.Timeout => |stop| return self.stopped(stop, "read on fd {d}", .{fd}),
+        };
+        switch (chunk) {
+            .read, .read_short, .would_block, .interrupted => {},
             .stopped => unreachable, // only the event loop closes while delivering
             .eof => {
                 try self.drop(conn, null);
@@ -943,22 +1135,18 @@ pub const Context = struct {
     /// the read waits in the kernel, which wakes it itself: on the development
     /// VM about 18 us quicker per wait than poll() then read()
     /// (bench/c/wait_modes.c). Anything else is polled when it has nothing.
-    /// With busy_poll, reads that do not wait come first, for busy_poll_us.
-    fn readUntilMessage(self: *Context, conn: *Conn, sink: *RxSink, spin: *ReadSpin) Allocator.Error!Chunk {
+    /// With busy_poll, reads that do not wait come first, for busy_poll_us;
+    /// with a timeout, poll() waits (see blocking.zig).
+    fn readUntilMessage(self: *Context, conn: *Conn, sink: *RxSink, block: *Blocking) (Allocator.Error || Stop)!Chunk {
         while (sink.frames == 0) {
-            switch (try self.readChunk(conn, std.math.maxInt(usize), spin.mode(), sink)) {
+            switch (try self.readChunk(conn, std.math.maxInt(usize), block.mode(), sink)) {
                 .read, .read_short => {},
-                .would_block => spin.idle(conn.fd),
+                .would_block => try block.idle(conn.fd, sys.POLLIN),
+                .interrupted => try block.interrupted(),
                 else => |end| return end,
             }
         }
         return .{ .read = 0 };
-    }
-
-    /// The busy_poll of one read call (read, read_many, read_into, read_lent).
-    fn readSpin(self: *const Context) ReadSpin {
-        if (self.busy_poll_us == 0) return .{};
-        return .{ .end_ns = self.spinEndNs() };
     }
 
     /// When a busy_poll starting now ends.
@@ -1005,9 +1193,22 @@ pub const Context = struct {
         // In nanoseconds, and the poll's timeout rounded up: a TIMER never
         // comes before `timer_ms` have passed.
         const deadline: ?i64 = if (self.timer_ms >= 0) sys.nowNs() + @as(i64, self.timer_ms) * std.time.ns_per_ms else null;
-        if (self.busy_poll_us > 0 and try self.spinRounds(deadline, stop_on_wakeup)) return;
+        // The call timeout (a failure, where the timer is an event).
+        const block = self.blocking(false);
+        const skip_spin = self.skip_spin;
+        self.skip_spin = false;
+        if (self.busy_poll_us > 0 and !skip_spin) {
+            if (try self.spinRounds(earliest(deadline, block.deadline_ns), stop_on_wakeup)) return;
+            // A signal during the spin found no system call to interrupt:
+            // its handler runs before this call sleeps (blocking.zig).
+            if (self.interruptible) {
+                self.skip_spin = true;
+                return self.last.fail(error.Interrupted, "wait was interrupted by a signal", .{});
+            }
+        }
         while (true) {
-            const timeout: i32 = if (deadline) |d| msUntil(d) else -1;
+            const until = earliest(deadline, block.deadline_ns);
+            const timeout: i32 = if (until) |d| msUntil(d) else -1;
             try self.round(timeout);
             if (self.events.live > 0) return;
             if (self.woken) {
@@ -1018,7 +1219,14 @@ pub const Context = struct {
                 try self.events.push(self.gpa, .timer, -1, -1);
                 return;
             };
+            if (block.expired()) return self.last.fail(error.Timeout, "wait timed out", .{});
         }
+    }
+
+    fn earliest(a: ?i64, b: ?i64) ?i64 {
+        const x = a orelse return b;
+        const y = b orelse return a;
+        return @min(x, y);
     }
 
     /// busy_poll: rounds that do not block, for busy_poll_us at most (less
@@ -1046,22 +1254,71 @@ pub const Context = struct {
         }
     }
 
-    /// Whole milliseconds from now until `deadline_ns`, rounded up (a poll
-    /// that ends early would only be repeated), at least 0.
-    fn msUntil(deadline_ns: i64) i32 {
-        const left = std.math.divCeil(i64, deadline_ns - sys.nowNs(), std.time.ns_per_ms) catch unreachable;
-        return @intCast(std.math.clamp(left, 0, std.math.maxInt(i32)));
-    }
+    const msUntil = blocking_mod.msUntil;
 
     /// One round: (1) flush every queue without blocking; (2) wait for
     /// readiness (not at all if step 1 produced events); (3) handle every ready fd.
     fn round(self: *Context, timeout_ms: i32) Error!void {
         defer self.table.reap(self.gpa);
         try self.flushDirty();
-        const t: i32 = if (self.events.live > 0) 0 else timeout_ms;
-        const n = self.poller.wait(&self.ready, t) catch
-            return self.last.fail(error.Generic, "waiting for events failed: {s}", .{errors.errText(c.errno(@as(c_int, -1)))});
+        try self.pollAndHandle(if (self.events.live > 0) 0 else timeout_ms);
+    }
+
+    /// Steps 2 and 3 of a round. A signal that ends the wait ends an
+    /// interruptible context's call (Interrupted); else it is an empty round.
+    fn pollAndHandle(self: *Context, timeout_ms: i32) Error!void {
+        const n = self.poller.wait(&self.ready, timeout_ms) catch |err| switch (err) {
+            error.Interrupted => if (self.interruptible)
+                return self.last.fail(error.Interrupted, "wait was interrupted by a signal", .{})
+            else
+                return,
+            else => return self.last.fail(error.Generic, "waiting for events failed: {s}", .{errors.errText(c.errno(@as(c_int, -1)))}),
+        };
         for (self.ready[0..n]) |r| try self.handleReady(r);
+    }
+
+    // ------------------------------------------------------------ linger
+
+    /// close()'s linger: send what is scheduled for fd (for every fd when fd
+    /// is negative) for at most `timeout_ns`. Returns when nothing is left;
+    /// Timeout when time ran out first; Interrupted on a signal (interruptible).
+    /// The rounds also read and accept: those events wait as usual.
+    pub fn linger(self: *Context, fd: i32, timeout_ns: i64) Error!void {
+        const deadline = sys.nowNs() +| @max(timeout_ns, 0);
+        while (self.hasScheduled(fd)) {
+            if (sys.nowNs() >= deadline) return self.last.fail(error.Timeout, "linger timed out", .{});
+            defer self.table.reap(self.gpa);
+            try self.flushDirty();
+            if (!self.hasScheduled(fd)) return;
+            // Waits even with events pending (a round would not): only the
+            // queues' room or the deadline ends it.
+            try self.pollAndHandle(msUntil(deadline));
+        }
+    }
+
+    fn hasScheduled(self: *Context, fd: i32) bool {
+        if (fd < 0) return self.dirty.items.len > 0;
+        const conn = self.table.get(fd) orelse return false;
+        if (!conn.queue.isEmpty()) return true;
+        const peer = conn.peer orelse return false;
+        return !peer.queue.isEmpty();
+    }
+
+    /// The fds with scheduled messages still queued, and how many each has
+    /// (close_all's warnings): up to out_fds.len of them; returns how many
+    /// there are in all.
+    pub fn scheduledFds(self: *Context, out_fds: []i32, out_counts: []usize) usize {
+        assert(out_fds.len == out_counts.len);
+        var n: usize = 0;
+        for (self.dirty.items) |conn| {
+            if (conn.queue.isEmpty()) continue;
+            if (n < out_fds.len) {
+                out_fds[n] = conn.fd;
+                out_counts[n] = conn.queue.frameCount();
+            }
+            n += 1;
+        }
+        return n;
     }
 
     fn flushDirty(self: *Context) Allocator.Error!void {

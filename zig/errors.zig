@@ -18,6 +18,11 @@ pub const Error = error{
     ConnectionLimit,
     BufferTooSmall,
     OutOfMemory,
+    /// A blocking call of an interruptible context was ended by a signal
+    /// (nothing consumed, nothing half-written: call it again).
+    Interrupted,
+    /// A blocking call's timeout passed.
+    Timeout,
 };
 
 /// The C ABI code of an error (enum ipc_error_codes in libipc.h).
@@ -35,6 +40,8 @@ pub fn code(err: Error) c_int {
         error.ConnectionLimit => -10,
         error.BufferTooSmall => -11,
         error.OutOfMemory => -12,
+        error.Interrupted => -13,
+        error.Timeout => -14,
     };
 }
 

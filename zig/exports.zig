@@ -93,6 +93,19 @@ export fn ipc_context_busy_poll(ptr: ?*anyopaque, usec: u32) callconv(.c) c_int 
     return rc(ctx, ctx.setBusyPoll(usec));
 }
 
+/// A signal ends a blocking call with IPC_E_INTERRUPTED (on) instead of the
+/// call going on waiting (off, the default: libIPC's behaviour).
+export fn ipc_context_interruptible(ptr: ?*anyopaque, on: c_int) callconv(.c) void {
+    const ctx = context(ptr) orelse return;
+    ctx.interruptible = on != 0;
+}
+
+/// The timeout of every blocking call from now on, in microseconds; negative: none.
+export fn ipc_context_call_timeout(ptr: ?*anyopaque, usec: i64) callconv(.c) void {
+    const ctx = context(ptr) orelse return;
+    ctx.setCallTimeout(if (usec < 0) -1 else usec *| std.time.ns_per_us);
+}
+
 // ------------------------------------------------------------ services and connections
 
 fn openWith(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16, comptime op: anytype) c_int {
@@ -169,6 +182,22 @@ export fn ipc_queued_messages(ptr: ?*anyopaque, fd: c_int, count: ?*usize, peer_
     if (peer_fd) |p| p.* = if (peer) |x| x.fd else -1;
     if (peer_count) |p| p.* = if (peer) |x| x.queue.frameCount() else 0;
     return IPC_OK;
+}
+
+export fn ipc_write_count(ptr: ?*anyopaque) callconv(.c) usize {
+    const ctx = context(ptr) orelse return 0;
+    return ctx.write_count;
+}
+
+export fn ipc_linger(ptr: ?*anyopaque, fd: c_int, usec: i64) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return rc(ctx, ctx.linger(fd, usec *| std.time.ns_per_us));
+}
+
+export fn ipc_scheduled_fds(ptr: ?*anyopaque, fds: ?[*]c_int, counts: ?[*]usize, capacity: usize) callconv(.c) usize {
+    const ctx = context(ptr) orelse return 0;
+    const n = if (fds != null and counts != null) capacity else 0;
+    return ctx.scheduledFds(if (fds) |f| f[0..n] else &.{}, if (counts) |k| k[0..n] else &.{});
 }
 
 export fn ipc_close_all(ptr: ?*anyopaque) callconv(.c) c_int {

@@ -49,6 +49,7 @@ pub fn sendFd(sock: i32, fd_to_pass: i32, payload: []const u8) Error!void {
         switch (sys.writeSome(sock, &rest, true, .yes)) {
             .done => |k| sent += k,
             .would_block => sys.waitFd(sock, sys.POLLOUT),
+            .interrupted => {}, // not an interruptible call: go on
             .eof, .failed => return error.SendFailed,
         }
     }

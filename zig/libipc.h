@@ -35,6 +35,23 @@
  * time; the only call another thread may make is ipc_wakeup(ctx), which makes
  * a wait in progress in ipc_wait_events() return (with no event if none came;
  * ipc_wait_event() goes on waiting).
+ *
+ * Signals and timeouts: by default a blocking call goes on waiting through a
+ * signal (libIPC's behaviour). After ipc_context_interruptible(ctx, 1), a
+ * signal ends it with IPC_E_INTERRUPTED, having consumed nothing: call it
+ * again. A write stopped in the middle of a frame has queued the rest of that
+ * frame, which goes out before anything else on the connection; then
+ * ipc_write_count(ctx) tells how many of the call's messages were written or
+ * so begun (the others were not sent): call again with those left out.
+ * ipc_context_call_timeout(ctx, usec) bounds every blocking call from then on
+ * (negative: no bound): IPC_E_TIMEOUT, with the same guarantees.
+ * ipc_linger(ctx, fd, usec) sends what is scheduled for fd (every fd when fd
+ * is -1) for at most usec: 0 when all went out, else IPC_E_TIMEOUT (or
+ * IPC_E_INTERRUPTED). ipc_scheduled_fds() lists the fds that still have
+ * scheduled messages and their counts (up to `capacity`; returns how many
+ * there are). In a forked child, ipc_close_fd, ipc_close_all and
+ * ipc_context_deinit close the child's copies of the fds only: the parent's
+ * socket files, locks and poller are left alone.
  */
 #ifndef LIBIPC
 #define LIBIPC
@@ -76,7 +93,9 @@ enum ipc_error_codes {
     IPC_E_UNKNOWN_FD = -9,
     IPC_E_CONNECTION_LIMIT = -10,
     IPC_E_BUFFER_TOO_SMALL = -11,
-    IPC_E_NO_MEMORY = -12
+    IPC_E_NO_MEMORY = -12,
+    IPC_E_INTERRUPTED = -13,
+    IPC_E_TIMEOUT = -14
 };
 
 struct ipc_event {
@@ -123,6 +142,11 @@ size_t ipc_pending_events(void *ctx);
 int ipc_wakeup(void *ctx);
 int ipc_peer_credentials(void *ctx, int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
 int ipc_queued_messages(void *ctx, int fd, size_t *count, int *peer_fd, size_t *peer_count);
+void ipc_context_interruptible(void *ctx, int on);
+void ipc_context_call_timeout(void *ctx, int64_t usec);
+size_t ipc_write_count(void *ctx);
+int ipc_linger(void *ctx, int fd, int64_t usec);
+size_t ipc_scheduled_fds(void *ctx, int *fds, size_t *counts, size_t capacity);
 int ipc_send_fd(int sock, int fd_to_pass, const char *payload, uint32_t payload_len);
 int ipc_receive_fd(int sock, int *received_fd, char *buffer, size_t *buflen);
 /* CFFI-END */

@@ -16,7 +16,7 @@ pub const Ready = struct {
     writable: bool,
 };
 
-pub const Error = error{ SystemResources, Unexpected };
+pub const Error = error{ SystemResources, Unexpected, Interrupted };
 
 pub const Poller = if (@import("build_options").force_poll) @import("poller_poll.zig").Poller else switch (builtin.os.tag) {
     .linux => @import("poller_epoll.zig").Poller,

@@ -45,11 +45,12 @@ pub const Poller = struct {
         };
     }
 
-    /// Wait up to timeout_ms (-1: forever) and fill `out`; 0 on timeout or EINTR.
+    /// Wait up to timeout_ms (-1: forever) and fill `out`; 0 on timeout;
+    /// Interrupted when a signal ended the wait.
     pub fn wait(self: *Poller, out: []P.Ready, timeout_ms: i32) P.Error!usize {
         const max = @min(out.len, self.buf.len);
         const n = c.epoll_wait(self.epfd, &self.buf, @intCast(max), timeout_ms);
-        if (n < 0) return if (c.errno(n) == .INTR) 0 else error.Unexpected;
+        if (n < 0) return if (c.errno(n) == .INTR) error.Interrupted else error.Unexpected;
         for (self.buf[0..@intCast(n)], out[0..@intCast(n)]) |ev, *r| {
             // Hang-up and error make the fd both readable and writable, so that
             // the read or the write that follows reports what happened.

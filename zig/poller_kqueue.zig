@@ -61,7 +61,7 @@ pub const Poller = struct {
         var ts: c.timespec = .{ .sec = @intCast(@divTrunc(timeout_ms, 1000)), .nsec = @intCast(@rem(timeout_ms, 1000) * 1_000_000) };
         const tsp: ?*const c.timespec = if (timeout_ms < 0) null else &ts;
         const n = c.kevent(self.kq, &self.buf, 0, &self.buf, @intCast(max), tsp);
-        if (n < 0) return if (c.errno(n) == .INTR) 0 else error.Unexpected;
+        if (n < 0) return if (c.errno(n) == .INTR) error.Interrupted else error.Unexpected;
         for (self.buf[0..@intCast(n)], out[0..@intCast(n)]) |ev, *r| {
             // EOF and error flags: let the read or write that follows report them.
             r.* = .{

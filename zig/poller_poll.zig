@@ -55,7 +55,7 @@ pub const Poller = struct {
             var none: [1]c.pollfd = undefined;
             const ptr = if (self.fds.items.len == 0) &none else self.fds.items.ptr;
             const rc = c.poll(ptr, @intCast(self.fds.items.len), timeout_ms);
-            if (rc < 0) return if (c.errno(rc) == .INTR) 0 else error.Unexpected;
+            if (rc < 0) return if (c.errno(rc) == .INTR) error.Interrupted else error.Unexpected;
             self.left = @intCast(rc);
             self.next = 0;
         }

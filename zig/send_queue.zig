@@ -13,8 +13,9 @@ const Allocator = std.mem.Allocator;
 const framing = @import("framing.zig");
 const sys = @import("sys.zig");
 
-/// What a completed frame is reported as.
-pub const Origin = enum(u8) { scheduled, switched };
+/// What a completed frame is reported as: MESSAGE_TX, SWITCH_TX, or
+/// nothing (the rest of a frame whose write() was stopped, see pushRemainder).
+pub const Origin = enum(u8) { scheduled, switched, remainder };
 
 const FrameInfo = struct { size: u64, origin: Origin };
 
@@ -61,6 +62,24 @@ pub const SendQueue = struct {
         self.bytes.appendSliceAssumeCapacity(&framing.encodeHeader(@intCast(payload.len)));
         self.bytes.appendSliceAssumeCapacity(payload);
         self.frames.appendAssumeCapacity(.{ .size = size, .origin = origin });
+    }
+
+    /// Append the last `len` bytes of a frame that a blocking write began
+    /// (the first `len` bytes of `parts`), so they go out before anything
+    /// queued later. Reported as nothing when written.
+    pub fn pushRemainder(self: *SendQueue, gpa: Allocator, parts: []const std.posix.iovec_const, len: u64) Allocator.Error!void {
+        try self.frames.ensureUnusedCapacity(gpa, 1);
+        self.compact();
+        try self.bytes.ensureUnusedCapacity(gpa, len);
+        var left = len;
+        for (parts) |part| {
+            if (left == 0) break;
+            const take = @min(left, part.len);
+            self.bytes.appendSliceAssumeCapacity(part.base[0..take]);
+            left -= take;
+        }
+        assert(left == 0);
+        self.frames.appendAssumeCapacity(.{ .size = len, .origin = .remainder });
     }
 
     /// Move the unwritten bytes to the front once the written part dominates,
@@ -111,6 +130,8 @@ pub const SendQueue = struct {
         would_block,
         /// The write failed (EPIPE: the peer is gone).
         failed: sys.E,
+        /// A write that waits (sys.Wait.yes) was interrupted by a signal.
+        interrupted,
     };
 
     /// Write as much as the fd takes (a socket: waiting for room with
@@ -120,8 +141,13 @@ pub const SendQueue = struct {
             const pending = self.bytes.items[self.head..];
             const iov = [1]std.posix.iovec_const{.{ .base = pending.ptr, .len = pending.len }};
             switch (sys.writeSome(fd, &iov, is_socket, wait)) {
-                .done => |n| try self.advance(gpa, n, sink),
+                .done => |n| {
+                    try self.advance(gpa, n, sink);
+                    // A send that waits returns early only when a signal came.
+                    if (wait == .yes and is_socket and n < pending.len) return .interrupted;
+                },
                 .would_block => return .would_block,
+                .interrupted => return .interrupted,
                 .failed => |e| return .{ .failed = e },
                 .eof => unreachable,
             }
@@ -137,10 +163,12 @@ const testing = std.testing;
 const Count = struct {
     scheduled: usize = 0,
     switched: usize = 0,
+    remainders: usize = 0,
     fn completed(self: *Count, origin: Origin) Allocator.Error!void {
         switch (origin) {
             .scheduled => self.scheduled += 1,
             .switched => self.switched += 1,
+            .remainder => self.remainders += 1,
         }
     }
 };
@@ -205,4 +233,22 @@ test "a full socket keeps the rest queued; a closed peer gives EPIPE" {
     const r = try q.flush(gpa, fds[0], true, .no, &count);
     try testing.expect(r == .failed);
     try testing.expect(r.failed == .PIPE or r.failed == .CONNRESET);
+}
+
+test "a remainder goes out before frames queued after it, and reports nothing" {
+    const gpa = testing.allocator;
+    var q: SendQueue = .{};
+    defer q.deinit(gpa);
+    const parts = [_]std.posix.iovec_const{ .{ .base = "lo", .len = 2 }, .{ .base = "!xyz", .len = 4 } };
+    try q.pushRemainder(gpa, &parts, 3); // "lo!": the end of a frame "hello!"
+    try q.push(gpa, "ab", .scheduled);
+    try testing.expectEqual(@as(u64, 3 + 6), q.queuedBytes());
+    try testing.expectEqualStrings("lo!", q.bytes.items[0..3]);
+    var count: Count = .{};
+    try q.advance(gpa, 3, &count);
+    try testing.expectEqual(@as(usize, 1), count.remainders);
+    try testing.expectEqual(@as(usize, 0), count.scheduled);
+    try q.advance(gpa, 6, &count);
+    try testing.expectEqual(@as(usize, 1), count.scheduled);
+    try testing.expect(q.isEmpty());
 }

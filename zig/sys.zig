@@ -35,12 +35,15 @@ pub fn errno(rc: anytype) E {
     return c.errno(rc);
 }
 
-/// Result of one non-blocking transfer: bytes moved, or why none were.
+/// Result of one transfer: bytes moved, or why none were.
 pub const IoResult = union(enum) {
     done: usize,
     would_block,
     eof,
     failed: E,
+    /// A transfer that waits (Wait.yes) was interrupted by a signal before
+    /// it moved anything; the caller decides whether to go on (see blocking.zig).
+    interrupted,
 };
 
 /// read(2) once, retrying on EINTR. ECONNRESET counts as the end of the stream.
@@ -50,11 +53,13 @@ pub fn readSome(fd: fd_t, buf: []u8) IoResult {
     }
 }
 
-/// recv(2) once from a socket, waiting or not (see Wait), retrying on EINTR.
+/// recv(2) once from a socket, waiting or not (see Wait). EINTR is retried,
+/// except in a recv that waits: that one reports .interrupted.
 /// ECONNRESET counts as the end of the stream.
 pub fn recvSome(fd: fd_t, buf: []u8, wait: Wait) IoResult {
     while (true) {
         if (readResult(c.recv(fd, buf.ptr, buf.len, @intCast(wait.flag())), buf.len)) |r| return r;
+        if (wait == .yes) return .interrupted;
     }
 }
 
@@ -90,7 +95,7 @@ pub fn writeSome(fd: fd_t, iov: []const std.posix.iovec_const, is_socket: bool, 
         };
         if (n >= 0) return .{ .done = @intCast(n) };
         switch (errno(n)) {
-            .INTR => continue,
+            .INTR => if (wait == .yes) return .interrupted else continue,
             .AGAIN => return .would_block,
             else => |e| return .{ .failed = e },
         }
@@ -147,6 +152,22 @@ pub fn waitFd(fd: fd_t, events: i16) void {
         const rc = c.poll(&pfd, 1, -1);
         if (rc >= 0 or errno(rc) != .INTR) return;
     }
+}
+
+/// What one poll(2) of a single fd ended with.
+pub const PollResult = enum { ready, timed_out, interrupted };
+
+/// Wait until fd is readable (POLLIN) or writable (POLLOUT), at most
+/// `timeout_ms` (-1: no limit); a signal ends the wait (.interrupted).
+/// Hang-up and error conditions count as ready: the next I/O call reports them.
+pub fn pollFd(fd: fd_t, events: i16, timeout_ms: i32) PollResult {
+    var pfd = [1]c.pollfd{.{ .fd = fd, .events = events, .revents = 0 }};
+    const rc = c.poll(&pfd, 1, timeout_ms);
+    if (rc > 0) return .ready;
+    if (rc == 0) return .timed_out;
+    // Anything else (EINVAL, ENOMEM) is not a wait: let the I/O call that
+    // follows report what is wrong with fd.
+    return if (errno(rc) == .INTR) .interrupted else .ready;
 }
 
 pub const POLLIN: i16 = c.POLL.IN;

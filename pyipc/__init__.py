@@ -7,12 +7,13 @@ loop on a :class:`Context`; messages are length-prefixed frames. Two backends,
 
 from ._backend import available as available_backends
 from ._context import Context
-from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
+from ._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, DEFAULT_RUNDIR,
                      MAX_BUSY_POLL, MAX_READ_MANY, READ_MANY_BYTES, BackendError, CBEvent,
                      ConnectionClosedError, ConnectionLimitError, Event, EventType,
                      InvalidNameError, IPCError, MessageTooLargeError, QueueFullError,
-                     RunDirError, ServiceBusyError, ServiceNotFoundError, UnknownFdError)
+                     RunDirError, ServiceBusyError, ServiceNotFoundError, TimeoutError,
+                     UnknownFdError)
 from .typed import (CorruptMessageError, DuplicateClassError, DuplicateTypeError,
                     FieldMismatchError, InvalidTypeNumberError, NotAMessageClassError,
                     Registry, TypedMessageError, UnencodableValueError, UnknownTypeError,
@@ -24,8 +25,8 @@ __all__ = [
     "Context", "Event", "EventType", "CBEvent", "available_backends",
     "IPCError", "ServiceBusyError", "ServiceNotFoundError", "InvalidNameError",
     "RunDirError", "MessageTooLargeError", "QueueFullError", "ConnectionClosedError",
-    "UnknownFdError", "ConnectionLimitError", "BackendError",
-    "DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_MAX_QUEUE_SIZE", "DEFAULT_MAX_CONNECTIONS",
+    "UnknownFdError", "ConnectionLimitError", "BackendError", "TimeoutError",
+    "DEFAULT_LINGER", "DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_MAX_QUEUE_SIZE", "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_RUNDIR", "DEFAULT_READ_MANY", "MAX_READ_MANY", "MAX_BUSY_POLL", "READ_MANY_BYTES",
     "Registry", "TypedMessageError", "InvalidTypeNumberError", "DuplicateTypeError",
     "DuplicateClassError", "NotAMessageClassError", "UnregisteredClassError",

@@ -7,13 +7,15 @@ depend on the backend lives here so both behave the same.
 
 from __future__ import annotations
 
+import math
 import os
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple
 
 from . import _threads
 from ._rundir import PathLike, resolve_rundir
-from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
+from ._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, MAX_BUSY_POLL, MAX_MESSAGE_SIZE_LIMIT,
                      MAX_READ_MANY, READ_MANY_BYTES, CBEvent, ConnectionClosedError, Event, EventType,
                      MessageTooLargeError)
@@ -76,6 +78,41 @@ def buffer_too_small_text(size: int, message: int) -> str:
     return f"buffer of {size} bytes is too small for a message of {message} bytes"
 
 
+def check_timeout(timeout: Optional[float]) -> Optional[float]:
+    """A blocking call's ``timeout=``: None (no limit) or seconds >= 0, as
+    ``socket.settimeout`` takes them."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be None or a number of seconds, not {type(timeout).__name__}")
+    if not timeout >= 0 or math.isinf(timeout):   # NaN fails >= 0
+        raise ValueError("timeout must be None or a finite number of seconds >= 0")
+    return float(timeout)
+
+
+def check_linger(linger: float) -> float:
+    """``Context(linger=)``: seconds >= 0 that closing waits for scheduled messages."""
+    if not isinstance(linger, (int, float)) or isinstance(linger, bool):
+        raise TypeError(f"linger must be a number of seconds, not {type(linger).__name__}")
+    if not linger >= 0 or math.isinf(linger):
+        raise ValueError("linger must be a finite number of seconds >= 0")
+    return float(linger)
+
+
+#: Every Context alive in this process: a forked child marks them (see
+#: _threads.ForkedGuard) so that they never touch the parent's service.
+_LIVE: "weakref.WeakSet[Context]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for ctx in list(_LIVE):
+        ctx._guard = _threads.ForkedGuard(ctx._guard)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def check_max_messages(max_messages: int) -> None:
     """read_many()'s bound: an int from 1 to MAX_READ_MANY."""
     if not isinstance(max_messages, int) or isinstance(max_messages, bool):
@@ -88,13 +125,15 @@ class Context:
     """An event loop over services, connections and foreign fds.
 
     ``Context(rundir=None, max_message_size=16 MiB, backend=None,
-    max_queue_size=64 MiB, max_connections=65536)``. ``backend`` is "native",
-    "pure" or None (env PYIPC_BACKEND, else native when it loads, else pure).
-    See the README for every method's behaviour.
+    max_queue_size=64 MiB, max_connections=65536, linger=1.0)``. ``backend``
+    is "native", "pure" or None (env PYIPC_BACKEND, else native when it loads,
+    else pure). ``linger``: seconds closing waits for scheduled messages to go
+    out (0: they are dropped at once). See the README for every method's
+    behaviour, and for signals, timeouts and fork.
     """
 
     __slots__ = ("rundir", "max_message_size", "max_queue_size", "max_connections",
-                 "_timer", "_busy_poll", "_pending", "_guard", "__weakref__")
+                 "_linger_s", "_timer", "_busy_poll", "_pending", "_guard", "__weakref__")
 
     backend: str = "abstract"
 
@@ -113,8 +152,10 @@ class Context:
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  backend: Optional[str] = None,
                  max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 linger: float = DEFAULT_LINGER) -> None:
         _check_limits(max_message_size, max_queue_size, max_connections)
+        self._linger_s = check_linger(linger)
         self.rundir: str = resolve_rundir(rundir)
         self.max_message_size = max_message_size
         self.max_queue_size = max_queue_size
@@ -122,7 +163,8 @@ class Context:
         self._timer: Optional[int] = None
         self._busy_poll = 0
         self._pending: deque[Event] = deque()   # events not yet returned, in order
-        self._guard = _threads.ThreadGuard()
+        self._guard: _threads.ThreadGuard = _threads.ThreadGuard()
+        _LIVE.add(self)
 
     # -- timer -----------------------------------------------------------------
     @property
@@ -144,6 +186,18 @@ class Context:
 
     def _timer_changed(self, value: Optional[int]) -> None:
         """Hook for backends that keep the timer elsewhere."""
+
+    # -- linger ------------------------------------------------------------------
+    @property
+    def linger(self) -> float:
+        """Seconds close(), close_all() and leaving a ``with`` block wait for
+        scheduled messages to go out before they drop the rest with a WARNING
+        (0: dropped at once). Default DEFAULT_LINGER (1 s)."""
+        return self._linger_s
+
+    @linger.setter
+    def linger(self, value: float) -> None:
+        self._linger_s = check_linger(value)
 
     # -- busy polling ------------------------------------------------------------
     @property
@@ -184,12 +238,14 @@ class Context:
         while True:
             yield self.wait_event()
 
-    def connect(self, name: str) -> int:
-        """Connect to service ``name``: through ipcd when IPC_NETWORK is set."""
+    def connect(self, name: str, timeout: Optional[float] = None) -> int:
+        """Connect to service ``name``: through ipcd when IPC_NETWORK is set
+        (``timeout`` bounds the wait for ipcd's answer)."""
+        timeout = check_timeout(timeout)
         network = os.environ.get("IPC_NETWORK")
         if not network:
             return self.connect_service(name)
-        return self._connect_ipcd(name, network)
+        return self._connect_ipcd(name, network, timeout)
 
     def _first_pending_message(self, fd: int) -> Optional[int]:
         """Where fd's first MESSAGE_RX waits in _pending, if one does.
@@ -279,22 +335,24 @@ class Context:
         """Connect straight to service ``name``; return the connection fd."""
         raise NotImplementedError
 
-    def _connect_ipcd(self, name: str, network: str) -> int:
+    def _connect_ipcd(self, name: str, network: str, timeout: Optional[float]) -> int:
         raise NotImplementedError
 
-    def write(self, fd: int, payload: object) -> None:
-        """Flush fd's queue, then write one message, blocking until it is written."""
+    def write(self, fd: int, payload: object, timeout: Optional[float] = None) -> None:
+        """Flush fd's queue, then write one message, blocking until it is
+        written (at most ``timeout`` seconds: then pyipc.TimeoutError)."""
         raise NotImplementedError
 
     def schedule(self, fd: int, payload: object) -> None:
         """Queue one message for fd; the event loop sends it (MESSAGE_TX)."""
         raise NotImplementedError
 
-    def read(self, fd: int) -> bytes:
-        """Return the next message from fd, blocking until one is whole."""
+    def read(self, fd: int, timeout: Optional[float] = None) -> bytes:
+        """Return the next message from fd, blocking until one is whole (at
+        most ``timeout`` seconds: then pyipc.TimeoutError, nothing consumed)."""
         raise NotImplementedError
 
-    def read_into(self, fd: int, buffer: object) -> int:
+    def read_into(self, fd: int, buffer: object, timeout: Optional[float] = None) -> int:
         """Copy fd's next message into ``buffer`` (writable bytes-like, e.g. a
         bytearray); return its size. Blocks like read(). A message of 64 KiB
         or more that fits is read from the socket straight into the buffer
@@ -302,34 +360,38 @@ class Context:
         MessageTooLargeError and stays queued for the next read."""
         raise NotImplementedError
 
-    def write_many(self, fd: int, payloads: object) -> None:
+    def write_many(self, fd: int, payloads: object, timeout: Optional[float] = None) -> None:
         """write() every payload of an iterable to fd, in order, gathered into
         as few system calls as possible; blocks until all are written. Every
         payload is checked (type, size) before anything is sent."""
         raise NotImplementedError
 
-    def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY) -> list[bytes]:
+    def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY,
+                  timeout: Optional[float] = None) -> list[bytes]:
         """Return fd's next messages: at least one (blocking for it, as read()
         does), at most ``max_messages`` (1 to MAX_READ_MANY): every whole
         message of fd already received, in order. No Event per message."""
         raise NotImplementedError
 
-    def wait_event(self) -> Event:
-        """Return one event, waiting at most ``timer`` ms (then TIMER)."""
+    def wait_event(self, timeout: Optional[float] = None) -> Event:
+        """Return one event, waiting at most ``timer`` ms (then TIMER); with
+        ``timeout`` (seconds), pyipc.TimeoutError when it passes first."""
         if not self._pending:
-            self._fetch()
+            self._fetch(check_timeout(timeout))
         return self._pending.popleft()
 
-    def wait_events(self) -> list[Event]:
-        """Return every event ready now (at least one), in order."""
+    def wait_events(self, timeout: Optional[float] = None) -> list[Event]:
+        """Return every event ready now (at least one), in order (waiting as
+        wait_event does)."""
         if not self._pending:
-            self._fetch()
+            self._fetch(check_timeout(timeout))
         events = list(self._pending)
         self._pending.clear()
         return events
 
-    def _fetch(self) -> None:
-        """Run the backend's event loop until _pending holds at least one event."""
+    def _fetch(self, timeout: Optional[float]) -> None:
+        """Run the backend's event loop until _pending holds at least one
+        event; TimeoutError when ``timeout`` seconds pass first."""
         raise NotImplementedError
 
     def add_external(self, fd: int) -> None:
@@ -350,29 +412,38 @@ class Context:
         raise NotImplementedError
 
     def close(self, fd: int) -> None:
-        """Close and forget fd (no event); a service's socket file is removed."""
+        """Close and forget fd (no event); a service's socket file is removed.
+        What is still scheduled for fd is sent first, for ``linger`` seconds
+        at most; the rest is dropped with a WARNING."""
         raise NotImplementedError
 
     def close_all(self) -> None:
-        """Close every fd of the context."""
+        """Close every fd of the context, after sending what is scheduled
+        (for ``linger`` seconds at most, as close does)."""
+        raise NotImplementedError
+
+    def _close_in_child(self, fd: Optional[int]) -> None:
+        """In a forked child: close this process's copies of fd (every fd
+        when None) and nothing else (see _threads.ForkedGuard)."""
         raise NotImplementedError
 
     # -- typed messages (pyipc.typed; the same on both backends) -----------------
-    def write_typed(self, fd: int, obj: object, registry: "Registry") -> None:
+    def write_typed(self, fd: int, obj: object, registry: "Registry",
+                    timeout: Optional[float] = None) -> None:
         """write() the typed message ``registry.encode(obj)`` to fd."""
-        self.write(fd, registry.encode(obj))
+        self.write(fd, registry.encode(obj), timeout)
 
     def schedule_typed(self, fd: int, obj: object, registry: "Registry") -> None:
         """schedule() the typed message ``registry.encode(obj)`` for fd."""
         self.schedule(fd, registry.encode(obj))
 
-    def read_typed(self, fd: int, registry: "Registry") -> Any:
+    def read_typed(self, fd: int, registry: "Registry", timeout: Optional[float] = None) -> Any:
         """read() the next message of fd and return ``registry.decode()`` of it.
 
         A message that does not decode is consumed all the same: the
         TypedMessageError is raised and the connection stays open.
         """
-        return registry.decode(self.read(fd))
+        return registry.decode(self.read(fd, timeout))
 
 
 def _check_limits(max_message_size: int, max_queue_size: int, max_connections: int) -> None:

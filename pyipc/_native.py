@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn, Optional, Tuple
 
 from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
-                       buffer_too_small_text, check_max_messages, writable_view)
+                       buffer_too_small_text, check_max_messages, check_timeout, writable_view)
 from ._framing import split_payloads, too_large_text
 from ._types import (DEFAULT_READ_MANY, ERRORS_BY_CODE, READ_MANY_BYTES, BackendError, CBEvent, Event,
                      EventType, InvalidNameError, IPCError, MessageTooLargeError)
@@ -30,6 +30,12 @@ _PACKAGE = Path(__file__).resolve().parent
 _LIBRARY = "libipc.dylib" if sys.platform == "darwin" else "libipc.so"
 _E_BUFFER_TOO_SMALL = -11
 _E_NO_MEMORY = -12
+#: A signal ended a blocking call (the context is interruptible): its Python
+#: handler runs as the call returns; if it returns, the call is made again.
+_E_INTERRUPTED = -13
+#: close_all() asks the core for this many fds with scheduled messages left
+#: (for its warnings; a larger number is reported as a total).
+SCHEDULED_FDS = 64
 #: Events fetched from the core per call (more stay queued in the core).
 EVENT_BATCH = 1024
 #: read()/read_many() copy messages into this buffer (kept by the context),
@@ -113,7 +119,7 @@ class NativeContext(Context):
     """The native (Zig) backend of :class:`pyipc.Context`."""
 
     __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_sizes", "_count", "_lent",
-                 "_rbuf", "_rbuf_at", "_rlen",
+                 "_rbuf", "_rbuf_at", "_rlen", "_core_timeout",
                  "_close_info",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
@@ -126,6 +132,11 @@ class NativeContext(Context):
             raise MemoryError("ipc_context_init failed")
         self._ctx = self._handle[0]
         self._finalizer = weakref.finalize(self, lib.ipc_context_deinit, self._handle)
+        # Blocking calls return on a signal, so that its Python handler runs
+        # (PEP 475); each call then goes on, or raises what the handler raised.
+        lib.ipc_context_interruptible(self._ctx, 1)
+        #: The call timeout last given to the core (us), None for no limit.
+        self._core_timeout: Optional[int] = None
         rundir = os.fsencode(self.rundir)
         self._check(lib.ipc_context_set_rundir(self._ctx, rundir, len(rundir)))
         self._check(lib.ipc_context_set_limits(self._ctx, self.max_message_size,
@@ -171,6 +182,29 @@ class NativeContext(Context):
     def _busy_poll_changed(self, value: int) -> None:
         self._check(lib.ipc_context_busy_poll(self._ctx, value))
 
+    # -- timeouts and signals ------------------------------------------------------
+    def _start_timeout(self, timeout: Optional[float]) -> Optional[float]:
+        """Give the core the timeout of the blocking call starting now (it
+        keeps the last one given: a call without timeout clears it); return
+        the call's deadline on the monotonic clock, or None."""
+        timeout = check_timeout(timeout)
+        if timeout is None:
+            self._set_core_timeout(None)
+            return None
+        self._set_core_timeout(int(timeout * 1e6))
+        return time.monotonic() + timeout
+
+    def _set_core_timeout(self, us: Optional[int]) -> None:
+        if us != self._core_timeout:
+            lib.ipc_context_call_timeout(self._ctx, -1 if us is None else us)
+            self._core_timeout = us
+
+    def _resume(self, deadline: Optional[float]) -> None:
+        """A blocking call came back with _E_INTERRUPTED and the signal's
+        handler returned: the call goes on, with what is left of its timeout."""
+        if deadline is not None:
+            self._set_core_timeout(max(0, int((deadline - time.monotonic()) * 1e6)))
+
     # -- services and connections ---------------------------------------------------
     def service_init(self, name: str) -> int:
         fd = ffi.new("int *")
@@ -184,11 +218,18 @@ class NativeContext(Context):
         self._check(lib.ipc_connect_service(self._ctx, fd, raw, len(raw)))
         return fd[0]
 
-    def connect(self, name: str) -> int:
-        """Connect to service ``name``: through ipcd when IPC_NETWORK is set."""
+    def connect(self, name: str, timeout: Optional[float] = None) -> int:
+        """Connect to service ``name``: through ipcd when IPC_NETWORK is set
+        (``timeout`` bounds the wait for ipcd's answer)."""
         fd = ffi.new("int *")
         raw = _name_bytes(name)
-        self._check(lib.ipc_connect(self._ctx, fd, raw, len(raw)))
+        deadline = self._start_timeout(timeout)
+        while True:
+            rc = lib.ipc_connect(self._ctx, fd, raw, len(raw))
+            if rc != _E_INTERRUPTED:
+                break
+            self._resume(deadline)
+        self._check(rc)
         return fd[0]
 
     def add_external(self, fd: int) -> None:
@@ -215,24 +256,67 @@ class NativeContext(Context):
 
     # -- closing -----------------------------------------------------------------
     def close(self, fd: int) -> None:
-        # What close discards (README: logged as a warning with the count), and
-        # the switch peer that is closed with fd.
+        # What is scheduled for fd (and its switch peer, closed with it) goes
+        # out first, for `linger` seconds at most; what is left is logged as a
+        # warning with its count (README "Closing").
         count, peer, peer_count = self._close_info
         peer[0] = -1
-        if lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count) == 0:
-            for f, n in ((fd, count[0]), (peer[0], peer_count[0])):
-                if n:
-                    log.warning("closing fd %d discards %d scheduled message(s)", f, n)
-        self._check(lib.ipc_close_fd(self._ctx, _fd_arg(fd)), fd)
+        try:
+            if lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count) == 0 \
+                    and (count[0] or peer_count[0]):
+                self._linger(fd)
+                lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count)
+                for f, n in ((fd, count[0]), (peer[0], peer_count[0])):
+                    if n:
+                        log.warning("closing fd %d discards %d scheduled message(s)", f, n)
+        finally:    # closed even when a signal's handler raised during the linger
+            rc = lib.ipc_close_fd(self._ctx, _fd_arg(fd))
+        self._check(rc, fd)
         for f in (fd, peer[0]):
             if f >= 0:
                 self._callbacks.pop(f, None)
                 self._drop_pending(f)
 
     def close_all(self) -> None:
-        self._check(lib.ipc_close_all(self._ctx))
-        self._callbacks.clear()
-        self._pending.clear()
+        try:
+            self._linger(-1)
+            self._warn_unsent()
+        finally:
+            rc = lib.ipc_close_all(self._ctx)
+            self._callbacks.clear()
+            self._pending.clear()
+        self._check(rc)
+
+    def _linger(self, fd: int) -> None:
+        """Send what is scheduled for fd (every fd when -1) for at most
+        ``linger`` seconds; a signal whose handler returns does not shorten it."""
+        if not self.linger:
+            return
+        deadline = time.monotonic() + self.linger
+        while True:
+            left = max(0, int((deadline - time.monotonic()) * 1e6))
+            if lib.ipc_linger(self._ctx, fd, left) != _E_INTERRUPTED:
+                return      # all sent, or time ran out: the caller warns
+
+    def _warn_unsent(self) -> None:
+        """One WARNING per fd whose scheduled messages close_all() drops."""
+        fds, counts = ffi.new("int[]", SCHEDULED_FDS), ffi.new("size_t[]", SCHEDULED_FDS)
+        total = lib.ipc_scheduled_fds(self._ctx, fds, counts, SCHEDULED_FDS)
+        for i in range(min(total, SCHEDULED_FDS)):
+            log.warning("closing fd %d discards %d scheduled message(s)", fds[i], counts[i])
+        if total > SCHEDULED_FDS:
+            log.warning("closing %d more fds discards their scheduled messages",
+                        total - SCHEDULED_FDS)
+
+    def _close_in_child(self, fd: Optional[int]) -> None:
+        # The core sees it is in a forked child: it closes its copies of the
+        # fds and leaves the parent's socket files and poller alone.
+        if fd is None:
+            lib.ipc_close_all(self._ctx)
+            self._callbacks.clear()
+            self._pending.clear()
+        else:
+            self._check(lib.ipc_close_fd(self._ctx, _fd_arg(fd)), fd)
 
     # -- sending and receiving -----------------------------------------------------
     def _payload(self, fd: int, payload: object) -> tuple:
@@ -248,18 +332,65 @@ class NativeContext(Context):
         self._check(lib.ipc_check_write(self._ctx, _fd_arg(fd), size), fd)
         raise AssertionError("unreachable: no max_message_size allows 4 GiB")
 
-    def write(self, fd: int, payload: object) -> None:
-        if type(payload) is bytes and type(fd) is int:     # fast path: no conversion
+    def write(self, fd: int, payload: object, timeout: Optional[float] = None) -> None:
+        if timeout is None and self._core_timeout is None and type(payload) is bytes \
+                and type(fd) is int:     # fast path: no conversion
             try:
                 rc = _ipc_write(self._ctx, fd, payload, len(payload))
             except OverflowError:       # fd or size out of C's range: the slow path says why
                 pass
             else:
                 if rc:
-                    self._check(rc, fd)
+                    self._write_failed(rc, fd, payload, None)
                 return
-        buf, size = self._payload(fd, payload)
-        self._check(lib.ipc_write(self._ctx, _fd_arg(fd), buf, size), fd)
+        data = as_payload(payload)
+        buf, size = self._payload(fd, data)
+        deadline = self._start_timeout(timeout)
+        rc = lib.ipc_write(self._ctx, _fd_arg(fd), buf, size)
+        if rc:
+            self._write_failed(rc, fd, data, deadline)
+
+    def _write_failed(self, rc: int, fd: int, payload: object, deadline: Optional[float]) -> None:
+        """write() came back with ``rc``: after a signal whose handler
+        returned, the write goes on; anything else is raised."""
+        if rc == _E_INTERRUPTED:
+            rc = self._write_on([payload], fd, deadline)
+        if rc:
+            self._check(rc, fd)
+
+    def _write_on(self, items: list, fd: int, deadline: Optional[float]) -> int:
+        """Go on with a write or write_many of ``items`` that a signal
+        stopped: the messages it wrote or began are not sent again (a begun
+        one's rest is queued and goes out first), the others are."""
+        rc = _E_INTERRUPTED
+        while rc == _E_INTERRUPTED:
+            self._resume(deadline)
+            items = items[lib.ipc_write_count(self._ctx):]
+            rc = self._write_items(fd, items)
+        return rc
+
+    def _write_items(self, fd: int, items: list) -> int:
+        """One ipc_write_many of ``items`` (bytes-like, checked); its code.
+        None of them: fd's queue is flushed, blocking, and nothing more."""
+        # A list of ints, then the array: quicker than an array from map() and
+        # summing the array (each of its items boxed again).
+        lengths = list(map(len, items))
+        try:
+            sizes = ffi.from_buffer("uint32_t[]", array("I", lengths))
+        except OverflowError:       # one is 4 GiB or more: too large for any limit
+            sizes = None
+        if sizes is None:
+            self._too_large_for_c(fd, max(lengths))
+        if sum(lengths) < len(items) * WRITE_FROM_PLACE:
+            # Small payloads: copied together (one C call), written from there.
+            return _ipc_write_many(self._ctx, _fd_arg(fd), _join(items), sizes, len(items))
+        # Large ones: written from where they are, no copy. ``pins`` keeps
+        # every payload alive (and a bytearray unresizable) for the whole
+        # call: the GIL is released while it blocks, and the caller's list
+        # may be changed by another thread meanwhile.
+        pins = [ffi.from_buffer(p) for p in items]
+        pointers = ffi.new("char *[]", pins)
+        return _ipc_write_many_ptrs(self._ctx, _fd_arg(fd), pointers, sizes, len(items))
 
     def schedule(self, fd: int, payload: object) -> None:
         if type(payload) is bytes and type(fd) is int:     # fast path: no conversion
@@ -274,16 +405,22 @@ class NativeContext(Context):
         buf, size = self._payload(fd, payload)
         self._check(lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size), fd)
 
-    def read(self, fd: int) -> bytes:
+    def read(self, fd: int, timeout: Optional[float] = None) -> bytes:
         if self._pending:
             message = self._take_pending_message(fd)
             if message is not None:
                 return message
+        deadline = self._start_timeout(timeout) \
+            if timeout is not None or self._core_timeout is not None else None
         buf, rlen = self._rbuf, self._rlen
-        rlen[0] = READ_BUFFER
         # A plain int goes straight in (no _fd_arg call: it is a hot path).
         c_fd = fd if type(fd) is int and _INT_MIN <= fd <= _INT_MAX else _fd_arg(fd)
-        rc = _ipc_read_fd(self._ctx, c_fd, buf, rlen)
+        while True:
+            rlen[0] = READ_BUFFER
+            rc = _ipc_read_fd(self._ctx, c_fd, buf, rlen)
+            if rc != _E_INTERRUPTED:
+                break
+            self._resume(deadline)
         if rc == _E_BUFFER_TOO_SMALL:
             return self._read_large(fd)
         if rc:
@@ -291,58 +428,56 @@ class NativeContext(Context):
         at = self._rbuf_at
         return _MEMORY[at:at + rlen[0]]
 
-    def write_many(self, fd: int, payloads: object) -> None:
+    def write_many(self, fd: int, payloads: object, timeout: Optional[float] = None) -> None:
         items = as_payload_list(payloads)
-        # A list of ints, then the array: quicker than an array from map() and
-        # summing the array (each of its items boxed again).
-        lengths = list(map(len, items))
-        try:
-            sizes = ffi.from_buffer("uint32_t[]", array("I", lengths))
-        except OverflowError:       # one is 4 GiB or more: too large for any limit
-            sizes = None
-        if sizes is None:
-            self._too_large_for_c(fd, max(lengths))
-        if sum(lengths) < len(items) * WRITE_FROM_PLACE:
-            # Small payloads: copied together (one C call), written from there.
-            rc = _ipc_write_many(self._ctx, _fd_arg(fd), _join(items), sizes, len(items))
-        else:
-            # Large ones: written from where they are, no copy. ``pins`` keeps
-            # every payload alive (and a bytearray unresizable) for the whole
-            # call: the GIL is released while it blocks, and the caller's list
-            # may be changed by another thread meanwhile.
-            pins = [ffi.from_buffer(p) for p in items]
-            pointers = ffi.new("char *[]", pins)
-            rc = _ipc_write_many_ptrs(self._ctx, _fd_arg(fd), pointers, sizes, len(items))
-            del pins
+        deadline = self._start_timeout(timeout) \
+            if timeout is not None or self._core_timeout is not None else None
+        rc = self._write_items(fd, items)
+        if rc == _E_INTERRUPTED:
+            rc = self._write_on(items, fd, deadline)
         if rc:
             self._check(rc, fd)
 
-    def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY) -> list[bytes]:
+    def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY,
+                  timeout: Optional[float] = None) -> list[bytes]:
         check_max_messages(max_messages)
         if self._pending:
             taken = self._take_pending_messages(fd, max_messages)
             if taken:
                 return taken
+        deadline = self._start_timeout(timeout) \
+            if timeout is not None or self._core_timeout is not None else None
         sizes = self._sizes if max_messages <= DEFAULT_READ_MANY else \
             ffi.new("uint32_t[]", max_messages)
         buf, rlen, count = self._rbuf, self._rlen, self._count
-        rlen[0] = READ_BUFFER
-        rc = _ipc_read_many(self._ctx, _fd_arg(fd), buf, rlen, sizes, max_messages, count)
+        while True:
+            rlen[0] = READ_BUFFER
+            rc = _ipc_read_many(self._ctx, _fd_arg(fd), buf, rlen, sizes, max_messages, count)
+            if rc != _E_INTERRUPTED:
+                break
+            self._resume(deadline)
         if rc == _E_BUFFER_TOO_SMALL:
             return [self._read_large(fd)]
         if rc:
             self._check(rc, fd)
         return split_payloads(ffi.buffer(buf), _unpack(sizes, count[0]))
 
-    def read_into(self, fd: int, buffer: object) -> int:
+    def read_into(self, fd: int, buffer: object, timeout: Optional[float] = None) -> int:
         view = writable_view(buffer)
         if self._pending:
             size = self._take_pending_into(fd, view)
             if size is not None:
                 return size
+        deadline = self._start_timeout(timeout) \
+            if timeout is not None or self._core_timeout is not None else None
         rlen = self._rlen
-        rlen[0] = len(view)
-        rc = _ipc_read_into(self._ctx, _fd_arg(fd), ffi.from_buffer(view), rlen)
+        target = ffi.from_buffer(view)
+        while True:
+            rlen[0] = len(view)
+            rc = _ipc_read_into(self._ctx, _fd_arg(fd), target, rlen)
+            if rc != _E_INTERRUPTED:
+                break
+            self._resume(deadline)
         if rc == _E_BUFFER_TOO_SMALL:
             raise MessageTooLargeError(buffer_too_small_text(len(view), rlen[0]))
         if rc:
@@ -357,25 +492,33 @@ class NativeContext(Context):
         return _unpack(ptr[0], size[0])
 
     # -- the event loop ----------------------------------------------------------
-    def wait_events(self) -> list[Event]:
+    def wait_events(self, timeout: Optional[float] = None) -> list[Event]:
         if self._pending:
             return super().wait_events()
-        start = time.monotonic() if self._timer is not None else 0.0
-        return self._take_events() or self._after_wakeup(start)
+        return self._wait(timeout)
 
-    def _fetch(self) -> None:
+    def _fetch(self, timeout: Optional[float]) -> None:
+        self._pending.extend(self._wait(timeout))
+
+    def _wait(self, timeout: Optional[float]) -> list[Event]:
+        """Wait in the core for events; TimeoutError after ``timeout`` s."""
+        deadline = self._start_timeout(timeout) \
+            if timeout is not None or self._core_timeout is not None else None
         start = time.monotonic() if self._timer is not None else 0.0
-        self._pending.extend(self._take_events() or self._after_wakeup(start))
+        return self._take_events() or self._wait_on(start, deadline)
 
     def _wakeup(self) -> None:
         lib.ipc_wakeup(self._ctx)
 
-    def _after_wakeup(self, since: float) -> list[Event]:
+    def _wait_on(self, since: float, deadline: Optional[float]) -> list[Event]:
         """The core's wait returned with no event: another thread handed over
-        messages (schedule). Schedule them, then wait again for what is left of
-        the timer, counted from ``since`` (when the wait began)."""
+        messages (schedule), or a signal came and its handler returned.
+        Schedule what was handed over, then wait again for what is left of
+        the timer, counted from ``since`` (when the wait began), and of the
+        call's timeout."""
         while True:
             self._guard.apply(self)
+            self._resume(deadline)
             if self._timer is None:
                 events = self._take_events()
             else:
@@ -389,10 +532,13 @@ class NativeContext(Context):
                 return events
 
     def _take_events(self) -> list[Event]:
-        """One wait in the core, then every event it has queued, converted."""
+        """One wait in the core, then every event it has queued, converted;
+        none when a wake-up or a signal ended the wait."""
         ctx, events, count = self._ctx, self._events, self._count
         rc = _ipc_wait_events(ctx, events, EVENT_BATCH, count)
         if rc:
+            if rc == _E_INTERRUPTED:
+                return []
             self._check(rc)
         n = count[0]
         out = _convert(self._event_bytes, n)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import heapq
 import logging
+import math
 import os
 import select
 import signal
@@ -25,12 +26,12 @@ from typing import Callable, Optional, Tuple
 
 from . import _poller, _rundir
 from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
-                       buffer_too_small_text, check_max_messages, writable_view)
+                       buffer_too_small_text, check_max_messages, check_timeout, writable_view)
 from ._framing import (DIRECT_READ_MIN, HEADER, FrameDecoder, FrameTooLarge, encode,
                        too_large_text)
 from ._types import (DEFAULT_READ_MANY, IPCD_SERVICE, READ_MANY_BYTES, CBEvent, ConnectionClosedError, ConnectionLimitError,
                      Event, EventType, IPCError, MessageTooLargeError, QueueFullError,
-                     ServiceNotFoundError, UnknownFdError)
+                     ServiceNotFoundError, TimeoutError, UnknownFdError)
 
 log = logging.getLogger("pyipc")
 
@@ -282,7 +283,7 @@ class PureContext(Context):
             raise _os_error(f"cannot connect to service {name}", e.errno) from None
         return self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
 
-    def _connect_ipcd(self, name: str, network: str) -> int:
+    def _connect_ipcd(self, name: str, network: str, timeout: Optional[float]) -> int:
         _rundir.service_path(self.rundir, name)
         try:
             ipcd = self.connect_service(IPCD_SERVICE)
@@ -291,9 +292,16 @@ class PureContext(Context):
                 f"IPC_NETWORK is set but ipcd is not running "
                 f"(no service {IPCD_SERVICE} in {self.rundir})") from None
         sock = self._by_fd[ipcd].io
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            self.write(ipcd, f"{name};{network}")
+            self.write(ipcd, f"{name};{network}", timeout)
+            # An ipcd that accepted but does not answer must not hang us.
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not _wait_fd(ipcd, select.POLLIN, left):
+                raise TimeoutError(f"connect to service {name} timed out")
             answer, fds, _, _ = socket.recv_fds(sock, 2000, 1)  # type: ignore[arg-type]
+        except TimeoutError as e:
+            raise TimeoutError(f"connect to service {name} timed out") from e.__cause__
         except OSError:
             answer, fds = b"", []
         finally:
@@ -342,23 +350,59 @@ class PureContext(Context):
             io.close()  # type: ignore[attr-defined]
             return
         conn = self._lookup(fd)
-        for c in (conn, conn.peer):
-            if c is None or not c.alive:
-                continue
-            if c.queue:
-                log.warning("closing fd %d discards %d scheduled message(s)",
-                            c.fd, len(c.queue))
-            self._drop_pending(c.fd)
-            self._forget(c)
+        pair = [c for c in (conn, conn.peer) if c is not None]
+        try:
+            self._linger(pair)
+        finally:    # closed even when a signal's handler raised during the linger
+            for c in pair:
+                if not c.alive:
+                    continue
+                if c.queue:
+                    log.warning("closing fd %d discards %d scheduled message(s)",
+                                c.fd, len(c.queue))
+                self._drop_pending(c.fd)
+                self._forget(c)
 
     def close_all(self) -> None:
-        for conn in list(self._by_fd.values()):
-            if conn.alive:
-                self._forget(conn)
-        self._release_ended()
-        self._pending.clear()
-        self._free.clear()
-        self._slots.clear()
+        try:
+            self._linger(list(self._dirty))
+        finally:
+            for conn in list(self._by_fd.values()):
+                if conn.alive:
+                    if conn.queue:
+                        log.warning("closing fd %d discards %d scheduled message(s)",
+                                    conn.fd, len(conn.queue))
+                    self._forget(conn)
+            self._release_ended()
+            self._pending.clear()
+            self._free.clear()
+            self._slots.clear()
+
+    def _linger(self, conns: list) -> None:
+        """Send what is scheduled for ``conns`` for at most ``linger`` seconds
+        (event-loop rounds: what they read or accept waits as events)."""
+        if not self.linger or not any(c.alive and c.queue for c in conns):
+            return
+        deadline = time.monotonic() + self.linger
+        while any(c.alive and c.queue for c in conns):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._round(left, wait=True)
+
+    def _close_in_child(self, fd: Optional[int]) -> None:
+        # This process's copies only: the parent's socket files, lock and
+        # epoll instance (shared through fork) are left alone.
+        conns = list(self._by_fd.values()) if fd is None else [self._lookup(fd)]
+        for conn in conns:
+            conn.alive = False
+            self._by_fd.pop(conn.fd, None)
+            if conn.lock_fd >= 0:
+                os.close(conn.lock_fd)
+            conn.io.close()  # type: ignore[attr-defined]
+        if fd is None:
+            self._release_ended()
+            self._pending.clear()
 
     def _drop(self, conn: _Conn, error: Optional[str]) -> None:
         """End a connection: ERROR (if any reason), DISCONNECTION, then its switch peer."""
@@ -407,20 +451,22 @@ class PureContext(Context):
                 f"max_queue_size {self.max_queue_size})")
         self._enqueue(conn, encode(data), _TX)
 
-    def _enqueue(self, conn: _Conn, frame: bytes, kind: EventType) -> None:
+    def _enqueue(self, conn: _Conn, frame: bytes, kind: Optional[EventType]) -> None:
         conn.queue.append((frame, kind))
         conn.queued_bytes += len(frame)
         if conn not in self._dirty:
             self._dirty[conn] = None
             self._set_interest(conn)
 
-    def write(self, fd: int, payload: object) -> None:
+    def write(self, fd: int, payload: object, timeout: Optional[float] = None) -> None:
         conn, data = self._prepare(fd, payload)
+        block = self._blocking(fd, timeout, "write", spin=False)
         self._write_blocking(conn, [encode(data)] if len(data) <= WRITE_JOINED_MAX
-                             else [HEADER.pack(len(data)), data])
+                             else [HEADER.pack(len(data)), data], [len(data)], block)
 
-    def write_many(self, fd: int, payloads: object) -> None:
+    def write_many(self, fd: int, payloads: object, timeout: Optional[float] = None) -> None:
         items = as_payload_list(payloads)
+        block = self._blocking(fd, timeout, "write", spin=False)
         conn = self._connection(fd)
         largest = max(map(len, items), default=0)
         if largest > self.max_message_size:
@@ -434,35 +480,60 @@ class PureContext(Context):
                              for part in (pack(len(p)), p)])
                    for i in range(0, len(items), WRITE_MANY_BATCH)]
         if not batches:
-            self._write_blocking(conn, [])      # still flushes the queue, as native does
-        for batch in batches:
-            self._write_blocking(conn, [batch])
+            self._write_blocking(conn, [], [], block)   # still flushes the queue, as native does
+        for k, batch in enumerate(batches):
+            self._write_blocking(conn, [batch], list(map(
+                len, items[k * WRITE_MANY_BATCH:(k + 1) * WRITE_MANY_BATCH])), block)
 
-    def _write_blocking(self, conn: _Conn, frame: list) -> None:
-        """Flush conn's queue, then write every byte of ``frame`` (buffers),
-        waiting while the socket is full."""
+    def _write_blocking(self, conn: _Conn, frame: list, lens: list, block: "_Blocking") -> None:
+        """Flush conn's queue, then write every byte of ``frame`` (buffers:
+        frames of payload sizes ``lens``), waiting as ``block`` says while the
+        socket is full. Stopped midway (an exception of a signal's handler,
+        the timeout), the rest of the frame in progress is queued (_keep_framed)."""
         fd = conn.fd
+        # MSG_DONTWAIT, then poll() for room: a send that waits in the kernel
+        # returns a partial count when a signal comes, and a handler that
+        # raises right after it would leave those bytes unaccounted (the
+        # stream then corrupt). poll() moves no bytes: an exception there is
+        # harmless (_keep_framed).
+        flags = _SEND_NOW
+        sent = 0
         try:
-            # Without MSG_DONTWAIT: our own socket waits for room in the
-            # kernel; a foreign fd (non-blocking) is polled.
             while conn.queue:
-                if not self._send_queued(conn, _SEND_FLAGS):
-                    _wait_writable(fd)
+                if not self._send_queued(conn, flags):
+                    block.idle(fd, select.POLLOUT)
             while frame:
                 try:
-                    n = _send_some(conn.io, frame, _SEND_FLAGS)
+                    n = _send_some(conn.io, frame, flags)
                 except BlockingIOError:
-                    _wait_writable(fd)
+                    block.idle(fd, select.POLLOUT)
                     continue
                 except InterruptedError:
                     continue
+                sent += n
                 frame = _advance(frame, n)
         except (BrokenPipeError, ConnectionResetError):
             conn.write_closed = True
             raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer") \
                 from None
-        except OSError as e:        # native's text, not a raw OSError
-            raise _os_error("write failed", e.errno) from None
+        except OSError as e:
+            if isinstance(e, IPCError) or e.errno is None:  # the timeout, a handler's
+                self._keep_framed(conn, frame, lens, sent)
+                raise
+            raise _os_error("write failed", e.errno) from None      # native's text
+        except BaseException:
+            self._keep_framed(conn, frame, lens, sent)
+            raise
+
+    def _keep_framed(self, conn: _Conn, frame: list, lens: list, sent: int) -> None:
+        """A write stopped after ``sent`` bytes of frames of payload sizes
+        ``lens``: the rest of the frame in progress (the first bytes left in
+        ``frame``) is queued ahead of anything scheduled later, reported as no
+        event, so the peer never finds a later frame inside it. Frames not
+        begun are not sent."""
+        rest = _frame_rest(lens, sent)
+        if rest and conn.alive:
+            self._enqueue(conn, b"".join(bytes(b) for b in frame)[:rest], None)
 
     def _send_queued(self, conn: _Conn, flags: int = _SEND_NOW) -> bool:
         """Write queued frames (without waiting, unless ``flags`` leaves out
@@ -495,7 +566,8 @@ class PureContext(Context):
             frame, kind = queue.popleft()
             n -= len(frame)
             conn.queued_bytes -= len(frame)
-            pending.append(Event(kind, conn.fd, conn.index))
+            if kind is not None:        # None: the rest of a stopped write()
+                pending.append(Event(kind, conn.fd, conn.index))
         conn.sent = n
 
     def _flush(self, conn: _Conn) -> None:
@@ -514,26 +586,27 @@ class PureContext(Context):
                 self._drop(conn, None)
 
     # -- receiving -----------------------------------------------------------------
-    def read(self, fd: int) -> bytes:
+    def read(self, fd: int, timeout: Optional[float] = None) -> bytes:
         if self._pending:
             message = self._take_pending_message(fd)
             if message is not None:
                 return message
-        return self._receive(fd, 1, self._read_spin())[0]
+        return self._receive(fd, 1, self._blocking(fd, timeout, "read"))[0]
 
-    def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY) -> list[bytes]:
+    def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY,
+                  timeout: Optional[float] = None) -> list[bytes]:
         check_max_messages(max_messages)
         taken = self._take_pending_messages(fd, max_messages)
-        return taken or self._receive(fd, max_messages, self._read_spin(),
+        return taken or self._receive(fd, max_messages, self._blocking(fd, timeout, "read"),
                                       READ_MANY_BYTES)
 
-    def read_into(self, fd: int, buffer: object) -> int:
+    def read_into(self, fd: int, buffer: object, timeout: Optional[float] = None) -> int:
         view = writable_view(buffer)
         size = self._take_pending_into(fd, view)
         if size is not None:
             return size
         conn = self._connection(fd)
-        spin = self._read_spin()   # one busy_poll for the whole call
+        spin = self._blocking(fd, timeout, "read")   # one busy_poll for the whole call
         if len(view) >= DIRECT_READ_MIN and conn.kind == CONNECTION:
             size = self._read_frame_into(conn, view, spin)
             if size is None:
@@ -545,11 +618,16 @@ class PureContext(Context):
         assert size is not None
         return size
 
-    def _read_spin(self) -> "_ReadSpin":
-        """The busy_poll of one read call (no object made when it is 0)."""
-        return _ReadSpin(self._busy_poll) if self._busy_poll else _NO_SPIN
+    def _blocking(self, fd: int, timeout: Optional[float], what: str,
+                  spin: bool = True) -> "_Blocking":
+        """How one blocking call on fd waits: busy_poll (with ``spin``) and
+        its ``timeout`` (no object made when there is neither)."""
+        busy = self._busy_poll if spin else 0
+        if timeout is None:
+            return _Blocking(busy, None, what, fd) if busy else _NO_SPIN
+        return _Blocking(busy, time.monotonic() + check_timeout(timeout), what, fd)
 
-    def _read_frame_into(self, conn: _Conn, view: memoryview, spin: _ReadSpin) -> Optional[int]:
+    def _read_frame_into(self, conn: _Conn, view: memoryview, spin: _Blocking) -> Optional[int]:
         """The next frame of conn read into ``view`` when it is large and fits
         (as native does): its size; else None, with the header bytes read
         given to the decoder. The reads wait in the kernel."""
@@ -586,11 +664,15 @@ class PureContext(Context):
         except ConnectionResetError:
             return self._direct_eof(conn)
         except OSError as e:
-            if isinstance(e, IPCError):     # ours (an IPCError is an OSError): as raised
-                raise
-            err = _os_error("read failed", e.errno)
-            self._drop(conn, str(err))
-            raise err from None
+            if not isinstance(e, IPCError) and e.errno is not None:
+                err = _os_error("read failed", e.errno)
+                self._drop(conn, str(err))
+                raise err from None
+            # Ours (an IPCError is an OSError) or a signal handler's (no
+            # errno), as raised; what was read is kept.
+            if conn.alive:
+                conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
+            raise
         except BaseException:
             if conn.alive:
                 conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
@@ -601,7 +683,7 @@ class PureContext(Context):
         self._drop(conn, None)
         raise ConnectionClosedError(f"connection on fd {conn.fd} is closed by the peer")
 
-    def _receive(self, fd: int, keep: int, spin: _ReadSpin,
+    def _receive(self, fd: int, keep: int, spin: _Blocking,
                  room: Optional[int] = None) -> list[bytes]:
         """Block until fd delivers at least one new message; return the first
         ``keep`` of those that came (and, with ``room``, no more than ``room``
@@ -623,7 +705,7 @@ class PureContext(Context):
             self._drop(conn, error)
         return msgs
 
-    def _read_until_message(self, conn: _Conn, spin: _ReadSpin) -> Tuple[list, Optional[str]]:
+    def _read_until_message(self, conn: _Conn, spin: _Blocking) -> Tuple[list, Optional[str]]:
         """Read conn until at least one message is whole; (messages, the
         too-large text if a bad header followed them or came first). The
         reads wait in the kernel (our own sockets are in blocking mode: it
@@ -641,6 +723,8 @@ class PureContext(Context):
             except ConnectionResetError:
                 n = 0
             except OSError as e:
+                if e.errno is None:     # a signal handler's (a TimeoutError): as it is
+                    raise
                 # Like the event loop (and native): the connection ends with an
                 # ERROR and a DISCONNECTION; the caller gets the same text.
                 err = _os_error("read failed", e.errno)
@@ -781,25 +865,31 @@ class PureContext(Context):
         except BlockingIOError:
             pass                                # full: a wake-up is already pending
 
-    def _fetch(self) -> None:
+    def _fetch(self, timeout: Optional[float]) -> None:
         if not self._by_fd and self._timer is None:
             raise IPCError("nothing to wait for: no fd and no timer")
         if self._ended:
             self._release_ended()
-        deadline = None if self._timer is None else time.monotonic() + self._timer / 1000
+        now = time.monotonic()
+        deadline = None if self._timer is None else now + self._timer / 1000
+        # The call's timeout: a failure, where the timer is an event.
+        expiry = None if timeout is None else now + timeout
+        until = deadline if expiry is None else expiry if deadline is None else min(deadline, expiry)
         pending = self._pending
-        if self._busy_poll and self._spin(deadline):
+        if self._busy_poll and self._spin(until):
             return
         while True:
-            if deadline is None:
+            if until is None:
                 self._round(None)
             else:
-                self._round(max(0.0, deadline - time.monotonic()))
+                self._round(max(0.0, until - time.monotonic()))
             if pending:
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 pending.append(Event(EventType.TIMER))
                 return
+            if expiry is not None and time.monotonic() >= expiry:
+                raise TimeoutError("wait timed out")
 
     def _spin(self, deadline: Optional[float]) -> bool:
         """busy_poll: rounds that do not sleep, for busy_poll us at most (less
@@ -817,15 +907,15 @@ class PureContext(Context):
             if monotonic() >= end:
                 return False
 
-    def _round(self, timeout: Optional[float]) -> None:
+    def _round(self, timeout: Optional[float], wait: bool = False) -> None:
         """Flush every queue without blocking, wait up to ``timeout`` seconds
-        (None: forever; not at all when the flush brought events) for readiness,
-        then handle every ready fd."""
+        (None: forever; not at all when the flush brought events, unless
+        ``wait``: the linger) for readiness, then handle every ready fd."""
         if self._dirty:
             for conn in list(self._dirty):
                 if conn.alive:
                     self._flush(conn)
-        if self._pending:
+        if self._pending and not wait:
             timeout = 0
         for conn, mask in self._poller.select(timeout):
             if conn is _WAKE:
@@ -976,6 +1066,18 @@ def _check_fd_type(fd: object) -> None:
         raise TypeError(f"fd must be int, not {type(fd).__name__}")
 
 
+def _frame_rest(lens: list, written: int) -> int:
+    """Bytes left of the frame in progress once ``written`` bytes of frames of
+    payload sizes ``lens`` went out (0 on a frame boundary): the core's progress()."""
+    start = 0
+    for size in lens:
+        end = start + HEADER.size + size
+        if written < end:
+            return end - written if written > start else 0
+        start = end
+    return 0
+
+
 def _advance(buffers: list, n: int) -> list:
     """The part of ``buffers`` left after ``n`` bytes were written."""
     while buffers and n >= len(buffers[0]):
@@ -998,7 +1100,7 @@ def _fitting(msgs: list, room: int) -> int:
 
 
 def _recv_exactly(sock: object, buf: object, filled: list, at: int, end: int,
-                  spin: _ReadSpin) -> bool:
+                  spin: _Blocking) -> bool:
     """Fill buf from filled[at] to ``end`` from a blocking socket, keeping
     filled[at] up to date (so an interruption knows how far it got); False
     at EOF. The reads wait as ``spin`` says (busy_poll)."""
@@ -1017,33 +1119,48 @@ def _recv_exactly(sock: object, buf: object, filled: list, at: int, end: int,
     return True
 
 
-class _ReadSpin:
-    """How one read call waits (busy_poll; the core's ReadSpin): reads that do
-    not wait until ``end`` (monotonic; 0.0: none), then reads that wait in the
-    kernel. One per call, so that the call spins busy_poll us at most."""
+class _Blocking:
+    """How one blocking call waits (the core's blocking.zig): transfers that
+    do not wait until ``end`` (busy_poll; monotonic, 0.0: none), then
+    transfers that wait in the kernel, or, with a ``deadline`` (the call's
+    timeout), poll() up to it: then TimeoutError("<what> timed out"). One
+    per call, so that the call spins busy_poll us at most. Signals need
+    nothing here: Python's own calls run the handler and go on (PEP 475)."""
 
-    __slots__ = ("end",)
+    __slots__ = ("end", "deadline", "what", "fd")
 
-    def __init__(self, busy_poll_us: int) -> None:
+    def __init__(self, busy_poll_us: int, deadline: Optional[float] = None,
+                 what: str = "", fd: int = -1) -> None:
         self.end = time.monotonic() + busy_poll_us / 1e6 if busy_poll_us else 0.0
+        if deadline is not None and self.end:
+            self.end = min(self.end, deadline)
+        self.deadline = deadline
+        self.what = what
+        self.fd = fd
 
     def flags(self) -> int:
-        """recv flags of the next read."""
-        return _DONTWAIT if self.end else 0
+        """recv/send flags (MSG_DONTWAIT or none) of the next transfer."""
+        return _DONTWAIT if self.end or self.deadline is not None else 0
 
-    def idle(self, fd: int) -> None:
-        """Nothing to read: go on spinning while there is time, else wait."""
-        if not self.end:
-            _wait_readable(fd)
+    def idle(self, fd: int, events: int = select.POLLIN) -> None:
+        """Nothing moved: go on spinning while there is time, else wait."""
+        if self.end:
+            _yield_cpu()
+            if time.monotonic() >= self.end:
+                self.end = 0.0
             return
-        _yield_cpu()
-        if time.monotonic() >= self.end:
-            self.end = 0.0
+        if self.deadline is None:
+            _wait_fd(fd, events)
+            return
+        left = self.deadline - time.monotonic()
+        if left <= 0 or not _wait_fd(fd, events, left):
+            raise TimeoutError(f"{self.what} on fd {self.fd} timed out"
+                               if self.fd >= 0 else f"{self.what} timed out")
 
 
-#: The ReadSpin of every read call without busy_poll (never changed: its
-#: end is 0.0, so idle() only waits).
-_NO_SPIN = _ReadSpin(0)
+#: The _Blocking of every call without busy_poll or timeout (never changed:
+#: its end is 0.0 and it has no deadline, so idle() only waits).
+_NO_SPIN = _Blocking(0)
 
 
 def _yield_cpu() -> None:
@@ -1053,15 +1170,10 @@ def _yield_cpu() -> None:
     os.sched_yield()
 
 
-def _wait_fd(fd: int, events: int) -> None:
+def _wait_fd(fd: int, events: int, timeout: Optional[float] = None) -> bool:
+    """Wait until fd has ``events`` (at most ``timeout`` seconds); whether it has."""
     poller = select.poll()
     poller.register(fd, events)
-    poller.poll()
-
-
-def _wait_readable(fd: int) -> None:
-    _wait_fd(fd, select.POLLIN)
-
-
-def _wait_writable(fd: int) -> None:
-    _wait_fd(fd, select.POLLOUT)
+    if timeout is None:
+        return bool(poller.poll())
+    return bool(poller.poll(math.ceil(timeout * 1000)))

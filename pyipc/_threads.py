@@ -197,3 +197,38 @@ def guard_methods(cls: type) -> None:
     if not getattr(cls.schedule, "_guarded", False):
         cls._schedule_direct = cls.schedule
         cls.schedule = _guarded_schedule(cls.schedule)
+
+
+#: What any call but close, close_all and leaving a ``with`` raises in a
+#: forked child (README "fork").
+FORK_TEXT = ("this Context was inherited through fork(): in the child, create a new "
+             "Context (closing the inherited one only closes this process's copies "
+             "of its fds)")
+
+
+class ForkedGuard(ThreadGuard):
+    """The guard of a Context in a forked child (set by the at-fork hook).
+
+    Its lock is held for good, so every guarded call takes the slow path:
+    close() and close_all() close the child's copies of the fds, and nothing
+    that the parent shares (its socket files, its lock, its poller); every
+    other call raises IPCError(FORK_TEXT). schedule() too.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, inherited: ThreadGuard) -> None:
+        super().__init__()
+        self._lock.acquire()
+        # What another thread of the parent had handed over is not ours to send.
+        del inherited
+
+    def call(self, ctx: Any, method: Callable, args: tuple, kwargs: dict) -> Any:
+        if method.__name__ == "close":
+            return ctx._close_in_child(*args, **kwargs)
+        if method.__name__ == "close_all":
+            return ctx._close_in_child(None)
+        raise IPCError(FORK_TEXT)
+
+    def schedule(self, ctx: Any, direct: Callable, fd: int, payload: object) -> None:
+        raise IPCError(FORK_TEXT)

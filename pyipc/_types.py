@@ -7,6 +7,7 @@ same numbers are used by the C ABI in ``zig/libipc.h``.
 
 from __future__ import annotations
 
+import builtins
 import enum
 from typing import Optional
 
@@ -35,6 +36,9 @@ DEFAULT_RUNDIR = "/tmp/.libipc-run"
 MAX_SOCKET_PATH = 107
 #: Name of ipcd's service, reached by ``connect()`` when IPC_NETWORK is set.
 IPCD_SERVICE = "ipc"
+#: Default ``linger`` of a Context, in seconds: how long closing waits for
+#: scheduled messages to go out before it drops them (ZeroMQ's LINGER).
+DEFAULT_LINGER = 1.0
 
 
 class EventType(enum.IntEnum):
@@ -147,6 +151,11 @@ class BackendError(IPCError):
     """The requested backend cannot be used (the reason is in the message)."""
 
 
+class TimeoutError(IPCError, builtins.TimeoutError):  # noqa: A001 - pyipc.TimeoutError
+    """A blocking call's ``timeout`` passed first. Nothing was consumed; a
+    write that had begun a frame completes it (README "Signals and timeouts")."""
+
+
 #: Error classes by the code the C ABI returns (``IPC_E_*`` in libipc.h).
 ERRORS_BY_CODE: dict[int, type[IPCError]] = {
     -1: IPCError,
@@ -159,4 +168,5 @@ ERRORS_BY_CODE: dict[int, type[IPCError]] = {
     -8: ConnectionClosedError,
     -9: UnknownFdError,
     -10: ConnectionLimitError,
+    -14: TimeoutError,
 }

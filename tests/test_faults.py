@@ -258,6 +258,7 @@ def test_read_error_in_the_event_loop(ctx_factory):
 
 
 def test_close_with_scheduled_messages_logs_a_warning(pair, caplog):
+    pair.client.linger = 0          # no time to send them (see test_linger.py)
     pair.client.schedule(pair.client_fd, b"1")
     pair.client.schedule(pair.client_fd, b"2")
     with caplog.at_level(logging.WARNING, logger="pyipc"):
@@ -286,6 +287,7 @@ def test_close_of_a_switch_warns_for_both_sides(ctx_factory, caplog):
     b.connect_service("sw")
     sb = wait_for(server, EventType.CONNECTION)[-1].fd
     server.add_switch(sa, sb)
+    server.linger = 0               # no time to send them (see test_linger.py)
     server.schedule(sb, b"x")
     server.schedule(sb, b"y")
     server.schedule(sa, b"z")

@@ -1,0 +1,260 @@
+"""Blocking calls under signals, as Python's own (PEP 475), on both backends.
+
+A signal's Python handler runs while the call blocks; if it returns, the call
+goes on waiting; if it raises, that exception comes out unchanged and nothing
+is consumed or half-written. The signal is SIGALRM from a one-shot interval
+timer, sent while the call is blocked (the call cannot return by itself: no
+data comes). A watchdog thread ends a call that the signal failed to end, so
+a broken backend fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import signal
+import threading
+import time
+from typing import Callable, Iterator
+
+import pytest
+
+import pyipc
+from pyipc import EventType
+
+from conftest import Pair, frame, wait_for
+
+#: When the alarm fires, after the call began (seconds).
+ALARM_S = 0.05
+#: The handler must have run, and the call returned, within this much of the
+#: alarm (README: "within ~50 ms"; generous for a loaded 2-core CI machine).
+PROMPT_S = 0.5
+#: A call still blocked this long after the alarm is unblocked by the watchdog.
+WATCHDOG_S = 5.0
+
+
+class Alarm(Exception):
+    """What the test handler raises (not an IPCError: it must come out unchanged)."""
+
+
+@contextlib.contextmanager
+def alarm(handler: Callable[[int, object], None]) -> Iterator[list[float]]:
+    """SIGALRM with ``handler`` fires ALARM_S from now; yields a list that
+    gets the time it fired."""
+    fired: list[float] = []
+
+    def on_alarm(signum: int, frame_: object) -> None:
+        fired.append(time.monotonic())
+        handler(signum, frame_)
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, ALARM_S)
+    try:
+        yield fired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def raise_alarm(signum: int, frame_: object) -> None:
+    raise Alarm("alarm")
+
+
+@contextlib.contextmanager
+def watchdog(unblock: Callable[[], None]) -> Iterator[None]:
+    """Call ``unblock`` from another thread if the block is still running
+    after WATCHDOG_S (a backend that ignores the signal then fails, not hangs)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if not done.wait(WATCHDOG_S):
+            unblock()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def assert_prompt(fired: list[float]) -> None:
+    assert fired, "the handler never ran"
+    assert time.monotonic() - fired[0] < PROMPT_S, "the call did not end soon after the signal"
+
+
+def feed(pair: Pair, payload: bytes) -> None:
+    """The client sends one message to the server's connection (the watchdog)."""
+    pair.client.write(pair.client_fd, payload)
+
+
+# ---------------------------------------------------------------- reads
+
+
+@pytest.mark.parametrize("call", ["read", "read_many", "read_into"])
+def test_a_raising_handler_ends_a_blocked_read_and_nothing_is_lost(pair, call):
+    server, fd = pair.server, pair.server_fd
+    buf = bytearray(100)
+    reads = {"read": lambda: server.read(fd),
+             "read_many": lambda: server.read_many(fd, 1)[0],
+             "read_into": lambda: bytes(buf[:server.read_into(fd, buf)])}
+    with watchdog(lambda: feed(pair, b"late")), alarm(raise_alarm) as fired:
+        with pytest.raises(Alarm) as caught:
+            reads[call]()
+        assert_prompt(fired)
+    assert type(caught.value) is Alarm and str(caught.value) == "alarm"
+    # The connection is intact, and what comes next is read whole, in order.
+    pair.client.write_many(pair.client_fd, [b"first", b"second"])
+    assert reads[call]() == b"first"
+    assert server.read(fd) == b"second"
+
+
+def test_a_builtin_timeout_error_from_a_handler_comes_out_as_it_is(pair):
+    def raise_timeout(signum: int, frame_: object) -> None:
+        raise builtins.TimeoutError("deadline")
+
+    with watchdog(lambda: feed(pair, b"late")), alarm(raise_timeout):
+        with pytest.raises(builtins.TimeoutError) as caught:
+            pair.server.read(pair.server_fd)
+    assert not isinstance(caught.value, pyipc.IPCError)
+    assert str(caught.value) == "deadline"
+    pair.client.write(pair.client_fd, b"next")
+    assert pair.server.read(pair.server_fd) == b"next"
+
+
+def test_a_handler_that_returns_lets_the_read_go_on(pair):
+    # The handler itself makes the data come: the read must still be waiting
+    # for it (not failed, not returned empty-handed).
+    def send(signum: int, frame_: object) -> None:
+        pair.client.write(pair.client_fd, b"sent by the handler")
+
+    with watchdog(lambda: feed(pair, b"late")), alarm(send) as fired:
+        assert pair.server.read(pair.server_fd) == b"sent by the handler"
+    assert len(fired) == 1
+
+
+def test_a_partial_frame_read_before_the_signal_is_kept(pair, rundir):
+    """Half a frame has come when the signal ends the read: the rest completes it."""
+    message = b"m" * 200_000       # read_into's direct path reads it into the buffer
+    data = frame(message)
+    half = len(data) // 2
+    raw = _raw_client(pair, rundir)
+    buf = bytearray(len(message))
+    raw.sendall(data[:half])
+    with watchdog(lambda: raw.sendall(data[half:])), alarm(raise_alarm) as fired:
+        with pytest.raises(Alarm):
+            pair.server.read_into(raw.server_fd, buf)
+        assert_prompt(fired)
+    raw.sendall(data[half:])
+    assert pair.server.read_into(raw.server_fd, buf) == len(message)
+    assert bytes(buf) == message
+
+
+class _Raw:
+    """A raw socket client of the pair's service and its server-side fd."""
+
+    def __init__(self, sock, server_fd: int) -> None:
+        self.sock, self.server_fd = sock, server_fd
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+def _raw_client(pair: Pair, rundir: str) -> _Raw:
+    from conftest import raw_connect
+    sock = raw_connect(rundir, pair.name)
+    ev = wait_for(pair.server, EventType.CONNECTION)[-1]
+    return _Raw(sock, ev.fd)
+
+
+# ---------------------------------------------------------------- the event loop
+
+
+@pytest.mark.parametrize("busy_poll", [0, 10_000])
+def test_a_raising_handler_ends_a_blocked_wait(pair, busy_poll):
+    """Also during busy_poll's spin, where no system call is interrupted."""
+    server = pair.server
+    server.busy_poll = busy_poll
+    with watchdog(lambda: feed(pair, b"late")), alarm(raise_alarm) as fired:
+        with pytest.raises(Alarm):
+            server.wait_events()
+        assert_prompt(fired)
+    pair.client.write(pair.client_fd, b"after")
+    ev = wait_for(server, EventType.MESSAGE_RX)[-1]
+    assert ev.message == b"after"
+
+
+def test_a_handler_that_returns_lets_the_wait_go_on(pair):
+    def send(signum: int, frame_: object) -> None:
+        pair.client.write(pair.client_fd, b"from the handler")
+
+    with watchdog(lambda: feed(pair, b"late")), alarm(send) as fired:
+        ev = pair.server.wait_event()
+    assert (ev.type, ev.message) == (EventType.MESSAGE_RX, b"from the handler")
+    assert len(fired) == 1
+
+
+def test_the_timer_still_counts_from_the_start_of_the_wait(pair):
+    """A signal whose handler returns does not restart the timer."""
+    server = pair.server
+    server.timer = 300
+    start = time.monotonic()
+    with alarm(lambda s, f: None) as fired:
+        ev = server.wait_event()
+    elapsed = time.monotonic() - start
+    assert ev.type == EventType.TIMER and fired
+    assert 0.3 <= elapsed < 0.3 + PROMPT_S
+
+
+# ---------------------------------------------------------------- writes
+
+
+def test_an_interrupted_large_write_keeps_the_stream_framed(pair):
+    """Interrupt a 4 MiB write to a peer that does not read, then write three
+    more messages: the peer gets whole frames, the 4 MiB one first (its rest
+    was sent before anything else)."""
+    client, fd = pair.client, pair.client_fd
+    big = bytes(range(256)) * (4 * 4096)          # 4 MiB, not uniform
+    received: list[bytes] = []
+
+    def drain() -> None:
+        for _ in range(4):
+            received.append(pair.server.read(pair.server_fd))
+
+    reader = threading.Thread(target=drain)
+    with watchdog(reader.start), alarm(raise_alarm) as fired:
+        with pytest.raises(Alarm):
+            client.write(fd, big)
+        assert_prompt(fired)
+    if reader.ident is None:
+        reader.start()
+    client.write(fd, b"one")
+    client.write_many(fd, [b"two", b"three"])
+    reader.join(timeout=30)
+    assert [len(m) for m in received] == [len(big), 3, 3, 5]
+    assert received == [big, b"one", b"two", b"three"]
+
+
+def test_an_interrupted_write_many_sends_what_it_began_and_nothing_after(pair):
+    client, fd = pair.client, pair.client_fd
+    chunks = [bytes([k]) * (1 << 20) for k in range(8)]   # 8 MiB in all
+    received: list[bytes] = []
+
+    def drain() -> None:
+        while not received or received[-1] != b"end":
+            received.append(pair.server.read(pair.server_fd))
+
+    reader = threading.Thread(target=drain)
+    with watchdog(reader.start), alarm(raise_alarm):
+        with pytest.raises(Alarm):
+            client.write_many(fd, chunks)
+    if reader.ident is None:
+        reader.start()
+    client.write(fd, b"end")
+    reader.join(timeout=30)
+    assert received[-1] == b"end"
+    sent = received[:-1]
+    # Whole frames, a prefix of the batch, in order.
+    assert sent == chunks[:len(sent)]
+    assert 1 <= len(sent) < len(chunks)

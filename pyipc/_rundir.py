@@ -44,6 +44,12 @@ def service_path(rundir: str, name: str) -> str:
         raise InvalidNameError("invalid service name: contains '/'")
     if "\0" in name:
         raise InvalidNameError("invalid service name: contains NUL")
+    # connect() through ipcd sends "NAME;IPC_NETWORK": a ';' would add rules.
+    if ";" in name:
+        raise InvalidNameError("invalid service name: contains ';'")
+    # RUNDIR/. is the run dir itself, RUNDIR/.. its parent: not a socket path.
+    if name in (".", ".."):
+        raise InvalidNameError("invalid service name: '.' and '..' are not names")
     path = os.path.join(rundir, name)
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise InvalidNameError(
@@ -57,6 +63,7 @@ def check_rundir(rundir: str, create: bool) -> bool:
     Refuses a symlink, a non-directory, a directory writable by others and one
     owned by another user than us or root.
     """
+    rundir = strip_slashes(rundir)
     try:
         st = os.lstat(rundir)
     except FileNotFoundError:
@@ -76,6 +83,14 @@ def check_rundir(rundir: str, create: bool) -> bool:
     if st.st_uid not in (0, os.geteuid()):
         raise RunDirError(f"run directory {rundir} is owned by another user (uid {st.st_uid})")
     return True
+
+
+def strip_slashes(rundir: str) -> str:
+    """``rundir`` without trailing slashes ("/" stays "/").
+
+    lstat("link/") follows the symlink "link": the check must see "link".
+    """
+    return rundir.rstrip("/") or rundir[:1]
 
 
 def _cannot_create(rundir: str, e: OSError) -> RunDirError:
@@ -98,10 +113,19 @@ def _create(rundir: str) -> None:
 
 
 def lock_service(rundir: str, name: str, path: str) -> int:
-    """Take the exclusive lock ``NAME.lock``; return its fd (held until closed)."""
+    """Take the exclusive lock ``NAME.lock``; return its fd (held until closed).
+
+    A symlink there is refused, not followed: it would make us create and
+    lock a file anywhere, outside the run dir.
+    """
+    lock_path = path + ".lock"
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        fd = os.open(lock_path, flags, 0o660)
     except OSError as e:        # e.g. ENXIO: a socket of service "NAME.lock" is there
+        # O_NOFOLLOW's errno varies (ELOOP, EMLINK on FreeBSD): look instead.
+        if os.path.islink(lock_path):
+            raise IPCError(f"cannot start service {name}: {lock_path} is a symlink") from None
         raise _start_failed(name, e.errno) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

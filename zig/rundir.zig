@@ -16,7 +16,8 @@ pub const max_socket_path = 107;
 pub const PathBuf = [max_socket_path + 8]u8;
 
 /// Build RUNDIR/NAME into `buf` after checking the name, in the README's
-/// order: empty, contains '/', contains NUL, path too long. Like Python's
+/// order: empty, contains '/', contains NUL, contains ';', "." or "..",
+/// path too long. Like Python's
 /// os.path.join, no second '/' is added after a run dir ending with one.
 pub fn servicePath(buf: *PathBuf, rundir: []const u8, name: []const u8, last: *LastError) Error![:0]u8 {
     if (name.len == 0) return last.fail(error.InvalidName, "invalid service name: empty", .{});
@@ -24,6 +25,12 @@ pub fn servicePath(buf: *PathBuf, rundir: []const u8, name: []const u8, last: *L
         return last.fail(error.InvalidName, "invalid service name: contains '/'", .{});
     if (std.mem.indexOfScalar(u8, name, 0) != null)
         return last.fail(error.InvalidName, "invalid service name: contains NUL", .{});
+    // connect() through ipcd sends "NAME;IPC_NETWORK": a ';' would add rules.
+    if (std.mem.indexOfScalar(u8, name, ';') != null)
+        return last.fail(error.InvalidName, "invalid service name: contains ';'", .{});
+    // RUNDIR/. is the run dir itself, RUNDIR/.. its parent: not a socket path.
+    if (std.mem.eql(u8, name, ".") or std.mem.eql(u8, name, ".."))
+        return last.fail(error.InvalidName, "invalid service name: '.' and '..' are not names", .{});
     const sep: []const u8 = if (rundir.len == 0 or rundir[rundir.len - 1] == '/') "" else "/";
     const len = rundir.len + sep.len + name.len;
     if (len > max_socket_path or len >= sunPathSize())
@@ -39,7 +46,8 @@ fn sunPathSize() usize {
 /// Check the run dir (and with `create`, make it, mode 0770). Returns false
 /// when it does not exist and `create` is false. Refuses a symlink, a
 /// non-directory and a directory writable by others.
-pub fn check(rundir: []const u8, create: bool, last: *LastError) Error!bool {
+pub fn check(given: []const u8, create: bool, last: *LastError) Error!bool {
+    const rundir = stripSlashes(given);
     var zbuf: [4096]u8 = undefined;
     const z = sys.printZ(&zbuf, "{s}", .{rundir}) catch
         return last.fail(error.RunDir, "cannot create run directory {s}: {s}", .{ rundir, errors.errText(.NAMETOOLONG) });
@@ -60,6 +68,13 @@ pub fn check(rundir: []const u8, create: bool, last: *LastError) Error!bool {
     if (sys.lstatOwner(z.ptr)) |uid| if (uid != 0 and uid != c.geteuid())
         return last.fail(error.RunDir, "run directory {s} is owned by another user (uid {d})", .{ rundir, uid });
     return true;
+}
+
+/// `rundir` without trailing slashes ("/" stays "/"): lstat("link/") follows
+/// the symlink "link", so the checks must see "link".
+fn stripSlashes(rundir: []const u8) []const u8 {
+    const stripped = std.mem.trimEnd(u8, rundir, "/");
+    return if (stripped.len == 0) rundir[0..@min(rundir.len, 1)] else stripped;
 }
 
 /// mkdir -p: parents with the default mode, the run dir itself with 0770
@@ -85,11 +100,23 @@ fn makeDirs(path: [:0]u8, last: *LastError) Error!void {
 /// Take the exclusive, non-blocking lock RUNDIR/NAME.lock and return its fd,
 /// kept open (and locked) for the service's lifetime. The lock file is never
 /// removed: unlinking it would let two services lock two different files.
+/// A symlink there is refused, not followed: it would make us create and
+/// lock a file anywhere, outside the run dir.
 pub fn lockService(path: [:0]const u8, name: []const u8, rundir: []const u8, last: *LastError) Error!i32 {
     var buf: PathBuf = undefined;
     const lock_path = sys.printZ(&buf, "{s}.lock", .{path}) catch unreachable;
-    const fd = c.open(lock_path.ptr, .{ .ACCMODE = .RDWR, .CREAT = true, .CLOEXEC = true }, @as(c.mode_t, 0o660));
-    if (fd < 0) return startFailed(name, c.errno(fd), last);
+    const flags: c.O = .{ .ACCMODE = .RDWR, .CREAT = true, .CLOEXEC = true, .NOFOLLOW = true };
+    const fd = c.open(lock_path.ptr, flags, @as(c.mode_t, 0o660));
+    if (fd < 0) {
+        const e = c.errno(fd);
+        // O_NOFOLLOW's errno varies (ELOOP, EMLINK on FreeBSD): look instead.
+        switch (sys.lstatMode(lock_path.ptr)) {
+            .mode => |m| if (m & sys.S_IFMT == sys.S_IFLNK)
+                return last.fail(error.Generic, "cannot start service {s}: {s} is a symlink", .{ name, lock_path }),
+            .failed => {},
+        }
+        return startFailed(name, e, last);
+    }
     errdefer sys.closeFd(fd);
     while (c.flock(fd, c.LOCK.EX | c.LOCK.NB) != 0) {
         switch (c.errno(@as(c_int, -1))) {
@@ -187,6 +214,13 @@ test "service names are checked in the documented order" {
     try testing.expectEqualStrings("invalid service name: contains '/'", last.text());
     try testing.expectError(error.InvalidName, servicePath(&buf, "/tmp", "a\x00", &last));
     try testing.expectEqualStrings("invalid service name: contains NUL", last.text());
+    try testing.expectError(error.InvalidName, servicePath(&buf, "/tmp", "a;b", &last));
+    try testing.expectEqualStrings("invalid service name: contains ';'", last.text());
+    for ([_][]const u8{ ".", ".." }) |dots| {
+        try testing.expectError(error.InvalidName, servicePath(&buf, "/tmp", dots, &last));
+        try testing.expectEqualStrings("invalid service name: '.' and '..' are not names", last.text());
+    }
+    try testing.expectEqualStrings("/tmp/...", try servicePath(&buf, "/tmp", "...", &last));
     const long: [103]u8 = @splat('n');
     try testing.expectError(error.InvalidName, servicePath(&buf, "/tmp", &long, &last));
     try testing.expectEqualStrings("invalid service name: socket path is longer than 107 bytes", last.text());
@@ -219,4 +253,33 @@ test "run dir: created 0770, symlink / file / others-writable refused" {
     try testing.expectError(error.RunDir, check(sub, true, &last));
     try testing.expect(std.mem.endsWith(u8, last.text(), "is not a directory"));
     _ = c.unlink(sub.ptr);
+}
+
+test "run dir: trailing slashes are stripped, \"/\" is kept" {
+    try testing.expectEqualStrings("/tmp/x", stripSlashes("/tmp/x/"));
+    try testing.expectEqualStrings("/tmp/x", stripSlashes("/tmp/x//"));
+    try testing.expectEqualStrings("/tmp/x", stripSlashes("/tmp/x"));
+    try testing.expectEqualStrings("/", stripSlashes("/"));
+    try testing.expectEqualStrings("/", stripSlashes("///"));
+    try testing.expectEqualStrings("", stripSlashes(""));
+}
+
+test "lock: a symlink NAME.lock is refused and its target not created" {
+    var last: LastError = .{};
+    var dir_buf: [64]u8 = undefined;
+    const dir = try sys.printZ(&dir_buf, "/tmp/pyipc-zig-lk-{d}", .{sys.nowMs() ^ c.getpid()});
+    try testing.expectEqual(@as(c_int, 0), c.mkdir(dir.ptr, 0o700));
+    defer _ = c.rmdir(dir.ptr);
+    var path_buf: PathBuf = undefined;
+    const path = try sys.printZ(&path_buf, "{s}/pong", .{dir});
+    var lock_buf: PathBuf = undefined;
+    const lock = try sys.printZ(&lock_buf, "{s}.lock", .{path});
+    var target_buf: PathBuf = undefined;
+    const target = try sys.printZ(&target_buf, "{s}-outside", .{dir});
+    try testing.expectEqual(@as(c_int, 0), c.symlink(target.ptr, lock.ptr));
+    defer _ = c.unlink(lock.ptr);
+    try testing.expectError(error.Generic, lockService(path, "pong", dir, &last));
+    var msg_buf: [200]u8 = undefined;
+    try testing.expectEqualStrings(try std.fmt.bufPrint(&msg_buf, "cannot start service pong: {s} is a symlink", .{lock}), last.text());
+    try testing.expect(sys.lstatMode(target.ptr) == .failed);
 }

@@ -103,12 +103,17 @@ def quick_start(title: str) -> Block:
     return found[0]
 
 
+def workdir(env: Dict[str, str]) -> str:
+    """The processes' working directory: the temporary one that holds RUNDIR."""
+    return os.path.dirname(env["RUNDIR"])
+
+
 class Service:
     """A service running in the background; its output is drained by threads."""
 
     def __init__(self, argv: List[str], env: Dict[str, str], name: str) -> None:
         self.name = name
-        self.popen = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+        self.popen = subprocess.Popen(argv, env=env, cwd=workdir(env), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.stderr: List[str] = []
@@ -201,8 +206,8 @@ def run_program(code: str, env: Dict[str, str], name: str,
                 f"{service.text_err()}")
 
     try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                              text=True, timeout=TIMEOUT)
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=workdir(env),
+                              capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as e:   # run() has killed and reaped it
         pytest.fail(f"{name} did not end within {TIMEOUT} s (deadlock?); "
                     f"stdout {e.stdout!r}; stderr {e.stderr!r}{about_service()}")

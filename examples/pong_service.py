@@ -40,23 +40,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"pong_service: ready on {os.path.join(ctx.rundir, args.name)} "
               f"(backend {ctx.backend})", flush=True)
         echoed = 0
-        running = True
-        while running:
-            for ev in ctx.wait_events():
-                if ev.type == EventType.EXTERNAL and ev.fd == stop:
-                    running = False
-                elif ev.type == EventType.MESSAGE_RX:
-                    try:
-                        ctx.schedule(ev.fd, ev.message)  # queued: a slow client never blocks us
-                        echoed += 1
-                    except pyipc.ConnectionClosedError:
-                        # The client sent this and hung up at once: its connection
-                        # has ended (its DISCONNECTION follows), and its fd number
-                        # stays reserved until the next round, so nothing can reach
-                        # another client. Nobody to answer.
-                        pass
-                elif ev.type == EventType.ERROR:
-                    print(f"pong_service: fd {ev.fd}: {ev.error}", file=sys.stderr)
+        while True:
+            # One event at a time: close() below also drops the events still
+            # pending for that fd, so none of them reaches this loop afterwards.
+            ev = ctx.wait_event()
+            if ev.type == EventType.EXTERNAL and ev.fd == stop:
+                break
+            if ev.type == EventType.MESSAGE_RX:
+                try:
+                    ctx.schedule(ev.fd, ev.message)  # queued: a slow client never blocks us
+                    echoed += 1
+                except pyipc.ConnectionClosedError:
+                    # The client sent this and hung up at once: its connection
+                    # has ended (its DISCONNECTION follows), and its fd number
+                    # stays reserved until the next round, so nothing can reach
+                    # another client. Nobody to answer.
+                    pass
+                except pyipc.QueueFullError:
+                    # It sends and never reads: its queue reached max_queue_size.
+                    # Drop it rather than keep its echoes without end.
+                    print(f"pong_service: fd {ev.fd}: never reads, dropped",
+                          file=sys.stderr)
+                    ctx.close(ev.fd)
+            elif ev.type == EventType.ERROR:
+                print(f"pong_service: fd {ev.fd}: {ev.error}", file=sys.stderr)
     print(f"pong_service: stopped after {echoed} echo(es)", flush=True)
     return 0
 

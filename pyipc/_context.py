@@ -16,7 +16,7 @@ from ._rundir import PathLike, resolve_rundir
 from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, MAX_BUSY_POLL, MAX_MESSAGE_SIZE_LIMIT,
                      MAX_READ_MANY, READ_MANY_BYTES, CBEvent, ConnectionClosedError, Event, EventType,
-                     MessageTooLargeError)
+                     IPCError, MessageTooLargeError)
 
 if TYPE_CHECKING:
     from .typed import Registry
@@ -186,9 +186,13 @@ class Context:
 
     def connect(self, name: str) -> int:
         """Connect to service ``name``: through ipcd when IPC_NETWORK is set."""
-        network = os.environ.get("IPC_NETWORK")
-        if not network:
+        raw = os.environb.get(b"IPC_NETWORK")
+        if not raw:
             return self.connect_service(name)
+        try:
+            network = raw.decode("utf-8")
+        except UnicodeDecodeError:      # sent to ipcd as text: refused as native does
+            raise IPCError("IPC_NETWORK is not valid UTF-8") from None
         return self._connect_ipcd(name, network)
 
     def _first_pending_message(self, fd: int) -> Optional[int]:

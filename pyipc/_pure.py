@@ -40,6 +40,9 @@ READ_BUDGET = 256 * 1024
 MAX_IOV = 64
 #: Messages write_many() gathers into one buffer (and one system call).
 WRITE_MANY_BATCH = 512
+#: Fds received with ipcd's answer at most (the first is used, the others
+#: closed; the kernel discards any beyond these).
+MAX_RECEIVED_FDS = 8
 #: Size of the context's receive scratch buffer.
 SCRATCH_SIZE = 64 * 1024
 #: write() joins header and payload up to this payload size into one buffer
@@ -52,6 +55,8 @@ _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 #: no fcntl per call); the event loop's transfers pass MSG_DONTWAIT, as native's.
 _DONTWAIT = socket.MSG_DONTWAIT
 _SEND_NOW = _SEND_FLAGS | _DONTWAIT
+#: Received fds are close-on-exec from the start, where the system can.
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _PEERCRED = struct.Struct("3i")
 
 _RX = EventType.MESSAGE_RX
@@ -293,16 +298,22 @@ class PureContext(Context):
         sock = self._by_fd[ipcd].io
         try:
             self.write(ipcd, f"{name};{network}")
-            answer, fds, _, _ = socket.recv_fds(sock, 2000, 1)  # type: ignore[arg-type]
+            answer, fds, _, _ = socket.recv_fds(  # type: ignore[arg-type]
+                sock, 2000, MAX_RECEIVED_FDS, _CMSG_CLOEXEC)
         except OSError:
             answer, fds = b"", []
         finally:
             self.close(ipcd)
+        for extra in fds[1:]:        # only the first is used: the others are not leaked
+            os.close(extra)
         if answer != b"ok" or not fds:
-            for fd in fds:
-                os.close(fd)
+            if fds:
+                os.close(fds[0])
             raise IPCError(f"ipcd could not connect to service {name}")
-        sock = socket.socket(fileno=fds[0])
+        sock = _connected_unix_stream(fds[0])
+        if sock is None:
+            raise IPCError("ipcd sent a file descriptor that is not a connected "
+                           "Unix stream socket")
         sock.setblocking(True)
         return self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
 
@@ -906,6 +917,24 @@ def _os_error(what: str, errno_: Optional[int]) -> IPCError:
     err = IPCError(f"{what}: {os.strerror(errno_ or 0)}")
     err.errno = errno_
     return err
+
+
+def _connected_unix_stream(fd: int) -> Optional[socket.socket]:
+    """A socket object owning fd when fd is a connected Unix stream socket
+    (what ipcd must hand over); else None, with fd closed."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:             # not a socket at all (a pipe, /dev/null)
+        os.close(fd)
+        return None
+    try:
+        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+            sock.getpeername()  # ENOTCONN when it is not connected
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None
 
 
 def _writev_quiet(fd: int, buffers: list) -> int:

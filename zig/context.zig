@@ -357,6 +357,9 @@ pub const Context = struct {
         const env = c.getenv("IPC_NETWORK");
         const network: []const u8 = if (env) |e| std.mem.span(e) else "";
         if (network.len == 0) return self.connectService(name);
+        // Sent to ipcd as text: the pure backend cannot even decode it.
+        if (!std.unicode.utf8ValidateSlice(network))
+            return self.last.fail(error.Generic, "IPC_NETWORK is not valid UTF-8", .{});
         return self.connectThroughIpcd(name, network);
     }
 
@@ -378,6 +381,8 @@ pub const Context = struct {
             return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
         }
         errdefer sys.closeFd(received);
+        if (!fdpass.isConnectedUnixStream(received))
+            return self.last.fail(error.Generic, "ipcd sent a file descriptor that is not a connected Unix stream socket", .{});
         if (!sys.setNonblocking(received, false)) return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
         if (sys.send_flags == 0) rundir_mod.setNoSigpipe(received);
         _ = try self.addConn(received, .connection);

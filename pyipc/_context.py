@@ -12,6 +12,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple
 
 from . import _threads
+from ._framing import is_too_large_text
 from ._rundir import PathLike, resolve_rundir
 from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, MAX_BUSY_POLL, MAX_MESSAGE_SIZE_LIMIT,
@@ -205,8 +206,7 @@ class Context:
                 continue
             if ev.type == EventType.MESSAGE_RX:
                 return i
-            if ev.type == EventType.DISCONNECTION:
-                raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
+            _raise_if_ended(ev)
         return None
 
     def _take_pending_message(self, fd: int) -> Optional[bytes]:
@@ -256,11 +256,10 @@ class Context:
                     room -= size
                     done = len(taken) == max_messages
                     continue
-                if ev.type == EventType.DISCONNECTION:
+                if ev.type in (EventType.ERROR, EventType.DISCONNECTION):
                     if not taken:
-                        raise ConnectionClosedError(
-                            f"connection on fd {fd} is closed by the peer")
-                    done = True
+                        _raise_if_ended(ev)
+                    done = ev.type == EventType.DISCONNECTION
             keep.append(ev)
         if taken:
             self._pending = keep
@@ -377,6 +376,17 @@ class Context:
         TypedMessageError is raised and the connection stays open.
         """
         return registry.decode(self.read(fd))
+
+
+def _raise_if_ended(ev: Event) -> None:
+    """A read meeting ``ev``, an event of its fd that comes before any message
+    of it: the ERROR of a frame over max_message_size raises
+    MessageTooLargeError (that header came after messages in one read: they
+    were returned first), the DISCONNECTION ConnectionClosedError."""
+    if ev.type == EventType.ERROR and ev.error is not None and is_too_large_text(ev.error):
+        raise MessageTooLargeError(ev.error)
+    if ev.type == EventType.DISCONNECTION:
+        raise ConnectionClosedError(f"connection on fd {ev.fd} is closed by the peer")
 
 
 def _check_limits(max_message_size: int, max_queue_size: int, max_connections: int) -> None:

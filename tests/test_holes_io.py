@@ -145,3 +145,77 @@ def test_ipc_network_that_is_not_utf8_is_a_clear_error(ctx_factory, rundir, monk
         ctx.connect("svc")
     assert type(caught.value) is pyipc.IPCError
     assert str(caught.value) == "IPC_NETWORK is not valid UTF-8"
+
+
+# -- good frames, then a header over max_message_size, in one read ---------------
+
+LIMIT = 64
+TOO_LARGE = f"message of {LIMIT + 1} bytes exceeds max_message_size ({LIMIT})"
+
+
+def _flood(ctx_factory, rundir):
+    """A service (max_message_size LIMIT) and a raw client that sent two
+    frames and a header of LIMIT + 1 bytes in one sendall; (ctx, fd)."""
+    ctx = ctx_factory(max_message_size=LIMIT)
+    ctx.service_init("svc")
+    client = raw_connect(rundir, "svc")
+    fd = wait_for(ctx, EventType.CONNECTION)[-1].fd
+    client.sendall(frame(b"one") + frame(b"two") + struct.pack(">I", LIMIT + 1))
+    client.close()
+    return ctx, fd
+
+
+def _ending(ctx) -> list:
+    return [(ev.type, ev.error) for ev in ctx.wait_events()]
+
+
+ERROR_THEN_DISCONNECTION = [(EventType.ERROR, TOO_LARGE), (EventType.DISCONNECTION, None)]
+
+
+@pytest.mark.parametrize("how", ["read", "read_into"])
+def test_read_returns_frames_before_a_bad_header_then_message_too_large(
+        ctx_factory, rundir, how):
+    ctx, fd = _flood(ctx_factory, rundir)
+    buf = bytearray(16)
+
+    def read() -> bytes:
+        if how == "read":
+            return ctx.read(fd)
+        return bytes(buf[:ctx.read_into(fd, buf)])
+
+    assert read() == b"one"
+    assert read() == b"two"
+    for _ in range(2):      # the reason stays until the event loop takes it
+        with pytest.raises(pyipc.MessageTooLargeError, match=re.escape(TOO_LARGE)):
+            read()
+    assert _ending(ctx) == ERROR_THEN_DISCONNECTION
+    with pytest.raises(pyipc.ConnectionClosedError):
+        read()
+
+
+def test_read_many_returns_frames_before_a_bad_header_then_message_too_large(
+        ctx_factory, rundir):
+    ctx, fd = _flood(ctx_factory, rundir)
+    assert ctx.read_many(fd) == [b"one", b"two"]
+    with pytest.raises(pyipc.MessageTooLargeError, match=re.escape(TOO_LARGE)):
+        ctx.read_many(fd)
+    assert _ending(ctx) == ERROR_THEN_DISCONNECTION
+
+
+def test_read_then_event_loop_messages_then_error_then_disconnection(ctx_factory, rundir):
+    ctx, fd = _flood(ctx_factory, rundir)
+    assert ctx.read(fd) == b"one"
+    assert [(ev.type, ev.message, ev.error) for ev in ctx.wait_events()] == [
+        (EventType.MESSAGE_RX, b"two", None),
+        (EventType.ERROR, None, TOO_LARGE),
+        (EventType.DISCONNECTION, None, None)]
+
+
+def test_read_after_the_event_loop_met_the_bad_header(ctx_factory, rundir):
+    ctx, fd = _flood(ctx_factory, rundir)
+    first = wait_for(ctx, EventType.MESSAGE_RX)[-1]   # the loop read all of it
+    assert first.message == b"one"
+    assert ctx.read(fd) == b"two"
+    with pytest.raises(pyipc.MessageTooLargeError, match=re.escape(TOO_LARGE)):
+        ctx.read(fd)
+    assert _ending(ctx) == ERROR_THEN_DISCONNECTION

@@ -8,6 +8,8 @@ depend on the backend lives here so both behave the same.
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple
 
@@ -95,7 +97,7 @@ class Context:
     """
 
     __slots__ = ("rundir", "max_message_size", "max_queue_size", "max_connections",
-                 "_timer", "_busy_poll", "_pending", "_guard", "__weakref__")
+                 "_timer", "_busy_poll", "_pending", "_guard", "_unclosed", "__weakref__")
 
     backend: str = "abstract"
 
@@ -124,6 +126,18 @@ class Context:
         self._busy_poll = 0
         self._pending: deque[Event] = deque()   # events not yet returned, in order
         self._guard = _threads.ThreadGuard()
+        self._unclosed: Optional[weakref.finalize] = None
+
+    def _track_unclosed(self) -> None:
+        """The end of a backend's __init__: from now on, the context warns
+        (ResourceWarning) if it is garbage-collected before close_all() or
+        the end of its ``with`` block, as an unclosed file or socket does."""
+        self._unclosed = weakref.finalize(self, _warn_unclosed, repr(self))
+
+    def _mark_closed(self) -> None:
+        """close_all() ran: no ResourceWarning when the context is collected."""
+        if self._unclosed is not None:
+            self._unclosed.detach()
 
     # -- timer -----------------------------------------------------------------
     @property
@@ -376,6 +390,11 @@ class Context:
         TypedMessageError is raised and the connection stays open.
         """
         return registry.decode(self.read(fd))
+
+
+def _warn_unclosed(description: str) -> None:
+    """Finalizer of a context collected without close_all()."""
+    warnings.warn(f"unclosed {description}", ResourceWarning, stacklevel=2)
 
 
 def _raise_if_ended(ev: Event) -> None:

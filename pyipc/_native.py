@@ -146,6 +146,7 @@ class NativeContext(Context):
                                    _trampoline_in(weakref.ref(self)))
         self._cb_out = ffi.callback("enum cb_event_types(int, const char *, uint32_t)",
                                     _trampoline_out(weakref.ref(self)))
+        self._track_unclosed()
 
     def _check(self, rc: int, *fds: int) -> int:
         """Raise the error class of a negative return code, with the core's text.
@@ -233,6 +234,7 @@ class NativeContext(Context):
         self._check(lib.ipc_close_all(self._ctx))
         self._callbacks.clear()
         self._pending.clear()
+        self._mark_closed()
 
     # -- sending and receiving -----------------------------------------------------
     def _payload(self, fd: int, payload: object) -> tuple:

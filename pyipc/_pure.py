@@ -9,6 +9,7 @@ messages, then ERROR when there is a reason, then DISCONNECTION.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import logging
@@ -161,8 +162,11 @@ class PureContext(Context):
         self._poller.register(self._wake_r, _READ, _WAKE)
         # A fd on /dev/null for refusing a client when out of fds (_refuse_with_spare).
         self._spare_fd = _SpareFd()
-        weakref.finalize(self, _close_quietly, self._wake_r, self._wake_w, self._poller,
-                         self._spare_fd)
+        # Dropped without close_all(): its fds are closed, and its services'
+        # sockets removed and locks released, as native's finalizer does.
+        weakref.finalize(self, _release, os.getpid(), self._by_fd, self._ended,
+                         self._wake_r, self._wake_w, self._poller, self._spare_fd)
+        self._track_unclosed()
 
     # -- table -----------------------------------------------------------------
     def _check_room(self) -> None:
@@ -370,6 +374,7 @@ class PureContext(Context):
         self._pending.clear()
         self._free.clear()
         self._slots.clear()
+        self._mark_closed()
 
     def _drop(self, conn: _Conn, error: Optional[str]) -> None:
         """End a connection: ERROR (if any reason), DISCONNECTION, then its switch peer."""
@@ -989,10 +994,26 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _close_quietly(r: int, w: int, poller: "_poller.EpollPoller | _poller.SelectorPoller",
-                   spare: "_SpareFd") -> None:
-    """Finalizer: the wake-up pipe, the poller and the spare fd of a collected
-    context."""
+def _release(pid: int, by_fd: dict, ended: dict, r: int, w: int,
+             poller: "_poller.EpollPoller | _poller.SelectorPoller", spare: "_SpareFd") -> None:
+    """Finalizer of a collected context: close every fd it holds (its
+    connections, services, their lock files, the wake-up pipe, the poller,
+    the spare fd). Its services' sockets are removed only in the process that
+    made it: a forked child that drops its copy closes its own fds and
+    nothing else (the parent's lock stays, held by the parent's fd)."""
+    owner = os.getpid() == pid
+    for conn in list(by_fd.values()):
+        if conn.path is not None and owner:
+            with contextlib.suppress(OSError):
+                _rundir.remove_stale_socket(conn.path)
+        if conn.lock_fd >= 0:
+            os.close(conn.lock_fd)
+        with contextlib.suppress(OSError):  # an external fd its owner closed already
+            conn.io.close()
+    by_fd.clear()
+    for io in ended.values():
+        io.close()
+    ended.clear()
     poller.close()
     os.close(r)
     os.close(w)

@@ -219,3 +219,62 @@ def test_read_after_the_event_loop_met_the_bad_header(ctx_factory, rundir):
     with pytest.raises(pyipc.MessageTooLargeError, match=re.escape(TOO_LARGE)):
         ctx.read(fd)
     assert _ending(ctx) == ERROR_THEN_DISCONNECTION
+
+
+# -- a Context dropped without close_all() ---------------------------------------
+
+def test_dropped_context_warns_removes_its_socket_and_releases_its_lock(backend, rundir):
+    ctx = pyipc.Context(rundir=rundir, backend=backend)
+    ctx.service_init("svc")
+    client = ctx.connect_service("svc")
+    ctx.write(client, b"unread")
+    path = os.path.join(rundir, "svc")
+    with pytest.warns(ResourceWarning, match=r"unclosed <pyipc\.Context backend="):
+        del ctx
+        gc.collect()
+    assert not os.path.exists(path)
+    with pyipc.Context(rundir=rundir, backend=backend) as again:
+        again.service_init("svc")               # the lock was released
+
+
+@pytest.mark.parametrize("how", ["close_all", "with"])
+def test_closed_context_does_not_warn(backend, rundir, how):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if how == "with":
+            with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+                ctx.service_init("svc")
+        else:
+            ctx = pyipc.Context(rundir=rundir, backend=backend)
+            ctx.service_init("svc")
+            ctx.close_all()
+        del ctx
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_pure_context_dropped_in_a_forked_child_leaves_the_parents_service(rundir):
+    ctx = pyipc.Context(rundir=rundir, backend="pure")
+    try:
+        ctx.service_init("svc")
+        pid = os.fork()
+        if pid == 0:                            # the child drops its copy
+            code = 1
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ResourceWarning)
+                    del ctx
+                    gc.collect()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.path.exists(os.path.join(rundir, "svc"))
+        with pyipc.Context(rundir=rundir, backend="pure") as other:
+            with pytest.raises(pyipc.ServiceBusyError):
+                other.service_init("svc")       # the parent still holds the lock
+            other.connect_service("svc")        # and still serves
+        assert wait_for(ctx, EventType.CONNECTION)
+    finally:
+        ctx.close_all()

@@ -61,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     # Drop it rather than keep its echoes without end.
                     print(f"pong_service: fd {ev.fd}: never reads, dropped",
                           file=sys.stderr)
-                    ctx.close(ev.fd)
+                    ctx.close(ev.fd, linger=0)
             elif ev.type == EventType.ERROR:
                 print(f"pong_service: fd {ev.fd}: {ev.error}", file=sys.stderr)
     print(f"pong_service: stopped after {echoed} echo(es)", flush=True)

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple
 
 from . import _threads
+from ._framing import is_too_large_text
 from ._rundir import PathLike, resolve_rundir
 from ._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, MAX_BUSY_POLL, MAX_MESSAGE_SIZE_LIMIT,
                      MAX_READ_MANY, READ_MANY_BYTES, CBEvent, ConnectionClosedError, Event, EventType,
-                     MessageTooLargeError)
+                     IPCError, MessageTooLargeError)
 
 if TYPE_CHECKING:
     from .typed import Registry
@@ -133,7 +135,8 @@ class Context:
     """
 
     __slots__ = ("rundir", "max_message_size", "max_queue_size", "max_connections",
-                 "_linger_s", "_timer", "_busy_poll", "_pending", "_guard", "__weakref__")
+                 "_linger_s", "_timer", "_busy_poll", "_pending", "_guard", "_unclosed",
+                 "__weakref__")
 
     backend: str = "abstract"
 
@@ -165,6 +168,18 @@ class Context:
         self._pending: deque[Event] = deque()   # events not yet returned, in order
         self._guard: _threads.ThreadGuard = _threads.ThreadGuard()
         _LIVE.add(self)
+        self._unclosed: Optional[weakref.finalize] = None
+
+    def _track_unclosed(self) -> None:
+        """The end of a backend's __init__: from now on, the context warns
+        (ResourceWarning) if it is garbage-collected before close_all() or
+        the end of its ``with`` block, as an unclosed file or socket does."""
+        self._unclosed = weakref.finalize(self, _warn_unclosed, repr(self))
+
+    def _mark_closed(self) -> None:
+        """close_all() ran: no ResourceWarning when the context is collected."""
+        if self._unclosed is not None:
+            self._unclosed.detach()
 
     # -- timer -----------------------------------------------------------------
     @property
@@ -242,9 +257,13 @@ class Context:
         """Connect to service ``name``: through ipcd when IPC_NETWORK is set
         (``timeout`` bounds the wait for ipcd's answer)."""
         timeout = check_timeout(timeout)
-        network = os.environ.get("IPC_NETWORK")
-        if not network:
+        raw = os.environb.get(b"IPC_NETWORK")
+        if not raw:
             return self.connect_service(name)
+        try:
+            network = raw.decode("utf-8")
+        except UnicodeDecodeError:      # sent to ipcd as text: refused as native does
+            raise IPCError("IPC_NETWORK is not valid UTF-8") from None
         return self._connect_ipcd(name, network, timeout)
 
     def _first_pending_message(self, fd: int) -> Optional[int]:
@@ -257,8 +276,7 @@ class Context:
                 continue
             if ev.type == EventType.MESSAGE_RX:
                 return i
-            if ev.type == EventType.DISCONNECTION:
-                raise ConnectionClosedError(f"connection on fd {fd} is closed by the peer")
+            _raise_if_ended(ev)
         return None
 
     def _take_pending_message(self, fd: int) -> Optional[bytes]:
@@ -308,11 +326,10 @@ class Context:
                     room -= size
                     done = len(taken) == max_messages
                     continue
-                if ev.type == EventType.DISCONNECTION:
+                if ev.type in (EventType.ERROR, EventType.DISCONNECTION):
                     if not taken:
-                        raise ConnectionClosedError(
-                            f"connection on fd {fd} is closed by the peer")
-                    done = True
+                        _raise_if_ended(ev)
+                    done = ev.type == EventType.DISCONNECTION
             keep.append(ev)
         if taken:
             self._pending = keep
@@ -411,10 +428,11 @@ class Context:
         """(pid, uid, gid) of the process at the other end of connection fd."""
         raise NotImplementedError
 
-    def close(self, fd: int) -> None:
+    def close(self, fd: int, linger: Optional[float] = None) -> None:
         """Close and forget fd (no event); a service's socket file is removed.
         What is still scheduled for fd is sent first, for ``linger`` seconds
-        at most; the rest is dropped with a WARNING."""
+        at most (None: the context's linger; 0 to drop a peer that does not
+        read); the rest is dropped with a WARNING."""
         raise NotImplementedError
 
     def close_all(self) -> None:
@@ -444,6 +462,22 @@ class Context:
         TypedMessageError is raised and the connection stays open.
         """
         return registry.decode(self.read(fd, timeout))
+
+
+def _warn_unclosed(description: str) -> None:
+    """Finalizer of a context collected without close_all()."""
+    warnings.warn(f"unclosed {description}", ResourceWarning, stacklevel=2)
+
+
+def _raise_if_ended(ev: Event) -> None:
+    """A read meeting ``ev``, an event of its fd that comes before any message
+    of it: the ERROR of a frame over max_message_size raises
+    MessageTooLargeError (that header came after messages in one read: they
+    were returned first), the DISCONNECTION ConnectionClosedError."""
+    if ev.type == EventType.ERROR and ev.error is not None and is_too_large_text(ev.error):
+        raise MessageTooLargeError(ev.error)
+    if ev.type == EventType.DISCONNECTION:
+        raise ConnectionClosedError(f"connection on fd {ev.fd} is closed by the peer")
 
 
 def _check_limits(max_message_size: int, max_queue_size: int, max_connections: int) -> None:

@@ -29,6 +29,11 @@ def too_large_text(size: int, limit: int) -> str:
     return f"message of {size} bytes exceeds max_message_size ({limit})"
 
 
+def is_too_large_text(text: str) -> bool:
+    """Whether an ERROR's text is too_large_text's (a frame over the limit)."""
+    return text.startswith("message of ") and " bytes exceeds max_message_size (" in text
+
+
 def split_payloads(buffer: object, sizes: list) -> list:
     """Payloads lying back to back at the start of ``buffer`` (anything with
     the buffer protocol), cut into bytes by their ``sizes``. Equal sizes (the

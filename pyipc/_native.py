@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import NoReturn, Optional, Tuple
 
 from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
-                       buffer_too_small_text, check_max_messages, check_timeout, writable_view)
+                       buffer_too_small_text, check_linger, check_max_messages, check_timeout,
+                       writable_view)
 from ._framing import split_payloads, too_large_text
 from ._types import (DEFAULT_READ_MANY, ERRORS_BY_CODE, READ_MANY_BYTES, BackendError, CBEvent, Event,
                      EventType, InvalidNameError, IPCError, MessageTooLargeError)
@@ -157,6 +158,7 @@ class NativeContext(Context):
                                    _trampoline_in(weakref.ref(self)))
         self._cb_out = ffi.callback("enum cb_event_types(int, const char *, uint32_t)",
                                     _trampoline_out(weakref.ref(self)))
+        self._track_unclosed()
 
     def _check(self, rc: int, *fds: int) -> int:
         """Raise the error class of a negative return code, with the core's text.
@@ -255,7 +257,7 @@ class NativeContext(Context):
         return pid[0], uid[0], gid[0]
 
     # -- closing -----------------------------------------------------------------
-    def close(self, fd: int) -> None:
+    def close(self, fd: int, linger: Optional[float] = None) -> None:
         # What is scheduled for fd (and its switch peer, closed with it) goes
         # out first, for `linger` seconds at most; what is left is logged as a
         # warning with its count (README "Closing").
@@ -264,7 +266,7 @@ class NativeContext(Context):
         try:
             if lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count) == 0 \
                     and (count[0] or peer_count[0]):
-                self._linger(fd)
+                self._linger(fd, linger)
                 lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count)
                 for f, n in ((fd, count[0]), (peer[0], peer_count[0])):
                     if n:
@@ -279,20 +281,23 @@ class NativeContext(Context):
 
     def close_all(self) -> None:
         try:
-            self._linger(-1)
+            self._linger(-1, None)
             self._warn_unsent()
         finally:
             rc = lib.ipc_close_all(self._ctx)
             self._callbacks.clear()
             self._pending.clear()
+            self._mark_closed()
         self._check(rc)
 
-    def _linger(self, fd: int) -> None:
+    def _linger(self, fd: int, linger: Optional[float]) -> None:
         """Send what is scheduled for fd (every fd when -1) for at most
-        ``linger`` seconds; a signal whose handler returns does not shorten it."""
-        if not self.linger:
+        ``linger`` seconds (None: the context's); a signal whose handler
+        returns does not shorten it."""
+        linger = self.linger if linger is None else check_linger(linger)
+        if not linger:
             return
-        deadline = time.monotonic() + self.linger
+        deadline = time.monotonic() + linger
         while True:
             left = max(0, int((deadline - time.monotonic()) * 1e6))
             if lib.ipc_linger(self._ctx, fd, left) != _E_INTERRUPTED:
@@ -315,6 +320,7 @@ class NativeContext(Context):
             lib.ipc_close_all(self._ctx)
             self._callbacks.clear()
             self._pending.clear()
+            self._mark_closed()
         else:
             self._check(lib.ipc_close_fd(self._ctx, _fd_arg(fd)), fd)
 

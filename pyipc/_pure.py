@@ -9,6 +9,7 @@ messages, then ERROR when there is a reason, then DISCONNECTION.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import logging
@@ -26,7 +27,8 @@ from typing import Callable, Optional, Tuple
 
 from . import _poller, _rundir
 from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
-                       buffer_too_small_text, check_max_messages, check_timeout, writable_view)
+                       buffer_too_small_text, check_linger, check_max_messages, check_timeout,
+                       writable_view)
 from ._framing import (DIRECT_READ_MIN, HEADER, FrameDecoder, FrameTooLarge, encode,
                        too_large_text)
 from ._types import (DEFAULT_READ_MANY, IPCD_SERVICE, READ_MANY_BYTES, CBEvent, ConnectionClosedError, ConnectionLimitError,
@@ -41,6 +43,9 @@ READ_BUDGET = 256 * 1024
 MAX_IOV = 64
 #: Messages write_many() gathers into one buffer (and one system call).
 WRITE_MANY_BATCH = 512
+#: Fds received with ipcd's answer at most (the first is used, the others
+#: closed; the kernel discards any beyond these).
+MAX_RECEIVED_FDS = 8
 #: Size of the context's receive scratch buffer.
 SCRATCH_SIZE = 64 * 1024
 #: write() joins header and payload up to this payload size into one buffer
@@ -53,6 +58,8 @@ _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 #: no fcntl per call); the event loop's transfers pass MSG_DONTWAIT, as native's.
 _DONTWAIT = socket.MSG_DONTWAIT
 _SEND_NOW = _SEND_FLAGS | _DONTWAIT
+#: Received fds are close-on-exec from the start, where the system can.
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _PEERCRED = struct.Struct("3i")
 
 _RX = EventType.MESSAGE_RX
@@ -157,8 +164,11 @@ class PureContext(Context):
         self._poller.register(self._wake_r, _READ, _WAKE)
         # A fd on /dev/null for refusing a client when out of fds (_refuse_with_spare).
         self._spare_fd = _SpareFd()
-        weakref.finalize(self, _close_quietly, self._wake_r, self._wake_w, self._poller,
-                         self._spare_fd)
+        # Dropped without close_all(): its fds are closed, and its services'
+        # sockets removed and locks released, as native's finalizer does.
+        weakref.finalize(self, _release, os.getpid(), self._by_fd, self._ended,
+                         self._wake_r, self._wake_w, self._poller, self._spare_fd)
+        self._track_unclosed()
 
     # -- table -----------------------------------------------------------------
     def _check_room(self) -> None:
@@ -299,18 +309,24 @@ class PureContext(Context):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not _wait_fd(ipcd, select.POLLIN, left):
                 raise TimeoutError(f"connect to service {name} timed out")
-            answer, fds, _, _ = socket.recv_fds(sock, 2000, 1)  # type: ignore[arg-type]
+            answer, fds, _, _ = socket.recv_fds(  # type: ignore[arg-type]
+                sock, 2000, MAX_RECEIVED_FDS, _CMSG_CLOEXEC)
         except TimeoutError as e:
             raise TimeoutError(f"connect to service {name} timed out") from e.__cause__
         except OSError:
             answer, fds = b"", []
         finally:
             self.close(ipcd)
+        for extra in fds[1:]:        # only the first is used: the others are not leaked
+            os.close(extra)
         if answer != b"ok" or not fds:
-            for fd in fds:
-                os.close(fd)
+            if fds:
+                os.close(fds[0])
             raise IPCError(f"ipcd could not connect to service {name}")
-        sock = socket.socket(fileno=fds[0])
+        sock = _connected_unix_stream(fds[0])
+        if sock is None:
+            raise IPCError("ipcd sent a file descriptor that is not a connected "
+                           "Unix stream socket")
         sock.setblocking(True)
         return self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
 
@@ -343,7 +359,7 @@ class PureContext(Context):
         return _PEERCRED.unpack(raw)
 
     # -- closing ---------------------------------------------------------------
-    def close(self, fd: int) -> None:
+    def close(self, fd: int, linger: Optional[float] = None) -> None:
         io = self._ended.pop(fd, None) if isinstance(fd, int) else None
         if io is not None:
             self._drop_pending(fd)
@@ -352,7 +368,7 @@ class PureContext(Context):
         conn = self._lookup(fd)
         pair = [c for c in (conn, conn.peer) if c is not None]
         try:
-            self._linger(pair)
+            self._linger(pair, linger)
         finally:    # closed even when a signal's handler raised during the linger
             for c in pair:
                 if not c.alive:
@@ -365,7 +381,7 @@ class PureContext(Context):
 
     def close_all(self) -> None:
         try:
-            self._linger(list(self._dirty))
+            self._linger(list(self._dirty), None)
         finally:
             for conn in list(self._by_fd.values()):
                 if conn.alive:
@@ -377,13 +393,16 @@ class PureContext(Context):
             self._pending.clear()
             self._free.clear()
             self._slots.clear()
+            self._mark_closed()
 
-    def _linger(self, conns: list) -> None:
+    def _linger(self, conns: list, linger: Optional[float]) -> None:
         """Send what is scheduled for ``conns`` for at most ``linger`` seconds
-        (event-loop rounds: what they read or accept waits as events)."""
-        if not self.linger or not any(c.alive and c.queue for c in conns):
+        (None: the context's), in event-loop rounds: what they read or accept
+        waits as events."""
+        linger = self.linger if linger is None else check_linger(linger)
+        if not linger or not any(c.alive and c.queue for c in conns):
             return
-        deadline = time.monotonic() + self.linger
+        deadline = time.monotonic() + linger
         while any(c.alive and c.queue for c in conns):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -403,6 +422,7 @@ class PureContext(Context):
         if fd is None:
             self._release_ended()
             self._pending.clear()
+            self._mark_closed()
 
     def _drop(self, conn: _Conn, error: Optional[str]) -> None:
         """End a connection: ERROR (if any reason), DISCONNECTION, then its switch peer."""
@@ -998,6 +1018,24 @@ def _os_error(what: str, errno_: Optional[int]) -> IPCError:
     return err
 
 
+def _connected_unix_stream(fd: int) -> Optional[socket.socket]:
+    """A socket object owning fd when fd is a connected Unix stream socket
+    (what ipcd must hand over); else None, with fd closed."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:             # not a socket at all (a pipe, /dev/null)
+        os.close(fd)
+        return None
+    try:
+        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+            sock.getpeername()  # ENOTCONN when it is not connected
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None
+
+
 def _writev_quiet(fd: int, buffers: list) -> int:
     """os.writev without SIGPIPE (a pipe has no MSG_NOSIGNAL), as native does:
     unless SIGPIPE is ignored, it is blocked for the call and the one a write
@@ -1050,10 +1088,26 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _close_quietly(r: int, w: int, poller: "_poller.EpollPoller | _poller.SelectorPoller",
-                   spare: "_SpareFd") -> None:
-    """Finalizer: the wake-up pipe, the poller and the spare fd of a collected
-    context."""
+def _release(pid: int, by_fd: dict, ended: dict, r: int, w: int,
+             poller: "_poller.EpollPoller | _poller.SelectorPoller", spare: "_SpareFd") -> None:
+    """Finalizer of a collected context: close every fd it holds (its
+    connections, services, their lock files, the wake-up pipe, the poller,
+    the spare fd). Its services' sockets are removed only in the process that
+    made it: a forked child that drops its copy closes its own fds and
+    nothing else (the parent's lock stays, held by the parent's fd)."""
+    owner = os.getpid() == pid
+    for conn in list(by_fd.values()):
+        if conn.path is not None and owner:
+            with contextlib.suppress(OSError):
+                _rundir.remove_stale_socket(conn.path)
+        if conn.lock_fd >= 0:
+            os.close(conn.lock_fd)
+        with contextlib.suppress(OSError):  # an external fd its owner closed already
+            conn.io.close()
+    by_fd.clear()
+    for io in ended.values():
+        io.close()
+    ended.clear()
     poller.close()
     os.close(r)
     os.close(w)

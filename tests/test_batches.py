@@ -220,14 +220,14 @@ def test_write_many_to_a_closed_peer(pair: Pair):
             pair.client.write_many(pair.client_fd, [b"x" * 65536] * 4)
 
 
-def test_good_messages_before_a_bad_header_then_closed(ctx_factory, rundir):
+def test_good_messages_before_a_bad_header_then_too_large(ctx_factory, rundir):
     server = ctx_factory(max_message_size=100)
     server.service_init("svc")
     sock = raw_connect(rundir, "svc")
     fd = wait_for(server, EventType.CONNECTION)[-1].fd
     sock.sendall(frame(b"one") + frame(b"two") + b"\xff\xff\xff\xff")
     assert read_all(server, fd, 2) == [b"one", b"two"]
-    with pytest.raises(pyipc.ConnectionClosedError):
+    with pytest.raises(pyipc.MessageTooLargeError):
         server.read_many(fd)
     sock.close()
 

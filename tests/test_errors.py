@@ -455,8 +455,8 @@ def test_rundir_under_a_file_on_connect(ctx_factory, rundir):
 
 
 def test_read_meets_a_bad_header_after_good_messages(ctx_factory, rundir):
-    """read() returns the messages before the bad header; then the event loop
-    reports ERROR and DISCONNECTION."""
+    """read() returns the messages before the bad header, then raises
+    MessageTooLargeError; the event loop reports ERROR and DISCONNECTION."""
     server = ctx_factory(max_message_size=100)
     server.service_init("bad")
     raw = raw_connect(rundir, "bad")
@@ -465,8 +465,8 @@ def test_read_meets_a_bad_header_after_good_messages(ctx_factory, rundir):
         raw.sendall(b"\0\0\0\x01a" + b"\0\0\0\x01b" + struct.pack(">I", 500))
         assert server.read(conn.fd) == b"a"
         assert server.read(conn.fd) == b"b"
-        raises(pyipc.ConnectionClosedError,
-               f"connection on fd {conn.fd} is closed by the peer", server.read, conn.fd)
+        raises(pyipc.MessageTooLargeError,
+               "message of 500 bytes exceeds max_message_size (100)", server.read, conn.fd)
         events = settle(server)
         assert [(e.type, e.fd, e.error) for e in events] == [
             (EventType.ERROR, conn.fd, "message of 500 bytes exceeds max_message_size (100)"),

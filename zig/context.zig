@@ -388,6 +388,26 @@ pub const Context = struct {
         return std.fmt.bufPrint(buf, "message of {d} bytes exceeds max_message_size ({d})", .{ size, max }) catch unreachable;
     }
 
+    /// Whether an ERROR's text is tooLargeText's (the connection ended on a
+    /// frame over max_message_size).
+    fn isTooLargeText(text: []const u8) bool {
+        return std.mem.startsWith(u8, text, "message of ") and
+            std.mem.indexOf(u8, text, " bytes exceeds max_message_size (") != null;
+    }
+
+    /// What a read of fd raises once fd's messages are all taken and its
+    /// DISCONNECTION is pending: MessageTooLarge when its pending ERROR says
+    /// it ended on a frame over the limit (a bad header that came after
+    /// messages, in the same read), else ConnectionClosed.
+    fn endedError(self: *Context, fd: i32) Error {
+        var it = self.events.iterFd(fd);
+        while (it.next()) |ev| {
+            if (ev.kind == .err and isTooLargeText(ev.data)) return self.last.failText(error.MessageTooLarge, ev.data);
+            if (ev.kind == .disconnection) break;
+        }
+        return self.closedByPeer(fd);
+    }
+
     // ------------------------------------------------------------ services and connections
 
     pub fn serviceInit(self: *Context, name: []const u8) Error!i32 {
@@ -428,6 +448,9 @@ pub const Context = struct {
         const env = c.getenv("IPC_NETWORK");
         const network: []const u8 = if (env) |e| std.mem.span(e) else "";
         if (network.len == 0) return self.connectService(name);
+        // Sent to ipcd as text: the pure backend cannot even decode it.
+        if (!std.unicode.utf8ValidateSlice(network))
+            return self.last.fail(error.Generic, "IPC_NETWORK is not valid UTF-8", .{});
         return self.connectThroughIpcd(name, network);
     }
 
@@ -452,6 +475,8 @@ pub const Context = struct {
             return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
         }
         errdefer sys.closeFd(received);
+        if (!fdpass.isConnectedUnixStream(received))
+            return self.last.fail(error.Generic, "ipcd sent a file descriptor that is not a connected Unix stream socket", .{});
         if (!sys.setNonblocking(received, false)) return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
         if (sys.send_flags == 0) rundir_mod.setNoSigpipe(received);
         _ = try self.addConn(received, .connection);
@@ -1067,7 +1092,7 @@ pub const Context = struct {
     pub fn readMany(self: *Context, fd: i32, max: usize, taker: anytype) Error!usize {
         if (max == 0) return self.last.fail(error.Generic, "read_many needs room for at least one message", .{});
         var got = self.events.takeFd(self.gpa, fd, max, taker);
-        if (got.closed) return self.closedByPeer(fd);
+        if (got.closed) return self.endedError(fd);
         if (got.count > 0 or got.refused) return got.count;
         var block = self.blocking(true);
         try self.receiveSome(fd, &block);
@@ -1087,7 +1112,7 @@ pub const Context = struct {
         }
         return switch (next) {
             .message => |payload| payload,
-            .closed => self.closedByPeer(fd),
+            .closed => self.endedError(fd),
             .none => unreachable, // receiveSome returns with a message of fd pending
         };
     }
@@ -1170,7 +1195,7 @@ pub const Context = struct {
                     self.events.drop(self.gpa, ev);
                     return true;
                 },
-                .disconnection => return self.closedByPeer(fd),
+                .disconnection => return self.endedError(fd),
                 else => {},
             }
         }

@@ -13,16 +13,23 @@ fn cmsgAlign(n: usize) usize {
 const cmsg_data_offset = cmsgAlign(@sizeOf(c.cmsghdr));
 /// CMSG_SPACE(sizeof(int)): room for one fd.
 const control_space = cmsg_data_offset + cmsgAlign(@sizeOf(c_int));
+/// Fds receiveFd makes room for: one is used, the others a peer may add are
+/// closed (fds beyond the room are discarded by the kernel).
+const max_received_fds = 8;
+/// CMSG_SPACE of max_received_fds fds.
+const receive_space = cmsg_data_offset + cmsgAlign(max_received_fds * @sizeOf(c_int));
 
-const Control = extern struct {
-    bytes: [control_space]u8 align(@alignOf(c.cmsghdr)),
-};
+fn Control(comptime space: usize) type {
+    return extern struct {
+        bytes: [space]u8 align(@alignOf(c.cmsghdr)),
+    };
+}
 
 /// Send `fd_to_pass` with `payload` (one byte NUL when empty: an fd needs at
 /// least one byte of data to travel on a stream socket). Blocks until sent.
 pub fn sendFd(sock: i32, fd_to_pass: i32, payload: []const u8) Error!void {
     const data: []const u8 = if (payload.len == 0) "\x00" else payload;
-    var control: Control = .{ .bytes = @splat(0) };
+    var control: Control(control_space) = .{ .bytes = @splat(0) };
     const hdr: *c.cmsghdr = @ptrCast(&control.bytes);
     hdr.len = @intCast(cmsg_data_offset + @sizeOf(c_int));
     hdr.level = c.SOL.SOCKET;
@@ -58,17 +65,19 @@ pub fn sendFd(sock: i32, fd_to_pass: i32, payload: []const u8) Error!void {
 /// Receive one message and the fd sent with it (-1 when none came), blocking.
 /// `buf` gets the payload; returns its length. A payload longer than `buf`
 /// is truncated by the kernel (MSG_TRUNC is not reported on stream sockets).
+/// Only the first fd is kept: any other fd that came with it is closed, so a
+/// peer cannot make us leak fds by sending several.
 pub fn receiveFd(sock: i32, buf: []u8, received: *i32) Error!usize {
     received.* = -1;
     var one: [1]u8 = undefined;
     const target: []u8 = if (buf.len == 0) &one else buf;
-    var control: Control = .{ .bytes = @splat(0) };
+    var control: Control(receive_space) = .{ .bytes = @splat(0) };
     var iov = [1]std.posix.iovec{.{ .base = target.ptr, .len = target.len }};
     var msg = std.mem.zeroes(c.msghdr);
     msg.iov = &iov;
     msg.iovlen = 1;
     msg.control = &control.bytes;
-    msg.controllen = @intCast(control_space);
+    msg.controllen = @intCast(receive_space);
     const flags: u32 = if (@hasDecl(c.MSG, "CMSG_CLOEXEC")) c.MSG.CMSG_CLOEXEC else 0;
     const n: usize = while (true) {
         const rc = c.recvmsg(sock, &msg, flags);
@@ -79,15 +88,49 @@ pub fn receiveFd(sock: i32, buf: []u8, received: *i32) Error!usize {
             else => return error.ReceiveFailed,
         }
     };
-    if (msg.controllen >= cmsg_data_offset + @sizeOf(c_int)) {
-        const hdr: *const c.cmsghdr = @ptrCast(&control.bytes);
-        if (hdr.level == c.SOL.SOCKET and hdr.type == c.SCM.RIGHTS) {
-            received.* = std.mem.readInt(c_int, control.bytes[cmsg_data_offset..][0..@sizeOf(c_int)], .native);
-            if (flags == 0) _ = c.fcntl(received.*, c.F.SETFD, @as(c_int, c.FD_CLOEXEC));
-        }
+    received.* = keepFirstFd(control.bytes[0..@min(@as(usize, @intCast(msg.controllen)), receive_space)]);
+    if (received.* >= 0 and flags == 0) _ = c.fcntl(received.*, c.F.SETFD, @as(c_int, c.FD_CLOEXEC));
+    if (buf.len == 0 and n > 0) {
+        sys.closeFd(received.*);
+        received.* = -1;
+        return error.BufferTooSmall;
     }
-    if (buf.len == 0 and n > 0) return error.BufferTooSmall;
     return n;
+}
+
+/// The first fd of every SCM_RIGHTS message in `control` (-1 when none);
+/// every other fd in it is closed.
+fn keepFirstFd(control: []align(@alignOf(c.cmsghdr)) const u8) i32 {
+    var kept: i32 = -1;
+    var at: usize = 0;
+    while (at + cmsg_data_offset <= control.len) {
+        const hdr: *const c.cmsghdr = @ptrCast(@alignCast(control[at..].ptr));
+        const len: usize = @intCast(hdr.len);
+        if (len < cmsg_data_offset or at + len > control.len) break;
+        if (hdr.level == c.SOL.SOCKET and hdr.type == c.SCM.RIGHTS) {
+            var data = control[at + cmsg_data_offset .. at + len];
+            while (data.len >= @sizeOf(c_int)) : (data = data[@sizeOf(c_int)..]) {
+                const fd = std.mem.readInt(c_int, data[0..@sizeOf(c_int)], .native);
+                if (kept < 0) kept = fd else sys.closeFd(fd);
+            }
+        }
+        at += cmsgAlign(len);
+    }
+    return kept;
+}
+
+/// Whether fd is a connected Unix stream socket: the only kind of fd ipcd
+/// may hand us as a connection.
+pub fn isConnectedUnixStream(fd: i32) bool {
+    var ty: c_int = 0;
+    var ty_len: c.socklen_t = @sizeOf(c_int);
+    if (c.getsockopt(fd, c.SOL.SOCKET, c.SO.TYPE, &ty, &ty_len) != 0 or ty != c.SOCK.STREAM) return false;
+    var addr: c.sockaddr.storage = undefined;
+    var addr_len: c.socklen_t = @sizeOf(c.sockaddr.storage);
+    if (c.getsockname(fd, @ptrCast(&addr), &addr_len) != 0) return false;
+    if (@as(*const c.sockaddr, @ptrCast(&addr)).family != c.AF.UNIX) return false;
+    addr_len = @sizeOf(c.sockaddr.storage);
+    return c.getpeername(fd, @ptrCast(&addr), &addr_len) == 0;
 }
 
 test "an fd travels over a socketpair with its payload" {
@@ -110,4 +153,66 @@ test "an fd travels over a socketpair with its payload" {
     try std.testing.expectEqual(@as(isize, 3), c.write(got, "abc", 3));
     try std.testing.expectEqual(@as(isize, 3), c.read(pipe[0], &buf, 3));
     try std.testing.expectEqualStrings("abc", buf[0..3]);
+}
+
+/// Test helper: send `fds` together with "ok" in one SCM_RIGHTS message.
+fn sendFdsForTest(sock: i32, fds: []const c_int) !void {
+    var control: Control(receive_space) = .{ .bytes = @splat(0) };
+    const hdr: *c.cmsghdr = @ptrCast(&control.bytes);
+    hdr.len = @intCast(cmsg_data_offset + fds.len * @sizeOf(c_int));
+    hdr.level = c.SOL.SOCKET;
+    hdr.type = c.SCM.RIGHTS;
+    @memcpy(control.bytes[cmsg_data_offset..][0 .. fds.len * @sizeOf(c_int)], std.mem.sliceAsBytes(fds));
+    var iov = [1]std.posix.iovec_const{.{ .base = "ok", .len = 2 }};
+    var msg = std.mem.zeroes(c.msghdr_const);
+    msg.iov = &iov;
+    msg.iovlen = 1;
+    msg.control = &control.bytes;
+    msg.controllen = @intCast(cmsg_data_offset + cmsgAlign(fds.len * @sizeOf(c_int)));
+    try std.testing.expectEqual(@as(isize, 2), c.sendmsg(sock, &msg, 0));
+}
+
+test "receiveFd keeps the first fd and closes the others that came with it" {
+    var fds: [2]c.fd_t = undefined;
+    try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &fds));
+    defer _ = c.close(fds[0]);
+    defer _ = c.close(fds[1]);
+    var pipe: [2]c.fd_t = undefined;
+    try std.testing.expectEqual(@as(c_int, 0), c.pipe(&pipe));
+    defer _ = c.close(pipe[0]);
+    try std.testing.expect(sys.setNonblocking(pipe[0], true));
+    // The first fd is the pipe's read end, then its write end twice.
+    try sendFdsForTest(fds[0], &.{ pipe[0], pipe[1], pipe[1] });
+    _ = c.close(pipe[1]);
+    var buf: [16]u8 = undefined;
+    var got: i32 = -1;
+    const n = try receiveFd(fds[1], &buf, &got);
+    try std.testing.expectEqualStrings("ok", buf[0..n]);
+    try std.testing.expect(got >= 0);
+    defer _ = c.close(got);
+    // No copy of the write end is left open: the read end sees EOF at once.
+    try std.testing.expectEqual(@as(isize, 0), c.read(pipe[0], &buf, 1));
+}
+
+test "isConnectedUnixStream: only a connected Unix stream socket" {
+    var pair: [2]c.fd_t = undefined;
+    try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    defer _ = c.close(pair[0]);
+    defer _ = c.close(pair[1]);
+    try std.testing.expect(isConnectedUnixStream(pair[0]));
+    var dgram: [2]c.fd_t = undefined;
+    try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.DGRAM, 0, &dgram));
+    defer _ = c.close(dgram[0]);
+    defer _ = c.close(dgram[1]);
+    try std.testing.expect(!isConnectedUnixStream(dgram[0]));
+    const lone = c.socket(c.AF.UNIX, c.SOCK.STREAM, 0);
+    try std.testing.expect(lone >= 0);
+    defer _ = c.close(lone);
+    try std.testing.expect(!isConnectedUnixStream(lone));
+    var pipe: [2]c.fd_t = undefined;
+    try std.testing.expectEqual(@as(c_int, 0), c.pipe(&pipe));
+    defer _ = c.close(pipe[0]);
+    defer _ = c.close(pipe[1]);
+    try std.testing.expect(!isConnectedUnixStream(pipe[0]));
+    try std.testing.expect(!isConnectedUnixStream(-1));
 }

@@ -11,7 +11,10 @@
  * Return values: 0 on success, a negative IPC_E_* code on failure (libIPC
  * returned -1; testing "!= 0" or "< 0" works with both). After a failure,
  * ipc_last_error(ctx) gives the message, the same text the pure-Python backend
- * puts in its exception.
+ * puts in its exception, and ipc_last_errno(ctx) the errno of the OS error that
+ * caused it (0 when none did). ipc_context_init() has no context to ask when it
+ * fails: errno says why (EMFILE, ENOMEM, ...). IPC_E_TIMEOUT: a blocking call's
+ * timeout expired; IPC_E_INTERRUPTED: a blocking call was interrupted by a signal.
  *
  * Payloads handed out by ipc_wait_events() and ipc_read_lent() point into
  * memory the context owns; they stay valid until the next wait call or
@@ -76,7 +79,9 @@ enum ipc_error_codes {
     IPC_E_UNKNOWN_FD = -9,
     IPC_E_CONNECTION_LIMIT = -10,
     IPC_E_BUFFER_TOO_SMALL = -11,
-    IPC_E_NO_MEMORY = -12
+    IPC_E_NO_MEMORY = -12,
+    IPC_E_TIMEOUT = -13,
+    IPC_E_INTERRUPTED = -14
 };
 
 struct ipc_event {
@@ -125,6 +130,7 @@ int ipc_peer_credentials(void *ctx, int fd, int32_t *pid, uint32_t *uid, uint32_
 int ipc_queued_messages(void *ctx, int fd, size_t *count, int *peer_fd, size_t *peer_count);
 int ipc_send_fd(int sock, int fd_to_pass, const char *payload, uint32_t payload_len);
 int ipc_receive_fd(int sock, int *received_fd, char *buffer, size_t *buflen);
+int ipc_last_errno(void *ctx);
 /* CFFI-END */
 
 #endif

@@ -12,7 +12,8 @@ from ._types import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      MAX_BUSY_POLL, MAX_READ_MANY, READ_MANY_BYTES, BackendError, CBEvent,
                      ConnectionClosedError, ConnectionLimitError, Event, EventType,
                      InvalidNameError, IPCError, MessageTooLargeError, QueueFullError,
-                     RunDirError, ServiceBusyError, ServiceNotFoundError, UnknownFdError)
+                     RunDirError, ServiceBusyError, ServiceNotFoundError, TimeoutError,
+                     UnknownFdError)
 from .typed import (CorruptMessageError, DuplicateClassError, DuplicateTypeError,
                     FieldMismatchError, InvalidTypeNumberError, NotAMessageClassError,
                     Registry, TypedMessageError, UnencodableValueError, UnknownTypeError,
@@ -20,6 +21,9 @@ from .typed import (CorruptMessageError, DuplicateClassError, DuplicateTypeError
 
 __version__ = "0.1.0"
 
+# TimeoutError is pyipc.TimeoutError but not in __all__: "from pyipc import *"
+# would hide the built-in TimeoutError, and "except TimeoutError" would then miss
+# every other timeout (socket, asyncio).
 __all__ = [
     "Context", "Event", "EventType", "CBEvent", "available_backends",
     "IPCError", "ServiceBusyError", "ServiceNotFoundError", "InvalidNameError",

@@ -79,7 +79,8 @@ def check_rundir(rundir: str, create: bool) -> bool:
 
 
 def _cannot_create(rundir: str, e: OSError) -> RunDirError:
-    return RunDirError(f"cannot create run directory {rundir}: {os.strerror(e.errno or 0)}")
+    return RunDirError(f"cannot create run directory {rundir}: {os.strerror(e.errno or 0)}",
+                       e.errno)
 
 
 def _lstat(rundir: str) -> os.stat_result:

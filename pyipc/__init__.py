@@ -21,11 +21,14 @@ from .typed import (CorruptMessageError, DuplicateClassError, DuplicateTypeError
 
 __version__ = "0.1.0"
 
+# TimeoutError is pyipc.TimeoutError but not in __all__: "from pyipc import *"
+# would hide the built-in TimeoutError, and "except TimeoutError" would then miss
+# every other timeout (socket, asyncio).
 __all__ = [
     "Context", "Event", "EventType", "CBEvent", "available_backends",
     "IPCError", "ServiceBusyError", "ServiceNotFoundError", "InvalidNameError",
     "RunDirError", "MessageTooLargeError", "QueueFullError", "ConnectionClosedError",
-    "UnknownFdError", "ConnectionLimitError", "BackendError", "TimeoutError",
+    "UnknownFdError", "ConnectionLimitError", "BackendError",
     "DEFAULT_LINGER", "DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_MAX_QUEUE_SIZE", "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_RUNDIR", "DEFAULT_READ_MANY", "MAX_READ_MANY", "MAX_BUSY_POLL", "READ_MANY_BYTES",
     "Registry", "TypedMessageError", "InvalidTypeNumberError", "DuplicateTypeError",

@@ -148,7 +148,9 @@ class Context:
     def __new__(cls, *args: object, **kwargs: object) -> "Context":
         if cls is Context:
             from ._backend import select
-            cls = select(kwargs.get("backend"))  # type: ignore[arg-type]
+            # backend is __init__'s third parameter, by keyword or by position.
+            backend = args[2] if len(args) > 2 else kwargs.get("backend")
+            cls = select(backend)  # type: ignore[arg-type]
         return object.__new__(cls)
 
     def __init__(self, rundir: Optional[PathLike] = None,

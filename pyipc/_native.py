@@ -8,6 +8,7 @@ then ``zig-out/lib`` of a source checkout (``python -m ziglang build``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -130,7 +131,7 @@ class NativeContext(Context):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._handle = ffi.new("void **")
         if lib.ipc_context_init(self._handle) != 0:
-            raise MemoryError("ipc_context_init failed")
+            _init_failed(ffi.errno)
         self._ctx = self._handle[0]
         self._finalizer = weakref.finalize(self, lib.ipc_context_deinit, self._handle)
         # Blocking calls return on a signal, so that its Python handler runs
@@ -176,7 +177,7 @@ class NativeContext(Context):
             if _fd_arg(fd) != fd and text.startswith("fd -1 "):
                 text = f"fd {fd} " + text[len("fd -1 "):]
                 break
-        raise cls(text)
+        raise cls(text, lib.ipc_last_errno(self._ctx) or None)
 
     def _timer_changed(self, value: Optional[int]) -> None:
         lib.ipc_context_timer(self._ctx, -1 if value is None else value)
@@ -579,6 +580,15 @@ def _convert(event_bytes: memoryview, n: int) -> list[Event]:
                 if err else None
             append(Event(_TYPES[etype], fd, index, payload, error))
     return out
+
+
+def _init_failed(errno_: int) -> NoReturn:
+    """ipc_context_init failed: there is no context to ask, errno says why
+    (out of fds: the pure backend's IPCError, with errno; out of memory:
+    MemoryError)."""
+    if errno_ in (0, errno.ENOMEM):
+        raise MemoryError("cannot create context: out of memory")
+    raise IPCError(f"cannot create context: {os.strerror(errno_)}", errno_)
 
 
 def _name_bytes(name: str) -> bytes:

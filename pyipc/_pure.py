@@ -155,10 +155,9 @@ class PureContext(Context):
         # the next round, so a new connection cannot get the same number while
         # the old one's events are handled (a reply would reach the wrong peer).
         self._ended: dict[int, object] = {}
-        self._poller = _poller.new_poller()
+        self._poller, self._wake_r, self._wake_w = _context_fds()
         self._scratch = bytearray(SCRATCH_SIZE)
         self._scratch_view = memoryview(self._scratch)
-        self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._poller.register(self._wake_r, _READ, _WAKE)
@@ -281,13 +280,16 @@ class PureContext(Context):
         path = _rundir.service_path(self.rundir, name)
         self._check_room()
         if not _rundir.check_rundir(self.rundir, create=False):
-            raise ServiceNotFoundError(f"no service {name} in {self.rundir}")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            raise ServiceNotFoundError(f"no service {name} in {self.rundir}", errno.ENOENT)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except OSError as e:        # out of fds: native's text, with errno
+            raise _os_error(f"cannot connect to service {name}", e.errno) from None
         try:
             sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionRefusedError) as e:
             sock.close()
-            raise ServiceNotFoundError(f"no service {name} in {self.rundir}") from None
+            raise ServiceNotFoundError(f"no service {name} in {self.rundir}", e.errno) from None
         except OSError as e:
             sock.close()
             raise _os_error(f"cannot connect to service {name}", e.errno) from None
@@ -297,10 +299,10 @@ class PureContext(Context):
         _rundir.service_path(self.rundir, name)
         try:
             ipcd = self.connect_service(IPCD_SERVICE)
-        except ServiceNotFoundError:
+        except ServiceNotFoundError as e:
             raise ServiceNotFoundError(
                 f"IPC_NETWORK is set but ipcd is not running "
-                f"(no service {IPCD_SERVICE} in {self.rundir})") from None
+                f"(no service {IPCD_SERVICE} in {self.rundir})", e.errno) from None
         sock = self._by_fd[ipcd].io
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -1008,6 +1010,23 @@ class PureContext(Context):
             sock.setblocking(True)        # blocking mode, whatever the listener's (see _DONTWAIT)
             conn = self._add(_Conn(sock.fileno(), sock, CONNECTION, self.max_message_size))
             self._pending.append(Event(EventType.CONNECTION, conn.fd, conn.index))
+
+
+def _context_fds() -> "tuple[_poller.EpollPoller | _poller.SelectorPoller, int, int]":
+    """A new context's poller and wake-up pipe (read end, write end). Out of
+    fds: native's IPCError "cannot create context: ..." with errno, and
+    nothing left open; out of memory: MemoryError, as native."""
+    poller = None
+    try:
+        poller = _poller.new_poller()
+        r, w = os.pipe()
+    except OSError as e:
+        if poller is not None:
+            poller.close()
+        if e.errno == errno.ENOMEM:
+            raise MemoryError("cannot create context: out of memory") from None
+        raise _os_error("cannot create context", e.errno) from None
+    return poller, r, w
 
 
 def _os_error(what: str, errno_: Optional[int]) -> IPCError:

@@ -94,7 +94,8 @@ def strip_slashes(rundir: str) -> str:
 
 
 def _cannot_create(rundir: str, e: OSError) -> RunDirError:
-    return RunDirError(f"cannot create run directory {rundir}: {os.strerror(e.errno or 0)}")
+    return RunDirError(f"cannot create run directory {rundir}: {os.strerror(e.errno or 0)}",
+                       e.errno)
 
 
 def _lstat(rundir: str) -> os.stat_result:

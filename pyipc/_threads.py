@@ -15,8 +15,10 @@ the hand-over is done when that call ends.
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
+import sys
 import threading
 from collections import deque
 from typing import Any, Callable, Optional
@@ -129,7 +131,10 @@ class ThreadGuard:
 #: The guarded method's source: its own parameters (so positional and keyword
 #: calls cost what a plain call costs; a ``*args, **kwargs`` wrapper costs about
 #: three times more on CPython 3.11), the lock taken without blocking on the
-#: fast path, ThreadGuard.call for nested calls and contention.
+#: fast path, ThreadGuard.call for nested calls and contention. It is compiled
+#: as lines of this file (see _TEMPLATE_LINE), so a traceback through the guard
+#: shows this file and the template's line, not "<string>".
+_TEMPLATE_LINE = sys._getframe().f_lineno + 1   # the line _TEMPLATE's text starts on
 _TEMPLATE = """
 def make(method, _get_ident):
     def {name}(self, {params}):
@@ -162,7 +167,12 @@ def _guarded(method: Callable) -> Callable:
         params=", ".join(f"{n}=_d_{n}" if n in defaults else n for n in names),
         args=", ".join(names), comma="," if len(names) == 1 else "")
     scope: dict = {f"_d_{n}": v for n, v in defaults.items()}
-    exec(text, scope)   # noqa: S102 - a fixed template, filled with parameter names
+    # Filling in the names keeps every line where it was: text line k is line
+    # _TEMPLATE_LINE + k - 1 of this file.
+    tree = ast.parse(text)
+    ast.increment_lineno(tree, _TEMPLATE_LINE - 1)
+    code = compile(tree, __file__, "exec")
+    exec(code, scope)   # noqa: S102 - a fixed template, filled with parameter names
     call = scope["make"](method, _get_ident)
     functools.update_wrapper(call, method)
     call._guarded = True  # type: ignore[attr-defined]

@@ -108,15 +108,37 @@ class Event:
 
 
 class IPCError(OSError):
-    """Base class of every error pyipc raises."""
+    """Base class of every error pyipc raises.
+
+    ``errno`` is the OS error that caused it (None when no OS error did), and
+    ``str(e)`` is the message alone, the same on both backends: unlike
+    ``OSError(errno, text)`` it is not prefixed with ``[Errno N]``.
+    """
+
+    def __init__(self, message: str = "", errno: Optional[int] = None) -> None:
+        # One argument: OSError keeps it as the message (args[0]) and does not
+        # take it for an errno.
+        super().__init__(message)
+        self.errno = errno
+
+    def __str__(self) -> str:
+        # BaseException's text (the message), not OSError's "[Errno N] ..."
+        # (which it shows once .errno and .strerror are both set).
+        return BaseException.__str__(self)
+
+    def __reduce__(self) -> tuple:
+        # OSError pickles args only: errno (an OSError slot) would be lost.
+        message = self.args[0] if self.args else ""
+        return type(self), (message, self.errno), self.__dict__ or None
 
 
 class ServiceBusyError(IPCError):
     """Another live process already runs a service of that name in the run dir."""
 
 
-class ServiceNotFoundError(IPCError):
-    """No service of that name in the run dir, or it refused the connection."""
+class ServiceNotFoundError(IPCError, FileNotFoundError):
+    """No service of that name in the run dir, or it refused the connection
+    (also a built-in ``FileNotFoundError``)."""
 
 
 class InvalidNameError(IPCError):
@@ -135,8 +157,9 @@ class QueueFullError(IPCError):
     """A fd's send queue would exceed ``max_queue_size``; nothing was queued."""
 
 
-class ConnectionClosedError(IPCError):
-    """Read or write on a connection whose peer is gone."""
+class ConnectionClosedError(IPCError, ConnectionError):
+    """Read or write on a connection whose peer is gone (also a built-in
+    ``ConnectionError``)."""
 
 
 class UnknownFdError(IPCError):
@@ -152,9 +175,18 @@ class BackendError(IPCError):
 
 
 class TimeoutError(IPCError, builtins.TimeoutError):  # noqa: A001 - pyipc.TimeoutError
-    """A blocking call's ``timeout`` passed first. Nothing was consumed; a
-    write that had begun a frame completes it (README "Signals and timeouts")."""
+    """A blocking call's ``timeout`` passed first (also a built-in
+    ``TimeoutError``). Nothing was consumed; a write that had begun a frame
+    completes it (README "Signals, timeouts and fork")."""
 
+
+_ERRORS = (IPCError, ServiceBusyError, ServiceNotFoundError, InvalidNameError, RunDirError,
+           MessageTooLargeError, QueueFullError, ConnectionClosedError, UnknownFdError,
+           ConnectionLimitError, BackendError, TimeoutError)
+# Shown (tracebacks, repr) and pickled as pyipc.X, the public name.
+for _cls in _ERRORS:
+    _cls.__module__ = "pyipc"
+del _cls
 
 #: Error classes by the code the C ABI returns (``IPC_E_*`` in libipc.h).
 ERRORS_BY_CODE: dict[int, type[IPCError]] = {
@@ -168,5 +200,8 @@ ERRORS_BY_CODE: dict[int, type[IPCError]] = {
     -8: ConnectionClosedError,
     -9: UnknownFdError,
     -10: ConnectionLimitError,
+    # IPC_E_INTERRUPTED never reaches a caller: the native backend runs the
+    # signal's handler and goes on, or raises what the handler raised.
+    -13: IPCError,
     -14: TimeoutError,
 }

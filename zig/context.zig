@@ -436,7 +436,7 @@ pub const Context = struct {
         const path = try rundir_mod.servicePath(&pbuf, self.rundir, name, &self.last);
         try self.checkRoom();
         if (!try rundir_mod.check(self.rundir, false, &self.last))
-            return self.last.fail(error.ServiceNotFound, "no service {s} in {s}", .{ name, self.rundir });
+            return self.last.failErrno(error.ServiceNotFound, .NOENT, "no service {s} in {s}", .{ name, self.rundir });
         const fd = try rundir_mod.connectTo(path, name, self.rundir, &self.last);
         errdefer sys.closeFd(fd);
         _ = try self.addConn(fd, .connection);
@@ -460,7 +460,7 @@ pub const Context = struct {
         var pbuf: rundir_mod.PathBuf = undefined;
         _ = try rundir_mod.servicePath(&pbuf, self.rundir, name, &self.last);
         const ipcd = self.connectService(ipcd_service) catch |e| return if (e == error.ServiceNotFound)
-            self.last.fail(error.ServiceNotFound, "IPC_NETWORK is set but ipcd is not running (no service {s} in {s})", .{ ipcd_service, self.rundir })
+            self.last.failKeepErrno(error.ServiceNotFound, "IPC_NETWORK is set but ipcd is not running (no service {s} in {s})", .{ ipcd_service, self.rundir })
         else
             e;
         var answer: [2000]u8 = undefined;
@@ -513,7 +513,7 @@ pub const Context = struct {
         const conn = try self.connection(fd);
         return switch (credentials.peer(conn.fd)) {
             .ok => |cred| cred,
-            .failed => |e| self.last.fail(error.Generic, "cannot read peer credentials of fd {d}: {s}", .{ fd, errors.errText(e) }),
+            .failed => |e| self.last.failErrno(error.Generic, e, "cannot read peer credentials of fd {d}: {s}", .{ fd, errors.errText(e) }),
         };
     }
 
@@ -767,7 +767,7 @@ pub const Context = struct {
             conn.write_closed = true;
             return self.closedByPeer(conn.fd);
         }
-        return self.last.fail(error.Generic, "write failed: {s}", .{errors.errText(e)});
+        return self.last.failErrno(error.Generic, e, "write failed: {s}", .{errors.errText(e)});
     }
 
     fn totalLen(parts: []const std.posix.iovec_const) usize {
@@ -1080,7 +1080,7 @@ pub const Context = struct {
                 var buf: [160]u8 = undefined;
                 const text = std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf;
                 try self.drop(conn, text);
-                return self.last.failText(error.Generic, text);
+                return self.last.failTextErrno(error.Generic, e, text);
             },
         }
     }
@@ -1141,7 +1141,7 @@ pub const Context = struct {
             .failed => |e| {
                 const text = std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf;
                 try self.drop(conn, text);
-                return self.last.failText(error.Generic, text);
+                return self.last.failTextErrno(error.Generic, e, text);
             },
             .too_large => {
                 const text = tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size);
@@ -1297,7 +1297,7 @@ pub const Context = struct {
                 return self.last.fail(error.Interrupted, "wait was interrupted by a signal", .{})
             else
                 return,
-            else => return self.last.fail(error.Generic, "waiting for events failed: {s}", .{errors.errText(c.errno(@as(c_int, -1)))}),
+            else => return self.last.failErrno(error.Generic, c.errno(@as(c_int, -1)), "waiting for events failed: {s}", .{errors.errText(c.errno(@as(c_int, -1)))}),
         };
         for (self.ready[0..n]) |r| try self.handleReady(r);
     }

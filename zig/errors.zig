@@ -52,11 +52,13 @@ pub fn errText(e: std.c.E) []const u8 {
     return std.mem.span(strerror(@intCast(@intFromEnum(e))));
 }
 
-/// The NUL-terminated text of the last failure on a context. A fixed buffer:
-/// recording an error never allocates, so it cannot fail itself.
+/// The NUL-terminated text of the last failure on a context, and the errno
+/// of the OS error that caused it (0: none did). A fixed buffer: recording an
+/// error never allocates, so it cannot fail itself.
 pub const LastError = struct {
     buf: [1024]u8 = @splat(0),
     len: usize = 0,
+    errno: c_int = 0,
 
     /// Record the text (truncated if it does not fit) and return `err`, so that
     /// callers can write `return ctx.last.fail(error.X, "...", .{...});`.
@@ -65,8 +67,25 @@ pub const LastError = struct {
         return err;
     }
 
-    /// Record a text without an error value (see fail).
+    /// Like fail, for a failure caused by the OS error `e` (kept as errno).
+    pub fn failErrno(self: *LastError, err: Error, e: std.c.E, comptime fmt: []const u8, args: anytype) Error {
+        self.record(fmt, args);
+        self.errno = @intCast(@intFromEnum(e));
+        return err;
+    }
+
+    /// Like fail, keeping the errno of the failure recorded before (a new
+    /// text for the same cause).
+    pub fn failKeepErrno(self: *LastError, err: Error, comptime fmt: []const u8, args: anytype) Error {
+        const saved = self.errno;
+        self.record(fmt, args);
+        self.errno = saved;
+        return err;
+    }
+
+    /// Record a text without an error value (see fail); no errno.
     pub fn record(self: *LastError, comptime fmt: []const u8, args: anytype) void {
+        self.errno = 0;
         const room = self.buf[0 .. self.buf.len - 1];
         const written = std.fmt.bufPrint(room, fmt, args) catch room;
         self.len = written.len;
@@ -76,6 +95,11 @@ pub const LastError = struct {
     /// Record a plain text (e.g. one built elsewhere) and return `err`.
     pub fn failText(self: *LastError, err: Error, msg: []const u8) Error {
         return self.fail(err, "{s}", .{msg});
+    }
+
+    /// failText for a failure caused by the OS error `e`.
+    pub fn failTextErrno(self: *LastError, err: Error, e: std.c.E, msg: []const u8) Error {
+        return self.failErrno(err, e, "{s}", .{msg});
     }
 
     pub fn text(self: *const LastError) [:0]const u8 {
@@ -93,6 +117,20 @@ test "error codes match libipc.h" {
     try std.testing.expectEqual(@as(c_int, -10), code(error.ConnectionLimit));
     try std.testing.expectEqual(@as(c_int, -11), code(error.BufferTooSmall));
     try std.testing.expectEqual(@as(c_int, -12), code(error.OutOfMemory));
+    try std.testing.expectEqual(@as(c_int, -13), code(error.Interrupted));
+    try std.testing.expectEqual(@as(c_int, -14), code(error.Timeout));
+}
+
+test "an OS failure keeps its errno; the next failure without one clears it" {
+    var last: LastError = .{};
+    const e = last.failErrno(error.Generic, .MFILE, "cannot connect to service {s}: {s}", .{ "x", errText(.MFILE) });
+    try std.testing.expectEqual(error.Generic, e);
+    try std.testing.expectEqual(@as(c_int, @intFromEnum(std.c.E.MFILE)), last.errno);
+    try std.testing.expectEqualStrings("cannot connect to service x: Too many open files", last.text());
+    try std.testing.expectEqual(error.UnknownFd, last.fail(error.UnknownFd, "fd {d} is not managed by this context", .{3}));
+    try std.testing.expectEqual(@as(c_int, 0), last.errno);
+    try std.testing.expectEqual(error.Generic, last.failTextErrno(error.Generic, .PIPE, "write failed: Broken pipe"));
+    try std.testing.expectEqual(@as(c_int, @intFromEnum(std.c.E.PIPE)), last.errno);
 }
 
 test "last error text is formatted, NUL-terminated and truncated safely" {

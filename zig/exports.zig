@@ -441,6 +441,15 @@ export fn ipc_receive_fd(sock: c_int, received: ?*c_int, buffer: ?[*]u8, buflen:
     return IPC_OK;
 }
 
+// ------------------------------------------------------------ errno
+
+/// The errno of the OS error that caused the last failure on ctx (0 when no
+/// OS error did, or ctx is null): Python's OSError.errno of the exception.
+export fn ipc_last_errno(ptr: ?*anyopaque) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return 0;
+    return ctx.last.errno;
+}
+
 // ---------------------------------------------------------------- tests
 
 const testing = std.testing;
@@ -671,4 +680,27 @@ test "C ABI: busy_poll takes 0 to 10,000 us and refuses more with its text" {
         for (evs[0..count]) |ev| got_message = got_message or ev.type == 3;
     }
     try expectOk(ipc_context_busy_poll(pair.client, 0)); // off again
+}
+
+test "C ABI: last_errno is the OS error of the last failure, 0 for others" {
+    var pair: TestPair = .{};
+    try pair.init("errno");
+    defer pair.deinit("errno");
+    try testing.expectEqual(@as(c_int, 0), ipc_last_errno(null));
+    try testing.expectEqual(@as(c_int, -9), ipc_close_fd(pair.client, 99999));
+    try testing.expectEqual(@as(c_int, 0), ipc_last_errno(pair.client));
+    // A stale socket (no listener): refused, ServiceNotFound with ECONNREFUSED.
+    try expectOk(ipc_close_fd(pair.server, pair.sfd));
+    var b: [128]u8 = undefined;
+    const path = try sys.printZ(&b, "{s}/errno", .{pair.dir});
+    const s = std.c.socket(std.c.AF.UNIX, std.c.SOCK.STREAM, 0);
+    defer sys.closeFd(s);
+    var addr = std.mem.zeroes(std.c.sockaddr.un);
+    addr.family = std.c.AF.UNIX;
+    @memcpy(addr.path[0..path.len], path);
+    try testing.expectEqual(@as(c_int, 0), std.c.bind(s, @ptrCast(&addr), @sizeOf(std.c.sockaddr.un)));
+    defer _ = std.c.unlink(path.ptr);
+    var fd: c_int = -1;
+    try testing.expectEqual(@as(c_int, -3), ipc_connect_service(pair.client, &fd, "errno", 5));
+    try testing.expectEqual(@as(c_int, @intFromEnum(std.c.E.CONNREFUSED)), ipc_last_errno(pair.client));
 }

@@ -11,7 +11,10 @@
  * Return values: 0 on success, a negative IPC_E_* code on failure (libIPC
  * returned -1; testing "!= 0" or "< 0" works with both). After a failure,
  * ipc_last_error(ctx) gives the message, the same text the pure-Python backend
- * puts in its exception.
+ * puts in its exception, and ipc_last_errno(ctx) the errno of the OS error that
+ * caused it (0 when none did). ipc_context_init() has no context to ask when it
+ * fails: errno says why (EMFILE, ENOMEM, ...). IPC_E_TIMEOUT: a blocking call's
+ * timeout expired; IPC_E_INTERRUPTED: a blocking call was interrupted by a signal.
  *
  * Payloads handed out by ipc_wait_events() and ipc_read_lent() point into
  * memory the context owns; they stay valid until the next wait call or
@@ -149,6 +152,7 @@ int ipc_linger(void *ctx, int fd, int64_t usec);
 size_t ipc_scheduled_fds(void *ctx, int *fds, size_t *counts, size_t capacity);
 int ipc_send_fd(int sock, int fd_to_pass, const char *payload, uint32_t payload_len);
 int ipc_receive_fd(int sock, int *received_fd, char *buffer, size_t *buflen);
+int ipc_last_errno(void *ctx);
 /* CFFI-END */
 
 #endif

@@ -50,7 +50,7 @@ pub fn check(given: []const u8, create: bool, last: *LastError) Error!bool {
     const rundir = stripSlashes(given);
     var zbuf: [4096]u8 = undefined;
     const z = sys.printZ(&zbuf, "{s}", .{rundir}) catch
-        return last.fail(error.RunDir, "cannot create run directory {s}: {s}", .{ rundir, errors.errText(.NAMETOOLONG) });
+        return last.failErrno(error.RunDir, .NAMETOOLONG, "cannot create run directory {s}: {s}", .{ rundir, errors.errText(.NAMETOOLONG) });
     var st = sys.lstatMode(z.ptr);
     if (st == .failed and st.failed == .NOENT) {
         if (!create) return false;
@@ -59,7 +59,7 @@ pub fn check(given: []const u8, create: bool, last: *LastError) Error!bool {
     }
     const mode = switch (st) {
         .mode => |m| m,
-        .failed => |e| return last.fail(error.RunDir, "cannot create run directory {s}: {s}", .{ rundir, errors.errText(e) }),
+        .failed => |e| return last.failErrno(error.RunDir, e, "cannot create run directory {s}: {s}", .{ rundir, errors.errText(e) }),
     };
     if (mode & sys.S_IFMT == sys.S_IFLNK) return last.fail(error.RunDir, "run directory {s} is a symlink", .{rundir});
     if (mode & sys.S_IFMT != sys.S_IFDIR) return last.fail(error.RunDir, "run directory {s} is not a directory", .{rundir});
@@ -89,10 +89,10 @@ fn makeDirs(path: [:0]u8, last: *LastError) Error!void {
         const leaf = i == path.len;
         const rc = c.mkdir(path[0..i :0].ptr, if (leaf) 0o770 else 0o777);
         if (rc != 0 and c.errno(rc) != .EXIST) {
-            return last.fail(error.RunDir, "cannot create run directory {s}: {s}", .{ path[0..path.len], errors.errText(c.errno(rc)) });
+            return last.failErrno(error.RunDir, c.errno(rc), "cannot create run directory {s}: {s}", .{ path[0..path.len], errors.errText(c.errno(rc)) });
         }
         if (leaf and rc == 0 and c.chmod(path.ptr, 0o770) != 0) {
-            return last.fail(error.RunDir, "cannot create run directory {s}: {s}", .{ path[0..path.len], errors.errText(c.errno(@as(c_int, -1))) });
+            return last.failErrno(error.RunDir, c.errno(@as(c_int, -1)), "cannot create run directory {s}: {s}", .{ path[0..path.len], errors.errText(c.errno(@as(c_int, -1))) });
         }
     }
 }
@@ -129,7 +129,7 @@ pub fn lockService(path: [:0]const u8, name: []const u8, rundir: []const u8, las
 }
 
 fn startFailed(name: []const u8, e: c.E, last: *LastError) Error {
-    return last.fail(error.Generic, "cannot start service {s}: {s}", .{ name, errors.errText(e) });
+    return last.failErrno(error.Generic, e, "cannot start service {s}: {s}", .{ name, errors.errText(e) });
 }
 
 fn address(path: []const u8) c.sockaddr.un {
@@ -167,16 +167,16 @@ pub fn listenAt(path: [:0]const u8, name: []const u8, last: *LastError) Error!i3
 /// mode (see sys.Wait).
 pub fn connectTo(path: [:0]const u8, name: []const u8, rundir: []const u8, last: *LastError) Error!i32 {
     const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0);
-    if (fd < 0) return last.fail(error.Generic, "cannot connect to service {s}: {s}", .{ name, errors.errText(c.errno(fd)) });
+    if (fd < 0) return last.failErrno(error.Generic, c.errno(fd), "cannot connect to service {s}: {s}", .{ name, errors.errText(c.errno(fd)) });
     errdefer sys.closeFd(fd);
     const addr = address(path);
     if (c.connect(fd, @ptrCast(&addr), @sizeOf(c.sockaddr.un)) != 0) {
         const e = c.errno(@as(c_int, -1));
         switch (e) {
-            .NOENT, .CONNREFUSED, .NOTDIR => return last.fail(error.ServiceNotFound, "no service {s} in {s}", .{ name, rundir }),
+            .NOENT, .CONNREFUSED, .NOTDIR => return last.failErrno(error.ServiceNotFound, e, "no service {s} in {s}", .{ name, rundir }),
             // Interrupted: the connection completes in the background.
             .INTR => try finishConnect(fd, name, rundir, last),
-            else => return last.fail(error.Generic, "cannot connect to service {s}: {s}", .{ name, errors.errText(e) }),
+            else => return last.failErrno(error.Generic, e, "cannot connect to service {s}: {s}", .{ name, errors.errText(e) }),
         }
     }
     if (sys.send_flags == 0) setNoSigpipe(fd);
@@ -189,8 +189,8 @@ fn finishConnect(fd: i32, name: []const u8, rundir: []const u8, last: *LastError
     var len: c.socklen_t = @sizeOf(c_int);
     if (c.getsockopt(fd, c.SOL.SOCKET, c.SO.ERROR, &err, &len) != 0 or err == 0) return;
     const e: c.E = @enumFromInt(err);
-    if (e == .CONNREFUSED or e == .NOENT) return last.fail(error.ServiceNotFound, "no service {s} in {s}", .{ name, rundir });
-    return last.fail(error.Generic, "cannot connect to service {s}: {s}", .{ name, errors.errText(e) });
+    if (e == .CONNREFUSED or e == .NOENT) return last.failErrno(error.ServiceNotFound, e, "no service {s} in {s}", .{ name, rundir });
+    return last.failErrno(error.Generic, e, "cannot connect to service {s}: {s}", .{ name, errors.errText(e) });
 }
 
 /// Where send has no MSG_NOSIGNAL (macOS), ask the socket not to raise SIGPIPE.

@@ -37,17 +37,25 @@ class Alarm(Exception):
     """What the test handler raises (not an IPCError: it must come out unchanged)."""
 
 
+class Fired(list):
+    """When the handler ran (one entry a run), and ``due``: when the signal
+    was sent (the handler's delay is measured from there)."""
+
+    due = 0.0
+
+
 @contextlib.contextmanager
-def alarm(handler: Callable[[int, object], None]) -> Iterator[list[float]]:
-    """SIGALRM with ``handler`` fires ALARM_S from now; yields a list that
-    gets the time it fired."""
-    fired: list[float] = []
+def alarm(handler: Callable[[int, object], None]) -> Iterator[Fired]:
+    """SIGALRM with ``handler`` fires ALARM_S from now; yields when the
+    handler ran (see Fired)."""
+    fired = Fired()
 
     def on_alarm(signum: int, frame_: object) -> None:
         fired.append(time.monotonic())
         handler(signum, frame_)
 
     old = signal.signal(signal.SIGALRM, on_alarm)
+    fired.due = time.monotonic() + ALARM_S
     signal.setitimer(signal.ITIMER_REAL, ALARM_S)
     try:
         yield fired
@@ -63,11 +71,14 @@ def raise_alarm(signum: int, frame_: object) -> None:
 @contextlib.contextmanager
 def watchdog(unblock: Callable[[], None]) -> Iterator[None]:
     """Call ``unblock`` from another thread if the block is still running
-    after WATCHDOG_S (a backend that ignores the signal then fails, not hangs)."""
+    after WATCHDOG_S (a backend that ignores the signal then fails, not
+    hangs: the test fails when the watchdog had to act)."""
     done = threading.Event()
+    acted = []
 
     def watch() -> None:
         if not done.wait(WATCHDOG_S):
+            acted.append(True)
             unblock()
 
     thread = threading.Thread(target=watch, daemon=True)
@@ -77,11 +88,14 @@ def watchdog(unblock: Callable[[], None]) -> Iterator[None]:
     finally:
         done.set()
         thread.join()
+    assert not acted, "the call went on blocking after the signal: the watchdog ended it"
 
 
-def assert_prompt(fired: list[float]) -> None:
+def assert_prompt(fired: Fired) -> None:
+    """The handler ran, and the call ended, soon after the signal was sent."""
     assert fired, "the handler never ran"
-    assert time.monotonic() - fired[0] < PROMPT_S, "the call did not end soon after the signal"
+    assert fired[0] - fired.due < PROMPT_S, "the handler ran late"
+    assert time.monotonic() - fired.due < PROMPT_S, "the call did not end soon after the signal"
 
 
 def feed(pair: Pair, payload: bytes) -> None:
@@ -114,9 +128,10 @@ def test_a_builtin_timeout_error_from_a_handler_comes_out_as_it_is(pair):
     def raise_timeout(signum: int, frame_: object) -> None:
         raise builtins.TimeoutError("deadline")
 
-    with watchdog(lambda: feed(pair, b"late")), alarm(raise_timeout):
+    with watchdog(lambda: feed(pair, b"late")), alarm(raise_timeout) as fired:
         with pytest.raises(builtins.TimeoutError) as caught:
             pair.server.read(pair.server_fd)
+        assert_prompt(fired)
     assert not isinstance(caught.value, pyipc.IPCError)
     assert str(caught.value) == "deadline"
     pair.client.write(pair.client_fd, b"next")
@@ -131,6 +146,7 @@ def test_a_handler_that_returns_lets_the_read_go_on(pair):
 
     with watchdog(lambda: feed(pair, b"late")), alarm(send) as fired:
         assert pair.server.read(pair.server_fd) == b"sent by the handler"
+        assert_prompt(fired)
     assert len(fired) == 1
 
 
@@ -191,6 +207,7 @@ def test_a_handler_that_returns_lets_the_wait_go_on(pair):
 
     with watchdog(lambda: feed(pair, b"late")), alarm(send) as fired:
         ev = pair.server.wait_event()
+        assert_prompt(fired)
     assert (ev.type, ev.message) == (EventType.MESSAGE_RX, b"from the handler")
     assert len(fired) == 1
 
@@ -246,9 +263,10 @@ def test_an_interrupted_write_many_sends_what_it_began_and_nothing_after(pair):
             received.append(pair.server.read(pair.server_fd))
 
     reader = threading.Thread(target=drain)
-    with watchdog(reader.start), alarm(raise_alarm):
+    with watchdog(reader.start), alarm(raise_alarm) as fired:
         with pytest.raises(Alarm):
             client.write_many(fd, chunks)
+        assert_prompt(fired)
     if reader.ident is None:
         reader.start()
     client.write(fd, b"end")

@@ -262,13 +262,17 @@ class NativeContext(Context):
         # What is scheduled for fd (and its switch peer, closed with it) goes
         # out first, for `linger` seconds at most; what is left is logged as a
         # warning with its count (README "Closing").
+        linger = self.linger if linger is None else check_linger(linger)
         count, peer, peer_count = self._close_info
         peer[0] = -1
         try:
             if lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count) == 0 \
                     and (count[0] or peer_count[0]):
                 self._linger(fd, linger)
-                lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count)
+                if lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count):
+                    # fd ended during the linger (its peer hung up): nothing
+                    # more could go out; closed with no warning (as pure).
+                    count[0] = peer_count[0] = 0
                 for f, n in ((fd, count[0]), (peer[0], peer_count[0])):
                     if n:
                         log.warning("closing fd %d discards %d scheduled message(s)", f, n)
@@ -282,7 +286,7 @@ class NativeContext(Context):
 
     def close_all(self) -> None:
         try:
-            self._linger(-1, None)
+            self._linger(-1, self.linger)
             self._warn_unsent()
         finally:
             rc = lib.ipc_close_all(self._ctx)
@@ -291,11 +295,9 @@ class NativeContext(Context):
             self._mark_closed()
         self._check(rc)
 
-    def _linger(self, fd: int, linger: Optional[float]) -> None:
+    def _linger(self, fd: int, linger: float) -> None:
         """Send what is scheduled for fd (every fd when -1) for at most
-        ``linger`` seconds (None: the context's); a signal whose handler
-        returns does not shorten it."""
-        linger = self.linger if linger is None else check_linger(linger)
+        ``linger`` seconds; a signal whose handler returns does not shorten it."""
         if not linger:
             return
         deadline = time.monotonic() + linger

@@ -362,16 +362,17 @@ class PureContext(Context):
 
     # -- closing ---------------------------------------------------------------
     def close(self, fd: int, linger: Optional[float] = None) -> None:
-        io = self._ended.pop(fd, None) if isinstance(fd, int) else None
-        if io is not None:
-            self._drop_pending(fd)
-            io.close()  # type: ignore[attr-defined]
+        linger = self.linger if linger is None else check_linger(linger)
+        if self._close_ended(fd):
             return
         conn = self._lookup(fd)
         pair = [c for c in (conn, conn.peer) if c is not None]
         try:
             self._linger(pair, linger)
         finally:    # closed even when a signal's handler raised during the linger
+            # fd ended during the linger (its peer hung up): nothing more could
+            # go out; closed as any ended fd is, with no warning (as native).
+            self._close_ended(fd)
             for c in pair:
                 if not c.alive:
                     continue
@@ -381,9 +382,19 @@ class PureContext(Context):
                 self._drop_pending(c.fd)
                 self._forget(c)
 
+    def _close_ended(self, fd: int) -> bool:
+        """close() of a connection that ended (its events dropped, its fd
+        closed); False when fd is not one."""
+        io = self._ended.pop(fd, None) if isinstance(fd, int) else None
+        if io is None:
+            return False
+        self._drop_pending(fd)
+        io.close()  # type: ignore[attr-defined]
+        return True
+
     def close_all(self) -> None:
         try:
-            self._linger(list(self._dirty), None)
+            self._linger(list(self._dirty), self.linger)
         finally:
             for conn in list(self._by_fd.values()):
                 if conn.alive:
@@ -397,17 +408,23 @@ class PureContext(Context):
             self._slots.clear()
             self._mark_closed()
 
-    def _linger(self, conns: list, linger: Optional[float]) -> None:
-        """Send what is scheduled for ``conns`` for at most ``linger`` seconds
-        (None: the context's), in event-loop rounds: what they read or accept
-        waits as events."""
-        linger = self.linger if linger is None else check_linger(linger)
-        if not linger or not any(c.alive and c.queue for c in conns):
+    def _linger(self, conns: list, linger: float) -> None:
+        """Send what is scheduled for ``conns`` for at most ``linger`` seconds,
+        in event-loop rounds: what they read or accept waits as events."""
+        def scheduled() -> bool:
+            return any(c.alive and c.queue for c in conns)
+
+        if not linger or not scheduled():
             return
         deadline = time.monotonic() + linger
-        while any(c.alive and c.queue for c in conns):
+        while True:
             left = deadline - time.monotonic()
             if left <= 0:
+                return
+            self._flush_dirty()
+            # Only wait while something is left: the flush may have sent it
+            # all, or ended the connection (its peer hung up).
+            if not scheduled():
                 return
             self._round(left, wait=True)
 
@@ -933,10 +950,7 @@ class PureContext(Context):
         """Flush every queue without blocking, wait up to ``timeout`` seconds
         (None: forever; not at all when the flush brought events, unless
         ``wait``: the linger) for readiness, then handle every ready fd."""
-        if self._dirty:
-            for conn in list(self._dirty):
-                if conn.alive:
-                    self._flush(conn)
+        self._flush_dirty()
         if self._pending and not wait:
             timeout = 0
         for conn, mask in self._poller.select(timeout):
@@ -945,6 +959,13 @@ class PureContext(Context):
                 self._guard.apply(self)     # messages other threads scheduled
                 continue
             self._handle(conn, mask)
+
+    def _flush_dirty(self) -> None:
+        """Send what is queued, without blocking (a round's first step)."""
+        if self._dirty:
+            for conn in list(self._dirty):
+                if conn.alive:
+                    self._flush(conn)
 
     def _handle(self, conn: _Conn, mask: int) -> None:
         if not conn.alive:

@@ -235,7 +235,9 @@ class ForkedGuard(ThreadGuard):
 
     def call(self, ctx: Any, method: Callable, args: tuple, kwargs: dict) -> Any:
         if method.__name__ == "close":
-            return ctx._close_in_child(*args, **kwargs)
+            # args is (fd, linger): no linger here, the child never sends
+            # what its parent scheduled.
+            return ctx._close_in_child(args[0])
         if method.__name__ == "close_all":
             return ctx._close_in_child(None)
         raise IPCError(FORK_TEXT)

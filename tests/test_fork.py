@@ -1,0 +1,208 @@
+"""fork: a child that inherited a Context never harms the parent (issue 16, point 4).
+
+Each scenario runs in a child Python process (so that os.fork never happens
+inside pytest itself). There a service Context with one client already
+connected forks; the forked child drops its inherited Context one way or
+another, or tries calls that it must not make; then the parent proves it
+still serves: its socket file is there, the connected client's next message
+arrives, a new client gets an echo, and a second service of the same name is
+still refused (the parent holds the lock). Every wait is bounded, so a broken
+backend fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import CHILD_ENV
+
+#: The scenario: argv[1] = run dir, argv[2] = what the forked child does.
+SCRIPT = r'''
+import gc
+import json
+import os
+import signal
+import stat
+import sys
+import weakref
+
+import pyipc
+from pyipc import EventType
+
+RUNDIR, MODE = sys.argv[1], sys.argv[2]
+NAME = "forked"
+WAIT_S = 5.0
+FORK_TEXT = "this Context was inherited through fork()"
+
+
+def next_event(ctx):
+    """ctx's next event, or None when none comes within WAIT_S."""
+    try:
+        return ctx.wait_event(timeout=WAIT_S)
+    except pyipc.TimeoutError:
+        return None
+
+
+def read_reply(ctx, fd):
+    return ctx.read(fd, timeout=WAIT_S)
+
+
+# -- what the forked child does (none of these returns) ------------------------
+def child_sys_exit(service, client, sfd):
+    sys.exit(0)             # the Contexts are still open: finalizers at exit
+
+
+def child_close_all(service, client, sfd):
+    service.close_all()
+    client.close_all()
+    os._exit(0)
+
+
+def child_with(service, client, sfd):
+    with service:
+        pass
+    with client:
+        pass
+    os._exit(0)
+
+
+def child_forbidden(service, client, sfd):
+    calls = {
+        "read": lambda: service.read(sfd),
+        "write": lambda: service.write(sfd, b"from the child"),
+        "schedule": lambda: service.schedule(sfd, b"from the child"),
+        "wait_event": lambda: service.wait_event(),
+        "wait_events": lambda: service.wait_events(),
+        "service_init": lambda: service.service_init("other"),
+        "connect_service": lambda: service.connect_service(NAME),
+        "client write": lambda: client.write(CFD, b"from the child"),
+    }
+    wrong = []
+    for name, call in calls.items():
+        try:
+            call()
+            wrong.append(f"{name}: no error")
+        except pyipc.IPCError as e:
+            if not str(e).startswith(FORK_TEXT):
+                wrong.append(f"{name}: {e!r}")
+    service.close(sfd)      # allowed: this process's copy only
+    service.close_all()
+    client.close_all()
+    if wrong:
+        print("child: " + "; ".join(wrong), file=sys.stderr, flush=True)
+    os._exit(1 if wrong else 0)
+
+
+CHILD = {"sys_exit": child_sys_exit, "close_all": child_close_all,
+         "with": child_with, "forbidden": child_forbidden}
+
+
+# -- what the parent checks afterwards: True, or what went wrong ----------------
+def checked(check):
+    try:
+        return check()
+    except Exception as e:      # reported, so that the other checks still run
+        return repr(e)
+
+
+def socket_file_stays():
+    return stat.S_ISSOCK(os.lstat(os.path.join(RUNDIR, NAME)).st_mode)
+
+
+def connected_client_served(service, client):
+    client.write(CFD, b"after the fork")
+    ev = next_event(service)
+    if ev is not None and ev.type == EventType.MESSAGE_RX and ev.message == b"after the fork":
+        return True
+    return f"got {ev!r}"
+
+
+def new_client_served(service):
+    with pyipc.Context(rundir=RUNDIR) as new:
+        fd = new.connect_service(NAME)
+        ev = next_event(service)
+        if ev is None or ev.type != EventType.CONNECTION:
+            return f"no CONNECTION: {ev!r}"
+        new.write(fd, b"ping")
+        ev = next_event(service)
+        if ev is None or ev.type != EventType.MESSAGE_RX:
+            return f"no MESSAGE_RX: {ev!r}"
+        service.write(ev.fd, ev.message)
+        return read_reply(new, fd) == b"ping"
+
+
+def lock_still_held():
+    with pyipc.Context(rundir=RUNDIR) as other:
+        try:
+            other.service_init(NAME)
+        except pyipc.ServiceBusyError:
+            return True
+        return "a second service of the same name started"
+
+
+service = pyipc.Context(rundir=RUNDIR)
+service.service_init(NAME)
+client = pyipc.Context(rundir=RUNDIR)
+CFD = client.connect_service(NAME)
+ev = next_event(service)
+assert ev is not None and ev.type == EventType.CONNECTION, ev
+sfd = ev.fd
+sys.stdout.flush()
+sys.stderr.flush()
+
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)        # a call that blocks for good kills the child
+    if MODE == "gc":
+        ref = weakref.ref(service)
+        del service
+        gc.collect()
+        os._exit(0 if ref() is None else 3)
+    CHILD[MODE](service, client, sfd)
+    os._exit(4)             # not reached
+
+_, status = os.waitpid(pid, 0)
+results = {
+    "child_status": os.waitstatus_to_exitcode(status),
+    "socket_file": checked(socket_file_stays),
+    "connected_client": checked(lambda: connected_client_served(service, client)),
+    "new_client": checked(lambda: new_client_served(service)),
+    "lock": checked(lock_still_held),
+}
+client.close_all()
+service.close_all()
+print("RESULT " + json.dumps(results, sort_keys=True), flush=True)
+'''
+
+#: What the forked child does with its inherited Contexts.
+MODES = ["sys_exit",    # sys.exit(0) with them open: finalizers at interpreter exit
+         "close_all",   # close_all(), then os._exit(0)
+         "with",        # leaves a `with` block, then os._exit(0)
+         "gc",          # del + gc.collect() (its finalizer), then os._exit(0)
+         "forbidden"]   # read/write/schedule/wait_event/service_init... raise, close_all works
+
+EXPECTED = {"child_status": 0, "socket_file": True, "connected_client": True,
+            "new_client": True, "lock": True}
+
+
+def run_scenario(processes, backend: str, rundir: str, mode: str) -> tuple[dict, str]:
+    """Run SCRIPT for ``mode``: its RESULT line as a dict, and its stderr."""
+    env = dict(CHILD_ENV, PYIPC_BACKEND=backend)
+    proc = processes(SCRIPT, rundir, mode, env=env, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the {mode} scenario hung on {backend}")
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and len(lines) == 1, (proc.returncode, out, err)
+    return json.loads(lines[0][len("RESULT "):]), err
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forked_child_leaves_the_parents_service_alone(processes, backend, rundir, mode):
+    results, err = run_scenario(processes, backend, rundir, mode)
+    assert results == EXPECTED, err

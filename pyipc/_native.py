@@ -224,9 +224,9 @@ class NativeContext(Context):
     def connect(self, name: str, timeout: Optional[float] = None) -> int:
         """Connect to service ``name``: through ipcd when IPC_NETWORK is set
         (``timeout`` bounds the wait for ipcd's answer)."""
+        deadline = self._start_timeout(timeout)     # first, as the pure backend
         fd = ffi.new("int *")
         raw = _name_bytes(name)
-        deadline = self._start_timeout(timeout)
         while True:
             rc = lib.ipc_connect(self._ctx, fd, raw, len(raw))
             if rc != _E_INTERRUPTED:
@@ -350,9 +350,9 @@ class NativeContext(Context):
                 if rc:
                     self._write_failed(rc, fd, payload, None)
                 return
+        deadline = self._start_timeout(timeout)     # first, as the pure backend
         data = as_payload(payload)
         buf, size = self._payload(fd, data)
-        deadline = self._start_timeout(timeout)
         rc = lib.ipc_write(self._ctx, _fd_arg(fd), buf, size)
         if rc:
             self._write_failed(rc, fd, data, deadline)
@@ -413,12 +413,13 @@ class NativeContext(Context):
         self._check(lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size), fd)
 
     def read(self, fd: int, timeout: Optional[float] = None) -> bytes:
+        # The timeout first: a bad one is refused even when a message is there.
+        deadline = self._start_timeout(timeout) \
+            if timeout is not None or self._core_timeout is not None else None
         if self._pending:
             message = self._take_pending_message(fd)
             if message is not None:
                 return message
-        deadline = self._start_timeout(timeout) \
-            if timeout is not None or self._core_timeout is not None else None
         buf, rlen = self._rbuf, self._rlen
         # A plain int goes straight in (no _fd_arg call: it is a hot path).
         c_fd = fd if type(fd) is int and _INT_MIN <= fd <= _INT_MAX else _fd_arg(fd)
@@ -448,12 +449,12 @@ class NativeContext(Context):
     def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY,
                   timeout: Optional[float] = None) -> list[bytes]:
         check_max_messages(max_messages)
+        deadline = self._start_timeout(timeout) \
+            if timeout is not None or self._core_timeout is not None else None
         if self._pending:
             taken = self._take_pending_messages(fd, max_messages)
             if taken:
                 return taken
-        deadline = self._start_timeout(timeout) \
-            if timeout is not None or self._core_timeout is not None else None
         sizes = self._sizes if max_messages <= DEFAULT_READ_MANY else \
             ffi.new("uint32_t[]", max_messages)
         buf, rlen, count = self._rbuf, self._rlen, self._count
@@ -471,12 +472,12 @@ class NativeContext(Context):
 
     def read_into(self, fd: int, buffer: object, timeout: Optional[float] = None) -> int:
         view = writable_view(buffer)
+        deadline = self._start_timeout(timeout) \
+            if timeout is not None or self._core_timeout is not None else None
         if self._pending:
             size = self._take_pending_into(fd, view)
             if size is not None:
                 return size
-        deadline = self._start_timeout(timeout) \
-            if timeout is not None or self._core_timeout is not None else None
         rlen = self._rlen
         target = ffi.from_buffer(view)
         while True:
@@ -501,7 +502,7 @@ class NativeContext(Context):
     # -- the event loop ----------------------------------------------------------
     def wait_events(self, timeout: Optional[float] = None) -> list[Event]:
         if self._pending:
-            return super().wait_events()
+            return super().wait_events(timeout)     # which checks the timeout
         return self._wait(timeout)
 
     def _fetch(self, timeout: Optional[float]) -> None:

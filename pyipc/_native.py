@@ -327,6 +327,12 @@ class NativeContext(Context):
 
     # -- sending and receiving -----------------------------------------------------
     def _payload(self, fd: int, payload: object) -> tuple:
+        """The C buffer and size of a payload. Use the buffer in a ``with``
+        block, which releases it before any exception leaves the caller:
+        a memoryview still exported by it when the caller's frame is freed
+        by the garbage collector (an exception kept in a reference cycle)
+        makes the collector raise BufferError or crash (CPython's memoryview
+        tp_clear)."""
         data = as_payload(payload)
         if len(data) > 0xFFFFFFFF:
             self._too_large_for_c(fd, len(data))
@@ -353,7 +359,8 @@ class NativeContext(Context):
         deadline = self._start_timeout(timeout)     # first, as the pure backend
         data = as_payload(payload)
         buf, size = self._payload(fd, data)
-        rc = lib.ipc_write(self._ctx, _fd_arg(fd), buf, size)
+        with buf:       # released before an exception leaves (see _payload)
+            rc = lib.ipc_write(self._ctx, _fd_arg(fd), buf, size)
         if rc:
             self._write_failed(rc, fd, data, deadline)
 
@@ -396,8 +403,12 @@ class NativeContext(Context):
         # call: the GIL is released while it blocks, and the caller's list
         # may be changed by another thread meanwhile.
         pins = [ffi.from_buffer(p) for p in items]
-        pointers = ffi.new("char *[]", pins)
-        return _ipc_write_many_ptrs(self._ctx, _fd_arg(fd), pointers, sizes, len(items))
+        try:
+            pointers = ffi.new("char *[]", pins)
+            return _ipc_write_many_ptrs(self._ctx, _fd_arg(fd), pointers, sizes, len(items))
+        finally:        # before a signal handler's exception leaves (see _payload)
+            for pin in pins:
+                ffi.release(pin)
 
     def schedule(self, fd: int, payload: object) -> None:
         if type(payload) is bytes and type(fd) is int:     # fast path: no conversion
@@ -410,7 +421,9 @@ class NativeContext(Context):
                     self._check(rc, fd)
                 return
         buf, size = self._payload(fd, payload)
-        self._check(lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size), fd)
+        with buf:       # released before an exception leaves (see _payload)
+            rc = lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size)
+        self._check(rc, fd)
 
     def read(self, fd: int, timeout: Optional[float] = None) -> bytes:
         # The timeout first: a bad one is refused even when a message is there.
@@ -479,13 +492,15 @@ class NativeContext(Context):
             if size is not None:
                 return size
         rlen = self._rlen
-        target = ffi.from_buffer(view)
-        while True:
-            rlen[0] = len(view)
-            rc = _ipc_read_into(self._ctx, _fd_arg(fd), target, rlen)
-            if rc != _E_INTERRUPTED:
-                break
-            self._resume(deadline)
+        # Released before an exception leaves, a signal handler's included
+        # (see _payload).
+        with ffi.from_buffer(view) as target:
+            while True:
+                rlen[0] = len(view)
+                rc = _ipc_read_into(self._ctx, _fd_arg(fd), target, rlen)
+                if rc != _E_INTERRUPTED:
+                    break
+                self._resume(deadline)
         if rc == _E_BUFFER_TOO_SMALL:
             raise MessageTooLargeError(buffer_too_small_text(len(view), rlen[0]))
         if rc:

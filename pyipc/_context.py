@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 import weakref
 from collections import deque
@@ -81,14 +82,19 @@ def buffer_too_small_text(size: int, message: int) -> str:
 
 
 def check_timeout(timeout: Optional[float]) -> Optional[float]:
-    """A blocking call's ``timeout=``: None (no limit) or seconds >= 0, as
-    ``socket.settimeout`` takes them."""
+    """A blocking call's ``timeout=``: None (no limit) or seconds from 0 to
+    threading.TIMEOUT_MAX, as Python's own blocking calls take them."""
     if timeout is None:
         return None
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
         raise TypeError(f"timeout must be None or a number of seconds, not {type(timeout).__name__}")
-    if not timeout >= 0 or math.isinf(timeout):   # NaN fails >= 0
+    if not timeout >= 0 or timeout == math.inf:   # NaN fails >= 0
         raise ValueError("timeout must be None or a finite number of seconds >= 0")
+    if timeout > threading.TIMEOUT_MAX:
+        # Python's own bound for blocking calls (Lock.acquire, socket): a
+        # larger one overflows the clocks of both backends (int too: 10**400).
+        raise ValueError("timeout must be at most threading.TIMEOUT_MAX "
+                         f"({threading.TIMEOUT_MAX} s)")
     return float(timeout)
 
 
@@ -395,15 +401,17 @@ class Context:
     def wait_event(self, timeout: Optional[float] = None) -> Event:
         """Return one event, waiting at most ``timer`` ms (then TIMER); with
         ``timeout`` (seconds), pyipc.TimeoutError when it passes first."""
+        timeout = check_timeout(timeout)    # even when an event is there to return
         if not self._pending:
-            self._fetch(check_timeout(timeout))
+            self._fetch(timeout)
         return self._pending.popleft()
 
     def wait_events(self, timeout: Optional[float] = None) -> list[Event]:
         """Return every event ready now (at least one), in order (waiting as
         wait_event does)."""
+        timeout = check_timeout(timeout)    # even when events are there to return
         if not self._pending:
-            self._fetch(check_timeout(timeout))
+            self._fetch(timeout)
         events = list(self._pending)
         self._pending.clear()
         return events

@@ -224,9 +224,9 @@ class NativeContext(Context):
     def connect(self, name: str, timeout: Optional[float] = None) -> int:
         """Connect to service ``name``: through ipcd when IPC_NETWORK is set
         (``timeout`` bounds the wait for ipcd's answer)."""
+        deadline = self._start_timeout(timeout)     # first, as the pure backend
         fd = ffi.new("int *")
         raw = _name_bytes(name)
-        deadline = self._start_timeout(timeout)
         while True:
             rc = lib.ipc_connect(self._ctx, fd, raw, len(raw))
             if rc != _E_INTERRUPTED:
@@ -329,6 +329,12 @@ class NativeContext(Context):
 
     # -- sending and receiving -----------------------------------------------------
     def _payload(self, fd: int, payload: object) -> tuple:
+        """The C buffer and size of a payload. Use the buffer in a ``with``
+        block, which releases it before any exception leaves the caller:
+        a memoryview still exported by it when the caller's frame is freed
+        by the garbage collector (an exception kept in a reference cycle)
+        makes the collector raise BufferError or crash (CPython's memoryview
+        tp_clear)."""
         data = as_payload(payload)
         if len(data) > 0xFFFFFFFF:
             self._too_large_for_c(fd, len(data))
@@ -352,10 +358,11 @@ class NativeContext(Context):
                 if rc:
                     self._write_failed(rc, fd, payload, None)
                 return
+        deadline = self._start_timeout(timeout)     # first, as the pure backend
         data = as_payload(payload)
         buf, size = self._payload(fd, data)
-        deadline = self._start_timeout(timeout)
-        rc = lib.ipc_write(self._ctx, _fd_arg(fd), buf, size)
+        with buf:       # released before an exception leaves (see _payload)
+            rc = lib.ipc_write(self._ctx, _fd_arg(fd), buf, size)
         if rc:
             self._write_failed(rc, fd, data, deadline)
 
@@ -398,8 +405,12 @@ class NativeContext(Context):
         # call: the GIL is released while it blocks, and the caller's list
         # may be changed by another thread meanwhile.
         pins = [ffi.from_buffer(p) for p in items]
-        pointers = ffi.new("char *[]", pins)
-        return _ipc_write_many_ptrs(self._ctx, _fd_arg(fd), pointers, sizes, len(items))
+        try:
+            pointers = ffi.new("char *[]", pins)
+            return _ipc_write_many_ptrs(self._ctx, _fd_arg(fd), pointers, sizes, len(items))
+        finally:        # before a signal handler's exception leaves (see _payload)
+            for pin in pins:
+                ffi.release(pin)
 
     def schedule(self, fd: int, payload: object) -> None:
         if type(payload) is bytes and type(fd) is int:     # fast path: no conversion
@@ -412,15 +423,18 @@ class NativeContext(Context):
                     self._check(rc, fd)
                 return
         buf, size = self._payload(fd, payload)
-        self._check(lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size), fd)
+        with buf:       # released before an exception leaves (see _payload)
+            rc = lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size)
+        self._check(rc, fd)
 
     def read(self, fd: int, timeout: Optional[float] = None) -> bytes:
+        # The timeout first: a bad one is refused even when a message is there.
+        deadline = self._start_timeout(timeout) \
+            if timeout is not None or self._core_timeout is not None else None
         if self._pending:
             message = self._take_pending_message(fd)
             if message is not None:
                 return message
-        deadline = self._start_timeout(timeout) \
-            if timeout is not None or self._core_timeout is not None else None
         buf, rlen = self._rbuf, self._rlen
         # A plain int goes straight in (no _fd_arg call: it is a hot path).
         c_fd = fd if type(fd) is int and _INT_MIN <= fd <= _INT_MAX else _fd_arg(fd)
@@ -450,12 +464,12 @@ class NativeContext(Context):
     def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY,
                   timeout: Optional[float] = None) -> list[bytes]:
         check_max_messages(max_messages)
+        deadline = self._start_timeout(timeout) \
+            if timeout is not None or self._core_timeout is not None else None
         if self._pending:
             taken = self._take_pending_messages(fd, max_messages)
             if taken:
                 return taken
-        deadline = self._start_timeout(timeout) \
-            if timeout is not None or self._core_timeout is not None else None
         sizes = self._sizes if max_messages <= DEFAULT_READ_MANY else \
             ffi.new("uint32_t[]", max_messages)
         buf, rlen, count = self._rbuf, self._rlen, self._count
@@ -473,20 +487,22 @@ class NativeContext(Context):
 
     def read_into(self, fd: int, buffer: object, timeout: Optional[float] = None) -> int:
         view = writable_view(buffer)
+        deadline = self._start_timeout(timeout) \
+            if timeout is not None or self._core_timeout is not None else None
         if self._pending:
             size = self._take_pending_into(fd, view)
             if size is not None:
                 return size
-        deadline = self._start_timeout(timeout) \
-            if timeout is not None or self._core_timeout is not None else None
         rlen = self._rlen
-        target = ffi.from_buffer(view)
-        while True:
-            rlen[0] = len(view)
-            rc = _ipc_read_into(self._ctx, _fd_arg(fd), target, rlen)
-            if rc != _E_INTERRUPTED:
-                break
-            self._resume(deadline)
+        # Released before an exception leaves, a signal handler's included
+        # (see _payload).
+        with ffi.from_buffer(view) as target:
+            while True:
+                rlen[0] = len(view)
+                rc = _ipc_read_into(self._ctx, _fd_arg(fd), target, rlen)
+                if rc != _E_INTERRUPTED:
+                    break
+                self._resume(deadline)
         if rc == _E_BUFFER_TOO_SMALL:
             raise MessageTooLargeError(buffer_too_small_text(len(view), rlen[0]))
         if rc:
@@ -503,7 +519,7 @@ class NativeContext(Context):
     # -- the event loop ----------------------------------------------------------
     def wait_events(self, timeout: Optional[float] = None) -> list[Event]:
         if self._pending:
-            return super().wait_events()
+            return super().wait_events(timeout)     # which checks the timeout
         return self._wait(timeout)
 
     def _fetch(self, timeout: Optional[float]) -> None:

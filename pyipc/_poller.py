@@ -24,6 +24,11 @@ _EPOLL_MASK = (0, select.EPOLLIN, select.EPOLLOUT, select.EPOLLIN | select.EPOLL
     if hasattr(select, "epoll") else ()
 
 
+#: The longest wait of one poll()/epoll_wait() (a C int of milliseconds, 24.8
+#: days): a longer timeout waits in several (the callers wait again).
+MAX_WAIT_MS = 2 ** 31 - 1
+
+
 def _epoll_timeout(timeout: Optional[float]) -> float:
     """selectors' rule: None waits for ever (-1), a timeout is rounded up to a
     whole millisecond (epoll's resolution), so a wait is never cut short."""
@@ -31,7 +36,7 @@ def _epoll_timeout(timeout: Optional[float]) -> float:
         return -1
     if timeout <= 0:
         return 0
-    return math.ceil(timeout * 1e3) * 1e-3
+    return min(math.ceil(timeout * 1e3), MAX_WAIT_MS) * 1e-3
 
 
 class EpollPoller:
@@ -104,6 +109,8 @@ class SelectorPoller:
 
     def select(self, timeout: Optional[float]) -> List[Tuple[object, int]]:
         """(data, mask) of every ready fd, waiting at most ``timeout`` seconds."""
+        if timeout is not None:
+            timeout = min(timeout, MAX_WAIT_MS / 1e3)
         return [(key.data, mask) for key, mask in self._selector.select(timeout)]
 
     def close(self) -> None:

@@ -498,8 +498,8 @@ class PureContext(Context):
             self._set_interest(conn)
 
     def write(self, fd: int, payload: object, timeout: Optional[float] = None) -> None:
+        block = self._blocking(fd, timeout, "write", spin=False)    # first, as native
         conn, data = self._prepare(fd, payload)
-        block = self._blocking(fd, timeout, "write", spin=False)
         self._write_blocking(conn, [encode(data)] if len(data) <= WRITE_JOINED_MAX
                              else [HEADER.pack(len(data)), data], [len(data)], block)
 
@@ -626,26 +626,28 @@ class PureContext(Context):
 
     # -- receiving -----------------------------------------------------------------
     def read(self, fd: int, timeout: Optional[float] = None) -> bytes:
+        # The timeout first: a bad one is refused even when a message is there.
+        block = self._blocking(fd, timeout, "read")
         if self._pending:
             message = self._take_pending_message(fd)
             if message is not None:
                 return message
-        return self._receive(fd, 1, self._blocking(fd, timeout, "read"))[0]
+        return self._receive(fd, 1, block)[0]
 
     def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY,
                   timeout: Optional[float] = None) -> list[bytes]:
         check_max_messages(max_messages)
+        block = self._blocking(fd, timeout, "read")
         taken = self._take_pending_messages(fd, max_messages)
-        return taken or self._receive(fd, max_messages, self._blocking(fd, timeout, "read"),
-                                      READ_MANY_BYTES)
+        return taken or self._receive(fd, max_messages, block, READ_MANY_BYTES)
 
     def read_into(self, fd: int, buffer: object, timeout: Optional[float] = None) -> int:
         view = writable_view(buffer)
+        spin = self._blocking(fd, timeout, "read")   # one busy_poll for the whole call
         size = self._take_pending_into(fd, view)
         if size is not None:
             return size
         conn = self._connection(fd)
-        spin = self._blocking(fd, timeout, "read")   # one busy_poll for the whole call
         if len(view) >= DIRECT_READ_MIN and conn.kind == CONNECTION:
             size = self._read_frame_into(conn, view, spin)
             if size is None:
@@ -1270,4 +1272,11 @@ def _wait_fd(fd: int, events: int, timeout: Optional[float] = None) -> bool:
     poller.register(fd, events)
     if timeout is None:
         return bool(poller.poll())
-    return bool(poller.poll(math.ceil(timeout * 1000)))
+    end = time.monotonic() + timeout
+    while True:
+        # poll() takes at most _poller.MAX_WAIT_MS (an int): a longer wait is several.
+        if poller.poll(min(math.ceil(timeout * 1000), _poller.MAX_WAIT_MS)):
+            return True
+        timeout = end - time.monotonic()
+        if timeout <= 0:
+            return False

@@ -120,7 +120,7 @@ _INT_MIN, _INT_MAX = -0x80000000, 0x7FFFFFFF
 class NativeContext(Context):
     """The native (Zig) backend of :class:`pyipc.Context`."""
 
-    __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_sizes", "_count", "_lent",
+    __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_ecount", "_sizes", "_count", "_lent",
                  "_rbuf", "_rbuf_at", "_rlen", "_core_timeout",
                  "_close_info",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
@@ -148,6 +148,8 @@ class NativeContext(Context):
         self._event_bytes = memoryview(ffi.buffer(self._events))
         self._sizes = ffi.new("uint32_t[]", DEFAULT_READ_MANY)
         self._count = ffi.new("size_t *")
+        #: Events of the batch in _events not converted yet (see _keep_handed).
+        self._ecount = ffi.new("size_t *")
         self._rbuf = ffi.new("char[]", READ_BUFFER)
         # Where read() copies a message out from: _MEMORY[at:at + size] (see _MEMORY).
         self._rbuf_at = int(ffi.cast("uintptr_t", self._rbuf)) - 1
@@ -559,21 +561,43 @@ class NativeContext(Context):
     def _take_events(self) -> list[Event]:
         """One wait in the core, then every event it has queued, converted;
         none when a wake-up or a signal ended the wait."""
-        ctx, events, count = self._ctx, self._events, self._count
-        rc = _ipc_wait_events(ctx, events, EVENT_BATCH, count)
-        if rc:
-            if rc == _E_INTERRUPTED:
-                return []
-            self._check(rc)
-        n = count[0]
-        out = _convert(self._event_bytes, n)
-        while n == EVENT_BATCH and _ipc_pending_events(ctx):
+        ctx, events, count = self._ctx, self._events, self._ecount
+        out: list[Event] = []
+        try:
             rc = _ipc_wait_events(ctx, events, EVENT_BATCH, count)
             if rc:
+                if rc == _E_INTERRUPTED:
+                    return []
                 self._check(rc)
             n = count[0]
-            out += _convert(self._event_bytes, n)
+            out = _convert(self._event_bytes, n)
+            count[0] = 0        # converted (see _keep_handed)
+            while n == EVENT_BATCH and _ipc_pending_events(ctx):
+                rc = _ipc_wait_events(ctx, events, EVENT_BATCH, count)
+                if rc:
+                    self._check(rc)
+                n = count[0]
+                out += _convert(self._event_bytes, n)
+                count[0] = 0
+        except BaseException:
+            self._keep_handed(out)
+            raise
         return out
+
+    def _keep_handed(self, converted: list[Event]) -> None:
+        """A signal's handler raised while the core was handing events over
+        (its exception comes at the first Python line after the C call, or
+        inside the conversion): those events, and the ones converted before,
+        wait in _pending for the next call instead of being lost. The core
+        zeroes the count at the start of each wait and _take_events once a
+        batch is converted, so a non-zero count is a batch not converted yet;
+        its payloads stay valid until the next wait."""
+        count = self._ecount
+        n = count[0]
+        self._pending.extend(converted)
+        if n:
+            self._pending.extend(_convert(self._event_bytes, n))
+            count[0] = 0
 
 
 def _convert(event_bytes: memoryview, n: int) -> list[Event]:

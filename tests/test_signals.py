@@ -276,3 +276,39 @@ def test_an_interrupted_write_many_sends_what_it_began_and_nothing_after(pair):
     # Whole frames, a prefix of the batch, in order.
     assert sent == chunks[:len(sent)]
     assert 1 <= len(sent) < len(chunks)
+
+
+def test_native_keeps_events_a_handler_exception_interrupted_the_hand_over(rundir, monkeypatch):
+    """A signal whose handler raises just as the core hands a batch of events
+    over (its exception comes inside the conversion): the batch waits for the
+    next wait instead of being lost. The exception is made to come there by
+    a conversion that fails once, as a handler's would. (Native only: the
+    pure backend has no hand-over.)"""
+    from conftest import require_backend
+    require_backend("native")
+    import pyipc._native as native
+    with pyipc.Context(rundir=rundir, backend="native") as server, \
+            pyipc.Context(rundir=rundir, backend="native") as client:
+        _check_kept(Pair(server, client, "keep"), native, monkeypatch)
+
+
+def _check_kept(pair: Pair, native, monkeypatch) -> None:
+    pair.client.write_many(pair.client_fd, [b"a", b"b", b"c"])
+    real = native._convert
+    calls = []
+
+    def interrupted(event_bytes, n):
+        calls.append(n)
+        if len(calls) == 1:
+            raise Alarm("during the hand-over")
+        return real(event_bytes, n)
+
+    monkeypatch.setattr(native, "_convert", interrupted)
+    with pytest.raises(Alarm):
+        pair.server.wait_events()
+    monkeypatch.setattr(native, "_convert", real)
+    got = []
+    while len(got) < 3:
+        got += [ev.message for ev in pair.server.wait_events(timeout=5)
+                if ev.type == EventType.MESSAGE_RX]
+    assert got == [b"a", b"b", b"c"]

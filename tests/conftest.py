@@ -192,6 +192,15 @@ def unread_bytes(fd: int) -> int:
     return struct.unpack("i", buf)[0]
 
 
+def raises(cls, text, call, *args):
+    """Assert that call(*args) raises exactly ``cls`` with message ``text``."""
+    with pytest.raises(pyipc.IPCError) as info:
+        call(*args)
+    assert type(info.value) is cls, info.value
+    assert str(info.value) == text
+    return info.value
+
+
 def frame(payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + payload
 

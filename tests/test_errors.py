@@ -12,15 +12,8 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import collect, raw_connect, settle, wait_for
+from conftest import collect, raises, raw_connect, settle, wait_for
 
-
-def raises(cls, text, call, *args):
-    with pytest.raises(pyipc.IPCError) as info:
-        call(*args)
-    assert type(info.value) is cls, info.value
-    assert str(info.value) == text
-    return info.value
 
 
 # -- InvalidNameError ----------------------------------------------------------

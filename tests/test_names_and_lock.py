@@ -11,14 +11,7 @@ import pytest
 
 import pyipc
 
-
-def raises(cls, text, call, *args):
-    """Assert that call(*args) raises exactly ``cls`` with message ``text``."""
-    with pytest.raises(pyipc.IPCError) as info:
-        call(*args)
-    assert type(info.value) is cls, info.value
-    assert str(info.value) == text
-    return info.value
+from conftest import raises
 
 
 # -- NAME.lock ------------------------------------------------------------------

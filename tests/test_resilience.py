@@ -20,18 +20,10 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import collect, wait_for
+from conftest import collect, raises, wait_for
 
 TIMEOUT = 30.0
 
-
-def raises(cls, text, fn, *args):
-    """fn(*args) raises exactly cls with the message text."""
-    with pytest.raises(cls) as info:
-        fn(*args)
-    assert type(info.value) is cls, info.value
-    assert str(info.value) == text
-    return info.value
 
 
 # -- the run dir removed under a running service --------------------------------------

@@ -18,13 +18,9 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-from . import ConnectionClosedError, Context, EventType, IPCError
+from . import ConnectionClosedError, Context, Event, EventType, IPCError
 
 log = logging.getLogger("pyipc.cli")
-
-#: How often pongd's loop wakes to notice a signal (ms).
-SIGNAL_CHECK_MS = 200
-
 
 def _context(args: argparse.Namespace) -> Context:
     return Context(rundir=args.rundir, backend=args.backend)
@@ -32,29 +28,39 @@ def _context(args: argparse.Namespace) -> Context:
 
 def cmd_pongd(args: argparse.Namespace) -> int:
     """Echo every message back to its sender until SIGINT/SIGTERM."""
-    stop = []
+    # Both signals raise KeyboardInterrupt in the call that waits (it returns to
+    # Python so the handler runs), which ends the loop below.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(True))
+        signal.signal(sig, signal.default_int_handler)
+    served = 0
     with _context(args) as ctx:
-        ctx.service_init(args.name)
-        print(f"pongd: serving {args.name} in {ctx.rundir} (backend {ctx.backend})", flush=True)
-        ctx.timer = SIGNAL_CHECK_MS
-        served = 0
-        while not stop:
-            for ev in ctx.wait_events():
-                if ev.type == EventType.MESSAGE_RX:
-                    try:
-                        ctx.schedule(ev.fd, ev.message)   # never blocks on a slow client
-                        served += 1
-                    except ConnectionClosedError:
-                        pass      # the client hung up after sending (its DISCONNECTION follows)
-                elif ev.type == EventType.CONNECTION:
-                    log.info("client connected on fd %d", ev.fd)
-                elif ev.type == EventType.DISCONNECTION:
-                    log.info("client on fd %d left", ev.fd)
-                elif ev.type == EventType.ERROR:
-                    log.warning("fd %d: %s", ev.fd, ev.error)
+        try:
+            ctx.service_init(args.name)
+            print(f"pongd: serving {args.name} in {ctx.rundir} (backend {ctx.backend})",
+                  flush=True)
+            while True:
+                for ev in ctx.wait_events():
+                    served += _handle(ctx, ev)
+        except KeyboardInterrupt:
+            pass      # leaving `with` sends the echoes still scheduled, then closes all
     print(f"pongd: stopped after echoing {served} message(s)", flush=True)
+    return 0
+
+
+def _handle(ctx: Context, ev: Event) -> int:
+    """pongd's answer to one event; the number of messages it echoed (0 or 1)."""
+    if ev.type == EventType.MESSAGE_RX:
+        try:
+            ctx.schedule(ev.fd, ev.message)   # never blocks on a slow client
+            return 1
+        except ConnectionClosedError:
+            pass      # the client hung up after sending (its DISCONNECTION follows)
+    elif ev.type == EventType.CONNECTION:
+        log.info("client connected on fd %d", ev.fd)
+    elif ev.type == EventType.DISCONNECTION:
+        log.info("client on fd %d left", ev.fd)
+    elif ev.type == EventType.ERROR:
+        log.warning("fd %d: %s", ev.fd, ev.error)
     return 0
 
 

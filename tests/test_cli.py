@@ -71,6 +71,25 @@ def test_pongd_echoes_and_ends_cleanly_on_a_signal(backend, rundir, pongd, sig):
     assert not os.path.exists(os.path.join(rundir, "p"))
 
 
+#: pongd must end this soon after SIGINT/SIGTERM (generous: a loaded machine).
+STOP_S = 5.0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_pongd_stops_promptly_while_a_client_is_idle(backend, rundir, pongd, sig):
+    """The signal's handler runs in pongd's wait (no polling timer): it ends
+    within STOP_S with a client connected."""
+    with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+        fd = ctx.connect("p")
+        ctx.write(fd, b"ping")
+        assert ctx.read(fd, timeout=30) == b"ping"      # pongd is back in its wait
+        pongd.send_signal(sig)
+        out, err = pongd.communicate(timeout=STOP_S)
+        assert pongd.returncode == 0, err
+        assert out.splitlines()[-1] == "pongd: stopped after echoing 1 message(s)"
+        assert not os.path.exists(os.path.join(rundir, "p"))
+
+
 def test_pongd_survives_clients_that_hang_up_after_sending(backend, rundir, pongd):
     for _ in range(30):
         with pyipc.Context(rundir=rundir, backend=backend) as ctx:

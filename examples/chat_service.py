@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Dict, List, Optional, Sequence, Set
 
@@ -24,8 +25,6 @@ import pyipc
 from pyipc import EventType, TypedMessageError
 
 from chat_messages import Join, Joined, Left, Refused, Said, Say, Welcome, registry
-from stop_signal import stop_fd
-
 
 
 class Chat:
@@ -118,17 +117,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--backend", choices=["native", "pure"], help="pyipc backend")
     p.add_argument("--name", default="chat", help="service name (default: chat)")
     args = p.parse_args(argv)
+    # SIGINT and SIGTERM raise KeyboardInterrupt in the call that waits, which
+    # ends the loop; leaving `with` then sends the replies still scheduled and
+    # removes the socket.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     with pyipc.Context(rundir=args.rundir, backend=args.backend) as ctx:
-        stop = stop_fd(ctx)
-        ctx.service_init(args.name)
-        print(f"chat_service: ready on {os.path.join(ctx.rundir, args.name)} "
-              f"(backend {ctx.backend})", flush=True)
-        chat = Chat(ctx)
-        while True:
-            events = ctx.wait_events()
-            chat.handle(events)
-            if any(ev.type == EventType.EXTERNAL and ev.fd == stop for ev in events):
-                break
+        try:
+            ctx.service_init(args.name)
+            print(f"chat_service: ready on {os.path.join(ctx.rundir, args.name)} "
+                  f"(backend {ctx.backend})", flush=True)
+            chat = Chat(ctx)
+            while True:
+                chat.handle(ctx.wait_events())
+        except KeyboardInterrupt:
+            pass
     print("chat_service: stopped", flush=True)
     return 0
 

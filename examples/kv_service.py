@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Any, Dict, Optional, Sequence
 
@@ -21,8 +22,6 @@ import pyipc
 from pyipc import EventType, TypedMessageError
 
 from kv_messages import Delete, Dump, Get, Put, Reply, registry
-from stop_signal import stop_fd
-
 
 
 def handle(store: Dict[str, Any], request: object) -> Reply:
@@ -53,39 +52,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--name", default="kv", help="service name (default: kv)")
     args = p.parse_args(argv)
     store: Dict[str, Any] = {}
+    # SIGINT and SIGTERM raise KeyboardInterrupt in the call that waits, which
+    # ends the loop; leaving `with` then sends the replies still scheduled and
+    # removes the socket.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     with pyipc.Context(rundir=args.rundir, backend=args.backend) as ctx:
-        stop = stop_fd(ctx)
-        ctx.service_init(args.name)
-        print(f"kv_service: ready on {os.path.join(ctx.rundir, args.name)} "
-              f"(backend {ctx.backend})", flush=True)
-        running = True
-        while running:
-            events = ctx.wait_events()
-            dropped = set()          # closed by us during this batch: skip their events
-            for ev in events:
-                if ev.fd in dropped:
-                    continue
-                if ev.type == EventType.EXTERNAL and ev.fd == stop:
-                    running = False
-                elif ev.type == EventType.MESSAGE_RX:
-                    try:
-                        reply = handle(store, registry.decode_event(ev))
-                    except TypedMessageError as e:
-                        reply = Reply(False, error=f"bad request: {e}")
-                    try:
-                        ctx.schedule_typed(ev.fd, reply, registry)
-                    except pyipc.ConnectionClosedError:
-                        # The client hung up after sending: the request counts, but
-                        # nobody is there for the reply (its DISCONNECTION follows;
-                        # its fd number is not reused before the next round).
-                        pass
-                    except pyipc.QueueFullError:    # a client that never reads
-                        print(f"kv_service: fd {ev.fd} does not read its replies, closing it",
-                              file=sys.stderr)
-                        ctx.close(ev.fd)
-                        dropped.add(ev.fd)
-                elif ev.type == EventType.ERROR:
-                    print(f"kv_service: fd {ev.fd}: {ev.error}", file=sys.stderr)
+        try:
+            ctx.service_init(args.name)
+            print(f"kv_service: ready on {os.path.join(ctx.rundir, args.name)} "
+                  f"(backend {ctx.backend})", flush=True)
+            while True:
+                events = ctx.wait_events()
+                dropped = set()          # closed by us during this batch: skip their events
+                for ev in events:
+                    if ev.fd in dropped:
+                        continue
+                    if ev.type == EventType.MESSAGE_RX:
+                        try:
+                            reply = handle(store, registry.decode_event(ev))
+                        except TypedMessageError as e:
+                            reply = Reply(False, error=f"bad request: {e}")
+                        try:
+                            ctx.schedule_typed(ev.fd, reply, registry)
+                        except pyipc.ConnectionClosedError:
+                            # The client hung up after sending: the request counts, but
+                            # nobody is there for the reply (its DISCONNECTION follows;
+                            # its fd number is not reused before the next round).
+                            pass
+                        except pyipc.QueueFullError:    # a client that never reads
+                            print(f"kv_service: fd {ev.fd} does not read its replies, closing it",
+                                  file=sys.stderr)
+                            ctx.close(ev.fd)
+                            dropped.add(ev.fd)
+                    elif ev.type == EventType.ERROR:
+                        print(f"kv_service: fd {ev.fd}: {ev.error}", file=sys.stderr)
+        except KeyboardInterrupt:
+            pass
     print(f"kv_service: stopped with {len(store)} key(s)", flush=True)
     return 0
 

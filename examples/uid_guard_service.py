@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Optional, Sequence, Set
 
 import pyipc
 from pyipc import EventType
-from stop_signal import stop_fd
-
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -43,41 +42,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Serve until SIGINT/SIGTERM; return the exit code."""
     args = parse_args(argv)
     allowed: Set[int] = set(args.allow_uid) or {os.getuid()}
+    refused = 0
+    # SIGINT and SIGTERM raise KeyboardInterrupt in the call that waits, which
+    # ends the loop; leaving `with` then sends the replies still scheduled and
+    # removes the socket.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     with pyipc.Context(rundir=args.rundir, backend=args.backend) as ctx:
-        stop = stop_fd(ctx)
-        ctx.service_init(args.name)
-        print(f"uid_guard_service: ready on {os.path.join(ctx.rundir, args.name)} "
-              f"(backend {ctx.backend}, allowed uids {', '.join(map(str, sorted(allowed)))})",
-              flush=True)
-        refused = 0
-        running = True
-        while running:
-            # Events come a batch at a time: a refused client's fd is closed by us
-            # while its later events (a message it sent at once) may still be in
-            # the batch; they are skipped.
-            dropped: Set[int] = set()
-            for ev in ctx.wait_events():
-                if ev.fd in dropped:
-                    continue
-                if ev.type == EventType.EXTERNAL and ev.fd == stop:
-                    running = False
-                elif ev.type == EventType.CONNECTION:
-                    try:
-                        pid, uid, _gid = ctx.peer_credentials(ev.fd)
-                    except pyipc.ConnectionClosedError:
-                        continue            # already gone: its DISCONNECTION follows
-                    if uid not in allowed:
-                        print(f"uid_guard_service: refused uid {uid} pid {pid}", flush=True)
-                        ctx.close(ev.fd)    # the client sees the connection closed
-                        dropped.add(ev.fd)
-                        refused += 1
-                elif ev.type == EventType.MESSAGE_RX:
-                    try:
-                        ctx.schedule(ev.fd, ev.message)
-                    except pyipc.ConnectionClosedError:
-                        pass                # hung up after sending: nobody to answer
-                elif ev.type == EventType.ERROR:
-                    print(f"uid_guard_service: fd {ev.fd}: {ev.error}", file=sys.stderr)
+        try:
+            ctx.service_init(args.name)
+            print(f"uid_guard_service: ready on {os.path.join(ctx.rundir, args.name)} "
+                  f"(backend {ctx.backend}, allowed uids {', '.join(map(str, sorted(allowed)))})",
+                  flush=True)
+            while True:
+                # Events come a batch at a time: a refused client's fd is closed by us
+                # while its later events (a message it sent at once) may still be in
+                # the batch; they are skipped.
+                dropped: Set[int] = set()
+                for ev in ctx.wait_events():
+                    if ev.fd in dropped:
+                        continue
+                    if ev.type == EventType.CONNECTION:
+                        try:
+                            pid, uid, _gid = ctx.peer_credentials(ev.fd)
+                        except pyipc.ConnectionClosedError:
+                            continue            # already gone: its DISCONNECTION follows
+                        if uid not in allowed:
+                            print(f"uid_guard_service: refused uid {uid} pid {pid}", flush=True)
+                            ctx.close(ev.fd)    # the client sees the connection closed
+                            dropped.add(ev.fd)
+                            refused += 1
+                    elif ev.type == EventType.MESSAGE_RX:
+                        try:
+                            ctx.schedule(ev.fd, ev.message)
+                        except pyipc.ConnectionClosedError:
+                            pass                # hung up after sending: nobody to answer
+                    elif ev.type == EventType.ERROR:
+                        print(f"uid_guard_service: fd {ev.fd}: {ev.error}", file=sys.stderr)
+        except KeyboardInterrupt:
+            pass
     print(f"uid_guard_service: stopped after refusing {refused} client(s)", flush=True)
     return 0
 

@@ -11,6 +11,7 @@ at the end, whatever happens.
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import queue
 import shutil
@@ -140,11 +141,12 @@ def start_service(run, script: str) -> Proc:
     return service
 
 
-def stop_service(service: Proc, rundir: str, name: str, sig: int = signal.SIGTERM) -> List[str]:
-    """Signal the service; it must exit 0 and remove its socket."""
+def stop_service(service: Proc, rundir: str, name: str, sig: int = signal.SIGTERM,
+                 timeout: float = TIMEOUT) -> List[str]:
+    """Signal the service; it must exit 0 within timeout and remove its socket."""
     assert os.path.exists(os.path.join(rundir, name)), (service.popen.poll(), service.seen, service.stderr)
     service.popen.send_signal(sig)
-    lines = service.finish()
+    lines = service.finish(timeout)
     assert service.popen.returncode == 0, service.stderr
     assert not os.path.exists(os.path.join(rundir, name))
     return lines
@@ -319,3 +321,50 @@ def test_services_survive_clients_that_hang_up_at_once(run, rundir: str, backend
     assert lines == (["sent 'still there', received 'still there'"] if name == "pong"
                      else ["get x -> 1"])
     stop_service(service, rundir, name)
+
+
+# -- stopping ------------------------------------------------------------------------
+#: A service must end this soon after SIGINT/SIGTERM (generous: a loaded machine).
+STOP_S = 5.0
+SERVICES = [("pong_service.py", "pong"), ("kv_service.py", "kv"),
+            ("chat_service.py", "chat"), ("uid_guard_service.py", "guard")]
+
+
+def example_module(module: str):
+    """A module of examples/ (the message registries), imported as the examples do."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def exchange(ctx: pyipc.Context, fd: int, name: str) -> None:
+    """One request on fd and its answer: the service then waits for the next event."""
+    if name == "kv":
+        kv = example_module("kv_messages")
+        ctx.write_typed(fd, kv.Put("x", 1), kv.registry)
+        assert ctx.read_typed(fd, kv.registry, timeout=TIMEOUT) == kv.Reply(True)
+    elif name == "chat":
+        chat = example_module("chat_messages")
+        ctx.write_typed(fd, chat.Join("idle"), chat.registry)
+        assert ctx.read_typed(fd, chat.registry, timeout=TIMEOUT) == chat.Welcome(["idle"])
+    else:
+        ctx.write(fd, b"ping")
+        assert ctx.read(fd, timeout=TIMEOUT) == b"ping"
+
+
+@pytest.mark.parametrize("idle_client", [False, True], ids=["alone", "idle-client"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("script, name", SERVICES, ids=[n for _, n in SERVICES])
+def test_services_stop_promptly_on_a_signal(run, rundir: str, backend: str, script: str,
+                                            name: str, sig: int, idle_client: bool) -> None:
+    """The signal's handler runs in the wait itself (no wakeup fd, no polling): the
+    service ends within STOP_S, exit 0, socket removed (also with a client connected)."""
+    service = start_service(run, script)
+    with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+        if idle_client:
+            fd = ctx.connect(name)
+            exchange(ctx, fd, name)
+        lines = stop_service(service, rundir, name, sig, timeout=STOP_S)
+        assert lines[-1].startswith(script[:-3] + ": stopped"), lines

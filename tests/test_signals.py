@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import os
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
@@ -22,7 +25,7 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import Pair, frame, wait_for
+from conftest import CHILD_ENV, Pair, frame, wait_for
 
 #: When the alarm fires, after the call began (seconds).
 ALARM_S = 0.05
@@ -312,3 +315,38 @@ def _check_kept(pair: Pair, native, monkeypatch) -> None:
         got += [ev.message for ev in pair.server.wait_events(timeout=5)
                 if ev.type == EventType.MESSAGE_RX]
     assert got == [b"a", b"b", b"c"]
+
+
+#: Services interrupted right after their reply went out (one process each).
+REPLY_RUNS = 15
+
+
+def test_a_reply_sent_as_the_service_is_interrupted_goes_out_once(backend, rundir, processes):
+    """The client reads its echo and sends SIGINT at once: the service's
+    handler raises while the event loop is still accounting for the reply it
+    just wrote. The reply must not be sent again when leaving `with` sends
+    what is still scheduled (the pure backend sent it twice in about half the
+    runs: the bytes a send() wrote were lost with the exception raised as it
+    returned)."""
+    service = str(Path(__file__).resolve().parent.parent / "examples" / "pong_service.py")
+    # Two busy processes keep both CPUs taken, so the service is often
+    # preempted between its send and the rest of its round: the window the
+    # test is about (without them the race was seen once in many runs).
+    for _ in range(2):
+        processes("while True: pass")
+    for run in range(REPLY_RUNS):
+        run_dir = os.path.join(rundir, f"r{run}")
+        proc = processes(open(service).read(), "--rundir", run_dir, "--backend", backend,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=CHILD_ENV)
+        assert "ready" in proc.stdout.readline()
+        with pyipc.Context(rundir=run_dir, backend=backend) as ctx:
+            fd = ctx.connect("pong")
+            ctx.write(fd, b"ping")
+            assert ctx.read(fd, timeout=10) == b"ping"
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=10)
+            with pytest.raises(pyipc.ConnectionClosedError):
+                extra = ctx.read(fd, timeout=10)
+                pytest.fail(f"run {run}: the reply came again: {extra!r}")
+        assert proc.returncode == 0

@@ -222,6 +222,10 @@ class Context:
     def linger(self, value: float) -> None:
         self._linger_s = check_linger(value)
 
+    def _linger_of(self, linger: Optional[float]) -> float:
+        """close()'s ``linger=``: checked, or the context's when None."""
+        return self.linger if linger is None else check_linger(linger)
+
     # -- busy polling ------------------------------------------------------------
     @property
     def busy_poll(self) -> int:

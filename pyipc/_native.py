@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import NoReturn, Optional, Tuple
 
 from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
-                       buffer_too_small_text, check_linger, check_max_messages, check_timeout,
-                       writable_view)
+                       buffer_too_small_text, check_max_messages, check_timeout, writable_view)
 from ._framing import split_payloads, too_large_text
 from ._types import (DEFAULT_READ_MANY, ERRORS_BY_CODE, READ_MANY_BYTES, BackendError, CBEvent, Event,
                      EventType, InvalidNameError, IPCError, MessageTooLargeError)
@@ -264,7 +263,7 @@ class NativeContext(Context):
         # What is scheduled for fd (and its switch peer, closed with it) goes
         # out first, for `linger` seconds at most; what is left is logged as a
         # warning with its count (README "Closing").
-        linger = self.linger if linger is None else check_linger(linger)
+        linger = self._linger_of(linger)
         count, peer, peer_count = self._close_info
         peer[0] = -1
         try:

@@ -27,8 +27,7 @@ from typing import Callable, Optional, Tuple
 
 from . import _poller, _rundir
 from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
-                       buffer_too_small_text, check_linger, check_max_messages, check_timeout,
-                       writable_view)
+                       buffer_too_small_text, check_max_messages, check_timeout, writable_view)
 from ._framing import (DIRECT_READ_MIN, HEADER, FrameDecoder, FrameTooLarge, encode,
                        too_large_text)
 from ._types import (DEFAULT_READ_MANY, IPCD_SERVICE, READ_MANY_BYTES, CBEvent, ConnectionClosedError, ConnectionLimitError,
@@ -368,7 +367,7 @@ class PureContext(Context):
 
     # -- closing ---------------------------------------------------------------
     def close(self, fd: int, linger: Optional[float] = None) -> None:
-        linger = self.linger if linger is None else check_linger(linger)
+        linger = self._linger_of(linger)
         if self._close_ended(fd):
             return
         conn = self._lookup(fd)
@@ -541,16 +540,15 @@ class PureContext(Context):
         # raises right after it would leave those bytes unaccounted (the
         # stream then corrupt). poll() moves no bytes: an exception there is
         # harmless (_keep_framed).
-        flags = _SEND_NOW
         sent = 0
         rest = frame
         try:
             while conn.queue:
-                if not self._send_queued(conn, flags):
+                if not self._send_queued(conn):
                     block.idle(fd, select.POLLOUT)
             while rest:
                 try:
-                    for n in _sending(conn.io, rest, flags):
+                    for n in _sending(conn.io, rest, _SEND_NOW):
                         sent += n       # counted at once (see _sending)
                 except BlockingIOError:
                     block.idle(fd, select.POLLOUT)
@@ -581,9 +579,9 @@ class PureContext(Context):
             left = _advance(frame, sent)
             self._enqueue(conn, b"".join(bytes(b) for b in left)[:rest], None)
 
-    def _send_queued(self, conn: _Conn, flags: int = _SEND_NOW) -> bool:
-        """Write queued frames (without waiting, unless ``flags`` leaves out
-        MSG_DONTWAIT); True when the queue is empty.
+    def _send_queued(self, conn: _Conn) -> bool:
+        """Write queued frames without waiting; True when the queue is empty.
+        (A blocking write() polls for room between calls: see _write_blocking.)
 
         Reports MESSAGE_TX/SWITCH_TX per frame written; lets EPIPE through.
         """
@@ -594,7 +592,7 @@ class PureContext(Context):
             bufs = [memoryview(queue[0][0])[conn.sent:]]
             bufs.extend(queue[i][0] for i in range(1, min(len(queue), MAX_IOV)))
             try:
-                for n in _sending(conn.io, bufs, flags):
+                for n in _sending(conn.io, bufs, _SEND_NOW):
                     conn.sent += n      # counted at once; frames accounted next
             except InterruptedError:
                 continue

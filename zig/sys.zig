@@ -144,14 +144,10 @@ fn writevQuiet(fd: fd_t, iov: []const std.posix.iovec_const) IoResult {
     }
 }
 
-/// Block until fd is readable (POLLIN) or writable (POLLOUT); EINTR retried.
-/// Hang-up and error conditions also end the wait: the next I/O call reports them.
+/// Block until fd is readable (POLLIN) or writable (POLLOUT): pollFd with
+/// no time limit, through signals (for calls that are not interruptible).
 pub fn waitFd(fd: fd_t, events: i16) void {
-    var pfd = [1]c.pollfd{.{ .fd = fd, .events = events, .revents = 0 }};
-    while (true) {
-        const rc = c.poll(&pfd, 1, -1);
-        if (rc >= 0 or errno(rc) != .INTR) return;
-    }
+    while (pollFd(fd, events, -1) == .interrupted) {}
 }
 
 /// What one poll(2) of a single fd ended with.

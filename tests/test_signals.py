@@ -349,4 +349,41 @@ def test_a_reply_sent_as_the_service_is_interrupted_goes_out_once(backend, rundi
             with pytest.raises(pyipc.ConnectionClosedError):
                 extra = ctx.read(fd, timeout=10)
                 pytest.fail(f"run {run}: the reply came again: {extra!r}")
-        assert proc.returncode == 0
+        assert proc.returncode == 0, proc.stderr.read()
+
+
+def test_calls_cut_anywhere_by_a_handler_leave_the_context_usable(pair):
+    """A handler raising at any point of a call, over and over (a 1 ms
+    interval timer while the loop makes cheap calls): the context's thread
+    guard is never left taken (every later call raised "in use by another
+    thread" when the exception came just as the guard took its lock)."""
+    class Tick(Exception):
+        pass
+
+    # Armed only around the call: the test's own lines are not cut.
+    armed = [False]
+
+    def tick(signum: int, frame_: object) -> None:
+        if armed[0]:
+            raise Tick
+
+    ctx, fd = pair.client, pair.client_fd
+    cut = 0
+    old = signal.signal(signal.SIGALRM, tick)
+    signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+    try:
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            try:
+                armed[0] = True
+                ctx.peer_credentials(fd)
+                armed[0] = False
+            except Tick:
+                armed[0] = False
+                cut += 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert cut > 100
+    ctx.write(fd, b"still usable")
+    assert pair.server.read(pair.server_fd) == b"still usable"

@@ -1,12 +1,14 @@
-"""The README's Python examples run as written, on both backends.
+"""The Python examples of README.md and docs/ run as written, on both backends.
 
-Every ```python block of README.md is one of:
+Every ```python block of README.md and of docs/**/*.md is one of:
 
-- a program (no marker): run as a subprocess; it must exit 0;
+- a program (no marker): run as a subprocess on a fresh run dir; it must exit 0;
 - a service (``<!-- service -->`` on a line before it): started in the background,
-  it must print ``ready`` once it listens; the programs after it (up to the next
-  service) run against it, and it must still be running when they are done;
-- a snippet (``<!-- not-a-program -->`` before it): only compiled.
+  it must print ``ready`` once it listens;
+- a client (``<!-- client -->`` before it): run as a program against the last
+  service before it in the same file, which must still be running when it is done;
+- a block that must not run (``<!-- no-run -->`` before it): only compiled. There
+  are very few (test_few_blocks_do_not_run).
 
 So an unmarked block that is not a complete program fails. Every process runs on a
 temporary run dir (env RUNDIR) with env PYIPC_BACKEND set to the test's backend; every
@@ -39,34 +41,39 @@ import pyipc
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+#: Every page whose Python blocks are run: the README, then docs/ in name order.
+PAGES = [README] + sorted((ROOT / "docs").rglob("*.md"))
 #: The programs import the same pyipc as the tests.
 PYIPC_HOME = str(Path(pyipc.__file__).resolve().parent.parent)
 #: Seconds any one wait may take before the test fails (a loaded 2-core machine).
 TIMEOUT = 120.0
 
-SERVICE_MARK = "<!-- service -->"
-SNIPPET_MARK = "<!-- not-a-program -->"
+MARKS = {"<!-- service -->": "service", "<!-- client -->": "client",
+         "<!-- no-run -->": "no-run"}
+#: At most this many blocks may be marked no-run, in all pages together.
+MAX_NO_RUN = 3
 PYTHON_FENCE = re.compile(r"^```(python3?|py)\s*$")
 
 
 @dataclass(frozen=True)
 class Block:
-    """One ```python block of the README."""
+    """One ```python block of a page."""
 
+    page: str      # the page's path, relative to the checkout
     line: int      # 1-based line of its opening fence
-    kind: str      # "program", "service" or "snippet"
+    kind: str      # "program", "service", "client" or "no-run"
     code: str
-    service: Optional["Block"] = None   # for a program: the service block it runs against
+    service: Optional["Block"] = None   # for a client: the service block it runs against
 
     @property
     def id(self) -> str:
         """The block's name in test ids and messages: its first line, or its place."""
         first = self.code.lstrip().splitlines()[0] if self.code.strip() else ""
         title = first[1:].split(":")[0].strip() if first.startswith("#") else ""
-        return f"README.md:{self.line}" + (f" ({title})" if title else "")
+        return f"{self.page}:{self.line}" + (f" ({title})" if title else "")
 
 
-def readme_blocks(text: str) -> List[Block]:
+def page_blocks(page: str, text: str) -> List[Block]:
     """Every ```python block of text, with its kind from the marker before it."""
     lines = text.splitlines()
     blocks: List[Block] = []
@@ -77,11 +84,13 @@ def readme_blocks(text: str) -> List[Block]:
             i += 1
             continue
         end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
-        assert end is not None, f"README.md:{i + 1}: code block never closed"
+        assert end is not None, f"{page}:{i + 1}: code block never closed"
         before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-        kind = {SERVICE_MARK: "service", SNIPPET_MARK: "snippet"}.get(before, "program")
+        kind = MARKS.get(before, "program")
         code = "\n".join(lines[i + 1:end]) + "\n"
-        block = Block(i + 1, kind, code, service if kind == "program" else None)
+        assert kind != "client" or service is not None, (
+            f"{page}:{i + 1}: a client block with no service block before it")
+        block = Block(page, i + 1, kind, code, service if kind == "client" else None)
         if kind == "service":
             service = block
         blocks.append(block)
@@ -89,19 +98,19 @@ def readme_blocks(text: str) -> List[Block]:
     return blocks
 
 
-BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+BLOCKS = [block for path in PAGES
+          for block in page_blocks(str(path.relative_to(ROOT)), path.read_text(encoding="utf-8"))]
 
 
-def blocks_of(kind: str) -> List[Block]:
-    return [b for b in BLOCKS if b.kind == kind]
+def blocks_of(*kinds: str) -> List[Block]:
+    return [b for b in BLOCKS if b.kind in kinds]
 
 
 def quick_start(title: str) -> Block:
-    """The quick start's block whose first line names the file `title`."""
-    found = [b for b in BLOCKS if b.code.startswith(f"# {title}:")]
+    """The README quick start's block whose first line names the file `title`."""
+    found = [b for b in BLOCKS if b.page == "README.md" and b.code.startswith(f"# {title}:")]
     assert len(found) == 1, f"README.md has {len(found)} block(s) headed '# {title}:'"
     return found[0]
-
 
 def workdir(env: Dict[str, str]) -> str:
     """The processes' working directory: the temporary one that holds RUNDIR."""
@@ -162,7 +171,7 @@ class Service:
 @pytest.fixture
 def run_env(backend: str) -> Iterator[Dict[str, str]]:
     """The environment of every process: a fresh RUNDIR and PYIPC_BACKEND=backend."""
-    top = tempfile.mkdtemp(prefix="pyipc-readme-", dir="/tmp")
+    top = tempfile.mkdtemp(prefix="pyipc-docs-", dir="/tmp")
     env = dict(os.environ, RUNDIR=os.path.join(top, "run"), PYIPC_BACKEND=backend,
                PYTHONPATH=os.pathsep.join(
                    p for p in (PYIPC_HOME, os.environ.get("PYTHONPATH", "")) if p))
@@ -217,18 +226,36 @@ def run_program(code: str, env: Dict[str, str], name: str,
     return done.stdout
 
 
-# -- every block of the README ---------------------------------------------------------
+# -- every block of README.md and docs/ --------------------------------------------------
 def test_the_readme_has_the_quick_start_pair() -> None:
     """The parser finds the quick start (so a broken parser cannot pass by finding
     nothing), and the client runs against the service."""
     service, client = quick_start("pong_service.py"), quick_start("pong_client.py")
     assert service.kind == "service"
-    assert client.kind == "program" and client.service == service
+    assert client.kind == "client" and client.service == service
 
 
-@pytest.mark.parametrize("block", blocks_of("snippet"), ids=lambda b: b.id)
-def test_snippet_compiles(block: Block) -> None:
-    compile(block.code, block.id, "exec")
+def test_every_docs_page_is_read() -> None:
+    """docs/ is found, and its pages hold programs and service/client pairs."""
+    pages = {b.page for b in BLOCKS}
+    assert "docs/guide.md" in pages
+    assert len(blocks_of("program")) >= 10 and len(blocks_of("client")) >= 3
+
+
+def test_few_blocks_do_not_run() -> None:
+    """A block that is only compiled proves little: they stay the exception, and
+    they compile."""
+    skipped = blocks_of("no-run")
+    assert len(skipped) <= MAX_NO_RUN, f"too many <!-- no-run --> blocks: {skipped}"
+    for block in skipped:
+        compile(block.code, block.id, "exec")
+
+
+def test_the_api_page_documents_every_public_name() -> None:
+    """docs/api.md has a ``::: pyipc.NAME`` for every name of pyipc.__all__."""
+    page = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^::: pyipc\.(\w+)$", page, re.MULTILINE))
+    assert sorted(set(pyipc.__all__) - documented) == []
 
 
 @pytest.mark.parametrize("block", blocks_of("service"), ids=lambda b: b.id)
@@ -236,7 +263,7 @@ def test_service_block_starts(services, block: Block) -> None:
     start_block(services, block).assert_running()
 
 
-@pytest.mark.parametrize("block", blocks_of("program"), ids=lambda b: b.id)
+@pytest.mark.parametrize("block", blocks_of("program", "client"), ids=lambda b: b.id)
 def test_program_block_runs(services, run_env: Dict[str, str], block: Block) -> None:
     service = start_block(services, block.service) if block.service else None
     run_program(block.code, run_env, block.id, service)

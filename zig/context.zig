@@ -15,7 +15,7 @@ const errors = @import("errors.zig");
 const framing = @import("framing.zig");
 const events_mod = @import("events.zig");
 const conn_table = @import("conn_table.zig");
-const poller_mod = @import("poller.zig");
+const poller_mod = @import("poller/api.zig");
 const rundir_mod = @import("rundir.zig");
 const credentials = @import("credentials.zig");
 const fdpass = @import("fdpass.zig");
@@ -231,7 +231,7 @@ pub const Context = struct {
     /// A managed connection: not a service, not an external fd (unless switched).
     pub fn connection(self: *Context, fd: i32) Error!*Conn {
         const conn = try self.lookup(fd);
-        if (conn.kind == .service or (conn.kind == .external and conn.peer == null))
+        if (conn.role == .service or (conn.role == .external and conn.peer == null))
             return self.last.fail(error.UnknownFd, "fd {d} is not a connection", .{fd});
         return conn;
     }
@@ -242,13 +242,13 @@ pub const Context = struct {
     }
 
     /// Put fd in the table (lowest free slot) and watch it for reading.
-    fn addConn(self: *Context, fd: i32, kind: conn_table.Kind) Error!*Conn {
-        const conn = try self.table.add(self.gpa, fd, kind);
+    fn addConn(self: *Context, fd: i32, role: conn_table.Role) Error!*Conn {
+        const conn = try self.table.add(self.gpa, fd, role);
         errdefer {
             self.table.remove(self.gpa, conn);
             self.table.reap(self.gpa);
         }
-        const want: conn_table.Interest = .{ .read = true };
+        const want: poller_mod.Interest = .{ .read = true };
         self.poller.update(self.gpa, fd, .{}, want) catch
             return self.last.fail(error.Generic, "cannot watch fd {d}", .{fd});
         conn.registered = want;
@@ -260,7 +260,7 @@ pub const Context = struct {
     pub fn updateInterest(self: *Context, conn: *Conn) void {
         if (!conn.alive) return;
         const paused = if (conn.peer) |p| p.queue.queuedBytes() > self.limits.max_queue_size else false;
-        const want: conn_table.Interest = .{ .read = !paused and !conn.closing, .write = !conn.queue.isEmpty() };
+        const want: poller_mod.Interest = .{ .read = !paused and !conn.closing, .write = !conn.queue.isEmpty() };
         if (want == conn.registered) return;
         // On failure the old interest stays registered; the next change retries.
         self.poller.update(self.gpa, conn.fd, conn.registered, want) catch return;
@@ -338,7 +338,7 @@ pub const Context = struct {
         self.unwatch(conn);
         // The peer sees the end now (EOF, EPIPE); only the number stays taken.
         // (Not for an external fd: it may be shared, shutdown would end it for all.)
-        if (conn.kind == .connection) _ = c.shutdown(fd, c.SHUT.RDWR);
+        if (conn.role == .connection) _ = c.shutdown(fd, c.SHUT.RDWR);
         var failed: ?Allocator.Error = null;
         self.ended.put(self.gpa, fd, {}) catch |e| {
             sys.closeFd(fd); // cannot keep it reserved: close it now
@@ -376,12 +376,6 @@ pub const Context = struct {
         if (self.gather_buf) |s| return s;
         self.gather_buf = try self.gpa.alloc(u8, gather_mod.buffer_size);
         return self.gather_buf.?;
-    }
-
-    pub fn switchBuffer(self: *Context) Allocator.Error![]u8 {
-        if (self.switch_buf) |s| return s;
-        self.switch_buf = try self.gpa.alloc(u8, self.limits.max_message_size);
-        return self.switch_buf.?;
     }
 
     fn tooLargeText(buf: []u8, size: u64, max: u32) []const u8 {
@@ -795,7 +789,7 @@ pub const Context = struct {
         ctx: *Context,
         conn: *Conn,
         pub fn completed(self: *TxSink, origin: @import("send_queue.zig").Origin) Allocator.Error!void {
-            const kind: events_mod.Kind = switch (origin) {
+            const kind: events_mod.EventType = switch (origin) {
                 .scheduled => .message_tx,
                 .switched => .switch_tx,
                 .remainder => return, // of a write() that was stopped: no event
@@ -865,7 +859,7 @@ pub const Context = struct {
     };
 
     /// What one read-and-decode step gave.
-    const Chunk = union(enum) {
+    const ReadOutcome = union(enum) {
         /// `n` bytes were read and every complete frame in them delivered.
         read: usize,
         /// The same, but fewer bytes than there was room for: the socket had
@@ -886,7 +880,7 @@ pub const Context = struct {
     /// large frame is in progress (no copy), else into the scratch buffer;
     /// then decode what came. `waits` applies to sockets (see sys.Wait); other
     /// fds are in non-blocking mode.
-    fn readChunk(self: *Context, conn: *Conn, limit: usize, waits: sys.Wait, sink: *RxSink) Allocator.Error!Chunk {
+    fn readOnce(self: *Context, conn: *Conn, limit: usize, waits: sys.Wait, sink: *RxSink) Allocator.Error!ReadOutcome {
         // A large frame in progress takes the spare buffer when it can hold
         // the whole frame: memory already in use (no page faults), no growing.
         if (conn.decoder.wantsBuffer()) |need| {
@@ -921,7 +915,7 @@ pub const Context = struct {
         var total: usize = 0;
         var buf: [160]u8 = undefined;
         while (total < read_budget) {
-            const reason: ?[]const u8 = switch (try self.readChunk(conn, read_budget - total, .no, &sink)) {
+            const reason: ?[]const u8 = switch (try self.readOnce(conn, read_budget - total, .no, &sink)) {
                 .read => |n| {
                     total += n;
                     continue;
@@ -958,7 +952,7 @@ pub const Context = struct {
         if (try self.takePending(fd, out, len)) return;
         const conn = try self.connection(fd);
         var block = self.blocking(true); // one busy_poll for the whole call
-        if (out.len >= framing.direct_read_min and conn.kind == .connection and conn.is_socket) {
+        if (out.len >= framing.direct_read_min and conn.role == .connection and conn.is_socket) {
             if (try self.readFrameInto(conn, out, &block)) |n| {
                 len.* = n;
                 return;
@@ -1127,11 +1121,11 @@ pub const Context = struct {
         defer self.table.reap(self.gpa);
         var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
         var buf: [160]u8 = undefined;
-        const chunk = self.readUntilMessage(conn, &sink, block) catch |err| switch (err) {
+        const outcome = self.readUntilMessage(conn, &sink, block) catch |err| switch (err) {
             error.OutOfMemory => return error.OutOfMemory,
             error.Interrupted, error.Timeout => |stop| return self.stopped(stop, "read on fd {d}", .{fd}),
         };
-        switch (chunk) {
+        switch (outcome) {
             .read, .read_short, .would_block, .interrupted => {},
             .stopped => unreachable, // only the event loop closes while delivering
             .eof => {
@@ -1162,9 +1156,9 @@ pub const Context = struct {
     /// (bench/c/wait_modes.c). Anything else is polled when it has nothing.
     /// With busy_poll, reads that do not wait come first, for busy_poll_us;
     /// with a timeout, poll() waits (see blocking.zig).
-    fn readUntilMessage(self: *Context, conn: *Conn, sink: *RxSink, block: *Blocking) (Allocator.Error || Stop)!Chunk {
+    fn readUntilMessage(self: *Context, conn: *Conn, sink: *RxSink, block: *Blocking) (Allocator.Error || Stop)!ReadOutcome {
         while (sink.frames == 0) {
-            switch (try self.readChunk(conn, std.math.maxInt(usize), block.mode(), sink)) {
+            switch (try self.readOnce(conn, std.math.maxInt(usize), block.mode(), sink)) {
                 .read, .read_short => {},
                 .would_block => try block.idle(conn.fd, sys.POLLIN),
                 .interrupted => try block.interrupted(),
@@ -1365,7 +1359,7 @@ pub const Context = struct {
         }
         // The fd may have been closed earlier in this round.
         const conn = self.table.get(r.fd) orelse return;
-        if (conn.kind == .service) {
+        if (conn.role == .service) {
             if (r.readable) try self.acceptAll(conn);
             return;
         }
@@ -1373,7 +1367,7 @@ pub const Context = struct {
         if (conn.closing) return self.flushConn(conn);
         if (conn.peer != null) {
             if (r.readable) try switching.switchIn(self, conn);
-        } else if (conn.kind == .external) {
+        } else if (conn.role == .external) {
             if (r.readable) try self.events.push(self.gpa, .external, conn.fd, conn.index);
             return;
         } else if (r.readable) {
@@ -1453,37 +1447,6 @@ pub const Context = struct {
             return fd;
         }
         return c.accept4(listen_fd, null, null, c.SOCK.CLOEXEC); // blocking mode: see sys.Wait
-    }
-
-    // ------------------------------------------------------------ switching
-
-    pub fn addSwitch(self: *Context, fd1: i32, fd2: i32) Error!void {
-        if (fd1 == fd2) return self.last.fail(error.Generic, "cannot switch fd {d} with itself", .{fd1});
-        const c1 = try self.switchable(fd1);
-        const c2 = try self.switchable(fd2);
-        for ([_]*Conn{ c1, c2 }) |x| {
-            if (x.peer != null) return self.last.fail(error.Generic, "fd {d} is already switched", .{x.fd});
-        }
-        c1.peer = c2;
-        c2.peer = c1;
-        for ([_]*Conn{ c1, c2 }) |x| {
-            // Foreign fds are read and written without waiting; our own
-            // sockets stay in blocking mode (the loop passes MSG_DONTWAIT).
-            if (x.kind != .connection) _ = sys.setNonblocking(x.fd, true);
-            self.updateInterest(x);
-        }
-    }
-
-    pub fn switchable(self: *Context, fd: i32) Error!*Conn {
-        const conn = try self.lookup(fd);
-        if (conn.kind == .service) return self.last.fail(error.UnknownFd, "fd {d} is not a connection", .{fd});
-        return conn;
-    }
-
-    pub fn setSwitchCallbacks(self: *Context, fd: i32, in: ?conn_table.InCallback, out: ?conn_table.OutCallback) Error!void {
-        const conn = try self.switchable(fd);
-        conn.cb_in = in;
-        conn.cb_out = out;
     }
 };
 

@@ -9,7 +9,8 @@ const context = @import("context.zig");
 const Context = context.Context;
 const sys = @import("sys.zig");
 const framing = @import("framing.zig");
-const Kind = @import("events.zig").Kind;
+const EventType = @import("events.zig").EventType;
+const switching = @import("switching.zig");
 const copy_max = @import("gather.zig").copy_max;
 
 const gpa = testing.allocator;
@@ -61,7 +62,7 @@ const TmpRun = struct {
 
 /// A copy of one event (its payload copied, so it outlives the queue entry).
 const Ev = struct {
-    kind: Kind,
+    kind: EventType,
     fd: i32,
     index: i64,
     data: std.ArrayList(u8) = .empty,
@@ -82,7 +83,7 @@ fn nextEvent(ctx: *Context) !Ev {
     return out;
 }
 
-fn expectEvent(ctx: *Context, kind: Kind, fd: i32, data: ?[]const u8) !Ev {
+fn expectEvent(ctx: *Context, kind: EventType, fd: i32, data: ?[]const u8) !Ev {
     var ev = try nextEvent(ctx);
     errdefer {
         std.debug.print("got {s} fd={d} data={s}\n", .{ @tagName(ev.kind), ev.fd, ev.data.items });
@@ -94,7 +95,7 @@ fn expectEvent(ctx: *Context, kind: Kind, fd: i32, data: ?[]const u8) !Ev {
     return ev;
 }
 
-fn expectOnly(ctx: *Context, kind: Kind, fd: i32, data: ?[]const u8) !void {
+fn expectOnly(ctx: *Context, kind: EventType, fd: i32, data: ?[]const u8) !void {
     var ev = try expectEvent(ctx, kind, fd, data);
     ev.deinit();
 }
@@ -380,9 +381,9 @@ test "switching forwards both ways; one side ending closes both" {
     defer evb.deinit();
     const sa = p.server_fd;
     const sb = evb.fd;
-    try testing.expectError(error.Generic, p.server.addSwitch(sa, sa));
-    try p.server.addSwitch(sa, sb);
-    try testing.expectError(error.Generic, p.server.addSwitch(sa, sb));
+    try testing.expectError(error.Generic, switching.add(p.server, sa, sa));
+    try switching.add(p.server, sa, sb);
+    try testing.expectError(error.Generic, switching.add(p.server, sa, sb));
     try p.client.write(p.client_fd, "to b");
     try expectOnly(p.server, .switch_rx, sa, "to b");
     try expectOnly(p.server, .switch_tx, sb, null);
@@ -422,8 +423,8 @@ test "switch callbacks: custom in and out" {
     try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
     defer sys.closeFd(pair[1]);
     try p.server.addExternal(pair[0]);
-    try p.server.setSwitchCallbacks(pair[0], testIn, testOut);
-    try p.server.addSwitch(p.server_fd, pair[0]);
+    try switching.setCallbacks(p.server, pair[0], testIn, testOut);
+    try switching.add(p.server, p.server_fd, pair[0]);
     // framed in from the client, custom out to the external side
     try p.client.write(p.client_fd, "framed");
     try expectOnly(p.server, .switch_rx, p.server_fd, "framed");
@@ -586,7 +587,7 @@ test "switch back-pressure: a slow reader bounds the queue, nothing is lost" {
     defer thread.join();
     var eva = try expectEvent(server, .connection, -2, null);
     defer eva.deinit();
-    try server.addSwitch(eva.fd, evb.fd);
+    try switching.add(server, eva.fd, evb.fd);
     const sb = server.table.get(evb.fd).?;
     const bound = limits.max_queue_size + context.read_budget + limits.max_message_size + 4;
     // Phase 1: the reader does not read. The server must not buffer it all.
@@ -611,7 +612,7 @@ test "switch back-pressure: a slow reader bounds the queue, nothing is lost" {
             var ev = try nextEvent(reader);
             defer ev.deinit();
             if (ev.kind == .timer) break;
-            try testing.expectEqual(Kind.message_rx, ev.kind);
+            try testing.expectEqual(EventType.message_rx, ev.kind);
             try testing.expectEqual(got, std.mem.readInt(u32, ev.data.items[0..4], .big));
             got += 1;
         }
@@ -750,7 +751,7 @@ test "closing one side of a switch closes both, with no event" {
     _ = try p.client.connectService("swc");
     var evb = try expectEvent(p.server, .connection, -2, null);
     defer evb.deinit();
-    try p.server.addSwitch(p.server_fd, evb.fd);
+    try switching.add(p.server, p.server_fd, evb.fd);
     try p.server.close(evb.fd);
     try testing.expectEqual(@as(usize, 1), p.server.table.count()); // the service only
     p.server.setTimer(20);
@@ -765,7 +766,7 @@ test "a switch side that ends: what it sent still reaches the other side, then t
     defer evb.deinit();
     const sa = p.server_fd;
     const sb = evb.fd;
-    try p.server.addSwitch(sa, sb);
+    try switching.add(p.server, sa, sb);
     try p.client.write(p.client_fd, "last words");
     try p.client.close(p.client_fd);
     try expectOnly(p.server, .switch_rx, sa, "last words");

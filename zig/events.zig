@@ -18,8 +18,8 @@ const std = @import("std");
 const assert = std.debug.assert;
 const Allocator = std.mem.Allocator;
 
-/// libIPC's event numbers (enum event_types in libipc.h).
-pub const Kind = enum(i32) {
+/// libIPC's event numbers (enum event_types in libipc.h; abi_test.zig checks them).
+pub const EventType = enum(i32) {
     err = 0,
     connection = 1,
     disconnection = 2,
@@ -40,7 +40,7 @@ pub const Chunk = struct {
 };
 
 pub const Event = struct {
-    kind: Kind,
+    kind: EventType,
     fd: i32,
     index: i64,
     /// Payload (MESSAGE_RX, SWITCH_RX) or error text (ERROR; NUL follows it).
@@ -73,14 +73,14 @@ pub const Queue = struct {
     }
 
     /// Queue an event without payload.
-    pub fn push(self: *Queue, gpa: Allocator, kind: Kind, fd: i32, index: i64) Allocator.Error!void {
+    pub fn push(self: *Queue, gpa: Allocator, kind: EventType, fd: i32, index: i64) Allocator.Error!void {
         try self.items.append(gpa, .{ .kind = kind, .fd = fd, .index = index });
         self.live += 1;
     }
 
     /// Queue an event with a copy of `data` (a NUL is stored after it, so
     /// error texts can be handed out as C strings).
-    pub fn pushData(self: *Queue, gpa: Allocator, kind: Kind, fd: i32, index: i64, data: []const u8) Allocator.Error!void {
+    pub fn pushData(self: *Queue, gpa: Allocator, kind: EventType, fd: i32, index: i64, data: []const u8) Allocator.Error!void {
         try self.items.ensureUnusedCapacity(gpa, 1);
         if (data.len == 0 and kind != .err) return self.push(gpa, kind, fd, index);
         const ch = try self.reserve(gpa, data.len + 1);
@@ -96,7 +96,7 @@ pub const Queue = struct {
     /// Queue a MESSAGE_RX (or SWITCH_RX) whose payload lies in `memory`, a
     /// buffer of gpa's that the queue now owns (no copy): freed, or kept as
     /// the spare, once the event is consumed.
-    pub fn pushOwned(self: *Queue, gpa: Allocator, kind: Kind, fd: i32, index: i64, memory: []u8, payload: []const u8) Allocator.Error!void {
+    pub fn pushOwned(self: *Queue, gpa: Allocator, kind: EventType, fd: i32, index: i64, memory: []u8, payload: []const u8) Allocator.Error!void {
         assert(kind == .message_rx or kind == .switch_rx);
         assert(@intFromPtr(payload.ptr) >= @intFromPtr(memory.ptr) and
             @intFromPtr(payload.ptr) + payload.len <= @intFromPtr(memory.ptr) + memory.len);

@@ -10,11 +10,12 @@ const Error = errors.Error;
 const fdpass = @import("fdpass.zig");
 const events = @import("events.zig");
 const conn_table = @import("conn_table.zig");
+const switching = @import("switching.zig");
 
 /// The C allocator in the library; the leak-checking one in tests.
 const gpa = if (@import("builtin").is_test) std.testing.allocator else std.heap.c_allocator;
 
-const IPC_OK: c_int = 0;
+const IPC_OK = errors.ok;
 
 /// struct ipc_event of libipc.h.
 pub const IpcEvent = extern struct {
@@ -51,30 +52,30 @@ fn bytes(ptr: ?[*]const u8, len: usize) []const u8 {
 
 // ------------------------------------------------------------ lifetime
 
-export fn ipc_context_init(out: ?*?*anyopaque) callconv(.c) c_int {
+pub export fn ipc_context_init(out: ?*?*anyopaque) callconv(.c) c_int {
     const slot = out orelse return errors.code(error.Generic);
     const ctx = Context.create(gpa) catch |err| return errors.code(err);
     slot.* = ctx;
     return IPC_OK;
 }
 
-export fn ipc_context_deinit(ptr: ?*?*anyopaque) callconv(.c) void {
+pub export fn ipc_context_deinit(ptr: ?*?*anyopaque) callconv(.c) void {
     const slot = ptr orelse return;
     if (context(slot.*)) |ctx| ctx.destroy();
     slot.* = null;
 }
 
-export fn ipc_last_error(ptr: ?*anyopaque) callconv(.c) [*:0]const u8 {
+pub export fn ipc_last_error(ptr: ?*anyopaque) callconv(.c) [*:0]const u8 {
     const ctx = context(ptr) orelse return "no context";
     return ctx.last.text().ptr;
 }
 
-export fn ipc_context_set_rundir(ptr: ?*anyopaque, dir: ?[*]const u8, len: usize) callconv(.c) c_int {
+pub export fn ipc_context_set_rundir(ptr: ?*anyopaque, dir: ?[*]const u8, len: usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.setRundir(bytes(dir, len)));
 }
 
-export fn ipc_context_set_limits(ptr: ?*anyopaque, max_message_size: u32, max_queue_size: u64, max_connections: u32) callconv(.c) c_int {
+pub export fn ipc_context_set_limits(ptr: ?*anyopaque, max_message_size: u32, max_queue_size: u64, max_connections: u32) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.setLimits(.{
         .max_message_size = max_message_size,
@@ -83,25 +84,25 @@ export fn ipc_context_set_limits(ptr: ?*anyopaque, max_message_size: u32, max_qu
     }));
 }
 
-export fn ipc_context_timer(ptr: ?*anyopaque, timer: c_int) callconv(.c) void {
+pub export fn ipc_context_timer(ptr: ?*anyopaque, timer: c_int) callconv(.c) void {
     const ctx = context(ptr) orelse return;
     ctx.setTimer(timer);
 }
 
-export fn ipc_context_busy_poll(ptr: ?*anyopaque, usec: u32) callconv(.c) c_int {
+pub export fn ipc_context_busy_poll(ptr: ?*anyopaque, usec: u32) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.setBusyPoll(usec));
 }
 
 /// A signal ends a blocking call with IPC_E_INTERRUPTED (on) instead of the
 /// call going on waiting (off, the default: libIPC's behaviour).
-export fn ipc_context_interruptible(ptr: ?*anyopaque, on: c_int) callconv(.c) void {
+pub export fn ipc_context_interruptible(ptr: ?*anyopaque, on: c_int) callconv(.c) void {
     const ctx = context(ptr) orelse return;
     ctx.interruptible = on != 0;
 }
 
 /// The timeout of every blocking call from now on, in microseconds; negative: none.
-export fn ipc_context_call_timeout(ptr: ?*anyopaque, usec: i64) callconv(.c) void {
+pub export fn ipc_context_call_timeout(ptr: ?*anyopaque, usec: i64) callconv(.c) void {
     const ctx = context(ptr) orelse return;
     ctx.setCallTimeout(if (usec < 0) -1 else usec *| std.time.ns_per_us);
 }
@@ -115,34 +116,34 @@ fn openWith(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16, 
     return IPC_OK;
 }
 
-export fn ipc_service_init(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
+pub export fn ipc_service_init(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
     return openWith(ptr, fd_out, service, len, Context.serviceInit);
 }
 
-export fn ipc_connect_service(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
+pub export fn ipc_connect_service(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
     return openWith(ptr, fd_out, service, len, Context.connectService);
 }
 
-export fn ipc_connect(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
+pub export fn ipc_connect(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
     return openWith(ptr, fd_out, service, len, Context.connect);
 }
 
-export fn ipc_add_external(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
+pub export fn ipc_add_external(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.addExternal(fd));
 }
 
-export fn ipc_add_switch(ptr: ?*anyopaque, fd1: c_int, fd2: c_int) callconv(.c) c_int {
+pub export fn ipc_add_switch(ptr: ?*anyopaque, fd1: c_int, fd2: c_int) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    return rc(ctx, ctx.addSwitch(fd1, fd2));
+    return rc(ctx, switching.add(ctx, fd1, fd2));
 }
 
-export fn ipc_set_switch_callbacks(ptr: ?*anyopaque, fd: c_int, in: ?conn_table.InCallback, out: ?conn_table.OutCallback) callconv(.c) c_int {
+pub export fn ipc_set_switch_callbacks(ptr: ?*anyopaque, fd: c_int, in: ?switching.InCallback, out: ?switching.OutCallback) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    return rc(ctx, ctx.setSwitchCallbacks(fd, in, out));
+    return rc(ctx, switching.setCallbacks(ctx, fd, in, out));
 }
 
-export fn ipc_peer_credentials(ptr: ?*anyopaque, fd: c_int, pid: ?*i32, uid: ?*u32, gid: ?*u32) callconv(.c) c_int {
+pub export fn ipc_peer_credentials(ptr: ?*anyopaque, fd: c_int, pid: ?*i32, uid: ?*u32, gid: ?*u32) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const cred = ctx.peerCredentials(fd) catch |err| return rc(ctx, @as(Error!void, err));
     if (pid) |p| p.* = cred.pid;
@@ -153,7 +154,7 @@ export fn ipc_peer_credentials(ptr: ?*anyopaque, fd: c_int, pid: ?*i32, uid: ?*u
 
 // ------------------------------------------------------------ closing
 
-export fn ipc_close_fd(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
+pub export fn ipc_close_fd(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.close(fd));
 }
@@ -165,7 +166,7 @@ fn fdAt(ctx: *Context, index: usize) Error!i32 {
     return conn.fd;
 }
 
-export fn ipc_close(ptr: ?*anyopaque, index: usize) callconv(.c) c_int {
+pub export fn ipc_close(ptr: ?*anyopaque, index: usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const fd = fdAt(ctx, index) catch |err| return rc(ctx, @as(Error!void, err));
     return rc(ctx, ctx.close(fd));
@@ -174,7 +175,7 @@ export fn ipc_close(ptr: ?*anyopaque, index: usize) callconv(.c) c_int {
 /// What close(fd) would discard: fd's scheduled messages not yet completely
 /// written, and its switch peer (closed with it) and that one's count
 /// (*peer_fd = -1 when fd is not switched). pyipc logs them as a warning.
-export fn ipc_queued_messages(ptr: ?*anyopaque, fd: c_int, count: ?*usize, peer_fd: ?*c_int, peer_count: ?*usize) callconv(.c) c_int {
+pub export fn ipc_queued_messages(ptr: ?*anyopaque, fd: c_int, count: ?*usize, peer_fd: ?*c_int, peer_count: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const conn = ctx.lookup(fd) catch |err| return rc(ctx, @as(Error!void, err));
     if (count) |p| p.* = conn.queue.frameCount();
@@ -184,23 +185,23 @@ export fn ipc_queued_messages(ptr: ?*anyopaque, fd: c_int, count: ?*usize, peer_
     return IPC_OK;
 }
 
-export fn ipc_write_count(ptr: ?*anyopaque) callconv(.c) usize {
+pub export fn ipc_write_count(ptr: ?*anyopaque) callconv(.c) usize {
     const ctx = context(ptr) orelse return 0;
     return ctx.write_count;
 }
 
-export fn ipc_linger(ptr: ?*anyopaque, fd: c_int, usec: i64) callconv(.c) c_int {
+pub export fn ipc_linger(ptr: ?*anyopaque, fd: c_int, usec: i64) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.linger(fd, usec *| std.time.ns_per_us));
 }
 
-export fn ipc_scheduled_fds(ptr: ?*anyopaque, fds: ?[*]c_int, counts: ?[*]usize, capacity: usize) callconv(.c) usize {
+pub export fn ipc_scheduled_fds(ptr: ?*anyopaque, fds: ?[*]c_int, counts: ?[*]usize, capacity: usize) callconv(.c) usize {
     const ctx = context(ptr) orelse return 0;
     const n = if (fds != null and counts != null) capacity else 0;
     return ctx.scheduledFds(if (fds) |f| f[0..n] else &.{}, if (counts) |k| k[0..n] else &.{});
 }
 
-export fn ipc_close_all(ptr: ?*anyopaque) callconv(.c) c_int {
+pub export fn ipc_close_all(ptr: ?*anyopaque) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     ctx.closeAll();
     return IPC_OK;
@@ -208,12 +209,12 @@ export fn ipc_close_all(ptr: ?*anyopaque) callconv(.c) c_int {
 
 // ------------------------------------------------------------ sending and receiving
 
-export fn ipc_write(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
+pub export fn ipc_write(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.write(fd, bytes(payload, len)));
 }
 
-export fn ipc_schedule(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
+pub export fn ipc_schedule(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.schedule(fd, bytes(payload, len)));
 }
@@ -221,14 +222,14 @@ export fn ipc_schedule(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: 
 /// write()'s checks of fd and of a `len`-byte payload, in its order; nothing
 /// is written. For sizes uint32_t cannot carry: the failure says what
 /// ipc_write() would (an unknown fd before the size).
-export fn ipc_check_write(ptr: ?*anyopaque, fd: c_int, len: u64) callconv(.c) c_int {
+pub export fn ipc_check_write(ptr: ?*anyopaque, fd: c_int, len: u64) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.checkWrite(fd, len));
 }
 
 /// write() of `count` messages: their payloads back to back at `payloads`,
 /// their sizes in `lengths`; gathered into few system calls.
-export fn ipc_write_many(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const u8, lengths: ?[*]const u32, count: usize) callconv(.c) c_int {
+pub export fn ipc_write_many(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const u8, lengths: ?[*]const u32, count: usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
     var total: usize = 0;
@@ -240,7 +241,7 @@ export fn ipc_write_many(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const u8, le
 /// ipc_write_many with one pointer per payload (payloads[i], lengths[i]
 /// bytes), for payloads that are not back to back: large ones are then
 /// written from where they are, not copied together first.
-export fn ipc_write_many_ptrs(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const ?[*]const u8, lengths: ?[*]const u32, count: usize) callconv(.c) c_int {
+pub export fn ipc_write_many_ptrs(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const ?[*]const u8, lengths: ?[*]const u32, count: usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
     const ptrs = payloads orelse if (count == 0) return rc(ctx, ctx.writeMany(fd, .{ .each = &.{} }, lens)) else return rc(ctx, noPayloads(ctx));
@@ -260,7 +261,7 @@ fn outBuffer(buffer: ?[*]u8, buflen: ?*usize) []u8 {
     return if (buffer) |b| b[0..len] else &.{};
 }
 
-export fn ipc_read_fd(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read_fd(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     var len: usize = 0;
     const result = ctx.readFd(fd, outBuffer(buffer, buflen), &len);
@@ -278,7 +279,7 @@ fn readReturn(ctx: *Context, result: Error!void, len: usize, buflen: ?*usize) c_
     return rc(ctx, result);
 }
 
-export fn ipc_read(ptr: ?*anyopaque, index: usize, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read(ptr: ?*anyopaque, index: usize, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const fd = fdAt(ctx, index) catch |err| return rc(ctx, @as(Error!void, err));
     return ipc_read_fd(ptr, fd, buffer, buflen);
@@ -310,7 +311,7 @@ const MessageCopier = struct {
 /// copied back to back into `buffer` (`*buflen` bytes), their sizes into
 /// `lengths`. *count says how many. A first message larger than the buffer
 /// stays queued: IPC_E_BUFFER_TOO_SMALL, *buflen = its size.
-export fn ipc_read_many(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize, lengths: ?[*]u32, capacity: usize, count: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read_many(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize, lengths: ?[*]u32, capacity: usize, count: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     if (count) |n| n.* = 0;
     const out = outBuffer(buffer, buflen);
@@ -328,7 +329,7 @@ export fn ipc_read_many(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*u
 
 /// ipc_read_fd, except that a large message (64 KiB or more) that fits the
 /// buffer is read from the socket straight into it, with no copy in between.
-export fn ipc_read_into(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read_into(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     var len: usize = 0;
     const result = ctx.readInto(fd, outBuffer(buffer, buflen), &len);
@@ -338,7 +339,7 @@ export fn ipc_read_into(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*u
 /// read() without a copy: fd's next message (blocks for it), lent: *message
 /// points into memory the context owns, valid until the next wait or
 /// ipc_read_lent call on it.
-export fn ipc_read_lent(ptr: ?*anyopaque, fd: c_int, message: ?*?[*]const u8, len: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read_lent(ptr: ?*anyopaque, fd: c_int, message: ?*?[*]const u8, len: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const payload = ctx.readLent(fd) catch |err| return rc(ctx, @as(Error!void, err));
     if (message) |m| m.* = payload.ptr;
@@ -355,7 +356,7 @@ fn beginWait(ctx: *Context, stop_on_wakeup: bool) Error!void {
     try ctx.wait(stop_on_wakeup);
 }
 
-export fn ipc_wait_events(ptr: ?*anyopaque, out: ?[*]IpcEvent, capacity: usize, count: ?*usize) callconv(.c) c_int {
+pub export fn ipc_wait_events(ptr: ?*anyopaque, out: ?[*]IpcEvent, capacity: usize, count: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     if (count) |n| n.* = 0;
     beginWait(ctx, true) catch |err| return rc(ctx, @as(Error!void, err));
@@ -372,7 +373,7 @@ export fn ipc_wait_events(ptr: ?*anyopaque, out: ?[*]IpcEvent, capacity: usize, 
 
 /// The one call any thread may make on a context: a wait in progress (or the
 /// next one) in ipc_wait_events returns, with no event if none came.
-export fn ipc_wakeup(ptr: ?*anyopaque) callconv(.c) c_int {
+pub export fn ipc_wakeup(ptr: ?*anyopaque) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     ctx.wakeup.signal();
     return IPC_OK;
@@ -390,7 +391,7 @@ fn toC(ev: *const events.Event) IpcEvent {
     };
 }
 
-export fn ipc_pending_events(ptr: ?*anyopaque) callconv(.c) usize {
+pub export fn ipc_pending_events(ptr: ?*anyopaque) callconv(.c) usize {
     const ctx = context(ptr) orelse return 0;
     return ctx.events.live;
 }
@@ -399,7 +400,7 @@ export fn ipc_pending_events(ptr: ?*anyopaque) callconv(.c) usize {
 /// payload (or, for ERROR, its text) copied into `buffer`. A buffer too small
 /// gives IPC_E_BUFFER_TOO_SMALL with *buflen = the size needed, and the event
 /// stays first in the queue.
-export fn ipc_wait_event(ptr: ?*anyopaque, t: ?*u8, index: ?*usize, originfd: ?*c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_wait_event(ptr: ?*anyopaque, t: ?*u8, index: ?*usize, originfd: ?*c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     beginWait(ctx, false) catch |err| return rc(ctx, @as(Error!void, err));
     const ev = ctx.events.peek().?;
@@ -425,12 +426,12 @@ export fn ipc_wait_event(ptr: ?*anyopaque, t: ?*u8, index: ?*usize, originfd: ?*
 
 // ------------------------------------------------------------ fd passing
 
-export fn ipc_send_fd(sock: c_int, fd_to_pass: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
+pub export fn ipc_send_fd(sock: c_int, fd_to_pass: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
     fdpass.sendFd(sock, fd_to_pass, bytes(payload, len)) catch return errors.code(error.Generic);
     return IPC_OK;
 }
 
-export fn ipc_receive_fd(sock: c_int, received: ?*c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_receive_fd(sock: c_int, received: ?*c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
     var fd: i32 = -1;
     const n = fdpass.receiveFd(sock, outBuffer(buffer, buflen), &fd) catch |err| {
         if (received) |r| r.* = fd;
@@ -445,7 +446,7 @@ export fn ipc_receive_fd(sock: c_int, received: ?*c_int, buffer: ?[*]u8, buflen:
 
 /// The errno of the OS error that caused the last failure on ctx (0 when no
 /// OS error did, or ctx is null): Python's OSError.errno of the exception.
-export fn ipc_last_errno(ptr: ?*anyopaque) callconv(.c) c_int {
+pub export fn ipc_last_errno(ptr: ?*anyopaque) callconv(.c) c_int {
     const ctx = context(ptr) orelse return 0;
     return ctx.last.errno;
 }

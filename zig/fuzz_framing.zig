@@ -53,7 +53,7 @@ const CheckSink = struct {
     }
 };
 
-const Kind = enum { frames, oversize, truncated, garbage };
+const StreamShape = enum { frames, oversize, truncated, garbage };
 
 const Stats = struct {
     iterations: u64 = 0,
@@ -81,7 +81,7 @@ fn appendFrame(gpa: Allocator, out: *std.ArrayList(u8), r: std.Random, size: u32
 }
 
 /// Build one stream of the given kind; returns the max_message_size to use.
-fn buildStream(gpa: Allocator, out: *std.ArrayList(u8), r: std.Random, kind: Kind) !u32 {
+fn buildStream(gpa: Allocator, out: *std.ArrayList(u8), r: std.Random, kind: StreamShape) !u32 {
     var max: u32 = if (r.boolean()) 16 << 20 else payloadSize(r) + 1;
     const count = r.uintLessThan(u32, 24);
     switch (kind) {
@@ -126,7 +126,7 @@ fn feedInPieces(gpa: Allocator, dec: *framing.Decoder, stream: []const u8, max: 
 }
 
 fn oneIteration(gpa: Allocator, r: std.Random, stats: *Stats) !bool {
-    const kind: Kind = @enumFromInt(r.uintLessThan(u8, 4));
+    const kind: StreamShape = @enumFromInt(r.uintLessThan(u8, 4));
     var stream: std.ArrayList(u8) = .empty;
     defer stream.deinit(gpa);
     const max = try buildStream(gpa, &stream, r, kind);

@@ -29,11 +29,12 @@ test {
     _ = @import("gather.zig");
     _ = @import("events.zig");
     _ = @import("conn_table.zig");
-    _ = @import("poller.zig");
+    _ = @import("poller/api.zig");
     _ = @import("rundir.zig");
     _ = @import("credentials.zig");
     _ = @import("fdpass.zig");
     _ = @import("wakeup.zig");
     _ = @import("context.zig");
     _ = @import("exports.zig");
+    _ = @import("abi_test.zig");
 }

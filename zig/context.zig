@@ -236,6 +236,36 @@ pub const Context = struct {
         return conn;
     }
 
+    /// The fd in slot `index`, for libIPC's index-based calls.
+    pub fn fdAtIndex(self: *Context, index: usize) Error!i32 {
+        const conn = self.table.atSlot(index) orelse return self.last.fail(
+            error.UnknownFd,
+            "index {d} is not managed by this context",
+            .{index},
+        );
+        return conn.fd;
+    }
+
+    /// What close(fd) would discard: see queuedMessages.
+    pub const Queued = struct {
+        count: usize,
+        /// -1 when fd is not switched.
+        peer_fd: i32,
+        peer_count: usize,
+    };
+
+    /// fd's scheduled messages not yet completely written, and its switch
+    /// peer (closed with it) and that one's.
+    pub fn queuedMessages(self: *Context, fd: i32) Error!Queued {
+        const conn = try self.lookup(fd);
+        const peer: ?*Conn = if (conn.peer) |p| (if (p.alive) p else null) else null;
+        return .{
+            .count = conn.queue.frameCount(),
+            .peer_fd = if (peer) |x| x.fd else -1,
+            .peer_count = if (peer) |x| x.queue.frameCount() else 0,
+        };
+    }
+
     fn checkRoom(self: *Context) Error!void {
         if (self.table.count() >= self.limits.max_connections)
             return self.last.fail(error.ConnectionLimit, "too many connections (max_connections {d})", .{self.limits.max_connections});
@@ -1182,7 +1212,7 @@ pub const Context = struct {
                 .message_rx => {
                     if (ev.data.len > out.len) {
                         len.* = ev.data.len;
-                        return self.last.fail(error.BufferTooSmall, "buffer of {d} bytes is too small for a message of {d} bytes", .{ out.len, ev.data.len });
+                        return self.tooSmall(out.len, ev.data.len);
                     }
                     @memcpy(out[0..ev.data.len], ev.data);
                     len.* = ev.data.len;
@@ -1194,6 +1224,65 @@ pub const Context = struct {
             }
         }
         return false;
+    }
+
+    // ------------------------------------------------------------ handing events out
+
+    /// Start of every wait call: what the previous one handed out by pointer
+    /// may now be reused; then wait (see wait).
+    pub fn beginWait(self: *Context, stop_on_wakeup: bool) Error!void {
+        self.events.releaseLent(self.gpa);
+        try self.wait(stop_on_wakeup);
+    }
+
+    /// How many events are pending.
+    pub fn pendingEvents(self: *const Context) usize {
+        return self.events.live;
+    }
+
+    /// The first pending event, if any (valid until the next change of the queue).
+    pub fn firstEvent(self: *Context) ?*const events_mod.Event {
+        return self.events.peek();
+    }
+
+    /// Take the first pending event out of the queue, its payload lent
+    /// (valid until the next wait call: ipc_wait_events) or not (the caller
+    /// copied it).
+    pub fn popEvent(self: *Context, lend: bool) Allocator.Error!void {
+        return self.events.pop(self.gpa, lend);
+    }
+
+    /// libIPC's one-event read (ipc_wait_event): the first event's payload,
+    /// or for ERROR its text, copied into `out`, and a NUL after a text
+    /// when there is room; the event is taken out of the queue. When `out`
+    /// is too small, BufferTooSmall with `len.*` the size needed, and the
+    /// event stays first. Call after beginWait.
+    pub fn takeEventInto(self: *Context, out: []u8, len: *usize) Error!void {
+        const ev = self.events.peek().?;
+        const data: []const u8 = switch (ev.kind) {
+            .message_rx, .switch_rx, .err => ev.data,
+            else => "",
+        };
+        len.* = data.len;
+        if (data.len > out.len) return self.tooSmall(out.len, data.len);
+        @memcpy(out[0..data.len], data);
+        // An error text is a C string when there is room for its NUL.
+        if (ev.kind == .err and out.len > data.len) out[data.len] = 0;
+        self.events.pop(self.gpa, false) catch unreachable; // no lending: cannot fail
+    }
+
+    /// BufferTooSmall, with the text both backends give.
+    pub fn tooSmall(self: *Context, have: usize, need: usize) Error {
+        return self.last.fail(
+            error.BufferTooSmall,
+            "buffer of {d} bytes is too small for a message of {d} bytes",
+            .{ have, need },
+        );
+    }
+
+    /// Make a wait in progress in another thread return (ipc_wakeup).
+    pub fn wakeUp(self: *const Context) void {
+        self.wakeup.signal();
     }
 
     // ------------------------------------------------------------ the event loop

@@ -9,7 +9,6 @@ const Context = ctx_mod.Context;
 const Error = errors.Error;
 const fdpass = @import("fdpass.zig");
 const events = @import("events.zig");
-const conn_table = @import("conn_table.zig");
 const switching = @import("switching.zig");
 
 /// The C allocator in the library; the leak-checking one in tests.
@@ -159,16 +158,9 @@ pub export fn ipc_close_fd(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     return rc(ctx, ctx.close(fd));
 }
 
-/// The fd in slot `index`, for libIPC's index-based calls.
-fn fdAt(ctx: *Context, index: usize) Error!i32 {
-    const conn = ctx.table.atSlot(index) orelse
-        return ctx.last.fail(error.UnknownFd, "index {d} is not managed by this context", .{index});
-    return conn.fd;
-}
-
 pub export fn ipc_close(ptr: ?*anyopaque, index: usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    const fd = fdAt(ctx, index) catch |err| return rc(ctx, @as(Error!void, err));
+    const fd = ctx.fdAtIndex(index) catch |err| return rc(ctx, @as(Error!void, err));
     return rc(ctx, ctx.close(fd));
 }
 
@@ -177,11 +169,10 @@ pub export fn ipc_close(ptr: ?*anyopaque, index: usize) callconv(.c) c_int {
 /// (*peer_fd = -1 when fd is not switched). pyipc logs them as a warning.
 pub export fn ipc_queued_messages(ptr: ?*anyopaque, fd: c_int, count: ?*usize, peer_fd: ?*c_int, peer_count: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    const conn = ctx.lookup(fd) catch |err| return rc(ctx, @as(Error!void, err));
-    if (count) |p| p.* = conn.queue.frameCount();
-    const peer: ?*conn_table.Conn = if (conn.peer) |p| (if (p.alive) p else null) else null;
-    if (peer_fd) |p| p.* = if (peer) |x| x.fd else -1;
-    if (peer_count) |p| p.* = if (peer) |x| x.queue.frameCount() else 0;
+    const queued = ctx.queuedMessages(fd) catch |err| return rc(ctx, @as(Error!void, err));
+    if (count) |p| p.* = queued.count;
+    if (peer_fd) |p| p.* = queued.peer_fd;
+    if (peer_count) |p| p.* = queued.peer_count;
     return IPC_OK;
 }
 
@@ -281,7 +272,7 @@ fn readReturn(ctx: *Context, result: Error!void, len: usize, buflen: ?*usize) c_
 
 pub export fn ipc_read(ptr: ?*anyopaque, index: usize, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    const fd = fdAt(ctx, index) catch |err| return rc(ctx, @as(Error!void, err));
+    const fd = ctx.fdAtIndex(index) catch |err| return rc(ctx, @as(Error!void, err));
     return ipc_read_fd(ptr, fd, buffer, buflen);
 }
 
@@ -321,7 +312,7 @@ pub export fn ipc_read_many(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen:
     const n = result catch |err| return rc(ctx, @as(Error!void, err));
     if (n == 0) {
         if (buflen) |l| l.* = copier.refused;
-        return rc(ctx, @as(Error!void, ctx.last.fail(error.BufferTooSmall, "buffer of {d} bytes is too small for a message of {d} bytes", .{ out.len, copier.refused })));
+        return rc(ctx, @as(Error!void, ctx.tooSmall(out.len, copier.refused)));
     }
     if (count) |p| p.* = n;
     return IPC_OK;
@@ -349,23 +340,16 @@ pub export fn ipc_read_lent(ptr: ?*anyopaque, fd: c_int, message: ?*?[*]const u8
 
 // ------------------------------------------------------------ the event loop
 
-/// Start of every wait call: what the previous one handed out by pointer
-/// may now be reused.
-fn beginWait(ctx: *Context, stop_on_wakeup: bool) Error!void {
-    ctx.events.releaseLent(ctx.gpa);
-    try ctx.wait(stop_on_wakeup);
-}
-
 pub export fn ipc_wait_events(ptr: ?*anyopaque, out: ?[*]IpcEvent, capacity: usize, count: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     if (count) |n| n.* = 0;
-    beginWait(ctx, true) catch |err| return rc(ctx, @as(Error!void, err));
+    ctx.beginWait(true) catch |err| return rc(ctx, @as(Error!void, err));
     const dest = out orelse return IPC_OK;
     var n: usize = 0;
     while (n < capacity) : (n += 1) {
-        const ev = ctx.events.peek() orelse break;
+        const ev = ctx.firstEvent() orelse break;
         dest[n] = toC(ev);
-        ctx.events.pop(ctx.gpa, true) catch |err| return rc(ctx, @as(Error!void, err));
+        ctx.popEvent(true) catch |err| return rc(ctx, @as(Error!void, err));
     }
     if (count) |p| p.* = n;
     return IPC_OK;
@@ -375,7 +359,7 @@ pub export fn ipc_wait_events(ptr: ?*anyopaque, out: ?[*]IpcEvent, capacity: usi
 /// next one) in ipc_wait_events returns, with no event if none came.
 pub export fn ipc_wakeup(ptr: ?*anyopaque) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    ctx.wakeup.signal();
+    ctx.wakeUp();
     return IPC_OK;
 }
 
@@ -393,7 +377,7 @@ fn toC(ev: *const events.Event) IpcEvent {
 
 pub export fn ipc_pending_events(ptr: ?*anyopaque) callconv(.c) usize {
     const ctx = context(ptr) orelse return 0;
-    return ctx.events.live;
+    return ctx.pendingEvents();
 }
 
 /// libIPC's one-event call: type, index and fd of the first event; its
@@ -402,26 +386,16 @@ pub export fn ipc_pending_events(ptr: ?*anyopaque) callconv(.c) usize {
 /// stays first in the queue.
 pub export fn ipc_wait_event(ptr: ?*anyopaque, t: ?*u8, index: ?*usize, originfd: ?*c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    beginWait(ctx, false) catch |err| return rc(ctx, @as(Error!void, err));
-    const ev = ctx.events.peek().?;
+    ctx.beginWait(false) catch |err| return rc(ctx, @as(Error!void, err));
+    const ev = ctx.firstEvent().?;
     if (t) |p| p.* = @intCast(@intFromEnum(ev.kind));
     if (index) |p| p.* = if (ev.index < 0) std.math.maxInt(usize) else @intCast(ev.index);
     if (originfd) |p| p.* = ev.fd;
-    const data: []const u8 = switch (ev.kind) {
-        .message_rx, .switch_rx, .err => ev.data,
-        else => "",
-    };
-    const room = outBuffer(buffer, buflen);
-    if (data.len > room.len) {
-        if (buflen) |l| l.* = data.len;
-        return rc(ctx, @as(Error!void, ctx.last.fail(error.BufferTooSmall, "buffer of {d} bytes is too small for a message of {d} bytes", .{ room.len, data.len })));
-    }
-    @memcpy(room[0..data.len], data);
-    // An error text is a C string when there is room for its NUL.
-    if (ev.kind == .err and room.len > data.len) room[data.len] = 0;
-    if (buflen) |l| l.* = data.len;
-    ctx.events.pop(ctx.gpa, false) catch unreachable; // no lending: cannot fail
-    return IPC_OK;
+    var len: usize = 0;
+    const result = ctx.takeEventInto(outBuffer(buffer, buflen), &len);
+    // Also when it did not fit: the size needed.
+    if (buflen) |l| l.* = len;
+    return rc(ctx, result);
 }
 
 // ------------------------------------------------------------ fd passing

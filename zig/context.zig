@@ -499,10 +499,10 @@ pub const Context = struct {
             return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
         }
         errdefer sys.closeFd(received);
-        if (!fdpass.isConnectedUnixStream(received))
+        if (!sys.isConnectedUnixStream(received))
             return self.last.fail(error.Generic, "ipcd sent a file descriptor that is not a connected Unix stream socket", .{});
         if (!sys.setNonblocking(received, false)) return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
-        if (sys.send_flags == 0) rundir_mod.setNoSigpipe(received);
+        if (sys.send_flags == 0) sys.setNoSigpipe(received);
         _ = try self.addConn(received, .connection);
         return received;
     }
@@ -1469,7 +1469,7 @@ pub const Context = struct {
     /// client is closed at once and the service gets an ERROR.
     fn acceptAll(self: *Context, service: *Conn) Allocator.Error!void {
         while (true) {
-            const fd = acceptOne(service.fd);
+            const fd = sys.accept(service.fd);
             if (fd < 0) {
                 switch (c.errno(fd)) {
                     .INTR => continue,
@@ -1498,7 +1498,6 @@ pub const Context = struct {
                 try self.events.pushData(self.gpa, .err, service.fd, service.index, text);
                 continue;
             }
-            if (sys.send_flags == 0) rundir_mod.setNoSigpipe(fd);
             const conn = self.addConn(fd, .connection) catch {
                 sys.closeFd(fd);
                 return error.OutOfMemory;
@@ -1514,7 +1513,7 @@ pub const Context = struct {
     fn refuseWithSpare(self: *Context, listen_fd: i32) Refused {
         if (self.spare_fd < 0) return .no_spare;
         sys.closeFd(self.spare_fd);
-        const fd = acceptOne(listen_fd);
+        const fd = sys.accept(listen_fd);
         sys.closeFd(fd);
         self.spare_fd = openSpare();
         return if (fd >= 0) .refused else .none_waiting;
@@ -1524,18 +1523,6 @@ pub const Context = struct {
 
     fn openSpare() i32 {
         return c.open("/dev/null", .{ .ACCMODE = .RDONLY, .CLOEXEC = true });
-    }
-
-    fn acceptOne(listen_fd: i32) i32 {
-        if (comptime builtin.os.tag.isDarwin()) {
-            const fd = c.accept(listen_fd, null, null);
-            if (fd >= 0) {
-                _ = sys.setNonblocking(fd, false); // blocking mode (see sys.Wait), not the listener's
-                _ = c.fcntl(fd, c.F.SETFD, @as(c_int, c.FD_CLOEXEC));
-            }
-            return fd;
-        }
-        return c.accept4(listen_fd, null, null, c.SOCK.CLOEXEC); // blocking mode: see sys.Wait
     }
 };
 

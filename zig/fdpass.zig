@@ -119,20 +119,6 @@ fn keepFirstFd(control: []align(@alignOf(c.cmsghdr)) const u8) i32 {
     return kept;
 }
 
-/// Whether fd is a connected Unix stream socket: the only kind of fd ipcd
-/// may hand us as a connection.
-pub fn isConnectedUnixStream(fd: i32) bool {
-    var ty: c_int = 0;
-    var ty_len: c.socklen_t = @sizeOf(c_int);
-    if (c.getsockopt(fd, c.SOL.SOCKET, c.SO.TYPE, &ty, &ty_len) != 0 or ty != c.SOCK.STREAM) return false;
-    var addr: c.sockaddr.storage = undefined;
-    var addr_len: c.socklen_t = @sizeOf(c.sockaddr.storage);
-    if (c.getsockname(fd, @ptrCast(&addr), &addr_len) != 0) return false;
-    if (@as(*const c.sockaddr, @ptrCast(&addr)).family != c.AF.UNIX) return false;
-    addr_len = @sizeOf(c.sockaddr.storage);
-    return c.getpeername(fd, @ptrCast(&addr), &addr_len) == 0;
-}
-
 test "an fd travels over a socketpair with its payload" {
     var fds: [2]c.fd_t = undefined;
     try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &fds));
@@ -199,20 +185,20 @@ test "isConnectedUnixStream: only a connected Unix stream socket" {
     try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
     defer _ = c.close(pair[0]);
     defer _ = c.close(pair[1]);
-    try std.testing.expect(isConnectedUnixStream(pair[0]));
+    try std.testing.expect(sys.isConnectedUnixStream(pair[0]));
     var dgram: [2]c.fd_t = undefined;
     try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.DGRAM, 0, &dgram));
     defer _ = c.close(dgram[0]);
     defer _ = c.close(dgram[1]);
-    try std.testing.expect(!isConnectedUnixStream(dgram[0]));
+    try std.testing.expect(!sys.isConnectedUnixStream(dgram[0]));
     const lone = c.socket(c.AF.UNIX, c.SOCK.STREAM, 0);
     try std.testing.expect(lone >= 0);
     defer _ = c.close(lone);
-    try std.testing.expect(!isConnectedUnixStream(lone));
+    try std.testing.expect(!sys.isConnectedUnixStream(lone));
     var pipe: [2]c.fd_t = undefined;
     try std.testing.expectEqual(@as(c_int, 0), c.pipe(&pipe));
     defer _ = c.close(pipe[0]);
     defer _ = c.close(pipe[1]);
-    try std.testing.expect(!isConnectedUnixStream(pipe[0]));
-    try std.testing.expect(!isConnectedUnixStream(-1));
+    try std.testing.expect(!sys.isConnectedUnixStream(pipe[0]));
+    try std.testing.expect(!sys.isConnectedUnixStream(-1));
 }

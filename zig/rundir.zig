@@ -132,13 +132,6 @@ fn startFailed(name: []const u8, e: c.E, last: *LastError) Error {
     return last.failErrno(error.Generic, e, "cannot start service {s}: {s}", .{ name, errors.errText(e) });
 }
 
-fn address(path: []const u8) c.sockaddr.un {
-    var addr = std.mem.zeroes(c.sockaddr.un);
-    addr.family = c.AF.UNIX;
-    @memcpy(addr.path[0..path.len], path);
-    return addr;
-}
-
 /// Remove a stale socket (we hold the lock, so no live service owns it),
 /// bind a new one (mode 0660) and listen. Returns the non-blocking socket.
 /// Anything but a socket at that path is left alone and refused: it may be
@@ -152,53 +145,37 @@ pub fn listenAt(path: [:0]const u8, name: []const u8, last: *LastError) Error!i3
     }
     if (c.unlink(path.ptr) != 0 and c.errno(@as(c_int, -1)) != .NOENT)
         return startFailed(name, c.errno(@as(c_int, -1)), last);
-    const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC | c.SOCK.NONBLOCK, 0);
-    if (fd < 0) return startFailed(name, c.errno(fd), last);
-    errdefer sys.closeFd(fd);
-    const addr = address(path);
-    if (c.bind(fd, @ptrCast(&addr), @sizeOf(c.sockaddr.un)) != 0) return startFailed(name, c.errno(@as(c_int, -1)), last);
-    errdefer _ = c.unlink(path.ptr);
-    if (c.chmod(path.ptr, 0o660) != 0) return startFailed(name, c.errno(@as(c_int, -1)), last);
-    if (c.listen(fd, 4096) != 0) return startFailed(name, c.errno(@as(c_int, -1)), last);
-    return fd;
+    return switch (sys.listenUnix(path, 0o660)) {
+        .fd => |fd| fd,
+        .failed => |e| startFailed(name, e, last),
+    };
 }
 
 /// Connect to the service socket at `path`; returns the socket, in blocking
 /// mode (see sys.Wait).
-pub fn connectTo(path: [:0]const u8, name: []const u8, rundir: []const u8, last: *LastError) Error!i32 {
-    const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0);
-    if (fd < 0) return last.failErrno(error.Generic, c.errno(fd), "cannot connect to service {s}: {s}", .{ name, errors.errText(c.errno(fd)) });
-    errdefer sys.closeFd(fd);
-    const addr = address(path);
-    if (c.connect(fd, @ptrCast(&addr), @sizeOf(c.sockaddr.un)) != 0) {
-        const e = c.errno(@as(c_int, -1));
-        switch (e) {
-            .NOENT, .CONNREFUSED, .NOTDIR => return last.failErrno(error.ServiceNotFound, e, "no service {s} in {s}", .{ name, rundir }),
-            // Interrupted: the connection completes in the background.
-            .INTR => try finishConnect(fd, name, rundir, last),
-            else => return last.failErrno(error.Generic, e, "cannot connect to service {s}: {s}", .{ name, errors.errText(e) }),
-        }
-    }
-    if (sys.send_flags == 0) setNoSigpipe(fd);
-    return fd;
-}
-
-fn finishConnect(fd: i32, name: []const u8, rundir: []const u8, last: *LastError) Error!void {
-    sys.waitFd(fd, sys.POLLOUT);
-    var err: c_int = 0;
-    var len: c.socklen_t = @sizeOf(c_int);
-    if (c.getsockopt(fd, c.SOL.SOCKET, c.SO.ERROR, &err, &len) != 0 or err == 0) return;
-    const e: c.E = @enumFromInt(err);
-    if (e == .CONNREFUSED or e == .NOENT) return last.failErrno(error.ServiceNotFound, e, "no service {s} in {s}", .{ name, rundir });
-    return last.failErrno(error.Generic, e, "cannot connect to service {s}: {s}", .{ name, errors.errText(e) });
-}
-
-/// Where send has no MSG_NOSIGNAL (macOS), ask the socket not to raise SIGPIPE.
-pub fn setNoSigpipe(fd: i32) void {
-    if (@hasDecl(c.SO, "NOSIGPIPE")) {
-        const one: c_int = 1;
-        _ = c.setsockopt(fd, c.SOL.SOCKET, c.SO.NOSIGPIPE, &one, @sizeOf(c_int));
-    }
+pub fn connectTo(
+    path: [:0]const u8,
+    name: []const u8,
+    rundir: []const u8,
+    last: *LastError,
+) Error!i32 {
+    return switch (sys.connectUnix(path)) {
+        .fd => |fd| fd,
+        .failed => |e| switch (e) {
+            .NOENT, .CONNREFUSED, .NOTDIR => last.failErrno(
+                error.ServiceNotFound,
+                e,
+                "no service {s} in {s}",
+                .{ name, rundir },
+            ),
+            else => last.failErrno(
+                error.Generic,
+                e,
+                "cannot connect to service {s}: {s}",
+                .{ name, errors.errText(e) },
+            ),
+        },
+    };
 }
 
 // ---------------------------------------------------------------- tests

@@ -48,6 +48,19 @@ const scratch_size = 256 * 1024;
 /// Name of ipcd's service, reached by connect() when IPC_NETWORK is set.
 const ipcd_service = "ipc";
 
+comptime {
+    // A frame small enough to go through the scratch buffer (under
+    // direct_read_min; larger ones are read into their own) arrives whole in one read.
+    assert(scratch_size >= framing.direct_read_min + framing.header_size);
+    // One full scratch read fits a round's budget for an fd.
+    assert(read_budget >= scratch_size);
+    // The default limits pass setLimits' own check.
+    const defaults: Limits = .{};
+    assert(defaults.max_queue_size >= @as(u64, defaults.max_message_size) + framing.header_size);
+    // A small frame written by write() is built in one stack buffer of that size.
+    assert(gather_mod.copy_max + framing.header_size <= gather_mod.buffer_size);
+}
+
 pub const Context = struct {
     gpa: Allocator,
     limits: Limits = .{},
@@ -92,7 +105,7 @@ pub const Context = struct {
     /// connection cannot get it while the old one's events are being handled
     /// (a reply to them would go to the wrong peer). See releaseEnded.
     ended: std.AutoHashMapUnmanaged(i32, void) = .empty,
-    ready: [256]poller_mod.Ready = undefined,
+    ready: [poller_mod.max_batch]poller_mod.Ready = undefined,
     /// Lets another thread end a wait (ipc_wakeup); watched by the poller.
     wakeup: Wakeup,
     /// The wake-up pipe was readable in this wait.

@@ -33,6 +33,13 @@ pub const EventType = enum(i32) {
 
 const chunk_size = 64 * 1024;
 
+comptime {
+    // A frame with its own receive buffer (direct_read_min or more, see
+    // framing.zig) is over chunk_size, so that buffer is kept as the spare
+    // once consumed (freeChunk), and the next large frame reuses it.
+    std.debug.assert(@import("framing.zig").direct_read_min >= chunk_size);
+}
+
 pub const Chunk = struct {
     refs: u32 = 0,
     used: usize = 0,

@@ -26,6 +26,13 @@ pub const IpcEvent = extern struct {
     @"error": ?[*:0]const u8,
 };
 
+comptime {
+    // Every event type fits the C struct's field, every message size its length.
+    std.debug.assert(@FieldType(IpcEvent, "type") == @typeInfo(events.EventType).@"enum".tag_type);
+    const max_message = @FieldType(ctx_mod.Limits, "max_message_size");
+    std.debug.assert(@bitSizeOf(@FieldType(IpcEvent, "message_len")) >= @bitSizeOf(max_message));
+}
+
 fn context(ptr: ?*anyopaque) ?*Context {
     return @ptrCast(@alignCast(ptr orelse return null));
 }

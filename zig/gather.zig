@@ -19,6 +19,14 @@ pub const buffer_size = 64 * 1024;
 /// iovecs per writev: IOV_MAX is 1024 on Linux and the BSDs.
 pub const iov_max = 1024;
 
+comptime {
+    // A copied frame always fits an empty buffer (see fits).
+    assert(framing.header_size + copy_max <= buffer_size);
+    // Every frame takes at most two iovecs (header, payload): an empty
+    // Gather always takes one frame.
+    assert(iov_max >= 2);
+}
+
 pub const Gather = struct {
     buf: []u8,
     used: usize = 0,

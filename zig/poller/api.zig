@@ -32,6 +32,10 @@ pub const Ready = struct {
 
 pub const Error = error{ SystemResources, Unexpected, Interrupted };
 
+/// Ready fds one wait reports at most (the backends' event buffers and the
+/// context's `ready` array hold this many).
+pub const max_batch = 256;
+
 /// The public API of a backend, with the signature of each function.
 fn Api(comptime P: type) type {
     return struct {

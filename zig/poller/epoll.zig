@@ -8,7 +8,7 @@ const api = @import("api.zig");
 
 pub const Poller = struct {
     epfd: i32,
-    buf: [256]linux.epoll_event = undefined,
+    buf: [api.max_batch]linux.epoll_event = undefined,
 
     pub fn init(gpa: std.mem.Allocator) api.Error!Poller {
         _ = gpa;

@@ -7,7 +7,7 @@ const api = @import("api.zig");
 
 pub const Poller = struct {
     kq: i32,
-    buf: [256]c.Kevent = undefined,
+    buf: [api.max_batch]c.Kevent = undefined,
 
     pub fn init(gpa: std.mem.Allocator) api.Error!Poller {
         _ = gpa;

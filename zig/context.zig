@@ -130,7 +130,13 @@ pub const Context = struct {
         var wakeup = Wakeup.init() catch return error.OutOfMemory;
         errdefer wakeup.deinit();
         poller.update(gpa, wakeup.read_fd, .{}, .{ .read = true }) catch return error.OutOfMemory;
-        self.* = .{ .gpa = gpa, .rundir = rundir, .poller = poller, .wakeup = wakeup, .owner_pid = c.getpid() };
+        self.* = .{
+            .gpa = gpa,
+            .rundir = rundir,
+            .poller = poller,
+            .wakeup = wakeup,
+            .owner_pid = c.getpid(),
+        };
         return self;
     }
 
@@ -164,11 +170,24 @@ pub const Context = struct {
     /// Same ranges as pyipc.Context's checks (and the same texts).
     pub fn setLimits(self: *Context, limits: Limits) Error!void {
         if (limits.max_message_size < 1)
-            return self.last.fail(error.Generic, "max_message_size must be between 1 and 4294967295", .{});
-        if (limits.max_queue_size < @as(u64, limits.max_message_size) + 4 or limits.max_queue_size >= 1 << 63)
-            return self.last.fail(error.Generic, "max_queue_size must be at least max_message_size + 4", .{});
+            return self.last.fail(
+                error.Generic,
+                "max_message_size must be between 1 and 4294967295",
+                .{},
+            );
+        const queue_min = @as(u64, limits.max_message_size) + framing.header_size;
+        if (limits.max_queue_size < queue_min or limits.max_queue_size >= 1 << 63)
+            return self.last.fail(
+                error.Generic,
+                "max_queue_size must be at least max_message_size + 4",
+                .{},
+            );
         if (limits.max_connections < 1 or limits.max_connections > 0x7FFF_FFFF)
-            return self.last.fail(error.Generic, "max_connections must be between 1 and 2147483647", .{});
+            return self.last.fail(
+                error.Generic,
+                "max_connections must be between 1 and 2147483647",
+                .{},
+            );
         self.limits = limits;
         if (self.switch_buf) |s| if (s.len != limits.max_message_size) {
             self.gpa.free(s);
@@ -182,7 +201,11 @@ pub const Context = struct {
 
     pub fn setBusyPoll(self: *Context, us: u32) Error!void {
         if (us > max_busy_poll_us)
-            return self.last.fail(error.Generic, "busy_poll must be at most {d} us", .{max_busy_poll_us});
+            return self.last.fail(
+                error.Generic,
+                "busy_poll must be at most {d} us",
+                .{max_busy_poll_us},
+            );
         self.busy_poll_us = us;
     }
 
@@ -227,7 +250,11 @@ pub const Context = struct {
     /// by a signal". Any other error passes through.
     fn stopped(self: *Context, err: Error, comptime what: []const u8, args: anytype) Error {
         return switch (err) {
-            error.Interrupted => self.last.fail(error.Interrupted, what ++ " was interrupted by a signal", args),
+            error.Interrupted => self.last.fail(
+                error.Interrupted,
+                what ++ " was interrupted by a signal",
+                args,
+            ),
             error.Timeout => self.last.fail(error.Timeout, what ++ " timed out", args),
             else => err,
         };
@@ -281,7 +308,11 @@ pub const Context = struct {
 
     fn checkRoom(self: *Context) Error!void {
         if (self.table.count() >= self.limits.max_connections)
-            return self.last.fail(error.ConnectionLimit, "too many connections (max_connections {d})", .{self.limits.max_connections});
+            return self.last.fail(
+                error.ConnectionLimit,
+                "too many connections (max_connections {d})",
+                .{self.limits.max_connections},
+            );
     }
 
     /// Put fd in the table (lowest free slot) and watch it for reading.
@@ -302,8 +333,12 @@ pub const Context = struct {
     /// is over max_queue_size), and writes while frames are queued.
     pub fn updateInterest(self: *Context, conn: *Conn) void {
         if (!conn.alive) return;
-        const paused = if (conn.peer) |p| p.queue.queuedBytes() > self.limits.max_queue_size else false;
-        const want: poller_mod.Interest = .{ .read = !paused and !conn.closing, .write = !conn.queue.isEmpty() };
+        const max = self.limits.max_queue_size;
+        const paused = if (conn.peer) |p| p.queue.queuedBytes() > max else false;
+        const want: poller_mod.Interest = .{
+            .read = !paused and !conn.closing,
+            .write = !conn.queue.isEmpty(),
+        };
         if (want == conn.registered) return;
         // On failure the old interest stays registered; the next change retries.
         self.poller.update(self.gpa, conn.fd, conn.registered, want) catch return;
@@ -370,7 +405,11 @@ pub const Context = struct {
         if (!conn.alive) return;
         var buf: [128]u8 = undefined;
         const text: ?[]const u8 = reason orelse if (!conn.queue.isEmpty())
-            std.fmt.bufPrint(&buf, "peer closed the connection with {d} scheduled message(s) unsent", .{conn.queue.frameCount()}) catch unreachable
+            std.fmt.bufPrint(
+                &buf,
+                "peer closed the connection with {d} scheduled message(s) unsent",
+                .{conn.queue.frameCount()},
+            ) catch unreachable
         else
             null;
         const fd = conn.fd;
@@ -422,7 +461,11 @@ pub const Context = struct {
     }
 
     fn tooLargeText(buf: []u8, size: u64, max: u32) []const u8 {
-        return std.fmt.bufPrint(buf, "message of {d} bytes exceeds max_message_size ({d})", .{ size, max }) catch unreachable;
+        return std.fmt.bufPrint(
+            buf,
+            "message of {d} bytes exceeds max_message_size ({d})",
+            .{ size, max },
+        ) catch unreachable;
     }
 
     /// Whether an ERROR's text is tooLargeText's (the connection ended on a
@@ -439,7 +482,10 @@ pub const Context = struct {
     fn endedError(self: *Context, fd: i32) Error {
         var it = self.events.iterFd(fd);
         while (it.next()) |ev| {
-            if (ev.kind == .err and isTooLargeText(ev.data)) return self.last.failText(error.MessageTooLarge, ev.data);
+            if (ev.kind == .err and isTooLargeText(ev.data)) return self.last.failText(
+                error.MessageTooLarge,
+                ev.data,
+            );
             if (ev.kind == .disconnection) break;
         }
         return self.closedByPeer(fd);
@@ -473,7 +519,12 @@ pub const Context = struct {
         const path = try rundir_mod.servicePath(&pbuf, self.rundir, name, &self.last);
         try self.checkRoom();
         if (!try rundir_mod.check(self.rundir, false, &self.last))
-            return self.last.failErrno(error.ServiceNotFound, .NOENT, "no service {s} in {s}", .{ name, self.rundir });
+            return self.last.failErrno(
+                error.ServiceNotFound,
+                .NOENT,
+                "no service {s} in {s}",
+                .{ name, self.rundir },
+            );
         const fd = try rundir_mod.connectTo(path, name, self.rundir, &self.last);
         errdefer sys.closeFd(fd);
         _ = try self.addConn(fd, .connection);
@@ -496,10 +547,14 @@ pub const Context = struct {
     fn connectThroughIpcd(self: *Context, name: []const u8, network: []const u8) Error!i32 {
         var pbuf: rundir_mod.PathBuf = undefined;
         _ = try rundir_mod.servicePath(&pbuf, self.rundir, name, &self.last);
-        const ipcd = self.connectService(ipcd_service) catch |e| return if (e == error.ServiceNotFound)
-            self.last.failKeepErrno(error.ServiceNotFound, "IPC_NETWORK is set but ipcd is not running (no service {s} in {s})", .{ ipcd_service, self.rundir })
-        else
-            e;
+        const ipcd = self.connectService(ipcd_service) catch |e| {
+            if (e != error.ServiceNotFound) return e;
+            return self.last.failKeepErrno(
+                error.ServiceNotFound,
+                "IPC_NETWORK is set but ipcd is not running (no service {s} in {s})",
+                .{ ipcd_service, self.rundir },
+            );
+        };
         var answer: [2000]u8 = undefined;
         var received: i32 = -1;
         const n = self.askIpcd(ipcd, name, network, &answer, &received) catch |stop| {
@@ -513,8 +568,16 @@ pub const Context = struct {
         }
         errdefer sys.closeFd(received);
         if (!sys.isConnectedUnixStream(received))
-            return self.last.fail(error.Generic, "ipcd sent a file descriptor that is not a connected Unix stream socket", .{});
-        if (!sys.setNonblocking(received, false)) return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
+            return self.last.fail(
+                error.Generic,
+                "ipcd sent a file descriptor that is not a connected Unix stream socket",
+                .{},
+            );
+        if (!sys.setNonblocking(received, false)) return self.last.fail(
+            error.Generic,
+            "ipcd could not connect to service {s}",
+            .{name},
+        );
         if (sys.send_flags == 0) sys.setNoSigpipe(received);
         _ = try self.addConn(received, .connection);
         return received;
@@ -522,8 +585,19 @@ pub const Context = struct {
 
     /// The request/answer exchange with ipcd; null when it failed. It waits
     /// as a blocking call does: a signal or the call timeout stops it.
-    fn askIpcd(self: *Context, ipcd: i32, name: []const u8, network: []const u8, answer: []u8, received: *i32) Stop!?usize {
-        const request = std.fmt.allocPrint(self.gpa, "{s};{s}", .{ name, network }) catch return null;
+    fn askIpcd(
+        self: *Context,
+        ipcd: i32,
+        name: []const u8,
+        network: []const u8,
+        answer: []u8,
+        received: *i32,
+    ) Stop!?usize {
+        const request = std.fmt.allocPrint(
+            self.gpa,
+            "{s};{s}",
+            .{ name, network },
+        ) catch return null;
         defer self.gpa.free(request);
         var block = self.blocking(false);
         self.writeFrame(ipcd, request, &block) catch |err| switch (err) {
@@ -538,7 +612,11 @@ pub const Context = struct {
     pub fn addExternal(self: *Context, fd: i32) Error!void {
         if (self.ended.contains(fd)) return self.closedByPeer(fd);
         if (self.table.get(fd) != null)
-            return self.last.fail(error.Generic, "fd {d} is already managed by this context", .{fd});
+            return self.last.fail(
+                error.Generic,
+                "fd {d} is already managed by this context",
+                .{fd},
+            );
         if (!sys.isOpen(fd))
             return self.last.fail(error.UnknownFd, "fd {d} is not an open file descriptor", .{fd});
         try self.checkRoom();
@@ -550,7 +628,12 @@ pub const Context = struct {
         const conn = try self.connection(fd);
         return switch (credentials.peer(conn.fd)) {
             .ok => |cred| cred,
-            .failed => |e| self.last.failErrno(error.Generic, e, "cannot read peer credentials of fd {d}: {s}", .{ fd, errors.errText(e) }),
+            .failed => |e| self.last.failErrno(
+                error.Generic,
+                e,
+                "cannot read peer credentials of fd {d}: {s}",
+                .{ fd, errors.errText(e) },
+            ),
         };
     }
 
@@ -599,7 +682,11 @@ pub const Context = struct {
     fn prepareSend(self: *Context, fd: i32, len: u64) Error!*Conn {
         const conn = try self.connection(fd);
         if (len > self.limits.max_message_size)
-            return self.last.fail(error.MessageTooLarge, "message of {d} bytes exceeds max_message_size ({d})", .{ len, self.limits.max_message_size });
+            return self.last.fail(
+                error.MessageTooLarge,
+                "message of {d} bytes exceeds max_message_size ({d})",
+                .{ len, self.limits.max_message_size },
+            );
         if (conn.write_closed or conn.closing) return self.closedByPeer(fd);
         return conn;
     }
@@ -611,7 +698,11 @@ pub const Context = struct {
     }
 
     fn closedByPeer(self: *Context, fd: i32) Error {
-        return self.last.fail(error.ConnectionClosed, "connection on fd {d} is closed by the peer", .{fd});
+        return self.last.fail(
+            error.ConnectionClosed,
+            "connection on fd {d} is closed by the peer",
+            .{fd},
+        );
     }
 
     /// Queue a frame; the next rounds send it (MESSAGE_TX when fully written).
@@ -619,7 +710,11 @@ pub const Context = struct {
         const conn = try self.prepareSend(fd, payload.len);
         const queued = conn.queue.queuedBytes();
         if (queued + framing.header_size + payload.len > self.limits.max_queue_size)
-            return self.last.fail(error.QueueFull, "send queue of fd {d} is full ({d} bytes queued, max_queue_size {d})", .{ fd, queued, self.limits.max_queue_size });
+            return self.last.fail(
+                error.QueueFull,
+                "send queue of fd {d} is full ({d} bytes queued, max_queue_size {d})",
+                .{ fd, queued, self.limits.max_queue_size },
+            );
         try self.markDirty(conn);
         errdefer if (conn.queue.isEmpty()) self.unmarkDirty(conn);
         try conn.queue.push(self.gpa, payload, .scheduled);
@@ -631,7 +726,11 @@ pub const Context = struct {
     /// A signal or the call timeout may stop it (keepFramed says what then).
     pub fn write(self: *Context, fd: i32, payload: []const u8) Error!void {
         var block = self.blocking(false);
-        self.writeFrame(fd, payload, &block) catch |err| return self.stopped(err, "write on fd {d}", .{fd});
+        self.writeFrame(fd, payload, &block) catch |err| return self.stopped(
+            err,
+            "write on fd {d}",
+            .{fd},
+        );
     }
 
     fn writeFrame(self: *Context, fd: i32, payload: []const u8, block: *Blocking) Error!void {
@@ -645,7 +744,10 @@ pub const Context = struct {
             var frame: [framing.header_size + gather_mod.copy_max]u8 = undefined;
             @memcpy(frame[0..header.len], &header);
             @memcpy(frame[header.len..][0..payload.len], payload);
-            var iov = [1]std.posix.iovec_const{.{ .base = &frame, .len = header.len + payload.len }};
+            var iov = [1]std.posix.iovec_const{.{
+                .base = &frame,
+                .len = header.len + payload.len,
+            }};
             return self.writeFrames(conn, &iov, &.{@intCast(payload.len)}, 0, block);
         }
         var iov = [2]std.posix.iovec_const{
@@ -672,10 +774,20 @@ pub const Context = struct {
     /// is sent.
     pub fn writeMany(self: *Context, fd: i32, payloads: Payloads, lens: []const u32) Error!void {
         var block = self.blocking(false);
-        self.writeManyFrames(fd, payloads, lens, &block) catch |err| return self.stopped(err, "write on fd {d}", .{fd});
+        self.writeManyFrames(fd, payloads, lens, &block) catch |err| return self.stopped(
+            err,
+            "write on fd {d}",
+            .{fd},
+        );
     }
 
-    fn writeManyFrames(self: *Context, fd: i32, payloads: Payloads, lens: []const u32, block: *Blocking) Error!void {
+    fn writeManyFrames(
+        self: *Context,
+        fd: i32,
+        payloads: Payloads,
+        lens: []const u32,
+        block: *Blocking,
+    ) Error!void {
         var largest: usize = 0;
         var total: usize = 0;
         for (lens) |len| {
@@ -706,14 +818,27 @@ pub const Context = struct {
             }
             gather.add(base[0..len]);
         }
-        if (!gather.isEmpty()) try self.writeFrames(conn, gather.parts(), lens[first..], first, block);
+        if (!gather.isEmpty()) try self.writeFrames(
+            conn,
+            gather.parts(),
+            lens[first..],
+            first,
+            block,
+        );
     }
 
     /// Write every byte of `parts`, the frames of payload sizes `lens` (the
     /// call's messages from number `first` on), waiting (see blocking.zig)
     /// while the socket is full. When a signal or the timeout stops it, see
     /// keepFramed and write_count.
-    fn writeFrames(self: *Context, conn: *Conn, parts_in: []std.posix.iovec_const, lens: []const u32, first: usize, block: *Blocking) Error!void {
+    fn writeFrames(
+        self: *Context,
+        conn: *Conn,
+        parts_in: []std.posix.iovec_const,
+        lens: []const u32,
+        first: usize,
+        block: *Blocking,
+    ) Error!void {
         var parts = parts_in;
         var written: u64 = 0;
         while (parts.len > 0) {
@@ -747,7 +872,12 @@ pub const Context = struct {
     /// MESSAGE_TX is reported for them), so they go out before anything else
     /// on the connection. A peer never finds a later frame inside an earlier
     /// one; frames not begun are not sent (README "Signals and timeouts").
-    fn keepFramed(self: *Context, conn: *Conn, parts: []const std.posix.iovec_const, rest: u64) Allocator.Error!void {
+    fn keepFramed(
+        self: *Context,
+        conn: *Conn,
+        parts: []const std.posix.iovec_const,
+        rest: u64,
+    ) Allocator.Error!void {
         if (rest == 0) return;
         try self.markDirty(conn);
         errdefer if (conn.queue.isEmpty()) self.unmarkDirty(conn);
@@ -831,7 +961,10 @@ pub const Context = struct {
     const TxSink = struct {
         ctx: *Context,
         conn: *Conn,
-        pub fn completed(self: *TxSink, origin: @import("send_queue.zig").Origin) Allocator.Error!void {
+        pub fn completed(
+            self: *TxSink,
+            origin: @import("send_queue.zig").Origin,
+        ) Allocator.Error!void {
             const kind: events_mod.EventType = switch (origin) {
                 .scheduled => .message_tx,
                 .switched => .switch_tx,
@@ -859,7 +992,11 @@ pub const Context = struct {
                     return self.drop(conn, null);
                 }
                 var buf: [160]u8 = undefined;
-                const text = std.fmt.bufPrint(&buf, "write failed: {s}", .{errors.errText(e)}) catch buf[0..];
+                const text = std.fmt.bufPrint(
+                    &buf,
+                    "write failed: {s}",
+                    .{errors.errText(e)},
+                ) catch buf[0..];
                 return self.drop(conn, text);
             },
         }
@@ -881,7 +1018,13 @@ pub const Context = struct {
                 try switching.forward(self.ctx, self.conn, payload);
                 if (!self.conn.alive) return error.Stopped;
             } else {
-                try self.ctx.events.pushData(self.ctx.gpa, .message_rx, self.conn.fd, self.conn.index, payload);
+                try self.ctx.events.pushData(
+                    self.ctx.gpa,
+                    .message_rx,
+                    self.conn.fd,
+                    self.conn.index,
+                    payload,
+                );
             }
         }
         /// A large frame in a buffer of its own (`memory`, the decoder's):
@@ -894,7 +1037,14 @@ pub const Context = struct {
                 return self.frame(payload);
             }
             self.frames += 1;
-            events.pushOwned(self.ctx.gpa, .message_rx, self.conn.fd, self.conn.index, memory, payload) catch |err| {
+            events.pushOwned(
+                self.ctx.gpa,
+                .message_rx,
+                self.conn.fd,
+                self.conn.index,
+                memory,
+                payload,
+            ) catch |err| {
                 events.keepSpare(self.ctx.gpa, memory);
                 return err;
             };
@@ -923,7 +1073,13 @@ pub const Context = struct {
     /// large frame is in progress (no copy), else into the scratch buffer;
     /// then decode what came. `waits` applies to sockets (see sys.Wait); other
     /// fds are in non-blocking mode.
-    fn readOnce(self: *Context, conn: *Conn, limit: usize, waits: sys.Wait, sink: *RxSink) Allocator.Error!ReadOutcome {
+    fn readOnce(
+        self: *Context,
+        conn: *Conn,
+        limit: usize,
+        waits: sys.Wait,
+        sink: *RxSink,
+    ) Allocator.Error!ReadOutcome {
         // A large frame in progress takes the spare buffer when it can hold
         // the whole frame: memory already in use (no page faults), no growing.
         if (conn.decoder.wantsBuffer()) |need| {
@@ -942,7 +1098,12 @@ pub const Context = struct {
         };
         if (direct != null) conn.decoder.commitRead(n);
         const input = if (direct != null) target[0..0] else target[0..n];
-        conn.decoder.feed(self.gpa, input, self.limits.max_message_size, sink) catch |err| return switch (err) {
+        conn.decoder.feed(
+            self.gpa,
+            input,
+            self.limits.max_message_size,
+            sink,
+        ) catch |err| return switch (err) {
             error.OutOfMemory => error.OutOfMemory,
             error.Stopped => .stopped,
             error.FrameTooLarge => .too_large,
@@ -958,7 +1119,12 @@ pub const Context = struct {
         var total: usize = 0;
         var buf: [160]u8 = undefined;
         while (total < read_budget) {
-            const reason: ?[]const u8 = switch (try self.readOnce(conn, read_budget - total, .no, &sink)) {
+            const reason: ?[]const u8 = switch (try self.readOnce(
+                conn,
+                read_budget - total,
+                .no,
+                &sink,
+            )) {
                 .read => |n| {
                     total += n;
                     continue;
@@ -966,9 +1132,20 @@ pub const Context = struct {
                 // Drained: a read that would only say EAGAIN is saved (one
                 // system call per ready fd per round); readiness is level-triggered.
                 .read_short, .would_block, .stopped, .interrupted => return,
-                .eof => if (conn.decoder.hasPartial()) "peer closed the connection in the middle of a message" else null,
-                .failed => |e| std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf,
-                .too_large => tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size),
+                .eof => if (conn.decoder.hasPartial())
+                    "peer closed the connection in the middle of a message"
+                else
+                    null,
+                .failed => |e| std.fmt.bufPrint(
+                    &buf,
+                    "read failed: {s}",
+                    .{errors.errText(e)},
+                ) catch &buf,
+                .too_large => tooLargeText(
+                    &buf,
+                    conn.decoder.too_large,
+                    self.limits.max_message_size,
+                ),
             };
             return self.drop(conn, reason);
         }
@@ -1026,16 +1203,26 @@ pub const Context = struct {
             }
         }
         const size = std.mem.readInt(u32, &header, .big);
-        if (size < framing.direct_read_min or size > out.len or size > self.limits.max_message_size) {
+        const fits = size <= out.len and size <= self.limits.max_message_size;
+        if (size < framing.direct_read_min or !fits) {
             // Not for this path: the decoder gets the header bytes read here
             // (a frame over the limit is refused by it, as on any read).
             var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
-            conn.decoder.feed(self.gpa, header[have..], self.limits.max_message_size, &sink) catch |err| switch (err) {
+            conn.decoder.feed(
+                self.gpa,
+                header[have..],
+                self.limits.max_message_size,
+                &sink,
+            ) catch |err| switch (err) {
                 error.OutOfMemory => return error.OutOfMemory,
                 error.Stopped => unreachable, // the connection is alive: nothing stops
                 error.FrameTooLarge => {
                     var buf: [160]u8 = undefined;
-                    const text = tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size);
+                    const text = tooLargeText(
+                        &buf,
+                        conn.decoder.too_large,
+                        self.limits.max_message_size,
+                    );
                     try self.drop(conn, null);
                     self.table.reap(self.gpa);
                     return self.last.failText(error.MessageTooLarge, text);
@@ -1066,7 +1253,10 @@ pub const Context = struct {
         while (filled.* < dest.len) {
             switch (receive(conn, dest[filled.*..], block.mode())) {
                 .done => |n| filled.* += n,
-                .would_block => block.idle(conn.fd, sys.POLLIN) catch |stop| return .{ .stop = stop },
+                .would_block => block.idle(
+                    conn.fd,
+                    sys.POLLIN,
+                ) catch |stop| return .{ .stop = stop },
                 .interrupted => block.interrupted() catch |stop| return .{ .stop = stop },
                 .eof => return .eof,
                 .failed => |e| return .{ .failed = e },
@@ -1079,7 +1269,13 @@ pub const Context = struct {
     /// decoder (`first`, then `second`: they continue what it holds) and
     /// fails the call, the connection intact; the end of the connection is
     /// reported as receiveSome does.
-    fn directEnded(self: *Context, conn: *Conn, ended: Ended, first: []const u8, second: []const u8) Error {
+    fn directEnded(
+        self: *Context,
+        conn: *Conn,
+        ended: Ended,
+        first: []const u8,
+        second: []const u8,
+    ) Error {
         const stop = switch (ended) {
             .stop => |stop| stop,
             else => return self.directFailed(conn, ended),
@@ -1088,7 +1284,12 @@ pub const Context = struct {
         for ([_][]const u8{ first, second }) |part| {
             // Less than one whole frame: nothing is delivered, nothing too large
             // (the header was checked before the payload was read).
-            conn.decoder.feed(self.gpa, part, self.limits.max_message_size, &sink) catch |err| switch (err) {
+            conn.decoder.feed(
+                self.gpa,
+                part,
+                self.limits.max_message_size,
+                &sink,
+            ) catch |err| switch (err) {
                 error.OutOfMemory => return error.OutOfMemory,
                 error.Stopped, error.FrameTooLarge => unreachable,
             };
@@ -1100,7 +1301,11 @@ pub const Context = struct {
     /// One read of conn: recv on a socket, waiting or not (see sys.Wait);
     /// read on anything else (in non-blocking mode: it never waits).
     fn receive(conn: *const Conn, buf: []u8, waits: sys.Wait) sys.IoResult {
-        return if (conn.is_socket) sys.recvSome(conn.fd, buf, waits) else sys.readSome(conn.fd, buf);
+        return if (conn.is_socket) sys.recvSome(
+            conn.fd,
+            buf,
+            waits,
+        ) else sys.readSome(conn.fd, buf);
     }
 
     /// A direct read ended the connection: reported as receiveSome does.
@@ -1115,7 +1320,11 @@ pub const Context = struct {
             },
             .failed => |e| {
                 var buf: [160]u8 = undefined;
-                const text = std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf;
+                const text = std.fmt.bufPrint(
+                    &buf,
+                    "read failed: {s}",
+                    .{errors.errText(e)},
+                ) catch &buf;
                 try self.drop(conn, text);
                 return self.last.failTextErrno(error.Generic, e, text);
             },
@@ -1127,7 +1336,11 @@ pub const Context = struct {
     /// DISCONNECTION, in order, as long as `taker.put(payload)` accepts them
     /// (it copies each). Returns how many; 0 when the first was refused.
     pub fn readMany(self: *Context, fd: i32, max: usize, taker: anytype) Error!usize {
-        if (max == 0) return self.last.fail(error.Generic, "read_many needs room for at least one message", .{});
+        if (max == 0) return self.last.fail(
+            error.Generic,
+            "read_many needs room for at least one message",
+            .{},
+        );
         var got = self.events.takeFd(self.gpa, fd, max, taker);
         if (got.closed) return self.endedError(fd);
         if (got.count > 0 or got.refused) return got.count;
@@ -1166,7 +1379,11 @@ pub const Context = struct {
         var buf: [160]u8 = undefined;
         const outcome = self.readUntilMessage(conn, &sink, block) catch |err| switch (err) {
             error.OutOfMemory => return error.OutOfMemory,
-            error.Interrupted, error.Timeout => |stop| return self.stopped(stop, "read on fd {d}", .{fd}),
+            error.Interrupted, error.Timeout => |stop| return self.stopped(
+                stop,
+                "read on fd {d}",
+                .{fd},
+            ),
         };
         switch (outcome) {
             .read, .read_short, .would_block, .interrupted => {},
@@ -1176,12 +1393,20 @@ pub const Context = struct {
                 return self.closedByPeer(fd);
             },
             .failed => |e| {
-                const text = std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf;
+                const text = std.fmt.bufPrint(
+                    &buf,
+                    "read failed: {s}",
+                    .{errors.errText(e)},
+                ) catch &buf;
                 try self.drop(conn, text);
                 return self.last.failTextErrno(error.Generic, e, text);
             },
             .too_large => {
-                const text = tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size);
+                const text = tooLargeText(
+                    &buf,
+                    conn.decoder.too_large,
+                    self.limits.max_message_size,
+                );
                 if (sink.frames == 0) {
                     try self.drop(conn, null);
                     return self.last.failText(error.MessageTooLarge, text);
@@ -1199,7 +1424,12 @@ pub const Context = struct {
     /// (bench/c/wait_modes.c). Anything else is polled when it has nothing.
     /// With busy_poll, reads that do not wait come first, for busy_poll_us;
     /// with a timeout, poll() waits (see blocking.zig).
-    fn readUntilMessage(self: *Context, conn: *Conn, sink: *RxSink, block: *Blocking) (Allocator.Error || Stop)!ReadOutcome {
+    fn readUntilMessage(
+        self: *Context,
+        conn: *Conn,
+        sink: *RxSink,
+        block: *Blocking,
+    ) (Allocator.Error || Stop)!ReadOutcome {
         while (sink.frames == 0) {
             switch (try self.readOnce(conn, std.math.maxInt(usize), block.mode(), sink)) {
                 .read, .read_short => {},
@@ -1313,7 +1543,10 @@ pub const Context = struct {
             return self.last.fail(error.Generic, "nothing to wait for: no fd and no timer", .{});
         // In nanoseconds, and the poll's timeout rounded up: a TIMER never
         // comes before `timer_ms` have passed.
-        const deadline: ?i64 = if (self.timer_ms >= 0) sys.nowNs() + @as(i64, self.timer_ms) * std.time.ns_per_ms else null;
+        const deadline: ?i64 = if (self.timer_ms >= 0)
+            sys.nowNs() + @as(i64, self.timer_ms) * std.time.ns_per_ms
+        else
+            null;
         // The call timeout (a failure, where the timer is an event).
         const block = self.blocking(false);
         const skip_spin = self.skip_spin;
@@ -1393,7 +1626,12 @@ pub const Context = struct {
                 return self.last.fail(error.Interrupted, "wait was interrupted by a signal", .{})
             else
                 return,
-            else => return self.last.failErrno(error.Generic, c.errno(@as(c_int, -1)), "waiting for events failed: {s}", .{errors.errText(c.errno(@as(c_int, -1)))}),
+            else => return self.last.failErrno(
+                error.Generic,
+                c.errno(@as(c_int, -1)),
+                "waiting for events failed: {s}",
+                .{errors.errText(c.errno(@as(c_int, -1)))},
+            ),
         };
         for (self.ready[0..n]) |r| try self.handleReady(r);
     }
@@ -1407,7 +1645,11 @@ pub const Context = struct {
     pub fn linger(self: *Context, fd: i32, timeout_ns: i64) Error!void {
         const deadline = sys.nowNs() +| @max(timeout_ns, 0);
         while (self.hasScheduled(fd)) {
-            if (sys.nowNs() >= deadline) return self.last.fail(error.Timeout, "linger timed out", .{});
+            if (sys.nowNs() >= deadline) return self.last.fail(
+                error.Timeout,
+                "linger timed out",
+                .{},
+            );
             defer self.table.reap(self.gpa);
             try self.flushDirty();
             if (!self.hasScheduled(fd)) return;
@@ -1489,25 +1731,45 @@ pub const Context = struct {
                     .AGAIN => return,
                     else => |e| {
                         var buf: [160]u8 = undefined;
-                        const text = std.fmt.bufPrint(&buf, "accept failed: {s}", .{errors.errText(e)}) catch buf[0..];
+                        const text = std.fmt.bufPrint(
+                            &buf,
+                            "accept failed: {s}",
+                            .{errors.errText(e)},
+                        ) catch buf[0..];
                         // Out of fds: a waiting client is refused, so the round does
                         // not spin on it; with no client waiting there is nothing to say.
                         if (e == .MFILE or e == .NFILE) switch (self.refuseWithSpare(service.fd)) {
                             .none_waiting => return,
                             .refused => {
-                                try self.events.pushData(self.gpa, .err, service.fd, service.index, text);
+                                try self.events.pushData(
+                                    self.gpa,
+                                    .err,
+                                    service.fd,
+                                    service.index,
+                                    text,
+                                );
                                 continue;
                             },
                             .no_spare => {},
                         };
-                        return self.events.pushData(self.gpa, .err, service.fd, service.index, text);
+                        return self.events.pushData(
+                            self.gpa,
+                            .err,
+                            service.fd,
+                            service.index,
+                            text,
+                        );
                     },
                 }
             }
             if (self.table.count() >= self.limits.max_connections) {
                 sys.closeFd(fd);
                 var buf: [96]u8 = undefined;
-                const text = std.fmt.bufPrint(&buf, "connection refused: max_connections ({d}) reached", .{self.limits.max_connections}) catch unreachable;
+                const text = std.fmt.bufPrint(
+                    &buf,
+                    "connection refused: max_connections ({d}) reached",
+                    .{self.limits.max_connections},
+                ) catch unreachable;
                 try self.events.pushData(self.gpa, .err, service.fd, service.index, text);
                 continue;
             }

@@ -28,7 +28,11 @@ const TmpRun = struct {
     fn init() TmpRun {
         var t: TmpRun = .{};
         counter += 1;
-        const p = sys.printZ(&t.buf, "/tmp/pyipc-zig-test-{d}-{d}-{d}", .{ c.getpid(), counter, sys.nowMs() }) catch unreachable;
+        const p = sys.printZ(
+            &t.buf,
+            "/tmp/pyipc-zig-test-{d}-{d}-{d}",
+            .{ c.getpid(), counter, sys.nowMs() },
+        ) catch unreachable;
         t.len = p.len;
         return t;
     }
@@ -252,14 +256,21 @@ test "a flood of 200,000 messages is delivered whole and in order" {
 test "an oversize announcement: earlier messages, then ERROR, then DISCONNECTION" {
     var p = try Pair.init("big");
     defer p.deinit();
-    try p.server.setLimits(.{ .max_message_size = 1000, .max_queue_size = 1004, .max_connections = 10 });
+    try p.server.setLimits(
+        .{ .max_message_size = 1000, .max_queue_size = 1004, .max_connections = 10 },
+    );
     var stream: [4 + 2 + 4]u8 = undefined;
     @memcpy(stream[0..4], &framing.encodeHeader(2));
     @memcpy(stream[4..6], "ok");
     @memcpy(stream[6..10], &framing.encodeHeader(1001));
     try sendRaw(p.client_fd, &stream);
     try expectOnly(p.server, .message_rx, p.server_fd, "ok");
-    try expectOnly(p.server, .err, p.server_fd, "message of 1001 bytes exceeds max_message_size (1000)");
+    try expectOnly(
+        p.server,
+        .err,
+        p.server_fd,
+        "message of 1001 bytes exceeds max_message_size (1000)",
+    );
     try expectOnly(p.server, .disconnection, p.server_fd, null);
     try testing.expect(p.server.table.get(p.server_fd) == null);
 }
@@ -267,7 +278,11 @@ test "an oversize announcement: earlier messages, then ERROR, then DISCONNECTION
 test "max_message_size is accepted exactly; one byte more is refused on send" {
     var p = try Pair.init("edge");
     defer p.deinit();
-    const limits: context.Limits = .{ .max_message_size = 100_000, .max_queue_size = 100_004, .max_connections = 10 };
+    const limits: context.Limits = .{
+        .max_message_size = 100_000,
+        .max_queue_size = 100_004,
+        .max_connections = 10,
+    };
     try p.server.setLimits(limits);
     try p.client.setLimits(limits);
     const msg = try gpa.alloc(u8, 100_001);
@@ -278,20 +293,29 @@ test "max_message_size is accepted exactly; one byte more is refused on send" {
     defer ev.deinit();
     try testing.expectEqualSlices(u8, msg[0..100_000], ev.data.items);
     try testing.expectError(error.MessageTooLarge, p.client.write(p.client_fd, msg));
-    try testing.expectEqualStrings("message of 100001 bytes exceeds max_message_size (100000)", p.client.last.text());
+    try testing.expectEqualStrings(
+        "message of 100001 bytes exceeds max_message_size (100000)",
+        p.client.last.text(),
+    );
     try testing.expectError(error.MessageTooLarge, p.client.schedule(p.client_fd, msg));
 }
 
 test "the send queue bound: exactly max_queue_size is accepted, past it QueueFull" {
     var p = try Pair.init("queue");
     defer p.deinit();
-    try p.client.setLimits(.{ .max_message_size = 100, .max_queue_size = 208, .max_connections = 10 });
+    try p.client.setLimits(
+        .{ .max_message_size = 100, .max_queue_size = 208, .max_connections = 10 },
+    );
     const msg: [100]u8 = @splat('q');
     try p.client.schedule(p.client_fd, &msg);
     try p.client.schedule(p.client_fd, &msg);
     try testing.expectError(error.QueueFull, p.client.schedule(p.client_fd, ""));
     var buf: [128]u8 = undefined;
-    const want = try std.fmt.bufPrint(&buf, "send queue of fd {d} is full (208 bytes queued, max_queue_size 208)", .{p.client_fd});
+    const want = try std.fmt.bufPrint(
+        &buf,
+        "send queue of fd {d} is full (208 bytes queued, max_queue_size 208)",
+        .{p.client_fd},
+    );
     try testing.expectEqualStrings(want, p.client.last.text());
     try expectOnly(p.client, .message_tx, p.client_fd, null);
     try expectOnly(p.client, .message_tx, p.client_fd, null);
@@ -307,7 +331,10 @@ test "a second service of the same name is busy; the first is untouched" {
     defer other.destroy();
     try testing.expectError(error.ServiceBusy, other.serviceInit("busy"));
     var buf: [200]u8 = undefined;
-    try testing.expectEqualStrings(try std.fmt.bufPrint(&buf, "service busy is already running in {s}", .{p.run.path()}), other.last.text());
+    try testing.expectEqualStrings(
+        try std.fmt.bufPrint(&buf, "service busy is already running in {s}", .{p.run.path()}),
+        other.last.text(),
+    );
     try testing.expectError(error.ServiceBusy, p.server.serviceInit("busy"));
     // The running service still accepts clients.
     _ = try other.connectService("busy");
@@ -370,7 +397,10 @@ test "peer credentials are those of this process" {
     try testing.expectEqual(c.getpid(), cred.pid);
     try testing.expectError(error.UnknownFd, p.server.peerCredentials(p.service_fd));
     var buf: [64]u8 = undefined;
-    try testing.expectEqualStrings(try std.fmt.bufPrint(&buf, "fd {d} is not a connection", .{p.service_fd}), p.server.last.text());
+    try testing.expectEqualStrings(
+        try std.fmt.bufPrint(&buf, "fd {d} is not a connection", .{p.service_fd}),
+        p.server.last.text(),
+    );
 }
 
 test "switching forwards both ways; one side ending closes both" {
@@ -469,7 +499,14 @@ test "connect through ipcd when IPC_NETWORK is set (fd passing)" {
     defer _ = unsetenv("IPC_NETWORK");
     try testing.expectError(error.ServiceNotFound, client.connect("target"));
     var buf: [200]u8 = undefined;
-    try testing.expectEqualStrings(try std.fmt.bufPrint(&buf, "IPC_NETWORK is set but ipcd is not running (no service ipc in {s})", .{run.path()}), client.last.text());
+    try testing.expectEqualStrings(
+        try std.fmt.bufPrint(
+            &buf,
+            "IPC_NETWORK is set but ipcd is not running (no service ipc in {s})",
+            .{run.path()},
+        ),
+        client.last.text(),
+    );
     const ipcd = try run.newContext();
     defer ipcd.destroy();
     _ = try ipcd.serviceInit("ipc");
@@ -509,7 +546,12 @@ test "peer closing mid-message, and with scheduled messages unsent" {
     try sendRaw(p.client_fd, &framing.encodeHeader(10));
     try sendRaw(p.client_fd, "abc");
     try p.client.close(p.client_fd);
-    try expectOnly(p.server, .err, p.server_fd, "peer closed the connection in the middle of a message");
+    try expectOnly(
+        p.server,
+        .err,
+        p.server_fd,
+        "peer closed the connection in the middle of a message",
+    );
     try expectOnly(p.server, .disconnection, p.server_fd, null);
 }
 
@@ -546,7 +588,12 @@ test "a failed flush (peer gone) first delivers what the peer sent" {
     try p.client.close(p.client_fd);
     try p.server.schedule(p.server_fd, "never read");
     try expectOnly(p.server, .message_rx, p.server_fd, "bye");
-    try expectOnly(p.server, .err, p.server_fd, "peer closed the connection with 1 scheduled message(s) unsent");
+    try expectOnly(
+        p.server,
+        .err,
+        p.server_fd,
+        "peer closed the connection with 1 scheduled message(s) unsent",
+    );
     try expectOnly(p.server, .disconnection, p.server_fd, null);
 }
 
@@ -573,7 +620,11 @@ test "switch back-pressure: a slow reader bounds the queue, nothing is lost" {
     defer run.deinit();
     const server = try run.newContext();
     defer server.destroy();
-    const limits: context.Limits = .{ .max_message_size = 1000, .max_queue_size = 4004, .max_connections = 10 };
+    const limits: context.Limits = .{
+        .max_message_size = 1000,
+        .max_queue_size = 4004,
+        .max_connections = 10,
+    };
     try server.setLimits(limits);
     _ = try server.serviceInit("bp");
     const reader = try run.newContext();
@@ -632,7 +683,10 @@ const Counting = struct {
     live: usize = 0,
 
     fn allocator(self: *Counting) std.mem.Allocator {
-        return .{ .ptr = self, .vtable = &.{ .alloc = alloc, .resize = resize, .remap = remap, .free = free } };
+        return .{
+            .ptr = self,
+            .vtable = &.{ .alloc = alloc, .resize = resize, .remap = remap, .free = free },
+        };
     }
     fn alloc(p: *anyopaque, len: usize, a: std.mem.Alignment, ra: usize) ?[*]u8 {
         const self: *Counting = @ptrCast(@alignCast(p));
@@ -714,11 +768,16 @@ test "external fds: EXTERNAL while readable; close drops pending events; close_a
 test "read_fd meeting an oversize announcement: MessageTooLarge, then DISCONNECTION" {
     var p = try Pair.init("rdbig");
     defer p.deinit();
-    try p.server.setLimits(.{ .max_message_size = 10, .max_queue_size = 14, .max_connections = 10 });
+    try p.server.setLimits(
+        .{ .max_message_size = 10, .max_queue_size = 14, .max_connections = 10 },
+    );
     try sendRaw(p.client_fd, &framing.encodeHeader(11));
     var buf: [16]u8 = undefined;
     try testing.expectError(error.MessageTooLarge, readMessage(p.server, p.server_fd, &buf));
-    try testing.expectEqualStrings("message of 11 bytes exceeds max_message_size (10)", p.server.last.text());
+    try testing.expectEqualStrings(
+        "message of 11 bytes exceeds max_message_size (10)",
+        p.server.last.text(),
+    );
     try expectOnly(p.server, .disconnection, p.server_fd, null);
     try testing.expectError(error.ConnectionClosed, readMessage(p.server, p.server_fd, &buf));
 }
@@ -784,7 +843,11 @@ test "another thread's wakeup ends a wait with no event; a plain wait goes on" {
     var p = try Pair.init("wake");
     defer p.deinit();
     p.server.setTimer(10_000);
-    const waker = try std.Thread.spawn(.{}, @import("wakeup.zig").Wakeup.signal, .{&p.server.wakeup});
+    const waker = try std.Thread.spawn(
+        .{},
+        @import("wakeup.zig").Wakeup.signal,
+        .{&p.server.wakeup},
+    );
     const start = sys.nowMs();
     try p.server.wait(true);
     waker.join();

@@ -63,17 +63,17 @@ pub fn code(err: Error) c_int {
         error.Interrupted => .interrupted,
         error.Timeout => .timeout,
     };
-    return @intFromEnum(c);
+    return @backingInt(c);
 }
 
 /// IPC_OK as the C functions return it.
-pub const ok: c_int = @intFromEnum(Code.ok);
+pub const ok: c_int = @backingInt(Code.ok);
 
 extern "c" fn strerror(errnum: c_int) [*:0]const u8;
 
 /// The C library's text for an errno value (what Python's os.strerror gives).
 pub fn errText(e: std.c.E) []const u8 {
-    return std.mem.span(strerror(@intCast(@intFromEnum(e))));
+    return std.mem.span(strerror(@intCast(@backingInt(e))));
 }
 
 /// The NUL-terminated text of the last failure on a context, and the errno
@@ -92,15 +92,26 @@ pub const LastError = struct {
     }
 
     /// Like fail, for a failure caused by the OS error `e` (kept as errno).
-    pub fn failErrno(self: *LastError, err: Error, e: std.c.E, comptime fmt: []const u8, args: anytype) Error {
+    pub fn failErrno(
+        self: *LastError,
+        err: Error,
+        e: std.c.E,
+        comptime fmt: []const u8,
+        args: anytype,
+    ) Error {
         self.record(fmt, args);
-        self.errno = @intCast(@intFromEnum(e));
+        self.errno = @intCast(@backingInt(e));
         return err;
     }
 
     /// Like fail, keeping the errno of the failure recorded before (a new
     /// text for the same cause).
-    pub fn failKeepErrno(self: *LastError, err: Error, comptime fmt: []const u8, args: anytype) Error {
+    pub fn failKeepErrno(
+        self: *LastError,
+        err: Error,
+        comptime fmt: []const u8,
+        args: anytype,
+    ) Error {
         const saved = self.errno;
         self.record(fmt, args);
         self.errno = saved;
@@ -138,14 +149,28 @@ pub const LastError = struct {
 
 test "an OS failure keeps its errno; the next failure without one clears it" {
     var last: LastError = .{};
-    const e = last.failErrno(error.Generic, .MFILE, "cannot connect to service {s}: {s}", .{ "x", errText(.MFILE) });
+    const e = last.failErrno(
+        error.Generic,
+        .MFILE,
+        "cannot connect to service {s}: {s}",
+        .{ "x", errText(.MFILE) },
+    );
     try std.testing.expectEqual(error.Generic, e);
-    try std.testing.expectEqual(@as(c_int, @intFromEnum(std.c.E.MFILE)), last.errno);
-    try std.testing.expectEqualStrings("cannot connect to service x: Too many open files", last.text());
-    try std.testing.expectEqual(error.UnknownFd, last.fail(error.UnknownFd, "fd {d} is not managed by this context", .{3}));
+    try std.testing.expectEqual(@as(c_int, @backingInt(std.c.E.MFILE)), last.errno);
+    try std.testing.expectEqualStrings(
+        "cannot connect to service x: Too many open files",
+        last.text(),
+    );
+    try std.testing.expectEqual(
+        error.UnknownFd,
+        last.fail(error.UnknownFd, "fd {d} is not managed by this context", .{3}),
+    );
     try std.testing.expectEqual(@as(c_int, 0), last.errno);
-    try std.testing.expectEqual(error.Generic, last.failTextErrno(error.Generic, .PIPE, "write failed: Broken pipe"));
-    try std.testing.expectEqual(@as(c_int, @intFromEnum(std.c.E.PIPE)), last.errno);
+    try std.testing.expectEqual(
+        error.Generic,
+        last.failTextErrno(error.Generic, .PIPE, "write failed: Broken pipe"),
+    );
+    try std.testing.expectEqual(@as(c_int, @backingInt(std.c.E.PIPE)), last.errno);
 }
 
 test "last error text is formatted, NUL-terminated and truncated safely" {

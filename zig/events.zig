@@ -80,14 +80,27 @@ pub const Queue = struct {
     }
 
     /// Queue an event without payload.
-    pub fn push(self: *Queue, gpa: Allocator, kind: EventType, fd: i32, index: i64) Allocator.Error!void {
+    pub fn push(
+        self: *Queue,
+        gpa: Allocator,
+        kind: EventType,
+        fd: i32,
+        index: i64,
+    ) Allocator.Error!void {
         try self.items.append(gpa, .{ .kind = kind, .fd = fd, .index = index });
         self.live += 1;
     }
 
     /// Queue an event with a copy of `data` (a NUL is stored after it, so
     /// error texts can be handed out as C strings).
-    pub fn pushData(self: *Queue, gpa: Allocator, kind: EventType, fd: i32, index: i64, data: []const u8) Allocator.Error!void {
+    pub fn pushData(
+        self: *Queue,
+        gpa: Allocator,
+        kind: EventType,
+        fd: i32,
+        index: i64,
+        data: []const u8,
+    ) Allocator.Error!void {
         try self.items.ensureUnusedCapacity(gpa, 1);
         if (data.len == 0 and kind != .err) return self.push(gpa, kind, fd, index);
         const ch = try self.reserve(gpa, data.len + 1);
@@ -96,21 +109,33 @@ pub const Queue = struct {
         ch.data[ch.used + data.len] = 0;
         ch.used += data.len + 1;
         ch.refs += 1;
-        self.items.appendAssumeCapacity(.{ .kind = kind, .fd = fd, .index = index, .data = dest, .chunk = ch });
+        self.items.appendAssumeCapacity(
+            .{ .kind = kind, .fd = fd, .index = index, .data = dest, .chunk = ch },
+        );
         self.live += 1;
     }
 
     /// Queue a MESSAGE_RX (or SWITCH_RX) whose payload lies in `memory`, a
     /// buffer of gpa's that the queue now owns (no copy): freed, or kept as
     /// the spare, once the event is consumed.
-    pub fn pushOwned(self: *Queue, gpa: Allocator, kind: EventType, fd: i32, index: i64, memory: []u8, payload: []const u8) Allocator.Error!void {
+    pub fn pushOwned(
+        self: *Queue,
+        gpa: Allocator,
+        kind: EventType,
+        fd: i32,
+        index: i64,
+        memory: []u8,
+        payload: []const u8,
+    ) Allocator.Error!void {
         assert(kind == .message_rx or kind == .switch_rx);
         assert(@intFromPtr(payload.ptr) >= @intFromPtr(memory.ptr) and
             @intFromPtr(payload.ptr) + payload.len <= @intFromPtr(memory.ptr) + memory.len);
         try self.items.ensureUnusedCapacity(gpa, 1);
         const ch = try gpa.create(Chunk);
         ch.* = .{ .data = memory, .used = memory.len, .refs = 1 };
-        self.items.appendAssumeCapacity(.{ .kind = kind, .fd = fd, .index = index, .data = payload, .chunk = ch });
+        self.items.appendAssumeCapacity(
+            .{ .kind = kind, .fd = fd, .index = index, .data = payload, .chunk = ch },
+        );
         self.live += 1;
     }
 
@@ -214,7 +239,10 @@ pub const Queue = struct {
         if (self.live == 0) {
             for (self.items.items[self.head..]) |ev| assert(ev.dropped);
             self.head = 0;
-            if (self.items.capacity > 4096) self.items.clearAndFree(gpa) else self.items.clearRetainingCapacity();
+            if (self.items.capacity > 4096)
+                self.items.clearAndFree(gpa)
+            else
+                self.items.clearRetainingCapacity();
             return;
         }
         if (self.head < 1024 or self.head < self.items.items.len / 2) return;
@@ -343,7 +371,10 @@ pub const Queue = struct {
     /// The payloads handed out by the previous wait are no longer needed.
     pub fn releaseLent(self: *Queue, gpa: Allocator) void {
         for (self.lent.items) |ch| self.unref(gpa, ch);
-        if (self.lent.capacity > 4096) self.lent.clearAndFree(gpa) else self.lent.clearRetainingCapacity();
+        if (self.lent.capacity > 4096)
+            self.lent.clearAndFree(gpa)
+        else
+            self.lent.clearRetainingCapacity();
     }
 };
 
@@ -447,7 +478,7 @@ test "taking events from the front one at a time stays compact" {
     try testing.expectEqual(@as(usize, 0), q.items.items.len);
 }
 
-test "taking fd's messages stops at its disconnection, at a full taker, and keeps other fds' events" {
+test "taking fd's messages stops at its disconnection, a full taker; other fds' stay" {
     const gpa = testing.allocator;
     var q: Queue = .{};
     defer q.deinit(gpa);

@@ -76,12 +76,21 @@ pub export fn ipc_last_error(ptr: ?*anyopaque) callconv(.c) [*:0]const u8 {
     return ctx.last.text().ptr;
 }
 
-pub export fn ipc_context_set_rundir(ptr: ?*anyopaque, dir: ?[*]const u8, len: usize) callconv(.c) c_int {
+pub export fn ipc_context_set_rundir(
+    ptr: ?*anyopaque,
+    dir: ?[*]const u8,
+    len: usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.setRundir(bytes(dir, len)));
 }
 
-pub export fn ipc_context_set_limits(ptr: ?*anyopaque, max_message_size: u32, max_queue_size: u64, max_connections: u32) callconv(.c) c_int {
+pub export fn ipc_context_set_limits(
+    ptr: ?*anyopaque,
+    max_message_size: u32,
+    max_queue_size: u64,
+    max_connections: u32,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.setLimits(.{
         .max_message_size = max_message_size,
@@ -115,22 +124,43 @@ pub export fn ipc_context_call_timeout(ptr: ?*anyopaque, usec: i64) callconv(.c)
 
 // ------------------------------------------------------------ services and connections
 
-fn openWith(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16, comptime op: anytype) c_int {
+fn openWith(
+    ptr: ?*anyopaque,
+    fd_out: ?*c_int,
+    service: ?[*]const u8,
+    len: u16,
+    comptime op: anytype,
+) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const fd = op(ctx, name(service, len)) catch |err| return rc(ctx, @as(Error!void, err));
     if (fd_out) |o| o.* = fd;
     return IPC_OK;
 }
 
-pub export fn ipc_service_init(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
+pub export fn ipc_service_init(
+    ptr: ?*anyopaque,
+    fd_out: ?*c_int,
+    service: ?[*]const u8,
+    len: u16,
+) callconv(.c) c_int {
     return openWith(ptr, fd_out, service, len, Context.serviceInit);
 }
 
-pub export fn ipc_connect_service(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
+pub export fn ipc_connect_service(
+    ptr: ?*anyopaque,
+    fd_out: ?*c_int,
+    service: ?[*]const u8,
+    len: u16,
+) callconv(.c) c_int {
     return openWith(ptr, fd_out, service, len, Context.connectService);
 }
 
-pub export fn ipc_connect(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
+pub export fn ipc_connect(
+    ptr: ?*anyopaque,
+    fd_out: ?*c_int,
+    service: ?[*]const u8,
+    len: u16,
+) callconv(.c) c_int {
     return openWith(ptr, fd_out, service, len, Context.connect);
 }
 
@@ -144,12 +174,23 @@ pub export fn ipc_add_switch(ptr: ?*anyopaque, fd1: c_int, fd2: c_int) callconv(
     return rc(ctx, switching.add(ctx, fd1, fd2));
 }
 
-pub export fn ipc_set_switch_callbacks(ptr: ?*anyopaque, fd: c_int, in: ?switching.InCallback, out: ?switching.OutCallback) callconv(.c) c_int {
+pub export fn ipc_set_switch_callbacks(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    in: ?switching.InCallback,
+    out: ?switching.OutCallback,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, switching.setCallbacks(ctx, fd, in, out));
 }
 
-pub export fn ipc_peer_credentials(ptr: ?*anyopaque, fd: c_int, pid: ?*i32, uid: ?*u32, gid: ?*u32) callconv(.c) c_int {
+pub export fn ipc_peer_credentials(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    pid: ?*i32,
+    uid: ?*u32,
+    gid: ?*u32,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const cred = ctx.peerCredentials(fd) catch |err| return rc(ctx, @as(Error!void, err));
     if (pid) |p| p.* = cred.pid;
@@ -174,7 +215,13 @@ pub export fn ipc_close(ptr: ?*anyopaque, index: usize) callconv(.c) c_int {
 /// What close(fd) would discard: fd's scheduled messages not yet completely
 /// written, and its switch peer (closed with it) and that one's count
 /// (*peer_fd = -1 when fd is not switched). pyipc logs them as a warning.
-pub export fn ipc_queued_messages(ptr: ?*anyopaque, fd: c_int, count: ?*usize, peer_fd: ?*c_int, peer_count: ?*usize) callconv(.c) c_int {
+pub export fn ipc_queued_messages(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    count: ?*usize,
+    peer_fd: ?*c_int,
+    peer_count: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const queued = ctx.queuedMessages(fd) catch |err| return rc(ctx, @as(Error!void, err));
     if (count) |p| p.* = queued.count;
@@ -193,7 +240,12 @@ pub export fn ipc_linger(ptr: ?*anyopaque, fd: c_int, usec: i64) callconv(.c) c_
     return rc(ctx, ctx.linger(fd, usec *| std.time.ns_per_us));
 }
 
-pub export fn ipc_scheduled_fds(ptr: ?*anyopaque, fds: ?[*]c_int, counts: ?[*]usize, capacity: usize) callconv(.c) usize {
+pub export fn ipc_scheduled_fds(
+    ptr: ?*anyopaque,
+    fds: ?[*]c_int,
+    counts: ?[*]usize,
+    capacity: usize,
+) callconv(.c) usize {
     const ctx = context(ptr) orelse return 0;
     const n = if (fds != null and counts != null) capacity else 0;
     return ctx.scheduledFds(if (fds) |f| f[0..n] else &.{}, if (counts) |k| k[0..n] else &.{});
@@ -207,12 +259,22 @@ pub export fn ipc_close_all(ptr: ?*anyopaque) callconv(.c) c_int {
 
 // ------------------------------------------------------------ sending and receiving
 
-pub export fn ipc_write(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
+pub export fn ipc_write(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    payload: ?[*]const u8,
+    len: u32,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.write(fd, bytes(payload, len)));
 }
 
-pub export fn ipc_schedule(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
+pub export fn ipc_schedule(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    payload: ?[*]const u8,
+    len: u32,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.schedule(fd, bytes(payload, len)));
 }
@@ -227,7 +289,13 @@ pub export fn ipc_check_write(ptr: ?*anyopaque, fd: c_int, len: u64) callconv(.c
 
 /// write() of `count` messages: their payloads back to back at `payloads`,
 /// their sizes in `lengths`; gathered into few system calls.
-pub export fn ipc_write_many(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const u8, lengths: ?[*]const u32, count: usize) callconv(.c) c_int {
+pub export fn ipc_write_many(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    payloads: ?[*]const u8,
+    lengths: ?[*]const u32,
+    count: usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
     var total: usize = 0;
@@ -239,10 +307,19 @@ pub export fn ipc_write_many(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const u8
 /// ipc_write_many with one pointer per payload (payloads[i], lengths[i]
 /// bytes), for payloads that are not back to back: large ones are then
 /// written from where they are, not copied together first.
-pub export fn ipc_write_many_ptrs(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const ?[*]const u8, lengths: ?[*]const u32, count: usize) callconv(.c) c_int {
+pub export fn ipc_write_many_ptrs(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    payloads: ?[*]const ?[*]const u8,
+    lengths: ?[*]const u32,
+    count: usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
-    const ptrs = payloads orelse if (count == 0) return rc(ctx, ctx.writeMany(fd, .{ .each = &.{} }, lens)) else return rc(ctx, noPayloads(ctx));
+    const ptrs = payloads orelse if (count == 0) return rc(
+        ctx,
+        ctx.writeMany(fd, .{ .each = &.{} }, lens),
+    ) else return rc(ctx, noPayloads(ctx));
     for (ptrs[0..count], lens) |p, len| {
         if (p == null and len > 0) return rc(ctx, noPayloads(ctx));
     }
@@ -259,7 +336,12 @@ fn outBuffer(buffer: ?[*]u8, buflen: ?*usize) []u8 {
     return if (buffer) |b| b[0..len] else &.{};
 }
 
-pub export fn ipc_read_fd(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read_fd(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     var len: usize = 0;
     const result = ctx.readFd(fd, outBuffer(buffer, buflen), &len);
@@ -277,7 +359,12 @@ fn readReturn(ctx: *Context, result: Error!void, len: usize, buflen: ?*usize) c_
     return rc(ctx, result);
 }
 
-pub export fn ipc_read(ptr: ?*anyopaque, index: usize, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read(
+    ptr: ?*anyopaque,
+    index: usize,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const fd = ctx.fdAtIndex(index) catch |err| return rc(ctx, @as(Error!void, err));
     return ipc_read_fd(ptr, fd, buffer, buflen);
@@ -309,12 +396,26 @@ const MessageCopier = struct {
 /// copied back to back into `buffer` (`*buflen` bytes), their sizes into
 /// `lengths`. *count says how many. A first message larger than the buffer
 /// stays queued: IPC_E_BUFFER_TOO_SMALL, *buflen = its size.
-pub export fn ipc_read_many(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize, lengths: ?[*]u32, capacity: usize, count: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read_many(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+    lengths: ?[*]u32,
+    capacity: usize,
+    count: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     if (count) |n| n.* = 0;
     const out = outBuffer(buffer, buflen);
-    if (out.len > std.math.maxInt(u32)) return rc(ctx, @as(Error!void, ctx.last.fail(error.Generic, "read_many: buffer over 4 GiB", .{})));
-    var copier: MessageCopier = .{ .buffer = out, .lengths = if (lengths) |l| l[0..capacity] else &.{} };
+    if (out.len > std.math.maxInt(u32)) return rc(
+        ctx,
+        @as(Error!void, ctx.last.fail(error.Generic, "read_many: buffer over 4 GiB", .{})),
+    );
+    var copier: MessageCopier = .{
+        .buffer = out,
+        .lengths = if (lengths) |l| l[0..capacity] else &.{},
+    };
     const result = ctx.readMany(fd, copier.lengths.len, &copier);
     const n = result catch |err| return rc(ctx, @as(Error!void, err));
     if (n == 0) {
@@ -327,7 +428,12 @@ pub export fn ipc_read_many(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen:
 
 /// ipc_read_fd, except that a large message (64 KiB or more) that fits the
 /// buffer is read from the socket straight into it, with no copy in between.
-pub export fn ipc_read_into(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read_into(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     var len: usize = 0;
     const result = ctx.readInto(fd, outBuffer(buffer, buflen), &len);
@@ -337,7 +443,12 @@ pub export fn ipc_read_into(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen:
 /// read() without a copy: fd's next message (blocks for it), lent: *message
 /// points into memory the context owns, valid until the next wait or
 /// ipc_read_lent call on it.
-pub export fn ipc_read_lent(ptr: ?*anyopaque, fd: c_int, message: ?*?[*]const u8, len: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read_lent(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    message: ?*?[*]const u8,
+    len: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const payload = ctx.readLent(fd) catch |err| return rc(ctx, @as(Error!void, err));
     if (message) |m| m.* = payload.ptr;
@@ -347,7 +458,12 @@ pub export fn ipc_read_lent(ptr: ?*anyopaque, fd: c_int, message: ?*?[*]const u8
 
 // ------------------------------------------------------------ the event loop
 
-pub export fn ipc_wait_events(ptr: ?*anyopaque, out: ?[*]IpcEvent, capacity: usize, count: ?*usize) callconv(.c) c_int {
+pub export fn ipc_wait_events(
+    ptr: ?*anyopaque,
+    out: ?[*]IpcEvent,
+    capacity: usize,
+    count: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     if (count) |n| n.* = 0;
     ctx.beginWait(true) catch |err| return rc(ctx, @as(Error!void, err));
@@ -373,7 +489,7 @@ pub export fn ipc_wakeup(ptr: ?*anyopaque) callconv(.c) c_int {
 fn toC(ev: *const events.Event) IpcEvent {
     const has_payload = ev.kind == .message_rx or ev.kind == .switch_rx;
     return .{
-        .type = @intFromEnum(ev.kind),
+        .type = @backingInt(ev.kind),
         .fd = ev.fd,
         .index = ev.index,
         .message = if (has_payload) ev.data.ptr else null,
@@ -391,11 +507,18 @@ pub export fn ipc_pending_events(ptr: ?*anyopaque) callconv(.c) usize {
 /// payload (or, for ERROR, its text) copied into `buffer`. A buffer too small
 /// gives IPC_E_BUFFER_TOO_SMALL with *buflen = the size needed, and the event
 /// stays first in the queue.
-pub export fn ipc_wait_event(ptr: ?*anyopaque, t: ?*u8, index: ?*usize, originfd: ?*c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_wait_event(
+    ptr: ?*anyopaque,
+    t: ?*u8,
+    index: ?*usize,
+    originfd: ?*c_int,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     ctx.beginWait(false) catch |err| return rc(ctx, @as(Error!void, err));
     const ev = ctx.firstEvent().?;
-    if (t) |p| p.* = @intCast(@intFromEnum(ev.kind));
+    if (t) |p| p.* = @intCast(@backingInt(ev.kind));
     if (index) |p| p.* = if (ev.index < 0) std.math.maxInt(usize) else @intCast(ev.index);
     if (originfd) |p| p.* = ev.fd;
     var len: usize = 0;
@@ -407,16 +530,28 @@ pub export fn ipc_wait_event(ptr: ?*anyopaque, t: ?*u8, index: ?*usize, originfd
 
 // ------------------------------------------------------------ fd passing
 
-pub export fn ipc_send_fd(sock: c_int, fd_to_pass: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
+pub export fn ipc_send_fd(
+    sock: c_int,
+    fd_to_pass: c_int,
+    payload: ?[*]const u8,
+    len: u32,
+) callconv(.c) c_int {
     fdpass.sendFd(sock, fd_to_pass, bytes(payload, len)) catch return errors.code(error.Generic);
     return IPC_OK;
 }
 
-pub export fn ipc_receive_fd(sock: c_int, received: ?*c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_receive_fd(
+    sock: c_int,
+    received: ?*c_int,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+) callconv(.c) c_int {
     var fd: i32 = -1;
     const n = fdpass.receiveFd(sock, outBuffer(buffer, buflen), &fd) catch |err| {
         if (received) |r| r.* = fd;
-        return errors.code(if (err == error.BufferTooSmall) error.BufferTooSmall else error.Generic);
+        return errors.code(
+            if (err == error.BufferTooSmall) error.BufferTooSmall else error.Generic,
+        );
     };
     if (received) |r| r.* = fd;
     if (buflen) |l| l.* = n;
@@ -452,7 +587,11 @@ const TestPair = struct {
     cfd: c_int = -1,
 
     fn init(self: *TestPair, comptime service: []const u8) !void {
-        self.dir = try sys.printZ(&self.dir_buf, "/tmp/pyipc-zig-" ++ service ++ "-{d}-{d}", .{ std.c.getpid(), sys.nowMs() });
+        self.dir = try sys.printZ(
+            &self.dir_buf,
+            "/tmp/pyipc-zig-" ++ service ++ "-{d}-{d}",
+            .{ std.c.getpid(), sys.nowMs() },
+        );
         try expectOk(ipc_context_init(&self.server));
         try expectOk(ipc_context_init(&self.client));
         for ([_]?*anyopaque{ self.server, self.client }) |ctx| {
@@ -468,7 +607,9 @@ const TestPair = struct {
         ipc_context_deinit(&self.server);
         if (self.dir.len == 0) return;
         var b: [128]u8 = undefined;
-        _ = std.c.unlink((sys.printZ(&b, "{s}/" ++ service ++ ".lock", .{self.dir}) catch unreachable).ptr);
+        _ = std.c.unlink(
+            (sys.printZ(&b, "{s}/" ++ service ++ ".lock", .{self.dir}) catch unreachable).ptr,
+        );
         _ = std.c.rmdir(self.dir.ptr);
     }
 };
@@ -522,17 +663,26 @@ test "C ABI: batches by pointer, pending events, small buffers, error texts" {
 
     // Errors: code and text.
     try testing.expectEqual(@as(c_int, -9), ipc_write(server, 9999, "x", 1));
-    try testing.expectEqualStrings("fd 9999 is not managed by this context", std.mem.span(ipc_last_error(server)));
+    try testing.expectEqualStrings(
+        "fd 9999 is not managed by this context",
+        std.mem.span(ipc_last_error(server)),
+    );
     var no_fd: c_int = -1;
     try testing.expectEqual(@as(c_int, -4), ipc_service_init(server, &no_fd, "", 0));
-    try testing.expectEqualStrings("invalid service name: empty", std.mem.span(ipc_last_error(server)));
+    try testing.expectEqualStrings(
+        "invalid service name: empty",
+        std.mem.span(ipc_last_error(server)),
+    );
 
     // An ERROR event carries its text as a C string.
     const raw = [_]u8{ 0xff, 0xff, 0xff, 0xff };
     try testing.expectEqual(@as(isize, 4), std.c.send(cfd, &raw, 4, 0));
     try expectOk(ipc_wait_events(server, &evs, 4, &count));
     try testing.expectEqual(@as(i32, 0), evs[0].type);
-    try testing.expectEqualStrings("message of 4294967295 bytes exceeds max_message_size (16777216)", std.mem.span(evs[0].@"error".?));
+    try testing.expectEqualStrings(
+        "message of 4294967295 bytes exceeds max_message_size (16777216)",
+        std.mem.span(evs[0].@"error".?),
+    );
     if (count < 2) try expectOk(ipc_wait_events(server, evs[1..], 3, &count));
     try testing.expectEqual(@as(i32, 2), evs[1].type);
 
@@ -575,20 +725,33 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
 
     var evs: [1]IpcEvent = undefined;
     var count: usize = 0;
-    try expectOk(ipc_wait_events(server, &evs, 1, &count)); // CONNECTION; messages may wait in the core
+    try expectOk(
+        ipc_wait_events(server, &evs, 1, &count),
+    ); // CONNECTION; messages may wait in the core
     try testing.expectEqual(@as(i32, 1), evs[0].type);
     const conn_fd = evs[0].fd;
     var buf: [150]u8 = undefined;
     var sizes: [7]u32 = undefined;
     var len: usize = buf.len;
-    try testing.expectEqual(@as(c_int, -1), ipc_read_many(server, conn_fd, &buf, &len, &sizes, 0, &count));
+    try testing.expectEqual(
+        @as(c_int, -1),
+        ipc_read_many(server, conn_fd, &buf, &len, &sizes, 0, &count),
+    );
     var got: usize = 0;
     var refused = false;
     while (got < 2 * n) {
         // Message 100 (100 bytes) does not fit 99 bytes: refused once, kept.
         const small = got == 100 and !refused;
         len = if (small) 99 else buf.len;
-        const code = ipc_read_many(server, conn_fd, &buf, &len, &sizes, if (got < 100) @min(sizes.len, 100 - got) else sizes.len, &count);
+        const code = ipc_read_many(
+            server,
+            conn_fd,
+            &buf,
+            &len,
+            &sizes,
+            if (got < 100) @min(sizes.len, 100 - got) else sizes.len,
+            &count,
+        );
         if (small) {
             try testing.expectEqual(@as(c_int, -11), code);
             try testing.expectEqual(@as(usize, 100), len);
@@ -601,7 +764,10 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
         for (sizes[0..count]) |size| {
             const i = got % n;
             try testing.expectEqual(@as(usize, i % 101), size);
-            for (buf[start .. start + size]) |byte| try testing.expectEqual(@as(u8, @intCast(i % 251)), byte);
+            for (buf[start .. start + size]) |byte| try testing.expectEqual(
+                @as(u8, @intCast(i % 251)),
+                byte,
+            );
             start += size;
             got += 1;
         }
@@ -615,9 +781,15 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
     try testing.expectEqualSlices(u8, &last, lent.?[0..lent_len]);
     try expectOk(ipc_close_fd(client, cfd));
     len = buf.len;
-    try testing.expectEqual(@as(c_int, -8), ipc_read_many(server, conn_fd, &buf, &len, &sizes, sizes.len, &count));
+    try testing.expectEqual(
+        @as(c_int, -8),
+        ipc_read_many(server, conn_fd, &buf, &len, &sizes, sizes.len, &count),
+    );
     try testing.expectEqual(@as(usize, 0), count);
-    try testing.expectEqual(@as(c_int, -8), ipc_read_lent(server, conn_fd, &lent, &lent_len)); // ended: still closed
+    try testing.expectEqual(
+        @as(c_int, -8),
+        ipc_read_lent(server, conn_fd, &lent, &lent_len),
+    ); // ended: still closed
 }
 
 test "C ABI: check_write makes write's checks in its order and writes nothing" {
@@ -629,7 +801,10 @@ test "C ABI: check_write makes write's checks in its order and writes nothing" {
     try testing.expectEqual(@as(c_int, -9), ipc_check_write(pair.client, 99999, over_4_gib));
     try testing.expectEqual(@as(c_int, -9), ipc_check_write(pair.server, pair.sfd, over_4_gib));
     try testing.expectEqual(@as(c_int, -6), ipc_check_write(pair.client, pair.cfd, over_4_gib));
-    try testing.expectEqualStrings("message of 4294967297 bytes exceeds max_message_size (16777216)", std.mem.span(ipc_last_error(pair.client)));
+    try testing.expectEqualStrings(
+        "message of 4294967297 bytes exceeds max_message_size (16777216)",
+        std.mem.span(ipc_last_error(pair.client)),
+    );
     try expectOk(ipc_check_write(pair.client, pair.cfd, 16));
     // Nothing was written: the first message the server reads is the next one.
     try expectOk(ipc_write(pair.client, pair.cfd, @constCast("ok"), 2));
@@ -648,7 +823,10 @@ test "C ABI: busy_poll takes 0 to 10,000 us and refuses more with its text" {
     try pair.init("busy");
     defer pair.deinit("busy");
     try testing.expectEqual(@as(c_int, -1), ipc_context_busy_poll(pair.client, 10_001));
-    try testing.expectEqualStrings("busy_poll must be at most 10000 us", std.mem.span(ipc_last_error(pair.client)));
+    try testing.expectEqualStrings(
+        "busy_poll must be at most 10000 us",
+        std.mem.span(ipc_last_error(pair.client)),
+    );
     try testing.expectEqual(@as(c_int, -1), ipc_context_busy_poll(null, 0));
     try expectOk(ipc_context_busy_poll(pair.client, 10_000));
     try expectOk(ipc_context_busy_poll(pair.server, 50));
@@ -680,9 +858,15 @@ test "C ABI: last_errno is the OS error of the last failure, 0 for others" {
     var addr = std.mem.zeroes(std.c.sockaddr.un);
     addr.family = std.c.AF.UNIX;
     @memcpy(addr.path[0..path.len], path);
-    try testing.expectEqual(@as(c_int, 0), std.c.bind(s, @ptrCast(&addr), @sizeOf(std.c.sockaddr.un)));
+    try testing.expectEqual(
+        @as(c_int, 0),
+        std.c.bind(s, @ptrCast(&addr), @sizeOf(std.c.sockaddr.un)),
+    );
     defer _ = std.c.unlink(path.ptr);
     var fd: c_int = -1;
     try testing.expectEqual(@as(c_int, -3), ipc_connect_service(pair.client, &fd, "errno", 5));
-    try testing.expectEqual(@as(c_int, @intFromEnum(std.c.E.CONNREFUSED)), ipc_last_errno(pair.client));
+    try testing.expectEqual(
+        @as(c_int, @backingInt(std.c.E.CONNREFUSED)),
+        ipc_last_errno(pair.client),
+    );
 }

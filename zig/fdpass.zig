@@ -34,7 +34,12 @@ pub fn sendFd(sock: i32, fd_to_pass: i32, payload: []const u8) Error!void {
     hdr.len = @intCast(cmsg_data_offset + @sizeOf(c_int));
     hdr.level = c.SOL.SOCKET;
     hdr.type = c.SCM.RIGHTS;
-    std.mem.writeInt(c_int, control.bytes[cmsg_data_offset..][0..@sizeOf(c_int)], fd_to_pass, .native);
+    std.mem.writeInt(
+        c_int,
+        control.bytes[cmsg_data_offset..][0..@sizeOf(c_int)],
+        fd_to_pass,
+        .native,
+    );
     var iov = [1]std.posix.iovec_const{.{ .base = data.ptr, .len = data.len }};
     var msg = std.mem.zeroes(c.msghdr_const);
     msg.iov = &iov;
@@ -52,7 +57,10 @@ pub fn sendFd(sock: i32, fd_to_pass: i32, payload: []const u8) Error!void {
     };
     // The fd went with the first bytes; the rest of a long payload follows.
     while (sent < data.len) {
-        const rest = [1]std.posix.iovec_const{.{ .base = data[sent..].ptr, .len = data.len - sent }};
+        const rest = [1]std.posix.iovec_const{.{
+            .base = data[sent..].ptr,
+            .len = data.len - sent,
+        }};
         switch (sys.writeSome(sock, &rest, true, .yes)) {
             .done => |k| sent += k,
             .would_block => sys.waitFd(sock, sys.POLLOUT),
@@ -88,8 +96,14 @@ pub fn receiveFd(sock: i32, buf: []u8, received: *i32) Error!usize {
             else => return error.ReceiveFailed,
         }
     };
-    received.* = keepFirstFd(control.bytes[0..@min(@as(usize, @intCast(msg.controllen)), receive_space)]);
-    if (received.* >= 0 and flags == 0) _ = c.fcntl(received.*, c.F.SETFD, @as(c_int, c.FD_CLOEXEC));
+    received.* = keepFirstFd(
+        control.bytes[0..@min(@as(usize, @intCast(msg.controllen)), receive_space)],
+    );
+    if (received.* >= 0 and flags == 0) _ = c.fcntl(
+        received.*,
+        c.F.SETFD,
+        @as(c_int, c.FD_CLOEXEC),
+    );
     if (buf.len == 0 and n > 0) {
         sys.closeFd(received.*);
         received.* = -1;
@@ -148,7 +162,10 @@ fn sendFdsForTest(sock: i32, fds: []const c_int) !void {
     hdr.len = @intCast(cmsg_data_offset + fds.len * @sizeOf(c_int));
     hdr.level = c.SOL.SOCKET;
     hdr.type = c.SCM.RIGHTS;
-    @memcpy(control.bytes[cmsg_data_offset..][0 .. fds.len * @sizeOf(c_int)], std.mem.sliceAsBytes(fds));
+    @memcpy(
+        control.bytes[cmsg_data_offset..][0 .. fds.len * @sizeOf(c_int)],
+        std.mem.sliceAsBytes(fds),
+    );
     var iov = [1]std.posix.iovec_const{.{ .base = "ok", .len = 2 }};
     var msg = std.mem.zeroes(c.msghdr_const);
     msg.iov = &iov;

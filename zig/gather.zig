@@ -116,7 +116,11 @@ test "small frames become one iovec; the bytes are header + payload in order" {
     try testing.expectEqual(@as(usize, 1), g.parts().len);
     const bytes = try joined(testing.allocator, g.parts());
     defer testing.allocator.free(bytes);
-    try testing.expectEqualSlices(u8, "\x00\x00\x00\x02ab\x00\x00\x00\x00\x00\x00\x00\x03xyz", bytes);
+    try testing.expectEqualSlices(
+        u8,
+        "\x00\x00\x00\x02ab\x00\x00\x00\x00\x00\x00\x00\x03xyz",
+        bytes,
+    );
 }
 
 test "a payload over copy_max is written in place, between copied runs" {

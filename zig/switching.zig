@@ -83,7 +83,7 @@ pub fn switchIn(ctx: *Context, conn: *Conn) Allocator.Error!void {
     const cb = conn.cb_in orelse return ctx.readConn(conn, true);
     const buf = try buffer(ctx);
     var mlen: u32 = @intCast(buf.len);
-    var result: CbResult = @enumFromInt(cb(conn.fd, buf.ptr, &mlen));
+    var result: CbResult = @fromBackingInt(@intCast(cb(conn.fd, buf.ptr, &mlen)));
     // A length past the buffer is a broken callback: never trust it.
     if (result == .no_error and mlen > buf.len) result = .err;
     switch (result) {
@@ -126,7 +126,7 @@ pub fn forward(ctx: *Context, origin: *Conn, payload: []const u8) Allocator.Erro
     std.debug.assert(dest.alive);
     if (dest.cb_out) |out| {
         const len: u32 = @intCast(payload.len);
-        const result: CbResult = @enumFromInt(out(dest.fd, payload.ptr, len));
+        const result: CbResult = @fromBackingInt(@intCast(out(dest.fd, payload.ptr, len)));
         if (result == .no_error) return ctx.events.push(ctx.gpa, .switch_tx, dest.fd, dest.index);
         return callbackResult(ctx, dest, result);
     }

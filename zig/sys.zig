@@ -81,7 +81,12 @@ fn readResult(n: isize, len: usize) ?IoResult {
 /// single buffer), waiting or not (see Wait); writev on anything else (a pipe
 /// given to add_external: in non-blocking mode, it never waits), with SIGPIPE
 /// held back (see writevQuiet).
-pub fn writeSome(fd: fd_t, iov: []const std.posix.iovec_const, is_socket: bool, wait: Wait) IoResult {
+pub fn writeSome(
+    fd: fd_t,
+    iov: []const std.posix.iovec_const,
+    is_socket: bool,
+    wait: Wait,
+) IoResult {
     if (!is_socket) return writevQuiet(fd, iov);
     while (true) {
         const n = if (iov.len == 1)
@@ -250,7 +255,7 @@ fn finishConnect(fd: fd_t) E {
     var err: c_int = 0;
     var len: c.socklen_t = @sizeOf(c_int);
     if (c.getsockopt(fd, c.SOL.SOCKET, c.SO.ERROR, &err, &len) != 0) return .SUCCESS;
-    return @enumFromInt(err);
+    return @fromBackingInt(@intCast(err));
 }
 
 /// Accept one client of a listening socket, in blocking mode (see Wait),
@@ -321,9 +326,15 @@ pub const LstatResult = union(enum) { mode: u32, failed: E };
 pub fn lstatMode(path: [*:0]const u8) LstatResult {
     if (builtin.os.tag == .linux) {
         var stx: linux.Statx = undefined;
-        const rc = linux.statx(linux.AT.FDCWD, path, linux.AT.SYMLINK_NOFOLLOW, .{ .TYPE = true, .MODE = true }, &stx);
+        const rc = linux.statx(
+            linux.AT.FDCWD,
+            path,
+            linux.AT.SYMLINK_NOFOLLOW,
+            .{ .TYPE = true, .MODE = true },
+            &stx,
+        );
         const e = linux.errno(rc);
-        if (e != .SUCCESS) return .{ .failed = @enumFromInt(@intFromEnum(e)) };
+        if (e != .SUCCESS) return .{ .failed = @fromBackingInt(@intCast(@backingInt(e))) };
         return .{ .mode = stx.mode };
     } else {
         var st: c.Stat = undefined;
@@ -338,7 +349,13 @@ pub fn lstatMode(path: [*:0]const u8) LstatResult {
 pub fn lstatOwner(path: [*:0]const u8) ?u32 {
     if (builtin.os.tag == .linux) {
         var stx: linux.Statx = undefined;
-        const rc = linux.statx(linux.AT.FDCWD, path, linux.AT.SYMLINK_NOFOLLOW, .{ .UID = true }, &stx);
+        const rc = linux.statx(
+            linux.AT.FDCWD,
+            path,
+            linux.AT.SYMLINK_NOFOLLOW,
+            .{ .UID = true },
+            &stx,
+        );
         if (linux.errno(rc) != .SUCCESS) return null;
         return stx.uid;
     } else {
@@ -356,11 +373,17 @@ pub const S_IWOTH: u32 = 0o002;
 
 test "readSome and writeSome over a socketpair" {
     var fds: [2]c.fd_t = undefined;
-    try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC | c.SOCK.NONBLOCK, 0, &fds));
+    try std.testing.expectEqual(
+        @as(c_int, 0),
+        c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC | c.SOCK.NONBLOCK, 0, &fds),
+    );
     defer closeFd(fds[1]);
     var buf: [8]u8 = undefined;
     try std.testing.expect(readSome(fds[1], &buf) == .would_block);
-    const iov = [_]std.posix.iovec_const{ .{ .base = "ab", .len = 2 }, .{ .base = "cd", .len = 2 } };
+    const iov = [_]std.posix.iovec_const{ .{
+        .base = "ab",
+        .len = 2,
+    }, .{ .base = "cd", .len = 2 } };
     try std.testing.expectEqual(@as(usize, 4), writeSome(fds[0], &iov, true, .no).done);
     try std.testing.expectEqual(@as(usize, 4), readSome(fds[1], &buf).done);
     try std.testing.expectEqualStrings("abcd", buf[0..4]);
@@ -389,7 +412,10 @@ test "writeSome to a pipe nobody reads: EPIPE, no SIGPIPE, none left pending" {
 
 test "a blocking-mode socket: Wait.no returns at once, Wait.yes takes what is there" {
     var fds: [2]c.fd_t = undefined;
-    try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0, &fds));
+    try std.testing.expectEqual(
+        @as(c_int, 0),
+        c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0, &fds),
+    );
     defer closeFd(fds[0]);
     defer closeFd(fds[1]);
     var buf: [8]u8 = undefined;

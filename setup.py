@@ -33,7 +33,11 @@ except ImportError:  # pragma: no cover
         bdist_wheel = object
 
 ROOT = Path(__file__).resolve().parent
-LIBRARY_NAMES = ("libipc.so", "libipc.dylib")
+#: ELF systems: the library itself, named as its SONAME (libIPC's, so a program
+#: linked against libIPC loads it), and what `-lipc` finds: a one-line linker
+#: script naming it (a wheel cannot hold a symlink). macOS: the dylib.
+ELF_LIBRARY, LINKER_SCRIPT, MACHO_LIBRARY = "libipc.so.0", "libipc.so", "libipc.dylib"
+LIBRARY_NAMES = (ELF_LIBRARY, LINKER_SCRIPT, MACHO_LIBRARY)
 
 
 def build_native(dest: Path) -> None:
@@ -52,16 +56,18 @@ def build_native(dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in LIBRARY_NAMES:
         (dest / name).unlink(missing_ok=True)
-    for name in LIBRARY_NAMES:
-        built = prefix / "lib" / name
-        if built.exists():
-            shutil.copy2(built, dest / name)
-            break
+    built = prefix / "lib"
+    if (built / MACHO_LIBRARY).exists():
+        shutil.copy2(built / MACHO_LIBRARY, dest / MACHO_LIBRARY)
+    elif (built / ELF_LIBRARY).exists():
+        # zig-out/lib/libipc.so.0 is a symlink: copy2 copies the file it names.
+        shutil.copy2(built / ELF_LIBRARY, dest / ELF_LIBRARY)
+        (dest / LINKER_SCRIPT).write_text(f"INPUT({ELF_LIBRARY})\n")
     else:
-        raise RuntimeError(f"zig build produced no library in {prefix / 'lib'}")
+        raise RuntimeError(f"zig build produced no library in {built}")
     shutil.copy2(ROOT / "zig" / "libipc.h", dest / "libipc.h")
     if target and "-linux-musl" in target:
-        name_musl_libc(dest / "libipc.so", target.split("-", 1)[0])
+        name_musl_libc(dest / ELF_LIBRARY, target.split("-", 1)[0])
 
 
 def name_musl_libc(library: Path, arch: str) -> None:

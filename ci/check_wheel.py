@@ -9,8 +9,10 @@ struct (no readelf, no lief):
 
 - the tag is py3-none-..., the WHEEL file says Root-Is-Purelib: false and lists
   exactly the tags of the file name;
-- the wheel holds pyipc/libipc.h and exactly one library, libipc.so (ELF) or
-  libipc.dylib (Mach-O), and no other native file;
+- the wheel holds pyipc/libipc.h and exactly one library, libipc.so.0 (ELF, with
+  SONAME libipc.so.0, libIPC's, next to libipc.so, the one-line linker script
+  `INPUT(libipc.so.0)` that `-lipc` finds) or libipc.dylib (Mach-O), and no other
+  native file;
 - the binary's machine (ELF e_machine, Mach-O cputype) is the tag's architecture;
 - the binary's OS is the tag's OS: EI_OSABI, the OS notes (.note.tag "FreeBSD",
   "NetBSD", "OpenBSD", "GNU" ABI tags), the C library it needs (DT_NEEDED: glibc
@@ -48,6 +50,10 @@ EM_X86_64, EM_AARCH64 = 62, 183
 ELFOSABI = {0: "SYSV", 2: "NetBSD", 3: "GNU/Linux", 9: "FreeBSD", 12: "OpenBSD"}
 SHT_DYNSYM, SHT_DYNAMIC, SHT_NOTE, SHT_GNU_VERNEED = 11, 6, 7, 0x6FFFFFFE
 DT_NEEDED, DT_SONAME = 1, 14
+
+# The ELF library's file name (its SONAME) and the linker script -lipc finds.
+ELF_LIBRARY, LINKER_SCRIPT = "libipc.so.0", "libipc.so"
+LINKER_SCRIPT_TEXT = f"INPUT({ELF_LIBRARY})\n".encode()
 
 # Mach-O constants
 MH_MAGIC_64, FAT_MAGIC = 0xFEEDFACF, 0xCAFEBABE
@@ -93,6 +99,7 @@ class Binary:
     osabi: str = ""
     notes: list = field(default_factory=list)        # (name, type, desc bytes)
     needed: list = field(default_factory=list)
+    soname: str | None = None
     verneed: dict = field(default_factory=dict)      # file -> [version names]
     exports: set = field(default_factory=set)
     imports: set = field(default_factory=set)        # undefined dynamic symbols
@@ -180,6 +187,8 @@ def parse_elf(data: bytes) -> Binary:
                     break
                 if tag == DT_NEEDED:
                     b.needed.append(_cstr(strtab, val))
+                elif tag == DT_SONAME:
+                    b.soname = _cstr(strtab, val)
         elif s["type"] == SHT_GNU_VERNEED:
             strtab = body(sections[s["link"]])
             raw = body(s)
@@ -369,7 +378,7 @@ def auditwheel_tag(wheel: Path) -> str:
         raise CheckError("auditwheel is not installed (pip install auditwheel) or pass --no-auditwheel")
     run = subprocess.run([exe, "show", str(wheel)], capture_output=True, text=True)
     out = run.stdout + run.stderr
-    m = re.search(r'following platform tag:\s*"([^"]+)"', out)
+    m = re.search(r'following\s+platform tag:\s*"([^"]+)"', out)  # auditwheel 6.8 wraps the line
     if run.returncode != 0 or not m:
         raise CheckError(f"auditwheel show failed (exit {run.returncode}): {out.strip()[:800]}")
     return m[1]
@@ -416,10 +425,17 @@ def check_wheel(wheel: Path, repo_header: Path | None, use_auditwheel: bool) -> 
         wanted = sorted(f"py3-none-{t}" for t in plat_tags)
         if listed != wanted:
             raise CheckError(f"WHEEL lists tags {listed}, the file name says {wanted}")
-        libs = [n for n in names if re.search(r"\.(so|dylib|dll|pyd)(\.|$)", n)]
-        expected_lib = "pyipc/libipc.dylib" if exp.os == "macos" else "pyipc/libipc.so"
-        if libs != [expected_lib]:
-            raise CheckError(f"native files {libs}: expected exactly [{expected_lib!r}]")
+        libs = sorted(n for n in names if re.search(r"\.(so|dylib|dll|pyd)(\.|$)", n))
+        expected_lib = "pyipc/libipc.dylib" if exp.os == "macos" else f"pyipc/{ELF_LIBRARY}"
+        expected_libs = [expected_lib] if exp.os == "macos" else sorted(
+            [expected_lib, f"pyipc/{LINKER_SCRIPT}"])
+        if libs != expected_libs:
+            raise CheckError(f"native files {libs}: expected exactly {expected_libs}")
+        if exp.os != "macos":
+            script = z.read(f"pyipc/{LINKER_SCRIPT}")
+            if script != LINKER_SCRIPT_TEXT:
+                raise CheckError(f"pyipc/{LINKER_SCRIPT} is {script[:60]!r}, expected the "
+                                 f"linker script {LINKER_SCRIPT_TEXT!r}")
         if "pyipc/libipc.h" not in names:
             raise CheckError("pyipc/libipc.h is missing (the cffi wrapper reads its declarations)")
         data = z.read(expected_lib)
@@ -436,6 +452,10 @@ def check_wheel(wheel: Path, repo_header: Path | None, use_auditwheel: bool) -> 
     if b.arch != exp.arch:
         raise CheckError(f"{b.fmt} binary is for {b.arch}, the tag {exp.tag} says {exp.arch}")
     passed.append(f"arch {b.arch}")
+    if exp.os != "macos":
+        if b.soname != ELF_LIBRARY:
+            raise CheckError(f"SONAME is {b.soname!r}, expected {ELF_LIBRARY!r} (libIPC's)")
+        passed.append(f"soname {b.soname}")
 
     if exp.os == "macos":
         if b.macos_platform != PLATFORM_MACOS or b.macos_min is None:

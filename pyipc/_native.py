@@ -28,7 +28,8 @@ from ._types import (DEFAULT_READ_MANY, ERRORS_BY_CODE, READ_MANY_BYTES, Backend
 log = logging.getLogger("pyipc")
 
 _PACKAGE = Path(__file__).resolve().parent
-_LIBRARY = "libipc.dylib" if sys.platform == "darwin" else "libipc.so"
+# ELF: the file named as its SONAME; libipc.so beside it is -lipc's linker script.
+_LIBRARY = "libipc.dylib" if sys.platform == "darwin" else "libipc.so.0"
 _E_BUFFER_TOO_SMALL = -11
 _E_NO_MEMORY = -12
 #: A signal ended a blocking call (the context is interruptible): its Python

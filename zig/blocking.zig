@@ -80,7 +80,11 @@ pub const Blocking = struct {
 /// Whole milliseconds from now until `deadline_ns`, rounded up (a poll that
 /// ends early would only be repeated), at least 0.
 pub fn msUntil(deadline_ns: i64) i32 {
-    const left = std.math.divCeil(i64, deadline_ns - sys.nowNs(), std.time.ns_per_ms) catch unreachable;
+    const left = std.math.divCeil(
+        i64,
+        deadline_ns - sys.nowNs(),
+        std.time.ns_per_ms,
+    ) catch unreachable;
     return @intCast(std.math.clamp(left, 0, std.math.maxInt(i32)));
 }
 
@@ -122,7 +126,11 @@ test "idle returns when the fd is ready; no deadline waits in the kernel" {
 
 test "an interruptible spin ends with Interrupted and asks to skip the next spin" {
     var skip = false;
-    var b: Blocking = .{ .spin_end_ns = sys.nowNs() - 1, .interruptible = true, .skip_next_spin = &skip };
+    var b: Blocking = .{
+        .spin_end_ns = sys.nowNs() - 1,
+        .interruptible = true,
+        .skip_next_spin = &skip,
+    };
     try testing.expectEqual(sys.Wait.no, b.mode());
     try testing.expectError(error.Interrupted, b.idle(0, sys.POLLIN));
     try testing.expect(skip);

@@ -11,8 +11,11 @@ const assert = std.debug.assert;
 const Allocator = std.mem.Allocator;
 const framing = @import("framing.zig");
 const SendQueue = @import("send_queue.zig").SendQueue;
+const Interest = @import("poller/api.zig").Interest;
+const switching = @import("switching.zig");
 
-pub const Kind = enum(u8) {
+/// What a managed fd is to the context.
+pub const Role = enum(u8) {
     /// A listening socket of ours (service_init).
     service,
     /// A connection (accepted, connected, or received from ipcd).
@@ -21,18 +24,9 @@ pub const Kind = enum(u8) {
     external,
 };
 
-pub const InCallback = *const fn (orig: c_int, payload: [*]u8, mlen: *u32) callconv(.c) c_int;
-pub const OutCallback = *const fn (dest: c_int, payload: [*]const u8, mlen: u32) callconv(.c) c_int;
-
-/// What the poller is asked to watch for this fd.
-pub const Interest = packed struct(u2) {
-    read: bool = false,
-    write: bool = false,
-};
-
 pub const Conn = struct {
     fd: i32,
-    kind: Kind,
+    role: Role,
     index: u32 = 0,
     /// False once closed; the record itself lives until the end of the call
     /// (see Table.reap) so code holding a pointer can check this.
@@ -44,13 +38,14 @@ pub const Conn = struct {
     /// Its switch peer ended: not read any more, closed (DISCONNECTION) once
     /// what was forwarded to it is written.
     closing: bool = false,
+    /// What the poller watches it for.
     registered: Interest = .{},
     /// Position in the context's list of fds with queued frames, or null.
     dirty_pos: ?u32 = null,
     /// The other side of a switch, or null.
     peer: ?*Conn = null,
-    cb_in: ?InCallback = null,
-    cb_out: ?OutCallback = null,
+    cb_in: ?switching.InCallback = null,
+    cb_out: ?switching.OutCallback = null,
     decoder: framing.Decoder = .{},
     queue: SendQueue = .{},
     /// Services: socket path (removed on close) and NAME.lock fd (kept locked).
@@ -97,7 +92,7 @@ pub const Table = struct {
 
     /// Create a record for `fd` in the lowest free slot. The fd must not be in
     /// the table. Nothing is changed on failure.
-    pub fn add(self: *Table, gpa: Allocator, fd: i32, kind: Kind) Allocator.Error!*Conn {
+    pub fn add(self: *Table, gpa: Allocator, fd: i32, role: Role) Allocator.Error!*Conn {
         assert(self.by_fd.get(fd) == null);
         const conn = try gpa.create(Conn);
         errdefer gpa.destroy(conn);
@@ -108,7 +103,7 @@ pub const Table = struct {
             self.slots.appendAssumeCapacity(null);
             break :blk @intCast(self.slots.items.len - 1);
         };
-        conn.* = .{ .fd = fd, .kind = kind, .index = index };
+        conn.* = .{ .fd = fd, .role = role, .index = index };
         self.slots.items[index] = conn;
         self.by_fd.putAssumeCapacityNoClobber(fd, conn);
         return conn;

@@ -15,7 +15,7 @@ const errors = @import("errors.zig");
 const framing = @import("framing.zig");
 const events_mod = @import("events.zig");
 const conn_table = @import("conn_table.zig");
-const poller_mod = @import("poller.zig");
+const poller_mod = @import("poller/api.zig");
 const rundir_mod = @import("rundir.zig");
 const credentials = @import("credentials.zig");
 const fdpass = @import("fdpass.zig");
@@ -47,6 +47,19 @@ pub const read_budget = 256 * 1024;
 const scratch_size = 256 * 1024;
 /// Name of ipcd's service, reached by connect() when IPC_NETWORK is set.
 const ipcd_service = "ipc";
+
+comptime {
+    // A frame small enough to go through the scratch buffer (under
+    // direct_read_min; larger ones are read into their own) arrives whole in one read.
+    assert(scratch_size >= framing.direct_read_min + framing.header_size);
+    // One full scratch read fits a round's budget for an fd.
+    assert(read_budget >= scratch_size);
+    // The default limits pass setLimits' own check.
+    const defaults: Limits = .{};
+    assert(defaults.max_queue_size >= @as(u64, defaults.max_message_size) + framing.header_size);
+    // A small frame written by write() is built in one stack buffer of that size.
+    assert(gather_mod.copy_max + framing.header_size <= gather_mod.buffer_size);
+}
 
 pub const Context = struct {
     gpa: Allocator,
@@ -92,7 +105,7 @@ pub const Context = struct {
     /// connection cannot get it while the old one's events are being handled
     /// (a reply to them would go to the wrong peer). See releaseEnded.
     ended: std.AutoHashMapUnmanaged(i32, void) = .empty,
-    ready: [256]poller_mod.Ready = undefined,
+    ready: [poller_mod.max_batch]poller_mod.Ready = undefined,
     /// Lets another thread end a wait (ipc_wakeup); watched by the poller.
     wakeup: Wakeup,
     /// The wake-up pipe was readable in this wait.
@@ -117,7 +130,13 @@ pub const Context = struct {
         var wakeup = Wakeup.init() catch return error.OutOfMemory;
         errdefer wakeup.deinit();
         poller.update(gpa, wakeup.read_fd, .{}, .{ .read = true }) catch return error.OutOfMemory;
-        self.* = .{ .gpa = gpa, .rundir = rundir, .poller = poller, .wakeup = wakeup, .owner_pid = c.getpid() };
+        self.* = .{
+            .gpa = gpa,
+            .rundir = rundir,
+            .poller = poller,
+            .wakeup = wakeup,
+            .owner_pid = c.getpid(),
+        };
         return self;
     }
 
@@ -151,11 +170,24 @@ pub const Context = struct {
     /// Same ranges as pyipc.Context's checks (and the same texts).
     pub fn setLimits(self: *Context, limits: Limits) Error!void {
         if (limits.max_message_size < 1)
-            return self.last.fail(error.Generic, "max_message_size must be between 1 and 4294967295", .{});
-        if (limits.max_queue_size < @as(u64, limits.max_message_size) + 4 or limits.max_queue_size >= 1 << 63)
-            return self.last.fail(error.Generic, "max_queue_size must be at least max_message_size + 4", .{});
+            return self.last.fail(
+                error.Generic,
+                "max_message_size must be between 1 and 4294967295",
+                .{},
+            );
+        const queue_min = @as(u64, limits.max_message_size) + framing.header_size;
+        if (limits.max_queue_size < queue_min or limits.max_queue_size >= 1 << 63)
+            return self.last.fail(
+                error.Generic,
+                "max_queue_size must be at least max_message_size + 4",
+                .{},
+            );
         if (limits.max_connections < 1 or limits.max_connections > 0x7FFF_FFFF)
-            return self.last.fail(error.Generic, "max_connections must be between 1 and 2147483647", .{});
+            return self.last.fail(
+                error.Generic,
+                "max_connections must be between 1 and 2147483647",
+                .{},
+            );
         self.limits = limits;
         if (self.switch_buf) |s| if (s.len != limits.max_message_size) {
             self.gpa.free(s);
@@ -169,7 +201,11 @@ pub const Context = struct {
 
     pub fn setBusyPoll(self: *Context, us: u32) Error!void {
         if (us > max_busy_poll_us)
-            return self.last.fail(error.Generic, "busy_poll must be at most {d} us", .{max_busy_poll_us});
+            return self.last.fail(
+                error.Generic,
+                "busy_poll must be at most {d} us",
+                .{max_busy_poll_us},
+            );
         self.busy_poll_us = us;
     }
 
@@ -214,7 +250,11 @@ pub const Context = struct {
     /// by a signal". Any other error passes through.
     fn stopped(self: *Context, err: Error, comptime what: []const u8, args: anytype) Error {
         return switch (err) {
-            error.Interrupted => self.last.fail(error.Interrupted, what ++ " was interrupted by a signal", args),
+            error.Interrupted => self.last.fail(
+                error.Interrupted,
+                what ++ " was interrupted by a signal",
+                args,
+            ),
             error.Timeout => self.last.fail(error.Timeout, what ++ " timed out", args),
             else => err,
         };
@@ -231,24 +271,58 @@ pub const Context = struct {
     /// A managed connection: not a service, not an external fd (unless switched).
     pub fn connection(self: *Context, fd: i32) Error!*Conn {
         const conn = try self.lookup(fd);
-        if (conn.kind == .service or (conn.kind == .external and conn.peer == null))
+        if (conn.role == .service or (conn.role == .external and conn.peer == null))
             return self.last.fail(error.UnknownFd, "fd {d} is not a connection", .{fd});
         return conn;
     }
 
+    /// The fd in slot `index`, for libIPC's index-based calls.
+    pub fn fdAtIndex(self: *Context, index: usize) Error!i32 {
+        const conn = self.table.atSlot(index) orelse return self.last.fail(
+            error.UnknownFd,
+            "index {d} is not managed by this context",
+            .{index},
+        );
+        return conn.fd;
+    }
+
+    /// What close(fd) would discard: see queuedMessages.
+    pub const Queued = struct {
+        count: usize,
+        /// -1 when fd is not switched.
+        peer_fd: i32,
+        peer_count: usize,
+    };
+
+    /// fd's scheduled messages not yet completely written, and its switch
+    /// peer (closed with it) and that one's.
+    pub fn queuedMessages(self: *Context, fd: i32) Error!Queued {
+        const conn = try self.lookup(fd);
+        const peer: ?*Conn = if (conn.peer) |p| (if (p.alive) p else null) else null;
+        return .{
+            .count = conn.queue.frameCount(),
+            .peer_fd = if (peer) |x| x.fd else -1,
+            .peer_count = if (peer) |x| x.queue.frameCount() else 0,
+        };
+    }
+
     fn checkRoom(self: *Context) Error!void {
         if (self.table.count() >= self.limits.max_connections)
-            return self.last.fail(error.ConnectionLimit, "too many connections (max_connections {d})", .{self.limits.max_connections});
+            return self.last.fail(
+                error.ConnectionLimit,
+                "too many connections (max_connections {d})",
+                .{self.limits.max_connections},
+            );
     }
 
     /// Put fd in the table (lowest free slot) and watch it for reading.
-    fn addConn(self: *Context, fd: i32, kind: conn_table.Kind) Error!*Conn {
-        const conn = try self.table.add(self.gpa, fd, kind);
+    fn addConn(self: *Context, fd: i32, role: conn_table.Role) Error!*Conn {
+        const conn = try self.table.add(self.gpa, fd, role);
         errdefer {
             self.table.remove(self.gpa, conn);
             self.table.reap(self.gpa);
         }
-        const want: conn_table.Interest = .{ .read = true };
+        const want: poller_mod.Interest = .{ .read = true };
         self.poller.update(self.gpa, fd, .{}, want) catch
             return self.last.fail(error.Generic, "cannot watch fd {d}", .{fd});
         conn.registered = want;
@@ -259,8 +333,12 @@ pub const Context = struct {
     /// is over max_queue_size), and writes while frames are queued.
     pub fn updateInterest(self: *Context, conn: *Conn) void {
         if (!conn.alive) return;
-        const paused = if (conn.peer) |p| p.queue.queuedBytes() > self.limits.max_queue_size else false;
-        const want: conn_table.Interest = .{ .read = !paused and !conn.closing, .write = !conn.queue.isEmpty() };
+        const max = self.limits.max_queue_size;
+        const paused = if (conn.peer) |p| p.queue.queuedBytes() > max else false;
+        const want: poller_mod.Interest = .{
+            .read = !paused and !conn.closing,
+            .write = !conn.queue.isEmpty(),
+        };
         if (want == conn.registered) return;
         // On failure the old interest stays registered; the next change retries.
         self.poller.update(self.gpa, conn.fd, conn.registered, want) catch return;
@@ -327,7 +405,11 @@ pub const Context = struct {
         if (!conn.alive) return;
         var buf: [128]u8 = undefined;
         const text: ?[]const u8 = reason orelse if (!conn.queue.isEmpty())
-            std.fmt.bufPrint(&buf, "peer closed the connection with {d} scheduled message(s) unsent", .{conn.queue.frameCount()}) catch unreachable
+            std.fmt.bufPrint(
+                &buf,
+                "peer closed the connection with {d} scheduled message(s) unsent",
+                .{conn.queue.frameCount()},
+            ) catch unreachable
         else
             null;
         const fd = conn.fd;
@@ -338,7 +420,7 @@ pub const Context = struct {
         self.unwatch(conn);
         // The peer sees the end now (EOF, EPIPE); only the number stays taken.
         // (Not for an external fd: it may be shared, shutdown would end it for all.)
-        if (conn.kind == .connection) _ = c.shutdown(fd, c.SHUT.RDWR);
+        if (conn.role == .connection) _ = c.shutdown(fd, c.SHUT.RDWR);
         var failed: ?Allocator.Error = null;
         self.ended.put(self.gpa, fd, {}) catch |e| {
             sys.closeFd(fd); // cannot keep it reserved: close it now
@@ -378,14 +460,12 @@ pub const Context = struct {
         return self.gather_buf.?;
     }
 
-    pub fn switchBuffer(self: *Context) Allocator.Error![]u8 {
-        if (self.switch_buf) |s| return s;
-        self.switch_buf = try self.gpa.alloc(u8, self.limits.max_message_size);
-        return self.switch_buf.?;
-    }
-
     fn tooLargeText(buf: []u8, size: u64, max: u32) []const u8 {
-        return std.fmt.bufPrint(buf, "message of {d} bytes exceeds max_message_size ({d})", .{ size, max }) catch unreachable;
+        return std.fmt.bufPrint(
+            buf,
+            "message of {d} bytes exceeds max_message_size ({d})",
+            .{ size, max },
+        ) catch unreachable;
     }
 
     /// Whether an ERROR's text is tooLargeText's (the connection ended on a
@@ -402,7 +482,10 @@ pub const Context = struct {
     fn endedError(self: *Context, fd: i32) Error {
         var it = self.events.iterFd(fd);
         while (it.next()) |ev| {
-            if (ev.kind == .err and isTooLargeText(ev.data)) return self.last.failText(error.MessageTooLarge, ev.data);
+            if (ev.kind == .err and isTooLargeText(ev.data)) return self.last.failText(
+                error.MessageTooLarge,
+                ev.data,
+            );
             if (ev.kind == .disconnection) break;
         }
         return self.closedByPeer(fd);
@@ -436,7 +519,12 @@ pub const Context = struct {
         const path = try rundir_mod.servicePath(&pbuf, self.rundir, name, &self.last);
         try self.checkRoom();
         if (!try rundir_mod.check(self.rundir, false, &self.last))
-            return self.last.failErrno(error.ServiceNotFound, .NOENT, "no service {s} in {s}", .{ name, self.rundir });
+            return self.last.failErrno(
+                error.ServiceNotFound,
+                .NOENT,
+                "no service {s} in {s}",
+                .{ name, self.rundir },
+            );
         const fd = try rundir_mod.connectTo(path, name, self.rundir, &self.last);
         errdefer sys.closeFd(fd);
         _ = try self.addConn(fd, .connection);
@@ -459,10 +547,14 @@ pub const Context = struct {
     fn connectThroughIpcd(self: *Context, name: []const u8, network: []const u8) Error!i32 {
         var pbuf: rundir_mod.PathBuf = undefined;
         _ = try rundir_mod.servicePath(&pbuf, self.rundir, name, &self.last);
-        const ipcd = self.connectService(ipcd_service) catch |e| return if (e == error.ServiceNotFound)
-            self.last.failKeepErrno(error.ServiceNotFound, "IPC_NETWORK is set but ipcd is not running (no service {s} in {s})", .{ ipcd_service, self.rundir })
-        else
-            e;
+        const ipcd = self.connectService(ipcd_service) catch |e| {
+            if (e != error.ServiceNotFound) return e;
+            return self.last.failKeepErrno(
+                error.ServiceNotFound,
+                "IPC_NETWORK is set but ipcd is not running (no service {s} in {s})",
+                .{ ipcd_service, self.rundir },
+            );
+        };
         var answer: [2000]u8 = undefined;
         var received: i32 = -1;
         const n = self.askIpcd(ipcd, name, network, &answer, &received) catch |stop| {
@@ -475,18 +567,37 @@ pub const Context = struct {
             return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
         }
         errdefer sys.closeFd(received);
-        if (!fdpass.isConnectedUnixStream(received))
-            return self.last.fail(error.Generic, "ipcd sent a file descriptor that is not a connected Unix stream socket", .{});
-        if (!sys.setNonblocking(received, false)) return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
-        if (sys.send_flags == 0) rundir_mod.setNoSigpipe(received);
+        if (!sys.isConnectedUnixStream(received))
+            return self.last.fail(
+                error.Generic,
+                "ipcd sent a file descriptor that is not a connected Unix stream socket",
+                .{},
+            );
+        if (!sys.setNonblocking(received, false)) return self.last.fail(
+            error.Generic,
+            "ipcd could not connect to service {s}",
+            .{name},
+        );
+        if (sys.send_flags == 0) sys.setNoSigpipe(received);
         _ = try self.addConn(received, .connection);
         return received;
     }
 
     /// The request/answer exchange with ipcd; null when it failed. It waits
     /// as a blocking call does: a signal or the call timeout stops it.
-    fn askIpcd(self: *Context, ipcd: i32, name: []const u8, network: []const u8, answer: []u8, received: *i32) Stop!?usize {
-        const request = std.fmt.allocPrint(self.gpa, "{s};{s}", .{ name, network }) catch return null;
+    fn askIpcd(
+        self: *Context,
+        ipcd: i32,
+        name: []const u8,
+        network: []const u8,
+        answer: []u8,
+        received: *i32,
+    ) Stop!?usize {
+        const request = std.fmt.allocPrint(
+            self.gpa,
+            "{s};{s}",
+            .{ name, network },
+        ) catch return null;
         defer self.gpa.free(request);
         var block = self.blocking(false);
         self.writeFrame(ipcd, request, &block) catch |err| switch (err) {
@@ -501,7 +612,11 @@ pub const Context = struct {
     pub fn addExternal(self: *Context, fd: i32) Error!void {
         if (self.ended.contains(fd)) return self.closedByPeer(fd);
         if (self.table.get(fd) != null)
-            return self.last.fail(error.Generic, "fd {d} is already managed by this context", .{fd});
+            return self.last.fail(
+                error.Generic,
+                "fd {d} is already managed by this context",
+                .{fd},
+            );
         if (!sys.isOpen(fd))
             return self.last.fail(error.UnknownFd, "fd {d} is not an open file descriptor", .{fd});
         try self.checkRoom();
@@ -513,7 +628,12 @@ pub const Context = struct {
         const conn = try self.connection(fd);
         return switch (credentials.peer(conn.fd)) {
             .ok => |cred| cred,
-            .failed => |e| self.last.failErrno(error.Generic, e, "cannot read peer credentials of fd {d}: {s}", .{ fd, errors.errText(e) }),
+            .failed => |e| self.last.failErrno(
+                error.Generic,
+                e,
+                "cannot read peer credentials of fd {d}: {s}",
+                .{ fd, errors.errText(e) },
+            ),
         };
     }
 
@@ -562,7 +682,11 @@ pub const Context = struct {
     fn prepareSend(self: *Context, fd: i32, len: u64) Error!*Conn {
         const conn = try self.connection(fd);
         if (len > self.limits.max_message_size)
-            return self.last.fail(error.MessageTooLarge, "message of {d} bytes exceeds max_message_size ({d})", .{ len, self.limits.max_message_size });
+            return self.last.fail(
+                error.MessageTooLarge,
+                "message of {d} bytes exceeds max_message_size ({d})",
+                .{ len, self.limits.max_message_size },
+            );
         if (conn.write_closed or conn.closing) return self.closedByPeer(fd);
         return conn;
     }
@@ -574,7 +698,11 @@ pub const Context = struct {
     }
 
     fn closedByPeer(self: *Context, fd: i32) Error {
-        return self.last.fail(error.ConnectionClosed, "connection on fd {d} is closed by the peer", .{fd});
+        return self.last.fail(
+            error.ConnectionClosed,
+            "connection on fd {d} is closed by the peer",
+            .{fd},
+        );
     }
 
     /// Queue a frame; the next rounds send it (MESSAGE_TX when fully written).
@@ -582,7 +710,11 @@ pub const Context = struct {
         const conn = try self.prepareSend(fd, payload.len);
         const queued = conn.queue.queuedBytes();
         if (queued + framing.header_size + payload.len > self.limits.max_queue_size)
-            return self.last.fail(error.QueueFull, "send queue of fd {d} is full ({d} bytes queued, max_queue_size {d})", .{ fd, queued, self.limits.max_queue_size });
+            return self.last.fail(
+                error.QueueFull,
+                "send queue of fd {d} is full ({d} bytes queued, max_queue_size {d})",
+                .{ fd, queued, self.limits.max_queue_size },
+            );
         try self.markDirty(conn);
         errdefer if (conn.queue.isEmpty()) self.unmarkDirty(conn);
         try conn.queue.push(self.gpa, payload, .scheduled);
@@ -594,7 +726,11 @@ pub const Context = struct {
     /// A signal or the call timeout may stop it (keepFramed says what then).
     pub fn write(self: *Context, fd: i32, payload: []const u8) Error!void {
         var block = self.blocking(false);
-        self.writeFrame(fd, payload, &block) catch |err| return self.stopped(err, "write on fd {d}", .{fd});
+        self.writeFrame(fd, payload, &block) catch |err| return self.stopped(
+            err,
+            "write on fd {d}",
+            .{fd},
+        );
     }
 
     fn writeFrame(self: *Context, fd: i32, payload: []const u8, block: *Blocking) Error!void {
@@ -608,7 +744,10 @@ pub const Context = struct {
             var frame: [framing.header_size + gather_mod.copy_max]u8 = undefined;
             @memcpy(frame[0..header.len], &header);
             @memcpy(frame[header.len..][0..payload.len], payload);
-            var iov = [1]std.posix.iovec_const{.{ .base = &frame, .len = header.len + payload.len }};
+            var iov = [1]std.posix.iovec_const{.{
+                .base = &frame,
+                .len = header.len + payload.len,
+            }};
             return self.writeFrames(conn, &iov, &.{@intCast(payload.len)}, 0, block);
         }
         var iov = [2]std.posix.iovec_const{
@@ -635,10 +774,20 @@ pub const Context = struct {
     /// is sent.
     pub fn writeMany(self: *Context, fd: i32, payloads: Payloads, lens: []const u32) Error!void {
         var block = self.blocking(false);
-        self.writeManyFrames(fd, payloads, lens, &block) catch |err| return self.stopped(err, "write on fd {d}", .{fd});
+        self.writeManyFrames(fd, payloads, lens, &block) catch |err| return self.stopped(
+            err,
+            "write on fd {d}",
+            .{fd},
+        );
     }
 
-    fn writeManyFrames(self: *Context, fd: i32, payloads: Payloads, lens: []const u32, block: *Blocking) Error!void {
+    fn writeManyFrames(
+        self: *Context,
+        fd: i32,
+        payloads: Payloads,
+        lens: []const u32,
+        block: *Blocking,
+    ) Error!void {
         var largest: usize = 0;
         var total: usize = 0;
         for (lens) |len| {
@@ -669,14 +818,27 @@ pub const Context = struct {
             }
             gather.add(base[0..len]);
         }
-        if (!gather.isEmpty()) try self.writeFrames(conn, gather.parts(), lens[first..], first, block);
+        if (!gather.isEmpty()) try self.writeFrames(
+            conn,
+            gather.parts(),
+            lens[first..],
+            first,
+            block,
+        );
     }
 
     /// Write every byte of `parts`, the frames of payload sizes `lens` (the
     /// call's messages from number `first` on), waiting (see blocking.zig)
     /// while the socket is full. When a signal or the timeout stops it, see
     /// keepFramed and write_count.
-    fn writeFrames(self: *Context, conn: *Conn, parts_in: []std.posix.iovec_const, lens: []const u32, first: usize, block: *Blocking) Error!void {
+    fn writeFrames(
+        self: *Context,
+        conn: *Conn,
+        parts_in: []std.posix.iovec_const,
+        lens: []const u32,
+        first: usize,
+        block: *Blocking,
+    ) Error!void {
         var parts = parts_in;
         var written: u64 = 0;
         while (parts.len > 0) {
@@ -710,7 +872,12 @@ pub const Context = struct {
     /// MESSAGE_TX is reported for them), so they go out before anything else
     /// on the connection. A peer never finds a later frame inside an earlier
     /// one; frames not begun are not sent (README "Signals and timeouts").
-    fn keepFramed(self: *Context, conn: *Conn, parts: []const std.posix.iovec_const, rest: u64) Allocator.Error!void {
+    fn keepFramed(
+        self: *Context,
+        conn: *Conn,
+        parts: []const std.posix.iovec_const,
+        rest: u64,
+    ) Allocator.Error!void {
         if (rest == 0) return;
         try self.markDirty(conn);
         errdefer if (conn.queue.isEmpty()) self.unmarkDirty(conn);
@@ -794,8 +961,11 @@ pub const Context = struct {
     const TxSink = struct {
         ctx: *Context,
         conn: *Conn,
-        pub fn completed(self: *TxSink, origin: @import("send_queue.zig").Origin) Allocator.Error!void {
-            const kind: events_mod.Kind = switch (origin) {
+        pub fn completed(
+            self: *TxSink,
+            origin: @import("send_queue.zig").Origin,
+        ) Allocator.Error!void {
+            const kind: events_mod.EventType = switch (origin) {
                 .scheduled => .message_tx,
                 .switched => .switch_tx,
                 .remainder => return, // of a write() that was stopped: no event
@@ -822,7 +992,11 @@ pub const Context = struct {
                     return self.drop(conn, null);
                 }
                 var buf: [160]u8 = undefined;
-                const text = std.fmt.bufPrint(&buf, "write failed: {s}", .{errors.errText(e)}) catch buf[0..];
+                const text = std.fmt.bufPrint(
+                    &buf,
+                    "write failed: {s}",
+                    .{errors.errText(e)},
+                ) catch buf[0..];
                 return self.drop(conn, text);
             },
         }
@@ -844,7 +1018,13 @@ pub const Context = struct {
                 try switching.forward(self.ctx, self.conn, payload);
                 if (!self.conn.alive) return error.Stopped;
             } else {
-                try self.ctx.events.pushData(self.ctx.gpa, .message_rx, self.conn.fd, self.conn.index, payload);
+                try self.ctx.events.pushData(
+                    self.ctx.gpa,
+                    .message_rx,
+                    self.conn.fd,
+                    self.conn.index,
+                    payload,
+                );
             }
         }
         /// A large frame in a buffer of its own (`memory`, the decoder's):
@@ -857,7 +1037,14 @@ pub const Context = struct {
                 return self.frame(payload);
             }
             self.frames += 1;
-            events.pushOwned(self.ctx.gpa, .message_rx, self.conn.fd, self.conn.index, memory, payload) catch |err| {
+            events.pushOwned(
+                self.ctx.gpa,
+                .message_rx,
+                self.conn.fd,
+                self.conn.index,
+                memory,
+                payload,
+            ) catch |err| {
                 events.keepSpare(self.ctx.gpa, memory);
                 return err;
             };
@@ -865,7 +1052,7 @@ pub const Context = struct {
     };
 
     /// What one read-and-decode step gave.
-    const Chunk = union(enum) {
+    const ReadOutcome = union(enum) {
         /// `n` bytes were read and every complete frame in them delivered.
         read: usize,
         /// The same, but fewer bytes than there was room for: the socket had
@@ -886,7 +1073,13 @@ pub const Context = struct {
     /// large frame is in progress (no copy), else into the scratch buffer;
     /// then decode what came. `waits` applies to sockets (see sys.Wait); other
     /// fds are in non-blocking mode.
-    fn readChunk(self: *Context, conn: *Conn, limit: usize, waits: sys.Wait, sink: *RxSink) Allocator.Error!Chunk {
+    fn readOnce(
+        self: *Context,
+        conn: *Conn,
+        limit: usize,
+        waits: sys.Wait,
+        sink: *RxSink,
+    ) Allocator.Error!ReadOutcome {
         // A large frame in progress takes the spare buffer when it can hold
         // the whole frame: memory already in use (no page faults), no growing.
         if (conn.decoder.wantsBuffer()) |need| {
@@ -905,7 +1098,12 @@ pub const Context = struct {
         };
         if (direct != null) conn.decoder.commitRead(n);
         const input = if (direct != null) target[0..0] else target[0..n];
-        conn.decoder.feed(self.gpa, input, self.limits.max_message_size, sink) catch |err| return switch (err) {
+        conn.decoder.feed(
+            self.gpa,
+            input,
+            self.limits.max_message_size,
+            sink,
+        ) catch |err| return switch (err) {
             error.OutOfMemory => error.OutOfMemory,
             error.Stopped => .stopped,
             error.FrameTooLarge => .too_large,
@@ -921,7 +1119,12 @@ pub const Context = struct {
         var total: usize = 0;
         var buf: [160]u8 = undefined;
         while (total < read_budget) {
-            const reason: ?[]const u8 = switch (try self.readChunk(conn, read_budget - total, .no, &sink)) {
+            const reason: ?[]const u8 = switch (try self.readOnce(
+                conn,
+                read_budget - total,
+                .no,
+                &sink,
+            )) {
                 .read => |n| {
                     total += n;
                     continue;
@@ -929,9 +1132,20 @@ pub const Context = struct {
                 // Drained: a read that would only say EAGAIN is saved (one
                 // system call per ready fd per round); readiness is level-triggered.
                 .read_short, .would_block, .stopped, .interrupted => return,
-                .eof => if (conn.decoder.hasPartial()) "peer closed the connection in the middle of a message" else null,
-                .failed => |e| std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf,
-                .too_large => tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size),
+                .eof => if (conn.decoder.hasPartial())
+                    "peer closed the connection in the middle of a message"
+                else
+                    null,
+                .failed => |e| std.fmt.bufPrint(
+                    &buf,
+                    "read failed: {s}",
+                    .{errors.errText(e)},
+                ) catch &buf,
+                .too_large => tooLargeText(
+                    &buf,
+                    conn.decoder.too_large,
+                    self.limits.max_message_size,
+                ),
             };
             return self.drop(conn, reason);
         }
@@ -958,7 +1172,7 @@ pub const Context = struct {
         if (try self.takePending(fd, out, len)) return;
         const conn = try self.connection(fd);
         var block = self.blocking(true); // one busy_poll for the whole call
-        if (out.len >= framing.direct_read_min and conn.kind == .connection and conn.is_socket) {
+        if (out.len >= framing.direct_read_min and conn.role == .connection and conn.is_socket) {
             if (try self.readFrameInto(conn, out, &block)) |n| {
                 len.* = n;
                 return;
@@ -989,16 +1203,26 @@ pub const Context = struct {
             }
         }
         const size = std.mem.readInt(u32, &header, .big);
-        if (size < framing.direct_read_min or size > out.len or size > self.limits.max_message_size) {
+        const fits = size <= out.len and size <= self.limits.max_message_size;
+        if (size < framing.direct_read_min or !fits) {
             // Not for this path: the decoder gets the header bytes read here
             // (a frame over the limit is refused by it, as on any read).
             var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
-            conn.decoder.feed(self.gpa, header[have..], self.limits.max_message_size, &sink) catch |err| switch (err) {
+            conn.decoder.feed(
+                self.gpa,
+                header[have..],
+                self.limits.max_message_size,
+                &sink,
+            ) catch |err| switch (err) {
                 error.OutOfMemory => return error.OutOfMemory,
                 error.Stopped => unreachable, // the connection is alive: nothing stops
                 error.FrameTooLarge => {
                     var buf: [160]u8 = undefined;
-                    const text = tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size);
+                    const text = tooLargeText(
+                        &buf,
+                        conn.decoder.too_large,
+                        self.limits.max_message_size,
+                    );
                     try self.drop(conn, null);
                     self.table.reap(self.gpa);
                     return self.last.failText(error.MessageTooLarge, text);
@@ -1029,7 +1253,10 @@ pub const Context = struct {
         while (filled.* < dest.len) {
             switch (receive(conn, dest[filled.*..], block.mode())) {
                 .done => |n| filled.* += n,
-                .would_block => block.idle(conn.fd, sys.POLLIN) catch |stop| return .{ .stop = stop },
+                .would_block => block.idle(
+                    conn.fd,
+                    sys.POLLIN,
+                ) catch |stop| return .{ .stop = stop },
                 .interrupted => block.interrupted() catch |stop| return .{ .stop = stop },
                 .eof => return .eof,
                 .failed => |e| return .{ .failed = e },
@@ -1042,7 +1269,13 @@ pub const Context = struct {
     /// decoder (`first`, then `second`: they continue what it holds) and
     /// fails the call, the connection intact; the end of the connection is
     /// reported as receiveSome does.
-    fn directEnded(self: *Context, conn: *Conn, ended: Ended, first: []const u8, second: []const u8) Error {
+    fn directEnded(
+        self: *Context,
+        conn: *Conn,
+        ended: Ended,
+        first: []const u8,
+        second: []const u8,
+    ) Error {
         const stop = switch (ended) {
             .stop => |stop| stop,
             else => return self.directFailed(conn, ended),
@@ -1051,7 +1284,12 @@ pub const Context = struct {
         for ([_][]const u8{ first, second }) |part| {
             // Less than one whole frame: nothing is delivered, nothing too large
             // (the header was checked before the payload was read).
-            conn.decoder.feed(self.gpa, part, self.limits.max_message_size, &sink) catch |err| switch (err) {
+            conn.decoder.feed(
+                self.gpa,
+                part,
+                self.limits.max_message_size,
+                &sink,
+            ) catch |err| switch (err) {
                 error.OutOfMemory => return error.OutOfMemory,
                 error.Stopped, error.FrameTooLarge => unreachable,
             };
@@ -1063,7 +1301,11 @@ pub const Context = struct {
     /// One read of conn: recv on a socket, waiting or not (see sys.Wait);
     /// read on anything else (in non-blocking mode: it never waits).
     fn receive(conn: *const Conn, buf: []u8, waits: sys.Wait) sys.IoResult {
-        return if (conn.is_socket) sys.recvSome(conn.fd, buf, waits) else sys.readSome(conn.fd, buf);
+        return if (conn.is_socket) sys.recvSome(
+            conn.fd,
+            buf,
+            waits,
+        ) else sys.readSome(conn.fd, buf);
     }
 
     /// A direct read ended the connection: reported as receiveSome does.
@@ -1078,7 +1320,11 @@ pub const Context = struct {
             },
             .failed => |e| {
                 var buf: [160]u8 = undefined;
-                const text = std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf;
+                const text = std.fmt.bufPrint(
+                    &buf,
+                    "read failed: {s}",
+                    .{errors.errText(e)},
+                ) catch &buf;
                 try self.drop(conn, text);
                 return self.last.failTextErrno(error.Generic, e, text);
             },
@@ -1090,7 +1336,11 @@ pub const Context = struct {
     /// DISCONNECTION, in order, as long as `taker.put(payload)` accepts them
     /// (it copies each). Returns how many; 0 when the first was refused.
     pub fn readMany(self: *Context, fd: i32, max: usize, taker: anytype) Error!usize {
-        if (max == 0) return self.last.fail(error.Generic, "read_many needs room for at least one message", .{});
+        if (max == 0) return self.last.fail(
+            error.Generic,
+            "read_many needs room for at least one message",
+            .{},
+        );
         var got = self.events.takeFd(self.gpa, fd, max, taker);
         if (got.closed) return self.endedError(fd);
         if (got.count > 0 or got.refused) return got.count;
@@ -1127,11 +1377,15 @@ pub const Context = struct {
         defer self.table.reap(self.gpa);
         var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
         var buf: [160]u8 = undefined;
-        const chunk = self.readUntilMessage(conn, &sink, block) catch |err| switch (err) {
+        const outcome = self.readUntilMessage(conn, &sink, block) catch |err| switch (err) {
             error.OutOfMemory => return error.OutOfMemory,
-            error.Interrupted, error.Timeout => |stop| return self.stopped(stop, "read on fd {d}", .{fd}),
+            error.Interrupted, error.Timeout => |stop| return self.stopped(
+                stop,
+                "read on fd {d}",
+                .{fd},
+            ),
         };
-        switch (chunk) {
+        switch (outcome) {
             .read, .read_short, .would_block, .interrupted => {},
             .stopped => unreachable, // only the event loop closes while delivering
             .eof => {
@@ -1139,12 +1393,20 @@ pub const Context = struct {
                 return self.closedByPeer(fd);
             },
             .failed => |e| {
-                const text = std.fmt.bufPrint(&buf, "read failed: {s}", .{errors.errText(e)}) catch &buf;
+                const text = std.fmt.bufPrint(
+                    &buf,
+                    "read failed: {s}",
+                    .{errors.errText(e)},
+                ) catch &buf;
                 try self.drop(conn, text);
                 return self.last.failTextErrno(error.Generic, e, text);
             },
             .too_large => {
-                const text = tooLargeText(&buf, conn.decoder.too_large, self.limits.max_message_size);
+                const text = tooLargeText(
+                    &buf,
+                    conn.decoder.too_large,
+                    self.limits.max_message_size,
+                );
                 if (sink.frames == 0) {
                     try self.drop(conn, null);
                     return self.last.failText(error.MessageTooLarge, text);
@@ -1162,9 +1424,14 @@ pub const Context = struct {
     /// (bench/c/wait_modes.c). Anything else is polled when it has nothing.
     /// With busy_poll, reads that do not wait come first, for busy_poll_us;
     /// with a timeout, poll() waits (see blocking.zig).
-    fn readUntilMessage(self: *Context, conn: *Conn, sink: *RxSink, block: *Blocking) (Allocator.Error || Stop)!Chunk {
+    fn readUntilMessage(
+        self: *Context,
+        conn: *Conn,
+        sink: *RxSink,
+        block: *Blocking,
+    ) (Allocator.Error || Stop)!ReadOutcome {
         while (sink.frames == 0) {
-            switch (try self.readChunk(conn, std.math.maxInt(usize), block.mode(), sink)) {
+            switch (try self.readOnce(conn, std.math.maxInt(usize), block.mode(), sink)) {
                 .read, .read_short => {},
                 .would_block => try block.idle(conn.fd, sys.POLLIN),
                 .interrupted => try block.interrupted(),
@@ -1188,7 +1455,7 @@ pub const Context = struct {
                 .message_rx => {
                     if (ev.data.len > out.len) {
                         len.* = ev.data.len;
-                        return self.last.fail(error.BufferTooSmall, "buffer of {d} bytes is too small for a message of {d} bytes", .{ out.len, ev.data.len });
+                        return self.tooSmall(out.len, ev.data.len);
                     }
                     @memcpy(out[0..ev.data.len], ev.data);
                     len.* = ev.data.len;
@@ -1200,6 +1467,65 @@ pub const Context = struct {
             }
         }
         return false;
+    }
+
+    // ------------------------------------------------------------ handing events out
+
+    /// Start of every wait call: what the previous one handed out by pointer
+    /// may now be reused; then wait (see wait).
+    pub fn beginWait(self: *Context, stop_on_wakeup: bool) Error!void {
+        self.events.releaseLent(self.gpa);
+        try self.wait(stop_on_wakeup);
+    }
+
+    /// How many events are pending.
+    pub fn pendingEvents(self: *const Context) usize {
+        return self.events.live;
+    }
+
+    /// The first pending event, if any (valid until the next change of the queue).
+    pub fn firstEvent(self: *Context) ?*const events_mod.Event {
+        return self.events.peek();
+    }
+
+    /// Take the first pending event out of the queue, its payload lent
+    /// (valid until the next wait call: ipc_wait_events) or not (the caller
+    /// copied it).
+    pub fn popEvent(self: *Context, lend: bool) Allocator.Error!void {
+        return self.events.pop(self.gpa, lend);
+    }
+
+    /// libIPC's one-event read (ipc_wait_event): the first event's payload,
+    /// or for ERROR its text, copied into `out`, and a NUL after a text
+    /// when there is room; the event is taken out of the queue. When `out`
+    /// is too small, BufferTooSmall with `len.*` the size needed, and the
+    /// event stays first. Call after beginWait.
+    pub fn takeEventInto(self: *Context, out: []u8, len: *usize) Error!void {
+        const ev = self.events.peek().?;
+        const data: []const u8 = switch (ev.kind) {
+            .message_rx, .switch_rx, .err => ev.data,
+            else => "",
+        };
+        len.* = data.len;
+        if (data.len > out.len) return self.tooSmall(out.len, data.len);
+        @memcpy(out[0..data.len], data);
+        // An error text is a C string when there is room for its NUL.
+        if (ev.kind == .err and out.len > data.len) out[data.len] = 0;
+        self.events.pop(self.gpa, false) catch unreachable; // no lending: cannot fail
+    }
+
+    /// BufferTooSmall, with the text both backends give.
+    pub fn tooSmall(self: *Context, have: usize, need: usize) Error {
+        return self.last.fail(
+            error.BufferTooSmall,
+            "buffer of {d} bytes is too small for a message of {d} bytes",
+            .{ have, need },
+        );
+    }
+
+    /// Make a wait in progress in another thread return (ipc_wakeup).
+    pub fn wakeUp(self: *const Context) void {
+        self.wakeup.signal();
     }
 
     // ------------------------------------------------------------ the event loop
@@ -1217,7 +1543,10 @@ pub const Context = struct {
             return self.last.fail(error.Generic, "nothing to wait for: no fd and no timer", .{});
         // In nanoseconds, and the poll's timeout rounded up: a TIMER never
         // comes before `timer_ms` have passed.
-        const deadline: ?i64 = if (self.timer_ms >= 0) sys.nowNs() + @as(i64, self.timer_ms) * std.time.ns_per_ms else null;
+        const deadline: ?i64 = if (self.timer_ms >= 0)
+            sys.nowNs() + @as(i64, self.timer_ms) * std.time.ns_per_ms
+        else
+            null;
         // The call timeout (a failure, where the timer is an event).
         const block = self.blocking(false);
         const skip_spin = self.skip_spin;
@@ -1297,7 +1626,12 @@ pub const Context = struct {
                 return self.last.fail(error.Interrupted, "wait was interrupted by a signal", .{})
             else
                 return,
-            else => return self.last.failErrno(error.Generic, c.errno(@as(c_int, -1)), "waiting for events failed: {s}", .{errors.errText(c.errno(@as(c_int, -1)))}),
+            else => return self.last.failErrno(
+                error.Generic,
+                c.errno(@as(c_int, -1)),
+                "waiting for events failed: {s}",
+                .{errors.errText(c.errno(@as(c_int, -1)))},
+            ),
         };
         for (self.ready[0..n]) |r| try self.handleReady(r);
     }
@@ -1311,7 +1645,11 @@ pub const Context = struct {
     pub fn linger(self: *Context, fd: i32, timeout_ns: i64) Error!void {
         const deadline = sys.nowNs() +| @max(timeout_ns, 0);
         while (self.hasScheduled(fd)) {
-            if (sys.nowNs() >= deadline) return self.last.fail(error.Timeout, "linger timed out", .{});
+            if (sys.nowNs() >= deadline) return self.last.fail(
+                error.Timeout,
+                "linger timed out",
+                .{},
+            );
             defer self.table.reap(self.gpa);
             try self.flushDirty();
             if (!self.hasScheduled(fd)) return;
@@ -1365,7 +1703,7 @@ pub const Context = struct {
         }
         // The fd may have been closed earlier in this round.
         const conn = self.table.get(r.fd) orelse return;
-        if (conn.kind == .service) {
+        if (conn.role == .service) {
             if (r.readable) try self.acceptAll(conn);
             return;
         }
@@ -1373,7 +1711,7 @@ pub const Context = struct {
         if (conn.closing) return self.flushConn(conn);
         if (conn.peer != null) {
             if (r.readable) try switching.switchIn(self, conn);
-        } else if (conn.kind == .external) {
+        } else if (conn.role == .external) {
             if (r.readable) try self.events.push(self.gpa, .external, conn.fd, conn.index);
             return;
         } else if (r.readable) {
@@ -1386,36 +1724,55 @@ pub const Context = struct {
     /// client is closed at once and the service gets an ERROR.
     fn acceptAll(self: *Context, service: *Conn) Allocator.Error!void {
         while (true) {
-            const fd = acceptOne(service.fd);
+            const fd = sys.accept(service.fd);
             if (fd < 0) {
                 switch (c.errno(fd)) {
                     .INTR => continue,
                     .AGAIN => return,
                     else => |e| {
                         var buf: [160]u8 = undefined;
-                        const text = std.fmt.bufPrint(&buf, "accept failed: {s}", .{errors.errText(e)}) catch buf[0..];
+                        const text = std.fmt.bufPrint(
+                            &buf,
+                            "accept failed: {s}",
+                            .{errors.errText(e)},
+                        ) catch buf[0..];
                         // Out of fds: a waiting client is refused, so the round does
                         // not spin on it; with no client waiting there is nothing to say.
                         if (e == .MFILE or e == .NFILE) switch (self.refuseWithSpare(service.fd)) {
                             .none_waiting => return,
                             .refused => {
-                                try self.events.pushData(self.gpa, .err, service.fd, service.index, text);
+                                try self.events.pushData(
+                                    self.gpa,
+                                    .err,
+                                    service.fd,
+                                    service.index,
+                                    text,
+                                );
                                 continue;
                             },
                             .no_spare => {},
                         };
-                        return self.events.pushData(self.gpa, .err, service.fd, service.index, text);
+                        return self.events.pushData(
+                            self.gpa,
+                            .err,
+                            service.fd,
+                            service.index,
+                            text,
+                        );
                     },
                 }
             }
             if (self.table.count() >= self.limits.max_connections) {
                 sys.closeFd(fd);
                 var buf: [96]u8 = undefined;
-                const text = std.fmt.bufPrint(&buf, "connection refused: max_connections ({d}) reached", .{self.limits.max_connections}) catch unreachable;
+                const text = std.fmt.bufPrint(
+                    &buf,
+                    "connection refused: max_connections ({d}) reached",
+                    .{self.limits.max_connections},
+                ) catch unreachable;
                 try self.events.pushData(self.gpa, .err, service.fd, service.index, text);
                 continue;
             }
-            if (sys.send_flags == 0) rundir_mod.setNoSigpipe(fd);
             const conn = self.addConn(fd, .connection) catch {
                 sys.closeFd(fd);
                 return error.OutOfMemory;
@@ -1431,7 +1788,7 @@ pub const Context = struct {
     fn refuseWithSpare(self: *Context, listen_fd: i32) Refused {
         if (self.spare_fd < 0) return .no_spare;
         sys.closeFd(self.spare_fd);
-        const fd = acceptOne(listen_fd);
+        const fd = sys.accept(listen_fd);
         sys.closeFd(fd);
         self.spare_fd = openSpare();
         return if (fd >= 0) .refused else .none_waiting;
@@ -1441,49 +1798,6 @@ pub const Context = struct {
 
     fn openSpare() i32 {
         return c.open("/dev/null", .{ .ACCMODE = .RDONLY, .CLOEXEC = true });
-    }
-
-    fn acceptOne(listen_fd: i32) i32 {
-        if (comptime builtin.os.tag.isDarwin()) {
-            const fd = c.accept(listen_fd, null, null);
-            if (fd >= 0) {
-                _ = sys.setNonblocking(fd, false); // blocking mode (see sys.Wait), not the listener's
-                _ = c.fcntl(fd, c.F.SETFD, @as(c_int, c.FD_CLOEXEC));
-            }
-            return fd;
-        }
-        return c.accept4(listen_fd, null, null, c.SOCK.CLOEXEC); // blocking mode: see sys.Wait
-    }
-
-    // ------------------------------------------------------------ switching
-
-    pub fn addSwitch(self: *Context, fd1: i32, fd2: i32) Error!void {
-        if (fd1 == fd2) return self.last.fail(error.Generic, "cannot switch fd {d} with itself", .{fd1});
-        const c1 = try self.switchable(fd1);
-        const c2 = try self.switchable(fd2);
-        for ([_]*Conn{ c1, c2 }) |x| {
-            if (x.peer != null) return self.last.fail(error.Generic, "fd {d} is already switched", .{x.fd});
-        }
-        c1.peer = c2;
-        c2.peer = c1;
-        for ([_]*Conn{ c1, c2 }) |x| {
-            // Foreign fds are read and written without waiting; our own
-            // sockets stay in blocking mode (the loop passes MSG_DONTWAIT).
-            if (x.kind != .connection) _ = sys.setNonblocking(x.fd, true);
-            self.updateInterest(x);
-        }
-    }
-
-    pub fn switchable(self: *Context, fd: i32) Error!*Conn {
-        const conn = try self.lookup(fd);
-        if (conn.kind == .service) return self.last.fail(error.UnknownFd, "fd {d} is not a connection", .{fd});
-        return conn;
-    }
-
-    pub fn setSwitchCallbacks(self: *Context, fd: i32, in: ?conn_table.InCallback, out: ?conn_table.OutCallback) Error!void {
-        const conn = try self.switchable(fd);
-        conn.cb_in = in;
-        conn.cb_out = out;
     }
 };
 

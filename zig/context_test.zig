@@ -9,7 +9,8 @@ const context = @import("context.zig");
 const Context = context.Context;
 const sys = @import("sys.zig");
 const framing = @import("framing.zig");
-const Kind = @import("events.zig").Kind;
+const EventType = @import("events.zig").EventType;
+const switching = @import("switching.zig");
 const copy_max = @import("gather.zig").copy_max;
 
 const gpa = testing.allocator;
@@ -27,7 +28,11 @@ const TmpRun = struct {
     fn init() TmpRun {
         var t: TmpRun = .{};
         counter += 1;
-        const p = sys.printZ(&t.buf, "/tmp/pyipc-zig-test-{d}-{d}-{d}", .{ c.getpid(), counter, sys.nowMs() }) catch unreachable;
+        const p = sys.printZ(
+            &t.buf,
+            "/tmp/pyipc-zig-test-{d}-{d}-{d}",
+            .{ c.getpid(), counter, sys.nowMs() },
+        ) catch unreachable;
         t.len = p.len;
         return t;
     }
@@ -61,7 +66,7 @@ const TmpRun = struct {
 
 /// A copy of one event (its payload copied, so it outlives the queue entry).
 const Ev = struct {
-    kind: Kind,
+    kind: EventType,
     fd: i32,
     index: i64,
     data: std.ArrayList(u8) = .empty,
@@ -82,7 +87,7 @@ fn nextEvent(ctx: *Context) !Ev {
     return out;
 }
 
-fn expectEvent(ctx: *Context, kind: Kind, fd: i32, data: ?[]const u8) !Ev {
+fn expectEvent(ctx: *Context, kind: EventType, fd: i32, data: ?[]const u8) !Ev {
     var ev = try nextEvent(ctx);
     errdefer {
         std.debug.print("got {s} fd={d} data={s}\n", .{ @tagName(ev.kind), ev.fd, ev.data.items });
@@ -94,7 +99,7 @@ fn expectEvent(ctx: *Context, kind: Kind, fd: i32, data: ?[]const u8) !Ev {
     return ev;
 }
 
-fn expectOnly(ctx: *Context, kind: Kind, fd: i32, data: ?[]const u8) !void {
+fn expectOnly(ctx: *Context, kind: EventType, fd: i32, data: ?[]const u8) !void {
     var ev = try expectEvent(ctx, kind, fd, data);
     ev.deinit();
 }
@@ -251,14 +256,21 @@ test "a flood of 200,000 messages is delivered whole and in order" {
 test "an oversize announcement: earlier messages, then ERROR, then DISCONNECTION" {
     var p = try Pair.init("big");
     defer p.deinit();
-    try p.server.setLimits(.{ .max_message_size = 1000, .max_queue_size = 1004, .max_connections = 10 });
+    try p.server.setLimits(
+        .{ .max_message_size = 1000, .max_queue_size = 1004, .max_connections = 10 },
+    );
     var stream: [4 + 2 + 4]u8 = undefined;
     @memcpy(stream[0..4], &framing.encodeHeader(2));
     @memcpy(stream[4..6], "ok");
     @memcpy(stream[6..10], &framing.encodeHeader(1001));
     try sendRaw(p.client_fd, &stream);
     try expectOnly(p.server, .message_rx, p.server_fd, "ok");
-    try expectOnly(p.server, .err, p.server_fd, "message of 1001 bytes exceeds max_message_size (1000)");
+    try expectOnly(
+        p.server,
+        .err,
+        p.server_fd,
+        "message of 1001 bytes exceeds max_message_size (1000)",
+    );
     try expectOnly(p.server, .disconnection, p.server_fd, null);
     try testing.expect(p.server.table.get(p.server_fd) == null);
 }
@@ -266,7 +278,11 @@ test "an oversize announcement: earlier messages, then ERROR, then DISCONNECTION
 test "max_message_size is accepted exactly; one byte more is refused on send" {
     var p = try Pair.init("edge");
     defer p.deinit();
-    const limits: context.Limits = .{ .max_message_size = 100_000, .max_queue_size = 100_004, .max_connections = 10 };
+    const limits: context.Limits = .{
+        .max_message_size = 100_000,
+        .max_queue_size = 100_004,
+        .max_connections = 10,
+    };
     try p.server.setLimits(limits);
     try p.client.setLimits(limits);
     const msg = try gpa.alloc(u8, 100_001);
@@ -277,20 +293,29 @@ test "max_message_size is accepted exactly; one byte more is refused on send" {
     defer ev.deinit();
     try testing.expectEqualSlices(u8, msg[0..100_000], ev.data.items);
     try testing.expectError(error.MessageTooLarge, p.client.write(p.client_fd, msg));
-    try testing.expectEqualStrings("message of 100001 bytes exceeds max_message_size (100000)", p.client.last.text());
+    try testing.expectEqualStrings(
+        "message of 100001 bytes exceeds max_message_size (100000)",
+        p.client.last.text(),
+    );
     try testing.expectError(error.MessageTooLarge, p.client.schedule(p.client_fd, msg));
 }
 
 test "the send queue bound: exactly max_queue_size is accepted, past it QueueFull" {
     var p = try Pair.init("queue");
     defer p.deinit();
-    try p.client.setLimits(.{ .max_message_size = 100, .max_queue_size = 208, .max_connections = 10 });
+    try p.client.setLimits(
+        .{ .max_message_size = 100, .max_queue_size = 208, .max_connections = 10 },
+    );
     const msg: [100]u8 = @splat('q');
     try p.client.schedule(p.client_fd, &msg);
     try p.client.schedule(p.client_fd, &msg);
     try testing.expectError(error.QueueFull, p.client.schedule(p.client_fd, ""));
     var buf: [128]u8 = undefined;
-    const want = try std.fmt.bufPrint(&buf, "send queue of fd {d} is full (208 bytes queued, max_queue_size 208)", .{p.client_fd});
+    const want = try std.fmt.bufPrint(
+        &buf,
+        "send queue of fd {d} is full (208 bytes queued, max_queue_size 208)",
+        .{p.client_fd},
+    );
     try testing.expectEqualStrings(want, p.client.last.text());
     try expectOnly(p.client, .message_tx, p.client_fd, null);
     try expectOnly(p.client, .message_tx, p.client_fd, null);
@@ -306,7 +331,10 @@ test "a second service of the same name is busy; the first is untouched" {
     defer other.destroy();
     try testing.expectError(error.ServiceBusy, other.serviceInit("busy"));
     var buf: [200]u8 = undefined;
-    try testing.expectEqualStrings(try std.fmt.bufPrint(&buf, "service busy is already running in {s}", .{p.run.path()}), other.last.text());
+    try testing.expectEqualStrings(
+        try std.fmt.bufPrint(&buf, "service busy is already running in {s}", .{p.run.path()}),
+        other.last.text(),
+    );
     try testing.expectError(error.ServiceBusy, p.server.serviceInit("busy"));
     // The running service still accepts clients.
     _ = try other.connectService("busy");
@@ -369,7 +397,10 @@ test "peer credentials are those of this process" {
     try testing.expectEqual(c.getpid(), cred.pid);
     try testing.expectError(error.UnknownFd, p.server.peerCredentials(p.service_fd));
     var buf: [64]u8 = undefined;
-    try testing.expectEqualStrings(try std.fmt.bufPrint(&buf, "fd {d} is not a connection", .{p.service_fd}), p.server.last.text());
+    try testing.expectEqualStrings(
+        try std.fmt.bufPrint(&buf, "fd {d} is not a connection", .{p.service_fd}),
+        p.server.last.text(),
+    );
 }
 
 test "switching forwards both ways; one side ending closes both" {
@@ -380,9 +411,9 @@ test "switching forwards both ways; one side ending closes both" {
     defer evb.deinit();
     const sa = p.server_fd;
     const sb = evb.fd;
-    try testing.expectError(error.Generic, p.server.addSwitch(sa, sa));
-    try p.server.addSwitch(sa, sb);
-    try testing.expectError(error.Generic, p.server.addSwitch(sa, sb));
+    try testing.expectError(error.Generic, switching.add(p.server, sa, sa));
+    try switching.add(p.server, sa, sb);
+    try testing.expectError(error.Generic, switching.add(p.server, sa, sb));
     try p.client.write(p.client_fd, "to b");
     try expectOnly(p.server, .switch_rx, sa, "to b");
     try expectOnly(p.server, .switch_tx, sb, null);
@@ -422,8 +453,8 @@ test "switch callbacks: custom in and out" {
     try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
     defer sys.closeFd(pair[1]);
     try p.server.addExternal(pair[0]);
-    try p.server.setSwitchCallbacks(pair[0], testIn, testOut);
-    try p.server.addSwitch(p.server_fd, pair[0]);
+    try switching.setCallbacks(p.server, pair[0], testIn, testOut);
+    try switching.add(p.server, p.server_fd, pair[0]);
     // framed in from the client, custom out to the external side
     try p.client.write(p.client_fd, "framed");
     try expectOnly(p.server, .switch_rx, p.server_fd, "framed");
@@ -468,7 +499,14 @@ test "connect through ipcd when IPC_NETWORK is set (fd passing)" {
     defer _ = unsetenv("IPC_NETWORK");
     try testing.expectError(error.ServiceNotFound, client.connect("target"));
     var buf: [200]u8 = undefined;
-    try testing.expectEqualStrings(try std.fmt.bufPrint(&buf, "IPC_NETWORK is set but ipcd is not running (no service ipc in {s})", .{run.path()}), client.last.text());
+    try testing.expectEqualStrings(
+        try std.fmt.bufPrint(
+            &buf,
+            "IPC_NETWORK is set but ipcd is not running (no service ipc in {s})",
+            .{run.path()},
+        ),
+        client.last.text(),
+    );
     const ipcd = try run.newContext();
     defer ipcd.destroy();
     _ = try ipcd.serviceInit("ipc");
@@ -508,7 +546,12 @@ test "peer closing mid-message, and with scheduled messages unsent" {
     try sendRaw(p.client_fd, &framing.encodeHeader(10));
     try sendRaw(p.client_fd, "abc");
     try p.client.close(p.client_fd);
-    try expectOnly(p.server, .err, p.server_fd, "peer closed the connection in the middle of a message");
+    try expectOnly(
+        p.server,
+        .err,
+        p.server_fd,
+        "peer closed the connection in the middle of a message",
+    );
     try expectOnly(p.server, .disconnection, p.server_fd, null);
 }
 
@@ -545,7 +588,12 @@ test "a failed flush (peer gone) first delivers what the peer sent" {
     try p.client.close(p.client_fd);
     try p.server.schedule(p.server_fd, "never read");
     try expectOnly(p.server, .message_rx, p.server_fd, "bye");
-    try expectOnly(p.server, .err, p.server_fd, "peer closed the connection with 1 scheduled message(s) unsent");
+    try expectOnly(
+        p.server,
+        .err,
+        p.server_fd,
+        "peer closed the connection with 1 scheduled message(s) unsent",
+    );
     try expectOnly(p.server, .disconnection, p.server_fd, null);
 }
 
@@ -572,7 +620,11 @@ test "switch back-pressure: a slow reader bounds the queue, nothing is lost" {
     defer run.deinit();
     const server = try run.newContext();
     defer server.destroy();
-    const limits: context.Limits = .{ .max_message_size = 1000, .max_queue_size = 4004, .max_connections = 10 };
+    const limits: context.Limits = .{
+        .max_message_size = 1000,
+        .max_queue_size = 4004,
+        .max_connections = 10,
+    };
     try server.setLimits(limits);
     _ = try server.serviceInit("bp");
     const reader = try run.newContext();
@@ -586,7 +638,7 @@ test "switch back-pressure: a slow reader bounds the queue, nothing is lost" {
     defer thread.join();
     var eva = try expectEvent(server, .connection, -2, null);
     defer eva.deinit();
-    try server.addSwitch(eva.fd, evb.fd);
+    try switching.add(server, eva.fd, evb.fd);
     const sb = server.table.get(evb.fd).?;
     const bound = limits.max_queue_size + context.read_budget + limits.max_message_size + 4;
     // Phase 1: the reader does not read. The server must not buffer it all.
@@ -611,7 +663,7 @@ test "switch back-pressure: a slow reader bounds the queue, nothing is lost" {
             var ev = try nextEvent(reader);
             defer ev.deinit();
             if (ev.kind == .timer) break;
-            try testing.expectEqual(Kind.message_rx, ev.kind);
+            try testing.expectEqual(EventType.message_rx, ev.kind);
             try testing.expectEqual(got, std.mem.readInt(u32, ev.data.items[0..4], .big));
             got += 1;
         }
@@ -631,7 +683,10 @@ const Counting = struct {
     live: usize = 0,
 
     fn allocator(self: *Counting) std.mem.Allocator {
-        return .{ .ptr = self, .vtable = &.{ .alloc = alloc, .resize = resize, .remap = remap, .free = free } };
+        return .{
+            .ptr = self,
+            .vtable = &.{ .alloc = alloc, .resize = resize, .remap = remap, .free = free },
+        };
     }
     fn alloc(p: *anyopaque, len: usize, a: std.mem.Alignment, ra: usize) ?[*]u8 {
         const self: *Counting = @ptrCast(@alignCast(p));
@@ -713,11 +768,16 @@ test "external fds: EXTERNAL while readable; close drops pending events; close_a
 test "read_fd meeting an oversize announcement: MessageTooLarge, then DISCONNECTION" {
     var p = try Pair.init("rdbig");
     defer p.deinit();
-    try p.server.setLimits(.{ .max_message_size = 10, .max_queue_size = 14, .max_connections = 10 });
+    try p.server.setLimits(
+        .{ .max_message_size = 10, .max_queue_size = 14, .max_connections = 10 },
+    );
     try sendRaw(p.client_fd, &framing.encodeHeader(11));
     var buf: [16]u8 = undefined;
     try testing.expectError(error.MessageTooLarge, readMessage(p.server, p.server_fd, &buf));
-    try testing.expectEqualStrings("message of 11 bytes exceeds max_message_size (10)", p.server.last.text());
+    try testing.expectEqualStrings(
+        "message of 11 bytes exceeds max_message_size (10)",
+        p.server.last.text(),
+    );
     try expectOnly(p.server, .disconnection, p.server_fd, null);
     try testing.expectError(error.ConnectionClosed, readMessage(p.server, p.server_fd, &buf));
 }
@@ -750,7 +810,7 @@ test "closing one side of a switch closes both, with no event" {
     _ = try p.client.connectService("swc");
     var evb = try expectEvent(p.server, .connection, -2, null);
     defer evb.deinit();
-    try p.server.addSwitch(p.server_fd, evb.fd);
+    try switching.add(p.server, p.server_fd, evb.fd);
     try p.server.close(evb.fd);
     try testing.expectEqual(@as(usize, 1), p.server.table.count()); // the service only
     p.server.setTimer(20);
@@ -765,7 +825,7 @@ test "a switch side that ends: what it sent still reaches the other side, then t
     defer evb.deinit();
     const sa = p.server_fd;
     const sb = evb.fd;
-    try p.server.addSwitch(sa, sb);
+    try switching.add(p.server, sa, sb);
     try p.client.write(p.client_fd, "last words");
     try p.client.close(p.client_fd);
     try expectOnly(p.server, .switch_rx, sa, "last words");
@@ -783,7 +843,11 @@ test "another thread's wakeup ends a wait with no event; a plain wait goes on" {
     var p = try Pair.init("wake");
     defer p.deinit();
     p.server.setTimer(10_000);
-    const waker = try std.Thread.spawn(.{}, @import("wakeup.zig").Wakeup.signal, .{&p.server.wakeup});
+    const waker = try std.Thread.spawn(
+        .{},
+        @import("wakeup.zig").Wakeup.signal,
+        .{&p.server.wakeup},
+    );
     const start = sys.nowMs();
     try p.server.wait(true);
     waker.join();

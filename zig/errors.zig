@@ -25,31 +25,55 @@ pub const Error = error{
     Timeout,
 };
 
-/// The C ABI code of an error (enum ipc_error_codes in libipc.h).
+/// enum ipc_error_codes of libipc.h: IPC_OK and IPC_E_<NAME> as `ok` and
+/// `<name>` (abi_test.zig checks the numbers against the header).
+pub const Code = enum(c_int) {
+    ok = 0,
+    generic = -1,
+    service_busy = -2,
+    service_not_found = -3,
+    invalid_name = -4,
+    rundir = -5,
+    message_too_large = -6,
+    queue_full = -7,
+    connection_closed = -8,
+    unknown_fd = -9,
+    connection_limit = -10,
+    buffer_too_small = -11,
+    no_memory = -12,
+    interrupted = -13,
+    timeout = -14,
+};
+
+/// The C ABI code of an error.
 pub fn code(err: Error) c_int {
-    return switch (err) {
-        error.Generic => -1,
-        error.ServiceBusy => -2,
-        error.ServiceNotFound => -3,
-        error.InvalidName => -4,
-        error.RunDir => -5,
-        error.MessageTooLarge => -6,
-        error.QueueFull => -7,
-        error.ConnectionClosed => -8,
-        error.UnknownFd => -9,
-        error.ConnectionLimit => -10,
-        error.BufferTooSmall => -11,
-        error.OutOfMemory => -12,
-        error.Interrupted => -13,
-        error.Timeout => -14,
+    const c: Code = switch (err) {
+        error.Generic => .generic,
+        error.ServiceBusy => .service_busy,
+        error.ServiceNotFound => .service_not_found,
+        error.InvalidName => .invalid_name,
+        error.RunDir => .rundir,
+        error.MessageTooLarge => .message_too_large,
+        error.QueueFull => .queue_full,
+        error.ConnectionClosed => .connection_closed,
+        error.UnknownFd => .unknown_fd,
+        error.ConnectionLimit => .connection_limit,
+        error.BufferTooSmall => .buffer_too_small,
+        error.OutOfMemory => .no_memory,
+        error.Interrupted => .interrupted,
+        error.Timeout => .timeout,
     };
+    return @backingInt(c);
 }
+
+/// IPC_OK as the C functions return it.
+pub const ok: c_int = @backingInt(Code.ok);
 
 extern "c" fn strerror(errnum: c_int) [*:0]const u8;
 
 /// The C library's text for an errno value (what Python's os.strerror gives).
 pub fn errText(e: std.c.E) []const u8 {
-    return std.mem.span(strerror(@intCast(@intFromEnum(e))));
+    return std.mem.span(strerror(@intCast(@backingInt(e))));
 }
 
 /// The NUL-terminated text of the last failure on a context, and the errno
@@ -68,15 +92,26 @@ pub const LastError = struct {
     }
 
     /// Like fail, for a failure caused by the OS error `e` (kept as errno).
-    pub fn failErrno(self: *LastError, err: Error, e: std.c.E, comptime fmt: []const u8, args: anytype) Error {
+    pub fn failErrno(
+        self: *LastError,
+        err: Error,
+        e: std.c.E,
+        comptime fmt: []const u8,
+        args: anytype,
+    ) Error {
         self.record(fmt, args);
-        self.errno = @intCast(@intFromEnum(e));
+        self.errno = @intCast(@backingInt(e));
         return err;
     }
 
     /// Like fail, keeping the errno of the failure recorded before (a new
     /// text for the same cause).
-    pub fn failKeepErrno(self: *LastError, err: Error, comptime fmt: []const u8, args: anytype) Error {
+    pub fn failKeepErrno(
+        self: *LastError,
+        err: Error,
+        comptime fmt: []const u8,
+        args: anytype,
+    ) Error {
         const saved = self.errno;
         self.record(fmt, args);
         self.errno = saved;
@@ -112,25 +147,30 @@ pub const LastError = struct {
     }
 };
 
-test "error codes match libipc.h" {
-    try std.testing.expectEqual(@as(c_int, -1), code(error.Generic));
-    try std.testing.expectEqual(@as(c_int, -10), code(error.ConnectionLimit));
-    try std.testing.expectEqual(@as(c_int, -11), code(error.BufferTooSmall));
-    try std.testing.expectEqual(@as(c_int, -12), code(error.OutOfMemory));
-    try std.testing.expectEqual(@as(c_int, -13), code(error.Interrupted));
-    try std.testing.expectEqual(@as(c_int, -14), code(error.Timeout));
-}
-
 test "an OS failure keeps its errno; the next failure without one clears it" {
     var last: LastError = .{};
-    const e = last.failErrno(error.Generic, .MFILE, "cannot connect to service {s}: {s}", .{ "x", errText(.MFILE) });
+    const e = last.failErrno(
+        error.Generic,
+        .MFILE,
+        "cannot connect to service {s}: {s}",
+        .{ "x", errText(.MFILE) },
+    );
     try std.testing.expectEqual(error.Generic, e);
-    try std.testing.expectEqual(@as(c_int, @intFromEnum(std.c.E.MFILE)), last.errno);
-    try std.testing.expectEqualStrings("cannot connect to service x: Too many open files", last.text());
-    try std.testing.expectEqual(error.UnknownFd, last.fail(error.UnknownFd, "fd {d} is not managed by this context", .{3}));
+    try std.testing.expectEqual(@as(c_int, @backingInt(std.c.E.MFILE)), last.errno);
+    try std.testing.expectEqualStrings(
+        "cannot connect to service x: Too many open files",
+        last.text(),
+    );
+    try std.testing.expectEqual(
+        error.UnknownFd,
+        last.fail(error.UnknownFd, "fd {d} is not managed by this context", .{3}),
+    );
     try std.testing.expectEqual(@as(c_int, 0), last.errno);
-    try std.testing.expectEqual(error.Generic, last.failTextErrno(error.Generic, .PIPE, "write failed: Broken pipe"));
-    try std.testing.expectEqual(@as(c_int, @intFromEnum(std.c.E.PIPE)), last.errno);
+    try std.testing.expectEqual(
+        error.Generic,
+        last.failTextErrno(error.Generic, .PIPE, "write failed: Broken pipe"),
+    );
+    try std.testing.expectEqual(@as(c_int, @backingInt(std.c.E.PIPE)), last.errno);
 }
 
 test "last error text is formatted, NUL-terminated and truncated safely" {

@@ -18,8 +18,8 @@ const std = @import("std");
 const assert = std.debug.assert;
 const Allocator = std.mem.Allocator;
 
-/// libIPC's event numbers (enum event_types in libipc.h).
-pub const Kind = enum(i32) {
+/// libIPC's event numbers (enum event_types in libipc.h; abi_test.zig checks them).
+pub const EventType = enum(i32) {
     err = 0,
     connection = 1,
     disconnection = 2,
@@ -33,6 +33,13 @@ pub const Kind = enum(i32) {
 
 const chunk_size = 64 * 1024;
 
+comptime {
+    // A frame with its own receive buffer (direct_read_min or more, see
+    // framing.zig) is over chunk_size, so that buffer is kept as the spare
+    // once consumed (freeChunk), and the next large frame reuses it.
+    std.debug.assert(@import("framing.zig").direct_read_min >= chunk_size);
+}
+
 pub const Chunk = struct {
     refs: u32 = 0,
     used: usize = 0,
@@ -40,7 +47,7 @@ pub const Chunk = struct {
 };
 
 pub const Event = struct {
-    kind: Kind,
+    kind: EventType,
     fd: i32,
     index: i64,
     /// Payload (MESSAGE_RX, SWITCH_RX) or error text (ERROR; NUL follows it).
@@ -73,14 +80,27 @@ pub const Queue = struct {
     }
 
     /// Queue an event without payload.
-    pub fn push(self: *Queue, gpa: Allocator, kind: Kind, fd: i32, index: i64) Allocator.Error!void {
+    pub fn push(
+        self: *Queue,
+        gpa: Allocator,
+        kind: EventType,
+        fd: i32,
+        index: i64,
+    ) Allocator.Error!void {
         try self.items.append(gpa, .{ .kind = kind, .fd = fd, .index = index });
         self.live += 1;
     }
 
     /// Queue an event with a copy of `data` (a NUL is stored after it, so
     /// error texts can be handed out as C strings).
-    pub fn pushData(self: *Queue, gpa: Allocator, kind: Kind, fd: i32, index: i64, data: []const u8) Allocator.Error!void {
+    pub fn pushData(
+        self: *Queue,
+        gpa: Allocator,
+        kind: EventType,
+        fd: i32,
+        index: i64,
+        data: []const u8,
+    ) Allocator.Error!void {
         try self.items.ensureUnusedCapacity(gpa, 1);
         if (data.len == 0 and kind != .err) return self.push(gpa, kind, fd, index);
         const ch = try self.reserve(gpa, data.len + 1);
@@ -89,21 +109,33 @@ pub const Queue = struct {
         ch.data[ch.used + data.len] = 0;
         ch.used += data.len + 1;
         ch.refs += 1;
-        self.items.appendAssumeCapacity(.{ .kind = kind, .fd = fd, .index = index, .data = dest, .chunk = ch });
+        self.items.appendAssumeCapacity(
+            .{ .kind = kind, .fd = fd, .index = index, .data = dest, .chunk = ch },
+        );
         self.live += 1;
     }
 
     /// Queue a MESSAGE_RX (or SWITCH_RX) whose payload lies in `memory`, a
     /// buffer of gpa's that the queue now owns (no copy): freed, or kept as
     /// the spare, once the event is consumed.
-    pub fn pushOwned(self: *Queue, gpa: Allocator, kind: Kind, fd: i32, index: i64, memory: []u8, payload: []const u8) Allocator.Error!void {
+    pub fn pushOwned(
+        self: *Queue,
+        gpa: Allocator,
+        kind: EventType,
+        fd: i32,
+        index: i64,
+        memory: []u8,
+        payload: []const u8,
+    ) Allocator.Error!void {
         assert(kind == .message_rx or kind == .switch_rx);
         assert(@intFromPtr(payload.ptr) >= @intFromPtr(memory.ptr) and
             @intFromPtr(payload.ptr) + payload.len <= @intFromPtr(memory.ptr) + memory.len);
         try self.items.ensureUnusedCapacity(gpa, 1);
         const ch = try gpa.create(Chunk);
         ch.* = .{ .data = memory, .used = memory.len, .refs = 1 };
-        self.items.appendAssumeCapacity(.{ .kind = kind, .fd = fd, .index = index, .data = payload, .chunk = ch });
+        self.items.appendAssumeCapacity(
+            .{ .kind = kind, .fd = fd, .index = index, .data = payload, .chunk = ch },
+        );
         self.live += 1;
     }
 
@@ -207,7 +239,10 @@ pub const Queue = struct {
         if (self.live == 0) {
             for (self.items.items[self.head..]) |ev| assert(ev.dropped);
             self.head = 0;
-            if (self.items.capacity > 4096) self.items.clearAndFree(gpa) else self.items.clearRetainingCapacity();
+            if (self.items.capacity > 4096)
+                self.items.clearAndFree(gpa)
+            else
+                self.items.clearRetainingCapacity();
             return;
         }
         if (self.head < 1024 or self.head < self.items.items.len / 2) return;
@@ -336,7 +371,10 @@ pub const Queue = struct {
     /// The payloads handed out by the previous wait are no longer needed.
     pub fn releaseLent(self: *Queue, gpa: Allocator) void {
         for (self.lent.items) |ch| self.unref(gpa, ch);
-        if (self.lent.capacity > 4096) self.lent.clearAndFree(gpa) else self.lent.clearRetainingCapacity();
+        if (self.lent.capacity > 4096)
+            self.lent.clearAndFree(gpa)
+        else
+            self.lent.clearRetainingCapacity();
     }
 };
 
@@ -440,7 +478,7 @@ test "taking events from the front one at a time stays compact" {
     try testing.expectEqual(@as(usize, 0), q.items.items.len);
 }
 
-test "taking fd's messages stops at its disconnection, at a full taker, and keeps other fds' events" {
+test "taking fd's messages stops at its disconnection, a full taker; other fds' stay" {
     const gpa = testing.allocator;
     var q: Queue = .{};
     defer q.deinit(gpa);

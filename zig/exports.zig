@@ -9,12 +9,12 @@ const Context = ctx_mod.Context;
 const Error = errors.Error;
 const fdpass = @import("fdpass.zig");
 const events = @import("events.zig");
-const conn_table = @import("conn_table.zig");
+const switching = @import("switching.zig");
 
 /// The C allocator in the library; the leak-checking one in tests.
 const gpa = if (@import("builtin").is_test) std.testing.allocator else std.heap.c_allocator;
 
-const IPC_OK: c_int = 0;
+const IPC_OK = errors.ok;
 
 /// struct ipc_event of libipc.h.
 pub const IpcEvent = extern struct {
@@ -25,6 +25,13 @@ pub const IpcEvent = extern struct {
     message_len: u32,
     @"error": ?[*:0]const u8,
 };
+
+comptime {
+    // Every event type fits the C struct's field, every message size its length.
+    std.debug.assert(@FieldType(IpcEvent, "type") == @typeInfo(events.EventType).@"enum".tag_type);
+    const max_message = @FieldType(ctx_mod.Limits, "max_message_size");
+    std.debug.assert(@bitSizeOf(@FieldType(IpcEvent, "message_len")) >= @bitSizeOf(max_message));
+}
 
 fn context(ptr: ?*anyopaque) ?*Context {
     return @ptrCast(@alignCast(ptr orelse return null));
@@ -51,30 +58,39 @@ fn bytes(ptr: ?[*]const u8, len: usize) []const u8 {
 
 // ------------------------------------------------------------ lifetime
 
-export fn ipc_context_init(out: ?*?*anyopaque) callconv(.c) c_int {
+pub export fn ipc_context_init(out: ?*?*anyopaque) callconv(.c) c_int {
     const slot = out orelse return errors.code(error.Generic);
     const ctx = Context.create(gpa) catch |err| return errors.code(err);
     slot.* = ctx;
     return IPC_OK;
 }
 
-export fn ipc_context_deinit(ptr: ?*?*anyopaque) callconv(.c) void {
+pub export fn ipc_context_deinit(ptr: ?*?*anyopaque) callconv(.c) void {
     const slot = ptr orelse return;
     if (context(slot.*)) |ctx| ctx.destroy();
     slot.* = null;
 }
 
-export fn ipc_last_error(ptr: ?*anyopaque) callconv(.c) [*:0]const u8 {
+pub export fn ipc_last_error(ptr: ?*anyopaque) callconv(.c) [*:0]const u8 {
     const ctx = context(ptr) orelse return "no context";
     return ctx.last.text().ptr;
 }
 
-export fn ipc_context_set_rundir(ptr: ?*anyopaque, dir: ?[*]const u8, len: usize) callconv(.c) c_int {
+pub export fn ipc_context_set_rundir(
+    ptr: ?*anyopaque,
+    dir: ?[*]const u8,
+    len: usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.setRundir(bytes(dir, len)));
 }
 
-export fn ipc_context_set_limits(ptr: ?*anyopaque, max_message_size: u32, max_queue_size: u64, max_connections: u32) callconv(.c) c_int {
+pub export fn ipc_context_set_limits(
+    ptr: ?*anyopaque,
+    max_message_size: u32,
+    max_queue_size: u64,
+    max_connections: u32,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.setLimits(.{
         .max_message_size = max_message_size,
@@ -83,66 +99,98 @@ export fn ipc_context_set_limits(ptr: ?*anyopaque, max_message_size: u32, max_qu
     }));
 }
 
-export fn ipc_context_timer(ptr: ?*anyopaque, timer: c_int) callconv(.c) void {
+pub export fn ipc_context_timer(ptr: ?*anyopaque, timer: c_int) callconv(.c) void {
     const ctx = context(ptr) orelse return;
     ctx.setTimer(timer);
 }
 
-export fn ipc_context_busy_poll(ptr: ?*anyopaque, usec: u32) callconv(.c) c_int {
+pub export fn ipc_context_busy_poll(ptr: ?*anyopaque, usec: u32) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.setBusyPoll(usec));
 }
 
 /// A signal ends a blocking call with IPC_E_INTERRUPTED (on) instead of the
 /// call going on waiting (off, the default: libIPC's behaviour).
-export fn ipc_context_interruptible(ptr: ?*anyopaque, on: c_int) callconv(.c) void {
+pub export fn ipc_context_interruptible(ptr: ?*anyopaque, on: c_int) callconv(.c) void {
     const ctx = context(ptr) orelse return;
     ctx.interruptible = on != 0;
 }
 
 /// The timeout of every blocking call from now on, in microseconds; negative: none.
-export fn ipc_context_call_timeout(ptr: ?*anyopaque, usec: i64) callconv(.c) void {
+pub export fn ipc_context_call_timeout(ptr: ?*anyopaque, usec: i64) callconv(.c) void {
     const ctx = context(ptr) orelse return;
     ctx.setCallTimeout(if (usec < 0) -1 else usec *| std.time.ns_per_us);
 }
 
 // ------------------------------------------------------------ services and connections
 
-fn openWith(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16, comptime op: anytype) c_int {
+fn openWith(
+    ptr: ?*anyopaque,
+    fd_out: ?*c_int,
+    service: ?[*]const u8,
+    len: u16,
+    comptime op: anytype,
+) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const fd = op(ctx, name(service, len)) catch |err| return rc(ctx, @as(Error!void, err));
     if (fd_out) |o| o.* = fd;
     return IPC_OK;
 }
 
-export fn ipc_service_init(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
+pub export fn ipc_service_init(
+    ptr: ?*anyopaque,
+    fd_out: ?*c_int,
+    service: ?[*]const u8,
+    len: u16,
+) callconv(.c) c_int {
     return openWith(ptr, fd_out, service, len, Context.serviceInit);
 }
 
-export fn ipc_connect_service(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
+pub export fn ipc_connect_service(
+    ptr: ?*anyopaque,
+    fd_out: ?*c_int,
+    service: ?[*]const u8,
+    len: u16,
+) callconv(.c) c_int {
     return openWith(ptr, fd_out, service, len, Context.connectService);
 }
 
-export fn ipc_connect(ptr: ?*anyopaque, fd_out: ?*c_int, service: ?[*]const u8, len: u16) callconv(.c) c_int {
+pub export fn ipc_connect(
+    ptr: ?*anyopaque,
+    fd_out: ?*c_int,
+    service: ?[*]const u8,
+    len: u16,
+) callconv(.c) c_int {
     return openWith(ptr, fd_out, service, len, Context.connect);
 }
 
-export fn ipc_add_external(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
+pub export fn ipc_add_external(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.addExternal(fd));
 }
 
-export fn ipc_add_switch(ptr: ?*anyopaque, fd1: c_int, fd2: c_int) callconv(.c) c_int {
+pub export fn ipc_add_switch(ptr: ?*anyopaque, fd1: c_int, fd2: c_int) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    return rc(ctx, ctx.addSwitch(fd1, fd2));
+    return rc(ctx, switching.add(ctx, fd1, fd2));
 }
 
-export fn ipc_set_switch_callbacks(ptr: ?*anyopaque, fd: c_int, in: ?conn_table.InCallback, out: ?conn_table.OutCallback) callconv(.c) c_int {
+pub export fn ipc_set_switch_callbacks(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    in: ?switching.InCallback,
+    out: ?switching.OutCallback,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    return rc(ctx, ctx.setSwitchCallbacks(fd, in, out));
+    return rc(ctx, switching.setCallbacks(ctx, fd, in, out));
 }
 
-export fn ipc_peer_credentials(ptr: ?*anyopaque, fd: c_int, pid: ?*i32, uid: ?*u32, gid: ?*u32) callconv(.c) c_int {
+pub export fn ipc_peer_credentials(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    pid: ?*i32,
+    uid: ?*u32,
+    gid: ?*u32,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const cred = ctx.peerCredentials(fd) catch |err| return rc(ctx, @as(Error!void, err));
     if (pid) |p| p.* = cred.pid;
@@ -153,54 +201,57 @@ export fn ipc_peer_credentials(ptr: ?*anyopaque, fd: c_int, pid: ?*i32, uid: ?*u
 
 // ------------------------------------------------------------ closing
 
-export fn ipc_close_fd(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
+pub export fn ipc_close_fd(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.close(fd));
 }
 
-/// The fd in slot `index`, for libIPC's index-based calls.
-fn fdAt(ctx: *Context, index: usize) Error!i32 {
-    const conn = ctx.table.atSlot(index) orelse
-        return ctx.last.fail(error.UnknownFd, "index {d} is not managed by this context", .{index});
-    return conn.fd;
-}
-
-export fn ipc_close(ptr: ?*anyopaque, index: usize) callconv(.c) c_int {
+pub export fn ipc_close(ptr: ?*anyopaque, index: usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    const fd = fdAt(ctx, index) catch |err| return rc(ctx, @as(Error!void, err));
+    const fd = ctx.fdAtIndex(index) catch |err| return rc(ctx, @as(Error!void, err));
     return rc(ctx, ctx.close(fd));
 }
 
 /// What close(fd) would discard: fd's scheduled messages not yet completely
 /// written, and its switch peer (closed with it) and that one's count
 /// (*peer_fd = -1 when fd is not switched). pyipc logs them as a warning.
-export fn ipc_queued_messages(ptr: ?*anyopaque, fd: c_int, count: ?*usize, peer_fd: ?*c_int, peer_count: ?*usize) callconv(.c) c_int {
+pub export fn ipc_queued_messages(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    count: ?*usize,
+    peer_fd: ?*c_int,
+    peer_count: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    const conn = ctx.lookup(fd) catch |err| return rc(ctx, @as(Error!void, err));
-    if (count) |p| p.* = conn.queue.frameCount();
-    const peer: ?*conn_table.Conn = if (conn.peer) |p| (if (p.alive) p else null) else null;
-    if (peer_fd) |p| p.* = if (peer) |x| x.fd else -1;
-    if (peer_count) |p| p.* = if (peer) |x| x.queue.frameCount() else 0;
+    const queued = ctx.queuedMessages(fd) catch |err| return rc(ctx, @as(Error!void, err));
+    if (count) |p| p.* = queued.count;
+    if (peer_fd) |p| p.* = queued.peer_fd;
+    if (peer_count) |p| p.* = queued.peer_count;
     return IPC_OK;
 }
 
-export fn ipc_write_count(ptr: ?*anyopaque) callconv(.c) usize {
+pub export fn ipc_write_count(ptr: ?*anyopaque) callconv(.c) usize {
     const ctx = context(ptr) orelse return 0;
     return ctx.write_count;
 }
 
-export fn ipc_linger(ptr: ?*anyopaque, fd: c_int, usec: i64) callconv(.c) c_int {
+pub export fn ipc_linger(ptr: ?*anyopaque, fd: c_int, usec: i64) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.linger(fd, usec *| std.time.ns_per_us));
 }
 
-export fn ipc_scheduled_fds(ptr: ?*anyopaque, fds: ?[*]c_int, counts: ?[*]usize, capacity: usize) callconv(.c) usize {
+pub export fn ipc_scheduled_fds(
+    ptr: ?*anyopaque,
+    fds: ?[*]c_int,
+    counts: ?[*]usize,
+    capacity: usize,
+) callconv(.c) usize {
     const ctx = context(ptr) orelse return 0;
     const n = if (fds != null and counts != null) capacity else 0;
     return ctx.scheduledFds(if (fds) |f| f[0..n] else &.{}, if (counts) |k| k[0..n] else &.{});
 }
 
-export fn ipc_close_all(ptr: ?*anyopaque) callconv(.c) c_int {
+pub export fn ipc_close_all(ptr: ?*anyopaque) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     ctx.closeAll();
     return IPC_OK;
@@ -208,12 +259,22 @@ export fn ipc_close_all(ptr: ?*anyopaque) callconv(.c) c_int {
 
 // ------------------------------------------------------------ sending and receiving
 
-export fn ipc_write(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
+pub export fn ipc_write(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    payload: ?[*]const u8,
+    len: u32,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.write(fd, bytes(payload, len)));
 }
 
-export fn ipc_schedule(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
+pub export fn ipc_schedule(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    payload: ?[*]const u8,
+    len: u32,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.schedule(fd, bytes(payload, len)));
 }
@@ -221,14 +282,20 @@ export fn ipc_schedule(ptr: ?*anyopaque, fd: c_int, payload: ?[*]const u8, len: 
 /// write()'s checks of fd and of a `len`-byte payload, in its order; nothing
 /// is written. For sizes uint32_t cannot carry: the failure says what
 /// ipc_write() would (an unknown fd before the size).
-export fn ipc_check_write(ptr: ?*anyopaque, fd: c_int, len: u64) callconv(.c) c_int {
+pub export fn ipc_check_write(ptr: ?*anyopaque, fd: c_int, len: u64) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, ctx.checkWrite(fd, len));
 }
 
 /// write() of `count` messages: their payloads back to back at `payloads`,
 /// their sizes in `lengths`; gathered into few system calls.
-export fn ipc_write_many(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const u8, lengths: ?[*]const u32, count: usize) callconv(.c) c_int {
+pub export fn ipc_write_many(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    payloads: ?[*]const u8,
+    lengths: ?[*]const u32,
+    count: usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
     var total: usize = 0;
@@ -240,10 +307,19 @@ export fn ipc_write_many(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const u8, le
 /// ipc_write_many with one pointer per payload (payloads[i], lengths[i]
 /// bytes), for payloads that are not back to back: large ones are then
 /// written from where they are, not copied together first.
-export fn ipc_write_many_ptrs(ptr: ?*anyopaque, fd: c_int, payloads: ?[*]const ?[*]const u8, lengths: ?[*]const u32, count: usize) callconv(.c) c_int {
+pub export fn ipc_write_many_ptrs(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    payloads: ?[*]const ?[*]const u8,
+    lengths: ?[*]const u32,
+    count: usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
-    const ptrs = payloads orelse if (count == 0) return rc(ctx, ctx.writeMany(fd, .{ .each = &.{} }, lens)) else return rc(ctx, noPayloads(ctx));
+    const ptrs = payloads orelse if (count == 0) return rc(
+        ctx,
+        ctx.writeMany(fd, .{ .each = &.{} }, lens),
+    ) else return rc(ctx, noPayloads(ctx));
     for (ptrs[0..count], lens) |p, len| {
         if (p == null and len > 0) return rc(ctx, noPayloads(ctx));
     }
@@ -260,7 +336,12 @@ fn outBuffer(buffer: ?[*]u8, buflen: ?*usize) []u8 {
     return if (buffer) |b| b[0..len] else &.{};
 }
 
-export fn ipc_read_fd(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read_fd(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     var len: usize = 0;
     const result = ctx.readFd(fd, outBuffer(buffer, buflen), &len);
@@ -278,9 +359,14 @@ fn readReturn(ctx: *Context, result: Error!void, len: usize, buflen: ?*usize) c_
     return rc(ctx, result);
 }
 
-export fn ipc_read(ptr: ?*anyopaque, index: usize, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read(
+    ptr: ?*anyopaque,
+    index: usize,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    const fd = fdAt(ctx, index) catch |err| return rc(ctx, @as(Error!void, err));
+    const fd = ctx.fdAtIndex(index) catch |err| return rc(ctx, @as(Error!void, err));
     return ipc_read_fd(ptr, fd, buffer, buflen);
 }
 
@@ -310,17 +396,31 @@ const MessageCopier = struct {
 /// copied back to back into `buffer` (`*buflen` bytes), their sizes into
 /// `lengths`. *count says how many. A first message larger than the buffer
 /// stays queued: IPC_E_BUFFER_TOO_SMALL, *buflen = its size.
-export fn ipc_read_many(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize, lengths: ?[*]u32, capacity: usize, count: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read_many(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+    lengths: ?[*]u32,
+    capacity: usize,
+    count: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     if (count) |n| n.* = 0;
     const out = outBuffer(buffer, buflen);
-    if (out.len > std.math.maxInt(u32)) return rc(ctx, @as(Error!void, ctx.last.fail(error.Generic, "read_many: buffer over 4 GiB", .{})));
-    var copier: MessageCopier = .{ .buffer = out, .lengths = if (lengths) |l| l[0..capacity] else &.{} };
+    if (out.len > std.math.maxInt(u32)) return rc(
+        ctx,
+        @as(Error!void, ctx.last.fail(error.Generic, "read_many: buffer over 4 GiB", .{})),
+    );
+    var copier: MessageCopier = .{
+        .buffer = out,
+        .lengths = if (lengths) |l| l[0..capacity] else &.{},
+    };
     const result = ctx.readMany(fd, copier.lengths.len, &copier);
     const n = result catch |err| return rc(ctx, @as(Error!void, err));
     if (n == 0) {
         if (buflen) |l| l.* = copier.refused;
-        return rc(ctx, @as(Error!void, ctx.last.fail(error.BufferTooSmall, "buffer of {d} bytes is too small for a message of {d} bytes", .{ out.len, copier.refused })));
+        return rc(ctx, @as(Error!void, ctx.tooSmall(out.len, copier.refused)));
     }
     if (count) |p| p.* = n;
     return IPC_OK;
@@ -328,7 +428,12 @@ export fn ipc_read_many(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*u
 
 /// ipc_read_fd, except that a large message (64 KiB or more) that fits the
 /// buffer is read from the socket straight into it, with no copy in between.
-export fn ipc_read_into(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read_into(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     var len: usize = 0;
     const result = ctx.readInto(fd, outBuffer(buffer, buflen), &len);
@@ -338,7 +443,12 @@ export fn ipc_read_into(ptr: ?*anyopaque, fd: c_int, buffer: ?[*]u8, buflen: ?*u
 /// read() without a copy: fd's next message (blocks for it), lent: *message
 /// points into memory the context owns, valid until the next wait or
 /// ipc_read_lent call on it.
-export fn ipc_read_lent(ptr: ?*anyopaque, fd: c_int, message: ?*?[*]const u8, len: ?*usize) callconv(.c) c_int {
+pub export fn ipc_read_lent(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    message: ?*?[*]const u8,
+    len: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     const payload = ctx.readLent(fd) catch |err| return rc(ctx, @as(Error!void, err));
     if (message) |m| m.* = payload.ptr;
@@ -348,23 +458,21 @@ export fn ipc_read_lent(ptr: ?*anyopaque, fd: c_int, message: ?*?[*]const u8, le
 
 // ------------------------------------------------------------ the event loop
 
-/// Start of every wait call: what the previous one handed out by pointer
-/// may now be reused.
-fn beginWait(ctx: *Context, stop_on_wakeup: bool) Error!void {
-    ctx.events.releaseLent(ctx.gpa);
-    try ctx.wait(stop_on_wakeup);
-}
-
-export fn ipc_wait_events(ptr: ?*anyopaque, out: ?[*]IpcEvent, capacity: usize, count: ?*usize) callconv(.c) c_int {
+pub export fn ipc_wait_events(
+    ptr: ?*anyopaque,
+    out: ?[*]IpcEvent,
+    capacity: usize,
+    count: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     if (count) |n| n.* = 0;
-    beginWait(ctx, true) catch |err| return rc(ctx, @as(Error!void, err));
+    ctx.beginWait(true) catch |err| return rc(ctx, @as(Error!void, err));
     const dest = out orelse return IPC_OK;
     var n: usize = 0;
     while (n < capacity) : (n += 1) {
-        const ev = ctx.events.peek() orelse break;
+        const ev = ctx.firstEvent() orelse break;
         dest[n] = toC(ev);
-        ctx.events.pop(ctx.gpa, true) catch |err| return rc(ctx, @as(Error!void, err));
+        ctx.popEvent(true) catch |err| return rc(ctx, @as(Error!void, err));
     }
     if (count) |p| p.* = n;
     return IPC_OK;
@@ -372,16 +480,16 @@ export fn ipc_wait_events(ptr: ?*anyopaque, out: ?[*]IpcEvent, capacity: usize, 
 
 /// The one call any thread may make on a context: a wait in progress (or the
 /// next one) in ipc_wait_events returns, with no event if none came.
-export fn ipc_wakeup(ptr: ?*anyopaque) callconv(.c) c_int {
+pub export fn ipc_wakeup(ptr: ?*anyopaque) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    ctx.wakeup.signal();
+    ctx.wakeUp();
     return IPC_OK;
 }
 
 fn toC(ev: *const events.Event) IpcEvent {
     const has_payload = ev.kind == .message_rx or ev.kind == .switch_rx;
     return .{
-        .type = @intFromEnum(ev.kind),
+        .type = @backingInt(ev.kind),
         .fd = ev.fd,
         .index = ev.index,
         .message = if (has_payload) ev.data.ptr else null,
@@ -390,51 +498,60 @@ fn toC(ev: *const events.Event) IpcEvent {
     };
 }
 
-export fn ipc_pending_events(ptr: ?*anyopaque) callconv(.c) usize {
+pub export fn ipc_pending_events(ptr: ?*anyopaque) callconv(.c) usize {
     const ctx = context(ptr) orelse return 0;
-    return ctx.events.live;
+    return ctx.pendingEvents();
 }
 
 /// libIPC's one-event call: type, index and fd of the first event; its
 /// payload (or, for ERROR, its text) copied into `buffer`. A buffer too small
 /// gives IPC_E_BUFFER_TOO_SMALL with *buflen = the size needed, and the event
 /// stays first in the queue.
-export fn ipc_wait_event(ptr: ?*anyopaque, t: ?*u8, index: ?*usize, originfd: ?*c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_wait_event(
+    ptr: ?*anyopaque,
+    t: ?*u8,
+    index: ?*usize,
+    originfd: ?*c_int,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    beginWait(ctx, false) catch |err| return rc(ctx, @as(Error!void, err));
-    const ev = ctx.events.peek().?;
-    if (t) |p| p.* = @intCast(@intFromEnum(ev.kind));
+    ctx.beginWait(false) catch |err| return rc(ctx, @as(Error!void, err));
+    const ev = ctx.firstEvent().?;
+    if (t) |p| p.* = @intCast(@backingInt(ev.kind));
     if (index) |p| p.* = if (ev.index < 0) std.math.maxInt(usize) else @intCast(ev.index);
     if (originfd) |p| p.* = ev.fd;
-    const data: []const u8 = switch (ev.kind) {
-        .message_rx, .switch_rx, .err => ev.data,
-        else => "",
-    };
-    const room = outBuffer(buffer, buflen);
-    if (data.len > room.len) {
-        if (buflen) |l| l.* = data.len;
-        return rc(ctx, @as(Error!void, ctx.last.fail(error.BufferTooSmall, "buffer of {d} bytes is too small for a message of {d} bytes", .{ room.len, data.len })));
-    }
-    @memcpy(room[0..data.len], data);
-    // An error text is a C string when there is room for its NUL.
-    if (ev.kind == .err and room.len > data.len) room[data.len] = 0;
-    if (buflen) |l| l.* = data.len;
-    ctx.events.pop(ctx.gpa, false) catch unreachable; // no lending: cannot fail
-    return IPC_OK;
+    var len: usize = 0;
+    const result = ctx.takeEventInto(outBuffer(buffer, buflen), &len);
+    // Also when it did not fit: the size needed.
+    if (buflen) |l| l.* = len;
+    return rc(ctx, result);
 }
 
 // ------------------------------------------------------------ fd passing
 
-export fn ipc_send_fd(sock: c_int, fd_to_pass: c_int, payload: ?[*]const u8, len: u32) callconv(.c) c_int {
+pub export fn ipc_send_fd(
+    sock: c_int,
+    fd_to_pass: c_int,
+    payload: ?[*]const u8,
+    len: u32,
+) callconv(.c) c_int {
     fdpass.sendFd(sock, fd_to_pass, bytes(payload, len)) catch return errors.code(error.Generic);
     return IPC_OK;
 }
 
-export fn ipc_receive_fd(sock: c_int, received: ?*c_int, buffer: ?[*]u8, buflen: ?*usize) callconv(.c) c_int {
+pub export fn ipc_receive_fd(
+    sock: c_int,
+    received: ?*c_int,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+) callconv(.c) c_int {
     var fd: i32 = -1;
     const n = fdpass.receiveFd(sock, outBuffer(buffer, buflen), &fd) catch |err| {
         if (received) |r| r.* = fd;
-        return errors.code(if (err == error.BufferTooSmall) error.BufferTooSmall else error.Generic);
+        return errors.code(
+            if (err == error.BufferTooSmall) error.BufferTooSmall else error.Generic,
+        );
     };
     if (received) |r| r.* = fd;
     if (buflen) |l| l.* = n;
@@ -445,7 +562,7 @@ export fn ipc_receive_fd(sock: c_int, received: ?*c_int, buffer: ?[*]u8, buflen:
 
 /// The errno of the OS error that caused the last failure on ctx (0 when no
 /// OS error did, or ctx is null): Python's OSError.errno of the exception.
-export fn ipc_last_errno(ptr: ?*anyopaque) callconv(.c) c_int {
+pub export fn ipc_last_errno(ptr: ?*anyopaque) callconv(.c) c_int {
     const ctx = context(ptr) orelse return 0;
     return ctx.last.errno;
 }
@@ -470,7 +587,11 @@ const TestPair = struct {
     cfd: c_int = -1,
 
     fn init(self: *TestPair, comptime service: []const u8) !void {
-        self.dir = try sys.printZ(&self.dir_buf, "/tmp/pyipc-zig-" ++ service ++ "-{d}-{d}", .{ std.c.getpid(), sys.nowMs() });
+        self.dir = try sys.printZ(
+            &self.dir_buf,
+            "/tmp/pyipc-zig-" ++ service ++ "-{d}-{d}",
+            .{ std.c.getpid(), sys.nowMs() },
+        );
         try expectOk(ipc_context_init(&self.server));
         try expectOk(ipc_context_init(&self.client));
         for ([_]?*anyopaque{ self.server, self.client }) |ctx| {
@@ -486,7 +607,9 @@ const TestPair = struct {
         ipc_context_deinit(&self.server);
         if (self.dir.len == 0) return;
         var b: [128]u8 = undefined;
-        _ = std.c.unlink((sys.printZ(&b, "{s}/" ++ service ++ ".lock", .{self.dir}) catch unreachable).ptr);
+        _ = std.c.unlink(
+            (sys.printZ(&b, "{s}/" ++ service ++ ".lock", .{self.dir}) catch unreachable).ptr,
+        );
         _ = std.c.rmdir(self.dir.ptr);
     }
 };
@@ -540,17 +663,26 @@ test "C ABI: batches by pointer, pending events, small buffers, error texts" {
 
     // Errors: code and text.
     try testing.expectEqual(@as(c_int, -9), ipc_write(server, 9999, "x", 1));
-    try testing.expectEqualStrings("fd 9999 is not managed by this context", std.mem.span(ipc_last_error(server)));
+    try testing.expectEqualStrings(
+        "fd 9999 is not managed by this context",
+        std.mem.span(ipc_last_error(server)),
+    );
     var no_fd: c_int = -1;
     try testing.expectEqual(@as(c_int, -4), ipc_service_init(server, &no_fd, "", 0));
-    try testing.expectEqualStrings("invalid service name: empty", std.mem.span(ipc_last_error(server)));
+    try testing.expectEqualStrings(
+        "invalid service name: empty",
+        std.mem.span(ipc_last_error(server)),
+    );
 
     // An ERROR event carries its text as a C string.
     const raw = [_]u8{ 0xff, 0xff, 0xff, 0xff };
     try testing.expectEqual(@as(isize, 4), std.c.send(cfd, &raw, 4, 0));
     try expectOk(ipc_wait_events(server, &evs, 4, &count));
     try testing.expectEqual(@as(i32, 0), evs[0].type);
-    try testing.expectEqualStrings("message of 4294967295 bytes exceeds max_message_size (16777216)", std.mem.span(evs[0].@"error".?));
+    try testing.expectEqualStrings(
+        "message of 4294967295 bytes exceeds max_message_size (16777216)",
+        std.mem.span(evs[0].@"error".?),
+    );
     if (count < 2) try expectOk(ipc_wait_events(server, evs[1..], 3, &count));
     try testing.expectEqual(@as(i32, 2), evs[1].type);
 
@@ -593,20 +725,33 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
 
     var evs: [1]IpcEvent = undefined;
     var count: usize = 0;
-    try expectOk(ipc_wait_events(server, &evs, 1, &count)); // CONNECTION; messages may wait in the core
+    try expectOk(
+        ipc_wait_events(server, &evs, 1, &count),
+    ); // CONNECTION; messages may wait in the core
     try testing.expectEqual(@as(i32, 1), evs[0].type);
     const conn_fd = evs[0].fd;
     var buf: [150]u8 = undefined;
     var sizes: [7]u32 = undefined;
     var len: usize = buf.len;
-    try testing.expectEqual(@as(c_int, -1), ipc_read_many(server, conn_fd, &buf, &len, &sizes, 0, &count));
+    try testing.expectEqual(
+        @as(c_int, -1),
+        ipc_read_many(server, conn_fd, &buf, &len, &sizes, 0, &count),
+    );
     var got: usize = 0;
     var refused = false;
     while (got < 2 * n) {
         // Message 100 (100 bytes) does not fit 99 bytes: refused once, kept.
         const small = got == 100 and !refused;
         len = if (small) 99 else buf.len;
-        const code = ipc_read_many(server, conn_fd, &buf, &len, &sizes, if (got < 100) @min(sizes.len, 100 - got) else sizes.len, &count);
+        const code = ipc_read_many(
+            server,
+            conn_fd,
+            &buf,
+            &len,
+            &sizes,
+            if (got < 100) @min(sizes.len, 100 - got) else sizes.len,
+            &count,
+        );
         if (small) {
             try testing.expectEqual(@as(c_int, -11), code);
             try testing.expectEqual(@as(usize, 100), len);
@@ -619,7 +764,10 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
         for (sizes[0..count]) |size| {
             const i = got % n;
             try testing.expectEqual(@as(usize, i % 101), size);
-            for (buf[start .. start + size]) |byte| try testing.expectEqual(@as(u8, @intCast(i % 251)), byte);
+            for (buf[start .. start + size]) |byte| try testing.expectEqual(
+                @as(u8, @intCast(i % 251)),
+                byte,
+            );
             start += size;
             got += 1;
         }
@@ -633,9 +781,15 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
     try testing.expectEqualSlices(u8, &last, lent.?[0..lent_len]);
     try expectOk(ipc_close_fd(client, cfd));
     len = buf.len;
-    try testing.expectEqual(@as(c_int, -8), ipc_read_many(server, conn_fd, &buf, &len, &sizes, sizes.len, &count));
+    try testing.expectEqual(
+        @as(c_int, -8),
+        ipc_read_many(server, conn_fd, &buf, &len, &sizes, sizes.len, &count),
+    );
     try testing.expectEqual(@as(usize, 0), count);
-    try testing.expectEqual(@as(c_int, -8), ipc_read_lent(server, conn_fd, &lent, &lent_len)); // ended: still closed
+    try testing.expectEqual(
+        @as(c_int, -8),
+        ipc_read_lent(server, conn_fd, &lent, &lent_len),
+    ); // ended: still closed
 }
 
 test "C ABI: check_write makes write's checks in its order and writes nothing" {
@@ -647,7 +801,10 @@ test "C ABI: check_write makes write's checks in its order and writes nothing" {
     try testing.expectEqual(@as(c_int, -9), ipc_check_write(pair.client, 99999, over_4_gib));
     try testing.expectEqual(@as(c_int, -9), ipc_check_write(pair.server, pair.sfd, over_4_gib));
     try testing.expectEqual(@as(c_int, -6), ipc_check_write(pair.client, pair.cfd, over_4_gib));
-    try testing.expectEqualStrings("message of 4294967297 bytes exceeds max_message_size (16777216)", std.mem.span(ipc_last_error(pair.client)));
+    try testing.expectEqualStrings(
+        "message of 4294967297 bytes exceeds max_message_size (16777216)",
+        std.mem.span(ipc_last_error(pair.client)),
+    );
     try expectOk(ipc_check_write(pair.client, pair.cfd, 16));
     // Nothing was written: the first message the server reads is the next one.
     try expectOk(ipc_write(pair.client, pair.cfd, @constCast("ok"), 2));
@@ -666,7 +823,10 @@ test "C ABI: busy_poll takes 0 to 10,000 us and refuses more with its text" {
     try pair.init("busy");
     defer pair.deinit("busy");
     try testing.expectEqual(@as(c_int, -1), ipc_context_busy_poll(pair.client, 10_001));
-    try testing.expectEqualStrings("busy_poll must be at most 10000 us", std.mem.span(ipc_last_error(pair.client)));
+    try testing.expectEqualStrings(
+        "busy_poll must be at most 10000 us",
+        std.mem.span(ipc_last_error(pair.client)),
+    );
     try testing.expectEqual(@as(c_int, -1), ipc_context_busy_poll(null, 0));
     try expectOk(ipc_context_busy_poll(pair.client, 10_000));
     try expectOk(ipc_context_busy_poll(pair.server, 50));
@@ -698,9 +858,15 @@ test "C ABI: last_errno is the OS error of the last failure, 0 for others" {
     var addr = std.mem.zeroes(std.c.sockaddr.un);
     addr.family = std.c.AF.UNIX;
     @memcpy(addr.path[0..path.len], path);
-    try testing.expectEqual(@as(c_int, 0), std.c.bind(s, @ptrCast(&addr), @sizeOf(std.c.sockaddr.un)));
+    try testing.expectEqual(
+        @as(c_int, 0),
+        std.c.bind(s, @ptrCast(&addr), @sizeOf(std.c.sockaddr.un)),
+    );
     defer _ = std.c.unlink(path.ptr);
     var fd: c_int = -1;
     try testing.expectEqual(@as(c_int, -3), ipc_connect_service(pair.client, &fd, "errno", 5));
-    try testing.expectEqual(@as(c_int, @intFromEnum(std.c.E.CONNREFUSED)), ipc_last_errno(pair.client));
+    try testing.expectEqual(
+        @as(c_int, @backingInt(std.c.E.CONNREFUSED)),
+        ipc_last_errno(pair.client),
+    );
 }

@@ -34,7 +34,12 @@ pub fn sendFd(sock: i32, fd_to_pass: i32, payload: []const u8) Error!void {
     hdr.len = @intCast(cmsg_data_offset + @sizeOf(c_int));
     hdr.level = c.SOL.SOCKET;
     hdr.type = c.SCM.RIGHTS;
-    std.mem.writeInt(c_int, control.bytes[cmsg_data_offset..][0..@sizeOf(c_int)], fd_to_pass, .native);
+    std.mem.writeInt(
+        c_int,
+        control.bytes[cmsg_data_offset..][0..@sizeOf(c_int)],
+        fd_to_pass,
+        .native,
+    );
     var iov = [1]std.posix.iovec_const{.{ .base = data.ptr, .len = data.len }};
     var msg = std.mem.zeroes(c.msghdr_const);
     msg.iov = &iov;
@@ -52,7 +57,10 @@ pub fn sendFd(sock: i32, fd_to_pass: i32, payload: []const u8) Error!void {
     };
     // The fd went with the first bytes; the rest of a long payload follows.
     while (sent < data.len) {
-        const rest = [1]std.posix.iovec_const{.{ .base = data[sent..].ptr, .len = data.len - sent }};
+        const rest = [1]std.posix.iovec_const{.{
+            .base = data[sent..].ptr,
+            .len = data.len - sent,
+        }};
         switch (sys.writeSome(sock, &rest, true, .yes)) {
             .done => |k| sent += k,
             .would_block => sys.waitFd(sock, sys.POLLOUT),
@@ -88,8 +96,14 @@ pub fn receiveFd(sock: i32, buf: []u8, received: *i32) Error!usize {
             else => return error.ReceiveFailed,
         }
     };
-    received.* = keepFirstFd(control.bytes[0..@min(@as(usize, @intCast(msg.controllen)), receive_space)]);
-    if (received.* >= 0 and flags == 0) _ = c.fcntl(received.*, c.F.SETFD, @as(c_int, c.FD_CLOEXEC));
+    received.* = keepFirstFd(
+        control.bytes[0..@min(@as(usize, @intCast(msg.controllen)), receive_space)],
+    );
+    if (received.* >= 0 and flags == 0) _ = c.fcntl(
+        received.*,
+        c.F.SETFD,
+        @as(c_int, c.FD_CLOEXEC),
+    );
     if (buf.len == 0 and n > 0) {
         sys.closeFd(received.*);
         received.* = -1;
@@ -117,20 +131,6 @@ fn keepFirstFd(control: []align(@alignOf(c.cmsghdr)) const u8) i32 {
         at += cmsgAlign(len);
     }
     return kept;
-}
-
-/// Whether fd is a connected Unix stream socket: the only kind of fd ipcd
-/// may hand us as a connection.
-pub fn isConnectedUnixStream(fd: i32) bool {
-    var ty: c_int = 0;
-    var ty_len: c.socklen_t = @sizeOf(c_int);
-    if (c.getsockopt(fd, c.SOL.SOCKET, c.SO.TYPE, &ty, &ty_len) != 0 or ty != c.SOCK.STREAM) return false;
-    var addr: c.sockaddr.storage = undefined;
-    var addr_len: c.socklen_t = @sizeOf(c.sockaddr.storage);
-    if (c.getsockname(fd, @ptrCast(&addr), &addr_len) != 0) return false;
-    if (@as(*const c.sockaddr, @ptrCast(&addr)).family != c.AF.UNIX) return false;
-    addr_len = @sizeOf(c.sockaddr.storage);
-    return c.getpeername(fd, @ptrCast(&addr), &addr_len) == 0;
 }
 
 test "an fd travels over a socketpair with its payload" {
@@ -162,7 +162,10 @@ fn sendFdsForTest(sock: i32, fds: []const c_int) !void {
     hdr.len = @intCast(cmsg_data_offset + fds.len * @sizeOf(c_int));
     hdr.level = c.SOL.SOCKET;
     hdr.type = c.SCM.RIGHTS;
-    @memcpy(control.bytes[cmsg_data_offset..][0 .. fds.len * @sizeOf(c_int)], std.mem.sliceAsBytes(fds));
+    @memcpy(
+        control.bytes[cmsg_data_offset..][0 .. fds.len * @sizeOf(c_int)],
+        std.mem.sliceAsBytes(fds),
+    );
     var iov = [1]std.posix.iovec_const{.{ .base = "ok", .len = 2 }};
     var msg = std.mem.zeroes(c.msghdr_const);
     msg.iov = &iov;
@@ -199,20 +202,20 @@ test "isConnectedUnixStream: only a connected Unix stream socket" {
     try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
     defer _ = c.close(pair[0]);
     defer _ = c.close(pair[1]);
-    try std.testing.expect(isConnectedUnixStream(pair[0]));
+    try std.testing.expect(sys.isConnectedUnixStream(pair[0]));
     var dgram: [2]c.fd_t = undefined;
     try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.DGRAM, 0, &dgram));
     defer _ = c.close(dgram[0]);
     defer _ = c.close(dgram[1]);
-    try std.testing.expect(!isConnectedUnixStream(dgram[0]));
+    try std.testing.expect(!sys.isConnectedUnixStream(dgram[0]));
     const lone = c.socket(c.AF.UNIX, c.SOCK.STREAM, 0);
     try std.testing.expect(lone >= 0);
     defer _ = c.close(lone);
-    try std.testing.expect(!isConnectedUnixStream(lone));
+    try std.testing.expect(!sys.isConnectedUnixStream(lone));
     var pipe: [2]c.fd_t = undefined;
     try std.testing.expectEqual(@as(c_int, 0), c.pipe(&pipe));
     defer _ = c.close(pipe[0]);
     defer _ = c.close(pipe[1]);
-    try std.testing.expect(!isConnectedUnixStream(pipe[0]));
-    try std.testing.expect(!isConnectedUnixStream(-1));
+    try std.testing.expect(!sys.isConnectedUnixStream(pipe[0]));
+    try std.testing.expect(!sys.isConnectedUnixStream(-1));
 }

@@ -55,7 +55,13 @@ pub const Decoder = struct {
     /// every complete frame, in order; keep what remains. FrameTooLarge comes
     /// after the frames before the bad header were delivered, and before
     /// anything was allocated for it; the decoder is not usable afterwards.
-    pub fn feed(self: *Decoder, gpa: Allocator, input: []const u8, max: u32, sink: anytype) FeedError!void {
+    pub fn feed(
+        self: *Decoder,
+        gpa: Allocator,
+        input: []const u8,
+        max: u32,
+        sink: anytype,
+    ) FeedError!void {
         var rest = input;
         if (self.buf.items.len > 0) {
             rest = try self.drainBuffered(gpa, rest, max, sink);
@@ -78,7 +84,13 @@ pub const Decoder = struct {
 
     /// Complete buffered frames with bytes taken from `input`; emit them.
     /// Returns the part of `input` not taken.
-    fn drainBuffered(self: *Decoder, gpa: Allocator, input: []const u8, max: u32, sink: anytype) FeedError![]const u8 {
+    fn drainBuffered(
+        self: *Decoder,
+        gpa: Allocator,
+        input: []const u8,
+        max: u32,
+        sink: anytype,
+    ) FeedError![]const u8 {
         var rest = input;
         while (self.buf.items.len > 0) {
             rest = try self.take(gpa, rest, header_size);
@@ -105,7 +117,12 @@ pub const Decoder = struct {
     }
 
     /// Append bytes of `input` to the buffer until it holds `want` bytes.
-    fn take(self: *Decoder, gpa: Allocator, input: []const u8, want: usize) Allocator.Error![]const u8 {
+    fn take(
+        self: *Decoder,
+        gpa: Allocator,
+        input: []const u8,
+        want: usize,
+    ) Allocator.Error![]const u8 {
         if (self.buf.items.len >= want) return input;
         const k = @min(want - self.buf.items.len, input.len);
         try self.buf.appendSlice(gpa, input[0..k]);
@@ -117,7 +134,10 @@ pub const Decoder = struct {
         const items = self.buf.items;
         assert(n <= items.len);
         if (n == items.len) {
-            if (self.buf.capacity > keep_capacity) self.buf.clearAndFree(gpa) else self.buf.clearRetainingCapacity();
+            if (self.buf.capacity > keep_capacity)
+                self.buf.clearAndFree(gpa)
+            else
+                self.buf.clearRetainingCapacity();
             return;
         }
         std.mem.copyForwards(u8, items[0 .. items.len - n], items[n..]);

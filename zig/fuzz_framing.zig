@@ -53,7 +53,7 @@ const CheckSink = struct {
     }
 };
 
-const Kind = enum { frames, oversize, truncated, garbage };
+const StreamShape = enum { frames, oversize, truncated, garbage };
 
 const Stats = struct {
     iterations: u64 = 0,
@@ -81,7 +81,7 @@ fn appendFrame(gpa: Allocator, out: *std.ArrayList(u8), r: std.Random, size: u32
 }
 
 /// Build one stream of the given kind; returns the max_message_size to use.
-fn buildStream(gpa: Allocator, out: *std.ArrayList(u8), r: std.Random, kind: Kind) !u32 {
+fn buildStream(gpa: Allocator, out: *std.ArrayList(u8), r: std.Random, kind: StreamShape) !u32 {
     var max: u32 = if (r.boolean()) 16 << 20 else payloadSize(r) + 1;
     const count = r.uintLessThan(u32, 24);
     switch (kind) {
@@ -94,7 +94,12 @@ fn buildStream(gpa: Allocator, out: *std.ArrayList(u8), r: std.Random, kind: Kin
             var i: u32 = 0;
             while (i < count) : (i += 1) try appendFrame(gpa, out, r, @min(payloadSize(r), max));
             if (kind == .oversize) {
-                try out.appendSlice(gpa, &framing.encodeHeader(max + 1 + r.uintLessThan(u32, std.math.maxInt(u32) - max)));
+                try out.appendSlice(
+                    gpa,
+                    &framing.encodeHeader(
+                        max + 1 + r.uintLessThan(u32, std.math.maxInt(u32) - max),
+                    ),
+                );
                 try out.appendSlice(gpa, "after the bad header");
             }
             if (kind == .truncated and out.items.len > 0) {
@@ -106,7 +111,14 @@ fn buildStream(gpa: Allocator, out: *std.ArrayList(u8), r: std.Random, kind: Kin
 }
 
 /// Feed `stream` in random pieces, like the context's read loop does.
-fn feedInPieces(gpa: Allocator, dec: *framing.Decoder, stream: []const u8, max: u32, r: std.Random, sink: *CheckSink) framing.FeedError!void {
+fn feedInPieces(
+    gpa: Allocator,
+    dec: *framing.Decoder,
+    stream: []const u8,
+    max: u32,
+    r: std.Random,
+    sink: *CheckSink,
+) framing.FeedError!void {
     var off: usize = 0;
     while (off < stream.len) {
         const piece = 1 + r.uintLessThan(usize, if (r.boolean()) 8 else 70_000);
@@ -126,7 +138,7 @@ fn feedInPieces(gpa: Allocator, dec: *framing.Decoder, stream: []const u8, max: 
 }
 
 fn oneIteration(gpa: Allocator, r: std.Random, stats: *Stats) !bool {
-    const kind: Kind = @enumFromInt(r.uintLessThan(u8, 4));
+    const kind: StreamShape = @fromBackingInt(@intCast(r.uintLessThan(u8, 4)));
     var stream: std.ArrayList(u8) = .empty;
     defer stream.deinit(gpa);
     const max = try buildStream(gpa, &stream, r, kind);
@@ -145,7 +157,7 @@ fn oneIteration(gpa: Allocator, r: std.Random, stats: *Stats) !bool {
     };
 
     stats.iterations += 1;
-    stats.by_kind[@intFromEnum(kind)] += 1;
+    stats.by_kind[@backingInt(kind)] += 1;
     stats.frames += sink.next;
     stats.bytes += stream.items.len;
     if (got_too_large != null) stats.too_large += 1;
@@ -155,8 +167,13 @@ fn oneIteration(gpa: Allocator, r: std.Random, stats: *Stats) !bool {
         got_too_large == exp.too_large and
         (exp.too_large != null or dec.hasPartial() == (exp.leftover > 0));
     if (!ok) {
-        std.debug.print("MISMATCH kind={t} max={d} stream={d} bytes: got {d} frames (mismatch={}), want {d}; too_large got {?d} want {?d}; partial {} leftover {d}\n", .{
-            kind, max, stream.items.len, sink.next, sink.mismatch, exp.frames.items.len, got_too_large, exp.too_large, dec.hasPartial(), exp.leftover,
+        std.debug.print("MISMATCH kind={t} max={d} stream={d} bytes: " ++
+            "got {d} frames (mismatch={}), want {d}; too_large got {?d} want {?d}; " ++
+            "partial {} leftover {d}\n", .{
+            kind,          max,           stream.items.len,
+            sink.next,     sink.mismatch, exp.frames.items.len,
+            got_too_large, exp.too_large, dec.hasPartial(),
+            exp.leftover,
         });
     }
     return ok;
@@ -181,8 +198,23 @@ pub fn main(init: std.process.Init.Minimal) !u8 {
     }
     const leaked = debug_allocator.deinit() == .leak;
     std.debug.print(
-        "zig decoder fuzz: seed {d}, {d} streams (frames {d}, oversize {d}, truncated {d}, garbage {d}), {d} frames checked, {d} bytes, {d} refused as too large, {d} ended mid-frame; {d} mismatches, leak: {}\n",
-        .{ seed, stats.iterations, stats.by_kind[0], stats.by_kind[1], stats.by_kind[2], stats.by_kind[3], stats.frames, stats.bytes, stats.too_large, stats.partial, failures, leaked },
+        "zig decoder fuzz: seed {d}, {d} streams (frames {d}, oversize {d}, truncated {d}, " ++
+            "garbage {d}), {d} frames checked, {d} bytes, {d} refused as too large, " ++
+            "{d} ended mid-frame; {d} mismatches, leak: {}\n",
+        .{
+            seed,
+            stats.iterations,
+            stats.by_kind[0],
+            stats.by_kind[1],
+            stats.by_kind[2],
+            stats.by_kind[3],
+            stats.frames,
+            stats.bytes,
+            stats.too_large,
+            stats.partial,
+            failures,
+            leaked,
+        },
     );
     return if (failures == 0 and !leaked) 0 else 1;
 }

@@ -19,6 +19,14 @@ pub const buffer_size = 64 * 1024;
 /// iovecs per writev: IOV_MAX is 1024 on Linux and the BSDs.
 pub const iov_max = 1024;
 
+comptime {
+    // A copied frame always fits an empty buffer (see fits).
+    assert(framing.header_size + copy_max <= buffer_size);
+    // Every frame takes at most two iovecs (header, payload): an empty
+    // Gather always takes one frame.
+    assert(iov_max >= 2);
+}
+
 pub const Gather = struct {
     buf: []u8,
     used: usize = 0,
@@ -108,7 +116,11 @@ test "small frames become one iovec; the bytes are header + payload in order" {
     try testing.expectEqual(@as(usize, 1), g.parts().len);
     const bytes = try joined(testing.allocator, g.parts());
     defer testing.allocator.free(bytes);
-    try testing.expectEqualSlices(u8, "\x00\x00\x00\x02ab\x00\x00\x00\x00\x00\x00\x00\x03xyz", bytes);
+    try testing.expectEqualSlices(
+        u8,
+        "\x00\x00\x00\x02ab\x00\x00\x00\x00\x00\x00\x00\x03xyz",
+        bytes,
+    );
 }
 
 test "a payload over copy_max is written in place, between copied runs" {

@@ -19,7 +19,12 @@ pub const PathBuf = [max_socket_path + 8]u8;
 /// order: empty, contains '/', contains NUL, contains ';', "." or "..",
 /// path too long. Like Python's
 /// os.path.join, no second '/' is added after a run dir ending with one.
-pub fn servicePath(buf: *PathBuf, rundir: []const u8, name: []const u8, last: *LastError) Error![:0]u8 {
+pub fn servicePath(
+    buf: *PathBuf,
+    rundir: []const u8,
+    name: []const u8,
+    last: *LastError,
+) Error![:0]u8 {
     if (name.len == 0) return last.fail(error.InvalidName, "invalid service name: empty", .{});
     if (std.mem.indexOfScalar(u8, name, '/') != null)
         return last.fail(error.InvalidName, "invalid service name: contains '/'", .{});
@@ -30,11 +35,19 @@ pub fn servicePath(buf: *PathBuf, rundir: []const u8, name: []const u8, last: *L
         return last.fail(error.InvalidName, "invalid service name: contains ';'", .{});
     // RUNDIR/. is the run dir itself, RUNDIR/.. its parent: not a socket path.
     if (std.mem.eql(u8, name, ".") or std.mem.eql(u8, name, ".."))
-        return last.fail(error.InvalidName, "invalid service name: '.' and '..' are not names", .{});
+        return last.fail(
+            error.InvalidName,
+            "invalid service name: '.' and '..' are not names",
+            .{},
+        );
     const sep: []const u8 = if (rundir.len == 0 or rundir[rundir.len - 1] == '/') "" else "/";
     const len = rundir.len + sep.len + name.len;
     if (len > max_socket_path or len >= sunPathSize())
-        return last.fail(error.InvalidName, "invalid service name: socket path is longer than {d} bytes", .{max_socket_path});
+        return last.fail(
+            error.InvalidName,
+            "invalid service name: socket path is longer than {d} bytes",
+            .{max_socket_path},
+        );
     return sys.printZ(buf, "{s}{s}{s}", .{ rundir, sep, name }) catch unreachable;
 }
 
@@ -50,7 +63,12 @@ pub fn check(given: []const u8, create: bool, last: *LastError) Error!bool {
     const rundir = stripSlashes(given);
     var zbuf: [4096]u8 = undefined;
     const z = sys.printZ(&zbuf, "{s}", .{rundir}) catch
-        return last.failErrno(error.RunDir, .NAMETOOLONG, "cannot create run directory {s}: {s}", .{ rundir, errors.errText(.NAMETOOLONG) });
+        return last.failErrno(
+            error.RunDir,
+            .NAMETOOLONG,
+            "cannot create run directory {s}: {s}",
+            .{ rundir, errors.errText(.NAMETOOLONG) },
+        );
     var st = sys.lstatMode(z.ptr);
     if (st == .failed and st.failed == .NOENT) {
         if (!create) return false;
@@ -59,14 +77,35 @@ pub fn check(given: []const u8, create: bool, last: *LastError) Error!bool {
     }
     const mode = switch (st) {
         .mode => |m| m,
-        .failed => |e| return last.failErrno(error.RunDir, e, "cannot create run directory {s}: {s}", .{ rundir, errors.errText(e) }),
+        .failed => |e| return last.failErrno(
+            error.RunDir,
+            e,
+            "cannot create run directory {s}: {s}",
+            .{ rundir, errors.errText(e) },
+        ),
     };
-    if (mode & sys.S_IFMT == sys.S_IFLNK) return last.fail(error.RunDir, "run directory {s} is a symlink", .{rundir});
-    if (mode & sys.S_IFMT != sys.S_IFDIR) return last.fail(error.RunDir, "run directory {s} is not a directory", .{rundir});
-    if (mode & sys.S_IWOTH != 0) return last.fail(error.RunDir, "run directory {s} is writable by others", .{rundir});
+    if (mode & sys.S_IFMT == sys.S_IFLNK) return last.fail(
+        error.RunDir,
+        "run directory {s} is a symlink",
+        .{rundir},
+    );
+    if (mode & sys.S_IFMT != sys.S_IFDIR) return last.fail(
+        error.RunDir,
+        "run directory {s} is not a directory",
+        .{rundir},
+    );
+    if (mode & sys.S_IWOTH != 0) return last.fail(
+        error.RunDir,
+        "run directory {s} is writable by others",
+        .{rundir},
+    );
     // Another user's run dir could hand us their sockets; root's is trusted.
     if (sys.lstatOwner(z.ptr)) |uid| if (uid != 0 and uid != c.geteuid())
-        return last.fail(error.RunDir, "run directory {s} is owned by another user (uid {d})", .{ rundir, uid });
+        return last.fail(
+            error.RunDir,
+            "run directory {s} is owned by another user (uid {d})",
+            .{ rundir, uid },
+        );
     return true;
 }
 
@@ -89,10 +128,20 @@ fn makeDirs(path: [:0]u8, last: *LastError) Error!void {
         const leaf = i == path.len;
         const rc = c.mkdir(path[0..i :0].ptr, if (leaf) 0o770 else 0o777);
         if (rc != 0 and c.errno(rc) != .EXIST) {
-            return last.failErrno(error.RunDir, c.errno(rc), "cannot create run directory {s}: {s}", .{ path[0..path.len], errors.errText(c.errno(rc)) });
+            return last.failErrno(
+                error.RunDir,
+                c.errno(rc),
+                "cannot create run directory {s}: {s}",
+                .{ path[0..path.len], errors.errText(c.errno(rc)) },
+            );
         }
         if (leaf and rc == 0 and c.chmod(path.ptr, 0o770) != 0) {
-            return last.failErrno(error.RunDir, c.errno(@as(c_int, -1)), "cannot create run directory {s}: {s}", .{ path[0..path.len], errors.errText(c.errno(@as(c_int, -1))) });
+            return last.failErrno(
+                error.RunDir,
+                c.errno(@as(c_int, -1)),
+                "cannot create run directory {s}: {s}",
+                .{ path[0..path.len], errors.errText(c.errno(@as(c_int, -1))) },
+            );
         }
     }
 }
@@ -102,7 +151,12 @@ fn makeDirs(path: [:0]u8, last: *LastError) Error!void {
 /// removed: unlinking it would let two services lock two different files.
 /// A symlink there is refused, not followed: it would make us create and
 /// lock a file anywhere, outside the run dir.
-pub fn lockService(path: [:0]const u8, name: []const u8, rundir: []const u8, last: *LastError) Error!i32 {
+pub fn lockService(
+    path: [:0]const u8,
+    name: []const u8,
+    rundir: []const u8,
+    last: *LastError,
+) Error!i32 {
     var buf: PathBuf = undefined;
     const lock_path = sys.printZ(&buf, "{s}.lock", .{path}) catch unreachable;
     const flags: c.O = .{ .ACCMODE = .RDWR, .CREAT = true, .CLOEXEC = true, .NOFOLLOW = true };
@@ -112,7 +166,11 @@ pub fn lockService(path: [:0]const u8, name: []const u8, rundir: []const u8, las
         // O_NOFOLLOW's errno varies (ELOOP, EMLINK on FreeBSD): look instead.
         switch (sys.lstatMode(lock_path.ptr)) {
             .mode => |m| if (m & sys.S_IFMT == sys.S_IFLNK)
-                return last.fail(error.Generic, "cannot start service {s}: {s} is a symlink", .{ name, lock_path }),
+                return last.fail(
+                    error.Generic,
+                    "cannot start service {s}: {s} is a symlink",
+                    .{ name, lock_path },
+                ),
             .failed => {},
         }
         return startFailed(name, e, last);
@@ -121,7 +179,11 @@ pub fn lockService(path: [:0]const u8, name: []const u8, rundir: []const u8, las
     while (c.flock(fd, c.LOCK.EX | c.LOCK.NB) != 0) {
         switch (c.errno(@as(c_int, -1))) {
             .INTR => continue,
-            .AGAIN => return last.fail(error.ServiceBusy, "service {s} is already running in {s}", .{ name, rundir }),
+            .AGAIN => return last.fail(
+                error.ServiceBusy,
+                "service {s} is already running in {s}",
+                .{ name, rundir },
+            ),
             else => |e| return startFailed(name, e, last),
         }
     }
@@ -129,14 +191,12 @@ pub fn lockService(path: [:0]const u8, name: []const u8, rundir: []const u8, las
 }
 
 fn startFailed(name: []const u8, e: c.E, last: *LastError) Error {
-    return last.failErrno(error.Generic, e, "cannot start service {s}: {s}", .{ name, errors.errText(e) });
-}
-
-fn address(path: []const u8) c.sockaddr.un {
-    var addr = std.mem.zeroes(c.sockaddr.un);
-    addr.family = c.AF.UNIX;
-    @memcpy(addr.path[0..path.len], path);
-    return addr;
+    return last.failErrno(
+        error.Generic,
+        e,
+        "cannot start service {s}: {s}",
+        .{ name, errors.errText(e) },
+    );
 }
 
 /// Remove a stale socket (we hold the lock, so no live service owns it),
@@ -147,58 +207,46 @@ fn address(path: []const u8) c.sockaddr.un {
 pub fn listenAt(path: [:0]const u8, name: []const u8, last: *LastError) Error!i32 {
     switch (sys.lstatMode(path.ptr)) {
         .mode => |m| if (m & sys.S_IFMT != sys.S_IFSOCK)
-            return last.fail(error.Generic, "cannot start service {s}: {s} exists and is not a socket", .{ name, path }),
+            return last.fail(
+                error.Generic,
+                "cannot start service {s}: {s} exists and is not a socket",
+                .{ name, path },
+            ),
         .failed => {},
     }
     if (c.unlink(path.ptr) != 0 and c.errno(@as(c_int, -1)) != .NOENT)
         return startFailed(name, c.errno(@as(c_int, -1)), last);
-    const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC | c.SOCK.NONBLOCK, 0);
-    if (fd < 0) return startFailed(name, c.errno(fd), last);
-    errdefer sys.closeFd(fd);
-    const addr = address(path);
-    if (c.bind(fd, @ptrCast(&addr), @sizeOf(c.sockaddr.un)) != 0) return startFailed(name, c.errno(@as(c_int, -1)), last);
-    errdefer _ = c.unlink(path.ptr);
-    if (c.chmod(path.ptr, 0o660) != 0) return startFailed(name, c.errno(@as(c_int, -1)), last);
-    if (c.listen(fd, 4096) != 0) return startFailed(name, c.errno(@as(c_int, -1)), last);
-    return fd;
+    return switch (sys.listenUnix(path, 0o660)) {
+        .fd => |fd| fd,
+        .failed => |e| startFailed(name, e, last),
+    };
 }
 
 /// Connect to the service socket at `path`; returns the socket, in blocking
 /// mode (see sys.Wait).
-pub fn connectTo(path: [:0]const u8, name: []const u8, rundir: []const u8, last: *LastError) Error!i32 {
-    const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0);
-    if (fd < 0) return last.failErrno(error.Generic, c.errno(fd), "cannot connect to service {s}: {s}", .{ name, errors.errText(c.errno(fd)) });
-    errdefer sys.closeFd(fd);
-    const addr = address(path);
-    if (c.connect(fd, @ptrCast(&addr), @sizeOf(c.sockaddr.un)) != 0) {
-        const e = c.errno(@as(c_int, -1));
-        switch (e) {
-            .NOENT, .CONNREFUSED, .NOTDIR => return last.failErrno(error.ServiceNotFound, e, "no service {s} in {s}", .{ name, rundir }),
-            // Interrupted: the connection completes in the background.
-            .INTR => try finishConnect(fd, name, rundir, last),
-            else => return last.failErrno(error.Generic, e, "cannot connect to service {s}: {s}", .{ name, errors.errText(e) }),
-        }
-    }
-    if (sys.send_flags == 0) setNoSigpipe(fd);
-    return fd;
-}
-
-fn finishConnect(fd: i32, name: []const u8, rundir: []const u8, last: *LastError) Error!void {
-    sys.waitFd(fd, sys.POLLOUT);
-    var err: c_int = 0;
-    var len: c.socklen_t = @sizeOf(c_int);
-    if (c.getsockopt(fd, c.SOL.SOCKET, c.SO.ERROR, &err, &len) != 0 or err == 0) return;
-    const e: c.E = @enumFromInt(err);
-    if (e == .CONNREFUSED or e == .NOENT) return last.failErrno(error.ServiceNotFound, e, "no service {s} in {s}", .{ name, rundir });
-    return last.failErrno(error.Generic, e, "cannot connect to service {s}: {s}", .{ name, errors.errText(e) });
-}
-
-/// Where send has no MSG_NOSIGNAL (macOS), ask the socket not to raise SIGPIPE.
-pub fn setNoSigpipe(fd: i32) void {
-    if (@hasDecl(c.SO, "NOSIGPIPE")) {
-        const one: c_int = 1;
-        _ = c.setsockopt(fd, c.SOL.SOCKET, c.SO.NOSIGPIPE, &one, @sizeOf(c_int));
-    }
+pub fn connectTo(
+    path: [:0]const u8,
+    name: []const u8,
+    rundir: []const u8,
+    last: *LastError,
+) Error!i32 {
+    return switch (sys.connectUnix(path)) {
+        .fd => |fd| fd,
+        .failed => |e| switch (e) {
+            .NOENT, .CONNREFUSED, .NOTDIR => last.failErrno(
+                error.ServiceNotFound,
+                e,
+                "no service {s} in {s}",
+                .{ name, rundir },
+            ),
+            else => last.failErrno(
+                error.Generic,
+                e,
+                "cannot connect to service {s}: {s}",
+                .{ name, errors.errText(e) },
+            ),
+        },
+    };
 }
 
 // ---------------------------------------------------------------- tests
@@ -218,13 +266,22 @@ test "service names are checked in the documented order" {
     try testing.expectEqualStrings("invalid service name: contains ';'", last.text());
     for ([_][]const u8{ ".", ".." }) |dots| {
         try testing.expectError(error.InvalidName, servicePath(&buf, "/tmp", dots, &last));
-        try testing.expectEqualStrings("invalid service name: '.' and '..' are not names", last.text());
+        try testing.expectEqualStrings(
+            "invalid service name: '.' and '..' are not names",
+            last.text(),
+        );
     }
     try testing.expectEqualStrings("/tmp/...", try servicePath(&buf, "/tmp", "...", &last));
     const long: [103]u8 = @splat('n');
     try testing.expectError(error.InvalidName, servicePath(&buf, "/tmp", &long, &last));
-    try testing.expectEqualStrings("invalid service name: socket path is longer than 107 bytes", last.text());
-    try testing.expectEqualStrings("/tmp/" ++ long[0..102], try servicePath(&buf, "/tmp", long[0..102], &last));
+    try testing.expectEqualStrings(
+        "invalid service name: socket path is longer than 107 bytes",
+        last.text(),
+    );
+    try testing.expectEqualStrings(
+        "/tmp/" ++ long[0..102],
+        try servicePath(&buf, "/tmp", long[0..102], &last),
+    );
     try testing.expectEqualStrings("/tmp/x", try servicePath(&buf, "/tmp/", "x", &last));
 }
 
@@ -242,7 +299,10 @@ test "run dir: created 0770, symlink / file / others-writable refused" {
     _ = c.chmod(sub.ptr, 0o777);
     try testing.expectError(error.RunDir, check(sub, false, &last));
     var msg_buf: [200]u8 = undefined;
-    try testing.expectEqualStrings(try std.fmt.bufPrint(&msg_buf, "run directory {s} is writable by others", .{sub}), last.text());
+    try testing.expectEqualStrings(
+        try std.fmt.bufPrint(&msg_buf, "run directory {s} is writable by others", .{sub}),
+        last.text(),
+    );
     _ = c.rmdir(sub.ptr);
     try testing.expectEqual(@as(c_int, 0), c.symlink("/tmp", sub.ptr));
     try testing.expectError(error.RunDir, check(sub, true, &last));
@@ -280,6 +340,9 @@ test "lock: a symlink NAME.lock is refused and its target not created" {
     defer _ = c.unlink(lock.ptr);
     try testing.expectError(error.Generic, lockService(path, "pong", dir, &last));
     var msg_buf: [200]u8 = undefined;
-    try testing.expectEqualStrings(try std.fmt.bufPrint(&msg_buf, "cannot start service pong: {s} is a symlink", .{lock}), last.text());
+    try testing.expectEqualStrings(
+        try std.fmt.bufPrint(&msg_buf, "cannot start service pong: {s} is a symlink", .{lock}),
+        last.text(),
+    );
     try testing.expect(sys.lstatMode(target.ptr) == .failed);
 }

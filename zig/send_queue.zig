@@ -53,7 +53,12 @@ pub const SendQueue = struct {
     }
 
     /// Append one frame (header + payload). The caller checked the bounds.
-    pub fn push(self: *SendQueue, gpa: Allocator, payload: []const u8, origin: Origin) Allocator.Error!void {
+    pub fn push(
+        self: *SendQueue,
+        gpa: Allocator,
+        payload: []const u8,
+        origin: Origin,
+    ) Allocator.Error!void {
         assert(payload.len <= std.math.maxInt(u32));
         const size = framing.header_size + payload.len;
         try self.frames.ensureUnusedCapacity(gpa, 1);
@@ -67,7 +72,12 @@ pub const SendQueue = struct {
     /// Append the last `len` bytes of a frame that a blocking write began
     /// (the first `len` bytes of `parts`), so they go out before anything
     /// queued later. Reported as nothing when written.
-    pub fn pushRemainder(self: *SendQueue, gpa: Allocator, parts: []const std.posix.iovec_const, len: u64) Allocator.Error!void {
+    pub fn pushRemainder(
+        self: *SendQueue,
+        gpa: Allocator,
+        parts: []const std.posix.iovec_const,
+        len: u64,
+    ) Allocator.Error!void {
         try self.frames.ensureUnusedCapacity(gpa, 1);
         self.compact();
         try self.bytes.ensureUnusedCapacity(gpa, len);
@@ -117,8 +127,14 @@ pub const SendQueue = struct {
 
     fn reset(self: *SendQueue, gpa: Allocator) void {
         assert(self.head == self.bytes.items.len and self.first_sent == 0);
-        if (self.bytes.capacity > keep_capacity) self.bytes.clearAndFree(gpa) else self.bytes.clearRetainingCapacity();
-        if (self.frames.capacity > keep_capacity / @sizeOf(FrameInfo)) self.frames.clearAndFree(gpa) else self.frames.clearRetainingCapacity();
+        if (self.bytes.capacity > keep_capacity)
+            self.bytes.clearAndFree(gpa)
+        else
+            self.bytes.clearRetainingCapacity();
+        if (self.frames.capacity > keep_capacity / @sizeOf(FrameInfo))
+            self.frames.clearAndFree(gpa)
+        else
+            self.frames.clearRetainingCapacity();
         self.head = 0;
         self.first = 0;
     }
@@ -136,7 +152,14 @@ pub const SendQueue = struct {
 
     /// Write as much as the fd takes (a socket: waiting for room with
     /// `wait == .yes`, see sys.Wait); report completed frames.
-    pub fn flush(self: *SendQueue, gpa: Allocator, fd: sys.fd_t, is_socket: bool, wait: sys.Wait, sink: anytype) Allocator.Error!FlushResult {
+    pub fn flush(
+        self: *SendQueue,
+        gpa: Allocator,
+        fd: sys.fd_t,
+        is_socket: bool,
+        wait: sys.Wait,
+        sink: anytype,
+    ) Allocator.Error!FlushResult {
         while (!self.isEmpty()) {
             const pending = self.bytes.items[self.head..];
             const iov = [1]std.posix.iovec_const{.{ .base = pending.ptr, .len = pending.len }};
@@ -200,7 +223,10 @@ test "flush coalesces frames into one socket write" {
     const gpa = testing.allocator;
     const c = std.c;
     var fds: [2]c.fd_t = undefined;
-    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.NONBLOCK, 0, &fds));
+    try testing.expectEqual(
+        @as(c_int, 0),
+        c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.NONBLOCK, 0, &fds),
+    );
     defer sys.closeFd(fds[0]);
     defer sys.closeFd(fds[1]);
     var q: SendQueue = .{};
@@ -239,7 +265,10 @@ test "a remainder goes out before frames queued after it, and reports nothing" {
     const gpa = testing.allocator;
     var q: SendQueue = .{};
     defer q.deinit(gpa);
-    const parts = [_]std.posix.iovec_const{ .{ .base = "lo", .len = 2 }, .{ .base = "!xyz", .len = 4 } };
+    const parts = [_]std.posix.iovec_const{ .{ .base = "lo", .len = 2 }, .{
+        .base = "!xyz",
+        .len = 4,
+    } };
     try q.pushRemainder(gpa, &parts, 3); // "lo!": the end of a frame "hello!"
     try q.push(gpa, "ab", .scheduled);
     try testing.expectEqual(@as(u64, 3 + 6), q.queuedBytes());

@@ -1,7 +1,11 @@
 //! Switching: two fds forwarding to each other (libIPC's mechanism for the
-//! network daemons). By default each side is read with pyipc framing and each
-//! payload is framed and queued for the other side. Custom callbacks (libIPC's
-//! semantics, per fd) replace either half:
+//! network daemons), all of it: the callback types and results of the C ABI,
+//! pairing fds (ipc_add_switch, ipc_set_switch_callbacks), reading a switched
+//! fd, and forwarding what it gave to its peer.
+//!
+//! By default each side is read with pyipc framing and each payload is framed
+//! and queued for the other side. Custom callbacks (libIPC's semantics, per
+//! fd) replace either half:
 //!   in(fd, buf, &mlen):  reads one unit from fd; on entry *mlen is the
 //!                        buffer's capacity (max_message_size); on NO_ERROR it
 //!                        holds the payload length.
@@ -13,9 +17,12 @@
 const std = @import("std");
 const Allocator = std.mem.Allocator;
 const context = @import("context.zig");
+const sys = @import("sys.zig");
 const Context = context.Context;
 const Conn = context.Conn;
+const Error = context.Error;
 
+/// enum cb_event_types of libipc.h (abi_test.zig checks the numbers).
 pub const CbResult = enum(c_int) {
     no_error = 0,
     err = 1,
@@ -24,19 +31,73 @@ pub const CbResult = enum(c_int) {
     _,
 };
 
+/// The `in` callback of libipc.h's ipc_set_switch_callbacks.
+pub const InCallback = *const fn (orig: c_int, payload: [*]u8, mlen: *u32) callconv(.c) c_int;
+/// The `out` callback of libipc.h's ipc_set_switch_callbacks.
+pub const OutCallback = *const fn (
+    dest: c_int,
+    payload: [*]const u8,
+    mlen: u32,
+) callconv(.c) c_int;
+
+// ------------------------------------------------------------ the API
+
+/// Pair fd1 and fd2: what one gives is forwarded to the other.
+pub fn add(ctx: *Context, fd1: i32, fd2: i32) Error!void {
+    if (fd1 == fd2) return ctx.last.fail(error.Generic, "cannot switch fd {d} with itself", .{fd1});
+    const c1 = try switchable(ctx, fd1);
+    const c2 = try switchable(ctx, fd2);
+    for ([_]*Conn{ c1, c2 }) |x| {
+        if (x.peer != null)
+            return ctx.last.fail(error.Generic, "fd {d} is already switched", .{x.fd});
+    }
+    c1.peer = c2;
+    c2.peer = c1;
+    for ([_]*Conn{ c1, c2 }) |x| {
+        // Foreign fds are read and written without waiting; our own
+        // sockets stay in blocking mode (the loop passes MSG_DONTWAIT).
+        if (x.role != .connection) _ = sys.setNonblocking(x.fd, true);
+        ctx.updateInterest(x);
+    }
+}
+
+/// Set (or clear, with null) fd's custom callbacks.
+pub fn setCallbacks(ctx: *Context, fd: i32, in: ?InCallback, out: ?OutCallback) Error!void {
+    const conn = try switchable(ctx, fd);
+    conn.cb_in = in;
+    conn.cb_out = out;
+}
+
+fn switchable(ctx: *Context, fd: i32) Error!*Conn {
+    const conn = try ctx.lookup(fd);
+    if (conn.role == .service)
+        return ctx.last.fail(error.UnknownFd, "fd {d} is not a connection", .{fd});
+    return conn;
+}
+
+// ------------------------------------------------------------ the event loop's side
+
 /// A switched fd is readable: read it with its `in` callback, or with pyipc
 /// framing (every complete frame forwarded).
 pub fn switchIn(ctx: *Context, conn: *Conn) Allocator.Error!void {
     const cb = conn.cb_in orelse return ctx.readConn(conn, true);
-    const buf = try ctx.switchBuffer();
+    const buf = try buffer(ctx);
     var mlen: u32 = @intCast(buf.len);
-    var result: CbResult = @enumFromInt(cb(conn.fd, buf.ptr, &mlen));
+    var result: CbResult = @fromBackingInt(@intCast(cb(conn.fd, buf.ptr, &mlen)));
     // A length past the buffer is a broken callback: never trust it.
     if (result == .no_error and mlen > buf.len) result = .err;
     switch (result) {
         .no_error => try forward(ctx, conn, buf[0..mlen]),
         else => try callbackResult(ctx, conn, result),
     }
+}
+
+/// The buffer a custom `in` callback fills (max_message_size bytes),
+/// allocated the first time such a callback runs (setLimits frees it).
+fn buffer(ctx: *Context) Allocator.Error![]u8 {
+    if (ctx.switch_buf) |s| return s;
+    ctx.switch_buf = try ctx.gpa.alloc(u8, ctx.limits.max_message_size);
+    return ctx.switch_buf.?;
 }
 
 /// What a callback result other than NO_ERROR does to `conn`.
@@ -46,7 +107,11 @@ fn callbackResult(ctx: *Context, conn: *Conn, result: CbResult) Allocator.Error!
         .fd_closing => try ctx.drop(conn, null),
         else => {
             var buf: [64]u8 = undefined;
-            const text = std.fmt.bufPrint(&buf, "switch callback failed on fd {d}", .{conn.fd}) catch unreachable;
+            const text = std.fmt.bufPrint(
+                &buf,
+                "switch callback failed on fd {d}",
+                .{conn.fd},
+            ) catch unreachable;
             try ctx.drop(conn, text);
         },
     }
@@ -60,7 +125,8 @@ pub fn forward(ctx: *Context, origin: *Conn, payload: []const u8) Allocator.Erro
     const dest = origin.peer orelse return;
     std.debug.assert(dest.alive);
     if (dest.cb_out) |out| {
-        const result: CbResult = @enumFromInt(out(dest.fd, payload.ptr, @intCast(payload.len)));
+        const len: u32 = @intCast(payload.len);
+        const result: CbResult = @fromBackingInt(@intCast(out(dest.fd, payload.ptr, len)));
         if (result == .no_error) return ctx.events.push(ctx.gpa, .switch_tx, dest.fd, dest.index);
         return callbackResult(ctx, dest, result);
     }

@@ -1,5 +1,6 @@
 //! Thin layer over libc: errno decoding, EINTR-safe read/write/send, blocking
-//! waits with poll(2), non-blocking mode, monotonic time, lstat of a path.
+//! waits with poll(2), non-blocking mode, the Unix socket calls (listen,
+//! connect, accept), monotonic time, lstat of a path.
 //! Everything else calls std.c directly; this file only holds what several
 //! files need and what differs between operating systems.
 
@@ -80,7 +81,12 @@ fn readResult(n: isize, len: usize) ?IoResult {
 /// single buffer), waiting or not (see Wait); writev on anything else (a pipe
 /// given to add_external: in non-blocking mode, it never waits), with SIGPIPE
 /// held back (see writevQuiet).
-pub fn writeSome(fd: fd_t, iov: []const std.posix.iovec_const, is_socket: bool, wait: Wait) IoResult {
+pub fn writeSome(
+    fd: fd_t,
+    iov: []const std.posix.iovec_const,
+    is_socket: bool,
+    wait: Wait,
+) IoResult {
     if (!is_socket) return writevQuiet(fd, iov);
     while (true) {
         const n = if (iov.len == 1)
@@ -191,6 +197,107 @@ pub fn isSocket(fd: fd_t) bool {
     return c.getsockopt(fd, c.SOL.SOCKET, c.SO.TYPE, &ty, &len) == 0;
 }
 
+// ------------------------------------------------------------ sockets
+
+/// A socket call's result: the fd, or the errno.
+pub const SocketResult = union(enum) { fd: fd_t, failed: E };
+
+/// The address of the Unix socket at `path` (it must fit sun_path).
+pub fn unixAddress(path: []const u8) c.sockaddr.un {
+    var addr = std.mem.zeroes(c.sockaddr.un);
+    addr.family = c.AF.UNIX;
+    @memcpy(addr.path[0..path.len], path);
+    return addr;
+}
+
+/// A non-blocking Unix stream socket listening at `path` with `mode`;
+/// on failure nothing is left behind (the socket file is removed).
+pub fn listenUnix(path: [:0]const u8, mode: c.mode_t) SocketResult {
+    const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC | c.SOCK.NONBLOCK, 0);
+    if (fd < 0) return .{ .failed = errno(fd) };
+    const addr = unixAddress(path);
+    if (c.bind(fd, @ptrCast(&addr), @sizeOf(c.sockaddr.un)) != 0) {
+        const e = errno(@as(c_int, -1));
+        closeFd(fd);
+        return .{ .failed = e };
+    }
+    if (c.chmod(path.ptr, mode) != 0 or c.listen(fd, 4096) != 0) {
+        const e = errno(@as(c_int, -1));
+        closeFd(fd);
+        _ = c.unlink(path.ptr);
+        return .{ .failed = e };
+    }
+    return .{ .fd = fd };
+}
+
+/// A Unix stream socket connected to `path`, in blocking mode (see Wait).
+/// A connect interrupted by a signal completes in the background: it is
+/// waited for. On failure the socket is closed.
+pub fn connectUnix(path: [:0]const u8) SocketResult {
+    const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0);
+    if (fd < 0) return .{ .failed = errno(fd) };
+    const addr = unixAddress(path);
+    if (c.connect(fd, @ptrCast(&addr), @sizeOf(c.sockaddr.un)) != 0) {
+        var e = errno(@as(c_int, -1));
+        if (e == .INTR) e = finishConnect(fd);
+        if (e != .SUCCESS) {
+            closeFd(fd);
+            return .{ .failed = e };
+        }
+    }
+    if (send_flags == 0) setNoSigpipe(fd);
+    return .{ .fd = fd };
+}
+
+/// The outcome of a connect that goes on in the background.
+fn finishConnect(fd: fd_t) E {
+    waitFd(fd, POLLOUT);
+    var err: c_int = 0;
+    var len: c.socklen_t = @sizeOf(c_int);
+    if (c.getsockopt(fd, c.SOL.SOCKET, c.SO.ERROR, &err, &len) != 0) return .SUCCESS;
+    return @fromBackingInt(@intCast(err));
+}
+
+/// Accept one client of a listening socket, in blocking mode (see Wait),
+/// close-on-exec; -1 and errno when none could be.
+pub fn accept(listen_fd: fd_t) fd_t {
+    if (comptime builtin.os.tag.isDarwin()) {
+        const fd = c.accept(listen_fd, null, null);
+        if (fd >= 0) {
+            _ = setNonblocking(fd, false); // blocking mode, not the listener's
+            _ = c.fcntl(fd, c.F.SETFD, @as(c_int, c.FD_CLOEXEC));
+            setNoSigpipe(fd);
+        }
+        return fd;
+    }
+    const fd = c.accept4(listen_fd, null, null, c.SOCK.CLOEXEC);
+    if (fd >= 0 and send_flags == 0) setNoSigpipe(fd);
+    return fd;
+}
+
+/// Where send has no MSG_NOSIGNAL (macOS), ask the socket not to raise SIGPIPE.
+pub fn setNoSigpipe(fd: fd_t) void {
+    if (@hasDecl(c.SO, "NOSIGPIPE")) {
+        const one: c_int = 1;
+        _ = c.setsockopt(fd, c.SOL.SOCKET, c.SO.NOSIGPIPE, &one, @sizeOf(c_int));
+    }
+}
+
+/// Whether fd is a connected Unix stream socket: the only kind of fd ipcd
+/// may hand us as a connection.
+pub fn isConnectedUnixStream(fd: fd_t) bool {
+    var ty: c_int = 0;
+    var ty_len: c.socklen_t = @sizeOf(c_int);
+    if (c.getsockopt(fd, c.SOL.SOCKET, c.SO.TYPE, &ty, &ty_len) != 0 or ty != c.SOCK.STREAM)
+        return false;
+    var addr: c.sockaddr.storage = undefined;
+    var addr_len: c.socklen_t = @sizeOf(c.sockaddr.storage);
+    if (c.getsockname(fd, @ptrCast(&addr), &addr_len) != 0) return false;
+    if (@as(*const c.sockaddr, @ptrCast(&addr)).family != c.AF.UNIX) return false;
+    addr_len = @sizeOf(c.sockaddr.storage);
+    return c.getpeername(fd, @ptrCast(&addr), &addr_len) == 0;
+}
+
 /// Close, ignoring errors: after close(2) the fd is released on every system
 /// we target even when it reports EINTR, so retrying would be wrong.
 pub fn closeFd(fd: fd_t) void {
@@ -219,9 +326,15 @@ pub const LstatResult = union(enum) { mode: u32, failed: E };
 pub fn lstatMode(path: [*:0]const u8) LstatResult {
     if (builtin.os.tag == .linux) {
         var stx: linux.Statx = undefined;
-        const rc = linux.statx(linux.AT.FDCWD, path, linux.AT.SYMLINK_NOFOLLOW, .{ .TYPE = true, .MODE = true }, &stx);
+        const rc = linux.statx(
+            linux.AT.FDCWD,
+            path,
+            linux.AT.SYMLINK_NOFOLLOW,
+            .{ .TYPE = true, .MODE = true },
+            &stx,
+        );
         const e = linux.errno(rc);
-        if (e != .SUCCESS) return .{ .failed = @enumFromInt(@intFromEnum(e)) };
+        if (e != .SUCCESS) return .{ .failed = @fromBackingInt(@intCast(@backingInt(e))) };
         return .{ .mode = stx.mode };
     } else {
         var st: c.Stat = undefined;
@@ -236,7 +349,13 @@ pub fn lstatMode(path: [*:0]const u8) LstatResult {
 pub fn lstatOwner(path: [*:0]const u8) ?u32 {
     if (builtin.os.tag == .linux) {
         var stx: linux.Statx = undefined;
-        const rc = linux.statx(linux.AT.FDCWD, path, linux.AT.SYMLINK_NOFOLLOW, .{ .UID = true }, &stx);
+        const rc = linux.statx(
+            linux.AT.FDCWD,
+            path,
+            linux.AT.SYMLINK_NOFOLLOW,
+            .{ .UID = true },
+            &stx,
+        );
         if (linux.errno(rc) != .SUCCESS) return null;
         return stx.uid;
     } else {
@@ -254,11 +373,17 @@ pub const S_IWOTH: u32 = 0o002;
 
 test "readSome and writeSome over a socketpair" {
     var fds: [2]c.fd_t = undefined;
-    try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC | c.SOCK.NONBLOCK, 0, &fds));
+    try std.testing.expectEqual(
+        @as(c_int, 0),
+        c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC | c.SOCK.NONBLOCK, 0, &fds),
+    );
     defer closeFd(fds[1]);
     var buf: [8]u8 = undefined;
     try std.testing.expect(readSome(fds[1], &buf) == .would_block);
-    const iov = [_]std.posix.iovec_const{ .{ .base = "ab", .len = 2 }, .{ .base = "cd", .len = 2 } };
+    const iov = [_]std.posix.iovec_const{ .{
+        .base = "ab",
+        .len = 2,
+    }, .{ .base = "cd", .len = 2 } };
     try std.testing.expectEqual(@as(usize, 4), writeSome(fds[0], &iov, true, .no).done);
     try std.testing.expectEqual(@as(usize, 4), readSome(fds[1], &buf).done);
     try std.testing.expectEqualStrings("abcd", buf[0..4]);
@@ -287,7 +412,10 @@ test "writeSome to a pipe nobody reads: EPIPE, no SIGPIPE, none left pending" {
 
 test "a blocking-mode socket: Wait.no returns at once, Wait.yes takes what is there" {
     var fds: [2]c.fd_t = undefined;
-    try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0, &fds));
+    try std.testing.expectEqual(
+        @as(c_int, 0),
+        c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0, &fds),
+    );
     defer closeFd(fds[0]);
     defer closeFd(fds[1]);
     var buf: [8]u8 = undefined;

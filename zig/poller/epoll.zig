@@ -4,13 +4,13 @@ const std = @import("std");
 const c = std.c;
 const linux = std.os.linux;
 const EPOLL = linux.EPOLL;
-const P = @import("poller.zig");
+const api = @import("api.zig");
 
 pub const Poller = struct {
     epfd: i32,
-    buf: [256]linux.epoll_event = undefined,
+    buf: [api.max_batch]linux.epoll_event = undefined,
 
-    pub fn init(gpa: std.mem.Allocator) P.Error!Poller {
+    pub fn init(gpa: std.mem.Allocator) api.Error!Poller {
         _ = gpa;
         const fd = c.epoll_create1(EPOLL.CLOEXEC);
         if (fd < 0) return error.SystemResources;
@@ -22,7 +22,7 @@ pub const Poller = struct {
         _ = c.close(self.epfd);
     }
 
-    fn mask(i: P.Interest) u32 {
+    fn mask(i: api.Interest) u32 {
         var m: u32 = 0;
         if (i.read) m |= EPOLL.IN;
         if (i.write) m |= EPOLL.OUT;
@@ -30,11 +30,22 @@ pub const Poller = struct {
     }
 
     /// Change what fd is watched for, from `old` to `new` (none = not watched).
-    pub fn update(self: *Poller, gpa: std.mem.Allocator, fd: i32, old: P.Interest, new: P.Interest) P.Error!void {
+    pub fn update(
+        self: *Poller,
+        gpa: std.mem.Allocator,
+        fd: i32,
+        old: api.Interest,
+        new: api.Interest,
+    ) api.Error!void {
         _ = gpa;
         if (old == new) return;
-        const none: P.Interest = .{};
-        const op: u32 = if (old == none) EPOLL.CTL_ADD else if (new == none) EPOLL.CTL_DEL else EPOLL.CTL_MOD;
+        const none: api.Interest = .{};
+        const op: u32 = if (old == none)
+            EPOLL.CTL_ADD
+        else if (new == none)
+            EPOLL.CTL_DEL
+        else
+            EPOLL.CTL_MOD;
         var ev: linux.epoll_event = .{ .events = mask(new), .data = .{ .fd = fd } };
         if (c.epoll_ctl(self.epfd, op, fd, &ev) == 0) return;
         return switch (c.errno(@as(c_int, -1))) {
@@ -47,7 +58,7 @@ pub const Poller = struct {
 
     /// Wait up to timeout_ms (-1: forever) and fill `out`; 0 on timeout;
     /// Interrupted when a signal ended the wait.
-    pub fn wait(self: *Poller, out: []P.Ready, timeout_ms: i32) P.Error!usize {
+    pub fn wait(self: *Poller, out: []api.Ready, timeout_ms: i32) api.Error!usize {
         const max = @min(out.len, self.buf.len);
         const n = c.epoll_wait(self.epfd, &self.buf, @intCast(max), timeout_ms);
         if (n < 0) return if (c.errno(n) == .INTR) error.Interrupted else error.Unexpected;
@@ -64,3 +75,7 @@ pub const Poller = struct {
         return @intCast(n);
     }
 };
+
+comptime {
+    api.checkApi(Poller);
+}

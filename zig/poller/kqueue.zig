@@ -3,13 +3,13 @@
 
 const std = @import("std");
 const c = std.c;
-const P = @import("poller.zig");
+const api = @import("api.zig");
 
 pub const Poller = struct {
     kq: i32,
-    buf: [256]c.Kevent = undefined,
+    buf: [api.max_batch]c.Kevent = undefined,
 
-    pub fn init(gpa: std.mem.Allocator) P.Error!Poller {
+    pub fn init(gpa: std.mem.Allocator) api.Error!Poller {
         _ = gpa;
         const kq = c.kqueue();
         if (kq < 0) return error.SystemResources;
@@ -30,7 +30,13 @@ pub const Poller = struct {
         return ev;
     }
 
-    pub fn update(self: *Poller, gpa: std.mem.Allocator, fd: i32, old: P.Interest, new: P.Interest) P.Error!void {
+    pub fn update(
+        self: *Poller,
+        gpa: std.mem.Allocator,
+        fd: i32,
+        old: api.Interest,
+        new: api.Interest,
+    ) api.Error!void {
         _ = gpa;
         const add: u32 = c.EV.ADD | c.EV.ENABLE;
         const del: u32 = c.EV.DELETE;
@@ -56,9 +62,12 @@ pub const Poller = struct {
         };
     }
 
-    pub fn wait(self: *Poller, out: []P.Ready, timeout_ms: i32) P.Error!usize {
+    pub fn wait(self: *Poller, out: []api.Ready, timeout_ms: i32) api.Error!usize {
         const max = @min(out.len, self.buf.len);
-        var ts: c.timespec = .{ .sec = @intCast(@divTrunc(timeout_ms, 1000)), .nsec = @intCast(@rem(timeout_ms, 1000) * 1_000_000) };
+        var ts: c.timespec = .{
+            .sec = @intCast(@divTrunc(timeout_ms, 1000)),
+            .nsec = @intCast(@rem(timeout_ms, 1000) * 1_000_000),
+        };
         const tsp: ?*const c.timespec = if (timeout_ms < 0) null else &ts;
         const n = c.kevent(self.kq, &self.buf, 0, &self.buf, @intCast(max), tsp);
         if (n < 0) return if (c.errno(n) == .INTR) error.Interrupted else error.Unexpected;
@@ -73,3 +82,7 @@ pub const Poller = struct {
         return @intCast(n);
     }
 };
+
+comptime {
+    api.checkApi(Poller);
+}

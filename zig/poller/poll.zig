@@ -4,7 +4,7 @@
 
 const std = @import("std");
 const c = std.c;
-const P = @import("poller.zig");
+const api = @import("api.zig");
 
 pub const Poller = struct {
     fds: std.ArrayList(c.pollfd) = .empty,
@@ -14,7 +14,7 @@ pub const Poller = struct {
     next: usize = 0,
     left: usize = 0,
 
-    pub fn init(gpa: std.mem.Allocator) P.Error!Poller {
+    pub fn init(gpa: std.mem.Allocator) api.Error!Poller {
         _ = gpa;
         return .{};
     }
@@ -24,16 +24,22 @@ pub const Poller = struct {
         self.pos.deinit(gpa);
     }
 
-    fn events(i: P.Interest) i16 {
+    fn events(i: api.Interest) i16 {
         var m: i16 = 0;
         if (i.read) m |= c.POLL.IN;
         if (i.write) m |= c.POLL.OUT;
         return m;
     }
 
-    pub fn update(self: *Poller, gpa: std.mem.Allocator, fd: i32, old: P.Interest, new: P.Interest) P.Error!void {
+    pub fn update(
+        self: *Poller,
+        gpa: std.mem.Allocator,
+        fd: i32,
+        old: api.Interest,
+        new: api.Interest,
+    ) api.Error!void {
         _ = old;
-        const none: P.Interest = .{};
+        const none: api.Interest = .{};
         self.left = 0;
         if (self.pos.get(fd)) |i| {
             if (new == none) {
@@ -49,7 +55,7 @@ pub const Poller = struct {
         self.fds.appendAssumeCapacity(.{ .fd = fd, .events = events(new), .revents = 0 });
     }
 
-    pub fn wait(self: *Poller, out: []P.Ready, timeout_ms: i32) P.Error!usize {
+    pub fn wait(self: *Poller, out: []api.Ready, timeout_ms: i32) api.Error!usize {
         if (self.left == 0) {
             // An empty list has no valid pointer: give poll a real (unused) one.
             var none: [1]c.pollfd = undefined;
@@ -60,7 +66,8 @@ pub const Poller = struct {
             self.next = 0;
         }
         var n: usize = 0;
-        while (self.left > 0 and n < out.len and self.next < self.fds.items.len) : (self.next += 1) {
+        const count = self.fds.items.len;
+        while (self.left > 0 and n < out.len and self.next < count) : (self.next += 1) {
             const p = self.fds.items[self.next];
             if (p.revents == 0) continue;
             const bad = p.revents & (c.POLL.HUP | c.POLL.ERR | c.POLL.NVAL) != 0;
@@ -82,12 +89,15 @@ test "poll backend reports a readable fd" {
     var p = try Poller.init(gpa);
     defer p.deinit(gpa);
     var fds: [2]c.fd_t = undefined;
-    try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.NONBLOCK, 0, &fds));
+    try std.testing.expectEqual(
+        @as(c_int, 0),
+        c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.NONBLOCK, 0, &fds),
+    );
     defer _ = c.close(fds[0]);
     defer _ = c.close(fds[1]);
     try p.update(gpa, fds[1], .{}, .{ .read = true });
     try p.update(gpa, fds[0], .{}, .{ .read = true });
-    var out: [4]P.Ready = undefined;
+    var out: [4]api.Ready = undefined;
     try std.testing.expectEqual(@as(usize, 0), try p.wait(&out, 0));
     _ = c.send(fds[0], "x", 1, 0);
     try std.testing.expectEqual(@as(usize, 1), try p.wait(&out, 1000));
@@ -95,4 +105,8 @@ test "poll backend reports a readable fd" {
     try p.update(gpa, fds[0], .{ .read = true }, .{});
     try std.testing.expectEqual(@as(usize, 1), p.fds.items.len);
     try std.testing.expectEqual(@as(u32, 0), p.pos.get(fds[1]).?);
+}
+
+comptime {
+    api.checkApi(Poller);
 }

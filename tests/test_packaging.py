@@ -100,10 +100,10 @@ def test_wheel_carries_the_package_its_types_and_license(built):
     assert not [n for n in names if n.split("/")[0] in ("bench", "tests", "examples")]
 
 
-def test_sdist_carries_license_changelog_and_sources(built):
+def test_sdist_carries_license_changelog_and_typing_programs(built):
     _, sdist = built
     with tarfile.open(sdist) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
     for needed in ("LICENSE", "CHANGELOG.md", "pyipc/py.typed", "pyipc/_version.py",
-                   "build.zig", "zig/libipc.h", "tests/conftest.py"):
+                   "build.zig", "zig/libipc.h", "tests/typing/messages.py"):
         assert needed in names, needed

@@ -100,7 +100,8 @@ def _build_reason(build: Callable[[], object]) -> Optional[str]:
 def systems() -> List[System]:
     """Every system, each with ``why_not`` set when it is not available here."""
     native = _native_reason()
-    zmq = None if importlib.util.find_spec("zmq") else "not installed (pip install pyipc[bench])"
+    zmq = (None if importlib.util.find_spec("zmq")
+           else "not installed (pip install pyipc-zig[bench])")
     return [
         System("native", "pyipc native", _python("peer_pyipc", "--backend", "native"),
                ("rtt", "oneway", "scale"), native),

@@ -13,25 +13,11 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from pyipc.cli import add_bench_arguments
+
 from . import metrics, report, runner
 from .cases import CASES, Case, System, systems
 from .progress import Progress
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``pyipc bench``."""
-    p.add_argument("--quick", action="store_true", help="fewer messages per run")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="runs of each case per system (default 3, quick: 1)")
-    p.add_argument("--cases", nargs="+", choices=[c.key for c in CASES], metavar="CASE",
-                   help="cases to run: " + ", ".join(c.key for c in CASES) + " (default: all)")
-    p.add_argument("--systems", nargs="+", metavar="SYSTEM",
-                   help="systems to run (default: all): native pure raw native_busy native_raw "
-                        "raw_native raw_epoll mp zmq_pair zmq_push c_floor c_core")
-    p.add_argument("--placement", choices=runner.PLACEMENTS, default="split",
-                   help="CPUs of the two peers: split (default: the server on one CPU, "
-                        "the client on another), same (both on one CPU), free (the "
-                        "scheduler's choice); pinning needs Linux, elsewhere it is free")
 
 
 def _selected(args: argparse.Namespace) -> Tuple[List[Case], List[System]]:
@@ -87,7 +73,7 @@ def _header(repeats: int, quick: bool, placement: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
+    add_bench_arguments(p)
     return run(p.parse_args(argv))
 
 

@@ -402,8 +402,8 @@ def check_wheel(wheel: Path, repo_header: Path | None, use_auditwheel: bool) -> 
                      wheel.name)
     if not m:
         raise CheckError("file name is not NAME-VERSION-PY-ABI-PLATFORM.whl")
-    if m["name"] != "pyipc":
-        raise CheckError(f"distribution is {m['name']!r}, not pyipc")
+    if m["name"] != "pyipc_zig":
+        raise CheckError(f"distribution is {m['name']!r}, not pyipc_zig (pyipc-zig)")
     if m["py"] != "py3" or m["abi"] != "none":
         raise CheckError(f"tag {m['py']}-{m['abi']}: expected py3-none (the library does not use the Python ABI)")
     plat_tags = m["plat"].split(".")

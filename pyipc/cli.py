@@ -1,4 +1,4 @@
-"""The ``pyipc`` command: demo, pongd (an echo service), pong (its client) and bench.
+"""The pyipc command: demo, pongd (an echo service), pong (its client) and bench.
 
 Exit codes: 0 success; 1 a pyipc error (service busy, not found, ...) or an echo
 that did not match; 2 bad usage (argparse).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import logging
 import os
 import shutil
@@ -16,11 +17,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional, Sequence
+from types import ModuleType
+from typing import Any, Optional, Sequence
 
-from . import ConnectionClosedError, Context, Event, EventType, IPCError
+from . import (BackendError, ConnectionClosedError, Context, Event, EventType, IPCError,
+               available_backends)
+from ._version import DISTRIBUTION, __version__
 
 log = logging.getLogger("pyipc.cli")
+
+#: The directory that holds this pyipc package: a source checkout (with bench/
+#: beside pyipc/) or site-packages.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _context(args: argparse.Namespace) -> Context:
     return Context(rundir=args.rundir, backend=args.backend)
@@ -49,7 +57,7 @@ def cmd_pongd(args: argparse.Namespace) -> int:
 
 def _handle(ctx: Context, ev: Event) -> int:
     """pongd's answer to one event; the number of messages it echoed (0 or 1)."""
-    if ev.type == EventType.MESSAGE_RX:
+    if ev.type == EventType.MESSAGE_RX and ev.message is not None:   # it always has one
         try:
             ctx.schedule(ev.fd, ev.message)   # never blocks on a slow client
             return 1
@@ -103,13 +111,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The children import this very pyipc: `python -m` puts the working
     # directory first on sys.path, so they start in an empty one (from a source
     # checkout they would otherwise import its pyipc, maybe without the library).
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (here, os.environ.get("PYTHONPATH", "")) if p))
+        p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")) if p))
     spawn = functools.partial(subprocess.Popen, stdout=subprocess.PIPE, text=True,
                               cwd=workdir, env=env)
     service = spawn(base + ["pongd", "demo"])
     try:
+        assert service.stdout is not None      # stdout=PIPE
         ready = service.stdout.readline()      # pongd prints once it listens
         if not ready:
             print("demo: pongd did not start", file=sys.stderr)
@@ -139,42 +147,104 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if not failures and service.returncode == 0 else 1
 
 
-def _bench_module():
-    """The benchmark package of the source checkout (bench/ next to pyipc/), or None."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "bench", "main.py")):
+#: ``pyipc bench``'s choices. bench/ says what each one runs; it is not part of
+#: the installed package, so its options are listed here, where --help finds
+#: them from an installed package too (tests/test_cli.py checks both agree).
+BENCH_CASES = ("rtt", "tp64", "tp64k", "tp1m", "scale1k", "scale10k")
+BENCH_SYSTEMS = ("native", "pure", "raw", "native_busy", "native_raw", "raw_native",
+                 "raw_epoll", "mp", "zmq_pair", "zmq_push", "c_floor", "c_core")
+BENCH_PLACEMENTS = ("split", "same", "free")
+
+
+def _bench_module() -> Optional[ModuleType]:
+    """bench.main of the source checkout (bench/ next to pyipc/), or None."""
+    if not os.path.isfile(os.path.join(PACKAGE_PARENT, "bench", "main.py")):
         return None
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from bench import main as bench_main
-    return bench_main
+    if PACKAGE_PARENT not in sys.path:
+        sys.path.insert(0, PACKAGE_PARENT)
+    return importlib.import_module("bench.main")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmarks (bench/ of a source checkout); print the markdown table."""
     bench_main = _bench_module()
     if bench_main is None:
-        print("pyipc bench: needs a source checkout (bench/ is not installed with the package)",
-              file=sys.stderr)
+        print("pyipc bench: needs a source checkout of pyipc-zig (bench/ is not "
+              "installed with the package): see pyipc bench --help", file=sys.stderr)
         return 1
-    return bench_main.run(args)
+    status: int = bench_main.run(args)
+    return status
 
 
-def _add_bench(sub) -> None:
-    b = sub.add_parser("bench", help="benchmark pyipc against other IPC (source checkout)")
-    bench_main = _bench_module()
-    if bench_main is not None:
-        bench_main.add_arguments(b)
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``pyipc bench`` (also used by ``python -m bench.main``)."""
+    p.add_argument("--quick", action="store_true", help="fewer messages per run")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="runs of each case per system (default 3, quick: 1)")
+    p.add_argument("--cases", nargs="+", choices=BENCH_CASES, metavar="CASE",
+                   help="cases to run: " + ", ".join(BENCH_CASES) + " (default: all)")
+    p.add_argument("--systems", nargs="+", metavar="SYSTEM",
+                   help="systems to run (default: all): " + " ".join(BENCH_SYSTEMS))
+    p.add_argument("--placement", choices=BENCH_PLACEMENTS, default="split",
+                   help="CPUs of the two peers: split (default: the server on one CPU, "
+                        "the client on another), same (both on one CPU), free (the "
+                        "scheduler's choice); pinning needs Linux, elsewhere it is free")
+
+
+def _add_bench(sub: Any) -> None:
+    b = sub.add_parser(
+        "bench", help="benchmark pyipc against other IPC (source checkout)",
+        description="Run each benchmark case for each system (server and client in "
+                    "separate processes, interleaved repeats) and print a markdown "
+                    "table of the medians; progress goes to stderr. The benchmark "
+                    "programs are in bench/ of a source checkout of pyipc-zig, not in "
+                    "the installed package: run pyipc bench there (pip install -e "
+                    "'.[bench]' adds pyzmq). Exit 1 when a run failed.")
+    add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
 
 
+def version_text(backend: Optional[str]) -> str:
+    """What ``pyipc --version`` prints: distribution, version, backend in use."""
+    head = f"{DISTRIBUTION} {__version__}"
+    try:
+        with Context(backend=backend) as ctx:
+            used = ctx.backend
+    except BackendError as e:
+        return f"{head} (backend {backend or os.environ.get('PYIPC_BACKEND')} cannot load: {e})"
+    why_not = available_backends()["native"]
+    if used == "pure" and why_not is not None:
+        return f"{head} (backend pure; native cannot load: {why_not})"
+    return f"{head} (backend {used})"
+
+
+class _VersionAction(argparse.Action):
+    """--version: print version_text() for the --backend given before it, exit."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: Optional[str] = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: Optional[str] = None) -> None:
+        print(version_text(getattr(namespace, "backend", None)), flush=True)
+        parser.exit()
+
+
+DESCRIPTION = ("The pyipc command: demo, pongd (an echo service), pong (its client) "
+               "and bench.")
+
+
 def parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``pyipc`` command."""
+    """The argument parser of the pyipc command."""
     p = argparse.ArgumentParser(
-        prog="pyipc", description=__doc__.split("\n\n")[0],
+        prog="pyipc", description=DESCRIPTION,
         epilog="exit codes: 0 success; 1 a pyipc error (service busy or not found, ...) "
                "or an echo that did not match; 2 bad usage. "
-               "`pyipc COMMAND --help` explains each command.")
+               "'pyipc COMMAND --help' explains each command.")
+    p.add_argument("--version", action=_VersionAction,
+                   help="print the version and the backend in use (after --backend: "
+                        "that one), then exit")
     p.add_argument("--rundir", help="run directory (default: env RUNDIR, else /tmp/.libipc-run)")
     p.add_argument("--backend", choices=["native", "pure"],
                    help="backend (default: env PYIPC_BACKEND, else native if it loads)")
@@ -182,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser(
         "demo", help="start pongd and some clients, print what they exchange",
-        description="Start `pyipc pongd demo` and N `pyipc pong` clients as separate "
+        description="Start 'pyipc pongd demo' and N 'pyipc pong' clients as separate "
                     "processes (in a temporary run dir unless --rundir is given), print "
                     "every exchange and a summary. Exit 0 when every echo matched.")
     d.add_argument("--clients", type=int, default=3, help="client processes (default 3)")
@@ -215,7 +285,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(name)s: %(message)s")
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except IPCError as e:
         print(f"pyipc {args.command}: {e}", file=sys.stderr)
         return 1

@@ -57,7 +57,8 @@ import io
 import json
 import math
 import sys
-from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Tuple, TypeVar, Union
+from typing import (Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Set,
+                    Tuple, Type, TypeVar, Union, overload)
 
 import cbor2
 
@@ -66,7 +67,7 @@ from ._types import Event
 __all__ = [
     "Registry", "TypedMessageError", "InvalidTypeNumberError", "DuplicateTypeError",
     "DuplicateClassError", "NotAMessageClassError", "UnregisteredClassError",
-    "UnencodableValueError", "UnknownTypeError", "CorruptMessageError",
+    "UnencodableValueError", "UnknownTypeError", "UnexpectedTypeError", "CorruptMessageError",
     "FieldMismatchError", "CODECS", "MAX_TYPE_NUMBER",
 ]
 
@@ -75,7 +76,10 @@ CODECS = ("cbor", "json")
 #: Highest message type number (the type is one byte).
 MAX_TYPE_NUMBER = 255
 
+#: A message class being registered (register() returns it unchanged).
 T = TypeVar("T", bound=type)
+#: The message class a caller expects from decode(payload, cls).
+M = TypeVar("M")
 BytesLike = Union[bytes, bytearray, memoryview]
 
 
@@ -114,6 +118,16 @@ class UnknownTypeError(TypedMessageError):
     def __init__(self, message: str, number: int) -> None:
         super().__init__(message)
         self.number = number
+
+
+class UnexpectedTypeError(TypedMessageError):
+    """decode(payload, cls) got a message whose class is not ``cls`` (nor a
+    subclass of it); ``number`` is its type number, ``expected`` is ``cls``."""
+
+    def __init__(self, message: str, number: int, expected: type) -> None:
+        super().__init__(message)
+        self.number = number
+        self.expected = expected
 
 
 class CorruptMessageError(TypedMessageError):
@@ -187,7 +201,13 @@ class Registry:
         return iter([(n, e.cls) for n, e in sorted(self._by_number.items())])
 
     # -- registration -------------------------------------------------------------
-    def register(self, number: int, cls: Optional[T] = None) -> Any:
+    @overload
+    def register(self, number: int) -> Callable[[T], T]: ...
+
+    @overload
+    def register(self, number: int, cls: T) -> T: ...
+
+    def register(self, number: int, cls: Optional[T] = None) -> Union[T, Callable[[T], T]]:
         """Register ``cls`` as message type ``number``.
 
         Used as a decorator (``@registry.register(3)`` above the class, which is
@@ -271,21 +291,33 @@ class Registry:
         return bytes((entry.number,)) + _cbor_encode(body, what)
 
     # -- decoding -----------------------------------------------------------------
-    def decode(self, payload: BytesLike) -> Any:
+    @overload
+    def decode(self, payload: BytesLike) -> Any: ...
+
+    @overload
+    def decode(self, payload: BytesLike, cls: Type[M]) -> M: ...
+
+    def decode(self, payload: BytesLike, cls: Optional[Type[M]] = None) -> Any:
         """The object a payload carries (an instance of the registered class).
 
-        Raises :class:`CorruptMessageError` (empty payload, a body that is not
-        valid CBOR/JSON or not a map with str keys, a class that refuses the
-        values), :class:`UnknownTypeError`, :class:`FieldMismatchError`.
+        With ``cls``, the message must be of that class (or a subclass of it),
+        else :class:`UnexpectedTypeError`: a type checker then knows what
+        comes back. Raises :class:`CorruptMessageError` (empty payload, a body
+        that is not valid CBOR/JSON or not a map with str keys, a class that
+        refuses the values), :class:`UnknownTypeError`, :class:`FieldMismatchError`.
         """
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes-like, not {type(payload).__name__}")
+        if cls is not None and not isinstance(cls, type):
+            raise TypeError(f"cls must be a class, not {type(cls).__name__}")
         data = bytes(payload)
         if not data:
             raise CorruptMessageError("empty payload: a typed message needs at least its "
                                       "type byte")
         entry = self._entry_of(data[0])
         what = f"message type {entry.number} ({_name(entry.cls)})"
+        if cls is not None:
+            _check_expected(entry, cls, what)
         if self._codec == "json":
             body = _json_decode(data[1:], what)
         else:
@@ -298,8 +330,15 @@ class Registry:
             return _build_protocol(entry, body, what)
         return _build_dataclass(entry, body, what)
 
-    def decode_event(self, event: Event) -> Any:
-        """The object carried by a MESSAGE_RX (or SWITCH_RX) event.
+    @overload
+    def decode_event(self, event: Event) -> Any: ...
+
+    @overload
+    def decode_event(self, event: Event, cls: Type[M]) -> M: ...
+
+    def decode_event(self, event: Event, cls: Optional[Type[M]] = None) -> Any:
+        """The object carried by a MESSAGE_RX (or SWITCH_RX) event; ``cls`` as
+        for :meth:`decode`.
 
         An event without a message (any other type) raises ``ValueError``.
         """
@@ -307,12 +346,18 @@ class Registry:
             raise TypeError(f"decode_event needs an Event, not {type(event).__name__}")
         if event.message is None:
             raise ValueError(f"event {event.type.name} on fd {event.fd} carries no message")
-        return self.decode(event.message)
+        return self.decode(event.message) if cls is None else self.decode(event.message, cls)
 
 
 # -- registration helpers ----------------------------------------------------------
 def _name(cls: type) -> str:
-    return getattr(cls, "__qualname__", None) or getattr(cls, "__name__", repr(cls))
+    name = getattr(cls, "__qualname__", None) or getattr(cls, "__name__", None)
+    return name if isinstance(name, str) else repr(cls)
+
+
+def _check_expected(entry: _Entry, cls: type, what: str) -> None:
+    if not issubclass(entry.cls, cls):
+        raise UnexpectedTypeError(f"{what} is not the expected {_name(cls)}", entry.number, cls)
 
 
 def _check_number(number: object) -> None:
@@ -337,7 +382,8 @@ def _entry(number: int, cls: object) -> _Entry:
         required = frozenset(
             f.name for f in dataclasses.fields(cls) if f.init
             and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING)  # type: ignore[misc]
+            and f.default_factory is dataclasses.MISSING)
+        params: Mapping[str, inspect.Parameter]
         try:
             params = inspect.signature(cls).parameters
         except (TypeError, ValueError):   # pragma: no cover - builtins only
@@ -418,7 +464,7 @@ def _cbor_datetime(encoder: Any, value: datetime.datetime) -> None:
     encoder.encode(cbor2.CBORTag(0, text))
 
 
-_CBOR_ENCODERS = {datetime.datetime: _cbor_datetime}
+_CBOR_ENCODERS: Dict[type, Callable[[Any, Any], None]] = {datetime.datetime: _cbor_datetime}
 
 
 def _cbor_dumps(value: object) -> bytes:
@@ -453,7 +499,7 @@ def _reason(e: BaseException) -> str:
 
 
 def _locate(value: object, path: str, problem: Callable[[object], Optional[str]],
-            active: Optional[set] = None) -> Tuple[str, str]:
+            active: Optional[Set[int]] = None) -> Tuple[str, str]:
     """The path and reason of the innermost value that fails (error path only)."""
     active = set() if active is None else active
     if id(value) in active:
@@ -493,7 +539,7 @@ def _cbor_decode(data: bytes, what: str) -> Any:
 _digit_bounds: Dict[int, int] = {}
 
 
-def _json_problem(value: object, path: str, active: set) -> Optional[Tuple[str, str]]:
+def _json_problem(value: object, path: str, active: Set[int]) -> Optional[Tuple[str, str]]:
     """(path, reason) of the first value JSON cannot round-trip, else None."""
     if value is None or isinstance(value, (bool, str)):
         return None
@@ -571,10 +617,10 @@ def _json_float(text: str) -> float:
     return value
 
 
-def _json_object(pairs: list) -> Dict[str, Any]:
+def _json_object(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
-        seen: set = set()
+        seen: Set[str] = set()
         for k, _ in pairs:
             if k in seen:
                 raise ValueError(f"duplicate key {k!r}")

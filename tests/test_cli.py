@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import pyipc
+from pyipc import cli
 
 from conftest import CHILD_ENV, ROOT
 
@@ -121,3 +125,75 @@ def test_demo_whose_reader_stops_early_still_ends_cleanly(backend):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- --version, help texts, bench options ------------------------------------------
+def test_version_names_the_distribution_and_the_backend(backend):
+    done = _pyipc("--backend", backend, "--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"pyipc-zig {pyipc.__version__} (backend {backend})\n"
+
+
+def test_version_without_backend_names_the_default_one():
+    env = {k: v for k, v in CHILD_ENV.items() if k != "PYIPC_BACKEND"}
+    done = subprocess.run([sys.executable, "-m", "pyipc", "--version"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    why_not = pyipc.available_backends()["native"]
+    expected = ("(backend native)" if why_not is None
+                else f"(backend pure; native cannot load: {why_not})")
+    assert done.stdout == f"pyipc-zig {pyipc.__version__} {expected}\n"
+
+
+#: reStructuredText that must not reach a terminal: ``literal``, `interpreted`,
+#: :role:`target`.
+REST_MARKUP = re.compile(r"`|:[a-z]+:`")
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["pongd"], ["pong"], ["bench"]])
+def test_help_shows_no_rest_markup(command):
+    done = _pyipc(*command, "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: pyipc")
+    assert not REST_MARKUP.search(done.stdout), done.stdout
+
+
+@pytest.fixture
+def installed_elsewhere(tmp_path):
+    """A copy of the pyipc package in a directory with no bench/ beside it, as
+    in site-packages after a (non-editable) install: (env, cwd) to run it."""
+    site = tmp_path / "site"
+    shutil.copytree(Path(pyipc.__file__).parent, site / "pyipc",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**CHILD_ENV, "PYTHONPATH": str(site)}
+    return env, tmp_path
+
+
+def test_bench_help_lists_its_options_from_an_installed_package(installed_elsewhere):
+    env, cwd = installed_elsewhere
+    run = functools.partial(subprocess.run, capture_output=True, text=True, env=env, cwd=cwd,
+                            timeout=60)
+    where = run([sys.executable, "-c", "import pyipc; print(pyipc.__file__)"]).stdout
+    assert where.startswith(str(cwd / "site")), where
+    helped = run([sys.executable, "-m", "pyipc", "bench", "--help"])
+    assert helped.returncode == 0, helped.stderr
+    for option in ("--quick", "--repeats", "--cases", "--systems", "--placement"):
+        assert option in helped.stdout, helped.stdout
+    assert "source checkout of pyipc-zig" in " ".join(helped.stdout.split())
+    ran = run([sys.executable, "-m", "pyipc", "bench", "--quick"])
+    assert ran.returncode == 1
+    assert ran.stderr == ("pyipc bench: needs a source checkout of pyipc-zig (bench/ is not "
+                          "installed with the package): see pyipc bench --help\n")
+
+
+def test_bench_options_name_what_bench_runs(monkeypatch):
+    """pyipc.cli lists bench's cases, systems and placements (for --help from an
+    installed package); they are the ones bench/ of the checkout defines."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import cases, cbuild, runner
+    # systems() compiles the C peers to see if they build: not needed for names.
+    monkeypatch.setattr(cbuild, "build_floor", lambda: Path("floor"))
+    monkeypatch.setattr(cbuild, "build_core", lambda: Path("core"))
+    assert cli.BENCH_CASES == tuple(c.key for c in cases.CASES)
+    assert cli.BENCH_SYSTEMS == tuple(s.key for s in cases.systems())
+    assert cli.BENCH_PLACEMENTS == runner.PLACEMENTS

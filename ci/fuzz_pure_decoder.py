@@ -19,7 +19,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from pyipc._framing import FrameDecoder, FrameTooLarge
+    from pyipc._pure.framing import FrameDecoder, FrameTooLarge
 
 def reference(stream: bytes, limit: int) -> tuple[list[bytes], int | None, int]:
     """(payloads, oversize announcement or None, bytes left over)."""

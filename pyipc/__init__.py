@@ -5,6 +5,15 @@ loop on a :class:`Context`; messages are length-prefixed frames. Two backends,
 ``native`` (Zig core through cffi) and ``pure`` (plain Python), share this API.
 """
 
+import os as _os
+
+if _os.name != "posix":
+    # Before anything else is imported: the run directory needs fcntl, the
+    # backends Unix sockets, fork and poll.
+    raise ImportError(f"pyipc needs a POSIX system (Linux, macOS, a BSD); "
+                      f"this one is {_os.name!r}")
+
+from . import _backend
 from ._backend import available as available_backends
 from ._context import Context
 from ._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
@@ -20,6 +29,9 @@ from .typed import (CorruptMessageError, DuplicateClassError, DuplicateTypeError
                     UnregisteredClassError)
 
 __version__ = "0.1.0"
+
+_backend.plug_in()
+_backend.warn_if_unbuilt()
 
 # TimeoutError is pyipc.TimeoutError but not in __all__: "from pyipc import *"
 # would hide the built-in TimeoutError, and "except TimeoutError" would then miss

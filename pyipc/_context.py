@@ -1,110 +1,38 @@
-"""The public ``Context`` class: argument checks shared by both backends.
+"""The public ``Context`` class: the base of both backends' classes.
 
 ``pyipc.Context(...)`` returns an instance of the chosen backend's subclass
-(``_pure.PureContext`` or ``_native.NativeContext``); everything that does not
-depend on the backend lives here so both behave the same.
+(``_pure.context.PureContext`` or ``_native.NativeContext``; pyipc._backend
+chooses). Everything that does not depend on the backend lives here, so both
+behave the same. This module imports no backend: they import it.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import threading
 import warnings
 import weakref
-from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple
 
 from . import _threads
-from ._framing import is_too_large_text
+from ._checks import (OnIn, OnOut, check_busy_poll, check_limits, check_linger, check_timeout,
+                      check_timer)
 from ._rundir import PathLike, resolve_rundir
 from ._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
-                     DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, MAX_BUSY_POLL, MAX_MESSAGE_SIZE_LIMIT,
-                     MAX_READ_MANY, READ_MANY_BYTES, CBEvent, ConnectionClosedError, Event, EventType,
-                     IPCError, MessageTooLargeError)
+                     DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, Event, IPCError)
 
 if TYPE_CHECKING:
     from .typed import Registry
 
-OnIn = Callable[[int], Tuple[CBEvent, Optional[bytes]]]
-OnOut = Callable[[int, bytes], CBEvent]
+#: Context()'s choice of backend: its ``backend`` argument in, the subclass
+#: to make out. pyipc._backend plugs it in (set_chooser) as pyipc is
+#: imported: the base class imports no backend, the backends import it.
+_chooser: Optional[Callable[[Optional[str]], type]] = None
 
 
-def as_payload(payload: object) -> bytes | memoryview:
-    """A payload as something the socket layer takes: str is sent as UTF-8."""
-    if isinstance(payload, bytes):
-        return payload
-    if isinstance(payload, str):
-        return payload.encode("utf-8")
-    try:
-        view = memoryview(payload)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(
-            f"payload must be bytes-like or str, not {type(payload).__name__}") from None
-    if not view.c_contiguous:
-        return view.tobytes()       # e.g. a strided slice: sent as its bytes, in order
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
-
-def as_payload_list(payloads: object) -> list:
-    """write_many()'s payloads as a list of bytes-like objects of byte format
-    (str as UTF-8), in order; TypeError names the first one that is neither."""
-    if isinstance(payloads, (str, bytes, bytearray, memoryview)):
-        raise TypeError("payloads must be an iterable of payloads, not one "
-                        f"{type(payloads).__name__}")
-    try:
-        items = payloads if type(payloads) is list else list(payloads)  # type: ignore
-    except TypeError:
-        raise TypeError("payloads must be an iterable of payloads, not "
-                        f"{type(payloads).__name__}") from None
-    # The common case, checked at C speed (list.count compares by identity
-    # first: about 15 ns a payload, where a set of the types took 38).
-    if list(map(type, items)).count(bytes) == len(items):
-        return items
-    return [as_payload(p) for p in items]
-
-
-def writable_view(buffer: object) -> memoryview:
-    """read_into()'s buffer as a writable, contiguous memoryview of bytes."""
-    try:
-        view = memoryview(buffer)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError("buffer must be a writable bytes-like object, not "
-                        f"{type(buffer).__name__}") from None
-    if view.readonly or not view.c_contiguous:
-        raise TypeError("buffer must be a writable, contiguous bytes-like object")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
-
-def buffer_too_small_text(size: int, message: int) -> str:
-    """read_into()'s MessageTooLargeError text: the message stays queued."""
-    return f"buffer of {size} bytes is too small for a message of {message} bytes"
-
-
-def check_timeout(timeout: Optional[float]) -> Optional[float]:
-    """A blocking call's ``timeout=``: None (no limit) or seconds from 0 to
-    threading.TIMEOUT_MAX, as Python's own blocking calls take them."""
-    if timeout is None:
-        return None
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
-        raise TypeError(f"timeout must be None or a number of seconds, not {type(timeout).__name__}")
-    if not timeout >= 0 or timeout == math.inf:   # NaN fails >= 0
-        raise ValueError("timeout must be None or a finite number of seconds >= 0")
-    if timeout > threading.TIMEOUT_MAX:
-        # Python's own bound for blocking calls (Lock.acquire, socket): a
-        # larger one overflows the clocks of both backends (int too: 10**400).
-        raise ValueError("timeout must be at most threading.TIMEOUT_MAX "
-                         f"({threading.TIMEOUT_MAX} s)")
-    return float(timeout)
-
-
-def check_linger(linger: float) -> float:
-    """``Context(linger=)``: seconds >= 0 that closing waits for scheduled messages."""
-    if not isinstance(linger, (int, float)) or isinstance(linger, bool):
-        raise TypeError(f"linger must be a number of seconds, not {type(linger).__name__}")
-    if not linger >= 0 or math.isinf(linger):
-        raise ValueError("linger must be a finite number of seconds >= 0")
-    return float(linger)
+def set_chooser(chooser: Callable[[Optional[str]], type]) -> None:
+    """Make ``chooser`` the function Context() asks for the backend's class."""
+    global _chooser
+    _chooser = chooser
 
 
 #: Every Context alive in this process: a forked child marks them (see
@@ -121,14 +49,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def check_max_messages(max_messages: int) -> None:
-    """read_many()'s bound: an int from 1 to MAX_READ_MANY."""
-    if not isinstance(max_messages, int) or isinstance(max_messages, bool):
-        raise TypeError(f"max_messages must be int, not {type(max_messages).__name__}")
-    if not 1 <= max_messages <= MAX_READ_MANY:
-        raise ValueError(f"max_messages must be between 1 and {MAX_READ_MANY}")
-
-
 class Context:
     """An event loop over services, connections and foreign fds.
 
@@ -141,7 +61,7 @@ class Context:
     """
 
     __slots__ = ("rundir", "max_message_size", "max_queue_size", "max_connections",
-                 "_linger_s", "_timer", "_busy_poll", "_pending", "_guard", "_unclosed",
+                 "_linger_s", "_timer", "_busy_poll", "_guard", "_unclosed",
                  "__weakref__")
 
     backend: str = "abstract"
@@ -153,10 +73,10 @@ class Context:
 
     def __new__(cls, *args: object, **kwargs: object) -> "Context":
         if cls is Context:
-            from ._backend import select
+            assert _chooser is not None, "pyipc/__init__.py plugs in pyipc._backend's"
             # backend is __init__'s third parameter, by keyword or by position.
             backend = args[2] if len(args) > 2 else kwargs.get("backend")
-            cls = select(backend)  # type: ignore[arg-type]
+            cls = _chooser(backend)  # type: ignore[arg-type]
         return object.__new__(cls)
 
     def __init__(self, rundir: Optional[PathLike] = None,
@@ -165,7 +85,7 @@ class Context:
                  max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  linger: float = DEFAULT_LINGER) -> None:
-        _check_limits(max_message_size, max_queue_size, max_connections)
+        check_limits(max_message_size, max_queue_size, max_connections)
         self._linger_s = check_linger(linger)
         self.rundir: str = resolve_rundir(rundir)
         self.max_message_size = max_message_size
@@ -173,7 +93,6 @@ class Context:
         self.max_connections = max_connections
         self._timer: Optional[int] = None
         self._busy_poll = 0
-        self._pending: deque[Event] = deque()   # events not yet returned, in order
         self._guard: _threads.ThreadGuard = _threads.ThreadGuard()
         _LIVE.add(self)
         self._unclosed: Optional[weakref.finalize] = None
@@ -197,13 +116,7 @@ class Context:
 
     @timer.setter
     def timer(self, value: Optional[int]) -> None:
-        if value is not None:
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"timer must be None or int, not {type(value).__name__}")
-            if value < 0:
-                raise ValueError("timer must be None or >= 0 ms")
-            if value > 0x7FFFFFFF:
-                raise ValueError("timer must be at most 2147483647 ms")
+        check_timer(value)
         self._timer = value
         self._timer_changed(value)
 
@@ -239,10 +152,7 @@ class Context:
 
     @busy_poll.setter
     def busy_poll(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"busy_poll must be int, not {type(value).__name__}")
-        if not 0 <= value <= MAX_BUSY_POLL:
-            raise ValueError(f"busy_poll must be between 0 and {MAX_BUSY_POLL} us")
+        check_busy_poll(value)
         self._busy_poll_changed(value)      # first: if it fails, nothing changed
         self._busy_poll = value
 
@@ -277,80 +187,6 @@ class Context:
         except UnicodeDecodeError:      # sent to ipcd as text: refused as native does
             raise IPCError("IPC_NETWORK is not valid UTF-8") from None
         return self._connect_ipcd(name, network, timeout)
-
-    def _first_pending_message(self, fd: int) -> Optional[int]:
-        """Where fd's first MESSAGE_RX waits in _pending, if one does.
-
-        Raises ConnectionClosedError when fd's DISCONNECTION comes first.
-        """
-        for i, ev in enumerate(self._pending):
-            if ev.fd != fd:
-                continue
-            if ev.type == EventType.MESSAGE_RX:
-                return i
-            _raise_if_ended(ev)
-        return None
-
-    def _take_pending_message(self, fd: int) -> Optional[bytes]:
-        """read()'s first source: a MESSAGE_RX of fd still waiting in _pending."""
-        i = self._first_pending_message(fd)
-        if i is None:
-            return None
-        message = self._pending[i].message
-        del self._pending[i]
-        return message
-
-    def _take_pending_into(self, fd: int, view: memoryview) -> Optional[int]:
-        """read_into()'s first source: fd's first MESSAGE_RX still in _pending,
-        copied into ``view``; its size, or None when there is none. A message
-        that does not fit stays (MessageTooLargeError)."""
-        i = self._first_pending_message(fd)
-        if i is None:
-            return None
-        message = self._pending[i].message
-        size = len(message)  # type: ignore[arg-type]
-        if size > len(view):
-            raise MessageTooLargeError(buffer_too_small_text(len(view), size))
-        view[:size] = message  # type: ignore[index]
-        del self._pending[i]
-        return size
-
-    def _take_pending_messages(self, fd: int, max_messages: int) -> list:
-        """read_many()'s first source: fd's MESSAGE_RX events still waiting in
-        _pending (at most max_messages and READ_MANY_BYTES together, a larger
-        first one alone; up to fd's DISCONNECTION).
-
-        Raises ConnectionClosedError when fd's DISCONNECTION comes first.
-        """
-        taken: list = []
-        keep: deque[Event] = deque()
-        done = False
-        room = READ_MANY_BYTES
-        for ev in self._pending:
-            if not done and ev.fd == fd:
-                if ev.type == EventType.MESSAGE_RX:
-                    size = len(ev.message)  # type: ignore[arg-type]
-                    if taken and size > room:
-                        done = True          # the batch is full: this one waits
-                        keep.append(ev)
-                        continue
-                    taken.append(ev.message)
-                    room -= size
-                    done = len(taken) == max_messages
-                    continue
-                if ev.type in (EventType.ERROR, EventType.DISCONNECTION):
-                    if not taken:
-                        _raise_if_ended(ev)
-                    done = ev.type == EventType.DISCONNECTION
-            keep.append(ev)
-        if taken:
-            self._pending = keep
-        return taken
-
-    def _drop_pending(self, fd: int) -> None:
-        """Forget the events of fd that were not returned yet (after close)."""
-        if any(ev.fd == fd for ev in self._pending):
-            self._pending = deque(ev for ev in self._pending if ev.fd != fd)
 
     def __repr__(self) -> str:
         return f"<pyipc.Context backend={self.backend} rundir={self.rundir!r}>"
@@ -405,24 +241,11 @@ class Context:
     def wait_event(self, timeout: Optional[float] = None) -> Event:
         """Return one event, waiting at most ``timer`` ms (then TIMER); with
         ``timeout`` (seconds), pyipc.TimeoutError when it passes first."""
-        timeout = check_timeout(timeout)    # even when an event is there to return
-        if not self._pending:
-            self._fetch(timeout)
-        return self._pending.popleft()
+        raise NotImplementedError
 
     def wait_events(self, timeout: Optional[float] = None) -> list[Event]:
         """Return every event ready now (at least one), in order (waiting as
         wait_event does)."""
-        timeout = check_timeout(timeout)    # even when events are there to return
-        if not self._pending:
-            self._fetch(timeout)
-        events = list(self._pending)
-        self._pending.clear()
-        return events
-
-    def _fetch(self, timeout: Optional[float]) -> None:
-        """Run the backend's event loop until _pending holds at least one
-        event; TimeoutError when ``timeout`` seconds pass first."""
         raise NotImplementedError
 
     def add_external(self, fd: int) -> None:
@@ -481,28 +304,3 @@ class Context:
 def _warn_unclosed(description: str) -> None:
     """Finalizer of a context collected without close_all()."""
     warnings.warn(f"unclosed {description}", ResourceWarning, stacklevel=2)
-
-
-def _raise_if_ended(ev: Event) -> None:
-    """A read meeting ``ev``, an event of its fd that comes before any message
-    of it: the ERROR of a frame over max_message_size raises
-    MessageTooLargeError (that header came after messages in one read: they
-    were returned first), the DISCONNECTION ConnectionClosedError."""
-    if ev.type == EventType.ERROR and ev.error is not None and is_too_large_text(ev.error):
-        raise MessageTooLargeError(ev.error)
-    if ev.type == EventType.DISCONNECTION:
-        raise ConnectionClosedError(f"connection on fd {ev.fd} is closed by the peer")
-
-
-def _check_limits(max_message_size: int, max_queue_size: int, max_connections: int) -> None:
-    for name, value in (("max_message_size", max_message_size),
-                        ("max_queue_size", max_queue_size),
-                        ("max_connections", max_connections)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be int, not {type(value).__name__}")
-    if not 1 <= max_message_size <= MAX_MESSAGE_SIZE_LIMIT:
-        raise ValueError(f"max_message_size must be between 1 and {MAX_MESSAGE_SIZE_LIMIT}")
-    if not max_message_size + 4 <= max_queue_size < 1 << 63:
-        raise ValueError("max_queue_size must be at least max_message_size + 4")
-    if not 1 <= max_connections <= 0x7FFFFFFF:
-        raise ValueError("max_connections must be between 1 and 2147483647")

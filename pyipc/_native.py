@@ -1,9 +1,13 @@
 """The native backend: the Zig core (libipc) through cffi in ABI mode.
 
 The declarations come from the one header, ``libipc.h`` (between its CFFI
-markers), so there is no second copy of the C ABI here. The library is looked
-up in: env PYIPC_LIBRARY, the package directory (where ``pip install`` puts it),
-then ``zig-out/lib`` of a source checkout (``python -m ziglang build``).
+markers), so there is no second copy of the C ABI here: event types, error
+codes and callback results are read from it too. Where the library and the
+header are looked up: pyipc._libpath.
+
+The events this backend has not returned yet wait in the core's queue, the
+one queue of a native context: wait_event() takes one at a time, and the
+reads take their fd's messages from it (the core does).
 """
 
 from __future__ import annotations
@@ -16,25 +20,20 @@ import sys
 import time
 import weakref
 from array import array
-from pathlib import Path
+from itertools import accumulate
 from typing import NoReturn, Optional, Tuple
 
-from ._context import (Context, OnIn, OnOut, as_payload, as_payload_list,
-                       buffer_too_small_text, check_max_messages, check_timeout, writable_view)
-from ._framing import split_payloads, too_large_text
-from ._types import (DEFAULT_READ_MANY, ERRORS_BY_CODE, READ_MANY_BYTES, BackendError, CBEvent, Event,
-                     EventType, InvalidNameError, IPCError, MessageTooLargeError)
+from . import _libpath
+from ._checks import (DISCARD_TEXT, OnIn, OnOut, as_payload, as_payload_list,
+                      buffer_too_small_text, check_callbacks, check_fd, check_max_messages,
+                      check_name, check_timeout, too_large_text, writable_view)
+from ._context import Context
+from ._events import EventQueue
+from ._types import (DEFAULT_READ_MANY, ERRORS_BY_NAME, READ_MANY_BYTES, BackendError, CBEvent,
+                     Event, EventType, InvalidNameError, IPCError, MessageTooLargeError)
 
 log = logging.getLogger("pyipc")
 
-_PACKAGE = Path(__file__).resolve().parent
-# ELF: the file named as its SONAME; libipc.so beside it is -lipc's linker script.
-_LIBRARY = "libipc.dylib" if sys.platform == "darwin" else "libipc.so.0"
-_E_BUFFER_TOO_SMALL = -11
-_E_NO_MEMORY = -12
-#: A signal ended a blocking call (the context is interruptible): its Python
-#: handler runs as the call returns; if it returns, the call is made again.
-_E_INTERRUPTED = -13
 #: close_all() asks the core for this many fds with scheduled messages left
 #: (for its warnings; a larger number is reported as a total).
 SCHEDULED_FDS = 64
@@ -48,39 +47,19 @@ READ_BUFFER = READ_MANY_BYTES
 #: are (one pointer each); smaller ones are joined first (cheaper per message).
 WRITE_FROM_PLACE = 4096
 
-_TYPES = tuple(EventType)
-
-
-def _header_path() -> Path:
-    for header in (_PACKAGE / "libipc.h", _PACKAGE.parent / "zig" / "libipc.h"):
-        if header.exists():
-            return header
-    raise BackendError("native backend: libipc.h not found next to the package")
-
-
-def _declarations(header: Path) -> str:
-    """The header's C declarations between its CFFI markers."""
-    text = header.read_text()
-    return text.split("/* CFFI-BEGIN */", 1)[1].split("/* CFFI-END */", 1)[0]
-
-
-def _library_candidates() -> list[Path]:
-    explicit = os.environ.get("PYIPC_LIBRARY")
-    if explicit:
-        return [Path(explicit)]
-    return [_PACKAGE / _LIBRARY, _PACKAGE.parent / "zig-out" / "lib" / _LIBRARY]
-
 
 def _load() -> tuple:
     try:
         import cffi
     except ImportError as e:
         raise BackendError(f"native backend needs cffi: {e}") from None
-    header = _header_path()
+    header = _libpath.header_path()
+    if header is None:
+        raise BackendError("native backend: libipc.h not found next to the package")
     ffi = cffi.FFI()
-    ffi.cdef(_declarations(header))
+    ffi.cdef(_libpath.declarations(header))
     tried = []
-    for path in _library_candidates():
+    for path in _libpath.library_candidates():
         if path.exists():
             try:
                 return ffi, ffi.dlopen(str(path)), path, header
@@ -92,6 +71,23 @@ def _load() -> tuple:
 
 
 ffi, lib, LIBRARY_PATH, HEADER_PATH = _load()
+
+# The C ABI's numbers, from the header (libipc.h is the contract).
+_E_BUFFER_TOO_SMALL = lib.IPC_E_BUFFER_TOO_SMALL
+_E_NO_MEMORY = lib.IPC_E_NO_MEMORY
+#: A signal ended a blocking call (the context is interruptible): its Python
+#: handler runs as the call returns; if it returns, the call is made again.
+_E_INTERRUPTED = lib.IPC_E_INTERRUPTED
+#: The error class of each code the core returns.
+_ERRORS = {getattr(lib, name): cls for name, cls in ERRORS_BY_NAME.items()}
+#: The EventType of each event type number of the core.
+_TYPES = {code: EventType[name]
+          for code, name in ffi.typeof("enum event_types").elements.items()}
+_RX_CODE, _TX_CODE, _SWITCH_RX_CODE = lib.MESSAGE_RX, lib.MESSAGE_TX, lib.SWITCH_RX
+#: The core's number of each callback result (pyipc.CBEvent).
+_CB_CODES = {CBEvent[name[len("CB_"):]]: code
+             for code, name in ffi.typeof("enum cb_event_types").elements.items()}
+_CB_ERROR = _CB_CODES[CBEvent.ERROR]
 
 # Hot functions, looked up once.
 _ipc_write, _ipc_schedule, _ipc_read_fd = lib.ipc_write, lib.ipc_schedule, lib.ipc_read_fd
@@ -121,7 +117,7 @@ class NativeContext(Context):
     """The native (Zig) backend of :class:`pyipc.Context`."""
 
     __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_ecount", "_sizes", "_count", "_lent",
-                 "_rbuf", "_rbuf_at", "_rlen", "_core_timeout",
+                 "_rbuf", "_rbuf_at", "_rlen", "_core_timeout", "_handed",
                  "_close_info",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
@@ -150,6 +146,9 @@ class NativeContext(Context):
         self._count = ffi.new("size_t *")
         #: Events of the batch in _events not converted yet (see _keep_handed).
         self._ecount = ffi.new("size_t *")
+        #: Events the core handed over that a signal's handler kept from
+        #: being returned (see _keep_handed); empty otherwise.
+        self._handed = EventQueue()
         self._rbuf = ffi.new("char[]", READ_BUFFER)
         # Where read() copies a message out from: _MEMORY[at:at + size] (see _MEMORY).
         self._rbuf_at = int(ffi.cast("uintptr_t", self._rbuf)) - 1
@@ -173,7 +172,7 @@ class NativeContext(Context):
             return rc
         if rc == _E_NO_MEMORY:
             raise MemoryError(ffi.string(lib.ipc_last_error(self._ctx)).decode())
-        cls = ERRORS_BY_CODE.get(rc, IPCError)
+        cls = _ERRORS.get(rc, IPCError)
         text = ffi.string(lib.ipc_last_error(self._ctx)).decode("utf-8", "replace")
         for fd in fds:
             if _fd_arg(fd) != fd and text.startswith("fd -1 "):
@@ -245,9 +244,7 @@ class NativeContext(Context):
 
     def set_switch_callbacks(self, fd: int, on_in: Optional[OnIn],
                              on_out: Optional[OnOut]) -> None:
-        for name, cb in (("on_in", on_in), ("on_out", on_out)):
-            if cb is not None and not callable(cb):
-                raise TypeError(f"{name} must be callable or None")
+        check_callbacks(on_in, on_out)
         self._check(lib.ipc_set_switch_callbacks(
             self._ctx, _fd_arg(fd),
             self._cb_in if on_in is not None else ffi.NULL,
@@ -277,14 +274,14 @@ class NativeContext(Context):
                     count[0] = peer_count[0] = 0
                 for f, n in ((fd, count[0]), (peer[0], peer_count[0])):
                     if n:
-                        log.warning("closing fd %d discards %d scheduled message(s)", f, n)
+                        log.warning(DISCARD_TEXT, f, n)
         finally:    # closed even when a signal's handler raised during the linger
             rc = lib.ipc_close_fd(self._ctx, _fd_arg(fd))
         self._check(rc, fd)
         for f in (fd, peer[0]):
             if f >= 0:
                 self._callbacks.pop(f, None)
-                self._drop_pending(f)
+                self._handed.drop(f)
 
     def close_all(self) -> None:
         try:
@@ -293,7 +290,7 @@ class NativeContext(Context):
         finally:
             rc = lib.ipc_close_all(self._ctx)
             self._callbacks.clear()
-            self._pending.clear()
+            self._handed.clear()
             self._mark_closed()
         self._check(rc)
 
@@ -313,7 +310,7 @@ class NativeContext(Context):
         fds, counts = ffi.new("int[]", SCHEDULED_FDS), ffi.new("size_t[]", SCHEDULED_FDS)
         total = lib.ipc_scheduled_fds(self._ctx, fds, counts, SCHEDULED_FDS)
         for i in range(min(total, SCHEDULED_FDS)):
-            log.warning("closing fd %d discards %d scheduled message(s)", fds[i], counts[i])
+            log.warning(DISCARD_TEXT, fds[i], counts[i])
         if total > SCHEDULED_FDS:
             log.warning("closing %d more fds discards their scheduled messages",
                         total - SCHEDULED_FDS)
@@ -324,7 +321,7 @@ class NativeContext(Context):
         if fd is None:
             lib.ipc_close_all(self._ctx)
             self._callbacks.clear()
-            self._pending.clear()
+            self._handed.clear()
             self._mark_closed()
         else:
             self._check(lib.ipc_close_fd(self._ctx, _fd_arg(fd)), fd)
@@ -433,8 +430,8 @@ class NativeContext(Context):
         # The timeout first: a bad one is refused even when a message is there.
         deadline = self._start_timeout(timeout) \
             if timeout is not None or self._core_timeout is not None else None
-        if self._pending:
-            message = self._take_pending_message(fd)
+        if self._handed:
+            message = self._handed.take_message(fd)
             if message is not None:
                 return message
         buf, rlen = self._rbuf, self._rlen
@@ -468,8 +465,8 @@ class NativeContext(Context):
         check_max_messages(max_messages)
         deadline = self._start_timeout(timeout) \
             if timeout is not None or self._core_timeout is not None else None
-        if self._pending:
-            taken = self._take_pending_messages(fd, max_messages)
+        if self._handed:
+            taken = self._handed.take_messages(fd, max_messages)
             if taken:
                 return taken
         sizes = self._sizes if max_messages <= DEFAULT_READ_MANY else \
@@ -491,8 +488,8 @@ class NativeContext(Context):
         view = writable_view(buffer)
         deadline = self._start_timeout(timeout) \
             if timeout is not None or self._core_timeout is not None else None
-        if self._pending:
-            size = self._take_pending_into(fd, view)
+        if self._handed:
+            size = self._handed.take_into(fd, view)
             if size is not None:
                 return size
         rlen = self._rlen
@@ -519,25 +516,32 @@ class NativeContext(Context):
         return _unpack(ptr[0], size[0])
 
     # -- the event loop ----------------------------------------------------------
+    def wait_event(self, timeout: Optional[float] = None) -> Event:
+        if self._handed:
+            check_timeout(timeout)      # even when an event is there to return
+            return self._handed.popleft()
+        return self._wait(timeout, 1)[0]
+
     def wait_events(self, timeout: Optional[float] = None) -> list[Event]:
-        if self._pending:
-            return super().wait_events(timeout)     # which checks the timeout
-        return self._wait(timeout)
+        if self._handed:
+            check_timeout(timeout)      # even when events are there to return
+            events = list(self._handed)
+            self._handed.clear()
+            return events
+        return self._wait(timeout, EVENT_BATCH)
 
-    def _fetch(self, timeout: Optional[float]) -> None:
-        self._pending.extend(self._wait(timeout))
-
-    def _wait(self, timeout: Optional[float]) -> list[Event]:
-        """Wait in the core for events; TimeoutError after ``timeout`` s."""
+    def _wait(self, timeout: Optional[float], capacity: int) -> list[Event]:
+        """Wait in the core for events, then take up to ``capacity`` of them
+        (EVENT_BATCH: every one it has); TimeoutError after ``timeout`` s."""
         deadline = self._start_timeout(timeout) \
             if timeout is not None or self._core_timeout is not None else None
         start = time.monotonic() if self._timer is not None else 0.0
-        return self._take_events() or self._wait_on(start, deadline)
+        return self._take_events(capacity) or self._wait_on(start, deadline, capacity)
 
     def _wakeup(self) -> None:
         lib.ipc_wakeup(self._ctx)
 
-    def _wait_on(self, since: float, deadline: Optional[float]) -> list[Event]:
+    def _wait_on(self, since: float, deadline: Optional[float], capacity: int) -> list[Event]:
         """The core's wait returned with no event: another thread handed over
         messages (schedule), or a signal came and its handler returned.
         Schedule what was handed over, then wait again for what is left of
@@ -547,24 +551,25 @@ class NativeContext(Context):
             self._guard.apply(self)
             self._resume(deadline)
             if self._timer is None:
-                events = self._take_events()
+                events = self._take_events(capacity)
             else:
                 left = self._timer - int((time.monotonic() - since) * 1000)
                 lib.ipc_context_timer(self._ctx, max(0, left))
                 try:
-                    events = self._take_events()
+                    events = self._take_events(capacity)
                 finally:
                     lib.ipc_context_timer(self._ctx, self._timer)
             if events:
                 return events
 
-    def _take_events(self) -> list[Event]:
-        """One wait in the core, then every event it has queued, converted;
-        none when a wake-up or a signal ended the wait."""
+    def _take_events(self, capacity: int) -> list[Event]:
+        """One wait in the core, then up to ``capacity`` of the events it has
+        queued (EVENT_BATCH: every one), converted; none when a wake-up or a
+        signal ended the wait."""
         ctx, events, count = self._ctx, self._events, self._ecount
         out: list[Event] = []
         try:
-            rc = _ipc_wait_events(ctx, events, EVENT_BATCH, count)
+            rc = _ipc_wait_events(ctx, events, capacity, count)
             if rc:
                 if rc == _E_INTERRUPTED:
                     return []
@@ -588,15 +593,15 @@ class NativeContext(Context):
         """A signal's handler raised while the core was handing events over
         (its exception comes at the first Python line after the C call, or
         inside the conversion): those events, and the ones converted before,
-        wait in _pending for the next call instead of being lost. The core
+        wait in _handed for the next call instead of being lost. The core
         zeroes the count at the start of each wait and _take_events once a
         batch is converted, so a non-zero count is a batch not converted yet;
         its payloads stay valid until the next wait."""
         count = self._ecount
         n = count[0]
-        self._pending.extend(converted)
+        self._handed.extend(converted)
         if n:
-            self._pending.extend(_convert(self._event_bytes, n))
+            self._handed.extend(_convert(self._event_bytes, n))
             count[0] = 0
 
 
@@ -605,23 +610,36 @@ def _convert(event_bytes: memoryview, n: int) -> list[Event]:
     decoded in one C call (struct.iter_unpack) and each payload is one slice of
     _MEMORY (one copy). One message, the usual result of a wait in a
     request-reply loop, is decoded on its own: no view slice, no iterator."""
+    rx = _RX_CODE
     if n == 1:
         etype, fd, index, msg, mlen, err = _unpack_from(event_bytes)
-        if etype == 3:                       # MESSAGE_RX (else: the loop below)
+        if etype == rx:                      # MESSAGE_RX (else: the loop below)
             return [Event(_RX, fd, index, _MEMORY[msg - 1:msg - 1 + mlen], None)]
     out: list[Event] = []
-    append, mem = out.append, _MEMORY
+    append, mem, tx = out.append, _MEMORY, _TX_CODE
     for etype, fd, index, msg, mlen, err in _iter_unpack(event_bytes[:n * _EVENT_SIZE]):
-        if etype == 3:                       # MESSAGE_RX: the hot case
+        if etype == rx:                      # MESSAGE_RX: the hot case
             append(Event(_RX, fd, index, mem[msg - 1:msg - 1 + mlen], None))
-        elif etype == 4:                     # MESSAGE_TX: one per scheduled message
+        elif etype == tx:                    # MESSAGE_TX: one per scheduled message
             append(Event(_TX, fd, index, None, None))
         else:
-            payload = mem[msg - 1:msg - 1 + mlen] if etype == 7 else None
+            payload = mem[msg - 1:msg - 1 + mlen] if etype == _SWITCH_RX_CODE else None
             error = ffi.string(ffi.cast("char *", err)).decode("utf-8", "replace") \
                 if err else None
             append(Event(_TYPES[etype], fd, index, payload, error))
     return out
+
+
+def split_payloads(buffer: object, sizes: list) -> list:
+    """Payloads lying back to back at the start of ``buffer`` (anything with
+    the buffer protocol), cut into bytes by their ``sizes``. Equal sizes (the
+    common batch) are cut by one struct call; others by slicing one copy."""
+    n = len(sizes)
+    if n and sizes.count(sizes[0]) == n:
+        return list(struct.unpack_from(f"{sizes[0]}s" * n, buffer))
+    data = bytes(memoryview(buffer)[:sum(sizes)])  # type: ignore[arg-type]
+    starts = accumulate(sizes, initial=0)
+    return [data[start:start + size] for start, size in zip(starts, sizes)]
 
 
 def _init_failed(errno_: int) -> NoReturn:
@@ -634,8 +652,8 @@ def _init_failed(errno_: int) -> NoReturn:
 
 
 def _name_bytes(name: str) -> bytes:
-    if not isinstance(name, str):
-        raise TypeError(f"service name must be str, not {type(name).__name__}")
+    """A service name as the core takes it (the core checks the rest)."""
+    check_name(name)
     raw = name.encode("utf-8", "surrogateescape")
     if len(raw) > 0xFFFF:
         raise InvalidNameError("invalid service name: socket path is longer than 107 bytes")
@@ -644,8 +662,7 @@ def _name_bytes(name: str) -> bytes:
 
 def _fd_arg(fd: int) -> int:
     """An fd as a C int; out-of-range numbers become -1 (an unknown fd)."""
-    if not isinstance(fd, int) or isinstance(fd, bool):
-        raise TypeError(f"fd must be int, not {type(fd).__name__}")
+    check_fd(fd)
     return fd if _INT_MIN <= fd <= _INT_MAX else -1
 
 
@@ -657,7 +674,7 @@ def _trampoline_in(ref: "weakref.ref[NativeContext]"):
         try:
             cb = ctx._callbacks[fd][0] if ctx is not None else None
             if cb is None:
-                return int(CBEvent.ERROR)
+                return _CB_ERROR
             result, payload = cb(fd)
             result = CBEvent(result)
             if result == CBEvent.NO_ERROR:
@@ -666,10 +683,10 @@ def _trampoline_in(ref: "weakref.ref[NativeContext]"):
                     raise MessageTooLargeError(too_large_text(len(data), mlen[0]))  # type: ignore
                 ffi.memmove(buf, data, len(data))
                 mlen[0] = len(data)  # type: ignore[index]
-            return int(result)
+            return _CB_CODES[result]
         except Exception:
             log.exception("switch input callback of fd %d failed", fd)
-            return int(CBEvent.ERROR)
+            return _CB_ERROR
 
     return on_in
 
@@ -682,10 +699,10 @@ def _trampoline_out(ref: "weakref.ref[NativeContext]"):
         try:
             cb = ctx._callbacks[fd][1] if ctx is not None else None
             if cb is None:
-                return int(CBEvent.ERROR)
-            return int(CBEvent(cb(fd, ffi.buffer(payload, mlen)[:])))
+                return _CB_ERROR
+            return _CB_CODES[CBEvent(cb(fd, ffi.buffer(payload, mlen)[:]))]
         except Exception:
             log.exception("switch output callback of fd %d failed", fd)
-            return int(CBEvent.ERROR)
+            return _CB_ERROR
 
     return on_out

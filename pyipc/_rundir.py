@@ -12,6 +12,7 @@ import os
 import stat
 from typing import Optional, Union
 
+from ._checks import check_name
 from ._types import (DEFAULT_RUNDIR, MAX_SOCKET_PATH, InvalidNameError, IPCError,
                      RunDirError, ServiceBusyError)
 
@@ -36,8 +37,7 @@ def resolve_rundir(rundir: Optional[PathLike]) -> str:
 
 def service_path(rundir: str, name: str) -> str:
     """``RUNDIR/NAME`` after checking the name; raises InvalidNameError."""
-    if not isinstance(name, str):
-        raise TypeError(f"service name must be str, not {type(name).__name__}")
+    check_name(name)
     if not name:
         raise InvalidNameError("invalid service name: empty")
     if "/" in name:

@@ -24,6 +24,7 @@ import threading
 from collections import deque
 from typing import Any, Callable, Optional
 
+from ._checks import as_payload
 from ._types import IPCError
 
 _get_ident = threading.get_ident
@@ -117,7 +118,6 @@ class ThreadGuard:
 
     def hand_over(self, ctx: Any, fd: int, payload: object) -> None:
         """From a thread that is not the owner: have the owner schedule it."""
-        from ._context import as_payload
         item = _Handoff(fd, as_payload(payload))   # a wrong type fails here and now
         self._handoffs.append(item)
         ctx._wakeup()

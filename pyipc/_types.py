@@ -188,7 +188,26 @@ for _cls in _ERRORS:
     _cls.__module__ = "pyipc"
 del _cls
 
-#: Error classes by the code the C ABI returns (``IPC_E_*`` in libipc.h).
+#: Error classes by the name of the code the C ABI returns (``IPC_E_*`` in
+#: libipc.h): the native backend takes the numbers from the header.
+ERRORS_BY_NAME: dict[str, type[IPCError]] = {
+    "IPC_E_GENERIC": IPCError,
+    "IPC_E_SERVICE_BUSY": ServiceBusyError,
+    "IPC_E_SERVICE_NOT_FOUND": ServiceNotFoundError,
+    "IPC_E_INVALID_NAME": InvalidNameError,
+    "IPC_E_RUNDIR": RunDirError,
+    "IPC_E_MESSAGE_TOO_LARGE": MessageTooLargeError,
+    "IPC_E_QUEUE_FULL": QueueFullError,
+    "IPC_E_CONNECTION_CLOSED": ConnectionClosedError,
+    "IPC_E_UNKNOWN_FD": UnknownFdError,
+    "IPC_E_CONNECTION_LIMIT": ConnectionLimitError,
+    # IPC_E_INTERRUPTED never reaches a caller: the native backend runs the
+    # signal's handler and goes on, or raises what the handler raised.
+    "IPC_E_INTERRUPTED": IPCError,
+    "IPC_E_TIMEOUT": TimeoutError,
+}
+
+#: The same by number (tests/test_abi.py checks the numbers against libipc.h).
 ERRORS_BY_CODE: dict[int, type[IPCError]] = {
     -1: IPCError,
     -2: ServiceBusyError,

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pyipc._poller import READ, WRITE, EpollPoller, SelectorPoller
+from pyipc._pure.poller import READ, WRITE, EpollPoller, SelectorPoller
 
 POLLERS = [SelectorPoller] + ([EpollPoller] if hasattr(select, "epoll") else [])
 

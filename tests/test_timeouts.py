@@ -36,7 +36,7 @@ SLACK = 1.0
 #: A short timeout for calls that must time out.
 SHORT = 0.1
 MIB = 1 << 20
-#: Large enough for read_into's direct path (pyipc._framing.DIRECT_READ_MIN).
+#: Large enough for read_into's direct path (pyipc._pure.framing.DIRECT_READ_MIN).
 DIRECT = 100_000
 
 ReadCall = Callable[[pyipc.Context, int, Optional[float]], bytes]

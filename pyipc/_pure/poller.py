@@ -1,4 +1,4 @@
-"""The pure backend's readiness poller.
+"""The pure backend's readiness poller (the core's poller*.zig).
 
 On Linux it is ``select.epoll`` used directly: ``selectors``' EpollSelector
 makes a SelectorKey per fd and wraps every wait in more Python, about 0.7 µs
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import select
 import selectors
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
@@ -118,6 +118,10 @@ class SelectorPoller:
         self._selector.close()
 
 
-def new_poller() -> "EpollPoller | SelectorPoller":
+#: Either poller (they have the same methods).
+Poller = Union[EpollPoller, SelectorPoller]
+
+
+def new_poller() -> Poller:
     """The quickest poller this platform has."""
     return EpollPoller() if hasattr(select, "epoll") else SelectorPoller()

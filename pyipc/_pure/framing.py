@@ -1,4 +1,4 @@
-"""pyipc framing: a 4-byte big-endian length, then that many bytes of payload.
+"""The pure backend's framing (the core's framing.zig): a 4-byte big-endian length, then that many bytes of payload.
 
 The decoder is incremental: bytes arrive in any split (several frames in one
 chunk, one frame over many chunks, a header cut in two) and come out as whole
@@ -9,7 +9,8 @@ anything is allocated for it.
 from __future__ import annotations
 
 import struct
-from itertools import accumulate
+
+from .._checks import too_large_text
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
@@ -22,28 +23,6 @@ _unpack_from = HEADER.unpack_from
 #: copied from the view; one that follows a small one in the same chunk is in
 #: that copy too (at most one chunk, 64 KiB, copied once more per read).
 SLICE_FROM_COPY_BELOW = 4096
-
-
-def too_large_text(size: int, limit: int) -> str:
-    """The message text used for a payload over ``max_message_size``."""
-    return f"message of {size} bytes exceeds max_message_size ({limit})"
-
-
-def is_too_large_text(text: str) -> bool:
-    """Whether an ERROR's text is too_large_text's (a frame over the limit)."""
-    return text.startswith("message of ") and " bytes exceeds max_message_size (" in text
-
-
-def split_payloads(buffer: object, sizes: list) -> list:
-    """Payloads lying back to back at the start of ``buffer`` (anything with
-    the buffer protocol), cut into bytes by their ``sizes``. Equal sizes (the
-    common batch) are cut by one struct call; others by slicing one copy."""
-    n = len(sizes)
-    if n and sizes.count(sizes[0]) == n:
-        return list(struct.unpack_from(f"{sizes[0]}s" * n, buffer))
-    data = bytes(memoryview(buffer)[:sum(sizes)])  # type: ignore[arg-type]
-    starts = accumulate(sizes, initial=0)
-    return [data[start:start + size] for start, size in zip(starts, sizes)]
 
 
 class FrameTooLarge(Exception):

@@ -1,0 +1,122 @@
+"""How the pure backend's blocking calls wait (the core's blocking.zig):
+busy_poll's transfers that do not wait, then waits in the kernel, or poll()
+up to the call's timeout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import time
+from typing import TYPE_CHECKING, Optional
+
+from .._checks import check_timeout
+from .._types import TimeoutError
+from .poller import MAX_WAIT_MS
+from .syscalls import DONTWAIT
+
+if TYPE_CHECKING:
+    from .context import PureContext
+
+
+class Blocking:
+    """How one blocking call waits (the core's blocking.zig): transfers that
+    do not wait until ``end`` (busy_poll; monotonic, 0.0: none), then
+    transfers that wait in the kernel, or, with a ``deadline`` (the call's
+    timeout), poll() up to it: then TimeoutError("<what> timed out"). One
+    per call, so that the call spins busy_poll us at most. Signals need
+    nothing here: Python's own calls run the handler and go on (PEP 475)."""
+
+    __slots__ = ("end", "deadline", "what", "fd")
+
+    def __init__(self, busy_poll_us: int, deadline: Optional[float] = None,
+                 what: str = "", fd: int = -1) -> None:
+        self.end = time.monotonic() + busy_poll_us / 1e6 if busy_poll_us else 0.0
+        if deadline is not None and self.end:
+            self.end = min(self.end, deadline)
+        self.deadline = deadline
+        self.what = what
+        self.fd = fd
+
+    def flags(self) -> int:
+        """recv/send flags (MSG_DONTWAIT or none) of the next transfer."""
+        return DONTWAIT if self.end or self.deadline is not None else 0
+
+    def idle(self, fd: int, events: int = select.POLLIN) -> None:
+        """Nothing moved: go on spinning while there is time, else wait."""
+        if self.end:
+            yield_cpu()
+            if time.monotonic() >= self.end:
+                self.end = 0.0
+            return
+        if self.deadline is None:
+            wait_fd(fd, events)
+            return
+        left = self.deadline - time.monotonic()
+        if left <= 0 or not wait_fd(fd, events, left):
+            raise TimeoutError(f"{self.what} on fd {self.fd} timed out"
+                               if self.fd >= 0 else f"{self.what} timed out")
+
+
+#: The Blocking of every call without busy_poll or timeout (never changed:
+#: its end is 0.0 and it has no deadline, so idle() only waits).
+NO_SPIN = Blocking(0)
+
+
+class Waits:
+    """PureContext's choice of how one blocking call waits."""
+
+    __slots__ = ()
+
+    def _blocking(self: PureContext, fd: int, timeout: Optional[float], what: str,
+                  spin: bool = True) -> "Blocking":
+        """How one blocking call on fd waits: busy_poll (with ``spin``) and
+        its ``timeout`` (no object made when there is neither)."""
+        busy = self._busy_poll if spin else 0
+        if timeout is None:
+            return Blocking(busy, None, what, fd) if busy else NO_SPIN
+        return Blocking(busy, time.monotonic() + check_timeout(timeout), what, fd)
+
+
+def recv_exactly(sock: object, buf: object, filled: list, at: int, end: int,
+                  spin: Blocking) -> bool:
+    """Fill buf from filled[at] to ``end`` from a blocking socket, keeping
+    filled[at] up to date (so an interruption knows how far it got); False
+    at EOF. The reads wait as ``spin`` says (busy_poll)."""
+    view = memoryview(buf)  # type: ignore[arg-type]
+    while filled[at] < end:
+        try:
+            n = sock.recv_into(view[filled[at]:end], 0, spin.flags())  # type: ignore[attr-defined]
+        except BlockingIOError:
+            spin.idle(sock.fileno())  # type: ignore[attr-defined]
+            continue
+        except InterruptedError:
+            continue
+        if n == 0:
+            return False
+        filled[at] += n
+    return True
+
+
+def yield_cpu() -> None:
+    """busy_poll, between two polls that found nothing: give the CPU to a
+    process waiting for this one (often the peer); without it, a spin on a
+    shared CPU kept the peer off it for the whole busy_poll."""
+    os.sched_yield()
+
+
+def wait_fd(fd: int, events: int, timeout: Optional[float] = None) -> bool:
+    """Wait until fd has ``events`` (at most ``timeout`` seconds); whether it has."""
+    waiter = select.poll()
+    waiter.register(fd, events)
+    if timeout is None:
+        return bool(waiter.poll())
+    end = time.monotonic() + timeout
+    while True:
+        # poll() takes at most MAX_WAIT_MS (an int): a longer wait is several.
+        if waiter.poll(min(math.ceil(timeout * 1000), MAX_WAIT_MS)):
+            return True
+        timeout = end - time.monotonic()
+        if timeout <= 0:
+            return False

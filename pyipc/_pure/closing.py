@@ -1,0 +1,151 @@
+"""Closing in the pure backend: close() and close_all() after the linger,
+a connection that ends (ERROR, DISCONNECTION), a forked child's copies, and
+the finalizer of a context dropped without close_all().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Optional
+
+from .. import _rundir
+from .._checks import DISCARD_TEXT
+from .._types import Event, EventType
+from .conn_table import Conn
+from .poller import Poller
+from .syscalls import SpareFd
+
+if TYPE_CHECKING:
+    from .context import PureContext
+
+log = logging.getLogger("pyipc")
+
+
+class Closing:
+    """PureContext's close(), close_all() and ending connections."""
+
+    __slots__ = ()
+
+    def close(self: PureContext, fd: int, linger: Optional[float] = None) -> None:
+        linger = self._linger_of(linger)
+        if self._close_ended(fd):
+            return
+        conn = self._lookup(fd)
+        pair = [c for c in (conn, conn.peer) if c is not None]
+        try:
+            self._linger(pair, linger)
+        finally:    # closed even when a signal's handler raised during the linger
+            # fd ended during the linger (its peer hung up): nothing more could
+            # go out; closed as any ended fd is, with no warning (as native).
+            self._close_ended(fd)
+            for c in pair:
+                if not c.alive:
+                    continue
+                if c.queue:
+                    log.warning(DISCARD_TEXT, c.fd, len(c.queue))
+                self._pending.drop(c.fd)
+                self._forget(c)
+
+    def _close_ended(self: PureContext, fd: int) -> bool:
+        """close() of a connection that ended (its events dropped, its fd
+        closed); False when fd is not one."""
+        io = self._ended.pop(fd, None) if isinstance(fd, int) else None
+        if io is None:
+            return False
+        self._pending.drop(fd)
+        io.close()  # type: ignore[attr-defined]
+        return True
+
+    def close_all(self: PureContext) -> None:
+        try:
+            self._linger(list(self._dirty), self.linger)
+        finally:
+            for conn in list(self._by_fd.values()):
+                if conn.alive:
+                    if conn.queue:
+                        log.warning(DISCARD_TEXT, conn.fd, len(conn.queue))
+                    self._forget(conn)
+            self._release_ended()
+            self._pending.clear()
+            self._free.clear()
+            self._slots.clear()
+            self._mark_closed()
+
+    def _linger(self: PureContext, conns: list, linger: float) -> None:
+        """Send what is scheduled for ``conns`` for at most ``linger`` seconds,
+        in event-loop rounds: what they read or accept waits as events."""
+        def scheduled() -> bool:
+            return any(c.alive and c.queue for c in conns)
+
+        if not linger or not scheduled():
+            return
+        deadline = time.monotonic() + linger
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._flush_dirty()
+            # Only wait while something is left: the flush may have sent it
+            # all, or ended the connection (its peer hung up).
+            if not scheduled():
+                return
+            self._round(left, wait=True)
+
+    def _close_in_child(self: PureContext, fd: Optional[int]) -> None:
+        # This process's copies only: the parent's socket files, lock and
+        # epoll instance (shared through fork) are left alone.
+        conns = list(self._by_fd.values()) if fd is None else [self._lookup(fd)]
+        for conn in conns:
+            conn.alive = False
+            self._by_fd.pop(conn.fd, None)
+            if conn.lock_fd >= 0:
+                os.close(conn.lock_fd)
+            conn.io.close()  # type: ignore[attr-defined]
+        if fd is None:
+            self._release_ended()
+            self._pending.clear()
+            self._mark_closed()
+
+    def _drop(self: PureContext, conn: Conn, error: Optional[str]) -> None:
+        """End a connection: ERROR (if any reason), DISCONNECTION, then its switch peer."""
+        if not conn.alive:
+            return
+        if error is None and conn.queue:
+            error = (f"peer closed the connection with {len(conn.queue)} "
+                     f"scheduled message(s) unsent")
+        if error is not None:
+            self._pending.append(Event(EventType.ERROR, conn.fd, conn.index, None, error))
+        self._pending.append(Event(EventType.DISCONNECTION, conn.fd, conn.index))
+        self._forget(conn, keep_fd=True)
+        peer = conn.peer
+        if peer is not None and peer.alive:
+            self._close_after_flush(peer)
+
+
+def release(pid: int, by_fd: dict, ended: dict, r: int, w: int,
+             poller: Poller, spare: "SpareFd") -> None:
+    """Finalizer of a collected context: close every fd it holds (its
+    connections, services, their lock files, the wake-up pipe, the poller,
+    the spare fd). Its services' sockets are removed only in the process that
+    made it: a forked child that drops its copy closes its own fds and
+    nothing else (the parent's lock stays, held by the parent's fd)."""
+    owner = os.getpid() == pid
+    for conn in list(by_fd.values()):
+        if conn.path is not None and owner:
+            with contextlib.suppress(OSError):
+                _rundir.remove_stale_socket(conn.path)
+        if conn.lock_fd >= 0:
+            os.close(conn.lock_fd)
+        with contextlib.suppress(OSError):  # an external fd its owner closed already
+            conn.io.close()
+    by_fd.clear()
+    for io in ended.values():
+        io.close()
+    ended.clear()
+    poller.close()
+    os.close(r)
+    os.close(w)
+    spare.close()

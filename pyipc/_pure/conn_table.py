@@ -1,0 +1,138 @@
+"""The pure backend's connection table (the core's conn_table.zig): every
+managed fd, its slot (the lowest free one, as the index events report), and
+what the poller watches it for.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Optional
+
+from .. import _rundir
+from .._checks import OnIn, OnOut, check_fd, closed_by_peer
+from .._types import ConnectionLimitError, UnknownFdError
+from .framing import FrameDecoder
+from .poller import READ, WRITE
+
+if TYPE_CHECKING:
+    from .context import PureContext
+
+SERVICE, CONNECTION, EXTERNAL = "service", "connection", "external"
+
+
+class Conn:
+    """One managed fd: its kind, slot, decoder, send queue and switch state."""
+
+    __slots__ = ("fd", "io", "kind", "index", "alive", "decoder", "queue", "sent",
+                 "queued_bytes", "write_closed", "closing", "peer", "on_in", "on_out",
+                 "mask", "path", "lock_fd")
+
+    def __init__(self, fd: int, io: object, kind: str, limit: int) -> None:
+        self.fd = fd
+        self.io = io
+        self.kind = kind
+        self.index = -1
+        self.alive = True
+        self.decoder = FrameDecoder(limit)
+        self.queue: deque = deque()     # [frame bytes, event type to report when sent]
+        self.sent = 0                   # bytes of queue[0] already written
+        self.queued_bytes = 0
+        self.write_closed = False
+        # Its switch peer ended: not read any more, closed (DISCONNECTION)
+        # once what was forwarded to it is written.
+        self.closing = False
+        self.peer: Optional[Conn] = None
+        self.on_in: Optional[OnIn] = None
+        self.on_out: Optional[OnOut] = None
+        self.mask = 0
+        self.path: Optional[str] = None
+        self.lock_fd = -1
+
+
+class ConnTable:
+    """PureContext's table of managed fds (slots, lookup, poller interest)."""
+
+    __slots__ = ()
+
+    def _check_room(self: PureContext) -> None:
+        if len(self._by_fd) >= self.max_connections:
+            raise ConnectionLimitError(
+                f"too many connections (max_connections {self.max_connections})")
+
+    def _add(self: PureContext, conn: Conn) -> Conn:
+        """Give conn the lowest free slot and start watching it."""
+        conn.index = heapq.heappop(self._free) if self._free else len(self._slots)
+        if conn.index == len(self._slots):
+            self._slots.append(conn)
+        else:
+            self._slots[conn.index] = conn
+        self._by_fd[conn.fd] = conn
+        self._set_interest(conn)
+        return conn
+
+    def _forget(self: PureContext, conn: Conn, keep_fd: bool = False) -> None:
+        """Stop watching conn, close its fd (or keep it reserved), free its slot."""
+        conn.alive = False
+        if conn.mask:
+            self._poller.unregister(conn.fd)
+        del self._by_fd[conn.fd]
+        self._slots[conn.index] = None
+        heapq.heappush(self._free, conn.index)
+        self._dirty.pop(conn, None)
+        if conn.path is not None:
+            _rundir.remove_stale_socket(conn.path)
+        if conn.lock_fd >= 0:
+            os.close(conn.lock_fd)
+        if keep_fd:
+            # The peer sees the end now (EOF, EPIPE); only the number stays taken.
+            # (Not for an external fd: it may be shared, shutdown would end it for all.)
+            if conn.kind == CONNECTION:
+                try:
+                    conn.io.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._ended[conn.fd] = conn.io
+        else:
+            conn.io.close()  # type: ignore[attr-defined]
+
+    def _release_ended(self: PureContext) -> None:
+        """Close the fds of ended connections: all their events were handed out."""
+        for io in self._ended.values():
+            io.close()  # type: ignore[attr-defined]
+        self._ended.clear()
+
+    def _lookup(self: PureContext, fd: int) -> Conn:
+        if type(fd) is not int:         # the check costs a call: a plain int needs none
+            check_fd(fd)
+        conn = self._by_fd.get(fd)
+        if conn is None:
+            if fd in self._ended:
+                raise closed_by_peer(fd)
+            raise UnknownFdError(f"fd {fd} is not managed by this context")
+        return conn
+
+    def _connection(self: PureContext, fd: int) -> Conn:
+        """A managed connection (not a service, not a plain external fd)."""
+        conn = self._lookup(fd)
+        if conn.kind == SERVICE or (conn.kind == EXTERNAL and conn.peer is None):
+            raise UnknownFdError(f"fd {fd} is not a connection")
+        return conn
+
+    def _set_interest(self: PureContext, conn: Conn) -> None:
+        """Watch reads (unless back-pressure pauses them) and writes while queued."""
+        mask = 0 if conn.closing or (
+            conn.peer is not None and conn.peer.queued_bytes > self.max_queue_size) else READ
+        if conn.queue:
+            mask |= WRITE
+        if mask == conn.mask:
+            return
+        if conn.mask == 0:
+            self._poller.register(conn.fd, mask, conn)
+        elif mask == 0:
+            self._poller.unregister(conn.fd)
+        else:
+            self._poller.modify(conn.fd, mask, conn)
+        conn.mask = mask

@@ -1,0 +1,191 @@
+"""The pure-Python backend: sockets, a poller (epoll or ``selectors``) and the
+rules of the README; its event loop (the core's context.zig).
+
+This is the reference the native backend is tested against, so it follows the
+README's "Behaviour in detail" literally: one round = flush queues, wait for
+readiness, handle every ready fd; a connection that ends reports its last
+messages, then ERROR when there is a reason, then DISCONNECTION.
+
+PureContext is put together from one class per concern, each in the module
+named like its twin in zig/ (see pyipc/_pure/__init__.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import weakref
+from typing import Optional
+
+from .._checks import check_timeout
+from .._context import Context
+from .._events import EventQueue
+from .._types import Event, EventType, IPCError, TimeoutError
+from .blocking import Waits, yield_cpu
+from .closing import Closing, release
+from .conn_table import SERVICE, EXTERNAL, Conn, ConnTable
+from .fdpass import Ipcd
+from .io import Reading, Writing
+from .poller import READ, WRITE, Poller, new_poller
+from .send_queue import SendQueue
+from .services import Services
+from .switching import Switching
+from .syscalls import SpareFd, drain, os_error
+
+#: Size of the context's receive scratch buffer.
+SCRATCH_SIZE = 64 * 1024
+
+#: The poller data of the wake-up pipe (another thread's schedule()).
+_WAKE = object()
+
+
+class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Services, Ipcd,
+                  Closing, Context):
+    """The pure-Python backend of :class:`pyipc.Context`."""
+
+    __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_poller", "_pending",
+                 "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
+                 "_spare_fd")
+
+    backend = "pure"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._pending = EventQueue()    # events not yet returned, in order
+        self._by_fd: dict[int, Conn] = {}
+        self._slots: list[Optional[Conn]] = []
+        self._free: list[int] = []                 # heap of free slot numbers
+        self._dirty: dict[Conn, None] = {}        # connections with queued frames
+        # Connections that ended (DISCONNECTION reported) keep their fd open until
+        # the next round, so a new connection cannot get the same number while
+        # the old one's events are handled (a reply would reach the wrong peer).
+        self._ended: dict[int, object] = {}
+        self._poller, self._wake_r, self._wake_w = _context_fds()
+        self._scratch = bytearray(SCRATCH_SIZE)
+        self._scratch_view = memoryview(self._scratch)
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller.register(self._wake_r, READ, _WAKE)
+        # A fd on /dev/null for refusing a client when out of fds (_refuse_with_spare).
+        self._spare_fd = SpareFd()
+        # Dropped without close_all(): its fds are closed, and its services'
+        # sockets removed and locks released, as native's finalizer does.
+        weakref.finalize(self, release, os.getpid(), self._by_fd, self._ended,
+                         self._wake_r, self._wake_w, self._poller, self._spare_fd)
+        self._track_unclosed()
+
+    # -- the event loop ----------------------------------------------------------
+    def wait_event(self, timeout: Optional[float] = None) -> Event:
+        timeout = check_timeout(timeout)    # even when an event is there to return
+        if not self._pending:
+            self._fetch(timeout)
+        return self._pending.popleft()
+
+    def wait_events(self, timeout: Optional[float] = None) -> list[Event]:
+        timeout = check_timeout(timeout)    # even when events are there to return
+        if not self._pending:
+            self._fetch(timeout)
+        events = list(self._pending)
+        self._pending.clear()
+        return events
+
+    def _wakeup(self) -> None:
+        try:
+            os.write(self._wake_w, b"\1")
+        except BlockingIOError:
+            pass                                # full: a wake-up is already pending
+
+    def _fetch(self, timeout: Optional[float]) -> None:
+        if not self._by_fd and self._timer is None:
+            raise IPCError("nothing to wait for: no fd and no timer")
+        if self._ended:
+            self._release_ended()
+        now = time.monotonic()
+        deadline = None if self._timer is None else now + self._timer / 1000
+        # The call's timeout: a failure, where the timer is an event.
+        expiry = None if timeout is None else now + timeout
+        until = deadline if expiry is None else expiry if deadline is None else min(deadline, expiry)
+        pending = self._pending
+        if self._busy_poll and self._spin(until):
+            return
+        while True:
+            if until is None:
+                self._round(None)
+            else:
+                self._round(max(0.0, until - time.monotonic()))
+            if pending:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                pending.append(Event(EventType.TIMER))
+                return
+            if expiry is not None and time.monotonic() >= expiry:
+                raise TimeoutError("wait timed out")
+
+    def _spin(self, deadline: Optional[float]) -> bool:
+        """busy_poll: rounds that do not sleep, for busy_poll us at most (less
+        when the timer's deadline comes first); True when one brought an event.
+        Why: see busy_poll in the README (a sleeping loop's wake-up costs more)."""
+        end = time.monotonic() + self._busy_poll / 1e6
+        if deadline is not None:
+            end = min(end, deadline)
+        pending, monotonic = self._pending, time.monotonic
+        while True:
+            self._round(0)
+            if pending:
+                return True
+            yield_cpu()                    # to a process on this CPU (as native)
+            if monotonic() >= end:
+                return False
+
+    def _round(self, timeout: Optional[float], wait: bool = False) -> None:
+        """Flush every queue without blocking, wait up to ``timeout`` seconds
+        (None: forever; not at all when the flush brought events, unless
+        ``wait``: the linger) for readiness, then handle every ready fd."""
+        self._flush_dirty()
+        if self._pending and not wait:
+            timeout = 0
+        for conn, mask in self._poller.select(timeout):
+            if conn is _WAKE:
+                drain(self._wake_r)
+                self._guard.apply(self)     # messages other threads scheduled
+                continue
+            self._handle(conn, mask)
+
+    def _handle(self, conn: Conn, mask: int) -> None:
+        if not conn.alive:
+            return
+        if conn.closing:
+            self._flush(conn)               # only written now
+            return
+        if conn.kind == SERVICE:
+            self._accept(conn)
+        elif conn.peer is not None:
+            if mask & READ:
+                self._switch_in(conn)
+            if conn.alive and mask & WRITE:
+                self._flush(conn)
+        elif conn.kind == EXTERNAL:
+            self._pending.append(Event(EventType.EXTERNAL, conn.fd, conn.index))
+        else:
+            if mask & READ:
+                self._read_conn(conn)
+            if conn.alive and mask & WRITE:
+                self._flush(conn)
+
+
+def _context_fds() -> "tuple[Poller, int, int]":
+    """A new context's poller and wake-up pipe (read end, write end). Out of
+    fds: native's IPCError "cannot create context: ..." with errno, and
+    nothing left open; out of memory: MemoryError, as native."""
+    poller = None
+    try:
+        poller = new_poller()
+        r, w = os.pipe()
+    except OSError as e:
+        if poller is not None:
+            poller.close()
+        if e.errno == errno.ENOMEM:
+            raise MemoryError("cannot create context: out of memory") from None
+        raise os_error("cannot create context", e.errno) from None
+    return poller, r, w

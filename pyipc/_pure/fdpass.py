@@ -1,0 +1,86 @@
+"""connect() through ipcd (IPC_NETWORK): ipcd answers with the connected
+socket, passed as a file descriptor (the core's fdpass.zig).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from typing import TYPE_CHECKING, Optional
+
+from .._types import IPCD_SERVICE, IPCError, ServiceNotFoundError, TimeoutError
+from .. import _rundir
+from .blocking import wait_fd
+from .conn_table import CONNECTION, Conn
+
+if TYPE_CHECKING:
+    from .context import PureContext
+
+#: Fds received with ipcd's answer at most (the first is used, the others
+#: closed; the kernel discards any beyond these).
+MAX_RECEIVED_FDS = 8
+#: Received fds are close-on-exec from the start, where the system can.
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+
+class Ipcd:
+    """PureContext's connect() through ipcd."""
+
+    __slots__ = ()
+
+    def _connect_ipcd(self: PureContext, name: str, network: str, timeout: Optional[float]) -> int:
+        _rundir.service_path(self.rundir, name)
+        try:
+            ipcd = self.connect_service(IPCD_SERVICE)
+        except ServiceNotFoundError as e:
+            raise ServiceNotFoundError(
+                f"IPC_NETWORK is set but ipcd is not running "
+                f"(no service {IPCD_SERVICE} in {self.rundir})", e.errno) from None
+        sock = self._by_fd[ipcd].io
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self.write(ipcd, f"{name};{network}", timeout)
+            # An ipcd that accepted but does not answer must not hang us.
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not wait_fd(ipcd, select.POLLIN, left):
+                raise TimeoutError(f"connect to service {name} timed out")
+            answer, fds, _, _ = socket.recv_fds(  # type: ignore[arg-type]
+                sock, 2000, MAX_RECEIVED_FDS, _CMSG_CLOEXEC)
+        except TimeoutError as e:
+            raise TimeoutError(f"connect to service {name} timed out") from e.__cause__
+        except OSError:
+            answer, fds = b"", []
+        finally:
+            self.close(ipcd)
+        for extra in fds[1:]:        # only the first is used: the others are not leaked
+            os.close(extra)
+        if answer != b"ok" or not fds:
+            if fds:
+                os.close(fds[0])
+            raise IPCError(f"ipcd could not connect to service {name}")
+        sock = _connected_unix_stream(fds[0])
+        if sock is None:
+            raise IPCError("ipcd sent a file descriptor that is not a connected "
+                           "Unix stream socket")
+        sock.setblocking(True)
+        return self._add(Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
+
+
+def _connected_unix_stream(fd: int) -> Optional[socket.socket]:
+    """A socket object owning fd when fd is a connected Unix stream socket
+    (what ipcd must hand over); else None, with fd closed."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:             # not a socket at all (a pipe, /dev/null)
+        os.close(fd)
+        return None
+    try:
+        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+            sock.getpeername()  # ENOTCONN when it is not connected
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None

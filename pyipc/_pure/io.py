@@ -1,0 +1,315 @@
+"""The pure backend's blocking reads and writes (write, write_many, read,
+read_many, read_into), and the event loop's reads of a ready connection.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from typing import TYPE_CHECKING, Optional, Tuple
+
+from .._checks import (as_payload_list, check_max_messages, closed_by_peer,
+                       too_large_text, writable_view)
+from .._types import (DEFAULT_READ_MANY, READ_MANY_BYTES, Event, EventType, IPCError,
+                      MessageTooLargeError)
+from .blocking import Blocking, recv_exactly
+from .conn_table import CONNECTION, Conn
+from .framing import DIRECT_READ_MIN, HEADER, FrameTooLarge, encode
+from .send_queue import advance
+from .syscalls import DONTWAIT, SEND_NOW, os_error, sending
+
+if TYPE_CHECKING:
+    from .context import PureContext
+
+#: Bytes read from one fd in one round at most, so one busy peer cannot starve others.
+READ_BUDGET = 256 * 1024
+#: Messages write_many() gathers into one buffer (and one system call).
+WRITE_MANY_BATCH = 512
+#: write() joins header and payload up to this payload size into one buffer
+#: (a copy this small is cheaper than a two-part sendmsg); larger ones are
+#: sent from where they are.
+WRITE_JOINED_MAX = 4096
+
+_RX = EventType.MESSAGE_RX
+
+
+class Writing:
+    """PureContext's blocking writes."""
+
+    __slots__ = ()
+
+    def write(self: PureContext, fd: int, payload: object, timeout: Optional[float] = None) -> None:
+        block = self._blocking(fd, timeout, "write", spin=False)    # first, as native
+        conn, data = self._prepare(fd, payload)
+        self._write_blocking(conn, [encode(data)] if len(data) <= WRITE_JOINED_MAX
+                             else [HEADER.pack(len(data)), data], [len(data)], block)
+
+    def write_many(self: PureContext, fd: int, payloads: object, timeout: Optional[float] = None) -> None:
+        items = as_payload_list(payloads)
+        block = self._blocking(fd, timeout, "write", spin=False)
+        conn = self._connection(fd)
+        largest = max(map(len, items), default=0)
+        if largest > self.max_message_size:
+            raise MessageTooLargeError(too_large_text(largest, self.max_message_size))
+        if conn.write_closed or conn.closing:
+            raise closed_by_peer(fd)
+        pack = HEADER.pack
+        # Frames gathered into one buffer per batch (one copy, one system call
+        # for many small messages), as native copies small frames into one buffer.
+        batches = [b"".join([part for p in items[i:i + WRITE_MANY_BATCH]
+                             for part in (pack(len(p)), p)])
+                   for i in range(0, len(items), WRITE_MANY_BATCH)]
+        if not batches:
+            self._write_blocking(conn, [], [], block)   # still flushes the queue, as native does
+        for k, batch in enumerate(batches):
+            self._write_blocking(conn, [batch], list(map(
+                len, items[k * WRITE_MANY_BATCH:(k + 1) * WRITE_MANY_BATCH])), block)
+
+    def _write_blocking(self: PureContext, conn: Conn, frame: list, lens: list, block: "Blocking") -> None:
+        """Flush conn's queue, then write every byte of ``frame`` (buffers:
+        frames of payload sizes ``lens``), waiting as ``block`` says while the
+        socket is full. Stopped midway (an exception of a signal's handler,
+        the timeout), the rest of the frame in progress is queued (_keep_framed)."""
+        fd = conn.fd
+        # MSG_DONTWAIT, then poll() for room: a send that waits in the kernel
+        # returns a partial count when a signal comes, and a handler that
+        # raises right after it would leave those bytes unaccounted (the
+        # stream then corrupt). poll() moves no bytes: an exception there is
+        # harmless (_keep_framed).
+        sent = 0
+        rest = frame
+        try:
+            while conn.queue:
+                if not self._send_queued(conn):
+                    block.idle(fd, select.POLLOUT)
+            while rest:
+                try:
+                    for n in sending(conn.io, rest, SEND_NOW):
+                        sent += n       # counted at once (see _sending)
+                except BlockingIOError:
+                    block.idle(fd, select.POLLOUT)
+                    continue
+                except InterruptedError:
+                    continue
+                rest = advance(frame, sent)
+        except (BrokenPipeError, ConnectionResetError):
+            conn.write_closed = True
+            raise closed_by_peer(fd) \
+                from None
+        except OSError as e:
+            if isinstance(e, IPCError) or e.errno is None:  # the timeout, a handler's
+                self._keep_framed(conn, frame, lens, sent)
+                raise
+            raise os_error("write failed", e.errno) from None      # native's text
+        except BaseException:
+            self._keep_framed(conn, frame, lens, sent)
+            raise
+
+
+class Reading:
+    """PureContext's blocking reads and the event loop's reads."""
+
+    __slots__ = ()
+
+    def read(self: PureContext, fd: int, timeout: Optional[float] = None) -> bytes:
+        # The timeout first: a bad one is refused even when a message is there.
+        block = self._blocking(fd, timeout, "read")
+        if self._pending:
+            message = self._pending.take_message(fd)
+            if message is not None:
+                return message
+        return self._receive(fd, 1, block)[0]
+
+    def read_many(self: PureContext, fd: int, max_messages: int = DEFAULT_READ_MANY,
+                  timeout: Optional[float] = None) -> list[bytes]:
+        check_max_messages(max_messages)
+        block = self._blocking(fd, timeout, "read")
+        taken = self._pending.take_messages(fd, max_messages)
+        return taken or self._receive(fd, max_messages, block, READ_MANY_BYTES)
+
+    def read_into(self: PureContext, fd: int, buffer: object, timeout: Optional[float] = None) -> int:
+        view = writable_view(buffer)
+        spin = self._blocking(fd, timeout, "read")   # one busy_poll for the whole call
+        size = self._pending.take_into(fd, view)
+        if size is not None:
+            return size
+        conn = self._connection(fd)
+        if len(view) >= DIRECT_READ_MIN and conn.kind == CONNECTION:
+            size = self._read_frame_into(conn, view, spin)
+            if size is None:
+                size = self._pending.take_into(fd, view)
+            if size is not None:
+                return size
+        self._receive(fd, 0, spin)      # every new message waits as an event...
+        size = self._pending.take_into(fd, view)   # ...and the first is taken
+        assert size is not None
+        return size
+
+    def _read_frame_into(self: PureContext, conn: Conn, view: memoryview, spin: Blocking) -> Optional[int]:
+        """The next frame of conn read into ``view`` when it is large and fits
+        (as native does): its size; else None, with the header bytes read
+        given to the decoder. The reads wait in the kernel."""
+        had = conn.decoder.buffered()
+        known = min(len(had), HEADER.size)
+        header = bytearray(HEADER.size)
+        header[:known] = had[:known]
+        sock = conn.io
+        # How far the header and the payload were read: what the decoder gets
+        # back if a signal handler's exception (Ctrl-C) stops the read midway,
+        # so that the next read goes on from there.
+        got = [known, 0]
+        try:
+            if not recv_exactly(sock, header, got, 0, HEADER.size, spin):
+                return self._direct_eof(conn)
+            (size,) = HEADER.unpack(header)
+            if size < DIRECT_READ_MIN or size > len(view) or size > self.max_message_size:
+                msgs: list[bytes] = []
+                try:
+                    conn.decoder.feed(memoryview(header)[known:], msgs)
+                except FrameTooLarge as e:
+                    self._drop(conn, None)
+                    raise MessageTooLargeError(str(e)) from None
+                # A header alone may be an empty message: it waits as an event
+                # (read_into reads fd even when it is switched: not forwarded).
+                self._pending.extend(Event(_RX, conn.fd, conn.index, m) for m in msgs)
+                return None
+            got[1] = len(had) - HEADER.size if len(had) > HEADER.size else 0
+            view[:got[1]] = had[HEADER.size:]
+            conn.decoder.discard()
+            if not recv_exactly(sock, view, got, 1, size, spin):
+                return self._direct_eof(conn)
+            return size
+        except ConnectionResetError:
+            return self._direct_eof(conn)
+        except OSError as e:
+            if not isinstance(e, IPCError) and e.errno is not None:
+                err = os_error("read failed", e.errno)
+                self._drop(conn, str(err))
+                raise err from None
+            # Ours (an IPCError is an OSError) or a signal handler's (no
+            # errno), as raised; what was read is kept.
+            if conn.alive:
+                conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
+            raise
+        except BaseException:
+            if conn.alive:
+                conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
+            raise
+
+    def _direct_eof(self: PureContext, conn: Conn) -> int:
+        """The peer closed during a direct read: as read() reports it."""
+        self._drop(conn, None)
+        raise closed_by_peer(conn.fd)
+
+    def _receive(self: PureContext, fd: int, keep: int, spin: Blocking,
+                 room: Optional[int] = None) -> list[bytes]:
+        """Block until fd delivers at least one new message; return the first
+        ``keep`` of those that came (and, with ``room``, no more than ``room``
+        bytes together, a larger first one alone: read_many's batch, as native
+        fills its buffer); the rest wait as MESSAGE_RX events."""
+        conn = self._connection(fd)
+        msgs, error = self._read_until_message(conn, spin)
+        if not msgs:
+            self._drop(conn, None)
+            raise MessageTooLargeError(error)
+        if room is not None:
+            keep = min(keep, _fitting(msgs, room))
+        # Messages beyond `keep` wait as events, like any received, before the
+        # ERROR and DISCONNECTION of a bad header that followed them.
+        if len(msgs) > keep:
+            self._pending.extend(Event(_RX, fd, conn.index, m) for m in msgs[keep:])
+            del msgs[keep:]
+        if error is not None:
+            self._drop(conn, error)
+        return msgs
+
+    def _read_until_message(self: PureContext, conn: Conn, spin: Blocking) -> Tuple[list, Optional[str]]:
+        """Read conn until at least one message is whole; (messages, the
+        too-large text if a bad header followed them or came first). The
+        reads wait in the kernel (our own sockets are in blocking mode: it
+        wakes the read itself, quicker than poll() then recv(), as native),
+        after busy_poll's reads that do not wait."""
+        fd = conn.fd
+        msgs: list[bytes] = []
+        error: Optional[str] = None
+        while not msgs and error is None:
+            try:
+                n = conn.io.recv_into(self._scratch_view, 0, spin.flags())  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                spin.idle(fd)
+                continue
+            except ConnectionResetError:
+                n = 0
+            except OSError as e:
+                if e.errno is None:     # a signal handler's (a TimeoutError): as it is
+                    raise
+                # Like the event loop (and native): the connection ends with an
+                # ERROR and a DISCONNECTION; the caller gets the same text.
+                err = os_error("read failed", e.errno)
+                self._drop(conn, str(err))
+                raise err from None
+            if n == 0:
+                self._drop(conn, None)
+                raise closed_by_peer(fd)
+            try:
+                conn.decoder.feed(self._scratch_view[:n], msgs)
+            except FrameTooLarge as e:
+                error = str(e)
+        return msgs, error
+
+    def _read_conn(self: PureContext, conn: Conn) -> None:
+        """Read conn until it would block (or the budget is spent); deliver messages."""
+        msgs: list[bytes] = []
+        error: Optional[str] = None
+        ended = False
+        view, total = self._scratch_view, 0
+        while total < READ_BUDGET:
+            try:
+                n = conn.io.recv_into(view, 0, DONTWAIT)  # type: ignore[attr-defined]
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except ConnectionResetError:
+                n = 0
+            except OSError as e:
+                error, ended = f"read failed: {os.strerror(e.errno or 0)}", True
+                break
+            if n == 0:
+                ended = True
+                if conn.decoder.partial:
+                    error = "peer closed the connection in the middle of a message"
+                break
+            total += n
+            try:
+                conn.decoder.feed(view[:n], msgs)
+            except FrameTooLarge as e:
+                error, ended = str(e), True
+                break
+            if n < len(view):
+                break       # drained: another read now would only say EAGAIN
+        self._deliver(conn, msgs)
+        if ended:
+            self._drop(conn, error)
+
+    def _deliver(self: PureContext, conn: Conn, msgs: list) -> None:
+        if conn.peer is None:
+            fd, index, append = conn.fd, conn.index, self._pending.append
+            for m in msgs:
+                append(Event(_RX, fd, index, m))
+            return
+        for m in msgs:
+            if not conn.alive:
+                return
+            self._forward(conn, m)
+
+
+def _fitting(msgs: list, room: int) -> int:
+    """How many of ``msgs`` fit in ``room`` bytes together (at least one)."""
+    count = 0
+    for m in msgs:
+        room -= len(m)
+        if room < 0 and count:
+            break
+        count += 1
+    return count

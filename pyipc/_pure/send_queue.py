@@ -1,0 +1,150 @@
+"""The pure backend's send queues (the core's send_queue.zig): what
+schedule() queues per connection, sent by the event loop without blocking,
+each frame reported (MESSAGE_TX, SWITCH_TX) once it is written whole.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Optional, Tuple
+
+from .._checks import as_payload, closed_by_peer, too_large_text
+from .._types import EventType, Event, MessageTooLargeError, QueueFullError
+from .conn_table import Conn
+from .framing import HEADER, encode
+from .syscalls import SEND_NOW, sending
+
+if TYPE_CHECKING:
+    from .context import PureContext
+
+#: Frames handed to one sendmsg() call at most (coalescing without huge iovecs).
+MAX_IOV = 64
+
+_TX = EventType.MESSAGE_TX
+
+
+class SendQueue:
+    """PureContext's schedule() and the flushing of its queues."""
+
+    __slots__ = ()
+
+    def _prepare(self: PureContext, fd: int, payload: object) -> Tuple[Conn, bytes | memoryview]:
+        """Checks shared by write and schedule, in the documented order."""
+        # bytes is as_payload's first case: taken here without the call (hot path).
+        data = payload if type(payload) is bytes else as_payload(payload)
+        conn = self._connection(fd)
+        if len(data) > self.max_message_size:
+            raise MessageTooLargeError(too_large_text(len(data), self.max_message_size))
+        if conn.write_closed or conn.closing:
+            raise closed_by_peer(fd)
+        return conn, data
+
+    def schedule(self: PureContext, fd: int, payload: object) -> None:
+        conn, data = self._prepare(fd, payload)
+        size = len(data) + HEADER.size
+        if conn.queued_bytes + size > self.max_queue_size:
+            raise QueueFullError(
+                f"send queue of fd {fd} is full ({conn.queued_bytes} bytes queued, "
+                f"max_queue_size {self.max_queue_size})")
+        self._enqueue(conn, encode(data), _TX)
+
+    def _enqueue(self: PureContext, conn: Conn, frame: bytes, kind: Optional[EventType]) -> None:
+        conn.queue.append((frame, kind))
+        conn.queued_bytes += len(frame)
+        if conn not in self._dirty:
+            self._dirty[conn] = None
+            self._set_interest(conn)
+
+    def _keep_framed(self: PureContext, conn: Conn, frame: list, lens: list, sent: int) -> None:
+        """A write of ``frame`` (buffers: frames of payload sizes ``lens``)
+        stopped after ``sent`` bytes: the rest of the frame in progress is
+        queued ahead of anything scheduled later, reported as no event, so the
+        peer never finds a later frame inside it. Frames not begun are not sent."""
+        rest = frame_rest(lens, sent)
+        if rest and conn.alive:
+            left = advance(frame, sent)
+            self._enqueue(conn, b"".join(bytes(b) for b in left)[:rest], None)
+
+    def _send_queued(self: PureContext, conn: Conn) -> bool:
+        """Write queued frames without waiting; True when the queue is empty.
+        (A blocking write() polls for room between calls: see _write_blocking.)
+
+        Reports MESSAGE_TX/SWITCH_TX per frame written; lets EPIPE through.
+        """
+        queue = conn.queue
+        # Bytes a stopped call counted but did not account for (see _sending).
+        self._account_sent(conn)
+        while queue:
+            bufs = [memoryview(queue[0][0])[conn.sent:]]
+            bufs.extend(queue[i][0] for i in range(1, min(len(queue), MAX_IOV)))
+            try:
+                for n in sending(conn.io, bufs, SEND_NOW):
+                    conn.sent += n      # counted at once; frames accounted next
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                break
+            self._account_sent(conn)
+        if not queue:
+            self._dirty.pop(conn, None)
+        self._set_interest(conn)
+        if conn.peer is not None:
+            self._set_interest(conn.peer)    # back-pressure may be over
+        return not queue
+
+    def _account_sent(self: PureContext, conn: Conn) -> None:
+        """Frames written whole (conn.sent counts the bytes written from the
+        first one on) leave the queue, each reported by its event."""
+        queue, pending = conn.queue, self._pending
+        n = conn.sent
+        while queue and n >= len(queue[0][0]):
+            frame, kind = queue.popleft()
+            n -= len(frame)
+            conn.queued_bytes -= len(frame)
+            if kind is not None:        # None: the rest of a stopped write()
+                pending.append(Event(kind, conn.fd, conn.index))
+        conn.sent = n
+
+    def _flush(self: PureContext, conn: Conn) -> None:
+        """Event-loop flush: a peer that is gone is read to the end, then dropped."""
+        try:
+            self._send_queued(conn)
+        except (BrokenPipeError, ConnectionResetError):
+            conn.write_closed = True
+            if not conn.closing:        # a closing side's input has nowhere to go
+                self._read_conn(conn)
+            self._drop(conn, None)
+        except OSError as e:
+            self._drop(conn, f"write failed: {os.strerror(e.errno or 0)}")
+        else:
+            if conn.closing and not conn.queue:
+                self._drop(conn, None)
+
+    def _flush_dirty(self: PureContext) -> None:
+        """Send what is queued, without blocking (a round's first step)."""
+        if self._dirty:
+            for conn in list(self._dirty):
+                if conn.alive:
+                    self._flush(conn)
+
+
+def frame_rest(lens: list, written: int) -> int:
+    """Bytes left of the frame in progress once ``written`` bytes of frames of
+    payload sizes ``lens`` went out (0 on a frame boundary): the core's progress()."""
+    start = 0
+    for size in lens:
+        end = start + HEADER.size + size
+        if written < end:
+            return end - written if written > start else 0
+        start = end
+    return 0
+
+
+def advance(buffers: list, n: int) -> list:
+    """The part of ``buffers`` left after ``n`` bytes were written."""
+    while buffers and n >= len(buffers[0]):
+        n -= len(buffers[0])
+        buffers = buffers[1:]
+    if buffers and n:
+        buffers = [memoryview(buffers[0])[n:]] + buffers[1:]
+    return buffers

@@ -1,0 +1,147 @@
+"""The pure backend's services and connections: listening, accepting,
+connecting, foreign fds, peer credentials (the core's rundir.zig and
+credentials.zig do this for native).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+from typing import TYPE_CHECKING, Optional, Tuple
+
+from .. import _rundir
+from .._checks import check_fd, closed_by_peer
+from .._types import (Event, EventType, IPCError,
+                      ServiceNotFoundError, UnknownFdError)
+from .conn_table import CONNECTION, EXTERNAL, SERVICE, Conn
+from .syscalls import RawFd, os_error
+
+if TYPE_CHECKING:
+    from .context import PureContext
+
+_PEERCRED = struct.Struct("3i")
+
+
+class Services:
+    """PureContext's services, connections and foreign fds."""
+
+    __slots__ = ()
+
+    def service_init(self: PureContext, name: str) -> int:
+        path = _rundir.service_path(self.rundir, name)
+        self._check_room()
+        _rundir.check_rundir(self.rundir, create=True)
+        lock_fd = _rundir.lock_service(self.rundir, name, path)
+        sock = None
+        try:
+            _rundir.remove_stale_socket(path, name)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.bind(path)
+            os.chmod(path, 0o660)
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+        except OSError as e:
+            if sock is not None:
+                sock.close()
+            os.close(lock_fd)
+            if isinstance(e, IPCError):
+                raise
+            raise os_error(f"cannot start service {name}", e.errno) from None
+        conn = Conn(sock.fileno(), sock, SERVICE, self.max_message_size)
+        conn.path, conn.lock_fd = path, lock_fd
+        self._spare_fd.open()
+        return self._add(conn).fd
+
+    def connect_service(self: PureContext, name: str) -> int:
+        path = _rundir.service_path(self.rundir, name)
+        self._check_room()
+        if not _rundir.check_rundir(self.rundir, create=False):
+            raise ServiceNotFoundError(f"no service {name} in {self.rundir}", errno.ENOENT)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except OSError as e:        # out of fds: native's text, with errno
+            raise os_error(f"cannot connect to service {name}", e.errno) from None
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            sock.close()
+            raise ServiceNotFoundError(f"no service {name} in {self.rundir}", e.errno) from None
+        except OSError as e:
+            sock.close()
+            raise os_error(f"cannot connect to service {name}", e.errno) from None
+        return self._add(Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
+
+    def add_external(self: PureContext, fd: int) -> None:
+        check_fd(fd)
+        if fd in self._ended:
+            raise closed_by_peer(fd)
+        if fd in self._by_fd:
+            raise IPCError(f"fd {fd} is already managed by this context")
+        try:
+            mode = os.fstat(fd).st_mode
+        except (OSError, OverflowError, TypeError):
+            raise UnknownFdError(f"fd {fd} is not an open file descriptor") from None
+        self._check_room()
+        io = socket.socket(fileno=fd) if stat.S_ISSOCK(mode) else RawFd(fd)
+        self._add(Conn(fd, io, EXTERNAL, self.max_message_size))
+
+    def peer_credentials(self: PureContext, fd: int) -> Tuple[int, int, int]:
+        conn = self._connection(fd)
+        if not hasattr(socket, "SO_PEERCRED"):
+            raise IPCError("peer credentials are not supported on this platform")
+        try:
+            raw = conn.io.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,  # type: ignore
+                                     _PEERCRED.size)
+        except AttributeError:      # not a socket (a pipe switched in)
+            raise os_error(f"cannot read peer credentials of fd {fd}", errno.ENOTSOCK) \
+                from None
+        except OSError as e:
+            raise os_error(f"cannot read peer credentials of fd {fd}", e.errno) from None
+        return _PEERCRED.unpack(raw)
+
+    def _accept(self: PureContext, service: Conn) -> None:
+        while True:
+            try:
+                sock, _ = service.io.accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # Out of fds: a waiting client is refused, so the round does not
+                # spin on it; with no client waiting there is nothing to say.
+                refused = self._refuse_with_spare(service) \
+                    if e.errno in (errno.EMFILE, errno.ENFILE) else None
+                if refused is False:
+                    return
+                self._pending.append(Event(EventType.ERROR, service.fd, service.index, None,
+                                           f"accept failed: {os.strerror(e.errno or 0)}"))
+                if refused:
+                    continue
+                return
+            if len(self._by_fd) >= self.max_connections:
+                sock.close()
+                self._pending.append(Event(
+                    EventType.ERROR, service.fd, service.index, None,
+                    f"connection refused: max_connections ({self.max_connections}) reached"))
+                continue
+            sock.setblocking(True)        # blocking mode, whatever the listener's (see DONTWAIT)
+            conn = self._add(Conn(sock.fileno(), sock, CONNECTION, self.max_message_size))
+            self._pending.append(Event(EventType.CONNECTION, conn.fd, conn.index))
+
+    def _refuse_with_spare(self: PureContext, service: Conn) -> Optional[bool]:
+        """Out of fds with a client waiting: accept() would fail at once every
+        round (level-triggered readiness), a busy loop. Free the spare fd, accept
+        the client with it and close it (it sees EOF), then take the spare again.
+        True: a client was refused; False: none was waiting; None: no spare."""
+        if not self._spare_fd.close():
+            return None
+        try:
+            sock, _ = service.io.accept()  # type: ignore[attr-defined]
+            sock.close()
+            taken = True
+        except OSError:
+            taken = False
+        self._spare_fd.open()
+        return taken

@@ -21,14 +21,13 @@ from ._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAG
                      MAX_BUSY_POLL, MAX_READ_MANY, READ_MANY_BYTES, BackendError, CBEvent,
                      ConnectionClosedError, ConnectionLimitError, Event, EventType,
                      InvalidNameError, IPCError, MessageTooLargeError, QueueFullError,
-                     RunDirError, ServiceBusyError, ServiceNotFoundError, TimeoutError,
-                     UnknownFdError)
+                     RunDirError, ServiceBusyError, ServiceNotFoundError, UnknownFdError)
+from ._types import TimeoutError as TimeoutError  # explicit re-export, not in __all__
+from ._version import __version__ as __version__
 from .typed import (CorruptMessageError, DuplicateClassError, DuplicateTypeError,
                     FieldMismatchError, InvalidTypeNumberError, NotAMessageClassError,
-                    Registry, TypedMessageError, UnencodableValueError, UnknownTypeError,
-                    UnregisteredClassError)
-
-__version__ = "0.1.0"
+                    Registry, TypedMessageError, UnencodableValueError, UnexpectedTypeError,
+                    UnknownTypeError, UnregisteredClassError)
 
 _backend.plug_in()
 _backend.warn_if_unbuilt()
@@ -45,5 +44,6 @@ __all__ = [
     "DEFAULT_RUNDIR", "DEFAULT_READ_MANY", "MAX_READ_MANY", "MAX_BUSY_POLL", "READ_MANY_BYTES",
     "Registry", "TypedMessageError", "InvalidTypeNumberError", "DuplicateTypeError",
     "DuplicateClassError", "NotAMessageClassError", "UnregisteredClassError",
-    "UnencodableValueError", "UnknownTypeError", "CorruptMessageError", "FieldMismatchError",
+    "UnencodableValueError", "UnknownTypeError", "UnexpectedTypeError", "CorruptMessageError",
+    "FieldMismatchError",
 ]

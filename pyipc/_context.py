@@ -9,9 +9,11 @@ behave the same. This module imports no backend: they import it.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Tuple, Type,
+                    TypeVar, Union, overload)
 
 from . import _threads
 from ._checks import (OnIn, OnOut, check_busy_poll, check_limits, check_linger, check_timeout,
@@ -22,6 +24,17 @@ from ._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAG
 
 if TYPE_CHECKING:
     from .typed import Registry
+
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer
+else:
+    from typing_extensions import Buffer
+
+#: What write(), schedule() and write_many() send: a bytes-like object as it
+#: is, a str as UTF-8 (anything else is a TypeError at run time).
+Payload = Union[Buffer, str]
+#: The message class a caller of read_typed(..., cls=) expects.
+M = TypeVar("M")
 
 #: Context()'s choice of backend: its ``backend`` argument in, the subclass
 #: to make out. pyipc._backend plugs it in (set_chooser) as pyipc is
@@ -203,12 +216,12 @@ class Context:
     def _connect_ipcd(self, name: str, network: str, timeout: Optional[float]) -> int:
         raise NotImplementedError
 
-    def write(self, fd: int, payload: object, timeout: Optional[float] = None) -> None:
+    def write(self, fd: int, payload: Payload, timeout: Optional[float] = None) -> None:
         """Flush fd's queue, then write one message, blocking until it is
         written (at most ``timeout`` seconds: then pyipc.TimeoutError)."""
         raise NotImplementedError
 
-    def schedule(self, fd: int, payload: object) -> None:
+    def schedule(self, fd: int, payload: Payload) -> None:
         """Queue one message for fd; the event loop sends it (MESSAGE_TX)."""
         raise NotImplementedError
 
@@ -217,7 +230,7 @@ class Context:
         most ``timeout`` seconds: then pyipc.TimeoutError, nothing consumed)."""
         raise NotImplementedError
 
-    def read_into(self, fd: int, buffer: object, timeout: Optional[float] = None) -> int:
+    def read_into(self, fd: int, buffer: Buffer, timeout: Optional[float] = None) -> int:
         """Copy fd's next message into ``buffer`` (writable bytes-like, e.g. a
         bytearray); return its size. Blocks like read(). A message of 64 KiB
         or more that fits is read from the socket straight into the buffer
@@ -225,7 +238,8 @@ class Context:
         MessageTooLargeError and stays queued for the next read."""
         raise NotImplementedError
 
-    def write_many(self, fd: int, payloads: object, timeout: Optional[float] = None) -> None:
+    def write_many(self, fd: int, payloads: Iterable[Payload],
+                   timeout: Optional[float] = None) -> None:
         """write() every payload of an iterable to fd, in order, gathered into
         as few system calls as possible; blocks until all are written. Every
         payload is checked (type, size) before anything is sent."""
@@ -292,13 +306,26 @@ class Context:
         """schedule() the typed message ``registry.encode(obj)`` for fd."""
         self.schedule(fd, registry.encode(obj))
 
-    def read_typed(self, fd: int, registry: "Registry", timeout: Optional[float] = None) -> Any:
-        """read() the next message of fd and return ``registry.decode()`` of it.
+    @overload
+    def read_typed(self, fd: int, registry: "Registry",
+                   timeout: Optional[float] = None) -> Any: ...
+
+    @overload
+    def read_typed(self, fd: int, registry: "Registry", timeout: Optional[float] = None, *,
+                   cls: Type[M]) -> M: ...
+
+    def read_typed(self, fd: int, registry: "Registry", timeout: Optional[float] = None, *,
+                   cls: Optional[Type[M]] = None) -> Any:
+        """read() the next message of fd and return ``registry.decode()`` of it;
+        with ``cls``, ``registry.decode(payload, cls)``: the message must be of
+        that class (else pyipc.typed.UnexpectedTypeError), and a type checker
+        knows it is.
 
         A message that does not decode is consumed all the same: the
         TypedMessageError is raised and the connection stays open.
         """
-        return registry.decode(self.read(fd, timeout))
+        payload = self.read(fd, timeout)
+        return registry.decode(payload) if cls is None else registry.decode(payload, cls)
 
 
 def _warn_unclosed(description: str) -> None:

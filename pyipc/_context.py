@@ -9,30 +9,22 @@ behave the same. This module imports no backend: they import it.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 import weakref
 from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Tuple, Type,
-                    TypeVar, Union, overload)
+                    TypeVar, overload)
 
 from . import _threads
 from ._checks import (OnIn, OnOut, check_busy_poll, check_limits, check_linger, check_timeout,
                       check_timer)
 from ._rundir import PathLike, resolve_rundir
 from ._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
-                     DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, Event, IPCError)
+                     DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, Buffer, Event, IPCError,
+                     Payload)
 
 if TYPE_CHECKING:
     from .typed import Registry
 
-if sys.version_info >= (3, 12):
-    from collections.abc import Buffer
-else:
-    from typing_extensions import Buffer
-
-#: What write(), schedule() and write_many() send: a bytes-like object as it
-#: is, a str as UTF-8 (anything else is a TypeError at run time).
-Payload = Union[Buffer, str]
 #: The message class a caller of read_typed(..., cls=) expects.
 M = TypeVar("M")
 

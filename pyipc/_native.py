@@ -21,7 +21,7 @@ import time
 import weakref
 from array import array
 from itertools import accumulate
-from typing import NoReturn, Optional, Tuple
+from typing import Iterable, NoReturn, Optional, Tuple
 
 from . import _libpath
 from ._checks import (DISCARD_TEXT, OnIn, OnOut, as_payload, as_payload_list,
@@ -29,6 +29,7 @@ from ._checks import (DISCARD_TEXT, OnIn, OnOut, as_payload, as_payload_list,
                       check_name, check_timeout, too_large_text, writable_view)
 from ._context import Context
 from ._events import EventQueue
+from ._types import Buffer, Payload
 from ._types import (DEFAULT_READ_MANY, ERRORS_BY_NAME, READ_MANY_BYTES, BackendError, CBEvent,
                      Event, EventType, InvalidNameError, IPCError, MessageTooLargeError)
 
@@ -346,7 +347,7 @@ class NativeContext(Context):
         self._check(lib.ipc_check_write(self._ctx, _fd_arg(fd), size), fd)
         raise AssertionError("unreachable: no max_message_size allows 4 GiB")
 
-    def write(self, fd: int, payload: object, timeout: Optional[float] = None) -> None:
+    def write(self, fd: int, payload: Payload, timeout: Optional[float] = None) -> None:
         if timeout is None and self._core_timeout is None and type(payload) is bytes \
                 and type(fd) is int:     # fast path: no conversion
             try:
@@ -411,7 +412,7 @@ class NativeContext(Context):
             for pin in pins:
                 ffi.release(pin)
 
-    def schedule(self, fd: int, payload: object) -> None:
+    def schedule(self, fd: int, payload: Payload) -> None:
         if type(payload) is bytes and type(fd) is int:     # fast path: no conversion
             try:
                 rc = _ipc_schedule(self._ctx, fd, payload, len(payload))
@@ -450,7 +451,8 @@ class NativeContext(Context):
         at = self._rbuf_at
         return _MEMORY[at:at + rlen[0]]
 
-    def write_many(self, fd: int, payloads: object, timeout: Optional[float] = None) -> None:
+    def write_many(self, fd: int, payloads: Iterable[Payload],
+                   timeout: Optional[float] = None) -> None:
         items = as_payload_list(payloads)
         deadline = self._start_timeout(timeout) \
             if timeout is not None or self._core_timeout is not None else None
@@ -484,7 +486,7 @@ class NativeContext(Context):
             self._check(rc, fd)
         return split_payloads(ffi.buffer(buf), _unpack(sizes, count[0]))
 
-    def read_into(self, fd: int, buffer: object, timeout: Optional[float] = None) -> int:
+    def read_into(self, fd: int, buffer: Buffer, timeout: Optional[float] = None) -> int:
         view = writable_view(buffer)
         deadline = self._start_timeout(timeout) \
             if timeout is not None or self._core_timeout is not None else None

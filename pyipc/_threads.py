@@ -25,7 +25,7 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 from ._checks import as_payload
-from ._types import IPCError
+from ._types import IPCError, Payload
 
 _get_ident = threading.get_ident
 
@@ -98,7 +98,7 @@ class ThreadGuard:
         finally:
             self.leave(ctx)
 
-    def schedule(self, ctx: Any, direct: Callable, fd: int, payload: object) -> None:
+    def schedule(self, ctx: Any, direct: Callable, fd: int, payload: Payload) -> None:
         """The slow path of schedule() (the lock was taken): direct when this
         thread is inside the context, else handed over to the owner (which
         hand_over also does itself if the owner has left meanwhile)."""
@@ -198,7 +198,7 @@ def _guarded(method: Callable) -> Callable:
 
 def _guarded_schedule(direct: Callable) -> Callable:
     @functools.wraps(direct)
-    def schedule(self: Any, fd: int, payload: object) -> None:
+    def schedule(self: Any, fd: int, payload: Payload) -> None:
         guard = self._guard
         got = False
         try:        # the lock taken as in _TEMPLATE (see _TRIES)
@@ -263,5 +263,5 @@ class ForkedGuard(ThreadGuard):
             return ctx._close_in_child(None)
         raise IPCError(FORK_TEXT)
 
-    def schedule(self, ctx: Any, direct: Callable, fd: int, payload: object) -> None:
+    def schedule(self, ctx: Any, direct: Callable, fd: int, payload: Payload) -> None:
         raise IPCError(FORK_TEXT)

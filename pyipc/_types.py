@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import builtins
 import enum
-from typing import Optional
+import sys
+from typing import Optional, Union
+
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer
+else:
+    from typing_extensions import Buffer
+
+#: What write(), schedule() and write_many() send: a bytes-like object as it
+#: is, a str as UTF-8 (anything else is a TypeError at run time).
+Payload = Union[Buffer, str]
 
 #: Default bound on one message's payload, in bytes (16 MiB).
 DEFAULT_MAX_MESSAGE_SIZE = 16 << 20

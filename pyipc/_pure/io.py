@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import select
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Iterable, Optional, Tuple
 
 from .._checks import (as_payload_list, check_max_messages, closed_by_peer,
                        too_large_text, writable_view)
+from .._types import Buffer, Payload
 from .._types import (DEFAULT_READ_MANY, READ_MANY_BYTES, Event, EventType, IPCError,
                       MessageTooLargeError)
 from .blocking import Blocking, recv_exactly
@@ -38,13 +39,14 @@ class Writing:
 
     __slots__ = ()
 
-    def write(self: PureContext, fd: int, payload: object, timeout: Optional[float] = None) -> None:
+    def write(self: PureContext, fd: int, payload: Payload, timeout: Optional[float] = None) -> None:
         block = self._blocking(fd, timeout, "write", spin=False)    # first, as native
         conn, data = self._prepare(fd, payload)
         self._write_blocking(conn, [encode(data)] if len(data) <= WRITE_JOINED_MAX
                              else [HEADER.pack(len(data)), data], [len(data)], block)
 
-    def write_many(self: PureContext, fd: int, payloads: object, timeout: Optional[float] = None) -> None:
+    def write_many(self: PureContext, fd: int, payloads: Iterable[Payload],
+                   timeout: Optional[float] = None) -> None:
         items = as_payload_list(payloads)
         block = self._blocking(fd, timeout, "write", spin=False)
         conn = self._connection(fd)
@@ -127,7 +129,7 @@ class Reading:
         taken = self._pending.take_messages(fd, max_messages)
         return taken or self._receive(fd, max_messages, block, READ_MANY_BYTES)
 
-    def read_into(self: PureContext, fd: int, buffer: object, timeout: Optional[float] = None) -> int:
+    def read_into(self: PureContext, fd: int, buffer: Buffer, timeout: Optional[float] = None) -> int:
         view = writable_view(buffer)
         spin = self._blocking(fd, timeout, "read")   # one busy_poll for the whole call
         size = self._pending.take_into(fd, view)

@@ -9,7 +9,7 @@ import os
 from typing import TYPE_CHECKING, Optional, Tuple
 
 from .._checks import as_payload, closed_by_peer, too_large_text
-from .._types import EventType, Event, MessageTooLargeError, QueueFullError
+from .._types import Event, EventType, MessageTooLargeError, Payload, QueueFullError
 from .conn_table import Conn
 from .framing import HEADER, encode
 from .syscalls import SEND_NOW, sending
@@ -39,7 +39,7 @@ class SendQueue:
             raise closed_by_peer(fd)
         return conn, data
 
-    def schedule(self: PureContext, fd: int, payload: object) -> None:
+    def schedule(self: PureContext, fd: int, payload: Payload) -> None:
         conn, data = self._prepare(fd, payload)
         size = len(data) + HEADER.size
         if conn.queued_bytes + size > self.max_queue_size:

@@ -651,9 +651,10 @@ test "C ABI: batches by pointer, pending events, small buffers, error texts" {
     var fd: c_int = -1;
     var buf: [32]u8 = undefined;
     var len: usize = 4;
-    try testing.expectEqual(@as(c_int, -11), ipc_wait_event(server, &t, &index, &fd, &buf, &len));
+    const too_small = @intFromEnum(errors.Code.buffer_too_small);
+    try testing.expectEqual(too_small, ipc_wait_event(server, &t, &index, &fd, &buf, &len));
     try testing.expectEqual(@as(usize, 16), len);
-    try testing.expectEqual(@as(u8, 3), t);
+    try testing.expectEqual(@intFromEnum(events.EventType.message_rx), t);
     len = buf.len;
     try expectOk(ipc_wait_event(server, &t, &index, &fd, &buf, &len));
     try testing.expectEqualStrings("a longer message", buf[0..len]);
@@ -753,7 +754,7 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
             &count,
         );
         if (small) {
-            try testing.expectEqual(@as(c_int, -11), code);
+            try testing.expectEqual(@intFromEnum(errors.Code.buffer_too_small), code);
             try testing.expectEqual(@as(usize, 100), len);
             refused = true;
             continue;

@@ -100,7 +100,7 @@ class Context:
         self._busy_poll = 0
         self._guard: _threads.ThreadGuard = _threads.ThreadGuard()
         _LIVE.add(self)
-        self._unclosed: Optional[weakref.finalize] = None
+        self._unclosed: Optional[weakref.finalize[[str], Context]] = None
 
     def _track_unclosed(self) -> None:
         """The end of a backend's __init__: from now on, the context warns

@@ -19,7 +19,7 @@ from ._types import READ_MANY_BYTES, Event, EventType, MessageTooLargeError
 _RX = EventType.MESSAGE_RX
 
 
-class EventQueue(deque):
+class EventQueue(deque[Event]):
     """A deque of Event, and how a read takes its fd's messages out of it."""
 
     __slots__ = ()
@@ -53,34 +53,37 @@ class EventQueue(deque):
         i = self._first_message(fd)
         if i is None:
             return None
-        message = self[i].message
-        size = len(message)  # type: ignore[arg-type]
+        # A MESSAGE_RX always has its message (Event.message is None for others).
+        message: bytes = self[i].message  # type: ignore[assignment]
+        size = len(message)
         if size > len(view):
             raise MessageTooLargeError(buffer_too_small_text(len(view), size))
-        view[:size] = message  # type: ignore[index]
+        view[:size] = message
         del self[i]
         return size
 
-    def take_messages(self, fd: int, max_messages: int) -> list:
+    def take_messages(self, fd: int, max_messages: int) -> list[bytes]:
         """read_many()'s first source: fd's MESSAGE_RX events (at most
         max_messages and READ_MANY_BYTES together, a larger first one alone;
         up to fd's DISCONNECTION), removed.
 
         Raises ConnectionClosedError when fd's DISCONNECTION comes first.
         """
-        taken: list = []
-        keep: list = []
+        taken: list[bytes] = []
+        keep: list[Event] = []
         done = False
         room = READ_MANY_BYTES
         for ev in self:
             if not done and ev.fd == fd:
                 if ev.type == _RX:
-                    size = len(ev.message)  # type: ignore[arg-type]
+                    # A MESSAGE_RX always has its message.
+                    message: bytes = ev.message  # type: ignore[assignment]
+                    size = len(message)
                     if taken and size > room:
                         done = True          # the batch is full: this one waits
                         keep.append(ev)
                         continue
-                    taken.append(ev.message)
+                    taken.append(message)
                     room -= size
                     done = len(taken) == max_messages
                     continue

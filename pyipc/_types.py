@@ -10,12 +10,12 @@ from __future__ import annotations
 import builtins
 import enum
 import sys
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 if sys.version_info >= (3, 12):
-    from collections.abc import Buffer
+    from collections.abc import Buffer as Buffer    # re-exported: the backends use it
 else:
-    from typing_extensions import Buffer
+    from typing_extensions import Buffer as Buffer
 
 #: What write(), schedule() and write_many() send: a bytes-like object as it
 #: is, a str as UTF-8 (anything else is a TypeError at run time).
@@ -136,7 +136,7 @@ class IPCError(OSError):
         # (which it shows once .errno and .strerror are both set).
         return BaseException.__str__(self)
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[type[IPCError], tuple[str, Optional[int]], Any]:
         # OSError pickles args only: errno (an OSError slot) would be lost.
         message = self.args[0] if self.args else ""
         return type(self), (message, self.errno), self.__dict__ or None

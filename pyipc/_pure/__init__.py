@@ -13,6 +13,7 @@ in the Zig core (zig/*.zig) where it has one:
 - fdpass.py: connect() through ipcd (fdpass.zig)
 - closing.py: close(), close_all(), connections that end
 - syscalls.py: system calls that need care (sys.zig)
+- state.py: what these parts use of each other, for the type checker only
 
 The events it has not returned yet wait in one queue, pyipc._events.EventQueue.
 """

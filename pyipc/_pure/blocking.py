@@ -9,15 +9,16 @@ import math
 import os
 import select
 import time
+import socket
 from typing import TYPE_CHECKING, Optional
 
 from .._checks import check_timeout
-from .._types import TimeoutError
+from .._types import Buffer, TimeoutError
 from .poller import MAX_WAIT_MS
 from .syscalls import DONTWAIT
 
 if TYPE_CHECKING:
-    from .context import PureContext
+    from .state import PureState
 
 
 class Blocking:
@@ -69,7 +70,7 @@ class Waits:
 
     __slots__ = ()
 
-    def _blocking(self: PureContext, fd: int, timeout: Optional[float], what: str,
+    def _blocking(self: PureState, fd: int, timeout: Optional[float], what: str,
                   spin: bool = True) -> "Blocking":
         """How one blocking call on fd waits: busy_poll (with ``spin``) and
         its ``timeout`` (no object made when there is neither)."""
@@ -79,17 +80,17 @@ class Waits:
         return Blocking(busy, time.monotonic() + check_timeout(timeout), what, fd)
 
 
-def recv_exactly(sock: object, buf: object, filled: list, at: int, end: int,
+def recv_exactly(sock: socket.socket, buf: Buffer, filled: list[int], at: int, end: int,
                   spin: Blocking) -> bool:
     """Fill buf from filled[at] to ``end`` from a blocking socket, keeping
     filled[at] up to date (so an interruption knows how far it got); False
     at EOF. The reads wait as ``spin`` says (busy_poll)."""
-    view = memoryview(buf)  # type: ignore[arg-type]
+    view = memoryview(buf)
     while filled[at] < end:
         try:
-            n = sock.recv_into(view[filled[at]:end], 0, spin.flags())  # type: ignore[attr-defined]
+            n = sock.recv_into(view[filled[at]:end], 0, spin.flags())
         except BlockingIOError:
-            spin.idle(sock.fileno())  # type: ignore[attr-defined]
+            spin.idle(sock.fileno())
             continue
         except InterruptedError:
             continue

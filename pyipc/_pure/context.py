@@ -16,7 +16,8 @@ import errno
 import os
 import time
 import weakref
-from typing import Optional
+import socket
+from typing import Final, Optional
 
 from .._checks import check_timeout
 from .._context import Context
@@ -36,8 +37,9 @@ from .syscalls import SpareFd, drain, os_error
 #: Size of the context's receive scratch buffer.
 SCRATCH_SIZE = 64 * 1024
 
-#: The poller data of the wake-up pipe (another thread's schedule()).
-_WAKE = object()
+#: The poller data of the wake-up pipe (another thread's schedule()); every
+#: other fd's is its Conn.
+_WAKE: Final = None
 
 
 class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Services, Ipcd,
@@ -60,7 +62,7 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         # Connections that ended (DISCONNECTION reported) keep their fd open until
         # the next round, so a new connection cannot get the same number while
         # the old one's events are handled (a reply would reach the wrong peer).
-        self._ended: dict[int, object] = {}
+        self._ended: dict[int, socket.socket] = {}
         self._poller, self._wake_r, self._wake_w = _context_fds()
         self._scratch = bytearray(SCRATCH_SIZE)
         self._scratch_view = memoryview(self._scratch)

@@ -66,7 +66,7 @@ class FrameDecoder:
         as it was read): read_into was interrupted after discard()."""
         self._buf = bytearray(start)
 
-    def feed(self, data: memoryview, out: list) -> None:
+    def feed(self, data: memoryview, out: list[bytes]) -> None:
         """Decode ``data``; append every complete payload (bytes) to ``out``.
 
         Raises FrameTooLarge after appending the payloads that preceded the
@@ -85,7 +85,7 @@ class FrameDecoder:
             if used < len(data):
                 self._buf = bytearray(data[used:])
 
-    def _decode(self, view: memoryview, out: list) -> int:
+    def _decode(self, view: memoryview, out: list[bytes]) -> int:
         """Decode whole frames from ``view``; return the number of bytes used."""
         limit = self._limit
         end = len(view)

@@ -20,7 +20,7 @@ OnOut = Callable[[int, bytes], CBEvent]
 #: memoryview of bytes (format "B", one dimension, contiguous).
 Bytes = Union[bytes, memoryview]
 
-#: The WARNING of close(), close_all() and leaving ``with`` for each fd whose
+#: The WARNING of close(), close_all() and leaving `with` for each fd whose
 #: scheduled messages could not go out within the linger (args: fd, count).
 DISCARD_TEXT = "closing fd %d discards %d scheduled message(s)"
 
@@ -32,7 +32,7 @@ def closed_by_peer(fd: int) -> ConnectionClosedError:
 
 
 def too_large_text(size: int, limit: int) -> str:
-    """The message text used for a payload over ``max_message_size``."""
+    """The message text used for a payload over `max_message_size`."""
     return f"message of {size} bytes exceeds max_message_size ({limit})"
 
 
@@ -79,7 +79,7 @@ def check_timeout(timeout: float) -> float: ...
 @overload
 def check_timeout(timeout: Optional[float]) -> Optional[float]: ...
 def check_timeout(timeout: Optional[float]) -> Optional[float]:
-    """A blocking call's ``timeout=``: None (no limit) or seconds from 0 to
+    """A blocking call's `timeout=`: None (no limit) or seconds from 0 to
     threading.TIMEOUT_MAX, as Python's own blocking calls take them."""
     if timeout is None:
         return None
@@ -96,7 +96,7 @@ def check_timeout(timeout: Optional[float]) -> Optional[float]:
 
 
 def check_linger(linger: float) -> float:
-    """``Context(linger=)``: seconds >= 0 that closing waits for scheduled messages."""
+    """`Context(linger=)`: seconds >= 0 that closing waits for scheduled messages."""
     if not isinstance(linger, (int, float)) or isinstance(linger, bool):
         raise TypeError(f"linger must be a number of seconds, not {type(linger).__name__}")
     if not linger >= 0 or math.isinf(linger):
@@ -112,7 +112,7 @@ def check_max_messages(max_messages: int) -> None:
 
 
 def check_timer(value: Optional[int]) -> None:
-    """The ``timer`` property: None or milliseconds from 0 to 2**31 - 1."""
+    """The `timer` property: None or milliseconds from 0 to 2**31 - 1."""
     if value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool):
@@ -124,7 +124,7 @@ def check_timer(value: Optional[int]) -> None:
 
 
 def check_busy_poll(value: int) -> None:
-    """The ``busy_poll`` property: microseconds from 0 to MAX_BUSY_POLL."""
+    """The `busy_poll` property: microseconds from 0 to MAX_BUSY_POLL."""
     _require_int("busy_poll", value)
     if not 0 <= value <= MAX_BUSY_POLL:
         raise ValueError(f"busy_poll must be between 0 and {MAX_BUSY_POLL} us")

@@ -48,7 +48,7 @@ class EventQueue(deque[Event]):
 
     def take_into(self, fd: int, view: memoryview) -> Optional[int]:
         """read_into()'s first source: fd's first MESSAGE_RX copied into
-        ``view``; its size, or None when there is none. A message that does
+        `view`; its size, or None when there is none. A message that does
         not fit stays (MessageTooLargeError)."""
         i = self._first_message(fd)
         if i is None:
@@ -106,7 +106,7 @@ class EventQueue(deque[Event]):
 
 
 def raise_if_ended(ev: Event) -> None:
-    """A read meeting ``ev``, an event of its fd that comes before any message
+    """A read meeting `ev`, an event of its fd that comes before any message
     of it: the ERROR of a frame over max_message_size raises
     MessageTooLargeError (that header came after messages in one read: they
     were returned first), the DISCONNECTION ConnectionClosedError."""

@@ -1,6 +1,6 @@
 """The native backend: the Zig core (libipc) through cffi in ABI mode.
 
-The declarations come from the one header, ``libipc.h`` (between its CFFI
+The declarations come from the one header, `libipc.h` (between its CFFI
 markers), so there is no second copy of the C ABI here: event types, error
 codes and callback results are read from it too. Where the library and the
 header are looked up: pyipc._libpath.
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
     class _Cell(Protocol[T]):
-        """A cffi pointer or array of T: ``p[i]`` reads and writes an item."""
+        """A cffi pointer or array of T: `p[i]` reads and writes an item."""
 
         def __getitem__(self, i: int) -> T: ...
         def __setitem__(self, i: int, value: T) -> None: ...
@@ -145,7 +145,7 @@ _INT_MIN, _INT_MAX = -0x80000000, 0x7FFFFFFF
 
 
 class NativeContext(Context):
-    """The native (Zig) backend of :class:`pyipc.Context`."""
+    """The native (Zig) backend of `pyipc.Context`."""
 
     __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_ecount", "_sizes", "_count", "_lent",
                  "_rbuf", "_rbuf_at", "_rlen", "_core_timeout", "_handed",
@@ -197,7 +197,7 @@ class NativeContext(Context):
     def _check(self, rc: int, *fds: int) -> int:
         """Raise the error class of a negative return code, with the core's text.
 
-        ``fds`` are the Python fd arguments of the call: one out of C's int
+        `fds` are the Python fd arguments of the call: one out of C's int
         range was passed as -1, and is named as given in the message.
         """
         if rc >= 0:
@@ -255,8 +255,8 @@ class NativeContext(Context):
         return fd[0]
 
     def connect(self, name: str, timeout: Optional[float] = None) -> int:
-        """Connect to service ``name``: through ipcd when IPC_NETWORK is set
-        (``timeout`` bounds the wait for ipcd's answer)."""
+        """Connect to service `name`: through ipcd when IPC_NETWORK is set
+        (`timeout` bounds the wait for ipcd's answer)."""
         deadline = self._start_timeout(timeout)     # first, as the pure backend
         fd: _Cell[int] = ffi.new("int *")
         raw = _name_bytes(name)
@@ -292,7 +292,7 @@ class NativeContext(Context):
     def close(self, fd: int, linger: Optional[float] = None) -> None:
         # What is scheduled for fd (and its switch peer, closed with it) goes
         # out first, for `linger` seconds at most; what is left is logged as a
-        # warning with its count (README "Closing").
+        # warning with its count (docs/reference.md, "close").
         linger = self._linger_of(linger)
         count, peer, peer_count = self._close_info
         peer[0] = -1
@@ -328,7 +328,7 @@ class NativeContext(Context):
 
     def _linger(self, fd: int, linger: float) -> None:
         """Send what is scheduled for fd (every fd when -1) for at most
-        ``linger`` seconds; a signal whose handler returns does not shorten it."""
+        `linger` seconds; a signal whose handler returns does not shorten it."""
         if not linger:
             return
         deadline = time.monotonic() + linger
@@ -360,7 +360,7 @@ class NativeContext(Context):
 
     # -- sending and receiving -----------------------------------------------------
     def _payload(self, fd: int, payload: object) -> Tuple[Any, int]:
-        """The C buffer and size of a payload. Use the buffer in a ``with``
+        """The C buffer and size of a payload. Use the buffer in a `with`
         block, which releases it before any exception leaves the caller:
         a memoryview still exported by it when the caller's frame is freed
         by the garbage collector (an exception kept in a reference cycle)
@@ -399,7 +399,7 @@ class NativeContext(Context):
 
     def _write_failed(self, rc: int, fd: int, payload: Bytes,
                       deadline: Optional[float]) -> None:
-        """write() came back with ``rc``: after a signal whose handler
+        """write() came back with `rc`: after a signal whose handler
         returned, the write goes on; anything else is raised."""
         if rc == _E_INTERRUPTED:
             rc = self._write_on([payload], fd, deadline)
@@ -407,7 +407,7 @@ class NativeContext(Context):
             self._check(rc, fd)
 
     def _write_on(self, items: list[Bytes], fd: int, deadline: Optional[float]) -> int:
-        """Go on with a write or write_many of ``items`` that a signal
+        """Go on with a write or write_many of `items` that a signal
         stopped: the messages it wrote or began are not sent again (a begun
         one's rest is queued and goes out first), the others are."""
         rc = _E_INTERRUPTED
@@ -418,7 +418,7 @@ class NativeContext(Context):
         return rc
 
     def _write_items(self, fd: int, items: list[Bytes]) -> int:
-        """One ipc_write_many of ``items`` (bytes-like, checked); its code.
+        """One ipc_write_many of `items` (bytes-like, checked); its code.
         None of them: fd's queue is flushed, blocking, and nothing more."""
         # A list of ints, then the array: quicker than an array from map() and
         # summing the array (each of its items boxed again).
@@ -432,7 +432,7 @@ class NativeContext(Context):
         if sum(lengths) < len(items) * WRITE_FROM_PLACE:
             # Small payloads: copied together (one C call), written from there.
             return _ipc_write_many(self._ctx, _fd_arg(fd), _join(items), sizes, len(items))
-        # Large ones: written from where they are, no copy. ``pins`` keeps
+        # Large ones: written from where they are, no copy. `pins` keeps
         # every payload alive (and a bytearray unresizable) for the whole
         # call: the GIL is released while it blocks, and the caller's list
         # may be changed by another thread meanwhile.
@@ -566,8 +566,8 @@ class NativeContext(Context):
         return self._wait(timeout, EVENT_BATCH)
 
     def _wait(self, timeout: Optional[float], capacity: int) -> list[Event]:
-        """Wait in the core for events, then take up to ``capacity`` of them
-        (EVENT_BATCH: every one it has); TimeoutError after ``timeout`` s."""
+        """Wait in the core for events, then take up to `capacity` of them
+        (EVENT_BATCH: every one it has); TimeoutError after `timeout` s."""
         deadline = self._start_timeout(timeout) \
             if timeout is not None or self._core_timeout is not None else None
         start = time.monotonic() if self._timer is not None else 0.0
@@ -580,7 +580,7 @@ class NativeContext(Context):
         """The core's wait returned with no event: another thread handed over
         messages (schedule), or a signal came and its handler returned.
         Schedule what was handed over, then wait again for what is left of
-        the timer, counted from ``since`` (when the wait began), and of the
+        the timer, counted from `since` (when the wait began), and of the
         call's timeout."""
         while True:
             self._guard.apply(self)
@@ -598,7 +598,7 @@ class NativeContext(Context):
                 return events
 
     def _take_events(self, capacity: int) -> list[Event]:
-        """One wait in the core, then up to ``capacity`` of the events it has
+        """One wait in the core, then up to `capacity` of the events it has
         queued (EVENT_BATCH: every one), converted; none when a wake-up or a
         signal ended the wait."""
         ctx, events, count = self._ctx, self._events, self._ecount
@@ -641,7 +641,7 @@ class NativeContext(Context):
 
 
 def _convert(event_bytes: memoryview, n: int) -> list[Event]:
-    """The first ``n`` events of the batch the core filled: the structs are
+    """The first `n` events of the batch the core filled: the structs are
     decoded in one C call (struct.iter_unpack) and each payload is one slice of
     _MEMORY (one copy). One message, the usual result of a wait in a
     request-reply loop, is decoded on its own: no view slice, no iterator."""
@@ -666,8 +666,8 @@ def _convert(event_bytes: memoryview, n: int) -> list[Event]:
 
 
 def split_payloads(buffer: Buffer, sizes: list[int]) -> list[bytes]:
-    """Payloads lying back to back at the start of ``buffer`` (anything with
-    the buffer protocol), cut into bytes by their ``sizes``. Equal sizes (the
+    """Payloads lying back to back at the start of `buffer` (anything with
+    the buffer protocol), cut into bytes by their `sizes`. Equal sizes (the
     common batch) are cut by one struct call; others by slicing one copy."""
     n = len(sizes)
     if n and sizes.count(sizes[0]) == n:

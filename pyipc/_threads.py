@@ -6,7 +6,7 @@ helpers can call back in). A call from a second thread while the first is
 inside raises IPCError instead of corrupting the backend's state.
 
 The exception is schedule(): from another thread it hands the message over.
-It is queued here, the waiting loop is woken (the backend's ``_wakeup``:
+It is queued here, the waiting loop is woken (the backend's `_wakeup`:
 a byte on a pipe its poller watches), and the loop's thread schedules it and
 reports the outcome back; the calling thread returns or raises exactly what
 schedule() would have. If the owner is not waiting but busy in another call,
@@ -63,8 +63,8 @@ class _Handoff:
 class ThreadGuard:
     """The owner thread of a context, and the messages other threads hand over.
 
-    The outermost public call holds ``_lock`` and records its thread in
-    ``_owner``; a nested call of the same thread (a switch callback, a typed
+    The outermost public call holds `_lock` and records its thread in
+    `_owner`; a nested call of the same thread (a switch callback, a typed
     helper) sees itself as the owner and goes straight in.
     """
 
@@ -138,18 +138,18 @@ class ThreadGuard:
             raise item.error
 
 
-#: _TRIES: a guarded call takes its context's lock as ``for got in
-#: guard._tries: break``, a step of a map that calls lock.acquire(False).
+#: _TRIES: a guarded call takes its context's lock as `for got in
+#: guard._tries: break`, a step of a map that calls lock.acquire(False).
 #: CPython runs signal handlers at calls and backward jumps, not in a for
-#: loop's step, so ``got`` is stored (and the finally clause will release the
-#: lock) before a handler's exception can come. With ``if
-#: lock.acquire(False):`` a KeyboardInterrupt raised as acquire returned left
+#: loop's step, so `got` is stored (and the finally clause will release the
+#: lock) before a handler's exception can come. With `if
+#: lock.acquire(False):` a KeyboardInterrupt raised as acquire returned left
 #: the lock taken by nobody, and every later call raised "in use by another
 #: thread". The map is made once per guard: about 25 ns a call, where a new
 #: map per call cost 130.
 #:
 #: The guarded method's source: its own parameters (so positional and keyword
-#: calls cost what a plain call costs; a ``*args, **kwargs`` wrapper costs about
+#: calls cost what a plain call costs; a `*args, **kwargs` wrapper costs about
 #: three times more on CPython 3.11), the lock taken without blocking on the
 #: fast path, ThreadGuard.call for nested calls and contention. It is compiled
 #: as lines of this file (see _TEMPLATE_LINE), so a traceback through the guard
@@ -179,7 +179,7 @@ def make(method, _get_ident):
 
 
 def _guarded(method: Method) -> Method:
-    """``method`` wrapped in its context's guard, with the same signature."""
+    """`method` wrapped in its context's guard, with the same signature."""
     sig = inspect.signature(method)
     params = list(sig.parameters.values())[1:]         # without self
     if any(p.kind not in (p.POSITIONAL_OR_KEYWORD,) for p in params):
@@ -237,8 +237,8 @@ def guard_methods(cls: type[Any]) -> None:
         cls.schedule = _guarded_schedule(cls.schedule)
 
 
-#: What any call but close, close_all and leaving a ``with`` raises in a
-#: forked child (README "fork").
+#: What any call but close, close_all and leaving a `with` raises in a
+#: forked child (docs/reference.md, "Signals, timeouts and fork").
 FORK_TEXT = ("this Context was inherited through fork(): in the child, create a new "
              "Context (closing the inherited one only closes this process's copies "
              "of its fds)")

@@ -76,7 +76,7 @@ class Closing:
             self._mark_closed()
 
     def _linger(self: PureState, conns: list[Conn], linger: float) -> None:
-        """Send what is scheduled for ``conns`` for at most ``linger`` seconds,
+        """Send what is scheduled for `conns` for at most `linger` seconds,
         in event-loop rounds: what they read or accept waits as events."""
         def scheduled() -> bool:
             return any(c.alive and c.queue for c in conns)

@@ -69,8 +69,8 @@ class Writing:
 
     def _write_blocking(self: PureState, conn: Conn, frame: list[Bytes], lens: list[int],
                         block: Blocking) -> None:
-        """Flush conn's queue, then write every byte of ``frame`` (buffers:
-        frames of payload sizes ``lens``), waiting as ``block`` says while the
+        """Flush conn's queue, then write every byte of `frame` (buffers:
+        frames of payload sizes `lens`), waiting as `block` says while the
         socket is full. Stopped midway (an exception of a signal's handler,
         the timeout), the rest of the frame in progress is queued (_keep_framed)."""
         fd = conn.fd
@@ -150,7 +150,7 @@ class Reading:
 
     def _read_frame_into(self: PureState, conn: Conn, view: memoryview,
                          spin: Blocking) -> Optional[int]:
-        """The next frame of conn read into ``view`` when it is large and fits
+        """The next frame of conn read into `view` when it is large and fits
         (as native does): its size; else None, with the header bytes read
         given to the decoder. The reads wait in the kernel."""
         had = conn.decoder.buffered()
@@ -209,7 +209,7 @@ class Reading:
     def _receive(self: PureState, fd: int, keep: int, spin: Blocking,
                  room: Optional[int] = None) -> list[bytes]:
         """Block until fd delivers at least one new message; return the first
-        ``keep`` of those that came (and, with ``room``, no more than ``room``
+        `keep` of those that came (and, with `room`, no more than `room`
         bytes together, a larger first one alone: read_many's batch, as native
         fills its buffer); the rest wait as MESSAGE_RX events."""
         conn = self._connection(fd)
@@ -312,7 +312,7 @@ class Reading:
 
 
 def _fitting(msgs: list[bytes], room: int) -> int:
-    """How many of ``msgs`` fit in ``room`` bytes together (at least one)."""
+    """How many of `msgs` fit in `room` bytes together (at least one)."""
     count = 0
     for m in msgs:
         room -= len(m)

@@ -1,11 +1,11 @@
 """The pure backend's readiness poller (the core's poller*.zig).
 
-On Linux it is ``select.epoll`` used directly: ``selectors``' EpollSelector
+On Linux it is `select.epoll` used directly: `selectors`' EpollSelector
 makes a SelectorKey per fd and wraps every wait in more Python, about 0.7 µs
 per wait on the development VM (1.46 against 0.77 µs for one ready fd), paid
 on every round trip. Elsewhere (kqueue on the BSDs and macOS, poll) it is
-``selectors.DefaultSelector`` behind the same four methods. Both report what
-``selectors`` reports: READ and WRITE, masked to the interest registered, with
+`selectors.DefaultSelector` behind the same four methods. Both report what
+`selectors` reports: READ and WRITE, masked to the interest registered, with
 a hang-up or error counted as both.
 """
 
@@ -56,17 +56,17 @@ class EpollPoller:
         self._keys: dict[int, Tuple[Data, int]] = {}
 
     def register(self, fd: int, mask: int, data: Data) -> None:
-        """Watch ``fd`` for ``mask`` (READ, WRITE or both); ``data`` comes back."""
+        """Watch `fd` for `mask` (READ, WRITE or both); `data` comes back."""
         self._epoll.register(fd, _EPOLL_MASK[mask])    # fails before anything is kept
         self._keys[fd] = (data, mask)
 
     def modify(self, fd: int, mask: int, data: Data) -> None:
-        """Change what ``fd`` is watched for."""
+        """Change what `fd` is watched for."""
         self._epoll.modify(fd, _EPOLL_MASK[mask])
         self._keys[fd] = (data, mask)
 
     def unregister(self, fd: int) -> None:
-        """Stop watching ``fd`` (it may be closed already)."""
+        """Stop watching `fd` (it may be closed already)."""
         del self._keys[fd]
         try:
             self._epoll.unregister(fd)
@@ -74,7 +74,7 @@ class EpollPoller:
             pass
 
     def select(self, timeout: Optional[float]) -> List[Tuple[Data, int]]:
-        """(data, mask) of every ready fd, waiting at most ``timeout`` seconds."""
+        """(data, mask) of every ready fd, waiting at most `timeout` seconds."""
         keys = self._keys
         ready: List[Tuple[Data, int]] = []
         try:
@@ -103,19 +103,19 @@ class SelectorPoller:
         self._selector = selectors.DefaultSelector()
 
     def register(self, fd: int, mask: int, data: Data) -> None:
-        """Watch ``fd`` for ``mask`` (READ, WRITE or both); ``data`` comes back."""
+        """Watch `fd` for `mask` (READ, WRITE or both); `data` comes back."""
         self._selector.register(fd, mask, data)
 
     def modify(self, fd: int, mask: int, data: Data) -> None:
-        """Change what ``fd`` is watched for."""
+        """Change what `fd` is watched for."""
         self._selector.modify(fd, mask, data)
 
     def unregister(self, fd: int) -> None:
-        """Stop watching ``fd``."""
+        """Stop watching `fd`."""
         self._selector.unregister(fd)
 
     def select(self, timeout: Optional[float]) -> List[Tuple[Data, int]]:
-        """(data, mask) of every ready fd, waiting at most ``timeout`` seconds."""
+        """(data, mask) of every ready fd, waiting at most `timeout` seconds."""
         if timeout is not None:
             timeout = min(timeout, MAX_WAIT_MS / 1e3)
         return [(key.data, mask) for key, mask in self._selector.select(timeout)]

@@ -57,8 +57,8 @@ class SendQueue:
 
     def _keep_framed(self: PureState, conn: Conn, frame: list[Bytes], lens: list[int],
                      sent: int) -> None:
-        """A write of ``frame`` (buffers: frames of payload sizes ``lens``)
-        stopped after ``sent`` bytes: the rest of the frame in progress is
+        """A write of `frame` (buffers: frames of payload sizes `lens`)
+        stopped after `sent` bytes: the rest of the frame in progress is
         queued ahead of anything scheduled later, reported as no event, so the
         peer never finds a later frame inside it. Frames not begun are not sent."""
         rest = frame_rest(lens, sent)
@@ -130,8 +130,8 @@ class SendQueue:
 
 
 def frame_rest(lens: list[int], written: int) -> int:
-    """Bytes left of the frame in progress once ``written`` bytes of frames of
-    payload sizes ``lens`` went out (0 on a frame boundary): the core's progress()."""
+    """Bytes left of the frame in progress once `written` bytes of frames of
+    payload sizes `lens` went out (0 on a frame boundary): the core's progress()."""
     start = 0
     for size in lens:
         end = start + HEADER.size + size
@@ -142,7 +142,7 @@ def frame_rest(lens: list[int], written: int) -> int:
 
 
 def advance(buffers: list[Bytes], n: int) -> list[Bytes]:
-    """The part of ``buffers`` left after ``n`` bytes were written."""
+    """The part of `buffers` left after `n` bytes were written."""
     while buffers and n >= len(buffers[0]):
         n -= len(buffers[0])
         buffers = buffers[1:]

@@ -2,11 +2,11 @@
 
 PureContext is put together from one class per concern (ConnTable,
 SendQueue, Reading, ...), and each part's methods use the context's state
-and the other parts' methods. They annotate ``self`` with this protocol:
+and the other parts' methods. They annotate `self` with this protocol:
 a checker then knows every attribute and method they use, and checks at
 each call on a PureContext that the class has them with these types (a
-signature that drifts from its declaration here fails ``mypy``). Nothing
-here runs: the parts import it under ``TYPE_CHECKING`` only.
+signature that drifts from its declaration here fails `mypy`). Nothing
+here runs: the parts import it under `TYPE_CHECKING` only.
 """
 
 from __future__ import annotations

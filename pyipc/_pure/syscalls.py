@@ -50,11 +50,11 @@ class RawFd:
 
 
 def sending(io: socket.socket, buffers: list[Bytes], flags: int) -> map[int]:
-    """One write of ``buffers``, made when the result is iterated: it yields
-    the bytes written. Iterate it with ``for n in sending(...): x += n``:
+    """One write of `buffers`, made when the result is iterated: it yields
+    the bytes written. Iterate it with `for n in sending(...): x += n`:
     CPython runs signal handlers at calls and backward jumps, not inside a
     for loop's step, so a handler's exception cannot come between the bytes
-    leaving and their being counted (a plain ``n = io.send(...)`` loses n to
+    leaving and their being counted (a plain `n = io.send(...)` loses n to
     an exception raised as the call returns: the bytes would be sent again,
     or a frame left half-sent). One buffer goes through send(): no list for
     sendmsg to parse, and the kernel's single-buffer path (a 68-byte frame:

@@ -1,8 +1,8 @@
 """pyipc: libIPC's model of inter-process communication, for Python.
 
 Services are Unix sockets named in a run directory; each process runs one event
-loop on a :class:`Context`; messages are length-prefixed frames. Two backends,
-``native`` (Zig core through cffi) and ``pure`` (plain Python), share this API.
+loop on a `Context`; messages are length-prefixed frames. Two backends,
+`native` (Zig core through cffi) and `pure` (plain Python), share this API.
 """
 
 import os as _os

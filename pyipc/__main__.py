@@ -1,4 +1,4 @@
-"""``python -m pyipc``: the pyipc command."""
+"""`python -m pyipc`: the pyipc command."""
 
 import sys
 

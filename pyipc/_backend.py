@@ -1,5 +1,5 @@
 """Backend choice and dispatch: the argument, else env PYIPC_BACKEND, else
-native if it loads. ``plug_in()`` makes ``pyipc.Context(...)`` return an
+native if it loads. `plug_in()` makes `pyipc.Context(...)` return an
 instance of the chosen backend's subclass (the base class imports no backend).
 """
 
@@ -18,7 +18,7 @@ BACKENDS = ("native", "pure")
 
 
 def load(name: str) -> type:
-    """The Context subclass of backend ``name``; BackendError if it cannot load."""
+    """The Context subclass of backend `name`; BackendError if it cannot load."""
     if name == "pure":
         from ._pure.context import PureContext
         return PureContext
@@ -29,7 +29,7 @@ def load(name: str) -> type:
 
 
 def select(name: Optional[str]) -> type:
-    """Resolve ``backend=`` (None means env PYIPC_BACKEND, else automatic)."""
+    """Resolve `backend=` (None means env PYIPC_BACKEND, else automatic)."""
     name = name or os.environ.get("PYIPC_BACKEND") or None
     if name is not None:
         return load(name)

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union, overload
 
 from ._types import (MAX_BUSY_POLL, MAX_MESSAGE_SIZE_LIMIT, MAX_READ_MANY, CBEvent,
                      ConnectionClosedError)
 
 OnIn = Callable[[int], Tuple[CBEvent, Optional[bytes]]]
 OnOut = Callable[[int, bytes], CBEvent]
+#: A payload as the socket layer takes it (as_payload's result): bytes, or a
+#: memoryview of bytes (format "B", one dimension, contiguous).
+Bytes = Union[bytes, memoryview]
 
-#: The WARNING of close(), close_all() and leaving ``with`` for each fd whose
+#: The WARNING of close(), close_all() and leaving `with` for each fd whose
 #: scheduled messages could not go out within the linger (args: fd, count).
 DISCARD_TEXT = "closing fd %d discards %d scheduled message(s)"
 
@@ -29,7 +32,7 @@ def closed_by_peer(fd: int) -> ConnectionClosedError:
 
 
 def too_large_text(size: int, limit: int) -> str:
-    """The message text used for a payload over ``max_message_size``."""
+    """The message text used for a payload over `max_message_size`."""
     return f"message of {size} bytes exceeds max_message_size ({limit})"
 
 
@@ -69,8 +72,14 @@ def check_callbacks(on_in: object, on_out: object) -> None:
             raise TypeError(f"{name} must be callable or None")
 
 
+@overload
+def check_timeout(timeout: None) -> None: ...
+@overload
+def check_timeout(timeout: float) -> float: ...
+@overload
+def check_timeout(timeout: Optional[float]) -> Optional[float]: ...
 def check_timeout(timeout: Optional[float]) -> Optional[float]:
-    """A blocking call's ``timeout=``: None (no limit) or seconds from 0 to
+    """A blocking call's `timeout=`: None (no limit) or seconds from 0 to
     threading.TIMEOUT_MAX, as Python's own blocking calls take them."""
     if timeout is None:
         return None
@@ -87,7 +96,7 @@ def check_timeout(timeout: Optional[float]) -> Optional[float]:
 
 
 def check_linger(linger: float) -> float:
-    """``Context(linger=)``: seconds >= 0 that closing waits for scheduled messages."""
+    """`Context(linger=)`: seconds >= 0 that closing waits for scheduled messages."""
     if not isinstance(linger, (int, float)) or isinstance(linger, bool):
         raise TypeError(f"linger must be a number of seconds, not {type(linger).__name__}")
     if not linger >= 0 or math.isinf(linger):
@@ -103,7 +112,7 @@ def check_max_messages(max_messages: int) -> None:
 
 
 def check_timer(value: Optional[int]) -> None:
-    """The ``timer`` property: None or milliseconds from 0 to 2**31 - 1."""
+    """The `timer` property: None or milliseconds from 0 to 2**31 - 1."""
     if value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool):
@@ -115,7 +124,7 @@ def check_timer(value: Optional[int]) -> None:
 
 
 def check_busy_poll(value: int) -> None:
-    """The ``busy_poll`` property: microseconds from 0 to MAX_BUSY_POLL."""
+    """The `busy_poll` property: microseconds from 0 to MAX_BUSY_POLL."""
     _require_int("busy_poll", value)
     if not 0 <= value <= MAX_BUSY_POLL:
         raise ValueError(f"busy_poll must be between 0 and {MAX_BUSY_POLL} us")
@@ -142,7 +151,7 @@ def as_payload(payload: object) -> bytes | memoryview:
         return payload
     if isinstance(payload, str):
         return payload.encode("utf-8")
-    try:
+    try:    # any object: one without the buffer protocol is the TypeError below
         view = memoryview(payload)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(
@@ -152,14 +161,16 @@ def as_payload(payload: object) -> bytes | memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def as_payload_list(payloads: object) -> list:
+def as_payload_list(payloads: object) -> list[Bytes]:
     """write_many()'s payloads as a list of bytes-like objects of byte format
     (str as UTF-8), in order; TypeError names the first one that is neither."""
     if isinstance(payloads, (str, bytes, bytearray, memoryview)):
         raise TypeError("payloads must be an iterable of payloads, not one "
                         f"{type(payloads).__name__}")
     try:
-        items = payloads if type(payloads) is list else list(payloads)  # type: ignore
+        # Not iterable: list() raises the TypeError turned into ours below.
+        items = payloads if type(payloads) is list \
+            else list(payloads)  # type: ignore[call-overload]
     except TypeError:
         raise TypeError("payloads must be an iterable of payloads, not "
                         f"{type(payloads).__name__}") from None
@@ -172,7 +183,7 @@ def as_payload_list(payloads: object) -> list:
 
 def writable_view(buffer: object) -> memoryview:
     """read_into()'s buffer as a writable, contiguous memoryview of bytes."""
-    try:
+    try:    # any object: one without the buffer protocol is the TypeError below
         view = memoryview(buffer)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError("buffer must be a writable bytes-like object, not "

@@ -1,7 +1,7 @@
-"""The public ``Context`` class: the base of both backends' classes.
+"""The public `Context` class: the base of both backends' classes.
 
-``pyipc.Context(...)`` returns an instance of the chosen backend's subclass
-(``_pure.context.PureContext`` or ``_native.NativeContext``; pyipc._backend
+`pyipc.Context(...)` returns an instance of the chosen backend's subclass
+(`_pure.context.PureContext` or `_native.NativeContext`; pyipc._backend
 chooses). Everything that does not depend on the backend lives here, so both
 behave the same. This module imports no backend: they import it.
 """
@@ -28,14 +28,14 @@ if TYPE_CHECKING:
 #: The message class a caller of read_typed(..., cls=) expects.
 M = TypeVar("M")
 
-#: Context()'s choice of backend: its ``backend`` argument in, the subclass
+#: Context()'s choice of backend: its `backend` argument in, the subclass
 #: to make out. pyipc._backend plugs it in (set_chooser) as pyipc is
 #: imported: the base class imports no backend, the backends import it.
 _chooser: Optional[Callable[[Optional[str]], type]] = None
 
 
 def set_chooser(chooser: Callable[[Optional[str]], type]) -> None:
-    """Make ``chooser`` the function Context() asks for the backend's class."""
+    """Make `chooser` the function Context() asks for the backend's class."""
     global _chooser
     _chooser = chooser
 
@@ -57,12 +57,13 @@ if hasattr(os, "register_at_fork"):
 class Context:
     """An event loop over services, connections and foreign fds.
 
-    ``Context(rundir=None, max_message_size=16 MiB, backend=None,
-    max_queue_size=64 MiB, max_connections=65536, linger=1.0)``. ``backend``
+    `Context(rundir=None, max_message_size=16 MiB, backend=None,
+    max_queue_size=64 MiB, max_connections=65536, linger=1.0)`. `backend`
     is "native", "pure" or None (env PYIPC_BACKEND, else native when it loads,
-    else pure). ``linger``: seconds closing waits for scheduled messages to go
-    out (0: they are dropped at once). See the README for every method's
-    behaviour, and for signals, timeouts and fork.
+    else pure). `linger`: seconds closing waits for scheduled messages to go
+    out (0: they are dropped at once). Every method's behaviour, and
+    signals, timeouts and fork, are in the
+    [behaviour reference](reference.md) (docs/reference.md).
     """
 
     __slots__ = ("rundir", "max_message_size", "max_queue_size", "max_connections",
@@ -100,12 +101,12 @@ class Context:
         self._busy_poll = 0
         self._guard: _threads.ThreadGuard = _threads.ThreadGuard()
         _LIVE.add(self)
-        self._unclosed: Optional[weakref.finalize] = None
+        self._unclosed: Optional[weakref.finalize[[str], Context]] = None
 
     def _track_unclosed(self) -> None:
         """The end of a backend's __init__: from now on, the context warns
         (ResourceWarning) if it is garbage-collected before close_all() or
-        the end of its ``with`` block, as an unclosed file or socket does."""
+        the end of its `with` block, as an unclosed file or socket does."""
         self._unclosed = weakref.finalize(self, _warn_unclosed, repr(self))
 
     def _mark_closed(self) -> None:
@@ -131,7 +132,7 @@ class Context:
     # -- linger ------------------------------------------------------------------
     @property
     def linger(self) -> float:
-        """Seconds close(), close_all() and leaving a ``with`` block wait for
+        """Seconds close(), close_all() and leaving a `with` block wait for
         scheduled messages to go out before they drop the rest with a WARNING
         (0: dropped at once). Default DEFAULT_LINGER (1 s)."""
         return self._linger_s
@@ -141,7 +142,7 @@ class Context:
         self._linger_s = check_linger(value)
 
     def _linger_of(self, linger: Optional[float]) -> float:
-        """close()'s ``linger=``: checked, or the context's when None."""
+        """close()'s `linger=`: checked, or the context's when None."""
         return self.linger if linger is None else check_linger(linger)
 
     # -- busy polling ------------------------------------------------------------
@@ -181,8 +182,8 @@ class Context:
             yield self.wait_event()
 
     def connect(self, name: str, timeout: Optional[float] = None) -> int:
-        """Connect to service ``name``: through ipcd when IPC_NETWORK is set
-        (``timeout`` bounds the wait for ipcd's answer)."""
+        """Connect to service `name`: through ipcd when IPC_NETWORK is set
+        (`timeout` bounds the wait for ipcd's answer)."""
         timeout = check_timeout(timeout)
         raw = os.environb.get(b"IPC_NETWORK")
         if not raw:
@@ -196,13 +197,13 @@ class Context:
     def __repr__(self) -> str:
         return f"<pyipc.Context backend={self.backend} rundir={self.rundir!r}>"
 
-    # -- the backend's part (documented in the README) ---------------------------
+    # -- the backend's part (documented in docs/reference.md) --------------------
     def service_init(self, name: str) -> int:
-        """Listen as service ``name``; return the listening fd."""
+        """Listen as service `name`; return the listening fd."""
         raise NotImplementedError
 
     def connect_service(self, name: str) -> int:
-        """Connect straight to service ``name``; return the connection fd."""
+        """Connect straight to service `name`; return the connection fd."""
         raise NotImplementedError
 
     def _connect_ipcd(self, name: str, network: str, timeout: Optional[float]) -> int:
@@ -210,7 +211,7 @@ class Context:
 
     def write(self, fd: int, payload: Payload, timeout: Optional[float] = None) -> None:
         """Flush fd's queue, then write one message, blocking until it is
-        written (at most ``timeout`` seconds: then pyipc.TimeoutError)."""
+        written (at most `timeout` seconds: then pyipc.TimeoutError)."""
         raise NotImplementedError
 
     def schedule(self, fd: int, payload: Payload) -> None:
@@ -219,11 +220,11 @@ class Context:
 
     def read(self, fd: int, timeout: Optional[float] = None) -> bytes:
         """Return the next message from fd, blocking until one is whole (at
-        most ``timeout`` seconds: then pyipc.TimeoutError, nothing consumed)."""
+        most `timeout` seconds: then pyipc.TimeoutError, nothing consumed)."""
         raise NotImplementedError
 
     def read_into(self, fd: int, buffer: Buffer, timeout: Optional[float] = None) -> int:
-        """Copy fd's next message into ``buffer`` (writable bytes-like, e.g. a
+        """Copy fd's next message into `buffer` (writable bytes-like, e.g. a
         bytearray); return its size. Blocks like read(). A message of 64 KiB
         or more that fits is read from the socket straight into the buffer
         (no copy in between); one that does not fit raises
@@ -240,13 +241,13 @@ class Context:
     def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY,
                   timeout: Optional[float] = None) -> list[bytes]:
         """Return fd's next messages: at least one (blocking for it, as read()
-        does), at most ``max_messages`` (1 to MAX_READ_MANY): every whole
+        does), at most `max_messages` (1 to MAX_READ_MANY): every whole
         message of fd already received, in order. No Event per message."""
         raise NotImplementedError
 
     def wait_event(self, timeout: Optional[float] = None) -> Event:
-        """Return one event, waiting at most ``timer`` ms (then TIMER); with
-        ``timeout`` (seconds), pyipc.TimeoutError when it passes first."""
+        """Return one event, waiting at most `timer` ms (then TIMER); with
+        `timeout` (seconds), pyipc.TimeoutError when it passes first."""
         raise NotImplementedError
 
     def wait_events(self, timeout: Optional[float] = None) -> list[Event]:
@@ -273,14 +274,14 @@ class Context:
 
     def close(self, fd: int, linger: Optional[float] = None) -> None:
         """Close and forget fd (no event); a service's socket file is removed.
-        What is still scheduled for fd is sent first, for ``linger`` seconds
+        What is still scheduled for fd is sent first, for `linger` seconds
         at most (None: the context's linger; 0 to drop a peer that does not
         read); the rest is dropped with a WARNING."""
         raise NotImplementedError
 
     def close_all(self) -> None:
         """Close every fd of the context, after sending what is scheduled
-        (for ``linger`` seconds at most, as close does)."""
+        (for `linger` seconds at most, as close does)."""
         raise NotImplementedError
 
     def _close_in_child(self, fd: Optional[int]) -> None:
@@ -291,11 +292,11 @@ class Context:
     # -- typed messages (pyipc.typed; the same on both backends) -----------------
     def write_typed(self, fd: int, obj: object, registry: "Registry",
                     timeout: Optional[float] = None) -> None:
-        """write() the typed message ``registry.encode(obj)`` to fd."""
+        """write() the typed message `registry.encode(obj)` to fd."""
         self.write(fd, registry.encode(obj), timeout)
 
     def schedule_typed(self, fd: int, obj: object, registry: "Registry") -> None:
-        """schedule() the typed message ``registry.encode(obj)`` for fd."""
+        """schedule() the typed message `registry.encode(obj)` for fd."""
         self.schedule(fd, registry.encode(obj))
 
     @overload
@@ -308,8 +309,8 @@ class Context:
 
     def read_typed(self, fd: int, registry: "Registry", timeout: Optional[float] = None, *,
                    cls: Optional[Type[M]] = None) -> Any:
-        """read() the next message of fd and return ``registry.decode()`` of it;
-        with ``cls``, ``registry.decode(payload, cls)``: the message must be of
+        """read() the next message of fd and return `registry.decode()` of it;
+        with `cls`, `registry.decode(payload, cls)`: the message must be of
         that class (else pyipc.typed.UnexpectedTypeError), and a type checker
         knows it is.
 

@@ -19,7 +19,7 @@ from ._types import READ_MANY_BYTES, Event, EventType, MessageTooLargeError
 _RX = EventType.MESSAGE_RX
 
 
-class EventQueue(deque):
+class EventQueue(deque[Event]):
     """A deque of Event, and how a read takes its fd's messages out of it."""
 
     __slots__ = ()
@@ -48,39 +48,42 @@ class EventQueue(deque):
 
     def take_into(self, fd: int, view: memoryview) -> Optional[int]:
         """read_into()'s first source: fd's first MESSAGE_RX copied into
-        ``view``; its size, or None when there is none. A message that does
+        `view`; its size, or None when there is none. A message that does
         not fit stays (MessageTooLargeError)."""
         i = self._first_message(fd)
         if i is None:
             return None
-        message = self[i].message
-        size = len(message)  # type: ignore[arg-type]
+        # A MESSAGE_RX always has its message (Event.message is None for others).
+        message: bytes = self[i].message  # type: ignore[assignment]
+        size = len(message)
         if size > len(view):
             raise MessageTooLargeError(buffer_too_small_text(len(view), size))
-        view[:size] = message  # type: ignore[index]
+        view[:size] = message
         del self[i]
         return size
 
-    def take_messages(self, fd: int, max_messages: int) -> list:
+    def take_messages(self, fd: int, max_messages: int) -> list[bytes]:
         """read_many()'s first source: fd's MESSAGE_RX events (at most
         max_messages and READ_MANY_BYTES together, a larger first one alone;
         up to fd's DISCONNECTION), removed.
 
         Raises ConnectionClosedError when fd's DISCONNECTION comes first.
         """
-        taken: list = []
-        keep: list = []
+        taken: list[bytes] = []
+        keep: list[Event] = []
         done = False
         room = READ_MANY_BYTES
         for ev in self:
             if not done and ev.fd == fd:
                 if ev.type == _RX:
-                    size = len(ev.message)  # type: ignore[arg-type]
+                    # A MESSAGE_RX always has its message.
+                    message: bytes = ev.message  # type: ignore[assignment]
+                    size = len(message)
                     if taken and size > room:
                         done = True          # the batch is full: this one waits
                         keep.append(ev)
                         continue
-                    taken.append(ev.message)
+                    taken.append(message)
                     room -= size
                     done = len(taken) == max_messages
                     continue
@@ -103,7 +106,7 @@ class EventQueue(deque):
 
 
 def raise_if_ended(ev: Event) -> None:
-    """A read meeting ``ev``, an event of its fd that comes before any message
+    """A read meeting `ev`, an event of its fd that comes before any message
     of it: the ERROR of a frame over max_message_size raises
     MessageTooLargeError (that header came after messages in one read: they
     were returned first), the DISCONNECTION ConnectionClosedError."""

@@ -3,8 +3,8 @@ that the backend choice (pyipc._backend) can tell whether the library is
 built without loading it, and the tests can read the header without it.
 
 The library is looked up in: env PYIPC_LIBRARY, the package directory (where
-``pip install`` puts it), then ``zig-out/lib`` of a source checkout
-(``python -m ziglang build``).
+`pip install` puts it), then `zig-out/lib` of a source checkout
+(`python -m ziglang build`).
 """
 
 from __future__ import annotations

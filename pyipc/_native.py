@@ -1,6 +1,6 @@
 """The native backend: the Zig core (libipc) through cffi in ABI mode.
 
-The declarations come from the one header, ``libipc.h`` (between its CFFI
+The declarations come from the one header, `libipc.h` (between its CFFI
 markers), so there is no second copy of the C ABI here: event types, error
 codes and callback results are read from it too. Where the library and the
 header are looked up: pyipc._libpath.
@@ -21,10 +21,12 @@ import time
 import weakref
 from array import array
 from itertools import accumulate
-from typing import Iterable, NoReturn, Optional, Tuple
+from pathlib import Path
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, NoReturn, Optional, Protocol, Tuple,
+                    TypeVar)
 
 from . import _libpath
-from ._checks import (DISCARD_TEXT, OnIn, OnOut, as_payload, as_payload_list,
+from ._checks import (DISCARD_TEXT, Bytes, OnIn, OnOut, as_payload, as_payload_list,
                       buffer_too_small_text, check_callbacks, check_fd, check_max_messages,
                       check_name, check_timeout, too_large_text, writable_view)
 from ._context import Context
@@ -34,6 +36,24 @@ from ._types import (DEFAULT_READ_MANY, ERRORS_BY_NAME, READ_MANY_BYTES, Backend
                      Event, EventType, InvalidNameError, IPCError, MessageTooLargeError)
 
 log = logging.getLogger("pyipc")
+
+# cffi ships no types: the FFI, the library and the C values it makes are Any
+# here, except where this module says what they are: the pointers and arrays
+# it reads and writes item by item (_Cell), _MEMORY, and the library's
+# functions it calls on the hot paths (each returns an int code).
+if TYPE_CHECKING:
+    T = TypeVar("T")
+
+    class _Cell(Protocol[T]):
+        """A cffi pointer or array of T: `p[i]` reads and writes an item."""
+
+        def __getitem__(self, i: int) -> T: ...
+        def __setitem__(self, i: int, value: T) -> None: ...
+
+    class _Memory(Protocol):
+        """A cffi buffer: a slice of it is bytes."""
+
+        def __getitem__(self, s: slice) -> bytes: ...
 
 #: close_all() asks the core for this many fds with scheduled messages left
 #: (for its warnings; a larger number is reported as a total).
@@ -49,7 +69,7 @@ READ_BUFFER = READ_MANY_BYTES
 WRITE_FROM_PLACE = 4096
 
 
-def _load() -> tuple:
+def _load() -> Tuple[Any, Any, Path, Path]:
     try:
         import cffi
     except ImportError as e:
@@ -74,11 +94,11 @@ def _load() -> tuple:
 ffi, lib, LIBRARY_PATH, HEADER_PATH = _load()
 
 # The C ABI's numbers, from the header (libipc.h is the contract).
-_E_BUFFER_TOO_SMALL = lib.IPC_E_BUFFER_TOO_SMALL
-_E_NO_MEMORY = lib.IPC_E_NO_MEMORY
+_E_BUFFER_TOO_SMALL: int = lib.IPC_E_BUFFER_TOO_SMALL
+_E_NO_MEMORY: int = lib.IPC_E_NO_MEMORY
 #: A signal ended a blocking call (the context is interruptible): its Python
 #: handler runs as the call returns; if it returns, the call is made again.
-_E_INTERRUPTED = lib.IPC_E_INTERRUPTED
+_E_INTERRUPTED: int = lib.IPC_E_INTERRUPTED
 #: The error class of each code the core returns.
 _ERRORS = {getattr(lib, name): cls for name, cls in ERRORS_BY_NAME.items()}
 #: The EventType of each event type number of the core.
@@ -86,11 +106,21 @@ _TYPES = {code: EventType[name]
           for code, name in ffi.typeof("enum event_types").elements.items()}
 _RX_CODE, _TX_CODE, _SWITCH_RX_CODE = lib.MESSAGE_RX, lib.MESSAGE_TX, lib.SWITCH_RX
 #: The core's number of each callback result (pyipc.CBEvent).
-_CB_CODES = {CBEvent[name[len("CB_"):]]: code
+_CB_CODES: dict[CBEvent, int] = {CBEvent[name[len("CB_"):]]: code
              for code, name in ffi.typeof("enum cb_event_types").elements.items()}
 _CB_ERROR = _CB_CODES[CBEvent.ERROR]
 
 # Hot functions, looked up once.
+_ipc_write: Callable[..., int]
+_ipc_schedule: Callable[..., int]
+_ipc_read_fd: Callable[..., int]
+_ipc_wait_events: Callable[..., int]
+_ipc_pending_events: Callable[..., int]
+_ipc_write_many: Callable[..., int]
+_ipc_read_many: Callable[..., int]
+_ipc_write_many_ptrs: Callable[..., int]
+_ipc_read_lent: Callable[..., int]
+_ipc_read_into: Callable[..., int]
 _ipc_write, _ipc_schedule, _ipc_read_fd = lib.ipc_write, lib.ipc_schedule, lib.ipc_read_fd
 _ipc_wait_events, _ipc_pending_events = lib.ipc_wait_events, lib.ipc_pending_events
 _ipc_write_many, _ipc_read_many = lib.ipc_write_many, lib.ipc_read_many
@@ -108,14 +138,14 @@ _iter_unpack, _unpack_from = _EVENT.iter_unpack, _EVENT.unpack_from
 #: out as _MEMORY[A-1:A-1+L], one C-level slice instead of several cffi calls.
 #: Only the slices taken are read, and only while the memory is valid (a lent
 #: payload until the core's next wait).
-_MEMORY = ffi.buffer(ffi.cast("char *", 1), sys.maxsize - 1)
+_MEMORY: _Memory = ffi.buffer(ffi.cast("char *", 1), sys.maxsize - 1)
 _RX, _TX = EventType.MESSAGE_RX, EventType.MESSAGE_TX
 #: The range of a C int (an fd argument).
 _INT_MIN, _INT_MAX = -0x80000000, 0x7FFFFFFF
 
 
 class NativeContext(Context):
-    """The native (Zig) backend of :class:`pyipc.Context`."""
+    """The native (Zig) backend of `pyipc.Context`."""
 
     __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_ecount", "_sizes", "_count", "_lent",
                  "_rbuf", "_rbuf_at", "_rlen", "_core_timeout", "_handed",
@@ -143,19 +173,20 @@ class NativeContext(Context):
         self._events = ffi.new("struct ipc_event[]", EVENT_BATCH)
         # The array's bytes, as struct decodes them (made once: ffi.buffer per wait costs).
         self._event_bytes = memoryview(ffi.buffer(self._events))
-        self._sizes = ffi.new("uint32_t[]", DEFAULT_READ_MANY)
-        self._count = ffi.new("size_t *")
+        self._sizes: _Cell[int] = ffi.new("uint32_t[]", DEFAULT_READ_MANY)
+        self._count: _Cell[int] = ffi.new("size_t *")
         #: Events of the batch in _events not converted yet (see _keep_handed).
-        self._ecount = ffi.new("size_t *")
+        self._ecount: _Cell[int] = ffi.new("size_t *")
         #: Events the core handed over that a signal's handler kept from
         #: being returned (see _keep_handed); empty otherwise.
         self._handed = EventQueue()
         self._rbuf = ffi.new("char[]", READ_BUFFER)
         # Where read() copies a message out from: _MEMORY[at:at + size] (see _MEMORY).
         self._rbuf_at = int(ffi.cast("uintptr_t", self._rbuf)) - 1
-        self._lent = (ffi.new("char **"), ffi.new("size_t *"))
-        self._rlen = ffi.new("size_t *")
-        self._close_info = (ffi.new("size_t *"), ffi.new("int *"), ffi.new("size_t *"))
+        self._lent: Tuple[_Cell[Any], _Cell[int]] = (ffi.new("char **"), ffi.new("size_t *"))
+        self._rlen: _Cell[int] = ffi.new("size_t *")
+        self._close_info: Tuple[_Cell[int], _Cell[int], _Cell[int]] = (
+            ffi.new("size_t *"), ffi.new("int *"), ffi.new("size_t *"))
         self._callbacks: dict[int, Tuple[Optional[OnIn], Optional[OnOut]]] = {}
         self._cb_in = ffi.callback("enum cb_event_types(int, char *, uint32_t *)",
                                    _trampoline_in(weakref.ref(self)))
@@ -166,7 +197,7 @@ class NativeContext(Context):
     def _check(self, rc: int, *fds: int) -> int:
         """Raise the error class of a negative return code, with the core's text.
 
-        ``fds`` are the Python fd arguments of the call: one out of C's int
+        `fds` are the Python fd arguments of the call: one out of C's int
         range was passed as -1, and is named as given in the message.
         """
         if rc >= 0:
@@ -212,22 +243,22 @@ class NativeContext(Context):
 
     # -- services and connections ---------------------------------------------------
     def service_init(self, name: str) -> int:
-        fd = ffi.new("int *")
+        fd: _Cell[int] = ffi.new("int *")
         raw = _name_bytes(name)
         self._check(lib.ipc_service_init(self._ctx, fd, raw, len(raw)))
         return fd[0]
 
     def connect_service(self, name: str) -> int:
-        fd = ffi.new("int *")
+        fd: _Cell[int] = ffi.new("int *")
         raw = _name_bytes(name)
         self._check(lib.ipc_connect_service(self._ctx, fd, raw, len(raw)))
         return fd[0]
 
     def connect(self, name: str, timeout: Optional[float] = None) -> int:
-        """Connect to service ``name``: through ipcd when IPC_NETWORK is set
-        (``timeout`` bounds the wait for ipcd's answer)."""
+        """Connect to service `name`: through ipcd when IPC_NETWORK is set
+        (`timeout` bounds the wait for ipcd's answer)."""
         deadline = self._start_timeout(timeout)     # first, as the pure backend
-        fd = ffi.new("int *")
+        fd: _Cell[int] = ffi.new("int *")
         raw = _name_bytes(name)
         while True:
             rc = lib.ipc_connect(self._ctx, fd, raw, len(raw))
@@ -261,7 +292,7 @@ class NativeContext(Context):
     def close(self, fd: int, linger: Optional[float] = None) -> None:
         # What is scheduled for fd (and its switch peer, closed with it) goes
         # out first, for `linger` seconds at most; what is left is logged as a
-        # warning with its count (README "Closing").
+        # warning with its count (docs/reference.md, "close").
         linger = self._linger_of(linger)
         count, peer, peer_count = self._close_info
         peer[0] = -1
@@ -297,7 +328,7 @@ class NativeContext(Context):
 
     def _linger(self, fd: int, linger: float) -> None:
         """Send what is scheduled for fd (every fd when -1) for at most
-        ``linger`` seconds; a signal whose handler returns does not shorten it."""
+        `linger` seconds; a signal whose handler returns does not shorten it."""
         if not linger:
             return
         deadline = time.monotonic() + linger
@@ -328,8 +359,8 @@ class NativeContext(Context):
             self._check(lib.ipc_close_fd(self._ctx, _fd_arg(fd)), fd)
 
     # -- sending and receiving -----------------------------------------------------
-    def _payload(self, fd: int, payload: object) -> tuple:
-        """The C buffer and size of a payload. Use the buffer in a ``with``
+    def _payload(self, fd: int, payload: object) -> Tuple[Any, int]:
+        """The C buffer and size of a payload. Use the buffer in a `with`
         block, which releases it before any exception leaves the caller:
         a memoryview still exported by it when the caller's frame is freed
         by the garbage collector (an exception kept in a reference cycle)
@@ -366,16 +397,17 @@ class NativeContext(Context):
         if rc:
             self._write_failed(rc, fd, data, deadline)
 
-    def _write_failed(self, rc: int, fd: int, payload: object, deadline: Optional[float]) -> None:
-        """write() came back with ``rc``: after a signal whose handler
+    def _write_failed(self, rc: int, fd: int, payload: Bytes,
+                      deadline: Optional[float]) -> None:
+        """write() came back with `rc`: after a signal whose handler
         returned, the write goes on; anything else is raised."""
         if rc == _E_INTERRUPTED:
             rc = self._write_on([payload], fd, deadline)
         if rc:
             self._check(rc, fd)
 
-    def _write_on(self, items: list, fd: int, deadline: Optional[float]) -> int:
-        """Go on with a write or write_many of ``items`` that a signal
+    def _write_on(self, items: list[Bytes], fd: int, deadline: Optional[float]) -> int:
+        """Go on with a write or write_many of `items` that a signal
         stopped: the messages it wrote or began are not sent again (a begun
         one's rest is queued and goes out first), the others are."""
         rc = _E_INTERRUPTED
@@ -385,8 +417,8 @@ class NativeContext(Context):
             rc = self._write_items(fd, items)
         return rc
 
-    def _write_items(self, fd: int, items: list) -> int:
-        """One ipc_write_many of ``items`` (bytes-like, checked); its code.
+    def _write_items(self, fd: int, items: list[Bytes]) -> int:
+        """One ipc_write_many of `items` (bytes-like, checked); its code.
         None of them: fd's queue is flushed, blocking, and nothing more."""
         # A list of ints, then the array: quicker than an array from map() and
         # summing the array (each of its items boxed again).
@@ -400,7 +432,7 @@ class NativeContext(Context):
         if sum(lengths) < len(items) * WRITE_FROM_PLACE:
             # Small payloads: copied together (one C call), written from there.
             return _ipc_write_many(self._ctx, _fd_arg(fd), _join(items), sizes, len(items))
-        # Large ones: written from where they are, no copy. ``pins`` keeps
+        # Large ones: written from where they are, no copy. `pins` keeps
         # every payload alive (and a bytearray unresizable) for the whole
         # call: the GIL is released while it blocks, and the caller's list
         # may be changed by another thread meanwhile.
@@ -515,7 +547,8 @@ class NativeContext(Context):
         copied once, into the bytes returned."""
         ptr, size = self._lent
         self._check(_ipc_read_lent(self._ctx, fd, ptr, size), fd)
-        return _unpack(ptr[0], size[0])
+        message: bytes = _unpack(ptr[0], size[0])
+        return message
 
     # -- the event loop ----------------------------------------------------------
     def wait_event(self, timeout: Optional[float] = None) -> Event:
@@ -533,8 +566,8 @@ class NativeContext(Context):
         return self._wait(timeout, EVENT_BATCH)
 
     def _wait(self, timeout: Optional[float], capacity: int) -> list[Event]:
-        """Wait in the core for events, then take up to ``capacity`` of them
-        (EVENT_BATCH: every one it has); TimeoutError after ``timeout`` s."""
+        """Wait in the core for events, then take up to `capacity` of them
+        (EVENT_BATCH: every one it has); TimeoutError after `timeout` s."""
         deadline = self._start_timeout(timeout) \
             if timeout is not None or self._core_timeout is not None else None
         start = time.monotonic() if self._timer is not None else 0.0
@@ -547,7 +580,7 @@ class NativeContext(Context):
         """The core's wait returned with no event: another thread handed over
         messages (schedule), or a signal came and its handler returned.
         Schedule what was handed over, then wait again for what is left of
-        the timer, counted from ``since`` (when the wait began), and of the
+        the timer, counted from `since` (when the wait began), and of the
         call's timeout."""
         while True:
             self._guard.apply(self)
@@ -565,7 +598,7 @@ class NativeContext(Context):
                 return events
 
     def _take_events(self, capacity: int) -> list[Event]:
-        """One wait in the core, then up to ``capacity`` of the events it has
+        """One wait in the core, then up to `capacity` of the events it has
         queued (EVENT_BATCH: every one), converted; none when a wake-up or a
         signal ended the wait."""
         ctx, events, count = self._ctx, self._events, self._ecount
@@ -608,7 +641,7 @@ class NativeContext(Context):
 
 
 def _convert(event_bytes: memoryview, n: int) -> list[Event]:
-    """The first ``n`` events of the batch the core filled: the structs are
+    """The first `n` events of the batch the core filled: the structs are
     decoded in one C call (struct.iter_unpack) and each payload is one slice of
     _MEMORY (one copy). One message, the usual result of a wait in a
     request-reply loop, is decoded on its own: no view slice, no iterator."""
@@ -632,14 +665,14 @@ def _convert(event_bytes: memoryview, n: int) -> list[Event]:
     return out
 
 
-def split_payloads(buffer: object, sizes: list) -> list:
-    """Payloads lying back to back at the start of ``buffer`` (anything with
-    the buffer protocol), cut into bytes by their ``sizes``. Equal sizes (the
+def split_payloads(buffer: Buffer, sizes: list[int]) -> list[bytes]:
+    """Payloads lying back to back at the start of `buffer` (anything with
+    the buffer protocol), cut into bytes by their `sizes`. Equal sizes (the
     common batch) are cut by one struct call; others by slicing one copy."""
     n = len(sizes)
     if n and sizes.count(sizes[0]) == n:
         return list(struct.unpack_from(f"{sizes[0]}s" * n, buffer))
-    data = bytes(memoryview(buffer)[:sum(sizes)])  # type: ignore[arg-type]
+    data = bytes(memoryview(buffer)[:sum(sizes)])
     starts = accumulate(sizes, initial=0)
     return [data[start:start + size] for start, size in zip(starts, sizes)]
 
@@ -668,10 +701,10 @@ def _fd_arg(fd: int) -> int:
     return fd if _INT_MIN <= fd <= _INT_MAX else -1
 
 
-def _trampoline_in(ref: "weakref.ref[NativeContext]"):
+def _trampoline_in(ref: weakref.ref[NativeContext]) -> Callable[[int, Any, _Cell[int]], int]:
     """The C `in` callback: calls the Python on_in of the fd, copies its payload."""
 
-    def on_in(fd: int, buf: object, mlen: object) -> int:
+    def on_in(fd: int, buf: Any, mlen: _Cell[int]) -> int:
         ctx = ref()
         try:
             cb = ctx._callbacks[fd][0] if ctx is not None else None
@@ -681,10 +714,10 @@ def _trampoline_in(ref: "weakref.ref[NativeContext]"):
             result = CBEvent(result)
             if result == CBEvent.NO_ERROR:
                 data = bytes(as_payload(payload))
-                if len(data) > mlen[0]:  # type: ignore[index]
-                    raise MessageTooLargeError(too_large_text(len(data), mlen[0]))  # type: ignore
+                if len(data) > mlen[0]:
+                    raise MessageTooLargeError(too_large_text(len(data), mlen[0]))
                 ffi.memmove(buf, data, len(data))
-                mlen[0] = len(data)  # type: ignore[index]
+                mlen[0] = len(data)
             return _CB_CODES[result]
         except Exception:
             log.exception("switch input callback of fd %d failed", fd)
@@ -693,10 +726,10 @@ def _trampoline_in(ref: "weakref.ref[NativeContext]"):
     return on_in
 
 
-def _trampoline_out(ref: "weakref.ref[NativeContext]"):
+def _trampoline_out(ref: weakref.ref[NativeContext]) -> Callable[[int, Any, int], int]:
     """The C `out` callback: calls the Python on_out of the fd with the payload."""
 
-    def on_out(fd: int, payload: object, mlen: int) -> int:
+    def on_out(fd: int, payload: Any, mlen: int) -> int:
         ctx = ref()
         try:
             cb = ctx._callbacks[fd][1] if ctx is not None else None

@@ -1,7 +1,7 @@
 """Run directory and service names: resolution, checks, creation, locks.
 
 Used by the pure backend; the Zig core applies the same rules with the same
-messages (see README, "Errors" and "Run directory").
+messages (see docs/reference.md, "Errors" and "Run directory").
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def resolve_rundir(rundir: Optional[PathLike]) -> str:
-    """The ``rundir`` argument, else env RUNDIR, else libIPC's default.
+    """The `rundir` argument, else env RUNDIR, else libIPC's default.
 
     A str or str path only (TypeError otherwise), without NUL (ValueError):
     both backends refuse these the same way, before anything is touched.
@@ -36,7 +36,7 @@ def resolve_rundir(rundir: Optional[PathLike]) -> str:
 
 
 def service_path(rundir: str, name: str) -> str:
-    """``RUNDIR/NAME`` after checking the name; raises InvalidNameError."""
+    """`RUNDIR/NAME` after checking the name; raises InvalidNameError."""
     check_name(name)
     if not name:
         raise InvalidNameError("invalid service name: empty")
@@ -58,7 +58,7 @@ def service_path(rundir: str, name: str) -> str:
 
 
 def check_rundir(rundir: str, create: bool) -> bool:
-    """Check (and with ``create``, make) the run dir; False when it is missing.
+    """Check (and with `create`, make) the run dir; False when it is missing.
 
     Refuses a symlink, a non-directory, a directory writable by others and one
     owned by another user than us or root.
@@ -86,7 +86,7 @@ def check_rundir(rundir: str, create: bool) -> bool:
 
 
 def strip_slashes(rundir: str) -> str:
-    """``rundir`` without trailing slashes ("/" stays "/").
+    """`rundir` without trailing slashes ("/" stays "/").
 
     lstat("link/") follows the symlink "link": the check must see "link".
     """
@@ -114,7 +114,7 @@ def _create(rundir: str) -> None:
 
 
 def lock_service(rundir: str, name: str, path: str) -> int:
-    """Take the exclusive lock ``NAME.lock``; return its fd (held until closed).
+    """Take the exclusive lock `NAME.lock`; return its fd (held until closed).
 
     A symlink there is refused, not followed: it would make us create and
     lock a file anywhere, outside the run dir.
@@ -147,7 +147,7 @@ def _start_failed(name: str, errno_: Optional[int]) -> IPCError:
 def remove_stale_socket(path: str, name: Optional[str] = None) -> None:
     """Remove a socket file left by a dead service (we hold the lock).
 
-    With ``name`` (service_init), anything but a socket at ``path`` is left
+    With `name` (service_init), anything but a socket at `path` is left
     alone and refused: it may be another service's lock file (service
     "x.lock" next to service "x") or a file that is not ours to delete.
     """

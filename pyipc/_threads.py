@@ -6,7 +6,7 @@ helpers can call back in). A call from a second thread while the first is
 inside raises IPCError instead of corrupting the backend's state.
 
 The exception is schedule(): from another thread it hands the message over.
-It is queued here, the waiting loop is woken (the backend's ``_wakeup``:
+It is queued here, the waiting loop is woken (the backend's `_wakeup`:
 a byte on a pipe its poller watches), and the loop's thread schedules it and
 reports the outcome back; the calling thread returns or raises exactly what
 schedule() would have. If the owner is not waiting but busy in another call,
@@ -26,6 +26,12 @@ from typing import Any, Callable, Optional
 
 from ._checks import as_payload
 from ._types import IPCError, Payload
+
+#: A context's method as the guard calls it: the context, then the method's
+#: own arguments.
+Method = Callable[..., Any]
+#: schedule() as the guard calls it (the backend's own, unguarded).
+Direct = Callable[[Any, int, Payload], None]
 
 _get_ident = threading.get_ident
 
@@ -57,8 +63,8 @@ class _Handoff:
 class ThreadGuard:
     """The owner thread of a context, and the messages other threads hand over.
 
-    The outermost public call holds ``_lock`` and records its thread in
-    ``_owner``; a nested call of the same thread (a switch callback, a typed
+    The outermost public call holds `_lock` and records its thread in
+    `_owner`; a nested call of the same thread (a switch callback, a typed
     helper) sees itself as the owner and goes straight in.
     """
 
@@ -82,7 +88,8 @@ class ThreadGuard:
             self._owner, self._short = None, False
             self._lock.release()
 
-    def call(self, ctx: Any, method: Callable, args: tuple, kwargs: dict) -> Any:
+    def call(self, ctx: Any, method: Method, args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Any:
         """The slow path of a guarded call (the lock was taken): a nested call
         of the owner's thread goes in; another thread's short schedule() is
         waited for; any other holder is misuse (IPCError)."""
@@ -98,7 +105,7 @@ class ThreadGuard:
         finally:
             self.leave(ctx)
 
-    def schedule(self, ctx: Any, direct: Callable, fd: int, payload: Payload) -> None:
+    def schedule(self, ctx: Any, direct: Direct, fd: int, payload: Payload) -> None:
         """The slow path of schedule() (the lock was taken): direct when this
         thread is inside the context, else handed over to the owner (which
         hand_over also does itself if the owner has left meanwhile)."""
@@ -131,18 +138,18 @@ class ThreadGuard:
             raise item.error
 
 
-#: _TRIES: a guarded call takes its context's lock as ``for got in
-#: guard._tries: break``, a step of a map that calls lock.acquire(False).
+#: _TRIES: a guarded call takes its context's lock as `for got in
+#: guard._tries: break`, a step of a map that calls lock.acquire(False).
 #: CPython runs signal handlers at calls and backward jumps, not in a for
-#: loop's step, so ``got`` is stored (and the finally clause will release the
-#: lock) before a handler's exception can come. With ``if
-#: lock.acquire(False):`` a KeyboardInterrupt raised as acquire returned left
+#: loop's step, so `got` is stored (and the finally clause will release the
+#: lock) before a handler's exception can come. With `if
+#: lock.acquire(False):` a KeyboardInterrupt raised as acquire returned left
 #: the lock taken by nobody, and every later call raised "in use by another
 #: thread". The map is made once per guard: about 25 ns a call, where a new
 #: map per call cost 130.
 #:
 #: The guarded method's source: its own parameters (so positional and keyword
-#: calls cost what a plain call costs; a ``*args, **kwargs`` wrapper costs about
+#: calls cost what a plain call costs; a `*args, **kwargs` wrapper costs about
 #: three times more on CPython 3.11), the lock taken without blocking on the
 #: fast path, ThreadGuard.call for nested calls and contention. It is compiled
 #: as lines of this file (see _TEMPLATE_LINE), so a traceback through the guard
@@ -171,8 +178,8 @@ def make(method, _get_ident):
 """
 
 
-def _guarded(method: Callable) -> Callable:
-    """``method`` wrapped in its context's guard, with the same signature."""
+def _guarded(method: Method) -> Method:
+    """`method` wrapped in its context's guard, with the same signature."""
     sig = inspect.signature(method)
     params = list(sig.parameters.values())[1:]         # without self
     if any(p.kind not in (p.POSITIONAL_OR_KEYWORD,) for p in params):
@@ -183,23 +190,23 @@ def _guarded(method: Callable) -> Callable:
         name=method.__name__,
         params=", ".join(f"{n}=_d_{n}" if n in defaults else n for n in names),
         args=", ".join(names), comma="," if len(names) == 1 else "")
-    scope: dict = {f"_d_{n}": v for n, v in defaults.items()}
+    scope: dict[str, Any] = {f"_d_{n}": v for n, v in defaults.items()}
     # Filling in the names keeps every line where it was: text line k is line
     # _TEMPLATE_LINE + k - 1 of this file.
     tree = ast.parse(text)
     ast.increment_lineno(tree, _TEMPLATE_LINE - 1)
     code = compile(tree, __file__, "exec")
     exec(code, scope)   # noqa: S102 - a fixed template, filled with parameter names
-    call = scope["make"](method, _get_ident)
+    call: Method = scope["make"](method, _get_ident)
     functools.update_wrapper(call, method)
     call._guarded = True  # type: ignore[attr-defined]
     return call
 
 
-def _guarded_schedule(direct: Callable) -> Callable:
+def _guarded_schedule(direct: Direct) -> Direct:
     @functools.wraps(direct)
     def schedule(self: Any, fd: int, payload: Payload) -> None:
-        guard = self._guard
+        guard: ThreadGuard = self._guard
         got = False
         try:        # the lock taken as in _TEMPLATE (see _TRIES)
             for got in guard._tries:
@@ -219,7 +226,7 @@ def _guarded_schedule(direct: Callable) -> Callable:
     return schedule
 
 
-def guard_methods(cls: type) -> None:
+def guard_methods(cls: type[Any]) -> None:
     """Wrap a backend class's public methods (own or inherited) in the guard."""
     for name in GUARDED:
         method = getattr(cls, name)
@@ -230,8 +237,8 @@ def guard_methods(cls: type) -> None:
         cls.schedule = _guarded_schedule(cls.schedule)
 
 
-#: What any call but close, close_all and leaving a ``with`` raises in a
-#: forked child (README "fork").
+#: What any call but close, close_all and leaving a `with` raises in a
+#: forked child (docs/reference.md, "Signals, timeouts and fork").
 FORK_TEXT = ("this Context was inherited through fork(): in the child, create a new "
              "Context (closing the inherited one only closes this process's copies "
              "of its fds)")
@@ -254,7 +261,8 @@ class ForkedGuard(ThreadGuard):
         # What another thread of the parent had handed over is not ours to send.
         del inherited
 
-    def call(self, ctx: Any, method: Callable, args: tuple, kwargs: dict) -> Any:
+    def call(self, ctx: Any, method: Method, args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Any:
         if method.__name__ == "close":
             # args is (fd, linger): no linger here, the child never sends
             # what its parent scheduled.
@@ -263,5 +271,5 @@ class ForkedGuard(ThreadGuard):
             return ctx._close_in_child(None)
         raise IPCError(FORK_TEXT)
 
-    def schedule(self, ctx: Any, direct: Callable, fd: int, payload: Payload) -> None:
+    def schedule(self, ctx: Any, direct: Direct, fd: int, payload: Payload) -> None:
         raise IPCError(FORK_TEXT)

@@ -1,8 +1,8 @@
 """Types shared by both backends: events, callback results, errors and limits.
 
-Every name here is part of the public API and is re-exported by :mod:`pyipc`.
-The numbers of :class:`EventType` and :class:`CBEvent` are libIPC's, and the
-same numbers are used by the C ABI in ``zig/libipc.h``.
+Every name here is part of the public API and is re-exported by `pyipc`.
+The numbers of `EventType` and `CBEvent` are libIPC's, and the
+same numbers are used by the C ABI in `zig/libipc.h`.
 """
 
 from __future__ import annotations
@@ -10,49 +10,60 @@ from __future__ import annotations
 import builtins
 import enum
 import sys
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 if sys.version_info >= (3, 12):
-    from collections.abc import Buffer
+    from collections.abc import Buffer as Buffer    # re-exported: the backends use it
 else:
-    from typing_extensions import Buffer
+    from typing_extensions import Buffer as Buffer
 
-#: What write(), schedule() and write_many() send: a bytes-like object as it
-#: is, a str as UTF-8 (anything else is a TypeError at run time).
 Payload = Union[Buffer, str]
+"""What write(), schedule() and write_many() send: a bytes-like object as it
+is, a str as UTF-8 (anything else is a TypeError at run time)."""
 
-#: Default bound on one message's payload, in bytes (16 MiB).
 DEFAULT_MAX_MESSAGE_SIZE = 16 << 20
-#: Default bound on the bytes queued by ``schedule()`` for one fd (64 MiB).
+"""Default bound on one message's payload, in bytes (16 MiB)."""
+
 DEFAULT_MAX_QUEUE_SIZE = 64 << 20
-#: Default bound on the number of fds one context manages (services,
-#: connections and external fds together).
+"""Default bound on the bytes queued by `schedule()` for one fd (64 MiB)."""
+
 DEFAULT_MAX_CONNECTIONS = 65536
-#: Hard upper bound of ``max_message_size``: the 4-byte length header.
+"""Default bound on the number of fds one context manages (services,
+connections and external fds together)."""
+
 MAX_MESSAGE_SIZE_LIMIT = 0xFFFFFFFF
-#: Default ``max_messages`` of ``read_many()``: messages returned by one call, at most.
+"""Hard upper bound of `max_message_size`: the 4-byte length header."""
+
 DEFAULT_READ_MANY = 1024
-#: Largest ``max_messages`` ``read_many()`` accepts (one call's batch).
+"""Default `max_messages` of `read_many()`: messages returned by one call, at most."""
+
 MAX_READ_MANY = 65536
-#: One read_many() batch holds messages of this many bytes together at most;
-#: a larger first message comes alone.
+"""Largest `max_messages` `read_many()` accepts (one call's batch)."""
+
 READ_MANY_BYTES = 64 * 1024
-#: Longest ``busy_poll`` a context takes, in microseconds (10 ms): it bounds
-#: the CPU one wait may burn to save a wake-up that costs tens of microseconds.
+"""One read_many() batch holds messages of this many bytes together at most;
+a larger first message comes alone."""
+
 MAX_BUSY_POLL = 10_000
-#: Default run directory, the same as libIPC's.
+"""Longest `busy_poll` a context takes, in microseconds (10 ms): it bounds
+the CPU one wait may burn to save a wake-up that costs tens of microseconds."""
+
 DEFAULT_RUNDIR = "/tmp/.libipc-run"
-#: Longest socket path accepted (``sun_path`` is 108 bytes on Linux, minus the NUL).
+"""Default run directory, the same as libIPC's."""
+
 MAX_SOCKET_PATH = 107
-#: Name of ipcd's service, reached by ``connect()`` when IPC_NETWORK is set.
+"""Longest socket path accepted (`sun_path` is 108 bytes on Linux, minus the NUL)."""
+
 IPCD_SERVICE = "ipc"
-#: Default ``linger`` of a Context, in seconds: how long closing waits for
-#: scheduled messages to go out before it drops them (ZeroMQ's LINGER).
+"""Name of ipcd's service, reached by `connect()` when IPC_NETWORK is set."""
+
 DEFAULT_LINGER = 1.0
+"""Default `linger` of a Context, in seconds: how long closing waits for
+scheduled messages to go out before it drops them (ZeroMQ's LINGER)."""
 
 
 class EventType(enum.IntEnum):
-    """What an :class:`Event` reports (libIPC's numbers)."""
+    """What an `Event` reports (libIPC's numbers)."""
 
     ERROR = 0
     CONNECTION = 1
@@ -77,10 +88,10 @@ class CBEvent(enum.IntEnum):
 class Event:
     """One thing that happened on a context.
 
-    ``type`` is an :class:`EventType`; ``fd`` the connection it concerns (-1 for
-    TIMER); ``index`` the connection's slot in the context's table (-1 for
-    TIMER); ``message`` the payload for MESSAGE_RX and SWITCH_RX (else None);
-    ``error`` the reason for an ERROR event (else None).
+    `type` is an `EventType`; `fd` the connection it concerns (-1 for
+    TIMER); `index` the connection's slot in the context's table (-1 for
+    TIMER); `message` the payload for MESSAGE_RX and SWITCH_RX (else None);
+    `error` the reason for an ERROR event (else None).
     """
 
     __slots__ = ("type", "fd", "index", "message", "error")
@@ -120,9 +131,9 @@ class Event:
 class IPCError(OSError):
     """Base class of every error pyipc raises.
 
-    ``errno`` is the OS error that caused it (None when no OS error did), and
-    ``str(e)`` is the message alone, the same on both backends: unlike
-    ``OSError(errno, text)`` it is not prefixed with ``[Errno N]``.
+    `errno` is the OS error that caused it (None when no OS error did), and
+    `str(e)` is the message alone, the same on both backends: unlike
+    `OSError(errno, text)` it is not prefixed with `[Errno N]`.
     """
 
     def __init__(self, message: str = "", errno: Optional[int] = None) -> None:
@@ -136,7 +147,7 @@ class IPCError(OSError):
         # (which it shows once .errno and .strerror are both set).
         return BaseException.__str__(self)
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[type[IPCError], tuple[str, Optional[int]], Any]:
         # OSError pickles args only: errno (an OSError slot) would be lost.
         message = self.args[0] if self.args else ""
         return type(self), (message, self.errno), self.__dict__ or None
@@ -148,7 +159,7 @@ class ServiceBusyError(IPCError):
 
 class ServiceNotFoundError(IPCError, FileNotFoundError):
     """No service of that name in the run dir, or it refused the connection
-    (also a built-in ``FileNotFoundError``)."""
+    (also a built-in `FileNotFoundError`)."""
 
 
 class InvalidNameError(IPCError):
@@ -160,16 +171,16 @@ class RunDirError(IPCError):
 
 
 class MessageTooLargeError(IPCError):
-    """A message is larger than the context's ``max_message_size``."""
+    """A message is larger than the context's `max_message_size`."""
 
 
 class QueueFullError(IPCError):
-    """A fd's send queue would exceed ``max_queue_size``; nothing was queued."""
+    """A fd's send queue would exceed `max_queue_size`; nothing was queued."""
 
 
 class ConnectionClosedError(IPCError, ConnectionError):
     """Read or write on a connection whose peer is gone (also a built-in
-    ``ConnectionError``)."""
+    `ConnectionError`)."""
 
 
 class UnknownFdError(IPCError):
@@ -177,7 +188,7 @@ class UnknownFdError(IPCError):
 
 
 class ConnectionLimitError(IPCError):
-    """The context already manages ``max_connections`` fds."""
+    """The context already manages `max_connections` fds."""
 
 
 class BackendError(IPCError):
@@ -185,9 +196,10 @@ class BackendError(IPCError):
 
 
 class TimeoutError(IPCError, builtins.TimeoutError):  # noqa: A001 - pyipc.TimeoutError
-    """A blocking call's ``timeout`` passed first (also a built-in
-    ``TimeoutError``). Nothing was consumed; a write that had begun a frame
-    completes it (README "Signals, timeouts and fork")."""
+    """A blocking call's `timeout` passed first (also a built-in
+    `TimeoutError`). Nothing was consumed; a write that had begun a frame
+    completes it (behaviour reference: [Signals, timeouts and
+    fork](reference.md#signals-timeouts-and-fork))."""
 
 
 _ERRORS = (IPCError, ServiceBusyError, ServiceNotFoundError, InvalidNameError, RunDirError,
@@ -198,7 +210,7 @@ for _cls in _ERRORS:
     _cls.__module__ = "pyipc"
 del _cls
 
-#: Error classes by the name of the code the C ABI returns (``IPC_E_*`` in
+#: Error classes by the name of the code the C ABI returns (`IPC_E_*` in
 #: libipc.h): the native backend takes the numbers from the header.
 ERRORS_BY_NAME: dict[str, type[IPCError]] = {
     "IPC_E_GENERIC": IPCError,

@@ -147,7 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if not failures and service.returncode == 0 else 1
 
 
-#: ``pyipc bench``'s choices. bench/ says what each one runs; it is not part of
+#: `pyipc bench`'s choices. bench/ says what each one runs; it is not part of
 #: the installed package, so its options are listed here, where --help finds
 #: them from an installed package too (tests/test_cli.py checks both agree).
 BENCH_CASES = ("rtt", "tp64", "tp64k", "tp1m", "scale1k", "scale10k")
@@ -177,7 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``pyipc bench`` (also used by ``python -m bench.main``)."""
+    """The options of `pyipc bench` (also used by `python -m bench.main`)."""
     p.add_argument("--quick", action="store_true", help="fewer messages per run")
     p.add_argument("--repeats", type=int, default=None,
                    help="runs of each case per system (default 3, quick: 1)")
@@ -205,7 +205,7 @@ def _add_bench(sub: Any) -> None:
 
 
 def version_text(backend: Optional[str]) -> str:
-    """What ``pyipc --version`` prints: distribution, version, backend in use."""
+    """What `pyipc --version` prints: distribution, version, backend in use."""
     head = f"{DISTRIBUTION} {__version__}"
     try:
         with Context(backend=backend) as ctx:
@@ -280,7 +280,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``pyipc`` and ``python -m pyipc``."""
+    """Entry point of `pyipc` and `python -m pyipc`."""
     args = parser().parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(name)s: %(message)s")

@@ -1,9 +1,9 @@
 """Typed messages: libIPC's convention of one type byte, then the body.
 
 A typed message is an ordinary pyipc payload: its first byte is the message
-type (0..255), the rest is the body. A :class:`Registry` maps type numbers to
-Python classes and encodes each object's fields as a map, with CBOR (``cbor2``,
-the default) or JSON (the standard library), chosen per registry::
+type (0..255), the rest is the body. A `Registry` maps type numbers to
+Python classes and encodes each object's fields as a map, with CBOR (`cbor2`,
+the default) or JSON (the standard library), chosen per registry:
 
     from dataclasses import dataclass
     from pyipc.typed import Registry
@@ -19,32 +19,32 @@ the default) or JSON (the standard library), chosen per registry::
     payload = messages.encode(Ping(7))    # b"\\x01" + CBOR {"seq": 7, "note": ""}
     assert messages.decode(payload) == Ping(7)
 
-A message class is a dataclass (its ``init`` fields are the body; fields with a
-default may be absent from a received body) or any class with a ``to_dict()``
-method and a ``from_dict(cls, d)`` classmethod (used in preference when a class
+A message class is a dataclass (its `init` fields are the body; fields with a
+default may be absent from a received body) or any class with a `to_dict()`
+method and a `from_dict(cls, d)` classmethod (used in preference when a class
 has both). Encoding looks the class up exactly: a subclass of a registered class
 must be registered itself.
 
 What a field may hold:
 
-* CBOR: everything ``cbor2`` encodes: None, bools, ints of any size (bignums),
+* CBOR: everything `cbor2` encodes: None, bools, ints of any size (bignums),
   floats including inf, -inf and nan, bytes, str, lists (tuples come back as
   lists), dicts, sets, dates, Decimal, UUID, ... Datetimes must be timezone-aware
   with an offset of whole minutes (RFC 3339, CBOR tag 0); they come back with a
-  fixed offset (a ``ZoneInfo`` zone becomes its offset at that instant, the same
+  fixed offset (a `ZoneInfo` zone becomes its offset at that instant, the same
   instant). Naive datetimes are refused: they would mean different instants to
   the two ends.
 * JSON: strict RFC 8259 JSON, so any JSON parser can read the bodies: None,
   bools, ints (exact between Python peers; other parsers may round those beyond
-  2**53; at most ``sys.get_int_max_str_digits()`` digits, 4300 by default),
+  2**53; at most `sys.get_int_max_str_digits()` digits, 4300 by default),
   finite floats, str, lists (tuples come back as lists) and dicts with str keys.
   Refused, with the path of the value in the message: bytes, datetimes (plain
   JSON cannot tell an ISO-8601 string from a datetime, so neither round trip
-  would be unambiguous), inf and nan, non-str dict keys (``json`` would silently
+  would be unambiguous), inf and nan, non-str dict keys (`json` would silently
   turn them into strings), and any other type. Use CBOR for those, or convert
-  them in ``to_dict``/``from_dict``.
+  them in `to_dict`/`from_dict`.
 
-Every error is a :class:`TypedMessageError` (a ``ValueError``); see each class.
+Every error is a `TypedMessageError` (a `ValueError`); see each class.
 Values are not checked against the class's annotations.
 """
 
@@ -71,7 +71,7 @@ __all__ = [
     "FieldMismatchError", "CODECS", "MAX_TYPE_NUMBER",
 ]
 
-#: The codecs a :class:`Registry` can use.
+#: The codecs a `Registry` can use.
 CODECS = ("cbor", "json")
 #: Highest message type number (the type is one byte).
 MAX_TYPE_NUMBER = 255
@@ -85,7 +85,7 @@ BytesLike = Union[bytes, bytearray, memoryview]
 
 # -- errors ----------------------------------------------------------------------
 class TypedMessageError(ValueError):
-    """Base class of every typed-message error (a ``ValueError``)."""
+    """Base class of every typed-message error (a `ValueError`)."""
 
 
 class InvalidTypeNumberError(TypedMessageError):
@@ -113,7 +113,7 @@ class UnencodableValueError(TypedMessageError):
 
 
 class UnknownTypeError(TypedMessageError):
-    """decode() met a type number that is not registered; ``number`` holds it."""
+    """decode() met a type number that is not registered; `number` holds it."""
 
     def __init__(self, message: str, number: int) -> None:
         super().__init__(message)
@@ -121,8 +121,8 @@ class UnknownTypeError(TypedMessageError):
 
 
 class UnexpectedTypeError(TypedMessageError):
-    """decode(payload, cls) got a message whose class is not ``cls`` (nor a
-    subclass of it); ``number`` is its type number, ``expected`` is ``cls``."""
+    """decode(payload, cls) got a message whose class is not `cls` (nor a
+    subclass of it); `number` is its type number, `expected` is `cls`."""
 
     def __init__(self, message: str, number: int, expected: type) -> None:
         super().__init__(message)
@@ -133,13 +133,13 @@ class UnexpectedTypeError(TypedMessageError):
 class CorruptMessageError(TypedMessageError):
     """decode() got an empty payload, a body that is not valid CBOR/JSON, has
     trailing bytes, is not a map with str keys, or from which the class refuses
-    to be built (its constructor or ``from_dict`` raised)."""
+    to be built (its constructor or `from_dict` raised)."""
 
 
 class FieldMismatchError(TypedMessageError):
     """decode() got a body whose fields do not match the class.
 
-    ``missing`` holds the required fields that are absent, ``extra`` the ones the
+    `missing` holds the required fields that are absent, `extra` the ones the
     class does not have (both sorted tuples of names, also in the message).
     """
 
@@ -163,7 +163,7 @@ class _Entry:
 class Registry:
     """Maps message type numbers (0..255) to classes, and encodes/decodes them.
 
-    ``Registry(codec="cbor")``: ``codec`` is "cbor" (``cbor2``) or "json" (the
+    `Registry(codec="cbor")`: `codec` is "cbor" (`cbor2`) or "json" (the
     standard library, strict RFC 8259). Both ends of a connection must use
     registries with the same numbers, classes' fields and codec.
     """
@@ -208,12 +208,12 @@ class Registry:
     def register(self, number: int, cls: T) -> T: ...
 
     def register(self, number: int, cls: Optional[T] = None) -> Union[T, Callable[[T], T]]:
-        """Register ``cls`` as message type ``number``.
+        """Register `cls` as message type `number`.
 
-        Used as a decorator (``@registry.register(3)`` above the class, which is
-        returned unchanged) or called directly (``registry.register(3, Ping)``).
-        Raises :class:`InvalidTypeNumberError`, :class:`NotAMessageClassError`,
-        :class:`DuplicateTypeError` or :class:`DuplicateClassError`; nothing is
+        Used as a decorator (`@registry.register(3)` above the class, which is
+        returned unchanged) or called directly (`registry.register(3, Ping)`).
+        Raises `InvalidTypeNumberError`, `NotAMessageClassError`,
+        `DuplicateTypeError` or `DuplicateClassError`; nothing is
         registered then.
         """
         _check_number(number)
@@ -248,7 +248,7 @@ class Registry:
         return entry.number
 
     def message_class(self, number: int) -> type:
-        """The class registered as type ``number``."""
+        """The class registered as type `number`."""
         return self._entry_of(number).cls
 
     def _entry_of(self, number: int) -> _Entry:
@@ -261,10 +261,10 @@ class Registry:
 
     # -- encoding -----------------------------------------------------------------
     def encode(self, obj: object) -> bytes:
-        """The payload of ``obj``: its type byte, then its fields as a map.
+        """The payload of `obj`: its type byte, then its fields as a map.
 
-        Raises :class:`UnregisteredClassError` when ``type(obj)`` is not
-        registered, :class:`UnencodableValueError` when a value cannot be
+        Raises `UnregisteredClassError` when `type(obj)` is not
+        registered, `UnencodableValueError` when a value cannot be
         encoded with this codec (the message names the field and the reason).
         """
         entry = self._by_class.get(type(obj))
@@ -300,11 +300,11 @@ class Registry:
     def decode(self, payload: BytesLike, cls: Optional[Type[M]] = None) -> Any:
         """The object a payload carries (an instance of the registered class).
 
-        With ``cls``, the message must be of that class (or a subclass of it),
-        else :class:`UnexpectedTypeError`: a type checker then knows what
-        comes back. Raises :class:`CorruptMessageError` (empty payload, a body
+        With `cls`, the message must be of that class (or a subclass of it),
+        else `UnexpectedTypeError`: a type checker then knows what
+        comes back. Raises `CorruptMessageError` (empty payload, a body
         that is not valid CBOR/JSON or not a map with str keys, a class that
-        refuses the values), :class:`UnknownTypeError`, :class:`FieldMismatchError`.
+        refuses the values), `UnknownTypeError`, `FieldMismatchError`.
         """
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes-like, not {type(payload).__name__}")
@@ -337,10 +337,10 @@ class Registry:
     def decode_event(self, event: Event, cls: Type[M]) -> M: ...
 
     def decode_event(self, event: Event, cls: Optional[Type[M]] = None) -> Any:
-        """The object carried by a MESSAGE_RX (or SWITCH_RX) event; ``cls`` as
-        for :meth:`decode`.
+        """The object carried by a MESSAGE_RX (or SWITCH_RX) event; `cls` as
+        for `decode`.
 
-        An event without a message (any other type) raises ``ValueError``.
+        An event without a message (any other type) raises `ValueError`.
         """
         if not isinstance(event, Event):
             raise TypeError(f"decode_event needs an Event, not {type(event).__name__}")

@@ -9,21 +9,22 @@ import math
 import os
 import select
 import time
+import socket
 from typing import TYPE_CHECKING, Optional
 
 from .._checks import check_timeout
-from .._types import TimeoutError
+from .._types import Buffer, TimeoutError
 from .poller import MAX_WAIT_MS
 from .syscalls import DONTWAIT
 
 if TYPE_CHECKING:
-    from .context import PureContext
+    from .state import PureState
 
 
 class Blocking:
     """How one blocking call waits (the core's blocking.zig): transfers that
-    do not wait until ``end`` (busy_poll; monotonic, 0.0: none), then
-    transfers that wait in the kernel, or, with a ``deadline`` (the call's
+    do not wait until `end` (busy_poll; monotonic, 0.0: none), then
+    transfers that wait in the kernel, or, with a `deadline` (the call's
     timeout), poll() up to it: then TimeoutError("<what> timed out"). One
     per call, so that the call spins busy_poll us at most. Signals need
     nothing here: Python's own calls run the handler and go on (PEP 475)."""
@@ -69,27 +70,27 @@ class Waits:
 
     __slots__ = ()
 
-    def _blocking(self: PureContext, fd: int, timeout: Optional[float], what: str,
+    def _blocking(self: PureState, fd: int, timeout: Optional[float], what: str,
                   spin: bool = True) -> "Blocking":
-        """How one blocking call on fd waits: busy_poll (with ``spin``) and
-        its ``timeout`` (no object made when there is neither)."""
+        """How one blocking call on fd waits: busy_poll (with `spin`) and
+        its `timeout` (no object made when there is neither)."""
         busy = self._busy_poll if spin else 0
         if timeout is None:
             return Blocking(busy, None, what, fd) if busy else NO_SPIN
         return Blocking(busy, time.monotonic() + check_timeout(timeout), what, fd)
 
 
-def recv_exactly(sock: object, buf: object, filled: list, at: int, end: int,
+def recv_exactly(sock: socket.socket, buf: Buffer, filled: list[int], at: int, end: int,
                   spin: Blocking) -> bool:
-    """Fill buf from filled[at] to ``end`` from a blocking socket, keeping
+    """Fill buf from filled[at] to `end` from a blocking socket, keeping
     filled[at] up to date (so an interruption knows how far it got); False
-    at EOF. The reads wait as ``spin`` says (busy_poll)."""
-    view = memoryview(buf)  # type: ignore[arg-type]
+    at EOF. The reads wait as `spin` says (busy_poll)."""
+    view = memoryview(buf)
     while filled[at] < end:
         try:
-            n = sock.recv_into(view[filled[at]:end], 0, spin.flags())  # type: ignore[attr-defined]
+            n = sock.recv_into(view[filled[at]:end], 0, spin.flags())
         except BlockingIOError:
-            spin.idle(sock.fileno())  # type: ignore[attr-defined]
+            spin.idle(sock.fileno())
             continue
         except InterruptedError:
             continue
@@ -107,7 +108,7 @@ def yield_cpu() -> None:
 
 
 def wait_fd(fd: int, events: int, timeout: Optional[float] = None) -> bool:
-    """Wait until fd has ``events`` (at most ``timeout`` seconds); whether it has."""
+    """Wait until fd has `events` (at most `timeout` seconds); whether it has."""
     waiter = select.poll()
     waiter.register(fd, events)
     if timeout is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -19,7 +20,7 @@ from .poller import Poller
 from .syscalls import SpareFd
 
 if TYPE_CHECKING:
-    from .context import PureContext
+    from .state import PureState
 
 log = logging.getLogger("pyipc")
 
@@ -29,7 +30,7 @@ class Closing:
 
     __slots__ = ()
 
-    def close(self: PureContext, fd: int, linger: Optional[float] = None) -> None:
+    def close(self: PureState, fd: int, linger: Optional[float] = None) -> None:
         linger = self._linger_of(linger)
         if self._close_ended(fd):
             return
@@ -49,17 +50,17 @@ class Closing:
                 self._pending.drop(c.fd)
                 self._forget(c)
 
-    def _close_ended(self: PureContext, fd: int) -> bool:
+    def _close_ended(self: PureState, fd: int) -> bool:
         """close() of a connection that ended (its events dropped, its fd
         closed); False when fd is not one."""
         io = self._ended.pop(fd, None) if isinstance(fd, int) else None
         if io is None:
             return False
         self._pending.drop(fd)
-        io.close()  # type: ignore[attr-defined]
+        io.close()
         return True
 
-    def close_all(self: PureContext) -> None:
+    def close_all(self: PureState) -> None:
         try:
             self._linger(list(self._dirty), self.linger)
         finally:
@@ -74,8 +75,8 @@ class Closing:
             self._slots.clear()
             self._mark_closed()
 
-    def _linger(self: PureContext, conns: list, linger: float) -> None:
-        """Send what is scheduled for ``conns`` for at most ``linger`` seconds,
+    def _linger(self: PureState, conns: list[Conn], linger: float) -> None:
+        """Send what is scheduled for `conns` for at most `linger` seconds,
         in event-loop rounds: what they read or accept waits as events."""
         def scheduled() -> bool:
             return any(c.alive and c.queue for c in conns)
@@ -94,7 +95,7 @@ class Closing:
                 return
             self._round(left, wait=True)
 
-    def _close_in_child(self: PureContext, fd: Optional[int]) -> None:
+    def _close_in_child(self: PureState, fd: Optional[int]) -> None:
         # This process's copies only: the parent's socket files, lock and
         # epoll instance (shared through fork) are left alone.
         conns = list(self._by_fd.values()) if fd is None else [self._lookup(fd)]
@@ -103,13 +104,13 @@ class Closing:
             self._by_fd.pop(conn.fd, None)
             if conn.lock_fd >= 0:
                 os.close(conn.lock_fd)
-            conn.io.close()  # type: ignore[attr-defined]
+            conn.io.close()
         if fd is None:
             self._release_ended()
             self._pending.clear()
             self._mark_closed()
 
-    def _drop(self: PureContext, conn: Conn, error: Optional[str]) -> None:
+    def _drop(self: PureState, conn: Conn, error: Optional[str]) -> None:
         """End a connection: ERROR (if any reason), DISCONNECTION, then its switch peer."""
         if not conn.alive:
             return
@@ -125,7 +126,7 @@ class Closing:
             self._close_after_flush(peer)
 
 
-def release(pid: int, by_fd: dict, ended: dict, r: int, w: int,
+def release(pid: int, by_fd: dict[int, Conn], ended: dict[int, socket.socket], r: int, w: int,
              poller: Poller, spare: "SpareFd") -> None:
     """Finalizer of a collected context: close every fd it holds (its
     connections, services, their lock files, the wake-up pipe, the poller,

@@ -9,16 +9,16 @@ import heapq
 import os
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 from .. import _rundir
 from .._checks import OnIn, OnOut, check_fd, closed_by_peer
-from .._types import ConnectionLimitError, UnknownFdError
+from .._types import ConnectionLimitError, EventType, UnknownFdError
 from .framing import FrameDecoder
 from .poller import READ, WRITE
 
 if TYPE_CHECKING:
-    from .context import PureContext
+    from .state import PureState
 
 SERVICE, CONNECTION, EXTERNAL = "service", "connection", "external"
 
@@ -30,14 +30,15 @@ class Conn:
                  "queued_bytes", "write_closed", "closing", "peer", "on_in", "on_out",
                  "mask", "path", "lock_fd")
 
-    def __init__(self, fd: int, io: object, kind: str, limit: int) -> None:
+    def __init__(self, fd: int, io: socket.socket, kind: str, limit: int) -> None:
         self.fd = fd
         self.io = io
         self.kind = kind
         self.index = -1
         self.alive = True
         self.decoder = FrameDecoder(limit)
-        self.queue: deque = deque()     # [frame bytes, event type to report when sent]
+        # (frame bytes, event type to report when sent; None: no event)
+        self.queue: deque[Tuple[bytes, Optional[EventType]]] = deque()
         self.sent = 0                   # bytes of queue[0] already written
         self.queued_bytes = 0
         self.write_closed = False
@@ -57,12 +58,12 @@ class ConnTable:
 
     __slots__ = ()
 
-    def _check_room(self: PureContext) -> None:
+    def _check_room(self: PureState) -> None:
         if len(self._by_fd) >= self.max_connections:
             raise ConnectionLimitError(
                 f"too many connections (max_connections {self.max_connections})")
 
-    def _add(self: PureContext, conn: Conn) -> Conn:
+    def _add(self: PureState, conn: Conn) -> Conn:
         """Give conn the lowest free slot and start watching it."""
         conn.index = heapq.heappop(self._free) if self._free else len(self._slots)
         if conn.index == len(self._slots):
@@ -73,7 +74,7 @@ class ConnTable:
         self._set_interest(conn)
         return conn
 
-    def _forget(self: PureContext, conn: Conn, keep_fd: bool = False) -> None:
+    def _forget(self: PureState, conn: Conn, keep_fd: bool = False) -> None:
         """Stop watching conn, close its fd (or keep it reserved), free its slot."""
         conn.alive = False
         if conn.mask:
@@ -96,15 +97,15 @@ class ConnTable:
                     pass
             self._ended[conn.fd] = conn.io
         else:
-            conn.io.close()  # type: ignore[attr-defined]
+            conn.io.close()
 
-    def _release_ended(self: PureContext) -> None:
+    def _release_ended(self: PureState) -> None:
         """Close the fds of ended connections: all their events were handed out."""
         for io in self._ended.values():
-            io.close()  # type: ignore[attr-defined]
+            io.close()
         self._ended.clear()
 
-    def _lookup(self: PureContext, fd: int) -> Conn:
+    def _lookup(self: PureState, fd: int) -> Conn:
         if type(fd) is not int:         # the check costs a call: a plain int needs none
             check_fd(fd)
         conn = self._by_fd.get(fd)
@@ -114,14 +115,14 @@ class ConnTable:
             raise UnknownFdError(f"fd {fd} is not managed by this context")
         return conn
 
-    def _connection(self: PureContext, fd: int) -> Conn:
+    def _connection(self: PureState, fd: int) -> Conn:
         """A managed connection (not a service, not a plain external fd)."""
         conn = self._lookup(fd)
         if conn.kind == SERVICE or (conn.kind == EXTERNAL and conn.peer is None):
             raise UnknownFdError(f"fd {fd} is not a connection")
         return conn
 
-    def _set_interest(self: PureContext, conn: Conn) -> None:
+    def _set_interest(self: PureState, conn: Conn) -> None:
         """Watch reads (unless back-pressure pauses them) and writes while queued."""
         mask = 0 if conn.closing or (
             conn.peer is not None and conn.peer.queued_bytes > self.max_queue_size) else READ

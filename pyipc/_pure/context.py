@@ -1,10 +1,11 @@
-"""The pure-Python backend: sockets, a poller (epoll or ``selectors``) and the
-rules of the README; its event loop (the core's context.zig).
+"""The pure-Python backend: sockets, a poller (epoll or `selectors`) and the
+rules of docs/reference.md; its event loop (the core's context.zig).
 
-This is the reference the native backend is tested against, so it follows the
-README's "Behaviour in detail" literally: one round = flush queues, wait for
-readiness, handle every ready fd; a connection that ends reports its last
-messages, then ERROR when there is a reason, then DISCONNECTION.
+This is the reference the native backend is tested against, so it follows
+"Behaviour in detail" in docs/reference.md literally: one round = flush
+queues, wait for readiness, handle every ready fd; a connection that ends
+reports its last messages, then ERROR when there is a reason, then
+DISCONNECTION.
 
 PureContext is put together from one class per concern, each in the module
 named like its twin in zig/ (see pyipc/_pure/__init__.py).
@@ -16,7 +17,8 @@ import errno
 import os
 import time
 import weakref
-from typing import Optional
+import socket
+from typing import Final, Optional
 
 from .._checks import check_timeout
 from .._context import Context
@@ -36,13 +38,14 @@ from .syscalls import SpareFd, drain, os_error
 #: Size of the context's receive scratch buffer.
 SCRATCH_SIZE = 64 * 1024
 
-#: The poller data of the wake-up pipe (another thread's schedule()).
-_WAKE = object()
+#: The poller data of the wake-up pipe (another thread's schedule()); every
+#: other fd's is its Conn.
+_WAKE: Final = None
 
 
 class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Services, Ipcd,
                   Closing, Context):
-    """The pure-Python backend of :class:`pyipc.Context`."""
+    """The pure-Python backend of `pyipc.Context`."""
 
     __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_poller", "_pending",
                  "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
@@ -60,7 +63,7 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         # Connections that ended (DISCONNECTION reported) keep their fd open until
         # the next round, so a new connection cannot get the same number while
         # the old one's events are handled (a reply would reach the wrong peer).
-        self._ended: dict[int, object] = {}
+        self._ended: dict[int, socket.socket] = {}
         self._poller, self._wake_r, self._wake_w = _context_fds()
         self._scratch = bytearray(SCRATCH_SIZE)
         self._scratch_view = memoryview(self._scratch)
@@ -125,7 +128,8 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
     def _spin(self, deadline: Optional[float]) -> bool:
         """busy_poll: rounds that do not sleep, for busy_poll us at most (less
         when the timer's deadline comes first); True when one brought an event.
-        Why: see busy_poll in the README (a sleeping loop's wake-up costs more)."""
+        Why: see busy_poll in docs/reference.md (a sleeping loop's wake-up
+        costs more)."""
         end = time.monotonic() + self._busy_poll / 1e6
         if deadline is not None:
             end = min(end, deadline)
@@ -139,9 +143,9 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
                 return False
 
     def _round(self, timeout: Optional[float], wait: bool = False) -> None:
-        """Flush every queue without blocking, wait up to ``timeout`` seconds
+        """Flush every queue without blocking, wait up to `timeout` seconds
         (None: forever; not at all when the flush brought events, unless
-        ``wait``: the linger) for readiness, then handle every ready fd."""
+        `wait`: the linger) for readiness, then handle every ready fd."""
         self._flush_dirty()
         if self._pending and not wait:
             timeout = 0

@@ -16,7 +16,7 @@ from .blocking import wait_fd
 from .conn_table import CONNECTION, Conn
 
 if TYPE_CHECKING:
-    from .context import PureContext
+    from .state import PureState
 
 #: Fds received with ipcd's answer at most (the first is used, the others
 #: closed; the kernel discards any beyond these).
@@ -30,7 +30,7 @@ class Ipcd:
 
     __slots__ = ()
 
-    def _connect_ipcd(self: PureContext, name: str, network: str, timeout: Optional[float]) -> int:
+    def _connect_ipcd(self: PureState, name: str, network: str, timeout: Optional[float]) -> int:
         _rundir.service_path(self.rundir, name)
         try:
             ipcd = self.connect_service(IPCD_SERVICE)
@@ -38,7 +38,7 @@ class Ipcd:
             raise ServiceNotFoundError(
                 f"IPC_NETWORK is set but ipcd is not running "
                 f"(no service {IPCD_SERVICE} in {self.rundir})", e.errno) from None
-        sock = self._by_fd[ipcd].io
+        ipcd_sock = self._by_fd[ipcd].io
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self.write(ipcd, f"{name};{network}", timeout)
@@ -46,8 +46,8 @@ class Ipcd:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not wait_fd(ipcd, select.POLLIN, left):
                 raise TimeoutError(f"connect to service {name} timed out")
-            answer, fds, _, _ = socket.recv_fds(  # type: ignore[arg-type]
-                sock, 2000, MAX_RECEIVED_FDS, _CMSG_CLOEXEC)
+            answer, fds, _, _ = socket.recv_fds(
+                ipcd_sock, 2000, MAX_RECEIVED_FDS, _CMSG_CLOEXEC)
         except TimeoutError as e:
             raise TimeoutError(f"connect to service {name} timed out") from e.__cause__
         except OSError:

@@ -62,12 +62,12 @@ class FrameDecoder:
         self._buf = bytearray()
 
     def restore(self, start: bytes) -> None:
-        """Buffer ``start`` again (the start of the unfinished frame, as far
+        """Buffer `start` again (the start of the unfinished frame, as far
         as it was read): read_into was interrupted after discard()."""
         self._buf = bytearray(start)
 
-    def feed(self, data: memoryview, out: list) -> None:
-        """Decode ``data``; append every complete payload (bytes) to ``out``.
+    def feed(self, data: memoryview, out: list[bytes]) -> None:
+        """Decode `data`; append every complete payload (bytes) to `out`.
 
         Raises FrameTooLarge after appending the payloads that preceded the
         bad header; the decoder must not be used after that.
@@ -85,8 +85,8 @@ class FrameDecoder:
             if used < len(data):
                 self._buf = bytearray(data[used:])
 
-    def _decode(self, view: memoryview, out: list) -> int:
-        """Decode whole frames from ``view``; return the number of bytes used."""
+    def _decode(self, view: memoryview, out: list[bytes]) -> int:
+        """Decode whole frames from `view`; return the number of bytes used."""
         limit = self._limit
         end = len(view)
         off = 0

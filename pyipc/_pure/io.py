@@ -8,7 +8,7 @@ import os
 import select
 from typing import TYPE_CHECKING, Iterable, Optional, Tuple
 
-from .._checks import (as_payload_list, check_max_messages, closed_by_peer,
+from .._checks import (Bytes, as_payload_list, check_max_messages, closed_by_peer,
                        too_large_text, writable_view)
 from .._types import Buffer, Payload
 from .._types import (DEFAULT_READ_MANY, READ_MANY_BYTES, Event, EventType, IPCError,
@@ -20,7 +20,7 @@ from .send_queue import advance
 from .syscalls import DONTWAIT, SEND_NOW, os_error, sending
 
 if TYPE_CHECKING:
-    from .context import PureContext
+    from .state import PureState
 
 #: Bytes read from one fd in one round at most, so one busy peer cannot starve others.
 READ_BUDGET = 256 * 1024
@@ -39,13 +39,13 @@ class Writing:
 
     __slots__ = ()
 
-    def write(self: PureContext, fd: int, payload: Payload, timeout: Optional[float] = None) -> None:
+    def write(self: PureState, fd: int, payload: Payload, timeout: Optional[float] = None) -> None:
         block = self._blocking(fd, timeout, "write", spin=False)    # first, as native
         conn, data = self._prepare(fd, payload)
         self._write_blocking(conn, [encode(data)] if len(data) <= WRITE_JOINED_MAX
                              else [HEADER.pack(len(data)), data], [len(data)], block)
 
-    def write_many(self: PureContext, fd: int, payloads: Iterable[Payload],
+    def write_many(self: PureState, fd: int, payloads: Iterable[Payload],
                    timeout: Optional[float] = None) -> None:
         items = as_payload_list(payloads)
         block = self._blocking(fd, timeout, "write", spin=False)
@@ -67,9 +67,10 @@ class Writing:
             self._write_blocking(conn, [batch], list(map(
                 len, items[k * WRITE_MANY_BATCH:(k + 1) * WRITE_MANY_BATCH])), block)
 
-    def _write_blocking(self: PureContext, conn: Conn, frame: list, lens: list, block: "Blocking") -> None:
-        """Flush conn's queue, then write every byte of ``frame`` (buffers:
-        frames of payload sizes ``lens``), waiting as ``block`` says while the
+    def _write_blocking(self: PureState, conn: Conn, frame: list[Bytes], lens: list[int],
+                        block: Blocking) -> None:
+        """Flush conn's queue, then write every byte of `frame` (buffers:
+        frames of payload sizes `lens`), waiting as `block` says while the
         socket is full. Stopped midway (an exception of a signal's handler,
         the timeout), the rest of the frame in progress is queued (_keep_framed)."""
         fd = conn.fd
@@ -113,7 +114,7 @@ class Reading:
 
     __slots__ = ()
 
-    def read(self: PureContext, fd: int, timeout: Optional[float] = None) -> bytes:
+    def read(self: PureState, fd: int, timeout: Optional[float] = None) -> bytes:
         # The timeout first: a bad one is refused even when a message is there.
         block = self._blocking(fd, timeout, "read")
         if self._pending:
@@ -122,14 +123,14 @@ class Reading:
                 return message
         return self._receive(fd, 1, block)[0]
 
-    def read_many(self: PureContext, fd: int, max_messages: int = DEFAULT_READ_MANY,
+    def read_many(self: PureState, fd: int, max_messages: int = DEFAULT_READ_MANY,
                   timeout: Optional[float] = None) -> list[bytes]:
         check_max_messages(max_messages)
         block = self._blocking(fd, timeout, "read")
         taken = self._pending.take_messages(fd, max_messages)
         return taken or self._receive(fd, max_messages, block, READ_MANY_BYTES)
 
-    def read_into(self: PureContext, fd: int, buffer: Buffer, timeout: Optional[float] = None) -> int:
+    def read_into(self: PureState, fd: int, buffer: Buffer, timeout: Optional[float] = None) -> int:
         view = writable_view(buffer)
         spin = self._blocking(fd, timeout, "read")   # one busy_poll for the whole call
         size = self._pending.take_into(fd, view)
@@ -147,8 +148,9 @@ class Reading:
         assert size is not None
         return size
 
-    def _read_frame_into(self: PureContext, conn: Conn, view: memoryview, spin: Blocking) -> Optional[int]:
-        """The next frame of conn read into ``view`` when it is large and fits
+    def _read_frame_into(self: PureState, conn: Conn, view: memoryview,
+                         spin: Blocking) -> Optional[int]:
+        """The next frame of conn read into `view` when it is large and fits
         (as native does): its size; else None, with the header bytes read
         given to the decoder. The reads wait in the kernel."""
         had = conn.decoder.buffered()
@@ -163,6 +165,7 @@ class Reading:
         try:
             if not recv_exactly(sock, header, got, 0, HEADER.size, spin):
                 return self._direct_eof(conn)
+            size: int
             (size,) = HEADER.unpack(header)
             if size < DIRECT_READ_MIN or size > len(view) or size > self.max_message_size:
                 msgs: list[bytes] = []
@@ -198,20 +201,21 @@ class Reading:
                 conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
             raise
 
-    def _direct_eof(self: PureContext, conn: Conn) -> int:
+    def _direct_eof(self: PureState, conn: Conn) -> int:
         """The peer closed during a direct read: as read() reports it."""
         self._drop(conn, None)
         raise closed_by_peer(conn.fd)
 
-    def _receive(self: PureContext, fd: int, keep: int, spin: Blocking,
+    def _receive(self: PureState, fd: int, keep: int, spin: Blocking,
                  room: Optional[int] = None) -> list[bytes]:
         """Block until fd delivers at least one new message; return the first
-        ``keep`` of those that came (and, with ``room``, no more than ``room``
+        `keep` of those that came (and, with `room`, no more than `room`
         bytes together, a larger first one alone: read_many's batch, as native
         fills its buffer); the rest wait as MESSAGE_RX events."""
         conn = self._connection(fd)
         msgs, error = self._read_until_message(conn, spin)
         if not msgs:
+            assert error is not None    # no message: a bad header stopped the read
             self._drop(conn, None)
             raise MessageTooLargeError(error)
         if room is not None:
@@ -225,7 +229,8 @@ class Reading:
             self._drop(conn, error)
         return msgs
 
-    def _read_until_message(self: PureContext, conn: Conn, spin: Blocking) -> Tuple[list, Optional[str]]:
+    def _read_until_message(self: PureState, conn: Conn,
+                            spin: Blocking) -> Tuple[list[bytes], Optional[str]]:
         """Read conn until at least one message is whole; (messages, the
         too-large text if a bad header followed them or came first). The
         reads wait in the kernel (our own sockets are in blocking mode: it
@@ -236,7 +241,7 @@ class Reading:
         error: Optional[str] = None
         while not msgs and error is None:
             try:
-                n = conn.io.recv_into(self._scratch_view, 0, spin.flags())  # type: ignore[attr-defined]
+                n = conn.io.recv_into(self._scratch_view, 0, spin.flags())
             except (BlockingIOError, InterruptedError):
                 spin.idle(fd)
                 continue
@@ -259,7 +264,7 @@ class Reading:
                 error = str(e)
         return msgs, error
 
-    def _read_conn(self: PureContext, conn: Conn) -> None:
+    def _read_conn(self: PureState, conn: Conn) -> None:
         """Read conn until it would block (or the budget is spent); deliver messages."""
         msgs: list[bytes] = []
         error: Optional[str] = None
@@ -267,7 +272,7 @@ class Reading:
         view, total = self._scratch_view, 0
         while total < READ_BUDGET:
             try:
-                n = conn.io.recv_into(view, 0, DONTWAIT)  # type: ignore[attr-defined]
+                n = conn.io.recv_into(view, 0, DONTWAIT)
             except BlockingIOError:
                 break
             except InterruptedError:
@@ -294,7 +299,7 @@ class Reading:
         if ended:
             self._drop(conn, error)
 
-    def _deliver(self: PureContext, conn: Conn, msgs: list) -> None:
+    def _deliver(self: PureState, conn: Conn, msgs: Iterable[bytes]) -> None:
         if conn.peer is None:
             fd, index, append = conn.fd, conn.index, self._pending.append
             for m in msgs:
@@ -306,8 +311,8 @@ class Reading:
             self._forward(conn, m)
 
 
-def _fitting(msgs: list, room: int) -> int:
-    """How many of ``msgs`` fit in ``room`` bytes together (at least one)."""
+def _fitting(msgs: list[bytes], room: int) -> int:
+    """How many of `msgs` fit in `room` bytes together (at least one)."""
     count = 0
     for m in msgs:
         room -= len(m)

@@ -1,11 +1,11 @@
 """The pure backend's readiness poller (the core's poller*.zig).
 
-On Linux it is ``select.epoll`` used directly: ``selectors``' EpollSelector
+On Linux it is `select.epoll` used directly: `selectors`' EpollSelector
 makes a SelectorKey per fd and wraps every wait in more Python, about 0.7 µs
 per wait on the development VM (1.46 against 0.77 µs for one ready fd), paid
 on every round trip. Elsewhere (kqueue on the BSDs and macOS, poll) it is
-``selectors.DefaultSelector`` behind the same four methods. Both report what
-``selectors`` reports: READ and WRITE, masked to the interest registered, with
+`selectors.DefaultSelector` behind the same four methods. Both report what
+`selectors` reports: READ and WRITE, masked to the interest registered, with
 a hang-up or error counted as both.
 """
 
@@ -14,7 +14,10 @@ from __future__ import annotations
 import math
 import select
 import selectors
-from typing import List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+
+if TYPE_CHECKING:
+    from .conn_table import Conn
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
@@ -23,6 +26,10 @@ WRITE = selectors.EVENT_WRITE
 _EPOLL_MASK = (0, select.EPOLLIN, select.EPOLLOUT, select.EPOLLIN | select.EPOLLOUT) \
     if hasattr(select, "epoll") else ()
 
+
+#: What a watched fd's data is (select() hands it back): its connection, or
+#: None for the context's wake-up pipe.
+Data = Optional["Conn"]
 
 #: The longest wait of one poll()/epoll_wait() (a C int of milliseconds, 24.8
 #: days): a longer timeout waits in several (the callers wait again).
@@ -46,30 +53,30 @@ class EpollPoller:
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._keys: dict[int, Tuple[object, int]] = {}
+        self._keys: dict[int, Tuple[Data, int]] = {}
 
-    def register(self, fd: int, mask: int, data: object) -> None:
-        """Watch ``fd`` for ``mask`` (READ, WRITE or both); ``data`` comes back."""
+    def register(self, fd: int, mask: int, data: Data) -> None:
+        """Watch `fd` for `mask` (READ, WRITE or both); `data` comes back."""
         self._epoll.register(fd, _EPOLL_MASK[mask])    # fails before anything is kept
         self._keys[fd] = (data, mask)
 
-    def modify(self, fd: int, mask: int, data: object) -> None:
-        """Change what ``fd`` is watched for."""
+    def modify(self, fd: int, mask: int, data: Data) -> None:
+        """Change what `fd` is watched for."""
         self._epoll.modify(fd, _EPOLL_MASK[mask])
         self._keys[fd] = (data, mask)
 
     def unregister(self, fd: int) -> None:
-        """Stop watching ``fd`` (it may be closed already)."""
+        """Stop watching `fd` (it may be closed already)."""
         del self._keys[fd]
         try:
             self._epoll.unregister(fd)
         except OSError:         # closed meanwhile: the kernel dropped it already
             pass
 
-    def select(self, timeout: Optional[float]) -> List[Tuple[object, int]]:
-        """(data, mask) of every ready fd, waiting at most ``timeout`` seconds."""
+    def select(self, timeout: Optional[float]) -> List[Tuple[Data, int]]:
+        """(data, mask) of every ready fd, waiting at most `timeout` seconds."""
         keys = self._keys
-        ready = []
+        ready: List[Tuple[Data, int]] = []
         try:
             events = self._epoll.poll(_epoll_timeout(timeout), max(len(keys), 1))
         except InterruptedError:
@@ -95,20 +102,20 @@ class SelectorPoller:
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
 
-    def register(self, fd: int, mask: int, data: object) -> None:
-        """Watch ``fd`` for ``mask`` (READ, WRITE or both); ``data`` comes back."""
+    def register(self, fd: int, mask: int, data: Data) -> None:
+        """Watch `fd` for `mask` (READ, WRITE or both); `data` comes back."""
         self._selector.register(fd, mask, data)
 
-    def modify(self, fd: int, mask: int, data: object) -> None:
-        """Change what ``fd`` is watched for."""
+    def modify(self, fd: int, mask: int, data: Data) -> None:
+        """Change what `fd` is watched for."""
         self._selector.modify(fd, mask, data)
 
     def unregister(self, fd: int) -> None:
-        """Stop watching ``fd``."""
+        """Stop watching `fd`."""
         self._selector.unregister(fd)
 
-    def select(self, timeout: Optional[float]) -> List[Tuple[object, int]]:
-        """(data, mask) of every ready fd, waiting at most ``timeout`` seconds."""
+    def select(self, timeout: Optional[float]) -> List[Tuple[Data, int]]:
+        """(data, mask) of every ready fd, waiting at most `timeout` seconds."""
         if timeout is not None:
             timeout = min(timeout, MAX_WAIT_MS / 1e3)
         return [(key.data, mask) for key, mask in self._selector.select(timeout)]

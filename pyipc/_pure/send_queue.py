@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Optional, Tuple
 
-from .._checks import as_payload, closed_by_peer, too_large_text
+from .._checks import Bytes, as_payload, closed_by_peer, too_large_text
 from .._types import Event, EventType, MessageTooLargeError, Payload, QueueFullError
 from .conn_table import Conn
 from .framing import HEADER, encode
 from .syscalls import SEND_NOW, sending
 
 if TYPE_CHECKING:
-    from .context import PureContext
+    from .state import PureState
 
 #: Frames handed to one sendmsg() call at most (coalescing without huge iovecs).
 MAX_IOV = 64
@@ -28,7 +28,7 @@ class SendQueue:
 
     __slots__ = ()
 
-    def _prepare(self: PureContext, fd: int, payload: object) -> Tuple[Conn, bytes | memoryview]:
+    def _prepare(self: PureState, fd: int, payload: object) -> Tuple[Conn, bytes | memoryview]:
         """Checks shared by write and schedule, in the documented order."""
         # bytes is as_payload's first case: taken here without the call (hot path).
         data = payload if type(payload) is bytes else as_payload(payload)
@@ -39,7 +39,7 @@ class SendQueue:
             raise closed_by_peer(fd)
         return conn, data
 
-    def schedule(self: PureContext, fd: int, payload: Payload) -> None:
+    def schedule(self: PureState, fd: int, payload: Payload) -> None:
         conn, data = self._prepare(fd, payload)
         size = len(data) + HEADER.size
         if conn.queued_bytes + size > self.max_queue_size:
@@ -48,16 +48,17 @@ class SendQueue:
                 f"max_queue_size {self.max_queue_size})")
         self._enqueue(conn, encode(data), _TX)
 
-    def _enqueue(self: PureContext, conn: Conn, frame: bytes, kind: Optional[EventType]) -> None:
+    def _enqueue(self: PureState, conn: Conn, frame: bytes, kind: Optional[EventType]) -> None:
         conn.queue.append((frame, kind))
         conn.queued_bytes += len(frame)
         if conn not in self._dirty:
             self._dirty[conn] = None
             self._set_interest(conn)
 
-    def _keep_framed(self: PureContext, conn: Conn, frame: list, lens: list, sent: int) -> None:
-        """A write of ``frame`` (buffers: frames of payload sizes ``lens``)
-        stopped after ``sent`` bytes: the rest of the frame in progress is
+    def _keep_framed(self: PureState, conn: Conn, frame: list[Bytes], lens: list[int],
+                     sent: int) -> None:
+        """A write of `frame` (buffers: frames of payload sizes `lens`)
+        stopped after `sent` bytes: the rest of the frame in progress is
         queued ahead of anything scheduled later, reported as no event, so the
         peer never finds a later frame inside it. Frames not begun are not sent."""
         rest = frame_rest(lens, sent)
@@ -65,7 +66,7 @@ class SendQueue:
             left = advance(frame, sent)
             self._enqueue(conn, b"".join(bytes(b) for b in left)[:rest], None)
 
-    def _send_queued(self: PureContext, conn: Conn) -> bool:
+    def _send_queued(self: PureState, conn: Conn) -> bool:
         """Write queued frames without waiting; True when the queue is empty.
         (A blocking write() polls for room between calls: see _write_blocking.)
 
@@ -75,7 +76,7 @@ class SendQueue:
         # Bytes a stopped call counted but did not account for (see _sending).
         self._account_sent(conn)
         while queue:
-            bufs = [memoryview(queue[0][0])[conn.sent:]]
+            bufs: list[Bytes] = [memoryview(queue[0][0])[conn.sent:]]
             bufs.extend(queue[i][0] for i in range(1, min(len(queue), MAX_IOV)))
             try:
                 for n in sending(conn.io, bufs, SEND_NOW):
@@ -92,7 +93,7 @@ class SendQueue:
             self._set_interest(conn.peer)    # back-pressure may be over
         return not queue
 
-    def _account_sent(self: PureContext, conn: Conn) -> None:
+    def _account_sent(self: PureState, conn: Conn) -> None:
         """Frames written whole (conn.sent counts the bytes written from the
         first one on) leave the queue, each reported by its event."""
         queue, pending = conn.queue, self._pending
@@ -105,7 +106,7 @@ class SendQueue:
                 pending.append(Event(kind, conn.fd, conn.index))
         conn.sent = n
 
-    def _flush(self: PureContext, conn: Conn) -> None:
+    def _flush(self: PureState, conn: Conn) -> None:
         """Event-loop flush: a peer that is gone is read to the end, then dropped."""
         try:
             self._send_queued(conn)
@@ -120,7 +121,7 @@ class SendQueue:
             if conn.closing and not conn.queue:
                 self._drop(conn, None)
 
-    def _flush_dirty(self: PureContext) -> None:
+    def _flush_dirty(self: PureState) -> None:
         """Send what is queued, without blocking (a round's first step)."""
         if self._dirty:
             for conn in list(self._dirty):
@@ -128,9 +129,9 @@ class SendQueue:
                     self._flush(conn)
 
 
-def frame_rest(lens: list, written: int) -> int:
-    """Bytes left of the frame in progress once ``written`` bytes of frames of
-    payload sizes ``lens`` went out (0 on a frame boundary): the core's progress()."""
+def frame_rest(lens: list[int], written: int) -> int:
+    """Bytes left of the frame in progress once `written` bytes of frames of
+    payload sizes `lens` went out (0 on a frame boundary): the core's progress()."""
     start = 0
     for size in lens:
         end = start + HEADER.size + size
@@ -140,11 +141,12 @@ def frame_rest(lens: list, written: int) -> int:
     return 0
 
 
-def advance(buffers: list, n: int) -> list:
-    """The part of ``buffers`` left after ``n`` bytes were written."""
+def advance(buffers: list[Bytes], n: int) -> list[Bytes]:
+    """The part of `buffers` left after `n` bytes were written."""
     while buffers and n >= len(buffers[0]):
         n -= len(buffers[0])
         buffers = buffers[1:]
     if buffers and n:
-        buffers = [memoryview(buffers[0])[n:]] + buffers[1:]
+        head: list[Bytes] = [memoryview(buffers[0])[n:]]
+        buffers = head + buffers[1:]
     return buffers

@@ -20,7 +20,7 @@ from .conn_table import CONNECTION, EXTERNAL, SERVICE, Conn
 from .syscalls import RawFd, os_error
 
 if TYPE_CHECKING:
-    from .context import PureContext
+    from .state import PureState
 
 _PEERCRED = struct.Struct("3i")
 
@@ -30,7 +30,7 @@ class Services:
 
     __slots__ = ()
 
-    def service_init(self: PureContext, name: str) -> int:
+    def service_init(self: PureState, name: str) -> int:
         path = _rundir.service_path(self.rundir, name)
         self._check_room()
         _rundir.check_rundir(self.rundir, create=True)
@@ -55,7 +55,7 @@ class Services:
         self._spare_fd.open()
         return self._add(conn).fd
 
-    def connect_service(self: PureContext, name: str) -> int:
+    def connect_service(self: PureState, name: str) -> int:
         path = _rundir.service_path(self.rundir, name)
         self._check_room()
         if not _rundir.check_rundir(self.rundir, create=False):
@@ -74,7 +74,7 @@ class Services:
             raise os_error(f"cannot connect to service {name}", e.errno) from None
         return self._add(Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
 
-    def add_external(self: PureContext, fd: int) -> None:
+    def add_external(self: PureState, fd: int) -> None:
         check_fd(fd)
         if fd in self._ended:
             raise closed_by_peer(fd)
@@ -85,15 +85,18 @@ class Services:
         except (OSError, OverflowError, TypeError):
             raise UnknownFdError(f"fd {fd} is not an open file descriptor") from None
         self._check_room()
-        io = socket.socket(fileno=fd) if stat.S_ISSOCK(mode) else RawFd(fd)
+        # A RawFd stands in for a socket (it has the methods used on an external fd).
+        io: socket.socket = socket.socket(fileno=fd) if stat.S_ISSOCK(mode) \
+            else RawFd(fd)  # type: ignore[assignment]
         self._add(Conn(fd, io, EXTERNAL, self.max_message_size))
 
-    def peer_credentials(self: PureContext, fd: int) -> Tuple[int, int, int]:
+    def peer_credentials(self: PureState, fd: int) -> Tuple[int, int, int]:
         conn = self._connection(fd)
         if not hasattr(socket, "SO_PEERCRED"):
             raise IPCError("peer credentials are not supported on this platform")
         try:
-            raw = conn.io.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,  # type: ignore
+            # A RawFd (a pipe switched in) has no getsockopt: AttributeError.
+            raw = conn.io.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                      _PEERCRED.size)
         except AttributeError:      # not a socket (a pipe switched in)
             raise os_error(f"cannot read peer credentials of fd {fd}", errno.ENOTSOCK) \
@@ -102,10 +105,10 @@ class Services:
             raise os_error(f"cannot read peer credentials of fd {fd}", e.errno) from None
         return _PEERCRED.unpack(raw)
 
-    def _accept(self: PureContext, service: Conn) -> None:
+    def _accept(self: PureState, service: Conn) -> None:
         while True:
             try:
-                sock, _ = service.io.accept()  # type: ignore[attr-defined]
+                sock, _ = service.io.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -130,7 +133,7 @@ class Services:
             conn = self._add(Conn(sock.fileno(), sock, CONNECTION, self.max_message_size))
             self._pending.append(Event(EventType.CONNECTION, conn.fd, conn.index))
 
-    def _refuse_with_spare(self: PureContext, service: Conn) -> Optional[bool]:
+    def _refuse_with_spare(self: PureState, service: Conn) -> Optional[bool]:
         """Out of fds with a client waiting: accept() would fail at once every
         round (level-triggered readiness), a busy loop. Free the spare fd, accept
         the client with it and close it (it sees EOF), then take the spare again.
@@ -138,7 +141,7 @@ class Services:
         if not self._spare_fd.close():
             return None
         try:
-            sock, _ = service.io.accept()  # type: ignore[attr-defined]
+            sock, _ = service.io.accept()
             sock.close()
             taken = True
         except OSError:

@@ -15,7 +15,7 @@ from .conn_table import CONNECTION, SERVICE, Conn
 from .framing import encode
 
 if TYPE_CHECKING:
-    from .context import PureContext
+    from .state import PureState
 
 log = logging.getLogger("pyipc")
 
@@ -28,7 +28,7 @@ class Switching:
 
     __slots__ = ()
 
-    def add_switch(self: PureContext, fd1: int, fd2: int) -> None:
+    def add_switch(self: PureState, fd1: int, fd2: int) -> None:
         if fd1 == fd2:
             raise IPCError(f"cannot switch fd {fd1} with itself")
         c1, c2 = self._switchable(fd1), self._switchable(fd2)
@@ -43,19 +43,19 @@ class Switching:
                 os.set_blocking(c.fd, False)
             self._set_interest(c)
 
-    def _switchable(self: PureContext, fd: int) -> Conn:
+    def _switchable(self: PureState, fd: int) -> Conn:
         conn = self._lookup(fd)
         if conn.kind == SERVICE:
             raise UnknownFdError(f"fd {fd} is not a connection")
         return conn
 
-    def set_switch_callbacks(self: PureContext, fd: int, on_in: Optional[OnIn],
+    def set_switch_callbacks(self: PureState, fd: int, on_in: Optional[OnIn],
                              on_out: Optional[OnOut]) -> None:
         conn = self._switchable(fd)
         check_callbacks(on_in, on_out)
         conn.on_in, conn.on_out = on_in, on_out
 
-    def _switch_in(self: PureContext, conn: Conn) -> None:
+    def _switch_in(self: PureState, conn: Conn) -> None:
         if conn.on_in is None:
             self._read_conn(conn)
             return
@@ -72,7 +72,8 @@ class Switching:
             result = CBEvent.ERROR
         self._callback_result(conn, result, payload if result == CBEvent.NO_ERROR else None)
 
-    def _callback_result(self: PureContext, conn: Conn, result: CBEvent, payload: Optional[bytes]) -> None:
+    def _callback_result(self: PureState, conn: Conn, result: CBEvent,
+                         payload: Optional[bytes]) -> None:
         if result == CBEvent.NO_ERROR and payload is not None:
             self._forward(conn, payload)
         elif result == CBEvent.FD_CLOSING:
@@ -80,7 +81,7 @@ class Switching:
         elif result == CBEvent.ERROR:
             self._drop(conn, f"switch callback failed on fd {conn.fd}")
 
-    def _forward(self: PureContext, origin: Conn, payload: bytes) -> None:
+    def _forward(self: PureState, origin: Conn, payload: bytes) -> None:
         self._pending.append(Event(_SWITCH_RX, origin.fd, origin.index, payload))
         dest = origin.peer
         assert dest is not None and dest.alive
@@ -98,7 +99,7 @@ class Switching:
         else:
             self._callback_result(dest, result, None)
 
-    def _close_after_flush(self: PureContext, conn: Conn) -> None:
+    def _close_after_flush(self: PureState, conn: Conn) -> None:
         """The other side of a switch whose peer ended: closed too, but only once
         what was forwarded to it is written, so the ended side's last messages
         are not lost. Meanwhile it is not read (its input has nowhere to go)."""

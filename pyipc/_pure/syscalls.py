@@ -11,6 +11,8 @@ import signal
 import socket
 from typing import Optional
 
+from .._checks import Bytes
+
 from .._types import IPCError
 
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -21,7 +23,10 @@ SEND_NOW = _SEND_FLAGS | DONTWAIT
 
 
 class RawFd:
-    """A non-socket fd (a pipe, a tty) with the few socket methods we use."""
+    """A non-socket fd (a pipe, a tty) with the few socket methods we use.
+
+    It stands in for a socket.socket as Conn.io (an external fd that is not
+    a socket): only these methods are called on such a Conn's io."""
 
     __slots__ = ("_fd",)
 
@@ -34,7 +39,7 @@ class RawFd:
     def recv_into(self, buf: memoryview, *_: object) -> int:
         return os.readv(self._fd, [buf])     # non-blocking mode: never waits
 
-    def sendmsg(self, buffers: list, *_: object) -> int:
+    def sendmsg(self, buffers: list[Bytes], *_: object) -> int:
         return _writev_quiet(self._fd, buffers)
 
     def send(self, buffer: bytes | memoryview, *_: object) -> int:
@@ -44,22 +49,22 @@ class RawFd:
         os.close(self._fd)
 
 
-def sending(io: object, buffers: list, flags: int) -> map:
-    """One write of ``buffers``, made when the result is iterated: it yields
-    the bytes written. Iterate it with ``for n in sending(...): x += n``:
+def sending(io: socket.socket, buffers: list[Bytes], flags: int) -> map[int]:
+    """One write of `buffers`, made when the result is iterated: it yields
+    the bytes written. Iterate it with `for n in sending(...): x += n`:
     CPython runs signal handlers at calls and backward jumps, not inside a
     for loop's step, so a handler's exception cannot come between the bytes
-    leaving and their being counted (a plain ``n = io.send(...)`` loses n to
+    leaving and their being counted (a plain `n = io.send(...)` loses n to
     an exception raised as the call returns: the bytes would be sent again,
     or a frame left half-sent). One buffer goes through send(): no list for
     sendmsg to parse, and the kernel's single-buffer path (a 68-byte frame:
     0.3-0.7 us cheaper than sendmsg, measured)."""
     if len(buffers) == 1:
-        return map(io.send, buffers, (flags,))          # type: ignore[attr-defined]
-    return map(io.sendmsg, (buffers,), ((),), (flags,))  # type: ignore[attr-defined]
+        return map(io.send, buffers, (flags,))
+    return map(io.sendmsg, (buffers,), ((),), (flags,))
 
 
-def _writev_quiet(fd: int, buffers: list) -> int:
+def _writev_quiet(fd: int, buffers: list[Bytes]) -> int:
     """os.writev without SIGPIPE (a pipe has no MSG_NOSIGNAL), as native does:
     unless SIGPIPE is ignored, it is blocked for the call and the one a write
     to a closed pipe raised is taken off the pending set; the caller only sees

@@ -28,6 +28,8 @@ from .._types import IPCError
 NO_FD_TEXT = "fileno() is not available with the poll(2) poller backend"
 
 _LINUX = hasattr(select, "epoll")
+#: select's kqueue names (not on Linux, where the type checker runs).
+_kq: Any = select
 #: kqueue's identifier of the timer (timers have their own namespace).
 _TIMER_IDENT = 1
 _CLOCK_MONOTONIC = 1
@@ -99,8 +101,8 @@ class Readiness:
             for fd in (inner, self._r, self._timer.fd):
                 self._outer.register(fd, select.EPOLLIN)
         else:
-            self._outer = select.kqueue()
-            self._outer.control([select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_ADD)
+            self._outer = _kq.kqueue()
+            self._outer.control([_kq.kevent(fd, _kq.KQ_FILTER_READ, _kq.KQ_EV_ADD)
                                  for fd in (inner, self._r)], 0)
         #: Whether the pipe holds its byte.
         self.raised = False
@@ -144,15 +146,15 @@ class Readiness:
     def _kqueue_timer(self, due: Optional[float]) -> None:
         # A fired one-shot stays pending until deleted: delete, then add.
         try:
-            self._outer.control([select.kevent(_TIMER_IDENT, select.KQ_FILTER_TIMER,
-                                               select.KQ_EV_DELETE)], 0)
+            self._outer.control([_kq.kevent(_TIMER_IDENT, _kq.KQ_FILTER_TIMER,
+                                            _kq.KQ_EV_DELETE)], 0)
         except OSError:
             pass                            # none armed
         if due is not None:
             ms = max(0, int((due - time.monotonic()) * 1000 + 0.999))
-            self._outer.control([select.kevent(
-                _TIMER_IDENT, select.KQ_FILTER_TIMER,
-                select.KQ_EV_ADD | select.KQ_EV_ONESHOT, 0, ms)], 0)
+            self._outer.control([_kq.kevent(
+                _TIMER_IDENT, _kq.KQ_FILTER_TIMER,
+                _kq.KQ_EV_ADD | _kq.KQ_EV_ONESHOT, 0, ms)], 0)
 
     def close(self) -> None:
         """Close every fd (in a forked child: this process's copies only)."""
@@ -161,7 +163,7 @@ class Readiness:
         self._fds()
 
 
-def _close(fds: list) -> None:
+def _close(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
 

@@ -255,6 +255,15 @@ class Context:
         wait_event does)."""
         raise NotImplementedError
 
+    def fileno(self) -> int:
+        """One fd, readable (level-triggered) while ``wait_events(timeout=0)``
+        would return something, so that another event loop (selectors,
+        asyncio's add_reader, GLib...) can drive the context: watch it, and
+        when it is readable call wait_events(timeout=0) until it returns [].
+        The context owns it (do not close it); close_all() closes it. See
+        "Driving a context from another event loop" in docs/guide.md."""
+        raise NotImplementedError
+
     def add_external(self, fd: int) -> None:
         """Watch a foreign fd: EXTERNAL events while it is readable."""
         raise NotImplementedError

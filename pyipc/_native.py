@@ -563,7 +563,23 @@ class NativeContext(Context):
             events = list(self._handed)
             self._handed.clear()
             return events
-        return self._wait(timeout, EVENT_BATCH)
+        return self._wait(timeout, EVENT_BATCH) if timeout != 0 else self._poll_events(timeout)
+
+    def _poll_events(self, timeout: object) -> list[Event]:
+        """wait_events(timeout=0): one round in the core that does not wait;
+        [] when nothing is ready (a loop driven by fileno() drains with it)."""
+        check_timeout(timeout)      # False is refused (False == 0)
+        self._set_core_timeout(0)
+        try:
+            events = self._take_events(EVENT_BATCH)
+        except TimeoutError:
+            return []
+        if not events:              # another thread's wake-up: its schedule() now
+            self._guard.apply(self)
+        return events
+
+    def fileno(self) -> int:
+        return self._check(lib.ipc_context_fd(self._ctx))
 
     def _wait(self, timeout: Optional[float], capacity: int) -> list[Event]:
         """Wait in the core for events, then take up to `capacity` of them
@@ -638,6 +654,8 @@ class NativeContext(Context):
         if n:
             self._handed.extend(_convert(self._event_bytes, n))
             count[0] = 0
+        if self._handed:            # fileno() readable while they wait here
+            lib.ipc_wakeup(self._ctx)
 
 
 def _convert(event_bytes: memoryview, n: int) -> list[Event]:

@@ -42,7 +42,7 @@ BUSY_TEXT = ("context is in use by another thread (a context belongs to one thre
 GUARDED = ("service_init", "connect_service", "connect", "write", "read",
            "write_many", "read_many", "read_into",
            "wait_event", "wait_events", "add_external", "add_switch",
-           "set_switch_callbacks", "peer_credentials", "close", "close_all")
+           "set_switch_callbacks", "peer_credentials", "close", "close_all", "fileno")
 
 #: How often a handing-over thread rechecks whether the owner left (seconds).
 RECHECK_S = 0.05

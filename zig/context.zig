@@ -21,6 +21,7 @@ const credentials = @import("credentials.zig");
 const fdpass = @import("fdpass.zig");
 const switching = @import("switching.zig");
 const Wakeup = @import("wakeup.zig").Wakeup;
+const Readiness = @import("readiness.zig").Readiness;
 const gather_mod = @import("gather.zig");
 const Gather = gather_mod.Gather;
 const blocking_mod = @import("blocking.zig");
@@ -67,6 +68,11 @@ pub const Context = struct {
     rundir: []u8,
     /// Milliseconds a wait lasts before a TIMER event; negative: forever.
     timer_ms: i32 = -1,
+    /// When the timer last started counting (setTimer, or a wait that
+    /// returned events): a zero-timeout wait's TIMER is due timer_ms after it.
+    timer_base_ns: i64 = 0,
+    /// ipc_context_fd's fd and what it watches; made by the first call.
+    readiness: ?Readiness = null,
     /// Microseconds a wait polls without blocking before it sleeps (0: it
     /// sleeps at once). See spinRounds().
     busy_poll_us: u32 = 0,
@@ -136,6 +142,7 @@ pub const Context = struct {
             .poller = poller,
             .wakeup = wakeup,
             .owner_pid = c.getpid(),
+            .timer_base_ns = sys.nowNs(),
         };
         return self;
     }
@@ -197,6 +204,48 @@ pub const Context = struct {
 
     pub fn setTimer(self: *Context, ms: i32) void {
         self.timer_ms = if (ms < 0) -1 else ms;
+        self.timer_base_ns = sys.nowNs();
+    }
+
+    // ------------------------------------------------------------ readiness fd
+
+    /// The fd another event loop watches (ipc_context_fd): readable while a
+    /// zero-timeout wait would return something (readiness.zig). Made by the
+    /// first call; the same fd until closeAll closes it.
+    pub fn contextFd(self: *Context) Error!i32 {
+        if (self.noticeFork()) return self.last.fail(
+            error.Generic,
+            "cannot watch a context inherited through fork()",
+            .{},
+        );
+        if (self.readiness == null) {
+            const inner = self.poller.fileno() orelse return self.last.fail(
+                error.Generic,
+                "fileno() is not available with the poll(2) poller backend",
+                .{},
+            );
+            self.readiness = Readiness.init(inner) catch return self.last.failErrno(
+                error.Generic,
+                c.errno(@as(c_int, -1)),
+                "cannot make the context's fd: {s}",
+                .{errors.errText(c.errno(@as(c_int, -1)))},
+            );
+        }
+        self.syncReadiness();
+        return self.readiness.?.outer;
+    }
+
+    /// End of every call that may change the pending events or the timer:
+    /// the readiness fd shows them (nothing to do when it was never asked for).
+    pub fn syncReadiness(self: *Context) void {
+        const r = if (self.readiness) |*r| r else return;
+        if (self.forked) return; // the pipe and the timer are the parent's too
+        r.setPending(self.events.live > 0);
+        r.armTimer(if (self.timer_ms < 0) null else self.timerDueNs(self.timer_base_ns));
+    }
+
+    fn timerDueNs(self: *const Context, from_ns: i64) i64 {
+        return from_ns +| @as(i64, self.timer_ms) * std.time.ns_per_ms;
     }
 
     pub fn setBusyPoll(self: *Context, us: u32) Error!void {
@@ -671,6 +720,8 @@ pub const Context = struct {
         }
         self.releaseEnded();
         self.events.clear(self.gpa);
+        if (self.readiness) |*r| r.deinit();
+        self.readiness = null;
         self.table.resetSlots();
         self.table.reap(self.gpa);
         assert(self.dirty.items.len == 0);
@@ -1476,6 +1527,8 @@ pub const Context = struct {
     pub fn beginWait(self: *Context, stop_on_wakeup: bool) Error!void {
         self.events.releaseLent(self.gpa);
         try self.wait(stop_on_wakeup);
+        // Something happened: the timer counts from now.
+        if (self.events.live > 0) self.timer_base_ns = sys.nowNs();
     }
 
     /// How many events are pending.
@@ -1542,9 +1595,11 @@ pub const Context = struct {
         if (self.table.count() == 0 and self.timer_ms < 0)
             return self.last.fail(error.Generic, "nothing to wait for: no fd and no timer", .{});
         // In nanoseconds, and the poll's timeout rounded up: a TIMER never
-        // comes before `timer_ms` have passed.
+        // comes before `timer_ms` have passed: since this call began, or for
+        // a zero-timeout call (a loop driven by ipc_context_fd), since the
+        // timer last started counting.
         const deadline: ?i64 = if (self.timer_ms >= 0)
-            sys.nowNs() + @as(i64, self.timer_ms) * std.time.ns_per_ms
+            self.timerDueNs(if (self.call_timeout_ns == 0) self.timer_base_ns else sys.nowNs())
         else
             null;
         // The call timeout (a failure, where the timer is an event).

@@ -101,6 +101,7 @@ pub export fn ipc_context_set_limits(
 
 pub export fn ipc_context_timer(ptr: ?*anyopaque, timer: c_int) callconv(.c) void {
     const ctx = context(ptr) orelse return;
+    defer ctx.syncReadiness();
     ctx.setTimer(timer);
 }
 
@@ -166,11 +167,13 @@ pub export fn ipc_connect(
 
 pub export fn ipc_add_external(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     return rc(ctx, ctx.addExternal(fd));
 }
 
 pub export fn ipc_add_switch(ptr: ?*anyopaque, fd1: c_int, fd2: c_int) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     return rc(ctx, switching.add(ctx, fd1, fd2));
 }
 
@@ -203,11 +206,13 @@ pub export fn ipc_peer_credentials(
 
 pub export fn ipc_close_fd(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     return rc(ctx, ctx.close(fd));
 }
 
 pub export fn ipc_close(ptr: ?*anyopaque, index: usize) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     const fd = ctx.fdAtIndex(index) catch |err| return rc(ctx, @as(Error!void, err));
     return rc(ctx, ctx.close(fd));
 }
@@ -237,6 +242,7 @@ pub export fn ipc_write_count(ptr: ?*anyopaque) callconv(.c) usize {
 
 pub export fn ipc_linger(ptr: ?*anyopaque, fd: c_int, usec: i64) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     return rc(ctx, ctx.linger(fd, usec *| std.time.ns_per_us));
 }
 
@@ -266,6 +272,7 @@ pub export fn ipc_write(
     len: u32,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     return rc(ctx, ctx.write(fd, bytes(payload, len)));
 }
 
@@ -297,6 +304,7 @@ pub export fn ipc_write_many(
     count: usize,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
     var total: usize = 0;
     for (lens) |len| total += len;
@@ -315,6 +323,7 @@ pub export fn ipc_write_many_ptrs(
     count: usize,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
     const ptrs = payloads orelse if (count == 0) return rc(
         ctx,
@@ -343,6 +352,7 @@ pub export fn ipc_read_fd(
     buflen: ?*usize,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     var len: usize = 0;
     const result = ctx.readFd(fd, outBuffer(buffer, buflen), &len);
     return readReturn(ctx, result, len, buflen);
@@ -406,6 +416,7 @@ pub export fn ipc_read_many(
     count: ?*usize,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     if (count) |n| n.* = 0;
     const out = outBuffer(buffer, buflen);
     if (out.len > std.math.maxInt(u32)) return rc(
@@ -435,6 +446,7 @@ pub export fn ipc_read_into(
     buflen: ?*usize,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     var len: usize = 0;
     const result = ctx.readInto(fd, outBuffer(buffer, buflen), &len);
     return readReturn(ctx, result, len, buflen);
@@ -450,6 +462,7 @@ pub export fn ipc_read_lent(
     len: ?*usize,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     const payload = ctx.readLent(fd) catch |err| return rc(ctx, @as(Error!void, err));
     if (message) |m| m.* = payload.ptr;
     if (len) |l| l.* = payload.len;
@@ -465,6 +478,7 @@ pub export fn ipc_wait_events(
     count: ?*usize,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     if (count) |n| n.* = 0;
     ctx.beginWait(true) catch |err| return rc(ctx, @as(Error!void, err));
     const dest = out orelse return IPC_OK;
@@ -516,6 +530,7 @@ pub export fn ipc_wait_event(
     buflen: ?*usize,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
     ctx.beginWait(false) catch |err| return rc(ctx, @as(Error!void, err));
     const ev = ctx.firstEvent().?;
     if (t) |p| p.* = @intCast(@backingInt(ev.kind));
@@ -526,6 +541,15 @@ pub export fn ipc_wait_event(
     // Also when it did not fit: the size needed.
     if (buflen) |l| l.* = len;
     return rc(ctx, result);
+}
+
+/// One fd, readable (level-triggered) while ipc_wait_events() with a zero
+/// call timeout would return something; the context owns it (closed by
+/// ipc_close_all). Returns it, or a negative IPC_E_* code (the poll(2)
+/// backend has none).
+pub export fn ipc_context_fd(ptr: ?*anyopaque) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return ctx.contextFd() catch |err| rc(ctx, @as(Error!void, err));
 }
 
 // ------------------------------------------------------------ fd passing
@@ -870,4 +894,76 @@ test "C ABI: last_errno is the OS error of the last failure, 0 for others" {
         @as(c_int, @backingInt(std.c.E.CONNREFUSED)),
         ipc_last_errno(pair.client),
     );
+}
+
+fn fdReadable(fd: c_int, ms: i32) bool {
+    var pfd = [1]std.c.pollfd{.{ .fd = fd, .events = std.c.POLL.IN, .revents = 0 }};
+    return std.c.poll(&pfd, 1, ms) == 1;
+}
+
+/// Zero-timeout waits until one returns IPC_E_TIMEOUT (nothing ready); how
+/// many events they returned.
+fn drainEvents(ctx: ?*anyopaque, evs: []IpcEvent) !usize {
+    ipc_context_call_timeout(ctx, 0);
+    defer ipc_context_call_timeout(ctx, -1);
+    var total: usize = 0;
+    while (true) {
+        var count: usize = 0;
+        const code = ipc_wait_events(ctx, evs.ptr, evs.len, &count);
+        if (code == @intFromEnum(errors.Code.timeout)) return total;
+        try expectOk(code);
+        total += count;
+    }
+}
+
+test "C ABI: context_fd is readable while a zero-timeout wait has something" {
+    var pair: TestPair = .{};
+    try pair.init("ctxfd");
+    defer pair.deinit("ctxfd");
+    const server, const client, const cfd = .{ pair.server, pair.client, pair.cfd };
+    const fd = ipc_context_fd(server);
+    if (@import("build_options").force_poll) {
+        try testing.expectEqual(@as(c_int, -1), fd);
+        return testing.expectEqualStrings(
+            "fileno() is not available with the poll(2) poller backend",
+            std.mem.span(ipc_last_error(server)),
+        );
+    }
+    try testing.expect(fd >= 0);
+    try testing.expectEqual(fd, ipc_context_fd(server)); // stable
+    ipc_context_timer(server, -1);
+    var evs: [8]IpcEvent = undefined;
+    // The connection.
+    try testing.expect(fdReadable(fd, 2000));
+    try testing.expectEqual(@as(usize, 1), try drainEvents(server, &evs));
+    try testing.expect(!fdReadable(fd, 0));
+    // Events left queued (capacity 1) keep it readable.
+    try expectOk(ipc_write(client, cfd, "one", 3));
+    try expectOk(ipc_write(client, cfd, "two", 3));
+    try testing.expect(fdReadable(fd, 2000));
+    var count: usize = 0;
+    ipc_context_call_timeout(server, 0);
+    try expectOk(ipc_wait_events(server, &evs, 1, &count));
+    ipc_context_call_timeout(server, -1);
+    if (ipc_pending_events(server) > 0) try testing.expect(fdReadable(fd, 0));
+    _ = try drainEvents(server, &evs);
+    try testing.expect(!fdReadable(fd, 0));
+    // Scheduled data that can be written: readable, then MESSAGE_TX.
+    const conn_fd = evs[0].fd;
+    try expectOk(ipc_schedule(server, conn_fd, "reply", 5));
+    try testing.expect(fdReadable(fd, 0));
+    try testing.expectEqual(@as(usize, 1), try drainEvents(server, &evs));
+    try testing.expectEqual(@as(i32, 4), evs[0].type);
+    try testing.expect(!fdReadable(fd, 0));
+    // A due timer.
+    ipc_context_timer(server, 20);
+    try testing.expect(!fdReadable(fd, 0));
+    try testing.expect(fdReadable(fd, 2000));
+    try testing.expectEqual(@as(usize, 1), try drainEvents(server, &evs));
+    try testing.expectEqual(@as(i32, 5), evs[0].type);
+    ipc_context_timer(server, -1);
+    try testing.expect(!fdReadable(fd, 0));
+    // close_all closes it.
+    try expectOk(ipc_close_all(server));
+    try testing.expect(std.c.fcntl(fd, std.c.F.GETFD) < 0);
 }

@@ -55,6 +55,18 @@
  * there are). In a forked child, ipc_close_fd, ipc_close_all and
  * ipc_context_deinit close the child's copies of the fds only: the parent's
  * socket files, locks and poller are left alone.
+ *
+ * Another event loop: ipc_context_fd(ctx) returns one fd (or a negative
+ * IPC_E_* code: the poll(2) backend has none) that is readable, level-
+ * triggered, while ipc_wait_events() with a zero call timeout would return
+ * something: a ready fd of the context, events already queued, a due timer
+ * (counted, for a zero-timeout wait, from the last wait that returned events
+ * or from ipc_context_timer), scheduled data that can now be written. Watch
+ * it for reading; when readable, call ipc_wait_events() with
+ * ipc_context_call_timeout(ctx, 0) until it returns IPC_E_TIMEOUT (nothing
+ * ready: it may, rarely, be readable with nothing to return). The context
+ * owns the fd: do not close it; ipc_close_all() closes it (the next call
+ * makes a new one).
  */
 #ifndef LIBIPC
 #define LIBIPC
@@ -153,6 +165,7 @@ size_t ipc_scheduled_fds(void *ctx, int *fds, size_t *counts, size_t capacity);
 int ipc_send_fd(int sock, int fd_to_pass, const char *payload, uint32_t payload_len);
 int ipc_receive_fd(int sock, int *received_fd, char *buffer, size_t *buflen);
 int ipc_last_errno(void *ctx);
+int ipc_context_fd(void *ctx);
 /* CFFI-END */
 
 #endif

@@ -16,6 +16,7 @@
 //!   credentials.zig    peer credentials
 //!   fdpass.zig         SCM_RIGHTS (ipcd)
 //!   wakeup.zig         the pipe another thread uses to end a wait (ipc_wakeup)
+//!   readiness.zig      ipc_context_fd: one fd readable while a zero-timeout wait has events
 //!   blocking.zig       how a blocking call waits: timeout, signals, busy_poll
 //!   switching.zig      all of switching: callback types, CbResult, pairing, forwarding
 //!   context.zig        the context and its event loop (tests: context_test.zig)
@@ -41,6 +42,7 @@ test {
     _ = @import("credentials.zig");
     _ = @import("fdpass.zig");
     _ = @import("wakeup.zig");
+    _ = @import("readiness.zig");
     _ = @import("blocking.zig");
     _ = @import("switching.zig");
     _ = @import("context.zig");

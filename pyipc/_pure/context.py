@@ -30,6 +30,7 @@ from .conn_table import SERVICE, EXTERNAL, Conn, ConnTable
 from .fdpass import Ipcd
 from .io import Reading, Writing
 from .poller import READ, WRITE, Poller, new_poller
+from .readiness import PendingQueue, Readiness
 from .send_queue import SendQueue
 from .services import Services
 from .switching import Switching
@@ -49,13 +50,17 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
 
     __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_poller", "_pending",
                  "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
-                 "_spare_fd")
+                 "_spare_fd", "_ready", "_timer_base")
 
     backend = "pure"
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._pending = EventQueue()    # events not yet returned, in order
+        self._ready: Optional[Readiness] = None    # fileno()'s, made by its first call
+        # When the timer last started counting: a zero-timeout wait's TIMER
+        # is due ``timer`` ms after it (see _waited).
+        self._timer_base = time.monotonic()
         self._by_fd: dict[int, Conn] = {}
         self._slots: list[Optional[Conn]] = []
         self._free: list[int] = []                 # heap of free slot numbers
@@ -83,15 +88,81 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         timeout = check_timeout(timeout)    # even when an event is there to return
         if not self._pending:
             self._fetch(timeout)
-        return self._pending.popleft()
+        ev = self._pending.popleft()
+        self._waited()
+        return ev
 
     def wait_events(self, timeout: Optional[float] = None) -> list[Event]:
         timeout = check_timeout(timeout)    # even when events are there to return
         if not self._pending:
+            if timeout == 0:
+                return self._poll_events()
             self._fetch(timeout)
         events = list(self._pending)
         self._pending.clear()
+        self._waited()
         return events
+
+    def _poll_events(self) -> list[Event]:
+        """wait_events(timeout=0): one round that does not wait; [] when
+        nothing is ready (a loop driven by fileno() drains with it)."""
+        try:
+            self._fetch(0)
+        except TimeoutError:
+            self._arm_timer()
+            return []
+        events = list(self._pending)
+        self._pending.clear()
+        self._waited()
+        return events
+
+    def _waited(self) -> None:
+        """A wait call returns events: the timer counts from now."""
+        self._timer_base = time.monotonic()
+        if self._ready is not None:
+            self._arm_timer()
+
+    def _timer_changed(self, value: Optional[int]) -> None:
+        self._timer_base = time.monotonic()
+        if self._ready is not None:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """fileno() becomes readable when a zero-timeout wait's TIMER is due."""
+        if self._ready is not None:
+            self._ready.arm_timer(None if self._timer is None
+                                  else self._timer_base + self._timer / 1000)
+
+    def fileno(self) -> int:
+        if self._ready is None:
+            try:
+                ready = Readiness(self._poller.fileno())
+            except OSError as e:
+                if isinstance(e, IPCError):
+                    raise
+                raise os_error("cannot make the context's fd", e.errno) from None
+            self._ready = ready
+            self._pending = PendingQueue(self._pending, ready)
+            self._arm_timer()
+        return self._ready.fileno()
+
+    def close_all(self) -> None:
+        try:
+            Closing.close_all(self)
+        finally:
+            self._close_ready()
+
+    def _close_in_child(self, fd: Optional[int]) -> None:
+        if fd is None:      # first: the queue must not drain the pipe the parent shares
+            self._close_ready()
+        Closing._close_in_child(self, fd)
+
+    def _close_ready(self) -> None:
+        """close_all(): fileno()'s fds are closed (a later call makes new ones)."""
+        if self._ready is not None:
+            ready, self._ready = self._ready, None
+            self._pending = EventQueue(self._pending)
+            ready.close()
 
     def _wakeup(self) -> None:
         try:
@@ -105,7 +176,8 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         if self._ended:
             self._release_ended()
         now = time.monotonic()
-        deadline = None if self._timer is None else now + self._timer / 1000
+        deadline = None if self._timer is None else \
+            (self._timer_base if timeout == 0 else now) + self._timer / 1000
         # The call's timeout: a failure, where the timer is an event.
         expiry = None if timeout is None else now + timeout
         until = deadline if expiry is None else expiry if deadline is None else min(deadline, expiry)

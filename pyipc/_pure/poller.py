@@ -93,6 +93,10 @@ class EpollPoller:
         """Close the epoll fd."""
         self._epoll.close()
 
+    def fileno(self) -> Optional[int]:
+        """The epoll fd (ctx.fileno() nests it: see readiness.py)."""
+        return self._epoll.fileno()
+
 
 class SelectorPoller:
     """selectors.DefaultSelector (kqueue, poll) behind EpollPoller's methods."""
@@ -123,6 +127,11 @@ class SelectorPoller:
     def close(self) -> None:
         """Close the selector."""
         self._selector.close()
+
+    def fileno(self) -> Optional[int]:
+        """The selector's fd (kqueue), or None (poll(2) has none)."""
+        fileno = getattr(self._selector, "fileno", None)
+        return None if fileno is None else fileno()  # type: ignore[no-any-return]
 
 
 #: Either poller (they have the same methods).

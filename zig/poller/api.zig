@@ -47,6 +47,9 @@ fn Api(comptime P: type) type {
         /// Wait up to a timeout in ms (-1: forever) and fill the slice; how
         /// many were filled (0 on timeout); Interrupted when a signal ended it.
         wait: fn (*P, []Ready, i32) Error!usize,
+        /// The backend's own fd, readable while a wait would report
+        /// something (ipc_context_fd nests it); null when it has none.
+        fileno: fn (*const P) ?i32,
     };
 }
 

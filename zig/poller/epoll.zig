@@ -74,6 +74,11 @@ pub const Poller = struct {
         }
         return @intCast(n);
     }
+
+    /// The epoll fd.
+    pub fn fileno(self: *const Poller) ?i32 {
+        return self.epfd;
+    }
 };
 
 comptime {

@@ -81,6 +81,11 @@ pub const Poller = struct {
         }
         return @intCast(n);
     }
+
+    /// The kqueue fd.
+    pub fn fileno(self: *const Poller) ?i32 {
+        return self.kq;
+    }
 };
 
 comptime {

@@ -82,6 +82,12 @@ pub const Poller = struct {
         if (self.next >= self.fds.items.len) self.left = 0;
         return n;
     }
+
+    /// None: poll(2) keeps its fds in an array, not in the kernel.
+    pub fn fileno(self: *const Poller) ?i32 {
+        _ = self;
+        return null;
+    }
 };
 
 test "poll backend reports a readable fd" {

@@ -565,7 +565,7 @@ class NativeContext(Context):
             return events
         return self._wait(timeout, EVENT_BATCH) if timeout != 0 else self._poll_events(timeout)
 
-    def _poll_events(self, timeout: object) -> list[Event]:
+    def _poll_events(self, timeout: Optional[float]) -> list[Event]:
         """wait_events(timeout=0): one round in the core that does not wait;
         [] when nothing is ready (a loop driven by fileno() drains with it)."""
         check_timeout(timeout)      # False is refused (False == 0)

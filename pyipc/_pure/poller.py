@@ -131,7 +131,7 @@ class SelectorPoller:
     def fileno(self) -> Optional[int]:
         """The selector's fd (kqueue), or None (poll(2) has none)."""
         fileno = getattr(self._selector, "fileno", None)
-        return None if fileno is None else fileno()  # type: ignore[no-any-return]
+        return None if fileno is None else int(fileno())
 
 
 #: Either poller (they have the same methods).

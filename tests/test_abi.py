@@ -13,13 +13,23 @@ from pathlib import Path
 import cffi
 import pytest
 
+import pyipc
 from pyipc import CBEvent, EventType
 from pyipc._libpath import declarations
 from pyipc._types import ERRORS_BY_CODE, ERRORS_BY_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
-#: The header of the checkout, and the copy next to the package when built.
-HEADERS = [p for p in (ROOT / "zig" / "libipc.h", ROOT / "pyipc" / "libipc.h") if p.exists()]
+#: The header of the checkout, and the copy installed next to the package (the
+#: one the native backend reads: in CI the installed package, not the checkout's).
+INSTALLED = Path(pyipc.__file__).resolve().parent / "libipc.h"
+HEADERS = [p for p in (ROOT / "zig" / "libipc.h", INSTALLED) if p.exists()]
+
+
+def header_id(header: Path) -> str:
+    """A test id that says which copy of the header it reads."""
+    return "checkout" if header.parent.name == "zig" else "installed"
+
+
 #: Codes the native backend handles itself (never raised as such).
 INTERNAL_CODES = {"IPC_OK", "IPC_E_BUFFER_TOO_SMALL", "IPC_E_NO_MEMORY"}
 
@@ -35,17 +45,22 @@ def test_the_checkout_has_its_header():
     assert ROOT.joinpath("zig", "libipc.h") in HEADERS
 
 
-@pytest.mark.parametrize("header", HEADERS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_package_with_the_native_backend_has_its_header():
+    if pyipc.available_backends()["native"] is None:
+        assert INSTALLED in HEADERS
+
+
+@pytest.mark.parametrize("header", HEADERS, ids=header_id)
 def test_event_types_are_the_headers(header):
     assert enum_of(header, "event_types") == {t.name: t.value for t in EventType}
 
 
-@pytest.mark.parametrize("header", HEADERS, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("header", HEADERS, ids=header_id)
 def test_callback_results_are_the_headers(header):
     assert enum_of(header, "cb_event_types") == {f"CB_{r.name}": r.value for r in CBEvent}
 
 
-@pytest.mark.parametrize("header", HEADERS, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("header", HEADERS, ids=header_id)
 def test_error_codes_are_the_headers(header):
     codes = enum_of(header, "ipc_error_codes")
     assert set(ERRORS_BY_NAME) == set(codes) - INTERNAL_CODES

@@ -241,6 +241,13 @@ class NativeContext(Context):
         if deadline is not None:
             self._set_core_timeout(max(0, int((deadline - time.monotonic()) * 1e6)))
 
+    def _read_again(self, deadline: Optional[float]) -> None:
+        """A blocking read came back with _E_INTERRUPTED, nothing consumed: a
+        signal whose handler returned, or another thread's wake-up. Make the
+        calls other threads handed over (_threads), then read on."""
+        self._guard.apply(self)
+        self._resume(deadline)
+
     # -- services and connections ---------------------------------------------------
     def service_init(self, name: str) -> int:
         fd: _Cell[int] = ffi.new("int *")
@@ -475,7 +482,7 @@ class NativeContext(Context):
             rc = _ipc_read_fd(self._ctx, c_fd, buf, rlen)
             if rc != _E_INTERRUPTED:
                 break
-            self._resume(deadline)
+            self._read_again(deadline)
         if rc == _E_BUFFER_TOO_SMALL:
             return self._read_large(fd)
         if rc:
@@ -511,7 +518,7 @@ class NativeContext(Context):
             rc = _ipc_read_many(self._ctx, _fd_arg(fd), buf, rlen, sizes, max_messages, count)
             if rc != _E_INTERRUPTED:
                 break
-            self._resume(deadline)
+            self._read_again(deadline)
         if rc == _E_BUFFER_TOO_SMALL:
             return [self._read_large(fd)]
         if rc:
@@ -535,7 +542,7 @@ class NativeContext(Context):
                 rc = _ipc_read_into(self._ctx, _fd_arg(fd), target, rlen)
                 if rc != _E_INTERRUPTED:
                     break
-                self._resume(deadline)
+                self._read_again(deadline)
         if rc == _E_BUFFER_TOO_SMALL:
             raise MessageTooLargeError(buffer_too_small_text(len(view), rlen[0]))
         if rc:

@@ -1,16 +1,25 @@
-"""Which thread may use a context, and schedule() from the others.
+"""Which thread may use a context, and what the other threads hand over.
 
 A context belongs to one thread at a time: each public method holds the
 context's guard while it runs (re-entrant, so switch callbacks and the typed
-helpers can call back in). A call from a second thread while the first is
-inside raises IPCError instead of corrupting the backend's state.
+helpers can call back in). The thread inside is the owner.
 
-The exception is schedule(): from another thread it hands the message over.
-It is queued here, the waiting loop is woken (the backend's `_wakeup`:
-a byte on a pipe its poller watches), and the loop's thread schedules it and
-reports the outcome back; the calling thread returns or raises exactly what
-schedule() would have. If the owner is not waiting but busy in another call,
-the hand-over is done when that call ends.
+Other threads may call schedule(), write(), write_many() and close() (and
+so schedule_typed() and write_typed()) at any time. When nobody is inside,
+such a call takes the guard and runs in its own thread. When the owner is
+inside, the call is handed over: it is queued here, the owner is woken (the
+backend's `_wakeup`: a byte on a pipe that its wait, and its blocking reads,
+watch), and the owner's thread makes the call and reports the outcome back;
+the calling thread returns (schedule() once queued, write() once written) or
+raises exactly what the call raised. If the owner is busy in another call
+(a blocking write, peer_credentials...), the hand-over is done when that call
+ends. Calls handed over are made in the order they came, so the messages of
+one thread keep their order.
+
+Any other call while another thread is inside (a second read(), wait_event()
+from a second thread) is misuse that cannot be made safe: it raises IPCError
+(BUSY_TEXT) and changes nothing. The table of what may be called from where
+is in docs/reference.md, "Threads".
 """
 
 from __future__ import annotations
@@ -21,11 +30,12 @@ import inspect
 import itertools
 import sys
 import threading
+import time
 from collections import deque
 from typing import Any, Callable, Optional
 
-from ._checks import as_payload
-from ._types import IPCError, Payload
+from ._checks import as_payload, as_payload_list, check_timeout
+from ._types import IPCError, Payload, TimeoutError
 
 #: A context's method as the guard calls it: the context, then the method's
 #: own arguments.
@@ -36,7 +46,8 @@ Direct = Callable[[Any, int, Payload], None]
 _get_ident = threading.get_ident
 
 BUSY_TEXT = ("context is in use by another thread (a context belongs to one thread "
-             "at a time; other threads may only call schedule())")
+             "at a time; other threads may only call schedule(), write(), write_many() "
+             "and close())")
 
 #: Public methods that hold the guard (schedule is handled on its own).
 GUARDED = ("service_init", "connect_service", "connect", "write", "read",
@@ -44,28 +55,53 @@ GUARDED = ("service_init", "connect_service", "connect", "write", "read",
            "wait_event", "wait_events", "add_external", "add_switch",
            "set_switch_callbacks", "peer_credentials", "close", "close_all", "fileno")
 
-#: How often a handing-over thread rechecks whether the owner left (seconds).
-RECHECK_S = 0.05
+#: The guarded methods another thread may call while the owner is inside
+#: (handed over); schedule() is the fourth.
+HANDED = frozenset({"write", "write_many", "close"})
+
+#: How often a handing-over thread rechecks whether the owner left, or its
+#: write's timeout passed (seconds). A hand-over is normally picked up at once
+#: (the owner is woken); this only bounds the rare case of an owner that
+#: returned just as the call was queued, and then went idle.
+RECHECK_S = 0.01
 
 
 class _Handoff:
-    """One message handed over by another thread, and what became of it."""
+    """One call handed over by another thread, and what became of it.
 
-    __slots__ = ("fd", "payload", "done", "error")
+    `claim` is taken by whoever settles it: the owner before it makes the
+    call, or the calling thread when its write's timeout passes first (the
+    call is then withdrawn, never made)."""
 
-    def __init__(self, fd: int, payload: object) -> None:
-        self.fd = fd
-        self.payload = payload
+    __slots__ = ("method", "args", "deadline", "claim", "done", "error")
+
+    def __init__(self, method: Method, args: tuple[Any, ...],
+                 deadline: Optional[float]) -> None:
+        self.method = method
+        self.args = args
+        #: write()'s timeout as a monotonic deadline: the owner gets what is left.
+        self.deadline = deadline
+        self.claim = threading.Lock()
         self.done = threading.Event()
         self.error: Optional[BaseException] = None
 
+    def run(self, ctx: Any) -> None:
+        """Make the call (in the owner's thread)."""
+        args = self.args
+        if self.deadline is not None:
+            args = args[:-1] + (max(0.0, self.deadline - time.monotonic()),)
+        self.method(ctx, *args)
+
 
 class ThreadGuard:
-    """The owner thread of a context, and the messages other threads hand over.
+    """The owner thread of a context, and the calls other threads hand over.
 
     The outermost public call holds `_lock` and records its thread in
     `_owner`; a nested call of the same thread (a switch callback, a typed
-    helper) sees itself as the owner and goes straight in.
+    helper) sees itself as the owner and goes straight in. `_short` says
+    that the holder runs one of the calls any thread may make (schedule,
+    write, write_many, close): another thread's call waits for it to end
+    instead of failing.
     """
 
     __slots__ = ("_lock", "_tries", "_owner", "_short", "_handoffs")
@@ -75,12 +111,11 @@ class ThreadGuard:
         #: Each step tries to take the lock once, without waiting: see _TRIES.
         self._tries = map(self._lock.acquire, itertools.repeat(False))
         self._owner: Optional[int] = None
-        # The holder is another thread's schedule(): a short call worth waiting for.
         self._short = False
         self._handoffs: deque[_Handoff] = deque()
 
     def leave(self, ctx: Any) -> None:
-        """End the outermost call: schedule what was handed over, then release."""
+        """End the outermost call: make the calls handed over, then release."""
         try:
             if self._handoffs:
                 self.apply(ctx)
@@ -91,11 +126,14 @@ class ThreadGuard:
     def call(self, ctx: Any, method: Method, args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> Any:
         """The slow path of a guarded call (the lock was taken): a nested call
-        of the owner's thread goes in; another thread's short schedule() is
-        waited for; any other holder is misuse (IPCError)."""
+        of the owner's thread goes in; write, write_many and close are handed
+        over; another thread's short call is waited for; any other holder is
+        misuse (IPCError)."""
         me = _get_ident()
         if self._owner == me:
             return method(ctx, *args, **kwargs)
+        if method.__name__ in HANDED:
+            return self.hand_over(ctx, method, _checked(method.__name__, args))
         if not self._short:
             raise IPCError(BUSY_TEXT)
         self._lock.acquire()
@@ -111,31 +149,66 @@ class ThreadGuard:
         hand_over also does itself if the owner has left meanwhile)."""
         if self._owner == _get_ident():
             return direct(ctx, fd, payload)
-        return self.hand_over(ctx, fd, payload)
+        # A wrong type fails here and now, in the calling thread.
+        self.hand_over(ctx, direct, (fd, as_payload(payload)))
 
     def apply(self, ctx: Any) -> None:
-        """In the owner's thread: schedule every handed-over message, in order."""
+        """In the owner's thread: make every call handed over, in order, and
+        report each outcome to its thread. A KeyboardInterrupt (any
+        BaseException but a call's own error) goes to both."""
         while self._handoffs:
             item = self._handoffs.popleft()
+            if not item.claim.acquire(False):
+                continue                    # withdrawn: its write timed out first
             try:
-                ctx._schedule_direct(item.fd, item.payload)
-            except BaseException as exc:  # reported to the thread that handed it over
+                item.run(ctx)
+            except Exception as exc:        # reported to the thread that handed it over
                 item.error = exc
+            except BaseException as exc:
+                item.error = exc
+                item.done.set()
+                raise
             item.done.set()
 
-    def hand_over(self, ctx: Any, fd: int, payload: object) -> None:
-        """From a thread that is not the owner: have the owner schedule it."""
-        item = _Handoff(fd, as_payload(payload))   # a wrong type fails here and now
+    def hand_over(self, ctx: Any, method: Method, args: tuple[Any, ...]) -> Any:
+        """From a thread that is not the owner: have the owner make the call
+        (or make it here, with the calls queued before it, if the owner has
+        left); return or raise its outcome. A write whose timeout passes
+        before the owner takes it is withdrawn: TimeoutError, as write()."""
+        deadline = None
+        if method.__name__ in ("write", "write_many") and args[-1] is not None:
+            deadline = time.monotonic() + args[-1]
+        item = _Handoff(method, args, deadline)
         self._handoffs.append(item)
         ctx._wakeup()
         while not item.done.is_set():
             if self._lock.acquire(False):   # the owner left: do it (and others) here
                 self._owner, self._short = _get_ident(), True
                 self.leave(ctx)
-            else:
-                item.done.wait(RECHECK_S)
+                continue
+            wait = RECHECK_S
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 and item.claim.acquire(False):
+                    raise TimeoutError(f"write on fd {args[0]} timed out")
+                if left > 0:
+                    wait = min(wait, left)
+            item.done.wait(wait)
         if item.error is not None:
             raise item.error
+        return None
+
+
+def _checked(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A handed-over call's arguments, checked (and an iterable of payloads
+    taken) in the calling thread, as the call would check them first."""
+    if name == "close":
+        return args
+    fd, payloads, timeout = args
+    timeout = check_timeout(timeout)
+    if name == "write_many":
+        payloads = as_payload_list(payloads)
+    return (fd, payloads, timeout)
 
 
 #: _TRIES: a guarded call takes its context's lock as `for got in
@@ -164,14 +237,14 @@ def make(method, _get_ident):
             for got in guard._tries:
                 break
             if got:
-                guard._owner = _get_ident()
+                {enter}
                 return method(self, {args})
         finally:
             if got:
                 if guard._handoffs:
                     guard.leave(self)
                 else:
-                    guard._owner = None
+                    {leave}
                     guard._lock.release()
         return guard.call(self, method, ({args}{comma}), {{}})
     return {name}
@@ -186,10 +259,15 @@ def _guarded(method: Method) -> Method:
         raise TypeError(f"cannot guard {method.__qualname__}: only plain parameters")
     defaults = {p.name: p.default for p in params if p.default is not p.empty}
     names = [p.name for p in params]
+    short = method.__name__ in HANDED
     text = _TEMPLATE.format(
         name=method.__name__,
         params=", ".join(f"{n}=_d_{n}" if n in defaults else n for n in names),
-        args=", ".join(names), comma="," if len(names) == 1 else "")
+        args=", ".join(names), comma="," if len(names) == 1 else "",
+        # A call any thread may make marks itself short (see ThreadGuard).
+        enter="guard._owner, guard._short = _get_ident(), True" if short
+        else "guard._owner = _get_ident()",
+        leave="guard._owner, guard._short = None, False" if short else "guard._owner = None")
     scope: dict[str, Any] = {f"_d_{n}": v for n, v in defaults.items()}
     # Filling in the names keeps every line where it was: text line k is line
     # _TEMPLATE_LINE + k - 1 of this file.

@@ -1,20 +1,97 @@
-"""Threads: a context belongs to one thread at a time; other threads may call
-schedule(), which wakes a waiting loop; any other call from a second thread
-while the owner is inside raises IPCError instead of corrupting the context."""
+"""Threads: a context belongs to one thread at a time (its owner while it is
+inside a call); any thread may call schedule(), write(), write_many() and
+close() (and the typed variants), which the owner's wait or blocking read
+wakes for and makes; any other call from a second thread while the owner is
+inside raises IPCError instead of corrupting the context."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import pytest
 
 import pyipc
 from pyipc import EventType
 
-from conftest import wait_for
+from conftest import raises, spin_until, wait_for
 
 BUSY = ("context is in use by another thread (a context belongs to one thread "
-        "at a time; other threads may only call schedule())")
+        "at a time; other threads may only call schedule(), write(), write_many() "
+        "and close())")
+
+
+class Owner:
+    """A thread that makes one call on a context (its owner while it runs)
+    and keeps the outcome: the value returned, or the exception raised."""
+
+    def __init__(self, ctx: pyipc.Context, call: Callable[[], Any]) -> None:
+        self.ctx = ctx
+        self.outcome: list[Any] = []
+
+        def run() -> None:
+            try:
+                self.outcome.append(call())
+            except BaseException as exc:       # noqa: B036 - checked by the test
+                self.outcome.append(exc)
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        # Inside (the guard records the owner before the call waits), or done.
+        spin_until(lambda: ctx._guard._owner == self.thread.ident or bool(self.outcome))
+
+    def result(self) -> Any:
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the owner's call did not return"
+        return self.outcome[0]
+
+
+def in_thread(call: Callable[[], Any]) -> Any:
+    """Run ``call`` in another thread; return its value or its exception."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(call())
+        except BaseException as exc:           # noqa: B036
+            out.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the call from another thread did not return"
+    return out[0]
+
+
+class Poke:
+    """A socket pair whose one end a context watches (EXTERNAL): poke() ends
+    the owner's wait without touching the connections; done() reads the
+    byte back, so that the fd is no longer ready. The context closes the
+    watched end (close_all)."""
+
+    def __init__(self, ctx: pyipc.Context) -> None:
+        watched, self.other = socket.socketpair()
+        self.fd = watched.detach()
+        ctx.add_external(self.fd)
+
+    def poke(self) -> None:
+        self.other.send(b"x")
+
+    def done(self) -> None:
+        assert os.read(self.fd, 1) == b"x"
+
+
+def two_clients(ctx_factory) -> tuple:
+    """A service context and two clients: (server, (client, its fd, the
+    server's fd of it) for each)."""
+    server, clients = ctx_factory(), [ctx_factory(), ctx_factory()]
+    server.service_init("svc")
+    out = []
+    for client in clients:      # one at a time: each CONNECTION is that client's
+        fd = client.connect_service("svc")
+        out.append((client, fd, wait_for(server, EventType.CONNECTION)[-1].fd))
+    return server, out[0], out[1]
 
 
 def _reader(client: pyipc.Context, fd: int, count: int, out: list) -> threading.Thread:
@@ -75,36 +152,37 @@ def test_schedule_from_another_thread_reports_its_error_there(pair):
 
 
 def test_other_calls_from_a_second_thread_are_refused(pair):
-    outcomes: list[object] = []
-    in_wait = threading.Event()
-
-    def owner() -> None:
-        in_wait.set()
-        outcomes.append(pair.server.wait_event())
-
+    """What cannot be handed over (a second read or wait, the calls that
+    make or inspect fds) raises IPCError while the owner is inside."""
     pair.server.timer = 20_000
-    thread = threading.Thread(target=owner)
-    thread.start()
-    in_wait.wait()
-    while True:      # a call that returns at once, until the owner is in wait_event
-        try:
-            pair.server.peer_credentials(pair.server_fd)
-        except pyipc.IPCError as exc:
-            assert type(exc) is pyipc.IPCError and str(exc) == BUSY
-            break
+    owner = Owner(pair.server, pair.server.wait_event)
+    buf = bytearray(16)
     for call in (lambda: pair.server.read(pair.server_fd),
-                 lambda: pair.server.write(pair.server_fd, b"x"),
+                 lambda: pair.server.read_many(pair.server_fd),
+                 lambda: pair.server.read_into(pair.server_fd, buf),
                  lambda: pair.server.wait_event(),
-                 lambda: pair.server.close(pair.server_fd)):
-        with pytest.raises(pyipc.IPCError) as info:
-            call()
-        assert type(info.value) is pyipc.IPCError and str(info.value) == BUSY
+                 lambda: pair.server.wait_events(timeout=0),
+                 lambda: pair.server.peer_credentials(pair.server_fd),
+                 lambda: pair.server.service_init("other"),
+                 lambda: pair.server.connect_service("svc"),
+                 lambda: pair.server.add_switch(pair.server_fd, pair.service_fd),
+                 lambda: pair.server.fileno(),
+                 lambda: pair.server.close_all()):
+        raises(pyipc.IPCError, BUSY, call)
     pair.client.write(pair.client_fd, b"wake")
-    thread.join()
-    assert outcomes[0].type == EventType.MESSAGE_RX and outcomes[0].message == b"wake"
+    event = owner.result()
+    assert event.type == EventType.MESSAGE_RX and event.message == b"wake"
     # Nothing was corrupted: the context goes on working from this thread.
     pair.server.write(pair.server_fd, b"still fine")
     assert pair.client.read(pair.client_fd) == b"still fine"
+
+
+def test_a_second_read_while_the_owner_reads_is_refused(pair):
+    owner = Owner(pair.server, lambda: pair.server.read(pair.server_fd))
+    assert type(in_thread(lambda: pair.server.read(pair.server_fd))) is pyipc.IPCError
+    raises(pyipc.IPCError, BUSY, lambda: pair.server.read(pair.server_fd))
+    pair.client.write(pair.client_fd, b"one")
+    assert owner.result() == b"one"
 
 
 def test_schedule_from_another_thread_when_idle_is_sent_by_the_next_wait(pair):
@@ -113,6 +191,153 @@ def test_schedule_from_another_thread_when_idle_is_sent_by_the_next_wait(pair):
     thread.join()
     assert wait_for(pair.server, EventType.MESSAGE_TX)[-1].fd == pair.server_fd
     assert pair.client.read(pair.client_fd) == b"idle"
+
+
+def test_write_from_another_thread_while_the_owner_waits(pair):
+    """write() is made by the waiting owner and returns once written; the
+    owner's wait goes on (a write makes no event)."""
+    poke = Poke(pair.server)
+    owner = Owner(pair.server, pair.server.wait_event)
+    assert in_thread(lambda: pair.server.write(pair.server_fd, b"from a thread")) is None
+    assert pair.client.read(pair.client_fd) == b"from a thread"
+    assert in_thread(lambda: pair.server.write_many(pair.server_fd, iter([b"a", b"b"]))) is None
+    assert pair.client.read_many(pair.client_fd) == [b"a", b"b"]
+    assert owner.thread.is_alive()                  # still waiting
+    poke.poke()
+    assert owner.result().type == EventType.EXTERNAL
+    poke.done()
+
+
+def test_write_from_another_thread_while_the_owner_reads_another_fd(ctx_factory):
+    """The owner blocks in read() on one connection; a write to another one
+    from another thread wakes the read, is made, and the read goes on."""
+    server, (a, a_fd, server_a), (b, b_fd, server_b) = two_clients(ctx_factory)
+    for n in range(3):
+        owner = Owner(server, lambda: server.read(server_a))
+        assert in_thread(lambda: server.write(server_b, b"to b %d" % n)) is None
+        assert b.read(b_fd) == b"to b %d" % n
+        # schedule() is queued while the owner reads; its next wait sends it.
+        assert in_thread(lambda: server.schedule(server_b, b"later %d" % n)) is None
+        assert owner.thread.is_alive()
+        a.write(a_fd, b"to server %d" % n)
+        assert owner.result() == b"to server %d" % n
+        assert wait_for(server, EventType.MESSAGE_TX)[-1].fd == server_b
+        assert b.read(b_fd) == b"later %d" % n
+
+
+@pytest.mark.parametrize("call", ["read_many", "read_into"])
+def test_the_other_blocking_reads_wake_for_a_write(pair, call):
+    buf = bytearray(64)
+    read = {"read_many": lambda: pair.server.read_many(pair.server_fd),
+            "read_into": lambda: pair.server.read_into(pair.server_fd, buf)}[call]
+    owner = Owner(pair.server, read)
+    assert in_thread(lambda: pair.server.write(pair.server_fd, b"while reading")) is None
+    assert pair.client.read(pair.client_fd) == b"while reading"
+    pair.client.write(pair.client_fd, b"now")
+    result = owner.result()
+    assert (result == [b"now"]) if call == "read_many" else (result == 3 and buf[:3] == b"now")
+
+
+def test_write_from_another_thread_raises_what_write_raises(ctx_factory):
+    server, client = ctx_factory(max_message_size=1024), ctx_factory()
+    server.service_init("svc")
+    client_fd = client.connect_service("svc")
+    fd = wait_for(server, EventType.CONNECTION)[-1].fd
+    poke = Poke(server)
+    owner = Owner(server, server.wait_event)
+    error = in_thread(lambda: server.write(fd, b"x" * 2000))
+    assert type(error) is pyipc.MessageTooLargeError
+    assert str(error) == "message of 2000 bytes exceeds max_message_size (1024)"
+    error = in_thread(lambda: server.write(9999, b"x"))
+    assert type(error) is pyipc.UnknownFdError
+    assert str(error) == "fd 9999 is not managed by this context"
+    error = in_thread(lambda: server.write(fd, 12))
+    assert type(error) is TypeError and str(error) == "payload must be bytes-like or str, not int"
+    error = in_thread(lambda: server.write(fd, b"x", timeout=-1))
+    assert type(error) is ValueError
+    # The client reads nothing: a large write times out, made by the owner.
+    assert in_thread(lambda: server.write_typed(fd, Note("x" * 900), REGISTRY, timeout=0.2)) \
+        is None
+    big = [b"y" * 1000] * 20_000
+    error = in_thread(lambda: server.write_many(fd, big, timeout=0.2))
+    assert type(error) is pyipc.TimeoutError and str(error) == f"write on fd {fd} timed out"
+    poke.poke()
+    assert owner.result().type == EventType.EXTERNAL
+    poke.done()
+    assert client.read_typed(client_fd, REGISTRY) == Note("x" * 900)
+    assert client.read(client_fd) == b"y" * 1000          # the stream stays framed
+    # The peer gone: the write from a thread says what write says.
+    client.close_all()
+    owner = Owner(server, server.wait_event)            # its DISCONNECTION ends it
+    assert owner.result().type in (EventType.DISCONNECTION, EventType.ERROR)
+    error = in_thread(lambda: server.write(fd, b"late"))
+    assert isinstance(error, pyipc.IPCError)
+
+
+@dataclass
+class Note:
+    text: str
+
+
+REGISTRY = pyipc.Registry()
+REGISTRY.register(1, Note)
+
+
+def test_typed_variants_from_another_thread(pair):
+    poke = Poke(pair.server)
+    owner = Owner(pair.server, pair.server.wait_event)
+    assert in_thread(lambda: pair.server.write_typed(pair.server_fd, Note("w"), REGISTRY)) is None
+    assert in_thread(lambda: pair.server.schedule_typed(pair.server_fd, Note("s"), REGISTRY)) is None
+    assert pair.client.read_typed(pair.client_fd, REGISTRY) == Note("w")
+    # The waiting owner sends what was scheduled (its MESSAGE_TX ends the wait).
+    assert owner.result().type == EventType.MESSAGE_TX
+    assert pair.client.read_typed(pair.client_fd, REGISTRY) == Note("s")
+
+
+def test_close_from_another_thread_while_the_owner_waits(pair):
+    """A thread schedules, then closes: both made by the waiting owner, in
+    order; close() sends what is scheduled first (linger) and returns."""
+    poke = Poke(pair.server)
+    owner = Owner(pair.server, pair.server.wait_event)
+
+    def last_words() -> None:
+        pair.server.schedule(pair.server_fd, b"last words")
+        pair.server.close(pair.server_fd)
+    assert in_thread(last_words) is None
+    assert pair.client.read(pair.client_fd) == b"last words"
+    with pytest.raises(pyipc.ConnectionClosedError):
+        pair.client.read(pair.client_fd)
+    # The owner's wait may have sent "last words" itself (its MESSAGE_TX
+    # ends the wait) before the close came; a close makes no event.
+    if owner.thread.is_alive():
+        poke.poke()
+        assert owner.result().type == EventType.EXTERNAL
+    else:
+        assert owner.result().type == EventType.MESSAGE_TX
+    raises(pyipc.UnknownFdError, f"fd {pair.server_fd} is not managed by this context",
+           pair.server.write, pair.server_fd, b"x")
+
+
+def test_close_of_the_fd_the_owner_reads_ends_the_read(pair):
+    owner = Owner(pair.server, lambda: pair.server.read(pair.server_fd))
+    assert in_thread(lambda: pair.server.close(pair.server_fd)) is None
+    error = owner.result()
+    assert type(error) is pyipc.UnknownFdError
+    assert str(error) == f"fd {pair.server_fd} is not managed by this context"
+
+
+def test_a_write_that_times_out_before_the_owner_takes_it_is_withdrawn(ctx_factory):
+    """The owner is busy in a write that blocks (not a wait): another
+    thread's write(timeout=) ends with TimeoutError and is never made."""
+    server, (_, _, slow_fd), (other, other_fd, server_other) = two_clients(ctx_factory)
+    server.linger = 0       # closing drops what the slow client never reads
+    owner = Owner(server, lambda: server.write(slow_fd, b"z" * (8 << 20), timeout=0.5))
+    error = in_thread(lambda: server.write(server_other, b"withdrawn", timeout=0.1))
+    assert type(error) is pyipc.TimeoutError
+    assert str(error) == f"write on fd {server_other} timed out"
+    assert type(owner.result()) is pyipc.TimeoutError
+    server.write(server_other, b"next")
+    assert other.read(other_fd) == b"next"
 
 
 def test_guarded_methods_keep_their_signatures(pair):

@@ -9,7 +9,13 @@
 //!   that the signal's Python handler runs, PEP 475) the call ends with
 //!   error.Interrupted, having consumed nothing; otherwise (C programs, as
 //!   libIPC) the wait goes on;
-//! - the deadline: error.Timeout.
+//! - the deadline: error.Timeout;
+//! - another thread's ipc_wakeup, for the reads of an interruptible context
+//!   (`wake`): error.Interrupted, having consumed nothing, as for a signal.
+//!   The reads then poll(2) before each transfer instead of waiting in the
+//!   kernel, so that the wake-up pipe is watched too (the Python binding
+//!   has other threads hand write(), schedule() and close() over to the
+//!   thread blocked in a read: pyipc/_threads.py).
 //!
 //! A spin that ends without result also ends an interruptible call with
 //! error.Interrupted: a signal that came during the spin found no system call
@@ -19,6 +25,7 @@
 
 const std = @import("std");
 const sys = @import("sys.zig");
+const Wakeup = @import("wakeup.zig").Wakeup;
 
 /// Why a blocking call stopped before it was done.
 pub const Stop = error{ Interrupted, Timeout };
@@ -31,21 +38,30 @@ pub const Blocking = struct {
     interruptible: bool = false,
     /// Set when a spin ended an interruptible call (see the file comment).
     skip_next_spin: ?*bool = null,
+    /// A wake-up pipe whose signal ends the wait (Interrupted); it is drained.
+    wake: ?*const Wakeup = null,
 
     /// How the next transfer waits: not in the kernel while spinning, nor
     /// when a deadline must be kept (poll() waits then, see idle).
     pub fn mode(self: *const Blocking) sys.Wait {
-        return if (self.spin_end_ns != 0 or self.deadline_ns != null) .no else .yes;
+        const polls = self.deadline_ns != null or self.wake != null;
+        return if (self.spin_end_ns != 0 or polls) .no else .yes;
     }
 
     /// Nothing moved: spin on while there is time, else wait until fd has
-    /// `events` (sys.POLLIN or POLLOUT), the deadline passes or a signal comes.
+    /// `events` (sys.POLLIN or POLLOUT), the deadline passes, a signal or
+    /// (with `wake`) another thread's wake-up comes.
     pub fn idle(self: *Blocking, fd: i32, events: i16) Stop!void {
         if (self.spin_end_ns != 0) return self.spinOn();
+        const wake_fd: i32 = if (self.wake) |w| w.read_fd else -1;
         while (true) {
             const timeout_ms: i32 = if (self.deadline_ns) |d| msUntil(d) else -1;
-            switch (sys.pollFd(fd, events, timeout_ms)) {
+            switch (sys.pollFdOrWake(fd, events, wake_fd, timeout_ms)) {
                 .ready => return,
+                .woken => {
+                    self.wake.?.drain();
+                    return error.Interrupted;
+                },
                 .interrupted => try self.interrupted(),
                 .timed_out => if (self.deadline_ns) |d| if (sys.nowNs() >= d) return error.Timeout,
             }
@@ -140,4 +156,23 @@ test "an interruptible spin ends with Interrupted and asks to skip the next spin
     try quiet.idle(0, sys.POLLIN);
     try testing.expectError(error.Interrupted, (Blocking{ .interruptible = true }).interrupted());
     try (Blocking{}).interrupted();
+}
+
+test "a wake-up ends idle with Interrupted and is drained; fd ready wins" {
+    const c = std.c;
+    var fds: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &fds));
+    defer sys.closeFd(fds[0]);
+    defer sys.closeFd(fds[1]);
+    var w = try Wakeup.init();
+    defer w.deinit();
+    var b: Blocking = .{ .wake = &w, .interruptible = true };
+    try testing.expectEqual(sys.Wait.no, b.mode());
+    w.signal();
+    try testing.expectError(error.Interrupted, b.idle(fds[0], sys.POLLIN));
+    // Drained: a second wait ends only when fd is ready (it wins over a wake-up).
+    _ = c.send(fds[1], "x", 1, 0);
+    w.signal();
+    try b.idle(fds[0], sys.POLLIN);
+    try testing.expectError(error.Interrupted, b.idle(fds[1], sys.POLLIN));
 }

@@ -285,6 +285,9 @@ pub const Context = struct {
             .skip_next_spin = &self.skip_spin,
         };
         if (spin) {
+            // The reads (the only callers with `spin`): another thread's
+            // wake-up ends them too, in an interruptible context (blocking.zig).
+            if (self.interruptible) b.wake = &self.wakeup;
             if (self.busy_poll_us > 0 and !self.skip_spin) {
                 b.spin_end_ns = self.spinEndNs();
                 if (b.deadline_ns) |d| b.spin_end_ns = @min(b.spin_end_ns, d);

@@ -42,7 +42,11 @@
  * Signals and timeouts: by default a blocking call goes on waiting through a
  * signal (libIPC's behaviour). After ipc_context_interruptible(ctx, 1), a
  * signal ends it with IPC_E_INTERRUPTED, having consumed nothing: call it
- * again. A write stopped in the middle of a frame has queued the rest of that
+ * again. In such a context ipc_wakeup(ctx) from another thread also ends a
+ * blocking read (ipc_read_fd, ipc_read, ipc_read_many, ipc_read_into,
+ * ipc_read_lent) with IPC_E_INTERRUPTED, nothing consumed, so that the thread
+ * can do what the other one asked before it reads again. A write stopped in
+ * the middle of a frame has queued the rest of that
  * frame, which goes out before anything else on the connection; then
  * ipc_write_count(ctx) tells how many of the call's messages were written or
  * so begun (the others were not sent): call again with those left out.

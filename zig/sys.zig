@@ -172,6 +172,24 @@ pub fn pollFd(fd: fd_t, events: i16, timeout_ms: i32) PollResult {
     return if (errno(rc) == .INTR) .interrupted else .ready;
 }
 
+/// pollFd's results, and .woken: the wake-up pipe became readable first.
+pub const WakeResult = enum { ready, woken, timed_out, interrupted };
+
+/// pollFd, also ended by another thread's wake-up: `wake_fd` (the read end
+/// of a wake-up pipe; negative: none, poll(2) skips it) readable. fd ready
+/// wins when both are, so that a transfer in progress goes on.
+pub fn pollFdOrWake(fd: fd_t, events: i16, wake_fd: fd_t, timeout_ms: i32) WakeResult {
+    var pfd = [2]c.pollfd{
+        .{ .fd = fd, .events = events, .revents = 0 },
+        .{ .fd = wake_fd, .events = c.POLL.IN, .revents = 0 },
+    };
+    const rc = c.poll(&pfd, pfd.len, timeout_ms);
+    if (rc > 0) return if (pfd[0].revents != 0) .ready else .woken;
+    if (rc == 0) return .timed_out;
+    // As pollFd: anything but EINTR is left to the I/O call that follows.
+    return if (errno(rc) == .INTR) .interrupted else .ready;
+}
+
 pub const POLLIN: i16 = c.POLL.IN;
 pub const POLLOUT: i16 = c.POLL.OUT;
 

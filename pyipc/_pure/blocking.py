@@ -1,6 +1,8 @@
 """How the pure backend's blocking calls wait (the core's blocking.zig):
 busy_poll's transfers that do not wait, then waits in the kernel, or poll()
-up to the call's timeout.
+up to the call's timeout. The reads poll() their fd and the context's
+wake-up pipe: another thread's wake-up ends their wait (Woken), so that the
+reading thread makes the calls handed over to it (pyipc/_threads.py).
 """
 
 from __future__ import annotations
@@ -15,10 +17,20 @@ from typing import TYPE_CHECKING, Optional
 from .._checks import check_timeout
 from .._types import Buffer, TimeoutError
 from .poller import MAX_WAIT_MS
-from .syscalls import DONTWAIT
+from .syscalls import DONTWAIT, drain
 
 if TYPE_CHECKING:
     from .state import PureState
+
+
+class Woken(Exception):
+    """Another thread's wake-up ended a read's wait, nothing consumed (the
+    bytes read so far stay with the decoder): the read makes the calls
+    handed over, then reads again (the core's Interrupted, see blocking.zig)."""
+
+
+#: wait_fd's results.
+READY, WOKEN, TIMED_OUT = 1, 2, 0
 
 
 class Blocking:
@@ -27,22 +39,25 @@ class Blocking:
     transfers that wait in the kernel, or, with a `deadline` (the call's
     timeout), poll() up to it: then TimeoutError("<what> timed out"). One
     per call, so that the call spins busy_poll us at most. Signals need
-    nothing here: Python's own calls run the handler and go on (PEP 475)."""
+    nothing here: Python's own calls run the handler and go on (PEP 475).
+    With `wake` (a read: the context's wake-up pipe), the waits poll() it
+    too, and a wake-up raises Woken."""
 
-    __slots__ = ("end", "deadline", "what", "fd")
+    __slots__ = ("end", "deadline", "what", "fd", "wake")
 
     def __init__(self, busy_poll_us: int, deadline: Optional[float] = None,
-                 what: str = "", fd: int = -1) -> None:
+                 what: str = "", fd: int = -1, wake: int = -1) -> None:
         self.end = time.monotonic() + busy_poll_us / 1e6 if busy_poll_us else 0.0
         if deadline is not None and self.end:
             self.end = min(self.end, deadline)
         self.deadline = deadline
         self.what = what
         self.fd = fd
+        self.wake = wake
 
     def flags(self) -> int:
         """recv/send flags (MSG_DONTWAIT or none) of the next transfer."""
-        return DONTWAIT if self.end or self.deadline is not None else 0
+        return DONTWAIT if self.end or self.deadline is not None or self.wake >= 0 else 0
 
     def idle(self, fd: int, events: int = select.POLLIN) -> None:
         """Nothing moved: go on spinning while there is time, else wait."""
@@ -52,10 +67,14 @@ class Blocking:
                 self.end = 0.0
             return
         if self.deadline is None:
-            wait_fd(fd, events)
-            return
-        left = self.deadline - time.monotonic()
-        if left <= 0 or not wait_fd(fd, events, left):
+            outcome = wait_fd(fd, events, None, self.wake)
+        else:
+            left = self.deadline - time.monotonic()
+            outcome = wait_fd(fd, events, left, self.wake) if left > 0 else TIMED_OUT
+        if outcome == WOKEN:
+            drain(self.wake)
+            raise Woken()
+        if outcome == TIMED_OUT:
             raise TimeoutError(f"{self.what} on fd {self.fd} timed out"
                                if self.fd >= 0 else f"{self.what} timed out")
 
@@ -75,9 +94,11 @@ class Waits:
         """How one blocking call on fd waits: busy_poll (with `spin`) and
         its `timeout` (no object made when there is neither)."""
         busy = self._busy_poll if spin else 0
+        # The reads (`spin`) also wake for another thread's hand-over.
+        wake = self._wake_r if spin else -1
         if timeout is None:
-            return Blocking(busy, None, what, fd) if busy else NO_SPIN
-        return Blocking(busy, time.monotonic() + check_timeout(timeout), what, fd)
+            return Blocking(busy, None, what, fd, wake) if busy or spin else NO_SPIN
+        return Blocking(busy, time.monotonic() + check_timeout(timeout), what, fd, wake)
 
 
 def recv_exactly(sock: socket.socket, buf: Buffer, filled: list[int], at: int, end: int,
@@ -107,17 +128,22 @@ def yield_cpu() -> None:
     os.sched_yield()
 
 
-def wait_fd(fd: int, events: int, timeout: Optional[float] = None) -> bool:
-    """Wait until fd has `events` (at most `timeout` seconds); whether it has."""
+def wait_fd(fd: int, events: int, timeout: Optional[float] = None, wake: int = -1) -> int:
+    """Wait until fd has `events` (READY), at most `timeout` seconds
+    (TIMED_OUT, which is false), or, with `wake` (an fd >= 0), until it is
+    readable first (WOKEN; fd ready wins, so that a transfer goes on)."""
     waiter = select.poll()
     waiter.register(fd, events)
-    if timeout is None:
-        return bool(waiter.poll())
-    end = time.monotonic() + timeout
+    if wake >= 0:
+        waiter.register(wake, select.POLLIN)
+    end = None if timeout is None else time.monotonic() + timeout
     while True:
         # poll() takes at most MAX_WAIT_MS (an int): a longer wait is several.
-        if waiter.poll(min(math.ceil(timeout * 1000), MAX_WAIT_MS)):
-            return True
+        ready = waiter.poll(None if timeout is None
+                            else min(math.ceil(timeout * 1000), MAX_WAIT_MS))
+        if ready:
+            return WOKEN if all(f == wake for f, _ in ready) else READY
+        assert end is not None
         timeout = end - time.monotonic()
         if timeout <= 0:
-            return False
+            return TIMED_OUT

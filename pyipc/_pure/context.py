@@ -221,12 +221,15 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         self._flush_dirty()
         if self._pending and not wait:
             timeout = 0
+        woken = False
         for conn, mask in self._poller.select(timeout):
             if conn is _WAKE:
                 drain(self._wake_r)
-                self._guard.apply(self)     # messages other threads scheduled
+                woken = True
                 continue
             self._handle(conn, mask)
+        if woken:       # after the ready fds: a close handed over may linger (rounds)
+            self._guard.apply(self)     # what other threads handed over
 
     def _handle(self, conn: Conn, mask: int) -> None:
         if not conn.alive:

@@ -13,7 +13,7 @@ from .._checks import (Bytes, as_payload_list, check_max_messages, closed_by_pee
 from .._types import Buffer, Payload
 from .._types import (DEFAULT_READ_MANY, READ_MANY_BYTES, Event, EventType, IPCError,
                       MessageTooLargeError)
-from .blocking import Blocking, recv_exactly
+from .blocking import Blocking, Woken, recv_exactly
 from .conn_table import CONNECTION, Conn
 from .framing import DIRECT_READ_MIN, HEADER, FrameTooLarge, encode
 from .send_queue import advance
@@ -114,25 +114,44 @@ class Reading:
 
     __slots__ = ()
 
+    # Each read, woken by another thread (Woken: nothing consumed), makes the
+    # calls handed over to it, then reads again (pyipc/_threads.py).
+
     def read(self: PureState, fd: int, timeout: Optional[float] = None) -> bytes:
         # The timeout first: a bad one is refused even when a message is there.
         block = self._blocking(fd, timeout, "read")
-        if self._pending:
-            message = self._pending.take_message(fd)
-            if message is not None:
-                return message
-        return self._receive(fd, 1, block)[0]
+        while True:
+            if self._pending:
+                message = self._pending.take_message(fd)
+                if message is not None:
+                    return message
+            try:
+                return self._receive(fd, 1, block)[0]
+            except Woken:
+                self._guard.apply(self)
 
     def read_many(self: PureState, fd: int, max_messages: int = DEFAULT_READ_MANY,
                   timeout: Optional[float] = None) -> list[bytes]:
         check_max_messages(max_messages)
         block = self._blocking(fd, timeout, "read")
-        taken = self._pending.take_messages(fd, max_messages)
-        return taken or self._receive(fd, max_messages, block, READ_MANY_BYTES)
+        while True:
+            taken = self._pending.take_messages(fd, max_messages)
+            try:
+                return taken or self._receive(fd, max_messages, block, READ_MANY_BYTES)
+            except Woken:
+                self._guard.apply(self)
 
     def read_into(self: PureState, fd: int, buffer: Buffer, timeout: Optional[float] = None) -> int:
         view = writable_view(buffer)
         spin = self._blocking(fd, timeout, "read")   # one busy_poll for the whole call
+        while True:
+            try:
+                return self._read_into(fd, view, spin)
+            except Woken:
+                self._guard.apply(self)
+
+    def _read_into(self: PureState, fd: int, view: memoryview, spin: Blocking) -> int:
+        """read_into's one try (Woken when another thread wakes it)."""
         size = self._pending.take_into(fd, view)
         if size is not None:
             return size

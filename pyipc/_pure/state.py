@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Protocol, Tuple
 
 if TYPE_CHECKING:
     from .._events import EventQueue
+    from .._threads import ThreadGuard
     from .._checks import Bytes
     from .._types import CBEvent, EventType, Payload
     from .blocking import Blocking
@@ -52,6 +53,8 @@ class PureState(Protocol):
     _poller: Poller
     _scratch_view: memoryview
     _spare_fd: SpareFd
+    _wake_r: int
+    _guard: ThreadGuard
 
     def _round(self, timeout: Optional[float], wait: bool = False) -> None: ...
 
@@ -77,6 +80,7 @@ class PureState(Protocol):
     # -- io.py -----------------------------------------------------------------------
     def _write_blocking(self, conn: Conn, frame: list[Bytes], lens: list[int],
                         block: Blocking) -> None: ...
+    def _read_into(self, fd: int, view: memoryview, spin: Blocking) -> int: ...
     def _read_frame_into(self, conn: Conn, view: memoryview,
                          spin: Blocking) -> Optional[int]: ...
     def _direct_eof(self, conn: Conn) -> int: ...

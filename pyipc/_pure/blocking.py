@@ -43,7 +43,7 @@ class Blocking:
     With `wake` (a read: the context's wake-up pipe), the waits poll() it
     too, and a wake-up raises Woken."""
 
-    __slots__ = ("end", "deadline", "what", "fd", "wake")
+    __slots__ = ("end", "deadline", "what", "fd", "wake", "poll_first", "waiters")
 
     def __init__(self, busy_poll_us: int, deadline: Optional[float] = None,
                  what: str = "", fd: int = -1, wake: int = -1) -> None:
@@ -54,6 +54,13 @@ class Blocking:
         self.what = what
         self.fd = fd
         self.wake = wake
+        #: A read that neither spins nor has a deadline polls before its
+        #: first recv: a recv that finds nothing costs an exception more.
+        self.poll_first = wake >= 0 and not self.end and deadline is None
+        #: Per fd read, a poll object on it and `wake`, kept (a context keeps
+        #: the Blocking of its plain reads, see Waits._blocking): a read's
+        #: wait costs one poll() call more than a blocking recv, no more.
+        self.waiters: dict[int, select.poll] = {}
 
     def flags(self) -> int:
         """recv/send flags (MSG_DONTWAIT or none) of the next transfer."""
@@ -67,16 +74,34 @@ class Blocking:
                 self.end = 0.0
             return
         if self.deadline is None:
-            outcome = wait_fd(fd, events, None, self.wake)
+            if self.wake >= 0 and events == select.POLLIN:     # a plain read
+                waiter = self.waiters.get(fd) or self._waiter(fd)
+                # In registration order: fd first, so a ready fd wins.
+                if waiter.poll()[0][0] != fd:
+                    drain(self.wake)
+                    raise Woken()
+                return
+            outcome = self._wait(fd, events, None)
         else:
             left = self.deadline - time.monotonic()
-            outcome = wait_fd(fd, events, left, self.wake) if left > 0 else TIMED_OUT
+            outcome = self._wait(fd, events, left) if left > 0 else TIMED_OUT
         if outcome == WOKEN:
             drain(self.wake)
             raise Woken()
         if outcome == TIMED_OUT:
             raise TimeoutError(f"{self.what} on fd {self.fd} timed out"
                                if self.fd >= 0 else f"{self.what} timed out")
+
+
+    def _waiter(self, fd: int) -> select.poll:
+        """The kept poll object of reads of fd (see `waiters`)."""
+        waiter = self.waiters[fd] = select.poll()
+        waiter.register(fd, select.POLLIN)
+        waiter.register(self.wake, select.POLLIN)
+        return waiter
+
+    def _wait(self, fd: int, events: int, timeout: Optional[float]) -> int:
+        return wait_fd(fd, events, timeout, self.wake)
 
 
 #: The Blocking of every call without busy_poll or timeout (never changed:
@@ -97,7 +122,9 @@ class Waits:
         # The reads (`spin`) also wake for another thread's hand-over.
         wake = self._wake_r if spin else -1
         if timeout is None:
-            return Blocking(busy, None, what, fd, wake) if busy or spin else NO_SPIN
+            if busy:
+                return Blocking(busy, None, what, fd, wake)
+            return self._plain_reads if spin else NO_SPIN
         return Blocking(busy, time.monotonic() + check_timeout(timeout), what, fd, wake)
 
 
@@ -136,6 +163,11 @@ def wait_fd(fd: int, events: int, timeout: Optional[float] = None, wake: int = -
     waiter.register(fd, events)
     if wake >= 0:
         waiter.register(wake, select.POLLIN)
+    return _poll(waiter, timeout, wake)
+
+
+def _poll(waiter: select.poll, timeout: Optional[float], wake: int) -> int:
+    """wait_fd's wait, on a poll object that has its fds."""
     end = None if timeout is None else time.monotonic() + timeout
     while True:
         # poll() takes at most MAX_WAIT_MS (an int): a longer wait is several.

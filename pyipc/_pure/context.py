@@ -24,7 +24,7 @@ from .._checks import check_timeout
 from .._context import Context
 from .._events import EventQueue
 from .._types import Event, EventType, IPCError, TimeoutError
-from .blocking import Waits, yield_cpu
+from .blocking import Blocking, Waits, yield_cpu
 from .closing import Closing, release
 from .conn_table import SERVICE, EXTERNAL, Conn, ConnTable
 from .fdpass import Ipcd
@@ -50,7 +50,7 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
 
     __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_poller", "_pending",
                  "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
-                 "_spare_fd", "_ready", "_timer_base")
+                 "_spare_fd", "_ready", "_timer_base", "_plain_reads")
 
     backend = "pure"
 
@@ -75,6 +75,9 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._poller.register(self._wake_r, READ, _WAKE)
+        # The Blocking of every read without busy_poll or timeout (kept: it
+        # keeps a poll object on the wake-up pipe).
+        self._plain_reads = Blocking(0, None, "read", -1, self._wake_r)
         # A fd on /dev/null for refusing a client when out of fds (_refuse_with_spare).
         self._spare_fd = SpareFd()
         # Dropped without close_all(): its fds are closed, and its services'

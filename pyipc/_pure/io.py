@@ -171,7 +171,7 @@ class Reading:
                          spin: Blocking) -> Optional[int]:
         """The next frame of conn read into `view` when it is large and fits
         (as native does): its size; else None, with the header bytes read
-        given to the decoder. The reads wait in the kernel."""
+        given to the decoder. The reads wait as `spin` says (poll())."""
         had = conn.decoder.buffered()
         known = min(len(had), HEADER.size)
         header = bytearray(HEADER.size)
@@ -252,12 +252,15 @@ class Reading:
                             spin: Blocking) -> Tuple[list[bytes], Optional[str]]:
         """Read conn until at least one message is whole; (messages, the
         too-large text if a bad header followed them or came first). The
-        reads wait in the kernel (our own sockets are in blocking mode: it
-        wakes the read itself, quicker than poll() then recv(), as native),
-        after busy_poll's reads that do not wait."""
+        reads wait in poll() on conn and the wake-up pipe (another thread's
+        hand-over ends the wait: Woken), after busy_poll's reads that do not
+        wait; a plain read polls first (a recv that finds nothing costs a
+        Python exception more)."""
         fd = conn.fd
         msgs: list[bytes] = []
         error: Optional[str] = None
+        if spin.poll_first:
+            spin.idle(fd)
         while not msgs and error is None:
             try:
                 n = conn.io.recv_into(self._scratch_view, 0, spin.flags())

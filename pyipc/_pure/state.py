@@ -54,6 +54,7 @@ class PureState(Protocol):
     _scratch_view: memoryview
     _spare_fd: SpareFd
     _wake_r: int
+    _plain_reads: Blocking
     _guard: ThreadGuard
 
     def _round(self, timeout: Optional[float], wait: bool = False) -> None: ...

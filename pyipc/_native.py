@@ -246,6 +246,13 @@ class NativeContext(Context):
         signal whose handler returned, or another thread's wake-up. Make the
         calls other threads handed over (_threads), then read on."""
         self._guard.apply(self)
+        self._resume_after_handover(deadline)
+
+    def _resume_after_handover(self, deadline: Optional[float]) -> None:
+        """_resume, after calls handed over were made: they gave the core
+        their own timeouts (a write's), so the call's own is given again."""
+        if deadline is None:
+            self._set_core_timeout(None)
         self._resume(deadline)
 
     # -- services and connections ---------------------------------------------------
@@ -607,7 +614,7 @@ class NativeContext(Context):
         call's timeout."""
         while True:
             self._guard.apply(self)
-            self._resume(deadline)
+            self._resume_after_handover(deadline)
             if self._timer is None:
                 events = self._take_events(capacity)
             else:

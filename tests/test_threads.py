@@ -200,9 +200,12 @@ def test_write_from_another_thread_while_the_owner_waits(pair):
     owner = Owner(pair.server, pair.server.wait_event)
     assert in_thread(lambda: pair.server.write(pair.server_fd, b"from a thread")) is None
     assert pair.client.read(pair.client_fd) == b"from a thread"
-    assert in_thread(lambda: pair.server.write_many(pair.server_fd, iter([b"a", b"b"]))) is None
+    assert in_thread(lambda: pair.server.write_many(pair.server_fd, iter([b"a", b"b"]),
+                                                   timeout=0.05)) is None
     assert pair.client.read_many(pair.client_fd) == [b"a", b"b"]
-    assert owner.thread.is_alive()                  # still waiting
+    # Still waiting, past the write's timeout: that was the write's, not the wait's.
+    owner.thread.join(0.3)
+    assert owner.thread.is_alive()
     poke.poke()
     assert owner.result().type == EventType.EXTERNAL
     poke.done()
@@ -214,8 +217,11 @@ def test_write_from_another_thread_while_the_owner_reads_another_fd(ctx_factory)
     server, (a, a_fd, server_a), (b, b_fd, server_b) = two_clients(ctx_factory)
     for n in range(3):
         owner = Owner(server, lambda: server.read(server_a))
-        assert in_thread(lambda: server.write(server_b, b"to b %d" % n)) is None
+        assert in_thread(lambda: server.write(server_b, b"to b %d" % n, timeout=0.05)) is None
         assert b.read(b_fd) == b"to b %d" % n
+        if n == 0:      # the read has no timeout: the write's is not kept
+            owner.thread.join(0.3)
+            assert owner.thread.is_alive()
         # schedule() is queued while the owner reads; its next wait sends it.
         assert in_thread(lambda: server.schedule(server_b, b"later %d" % n)) is None
         assert owner.thread.is_alive()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 from typing import TYPE_CHECKING, Iterable, Optional, Tuple
 
 from .._checks import (Bytes, as_payload_list, check_max_messages, closed_by_peer,
@@ -259,7 +260,7 @@ class Reading:
         fd = conn.fd
         msgs: list[bytes] = []
         error: Optional[str] = None
-        if spin.poll_first:
+        if spin.poll_first and type(conn.io) is socket.socket:     # a RawFd never waits
             spin.idle(fd)
         while not msgs and error is None:
             try:

@@ -129,10 +129,10 @@ class AnyioFlavor(Flavor):
         self._anyio = anyio
         self._group = group
         self._watching: Optional[Any] = None     # the CancelScope of the fd's task
-        self._library = _current_library()
 
     def owns_the_running_loop(self) -> bool:
-        return _current_library() == self._library
+        # Made only where no asyncio loop runs (trio): it is not asyncio's.
+        return running_asyncio_loop() is None
 
     def watch(self, fd: int, on_ready: Callable[[], None]) -> None:
         anyio = self._anyio
@@ -181,14 +181,6 @@ class AnyioFlavor(Flavor):
 
     async def checkpoint(self) -> None:
         await self._anyio.lowlevel.checkpoint()
-
-
-def _current_library() -> str:
-    """The async library running this task ("trio", "asyncio", ...), by sniffio
-    (which anyio depends on)."""
-    import sniffio
-    name: str = sniffio.current_async_library()
-    return name
 
 
 def running_asyncio_loop() -> Optional[asyncio.AbstractEventLoop]:

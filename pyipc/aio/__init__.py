@@ -13,7 +13,8 @@ it through `fileno()`; see docs/asyncio.md.
 
 from ._connection import Connection
 from ._context import DEFAULT_HIGH_WATER, DEFAULT_IPCD_TIMEOUT, Context, EventStream
-from ._server import Handler, Server, serve
+from ._serve import serve
+from ._server import Handler, Server
 
 __all__ = ["Context", "Connection", "Server", "EventStream", "Handler", "serve",
            "DEFAULT_HIGH_WATER", "DEFAULT_IPCD_TIMEOUT"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from .._context import Context as SyncContext
 from .._rundir import PathLike
@@ -25,8 +25,7 @@ from ._connection import Connection
 from ._flavor import AnyioFlavor, AsyncioFlavor, Flavor, TaskBody, Cancel, log, \
     running_asyncio_loop
 
-if TYPE_CHECKING:
-    from ._server import Handler, Server
+from ._server import Handler, Server
 
 #: send() waits while a connection has more unsent bytes than this (the
 #: default of asyncio's transports), until it has at most a quarter of it.
@@ -77,7 +76,7 @@ class Context:
         self._group: Any = None               # anyio's task group, when entered under trio
         self._closed = False
         self._conns: dict[int, Connection] = {}
-        self._servers: dict[str, "Server"] = {}     # by socket path
+        self._servers: dict[str, Server] = {}     # by socket path
         self._plain_services = 0                    # service_init() without a Server
         self._events: deque[Event] = deque()
         self._event_waiters: list[Any] = []
@@ -209,7 +208,7 @@ class Context:
                 return
         self._queue(ev)
 
-    def _server_of(self, fd: int) -> Optional["Server"]:
+    def _server_of(self, fd: int) -> Optional[Server]:
         """The Server that accepted client fd (the socket's local address is
         the service's path)."""
         if len(self._servers) == 1 and not self._plain_services:
@@ -252,10 +251,10 @@ class Context:
             fd = self.sync.connect_service(name)
         return self._adopt(fd)
 
-    async def serve(self, name: str, handler: "Handler") -> "Server":
+    async def serve(self, name: str, handler: Handler) -> Server:
         """Listen as service `name`; run `await handler(conn)` as a task per client."""
-        from ._server import serve
-        return await serve(name, handler, ctx=self)
+        self._bind()
+        return Server(self, name, handler, owns_ctx=False)
 
     def service_init(self, name: str) -> int:
         """Listen as service `name` without a handler: its clients' events

@@ -9,12 +9,14 @@ logged (a peer that left, ConnectionClosedError, is not an error).
 from __future__ import annotations
 
 import os
-from typing import Any, Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .._types import ConnectionClosedError
 from ._connection import Connection
-from ._context import Context
 from ._flavor import Cancel, log
+
+if TYPE_CHECKING:
+    from ._context import Context
 
 #: What serve() runs per client: `async def handler(conn): ...`.
 Handler = Callable[[Connection], Awaitable[None]]
@@ -24,7 +26,7 @@ class Server:
     """A service of a pyipc.aio.Context with a handler task per client
     (made by `pyipc.aio.serve` or `ctx.serve`)."""
 
-    def __init__(self, ctx: Context, name: str, handler: Handler, owns_ctx: bool) -> None:
+    def __init__(self, ctx: "Context", name: str, handler: Handler, owns_ctx: bool) -> None:
         self.ctx = ctx
         self.name = name
         #: The listening fd, and the socket's path.
@@ -103,23 +105,3 @@ class Server:
         self.close()
         self.close_clients()
         await self.wait_closed()
-
-
-async def serve(name: str, handler: Handler, *, ctx: Optional[Context] = None,
-                **context_args: Any) -> Server:
-    """Listen as service `name` and run `await handler(conn)` as a task for
-    each client, as asyncio.start_unix_server does. `ctx`: a pyipc.aio.Context
-    to serve on; else one is made from `context_args` (pyipc.Context's
-    arguments: rundir, backend, ...) and closed with the server."""
-    owns = ctx is None
-    if ctx is None:
-        ctx = Context(**context_args)
-    elif context_args:
-        raise TypeError("serve() takes either ctx or the arguments of a new Context")
-    try:
-        ctx._bind()
-        return Server(ctx, name, handler, owns)
-    except BaseException:
-        if owns:
-            await ctx.aclose()
-        raise

@@ -124,6 +124,11 @@ def systems() -> List[System]:
         System("zmq_pair", "zmq PAIR", _python("peer_zmq", "--mode", "pair"), why_not=zmq),
         System("zmq_push", "zmq PUSH/PULL", _python("peer_zmq", "--mode", "pushpull"),
                why_not=zmq),
+        # Async (issue 18): pyipc.aio against asyncio's Unix streams and zmq.asyncio.
+        System("aio", "pyipc.aio native", _python("peer_aio", "--backend", "native"),
+               why_not=native),
+        System("aio_streams", "asyncio Unix streams", _python("peer_aiostreams")),
+        System("zmq_asyncio", "zmq.asyncio PAIR", _python("peer_zmqaio"), why_not=zmq),
         System("c_floor", "C floor", _program(cbuild.build_floor, True),
                why_not=_build_reason(cbuild.build_floor)),
         System("c_core", "C + Zig core", _program(cbuild.build_core, False),

@@ -72,6 +72,13 @@ def targets(samples: Samples) -> List[Tuple[str, Optional[float], str, bool]]:
             ">= 0.9", lambda v: v >= 0.9)
     add("native / pure one-way 64 B", _ratio(samples, "tp64", "native", "pure", "msgs"),
         ">= 3", lambda v: v >= 3)
+    # pyipc.aio against asyncio's own Unix streams and zmq.asyncio (issue 18).
+    add("pyipc.aio round trip / asyncio streams", _ratio(samples, "rtt", "aio", "aio_streams",
+        "rtt_us"), "<= 0.8", lambda v: v <= 0.8)
+    add("pyipc.aio one-way 64 B / asyncio streams",
+        _ratio(samples, "tp64", "aio", "aio_streams", "msgs"), ">= 3", lambda v: v >= 3)
+    add("pyipc.aio one-way 64 B / zmq.asyncio PAIR",
+        _ratio(samples, "tp64", "aio", "zmq_asyncio", "msgs"), ">= 2", lambda v: v >= 2)
     among, alone = (median(samples, "scale10k", "native", m) for m in ("among_us", "alone_us"))
     add("native 10,000 idle clients: round trip among them / with none",
         among / alone if among is not None and alone else None, "<= 1.2", lambda v: v <= 1.2)

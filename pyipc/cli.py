@@ -152,7 +152,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 #: them from an installed package too (tests/test_cli.py checks both agree).
 BENCH_CASES = ("rtt", "tp64", "tp64k", "tp1m", "scale1k", "scale10k")
 BENCH_SYSTEMS = ("native", "pure", "raw", "native_busy", "native_raw", "raw_native",
-                 "raw_epoll", "mp", "zmq_pair", "zmq_push", "c_floor", "c_core")
+                 "raw_epoll", "mp", "zmq_pair", "zmq_push", "aio", "aio_streams",
+                 "zmq_asyncio", "c_floor", "c_core")
 BENCH_PLACEMENTS = ("split", "same", "free")
 
 

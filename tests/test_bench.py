@@ -18,7 +18,7 @@ from conftest import ROOT, require_backend
 
 #: Every system that needs nothing beyond the test dependencies.
 SYSTEMS = ["native", "pure", "raw", "native_busy", "native_raw", "raw_native", "raw_epoll", "mp",
-           "c_floor", "c_core"]
+           "c_floor", "c_core", "aio", "aio_streams"]
 #: Column titles of the systems that only take part in the round trip.
 ROUND_TRIP_ONLY = {"native client, raw server", "raw client, native server",
                    "raw client, epoll server"}

@@ -1,0 +1,334 @@
+"""pyipc.aio.Context: a pyipc.Context driven by the running event loop.
+
+The loop watches the context's fileno() (asyncio: loop.add_reader; trio:
+anyio.wait_readable in a task of the context's own task group) and, when it
+is readable, calls wait_events(timeout=0) until it returns [] (at most
+MAX_ROUNDS times per wake-up: the fd is level-triggered, so what is left
+wakes the loop again after the other callbacks and timers have run). Each
+event goes where it belongs: a Connection's messages to its inbox, its
+MESSAGE_TX to its count of unsent bytes, a new client of a Server to a new
+handler task; every other event to the queue read by `events()`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import deque
+from typing import Any, Awaitable, Callable, Optional
+
+from .._context import Context as SyncContext
+from .._rundir import PathLike
+from .._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
+                      DEFAULT_MAX_QUEUE_SIZE, Event, EventType, IPCError, Payload)
+from ._connection import Connection
+from ._flavor import AnyioFlavor, AsyncioFlavor, Flavor, TaskBody, Cancel, log, \
+    running_asyncio_loop
+
+from ._server import Handler, Server
+
+#: send() waits while a connection has more unsent bytes than this (the
+#: default of asyncio's transports), until it has at most a quarter of it.
+DEFAULT_HIGH_WATER = 64 << 10
+#: Seconds connect() waits for ipcd's answer by default (IPC_NETWORK set).
+DEFAULT_IPCD_TIMEOUT = 10.0
+#: wait_events(timeout=0) calls per wake-up of the loop at most (fairness: a
+#: flood of messages cannot hold the loop's timers and other callbacks back).
+MAX_ROUNDS = 16
+
+#: wait_events()'s error on a context with no fd and no timer (after the
+#: last connection was closed, its fd may still be readable once).
+NOTHING_TEXT = "nothing to wait for: no fd and no timer"
+CLOSED_TEXT = "this pyipc.aio.Context is closed"
+OTHER_LOOP_TEXT = ("this pyipc.aio.Context is bound to another event loop (it binds to "
+                   "the loop that first uses it)")
+NO_LOOP_TEXT = ("no running asyncio loop: under trio (through anyio), enter the context "
+                "first with `async with pyipc.aio.Context() as ctx:` (its task group "
+                "watches the context)")
+
+_CONNECTION, _DISCONNECTION = EventType.CONNECTION, EventType.DISCONNECTION
+_MESSAGE_RX, _MESSAGE_TX, _ERROR = EventType.MESSAGE_RX, EventType.MESSAGE_TX, EventType.ERROR
+
+
+class Context:
+    """A `pyipc.Context` for async code: `async with pyipc.aio.Context() as ctx`.
+
+    Same arguments as `pyipc.Context`, and `high_water` (bytes a connection
+    may have unsent before send() waits). It binds to the running loop when
+    first used (entered, connect, serve, events), not when made. `sync` is
+    the underlying pyipc.Context. See docs/asyncio.md.
+    """
+
+    def __init__(self, rundir: Optional[PathLike] = None,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 backend: Optional[str] = None,
+                 max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 linger: float = DEFAULT_LINGER, *,
+                 high_water: int = DEFAULT_HIGH_WATER) -> None:
+        if high_water < 0:
+            raise ValueError(f"high_water must be >= 0, not {high_water!r}")
+        #: The underlying pyipc.Context (its fds, timer, switches...).
+        self.sync: SyncContext = SyncContext(rundir, max_message_size, backend,
+                                             max_queue_size, max_connections, linger)
+        self.high_water = high_water
+        self._flavor: Optional[Flavor] = None
+        self._group: Any = None               # anyio's task group, when entered under trio
+        self._closed = False
+        self._conns: dict[int, Connection] = {}
+        self._servers: dict[str, Server] = {}     # by socket path
+        self._plain_services = 0                    # service_init() without a Server
+        self._events: deque[Event] = deque()
+        self._event_waiters: list[Any] = []
+        self._failure: Optional[Exception] = None
+
+    def __repr__(self) -> str:
+        return (f"<pyipc.aio.Context backend={self.sync.backend} rundir={self.sync.rundir!r} "
+                f"connections={len(self._conns)}>")
+
+    @property
+    def backend(self) -> str:
+        """"native" or "pure"."""
+        return self.sync.backend
+
+    @property
+    def rundir(self) -> str:
+        """The run directory."""
+        return self.sync.rundir
+
+    # -- binding to the loop -----------------------------------------------------------
+    def _bind(self) -> Flavor:
+        """The flavor of the running loop: bound now if this is the first use."""
+        if self._closed:
+            raise IPCError(CLOSED_TEXT)
+        flavor = self._flavor
+        if flavor is not None:
+            if not flavor.owns_the_running_loop():
+                raise RuntimeError(OTHER_LOOP_TEXT)
+            return flavor
+        loop = running_asyncio_loop()
+        if loop is None:
+            raise RuntimeError(NO_LOOP_TEXT)
+        return self._start(AsyncioFlavor(loop))
+
+    def _start(self, flavor: Flavor) -> Flavor:
+        self._flavor = flavor
+        flavor.watch(self.sync.fileno(), self._on_ready)
+        return flavor
+
+    async def __aenter__(self) -> "Context":
+        if running_asyncio_loop() is not None or self._flavor is not None:
+            self._bind()
+            return self
+        import anyio            # trio (or another anyio backend): a task group of our own
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._group = group
+        self._start(AnyioFlavor(group))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.aclose()
+        finally:
+            group, self._group = self._group, None
+            if group is not None:
+                group.cancel_scope.cancel()
+                await group.__aexit__(None, None, None)
+
+    # -- what connections and servers ask of it ------------------------------------------
+    async def _wait(self, waiters: list[Any]) -> None:
+        if self._failure is not None:
+            raise self._failure
+        flavor = self._flavor
+        if flavor is None:
+            raise IPCError(CLOSED_TEXT)
+        await flavor.wait(waiters)
+
+    def _flavor_wake(self, waiters: list[Any]) -> None:
+        if waiters and self._flavor is not None:
+            self._flavor.wake(waiters)
+
+    async def _within(self, make: Callable[[], Awaitable[None]], seconds: float) -> bool:
+        assert self._flavor is not None
+        return await self._flavor.within(make, seconds)
+
+    def _spawn(self, body: TaskBody) -> Cancel:
+        assert self._flavor is not None
+        return self._flavor.spawn(body)
+
+    def _adopt(self, fd: int) -> Connection:
+        conn = Connection(self, fd, self.high_water)
+        self._conns[fd] = conn
+        return conn
+
+    def _forget(self, fd: int) -> None:
+        self._conns.pop(fd, None)
+
+    # -- the loop's callback ---------------------------------------------------------------
+    def _on_ready(self) -> None:
+        """The context's fd is readable: handle what is ready (see the module doc)."""
+        wait_events, dispatch = self.sync.wait_events, self._dispatch
+        for _ in range(MAX_ROUNDS):
+            try:
+                events = wait_events(timeout=0)
+            except IPCError as exc:
+                if str(exc) == NOTHING_TEXT:     # every fd closed: nothing can be ready
+                    return
+                self._fail(exc)
+                return
+            except Exception as exc:     # e.g. a switch callback's: every waiter sees it
+                self._fail(exc)
+                return
+            if not events:
+                return
+            for ev in events:
+                dispatch(ev)
+
+    def _dispatch(self, ev: Event) -> None:
+        kind = ev.type
+        conn = self._conns.get(ev.fd)
+        if conn is not None:
+            if kind is _MESSAGE_RX:
+                conn._received(ev.message)          # type: ignore[arg-type]
+            elif kind is _MESSAGE_TX:
+                conn._written()
+            elif kind is _DISCONNECTION:
+                del self._conns[ev.fd]
+                conn._disconnected()
+            elif kind is _ERROR:
+                conn.error = ev.error
+            else:
+                self._queue(ev)
+            return
+        if kind is _CONNECTION and self._servers:
+            server = self._server_of(ev.fd)
+            if server is not None:
+                server._accept(self._adopt(ev.fd))
+                return
+        self._queue(ev)
+
+    def _server_of(self, fd: int) -> Optional[Server]:
+        """The Server that accepted client fd (the socket's local address is
+        the service's path)."""
+        if len(self._servers) == 1 and not self._plain_services:
+            return next(iter(self._servers.values()))
+        sock = socket.socket(fileno=fd)
+        try:
+            path = sock.getsockname()
+        except OSError:
+            return None
+        finally:
+            sock.detach()
+        return self._servers.get(os.fsdecode(path))
+
+    def _queue(self, ev: Event) -> None:
+        self._events.append(ev)
+        self._flavor_wake(self._event_waiters)
+
+    def _fail(self, exc: Exception) -> None:
+        log.error("pyipc.aio: the context's event loop failed: %r", exc)
+        self._failure = exc
+        if self._flavor is not None:
+            self._flavor.unwatch()
+        for conn in list(self._conns.values()):
+            self._flavor_wake(conn._rx_waiters)
+            self._flavor_wake(conn._tx_waiters)
+        self._flavor_wake(self._event_waiters)
+
+    # -- the API -----------------------------------------------------------------------------
+    async def connect(self, name: str, timeout: Optional[float] = None) -> Connection:
+        """A Connection to service `name`. Direct (connect_service, which does
+        not wait: the service's backlog takes the client), or through ipcd
+        when IPC_NETWORK is set: then the handshake with ipcd (a local
+        daemon) runs in the loop's thread, for at most `timeout` seconds
+        (default DEFAULT_IPCD_TIMEOUT)."""
+        flavor = self._bind()
+        await flavor.checkpoint()           # a cancelled connect() connects nothing
+        if os.environb.get(b"IPC_NETWORK"):
+            fd = self.sync.connect(name, DEFAULT_IPCD_TIMEOUT if timeout is None else timeout)
+        else:
+            fd = self.sync.connect_service(name)
+        return self._adopt(fd)
+
+    async def serve(self, name: str, handler: Handler) -> Server:
+        """Listen as service `name`; run `await handler(conn)` as a task per client."""
+        self._bind()
+        return Server(self, name, handler, owns_ctx=False)
+
+    def service_init(self, name: str) -> int:
+        """Listen as service `name` without a handler: its clients' events
+        come out of `events()` (libIPC's single-loop style)."""
+        self._bind()
+        fd = self.sync.service_init(name)
+        self._plain_services += 1
+        return fd
+
+    def schedule(self, fd: int, payload: Payload) -> None:
+        """Queue a message for fd (sync.schedule; the loop sends it)."""
+        self.sync.schedule(fd, payload)
+
+    async def wait_event(self) -> Event:
+        """The next event that no Connection or Server took (CONNECTION of a
+        service made by service_init, its clients' messages, TIMER, EXTERNAL,
+        switching...). Cancelled, it has taken nothing."""
+        self._bind()
+        while not self._events:
+            await self._wait(self._event_waiters)
+        return self._events.popleft()
+
+    def events(self) -> "EventStream":
+        """`async for ev in ctx.events()`: wait_event() forever."""
+        return EventStream(self)
+
+    async def aclose(self) -> None:
+        """Stop the servers (their handlers are cancelled), let what is
+        scheduled go out (at most `linger` seconds in all), close every fd."""
+        if self._closed:
+            return
+        self._closed = True
+        conns = list(self._conns.values())
+        try:
+            servers = list(self._servers.values())
+            for server in servers:
+                server.close()
+                server.close_clients()
+            for server in servers:          # their handlers' cleanup runs now
+                while server._cancels:
+                    await self._wait(server._waiters)
+            if self._flavor is not None and any(c.get_write_buffer_size() for c in conns):
+                async def drained() -> None:
+                    for conn in conns:
+                        await conn.drain()
+                await self._flavor.within(drained, self.sync.linger)
+        finally:
+            self._close_now(conns)
+
+    def _close_now(self, conns: list[Connection]) -> None:
+        if self._flavor is not None:
+            self._flavor.unwatch()
+        linger, self.sync.linger = self.sync.linger, 0     # what could go out has
+        try:
+            self.sync.close_all()
+        finally:
+            self.sync.linger = linger
+        for conn in conns + list(self._conns.values()):
+            if not conn.closed:
+                conn._end(f"connection on fd {conn.fd} is closed")
+        self._conns.clear()
+        self._flavor_wake(self._event_waiters)
+        self._flavor = None
+
+
+class EventStream:
+    """`ctx.events()`: an async iterator of wait_event(). Not a generator, so
+    that cancelling one `__anext__` leaves it usable (and loses no event)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    def __aiter__(self) -> "EventStream":
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._ctx.wait_event()

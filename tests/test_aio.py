@@ -1,0 +1,510 @@
+"""pyipc.aio under asyncio (issue 18, items 2 and 4), on both backends.
+
+Echo of 10,000 messages across processes, a sync client against an async
+service and an async client against the sync pongd, 1,000 concurrent
+clients on one service, back-pressure against a consumer that does not
+read, cancellation at every await, a loop timer that fires on time while
+messages flow, libIPC's single-loop style (events()), typed messages, and
+the Server's life cycle. Every wait is bounded by asyncio.timeout/wait_for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import resource
+import sys
+import threading
+import time
+from typing import Any, Awaitable, Callable
+
+import pytest
+
+import pyipc
+import pyipc.aio
+from pyipc import EventType
+from conftest import CHILD_ENV
+
+WAIT_S = 30.0
+ECHOES = 10_000
+
+#: A child process: an async echo service on pyipc.aio (prints ready, then serves).
+ECHO_SERVICE = '''
+import asyncio, sys
+import pyipc.aio
+
+async def echo(conn):
+    async for message in conn:
+        await conn.send(message)
+
+async def main():
+    async with await pyipc.aio.serve(sys.argv[1], echo, rundir=sys.argv[2]) as server:
+        print("ready", flush=True)
+        await server.serve_forever()
+
+asyncio.run(main())
+'''
+
+
+def run(coro_fn: Callable[[], Awaitable[Any]], timeout: float = WAIT_S) -> Any:
+    """asyncio.run the coroutine, bounded."""
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro_fn(), timeout)
+    return asyncio.run(bounded())
+
+
+@pytest.fixture
+def actx(backend, rundir):
+    """Make pyipc.aio.Contexts on the test's backend and run dir."""
+    def make(**kwargs: Any) -> pyipc.aio.Context:
+        kwargs.setdefault("rundir", rundir)
+        kwargs.setdefault("backend", backend)
+        return pyipc.aio.Context(**kwargs)
+    return make
+
+
+@pytest.fixture
+def echo_child(backend, rundir, processes):
+    """An async echo service in a child process, ready."""
+    env = dict(CHILD_ENV, PYIPC_BACKEND=backend)
+    proc = processes(ECHO_SERVICE, "echo", rundir, env=env, stdout=__import__("subprocess").PIPE,
+                     text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+async def echo(conn: pyipc.aio.Connection) -> None:
+    async for message in conn:
+        await conn.send(message)
+
+
+# ---------------------------------------------------------------- across processes
+
+
+def test_echo_of_10000_messages_across_processes(actx, echo_child):
+    async def main() -> None:
+        async with actx() as ctx:
+            conn = await ctx.connect("echo")
+            sent = [i.to_bytes(4, "big") * 8 for i in range(ECHOES)]
+
+            async def sender() -> None:
+                for message in sent:
+                    await conn.send(message)
+            task = asyncio.create_task(sender())
+            got = [await conn.recv() for _ in range(ECHOES)]
+            await task
+            assert got == sent
+            await conn.close()
+    run(main)
+
+
+def test_a_sync_client_against_the_async_service(ctx_factory, echo_child):
+    ctx = ctx_factory()
+    fd = ctx.connect("echo")
+    batch = [b"m%d" % i for i in range(1000)]
+    ctx.write_many(fd, batch, timeout=WAIT_S)
+    got: list[bytes] = []
+    while len(got) < len(batch):
+        got += ctx.read_many(fd, timeout=WAIT_S)
+    assert got == batch
+
+
+def test_an_async_client_against_the_sync_pongd(actx, backend, rundir, processes):
+    import subprocess
+    pongd = processes("import sys; from pyipc.cli import main; sys.exit(main())",
+                      "--rundir", rundir, "--backend", backend, "pongd", "pongd",
+                      stdout=subprocess.PIPE, text=True)
+    assert "serving pongd" in pongd.stdout.readline()
+
+    async def main() -> None:
+        async with actx() as ctx:
+            conn = await ctx.connect("pongd")
+            for i in range(1000):
+                await conn.send(b"%d" % i)
+            assert [await conn.recv() for _ in range(1000)] == [b"%d" % i for i in range(1000)]
+    run(main)
+
+
+# ---------------------------------------------------------------- many clients
+
+
+def test_1000_concurrent_clients_on_one_async_service(actx):
+    clients, rounds = 1000, 5
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * clients + 200                  # both ends in this process, and spares
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+
+    async def client(ctx: pyipc.aio.Context, n: int) -> int:
+        conn = await ctx.connect("echo")
+        for r in range(rounds):
+            await conn.send(b"%d:%d" % (n, r))
+            assert await conn.recv() == b"%d:%d" % (n, r)
+        await conn.close()
+        return n
+
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as client_ctx:
+            async with await server_ctx.serve("echo", echo) as server:
+                done = await asyncio.gather(*(client(client_ctx, n) for n in range(clients)))
+                assert sorted(done) == list(range(clients))
+                assert server.is_serving()
+    try:
+        run(main, 120.0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ---------------------------------------------------------------- back-pressure
+
+
+def test_a_slow_consumer_makes_send_wait_and_memory_stays_bounded(actx, ctx_factory):
+    """The consumer (a sync context in a thread) reads nothing until the
+    sender is seen waiting; queued bytes never exceed the high-water mark plus
+    one message; a send() cancelled while it waited queued nothing, so the
+    consumer gets every other message, whole and in order."""
+    high, size, count = 256 << 10, 64 << 10, 200
+    frame = size + 4
+    consumer = ctx_factory()
+    go, got = threading.Event(), []
+
+    def consume(fd: int) -> None:
+        go.wait(WAIT_S)
+        while len(got) < count:
+            got.extend(consumer.read_many(fd, timeout=WAIT_S))
+
+    async def main() -> None:
+        async with actx(high_water=high) as ctx:
+            ctx.service_init("sink")     # events() style for the service
+            fd = consumer.connect("sink")
+            ev = await ctx.wait_event()
+            assert ev.type == EventType.CONNECTION
+            conn = ctx._adopt(ev.fd)     # as a Server would: the connection object
+            thread = threading.Thread(target=consume, args=(fd,))
+            thread.start()
+            peak, timed_out = 0, 0
+            try:
+                for i in range(count):
+                    message = i.to_bytes(4, "big") * (size // 4)
+                    if not go.is_set():
+                        try:     # proves send() waits: nobody reads, so it cannot finish
+                            await asyncio.wait_for(conn.send(message), 0.5)
+                        except asyncio.TimeoutError:
+                            timed_out += 1
+                            go.set()                       # now consume
+                            await conn.send(message)       # queued nothing: send again
+                    else:
+                        await conn.send(message)
+                    peak = max(peak, conn.get_write_buffer_size())
+                    assert conn.get_write_buffer_size() <= high + frame
+                await conn.drain()
+            finally:
+                go.set()
+                await asyncio.to_thread(thread.join, WAIT_S)
+            assert timed_out == 1 and peak > high
+    run(main, 60.0)
+    assert len(got) == count
+    assert [m[:4] for m in got] == [i.to_bytes(4, "big") for i in range(count)]
+    assert all(len(m) == size for m in got)
+
+
+# ---------------------------------------------------------------- cancellation
+
+
+def test_cancelling_recv_loses_no_message(actx):
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            got: asyncio.Queue[pyipc.aio.Connection] = asyncio.Queue()
+
+            async def handler(conn: pyipc.aio.Connection) -> None:
+                await got.put(conn)
+                await asyncio.Event().wait()        # keeps it open until cancelled
+            server = await server_ctx.serve("svc", handler)
+            conn = await ctx.connect("svc")
+            peer = await got.get()
+            # Cancelled while nothing has come.
+            waiting = asyncio.create_task(conn.recv())
+            await asyncio.sleep(0)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            # Woken by a message, then cancelled before it resumed: the
+            # message stays for the next recv().
+            waiting = asyncio.create_task(conn.recv())
+            await asyncio.sleep(0)
+            await peer.send(b"first")
+            await peer.send(b"second")
+            while not conn._inbox:                   # arrived and woke the waiter
+                await asyncio.sleep(0)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert await conn.recv() == b"first"
+            assert await conn.recv() == b"second"
+            with pytest.raises(TimeoutError):       # a timeout is a cancellation too
+                async with asyncio.timeout(0.05):
+                    await conn.recv()
+            await peer.send(b"third")
+            assert await conn.recv() == b"third"
+            server.close()
+    run(main)
+
+
+def test_a_timeout_on_recv(actx):
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            await server_ctx.serve("svc", echo)
+            conn = await ctx.connect("svc")
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await conn.recv()
+            await conn.send(b"after")
+            assert await conn.recv() == b"after"
+    run(main)
+
+
+def test_cancelling_connect_connects_nothing(actx):
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            server_ctx.service_init("svc")
+            task = asyncio.create_task(ctx.connect("svc"))
+            await asyncio.sleep(0)                  # it is at its first await
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert ctx._conns == {}
+            conn = await ctx.connect("svc")         # the context still works
+            ev = await server_ctx.wait_event()
+            assert ev.type == EventType.CONNECTION
+            assert list(ctx._conns) == [conn.fd]
+    run(main)
+
+
+def test_cancelling_wait_event_and_events_loses_no_event(actx):
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            server_ctx.service_init("svc")
+            events = server_ctx.events()
+            task = asyncio.create_task(events.__anext__())
+            await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            conn = await ctx.connect("svc")
+            await conn.send(b"hello")
+            while len(server_ctx._events) < 2:      # both arrived, nobody waiting
+                await asyncio.sleep(0)
+            task = asyncio.create_task(server_ctx.wait_event())
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            seen = []
+            async for ev in events:                 # still usable after a cancellation
+                seen.append((ev.type, ev.message))
+                if len(seen) == 2:
+                    break
+            assert seen == [(EventType.CONNECTION, None), (EventType.MESSAGE_RX, b"hello")]
+    run(main)
+
+
+def test_cancelling_a_waiting_send_leaves_the_stream_framed(actx, ctx_factory):
+    """A send() cancelled while it waits for room has queued nothing; the
+    peer receives exactly the sends that returned, whole and in order."""
+    sink, got = ctx_factory(), []
+
+    def consume(fd: int) -> None:           # until the sender closes
+        try:
+            while True:
+                got.extend(sink.read_many(fd, timeout=WAIT_S))
+        except pyipc.ConnectionClosedError:
+            pass
+
+    async def main() -> None:
+        async with actx(high_water=0) as ctx:   # every send() after the first waits
+            ctx.service_init("sink")
+            fd = sink.connect("sink")
+            conn = ctx._adopt((await ctx.wait_event()).fd)
+            thread = threading.Thread(target=consume, args=(fd,))
+            thread.start()
+            returned = []
+            for i in range(60):
+                task = asyncio.create_task(conn.send(b"%d" % i * 1000))
+                await asyncio.sleep(0)          # it has started: queued, or waiting
+                if i % 3 == 0:
+                    task.cancel()
+                try:
+                    await task
+                    returned.append(b"%d" % i * 1000)
+                except asyncio.CancelledError:
+                    pass
+            await conn.close()                  # after what was queued has gone out
+            await asyncio.to_thread(thread.join, WAIT_S)
+            assert got == returned and 30 < len(returned) < 60
+    run(main)
+
+
+# ---------------------------------------------------------------- the loop stays fair
+
+
+def test_a_loop_timer_fires_on_time_while_messages_flow(actx):
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with actx() as server_ctx, actx() as ctx:
+            await server_ctx.serve("echo", echo)
+            conn = await ctx.connect("echo")
+            stop = asyncio.Event()
+            echoed = 0
+
+            async def flood() -> None:
+                nonlocal echoed
+                while not stop.is_set():
+                    for _ in range(100):
+                        await conn.send(b"x" * 64)
+                    for _ in range(100):
+                        await conn.recv()
+                    echoed += 100
+
+            task = asyncio.create_task(flood())
+            while echoed < 1000:                    # the flow is under way
+                await asyncio.sleep(0)
+            fired = loop.create_future()
+            due = loop.time() + 0.2
+            loop.call_at(due, lambda: fired.set_result((loop.time(), echoed)))
+            at, echoed_then = await fired
+            stop.set()
+            await task
+            assert at - due < 0.15, f"the timer fired {at - due:.3f} s late"
+            assert echoed_then > 1000               # messages flowed meanwhile
+    run(main)
+
+
+# ---------------------------------------------------------------- the rest of the API
+
+
+def test_libipc_single_loop_style(actx):
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            server_ctx.service_init("svc")
+            conn = await ctx.connect("svc")
+            await conn.send(b"ping")
+            async for ev in server_ctx.events():
+                if ev.type == EventType.MESSAGE_RX:
+                    server_ctx.schedule(ev.fd, ev.message.upper())
+                    break
+            assert await conn.recv() == b"PING"
+    run(main)
+
+
+@dataclasses.dataclass
+class Greeting:
+    text: str
+
+
+def test_typed_messages(actx):
+    registry = pyipc.Registry()
+    registry.register(1, Greeting)
+
+    async def handler(conn: pyipc.aio.Connection) -> None:
+        greeting = await conn.recv_typed(registry, cls=Greeting)
+        await conn.send_typed(Greeting(greeting.text + "!"), registry)
+
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            await server_ctx.serve("svc", handler)
+            conn = await ctx.connect("svc")
+            await conn.send_typed(Greeting("hi"), registry)
+            assert await conn.recv_typed(registry) == Greeting("hi!")
+            # The handler returned: its connection is closed after the reply.
+            with pytest.raises(pyipc.ConnectionClosedError,
+                               match="closed by the peer"):
+                await conn.recv()
+            assert [m async for m in conn] == []
+    run(main)
+
+
+def test_messages_before_a_disconnection_come_first(actx):
+    async def handler(conn: pyipc.aio.Connection) -> None:
+        for i in range(3):
+            await conn.send(b"%d" % i)
+
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            await server_ctx.serve("svc", handler)
+            conn = await ctx.connect("svc")
+            assert [m async for m in conn] == [b"0", b"1", b"2"]
+            assert conn.closed
+            with pytest.raises(pyipc.ConnectionClosedError):
+                await conn.send(b"late")
+    run(main)
+
+
+def test_a_failing_handler_is_logged_and_the_server_goes_on(actx, caplog):
+    async def handler(conn: pyipc.aio.Connection) -> None:
+        if await conn.recv() == b"fail":
+            raise ValueError("boom")
+        await conn.send(b"fine")
+
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            await server_ctx.serve("svc", handler)
+            bad = await ctx.connect("svc")
+            await bad.send(b"fail")
+            assert [m async for m in bad] == []     # its connection was closed
+            good = await ctx.connect("svc")
+            await good.send(b"ok?")
+            assert await good.recv() == b"fine"
+    with caplog.at_level(logging.ERROR, logger="pyipc.aio"):
+        run(main)
+    assert "the handler of fd" in caplog.text and "boom" in caplog.text
+
+
+def test_server_life_cycle(actx, rundir):
+    async def main() -> None:
+        started = asyncio.Event()
+
+        async def handler(conn: pyipc.aio.Connection) -> None:
+            started.set()
+            await conn.recv()                       # until cancelled
+
+        server = await pyipc.aio.serve("svc", handler, rundir=rundir,
+                                       backend=actx().backend)
+        assert os.path.exists(os.path.join(rundir, "svc"))
+        forever = asyncio.create_task(server.serve_forever())
+        async with actx() as ctx:
+            await ctx.connect("svc")
+            await started.wait()
+            forever.cancel()                        # cancelling serve_forever closes it
+            with pytest.raises(asyncio.CancelledError):
+                await forever
+            assert not server.is_serving()
+            assert not os.path.exists(os.path.join(rundir, "svc"))
+            with pytest.raises(pyipc.ServiceNotFoundError):
+                await ctx.connect("svc")
+            server.close_clients()
+            await server.wait_closed()              # the handler ended; its context closed
+            assert server.ctx._closed
+    run(main)
+
+
+def test_the_context_binds_to_the_loop_that_first_uses_it(actx):
+    ctx = actx()                                    # made with no loop running
+
+    async def use() -> None:
+        ctx.service_init("svc")
+
+    asyncio.run(use())
+    with pytest.raises(RuntimeError, match="bound to another event loop"):
+        asyncio.run(use())
+    ctx.sync.close_all()
+
+
+def test_a_closed_context_refuses_to_work(actx):
+    async def main() -> None:
+        ctx = actx()
+        async with ctx:
+            pass
+        with pytest.raises(pyipc.IPCError, match="is closed"):
+            await ctx.connect("svc")
+    run(main)

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 from . import (BackendError, ConnectionClosedError, Context, Event, EventType, IPCError,
                available_backends)
 from ._version import DISTRIBUTION, __version__
+from .daemons._commands import add_daemon_commands
 
 log = logging.getLogger("pyipc.cli")
 
@@ -277,6 +278,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--label", default="", help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_pong)
     _add_bench(sub)
+    add_daemon_commands(sub)
     return p
 
 

@@ -84,6 +84,24 @@ def test_wait_event_timeout_zero_still_times_out(ctx_factory):
         ctx.wait_event(timeout=0)
 
 
+def test_a_zero_timeout_wait_with_nothing_to_wait_for_is_nothing_ready(ctx_factory):
+    """After the last fd is closed, a loop driven by fileno() may still call
+    once more: a zero-timeout wait cannot hang, so it is "nothing ready" (as
+    with fds of which none is ready); a wait that could block still says why
+    it would hang."""
+    ctx = ctx_factory()
+    fd = ctx.service_init("svc")
+    ctx.fileno()
+    ctx.close(fd)
+    assert ctx.wait_events(timeout=0) == []
+    with pytest.raises(pyipc.TimeoutError, match="wait timed out"):
+        ctx.wait_event(timeout=0)
+    with pytest.raises(pyipc.IPCError, match="nothing to wait for: no fd and no timer"):
+        ctx.wait_events(timeout=0.01)
+    with pytest.raises(pyipc.IPCError, match="nothing to wait for: no fd and no timer"):
+        ctx.wait_event()
+
+
 def test_a_bad_timeout_is_refused_on_the_polling_path(ctx_factory):
     ctx = ctx_factory()
     ctx.service_init("svc")

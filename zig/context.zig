@@ -1595,8 +1595,12 @@ pub const Context = struct {
         self.releaseEnded();
         // A wake-up that came during an earlier wait already ended that one.
         self.woken = false;
-        if (self.table.count() == 0 and self.timer_ms < 0)
+        if (self.table.count() == 0 and self.timer_ms < 0) {
+            // A zero-timeout call (a loop driven by ipc_context_fd) cannot
+            // hang: nothing is ready, as with fds of which none is.
+            if (self.call_timeout_ns == 0) return self.last.fail(error.Timeout, "wait timed out", .{});
             return self.last.fail(error.Generic, "nothing to wait for: no fd and no timer", .{});
+        }
         // In nanoseconds, and the poll's timeout rounded up: a TIMER never
         // comes before `timer_ms` have passed: since this call began, or for
         // a zero-timeout call (a loop driven by ipc_context_fd), since the

@@ -566,6 +566,10 @@ test "errors: unknown fd, nothing to wait for, timer, connection limit" {
     ctx.setTimer(-1);
     try testing.expectError(error.Generic, ctx.wait(false));
     try testing.expectEqualStrings("nothing to wait for: no fd and no timer", ctx.last.text());
+    // A zero-timeout call cannot hang: nothing is ready, as with idle fds.
+    ctx.setCallTimeout(0);
+    try testing.expectError(error.Timeout, ctx.wait(false));
+    ctx.setCallTimeout(-1);
     ctx.setTimer(10);
     try expectOnly(ctx, .timer, -1, null);
     try ctx.setLimits(.{ .max_connections = 1 });

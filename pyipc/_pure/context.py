@@ -175,6 +175,8 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
 
     def _fetch(self, timeout: Optional[float]) -> None:
         if not self._by_fd and self._timer is None:
+            if timeout == 0:    # cannot hang: nothing is ready, as with fds of which none is
+                raise TimeoutError("wait timed out")
             raise IPCError("nothing to wait for: no fd and no timer")
         if self._ended:
             self._release_ended()

@@ -36,9 +36,6 @@ DEFAULT_IPCD_TIMEOUT = 10.0
 #: flood of messages cannot hold the loop's timers and other callbacks back).
 MAX_ROUNDS = 16
 
-#: wait_events()'s error on a context with no fd and no timer (after the
-#: last connection was closed, its fd may still be readable once).
-NOTHING_TEXT = "nothing to wait for: no fd and no timer"
 CLOSED_TEXT = "this pyipc.aio.Context is closed"
 OTHER_LOOP_TEXT = ("this pyipc.aio.Context is bound to another event loop (it binds to "
                    "the loop that first uses it)")
@@ -172,11 +169,6 @@ class Context:
         for _ in range(MAX_ROUNDS):
             try:
                 events = wait_events(timeout=0)
-            except IPCError as exc:
-                if str(exc) == NOTHING_TEXT:     # every fd closed: nothing can be ready
-                    return
-                self._fail(exc)
-                return
             except Exception as exc:     # e.g. a switch callback's: every waiter sees it
                 self._fail(exc)
                 return

@@ -244,7 +244,9 @@ class NativeContext(Context):
     def _read_again(self, deadline: Optional[float]) -> None:
         """A blocking read came back with _E_INTERRUPTED, nothing consumed: a
         signal whose handler returned, or another thread's wake-up. Make the
-        calls other threads handed over (_threads), then read on."""
+        calls other threads handed over (_threads), then read on. (A wake-up
+        that kept fileno() readable for events waiting in _handed may be the
+        one this read took: the reads give it back once they return.)"""
         self._guard.apply(self)
         self._resume_after_handover(deadline)
 
@@ -490,6 +492,8 @@ class NativeContext(Context):
             if rc != _E_INTERRUPTED:
                 break
             self._read_again(deadline)
+        if self._handed:        # the read may have taken their wake-up
+            self._wakeup()
         if rc == _E_BUFFER_TOO_SMALL:
             return self._read_large(fd)
         if rc:
@@ -526,6 +530,8 @@ class NativeContext(Context):
             if rc != _E_INTERRUPTED:
                 break
             self._read_again(deadline)
+        if self._handed:        # the read may have taken their wake-up
+            self._wakeup()
         if rc == _E_BUFFER_TOO_SMALL:
             return [self._read_large(fd)]
         if rc:
@@ -550,6 +556,8 @@ class NativeContext(Context):
                 if rc != _E_INTERRUPTED:
                     break
                 self._read_again(deadline)
+            if self._handed:        # the read may have taken their wake-up
+                self._wakeup()
         if rc == _E_BUFFER_TOO_SMALL:
             raise MessageTooLargeError(buffer_too_small_text(len(view), rlen[0]))
         if rc:

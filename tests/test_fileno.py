@@ -365,3 +365,31 @@ def test_an_asyncio_loop_serves_an_echo_with_schedule(ctx_factory, backend, rund
         client.kill()
         raise
     check_client(client, seen)
+
+
+def test_events_parked_after_a_signal_keep_it_readable_across_a_blocking_read(rundir):
+    """Native: events a signal's exception interrupted on their way out wait
+    in Python (_handed) and keep fileno() readable with a wake-up. A blocking
+    read of another fd that starts meanwhile ends its first wait on that
+    wake-up (the core consumes it); once the read returns, fileno() must be
+    readable again, or a loop driven by it would never see those events."""
+    from conftest import require_backend
+    require_backend("native")
+    with pyipc.Context(rundir=rundir, backend="native") as server, \
+            pyipc.Context(rundir=rundir, backend="native") as client:
+        a = Pair(server, client, "parked-a")
+        b = Pair(server, client, "parked-b")
+        client.write(a.client_fd, b"parked")
+        (parked,) = [ev for ev in server.wait_events(timeout=5)
+                     if ev.type == EventType.MESSAGE_RX]
+        server._keep_handed([parked])            # as a signal's exception leaves them
+        fd = server.fileno()
+        assert readable(fd)
+        sender = threading.Timer(0.2, client.write, (b.client_fd, b"later"))
+        sender.start()
+        try:
+            assert server.read(b.server_fd, timeout=10) == b"later"
+        finally:
+            sender.join()
+        assert readable(fd)
+        assert server.wait_events(timeout=0) == [parked]

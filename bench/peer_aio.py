@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from argparse import Namespace
 
 import pyipc.aio
@@ -38,22 +37,7 @@ async def client(args: Namespace) -> None:
     """Time the round trips or the one-way stream; print the result."""
     async with pyipc.aio.Context(rundir=args.dir, backend=args.backend) as ctx:
         conn = await ctx.connect(proto.SERVICE)
-        send, recv = conn.send, conn.recv
-        data = proto.payload(args.size)
-        if args.case == "rtt":
-            for _ in range(proto.WARMUP):
-                await send(data)
-                await recv()
-            start = time.perf_counter()
-            for _ in range(args.n):
-                await send(data)
-                await recv()
-        else:
-            start = time.perf_counter()
-            for _ in range(args.n):
-                await send(data)
-            await recv()
-        proto.result(seconds=time.perf_counter() - start)
+        await proto.time_async_client(args, conn.send, conn.recv)
     os._exit(0)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-import time
 from argparse import Namespace
 
 from . import proto
@@ -49,21 +48,8 @@ async def serve(args: Namespace) -> None:
 async def client(args: Namespace) -> None:
     """Time the round trips or the one-way stream; print the result."""
     reader, writer = await asyncio.open_unix_connection(proto.socket_path(args))
-    data = proto.payload(args.size)
-    if args.case == "rtt":
-        for _ in range(proto.WARMUP):
-            await _write(writer, data)
-            await _read(reader)
-        start = time.perf_counter()
-        for _ in range(args.n):
-            await _write(writer, data)
-            await _read(reader)
-    else:
-        start = time.perf_counter()
-        for _ in range(args.n):
-            await _write(writer, data)
-        await _read(reader)
-    proto.result(seconds=time.perf_counter() - start)
+    await proto.time_async_client(args, lambda data: _write(writer, data),
+                                  lambda: _read(reader))
     os._exit(0)
 
 

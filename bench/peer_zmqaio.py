@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from argparse import Namespace
 
 import zmq
@@ -37,21 +36,7 @@ async def serve(args: Namespace) -> None:
 async def client(args: Namespace) -> None:
     """Time the round trips or the one-way stream; print the result."""
     s = _socket(args, server=False)
-    data = proto.payload(args.size)
-    if args.case == "rtt":
-        for _ in range(proto.WARMUP):
-            await s.send(data)
-            await s.recv()
-        start = time.perf_counter()
-        for _ in range(args.n):
-            await s.send(data)
-            await s.recv()
-    else:
-        start = time.perf_counter()
-        for _ in range(args.n):
-            await s.send(data)
-        await s.recv()
-    proto.result(seconds=time.perf_counter() - start)
+    await proto.time_async_client(args, s.send, s.recv)
     os._exit(0)                 # skip zmq's linger at exit
 
 

@@ -12,8 +12,9 @@ import json
 import os
 import resource
 import sys
+import time
 from argparse import Namespace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 #: Name of the benchmark service (pyipc) or socket file (the others) in --dir.
 SERVICE = "bench"
@@ -90,3 +91,25 @@ def payload(size: int) -> bytes:
     """A payload of ``size`` bytes (not all zero)."""
     return bytes(i & 0xFF for i in range(min(size, 256))) * (size // 256) + \
         bytes(i & 0xFF for i in range(size % 256))
+
+
+async def time_async_client(args: Namespace, send: Callable[[bytes], Awaitable[Any]],
+                            recv: Callable[[], Awaitable[Any]]) -> None:
+    """The client side of every asyncio peer: WARMUP round trips then `n`
+    timed ones (rtt), or `n` messages then the server's acknowledgement
+    (oneway); prints the result."""
+    data = payload(args.size)
+    if args.case == "rtt":
+        for _ in range(WARMUP):
+            await send(data)
+            await recv()
+        start = time.perf_counter()
+        for _ in range(args.n):
+            await send(data)
+            await recv()
+    else:
+        start = time.perf_counter()
+        for _ in range(args.n):
+            await send(data)
+        await recv()
+    result(seconds=time.perf_counter() - start)

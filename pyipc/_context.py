@@ -268,6 +268,13 @@ class Context:
         """Watch a foreign fd: EXTERNAL events while it is readable."""
         raise NotImplementedError
 
+    def add_connection(self, fd: int) -> None:
+        """Manage fd, a connected Unix stream socket made elsewhere (received
+        by SCM_RIGHTS, one end of a socketpair), as a connection of this
+        context: from now on the context owns it (reads, writes and closes
+        it) as if connect() had made it."""
+        raise NotImplementedError
+
     def add_switch(self, fd1: int, fd2: int) -> None:
         """Forward messages between fd1 and fd2, both ways."""
         raise NotImplementedError

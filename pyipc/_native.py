@@ -287,6 +287,9 @@ class NativeContext(Context):
     def add_external(self, fd: int) -> None:
         self._check(lib.ipc_add_external(self._ctx, _fd_arg(fd)), fd)
 
+    def add_connection(self, fd: int) -> None:
+        self._check(lib.ipc_add_connection(self._ctx, _fd_arg(fd)), fd)
+
     def add_switch(self, fd1: int, fd2: int) -> None:
         self._check(lib.ipc_add_switch(self._ctx, _fd_arg(fd1), _fd_arg(fd2)), fd1, fd2)
 

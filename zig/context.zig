@@ -676,6 +676,39 @@ pub const Context = struct {
         conn.is_socket = sys.isSocket(fd);
     }
 
+    /// Manage `fd`, a connected Unix stream socket made elsewhere (received
+    /// by SCM_RIGHTS, one end of a socketpair), as a connection: from now on
+    /// the context owns it (reads, writes, closes it) as if it had connected.
+    pub fn addConnection(self: *Context, fd: i32) Error!void {
+        if (self.ended.contains(fd)) return self.closedByPeer(fd);
+        if (self.table.get(fd) != null)
+            return self.last.fail(
+                error.Generic,
+                "fd {d} is already managed by this context",
+                .{fd},
+            );
+        if (!sys.isOpen(fd))
+            return self.last.fail(error.UnknownFd, "fd {d} is not an open file descriptor", .{fd});
+        if (!sys.isConnectedUnixStream(fd))
+            return self.last.fail(
+                error.Generic,
+                "fd {d} is not a connected Unix stream socket",
+                .{fd},
+            );
+        try self.checkRoom();
+        // Blocking mode, as the context's own connections are (the loop
+        // passes MSG_DONTWAIT where it must not wait).
+        if (!sys.setNonblocking(fd, false))
+            return self.last.failErrno(
+                error.Generic,
+                c.errno(@as(c_int, -1)),
+                "cannot use fd {d}: {s}",
+                .{ fd, errors.errText(c.errno(@as(c_int, -1))) },
+            );
+        if (sys.send_flags == 0) sys.setNoSigpipe(fd);
+        _ = try self.addConn(fd, .connection);
+    }
+
     pub fn peerCredentials(self: *Context, fd: i32) Error!Credentials {
         const conn = try self.connection(fd);
         return switch (credentials.peer(conn.fd)) {

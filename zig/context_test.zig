@@ -985,3 +985,31 @@ test "busy_poll: read and a direct read_into spin, then wait in the kernel" {
         try testing.expectEqualSlices(u8, big, out[0..len]);
     }
 }
+
+test "addConnection: one end of a socketpair becomes a connection; others are refused" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    const ctx = try run.newContext();
+    defer ctx.destroy();
+    var pair: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    defer sys.closeFd(pair[1]);
+    try ctx.addConnection(pair[0]); // the context owns pair[0] from now on
+    try testing.expectError(error.Generic, ctx.addConnection(pair[0]));
+    try testing.expect(std.mem.endsWith(u8, ctx.last.text(), " is already managed by this context"));
+    sendFrame(pair[1], "hello");
+    var buf: [64]u8 = undefined;
+    try testing.expectEqualStrings("hello", try readMessage(ctx, pair[0], &buf));
+    try ctx.write(pair[0], "back");
+    var raw: [16]u8 = undefined;
+    try testing.expectEqual(@as(isize, 8), c.read(pair[1], &raw, raw.len));
+    try testing.expectEqualStrings("back", raw[4..8]);
+    // A pipe is not a connected Unix stream socket: refused, left open.
+    var pipe: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.pipe(&pipe));
+    defer sys.closeFd(pipe[0]);
+    defer sys.closeFd(pipe[1]);
+    try testing.expectError(error.Generic, ctx.addConnection(pipe[0]));
+    try testing.expect(std.mem.endsWith(u8, ctx.last.text(), "is not a connected Unix stream socket"));
+    try testing.expect(sys.isOpen(pipe[0]));
+}

@@ -171,6 +171,14 @@ pub export fn ipc_add_external(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     return rc(ctx, ctx.addExternal(fd));
 }
 
+/// pyipc addition: manage fd, a connected Unix stream socket made
+/// elsewhere, as a connection (Context.addConnection).
+pub export fn ipc_add_connection(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
+    return rc(ctx, ctx.addConnection(fd));
+}
+
 pub export fn ipc_add_switch(ptr: ?*anyopaque, fd1: c_int, fd2: c_int) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     defer ctx.syncReadiness();

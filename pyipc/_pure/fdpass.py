@@ -8,7 +8,7 @@ import os
 import select
 import socket
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from .._types import IPCD_SERVICE, IPCError, ServiceNotFoundError, TimeoutError
 from .. import _rundir
@@ -54,18 +54,25 @@ class Ipcd:
             answer, fds = b"", []
         finally:
             self.close(ipcd)
-        for extra in fds[1:]:        # only the first is used: the others are not leaked
-            os.close(extra)
-        if answer != b"ok" or not fds:
-            if fds:
-                os.close(fds[0])
-            raise IPCError(f"ipcd could not connect to service {name}")
-        sock = _connected_unix_stream(fds[0])
+        sock = _connected_unix_stream(take_ipcd_answer(name, answer, fds))
         if sock is None:
             raise IPCError("ipcd sent a file descriptor that is not a connected "
                            "Unix stream socket")
         sock.setblocking(True)
         return self._add(Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
+
+
+def take_ipcd_answer(name: str, answer: bytes, fds: List[int]) -> int:
+    """The fd ipcd handed over with its answer "ok" (any others it sent are
+    closed), or the IPCError its answer means (every fd closed). Shared with
+    pyipc.aio's connect()."""
+    for extra in fds[1:]:        # only the first is used: the others are not leaked
+        os.close(extra)
+    if answer != b"ok" or not fds:
+        if fds:
+            os.close(fds[0])
+        raise IPCError(f"ipcd could not connect to service {name}")
+    return fds[0]
 
 
 def _connected_unix_stream(fd: int) -> Optional[socket.socket]:

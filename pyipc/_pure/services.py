@@ -90,6 +90,23 @@ class Services:
             else RawFd(fd)  # type: ignore[assignment]
         self._add(Conn(fd, io, EXTERNAL, self.max_message_size))
 
+    def add_connection(self: PureState, fd: int) -> None:
+        check_fd(fd)
+        if fd in self._ended:
+            raise closed_by_peer(fd)
+        if fd in self._by_fd:
+            raise IPCError(f"fd {fd} is already managed by this context")
+        try:
+            os.fstat(fd)
+        except (OSError, OverflowError):
+            raise UnknownFdError(f"fd {fd} is not an open file descriptor") from None
+        if not _is_connected_unix_stream(fd):
+            raise IPCError(f"fd {fd} is not a connected Unix stream socket")
+        self._check_room()
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(True)        # as the context's own connections (see DONTWAIT)
+        self._add(Conn(fd, sock, CONNECTION, self.max_message_size))
+
     def peer_credentials(self: PureState, fd: int) -> Tuple[int, int, int]:
         conn = self._connection(fd)
         if not hasattr(socket, "SO_PEERCRED"):
@@ -148,3 +165,20 @@ class Services:
             taken = False
         self._spare_fd.open()
         return taken
+
+
+def _is_connected_unix_stream(fd: int) -> bool:
+    """Whether fd is a connected Unix stream socket (fd stays open either way)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:             # not a socket at all (a pipe, /dev/null)
+        return False
+    try:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            return False
+        sock.getpeername()      # ENOTCONN when it is not connected
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.detach()

@@ -22,6 +22,7 @@ from .._rundir import PathLike
 from .._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                       DEFAULT_MAX_QUEUE_SIZE, Event, EventType, IPCError, Payload)
 from ._connection import Connection
+from ._ipcd import connect_through_ipcd, network
 from ._flavor import AnyioFlavor, AsyncioFlavor, Flavor, TaskBody, Cancel, log, \
     running_asyncio_loop
 
@@ -232,15 +233,17 @@ class Context:
     async def connect(self, name: str, timeout: Optional[float] = None) -> Connection:
         """A Connection to service `name`. Direct (connect_service, which does
         not wait: the service's backlog takes the client), or through ipcd
-        when IPC_NETWORK is set: then the handshake with ipcd (a local
-        daemon) runs in the loop's thread, for at most `timeout` seconds
-        (default DEFAULT_IPCD_TIMEOUT)."""
+        when IPC_NETWORK is set: then the loop awaits ipcd's answer (it
+        may reach another host) for at most `timeout` seconds (default
+        DEFAULT_IPCD_TIMEOUT), serving everything else meanwhile."""
         flavor = self._bind()
         await flavor.checkpoint()           # a cancelled connect() connects nothing
-        if os.environb.get(b"IPC_NETWORK"):
-            fd = self.sync.connect(name, DEFAULT_IPCD_TIMEOUT if timeout is None else timeout)
-        else:
+        rules = network()
+        if rules is None:
             fd = self.sync.connect_service(name)
+        else:
+            fd = await connect_through_ipcd(
+                self, name, rules, DEFAULT_IPCD_TIMEOUT if timeout is None else timeout)
         return self._adopt(fd)
 
     async def serve(self, name: str, handler: Handler) -> Server:

@@ -57,6 +57,10 @@ class Flavor:
         """Yield to the loop once (and let a pending cancellation in)."""
         raise NotImplementedError
 
+    async def wait_readable(self, fd: int) -> None:
+        """Wait until fd is readable (a one-off wait, not the context's fd)."""
+        raise NotImplementedError
+
 
 class AsyncioFlavor(Flavor):
     """asyncio and its drop-in loops (uvloop): loop.add_reader and futures."""
@@ -116,6 +120,14 @@ class AsyncioFlavor(Flavor):
 
     async def checkpoint(self) -> None:
         await asyncio.sleep(0)
+
+    async def wait_readable(self, fd: int) -> None:
+        ready = self.loop.create_future()
+        self.loop.add_reader(fd, ready.set_result, None)
+        try:
+            await ready
+        finally:
+            self.loop.remove_reader(fd)
 
 
 class AnyioFlavor(Flavor):
@@ -181,6 +193,9 @@ class AnyioFlavor(Flavor):
 
     async def checkpoint(self) -> None:
         await self._anyio.lowlevel.checkpoint()
+
+    async def wait_readable(self, fd: int) -> None:
+        await self._anyio.wait_readable(fd)
 
 
 def running_asyncio_loop() -> Optional[asyncio.AbstractEventLoop]:

@@ -1,0 +1,84 @@
+"""pyipc.aio's connect() through ipcd (IPC_NETWORK set), without holding the
+event loop: the exchange with ipcd (a framed "NAME;IPC_NETWORK", then the
+answer "ok" with the connected fd by SCM_RIGHTS) runs on a non-blocking
+socket awaited by the loop, and the fd received is handed to the context with
+add_connection(). ipcd may take seconds to answer (it reaches another host);
+meanwhile the loop serves everything else. Same errors as the sync connect().
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from typing import TYPE_CHECKING, Optional
+
+from .. import _rundir
+from .._pure.fdpass import MAX_RECEIVED_FDS, take_ipcd_answer
+from .._types import (IPCD_SERVICE, IPCError, ServiceNotFoundError, TimeoutError)
+
+if TYPE_CHECKING:
+    from ._context import Context
+
+NOT_A_STREAM = "ipcd sent a file descriptor that is not a connected Unix stream socket"
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+
+def network() -> Optional[str]:
+    """IPC_NETWORK when it is set and not empty (IPCError if not UTF-8)."""
+    raw = os.environb.get(b"IPC_NETWORK")
+    if not raw:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise IPCError("IPC_NETWORK is not valid UTF-8") from None
+
+
+async def connect_through_ipcd(ctx: "Context", name: str, rules: str,
+                               timeout: Optional[float]) -> int:
+    """Ask ipcd for a connection to `name`; the fd, now a connection of ctx.sync."""
+    rundir = ctx.sync.rundir
+    _rundir.service_path(rundir, name)          # InvalidNameError before anything
+    sock = _connect_ipcd(rundir)
+    try:
+        request = f"{name};{rules}".encode()
+        sock.sendall(struct.pack(">I", len(request)) + request)   # small: it fits
+        flavor = ctx._bind()
+        if timeout is None:
+            await flavor.wait_readable(sock.fileno())
+        elif not await flavor.within(lambda: flavor.wait_readable(sock.fileno()), timeout):
+            raise TimeoutError(f"connect to service {name} timed out")
+        try:
+            answer, fds, _, _ = socket.recv_fds(sock, 2000, MAX_RECEIVED_FDS, _CMSG_CLOEXEC)
+        except OSError:
+            answer, fds = b"", []
+    finally:
+        sock.close()                            # ipcd sees the end of the exchange
+    fd = take_ipcd_answer(name, answer, fds)
+    try:
+        ctx.sync.add_connection(fd)
+    except IPCError:
+        os.close(fd)
+        raise IPCError(NOT_A_STREAM) from None
+    return fd
+
+
+def _connect_ipcd(rundir: str) -> socket.socket:
+    """A non-blocking connection to ipcd's service (a Unix socket connects at
+    once or not at all)."""
+    path = _rundir.service_path(rundir, IPCD_SERVICE)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        sock.close()
+        raise ServiceNotFoundError(
+            f"IPC_NETWORK is set but ipcd is not running (no service {IPCD_SERVICE} in "
+            f"{rundir})", e.errno) from None
+    except OSError as e:
+        sock.close()
+        raise IPCError(f"cannot connect to service {IPCD_SERVICE}: {e.strerror}",
+                       e.errno) from None
+    return sock

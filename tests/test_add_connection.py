@@ -1,0 +1,103 @@
+"""add_connection(fd): a connected Unix stream socket made elsewhere (one
+end of a socketpair, a fd received by SCM_RIGHTS) becomes a connection of
+the context, on both backends: framed messages both ways, events, close."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+import pyipc
+from pyipc import EventType
+
+from conftest import frame, raises, wait_for
+
+
+def test_one_end_of_a_socketpair_becomes_a_connection(ctx_factory):
+    ctx = ctx_factory()
+    ours, theirs = socket.socketpair()
+    fd = ours.detach()
+    ctx.add_connection(fd)                      # the context owns it from now on
+    with theirs:
+        ctx.write(fd, b"to the peer")
+        assert theirs.recv(100) == frame(b"to the peer")
+        theirs.sendall(frame(b"one") + frame(b"two"))
+        assert ctx.read(fd, timeout=5) == b"one"
+        ev = wait_for(ctx, EventType.MESSAGE_RX)[-1]
+        assert (ev.fd, ev.message) == (fd, b"two")
+        ctx.schedule(fd, b"scheduled")
+        wait_for(ctx, EventType.MESSAGE_TX)
+        assert theirs.recv(100) == frame(b"scheduled")
+        ctx.close(fd)
+        assert theirs.recv(100) == b""          # closed: the peer sees the end
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_the_peer_leaving_is_a_disconnection(ctx_factory):
+    ctx = ctx_factory()
+    ours, theirs = socket.socketpair()
+    fd = ours.detach()
+    ctx.add_connection(fd)
+    theirs.close()
+    assert wait_for(ctx, EventType.DISCONNECTION)[-1].fd == fd
+
+
+def _not_connected() -> socket.socket:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM),
+    _not_connected,
+    lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM),
+], ids=["datagram", "not-connected", "tcp"])
+def test_a_socket_that_is_not_a_connected_unix_stream_is_refused(ctx_factory, make):
+    ctx = ctx_factory()
+    with make() as sock:
+        raises(pyipc.IPCError, f"fd {sock.fileno()} is not a connected Unix stream socket",
+               ctx.add_connection, sock.fileno())
+        sock.getsockname()                      # still open: refused, not taken
+
+
+def test_a_pipe_is_refused(ctx_factory):
+    ctx = ctx_factory()
+    r, w = os.pipe()
+    try:
+        raises(pyipc.IPCError, f"fd {r} is not a connected Unix stream socket",
+               ctx.add_connection, r)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_closed_or_managed_fd_is_refused(ctx_factory):
+    ctx = ctx_factory()
+    ours, theirs = socket.socketpair()
+    fd = ours.detach()
+    ctx.add_connection(fd)
+    raises(pyipc.IPCError, f"fd {fd} is already managed by this context",
+           ctx.add_connection, fd)
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    raises(pyipc.UnknownFdError, f"fd {r} is not an open file descriptor",
+           ctx.add_connection, r)
+    theirs.close()
+
+
+def test_max_connections_counts_what_is_added(ctx_factory):
+    ctx = ctx_factory(max_connections=1)
+    pairs = [socket.socketpair(), socket.socketpair()]
+    first = pairs[0][0].detach()
+    ctx.add_connection(first)                  # at the edge: accepted
+    second = pairs[1][0]
+    with pytest.raises(pyipc.IPCError) as info:
+        ctx.add_connection(second.fileno())     # past it: refused, left open
+    assert str(info.value) == "too many connections (max_connections 1)"
+    second.getsockname()
+    for _, theirs in pairs:
+        theirs.close()
+    second.close()

@@ -1,0 +1,157 @@
+"""pyipc.aio's connect() through ipcd (IPC_NETWORK set) does not hold the
+event loop: ipcd may take seconds to answer (it reaches another host), and
+meanwhile the loop serves everything else. Same errors as the sync connect().
+Both backends; ipcd is a stand-in in a thread that answers when told to."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import threading
+from typing import Any, Iterator, List, Optional
+
+import pytest
+
+import pyipc
+import pyipc.aio
+
+from conftest import raw_connect
+from test_aio import run
+
+
+class SlowIpcd:
+    """A stand-in for ipcd at RUNDIR/ipc: takes one request, then answers
+    only when `answer()` is called (with "ok" and a connection to the
+    service, or with the raw bytes given: b"" sends nothing), then notes
+    whether the client hung up."""
+
+    def __init__(self, rundir: str) -> None:
+        self.rundir = rundir
+        self.path = os.path.join(rundir, "ipc")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(1)
+        self.request: Optional[bytes] = None
+        self.got_request = threading.Event()
+        self.go = threading.Event()
+        self.reply: Optional[bytes] = None
+        self.hung_up = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            (size,) = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))
+            self.request = conn.recv(size, socket.MSG_WAITALL)
+            name = self.request.split(b";")[0].decode()
+            self.got_request.set()
+            self.go.wait(30)
+            if self.reply is not None:
+                if self.reply:
+                    conn.sendall(self.reply)
+            else:
+                with raw_connect(self.rundir, name) as target:
+                    socket.send_fds(conn, [b"ok"], [target.fileno()])
+            self.hung_up = conn.recv(1) == b""
+
+    def answer(self, reply: Optional[bytes] = None) -> None:
+        self.reply = reply
+        self.go.set()
+
+    def close(self) -> None:
+        if not self.go.is_set():
+            self.answer(b"")
+        self.thread.join(10)
+        self.listener.close()
+        os.unlink(self.path)
+
+
+@pytest.fixture
+def ipcd(rundir, monkeypatch) -> Iterator[SlowIpcd]:
+    monkeypatch.setenv("IPC_NETWORK", "pong unix://pong")
+    fake = SlowIpcd(rundir)
+    try:
+        yield fake
+    finally:
+        fake.close()
+
+
+def test_the_loop_runs_while_ipcd_takes_its_time(ipcd, backend, rundir, ctx_factory):
+    server = ctx_factory()
+    server.service_init("pong")
+    ticks: List[float] = []
+
+    async def main() -> bytes:
+        async with pyipc.aio.Context(rundir=rundir, backend=backend) as ctx:
+            connecting = asyncio.ensure_future(ctx.connect("pong"))
+            # The loop goes on: ticks come while ipcd has the request and
+            # has not answered. Had connect() held the loop, none would.
+            while not ipcd.got_request.is_set() or len(ticks) < 5:
+                await asyncio.sleep(0.01)
+                ticks.append(asyncio.get_running_loop().time())
+            assert not connecting.done()
+            ipcd.answer()
+            conn = await connecting
+            await conn.send(b"through ipcd")
+            ev = await asyncio.to_thread(server.wait_event, 10)       # CONNECTION
+            assert ev.type == pyipc.EventType.CONNECTION
+            assert server.read(ev.fd, timeout=10) == b"through ipcd"
+            server.write(ev.fd, b"back")
+            got = await conn.recv()
+            await conn.close()
+            return got
+    assert run(main) == b"back"
+    assert ipcd.request == b"pong;pong unix://pong"
+    assert len(ticks) >= 5
+
+
+def test_ipcd_that_does_not_answer_in_time(ipcd, backend, rundir):
+    async def main() -> Any:
+        async with pyipc.aio.Context(rundir=rundir, backend=backend) as ctx:
+            with pytest.raises(pyipc.TimeoutError, match="connect to service pong timed out"):
+                await ctx.connect("pong", timeout=0.2)
+    run(main)
+    ipcd.answer(b"")                            # too late: it only looks for the hang-up
+    ipcd.thread.join(10)
+    assert ipcd.hung_up                         # the exchange's socket is closed
+
+
+def test_ipcd_refusal_is_the_sync_connects_error(ipcd, backend, rundir):
+    async def main() -> Any:
+        async with pyipc.aio.Context(rundir=rundir, backend=backend) as ctx:
+            connecting = asyncio.ensure_future(ctx.connect("pong"))
+            await asyncio.to_thread(ipcd.got_request.wait, 10)
+            ipcd.answer(b"no")
+            with pytest.raises(pyipc.IPCError, match="ipcd could not connect to service pong"):
+                await connecting
+    run(main)
+
+
+def test_no_ipcd_is_the_sync_connects_error(backend, rundir, monkeypatch):
+    monkeypatch.setenv("IPC_NETWORK", "pong unix://pong")
+
+    async def main() -> Any:
+        async with pyipc.aio.Context(rundir=rundir, backend=backend) as ctx:
+            with pytest.raises(pyipc.ServiceNotFoundError) as info:
+                await ctx.connect("pong")
+            return str(info.value)
+    assert run(main) == (f"IPC_NETWORK is set but ipcd is not running "
+                         f"(no service ipc in {rundir})")
+
+
+def test_cancelled_while_ipcd_thinks_leaves_nothing_behind(ipcd, backend, rundir):
+    async def main() -> Any:
+        async with pyipc.aio.Context(rundir=rundir, backend=backend) as ctx:
+            connecting = asyncio.ensure_future(ctx.connect("pong"))
+            await asyncio.to_thread(ipcd.got_request.wait, 10)
+            connecting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await connecting
+            return ctx.sync.fileno() >= 0
+    assert run(main)
+    ipcd.answer(b"")
+    ipcd.thread.join(10)
+    assert ipcd.hung_up

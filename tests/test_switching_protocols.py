@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 import pytest
 
 import pyipc
 from pyipc import CBEvent, EventType, MAX_MORE_PER_ROUND, MAX_SWITCH_END_REASON
 
-from conftest import collect, deadline, frame, quiet, raises, settle, wait_for
+from conftest import collect, deadline, frame, quiet, raises, settle, spin_until, wait_for
 
 RX, TX = EventType.SWITCH_RX, EventType.SWITCH_TX
 DISC = EventType.DISCONNECTION
@@ -440,3 +441,26 @@ def test_misuse_raises_the_same_errors_on_both_backends(gateway, ctx_factory):
     # Ended and released: no longer known.
     raises(pyipc.UnknownFdError, f"fd {gateway.fd} is not managed by this context",
            s.switch_end, gateway.fd)
+
+
+def test_only_the_owner_thread_may_call_them(gateway):
+    """Callbacks run in the owner's wait (so the calls work there, as the
+    tests above show); another thread, while the owner is inside, is refused
+    with the usual IPCError and nothing changes."""
+    s = gateway.server
+    outcome: list[object] = []
+    owner = threading.Thread(target=lambda: outcome.append(s.wait_event(timeout=10)))
+    owner.start()
+    spin_until(lambda: s._guard._owner == owner.ident)
+    busy = ("context is in use by another thread (a context belongs to one thread "
+            "at a time; other threads may only call schedule(), write(), write_many() "
+            "and close())")
+    raises(pyipc.IPCError, busy, s.switch_send, gateway.fd, b"x")
+    raises(pyipc.IPCError, busy, s.switch_end, gateway.fd)
+    gateway.outer.sendall(b"wake\n")
+    owner.join(10)
+    assert not owner.is_alive()
+    ev = outcome[0]
+    assert isinstance(ev, pyipc.Event) and (ev.type, ev.message) == (RX, b"wake")
+    gateway.client.write(gateway.cfd, b"still switched")
+    assert gateway.received(15) == b"still switched\n"

@@ -19,6 +19,7 @@ const poller_mod = @import("poller/api.zig");
 const rundir_mod = @import("rundir.zig");
 const credentials = @import("credentials.zig");
 const fdpass = @import("fdpass.zig");
+const ipcd_answer = @import("ipcd_answer.zig");
 const switching = @import("switching.zig");
 const Wakeup = @import("wakeup.zig").Wakeup;
 const Readiness = @import("readiness.zig").Readiness;
@@ -616,6 +617,7 @@ pub const Context = struct {
         self.close(ipcd) catch {};
         if (n == null or !std.mem.eql(u8, answer[0..n.?], "ok") or received < 0) {
             sys.closeFd(received);
+            if (n) |len| if (ipcd_answer.refusal(answer[0..len])) |r| return self.refused(name, r);
             return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
         }
         errdefer sys.closeFd(received);
@@ -633,6 +635,17 @@ pub const Context = struct {
         if (sys.send_flags == 0) sys.setNoSigpipe(received);
         _ = try self.addConn(received, .connection);
         return received;
+    }
+
+    /// ipcd's refusal as the error it means, with its code and reason.
+    fn refused(self: *Context, name: []const u8, r: ipcd_answer.Refusal) Error {
+        if (r.text.len == 0)
+            return self.last.fail(r.err(), "ipcd could not connect to service {s} ({s})", .{ name, r.code });
+        return self.last.fail(
+            r.err(),
+            "ipcd could not connect to service {s} ({s}): {s}",
+            .{ name, r.code, r.text },
+        );
     }
 
     /// The request/answer exchange with ipcd; null when it failed. It waits

@@ -621,10 +621,10 @@ pub const Context = struct {
             return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
         }
         errdefer sys.closeFd(received);
-        if (!sys.isConnectedUnixStream(received))
+        if (!sys.isConnectedStream(received))
             return self.last.fail(
                 error.Generic,
-                "ipcd sent a file descriptor that is not a connected Unix stream socket",
+                "ipcd sent a file descriptor that is not a connected Unix or TCP stream socket",
                 .{},
             );
         if (!sys.setNonblocking(received, false)) return self.last.fail(
@@ -689,7 +689,7 @@ pub const Context = struct {
         conn.is_socket = sys.isSocket(fd);
     }
 
-    /// Manage `fd`, a connected Unix stream socket made elsewhere (received
+    /// Manage `fd`, a connected Unix or TCP stream socket made elsewhere (received
     /// by SCM_RIGHTS, one end of a socketpair), as a connection: from now on
     /// the context owns it (reads, writes, closes it) as if it had connected.
     pub fn addConnection(self: *Context, fd: i32) Error!void {
@@ -702,10 +702,10 @@ pub const Context = struct {
             );
         if (!sys.isOpen(fd))
             return self.last.fail(error.UnknownFd, "fd {d} is not an open file descriptor", .{fd});
-        if (!sys.isConnectedUnixStream(fd))
+        if (!sys.isConnectedStream(fd))
             return self.last.fail(
                 error.Generic,
-                "fd {d} is not a connected Unix stream socket",
+                "fd {d} is not a connected Unix or TCP stream socket",
                 .{fd},
             );
         try self.checkRoom();

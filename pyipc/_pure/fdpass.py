@@ -14,6 +14,7 @@ from .._types import IPCD_SERVICE, IPCError, NetworkError, ServiceNotFoundError,
 from .. import _rundir
 from .blocking import wait_fd
 from .conn_table import CONNECTION, Conn
+from .services import STREAM_FAMILIES
 
 if TYPE_CHECKING:
     from .state import PureState
@@ -59,10 +60,10 @@ class Ipcd:
             answer, fds = b"", []
         finally:
             self.close(ipcd)
-        sock = _connected_unix_stream(take_ipcd_answer(name, answer, fds))
+        sock = _connected_stream(take_ipcd_answer(name, answer, fds))
         if sock is None:
             raise IPCError("ipcd sent a file descriptor that is not a connected "
-                           "Unix stream socket")
+                           "Unix or TCP stream socket")
         sock.setblocking(True)
         return self._add(Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
 
@@ -100,8 +101,8 @@ def _refusal_error(name: str, answer: bytes) -> IPCError:
     return cls(message)
 
 
-def _connected_unix_stream(fd: int) -> Optional[socket.socket]:
-    """A socket object owning fd when fd is a connected Unix stream socket
+def _connected_stream(fd: int) -> Optional[socket.socket]:
+    """A socket object owning fd when fd is a connected Unix or TCP stream socket
     (what ipcd must hand over); else None, with fd closed."""
     try:
         sock = socket.socket(fileno=fd)
@@ -109,7 +110,7 @@ def _connected_unix_stream(fd: int) -> Optional[socket.socket]:
         os.close(fd)
         return None
     try:
-        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+        if sock.family in STREAM_FAMILIES and sock.type == socket.SOCK_STREAM:
             sock.getpeername()  # ENOTCONN when it is not connected
             return sock
     except OSError:

@@ -81,8 +81,8 @@ class FakeScheme:
             except OSError:
                 return
             t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self.threads.append(t)
             t.start()
+            self.threads.append(t)              # close() joins started threads only
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:

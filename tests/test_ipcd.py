@@ -21,7 +21,7 @@ import pyipc
 from pyipc.daemons.ipcd import Ipcd
 from pyipc.daemons._rules import find_rule, target_of
 
-from conftest import CHILD_ENV
+from conftest import CHILD_ENV, spin_until
 from daemon_harness import FakeScheme, Pong, ask_raw, frame, raw_answer, running
 
 
@@ -216,7 +216,7 @@ def test_max_requests_at_and_past_the_edge(backend, rundir):
         with running(Ipcd(rundir=rundir, backend=backend, max_requests=2)) as daemon:
             first = [ask_raw(rundir, b"pong;pong slow://h/pong") for _ in range(2)]
             fake.wait_requests(2)                   # at the edge: both are served
-            assert daemon.in_flight == 2
+            spin_until(lambda: daemon.in_flight == 2)
             with ask_raw(rundir, b"pong;pong slow://h/pong") as third:   # past it
                 assert raw_answer(third) == (
                     b"ne busy ipcd serves 2 requests at once (--max-requests)", None)
@@ -225,10 +225,7 @@ def test_max_requests_at_and_past_the_edge(backend, rundir):
             fake.release.set()
             for t in fake.threads:
                 t.join(10)
-            deadline = time.monotonic() + 10
-            while daemon.in_flight and time.monotonic() < deadline:
-                time.sleep(0.01)                    # ...which ipcd sees as a DISCONNECTION
-            assert daemon.in_flight == 0
+            spin_until(lambda: daemon.in_flight == 0)   # ...a DISCONNECTION for ipcd
             fake.release.clear()
             with ask_raw(rundir, b"pong;pong slow://h/pong") as again:
                 fake.wait_requests(1)               # room again: asked, not refused

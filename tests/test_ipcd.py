@@ -251,7 +251,7 @@ os.environ["LISTEN_PID"] = str(os.getpid())
 os.environ["LISTEN_FDS"] = "1"
 os.environ["LISTEN_FDNAMES"] = "ipc"
 os.dup2(int(sys.argv[1]), 3)
-os.execv(sys.executable, [sys.executable, "-m", "pyipc", "ipcd", *sys.argv[2:]])
+os.execv(sys.executable, [sys.executable, "-m", "pyipc", *sys.argv[2:], "ipcd"])
 """
 
 
@@ -289,8 +289,8 @@ def test_cli_serves_and_stops_on_sigterm(pong, backend, rundir, tmp_path, monkey
         notify.bind(notify_path)
         notify.settimeout(20)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pyipc", "-v", "ipcd", "--rundir", rundir, "--backend",
-             backend, "--request-timeout", "3", "--max-requests", "4"],
+            [sys.executable, "-m", "pyipc", "-v", "--rundir", rundir, "--backend", backend,
+             "ipcd", "--request-timeout", "3", "--max-requests", "4"],
             env=dict(CHILD_ENV, NOTIFY_SOCKET=notify_path), stderr=subprocess.PIPE, text=True)
         try:
             assert notify.recv(100) == b"READY=1"

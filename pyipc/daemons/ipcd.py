@@ -279,8 +279,7 @@ def add_command(subparsers: Any) -> None:
                     "service, or to a remote one through the daemon of the URI's scheme "
                     "(pyipc tcpd for tcp://). Foreground; stops on SIGTERM or Ctrl-C; "
                     "systemd socket activation and readiness (docs/networking.md).")
-    p.add_argument("--rundir", help="run directory (default: $RUNDIR, else /tmp/.libipc-run)")
-    p.add_argument("--backend", choices=("native", "pure"), help="pyipc backend")
+    # --rundir and --backend are pyipc's own options (pyipc --rundir DIR ipcd).
     p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
                    metavar="SECONDS",
                    help=f"time a request may take (default {DEFAULT_REQUEST_TIMEOUT:g})")

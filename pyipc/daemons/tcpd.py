@@ -493,8 +493,7 @@ def add_command(subparsers: Any) -> None:
                     "services given with --expose can be reached. Foreground; stops on "
                     "SIGTERM or Ctrl-C; systemd socket activation and readiness "
                     "(docs/networking.md).")
-    p.add_argument("--rundir", help="run directory (default: $RUNDIR, else /tmp/.libipc-run)")
-    p.add_argument("--backend", choices=("native", "pure"), help="pyipc backend")
+    # --rundir and --backend are pyipc's own options (pyipc --rundir DIR tcpd).
     p.add_argument("--listen", action="append", metavar="ADDRESS",
                    help=f"HOST[:PORT] or [IPV6][:PORT] to listen on, a host name listens on "
                         f"each of its addresses; repeat for several (default {DEFAULT_LISTEN})")

@@ -1,0 +1,191 @@
+"""The TLS session tlsd keeps for one switched TCP connection, sans I/O.
+
+A TLS session cannot travel as a file descriptor, so tlsd keeps it: the
+client gets one end of a local socket pair, the daemon switches the other end
+with the TCP socket, and the TCP side's switching callbacks go through this
+relay. It owns an `ssl.SSLObject` over two `ssl.MemoryBIO`s and never touches a
+socket itself:
+
+- ciphertext read from TCP goes in with `feed()`; the plaintext it decrypts is
+  the remote's pyipc stream (4-byte big-endian length, payload), cut into
+  whole payloads by `next_payload()`;
+- `encrypt(payload)` frames a payload and returns the TLS records to write;
+- `take_output()` returns records the session produced on its own (handshake
+  messages, TLS 1.3 session tickets, alerts, close_notify).
+
+The same object drives the handshake (`handshake()`), so the session made on
+a worker thread is the one the loop thread relays with afterwards.
+"""
+
+from __future__ import annotations
+
+import ssl
+import struct
+from typing import Optional
+
+_HEADER = struct.Struct(">I")
+#: Plaintext taken out of the session per SSLObject.read() call (one TLS
+#: record holds at most 16 KiB; asking for more costs nothing).
+READ_CHUNK = 256 * 1024
+
+
+class TlsRelayError(Exception):
+    """The remote broke the stream: a TLS error, a frame over the limit, or an
+    end of stream in the middle of a frame."""
+
+
+class TlsRelay:
+    """One TLS session and the plaintext stream it carries (see module doc)."""
+
+    __slots__ = ("ssl", "incoming", "outgoing", "_plain", "max_message_size", "closed",
+                 "framed")
+
+    def __init__(self, context: ssl.SSLContext, *, server_side: bool,
+                 server_hostname: Optional[str] = None,
+                 max_message_size: int = 16 << 20) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.ssl = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=server_hostname)
+        self._plain = bytearray()
+        self.max_message_size = max_message_size
+        #: The remote ended the session (close_notify, or EOF between frames).
+        self.closed = False
+        #: Set once the handshake's lines are read: from then on the plaintext
+        #: is frames, and an end inside one is an error.
+        self.framed = False
+
+    # ------------------------------------------------------------ handshake
+
+    def handshake(self) -> bool:
+        """One step of the handshake: True once it is complete. Write
+        take_output() to the peer after each step and feed() what it sends.
+        Raises ssl.SSLError (certificate refused, not TLS at all, ...)."""
+        try:
+            self.ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        return True
+
+    # ------------------------------------------------------------ input
+
+    def feed(self, ciphertext: bytes) -> None:
+        """Take ciphertext from the peer; decrypt what it completes. An empty
+        `ciphertext` is the TCP end of stream. Raises TlsRelayError."""
+        if ciphertext:
+            self.incoming.write(ciphertext)
+        else:
+            self.incoming.write_eof()
+        try:
+            while True:
+                chunk = self.ssl.read(READ_CHUNK)
+                if not chunk:      # defensive: read() returns b"" only at EOF
+                    self._end()
+                    return
+                self._plain += chunk
+        except ssl.SSLWantReadError:
+            if not ciphertext:
+                self._end()
+        except ssl.SSLZeroReturnError:     # close_notify
+            self._end()
+        except ssl.SSLEOFError:    # TCP ended without close_notify (a "ragged" EOF):
+            self._end()            # the frames say whether a message was cut
+        except ssl.SSLError as e:
+            raise TlsRelayError(f"TLS error: {e.reason or e}") from e
+
+    def _end(self) -> None:
+        """The session ended. Between two frames that is a clean end; inside
+        one, the last message was cut (never delivered as if whole)."""
+        self.closed = True
+        if self.framed and not self._has_whole_frames_only():
+            raise TlsRelayError(
+                f"stream ended inside a message ({len(self._plain)} bytes left over)")
+
+    def _has_whole_frames_only(self) -> bool:
+        return self.whole_frames_length() == len(self._plain)
+
+    def plain(self) -> bytes:
+        """A copy of the plaintext held (the handshake reads the name or the
+        answer from it before any frame)."""
+        return bytes(self._plain)
+
+    def drop_plain(self, n: int) -> None:
+        """Forget the first `n` plaintext bytes (a handshake line consumed)."""
+        del self._plain[:n]
+
+    def feed_plain(self, data: bytes) -> None:
+        """Put back plaintext read before the relay began (bytes that came with
+        the handshake's name or answer): they are the stream's first bytes."""
+        self._plain[:0] = data
+
+    def next_payload(self) -> Optional[bytes]:
+        """The next whole payload of the stream, or None when none is complete.
+        Raises TlsRelayError when the remote announces one over the limit."""
+        plain = self._plain
+        if len(plain) < 4:
+            return None
+        (size,) = _HEADER.unpack_from(plain)
+        if size > self.max_message_size:
+            raise TlsRelayError(f"message of {size} bytes exceeds the limit of "
+                                f"{self.max_message_size} bytes")
+        end = 4 + size
+        if len(plain) < end:
+            return None
+        payload = bytes(plain[4:end])
+        del plain[:end]
+        return payload
+
+    def has_payload(self) -> bool:
+        """Whether next_payload() would return a payload now."""
+        plain = self._plain
+        if len(plain) < 4:
+            return False
+        return len(plain) >= 4 + _HEADER.unpack_from(plain)[0]
+
+    def whole_frames_length(self) -> int:
+        """How many leading plaintext bytes are whole frames (their raw
+        encoding is what the local end expects; see take_whole_frames)."""
+        plain, at = self._plain, 0
+        while len(plain) - at >= 4:
+            end = at + 4 + _HEADER.unpack_from(plain, at)[0]
+            if end > len(plain):
+                break
+            at = end
+        return at
+
+    def take_whole_frames(self) -> bytes:
+        """The leading whole frames, raw (headers included), removed from the
+        stream; what is left is the start of a frame."""
+        n = self.whole_frames_length()
+        raw = bytes(self._plain[:n])
+        del self._plain[:n]
+        return raw
+
+    def buffered(self) -> int:
+        """Plaintext bytes held (not yet returned as payloads)."""
+        return len(self._plain)
+
+    # ------------------------------------------------------------ output
+
+    def encrypt(self, payload: bytes) -> bytes:
+        """TLS records carrying one pyipc frame of `payload` (with any records
+        the session had pending before it, in order)."""
+        self.ssl.write(_HEADER.pack(len(payload)) + payload)
+        return self.outgoing.read()
+
+    def encrypt_raw(self, data: bytes) -> bytes:
+        """TLS records carrying `data` as it is (the handshake's name and answer)."""
+        self.ssl.write(data)
+        return self.outgoing.read()
+
+    def take_output(self) -> bytes:
+        """Records the session produced by itself, to write to the peer."""
+        return self.outgoing.read()
+
+    def close_notify(self) -> bytes:
+        """The close_notify alert ending the session, to write to the peer."""
+        try:
+            self.ssl.unwrap()
+        except ssl.SSLError:
+            pass        # the peer's close_notify has not come: not waited for
+        return self.outgoing.read()

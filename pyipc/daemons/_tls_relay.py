@@ -76,6 +76,11 @@ class TlsRelay:
             self.incoming.write(ciphertext)
         else:
             self.incoming.write_eof()
+        self.decrypt(eof=not ciphertext)
+
+    def decrypt(self, eof: bool = False) -> None:
+        """Decrypt what the incoming BIO holds (records that came with the end
+        of the handshake). Raises TlsRelayError."""
         try:
             while True:
                 chunk = self.ssl.read(READ_CHUNK)
@@ -84,7 +89,7 @@ class TlsRelay:
                     return
                 self._plain += chunk
         except ssl.SSLWantReadError:
-            if not ciphertext:
+            if eof:
                 self._end()
         except ssl.SSLZeroReturnError:     # close_notify
             self._end()

@@ -157,3 +157,90 @@ def test_too_many_pending_handshakes_are_closed_at_once(hosts, backend, certs):
             first.settimeout(0.2)
             with pytest.raises(socket.timeout):
                 first.recv(100)
+
+
+# ------------------------------------------------------------ relaying
+
+def test_echo_through_a_pair_of_tlsd(hosts, backend, certs, remote):
+    a, _ = hosts
+    with running(dialer(a, backend, certs)), \
+            pyipc.Context(rundir=a, backend=backend) as client:
+        fd = connect_through(a, f"tls://127.0.0.1:{port_of(remote)}/pong", client)
+        client.write(fd, b"hello over TLS")
+        assert client.read(fd, timeout=20) == b"hello over TLS"
+        client.write(fd, b"")                       # an empty message is a message
+        assert client.read(fd, timeout=20) == b""
+
+
+def test_one_mebibyte_message(hosts, backend, certs, remote):
+    a, _ = hosts
+    big = os.urandom(1 << 20)
+    with running(dialer(a, backend, certs)), \
+            pyipc.Context(rundir=a, backend=backend) as client:
+        fd = connect_through(a, f"tls://localhost:{port_of(remote)}/pong", client)
+        client.write(fd, big)
+        assert client.read(fd, timeout=30) == big
+
+
+def test_a_thousand_messages_arrive_whole_and_in_order(hosts, backend, certs, remote):
+    a, _ = hosts
+    sent = [b"%d:" % i + os.urandom(i % 300) for i in range(1000)]
+    with running(dialer(a, backend, certs)), \
+            pyipc.Context(rundir=a, backend=backend) as client:
+        fd = connect_through(a, f"tls://127.0.0.1:{port_of(remote)}/pong", client)
+        for payload in sent:
+            client.write(fd, payload)               # all sent before any is read
+        assert read_all(client, fd, len(sent)) == sent
+
+
+def test_mutual_tls_with_a_client_certificate_connects(hosts, backend, certs):
+    a, b = hosts
+    with running(Echo(rundir=b, backend=backend)), \
+            running(listener(b, backend, certs, client_ca=certs.ca)) as tlsd, \
+            running(dialer(a, backend, certs, cert=certs.client)), \
+            pyipc.Context(rundir=a, backend=backend) as client:
+        fd = connect_through(a, f"tls://127.0.0.1:{port_of(tlsd)}/pong", client)
+        client.write(fd, b"with a client certificate")
+        assert client.read(fd, timeout=20) == b"with a client certificate"
+
+
+def test_ipv6_loopback(hosts, backend, certs):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    a, b = hosts
+    try:
+        tlsd = listener(b, backend, certs, listen="[::1]:0")
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    with running(Echo(rundir=b, backend=backend)), running(tlsd), \
+            running(dialer(a, backend, certs)), \
+            pyipc.Context(rundir=a, backend=backend) as client:
+        fd = connect_through(a, f"tls://[::1]:{port_of(tlsd)}/pong", client)
+        client.write(fd, b"six")
+        assert client.read(fd, timeout=20) == b"six"
+
+
+def test_first_messages_sent_with_the_name_are_not_lost(hosts, backend, certs, remote):
+    """A remote that sends its name and its first frames in one TLS record."""
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    with socket.create_connection(("127.0.0.1", port_of(remote)), timeout=20) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"pong\n" + frame(b"one") + frame(b"two"))
+        got = b""
+        while len(got) < 2 + 2 * 7:
+            chunk = tls.recv(100)
+            assert chunk, got
+            got += chunk
+    assert got == b"ok" + frame(b"one") + frame(b"two")
+
+
+def test_remote_closing_ends_the_client_connection(hosts, backend, certs, remote):
+    a, b = hosts
+    with running(dialer(a, backend, certs)), \
+            pyipc.Context(rundir=a, backend=backend) as client:
+        fd = connect_through(a, f"tls://127.0.0.1:{port_of(remote)}/pong", client)
+        client.write(fd, b"x")
+        assert client.read(fd, timeout=20) == b"x"
+        remote.stop()                               # host B's tlsd goes away
+        with pytest.raises(pyipc.ConnectionClosedError):
+            client.read(fd, timeout=20)

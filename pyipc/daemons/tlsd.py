@@ -491,3 +491,4 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     daemon.run()
     return 0
+

@@ -44,8 +44,6 @@ READ_SIZE = 256 * 1024
 #: Backlog of the listening socket.
 LISTEN_BACKLOG = 128
 _FRAME = struct.Struct(">I")
-# CBEvent.MORE comes with the switching extension (helper `switch`).
-_MORE = getattr(CBEvent, "MORE", CBEvent.NO_ERROR)
 
 
 class Tlsd(Daemon):
@@ -70,8 +68,7 @@ class Tlsd(Daemon):
     # ------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        if hasattr(self.ctx, "switch_events"):
-            self.ctx.switch_events = False      # no Python per relayed message on native
+        self.ctx.switch_events = False      # no event (no Python) per relayed message
         self.ctx.service_init(SERVICE)
         activated = [fd for fds in _systemd.listen_fds().values() for fd in fds]
         if activated:
@@ -393,7 +390,7 @@ class Tlsd(Daemon):
             self.log.warning("fd %d: %s", fd, e)
             return CBEvent.ERROR, None
         more = relay.has_payload() or relay.closed
-        return (_MORE if more else CBEvent.NO_ERROR), payload
+        return (CBEvent.MORE if more else CBEvent.NO_ERROR), payload
 
     def _on_out(self, fd: int, payload: bytes) -> CBEvent:
         """A payload from the local side out, encrypted."""

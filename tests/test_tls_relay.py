@@ -108,18 +108,31 @@ def test_a_frame_at_the_limit_passes(ca):
     assert server.next_payload() == b"a" * 100
 
 
-def test_leftover_plaintext_is_the_stream_start(ca):
-    server, client = connected(ca)
-    server.feed_plain(frame(b"first")[:3])
-    server.feed(client.encrypt_raw(frame(b"first")[3:]) + client.encrypt(b"second"))
-    assert [server.next_payload(), server.next_payload()] == [b"first", b"second"]
-
-
-def test_take_whole_frames_keeps_a_partial_tail(ca):
+def test_whole_frames_length_stops_before_a_partial_frame(ca):
     server, client = connected(ca)
     server.feed(client.encrypt_raw(frame(b"a") + frame(b"bb") + frame(b"ccc")[:5]))
-    assert server.take_whole_frames() == frame(b"a") + frame(b"bb")
-    assert server.buffered() == 5
+    assert server.whole_frames_length() == len(frame(b"a") + frame(b"bb"))
+    assert server.buffered() == len(frame(b"a") + frame(b"bb")) + 5
+
+
+def test_buffer_grown_for_a_large_message_is_given_back(ca):
+    server, client = connected(ca)
+    server.feed(client.encrypt(b"L" * (1 << 20)))
+    assert server.next_payload() == b"L" * (1 << 20)
+    assert len(server._plain.buf) == 0          # an idle connection holds no MiB
+    server.feed(client.encrypt(b"small"))
+    assert server.next_payload() == b"small"
+
+
+def test_many_messages_through_a_reused_buffer(ca):
+    server, client = connected(ca)
+    sent = [bytes([i % 256]) * (i * 37 % 5000) for i in range(2000)]
+    got = []
+    for i in range(0, len(sent), 7):            # several frames per feed, some split
+        server.feed(b"".join(client.encrypt(p) for p in sent[i:i + 7]))
+        while server.has_payload():
+            got.append(server.next_payload())
+    assert got == sent and server.buffered() == 0
 
 
 def test_close_notify_between_frames_is_a_clean_end(ca):

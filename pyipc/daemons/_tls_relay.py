@@ -24,9 +24,15 @@ import struct
 from typing import Optional
 
 _HEADER = struct.Struct(">I")
-#: Plaintext taken out of the session per SSLObject.read() call (one TLS
-#: record holds at most 16 KiB; asking for more costs nothing).
-READ_CHUNK = 256 * 1024
+#: Room made in the plaintext buffer per SSLObject.read() call (one TLS
+#: record holds at most 16 KiB; a read returns at most one record's data).
+RECORD_ROOM = 64 * 1024
+#: An empty plaintext buffer larger than this (it grew for a large message)
+#: is given back, so an idle connection holds little memory.
+KEEP_BUFFER_BELOW = 256 * 1024
+#: Payloads at least this large are encrypted apart from their 4-byte header
+#: (two records, no copy of the payload); smaller ones with it (one record).
+SPLIT_HEADER_FROM = 16 * 1024
 
 
 class TlsRelayError(Exception):
@@ -47,7 +53,7 @@ class TlsRelay:
         self.outgoing = ssl.MemoryBIO()
         self.ssl = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
                                     server_hostname=server_hostname)
-        self._plain = bytearray()
+        self._plain = _Plain()
         self.max_message_size = max_message_size
         #: The remote ended the session (close_notify, or EOF between frames).
         self.closed = False
@@ -81,13 +87,16 @@ class TlsRelay:
     def decrypt(self, eof: bool = False) -> None:
         """Decrypt what the incoming BIO holds (records that came with the end
         of the handshake). Raises TlsRelayError."""
+        plain = self._plain
         try:
             while True:
-                chunk = self.ssl.read(READ_CHUNK)
-                if not chunk:      # defensive: read() returns b"" only at EOF
+                # Straight into the buffer: no bytes object per record.
+                with plain.room(RECORD_ROOM) as view:
+                    n = self.ssl.read(RECORD_ROOM, view)
+                if not n:          # defensive: read() returns 0 only at EOF
                     self._end()
                     return
-                self._plain += chunk
+                plain.end += n
         except ssl.SSLWantReadError:
             if eof:
                 self._end()
@@ -102,69 +111,55 @@ class TlsRelay:
         """The session ended. Between two frames that is a clean end; inside
         one, the last message was cut (never delivered as if whole)."""
         self.closed = True
-        if self.framed and not self._has_whole_frames_only():
+        if self.framed and self.whole_frames_length() != len(self._plain):
             raise TlsRelayError(
                 f"stream ended inside a message ({len(self._plain)} bytes left over)")
-
-    def _has_whole_frames_only(self) -> bool:
-        return self.whole_frames_length() == len(self._plain)
 
     def plain(self) -> bytes:
         """A copy of the plaintext held (the handshake reads the name or the
         answer from it before any frame)."""
-        return bytes(self._plain)
+        p = self._plain
+        return bytes(p.buf[p.start:p.end])
 
     def drop_plain(self, n: int) -> None:
         """Forget the first `n` plaintext bytes (a handshake line consumed)."""
-        del self._plain[:n]
-
-    def feed_plain(self, data: bytes) -> None:
-        """Put back plaintext read before the relay began (bytes that came with
-        the handshake's name or answer): they are the stream's first bytes."""
-        self._plain[:0] = data
+        self._plain.consume(min(n, len(self._plain)))
 
     def next_payload(self) -> Optional[bytes]:
         """The next whole payload of the stream, or None when none is complete.
         Raises TlsRelayError when the remote announces one over the limit."""
-        plain = self._plain
-        if len(plain) < 4:
+        p = self._plain
+        held = p.end - p.start
+        if held < 4:
             return None
-        (size,) = _HEADER.unpack_from(plain)
+        (size,) = _HEADER.unpack_from(p.buf, p.start)
         if size > self.max_message_size:
             raise TlsRelayError(f"message of {size} bytes exceeds the limit of "
                                 f"{self.max_message_size} bytes")
-        end = 4 + size
-        if len(plain) < end:
+        if held < 4 + size:
             return None
-        payload = bytes(plain[4:end])
-        del plain[:end]
+        first = p.start + 4
+        with memoryview(p.buf) as view:
+            payload = view[first:first + size].tobytes()      # the one copy
+        p.consume(4 + size)
         return payload
 
     def has_payload(self) -> bool:
         """Whether next_payload() would return a payload now."""
-        plain = self._plain
-        if len(plain) < 4:
-            return False
-        return len(plain) >= 4 + _HEADER.unpack_from(plain)[0]
+        p = self._plain
+        held = p.end - p.start
+        return held >= 4 and held >= 4 + _HEADER.unpack_from(p.buf, p.start)[0]
 
     def whole_frames_length(self) -> int:
-        """How many leading plaintext bytes are whole frames (their raw
-        encoding is what the local end expects; see take_whole_frames)."""
-        plain, at = self._plain, 0
-        while len(plain) - at >= 4:
-            end = at + 4 + _HEADER.unpack_from(plain, at)[0]
-            if end > len(plain):
+        """How many leading plaintext bytes are whole frames."""
+        p = self._plain
+        at = p.start
+        while p.end - at >= 4:
+            end = at + 4 + _HEADER.unpack_from(p.buf, at)[0]
+            if end > p.end:
                 break
             at = end
-        return at
-
-    def take_whole_frames(self) -> bytes:
-        """The leading whole frames, raw (headers included), removed from the
-        stream; what is left is the start of a frame."""
-        n = self.whole_frames_length()
-        raw = bytes(self._plain[:n])
-        del self._plain[:n]
-        return raw
+        return at - p.start
 
     def buffered(self) -> int:
         """Plaintext bytes held (not yet returned as payloads)."""
@@ -175,7 +170,11 @@ class TlsRelay:
     def encrypt(self, payload: bytes) -> bytes:
         """TLS records carrying one pyipc frame of `payload` (with any records
         the session had pending before it, in order)."""
-        self.ssl.write(_HEADER.pack(len(payload)) + payload)
+        if len(payload) >= SPLIT_HEADER_FROM:
+            self.ssl.write(_HEADER.pack(len(payload)))
+            self.ssl.write(payload)
+        else:
+            self.ssl.write(_HEADER.pack(len(payload)) + payload)
         return self.outgoing.read()
 
     def encrypt_raw(self, data: bytes) -> bytes:
@@ -194,3 +193,37 @@ class TlsRelay:
         except ssl.SSLError:
             pass        # the peer's close_notify has not come: not waited for
         return self.outgoing.read()
+
+
+class _Plain:
+    """The decrypted stream not yet taken: `buf[start:end]`. Taking moves
+    `start` (no copy of what follows); room for new data is made at the end,
+    moving the rest to the front only when the end is reached."""
+
+    __slots__ = ("buf", "start", "end")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.start = 0
+        self.end = 0
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def room(self, n: int) -> memoryview:
+        """A writable view of `n` bytes after the data (then advance `end`)."""
+        if len(self.buf) - self.end < n:
+            held = self.end - self.start
+            if self.start:
+                self.buf[:held] = self.buf[self.start:self.end]
+                self.start, self.end = 0, held
+            if len(self.buf) - self.end < n:
+                self.buf.extend(bytes(max(n, len(self.buf))))
+        return memoryview(self.buf)[self.end:self.end + n]
+
+    def consume(self, n: int) -> None:
+        self.start += n
+        if self.start == self.end:
+            self.start = self.end = 0
+            if len(self.buf) > KEEP_BUFFER_BELOW:
+                self.buf = bytearray()

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -137,3 +138,140 @@ def test_daemon_stops_cleanly_on_a_signal_and_tells_systemd(backend, rundir, tmp
         out, _ = proc.communicate(timeout=10)
     assert (proc.returncode, out) == (0, "stopped\n")
     assert not os.path.exists(os.path.join(rundir, "echo"))
+
+
+# ------------------------------------------------------------ call_later and offload
+
+class ScriptedDaemon(Daemon):
+    """Runs `script(self)` once the loop serves, from the loop's thread (as a
+    timer due at once), and records what its callbacks saw."""
+
+    name = "scripted"
+
+    def __init__(self, script, **kw) -> None:
+        super().__init__(**kw)
+        self.script = script
+        self.seen: list = []
+        self.threads: set = set()
+        self.done = threading.Event()
+
+    def setup(self) -> None:
+        self.call_later(0, lambda: self.script(self))
+
+    def note(self, what) -> None:
+        self.threads.add(threading.get_ident())
+        self.seen.append(what)
+
+
+def run_scripted(script, backend, rundir, timeout=10):
+    daemon = ScriptedDaemon(script, rundir=rundir, backend=backend)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        assert daemon.done.wait(timeout), daemon.seen
+    finally:
+        daemon.stop()
+        runner.join(10)
+    assert not runner.is_alive()
+    return daemon
+
+
+def test_call_later_runs_in_due_order_in_the_loop_thread(backend, rundir):
+    def script(d):
+        d.loop_thread = threading.get_ident()
+        d.call_later(0.2, lambda: (d.note("last"), d.done.set()))
+        d.call_later(0.05, lambda: d.note("second"))
+        d.call_later(0, lambda: d.note("first"))
+        d.cancel(d.call_later(0.1, lambda: d.note("cancelled")))
+    d = run_scripted(script, backend, rundir)
+    assert d.seen == ["first", "second", "last"]
+    assert d.threads == {d.loop_thread}
+
+
+def test_call_later_waits_its_delay(backend, rundir):
+    def script(d):
+        d.start = time.monotonic()
+        d.call_later(0.3, lambda: (d.note(time.monotonic() - d.start), d.done.set()))
+    d = run_scripted(script, backend, rundir)
+    assert d.seen[0] >= 0.3
+
+
+def test_timers_fire_while_events_flow(backend, rundir):
+    """A daemon busy with messages still runs its timers (the wait's timeout is
+    the next timer's, and due timers run after every round of events)."""
+    class Busy(ScriptedDaemon):
+        def on_event(self, ev):
+            if ev.type == pyipc.EventType.MESSAGE_RX:
+                self.ctx.schedule(ev.fd, ev.message)
+
+    def script(d):
+        d.ctx.service_init("busy")
+        d.call_later(0.2, lambda: (d.note("fired"), d.done.set()))
+
+    daemon = Busy(script, rundir=rundir, backend=backend)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        with pyipc.Context(rundir=rundir, backend=backend) as client:
+            fd = connect_when_served(client, "busy")
+            while not daemon.done.is_set():
+                client.write(fd, b"x")
+                assert client.read(fd, timeout=10) == b"x"
+        assert daemon.seen == ["fired"]
+    finally:
+        daemon.stop()
+        runner.join(10)
+
+
+def connect_when_served(client, name, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.connect_service(name)
+        except pyipc.ServiceNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)    # polling for a service another thread opens
+
+
+def test_call_later_refuses_a_negative_or_nan_delay(backend, rundir):
+    daemon = Daemon(rundir=rundir, backend=backend)
+    try:
+        for bad in (-1, float("nan")):
+            with pytest.raises(ValueError, match="delay must be"):
+                daemon.call_later(bad, lambda: None)
+    finally:
+        daemon.stop()
+        daemon.run(handle_signals=False)    # stop is pending: sets up, ends, frees
+
+
+def test_offload_returns_results_and_exceptions_in_the_loop_thread(backend, rundir):
+    gate = threading.Event()
+
+    def script(d):
+        d.loop_thread = threading.get_ident()
+        d.offload(lambda: (gate.wait(10), threading.get_ident())[1],
+                  lambda result, exc: (d.note(("slow", result != d.loop_thread, exc)),
+                                       d.done.set()))
+        d.offload(lambda: 1 / 0, lambda result, exc: (d.note(("error", result,
+                                                              type(exc))), gate.set()))
+    d = run_scripted(script, backend, rundir)
+    # The failing call finished first although asked second: the slow one
+    # waited for it, so the loop was not held by the slow one.
+    assert d.seen == [("error", None, ZeroDivisionError), ("slow", True, None)]
+    assert d.threads == {d.loop_thread}
+
+
+def test_offloaded_work_unfinished_at_stop_is_dropped(backend, rundir):
+    gate = threading.Event()
+    calls = []
+
+    def script(d):
+        d.offload(lambda: gate.wait(10), lambda result, exc: calls.append(result))
+        d.done.set()
+    d = run_scripted(script, backend, rundir)
+    gate.set()
+    d._offloader._pool.shutdown(wait=True)     # the worker ran fn and its done callback
+    assert calls == []
+    with pytest.raises(RuntimeError, match="stopping"):
+        d.offload(lambda: None, lambda result, exc: None)

@@ -3,7 +3,10 @@ a clean stop (SIGTERM, SIGINT, or stop() from any thread), logging, and
 systemd readiness.
 
 A daemon subclasses Daemon, opens what it serves in `setup()`, handles each
-event in `on_event()`, and releases what it holds in `teardown()`. run() is the
+event in `on_event()`, and releases what it holds in `teardown()`. It may ask
+for a callback later (`call_later`, for deadlines) and run blocking work on a
+worker thread (`offload`); both callbacks run in the loop's thread, between two
+events, so a daemon's state needs no lock. run() is the
 loop; the CLI subcommands (pyipc ipcd, tcpd, websocketd) only parse options,
 build the daemon and call run().
 """
@@ -15,10 +18,12 @@ import os
 import signal
 import threading
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .. import Context, Event, EventType
 from . import _systemd
+from ._offload import Offloader, OnDone
+from ._timers import TimerHandle, Timers
 
 
 class Daemon:
@@ -39,7 +44,27 @@ class Daemon:
         self.ready = threading.Event()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stop_r_owned = True   # until the context watches it
+        self._wake_owned = True     # the same for the offloader's pipe
         self._stopping = False
+        self._timers = Timers()
+        self._offloader = Offloader()
+
+    # ------------------------------------------------------------ for daemons
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        """Run callback() in the loop's thread `delay` seconds from now (or
+        later, between two events). Only from the loop's thread."""
+        return self._timers.call_later(delay, callback)
+
+    def cancel(self, handle: TimerHandle) -> None:
+        """Never run a callback asked for with call_later (no effect once run)."""
+        self._timers.cancel(handle)
+
+    def offload(self, fn: Callable[[], Any], on_done: OnDone) -> None:
+        """Run the blocking fn() on a worker thread, then on_done(result, exc)
+        in the loop's thread (exc is the exception fn raised, else None). What
+        has not finished when the daemon stops is dropped."""
+        self._offloader.submit(fn, on_done)
 
     # ------------------------------------------------------------ for subclasses
 
@@ -64,6 +89,8 @@ class Daemon:
         try:
             self.ctx.add_external(self._stop_r)   # close_all() closes it
             self._stop_r_owned = False
+            self.ctx.add_external(self._offloader.wake_fd)
+            self._wake_owned = False
             self.setup()
             self.ready.set()
             _systemd.notify("READY=1")
@@ -76,20 +103,33 @@ class Daemon:
             try:
                 self.teardown()
             finally:
+                self._offloader.close()
                 self.ctx.close_all()
                 if self._stop_r_owned:
                     os.close(self._stop_r)
+                if self._wake_owned:
+                    os.close(self._offloader.wake_fd)
                 os.close(self._stop_w)
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
     def _loop(self) -> None:
         while not self._stopping:
-            for ev in self.ctx.wait_events():
+            try:
+                events = self.ctx.wait_events(self._timers.timeout())
+            except TimeoutError:    # pyipc's derives from the built-in: a timer is due
+                events = []
+            for ev in events:
+                if self._stopping:
+                    break
                 if ev.type == EventType.EXTERNAL and ev.fd == self._stop_r:
                     self._stopping = True
-                elif not self._stopping:
+                elif ev.type == EventType.EXTERNAL and ev.fd == self._offloader.wake_fd:
+                    self._offloader.run_finished()
+                else:
                     self.on_event(ev)
+            if not self._stopping:
+                self._timers.run_due()
 
     def stop(self) -> None:
         """Ask the loop to end (safe from any thread and from signal handlers)."""

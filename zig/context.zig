@@ -1894,6 +1894,38 @@ pub const Context = struct {
     fn openSpare() i32 {
         return c.open("/dev/null", .{ .ACCMODE = .RDONLY, .CLOEXEC = true });
     }
+    // ------------------------------------------------------------ batched scheduling
+    // Issue 21: the Python binding keeps small scheduled messages and hands
+    // them over in one call when its loop next enters the core; it learns
+    // beforehand, from scheduleRoom, what schedule() would refuse.
+
+    /// schedule() of `lens.len` messages in order, the i-th to fds[i], their
+    /// payloads back to back in `payloads`. Stops at the first failure;
+    /// `done.*` is how many were queued (all of them on success).
+    pub fn scheduleMany(
+        self: *Context,
+        fds: []const i32,
+        payloads: []const u8,
+        lens: []const u32,
+        done: *usize,
+    ) Error!void {
+        assert(fds.len == lens.len);
+        done.* = 0;
+        var at: usize = 0;
+        for (fds, lens) |fd, len| {
+            try self.schedule(fd, payloads[at..][0..len]);
+            at += len;
+            done.* += 1;
+        }
+    }
+
+    /// schedule()'s checks of fd and of a `len`-byte payload, in its order,
+    /// but the queue bound: what schedule() would fail with. Returns the
+    /// bytes (frame headers included) fd's queue takes before it is full.
+    pub fn scheduleRoom(self: *Context, fd: i32, len: u64) Error!u64 {
+        const conn = try self.prepareSend(fd, len);
+        return self.limits.max_queue_size -| conn.queue.queuedBytes();
+    }
 };
 
 test {

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Optional, Tuple
 
 from .._checks import Bytes, as_payload, closed_by_peer, too_large_text
 from .._types import Event, EventType, MessageTooLargeError, Payload, QueueFullError
-from .conn_table import Conn
+from .conn_table import CONNECTION, Conn
 from .framing import HEADER, encode
 from .syscalls import SEND_NOW, sending
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 MAX_IOV = 64
 
 _TX = EventType.MESSAGE_TX
+_pack = HEADER.pack
 
 
 class SendQueue:
@@ -40,6 +41,22 @@ class SendQueue:
         return conn, data
 
     def schedule(self: PureState, fd: int, payload: Payload) -> None:
+        # The common call (bytes to a plain connection with room): the checks
+        # of _prepare and of the queue bound inline, no call but the frame's
+        # (issue 21: per-message cost). Anything else takes the path below,
+        # which raises what is wrong in the documented order.
+        conn = self._by_fd.get(fd) if type(fd) is int else None
+        if conn is not None and conn.kind == CONNECTION and type(payload) is bytes \
+                and not (conn.write_closed or conn.closing):
+            size = len(payload) + 4
+            queued = conn.queued_bytes + size
+            if size <= self.max_message_size + 4 and queued <= self.max_queue_size:
+                conn.queue.append((_pack(size - 4) + payload, _TX))
+                conn.queued_bytes = queued
+                if conn not in self._dirty:
+                    self._dirty[conn] = None
+                    self._set_interest(conn)
+                return
         conn, data = self._prepare(fd, payload)
         size = len(data) + HEADER.size
         if conn.queued_bytes + size > self.max_queue_size:
@@ -96,14 +113,16 @@ class SendQueue:
     def _account_sent(self: PureState, conn: Conn) -> None:
         """Frames written whole (conn.sent counts the bytes written from the
         first one on) leave the queue, each reported by its event."""
-        queue, pending = conn.queue, self._pending
-        n = conn.sent
+        queue, append = conn.queue, self._pending.append
+        n, done, popleft = conn.sent, 0, queue.popleft
+        fd, index = conn.fd, conn.index
         while queue and n >= len(queue[0][0]):
-            frame, kind = queue.popleft()
+            frame, kind = popleft()
             n -= len(frame)
-            conn.queued_bytes -= len(frame)
+            done += len(frame)
             if kind is not None:        # None: the rest of a stopped write()
-                pending.append(Event(kind, conn.fd, conn.index))
+                append(Event(kind, fd, index))
+        conn.queued_bytes -= done
         conn.sent = n
 
     def _flush(self: PureState, conn: Conn) -> None:

@@ -17,6 +17,7 @@ import logging
 import os
 import struct
 import sys
+import threading
 import time
 import weakref
 from array import array
@@ -134,6 +135,7 @@ _ipc_read_into = lib.ipc_read_into
 _ipc_schedule_many: Callable[..., int] = lib.ipc_schedule_many
 _ipc_schedule_room: Callable[..., int] = lib.ipc_schedule_room
 _from_buffer = ffi.from_buffer
+_active_count = threading.active_count
 _join = b"".join
 _unpack = ffi.unpack
 #: struct ipc_event as struct.iter_unpack decodes it (native sizes and alignment).
@@ -158,7 +160,7 @@ class NativeContext(Context):
     __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_ecount", "_sizes", "_count", "_lent",
                  "_rbuf", "_rbuf_at", "_rlen", "_core_timeout", "_handed",
                  "_close_info", "_pfds", "_pdata", "_room", "_room_out", "_sched_done",
-                 "_buffer_max",
+                 "_buffer_max", "_alone",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
     backend = "native"
@@ -210,6 +212,8 @@ class NativeContext(Context):
         #: Payloads up to this size are buffered; -1 once fileno() was asked
         #: for (another loop waits on that fd: it must see every schedule()).
         self._buffer_max = min(SCHEDULE_BUFFERED, self.max_message_size)
+        #: The core was told that this process has one thread (see _reads_wait).
+        self._alone = False
         self._cb_in = ffi.callback("enum cb_event_types(int, char *, uint32_t *)",
                                    _trampoline_in(weakref.ref(self)))
         self._cb_out = ffi.callback("enum cb_event_types(int, const char *, uint32_t)",
@@ -577,6 +581,8 @@ class NativeContext(Context):
             message = self._handed.take_message(fd)
             if message is not None:
                 return message
+        if (_active_count() == 1) is not self._alone:
+            self._reads_wait()
         buf, rlen = self._rbuf, self._rlen
         # A plain int goes straight in (no _fd_arg call: it is a hot path).
         c_fd = fd if type(fd) is int and _INT_MIN <= fd <= _INT_MAX else _fd_arg(fd)
@@ -619,6 +625,8 @@ class NativeContext(Context):
             taken = self._handed.take_messages(fd, max_messages)
             if taken:
                 return taken
+        if (_active_count() == 1) is not self._alone:
+            self._reads_wait()
         sizes = self._sizes if max_messages <= DEFAULT_READ_MANY else \
             ffi.new("uint32_t[]", max_messages)
         buf, rlen, count = self._rbuf, self._rlen, self._count
@@ -646,6 +654,8 @@ class NativeContext(Context):
             size = self._handed.take_into(fd, view)
             if size is not None:
                 return size
+        if (_active_count() == 1) is not self._alone:
+            self._reads_wait()
         rlen = self._rlen
         # Released before an exception leaves, a signal handler's included
         # (see _payload).
@@ -665,6 +675,17 @@ class NativeContext(Context):
         if rc:
             self._check(rc, fd)
         return rlen[0]
+
+    def _reads_wait(self) -> None:
+        """Tell the core how the blocking reads wait: in the kernel while
+        this process has one thread (quicker: one system call where polling
+        takes three), else polling the wake-up pipe too, so that another
+        thread's hand-over (_threads) ends the wait. Checked at each read:
+        a thread can only be started by another thread, which would have been
+        counted. (Threads that the threading module does not know, started
+        with _thread or from C, are not counted: see docs/reference.md.)"""
+        self._alone = _active_count() == 1
+        lib.ipc_context_read_wakeup(self._ctx, 0 if self._alone else 1)
 
     def _read_large(self, fd: int) -> bytes:
         """fd's next message, larger than the read buffer: lent by the core and

@@ -79,6 +79,11 @@ pub const Context = struct {
     /// A signal ends a blocking call with error.Interrupted instead of the
     /// call going on waiting (blocking.zig). Off for C programs, as libIPC.
     interruptible: bool = false,
+    /// In an interruptible context, another thread's ipc_wakeup ends a
+    /// blocking read (so its reads poll the wake-up pipe too). Off: the reads
+    /// wait in the kernel, quicker (issue 21); the Python binding turns it
+    /// off while the process has one thread (ipc_context_read_wakeup).
+    read_wakeup: bool = true,
     /// The longest a blocking call waits, in ns (negative: no limit); it
     /// applies to every call until changed (ipc_context_call_timeout).
     call_timeout_ns: i64 = -1,
@@ -287,7 +292,7 @@ pub const Context = struct {
         if (spin) {
             // The reads (the only callers with `spin`): another thread's
             // wake-up ends them too, in an interruptible context (blocking.zig).
-            if (self.interruptible) b.wake = &self.wakeup;
+            if (self.interruptible and self.read_wakeup) b.wake = &self.wakeup;
             if (self.busy_poll_us > 0 and !self.skip_spin) {
                 b.spin_end_ns = self.spinEndNs();
                 if (b.deadline_ns) |d| b.spin_end_ns = @min(b.spin_end_ns, d);

@@ -637,6 +637,14 @@ pub export fn ipc_schedule_room(ptr: ?*anyopaque, fd: c_int, len: u64, room: ?*u
     return IPC_OK;
 }
 
+/// Another thread's ipc_wakeup ends a blocking read of an interruptible
+/// context (on, the default), or not (off: the read waits in the kernel,
+/// quicker, and only a signal, the timeout or data ends it).
+pub export fn ipc_context_read_wakeup(ptr: ?*anyopaque, on: c_int) callconv(.c) void {
+    const ctx = context(ptr) orelse return;
+    ctx.read_wakeup = on != 0;
+}
+
 // ---------------------------------------------------------------- tests
 
 const testing = std.testing;
@@ -1072,4 +1080,26 @@ test "C ABI: schedule_many queues in order, stops at the first failure; schedule
     try testing.expectEqualStrings("a", got[0]);
     try testing.expectEqualStrings("bc", got[1]);
     try testing.expectEqualStrings("", got[2]);
+}
+
+test "C ABI: read_wakeup off: an interruptible context's read waits in the kernel" {
+    var pair: TestPair = .{};
+    try pair.init("readwake");
+    defer pair.deinit("readwake");
+    const client, const cfd = .{ pair.client, pair.cfd };
+    ipc_context_interruptible(client, 1);
+    ipc_context_read_wakeup(client, 0);
+    var evs: [4]IpcEvent = undefined;
+    var count: usize = 0;
+    try expectOk(ipc_wait_events(pair.server, &evs, evs.len, &count)); // CONNECTION
+    try expectOk(ipc_write(pair.server, evs[0].fd, "hi", 2));
+    var buf: [8]u8 = undefined;
+    var len: usize = buf.len;
+    try expectOk(ipc_read_fd(client, cfd, &buf, &len));
+    try testing.expectEqualStrings("hi", buf[0..len]);
+    // A timeout still ends it.
+    ipc_context_call_timeout(client, 20_000);
+    len = buf.len;
+    try testing.expectEqual(@as(c_int, errors.code(error.Timeout)), ipc_read_fd(client, cfd, &buf, &len));
+    ipc_context_read_wakeup(client, 1);
 }

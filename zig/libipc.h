@@ -67,6 +67,9 @@
  * len, room) makes ipc_schedule()'s checks of fd and of a `len`-byte payload,
  * in its order, all but the queue bound, and sets *room to the bytes (frame
  * headers of 4 included) fd's send queue takes before it is full.
+ * ipc_context_read_wakeup(ctx, on): in an interruptible context, whether
+ * ipc_wakeup() ends a blocking read too (on, the default; the reads then poll
+ * the wake-up pipe) or not (off: they wait in the kernel, which is quicker).
  *
  * Another event loop: ipc_context_fd(ctx) returns one fd (or a negative
  * IPC_E_* code: the poll(2) backend has none) that is readable, level-
@@ -182,6 +185,7 @@ int ipc_context_fd(void *ctx);
 /* Batched scheduling (issue 21): see the comment at the top. */
 int ipc_schedule_many(void *ctx, const int *fds, const char *payloads, const uint32_t *lengths, size_t count, size_t *done);
 int ipc_schedule_room(void *ctx, int fd, uint64_t len, uint64_t *room);
+void ipc_context_read_wakeup(void *ctx, int on);
 /* CFFI-END */
 
 #endif

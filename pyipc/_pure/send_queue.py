@@ -6,6 +6,8 @@ each frame reported (MESSAGE_TX, SWITCH_TX) once it is written whole.
 from __future__ import annotations
 
 import os
+from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING, Optional, Tuple
 
 from .._checks import Bytes, as_payload, closed_by_peer, too_large_text
@@ -19,6 +21,11 @@ if TYPE_CHECKING:
 
 #: Frames handed to one sendmsg() call at most (coalescing without huge iovecs).
 MAX_IOV = 64
+#: Frames smaller than this at the head of a queue are joined into one buffer
+#: for one send() (one copy of a small frame costs less than an iovec, and a
+#: system call per MAX_IOV frames): up to JOIN_FRAMES of them (issue 21).
+JOIN_BELOW = 4096
+JOIN_FRAMES = 1024
 
 _TX = EventType.MESSAGE_TX
 _pack = HEADER.pack
@@ -93,8 +100,7 @@ class SendQueue:
         # Bytes a stopped call counted but did not account for (see _sending).
         self._account_sent(conn)
         while queue:
-            bufs: list[Bytes] = [memoryview(queue[0][0])[conn.sent:]]
-            bufs.extend(queue[i][0] for i in range(1, min(len(queue), MAX_IOV)))
+            bufs = _next_buffers(queue, conn.sent)
             try:
                 for n in sending(conn.io, bufs, SEND_NOW):
                     conn.sent += n      # counted at once; frames accounted next
@@ -146,6 +152,23 @@ class SendQueue:
             for conn in list(self._dirty):
                 if conn.alive:
                     self._flush(conn)
+
+
+def _next_buffers(queue: deque[Tuple[bytes, Optional[EventType]]], sent: int) -> list[Bytes]:
+    """What one send takes from the head of `queue` (`sent` bytes of its
+    first frame are gone): small frames joined into one buffer, else up to
+    MAX_IOV frames as they are (large ones are not copied)."""
+    if len(queue) > 1 and len(queue[0][0]) < JOIN_BELOW:
+        small: list[bytes] = []
+        for frame, _ in islice(queue, JOIN_FRAMES):
+            if len(frame) >= JOIN_BELOW:
+                break
+            small.append(frame)
+        if len(small) > 1:
+            return [memoryview(b"".join(small))[sent:]]
+    bufs: list[Bytes] = [memoryview(queue[0][0])[sent:]]
+    bufs.extend(frame for frame, _ in islice(queue, 1, MAX_IOV))
+    return bufs
 
 
 def frame_rest(lens: list[int], written: int) -> int:

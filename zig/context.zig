@@ -250,7 +250,8 @@ pub const Context = struct {
     pub fn syncReadiness(self: *Context) void {
         const r = if (self.readiness) |*r| r else return;
         if (self.forked) return; // the pipe and the timer are the parent's too
-        r.setPending(self.events.live > 0);
+        // MORE calls due are work a zero-timeout wait does (switching.zig).
+        r.setPending(self.events.live > 0 or switching.moreReady(self));
         r.armTimer(if (self.timer_ms < 0) null else self.timerDueNs(self.timer_base_ns));
     }
 

@@ -91,7 +91,8 @@
  * as with CB_NO_ERROR, and `in` is called again without waiting for the fd to
  * be readable (it holds input already read), at most 64 calls per fd and
  * round (pyipc.MAX_MORE_PER_ROUND), the rest in the next rounds; while the
- * peer's queue is over max_queue_size the calls wait, as reading does. From
+ * peer's queue is over max_queue_size the calls wait, as reading does; while
+ * calls are due, ipc_context_fd() is readable. From
  * `out`, CB_MORE is an error. ipc_switch_send(ctx, fd, data, len) queues raw
  * bytes (not framed) for switched fd `fd`, written in order with the rest of
  * its output; IPC_E_QUEUE_FULL when fd's queue is over max_queue_size already

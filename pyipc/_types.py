@@ -61,6 +61,14 @@ DEFAULT_LINGER = 1.0
 """Default `linger` of a Context, in seconds: how long closing waits for
 scheduled messages to go out before it drops them (ZeroMQ's LINGER)."""
 
+MAX_MORE_PER_ROUND = 64
+"""Calls of one fd's `on_in` in one event-loop round at most, when it keeps
+returning `CBEvent.MORE`: the rest continue in the next round (even if the fd
+is not readable), so one fd with much buffered input cannot starve the others."""
+
+MAX_SWITCH_END_REASON = 1024
+"""Longest `reason` `switch_end()` takes, in bytes of UTF-8."""
+
 
 class EventType(enum.IntEnum):
     """What an `Event` reports (libIPC's numbers)."""
@@ -77,12 +85,19 @@ class EventType(enum.IntEnum):
 
 
 class CBEvent(enum.IntEnum):
-    """Result of a switching callback (libIPC's numbers)."""
+    """Result of a switching callback (libIPC's numbers; MORE is pyipc's).
+
+    MORE is for `on_in` only: the payload is forwarded as with NO_ERROR, and
+    `on_in` is called again without waiting for the fd to be readable (it
+    holds more input already read), up to MAX_MORE_PER_ROUND calls a round.
+    From `on_out` it is an error, as any number that is not a result.
+    """
 
     NO_ERROR = 0
     ERROR = 1
     FD_CLOSING = 2
     IGNORE = 3
+    MORE = 4
 
 
 class Event:

@@ -105,6 +105,9 @@ pub const Context = struct {
     /// The buffer a custom switch `in` callback fills (max_message_size bytes),
     /// allocated the first time such a callback runs.
     switch_buf: ?[]u8 = null,
+    /// The switching extension's state: switch_events, fds due for MORE
+    /// (switching.zig).
+    switch_state: switching.State = .{},
     /// Connections with queued frames: what step 1 of a round flushes.
     dirty: std.ArrayList(*Conn) = .empty,
     /// Fds of connections that ended (DISCONNECTION reported) but are not
@@ -162,6 +165,7 @@ pub const Context = struct {
         if (self.scratch) |s| gpa.free(s);
         if (self.gather_buf) |s| gpa.free(s);
         if (self.switch_buf) |s| gpa.free(s);
+        self.switch_state.deinit(gpa);
         gpa.free(self.rundir);
         gpa.destroy(self);
     }
@@ -494,7 +498,7 @@ pub const Context = struct {
     /// The other side of a switch whose peer ended: closed too, but only once
     /// what was forwarded to it is written, so the ended side's last messages
     /// are not lost. Meanwhile it is not read (its input has nowhere to go).
-    fn closeAfterFlush(self: *Context, conn: *Conn) Allocator.Error!void {
+    pub fn closeAfterFlush(self: *Context, conn: *Conn) Allocator.Error!void {
         if (!conn.alive) return;
         if (conn.queue.isEmpty()) return self.drop(conn, null);
         conn.closing = true;
@@ -797,7 +801,7 @@ pub const Context = struct {
         _ = try self.prepareSend(fd, len);
     }
 
-    fn closedByPeer(self: *Context, fd: i32) Error {
+    pub fn closedByPeer(self: *Context, fd: i32) Error {
         return self.last.fail(
             error.ConnectionClosed,
             "connection on fd {d} is closed by the peer",
@@ -1068,7 +1072,9 @@ pub const Context = struct {
             const kind: events_mod.EventType = switch (origin) {
                 .scheduled => .message_tx,
                 .switched => .switch_tx,
-                .remainder => return, // of a write() that was stopped: no event
+                // The rest of a write() that was stopped; switch_send's
+                // bytes, or a frame relayed while switch_events is off.
+                .remainder, .silent => return,
             };
             try self.ctx.events.push(self.ctx.gpa, kind, self.conn.fd, self.conn.index);
         }
@@ -1722,8 +1728,12 @@ pub const Context = struct {
     /// readiness (not at all if step 1 produced events); (3) handle every ready fd.
     fn round(self: *Context, timeout_ms: i32) Error!void {
         defer self.table.reap(self.gpa);
+        self.switch_state.round +%= 1;
         try self.flushDirty();
-        try self.pollAndHandle(if (self.events.live > 0) 0 else timeout_ms);
+        // Not waiting either when an `in` callback asked for MORE (switching.zig).
+        const busy = self.events.live > 0 or switching.moreReady(self);
+        try self.pollAndHandle(if (busy) 0 else timeout_ms);
+        try switching.runMore(self);
     }
 
     /// Steps 2 and 3 of a round. A signal that ends the wait ends an

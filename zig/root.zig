@@ -47,6 +47,7 @@ test {
     _ = @import("readiness.zig");
     _ = @import("blocking.zig");
     _ = @import("switching.zig");
+    _ = @import("switching_test.zig");
     _ = @import("context.zig");
     _ = @import("exports.zig");
     _ = @import("abi_test.zig");

@@ -64,6 +64,31 @@ def test_name_and_messages_in_one_segment(tcpd):
         assert read_exactly(sock, len(want)) == want
 
 
+class CountingTcpd(Tcpd):
+    """Tcpd noting the type of every event its loop hands it."""
+
+    def on_event(self, ev: pyipc.Event) -> None:
+        self.seen.append(ev.type)
+        super().on_event(ev)
+
+
+def test_relayed_messages_raise_no_events(backend, rundir, pong):
+    """switch_events is off: the loop sees the handshake, not the messages."""
+    daemon = CountingTcpd(rundir=rundir, backend=backend, listen=["127.0.0.1:0"],
+                          expose=["pong"])
+    daemon.seen = []
+    with running(daemon):
+        with dial(daemon) as sock:
+            sock.sendall(b"pong\n")
+            assert read_exactly(sock, 2) == b"ok"
+            for i in range(200):
+                sock.sendall(frame(b"%d" % i))
+                assert read_frame(sock) == b"%d" % i
+    switch_events = {pyipc.EventType.SWITCH_RX, pyipc.EventType.SWITCH_TX}
+    assert not switch_events & set(daemon.seen), daemon.seen
+    assert len(daemon.seen) < 20                  # accept, name: a handful, not 400
+
+
 def test_libipc_bare_name(tcpd):
     with dial(tcpd) as sock:
         sock.sendall(b"pong")                     # no newline: taken after the grace

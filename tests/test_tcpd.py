@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 from typing import Callable, Iterator, Optional
 
@@ -18,7 +20,7 @@ import pyipc
 from pyipc.daemons.ipcd import Ipcd
 from pyipc.daemons.tcpd import Tcpd, parse_uri, MAX_HANDSHAKE
 
-from conftest import spin_until
+from conftest import CHILD_ENV, spin_until
 from daemon_harness import Pong, frame, read_exactly, read_frame, running
 
 
@@ -289,3 +291,68 @@ def test_bad_uri_from_ipcd(backend, rundir):
             sock.connect(os.path.join(rundir, "tcp"))
             sock.sendall(frame(b"tcp://host:1/"))
             assert read_frame(sock).startswith(b"ne norule bad URI: tcp://host:1/: no service")
+
+
+def test_host_names_to_listen_on_and_to_dial(backend, rundir, pong, monkeypatch):
+    """`localhost` resolves to one or more loopback addresses: tcpd listens on
+    each; ipcd's URI may name the host too."""
+    with running(make_tcpd(backend, rundir, listen=["localhost:0"])) as daemon, \
+            running(Ipcd(rundir=rundir, backend=backend)):
+        assert daemon.addresses
+        for address in daemon.addresses:
+            assert address[0] in ("127.0.0.1", "::1")
+        port = next(a[1] for a in daemon.addresses if a[0] == "127.0.0.1")
+        monkeypatch.setenv("IPC_NETWORK", f"p tcp://localhost:{port}/pong")
+        with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+            fd = ctx.connect("p", timeout=10)
+            ctx.write(fd, b"by name")
+            assert ctx.read(fd, timeout=10) == b"by name"
+
+
+ACTIVATE = """
+import os, sys
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES="tcp:tcp")
+os.dup2(int(sys.argv[1]), 3)
+os.dup2(int(sys.argv[2]), 4)
+os.execv(sys.executable, [sys.executable, "-m", "pyipc", *sys.argv[3:]])
+"""
+
+
+def test_socket_activation(backend, rundir, pong, tmp_path, monkeypatch):
+    """systemd passes a TCP listener (tcpd's --listen is then unused) and the
+    Unix socket `tcp` (ipcd's way in); READY=1 once both serve."""
+    tcp = socket.create_server(("127.0.0.1", 0))
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(os.path.join(rundir, "tcp"))
+    unix.listen(8)
+    notify_path = str(tmp_path / "notify")
+    with tcp, unix, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(notify_path)
+        notify.settimeout(20)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ACTIVATE, str(tcp.fileno()), str(unix.fileno()),
+             "--rundir", rundir, "--backend", backend, "tcpd", "--listen", "127.0.0.1:1",
+             "--expose", "pong"], pass_fds=[tcp.fileno(), unix.fileno()],
+            env=dict(CHILD_ENV, NOTIFY_SOCKET=notify_path), stderr=subprocess.PIPE)
+        try:
+            assert notify.recv(100) == b"READY=1"
+            # A peer on the passed TCP socket...
+            with socket.create_connection(tcp.getsockname(), timeout=10) as peer:
+                peer.sendall(b"pong\n" + frame(b"activated"))
+                assert read_exactly(peer, 2 + 13) == b"ok" + frame(b"activated")
+            # ...and ipcd's request on the passed Unix socket (dialling the same tcpd).
+            with running(Ipcd(rundir=rundir, backend=backend)):
+                monkeypatch.setenv("IPC_NETWORK",
+                                   f"p tcp://127.0.0.1:{tcp.getsockname()[1]}/pong")
+                with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+                    fd = ctx.connect("p", timeout=10)
+                    ctx.write(fd, b"via ipcd")
+                    assert ctx.read(fd, timeout=10) == b"via ipcd"
+            proc.terminate()
+            assert notify.recv(100) == b"STOPPING=1"
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            proc.stderr.close()

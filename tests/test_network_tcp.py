@@ -132,6 +132,21 @@ def test_the_fd_is_the_tcp_socket_to_b(client, stack):
     client.close(fd)
 
 
+def test_asyncio_client(stack, monkeypatch):
+    """pyipc.aio's connect() through ipcd takes the TCP socket as a connection too."""
+    import asyncio
+    import pyipc.aio
+    monkeypatch.setenv("IPC_NETWORK", stack.network)
+
+    async def main() -> list:
+        async with pyipc.aio.Context(rundir=stack.a.rundir, backend=stack.backend) as ctx:
+            conn = await ctx.connect("pong", timeout=15)
+            for i in range(100):
+                await conn.send(b"aio %d" % i)
+            return [await asyncio.wait_for(conn.recv(), 10) for _ in range(100)]
+    assert asyncio.run(main()) == [b"aio %d" % i for i in range(100)]
+
+
 # ------------------------------------------------------------ faults
 
 def test_remote_tcpd_down(client, stack):

@@ -356,3 +356,21 @@ def test_socket_activation(backend, rundir, pong, tmp_path, monkeypatch):
                 proc.kill()
                 proc.wait(10)
             proc.stderr.close()
+
+
+@pytest.mark.parametrize("args,status,text", [
+    (["tcpd", "--listen", "127.0.0.1:{port}"], 1, "pyipc tcpd: tcpd cannot listen on "
+     "127.0.0.1:{port}: Address already in use"),
+    (["tcpd", "--listen", "127.0.0.1:99999"], 2, "pyipc tcpd: '127.0.0.1:99999': bad port"),
+    (["tcpd", "--max-pending", "0"], 2, "pyipc tcpd: max_pending must be >= 1, not 0"),
+    (["ipcd", "--max-requests", "0"], 2, "pyipc ipcd: max_requests must be >= 1, not 0"),
+])
+def test_cli_errors_are_one_line(backend, rundir, args, status, text):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "pyipc", "--rundir", rundir, "--backend",
+                              backend, *[a.format(port=port) for a in args]],
+                             env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == status, out.stderr
+    assert out.stderr.startswith(text.format(port=port)), out.stderr
+    assert "Traceback" not in out.stderr

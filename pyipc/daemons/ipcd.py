@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 from typing import Any, Dict, Optional
 
 from .. import Event, EventType, InvalidNameError, IPCError, _rundir
@@ -294,6 +295,11 @@ def add_command(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    Ipcd(rundir=args.rundir, backend=args.backend, request_timeout=args.request_timeout,
-         max_requests=args.max_requests).run()
+    try:
+        daemon = Ipcd(rundir=args.rundir, backend=args.backend,
+                      request_timeout=args.request_timeout, max_requests=args.max_requests)
+    except ValueError as e:                     # a bad option value: usage error
+        print(f"pyipc ipcd: {e}", file=sys.stderr)
+        return 2
+    daemon.run()
     return 0

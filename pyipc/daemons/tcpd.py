@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
@@ -138,7 +139,12 @@ class Tcpd(Daemon):
                 self.log.warning("tcpd: no TCP socket from systemd: listening on %s",
                                  ", ".join(self.listen))
             for address in self.listen:
-                for sock in _sockets.tcp_listeners(address, DEFAULT_PORT):
+                try:
+                    listeners = _sockets.tcp_listeners(address, DEFAULT_PORT)
+                except OSError as e:            # in use, not ours, no such name
+                    raise IPCError(f"tcpd cannot listen on {address}: "
+                                   f"{e.strerror or e}", e.errno) from None
+                for sock in listeners:
                     self._add_listener(sock)
         if self._unix_listener is None:
             self.ctx.service_init(TCP_SERVICE)
@@ -517,9 +523,15 @@ def add_command(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     expose = [n for item in args.expose for n in item.split(",") if n]
-    Tcpd(rundir=args.rundir, backend=args.backend, listen=args.listen or [DEFAULT_LISTEN],
-         expose=expose, dead_peer_timeout=args.dead_peer_timeout,
-         connect_timeout=args.connect_timeout, handshake_timeout=args.handshake_timeout,
-         max_pending=args.max_pending).run()
+    try:
+        daemon = Tcpd(rundir=args.rundir, backend=args.backend,
+                      listen=args.listen or [DEFAULT_LISTEN], expose=expose,
+                      dead_peer_timeout=args.dead_peer_timeout,
+                      connect_timeout=args.connect_timeout,
+                      handshake_timeout=args.handshake_timeout, max_pending=args.max_pending)
+    except ValueError as e:                     # a bad option value: usage error
+        print(f"pyipc tcpd: {e}", file=sys.stderr)
+        return 2
+    daemon.run()
     return 0
 

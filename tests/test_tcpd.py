@@ -374,3 +374,30 @@ def test_cli_errors_are_one_line(backend, rundir, args, status, text):
     assert out.returncode == status, out.stderr
     assert out.stderr.startswith(text.format(port=port)), out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_many_clients_connect_at_once(backend, rundir, pong, monkeypatch):
+    """40 clients ask at once: every dial goes through (ipcd and tcpd serve
+    them concurrently, the dials on worker threads), each gets its own echo."""
+    with running(make_tcpd(backend, rundir)) as daemon, \
+            running(Ipcd(rundir=rundir, backend=backend)):
+        monkeypatch.setenv("IPC_NETWORK",
+                           f"pong tcp://127.0.0.1:{daemon.addresses[0][1]}/pong")
+        errors: list = []
+        go = threading.Barrier(40)
+
+        def one(i: int) -> None:
+            try:
+                with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+                    go.wait(20)
+                    fd = ctx.connect("pong", timeout=30)
+                    ctx.write(fd, b"client %d" % i)
+                    assert ctx.read(fd, timeout=30) == b"client %d" % i
+            except BaseException as e:          # reported below, with its client
+                errors.append((i, repr(e)))
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []

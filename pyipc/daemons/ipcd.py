@@ -103,6 +103,12 @@ class Ipcd(Daemon):
     # ------------------------------------------------------------ events
 
     def on_event(self, ev: Event) -> None:
+        try:
+            self._on_event(ev)
+        except Exception:           # a fault with one client must not end the service
+            self.log.exception("ipcd: failed on %s", ev)
+
+    def _on_event(self, ev: Event) -> None:
         if ev.type == EventType.CONNECTION:
             self._admit(ev.fd)
         elif ev.type == EventType.MESSAGE_RX:
@@ -164,21 +170,10 @@ class Ipcd(Daemon):
                 self.ctx.rundir, where)
         except InvalidNameError as e:
             return self._refuse(request, wire.NORULE, f"{where}: {e}")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-                             | socket.SOCK_NONBLOCK)
         try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
-            sock.close()
-            return self._refuse(request, wire.NOSERVICE, f"no service {where} in "
-                                f"{self.ctx.rundir}")
-        except BlockingIOError:
-            sock.close()
-            return self._refuse(request, wire.BUSY, f"service {where} has a full backlog")
-        except OSError as e:
-            sock.close()
-            return self._refuse(request, wire.NOSERVICE, f"cannot connect to {where}: "
-                                f"{e.strerror or e}")
+            sock = _sockets.connect_local(path, where, self.ctx.rundir)
+        except _sockets.LocalRefusal as e:
+            return self._refuse(request, e.code, str(e))
         with sock:
             self._pass(request, sock.fileno())
 
@@ -204,9 +199,13 @@ class Ipcd(Daemon):
         if sent != len(uri.encode()) + 4:       # a URI fits an empty socket buffer
             sock.close()
             return self._refuse(request, wire.NODAEMON, f"the {scheme} daemon is not reading")
+        try:
+            self.ctx.add_external(sock.fileno())      # EXTERNAL once it answers
+        except IPCError as e:                         # max_connections reached
+            sock.close()
+            return self._refuse(request, wire.BUSY, str(e))
         request.scheme = scheme
-        request.daemon_fd = sock.detach()
-        self.ctx.add_external(request.daemon_fd)      # EXTERNAL once it answers
+        request.daemon_fd = sock.detach()             # the context owns it now
         self._asking[request.daemon_fd] = request
 
     def _on_daemon_readable(self, request: _Request) -> None:

@@ -29,7 +29,7 @@ import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
-from .. import Event, EventType, IPCError, ServiceNotFoundError
+from .. import Event, EventType, InvalidNameError, IPCError, _rundir
 from . import _netwire as wire
 from . import _sockets, _systemd
 from ._runtime import Daemon
@@ -188,6 +188,12 @@ class Tcpd(Daemon):
     # ------------------------------------------------------------ events
 
     def on_event(self, ev: Event) -> None:
+        try:
+            self._on_event(ev)
+        except Exception:           # a fault with one peer must not end the service
+            self.log.exception("tcpd: failed on %s", ev)
+
+    def _on_event(self, ev: Event) -> None:
         fd = ev.fd
         if ev.type == EventType.EXTERNAL:
             if fd in self._incoming:
@@ -228,7 +234,12 @@ class Tcpd(Daemon):
                                   "handshakes in progress (--max-pending)", watched=False)
                 continue
             fd = sock.fileno()
-            self.ctx.add_external(fd)
+            try:
+                self.ctx.add_external(fd)
+            except IPCError as e:                 # max_connections reached
+                self.log.warning("tcpd: cannot take a peer: %s", e)
+                sock.close()
+                continue
             self._incoming[fd] = _Incoming(sock, self.call_later(
                 self.handshake_timeout, lambda: self._name_expired(fd)))
 
@@ -278,14 +289,23 @@ class Tcpd(Daemon):
             return self._refuse_incoming(incoming, wire.REFUSED,
                                          f"service {name} is not exposed by this tcpd")
         try:
-            local = self.ctx.connect_service(name)
-        except ServiceNotFoundError:
-            return self._refuse_incoming(incoming, wire.NOSERVICE, f"no service {name} "
-                                         f"on {socket.gethostname()}")
-        except IPCError as e:
-            return self._refuse_incoming(incoming, wire.NOSERVICE, str(e))
+            path = _rundir.service_path(self.ctx.rundir, name)
+            local = _sockets.connect_local(path, name, self.ctx.rundir).detach()
+        except InvalidNameError as e:
+            return self._refuse_incoming(incoming, wire.REFUSED, str(e))
+        except _sockets.LocalRefusal as e:
+            text = f"no service {name} on {socket.gethostname()}" \
+                if e.code == wire.NOSERVICE else str(e)
+            return self._refuse_incoming(incoming, e.code, text)
         self._forget_incoming(incoming, close=False)
         tcp = incoming.sock.detach()               # the context owns it (external)
+        try:
+            self.ctx.add_connection(local)
+        except IPCError as e:                      # max_connections reached
+            socket.socket(fileno=local).close()
+            self.log.warning("tcpd: cannot relay to %s: %s", name, e)
+            self.ctx.close(tcp)
+            return
         if not wire.send_raw(tcp, b"ok"):
             self.ctx.close(local)
             self.ctx.close(tcp)
@@ -320,7 +340,11 @@ class Tcpd(Daemon):
         except OSError:
             pass
         if not watched:
-            self.ctx.add_external(fd)
+            try:
+                self.ctx.add_external(fd)
+            except IPCError:                      # max_connections: no linger then
+                sock.close()
+                return
         self._closing[fd] = (sock, self.call_later(REFUSAL_LINGER, lambda: self._close(fd)))
 
     def _drain(self, fd: int) -> None:
@@ -391,8 +415,12 @@ class Tcpd(Daemon):
             sock.close()
             return self._answer_ipcd(dial, wire.refusal(
                 wire.UNREACHABLE, f"{where}: {e.strerror or e}"))
+        try:
+            self.ctx.add_external(sock.fileno())
+        except IPCError as e:                     # max_connections reached
+            sock.close()
+            return self._answer_ipcd(dial, wire.refusal(wire.BUSY, str(e)))
         dial.sock = sock
-        self.ctx.add_external(sock.fileno())
         self._answers[sock.fileno()] = dial
 
     def _read_answer(self, dial: _Dial) -> None:

@@ -170,10 +170,25 @@ def test_unexposed_service(client):
                                "service hidden is not exposed by this tcpd")
 
 
+def relay_on_b(stack: Stack, client_port: int) -> bool:
+    """Whether tcpd on B still holds the TCP connection from the client's port."""
+    out = stack.b.run(["ss", "-Htn", "state", "established", f"( dport = :{client_port} )"],
+                      capture_output=True, text=True, check=True)
+    return bool(out.stdout.strip())
+
+
 def test_link_cut_mid_stream_ends_the_connection(client, stack):
+    """Both ends see it within about --dead-peer-timeout: the client's
+    read fails (TCP_USER_TIMEOUT on unacknowledged data), and tcpd on B ends
+    the relay to pong (keepalive probes on an idle connection)."""
+    import socket
     fd = client.connect("pong", timeout=15)
     client.write(fd, b"before")
     assert client.read(fd, timeout=10) == b"before"
+    sock = socket.socket(fileno=fd)
+    client_port = sock.getsockname()[1]
+    sock.detach()
+    assert relay_on_b(stack, client_port)
     stack.a.link(up=False)
     try:
         started = time.monotonic()
@@ -181,11 +196,15 @@ def test_link_cut_mid_stream_ends_the_connection(client, stack):
             client.write(fd, b"into the void")        # buffered: goes out, never acked
             client.read(fd, timeout=DEAD_PEER * 5)
         took = time.monotonic() - started
+        # An error of the connection (the kernel's timeout), not the read's own timeout.
+        assert not isinstance(info.value, pyipc.TimeoutError), info.value
+        assert took < DEAD_PEER * 4, took
+        # No event to wait for on B: look until the relay is gone, within a bound.
+        while relay_on_b(stack, client_port):
+            assert time.monotonic() - started < DEAD_PEER * 5, "B still relays"
+            time.sleep(0.1)
     finally:
         stack.a.link(up=True)
-    # An error of the connection (the kernel's timeout), not the read's own timeout.
-    assert not isinstance(info.value, pyipc.TimeoutError), info.value
-    assert took < DEAD_PEER * 4, took
     client.close(fd)
 
 

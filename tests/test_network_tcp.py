@@ -25,7 +25,7 @@ import pytest
 import pyipc
 
 import netns
-from conftest import BACKENDS, CHILD_ENV, require_backend
+from conftest import BACKENDS, CHILD_ENV, ROOT, require_backend
 
 pytestmark = pytest.mark.skipif(netns.available() is not None,
                                 reason=str(netns.available()))
@@ -250,3 +250,16 @@ def test_socat_reaches_pong_through_tcpd(stack):
     assert proc.stdout.read(len(want)) == want
     proc.stdin.close()                          # socat ends when the stream does
     assert proc.wait(10) == 0
+
+
+def test_the_network_benchmark_runs():
+    """bench/network.py (not a timed test: it must run and report its table)."""
+    from pyipc import _native       # the library the checkout's children load
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYIPC_LIBRARY": str(_native.LIBRARY_PATH)}
+    done = subprocess.run([sys.executable, "-m", "bench.network", "--repeats", "1",
+                           "--rtt-n", "50", "--oneway-n", "20"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^rtt, 64 B \(us\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", done.stdout, re.M)
+    assert re.search(r"^64 KiB one-way \(MiB/s\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$",
+                     done.stdout, re.M)

@@ -254,6 +254,7 @@ def test_socat_reaches_pong_through_tcpd(stack):
 
 def test_the_network_benchmark_runs():
     """bench/network.py (not a timed test: it must run and report its table)."""
+    require_backend("native")
     from pyipc import _native       # the library the checkout's children load
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYIPC_LIBRARY": str(_native.LIBRARY_PATH)}
     done = subprocess.run([sys.executable, "-m", "bench.network", "--repeats", "1",

@@ -401,3 +401,14 @@ def test_many_clients_connect_at_once(backend, rundir, pong, monkeypatch):
         for t in threads:
             t.join(60)
         assert errors == []
+
+
+def test_a_bad_frame_after_ok_ends_that_relay_only(tcpd):
+    """A peer announcing more than max_message_size: its relay is closed (the
+    core's rule), tcpd goes on serving others."""
+    with dial(tcpd) as bad:
+        bad.sendall(b"pong\n" + b"\xff\xff\xff\xff" + b"x" * 100)
+        assert read_to_end(bad) == b"ok"
+    with dial(tcpd) as good:
+        good.sendall(b"pong\n" + frame(b"still here"))
+        assert read_exactly(good, 2 + 14) == b"ok" + frame(b"still here")

@@ -412,3 +412,12 @@ def test_a_bad_frame_after_ok_ends_that_relay_only(tcpd):
     with dial(tcpd) as good:
         good.sendall(b"pong\n" + frame(b"still here"))
         assert read_exactly(good, 2 + 14) == b"ok" + frame(b"still here")
+
+
+def test_several_listen_addresses(backend, rundir, pong):
+    with running(make_tcpd(backend, rundir, listen=["127.0.0.1:0", "127.0.0.2:0"])) as daemon:
+        assert [a[0] for a in daemon.addresses] == ["127.0.0.1", "127.0.0.2"]
+        for host, port in daemon.addresses:
+            with socket.create_connection((host, port), timeout=10) as sock:
+                sock.sendall(b"pong\n" + frame(host.encode()))
+                assert read_exactly(sock, 2 + 4 + len(host)) == b"ok" + frame(host.encode())

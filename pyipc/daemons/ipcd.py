@@ -78,6 +78,7 @@ class Ipcd(Daemon):
     # ------------------------------------------------------------ set-up
 
     def setup(self) -> None:
+        """Serve `ipc`: the listening socket systemd passed, else a new service."""
         passed = _systemd.listen_fds()
         fds = passed.get(IPCD_SERVICE) or passed.get("unknown") or []
         for fd in fds:
@@ -95,6 +96,7 @@ class Ipcd(Daemon):
             self._service_fd = self.ctx.service_init(IPCD_SERVICE)
 
     def teardown(self) -> None:
+        """Let go of the fds received and of systemd's socket (closed with the context)."""
         for request in list(self._requests.values()):
             request.reader.close()
         if self._listener is not None:
@@ -103,6 +105,7 @@ class Ipcd(Daemon):
     # ------------------------------------------------------------ events
 
     def on_event(self, ev: Event) -> None:
+        """Handle one event; a failure is logged, the service goes on."""
         try:
             self._on_event(ev)
         except Exception:           # a fault with one client must not end the service

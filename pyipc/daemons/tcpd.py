@@ -128,6 +128,7 @@ class Tcpd(Daemon):
     # ------------------------------------------------------------ set-up
 
     def setup(self) -> None:
+        """Listen (systemd's sockets, else --listen) and serve `tcp` for ipcd."""
         # Relayed messages are not reported: on the native backend no Python
         # runs per message; ends and errors of switched fds still are.
         self.ctx.switch_events = False
@@ -171,6 +172,7 @@ class Tcpd(Daemon):
         self.addresses.append(sock.getsockname())
 
     def teardown(self) -> None:
+        """Let go of the socket objects (the context closes their fds)."""
         # The context closes every fd it watches: the objects only let go.
         for sock in self._listeners.values():
             sock.detach()
@@ -188,6 +190,7 @@ class Tcpd(Daemon):
     # ------------------------------------------------------------ events
 
     def on_event(self, ev: Event) -> None:
+        """Handle one event; a failure is logged, the service goes on."""
         try:
             self._on_event(ev)
         except Exception:           # a fault with one peer must not end the service

@@ -51,7 +51,16 @@ class _Request:
 
 
 class Ipcd(Daemon):
-    """ipcd: serves `ipc` in the run dir (or the socket systemd passes)."""
+    """ipcd: serves `ipc` in the run dir (or the socket systemd passes).
+
+    Args:
+        rundir: the run directory (default: env `RUNDIR`, else `/tmp/.libipc-run`).
+        backend: the pyipc backend of its context (default: as `Context`).
+        request_timeout: seconds a request may take, from the client's
+            connection to ipcd's answer (then `ne timeout`).
+        max_requests: requests waiting for a scheme daemon at once; the next
+            ones are answered `ne busy`.
+    """
 
     name = "ipcd"
 

@@ -84,7 +84,23 @@ class _Dial:
 
 
 class Tcpd(Daemon):
-    """tcpd: serves `tcp` (for ipcd) in the run dir, and listens on TCP."""
+    """tcpd: serves `tcp` (for ipcd) in the run dir, and listens on TCP.
+
+    Args:
+        rundir: the run directory (default: env `RUNDIR`, else `/tmp/.libipc-run`).
+        backend: the pyipc backend of its context (default: as `Context`).
+        listen: addresses to listen on: `HOST[:PORT]`, `[IPV6][:PORT]`, a host
+            name (each of its addresses); port 0 takes a free one (see
+            `addresses` once `ready` is set). Unused when systemd passes
+            TCP sockets.
+        expose: the local services peers may reach; nothing else is.
+        dead_peer_timeout: seconds after which a silent peer ends its
+            connection (keepalive, TCP_USER_TIMEOUT); 0: never.
+        connect_timeout: seconds to dial a remote tcpd and get its answer.
+        handshake_timeout: seconds a peer has to send its service name.
+        max_pending: handshakes in progress at once (both ways); more are
+            answered `ne busy`.
+    """
 
     name = "tcpd"
 

@@ -50,7 +50,7 @@ def tcp_listeners(address: str, default_port: int) -> List[socket.socket]:
             if (family, where) in seen:
                 continue
             seen.add((family, where))
-            sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+            sock = socket.socket(family, kind, proto)     # not inheritable (PEP 446)
             listeners.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:        # this address only, not IPv4 too
@@ -93,8 +93,8 @@ def connect_local(path: str, name: str, rundir: str) -> socket.socket:
     """A connection to the service socket at `path`, made without blocking:
     a service whose backlog is full is refused `busy` at once rather than
     holding the daemon's loop. LocalRefusal when it cannot be made."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-                         | socket.SOCK_NONBLOCK)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)   # not inheritable
+    sock.setblocking(False)
     try:
         sock.connect(path)
         return sock

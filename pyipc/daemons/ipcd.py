@@ -194,16 +194,15 @@ class Ipcd(Daemon):
             return self._refuse(request, wire.BUSY, f"ipcd serves {self.max_requests} "
                                 "requests at once (--max-requests)")
         path = os.path.join(self.ctx.rundir, scheme)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-                             | socket.SOCK_NONBLOCK)
         try:
-            sock.connect(path)
-            sent = sock.send(wire.frame(uri.encode()), socket.MSG_NOSIGNAL)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
-            sock.close()
-            return self._refuse(request, wire.NODAEMON, f"no service {scheme} in "
-                                f"{self.ctx.rundir} (is the {scheme} daemon, pyipc "
-                                f"{scheme}d, running?)")
+            sock = _sockets.connect_local(path, scheme, self.ctx.rundir)
+        except _sockets.LocalRefusal as e:
+            if e.code == wire.BUSY:
+                return self._refuse(request, wire.BUSY, f"the {scheme} daemon: {e}")
+            return self._refuse(request, wire.NODAEMON, f"{e} (is the {scheme} daemon, "
+                                f"pyipc {scheme}d, running?)")
+        try:
+            sent = sock.send(wire.frame(uri.encode()), wire.SEND_FLAGS)
         except OSError as e:
             sock.close()
             return self._refuse(request, wire.NODAEMON, f"cannot ask the {scheme} "

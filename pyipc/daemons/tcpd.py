@@ -429,7 +429,7 @@ class Tcpd(Daemon):
         try:
             _sockets.tune_tcp(sock, self.dead_peer_timeout)
             sock.setblocking(False)
-            sock.send((dial.name + "\n").encode(), socket.MSG_NOSIGNAL)
+            sock.send((dial.name + "\n").encode(), wire.SEND_FLAGS)
         except OSError as e:
             sock.close()
             return self._answer_ipcd(dial, wire.refusal(

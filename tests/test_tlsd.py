@@ -244,3 +244,43 @@ def test_remote_closing_ends_the_client_connection(hosts, backend, certs, remote
         remote.stop()                               # host B's tlsd goes away
         with pytest.raises(pyipc.ConnectionClosedError):
             client.read(fd, timeout=20)
+
+
+# ------------------------------------------------------------ the TCP side's backlog
+
+class RefusingContext:
+    """Stands in for the daemon's context: switch_send refuses `refusals`
+    times (QueueFullError, as the core does over max_queue_size), then takes."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.sent: list = []
+
+    def switch_send(self, fd: int, data: bytes) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise pyipc.QueueFullError("send queue of fd 7 is full")
+        self.sent.append(data)
+
+
+def test_records_refused_for_now_go_out_later_in_order(backend, rundir, certs, monkeypatch):
+    from pyipc.daemons import tlsd as tlsd_module
+    monkeypatch.setattr(tlsd_module, "BACKLOG_RETRY_S", 0.0)
+    daemon = dialer(rundir, backend, certs)
+    real = daemon.ctx
+    try:
+        fake = RefusingContext(refusals=3)     # r1, then r1 again with r2, then a retry
+        daemon.ctx = fake
+        daemon._relays[7] = object()                # fd 7 is a switched TCP fd
+        daemon._send_tcp(7, b"r1")                  # refused: kept, a retry is due
+        daemon._send_tcp(7, b"r2")                  # refused again (queued behind r1)
+        assert fake.sent == [] and list(daemon._backlog[7]) == [b"r1", b"r2"]
+        daemon._timers.run_due()                    # refused a third time
+        assert fake.sent == []
+        daemon._timers.run_due()                    # room now: both, in order
+        assert fake.sent == [b"r1", b"r2"] and 7 not in daemon._backlog
+        daemon._send_tcp(7, b"r3")
+        assert fake.sent == [b"r1", b"r2", b"r3"]
+    finally:
+        daemon.ctx = real
+        real.close_all()

@@ -75,7 +75,7 @@ class TlsRelay:
 
     # ------------------------------------------------------------ input
 
-    def feed(self, ciphertext: bytes) -> None:
+    def feed(self, ciphertext: "bytes | memoryview") -> None:
         """Take ciphertext from the peer; decrypt what it completes. An empty
         `ciphertext` is the TCP end of stream. Raises TlsRelayError."""
         if ciphertext:

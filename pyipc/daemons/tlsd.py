@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import argparse
 import array
+import collections
 import logging
 import os
 import socket
 import ssl
 import struct
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from .. import CBEvent, Event, EventType, IPCError
+from .. import CBEvent, Event, EventType, IPCError, QueueFullError
 from . import _systemd
 from ._runtime import Daemon
 from ._tls_handshake import NAME_GRACE_S, Handshake, HandshakeFailed
@@ -41,6 +42,9 @@ from ._tls_relay import TlsRelay, TlsRelayError
 SERVICE = "tls"
 #: Ciphertext read from a TCP socket per call (several TLS records).
 READ_SIZE = 256 * 1024
+#: Seconds between two attempts to queue records the TCP side refused for
+#: now (see Tlsd._send_tcp; only while its queue is over its bound).
+BACKLOG_RETRY_S = 0.005
 #: Backlog of the listening socket.
 LISTEN_BACKLOG = 128
 _FRAME = struct.Struct(">I")
@@ -62,6 +66,10 @@ class Tlsd(Daemon):
         self._requests: Dict[int, Optional[Any]] = {}   # ipcd fd -> its deadline, once asked
         self._connecting: Dict[int, Tuple[str, int, str]] = {}   # ipcd fd -> host, port, name
         self._relays: Dict[int, TlsRelay] = {}          # switched TCP fd -> its session
+        self._backlog: Dict[int, Deque[bytes]] = {}    # TCP fd -> records refused for now
+        self._read_buffer = bytearray(READ_SIZE)        # ciphertext, one read at a time
+        self._read_buffers = [self._read_buffer]
+        self._read_view = memoryview(self._read_buffer)
         #: Where the listening sockets are bound (tests read the port).
         self.addresses: List[Tuple[Any, ...]] = []
 
@@ -114,6 +122,7 @@ class Tlsd(Daemon):
     def _gone(self, fd: int) -> None:
         """fd was closed by the context (peer gone, switch ended)."""
         self._relays.pop(fd, None)
+        self._backlog.pop(fd, None)
         if fd in self._requests:                # ipcd gave up: its dial is abandoned
             self._end_request(fd)
 
@@ -368,20 +377,22 @@ class Tlsd(Daemon):
             if relay.closed:
                 return CBEvent.FD_CLOSING, None
             try:
-                data = os.read(fd, READ_SIZE)
+                # Into one reused buffer: a new 256 KiB bytes object per read
+                # costs page faults (glibc maps large blocks afresh).
+                n = os.readv(fd, self._read_buffers)
             except BlockingIOError:
                 return CBEvent.IGNORE, None
             except OSError as e:
                 self.log.info("fd %d: %s", fd, e)
                 return CBEvent.ERROR, None
             try:
-                relay.feed(data)
+                relay.feed(self._read_view[:n])
             except TlsRelayError as e:
                 self.log.warning("fd %d: %s", fd, e)
                 return CBEvent.ERROR, None
             out = relay.take_output()            # TLS 1.3 tickets, key updates
             if out:
-                self.ctx.switch_send(fd, out)
+                self._send_tcp(fd, out)
             if not relay.has_payload():
                 return (CBEvent.FD_CLOSING if relay.closed else CBEvent.IGNORE), None
         try:
@@ -394,8 +405,46 @@ class Tlsd(Daemon):
 
     def _on_out(self, fd: int, payload: bytes) -> CBEvent:
         """A payload from the local side out, encrypted."""
-        self.ctx.switch_send(fd, self._relays[fd].encrypt(payload))
+        self._send_tcp(fd, self._relays[fd].encrypt(payload))
         return CBEvent.NO_ERROR
+
+    # ------------------------------------------------------------ the TCP side's backlog
+
+    def _send_tcp(self, fd: int, records: bytes) -> None:
+        """Queue TLS records for the TCP fd, in order. The core stops reading
+        the local side once this queue is over max_queue_size, but the frames
+        of a read already made still come to on_out, and switch_send refuses
+        them (QueueFullError): they wait here, in order, and are queued as
+        soon as the queue has room (at the next records, or a retry timer)."""
+        backlog = self._backlog.get(fd)
+        if backlog is None:
+            try:
+                self.ctx.switch_send(fd, records)
+                return
+            except QueueFullError:
+                self._backlog[fd] = collections.deque([records])
+                self._retry_backlog_later(fd)
+                return
+        backlog.append(records)
+        self._flush_backlog(fd)
+
+    def _flush_backlog(self, fd: int) -> None:
+        backlog = self._backlog[fd]
+        while backlog:
+            try:
+                self.ctx.switch_send(fd, backlog[0])
+            except QueueFullError:
+                return
+            backlog.popleft()
+        del self._backlog[fd]
+
+    def _retry_backlog_later(self, fd: int) -> None:
+        def retry() -> None:
+            if fd in self._backlog and fd in self._relays:
+                self._flush_backlog(fd)
+                if fd in self._backlog:
+                    self._retry_backlog_later(fd)
+        self.call_later(BACKLOG_RETRY_S, retry)
 
 
 # ------------------------------------------------------------ sockets

@@ -391,7 +391,7 @@ class Tlsd(Daemon):
                 self.log.warning("fd %d: %s", fd, e)
                 return CBEvent.ERROR, None
             out = relay.take_output()            # TLS 1.3 tickets, key updates
-            if out:
+            if out and not relay.closed:         # (the remote ended: it reads no more)
                 self._send_tcp(fd, out)
             if not relay.has_payload():
                 return (CBEvent.FD_CLOSING if relay.closed else CBEvent.IGNORE), None

@@ -290,7 +290,7 @@ class Context:
         raise NotImplementedError
 
     def add_connection(self, fd: int) -> None:
-        """Manage fd, a connected Unix stream socket made elsewhere (received
+        """Manage fd, a connected Unix or TCP stream socket made elsewhere (received
         by SCM_RIGHTS, one end of a socketpair), as a connection of this
         context: from now on the context owns it (reads, writes and closes
         it) as if connect() had made it."""

@@ -210,6 +210,13 @@ class BackendError(IPCError):
     """The requested backend cannot be used (the reason is in the message)."""
 
 
+class NetworkError(IPCError, ConnectionError):
+    """connect() through ipcd was refused with a reason: the daemon of the
+    scheme is missing, the remote host is unreachable or refused, a TLS
+    failure, ipcd's timeout or its bound on requests (also a built-in
+    `ConnectionError`). The text names the code ipcd gave, in parentheses."""
+
+
 class TimeoutError(IPCError, builtins.TimeoutError):  # noqa: A001 - pyipc.TimeoutError
     """A blocking call's `timeout` passed first (also a built-in
     `TimeoutError`). Nothing was consumed; a write that had begun a frame
@@ -219,7 +226,7 @@ class TimeoutError(IPCError, builtins.TimeoutError):  # noqa: A001 - pyipc.Timeo
 
 _ERRORS = (IPCError, ServiceBusyError, ServiceNotFoundError, InvalidNameError, RunDirError,
            MessageTooLargeError, QueueFullError, ConnectionClosedError, UnknownFdError,
-           ConnectionLimitError, BackendError, TimeoutError)
+           ConnectionLimitError, BackendError, NetworkError, TimeoutError)
 # Shown (tracebacks, repr) and pickled as pyipc.X, the public name.
 for _cls in _ERRORS:
     _cls.__module__ = "pyipc"
@@ -242,6 +249,7 @@ ERRORS_BY_NAME: dict[str, type[IPCError]] = {
     # signal's handler and goes on, or raises what the handler raised.
     "IPC_E_INTERRUPTED": IPCError,
     "IPC_E_TIMEOUT": TimeoutError,
+    "IPC_E_NETWORK": NetworkError,
 }
 
 #: The same by number (tests/test_abi.py checks the numbers against libipc.h).
@@ -260,4 +268,5 @@ ERRORS_BY_CODE: dict[int, type[IPCError]] = {
     # signal's handler and goes on, or raises what the handler raised.
     -13: IPCError,
     -14: TimeoutError,
+    -15: NetworkError,
 }

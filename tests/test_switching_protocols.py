@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 import pytest
 
 import pyipc
 from pyipc import CBEvent, EventType, MAX_MORE_PER_ROUND, MAX_SWITCH_END_REASON
 
-from conftest import collect, deadline, frame, quiet, raises, settle, wait_for
+from conftest import collect, deadline, frame, quiet, raises, settle, spin_until, wait_for
 
 RX, TX = EventType.SWITCH_RX, EventType.SWITCH_TX
 DISC = EventType.DISCONNECTION
@@ -34,24 +35,23 @@ class Lines:
 
     def on_in(self, fd: int):
         self.calls += 1
-        if not self.held:
+        if not self.held:                       # read only when nothing is held
             self.reads += 1
             data = os.read(fd, 1 << 20)
             if not data:
                 return CBEvent.FD_CLOSING, None
-            *records, self.partial = (self.partial + data).split(b"\n")
-            self.held = records
-            if not records:
+            *self.held, self.partial = (self.partial + data).split(b"\n")
+        while self.held:
+            record = self.held.pop(0)
+            if record == b"ping":               # answered by the protocol itself
+                self.ctx.switch_send(fd, b"pong\n")
+                continue
+            if record == b"quit":               # the protocol's own end
+                self.ctx.switch_send(fd, b"bye\n")
+                self.ctx.switch_end(fd, "client quit")
                 return CBEvent.IGNORE, None
-        record = self.held.pop(0)
-        if record == b"ping":                   # answered by the protocol itself
-            self.ctx.switch_send(fd, b"pong\n")
-            return (CBEvent.MORE if self.held else CBEvent.IGNORE), None
-        if record == b"quit":                   # the protocol's own end
-            self.ctx.switch_send(fd, b"bye\n")
-            self.ctx.switch_end(fd, "client quit")
-            return CBEvent.IGNORE, None
-        return (CBEvent.MORE if self.held else CBEvent.NO_ERROR), record
+            return (CBEvent.MORE if self.held else CBEvent.NO_ERROR), record
+        return CBEvent.IGNORE, None             # nothing whole yet
 
     def on_out(self, fd: int, payload: bytes):
         # The protocol's output goes through the core's queue: in order with
@@ -209,7 +209,25 @@ def test_more_waits_while_the_peer_queue_is_over_its_bound(ctx_factory):
         gw.outer.close()
 
 
-def test_more_from_on_out_is_an_error(ctx_factory, gateway):
+def test_more_needs_a_payload(gateway):
+    """(MORE, None) is an error, as (NO_ERROR, None): a unit with nothing to
+    forward (a ping) is handled inside on_in, which goes on to the next."""
+    gateway.server.set_switch_callbacks(gateway.fd, lambda fd: (CBEvent.MORE, None), None)
+    gateway.outer.sendall(b"x")
+    events = collect(gateway.server, lambda e: sum(x.type == DISC for x in e) >= 2)
+    assert [(e.type, e.fd, e.error) for e in events] == [
+        (EventType.ERROR, gateway.fd, f"switch callback failed on fd {gateway.fd}"),
+        (DISC, gateway.fd, None),
+        (DISC, gateway.conn, None)]
+
+
+def test_a_ping_among_records_is_answered_and_the_rest_forwarded(gateway):
+    gateway.outer.sendall(b"a\nping\nb\nping\n")
+    assert gateway.client_messages(2) == [b"a", b"b"]
+    assert gateway.received(10) == b"pong\npong\n"
+
+
+def test_more_from_on_out_is_an_error(gateway):
     gateway.server.set_switch_callbacks(gateway.fd, gateway.proto.on_in,
                                         lambda fd, p: CBEvent.MORE)
     gateway.client.write(gateway.cfd, b"x")
@@ -423,3 +441,26 @@ def test_misuse_raises_the_same_errors_on_both_backends(gateway, ctx_factory):
     # Ended and released: no longer known.
     raises(pyipc.UnknownFdError, f"fd {gateway.fd} is not managed by this context",
            s.switch_end, gateway.fd)
+
+
+def test_only_the_owner_thread_may_call_them(gateway):
+    """Callbacks run in the owner's wait (so the calls work there, as the
+    tests above show); another thread, while the owner is inside, is refused
+    with the usual IPCError and nothing changes."""
+    s = gateway.server
+    outcome: list[object] = []
+    owner = threading.Thread(target=lambda: outcome.append(s.wait_event(timeout=10)))
+    owner.start()
+    spin_until(lambda: s._guard._owner == owner.ident)
+    busy = ("context is in use by another thread (a context belongs to one thread "
+            "at a time; other threads may only call schedule(), write(), write_many() "
+            "and close())")
+    raises(pyipc.IPCError, busy, s.switch_send, gateway.fd, b"x")
+    raises(pyipc.IPCError, busy, s.switch_end, gateway.fd)
+    gateway.outer.sendall(b"wake\n")
+    owner.join(10)
+    assert not owner.is_alive()
+    ev = outcome[0]
+    assert isinstance(ev, pyipc.Event) and (ev.type, ev.message) == (RX, b"wake")
+    gateway.client.write(gateway.cfd, b"still switched")
+    assert gateway.received(15) == b"still switched\n"

@@ -19,6 +19,7 @@ const poller_mod = @import("poller/api.zig");
 const rundir_mod = @import("rundir.zig");
 const credentials = @import("credentials.zig");
 const fdpass = @import("fdpass.zig");
+const ipcd_answer = @import("ipcd_answer.zig");
 const switching = @import("switching.zig");
 const Wakeup = @import("wakeup.zig").Wakeup;
 const Readiness = @import("readiness.zig").Readiness;
@@ -620,13 +621,14 @@ pub const Context = struct {
         self.close(ipcd) catch {};
         if (n == null or !std.mem.eql(u8, answer[0..n.?], "ok") or received < 0) {
             sys.closeFd(received);
+            if (n) |len| if (ipcd_answer.refusal(answer[0..len])) |r| return self.refused(name, r);
             return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
         }
         errdefer sys.closeFd(received);
-        if (!sys.isConnectedUnixStream(received))
+        if (!sys.isConnectedStream(received))
             return self.last.fail(
                 error.Generic,
-                "ipcd sent a file descriptor that is not a connected Unix stream socket",
+                "ipcd sent a file descriptor that is not a connected Unix or TCP stream socket",
                 .{},
             );
         if (!sys.setNonblocking(received, false)) return self.last.fail(
@@ -637,6 +639,17 @@ pub const Context = struct {
         if (sys.send_flags == 0) sys.setNoSigpipe(received);
         _ = try self.addConn(received, .connection);
         return received;
+    }
+
+    /// ipcd's refusal as the error it means, with its code and reason.
+    fn refused(self: *Context, name: []const u8, r: ipcd_answer.Refusal) Error {
+        if (r.text.len == 0)
+            return self.last.fail(r.err(), "ipcd could not connect to service {s} ({s})", .{ name, r.code });
+        return self.last.fail(
+            r.err(),
+            "ipcd could not connect to service {s} ({s}): {s}",
+            .{ name, r.code, r.text },
+        );
     }
 
     /// The request/answer exchange with ipcd; null when it failed. It waits
@@ -680,7 +693,7 @@ pub const Context = struct {
         conn.is_socket = sys.isSocket(fd);
     }
 
-    /// Manage `fd`, a connected Unix stream socket made elsewhere (received
+    /// Manage `fd`, a connected Unix or TCP stream socket made elsewhere (received
     /// by SCM_RIGHTS, one end of a socketpair), as a connection: from now on
     /// the context owns it (reads, writes, closes it) as if it had connected.
     pub fn addConnection(self: *Context, fd: i32) Error!void {
@@ -693,10 +706,10 @@ pub const Context = struct {
             );
         if (!sys.isOpen(fd))
             return self.last.fail(error.UnknownFd, "fd {d} is not an open file descriptor", .{fd});
-        if (!sys.isConnectedUnixStream(fd))
+        if (!sys.isConnectedStream(fd))
             return self.last.fail(
                 error.Generic,
-                "fd {d} is not a connected Unix stream socket",
+                "fd {d} is not a connected Unix or TCP stream socket",
                 .{fd},
             );
         try self.checkRoom();

@@ -171,7 +171,7 @@ pub export fn ipc_add_external(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     return rc(ctx, ctx.addExternal(fd));
 }
 
-/// pyipc addition: manage fd, a connected Unix stream socket made
+/// pyipc addition: manage fd, a connected Unix or TCP stream socket made
 /// elsewhere, as a connection (Context.addConnection).
 pub export fn ipc_add_connection(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);

@@ -15,6 +15,9 @@
  * caused it (0 when none did). ipc_context_init() has no context to ask when it
  * fails: errno says why (EMFILE, ENOMEM, ...). IPC_E_TIMEOUT: a blocking call's
  * timeout expired; IPC_E_INTERRUPTED: a blocking call was interrupted by a signal.
+ * IPC_E_NETWORK: ipc_connect() through ipcd was refused with a reason (ipcd's
+ * "ne CODE TEXT": remote unreachable, daemon missing, ...), in ipc_last_error();
+ * a refusal coded norule or noservice is IPC_E_SERVICE_NOT_FOUND.
  *
  * Payloads handed out by ipc_wait_events() and ipc_read_lent() point into
  * memory the context owns; they stay valid until the next wait call or
@@ -135,7 +138,8 @@ enum ipc_error_codes {
     IPC_E_BUFFER_TOO_SMALL = -11,
     IPC_E_NO_MEMORY = -12,
     IPC_E_INTERRUPTED = -13,
-    IPC_E_TIMEOUT = -14
+    IPC_E_TIMEOUT = -14,
+    IPC_E_NETWORK = -15
 };
 
 struct ipc_event {

@@ -133,19 +133,19 @@ const Lines = struct {
         calls += 1;
         if (pos == len) {
             const n = c.read(orig, &held, held.len);
-            if (n <= 0) return @intFromEnum(switching.CbResult.fd_closing);
+            if (n <= 0) return @backingInt(switching.CbResult.fd_closing);
             len = @intCast(n);
             pos = 0;
         }
         const end = std.mem.indexOfScalarPos(u8, held[0..len], pos, '\n') orelse
-            return @intFromEnum(switching.CbResult.err);
+            return @backingInt(switching.CbResult.err);
         const record = held[pos..end];
-        if (record.len > mlen.*) return @intFromEnum(switching.CbResult.err);
+        if (record.len > mlen.*) return @backingInt(switching.CbResult.err);
         @memcpy(payload[0..record.len], record);
         mlen.* = @intCast(record.len);
         pos = end + 1;
         const result: switching.CbResult = if (pos < len) .more else .no_error;
-        return @intFromEnum(result);
+        return @backingInt(result);
     }
 };
 
@@ -295,4 +295,45 @@ test "end: what is queued goes out first, then both sides close" {
     try testing.expectEqualSlices(u8, big, got.items);
     try testing.expectEqual(@as(usize, 2), events.count(.disconnection));
     try testing.expectEqual(board.a.inner, events.fds.items[events.fds.items.len - 1]);
+}
+
+test "C ABI: ipc_switch_send, ipc_switch_end and ipc_context_switch_events" {
+    const abi = @import("exports.zig");
+    const errors = @import("errors.zig");
+    // No context: an error code, never a crash.
+    try testing.expect(abi.ipc_switch_send(null, 0, "x", 1) < 0);
+    try testing.expect(abi.ipc_switch_end(null, 0, null, 0) < 0);
+    abi.ipc_context_switch_events(null, 0);
+
+    var handle: ?*anyopaque = null;
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_context_init(&handle));
+    defer abi.ipc_context_deinit(&handle);
+    const ctx: *Context = @ptrCast(@alignCast(handle.?));
+    const a = try Side.init();
+    defer sys.closeFd(a.outer);
+    const b = try Side.init();
+    defer sys.closeFd(b.outer);
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_add_external(handle, a.inner));
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_add_external(handle, b.inner));
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_add_switch(handle, a.inner, b.inner));
+
+    abi.ipc_context_switch_events(handle, 0);
+    try testing.expect(!ctx.switch_state.events);
+    abi.ipc_context_switch_events(handle, 1);
+    try testing.expect(ctx.switch_state.events);
+
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_switch_send(handle, a.inner, "abc", 3));
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_switch_send(handle, a.inner, null, 0));
+    try testing.expectEqual(errors.code(error.UnknownFd), abi.ipc_switch_send(handle, 9999, "x", 1));
+    try testing.expectEqualStrings(
+        "fd 9999 is not managed by this context",
+        std.mem.span(abi.ipc_last_error(handle)),
+    );
+    // A reason that is there but empty is refused; NULL is no reason.
+    try testing.expectEqual(errors.code(error.Generic), abi.ipc_switch_end(handle, a.inner, "", 0));
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_switch_end(handle, a.inner, null, 0));
+    try testing.expectEqual(
+        errors.code(error.ConnectionClosed),
+        abi.ipc_switch_send(handle, a.inner, "late", 4),
+    );
 }

@@ -115,7 +115,7 @@ def test_remote_that_never_answers_is_a_timeout(hosts, backend, certs):
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(1)                # accepts (in the kernel), never speaks TLS
-        with running(dialer(a, backend, certs, timeout=0.5)):
+        with running(dialer(a, backend, certs, connect_timeout=0.5)):
             answer, fd = ask(a, f"tls://127.0.0.1:{silent.getsockname()[1]}/pong")
     assert fd is None and answer.startswith(b"ne timeout ")
 
@@ -126,7 +126,7 @@ def test_malformed_uri_is_answered(hosts, backend, certs, uri):
     a, _ = hosts
     with running(dialer(a, backend, certs)):
         answer, fd = ask(a, uri)
-    assert fd is None and answer.startswith(b"ne norule ")
+    assert fd is None and answer.startswith(b"ne badrequest ")
 
 
 def test_plaintext_client_is_refused_and_the_daemon_keeps_serving(hosts, backend, certs,
@@ -142,7 +142,7 @@ def test_plaintext_client_is_refused_and_the_daemon_keeps_serving(hosts, backend
 
 def test_silent_peer_is_dropped_after_the_timeout(hosts, backend, certs):
     _, b = hosts
-    with running(listener(b, backend, certs, timeout=0.3)) as tlsd:
+    with running(listener(b, backend, certs, handshake_timeout=0.3)) as tlsd:
         with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=10) as idle:
             assert idle.recv(100) == b""            # closed by tlsd, not by us
 
@@ -209,7 +209,7 @@ def test_ipv6_loopback(hosts, backend, certs):
         pytest.skip("no IPv6 in this Python")
     a, b = hosts
     try:
-        tlsd = listener(b, backend, certs, listen="[::1]:0")
+        tlsd = listener(b, backend, certs, listen=("[::1]:0",))
     except OSError as e:
         pytest.skip(f"no IPv6 loopback here: {e}")
     with running(Echo(rundir=b, backend=backend)), running(tlsd), \

@@ -284,3 +284,32 @@ def test_records_refused_for_now_go_out_later_in_order(backend, rundir, certs, m
     finally:
         daemon.ctx = real
         real.close_all()
+
+
+# ------------------------------------------------------------ through ipcd (the client's connect)
+
+def test_connect_by_name_through_ipcd_and_tlsd(hosts, backend, certs, remote, monkeypatch):
+    from pyipc.daemons.ipcd import Ipcd
+    a, _ = hosts
+    monkeypatch.setenv("IPC_NETWORK", f"pong tls://127.0.0.1:{port_of(remote)}/pong;"
+                                      f"secret tls://127.0.0.1:{port_of(remote)}/secret")
+    with running(Ipcd(rundir=a, backend=backend)), running(dialer(a, backend, certs)), \
+            pyipc.Context(rundir=a, backend=backend) as client:
+        fd = client.connect("pong", timeout=20)
+        client.write(fd, b"by name")
+        assert client.read(fd, timeout=20) == b"by name"
+        with pytest.raises(pyipc.NetworkError, match="refused.*not exposed"):
+            client.connect("secret", timeout=20)
+
+
+def test_tls_failure_reaches_the_client_as_network_error(hosts, backend, certs, remote,
+                                                         monkeypatch, tmp_path):
+    from pyipc.daemons.ipcd import Ipcd
+    a, _ = hosts
+    os.makedirs(tmp_path / "other")
+    stranger = Certs(str(tmp_path / "other"), trustme)     # trusts another CA
+    monkeypatch.setenv("IPC_NETWORK", f"pong tls://127.0.0.1:{port_of(remote)}/pong")
+    with running(Ipcd(rundir=a, backend=backend)), running(dialer(a, backend, stranger)), \
+            pyipc.Context(rundir=a, backend=backend) as client:
+        with pytest.raises(pyipc.NetworkError, match="certificate verify failed"):
+            client.connect("pong", timeout=20)

@@ -87,6 +87,9 @@ REFUSALS = [
     ("zz wat://host/zz", "zz", pyipc.NetworkError,
      "ipcd could not connect to service zz (nodaemon): no service wat in {rundir} "
      "(is the wat daemon, pyipc watd, running?)"),
+    ("zz ../pong", "zz", pyipc.ServiceNotFoundError,
+     "ipcd could not connect to service zz (norule): ../pong: invalid service name: "
+     "contains '/'"),
     ("zz a/b://x", "zz", pyipc.ServiceNotFoundError,
      "ipcd could not connect to service zz (norule): a/b://x: not a scheme"),
 ]

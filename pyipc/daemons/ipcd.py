@@ -22,7 +22,7 @@ import os
 import socket
 from typing import Any, Dict, Optional
 
-from .. import Event, EventType, IPCError
+from .. import Event, EventType, InvalidNameError, IPCError, _rundir
 from .._types import IPCD_SERVICE
 from . import _netwire as wire
 from . import _rules, _sockets, _systemd
@@ -158,7 +158,11 @@ class Ipcd(Daemon):
             self._ask_daemon(request, target.scheme, target.where)
 
     def _connect_local(self, request: _Request, where: str) -> None:
-        path = where if where.startswith("/") else os.path.join(self.ctx.rundir, where)
+        try:        # a name in the run dir (checked: "../x" is no name), or a path
+            path = where if where.startswith("/") else _rundir.service_path(
+                self.ctx.rundir, where)
+        except InvalidNameError as e:
+            return self._refuse(request, wire.NORULE, f"{where}: {e}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
                              | socket.SOCK_NONBLOCK)
         try:

@@ -127,8 +127,9 @@ class Tcpd(Daemon):
     # ------------------------------------------------------------ set-up
 
     def setup(self) -> None:
-        if hasattr(self.ctx, "switch_events"):       # the switching extension
-            self.ctx.switch_events = False
+        # Relayed messages are not reported: on the native backend no Python
+        # runs per message; ends and errors of switched fds still are.
+        self.ctx.switch_events = False
         passed = [fd for fds in _systemd.listen_fds().values() for fd in fds]
         for fd in passed:
             self._adopt(socket.socket(fileno=fd))

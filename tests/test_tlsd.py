@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import sys
 import tempfile
 
 import pytest
@@ -313,3 +314,69 @@ def test_tls_failure_reaches_the_client_as_network_error(hosts, backend, certs, 
             pyipc.Context(rundir=a, backend=backend) as client:
         with pytest.raises(pyipc.NetworkError, match="certificate verify failed"):
             client.connect("pong", timeout=20)
+
+
+# ------------------------------------------------------------ systemd
+
+ACTIVATE = """
+import os, sys
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES="tls:tls")
+os.dup2(int(sys.argv[1]), 3)
+os.dup2(int(sys.argv[2]), 4)
+os.execv(sys.executable, [sys.executable, "-m", "pyipc", *sys.argv[3:]])
+"""
+
+
+def test_socket_activation_and_readiness(hosts, backend, certs, tmp_path, monkeypatch):
+    """systemd passes a TCP listener (the port B's peers reach) and the Unix
+    socket `tls` (ipcd's way in); READY=1 once both serve, STOPPING=1 at
+    SIGTERM, exit 0. Host A's ipcd dials through the activated tlsd to host
+    B's (a plain one), so both passed sockets are used."""
+    from pyipc.daemons.ipcd import Ipcd
+    import subprocess
+    from conftest import CHILD_ENV
+    a, b = hosts
+    tcp = socket.create_server(("127.0.0.1", 0))
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(os.path.join(a, "tls"))
+    unix.listen(8)
+    notify_path = str(tmp_path / "notify")
+    with tcp, unix, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, \
+            running(Echo(rundir=a, backend=backend)), \
+            running(Echo(rundir=b, backend=backend)), \
+            running(listener(b, backend, certs)) as remote:
+        notify.bind(notify_path)
+        notify.settimeout(20)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ACTIVATE, str(tcp.fileno()), str(unix.fileno()),
+             "--rundir", a, "--backend", backend, "tlsd", "--cert", certs.server,
+             "--ca", certs.ca, "--expose", "pong"], pass_fds=[tcp.fileno(), unix.fileno()],
+            env=dict(CHILD_ENV, NOTIFY_SOCKET=notify_path), stderr=subprocess.PIPE)
+        try:
+            assert notify.recv(100) == b"READY=1"
+            # A TLS peer on the passed TCP socket reaches A's pong...
+            ctx = ssl.create_default_context(cafile=certs.ca)
+            with socket.create_connection(tcp.getsockname(), timeout=20) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"pong\n" + frame(b"activated"))
+                got = b""
+                while len(got) < 2 + 4 + 9:
+                    more = tls.recv(100)
+                    assert more, got
+                    got += more
+                assert got == b"ok" + frame(b"activated")
+            # ...and ipcd's request comes in on the passed Unix socket.
+            monkeypatch.setenv("IPC_NETWORK", f"far tls://127.0.0.1:{port_of(remote)}/pong")
+            with running(Ipcd(rundir=a, backend=backend)), \
+                    pyipc.Context(rundir=a, backend=backend) as client:
+                fd = client.connect("far", timeout=20)
+                client.write(fd, b"via ipcd")
+                assert client.read(fd, timeout=20) == b"via ipcd"
+            proc.terminate()
+            assert notify.recv(100) == b"STOPPING=1"
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            proc.stderr.close()

@@ -58,6 +58,7 @@ class Tlsd(Daemon):
         self._client_ctx = client_context(config)
         self._server_ctx = server_context(config) if config.cert is not None else None
         self._listeners: Dict[int, socket.socket] = {}
+        self._unix_listener: Optional[socket.socket] = None   # `tls`, when systemd made it
         self._handshakes: Dict[int, Handshake] = {}     # TCP fd -> its handshake
         self._requests: Dict[int, Optional[Any]] = {}   # ipcd fd -> its deadline, once asked
         self._connecting: Dict[int, Tuple[str, int, str]] = {}   # ipcd fd -> host, port, name
@@ -73,8 +74,9 @@ class Tlsd(Daemon):
 
     def setup(self) -> None:
         self.ctx.switch_events = False      # no event (no Python) per relayed message
-        self.ctx.service_init(SERVICE)
         socks = self._passed_listeners()
+        if self._unix_listener is None:
+            self.ctx.service_init(SERVICE)
         if not socks:
             for address in self.config.listen:
                 socks += _sockets.tcp_listeners(address, DEFAULT_PORT)
@@ -91,17 +93,34 @@ class Tlsd(Daemon):
                       ", ".join(sorted(self.config.expose)) or "nothing")
 
     def _passed_listeners(self) -> List[socket.socket]:
-        """The TCP listening sockets systemd passed (socket activation)."""
+        """The TCP listening sockets systemd passed (socket activation); a
+        Unix one becomes our service `tls` (what ipcd connects to)."""
         found = []
         for fd in (fd for fds in _systemd.listen_fds().values() for fd in fds):
             sock = socket.socket(fileno=fd)
             if _sockets.is_listening(sock, socket.AF_INET) or \
                     _sockets.is_listening(sock, socket.AF_INET6):
                 found.append(sock)
+            elif self._unix_listener is None and _sockets.is_listening(sock, socket.AF_UNIX):
+                sock.setblocking(False)
+                self._unix_listener = sock
+                self.ctx.add_external(fd)
             else:
-                self.log.warning("tlsd: ignoring fd %d from systemd (not a TCP listener)", fd)
+                self.log.warning("tlsd: ignoring fd %d from systemd", fd)
                 sock.close()
         return found
+
+    def _accept_ipcd(self, listener: socket.socket) -> None:
+        """ipcd connected to the `tls` socket systemd made: a request."""
+        for sock in _sockets.accept_some(listener):
+            fd = sock.detach()
+            try:
+                self.ctx.add_connection(fd)
+            except IPCError as e:
+                self.log.warning("tlsd: cannot take a request: %s", e)
+                os.close(fd)
+                continue
+            self._requests[fd] = None
 
     def teardown(self) -> None:
         # The context closes every fd it watches (listeners included): the
@@ -109,6 +128,8 @@ class Tlsd(Daemon):
         for sock in self._listeners.values():
             sock.detach()
         self._listeners.clear()
+        if self._unix_listener is not None:
+            self._unix_listener.detach()
 
     # ------------------------------------------------------------ events
 
@@ -117,6 +138,8 @@ class Tlsd(Daemon):
         if t == EventType.EXTERNAL:
             if ev.fd in self._listeners:
                 self._accept(self._listeners[ev.fd])
+            elif self._unix_listener is not None and ev.fd == self._unix_listener.fileno():
+                self._accept_ipcd(self._unix_listener)
             elif ev.fd in self._handshakes:
                 self._readable(self._handshakes[ev.fd])
         elif t == EventType.CONNECTION:

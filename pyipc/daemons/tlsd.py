@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import logging
 import os
 import socket
@@ -278,7 +279,7 @@ class Tlsd(Daemon):
                              max_message_size=self.ctx.max_message_size)
             hs = Handshake(fd, relay, dialing=False, peer=peer)
             hs.timer = self.call_later(self.config.handshake_timeout,
-                                       lambda hs=hs: self._expired(hs))
+                                       functools.partial(self._expired, hs))
             self._handshakes[fd] = hs
 
     def _adopt(self, sock: socket.socket) -> int:

@@ -135,6 +135,21 @@ class Tlsd(Daemon):
     # ------------------------------------------------------------ events
 
     def on_event(self, ev: Event) -> None:
+        try:
+            self._on_event(ev)
+        except Exception:       # a bug or a resource limit: that fd, not the daemon
+            self.log.exception("tlsd: handling %s on fd %d failed", ev.type.name, ev.fd)
+            self._abandon(ev.fd)
+
+    def _abandon(self, fd: int) -> None:
+        """After an unexpected failure about fd: forget and close what it was."""
+        hs = self._handshakes.get(fd)
+        if hs is not None:
+            self._drop(hs)
+        if fd in self._requests:
+            self._end_request(fd)
+
+    def _on_event(self, ev: Event) -> None:
         t = ev.type
         if t == EventType.EXTERNAL:
             if ev.fd in self._listeners:
@@ -187,6 +202,17 @@ class Tlsd(Daemon):
     def _connected(self, req: int, sock: Optional[socket.socket],
                    exc: Optional[BaseException]) -> None:
         """In the loop: the worker's TCP connect ended."""
+        try:
+            self._start_handshake(req, sock, exc)
+        except Exception as e:  # a bug or a resource limit: this request, not the daemon
+            self.log.exception("tlsd: request %d failed", req)
+            if sock is not None and sock.fileno() >= 0:
+                sock.close()                    # not yet the context's
+            if req in self._requests:
+                self._answer(req, wire.TLS, f"tlsd could not start TLS: {e}")
+
+    def _start_handshake(self, req: int, sock: Optional[socket.socket],
+                         exc: Optional[BaseException]) -> None:
         target = self._connecting.pop(req, None)
         if target is None:                      # timed out or ipcd left meanwhile
             if sock is not None:
@@ -197,13 +223,18 @@ class Tlsd(Daemon):
         if exc is not None or sock is None:
             self._answer(req, wire.UNREACHABLE, _dial_failure(peer, exc))
             return
+        relay = TlsRelay(self._client_ctx, server_side=False, server_hostname=host,
+                         max_message_size=self.ctx.max_message_size)
         fd = self._adopt(sock)
         if fd < 0:
             self._answer(req, wire.UNREACHABLE, f"{peer}: cannot set up the socket")
             return
-        self.ctx.add_external(fd)
-        relay = TlsRelay(self._client_ctx, server_side=False, server_hostname=host,
-                         max_message_size=self.ctx.max_message_size)
+        try:
+            self.ctx.add_external(fd)
+        except IPCError as e:                   # e.g. max_connections reached
+            os.close(fd)
+            self._answer(req, wire.BUSY, f"tlsd cannot take a connection: {e}")
+            return
         hs = Handshake(fd, relay, dialing=True, peer=peer, name=name, request=req)
         self._handshakes[fd] = hs
         try:
@@ -243,7 +274,14 @@ class Tlsd(Daemon):
         req = hs.request
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         local = mine.detach()
-        self.ctx.add_connection(local)
+        try:
+            self.ctx.add_connection(local)
+        except IPCError as e:                   # e.g. max_connections reached
+            os.close(local)
+            theirs.close()
+            self._drop(hs)
+            self._answer(req, wire.BUSY, f"tlsd cannot take a connection: {e}")
+            return
         if not self._switch(hs, local):
             theirs.close()
             self._answer(req, wire.TLS, f"{hs.peer}: bad stream after ok")
@@ -274,7 +312,12 @@ class Tlsd(Daemon):
             fd = self._adopt(sock)
             if fd < 0:
                 continue
-            self.ctx.add_external(fd)
+            try:
+                self.ctx.add_external(fd)
+            except IPCError as e:               # e.g. max_connections reached
+                self.log.warning("refusing %s: %s", peer, e)
+                os.close(fd)
+                continue
             relay = TlsRelay(self._server_ctx, server_side=True,
                              max_message_size=self.ctx.max_message_size)
             hs = Handshake(fd, relay, dialing=False, peer=peer)

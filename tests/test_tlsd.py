@@ -380,3 +380,67 @@ def test_socket_activation_and_readiness(hosts, backend, certs, tmp_path, monkey
                 proc.kill()
                 proc.wait(10)
             proc.stderr.close()
+
+
+# ------------------------------------------------------------ the remote's name line, at its bounds
+
+def _tls_to(port: int, certs: Certs, data: bytes) -> bytes:
+    """What a listening tlsd answers a raw TLS client sending `data`, up to its close."""
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(data)
+        got = b""
+        try:
+            while True:
+                more = tls.recv(1000)
+                if not more:
+                    return got
+                got += more
+        except (ssl.SSLError, ConnectionError):
+            return got
+
+
+def test_name_at_the_bound_is_read_past_it_refused(backend, rundir, certs):
+    from pyipc.daemons._tls_handshake import MAX_NAME_BYTES
+    with running(listener(rundir, backend, certs)) as tlsd:
+        at = _tls_to(port_of(tlsd), certs, b"n" * MAX_NAME_BYTES + b"\n")
+        past = _tls_to(port_of(tlsd), certs, b"n" * (MAX_NAME_BYTES + 1))
+    assert at.startswith(b"ne refused service nnn") and b"not exposed" in at
+    assert past == b"ne refused service name longer than 255 bytes"
+
+
+def test_bare_name_without_newline_is_served_after_the_grace(backend, rundir, certs):
+    with running(Echo(rundir=rundir, backend=backend)), \
+            running(listener(rundir, backend, certs)) as tlsd:
+        ctx = ssl.create_default_context(cafile=certs.ca)
+        with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"pong")                    # libIPC's way: no newline
+            assert tls.recv(2) == b"ok"
+            tls.sendall(frame(b"after the grace"))
+            want = frame(b"after the grace")
+            got = b""
+            while len(got) < len(want):
+                got += tls.recv(100)
+            assert got == want
+
+
+def test_dials_past_max_pending_are_busy(hosts, backend, certs):
+    a, _ = hosts
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)                            # accepts, never answers: stays pending
+        uri = f"tls://127.0.0.1:{silent.getsockname()[1]}/pong"
+        with running(dialer(a, backend, certs, max_pending=1, connect_timeout=5)):
+            first = socket.socket(socket.AF_UNIX)
+            first.connect(os.path.join(a, "tls"))
+            first.sendall(frame(uri.encode()))      # the one pending dial...
+            silent.settimeout(20)
+            held, _ = silent.accept()               # ...has connected: it is pending
+            try:
+                answer, fd = ask(a, uri)
+            finally:
+                first.close()
+                held.close()
+    assert fd is None and answer.startswith(b"ne busy ")

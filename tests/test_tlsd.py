@@ -444,3 +444,36 @@ def test_dials_past_max_pending_are_busy(hosts, backend, certs):
                 first.close()
                 held.close()
     assert fd is None and answer.startswith(b"ne busy ")
+
+
+# ------------------------------------------------------------ the command line
+
+@pytest.mark.parametrize("args, status, text", [
+    (["--listen", "127.0.0.1:0"], 2, "listening for TLS needs --cert"),
+    (["--listen", "127.0.0.1:0", "--cert", "/nonexistent.pem"], 2,
+     "--cert/--key /nonexistent.pem: No such file or directory"),
+    (["--ca", "/nonexistent.pem"], 2, "--ca /nonexistent.pem: No such file or directory"),
+    (["--connect-timeout", "0"], 2, "connect_timeout must be positive"),
+    (["--max-pending", "0"], 2, "max_pending must be at least 1"),
+])
+def test_bad_options_are_refused_before_anything_runs(rundir, args, status, text):
+    import subprocess
+    from conftest import CHILD_ENV
+    out = subprocess.run([sys.executable, "-m", "pyipc", "--rundir", rundir, "tlsd", *args],
+                         env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == status, out.stderr
+    assert out.stderr.strip() == f"pyipc tlsd: {text}" or text in out.stderr, out.stderr
+    assert not os.path.exists(os.path.join(rundir, "tls"))
+
+
+def test_a_taken_port_is_a_clear_error(rundir, certs):
+    import subprocess
+    from conftest import CHILD_ENV
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "pyipc", "--rundir", rundir, "tlsd",
+                              "--listen", f"127.0.0.1:{port}", "--cert", certs.server],
+                             env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.startswith("pyipc tlsd: ") and "Address already in use" in out.stderr
+    assert "Traceback" not in out.stderr

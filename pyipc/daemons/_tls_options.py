@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import urllib.parse
-from typing import FrozenSet, Optional, Tuple
+from typing import Callable, FrozenSet, Optional, Tuple
 
 #: The port of a `tls://` URI without one, and of `--listen HOST` without one.
 DEFAULT_PORT = 9443
@@ -81,10 +81,11 @@ def server_context(config: TlsdConfig) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     assert config.cert is not None      # checked by TlsdConfig
-    ctx.load_cert_chain(config.cert, config.key)
+    _load("--cert/--key", config.cert, lambda: ctx.load_cert_chain(config.cert, config.key))
     if config.client_ca is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(config.client_ca)
+        _load("--client-ca", config.client_ca,
+              lambda: ctx.load_verify_locations(config.client_ca))
     return ctx
 
 
@@ -95,9 +96,19 @@ def client_context(config: TlsdConfig) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)   # CERT_REQUIRED, check_hostname
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if config.ca is not None:
-        ctx.load_verify_locations(config.ca)
+        _load("--ca", config.ca, lambda: ctx.load_verify_locations(config.ca))
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if config.cert is not None:
-        ctx.load_cert_chain(config.cert, config.key)
+        _load("--cert/--key", config.cert,
+              lambda: ctx.load_cert_chain(config.cert, config.key))
     return ctx
+
+
+def _load(option: str, path: str, load: Callable[[], None]) -> None:
+    """Run `load`; a missing or bad file becomes a ValueError naming it."""
+    try:
+        load()
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"{option} {path}: {e.strerror or e.reason or e}"
+                         if isinstance(e, OSError) else f"{option} {path}: {e}") from e

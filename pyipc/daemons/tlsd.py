@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import logging
 import os
 import socket
 import ssl
+import sys
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .. import CBEvent, Event, EventType, IPCError, QueueFullError
@@ -604,11 +604,15 @@ def _run(args: argparse.Namespace) -> int:
             handshake_timeout=args.handshake_timeout,
             dead_peer_timeout=args.dead_peer_timeout, max_pending=args.max_pending)
         daemon = Tlsd(config, rundir=args.rundir, backend=args.backend)
-    except (ValueError, OSError, ssl.SSLError) as e:
-        if isinstance(e, IPCError):
-            raise
-        logging.getLogger("pyipc.daemons.tlsd").error("tlsd: %s", e)
+    except ValueError as e:             # a bad option, a missing or bad certificate file
+        print(f"pyipc tlsd: {e}", file=sys.stderr)
         return 2
-    daemon.run()
+    try:
+        daemon.run()
+    except (OSError, ValueError) as e:
+        if isinstance(e, IPCError):
+            raise                       # pyipc's own: the CLI says it (exit 1)
+        print(f"pyipc tlsd: {e}", file=sys.stderr)     # e.g. the port is taken
+        return 1
     return 0
 

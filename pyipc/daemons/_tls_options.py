@@ -80,8 +80,9 @@ def server_context(config: TlsdConfig) -> ssl.SSLContext:
     verified against --client-ca when given (mutual TLS)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    assert config.cert is not None      # checked by TlsdConfig
-    _load("--cert/--key", config.cert, lambda: ctx.load_cert_chain(config.cert, config.key))
+    cert = config.cert
+    assert cert is not None             # checked by TlsdConfig
+    _load("--cert/--key", cert, lambda: ctx.load_cert_chain(cert, config.key))
     if config.client_ca is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
         _load("--client-ca", config.client_ca,
@@ -99,9 +100,9 @@ def client_context(config: TlsdConfig) -> ssl.SSLContext:
         _load("--ca", config.ca, lambda: ctx.load_verify_locations(config.ca))
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    if config.cert is not None:
-        _load("--cert/--key", config.cert,
-              lambda: ctx.load_cert_chain(config.cert, config.key))
+    cert = config.cert
+    if cert is not None:
+        _load("--cert/--key", cert, lambda: ctx.load_cert_chain(cert, config.key))
     return ctx
 
 

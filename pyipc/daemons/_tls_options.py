@@ -110,6 +110,7 @@ def _load(option: str, path: str, load: Callable[[], None]) -> None:
     """Run `load`; a missing or bad file becomes a ValueError naming it."""
     try:
         load()
-    except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"{option} {path}: {e.strerror or e.reason or e}"
-                         if isinstance(e, OSError) else f"{option} {path}: {e}") from e
+    except ssl.SSLError as e:           # (an OSError too: test it first)
+        raise ValueError(f"{option} {path}: {e}") from e
+    except OSError as e:
+        raise ValueError(f"{option} {path}: {e.strerror or e}") from e

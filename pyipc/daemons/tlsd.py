@@ -30,11 +30,10 @@ import sys
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .. import CBEvent, Event, EventType, IPCError, QueueFullError
-from . import _systemd
+from . import _netwire as wire
+from . import _sockets, _systemd
 from ._runtime import Daemon
 from ._tls_handshake import NAME_GRACE_S, Handshake, HandshakeFailed
-from . import _netwire as wire
-from . import _sockets
 from ._tls_options import DEFAULT_PORT, TlsdConfig, client_context, parse_uri, server_context
 from ._tls_relay import TlsRelay, TlsRelayError
 
@@ -178,7 +177,7 @@ class Tlsd(Daemon):
 
     def _request(self, req: int, message: bytes) -> None:
         if self._requests[req] is not None or req in self._connecting:
-            self._answer(req, "busy", "one URI per request")
+            self._answer(req, wire.BADREQUEST, "one URI per request")
             return
         uri = message.decode("utf-8", "replace")
         try:
@@ -250,10 +249,10 @@ class Tlsd(Daemon):
     def _answer(self, req: int, code: str, text: str) -> None:
         """Answer ipcd `ne CODE TEXT` and end its request."""
         self.log.info("request %d: ne %s %s", req, code, text)
-        try:
-            self.ctx.write(req, wire.refusal(code, text), timeout=1.0)
-        except IPCError as e:
-            self.log.info("request %d: ipcd left before the answer (%s)", req, e)
+        # Without waiting: a small answer fits an empty socket buffer, and an
+        # ipcd that does not read must not hold the loop.
+        if not wire.send_raw(req, wire.frame(wire.refusal(code, text))):
+            self.log.info("request %d: ipcd left before the answer", req)
         self._end_request(req)
 
     def _end_request(self, req: int) -> None:

@@ -92,7 +92,7 @@ def client(system: str, target: str, count: int, backend: str, ca: str) -> None:
         import pyipc
         with pyipc.Context(backend=backend) as ctx:       # RUNDIR, IPC_NETWORK: env
             fd = ctx.connect(target, timeout=30)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for _ in range(count):
                 ctx.write(fd, payload)
             if ctx.read(fd, timeout=300) != b"done":
@@ -104,13 +104,13 @@ def client(system: str, target: str, count: int, backend: str, ca: str) -> None:
         with socket.create_connection((host, int(port))) as raw:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with context.wrap_socket(raw, server_hostname=host) as tls:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 for _ in range(count):
                     tls.sendall(payload)
                 if tls.recv(1) != b"k":
                     raise SystemExit("the raw server did not answer")
                 seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds}))
+    print(json.dumps({"seconds": seconds, "cpu": time.process_time() - cpu}))
 
 
 # ------------------------------------------------------------ the driver
@@ -127,23 +127,30 @@ class _Loopback(netns.Host):
         return proc
 
 
-def _peer(host: netns.Host, args: List[str], env: Dict[str, str]) -> None:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peer(host: netns.Host, args: List[str], env: Dict[str, str]) -> subprocess.Popen:
     proc = host.spawn([sys.executable, "-m", "bench.tls", *args], env,
                       stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if line.strip() != "READY":
         raise RuntimeError(f"{args[0]} did not start: {line!r}")
+    return proc
 
 
 def _timed(host: netns.Host, system: str, target: str, args: argparse.Namespace,
-           env: Dict[str, str], ca: str) -> float:
+           env: Dict[str, str], ca: str) -> Dict[str, float]:
     out = host.run([sys.executable, "-m", "bench.tls", "client", system, target,
                     str(args.messages), args.backend, ca], env=env, cwd=str(ROOT),
                    capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"{system} client failed: {out.stderr}")
-    return args.messages * SIZE / (1 << 20) / float(json.loads(out.stdout)["seconds"])
+    return {k: float(v) for k, v in json.loads(out.stdout).items()}
 
 
 def _hosts(args: argparse.Namespace, tmp: str) -> "tuple[List[netns.Host], object]":
@@ -171,21 +178,29 @@ def drive(args: argparse.Namespace) -> None:
             ca.cert_pem.write_to_path(ca_file)
             ca.issue_cert(b.address).private_key_and_cert_chain_pem.write_to_path(cert)
             env = dict(ENV, PYIPC_BACKEND=args.backend)
-            _peer(b, ["sink", b.rundir, args.backend, str(args.messages)], env)
+            sink_proc = _peer(b, ["sink", b.rundir, args.backend, str(args.messages)], env)
             _peer(b, ["raw-server", b.address, str(RAW_PORT), cert,
                       str(args.messages * SIZE)], env)
-            b.daemon(["tlsd", "--listen", f"{b.address}:{PORT}", "--cert", cert,
+            tlsd_b = b.daemon(["tlsd", "--listen", f"{b.address}:{PORT}", "--cert", cert,
                       "--expose", "sink"], env, args.backend)
-            a.daemon(["tlsd", "--ca", ca_file], env, args.backend)
+            tlsd_a = a.daemon(["tlsd", "--ca", ca_file], env, args.backend)
+            watched = {"tlsd A": tlsd_a.pid, "tlsd B": tlsd_b.pid, "sink": sink_proc.pid}
+            cpu: Dict[str, List[float]] = {k: [] for k in [*watched, "client"]}
             a.daemon(["ipcd"], env, args.backend)
             client_env = dict(env, RUNDIR=a.rundir,
                               IPC_NETWORK=f"sink tls://{b.address}:{PORT}/sink")
             targets = {"raw": f"{b.address}:{RAW_PORT}", "tlsd": "sink"}
             results: Dict[str, List[float]] = {s: [] for s in targets}
+            mib = args.messages * SIZE / (1 << 20)
             for rep in range(args.repeats):                 # interleaved: raw, tlsd, ...
                 for system, target in targets.items():
-                    results[system].append(_timed(a, system, target, args, client_env,
-                                                  ca_file))
+                    before = {k: _cpu_seconds(pid) for k, pid in watched.items()}
+                    run = _timed(a, system, target, args, client_env, ca_file)
+                    results[system].append(mib / run["seconds"])
+                    if system == "tlsd":
+                        for k, pid in watched.items():
+                            cpu[k].append(_cpu_seconds(pid) - before[k])
+                        cpu["client"].append(run["cpu"])
                 print(f"round {rep + 1}/{args.repeats}: " + ", ".join(
                     f"{s} {v[-1]:.0f} MiB/s" for s, v in results.items()), file=sys.stderr)
         finally:
@@ -201,6 +216,8 @@ def drive(args: argparse.Namespace) -> None:
     print(f"{'raw Python ssl stream':28}{raw:10.0f}")
     print(f"{'pyipc through ipcd + tlsd':28}{tlsd:10.0f}")
     print(f"ratio tlsd / raw: {tlsd / raw:.2f} (goal: at least 0.70)")
+    print("CPU per message on the tlsd path (median, clock ticks of 10 ms: rough): " + ", ".join(
+        f"{k} {statistics.median(v) / args.messages * 1e6:.0f} us" for k, v in cpu.items()))
 
 
 def main() -> None:

@@ -291,6 +291,7 @@ class Tlsd(Daemon):
             else:
                 self.log.info("request %d: ipcd left before the answer", req)
                 self.ctx.close(local)           # ends the switch and the TCP side
+                self._gone(hs.fd)
         finally:
             theirs.close()
         self._end_request(req)
@@ -300,7 +301,11 @@ class Tlsd(Daemon):
     def _accept(self, listener: socket.socket) -> None:
         assert self._server_ctx is not None
         for sock in _sockets.accept_some(listener):
-            address = sock.getpeername()
+            try:
+                address = sock.getpeername()
+            except OSError:                     # already reset by the peer
+                sock.close()
+                continue
             peer = _host_port(address[0], address[1])
             if self._pending() >= self.config.max_pending:
                 # Before TLS there is no way to answer: closed at once.

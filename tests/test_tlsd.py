@@ -477,3 +477,25 @@ def test_a_taken_port_is_a_clear_error(rundir, certs):
     assert out.returncode == 1
     assert out.stderr.startswith("pyipc tlsd: ") and "Address already in use" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_ipcd_leaving_mid_dial_is_forgotten_and_tlsd_keeps_serving(hosts, backend, certs,
+                                                                   remote):
+    a, _ = hosts
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        with running(dialer(a, backend, certs, max_pending=1)):
+            gone = socket.socket(socket.AF_UNIX)
+            gone.connect(os.path.join(a, "tls"))
+            gone.sendall(frame(f"tls://127.0.0.1:{silent.getsockname()[1]}/pong".encode()))
+            silent.settimeout(20)
+            held, _ = silent.accept()               # the dial is in its handshake...
+            gone.close()                            # ...when ipcd gives up
+            try:
+                # The abandoned dial no longer counts against --max-pending 1.
+                answer, fd = ask(a, f"tls://127.0.0.1:{port_of(remote)}/pong")
+            finally:
+                held.close()
+            assert answer == b"ok" and fd is not None
+            os.close(fd)

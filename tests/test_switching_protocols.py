@@ -294,6 +294,37 @@ def test_switch_send_queue_bound_at_and_past_its_edge(ctx_factory):
         gw.outer.close()
 
 
+def test_a_slow_foreign_reader_holds_the_other_side_back(ctx_factory):
+    """on_out writes through switch_send: while the foreign peer does not read,
+    the fd's queue goes over max_queue_size, the pyipc side is not read any
+    more, and its client's messages wait in its own queue; nothing is lost."""
+    gw = Gateway(ctx_factory, max_message_size=1000, max_queue_size=10_000)
+    try:
+        for fd in (gw.fd, gw.cfd):              # the kernel's smallest buffers
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        n, payload = 200, b"p" * 500
+        for _ in range(n):
+            gw.client.schedule(gw.cfd, payload)
+        sent = 0
+        for _ in range(50):                     # both loops run; the peer reads nothing
+            gw.client.timer = 0
+            sent += sum(e.type == EventType.MESSAGE_TX for e in gw.client.wait_events())
+            gw.run_server()
+        assert sent < n // 2                    # held back: 100 KB did not go through
+        expected = (payload + b"\n") * n
+        got = b""
+        tick = deadline()
+        while len(got) < len(expected):         # the peer reads: everything comes
+            tick()
+            gw.client.timer = 0
+            gw.client.wait_events()
+            got += gw.received(1)
+        assert got == expected
+    finally:
+        gw.outer.close()
+
+
 # -- switch_end ---------------------------------------------------------------------
 def test_switch_end_flushes_then_closes_both_sides(gateway):
     big = os.urandom(1 << 20)                   # still queued when the switch ends
@@ -353,6 +384,15 @@ def test_switch_events_false_reports_no_relay_but_the_end(gateway):
     gateway.client.close(gateway.cfd)
     events = collect(gateway.server, lambda e: sum(x.type == DISC for x in e) >= 2)
     assert [(e.type, e.fd) for e in events] == [(DISC, gateway.conn), (DISC, gateway.fd)]
+
+
+def test_switch_events_false_still_reports_errors(gateway):
+    gateway.server.switch_events = False
+    gateway.server.set_switch_callbacks(gateway.fd, lambda fd: (CBEvent.ERROR, None), None)
+    gateway.outer.sendall(b"x")
+    events = collect(gateway.server, lambda e: sum(x.type == DISC for x in e) >= 2)
+    assert [(e.type, e.fd) for e in events] == [
+        (EventType.ERROR, gateway.fd), (DISC, gateway.fd), (DISC, gateway.conn)]
 
 
 def test_switch_events_back_on(gateway):

@@ -84,7 +84,8 @@
  * `out`, CB_MORE is an error. ipc_switch_send(ctx, fd, data, len) queues raw
  * bytes (not framed) for switched fd `fd`, written in order with the rest of
  * its output; IPC_E_QUEUE_FULL when fd's queue is over max_queue_size already
- * (the state in which its peer is not read) or `len` alone is larger.
+ * (the state in which its peer is not read) or `len` alone is larger, except
+ * from fd's own `out` callback (forwarding, held back by back-pressure).
  * ipc_switch_end(ctx, fd, reason, reason_len) ends the switch of fd: an
  * ERROR event with `reason` (UTF-8, 1 to 1024 bytes; NULL for none) for fd,
  * then each side stops being read, writes what is queued for it, and is

@@ -504,11 +504,12 @@ class Tlsd(Daemon):
     # ------------------------------------------------------------ the TCP side's backlog
 
     def _send_tcp(self, fd: int, records: bytes) -> None:
-        """Queue TLS records for the TCP fd, in order. The core stops reading
-        the local side once this queue is over max_queue_size, but the frames
-        of a read already made still come to on_out, and switch_send refuses
-        them (QueueFullError): they wait here, in order, and are queued as
-        soon as the queue has room (at the next records, or a retry timer)."""
+        """Queue TLS records for the TCP fd, in order. From on_out the core
+        never refuses them (that output is forwarding, held back by the
+        local side's back-pressure); records made while reading (TLS 1.3
+        key updates, tickets) are refused while the queue is over its bound
+        (QueueFullError): those wait here, in order, and are queued as soon as
+        there is room (at the next records, or a retry timer)."""
         backlog = self._backlog.get(fd)
         if backlog is None:
             try:

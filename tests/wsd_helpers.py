@@ -1,0 +1,102 @@
+"""What websocketd's tests share: the daemon in a thread, and pyipc services
+(echo, a sink, a typed JSON peer) each in its own thread with its own Context.
+Every thread is stopped and joined at the end of the test that started it."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, List, Optional
+
+import pyipc
+from pyipc import EventType
+from pyipc.daemons.websocketd import Options, WebSocketd
+
+
+class DaemonThread:
+    """A WebSocketd running in a thread; `url(path)` is its ws:// URL."""
+
+    def __init__(self, rundir: str, backend: str, **options: object) -> None:
+        options.setdefault("port", 0)
+        self.daemon = WebSocketd(Options(**options), rundir=rundir,  # type: ignore[arg-type]
+                                 backend=backend)
+        self.thread = threading.Thread(target=self.daemon.run,
+                                       kwargs={"handle_signals": False}, daemon=True)
+        self.thread.start()
+        if not self.daemon.ready.wait(10):
+            raise RuntimeError("websocketd did not become ready")
+        host, self.port = self.daemon.addresses[0]
+        self.scheme = "wss" if options.get("ssl_context") else "ws"
+
+    def url(self, path: str = "/") -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
+
+    def http_url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.daemon.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "websocketd did not stop"
+
+
+class ServiceThread:
+    """A pyipc service in a thread: `handle(ctx, event)` for each event.
+
+    `events` records every non-TIMER event's (type, fd, message); `stop()`
+    ends it and closes its context (its clients see their connection end)."""
+
+    def __init__(self, rundir: str, backend: str, name: str,
+                 handle: Optional[Callable[[pyipc.Context, pyipc.Event], None]] = None,
+                 **limits: int) -> None:
+        self.ctx = pyipc.Context(rundir=rundir, backend=backend, **limits)
+        self.ctx.service_init(name)
+        self.handle = handle or echo
+        self.events: List[pyipc.Event] = []
+        self.changed = threading.Condition()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.ctx.timer = 20     # how soon stop() is noticed
+        try:
+            while not self._stop.is_set():
+                for ev in self.ctx.wait_events():
+                    if ev.type == EventType.TIMER:
+                        continue
+                    self.handle(self.ctx, ev)
+                    with self.changed:
+                        self.events.append(ev)
+                        self.changed.notify_all()
+        finally:
+            self.ctx.close_all()
+
+    def wait_for(self, predicate: Callable[[List[pyipc.Event]], bool],
+                 timeout: float = 10.0) -> List[pyipc.Event]:
+        """The events so far, once predicate(events) holds (else AssertionError)."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: predicate(self.events), timeout):
+                raise AssertionError(f"service events never matched; saw {self.events!r}")
+            return list(self.events)
+
+    def messages(self) -> List[bytes]:
+        return [ev.message for ev in self.events
+                if ev.type == EventType.MESSAGE_RX and ev.message is not None]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "service thread did not stop"
+
+
+def echo(ctx: pyipc.Context, ev: pyipc.Event) -> None:
+    """Echo each message to its sender."""
+    if ev.type == EventType.MESSAGE_RX and ev.message is not None:
+        try:
+            ctx.schedule(ev.fd, ev.message)
+        except pyipc.ConnectionClosedError:
+            pass
+
+
+def sink(ctx: pyipc.Context, ev: pyipc.Event) -> None:
+    """Keep what arrives (recorded in ServiceThread.events), answer nothing."""

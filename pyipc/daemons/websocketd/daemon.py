@@ -75,6 +75,7 @@ class WebSocketd(Daemon):
         if fds is None:
             fds = [fd for group in _systemd.listen_fds().values() for fd in group]
         sockets = [socket.socket(fileno=fd) for fd in fds] or [self._listen()]
+        self.ctx.switch_events = False   # no SWITCH_RX/TX: nothing to do per message
         for sock in sockets:
             sock.setblocking(False)
             self.ctx.add_external(sock.fileno())
@@ -103,8 +104,9 @@ class WebSocketd(Daemon):
 
     def teardown(self) -> None:
         """Close every WebSocket with 1001 (going away), then the rest."""
-        for session in list(self.sessions.values()):
+        for session in set(self.sessions.values()):
             session.close(CloseCode.GOING_AWAY, "websocketd is stopping")
+            session.release()
         for hs in list(self.handshakes.values()):
             self._drop(hs)
         for sock in self.listeners.values():
@@ -216,10 +218,11 @@ class WebSocketd(Daemon):
         self.cancel(hs.timer)     # type: ignore[arg-type]
         session = Session(self.ctx, hs.fd, service_fd, name, hs.peer, hs.protocol,
                           hs.transport)
-        for message in session.take_early_messages():
+        for message in session.take_early_messages(hs.early):
             self.ctx.schedule(service_fd, message)
         self.ctx.add_switch(hs.fd, service_fd)
         self.ctx.set_switch_callbacks(hs.fd, session.on_in, session.on_out)
+        self.ctx.set_switch_callbacks(service_fd, session.on_service_in, None)
         self.sessions[hs.fd] = self.sessions[service_fd] = session
         log.info("%s: WebSocket open to /%s", hs.peer, name)
         session.end_if_closing()
@@ -232,6 +235,7 @@ class WebSocketd(Daemon):
             return
         other = session.service_fd if fd == session.fd else session.fd
         self.sessions.pop(other, None)
+        session.release()
 
 
 def queue_bound(options: Options) -> int:

@@ -15,8 +15,9 @@ import logging
 import os
 import time
 from http import HTTPStatus
-from typing import Optional, Union
+from typing import List, Optional, Union
 
+from websockets.frames import Frame
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
@@ -39,7 +40,7 @@ class HandshakeFailed(Exception):
 class Handshake:
     """An accepted connection in its handshake."""
 
-    __slots__ = ("fd", "peer", "transport", "protocol", "started", "timer")
+    __slots__ = ("fd", "peer", "transport", "protocol", "started", "timer", "early")
 
     def __init__(self, fd: int, peer: str, transport: Union[Plain, Tls],
                  max_message_size: int) -> None:
@@ -49,6 +50,9 @@ class Handshake:
         self.protocol = ServerProtocol(max_size=max_message_size, logger=PROTOCOL_LOG)
         self.started = time.monotonic()
         self.timer: object = None   # the daemon's handshake timeout, if any
+        # Frames parsed along with the request (a client that did not wait
+        # for the 101): kept for the session, never dropped.
+        self.early: List[Frame] = []
 
     def step(self) -> Optional[Request]:
         """The socket is readable: read it and return the request once it is
@@ -73,8 +77,10 @@ class Handshake:
         return self._request(ended=not data)
 
     def _request(self, ended: bool) -> Optional[Request]:
-        for event in self.protocol.events_received():
+        events = self.protocol.events_received()
+        for i, event in enumerate(events):
             if isinstance(event, Request):
+                self.early = [e for e in events[i + 1:] if isinstance(e, Frame)]
                 return event
         error = self.protocol.handshake_exc
         if error is not None:

@@ -11,6 +11,12 @@ for the client goes through ctx.switch_send, so the core's send queue of the
 client's fd orders it and bounds it (backpressure: while that queue is over
 the context's max_queue_size the core stops reading the service).
 
+The service's side is read by `on_service_in` with pyipc's own frame decoder
+(the pure backend's), not by the core: when the service ends, the core would
+close the client's socket at once, and a WebSocket must first get a close
+frame with a code saying why (1000 when the service closed the connection,
+1011 when its stream broke). What goes to the service is framed by the core.
+
 Message mapping: a binary message is one pyipc message (its bytes); a text
 message is one pyipc message too, its UTF-8 bytes (what ctx.write(fd, str)
 sends); every message from the service is sent as binary (a pyipc payload has
@@ -22,6 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import socket
 from typing import Deque, List, Optional, Tuple, Union
 
 from websockets.frames import CloseCode, Frame, Opcode
@@ -29,6 +36,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from ... import CBEvent, Context, QueueFullError
+from ..._pure.framing import FrameDecoder, FrameTooLarge
 from ..._types import IPCError
 from .handshake import READ_SIZE
 from .transport import Plain, Tls, TransportClosed
@@ -42,7 +50,8 @@ class Session:
     """A WebSocket client's fd switched with its service's fd."""
 
     __slots__ = ("ctx", "fd", "service_fd", "service", "peer", "protocol", "transport",
-                 "_parts", "_text", "_messages", "_ending", "_ended")
+                 "_parts", "_text", "_messages", "_ending", "_ended", "_service_sock",
+                 "_decoder", "_replies", "_service_end")
 
     def __init__(self, ctx: Context, fd: int, service_fd: int, service: str, peer: str,
                  protocol: ServerProtocol, transport: Union[Plain, Tls]) -> None:
@@ -58,6 +67,13 @@ class Session:
         self._messages: Deque[bytes] = collections.deque()   # whole, not yet returned
         self._ending: Optional[str] = None     # why the WebSocket is closing
         self._ended = False                    # switch_end was called
+        # The service's socket, read without waiting (MSG_DONTWAIT): the core
+        # keeps its own connections in blocking mode. A dup, so that no
+        # Python object ever closes the core's fd; closed by release().
+        self._service_sock = socket.socket(fileno=os.dup(service_fd))
+        self._decoder = FrameDecoder(ctx.max_message_size)
+        self._replies: Deque[bytes] = collections.deque()    # from the service, whole
+        self._service_end: Optional[Tuple[int, str]] = None  # close code and reason
 
     # ------------------------------------------------------------ callbacks
 
@@ -70,7 +86,7 @@ class Session:
             more = bool(self._messages) or self._ending is not None
             return (CBEvent.MORE if more else CBEvent.NO_ERROR), payload
         if self._ending is not None:
-            self._end(self._ending)
+            self._end(self._ending, error=self._failed())
         return CBEvent.IGNORE, None
 
     def on_out(self, fd: int, payload: bytes) -> CBEvent:
@@ -84,11 +100,50 @@ class Session:
         self._flush()
         return CBEvent.NO_ERROR
 
+    def on_service_in(self, fd: int) -> Tuple[CBEvent, Optional[bytes]]:
+        """The service's socket is readable (or MORE asked to be called)."""
+        if not self._replies and self._service_end is None:
+            self._receive_service()
+        if self._replies:
+            payload = self._replies.popleft()
+            more = bool(self._replies) or self._service_end is not None
+            return (CBEvent.MORE if more else CBEvent.NO_ERROR), payload
+        if self._service_end is not None:
+            self.close(*self._service_end)
+        return CBEvent.IGNORE, None
+
+    def _receive_service(self) -> None:
+        try:
+            data = self._service_sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._service_end = (CloseCode.INTERNAL_ERROR, f"service connection failed: "
+                                 f"{e.strerror}")
+            return
+        if not data:
+            self._service_end = (
+                (CloseCode.INTERNAL_ERROR, "the service ended in the middle of a message")
+                if self._decoder.partial else
+                (CloseCode.NORMAL_CLOSURE, "the service closed the connection"))
+            return
+        out: List[bytes] = []
+        try:
+            self._decoder.feed(memoryview(data), out)
+        except FrameTooLarge as e:
+            self._service_end = (CloseCode.INTERNAL_ERROR, f"the service sent a message "
+                                 f"over max_message_size ({e.size} > {e.limit} bytes)")
+        self._replies.extend(out)
+
     # ------------------------------------------------------------ from the daemon
 
-    def take_early_messages(self) -> List[bytes]:
-        """Whole messages the client sent along with its request (before
-        the switch): the daemon hands them to the service first."""
+    def take_early_messages(self, early: List[Frame]) -> List[bytes]:
+        """Whole messages the client sent along with its request (`early`:
+        the frames parsed with it, and any parsed since): the daemon hands
+        them to the service before the switch."""
+        for frame in early:
+            if frame.opcode in _DATA or frame.opcode is Opcode.CONT:
+                self._fragment(frame)
         self._collect()
         early = list(self._messages)
         self._messages.clear()
@@ -99,7 +154,7 @@ class Session:
         request (its close frame or EOF came with it) is ended now, as no
         read will come to notice it."""
         if self._ending is not None:
-            self._end(self._ending)
+            self._end(self._ending, error=self._failed())
 
     def close(self, code: int, reason: str) -> None:
         """Close the WebSocket with `code` (the service went away, the daemon
@@ -107,9 +162,13 @@ class Session:
         if self._ended:
             return
         if self.protocol.state is State.OPEN:
-            self.protocol.send_close(code, reason)
+            self.protocol.send_close(code, reason[:120])    # a close frame holds 123 bytes
             self._flush()
-        self._end(reason)
+        self._end(f"{code} {reason}", error=code == CloseCode.INTERNAL_ERROR)
+
+    def release(self) -> None:
+        """Both fds are gone: close the dup of the service's socket."""
+        self._service_sock.close()
 
     # ------------------------------------------------------------ reading
 
@@ -135,8 +194,8 @@ class Session:
     def _collect(self) -> None:
         """Frames parsed -> whole messages; replies owed -> the client."""
         for frame in self.protocol.events_received():
-            if isinstance(frame, Frame) and frame.opcode in _DATA or \
-                    isinstance(frame, Frame) and frame.opcode is Opcode.CONT:
+            if isinstance(frame, Frame) and (frame.opcode in _DATA
+                                             or frame.opcode is Opcode.CONT):
                 self._fragment(frame)
         self._flush()
         if self.protocol.state is not State.OPEN and self._ending is None:
@@ -178,15 +237,23 @@ class Session:
         except IPCError as e:          # the fd is already gone
             log.debug("%s: %s", self.peer, e)
 
-    def _end(self, reason: str) -> None:
+    def _failed(self) -> bool:
+        """Whether the WebSocket ends on a failure (not a close handshake)."""
+        sent = self.protocol.close_sent
+        return sent is not None and sent.code not in (CloseCode.NORMAL_CLOSURE,
+                                                      CloseCode.GOING_AWAY) \
+            and self.protocol.close_rcvd is None
+
+    def _end(self, reason: str, error: bool) -> None:
         """End the switch: what is queued for the client is written, then
-        both the client and the service connection are closed."""
+        both the client and the service connection are closed. A failure
+        (`error`) is also an ERROR event with the reason."""
         if self._ended:
             return
         self._ended = True
         log.info("%s: /%s closed: %s", self.peer, self.service, reason)
         try:
-            self.ctx.switch_end(self.fd, reason)
+            self.ctx.switch_end(self.fd, reason[:200] if error else None)
         except IPCError as e:
             log.debug("%s: %s", self.peer, e)
 

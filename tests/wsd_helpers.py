@@ -5,6 +5,7 @@ Every thread is stopped and joined at the end of the test that started it."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable, List, Optional
 
 import pyipc
@@ -19,13 +20,22 @@ class DaemonThread:
         options.setdefault("port", 0)
         self.daemon = WebSocketd(Options(**options), rundir=rundir,  # type: ignore[arg-type]
                                  backend=backend)
-        self.thread = threading.Thread(target=self.daemon.run,
-                                       kwargs={"handle_signals": False}, daemon=True)
+        self.failure: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
-        if not self.daemon.ready.wait(10):
-            raise RuntimeError("websocketd did not become ready")
+        deadline = time.monotonic() + 10
+        while not self.daemon.ready.wait(0.05):
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("websocketd failed to start") from self.failure
         host, self.port = self.daemon.addresses[0]
         self.scheme = "wss" if options.get("ssl_context") else "ws"
+
+    def _run(self) -> None:
+        try:
+            self.daemon.run(handle_signals=False)
+        except BaseException as e:
+            self.failure = e
+            raise
 
     def url(self, path: str = "/") -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}{path}"

@@ -75,7 +75,8 @@ class WebSocketd(Daemon):
         if fds is None:
             fds = [fd for group in _systemd.listen_fds().values() for fd in group]
         sockets = [socket.socket(fileno=fd) for fd in fds] or [self._listen()]
-        self.ctx.switch_events = False   # no SWITCH_RX/TX: nothing to do per message
+        if hasattr(type(self.ctx), "switch_events"):    # until the switch branch is merged
+            self.ctx.switch_events = False   # no SWITCH_RX/TX: nothing to do per message
         for sock in sockets:
             sock.setblocking(False)
             self.ctx.add_external(sock.fileno())

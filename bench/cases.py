@@ -17,7 +17,7 @@ class Case:
 
     key: str
     title: str
-    kind: str            # rtt | oneway | scale
+    kind: str            # events | rtt | oneway | scale
     size: int
     n_full: int
     n_quick: int
@@ -28,6 +28,11 @@ class Case:
 
 
 CASES: List[Case] = [
+    # Issue 21's headline: the per-message event API (schedule() per message,
+    # MESSAGE_TX/MESSAGE_RX counted from wait_events()); peers without events
+    # run their one-way program (one send per message).
+    Case("ev64", "per-message events, 64 B", "events", 64, 1_000_000, 100_000),
+    Case("ev64k", "per-message events, 64 KiB", "events", 64 << 10, 30_000, 1_500),
     Case("rtt", "round trip, 64 B", "rtt", 64, 20_000, 2_000),
     Case("tp64", "one-way 64 B", "oneway", 64, 2_000_000, 200_000),
     Case("tp64k", "one-way 64 KiB", "oneway", 64 << 10, 30_000, 1_500),
@@ -72,12 +77,12 @@ def _mixed(server: Callable[[str, Case, str, int], List[str]],
     return command
 
 
-def _program(exe_of: Callable[[], object], socket_file: bool
+def _program(exe_of: Callable[[], object], socket_file: bool, *extra: str
              ) -> Callable[[str, Case, str, int], List[str]]:
     """A C peer: it takes the socket file (floor) or the run dir (core)."""
     def command(role: str, case: Case, directory: str, n: int) -> List[str]:
         target = directory + "/bench" if socket_file else directory
-        return [str(exe_of()), role, case.kind, target, str(n), str(case.size)]
+        return [str(exe_of()), role, case.kind, target, str(n), str(case.size), *extra]
     return command
 
 
@@ -104,10 +109,10 @@ def systems() -> List[System]:
            else "not installed (pip install pyipc-zig[bench])")
     return [
         System("native", "pyipc native", _python("peer_pyipc", "--backend", "native"),
-               ("rtt", "oneway", "scale"), native),
+               ("events", "rtt", "oneway", "scale"), native),
         System("pure", "pyipc pure", _python("peer_pyipc", "--backend", "pure"),
-               ("rtt", "oneway", "scale")),
-        System("raw", "raw socket", _python("peer_raw"), ("rtt", "oneway", "scale")),
+               ("events", "rtt", "oneway", "scale")),
+        System("raw", "raw socket", _python("peer_raw"), ("events", "rtt", "oneway", "scale")),
         System("native_busy", f"pyipc native, busy_poll {BUSY_POLL_US} µs",
                _python("peer_pyipc", "--backend", "native", "--busy-poll", str(BUSY_POLL_US)),
                ("rtt",), native),
@@ -123,14 +128,18 @@ def systems() -> List[System]:
         System("mp", "mp.connection", _python("peer_mp")),
         System("zmq_pair", "zmq PAIR", _python("peer_zmq", "--mode", "pair"), why_not=zmq),
         System("zmq_push", "zmq PUSH/PULL", _python("peer_zmq", "--mode", "pushpull"),
-               why_not=zmq),
+               ("events", "rtt", "oneway"), why_not=zmq),
         # Async (issue 18): pyipc.aio against asyncio's Unix streams and zmq.asyncio.
         System("aio", "pyipc.aio native", _python("peer_aio", "--backend", "native"),
                why_not=native),
         System("aio_streams", "asyncio Unix streams", _python("peer_aiostreams")),
         System("zmq_asyncio", "zmq.asyncio PAIR", _python("peer_zmqaio"), why_not=zmq),
         System("c_floor", "C floor", _program(cbuild.build_floor, True),
-               why_not=_build_reason(cbuild.build_floor)),
+               ("events", "rtt", "oneway"), why_not=_build_reason(cbuild.build_floor)),
+        # Both C peers spin on non-blocking reads: the floor of a busy-polled
+        # round trip on this machine (issue 21's goal 4 for native_busy).
+        System("c_busy", "C floor, busy-polling", _program(cbuild.build_floor, True, "busy"),
+               ("rtt",), why_not=_build_reason(cbuild.build_floor)),
         System("c_core", "C + Zig core", _program(cbuild.build_core, False),
                why_not=native or _build_reason(cbuild.build_core)),
     ]

@@ -22,8 +22,9 @@ class Metric:
 def metrics_of(case: Case) -> List[Metric]:
     """The rows a case produces."""
     if case.kind == "rtt":
-        return [Metric(case.key, "rtt_us", case.title, "µs", False)]
-    if case.kind == "oneway":
+        return [Metric(case.key, "rtt_us", case.title, "µs", False),
+                Metric(case.key, "cpu_us", f"{case.title}: CPU of both peers", "µs", False)]
+    if case.kind in ("oneway", "events"):
         if case.size <= 1024:
             return [Metric(case.key, "msgs", case.title, "msg/s", True)]
         return [Metric(case.key, "mbs", case.title, "MB/s", True)]
@@ -41,8 +42,11 @@ def derive(case: Case, raw: dict) -> Dict[str, float]:
     """The metrics of one run of ``case`` from the client's result."""
     n = raw["n"]
     if case.kind == "rtt":
-        return {"rtt_us": raw["seconds"] / n * 1e6}
-    if case.kind == "oneway":
+        out = {"rtt_us": raw["seconds"] / n * 1e6}
+        if "cpu" in raw and "server_cpu" in raw:     # Python clients report their CPU
+            out["cpu_us"] = (raw["cpu"] + raw["server_cpu"]) / n * 1e6
+        return out
+    if case.kind in ("oneway", "events"):
         if case.size <= 1024:
             return {"msgs": n / raw["seconds"]}
         return {"mbs": n * case.size / raw["seconds"] / 1e6}

@@ -7,6 +7,11 @@ call, gathered into one writev), the server takes them with ``read_many()``
 (every message already received, one call, no Event per message), or from
 64 KiB on with ``read_into()`` one reused buffer (read from the socket straight
 into it).
+
+Per-message events (``events``, issue 21's workload, as libIPC programs are
+written): the client calls ``schedule()`` per message, keeping at most
+``window()`` unacknowledged, and counts MESSAGE_TX from ``wait_events()``; the
+server counts MESSAGE_RX from ``wait_events()`` and answers ``done`` at the end.
 """
 
 from __future__ import annotations
@@ -22,13 +27,23 @@ from pyipc import EventType
 from . import proto
 from .scale_ctl import ScaleServer, run_client
 
-RX = EventType.MESSAGE_RX
+RX, TX = EventType.MESSAGE_RX, EventType.MESSAGE_TX
 CONNECTION, DISCONNECTION = EventType.CONNECTION, EventType.DISCONNECTION
 #: One write_many() call's batch: at most this many messages, this many bytes.
 BATCH_MESSAGES = 1024
 BATCH_BYTES = 1 << 20
 #: Messages from this size on are received with read_into() (no copy in between).
 INTO_FROM = 64 << 10
+#: Per-message events: at most this many scheduled messages not yet reported
+#: by MESSAGE_TX (issue 21), and from LARGE on, LARGE_WINDOW.
+WINDOW, LARGE, LARGE_WINDOW = 4096, 64 << 10, 64
+#: What the events server answers after the last message.
+DONE = b"done"
+
+
+def window(size: int) -> int:
+    """How many scheduled messages the events client keeps unacknowledged."""
+    return LARGE_WINDOW if size >= LARGE else WINDOW
 
 
 def context(args: Namespace) -> pyipc.Context:
@@ -49,6 +64,8 @@ def serve(args: Namespace) -> None:
         return serve_scale(ctx)
     if args.case == "rtt":
         return serve_rtt(ctx)
+    if args.case == "events":
+        return serve_events(ctx, args.n)
     return serve_oneway(ctx, args.n, args.size)
 
 
@@ -61,6 +78,19 @@ def serve_rtt(ctx: pyipc.Context) -> None:
                 write(ev.fd, ev.message)
             elif ev.type is DISCONNECTION:
                 return
+
+
+def serve_events(ctx: pyipc.Context, n: int) -> None:
+    """Count ``n`` MESSAGE_RX events, answer ``done``, wait for the hang-up."""
+    count, wait_events = 0, ctx.wait_events
+    while count < n:
+        for ev in wait_events():
+            if ev.type is RX:
+                count += 1
+                if count == n:
+                    ctx.write(ev.fd, DONE)
+    while not any(ev.type is DISCONNECTION for ev in wait_events()):
+        pass
 
 
 def serve_oneway(ctx: pyipc.Context, n: int, size: int) -> None:
@@ -130,15 +160,37 @@ def client(args: Namespace) -> None:
         for _ in range(proto.WARMUP):
             write(fd, data)
             read(fd)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), proto.cpu_seconds()
         for _ in range(args.n):
             write(fd, data)
             read(fd)
+        proto.result(seconds=time.perf_counter() - start, cpu=proto.cpu_seconds() - cpu)
+        return
+    if args.case == "events":
+        start = time.perf_counter()
+        send_events(ctx, fd, data, args.n)
     else:
         start = time.perf_counter()
         send_batches(ctx, fd, data, args.n)
         ctx.read(fd)
     proto.result(seconds=time.perf_counter() - start)
+
+
+def send_events(ctx: pyipc.Context, fd: int, data: bytes, n: int) -> None:
+    """schedule() ``n`` copies of ``data`` one at a time, at most window()
+    not yet reported by MESSAGE_TX; then wait for the server's ``done``."""
+    schedule, wait_events = ctx.schedule, ctx.wait_events
+    sent = done = 0
+    answered, most = False, window(len(data))
+    while done < n or not answered:
+        while sent < n and sent - done < most:
+            schedule(fd, data)
+            sent += 1
+        for ev in wait_events():
+            if ev.type is TX:
+                done += 1
+            elif ev.type is RX:
+                answered = True
 
 
 def send_batches(ctx: pyipc.Context, fd: int, data: bytes, n: int) -> None:

@@ -153,10 +153,12 @@ def client(args: Namespace) -> None:
         for _ in range(proto.WARMUP):
             send(sock, data)
             reader.one()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), proto.cpu_seconds()
         for _ in range(args.n):
             send(sock, data)
             reader.one()
+        proto.result(seconds=time.perf_counter() - start, cpu=proto.cpu_seconds() - cpu)
+        return
     else:
         start = time.perf_counter()
         for _ in range(args.n):

@@ -61,10 +61,12 @@ def client(args: Namespace) -> None:
         for _ in range(proto.WARMUP):
             send(data)
             recv()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), proto.cpu_seconds()
         for _ in range(args.n):
             send(data)
             recv()
+        proto.result(seconds=time.perf_counter() - start, cpu=proto.cpu_seconds() - cpu)
+        os._exit(0)            # skip zmq's linger at exit
     else:
         start = time.perf_counter()
         for _ in range(args.n):

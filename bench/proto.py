@@ -28,7 +28,9 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The peers' common arguments."""
     p = argparse.ArgumentParser()
     p.add_argument("role", choices=["server", "client"])
-    p.add_argument("case", choices=["rtt", "oneway", "scale"])
+    # events: pyipc peers run the per-message event workload; the others
+    # take it as oneway (their one send per message).
+    p.add_argument("case", choices=["events", "rtt", "oneway", "scale"])
     p.add_argument("--dir", required=True, help="directory of the socket")
     p.add_argument("--n", type=int, default=1000, help="messages (or round trips)")
     p.add_argument("--size", type=int, default=64, help="payload bytes")
@@ -51,6 +53,12 @@ def ready() -> None:
     """Tell the runner the server listens."""
     sys.stdout.write("READY\n")
     sys.stdout.flush()
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) this process has used so far: the clients
+    report it for the timed part of a round-trip run."""
+    return time.process_time()
 
 
 def result(**values: Any) -> None:

@@ -54,6 +54,7 @@ def targets(samples: Samples) -> List[Tuple[str, Optional[float], str, bool]]:
     def add(what: str, value: Optional[float], goal: str, ok) -> None:
         out.append((what, value, goal, value is not None and ok(value)))
 
+    _events_targets(samples, add)
     zmq = [v for v in (median(samples, "rtt", k, "rtt_us") for k in ("zmq_pair", "zmq_push"))
            if v is not None]
     # The default (busy_poll 0), then the opt-in that spends CPU on latency.
@@ -85,6 +86,24 @@ def targets(samples: Samples) -> List[Tuple[str, Optional[float], str, bool]]:
     add("native 10,000 idle clients: memory per idle connection (KiB)",
         median(samples, "scale10k", "native", "conn_kib"), "<= 2", lambda v: v <= 2)
     return out
+
+
+def _events_targets(samples: Samples, add) -> None:
+    """Issue 21's goals: the per-message event API, the default round trip's
+    CPU, and busy_poll against a busy-polling C pair."""
+    for other, title, goal in (("zmq_push", "pyzmq PUSH/PULL", 1.3), ("c_floor", "C floor", 1.0),
+                               ("pure", "pure", 2.5)):
+        add(f"native per-message events 64 B / {title}",
+            _ratio(samples, "ev64", "native", other, "msgs"), f">= {goal}",
+            lambda v, g=goal: v >= g)
+    for other, title, goal in (("c_floor", "C floor", 0.9), ("pure", "pure", 2.0)):
+        add(f"native per-message events 64 KiB / {title}",
+            _ratio(samples, "ev64k", "native", other, "mbs"), f">= {goal}",
+            lambda v, g=goal: v >= g)
+    add("native round trip: CPU of both peers / raw socket's",
+        _ratio(samples, "rtt", "native", "raw", "cpu_us"), "<= 1.2", lambda v: v <= 1.2)
+    add(f"native, busy_poll {BUSY_POLL_US} µs, round trip / busy-polling C pair",
+        _ratio(samples, "rtt", "native_busy", "c_busy", "rtt_us"), "<= 1.3", lambda v: v <= 1.3)
 
 
 def targets_markdown(samples: Samples) -> str:

@@ -47,6 +47,16 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def cpu_of(pid: int) -> Optional[float]:
+    """Seconds on a CPU of process ``pid`` so far (Linux's schedstat, in ns:
+    finer than getrusage's ticks), or None where there is none."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def check_fd_limit(case: Case) -> None:
     """A scale case needs idle + some fds in the server and in the client."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -91,9 +101,11 @@ def run(system: System, case: Case, n: int, placement: str = "split") -> dict:
                               preexec_fn=_pinned(server_cpu))
     try:
         _wait_ready(server)
+        server_cpu_start = cpu_of(server.pid)
         client = subprocess.run(system.command("client", case, directory, n), env=env,
                                 capture_output=True, text=True, timeout=CLIENT_TIMEOUT,
                                 preexec_fn=_pinned(client_cpu))
+        server_cpu_end = cpu_of(server.pid)       # still there: not reaped yet
         lines = client.stdout.strip().splitlines()
         if client.returncode != 0 or not lines:
             raise PeerFailed(f"client failed ({client.returncode}): "
@@ -105,4 +117,6 @@ def run(system: System, case: Case, n: int, placement: str = "split") -> dict:
         _stop(server)
         shutil.rmtree(directory, ignore_errors=True)
     values["n"] = n
+    if server_cpu_start is not None and server_cpu_end is not None:
+        values["server_cpu"] = server_cpu_end - server_cpu_start
     return values

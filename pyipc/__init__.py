@@ -18,9 +18,10 @@ from ._backend import available as available_backends
 from ._context import Context
 from ._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, DEFAULT_RUNDIR,
-                     MAX_BUSY_POLL, MAX_READ_MANY, READ_MANY_BYTES, BackendError, CBEvent,
+                     MAX_BUSY_POLL, MAX_MORE_PER_ROUND, MAX_READ_MANY, MAX_SWITCH_END_REASON,
+                     READ_MANY_BYTES, BackendError, CBEvent,
                      ConnectionClosedError, ConnectionLimitError, Event, EventType,
-                     InvalidNameError, IPCError, MessageTooLargeError, QueueFullError,
+                     InvalidNameError, IPCError, MessageTooLargeError, NetworkError, QueueFullError,
                      RunDirError, ServiceBusyError, ServiceNotFoundError, UnknownFdError)
 from ._types import TimeoutError as TimeoutError  # explicit re-export, not in __all__
 from ._version import __version__ as __version__
@@ -39,9 +40,10 @@ __all__ = [
     "Context", "Event", "EventType", "CBEvent", "available_backends",
     "IPCError", "ServiceBusyError", "ServiceNotFoundError", "InvalidNameError",
     "RunDirError", "MessageTooLargeError", "QueueFullError", "ConnectionClosedError",
-    "UnknownFdError", "ConnectionLimitError", "BackendError",
+    "UnknownFdError", "ConnectionLimitError", "BackendError", "NetworkError",
     "DEFAULT_LINGER", "DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_MAX_QUEUE_SIZE", "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_RUNDIR", "DEFAULT_READ_MANY", "MAX_READ_MANY", "MAX_BUSY_POLL", "READ_MANY_BYTES",
+    "MAX_MORE_PER_ROUND", "MAX_SWITCH_END_REASON",
     "Registry", "TypedMessageError", "InvalidTypeNumberError", "DuplicateTypeError",
     "DuplicateClassError", "NotAMessageClassError", "UnregisteredClassError",
     "UnencodableValueError", "UnknownTypeError", "UnexpectedTypeError", "CorruptMessageError",

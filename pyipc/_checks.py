@@ -11,8 +11,8 @@ import math
 import threading
 from typing import Callable, Optional, Tuple, Union, overload
 
-from ._types import (MAX_BUSY_POLL, MAX_MESSAGE_SIZE_LIMIT, MAX_READ_MANY, CBEvent,
-                     ConnectionClosedError)
+from ._types import (MAX_BUSY_POLL, MAX_MESSAGE_SIZE_LIMIT, MAX_READ_MANY,
+                     MAX_SWITCH_END_REASON, CBEvent, ConnectionClosedError)
 
 OnIn = Callable[[int], Tuple[CBEvent, Optional[bytes]]]
 OnOut = Callable[[int, bytes], CBEvent]
@@ -142,6 +142,44 @@ def check_limits(max_message_size: int, max_queue_size: int, max_connections: in
         raise ValueError("max_queue_size must be at least max_message_size + 4")
     if not 1 <= max_connections <= 0x7FFFFFFF:
         raise ValueError("max_connections must be between 1 and 2147483647")
+
+
+# -- the switching extension (switch_send, switch_end, switch_events) ------------------
+def check_switch_data(data: object) -> Bytes:
+    """switch_send()'s raw bytes: any bytes-like object (not str: raw bytes
+    of a foreign protocol have no text encoding to assume)."""
+    if isinstance(data, str):
+        raise TypeError("data must be bytes-like, not str")
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"data must be bytes-like, not {type(data).__name__}") from None
+    if not view.c_contiguous:
+        return view.tobytes()
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def check_reason(reason: object) -> Optional[bytes]:
+    """switch_end()'s reason: None, or a non-empty str of at most
+    MAX_SWITCH_END_REASON bytes in UTF-8 (returned encoded; a lone surrogate
+    is the ValueError UnicodeEncodeError)."""
+    if reason is None:
+        return None
+    if not isinstance(reason, str):
+        raise TypeError(f"reason must be str or None, not {type(reason).__name__}")
+    data = reason.encode("utf-8")
+    if not data:
+        raise ValueError("reason must not be empty (None for no reason)")
+    if len(data) > MAX_SWITCH_END_REASON:
+        raise ValueError(f"reason must be at most {MAX_SWITCH_END_REASON} bytes in UTF-8")
+    return data
+
+
+def check_switch_events(value: object) -> bool:
+    """The `switch_events` property: a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"switch_events must be bool, not {type(value).__name__}")
+    return value
 
 
 # -- payloads and buffers ------------------------------------------------------------

@@ -15,8 +15,8 @@ from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, 
                     TypeVar, overload)
 
 from . import _threads
-from ._checks import (OnIn, OnOut, check_busy_poll, check_limits, check_linger, check_timeout,
-                      check_timer)
+from ._checks import (OnIn, OnOut, check_busy_poll, check_limits, check_linger,
+                      check_switch_events, check_timeout, check_timer)
 from ._rundir import PathLike, resolve_rundir
 from ._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, Buffer, Event, IPCError,
@@ -67,7 +67,7 @@ class Context:
     """
 
     __slots__ = ("rundir", "max_message_size", "max_queue_size", "max_connections",
-                 "_linger_s", "_timer", "_busy_poll", "_guard", "_unclosed",
+                 "_linger_s", "_timer", "_busy_poll", "_switch_events", "_guard", "_unclosed",
                  "__weakref__")
 
     backend: str = "abstract"
@@ -99,6 +99,7 @@ class Context:
         self.max_connections = max_connections
         self._timer: Optional[int] = None
         self._busy_poll = 0
+        self._switch_events = True
         self._guard: _threads.ThreadGuard = _threads.ThreadGuard()
         _LIVE.add(self)
         self._unclosed: Optional[weakref.finalize[[str], Context]] = None
@@ -164,6 +165,26 @@ class Context:
 
     def _busy_poll_changed(self, value: int) -> None:
         """Hook for backends that keep busy_poll elsewhere."""
+
+    # -- switching events ---------------------------------------------------------
+    @property
+    def switch_events(self) -> bool:
+        """Whether SWITCH_RX and SWITCH_TX events of switched pairs are
+        reported (True, the default). False: relayed messages make no event
+        (on the native backend no Python runs per relayed message); ERROR and
+        DISCONNECTION of a switched fd are still reported. Set it from the
+        thread that owns the context (or a callback)."""
+        return self._switch_events
+
+    @switch_events.setter
+    def switch_events(self, value: bool) -> None:
+        value = check_switch_events(value)
+        self._switch_events_changed(value)
+        self._switch_events = value
+
+    def _switch_events_changed(self, value: bool) -> None:
+        """Hook: the backend stops or starts reporting SWITCH_RX/SWITCH_TX."""
+        raise NotImplementedError
 
     def _wakeup(self) -> None:
         """Any thread: make a wait in progress return (schedule() hand-over)."""
@@ -269,7 +290,7 @@ class Context:
         raise NotImplementedError
 
     def add_connection(self, fd: int) -> None:
-        """Manage fd, a connected Unix stream socket made elsewhere (received
+        """Manage fd, a connected Unix or TCP stream socket made elsewhere (received
         by SCM_RIGHTS, one end of a socketpair), as a connection of this
         context: from now on the context owns it (reads, writes and closes
         it) as if connect() had made it."""
@@ -282,6 +303,19 @@ class Context:
     def set_switch_callbacks(self, fd: int, on_in: Optional[OnIn],
                              on_out: Optional[OnOut]) -> None:
         """Read (on_in) and write (on_out) fd's foreign protocol when switched."""
+        raise NotImplementedError
+
+    def switch_send(self, fd: int, data: Buffer) -> None:
+        """Queue raw bytes (not framed) for switched fd `fd`, written in order
+        with the rest of its output: for a foreign protocol's own replies
+        from a callback (a WebSocket pong, TLS handshake records). QueueFullError
+        when fd's queue is over max_queue_size (or data alone is larger)."""
+        raise NotImplementedError
+
+    def switch_end(self, fd: int, reason: Optional[str] = None) -> None:
+        """End the switch of fd: stop reading both sides, write what is
+        queued for each (e.g. a close frame switch_send queued), then close
+        each; ERROR with `reason` (if any) for fd, then DISCONNECTION of both."""
         raise NotImplementedError
 
     def peer_credentials(self, fd: int) -> Tuple[int, int, int]:

@@ -29,6 +29,7 @@ from . import _libpath
 from ._checks import (DISCARD_TEXT, Bytes, OnIn, OnOut, as_payload, as_payload_list,
                       buffer_too_small_text, check_callbacks, check_fd, check_max_messages,
                       check_name, check_timeout, too_large_text, writable_view)
+from ._checks import check_reason, check_switch_data      # the switching extension
 from ._context import Context
 from ._events import EventQueue
 from ._types import Buffer, Payload
@@ -301,6 +302,21 @@ class NativeContext(Context):
             self._cb_in if on_in is not None else ffi.NULL,
             self._cb_out if on_out is not None else ffi.NULL), fd)
         self._callbacks[fd] = (on_in, on_out)
+
+    # -- the switching extension (switching.zig) ------------------------------------
+    def _switch_events_changed(self, value: bool) -> None:
+        lib.ipc_context_switch_events(self._ctx, int(value))
+
+    def switch_send(self, fd: int, data: Buffer) -> None:
+        raw = check_switch_data(data)
+        self._check(lib.ipc_switch_send(self._ctx, _fd_arg(fd), ffi.from_buffer(raw),
+                                        len(raw)), fd)
+
+    def switch_end(self, fd: int, reason: Optional[str] = None) -> None:
+        text = check_reason(reason)
+        self._check(lib.ipc_switch_end(self._ctx, _fd_arg(fd),
+                                       ffi.NULL if text is None else text,
+                                       0 if text is None else len(text)), fd)
 
     def peer_credentials(self, fd: int) -> Tuple[int, int, int]:
         pid, uid, gid = ffi.new("int32_t *"), ffi.new("uint32_t *"), ffi.new("uint32_t *")
@@ -755,7 +771,7 @@ def _trampoline_in(ref: weakref.ref[NativeContext]) -> Callable[[int, Any, _Cell
                 return _CB_ERROR
             result, payload = cb(fd)
             result = CBEvent(result)
-            if result == CBEvent.NO_ERROR:
+            if result == CBEvent.NO_ERROR or result == CBEvent.MORE:
                 data = bytes(as_payload(payload))
                 if len(data) > mlen[0]:
                     raise MessageTooLargeError(too_large_text(len(data), mlen[0]))

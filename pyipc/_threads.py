@@ -53,7 +53,10 @@ BUSY_TEXT = ("context is in use by another thread (a context belongs to one thre
 GUARDED = ("service_init", "connect_service", "connect", "write", "read",
            "write_many", "read_many", "read_into",
            "wait_event", "wait_events", "add_external", "add_connection", "add_switch",
-           "set_switch_callbacks", "peer_credentials", "close", "close_all", "fileno")
+           "set_switch_callbacks", "peer_credentials", "close", "close_all", "fileno",
+           # The switching extension: the owner's thread only (callbacks
+           # included: they run inside its wait), never handed over.
+           "switch_send", "switch_end")
 
 #: The guarded methods another thread may call while the owner is inside
 #: (handed over); schedule() is the fourth.

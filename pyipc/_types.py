@@ -61,6 +61,14 @@ DEFAULT_LINGER = 1.0
 """Default `linger` of a Context, in seconds: how long closing waits for
 scheduled messages to go out before it drops them (ZeroMQ's LINGER)."""
 
+MAX_MORE_PER_ROUND = 64
+"""Calls of one fd's `on_in` in one event-loop round at most, when it keeps
+returning `CBEvent.MORE`: the rest continue in the next round (even if the fd
+is not readable), so one fd with much buffered input cannot starve the others."""
+
+MAX_SWITCH_END_REASON = 1024
+"""Longest `reason` `switch_end()` takes, in bytes of UTF-8."""
+
 
 class EventType(enum.IntEnum):
     """What an `Event` reports (libIPC's numbers)."""
@@ -77,12 +85,19 @@ class EventType(enum.IntEnum):
 
 
 class CBEvent(enum.IntEnum):
-    """Result of a switching callback (libIPC's numbers)."""
+    """Result of a switching callback (libIPC's numbers; MORE is pyipc's).
+
+    MORE is for `on_in` only: the payload is forwarded as with NO_ERROR, and
+    `on_in` is called again without waiting for the fd to be readable (it
+    holds more input already read), up to MAX_MORE_PER_ROUND calls a round.
+    From `on_out` it is an error, as any number that is not a result.
+    """
 
     NO_ERROR = 0
     ERROR = 1
     FD_CLOSING = 2
     IGNORE = 3
+    MORE = 4
 
 
 class Event:
@@ -195,6 +210,13 @@ class BackendError(IPCError):
     """The requested backend cannot be used (the reason is in the message)."""
 
 
+class NetworkError(IPCError, ConnectionError):
+    """connect() through ipcd was refused with a reason: the daemon of the
+    scheme is missing, the remote host is unreachable or refused, a TLS
+    failure, ipcd's timeout or its bound on requests (also a built-in
+    `ConnectionError`). The text names the code ipcd gave, in parentheses."""
+
+
 class TimeoutError(IPCError, builtins.TimeoutError):  # noqa: A001 - pyipc.TimeoutError
     """A blocking call's `timeout` passed first (also a built-in
     `TimeoutError`). Nothing was consumed; a write that had begun a frame
@@ -204,7 +226,7 @@ class TimeoutError(IPCError, builtins.TimeoutError):  # noqa: A001 - pyipc.Timeo
 
 _ERRORS = (IPCError, ServiceBusyError, ServiceNotFoundError, InvalidNameError, RunDirError,
            MessageTooLargeError, QueueFullError, ConnectionClosedError, UnknownFdError,
-           ConnectionLimitError, BackendError, TimeoutError)
+           ConnectionLimitError, BackendError, NetworkError, TimeoutError)
 # Shown (tracebacks, repr) and pickled as pyipc.X, the public name.
 for _cls in _ERRORS:
     _cls.__module__ = "pyipc"
@@ -227,6 +249,7 @@ ERRORS_BY_NAME: dict[str, type[IPCError]] = {
     # signal's handler and goes on, or raises what the handler raised.
     "IPC_E_INTERRUPTED": IPCError,
     "IPC_E_TIMEOUT": TimeoutError,
+    "IPC_E_NETWORK": NetworkError,
 }
 
 #: The same by number (tests/test_abi.py checks the numbers against libipc.h).
@@ -245,4 +268,5 @@ ERRORS_BY_CODE: dict[int, type[IPCError]] = {
     # signal's handler and goes on, or raises what the handler raised.
     -13: IPCError,
     -14: TimeoutError,
+    -15: NetworkError,
 }

@@ -151,10 +151,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 #: `pyipc bench`'s choices. bench/ says what each one runs; it is not part of
 #: the installed package, so its options are listed here, where --help finds
 #: them from an installed package too (tests/test_cli.py checks both agree).
-BENCH_CASES = ("rtt", "tp64", "tp64k", "tp1m", "scale1k", "scale10k")
+BENCH_CASES = ("ev64", "ev64k", "rtt", "tp64", "tp64k", "tp1m", "scale1k", "scale10k")
 BENCH_SYSTEMS = ("native", "pure", "raw", "native_busy", "native_raw", "raw_native",
                  "raw_epoll", "mp", "zmq_pair", "zmq_push", "aio", "aio_streams",
-                 "zmq_asyncio", "c_floor", "c_core")
+                 "zmq_asyncio", "c_floor", "c_busy", "c_core")
 BENCH_PLACEMENTS = ("split", "same", "free")
 
 

@@ -1,5 +1,5 @@
-"""add_connection(fd): a connected Unix stream socket made elsewhere (one
-end of a socketpair, a fd received by SCM_RIGHTS) becomes a connection of
+"""add_connection(fd): a connected Unix or TCP stream socket made elsewhere (one
+end of a socketpair, a fd received by SCM_RIGHTS, a dialled TCP socket) becomes a connection of
 the context, on both backends: framed messages both ways, events, close."""
 
 from __future__ import annotations
@@ -36,6 +36,28 @@ def test_one_end_of_a_socketpair_becomes_a_connection(ctx_factory):
         os.fstat(fd)
 
 
+@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"),
+                                         (socket.AF_INET6, "::1")], ids=["ipv4", "ipv6"])
+def test_a_connected_tcp_socket_becomes_a_connection(ctx_factory, family, host):
+    """tcpd's dialled TCP socket reaches the client through ipcd as is."""
+    ctx = ctx_factory()
+    try:
+        listener = socket.create_server((host, 0), family=family)
+    except OSError as e:            # no IPv6 on this host (IPv4 is always there)
+        pytest.skip(f"no {host}: {e}")
+    with listener, socket.create_connection(listener.getsockname()[:2]) as ours:
+        theirs, _ = listener.accept()
+        fd = ours.detach()
+        ctx.add_connection(fd)
+        with theirs:
+            ctx.write(fd, b"over tcp")
+            assert theirs.recv(100) == frame(b"over tcp")
+            theirs.sendall(frame(b"back"))
+            assert ctx.read(fd, timeout=5) == b"back"
+            theirs.close()
+            assert wait_for(ctx, EventType.DISCONNECTION)[-1].fd == fd
+
+
 def test_the_peer_leaving_is_a_disconnection(ctx_factory):
     ctx = ctx_factory()
     ours, theirs = socket.socketpair()
@@ -54,10 +76,10 @@ def _not_connected() -> socket.socket:
     _not_connected,
     lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM),
 ], ids=["datagram", "not-connected", "tcp"])
-def test_a_socket_that_is_not_a_connected_unix_stream_is_refused(ctx_factory, make):
+def test_a_socket_that_is_not_a_connected_stream_is_refused(ctx_factory, make):
     ctx = ctx_factory()
     with make() as sock:
-        raises(pyipc.IPCError, f"fd {sock.fileno()} is not a connected Unix stream socket",
+        raises(pyipc.IPCError, f"fd {sock.fileno()} is not a connected Unix or TCP stream socket",
                ctx.add_connection, sock.fileno())
         sock.getsockname()                      # still open: refused, not taken
 
@@ -66,7 +88,7 @@ def test_a_pipe_is_refused(ctx_factory):
     ctx = ctx_factory()
     r, w = os.pipe()
     try:
-        raises(pyipc.IPCError, f"fd {r} is not a connected Unix stream socket",
+        raises(pyipc.IPCError, f"fd {r} is not a connected Unix or TCP stream socket",
                ctx.add_connection, r)
     finally:
         os.close(r)

@@ -286,7 +286,7 @@ def test_error_hierarchy():
     for cls in (pyipc.ServiceBusyError, pyipc.ServiceNotFoundError, pyipc.InvalidNameError,
                 pyipc.RunDirError, pyipc.MessageTooLargeError, pyipc.QueueFullError,
                 pyipc.ConnectionClosedError, pyipc.UnknownFdError,
-                pyipc.ConnectionLimitError, pyipc.BackendError):
+                pyipc.ConnectionLimitError, pyipc.BackendError, pyipc.NetworkError):
         assert issubclass(cls, pyipc.IPCError)
     assert issubclass(pyipc.IPCError, OSError)
 

@@ -18,10 +18,16 @@ from conftest import ROOT, require_backend
 
 #: Every system that needs nothing beyond the test dependencies.
 SYSTEMS = ["native", "pure", "raw", "native_busy", "native_raw", "raw_native", "raw_epoll", "mp",
-           "c_floor", "c_core", "aio", "aio_streams"]
+           "c_floor", "c_busy", "c_core", "aio", "aio_streams"]
 #: Column titles of the systems that only take part in the round trip.
 ROUND_TRIP_ONLY = {"native client, raw server", "raw client, native server",
-                   "raw client, epoll server"}
+                   "raw client, epoll server", "C floor, busy-polling"}
+#: Column titles of the systems that run the per-message event workload.
+EVENTS = {"pyipc native", "pyipc pure", "raw socket", "C floor"}
+#: Column titles of the systems whose round trip reports the CPU of both peers
+#: (the Python clients that measure their own).
+CPU = {"pyipc native", "pyipc pure", "raw socket", "native client, raw server",
+       "raw client, native server", "raw client, epoll server"}
 #: ...and the start of the busy_poll system's title (which names its value).
 ROUND_TRIP_ONLY_PREFIX = "pyipc native, busy_poll "
 NUMBER = re.compile(r"^[0-9][0-9,]*(\.[0-9]+)?$")
@@ -42,15 +48,45 @@ def test_quick_bench_runs_every_system():
     from pyipc import _native
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYIPC_LIBRARY": str(_native.LIBRARY_PATH)}
     done = subprocess.run(
-        [sys.executable, "-m", "pyipc", "bench", "--quick", "--cases", "rtt", "tp64", "tp64k",
-         "--systems", *SYSTEMS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+        [sys.executable, "-m", "pyipc", "bench", "--quick", "--cases", "ev64", "ev64k", "rtt",
+         "tp64", "tp64k", "--systems", *SYSTEMS], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=480)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     header, *rows = _table_rows(done.stdout)
     systems = header[2:]
     assert len(systems) == len(SYSTEMS), header
-    assert [row[0] for row in rows] == ["round trip, 64 B", "one-way 64 B", "one-way 64 KiB"]
+    assert [row[0] for row in rows] == [
+        "per-message events, 64 B", "per-message events, 64 KiB", "round trip, 64 B",
+        "round trip, 64 B: CPU of both peers", "one-way 64 B", "one-way 64 KiB"]
     for row in rows:
         for system, cell in zip(systems, row[2:]):
-            round_trip_only = system in ROUND_TRIP_ONLY or system.startswith(ROUND_TRIP_ONLY_PREFIX)
-            expected_figure = row[0].startswith("round trip") or not round_trip_only
-            assert bool(NUMBER.match(cell)) == expected_figure, (row[0], system, cell)
+            assert bool(NUMBER.match(cell)) == _expected_figure(row[0], system), \
+                (row[0], system, cell)
+
+
+def _expected_figure(row: str, system: str) -> bool:
+    """Whether ``system`` has a figure in the table's ``row``."""
+    if row.startswith("per-message events"):
+        return system in EVENTS
+    if row.endswith("CPU of both peers"):
+        return system in CPU or system.startswith(ROUND_TRIP_ONLY_PREFIX)
+    if row.startswith("round trip"):
+        return True
+    return not (system in ROUND_TRIP_ONLY or system.startswith(ROUND_TRIP_ONLY_PREFIX))
+
+
+def test_idle_cpu_reports_both_windows():
+    """bench/idle_cpu.py runs (short windows, few clients) and fills its table."""
+    require_backend("native")
+    from pyipc import _native
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYIPC_LIBRARY": str(_native.LIBRARY_PATH)}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.idle_cpu", "--seconds", "0.2", "--clients", "20"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| native")
+            or line.startswith("| pure")]
+    assert len(rows) == 2, done.stdout
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert all(re.match(r"^[0-9]+\.[0-9]{3}%$", c) for c in cells), row

@@ -28,7 +28,8 @@ from conftest import ROOT
 ERROR_CLASSES = [pyipc.IPCError, pyipc.ServiceBusyError, pyipc.ServiceNotFoundError,
                  pyipc.InvalidNameError, pyipc.RunDirError, pyipc.MessageTooLargeError,
                  pyipc.QueueFullError, pyipc.ConnectionClosedError, pyipc.UnknownFdError,
-                 pyipc.ConnectionLimitError, pyipc.BackendError, pyipc.TimeoutError]
+                 pyipc.ConnectionLimitError, pyipc.BackendError, pyipc.NetworkError,
+                 pyipc.TimeoutError]
 
 
 def raised(call, *args) -> pyipc.IPCError:

@@ -21,7 +21,7 @@ from pyipc import EventType
 
 from conftest import frame, raw_connect, wait_for
 
-NOT_A_STREAM = "ipcd sent a file descriptor that is not a connected Unix stream socket"
+NOT_A_STREAM = "ipcd sent a file descriptor that is not a connected Unix or TCP stream socket"
 
 
 def open_fds() -> List[str]:

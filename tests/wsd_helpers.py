@@ -58,28 +58,44 @@ class ServiceThread:
     def __init__(self, rundir: str, backend: str, name: str,
                  handle: Optional[Callable[[pyipc.Context, pyipc.Event], None]] = None,
                  **limits: int) -> None:
-        self.ctx = pyipc.Context(rundir=rundir, backend=backend, **limits)
-        self.ctx.service_init(name)
         self.handle = handle or echo
         self.events: List[pyipc.Event] = []
         self.changed = threading.Condition()
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+        self.failure: Optional[BaseException] = None
+        # The context is made, used and closed in the service's own thread.
+        self.thread = threading.Thread(target=self._run, args=(rundir, backend, name, limits),
+                                       daemon=True)
         self.thread.start()
+        if not self._ready.wait(10) or self.failure is not None:
+            raise RuntimeError(f"service {name} did not start") from self.failure
 
-    def _run(self) -> None:
-        self.ctx.timer = 20     # how soon stop() is noticed
+    def _run(self, rundir: str, backend: str, name: str, limits: dict) -> None:
         try:
+            ctx = pyipc.Context(rundir=rundir, backend=backend, **limits)
+        except BaseException as e:
+            self.failure = e
+            self._ready.set()
+            raise
+        try:
+            ctx.service_init(name)
+            ctx.timer = 20     # how soon stop() is noticed
+            self._ready.set()
             while not self._stop.is_set():
-                for ev in self.ctx.wait_events():
+                for ev in ctx.wait_events():
                     if ev.type == EventType.TIMER:
                         continue
-                    self.handle(self.ctx, ev)
+                    self.handle(ctx, ev)
                     with self.changed:
                         self.events.append(ev)
                         self.changed.notify_all()
+        except BaseException as e:
+            self.failure = e
+            self._ready.set()
+            raise
         finally:
-            self.ctx.close_all()
+            ctx.close_all()
 
     def wait_for(self, predicate: Callable[[List[pyipc.Event]], bool],
                  timeout: float = 10.0) -> List[pyipc.Event]:

@@ -46,6 +46,11 @@ pub const Conn = struct {
     peer: ?*Conn = null,
     cb_in: ?switching.InCallback = null,
     cb_out: ?switching.OutCallback = null,
+    /// Its `in` callback returned MORE and is due again: the fd is in the
+    /// context's switch_state.more (switching.zig).
+    more_pending: bool = false,
+    /// The round its `in` callback last ran in (one batch of MORE a round).
+    more_round: u64 = 0,
     decoder: framing.Decoder = .{},
     queue: SendQueue = .{},
     /// Services: socket path (removed on close) and NAME.lock fd (kept locked).

@@ -19,6 +19,7 @@ const poller_mod = @import("poller/api.zig");
 const rundir_mod = @import("rundir.zig");
 const credentials = @import("credentials.zig");
 const fdpass = @import("fdpass.zig");
+const ipcd_answer = @import("ipcd_answer.zig");
 const switching = @import("switching.zig");
 const Wakeup = @import("wakeup.zig").Wakeup;
 const Readiness = @import("readiness.zig").Readiness;
@@ -104,6 +105,9 @@ pub const Context = struct {
     /// The buffer a custom switch `in` callback fills (max_message_size bytes),
     /// allocated the first time such a callback runs.
     switch_buf: ?[]u8 = null,
+    /// The switching extension's state: switch_events, fds due for MORE
+    /// (switching.zig).
+    switch_state: switching.State = .{},
     /// Connections with queued frames: what step 1 of a round flushes.
     dirty: std.ArrayList(*Conn) = .empty,
     /// Fds of connections that ended (DISCONNECTION reported) but are not
@@ -161,6 +165,7 @@ pub const Context = struct {
         if (self.scratch) |s| gpa.free(s);
         if (self.gather_buf) |s| gpa.free(s);
         if (self.switch_buf) |s| gpa.free(s);
+        self.switch_state.deinit(gpa);
         gpa.free(self.rundir);
         gpa.destroy(self);
     }
@@ -493,7 +498,7 @@ pub const Context = struct {
     /// The other side of a switch whose peer ended: closed too, but only once
     /// what was forwarded to it is written, so the ended side's last messages
     /// are not lost. Meanwhile it is not read (its input has nowhere to go).
-    fn closeAfterFlush(self: *Context, conn: *Conn) Allocator.Error!void {
+    pub fn closeAfterFlush(self: *Context, conn: *Conn) Allocator.Error!void {
         if (!conn.alive) return;
         if (conn.queue.isEmpty()) return self.drop(conn, null);
         conn.closing = true;
@@ -616,13 +621,14 @@ pub const Context = struct {
         self.close(ipcd) catch {};
         if (n == null or !std.mem.eql(u8, answer[0..n.?], "ok") or received < 0) {
             sys.closeFd(received);
+            if (n) |len| if (ipcd_answer.refusal(answer[0..len])) |r| return self.refused(name, r);
             return self.last.fail(error.Generic, "ipcd could not connect to service {s}", .{name});
         }
         errdefer sys.closeFd(received);
-        if (!sys.isConnectedUnixStream(received))
+        if (!sys.isConnectedStream(received))
             return self.last.fail(
                 error.Generic,
-                "ipcd sent a file descriptor that is not a connected Unix stream socket",
+                "ipcd sent a file descriptor that is not a connected Unix or TCP stream socket",
                 .{},
             );
         if (!sys.setNonblocking(received, false)) return self.last.fail(
@@ -633,6 +639,17 @@ pub const Context = struct {
         if (sys.send_flags == 0) sys.setNoSigpipe(received);
         _ = try self.addConn(received, .connection);
         return received;
+    }
+
+    /// ipcd's refusal as the error it means, with its code and reason.
+    fn refused(self: *Context, name: []const u8, r: ipcd_answer.Refusal) Error {
+        if (r.text.len == 0)
+            return self.last.fail(r.err(), "ipcd could not connect to service {s} ({s})", .{ name, r.code });
+        return self.last.fail(
+            r.err(),
+            "ipcd could not connect to service {s} ({s}): {s}",
+            .{ name, r.code, r.text },
+        );
     }
 
     /// The request/answer exchange with ipcd; null when it failed. It waits
@@ -676,7 +693,7 @@ pub const Context = struct {
         conn.is_socket = sys.isSocket(fd);
     }
 
-    /// Manage `fd`, a connected Unix stream socket made elsewhere (received
+    /// Manage `fd`, a connected Unix or TCP stream socket made elsewhere (received
     /// by SCM_RIGHTS, one end of a socketpair), as a connection: from now on
     /// the context owns it (reads, writes, closes it) as if it had connected.
     pub fn addConnection(self: *Context, fd: i32) Error!void {
@@ -689,10 +706,10 @@ pub const Context = struct {
             );
         if (!sys.isOpen(fd))
             return self.last.fail(error.UnknownFd, "fd {d} is not an open file descriptor", .{fd});
-        if (!sys.isConnectedUnixStream(fd))
+        if (!sys.isConnectedStream(fd))
             return self.last.fail(
                 error.Generic,
-                "fd {d} is not a connected Unix stream socket",
+                "fd {d} is not a connected Unix or TCP stream socket",
                 .{fd},
             );
         try self.checkRoom();
@@ -784,7 +801,7 @@ pub const Context = struct {
         _ = try self.prepareSend(fd, len);
     }
 
-    fn closedByPeer(self: *Context, fd: i32) Error {
+    pub fn closedByPeer(self: *Context, fd: i32) Error {
         return self.last.fail(
             error.ConnectionClosed,
             "connection on fd {d} is closed by the peer",
@@ -1055,7 +1072,9 @@ pub const Context = struct {
             const kind: events_mod.EventType = switch (origin) {
                 .scheduled => .message_tx,
                 .switched => .switch_tx,
-                .remainder => return, // of a write() that was stopped: no event
+                // The rest of a write() that was stopped; switch_send's
+                // bytes, or a frame relayed while switch_events is off.
+                .remainder, .silent => return,
             };
             try self.ctx.events.push(self.ctx.gpa, kind, self.conn.fd, self.conn.index);
         }
@@ -1709,8 +1728,12 @@ pub const Context = struct {
     /// readiness (not at all if step 1 produced events); (3) handle every ready fd.
     fn round(self: *Context, timeout_ms: i32) Error!void {
         defer self.table.reap(self.gpa);
+        self.switch_state.round +%= 1;
         try self.flushDirty();
-        try self.pollAndHandle(if (self.events.live > 0) 0 else timeout_ms);
+        // Not waiting either when an `in` callback asked for MORE (switching.zig).
+        const busy = self.events.live > 0 or switching.moreReady(self);
+        try self.pollAndHandle(if (busy) 0 else timeout_ms);
+        try switching.runMore(self);
     }
 
     /// Steps 2 and 3 of a round. A signal that ends the wait ends an

@@ -1004,12 +1004,12 @@ test "addConnection: one end of a socketpair becomes a connection; others are re
     var raw: [16]u8 = undefined;
     try testing.expectEqual(@as(isize, 8), c.read(pair[1], &raw, raw.len));
     try testing.expectEqualStrings("back", raw[4..8]);
-    // A pipe is not a connected Unix stream socket: refused, left open.
+    // A pipe is not a connected Unix or TCP stream socket: refused, left open.
     var pipe: [2]c.fd_t = undefined;
     try testing.expectEqual(@as(c_int, 0), c.pipe(&pipe));
     defer sys.closeFd(pipe[0]);
     defer sys.closeFd(pipe[1]);
     try testing.expectError(error.Generic, ctx.addConnection(pipe[0]));
-    try testing.expect(std.mem.endsWith(u8, ctx.last.text(), "is not a connected Unix stream socket"));
+    try testing.expect(std.mem.endsWith(u8, ctx.last.text(), "is not a connected Unix or TCP stream socket"));
     try testing.expect(sys.isOpen(pipe[0]));
 }

@@ -23,6 +23,9 @@ pub const Error = error{
     Interrupted,
     /// A blocking call's timeout passed.
     Timeout,
+    /// ipcd (or the network daemon it asked) could not connect: the reason
+    /// is in the text.
+    Network,
 };
 
 /// enum ipc_error_codes of libipc.h: IPC_OK and IPC_E_<NAME> as `ok` and
@@ -43,6 +46,7 @@ pub const Code = enum(c_int) {
     no_memory = -12,
     interrupted = -13,
     timeout = -14,
+    network = -15,
 };
 
 /// The C ABI code of an error.
@@ -62,6 +66,7 @@ pub fn code(err: Error) c_int {
         error.OutOfMemory => .no_memory,
         error.Interrupted => .interrupted,
         error.Timeout => .timeout,
+        error.Network => .network,
     };
     return @backingInt(c);
 }

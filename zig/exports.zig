@@ -171,7 +171,7 @@ pub export fn ipc_add_external(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     return rc(ctx, ctx.addExternal(fd));
 }
 
-/// pyipc addition: manage fd, a connected Unix stream socket made
+/// pyipc addition: manage fd, a connected Unix or TCP stream socket made
 /// elsewhere, as a connection (Context.addConnection).
 pub export fn ipc_add_connection(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
@@ -193,6 +193,40 @@ pub export fn ipc_set_switch_callbacks(
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     return rc(ctx, switching.setCallbacks(ctx, fd, in, out));
+}
+
+// ------------------------------------------------------------ switching extension
+
+/// pyipc addition: report SWITCH_RX/SWITCH_TX of switched pairs (on != 0,
+/// the default) or not (switching.setEvents).
+pub export fn ipc_context_switch_events(ptr: ?*anyopaque, on: c_int) callconv(.c) void {
+    const ctx = context(ptr) orelse return;
+    switching.setEvents(ctx, on != 0);
+}
+
+/// pyipc addition: queue raw bytes for switched fd `fd` (switching.send).
+pub export fn ipc_switch_send(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    data: ?[*]const u8,
+    len: usize,
+) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
+    return rc(ctx, switching.send(ctx, fd, bytes(data, len)));
+}
+
+/// pyipc addition: end the switch of fd (switching.end); `reason` NULL: none.
+pub export fn ipc_switch_end(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    reason: ?[*]const u8,
+    len: usize,
+) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
+    const text: ?[]const u8 = if (reason) |r| r[0..len] else null;
+    return rc(ctx, switching.end(ctx, fd, text));
 }
 
 pub export fn ipc_peer_credentials(

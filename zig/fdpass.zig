@@ -197,25 +197,29 @@ test "receiveFd keeps the first fd and closes the others that came with it" {
     try std.testing.expectEqual(@as(isize, 0), c.read(pipe[0], &buf, 1));
 }
 
-test "isConnectedUnixStream: only a connected Unix stream socket" {
+test "isConnectedStream: only a connected Unix or TCP stream socket" {
     var pair: [2]c.fd_t = undefined;
     try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
     defer _ = c.close(pair[0]);
     defer _ = c.close(pair[1]);
-    try std.testing.expect(sys.isConnectedUnixStream(pair[0]));
+    try std.testing.expect(sys.isConnectedStream(pair[0]));
     var dgram: [2]c.fd_t = undefined;
     try std.testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.DGRAM, 0, &dgram));
     defer _ = c.close(dgram[0]);
     defer _ = c.close(dgram[1]);
-    try std.testing.expect(!sys.isConnectedUnixStream(dgram[0]));
+    try std.testing.expect(!sys.isConnectedStream(dgram[0]));
     const lone = c.socket(c.AF.UNIX, c.SOCK.STREAM, 0);
     try std.testing.expect(lone >= 0);
     defer _ = c.close(lone);
-    try std.testing.expect(!sys.isConnectedUnixStream(lone));
+    try std.testing.expect(!sys.isConnectedStream(lone));
     var pipe: [2]c.fd_t = undefined;
     try std.testing.expectEqual(@as(c_int, 0), c.pipe(&pipe));
     defer _ = c.close(pipe[0]);
     defer _ = c.close(pipe[1]);
-    try std.testing.expect(!sys.isConnectedUnixStream(pipe[0]));
-    try std.testing.expect(!sys.isConnectedUnixStream(-1));
+    try std.testing.expect(!sys.isConnectedStream(pipe[0]));
+    try std.testing.expect(!sys.isConnectedStream(-1));
+    const tcp = c.socket(c.AF.INET, c.SOCK.STREAM, 0);
+    try std.testing.expect(tcp >= 0);
+    defer _ = c.close(tcp);
+    try std.testing.expect(!sys.isConnectedStream(tcp)); // not connected
 }

@@ -15,6 +15,9 @@
  * caused it (0 when none did). ipc_context_init() has no context to ask when it
  * fails: errno says why (EMFILE, ENOMEM, ...). IPC_E_TIMEOUT: a blocking call's
  * timeout expired; IPC_E_INTERRUPTED: a blocking call was interrupted by a signal.
+ * IPC_E_NETWORK: ipc_connect() through ipcd was refused with a reason (ipcd's
+ * "ne CODE TEXT": remote unreachable, daemon missing, ...), in ipc_last_error();
+ * a refusal coded norule or noservice is IPC_E_SERVICE_NOT_FOUND.
  *
  * Payloads handed out by ipc_wait_events() and ipc_read_lent() point into
  * memory the context owns; they stay valid until the next wait call or
@@ -71,6 +74,26 @@
  * ready: it may, rarely, be readable with nothing to return). The context
  * owns the fd: do not close it; ipc_close_all() closes it (the next call
  * makes a new one).
+ *
+ * Switching extension (pyipc; for protocol daemons such as a WebSocket or
+ * TLS gateway): an `in` callback may return CB_MORE: its payload is forwarded
+ * as with CB_NO_ERROR, and `in` is called again without waiting for the fd to
+ * be readable (it holds input already read), at most 64 calls per fd and
+ * round (pyipc.MAX_MORE_PER_ROUND), the rest in the next rounds; while the
+ * peer's queue is over max_queue_size the calls wait, as reading does. From
+ * `out`, CB_MORE is an error. ipc_switch_send(ctx, fd, data, len) queues raw
+ * bytes (not framed) for switched fd `fd`, written in order with the rest of
+ * its output; IPC_E_QUEUE_FULL when fd's queue is over max_queue_size already
+ * (the state in which its peer is not read) or `len` alone is larger.
+ * ipc_switch_end(ctx, fd, reason, reason_len) ends the switch of fd: an
+ * ERROR event with `reason` (UTF-8, 1 to 1024 bytes; NULL for none) for fd,
+ * then each side stops being read, writes what is queued for it, and is
+ * closed with a DISCONNECTION event. Both take an fd that is switched
+ * (IPC_E_UNKNOWN_FD otherwise; IPC_E_CONNECTION_CLOSED for an fd whose switch
+ * already ended). ipc_context_switch_events(ctx, 0) stops the SWITCH_RX and
+ * SWITCH_TX events of what is relayed from then on (1: reported again, the
+ * default); ERROR and DISCONNECTION are always reported. The calls may be
+ * made from inside a switching callback.
  */
 #ifndef LIBIPC
 #define LIBIPC
@@ -96,7 +119,8 @@ enum cb_event_types {
     CB_NO_ERROR = 0,
     CB_ERROR = 1,
     CB_FD_CLOSING = 2,
-    CB_IGNORE = 3
+    CB_IGNORE = 3,
+    CB_MORE = 4
 };
 
 enum ipc_error_codes {
@@ -114,7 +138,8 @@ enum ipc_error_codes {
     IPC_E_BUFFER_TOO_SMALL = -11,
     IPC_E_NO_MEMORY = -12,
     IPC_E_INTERRUPTED = -13,
-    IPC_E_TIMEOUT = -14
+    IPC_E_TIMEOUT = -14,
+    IPC_E_NETWORK = -15
 };
 
 struct ipc_event {
@@ -144,6 +169,9 @@ int ipc_add_switch(void *ctx, int fd1, int fd2);
 int ipc_set_switch_callbacks(void *ctx, int fd,
     enum cb_event_types (*in)(int orig, char *payload, uint32_t *mlen),
     enum cb_event_types (*out)(int dest, const char *payload, uint32_t mlen));
+void ipc_context_switch_events(void *ctx, int on);
+int ipc_switch_send(void *ctx, int fd, const char *data, size_t len);
+int ipc_switch_end(void *ctx, int fd, const char *reason, size_t reason_len);
 
 const char *ipc_last_error(void *ctx);
 int ipc_context_set_rundir(void *ctx, const char *rundir, size_t rundir_len);

@@ -15,6 +15,7 @@
 //!   rundir.zig         run dir, names, NAME.lock, service sockets
 //!   credentials.zig    peer credentials
 //!   fdpass.zig         SCM_RIGHTS (ipcd)
+//!   ipcd_answer.zig    ipcd's refusal "ne CODE TEXT" and the error it means
 //!   wakeup.zig         the pipe another thread uses to end a wait (ipc_wakeup)
 //!   readiness.zig      ipc_context_fd: one fd readable while a zero-timeout wait has events
 //!   blocking.zig       how a blocking call waits: timeout, signals, busy_poll
@@ -41,10 +42,12 @@ test {
     _ = @import("rundir.zig");
     _ = @import("credentials.zig");
     _ = @import("fdpass.zig");
+    _ = @import("ipcd_answer.zig");
     _ = @import("wakeup.zig");
     _ = @import("readiness.zig");
     _ = @import("blocking.zig");
     _ = @import("switching.zig");
+    _ = @import("switching_test.zig");
     _ = @import("context.zig");
     _ = @import("exports.zig");
     _ = @import("abi_test.zig");

@@ -14,8 +14,10 @@ const framing = @import("framing.zig");
 const sys = @import("sys.zig");
 
 /// What a completed frame is reported as: MESSAGE_TX, SWITCH_TX, or
-/// nothing (the rest of a frame whose write() was stopped, see pushRemainder).
-pub const Origin = enum(u8) { scheduled, switched, remainder };
+/// nothing (the rest of a frame whose write() was stopped, see pushRemainder;
+/// `silent`: raw bytes of switch_send, see pushRaw, or a frame relayed while
+/// switch_events is off).
+pub const Origin = enum(u8) { scheduled, switched, remainder, silent };
 
 const FrameInfo = struct { size: u64, origin: Origin };
 
@@ -90,6 +92,16 @@ pub const SendQueue = struct {
         }
         assert(left == 0);
         self.frames.appendAssumeCapacity(.{ .size = len, .origin = .remainder });
+    }
+
+    /// Append raw bytes (switch_send: a foreign protocol's own output, not
+    /// framed), written after what is queued; reported as nothing.
+    pub fn pushRaw(self: *SendQueue, gpa: Allocator, data: []const u8) Allocator.Error!void {
+        try self.frames.ensureUnusedCapacity(gpa, 1);
+        self.compact();
+        try self.bytes.ensureUnusedCapacity(gpa, data.len);
+        self.bytes.appendSliceAssumeCapacity(data);
+        self.frames.appendAssumeCapacity(.{ .size = data.len, .origin = .silent });
     }
 
     /// Move the unwritten bytes to the front once the written part dominates,
@@ -187,11 +199,13 @@ const Count = struct {
     scheduled: usize = 0,
     switched: usize = 0,
     remainders: usize = 0,
+    silent: usize = 0,
     fn completed(self: *Count, origin: Origin) Allocator.Error!void {
         switch (origin) {
             .scheduled => self.scheduled += 1,
             .switched => self.switched += 1,
             .remainder => self.remainders += 1,
+            .silent => self.silent += 1,
         }
     }
 };
@@ -279,5 +293,25 @@ test "a remainder goes out before frames queued after it, and reports nothing" {
     try testing.expectEqual(@as(usize, 0), count.scheduled);
     try q.advance(gpa, 6, &count);
     try testing.expectEqual(@as(usize, 1), count.scheduled);
+    try testing.expect(q.isEmpty());
+}
+
+test "raw bytes go out between frames, as queued, and report nothing" {
+    const gpa = testing.allocator;
+    var q: SendQueue = .{};
+    defer q.deinit(gpa);
+    try q.push(gpa, "ab", .switched); // 6 bytes
+    try q.pushRaw(gpa, "RAW"); // 3 bytes, no header
+    try q.push(gpa, "c", .switched); // 5 bytes
+    try testing.expectEqual(@as(u64, 14), q.queuedBytes());
+    try testing.expectEqualStrings("RAW", q.bytes.items[6..9]);
+    var count: Count = .{};
+    try q.advance(gpa, 8, &count);
+    try testing.expectEqual(@as(usize, 1), count.switched);
+    try testing.expectEqual(@as(usize, 0), count.silent);
+    try q.advance(gpa, 1, &count);
+    try testing.expectEqual(@as(usize, 1), count.silent);
+    try q.advance(gpa, 5, &count);
+    try testing.expectEqual(@as(usize, 2), count.switched);
     try testing.expect(q.isEmpty());
 }

@@ -13,6 +13,14 @@
 //! Results: NO_ERROR, ERROR (ERROR event, both sides closed), FD_CLOSING (both
 //! closed), IGNORE (the unit is dropped). Back-pressure: a side is not read
 //! while its peer's queue is over max_queue_size (see Context.updateInterest).
+//!
+//! pyipc's extension (for protocol daemons: WebSocket, TLS):
+//!   MORE (from `in`): the payload is forwarded and `in` is called again
+//!     without waiting for readiness (it holds input already read), at most
+//!     max_more_per_round times a round; the rest in the next rounds.
+//!   send(): raw bytes queued for a switched fd, in order with its other output.
+//!   end(): stop reading both sides, write what is queued for each, close each.
+//!   State.events: SWITCH_RX/SWITCH_TX reported or not (ipc_context_switch_events).
 
 const std = @import("std");
 const Allocator = std.mem.Allocator;
@@ -28,7 +36,33 @@ pub const CbResult = enum(c_int) {
     err = 1,
     fd_closing = 2,
     ignore = 3,
+    /// pyipc's: forwarded as no_error, and `in` is called again (see above).
+    more = 4,
     _,
+};
+
+/// Calls of one fd's `in` callback per round at most while it returns MORE
+/// (pyipc.MAX_MORE_PER_ROUND): one fd's buffered input cannot starve the others.
+pub const max_more_per_round = 64;
+
+/// Longest reason end() takes, in bytes (pyipc.MAX_SWITCH_END_REASON).
+pub const max_end_reason = 1024;
+
+/// The extension's part of a context (Context.switch_state).
+pub const State = struct {
+    /// SWITCH_RX and SWITCH_TX are reported (ipc_context_switch_events).
+    events: bool = true,
+    /// Fds whose `in` callback returned MORE and is due again (their
+    /// Conn.more_pending is set). An fd that ended stays until runMore or
+    /// moreReady finds it gone.
+    more: std.AutoArrayHashMapUnmanaged(i32, void) = .empty,
+    /// The current round's number (Context.round): an fd's `in` runs one
+    /// batch of at most max_more_per_round calls a round.
+    round: u64 = 0,
+
+    pub fn deinit(self: *State, gpa: Allocator) void {
+        self.more.deinit(gpa);
+    }
 };
 
 /// The `in` callback of libipc.h's ipc_set_switch_callbacks.
@@ -77,18 +111,103 @@ fn switchable(ctx: *Context, fd: i32) Error!*Conn {
 
 // ------------------------------------------------------------ the event loop's side
 
-/// A switched fd is readable: read it with its `in` callback, or with pyipc
-/// framing (every complete frame forwarded).
+/// A switched fd is readable (or its `in` asked for MORE): read it with its
+/// `in` callback, at most max_more_per_round calls, or with pyipc framing
+/// (every complete frame forwarded).
 pub fn switchIn(ctx: *Context, conn: *Conn) Allocator.Error!void {
     const cb = conn.cb_in orelse return ctx.readConn(conn, true);
+    conn.more_round = ctx.switch_state.round;
+    var result: CbResult = .ignore;
+    for (0..max_more_per_round) |_| {
+        result = try callIn(ctx, conn, cb);
+        if (result != .more or !mayRead(ctx, conn)) break;
+    }
+    // MORE after the bound, or paused by back-pressure: called again later.
+    if (result == .more and stillSwitched(conn))
+        try wantMore(ctx, conn)
+    else
+        unwantMore(ctx, conn);
+}
+
+/// One `in` call and what its result does; the result, or IGNORE when the
+/// call ended the switch itself (what it gave has nowhere to go).
+fn callIn(ctx: *Context, conn: *Conn, cb: InCallback) Allocator.Error!CbResult {
     const buf = try buffer(ctx);
     var mlen: u32 = @intCast(buf.len);
     var result: CbResult = @fromBackingInt(@intCast(cb(conn.fd, buf.ptr, &mlen)));
     // A length past the buffer is a broken callback: never trust it.
-    if (result == .no_error and mlen > buf.len) result = .err;
-    switch (result) {
-        .no_error => try forward(ctx, conn, buf[0..mlen]),
-        else => try callbackResult(ctx, conn, result),
+    if (isForwarded(result) and mlen > buf.len) result = .err;
+    // The callback may have closed fd, or ended the switch (end()).
+    if (!conn.alive or (conn.peer == null and isForwarded(result))) return .ignore;
+    if (isForwarded(result))
+        try forward(ctx, conn, buf[0..mlen])
+    else
+        try callbackResult(ctx, conn, result);
+    return result;
+}
+
+fn isForwarded(result: CbResult) bool {
+    return result == .no_error or result == .more;
+}
+
+/// conn is still switched and its peer's queue is within its bound.
+fn mayRead(ctx: *const Context, conn: *const Conn) bool {
+    const peer = conn.peer orelse return false;
+    return conn.alive and !conn.closing and
+        peer.queue.queuedBytes() <= ctx.limits.max_queue_size;
+}
+
+/// conn may still be read with its `in` (a MORE it asked for is due).
+fn stillSwitched(conn: *const Conn) bool {
+    return conn.alive and !conn.closing and conn.peer != null and conn.cb_in != null;
+}
+
+fn wantMore(ctx: *Context, conn: *Conn) Allocator.Error!void {
+    if (conn.more_pending) return;
+    try ctx.switch_state.more.put(ctx.gpa, conn.fd, {});
+    conn.more_pending = true;
+}
+
+fn unwantMore(ctx: *Context, conn: *Conn) void {
+    if (!conn.more_pending) return;
+    _ = ctx.switch_state.more.swapRemove(conn.fd);
+    conn.more_pending = false;
+}
+
+/// The live connection whose MORE is due under `fd`, or null (the entry
+/// is removed when the fd ended, or its number now names another one).
+fn pendingMore(ctx: *Context, fd: i32) ?*Conn {
+    const more = &ctx.switch_state.more;
+    if (!more.contains(fd)) return null;
+    if (ctx.table.get(fd)) |conn| if (conn.more_pending) return conn;
+    _ = more.swapRemove(fd);
+    return null;
+}
+
+/// Some fd waits for MORE calls and may be read now: the round must not sleep.
+pub fn moreReady(ctx: *Context) bool {
+    for (ctx.switch_state.more.keys()) |fd| {
+        const conn = ctx.table.get(fd) orelse continue;
+        if (conn.more_pending and mayRead(ctx, conn)) return true;
+    }
+    return false;
+}
+
+/// A round's last step: the fds whose `in` asked for MORE and did not run in
+/// this round (not readable, or handled before their turn) run now, unless
+/// their peer's queue is over its bound.
+pub fn runMore(ctx: *Context) Allocator.Error!void {
+    const state = &ctx.switch_state;
+    if (state.more.count() == 0) return;
+    const fds = try ctx.gpa.dupe(i32, state.more.keys());
+    defer ctx.gpa.free(fds);
+    for (fds) |fd| {
+        const conn = pendingMore(ctx, fd) orelse continue;
+        if (!stillSwitched(conn)) {
+            unwantMore(ctx, conn);
+        } else if (conn.more_round != state.round and mayRead(ctx, conn)) {
+            try switchIn(ctx, conn);
+        }
     }
 }
 
@@ -121,17 +240,90 @@ fn callbackResult(ctx: *Context, conn: *Conn, result: CbResult) Allocator.Error!
 /// `out` callback at once, SWITCH_TX on success; else framed and queued,
 /// SWITCH_TX when written).
 pub fn forward(ctx: *Context, origin: *Conn, payload: []const u8) Allocator.Error!void {
-    try ctx.events.pushData(ctx.gpa, .switch_rx, origin.fd, origin.index, payload);
+    const events = ctx.switch_state.events;
+    if (events) try ctx.events.pushData(ctx.gpa, .switch_rx, origin.fd, origin.index, payload);
     const dest = origin.peer orelse return;
     std.debug.assert(dest.alive);
     if (dest.cb_out) |out| {
         const len: u32 = @intCast(payload.len);
         const result: CbResult = @fromBackingInt(@intCast(out(dest.fd, payload.ptr, len)));
-        if (result == .no_error) return ctx.events.push(ctx.gpa, .switch_tx, dest.fd, dest.index);
-        return callbackResult(ctx, dest, result);
+        if (!dest.alive) return; // the callback closed it itself
+        if (result != .no_error) return callbackResult(ctx, dest, result);
+        if (events) try ctx.events.push(ctx.gpa, .switch_tx, dest.fd, dest.index);
+        ctx.updateInterest(origin); // the callback may have queued (send())
+        return;
     }
     try ctx.markDirty(dest);
-    try dest.queue.push(ctx.gpa, payload, .switched);
+    try dest.queue.push(ctx.gpa, payload, if (events) .switched else .silent);
     ctx.updateInterest(dest);
     ctx.updateInterest(origin); // pause reading origin if dest is over its bound
+}
+
+// ------------------------------------------------------------ the extension's calls
+
+/// Queue raw bytes (not framed) for switched fd `fd`, after what is queued
+/// for it. Refused when its queue is over max_queue_size already (the state
+/// in which its peer is not read), or when `data` alone is larger.
+pub fn send(ctx: *Context, fd: i32, data: []const u8) Error!void {
+    const conn = try switched(ctx, fd);
+    const max = ctx.limits.max_queue_size;
+    if (data.len > max) return ctx.last.fail(
+        error.QueueFull,
+        "switch_send of {d} bytes exceeds max_queue_size ({d})",
+        .{ data.len, max },
+    );
+    const queued = conn.queue.queuedBytes();
+    if (queued > max) return ctx.last.fail(
+        error.QueueFull,
+        "send queue of fd {d} is full ({d} bytes queued, max_queue_size {d})",
+        .{ fd, queued, max },
+    );
+    if (data.len == 0) return;
+    try ctx.markDirty(conn);
+    defer ctx.queueChanged(conn); // unmarks it again if the push failed
+    try conn.queue.pushRaw(ctx.gpa, data);
+}
+
+/// End the switch of fd: ERROR with `reason` (if any) for fd; then each
+/// side stops being read, writes what is queued for it, and is closed
+/// (DISCONNECTION), at once when nothing is queued.
+pub fn end(ctx: *Context, fd: i32, reason: ?[]const u8) Error!void {
+    if (reason) |r| try checkReason(ctx, r);
+    const conn = try switched(ctx, fd);
+    const peer = conn.peer.?;
+    if (reason) |r| try ctx.events.pushData(ctx.gpa, .err, conn.fd, conn.index, r);
+    conn.peer = null;
+    peer.peer = null;
+    for ([_]*Conn{ conn, peer }) |x| {
+        unwantMore(ctx, x);
+        try ctx.closeAfterFlush(x);
+    }
+}
+
+/// The texts are pyipc._checks.check_reason's (Python checks first).
+fn checkReason(ctx: *Context, reason: []const u8) Error!void {
+    if (reason.len == 0)
+        return ctx.last.fail(error.Generic, "reason must not be empty (None for no reason)", .{});
+    if (reason.len > max_end_reason) return ctx.last.fail(
+        error.Generic,
+        "reason must be at most {d} bytes in UTF-8",
+        .{max_end_reason},
+    );
+    if (!std.unicode.utf8ValidateSlice(reason))
+        return ctx.last.fail(error.Generic, "reason must be UTF-8", .{});
+}
+
+/// A switched fd that can still be written (the checks of send and end, in
+/// pyipc._pure.switching's order).
+fn switched(ctx: *Context, fd: i32) Error!*Conn {
+    const conn = try ctx.lookup(fd);
+    if (conn.closing or conn.write_closed) return ctx.closedByPeer(fd);
+    if (conn.peer == null)
+        return ctx.last.fail(error.UnknownFd, "fd {d} is not switched", .{fd});
+    return conn;
+}
+
+/// Report SWITCH_RX and SWITCH_TX of what is relayed from now on, or not.
+pub fn setEvents(ctx: *Context, on: bool) void {
+    ctx.switch_state.events = on;
 }

@@ -301,9 +301,10 @@ pub fn setNoSigpipe(fd: fd_t) void {
     }
 }
 
-/// Whether fd is a connected Unix stream socket: the only kind of fd ipcd
-/// may hand us as a connection.
-pub fn isConnectedUnixStream(fd: fd_t) bool {
+/// Whether fd is a connected Unix or TCP stream socket: the only kinds of fd
+/// ipcd may hand us as a connection (tcpd's dialled TCP socket travels as is,
+/// libIPC's way: the client then talks to the remote tcpd with no relay).
+pub fn isConnectedStream(fd: fd_t) bool {
     var ty: c_int = 0;
     var ty_len: c.socklen_t = @sizeOf(c_int);
     if (c.getsockopt(fd, c.SOL.SOCKET, c.SO.TYPE, &ty, &ty_len) != 0 or ty != c.SOCK.STREAM)
@@ -311,7 +312,8 @@ pub fn isConnectedUnixStream(fd: fd_t) bool {
     var addr: c.sockaddr.storage = undefined;
     var addr_len: c.socklen_t = @sizeOf(c.sockaddr.storage);
     if (c.getsockname(fd, @ptrCast(&addr), &addr_len) != 0) return false;
-    if (@as(*const c.sockaddr, @ptrCast(&addr)).family != c.AF.UNIX) return false;
+    const family = @as(*const c.sockaddr, @ptrCast(&addr)).family;
+    if (family != c.AF.UNIX and family != c.AF.INET and family != c.AF.INET6) return false;
     addr_len = @sizeOf(c.sockaddr.storage);
     return c.getpeername(fd, @ptrCast(&addr), &addr_len) == 0;
 }

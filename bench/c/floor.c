@@ -3,12 +3,15 @@
  * length, then the payload) over a Unix stream socket, one write() per message,
  * blocking I/O, no library.
  *
- *   floor server rtt|oneway PATH N SIZE   (prints READY once listening)
- *   floor client rtt|oneway PATH N SIZE   (prints {"seconds": S})
+ *   floor server rtt|oneway|events PATH N SIZE [busy]   (prints READY once listening)
+ *   floor client rtt|oneway|events PATH N SIZE [busy]   (prints {"seconds": S})
  *
  * rtt: the client sends a message and waits for its echo, N times (after a
  * warm-up of 200). oneway: the client sends N messages; the server answers the
- * last one with a 1-byte message.
+ * last one with a 1-byte message (events is oneway: this program is the
+ * one-write-per-message peer of pyipc's per-message event workload).
+ * busy: both sockets are non-blocking and every read and write spins until it
+ * can go on: the floor of a busy-polled round trip (pyipc's busy_poll).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -16,6 +19,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -23,9 +28,17 @@
 
 static void die(const char *what) { perror(what); exit(1); }
 
+/* Set by "busy": the sockets are non-blocking and EAGAIN means try again now. */
+static int busy;
+
+static void make_busy(int fd) {
+    if (busy && fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0) die("fcntl");
+}
+
 static void write_all(int fd, const uint8_t *p, size_t n) {
     while (n > 0) {
         ssize_t w = write(fd, p, n);
+        if (w < 0 && busy && errno == EAGAIN) continue;
         if (w < 0) die("write");
         p += w;
         n -= (size_t)w;
@@ -63,6 +76,7 @@ static int next_frame(struct reader *r, const uint8_t **payload, uint32_t *len) 
             r->end = have;
         }
         ssize_t got = read(r->fd, r->buf + r->end, r->cap - r->end);
+        if (got < 0 && busy && errno == EAGAIN) continue;
         if (got <= 0) return 0;
         r->end += (size_t)got;
     }
@@ -89,6 +103,7 @@ static void serve(int rtt, const char *path, long n) {
     fflush(stdout);
     int fd = accept(ls, NULL, NULL);
     if (fd < 0) die("accept");
+    make_busy(fd);
     struct reader r = {fd, malloc(4 << 20), 4 << 20, 0, 0};
     uint8_t *out = malloc((2 << 20) + 8);
     const uint8_t *p;
@@ -110,6 +125,7 @@ static void client(int rtt, const char *path, long n, uint32_t size) {
     struct sockaddr_un a = address(path);
     int fd = socket(AF_UNIX, SOCK_STREAM, 0);
     if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) < 0) die("connect");
+    make_busy(fd);
     uint8_t *payload = malloc(size + 1);
     for (uint32_t i = 0; i < size; i++) payload[i] = (uint8_t)i;
     uint8_t *frame = make_frame(payload, size);
@@ -136,10 +152,11 @@ static void client(int rtt, const char *path, long n, uint32_t size) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 6) {
-        fprintf(stderr, "usage: floor server|client rtt|oneway PATH N SIZE\n");
+    if (argc != 6 && !(argc == 7 && strcmp(argv[6], "busy") == 0)) {
+        fprintf(stderr, "usage: floor server|client rtt|oneway|events PATH N SIZE [busy]\n");
         return 2;
     }
+    busy = argc == 7;
     int rtt = strcmp(argv[2], "rtt") == 0;
     long n = atol(argv[4]);
     if (strcmp(argv[1], "server") == 0) serve(rtt, argv[3], n);

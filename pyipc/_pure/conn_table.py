@@ -28,7 +28,7 @@ class Conn:
 
     __slots__ = ("fd", "io", "kind", "index", "alive", "decoder", "queue", "sent",
                  "queued_bytes", "write_closed", "closing", "peer", "on_in", "on_out",
-                 "mask", "path", "lock_fd")
+                 "mask", "path", "lock_fd", "more_round")
 
     def __init__(self, fd: int, io: socket.socket, kind: str, limit: int) -> None:
         self.fd = fd
@@ -51,6 +51,8 @@ class Conn:
         self.mask = 0
         self.path: Optional[str] = None
         self.lock_fd = -1
+        # The round its on_in was last called in (MORE: one batch a round).
+        self.more_round = -1
 
 
 class ConnTable:

@@ -50,7 +50,7 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
 
     __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_poller", "_pending",
                  "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
-                 "_spare_fd", "_ready", "_timer_base", "_plain_reads")
+                 "_spare_fd", "_ready", "_timer_base", "_plain_reads", "_more", "_round_no")
 
     backend = "pure"
 
@@ -65,6 +65,10 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         self._slots: list[Optional[Conn]] = []
         self._free: list[int] = []                 # heap of free slot numbers
         self._dirty: dict[Conn, None] = {}        # connections with queued frames
+        # Switched fds whose on_in returned MORE and is due again (switching.py),
+        # and the number of the current round (each fd's on_in runs one batch a round).
+        self._more: dict[Conn, None] = {}
+        self._round_no = 0
         # Connections that ended (DISCONNECTION reported) keep their fd open until
         # the next round, so a new connection cannot get the same number while
         # the old one's events are handled (a reply would reach the wrong peer).
@@ -223,8 +227,9 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         """Flush every queue without blocking, wait up to `timeout` seconds
         (None: forever; not at all when the flush brought events, unless
         `wait`: the linger) for readiness, then handle every ready fd."""
+        self._round_no += 1
         self._flush_dirty()
-        if self._pending and not wait:
+        if (self._pending or (self._more and self._more_ready())) and not wait:
             timeout = 0
         woken = False
         for conn, mask in self._poller.select(timeout):
@@ -233,6 +238,8 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
                 woken = True
                 continue
             self._handle(conn, mask)
+        if self._more and not wait:     # MORE asked for by on_in (not in the linger)
+            self._run_more()
         if woken:       # after the ready fds: a close handed over may linger (rounds)
             self._guard.apply(self)     # what other threads handed over
 

@@ -10,10 +10,11 @@ import socket
 import time
 from typing import TYPE_CHECKING, List, Optional
 
-from .._types import IPCD_SERVICE, IPCError, ServiceNotFoundError, TimeoutError
+from .._types import IPCD_SERVICE, IPCError, NetworkError, ServiceNotFoundError, TimeoutError
 from .. import _rundir
 from .blocking import wait_fd
 from .conn_table import CONNECTION, Conn
+from .services import STREAM_FAMILIES
 
 if TYPE_CHECKING:
     from .state import PureState
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
 #: Fds received with ipcd's answer at most (the first is used, the others
 #: closed; the kernel discards any beyond these).
 MAX_RECEIVED_FDS = 8
+#: Bytes of a refusal (code and text, after "ne ") kept at most
+#: (zig/ipcd_answer.zig's max_reason).
+MAX_REASON = 400
+#: Refusal codes that mean "no such service" (the others: NetworkError).
+_NOT_FOUND_CODES = (b"norule", b"noservice")
 #: Received fds are close-on-exec from the start, where the system can.
 _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
@@ -54,10 +60,10 @@ class Ipcd:
             answer, fds = b"", []
         finally:
             self.close(ipcd)
-        sock = _connected_unix_stream(take_ipcd_answer(name, answer, fds))
+        sock = _connected_stream(take_ipcd_answer(name, answer, fds))
         if sock is None:
             raise IPCError("ipcd sent a file descriptor that is not a connected "
-                           "Unix stream socket")
+                           "Unix or TCP stream socket")
         sock.setblocking(True)
         return self._add(Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
 
@@ -71,12 +77,32 @@ def take_ipcd_answer(name: str, answer: bytes, fds: List[int]) -> int:
     if answer != b"ok" or not fds:
         if fds:
             os.close(fds[0])
-        raise IPCError(f"ipcd could not connect to service {name}")
+        raise _refusal_error(name, answer)
     return fds[0]
 
 
-def _connected_unix_stream(fd: int) -> Optional[socket.socket]:
-    """A socket object owning fd when fd is a connected Unix stream socket
+def _refusal_error(name: str, answer: bytes) -> IPCError:
+    """The error of ipcd's answer when it is not "ok" + fd: pyipc's refusal
+    "ne CODE TEXT" names its code and reason; anything else (libIPC's bare
+    EOF) says only that it failed."""
+    base = f"ipcd could not connect to service {name}"
+    if not answer.startswith(b"ne "):
+        return IPCError(base)
+    rest = answer[3:]
+    for stop in (b"\0", b"\r", b"\n"):          # a reason is one line
+        rest = rest.split(stop, 1)[0]
+    code, _, text = rest[:MAX_REASON].partition(b" ")
+    if not code:
+        return IPCError(base)
+    cls = ServiceNotFoundError if code in _NOT_FOUND_CODES else NetworkError
+    message = f"{base} ({code.decode('utf-8', 'replace')})"
+    if text:
+        message += ": " + text.decode("utf-8", "replace")
+    return cls(message)
+
+
+def _connected_stream(fd: int) -> Optional[socket.socket]:
+    """A socket object owning fd when fd is a connected Unix or TCP stream socket
     (what ipcd must hand over); else None, with fd closed."""
     try:
         sock = socket.socket(fileno=fd)
@@ -84,7 +110,7 @@ def _connected_unix_stream(fd: int) -> Optional[socket.socket]:
         os.close(fd)
         return None
     try:
-        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+        if sock.family in STREAM_FAMILIES and sock.type == socket.SOCK_STREAM:
             sock.getpeername()  # ENOTCONN when it is not connected
             return sock
     except OSError:

@@ -19,6 +19,10 @@ from .._types import (Event, EventType, IPCError,
 from .conn_table import CONNECTION, EXTERNAL, SERVICE, Conn
 from .syscalls import RawFd, os_error
 
+#: Socket families a connection may be: Unix, and TCP (tcpd's dialled socket
+#: travels as is from ipcd to the client, libIPC's way: no relay on its side).
+STREAM_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
+
 if TYPE_CHECKING:
     from .state import PureState
 
@@ -100,8 +104,8 @@ class Services:
             os.fstat(fd)
         except (OSError, OverflowError):
             raise UnknownFdError(f"fd {fd} is not an open file descriptor") from None
-        if not _is_connected_unix_stream(fd):
-            raise IPCError(f"fd {fd} is not a connected Unix stream socket")
+        if not _is_connected_stream(fd):
+            raise IPCError(f"fd {fd} is not a connected Unix or TCP stream socket")
         self._check_room()
         sock = socket.socket(fileno=fd)
         sock.setblocking(True)        # as the context's own connections (see DONTWAIT)
@@ -167,14 +171,14 @@ class Services:
         return taken
 
 
-def _is_connected_unix_stream(fd: int) -> bool:
-    """Whether fd is a connected Unix stream socket (fd stays open either way)."""
+def _is_connected_stream(fd: int) -> bool:
+    """Whether fd is a connected Unix or TCP stream socket (fd stays open either way)."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:             # not a socket at all (a pipe, /dev/null)
         return False
     try:
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        if sock.family not in STREAM_FAMILIES or sock.type != socket.SOCK_STREAM:
             return False
         sock.getpeername()      # ENOTCONN when it is not connected
         return True

@@ -1,6 +1,7 @@
 """The pure backend's switching (the core's switching.zig): two fds whose
 messages are forwarded to each other, through callbacks for a foreign
-protocol.
+protocol; and the switching extension: `on_in` returning MORE,
+switch_send(), switch_end() and switch_events.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ import logging
 import os
 from typing import TYPE_CHECKING, Optional
 
-from .._checks import OnIn, OnOut, as_payload, check_callbacks, too_large_text
-from .._types import CBEvent, Event, EventType, IPCError, MessageTooLargeError, UnknownFdError
+from .._checks import (OnIn, OnOut, as_payload, check_callbacks, check_reason, check_switch_data,
+                       closed_by_peer, too_large_text)
+from .._types import (MAX_MORE_PER_ROUND, Buffer, CBEvent, Event, EventType, IPCError,
+                      MessageTooLargeError, QueueFullError, UnknownFdError)
 from .conn_table import CONNECTION, SERVICE, Conn
 from .framing import encode
 
@@ -21,6 +24,9 @@ log = logging.getLogger("pyipc")
 
 _SWITCH_RX = EventType.SWITCH_RX
 _SWITCH_TX = EventType.SWITCH_TX
+_ERROR = EventType.ERROR
+#: What on_in may return with a payload to forward.
+_FORWARDED = (CBEvent.NO_ERROR, CBEvent.MORE)
 
 
 class Switching:
@@ -55,38 +61,135 @@ class Switching:
         check_callbacks(on_in, on_out)
         conn.on_in, conn.on_out = on_in, on_out
 
+    # -- the extension's calls ---------------------------------------------------
+    def _switch_events_changed(self: PureState, value: bool) -> None:
+        pass        # _forward reads self._switch_events
+
+    def switch_send(self: PureState, fd: int, data: Buffer) -> None:
+        raw = check_switch_data(data)
+        conn = self._switched(fd)
+        if len(raw) > self.max_queue_size:
+            raise QueueFullError(
+                f"switch_send of {len(raw)} bytes exceeds max_queue_size ({self.max_queue_size})")
+        # Refused only when the queue is over its bound already: the state
+        # in which the peer is not read (so a callback that writes its
+        # protocol's output here gets back-pressure, not a failure).
+        if conn.queued_bytes > self.max_queue_size:
+            raise QueueFullError(
+                f"send queue of fd {fd} is full ({conn.queued_bytes} bytes queued, "
+                f"max_queue_size {self.max_queue_size})")
+        if raw:
+            self._enqueue(conn, bytes(raw), None)     # raw bytes: no event when written
+            if conn.peer is not None:
+                self._set_interest(conn.peer)         # back-pressure on what feeds it
+
+    def switch_end(self: PureState, fd: int, reason: Optional[str] = None) -> None:
+        text = check_reason(reason)
+        conn = self._switched(fd)
+        peer = conn.peer
+        assert peer is not None
+        if text is not None:
+            self._pending.append(Event(_ERROR, conn.fd, conn.index, None, text.decode()))
+        conn.peer = peer.peer = None
+        # Each side stops being read, writes what is queued for it, then closes.
+        for c in (conn, peer):
+            self._more.pop(c, None)
+            self._close_after_flush(c)
+
+    def _switched(self: PureState, fd: int) -> Conn:
+        """A switched fd that can still be written (the extension's checks, in order)."""
+        conn = self._lookup(fd)
+        if conn.closing or conn.write_closed:
+            raise closed_by_peer(fd)
+        if conn.peer is None:
+            raise UnknownFdError(f"fd {fd} is not switched")
+        return conn
+
+    # -- the event loop's side -----------------------------------------------------
     def _switch_in(self: PureState, conn: Conn) -> None:
+        """A switched fd is readable (or its on_in asked for MORE): read it
+        with on_in, at most MAX_MORE_PER_ROUND calls, or with pyipc framing."""
         if conn.on_in is None:
             self._read_conn(conn)
             return
+        conn.more_round = self._round_no
+        result = CBEvent.IGNORE
+        for _ in range(MAX_MORE_PER_ROUND):
+            result = self._call_in(conn)
+            if result != CBEvent.MORE or not self._may_read(conn):
+                break
+        # MORE after the bound, or paused by back-pressure: called again later.
+        if result == CBEvent.MORE and self._still_switched(conn):
+            self._more[conn] = None
+        else:
+            self._more.pop(conn, None)
+
+    def _call_in(self: PureState, conn: Conn) -> CBEvent:
+        """One on_in call and what its result does; the result, or IGNORE
+        when the call ended the switch itself (nothing more to forward)."""
+        assert conn.on_in is not None
+        payload: Optional[bytes] = None
         try:
-            result, payload = conn.on_in(conn.fd)
+            result, data = conn.on_in(conn.fd)
             result = CBEvent(result)
-            if result == CBEvent.NO_ERROR:
-                payload = bytes(as_payload(payload))
+            if result in _FORWARDED:
+                payload = bytes(as_payload(data))
                 if len(payload) > self.max_message_size:
                     raise MessageTooLargeError(
                         too_large_text(len(payload), self.max_message_size))
         except Exception:
             log.exception("switch input callback of fd %d failed", conn.fd)
             result = CBEvent.ERROR
-        self._callback_result(conn, result, payload if result == CBEvent.NO_ERROR else None)
+        if not conn.alive or (conn.peer is None and result in _FORWARDED):
+            # The callback closed fd or ended the switch itself (switch_end):
+            # what it returned has nowhere to go.
+            return CBEvent.IGNORE
+        self._callback_result(conn, result, payload)
+        return result
+
+    def _may_read(self: PureState, conn: Conn) -> bool:
+        """conn is still switched and its peer's queue is within its bound."""
+        return (conn.alive and not conn.closing and conn.peer is not None
+                and conn.peer.queued_bytes <= self.max_queue_size)
+
+    def _still_switched(self: PureState, conn: Conn) -> bool:
+        """conn may still be read with its on_in (a MORE it asked for is due)."""
+        return conn.alive and not conn.closing and conn.peer is not None \
+            and conn.on_in is not None
+
+    def _more_ready(self: PureState) -> bool:
+        """Some fd waits for MORE calls and may be read now: the round must not sleep."""
+        return any(self._may_read(c) for c in self._more)
+
+    def _run_more(self: PureState) -> None:
+        """A round's last step: the fds whose on_in asked for MORE and were
+        not called in this round (not readable, or handled before their
+        turn) are called now, unless their peer's queue is over its bound."""
+        for conn in list(self._more):
+            if conn not in self._more:
+                continue                        # ended meanwhile
+            if not self._still_switched(conn):
+                del self._more[conn]
+            elif conn.more_round != self._round_no and self._may_read(conn):
+                self._switch_in(conn)
 
     def _callback_result(self: PureState, conn: Conn, result: CBEvent,
                          payload: Optional[bytes]) -> None:
-        if result == CBEvent.NO_ERROR and payload is not None:
+        if result in _FORWARDED and payload is not None:
             self._forward(conn, payload)
         elif result == CBEvent.FD_CLOSING:
             self._drop(conn, None)
-        elif result == CBEvent.ERROR:
+        elif result != CBEvent.IGNORE:          # ERROR, or MORE from on_out
             self._drop(conn, f"switch callback failed on fd {conn.fd}")
 
     def _forward(self: PureState, origin: Conn, payload: bytes) -> None:
-        self._pending.append(Event(_SWITCH_RX, origin.fd, origin.index, payload))
+        events = self._switch_events
+        if events:
+            self._pending.append(Event(_SWITCH_RX, origin.fd, origin.index, payload))
         dest = origin.peer
-        assert dest is not None and dest.alive
+        assert dest is not None         # alive: a side that ends unpairs both
         if dest.on_out is None:
-            self._enqueue(dest, encode(payload), _SWITCH_TX)
+            self._enqueue(dest, encode(payload), _SWITCH_TX if events else None)
             self._set_interest(origin)       # pause reading if dest is over its bound
             return
         try:
@@ -94,8 +197,13 @@ class Switching:
         except Exception:
             log.exception("switch output callback of fd %d failed", dest.fd)
             result = CBEvent.ERROR
+        if not dest.alive:
+            return                          # on_out closed it itself
         if result == CBEvent.NO_ERROR:
-            self._pending.append(Event(_SWITCH_TX, dest.fd, dest.index))
+            if events:
+                self._pending.append(Event(_SWITCH_TX, dest.fd, dest.index))
+            if origin.alive:
+                self._set_interest(origin)  # on_out may have queued (switch_send)
         else:
             self._callback_result(dest, result, None)
 

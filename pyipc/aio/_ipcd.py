@@ -20,7 +20,7 @@ from .._types import (IPCD_SERVICE, IPCError, ServiceNotFoundError, TimeoutError
 if TYPE_CHECKING:
     from ._context import Context
 
-NOT_A_STREAM = "ipcd sent a file descriptor that is not a connected Unix stream socket"
+NOT_A_STREAM = "ipcd sent a file descriptor that is not a connected Unix or TCP stream socket"
 _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 

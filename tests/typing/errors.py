@@ -92,6 +92,7 @@ def main() -> None:
         pyipc.ConnectionClosedError, pyipc.ConnectionLimitError)
     assert all(issubclass(e, OSError) for e in backend_errors)
     assert issubclass(pyipc.ConnectionClosedError, ConnectionError)
+    assert issubclass(pyipc.NetworkError, ConnectionError)
     limits: Tuple[int, ...] = (pyipc.DEFAULT_MAX_MESSAGE_SIZE, pyipc.DEFAULT_MAX_QUEUE_SIZE,
                                pyipc.DEFAULT_MAX_CONNECTIONS, pyipc.DEFAULT_READ_MANY,
                                pyipc.MAX_READ_MANY, pyipc.MAX_BUSY_POLL, pyipc.READ_MANY_BYTES)

@@ -19,16 +19,14 @@ def add_command(subparsers: Any) -> None:
                     "with the local service NAME (one WebSocket message = one pyipc "
                     "message). Serves /pyipc.js and /chat.html too. Stops cleanly on "
                     "SIGTERM/SIGINT; supports systemd socket activation and readiness.")
-    p.add_argument("--rundir", help="run directory (default: env RUNDIR, else "
-                   "/tmp/.libipc-run)")
-    p.add_argument("--backend", choices=["native", "pure"], help="pyipc backend")
+    # --rundir and --backend are pyipc's own options (pyipc --rundir DIR websocketd).
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; '::' or 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"TCP port (default {DEFAULT_PORT})")
-    p.add_argument("--expose", default="", metavar="NAME,...",
-                   help="services reachable as /NAME (default: none: deny by default)")
-    p.add_argument("--origin", default="", metavar="ORIGIN,...",
+    p.add_argument("--expose", action="append", default=[], metavar="NAME[,NAME...]",
+                   help="services reachable as /NAME (none by default)")
+    p.add_argument("--origin", action="append", default=[], metavar="ORIGIN[,ORIGIN...]",
                    help="browser origins allowed besides this host's own pages, e.g. "
                         "https://app.example.com; '*' allows any")
     p.add_argument("--cert", help="certificate chain (PEM) for wss://")
@@ -68,8 +66,9 @@ def run_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"pyipc websocketd needs the websocket extra "
                          f"(pip install 'pyipc-zig[websocket]'): {e}") from None
     try:
-        options = Options(expose=frozenset(parse_list(args.expose)), host=args.host,
-                          port=args.port, origins=frozenset(parse_list(args.origin)),
+        options = Options(expose=frozenset(parse_list(",".join(args.expose))),
+                          host=args.host, port=args.port,
+                          origins=frozenset(parse_list(",".join(args.origin))),
                           max_message_size=args.max_message_size,
                           max_buffer=args.max_buffer,
                           handshake_timeout=args.handshake_timeout,

@@ -29,7 +29,7 @@ import collections
 import logging
 import os
 import socket
-from typing import Deque, List, Optional, Tuple, Union
+from typing import Callable, Deque, List, Optional, Tuple, Union
 
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
@@ -50,12 +50,17 @@ class Session:
     """A WebSocket client's fd switched with its service's fd."""
 
     __slots__ = ("ctx", "fd", "service_fd", "service", "peer", "protocol", "transport",
-                 "_parts", "_text", "_messages", "_ending", "_ended", "_service_sock",
+                 "linger", "_parts", "_text", "_messages", "_ending", "_ended", "_service_sock",
                  "_decoder", "_replies", "_service_end")
 
     def __init__(self, ctx: Context, fd: int, service_fd: int, service: str, peer: str,
-                 protocol: ServerProtocol, transport: Union[Plain, Tls]) -> None:
+                 protocol: ServerProtocol, transport: Union[Plain, Tls],
+                 linger: Callable[["Session", int], None]) -> None:
         self.ctx = ctx
+        # linger(session, dup_fd): the daemon watches a dup of the client's
+        # socket after the switch ended, until the client answers our close
+        # frame (see _end).
+        self.linger = linger
         self.fd = fd
         self.service_fd = service_fd
         self.service = service
@@ -166,6 +171,14 @@ class Session:
             self._flush()
         self._end(f"{code} {reason}", error=code == CloseCode.INTERNAL_ERROR)
 
+    def going_away(self, reason: str) -> None:
+        """The daemon stops: queue a close frame (1001); closing the context
+        then writes it (within its linger) and closes both sides."""
+        if not self._ended and self.protocol.state is State.OPEN:
+            self.protocol.send_close(CloseCode.GOING_AWAY, reason)
+            self._flush()
+            log.info("%s: /%s closed: 1001 %s", self.peer, self.service, reason)
+
     def release(self) -> None:
         """Both fds are gone: close the dup of the service's socket."""
         self._service_sock.close()
@@ -252,10 +265,42 @@ class Session:
             return
         self._ended = True
         log.info("%s: /%s closed: %s", self.peer, self.service, reason)
+        # We sent a close frame and the client has not answered yet: RFC 6455
+        # (7.1.1) wants its answer before the TCP close; closing now would
+        # make our socket answer it with a reset (browsers then report an
+        # unclean close). A dup of the socket keeps it open for the answer
+        # while switch_end writes the close frame and releases both sides.
+        waits = self.protocol.close_sent is not None and self.protocol.close_rcvd is None \
+            and self.protocol.state is not State.CLOSED
+        dup = os.dup(self.fd) if waits else -1
         try:
             self.ctx.switch_end(self.fd, reason[:200] if error else None)
         except IPCError as e:
             log.debug("%s: %s", self.peer, e)
+        if dup >= 0:
+            self.linger(self, dup)
+
+    def linger_read(self, fd: int) -> bool:
+        """The dup of the client's socket is readable: read what came; True
+        once the close frame answering ours (or the end) arrived."""
+        try:
+            data = os.read(fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        try:
+            plain = self.transport.receive(data)
+        except TransportClosed:
+            return True
+        if plain:
+            self.protocol.receive_data(plain)
+        if not data:
+            self.protocol.receive_eof()
+        self.protocol.events_received()       # data after our close frame is discarded
+        # After a failure (1009, 1007...) the protocol discards what comes:
+        # whatever arrives then is taken as the client's answer.
+        return not data or self.protocol.close_rcvd is not None or self._failed()
 
 
 def _valid_utf8(data: bytes) -> bool:

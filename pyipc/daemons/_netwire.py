@@ -1,0 +1,126 @@
+"""The bytes the networking daemons exchange (docs/networking.md):
+
+- ipcd's answer to a client, and a scheme daemon's to ipcd: `ok` with the
+  connected fd (SCM_RIGHTS, in the same sendmsg), or a refusal
+  `ne CODE TEXT` (one line, no fd);
+- framed messages (4-byte big-endian length) on the daemons' own sockets,
+  decoded here where the daemon reads the socket itself (to receive a fd).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from typing import List, Optional
+
+#: The refusal codes (the client raises ServiceNotFoundError for the first two,
+#: NetworkError for the others).
+NORULE = "norule"          # no rule of IPC_NETWORK names the service
+NOSERVICE = "noservice"    # the (local or remote) service does not exist
+NODAEMON = "nodaemon"      # no daemon for the scheme, or it failed
+UNREACHABLE = "unreachable"  # the remote host cannot be reached
+REFUSED = "refused"        # the remote daemon refused (not exposed, bad name)
+TLS = "tls"                # a TLS failure
+TIMEOUT = "timeout"        # no answer in time
+BUSY = "busy"              # a bound on concurrent requests is reached
+BADREQUEST = "badrequest"  # the request itself is malformed
+
+#: Bytes of a refusal kept at most (code and text): the client shows no more
+#: (pyipc/_pure/fdpass.py MAX_REASON).
+MAX_REFUSAL = 400
+#: Largest answer a daemon may send ipcd (a frame of "ok" or "ne ..."):
+#: anything longer is a faulty daemon.
+MAX_ANSWER = 4096
+#: Fds received with one answer at most (the first is used, the rest closed).
+MAX_FDS = 8
+
+_HEADER = struct.Struct(">I")
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+
+def refusal(code: str, text: str) -> bytes:
+    """`ne CODE TEXT` as sent: one line (control characters become spaces),
+    cut at MAX_REFUSAL bytes."""
+    line = "".join(ch if ch.isprintable() else " " for ch in text)
+    return f"ne {code} {line}".encode("utf-8", "replace")[:MAX_REFUSAL + 3]
+
+
+def frame(payload: bytes) -> bytes:
+    """One framed message."""
+    return _HEADER.pack(len(payload)) + payload
+
+
+def send_raw(fd: int, data: bytes) -> bool:
+    """Send a short raw answer on fd without blocking; False when it could not
+    go out whole (the peer is gone or not reading: it will see EOF)."""
+    sock = socket.socket(fileno=fd)
+    try:                                         # small: fits an empty socket buffer
+        return sock.send(data, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT) == len(data)
+    except OSError:
+        return False
+    finally:
+        sock.detach()                            # fd stays the caller's
+
+
+def send_with_fd(fd: int, data: bytes, passed: int) -> bool:
+    """Send `data` and the fd `passed` in one sendmsg; False on failure."""
+    sock = socket.socket(fileno=fd)
+    try:
+        flags = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
+        return socket.send_fds(sock, [data], [passed], flags) == len(data)
+    except OSError:
+        return False
+    finally:
+        sock.detach()                            # fd stays the caller's
+
+
+class AnswerReader:
+    """Reads one framed answer and the fds that come with it from a
+    non-blocking socket, in as many reads as it takes."""
+
+    __slots__ = ("data", "fds")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.fds: List[int] = []
+
+    def read(self, fd: int) -> Optional[bytes]:
+        """Read what is there: the answer's payload once whole, else None.
+        EOFError when the peer closed first; ValueError for an answer over
+        MAX_ANSWER."""
+        sock = socket.socket(fileno=fd)
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, MAX_ANSWER, MAX_FDS, _CMSG_CLOEXEC)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            raise EOFError(os.strerror(e.errno or errno.EIO)) from None
+        finally:
+            sock.detach()
+        self.fds.extend(fds)
+        if not data:
+            raise EOFError("closed without answering")
+        self.data += data
+        if len(self.data) < _HEADER.size:
+            return None
+        (size,) = _HEADER.unpack_from(self.data)
+        if size > MAX_ANSWER:
+            raise ValueError(f"an answer of {size} bytes (at most {MAX_ANSWER})")
+        if len(self.data) < _HEADER.size + size:
+            return None
+        return self.data[_HEADER.size:_HEADER.size + size]
+
+    def take_fd(self) -> Optional[int]:
+        """The first fd received (the caller owns it); the others are closed."""
+        fds, self.fds = self.fds, []
+        for extra in fds[1:]:
+            os.close(extra)
+        return fds[0] if fds else None
+
+    def close(self) -> None:
+        """Close every fd received and not taken."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []

@@ -1,0 +1,109 @@
+"""The sockets the networking daemons open or are given: listening addresses
+(IPv4, IPv6, host names), sockets passed by systemd, accepting without
+blocking, and the TCP options every network connection gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import List, Tuple
+
+log = logging.getLogger("pyipc.daemons")
+
+#: Pending connections a listening socket queues (listen(2)'s backlog).
+LISTEN_BACKLOG = 128
+#: Connections accepted from one listening socket per event at most, so a
+#: flood of connections cannot hold the loop.
+MAX_ACCEPT_PER_EVENT = 64
+
+
+def split_address(address: str, default_port: int) -> Tuple[str, int]:
+    """(host, port) of "HOST", "HOST:PORT", "[IPV6]" or "[IPV6]:PORT";
+    ValueError when it is none of these."""
+    host, port = address, ""
+    if address.startswith("["):
+        end = address.find("]")
+        if end < 0 or address[end + 1:end + 2] not in ("", ":"):
+            raise ValueError(f"{address!r}: bad [IPv6] address")
+        host, port = address[1:end], address[end + 2:]
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    if not host:
+        raise ValueError(f"{address!r}: no host")
+    if not port:
+        return host, default_port
+    if not port.isdigit() or not 0 <= int(port) < 65536:       # 0: any free port
+        raise ValueError(f"{address!r}: bad port {port!r}")
+    return host, int(port)
+
+
+def tcp_listeners(address: str, default_port: int) -> List[socket.socket]:
+    """Listening sockets for every address `address` resolves to (a host name
+    may give IPv4 and IPv6 ones); OSError when one cannot be bound."""
+    host, port = split_address(address, default_port)
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    listeners: List[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _, where in found:
+            if (family, where) in seen:
+                continue
+            seen.add((family, where))
+            sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:        # this address only, not IPv4 too
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(where)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+def accept_some(listener: socket.socket) -> List[socket.socket]:
+    """The connections waiting on a non-blocking listener (at most
+    MAX_ACCEPT_PER_EVENT: the rest are taken at the next event)."""
+    accepted: List[socket.socket] = []
+    for _ in range(MAX_ACCEPT_PER_EVENT):
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as e:            # EMFILE, ECONNABORTED: logged, not fatal
+            log.warning("accept on %s failed: %s", listener.getsockname(), e)
+            break
+        accepted.append(sock)
+    return accepted
+
+
+def is_listening(sock: socket.socket, family: int) -> bool:
+    """Whether `sock` (given by systemd) is a listening stream socket of `family`."""
+    try:
+        return (sock.family == family and sock.type == socket.SOCK_STREAM
+                and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1)
+    except OSError:
+        return False
+
+
+def tune_tcp(sock: socket.socket, dead_peer_timeout: float) -> None:
+    """No Nagle delay (messages are often small), and a peer that vanished
+    (a cut link, a host down) ends the connection within about
+    `dead_peer_timeout` seconds: keepalive probes while idle, and
+    TCP_USER_TIMEOUT while data waits to be acknowledged."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if dead_peer_timeout <= 0:
+        return
+    idle = max(1, int(dead_peer_timeout / 2))
+    probes = 3
+    interval = max(1, int((dead_peer_timeout - idle) / probes))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
+                          ("TCP_KEEPCNT", probes),
+                          ("TCP_USER_TIMEOUT", int(dead_peer_timeout * 1000))):
+        if hasattr(socket, option):                 # Linux has them all
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)

@@ -1,0 +1,148 @@
+"""One TCP connection of tlsd before its relay starts: the TLS handshake, then
+the name line (dialing: we send it and read the answer; listening: we read it).
+
+Only state and the pure steps live here; tlsd (the loop) reads the socket,
+writes what `step()` returns and acts on the outcome. Nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any, Optional, Tuple
+
+from ._tls_relay import TlsRelay, TlsRelayError
+
+#: Longest service name line a remote may send (Linux's NAME_MAX): a peer
+#: sending more without a newline is refused rather than buffered.
+MAX_NAME_BYTES = 255
+#: Longest `ne ...` answer kept from a remote (the rest is cut).
+MAX_ANSWER_BYTES = 1024
+#: Without a newline, what a remote sent is taken as the whole name after
+#: this many seconds (libIPC's tcpd sends a bare name; daemons.md).
+NAME_GRACE_S = 0.2
+
+
+class HandshakeFailed(Exception):
+    """The handshake cannot succeed: `code` and `text` are what ipcd is
+    answered (`ne CODE TEXT`) or the remote peer is refused with."""
+
+    def __init__(self, code: str, text: str, alert: bytes = b"") -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+        #: The TLS alert the session produced on failing, to send the peer
+        #: so it learns why (e.g. "certificate required").
+        self.alert = alert
+
+
+class Handshake:
+    """A TCP connection's TLS handshake and name exchange (see module doc).
+
+    Dialing: `name` is the remote service asked for and `request` the ipcd
+    connection waiting for the answer. Listening: `name` is set once read.
+    """
+
+    __slots__ = ("fd", "relay", "dialing", "name", "request", "peer", "secure", "timer",
+                 "grace")
+
+    def __init__(self, fd: int, relay: TlsRelay, *, dialing: bool, peer: str,
+                 name: str = "", request: int = -1) -> None:
+        self.fd = fd
+        self.relay = relay
+        self.dialing = dialing
+        self.name = name
+        self.request = request
+        self.peer = peer
+        self.secure = False         # the TLS handshake is done
+        self.timer: Any = None      # the deadline's handle (the daemon's call_later)
+        self.grace: Any = None      # the bare-name grace timer (listening)
+
+    def start(self) -> bytes:
+        """The first flight to send (a dialer's ClientHello; b"" when listening)."""
+        if self.dialing:
+            self.relay.handshake()
+        return self.relay.take_output()
+
+    def step(self, ciphertext: bytes) -> Tuple[bytes, Optional[str]]:
+        """Take what the peer sent (b"" at its end of stream). Returns (what
+        to send, outcome): outcome None means wait for more; "ok" a dialer's
+        success (the remote service is connected; the relay's plaintext is
+        the stream's first bytes); "name" a listener's name to serve (in
+        `name`). Raises HandshakeFailed."""
+        relay = self.relay
+        if ciphertext:
+            relay.incoming.write(ciphertext)
+        else:
+            relay.incoming.write_eof()
+        out = b""
+        if not self.secure:
+            try:
+                done = relay.handshake()
+            except ssl.SSLError as e:
+                raise HandshakeFailed("tls", _tls_reason(e, self.peer),
+                                      relay.take_output()) from e
+            out = relay.take_output()
+            if not done:
+                if not ciphertext:
+                    raise HandshakeFailed("tls", f"{self.peer} closed the connection "
+                                                 f"during the TLS handshake")
+                return out, None
+            self.secure = True
+            if self.dialing:
+                out += relay.encrypt_raw(self.name.encode() + b"\n")
+        try:
+            relay.decrypt(eof=not ciphertext)
+        except TlsRelayError as e:
+            raise HandshakeFailed("tls", f"{self.peer}: {e}") from e
+        out += relay.take_output()
+        return out, (self._answer() if self.dialing else self._name_line())
+
+    def _answer(self) -> Optional[str]:
+        """A dialer reads the remote's `ok` or `ne CODE TEXT` (then its end)."""
+        plain = self.relay.plain()
+        if plain[:2] == b"ok":
+            self.relay.drop_plain(2)
+            return "ok"
+        if b"ok".startswith(plain) and not self.relay.closed:
+            return None
+        if plain[:3] == b"ne " and not self.relay.closed and len(plain) < MAX_ANSWER_BYTES:
+            return None         # the refusal's text goes on until the remote closes
+        if plain[:3] == b"ne ":
+            code, _, text = plain[3:MAX_ANSWER_BYTES].decode("utf-8", "replace").partition(" ")
+            raise HandshakeFailed(code or "refused",
+                                  f"{self.peer}: {text or 'refused'}")
+        if not plain:
+            raise HandshakeFailed("unreachable", f"{self.peer} closed the connection "
+                                                 f"without answering")
+        raise HandshakeFailed("tls", f"{self.peer} answered {plain[:40]!r}, not ok/ne "
+                                     f"(not a pyipc tlsd?)")
+
+    def _name_line(self) -> Optional[str]:
+        """A listener reads `NAME\\n` (or, after the grace, a bare NAME)."""
+        plain = self.relay.plain()
+        end = plain.find(b"\n")
+        if end < 0:
+            if len(plain) > MAX_NAME_BYTES:
+                raise HandshakeFailed("refused", f"service name longer than "
+                                                 f"{MAX_NAME_BYTES} bytes")
+            if self.relay.closed:
+                raise HandshakeFailed("refused", "closed before sending a service name")
+            return None
+        return self.take_name(end, end + 1)
+
+    def take_name(self, end: int, consumed: int) -> str:
+        """Take plaintext [0:end] as the service name (`consumed` bytes used)."""
+        raw = self.relay.plain()[:end]
+        self.relay.drop_plain(consumed)
+        try:
+            self.name = raw.decode()
+        except UnicodeDecodeError:
+            raise HandshakeFailed("refused", "service name is not UTF-8") from None
+        return "name"
+
+
+def _tls_reason(e: ssl.SSLError, peer: str) -> str:
+    """A TLS failure in a few words a user can act on."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"{peer}: certificate verify failed: {e.verify_message}"
+    return f"{peer}: {e.reason or e}"

@@ -1,0 +1,229 @@
+"""The TLS session tlsd keeps for one switched TCP connection, sans I/O.
+
+A TLS session cannot travel as a file descriptor, so tlsd keeps it: the
+client gets one end of a local socket pair, the daemon switches the other end
+with the TCP socket, and the TCP side's switching callbacks go through this
+relay. It owns an `ssl.SSLObject` over two `ssl.MemoryBIO`s and never touches a
+socket itself:
+
+- ciphertext read from TCP goes in with `feed()`; the plaintext it decrypts is
+  the remote's pyipc stream (4-byte big-endian length, payload), cut into
+  whole payloads by `next_payload()`;
+- `encrypt(payload)` frames a payload and returns the TLS records to write;
+- `take_output()` returns records the session produced on its own (handshake
+  messages, TLS 1.3 session tickets, alerts, close_notify).
+
+The same object drives the handshake (`handshake()`), so the session made on
+a worker thread is the one the loop thread relays with afterwards.
+"""
+
+from __future__ import annotations
+
+import ssl
+import struct
+from typing import Optional
+
+_HEADER = struct.Struct(">I")
+#: Room made in the plaintext buffer per SSLObject.read() call (one TLS
+#: record holds at most 16 KiB; a read returns at most one record's data).
+RECORD_ROOM = 64 * 1024
+#: An empty plaintext buffer larger than this (it grew for a large message)
+#: is given back, so an idle connection holds little memory.
+KEEP_BUFFER_BELOW = 256 * 1024
+#: Payloads at least this large are encrypted apart from their 4-byte header
+#: (two records, no copy of the payload); smaller ones with it (one record).
+SPLIT_HEADER_FROM = 16 * 1024
+
+
+class TlsRelayError(Exception):
+    """The remote broke the stream: a TLS error, a frame over the limit, or an
+    end of stream in the middle of a frame."""
+
+
+class TlsRelay:
+    """One TLS session and the plaintext stream it carries (see module doc)."""
+
+    __slots__ = ("ssl", "incoming", "outgoing", "_plain", "max_message_size", "closed",
+                 "framed")
+
+    def __init__(self, context: ssl.SSLContext, *, server_side: bool,
+                 server_hostname: Optional[str] = None,
+                 max_message_size: int = 16 << 20) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.ssl = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=server_hostname)
+        self._plain = _Plain()
+        self.max_message_size = max_message_size
+        #: The remote ended the session (close_notify, or EOF between frames).
+        self.closed = False
+        #: Set once the handshake's lines are read: from then on the plaintext
+        #: is frames, and an end inside one is an error.
+        self.framed = False
+
+    # ------------------------------------------------------------ handshake
+
+    def handshake(self) -> bool:
+        """One step of the handshake: True once it is complete. Write
+        take_output() to the peer after each step and feed() what it sends.
+        Raises ssl.SSLError (certificate refused, not TLS at all, ...)."""
+        try:
+            self.ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        return True
+
+    # ------------------------------------------------------------ input
+
+    def feed(self, ciphertext: bytes) -> None:
+        """Take ciphertext from the peer; decrypt what it completes. An empty
+        `ciphertext` is the TCP end of stream. Raises TlsRelayError."""
+        if ciphertext:
+            self.incoming.write(ciphertext)
+        else:
+            self.incoming.write_eof()
+        self.decrypt(eof=not ciphertext)
+
+    def decrypt(self, eof: bool = False) -> None:
+        """Decrypt what the incoming BIO holds (records that came with the end
+        of the handshake). Raises TlsRelayError."""
+        plain = self._plain
+        try:
+            while True:
+                # Straight into the buffer: no bytes object per record.
+                with plain.room(RECORD_ROOM) as view:
+                    n = self.ssl.read(RECORD_ROOM, view)
+                if not n:          # defensive: read() returns 0 only at EOF
+                    self._end()
+                    return
+                plain.end += n
+        except ssl.SSLWantReadError:
+            if eof:
+                self._end()
+        except ssl.SSLZeroReturnError:     # close_notify
+            self._end()
+        except ssl.SSLEOFError:    # TCP ended without close_notify (a "ragged" EOF):
+            self._end()            # the frames say whether a message was cut
+        except ssl.SSLError as e:
+            raise TlsRelayError(f"TLS error: {e.reason or e}") from e
+
+    def _end(self) -> None:
+        """The session ended. Between two frames that is a clean end; inside
+        one, the last message was cut (never delivered as if whole)."""
+        self.closed = True
+        if self.framed and self.whole_frames_length() != len(self._plain):
+            raise TlsRelayError(
+                f"stream ended inside a message ({len(self._plain)} bytes left over)")
+
+    def plain(self) -> bytes:
+        """A copy of the plaintext held (the handshake reads the name or the
+        answer from it before any frame)."""
+        p = self._plain
+        return bytes(p.buf[p.start:p.end])
+
+    def drop_plain(self, n: int) -> None:
+        """Forget the first `n` plaintext bytes (a handshake line consumed)."""
+        self._plain.consume(min(n, len(self._plain)))
+
+    def next_payload(self) -> Optional[bytes]:
+        """The next whole payload of the stream, or None when none is complete.
+        Raises TlsRelayError when the remote announces one over the limit."""
+        p = self._plain
+        held = p.end - p.start
+        if held < 4:
+            return None
+        (size,) = _HEADER.unpack_from(p.buf, p.start)
+        if size > self.max_message_size:
+            raise TlsRelayError(f"message of {size} bytes exceeds the limit of "
+                                f"{self.max_message_size} bytes")
+        if held < 4 + size:
+            return None
+        first = p.start + 4
+        with memoryview(p.buf) as view:
+            payload = view[first:first + size].tobytes()      # the one copy
+        p.consume(4 + size)
+        return payload
+
+    def has_payload(self) -> bool:
+        """Whether next_payload() would return a payload now."""
+        p = self._plain
+        held = p.end - p.start
+        return held >= 4 and held >= 4 + _HEADER.unpack_from(p.buf, p.start)[0]
+
+    def whole_frames_length(self) -> int:
+        """How many leading plaintext bytes are whole frames."""
+        p = self._plain
+        at = p.start
+        while p.end - at >= 4:
+            end = at + 4 + _HEADER.unpack_from(p.buf, at)[0]
+            if end > p.end:
+                break
+            at = end
+        return at - p.start
+
+    def buffered(self) -> int:
+        """Plaintext bytes held (not yet returned as payloads)."""
+        return len(self._plain)
+
+    # ------------------------------------------------------------ output
+
+    def encrypt(self, payload: bytes) -> bytes:
+        """TLS records carrying one pyipc frame of `payload` (with any records
+        the session had pending before it, in order)."""
+        if len(payload) >= SPLIT_HEADER_FROM:
+            self.ssl.write(_HEADER.pack(len(payload)))
+            self.ssl.write(payload)
+        else:
+            self.ssl.write(_HEADER.pack(len(payload)) + payload)
+        return self.outgoing.read()
+
+    def encrypt_raw(self, data: bytes) -> bytes:
+        """TLS records carrying `data` as it is (the handshake's name and answer)."""
+        self.ssl.write(data)
+        return self.outgoing.read()
+
+    def take_output(self) -> bytes:
+        """Records the session produced by itself, to write to the peer."""
+        return self.outgoing.read()
+
+    def close_notify(self) -> bytes:
+        """The close_notify alert ending the session, to write to the peer."""
+        try:
+            self.ssl.unwrap()
+        except ssl.SSLError:
+            pass        # the peer's close_notify has not come: not waited for
+        return self.outgoing.read()
+
+
+class _Plain:
+    """The decrypted stream not yet taken: `buf[start:end]`. Taking moves
+    `start` (no copy of what follows); room for new data is made at the end,
+    moving the rest to the front only when the end is reached."""
+
+    __slots__ = ("buf", "start", "end")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.start = 0
+        self.end = 0
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def room(self, n: int) -> memoryview:
+        """A writable view of `n` bytes after the data (then advance `end`)."""
+        if len(self.buf) - self.end < n:
+            held = self.end - self.start
+            if self.start:
+                self.buf[:held] = self.buf[self.start:self.end]
+                self.start, self.end = 0, held
+            if len(self.buf) - self.end < n:
+                self.buf.extend(bytes(max(n, len(self.buf))))
+        return memoryview(self.buf)[self.end:self.end + n]
+
+    def consume(self, n: int) -> None:
+        self.start += n
+        if self.start == self.end:
+            self.start = self.end = 0
+            if len(self.buf) > KEEP_BUFFER_BELOW:
+                self.buf = bytearray()

@@ -1,0 +1,524 @@
+"""`pyipc tcpd`: reach services across TCP (libIPC's tcpd; docs/networking.md).
+
+Incoming: tcpd listens on TCP addresses (default 127.0.0.1:9000). A peer
+connects and sends a service name and "\\n" (libIPC's tcpd sends the bare
+name: taken after HANDSHAKE_GRACE seconds without a newline). Only services
+named with `expose` may be reached (deny by default). tcpd connects to the
+local service, answers a raw `ok` and switches the TCP socket with the
+service's connection: from then on the core relays the framed messages (with
+the switching extension, no Python runs per message). Otherwise it answers
+`ne CODE TEXT` and closes. The name is read with MSG_PEEK up to its newline
+and no further, so the bytes that follow it in the same segment (the first
+messages) stay in the socket for the relay: nothing is lost.
+
+Outgoing: ipcd connects to the service `tcp` and sends one message, a URI
+`tcp://HOST:PORT/NAME`. tcpd dials HOST:PORT on a worker thread (a slow DNS
+or SYN never holds the loop), sends NAME and "\\n", waits for `ok`, and hands
+ipcd the TCP socket itself with a framed `ok` (SCM_RIGHTS): the client then
+talks to the remote tcpd with no relay on its side. Or a framed `ne ...`.
+
+Every TCP socket gets TCP_NODELAY and dead-peer detection (keepalive and
+TCP_USER_TIMEOUT, `dead_peer_timeout`), so a cut link ends the connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+from .. import Event, EventType, IPCError, ServiceNotFoundError
+from . import _netwire as wire
+from . import _sockets, _systemd
+from ._runtime import Daemon
+from ._timers import TimerHandle
+
+#: The local service ipcd asks for tcp:// URIs.
+TCP_SERVICE = "tcp"
+#: Where tcpd listens by default (libIPC's default).
+DEFAULT_LISTEN = "127.0.0.1:9000"
+DEFAULT_PORT = 9000
+#: Seconds a peer has to send its name (and a dial, to connect and get `ok`).
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Seconds after which a silent peer (cut link, host down) ends a connection.
+DEFAULT_DEAD_PEER_TIMEOUT = 30.0
+#: Handshakes (incoming and outgoing) in progress at once; more: `ne busy`.
+DEFAULT_MAX_PENDING = 256
+#: Seconds tcpd waits for a newline after a name's first bytes before taking
+#: them as libIPC's bare name.
+HANDSHAKE_GRACE = 0.2
+#: Longest handshake line (a name is much shorter: the rest is refused).
+MAX_HANDSHAKE = 1024
+#: Seconds a refused peer has to read the refusal before its socket is closed.
+REFUSAL_LINGER = 2.0
+
+
+class _Incoming:
+    """A peer that connected and has not finished sending its name."""
+
+    __slots__ = ("sock", "name", "grace", "deadline")
+
+    def __init__(self, sock: socket.socket, deadline: TimerHandle) -> None:
+        self.sock = sock
+        self.name = b""
+        self.grace: Optional[TimerHandle] = None
+        self.deadline = deadline
+
+
+class _Dial:
+    """ipcd's request for a tcp:// URI, from its message to the answer."""
+
+    __slots__ = ("ipcd", "uri", "name", "sock", "deadline", "done", "answer")
+
+    def __init__(self, ipcd: int, deadline: TimerHandle) -> None:
+        self.ipcd = ipcd
+        self.deadline = deadline
+        self.uri = ""
+        self.name = ""
+        self.sock: Optional[socket.socket] = None   # once dialled
+        self.done = False                            # answered (or ipcd left)
+        self.answer = b""                            # a refusal being read
+
+
+class Tcpd(Daemon):
+    """tcpd: serves `tcp` (for ipcd) in the run dir, and listens on TCP."""
+
+    name = "tcpd"
+
+    def __init__(self, *, rundir: Optional[str] = None, backend: Optional[str] = None,
+                 listen: Sequence[str] = (DEFAULT_LISTEN,), expose: Iterable[str] = (),
+                 dead_peer_timeout: float = DEFAULT_DEAD_PEER_TIMEOUT,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+        for what, value in (("connect_timeout", connect_timeout),
+                            ("handshake_timeout", handshake_timeout)):
+            if not value > 0:
+                raise ValueError(f"{what} must be > 0 seconds, not {value!r}")
+        if not dead_peer_timeout >= 0:
+            raise ValueError(f"dead_peer_timeout must be >= 0 seconds, not {dead_peer_timeout!r}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, not {max_pending!r}")
+        for address in listen:
+            _sockets.split_address(address, DEFAULT_PORT)     # ValueError now, not later
+        super().__init__(rundir=rundir, backend=backend)
+        self.listen = list(listen)
+        self.expose = frozenset(expose)
+        self.dead_peer_timeout = dead_peer_timeout
+        self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_pending = max_pending
+        #: The TCP addresses tcpd listens on (host, port, ...), once ready.
+        self.addresses: List[Tuple[Any, ...]] = []
+        self._listeners: Dict[int, socket.socket] = {}
+        self._unix_listener: Optional[socket.socket] = None
+        self._incoming: Dict[int, _Incoming] = {}
+        self._dials: Dict[int, _Dial] = {}             # by ipcd's connection
+        self._answers: Dict[int, _Dial] = {}           # by dialled socket, awaiting ok
+        self._closing: Dict[int, Tuple[socket.socket, TimerHandle]] = {}
+
+    @property
+    def pending(self) -> int:
+        """Handshakes in progress (incoming names, outgoing dials)."""
+        return len(self._incoming) + sum(1 for d in self._dials.values() if d.uri)
+
+    # ------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        if hasattr(self.ctx, "switch_events"):       # the switching extension
+            self.ctx.switch_events = False
+        passed = [fd for fds in _systemd.listen_fds().values() for fd in fds]
+        for fd in passed:
+            self._adopt(socket.socket(fileno=fd))
+        if not self._listeners:
+            if passed:
+                self.log.warning("tcpd: no TCP socket from systemd: listening on %s",
+                                 ", ".join(self.listen))
+            for address in self.listen:
+                for sock in _sockets.tcp_listeners(address, DEFAULT_PORT):
+                    self._add_listener(sock)
+        if self._unix_listener is None:
+            self.ctx.service_init(TCP_SERVICE)
+        self.log.info("tcpd: listening on %s; exposing %s", self.addresses,
+                      ", ".join(sorted(self.expose)) or "nothing")
+
+    def _adopt(self, sock: socket.socket) -> None:
+        """A socket systemd passed: TCP ones are listeners, a Unix one is `tcp`."""
+        if _sockets.is_listening(sock, socket.AF_INET) or \
+                _sockets.is_listening(sock, socket.AF_INET6):
+            sock.setblocking(False)
+            self._add_listener(sock)
+        elif self._unix_listener is None and _sockets.is_listening(sock, socket.AF_UNIX):
+            sock.setblocking(False)
+            self._unix_listener = sock
+            self.ctx.add_external(sock.fileno())
+        else:
+            self.log.warning("tcpd: ignoring fd %d from systemd", sock.fileno())
+            sock.close()
+
+    def _add_listener(self, sock: socket.socket) -> None:
+        self.ctx.add_external(sock.fileno())
+        self._listeners[sock.fileno()] = sock
+        self.addresses.append(sock.getsockname())
+
+    def teardown(self) -> None:
+        # The context closes every fd it watches: the objects only let go.
+        for sock in self._listeners.values():
+            sock.detach()
+        if self._unix_listener is not None:
+            self._unix_listener.detach()
+        for incoming in self._incoming.values():
+            incoming.sock.detach()
+        for sock, _ in self._closing.values():
+            sock.detach()
+        for dial in self._dials.values():
+            dial.done = True
+            if dial.sock is not None and dial.sock.fileno() in self._answers:
+                dial.sock.detach()
+
+    # ------------------------------------------------------------ events
+
+    def on_event(self, ev: Event) -> None:
+        fd = ev.fd
+        if ev.type == EventType.EXTERNAL:
+            if fd in self._incoming:
+                self._read_name(self._incoming[fd])
+            elif fd in self._answers:
+                self._read_answer(self._answers[fd])
+            elif fd in self._listeners:
+                self._accept(self._listeners[fd])
+            elif fd in self._closing:
+                self._drain(fd)
+            elif self._unix_listener is not None and fd == self._unix_listener.fileno():
+                self._accept_ipcd()
+        elif ev.type == EventType.CONNECTION:
+            self._new_dial(fd)
+        elif ev.type == EventType.MESSAGE_RX:
+            dial = self._dials.get(fd)
+            if dial is not None and not dial.uri:
+                self._on_uri(dial, ev.message or b"")
+        elif ev.type == EventType.DISCONNECTION:
+            dial = self._dials.get(fd)
+            if dial is not None:                 # ipcd gave up (its timeout)
+                self._end_dial(dial)
+        elif ev.type == EventType.ERROR:
+            self.log.debug("tcpd: fd %d: %s", fd, ev.error)
+
+    # ------------------------------------------------------------ incoming
+
+    def _accept(self, listener: socket.socket) -> None:
+        for sock in _sockets.accept_some(listener):
+            sock.setblocking(False)
+            try:
+                _sockets.tune_tcp(sock, self.dead_peer_timeout)
+            except OSError:
+                sock.close()
+                continue
+            if self.pending >= self.max_pending:
+                self._refuse_peer(sock, wire.BUSY, f"tcpd has {self.max_pending} "
+                                  "handshakes in progress (--max-pending)", watched=False)
+                continue
+            fd = sock.fileno()
+            self.ctx.add_external(fd)
+            self._incoming[fd] = _Incoming(sock, self.call_later(
+                self.handshake_timeout, lambda: self._name_expired(fd)))
+
+    def _read_name(self, incoming: _Incoming) -> None:
+        sock = incoming.sock
+        try:
+            # Peek, then take the name and its newline only: what follows is
+            # the first messages, left in the socket for the relay.
+            seen = sock.recv(MAX_HANDSHAKE + 1 - len(incoming.name), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            seen = b""
+        if not seen:                              # gone before naming anything
+            return self._forget_incoming(incoming, close=True)
+        end = seen.find(b"\n")
+        taken = sock.recv(end + 1 if end >= 0 else len(seen))
+        incoming.name += taken[:end] if end >= 0 else taken
+        if end >= 0:
+            return self._serve_name(incoming)
+        if len(incoming.name) > MAX_HANDSHAKE:
+            return self._refuse_incoming(incoming, wire.REFUSED, "name too long "
+                                         f"(at most {MAX_HANDSHAKE} bytes)")
+        if incoming.grace is None:                # libIPC's tcpd sends no newline
+            fd = sock.fileno()
+            incoming.grace = self.call_later(HANDSHAKE_GRACE, lambda: self._bare_name(fd))
+
+    def _bare_name(self, fd: int) -> None:
+        incoming = self._incoming.get(fd)
+        if incoming is not None:
+            incoming.grace = None
+            self._serve_name(incoming)
+
+    def _name_expired(self, fd: int) -> None:
+        incoming = self._incoming.get(fd)
+        if incoming is not None:
+            self._refuse_incoming(incoming, wire.TIMEOUT, "no service name in "
+                                  f"{self.handshake_timeout:g} s")
+
+    def _serve_name(self, incoming: _Incoming) -> None:
+        raw = incoming.name.rstrip(b"\r")          # a typed line may end with CR LF
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._refuse_incoming(incoming, wire.REFUSED, "the name is not UTF-8")
+        if name not in self.expose:
+            return self._refuse_incoming(incoming, wire.REFUSED,
+                                         f"service {name} is not exposed by this tcpd")
+        try:
+            local = self.ctx.connect_service(name)
+        except ServiceNotFoundError:
+            return self._refuse_incoming(incoming, wire.NOSERVICE, f"no service {name} "
+                                         f"on {socket.gethostname()}")
+        except IPCError as e:
+            return self._refuse_incoming(incoming, wire.NOSERVICE, str(e))
+        self._forget_incoming(incoming, close=False)
+        tcp = incoming.sock.detach()               # the context owns it (external)
+        if not wire.send_raw(tcp, b"ok"):
+            self.ctx.close(local)
+            self.ctx.close(tcp)
+            return
+        self.ctx.add_switch(tcp, local)
+        self.log.info("tcpd: a peer reached %s", name)
+
+    def _refuse_incoming(self, incoming: _Incoming, code: str, text: str) -> None:
+        sock = incoming.sock
+        self._forget_incoming(incoming, close=False)
+        self._refuse_peer(sock, code, text, watched=True)
+
+    def _forget_incoming(self, incoming: _Incoming, close: bool) -> None:
+        fd = incoming.sock.fileno()
+        del self._incoming[fd]
+        self.cancel(incoming.deadline)
+        if incoming.grace is not None:
+            self.cancel(incoming.grace)
+        if close:
+            incoming.sock.detach()
+            self.ctx.close(fd)
+
+    def _refuse_peer(self, sock: socket.socket, code: str, text: str, watched: bool) -> None:
+        """Answer `ne CODE TEXT` and close once the peer has read it (or after
+        REFUSAL_LINGER): closing with its bytes unread would send a reset,
+        which may destroy the refusal before the peer reads it."""
+        self.log.info("tcpd: refused a peer: %s %s", code, text)
+        fd = sock.fileno()
+        wire.send_raw(fd, wire.refusal(code, text) + b"\n")
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if not watched:
+            self.ctx.add_external(fd)
+        self._closing[fd] = (sock, self.call_later(REFUSAL_LINGER, lambda: self._close(fd)))
+
+    def _drain(self, fd: int) -> None:
+        sock, _ = self._closing[fd]
+        try:
+            if sock.recv(65536):
+                return                             # discarded; wait for its end
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        entry = self._closing.pop(fd, None)
+        if entry is not None:
+            sock, timer = entry
+            self.cancel(timer)
+            sock.detach()
+            self.ctx.close(fd)
+
+    # ------------------------------------------------------------ outgoing
+
+    def _accept_ipcd(self) -> None:
+        assert self._unix_listener is not None
+        for sock in _sockets.accept_some(self._unix_listener):
+            fd = sock.detach()
+            try:
+                self.ctx.add_connection(fd)
+            except IPCError:
+                socket.socket(fileno=fd).close()
+                continue
+            self._new_dial(fd)
+
+    def _new_dial(self, ipcd: int) -> None:
+        """ipcd connected to `tcp`: its URI comes next, within connect_timeout."""
+        self._dials[ipcd] = _Dial(ipcd, self.call_later(self.connect_timeout,
+                                                        lambda: self._dial_expired(ipcd)))
+
+    def _on_uri(self, dial: _Dial, payload: bytes) -> None:
+        try:
+            dial.uri = payload.decode("utf-8")
+            host, port, dial.name = parse_uri(dial.uri)
+        except (UnicodeDecodeError, ValueError) as e:
+            dial.uri = dial.uri or "?"
+            return self._answer_ipcd(dial, wire.refusal(wire.NORULE, f"bad URI: {e}"))
+        if self.pending > self.max_pending:
+            return self._answer_ipcd(dial, wire.refusal(
+                wire.BUSY, f"tcpd has {self.max_pending} handshakes in progress"))
+        timeout = self.connect_timeout
+        self.offload(lambda: socket.create_connection((host, port), timeout),
+                     lambda sock, exc: self._dialled(dial, host, port, sock, exc))
+
+    def _dialled(self, dial: _Dial, host: str, port: int, sock: Optional[socket.socket],
+                 exc: Optional[BaseException]) -> None:
+        if dial.done:                                # timed out, or ipcd left
+            if sock is not None:
+                sock.close()
+            return
+        where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        if sock is None:
+            return self._answer_ipcd(dial, wire.refusal(*_dial_failure(where, exc)))
+        try:
+            _sockets.tune_tcp(sock, self.dead_peer_timeout)
+            sock.setblocking(False)
+            sock.send((dial.name + "\n").encode(), socket.MSG_NOSIGNAL)
+        except OSError as e:
+            sock.close()
+            return self._answer_ipcd(dial, wire.refusal(
+                wire.UNREACHABLE, f"{where}: {e.strerror or e}"))
+        dial.sock = sock
+        self.ctx.add_external(sock.fileno())
+        self._answers[sock.fileno()] = dial
+
+    def _read_answer(self, dial: _Dial) -> None:
+        assert dial.sock is not None
+        try:
+            # Peek: the bytes after "ok" are the remote service's first
+            # messages, left in the socket for the client.
+            seen = dial.sock.recv(wire.MAX_REFUSAL + 4, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            seen = b""
+        if dial.answer or seen.startswith(b"ne "):
+            return self._read_refusal(dial, seen)
+        if seen.startswith(b"ok"):
+            dial.sock.recv(2)
+            return self._hand_over(dial)
+        if seen and (b"ok".startswith(seen) or b"ne ".startswith(seen)):
+            return                                   # the rest of the word is coming
+        what = repr(seen[:40]) if seen else "nothing (closed)"
+        self._answer_ipcd(dial, wire.refusal(wire.UNREACHABLE if not seen else wire.REFUSED,
+                                             f"the peer at {dial.uri} answered {what}, "
+                                             "not ok: is it a pyipc or libIPC tcpd?"))
+
+    def _read_refusal(self, dial: _Dial, seen: bytes) -> None:
+        """The remote's `ne ...` line: read up to its newline or its end."""
+        assert dial.sock is not None
+        end = seen.find(b"\n")
+        dial.answer += dial.sock.recv(end + 1 if end >= 0 else max(1, len(seen)))
+        if end < 0 and seen and len(dial.answer) <= wire.MAX_REFUSAL + 3:
+            return
+        line = dial.answer.split(b"\n", 1)[0][:wire.MAX_REFUSAL + 3]
+        self._answer_ipcd(dial, line)
+
+    def _hand_over(self, dial: _Dial) -> None:
+        assert dial.sock is not None
+        if not wire.send_with_fd(dial.ipcd, wire.frame(b"ok"), dial.sock.fileno()):
+            self.log.info("tcpd: ipcd left before the answer for %s", dial.uri)
+        self.log.info("tcpd: connected to %s", dial.uri)
+        self._end_dial(dial)
+
+    def _dial_expired(self, ipcd: int) -> None:
+        dial = self._dials.get(ipcd)
+        if dial is not None:
+            self._answer_ipcd(dial, wire.refusal(
+                wire.TIMEOUT if dial.uri else wire.BADREQUEST,
+                f"no answer from {dial.uri} in {self.connect_timeout:g} s"
+                if dial.uri else "no URI received"))
+
+    def _answer_ipcd(self, dial: _Dial, refusal: bytes) -> None:
+        self.log.info("tcpd: %s: %s", dial.uri, refusal.decode("utf-8", "replace"))
+        wire.send_raw(dial.ipcd, wire.frame(refusal))
+        self._end_dial(dial)
+
+    def _end_dial(self, dial: _Dial) -> None:
+        dial.done = True
+        self._dials.pop(dial.ipcd, None)
+        self.cancel(dial.deadline)
+        if dial.sock is not None:
+            fd = dial.sock.fileno()
+            self._answers.pop(fd, None)
+            dial.sock.detach()
+            self.ctx.close(fd)                       # our copy; ipcd has its own
+            dial.sock = None
+        try:
+            self.ctx.close(dial.ipcd)
+        except IPCError:
+            pass                                     # already gone
+
+
+def parse_uri(uri: str) -> Tuple[str, int, str]:
+    """(host, port, service name) of `tcp://HOST[:PORT]/NAME` (IPv6 in
+    brackets); ValueError when it is not one."""
+    parts = urlsplit(uri)
+    if parts.scheme.lower() != "tcp":
+        raise ValueError(f"{uri}: not a tcp:// URI")
+    name = parts.path[1:] if parts.path.startswith("/") else ""
+    if not name or "/" in name or "\n" in name:
+        raise ValueError(f"{uri}: no service name after the address (tcp://HOST:PORT/NAME)")
+    if not parts.hostname:
+        raise ValueError(f"{uri}: no host")
+    port = parts.port if parts.port is not None else DEFAULT_PORT   # ValueError if bad
+    return parts.hostname, port, name
+
+
+def _dial_failure(where: str, exc: Optional[BaseException]) -> Tuple[str, str]:
+    """The refusal code and text for a dial that raised `exc`."""
+    if isinstance(exc, socket.gaierror):
+        return wire.UNREACHABLE, f"cannot resolve {where}: {exc.strerror}"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return wire.UNREACHABLE, f"{where}: no answer to connecting (timed out)"
+    if isinstance(exc, OSError):
+        return wire.UNREACHABLE, f"{where}: {exc.strerror or exc}"
+    return wire.UNREACHABLE, f"{where}: {exc!r}"
+
+
+# ---------------------------------------------------------------- command line
+
+def add_command(subparsers: Any) -> None:
+    """`pyipc tcpd`."""
+    p = subparsers.add_parser(
+        "tcpd", help="reach services across TCP (the tcp:// scheme of IPC_NETWORK)",
+        description="Listen on TCP for peers asking for an exposed local service, and "
+                    "dial remote tcpds for ipcd (service tcp). Deny by default: only "
+                    "services given with --expose can be reached. Foreground; stops on "
+                    "SIGTERM or Ctrl-C; systemd socket activation and readiness "
+                    "(docs/networking.md).")
+    # --rundir and --backend are pyipc's own options (pyipc --rundir DIR tcpd).
+    p.add_argument("--listen", action="append", metavar="ADDRESS",
+                   help=f"HOST[:PORT] or [IPV6][:PORT] to listen on, a host name listens on "
+                        f"each of its addresses; repeat for several (default {DEFAULT_LISTEN})")
+    p.add_argument("--expose", action="append", default=[], metavar="NAME[,NAME...]",
+                   help="services that peers may reach (none by default)")
+    p.add_argument("--dead-peer-timeout", type=float, default=DEFAULT_DEAD_PEER_TIMEOUT,
+                   metavar="SECONDS", help="end a connection whose peer is silent this long "
+                   f"(cut link, host down; default {DEFAULT_DEAD_PEER_TIMEOUT:g}, 0: never)")
+    p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+                   metavar="SECONDS", help="time to dial a remote tcpd and get its answer "
+                   f"(default {DEFAULT_CONNECT_TIMEOUT:g})")
+    p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT,
+                   metavar="SECONDS", help="time a peer has to send a service name "
+                   f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
+    p.add_argument("--max-pending", type=int, default=DEFAULT_MAX_PENDING, metavar="N",
+                   help=f"handshakes in progress at once; more are answered 'busy' "
+                        f"(default {DEFAULT_MAX_PENDING})")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    expose = [n for item in args.expose for n in item.split(",") if n]
+    Tcpd(rundir=args.rundir, backend=args.backend, listen=args.listen or [DEFAULT_LISTEN],
+         expose=expose, dead_peer_timeout=args.dead_peer_timeout,
+         connect_timeout=args.connect_timeout, handshake_timeout=args.handshake_timeout,
+         max_pending=args.max_pending).run()
+    return 0
+

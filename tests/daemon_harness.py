@@ -1,0 +1,126 @@
+"""Helpers for the networking daemons' tests: run a daemon in a thread for the
+length of a test, a pong service, and stand-ins for a scheme daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import threading
+from typing import Callable, Iterator, List, Optional
+
+import pyipc
+from pyipc.daemons import Daemon
+
+
+@contextlib.contextmanager
+def running(daemon: Daemon) -> Iterator[Daemon]:
+    """The daemon serving in a thread; stopped and joined on exit."""
+    runner = threading.Thread(target=daemon.run, kwargs={"handle_signals": False})
+    runner.start()
+    try:
+        assert daemon.ready.wait(10), f"{daemon.name} did not become ready"
+        yield daemon
+    finally:
+        daemon.stop()
+        runner.join(10)
+        assert not runner.is_alive(), f"{daemon.name} did not stop"
+
+
+class Pong(Daemon):
+    """The service `pong` (or another name): answers each message with itself."""
+
+    name = "pong"
+
+    def __init__(self, service: str = "pong", **kw) -> None:
+        super().__init__(**kw)
+        self.service = service
+
+    def setup(self) -> None:
+        self.ctx.service_init(self.service)
+
+    def on_event(self, ev: pyipc.Event) -> None:
+        if ev.type == pyipc.EventType.MESSAGE_RX:
+            self.ctx.schedule(ev.fd, ev.message)
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    (size,) = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))
+    return sock.recv(size, socket.MSG_WAITALL)
+
+
+class FakeScheme:
+    """A stand-in for a scheme daemon (service `scheme` in rundir): each
+    request (a framed URI) is given to `answer(conn, uri)` on its own thread,
+    which answers however the test wants (or never: it may wait on `release`)."""
+
+    def __init__(self, rundir: str, scheme: str,
+                 answer: Callable[[socket.socket, bytes], None]) -> None:
+        self.path = os.path.join(rundir, scheme)
+        self.answer = answer
+        self.uris: List[bytes] = []
+        self.got = threading.Semaphore(0)          # one release per request received
+        self.release = threading.Event()
+        self.closed_by_ipcd: List[bool] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(64)
+        self.threads: List[threading.Thread] = []
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            t.start()
+            self.threads.append(t)              # close() joins started threads only
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                uri = read_frame(conn)
+            except (struct.error, OSError):
+                return                          # the wake-up connection of close()
+            self.uris.append(uri)
+            self.got.release()
+            self.answer(conn, uri)
+
+    def wait_requests(self, n: int, timeout: float = 10) -> None:
+        for _ in range(n):
+            assert self.got.acquire(timeout=timeout), f"fewer than {n} requests: {self.uris}"
+
+    def close(self) -> None:
+        self.release.set()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:
+            with contextlib.suppress(OSError):
+                wake.connect(self.path)
+        self.listener.close()
+        for t in self.threads:
+            t.join(10)
+        os.unlink(self.path)
+
+
+def ask_raw(rundir: str, request: bytes) -> socket.socket:
+    """A raw client of ipcd that has sent `request` (framed) and not read."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(os.path.join(rundir, "ipc"))
+    sock.sendall(frame(request))
+    return sock
+
+
+def raw_answer(sock: socket.socket, timeout: float = 10) -> tuple[bytes, Optional[int]]:
+    """ipcd's raw answer and the fd that came with it (None when none did)."""
+    sock.settimeout(timeout)
+    data, fds, _, _ = socket.recv_fds(sock, 1000, 4)
+    for extra in fds[1:]:
+        os.close(extra)
+    return data, (fds[0] if fds else None)

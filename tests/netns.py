@@ -1,0 +1,158 @@
+"""Simulated hosts for the networking tests: Linux network namespaces joined by
+veth links, each host with its own run directory and its own processes.
+
+Path-named Unix sockets are reachable across network namespaces, so each host
+gets a run directory of its own: a shared one would let a client reach a
+service without the network. A process "on" a host runs under `ip netns exec`;
+a fd passed by SCM_RIGHTS keeps the namespace it was made in, so the test
+process (in the root namespace) is a client on host A when it asks host A's
+ipcd through A's run directory: the TCP socket it receives is A's.
+
+Needs root and `ip` (iproute2); `available()` says why not otherwise. Every
+namespace and process is removed by `Network.close()`, which the fixtures
+call as finalizers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional, Sequence
+
+#: Seconds a daemon has to say READY=1 (a loaded CI machine starts Python slowly).
+READY_TIMEOUT = 30.0
+
+
+def available() -> Optional[str]:
+    """None when namespaces can be made here, else why not."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "no ip command (iproute2)"
+    return None
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+class Host:
+    """One network namespace: its name, address, run directory and processes."""
+
+    def __init__(self, netns: str, address: str, ifname: str, rundir: str) -> None:
+        self.netns = netns
+        self.address = address
+        self.ifname = ifname
+        self.rundir = rundir
+        self.procs: List[subprocess.Popen] = []
+
+    def run(self, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
+        """Run a command in this host's namespace to its end."""
+        return subprocess.run(["ip", "netns", "exec", self.netns, *argv], **kwargs)
+
+    def spawn(self, argv: Sequence[str], env: Dict[str, str], **kwargs) -> subprocess.Popen:
+        """Start a command in this host's namespace (ended by Network.close)."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *argv], env=env, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def daemon(self, args: Sequence[str], env: Dict[str, str], backend: str) -> subprocess.Popen:
+        """`pyipc ARGS` on this host, its run dir and `backend`, returned once
+        it told systemd's readiness protocol READY=1 (a datagram socket the
+        test binds: its path is reachable from the namespace)."""
+        notify_dir = tempfile.mkdtemp(prefix="pyipc-notify-")
+        path = os.path.join(notify_dir, "n")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+                notify.bind(path)
+                notify.settimeout(READY_TIMEOUT)
+                proc = self.spawn([sys.executable, "-m", "pyipc", "--rundir", self.rundir,
+                                   "--backend", backend, *args],
+                                  env=dict(env, NOTIFY_SOCKET=path), stderr=subprocess.PIPE,
+                                  text=True)
+                try:
+                    state = notify.recv(100)
+                except socket.timeout:
+                    proc.kill()
+                    raise RuntimeError(f"pyipc {' '.join(args)} on {self.netns} did not "
+                                       f"become ready: {proc.communicate()[1]}") from None
+                assert state == b"READY=1", state
+        finally:
+            shutil.rmtree(notify_dir, ignore_errors=True)
+        return proc
+
+    def stop_all(self) -> None:
+        """SIGTERM every process still running here, then SIGKILL the stubborn."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        self.procs.clear()
+
+    def link(self, up: bool) -> None:
+        """Bring this host's veth end up or down (down: a cut cable)."""
+        _ip("-n", self.netns, "link", "set", self.ifname, "up" if up else "down")
+
+
+class Network:
+    """Hosts a, b (and c) on one veth-linked subnet 10.X.0.0/24: a-b, b-c.
+
+    Names carry the pid so that concurrent runs never meet.
+    """
+
+    def __init__(self, hosts: int = 2) -> None:
+        assert 2 <= hosts <= 3
+        tag = f"{os.getpid() % 100000}"
+        self.hosts: List[Host] = []
+        self._tmp = tempfile.mkdtemp(prefix="pyipc-net-")
+        self._netns: List[str] = []
+        try:
+            for i, letter in enumerate("abc"[:hosts]):
+                netns = f"pyipc-{tag}-{letter}"
+                _ip("netns", "add", netns)
+                self._netns.append(netns)
+                _ip("-n", netns, "link", "set", "lo", "up")
+                rundir = os.path.join(self._tmp, letter)
+                os.mkdir(rundir, 0o770)
+                self.hosts.append(Host(netns, "", "", rundir))
+            # a <-> b on 10.201.1.0/24, b <-> c on 10.201.2.0/24
+            self._join(self.hosts[0], self.hosts[1], tag, 1)
+            if hosts == 3:
+                self._join(self.hosts[1], self.hosts[2], tag, 2)
+        except BaseException:
+            self.close()
+            raise
+
+    def _join(self, left: Host, right: Host, tag: str, subnet: int) -> None:
+        ends = []
+        for host, side, last in ((left, "l", 1), (right, "r", 2)):
+            ifname = f"p{tag}{subnet}{side}"[:15]
+            ends.append((host, ifname, f"10.201.{subnet}.{last}"))
+        _ip("link", "add", ends[0][1], "type", "veth", "peer", "name", ends[1][1])
+        for host, ifname, address in ends:
+            _ip("link", "set", ifname, "netns", host.netns)
+            _ip("-n", host.netns, "addr", "add", f"{address}/24", "dev", ifname)
+            _ip("-n", host.netns, "link", "set", ifname, "up")
+            if not host.address:                    # a host's first link names it
+                host.address, host.ifname = address, ifname
+
+    def close(self) -> None:
+        """End every process, remove every namespace (and the veths in them)."""
+        for host in self.hosts:
+            host.stop_all()
+        for netns in self._netns:
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+        self._netns.clear()
+        shutil.rmtree(self._tmp, ignore_errors=True)

@@ -1,0 +1,308 @@
+"""pyipc ipcd (pyipc.daemons.ipcd.Ipcd) on one host, both backends: the
+IPC_NETWORK rules, the scheme daemons it asks (stand-ins here; the real tcpd
+is tested across namespaces in test_network_tcp.py), a reason for every
+failure, the timeout per request, a slow daemon not stalling the others, the
+bound on requests at and past its edge, systemd socket activation and
+readiness, and the command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+import pytest
+
+import pyipc
+from pyipc.daemons.ipcd import Ipcd
+from pyipc.daemons._rules import find_rule, target_of
+
+from conftest import CHILD_ENV, spin_until
+from daemon_harness import FakeScheme, Pong, ask_raw, frame, raw_answer, running
+
+
+@pytest.fixture
+def pong(backend, rundir) -> Iterator[Pong]:
+    with running(Pong(rundir=rundir, backend=backend)) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def ipcd(backend, rundir) -> Iterator[Ipcd]:
+    with running(Ipcd(rundir=rundir, backend=backend, request_timeout=5)) as daemon:
+        yield daemon
+
+
+def client(backend, rundir) -> pyipc.Context:
+    return pyipc.Context(rundir=rundir, backend=backend)
+
+
+def echo_through(ctx: pyipc.Context, name: str) -> bytes:
+    fd = ctx.connect(name, timeout=10)
+    ctx.write(fd, b"ping " + name.encode())
+    return ctx.read(fd, timeout=10)
+
+
+# ------------------------------------------------------------ the rules
+
+def test_rules_last_match_wins():
+    rules = "pong unix://a; other unix://b;pong unix://c ;;pong"
+    assert find_rule("pong", rules) == "unix://c"      # "pong" alone has no URI: ignored
+    assert find_rule("other", rules) == "unix://b"
+    assert find_rule("none", rules) is None
+    assert target_of("pong2") == (None, "pong2")
+    assert target_of("unix://x") == (None, "x")
+    assert target_of("unix:///run/x.sock") == (None, "/run/x.sock")
+    assert target_of("TCP://h:1/x") == ("tcp", "TCP://h:1/x")
+    for bad in ("unix://", "://x", "a/b://x"):
+        with pytest.raises(ValueError):
+            target_of(bad)
+
+
+def test_local_alias_and_unix_rule(pong, ipcd, backend, rundir, monkeypatch):
+    monkeypatch.setenv("IPC_NETWORK", "p pong;q unix://pong;r unix://nothing;r unix://pong")
+    with client(backend, rundir) as ctx:
+        assert echo_through(ctx, "p") == b"ping p"
+        assert echo_through(ctx, "q") == b"ping q"
+        assert echo_through(ctx, "r") == b"ping r"    # the last rule for r wins
+
+
+def test_unix_rule_with_an_absolute_path(pong, ipcd, backend, rundir, monkeypatch):
+    monkeypatch.setenv("IPC_NETWORK", f"x unix://{os.path.join(rundir, 'pong')}")
+    with client(backend, rundir) as ctx:
+        assert echo_through(ctx, "x") == b"ping x"
+
+
+REFUSALS = [
+    ("nothing here", "zz", pyipc.ServiceNotFoundError,
+     "ipcd could not connect to service zz (norule): no rule for zz in IPC_NETWORK"),
+    ("zz missing", "zz", pyipc.ServiceNotFoundError,
+     "ipcd could not connect to service zz (noservice): no service missing in {rundir}"),
+    ("zz unix://missing", "zz", pyipc.ServiceNotFoundError,
+     "ipcd could not connect to service zz (noservice): no service missing in {rundir}"),
+    ("zz wat://host/zz", "zz", pyipc.NetworkError,
+     "ipcd could not connect to service zz (nodaemon): no service wat in {rundir} "
+     "(is the wat daemon, pyipc watd, running?)"),
+    ("zz a/b://x", "zz", pyipc.ServiceNotFoundError,
+     "ipcd could not connect to service zz (norule): a/b://x: not a scheme"),
+]
+
+
+@pytest.mark.parametrize("rules,name,cls,text", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_every_failure_has_a_reason(ipcd, backend, rundir, monkeypatch, rules, name, cls, text):
+    monkeypatch.setenv("IPC_NETWORK", rules)
+    with client(backend, rundir) as ctx, pytest.raises(pyipc.IPCError) as info:
+        ctx.connect(name, timeout=10)
+    assert type(info.value) is cls
+    assert str(info.value) == text.format(rundir=rundir)
+
+
+@pytest.mark.parametrize("request_bytes,reason", [
+    (b"no semicolon", b"ne badrequest the request is not NAME;IPC_NETWORK"),
+    (b";pong pong", b"ne badrequest the request is not NAME;IPC_NETWORK"),
+    (b"\xff;x y", b"ne badrequest the request is not UTF-8"),
+])
+def test_a_malformed_request_is_answered(ipcd, rundir, request_bytes, reason):
+    with ask_raw(rundir, request_bytes) as sock:
+        assert raw_answer(sock) == (reason, None)
+
+
+# ------------------------------------------------------------ scheme daemons
+
+def test_scheme_daemon_gets_the_uri_and_its_fd_reaches_the_client(
+        pong, ipcd, backend, rundir, monkeypatch):
+    def answer(conn: socket.socket, uri: bytes) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as target:
+            target.connect(os.path.join(rundir, "pong"))
+            socket.send_fds(conn, [frame(b"ok")], [target.fileno()])
+    fake = FakeScheme(rundir, "fake", answer)
+    try:
+        monkeypatch.setenv("IPC_NETWORK", "pong fake://somewhere:1/pong")
+        with client(backend, rundir) as ctx:
+            assert echo_through(ctx, "pong") == b"ping pong"
+        assert fake.uris == [b"fake://somewhere:1/pong"]
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("reply,cls,text", [
+    (frame(b"ne unreachable 10.1.1.1:9000: No route to host"), pyipc.NetworkError,
+     "(unreachable): 10.1.1.1:9000: No route to host"),
+    (frame(b"ne noservice no service pong on hostb"), pyipc.ServiceNotFoundError,
+     "(noservice): no service pong on hostb"),
+    (b"", pyipc.NetworkError, "(nodaemon): the fake daemon failed: closed without answering"),
+    (frame(b"ok"), pyipc.NetworkError,                    # ok without a fd
+     "(nodaemon): the fake daemon answered neither ok with a fd nor ne"),
+    (frame(b"maybe"), pyipc.NetworkError,
+     "(nodaemon): the fake daemon answered neither ok with a fd nor ne"),
+    (b"\x00\x10\x00\x00", pyipc.NetworkError,                # a header: 1 MiB
+     "(nodaemon): the fake daemon sent an answer of 1048576 bytes (at most 4096)"),
+])
+def test_scheme_daemon_refusals_are_relayed(ipcd, backend, rundir, monkeypatch, reply, cls, text):
+    fake = FakeScheme(rundir, "fake", lambda conn, uri: conn.sendall(reply))
+    try:
+        monkeypatch.setenv("IPC_NETWORK", "pong fake://h/pong")
+        with client(backend, rundir) as ctx, pytest.raises(pyipc.IPCError) as info:
+            ctx.connect("pong", timeout=10)
+        assert type(info.value) is cls
+        assert str(info.value) == "ipcd could not connect to service pong " + text
+    finally:
+        fake.close()
+
+
+def hang(fake_holder: list):
+    """An answer() that waits until the test releases it, then says nothing."""
+    def answer(conn: socket.socket, uri: bytes) -> None:
+        fake_holder[0].release.wait(30)
+        fake_holder[0].closed_by_ipcd.append(conn.recv(1) == b"")
+    return answer
+
+
+def test_request_timeout(backend, rundir, monkeypatch):
+    holder: list = []
+    holder.append(FakeScheme(rundir, "slow", hang(holder)))
+    fake = holder[0]
+    try:
+        with running(Ipcd(rundir=rundir, backend=backend, request_timeout=0.5)):
+            monkeypatch.setenv("IPC_NETWORK", "pong slow://h/pong")
+            with client(backend, rundir) as ctx, pytest.raises(pyipc.NetworkError) as info:
+                ctx.connect("pong", timeout=10)
+            assert str(info.value) == ("ipcd could not connect to service pong (timeout): "
+                                       "no answer from the slow daemon in 0.5 s "
+                                       "(ipcd --request-timeout)")
+            fake.release.set()
+            fake.threads[0].join(10)
+            assert fake.closed_by_ipcd == [True]    # ipcd let go of the daemon too
+    finally:
+        fake.close()
+
+
+def test_a_client_that_never_asks_is_dropped_at_the_timeout(backend, rundir):
+    with running(Ipcd(rundir=rundir, backend=backend, request_timeout=0.3)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(os.path.join(rundir, "ipc"))
+            sock.settimeout(10)
+            assert sock.recv(10) == b""             # closed, nothing said
+
+
+def test_a_hung_daemon_does_not_stall_other_requests(pong, backend, rundir, monkeypatch):
+    holder: list = []
+    holder.append(FakeScheme(rundir, "slow", hang(holder)))
+    fake = holder[0]
+    try:
+        with running(Ipcd(rundir=rundir, backend=backend, request_timeout=30)):
+            slow = ask_raw(rundir, b"pong;pong slow://h/pong")
+            fake.wait_requests(1)
+            monkeypatch.setenv("IPC_NETWORK", "p pong")
+            started = time.monotonic()
+            with client(backend, rundir) as ctx:
+                for _ in range(5):
+                    assert echo_through(ctx, "p") == b"ping p"
+            assert time.monotonic() - started < 10      # not waiting for the slow one
+            slow.close()
+    finally:
+        fake.close()
+
+
+def test_max_requests_at_and_past_the_edge(backend, rundir):
+    holder: list = []
+    holder.append(FakeScheme(rundir, "slow", hang(holder)))
+    fake = holder[0]
+    try:
+        with running(Ipcd(rundir=rundir, backend=backend, max_requests=2)) as daemon:
+            first = [ask_raw(rundir, b"pong;pong slow://h/pong") for _ in range(2)]
+            fake.wait_requests(2)                   # at the edge: both are served
+            spin_until(lambda: daemon.in_flight == 2)
+            with ask_raw(rundir, b"pong;pong slow://h/pong") as third:   # past it
+                assert raw_answer(third) == (
+                    b"ne busy ipcd serves 2 requests at once (--max-requests)", None)
+            for sock in first:
+                sock.close()                        # those clients give up...
+            fake.release.set()
+            for t in fake.threads:
+                t.join(10)
+            spin_until(lambda: daemon.in_flight == 0)   # ...a DISCONNECTION for ipcd
+            fake.release.clear()
+            with ask_raw(rundir, b"pong;pong slow://h/pong") as again:
+                fake.wait_requests(1)               # room again: asked, not refused
+                again.settimeout(0.2)
+                with pytest.raises(socket.timeout):
+                    again.recv(10)
+    finally:
+        fake.close()
+
+
+def test_invalid_limits_are_refused(rundir):
+    with pytest.raises(ValueError):
+        Ipcd(rundir=rundir, request_timeout=0)
+    with pytest.raises(ValueError):
+        Ipcd(rundir=rundir, max_requests=0)
+
+
+# ------------------------------------------------------------ systemd, CLI
+
+ACTIVATE = """
+import os, sys
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_FDNAMES"] = "ipc"
+os.dup2(int(sys.argv[1]), 3)
+os.execv(sys.executable, [sys.executable, "-m", "pyipc", *sys.argv[2:], "ipcd"])
+"""
+
+
+def test_socket_activation_and_readiness(pong, backend, rundir, tmp_path, monkeypatch):
+    """systemd passes the listening `ipc` socket as fd 3 and waits for READY=1."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(rundir, "ipc"))
+    listener.listen(16)
+    notify_path = str(tmp_path / "notify")
+    with listener, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(notify_path)
+        notify.settimeout(20)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ACTIVATE, str(listener.fileno()), "--rundir", rundir,
+             "--backend", backend], pass_fds=[listener.fileno()],
+            env=dict(CHILD_ENV, NOTIFY_SOCKET=notify_path), stderr=subprocess.PIPE, text=True)
+        try:
+            assert notify.recv(100) == b"READY=1"
+            monkeypatch.setenv("IPC_NETWORK", "p pong")
+            with client(backend, rundir) as ctx:
+                assert echo_through(ctx, "p") == b"ping p"
+            proc.send_signal(signal.SIGTERM)
+            assert notify.recv(100) == b"STOPPING=1"
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            proc.stderr.close()
+
+
+def test_cli_serves_and_stops_on_sigterm(pong, backend, rundir, tmp_path, monkeypatch):
+    notify_path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(notify_path)
+        notify.settimeout(20)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pyipc", "-v", "--rundir", rundir, "--backend", backend,
+             "ipcd", "--request-timeout", "3", "--max-requests", "4"],
+            env=dict(CHILD_ENV, NOTIFY_SOCKET=notify_path), stderr=subprocess.PIPE, text=True)
+        try:
+            assert notify.recv(100) == b"READY=1"
+            monkeypatch.setenv("IPC_NETWORK", "p pong")
+            with client(backend, rundir) as ctx:
+                assert echo_through(ctx, "p") == b"ping p"
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+            assert proc.returncode == 0
+            assert "ipcd: p -> pong" in err
+            assert not os.path.exists(os.path.join(rundir, "ipc"))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)

@@ -1,0 +1,150 @@
+"""connect() through ipcd when ipcd refuses with a reason ("ne CODE TEXT",
+pyipc's addition to libIPC's protocol): the client raises a clear error
+naming the code and the reason, the same class and text on both backends and
+in pyipc.aio. ipcd is a stand-in in a thread answering the raw bytes given."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import struct
+import threading
+from typing import Iterator, List
+
+import pytest
+
+import pyipc
+import pyipc.aio
+from pyipc._pure.fdpass import MAX_REASON
+
+from conftest import raises
+from test_aio import run
+
+
+class RefusingIpcd:
+    """A stand-in for ipcd at RUNDIR/ipc answering each request with
+    `reply` (raw bytes, no fd), then closing; `requests` lists what came."""
+
+    def __init__(self, rundir: str) -> None:
+        self.path = os.path.join(rundir, "ipc")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(8)
+        self.reply = b""
+        self.requests: List[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return              # closed: the test is over
+            with conn:
+                head = conn.recv(4, socket.MSG_WAITALL)
+                if len(head) < 4:
+                    return          # the wake-up connection of close()
+                (size,) = struct.unpack(">I", head)
+                self.requests.append(conn.recv(size, socket.MSG_WAITALL))
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:
+            wake.connect(self.path)     # ends accept() in the thread
+        self.thread.join(10)
+        self.listener.close()
+        os.unlink(self.path)
+
+
+@pytest.fixture
+def ipcd(rundir, monkeypatch) -> Iterator[RefusingIpcd]:
+    monkeypatch.setenv("IPC_NETWORK", "pong tcp://10.9.9.9:9000/pong")
+    fake = RefusingIpcd(rundir)
+    try:
+        yield fake
+    finally:
+        fake.close()
+
+
+NOT_FOUND = pyipc.ServiceNotFoundError
+NETWORK = pyipc.NetworkError
+BASE = "ipcd could not connect to service pong"
+
+#: ipcd's answer -> the class and text the client raises.
+CASES = [
+    (b"ne norule no rule for pong in IPC_NETWORK", NOT_FOUND,
+     f"{BASE} (norule): no rule for pong in IPC_NETWORK"),
+    (b"ne noservice remote tcpd at 10.9.9.9:9000 has no service pong", NOT_FOUND,
+     f"{BASE} (noservice): remote tcpd at 10.9.9.9:9000 has no service pong"),
+    (b"ne nodaemon no service tcp in /run/x (is pyipc tcpd running?)", NETWORK,
+     f"{BASE} (nodaemon): no service tcp in /run/x (is pyipc tcpd running?)"),
+    (b"ne unreachable 10.9.9.9:9000: Connection refused", NETWORK,
+     f"{BASE} (unreachable): 10.9.9.9:9000: Connection refused"),
+    (b"ne refused pong is not exposed", NETWORK, f"{BASE} (refused): pong is not exposed"),
+    (b"ne tls certificate verify failed", NETWORK, f"{BASE} (tls): certificate verify failed"),
+    (b"ne timeout no answer in 10 s", NETWORK, f"{BASE} (timeout): no answer in 10 s"),
+    (b"ne busy", NETWORK, f"{BASE} (busy)"),
+    # A code from a newer ipcd: still a network failure, with its words.
+    (b"ne martians landed", NETWORK, f"{BASE} (martians): landed"),
+    # One line only; the bytes after a NUL, CR or LF are not shown.
+    (b"ne busy too many\nrequests", NETWORK, f"{BASE} (busy): too many"),
+    (b"ne busy a\0b", NETWORK, f"{BASE} (busy): a"),
+    # Bad UTF-8 is shown replaced, never an exception of its own.
+    (b"ne refused caf\xe9", NETWORK, f"{BASE} (refused): caf\ufffd"),
+    # Not a refusal: libIPC's bare failure text.
+    (b"", pyipc.IPCError, BASE),
+    (b"no", pyipc.IPCError, BASE),
+    (b"ne ", pyipc.IPCError, BASE),
+    (b"ne  busy", pyipc.IPCError, BASE),
+    (b"ok", pyipc.IPCError, BASE),          # "ok" without a fd
+]
+
+
+@pytest.mark.parametrize("answer,cls,text", CASES, ids=[repr(c[0])[:30] for c in CASES])
+def test_refusal_is_raised_with_its_reason(ipcd, ctx_factory, answer, cls, text):
+    ipcd.reply = answer
+    raises(cls, text, ctx_factory().connect, "pong")
+    assert ipcd.requests == [b"pong;pong tcp://10.9.9.9:9000/pong"]
+
+
+def test_network_error_is_a_connection_error():
+    assert issubclass(pyipc.NetworkError, pyipc.IPCError)
+    assert issubclass(pyipc.NetworkError, ConnectionError)
+    assert not issubclass(pyipc.NetworkError, FileNotFoundError)
+
+
+def test_reason_is_bounded_at_max_reason(ipcd, ctx_factory):
+    """Code and text after "ne " are cut at MAX_REASON bytes (the edge and past it)."""
+    for extra in (0, 1, 1000):
+        body = b"busy " + b"x" * (MAX_REASON - 5 + extra)
+        ipcd.reply = b"ne " + body
+        shown = (b"x" * (MAX_REASON - 5)).decode()
+        raises(NETWORK, f"{BASE} (busy): {shown}", ctx_factory().connect, "pong")
+
+
+def test_no_fd_is_left_open_after_a_refusal(ipcd, ctx_factory):
+    ctx = ctx_factory()
+    ipcd.reply = b"ne unreachable down"
+    gc.collect()                # what earlier tests left closes now, not during the count
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(NETWORK):
+            ctx.connect("pong")
+    gc.collect()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_aio_connect_raises_the_same(ipcd, backend):
+    ipcd.reply = b"ne unreachable 10.9.9.9:9000: No route to host"
+
+    async def main() -> pyipc.IPCError:
+        async with pyipc.aio.Context(rundir=os.path.dirname(ipcd.path), backend=backend) as ctx:
+            with pytest.raises(pyipc.IPCError) as info:
+                await ctx.connect("pong")
+            return info.value
+
+    err = run(main)
+    assert type(err) is NETWORK
+    assert str(err) == f"{BASE} (unreachable): 10.9.9.9:9000: No route to host"

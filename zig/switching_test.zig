@@ -1,0 +1,339 @@
+//! Tests of the switching extension (switching.zig): MORE and its bound per
+//! round, send(), end(), State.events. Each test switches two socketpairs'
+//! inner ends, added as external fds of one context (no run dir needed), and
+//! plays both foreign peers on the outer ends.
+
+const std = @import("std");
+const c = std.c;
+const testing = std.testing;
+const Context = @import("context.zig").Context;
+const sys = @import("sys.zig");
+const framing = @import("framing.zig");
+const EventType = @import("events.zig").EventType;
+const switching = @import("switching.zig");
+
+const gpa = testing.allocator;
+
+/// One side of a switch: `inner` belongs to the context, `outer` is the peer.
+const Side = struct {
+    inner: i32,
+    outer: i32,
+
+    fn init() !Side {
+        var fds: [2]c.fd_t = undefined;
+        try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &fds));
+        return .{ .inner = fds[0], .outer = fds[1] };
+    }
+};
+
+/// A context switching two sides (a and b); deinit closes everything.
+const Board = struct {
+    ctx: *Context,
+    a: Side,
+    b: Side,
+
+    fn init() !Board {
+        const ctx = try Context.create(gpa);
+        errdefer ctx.destroy();
+        const a = try Side.init();
+        errdefer sys.closeFd(a.outer);
+        const b = try Side.init();
+        errdefer sys.closeFd(b.outer);
+        // Owned by the context from here: destroy() closes them.
+        try ctx.addExternal(a.inner);
+        try ctx.addExternal(b.inner);
+        try switching.add(ctx, a.inner, b.inner);
+        return .{ .ctx = ctx, .a = a, .b = b };
+    }
+
+    fn deinit(self: *Board) void {
+        self.ctx.destroy();
+        sys.closeFd(self.a.outer);
+        sys.closeFd(self.b.outer);
+    }
+
+    /// One round (timer 0: it ends with a TIMER when nothing else came);
+    /// the events it brought, TIMER left out, copied into `out`.
+    fn round(self: *Board, out: *Events) !void {
+        const ctx = self.ctx;
+        ctx.events.releaseLent(gpa);
+        ctx.setTimer(0);
+        try ctx.wait(false);
+        while (ctx.events.peek()) |ev| {
+            if (ev.kind != .timer) try out.add(ev.kind, ev.fd, ev.data);
+            try ctx.events.pop(gpa, false);
+        }
+    }
+};
+
+/// Events seen by a test (kind, fd, payload or error text).
+const Events = struct {
+    kinds: std.ArrayList(EventType) = .empty,
+    fds: std.ArrayList(i32) = .empty,
+    data: std.ArrayList([]u8) = .empty,
+
+    fn add(self: *Events, kind: EventType, fd: i32, data: []const u8) !void {
+        const copy = try gpa.dupe(u8, data);
+        errdefer gpa.free(copy);
+        try self.data.append(gpa, copy);
+        try self.kinds.append(gpa, kind);
+        try self.fds.append(gpa, fd);
+    }
+
+    fn count(self: *const Events, kind: EventType) usize {
+        var n: usize = 0;
+        for (self.kinds.items) |k| n += @intFromBool(k == kind);
+        return n;
+    }
+
+    fn deinit(self: *Events) void {
+        for (self.data.items) |d| gpa.free(d);
+        self.data.deinit(gpa);
+        self.kinds.deinit(gpa);
+        self.fds.deinit(gpa);
+    }
+};
+
+fn sendAll(fd: i32, data: []const u8) !void {
+    var done: usize = 0;
+    while (done < data.len) {
+        const n = c.write(fd, data[done..].ptr, data.len - done);
+        try testing.expect(n > 0);
+        done += @intCast(n);
+    }
+}
+
+/// Read what is there now (fd made non-blocking by the caller), appended to `out`.
+fn readAvailable(fd: i32, out: *std.ArrayList(u8)) !?void {
+    var buf: [64 * 1024]u8 = undefined;
+    const n = c.recv(fd, &buf, buf.len, c.MSG.DONTWAIT);
+    if (n == 0) return null; // the end
+    if (n < 0) return {};
+    try out.appendSlice(gpa, buf[0..@intCast(n)]);
+}
+
+// ------------------------------------------------------------ a protocol with MORE
+
+/// Newline-ended records: the first call reads everything there is, then
+/// each call hands out one record, returning MORE while some are left
+/// (the C callbacks have no user pointer: test state is file-level).
+const Lines = struct {
+    var held: [8192]u8 = undefined;
+    var len: usize = 0;
+    var pos: usize = 0;
+    var calls: usize = 0;
+
+    fn reset() void {
+        len = 0;
+        pos = 0;
+        calls = 0;
+    }
+
+    fn in(orig: c_int, payload: [*]u8, mlen: *u32) callconv(.c) c_int {
+        calls += 1;
+        if (pos == len) {
+            const n = c.read(orig, &held, held.len);
+            if (n <= 0) return @backingInt(switching.CbResult.fd_closing);
+            len = @intCast(n);
+            pos = 0;
+        }
+        const end = std.mem.indexOfScalarPos(u8, held[0..len], pos, '\n') orelse
+            return @backingInt(switching.CbResult.err);
+        const record = held[pos..end];
+        if (record.len > mlen.*) return @backingInt(switching.CbResult.err);
+        @memcpy(payload[0..record.len], record);
+        mlen.* = @intCast(record.len);
+        pos = end + 1;
+        const result: switching.CbResult = if (pos < len) .more else .no_error;
+        return @backingInt(result);
+    }
+};
+
+test "MORE: every record of one read, in order, at most max_more_per_round calls a round" {
+    var board = try Board.init();
+    defer board.deinit();
+    Lines.reset();
+    try switching.setCallbacks(board.ctx, board.a.inner, Lines.in, null);
+    const n = 3 * switching.max_more_per_round + 8;
+    var text: std.ArrayList(u8) = .empty;
+    defer text.deinit(gpa);
+    for (0..n) |i| try text.print(gpa, "r{d:0>3}\n", .{i});
+    try sendAll(board.a.outer, text.items);
+
+    var events: Events = .{};
+    defer events.deinit();
+    var per_round: [8]usize = undefined;
+    var rounds: usize = 0;
+    while (events.count(.switch_rx) < n) : (rounds += 1) {
+        try testing.expect(rounds < per_round.len);
+        const before = Lines.calls;
+        try board.round(&events);
+        per_round[rounds] = Lines.calls - before;
+    }
+    const m = switching.max_more_per_round;
+    try testing.expectEqualSlices(usize, &.{ m, m, m, 8 }, per_round[0..rounds]);
+
+    // The other side gets them framed, in order.
+    _ = sys.setNonblocking(board.b.outer, true);
+    var got: std.ArrayList(u8) = .empty;
+    defer got.deinit(gpa);
+    while (got.items.len < n * (framing.header_size + 4)) {
+        try board.round(&events);
+        _ = try readAvailable(board.b.outer, &got);
+    }
+    for (0..n) |i| {
+        const at = i * (framing.header_size + 4);
+        var want: [4]u8 = undefined;
+        _ = try std.fmt.bufPrint(&want, "r{d:0>3}", .{i});
+        try testing.expectEqualSlices(u8, &framing.encodeHeader(4), got.items[at..][0..4]);
+        try testing.expectEqualStrings(&want, got.items[at + 4 ..][0..4]);
+    }
+}
+
+test "switch_events off: relayed without SWITCH_RX/TX; the end is still reported" {
+    var board = try Board.init();
+    defer board.deinit();
+    switching.setEvents(board.ctx, false);
+    var events: Events = .{};
+    defer events.deinit();
+    const msg = comptime framing.encodeHeader(2) ++ "hi".*;
+    try sendAll(board.a.outer, &msg);
+    _ = sys.setNonblocking(board.b.outer, true);
+    var got: std.ArrayList(u8) = .empty;
+    defer got.deinit(gpa);
+    while (got.items.len < msg.len) {
+        try board.round(&events);
+        _ = try readAvailable(board.b.outer, &got);
+    }
+    try testing.expectEqualSlices(u8, &msg, got.items);
+    try testing.expectEqual(@as(usize, 0), events.kinds.items.len);
+    sys.closeFd(board.a.outer);
+    board.a.outer = -1;
+    while (events.count(.disconnection) < 2) try board.round(&events);
+    try testing.expectEqualSlices(EventType, &.{ .disconnection, .disconnection }, events.kinds.items);
+}
+
+test "send: raw bytes between forwarded frames; its bounds" {
+    var board = try Board.init();
+    defer board.deinit();
+    const ctx = board.ctx;
+    try ctx.setLimits(.{ .max_message_size = 100, .max_queue_size = 1000 });
+    var events: Events = .{};
+    defer events.deinit();
+    try switching.send(ctx, board.b.inner, "RAW");
+    try sendAll(board.a.outer, &(comptime framing.encodeHeader(1) ++ "x".*));
+    while (events.count(.switch_tx) < 1) try board.round(&events);
+    _ = sys.setNonblocking(board.b.outer, true);
+    var got: std.ArrayList(u8) = .empty;
+    defer got.deinit(gpa);
+    while (got.items.len < 3 + 5) _ = try readAvailable(board.b.outer, &got);
+    try testing.expectEqualSlices(u8, &(comptime "RAW".* ++ framing.encodeHeader(1) ++ "x".*), got.items);
+
+    // The bound: data alone over max_queue_size; a queue over it already.
+    const big = try gpa.alloc(u8, 1001);
+    defer gpa.free(big);
+    @memset(big, 'z');
+    try testing.expectError(error.QueueFull, switching.send(ctx, board.b.inner, big));
+    try testing.expectEqualStrings(
+        "switch_send of 1001 bytes exceeds max_queue_size (1000)",
+        ctx.last.text(),
+    );
+    try switching.send(ctx, board.b.inner, big[0..1000]); // at the bound: taken
+    try switching.send(ctx, board.b.inner, "y"); // at, not over: taken
+    try testing.expectError(error.QueueFull, switching.send(ctx, board.b.inner, "w"));
+    // Misuse.
+    try testing.expectError(error.UnknownFd, switching.send(ctx, 9999, "x"));
+    const lone = try Side.init();
+    defer sys.closeFd(lone.outer);
+    try ctx.addExternal(lone.inner);
+    try testing.expectError(error.UnknownFd, switching.send(ctx, lone.inner, "x"));
+    try testing.expectEqualStrings("fd is not switched", withoutNumber(ctx.last.text()));
+    try testing.expectError(error.Generic, switching.end(ctx, board.a.inner, ""));
+    const too_long = switching.max_end_reason + 1;
+    const long: [too_long]u8 = @splat('r');
+    try testing.expectError(error.Generic, switching.end(ctx, board.a.inner, &long));
+    try testing.expectError(error.Generic, switching.end(ctx, board.a.inner, "\xff"));
+}
+
+/// "fd 12 is not switched" -> "fd is not switched"
+fn withoutNumber(text: []const u8) []const u8 {
+    const S = struct {
+        var buf: [128]u8 = undefined;
+    };
+    const space = std.mem.indexOfScalar(u8, text, ' ') orelse return text;
+    const next = std.mem.indexOfScalarPos(u8, text, space + 1, ' ') orelse return text;
+    const out = std.fmt.bufPrint(&S.buf, "{s}{s}", .{ text[0..space], text[next..] }) catch
+        return text;
+    return out;
+}
+
+test "end: what is queued goes out first, then both sides close" {
+    var board = try Board.init();
+    defer board.deinit();
+    const ctx = board.ctx;
+    var events: Events = .{};
+    defer events.deinit();
+    const big = try gpa.alloc(u8, 1 << 20); // more than the socketpair holds
+    defer gpa.free(big);
+    for (big, 0..) |*b, i| b.* = @truncate(i *% 7);
+    try switching.send(ctx, board.a.inner, big);
+    try switching.end(ctx, board.a.inner, "bye");
+    try testing.expectError(error.ConnectionClosed, switching.send(ctx, board.a.inner, "late"));
+    // b had nothing queued: closed at once, after a's ERROR.
+    try board.round(&events);
+    try testing.expectEqualSlices(EventType, &.{ .err, .disconnection }, events.kinds.items);
+    try testing.expectEqualStrings("bye", events.data.items[0]);
+    try testing.expectEqual(board.b.inner, events.fds.items[1]);
+    _ = sys.setNonblocking(board.a.outer, true);
+    var got: std.ArrayList(u8) = .empty;
+    defer got.deinit(gpa);
+    var rounds: usize = 0;
+    while (try readAvailable(board.a.outer, &got) != null) : (rounds += 1) {
+        try testing.expect(rounds < 100_000); // a lost end fails, not hangs
+        try board.round(&events);
+    }
+    try testing.expectEqualSlices(u8, big, got.items);
+    try testing.expectEqual(@as(usize, 2), events.count(.disconnection));
+    try testing.expectEqual(board.a.inner, events.fds.items[events.fds.items.len - 1]);
+}
+
+test "C ABI: ipc_switch_send, ipc_switch_end and ipc_context_switch_events" {
+    const abi = @import("exports.zig");
+    const errors = @import("errors.zig");
+    // No context: an error code, never a crash.
+    try testing.expect(abi.ipc_switch_send(null, 0, "x", 1) < 0);
+    try testing.expect(abi.ipc_switch_end(null, 0, null, 0) < 0);
+    abi.ipc_context_switch_events(null, 0);
+
+    var handle: ?*anyopaque = null;
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_context_init(&handle));
+    defer abi.ipc_context_deinit(&handle);
+    const ctx: *Context = @ptrCast(@alignCast(handle.?));
+    const a = try Side.init();
+    defer sys.closeFd(a.outer);
+    const b = try Side.init();
+    defer sys.closeFd(b.outer);
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_add_external(handle, a.inner));
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_add_external(handle, b.inner));
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_add_switch(handle, a.inner, b.inner));
+
+    abi.ipc_context_switch_events(handle, 0);
+    try testing.expect(!ctx.switch_state.events);
+    abi.ipc_context_switch_events(handle, 1);
+    try testing.expect(ctx.switch_state.events);
+
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_switch_send(handle, a.inner, "abc", 3));
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_switch_send(handle, a.inner, null, 0));
+    try testing.expectEqual(errors.code(error.UnknownFd), abi.ipc_switch_send(handle, 9999, "x", 1));
+    try testing.expectEqualStrings(
+        "fd 9999 is not managed by this context",
+        std.mem.span(abi.ipc_last_error(handle)),
+    );
+    // A reason that is there but empty is refused; NULL is no reason.
+    try testing.expectEqual(errors.code(error.Generic), abi.ipc_switch_end(handle, a.inner, "", 0));
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_switch_end(handle, a.inner, null, 0));
+    try testing.expectEqual(
+        errors.code(error.ConnectionClosed),
+        abi.ipc_switch_send(handle, a.inner, "late", 4),
+    );
+}

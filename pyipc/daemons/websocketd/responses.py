@@ -28,7 +28,7 @@ STATIC_FILES: Dict[str, Tuple[str, str]] = {
 @functools.lru_cache(maxsize=None)
 def static_body(filename: str) -> bytes:
     """A static file's bytes (read once)."""
-    return importlib.resources.files(__package__).joinpath("static", filename).read_bytes()
+    return importlib.resources.files(__package__).joinpath("static").joinpath(filename).read_bytes()
 
 
 def is_upgrade(request: Request) -> bool:

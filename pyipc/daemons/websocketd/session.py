@@ -150,9 +150,9 @@ class Session:
             if frame.opcode in _DATA or frame.opcode is Opcode.CONT:
                 self._fragment(frame)
         self._collect()
-        early = list(self._messages)
+        messages = list(self._messages)
         self._messages.clear()
-        return early
+        return messages
 
     def end_if_closing(self) -> None:
         """Right after the switch: a client that closed along with its
@@ -217,7 +217,7 @@ class Session:
     def _fragment(self, frame: Frame) -> None:
         if frame.opcode is not Opcode.CONT:
             self._text = frame.opcode is Opcode.TEXT
-        self._parts.append(frame.data)
+        self._parts.append(bytes(frame.data))
         if not frame.fin:
             return
         message = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
@@ -225,7 +225,7 @@ class Session:
         if self._text and not _valid_utf8(message):
             self.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
             return
-        self._messages.append(bytes(message))
+        self._messages.append(message)
 
     def _why_closing(self) -> str:
         received = self.protocol.close_rcvd

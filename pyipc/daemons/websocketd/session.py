@@ -11,11 +11,8 @@ for the client goes through ctx.switch_send, so the core's send queue of the
 client's fd orders it and bounds it (backpressure: while that queue is over
 the context's max_queue_size the core stops reading the service).
 
-The service's side is read by `on_service_in` with pyipc's own frame decoder
-(the pure backend's), not by the core: when the service ends, the core would
-close the client's socket at once, and a WebSocket must first get a close
-frame with a code saying why (1000 when the service closed the connection,
-1011 when its stream broke). What goes to the service is framed by the core.
+The service's side is read by `on_service_in` through a ServiceReader
+(service_side.py), so that the service's end becomes a close frame with a code.
 
 Message mapping: a binary message is one pyipc message (its bytes); a text
 message is one pyipc message too, its UTF-8 bytes (what ctx.write(fd, str)
@@ -28,7 +25,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import socket
 from typing import Callable, Deque, List, Optional, Tuple, Union
 
 from websockets.frames import CloseCode, Frame, Opcode
@@ -36,9 +32,9 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from ... import CBEvent, Context, QueueFullError
-from ..._pure.framing import FrameDecoder, FrameTooLarge
 from ..._types import IPCError
 from .handshake import READ_SIZE
+from .service_side import ServiceReader
 from .transport import Plain, Tls, TransportClosed
 
 log = logging.getLogger("pyipc.daemons.websocketd")
@@ -50,8 +46,7 @@ class Session:
     """A WebSocket client's fd switched with its service's fd."""
 
     __slots__ = ("ctx", "fd", "service_fd", "service", "peer", "protocol", "transport",
-                 "linger", "_parts", "_text", "_messages", "_ending", "_ended", "_service_sock",
-                 "_decoder", "_replies", "_service_end")
+                 "linger", "_parts", "_text", "_messages", "_ending", "_ended", "_service")
 
     def __init__(self, ctx: Context, fd: int, service_fd: int, service: str, peer: str,
                  protocol: ServerProtocol, transport: Union[Plain, Tls],
@@ -72,13 +67,7 @@ class Session:
         self._messages: Deque[bytes] = collections.deque()   # whole, not yet returned
         self._ending: Optional[str] = None     # why the WebSocket is closing
         self._ended = False                    # switch_end was called
-        # The service's socket, read without waiting (MSG_DONTWAIT): the core
-        # keeps its own connections in blocking mode. A dup, so that no
-        # Python object ever closes the core's fd; closed by release().
-        self._service_sock = socket.socket(fileno=os.dup(service_fd))
-        self._decoder = FrameDecoder(ctx.max_message_size)
-        self._replies: Deque[bytes] = collections.deque()    # from the service, whole
-        self._service_end: Optional[Tuple[int, str]] = None  # close code and reason
+        self._service = ServiceReader(service_fd, ctx.max_message_size)
 
     # ------------------------------------------------------------ callbacks
 
@@ -106,39 +95,18 @@ class Session:
         return CBEvent.NO_ERROR
 
     def on_service_in(self, fd: int) -> Tuple[CBEvent, Optional[bytes]]:
-        """The service's socket is readable (or MORE asked to be called)."""
-        if not self._replies and self._service_end is None:
-            self._receive_service()
-        if self._replies:
-            payload = self._replies.popleft()
-            more = bool(self._replies) or self._service_end is not None
+        """The service's socket is readable (or MORE asked to be called):
+        its next message goes to on_out; its end closes the WebSocket."""
+        service = self._service
+        if not service.messages and service.end is None:
+            service.read()
+        if service.messages:
+            payload = service.messages.popleft()
+            more = bool(service.messages) or service.end is not None
             return (CBEvent.MORE if more else CBEvent.NO_ERROR), payload
-        if self._service_end is not None:
-            self.close(*self._service_end)
+        if service.end is not None:
+            self.close(*service.end)
         return CBEvent.IGNORE, None
-
-    def _receive_service(self) -> None:
-        try:
-            data = self._service_sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._service_end = (CloseCode.INTERNAL_ERROR, f"service connection failed: "
-                                 f"{e.strerror}")
-            return
-        if not data:
-            self._service_end = (
-                (CloseCode.INTERNAL_ERROR, "the service ended in the middle of a message")
-                if self._decoder.partial else
-                (CloseCode.NORMAL_CLOSURE, "the service closed the connection"))
-            return
-        out: List[bytes] = []
-        try:
-            self._decoder.feed(memoryview(data), out)
-        except FrameTooLarge as e:
-            self._service_end = (CloseCode.INTERNAL_ERROR, f"the service sent a message "
-                                 f"over max_message_size ({e.size} > {e.limit} bytes)")
-        self._replies.extend(out)
 
     # ------------------------------------------------------------ from the daemon
 
@@ -181,7 +149,7 @@ class Session:
 
     def release(self) -> None:
         """Both fds are gone: close the dup of the service's socket."""
-        self._service_sock.close()
+        self._service.close()
 
     # ------------------------------------------------------------ reading
 

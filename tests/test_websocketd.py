@@ -216,6 +216,28 @@ def test_service_closing_the_connection_closes_with_1000(start):
         assert closed_by_server(ws) == (1000, "the service closed the connection")
 
 
+def test_client_that_never_answers_our_close_is_cut_after_close_timeout(start):
+    # The service hangs up; the client gets the close frame, does not answer,
+    # and websocketd closes the TCP connection CLOSE_TIMEOUT (2 s) later.
+    def hang_up(ctx, ev):
+        if ev.type == EventType.MESSAGE_RX:
+            ctx.close(ev.fd)
+    start.service("sink", hang_up)
+    d = start.daemon()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        client = handshake(s, d.url("/sink"))
+        client.send_binary(b"bye")
+        s.sendall(b"".join(client.data_to_send()))
+        frames = []
+        while True:                       # read, never answer
+            data = s.recv(65536)
+            if not data:
+                break
+            client.receive_data(data)
+            frames += [e for e in client.events_received() if isinstance(e, Frame)]
+    assert [(f.opcode, f.data[:2]) for f in frames] == [(Opcode.CLOSE, b"\x03\xe8")]
+
+
 def test_service_stopping_closes_with_1000(start):
     service = start.service()
     d = start.daemon()

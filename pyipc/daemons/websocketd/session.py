@@ -135,7 +135,8 @@ class Session:
         if self._ended:
             return
         if self.protocol.state is State.OPEN:
-            self.protocol.send_close(code, reason[:120])    # a close frame holds 123 bytes
+            # A close frame's reason holds 123 bytes of UTF-8 at most.
+            self.protocol.send_close(code, reason.encode()[:120].decode("utf-8", "ignore"))
             self._flush()
         self._end(f"{code} {reason}", error=code == CloseCode.INTERNAL_ERROR)
 

@@ -499,3 +499,11 @@ def test_ipcd_leaving_mid_dial_is_forgotten_and_tlsd_keeps_serving(hosts, backen
                 held.close()
             assert answer == b"ok" and fd is not None
             os.close(fd)
+
+
+def test_listen_given_as_one_string_is_refused():
+    """TlsdConfig.listen is a tuple of addresses: a str would be bound letter
+    by letter ("1", "2", "7", ...), an obscure EADDRNOTAVAIL at start."""
+    from pyipc.daemons._tls_options import TlsdConfig
+    with pytest.raises(TypeError, match="listen must be a tuple of addresses, not str"):
+        TlsdConfig(listen="127.0.0.1:0", cert="server.pem")  # type: ignore[arg-type]

@@ -308,8 +308,10 @@ class Context:
     def switch_send(self, fd: int, data: Buffer) -> None:
         """Queue raw bytes (not framed) for switched fd `fd`, written in order
         with the rest of its output: for a foreign protocol's own replies
-        from a callback (a WebSocket pong, TLS handshake records). QueueFullError
-        when fd's queue is over max_queue_size (or data alone is larger)."""
+        from a callback (a WebSocket pong, TLS handshake records), or fd's
+        on_out output. QueueFullError when fd's queue is over max_queue_size
+        (or data alone is larger), except from fd's own on_out (back-pressure
+        holds the other side instead)."""
         raise NotImplementedError
 
     def switch_end(self, fd: int, reason: Optional[str] = None) -> None:

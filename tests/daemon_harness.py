@@ -49,9 +49,21 @@ def frame(payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + payload
 
 
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    """n bytes from sock (fewer only at its end). MSG_WAITALL does not wait
+    on a socket with a timeout set: hence the loop."""
+    got = b""
+    while len(got) < n:
+        more = sock.recv(n - len(got))
+        if not more:
+            break
+        got += more
+    return got
+
+
 def read_frame(sock: socket.socket) -> bytes:
-    (size,) = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))
-    return sock.recv(size, socket.MSG_WAITALL)
+    (size,) = struct.unpack(">I", read_exactly(sock, 4))
+    return read_exactly(sock, size)
 
 
 class FakeScheme:

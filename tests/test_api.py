@@ -279,7 +279,8 @@ def test_enum_values_are_libipcs():
         "ERROR", "CONNECTION", "DISCONNECTION", "MESSAGE_RX", "MESSAGE_TX", "TIMER",
         "EXTERNAL", "SWITCH_RX", "SWITCH_TX"]
     assert {c.name: int(c) for c in pyipc.CBEvent} == {
-        "NO_ERROR": 0, "ERROR": 1, "FD_CLOSING": 2, "IGNORE": 3}
+        "NO_ERROR": 0, "ERROR": 1, "FD_CLOSING": 2, "IGNORE": 3,
+        "MORE": 4}                      # pyipc's, after libIPC's four
 
 
 def test_error_hierarchy():

@@ -5,6 +5,7 @@ backends with the same behaviour and the same error texts."""
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 import threading
 
@@ -186,6 +187,49 @@ def test_more_lets_another_connection_be_served_between_rounds(ctx_factory):
         gw.outer.close()
 
 
+@pytest.mark.parametrize("events", [True, False])
+def test_more_under_a_loop_driven_by_fileno(ctx_factory, events):
+    """fileno() stays readable while MORE calls are due (their input is in
+    the callback, not in any socket), so a selectors/asyncio loop that only
+    calls wait_events(timeout=0) when it is readable gets every record. Here
+    neither side queues anything (on_out writes at once) and, with
+    switch_events off, no event is pending either."""
+    s = ctx_factory()
+    a_in, a_out = socket.socketpair()
+    b_in, b_out = socket.socketpair()
+    try:
+        fa, fb = a_in.detach(), b_in.detach()
+        s.add_external(fa)
+        s.add_external(fb)
+        s.add_switch(fa, fb)
+        s.set_switch_callbacks(fa, Lines(s).on_in, None)
+
+        def on_out(fd: int, payload: bytes) -> CBEvent:
+            os.write(fd, payload + b"\n")
+            return CBEvent.NO_ERROR
+        s.set_switch_callbacks(fb, None, on_out)
+        s.switch_events = events
+        n = 3 * MAX_MORE_PER_ROUND + 1
+        records = b"".join(b"r%d\n" % i for i in range(n))
+        a_out.sendall(records)
+        got = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(s.fileno(), selectors.EVENT_READ)
+            tick = deadline()
+            while len(got) < len(records):
+                tick()
+                if sel.select(timeout=0.5):
+                    s.wait_events(timeout=0)
+                try:
+                    got += b_out.recv(1 << 16, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+        assert got == records
+    finally:
+        a_out.close()
+        b_out.close()
+
+
 def test_more_waits_while_the_peer_queue_is_over_its_bound(ctx_factory):
     """Back-pressure holds MORE calls as it holds reads: the client does not
     read, so its queue stays over max_queue_size; nothing is lost."""
@@ -294,6 +338,37 @@ def test_switch_send_queue_bound_at_and_past_its_edge(ctx_factory):
         gw.outer.close()
 
 
+def test_a_slow_foreign_reader_holds_the_other_side_back(ctx_factory):
+    """on_out writes through switch_send: while the foreign peer does not read,
+    the fd's queue goes over max_queue_size, the pyipc side is not read any
+    more, and its client's messages wait in its own queue; nothing is lost."""
+    gw = Gateway(ctx_factory, max_message_size=1000, max_queue_size=10_000)
+    try:
+        for fd in (gw.fd, gw.cfd):              # the kernel's smallest buffers
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        n, payload = 200, b"p" * 500
+        for _ in range(n):
+            gw.client.schedule(gw.cfd, payload)
+        sent = 0
+        for _ in range(50):                     # both loops run; the peer reads nothing
+            gw.client.timer = 0
+            sent += sum(e.type == EventType.MESSAGE_TX for e in gw.client.wait_events())
+            gw.run_server()
+        assert sent < n // 2                    # held back: 100 KB did not go through
+        expected = (payload + b"\n") * n
+        got = b""
+        tick = deadline()
+        while len(got) < len(expected):         # the peer reads: everything comes
+            tick()
+            gw.client.timer = 0
+            gw.client.wait_events()
+            got += gw.received(1)
+        assert got == expected
+    finally:
+        gw.outer.close()
+
+
 # -- switch_end ---------------------------------------------------------------------
 def test_switch_end_flushes_then_closes_both_sides(gateway):
     big = os.urandom(1 << 20)                   # still queued when the switch ends
@@ -353,6 +428,15 @@ def test_switch_events_false_reports_no_relay_but_the_end(gateway):
     gateway.client.close(gateway.cfd)
     events = collect(gateway.server, lambda e: sum(x.type == DISC for x in e) >= 2)
     assert [(e.type, e.fd) for e in events] == [(DISC, gateway.conn), (DISC, gateway.fd)]
+
+
+def test_switch_events_false_still_reports_errors(gateway):
+    gateway.server.switch_events = False
+    gateway.server.set_switch_callbacks(gateway.fd, lambda fd: (CBEvent.ERROR, None), None)
+    gateway.outer.sendall(b"x")
+    events = collect(gateway.server, lambda e: sum(x.type == DISC for x in e) >= 2)
+    assert [(e.type, e.fd) for e in events] == [
+        (EventType.ERROR, gateway.fd), (DISC, gateway.fd), (DISC, gateway.conn)]
 
 
 def test_switch_events_back_on(gateway):

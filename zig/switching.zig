@@ -59,6 +59,9 @@ pub const State = struct {
     /// The current round's number (Context.round): an fd's `in` runs one
     /// batch of at most max_more_per_round calls a round.
     round: u64 = 0,
+    /// The fd whose `out` callback is running (-1: none): its send() is
+    /// part of forwarding, bounded by back-pressure, never refused.
+    out_fd: i32 = -1,
 
     pub fn deinit(self: *State, gpa: Allocator) void {
         self.more.deinit(gpa);
@@ -246,7 +249,11 @@ pub fn forward(ctx: *Context, origin: *Conn, payload: []const u8) Allocator.Erro
     std.debug.assert(dest.alive);
     if (dest.cb_out) |out| {
         const len: u32 = @intCast(payload.len);
-        const result: CbResult = @fromBackingInt(@intCast(out(dest.fd, payload.ptr, len)));
+        const outer = ctx.switch_state.out_fd; // (an `out` never runs inside another)
+        ctx.switch_state.out_fd = dest.fd;
+        const code = out(dest.fd, payload.ptr, len);
+        ctx.switch_state.out_fd = outer;
+        const result: CbResult = @fromBackingInt(@intCast(code));
         if (!dest.alive) return; // the callback closed it itself
         if (result != .no_error) return callbackResult(ctx, dest, result);
         if (events) try ctx.events.push(ctx.gpa, .switch_tx, dest.fd, dest.index);
@@ -263,25 +270,31 @@ pub fn forward(ctx: *Context, origin: *Conn, payload: []const u8) Allocator.Erro
 
 /// Queue raw bytes (not framed) for switched fd `fd`, after what is queued
 /// for it. Refused when its queue is over max_queue_size already (the state
-/// in which its peer is not read), or when `data` alone is larger.
+/// in which its peer is not read), or when `data` alone is larger; except
+/// from fd's own `out` callback: that output is forwarding, bounded as
+/// forwarded frames are (its peer is not read while the queue is over).
 pub fn send(ctx: *Context, fd: i32, data: []const u8) Error!void {
     const conn = try switched(ctx, fd);
+    if (fd != ctx.switch_state.out_fd) try checkRoom(ctx, conn, data.len);
+    if (data.len == 0) return;
+    try ctx.markDirty(conn);
+    defer ctx.queueChanged(conn); // unmarks it again if the push failed
+    try conn.queue.pushRaw(ctx.gpa, data);
+}
+
+fn checkRoom(ctx: *Context, conn: *Conn, len: usize) Error!void {
     const max = ctx.limits.max_queue_size;
-    if (data.len > max) return ctx.last.fail(
+    if (len > max) return ctx.last.fail(
         error.QueueFull,
         "switch_send of {d} bytes exceeds max_queue_size ({d})",
-        .{ data.len, max },
+        .{ len, max },
     );
     const queued = conn.queue.queuedBytes();
     if (queued > max) return ctx.last.fail(
         error.QueueFull,
         "send queue of fd {d} is full ({d} bytes queued, max_queue_size {d})",
-        .{ fd, queued, max },
+        .{ conn.fd, queued, max },
     );
-    if (data.len == 0) return;
-    try ctx.markDirty(conn);
-    defer ctx.queueChanged(conn); // unmarks it again if the push failed
-    try conn.queue.pushRaw(ctx.gpa, data);
 }
 
 /// End the switch of fd: ERROR with `reason` (if any) for fd; then each

@@ -50,7 +50,8 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
 
     __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_poller", "_pending",
                  "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
-                 "_spare_fd", "_ready", "_timer_base", "_plain_reads", "_more", "_round_no")
+                 "_spare_fd", "_ready", "_timer_base", "_plain_reads", "_more", "_round_no",
+                 "_out_fd")
 
     backend = "pure"
 
@@ -69,6 +70,7 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         # and the number of the current round (each fd's on_in runs one batch a round).
         self._more: dict[Conn, None] = {}
         self._round_no = 0
+        self._out_fd = -1                          # the fd whose on_out runs (switching.py)
         # Connections that ended (DISCONNECTION reported) keep their fd open until
         # the next round, so a new connection cannot get the same number while
         # the old one's events are handled (a reply would reach the wrong peer).
@@ -135,10 +137,17 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
             self._arm_timer()
 
     def _arm_timer(self) -> None:
-        """fileno() becomes readable when a zero-timeout wait's TIMER is due."""
+        """fileno() becomes readable when a zero-timeout wait's TIMER is due,
+        and stays readable while MORE calls are due (switching.py): that is
+        work a zero-timeout wait does, with no fd ready to show it."""
         if self._ready is not None:
+            self._ready.set_pending(bool(self._pending) or self._more_due())
             self._ready.arm_timer(None if self._timer is None
                                   else self._timer_base + self._timer / 1000)
+
+    def _more_due(self) -> bool:
+        """Some on_in asked for MORE and may be called now (switching.py)."""
+        return bool(self._more) and self._more_ready()
 
     def fileno(self) -> int:
         if self._ready is None:

@@ -68,20 +68,25 @@ class Switching:
     def switch_send(self: PureState, fd: int, data: Buffer) -> None:
         raw = check_switch_data(data)
         conn = self._switched(fd)
-        if len(raw) > self.max_queue_size:
-            raise QueueFullError(
-                f"switch_send of {len(raw)} bytes exceeds max_queue_size ({self.max_queue_size})")
-        # Refused only when the queue is over its bound already: the state
-        # in which the peer is not read (so a callback that writes its
-        # protocol's output here gets back-pressure, not a failure).
-        if conn.queued_bytes > self.max_queue_size:
-            raise QueueFullError(
-                f"send queue of fd {fd} is full ({conn.queued_bytes} bytes queued, "
-                f"max_queue_size {self.max_queue_size})")
+        # From fd's own on_out, the output is forwarding: bounded as forwarded
+        # frames are (fd's peer is not read while the queue is over), never refused.
+        if fd != self._out_fd:
+            self._check_send_room(conn, len(raw))
         if raw:
             self._enqueue(conn, bytes(raw), None)     # raw bytes: no event when written
             if conn.peer is not None:
                 self._set_interest(conn.peer)         # back-pressure on what feeds it
+
+    def _check_send_room(self: PureState, conn: Conn, size: int) -> None:
+        """switch_send's bound: data alone within max_queue_size, and the
+        queue not over it already (the state in which its peer is not read)."""
+        if size > self.max_queue_size:
+            raise QueueFullError(
+                f"switch_send of {size} bytes exceeds max_queue_size ({self.max_queue_size})")
+        if conn.queued_bytes > self.max_queue_size:
+            raise QueueFullError(
+                f"send queue of fd {conn.fd} is full ({conn.queued_bytes} bytes queued, "
+                f"max_queue_size {self.max_queue_size})")
 
     def switch_end(self: PureState, fd: int, reason: Optional[str] = None) -> None:
         text = check_reason(reason)
@@ -192,11 +197,14 @@ class Switching:
             self._enqueue(dest, encode(payload), _SWITCH_TX if events else None)
             self._set_interest(origin)       # pause reading if dest is over its bound
             return
+        self._out_fd = dest.fd                # (an on_out never runs inside another)
         try:
             result = CBEvent(dest.on_out(dest.fd, payload))
         except Exception:
             log.exception("switch output callback of fd %d failed", dest.fd)
             result = CBEvent.ERROR
+        finally:
+            self._out_fd = -1
         if not dest.alive:
             return                          # on_out closed it itself
         if result == CBEvent.NO_ERROR:

@@ -1,0 +1,423 @@
+"""pyipc tcpd (pyipc.daemons.tcpd.Tcpd) on one host (127.0.0.1), both backends:
+the listening side's handshake byte by byte (a name and messages in one
+segment, libIPC's bare name, CR LF, refusals answered, bounds at and past
+their edge), and the dialling side with stand-in remotes (what follows `ok`
+is not lost, refusals relayed, garbage and silence answered). Across hosts:
+test_network_tcp.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from typing import Callable, Iterator, Optional
+
+import pytest
+
+import pyipc
+from pyipc.daemons.ipcd import Ipcd
+from pyipc.daemons.tcpd import Tcpd, parse_uri, MAX_HANDSHAKE
+
+from conftest import CHILD_ENV, spin_until
+from daemon_harness import Pong, frame, read_exactly, read_frame, running
+
+
+@pytest.fixture
+def pong(backend, rundir) -> Iterator[Pong]:
+    with running(Pong(rundir=rundir, backend=backend)) as daemon:
+        yield daemon
+
+
+def make_tcpd(backend: str, rundir: str, **kw) -> Tcpd:
+    kw.setdefault("listen", ["127.0.0.1:0"])
+    kw.setdefault("expose", ["pong", "missing"])
+    return Tcpd(rundir=rundir, backend=backend, **kw)
+
+
+@pytest.fixture
+def tcpd(backend, rundir, pong) -> Iterator[Tcpd]:
+    with running(make_tcpd(backend, rundir)) as daemon:
+        yield daemon
+
+
+def dial(daemon: Tcpd) -> socket.socket:
+    sock = socket.create_connection(daemon.addresses[0][:2], timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    got = b""
+    while True:
+        more = sock.recv(4096)
+        if not more:
+            return got
+        got += more
+
+
+# ------------------------------------------------------------ listening side
+
+def test_name_and_messages_in_one_segment(tcpd):
+    with dial(tcpd) as sock:
+        sock.sendall(b"pong\n" + frame(b"first") + frame(b"") + frame(b"third"))
+        want = b"ok" + frame(b"first") + frame(b"") + frame(b"third")
+        assert read_exactly(sock, len(want)) == want
+
+
+class CountingTcpd(Tcpd):
+    """Tcpd noting the type of every event its loop hands it."""
+
+    def on_event(self, ev: pyipc.Event) -> None:
+        self.seen.append(ev.type)
+        super().on_event(ev)
+
+
+def test_relayed_messages_raise_no_events(backend, rundir, pong):
+    """switch_events is off: the loop sees the handshake, not the messages."""
+    daemon = CountingTcpd(rundir=rundir, backend=backend, listen=["127.0.0.1:0"],
+                          expose=["pong"])
+    daemon.seen = []
+    with running(daemon):
+        with dial(daemon) as sock:
+            sock.sendall(b"pong\n")
+            assert read_exactly(sock, 2) == b"ok"
+            for i in range(200):
+                sock.sendall(frame(b"%d" % i))
+                assert read_frame(sock) == b"%d" % i
+    switch_events = {pyipc.EventType.SWITCH_RX, pyipc.EventType.SWITCH_TX}
+    assert not switch_events & set(daemon.seen), daemon.seen
+    assert len(daemon.seen) < 20                  # accept, name: a handful, not 400
+
+
+def test_libipc_bare_name(tcpd):
+    with dial(tcpd) as sock:
+        sock.sendall(b"pong")                     # no newline: taken after the grace
+        assert read_exactly(sock, 2) == b"ok"
+        sock.sendall(frame(b"hi"))
+        assert read_frame(sock) == b"hi"
+
+
+def test_a_typed_line_with_cr_lf(tcpd):
+    with dial(tcpd) as sock:
+        sock.sendall(b"pong\r\n" + frame(b"x"))
+        assert read_exactly(sock, 2 + 5) == b"ok" + frame(b"x")
+
+
+@pytest.mark.parametrize("name,answer", [
+    (b"hidden", b"ne refused service hidden is not exposed by this tcpd\n"),
+    (b"ipc", b"ne refused service ipc is not exposed by this tcpd\n"),
+    (b"\xff\xfe", b"ne refused the name is not UTF-8\n"),
+])
+def test_refusals_are_answered(tcpd, name, answer):
+    with dial(tcpd) as sock:
+        sock.sendall(name + b"\n" + frame(b"lost on purpose"))
+        assert read_to_end(sock) == answer
+
+
+def test_exposed_but_missing_service(tcpd):
+    with dial(tcpd) as sock:
+        sock.sendall(b"missing\n")
+        assert read_to_end(sock) == f"ne noservice no service missing on " \
+                                    f"{socket.gethostname()}\n".encode()
+
+
+def test_name_length_at_and_past_the_edge(backend, rundir):
+    long_ok = "p" * 100                           # a service name's own bound is lower
+    with running(make_tcpd(backend, rundir, expose=[long_ok])) as daemon:
+        with dial(daemon) as sock:                # MAX_HANDSHAKE bytes and no newline
+            sock.sendall(b"x" * MAX_HANDSHAKE + b"\n")
+            answer = read_to_end(sock)
+            assert answer.startswith(b"ne refused service xxx"), answer[:60]
+        with dial(daemon) as sock:                # one more: refused as too long
+            sock.sendall(b"x" * (MAX_HANDSHAKE + 1))
+            assert read_to_end(sock) == (b"ne refused name too long (at most %d bytes)\n"
+                                         % MAX_HANDSHAKE)
+
+
+def test_handshake_timeout(backend, rundir):
+    with running(make_tcpd(backend, rundir, handshake_timeout=0.3)) as daemon:
+        with dial(daemon) as sock:
+            assert read_to_end(sock) == b"ne timeout no service name in 0.3 s\n"
+
+
+def test_max_pending_at_and_past_the_edge(backend, rundir, pong):
+    with running(make_tcpd(backend, rundir, max_pending=2)) as daemon:
+        idle = [dial(daemon) for _ in range(2)]   # at the edge: both wait for a name
+        try:
+            spin_until(lambda: daemon.pending == 2)
+            with dial(daemon) as third:           # past it
+                assert read_to_end(third) == (b"ne busy tcpd has 2 handshakes in "
+                                              b"progress (--max-pending)\n")
+            idle[0].sendall(b"pong\n" + frame(b"still served"))
+            assert read_exactly(idle[0], 2 + 16) == b"ok" + frame(b"still served")
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_ipv6_listener(backend, rundir, pong):
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    with running(make_tcpd(backend, rundir, listen=["[::1]:0"])) as daemon:
+        host, port = daemon.addresses[0][:2]
+        assert host == "::1"
+        with socket.create_connection(("::1", port), timeout=10) as sock:
+            sock.sendall(b"pong\n" + frame(b"v6"))
+            assert read_exactly(sock, 2 + 6) == b"ok" + frame(b"v6")
+
+
+def test_bad_settings_are_refused(rundir):
+    for kw in ({"listen": ["1.2.3.4:99999"]}, {"listen": ["[::1"]}, {"max_pending": 0},
+               {"connect_timeout": 0}, {"dead_peer_timeout": -1}):
+        with pytest.raises(ValueError):
+            Tcpd(rundir=rundir, **kw)
+
+
+def test_parse_uri():
+    assert parse_uri("tcp://10.0.0.2:9001/pong") == ("10.0.0.2", 9001, "pong")
+    assert parse_uri("tcp://[::1]:9000/pong") == ("::1", 9000, "pong")
+    assert parse_uri("tcp://hostb/kv") == ("hostb", 9000, "kv")
+    for bad in ("tcp://h:1/", "tcp://h:1", "tls://h:1/x", "tcp://:1/x", "tcp://h:1/a/b",
+                "tcp://h:99999/x"):
+        with pytest.raises(ValueError):
+            parse_uri(bad)
+
+
+# ------------------------------------------------------------ dialling side
+
+class FakeRemote:
+    """A TCP server on 127.0.0.1 standing for a remote tcpd: reads the name
+    line, then `behave(conn, name)`."""
+
+    def __init__(self, behave: Callable[[socket.socket, bytes], None]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.names: list = []
+        self.release = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(behave,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, behave: Callable[[socket.socket, bytes], None]) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            name = b""
+            while not name.endswith(b"\n"):
+                more = conn.recv(1)
+                if not more:
+                    return
+                name += more
+            self.names.append(name)
+            behave(conn, name)
+
+    def close(self) -> None:
+        self.release.set()
+        self.listener.close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def dialler(backend, rundir, monkeypatch) -> Iterator[Callable[..., Optional[pyipc.IPCError]]]:
+    """connect('svc') through a real ipcd and tcpd to a FakeRemote."""
+    with running(make_tcpd(backend, rundir, connect_timeout=1)), \
+            running(Ipcd(rundir=rundir, backend=backend)):
+        def connect(remote: FakeRemote, check: Callable[[pyipc.Context, int], None]) \
+                -> Optional[pyipc.IPCError]:
+            monkeypatch.setenv("IPC_NETWORK", f"svc tcp://127.0.0.1:{remote.port}/svc")
+            with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+                try:
+                    fd = ctx.connect("svc", timeout=10)
+                except pyipc.IPCError as e:
+                    return e
+                check(ctx, fd)
+            return None
+        yield connect
+
+
+def test_what_follows_ok_reaches_the_client(dialler):
+    """The remote's first message comes in the same segment as its `ok`."""
+    def behave(conn: socket.socket, name: bytes) -> None:
+        conn.sendall(b"ok" + frame(b"greeting") + frame(b"second"))
+        assert read_frame(conn) == b"reply"
+
+    def check(ctx: pyipc.Context, fd: int) -> None:
+        assert ctx.read(fd, timeout=10) == b"greeting"
+        assert ctx.read(fd, timeout=10) == b"second"
+        ctx.write(fd, b"reply")
+    remote = FakeRemote(behave)
+    try:
+        assert dialler(remote, check) is None
+        assert remote.names == [b"svc\n"]
+    finally:
+        remote.close()
+
+
+@pytest.mark.parametrize("reply,cls,text", [
+    (b"ne noservice no service svc on b\n", pyipc.ServiceNotFoundError,
+     "(noservice): no service svc on b"),
+    (b"ne refused service svc is not exposed", pyipc.NetworkError,   # no newline, then EOF
+     "(refused): service svc is not exposed"),
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n", pyipc.NetworkError,
+     "(refused): the peer at tcp://127.0.0.1:{port}/svc answered b'HTTP/1.1 400 Bad "
+     "Request\\r\\n\\r\\n', not ok: is it a pyipc or libIPC tcpd?"),
+    (b"", pyipc.NetworkError,
+     "(unreachable): the peer at tcp://127.0.0.1:{port}/svc answered nothing (closed), "
+     "not ok: is it a pyipc or libIPC tcpd?"),
+    (None, pyipc.NetworkError,                                        # silent
+     "(timeout): no answer from tcp://127.0.0.1:{port}/svc in 1 s"),
+])
+def test_remote_answers_other_than_ok(dialler, reply, cls, text):
+    def behave(conn: socket.socket, name: bytes) -> None:
+        if reply is None:
+            remote.release.wait(30)
+        else:
+            conn.sendall(reply)
+    remote = FakeRemote(behave)
+    try:
+        err = dialler(remote, lambda ctx, fd: None)
+        assert type(err) is cls, err
+        assert str(err) == ("ipcd could not connect to service svc "
+                            + text.format(port=remote.port))
+    finally:
+        remote.close()
+
+
+def test_bad_uri_from_ipcd(backend, rundir):
+    with running(make_tcpd(backend, rundir)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(os.path.join(rundir, "tcp"))
+            sock.sendall(frame(b"tcp://host:1/"))
+            assert read_frame(sock).startswith(b"ne norule bad URI: tcp://host:1/: no service")
+
+
+def test_host_names_to_listen_on_and_to_dial(backend, rundir, pong, monkeypatch):
+    """`localhost` resolves to one or more loopback addresses: tcpd listens on
+    each; ipcd's URI may name the host too."""
+    with running(make_tcpd(backend, rundir, listen=["localhost:0"])) as daemon, \
+            running(Ipcd(rundir=rundir, backend=backend)):
+        assert daemon.addresses
+        for address in daemon.addresses:
+            assert address[0] in ("127.0.0.1", "::1")
+        port = next(a[1] for a in daemon.addresses if a[0] == "127.0.0.1")
+        monkeypatch.setenv("IPC_NETWORK", f"p tcp://localhost:{port}/pong")
+        with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+            fd = ctx.connect("p", timeout=10)
+            ctx.write(fd, b"by name")
+            assert ctx.read(fd, timeout=10) == b"by name"
+
+
+ACTIVATE = """
+import os, sys
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES="tcp:tcp")
+os.dup2(int(sys.argv[1]), 3)
+os.dup2(int(sys.argv[2]), 4)
+os.execv(sys.executable, [sys.executable, "-m", "pyipc", *sys.argv[3:]])
+"""
+
+
+def test_socket_activation(backend, rundir, pong, tmp_path, monkeypatch):
+    """systemd passes a TCP listener (tcpd's --listen is then unused) and the
+    Unix socket `tcp` (ipcd's way in); READY=1 once both serve."""
+    tcp = socket.create_server(("127.0.0.1", 0))
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(os.path.join(rundir, "tcp"))
+    unix.listen(8)
+    notify_path = str(tmp_path / "notify")
+    with tcp, unix, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(notify_path)
+        notify.settimeout(20)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ACTIVATE, str(tcp.fileno()), str(unix.fileno()),
+             "--rundir", rundir, "--backend", backend, "tcpd", "--listen", "127.0.0.1:1",
+             "--expose", "pong"], pass_fds=[tcp.fileno(), unix.fileno()],
+            env=dict(CHILD_ENV, NOTIFY_SOCKET=notify_path), stderr=subprocess.PIPE)
+        try:
+            assert notify.recv(100) == b"READY=1"
+            # A peer on the passed TCP socket...
+            with socket.create_connection(tcp.getsockname(), timeout=10) as peer:
+                peer.sendall(b"pong\n" + frame(b"activated"))
+                assert read_exactly(peer, 2 + 13) == b"ok" + frame(b"activated")
+            # ...and ipcd's request on the passed Unix socket (dialling the same tcpd).
+            with running(Ipcd(rundir=rundir, backend=backend)):
+                monkeypatch.setenv("IPC_NETWORK",
+                                   f"p tcp://127.0.0.1:{tcp.getsockname()[1]}/pong")
+                with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+                    fd = ctx.connect("p", timeout=10)
+                    ctx.write(fd, b"via ipcd")
+                    assert ctx.read(fd, timeout=10) == b"via ipcd"
+            proc.terminate()
+            assert notify.recv(100) == b"STOPPING=1"
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            proc.stderr.close()
+
+
+@pytest.mark.parametrize("args,status,text", [
+    (["tcpd", "--listen", "127.0.0.1:{port}"], 1, "pyipc tcpd: tcpd cannot listen on "
+     "127.0.0.1:{port}: Address already in use"),
+    (["tcpd", "--listen", "127.0.0.1:99999"], 2, "pyipc tcpd: '127.0.0.1:99999': bad port"),
+    (["tcpd", "--max-pending", "0"], 2, "pyipc tcpd: max_pending must be >= 1, not 0"),
+    (["ipcd", "--max-requests", "0"], 2, "pyipc ipcd: max_requests must be >= 1, not 0"),
+])
+def test_cli_errors_are_one_line(backend, rundir, args, status, text):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "pyipc", "--rundir", rundir, "--backend",
+                              backend, *[a.format(port=port) for a in args]],
+                             env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == status, out.stderr
+    assert out.stderr.startswith(text.format(port=port)), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_many_clients_connect_at_once(backend, rundir, pong, monkeypatch):
+    """40 clients ask at once: every dial goes through (ipcd and tcpd serve
+    them concurrently, the dials on worker threads), each gets its own echo."""
+    with running(make_tcpd(backend, rundir)) as daemon, \
+            running(Ipcd(rundir=rundir, backend=backend)):
+        monkeypatch.setenv("IPC_NETWORK",
+                           f"pong tcp://127.0.0.1:{daemon.addresses[0][1]}/pong")
+        errors: list = []
+        go = threading.Barrier(40)
+
+        def one(i: int) -> None:
+            try:
+                with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+                    go.wait(20)
+                    fd = ctx.connect("pong", timeout=30)
+                    ctx.write(fd, b"client %d" % i)
+                    assert ctx.read(fd, timeout=30) == b"client %d" % i
+            except BaseException as e:          # reported below, with its client
+                errors.append((i, repr(e)))
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+
+
+def test_a_bad_frame_after_ok_ends_that_relay_only(tcpd):
+    """A peer announcing more than max_message_size: its relay is closed (the
+    core's rule), tcpd goes on serving others."""
+    with dial(tcpd) as bad:
+        bad.sendall(b"pong\n" + b"\xff\xff\xff\xff" + b"x" * 100)
+        assert read_to_end(bad) == b"ok"
+    with dial(tcpd) as good:
+        good.sendall(b"pong\n" + frame(b"still here"))
+        assert read_exactly(good, 2 + 14) == b"ok" + frame(b"still here")
+
+
+def test_several_listen_addresses(backend, rundir, pong):
+    with running(make_tcpd(backend, rundir, listen=["127.0.0.1:0", "127.0.0.2:0"])) as daemon:
+        assert [a[0] for a in daemon.addresses] == ["127.0.0.1", "127.0.0.2"]
+        for host, port in daemon.addresses:
+            with socket.create_connection((host, port), timeout=10) as sock:
+                sock.sendall(b"pong\n" + frame(host.encode()))
+                assert read_exactly(sock, 2 + 4 + len(host)) == b"ok" + frame(host.encode())

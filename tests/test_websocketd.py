@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import pytest
 
@@ -342,6 +343,14 @@ def test_wss_echo(start, certificates):
             ws.send(payload)
             assert ws.recv(timeout=10) == payload
         assert ws.ping(b"p").wait(10)
+
+
+def test_wss_serves_the_static_files_over_https(start, certificates):
+    server, client = certificates
+    d = start.daemon(ssl_context=server)
+    url = f"https://127.0.0.1:{d.port}/pyipc.js"
+    with urllib.request.urlopen(url, context=client, timeout=10) as r:
+        assert r.status == 200 and b"root.pyipc = {" in r.read()
 
 
 def test_wss_refuses_plain_http_and_untrusted_clients_see_tls_errors(start, certificates):

@@ -39,9 +39,12 @@ class Daemon:
     #: The logger's name suffix and the daemon's name in messages.
     name = "daemon"
 
-    def __init__(self, *, rundir: Optional[str] = None, backend: Optional[str] = None) -> None:
+    def __init__(self, *, rundir: Optional[str] = None, backend: Optional[str] = None,
+                 **context_options: Any) -> None:
+        """`context_options` go to the daemon's Context (e.g. max_message_size,
+        max_queue_size, when the daemon's bounds are not pyipc's defaults)."""
         self.log = logging.getLogger(f"pyipc.daemons.{self.name}")
-        self.ctx = Context(rundir=rundir, backend=backend)
+        self.ctx = Context(rundir=rundir, backend=backend, **context_options)
         self.ready = threading.Event()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wakeup = SignalWakeup()       # see pyipc/_signal_wakeup.py

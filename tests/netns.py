@@ -70,16 +70,20 @@ class Host:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
                 notify.bind(path)
                 notify.settimeout(READY_TIMEOUT)
-                proc = self.spawn([sys.executable, "-m", "pyipc", "--rundir", self.rundir,
-                                   "--backend", backend, *args],
-                                  env=dict(env, NOTIFY_SOCKET=path), stderr=subprocess.PIPE,
-                                  text=True)
+                # Its log goes to a file: a pipe nobody reads could fill and stall it.
+                log_path = os.path.join(self.rundir, f".{args[0]}-{len(self.procs)}.log")
+                with open(log_path, "w") as log:
+                    proc = self.spawn([sys.executable, "-m", "pyipc", "--rundir",
+                                       self.rundir, "--backend", backend, *args],
+                                      env=dict(env, NOTIFY_SOCKET=path), stderr=log)
                 try:
                     state = notify.recv(100)
                 except socket.timeout:
                     proc.kill()
-                    raise RuntimeError(f"pyipc {' '.join(args)} on {self.netns} did not "
-                                       f"become ready: {proc.communicate()[1]}") from None
+                    proc.wait(10)
+                    with open(log_path) as log:
+                        raise RuntimeError(f"pyipc {' '.join(args)} on {self.netns} did "
+                                           f"not become ready: {log.read()}") from None
                 assert state == b"READY=1", state
         finally:
             shutil.rmtree(notify_dir, ignore_errors=True)

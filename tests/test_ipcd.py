@@ -309,3 +309,30 @@ def test_cli_serves_and_stops_on_sigterm(pong, backend, rundir, tmp_path, monkey
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate(timeout=10)
+
+
+def test_a_service_with_a_full_backlog_is_busy_not_a_stall(ipcd, backend, rundir, monkeypatch):
+    """ipcd connects without blocking: a service that accepts nobody and whose
+    backlog is full is answered `busy` at once (the loop is not held)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(rundir, "stuck"))
+    listener.listen(0)
+    filling = []
+    try:
+        while True:                             # fill the backlog: the next one would wait
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                sock.connect(os.path.join(rundir, "stuck"))
+            except BlockingIOError:
+                sock.close()
+                break
+            filling.append(sock)
+        monkeypatch.setenv("IPC_NETWORK", "s stuck")
+        with client(backend, rundir) as ctx, pytest.raises(pyipc.NetworkError) as info:
+            ctx.connect("s", timeout=10)
+        assert str(info.value) == ("ipcd could not connect to service s (busy): "
+                                   "service stuck has a full backlog")
+    finally:
+        for sock in filling:
+            sock.close()
+        listener.close()

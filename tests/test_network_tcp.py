@@ -25,7 +25,7 @@ import pytest
 import pyipc
 
 import netns
-from conftest import BACKENDS, CHILD_ENV, require_backend
+from conftest import BACKENDS, CHILD_ENV, ROOT, require_backend
 
 pytestmark = pytest.mark.skipif(netns.available() is not None,
                                 reason=str(netns.available()))
@@ -132,6 +132,21 @@ def test_the_fd_is_the_tcp_socket_to_b(client, stack):
     client.close(fd)
 
 
+def test_asyncio_client(stack, monkeypatch):
+    """pyipc.aio's connect() through ipcd takes the TCP socket as a connection too."""
+    import asyncio
+    import pyipc.aio
+    monkeypatch.setenv("IPC_NETWORK", stack.network)
+
+    async def main() -> list:
+        async with pyipc.aio.Context(rundir=stack.a.rundir, backend=stack.backend) as ctx:
+            conn = await ctx.connect("pong", timeout=15)
+            for i in range(100):
+                await conn.send(b"aio %d" % i)
+            return [await asyncio.wait_for(conn.recv(), 10) for _ in range(100)]
+    assert asyncio.run(main()) == [b"aio %d" % i for i in range(100)]
+
+
 # ------------------------------------------------------------ faults
 
 def test_remote_tcpd_down(client, stack):
@@ -155,10 +170,25 @@ def test_unexposed_service(client):
                                "service hidden is not exposed by this tcpd")
 
 
+def relay_on_b(stack: Stack, client_port: int) -> bool:
+    """Whether tcpd on B still holds the TCP connection from the client's port."""
+    out = stack.b.run(["ss", "-Htn", "state", "established", f"( dport = :{client_port} )"],
+                      capture_output=True, text=True, check=True)
+    return bool(out.stdout.strip())
+
+
 def test_link_cut_mid_stream_ends_the_connection(client, stack):
+    """Both ends see it within about --dead-peer-timeout: the client's
+    read fails (TCP_USER_TIMEOUT on unacknowledged data), and tcpd on B ends
+    the relay to pong (keepalive probes on an idle connection)."""
+    import socket
     fd = client.connect("pong", timeout=15)
     client.write(fd, b"before")
     assert client.read(fd, timeout=10) == b"before"
+    sock = socket.socket(fileno=fd)
+    client_port = sock.getsockname()[1]
+    sock.detach()
+    assert relay_on_b(stack, client_port)
     stack.a.link(up=False)
     try:
         started = time.monotonic()
@@ -166,11 +196,15 @@ def test_link_cut_mid_stream_ends_the_connection(client, stack):
             client.write(fd, b"into the void")        # buffered: goes out, never acked
             client.read(fd, timeout=DEAD_PEER * 5)
         took = time.monotonic() - started
+        # An error of the connection (the kernel's timeout), not the read's own timeout.
+        assert not isinstance(info.value, pyipc.TimeoutError), info.value
+        assert took < DEAD_PEER * 4, took
+        # No event to wait for on B: look until the relay is gone, within a bound.
+        while relay_on_b(stack, client_port):
+            assert time.monotonic() - started < DEAD_PEER * 5, "B still relays"
+            time.sleep(0.1)
     finally:
         stack.a.link(up=True)
-    # An error of the connection (the kernel's timeout), not the read's own timeout.
-    assert not isinstance(info.value, pyipc.TimeoutError), info.value
-    assert took < DEAD_PEER * 4, took
     client.close(fd)
 
 
@@ -216,3 +250,17 @@ def test_socat_reaches_pong_through_tcpd(stack):
     assert proc.stdout.read(len(want)) == want
     proc.stdin.close()                          # socat ends when the stream does
     assert proc.wait(10) == 0
+
+
+def test_the_network_benchmark_runs():
+    """bench/network.py (not a timed test: it must run and report its table)."""
+    require_backend("native")
+    from pyipc import _native       # the library the checkout's children load
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYIPC_LIBRARY": str(_native.LIBRARY_PATH)}
+    done = subprocess.run([sys.executable, "-m", "bench.network", "--repeats", "1",
+                           "--rtt-n", "50", "--oneway-n", "20"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^rtt, 64 B \(us\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", done.stdout, re.M)
+    assert re.search(r"^64 KiB one-way \(MiB/s\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$",
+                     done.stdout, re.M)

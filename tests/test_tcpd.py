@@ -356,3 +356,68 @@ def test_socket_activation(backend, rundir, pong, tmp_path, monkeypatch):
                 proc.kill()
                 proc.wait(10)
             proc.stderr.close()
+
+
+@pytest.mark.parametrize("args,status,text", [
+    (["tcpd", "--listen", "127.0.0.1:{port}"], 1, "pyipc tcpd: tcpd cannot listen on "
+     "127.0.0.1:{port}: Address already in use"),
+    (["tcpd", "--listen", "127.0.0.1:99999"], 2, "pyipc tcpd: '127.0.0.1:99999': bad port"),
+    (["tcpd", "--max-pending", "0"], 2, "pyipc tcpd: max_pending must be >= 1, not 0"),
+    (["ipcd", "--max-requests", "0"], 2, "pyipc ipcd: max_requests must be >= 1, not 0"),
+])
+def test_cli_errors_are_one_line(backend, rundir, args, status, text):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "pyipc", "--rundir", rundir, "--backend",
+                              backend, *[a.format(port=port) for a in args]],
+                             env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == status, out.stderr
+    assert out.stderr.startswith(text.format(port=port)), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_many_clients_connect_at_once(backend, rundir, pong, monkeypatch):
+    """40 clients ask at once: every dial goes through (ipcd and tcpd serve
+    them concurrently, the dials on worker threads), each gets its own echo."""
+    with running(make_tcpd(backend, rundir)) as daemon, \
+            running(Ipcd(rundir=rundir, backend=backend)):
+        monkeypatch.setenv("IPC_NETWORK",
+                           f"pong tcp://127.0.0.1:{daemon.addresses[0][1]}/pong")
+        errors: list = []
+        go = threading.Barrier(40)
+
+        def one(i: int) -> None:
+            try:
+                with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+                    go.wait(20)
+                    fd = ctx.connect("pong", timeout=30)
+                    ctx.write(fd, b"client %d" % i)
+                    assert ctx.read(fd, timeout=30) == b"client %d" % i
+            except BaseException as e:          # reported below, with its client
+                errors.append((i, repr(e)))
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+
+
+def test_a_bad_frame_after_ok_ends_that_relay_only(tcpd):
+    """A peer announcing more than max_message_size: its relay is closed (the
+    core's rule), tcpd goes on serving others."""
+    with dial(tcpd) as bad:
+        bad.sendall(b"pong\n" + b"\xff\xff\xff\xff" + b"x" * 100)
+        assert read_to_end(bad) == b"ok"
+    with dial(tcpd) as good:
+        good.sendall(b"pong\n" + frame(b"still here"))
+        assert read_exactly(good, 2 + 14) == b"ok" + frame(b"still here")
+
+
+def test_several_listen_addresses(backend, rundir, pong):
+    with running(make_tcpd(backend, rundir, listen=["127.0.0.1:0", "127.0.0.2:0"])) as daemon:
+        assert [a[0] for a in daemon.addresses] == ["127.0.0.1", "127.0.0.2"]
+        for host, port in daemon.addresses:
+            with socket.create_connection((host, port), timeout=10) as sock:
+                sock.sendall(b"pong\n" + frame(host.encode()))
+                assert read_exactly(sock, 2 + 4 + len(host)) == b"ok" + frame(host.encode())

@@ -38,6 +38,9 @@ MAX_FDS = 8
 
 _HEADER = struct.Struct(">I")
 _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+#: Never block, never raise SIGPIPE (macOS has no MSG_NOSIGNAL: Python ignores
+#: SIGPIPE there anyway, so EPIPE comes back as an error either way).
+SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0) | socket.MSG_DONTWAIT
 
 
 def refusal(code: str, text: str) -> bytes:
@@ -57,7 +60,7 @@ def send_raw(fd: int, data: bytes) -> bool:
     go out whole (the peer is gone or not reading: it will see EOF)."""
     sock = socket.socket(fileno=fd)
     try:                                         # small: fits an empty socket buffer
-        return sock.send(data, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT) == len(data)
+        return sock.send(data, SEND_FLAGS) == len(data)
     except OSError:
         return False
     finally:
@@ -68,8 +71,7 @@ def send_with_fd(fd: int, data: bytes, passed: int) -> bool:
     """Send `data` and the fd `passed` in one sendmsg; False on failure."""
     sock = socket.socket(fileno=fd)
     try:
-        flags = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
-        return socket.send_fds(sock, [data], [passed], flags) == len(data)
+        return socket.send_fds(sock, [data], [passed], SEND_FLAGS) == len(data)
     except OSError:
         return False
     finally:

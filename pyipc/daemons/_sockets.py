@@ -50,7 +50,7 @@ def tcp_listeners(address: str, default_port: int) -> List[socket.socket]:
             if (family, where) in seen:
                 continue
             seen.add((family, where))
-            sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+            sock = socket.socket(family, kind, proto)     # not inheritable (PEP 446)
             listeners.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:        # this address only, not IPv4 too
@@ -79,6 +79,35 @@ def accept_some(listener: socket.socket) -> List[socket.socket]:
             break
         accepted.append(sock)
     return accepted
+
+
+class LocalRefusal(Exception):
+    """A local service could not be connected: `code` (noservice, busy) and why."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+def connect_local(path: str, name: str, rundir: str) -> socket.socket:
+    """A connection to the service socket at `path`, made without blocking:
+    a service whose backlog is full is refused `busy` at once rather than
+    holding the daemon's loop. LocalRefusal when it cannot be made."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)   # not inheritable
+    sock.setblocking(False)
+    try:
+        sock.connect(path)
+        return sock
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+        sock.close()
+        raise LocalRefusal("noservice", f"no service {name} in {rundir}") from None
+    except BlockingIOError:
+        sock.close()
+        raise LocalRefusal("busy", f"service {name} has a full backlog") from None
+    except OSError as e:
+        sock.close()
+        raise LocalRefusal("noservice", f"cannot connect to {name}: "
+                           f"{e.strerror or e}") from None
 
 
 def is_listening(sock: socket.socket, family: int) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 from typing import Any, Dict, Optional
 
 from .. import Event, EventType, InvalidNameError, IPCError, _rundir
@@ -50,7 +51,16 @@ class _Request:
 
 
 class Ipcd(Daemon):
-    """ipcd: serves `ipc` in the run dir (or the socket systemd passes)."""
+    """ipcd: serves `ipc` in the run dir (or the socket systemd passes).
+
+    Args:
+        rundir: the run directory (default: env `RUNDIR`, else `/tmp/.libipc-run`).
+        backend: the pyipc backend of its context (default: as `Context`).
+        request_timeout: seconds a request may take, from the client's
+            connection to ipcd's answer (then `ne timeout`).
+        max_requests: requests waiting for a scheme daemon at once; the next
+            ones are answered `ne busy`.
+    """
 
     name = "ipcd"
 
@@ -77,6 +87,7 @@ class Ipcd(Daemon):
     # ------------------------------------------------------------ set-up
 
     def setup(self) -> None:
+        """Serve `ipc`: the listening socket systemd passed, else a new service."""
         passed = _systemd.listen_fds()
         fds = passed.get(IPCD_SERVICE) or passed.get("unknown") or []
         for fd in fds:
@@ -94,6 +105,7 @@ class Ipcd(Daemon):
             self._service_fd = self.ctx.service_init(IPCD_SERVICE)
 
     def teardown(self) -> None:
+        """Let go of the fds received and of systemd's socket (closed with the context)."""
         for request in list(self._requests.values()):
             request.reader.close()
         if self._listener is not None:
@@ -102,6 +114,13 @@ class Ipcd(Daemon):
     # ------------------------------------------------------------ events
 
     def on_event(self, ev: Event) -> None:
+        """Handle one event; a failure is logged, the service goes on."""
+        try:
+            self._on_event(ev)
+        except Exception:           # a fault with one client must not end the service
+            self.log.exception("ipcd: failed on %s", ev)
+
+    def _on_event(self, ev: Event) -> None:
         if ev.type == EventType.CONNECTION:
             self._admit(ev.fd)
         elif ev.type == EventType.MESSAGE_RX:
@@ -163,21 +182,10 @@ class Ipcd(Daemon):
                 self.ctx.rundir, where)
         except InvalidNameError as e:
             return self._refuse(request, wire.NORULE, f"{where}: {e}")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-                             | socket.SOCK_NONBLOCK)
         try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
-            sock.close()
-            return self._refuse(request, wire.NOSERVICE, f"no service {where} in "
-                                f"{self.ctx.rundir}")
-        except BlockingIOError:
-            sock.close()
-            return self._refuse(request, wire.BUSY, f"service {where} has a full backlog")
-        except OSError as e:
-            sock.close()
-            return self._refuse(request, wire.NOSERVICE, f"cannot connect to {where}: "
-                                f"{e.strerror or e}")
+            sock = _sockets.connect_local(path, where, self.ctx.rundir)
+        except _sockets.LocalRefusal as e:
+            return self._refuse(request, e.code, str(e))
         with sock:
             self._pass(request, sock.fileno())
 
@@ -186,16 +194,15 @@ class Ipcd(Daemon):
             return self._refuse(request, wire.BUSY, f"ipcd serves {self.max_requests} "
                                 "requests at once (--max-requests)")
         path = os.path.join(self.ctx.rundir, scheme)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-                             | socket.SOCK_NONBLOCK)
         try:
-            sock.connect(path)
-            sent = sock.send(wire.frame(uri.encode()), socket.MSG_NOSIGNAL)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
-            sock.close()
-            return self._refuse(request, wire.NODAEMON, f"no service {scheme} in "
-                                f"{self.ctx.rundir} (is the {scheme} daemon, pyipc "
-                                f"{scheme}d, running?)")
+            sock = _sockets.connect_local(path, scheme, self.ctx.rundir)
+        except _sockets.LocalRefusal as e:
+            if e.code == wire.BUSY:
+                return self._refuse(request, wire.BUSY, f"the {scheme} daemon: {e}")
+            return self._refuse(request, wire.NODAEMON, f"{e} (is the {scheme} daemon, "
+                                f"pyipc {scheme}d, running?)")
+        try:
+            sent = sock.send(wire.frame(uri.encode()), wire.SEND_FLAGS)
         except OSError as e:
             sock.close()
             return self._refuse(request, wire.NODAEMON, f"cannot ask the {scheme} "
@@ -203,9 +210,13 @@ class Ipcd(Daemon):
         if sent != len(uri.encode()) + 4:       # a URI fits an empty socket buffer
             sock.close()
             return self._refuse(request, wire.NODAEMON, f"the {scheme} daemon is not reading")
+        try:
+            self.ctx.add_external(sock.fileno())      # EXTERNAL once it answers
+        except IPCError as e:                         # max_connections reached
+            sock.close()
+            return self._refuse(request, wire.BUSY, str(e))
         request.scheme = scheme
-        request.daemon_fd = sock.detach()
-        self.ctx.add_external(request.daemon_fd)      # EXTERNAL once it answers
+        request.daemon_fd = sock.detach()             # the context owns it now
         self._asking[request.daemon_fd] = request
 
     def _on_daemon_readable(self, request: _Request) -> None:
@@ -294,6 +305,11 @@ def add_command(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    Ipcd(rundir=args.rundir, backend=args.backend, request_timeout=args.request_timeout,
-         max_requests=args.max_requests).run()
+    try:
+        daemon = Ipcd(rundir=args.rundir, backend=args.backend,
+                      request_timeout=args.request_timeout, max_requests=args.max_requests)
+    except ValueError as e:                     # a bad option value: usage error
+        print(f"pyipc ipcd: {e}", file=sys.stderr)
+        return 2
+    daemon.run()
     return 0

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
-from .. import Event, EventType, IPCError, ServiceNotFoundError
+from .. import Event, EventType, InvalidNameError, IPCError, _rundir
 from . import _netwire as wire
 from . import _sockets, _systemd
 from ._runtime import Daemon
@@ -83,7 +84,23 @@ class _Dial:
 
 
 class Tcpd(Daemon):
-    """tcpd: serves `tcp` (for ipcd) in the run dir, and listens on TCP."""
+    """tcpd: serves `tcp` (for ipcd) in the run dir, and listens on TCP.
+
+    Args:
+        rundir: the run directory (default: env `RUNDIR`, else `/tmp/.libipc-run`).
+        backend: the pyipc backend of its context (default: as `Context`).
+        listen: addresses to listen on: `HOST[:PORT]`, `[IPV6][:PORT]`, a host
+            name (each of its addresses); port 0 takes a free one (see
+            `addresses` once `ready` is set). Unused when systemd passes
+            TCP sockets.
+        expose: the local services peers may reach; nothing else is.
+        dead_peer_timeout: seconds after which a silent peer ends its
+            connection (keepalive, TCP_USER_TIMEOUT); 0: never.
+        connect_timeout: seconds to dial a remote tcpd and get its answer.
+        handshake_timeout: seconds a peer has to send its service name.
+        max_pending: handshakes in progress at once (both ways); more are
+            answered `ne busy`.
+    """
 
     name = "tcpd"
 
@@ -127,6 +144,7 @@ class Tcpd(Daemon):
     # ------------------------------------------------------------ set-up
 
     def setup(self) -> None:
+        """Listen (systemd's sockets, else --listen) and serve `tcp` for ipcd."""
         # Relayed messages are not reported: on the native backend no Python
         # runs per message; ends and errors of switched fds still are.
         self.ctx.switch_events = False
@@ -138,7 +156,12 @@ class Tcpd(Daemon):
                 self.log.warning("tcpd: no TCP socket from systemd: listening on %s",
                                  ", ".join(self.listen))
             for address in self.listen:
-                for sock in _sockets.tcp_listeners(address, DEFAULT_PORT):
+                try:
+                    listeners = _sockets.tcp_listeners(address, DEFAULT_PORT)
+                except OSError as e:            # in use, not ours, no such name
+                    raise IPCError(f"tcpd cannot listen on {address}: "
+                                   f"{e.strerror or e}", e.errno) from None
+                for sock in listeners:
                     self._add_listener(sock)
         if self._unix_listener is None:
             self.ctx.service_init(TCP_SERVICE)
@@ -165,6 +188,7 @@ class Tcpd(Daemon):
         self.addresses.append(sock.getsockname())
 
     def teardown(self) -> None:
+        """Let go of the socket objects (the context closes their fds)."""
         # The context closes every fd it watches: the objects only let go.
         for sock in self._listeners.values():
             sock.detach()
@@ -182,6 +206,13 @@ class Tcpd(Daemon):
     # ------------------------------------------------------------ events
 
     def on_event(self, ev: Event) -> None:
+        """Handle one event; a failure is logged, the service goes on."""
+        try:
+            self._on_event(ev)
+        except Exception:           # a fault with one peer must not end the service
+            self.log.exception("tcpd: failed on %s", ev)
+
+    def _on_event(self, ev: Event) -> None:
         fd = ev.fd
         if ev.type == EventType.EXTERNAL:
             if fd in self._incoming:
@@ -222,7 +253,12 @@ class Tcpd(Daemon):
                                   "handshakes in progress (--max-pending)", watched=False)
                 continue
             fd = sock.fileno()
-            self.ctx.add_external(fd)
+            try:
+                self.ctx.add_external(fd)
+            except IPCError as e:                 # max_connections reached
+                self.log.warning("tcpd: cannot take a peer: %s", e)
+                sock.close()
+                continue
             self._incoming[fd] = _Incoming(sock, self.call_later(
                 self.handshake_timeout, lambda: self._name_expired(fd)))
 
@@ -272,14 +308,23 @@ class Tcpd(Daemon):
             return self._refuse_incoming(incoming, wire.REFUSED,
                                          f"service {name} is not exposed by this tcpd")
         try:
-            local = self.ctx.connect_service(name)
-        except ServiceNotFoundError:
-            return self._refuse_incoming(incoming, wire.NOSERVICE, f"no service {name} "
-                                         f"on {socket.gethostname()}")
-        except IPCError as e:
-            return self._refuse_incoming(incoming, wire.NOSERVICE, str(e))
+            path = _rundir.service_path(self.ctx.rundir, name)
+            local = _sockets.connect_local(path, name, self.ctx.rundir).detach()
+        except InvalidNameError as e:
+            return self._refuse_incoming(incoming, wire.REFUSED, str(e))
+        except _sockets.LocalRefusal as e:
+            text = f"no service {name} on {socket.gethostname()}" \
+                if e.code == wire.NOSERVICE else str(e)
+            return self._refuse_incoming(incoming, e.code, text)
         self._forget_incoming(incoming, close=False)
         tcp = incoming.sock.detach()               # the context owns it (external)
+        try:
+            self.ctx.add_connection(local)
+        except IPCError as e:                      # max_connections reached
+            socket.socket(fileno=local).close()
+            self.log.warning("tcpd: cannot relay to %s: %s", name, e)
+            self.ctx.close(tcp)
+            return
         if not wire.send_raw(tcp, b"ok"):
             self.ctx.close(local)
             self.ctx.close(tcp)
@@ -314,7 +359,11 @@ class Tcpd(Daemon):
         except OSError:
             pass
         if not watched:
-            self.ctx.add_external(fd)
+            try:
+                self.ctx.add_external(fd)
+            except IPCError:                      # max_connections: no linger then
+                sock.close()
+                return
         self._closing[fd] = (sock, self.call_later(REFUSAL_LINGER, lambda: self._close(fd)))
 
     def _drain(self, fd: int) -> None:
@@ -380,13 +429,17 @@ class Tcpd(Daemon):
         try:
             _sockets.tune_tcp(sock, self.dead_peer_timeout)
             sock.setblocking(False)
-            sock.send((dial.name + "\n").encode(), socket.MSG_NOSIGNAL)
+            sock.send((dial.name + "\n").encode(), wire.SEND_FLAGS)
         except OSError as e:
             sock.close()
             return self._answer_ipcd(dial, wire.refusal(
                 wire.UNREACHABLE, f"{where}: {e.strerror or e}"))
+        try:
+            self.ctx.add_external(sock.fileno())
+        except IPCError as e:                     # max_connections reached
+            sock.close()
+            return self._answer_ipcd(dial, wire.refusal(wire.BUSY, str(e)))
         dial.sock = sock
-        self.ctx.add_external(sock.fileno())
         self._answers[sock.fileno()] = dial
 
     def _read_answer(self, dial: _Dial) -> None:
@@ -517,9 +570,15 @@ def add_command(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     expose = [n for item in args.expose for n in item.split(",") if n]
-    Tcpd(rundir=args.rundir, backend=args.backend, listen=args.listen or [DEFAULT_LISTEN],
-         expose=expose, dead_peer_timeout=args.dead_peer_timeout,
-         connect_timeout=args.connect_timeout, handshake_timeout=args.handshake_timeout,
-         max_pending=args.max_pending).run()
+    try:
+        daemon = Tcpd(rundir=args.rundir, backend=args.backend,
+                      listen=args.listen or [DEFAULT_LISTEN], expose=expose,
+                      dead_peer_timeout=args.dead_peer_timeout,
+                      connect_timeout=args.connect_timeout,
+                      handshake_timeout=args.handshake_timeout, max_pending=args.max_pending)
+    except ValueError as e:                     # a bad option value: usage error
+        print(f"pyipc tcpd: {e}", file=sys.stderr)
+        return 2
+    daemon.run()
     return 0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import urllib.parse
-from typing import Callable, FrozenSet, Optional, Tuple
+from typing import Callable, FrozenSet, Optional, Tuple, cast
 
 #: The port of a `tls://` URI without one, and of `--listen HOST` without one.
 DEFAULT_PORT = 9443
@@ -19,7 +19,8 @@ class TlsdConfig:
     """What `pyipc tlsd` is told on its command line (see add_command)."""
 
     #: Addresses ("HOST[:PORT]", "[IPV6][:PORT]") to accept TLS connections
-    #: on; none: only dial (unless systemd passed listening sockets).
+    #: on (one may be given as a string); none: only dial (unless systemd
+    #: passed listening sockets).
     listen: Tuple[str, ...] = ()
     #: Our certificate chain and key (PEM): the server's certificate when
     #: listening (required then), the client certificate when dialing.
@@ -45,6 +46,11 @@ class TlsdConfig:
     max_pending: int = 64
 
     def __post_init__(self) -> None:
+        # One address may be given as a string, services as any collection.
+        if isinstance(cast(object, self.listen), str):
+            object.__setattr__(self, "listen", (self.listen,))
+        object.__setattr__(self, "listen", tuple(self.listen))
+        object.__setattr__(self, "expose", frozenset(self.expose))
         for what in ("connect_timeout", "handshake_timeout"):
             if not getattr(self, what) > 0:
                 raise ValueError(f"{what} must be positive, not {getattr(self, what)}")

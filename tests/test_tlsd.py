@@ -543,3 +543,11 @@ def test_a_slow_service_holds_the_remote_sender_back_and_nothing_is_lost(
         for i in range(SlowSink.count):
             client.write(fd, _slow_payload(i), timeout=120)
         assert client.read(fd, timeout=120) == b"%d 0" % SlowSink.count
+
+
+def test_listen_given_as_one_string_is_refused():
+    """TlsdConfig.listen is a tuple of addresses: a str would be bound letter
+    by letter ("1", "2", "7", ...), an obscure EADDRNOTAVAIL at start."""
+    from pyipc.daemons._tls_options import TlsdConfig
+    with pytest.raises(TypeError, match="listen must be a tuple of addresses, not str"):
+        TlsdConfig(listen="127.0.0.1:0", cert="server.pem")  # type: ignore[arg-type]

@@ -19,8 +19,7 @@ class TlsdConfig:
     """What `pyipc tlsd` is told on its command line (see add_command)."""
 
     #: Addresses ("HOST[:PORT]", "[IPV6][:PORT]") to accept TLS connections
-    #: on (one may be given as a string); none: only dial (unless systemd
-    #: passed listening sockets).
+    #: on; none: only dial (unless systemd passed listening sockets).
     listen: Tuple[str, ...] = ()
     #: Our certificate chain and key (PEM): the server's certificate when
     #: listening (required then), the client certificate when dialing.
@@ -46,11 +45,6 @@ class TlsdConfig:
     max_pending: int = 64
 
     def __post_init__(self) -> None:
-        # One address may be given as a string, services as any collection.
-        if isinstance(cast(object, self.listen), str):
-            object.__setattr__(self, "listen", (self.listen,))
-        object.__setattr__(self, "listen", tuple(self.listen))
-        object.__setattr__(self, "expose", frozenset(self.expose))
         for what in ("connect_timeout", "handshake_timeout"):
             if not getattr(self, what) > 0:
                 raise ValueError(f"{what} must be positive, not {getattr(self, what)}")
@@ -60,6 +54,11 @@ class TlsdConfig:
             raise ValueError(f"max_pending must be at least 1, not {self.max_pending}")
         if self.key is not None and self.cert is None:
             raise ValueError("--key needs --cert")
+        if isinstance(cast(object, self.listen), str):  # would be taken letter by letter
+            raise TypeError(f"listen must be a tuple of addresses, not str {self.listen!r}")
+        # A list of addresses, any collection of names: kept as the fields say.
+        object.__setattr__(self, "listen", tuple(self.listen))
+        object.__setattr__(self, "expose", frozenset(self.expose))
         if self.listen and self.cert is None:
             raise ValueError("listening for TLS needs --cert (and --key unless the "
                              "certificate file holds it)")

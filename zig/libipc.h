@@ -212,7 +212,6 @@ int ipc_send_fd(int sock, int fd_to_pass, const char *payload, uint32_t payload_
 int ipc_receive_fd(int sock, int *received_fd, char *buffer, size_t *buflen);
 int ipc_last_errno(void *ctx);
 int ipc_context_fd(void *ctx);
-/* Batched scheduling (issue 21): see the comment at the top. */
 int ipc_schedule_many(void *ctx, const int *fds, const char *payloads, const uint32_t *lengths, size_t count, size_t *done);
 int ipc_schedule_room(void *ctx, int fd, uint64_t len, uint64_t *room);
 void ipc_context_read_wakeup(void *ctx, int on);

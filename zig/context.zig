@@ -684,7 +684,9 @@ pub const Context = struct {
         return fdpass.receiveFd(ipcd, answer, received) catch null;
     }
 
-    pub fn addExternal(self: *Context, fd: i32) Error!void {
+    /// What add_external and add_connection check first: fd is open and not
+    /// managed (nor just ended) here.
+    fn checkNewFd(self: *Context, fd: i32) Error!void {
         if (self.ended.contains(fd)) return self.closedByPeer(fd);
         if (self.table.get(fd) != null)
             return self.last.fail(
@@ -694,6 +696,10 @@ pub const Context = struct {
             );
         if (!sys.isOpen(fd))
             return self.last.fail(error.UnknownFd, "fd {d} is not an open file descriptor", .{fd});
+    }
+
+    pub fn addExternal(self: *Context, fd: i32) Error!void {
+        try self.checkNewFd(fd);
         try self.checkRoom();
         const conn = try self.addConn(fd, .external);
         conn.is_socket = sys.isSocket(fd);
@@ -703,15 +709,7 @@ pub const Context = struct {
     /// by SCM_RIGHTS, one end of a socketpair), as a connection: from now on
     /// the context owns it (reads, writes, closes it) as if it had connected.
     pub fn addConnection(self: *Context, fd: i32) Error!void {
-        if (self.ended.contains(fd)) return self.closedByPeer(fd);
-        if (self.table.get(fd) != null)
-            return self.last.fail(
-                error.Generic,
-                "fd {d} is already managed by this context",
-                .{fd},
-            );
-        if (!sys.isOpen(fd))
-            return self.last.fail(error.UnknownFd, "fd {d} is not an open file descriptor", .{fd});
+        try self.checkNewFd(fd);
         if (!sys.isConnectedStream(fd))
             return self.last.fail(
                 error.Generic,

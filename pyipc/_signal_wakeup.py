@@ -44,11 +44,7 @@ class SignalWakeup:
 
     def drain(self) -> None:
         """Empty the pipe (after its EXTERNAL event: the handler has run)."""
-        try:
-            while os.read(self.fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        drain_pipe(self.fd)
 
     def close(self, read_end_too: bool) -> None:
         """uninstall(), close the write end, and the read end unless the
@@ -57,3 +53,13 @@ class SignalWakeup:
         os.close(self._write_fd)
         if read_end_too:
             os.close(self.fd)
+
+
+def drain_pipe(fd: int) -> None:
+    """Read a non-blocking pipe until it is empty (a wake-up pipe: the bytes
+    say only that something happened)."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

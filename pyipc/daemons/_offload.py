@@ -11,6 +11,8 @@ import os
 import threading
 from typing import Any, Callable, Optional
 
+from .._signal_wakeup import drain_pipe
+
 #: Worker threads at most: more blocking calls than this wait for a free worker
 #: (a daemon bounds its concurrent requests anyway, see ipcd --max-requests).
 MAX_OFFLOAD_WORKERS = 16
@@ -60,11 +62,7 @@ class Offloader:
 
     def run_finished(self) -> None:
         """In the loop: call on_done for every outcome parked so far."""
-        try:
-            while os.read(self.wake_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        drain_pipe(self.wake_fd)
         while self._finished:
             on_done, result, exc = self._finished.popleft()
             on_done(result, exc)

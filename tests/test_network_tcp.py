@@ -47,13 +47,15 @@ class Stack:
         for name in ("pong", "hidden"):
             self._pongd(self.b, name, env)
         b_addr = f"{self.b.address}:{PORT}"
-        self.b.daemon(["tcpd", "--listen", b_addr, "--expose", "pong,missing",
-                       "--dead-peer-timeout", str(DEAD_PEER)], env, backend)
+        b_addr6 = f"[{self.b.address6}]:{PORT}"
+        self.b.daemon(["tcpd", "--listen", b_addr, "--listen", b_addr6, "--expose",
+                       "pong,missing", "--dead-peer-timeout", str(DEAD_PEER)], env, backend)
         self.a.daemon(["tcpd", "--dead-peer-timeout", str(DEAD_PEER),
                        "--connect-timeout", "5"], env, backend)
         self.a.daemon(["ipcd", "--request-timeout", "10"], env, backend)
         self.network = ";".join([
             f"pong tcp://{b_addr}/pong",
+            f"pong6 tcp://{b_addr6}/pong",
             f"missing tcp://{b_addr}/missing",
             f"hidden tcp://{b_addr}/hidden",
             f"down tcp://{self.b.address}:{PORT + 1}/pong",
@@ -116,6 +118,20 @@ def test_messages_both_ways_large_and_in_order(client):
     while len(got) < len(sent):
         got += client.read_many(fd, timeout=10)
     assert got == sent
+    client.close(fd)
+
+
+def test_over_ipv6(client, stack):
+    import socket
+    fd = client.connect("pong6", timeout=15)
+    sock = socket.socket(fileno=fd)
+    try:
+        assert sock.family == socket.AF_INET6
+        assert sock.getpeername()[:2] == (stack.b.address6, PORT)
+    finally:
+        sock.detach()
+    client.write(fd, b"over IPv6")
+    assert client.read(fd, timeout=10) == b"over IPv6"
     client.close(fd)
 
 

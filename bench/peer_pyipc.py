@@ -166,14 +166,13 @@ def client(args: Namespace) -> None:
             read(fd)
         proto.result(seconds=time.perf_counter() - start, cpu=proto.cpu_seconds() - cpu)
         return
+    start, cpu = time.perf_counter(), proto.cpu_seconds()
     if args.case == "events":
-        start = time.perf_counter()
         send_events(ctx, fd, data, args.n)
     else:
-        start = time.perf_counter()
         send_batches(ctx, fd, data, args.n)
         ctx.read(fd)
-    proto.result(seconds=time.perf_counter() - start)
+    proto.result(seconds=time.perf_counter() - start, cpu=proto.cpu_seconds() - cpu)
 
 
 def send_events(ctx: pyipc.Context, fd: int, data: bytes, n: int) -> None:

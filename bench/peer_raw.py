@@ -160,11 +160,11 @@ def client(args: Namespace) -> None:
         proto.result(seconds=time.perf_counter() - start, cpu=proto.cpu_seconds() - cpu)
         return
     else:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), proto.cpu_seconds()
         for _ in range(args.n):
             send(sock, data)
         reader.one()
-    proto.result(seconds=time.perf_counter() - start)
+    proto.result(seconds=time.perf_counter() - start, cpu=proto.cpu_seconds() - cpu)
 
 
 def main() -> None:

@@ -68,11 +68,11 @@ def client(args: Namespace) -> None:
         proto.result(seconds=time.perf_counter() - start, cpu=proto.cpu_seconds() - cpu)
         os._exit(0)            # skip zmq's linger at exit
     else:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), proto.cpu_seconds()
         for _ in range(args.n):
             send(data, copy=len(data) < 65536)
         recv()
-    proto.result(seconds=time.perf_counter() - start)
+    proto.result(seconds=time.perf_counter() - start, cpu=proto.cpu_seconds() - cpu)
     os._exit(0)                # skip zmq's linger at exit
 
 

@@ -1,196 +1,239 @@
-"""64 KiB messages one way through a pair of tlsd (issue 19, item 6), against
-a raw Python `ssl` stream over the same link.
+"""64 KiB messages one way through ipcd + tlsd (issue 19, item 6), against a
+raw Python `ssl` stream over the same link.
 
-    python -m bench.tls [--backend native] [--messages 1000] [--repeats 5]
+Two network namespaces joined by a veth link (tests/netns.py; needs root),
+or with --loopback two run directories on 127.0.0.1. Host B runs a pyipc
+service `sink`, a tlsd exposing it, and a raw Python ssl server; host A runs
+ipcd and a tlsd that dials. From host A, alternately:
 
-tlsd path: client (host A's run dir) -> its socket pair end -> tlsd A (dials,
-encrypts) -> TCP on 127.0.0.1 -> tlsd B (decrypts) -> service `sink` (host B's
-run dir). The sink answers one small message once it has every message of a
-run: the time is from the first write to that answer. Raw path: a Python
-`ssl` client socket sends the same bytes to a Python `ssl` server process
-that answers one byte when it has them all. The daemons, the sink and the raw
-server are separate processes, as in use; runs alternate (tlsd, raw, tlsd,
-...); prints medians and the ratio (goal: tlsd at least 0.7x raw).
-Certificates come from trustme (the test extra).
+- tlsd: a pyipc client reaches `sink` by name (IPC_NETWORK
+  `sink tls://B:9443/sink`) and writes N messages of 64 KiB; its fd is a
+  socket pair end to tlsd A, which encrypts, tlsd B decrypts and relays to
+  the service. The sink answers one small message once it has all N: the time
+  is from the first write to that answer.
+- raw: a Python ssl client sends the same N x 64 KiB to a Python ssl server
+  (one recv_into loop) that answers one byte once it has them all.
+
+Both use TLS 1.3 with the same certificate (from trustme, the test extra).
+
+    sudo python -m bench.tls [--backend native] [--messages 1000] [--repeats 5] [--loopback]
+
+Prints each system's median throughput and the ratio tlsd / raw (goal: at
+least 0.7).
 """
 
 from __future__ import annotations
 
 import argparse
-import array
+import json
 import os
 import socket
 import ssl
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Tuple
+from pathlib import Path
+from typing import Dict, List, Sequence
 
-import pyipc
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import netns  # noqa: E402  (tests/netns.py: the namespaces)
 
 SIZE = 64 * 1024
+PORT = 9443
+RAW_PORT = 9543
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
 
-SINK = """
-import sys, pyipc
-rundir, backend, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-with pyipc.Context(rundir=rundir, backend=backend) as ctx:
-    ctx.service_init("sink")
-    got = {}
-    print("ready", flush=True)
-    for ev in ctx:
-        if ev.type == pyipc.EventType.MESSAGE_RX:
-            got[ev.fd] = got.get(ev.fd, 0) + 1
-            if got[ev.fd] == count:
-                got[ev.fd] = 0
-                ctx.write(ev.fd, b"done")
-"""
 
-RAW_SERVER = """
-import socket, ssl, sys
-cert, total = sys.argv[1], int(sys.argv[2])
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(cert)
-with socket.create_server(("127.0.0.1", 0)) as ls:
-    print(ls.getsockname()[1], flush=True)
+# ------------------------------------------------------------ the peers (subcommands)
+
+def sink(rundir: str, backend: str, count: int) -> None:
+    """The pyipc service `sink`: answers b"done" after `count` messages."""
+    import pyipc
+    with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+        ctx.service_init("sink")
+        got: Dict[int, int] = {}
+        print("READY", flush=True)
+        for ev in ctx:
+            if ev.type == pyipc.EventType.MESSAGE_RX:
+                got[ev.fd] = got.get(ev.fd, 0) + 1
+                if got[ev.fd] == count:
+                    got[ev.fd] = 0
+                    ctx.write(ev.fd, b"done")
+
+
+def raw_server(host: str, port: int, cert: str, total: int) -> None:
+    """A Python ssl server: reads `total` bytes per connection, answers b"k"."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert)
     buf = bytearray(1 << 20)
-    while True:
-        conn, _ = ls.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with ctx.wrap_socket(conn, server_side=True) as tls:
-            left = total
-            while left:
-                n = tls.recv_into(buf, min(left, len(buf)))
-                if not n:
-                    break
-                left -= n
-            tls.sendall(b"k")
-"""
+    with socket.create_server((host, port)) as listener:
+        print("READY", flush=True)
+        while True:
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                left = total
+                while left:
+                    n = tls.recv_into(buf, min(left, len(buf)))
+                    if not n:
+                        break
+                    left -= n
+                tls.sendall(b"k")
 
 
-def _start(args: List[str], env: dict) -> Tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True,
-                            env=env)
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
-
-
-def _wait_for(path: str) -> None:
-    end = time.monotonic() + 20
-    while not os.path.exists(path):
-        if time.monotonic() > end:
-            raise SystemExit(f"{path} did not appear")
-        time.sleep(0.05)
-
-
-def _ask(rundir: str, uri: str) -> int:
-    """What ipcd does: ask tlsd for `uri`; the fd it hands over."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(os.path.join(rundir, "tls"))
-        s.sendall(struct.pack(">I", len(uri)) + uri.encode())
-        msg, anc, _, _ = s.recvmsg(100, socket.CMSG_SPACE(4))
-    if msg[4:] != b"ok" or not anc:
-        raise SystemExit(f"tlsd answered {msg[4:]!r}")
-    return array.array("i", anc[0][2][:4])[0]
-
-
-def run_tlsd(a: str, backend: str, port: int, count: int) -> float:
+def client(system: str, target: str, count: int, backend: str, ca: str) -> None:
+    """One timed run from host A; prints {"seconds": ...}."""
     payload = os.urandom(SIZE)
-    with pyipc.Context(rundir=a, backend=backend) as client:
-        fd = _ask(a, f"tls://127.0.0.1:{port}/sink")
-        client.add_connection(fd)
-        start = time.perf_counter()
-        for _ in range(count):
-            client.write(fd, payload)
-        if client.read(fd, timeout=120) != b"done":
-            raise SystemExit("the sink did not answer done")
-        return time.perf_counter() - start
-
-
-def run_raw(port: int, ca: str, count: int) -> float:
-    payload = os.urandom(SIZE)
-    ctx = ssl.create_default_context(cafile=ca)
-    with socket.create_connection(("127.0.0.1", port)) as raw:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            start = time.perf_counter()
+    if system == "tlsd":
+        import pyipc
+        with pyipc.Context(backend=backend) as ctx:       # RUNDIR, IPC_NETWORK: env
+            fd = ctx.connect(target, timeout=30)
+            start, cpu = time.perf_counter(), time.process_time()
             for _ in range(count):
-                tls.sendall(payload)
-            if tls.recv(1) != b"k":
-                raise SystemExit("the raw server did not answer")
-            return time.perf_counter() - start
+                ctx.write(fd, payload)
+            if ctx.read(fd, timeout=300) != b"done":
+                raise SystemExit("the sink did not answer done")
+            seconds = time.perf_counter() - start
+    else:
+        host, port = target.rsplit(":", 1)
+        context = ssl.create_default_context(cafile=ca)
+        with socket.create_connection((host, int(port))) as raw:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                start, cpu = time.perf_counter(), time.process_time()
+                for _ in range(count):
+                    tls.sendall(payload)
+                if tls.recv(1) != b"k":
+                    raise SystemExit("the raw server did not answer")
+                seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "cpu": time.process_time() - cpu}))
+
+
+# ------------------------------------------------------------ the driver
+
+class _Loopback(netns.Host):
+    """A "host" that is only a run directory on this machine (--loopback)."""
+
+    def run(self, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(list(argv), **kwargs)
+
+    def spawn(self, argv: Sequence[str], env: Dict[str, str], **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(list(argv), env=env, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peer(host: netns.Host, args: List[str], env: Dict[str, str]) -> subprocess.Popen:
+    proc = host.spawn([sys.executable, "-m", "bench.tls", *args], env,
+                      stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "READY":
+        raise RuntimeError(f"{args[0]} did not start: {line!r}")
+    return proc
+
+
+def _timed(host: netns.Host, system: str, target: str, args: argparse.Namespace,
+           env: Dict[str, str], ca: str) -> Dict[str, float]:
+    out = host.run([sys.executable, "-m", "bench.tls", "client", system, target,
+                    str(args.messages), args.backend, ca], env=env, cwd=str(ROOT),
+                   capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{system} client failed: {out.stderr}")
+    return {k: float(v) for k, v in json.loads(out.stdout).items()}
+
+
+def _hosts(args: argparse.Namespace, tmp: str) -> "tuple[List[netns.Host], object]":
+    if not args.loopback:
+        why = netns.available()
+        if why:
+            sys.exit(f"bench.tls: {why} (or use --loopback)")
+        net = netns.Network(hosts=2)
+        return net.hosts, net
+    hosts: List[netns.Host] = []
+    for letter in "ab":
+        rundir = os.path.join(tmp, letter)
+        os.mkdir(rundir, 0o770)
+        hosts.append(_Loopback("", "127.0.0.1", "lo", rundir))
+    return hosts, None
+
+
+def drive(args: argparse.Namespace) -> None:
+    import trustme
+    with tempfile.TemporaryDirectory() as tmp:
+        (a, b), net = _hosts(args, tmp)
+        try:
+            ca = trustme.CA()
+            ca_file, cert = os.path.join(tmp, "ca.pem"), os.path.join(tmp, "b.pem")
+            ca.cert_pem.write_to_path(ca_file)
+            ca.issue_cert(b.address).private_key_and_cert_chain_pem.write_to_path(cert)
+            env = dict(ENV, PYIPC_BACKEND=args.backend)
+            sink_proc = _peer(b, ["sink", b.rundir, args.backend, str(args.messages)], env)
+            _peer(b, ["raw-server", b.address, str(RAW_PORT), cert,
+                      str(args.messages * SIZE)], env)
+            tlsd_b = b.daemon(["tlsd", "--listen", f"{b.address}:{PORT}", "--cert", cert,
+                      "--expose", "sink"], env, args.backend)
+            tlsd_a = a.daemon(["tlsd", "--ca", ca_file], env, args.backend)
+            watched = {"tlsd A": tlsd_a.pid, "tlsd B": tlsd_b.pid, "sink": sink_proc.pid}
+            cpu: Dict[str, List[float]] = {k: [] for k in [*watched, "client"]}
+            a.daemon(["ipcd"], env, args.backend)
+            client_env = dict(env, RUNDIR=a.rundir,
+                              IPC_NETWORK=f"sink tls://{b.address}:{PORT}/sink")
+            targets = {"raw": f"{b.address}:{RAW_PORT}", "tlsd": "sink"}
+            results: Dict[str, List[float]] = {s: [] for s in targets}
+            mib = args.messages * SIZE / (1 << 20)
+            for rep in range(args.repeats):                 # interleaved: raw, tlsd, ...
+                for system, target in targets.items():
+                    before = {k: _cpu_seconds(pid) for k, pid in watched.items()}
+                    run = _timed(a, system, target, args, client_env, ca_file)
+                    results[system].append(mib / run["seconds"])
+                    if system == "tlsd":
+                        for k, pid in watched.items():
+                            cpu[k].append(_cpu_seconds(pid) - before[k])
+                        cpu["client"].append(run["cpu"])
+                print(f"round {rep + 1}/{args.repeats}: " + ", ".join(
+                    f"{s} {v[-1]:.0f} MiB/s" for s, v in results.items()), file=sys.stderr)
+        finally:
+            for host in (a, b):
+                host.stop_all()
+            if net is not None:
+                net.close()                                 # type: ignore[attr-defined]
+    raw, tlsd = (statistics.median(results[s]) for s in ("raw", "tlsd"))
+    link = "127.0.0.1" if args.loopback else "a veth link between two namespaces"
+    print(f"64 KiB one-way over {link}, backend {args.backend}, {os.cpu_count()} CPUs, "
+          f"{args.messages} messages a run, medians of {args.repeats} interleaved runs")
+    print(f"{'':28}{'MiB/s':>10}")
+    print(f"{'raw Python ssl stream':28}{raw:10.0f}")
+    print(f"{'pyipc through ipcd + tlsd':28}{tlsd:10.0f}")
+    print(f"ratio tlsd / raw: {tlsd / raw:.2f} (goal: at least 0.70)")
+    print("CPU per message on the tlsd path (median, clock ticks of 10 ms: rough): " + ", ".join(
+        f"{k} {statistics.median(v) / args.messages * 1e6:.0f} us" for k, v in cpu.items()))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=["native", "pure"], default="native")
-    p.add_argument("--messages", type=int, default=1000, help="64 KiB messages per run")
+    if len(sys.argv) > 1 and sys.argv[1] == "sink":
+        return sink(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if len(sys.argv) > 1 and sys.argv[1] == "raw-server":
+        return raw_server(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+    if len(sys.argv) > 1 and sys.argv[1] == "client":
+        return client(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", default="native", choices=["native", "pure"])
+    p.add_argument("--messages", type=int, default=1000, help="64 KiB messages a run")
     p.add_argument("--repeats", type=int, default=5, help="runs of each (interleaved)")
-    args = p.parse_args()
-    import trustme
-    procs: List[subprocess.Popen] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        a, b = os.path.join(tmp, "a"), os.path.join(tmp, "b")
-        os.mkdir(a, 0o700)
-        os.mkdir(b, 0o700)
-        ca = trustme.CA()
-        ca_file, cert_file = os.path.join(tmp, "ca.pem"), os.path.join(tmp, "server.pem")
-        ca.cert_pem.write_to_path(ca_file)
-        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(cert_file)
-        env = dict(os.environ, PYIPC_BACKEND=args.backend)
-        try:
-            sink, _ = _start(["-c", SINK, b, args.backend, str(args.messages)], env)
-            procs.append(sink)
-            port = _free_port()
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "pyipc", "--rundir", b, "tlsd", "--listen",
-                 f"127.0.0.1:{port}", "--cert", cert_file, "--expose", "sink"], env=env))
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "pyipc", "--rundir", a, "tlsd", "--ca", ca_file],
-                env=env))
-            raw, raw_port = _start(["-c", RAW_SERVER, cert_file,
-                                    str(args.messages * SIZE)], env)
-            procs.append(raw)
-            _wait_for(os.path.join(a, "tls"))
-            _wait_for(os.path.join(b, "tls"))
-            _wait_until_listening(port)
-            times: dict = {"tlsd": [], "raw": []}
-            for _ in range(args.repeats):
-                times["tlsd"].append(run_tlsd(a, args.backend, port, args.messages))
-                times["raw"].append(run_raw(int(raw_port), ca_file, args.messages))
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(10)
-    mib = args.messages * SIZE / (1 << 20)
-    t, r = statistics.median(times["tlsd"]), statistics.median(times["raw"])
-    print(f"{os.cpu_count()} CPUs, backend {args.backend}, {args.messages} x 64 KiB one "
-          f"way over 127.0.0.1, median of {args.repeats} interleaved runs")
-    print("| path | MiB/s | ratio to raw ssl |\n|---|---|---|")
-    print(f"| pyipc through tlsd A + tlsd B | {mib / t:,.0f} | {r / t:.2f} |")
-    print(f"| raw Python ssl stream | {mib / r:,.0f} | 1.00 |")
-    print("goal: tlsd at least 0.7x raw ssl")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_until_listening(port: int) -> None:
-    end = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.05)
+    p.add_argument("--loopback", action="store_true",
+                   help="two run directories on 127.0.0.1 instead of two namespaces")
+    drive(p.parse_args())
 
 
 if __name__ == "__main__":

@@ -359,7 +359,9 @@ def declared_functions(header_text: str) -> list[str]:
         block = header_text.split("/* CFFI-BEGIN */", 1)[1].split("/* CFFI-END */", 1)[0]
     except IndexError:
         raise CheckError("libipc.h has no CFFI-BEGIN ... CFFI-END block") from None
-    # drop enum and struct bodies, then every "NAME(" at the top level of a declaration
+    # drop comments (their words in parentheses are not calls), enum and struct
+    # bodies, then every "NAME(" at the top level of a declaration
+    block = re.sub(r"/\*.*?\*/|//[^\n]*", " ", block, flags=re.S)
     block = re.sub(r"\{[^{}]*\}", ";", block)
     names = []
     for decl in block.split(";"):

@@ -17,6 +17,7 @@ import logging
 import os
 import struct
 import sys
+import threading
 import time
 import weakref
 from array import array
@@ -68,6 +69,11 @@ READ_BUFFER = READ_MANY_BYTES
 #: write_many() sends payloads of this average size and more from where they
 #: are (one pointer each); smaller ones are joined first (cheaper per message).
 WRITE_FROM_PLACE = 4096
+#: schedule() keeps payloads of up to this many bytes (bytes objects) in the
+#: context and hands them to the core in one call (ipc_schedule_many) when the
+#: context next enters the core: a wait, a read, a write, a close (issue 21).
+#: Larger ones are queued by the core at once (one copy either way).
+SCHEDULE_BUFFERED = 4096
 
 
 def _load() -> Tuple[Any, Any, Path, Path]:
@@ -127,6 +133,10 @@ _ipc_wait_events, _ipc_pending_events = lib.ipc_wait_events, lib.ipc_pending_eve
 _ipc_write_many, _ipc_read_many = lib.ipc_write_many, lib.ipc_read_many
 _ipc_write_many_ptrs, _ipc_read_lent = lib.ipc_write_many_ptrs, lib.ipc_read_lent
 _ipc_read_into = lib.ipc_read_into
+_ipc_schedule_many: Callable[..., int] = lib.ipc_schedule_many
+_ipc_schedule_room: Callable[..., int] = lib.ipc_schedule_room
+_from_buffer = ffi.from_buffer
+_active_count = threading.active_count
 _join = b"".join
 _unpack = ffi.unpack
 #: struct ipc_event as struct.iter_unpack decodes it (native sizes and alignment).
@@ -150,7 +160,8 @@ class NativeContext(Context):
 
     __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_ecount", "_sizes", "_count", "_lent",
                  "_rbuf", "_rbuf_at", "_rlen", "_core_timeout", "_handed",
-                 "_close_info",
+                 "_close_info", "_pfds", "_pdata", "_room", "_room_out", "_sched_done",
+                 "_buffer_max", "_alone",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
     backend = "native"
@@ -189,6 +200,21 @@ class NativeContext(Context):
         self._close_info: Tuple[_Cell[int], _Cell[int], _Cell[int]] = (
             ffi.new("size_t *"), ffi.new("int *"), ffi.new("size_t *"))
         self._callbacks: dict[int, Tuple[Optional[OnIn], Optional[OnOut]]] = {}
+        # schedule()'s buffer (see SCHEDULE_BUFFERED and _flush): the fd and the
+        # payload of each message not handed to the core yet, in order.
+        self._pfds: list[int] = []
+        self._pdata: list[bytes] = []
+        #: fd -> bytes its core queue still takes, learnt (ipc_schedule_room)
+        #: since the last call into the core, minus what was buffered since.
+        #: An fd with buffered messages always has its entry.
+        self._room: dict[int, int] = {}
+        self._room_out: _Cell[int] = ffi.new("uint64_t *")
+        self._sched_done: _Cell[int] = ffi.new("size_t *")
+        #: Payloads up to this size are buffered; -1 once fileno() was asked
+        #: for (another loop waits on that fd: it must see every schedule()).
+        self._buffer_max = min(SCHEDULE_BUFFERED, self.max_message_size)
+        #: The core was told that this process has one thread (see _reads_wait).
+        self._alone = False
         self._cb_in = ffi.callback("enum cb_event_types(int, char *, uint32_t *)",
                                    _trampoline_in(weakref.ref(self)))
         self._cb_out = ffi.callback("enum cb_event_types(int, const char *, uint32_t)",
@@ -277,6 +303,8 @@ class NativeContext(Context):
         deadline = self._start_timeout(timeout)     # first, as the pure backend
         fd: _Cell[int] = ffi.new("int *")
         raw = _name_bytes(name)
+        if self._pfds:
+            self._flush()
         while True:
             rc = lib.ipc_connect(self._ctx, fd, raw, len(raw))
             if rc != _E_INTERRUPTED:
@@ -292,11 +320,15 @@ class NativeContext(Context):
         self._check(lib.ipc_add_connection(self._ctx, _fd_arg(fd)), fd)
 
     def add_switch(self, fd1: int, fd2: int) -> None:
+        if self._pfds:
+            self._flush()
         self._check(lib.ipc_add_switch(self._ctx, _fd_arg(fd1), _fd_arg(fd2)), fd1, fd2)
 
     def set_switch_callbacks(self, fd: int, on_in: Optional[OnIn],
                              on_out: Optional[OnOut]) -> None:
         check_callbacks(on_in, on_out)
+        if self._pfds:
+            self._flush()
         self._check(lib.ipc_set_switch_callbacks(
             self._ctx, _fd_arg(fd),
             self._cb_in if on_in is not None else ffi.NULL,
@@ -329,6 +361,8 @@ class NativeContext(Context):
         # out first, for `linger` seconds at most; what is left is logged as a
         # warning with its count (docs/reference.md, "close").
         linger = self._linger_of(linger)
+        if self._pfds:
+            self._flush()
         count, peer, peer_count = self._close_info
         peer[0] = -1
         try:
@@ -352,6 +386,8 @@ class NativeContext(Context):
 
     def close_all(self) -> None:
         try:
+            if self._pfds:
+                self._flush()
             self._linger(-1, self.linger)
             self._warn_unsent()
         finally:
@@ -384,7 +420,9 @@ class NativeContext(Context):
 
     def _close_in_child(self, fd: Optional[int]) -> None:
         # The core sees it is in a forked child: it closes its copies of the
-        # fds and leaves the parent's socket files and poller alone.
+        # fds and leaves the parent's socket files and poller alone. What was
+        # buffered before the fork is the parent's to send: dropped here.
+        self._drop_buffered()
         if fd is None:
             lib.ipc_close_all(self._ctx)
             self._callbacks.clear()
@@ -414,6 +452,8 @@ class NativeContext(Context):
         raise AssertionError("unreachable: no max_message_size allows 4 GiB")
 
     def write(self, fd: int, payload: Payload, timeout: Optional[float] = None) -> None:
+        if self._pfds:      # what schedule() buffered goes first
+            self._flush()
         if timeout is None and self._core_timeout is None and type(payload) is bytes \
                 and type(fd) is int:     # fast path: no conversion
             try:
@@ -481,6 +521,21 @@ class NativeContext(Context):
 
     def schedule(self, fd: int, payload: Payload) -> None:
         if type(payload) is bytes and type(fd) is int:     # fast path: no conversion
+            size = len(payload)
+            if size <= self._buffer_max:
+                # Buffered while fd's queue has room (learnt from the core
+                # once per round, so every error is still raised here).
+                room = self._room.get(fd)
+                if room is None:
+                    room = self._room_of(fd, size)
+                room -= size + 4
+                if room >= 0:
+                    self._room[fd] = room
+                    self._pfds.append(fd)
+                    self._pdata.append(payload)
+                    return
+            if self._pfds:      # in order: what was buffered goes first
+                self._flush()
             try:
                 rc = _ipc_schedule(self._ctx, fd, payload, len(payload))
             except OverflowError:
@@ -489,10 +544,50 @@ class NativeContext(Context):
                 if rc:
                     self._check(rc, fd)
                 return
+        if self._pfds:
+            self._flush()
         buf, size = self._payload(fd, payload)
         with buf:       # released before an exception leaves (see _payload)
             rc = lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size)
         self._check(rc, fd)
+
+    def _room_of(self, fd: int, size: int) -> int:
+        """What fd's core queue takes now, schedule()'s checks of fd and of a
+        `size`-byte payload made (raising what schedule() would); -1 for an
+        fd out of C's range (schedule()'s slow path then says why)."""
+        if not _INT_MIN <= fd <= _INT_MAX:
+            return -1
+        self._check(_ipc_schedule_room(self._ctx, fd, size, self._room_out), fd)
+        return int(self._room_out[0])
+
+    def _flush(self) -> None:
+        """Hand what schedule() buffered to the core, in one call, in order,
+        before a call into the core (whose round may change what fds take,
+        so the room learnt is forgotten). Every message was checked when it
+        was scheduled; only running out of memory can fail here, and then
+        what was not queued stays buffered for the next call."""
+        fds, data = self._pfds, self._pdata
+        self._room.clear()
+        done = self._sched_done
+        done[0] = 0
+        try:
+            rc = _ipc_schedule_many(self._ctx, _from_buffer("int[]", array("i", fds)),
+                                    _join(data),
+                                    _from_buffer("uint32_t[]", array("I", map(len, data))),
+                                    len(fds), done)
+        finally:        # a signal's exception included: what was queued is not sent again
+            del fds[:done[0]], data[:done[0]]
+        if rc:
+            bad = fds[0]
+            if rc != _E_NO_MEMORY:      # not expected (checked): reported, not retried
+                del fds[0], data[0]
+            self._check(rc, bad)
+
+    def _drop_buffered(self) -> None:
+        """Forget what schedule() buffered (a forked child's copy)."""
+        self._pfds.clear()
+        self._pdata.clear()
+        self._room.clear()
 
     def read(self, fd: int, timeout: Optional[float] = None) -> bytes:
         # The timeout first: a bad one is refused even when a message is there.
@@ -502,10 +597,14 @@ class NativeContext(Context):
             message = self._handed.take_message(fd)
             if message is not None:
                 return message
+        if (_active_count() == 1) is not self._alone:
+            self._reads_wait()
         buf, rlen = self._rbuf, self._rlen
         # A plain int goes straight in (no _fd_arg call: it is a hot path).
         c_fd = fd if type(fd) is int and _INT_MIN <= fd <= _INT_MAX else _fd_arg(fd)
         while True:
+            if self._pfds:      # also after a hand-over (_read_again)
+                self._flush()
             rlen[0] = READ_BUFFER
             rc = _ipc_read_fd(self._ctx, c_fd, buf, rlen)
             if rc != _E_INTERRUPTED:
@@ -525,6 +624,8 @@ class NativeContext(Context):
         items = as_payload_list(payloads)
         deadline = self._start_timeout(timeout) \
             if timeout is not None or self._core_timeout is not None else None
+        if self._pfds:
+            self._flush()
         rc = self._write_items(fd, items)
         if rc == _E_INTERRUPTED:
             rc = self._write_on(items, fd, deadline)
@@ -540,10 +641,14 @@ class NativeContext(Context):
             taken = self._handed.take_messages(fd, max_messages)
             if taken:
                 return taken
+        if (_active_count() == 1) is not self._alone:
+            self._reads_wait()
         sizes = self._sizes if max_messages <= DEFAULT_READ_MANY else \
             ffi.new("uint32_t[]", max_messages)
         buf, rlen, count = self._rbuf, self._rlen, self._count
         while True:
+            if self._pfds:
+                self._flush()
             rlen[0] = READ_BUFFER
             rc = _ipc_read_many(self._ctx, _fd_arg(fd), buf, rlen, sizes, max_messages, count)
             if rc != _E_INTERRUPTED:
@@ -565,11 +670,15 @@ class NativeContext(Context):
             size = self._handed.take_into(fd, view)
             if size is not None:
                 return size
+        if (_active_count() == 1) is not self._alone:
+            self._reads_wait()
         rlen = self._rlen
         # Released before an exception leaves, a signal handler's included
         # (see _payload).
         with ffi.from_buffer(view) as target:
             while True:
+                if self._pfds:
+                    self._flush()
                 rlen[0] = len(view)
                 rc = _ipc_read_into(self._ctx, _fd_arg(fd), target, rlen)
                 if rc != _E_INTERRUPTED:
@@ -582,6 +691,17 @@ class NativeContext(Context):
         if rc:
             self._check(rc, fd)
         return rlen[0]
+
+    def _reads_wait(self) -> None:
+        """Tell the core how the blocking reads wait: in the kernel while
+        this process has one thread (quicker: one system call where polling
+        takes three), else polling the wake-up pipe too, so that another
+        thread's hand-over (_threads) ends the wait. Checked at each read:
+        a thread can only be started by another thread, which would have been
+        counted. (Threads that the threading module does not know, started
+        with _thread or from C, are not counted: see docs/reference.md.)"""
+        self._alone = _active_count() == 1
+        lib.ipc_context_read_wakeup(self._ctx, 0 if self._alone else 1)
 
     def _read_large(self, fd: int) -> bytes:
         """fd's next message, larger than the read buffer: lent by the core and
@@ -620,6 +740,11 @@ class NativeContext(Context):
         return events
 
     def fileno(self) -> int:
+        # Another loop waits on this fd, not in the core: schedule() must
+        # reach the core at once from now on, so that the fd turns readable.
+        self._buffer_max = -1
+        if self._pfds:
+            self._flush()
         return self._check(lib.ipc_context_fd(self._ctx))
 
     def _wait(self, timeout: Optional[float], capacity: int) -> list[Event]:
@@ -658,6 +783,8 @@ class NativeContext(Context):
         """One wait in the core, then up to `capacity` of the events it has
         queued (EVENT_BATCH: every one), converted; none when a wake-up or a
         signal ended the wait."""
+        if self._pfds:
+            self._flush()
         ctx, events, count = self._ctx, self._events, self._ecount
         out: list[Event] = []
         try:

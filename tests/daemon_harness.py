@@ -115,7 +115,16 @@ class FakeScheme:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:
             with contextlib.suppress(OSError):
                 wake.connect(self.path)
+        # shutdown() ends an accept() blocked in the kernel (close() alone does
+        # not, when the acceptor went back into accept() after the wake-up
+        # connection); the acceptor is joined first, so that no thread it
+        # starts is missed (a thread left running fails tests that need the
+        # process alone, tests/test_schedule_buffer.py).
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
+        self.acceptor.join(10)
+        assert not self.acceptor.is_alive(), "the stand-in daemon's acceptor did not end"
         for t in self.threads:
             t.join(10)
         os.unlink(self.path)

@@ -27,7 +27,8 @@ EVENTS = {"pyipc native", "pyipc pure", "raw socket", "C floor"}
 #: Column titles of the systems whose round trip reports the CPU of both peers
 #: (the Python clients that measure their own).
 CPU = {"pyipc native", "pyipc pure", "raw socket", "native client, raw server",
-       "raw client, native server", "raw client, epoll server"}
+       "raw client, native server", "raw client, epoll server", "C floor",
+       "C floor, busy-polling"}
 #: ...and the start of the busy_poll system's title (which names its value).
 ROUND_TRIP_ONLY_PREFIX = "pyipc native, busy_poll "
 NUMBER = re.compile(r"^[0-9][0-9,]*(\.[0-9]+)?$")
@@ -55,8 +56,11 @@ def test_quick_bench_runs_every_system():
     header, *rows = _table_rows(done.stdout)
     systems = header[2:]
     assert len(systems) == len(SYSTEMS), header
+    cpu_rows = [": sender's CPU per message", ": receiver's CPU per message"]
     assert [row[0] for row in rows] == [
-        "per-message events, 64 B", "per-message events, 64 KiB", "round trip, 64 B",
+        "per-message events, 64 B", *("per-message events, 64 B" + r for r in cpu_rows),
+        "per-message events, 64 KiB", *("per-message events, 64 KiB" + r for r in cpu_rows),
+        "round trip, 64 B",
         "round trip, 64 B: CPU of both peers", "one-way 64 B", "one-way 64 KiB"]
     for row in rows:
         for system, cell in zip(systems, row[2:]):

@@ -275,3 +275,35 @@ def test_offloaded_work_unfinished_at_stop_is_dropped(backend, rundir):
     assert calls == []
     with pytest.raises(RuntimeError, match="stopping"):
         d.offload(lambda: None, lambda result, exc: None)
+
+
+def test_sigterm_right_after_ready_always_stops_the_daemon(backend, rundir):
+    """A SIGTERM sent the moment the daemon is ready lands while the loop is
+    on its way into the kernel's wait, after Python's last check for signals:
+    without the runtime's wake-up pipe (signal.set_wakeup_fd) that wait was
+    not interrupted and the daemon went on serving (native: about 1 run in 5).
+    The daemon runs in the main thread, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers run only in the main thread")
+    missed = 0
+    for _ in range(50):
+        daemon = EchoDaemon(rundir=rundir, backend=backend)
+        stopped = threading.Event()
+        rescued: list = []
+
+        def terminate(daemon=daemon, stopped=stopped, rescued=rescued) -> None:
+            daemon.ready.wait(10)
+            os.kill(os.getpid(), signal.SIGTERM)
+            if not stopped.wait(5):         # the signal was lost: end it another way
+                rescued.append(True)
+                daemon.stop()
+        killer = threading.Thread(target=terminate)
+        killer.start()
+        try:
+            daemon.run()
+        finally:
+            stopped.set()
+            killer.join()
+        missed += len(rescued)
+    assert missed == 0
+    assert signal.set_wakeup_fd(-1) == -1      # the runtime gave the previous one back

@@ -29,7 +29,7 @@ def hosts(backend) -> Iterator[tuple]:
         ca.cert_pem.write_to_path(ca_path)
         ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
             server_path)
-        server = Tlsd(TlsdConfig(listen="127.0.0.1:0", cert=server_path,
+        server = Tlsd(TlsdConfig(listen=("127.0.0.1:0",), cert=server_path,
                                  expose=frozenset({"pong"})), rundir=b, backend=backend)
         with running(Pong(rundir=b, backend=backend)), running(server), \
                 running(Tlsd(TlsdConfig(ca=ca_path), rundir=a, backend=backend)), \

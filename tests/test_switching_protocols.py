@@ -5,6 +5,7 @@ backends with the same behaviour and the same error texts."""
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 import threading
 
@@ -184,6 +185,49 @@ def test_more_lets_another_connection_be_served_between_rounds(ctx_factory):
         assert gw.client_messages(n) == [b"r%d" % i for i in range(n)]
     finally:
         gw.outer.close()
+
+
+@pytest.mark.parametrize("events", [True, False])
+def test_more_under_a_loop_driven_by_fileno(ctx_factory, events):
+    """fileno() stays readable while MORE calls are due (their input is in
+    the callback, not in any socket), so a selectors/asyncio loop that only
+    calls wait_events(timeout=0) when it is readable gets every record. Here
+    neither side queues anything (on_out writes at once) and, with
+    switch_events off, no event is pending either."""
+    s = ctx_factory()
+    a_in, a_out = socket.socketpair()
+    b_in, b_out = socket.socketpair()
+    try:
+        fa, fb = a_in.detach(), b_in.detach()
+        s.add_external(fa)
+        s.add_external(fb)
+        s.add_switch(fa, fb)
+        s.set_switch_callbacks(fa, Lines(s).on_in, None)
+
+        def on_out(fd: int, payload: bytes) -> CBEvent:
+            os.write(fd, payload + b"\n")
+            return CBEvent.NO_ERROR
+        s.set_switch_callbacks(fb, None, on_out)
+        s.switch_events = events
+        n = 3 * MAX_MORE_PER_ROUND + 1
+        records = b"".join(b"r%d\n" % i for i in range(n))
+        a_out.sendall(records)
+        got = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(s.fileno(), selectors.EVENT_READ)
+            tick = deadline()
+            while len(got) < len(records):
+                tick()
+                if sel.select(timeout=0.5):
+                    s.wait_events(timeout=0)
+                try:
+                    got += b_out.recv(1 << 16, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+        assert got == records
+    finally:
+        a_out.close()
+        b_out.close()
 
 
 def test_more_waits_while_the_peer_queue_is_over_its_bound(ctx_factory):

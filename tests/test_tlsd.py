@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import sys
 import tempfile
 
 import pytest
@@ -115,7 +116,7 @@ def test_remote_that_never_answers_is_a_timeout(hosts, backend, certs):
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(1)                # accepts (in the kernel), never speaks TLS
-        with running(dialer(a, backend, certs, timeout=0.5)):
+        with running(dialer(a, backend, certs, connect_timeout=0.5)):
             answer, fd = ask(a, f"tls://127.0.0.1:{silent.getsockname()[1]}/pong")
     assert fd is None and answer.startswith(b"ne timeout ")
 
@@ -126,7 +127,7 @@ def test_malformed_uri_is_answered(hosts, backend, certs, uri):
     a, _ = hosts
     with running(dialer(a, backend, certs)):
         answer, fd = ask(a, uri)
-    assert fd is None and answer.startswith(b"ne norule ")
+    assert fd is None and answer.startswith(b"ne badrequest ")
 
 
 def test_plaintext_client_is_refused_and_the_daemon_keeps_serving(hosts, backend, certs,
@@ -142,7 +143,7 @@ def test_plaintext_client_is_refused_and_the_daemon_keeps_serving(hosts, backend
 
 def test_silent_peer_is_dropped_after_the_timeout(hosts, backend, certs):
     _, b = hosts
-    with running(listener(b, backend, certs, timeout=0.3)) as tlsd:
+    with running(listener(b, backend, certs, handshake_timeout=0.3)) as tlsd:
         with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=10) as idle:
             assert idle.recv(100) == b""            # closed by tlsd, not by us
 
@@ -209,7 +210,7 @@ def test_ipv6_loopback(hosts, backend, certs):
         pytest.skip("no IPv6 in this Python")
     a, b = hosts
     try:
-        tlsd = listener(b, backend, certs, listen="[::1]:0")
+        tlsd = listener(b, backend, certs, listen=("[::1]:0",))
     except OSError as e:
         pytest.skip(f"no IPv6 loopback here: {e}")
     with running(Echo(rundir=b, backend=backend)), running(tlsd), \
@@ -244,3 +245,265 @@ def test_remote_closing_ends_the_client_connection(hosts, backend, certs, remote
         remote.stop()                               # host B's tlsd goes away
         with pytest.raises(pyipc.ConnectionClosedError):
             client.read(fd, timeout=20)
+
+
+# ------------------------------------------------------------ the TCP side's backlog
+
+class RefusingContext:
+    """Stands in for the daemon's context: switch_send refuses `refusals`
+    times (QueueFullError, as the core does over max_queue_size), then takes."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.sent: list = []
+
+    def switch_send(self, fd: int, data: bytes) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise pyipc.QueueFullError("send queue of fd 7 is full")
+        self.sent.append(data)
+
+
+def test_records_refused_for_now_go_out_later_in_order(backend, rundir, certs, monkeypatch):
+    from pyipc.daemons import tlsd as tlsd_module
+    monkeypatch.setattr(tlsd_module, "BACKLOG_RETRY_S", 0.0)
+    daemon = dialer(rundir, backend, certs)
+    real = daemon.ctx
+    try:
+        fake = RefusingContext(refusals=3)     # r1, then r1 again with r2, then a retry
+        daemon.ctx = fake
+        daemon._relays[7] = object()                # fd 7 is a switched TCP fd
+        daemon._send_tcp(7, b"r1")                  # refused: kept, a retry is due
+        daemon._send_tcp(7, b"r2")                  # refused again (queued behind r1)
+        assert fake.sent == [] and list(daemon._backlog[7]) == [b"r1", b"r2"]
+        daemon._timers.run_due()                    # refused a third time
+        assert fake.sent == []
+        daemon._timers.run_due()                    # room now: both, in order
+        assert fake.sent == [b"r1", b"r2"] and 7 not in daemon._backlog
+        daemon._send_tcp(7, b"r3")
+        assert fake.sent == [b"r1", b"r2", b"r3"]
+    finally:
+        daemon.ctx = real
+        real.close_all()
+
+
+# ------------------------------------------------------------ through ipcd (the client's connect)
+
+def test_connect_by_name_through_ipcd_and_tlsd(hosts, backend, certs, remote, monkeypatch):
+    from pyipc.daemons.ipcd import Ipcd
+    a, _ = hosts
+    monkeypatch.setenv("IPC_NETWORK", f"pong tls://127.0.0.1:{port_of(remote)}/pong;"
+                                      f"secret tls://127.0.0.1:{port_of(remote)}/secret")
+    with running(Ipcd(rundir=a, backend=backend)), running(dialer(a, backend, certs)), \
+            pyipc.Context(rundir=a, backend=backend) as client:
+        fd = client.connect("pong", timeout=20)
+        client.write(fd, b"by name")
+        assert client.read(fd, timeout=20) == b"by name"
+        with pytest.raises(pyipc.NetworkError, match="refused.*not exposed"):
+            client.connect("secret", timeout=20)
+
+
+def test_tls_failure_reaches_the_client_as_network_error(hosts, backend, certs, remote,
+                                                         monkeypatch, tmp_path):
+    from pyipc.daemons.ipcd import Ipcd
+    a, _ = hosts
+    os.makedirs(tmp_path / "other")
+    stranger = Certs(str(tmp_path / "other"), trustme)     # trusts another CA
+    monkeypatch.setenv("IPC_NETWORK", f"pong tls://127.0.0.1:{port_of(remote)}/pong")
+    with running(Ipcd(rundir=a, backend=backend)), running(dialer(a, backend, stranger)), \
+            pyipc.Context(rundir=a, backend=backend) as client:
+        with pytest.raises(pyipc.NetworkError, match="certificate verify failed"):
+            client.connect("pong", timeout=20)
+
+
+# ------------------------------------------------------------ systemd
+
+ACTIVATE = """
+import os, sys
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES="tls:tls")
+os.dup2(int(sys.argv[1]), 3)
+os.dup2(int(sys.argv[2]), 4)
+os.execv(sys.executable, [sys.executable, "-m", "pyipc", *sys.argv[3:]])
+"""
+
+
+def test_socket_activation_and_readiness(hosts, backend, certs, tmp_path, monkeypatch):
+    """systemd passes a TCP listener (the port B's peers reach) and the Unix
+    socket `tls` (ipcd's way in); READY=1 once both serve, STOPPING=1 at
+    SIGTERM, exit 0. Host A's ipcd dials through the activated tlsd to host
+    B's (a plain one), so both passed sockets are used."""
+    from pyipc.daemons.ipcd import Ipcd
+    import subprocess
+    from conftest import CHILD_ENV
+    a, b = hosts
+    tcp = socket.create_server(("127.0.0.1", 0))
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(os.path.join(a, "tls"))
+    unix.listen(8)
+    notify_path = str(tmp_path / "notify")
+    with tcp, unix, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, \
+            running(Echo(rundir=a, backend=backend)), \
+            running(Echo(rundir=b, backend=backend)), \
+            running(listener(b, backend, certs)) as remote:
+        notify.bind(notify_path)
+        notify.settimeout(20)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ACTIVATE, str(tcp.fileno()), str(unix.fileno()),
+             "--rundir", a, "--backend", backend, "tlsd", "--cert", certs.server,
+             "--ca", certs.ca, "--expose", "pong"], pass_fds=[tcp.fileno(), unix.fileno()],
+            env=dict(CHILD_ENV, NOTIFY_SOCKET=notify_path), stderr=subprocess.PIPE)
+        try:
+            assert notify.recv(100) == b"READY=1"
+            # A TLS peer on the passed TCP socket reaches A's pong...
+            ctx = ssl.create_default_context(cafile=certs.ca)
+            with socket.create_connection(tcp.getsockname(), timeout=20) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"pong\n" + frame(b"activated"))
+                got = b""
+                while len(got) < 2 + 4 + 9:
+                    more = tls.recv(100)
+                    assert more, got
+                    got += more
+                assert got == b"ok" + frame(b"activated")
+            # ...and ipcd's request comes in on the passed Unix socket.
+            monkeypatch.setenv("IPC_NETWORK", f"far tls://127.0.0.1:{port_of(remote)}/pong")
+            with running(Ipcd(rundir=a, backend=backend)), \
+                    pyipc.Context(rundir=a, backend=backend) as client:
+                fd = client.connect("far", timeout=20)
+                client.write(fd, b"via ipcd")
+                assert client.read(fd, timeout=20) == b"via ipcd"
+            proc.terminate()
+            assert notify.recv(100) == b"STOPPING=1"
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            proc.stderr.close()
+
+
+# ------------------------------------------------------------ the remote's name line, at its bounds
+
+def _tls_to(port: int, certs: Certs, data: bytes) -> bytes:
+    """What a listening tlsd answers a raw TLS client sending `data`, up to its close."""
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(data)
+        got = b""
+        try:
+            while True:
+                more = tls.recv(1000)
+                if not more:
+                    return got
+                got += more
+        except (ssl.SSLError, ConnectionError):
+            return got
+
+
+def test_name_at_the_bound_is_read_past_it_refused(backend, rundir, certs):
+    from pyipc.daemons._tls_handshake import MAX_NAME_BYTES
+    with running(listener(rundir, backend, certs)) as tlsd:
+        at = _tls_to(port_of(tlsd), certs, b"n" * MAX_NAME_BYTES + b"\n")
+        past = _tls_to(port_of(tlsd), certs, b"n" * (MAX_NAME_BYTES + 1))
+    assert at.startswith(b"ne refused service nnn") and b"not exposed" in at
+    assert past == b"ne refused service name longer than 255 bytes"
+
+
+def test_bare_name_without_newline_is_served_after_the_grace(backend, rundir, certs):
+    with running(Echo(rundir=rundir, backend=backend)), \
+            running(listener(rundir, backend, certs)) as tlsd:
+        ctx = ssl.create_default_context(cafile=certs.ca)
+        with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"pong")                    # libIPC's way: no newline
+            assert tls.recv(2) == b"ok"
+            tls.sendall(frame(b"after the grace"))
+            want = frame(b"after the grace")
+            got = b""
+            while len(got) < len(want):
+                got += tls.recv(100)
+            assert got == want
+
+
+def test_dials_past_max_pending_are_busy(hosts, backend, certs):
+    a, _ = hosts
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)                            # accepts, never answers: stays pending
+        uri = f"tls://127.0.0.1:{silent.getsockname()[1]}/pong"
+        with running(dialer(a, backend, certs, max_pending=1, connect_timeout=5)):
+            first = socket.socket(socket.AF_UNIX)
+            first.connect(os.path.join(a, "tls"))
+            first.sendall(frame(uri.encode()))      # the one pending dial...
+            silent.settimeout(20)
+            held, _ = silent.accept()               # ...has connected: it is pending
+            try:
+                answer, fd = ask(a, uri)
+            finally:
+                first.close()
+                held.close()
+    assert fd is None and answer.startswith(b"ne busy ")
+
+
+# ------------------------------------------------------------ the command line
+
+@pytest.mark.parametrize("args, status, text", [
+    (["--listen", "127.0.0.1:0"], 2, "listening for TLS needs --cert"),
+    (["--listen", "127.0.0.1:0", "--cert", "/nonexistent.pem"], 2,
+     "--cert/--key /nonexistent.pem: No such file or directory"),
+    (["--ca", "/nonexistent.pem"], 2, "--ca /nonexistent.pem: No such file or directory"),
+    (["--connect-timeout", "0"], 2, "connect_timeout must be positive"),
+    (["--max-pending", "0"], 2, "max_pending must be at least 1"),
+])
+def test_bad_options_are_refused_before_anything_runs(rundir, args, status, text):
+    import subprocess
+    from conftest import CHILD_ENV
+    out = subprocess.run([sys.executable, "-m", "pyipc", "--rundir", rundir, "tlsd", *args],
+                         env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == status, out.stderr
+    assert out.stderr.strip() == f"pyipc tlsd: {text}" or text in out.stderr, out.stderr
+    assert not os.path.exists(os.path.join(rundir, "tls"))
+
+
+def test_a_taken_port_is_a_clear_error(rundir, certs):
+    import subprocess
+    from conftest import CHILD_ENV
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "pyipc", "--rundir", rundir, "tlsd",
+                              "--listen", f"127.0.0.1:{port}", "--cert", certs.server],
+                             env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.startswith("pyipc tlsd: ") and "Address already in use" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_ipcd_leaving_mid_dial_is_forgotten_and_tlsd_keeps_serving(hosts, backend, certs,
+                                                                   remote):
+    a, _ = hosts
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        with running(dialer(a, backend, certs, max_pending=1)):
+            gone = socket.socket(socket.AF_UNIX)
+            gone.connect(os.path.join(a, "tls"))
+            gone.sendall(frame(f"tls://127.0.0.1:{silent.getsockname()[1]}/pong".encode()))
+            silent.settimeout(20)
+            held, _ = silent.accept()               # the dial is in its handshake...
+            gone.close()                            # ...when ipcd gives up
+            try:
+                # The abandoned dial no longer counts against --max-pending 1.
+                answer, fd = ask(a, f"tls://127.0.0.1:{port_of(remote)}/pong")
+            finally:
+                held.close()
+            assert answer == b"ok" and fd is not None
+            os.close(fd)
+
+
+def test_listen_given_as_one_string_is_refused():
+    """TlsdConfig.listen is a tuple of addresses: a str would be bound letter
+    by letter ("1", "2", "7", ...), an obscure EADDRNOTAVAIL at start."""
+    from pyipc.daemons._tls_options import TlsdConfig
+    with pytest.raises(TypeError, match="listen must be a tuple of addresses, not str"):
+        TlsdConfig(listen="127.0.0.1:0", cert="server.pem")  # type: ignore[arg-type]

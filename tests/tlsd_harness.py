@@ -75,7 +75,7 @@ def running(daemon: Daemon) -> Iterator[Daemon]:
 
 def listener(rundir: str, backend: str, certs: Certs, **kw: object) -> Tlsd:
     """A tlsd on 127.0.0.1 (a free port) exposing `pong` unless told otherwise."""
-    options = dict(listen="127.0.0.1:0", cert=certs.server, expose=frozenset({"pong"}))
+    options = dict(listen=("127.0.0.1:0",), cert=certs.server, expose=frozenset({"pong"}))
     options.update(kw)
     return Tlsd(TlsdConfig(**options), rundir=rundir, backend=backend)  # type: ignore[arg-type]
 

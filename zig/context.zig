@@ -80,6 +80,11 @@ pub const Context = struct {
     /// A signal ends a blocking call with error.Interrupted instead of the
     /// call going on waiting (blocking.zig). Off for C programs, as libIPC.
     interruptible: bool = false,
+    /// In an interruptible context, another thread's ipc_wakeup ends a
+    /// blocking read (so its reads poll the wake-up pipe too). Off: the reads
+    /// wait in the kernel, quicker (issue 21); the Python binding turns it
+    /// off while the process has one thread (ipc_context_read_wakeup).
+    read_wakeup: bool = true,
     /// The longest a blocking call waits, in ns (negative: no limit); it
     /// applies to every call until changed (ipc_context_call_timeout).
     call_timeout_ns: i64 = -1,
@@ -245,7 +250,8 @@ pub const Context = struct {
     pub fn syncReadiness(self: *Context) void {
         const r = if (self.readiness) |*r| r else return;
         if (self.forked) return; // the pipe and the timer are the parent's too
-        r.setPending(self.events.live > 0);
+        // MORE calls due are work a zero-timeout wait does (switching.zig).
+        r.setPending(self.events.live > 0 or switching.moreReady(self));
         r.armTimer(if (self.timer_ms < 0) null else self.timerDueNs(self.timer_base_ns));
     }
 
@@ -292,7 +298,7 @@ pub const Context = struct {
         if (spin) {
             // The reads (the only callers with `spin`): another thread's
             // wake-up ends them too, in an interruptible context (blocking.zig).
-            if (self.interruptible) b.wake = &self.wakeup;
+            if (self.interruptible and self.read_wakeup) b.wake = &self.wakeup;
             if (self.busy_poll_us > 0 and !self.skip_spin) {
                 b.spin_end_ns = self.spinEndNs();
                 if (b.deadline_ns) |d| b.spin_end_ns = @min(b.spin_end_ns, d);
@@ -1916,6 +1922,38 @@ pub const Context = struct {
 
     fn openSpare() i32 {
         return c.open("/dev/null", .{ .ACCMODE = .RDONLY, .CLOEXEC = true });
+    }
+    // ------------------------------------------------------------ batched scheduling
+    // Issue 21: the Python binding keeps small scheduled messages and hands
+    // them over in one call when its loop next enters the core; it learns
+    // beforehand, from scheduleRoom, what schedule() would refuse.
+
+    /// schedule() of `lens.len` messages in order, the i-th to fds[i], their
+    /// payloads back to back in `payloads`. Stops at the first failure;
+    /// `done.*` is how many were queued (all of them on success).
+    pub fn scheduleMany(
+        self: *Context,
+        fds: []const i32,
+        payloads: []const u8,
+        lens: []const u32,
+        done: *usize,
+    ) Error!void {
+        assert(fds.len == lens.len);
+        done.* = 0;
+        var at: usize = 0;
+        for (fds, lens) |fd, len| {
+            try self.schedule(fd, payloads[at..][0..len]);
+            at += len;
+            done.* += 1;
+        }
+    }
+
+    /// schedule()'s checks of fd and of a `len`-byte payload, in its order,
+    /// but the queue bound: what schedule() would fail with. Returns the
+    /// bytes (frame headers included) fd's queue takes before it is full.
+    pub fn scheduleRoom(self: *Context, fd: i32, len: u64) Error!u64 {
+        const conn = try self.prepareSend(fd, len);
+        return self.limits.max_queue_size -| conn.queue.queuedBytes();
     }
 };
 

@@ -633,6 +633,52 @@ pub export fn ipc_last_errno(ptr: ?*anyopaque) callconv(.c) c_int {
     return ctx.last.errno;
 }
 
+// ------------------------------------------------------------ batched scheduling (issue 21)
+
+/// ipc_schedule() of `count` messages in order, the i-th to fds[i], their
+/// payloads back to back at `payloads` (sizes in `lengths`). Stops at the
+/// first failure (its code and text); `done` (may be NULL) receives how many
+/// were queued.
+pub export fn ipc_schedule_many(
+    ptr: ?*anyopaque,
+    fds: ?[*]const c_int,
+    payloads: ?[*]const u8,
+    lengths: ?[*]const u32,
+    count: usize,
+    done: ?*usize,
+) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    var queued: usize = 0;
+    defer if (done) |d| {
+        d.* = queued;
+    };
+    if (count == 0) return IPC_OK;
+    const lens = (lengths orelse return rc(ctx, noPayloads(ctx)))[0..count];
+    const targets = (fds orelse return rc(ctx, noPayloads(ctx)))[0..count];
+    var total: usize = 0;
+    for (lens) |len| total += len;
+    if (payloads == null and total > 0) return rc(ctx, noPayloads(ctx));
+    return rc(ctx, ctx.scheduleMany(targets, bytes(payloads, total), lens, &queued));
+}
+
+/// ipc_schedule()'s checks of fd and of a `len`-byte payload, in its order,
+/// but the queue bound; on success `room` (may be NULL) receives the bytes,
+/// frame headers (4 each) included, fd's send queue takes before it is full.
+pub export fn ipc_schedule_room(ptr: ?*anyopaque, fd: c_int, len: u64, room: ?*u64) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    const left = ctx.scheduleRoom(fd, len) catch |err| return rc(ctx, @as(Error!void, err));
+    if (room) |r| r.* = left;
+    return IPC_OK;
+}
+
+/// Another thread's ipc_wakeup ends a blocking read of an interruptible
+/// context (on, the default), or not (off: the read waits in the kernel,
+/// quicker, and only a signal, the timeout or data ends it).
+pub export fn ipc_context_read_wakeup(ptr: ?*anyopaque, on: c_int) callconv(.c) void {
+    const ctx = context(ptr) orelse return;
+    ctx.read_wakeup = on != 0;
+}
+
 // ---------------------------------------------------------------- tests
 
 const testing = std.testing;
@@ -1008,4 +1054,86 @@ test "C ABI: context_fd is readable while a zero-timeout wait has something" {
     // close_all closes it.
     try expectOk(ipc_close_all(server));
     try testing.expect(std.c.fcntl(fd, std.c.F.GETFD) < 0);
+}
+
+test "C ABI: schedule_many queues in order, stops at the first failure; schedule_room" {
+    var pair: TestPair = .{};
+    try pair.init("schedmany");
+    defer pair.deinit("schedmany");
+    const server, const client, const cfd = .{ pair.server, pair.client, pair.cfd };
+    var room: u64 = 0;
+    try expectOk(ipc_schedule_room(client, cfd, 3, &room));
+    const max_queue: u64 = 64 << 20;
+    try testing.expectEqual(max_queue, room);
+    // "a", "bc", "" to cfd; then a message to an unknown fd stops the batch.
+    const fds = [_]c_int{ cfd, cfd, cfd, 9999, cfd };
+    const lens = [_]u32{ 1, 2, 0, 1, 1 };
+    var done: usize = 99;
+    try testing.expectEqual(
+        @as(c_int, errors.code(error.UnknownFd)),
+        ipc_schedule_many(client, &fds, "abcxy", &lens, fds.len, &done),
+    );
+    try testing.expectEqual(@as(usize, 3), done);
+    try testing.expectEqual(max_queue - 4 * 3 - 3, blk: {
+        try expectOk(ipc_schedule_room(client, cfd, 1, &room));
+        break :blk room;
+    });
+    try testing.expectEqual(
+        @as(c_int, errors.code(error.UnknownFd)),
+        ipc_schedule_room(client, 9999, 1, &room),
+    );
+    try testing.expectEqual(@as(c_int, errors.code(error.MessageTooLarge)), ipc_schedule_room(client, cfd, 1 << 40, null));
+    // Nothing, and NULL arrays with nothing: fine; NULL payloads with bytes: refused.
+    try expectOk(ipc_schedule_many(client, null, null, null, 0, &done));
+    try testing.expectEqual(@as(usize, 0), done);
+    try testing.expect(ipc_schedule_many(client, &fds, null, &lens, 2, null) < 0);
+    // One MESSAGE_TX per queued message, and the server reads them in order.
+    var evs: [8]IpcEvent = undefined;
+    var tx: usize = 0;
+    while (tx < 3) {
+        var count: usize = 0;
+        try expectOk(ipc_wait_events(client, &evs, evs.len, &count));
+        for (evs[0..count]) |ev| {
+            try testing.expectEqual(@as(i32, 4), ev.type);
+            tx += 1;
+        }
+    }
+    var got: [3][]const u8 = undefined;
+    var buf: [3][8]u8 = undefined;
+    var rx: usize = 0;
+    while (rx < 3) {
+        var count: usize = 0;
+        try expectOk(ipc_wait_events(server, &evs, evs.len, &count));
+        for (evs[0..count]) |ev| {
+            if (ev.type != 3) continue;
+            if (ev.message) |m| @memcpy(buf[rx][0..ev.message_len], m[0..ev.message_len]);
+            got[rx] = buf[rx][0..ev.message_len];
+            rx += 1;
+        }
+    }
+    try testing.expectEqualStrings("a", got[0]);
+    try testing.expectEqualStrings("bc", got[1]);
+    try testing.expectEqualStrings("", got[2]);
+}
+
+test "C ABI: read_wakeup off: an interruptible context's read waits in the kernel" {
+    var pair: TestPair = .{};
+    try pair.init("readwake");
+    defer pair.deinit("readwake");
+    const client, const cfd = .{ pair.client, pair.cfd };
+    ipc_context_interruptible(client, 1);
+    ipc_context_read_wakeup(client, 0);
+    var evs: [4]IpcEvent = undefined;
+    var count: usize = 0;
+    try expectOk(ipc_wait_events(pair.server, &evs, evs.len, &count)); // CONNECTION
+    try expectOk(ipc_write(pair.server, evs[0].fd, "hi", 2));
+    var buf: [8]u8 = undefined;
+    var len: usize = buf.len;
+    try expectOk(ipc_read_fd(client, cfd, &buf, &len));
+    try testing.expectEqualStrings("hi", buf[0..len]);
+    // A timeout still ends it.
+    ipc_context_call_timeout(client, 20_000);
+    len = buf.len;
+    try testing.expectEqual(@as(c_int, errors.code(error.Timeout)), ipc_read_fd(client, cfd, &buf, &len));
+    ipc_context_read_wakeup(client, 1);
 }

@@ -63,6 +63,17 @@
  * ipc_context_deinit close the child's copies of the fds only: the parent's
  * socket files, locks and poller are left alone.
  *
+ * Batched scheduling: ipc_schedule_many(ctx, fds, payloads, lengths, count,
+ * done) is ipc_schedule() of `count` messages in order, the i-th to fds[i],
+ * payloads back to back at `payloads`; it stops at the first failure and sets
+ * *done (when not NULL) to how many were queued. ipc_schedule_room(ctx, fd,
+ * len, room) makes ipc_schedule()'s checks of fd and of a `len`-byte payload,
+ * in its order, all but the queue bound, and sets *room to the bytes (frame
+ * headers of 4 included) fd's send queue takes before it is full.
+ * ipc_context_read_wakeup(ctx, on): in an interruptible context, whether
+ * ipc_wakeup() ends a blocking read too (on, the default; the reads then poll
+ * the wake-up pipe) or not (off: they wait in the kernel, which is quicker).
+ *
  * Another event loop: ipc_context_fd(ctx) returns one fd (or a negative
  * IPC_E_* code: the poll(2) backend has none) that is readable, level-
  * triggered, while ipc_wait_events() with a zero call timeout would return
@@ -80,7 +91,8 @@
  * as with CB_NO_ERROR, and `in` is called again without waiting for the fd to
  * be readable (it holds input already read), at most 64 calls per fd and
  * round (pyipc.MAX_MORE_PER_ROUND), the rest in the next rounds; while the
- * peer's queue is over max_queue_size the calls wait, as reading does. From
+ * peer's queue is over max_queue_size the calls wait, as reading does; while
+ * calls are due, ipc_context_fd() is readable. From
  * `out`, CB_MORE is an error. ipc_switch_send(ctx, fd, data, len) queues raw
  * bytes (not framed) for switched fd `fd`, written in order with the rest of
  * its output; IPC_E_QUEUE_FULL when fd's queue is over max_queue_size already
@@ -200,6 +212,10 @@ int ipc_send_fd(int sock, int fd_to_pass, const char *payload, uint32_t payload_
 int ipc_receive_fd(int sock, int *received_fd, char *buffer, size_t *buflen);
 int ipc_last_errno(void *ctx);
 int ipc_context_fd(void *ctx);
+/* Batched scheduling (issue 21): see the comment at the top. */
+int ipc_schedule_many(void *ctx, const int *fds, const char *payloads, const uint32_t *lengths, size_t count, size_t *done);
+int ipc_schedule_room(void *ctx, int fd, uint64_t len, uint64_t *room);
+void ipc_context_read_wakeup(void *ctx, int on);
 /* CFFI-END */
 
 #endif

@@ -337,3 +337,53 @@ test "C ABI: ipc_switch_send, ipc_switch_end and ipc_context_switch_events" {
         abi.ipc_switch_send(handle, a.inner, "late", 4),
     );
 }
+
+/// An `out` callback that writes its output through send() (the way a
+/// protocol daemon keeps order and gets back-pressure).
+const Echo = struct {
+    var ctx: ?*Context = null;
+    var failures: usize = 0;
+
+    fn out(dest: c_int, payload: [*]const u8, mlen: u32) callconv(.c) c_int {
+        switching.send(ctx.?, dest, payload[0..mlen]) catch {
+            failures += 1;
+            return @backingInt(switching.CbResult.err);
+        };
+        return @backingInt(switching.CbResult.no_error);
+    }
+};
+
+test "send from fd's own `out` is never refused: back-pressure bounds it" {
+    var board = try Board.init();
+    defer board.deinit();
+    const ctx = board.ctx;
+    try ctx.setLimits(.{ .max_message_size = 1000, .max_queue_size = 2000 });
+    Echo.ctx = ctx;
+    Echo.failures = 0;
+    try switching.setCallbacks(ctx, board.b.inner, null, Echo.out);
+    // 20 frames of 900 bytes in one write: one read forwards them all, far
+    // past b's bound, while b's peer reads nothing.
+    var frames: std.ArrayList(u8) = .empty;
+    defer frames.deinit(gpa);
+    const body: [900]u8 = @splat('f');
+    for (0..20) |_| {
+        try frames.appendSlice(gpa, &framing.encodeHeader(body.len));
+        try frames.appendSlice(gpa, &body);
+    }
+    try sendAll(board.a.outer, frames.items);
+    var events: Events = .{};
+    defer events.deinit();
+    while (events.count(.switch_tx) < 20) try board.round(&events);
+    try testing.expectEqual(@as(usize, 0), Echo.failures);
+    // From outside the callback the bound holds: b's queue is over it.
+    try testing.expectError(error.QueueFull, switching.send(ctx, board.b.inner, "x"));
+    // Nothing lost: b's peer gets every byte.
+    _ = sys.setNonblocking(board.b.outer, true);
+    var got: std.ArrayList(u8) = .empty;
+    defer got.deinit(gpa);
+    while (got.items.len < 20 * body.len) {
+        try board.round(&events);
+        _ = try readAvailable(board.b.outer, &got);
+    }
+    try testing.expectEqual(@as(usize, 20 * body.len), got.items.len);
+}

@@ -82,11 +82,16 @@ static int next_frame(struct reader *r, const uint8_t **payload, uint32_t *len) 
     }
 }
 
-static double now(void) {
+static double clock_of(clockid_t which) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(which, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
+
+static double now(void) { return clock_of(CLOCK_MONOTONIC); }
+
+/* CPU time of this process (the Python clients report it too). */
+static double cpu_now(void) { return clock_of(CLOCK_PROCESS_CPUTIME_ID); }
 
 static struct sockaddr_un address(const char *path) {
     struct sockaddr_un a = {0};
@@ -132,23 +137,25 @@ static void client(int rtt, const char *path, long n, uint32_t size) {
     struct reader r = {fd, malloc(4 << 20), 4 << 20, 0, 0};
     const uint8_t *p;
     uint32_t len;
-    double start;
+    double start, cpu;
     if (rtt) {
         for (int i = 0; i < WARMUP; i++) {
             write_all(fd, frame, (size_t)size + 4);
             if (!next_frame(&r, &p, &len)) die("echo");
         }
         start = now();
+        cpu = cpu_now();
         for (long i = 0; i < n; i++) {
             write_all(fd, frame, (size_t)size + 4);
             if (!next_frame(&r, &p, &len)) die("echo");
         }
     } else {
         start = now();
+        cpu = cpu_now();
         for (long i = 0; i < n; i++) write_all(fd, frame, (size_t)size + 4);
         if (!next_frame(&r, &p, &len)) die("ack");
     }
-    printf("{\"seconds\": %.9f}\n", now() - start);
+    printf("{\"seconds\": %.9f, \"cpu\": %.9f}\n", now() - start, cpu_now() - cpu);
 }
 
 int main(int argc, char **argv) {

@@ -137,10 +137,17 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
             self._arm_timer()
 
     def _arm_timer(self) -> None:
-        """fileno() becomes readable when a zero-timeout wait's TIMER is due."""
+        """fileno() becomes readable when a zero-timeout wait's TIMER is due,
+        and stays readable while MORE calls are due (switching.py): that is
+        work a zero-timeout wait does, with no fd ready to show it."""
         if self._ready is not None:
+            self._ready.set_pending(bool(self._pending) or self._more_due())
             self._ready.arm_timer(None if self._timer is None
                                   else self._timer_base + self._timer / 1000)
+
+    def _more_due(self) -> bool:
+        """Some on_in asked for MORE and may be called now (switching.py)."""
+        return bool(self._more) and self._more_ready()
 
     def fileno(self) -> int:
         if self._ready is None:

@@ -6,11 +6,13 @@ each frame reported (MESSAGE_TX, SWITCH_TX) once it is written whole.
 from __future__ import annotations
 
 import os
+from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING, Optional, Tuple
 
 from .._checks import Bytes, as_payload, closed_by_peer, too_large_text
 from .._types import Event, EventType, MessageTooLargeError, Payload, QueueFullError
-from .conn_table import Conn
+from .conn_table import CONNECTION, Conn
 from .framing import HEADER, encode
 from .syscalls import SEND_NOW, sending
 
@@ -19,8 +21,14 @@ if TYPE_CHECKING:
 
 #: Frames handed to one sendmsg() call at most (coalescing without huge iovecs).
 MAX_IOV = 64
+#: Frames smaller than this at the head of a queue are joined into one buffer
+#: for one send() (one copy of a small frame costs less than an iovec, and a
+#: system call per MAX_IOV frames): up to JOIN_FRAMES of them (issue 21).
+JOIN_BELOW = 4096
+JOIN_FRAMES = 1024
 
 _TX = EventType.MESSAGE_TX
+_pack = HEADER.pack
 
 
 class SendQueue:
@@ -40,6 +48,22 @@ class SendQueue:
         return conn, data
 
     def schedule(self: PureState, fd: int, payload: Payload) -> None:
+        # The common call (bytes to a plain connection with room): the checks
+        # of _prepare and of the queue bound inline, no call but the frame's
+        # (issue 21: per-message cost). Anything else takes the path below,
+        # which raises what is wrong in the documented order.
+        conn = self._by_fd.get(fd) if type(fd) is int else None
+        if conn is not None and conn.kind == CONNECTION and type(payload) is bytes \
+                and not (conn.write_closed or conn.closing):
+            size = len(payload) + 4
+            queued = conn.queued_bytes + size
+            if size <= self.max_message_size + 4 and queued <= self.max_queue_size:
+                conn.queue.append((_pack(size - 4) + payload, _TX))
+                conn.queued_bytes = queued
+                if conn not in self._dirty:
+                    self._dirty[conn] = None
+                    self._set_interest(conn)
+                return
         conn, data = self._prepare(fd, payload)
         size = len(data) + HEADER.size
         if conn.queued_bytes + size > self.max_queue_size:
@@ -76,8 +100,7 @@ class SendQueue:
         # Bytes a stopped call counted but did not account for (see _sending).
         self._account_sent(conn)
         while queue:
-            bufs: list[Bytes] = [memoryview(queue[0][0])[conn.sent:]]
-            bufs.extend(queue[i][0] for i in range(1, min(len(queue), MAX_IOV)))
+            bufs = _next_buffers(queue, conn.sent)
             try:
                 for n in sending(conn.io, bufs, SEND_NOW):
                     conn.sent += n      # counted at once; frames accounted next
@@ -96,14 +119,16 @@ class SendQueue:
     def _account_sent(self: PureState, conn: Conn) -> None:
         """Frames written whole (conn.sent counts the bytes written from the
         first one on) leave the queue, each reported by its event."""
-        queue, pending = conn.queue, self._pending
-        n = conn.sent
+        queue, append = conn.queue, self._pending.append
+        n, done, popleft = conn.sent, 0, queue.popleft
+        fd, index = conn.fd, conn.index
         while queue and n >= len(queue[0][0]):
-            frame, kind = queue.popleft()
+            frame, kind = popleft()
             n -= len(frame)
-            conn.queued_bytes -= len(frame)
+            done += len(frame)
             if kind is not None:        # None: the rest of a stopped write()
-                pending.append(Event(kind, conn.fd, conn.index))
+                append(Event(kind, fd, index))
+        conn.queued_bytes -= done
         conn.sent = n
 
     def _flush(self: PureState, conn: Conn) -> None:
@@ -127,6 +152,23 @@ class SendQueue:
             for conn in list(self._dirty):
                 if conn.alive:
                     self._flush(conn)
+
+
+def _next_buffers(queue: deque[Tuple[bytes, Optional[EventType]]], sent: int) -> list[Bytes]:
+    """What one send takes from the head of `queue` (`sent` bytes of its
+    first frame are gone): small frames joined into one buffer, else up to
+    MAX_IOV frames as they are (large ones are not copied)."""
+    if len(queue) > 1 and len(queue[0][0]) < JOIN_BELOW:
+        small: list[bytes] = []
+        for frame, _ in islice(queue, JOIN_FRAMES):
+            if len(frame) >= JOIN_BELOW:
+                break
+            small.append(frame)
+        if len(small) > 1:
+            return [memoryview(b"".join(small))[sent:]]
+    bufs: list[Bytes] = [memoryview(queue[0][0])[sent:]]
+    bufs.extend(frame for frame, _ in islice(queue, 1, MAX_IOV))
+    return bufs
 
 
 def frame_rest(lens: list[int], written: int) -> int:

@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 #: Modules of pyipc.daemons that provide a subcommand, in --help order.
-COMMAND_MODULES: list[str] = ["ipcd", "tcpd", "tlsd"]
+COMMAND_MODULES: list[str] = ["ipcd", "tcpd", "tlsd", "websocketd"]
 
 
 def add_daemon_commands(subparsers: Any) -> None:

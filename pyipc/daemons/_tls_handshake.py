@@ -10,6 +10,7 @@ from __future__ import annotations
 import ssl
 from typing import Any, Optional, Tuple
 
+from . import _netwire as wire
 from ._tls_relay import TlsRelay, TlsRelayError
 
 #: Longest service name line a remote may send (Linux's NAME_MAX): a peer
@@ -79,12 +80,12 @@ class Handshake:
             try:
                 done = relay.handshake()
             except ssl.SSLError as e:
-                raise HandshakeFailed("tls", _tls_reason(e, self.peer),
+                raise HandshakeFailed(wire.TLS, _tls_reason(e, self.peer),
                                       relay.take_output()) from e
             out = relay.take_output()
             if not done:
                 if not ciphertext:
-                    raise HandshakeFailed("tls", f"{self.peer} closed the connection "
+                    raise HandshakeFailed(wire.TLS, f"{self.peer} closed the connection "
                                                  f"during the TLS handshake")
                 return out, None
             self.secure = True
@@ -93,7 +94,7 @@ class Handshake:
         try:
             relay.decrypt(eof=not ciphertext)
         except TlsRelayError as e:
-            raise HandshakeFailed("tls", f"{self.peer}: {e}") from e
+            raise HandshakeFailed(wire.TLS, f"{self.peer}: {e}") from e
         out += relay.take_output()
         return out, (self._answer() if self.dialing else self._name_line())
 
@@ -109,12 +110,12 @@ class Handshake:
             return None         # the refusal's text goes on until the remote closes
         if plain[:3] == b"ne ":
             code, _, text = plain[3:MAX_ANSWER_BYTES].decode("utf-8", "replace").partition(" ")
-            raise HandshakeFailed(code or "refused",
+            raise HandshakeFailed(code or wire.REFUSED,
                                   f"{self.peer}: {text or 'refused'}")
         if not plain:
-            raise HandshakeFailed("unreachable", f"{self.peer} closed the connection "
+            raise HandshakeFailed(wire.UNREACHABLE, f"{self.peer} closed the connection "
                                                  f"without answering")
-        raise HandshakeFailed("tls", f"{self.peer} answered {plain[:40]!r}, not ok/ne "
+        raise HandshakeFailed(wire.TLS, f"{self.peer} answered {plain[:40]!r}, not ok/ne "
                                      f"(not a pyipc tlsd?)")
 
     def _name_line(self) -> Optional[str]:
@@ -123,10 +124,10 @@ class Handshake:
         end = plain.find(b"\n")
         if end < 0:
             if len(plain) > MAX_NAME_BYTES:
-                raise HandshakeFailed("refused", f"service name longer than "
+                raise HandshakeFailed(wire.REFUSED, f"service name longer than "
                                                  f"{MAX_NAME_BYTES} bytes")
             if self.relay.closed:
-                raise HandshakeFailed("refused", "closed before sending a service name")
+                raise HandshakeFailed(wire.REFUSED, "closed before sending a service name")
             return None
         return self.take_name(end, end + 1)
 
@@ -137,7 +138,7 @@ class Handshake:
         try:
             self.name = raw.decode()
         except UnicodeDecodeError:
-            raise HandshakeFailed("refused", "service name is not UTF-8") from None
+            raise HandshakeFailed(wire.REFUSED, "service name is not UTF-8") from None
         return "name"
 
 

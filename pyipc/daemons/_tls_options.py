@@ -8,21 +8,19 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import urllib.parse
-from typing import FrozenSet, Optional, Tuple
+from typing import Callable, FrozenSet, Optional, Tuple
 
 #: The port of a `tls://` URI without one, and of `--listen HOST` without one.
 DEFAULT_PORT = 9443
-#: Where tlsd listens when --listen names no host.
-DEFAULT_LISTEN_HOST = "127.0.0.1"
 
 
 @dataclasses.dataclass(frozen=True)
 class TlsdConfig:
     """What `pyipc tlsd` is told on its command line (see add_command)."""
 
-    #: "HOST:PORT" to accept TLS connections on; None: only dial (unless
-    #: systemd passed listening sockets).
-    listen: Optional[str] = None
+    #: Addresses ("HOST[:PORT]", "[IPV6][:PORT]") to accept TLS connections
+    #: on; none: only dial (unless systemd passed listening sockets).
+    listen: Tuple[str, ...] = ()
     #: Our certificate chain and key (PEM): the server's certificate when
     #: listening (required then), the client certificate when dialing.
     cert: Optional[str] = None
@@ -35,21 +33,30 @@ class TlsdConfig:
     #: CA bundle the servers we dial are verified against; None: the
     #: system's default trust store.
     ca: Optional[str] = None
-    #: Seconds one dial (connect, TLS handshake, remote answer) or one
-    #: incoming handshake (TLS, then the service name) may take.
-    timeout: float = 10.0
+    #: Seconds one dial may take: connect, TLS handshake, the remote's answer.
+    connect_timeout: float = 10.0
+    #: Seconds a remote peer has for the TLS handshake and the service name.
+    handshake_timeout: float = 10.0
+    #: A connection whose peer is silent this long ends (keepalive and
+    #: TCP_USER_TIMEOUT, as tcpd); 0: never.
+    dead_peer_timeout: float = 30.0
     #: Dials and incoming handshakes in progress at once, at most; more are
     #: refused (`ne busy`) or closed at once.
     max_pending: int = 64
 
     def __post_init__(self) -> None:
-        if self.timeout <= 0:
-            raise ValueError(f"timeout must be positive, not {self.timeout}")
+        for what in ("connect_timeout", "handshake_timeout"):
+            if not getattr(self, what) > 0:
+                raise ValueError(f"{what} must be positive, not {getattr(self, what)}")
+        if not self.dead_peer_timeout >= 0:
+            raise ValueError(f"dead_peer_timeout must be >= 0, not {self.dead_peer_timeout}")
         if self.max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, not {self.max_pending}")
         if self.key is not None and self.cert is None:
             raise ValueError("--key needs --cert")
-        if self.listen is not None and self.cert is None:
+        if isinstance(self.listen, str):    # a str would be taken letter by letter
+            raise TypeError(f"listen must be a tuple of addresses, not str {self.listen!r}")
+        if self.listen and self.cert is None:
             raise ValueError("listening for TLS needs --cert (and --key unless the "
                              "certificate file holds it)")
 
@@ -70,29 +77,18 @@ def parse_uri(uri: str) -> Tuple[str, int, str]:
     return host, port, urllib.parse.unquote(name)
 
 
-def parse_address(address: str) -> Tuple[str, int]:
-    """(host, port) of `HOST:PORT`, `[IPv6]:PORT`, `HOST` or `:PORT`."""
-    host, sep, port = address.rpartition(":")
-    if not sep or (host.count(":") and not host.startswith("[")):
-        host, port = address, ""            # no port, or a bare IPv6 address
-    host = host.strip("[]") or DEFAULT_LISTEN_HOST
-    if not port:
-        return host, DEFAULT_PORT
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"bad port in {address!r}")
-    return host, int(port)
-
-
 def server_context(config: TlsdConfig) -> ssl.SSLContext:
     """The context of connections we accept: our certificate; the client's
     verified against --client-ca when given (mutual TLS)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    assert config.cert is not None      # checked by TlsdConfig
-    ctx.load_cert_chain(config.cert, config.key)
+    cert = config.cert
+    assert cert is not None             # checked by TlsdConfig
+    _load("--cert/--key", cert, lambda: ctx.load_cert_chain(cert, config.key))
     if config.client_ca is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(config.client_ca)
+        _load("--client-ca", config.client_ca,
+              lambda: ctx.load_verify_locations(config.client_ca))
     return ctx
 
 
@@ -103,9 +99,20 @@ def client_context(config: TlsdConfig) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)   # CERT_REQUIRED, check_hostname
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if config.ca is not None:
-        ctx.load_verify_locations(config.ca)
+        _load("--ca", config.ca, lambda: ctx.load_verify_locations(config.ca))
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    if config.cert is not None:
-        ctx.load_cert_chain(config.cert, config.key)
+    cert = config.cert
+    if cert is not None:
+        _load("--cert/--key", cert, lambda: ctx.load_cert_chain(cert, config.key))
     return ctx
+
+
+def _load(option: str, path: str, load: Callable[[], None]) -> None:
+    """Run `load`; a missing or bad file becomes a ValueError naming it."""
+    try:
+        load()
+    except ssl.SSLError as e:           # (an OSError too: test it first)
+        raise ValueError(f"{option} {path}: {e}") from e
+    except OSError as e:
+        raise ValueError(f"{option} {path}: {e.strerror or e}") from e

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ssl
 import struct
-from typing import Optional
+from typing import Optional, cast
 
 _HEADER = struct.Struct(">I")
 #: Room made in the plaintext buffer per SSLObject.read() call (one TLS
@@ -75,7 +75,7 @@ class TlsRelay:
 
     # ------------------------------------------------------------ input
 
-    def feed(self, ciphertext: bytes) -> None:
+    def feed(self, ciphertext: "bytes | memoryview") -> None:
         """Take ciphertext from the peer; decrypt what it completes. An empty
         `ciphertext` is the TCP end of stream. Raises TlsRelayError."""
         if ciphertext:
@@ -92,7 +92,8 @@ class TlsRelay:
             while True:
                 # Straight into the buffer: no bytes object per record.
                 with plain.room(RECORD_ROOM) as view:
-                    n = self.ssl.read(RECORD_ROOM, view)
+                    # With a buffer, read() returns a count (typeshed says bytes).
+                    n = cast(int, self.ssl.read(RECORD_ROOM, view))
                 if not n:          # defensive: read() returns 0 only at EOF
                     self._end()
                     return

@@ -21,29 +21,29 @@ its switching callbacks decrypt and encrypt (pyipc.daemons._tls_relay).
 from __future__ import annotations
 
 import argparse
-import array
-import logging
+import collections
+import functools
 import os
 import socket
 import ssl
-import struct
-from typing import Any, Dict, List, Optional, Tuple
+import sys
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from .. import CBEvent, Event, EventType, IPCError
-from . import _systemd
+from .. import CBEvent, Event, EventType, IPCError, QueueFullError
+from . import _netwire as wire
+from . import _sockets, _systemd
 from ._runtime import Daemon
 from ._tls_handshake import NAME_GRACE_S, Handshake, HandshakeFailed
-from ._tls_options import (TlsdConfig, client_context, parse_address, parse_uri,
-                           server_context)
+from ._tls_options import DEFAULT_PORT, TlsdConfig, client_context, parse_uri, server_context
 from ._tls_relay import TlsRelay, TlsRelayError
 
 #: The local service ipcd asks for `tls://` URIs (the scheme's name).
 SERVICE = "tls"
 #: Ciphertext read from a TCP socket per call (several TLS records).
 READ_SIZE = 256 * 1024
-#: Backlog of the listening socket.
-LISTEN_BACKLOG = 128
-_FRAME = struct.Struct(">I")
+#: Seconds between two attempts to queue records the TCP side refused for
+#: now (see Tlsd._send_tcp; only while its queue is over its bound).
+BACKLOG_RETRY_S = 0.005
 
 
 class Tlsd(Daemon):
@@ -58,10 +58,15 @@ class Tlsd(Daemon):
         self._client_ctx = client_context(config)
         self._server_ctx = server_context(config) if config.cert is not None else None
         self._listeners: Dict[int, socket.socket] = {}
+        self._unix_listener: Optional[socket.socket] = None   # `tls`, when systemd made it
         self._handshakes: Dict[int, Handshake] = {}     # TCP fd -> its handshake
         self._requests: Dict[int, Optional[Any]] = {}   # ipcd fd -> its deadline, once asked
         self._connecting: Dict[int, Tuple[str, int, str]] = {}   # ipcd fd -> host, port, name
         self._relays: Dict[int, TlsRelay] = {}          # switched TCP fd -> its session
+        self._backlog: Dict[int, Deque[bytes]] = {}    # TCP fd -> records refused for now
+        self._read_buffer = bytearray(READ_SIZE)        # ciphertext, one read at a time
+        self._read_buffers = [self._read_buffer]
+        self._read_view = memoryview(self._read_buffer)
         #: Where the listening sockets are bound (tests read the port).
         self.addresses: List[Tuple[Any, ...]] = []
 
@@ -69,22 +74,53 @@ class Tlsd(Daemon):
 
     def setup(self) -> None:
         self.ctx.switch_events = False      # no event (no Python) per relayed message
-        self.ctx.service_init(SERVICE)
-        activated = [fd for fds in _systemd.listen_fds().values() for fd in fds]
-        if activated:
-            if self._server_ctx is None:
-                raise ValueError("socket-activated: listening for TLS needs --cert")
-            socks = [socket.socket(fileno=fd) for fd in activated]
-        elif self.config.listen is not None:
-            socks = [_listen(self.config.listen)]
-        else:
-            socks = []
+        socks = self._passed_listeners()
+        if self._unix_listener is None:
+            self.ctx.service_init(SERVICE)
+        if not socks:
+            for address in self.config.listen:
+                socks += _sockets.tcp_listeners(address, DEFAULT_PORT)
+        if socks and self._server_ctx is None:
+            for sock in socks:
+                sock.close()
+            raise ValueError("listening for TLS needs --cert")
         for sock in socks:
             sock.setblocking(False)
             self.ctx.add_external(sock.fileno())
             self._listeners[sock.fileno()] = sock
             self.addresses.append(sock.getsockname())
-            self.log.info("tlsd listening on %s", sock.getsockname())
+        self.log.info("tlsd: listening on %s; exposing %s", self.addresses or "nothing",
+                      ", ".join(sorted(self.config.expose)) or "nothing")
+
+    def _passed_listeners(self) -> List[socket.socket]:
+        """The TCP listening sockets systemd passed (socket activation); a
+        Unix one becomes our service `tls` (what ipcd connects to)."""
+        found = []
+        for fd in (fd for fds in _systemd.listen_fds().values() for fd in fds):
+            sock = socket.socket(fileno=fd)
+            if _sockets.is_listening(sock, socket.AF_INET) or \
+                    _sockets.is_listening(sock, socket.AF_INET6):
+                found.append(sock)
+            elif self._unix_listener is None and _sockets.is_listening(sock, socket.AF_UNIX):
+                sock.setblocking(False)
+                self._unix_listener = sock
+                self.ctx.add_external(fd)
+            else:
+                self.log.warning("tlsd: ignoring fd %d from systemd", fd)
+                sock.close()
+        return found
+
+    def _accept_ipcd(self, listener: socket.socket) -> None:
+        """ipcd connected to the `tls` socket systemd made: a request."""
+        for sock in _sockets.accept_some(listener):
+            fd = sock.detach()
+            try:
+                self.ctx.add_connection(fd)
+            except IPCError as e:
+                self.log.warning("tlsd: cannot take a request: %s", e)
+                os.close(fd)
+                continue
+            self._requests[fd] = None
 
     def teardown(self) -> None:
         # The context closes every fd it watches (listeners included): the
@@ -92,14 +128,33 @@ class Tlsd(Daemon):
         for sock in self._listeners.values():
             sock.detach()
         self._listeners.clear()
+        if self._unix_listener is not None:
+            self._unix_listener.detach()
 
     # ------------------------------------------------------------ events
 
     def on_event(self, ev: Event) -> None:
+        try:
+            self._on_event(ev)
+        except Exception:       # a bug or a resource limit: that fd, not the daemon
+            self.log.exception("tlsd: handling %s on fd %d failed", ev.type.name, ev.fd)
+            self._abandon(ev.fd)
+
+    def _abandon(self, fd: int) -> None:
+        """After an unexpected failure about fd: forget and close what it was."""
+        hs = self._handshakes.get(fd)
+        if hs is not None:
+            self._drop(hs)
+        if fd in self._requests:
+            self._end_request(fd)
+
+    def _on_event(self, ev: Event) -> None:
         t = ev.type
         if t == EventType.EXTERNAL:
             if ev.fd in self._listeners:
                 self._accept(self._listeners[ev.fd])
+            elif self._unix_listener is not None and ev.fd == self._unix_listener.fileno():
+                self._accept_ipcd(self._unix_listener)
             elif ev.fd in self._handshakes:
                 self._readable(self._handshakes[ev.fd])
         elif t == EventType.CONNECTION:
@@ -114,6 +169,7 @@ class Tlsd(Daemon):
     def _gone(self, fd: int) -> None:
         """fd was closed by the context (peer gone, switch ended)."""
         self._relays.pop(fd, None)
+        self._backlog.pop(fd, None)
         if fd in self._requests:                # ipcd gave up: its dial is abandoned
             self._end_request(fd)
 
@@ -121,22 +177,21 @@ class Tlsd(Daemon):
 
     def _request(self, req: int, message: bytes) -> None:
         if self._requests[req] is not None or req in self._connecting:
-            self._answer(req, "busy", "one URI per request")
+            self._answer(req, wire.BADREQUEST, "one URI per request")
             return
         uri = message.decode("utf-8", "replace")
         try:
             host, port, name = parse_uri(uri)
         except ValueError as e:
-            self._answer(req, "norule", str(e))
+            self._answer(req, wire.BADREQUEST, str(e))
             return
         if self._pending() >= self.config.max_pending:
-            self._answer(req, "busy", f"{self.config.max_pending} TLS dials and "
-                                      f"handshakes already in progress")
+            self._answer(req, wire.BUSY, f"tlsd has {self.config.max_pending} dials and "
+                                         f"handshakes in progress (--max-pending)")
             return
-        self._requests[req] = self.call_later(self.config.timeout,
-                                              lambda: self._timed_out(req, uri))
+        timeout = self.config.connect_timeout
+        self._requests[req] = self.call_later(timeout, lambda: self._timed_out(req, uri))
         self._connecting[req] = (host, port, name)
-        timeout = self.config.timeout
         self.offload(lambda: _tcp_connect(host, port, timeout),
                      lambda sock, exc: self._connected(req, sock, exc))
 
@@ -146,6 +201,17 @@ class Tlsd(Daemon):
     def _connected(self, req: int, sock: Optional[socket.socket],
                    exc: Optional[BaseException]) -> None:
         """In the loop: the worker's TCP connect ended."""
+        try:
+            self._start_handshake(req, sock, exc)
+        except Exception as e:  # a bug or a resource limit: this request, not the daemon
+            self.log.exception("tlsd: request %d failed", req)
+            if sock is not None and sock.fileno() >= 0:
+                sock.close()                    # not yet the context's
+            if req in self._requests:
+                self._answer(req, wire.TLS, f"tlsd could not start TLS: {e}")
+
+    def _start_handshake(self, req: int, sock: Optional[socket.socket],
+                         exc: Optional[BaseException]) -> None:
         target = self._connecting.pop(req, None)
         if target is None:                      # timed out or ipcd left meanwhile
             if sock is not None:
@@ -154,12 +220,20 @@ class Tlsd(Daemon):
         host, port, name = target
         peer = _host_port(host, port)
         if exc is not None or sock is None:
-            self._answer(req, "unreachable", f"{peer}: {exc}")
+            self._answer(req, wire.UNREACHABLE, _dial_failure(peer, exc))
             return
-        fd = _adopt(sock)
-        self.ctx.add_external(fd)
         relay = TlsRelay(self._client_ctx, server_side=False, server_hostname=host,
                          max_message_size=self.ctx.max_message_size)
+        fd = self._adopt(sock)
+        if fd < 0:
+            self._answer(req, wire.UNREACHABLE, f"{peer}: cannot set up the socket")
+            return
+        try:
+            self.ctx.add_external(fd)
+        except IPCError as e:                   # e.g. max_connections reached
+            os.close(fd)
+            self._answer(req, wire.BUSY, f"tlsd cannot take a connection: {e}")
+            return
         hs = Handshake(fd, relay, dialing=True, peer=peer, name=name, request=req)
         self._handshakes[fd] = hs
         try:
@@ -169,15 +243,16 @@ class Tlsd(Daemon):
 
     def _timed_out(self, req: int, uri: str) -> None:
         self._requests[req] = None              # the timer has run: nothing to cancel
-        self._answer(req, "timeout", f"{uri}: no answer within {self.config.timeout:g} s")
+        self._answer(req, wire.TIMEOUT,
+                     f"{uri}: no answer within {self.config.connect_timeout:g} s")
 
     def _answer(self, req: int, code: str, text: str) -> None:
         """Answer ipcd `ne CODE TEXT` and end its request."""
         self.log.info("request %d: ne %s %s", req, code, text)
-        try:
-            self.ctx.write(req, f"ne {code} {text}", timeout=1.0)
-        except IPCError as e:
-            self.log.info("request %d: ipcd left before the answer (%s)", req, e)
+        # Without waiting: a small answer fits an empty socket buffer, and an
+        # ipcd that does not read must not hold the loop.
+        if not wire.send_raw(req, wire.frame(wire.refusal(code, text))):
+            self.log.info("request %d: ipcd left before the answer", req)
         self._end_request(req)
 
     def _end_request(self, req: int) -> None:
@@ -198,17 +273,25 @@ class Tlsd(Daemon):
         req = hs.request
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         local = mine.detach()
-        self.ctx.add_connection(local)
+        try:
+            self.ctx.add_connection(local)
+        except IPCError as e:                   # e.g. max_connections reached
+            os.close(local)
+            theirs.close()
+            self._drop(hs)
+            self._answer(req, wire.BUSY, f"tlsd cannot take a connection: {e}")
+            return
         if not self._switch(hs, local):
             theirs.close()
-            self._answer(req, "tls", f"{hs.peer}: bad stream after ok")
+            self._answer(req, wire.TLS, f"{hs.peer}: bad stream after ok")
             return
         try:
-            _send_fd(req, b"ok", theirs.fileno())
-            self.log.info("dialed %s for service %s", hs.peer, hs.name)
-        except OSError as e:
-            self.log.info("request %d: ipcd left before the answer (%s)", req, e)
-            self.ctx.close(local)               # ends the switch and the TCP side
+            if wire.send_with_fd(req, wire.frame(b"ok"), theirs.fileno()):
+                self.log.info("dialed %s for service %s", hs.peer, hs.name)
+            else:
+                self.log.info("request %d: ipcd left before the answer", req)
+                self.ctx.close(local)           # ends the switch and the TCP side
+                self._gone(hs.fd)
         finally:
             theirs.close()
         self._end_request(req)
@@ -217,33 +300,52 @@ class Tlsd(Daemon):
 
     def _accept(self, listener: socket.socket) -> None:
         assert self._server_ctx is not None
-        while True:
+        for sock in _sockets.accept_some(listener):
             try:
-                sock, address = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as e:                # out of fds: the others keep working
-                self.log.warning("accept failed: %s", e)
-                return
-            peer = _host_port(*address[:2])
-            if self._pending() >= self.config.max_pending:
-                self.log.warning("refusing %s: %d handshakes already in progress", peer,
-                                 self.config.max_pending)
+                address = sock.getpeername()
+            except OSError:                     # already reset by the peer
                 sock.close()
                 continue
-            fd = _adopt(sock)
-            self.ctx.add_external(fd)
+            peer = _host_port(address[0], address[1])
+            if self._pending() >= self.config.max_pending:
+                # Before TLS there is no way to answer: closed at once.
+                self.log.warning("refusing %s: %d handshakes already in progress "
+                                 "(--max-pending)", peer, self.config.max_pending)
+                sock.close()
+                continue
+            fd = self._adopt(sock)
+            if fd < 0:
+                continue
+            try:
+                self.ctx.add_external(fd)
+            except IPCError as e:               # e.g. max_connections reached
+                self.log.warning("refusing %s: %s", peer, e)
+                os.close(fd)
+                continue
             relay = TlsRelay(self._server_ctx, server_side=True,
                              max_message_size=self.ctx.max_message_size)
             hs = Handshake(fd, relay, dialing=False, peer=peer)
-            hs.timer = self.call_later(self.config.timeout, lambda hs=hs: self._expired(hs))
+            hs.timer = self.call_later(self.config.handshake_timeout,
+                                       functools.partial(self._expired, hs))
             self._handshakes[fd] = hs
+
+    def _adopt(self, sock: socket.socket) -> int:
+        """The raw fd of a TCP socket the context is to own: non-blocking, no
+        Nagle delay, dead-peer detection (as tcpd's); -1 (closed) on failure."""
+        try:
+            sock.setblocking(False)
+            _sockets.tune_tcp(sock, self.config.dead_peer_timeout)
+        except OSError as e:
+            self.log.info("cannot set up a TCP socket: %s", e)
+            sock.close()
+            return -1
+        return sock.detach()
 
     def _expired(self, hs: Handshake) -> None:
         hs.timer = None
         if self._handshakes.get(hs.fd) is hs:
             self.log.info("%s: no TLS handshake and service name within %g s", hs.peer,
-                          self.config.timeout)
+                          self.config.handshake_timeout)
             self._drop(hs)
 
     def _bare_name(self, hs: Handshake) -> None:
@@ -261,11 +363,11 @@ class Tlsd(Daemon):
         """Connect the remote to the local service it named, or refuse."""
         name = hs.name
         if name not in self.config.expose:
-            raise HandshakeFailed("refused", f"service {name} is not exposed")
+            raise HandshakeFailed(wire.REFUSED, f"service {name} is not exposed")
         try:
             local = self.ctx.connect_service(name)
         except IPCError as e:
-            raise HandshakeFailed("noservice", f"no service {name}") from e
+            raise HandshakeFailed(wire.NOSERVICE, f"no service {name}") from e
         self._send(hs, hs.relay.encrypt_raw(b"ok"))
         self.log.info("%s connected to service %s", hs.peer, name)
         self._switch(hs, local)
@@ -274,7 +376,7 @@ class Tlsd(Daemon):
         self.log.info("refusing %s: %s %s", hs.peer, e.code, e.text)
         out = e.alert
         if hs.secure:
-            out += hs.relay.encrypt_raw(f"ne {e.code} {e.text}".encode()) + \
+            out += hs.relay.encrypt_raw(wire.refusal(e.code, e.text)) + \
                 hs.relay.close_notify()
         if out:
             try:
@@ -291,7 +393,7 @@ class Tlsd(Daemon):
         except BlockingIOError:
             return
         except OSError as e:
-            self._failed(hs, HandshakeFailed("unreachable", f"{hs.peer}: {e}"))
+            self._failed(hs, HandshakeFailed(wire.UNREACHABLE, f"{hs.peer}: {e}"))
             return
         try:
             out, outcome = hs.step(data)
@@ -323,9 +425,9 @@ class Tlsd(Daemon):
         try:
             sent = os.write(hs.fd, data)
         except OSError as e:
-            raise HandshakeFailed("unreachable", f"{hs.peer}: {e}") from e
+            raise HandshakeFailed(wire.UNREACHABLE, f"{hs.peer}: {e}") from e
         if sent != len(data):
-            raise HandshakeFailed("tls", f"{hs.peer}: send buffer full during the handshake")
+            raise HandshakeFailed(wire.TLS, f"{hs.peer}: send buffer full during the handshake")
 
     def _drop(self, hs: Handshake) -> None:
         """End a handshake: its timers and its TCP fd."""
@@ -368,20 +470,22 @@ class Tlsd(Daemon):
             if relay.closed:
                 return CBEvent.FD_CLOSING, None
             try:
-                data = os.read(fd, READ_SIZE)
+                # Into one reused buffer: a new 256 KiB bytes object per read
+                # costs page faults (glibc maps large blocks afresh).
+                n = os.readv(fd, self._read_buffers)
             except BlockingIOError:
                 return CBEvent.IGNORE, None
             except OSError as e:
                 self.log.info("fd %d: %s", fd, e)
                 return CBEvent.ERROR, None
             try:
-                relay.feed(data)
+                relay.feed(self._read_view[:n])
             except TlsRelayError as e:
                 self.log.warning("fd %d: %s", fd, e)
                 return CBEvent.ERROR, None
             out = relay.take_output()            # TLS 1.3 tickets, key updates
-            if out:
-                self.ctx.switch_send(fd, out)
+            if out and not relay.closed:         # (the remote ended: it reads no more)
+                self._send_tcp(fd, out)
             if not relay.has_payload():
                 return (CBEvent.FD_CLOSING if relay.closed else CBEvent.IGNORE), None
         try:
@@ -394,50 +498,65 @@ class Tlsd(Daemon):
 
     def _on_out(self, fd: int, payload: bytes) -> CBEvent:
         """A payload from the local side out, encrypted."""
-        self.ctx.switch_send(fd, self._relays[fd].encrypt(payload))
+        self._send_tcp(fd, self._relays[fd].encrypt(payload))
         return CBEvent.NO_ERROR
+
+    # ------------------------------------------------------------ the TCP side's backlog
+
+    def _send_tcp(self, fd: int, records: bytes) -> None:
+        """Queue TLS records for the TCP fd, in order. From on_out the core
+        never refuses them (that output is forwarding, held back by the
+        local side's back-pressure); records made while reading (TLS 1.3
+        key updates, tickets) are refused while the queue is over its bound
+        (QueueFullError): those wait here, in order, and are queued as soon as
+        there is room (at the next records, or a retry timer)."""
+        backlog = self._backlog.get(fd)
+        if backlog is None:
+            try:
+                self.ctx.switch_send(fd, records)
+                return
+            except QueueFullError:
+                self._backlog[fd] = collections.deque([records])
+                self._retry_backlog_later(fd)
+                return
+        backlog.append(records)
+        self._flush_backlog(fd)
+
+    def _flush_backlog(self, fd: int) -> None:
+        backlog = self._backlog[fd]
+        while backlog:
+            try:
+                self.ctx.switch_send(fd, backlog[0])
+            except QueueFullError:
+                return
+            backlog.popleft()
+        del self._backlog[fd]
+
+    def _retry_backlog_later(self, fd: int) -> None:
+        def retry() -> None:
+            if fd in self._backlog and fd in self._relays:
+                self._flush_backlog(fd)
+                if fd in self._backlog:
+                    self._retry_backlog_later(fd)
+        self.call_later(BACKLOG_RETRY_S, retry)
 
 
 # ------------------------------------------------------------ sockets
-
-def _listen(address: str) -> socket.socket:
-    host, port = parse_address(address)
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
 
 def _tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
     """On a worker thread: resolve and connect (blocking, bounded by timeout)."""
     return socket.create_connection((host, port), timeout=timeout)
 
 
-def _adopt(sock: socket.socket) -> int:
-    """The raw fd of a TCP socket the context will own: non-blocking, no Nagle
-    delay (each relayed message goes out at once)."""
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock.detach()
-
-
-def _send_fd(fd: int, message: bytes, passed: int) -> None:
-    """One framed `message` with `passed` attached (SCM_RIGHTS), in one sendmsg
-    (what ipcd reads). fd is a context's connection: borrowed, not closed."""
-    sock = socket.socket(fileno=os.dup(fd))
-    try:
-        sock.sendmsg([_FRAME.pack(len(message)) + message],
-                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [passed]))],
-                     socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0))
-    finally:
-        sock.close()
+def _dial_failure(where: str, exc: Optional[BaseException]) -> str:
+    """The text of an `unreachable` refusal for a connect that raised `exc`."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {where}: {exc.strerror}"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"{where}: no answer to connecting (timed out)"
+    if isinstance(exc, OSError):
+        return f"{where}: {exc.strerror or exc}"
+    return f"{where}: {exc!r}"
 
 
 def _host_port(host: str, port: int) -> str:
@@ -453,39 +572,52 @@ def add_command(subparsers: Any) -> None:
         description="Serve the local service 'tls' that ipcd asks for tls:// URIs, and "
                     "with --listen accept TLS connections from remote tlsd daemons to the "
                     "services named by --expose. Stops cleanly on SIGTERM/SIGINT.")
-    p.add_argument("--listen", metavar="ADDRESS",
-                   help="accept TLS on HOST:PORT ([IPv6]:PORT; default port 9443); "
-                        "needs --cert")
+    # --rundir and --backend are pyipc's own options (pyipc --rundir DIR tlsd).
+    p.add_argument("--listen", action="append", default=[], metavar="ADDRESS",
+                   help=f"accept TLS on HOST[:PORT] or [IPV6][:PORT] (default port "
+                        f"{DEFAULT_PORT}); repeat for several; needs --cert")
     p.add_argument("--cert", help="our certificate chain (PEM): the server's when "
                                   "listening, the client certificate when dialing")
     p.add_argument("--key", help="the private key of --cert (PEM), when not in that file")
-    p.add_argument("--expose", default="", metavar="NAMES",
-                   help="comma-separated local services remote peers may reach "
-                        "(default: none)")
+    p.add_argument("--expose", action="append", default=[], metavar="NAME[,NAME...]",
+                   help="services remote peers may reach (none by default)")
     p.add_argument("--client-ca", help="require client certificates issued by this CA "
                                        "bundle (mutual TLS)")
     p.add_argument("--ca", help="verify the servers we dial against this CA bundle "
                                 "(default: the system's trust store)")
-    p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds for one dial or one incoming handshake (default 10)")
-    p.add_argument("--max-pending", type=int, default=64,
-                   help="dials and handshakes in progress at once (default 64)")
+    d = TlsdConfig()
+    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
+                   metavar="SECONDS", help="time to dial a remote tlsd: connect, TLS "
+                   f"handshake, its answer (default {d.connect_timeout:g})")
+    p.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout,
+                   metavar="SECONDS", help="time a remote peer has for the TLS handshake "
+                   f"and the service name (default {d.handshake_timeout:g})")
+    p.add_argument("--dead-peer-timeout", type=float, default=d.dead_peer_timeout,
+                   metavar="SECONDS", help="end a connection whose peer is silent this long "
+                   f"(cut link, host down; default {d.dead_peer_timeout:g}, 0: never)")
+    p.add_argument("--max-pending", type=int, default=d.max_pending, metavar="N",
+                   help=f"dials and handshakes in progress at once (default {d.max_pending})")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
         config = TlsdConfig(
-            listen=args.listen, cert=args.cert, key=args.key,
-            expose=frozenset(n for n in args.expose.split(",") if n),
-            client_ca=args.client_ca, ca=args.ca, timeout=args.timeout,
-            max_pending=args.max_pending)
+            listen=tuple(args.listen), cert=args.cert, key=args.key,
+            expose=frozenset(n for item in args.expose for n in item.split(",") if n),
+            client_ca=args.client_ca, ca=args.ca, connect_timeout=args.connect_timeout,
+            handshake_timeout=args.handshake_timeout,
+            dead_peer_timeout=args.dead_peer_timeout, max_pending=args.max_pending)
         daemon = Tlsd(config, rundir=args.rundir, backend=args.backend)
-    except (ValueError, OSError, ssl.SSLError) as e:
-        if isinstance(e, IPCError):
-            raise
-        logging.getLogger("pyipc.daemons.tlsd").error("tlsd: %s", e)
+    except ValueError as e:             # a bad option, a missing or bad certificate file
+        print(f"pyipc tlsd: {e}", file=sys.stderr)
         return 2
-    daemon.run()
+    try:
+        daemon.run()
+    except (OSError, ValueError) as e:
+        if isinstance(e, IPCError):
+            raise                       # pyipc's own: the CLI says it (exit 1)
+        print(f"pyipc tlsd: {e}", file=sys.stderr)     # e.g. the port is taken
+        return 1
     return 0
 

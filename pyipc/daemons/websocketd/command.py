@@ -1,0 +1,81 @@
+"""`pyipc websocketd`: the command line of the WebSocketd class."""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+from typing import Any, Optional
+
+from ..._types import DEFAULT_MAX_MESSAGE_SIZE
+from .options import (DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_HANDSHAKES,
+                      DEFAULT_PORT, Options, parse_list)
+
+
+def add_command(subparsers: Any) -> None:
+    """Add `websocketd` to the `pyipc` command's subcommands."""
+    p = subparsers.add_parser(
+        "websocketd", help="serve pyipc services to WebSocket clients (browsers)",
+        description="Accept WebSocket connections at ws://HOST:PORT/NAME and switch each "
+                    "with the local service NAME (one WebSocket message = one pyipc "
+                    "message). Serves /pyipc.js and /chat.html too. Stops cleanly on "
+                    "SIGTERM/SIGINT; supports systemd socket activation and readiness.")
+    # --rundir and --backend are pyipc's own options (pyipc --rundir DIR websocketd).
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; '::' or 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"TCP port (default {DEFAULT_PORT})")
+    p.add_argument("--expose", action="append", default=[], metavar="NAME[,NAME...]",
+                   help="services reachable as /NAME (none by default)")
+    p.add_argument("--origin", action="append", default=[], metavar="ORIGIN[,ORIGIN...]",
+                   help="browser origins allowed besides this host's own pages, e.g. "
+                        "https://app.example.com; '*' allows any")
+    p.add_argument("--cert", help="certificate chain (PEM) for wss://")
+    p.add_argument("--key", help="private key (PEM) of --cert (default: in --cert)")
+    p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
+                   metavar="BYTES", help="largest message, as the services' own "
+                   f"(default {DEFAULT_MAX_MESSAGE_SIZE}); a larger one closes with 1009")
+    p.add_argument("--max-buffer", type=int, default=DEFAULT_MAX_BUFFER, metavar="BYTES",
+                   help="bytes queued toward a slow side before the other is no longer "
+                        f"read (default {DEFAULT_MAX_BUFFER}, at least max-message-size+4)")
+    p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT,
+                   metavar="SECONDS", help="time a client has to send its request "
+                   f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
+    p.add_argument("--max-handshakes", type=int, default=DEFAULT_MAX_HANDSHAKES,
+                   metavar="N", help="connections in their handshake at once "
+                   f"(default {DEFAULT_MAX_HANDSHAKES})")
+    p.set_defaults(func=run_command)
+
+
+def ssl_context(cert: Optional[str], key: Optional[str]) -> Optional[ssl.SSLContext]:
+    """The server SSLContext of --cert/--key (None without --cert)."""
+    if cert is None:
+        if key is not None:
+            raise SystemExit("pyipc websocketd: --key needs --cert")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Build the daemon from the options and serve until SIGTERM/SIGINT."""
+    from ... import IPCError
+    try:
+        from .daemon import WebSocketd
+    except ImportError as e:
+        raise SystemExit(f"pyipc websocketd needs the websocket extra "
+                         f"(pip install 'pyipc-zig[websocket]'): {e}") from None
+    try:
+        options = Options(expose=frozenset(parse_list(",".join(args.expose))),
+                          host=args.host, port=args.port,
+                          origins=frozenset(parse_list(",".join(args.origin))),
+                          max_message_size=args.max_message_size,
+                          max_buffer=args.max_buffer,
+                          handshake_timeout=args.handshake_timeout,
+                          max_handshakes=args.max_handshakes,
+                          ssl_context=ssl_context(args.cert, args.key))
+        daemon = WebSocketd(options, rundir=args.rundir, backend=args.backend)
+        daemon.run()
+    except (ValueError, OSError, IPCError) as e:
+        raise SystemExit(f"pyipc websocketd: {e}") from None
+    return 0

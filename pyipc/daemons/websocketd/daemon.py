@@ -1,0 +1,291 @@
+"""The websocketd daemon: listens for WebSocket clients (ws:// or wss://),
+checks each request, connects to the service its path names and switches the
+two fds with a Session's callbacks.
+
+A connection goes through two phases:
+1. handshake: its socket is an external fd of the context; each EXTERNAL
+   event feeds what arrived to its Handshake (TLS, then HTTP). The request
+   is answered with a static file, a clear HTTP error, or a 101;
+2. switched: from the 101 on, the core moves the messages (Session's
+   callbacks), and this module only sees the two fds' DISCONNECTION.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from http import HTTPStatus
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+
+from ... import Context, Event, EventType, IPCError, ServiceNotFoundError
+from .. import _systemd
+from .._runtime import Daemon
+from . import responses
+from .handshake import Handshake, HandshakeFailed
+from .options import Options
+from .policy import origin_allowed, service_name
+from .session import Session
+from .transport import make_transport
+
+log = logging.getLogger("pyipc.daemons.websocketd")
+
+#: Seconds a client has to answer our close frame before its socket is closed.
+CLOSE_TIMEOUT = 2.0
+#: Connections accepted per EXTERNAL event of a listening socket, so a flood
+#: of connections cannot starve the open WebSockets.
+ACCEPT_BATCH = 64
+
+
+class WebSocketd(Daemon):
+    """Serve pyipc services to WebSocket clients (browsers): the URL path
+    names the service (ws://HOST:PORT/NAME), and only the services in
+    `options.expose` are reachable. See docs/websocket.md.
+
+    `listen_fds`: listening sockets made by the caller (they become the
+    daemon's); else systemd's (socket activation), else one on
+    options.host:options.port. `addresses` holds what they are bound to once
+    `ready` is set.
+    """
+
+    name = "websocketd"
+
+    def __init__(self, options: Optional[Options] = None, *, rundir: Optional[str] = None,
+                 backend: Optional[str] = None,
+                 listen_fds: Optional[Sequence[int]] = None) -> None:
+        super().__init__(rundir=rundir, backend=backend)
+        self.options = options or Options()
+        # The runtime's context has pyipc's default limits; websocketd's
+        # message size and backpressure bound are its own.
+        self.ctx.close_all()
+        self.ctx = Context(rundir=rundir, backend=backend,
+                           max_message_size=self.options.max_message_size,
+                           max_queue_size=queue_bound(self.options))
+        self._given_fds = list(listen_fds) if listen_fds is not None else None
+        self.listeners: Dict[int, socket.socket] = {}
+        self.addresses: List[Tuple[str, int]] = []
+        self.handshakes: Dict[int, Handshake] = {}
+        self.sessions: Dict[int, Session] = {}     # by client fd and by service fd
+        # Dups of client sockets waiting for the answer to our close frame.
+        self.lingering: Dict[int, Tuple[Session, object]] = {}
+
+    # ------------------------------------------------------------ runtime hooks
+
+    def run(self, handle_signals: bool = True) -> None:
+        """Daemon.run, with the signal wake-up fd on the stop pipe.
+
+        Python runs a signal's handler only once the main thread is back in
+        Python; a SIGTERM that lands just before the native core enters
+        epoll_wait does not interrupt it, and the daemon would sleep on
+        (seen 1 in ~20 stops on the native backend). With the stop pipe as
+        the wake-up fd, the signal itself writes a byte the loop watches.
+        (This belongs in the runtime; kept here until it is there.)"""
+        previous = None
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            previous = signal.set_wakeup_fd(self._stop_w)
+        try:
+            super().run(handle_signals)
+        finally:
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+
+    def setup(self) -> None:
+        """Listen (given fds, systemd's, or options.host:port)."""
+        fds = self._given_fds
+        if fds is None:
+            fds = [fd for group in _systemd.listen_fds().values() for fd in group]
+        sockets = [socket.socket(fileno=fd) for fd in fds] or [self._listen()]
+        self.ctx.switch_events = False   # no SWITCH_RX/TX: nothing to do per message
+        for sock in sockets:
+            sock.setblocking(False)
+            self.ctx.add_external(sock.fileno())
+            self.listeners[sock.fileno()] = sock
+            self.addresses.append(sock.getsockname()[:2])
+        scheme = "wss" if self.options.ssl_context else "ws"
+        log.info("websocketd: %s on %s, exposing %s", scheme, self.addresses,
+                 ", ".join(sorted(self.options.expose)) or "nothing")
+
+    def _listen(self) -> socket.socket:
+        host, port = self.options.host, self.options.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=128)
+
+    def on_event(self, ev: Event) -> None:
+        """Accept, advance a handshake, or forget an ended WebSocket."""
+        if ev.type == EventType.EXTERNAL:
+            if ev.fd in self.listeners:
+                self._accept(self.listeners[ev.fd])
+            elif ev.fd in self.handshakes:
+                self._step(self.handshakes[ev.fd])
+            elif ev.fd in self.lingering:
+                if self.lingering[ev.fd][0].linger_read(ev.fd):
+                    self._unlinger(ev.fd)
+        elif ev.type == EventType.DISCONNECTION:
+            self._forget(ev.fd)
+        elif ev.type == EventType.ERROR:
+            log.warning("fd %d: %s", ev.fd, ev.error)
+
+    def teardown(self) -> None:
+        """Close every WebSocket with 1001 (going away), then the rest."""
+        for session in set(self.sessions.values()):
+            session.going_away("websocketd is stopping")
+            session.release()
+        for hs in list(self.handshakes.values()):
+            self._drop(hs)
+        for sock in self.listeners.values():
+            sock.detach()          # the context closes the fd
+
+    # ------------------------------------------------------------ handshake phase
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:      # EMFILE, ECONNABORTED...: keep serving the others
+                log.warning("accept failed: %s", e)
+                return
+            peer = _peer_text(address)
+            if len(self.handshakes) >= self.options.max_handshakes:
+                log.warning("%s: refused: %d connections already in their handshake",
+                            peer, len(self.handshakes))
+                sock.close()
+                continue
+            self._start(sock, peer)
+
+    def _start(self, sock: socket.socket, peer: str) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        fd = sock.detach()
+        self.ctx.add_external(fd)
+        hs = Handshake(fd, peer, make_transport(self.options.ssl_context),
+                       self.options.max_message_size)
+        hs.timer = self.call_later(self.options.handshake_timeout, lambda: self._expire(hs))
+        self.handshakes[fd] = hs
+
+    def _expire(self, hs: Handshake) -> None:
+        if self.handshakes.get(hs.fd) is hs:
+            log.info("%s: no complete request within %g s, closed", hs.peer,
+                     self.options.handshake_timeout)
+            self._drop(hs)
+
+    def _drop(self, hs: Handshake) -> None:
+        del self.handshakes[hs.fd]
+        self.cancel(hs.timer)     # type: ignore[arg-type]
+        self.ctx.close(hs.fd)
+
+    def _step(self, hs: Handshake) -> None:
+        try:
+            request = hs.step()
+            if request is not None:
+                self._answer(hs, request)
+        except HandshakeFailed as e:
+            log.info("%s: %s", hs.peer, e)
+            self._drop(hs)
+
+    def _answer(self, hs: Handshake, request: Request) -> None:
+        response = responses.static_response(request) or self._check(hs, request)
+        if response.status_code == 101:
+            self._open(hs, request, response)
+            return
+        log.info("%s: %s %s -> %d", hs.peer, request.method, request.path,
+                 response.status_code)
+        hs.respond(response)
+        self._drop(hs)
+
+    def _check(self, hs: Handshake, request: Request) -> Response:
+        """The 101 of a valid WebSocket request to an exposed service from an
+        allowed origin; else the HTTP error that says what is wrong."""
+        name = service_name(request.path)
+        exposed = name in self.options.expose
+        if not responses.is_upgrade(request):
+            if exposed:
+                response = responses.error(
+                    HTTPStatus.UPGRADE_REQUIRED,
+                    f"/{name} is a WebSocket endpoint; open it with a WebSocket client")
+                response.headers["Upgrade"] = "websocket"
+                return response
+            return responses.error(HTTPStatus.NOT_FOUND, f"nothing at {request.path}")
+        if not exposed:
+            return responses.error(HTTPStatus.NOT_FOUND,
+                                   f"no service {name!r} is exposed here")
+        origin = request.headers.get("Origin")
+        if not origin_allowed(origin, request.headers.get("Host"), self.options.origins):
+            return responses.error(HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed")
+        return hs.protocol.accept(request)   # 101, or 400/426... for a bad handshake
+
+    def _open(self, hs: Handshake, request: Request, response: Response) -> None:
+        name = service_name(request.path)
+        try:
+            service_fd = self.ctx.connect_service(name)
+        except ServiceNotFoundError:
+            hs.respond(responses.error(HTTPStatus.SERVICE_UNAVAILABLE,
+                                       f"service {name!r} is not running"))
+            self._drop(hs)
+            return
+        except IPCError as e:
+            hs.respond(responses.error(HTTPStatus.SERVICE_UNAVAILABLE,
+                                       f"cannot connect to service {name!r}: {e}"))
+            self._drop(hs)
+            return
+        try:
+            hs.respond(response)
+        except HandshakeFailed:
+            self.ctx.close(service_fd)
+            raise
+        self._switch(hs, name, service_fd)
+
+    def _switch(self, hs: Handshake, name: str, service_fd: int) -> None:
+        del self.handshakes[hs.fd]
+        self.cancel(hs.timer)     # type: ignore[arg-type]
+        session = Session(self.ctx, hs.fd, service_fd, name, hs.peer, hs.protocol,
+                          hs.transport, self._linger)
+        for message in session.take_early_messages(hs.early):
+            self.ctx.schedule(service_fd, message)
+        self.ctx.add_switch(hs.fd, service_fd)
+        self.ctx.set_switch_callbacks(hs.fd, session.on_in, session.on_out)
+        self.ctx.set_switch_callbacks(service_fd, session.on_service_in, None)
+        self.sessions[hs.fd] = self.sessions[service_fd] = session
+        log.info("%s: WebSocket open to /%s", hs.peer, name)
+        session.end_if_closing()
+
+    # ------------------------------------------------------------ switched phase
+
+    def _linger(self, session: Session, fd: int) -> None:
+        """Watch `fd` (a dup of a client's socket whose switch ended after our
+        close frame) until the client answers it, CLOSE_TIMEOUT at most."""
+        self.ctx.add_external(fd)
+        timer = self.call_later(CLOSE_TIMEOUT, lambda: self._unlinger(fd))
+        self.lingering[fd] = (session, timer)
+
+    def _unlinger(self, fd: int) -> None:
+        entry = self.lingering.pop(fd, None)
+        if entry is not None:
+            self.cancel(entry[1])     # type: ignore[arg-type]
+            self.ctx.close(fd)
+
+    def _forget(self, fd: int) -> None:
+        session = self.sessions.pop(fd, None)
+        if session is None:
+            return
+        other = session.service_fd if fd == session.fd else session.fd
+        self.sessions.pop(other, None)
+        session.release()
+
+
+def queue_bound(options: Options) -> int:
+    """The context's max_queue_size: options.max_buffer, but never below
+    what one whole message needs (the core's own rule)."""
+    return max(options.max_buffer, options.max_message_size + 4)
+
+
+def _peer_text(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
+    return str(address) or "?"

@@ -1,0 +1,125 @@
+"""One accepted TCP connection until it is a WebSocket, or is answered and
+closed: the TLS handshake (wss://), then the HTTP request, parsed by the
+`websockets` package's sans-I/O ServerProtocol.
+
+The bytes are read by the daemon's loop (the socket is an external fd of the
+context) and fed here; nothing here blocks. The same ServerProtocol object
+goes on as the WebSocket's protocol once the request is accepted, with any
+bytes the client sent after its request (its first frames) still in it:
+nothing that arrives with or split across the handshake is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from http import HTTPStatus
+from typing import List, Optional, Union
+
+from websockets.frames import Frame
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+
+from . import responses
+from .transport import Plain, Tls, TransportClosed
+
+#: Bytes read from a socket at once.
+READ_SIZE = 1 << 18
+
+#: websockets logs each connection at INFO under this name (below ours).
+PROTOCOL_LOG = logging.getLogger("pyipc.daemons.websocketd.protocol")
+# Its lines repeat ours; set the level to INFO or DEBUG to see them.
+PROTOCOL_LOG.setLevel(logging.WARNING)
+
+
+class HandshakeFailed(Exception):
+    """The connection ended or broke before its request was complete."""
+
+
+class Handshake:
+    """An accepted connection in its handshake."""
+
+    __slots__ = ("fd", "peer", "transport", "protocol", "started", "timer", "early")
+
+    def __init__(self, fd: int, peer: str, transport: Union[Plain, Tls],
+                 max_message_size: int) -> None:
+        self.fd = fd
+        self.peer = peer
+        self.transport = transport
+        self.protocol = ServerProtocol(max_size=max_message_size, logger=PROTOCOL_LOG)
+        self.started = time.monotonic()
+        self.timer: object = None   # the daemon's handshake timeout, if any
+        # Frames parsed along with the request (a client that did not wait
+        # for the 101): kept for the session, never dropped.
+        self.early: List[Frame] = []
+
+    def step(self) -> Optional[Request]:
+        """The socket is readable: read it and return the request once it is
+        complete (None: not yet). Raises HandshakeFailed when the client
+        closed or broke the connection, or sent something that is not an
+        HTTP request (after its 400 response is sent)."""
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            raise HandshakeFailed(f"read failed: {e.strerror}") from None
+        try:
+            plain = self.transport.receive(data)
+        except TransportClosed as e:
+            self.write(b"")              # a TLS alert, if any
+            raise HandshakeFailed(str(e)) from None
+        if plain:
+            self.protocol.receive_data(plain)
+        elif not data:
+            self.protocol.receive_eof()
+        return self._request(ended=not data)
+
+    def _request(self, ended: bool) -> Optional[Request]:
+        events = self.protocol.events_received()
+        for i, event in enumerate(events):
+            if isinstance(event, Request):
+                self.early = [e for e in events[i + 1:] if isinstance(e, Frame)]
+                return event
+        error = self.protocol.handshake_exc
+        if error is not None:
+            why = f"{error}: {error.__cause__}" if error.__cause__ else str(error)
+            # websockets answered a too long request itself; else we say why.
+            sent = b"".join(self.protocol.data_to_send())
+            self.write(sent or responses.error(HTTPStatus.BAD_REQUEST, why).serialize())
+            raise HandshakeFailed(why)
+        if ended:
+            raise HandshakeFailed("closed before its request was complete")
+        self.write(b"")                  # TLS handshake records, if any
+        return None
+
+    def respond(self, response: Response) -> None:
+        """Send the response (the protocol closes after any but a 101)."""
+        self.protocol.send_response(response)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what the protocol has to send (websockets marks the end
+        of a refused connection with an empty chunk, skipped here)."""
+        self.write(b"".join(self.protocol.data_to_send()))
+
+    def write(self, plain: bytes) -> None:
+        """Write `plain` (through TLS), without blocking.
+
+        Handshake replies are small (a 101 is ~150 bytes, a TLS flight a few
+        KiB, the static files under 16 KiB) and are the first bytes on a new
+        socket, so its send buffer takes them whole; a client that leaves it
+        full is broken or hostile and is dropped (HandshakeFailed)."""
+        data = self.transport.send(plain)
+        while data:
+            try:
+                n = os.write(self.fd, data)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                raise HandshakeFailed("the client does not read its handshake "
+                                      "reply") from None
+            except OSError as e:
+                raise HandshakeFailed(f"write failed: {e.strerror}") from None
+            data = data[n:]

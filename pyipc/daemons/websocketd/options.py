@@ -1,0 +1,56 @@
+"""websocketd's settings, with their defaults and bounds (one place, so the
+CLI, the class and the docs agree)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from typing import FrozenSet, Optional, Tuple
+
+from ..._types import DEFAULT_MAX_MESSAGE_SIZE
+
+#: Default TCP port (the CLI's --port).
+DEFAULT_PORT = 8080
+#: Bytes queued toward one WebSocket client before websocketd stops reading
+#: its service (and bytes queued toward a service before it stops reading the
+#: client). The backpressure bound: see docs/websocket.md.
+DEFAULT_MAX_BUFFER = 1 << 20
+#: Seconds a client has to complete its TLS and HTTP handshake.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Connections still in their handshake at once; more are refused at accept.
+DEFAULT_MAX_HANDSHAKES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What a WebSocketd serves and how (see `WebSocketd`)."""
+
+    #: Services reachable as ws://HOST:PORT/NAME (deny by default: none).
+    expose: FrozenSet[str] = frozenset()
+    #: Address and port to listen on (ignored under socket activation).
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    #: Origins allowed besides the request's own host ("*": any).
+    origins: FrozenSet[str] = frozenset()
+    #: Largest message either way, as the services' own max_message_size.
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    #: The backpressure bound per direction of a connection.
+    max_buffer: int = DEFAULT_MAX_BUFFER
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    #: wss://: a server-side SSLContext (None: plain ws://).
+    ssl_context: Optional[ssl.SSLContext] = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, not {self.port}")
+        for name in ("max_message_size", "max_buffer", "max_handshakes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive")
+
+
+def parse_list(text: Optional[str]) -> Tuple[str, ...]:
+    """"a,b, c" -> ("a", "b", "c"); None or "" -> ()."""
+    return tuple(p.strip() for p in (text or "").split(",") if p.strip())

@@ -1,0 +1,50 @@
+"""Who may reach what: the URL path names the service, only exposed services
+are reachable (deny by default), and browsers' Origin must be allowed.
+
+Origin (RFC 6454) is what a browser sends to say which page opens the
+WebSocket; a page from another site must not reach local services through a
+user's browser (cross-site WebSocket hijacking). The default allows the
+daemon's own host only: the Origin's host:port equals the request's Host
+header (the page was served by this websocketd, or by the same host:port).
+A request without Origin is not from a browser page and is allowed (a
+non-browser client can send any Origin it likes anyway: Origin protects
+browser users, it does not authenticate).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import AbstractSet, Optional
+
+
+
+def service_name(path: str) -> str:
+    """The service a request path names: "/pong" and "/pong?x=1" -> "pong",
+    "/a%20b" -> "a b". Whatever it is, only an exposed name is reachable
+    (and those were checked as service names at start)."""
+    path = urllib.parse.urlsplit(path).path
+    return urllib.parse.unquote(path[1:]) if path.startswith("/") else path
+
+
+def origin_allowed(origin: Optional[str], host: Optional[str],
+                   allowed: AbstractSet[str]) -> bool:
+    """Whether a request with header Origin `origin` and Host `host` may
+    open a WebSocket: no Origin, or the same host:port, or listed (exactly,
+    scheme://host[:port]), or the list holds "*"."""
+    if origin is None:
+        return True
+    if "*" in allowed or origin in allowed:
+        return True
+    parts = urllib.parse.urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc or host is None:
+        return False
+    return _netloc(parts.netloc, parts.scheme) == _netloc(host, parts.scheme)
+
+
+def _netloc(netloc: str, scheme: str) -> str:
+    """host:port in lower case with the scheme's default port made explicit."""
+    netloc = netloc.lower()
+    default = "443" if scheme == "https" else "80"
+    if netloc.endswith("]") or ":" not in netloc.rsplit("]", 1)[-1]:
+        netloc += ":" + default
+    return netloc

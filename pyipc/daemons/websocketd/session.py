@@ -1,0 +1,280 @@
+"""One open WebSocket, switched with its service: the switching callbacks
+that turn WebSocket messages into pyipc messages and back.
+
+The core calls `on_in` when the client's socket is readable: it reads once,
+lets the `websockets` ServerProtocol parse the frames (and queue the replies
+it owes: pongs, the close frame), and returns one whole message; when the
+read held several, it returns CBEvent.MORE so the core calls again for the
+next without waiting for the socket. The core calls `on_out` with each
+message of the service: it becomes one binary WebSocket message. Every byte
+for the client goes through ctx.switch_send, so the core's send queue of the
+client's fd orders it and bounds it (backpressure: while that queue is over
+the context's max_queue_size the core stops reading the service).
+
+The service's side is read by `on_service_in` through a ServiceReader
+(service_side.py), so that the service's end becomes a close frame with a code.
+
+Message mapping: a binary message is one pyipc message (its bytes); a text
+message is one pyipc message too, its UTF-8 bytes (what ctx.write(fd, str)
+sends); every message from the service is sent as binary (a pyipc payload has
+no text/binary flag).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from typing import Callable, Deque, List, Optional, Tuple, Union
+
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from ... import CBEvent, Context, QueueFullError
+from ..._types import IPCError
+from .handshake import READ_SIZE
+from .service_side import ServiceReader
+from .transport import Plain, Tls, TransportClosed
+
+log = logging.getLogger("pyipc.daemons.websocketd")
+
+_DATA = (Opcode.TEXT, Opcode.BINARY)
+
+
+class Session:
+    """A WebSocket client's fd switched with its service's fd."""
+
+    __slots__ = ("ctx", "fd", "service_fd", "service", "peer", "protocol", "transport",
+                 "linger", "_parts", "_text", "_messages", "_ending", "_ended", "_service")
+
+    def __init__(self, ctx: Context, fd: int, service_fd: int, service: str, peer: str,
+                 protocol: ServerProtocol, transport: Union[Plain, Tls],
+                 linger: Callable[["Session", int], None]) -> None:
+        self.ctx = ctx
+        # linger(session, dup_fd): the daemon watches a dup of the client's
+        # socket after the switch ended, until the client answers our close
+        # frame (see _end).
+        self.linger = linger
+        self.fd = fd
+        self.service_fd = service_fd
+        self.service = service
+        self.peer = peer
+        self.protocol = protocol
+        self.transport = transport
+        self._parts: List[bytes] = []          # the fragments of the message being read
+        self._text = False                     # ... which is a text message
+        self._messages: Deque[bytes] = collections.deque()   # whole, not yet returned
+        self._ending: Optional[str] = None     # why the WebSocket is closing
+        self._ended = False                    # switch_end was called
+        self._service = ServiceReader(service_fd, ctx.max_message_size)
+
+    # ------------------------------------------------------------ callbacks
+
+    def on_in(self, fd: int) -> Tuple[CBEvent, Optional[bytes]]:
+        """The client's socket is readable (or MORE asked to be called)."""
+        if not self._messages and self._ending is None:
+            self._receive()
+        if self._messages:
+            payload = self._messages.popleft()
+            more = bool(self._messages) or self._ending is not None
+            return (CBEvent.MORE if more else CBEvent.NO_ERROR), payload
+        if self._ending is not None:
+            self._end(self._ending, error=self._failed())
+        return CBEvent.IGNORE, None
+
+    def on_out(self, fd: int, payload: bytes) -> CBEvent:
+        """One message of the service: one binary WebSocket message."""
+        if self.protocol.state is not State.OPEN:
+            # The client is closing: it no longer takes messages (RFC 6455 7.1.2).
+            log.debug("%s: %d-byte message for a closing WebSocket dropped",
+                      self.peer, len(payload))
+            return CBEvent.IGNORE
+        self.protocol.send_binary(payload)
+        self._flush()
+        return CBEvent.NO_ERROR
+
+    def on_service_in(self, fd: int) -> Tuple[CBEvent, Optional[bytes]]:
+        """The service's socket is readable (or MORE asked to be called):
+        its next message goes to on_out; its end closes the WebSocket."""
+        service = self._service
+        if not service.messages and service.end is None:
+            service.read()
+        if service.messages:
+            payload = service.messages.popleft()
+            more = bool(service.messages) or service.end is not None
+            return (CBEvent.MORE if more else CBEvent.NO_ERROR), payload
+        if service.end is not None:
+            self.close(*service.end)
+        return CBEvent.IGNORE, None
+
+    # ------------------------------------------------------------ from the daemon
+
+    def take_early_messages(self, early: List[Frame]) -> List[bytes]:
+        """Whole messages the client sent along with its request (`early`:
+        the frames parsed with it, and any parsed since): the daemon hands
+        them to the service before the switch."""
+        for frame in early:
+            if frame.opcode in _DATA or frame.opcode is Opcode.CONT:
+                self._fragment(frame)
+        self._collect()
+        messages = list(self._messages)
+        self._messages.clear()
+        return messages
+
+    def end_if_closing(self) -> None:
+        """Right after the switch: a client that closed along with its
+        request (its close frame or EOF came with it) is ended now, as no
+        read will come to notice it."""
+        if self._ending is not None:
+            self._end(self._ending, error=self._failed())
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the WebSocket with `code` (the service went away, the daemon
+        stops), after what is queued for the client; then the service side."""
+        if self._ended:
+            return
+        if self.protocol.state is State.OPEN:
+            # A close frame's reason holds 123 bytes of UTF-8 at most.
+            self.protocol.send_close(code, reason.encode()[:120].decode("utf-8", "ignore"))
+            self._flush()
+        self._end(f"{code} {reason}", error=code == CloseCode.INTERNAL_ERROR)
+
+    def going_away(self, reason: str) -> None:
+        """The daemon stops: queue a close frame (1001); closing the context
+        then writes it (within its linger) and closes both sides."""
+        if not self._ended and self.protocol.state is State.OPEN:
+            self.protocol.send_close(CloseCode.GOING_AWAY, reason)
+            self._flush()
+            log.info("%s: /%s closed: 1001 %s", self.peer, self.service, reason)
+
+    def release(self) -> None:
+        """Both fds are gone: close the dup of the service's socket."""
+        self._service.close()
+
+    # ------------------------------------------------------------ reading
+
+    def _receive(self) -> None:
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._ending = f"read failed: {e.strerror}"
+            return
+        try:
+            plain = self.transport.receive(data)
+        except TransportClosed as e:
+            self._ending = str(e)
+            return
+        if plain:
+            self.protocol.receive_data(plain)
+        if not data:
+            self.protocol.receive_eof()
+        self._collect()
+
+    def _collect(self) -> None:
+        """Frames parsed -> whole messages; replies owed -> the client."""
+        for frame in self.protocol.events_received():
+            if isinstance(frame, Frame) and (frame.opcode in _DATA
+                                             or frame.opcode is Opcode.CONT):
+                self._fragment(frame)
+        self._flush()
+        if self.protocol.state is not State.OPEN and self._ending is None:
+            self._ending = self._why_closing()
+
+    def _fragment(self, frame: Frame) -> None:
+        if frame.opcode is not Opcode.CONT:
+            self._text = frame.opcode is Opcode.TEXT
+        self._parts.append(bytes(frame.data))
+        if not frame.fin:
+            return
+        message = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        self._parts = []
+        if self._text and not _valid_utf8(message):
+            self.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+            return
+        self._messages.append(message)
+
+    def _why_closing(self) -> str:
+        received = self.protocol.close_rcvd
+        if received is not None:
+            return f"the client closed the WebSocket ({received.code} {received.reason!r})"
+        sent = self.protocol.close_sent
+        if sent is not None:
+            return f"closed with {sent.code} ({sent.reason})"
+        return "the client closed the connection"
+
+    # ------------------------------------------------------------ writing
+
+    def _flush(self) -> None:
+        """Queue for the client what the protocol (and TLS) has to send."""
+        out = self.transport.send(b"".join(self.protocol.data_to_send()))
+        if not out or self._ended:
+            return
+        try:
+            self.ctx.switch_send(self.fd, out)
+        except QueueFullError:
+            self._ending = "the client does not read (its queue is full)"
+        except IPCError as e:          # the fd is already gone
+            log.debug("%s: %s", self.peer, e)
+
+    def _failed(self) -> bool:
+        """Whether the WebSocket ends on a failure (not a close handshake)."""
+        sent = self.protocol.close_sent
+        return sent is not None and sent.code not in (CloseCode.NORMAL_CLOSURE,
+                                                      CloseCode.GOING_AWAY) \
+            and self.protocol.close_rcvd is None
+
+    def _end(self, reason: str, error: bool) -> None:
+        """End the switch: what is queued for the client is written, then
+        both the client and the service connection are closed. A failure
+        (`error`) is also an ERROR event with the reason."""
+        if self._ended:
+            return
+        self._ended = True
+        log.info("%s: /%s closed: %s", self.peer, self.service, reason)
+        # We sent a close frame and the client has not answered yet: RFC 6455
+        # (7.1.1) wants its answer before the TCP close; closing now would
+        # make our socket answer it with a reset (browsers then report an
+        # unclean close). A dup of the socket keeps it open for the answer
+        # while switch_end writes the close frame and releases both sides.
+        waits = self.protocol.close_sent is not None and self.protocol.close_rcvd is None \
+            and self.protocol.state is not State.CLOSED
+        dup = os.dup(self.fd) if waits else -1
+        try:
+            self.ctx.switch_end(self.fd, reason[:200] if error else None)
+        except IPCError as e:
+            log.debug("%s: %s", self.peer, e)
+        if dup >= 0:
+            self.linger(self, dup)
+
+    def linger_read(self, fd: int) -> bool:
+        """The dup of the client's socket is readable: read what came; True
+        once the close frame answering ours (or the end) arrived."""
+        try:
+            data = os.read(fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        try:
+            plain = self.transport.receive(data)
+        except TransportClosed:
+            return True
+        if plain:
+            self.protocol.receive_data(plain)
+        if not data:
+            self.protocol.receive_eof()
+        self.protocol.events_received()       # data after our close frame is discarded
+        # After a failure (1009, 1007...) the protocol discards what comes:
+        # whatever arrives then is taken as the client's answer.
+        return not data or self.protocol.close_rcvd is not None or self._failed()
+
+
+def _valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,160 @@
+// pyipc.js: a small, dependency-free client for pyipc services behind
+// `pyipc websocketd` (served by it at /pyipc.js). One WebSocket message is
+// one pyipc message, both ways.
+//
+//   const conn = await pyipc.connect("chat");     // ws(s)://this host/chat
+//   conn.send(new Uint8Array([1, 2, 3]));         // bytes: one message
+//   conn.send("hello");                           // a str: its UTF-8 bytes
+//   const bytes = await conn.recv();              // Uint8Array (or conn.onmessage)
+//
+// Typed messages, as pyipc.Registry("json") writes them: one type byte, then
+// the body as compact UTF-8 JSON (an object of the class's fields):
+//
+//   const registry = new pyipc.Registry();
+//   registry.register(1, "Join");                 // same numbers as the Python side
+//   conn.sendTyped(registry.encode("Join", {name: "ada"}));
+//   const {type, body} = registry.decode(await conn.recv());   // type: "Welcome"
+//
+// Errors: send() on a closed connection throws; recv() rejects once the
+// connection is closed and no message is left (error.code, error.reason).
+(function (root) {
+  "use strict";
+
+  const encoder = new TextEncoder();
+  const decoder = new TextDecoder("utf-8", { fatal: true });
+
+  function asBytes(data) {
+    if (data instanceof Uint8Array) return data;
+    if (data instanceof ArrayBuffer) return new Uint8Array(data);
+    if (ArrayBuffer.isView(data)) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    throw new TypeError("a message is a string, an ArrayBuffer or a typed array");
+  }
+
+  // The typed-message wire form of pyipc.typed (codec "json").
+  function encodeTyped(number, body) {
+    if (!Number.isInteger(number) || number < 0 || number > 255)
+      throw new RangeError("a message type is an integer from 0 to 255, not " + number);
+    const json = encoder.encode(JSON.stringify(body === undefined ? {} : body));
+    const payload = new Uint8Array(json.length + 1);
+    payload[0] = number;
+    payload.set(json, 1);
+    return payload;
+  }
+
+  function decodeTyped(payload) {
+    const bytes = asBytes(payload);
+    if (bytes.length === 0) throw new Error("empty payload: a typed message needs its type byte");
+    return { number: bytes[0], body: JSON.parse(decoder.decode(bytes.subarray(1))) };
+  }
+
+  // Type numbers <-> names, like a Python Registry's numbers <-> classes.
+  class Registry {
+    constructor() { this.byNumber = new Map(); this.byName = new Map(); }
+    register(number, name) {
+      if (this.byNumber.has(number) || this.byName.has(name))
+        throw new Error("message type " + number + " / " + name + " is already registered");
+      this.byNumber.set(number, name);
+      this.byName.set(name, number);
+      return this;
+    }
+    encode(name, body) {
+      const number = this.byName.get(name);
+      if (number === undefined) throw new Error("unregistered message type " + name);
+      return encodeTyped(number, body);
+    }
+    decode(payload) {
+      const { number, body } = decodeTyped(payload);
+      const name = this.byNumber.get(number);
+      if (name === undefined) throw new Error("unknown message type " + number);
+      return { type: name, number: number, body: body };
+    }
+  }
+
+  class ConnectionClosed extends Error {
+    constructor(code, reason) {
+      super("connection closed (" + code + (reason ? " " + reason : "") + ")");
+      this.code = code;
+      this.reason = reason;
+    }
+  }
+
+  // One WebSocket to one service. Messages arrive in order: to onmessage
+  // when it is set, else to recv(), which buffers them.
+  class Connection {
+    constructor(url) {
+      this.ws = new WebSocket(url);
+      this.ws.binaryType = "arraybuffer";
+      this.onmessage = null;     // function (Uint8Array)
+      this.onclose = null;       // function ({code, reason, wasClean})
+      this.received = [];
+      this.waiters = [];
+      this.closeEvent = null;
+      this.opened = new Promise((resolve, reject) => {
+        this.ws.addEventListener("open", () => resolve(this));
+        this.ws.addEventListener("close", (ev) => reject(new ConnectionClosed(ev.code, ev.reason)));
+      });
+      this.closed = new Promise((resolve) => {
+        this.ws.addEventListener("close", (ev) => {
+          this.closeEvent = { code: ev.code, reason: ev.reason, wasClean: ev.wasClean };
+          for (const w of this.waiters.splice(0)) w.reject(new ConnectionClosed(ev.code, ev.reason));
+          if (this.onclose) this.onclose(this.closeEvent);
+          resolve(this.closeEvent);
+        });
+      });
+      this.ws.addEventListener("message", (ev) => this._receive(ev.data));
+    }
+
+    _receive(data) {
+      // websocketd sends binary only; a text message (another server) is UTF-8.
+      const bytes = typeof data === "string" ? encoder.encode(data) : new Uint8Array(data);
+      if (this.onmessage) this.onmessage(bytes);
+      else if (this.waiters.length) this.waiters.shift().resolve(bytes);
+      else this.received.push(bytes);
+    }
+
+    // One message: a string goes as a text message (the service gets its
+    // UTF-8 bytes), anything else as a binary message.
+    send(data) {
+      if (this.ws.readyState !== WebSocket.OPEN)
+        throw new ConnectionClosed(this.closeEvent ? this.closeEvent.code : 0, "not open");
+      this.ws.send(typeof data === "string" ? data : asBytes(data));
+    }
+
+    sendTyped(number, body) {
+      this.send(typeof number === "number" ? encodeTyped(number, body) : asBytes(number));
+    }
+
+    // The next message (Uint8Array).
+    recv() {
+      if (this.received.length) return Promise.resolve(this.received.shift());
+      if (this.closeEvent)
+        return Promise.reject(new ConnectionClosed(this.closeEvent.code, this.closeEvent.reason));
+      return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
+    }
+
+    // The next message as text (UTF-8).
+    async recvText() { return decoder.decode(await this.recv()); }
+
+    // The next message as a typed message: {number, body}.
+    async recvTyped() { return decodeTyped(await this.recv()); }
+
+    // Bytes accepted by send() and not yet handed to the network (the
+    // browser's side of backpressure: wait while it is large).
+    get bufferedAmount() { return this.ws.bufferedAmount; }
+
+    close(code, reason) { this.ws.close(code || 1000, reason || ""); return this.closed; }
+  }
+
+  // A Connection to service `name` on the host that served the page (or a
+  // full ws:// / wss:// URL); resolves once open.
+  function connect(nameOrUrl) {
+    let url = nameOrUrl;
+    if (!/^wss?:\/\//.test(url)) {
+      const scheme = root.location && root.location.protocol === "https:" ? "wss://" : "ws://";
+      url = scheme + root.location.host + "/" + encodeURIComponent(nameOrUrl);
+    }
+    return new Connection(url).opened;
+  }
+
+  root.pyipc = { connect, Connection, ConnectionClosed, Registry, encodeTyped, decodeTyped };
+})(typeof self !== "undefined" ? self : this);

@@ -1,0 +1,229 @@
+"""schedule() one message at a time, as libIPC programs do (issue 21).
+
+The native backend keeps small scheduled payloads in the context and hands
+them to the core in one call when it next enters it; the pure backend queues
+them as before. Either way the contract holds on both backends: every error is
+raised by the schedule() call itself, messages of one fd arrive in the order
+they were scheduled or written whatever their sizes and types, one MESSAGE_TX
+per scheduled message, and another event loop watching fileno() wakes for them.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+
+import pytest
+
+import pyipc
+from pyipc import EventType
+
+from conftest import collect, raises, require_backend
+
+TX, RX = EventType.MESSAGE_TX, EventType.MESSAGE_RX
+
+
+def _received(ctx: pyipc.Context, n: int) -> list[tuple[int, bytes]]:
+    """(fd, payload) of the next ``n`` MESSAGE_RX of ctx."""
+    events = collect(ctx, lambda seen: sum(e.type is RX for e in seen) >= n)
+    return [(e.fd, e.message) for e in events if e.type is RX]
+
+
+def _tx_count(ctx: pyipc.Context, n: int) -> int:
+    events = collect(ctx, lambda seen: sum(e.type is TX for e in seen) >= n)
+    return sum(e.type is TX for e in events)
+
+
+def test_mixed_sizes_types_and_writes_keep_their_order(pair):
+    big = bytes(range(256)) * 400                       # 102,400 B: not buffered
+    sent = [b"", b"a", bytearray(b"ba"), b"x" * 4096, b"y" * 4097, memoryview(b"mv"),
+            big, "text", b"after"]
+    for p in sent:
+        pair.client.schedule(pair.client_fd, p)
+    pair.client.write(pair.client_fd, b"written")       # after every scheduled one
+    pair.client.schedule(pair.client_fd, b"last")
+    expected = [bytes(p) if not isinstance(p, str) else p.encode() for p in sent]
+    expected += [b"written", b"last"]
+    assert _tx_count(pair.client, len(sent) + 1) == len(sent) + 1
+    got = _received(pair.server, len(expected))
+    assert got == [(pair.server_fd, p) for p in expected]
+
+
+def test_two_connections_each_in_order(ctx_factory):
+    server, client = ctx_factory(), ctx_factory()
+    server.service_init("svc")
+    a, b = client.connect_service("svc"), client.connect_service("svc")
+    for i in range(2000):
+        client.schedule(a, b"a%d" % i)
+        client.schedule(b, b"b%d" % i)
+    assert _tx_count(client, 4000) == 4000
+    events = collect(server, lambda seen: sum(e.type is RX for e in seen) >= 4000)
+    by_fd: dict[int, list[bytes]] = {}
+    for e in events:
+        if e.type is RX:
+            by_fd.setdefault(e.fd, []).append(e.message)
+    assert sorted(by_fd.values()) == [[b"a%d" % i for i in range(2000)],
+                                      [b"b%d" % i for i in range(2000)]]
+
+
+def test_errors_come_from_the_schedule_call(pair):
+    pair.client.schedule(pair.client_fd, b"kept")       # buffered on native
+    raises(pyipc.UnknownFdError, "fd 9999 is not managed by this context",
+           pair.client.schedule, 9999, b"x")
+    with pytest.raises(pyipc.MessageTooLargeError):
+        pair.client.schedule(pair.client_fd, b"x" * (pair.client.max_message_size + 1))
+    with pytest.raises(TypeError):
+        pair.client.schedule(pair.client_fd, 42)
+    # Nothing of the failed calls went out; the good one did.
+    assert _tx_count(pair.client, 1) == 1
+    assert _received(pair.server, 1) == [(pair.server_fd, b"kept")]
+
+
+def test_queue_bound_is_checked_per_call(ctx_factory):
+    """max_queue_size 1000 holds ten frames of 96 B (+4): the eleventh call
+    raises QueueFullError and queues nothing; the ten arrive."""
+    server = ctx_factory()
+    client = ctx_factory(max_message_size=100, max_queue_size=1000)
+    server.service_init("svc")
+    fd = client.connect_service("svc")
+    for i in range(10):
+        client.schedule(fd, bytes([i]) * 96)
+    raises(pyipc.QueueFullError,
+           f"send queue of fd {fd} is full (1000 bytes queued, max_queue_size 1000)",
+           client.schedule, fd, b"z")
+    with pytest.raises(pyipc.QueueFullError):       # 4 bytes do not fit either
+        client.schedule(fd, b"")
+    assert _tx_count(client, 10) == 10
+    assert [m for _, m in _received(server, 10)] == [bytes([i]) * 96 for i in range(10)]
+
+
+def test_queue_bound_then_room_again(ctx_factory):
+    server = ctx_factory()
+    client = ctx_factory(max_message_size=100, max_queue_size=1000)
+    server.service_init("svc")
+    fd = client.connect_service("svc")
+    for i in range(10):
+        client.schedule(fd, bytes([i]) * 96)
+    with pytest.raises(pyipc.QueueFullError):
+        client.schedule(fd, b"")
+    assert _tx_count(client, 10) == 10              # sent: the queue is empty again
+    client.schedule(fd, b"again")
+    assert _tx_count(client, 1) == 1
+    got = _received(server, 11)
+    assert [m for _, m in got] == [bytes([i]) * 96 for i in range(10)] + [b"again"]
+
+
+def test_closed_peer_is_reported_by_schedule(pair):
+    pair.server.close(pair.server_fd)
+    collect(pair.client, lambda seen: any(e.type is EventType.DISCONNECTION for e in seen))
+    raises(pyipc.ConnectionClosedError,
+           f"connection on fd {pair.client_fd} is closed by the peer",
+           pair.client.schedule, pair.client_fd, b"late")
+
+
+def test_fileno_turns_readable_for_a_scheduled_message(pair):
+    pair.client.schedule(pair.client_fd, b"before")     # buffered before fileno()
+    fd = pair.client.fileno()
+    assert select.select([fd], [], [], 5)[0] == [fd]
+    assert [e.type for e in pair.client.wait_events(timeout=0)] == [TX]
+    assert select.select([fd], [], [], 0)[0] == []
+    pair.client.schedule(pair.client_fd, b"after")
+    assert select.select([fd], [], [], 5)[0] == [fd]
+    assert [e.type for e in pair.client.wait_events(timeout=0)] == [TX]
+    assert _received(pair.server, 2) == [(pair.server_fd, b"before"),
+                                         (pair.server_fd, b"after")]
+
+
+def test_another_thread_schedules_while_the_owner_waits(pair):
+    """The owner waits with no timer; a thread's schedule() wakes it and the
+    message goes out in that wait (MESSAGE_TX), in the thread's order."""
+    pair.client.timer = None
+    started = threading.Event()
+    results: list[list[EventType]] = []
+
+    def owner() -> None:
+        started.set()
+        seen: list[EventType] = []
+        while len(seen) < 100:
+            seen += [e.type for e in pair.client.wait_events(timeout=10)]
+        results.append(seen)
+
+    t = threading.Thread(target=owner)
+    t.start()
+    started.wait()
+    for i in range(100):
+        pair.client.schedule(pair.client_fd, b"t%d" % i)
+    t.join(15)
+    assert not t.is_alive()
+    assert results == [[TX] * 100]
+    assert [m for _, m in _received(pair.server, 100)] == [b"t%d" % i for i in range(100)]
+
+
+def test_close_sends_what_was_scheduled(pair):
+    for i in range(50):
+        pair.client.schedule(pair.client_fd, b"m%d" % i)
+    pair.client.close(pair.client_fd)
+    assert [m for _, m in _received(pair.server, 50)] == [b"m%d" % i for i in range(50)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_forked_child_does_not_send_the_parents_buffered_messages(pair):
+    pair.client.schedule(pair.client_fd, b"parent's")
+    pid = os.fork()
+    if pid == 0:                                        # pragma: no cover - child
+        try:
+            pair.client.close_all()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert _tx_count(pair.client, 1) == 1
+    assert _received(pair.server, 1) == [(pair.server_fd, b"parent's")]
+
+
+def test_native_buffers_small_payloads_only(rundir):
+    """White box: what the native backend keeps, and when it hands it over."""
+    require_backend("native")
+    with pyipc.Context(rundir=rundir, backend="native") as server, \
+            pyipc.Context(rundir=rundir, backend="native") as client:
+        server.service_init("svc")
+        fd = client.connect_service("svc")
+        client.schedule(fd, b"x" * 4096)
+        assert len(client._pdata) == 1
+        client.schedule(fd, b"x" * 4097)           # flushes, then the core queues it
+        assert client._pdata == [] and client._room == {}
+        client.schedule(fd, b"small")
+        client.fileno()
+        assert client._pdata == []
+        client.schedule(fd, b"small")
+        assert client._pdata == []                 # not buffered after fileno()
+
+
+def test_native_reads_wait_in_the_kernel_only_when_alone(rundir):
+    """White box (issue 21): with one thread a blocking read waits in the
+    kernel; once another thread exists it watches the wake-up pipe, so that
+    the thread's hand-over ends the wait (tests/test_threads.py)."""
+    require_backend("native")
+    assert threading.active_count() == 1, threading.enumerate()
+    with pyipc.Context(rundir=rundir, backend="native") as server, \
+            pyipc.Context(rundir=rundir, backend="native") as client:
+        server.service_init("svc")
+        fd = client.connect_service("svc")
+        conn = collect(server, lambda seen: bool(seen))[0].fd
+        server.write(conn, b"one")
+        assert client.read(fd) == b"one"
+        assert client._alone is True
+        stop = threading.Event()
+        t = threading.Thread(target=stop.wait)
+        t.start()
+        try:
+            server.write(conn, b"two")
+            assert client.read(fd) == b"two"
+            assert client._alone is False
+        finally:
+            stop.set()
+            t.join()
+        server.write(conn, b"three")
+        assert client.read(fd) == b"three"
+        assert client._alone is True

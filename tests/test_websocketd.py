@@ -1,0 +1,462 @@
+"""websocketd's WebSocket side with a standard client (the `websockets`
+package), on both backends: messages both ways (binary, text, fragmented,
+bursts), pings, the size bound (1009), every way a connection ends and its
+close code, data sent along with the handshake, wss://, backpressure toward a
+slow client; and the command line (clean stop on SIGTERM, socket activation)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+
+import pytest
+
+pytest.importorskip("websockets")
+trustme = pytest.importorskip("trustme")
+
+from websockets.client import ClientProtocol  # noqa: E402
+from websockets.exceptions import ConnectionClosed, InvalidMessage  # noqa: E402
+from websockets.frames import Frame, Opcode  # noqa: E402
+from websockets.http11 import Response  # noqa: E402
+from websockets.protocol import State  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+from websockets.uri import parse_uri  # noqa: E402
+
+import pyipc  # noqa: E402
+from pyipc import EventType  # noqa: E402
+
+from conftest import CHILD_ENV  # noqa: E402
+from wsd_helpers import DaemonThread, ServiceThread, sink  # noqa: E402
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+@pytest.fixture
+def start(backend, rundir):
+    """start(daemon options...) -> DaemonThread; service(name, handle) -> ServiceThread."""
+    threads = []
+
+    class Starter:
+        def daemon(self, **options):
+            options.setdefault("expose", frozenset({"echo", "sink"}))
+            d = DaemonThread(rundir, backend, **options)
+            threads.append(d)
+            return d
+
+        def service(self, name="echo", handle=None, **limits):
+            s = ServiceThread(rundir, backend, name, handle, **limits)
+            threads.append(s)
+            return s
+
+    yield Starter()
+    for t in reversed(threads):
+        t.stop()
+
+
+def closed_by_server(ws):
+    """The close frame the server sent (code, reason), once the client sees it."""
+    with pytest.raises(ConnectionClosed):
+        while True:
+            ws.recv(timeout=10)
+    return ws.protocol.close_rcvd.code, ws.protocol.close_rcvd.reason
+
+
+def disconnected(service):
+    return service.wait_for(lambda evs: any(e.type == EventType.DISCONNECTION for e in evs))
+
+
+# ------------------------------------------------------------ messages
+
+@pytest.mark.parametrize("size", [0, KIB, MIB])
+def test_binary_messages_echo(start, size):
+    start.service()
+    d = start.daemon()
+    payload = os.urandom(size)
+    with connect(d.url("/echo"), max_size=2 * MIB, open_timeout=10) as ws:
+        ws.send(payload)
+        assert ws.recv(timeout=10) == payload
+
+
+@pytest.mark.parametrize("size", [0, KIB, MIB])
+def test_text_message_is_its_utf8_bytes_and_comes_back_binary(start, size):
+    service = start.service()
+    d = start.daemon()
+    text = ("é" * size)[:size // 2] if size else ""
+    with connect(d.url("/echo"), max_size=2 * MIB, open_timeout=10) as ws:
+        ws.send(text)
+        answer = ws.recv(timeout=10)
+    assert isinstance(answer, bytes) and answer == text.encode()
+    assert service.messages() == [text.encode()]
+
+
+def test_fragmented_message_is_one_pyipc_message(start):
+    service = start.service()
+    d = start.daemon()
+    parts = [b"frag", b"", b"mented", os.urandom(70 * KIB)]
+    with connect(d.url("/echo"), open_timeout=10) as ws:
+        ws.send(iter(parts))                 # one message in four frames
+        ws.send([ "tex", "t"])               # a fragmented text message
+        assert ws.recv(timeout=10) == b"".join(parts)
+        assert ws.recv(timeout=10) == b"text"
+    assert service.messages() == [b"".join(parts), b"text"]
+
+
+def test_a_burst_of_messages_arrives_whole_and_in_order(start):
+    # Many frames per read: on_in hands them over one by one (CBEvent.MORE).
+    service = start.service()
+    d = start.daemon()
+    sent = [i.to_bytes(4, "big") * (i % 300) for i in range(3000)]
+    with connect(d.url("/echo"), open_timeout=10) as ws:
+        for m in sent:
+            ws.send(m)
+        got = [ws.recv(timeout=10) for _ in sent]
+    assert got == sent
+    assert service.messages() == sent
+
+
+def test_messages_from_the_service_go_to_the_client(start):
+    # The service speaks first and sends several messages in one write.
+    def greet(ctx, ev):
+        if ev.type == EventType.CONNECTION:
+            ctx.write_many(ev.fd, [b"hello", b"", b"x" * 100_000])
+    start.service("sink", greet)
+    d = start.daemon()
+    with connect(d.url("/sink"), open_timeout=10) as ws:
+        assert [ws.recv(timeout=10) for _ in range(3)] == [b"hello", b"", b"x" * 100_000]
+
+
+def test_ping_is_answered_with_pong(start):
+    start.service()
+    d = start.daemon()
+    with connect(d.url("/echo"), open_timeout=10) as ws:
+        assert ws.ping(b"are you there").wait(10)
+        ws.send(b"still here")
+        assert ws.recv(timeout=10) == b"still here"
+
+
+# ------------------------------------------------------------ the size bound
+
+def test_message_at_max_message_size_passes_one_past_is_1009(start):
+    service = start.service()
+    d = start.daemon(max_message_size=64 * KIB)
+    with connect(d.url("/echo"), max_size=MIB, open_timeout=10) as ws:
+        ws.send(b"a" * (64 * KIB))
+        assert ws.recv(timeout=10) == b"a" * (64 * KIB)
+        ws.send(b"b" * (64 * KIB + 1))
+        assert closed_by_server(ws) == (1009, "frame with 65537 bytes exceeds limit of 65536 bytes")
+    disconnected(service)
+    assert service.messages() == [b"a" * (64 * KIB)]
+
+
+def test_fragmented_message_over_the_bound_is_1009(start):
+    service = start.service()
+    d = start.daemon(max_message_size=64 * KIB)
+    with connect(d.url("/echo"), open_timeout=10) as ws:
+        ws.send(iter([b"c" * (40 * KIB), b"c" * (40 * KIB)]))
+        code, _ = closed_by_server(ws)
+    assert code == 1009
+    disconnected(service)
+    assert service.messages() == []
+
+
+def test_invalid_utf8_in_a_text_message_is_1007(start):
+    service = start.service()
+    d = start.daemon()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        client = handshake(s, d.url("/echo"))
+        client.send_text(b"\xff\xfe not UTF-8")
+        s.sendall(b"".join(client.data_to_send()))
+        frames = read_frames(s, client)
+    assert frames[-1].opcode is Opcode.CLOSE and frames[-1].data[:2] == (1007).to_bytes(2, "big")
+    disconnected(service)
+    assert service.messages() == []
+
+
+# ------------------------------------------------------------ how connections end
+
+def test_client_close_disconnects_from_the_service(start):
+    service = start.service()
+    d = start.daemon()
+    with connect(d.url("/echo"), open_timeout=10) as ws:
+        ws.send(b"last words")
+        ws.close()          # close handshake: returns once the server answered
+        assert ws.protocol.close_rcvd.code == 1000
+    events = disconnected(service)
+    assert service.messages() == [b"last words"]
+    assert [e.type for e in events][-1] == EventType.DISCONNECTION
+
+
+def test_client_vanishing_without_close_frame_disconnects_too(start):
+    service = start.service()
+    d = start.daemon()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        client = handshake(s, d.url("/echo"))
+        client.send_binary(b"then gone")
+        s.sendall(b"".join(client.data_to_send()))
+    disconnected(service)
+    assert service.messages() == [b"then gone"]
+
+
+def test_service_closing_the_connection_closes_with_1000(start):
+    def answer_then_hang_up(ctx, ev):
+        if ev.type == EventType.MESSAGE_RX:
+            ctx.write(ev.fd, b"bye " + ev.message)
+            ctx.close(ev.fd)
+    start.service("sink", answer_then_hang_up)
+    d = start.daemon()
+    with connect(d.url("/sink"), open_timeout=10) as ws:
+        ws.send(b"alice")
+        assert ws.recv(timeout=10) == b"bye alice"       # sent before the close: not lost
+        assert closed_by_server(ws) == (1000, "the service closed the connection")
+
+
+def test_client_that_never_answers_our_close_is_cut_after_close_timeout(start):
+    # The service hangs up; the client gets the close frame, does not answer,
+    # and websocketd closes the TCP connection CLOSE_TIMEOUT (2 s) later.
+    def hang_up(ctx, ev):
+        if ev.type == EventType.MESSAGE_RX:
+            ctx.close(ev.fd)
+    start.service("sink", hang_up)
+    d = start.daemon()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        client = handshake(s, d.url("/sink"))
+        client.send_binary(b"bye")
+        s.sendall(b"".join(client.data_to_send()))
+        frames = []
+        while True:                       # read, never answer
+            data = s.recv(65536)
+            if not data:
+                break
+            client.receive_data(data)
+            frames += [e for e in client.events_received() if isinstance(e, Frame)]
+    assert [(f.opcode, f.data[:2]) for f in frames] == [(Opcode.CLOSE, b"\x03\xe8")]
+
+
+def test_service_stopping_closes_with_1000(start):
+    service = start.service()
+    d = start.daemon()
+    with connect(d.url("/echo"), open_timeout=10) as ws:
+        ws.send(b"x")
+        assert ws.recv(timeout=10) == b"x"
+        service.stop()
+        assert closed_by_server(ws) == (1000, "the service closed the connection")
+
+
+def test_daemon_stopping_closes_with_1001(start):
+    service = start.service()
+    d = start.daemon()
+    with connect(d.url("/echo"), open_timeout=10) as ws:
+        ws.send(b"x")
+        assert ws.recv(timeout=10) == b"x"
+        d.stop()
+        assert closed_by_server(ws) == (1001, "websocketd is stopping")
+    disconnected(service)
+
+
+# ------------------------------------------------------------ the handshake's bytes
+
+def handshake(sock, url):
+    """Open a WebSocket over sock with websockets' sans-I/O client; return it."""
+    client = ClientProtocol(parse_uri(url))
+    client.send_request(client.connect())
+    sock.sendall(b"".join(client.data_to_send()))
+    while not any(isinstance(e, Response) for e in client.events_received()):
+        client.receive_data(sock.recv(65536))
+    return client
+
+
+def read_frames(sock, client):
+    """Frames the server sends until it closes the connection (a close frame
+    is answered, as a client must)."""
+    frames = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            client.receive_eof()
+        else:
+            client.receive_data(data)
+        frames += [e for e in client.events_received() if isinstance(e, Frame)]
+        answer = b"".join(client.data_to_send())
+        if answer:
+            sock.sendall(answer)
+        if not data:
+            return frames
+
+
+def test_frames_sent_with_the_request_are_not_lost(start):
+    # RFC 6455 says a client waits for the 101; one that does not still
+    # loses nothing.
+    service = start.service()
+    d = start.daemon()
+    client = ClientProtocol(parse_uri(d.url("/echo")))
+    client.send_request(client.connect())
+    request = b"".join(client.data_to_send())
+    # Frames can only be made once open: a second protocol object makes them.
+    early = ClientProtocol(parse_uri(d.url("/echo")), state=State.OPEN)
+    for m in (b"one", b"two"):
+        early.send_binary(m)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        s.sendall(request + b"".join(early.data_to_send()))    # all in one segment
+        echoed = []
+        while len(echoed) < 2:
+            client.receive_data(s.recv(65536))
+            echoed += [e.data for e in client.events_received() if isinstance(e, Frame)]
+    assert echoed == [b"one", b"two"]
+    assert service.messages() == [b"one", b"two"]
+
+
+def test_bytes_that_are_not_http_close_the_connection_with_400(start):
+    d = start.daemon()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        s.sendall(b"\x00\x01\x02\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 400")
+
+
+# ------------------------------------------------------------ wss://
+
+@pytest.fixture(scope="module")
+def certificates():
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+def test_wss_echo(start, certificates):
+    server, client = certificates
+    start.service()
+    d = start.daemon(ssl_context=server)
+    assert d.url("/echo").startswith("wss://")
+    with connect(d.url("/echo"), ssl=client, max_size=2 * MIB, open_timeout=10) as ws:
+        for size in (0, KIB, MIB):
+            payload = os.urandom(size)
+            ws.send(payload)
+            assert ws.recv(timeout=10) == payload
+        assert ws.ping(b"p").wait(10)
+
+
+def test_wss_refuses_plain_http_and_untrusted_clients_see_tls_errors(start, certificates):
+    server, _ = certificates
+    start.service()
+    d = start.daemon(ssl_context=server)
+    with pytest.raises((InvalidMessage, ConnectionError, OSError)):
+        connect(f"ws://127.0.0.1:{d.port}/echo", open_timeout=10)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        connect(d.url("/echo"), ssl=ssl.create_default_context(), open_timeout=10)
+
+
+def test_wss_daemon_stop_closes_with_1001(start, certificates):
+    server, client = certificates
+    start.service()
+    d = start.daemon(ssl_context=server)
+    with connect(d.url("/echo"), ssl=client, open_timeout=10) as ws:
+        ws.send(b"x")
+        assert ws.recv(timeout=10) == b"x"
+        d.stop()
+        assert closed_by_server(ws)[0] == 1001
+
+
+# ------------------------------------------------------------ backpressure
+
+def test_slow_client_gets_backpressure_not_unbounded_buffering(start):
+    """The service sends 64 KiB messages as fast as pyipc lets it to a client
+    that does not read. The daemon holds at most its bound (256 KiB + one
+    message) for the client, then stops reading the service: the service's
+    own queue fills (QueueFullError) after a bounded amount. Then the client
+    reads everything: all of it, in order."""
+    chunk = 64 * KIB
+    sent = []
+    full = threading.Event()
+
+    def flood(ctx, ev):
+        if ev.type in (EventType.CONNECTION, EventType.MESSAGE_TX) and not full.is_set():
+            try:
+                while True:
+                    ctx.schedule(ev.fd, len(sent).to_bytes(4, "big") * (chunk // 4))
+                    sent.append(len(sent))
+            except pyipc.QueueFullError:
+                full.set()
+
+    start.service("sink", flood, max_message_size=chunk, max_queue_size=chunk + 4)
+    d = start.daemon(max_message_size=chunk, max_buffer=4 * chunk)
+    with connect(d.url("/sink"), max_size=MIB, open_timeout=10) as ws:
+        assert full.wait(10)
+        # Socket buffers (service->daemon, daemon->client) plus the daemon's
+        # bound: far below what an unbounded relay would have taken.
+        assert len(sent) * chunk < 32 * MIB, len(sent)
+        got = 0
+        while got < len(sent):
+            m = ws.recv(timeout=10)
+            assert m == got.to_bytes(4, "big") * (chunk // 4)
+            got += 1
+
+
+# ------------------------------------------------------------ the command line
+
+def test_cli_serves_and_stops_cleanly_on_sigterm(backend, rundir):
+    service = ServiceThread(rundir, backend, "echo")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyipc", "-v", "--rundir", rundir, "--backend", backend,
+         "websocketd", "--port", "0", "--expose", "echo"],
+        env=CHILD_ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in proc.stderr:
+            if "ws on [('127.0.0.1', " in line:
+                port = int(line.split("', ")[1].split(")")[0])
+            if "ready in" in line:
+                break
+        assert port is not None
+        with connect(f"ws://127.0.0.1:{port}/echo", open_timeout=10) as ws:
+            ws.send(b"via the CLI")
+            assert ws.recv(timeout=10) == b"via the CLI"
+            proc.send_signal(signal.SIGTERM)
+            assert closed_by_server(ws) == (1001, "websocketd is stopping")
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+        service.stop()
+
+
+ACTIVATE = """
+import os, socket, sys
+s = socket.create_server(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="websocketd")
+os.execv(sys.executable, [sys.executable, "-m", "pyipc", *sys.argv[1:]])
+"""
+
+
+def test_socket_activation(backend, rundir):
+    service = ServiceThread(rundir, backend, "echo")
+    proc = subprocess.Popen([sys.executable, "-c", ACTIVATE, "--rundir", rundir, "--backend",
+                             backend, "websocketd", "--port", "1", "--expose", "echo"],
+                            env=CHILD_ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        # The listening socket exists before the daemon: connecting cannot race.
+        with connect(f"ws://127.0.0.1:{port}/echo", open_timeout=10) as ws:
+            ws.send(b"activated")
+            assert ws.recv(timeout=10) == b"activated"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        service.stop()

@@ -1,0 +1,229 @@
+"""websocketd with a real browser: Debian's headless Chromium driven by
+Playwright for Python, on both backends. The page is served over
+http://127.0.0.1 by websocketd itself and uses its /pyipc.js: echoes of
+binary and text messages (0 B, 1 KiB, 1 MiB), typed JSON messages both ways
+(pyipc.Registry("json")), the close the page sees when the service stops, and
+the chat example between two pages, whose screenshot goes to
+docs/images/chat.png (shown by docs/websocket.md).
+
+One browser for the module (starting Chromium is the slow part); each test
+opens its own pages. Without Playwright or Chromium the module is skipped,
+unless PYIPC_REQUIRE_BROWSER=1 (ci/test sets it): then it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("websockets")
+
+from pyipc import EventType, Registry  # noqa: E402
+
+from conftest import CHILD_ENV, ROOT  # noqa: E402
+from wsd_helpers import DaemonThread, ServiceThread  # noqa: E402
+
+CHROMIUM = os.environ.get("PYIPC_CHROMIUM", "/usr/bin/chromium")
+#: Flags for a quiet headless run as root in a container: no sandbox (root),
+#: no GPU, and none of the background traffic a fresh profile starts.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOT = ROOT / "docs" / "images" / "chat.png"
+
+
+def _missing(why: str) -> None:
+    if os.environ.get("PYIPC_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{why} (PYIPC_REQUIRE_BROWSER=1)")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("playwright is not installed")
+    if not os.access(CHROMIUM, os.X_OK):
+        _missing(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@dataclass
+class Site:
+    daemon: DaemonThread
+    browser: object
+    pages: list
+
+    def page(self, path: str = "/"):
+        page = self.browser.new_page()
+        self.pages.append(page)
+        page.set_default_timeout(15_000)
+        page.goto(self.daemon.http_url(path))
+        return page
+
+
+@pytest.fixture
+def site(browser, backend, rundir):
+    """websocketd exposing echo, typed and chat; pages from it."""
+    d = DaemonThread(rundir, backend, expose=frozenset({"echo", "typed", "chat"}))
+    s = Site(d, browser, [])
+    try:
+        yield s
+    finally:
+        for page in s.pages:
+            page.close()
+        d.stop()
+
+
+@pytest.fixture
+def service(backend, rundir):
+    started = []
+
+    def start(name="echo", handle=None):
+        s = ServiceThread(rundir, backend, name, handle)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+ECHO_BYTES = """async (size) => {
+  const conn = await pyipc.connect("echo");
+  const sent = new Uint8Array(size);
+  for (let i = 0; i < size; i++) sent[i] = (i * 7 + 3) & 255;
+  conn.send(sent);
+  const got = await conn.recv();
+  await conn.close();
+  return got.length === size && got.every((b, i) => b === sent[i]);
+}"""
+
+ECHO_TEXT = """async (size) => {
+  const conn = await pyipc.connect("echo");
+  const text = "aé€😀".repeat(Math.floor(size / 10)) + "a".repeat(size % 10);
+  conn.send(text);
+  const got = await conn.recvText();
+  await conn.close();
+  return got === text;
+}"""
+
+
+@pytest.mark.parametrize("size", [0, 1024, 1 << 20])
+def test_browser_binary_echo(site, service, size):
+    service()
+    assert site.page().evaluate(ECHO_BYTES, size) is True
+
+
+@pytest.mark.parametrize("size", [0, 1024, 1 << 20])
+def test_browser_text_echo(site, service, size):
+    echo = service()
+    assert site.page().evaluate(ECHO_TEXT, size) is True
+    # The service got the text's UTF-8 bytes: `size` of them (1 to 4 a character).
+    assert echo.messages() == [("aé€😀" * (size // 10) + "a" * (size % 10)).encode()]
+    assert len(echo.messages()[0]) == size
+
+
+# Typed messages: pyipc.Registry("json") on the service's side.
+typed = Registry("json")
+
+
+@typed.register(1)
+@dataclass
+class Ping:
+    seq: int
+    note: str = ""
+
+
+@typed.register(2)
+@dataclass
+class Pong:
+    seq: int
+    note: str
+    tags: list
+
+
+def answer_typed(ctx, ev):
+    if ev.type == EventType.MESSAGE_RX:
+        ping = typed.decode_event(ev, Ping)
+        ctx.schedule_typed(ev.fd, Pong(ping.seq + 1, ping.note.upper(), ["π", 2, None]), typed)
+
+
+TYPED = """async () => {
+  const registry = new pyipc.Registry().register(1, "Ping").register(2, "Pong");
+  const conn = await pyipc.connect("typed");
+  conn.sendTyped(registry.encode("Ping", {seq: 41, note: "héllo"}));
+  const answer = registry.decode(await conn.recv());
+  await conn.close();
+  return answer;
+}"""
+
+
+def test_browser_typed_json_both_ways(site, service):
+    peer = service("typed", answer_typed)
+    answer = site.page().evaluate(TYPED)
+    assert answer == {"type": "Pong", "number": 2,
+                      "body": {"seq": 42, "note": "HÉLLO", "tags": ["π", 2, None]}}
+    assert typed.decode(peer.messages()[0]) == Ping(41, "héllo")
+
+
+def test_browser_sees_the_close_when_the_service_stops(site, service):
+    echo = service()
+    page = site.page()
+    page.evaluate("""async () => {
+      window.conn = await pyipc.connect("echo");
+      conn.send("hi");
+      return await conn.recvText();
+    }""")
+    echo.stop()
+    closed = page.evaluate("async () => await conn.closed")
+    assert closed == {"code": 1000, "reason": "the service closed the connection",
+                      "wasClean": True}
+
+
+def test_browser_chat_between_two_pages(site, backend, rundir):
+    chat = subprocess.Popen([sys.executable, str(ROOT / "examples" / "chat_service.py"),
+                             "--rundir", rundir, "--backend", backend],
+                            env=CHILD_ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "ready" in chat.stdout.readline()
+        ada, bob = site.page("/chat.html"), site.page("/chat.html")
+        join(ada, "ada")
+        join(bob, "bob")
+        ada.get_by_text("* bob joined").wait_for()
+        say(ada, "hello bob, this is ada")
+        bob.get_by_text("ada: hello bob, this is ada").wait_for()
+        say(bob, "hi ada! seen through websocketd")
+        ada.get_by_text("bob: hi ada! seen through websocketd").wait_for()
+        assert "members: ada, bob" in bob.text_content("#status")
+        assert "members: ada, bob" in ada.text_content("#status")
+        if backend == "native":          # one picture per run
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            ada.set_viewport_size({"width": 720, "height": 420})
+            ada.screenshot(path=str(SCREENSHOT))
+            assert SCREENSHOT.stat().st_size > 5000
+    finally:
+        chat.terminate()
+        chat.wait(10)
+        chat.stdout.close()
+
+
+def join(page, name):
+    page.fill("#name", name)
+    page.click("#join button")
+    page.get_by_text(f"(joined as {name}").wait_for()
+
+
+def say(page, text):
+    page.fill("#text", text)
+    page.click("#say button")

@@ -1,0 +1,232 @@
+"""websocketd's HTTP side, on both backends: static files, clear HTTP errors
+for requests that do not become a WebSocket, deny by default, the Origin
+allow-list, the handshake's bounds (timeout, connections in handshake); and
+the policy functions alone."""
+
+from __future__ import annotations
+
+import select
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("websockets")
+
+from websockets.exceptions import InvalidStatus  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+from pyipc.daemons.websocketd.policy import origin_allowed, service_name  # noqa: E402
+
+from wsd_helpers import DaemonThread, ServiceThread  # noqa: E402
+
+
+@pytest.fixture
+def wsd(backend, rundir):
+    started = []
+
+    def start(**options):
+        options.setdefault("expose", frozenset({"echo"}))
+        d = DaemonThread(rundir, backend, **options)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def echo_service(backend, rundir):
+    service = ServiceThread(rundir, backend, "echo")
+    yield service
+    service.stop()
+
+
+def get(url, method="GET", data=None, headers=None):
+    """(status, headers, body) of an HTTP request, errors included."""
+    request = urllib.request.Request(url, method=method, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def raw_exchange(port, data):
+    """Send raw bytes, return everything the daemon answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def refused(url, **kwargs):
+    with pytest.raises(InvalidStatus) as info:
+        connect(url, open_timeout=10, **kwargs)
+    return info.value.response.status_code, bytes(info.value.response.body)
+
+
+# ------------------------------------------------------------ static files
+
+@pytest.mark.parametrize("path,ctype,marker", [
+    ("/pyipc.js", "text/javascript", b"root.pyipc = {"),
+    ("/chat.html", "text/html", b"registry.encode(\"Join\""),
+    ("/", "text/html", b"<h1>pyipc websocketd</h1>"),
+])
+def test_static_files_are_served(wsd, path, ctype, marker):
+    d = wsd()
+    status, headers, body = get(d.http_url(path))
+    assert status == 200
+    assert headers["Content-Type"].startswith(ctype)
+    assert int(headers["Content-Length"]) == len(body)
+    assert marker in body
+
+
+def test_head_of_a_static_file_has_no_body(wsd):
+    d = wsd()
+    status, headers, body = get(d.http_url("/pyipc.js"), method="HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 1000
+
+
+def test_static_file_with_another_method_is_405(wsd):
+    status, headers, body = get(wsd().http_url("/pyipc.js"), method="DELETE")
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
+    assert b"DELETE is not allowed here" in body
+
+
+# ------------------------------------------------------------ clear HTTP errors
+
+def test_plain_get_of_an_exposed_service_is_426(wsd):
+    status, headers, body = get(wsd().http_url("/echo"))
+    assert status == 426 and headers["Upgrade"] == "websocket"
+    assert body == b"426 Upgrade Required: /echo is a WebSocket endpoint; open it with a " \
+                   b"WebSocket client\n"
+
+
+def test_plain_get_of_anything_else_is_404(wsd):
+    status, _, body = get(wsd().http_url("/elsewhere"))
+    assert (status, body) == (404, b"404 Not Found: nothing at /elsewhere\n")
+
+
+def test_request_with_a_body_is_400(wsd):
+    status, _, body = get(wsd().http_url("/echo"), method="POST", data=b"x" * 10)
+    assert status == 400
+    assert b"did not receive a valid HTTP request: unsupported request body" in body
+
+
+def test_bytes_that_are_not_http_get_400(wsd):
+    answer = raw_exchange(wsd().port, b"\x16\x03\x01 this is not HTTP\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"did not receive a valid HTTP request" in answer
+
+
+def test_bad_handshake_is_400(wsd, echo_service):
+    # An upgrade without Sec-WebSocket-Key/Version: websockets says what is missing.
+    answer = raw_exchange(wsd().port, b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"Failed to open a WebSocket connection: missing Sec-WebSocket-Key header" \
+        in answer
+    assert echo_service.events == []        # the service never saw it
+
+
+# ------------------------------------------------------------ deny by default
+
+def test_nothing_is_exposed_by_default(wsd, echo_service):
+    d = wsd(expose=frozenset())
+    assert refused(d.url("/echo")) == (404, b"404 Not Found: no service 'echo' is exposed "
+                                            b"here\n")
+    assert echo_service.events == []
+
+
+def test_unexposed_service_is_404_even_when_running(wsd, echo_service, backend, rundir):
+    other = ServiceThread(rundir, backend, "secret")
+    try:
+        d = wsd()
+        assert refused(d.url("/secret"))[0] == 404
+        assert other.events == []
+    finally:
+        other.stop()
+
+
+def test_exposed_service_not_running_is_503(wsd):
+    status, body = refused(wsd().url("/echo"))
+    assert (status, body) == (503, b"503 Service Unavailable: service 'echo' is not "
+                                   b"running\n")
+
+
+# ------------------------------------------------------------ Origin
+
+def test_wrong_origin_is_403(wsd, echo_service):
+    status, body = refused(wsd().url("/echo"), origin="http://evil.example")
+    assert (status, body) == (403, b"403 Forbidden: origin http://evil.example is not "
+                                   b"allowed\n")
+    assert echo_service.events == []
+
+
+def test_same_host_origin_is_allowed(wsd):
+    # Past the Origin check, the next answer is about the service (not running).
+    d = wsd()
+    assert refused(d.url("/echo"), origin=f"http://127.0.0.1:{d.port}")[0] == 503
+
+
+def test_listed_origin_is_allowed_others_not(wsd):
+    d = wsd(origins=frozenset({"https://app.example"}))
+    assert refused(d.url("/echo"), origin="https://app.example")[0] == 503
+    assert refused(d.url("/echo"), origin="https://app.example:8443")[0] == 403
+
+
+def test_policy_service_name():
+    assert service_name("/pong") == "pong"
+    assert service_name("/pong?token=1") == "pong"
+    assert service_name("/a%20b") == "a b"
+    assert service_name("/") == ""
+    assert service_name("/a/b") == "a/b"      # never a service name: never exposed
+
+
+@pytest.mark.parametrize("origin,host,allowed,ok", [
+    (None, "h:80", set(), True),
+    ("http://h:8080", "h:8080", set(), True),
+    ("http://H:8080", "h:8080", set(), True),
+    ("http://h", "h:80", set(), True),
+    ("https://h", "h:443", set(), True),
+    ("https://h", "h", set(), True),
+    ("http://h:8081", "h:8080", set(), False),
+    ("http://other:8080", "h:8080", set(), False),
+    ("null", "h:8080", set(), False),
+    ("http://[::1]:8080", "[::1]:8080", set(), True),
+    ("https://app", "h:8080", {"https://app"}, True),
+    ("https://evil", "h:8080", {"*"}, True),
+    ("http://h:8080", None, set(), False),
+])
+def test_policy_origin(origin, host, allowed, ok):
+    assert origin_allowed(origin, host, allowed) is ok
+
+
+# ------------------------------------------------------------ handshake bounds
+
+def test_silent_client_is_closed_after_the_handshake_timeout(wsd):
+    d = wsd(handshake_timeout=0.3)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        s.sendall(b"GET /echo HTTP/1.1\r\n")      # half a request, then nothing
+        assert s.recv(100) == b""                 # closed by the daemon
+
+
+def test_connections_in_handshake_are_bounded(wsd):
+    d = wsd(max_handshakes=2)
+    waiting = [socket.create_connection(("127.0.0.1", d.port), timeout=10) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as third:
+            assert third.recv(100) == b""          # over the bound: closed at once
+        readable, _, _ = select.select(waiting, [], [], 0)
+        assert readable == []                     # the first two still wait
+        # A finished handshake frees its place.
+        waiting[0].sendall(b"GET /pyipc.js HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert waiting[0].recv(100).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        for s in waiting:
+            s.close()

@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 
 from . import (BackendError, ConnectionClosedError, Context, Event, EventType, IPCError,
                available_backends)
+from ._signal_wakeup import SignalWakeup
 from ._version import DISTRIBUTION, __version__
 from .daemons._commands import add_daemon_commands
 
@@ -38,20 +39,29 @@ def _context(args: argparse.Namespace) -> Context:
 def cmd_pongd(args: argparse.Namespace) -> int:
     """Echo every message back to its sender until SIGINT/SIGTERM."""
     # Both signals raise KeyboardInterrupt in the call that waits (it returns to
-    # Python so the handler runs), which ends the loop below.
+    # Python so the handler runs), which ends the loop below. The wake-up pipe
+    # makes the wait return for a signal that came just before it began.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
     served = 0
+    wakeup = SignalWakeup()
     with _context(args) as ctx:
         try:
+            ctx.add_external(wakeup.fd)         # close_all() closes it
+            wakeup.install()
             ctx.service_init(args.name)
             print(f"pongd: serving {args.name} in {ctx.rundir} (backend {ctx.backend})",
                   flush=True)
             while True:
                 for ev in ctx.wait_events():
-                    served += _handle(ctx, ev)
+                    if ev.type == EventType.EXTERNAL and ev.fd == wakeup.fd:
+                        wakeup.drain()
+                    else:
+                        served += _handle(ctx, ev)
         except KeyboardInterrupt:
             pass      # leaving `with` sends the echoes still scheduled, then closes all
+        finally:
+            wakeup.close(read_end_too=False)
     print(f"pongd: stopped after echoing {served} message(s)", flush=True)
     return 0
 

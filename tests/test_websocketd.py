@@ -7,12 +7,14 @@ slow client; and the command line (clean stop on SIGTERM, socket activation)."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import pytest
 
@@ -30,7 +32,7 @@ from websockets.uri import parse_uri  # noqa: E402
 import pyipc  # noqa: E402
 from pyipc import EventType  # noqa: E402
 
-from conftest import CHILD_ENV  # noqa: E402
+from conftest import CHILD_ENV, wait_for  # noqa: E402
 from wsd_helpers import DaemonThread, ServiceThread, sink  # noqa: E402
 
 KIB = 1024
@@ -343,6 +345,14 @@ def test_wss_echo(start, certificates):
         assert ws.ping(b"p").wait(10)
 
 
+def test_wss_serves_the_static_files_over_https(start, certificates):
+    server, client = certificates
+    d = start.daemon(ssl_context=server)
+    url = f"https://127.0.0.1:{d.port}/pyipc.js"
+    with urllib.request.urlopen(url, context=client, timeout=10) as r:
+        assert r.status == 200 and b"root.pyipc = {" in r.read()
+
+
 def test_wss_refuses_plain_http_and_untrusted_clients_see_tls_errors(start, certificates):
     server, _ = certificates
     start.service()
@@ -397,6 +407,46 @@ def test_slow_client_gets_backpressure_not_unbounded_buffering(start):
             m = ws.recv(timeout=10)
             assert m == got.to_bytes(4, "big") * (chunk // 4)
             got += 1
+
+
+def test_service_that_does_not_read_pauses_the_client_not_the_daemon(start, backend, rundir):
+    """The other way: a client sends 64 KiB messages as fast as TCP lets it to
+    a service that reads nothing. The daemon queues at most its bound for
+    the service, then stops reading the client: the client's socket stops
+    draining (nothing moves for a second: the only timed check, as
+    conftest.quiet does) after a bounded amount. Then the service reads
+    everything, whole and in order."""
+    chunk = 64 * KIB
+    d = start.daemon(max_message_size=chunk, max_buffer=4 * chunk)
+    with pyipc.Context(rundir=rundir, backend=backend) as service:
+        service.service_init("sink")           # accepts nothing until later
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+            client = handshake(s, d.url("/sink"))
+            s.setblocking(False)
+            sent, pending = 0, b""
+            while True:
+                assert sent * chunk < 64 * MIB, "websocketd kept reading: unbounded"
+                if not pending:
+                    client.send_binary(sent.to_bytes(4, "big") * (chunk // 4))
+                    pending = b"".join(client.data_to_send())
+                try:
+                    pending = pending[s.send(pending):]
+                except BlockingIOError:
+                    if not select.select([], [s], [], 1.0)[1]:
+                        break                   # paused: nothing drained for 1 s
+                    continue
+                if not pending:
+                    sent += 1
+            # TCP and Unix socket buffers plus the daemon's bound.
+            assert sent * chunk < 32 * MIB, sent
+            total = sent + 1                    # the message being sent when paused
+            s.setblocking(True)
+            rest = threading.Thread(target=s.sendall, args=(pending,))
+            rest.start()
+            fd = wait_for(service, EventType.CONNECTION)[-1].fd
+            for i in range(total):
+                assert service.read(fd, timeout=10) == i.to_bytes(4, "big") * (chunk // 4)
+            rest.join(10)
 
 
 # ------------------------------------------------------------ the command line

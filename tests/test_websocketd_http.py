@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import select
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -19,6 +21,7 @@ from websockets.sync.client import connect  # noqa: E402
 
 from pyipc.daemons.websocketd.policy import origin_allowed, service_name  # noqa: E402
 
+from conftest import CHILD_ENV  # noqa: E402
 from wsd_helpers import DaemonThread, ServiceThread  # noqa: E402
 
 
@@ -230,3 +233,27 @@ def test_connections_in_handshake_are_bounded(wsd):
     finally:
         for s in waiting:
             s.close()
+
+
+# ------------------------------------------------------------ without the extra
+
+WITHOUT_WEBSOCKETS = """
+import sys
+sys.modules["websockets"] = None        # as if the websocket extra were not installed
+from pyipc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_pyipc_command_works_without_the_websocket_extra():
+    # Every daemon's subcommand is registered at start: websocketd's must not
+    # need websockets until it runs, and then it says what to install.
+    ok = subprocess.run([sys.executable, "-c", WITHOUT_WEBSOCKETS, "websocketd", "--help"],
+                        env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "--expose" in ok.stdout
+    run = subprocess.run([sys.executable, "-c", WITHOUT_WEBSOCKETS, "websocketd",
+                          "--expose", "x"], env=CHILD_ENV, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 1
+    assert "pyipc websocketd needs the websocket extra (pip install " \
+           "'pyipc-zig[websocket]')" in run.stderr

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 from .. import Context, Event, EventType
 from . import _systemd
+from .._signal_wakeup import SignalWakeup
 from ._offload import Offloader, OnDone
 from ._timers import TimerHandle, Timers
 
@@ -38,17 +39,19 @@ class Daemon:
     #: The logger's name suffix and the daemon's name in messages.
     name = "daemon"
 
-    def __init__(self, *, rundir: Optional[str] = None, backend: Optional[str] = None) -> None:
+    def __init__(self, *, rundir: Optional[str] = None, backend: Optional[str] = None,
+                 **context_options: Any) -> None:
+        """`context_options` go to the daemon's Context (e.g. max_message_size,
+        max_queue_size, when the daemon's bounds are not pyipc's defaults)."""
         self.log = logging.getLogger(f"pyipc.daemons.{self.name}")
-        self.ctx = Context(rundir=rundir, backend=backend)
+        self.ctx = Context(rundir=rundir, backend=backend, **context_options)
         self.ready = threading.Event()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        # A signal's wake-up (signal.set_wakeup_fd): see _install_signals.
-        self._signal_r, self._signal_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wakeup = SignalWakeup()       # see pyipc/_signal_wakeup.py
         self._offloader = Offloader()
         # Read ends this object closes itself until the context watches them
         # (then close_all() closes them).
-        self._unwatched = [self._stop_r, self._signal_r, self._offloader.wake_fd]
+        self._unwatched = [self._stop_r, self._wakeup.fd, self._offloader.wake_fd]
         self._stopping = False
         self._timers = Timers()
 
@@ -107,11 +110,12 @@ class Daemon:
             finally:
                 self._offloader.close()
                 self.ctx.close_all()
-                for fd in self._unwatched:
+                for fd in self._unwatched:        # read ends the context never watched
                     os.close(fd)
-                self._restore_signals(previous)
+                self._wakeup.close(read_end_too=False)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
                 os.close(self._stop_w)
-                os.close(self._signal_w)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -126,8 +130,8 @@ class Daemon:
                     self._stopping = True
                 elif ev.type == EventType.EXTERNAL and ev.fd == self._offloader.wake_fd:
                     self._offloader.run_finished()
-                elif ev.type == EventType.EXTERNAL and ev.fd == self._signal_r:
-                    _drain(self._signal_r)      # the handler itself has run, in Python
+                elif ev.type == EventType.EXTERNAL and ev.fd == self._wakeup.fd:
+                    self._wakeup.drain()        # the handler itself has run, in Python
                 else:
                     self.on_event(ev)
             if not self._stopping:
@@ -140,42 +144,17 @@ class Daemon:
         except (BlockingIOError, OSError):
             pass  # the pipe is full (a stop is already pending) or closed (stopped)
 
-    def _install_signals(self) -> dict[Any, Any]:
-        """Handle SIGTERM and SIGINT (main thread only, Python's rule), and have
-        every signal with a Python handler write to a pipe the loop watches.
-
-        Why the pipe: a signal that arrives after Python last checked for
-        signals but before the wait enters the kernel (epoll_wait) does not
-        interrupt that wait, so its handler would only run at the next event,
-        maybe never (a SIGTERM lost about 1 stop in 5 on the native backend,
-        1 in 100 on pure, in tests/test_daemon_runtime.py's stress test). With
-        the pipe the wait returns at once and the handler runs.
-        """
-        if threading.current_thread() is not threading.main_thread():
+    def _install_signals(self) -> dict[int, Any]:
+        """Handle SIGTERM and SIGINT, and have every signal with a Python
+        handler wake the loop (main thread only, Python's rule)."""
+        if not self._wakeup.install():
             return {}
-        previous: dict[Any, Any] = {}
+        previous: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, self._on_signal)
-        previous["wakeup_fd"] = signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
         return previous
-
-    @staticmethod
-    def _restore_signals(previous: dict[Any, Any]) -> None:
-        wakeup_fd = previous.pop("wakeup_fd", None)
-        if wakeup_fd is not None:
-            signal.set_wakeup_fd(wakeup_fd)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
     def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self.log.info("%s: signal %d, stopping", self.name, signum)
         self.stop()
 
-
-def _drain(fd: int) -> None:
-    """Read a non-blocking pipe until it is empty."""
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass

@@ -54,7 +54,8 @@ class TlsdConfig:
             raise ValueError(f"max_pending must be at least 1, not {self.max_pending}")
         if self.key is not None and self.cert is None:
             raise ValueError("--key needs --cert")
-        if isinstance(self.listen, str):    # a str would be taken letter by letter
+        listen: object = self.listen    # typed as a tuple; a str is a caller's slip
+        if isinstance(listen, str):         # which would be bound letter by letter
             raise TypeError(f"listen must be a tuple of addresses, not str {self.listen!r}")
         if self.listen and self.cert is None:
             raise ValueError("listening for TLS needs --cert (and --key unless the "

@@ -13,16 +13,14 @@ A connection goes through two phases:
 from __future__ import annotations
 
 import logging
-import signal
 import socket
-import threading
 from http import HTTPStatus
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from ... import Context, Event, EventType, IPCError, ServiceNotFoundError
+from ... import Event, EventType, IPCError, ServiceNotFoundError
 from .. import _systemd
 from .._runtime import Daemon
 from . import responses
@@ -57,14 +55,11 @@ class WebSocketd(Daemon):
     def __init__(self, options: Optional[Options] = None, *, rundir: Optional[str] = None,
                  backend: Optional[str] = None,
                  listen_fds: Optional[Sequence[int]] = None) -> None:
-        super().__init__(rundir=rundir, backend=backend)
         self.options = options or Options()
-        # The runtime's context has pyipc's default limits; websocketd's
-        # message size and backpressure bound are its own.
-        self.ctx.close_all()
-        self.ctx = Context(rundir=rundir, backend=backend,
-                           max_message_size=self.options.max_message_size,
-                           max_queue_size=queue_bound(self.options))
+        # websocketd's message size and backpressure bound are its own.
+        super().__init__(rundir=rundir, backend=backend,
+                         max_message_size=self.options.max_message_size,
+                         max_queue_size=queue_bound(self.options))
         self._given_fds = list(listen_fds) if listen_fds is not None else None
         self.listeners: Dict[int, socket.socket] = {}
         self.addresses: List[Tuple[str, int]] = []
@@ -74,24 +69,6 @@ class WebSocketd(Daemon):
         self.lingering: Dict[int, Tuple[Session, object]] = {}
 
     # ------------------------------------------------------------ runtime hooks
-
-    def run(self, handle_signals: bool = True) -> None:
-        """Daemon.run, with the signal wake-up fd on the stop pipe.
-
-        Python runs a signal's handler only once the main thread is back in
-        Python; a SIGTERM that lands just before the native core enters
-        epoll_wait does not interrupt it, and the daemon would sleep on
-        (seen 1 in ~20 stops on the native backend). With the stop pipe as
-        the wake-up fd, the signal itself writes a byte the loop watches.
-        (This belongs in the runtime; kept here until it is there.)"""
-        previous = None
-        if handle_signals and threading.current_thread() is threading.main_thread():
-            previous = signal.set_wakeup_fd(self._stop_w)
-        try:
-            super().run(handle_signals)
-        finally:
-            if previous is not None:
-                signal.set_wakeup_fd(previous)
 
     def setup(self) -> None:
         """Listen (given fds, systemd's, or options.host:port)."""

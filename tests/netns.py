@@ -137,6 +137,7 @@ class Network:
             self._join(self.hosts[0], self.hosts[1], tag, 1)
             if hosts == 3:
                 self._join(self.hosts[1], self.hosts[2], tag, 2)
+            self._write_hosts_files()
         except BaseException:
             self.close()
             raise
@@ -161,11 +162,23 @@ class Network:
             if not host.address:                    # a host's first link names it
                 host.address, host.address6, host.ifname = address, address6, ifname
 
+    def _write_hosts_files(self) -> None:
+        """Host names: `ip netns exec NS` shows /etc/netns/NS/hosts as /etc/hosts,
+        so in every namespace "host-a", "host-b"... name the hosts."""
+        lines = ["127.0.0.1 localhost", "::1 localhost"]
+        for host, letter in zip(self.hosts, "abc"):
+            lines += [f"{host.address} host-{letter}", f"{host.address6} host-{letter}"]
+        for netns in self._netns:
+            os.makedirs(f"/etc/netns/{netns}", exist_ok=True)
+            with open(f"/etc/netns/{netns}/hosts", "w") as f:
+                f.write("\n".join(lines) + "\n")
+
     def close(self) -> None:
         """End every process, remove every namespace (and the veths in them)."""
         for host in self.hosts:
             host.stop_all()
         for netns in self._netns:
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+            shutil.rmtree(f"/etc/netns/{netns}", ignore_errors=True)
         self._netns.clear()
         shutil.rmtree(self._tmp, ignore_errors=True)

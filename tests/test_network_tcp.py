@@ -56,6 +56,7 @@ class Stack:
         self.network = ";".join([
             f"pong tcp://{b_addr}/pong",
             f"pong6 tcp://{b_addr6}/pong",
+            f"bynamed tcp://host-b:{PORT}/pong",
             f"missing tcp://{b_addr}/missing",
             f"hidden tcp://{b_addr}/hidden",
             f"down tcp://{self.b.address}:{PORT + 1}/pong",
@@ -132,6 +133,14 @@ def test_over_ipv6(client, stack):
         sock.detach()
     client.write(fd, b"over IPv6")
     assert client.read(fd, timeout=10) == b"over IPv6"
+    client.close(fd)
+
+
+def test_by_host_name(client, stack):
+    """tcpd on A resolves host-b (the namespace's /etc/hosts) and dials it."""
+    fd = client.connect("bynamed", timeout=15)
+    client.write(fd, b"to host-b")
+    assert client.read(fd, timeout=10) == b"to host-b"
     client.close(fd)
 
 

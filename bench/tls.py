@@ -179,13 +179,15 @@ def drive(args: argparse.Namespace) -> None:
             ca.issue_cert(b.address).private_key_and_cert_chain_pem.write_to_path(cert)
             env = dict(ENV, PYIPC_BACKEND=args.backend)
             sink_proc = _peer(b, ["sink", b.rundir, args.backend, str(args.messages)], env)
-            _peer(b, ["raw-server", b.address, str(RAW_PORT), cert,
+            raw_proc = _peer(b, ["raw-server", b.address, str(RAW_PORT), cert,
                       str(args.messages * SIZE)], env)
             tlsd_b = b.daemon(["tlsd", "--listen", f"{b.address}:{PORT}", "--cert", cert,
                       "--expose", "sink"], env, args.backend)
             tlsd_a = a.daemon(["tlsd", "--ca", ca_file], env, args.backend)
-            watched = {"tlsd A": tlsd_a.pid, "tlsd B": tlsd_b.pid, "sink": sink_proc.pid}
-            cpu: Dict[str, List[float]] = {k: [] for k in [*watched, "client"]}
+            watched = {"tlsd": {"tlsd A": tlsd_a.pid, "tlsd B": tlsd_b.pid,
+                                "service": sink_proc.pid},
+                       "raw": {"raw server": raw_proc.pid}}
+            cpu: Dict[str, Dict[str, List[float]]] = {s: {} for s in watched}
             a.daemon(["ipcd"], env, args.backend)
             client_env = dict(env, RUNDIR=a.rundir,
                               IPC_NETWORK=f"sink tls://{b.address}:{PORT}/sink")
@@ -194,13 +196,12 @@ def drive(args: argparse.Namespace) -> None:
             mib = args.messages * SIZE / (1 << 20)
             for rep in range(args.repeats):                 # interleaved: raw, tlsd, ...
                 for system, target in targets.items():
-                    before = {k: _cpu_seconds(pid) for k, pid in watched.items()}
+                    before = {k: _cpu_seconds(pid) for k, pid in watched[system].items()}
                     run = _timed(a, system, target, args, client_env, ca_file)
                     results[system].append(mib / run["seconds"])
-                    if system == "tlsd":
-                        for k, pid in watched.items():
-                            cpu[k].append(_cpu_seconds(pid) - before[k])
-                        cpu["client"].append(run["cpu"])
+                    for k, pid in watched[system].items():
+                        cpu[system].setdefault(k, []).append(_cpu_seconds(pid) - before[k])
+                    cpu[system].setdefault("client", []).append(run["cpu"])
                 print(f"round {rep + 1}/{args.repeats}: " + ", ".join(
                     f"{s} {v[-1]:.0f} MiB/s" for s, v in results.items()), file=sys.stderr)
         finally:
@@ -216,8 +217,9 @@ def drive(args: argparse.Namespace) -> None:
     print(f"{'raw Python ssl stream':28}{raw:10.0f}")
     print(f"{'pyipc through ipcd + tlsd':28}{tlsd:10.0f}")
     print(f"ratio tlsd / raw: {tlsd / raw:.2f} (goal: at least 0.70)")
-    print("CPU per message on the tlsd path (median, clock ticks of 10 ms: rough): " + ", ".join(
-        f"{k} {statistics.median(v) / args.messages * 1e6:.0f} us" for k, v in cpu.items()))
+    for system, used in cpu.items():
+        print(f"CPU per message, {system} (medians; /proc's 10 ms ticks: rough): " + ", ".join(
+            f"{k} {statistics.median(v) / args.messages * 1e6:.0f} us" for k, v in used.items()))
 
 
 def main() -> None:

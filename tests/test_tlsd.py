@@ -501,6 +501,50 @@ def test_ipcd_leaving_mid_dial_is_forgotten_and_tlsd_keeps_serving(hosts, backen
             os.close(fd)
 
 
+# ------------------------------------------------------------ back-pressure, end to end
+
+class SlowSink(Echo):
+    """`pong` that takes its time over each message (a slow service), checks
+    that messages come whole and in order, and answers one summary at the end."""
+
+    count = 160
+
+    def setup(self) -> None:
+        super().setup()
+        self.seen = 0
+        self.bad = 0
+
+    def on_event(self, ev: pyipc.Event) -> None:
+        if ev.type == pyipc.EventType.MESSAGE_RX and ev.message is not None:
+            import time
+            time.sleep(0.02)                    # 50 MiB/s at most: throttling, not sync
+            if ev.message != _slow_payload(self.seen):
+                self.bad += 1
+            self.seen += 1
+            if self.seen == self.count:
+                self.ctx.write(ev.fd, b"%d %d" % (self.seen, self.bad))
+
+
+def _slow_payload(i: int) -> bytes:
+    return (b"%08d" % i) * (1 << 17)            # 1 MiB, numbered
+
+
+def test_a_slow_service_holds_the_remote_sender_back_and_nothing_is_lost(
+        hosts, backend, certs):
+    """160 MiB to a service that reads slowly: more than both tlsd's queue
+    bounds (64 MiB each) and the sockets hold, so back-pressure must reach the
+    client through both daemons; every message arrives whole and in order."""
+    a, b = hosts
+    with running(SlowSink(rundir=b, backend=backend)), \
+            running(listener(b, backend, certs)) as tlsd, \
+            running(dialer(a, backend, certs)), \
+            pyipc.Context(rundir=a, backend=backend) as client:
+        fd = connect_through(a, f"tls://127.0.0.1:{port_of(tlsd)}/pong", client)
+        for i in range(SlowSink.count):
+            client.write(fd, _slow_payload(i), timeout=120)
+        assert client.read(fd, timeout=120) == b"%d 0" % SlowSink.count
+
+
 def test_listen_given_as_one_string_is_refused():
     """TlsdConfig.listen is a tuple of addresses: a str would be bound letter
     by letter ("1", "2", "7", ...), an obscure EADDRNOTAVAIL at start."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import urllib.parse
-from typing import Callable, FrozenSet, Optional, Tuple
+from typing import Callable, FrozenSet, Optional, Tuple, cast
 
 #: The port of a `tls://` URI without one, and of `--listen HOST` without one.
 DEFAULT_PORT = 9443
@@ -54,9 +54,11 @@ class TlsdConfig:
             raise ValueError(f"max_pending must be at least 1, not {self.max_pending}")
         if self.key is not None and self.cert is None:
             raise ValueError("--key needs --cert")
-        listen: object = self.listen    # typed as a tuple; a str is a caller's slip
-        if isinstance(listen, str):         # which would be bound letter by letter
+        if isinstance(cast(object, self.listen), str):  # would be taken letter by letter
             raise TypeError(f"listen must be a tuple of addresses, not str {self.listen!r}")
+        # A list of addresses, any collection of names: kept as the fields say.
+        object.__setattr__(self, "listen", tuple(self.listen))
+        object.__setattr__(self, "expose", frozenset(self.expose))
         if self.listen and self.cert is None:
             raise ValueError("listening for TLS needs --cert (and --key unless the "
                              "certificate file holds it)")

@@ -37,6 +37,8 @@ from ._tls_handshake import NAME_GRACE_S, Handshake, HandshakeFailed
 from ._tls_options import DEFAULT_PORT, TlsdConfig, client_context, parse_uri, server_context
 from ._tls_relay import TlsRelay, TlsRelayError
 
+__all__ = ["Tlsd", "TlsdConfig", "add_command"]
+
 #: The local service ipcd asks for `tls://` URIs (the scheme's name).
 SERVICE = "tls"
 #: Ciphertext read from a TCP socket per call (several TLS records).

@@ -13,10 +13,11 @@ socket tcpd dialled; tcpd on B relays between that socket and the service by
 switching (with switch_events off, no Python per message on native). The
 raw system is one Python process on each side with sendall/recv.
 
-    sudo python -m bench.network [--backend native] [--repeats 5] [--rtt-n 5000] [--oneway-n 2000]
+    sudo python -m bench.network [--backend native] [--repeats 7] [--rtt-n 10000] [--oneway-n 4000]
 
-Prints each system's median and pyipc's ratio to raw (rtt: raw / pyipc, so
-above 1 means pyipc is faster; throughput: pyipc / raw).
+Prints each system's median, pyipc's ratio to raw (rtt: pyipc's time / raw's;
+throughput: pyipc / raw), and the median of each round's own ratio ("paired",
+steadier when other work on the machine comes and goes).
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ def _client(host: netns.Host, system: str, target: str, case: str, n: int, size:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="native", choices=["native", "pure"])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--rtt-n", type=int, default=5000)
-    p.add_argument("--oneway-n", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--rtt-n", type=int, default=10000)
+    p.add_argument("--oneway-n", type=int, default=4000)
     args = p.parse_args()
     why = netns.available()
     if why:
@@ -101,15 +102,17 @@ def main() -> None:
 
 
 def _report(results: Dict[str, Dict[str, List[float]]], args: argparse.Namespace) -> None:
-    rtt = {s: statistics.median(v) for s, v in results["rtt"].items()}
-    one = {s: statistics.median(v) for s, v in results["oneway"].items()}
     print(f"pyipc {args.backend} through ipcd + tcpd vs raw Python TCP, over a veth link "
-          f"(medians of {args.repeats} interleaved runs)")
-    print(f"{'':24}{'raw':>12}{'pyipc':>12}{'ratio':>10}")
-    print(f"{'rtt, 64 B (us)':24}{rtt['raw']:12.1f}{rtt['pyipc']:12.1f}"
-          f"{rtt['pyipc'] / rtt['raw']:9.2f}x")
-    print(f"{'64 KiB one-way (MiB/s)':24}{one['raw']:12.1f}{one['pyipc']:12.1f}"
-          f"{one['pyipc'] / one['raw']:9.2f}x")
+          f"(medians of {args.repeats} interleaved runs; load average now "
+          f"{os.getloadavg()[0]:.2f})")
+    print(f"{'':24}{'raw':>12}{'pyipc':>12}{'ratio':>10}{'paired':>10}")
+    for case, title in (("rtt", "rtt, 64 B (us)"), ("oneway", "64 KiB one-way (MiB/s)")):
+        raw, ours = results[case]["raw"], results[case]["pyipc"]
+        # paired: the median of each round's own ratio, steadier when the
+        # machine's load drifts between rounds.
+        paired = statistics.median(o / r for o, r in zip(ours, raw))
+        print(f"{title:24}{statistics.median(raw):12.1f}{statistics.median(ours):12.1f}"
+              f"{statistics.median(ours) / statistics.median(raw):9.2f}x{paired:9.2f}x")
     print("(rtt ratio: pyipc's time / raw's, lower is better; throughput ratio: pyipc / raw)")
 
 

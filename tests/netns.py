@@ -46,6 +46,7 @@ class Host:
     def __init__(self, netns: str, address: str, ifname: str, rundir: str) -> None:
         self.netns = netns
         self.address = address
+        self.address6 = ""          # its IPv6 address on the same link
         self.ifname = ifname
         self.rundir = rundir
         self.procs: List[subprocess.Popen] = []
@@ -111,7 +112,8 @@ class Host:
 
 
 class Network:
-    """Hosts a, b (and c) on one veth-linked subnet 10.X.0.0/24: a-b, b-c.
+    """Hosts a, b (and c) joined by veth links a-b (10.201.1.0/24 and
+    fd00:201:1::/64) and b-c (10.201.2.0/24, fd00:201:2::/64).
 
     Names carry the pid so that concurrent runs never meet.
     """
@@ -135,6 +137,7 @@ class Network:
             self._join(self.hosts[0], self.hosts[1], tag, 1)
             if hosts == 3:
                 self._join(self.hosts[1], self.hosts[2], tag, 2)
+            self._write_hosts_files()
         except BaseException:
             self.close()
             raise
@@ -143,14 +146,32 @@ class Network:
         ends = []
         for host, side, last in ((left, "l", 1), (right, "r", 2)):
             ifname = f"p{tag}{subnet}{side}"[:15]
-            ends.append((host, ifname, f"10.201.{subnet}.{last}"))
+            ends.append((host, ifname, f"10.201.{subnet}.{last}", f"fd00:201:{subnet}::{last}"))
         _ip("link", "add", ends[0][1], "type", "veth", "peer", "name", ends[1][1])
-        for host, ifname, address in ends:
+        for host, ifname, address, address6 in ends:
             _ip("link", "set", ifname, "netns", host.netns)
+            # Keep the IPv6 address through a link down/up (a cut-cable test):
+            # by default Linux drops IPv6 addresses when the link goes down.
+            subprocess.run(["ip", "netns", "exec", host.netns, "sh", "-c",
+                            f"echo 1 > /proc/sys/net/ipv6/conf/{ifname}/keep_addr_on_down"],
+                           check=True, capture_output=True)
             _ip("-n", host.netns, "addr", "add", f"{address}/24", "dev", ifname)
+            # nodad: usable at once (duplicate address detection would take ~2 s)
+            _ip("-n", host.netns, "addr", "add", f"{address6}/64", "dev", ifname, "nodad")
             _ip("-n", host.netns, "link", "set", ifname, "up")
             if not host.address:                    # a host's first link names it
-                host.address, host.ifname = address, ifname
+                host.address, host.address6, host.ifname = address, address6, ifname
+
+    def _write_hosts_files(self) -> None:
+        """Host names: `ip netns exec NS` shows /etc/netns/NS/hosts as /etc/hosts,
+        so in every namespace "host-a", "host-b"... name the hosts."""
+        lines = ["127.0.0.1 localhost", "::1 localhost"]
+        for host, letter in zip(self.hosts, "abc"):
+            lines += [f"{host.address} host-{letter}", f"{host.address6} host-{letter}"]
+        for netns in self._netns:
+            os.makedirs(f"/etc/netns/{netns}", exist_ok=True)
+            with open(f"/etc/netns/{netns}/hosts", "w") as f:
+                f.write("\n".join(lines) + "\n")
 
     def close(self) -> None:
         """End every process, remove every namespace (and the veths in them)."""
@@ -158,5 +179,6 @@ class Network:
             host.stop_all()
         for netns in self._netns:
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+            shutil.rmtree(f"/etc/netns/{netns}", ignore_errors=True)
         self._netns.clear()
         shutil.rmtree(self._tmp, ignore_errors=True)

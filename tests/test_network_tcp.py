@@ -47,13 +47,16 @@ class Stack:
         for name in ("pong", "hidden"):
             self._pongd(self.b, name, env)
         b_addr = f"{self.b.address}:{PORT}"
-        self.b.daemon(["tcpd", "--listen", b_addr, "--expose", "pong,missing",
-                       "--dead-peer-timeout", str(DEAD_PEER)], env, backend)
+        b_addr6 = f"[{self.b.address6}]:{PORT}"
+        self.b.daemon(["tcpd", "--listen", b_addr, "--listen", b_addr6, "--expose",
+                       "pong,missing", "--dead-peer-timeout", str(DEAD_PEER)], env, backend)
         self.a.daemon(["tcpd", "--dead-peer-timeout", str(DEAD_PEER),
                        "--connect-timeout", "5"], env, backend)
         self.a.daemon(["ipcd", "--request-timeout", "10"], env, backend)
         self.network = ";".join([
             f"pong tcp://{b_addr}/pong",
+            f"pong6 tcp://{b_addr6}/pong",
+            f"bynamed tcp://host-b:{PORT}/pong",
             f"missing tcp://{b_addr}/missing",
             f"hidden tcp://{b_addr}/hidden",
             f"down tcp://{self.b.address}:{PORT + 1}/pong",
@@ -116,6 +119,28 @@ def test_messages_both_ways_large_and_in_order(client):
     while len(got) < len(sent):
         got += client.read_many(fd, timeout=10)
     assert got == sent
+    client.close(fd)
+
+
+def test_over_ipv6(client, stack):
+    import socket
+    fd = client.connect("pong6", timeout=15)
+    sock = socket.socket(fileno=fd)
+    try:
+        assert sock.family == socket.AF_INET6
+        assert sock.getpeername()[:2] == (stack.b.address6, PORT)
+    finally:
+        sock.detach()
+    client.write(fd, b"over IPv6")
+    assert client.read(fd, timeout=10) == b"over IPv6"
+    client.close(fd)
+
+
+def test_by_host_name(client, stack):
+    """tcpd on A resolves host-b (the namespace's /etc/hosts) and dials it."""
+    fd = client.connect("bynamed", timeout=15)
+    client.write(fd, b"to host-b")
+    assert client.read(fd, timeout=10) == b"to host-b"
     client.close(fd)
 
 
@@ -261,6 +286,6 @@ def test_the_network_benchmark_runs():
                            "--rtt-n", "50", "--oneway-n", "20"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert re.search(r"^rtt, 64 B \(us\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", done.stdout, re.M)
-    assert re.search(r"^64 KiB one-way \(MiB/s\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$",
+    assert re.search(r"^rtt, 64 B \(us\)(\s+[\d.]+){2}(\s+[\d.]+x){2}$", done.stdout, re.M)
+    assert re.search(r"^64 KiB one-way \(MiB/s\)(\s+[\d.]+){2}(\s+[\d.]+x){2}$",
                      done.stdout, re.M)

@@ -4,7 +4,9 @@ on both backends."""
 
 from __future__ import annotations
 
+import logging
 import socket
+import ssl
 
 import pytest
 
@@ -14,6 +16,8 @@ from websockets.sync.client import connect  # noqa: E402
 
 from pyipc.daemons.websocketd.policy import origin_allowed, service_name  # noqa: E402
 
+from tlsd_harness import Certs, Echo, frame, listener, port_of  # noqa: E402
+from tlsd_harness import running as tls_running  # noqa: E402
 from wsd_helpers import DaemonThread, ServiceThread  # noqa: E402
 
 UPGRADE = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -72,3 +76,50 @@ def test_websocketd_policy_never_raises_on_malformed_urls():
     assert service_name("//[x") == "/[x"           # not a name any service has
     assert service_name("//echo") == "/echo"       # the path is never a netloc
     assert service_name("/echo#frag") == "echo"
+
+
+# ------------------------------------------------------------ tlsd
+
+def _tlsd_traces(caplog) -> list:
+    return [r for r in caplog.records
+            if r.name.startswith("pyipc.daemons") and r.levelno >= logging.ERROR]
+
+
+def _tlsd_still_serves(tlsd, certs) -> None:
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"pong\n" + frame(b"still here"))
+        want = b"ok" + frame(b"still here")
+        got = b""
+        while len(got) < len(want):
+            more = tls.recv(100)
+            assert more, f"tlsd closed; got {got!r}"
+            got += more
+        assert got == want
+
+
+@pytest.mark.parametrize("sent", [b"", b"po"])
+def test_tlsd_peer_gone_after_tls_before_its_name_logs_no_traceback(
+        backend, rundir, tmp_path, caplog, sent):
+    # The peer completes TLS, sends part of a name (or nothing) and closes
+    # TCP without close_notify: tlsd's refusal used to write into the ended
+    # session, ssl raised SSLEOFError, and on_event logged it as a failure.
+    trustme = pytest.importorskip("trustme")
+    certs = Certs(str(tmp_path), trustme)
+    caplog.set_level(logging.INFO, logger="pyipc.daemons")
+    with tls_running(Echo(rundir=rundir, backend=backend)), \
+            tls_running(listener(rundir, backend, certs)) as tlsd:
+        ctx = ssl.create_default_context(cafile=certs.ca)
+        raw = socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=10)
+        tls = ctx.wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(sent)
+        with socket.socket(fileno=tls.detach()) as bare:
+            bare.settimeout(10)
+            bare.shutdown(socket.SHUT_WR)   # TCP's end without close_notify
+            while bare.recv(65536):         # until tlsd closes (read: no reset)
+                pass
+        _tlsd_still_serves(tlsd, certs)     # the next peer is served...
+    assert _tlsd_traces(caplog) == []       # ...and nothing failed unexpectedly
+    assert any("closed before sending a service name" in r.getMessage()
+               for r in caplog.records)

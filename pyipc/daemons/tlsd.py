@@ -378,8 +378,11 @@ class Tlsd(Daemon):
         self.log.info("refusing %s: %s %s", hs.peer, e.code, e.text)
         out = e.alert
         if hs.secure:
-            out += hs.relay.encrypt_raw(wire.refusal(e.code, e.text)) + \
-                hs.relay.close_notify()
+            try:
+                out += hs.relay.encrypt_raw(wire.refusal(e.code, e.text)) + \
+                    hs.relay.close_notify()
+            except ssl.SSLError:        # the session broke: nothing can be said in it
+                pass
         if out:
             try:
                 self._send(hs, out)

@@ -123,3 +123,29 @@ def test_tlsd_peer_gone_after_tls_before_its_name_logs_no_traceback(
     assert _tlsd_traces(caplog) == []       # ...and nothing failed unexpectedly
     assert any("closed before sending a service name" in r.getMessage()
                for r in caplog.records)
+
+
+def _tls_exchange(port: int, certs, data: bytes) -> bytes:
+    """What a listening tlsd answers a TLS client sending `data`, to its end."""
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(data)
+        got = b""
+        while more := tls.recv(1000):
+            got += more
+        return got
+
+
+def test_tlsd_name_bound_holds_when_the_newline_comes_with_it(backend, rundir, tmp_path):
+    # MAX_NAME_BYTES was only checked while no newline had arrived: a longer
+    # name sent whole, newline included, in one record was taken as a name.
+    from pyipc.daemons._tls_handshake import MAX_NAME_BYTES
+    trustme = pytest.importorskip("trustme")
+    certs = Certs(str(tmp_path), trustme)
+    with tls_running(listener(rundir, backend, certs)) as tlsd:
+        at = _tls_exchange(port_of(tlsd), certs, b"n" * MAX_NAME_BYTES + b"\n")
+        past = _tls_exchange(port_of(tlsd), certs, b"n" * (MAX_NAME_BYTES + 1) + b"\n")
+        far = _tls_exchange(port_of(tlsd), certs, b"n" * 10000 + b"\n")
+    assert at.startswith(b"ne refused service nnn") and at.endswith(b"is not exposed")
+    assert past == far == b"ne refused service name longer than 255 bytes"

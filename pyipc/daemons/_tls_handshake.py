@@ -121,7 +121,7 @@ class Handshake:
     def _name_line(self) -> Optional[str]:
         """A listener reads `NAME\\n` (or, after the grace, a bare NAME)."""
         plain = self.relay.plain()
-        end = plain.find(b"\n")
+        end = plain.find(b"\n", 0, MAX_NAME_BYTES + 1)   # a newline past the bound: none
         if end < 0:
             if len(plain) > MAX_NAME_BYTES:
                 raise HandshakeFailed(wire.REFUSED, f"service name longer than "

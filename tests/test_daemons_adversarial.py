@@ -149,3 +149,21 @@ def test_tlsd_name_bound_holds_when_the_newline_comes_with_it(backend, rundir, t
         far = _tls_exchange(port_of(tlsd), certs, b"n" * 10000 + b"\n")
     assert at.startswith(b"ne refused service nnn") and at.endswith(b"is not exposed")
     assert past == far == b"ne refused service name longer than 255 bytes"
+
+
+def test_tlsd_refusal_in_the_read_that_ends_the_handshake_decrypts(backend, rundir, tmp_path):
+    # The client's Finished and a too long name in one read: the session
+    # tickets TLS 1.3 makes on Finished were taken from the session and lost
+    # with the HandshakeFailed, so the refusal after them failed to decrypt
+    # at the peer ("bad record mac"): a corrupted stream, the reason lost.
+    trustme = pytest.importorskip("trustme")
+    certs = Certs(str(tmp_path), trustme)
+    with tls_running(Echo(rundir=rundir, backend=backend)), \
+            tls_running(listener(rundir, backend, certs)) as tlsd:
+        for _ in range(3):
+            try:
+                answer = _tls_exchange(port_of(tlsd), certs, b"n" * 100_000)
+            except (ssl.SSLError, ConnectionError) as e:
+                answer = repr(e).encode()
+            assert answer == b"ne refused service name longer than 255 bytes"
+        _tlsd_still_serves(tlsd, certs)

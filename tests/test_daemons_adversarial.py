@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 
 import pytest
 
@@ -167,3 +168,59 @@ def test_tlsd_refusal_in_the_read_that_ends_the_handshake_decrypts(backend, rund
                 answer = repr(e).encode()
             assert answer == b"ne refused service name longer than 255 bytes"
         _tlsd_still_serves(tlsd, certs)
+
+
+def _refusal_while_sending(port: int, certs, data: bytes) -> bytes:
+    """The plaintext a listening tlsd answers a peer that is still sending
+    `data` (on another thread) when it is answered; TLS done by hand
+    (MemoryBIO) so that one thread sends while another reads."""
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        sock.sendall(outgoing.read())
+        tls.write(data)
+        records = outgoing.read()
+        sender = threading.Thread(target=_send_ignoring_errors, args=(sock, records))
+        sender.start()
+        sender.join(10)                 # read only once the sending ended
+        try:
+            while chunk := sock.recv(65536):
+                incoming.write(chunk)
+        except ConnectionResetError:
+            pass                        # what follows tells whether the answer came first
+        finally:
+            sender.join(10)
+    plain = b""
+    try:
+        while chunk := tls.read(65536):
+            plain += chunk
+    except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+        pass
+    return plain
+
+
+def _send_ignoring_errors(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass                            # tlsd stopped reading: expected
+
+
+def test_tlsd_refusal_reaches_a_peer_still_sending(backend, rundir, tmp_path):
+    # Refused while megabytes of its "name" are still on the way: closing
+    # at once, with those bytes unread, sends a TCP reset that can destroy
+    # the refusal before the peer reads it (tcpd lingers for this reason).
+    trustme = pytest.importorskip("trustme")
+    certs = Certs(str(tmp_path), trustme)
+    with tls_running(listener(rundir, backend, certs)) as tlsd:
+        for _ in range(3):
+            answer = _refusal_while_sending(port_of(tlsd), certs, b"n" * (4 << 20))
+            assert answer == b"ne refused service name longer than 255 bytes"

@@ -5,9 +5,15 @@ on both backends."""
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import socket
 import ssl
+import struct
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -17,6 +23,7 @@ from websockets.sync.client import connect  # noqa: E402
 
 from pyipc.daemons.websocketd.policy import origin_allowed, service_name  # noqa: E402
 
+from conftest import CHILD_ENV, spin_until  # noqa: E402
 from tlsd_harness import Certs, Echo, frame, listener, port_of  # noqa: E402
 from tlsd_harness import running as tls_running  # noqa: E402
 from wsd_helpers import DaemonThread, ServiceThread  # noqa: E402
@@ -224,3 +231,77 @@ def test_tlsd_refusal_reaches_a_peer_still_sending(backend, rundir, tmp_path):
         for _ in range(3):
             answer = _refusal_while_sending(port_of(tlsd), certs, b"n" * (4 << 20))
             assert answer == b"ne refused service name longer than 255 bytes"
+
+
+
+# ------------------------------------------------------------ out of file descriptors
+
+#: The daemon's RLIMIT_NOFILE in the test below: a flood of connections
+#: exhausts it quickly.
+FEW_FDS = 64
+
+
+def _low_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FEW_FDS, FEW_FDS))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("daemon", ["tcpd", "websocketd"])
+def test_out_of_fds_the_daemon_sheds_connections_instead_of_spinning(
+        backend, rundir, tmp_path, daemon):
+    # Out of fds, accept() fails with EMFILE and leaves the connection in the
+    # backlog: the listener stays readable, so the loop woke, failed and
+    # logged again at once: 100% CPU and ~100,000 log lines a second, for as
+    # long as the flood lasted. Now a connection that cannot be taken is
+    # accepted with a reserve fd and closed at once.
+    port = _free_port()
+    args = {"tcpd": ["tcpd", "--listen", f"127.0.0.1:{port}", "--expose", "pong"],
+            "websocketd": ["websocketd", "--port", str(port), "--expose", "pong"]}[daemon]
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pyipc", "--rundir", rundir, "--backend", backend, *args],
+            env=CHILD_ENV, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_low_fd_limit)
+    flood: list = []
+    try:
+        spin_until(lambda: _connects(port), timeout=20)
+        for _ in range(3 * FEW_FDS):
+            flood.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        # The ones past the limit are closed by the daemon, not left waiting.
+        shed = flood[-1]
+        assert shed.recv(100) in (b"", b"ne busy")
+        cpu = _cpu_seconds(proc.pid)
+        time.sleep(1.0)                    # what the daemon does while out of fds
+        assert _cpu_seconds(proc.pid) - cpu < 0.5, "the daemon spins"
+        for s in flood:
+            s.close()
+        flood.clear()
+        spin_until(lambda: _connects(port), timeout=20)     # serving again
+        assert proc.poll() is None
+    finally:
+        for s in flood:
+            s.close()
+        proc.terminate()
+        proc.wait(10)
+    text = log_path.read_text()
+    assert "Traceback" not in text
+    assert text.count("Too many open files") < 50, text[-2000:]
+
+
+def _connects(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -21,7 +21,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from ... import Event, EventType, IPCError, ServiceNotFoundError
-from .. import _systemd
+from .. import _sockets, _systemd
 from .._runtime import Daemon
 from . import responses
 from .handshake import Handshake, HandshakeFailed
@@ -34,9 +34,6 @@ log = logging.getLogger("pyipc.daemons.websocketd")
 
 #: Seconds a client has to answer our close frame before its socket is closed.
 CLOSE_TIMEOUT = 2.0
-#: Connections accepted per EXTERNAL event of a listening socket, so a flood
-#: of connections cannot starve the open WebSockets.
-ACCEPT_BATCH = 64
 
 
 class WebSocketd(Daemon):
@@ -119,15 +116,14 @@ class WebSocketd(Daemon):
     # ------------------------------------------------------------ handshake phase
 
     def _accept(self, listener: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
+        # accept_some: at most MAX_ACCEPT_PER_EVENT, so a flood cannot starve
+        # the open WebSockets; out of fds, it closes what it cannot take.
+        for sock in _sockets.accept_some(listener):
             try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:      # EMFILE, ECONNABORTED...: keep serving the others
-                log.warning("accept failed: %s", e)
-                return
-            peer = _peer_text(address)
+                peer = _peer_text(sock.getpeername())
+            except OSError:           # already reset by the peer
+                sock.close()
+                continue
             if len(self.handshakes) >= self.options.max_handshakes:
                 log.warning("%s: refused: %d connections already in their handshake",
                             peer, len(self.handshakes))

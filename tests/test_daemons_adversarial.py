@@ -159,6 +159,39 @@ def test_tlsd_name_bound_holds_when_the_newline_comes_with_it(backend, rundir, t
     assert past == far == b"ne refused service name longer than 255 bytes"
 
 
+def _tls_by_hand(port: int, certs) -> tuple:
+    """A TLS client done by hand (MemoryBIO) up to its last handshake flight,
+    which is returned unsent: (socket, session, incoming BIO, outgoing BIO,
+    the flight)."""
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    while True:
+        try:
+            tls.do_handshake()
+            return sock, tls, incoming, outgoing, outgoing.read()
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+
+
+def _plaintext_until_the_end(sock: socket.socket, tls, incoming) -> bytes:
+    """Everything tlsd sends until it closes, decrypted."""
+    try:
+        while chunk := sock.recv(65536):
+            incoming.write(chunk)
+    except ConnectionResetError:
+        pass                        # what was received before it is still read
+    plain = b""
+    try:
+        while chunk := tls.read(65536):
+            plain += chunk
+    except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+        pass
+    return plain
+
+
 def test_tlsd_refusal_in_the_read_that_ends_the_handshake_decrypts(backend, rundir, tmp_path):
     # The client's Finished and a too long name in one read: the session
     # tickets TLS 1.3 makes on Finished were taken from the session and lost
@@ -168,50 +201,27 @@ def test_tlsd_refusal_in_the_read_that_ends_the_handshake_decrypts(backend, rund
     certs = Certs(str(tmp_path), trustme)
     with tls_running(Echo(rundir=rundir, backend=backend)), \
             tls_running(listener(rundir, backend, certs)) as tlsd:
-        for _ in range(3):
-            try:
-                answer = _tls_exchange(port_of(tlsd), certs, b"n" * 100_000)
-            except (ssl.SSLError, ConnectionError) as e:
-                answer = repr(e).encode()
+        for size in (256, 20_000):
+            sock, tls, incoming, outgoing, finished = _tls_by_hand(port_of(tlsd), certs)
+            with sock:
+                tls.write(b"n" * size)
+                sock.sendall(finished + outgoing.read())    # in one write
+                answer = _plaintext_until_the_end(sock, tls, incoming)
             assert answer == b"ne refused service name longer than 255 bytes"
         _tlsd_still_serves(tlsd, certs)
 
 
 def _refusal_while_sending(port: int, certs, data: bytes) -> bytes:
     """The plaintext a listening tlsd answers a peer that is still sending
-    `data` (on another thread) when it is answered; TLS done by hand
-    (MemoryBIO) so that one thread sends while another reads."""
-    ctx = ssl.create_default_context(cafile=certs.ca)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                sock.sendall(outgoing.read())
-                incoming.write(sock.recv(65536))
-        sock.sendall(outgoing.read())
+    `data` (on another thread) when it is answered."""
+    sock, tls, incoming, outgoing, finished = _tls_by_hand(port, certs)
+    with sock:
+        sock.sendall(finished)
         tls.write(data)
-        records = outgoing.read()
-        sender = threading.Thread(target=_send_ignoring_errors, args=(sock, records))
+        sender = threading.Thread(target=_send_ignoring_errors, args=(sock, outgoing.read()))
         sender.start()
         sender.join(10)                 # read only once the sending ended
-        try:
-            while chunk := sock.recv(65536):
-                incoming.write(chunk)
-        except ConnectionResetError:
-            pass                        # what follows tells whether the answer came first
-        finally:
-            sender.join(10)
-    plain = b""
-    try:
-        while chunk := tls.read(65536):
-            plain += chunk
-    except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
-        pass
-    return plain
+        return _plaintext_until_the_end(sock, tls, incoming)
 
 
 def _send_ignoring_errors(sock: socket.socket, data: bytes) -> None:
@@ -305,3 +315,4 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+

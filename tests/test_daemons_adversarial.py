@@ -316,3 +316,26 @@ def _cpu_seconds(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+
+# ------------------------------------------------------------ websocketd on a Unix socket
+
+def test_websocketd_serves_a_unix_listening_socket_it_is_given(backend, rundir, tmp_path):
+    # listen_fds may be any listening stream socket (a reverse proxy's
+    # upstream is often a Unix socket): TCP_NODELAY on the accepted Unix
+    # connection raised OSError out of on_event, which ended the daemon.
+    from websockets.sync.client import unix_connect
+    path = str(tmp_path / "wsd.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    service = ServiceThread(rundir, backend, "echo")
+    d = DaemonThread(rundir, backend, expose=frozenset({"echo"}),
+                     listen_fds=[listener.detach()])
+    try:
+        with unix_connect(path, uri="ws://localhost/echo", open_timeout=10) as ws:
+            ws.send(b"over a Unix socket")
+            assert ws.recv(10) == b"over a Unix socket"
+        assert d.thread.is_alive(), f"websocketd died: {d.failure!r}"
+    finally:
+        d.stop()
+        service.stop()

@@ -43,8 +43,9 @@ class WebSocketd(Daemon):
 
     `listen_fds`: listening sockets made by the caller (they become the
     daemon's); else systemd's (socket activation), else one on
-    options.host:options.port. `addresses` holds what they are bound to once
-    `ready` is set.
+    options.host:options.port (a given one may be a Unix socket, e.g. behind a
+    reverse proxy). `addresses` holds what they are bound to once `ready` is
+    set: (host, port), or (path, 0) for a Unix socket.
     """
 
     name = "websocketd"
@@ -78,7 +79,8 @@ class WebSocketd(Daemon):
             sock.setblocking(False)
             self.ctx.add_external(sock.fileno())
             self.listeners[sock.fileno()] = sock
-            self.addresses.append(sock.getsockname()[:2])
+            name = sock.getsockname()
+            self.addresses.append(name[:2] if isinstance(name, tuple) else (name, 0))
         scheme = "wss" if self.options.ssl_context else "ws"
         log.info("websocketd: %s on %s, exposing %s", scheme, self.addresses,
                  ", ".join(sorted(self.options.expose)) or "nothing")
@@ -89,7 +91,18 @@ class WebSocketd(Daemon):
         return socket.create_server((host, port), family=family, backlog=128)
 
     def on_event(self, ev: Event) -> None:
-        """Accept, advance a handshake, or forget an ended WebSocket."""
+        """Accept, advance a handshake, or forget an ended WebSocket. A
+        failure is logged and costs that connection only, not the daemon
+        (as in the other daemons)."""
+        try:
+            self._on_event(ev)
+        except Exception:
+            log.exception("websocketd: handling %s on fd %d failed", ev.type.name, ev.fd)
+            hs = self.handshakes.get(ev.fd)
+            if hs is not None:
+                self._drop(hs)
+
+    def _on_event(self, ev: Event) -> None:
         if ev.type == EventType.EXTERNAL:
             if ev.fd in self.listeners:
                 self._accept(self.listeners[ev.fd])
@@ -133,7 +146,8 @@ class WebSocketd(Daemon):
 
     def _start(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):   # given fds may be Unix ones
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         fd = sock.detach()
         self.ctx.add_external(fd)
         hs = Handshake(fd, peer, make_transport(self.options.ssl_context),

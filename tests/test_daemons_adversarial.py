@@ -339,3 +339,61 @@ def test_websocketd_serves_a_unix_listening_socket_it_is_given(backend, rundir, 
     finally:
         d.stop()
         service.stop()
+
+
+# ------------------------------------------------------------ websocketd: frames sent with the request
+
+def _masked(opcode: int, payload: bytes, fin: bool = True, masked: bool = True) -> bytes:
+    """One client frame made by hand (what a broken client may send)."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    size = len(payload)
+    length = bytes([size]) if size < 126 else bytes([126]) + struct.pack(">H", size)
+    if not masked:
+        return head + length + payload
+    mask = b"\x01\x02\x03\x04"
+    return (head + bytes([0x80 | length[0]]) + length[1:] + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+def _close_frame(code: int, reason: bytes = b"") -> bytes:
+    """A server's (unmasked) close frame."""
+    payload = struct.pack(">H", code) + reason
+    return bytes([0x88, len(payload)]) + payload
+
+
+@pytest.mark.parametrize("early,answer", [
+    # The client closes right behind its request: its close is answered.
+    (_masked(8, struct.pack(">H", 1000)), _close_frame(1000)),
+    # (its message reaches the service; the echo comes after the close: dropped)
+    (_masked(2, b"hi") + _masked(8, struct.pack(">H", 1000)), _close_frame(1000)),
+    (_masked(9, b"ping?"), b"\x8a\x05ping?"),                         # pong
+    # Protocol errors in those frames close with the code that says why.
+    (_masked(2, b"abc", masked=False), _close_frame(1002, b"incorrect masking")),
+    (_masked(2, b"x" * 1001), _close_frame(1009, b"frame with 1001 bytes exceeds "
+                                                 b"limit of 1000 bytes")),
+    (_masked(1, b"\xff"), _close_frame(1007, b"invalid UTF-8 in a text message")),
+], ids=["close", "message-then-close", "ping", "unmasked", "too-big", "bad-utf8"])
+def test_websocketd_frames_sent_with_the_request_get_their_answers(backend, rundir, early,
+                                                                   answer):
+    # Parsed while the protocol was still CONNECTING (before the 101), a
+    # close or a broken frame was not acted on: the client got no answer and
+    # the connection hung open, holding its service connection.
+    service = ServiceThread(rundir, backend, "echo")
+    d = DaemonThread(rundir, backend, expose=frozenset({"echo"}), max_message_size=1000)
+    try:
+        got = b""
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+            s.sendall(b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n" + UPGRADE + b"\r\n" + early)
+            while not got.endswith(answer):
+                more = s.recv(65536)
+                assert more, f"closed without {answer!r}: {got!r}"
+                got += more
+            if answer.startswith(b"\x88"):          # a close: then the TCP close
+                assert s.recv(100) == b""             # (after at most CLOSE_TIMEOUT)
+        assert got.startswith(b"HTTP/1.1 101 ")
+        if b"hi" in early:
+            spin_until(lambda: service.messages() == [b"hi"])
+        still_serves(d)
+    finally:
+        d.stop()
+        service.stop()

@@ -232,14 +232,14 @@ class WebSocketd(Daemon):
         self.cancel(hs.timer)     # type: ignore[arg-type]
         session = Session(self.ctx, hs.fd, service_fd, name, hs.peer, hs.protocol,
                           hs.transport, self._linger)
-        for message in session.take_early_messages(hs.early):
+        for message in session.take_early_messages(hs.rest):
             self.ctx.schedule(service_fd, message)
         self.ctx.add_switch(hs.fd, service_fd)
         self.ctx.set_switch_callbacks(hs.fd, session.on_in, session.on_out)
         self.ctx.set_switch_callbacks(service_fd, session.on_service_in, None)
         self.sessions[hs.fd] = self.sessions[service_fd] = session
         log.info("%s: WebSocket open to /%s", hs.peer, name)
-        session.end_if_closing()
+        session.start()
 
     # ------------------------------------------------------------ switched phase
 

@@ -24,7 +24,7 @@ from websockets.sync.client import connect  # noqa: E402
 from pyipc.daemons.websocketd.policy import origin_allowed, service_name  # noqa: E402
 
 from conftest import CHILD_ENV, spin_until  # noqa: E402
-from tlsd_harness import Certs, Echo, frame, listener, port_of  # noqa: E402
+from tlsd_harness import Certs, Echo, ask, dialer, frame, listener, port_of  # noqa: E402
 from tlsd_harness import running as tls_running  # noqa: E402
 from wsd_helpers import DaemonThread, ServiceThread  # noqa: E402
 
@@ -397,3 +397,33 @@ def test_websocketd_frames_sent_with_the_request_get_their_answers(backend, rund
     finally:
         d.stop()
         service.stop()
+
+
+def test_tlsd_dialer_refuses_a_name_the_remote_could_not_take(backend, tmp_path):
+    # The listener refuses names over MAX_NAME_BYTES; the dialer sent any
+    # length: past the bound the remote refused it (`refused`), and far past
+    # it (100 KB) the handshake's write did not fit the socket and the answer
+    # was a misleading `ne tls ... send buffer full`. Now it is a bad request,
+    # answered before anything is dialed.
+    from pyipc.daemons._tls_handshake import MAX_NAME_BYTES
+    trustme = pytest.importorskip("trustme")
+    certs = Certs(str(tmp_path), trustme)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(mode=0o700)
+    b.mkdir(mode=0o700)
+    with tls_running(listener(str(b), backend, certs)) as remote, \
+            tls_running(dialer(str(a), backend, certs)):
+        base = f"tls://127.0.0.1:{port_of(remote)}/"
+        at, _ = ask(str(a), base + "n" * MAX_NAME_BYTES)
+        past, _ = ask(str(a), base + "n" * (MAX_NAME_BYTES + 1))
+        far, _ = ask(str(a), base + "n" * 100_000)
+        multibyte, _ = ask(str(a), base + "é" * 128)        # 256 bytes of UTF-8
+        # A newline (%0A) would end the name line early, the rest of the name
+        # becoming the stream's first bytes; NUL is no name either.
+        newline, _ = ask(str(a), base + "po%0Ang")
+        nul, _ = ask(str(a), base + "po%00ng")
+    assert at.startswith(b"ne refused ") and at.endswith(b"is not exposed")
+    want = b"ne badrequest service name longer than 255 bytes"
+    assert past.startswith(want) and far.startswith(want) and multibyte.startswith(want)
+    assert newline.startswith(b"ne badrequest ") and b"control character" in newline
+    assert nul.startswith(b"ne badrequest ") and b"control character" in nul

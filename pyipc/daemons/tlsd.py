@@ -33,7 +33,7 @@ from .. import CBEvent, Event, EventType, IPCError, QueueFullError
 from . import _netwire as wire
 from . import _sockets, _systemd
 from ._runtime import Daemon
-from ._tls_handshake import NAME_GRACE_S, Handshake, HandshakeFailed
+from ._tls_handshake import MAX_NAME_BYTES, NAME_GRACE_S, Handshake, HandshakeFailed
 from ._tls_options import DEFAULT_PORT, TlsdConfig, client_context, parse_uri, server_context
 from ._tls_relay import TlsRelay, TlsRelayError
 
@@ -184,6 +184,7 @@ class Tlsd(Daemon):
         uri = message.decode("utf-8", "replace")
         try:
             host, port, name = parse_uri(uri)
+            _check_name(name)
         except ValueError as e:
             self._answer(req, wire.BADREQUEST, str(e))
             return
@@ -547,6 +548,16 @@ class Tlsd(Daemon):
 
 
 # ------------------------------------------------------------ sockets
+
+def _check_name(name: str) -> None:
+    """ValueError for a name the remote could not take: longer than its
+    MAX_NAME_BYTES, or with a control character (a newline would end the
+    name line early and make the rest of the name the stream's first bytes)."""
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"service name longer than {MAX_NAME_BYTES} bytes")
+    if any(not ch.isprintable() for ch in name):
+        raise ValueError(f"service name {name!r} has a control character")
+
 
 def _tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
     """On a worker thread: resolve and connect (blocking, bounded by timeout)."""

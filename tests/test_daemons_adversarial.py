@@ -427,3 +427,16 @@ def test_tlsd_dialer_refuses_a_name_the_remote_could_not_take(backend, tmp_path)
     assert past.startswith(want) and far.startswith(want) and multibyte.startswith(want)
     assert newline.startswith(b"ne badrequest ") and b"control character" in newline
     assert nul.startswith(b"ne badrequest ") and b"control character" in nul
+
+
+def test_tlsd_peer_silent_after_tls_is_told_why_it_is_closed(backend, rundir, tmp_path):
+    # Past --handshake-timeout a peer that made TLS but named nothing was
+    # closed with no word (tcpd answers `ne timeout` in the same case).
+    trustme = pytest.importorskip("trustme")
+    certs = Certs(str(tmp_path), trustme)
+    with tls_running(listener(rundir, backend, certs, handshake_timeout=0.3)) as tlsd:
+        answer = _tls_exchange(port_of(tlsd), certs, b"")
+        partial = _tls_exchange(port_of(tlsd), certs, b"po")    # no newline: after the grace
+    assert answer == b"ne timeout no service name within 0.3 s"
+    assert partial.startswith(b"ne refused service po is not exposed")
+

@@ -346,10 +346,15 @@ class Tlsd(Daemon):
 
     def _expired(self, hs: Handshake) -> None:
         hs.timer = None
-        if self._handshakes.get(hs.fd) is hs:
-            self.log.info("%s: no TLS handshake and service name within %g s", hs.peer,
-                          self.config.handshake_timeout)
-            self._drop(hs)
+        if self._handshakes.get(hs.fd) is not hs:
+            return
+        if hs.secure:           # TLS is up: the peer can be told, as tcpd tells it
+            self._refuse(hs, HandshakeFailed(wire.TIMEOUT, "no service name within "
+                                             f"{self.config.handshake_timeout:g} s"))
+            return
+        self.log.info("%s: no TLS handshake within %g s", hs.peer,
+                      self.config.handshake_timeout)
+        self._drop(hs)
 
     def _bare_name(self, hs: Handshake) -> None:
         """The grace is over: what the remote sent without a newline is the name."""

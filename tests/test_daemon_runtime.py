@@ -307,3 +307,17 @@ def test_sigterm_right_after_ready_always_stops_the_daemon(backend, rundir):
         missed += len(rescued)
     assert missed == 0
     assert signal.set_wakeup_fd(-1) == -1      # the runtime gave the previous one back
+
+
+def test_a_failing_timer_or_offload_callback_does_not_end_the_daemon(backend, rundir, caplog):
+    # Events are guarded by each daemon's on_event; timer and offload
+    # callbacks ran unguarded in the loop, so one bug in a deadline's
+    # callback ended the daemon and every connection it served.
+    def script(d):
+        d.call_later(0, lambda: 1 / 0)
+        d.offload(lambda: None, lambda result, exc: {}["missing"])
+        d.call_later(0.05, lambda: (d.note("still running"), d.done.set()))
+    d = run_scripted(script, backend, rundir)
+    assert d.seen == ["still running"]
+    failures = [r.exc_info[0] for r in caplog.records if r.exc_info]
+    assert sorted(f.__name__ for f in failures) == ["KeyError", "ZeroDivisionError"]

@@ -18,8 +18,9 @@ class DaemonThread:
 
     def __init__(self, rundir: str, backend: str, **options: object) -> None:
         options.setdefault("port", 0)
+        listen_fds = options.pop("listen_fds", None)
         self.daemon = WebSocketd(Options(**options), rundir=rundir,  # type: ignore[arg-type]
-                                 backend=backend)
+                                 backend=backend, listen_fds=listen_fds)  # type: ignore[arg-type]
         self.failure: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()

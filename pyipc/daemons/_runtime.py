@@ -13,6 +13,7 @@ build the daemon and call run().
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -59,8 +60,9 @@ class Daemon:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         """Run callback() in the loop's thread `delay` seconds from now (or
-        later, between two events). Only from the loop's thread."""
-        return self._timers.call_later(delay, callback)
+        later, between two events). Only from the loop's thread. An exception
+        it raises is logged; the daemon goes on."""
+        return self._timers.call_later(delay, functools.partial(self._guarded, callback))
 
     def cancel(self, handle: TimerHandle) -> None:
         """Never run a callback asked for with call_later (no effect once run)."""
@@ -69,8 +71,19 @@ class Daemon:
     def offload(self, fn: Callable[[], Any], on_done: OnDone) -> None:
         """Run the blocking fn() on a worker thread, then on_done(result, exc)
         in the loop's thread (exc is the exception fn raised, else None). What
-        has not finished when the daemon stops is dropped."""
-        self._offloader.submit(fn, on_done)
+        has not finished when the daemon stops is dropped. An exception
+        on_done raises is logged; the daemon goes on."""
+        self._offloader.submit(fn, functools.partial(self._guarded, on_done))
+
+    def _guarded(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run a timer's or an offload's callback: a bug in one (a single
+        deadline, a single request) must not end the loop and every
+        connection with it, as on_event's guard in each daemon ensures for
+        events."""
+        try:
+            callback(*args)
+        except Exception:
+            self.log.exception("%s: a callback failed", self.name)
 
     # ------------------------------------------------------------ for subclasses
 

@@ -5,8 +5,11 @@ blocking, and the TCP options every network connection gets.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
+import threading
 from typing import List, Tuple
 
 log = logging.getLogger("pyipc.daemons")
@@ -65,19 +68,86 @@ def tcp_listeners(address: str, default_port: int) -> List[socket.socket]:
     return listeners
 
 
+#: accept() errors that mean the process (or the system) has no fd to spare.
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+
+
+class _Reserve:
+    """One fd held in reserve for when the process runs out of them.
+
+    Out of fds, accept() fails and leaves the connection in the backlog, so
+    the listener stays readable and the loop would wake, fail and log again
+    at once, at full CPU, for as long as the flood lasts. With the reserve
+    freed, the connection is accepted and closed at once (the peer sees its
+    end), the backlog drains, and the loop sleeps until there is more.
+    Shared by every daemon of the process (tests run several), hence the lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fd = -1
+
+    def shed(self, listener: socket.socket) -> bool:
+        """Accept one waiting connection on the reserve fd and close it;
+        False when none could be (no reserve, or nothing waiting)."""
+        with self._lock:
+            if self._fd < 0:
+                self._fd = _open_reserve()
+                if self._fd < 0:
+                    return False
+            os.close(self._fd)
+            try:
+                sock, _ = listener.accept()
+                sock.close()
+                return True
+            except OSError:
+                return False
+            finally:
+                self._fd = _open_reserve()
+
+    def ensure(self) -> None:
+        """Hold the reserve fd (taken while fds are still available)."""
+        with self._lock:
+            if self._fd < 0:
+                self._fd = _open_reserve()
+
+
+def _open_reserve() -> int:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+_reserve = _Reserve()
+
+
 def accept_some(listener: socket.socket) -> List[socket.socket]:
     """The connections waiting on a non-blocking listener (at most
-    MAX_ACCEPT_PER_EVENT: the rest are taken at the next event)."""
+    MAX_ACCEPT_PER_EVENT: the rest are taken at the next event). Out of fds,
+    the waiting ones are closed at once instead (see _Reserve), with one
+    warning per event."""
+    _reserve.ensure()
     accepted: List[socket.socket] = []
+    shed = 0
     for _ in range(MAX_ACCEPT_PER_EVENT):
         try:
             sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             break
-        except OSError as e:            # EMFILE, ECONNABORTED: logged, not fatal
+        except OSError as e:
+            if e.errno in _OUT_OF_FDS and _reserve.shed(listener):
+                shed += 1
+                continue
+            if e.errno == errno.ECONNABORTED:   # that one left: take the next
+                continue
             log.warning("accept on %s failed: %s", listener.getsockname(), e)
             break
         accepted.append(sock)
+    if shed:
+        log.warning("accept on %s: out of file descriptors (%s): %d connection(s) "
+                    "closed at once", listener.getsockname(), os.strerror(errno.EMFILE),
+                    shed)
     return accepted
 
 

@@ -31,8 +31,11 @@ class HandshakeFailed(Exception):
         super().__init__(f"{code} {text}")
         self.code = code
         self.text = text
-        #: The TLS alert the session produced on failing, to send the peer
-        #: so it learns why (e.g. "certificate required").
+        #: TLS records to send the peer before anything else: the alert the
+        #: session produced on failing, so it learns why (e.g. "certificate
+        #: required"), or records the session made before the failure (a
+        #: TLS 1.3 server's session tickets), without which whatever we send
+        #: next would not decrypt ("bad record mac").
         self.alert = alert
 
 
@@ -93,10 +96,14 @@ class Handshake:
                 out += relay.encrypt_raw(self.name.encode() + b"\n")
         try:
             relay.decrypt(eof=not ciphertext)
+            out += relay.take_output()
+            return out, (self._answer() if self.dialing else self._name_line())
         except TlsRelayError as e:
-            raise HandshakeFailed(wire.TLS, f"{self.peer}: {e}") from e
-        out += relay.take_output()
-        return out, (self._answer() if self.dialing else self._name_line())
+            raise HandshakeFailed(wire.TLS, f"{self.peer}: {e}",
+                                  out + relay.take_output()) from e
+        except HandshakeFailed as e:
+            e.alert = out + e.alert     # the records made so far go out first
+            raise
 
     def _answer(self) -> Optional[str]:
         """A dialer reads the remote's `ok` or `ne CODE TEXT` (then its end)."""
@@ -121,7 +128,7 @@ class Handshake:
     def _name_line(self) -> Optional[str]:
         """A listener reads `NAME\\n` (or, after the grace, a bare NAME)."""
         plain = self.relay.plain()
-        end = plain.find(b"\n")
+        end = plain.find(b"\n", 0, MAX_NAME_BYTES + 1)   # a newline past the bound: none
         if end < 0:
             if len(plain) > MAX_NAME_BYTES:
                 raise HandshakeFailed(wire.REFUSED, f"service name longer than "

@@ -33,7 +33,7 @@ from .. import CBEvent, Event, EventType, IPCError, QueueFullError
 from . import _netwire as wire
 from . import _sockets, _systemd
 from ._runtime import Daemon
-from ._tls_handshake import NAME_GRACE_S, Handshake, HandshakeFailed
+from ._tls_handshake import MAX_NAME_BYTES, NAME_GRACE_S, Handshake, HandshakeFailed
 from ._tls_options import DEFAULT_PORT, TlsdConfig, client_context, parse_uri, server_context
 from ._tls_relay import TlsRelay, TlsRelayError
 
@@ -184,6 +184,7 @@ class Tlsd(Daemon):
         uri = message.decode("utf-8", "replace")
         try:
             host, port, name = parse_uri(uri)
+            _check_name(name)
         except ValueError as e:
             self._answer(req, wire.BADREQUEST, str(e))
             return
@@ -345,10 +346,15 @@ class Tlsd(Daemon):
 
     def _expired(self, hs: Handshake) -> None:
         hs.timer = None
-        if self._handshakes.get(hs.fd) is hs:
-            self.log.info("%s: no TLS handshake and service name within %g s", hs.peer,
-                          self.config.handshake_timeout)
-            self._drop(hs)
+        if self._handshakes.get(hs.fd) is not hs:
+            return
+        if hs.secure:           # TLS is up: the peer can be told, as tcpd tells it
+            self._refuse(hs, HandshakeFailed(wire.TIMEOUT, "no service name within "
+                                             f"{self.config.handshake_timeout:g} s"))
+            return
+        self.log.info("%s: no TLS handshake within %g s", hs.peer,
+                      self.config.handshake_timeout)
+        self._drop(hs)
 
     def _bare_name(self, hs: Handshake) -> None:
         """The grace is over: what the remote sent without a newline is the name."""
@@ -378,8 +384,11 @@ class Tlsd(Daemon):
         self.log.info("refusing %s: %s %s", hs.peer, e.code, e.text)
         out = e.alert
         if hs.secure:
-            out += hs.relay.encrypt_raw(wire.refusal(e.code, e.text)) + \
-                hs.relay.close_notify()
+            try:
+                out += hs.relay.encrypt_raw(wire.refusal(e.code, e.text)) + \
+                    hs.relay.close_notify()
+            except ssl.SSLError:        # the session broke: nothing can be said in it
+                pass
         if out:
             try:
                 self._send(hs, out)
@@ -544,6 +553,16 @@ class Tlsd(Daemon):
 
 
 # ------------------------------------------------------------ sockets
+
+def _check_name(name: str) -> None:
+    """ValueError for a name the remote could not take: longer than its
+    MAX_NAME_BYTES, or with a control character (a newline would end the
+    name line early and make the rest of the name the stream's first bytes)."""
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"service name longer than {MAX_NAME_BYTES} bytes")
+    if any(not ch.isprintable() for ch in name):
+        raise ValueError(f"service name {name!r} has a control character")
+
 
 def _tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
     """On a worker thread: resolve and connect (blocking, bounded by timeout)."""

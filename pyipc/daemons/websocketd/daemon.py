@@ -21,7 +21,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from ... import Event, EventType, IPCError, ServiceNotFoundError
-from .. import _systemd
+from .. import _sockets, _systemd
 from .._runtime import Daemon
 from . import responses
 from .handshake import Handshake, HandshakeFailed
@@ -34,9 +34,6 @@ log = logging.getLogger("pyipc.daemons.websocketd")
 
 #: Seconds a client has to answer our close frame before its socket is closed.
 CLOSE_TIMEOUT = 2.0
-#: Connections accepted per EXTERNAL event of a listening socket, so a flood
-#: of connections cannot starve the open WebSockets.
-ACCEPT_BATCH = 64
 
 
 class WebSocketd(Daemon):
@@ -46,8 +43,9 @@ class WebSocketd(Daemon):
 
     `listen_fds`: listening sockets made by the caller (they become the
     daemon's); else systemd's (socket activation), else one on
-    options.host:options.port. `addresses` holds what they are bound to once
-    `ready` is set.
+    options.host:options.port (a given one may be a Unix socket, e.g. behind a
+    reverse proxy). `addresses` holds what they are bound to once `ready` is
+    set: (host, port), or (path, 0) for a Unix socket.
     """
 
     name = "websocketd"
@@ -81,7 +79,8 @@ class WebSocketd(Daemon):
             sock.setblocking(False)
             self.ctx.add_external(sock.fileno())
             self.listeners[sock.fileno()] = sock
-            self.addresses.append(sock.getsockname()[:2])
+            name = sock.getsockname()
+            self.addresses.append(name[:2] if isinstance(name, tuple) else (name, 0))
         scheme = "wss" if self.options.ssl_context else "ws"
         log.info("websocketd: %s on %s, exposing %s", scheme, self.addresses,
                  ", ".join(sorted(self.options.expose)) or "nothing")
@@ -92,7 +91,18 @@ class WebSocketd(Daemon):
         return socket.create_server((host, port), family=family, backlog=128)
 
     def on_event(self, ev: Event) -> None:
-        """Accept, advance a handshake, or forget an ended WebSocket."""
+        """Accept, advance a handshake, or forget an ended WebSocket. A
+        failure is logged and costs that connection only, not the daemon
+        (as in the other daemons)."""
+        try:
+            self._on_event(ev)
+        except Exception:
+            log.exception("websocketd: handling %s on fd %d failed", ev.type.name, ev.fd)
+            hs = self.handshakes.get(ev.fd)
+            if hs is not None:
+                self._drop(hs)
+
+    def _on_event(self, ev: Event) -> None:
         if ev.type == EventType.EXTERNAL:
             if ev.fd in self.listeners:
                 self._accept(self.listeners[ev.fd])
@@ -119,15 +129,14 @@ class WebSocketd(Daemon):
     # ------------------------------------------------------------ handshake phase
 
     def _accept(self, listener: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
+        # accept_some: at most MAX_ACCEPT_PER_EVENT, so a flood cannot starve
+        # the open WebSockets; out of fds, it closes what it cannot take.
+        for sock in _sockets.accept_some(listener):
             try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:      # EMFILE, ECONNABORTED...: keep serving the others
-                log.warning("accept failed: %s", e)
-                return
-            peer = _peer_text(address)
+                peer = _peer_text(sock.getpeername())
+            except OSError:           # already reset by the peer
+                sock.close()
+                continue
             if len(self.handshakes) >= self.options.max_handshakes:
                 log.warning("%s: refused: %d connections already in their handshake",
                             peer, len(self.handshakes))
@@ -137,7 +146,8 @@ class WebSocketd(Daemon):
 
     def _start(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):   # given fds may be Unix ones
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         fd = sock.detach()
         self.ctx.add_external(fd)
         hs = Handshake(fd, peer, make_transport(self.options.ssl_context),
@@ -222,14 +232,14 @@ class WebSocketd(Daemon):
         self.cancel(hs.timer)     # type: ignore[arg-type]
         session = Session(self.ctx, hs.fd, service_fd, name, hs.peer, hs.protocol,
                           hs.transport, self._linger)
-        for message in session.take_early_messages(hs.early):
+        for message in session.take_early_messages(hs.rest):
             self.ctx.schedule(service_fd, message)
         self.ctx.add_switch(hs.fd, service_fd)
         self.ctx.set_switch_callbacks(hs.fd, session.on_in, session.on_out)
         self.ctx.set_switch_callbacks(service_fd, session.on_service_in, None)
         self.sessions[hs.fd] = self.sessions[service_fd] = session
         log.info("%s: WebSocket open to /%s", hs.peer, name)
-        session.end_if_closing()
+        session.start()
 
     # ------------------------------------------------------------ switched phase
 

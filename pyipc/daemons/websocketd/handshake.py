@@ -4,9 +4,13 @@ closed: the TLS handshake (wss://), then the HTTP request, parsed by the
 
 The bytes are read by the daemon's loop (the socket is an external fd of the
 context) and fed here; nothing here blocks. The same ServerProtocol object
-goes on as the WebSocket's protocol once the request is accepted, with any
-bytes the client sent after its request (its first frames) still in it:
-nothing that arrives with or split across the handshake is lost.
+goes on as the WebSocket's protocol once the request is accepted. Bytes the
+client sent after its request (frames of a client that did not wait for the
+101) are held back in `rest`, not fed to the protocol before the 101: parsed
+while it is still CONNECTING, a close frame or a broken frame would not be
+acted on (no answer, the connection left hanging). The session feeds them
+once the WebSocket is open: nothing that arrives with or split across the
+handshake is lost.
 """
 
 from __future__ import annotations
@@ -15,9 +19,8 @@ import logging
 import os
 import time
 from http import HTTPStatus
-from typing import List, Optional, Union
+from typing import Optional, Union
 
-from websockets.frames import Frame
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
@@ -26,6 +29,8 @@ from .transport import Plain, Tls, TransportClosed
 
 #: Bytes read from a socket at once.
 READ_SIZE = 1 << 18
+#: The end of an HTTP request's head (websocketd's requests have no body).
+_HEAD_END = b"\r\n\r\n"
 
 #: websockets logs each connection at INFO under this name (below ours).
 PROTOCOL_LOG = logging.getLogger("pyipc.daemons.websocketd.protocol")
@@ -40,7 +45,8 @@ class HandshakeFailed(Exception):
 class Handshake:
     """An accepted connection in its handshake."""
 
-    __slots__ = ("fd", "peer", "transport", "protocol", "started", "timer", "early")
+    __slots__ = ("fd", "peer", "transport", "protocol", "started", "timer", "rest", "_tail",
+                 "_head_done")
 
     def __init__(self, fd: int, peer: str, transport: Union[Plain, Tls],
                  max_message_size: int) -> None:
@@ -50,9 +56,10 @@ class Handshake:
         self.protocol = ServerProtocol(max_size=max_message_size, logger=PROTOCOL_LOG)
         self.started = time.monotonic()
         self.timer: object = None   # the daemon's handshake timeout, if any
-        # Frames parsed along with the request (a client that did not wait
-        # for the 101): kept for the session, never dropped.
-        self.early: List[Frame] = []
+        # Bytes after the request's head (see the module doc): for the session.
+        self.rest = b""
+        self._tail = b""            # the last bytes fed, to find a head end split across reads
+        self._head_done = False
 
     def step(self) -> Optional[Request]:
         """The socket is readable: read it and return the request once it is
@@ -71,16 +78,30 @@ class Handshake:
             self.write(b"")              # a TLS alert, if any
             raise HandshakeFailed(str(e)) from None
         if plain:
-            self.protocol.receive_data(plain)
+            self._feed(plain)
         elif not data:
             self.protocol.receive_eof()
         return self._request(ended=not data)
 
+    def _feed(self, plain: bytes) -> None:
+        """Give the protocol the request's head, and no byte past its end."""
+        if self._head_done:
+            self.rest += plain
+            return
+        seen = self._tail + plain
+        end = seen.find(_HEAD_END)
+        if end < 0:
+            self._tail = seen[-(len(_HEAD_END) - 1):]
+            self.protocol.receive_data(plain)
+            return
+        cut = end + len(_HEAD_END) - len(self._tail)     # in plain
+        self._head_done = True
+        self.rest = plain[cut:]
+        self.protocol.receive_data(plain[:cut])
+
     def _request(self, ended: bool) -> Optional[Request]:
-        events = self.protocol.events_received()
-        for i, event in enumerate(events):
+        for event in self.protocol.events_received():
             if isinstance(event, Request):
-                self.early = [e for e in events[i + 1:] if isinstance(e, Frame)]
                 return event
         error = self.protocol.handshake_exc
         if error is not None:

@@ -17,12 +17,13 @@ import urllib.parse
 from typing import AbstractSet, Optional
 
 
-
 def service_name(path: str) -> str:
     """The service a request path names: "/pong" and "/pong?x=1" -> "pong",
     "/a%20b" -> "a b". Whatever it is, only an exposed name is reachable
-    (and those were checked as service names at start)."""
-    path = urllib.parse.urlsplit(path).path
+    (and those were checked as service names at start). The request target
+    is a path, never parsed as a URL: "//x" would be a netloc to urlsplit,
+    which raises ValueError on some ("//[x")."""
+    path = path.split("?", 1)[0].split("#", 1)[0]
     return urllib.parse.unquote(path[1:]) if path.startswith("/") else path
 
 
@@ -35,7 +36,10 @@ def origin_allowed(origin: Optional[str], host: Optional[str],
         return True
     if "*" in allowed or origin in allowed:
         return True
-    parts = urllib.parse.urlsplit(origin)
+    try:
+        parts = urllib.parse.urlsplit(origin)
+    except ValueError:             # e.g. "http://[": no origin we could match
+        return False
     if parts.scheme not in ("http", "https") or not parts.netloc or host is None:
         return False
     return _netloc(parts.netloc, parts.scheme) == _netloc(host, parts.scheme)

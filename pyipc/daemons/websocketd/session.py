@@ -110,22 +110,26 @@ class Session:
 
     # ------------------------------------------------------------ from the daemon
 
-    def take_early_messages(self, early: List[Frame]) -> List[bytes]:
-        """Whole messages the client sent along with its request (`early`:
-        the frames parsed with it, and any parsed since): the daemon hands
-        them to the service before the switch."""
-        for frame in early:
-            if frame.opcode in _DATA or frame.opcode is Opcode.CONT:
-                self._fragment(frame)
-        self._collect()
+    def take_early_messages(self, rest: bytes) -> List[bytes]:
+        """Whole messages the client sent along with its request (`rest`: the
+        bytes after it, parsed now that the protocol is OPEN, so that a close
+        or a broken frame among them is acted on): the daemon hands them to
+        the service before the switch. The replies they call for (pongs, a
+        close frame) wait in the protocol until `start()`."""
+        if rest:
+            self.protocol.receive_data(rest)
+        self._parse()
         messages = list(self._messages)
         self._messages.clear()
         return messages
 
-    def end_if_closing(self) -> None:
-        """Right after the switch: a client that closed along with its
-        request (its close frame or EOF came with it) is ended now, as no
-        read will come to notice it."""
+    def start(self) -> None:
+        """Right after the switch: send the replies early frames called for,
+        and end a WebSocket that closed along with its request (its close
+        frame, a protocol error or EOF came with it), as no read will come
+        to notice it."""
+        self._flush()
+        self._note_closing()
         if self._ending is not None:
             self._end(self._ending, error=self._failed())
 
@@ -175,11 +179,17 @@ class Session:
 
     def _collect(self) -> None:
         """Frames parsed -> whole messages; replies owed -> the client."""
+        self._parse()
+        self._flush()
+        self._note_closing()
+
+    def _parse(self) -> None:
         for frame in self.protocol.events_received():
             if isinstance(frame, Frame) and (frame.opcode in _DATA
                                              or frame.opcode is Opcode.CONT):
                 self._fragment(frame)
-        self._flush()
+
+    def _note_closing(self) -> None:
         if self.protocol.state is not State.OPEN and self._ending is None:
             self._ending = self._why_closing()
 

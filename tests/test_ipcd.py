@@ -77,6 +77,31 @@ def test_unix_rule_with_an_absolute_path(pong, ipcd, backend, rundir, monkeypatc
         assert echo_through(ctx, "x") == b"ping x"
 
 
+def test_unix_rule_outside_the_run_dir_is_refused(pong, ipcd, backend, rundir, tmp_path,
+                                                   monkeypatch):
+    """ipcd connects with its own identity: a client must not make it reach a
+    socket outside its run dir, directly or through a link."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    outside.bind(str(elsewhere / "private"))
+    outside.listen(1)
+    os.symlink(str(elsewhere / "private"), os.path.join(rundir, "link"))
+    with outside, client(backend, rundir) as ctx:
+        for rule, path in ((f"x unix://{elsewhere}/private", f"{elsewhere}/private"),
+                           ("x unix://link", "link"),
+                           (f"x unix://{rundir}/../{os.path.basename(rundir)}/pong", None)):
+            monkeypatch.setenv("IPC_NETWORK", rule)
+            if path is None:        # ".." that leads back into the run dir is fine
+                assert echo_through(ctx, "x") == b"ping x"
+                continue
+            with pytest.raises(pyipc.NetworkError) as info:
+                ctx.connect("x", timeout=10)
+            assert str(info.value) == (f"ipcd could not connect to service x (refused): "
+                                       f"{path}: ipcd reaches only sockets in its run dir "
+                                       f"{rundir}")
+
+
 REFUSALS = [
     ("nothing here", "zz", pyipc.ServiceNotFoundError,
      "ipcd could not connect to service zz (norule): no rule for zz in IPC_NETWORK"),
@@ -184,12 +209,13 @@ def test_request_timeout(backend, rundir, monkeypatch):
         fake.close()
 
 
-def test_a_client_that_never_asks_is_dropped_at_the_timeout(backend, rundir):
+def test_a_client_that_never_asks_is_answered_at_the_timeout(backend, rundir):
     with running(Ipcd(rundir=rundir, backend=backend, request_timeout=0.3)):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(os.path.join(rundir, "ipc"))
-            sock.settimeout(10)
-            assert sock.recv(10) == b""             # closed, nothing said
+            assert raw_answer(sock) == (
+                b"ne timeout no request within 0.3 s (ipcd --request-timeout)", None)
+            assert sock.recv(10) == b""             # then closed
 
 
 def test_a_hung_daemon_does_not_stall_other_requests(pong, backend, rundir, monkeypatch):

@@ -182,12 +182,22 @@ class Ipcd(Daemon):
                 self.ctx.rundir, where)
         except InvalidNameError as e:
             return self._refuse(request, wire.NORULE, f"{where}: {e}")
+        if not self._in_rundir(path):
+            # ipcd connects with its own identity and the client chooses the
+            # path: any socket ipcd's user may reach would be the client's.
+            return self._refuse(request, wire.REFUSED, f"{where}: ipcd reaches only "
+                                f"sockets in its run dir {self.ctx.rundir}")
         try:
             sock = _sockets.connect_local(path, where, self.ctx.rundir)
         except _sockets.LocalRefusal as e:
             return self._refuse(request, e.code, str(e))
         with sock:
             self._pass(request, sock.fileno())
+
+    def _in_rundir(self, path: str) -> bool:
+        """Whether socket `path` (links resolved) is in the run dir."""
+        rundir = os.path.realpath(self.ctx.rundir)
+        return os.path.dirname(os.path.realpath(path)) == rundir
 
     def _ask_daemon(self, request: _Request, scheme: str, uri: str) -> None:
         if self.in_flight >= self.max_requests:
@@ -247,9 +257,9 @@ class Ipcd(Daemon):
         request = self._requests.get(client)
         if request is None:
             return
-        if not request.name:
-            self.log.info("ipcd: a client sent no request in %g s", self.request_timeout)
-            return self._end(request)
+        if not request.name:        # answered as tcpd and tlsd answer a silent peer
+            return self._refuse(request, wire.TIMEOUT, f"no request within "
+                                f"{self.request_timeout:g} s (ipcd --request-timeout)")
         where = f"the {request.scheme} daemon" if request.scheme else "the service"
         self._refuse(request, wire.TIMEOUT, f"no answer from {where} in "
                      f"{self.request_timeout:g} s (ipcd --request-timeout)")

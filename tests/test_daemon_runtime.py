@@ -310,9 +310,8 @@ def test_sigterm_right_after_ready_always_stops_the_daemon(backend, rundir):
 
 
 def test_a_failing_timer_or_offload_callback_does_not_end_the_daemon(backend, rundir, caplog):
-    # Events are guarded by each daemon's on_event; timer and offload
-    # callbacks ran unguarded in the loop, so one bug in a deadline's
-    # callback ended the daemon and every connection it served.
+    # Timer and offload callbacks once ran unguarded in the loop, so one bug
+    # in a deadline's callback ended the daemon and every connection it served.
     def script(d):
         d.call_later(0, lambda: 1 / 0)
         d.offload(lambda: None, lambda result, exc: {}["missing"])
@@ -321,3 +320,39 @@ def test_a_failing_timer_or_offload_callback_does_not_end_the_daemon(backend, ru
     assert d.seen == ["still running"]
     failures = [r.exc_info[0] for r in caplog.records if r.exc_info]
     assert sorted(f.__name__ for f in failures) == ["KeyError", "ZeroDivisionError"]
+
+
+def test_a_failing_on_event_is_logged_and_costs_that_connection_only(backend, rundir, caplog):
+    """The runtime guards on_event for every daemon: the failure is logged,
+    on_event_failed(ev) releases that fd's state, and the daemon serves on."""
+    class Faulty(EchoDaemon):
+        failed: list = []
+
+        def on_event(self, ev: pyipc.Event) -> None:
+            if ev.type == pyipc.EventType.MESSAGE_RX and ev.message == b"boom":
+                raise RuntimeError("a bug about one client")
+            super().on_event(ev)
+
+        def on_event_failed(self, ev: pyipc.Event) -> None:
+            self.failed.append(ev.fd)
+            self.ctx.close(ev.fd)
+
+    daemon = Faulty(rundir=rundir, backend=backend)
+    runner = threading.Thread(target=daemon.run, kwargs={"handle_signals": False})
+    runner.start()
+    try:
+        assert daemon.ready.wait(10)
+        with pyipc.Context(rundir=rundir, backend=backend) as bad, \
+                pyipc.Context(rundir=rundir, backend=backend) as good:
+            fd_bad, fd_good = bad.connect_service("echo"), good.connect_service("echo")
+            bad.write(fd_bad, b"boom")
+            with pytest.raises(pyipc.ConnectionClosedError):
+                bad.read(fd_bad, timeout=10)            # that client was let go
+            good.write(fd_good, b"still served")
+            assert good.read(fd_good, timeout=10) == b"still served"
+    finally:
+        daemon.stop()
+        runner.join(10)
+    assert not runner.is_alive()
+    assert len(daemon.failed) == 1
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]

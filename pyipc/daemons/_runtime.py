@@ -78,8 +78,7 @@ class Daemon:
     def _guarded(self, callback: Callable[..., None], *args: Any) -> None:
         """Run a timer's or an offload's callback: a bug in one (a single
         deadline, a single request) must not end the loop and every
-        connection with it, as on_event's guard in each daemon ensures for
-        events."""
+        connection with it (_handle does the same for events)."""
         try:
             callback(*args)
         except Exception:
@@ -91,7 +90,13 @@ class Daemon:
         """Open what the daemon serves (services, listening sockets)."""
 
     def on_event(self, ev: Event) -> None:
-        """Handle one event of the context (other than the stop pipe's)."""
+        """Handle one event of the context (other than the stop pipe's). An
+        exception it raises is logged and on_event_failed(ev) called; the
+        daemon goes on."""
+
+    def on_event_failed(self, ev: Event) -> None:
+        """After on_event(ev) raised: release what ev's fd held, so that a
+        bug or a resource limit costs that connection only."""
 
     def teardown(self) -> None:
         """Release what setup() and the events acquired (the context closes after)."""
@@ -146,9 +151,19 @@ class Daemon:
                 elif ev.type == EventType.EXTERNAL and ev.fd == self._wakeup.fd:
                     self._wakeup.drain()        # the handler itself has run, in Python
                 else:
-                    self.on_event(ev)
+                    self._handle(ev)
             if not self._stopping:
                 self._timers.run_due()
+
+    def _handle(self, ev: Event) -> None:
+        """on_event(ev), guarded: a fault with one client must not end the
+        loop and every other connection with it."""
+        try:
+            self.on_event(ev)
+        except Exception:
+            self.log.exception("%s: handling %s on fd %d failed", self.name, ev.type.name,
+                               ev.fd)
+            self.on_event_failed(ev)
 
     def stop(self) -> None:
         """Ask the loop to end (safe from any thread and from signal handlers)."""

@@ -114,13 +114,7 @@ class Ipcd(Daemon):
     # ------------------------------------------------------------ events
 
     def on_event(self, ev: Event) -> None:
-        """Handle one event; a failure is logged, the service goes on."""
-        try:
-            self._on_event(ev)
-        except Exception:           # a fault with one client must not end the service
-            self.log.exception("ipcd: failed on %s", ev)
-
-    def _on_event(self, ev: Event) -> None:
+        """Handle one event (a failure is logged by the runtime, which goes on)."""
         if ev.type == EventType.CONNECTION:
             self._admit(ev.fd)
         elif ev.type == EventType.MESSAGE_RX:

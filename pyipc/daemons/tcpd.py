@@ -206,13 +206,7 @@ class Tcpd(Daemon):
     # ------------------------------------------------------------ events
 
     def on_event(self, ev: Event) -> None:
-        """Handle one event; a failure is logged, the service goes on."""
-        try:
-            self._on_event(ev)
-        except Exception:           # a fault with one peer must not end the service
-            self.log.exception("tcpd: failed on %s", ev)
-
-    def _on_event(self, ev: Event) -> None:
+        """Handle one event (a failure is logged by the runtime, which goes on)."""
         fd = ev.fd
         if ev.type == EventType.EXTERNAL:
             if fd in self._incoming:

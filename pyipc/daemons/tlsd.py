@@ -135,22 +135,17 @@ class Tlsd(Daemon):
 
     # ------------------------------------------------------------ events
 
-    def on_event(self, ev: Event) -> None:
-        try:
-            self._on_event(ev)
-        except Exception:       # a bug or a resource limit: that fd, not the daemon
-            self.log.exception("tlsd: handling %s on fd %d failed", ev.type.name, ev.fd)
-            self._abandon(ev.fd)
-
-    def _abandon(self, fd: int) -> None:
-        """After an unexpected failure about fd: forget and close what it was."""
+    def on_event_failed(self, ev: Event) -> None:
+        """After an unexpected failure about ev's fd: forget and close what it was."""
+        fd = ev.fd
         hs = self._handshakes.get(fd)
         if hs is not None:
             self._drop(hs)
         if fd in self._requests:
             self._end_request(fd)
 
-    def _on_event(self, ev: Event) -> None:
+    def on_event(self, ev: Event) -> None:
+        """Handle one event (see on_event_failed for a failure)."""
         t = ev.type
         if t == EventType.EXTERNAL:
             if ev.fd in self._listeners:

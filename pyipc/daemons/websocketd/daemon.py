@@ -90,19 +90,15 @@ class WebSocketd(Daemon):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return socket.create_server((host, port), family=family, backlog=128)
 
-    def on_event(self, ev: Event) -> None:
-        """Accept, advance a handshake, or forget an ended WebSocket. A
-        failure is logged and costs that connection only, not the daemon
-        (as in the other daemons)."""
-        try:
-            self._on_event(ev)
-        except Exception:
-            log.exception("websocketd: handling %s on fd %d failed", ev.type.name, ev.fd)
-            hs = self.handshakes.get(ev.fd)
-            if hs is not None:
-                self._drop(hs)
+    def on_event_failed(self, ev: Event) -> None:
+        """After a failure (logged by the runtime): a handshake in progress on
+        ev's fd is dropped, so that it costs that connection only."""
+        hs = self.handshakes.get(ev.fd)
+        if hs is not None:
+            self._drop(hs)
 
-    def _on_event(self, ev: Event) -> None:
+    def on_event(self, ev: Event) -> None:
+        """Accept, advance a handshake, or forget an ended WebSocket."""
         if ev.type == EventType.EXTERNAL:
             if ev.fd in self.listeners:
                 self._accept(self.listeners[ev.fd])

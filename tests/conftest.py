@@ -205,6 +205,23 @@ def frame(payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + payload
 
 
+def check_echo_large_and_in_order(ctx, fd: int, greeting: bytes) -> None:
+    """Through an echo service on fd: `greeting`, a 1 MiB message, then
+    1,000 messages, each back whole and in order (then fd is closed)."""
+    ctx.write(fd, greeting)
+    assert ctx.read(fd, timeout=10) == greeting
+    big = os.urandom(1 << 20)
+    ctx.write(fd, big, timeout=10)
+    assert ctx.read(fd, timeout=10) == big
+    sent = [b"%d" % i for i in range(1000)]
+    ctx.write_many(fd, sent, timeout=10)
+    got: list = []
+    while len(got) < len(sent):
+        got += ctx.read_many(fd, timeout=10)
+    assert got == sent
+    ctx.close(fd)
+
+
 def raw_connect(rundir: str, name: str) -> socket.socket:
     """A plain Unix socket connected to service ``name`` (a foreign peer)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

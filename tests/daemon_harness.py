@@ -12,6 +12,7 @@ from typing import Callable, Iterator, List, Optional
 
 import pyipc
 from pyipc.daemons import Daemon
+from conftest import frame
 
 
 @contextlib.contextmanager
@@ -43,10 +44,6 @@ class Pong(Daemon):
     def on_event(self, ev: pyipc.Event) -> None:
         if ev.type == pyipc.EventType.MESSAGE_RX:
             self.ctx.schedule(ev.fd, ev.message)
-
-
-def frame(payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + payload
 
 
 def read_exactly(sock: socket.socket, n: int) -> bytes:

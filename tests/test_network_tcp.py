@@ -25,7 +25,8 @@ import pytest
 import pyipc
 
 import netns
-from conftest import BACKENDS, CHILD_ENV, ROOT, require_backend
+from conftest import (BACKENDS, CHILD_ENV, check_echo_large_and_in_order,
+                      frame, require_backend, ROOT)
 
 pytestmark = pytest.mark.skipif(netns.available() is not None,
                                 reason=str(netns.available()))
@@ -100,26 +101,10 @@ def client(stack, monkeypatch) -> Iterator[pyipc.Context]:
         yield ctx
 
 
-def frame(payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + payload
-
-
 # ------------------------------------------------------------ reaching pong on B
 
 def test_messages_both_ways_large_and_in_order(client):
-    fd = client.connect("pong", timeout=15)
-    client.write(fd, b"hello B")
-    assert client.read(fd, timeout=10) == b"hello B"
-    big = os.urandom(1 << 20)
-    client.write(fd, big, timeout=10)
-    assert client.read(fd, timeout=10) == big
-    sent = [b"%d" % i for i in range(1000)]
-    client.write_many(fd, sent, timeout=10)
-    got = []
-    while len(got) < len(sent):
-        got += client.read_many(fd, timeout=10)
-    assert got == sent
-    client.close(fd)
+    check_echo_large_and_in_order(client, client.connect("pong", timeout=15), b"hello B")
 
 
 def test_over_ipv6(client, stack):

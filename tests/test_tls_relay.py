@@ -12,6 +12,7 @@ import pytest
 trustme = pytest.importorskip("trustme")
 
 from pyipc.daemons._tls_relay import TlsRelay, TlsRelayError  # noqa: E402
+from conftest import frame
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +65,6 @@ def shuttle_handshake(src: TlsRelay, dst: TlsRelay) -> None:
     out = src.take_output()
     if out:
         dst.incoming.write(out)
-
-
-def frame(payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + payload
 
 
 def test_payloads_cross_in_order_whatever_the_split(ca):

@@ -17,6 +17,7 @@ import pyipc
 from pyipc.daemons import Daemon
 from pyipc.daemons._tls_options import TlsdConfig
 from pyipc.daemons.tlsd import Tlsd
+from conftest import frame
 
 
 class Certs:
@@ -89,10 +90,6 @@ def dialer(rundir: str, backend: str, certs: Certs, **kw: object) -> Tlsd:
 
 def port_of(daemon: Tlsd) -> int:
     return int(daemon.addresses[0][1])
-
-
-def frame(payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + payload
 
 
 def ask(rundir: str, uri: str, timeout: float = 20.0) -> Tuple[bytes, Optional[int]]:

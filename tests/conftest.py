@@ -18,7 +18,7 @@ import tempfile
 import termios
 import time
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, NoReturn, Union
 
 import pytest
 
@@ -31,14 +31,35 @@ ROOT = Path(__file__).resolve().parent.parent
 Predicate = Union[EventType, Callable[[Event], bool]]
 
 
+def unavailable(why: str, required_by: str) -> NoReturn:
+    """Skip the test because of `why`, or fail it when env `required_by` is
+    "1" (ci/test sets PYIPC_REQUIRE_NATIVE, PYIPC_REQUIRE_BROWSER and
+    PYIPC_REQUIRE_NETWORK): what CI must run never passes as skipped."""
+    if os.environ.get(required_by) == "1":
+        pytest.fail(f"{why} ({required_by}=1)")
+    pytest.skip(why)
+
+
+def require_network() -> None:
+    """Skip a test that needs network namespaces where they cannot be made,
+    or fail it when PYIPC_REQUIRE_NETWORK=1 (CI runs as root, ci/test installs ip)."""
+    import netns        # tests/netns.py (imported here: bench/ uses it without pytest)
+    why = netns.available()
+    if why is not None:
+        unavailable(why, "PYIPC_REQUIRE_NETWORK")
+
+
+def require_socat() -> None:
+    """The same for socat, the standard tool the tests talk to the daemons with."""
+    if shutil.which("socat") is None:
+        unavailable("socat is not installed (ci/test installs it)", "PYIPC_REQUIRE_NETWORK")
+
+
 def require_backend(name: str) -> str:
     """``name`` if it loads; else skip, or fail when PYIPC_REQUIRE_NATIVE=1."""
     why = pyipc.available_backends()[name]
     if why is not None:
-        message = f"backend {name} cannot load: {why}"
-        if os.environ.get("PYIPC_REQUIRE_NATIVE") == "1":
-            pytest.fail(message + " (PYIPC_REQUIRE_NATIVE=1)")
-        pytest.skip(message)
+        unavailable(f"backend {name} cannot load: {why}", "PYIPC_REQUIRE_NATIVE")
     return name
 
 

@@ -26,10 +26,14 @@ import pyipc
 
 import netns
 from conftest import (BACKENDS, CHILD_ENV, check_echo_large_and_in_order,
-                      frame, require_backend, ROOT)
+                      frame, require_backend, require_network, require_socat, ROOT)
 
-pytestmark = pytest.mark.skipif(netns.available() is not None,
-                                reason=str(netns.available()))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def namespaces() -> None:
+    """Every test here makes hosts of network namespaces."""
+    require_network()
 
 #: Seconds after which tcpd ends a connection whose peer went silent (short
 #: here so that the cut-link test is quick).
@@ -249,8 +253,7 @@ def test_handshake_and_messages_in_one_segment(stack, style):
 
 
 def test_socat_reaches_pong_through_tcpd(stack):
-    if not netns.shutil.which("socat"):
-        pytest.skip("socat is not installed (ci/test installs it)")
+    require_socat()
     proc = stack.a.spawn(["socat", "-", f"TCP:{stack.b.address}:{PORT}"], CHILD_ENV,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None

@@ -28,11 +28,15 @@ import pyipc
 
 import netns
 from conftest import (BACKENDS, CHILD_ENV, check_echo_large_and_in_order,
-                      frame, require_backend)
+                      frame, require_backend, require_network, require_socat)
 from tlsd_harness import Certs
 
-pytestmark = pytest.mark.skipif(netns.available() is not None,
-                                reason=str(netns.available()))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def namespaces() -> None:
+    """Every test here makes hosts of network namespaces."""
+    require_network()
 trustme = pytest.importorskip("trustme")
 
 #: Seconds after which tlsd ends a connection whose peer went silent (short
@@ -235,8 +239,7 @@ def test_link_cut_mid_stream_ends_the_connection(client, stack):
 # ------------------------------------------------------------ a standard TLS client
 
 def test_socat_openssl_reaches_pong_through_tlsd(stack, certs):
-    if not shutil.which("socat"):
-        pytest.skip("socat is not installed (ci/test installs it)")
+    require_socat()
     proc = stack.a.spawn(["socat", "-", f"OPENSSL:{stack.b.address}:{PORT},"
                           f"cafile={certs.ca}"], CHILD_ENV,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)

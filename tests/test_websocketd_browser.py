@@ -25,7 +25,7 @@ pytest.importorskip("websockets")
 
 from pyipc import EventType, Registry  # noqa: E402
 
-from conftest import CHILD_ENV, ROOT  # noqa: E402
+from conftest import CHILD_ENV, ROOT, unavailable  # noqa: E402
 from wsd_helpers import DaemonThread, ServiceThread  # noqa: E402
 
 CHROMIUM = os.environ.get("PYIPC_CHROMIUM", "/usr/bin/chromium")
@@ -36,20 +36,15 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCREENSHOT = ROOT / "docs" / "images" / "chat.png"
 
 
-def _missing(why: str) -> None:
-    if os.environ.get("PYIPC_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{why} (PYIPC_REQUIRE_BROWSER=1)")
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _missing("playwright is not installed")
+        unavailable("playwright is not installed", "PYIPC_REQUIRE_BROWSER")
     if not os.access(CHROMIUM, os.X_OK):
-        _missing(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+        unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium)",
+                    "PYIPC_REQUIRE_BROWSER")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:

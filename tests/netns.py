@@ -61,6 +61,14 @@ class Host:
         self.procs.append(proc)
         return proc
 
+    def pongd(self, name: str, env: Dict[str, str]) -> subprocess.Popen:
+        """`pyipc pongd NAME` (an echo service) on this host, returned once it serves."""
+        proc = self.spawn([sys.executable, "-m", "pyipc", "--rundir", self.rundir,
+                           "pongd", name], env, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(f"pongd: serving {name}")   # ready
+        return proc
+
     def daemon(self, args: Sequence[str], env: Dict[str, str], backend: str) -> subprocess.Popen:
         """`pyipc ARGS` on this host, its run dir and `backend`, returned once
         it told systemd's readiness protocol READY=1 (a datagram socket the

@@ -50,7 +50,7 @@ class Stack:
         self.backend = backend
         env = dict(CHILD_ENV, PYIPC_BACKEND=backend)
         for name in ("pong", "hidden"):
-            self._pongd(self.b, name, env)
+            self.b.pongd(name, env)
         b_addr = f"{self.b.address}:{PORT}"
         b_addr6 = f"[{self.b.address6}]:{PORT}"
         self.b.daemon(["tcpd", "--listen", b_addr, "--listen", b_addr6, "--expose",
@@ -66,13 +66,6 @@ class Stack:
             f"hidden tcp://{b_addr}/hidden",
             f"down tcp://{self.b.address}:{PORT + 1}/pong",
         ])
-
-    @staticmethod
-    def _pongd(host: netns.Host, name: str, env: Dict[str, str]) -> None:
-        proc = host.spawn([sys.executable, "-m", "pyipc", "--rundir", host.rundir,
-                           "pongd", name], env, stdout=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith(f"pongd: serving {name}")   # ready
 
     def client(self) -> pyipc.Context:
         """A context of a client on host A (A's run dir: A's ipcd)."""

@@ -68,7 +68,7 @@ class Stack:
         backend = self.backend
         env = dict(CHILD_ENV, PYIPC_BACKEND=backend)
         for name in ("pong", "hidden"):
-            self._pongd(self.b, name, env)
+            self.b.pongd(name, env)
         b = self.b.address
         server = certs._issue(tmp, f"b-{backend}.pem", b)
         expired = certs._issue(tmp, f"b-expired-{backend}.pem", b, expired=True)
@@ -99,13 +99,6 @@ class Stack:
             f"stranger tls://{b}:{STRANGER_PORT}/pong",
             f"mutual tls://{b}:{MUTUAL_PORT}/pong",
         ])
-
-    @staticmethod
-    def _pongd(host: netns.Host, name: str, env: Dict[str, str]) -> None:
-        proc = host.spawn([sys.executable, "-m", "pyipc", "--rundir", host.rundir,
-                           "pongd", name], env, stdout=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith(f"pongd: serving {name}")   # ready
 
     def client(self) -> pyipc.Context:
         """A context of a client on host A (A's run dir: A's ipcd)."""

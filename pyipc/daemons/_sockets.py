@@ -12,6 +12,8 @@ import socket
 import threading
 from typing import List, Tuple
 
+from .. import Context, IPCError
+
 log = logging.getLogger("pyipc.daemons")
 
 #: Pending connections a listening socket queues (listen(2)'s backlog).
@@ -149,6 +151,24 @@ def accept_some(listener: socket.socket) -> List[socket.socket]:
                     "closed at once", listener.getsockname(), os.strerror(errno.EMFILE),
                     shed)
     return accepted
+
+
+def accept_connections(ctx: Context, listener: socket.socket, what: str) -> List[int]:
+    """accept_some(), each socket then made a connection of `ctx` (a Unix
+    listening socket systemd passed: its clients are as a service's); the fds
+    taken. One that ctx refuses (e.g. past max_connections) is logged, as
+    `what` ("client", "request"), and closed."""
+    taken: List[int] = []
+    for sock in accept_some(listener):
+        fd = sock.detach()
+        try:
+            ctx.add_connection(fd)
+        except IPCError as e:
+            log.warning("cannot take a %s: %s", what, e)
+            os.close(fd)
+            continue
+        taken.append(fd)
+    return taken
 
 
 class LocalRefusal(Exception):

@@ -135,14 +135,7 @@ class Ipcd(Daemon):
 
     def _accept(self) -> None:
         assert self._listener is not None
-        for sock in _sockets.accept_some(self._listener):
-            fd = sock.detach()
-            try:
-                self.ctx.add_connection(fd)
-            except IPCError as e:
-                self.log.warning("ipcd: cannot take a client: %s", e)
-                os.close(fd)
-                continue
+        for fd in _sockets.accept_connections(self.ctx, self._listener, "client"):
             self._admit(fd)
 
     def _admit(self, client: int) -> None:

@@ -114,14 +114,7 @@ class Tlsd(Daemon):
 
     def _accept_ipcd(self, listener: socket.socket) -> None:
         """ipcd connected to the `tls` socket systemd made: a request."""
-        for sock in _sockets.accept_some(listener):
-            fd = sock.detach()
-            try:
-                self.ctx.add_connection(fd)
-            except IPCError as e:
-                self.log.warning("tlsd: cannot take a request: %s", e)
-                os.close(fd)
-                continue
+        for fd in _sockets.accept_connections(self.ctx, listener, "request"):
             self._requests[fd] = None
 
     def teardown(self) -> None:

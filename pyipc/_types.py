@@ -57,6 +57,10 @@ MAX_SOCKET_PATH = 107
 IPCD_SERVICE = "ipc"
 """Name of ipcd's service, reached by `connect()` when IPC_NETWORK is set."""
 
+MAX_IPCD_REASON = 400
+"""Bytes of an ipcd refusal ("ne " then code and text) kept at most: what the
+client shows, and what the daemons send (zig/ipcd_answer.zig's max_reason)."""
+
 DEFAULT_LINGER = 1.0
 """Default `linger` of a Context, in seconds: how long closing waits for
 scheduled messages to go out before it drops them (ZeroMQ's LINGER)."""

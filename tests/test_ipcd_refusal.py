@@ -16,7 +16,7 @@ import pytest
 
 import pyipc
 import pyipc.aio
-from pyipc._pure.fdpass import MAX_REASON
+from pyipc._types import MAX_IPCD_REASON as MAX_REASON
 
 from conftest import raises
 from test_aio import run

@@ -10,7 +10,8 @@ import socket
 import time
 from typing import TYPE_CHECKING, List, Optional
 
-from .._types import IPCD_SERVICE, IPCError, NetworkError, ServiceNotFoundError, TimeoutError
+from .._types import (IPCD_SERVICE, MAX_IPCD_REASON, IPCError, NetworkError,
+                      ServiceNotFoundError, TimeoutError)
 from .. import _rundir
 from .blocking import wait_fd
 from .conn_table import CONNECTION, Conn
@@ -22,9 +23,6 @@ if TYPE_CHECKING:
 #: Fds received with ipcd's answer at most (the first is used, the others
 #: closed; the kernel discards any beyond these).
 MAX_RECEIVED_FDS = 8
-#: Bytes of a refusal (code and text, after "ne ") kept at most
-#: (zig/ipcd_answer.zig's max_reason).
-MAX_REASON = 400
 #: Refusal codes that mean "no such service" (the others: NetworkError).
 _NOT_FOUND_CODES = (b"norule", b"noservice")
 #: Received fds are close-on-exec from the start, where the system can.
@@ -91,7 +89,7 @@ def _refusal_error(name: str, answer: bytes) -> IPCError:
     rest = answer[3:]
     for stop in (b"\0", b"\r", b"\n"):          # a reason is one line
         rest = rest.split(stop, 1)[0]
-    code, _, text = rest[:MAX_REASON].partition(b" ")
+    code, _, text = rest[:MAX_IPCD_REASON].partition(b" ")
     if not code:
         return IPCError(base)
     cls = ServiceNotFoundError if code in _NOT_FOUND_CODES else NetworkError

@@ -15,6 +15,8 @@ import socket
 import struct
 from typing import List, Optional
 
+from .._types import MAX_IPCD_REASON
+
 #: The refusal codes (the client raises ServiceNotFoundError for the first two,
 #: NetworkError for the others).
 NORULE = "norule"          # no rule of IPC_NETWORK names the service
@@ -27,9 +29,8 @@ TIMEOUT = "timeout"        # no answer in time
 BUSY = "busy"              # a bound on concurrent requests is reached
 BADREQUEST = "badrequest"  # the request itself is malformed
 
-#: Bytes of a refusal kept at most (code and text): the client shows no more
-#: (pyipc/_pure/fdpass.py MAX_REASON).
-MAX_REFUSAL = 400
+#: Bytes of a refusal kept at most (code and text): the client shows no more.
+MAX_REFUSAL = MAX_IPCD_REASON
 #: Largest answer a daemon may send ipcd (a frame of "ok" or "ne ..."):
 #: anything longer is a faulty daemon.
 MAX_ANSWER = 4096

@@ -29,6 +29,9 @@ TIMEOUT = "timeout"        # no answer in time
 BUSY = "busy"              # a bound on concurrent requests is reached
 BADREQUEST = "badrequest"  # the request itself is malformed
 
+#: Seconds a listening daemon (tcpd, tlsd) waits for the newline after the
+#: first bytes of a name before it takes them as libIPC's bare name.
+NAME_GRACE = 0.2
 #: Bytes of a refusal kept at most (code and text): the client shows no more.
 MAX_REFUSAL = MAX_IPCD_REASON
 #: Largest answer a daemon may send ipcd (a frame of "ok" or "ne ..."):

@@ -18,9 +18,6 @@ from ._tls_relay import TlsRelay, TlsRelayError
 MAX_NAME_BYTES = 255
 #: Longest `ne ...` answer kept from a remote (the rest is cut).
 MAX_ANSWER_BYTES = 1024
-#: Without a newline, what a remote sent is taken as the whole name after
-#: this many seconds (libIPC's tcpd sends a bare name; daemons.md).
-NAME_GRACE_S = 0.2
 
 
 class HandshakeFailed(Exception):

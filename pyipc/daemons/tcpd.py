@@ -2,7 +2,7 @@
 
 Incoming: tcpd listens on TCP addresses (default 127.0.0.1:9000). A peer
 connects and sends a service name and "\\n" (libIPC's tcpd sends the bare
-name: taken after HANDSHAKE_GRACE seconds without a newline). Only services
+name: taken after _netwire.NAME_GRACE seconds without a newline). Only services
 named with `expose` may be reached (deny by default). tcpd connects to the
 local service, answers a raw `ok` and switches the TCP socket with the
 service's connection: from then on the core relays the framed messages (with
@@ -47,9 +47,6 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_DEAD_PEER_TIMEOUT = 30.0
 #: Handshakes (incoming and outgoing) in progress at once; more: `ne busy`.
 DEFAULT_MAX_PENDING = 256
-#: Seconds tcpd waits for a newline after a name's first bytes before taking
-#: them as libIPC's bare name.
-HANDSHAKE_GRACE = 0.2
 #: Longest handshake line (a name is much shorter: the rest is refused).
 MAX_HANDSHAKE = 1024
 #: Seconds a refused peer has to read the refusal before its socket is closed.
@@ -278,7 +275,7 @@ class Tcpd(Daemon):
                                          f"(at most {MAX_HANDSHAKE} bytes)")
         if incoming.grace is None:                # libIPC's tcpd sends no newline
             fd = sock.fileno()
-            incoming.grace = self.call_later(HANDSHAKE_GRACE, lambda: self._bare_name(fd))
+            incoming.grace = self.call_later(wire.NAME_GRACE, lambda: self._bare_name(fd))
 
     def _bare_name(self, fd: int) -> None:
         incoming = self._incoming.get(fd)

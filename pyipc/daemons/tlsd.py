@@ -33,7 +33,7 @@ from .. import CBEvent, Event, EventType, IPCError, QueueFullError
 from . import _netwire as wire
 from . import _sockets, _systemd
 from ._runtime import Daemon
-from ._tls_handshake import MAX_NAME_BYTES, NAME_GRACE_S, Handshake, HandshakeFailed
+from ._tls_handshake import MAX_NAME_BYTES, Handshake, HandshakeFailed
 from ._tls_options import DEFAULT_PORT, TlsdConfig, client_context, parse_uri, server_context
 from ._tls_relay import TlsRelay, TlsRelayError
 
@@ -402,7 +402,7 @@ class Tlsd(Daemon):
             elif outcome == "name":
                 self._serve(hs, hs.name)
             elif not hs.dialing and hs.secure and hs.relay.plain() and hs.grace is None:
-                hs.grace = self.call_later(NAME_GRACE_S, lambda: self._bare_name(hs))
+                hs.grace = self.call_later(wire.NAME_GRACE, lambda: self._bare_name(hs))
         except HandshakeFailed as e:
             self._failed(hs, e)
 

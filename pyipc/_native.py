@@ -17,6 +17,7 @@ import logging
 import os
 import struct
 import sys
+import _thread
 import threading
 import time
 import weakref
@@ -33,6 +34,8 @@ from ._checks import (DISCARD_TEXT, Bytes, OnIn, OnOut, as_payload, as_payload_l
 from ._checks import check_reason, check_switch_data      # the switching extension
 from ._context import Context
 from ._events import EventQueue
+from ._threads import guarded_schedule
+from ._native_events import EventDecoder
 from ._types import Buffer, Payload
 from ._types import (DEFAULT_READ_MANY, ERRORS_BY_NAME, READ_MANY_BYTES, BackendError, CBEvent,
                      Event, EventType, InvalidNameError, IPCError, MessageTooLargeError)
@@ -111,7 +114,6 @@ _ERRORS = {getattr(lib, name): cls for name, cls in ERRORS_BY_NAME.items()}
 #: The EventType of each event type number of the core.
 _TYPES = {code: EventType[name]
           for code, name in ffi.typeof("enum event_types").elements.items()}
-_RX_CODE, _TX_CODE, _SWITCH_RX_CODE = lib.MESSAGE_RX, lib.MESSAGE_TX, lib.SWITCH_RX
 #: The core's number of each callback result (pyipc.CBEvent).
 _CB_CODES: dict[CBEvent, int] = {CBEvent[name[len("CB_"):]]: code
              for code, name in ffi.typeof("enum cb_event_types").elements.items()}
@@ -137,20 +139,15 @@ _ipc_schedule_many: Callable[..., int] = lib.ipc_schedule_many
 _ipc_schedule_room: Callable[..., int] = lib.ipc_schedule_room
 _from_buffer = ffi.from_buffer
 _active_count = threading.active_count
+_thread_count: Callable[[], int] = _thread._count
 _join = b"".join
 _unpack = ffi.unpack
-#: struct ipc_event as struct.iter_unpack decodes it (native sizes and alignment).
-_EVENT = struct.Struct("@iiqPIP")
-_EVENT_SIZE = ffi.sizeof("struct ipc_event")
-assert _EVENT.size == _EVENT_SIZE, "struct ipc_event layout does not match"
-_iter_unpack, _unpack_from = _EVENT.iter_unpack, _EVENT.unpack_from
 #: A bytes-slicing view of this process's memory from address 1: a payload at
 #: address A with length L (lent by the core, or in read()'s buffer) is copied
 #: out as _MEMORY[A-1:A-1+L], one C-level slice instead of several cffi calls.
 #: Only the slices taken are read, and only while the memory is valid (a lent
 #: payload until the core's next wait).
 _MEMORY: _Memory = ffi.buffer(ffi.cast("char *", 1), sys.maxsize - 1)
-_RX, _TX = EventType.MESSAGE_RX, EventType.MESSAGE_TX
 #: The range of a C int (an fd argument).
 _INT_MIN, _INT_MAX = -0x80000000, 0x7FFFFFFF
 
@@ -158,9 +155,9 @@ _INT_MIN, _INT_MAX = -0x80000000, 0x7FFFFFFF
 class NativeContext(Context):
     """The native (Zig) backend of `pyipc.Context`."""
 
-    __slots__ = ("_handle", "_ctx", "_events", "_event_bytes", "_ecount", "_sizes", "_count", "_lent",
+    __slots__ = ("_handle", "_ctx", "_events", "_decoder", "_ecount", "_sizes", "_count", "_lent",
                  "_rbuf", "_rbuf_at", "_rlen", "_core_timeout", "_handed",
-                 "_close_info", "_pfds", "_pdata", "_room", "_room_out", "_sched_done",
+                 "_close_info", "_pending", "_room", "_room_out", "_sched_done",
                  "_buffer_max", "_alone",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
@@ -183,8 +180,7 @@ class NativeContext(Context):
         self._check(lib.ipc_context_set_limits(self._ctx, self.max_message_size,
                                                self.max_queue_size, self.max_connections))
         self._events = ffi.new("struct ipc_event[]", EVENT_BATCH)
-        # The array's bytes, as struct decodes them (made once: ffi.buffer per wait costs).
-        self._event_bytes = memoryview(ffi.buffer(self._events))
+        self._decoder = EventDecoder(ffi, self._events, _MEMORY, _TYPES)
         self._sizes: _Cell[int] = ffi.new("uint32_t[]", DEFAULT_READ_MANY)
         self._count: _Cell[int] = ffi.new("size_t *")
         #: Events of the batch in _events not converted yet (see _keep_handed).
@@ -201,9 +197,9 @@ class NativeContext(Context):
             ffi.new("size_t *"), ffi.new("int *"), ffi.new("size_t *"))
         self._callbacks: dict[int, Tuple[Optional[OnIn], Optional[OnOut]]] = {}
         # schedule()'s buffer (see SCHEDULE_BUFFERED and _flush): the fd and the
-        # payload of each message not handed to the core yet, in order.
-        self._pfds: list[int] = []
-        self._pdata: list[bytes] = []
+        # payload of each message not handed to the core yet, in order, flat
+        # (fd, payload, fd, payload...: one list, grown two items at a time).
+        self._pending: list[Any] = []
         #: fd -> bytes its core queue still takes, learnt (ipc_schedule_room)
         #: since the last call into the core, minus what was buffered since.
         #: An fd with buffered messages always has its entry.
@@ -303,7 +299,7 @@ class NativeContext(Context):
         deadline = self._start_timeout(timeout)     # first, as the pure backend
         fd: _Cell[int] = ffi.new("int *")
         raw = _name_bytes(name)
-        if self._pfds:
+        if self._pending:
             self._flush()
         while True:
             rc = lib.ipc_connect(self._ctx, fd, raw, len(raw))
@@ -320,14 +316,14 @@ class NativeContext(Context):
         self._check(lib.ipc_add_connection(self._ctx, _fd_arg(fd)), fd)
 
     def add_switch(self, fd1: int, fd2: int) -> None:
-        if self._pfds:
+        if self._pending:
             self._flush()
         self._check(lib.ipc_add_switch(self._ctx, _fd_arg(fd1), _fd_arg(fd2)), fd1, fd2)
 
     def set_switch_callbacks(self, fd: int, on_in: Optional[OnIn],
                              on_out: Optional[OnOut]) -> None:
         check_callbacks(on_in, on_out)
-        if self._pfds:
+        if self._pending:
             self._flush()
         self._check(lib.ipc_set_switch_callbacks(
             self._ctx, _fd_arg(fd),
@@ -361,7 +357,7 @@ class NativeContext(Context):
         # out first, for `linger` seconds at most; what is left is logged as a
         # warning with its count (docs/reference.md, "close").
         linger = self._linger_of(linger)
-        if self._pfds:
+        if self._pending:
             self._flush()
         count, peer, peer_count = self._close_info
         peer[0] = -1
@@ -386,7 +382,7 @@ class NativeContext(Context):
 
     def close_all(self) -> None:
         try:
-            if self._pfds:
+            if self._pending:
                 self._flush()
             self._linger(-1, self.linger)
             self._warn_unsent()
@@ -452,7 +448,7 @@ class NativeContext(Context):
         raise AssertionError("unreachable: no max_message_size allows 4 GiB")
 
     def write(self, fd: int, payload: Payload, timeout: Optional[float] = None) -> None:
-        if self._pfds:      # what schedule() buffered goes first
+        if self._pending:      # what schedule() buffered goes first
             self._flush()
         if timeout is None and self._core_timeout is None and type(payload) is bytes \
                 and type(fd) is int:     # fast path: no conversion
@@ -520,6 +516,29 @@ class NativeContext(Context):
                 ffi.release(pin)
 
     def schedule(self, fd: int, payload: Payload) -> None:
+        """Queue one message for fd; the event loop sends it (MESSAGE_TX).
+
+        The per-message call of a sending loop (issue 21). While this process
+        has one thread, a small bytes payload for an fd whose room is known
+        this round is buffered here, in one frame and with no lock: no other
+        thread can be inside the context (only this one could have started
+        one), and a signal handler that calls in between is a nested call of
+        the owner, which the guard lets in anyway. The buffer is one flat list
+        grown by one C call, so a handler sees it whole. Everything else goes
+        through the thread guard (pyipc._threads) to _schedule_direct."""
+        if type(payload) is bytes and type(fd) is int and not _thread_count():
+            room = self._room.get(fd, -1) - len(payload) - 4
+            if room >= 0 and len(payload) <= self._buffer_max:
+                self._room[fd] = room
+                self._pending += (fd, payload)
+                return None
+        return self._schedule_guarded(fd, payload)
+
+    schedule._guarded = True  # type: ignore[attr-defined]
+
+    def _schedule_direct(self, fd: int, payload: Payload) -> None:
+        """schedule() inside the guard: buffered (see SCHEDULE_BUFFERED) or
+        queued by the core at once."""
         if type(payload) is bytes and type(fd) is int:     # fast path: no conversion
             size = len(payload)
             if size <= self._buffer_max:
@@ -531,10 +550,9 @@ class NativeContext(Context):
                 room -= size + 4
                 if room >= 0:
                     self._room[fd] = room
-                    self._pfds.append(fd)
-                    self._pdata.append(payload)
+                    self._pending += (fd, payload)
                     return
-            if self._pfds:      # in order: what was buffered goes first
+            if self._pending:      # in order: what was buffered goes first
                 self._flush()
             try:
                 rc = _ipc_schedule(self._ctx, fd, payload, len(payload))
@@ -544,12 +562,15 @@ class NativeContext(Context):
                 if rc:
                     self._check(rc, fd)
                 return
-        if self._pfds:
+        if self._pending:
             self._flush()
         buf, size = self._payload(fd, payload)
         with buf:       # released before an exception leaves (see _payload)
             rc = lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size)
         self._check(rc, fd)
+
+    #: schedule() through the thread guard (the slow path of schedule()).
+    _schedule_guarded = guarded_schedule(_schedule_direct)
 
     def _room_of(self, fd: int, size: int) -> int:
         """What fd's core queue takes now, schedule()'s checks of fd and of a
@@ -566,7 +587,8 @@ class NativeContext(Context):
         so the room learnt is forgotten). Every message was checked when it
         was scheduled; only running out of memory can fail here, and then
         what was not queued stays buffered for the next call."""
-        fds, data = self._pfds, self._pdata
+        pending = self._pending
+        fds, data = pending[0::2], pending[1::2]
         self._room.clear()
         done = self._sched_done
         done[0] = 0
@@ -576,17 +598,15 @@ class NativeContext(Context):
                                     _from_buffer("uint32_t[]", array("I", map(len, data))),
                                     len(fds), done)
         finally:        # a signal's exception included: what was queued is not sent again
-            del fds[:done[0]], data[:done[0]]
+            del pending[:2 * done[0]]
         if rc:
-            bad = fds[0]
             if rc != _E_NO_MEMORY:      # not expected (checked): reported, not retried
-                del fds[0], data[0]
-            self._check(rc, bad)
+                del pending[:2]
+            self._check(rc, fds[done[0]])
 
     def _drop_buffered(self) -> None:
         """Forget what schedule() buffered (a forked child's copy)."""
-        self._pfds.clear()
-        self._pdata.clear()
+        self._pending.clear()
         self._room.clear()
 
     def read(self, fd: int, timeout: Optional[float] = None) -> bytes:
@@ -603,7 +623,7 @@ class NativeContext(Context):
         # A plain int goes straight in (no _fd_arg call: it is a hot path).
         c_fd = fd if type(fd) is int and _INT_MIN <= fd <= _INT_MAX else _fd_arg(fd)
         while True:
-            if self._pfds:      # also after a hand-over (_read_again)
+            if self._pending:      # also after a hand-over (_read_again)
                 self._flush()
             rlen[0] = READ_BUFFER
             rc = _ipc_read_fd(self._ctx, c_fd, buf, rlen)
@@ -624,7 +644,7 @@ class NativeContext(Context):
         items = as_payload_list(payloads)
         deadline = self._start_timeout(timeout) \
             if timeout is not None or self._core_timeout is not None else None
-        if self._pfds:
+        if self._pending:
             self._flush()
         rc = self._write_items(fd, items)
         if rc == _E_INTERRUPTED:
@@ -647,7 +667,7 @@ class NativeContext(Context):
             ffi.new("uint32_t[]", max_messages)
         buf, rlen, count = self._rbuf, self._rlen, self._count
         while True:
-            if self._pfds:
+            if self._pending:
                 self._flush()
             rlen[0] = READ_BUFFER
             rc = _ipc_read_many(self._ctx, _fd_arg(fd), buf, rlen, sizes, max_messages, count)
@@ -677,7 +697,7 @@ class NativeContext(Context):
         # (see _payload).
         with ffi.from_buffer(view) as target:
             while True:
-                if self._pfds:
+                if self._pending:
                     self._flush()
                 rlen[0] = len(view)
                 rc = _ipc_read_into(self._ctx, _fd_arg(fd), target, rlen)
@@ -743,7 +763,7 @@ class NativeContext(Context):
         # Another loop waits on this fd, not in the core: schedule() must
         # reach the core at once from now on, so that the fd turns readable.
         self._buffer_max = -1
-        if self._pfds:
+        if self._pending:
             self._flush()
         return self._check(lib.ipc_context_fd(self._ctx))
 
@@ -783,7 +803,7 @@ class NativeContext(Context):
         """One wait in the core, then up to `capacity` of the events it has
         queued (EVENT_BATCH: every one), converted; none when a wake-up or a
         signal ended the wait."""
-        if self._pfds:
+        if self._pending:
             self._flush()
         ctx, events, count = self._ctx, self._events, self._ecount
         out: list[Event] = []
@@ -794,14 +814,14 @@ class NativeContext(Context):
                     return []
                 self._check(rc)
             n = count[0]
-            out = _convert(self._event_bytes, n)
+            out = self._decoder.decode(n)
             count[0] = 0        # converted (see _keep_handed)
             while n == EVENT_BATCH and _ipc_pending_events(ctx):
                 rc = _ipc_wait_events(ctx, events, EVENT_BATCH, count)
                 if rc:
                     self._check(rc)
                 n = count[0]
-                out += _convert(self._event_bytes, n)
+                out += self._decoder.decode(n)
                 count[0] = 0
         except BaseException:
             self._keep_handed(out)
@@ -820,35 +840,10 @@ class NativeContext(Context):
         n = count[0]
         self._handed.extend(converted)
         if n:
-            self._handed.extend(_convert(self._event_bytes, n))
+            self._handed.extend(self._decoder.decode(n))
             count[0] = 0
         if self._handed:            # fileno() readable while they wait here
             lib.ipc_wakeup(self._ctx)
-
-
-def _convert(event_bytes: memoryview, n: int) -> list[Event]:
-    """The first `n` events of the batch the core filled: the structs are
-    decoded in one C call (struct.iter_unpack) and each payload is one slice of
-    _MEMORY (one copy). One message, the usual result of a wait in a
-    request-reply loop, is decoded on its own: no view slice, no iterator."""
-    rx = _RX_CODE
-    if n == 1:
-        etype, fd, index, msg, mlen, err = _unpack_from(event_bytes)
-        if etype == rx:                      # MESSAGE_RX (else: the loop below)
-            return [Event(_RX, fd, index, _MEMORY[msg - 1:msg - 1 + mlen], None)]
-    out: list[Event] = []
-    append, mem, tx = out.append, _MEMORY, _TX_CODE
-    for etype, fd, index, msg, mlen, err in _iter_unpack(event_bytes[:n * _EVENT_SIZE]):
-        if etype == rx:                      # MESSAGE_RX: the hot case
-            append(Event(_RX, fd, index, mem[msg - 1:msg - 1 + mlen], None))
-        elif etype == tx:                    # MESSAGE_TX: one per scheduled message
-            append(Event(_TX, fd, index, None, None))
-        else:
-            payload = mem[msg - 1:msg - 1 + mlen] if etype == _SWITCH_RX_CODE else None
-            error = ffi.string(ffi.cast("char *", err)).decode("utf-8", "replace") \
-                if err else None
-            append(Event(_TYPES[etype], fd, index, payload, error))
-    return out
 
 
 def split_payloads(buffer: Buffer, sizes: list[int]) -> list[bytes]:

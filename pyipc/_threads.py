@@ -284,7 +284,8 @@ def _guarded(method: Method) -> Method:
     return call
 
 
-def _guarded_schedule(direct: Direct) -> Direct:
+def guarded_schedule(direct: Direct) -> Direct:
+    """`direct` (a backend's schedule, unguarded) wrapped in the guard."""
     @functools.wraps(direct)
     def schedule(self: Any, fd: int, payload: Payload) -> None:
         guard: ThreadGuard = self._guard
@@ -315,7 +316,7 @@ def guard_methods(cls: type[Any]) -> None:
             setattr(cls, name, _guarded(method))
     if not getattr(cls.schedule, "_guarded", False):
         cls._schedule_direct = cls.schedule
-        cls.schedule = _guarded_schedule(cls.schedule)
+        cls.schedule = guarded_schedule(cls.schedule)
 
 
 #: What any call but close, close_all and leaving a `with` raises in a

@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import enum
 import sys
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 if sys.version_info >= (3, 12):
     from collections.abc import Buffer as Buffer    # re-exported: the backends use it
@@ -104,30 +104,27 @@ class CBEvent(enum.IntEnum):
     MORE = 4
 
 
-class Event:
-    """One thing that happened on a context.
+class Event(NamedTuple):
+    """One thing that happened on a context: an immutable named tuple.
 
     `type` is an `EventType`; `fd` the connection it concerns (-1 for
     TIMER); `index` the connection's slot in the context's table (-1 for
     TIMER); `message` the payload for MESSAGE_RX and SWITCH_RX (else None);
     `error` the reason for an ERROR event (else None).
+
+    Events are values: equal when their fields are equal, hashable, and
+    never changed once made (an attribute cannot be set). A batch from
+    `wait_events()` may therefore hold one Event object several times, e.g.
+    one MESSAGE_TX per message scheduled on a fd: each element still stands
+    for one event (see docs/reference.md, "Events").
     """
 
-    __slots__ = ("type", "fd", "index", "message", "error")
-
-    def __init__(
-        self,
-        type: EventType,
-        fd: int = -1,
-        index: int = -1,
-        message: Optional[bytes] = None,
-        error: Optional[str] = None,
-    ) -> None:
-        self.type = type
-        self.fd = fd
-        self.index = index
-        self.message = message
-        self.error = error
+    type: EventType
+    fd: int = -1
+    #: (As a field, `index` hides tuple.index(), which an Event does not need.)
+    index: int = -1  # type: ignore[assignment]
+    message: Optional[bytes] = None
+    error: Optional[str] = None
 
     def __repr__(self) -> str:
         parts = [f"Event({self.type.name}", f"fd={self.fd}", f"index={self.index}"]
@@ -137,14 +134,6 @@ class Event:
         if self.error is not None:
             parts.append(f"error={self.error!r}")
         return ", ".join(parts) + ")"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Event):
-            return NotImplemented
-        return (self.type, self.fd, self.index, self.message, self.error) == (
-            other.type, other.fd, other.index, other.message, other.error)
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 class IPCError(OSError):

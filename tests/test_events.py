@@ -267,3 +267,57 @@ def test_switch_callback_events_fd_and_index(ctx_factory):
         left.detach()
         right.close()
         os.close(w)
+
+
+def test_event_is_an_immutable_value():
+    """Events are values (a named tuple): equal by their fields, hashable,
+    never changed once made, so a batch may hold one object several times."""
+    ev = pyipc.Event(EventType.MESSAGE_RX, 5, 1, b"hi")
+    assert ev == pyipc.Event(EventType.MESSAGE_RX, fd=5, index=1, message=b"hi", error=None)
+    assert ev != pyipc.Event(EventType.MESSAGE_RX, 5, 2, b"hi")
+    assert hash(ev) == hash(pyipc.Event(EventType.MESSAGE_RX, 5, 1, b"hi"))
+    kind, fd, index, message, error = ev
+    assert (kind, fd, index, message, error) == (EventType.MESSAGE_RX, 5, 1, b"hi", None)
+    with pytest.raises(AttributeError):
+        ev.fd = 6      # type: ignore[misc]
+    assert pyipc.Event(EventType.TIMER) == (EventType.TIMER, -1, -1, None, None)
+
+
+def test_a_round_of_message_tx_on_two_fds_counts_each_message(ctx_factory):
+    """A sender's round of MESSAGE_TX on two connections (the native
+    backend decodes a run on one fd as one repeated Event): one event per
+    scheduled message, each with its own fd and index."""
+    server, client = ctx_factory(), ctx_factory()
+    server.service_init("tx2")
+    a, b = client.connect_service("tx2"), client.connect_service("tx2")
+    for i in range(300):
+        client.schedule(a, b"a%d" % i)
+        if i % 3 == 0:
+            client.schedule(b, b"b%d" % i)
+    events = collect(client, lambda e: len(e) >= 400)
+    assert len(events) == 400
+    assert all(e.type == EventType.MESSAGE_TX and e.message is None for e in events)
+    assert sorted((e.fd, e.index) for e in events) == sorted([(a, 0)] * 300 + [(b, 1)] * 100)
+
+
+def test_a_round_of_message_rx_from_two_connections_keeps_each_order(ctx_factory):
+    """A receiver's round from two connections, sizes mixed (the native
+    backend decodes a round of MESSAGE_RX by columns): every message once,
+    whole, with its sender's fd and index, in each sender's order."""
+    server = ctx_factory()
+    server.service_init("rx2")
+    clients = [ctx_factory() for _ in range(2)]
+    fds = [c.connect_service("rx2") for c in clients]
+    joined = collect(server, lambda e: len(e) >= 2)
+    index_of = {e.fd: e.index for e in joined}
+    sent = {0: [b"x" * (i % 7) + b"%d" % i for i in range(200)],
+            1: [b"y" * 64 for _ in range(150)]}
+    for k, c in enumerate(clients):
+        c.write_many(fds[k], sent[k])
+    events = collect(server, lambda e: len(e) >= 350)
+    assert all(e.type == EventType.MESSAGE_RX for e in events)
+    by_fd: dict[int, list[bytes]] = {}
+    for e in events:
+        assert e.index == index_of[e.fd]
+        by_fd.setdefault(e.fd, []).append(e.message)
+    assert sorted(by_fd.values(), key=len, reverse=True) == [sent[0], sent[1]]

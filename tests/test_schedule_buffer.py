@@ -190,14 +190,16 @@ def test_native_buffers_small_payloads_only(rundir):
         server.service_init("svc")
         fd = client.connect_service("svc")
         client.schedule(fd, b"x" * 4096)
-        assert len(client._pdata) == 1
+        assert client._pending == [fd, b"x" * 4096]
+        client.schedule(fd, b"y")                  # the room is known: the fast path
+        assert client._pending == [fd, b"x" * 4096, fd, b"y"]
         client.schedule(fd, b"x" * 4097)           # flushes, then the core queues it
-        assert client._pdata == [] and client._room == {}
+        assert client._pending == [] and client._room == {}
         client.schedule(fd, b"small")
         client.fileno()
-        assert client._pdata == []
+        assert client._pending == []
         client.schedule(fd, b"small")
-        assert client._pdata == []                 # not buffered after fileno()
+        assert client._pending == []               # not buffered after fileno()
 
 
 def test_native_reads_wait_in_the_kernel_only_when_alone(rundir):

@@ -297,19 +297,19 @@ def test_native_keeps_events_a_handler_exception_interrupted_the_hand_over(rundi
 
 def _check_kept(pair: Pair, native, monkeypatch) -> None:
     pair.client.write_many(pair.client_fd, [b"a", b"b", b"c"])
-    real = native._convert
+    real = native.EventDecoder.decode
     calls = []
 
-    def interrupted(event_bytes, n):
+    def interrupted(decoder, n):
         calls.append(n)
         if len(calls) == 1:
             raise Alarm("during the hand-over")
-        return real(event_bytes, n)
+        return real(decoder, n)
 
-    monkeypatch.setattr(native, "_convert", interrupted)
+    monkeypatch.setattr(native.EventDecoder, "decode", interrupted)
     with pytest.raises(Alarm):
         pair.server.wait_events()
-    monkeypatch.setattr(native, "_convert", real)
+    monkeypatch.setattr(native.EventDecoder, "decode", real)
     got = []
     while len(got) < 3:
         got += [ev.message for ev in pair.server.wait_events(timeout=5)

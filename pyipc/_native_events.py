@@ -9,8 +9,9 @@ event:
 - a batch of MESSAGE_TX on one connection (a sender's loop): one `Event`,
   repeated (events are immutable, so a repeated object is the same value);
 - a batch of MESSAGE_RX (a receiver's loop): each field read as a column of
-  the array (a strided memoryview, `tolist()` in C), each payload one slice
-  of the process's memory, the tuples made by `map(tuple.__new__)`.
+  the array (a strided memoryview, `tolist()` in C), the payloads cut by
+  struct from the one piece of memory they usually lie in (else one slice
+  each), the tuples made by `map(tuple.__new__)`.
 
 Anything else (errors, connections, mixed batches) goes event by event.
 """
@@ -19,9 +20,9 @@ from __future__ import annotations
 
 import struct
 from functools import partial
-from itertools import repeat
+from itertools import chain, repeat
 from operator import add, sub
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Optional
 
 from ._types import Event, EventType
 
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
         def __getitem__(self, s: slice) -> bytes: ...
 
 _RX, _TX = EventType.MESSAGE_RX, EventType.MESSAGE_TX
+#: A round of equal-sized payloads in more pieces of memory than this is cut
+#: one payload at a time (a piece is usually a 64 KiB chunk of the core's).
+MAX_PIECES = 4
 #: The struct format letters of the fields read as columns.
 _Format = Literal["i", "I", "q", "P"]
 #: An Event from a 5-tuple of its fields, in C (what namedtuple's _make does).
@@ -93,10 +97,27 @@ class EventDecoder:
         return column
 
     def _payloads(self, view: memoryview) -> Iterator[bytes]:
-        """The payload of every struct in `view` (MESSAGE_RX), each copied
-        by one slice of memory, with no Python step per payload."""
-        starts = list(map(sub, self._column(view, "message"), repeat(1)))
-        ends = map(add, starts, self._column(view, "message_len"))
+        """The payload of every struct in `view` (MESSAGE_RX), with no Python
+        step per payload. The core copies small payloads back to back into
+        64 KiB chunks, each followed by a NUL (for C callers), so a round of
+        equal sizes lies in a few pieces of memory (one per chunk): each piece
+        is copied once and cut by struct (one bytes a payload, made in C).
+        Otherwise each payload is one slice of memory."""
+        addresses, sizes = self._column(view, "message"), self._column(view, "message_len")
+        size = sizes[0]
+        if sizes.count(size) == len(sizes):
+            pieces = _pieces(addresses, size + 1)
+            if pieces is not None:
+                # Only the payloads' bytes are read (a piece's last NUL is
+                # not): each piece gets a NUL of ours, so that struct cuts it
+                # evenly.
+                fmt, memory = f"{size}sx", self._memory
+                return chain.from_iterable(
+                    chain.from_iterable(struct.iter_unpack(
+                        fmt, memory[at - 1:at - 1 + count * (size + 1) - 1] + b"\0"))
+                    for at, count in pieces)
+        starts = list(map(sub, addresses, repeat(1)))
+        ends = map(add, starts, sizes)
         return map(self._memory.__getitem__, map(slice, starts, ends))
 
     def _one(self, fields: tuple[int, int, int, int, int, int]) -> Event:
@@ -109,6 +130,27 @@ class EventDecoder:
         error = self._ffi.string(self._ffi.cast("char *", err)).decode("utf-8", "replace") \
             if err else None
         return _new_event((etype, fd, index, payload, error))
+
+
+def _pieces(addresses: list[int], stride: int) -> Optional[list[tuple[int, int]]]:
+    """`addresses` as runs of evenly spaced ones, `stride` apart: [(first
+    address, count)], or None when there are more than MAX_PIECES runs. Each
+    run is found with C-level calls: its addresses minus the progression it
+    would follow are zeros up to where it breaks (the next chunk lies
+    elsewhere)."""
+    pieces: list[tuple[int, int]] = []
+    start, n = 0, len(addresses)
+    while start < n:
+        if len(pieces) == MAX_PIECES:
+            return None
+        first = addresses[start]
+        offsets = list(map(sub, addresses[start:],
+                           range(first, first + (n - start) * stride, stride)))
+        off = next(filter(None, offsets), None)        # where the run breaks
+        count = len(offsets) if off is None else offsets.index(off)
+        pieces.append((first, count))
+        start += count
+    return pieces
 
 
 def _column(ffi: Any, name: str, fmt: _Format, size: int) -> tuple[_Format, int, int]:

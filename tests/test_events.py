@@ -321,3 +321,26 @@ def test_a_round_of_message_rx_from_two_connections_keeps_each_order(ctx_factory
         assert e.index == index_of[e.fd]
         by_fd.setdefault(e.fd, []).append(e.message)
     assert sorted(by_fd.values(), key=len, reverse=True) == [sent[0], sent[1]]
+
+
+def test_rounds_of_equal_sized_messages_arrive_whole_and_in_order(pair):
+    """Thousands of equal-sized messages, each different (the native backend
+    cuts a round of equal sizes from the pieces of memory the core copied
+    them into, one 64 KiB chunk each): every payload once, in order."""
+    sent = [b"%064d" % i for i in range(4000)]
+    got = []
+    for start in range(0, len(sent), 2000):      # 2,000 frames (136 KB) fit the socket
+        pair.client.write_many(pair.client_fd, sent[start:start + 2000])
+        got += collect(pair.server, lambda e: len(e) >= 2000)
+    assert [e.message for e in got] == sent
+
+
+def test_native_payload_pieces():
+    """White box: the runs of evenly spaced payload addresses."""
+    from conftest import require_backend
+    require_backend("native")
+    from pyipc._native_events import MAX_PIECES, _pieces
+    assert _pieces([10, 15, 20], 5) == [(10, 3)]
+    assert _pieces([10, 15, 20, 100, 105, 3], 5) == [(10, 3), (100, 2), (3, 1)]
+    assert _pieces([10, 16, 22], 5) == [(10, 1), (16, 1), (22, 1)]
+    assert _pieces(list(range(0, 5 * (MAX_PIECES + 1), 5))[::-1], 5) is None

@@ -247,7 +247,7 @@ pub const Queue = struct {
         }
         if (self.head < 1024 or self.head < self.items.items.len / 2) return;
         const rest = self.items.items[self.head..];
-        std.mem.copyForwards(Event, self.items.items[0..rest.len], rest);
+        @memmove(self.items.items[0..rest.len], rest);
         self.items.shrinkRetainingCapacity(rest.len);
         self.head = 0;
     }

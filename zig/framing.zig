@@ -140,7 +140,7 @@ pub const Decoder = struct {
                 self.buf.clearRetainingCapacity();
             return;
         }
-        std.mem.copyForwards(u8, items[0 .. items.len - n], items[n..]);
+        @memmove(items[0 .. items.len - n], items[n..]);
         self.buf.shrinkRetainingCapacity(items.len - n);
     }
 

@@ -109,12 +109,12 @@ pub const SendQueue = struct {
     fn compact(self: *SendQueue) void {
         if (self.head == 0 or self.head < self.bytes.items.len / 2) return;
         const rest = self.bytes.items[self.head..];
-        std.mem.copyForwards(u8, self.bytes.items[0..rest.len], rest);
+        @memmove(self.bytes.items[0..rest.len], rest);
         self.bytes.shrinkRetainingCapacity(rest.len);
         self.head = 0;
         if (self.first > 0) {
             const live = self.frames.items[self.first..];
-            std.mem.copyForwards(FrameInfo, self.frames.items[0..live.len], live);
+            @memmove(self.frames.items[0..live.len], live);
             self.frames.shrinkRetainingCapacity(live.len);
             self.first = 0;
         }

@@ -102,10 +102,11 @@ class EventDecoder:
         64 KiB chunks, each followed by a NUL (for C callers), so a round of
         equal sizes lies in a few pieces of memory (one per chunk): each piece
         is copied once and cut by struct (one bytes a payload, made in C).
-        Otherwise each payload is one slice of memory."""
+        Otherwise (empty payloads too: their addresses mean nothing) each
+        payload is one slice of memory."""
         addresses, sizes = self._column(view, "message"), self._column(view, "message_len")
         size = sizes[0]
-        if sizes.count(size) == len(sizes):
+        if size and sizes.count(size) == len(sizes):
             pieces = _pieces(addresses, size + 1)
             if pieces is not None:
                 # Only the payloads' bytes are read (a piece's last NUL is

@@ -344,3 +344,10 @@ def test_native_payload_pieces():
     assert _pieces([10, 15, 20, 100, 105, 3], 5) == [(10, 3), (100, 2), (3, 1)]
     assert _pieces([10, 16, 22], 5) == [(10, 1), (16, 1), (22, 1)]
     assert _pieces(list(range(0, 5 * (MAX_PIECES + 1), 5))[::-1], 5) is None
+
+
+def test_a_round_of_empty_messages(pair):
+    """Empty payloads in one round (their addresses in the core mean nothing)."""
+    pair.client.write_many(pair.client_fd, [b""] * 300)
+    events = collect(pair.server, lambda e: len(e) >= 300)
+    assert [e.message for e in events] == [b""] * 300

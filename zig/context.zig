@@ -513,8 +513,21 @@ pub const Context = struct {
 
     fn scratchBuffer(self: *Context) Allocator.Error![]u8 {
         if (self.scratch) |s| return s;
-        self.scratch = try self.gpa.alloc(u8, scratch_size);
+        self.scratch = self.events.takeSpare(scratch_size) orelse
+            try self.gpa.alloc(u8, scratch_size);
         return self.scratch.?;
+    }
+
+    /// The scratch buffer, when `payload` (a frame decoded from it) is large
+    /// enough that the event queue would give it a buffer of its own anyway
+    /// (over events.chunk_size): then the event may take the scratch itself.
+    fn scratchHolding(self: *const Context, payload: []const u8) ?[]u8 {
+        const s = self.scratch orelse return null;
+        if (payload.len <= events_mod.chunk_size) return null;
+        const start = @intFromPtr(s.ptr);
+        const at = @intFromPtr(payload.ptr);
+        if (at < start or at + payload.len > start + s.len) return null;
+        return s;
     }
 
     fn gatherBuffer(self: *Context) Allocator.Error![]u8 {
@@ -1127,6 +1140,15 @@ pub const Context = struct {
             if (self.forward and self.conn.peer != null) {
                 try switching.forward(self.ctx, self.conn, payload);
                 if (!self.conn.alive) return error.Stopped;
+            } else if (self.ctx.scratchHolding(payload)) |memory| {
+                // A large frame that arrived whole in the scratch buffer: the
+                // event takes that buffer instead of a copy of the payload
+                // (the rest of the read is still decoded from it; it stays
+                // valid until the event is consumed). The next read gets
+                // another buffer, usually the spare this one becomes.
+                self.ctx.scratch = null;
+                self.frames -= 1;
+                try self.frameOwned(memory, payload);
             } else {
                 try self.ctx.events.pushData(
                     self.ctx.gpa,

@@ -9,6 +9,7 @@ const context = @import("context.zig");
 const Context = context.Context;
 const sys = @import("sys.zig");
 const framing = @import("framing.zig");
+const events_mod = @import("events.zig");
 const EventType = @import("events.zig").EventType;
 const switching = @import("switching.zig");
 const copy_max = @import("gather.zig").copy_max;
@@ -221,6 +222,30 @@ fn floodSend(run: *const TmpRun, count: u32) !void {
         @memcpy(msg[4..], "data");
         try ctx.write(fd, &msg);
     }
+}
+
+test "a large frame that arrives whole in one read: the event takes the scratch buffer" {
+    var p = try Pair.init("scratch");
+    defer p.deinit();
+    // Two large frames and a small one in one send: the first large one is
+    // handed over with the scratch buffer, the others are copied from it.
+    const big: [events_mod.chunk_size + 10]u8 = @splat('b');
+    var stream: std.ArrayList(u8) = .empty;
+    defer stream.deinit(gpa);
+    const payloads = [_][]const u8{ &big, "small", big[0 .. big.len - 1] };
+    for (payloads) |pl| {
+        try stream.appendSlice(gpa, &framing.encodeHeader(@intCast(pl.len)));
+        try stream.appendSlice(gpa, pl);
+    }
+    try sendRaw(p.client_fd, stream.items);
+    var first = try expectEvent(p.server, .message_rx, p.server_fd, &big);
+    first.deinit();
+    try testing.expect(p.server.scratch == null); // handed over, not copied
+    for (payloads[1..]) |pl| try expectOnly(p.server, .message_rx, p.server_fd, pl);
+    // The next read works from a buffer again (the spare the first became).
+    try sendRaw(p.client_fd, stream.items);
+    for (payloads) |pl| try expectOnly(p.server, .message_rx, p.server_fd, pl);
+    try testing.expect(p.server.events.spare != null or p.server.scratch != null);
 }
 
 test "a flood of 200,000 messages is delivered whole and in order" {

@@ -31,7 +31,7 @@ pub const EventType = enum(i32) {
     switch_tx = 8,
 };
 
-const chunk_size = 64 * 1024;
+pub const chunk_size = 64 * 1024;
 
 comptime {
     // A frame with its own receive buffer (direct_read_min or more, see

@@ -38,6 +38,9 @@ _RX, _TX = EventType.MESSAGE_RX, EventType.MESSAGE_TX
 #: A round of equal-sized payloads in more pieces of memory than this is cut
 #: one payload at a time (a piece is usually a 64 KiB chunk of the core's).
 MAX_PIECES = 4
+#: Payloads of up to this many bytes are cut from pieces of memory (a piece
+#: is copied twice before struct cuts it; a larger payload is sliced alone).
+PIECE_MAX_SIZE = 1024
 #: The struct format letters of the fields read as columns.
 _Format = Literal["i", "I", "q", "P"]
 #: An Event from a 5-tuple of its fields, in C (what namedtuple's _make does).
@@ -102,11 +105,12 @@ class EventDecoder:
         64 KiB chunks, each followed by a NUL (for C callers), so a round of
         equal sizes lies in a few pieces of memory (one per chunk): each piece
         is copied once and cut by struct (one bytes a payload, made in C).
-        Otherwise (empty payloads too: their addresses mean nothing) each
-        payload is one slice of memory."""
+        Otherwise each payload is one slice of memory: empty payloads (their
+        addresses mean nothing), and payloads over PIECE_MAX_SIZE, for which
+        the piece's two extra copies cost more than a slice's Python step."""
         addresses, sizes = self._column(view, "message"), self._column(view, "message_len")
         size = sizes[0]
-        if size and sizes.count(size) == len(sizes):
+        if 0 < size <= PIECE_MAX_SIZE and sizes.count(size) == len(sizes):
             pieces = _pieces(addresses, size + 1)
             if pieces is not None:
                 # Only the payloads' bytes are read (a piece's last NUL is

@@ -518,18 +518,6 @@ pub const Context = struct {
         return self.scratch.?;
     }
 
-    /// The scratch buffer, when `payload` (a frame decoded from it) is large
-    /// enough that the event queue would give it a buffer of its own anyway
-    /// (over events.chunk_size): then the event may take the scratch itself.
-    fn scratchHolding(self: *const Context, payload: []const u8) ?[]u8 {
-        const s = self.scratch orelse return null;
-        if (payload.len <= events_mod.chunk_size) return null;
-        const start = @intFromPtr(s.ptr);
-        const at = @intFromPtr(payload.ptr);
-        if (at < start or at + payload.len > start + s.len) return null;
-        return s;
-    }
-
     fn gatherBuffer(self: *Context) Allocator.Error![]u8 {
         if (self.gather_buf) |s| return s;
         self.gather_buf = try self.gpa.alloc(u8, gather_mod.buffer_size);
@@ -1134,30 +1122,55 @@ pub const Context = struct {
         conn: *Conn,
         forward: bool,
         frames: usize = 0,
+        /// The chunk of a scratch buffer that an event took in this read.
+        shared: ?*events_mod.Chunk = null,
         pub fn frame(self: *RxSink, payload: []const u8) framing.SinkError!void {
             if (!self.conn.alive) return error.Stopped;
             self.frames += 1;
             if (self.forward and self.conn.peer != null) {
                 try switching.forward(self.ctx, self.conn, payload);
                 if (!self.conn.alive) return error.Stopped;
-            } else if (self.ctx.scratchHolding(payload)) |memory| {
-                // A large frame that arrived whole in the scratch buffer: the
-                // event takes that buffer instead of a copy of the payload
-                // (the rest of the read is still decoded from it; it stays
-                // valid until the event is consumed). The next read gets
-                // another buffer, usually the spare this one becomes.
-                self.ctx.scratch = null;
-                self.frames -= 1;
-                try self.frameOwned(memory, payload);
+            } else if (payload.len > events_mod.chunk_size) {
+                // Large enough for a buffer of its own in the event queue:
+                // it keeps the one it arrived in instead (see takeScratch).
+                try self.takeScratch(payload);
             } else {
-                try self.ctx.events.pushData(
-                    self.ctx.gpa,
-                    .message_rx,
-                    self.conn.fd,
-                    self.conn.index,
-                    payload,
-                );
+                try self.copy(payload);
             }
+        }
+        /// A large frame that arrived whole in the scratch buffer: its event
+        /// takes that buffer instead of a copy of the payload, and so do the
+        /// later large frames of the same read (they share its chunk). The
+        /// rest of the read is still decoded from it (it stays valid until
+        /// the events are consumed); the next read gets another buffer,
+        /// usually the spare this one becomes.
+        fn takeScratch(self: *RxSink, payload: []const u8) framing.SinkError!void {
+            const ctx = self.ctx;
+            const conn = self.conn;
+            if (self.shared) |ch| if (events_mod.holds(ch.data, payload)) {
+                try ctx.events.items.ensureUnusedCapacity(ctx.gpa, 1);
+                return ctx.events.pushShared(.message_rx, conn.fd, conn.index, ch, payload);
+            };
+            const scratch = ctx.scratch orelse return self.copy(payload);
+            if (!events_mod.holds(scratch, payload)) return self.copy(payload);
+            self.shared = try ctx.events.pushOwned(
+                ctx.gpa,
+                .message_rx,
+                conn.fd,
+                conn.index,
+                scratch,
+                payload,
+            );
+            ctx.scratch = null;
+        }
+        fn copy(self: *RxSink, payload: []const u8) framing.SinkError!void {
+            try self.ctx.events.pushData(
+                self.ctx.gpa,
+                .message_rx,
+                self.conn.fd,
+                self.conn.index,
+                payload,
+            );
         }
         /// A large frame in a buffer of its own (`memory`, the decoder's):
         /// the event takes the buffer, no copy. Forwarded frames are copied
@@ -1169,7 +1182,7 @@ pub const Context = struct {
                 return self.frame(payload);
             }
             self.frames += 1;
-            events.pushOwned(
+            _ = events.pushOwned(
                 self.ctx.gpa,
                 .message_rx,
                 self.conn.fd,

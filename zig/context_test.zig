@@ -227,8 +227,8 @@ fn floodSend(run: *const TmpRun, count: u32) !void {
 test "a large frame that arrives whole in one read: the event takes the scratch buffer" {
     var p = try Pair.init("scratch");
     defer p.deinit();
-    // Two large frames and a small one in one send: the first large one is
-    // handed over with the scratch buffer, the others are copied from it.
+    // Two large frames and a small one in one send: the large ones keep the
+    // scratch buffer (one chunk, shared), the small one is copied from it.
     const big: [events_mod.chunk_size + 10]u8 = @splat('b');
     var stream: std.ArrayList(u8) = .empty;
     defer stream.deinit(gpa);

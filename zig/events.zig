@@ -33,6 +33,13 @@ pub const EventType = enum(i32) {
 
 pub const chunk_size = 64 * 1024;
 
+/// Whether `part` lies within `memory`.
+pub fn holds(memory: []const u8, part: []const u8) bool {
+    const start = @intFromPtr(memory.ptr);
+    const at = @intFromPtr(part.ptr);
+    return at >= start and at + part.len <= start + memory.len;
+}
+
 comptime {
     // A frame with its own receive buffer (direct_read_min or more, see
     // framing.zig) is over chunk_size, so that buffer is kept as the spare
@@ -117,7 +124,8 @@ pub const Queue = struct {
 
     /// Queue a MESSAGE_RX (or SWITCH_RX) whose payload lies in `memory`, a
     /// buffer of gpa's that the queue now owns (no copy): freed, or kept as
-    /// the spare, once the event is consumed.
+    /// the spare, once the event is consumed, and every other event that
+    /// shares the chunk returned (see pushShared).
     pub fn pushOwned(
         self: *Queue,
         gpa: Allocator,
@@ -126,13 +134,28 @@ pub const Queue = struct {
         index: i64,
         memory: []u8,
         payload: []const u8,
-    ) Allocator.Error!void {
-        assert(kind == .message_rx or kind == .switch_rx);
-        assert(@intFromPtr(payload.ptr) >= @intFromPtr(memory.ptr) and
-            @intFromPtr(payload.ptr) + payload.len <= @intFromPtr(memory.ptr) + memory.len);
+    ) Allocator.Error!*Chunk {
         try self.items.ensureUnusedCapacity(gpa, 1);
         const ch = try gpa.create(Chunk);
-        ch.* = .{ .data = memory, .used = memory.len, .refs = 1 };
+        ch.* = .{ .data = memory, .used = memory.len };
+        self.pushShared(kind, fd, index, ch, payload);
+        return ch;
+    }
+
+    /// Queue another MESSAGE_RX (or SWITCH_RX) whose payload lies in `ch`, a
+    /// chunk pushOwned made (no copy). The caller ensured room for one item.
+    pub fn pushShared(
+        self: *Queue,
+        kind: EventType,
+        fd: i32,
+        index: i64,
+        ch: *Chunk,
+        payload: []const u8,
+    ) void {
+        assert(kind == .message_rx or kind == .switch_rx);
+        assert(holds(ch.data, payload));
+        assert(self.items.unusedCapacitySlice().len >= 1);
+        ch.refs += 1;
         self.items.appendAssumeCapacity(
             .{ .kind = kind, .fd = fd, .index = index, .data = payload, .chunk = ch },
         );
@@ -446,12 +469,12 @@ test "an owned buffer carries its payload without a copy and becomes the spare" 
     var q: Queue = .{};
     defer q.deinit(gpa);
     const small = try gpa.alloc(u8, 100 << 10);
-    try q.pushOwned(gpa, .message_rx, 4, 0, small, small[4..]);
+    _ = try q.pushOwned(gpa, .message_rx, 4, 0, small, small[4..]);
     try testing.expectEqual(small.ptr + 4, q.peek().?.data.ptr);
     try q.pop(gpa, false);
     try testing.expectEqual(small.ptr, q.spare.?.ptr);
     const large = try gpa.alloc(u8, 200 << 10);
-    try q.pushOwned(gpa, .message_rx, 4, 0, large, large[4..]);
+    _ = try q.pushOwned(gpa, .message_rx, 4, 0, large, large[4..]);
     try q.pop(gpa, true);
     q.releaseLent(gpa);
     try testing.expectEqual(large.ptr, q.spare.?.ptr); // the larger one is kept

@@ -44,7 +44,7 @@ class TlsRelay:
     """One TLS session and the plaintext stream it carries (see module doc)."""
 
     __slots__ = ("ssl", "incoming", "outgoing", "_plain", "max_message_size", "closed",
-                 "framed")
+                 "framed", "failed")
 
     def __init__(self, context: ssl.SSLContext, *, server_side: bool,
                  server_hostname: Optional[str] = None,
@@ -60,6 +60,9 @@ class TlsRelay:
         #: Set once the handshake's lines are read: from then on the plaintext
         #: is frames, and an end inside one is an error.
         self.framed = False
+        #: The remote broke the stream (a TlsRelayError was raised): the
+        #: session says nothing more, not even close_notify.
+        self.failed = False
 
     # ------------------------------------------------------------ handshake
 
@@ -106,14 +109,19 @@ class TlsRelay:
         except ssl.SSLEOFError:    # TCP ended without close_notify (a "ragged" EOF):
             self._end()            # the frames say whether a message was cut
         except ssl.SSLError as e:
-            raise TlsRelayError(f"TLS error: {e.reason or e}") from e
+            raise self._failure(f"TLS error: {e.reason or e}") from e
+
+    def _failure(self, text: str) -> TlsRelayError:
+        """The error to raise for a broken stream (the session is marked failed)."""
+        self.failed = True
+        return TlsRelayError(text)
 
     def _end(self) -> None:
         """The session ended. Between two frames that is a clean end; inside
         one, the last message was cut (never delivered as if whole)."""
         self.closed = True
         if self.framed and self.whole_frames_length() != len(self._plain):
-            raise TlsRelayError(
+            raise self._failure(
                 f"stream ended inside a message ({len(self._plain)} bytes left over)")
 
     def plain(self) -> bytes:
@@ -135,7 +143,7 @@ class TlsRelay:
             return None
         (size,) = _HEADER.unpack_from(p.buf, p.start)
         if size > self.max_message_size:
-            raise TlsRelayError(f"message of {size} bytes exceeds the limit of "
+            raise self._failure(f"message of {size} bytes exceeds the limit of "
                                 f"{self.max_message_size} bytes")
         if held < 4 + size:
             return None
@@ -194,6 +202,18 @@ class TlsRelay:
         except ssl.SSLError:
             pass        # the peer's close_notify has not come: not waited for
         return self.outgoing.read()
+
+    def goodbye(self) -> bytes:
+        """What to write to the peer as the connection closes: close_notify,
+        so it sees a clean end of the session rather than a truncation
+        attack's "ragged" EOF; nothing when the stream broke (a failed
+        session says no more) or the alert cannot be made."""
+        if self.failed:
+            return b""
+        try:
+            return self.close_notify()
+        except (ssl.SSLError, ValueError):
+            return b""
 
 
 class _Plain:

@@ -158,10 +158,25 @@ class Tlsd(Daemon):
 
     def _gone(self, fd: int) -> None:
         """fd was closed by the context (peer gone, switch ended)."""
-        self._relays.pop(fd, None)
-        self._backlog.pop(fd, None)
+        relay = self._relays.pop(fd, None)
+        backlog = self._backlog.pop(fd, None)
+        if relay is not None:
+            self._say_goodbye(fd, relay, backlog)
         if fd in self._requests:                # ipcd gave up: its dial is abandoned
             self._end_request(fd)
+
+    def _say_goodbye(self, fd: int, relay: TlsRelay,
+                     backlog: Optional[Deque[bytes]]) -> None:
+        """A switched TCP fd ended (its local side closed, or the remote):
+        end its TLS session with close_notify, after the records still held
+        back, so the remote sees a clean end and not a ragged EOF. The core
+        has written everything queued for fd and keeps its number open until
+        this DISCONNECTION is handed out, so the alert follows the last
+        record. One write that never blocks: a remote that does not read
+        (full socket buffer) or has gone gets what fits, then the close."""
+        goodbye = relay.goodbye()
+        if goodbye:
+            wire.send_raw(fd, b"".join(backlog or ()) + goodbye)
 
     # ------------------------------------------------------------ dialing
 

@@ -496,12 +496,12 @@ def _tls_to(port: int, certs: Certs, data: bytes) -> bytes:
 
 
 def test_name_at_the_bound_is_read_past_it_refused(backend, rundir, certs):
-    from pyipc.daemons._tls_handshake import MAX_NAME_BYTES
+    from pyipc.daemons._netwire import MAX_NAME, NAME_TOO_LONG
     with running(listener(rundir, backend, certs)) as tlsd:
-        at = _tls_to(port_of(tlsd), certs, b"n" * MAX_NAME_BYTES + b"\n")
-        past = _tls_to(port_of(tlsd), certs, b"n" * (MAX_NAME_BYTES + 1))
-    assert at.startswith(b"ne refused service nnn") and b"not exposed" in at
-    assert past == b"ne refused service name longer than 255 bytes"
+        at = _tls_to(port_of(tlsd), certs, b"n" * MAX_NAME + b"\n")
+        past = _tls_to(port_of(tlsd), certs, b"n" * (MAX_NAME + 1))
+    assert at == b"ne refused service %s is not exposed" % (b"n" * MAX_NAME)
+    assert past == b"ne refused " + NAME_TOO_LONG.encode()
 
 
 def test_bare_name_without_newline_is_served_after_the_grace(backend, rundir, certs):

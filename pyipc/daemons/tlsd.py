@@ -33,7 +33,7 @@ from .. import CBEvent, Event, EventType, IPCError, QueueFullError
 from . import _netwire as wire
 from . import _sockets, _systemd
 from ._runtime import Daemon
-from ._tls_handshake import MAX_NAME_BYTES, Handshake, HandshakeFailed
+from ._tls_handshake import Handshake, HandshakeFailed
 from ._tls_options import DEFAULT_PORT, TlsdConfig, client_context, parse_uri, server_context
 from ._tls_relay import TlsRelay, TlsRelayError
 
@@ -559,10 +559,10 @@ class Tlsd(Daemon):
 
 def _check_name(name: str) -> None:
     """ValueError for a name the remote could not take: longer than its
-    MAX_NAME_BYTES, or with a control character (a newline would end the
+    _netwire.MAX_NAME, or with a control character (a newline would end the
     name line early and make the rest of the name the stream's first bytes)."""
-    if len(name.encode()) > MAX_NAME_BYTES:
-        raise ValueError(f"service name longer than {MAX_NAME_BYTES} bytes")
+    if len(name.encode()) > wire.MAX_NAME:
+        raise ValueError(wire.NAME_TOO_LONG)
     if any(not ch.isprintable() for ch in name):
         raise ValueError(f"service name {name!r} has a control character")
 

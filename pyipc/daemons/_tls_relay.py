@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ssl
 import struct
-from typing import Optional, cast
+from typing import Optional
 
 _HEADER = struct.Struct(">I")
 #: Room made in the plaintext buffer per SSLObject.read() call (one TLS
@@ -91,16 +91,20 @@ class TlsRelay:
         """Decrypt what the incoming BIO holds (records that came with the end
         of the handshake). Raises TlsRelayError."""
         plain = self._plain
+        read = self.ssl.read
         try:
             while True:
-                # Straight into the buffer: no bytes object per record.
-                with plain.room(RECORD_ROOM) as view:
-                    # With a buffer, read() returns a count (typeshed says bytes).
-                    n = cast(int, self.ssl.read(RECORD_ROOM, view))
+                # Straight into the buffer: no bytes object per record, and
+                # no Python work per record but a slice and the call.
+                if len(plain.buf) - plain.end < RECORD_ROOM:
+                    plain.make_room(RECORD_ROOM)
+                end = plain.end
+                # With a buffer, read() returns a count (typeshed says bytes).
+                n: int = read(RECORD_ROOM, plain.view[end:end + RECORD_ROOM])  # type: ignore[assignment]
                 if not n:          # defensive: read() returns 0 only at EOF
                     self._end()
                     return
-                plain.end += n
+                plain.end = end + n
         except ssl.SSLWantReadError:
             if eof:
                 self._end()
@@ -148,8 +152,7 @@ class TlsRelay:
         if held < 4 + size:
             return None
         first = p.start + 4
-        with memoryview(p.buf) as view:
-            payload = view[first:first + size].tobytes()      # the one copy
+        payload = p.view[first:first + size].tobytes()        # the one copy
         p.consume(4 + size)
         return payload
 
@@ -219,32 +222,36 @@ class TlsRelay:
 class _Plain:
     """The decrypted stream not yet taken: `buf[start:end]`. Taking moves
     `start` (no copy of what follows); room for new data is made at the end,
-    moving the rest to the front only when the end is reached."""
+    moving the rest to the front only when the end is reached. `view` is a
+    memoryview of `buf`, kept (one per buffer, not one per record)."""
 
-    __slots__ = ("buf", "start", "end")
+    __slots__ = ("buf", "view", "start", "end")
 
     def __init__(self) -> None:
         self.buf = bytearray()
+        self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
 
     def __len__(self) -> int:
         return self.end - self.start
 
-    def room(self, n: int) -> memoryview:
-        """A writable view of `n` bytes after the data (then advance `end`)."""
+    def make_room(self, n: int) -> None:
+        """Make `n` bytes free after the data: move it to the front, or grow."""
+        held = self.end - self.start
+        if self.start:
+            self.view[:held] = self.view[self.start:self.end]    # a memmove
+            self.start, self.end = 0, held
         if len(self.buf) - self.end < n:
-            held = self.end - self.start
-            if self.start:
-                self.buf[:held] = self.buf[self.start:self.end]
-                self.start, self.end = 0, held
-            if len(self.buf) - self.end < n:
-                self.buf.extend(bytes(max(n, len(self.buf))))
-        return memoryview(self.buf)[self.end:self.end + n]
+            self.view.release()         # a bytearray with a view cannot grow
+            self.buf.extend(bytes(max(n, len(self.buf))))
+            self.view = memoryview(self.buf)
 
     def consume(self, n: int) -> None:
         self.start += n
         if self.start == self.end:
             self.start = self.end = 0
             if len(self.buf) > KEEP_BUFFER_BELOW:
+                self.view.release()
                 self.buf = bytearray()
+                self.view = memoryview(self.buf)

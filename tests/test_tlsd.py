@@ -294,6 +294,21 @@ def test_local_service_closing_sends_close_notify_to_the_remote(backend, rundir,
             assert _end_seen_by(tls) == "close_notify"
 
 
+def test_tlsd_stopping_sends_close_notify_to_the_remote(backend, rundir, certs):
+    with pyipc.Context(rundir=rundir, backend=backend) as service:
+        service.service_init("pong")
+        with running(listener(rundir, backend, certs)) as tlsd:
+            ctx = ssl.create_default_context(cafile=certs.ca)
+            with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="localhost",
+                                    suppress_ragged_eofs=False) as tls:
+                tls.sendall(b"pong\n")
+                _wait_for(service, pyipc.EventType.CONNECTION)
+                assert tls.recv(2) == b"ok"
+                tlsd.stop()
+                assert _end_seen_by(tls) == "close_notify"
+
+
 class FakeRemote:
     """A remote tlsd stand-in on a thread: takes one TLS connection, reads the
     name line, answers `ok`, then records how the session ended (`end`)."""

@@ -118,6 +118,7 @@ class Tlsd(Daemon):
             self._requests[fd] = None
 
     def teardown(self) -> None:
+        self._end_sessions()
         # The context closes every fd it watches (listeners included): the
         # socket objects must not close them a second time.
         for sock in self._listeners.values():
@@ -125,6 +126,18 @@ class Tlsd(Daemon):
         self._listeners.clear()
         if self._unix_listener is not None:
             self._unix_listener.detach()
+
+    def _end_sessions(self) -> None:
+        """tlsd stops: queue close_notify after what each remote still has to
+        get (close_all then writes the queues, for the context's linger), so
+        no remote sees a ragged EOF."""
+        for fd, relay in list(self._relays.items()):
+            goodbye = relay.goodbye()
+            if goodbye:
+                try:
+                    self._send_tcp(fd, goodbye)
+                except IPCError:
+                    pass                        # that connection is ending anyway
 
     # ------------------------------------------------------------ events
 

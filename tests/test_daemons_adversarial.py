@@ -301,6 +301,10 @@ def test_out_of_fds_the_daemon_sheds_connections_instead_of_spinning(
         proc.wait(10)
     text = log_path.read_text()
     assert "Traceback" not in text
+    # One warning per wake-up that shed connections, and no "accept failed"
+    # for the EMFILE that only says the backlog is drained (that doubled the
+    # lines, and made this bound fail on a slow run).
+    assert "failed" not in text, text[-2000:]
     assert text.count("Too many open files") < 50, text[-2000:]
 
 

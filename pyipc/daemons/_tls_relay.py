@@ -99,8 +99,10 @@ class TlsRelay:
                 if len(plain.buf) - plain.end < RECORD_ROOM:
                     plain.make_room(RECORD_ROOM)
                 end = plain.end
+                room = plain.view[end:end + RECORD_ROOM]
                 # With a buffer, read() returns a count (typeshed says bytes).
-                n: int = read(RECORD_ROOM, plain.view[end:end + RECORD_ROOM])  # type: ignore[assignment]
+                n: int = read(RECORD_ROOM, room)  # type: ignore[assignment]
+                del room           # a live slice would keep the buffer from growing
                 if not n:          # defensive: read() returns 0 only at EOF
                     self._end()
                     return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -137,6 +138,38 @@ def test_every_failure_has_a_reason(ipcd, backend, rundir, monkeypatch, rules, n
 def test_a_malformed_request_is_answered(ipcd, rundir, request_bytes, reason):
     with ask_raw(rundir, request_bytes) as sock:
         assert raw_answer(sock) == (reason, None)
+
+
+def test_request_at_max_request_is_served_past_it_answered(ipcd, rundir):
+    from pyipc.daemons.ipcd import MAX_REQUEST
+    head = b"zz;zz nowhere;"
+    at = head + b"x" * (MAX_REQUEST - len(head))
+    with ask_raw(rundir, at) as sock:
+        assert raw_answer(sock) == (b"ne noservice no service nowhere in "
+                                    + rundir.encode(), None)
+    with ask_raw(rundir, at + b"x") as sock:
+        assert raw_answer(sock) == (b"ne badrequest a request of %d bytes; ipcd takes at "
+                                    b"most %d (IPC_NETWORK too long?)"
+                                    % (MAX_REQUEST + 1, MAX_REQUEST), None)
+
+
+def test_a_client_with_a_too_long_ipc_network_is_told_why(ipcd, backend, rundir,
+                                                          monkeypatch):
+    from pyipc.daemons.ipcd import MAX_REQUEST
+    monkeypatch.setenv("IPC_NETWORK", "pong pong;" * (MAX_REQUEST // 10 + 1))
+    with client(backend, rundir) as ctx, pytest.raises(pyipc.NetworkError) as info:
+        ctx.connect("pong", timeout=10)
+    assert "(badrequest): a request of" in str(info.value)
+    assert f"ipcd takes at most {MAX_REQUEST} (IPC_NETWORK too long?)" in str(info.value)
+
+
+def test_a_header_past_the_receive_limit_ends_the_connection_unanswered(ipcd, rundir):
+    """What the core does before ipcd sees anything (docs/networking.md)."""
+    from pyipc.daemons.ipcd import REQUEST_RECEIVE_LIMIT
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(os.path.join(rundir, "ipc"))
+        sock.sendall(struct.pack(">I", REQUEST_RECEIVE_LIMIT + 1))
+        assert raw_answer(sock) == (b"", None)
 
 
 # ------------------------------------------------------------ scheme daemons

@@ -18,7 +18,8 @@ import pytest
 
 import pyipc
 from pyipc.daemons.ipcd import Ipcd
-from pyipc.daemons.tcpd import Tcpd, parse_uri, MAX_HANDSHAKE
+from pyipc.daemons._netwire import MAX_NAME, NAME_TOO_LONG
+from pyipc.daemons.tcpd import Tcpd, parse_uri
 
 from conftest import CHILD_ENV, spin_until
 from daemon_harness import Pong, frame, read_exactly, read_frame, running
@@ -124,16 +125,29 @@ def test_exposed_but_missing_service(tcpd):
 
 
 def test_name_length_at_and_past_the_edge(backend, rundir):
-    long_ok = "p" * 100                           # a service name's own bound is lower
-    with running(make_tcpd(backend, rundir, expose=[long_ok])) as daemon:
-        with dial(daemon) as sock:                # MAX_HANDSHAKE bytes and no newline
-            sock.sendall(b"x" * MAX_HANDSHAKE + b"\n")
-            answer = read_to_end(sock)
-            assert answer.startswith(b"ne refused service xxx"), answer[:60]
-        with dial(daemon) as sock:                # one more: refused as too long
-            sock.sendall(b"x" * (MAX_HANDSHAKE + 1))
-            assert read_to_end(sock) == (b"ne refused name too long (at most %d bytes)\n"
-                                         % MAX_HANDSHAKE)
+    """MAX_NAME bytes are read whole (then refused as not exposed), with LF
+    or CR LF; one more is refused as too long, newline or not."""
+    too_long = b"ne refused %s\n" % NAME_TOO_LONG.encode()
+    with running(make_tcpd(backend, rundir)) as daemon:
+        for line in (b"x" * MAX_NAME + b"\n", b"x" * MAX_NAME + b"\r\n"):
+            with dial(daemon) as sock:
+                sock.sendall(line)
+                assert read_to_end(sock) == (b"ne refused service %s is not exposed by "
+                                             b"this tcpd\n" % (b"x" * MAX_NAME))
+        for line in (b"x" * (MAX_NAME + 1) + b"\n", b"x" * (MAX_NAME + 1) + b"\r\n",
+                     b"x" * (MAX_NAME + 1), b"x" * 10_000):
+            with dial(daemon) as sock:
+                sock.sendall(line)
+                assert read_to_end(sock) == too_long, line[-3:]
+
+
+def test_a_dial_for_a_name_past_the_edge_is_refused_before_dialing(backend, rundir):
+    with running(make_tcpd(backend, rundir)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(os.path.join(rundir, "tcp"))
+            sock.sendall(frame(b"tcp://127.0.0.1:1/" + b"x" * (MAX_NAME + 1)))
+            assert read_frame(sock) == b"ne norule bad URI: " + NAME_TOO_LONG.encode()
+    assert parse_uri("tcp://h:1/" + "x" * MAX_NAME)[2] == "x" * MAX_NAME
 
 
 def test_handshake_timeout(backend, rundir):

@@ -153,6 +153,21 @@ def test_ragged_eof_between_frames_ends_the_stream(ca):
     assert server.closed and server.next_payload() == b"bye"
 
 
+def test_goodbye_is_a_close_notify_the_peer_takes_as_a_clean_end(ca):
+    server, client = connected(ca)
+    client.feed(server.encrypt(b"last") + server.goodbye())
+    assert client.closed and client.next_payload() == b"last"
+
+
+def test_a_broken_session_says_no_goodbye(ca):
+    server, client = connected(ca)
+    server.max_message_size = 100
+    server.feed(client.encrypt_raw(struct.pack(">I", 101)))
+    with pytest.raises(TlsRelayError):
+        server.next_payload()
+    assert server.failed and server.goodbye() == b""
+
+
 def test_tampered_record_is_a_tls_error(ca):
     server, client = connected(ca)
     records = bytearray(client.encrypt(b"secret"))

@@ -9,6 +9,7 @@ import socket
 import ssl
 import sys
 import tempfile
+import threading
 
 import pytest
 
@@ -247,6 +248,114 @@ def test_remote_closing_ends_the_client_connection(hosts, backend, certs, remote
             client.read(fd, timeout=20)
 
 
+# ------------------------------------------------------------ the local side ends: close_notify
+
+def _end_seen_by(tls: ssl.SSLSocket) -> str:
+    """How the remote sees the session end: "close_notify" (recv gives b""),
+    or "ragged EOF" (TCP closed without close_notify). `tls` must be wrapped
+    with suppress_ragged_eofs=False, so that the two differ."""
+    try:
+        while tls.recv(1000):
+            pass
+    except ssl.SSLEOFError:
+        return "ragged EOF"
+    return "close_notify"
+
+
+def _wait_for(ctx: pyipc.Context, kind: pyipc.EventType) -> pyipc.Event:
+    """The next event of `kind` on ctx (others skipped); fails after 20 s."""
+    ctx.timer = 20000
+    while True:
+        ev = ctx.wait_event()
+        assert ev.type != pyipc.EventType.TIMER, f"no {kind.name} within 20 s"
+        if ev.type == kind:
+            return ev
+
+
+def test_local_service_closing_sends_close_notify_to_the_remote(backend, rundir, certs):
+    """Listening side: the exposed service closes its end; the remote peer gets
+    close_notify before the TCP close."""
+    with running(listener(rundir, backend, certs)) as tlsd, \
+            pyipc.Context(rundir=rundir, backend=backend) as service:
+        service.service_init("pong")
+        ctx = ssl.create_default_context(cafile=certs.ca)
+        with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost",
+                                suppress_ragged_eofs=False) as tls:
+            tls.sendall(b"pong\n")
+            local = _wait_for(service, pyipc.EventType.CONNECTION).fd
+            assert tls.recv(2) == b"ok"
+            service.write(local, b"last words")
+            service.close(local)
+            got = b""
+            while len(got) < len(frame(b"last words")):
+                got += tls.recv(100)
+            assert got == frame(b"last words")          # the data first, then the end
+            assert _end_seen_by(tls) == "close_notify"
+
+
+def test_tlsd_stopping_sends_close_notify_to_the_remote(backend, rundir, certs):
+    with pyipc.Context(rundir=rundir, backend=backend) as service:
+        service.service_init("pong")
+        with running(listener(rundir, backend, certs)) as tlsd:
+            ctx = ssl.create_default_context(cafile=certs.ca)
+            with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="localhost",
+                                    suppress_ragged_eofs=False) as tls:
+                tls.sendall(b"pong\n")
+                _wait_for(service, pyipc.EventType.CONNECTION)
+                assert tls.recv(2) == b"ok"
+                tlsd.stop()
+                assert _end_seen_by(tls) == "close_notify"
+
+
+class FakeRemote:
+    """A remote tlsd stand-in on a thread: takes one TLS connection, reads the
+    name line, answers `ok`, then records how the session ended (`end`)."""
+
+    def __init__(self, certs: Certs) -> None:
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(certs.server)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(20)
+        self.port = self.sock.getsockname()[1]
+        self.end = ""
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        conn.settimeout(20)
+        with self.context.wrap_socket(conn, server_side=True,
+                                      suppress_ragged_eofs=False) as tls:
+            line = b""
+            while not line.endswith(b"\n"):
+                line += tls.recv(1)
+            tls.sendall(b"ok")
+            self.end = _end_seen_by(tls)
+
+    def close(self) -> str:
+        """Wait for the connection to end; how it ended."""
+        self.thread.join(20)
+        self.sock.close()
+        assert not self.thread.is_alive()
+        return self.end
+
+
+def test_local_client_closing_sends_close_notify_to_the_remote(backend, rundir, certs):
+    """Dialing side: the local client closes the connection tlsd handed it;
+    the remote gets close_notify before the TCP close."""
+    remote = FakeRemote(certs)
+    try:
+        with running(dialer(rundir, backend, certs)), \
+                pyipc.Context(rundir=rundir, backend=backend) as client:
+            fd = connect_through(rundir, f"tls://127.0.0.1:{remote.port}/pong", client)
+            client.close(fd)
+            assert remote.close() == "close_notify"     # while tlsd still runs
+    finally:
+        remote.close()
+
+
 # ------------------------------------------------------------ the TCP side's backlog
 
 class RefusingContext:
@@ -402,12 +511,12 @@ def _tls_to(port: int, certs: Certs, data: bytes) -> bytes:
 
 
 def test_name_at_the_bound_is_read_past_it_refused(backend, rundir, certs):
-    from pyipc.daemons._tls_handshake import MAX_NAME_BYTES
+    from pyipc.daemons._netwire import MAX_NAME, NAME_TOO_LONG
     with running(listener(rundir, backend, certs)) as tlsd:
-        at = _tls_to(port_of(tlsd), certs, b"n" * MAX_NAME_BYTES + b"\n")
-        past = _tls_to(port_of(tlsd), certs, b"n" * (MAX_NAME_BYTES + 1))
-    assert at.startswith(b"ne refused service nnn") and b"not exposed" in at
-    assert past == b"ne refused service name longer than 255 bytes"
+        at = _tls_to(port_of(tlsd), certs, b"n" * MAX_NAME + b"\n")
+        past = _tls_to(port_of(tlsd), certs, b"n" * (MAX_NAME + 1))
+    assert at == b"ne refused service %s is not exposed" % (b"n" * MAX_NAME)
+    assert past == b"ne refused " + NAME_TOO_LONG.encode()
 
 
 def test_bare_name_without_newline_is_served_after_the_grace(backend, rundir, certs):

@@ -15,7 +15,7 @@ import socket
 import struct
 from typing import List, Optional
 
-from .._types import MAX_IPCD_REASON
+from .._types import MAX_IPCD_REASON, MAX_SOCKET_PATH
 
 #: The refusal codes (the client raises ServiceNotFoundError for the first two,
 #: NetworkError for the others).
@@ -29,6 +29,15 @@ TIMEOUT = "timeout"        # no answer in time
 BUSY = "busy"              # a bound on concurrent requests is reached
 BADREQUEST = "badrequest"  # the request itself is malformed
 
+#: Longest service name a remote may send tcpd or tlsd, in bytes (the line's
+#: "\n" not counted, nor the "\r" of a line typed into tcpd). DESIGN's bound on
+#: names: a service's socket path RUNDIR/NAME must fit `sun_path`
+#: (MAX_SOCKET_PATH, 107 bytes), so no longer name is a service in any run dir.
+#: A longer one is refused as soon as it is seen, never buffered; a dialing
+#: daemon refuses to send one.
+MAX_NAME = MAX_SOCKET_PATH
+#: The refusal's text for a longer name (tcpd and tlsd, both ways).
+NAME_TOO_LONG = f"service name longer than {MAX_NAME} bytes"
 #: Seconds a listening daemon (tcpd, tlsd) waits for the newline after the
 #: first bytes of a name before it takes them as libIPC's bare name.
 NAME_GRACE = 0.2

@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import threading
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from .. import Context, IPCError
 
@@ -89,14 +89,15 @@ class _Reserve:
         self._lock = threading.Lock()
         self._fd = -1
 
-    def shed(self, listener: socket.socket) -> bool:
-        """Accept one waiting connection on the reserve fd and close it;
-        False when none could be (no reserve, or nothing waiting)."""
+    def shed(self, listener: socket.socket) -> Optional[bool]:
+        """Accept one waiting connection on the reserve fd and close it: True
+        when one was; False when none was waiting (the backlog is drained);
+        None when there is no reserve fd to do it with."""
         with self._lock:
             if self._fd < 0:
                 self._fd = _open_reserve()
                 if self._fd < 0:
-                    return False
+                    return None
             os.close(self._fd)
             try:
                 sock, _ = listener.accept()
@@ -138,9 +139,13 @@ def accept_some(listener: socket.socket) -> List[socket.socket]:
         except (BlockingIOError, InterruptedError):
             break
         except OSError as e:
-            if e.errno in _OUT_OF_FDS and _reserve.shed(listener):
-                shed += 1
-                continue
+            if e.errno in _OUT_OF_FDS:
+                outcome = _reserve.shed(listener)
+                if outcome:
+                    shed += 1
+                    continue
+                if outcome is False:            # nothing left to shed: no failure
+                    break
             if e.errno == errno.ECONNABORTED:   # that one left: take the next
                 continue
             log.warning("accept on %s failed: %s", listener.getsockname(), e)

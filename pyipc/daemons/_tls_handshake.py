@@ -13,9 +13,6 @@ from typing import Any, Optional, Tuple
 from . import _netwire as wire
 from ._tls_relay import TlsRelay, TlsRelayError
 
-#: Longest service name line a remote may send (Linux's NAME_MAX): a peer
-#: sending more without a newline is refused rather than buffered.
-MAX_NAME_BYTES = 255
 #: Longest `ne ...` answer kept from a remote (the rest is cut).
 MAX_ANSWER_BYTES = 1024
 
@@ -125,11 +122,10 @@ class Handshake:
     def _name_line(self) -> Optional[str]:
         """A listener reads `NAME\\n` (or, after the grace, a bare NAME)."""
         plain = self.relay.plain()
-        end = plain.find(b"\n", 0, MAX_NAME_BYTES + 1)   # a newline past the bound: none
+        end = plain.find(b"\n", 0, wire.MAX_NAME + 1)   # a newline past the bound: none
         if end < 0:
-            if len(plain) > MAX_NAME_BYTES:
-                raise HandshakeFailed(wire.REFUSED, f"service name longer than "
-                                                 f"{MAX_NAME_BYTES} bytes")
+            if len(plain) > wire.MAX_NAME:
+                raise HandshakeFailed(wire.REFUSED, wire.NAME_TOO_LONG)
             if self.relay.closed:
                 raise HandshakeFailed(wire.REFUSED, "closed before sending a service name")
             return None

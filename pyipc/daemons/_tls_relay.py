@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ssl
 import struct
-from typing import Optional, cast
+from typing import Optional
 
 _HEADER = struct.Struct(">I")
 #: Room made in the plaintext buffer per SSLObject.read() call (one TLS
@@ -44,7 +44,7 @@ class TlsRelay:
     """One TLS session and the plaintext stream it carries (see module doc)."""
 
     __slots__ = ("ssl", "incoming", "outgoing", "_plain", "max_message_size", "closed",
-                 "framed")
+                 "framed", "failed")
 
     def __init__(self, context: ssl.SSLContext, *, server_side: bool,
                  server_hostname: Optional[str] = None,
@@ -60,6 +60,9 @@ class TlsRelay:
         #: Set once the handshake's lines are read: from then on the plaintext
         #: is frames, and an end inside one is an error.
         self.framed = False
+        #: The remote broke the stream (a TlsRelayError was raised): the
+        #: session says nothing more, not even close_notify.
+        self.failed = False
 
     # ------------------------------------------------------------ handshake
 
@@ -88,16 +91,22 @@ class TlsRelay:
         """Decrypt what the incoming BIO holds (records that came with the end
         of the handshake). Raises TlsRelayError."""
         plain = self._plain
+        read = self.ssl.read
         try:
             while True:
-                # Straight into the buffer: no bytes object per record.
-                with plain.room(RECORD_ROOM) as view:
-                    # With a buffer, read() returns a count (typeshed says bytes).
-                    n = cast(int, self.ssl.read(RECORD_ROOM, view))
+                # Straight into the buffer: no bytes object per record, and
+                # no Python work per record but a slice and the call.
+                if len(plain.buf) - plain.end < RECORD_ROOM:
+                    plain.make_room(RECORD_ROOM)
+                end = plain.end
+                room = plain.view[end:end + RECORD_ROOM]
+                # With a buffer, read() returns a count (typeshed says bytes).
+                n: int = read(RECORD_ROOM, room)  # type: ignore[assignment]
+                del room           # a live slice would keep the buffer from growing
                 if not n:          # defensive: read() returns 0 only at EOF
                     self._end()
                     return
-                plain.end += n
+                plain.end = end + n
         except ssl.SSLWantReadError:
             if eof:
                 self._end()
@@ -106,14 +115,19 @@ class TlsRelay:
         except ssl.SSLEOFError:    # TCP ended without close_notify (a "ragged" EOF):
             self._end()            # the frames say whether a message was cut
         except ssl.SSLError as e:
-            raise TlsRelayError(f"TLS error: {e.reason or e}") from e
+            raise self._failure(f"TLS error: {e.reason or e}") from e
+
+    def _failure(self, text: str) -> TlsRelayError:
+        """The error to raise for a broken stream (the session is marked failed)."""
+        self.failed = True
+        return TlsRelayError(text)
 
     def _end(self) -> None:
         """The session ended. Between two frames that is a clean end; inside
         one, the last message was cut (never delivered as if whole)."""
         self.closed = True
         if self.framed and self.whole_frames_length() != len(self._plain):
-            raise TlsRelayError(
+            raise self._failure(
                 f"stream ended inside a message ({len(self._plain)} bytes left over)")
 
     def plain(self) -> bytes:
@@ -135,13 +149,12 @@ class TlsRelay:
             return None
         (size,) = _HEADER.unpack_from(p.buf, p.start)
         if size > self.max_message_size:
-            raise TlsRelayError(f"message of {size} bytes exceeds the limit of "
+            raise self._failure(f"message of {size} bytes exceeds the limit of "
                                 f"{self.max_message_size} bytes")
         if held < 4 + size:
             return None
         first = p.start + 4
-        with memoryview(p.buf) as view:
-            payload = view[first:first + size].tobytes()      # the one copy
+        payload = p.view[first:first + size].tobytes()        # the one copy
         p.consume(4 + size)
         return payload
 
@@ -195,36 +208,52 @@ class TlsRelay:
             pass        # the peer's close_notify has not come: not waited for
         return self.outgoing.read()
 
+    def goodbye(self) -> bytes:
+        """What to write to the peer as the connection closes: close_notify,
+        so it sees a clean end of the session rather than a truncation
+        attack's "ragged" EOF; nothing when the stream broke (a failed
+        session says no more) or the alert cannot be made."""
+        if self.failed:
+            return b""
+        try:
+            return self.close_notify()
+        except (ssl.SSLError, ValueError):
+            return b""
+
 
 class _Plain:
     """The decrypted stream not yet taken: `buf[start:end]`. Taking moves
     `start` (no copy of what follows); room for new data is made at the end,
-    moving the rest to the front only when the end is reached."""
+    moving the rest to the front only when the end is reached. `view` is a
+    memoryview of `buf`, kept (one per buffer, not one per record)."""
 
-    __slots__ = ("buf", "start", "end")
+    __slots__ = ("buf", "view", "start", "end")
 
     def __init__(self) -> None:
         self.buf = bytearray()
+        self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
 
     def __len__(self) -> int:
         return self.end - self.start
 
-    def room(self, n: int) -> memoryview:
-        """A writable view of `n` bytes after the data (then advance `end`)."""
+    def make_room(self, n: int) -> None:
+        """Make `n` bytes free after the data: move it to the front, or grow."""
+        held = self.end - self.start
+        if self.start:
+            self.view[:held] = self.view[self.start:self.end]    # a memmove
+            self.start, self.end = 0, held
         if len(self.buf) - self.end < n:
-            held = self.end - self.start
-            if self.start:
-                self.buf[:held] = self.buf[self.start:self.end]
-                self.start, self.end = 0, held
-            if len(self.buf) - self.end < n:
-                self.buf.extend(bytes(max(n, len(self.buf))))
-        return memoryview(self.buf)[self.end:self.end + n]
+            self.view.release()         # a bytearray with a view cannot grow
+            self.buf.extend(bytes(max(n, len(self.buf))))
+            self.view = memoryview(self.buf)
 
     def consume(self, n: int) -> None:
         self.start += n
         if self.start == self.end:
             self.start = self.end = 0
             if len(self.buf) > KEEP_BUFFER_BELOW:
+                self.view.release()
                 self.buf = bytearray()
+                self.view = memoryview(self.buf)

@@ -12,7 +12,8 @@ Nothing here blocks the loop: a scheme daemon's socket is watched as an
 external fd and read when it is readable, so one slow remote never delays the
 other requests. Each request has a deadline (`request_timeout`, from the
 client's connection to ipcd's answer) and at most `max_requests` are served at
-once (the next ones are answered `ne busy`).
+once (the next ones are answered `ne busy`). A request is at most MAX_REQUEST
+bytes (more: `ne badrequest`; see REQUEST_RECEIVE_LIMIT for what no answer reaches).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 from typing import Any, Dict, Optional
 
 from .. import Event, EventType, InvalidNameError, IPCError, _rundir
-from .._types import IPCD_SERVICE
+from .._types import DEFAULT_MAX_MESSAGE_SIZE, IPCD_SERVICE
 from . import _netwire as wire
 from . import _rules, _sockets, _systemd
 from ._runtime import Daemon
@@ -34,6 +35,16 @@ from ._timers import TimerHandle
 DEFAULT_REQUEST_TIMEOUT = 10.0
 #: Requests served at once (a scheme daemon being asked); more: `ne busy`.
 DEFAULT_MAX_REQUESTS = 256
+#: Longest request "NAME;IPC_NETWORK" ipcd serves, in bytes; a longer one is
+#: answered `ne badrequest`. Twice Linux's longest environment string
+#: (MAX_ARG_STRLEN, 128 KiB): any IPC_NETWORK a program can be started with fits.
+MAX_REQUEST = 256 * 1024
+#: The max_message_size of ipcd's context: the largest request ipcd receives
+#: whole, so that it can answer it (over MAX_REQUEST: `ne badrequest`). pyipc's
+#: default, which a client with default limits cannot exceed. A frame announcing
+#: more is ended by the core as it reads the header, before ipcd sees anything:
+#: that client gets no answer, only the end of the connection.
+REQUEST_RECEIVE_LIMIT = DEFAULT_MAX_MESSAGE_SIZE
 
 
 class _Request:
@@ -71,7 +82,8 @@ class Ipcd(Daemon):
             raise ValueError(f"request_timeout must be > 0 seconds, not {request_timeout!r}")
         if max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, not {max_requests!r}")
-        super().__init__(rundir=rundir, backend=backend)
+        super().__init__(rundir=rundir, backend=backend,
+                         max_message_size=REQUEST_RECEIVE_LIMIT)
         self.request_timeout = request_timeout
         self.max_requests = max_requests
         self._requests: Dict[int, _Request] = {}     # by client fd
@@ -131,7 +143,8 @@ class Ipcd(Daemon):
             if request is not None:            # the client gave up: so do we
                 self._end(request)
         elif ev.type == EventType.ERROR:
-            self.log.debug("ipcd: fd %d: %s", ev.fd, ev.error)
+            # A request over REQUEST_RECEIVE_LIMIT ends here, unanswered.
+            self.log.info("ipcd: fd %d: %s", ev.fd, ev.error)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -145,6 +158,10 @@ class Ipcd(Daemon):
     # ------------------------------------------------------------ a request
 
     def _on_request(self, request: _Request, payload: bytes) -> None:
+        if len(payload) > MAX_REQUEST:
+            return self._refuse(request, wire.BADREQUEST, f"a request of {len(payload)} "
+                                f"bytes; ipcd takes at most {MAX_REQUEST} (IPC_NETWORK "
+                                "too long?)")
         try:
             name, rules = _rules.parse_request(payload)
         except _rules.BadRequest as e:

@@ -47,8 +47,9 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_DEAD_PEER_TIMEOUT = 30.0
 #: Handshakes (incoming and outgoing) in progress at once; more: `ne busy`.
 DEFAULT_MAX_PENDING = 256
-#: Longest handshake line (a name is much shorter: the rest is refused).
-MAX_HANDSHAKE = 1024
+#: Longest name line read before its newline: the name (_netwire.MAX_NAME)
+#: and the "\r" of a typed line.
+MAX_NAME_LINE = wire.MAX_NAME + 1
 #: Seconds a refused peer has to read the refusal before its socket is closed.
 REFUSAL_LINGER = 2.0
 
@@ -258,7 +259,7 @@ class Tcpd(Daemon):
         try:
             # Peek, then take the name and its newline only: what follows is
             # the first messages, left in the socket for the relay.
-            seen = sock.recv(MAX_HANDSHAKE + 1 - len(incoming.name), socket.MSG_PEEK)
+            seen = sock.recv(MAX_NAME_LINE + 1 - len(incoming.name), socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -270,9 +271,8 @@ class Tcpd(Daemon):
         incoming.name += taken[:end] if end >= 0 else taken
         if end >= 0:
             return self._serve_name(incoming)
-        if len(incoming.name) > MAX_HANDSHAKE:
-            return self._refuse_incoming(incoming, wire.REFUSED, "name too long "
-                                         f"(at most {MAX_HANDSHAKE} bytes)")
+        if _too_long(incoming.name):
+            return self._refuse_incoming(incoming, wire.REFUSED, wire.NAME_TOO_LONG)
         if incoming.grace is None:                # libIPC's tcpd sends no newline
             fd = sock.fileno()
             incoming.grace = self.call_later(wire.NAME_GRACE, lambda: self._bare_name(fd))
@@ -290,6 +290,8 @@ class Tcpd(Daemon):
                                   f"{self.handshake_timeout:g} s")
 
     def _serve_name(self, incoming: _Incoming) -> None:
+        if _too_long(incoming.name):
+            return self._refuse_incoming(incoming, wire.REFUSED, wire.NAME_TOO_LONG)
         raw = incoming.name.rstrip(b"\r")          # a typed line may end with CR LF
         try:
             name = raw.decode("utf-8")
@@ -510,10 +512,18 @@ def parse_uri(uri: str) -> Tuple[str, int, str]:
     name = parts.path[1:] if parts.path.startswith("/") else ""
     if not name or "/" in name or "\n" in name:
         raise ValueError(f"{uri}: no service name after the address (tcp://HOST:PORT/NAME)")
+    if len(name.encode()) > wire.MAX_NAME:     # the remote would refuse it
+        raise ValueError(wire.NAME_TOO_LONG)
     if not parts.hostname:
         raise ValueError(f"{uri}: no host")
     port = parts.port if parts.port is not None else DEFAULT_PORT   # ValueError if bad
     return parts.hostname, port, name
+
+
+def _too_long(line: bytes) -> bool:
+    """Whether a name line (or its start) holds a name over _netwire.MAX_NAME
+    bytes (a typed line's trailing CR not counted)."""
+    return len(line) > MAX_NAME_LINE or len(line.rstrip(b"\r")) > wire.MAX_NAME
 
 
 def _dial_failure(where: str, exc: Optional[BaseException]) -> Tuple[str, str]:

@@ -33,7 +33,7 @@ from .. import CBEvent, Event, EventType, IPCError, QueueFullError
 from . import _netwire as wire
 from . import _sockets, _systemd
 from ._runtime import Daemon
-from ._tls_handshake import MAX_NAME_BYTES, Handshake, HandshakeFailed
+from ._tls_handshake import Handshake, HandshakeFailed
 from ._tls_options import DEFAULT_PORT, TlsdConfig, client_context, parse_uri, server_context
 from ._tls_relay import TlsRelay, TlsRelayError
 
@@ -118,6 +118,7 @@ class Tlsd(Daemon):
             self._requests[fd] = None
 
     def teardown(self) -> None:
+        self._end_sessions()
         # The context closes every fd it watches (listeners included): the
         # socket objects must not close them a second time.
         for sock in self._listeners.values():
@@ -125,6 +126,18 @@ class Tlsd(Daemon):
         self._listeners.clear()
         if self._unix_listener is not None:
             self._unix_listener.detach()
+
+    def _end_sessions(self) -> None:
+        """tlsd stops: queue close_notify after what each remote still has to
+        get (close_all then writes the queues, for the context's linger), so
+        no remote sees a ragged EOF."""
+        for fd, relay in list(self._relays.items()):
+            goodbye = relay.goodbye()
+            if goodbye:
+                try:
+                    self._send_tcp(fd, goodbye)
+                except IPCError:
+                    pass                        # that connection is ending anyway
 
     # ------------------------------------------------------------ events
 
@@ -158,10 +171,25 @@ class Tlsd(Daemon):
 
     def _gone(self, fd: int) -> None:
         """fd was closed by the context (peer gone, switch ended)."""
-        self._relays.pop(fd, None)
-        self._backlog.pop(fd, None)
+        relay = self._relays.pop(fd, None)
+        backlog = self._backlog.pop(fd, None)
+        if relay is not None:
+            self._say_goodbye(fd, relay, backlog)
         if fd in self._requests:                # ipcd gave up: its dial is abandoned
             self._end_request(fd)
+
+    def _say_goodbye(self, fd: int, relay: TlsRelay,
+                     backlog: Optional[Deque[bytes]]) -> None:
+        """A switched TCP fd ended (its local side closed, or the remote):
+        end its TLS session with close_notify, after the records still held
+        back, so the remote sees a clean end and not a ragged EOF. The core
+        has written everything queued for fd and keeps its number open until
+        this DISCONNECTION is handed out, so the alert follows the last
+        record. One write that never blocks: a remote that does not read
+        (full socket buffer) or has gone gets what fits, then the close."""
+        goodbye = relay.goodbye()
+        if goodbye:
+            wire.send_raw(fd, b"".join(backlog or ()) + goodbye)
 
     # ------------------------------------------------------------ dialing
 
@@ -544,10 +572,10 @@ class Tlsd(Daemon):
 
 def _check_name(name: str) -> None:
     """ValueError for a name the remote could not take: longer than its
-    MAX_NAME_BYTES, or with a control character (a newline would end the
+    _netwire.MAX_NAME, or with a control character (a newline would end the
     name line early and make the rest of the name the stream's first bytes)."""
-    if len(name.encode()) > MAX_NAME_BYTES:
-        raise ValueError(f"service name longer than {MAX_NAME_BYTES} bytes")
+    if len(name.encode()) > wire.MAX_NAME:
+        raise ValueError(wire.NAME_TOO_LONG)
     if any(not ch.isprintable() for ch in name):
         raise ValueError(f"service name {name!r} has a control character")
 

@@ -1,11 +1,17 @@
 //! A connection's queue of outgoing frames.
 //!
-//! Frames are stored back to back in one byte buffer (header, payload, header,
-//! payload...), so one send call writes as many queued frames as the socket
-//! takes: coalescing needs no iovec array. A partial write just advances the
-//! head. A small side list remembers each frame's size and what to report when
-//! it is fully written (MESSAGE_TX, or SWITCH_TX for switched forwarding).
-//! The buffer is freed when the queue empties, so an idle connection holds none.
+//! Frames are stored back to back (header, payload, header, payload...) in
+//! two byte buffers: the unwritten part of `front` goes out first, then
+//! `back`, in one socket write of at most two parts, so coalescing needs no
+//! iovec per frame. New frames go to `back` while `front` still has unwritten
+//! bytes, else to `front`; once `front` is written out the two swap. So no
+//! queued byte is ever moved (one buffer had to move its unwritten rest to the
+//! front now and then: under a steady stream of 64 KiB messages that move was
+//! as costly as the copy into the queue). A partial write just advances
+//! `head`. A small side list remembers each frame's size and what to report
+//! when it is fully written (MESSAGE_TX, or SWITCH_TX for switched
+//! forwarding). The buffers are freed when the queue empties, so an idle
+//! connection holds none.
 
 const std = @import("std");
 const assert = std.debug.assert;
@@ -25,9 +31,12 @@ const FrameInfo = struct { size: u64, origin: Origin };
 const keep_capacity = 4096;
 
 pub const SendQueue = struct {
-    /// Queued bytes; bytes before `head` are already written.
-    bytes: std.ArrayList(u8) = .empty,
+    /// Queued bytes written first; bytes before `head` are already written.
+    front: std.ArrayList(u8) = .empty,
     head: usize = 0,
+    /// Queued bytes written after all of `front`; empty while `front` has
+    /// nothing left to write (new frames then go to `front`).
+    back: std.ArrayList(u8) = .empty,
     /// One entry per queued frame; entries before `first` are done.
     frames: std.ArrayList(FrameInfo) = .empty,
     first: usize = 0,
@@ -35,7 +44,8 @@ pub const SendQueue = struct {
     first_sent: u64 = 0,
 
     pub fn deinit(self: *SendQueue, gpa: Allocator) void {
-        self.bytes.deinit(gpa);
+        self.front.deinit(gpa);
+        self.back.deinit(gpa);
         self.frames.deinit(gpa);
         self.* = .{};
     }
@@ -46,7 +56,7 @@ pub const SendQueue = struct {
 
     /// Bytes still to write (headers included): what max_queue_size bounds.
     pub fn queuedBytes(self: *const SendQueue) u64 {
-        return self.bytes.items.len - self.head;
+        return self.front.items.len - self.head + self.back.items.len;
     }
 
     /// Frames not completely written yet.
@@ -63,11 +73,9 @@ pub const SendQueue = struct {
     ) Allocator.Error!void {
         assert(payload.len <= std.math.maxInt(u32));
         const size = framing.header_size + payload.len;
-        try self.frames.ensureUnusedCapacity(gpa, 1);
-        self.compact();
-        try self.bytes.ensureUnusedCapacity(gpa, size);
-        self.bytes.appendSliceAssumeCapacity(&framing.encodeHeader(@intCast(payload.len)));
-        self.bytes.appendSliceAssumeCapacity(payload);
+        const tail = try self.reserve(gpa, size);
+        tail.appendSliceAssumeCapacity(&framing.encodeHeader(@intCast(payload.len)));
+        tail.appendSliceAssumeCapacity(payload);
         self.frames.appendAssumeCapacity(.{ .size = size, .origin = origin });
     }
 
@@ -80,14 +88,12 @@ pub const SendQueue = struct {
         parts: []const std.posix.iovec_const,
         len: u64,
     ) Allocator.Error!void {
-        try self.frames.ensureUnusedCapacity(gpa, 1);
-        self.compact();
-        try self.bytes.ensureUnusedCapacity(gpa, len);
+        const tail = try self.reserve(gpa, len);
         var left = len;
         for (parts) |part| {
             if (left == 0) break;
             const take = @min(left, part.len);
-            self.bytes.appendSliceAssumeCapacity(part.base[0..take]);
+            tail.appendSliceAssumeCapacity(part.base[0..take]);
             left -= take;
         }
         assert(left == 0);
@@ -97,34 +103,50 @@ pub const SendQueue = struct {
     /// Append raw bytes (switch_send: a foreign protocol's own output, not
     /// framed), written after what is queued; reported as nothing.
     pub fn pushRaw(self: *SendQueue, gpa: Allocator, data: []const u8) Allocator.Error!void {
-        try self.frames.ensureUnusedCapacity(gpa, 1);
-        self.compact();
-        try self.bytes.ensureUnusedCapacity(gpa, data.len);
-        self.bytes.appendSliceAssumeCapacity(data);
+        const tail = try self.reserve(gpa, data.len);
+        tail.appendSliceAssumeCapacity(data);
         self.frames.appendAssumeCapacity(.{ .size = data.len, .origin = .silent });
     }
 
-    /// Move the unwritten bytes to the front once the written part dominates,
-    /// so the buffer does not grow forever under a steady stream (amortised O(1)).
-    fn compact(self: *SendQueue) void {
-        if (self.head == 0 or self.head < self.bytes.items.len / 2) return;
-        const rest = self.bytes.items[self.head..];
-        @memmove(self.bytes.items[0..rest.len], rest);
-        self.bytes.shrinkRetainingCapacity(rest.len);
-        self.head = 0;
-        if (self.first > 0) {
-            const live = self.frames.items[self.first..];
-            @memmove(self.frames.items[0..live.len], live);
-            self.frames.shrinkRetainingCapacity(live.len);
-            self.first = 0;
+    /// The buffer new bytes go to, with room for `size` more and for one
+    /// more frame entry: `front` when all of it is written (it is emptied,
+    /// nothing to move), else `back`.
+    fn reserve(self: *SendQueue, gpa: Allocator, size: usize) Allocator.Error!*std.ArrayList(u8) {
+        try self.frames.ensureUnusedCapacity(gpa, 1);
+        self.compactFrames();
+        if (self.head == self.front.items.len) {
+            assert(self.back.items.len == 0);
+            self.front.clearRetainingCapacity();
+            self.head = 0;
         }
+        const tail = if (self.head == 0 and self.front.items.len == 0) &self.front else &self.back;
+        try tail.ensureUnusedCapacity(gpa, size);
+        return tail;
+    }
+
+    /// Drop the entries of written frames once they are the larger part of
+    /// the list (16 bytes each: cheap to move, amortised O(1)).
+    fn compactFrames(self: *SendQueue) void {
+        if (self.first == 0 or self.first < self.frames.items.len / 2) return;
+        const live = self.frames.items[self.first..];
+        @memmove(self.frames.items[0..live.len], live);
+        self.frames.shrinkRetainingCapacity(live.len);
+        self.first = 0;
     }
 
     /// Account for `n` written bytes; call `sink.completed(origin)` for every
     /// frame that is now fully written, in order.
     pub fn advance(self: *SendQueue, gpa: Allocator, n: usize, sink: anytype) Allocator.Error!void {
         assert(n <= self.queuedBytes());
-        self.head += n;
+        const front_left = self.front.items.len - self.head;
+        if (n < front_left) {
+            self.head += n;
+        } else {
+            // front is written out: back (its rest) becomes the front.
+            std.mem.swap(std.ArrayList(u8), &self.front, &self.back);
+            self.back.clearRetainingCapacity();
+            self.head = n - front_left;
+        }
         var left: u64 = self.first_sent + n;
         while (self.first < self.frames.items.len) {
             const f = self.frames.items[self.first];
@@ -138,11 +160,13 @@ pub const SendQueue = struct {
     }
 
     fn reset(self: *SendQueue, gpa: Allocator) void {
-        assert(self.head == self.bytes.items.len and self.first_sent == 0);
-        if (self.bytes.capacity > keep_capacity)
-            self.bytes.clearAndFree(gpa)
-        else
-            self.bytes.clearRetainingCapacity();
+        assert(self.queuedBytes() == 0 and self.first_sent == 0);
+        for ([_]*std.ArrayList(u8){ &self.front, &self.back }) |buf| {
+            if (buf.capacity > keep_capacity)
+                buf.clearAndFree(gpa)
+            else
+                buf.clearRetainingCapacity();
+        }
         if (self.frames.capacity > keep_capacity / @sizeOf(FrameInfo))
             self.frames.clearAndFree(gpa)
         else
@@ -173,13 +197,19 @@ pub const SendQueue = struct {
         sink: anytype,
     ) Allocator.Error!FlushResult {
         while (!self.isEmpty()) {
-            const pending = self.bytes.items[self.head..];
-            const iov = [1]std.posix.iovec_const{.{ .base = pending.ptr, .len = pending.len }};
-            switch (sys.writeSome(fd, &iov, is_socket, wait)) {
+            const pending = self.front.items[self.head..];
+            const later = self.back.items;
+            const iov = [2]std.posix.iovec_const{
+                .{ .base = pending.ptr, .len = pending.len },
+                .{ .base = later.ptr, .len = later.len },
+            };
+            const parts: usize = if (later.len == 0) 1 else 2;
+            switch (sys.writeSome(fd, iov[0..parts], is_socket, wait)) {
                 .done => |n| {
                     try self.advance(gpa, n, sink);
                     // A send that waits returns early only when a signal came.
-                    if (wait == .yes and is_socket and n < pending.len) return .interrupted;
+                    if (wait == .yes and is_socket and n < pending.len + later.len)
+                        return .interrupted;
                 },
                 .would_block => return .would_block,
                 .interrupted => return .interrupted,
@@ -188,6 +218,14 @@ pub const SendQueue = struct {
             }
         }
         return .drained;
+    }
+
+    /// All queued bytes in order (tests).
+    fn queuedForTest(self: *const SendQueue, out: []u8) []u8 {
+        const a = self.front.items[self.head..];
+        @memcpy(out[0..a.len], a);
+        @memcpy(out[a.len..][0..self.back.items.len], self.back.items);
+        return out[0 .. a.len + self.back.items.len];
     }
 };
 
@@ -286,7 +324,8 @@ test "a remainder goes out before frames queued after it, and reports nothing" {
     try q.pushRemainder(gpa, &parts, 3); // "lo!": the end of a frame "hello!"
     try q.push(gpa, "ab", .scheduled);
     try testing.expectEqual(@as(u64, 3 + 6), q.queuedBytes());
-    try testing.expectEqualStrings("lo!", q.bytes.items[0..3]);
+    var all: [16]u8 = undefined;
+    try testing.expectEqualStrings("lo!", q.queuedForTest(&all)[0..3]);
     var count: Count = .{};
     try q.advance(gpa, 3, &count);
     try testing.expectEqual(@as(usize, 1), count.remainders);
@@ -304,7 +343,8 @@ test "raw bytes go out between frames, as queued, and report nothing" {
     try q.pushRaw(gpa, "RAW"); // 3 bytes, no header
     try q.push(gpa, "c", .switched); // 5 bytes
     try testing.expectEqual(@as(u64, 14), q.queuedBytes());
-    try testing.expectEqualStrings("RAW", q.bytes.items[6..9]);
+    var all: [16]u8 = undefined;
+    try testing.expectEqualStrings("RAW", q.queuedForTest(&all)[6..9]);
     var count: Count = .{};
     try q.advance(gpa, 8, &count);
     try testing.expectEqual(@as(usize, 1), count.switched);
@@ -313,5 +353,28 @@ test "raw bytes go out between frames, as queued, and report nothing" {
     try testing.expectEqual(@as(usize, 1), count.silent);
     try q.advance(gpa, 5, &count);
     try testing.expectEqual(@as(usize, 2), count.switched);
+    try testing.expect(q.isEmpty());
+}
+
+test "frames queued while the front is being written go behind it, in order, unmoved" {
+    const gpa = testing.allocator;
+    var q: SendQueue = .{};
+    defer q.deinit(gpa);
+    try q.push(gpa, "one", .scheduled); // 7 bytes, into front
+    var count: Count = .{};
+    try q.advance(gpa, 5, &count); // front has 2 bytes left
+    try q.push(gpa, "two", .scheduled); // behind it, into back
+    const back_at = q.back.items.ptr;
+    try testing.expectEqual(@as(usize, 7), q.back.items.len);
+    var all: [32]u8 = undefined;
+    try testing.expectEqualStrings("ne\x00\x00\x00\x03two", q.queuedForTest(&all));
+    // A write that ends inside back: front done, back becomes the front.
+    try q.advance(gpa, 4, &count);
+    try testing.expectEqual(@as(usize, 1), count.scheduled);
+    try testing.expectEqual(back_at, q.front.items.ptr); // swapped, not copied
+    try q.push(gpa, "3", .scheduled);
+    try testing.expectEqualStrings("\x00\x03two\x00\x00\x00\x013", q.queuedForTest(&all));
+    try q.advance(gpa, 10, &count);
+    try testing.expectEqual(@as(usize, 3), count.scheduled);
     try testing.expect(q.isEmpty());
 }

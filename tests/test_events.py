@@ -351,3 +351,19 @@ def test_a_round_of_empty_messages(pair):
     pair.client.write_many(pair.client_fd, [b""] * 300)
     events = collect(pair.server, lambda e: len(e) >= 300)
     assert [e.message for e in events] == [b""] * 300
+
+
+def test_wait_events_leaves_the_cyclic_gc_as_it_was(pair):
+    """The native backend pauses the cyclic GC while it makes a batch of
+    Events (they cannot form cycles): enabled or disabled by the program, the
+    GC is as it was when wait_events() returns, or raises."""
+    import gc
+    was = gc.isenabled()
+    try:
+        for enabled in (True, False, True):
+            gc.enable() if enabled else gc.disable()
+            pair.client.write_many(pair.client_fd, [b"m"] * 50)
+            assert len(collect(pair.server, lambda e: len(e) >= 50)) == 50
+            assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()

@@ -48,6 +48,7 @@ _LIVE: "weakref.WeakSet[Context]" = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     for ctx in list(_LIVE):
         ctx._guard = _threads.ForkedGuard(ctx._guard)
+        ctx._forked()
 
 
 if hasattr(os, "register_at_fork"):
@@ -340,6 +341,11 @@ class Context:
         """In a forked child: close this process's copies of fd (every fd
         when None) and nothing else (see _threads.ForkedGuard)."""
         raise NotImplementedError
+
+    def _forked(self) -> None:
+        """In a forked child, at once (the at-fork hook): forget what this
+        process's copy holds that a call could use without the guard (the
+        native backend's schedule() buffer). Nothing by default."""
 
     # -- typed messages (pyipc.typed; the same on both backends) -----------------
     def write_typed(self, fd: int, obj: object, registry: "Registry",

@@ -604,6 +604,11 @@ class NativeContext(Context):
                 del pending[:2]
             self._check(rc, fds[done[0]])
 
+    def _forked(self) -> None:
+        # What the parent buffered is the parent's to send; and with no room
+        # known, the child's schedule() takes the guarded path, which raises.
+        self._drop_buffered()
+
     def _drop_buffered(self) -> None:
         """Forget what schedule() buffered (a forked child's copy)."""
         self._pending.clear()

@@ -139,7 +139,11 @@ class ThreadGuard:
             return self.hand_over(ctx, method, _checked(method.__name__, args))
         if not self._short:
             raise IPCError(BUSY_TEXT)
-        self._lock.acquire()
+        # Taken in a map step, the owner stored with no call in between: a
+        # signal handler that calls in cannot find the lock held by nobody
+        # (see _TRIES).
+        for _ in map(self._lock.acquire, (True,)):
+            break
         self._owner = me
         try:
             return method(ctx, *args, **kwargs)
@@ -184,9 +188,13 @@ class ThreadGuard:
         item = _Handoff(method, args, deadline)
         self._handoffs.append(item)
         ctx._wakeup()
+        me = _get_ident()
         while not item.done.is_set():
-            if self._lock.acquire(False):   # the owner left: do it (and others) here
-                self._owner, self._short = _get_ident(), True
+            got = False
+            for got in self._tries:         # see _TRIES
+                break
+            if got:                         # the owner left: do it (and others) here
+                self._owner, self._short = me, True
                 self.leave(ctx)
                 continue
             wait = RECHECK_S
@@ -224,6 +232,12 @@ def _checked(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
 #: thread". The map is made once per guard: about 25 ns a call, where a new
 #: map per call cost 130.
 #:
+#: For the same reason the thread's ident is taken before the lock and stored
+#: as the owner right after it, with no call in between: a call there (as
+#: `guard._owner = _get_ident()` was) let a signal handler run while the lock
+#: was held and no owner recorded, and a handler that called schedule() then
+#: took itself for another thread and waited for itself forever.
+#:
 #: The guarded method's source: its own parameters (so positional and keyword
 #: calls cost what a plain call costs; a `*args, **kwargs` wrapper costs about
 #: three times more on CPython 3.11), the lock taken without blocking on the
@@ -234,6 +248,7 @@ _TEMPLATE_LINE = sys._getframe().f_lineno + 1   # the line _TEMPLATE's text star
 _TEMPLATE = """
 def make(method, _get_ident):
     def {name}(self, {params}):
+        me = _get_ident()
         guard = self._guard
         got = False
         try:
@@ -268,8 +283,8 @@ def _guarded(method: Method) -> Method:
         params=", ".join(f"{n}=_d_{n}" if n in defaults else n for n in names),
         args=", ".join(names), comma="," if len(names) == 1 else "",
         # A call any thread may make marks itself short (see ThreadGuard).
-        enter="guard._owner, guard._short = _get_ident(), True" if short
-        else "guard._owner = _get_ident()",
+        enter="guard._owner, guard._short = me, True" if short
+        else "guard._owner = me",
         leave="guard._owner, guard._short = None, False" if short else "guard._owner = None")
     scope: dict[str, Any] = {f"_d_{n}": v for n, v in defaults.items()}
     # Filling in the names keeps every line where it was: text line k is line
@@ -288,13 +303,14 @@ def guarded_schedule(direct: Direct) -> Direct:
     """`direct` (a backend's schedule, unguarded) wrapped in the guard."""
     @functools.wraps(direct)
     def schedule(self: Any, fd: int, payload: Payload) -> None:
+        me = _get_ident()
         guard: ThreadGuard = self._guard
         got = False
         try:        # the lock taken as in _TEMPLATE (see _TRIES)
             for got in guard._tries:
                 break
             if got:                         # fast path: nobody inside
-                guard._owner, guard._short = _get_ident(), True
+                guard._owner, guard._short = me, True
                 return direct(self, fd, payload)
         finally:
             if got:

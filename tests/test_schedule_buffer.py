@@ -10,9 +10,11 @@ per scheduled message, and another event loop watching fileno() wakes for them.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import select
 import threading
+import time
 
 import pytest
 
@@ -229,3 +231,45 @@ def test_native_reads_wait_in_the_kernel_only_when_alone(rundir):
         server.write(conn, b"three")
         assert client.read(fd) == b"three"
         assert client._alone is True
+
+
+def test_a_signal_handler_that_schedules_interleaves_whole_messages(pair):
+    """A signal handler that calls schedule() while the loop schedules (the
+    native backend buffers without the lock in a one-thread process, so the
+    handler lands anywhere in the loop's schedule()): every message of both
+    arrives once, whole, and each source's messages in its own order."""
+    import signal
+    from_handler: list[bytes] = []
+
+    def handler(signum, frame):
+        message = b"h%d" % len(from_handler)
+        pair.client.schedule(pair.client_fd, message)
+        from_handler.append(message)
+
+    # A handler that waits for itself (the bug this test found) hangs: the
+    # run then ends with every thread's traceback instead of never.
+    faulthandler.dump_traceback_later(120, exit=True)
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    try:
+        loop = [b"m%d" % i for i in range(20000)]
+        for i, message in enumerate(loop):
+            pair.client.schedule(pair.client_fd, message)
+            if i % 2000 == 1999:            # a round: the buffer goes to the core
+                pair.client.wait_events(timeout=0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        faulthandler.cancel_dump_traceback_later()
+    assert from_handler, "the timer never fired"
+    total, got = len(loop) + len(from_handler), []
+    deadline = time.monotonic() + 20
+    while len(got) < total and time.monotonic() < deadline:
+        pair.client.wait_events(timeout=0)          # sends what is queued
+        try:
+            got += [e.message for e in pair.server.wait_events(timeout=0.05) if e.type is RX]
+        except pyipc.TimeoutError:
+            pass
+    assert [m for m in got if m.startswith(b"m")] == loop
+    assert [m for m in got if m.startswith(b"h")] == from_handler
+    assert len(got) == len(loop) + len(from_handler)

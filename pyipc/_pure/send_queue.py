@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from itertools import islice
 from typing import TYPE_CHECKING, Optional, Tuple
 
 from .._checks import Bytes, as_payload, closed_by_peer, too_large_text
@@ -157,18 +156,29 @@ class SendQueue:
 def _next_buffers(queue: deque[Tuple[bytes, Optional[EventType]]], sent: int) -> list[Bytes]:
     """What one send takes from the head of `queue` (`sent` bytes of its
     first frame are gone): small frames joined into one buffer, else up to
-    MAX_IOV frames as they are (large ones are not copied)."""
+    MAX_IOV frames as they are (large ones are not copied). The head is
+    read by index, not with an iterator of the deque: a signal handler that
+    schedules (it runs between Python steps, even between making an
+    iterator and using it) appends to the deque, which would break the
+    iteration ("deque mutated during iteration")."""
     if len(queue) > 1 and len(queue[0][0]) < JOIN_BELOW:
         small: list[bytes] = []
-        for frame, _ in islice(queue, JOIN_FRAMES):
+        for frame, _ in _head(queue, JOIN_FRAMES):
             if len(frame) >= JOIN_BELOW:
                 break
             small.append(frame)
         if len(small) > 1:
             return [memoryview(b"".join(small))[sent:]]
-    bufs: list[Bytes] = [memoryview(queue[0][0])[sent:]]
-    bufs.extend(frame for frame, _ in islice(queue, 1, MAX_IOV))
+    head = _head(queue, MAX_IOV)
+    bufs: list[Bytes] = [memoryview(head[0][0])[sent:]]
+    bufs.extend(frame for frame, _ in head[1:])
     return bufs
+
+
+def _head(queue: deque[Tuple[bytes, Optional[EventType]]],
+          n: int) -> list[Tuple[bytes, Optional[EventType]]]:
+    """The first `n` entries of `queue` (fewer if it is shorter), by index."""
+    return list(map(queue.__getitem__, range(min(n, len(queue)))))
 
 
 def frame_rest(lens: list[int], written: int) -> int:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import struct
+import subprocess
 import threading
 from typing import Callable, Iterator, List, Optional
 
@@ -27,6 +28,23 @@ def running(daemon: Daemon) -> Iterator[Daemon]:
         daemon.stop()
         runner.join(10)
         assert not runner.is_alive(), f"{daemon.name} did not stop"
+
+
+def stops_cleanly(proc: subprocess.Popen, notify: socket.socket) -> None:
+    """SIGTERM a daemon started under (stand-in) systemd: it says
+    STOPPING=1 on the notify socket, then exits 0."""
+    proc.terminate()
+    assert notify.recv(100) == b"STOPPING=1"
+    assert proc.wait(20) == 0
+
+
+def reap(proc: subprocess.Popen) -> None:
+    """After a daemon's test: kill it if the test failed before it stopped,
+    and close the stderr pipe it was started with."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    proc.stderr.close()
 
 
 class Pong(Daemon):

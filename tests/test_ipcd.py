@@ -23,7 +23,8 @@ from pyipc.daemons.ipcd import Ipcd
 from pyipc.daemons._rules import find_rule, target_of
 
 from conftest import CHILD_ENV, spin_until
-from daemon_harness import FakeScheme, Pong, ask_raw, frame, raw_answer, running
+from daemon_harness import (FakeScheme, Pong, ask_raw, frame, raw_answer, reap, running,
+                            stops_cleanly)
 
 
 @pytest.fixture
@@ -335,14 +336,9 @@ def test_socket_activation_and_readiness(pong, backend, rundir, tmp_path, monkey
             monkeypatch.setenv("IPC_NETWORK", "p pong")
             with client(backend, rundir) as ctx:
                 assert echo_through(ctx, "p") == b"ping p"
-            proc.send_signal(signal.SIGTERM)
-            assert notify.recv(100) == b"STOPPING=1"
-            assert proc.wait(20) == 0
+            stops_cleanly(proc, notify)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            proc.stderr.close()
+            reap(proc)
 
 
 def test_cli_serves_and_stops_on_sigterm(pong, backend, rundir, tmp_path, monkeypatch):

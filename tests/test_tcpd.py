@@ -22,7 +22,7 @@ from pyipc.daemons._netwire import MAX_NAME, NAME_TOO_LONG
 from pyipc.daemons.tcpd import Tcpd, parse_uri
 
 from conftest import CHILD_ENV, spin_until
-from daemon_harness import Pong, frame, read_exactly, read_frame, running
+from daemon_harness import Pong, frame, read_exactly, read_frame, reap, running, stops_cleanly
 
 
 @pytest.fixture
@@ -362,14 +362,9 @@ def test_socket_activation(backend, rundir, pong, tmp_path, monkeypatch):
                     fd = ctx.connect("p", timeout=10)
                     ctx.write(fd, b"via ipcd")
                     assert ctx.read(fd, timeout=10) == b"via ipcd"
-            proc.terminate()
-            assert notify.recv(100) == b"STOPPING=1"
-            assert proc.wait(20) == 0
+            stops_cleanly(proc, notify)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            proc.stderr.close()
+            reap(proc)
 
 
 @pytest.mark.parametrize("args,status,text", [

@@ -15,6 +15,7 @@ import pytest
 
 import pyipc
 
+from daemon_harness import reap, stops_cleanly
 from tlsd_harness import (Certs, Echo, ask, connect_through, dialer, frame, listener, port_of,
                           read_all, running)
 
@@ -481,14 +482,9 @@ def test_socket_activation_and_readiness(hosts, backend, certs, tmp_path, monkey
                 fd = client.connect("far", timeout=20)
                 client.write(fd, b"via ipcd")
                 assert client.read(fd, timeout=20) == b"via ipcd"
-            proc.terminate()
-            assert notify.recv(100) == b"STOPPING=1"
-            assert proc.wait(20) == 0
+            stops_cleanly(proc, notify)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            proc.stderr.close()
+            reap(proc)
 
 
 # ------------------------------------------------------------ the remote's name line, at its bounds

@@ -55,10 +55,7 @@ if TYPE_CHECKING:
         def __getitem__(self, i: int) -> T: ...
         def __setitem__(self, i: int, value: T) -> None: ...
 
-    class _Memory(Protocol):
-        """A cffi buffer: a slice of it is bytes."""
-
-        def __getitem__(self, s: slice) -> bytes: ...
+    from ._native_events import Memory as _Memory
 
 #: close_all() asks the core for this many fds with scheduled messages left
 #: (for its warnings; a larger number is reported as a total).

@@ -114,12 +114,12 @@ pub const SendQueue = struct {
     fn reserve(self: *SendQueue, gpa: Allocator, size: usize) Allocator.Error!*std.ArrayList(u8) {
         try self.frames.ensureUnusedCapacity(gpa, 1);
         self.compactFrames();
-        if (self.head == self.front.items.len) {
+        const tail = if (self.head == self.front.items.len) blk: {
             assert(self.back.items.len == 0);
             self.front.clearRetainingCapacity();
             self.head = 0;
-        }
-        const tail = if (self.head == 0 and self.front.items.len == 0) &self.front else &self.back;
+            break :blk &self.front;
+        } else &self.back;
         try tail.ensureUnusedCapacity(gpa, size);
         return tail;
     }

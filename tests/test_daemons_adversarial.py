@@ -16,10 +16,9 @@ import threading
 import time
 
 import pytest
-
-pytest.importorskip("websockets")
-
-from websockets.sync.client import connect  # noqa: E402
+# websockets and trustme are test dependencies (pyproject's test extra): a
+# missing one fails the run rather than skipping these tests.
+from websockets.sync.client import connect
 
 from pyipc.daemons import _netwire as wire  # noqa: E402
 from pyipc.daemons.websocketd.policy import origin_allowed, service_name  # noqa: E402
@@ -114,7 +113,7 @@ def test_tlsd_peer_gone_after_tls_before_its_name_logs_no_traceback(
     # The peer completes TLS, sends part of a name (or nothing) and closes
     # TCP without close_notify: tlsd's refusal used to write into the ended
     # session, ssl raised SSLEOFError, and on_event logged it as a failure.
-    trustme = pytest.importorskip("trustme")
+    import trustme
     certs = Certs(str(tmp_path), trustme)
     caplog.set_level(logging.INFO, logger="pyipc.daemons")
     with tls_running(Echo(rundir=rundir, backend=backend)), \
@@ -150,7 +149,7 @@ def test_tlsd_name_bound_holds_when_the_newline_comes_with_it(backend, rundir, t
     # MAX_NAME was only checked while no newline had arrived: a longer
     # name sent whole, newline included, in one record was taken as a name.
     from pyipc.daemons._netwire import MAX_NAME
-    trustme = pytest.importorskip("trustme")
+    import trustme
     certs = Certs(str(tmp_path), trustme)
     with tls_running(listener(rundir, backend, certs)) as tlsd:
         at = _tls_exchange(port_of(tlsd), certs, b"n" * MAX_NAME + b"\n")
@@ -198,7 +197,7 @@ def test_tlsd_refusal_in_the_read_that_ends_the_handshake_decrypts(backend, rund
     # tickets TLS 1.3 makes on Finished were taken from the session and lost
     # with the HandshakeFailed, so the refusal after them failed to decrypt
     # at the peer ("bad record mac"): a corrupted stream, the reason lost.
-    trustme = pytest.importorskip("trustme")
+    import trustme
     certs = Certs(str(tmp_path), trustme)
     with tls_running(Echo(rundir=rundir, backend=backend)), \
             tls_running(listener(rundir, backend, certs)) as tlsd:
@@ -236,7 +235,7 @@ def test_tlsd_refusal_reaches_a_peer_still_sending(backend, rundir, tmp_path):
     # Refused while megabytes of its "name" are still on the way: closing
     # at once, with those bytes unread, sends a TCP reset that can destroy
     # the refusal before the peer reads it (tcpd lingers for this reason).
-    trustme = pytest.importorskip("trustme")
+    import trustme
     certs = Certs(str(tmp_path), trustme)
     with tls_running(listener(rundir, backend, certs)) as tlsd:
         for _ in range(3):
@@ -411,7 +410,7 @@ def test_tlsd_dialer_refuses_a_name_the_remote_could_not_take(backend, tmp_path)
     # was a misleading `ne tls ... send buffer full`. Now it is a bad request,
     # answered before anything is dialed.
     from pyipc.daemons._netwire import MAX_NAME
-    trustme = pytest.importorskip("trustme")
+    import trustme
     certs = Certs(str(tmp_path), trustme)
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(mode=0o700)
@@ -437,7 +436,7 @@ def test_tlsd_dialer_refuses_a_name_the_remote_could_not_take(backend, tmp_path)
 def test_tlsd_peer_silent_after_tls_is_told_why_it_is_closed(backend, rundir, tmp_path):
     # Past --handshake-timeout a peer that made TLS but named nothing was
     # closed with no word (tcpd answers `ne timeout` in the same case).
-    trustme = pytest.importorskip("trustme")
+    import trustme
     certs = Certs(str(tmp_path), trustme)
     with tls_running(listener(rundir, backend, certs, handshake_timeout=0.3)) as tlsd:
         answer = _tls_exchange(port_of(tlsd), certs, b"")

@@ -9,15 +9,14 @@ import tempfile
 from typing import Iterator
 
 import pytest
+import trustme      # a test dependency (pyproject's test extra): missing, the run fails
 
 import pyipc
+from pyipc.daemons._tls_options import TlsdConfig
 from pyipc.daemons.ipcd import Ipcd
+from pyipc.daemons.tlsd import Tlsd
 
-trustme = pytest.importorskip("trustme")
-from pyipc.daemons._tls_options import TlsdConfig  # noqa: E402
-from pyipc.daemons.tlsd import Tlsd  # noqa: E402
-
-from daemon_harness import Pong, running  # noqa: E402
+from daemon_harness import Pong, running
 
 
 @pytest.fixture

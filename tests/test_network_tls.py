@@ -37,7 +37,7 @@ from tlsd_harness import Certs
 def namespaces() -> None:
     """Every test here makes hosts of network namespaces."""
     require_network()
-trustme = pytest.importorskip("trustme")
+import trustme  # a test dependency (pyproject's test extra): missing, the run fails
 
 #: Seconds after which tlsd ends a connection whose peer went silent (short
 #: here so that the cut-link test is quick).

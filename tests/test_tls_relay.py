@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-trustme = pytest.importorskip("trustme")
+import trustme  # a test dependency (pyproject's test extra): missing, the run fails
 
 from pyipc.daemons._tls_relay import TlsRelay, TlsRelayError  # noqa: E402
 from conftest import frame

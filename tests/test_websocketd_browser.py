@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("websockets")
 
 from pyipc import EventType, Registry  # noqa: E402
 

@@ -14,7 +14,6 @@ import urllib.request
 
 import pytest
 
-pytest.importorskip("websockets")
 
 from websockets.exceptions import InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402

@@ -1147,10 +1147,8 @@ pub const Context = struct {
         fn takeScratch(self: *RxSink, payload: []const u8) framing.SinkError!void {
             const ctx = self.ctx;
             const conn = self.conn;
-            if (self.shared) |ch| if (events_mod.holds(ch.data, payload)) {
-                try ctx.events.items.ensureUnusedCapacity(ctx.gpa, 1);
-                return ctx.events.pushShared(.message_rx, conn.fd, conn.index, ch, payload);
-            };
+            if (self.shared) |ch| if (events_mod.holds(ch.data, payload))
+                return ctx.events.pushShared(ctx.gpa, .message_rx, conn.fd, conn.index, ch, payload);
             const scratch = ctx.scratch orelse return self.copy(payload);
             if (!events_mod.holds(scratch, payload)) return self.copy(payload);
             self.shared = try ctx.events.pushOwned(

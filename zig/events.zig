@@ -137,24 +137,26 @@ pub const Queue = struct {
     ) Allocator.Error!*Chunk {
         try self.items.ensureUnusedCapacity(gpa, 1);
         const ch = try gpa.create(Chunk);
+        errdefer gpa.destroy(ch);
         ch.* = .{ .data = memory, .used = memory.len };
-        self.pushShared(kind, fd, index, ch, payload);
+        try self.pushShared(gpa, kind, fd, index, ch, payload); // room is there: no failure
         return ch;
     }
 
     /// Queue another MESSAGE_RX (or SWITCH_RX) whose payload lies in `ch`, a
-    /// chunk pushOwned made (no copy). The caller ensured room for one item.
+    /// chunk pushOwned made (no copy).
     pub fn pushShared(
         self: *Queue,
+        gpa: Allocator,
         kind: EventType,
         fd: i32,
         index: i64,
         ch: *Chunk,
         payload: []const u8,
-    ) void {
+    ) Allocator.Error!void {
         assert(kind == .message_rx or kind == .switch_rx);
         assert(holds(ch.data, payload));
-        assert(self.items.unusedCapacitySlice().len >= 1);
+        try self.items.ensureUnusedCapacity(gpa, 1);
         ch.refs += 1;
         self.items.appendAssumeCapacity(
             .{ .kind = kind, .fd = fd, .index = index, .data = payload, .chunk = ch },

@@ -763,10 +763,10 @@ test "C ABI: batches by pointer, pending events, small buffers, error texts" {
     var fd: c_int = -1;
     var buf: [32]u8 = undefined;
     var len: usize = 4;
-    const too_small = @intFromEnum(errors.Code.buffer_too_small);
+    const too_small = @backingInt(errors.Code.buffer_too_small);
     try testing.expectEqual(too_small, ipc_wait_event(server, &t, &index, &fd, &buf, &len));
     try testing.expectEqual(@as(usize, 16), len);
-    try testing.expectEqual(@intFromEnum(events.EventType.message_rx), t);
+    try testing.expectEqual(@backingInt(events.EventType.message_rx), t);
     len = buf.len;
     try expectOk(ipc_wait_event(server, &t, &index, &fd, &buf, &len));
     try testing.expectEqualStrings("a longer message", buf[0..len]);
@@ -866,7 +866,7 @@ test "C ABI: write_many gathers frames, read_many copies them in order" {
             &count,
         );
         if (small) {
-            try testing.expectEqual(@intFromEnum(errors.Code.buffer_too_small), code);
+            try testing.expectEqual(@backingInt(errors.Code.buffer_too_small), code);
             try testing.expectEqual(@as(usize, 100), len);
             refused = true;
             continue;
@@ -998,7 +998,7 @@ fn drainEvents(ctx: ?*anyopaque, evs: []IpcEvent) !usize {
     while (true) {
         var count: usize = 0;
         const code = ipc_wait_events(ctx, evs.ptr, evs.len, &count);
-        if (code == @intFromEnum(errors.Code.timeout)) return total;
+        if (code == @backingInt(errors.Code.timeout)) return total;
         try expectOk(code);
         total += count;
     }

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gc
 import struct
-from functools import partial
 from itertools import chain, repeat
 from operator import add, sub
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Optional
@@ -49,7 +48,6 @@ _Format = Literal["i", "I", "q", "P"]
 #: tuple.__new__(Event, fields): an Event from a 5-tuple of its fields, in C
 #: (what namedtuple's _make does).
 _tuple_new: Callable[[type[Event], Any], Event] = tuple.__new__
-_new_event: Callable[[Any], Event] = partial(_tuple_new, Event)
 
 
 class EventDecoder:
@@ -157,7 +155,7 @@ class EventDecoder:
             if etype is _RX or etype is EventType.SWITCH_RX else None
         error = self._ffi.string(self._ffi.cast("char *", err)).decode("utf-8", "replace") \
             if err else None
-        return _new_event((etype, fd, index, payload, error))
+        return _tuple_new(Event, (etype, fd, index, payload, error))
 
 
 def _pieces(addresses: list[int], stride: int) -> Optional[list[tuple[int, int]]]:

@@ -115,6 +115,13 @@ pub const Context = struct {
     switch_state: switching.State = .{},
     /// Connections with queued frames: what step 1 of a round flushes.
     dirty: std.ArrayList(*Conn) = .empty,
+    /// Pinned payloads (schedulePinned) the core still reads from.
+    pinned: usize = 0,
+    /// Tokens of pinned payloads the core no longer reads (written, or their
+    /// connection ended), in order, until the caller collects them
+    /// (takeUnpinned). Its spare capacity is never below `pinned`, so a
+    /// release never allocates.
+    unpinned: std.ArrayList(u64) = .empty,
     /// Fds of connections that ended (DISCONNECTION reported) but are not
     /// closed yet: the number stays taken until the next round, so a new
     /// connection cannot get it while the old one's events are being handled
@@ -166,6 +173,7 @@ pub const Context = struct {
         self.wakeup.deinit();
         sys.closeFd(self.spare_fd);
         self.dirty.deinit(gpa);
+        self.unpinned.deinit(gpa);
         self.ended.deinit(gpa);
         if (self.scratch) |s| gpa.free(s);
         if (self.gather_buf) |s| gpa.free(s);
@@ -451,6 +459,9 @@ pub const Context = struct {
         conn.registered = .{};
         sys.closeFd(conn.lock_fd);
         conn.lock_fd = -1;
+        // What it still had to write is not written: its pins are free.
+        var sink: TxSink = .{ .ctx = self, .conn = conn };
+        conn.queue.discard(self.gpa, &sink);
         self.table.remove(self.gpa, conn);
     }
 
@@ -816,18 +827,60 @@ pub const Context = struct {
 
     /// Queue a frame; the next rounds send it (MESSAGE_TX when fully written).
     pub fn schedule(self: *Context, fd: i32, payload: []const u8) Error!void {
-        const conn = try self.prepareSend(fd, payload.len);
+        const conn = try self.prepareSchedule(fd, payload.len);
+        errdefer if (conn.queue.isEmpty()) self.unmarkDirty(conn);
+        try conn.queue.push(self.gpa, payload, .scheduled);
+        self.updateInterest(conn);
+    }
+
+    /// schedule() without copying the payload: the core writes it from the
+    /// caller's memory, which must stay unchanged until `token` comes out of
+    /// takeUnpinned() (once the frame is written, or its connection ended).
+    pub fn schedulePinned(self: *Context, fd: i32, payload: []const u8, token: u64) Error!void {
+        // Room to report it released without allocating (see `unpinned`).
+        try self.unpinned.ensureUnusedCapacity(self.gpa, self.pinned + 1);
+        if (payload.len == 0) {
+            // Nothing to pin: queued as schedule() does, released at once.
+            try self.schedule(fd, payload);
+            self.unpinned.appendAssumeCapacity(token);
+            return;
+        }
+        const conn = try self.prepareSchedule(fd, payload.len);
+        errdefer if (conn.queue.isEmpty()) self.unmarkDirty(conn);
+        try conn.queue.pushPinned(self.gpa, .{ .ptr = payload.ptr, .len = payload.len, .token = token });
+        self.pinned += 1;
+        self.updateInterest(conn);
+    }
+
+    /// Move up to out.len released pin tokens, oldest first, to `out`;
+    /// returns how many.
+    pub fn takeUnpinned(self: *Context, out: []u64) usize {
+        const n = @min(out.len, self.unpinned.items.len);
+        @memcpy(out[0..n], self.unpinned.items[0..n]);
+        self.unpinned.replaceRangeAssumeCapacity(0, n, &.{});
+        return n;
+    }
+
+    /// A pinned payload is no longer read (TxSink, unwatch).
+    fn unpin(self: *Context, token: u64) void {
+        assert(self.pinned > 0);
+        self.pinned -= 1;
+        self.unpinned.appendAssumeCapacity(token);
+    }
+
+    /// schedule()'s checks (fd, size, room in fd's queue); fd is then in
+    /// the dirty list.
+    fn prepareSchedule(self: *Context, fd: i32, len: usize) Error!*Conn {
+        const conn = try self.prepareSend(fd, len);
         const queued = conn.queue.queuedBytes();
-        if (queued + framing.header_size + payload.len > self.limits.max_queue_size)
+        if (queued + framing.header_size + len > self.limits.max_queue_size)
             return self.last.fail(
                 error.QueueFull,
                 "send queue of fd {d} is full ({d} bytes queued, max_queue_size {d})",
                 .{ fd, queued, self.limits.max_queue_size },
             );
         try self.markDirty(conn);
-        errdefer if (conn.queue.isEmpty()) self.unmarkDirty(conn);
-        try conn.queue.push(self.gpa, payload, .scheduled);
-        self.updateInterest(conn);
+        return conn;
     }
 
     /// Send now: first what is queued for fd (its MESSAGE_TX events are still
@@ -1070,6 +1123,9 @@ pub const Context = struct {
     const TxSink = struct {
         ctx: *Context,
         conn: *Conn,
+        pub fn unpinned(self: *TxSink, token: u64) void {
+            self.ctx.unpin(token);
+        }
         pub fn completed(
             self: *TxSink,
             origin: @import("send_queue.zig").Origin,

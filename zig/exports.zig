@@ -328,6 +328,29 @@ pub export fn ipc_schedule(
     return rc(ctx, ctx.schedule(fd, bytes(payload, len)));
 }
 
+/// ipc_schedule() without a copy (pyipc extension): the core writes the
+/// payload from the caller's memory, which must stay allocated and unchanged
+/// until ipc_unpinned() returns `token` (the frame is written, or its
+/// connection ended; ipc_ctx_free releases all).
+pub export fn ipc_schedule_pinned(
+    ptr: ?*anyopaque,
+    fd: c_int,
+    payload: ?[*]const u8,
+    len: u32,
+    token: u64,
+) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return rc(ctx, ctx.schedulePinned(fd, bytes(payload, len), token));
+}
+
+/// Tokens of pinned payloads the core no longer reads, oldest first, at most
+/// `capacity` of them into `tokens` (pyipc extension); returns how many.
+pub export fn ipc_unpinned(ptr: ?*anyopaque, tokens: ?[*]u64, capacity: usize) callconv(.c) usize {
+    const ctx = context(ptr) orelse return 0;
+    const out = tokens orelse return 0;
+    return ctx.takeUnpinned(out[0..capacity]);
+}
+
 /// write()'s checks of fd and of a `len`-byte payload, in its order; nothing
 /// is written. For sizes uint32_t cannot carry: the failure says what
 /// ipc_write() would (an unknown fd before the size).
@@ -1114,6 +1137,61 @@ test "C ABI: schedule_many queues in order, stops at the first failure; schedule
     try testing.expectEqualStrings("a", got[0]);
     try testing.expectEqualStrings("bc", got[1]);
     try testing.expectEqualStrings("", got[2]);
+}
+
+test "C ABI: schedule_pinned writes from the caller's memory and hands every token back once" {
+    var pair: TestPair = .{};
+    try pair.init("pinned");
+    defer pair.deinit("pinned");
+    const server, const client, const cfd = .{ pair.server, pair.client, pair.cfd };
+    const big = try gpa.alloc(u8, 32 * 1024);
+    defer gpa.free(big);
+    for (big, 0..) |*b, i| b.* = @truncate(i *% 7);
+    var tokens: [8]u64 = undefined;
+    try testing.expectEqual(@as(usize, 0), ipc_unpinned(client, &tokens, tokens.len));
+    // Pinned, copied, pinned, an empty pinned one (released at once).
+    try expectOk(ipc_schedule_pinned(client, cfd, big.ptr, @intCast(big.len), 1));
+    try expectOk(ipc_schedule(client, cfd, "x", 1));
+    try expectOk(ipc_schedule_pinned(client, cfd, big.ptr, @intCast(big.len), 2));
+    try expectOk(ipc_schedule_pinned(client, cfd, big.ptr, 0, 3));
+    try testing.expectEqual(@as(usize, 1), ipc_unpinned(client, &tokens, tokens.len));
+    try testing.expectEqual(@as(u64, 3), tokens[0]);
+    // The same checks as ipc_schedule: an unknown fd is refused, nothing pinned.
+    try testing.expectEqual(
+        @as(c_int, errors.code(error.UnknownFd)),
+        ipc_schedule_pinned(client, 9999, big.ptr, @intCast(big.len), 4),
+    );
+    var evs: [8]IpcEvent = undefined;
+    var tx: usize = 0;
+    while (tx < 4) {
+        var count: usize = 0;
+        try expectOk(ipc_wait_events(client, &evs, evs.len, &count));
+        for (evs[0..count]) |ev| {
+            try testing.expectEqual(@as(i32, 4), ev.type);
+            tx += 1;
+        }
+    }
+    try testing.expectEqual(@as(usize, 2), ipc_unpinned(client, &tokens, tokens.len));
+    try testing.expectEqual([2]u64{ 1, 2 }, tokens[0..2].*);
+    // The server gets the four messages whole and in order.
+    const want = [_][]const u8{ big, "x", big, "" };
+    var rx: usize = 0;
+    while (rx < want.len) {
+        var count: usize = 0;
+        try expectOk(ipc_wait_events(server, &evs, evs.len, &count));
+        for (evs[0..count]) |ev| {
+            if (ev.type != 3) continue;
+            const got = if (ev.message) |m| m[0..ev.message_len] else "";
+            try testing.expectEqualSlices(u8, want[rx], got);
+            rx += 1;
+        }
+    }
+    // A pin whose connection ends before it is written is handed back too.
+    try expectOk(ipc_schedule_pinned(client, cfd, big.ptr, @intCast(big.len), 5));
+    try testing.expectEqual(@as(usize, 0), ipc_unpinned(client, &tokens, tokens.len));
+    try expectOk(ipc_close_fd(client, cfd));
+    try testing.expectEqual(@as(usize, 1), ipc_unpinned(client, &tokens, 1));
+    try testing.expectEqual(@as(u64, 5), tokens[0]);
 }
 
 test "C ABI: read_wakeup off: an interruptible context's read waits in the kernel" {

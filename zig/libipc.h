@@ -70,6 +70,12 @@
  * len, room) makes ipc_schedule()'s checks of fd and of a `len`-byte payload,
  * in its order, all but the queue bound, and sets *room to the bytes (frame
  * headers of 4 included) fd's send queue takes before it is full.
+ * ipc_schedule_pinned(ctx, fd, payload, len, token) is ipc_schedule() without
+ * the copy: the core writes the payload from the caller's memory, which must
+ * stay allocated and unchanged until ipc_unpinned(ctx, tokens, capacity)
+ * hands `token` back (the frame is written, or its connection ended; tokens
+ * oldest first, at most `capacity`, returns how many). ipc_context_deinit
+ * releases every pin.
  * ipc_context_read_wakeup(ctx, on): in an interruptible context, whether
  * ipc_wakeup() ends a blocking read too (on, the default; the reads then poll
  * the wake-up pipe) or not (off: they wait in the kernel, which is quicker).
@@ -214,6 +220,8 @@ int ipc_last_errno(void *ctx);
 int ipc_context_fd(void *ctx);
 int ipc_schedule_many(void *ctx, const int *fds, const char *payloads, const uint32_t *lengths, size_t count, size_t *done);
 int ipc_schedule_room(void *ctx, int fd, uint64_t len, uint64_t *room);
+int ipc_schedule_pinned(void *ctx, int fd, const char *mcontent, uint32_t mlen, uint64_t token);
+size_t ipc_unpinned(void *ctx, uint64_t *tokens, size_t capacity);
 void ipc_context_read_wakeup(void *ctx, int on);
 /* CFFI-END */
 

@@ -18,7 +18,6 @@ import os
 import struct
 import sys
 import _thread
-import threading
 import time
 import weakref
 from array import array
@@ -74,6 +73,13 @@ WRITE_FROM_PLACE = 4096
 #: context next enters the core: a wait, a read, a write, a close (issue 21).
 #: Larger ones are queued by the core at once (one copy either way).
 SCHEDULE_BUFFERED = 4096
+#: schedule() hands a bytes payload of at least this many bytes to the core
+#: pinned (ipc_schedule_pinned): the core writes it from the object itself,
+#: which the context keeps until the core hands its token back (_unpin), so
+#: the kernel's copy is the only one. bytes only: it cannot change meanwhile.
+SCHEDULE_PINNED = 16 * 1024
+#: Released pin tokens taken from the core per call.
+UNPIN_BATCH = 256
 
 
 def _load() -> Tuple[Any, Any, Path, Path]:
@@ -134,8 +140,9 @@ _ipc_write_many_ptrs, _ipc_read_lent = lib.ipc_write_many_ptrs, lib.ipc_read_len
 _ipc_read_into = lib.ipc_read_into
 _ipc_schedule_many: Callable[..., int] = lib.ipc_schedule_many
 _ipc_schedule_room: Callable[..., int] = lib.ipc_schedule_room
+_ipc_schedule_pinned: Callable[..., int] = lib.ipc_schedule_pinned
+_ipc_unpinned: Callable[..., int] = lib.ipc_unpinned
 _from_buffer = ffi.from_buffer
-_active_count = threading.active_count
 _thread_count: Callable[[], int] = _thread._count
 _join = b"".join
 _unpack = ffi.unpack
@@ -155,7 +162,7 @@ class NativeContext(Context):
     __slots__ = ("_handle", "_ctx", "_events", "_decoder", "_ecount", "_sizes", "_count", "_lent",
                  "_rbuf", "_rbuf_at", "_rlen", "_core_timeout", "_handed",
                  "_close_info", "_pending", "_room", "_room_out", "_sched_done",
-                 "_buffer_max", "_alone",
+                 "_buffer_max", "_alone", "_pins", "_unpinned",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
     backend = "native"
@@ -166,7 +173,12 @@ class NativeContext(Context):
         if lib.ipc_context_init(self._handle) != 0:
             _init_failed(ffi.errno)
         self._ctx = self._handle[0]
-        self._finalizer = weakref.finalize(self, lib.ipc_context_deinit, self._handle)
+        #: id(payload) -> [payload, times pinned] for each payload the core
+        #: writes from (see SCHEDULE_PINNED); the finalizer holds it too, so
+        #: no pinned payload is freed before the core is.
+        self._pins: dict[int, list[Any]] = {}
+        self._unpinned: _Cell[int] = ffi.new("uint64_t[]", UNPIN_BATCH)
+        self._finalizer = weakref.finalize(self, _free_context, self._handle, self._pins)
         # Blocking calls return on a signal, so that its Python handler runs
         # (PEP 475); each call then goes on, or raises what the handler raised.
         lib.ipc_context_interruptible(self._ctx, 1)
@@ -371,6 +383,8 @@ class NativeContext(Context):
                         log.warning(DISCARD_TEXT, f, n)
         finally:    # closed even when a signal's handler raised during the linger
             rc = lib.ipc_close_fd(self._ctx, _fd_arg(fd))
+            if self._pins:
+                self._unpin()
         self._check(rc, fd)
         for f in (fd, peer[0]):
             if f >= 0:
@@ -385,6 +399,8 @@ class NativeContext(Context):
             self._warn_unsent()
         finally:
             rc = lib.ipc_close_all(self._ctx)
+            if self._pins:
+                self._unpin()
             self._callbacks.clear()
             self._handed.clear()
             self._mark_closed()
@@ -552,6 +568,8 @@ class NativeContext(Context):
             if self._pending:      # in order: what was buffered goes first
                 self._flush()
             try:
+                if size >= SCHEDULE_PINNED:
+                    return self._schedule_pinned(fd, payload)
                 rc = _ipc_schedule(self._ctx, fd, payload, len(payload))
             except OverflowError:
                 pass
@@ -565,6 +583,48 @@ class NativeContext(Context):
         with buf:       # released before an exception leaves (see _payload)
             rc = lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size)
         self._check(rc, fd)
+
+    def _schedule_pinned(self, fd: int, payload: bytes) -> None:
+        """schedule() of a large bytes payload without a copy: the core
+        writes from the object, kept in _pins until the core lets it go. It
+        is registered before the call and unregistered unless the core took
+        it, so that an exception from a signal's handler at any line cannot
+        leave the core with a payload nobody keeps."""
+        pins = self._pins
+        if pins:
+            self._unpin()
+        token = id(payload)
+        pin = pins.get(token)
+        if pin is None:
+            pins[token] = pin = [payload, 0]
+        pin[1] += 1
+        rc = -1
+        try:
+            rc = _ipc_schedule_pinned(self._ctx, fd, payload, len(payload), token)
+        finally:
+            if rc:
+                self._release_pin(token)
+        if rc:
+            self._check(rc, fd)
+
+    def _unpin(self) -> None:
+        """Let go of the pinned payloads the core no longer reads. (A
+        signal's handler that raises in here leaves the tokens taken and not
+        yet let go pinned until the context is freed: memory kept, never
+        memory freed too early.)"""
+        tokens = self._unpinned
+        while True:
+            n = _ipc_unpinned(self._ctx, tokens, UNPIN_BATCH)
+            for i in range(n):
+                self._release_pin(tokens[i])
+            if n < UNPIN_BATCH:
+                return
+
+    def _release_pin(self, token: int) -> None:
+        pin = self._pins[token]
+        pin[1] -= 1
+        if not pin[1]:
+            del self._pins[token]
 
     #: schedule() through the thread guard (the slow path of schedule()).
     _schedule_guarded = guarded_schedule(_schedule_direct)
@@ -619,7 +679,7 @@ class NativeContext(Context):
             message = self._handed.take_message(fd)
             if message is not None:
                 return message
-        if (_active_count() == 1) is not self._alone:
+        if (not _thread_count()) is not self._alone:
             self._reads_wait()
         buf, rlen = self._rbuf, self._rlen
         # A plain int goes straight in (no _fd_arg call: it is a hot path).
@@ -663,7 +723,7 @@ class NativeContext(Context):
             taken = self._handed.take_messages(fd, max_messages)
             if taken:
                 return taken
-        if (_active_count() == 1) is not self._alone:
+        if (not _thread_count()) is not self._alone:
             self._reads_wait()
         sizes = self._sizes if max_messages <= DEFAULT_READ_MANY else \
             ffi.new("uint32_t[]", max_messages)
@@ -692,7 +752,7 @@ class NativeContext(Context):
             size = self._handed.take_into(fd, view)
             if size is not None:
                 return size
-        if (_active_count() == 1) is not self._alone:
+        if (not _thread_count()) is not self._alone:
             self._reads_wait()
         rlen = self._rlen
         # Released before an exception leaves, a signal handler's included
@@ -720,9 +780,10 @@ class NativeContext(Context):
         takes three), else polling the wake-up pipe too, so that another
         thread's hand-over (_threads) ends the wait. Checked at each read:
         a thread can only be started by another thread, which would have been
-        counted. (Threads that the threading module does not know, started
-        with _thread or from C, are not counted: see docs/reference.md.)"""
-        self._alone = _active_count() == 1
+        counted. (_thread._count(): every thread started from Python, in C
+        and so quicker than threading.active_count(); threads started from C
+        are not counted: see docs/reference.md.)"""
+        self._alone = not _thread_count()
         lib.ipc_context_read_wakeup(self._ctx, 0 if self._alone else 1)
 
     def _read_large(self, fd: int) -> bytes:
@@ -818,6 +879,8 @@ class NativeContext(Context):
             n = count[0]
             out = self._decoder.decode(n)
             count[0] = 0        # converted (see _keep_handed)
+            if self._pins:
+                self._unpin()
             while n == EVENT_BATCH and _ipc_pending_events(ctx):
                 rc = _ipc_wait_events(ctx, events, EVENT_BATCH, count)
                 if rc:
@@ -858,6 +921,13 @@ def split_payloads(buffer: Buffer, sizes: list[int]) -> list[bytes]:
     data = bytes(memoryview(buffer)[:sum(sizes)])
     starts = accumulate(sizes, initial=0)
     return [data[start:start + size] for start, size in zip(starts, sizes)]
+
+
+def _free_context(handle: Any, pins: dict[int, list[Any]]) -> None:
+    """The context's finalizer: free the core, then let go of the payloads
+    it could still have written from (they outlive it: see _pins)."""
+    lib.ipc_context_deinit(handle)
+    pins.clear()
 
 
 def _init_failed(errno_: int) -> NoReturn:

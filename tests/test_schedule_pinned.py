@@ -1,0 +1,160 @@
+"""Large scheduled payloads are written from where they are (issue 21).
+
+The native backend hands a bytes payload of SCHEDULE_PINNED bytes or more to
+the core pinned: the core writes it from the bytes object itself instead of a
+copy, and the context keeps the object until the core says it no longer reads
+it (the frame is written, or its connection ended). The contract is the one of
+schedule() on both backends: the message that arrives is the one scheduled,
+whole and in order, even when the caller kept no reference to it; and nothing
+keeps a payload alive once it was sent or discarded.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+import pytest
+
+import pyipc
+from pyipc import EventType
+
+from conftest import collect, require_backend
+
+TX, RX = EventType.MESSAGE_TX, EventType.MESSAGE_RX
+#: Over the native backend's pinning threshold.
+BIG = 64 * 1024
+
+
+def _payload(i: int, size: int = BIG) -> bytes:
+    """A payload that says which one it is in every 4 bytes."""
+    return i.to_bytes(4, "big") * (size // 4)
+
+
+def _refused(ctx: pyipc.Context, fd: int, payload: bytes) -> type:
+    """The class of what schedule(fd, payload) raised; its traceback (which
+    holds the payload) gone with it."""
+    try:
+        ctx.schedule(fd, payload)
+    except pyipc.IPCError as e:
+        cls = type(e)
+    else:
+        pytest.fail("schedule() took it")
+    gc.collect()
+    return cls
+
+
+def _tx(ctx: pyipc.Context, n: int) -> None:
+    collect(ctx, lambda seen: sum(e.type is TX for e in seen) >= n)
+
+
+def test_payloads_nobody_keeps_arrive_whole_and_in_order(pair):
+    # Each payload's only reference is the context's: were it not kept, the
+    # core would write freed memory, reused by the next payloads made.
+    n = 40
+    for i in range(n):
+        pair.client.schedule(pair.client_fd, _payload(i))
+        if i % 3 == 0:
+            pair.client.schedule(pair.client_fd, b"small %d" % i)
+    gc.collect()
+    junk = [_payload(-1 & 0xFFFF) for _ in range(n)]   # reuses freed memory, if any
+    expected = []
+    for i in range(n):
+        expected.append(_payload(i))
+        if i % 3 == 0:
+            expected.append(b"small %d" % i)
+    got: list[bytes] = []
+    # Both contexts in this thread: the client's loop writes, the server's reads.
+    while len(got) < len(expected):
+        pair.client.wait_events(timeout=0)
+        got.extend(e.message for e in pair.server.wait_events(timeout=5) if e.type is RX)
+    assert got == expected
+    del junk
+
+
+def test_a_payload_is_let_go_once_written(pair):
+    payload = _payload(7)
+    before = sys.getrefcount(payload)
+    for _ in range(3):
+        pair.client.schedule(pair.client_fd, payload)
+    _tx(pair.client, 3)
+    assert sys.getrefcount(payload) == before
+    got = collect(pair.server, lambda seen: sum(e.type is RX for e in seen) >= 3)
+    assert [e.message for e in got if e.type is RX] == [payload] * 3
+
+
+def test_payloads_of_a_closed_connection_are_let_go(pair):
+    # The server does not read: most of these stay queued when fd is closed.
+    payload = _payload(3)
+    before = sys.getrefcount(payload)
+    for _ in range(64):
+        pair.client.schedule(pair.client_fd, payload)
+    pair.client.wait_events(timeout=0)       # some go out, the rest wait for room
+    pair.client.close(pair.client_fd, linger=0)
+    assert sys.getrefcount(payload) == before
+
+
+def test_payloads_of_a_connection_the_peer_ended_are_let_go(pair):
+    payload = _payload(4)
+    before = sys.getrefcount(payload)
+    for _ in range(64):
+        pair.client.schedule(pair.client_fd, payload)
+    pair.client.wait_events(timeout=0)       # fills the socket; the rest stays queued
+    pair.server.close(pair.server_fd, linger=0)
+    events = collect(pair.client, lambda seen: any(
+        e.type is EventType.DISCONNECTION for e in seen))
+    assert sum(e.type is TX for e in events) < 64    # some were never written
+    assert sys.getrefcount(payload) == before
+
+
+def test_payloads_of_a_closed_context_are_let_go(ctx_factory):
+    server, client = ctx_factory(), ctx_factory()
+    server.service_init("svc")
+    fd = client.connect_service("svc")
+    payload = _payload(5)
+    before = sys.getrefcount(payload)
+    for _ in range(64):
+        client.schedule(fd, payload)
+    client.wait_events(timeout=0)
+    client.linger = 0
+    client.close_all()
+    assert sys.getrefcount(payload) == before
+
+
+def test_a_refused_payload_is_not_kept(ctx_factory):
+    server = ctx_factory()
+    client = ctx_factory(max_message_size=BIG, max_queue_size=3 * (BIG + 4))
+    server.service_init("svc")
+    fd = client.connect_service("svc")
+    payload = _payload(9)
+    before = sys.getrefcount(payload)
+    assert _refused(client, 9999, payload) is pyipc.UnknownFdError
+    assert sys.getrefcount(payload) == before
+    # A full queue refuses it too, and keeps only what it queued.
+    for _ in range(3):
+        client.schedule(fd, payload)
+    held = sys.getrefcount(payload)
+    assert _refused(client, fd, payload) is pyipc.QueueFullError
+    assert sys.getrefcount(payload) == held
+    client.close(fd, linger=0)
+    assert sys.getrefcount(payload) == before
+
+
+def test_the_native_core_writes_a_large_payload_without_a_copy(rundir):
+    # What makes the difference: the pin is held while the frame is queued,
+    # and let go after its MESSAGE_TX.
+    require_backend("native")
+    with pyipc.Context(rundir=rundir, backend="native") as server, \
+            pyipc.Context(rundir=rundir, backend="native") as client:
+        server.service_init("svc")
+        fd = client.connect_service("svc")
+        payload = _payload(1)
+        client.schedule(fd, payload)
+        assert client._pins == {id(payload): [payload, 1]}
+        client.schedule(fd, payload)
+        assert client._pins[id(payload)][1] == 2
+        _tx(client, 2)
+        assert client._pins == {}
+        client.schedule(fd, _payload(1, size=1024))     # small: copied, not pinned
+        client.schedule(fd, bytearray(BIG))             # mutable: copied, not pinned
+        assert client._pins == {}

@@ -395,14 +395,20 @@ test "partial writes complete frames one by one" {
     try testing.expectEqual(@as(u64, 0), q.queuedBytes());
 }
 
-test "flush coalesces frames into one socket write" {
-    const gpa = testing.allocator;
+/// A connected pair of non-blocking Unix stream sockets.
+fn nonBlockingPair() ![2]std.c.fd_t {
     const c = std.c;
     var fds: [2]c.fd_t = undefined;
     try testing.expectEqual(
         @as(c_int, 0),
         c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.NONBLOCK, 0, &fds),
     );
+    return fds;
+}
+
+test "flush coalesces frames into one socket write" {
+    const gpa = testing.allocator;
+    const fds = try nonBlockingPair();
     defer sys.closeFd(fds[0]);
     defer sys.closeFd(fds[1]);
     var q: SendQueue = .{};
@@ -564,12 +570,7 @@ test "a write that ends inside a pinned frame's header keeps the rest of it buff
 
 test "many pinned frames are written over several writes, each released once" {
     const gpa = testing.allocator;
-    const c = std.c;
-    var fds: [2]c.fd_t = undefined;
-    try testing.expectEqual(
-        @as(c_int, 0),
-        c.socketpair(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.NONBLOCK, 0, &fds),
-    );
+    const fds = try nonBlockingPair();
     defer sys.closeFd(fds[0]);
     defer sys.closeFd(fds[1]);
     var q: SendQueue = .{};

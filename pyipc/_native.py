@@ -77,7 +77,10 @@ SCHEDULE_BUFFERED = 4096
 #: pinned (ipc_schedule_pinned): the core writes it from the object itself,
 #: which the context keeps until the core hands its token back (_unpin), so
 #: the kernel's copy is the only one. bytes only: it cannot change meanwhile.
-SCHEDULE_PINNED = 16 * 1024
+#: CPython only: there cffi passes a bytes object as a pointer to its own
+#: data, which stays where it is while the object lives (an interpreter with a
+#: moving GC may hand C a temporary copy).
+SCHEDULE_PINNED = 16 * 1024 if sys.implementation.name == "cpython" else 1 << 62
 #: Released pin tokens taken from the core per call.
 UNPIN_BATCH = 256
 

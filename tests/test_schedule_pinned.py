@@ -158,3 +158,53 @@ def test_the_native_core_writes_a_large_payload_without_a_copy(rundir):
         client.schedule(fd, _payload(1, size=1024))     # small: copied, not pinned
         client.schedule(fd, bytearray(BIG))             # mutable: copied, not pinned
         assert client._pins == {}
+
+
+def test_a_signal_handler_that_schedules_large_payloads_loses_none(pair):
+    """A timer signal's handler schedules large payloads while the loop does
+    (the handler lands anywhere in the loop's schedule(), its pin included):
+    every payload of both arrives once, whole, each source in its order."""
+    import faulthandler
+    import signal
+    import time
+    from_handler: list[bytes] = []
+
+    def handler(signum, frame):
+        message = b"h" + _payload(len(from_handler), size=20 * 1024)
+        pair.client.schedule(pair.client_fd, message)
+        from_handler.append(message[:5])
+
+    got: list[bytes] = []
+
+    def drain(timeout: float) -> None:
+        pair.client.wait_events(timeout=0)          # sends what is queued
+        try:
+            for e in pair.server.wait_events(timeout=timeout):
+                if e.type is RX:
+                    assert e.message[1:] == e.message[1:5] * (len(e.message) // 4), "torn"
+                    got.append(e.message[:5])
+        except pyipc.TimeoutError:
+            pass
+
+    faulthandler.dump_traceback_later(120, exit=True)
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+    try:
+        loop = []
+        for i in range(1500):
+            message = b"m" + _payload(i, size=20 * 1024)    # kept by nobody but the context
+            pair.client.schedule(pair.client_fd, message)
+            loop.append(message[:5])
+            if i % 50 == 49:
+                drain(0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        faulthandler.cancel_dump_traceback_later()
+    assert from_handler, "the timer never fired"
+    deadline = time.monotonic() + 30
+    while len(got) < len(loop) + len(from_handler) and time.monotonic() < deadline:
+        drain(0.05)
+    assert [m for m in got if m.startswith(b"m")] == loop
+    assert [m for m in got if m.startswith(b"h")] == from_handler
+

@@ -207,4 +207,4 @@ def test_a_signal_handler_that_schedules_large_payloads_loses_none(pair):
         drain(0.05)
     assert [m for m in got if m.startswith(b"m")] == loop
     assert [m for m in got if m.startswith(b"h")] == from_handler
-
+    assert len(got) == len(loop) + len(from_handler)

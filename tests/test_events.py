@@ -284,9 +284,9 @@ def test_event_is_an_immutable_value():
 
 
 def test_a_round_of_message_tx_on_two_fds_counts_each_message(ctx_factory):
-    """A sender's round of MESSAGE_TX on two connections (the native
-    backend decodes a run on one fd as one repeated Event): one event per
-    scheduled message, each with its own fd and index."""
+    """A sender's round of MESSAGE_TX on two connections (both backends
+    report a run on one fd as one repeated Event): one event per scheduled
+    message, each with its own fd and index."""
     server, client = ctx_factory(), ctx_factory()
     server.service_init("tx2")
     a, b = client.connect_service("tx2"), client.connect_service("tx2")

@@ -117,15 +117,22 @@ class SendQueue:
 
     def _account_sent(self: PureState, conn: Conn) -> None:
         """Frames written whole (conn.sent counts the bytes written from the
-        first one on) leave the queue, each reported by its event."""
+        first one on) leave the queue, each reported by its event. Events
+        are immutable: the MESSAGE_TX of one call are one Event repeated, as
+        the native backend reports them (no Event made per message)."""
         queue, append = conn.queue, self._pending.append
         n, done, popleft = conn.sent, 0, queue.popleft
         fd, index = conn.fd, conn.index
+        tx: Optional[Event] = None
         while queue and n >= len(queue[0][0]):
             frame, kind = popleft()
             n -= len(frame)
             done += len(frame)
-            if kind is not None:        # None: the rest of a stopped write()
+            if kind is _TX:
+                if tx is None:
+                    tx = Event(_TX, fd, index)
+                append(tx)
+            elif kind is not None:      # None: the rest of a stopped write()
                 append(Event(kind, fd, index))
         conn.queued_bytes -= done
         conn.sent = n

@@ -165,7 +165,7 @@ class NativeContext(Context):
     __slots__ = ("_handle", "_ctx", "_events", "_decoder", "_ecount", "_sizes", "_count", "_lent",
                  "_rbuf", "_rbuf_at", "_rlen", "_core_timeout", "_handed",
                  "_close_info", "_pending", "_room", "_room_out", "_sched_done",
-                 "_buffer_max", "_alone", "_pins", "_unpinned",
+                 "_buffer_max", "_alone", "_pins", "_unpinned", "_unpinning",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
     backend = "native"
@@ -181,6 +181,7 @@ class NativeContext(Context):
         #: no pinned payload is freed before the core is.
         self._pins: dict[int, list[Any]] = {}
         self._unpinned: _Cell[int] = ffi.new("uint64_t[]", UNPIN_BATCH)
+        self._unpinning = False
         self._finalizer = weakref.finalize(self, _free_context, self._handle, self._pins)
         # Blocking calls return on a signal, so that its Python handler runs
         # (PEP 475); each call then goes on, or raises what the handler raised.
@@ -442,6 +443,8 @@ class NativeContext(Context):
             self._mark_closed()
         else:
             self._check(lib.ipc_close_fd(self._ctx, _fd_arg(fd)), fd)
+        if self._pins:
+            self._unpin()
 
     # -- sending and receiving -----------------------------------------------------
     def _payload(self, fd: int, payload: object) -> Tuple[Any, int]:
@@ -475,6 +478,8 @@ class NativeContext(Context):
             else:
                 if rc:
                     self._write_failed(rc, fd, payload, None)
+                if self._pins:      # the write sent what was scheduled first
+                    self._unpin()
                 return
         deadline = self._start_timeout(timeout)     # first, as the pure backend
         data = as_payload(payload)
@@ -483,6 +488,8 @@ class NativeContext(Context):
             rc = lib.ipc_write(self._ctx, _fd_arg(fd), buf, size)
         if rc:
             self._write_failed(rc, fd, data, deadline)
+        if self._pins:
+            self._unpin()
 
     def _write_failed(self, rc: int, fd: int, payload: Bytes,
                       deadline: Optional[float]) -> None:
@@ -589,39 +596,53 @@ class NativeContext(Context):
 
     def _schedule_pinned(self, fd: int, payload: bytes) -> None:
         """schedule() of a large bytes payload without a copy: the core
-        writes from the object, kept in _pins until the core lets it go. It
-        is registered before the call and unregistered unless the core took
-        it, so that an exception from a signal's handler at any line cannot
-        leave the core with a payload nobody keeps."""
-        pins = self._pins
-        if pins:
+        writes from the object, kept in _pins until the core lets it go.
+
+        The pin is registered before the call and let go only when the core
+        refused the payload (a non-zero code) or cffi refused the arguments
+        (OverflowError, raised before any C code runs). A signal's handler
+        that raises right after the call returns, before its code is seen,
+        leaves the pin in place: a payload kept until the context is freed,
+        never one freed while the core writes from it."""
+        if self._pins:
             self._unpin()
+        pins = self._pins
         token = id(payload)
         pin = pins.get(token)
         if pin is None:
             pins[token] = pin = [payload, 0]
         pin[1] += 1
-        rc = -1
         try:
             rc = _ipc_schedule_pinned(self._ctx, fd, payload, len(payload), token)
-        finally:
-            if rc:
-                self._release_pin(token)
+        except OverflowError:
+            self._release_pin(token)
+            raise
         if rc:
+            self._release_pin(token)
             self._check(rc, fd)
 
     def _unpin(self) -> None:
-        """Let go of the pinned payloads the core no longer reads. (A
-        signal's handler that raises in here leaves the tokens taken and not
-        yet let go pinned until the context is freed: memory kept, never
-        memory freed too early.)"""
-        tokens = self._unpinned
-        while True:
-            n = _ipc_unpinned(self._ctx, tokens, UNPIN_BATCH)
-            for i in range(n):
-                self._release_pin(tokens[i])
-            if n < UNPIN_BATCH:
-                return
+        """Let go of the pinned payloads the core no longer reads.
+
+        Not re-entered: a signal's handler that schedules a large payload
+        while this loop runs would take the next tokens into the same buffer
+        (released twice, others never); its call returns at once and those
+        tokens wait in the core for the next call. A handler that raises in
+        here leaves the tokens already taken pinned until the context is
+        freed: memory kept, never memory freed too early."""
+        if self._unpinning:
+            return
+        self._unpinning = True
+        try:
+            tokens = self._unpinned
+            while True:
+                n = _ipc_unpinned(self._ctx, tokens, UNPIN_BATCH)
+                for i in range(n):
+                    self._release_pin(tokens[i])
+                if n < UNPIN_BATCH:
+                    return
+        finally:
+            self._unpinning = False
 
     def _release_pin(self, token: int) -> None:
         pin = self._pins[token]
@@ -716,6 +737,8 @@ class NativeContext(Context):
             rc = self._write_on(items, fd, deadline)
         if rc:
             self._check(rc, fd)
+        if self._pins:      # what was scheduled went out first
+            self._unpin()
 
     def read_many(self, fd: int, max_messages: int = DEFAULT_READ_MANY,
                   timeout: Optional[float] = None) -> list[bytes]:

@@ -208,3 +208,72 @@ def test_a_signal_handler_that_schedules_large_payloads_loses_none(pair):
     assert [m for m in got if m.startswith(b"m")] == loop
     assert [m for m in got if m.startswith(b"h")] == from_handler
     assert len(got) == len(loop) + len(from_handler)
+
+
+class _Raised(Exception):
+    """What a signal's handler raised (simulated)."""
+
+
+def test_an_exception_right_after_the_core_took_a_payload_keeps_it_pinned(rundir, monkeypatch):
+    # A signal's handler can raise as the C call returns, before its code is
+    # seen: the payload must stay pinned, since the core may write from it.
+    require_backend("native")
+    from pyipc import _native
+    real = _native._ipc_schedule_pinned
+
+    def took_it_then_raised(*args):
+        real(*args)
+        raise _Raised()
+    with pyipc.Context(rundir=rundir, backend="native") as server, \
+            pyipc.Context(rundir=rundir, backend="native") as client:
+        server.service_init("svc")
+        fd = client.connect_service("svc")
+        monkeypatch.setattr(_native, "_ipc_schedule_pinned", took_it_then_raised)
+        with pytest.raises(_Raised):
+            client.schedule(fd, _payload(6))        # nobody else keeps it
+        monkeypatch.setattr(_native, "_ipc_schedule_pinned", real)
+        assert [count for _, count in client._pins.values()] == [1]
+        gc.collect()
+        junk = [_payload(0xEEEE) for _ in range(8)]     # would reuse freed memory
+        _tx(client, 1)
+        assert client._pins == {}
+        got = collect(server, lambda seen: any(e.type is RX for e in seen))
+        assert [e.message for e in got if e.type is RX] == [_payload(6)]
+        del junk
+
+
+def test_a_nested_schedule_while_pins_are_let_go_loses_and_repeats_none(rundir, monkeypatch):
+    # More tokens come back than one call takes (UNPIN_BATCH), and a signal's
+    # handler schedules a large payload while they are let go: each pin is let
+    # go once, the nested one kept until written.
+    require_backend("native")
+    from pyipc import _native
+    with pyipc.Context(rundir=rundir, backend="native") as server, \
+            pyipc.Context(rundir=rundir, backend="native") as client:
+        server.service_init("svc")
+        a, b = client.connect_service("svc"), client.connect_service("svc")
+        shared, nested = _payload(1), _payload(2)
+        before = sys.getrefcount(shared), sys.getrefcount(nested)
+        n = _native.UNPIN_BATCH + 44
+        for i in range(n):
+            client.schedule(a, _payload(1000 + i, size=20 * 1024))
+            client.schedule(a, shared)
+        client.schedule(b, shared)
+        real = _native.NativeContext._release_pin
+        calls = []
+
+        def handler_in_between(self, token):
+            real(self, token)
+            calls.append(token)
+            if len(calls) == 2:
+                self.schedule(b, nested)        # as a signal's handler would
+        monkeypatch.setattr(_native.NativeContext, "_release_pin", handler_in_between)
+        client.close(a, linger=0)               # 2n tokens come back
+        monkeypatch.setattr(_native.NativeContext, "_release_pin", real)
+        assert len(calls) == 2 * n
+        assert client._pins[id(shared)][1] == 1         # b's frame
+        assert client._pins[id(nested)][1] == 1
+        assert sys.getrefcount(shared) == before[0] + 1
+        _tx(client, 2)
+        assert client._pins == {}
+        assert (sys.getrefcount(shared), sys.getrefcount(nested)) == before

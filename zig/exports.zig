@@ -331,7 +331,7 @@ pub export fn ipc_schedule(
 /// ipc_schedule() without a copy (pyipc extension): the core writes the
 /// payload from the caller's memory, which must stay allocated and unchanged
 /// until ipc_unpinned() returns `token` (the frame is written, or its
-/// connection ended; ipc_ctx_free releases all).
+/// connection ended; ipc_context_deinit releases all).
 pub export fn ipc_schedule_pinned(
     ptr: ?*anyopaque,
     fd: c_int,
@@ -1186,12 +1186,43 @@ test "C ABI: schedule_pinned writes from the caller's memory and hands every tok
             rx += 1;
         }
     }
-    // A pin whose connection ends before it is written is handed back too.
+    // A pin whose connection ends before it is written is handed back too:
+    // closed here,
     try expectOk(ipc_schedule_pinned(client, cfd, big.ptr, @intCast(big.len), 5));
     try testing.expectEqual(@as(usize, 0), ipc_unpinned(client, &tokens, tokens.len));
     try expectOk(ipc_close_fd(client, cfd));
     try testing.expectEqual(@as(usize, 1), ipc_unpinned(client, &tokens, 1));
     try testing.expectEqual(@as(u64, 5), tokens[0]);
+    // or ended by the peer with more queued than its socket takes,
+    var fd2: c_int = -1;
+    try expectOk(ipc_connect_service(client, &fd2, "pinned", 6));
+    var count: usize = 0;
+    var server_fd: i32 = -1;
+    while (server_fd < 0) { // the server's CONNECTION (with cfd's DISCONNECTION)
+        try expectOk(ipc_wait_events(server, &evs, evs.len, &count));
+        for (evs[0..count]) |ev| if (ev.type == 1) {
+            server_fd = ev.fd;
+        };
+    }
+    for (0..64) |i| try expectOk(ipc_schedule_pinned(client, fd2, big.ptr, @intCast(big.len), 100 + i));
+    try expectOk(ipc_close_fd(server, server_fd));
+    var back: usize = 0;
+    var ended = false;
+    while (!ended) {
+        try expectOk(ipc_wait_events(client, &evs, evs.len, &count));
+        for (evs[0..count]) |ev| ended = ended or ev.type == 2;
+    }
+    while (true) { // 8 at a time, oldest first: 100, 101...
+        const n = ipc_unpinned(client, &tokens, tokens.len);
+        for (tokens[0..n], back..) |token, i| try testing.expectEqual(100 + i, token);
+        back += n;
+        if (n < tokens.len) break;
+    }
+    try testing.expectEqual(@as(usize, 64), back);
+    // or still queued when the context is freed (testing.allocator: no leak).
+    var fd3: c_int = -1;
+    try expectOk(ipc_connect_service(client, &fd3, "pinned", 6));
+    try expectOk(ipc_schedule_pinned(client, fd3, big.ptr, @intCast(big.len), 7));
 }
 
 test "C ABI: read_wakeup off: an interruptible context's read waits in the kernel" {

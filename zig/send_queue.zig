@@ -38,6 +38,10 @@ const FrameInfo = struct { size: u64, origin: Origin, pin: ?Pin = null };
 
 /// iovecs one flush builds at most while pinned frames are queued.
 const pinned_iov_max = 64;
+/// Bytes one flush gathers at most while pinned frames are queued: far more
+/// than a socket takes at once, and it keeps the walk over the frames short
+/// when many small ones are queued around a pinned one.
+const pinned_gather_max = 1 << 20;
 
 /// Above this capacity an emptied buffer is freed rather than kept.
 const keep_capacity = 4096;
@@ -300,9 +304,12 @@ pub const SendQueue = struct {
         var n: usize = 0;
         var run_start: usize = 0; // where the buffered bytes not yet placed begin
         var run: usize = 0;
+        var total: u64 = 0;
         var sent = self.first_sent;
         for (self.frames.items[self.first..]) |f| {
             if (n + 5 > out.len) break; // a pinned frame adds 3, the end 2
+            if (total >= pinned_gather_max) break;
+            total += f.size - sent;
             if (f.pin) |p| {
                 run += @intCast(headerPart(sent, f.size));
                 n += self.bufferedParts(out[n..], run_start, run);
@@ -354,13 +361,18 @@ pub const SendQueue = struct {
 const testing = std.testing;
 
 const Count = struct {
+    /// Sum of the tokens handed back, and the first ones in order.
     unpinned_tokens: u64 = 0,
+    order: [128]u64 = undefined,
+    unpinned_count: usize = 0,
     scheduled: usize = 0,
     switched: usize = 0,
     remainders: usize = 0,
     silent: usize = 0,
     fn unpinned(self: *Count, token: u64) void {
         self.unpinned_tokens += token;
+        if (self.unpinned_count < self.order.len) self.order[self.unpinned_count] = token;
+        self.unpinned_count += 1;
     }
     fn completed(self: *Count, origin: Origin) Allocator.Error!void {
         switch (origin) {
@@ -551,7 +563,7 @@ test "a write that ends inside a pinned frame's header keeps the rest of it buff
     var q: SendQueue = .{};
     defer q.deinit(gpa);
     const payload = "0123456789";
-    try q.pushPinned(gpa, .{ .ptr = payload, .len = payload.len, .token = 1 });
+    try q.pushPinned(gpa, .{ .ptr = payload, .len = payload.len, .token = 3 });
     var count: Count = .{};
     try q.advance(gpa, 2, &count);
     var iov: [pinned_iov_max]std.posix.iovec_const = undefined;
@@ -563,7 +575,8 @@ test "a write that ends inside a pinned frame's header keeps the rest of it buff
     try q.push(gpa, "x", .scheduled);
     try testing.expectEqual(@as(usize, 3), q.gather(&iov));
     try q.advance(gpa, 2 + 10 + 5, &count);
-    try testing.expectEqual(@as(u64, 1), count.unpinned_tokens);
+    try testing.expectEqual(@as(usize, 1), count.unpinned_count);
+    try testing.expectEqual(@as(u64, 3), count.order[0]);
     try testing.expectEqual(@as(usize, 2), count.scheduled);
     try testing.expect(q.isEmpty());
 }
@@ -582,7 +595,7 @@ test "many pinned frames are written over several writes, each released once" {
     const frames = 100;
     for (0..frames) |i| {
         if (i % 3 == 0) try q.push(gpa, "small", .scheduled);
-        try q.pushPinned(gpa, .{ .ptr = payload.ptr, .len = payload.len, .token = 1 });
+        try q.pushPinned(gpa, .{ .ptr = payload.ptr, .len = payload.len, .token = i });
     }
     var count: Count = .{};
     var got: std.ArrayList(u8) = .empty;
@@ -596,7 +609,9 @@ test "many pinned frames are written over several writes, each released once" {
         };
         if (r == .drained) break;
     }
-    try testing.expectEqual(@as(u64, frames), count.unpinned_tokens);
+    // Each token once, in the order the frames were queued.
+    try testing.expectEqual(@as(usize, frames), count.unpinned_count);
+    for (count.order[0..frames], 0..) |token, i| try testing.expectEqual(@as(u64, i), token);
     try testing.expectEqual(@as(usize, frames + 34), count.scheduled);
     // The stream decodes to the frames in the order they were queued.
     var at: usize = 0;
@@ -623,7 +638,29 @@ test "discard releases what is still pinned and reports nothing else" {
     try q.advance(gpa, 4 + payload.len, &count); // the first is written and released
     try testing.expectEqual(@as(u64, 5), count.unpinned_tokens);
     q.discard(gpa, &count);
-    try testing.expectEqual(@as(u64, 5 + 6), count.unpinned_tokens);
+    try testing.expectEqual(@as(usize, 2), count.unpinned_count);
+    try testing.expectEqual([2]u64{ 5, 6 }, count.order[0..2].*);
     try testing.expectEqual(@as(usize, 1), count.scheduled);
     try testing.expect(q.isEmpty());
+}
+
+test "with a pinned frame queued, one flush gathers about pinned_gather_max bytes, not the whole queue" {
+    const gpa = testing.allocator;
+    var q: SendQueue = .{};
+    defer q.deinit(gpa);
+    const payload = "pinned payload";
+    try q.pushPinned(gpa, .{ .ptr = payload, .len = payload.len, .token = 1 });
+    const small = 200_000; // 1.8 MB of 9-byte frames behind it
+    for (0..small) |_| try q.push(gpa, "small", .scheduled);
+    var iov: [pinned_iov_max]std.posix.iovec_const = undefined;
+    const parts = iov[0..q.gather(&iov)];
+    const gathered = SendQueue.iovLen(parts);
+    try testing.expect(gathered >= pinned_gather_max);
+    try testing.expect(gathered < pinned_gather_max + 9);
+    try testing.expect(gathered < q.queuedBytes());
+    // Written as gathered, the queue goes on where the write ended.
+    var count: Count = .{};
+    try q.advance(gpa, gathered, &count);
+    try testing.expectEqual(@as(usize, 1), count.unpinned_count);
+    try testing.expectEqual(@as(u64, 4 + payload.len + small * 9 - gathered), q.queuedBytes());
 }

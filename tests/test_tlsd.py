@@ -531,6 +531,35 @@ def test_bare_name_without_newline_is_served_after_the_grace(backend, rundir, ce
             assert got == want
 
 
+def test_a_typed_line_with_cr_lf_is_served(backend, rundir, certs):
+    """`NAME\\r\\n` names NAME, as tcpd takes it; what follows is the stream."""
+    with running(Echo(rundir=rundir, backend=backend)), \
+            running(listener(rundir, backend, certs)) as tlsd:
+        ctx = ssl.create_default_context(cafile=certs.ca)
+        with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"pong\r\n" + frame(b"x"))
+            want = b"ok" + frame(b"x")
+            got = b""
+            while len(got) < len(want):
+                more = tls.recv(100)
+                assert more, got
+                got += more
+            assert got == want
+
+
+def test_name_with_cr_lf_at_the_bound_is_read_past_it_refused(backend, rundir, certs):
+    """The "\\r" of a typed line does not count in the name's bound (as tcpd)."""
+    from pyipc.daemons._netwire import MAX_NAME, NAME_TOO_LONG
+    too_long = b"ne refused " + NAME_TOO_LONG.encode()
+    with running(listener(rundir, backend, certs)) as tlsd:
+        at = _tls_to(port_of(tlsd), certs, b"n" * MAX_NAME + b"\r\n")
+        past = [_tls_to(port_of(tlsd), certs, line) for line in
+                (b"n" * (MAX_NAME + 1) + b"\r\n", b"n" * MAX_NAME + b"\r\r\n")]
+    assert at == b"ne refused service %s is not exposed" % (b"n" * MAX_NAME)
+    assert past == [too_long, too_long]
+
+
 def test_dials_past_max_pending_are_busy(hosts, backend, certs):
     a, _ = hosts
     with socket.socket() as silent:

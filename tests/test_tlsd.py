@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import struct
 import sys
 import tempfile
 import threading
@@ -355,6 +356,101 @@ def test_local_client_closing_sends_close_notify_to_the_remote(backend, rundir, 
             assert remote.close() == "close_notify"     # while tlsd still runs
     finally:
         remote.close()
+
+
+class RecordingRemote(FakeRemote):
+    """A FakeRemote that also records the plaintext sent after `ok`."""
+
+    def __init__(self, certs: Certs) -> None:
+        self.got = b""
+        super().__init__(certs)
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        conn.settimeout(20)
+        with self.context.wrap_socket(conn, server_side=True,
+                                      suppress_ragged_eofs=False) as tls:
+            line = b""
+            while not line.endswith(b"\n"):
+                line += tls.recv(1)
+            tls.sendall(b"ok")
+            try:
+                while True:
+                    more = tls.recv(65536)
+                    if not more:
+                        self.end = "close_notify"
+                        return
+                    self.got += more
+            except ssl.SSLEOFError:
+                self.end = "ragged EOF"
+
+
+def _dial_raw(rundir: str, port: int) -> socket.socket:
+    """The local end tlsd hands ipcd for tls://127.0.0.1:PORT/pong, as a
+    plain socket (the test writes the pyipc stream itself)."""
+    answer, fd = ask(rundir, f"tls://127.0.0.1:{port}/pong")
+    assert answer == b"ok" and fd is not None, answer
+    return socket.socket(fileno=fd)
+
+
+def test_a_local_frame_cut_by_the_end_of_the_stream_never_reaches_the_remote(
+        backend, rundir, certs, caplog):
+    """The local side's frames go to the remote whole: the start of one that
+    its writer never finished is not sent (as the core's framing drops it)."""
+    remote = RecordingRemote(certs)
+    big = os.urandom(100_000)
+    try:
+        with running(dialer(rundir, backend, certs)):
+            with _dial_raw(rundir, remote.port) as local:
+                local.sendall(frame(b"one") + frame(big) + frame(b"cut" * 1000)[:1500])
+            assert remote.close() == "close_notify"
+    finally:
+        remote.close()
+    assert remote.got == frame(b"one") + frame(big)
+    assert "in the middle of a message" in caplog.text
+
+
+def test_a_local_frame_over_the_limit_never_reaches_the_remote(backend, rundir, certs,
+                                                                 caplog):
+    """A frame announced over max_message_size by the local side ends the
+    relay with the core's reason; the whole frames before it go out first."""
+    remote = RecordingRemote(certs)
+    try:
+        with running(dialer(rundir, backend, certs)) as tlsd:
+            limit = tlsd.ctx.max_message_size
+            with _dial_raw(rundir, remote.port) as local:
+                local.sendall(frame(b"before") + struct.pack(">I", limit + 1) + b"x" * 5000)
+                assert remote.close() == "close_notify"
+                local.settimeout(20)
+                assert local.recv(100) == b""           # the local side is closed too
+    finally:
+        remote.close()
+    assert remote.got == frame(b"before")
+    assert f"message of {limit + 1} bytes exceeds max_message_size ({limit})" in caplog.text
+
+
+def test_a_remote_frame_over_the_limit_ends_the_stream_at_its_header(backend, rundir, certs):
+    """A remote announcing a frame over the limit is cut off as soon as the
+    header is read, after the whole frames before it reached the service:
+    tlsd does not wait for (and buffer) the announced bytes."""
+    with running(listener(rundir, backend, certs)) as tlsd, \
+            pyipc.Context(rundir=rundir, backend=backend) as service:
+        service.service_init("pong")
+        limit = tlsd.ctx.max_message_size
+        ctx = ssl.create_default_context(cafile=certs.ca)
+        with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"pong\n")
+            local = _wait_for(service, pyipc.EventType.CONNECTION).fd
+            assert tls.recv(2) == b"ok"
+            tls.sendall(frame(b"first") + struct.pack(">I", limit + 1) + b"x" * 5000)
+            ev = _wait_for(service, pyipc.EventType.MESSAGE_RX)
+            assert (ev.fd, ev.message) == (local, b"first")
+            assert _wait_for(service, pyipc.EventType.DISCONNECTION).fd == local
+            try:
+                assert tls.recv(100) == b""         # socket.timeout (20 s) fails the test
+            except (ssl.SSLEOFError, ConnectionError):
+                pass
 
 
 # ------------------------------------------------------------ the TCP side's backlog

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ssl
 import struct
-from typing import Optional
+from typing import Iterable, Optional, Tuple
 
 _HEADER = struct.Struct(">I")
 #: Room made in the plaintext buffer per SSLObject.read() call (one TLS
@@ -164,6 +164,30 @@ class TlsRelay:
         held = p.end - p.start
         return held >= 4 and held >= 4 + _HEADER.unpack_from(p.buf, p.start)[0]
 
+    def whole_frames(self) -> "Tuple[int, Optional[TlsRelayError]]":
+        """How many leading plaintext bytes are whole frames, to be relayed
+        as they are (`frames_view`, then `drop_plain`): a stream needs no
+        cutting into payloads. With them, the error to end the stream with
+        (after relaying them) when the frame that follows is announced over
+        the limit, else None: that frame is never buffered up to its size."""
+        p = self._plain
+        buf, at, end, limit = p.buf, p.start, p.end, self.max_message_size
+        while end - at >= 4:
+            (size,) = _HEADER.unpack_from(buf, at)
+            if size > limit:
+                return at - p.start, self._failure(
+                    f"message of {size} bytes exceeds the limit of {limit} bytes")
+            if end - at < 4 + size:
+                break
+            at += 4 + size
+        return at - p.start, None
+
+    def frames_view(self, n: int) -> memoryview:
+        """The first `n` plaintext bytes, without a copy: release the view
+        (`with`) before feeding the relay again."""
+        p = self._plain
+        return p.view[p.start:p.start + n]
+
     def whole_frames_length(self) -> int:
         """How many leading plaintext bytes are whole frames."""
         p = self._plain
@@ -189,6 +213,14 @@ class TlsRelay:
             self.ssl.write(payload)
         else:
             self.ssl.write(_HEADER.pack(len(payload)) + payload)
+        return self.outgoing.read()
+
+    def encrypt_frames(self, frames: "Iterable[bytes | bytearray | memoryview]") -> bytes:
+        """TLS records carrying `frames` (whole pyipc frames, header
+        included) as they are, with any records pending before them."""
+        write = self.ssl.write
+        for frame in frames:
+            write(frame)
         return self.outgoing.read()
 
     def encrypt_raw(self, data: bytes) -> bytes:

@@ -7,9 +7,11 @@ relay. It owns an `ssl.SSLObject` over two `ssl.MemoryBIO`s and never touches a
 socket itself:
 
 - ciphertext read from TCP goes in with `feed()`; the plaintext it decrypts is
-  the remote's pyipc stream (4-byte big-endian length, payload), cut into
-  whole payloads by `next_payload()`;
-- `encrypt(payload)` frames a payload and returns the TLS records to write;
+  the remote's pyipc stream (4-byte big-endian length, payload), taken as
+  whole frames by `whole_frames()` / `frames_view()` (tlsd relays them as
+  they are), or cut into whole payloads by `next_payload()`;
+- `encrypt_frames(frames)` returns the TLS records carrying whole frames as
+  they are, `encrypt(payload)` those of one payload it frames;
 - `take_output()` returns records the session produced on its own (handshake
   messages, TLS 1.3 session tickets, alerts, close_notify).
 

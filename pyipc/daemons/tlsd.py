@@ -15,7 +15,11 @@ close_notify.
 
 Then, both ways, a TLS session cannot travel as a fd, so tlsd keeps it: the
 TCP fd is switched with the local end (socket pair or service connection) and
-its switching callbacks decrypt and encrypt (pyipc.daemons._tls_relay).
+the switching callbacks of both decrypt and encrypt (pyipc.daemons._tls_relay).
+Inside TLS the plaintext is the pyipc stream itself, so it is relayed by the
+read in whole frames as they are (one TLS write or one switch_send a read, not
+a callback a message), with the core's framing rules: a frame goes on only once
+whole, and one announced over max_message_size ends the relay at its header.
 """
 
 from __future__ import annotations
@@ -589,7 +593,8 @@ class Tlsd(Daemon):
         return CBEvent.IGNORE, None
 
     def _on_out(self, fd: int, payload: bytes) -> CBEvent:
-        """A payload from the local side out, encrypted."""
+        """A payload the core forwards to the TCP side, encrypted (none does
+        while _on_local_in reads the local side: kept for completeness)."""
         self._send_tcp(fd, self._relays[fd].encrypt(payload))
         return CBEvent.NO_ERROR
 

@@ -781,3 +781,46 @@ def test_listen_given_as_one_string_is_refused():
     from pyipc.daemons._tls_options import TlsdConfig
     with pytest.raises(TypeError, match="listen must be a tuple of addresses, not str"):
         TlsdConfig(listen="127.0.0.1:0", cert="server.pem")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------ the local side's frames, by the read
+
+def _cut(reads, limit=100):
+    """What _whole_frames makes of successive reads of one local side: the
+    bytes relayed after each read, and the over-limit size met (-1: none)."""
+    from pyipc.daemons.tlsd import _whole_frames
+    partials: dict = {}
+    out = []
+    for data in reads:
+        frames, too_large = _whole_frames(partials, 5, memoryview(data), limit)
+        out.append((b"".join(bytes(f) for f in frames), too_large))
+    return out, partials.get(5)
+
+
+def test_whole_frames_are_relayed_as_read_and_a_split_one_once_whole():
+    stream = frame(b"a") + frame(b"") + frame(b"bb" * 20) + frame(b"c" * 30)
+    for cut in range(len(stream) + 1):      # every split, headers included
+        out, left = _cut([stream[:cut], stream[cut:]])
+        assert b"".join(o for o, _ in out) == stream and left is None, cut
+        assert all(t == -1 for _, t in out)
+        # Never a byte of an unfinished frame: each relay ends on a frame's end.
+        first = out[0][0]
+        assert stream.startswith(first)
+        at = 0
+        while at < len(first):
+            at += 4 + struct.unpack(">I", first[at:at + 4])[0]
+        assert at == len(first), cut
+
+
+def test_a_frame_split_over_many_reads_is_held_until_whole():
+    stream = frame(b"x" * 90)
+    out, left = _cut([stream[i:i + 7] for i in range(0, len(stream), 7)])
+    assert [o for o, _ in out][:-1] == [b""] * (len(out) - 1)
+    assert out[-1] == (stream, -1) and left is None
+
+
+def test_a_frame_over_the_limit_stops_the_cut_after_the_whole_frames_before_it():
+    big = struct.pack(">I", 101)
+    assert _cut([frame(b"ok") + big + b"zz"])[0] == [(frame(b"ok"), 101)]
+    assert _cut([frame(b"ok") + big[:2], big[2:]])[0] == [(frame(b"ok"), -1), (b"", 101)]
+    assert _cut([frame(b"y" * 100)])[0] == [(frame(b"y" * 100), -1)]     # at the limit

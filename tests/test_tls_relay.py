@@ -206,3 +206,32 @@ def test_plaintext_is_not_a_handshake(ca):
     server.incoming.write(b"pong\n")
     with pytest.raises(ssl.SSLError):
         server.handshake()
+
+
+def test_an_emptied_large_buffer_is_kept_for_the_next_read_not_by_the_connection(
+        ca, monkeypatch):
+    """A buffer grown past KEEP_BUFFER_BELOW leaves the connection once all of
+    it is taken (an idle connection holds none), but is kept once for the
+    process: the next read that needs room takes it instead of allocating,
+    zeroing and faulting in a new one."""
+    from pyipc.daemons import _tls_relay
+    monkeypatch.setattr(_tls_relay, "_spares", [])
+    server, client = connected(ca)
+    server.feed(client.encrypt(b"L" * 300_000))
+    assert server.next_payload() == b"L" * 300_000
+    assert len(server._plain.buf) == 0
+    (spare,) = _tls_relay._spares
+    assert len(spare) > _tls_relay.KEEP_BUFFER_BELOW
+    server.feed(client.encrypt(b"small"))
+    assert server._plain.buf is spare and not _tls_relay._spares
+    assert server.next_payload() == b"small"
+    assert _tls_relay._spares == [spare] and len(server._plain.buf) == 0
+
+
+def test_no_spare_is_kept_past_its_bound(ca, monkeypatch):
+    from pyipc.daemons import _tls_relay
+    monkeypatch.setattr(_tls_relay, "_spares", [])
+    server, client = connected(ca)
+    server.feed(client.encrypt(b"L" * (_tls_relay.SPARE_AT_MOST + 1)))
+    assert server.next_payload() == b"L" * (_tls_relay.SPARE_AT_MOST + 1)
+    assert len(server._plain.buf) == 0 and _tls_relay._spares == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import struct
 import sys
 import tempfile
 import threading
@@ -357,6 +358,101 @@ def test_local_client_closing_sends_close_notify_to_the_remote(backend, rundir, 
         remote.close()
 
 
+class RecordingRemote(FakeRemote):
+    """A FakeRemote that also records the plaintext sent after `ok`."""
+
+    def __init__(self, certs: Certs) -> None:
+        self.got = b""
+        super().__init__(certs)
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        conn.settimeout(20)
+        with self.context.wrap_socket(conn, server_side=True,
+                                      suppress_ragged_eofs=False) as tls:
+            line = b""
+            while not line.endswith(b"\n"):
+                line += tls.recv(1)
+            tls.sendall(b"ok")
+            try:
+                while True:
+                    more = tls.recv(65536)
+                    if not more:
+                        self.end = "close_notify"
+                        return
+                    self.got += more
+            except ssl.SSLEOFError:
+                self.end = "ragged EOF"
+
+
+def _dial_raw(rundir: str, port: int) -> socket.socket:
+    """The local end tlsd hands ipcd for tls://127.0.0.1:PORT/pong, as a
+    plain socket (the test writes the pyipc stream itself)."""
+    answer, fd = ask(rundir, f"tls://127.0.0.1:{port}/pong")
+    assert answer == b"ok" and fd is not None, answer
+    return socket.socket(fileno=fd)
+
+
+def test_a_local_frame_cut_by_the_end_of_the_stream_never_reaches_the_remote(
+        backend, rundir, certs, caplog):
+    """The local side's frames go to the remote whole: the start of one that
+    its writer never finished is not sent (as the core's framing drops it)."""
+    remote = RecordingRemote(certs)
+    big = os.urandom(100_000)
+    try:
+        with running(dialer(rundir, backend, certs)):
+            with _dial_raw(rundir, remote.port) as local:
+                local.sendall(frame(b"one") + frame(big) + frame(b"cut" * 1000)[:1500])
+            assert remote.close() == "close_notify"
+    finally:
+        remote.close()
+    assert remote.got == frame(b"one") + frame(big)
+    assert "in the middle of a message" in caplog.text
+
+
+def test_a_local_frame_over_the_limit_never_reaches_the_remote(backend, rundir, certs,
+                                                                 caplog):
+    """A frame announced over max_message_size by the local side ends the
+    relay with the core's reason; the whole frames before it go out first."""
+    remote = RecordingRemote(certs)
+    try:
+        with running(dialer(rundir, backend, certs)) as tlsd:
+            limit = tlsd.ctx.max_message_size
+            with _dial_raw(rundir, remote.port) as local:
+                local.sendall(frame(b"before") + struct.pack(">I", limit + 1) + b"x" * 5000)
+                assert remote.close() == "close_notify"
+                local.settimeout(20)
+                assert local.recv(100) == b""           # the local side is closed too
+    finally:
+        remote.close()
+    assert remote.got == frame(b"before")
+    assert f"message of {limit + 1} bytes exceeds max_message_size ({limit})" in caplog.text
+
+
+def test_a_remote_frame_over_the_limit_ends_the_stream_at_its_header(backend, rundir, certs):
+    """A remote announcing a frame over the limit is cut off as soon as the
+    header is read, after the whole frames before it reached the service:
+    tlsd does not wait for (and buffer) the announced bytes."""
+    with running(listener(rundir, backend, certs)) as tlsd, \
+            pyipc.Context(rundir=rundir, backend=backend) as service:
+        service.service_init("pong")
+        limit = tlsd.ctx.max_message_size
+        ctx = ssl.create_default_context(cafile=certs.ca)
+        with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"pong\n")
+            local = _wait_for(service, pyipc.EventType.CONNECTION).fd
+            assert tls.recv(2) == b"ok"
+            tls.sendall(frame(b"first") + struct.pack(">I", limit + 1) + b"x" * 5000)
+            ev = _wait_for(service, pyipc.EventType.MESSAGE_RX)
+            assert (ev.fd, ev.message) == (local, b"first")
+            assert _wait_for(service, pyipc.EventType.DISCONNECTION).fd == local
+            try:
+                assert tls.recv(100) == b""         # socket.timeout (20 s) fails the test
+            except (ssl.SSLEOFError, ConnectionError):
+                pass
+
+
 # ------------------------------------------------------------ the TCP side's backlog
 
 class RefusingContext:
@@ -531,6 +627,35 @@ def test_bare_name_without_newline_is_served_after_the_grace(backend, rundir, ce
             assert got == want
 
 
+def test_a_typed_line_with_cr_lf_is_served(backend, rundir, certs):
+    """`NAME\\r\\n` names NAME, as tcpd takes it; what follows is the stream."""
+    with running(Echo(rundir=rundir, backend=backend)), \
+            running(listener(rundir, backend, certs)) as tlsd:
+        ctx = ssl.create_default_context(cafile=certs.ca)
+        with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"pong\r\n" + frame(b"x"))
+            want = b"ok" + frame(b"x")
+            got = b""
+            while len(got) < len(want):
+                more = tls.recv(100)
+                assert more, got
+                got += more
+            assert got == want
+
+
+def test_name_with_cr_lf_at_the_bound_is_read_past_it_refused(backend, rundir, certs):
+    """The "\\r" of a typed line does not count in the name's bound (as tcpd)."""
+    from pyipc.daemons._netwire import MAX_NAME, NAME_TOO_LONG
+    too_long = b"ne refused " + NAME_TOO_LONG.encode()
+    with running(listener(rundir, backend, certs)) as tlsd:
+        at = _tls_to(port_of(tlsd), certs, b"n" * MAX_NAME + b"\r\n")
+        past = [_tls_to(port_of(tlsd), certs, line) for line in
+                (b"n" * (MAX_NAME + 1) + b"\r\n", b"n" * MAX_NAME + b"\r\r\n")]
+    assert at == b"ne refused service %s is not exposed" % (b"n" * MAX_NAME)
+    assert past == [too_long, too_long]
+
+
 def test_dials_past_max_pending_are_busy(hosts, backend, certs):
     a, _ = hosts
     with socket.socket() as silent:
@@ -656,3 +781,46 @@ def test_listen_given_as_one_string_is_refused():
     from pyipc.daemons._tls_options import TlsdConfig
     with pytest.raises(TypeError, match="listen must be a tuple of addresses, not str"):
         TlsdConfig(listen="127.0.0.1:0", cert="server.pem")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------ the local side's frames, by the read
+
+def _cut(reads, limit=100):
+    """What _whole_frames makes of successive reads of one local side: the
+    bytes relayed after each read, and the over-limit size met (-1: none)."""
+    from pyipc.daemons.tlsd import _whole_frames
+    partials: dict = {}
+    out = []
+    for data in reads:
+        frames, too_large = _whole_frames(partials, 5, memoryview(data), limit)
+        out.append((b"".join(bytes(f) for f in frames), too_large))
+    return out, partials.get(5)
+
+
+def test_whole_frames_are_relayed_as_read_and_a_split_one_once_whole():
+    stream = frame(b"a") + frame(b"") + frame(b"bb" * 20) + frame(b"c" * 30)
+    for cut in range(len(stream) + 1):      # every split, headers included
+        out, left = _cut([stream[:cut], stream[cut:]])
+        assert b"".join(o for o, _ in out) == stream and left is None, cut
+        assert all(t == -1 for _, t in out)
+        # Never a byte of an unfinished frame: each relay ends on a frame's end.
+        first = out[0][0]
+        assert stream.startswith(first)
+        at = 0
+        while at < len(first):
+            at += 4 + struct.unpack(">I", first[at:at + 4])[0]
+        assert at == len(first), cut
+
+
+def test_a_frame_split_over_many_reads_is_held_until_whole():
+    stream = frame(b"x" * 90)
+    out, left = _cut([stream[i:i + 7] for i in range(0, len(stream), 7)])
+    assert [o for o, _ in out][:-1] == [b""] * (len(out) - 1)
+    assert out[-1] == (stream, -1) and left is None
+
+
+def test_a_frame_over_the_limit_stops_the_cut_after_the_whole_frames_before_it():
+    big = struct.pack(">I", 101)
+    assert _cut([frame(b"ok") + big + b"zz"])[0] == [(frame(b"ok"), 101)]
+    assert _cut([frame(b"ok") + big[:2], big[2:]])[0] == [(frame(b"ok"), -1), (b"", 101)]
+    assert _cut([frame(b"y" * 100)])[0] == [(frame(b"y" * 100), -1)]     # at the limit

@@ -38,6 +38,9 @@ BADREQUEST = "badrequest"  # the request itself is malformed
 MAX_NAME = MAX_SOCKET_PATH
 #: The refusal's text for a longer name (tcpd and tlsd, both ways).
 NAME_TOO_LONG = f"service name longer than {MAX_NAME} bytes"
+#: Longest name line read before its newline: the name (MAX_NAME) and the
+#: "\r" of a line typed into the daemon (tcpd and tlsd).
+MAX_NAME_LINE = MAX_NAME + 1
 #: Seconds a listening daemon (tcpd, tlsd) waits for the newline after the
 #: first bytes of a name before it takes them as libIPC's bare name.
 NAME_GRACE = 0.2
@@ -61,6 +64,18 @@ def refusal(code: str, text: str) -> bytes:
     cut at MAX_REFUSAL bytes."""
     line = "".join(ch if ch.isprintable() else " " for ch in text)
     return f"ne {code} {line}".encode("utf-8", "replace")[:MAX_REFUSAL + 3]
+
+
+def name_of_line(line: bytes) -> bytes:
+    """The service name a name line (its newline left out) holds: a typed
+    line's trailing "\r" is not part of it (tcpd and tlsd)."""
+    return line.rstrip(b"\r")
+
+
+def name_too_long(line: bytes) -> bool:
+    """Whether a name line (or its start; its newline left out) holds a name
+    over MAX_NAME bytes (a typed line's trailing "\r" not counted)."""
+    return len(line) > MAX_NAME_LINE or len(name_of_line(line)) > MAX_NAME
 
 
 def frame(payload: bytes) -> bytes:

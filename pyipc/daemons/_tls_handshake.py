@@ -120,11 +120,13 @@ class Handshake:
                                      f"(not a pyipc tlsd?)")
 
     def _name_line(self) -> Optional[str]:
-        """A listener reads `NAME\\n` (or, after the grace, a bare NAME)."""
+        """A listener reads `NAME\\n` or `NAME\\r\\n` (a typed line, as tcpd
+        takes it), or, after the grace, a bare NAME."""
         plain = self.relay.plain()
-        end = plain.find(b"\n", 0, wire.MAX_NAME + 1)   # a newline past the bound: none
+        # A newline past the bound (the name and a "\r"): none.
+        end = plain.find(b"\n", 0, wire.MAX_NAME_LINE + 1)
         if end < 0:
-            if len(plain) > wire.MAX_NAME:
+            if wire.name_too_long(plain):
                 raise HandshakeFailed(wire.REFUSED, wire.NAME_TOO_LONG)
             if self.relay.closed:
                 raise HandshakeFailed(wire.REFUSED, "closed before sending a service name")
@@ -132,8 +134,12 @@ class Handshake:
         return self.take_name(end, end + 1)
 
     def take_name(self, end: int, consumed: int) -> str:
-        """Take plaintext [0:end] as the service name (`consumed` bytes used)."""
-        raw = self.relay.plain()[:end]
+        """Take plaintext [0:end] as the service name (`consumed` bytes used;
+        a typed line's trailing "\\r" is not part of the name)."""
+        line = self.relay.plain()[:end]
+        if wire.name_too_long(line):
+            raise HandshakeFailed(wire.REFUSED, wire.NAME_TOO_LONG)
+        raw = wire.name_of_line(line)
         self.relay.drop_plain(consumed)
         try:
             self.name = raw.decode()

@@ -47,9 +47,6 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_DEAD_PEER_TIMEOUT = 30.0
 #: Handshakes (incoming and outgoing) in progress at once; more: `ne busy`.
 DEFAULT_MAX_PENDING = 256
-#: Longest name line read before its newline: the name (_netwire.MAX_NAME)
-#: and the "\r" of a typed line.
-MAX_NAME_LINE = wire.MAX_NAME + 1
 #: Seconds a refused peer has to read the refusal before its socket is closed.
 REFUSAL_LINGER = 2.0
 
@@ -259,7 +256,7 @@ class Tcpd(Daemon):
         try:
             # Peek, then take the name and its newline only: what follows is
             # the first messages, left in the socket for the relay.
-            seen = sock.recv(MAX_NAME_LINE + 1 - len(incoming.name), socket.MSG_PEEK)
+            seen = sock.recv(wire.MAX_NAME_LINE + 1 - len(incoming.name), socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -271,7 +268,7 @@ class Tcpd(Daemon):
         incoming.name += taken[:end] if end >= 0 else taken
         if end >= 0:
             return self._serve_name(incoming)
-        if _too_long(incoming.name):
+        if wire.name_too_long(incoming.name):
             return self._refuse_incoming(incoming, wire.REFUSED, wire.NAME_TOO_LONG)
         if incoming.grace is None:                # libIPC's tcpd sends no newline
             fd = sock.fileno()
@@ -290,9 +287,9 @@ class Tcpd(Daemon):
                                   f"{self.handshake_timeout:g} s")
 
     def _serve_name(self, incoming: _Incoming) -> None:
-        if _too_long(incoming.name):
+        if wire.name_too_long(incoming.name):
             return self._refuse_incoming(incoming, wire.REFUSED, wire.NAME_TOO_LONG)
-        raw = incoming.name.rstrip(b"\r")          # a typed line may end with CR LF
+        raw = wire.name_of_line(incoming.name)     # a typed line may end with CR LF
         try:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -518,12 +515,6 @@ def parse_uri(uri: str) -> Tuple[str, int, str]:
         raise ValueError(f"{uri}: no host")
     port = parts.port if parts.port is not None else DEFAULT_PORT   # ValueError if bad
     return parts.hostname, port, name
-
-
-def _too_long(line: bytes) -> bool:
-    """Whether a name line (or its start) holds a name over _netwire.MAX_NAME
-    bytes (a typed line's trailing CR not counted)."""
-    return len(line) > MAX_NAME_LINE or len(line.rstrip(b"\r")) > wire.MAX_NAME
 
 
 def _dial_failure(where: str, exc: Optional[BaseException]) -> Tuple[str, str]:

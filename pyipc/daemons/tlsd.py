@@ -15,7 +15,11 @@ close_notify.
 
 Then, both ways, a TLS session cannot travel as a fd, so tlsd keeps it: the
 TCP fd is switched with the local end (socket pair or service connection) and
-its switching callbacks decrypt and encrypt (pyipc.daemons._tls_relay).
+the switching callbacks of both decrypt and encrypt (pyipc.daemons._tls_relay).
+Inside TLS the plaintext is the pyipc stream itself, so it is relayed by the
+read in whole frames as they are (one TLS write or one switch_send a read, not
+a callback a message), with the core's framing rules: a frame goes on only once
+whole, and one announced over max_message_size ends the relay at its header.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import functools
 import os
 import socket
 import ssl
+import struct
 import sys
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .. import CBEvent, Event, EventType, IPCError, QueueFullError
+from .._checks import too_large_text
 from . import _netwire as wire
 from . import _sockets, _systemd
 from ._runtime import Daemon
@@ -43,6 +49,11 @@ __all__ = ["Tlsd", "TlsdConfig", "add_command"]
 SERVICE = "tls"
 #: Ciphertext read from a TCP socket per call (several TLS records).
 READ_SIZE = 256 * 1024
+#: The reason a switch ends with when the local side's stream ends inside a
+#: frame (the core's own, for a connection it frames).
+MID_MESSAGE = "peer closed the connection in the middle of a message"
+#: A frame's header: its payload's length, 4 bytes big-endian.
+_HEADER = struct.Struct(">I")
 #: Seconds between two attempts to queue records the TCP side refused for
 #: now (see Tlsd._send_tcp; only while its queue is over its bound).
 BACKLOG_RETRY_S = 0.005
@@ -65,7 +76,11 @@ class Tlsd(Daemon):
         self._requests: Dict[int, Optional[Any]] = {}   # ipcd fd -> its deadline, once asked
         self._connecting: Dict[int, Tuple[str, int, str]] = {}   # ipcd fd -> host, port, name
         self._relays: Dict[int, TlsRelay] = {}          # switched TCP fd -> its session
-        self._backlog: Dict[int, Deque[bytes]] = {}    # TCP fd -> records refused for now
+        self._local_of: Dict[int, int] = {}             # switched TCP fd -> its local side
+        self._tcp_of: Dict[int, int] = {}               # local side -> its TCP fd
+        #: local side -> the start of a frame it wrote, held until it is whole
+        self._partials: Dict[int, bytearray] = {}
+        self._backlog: Dict[int, Deque[bytes]] = {}    # switched fd -> bytes refused for now
         self._read_buffer = bytearray(READ_SIZE)        # ciphertext, one read at a time
         self._read_buffers = [self._read_buffer]
         self._read_view = memoryview(self._read_buffer)
@@ -173,6 +188,13 @@ class Tlsd(Daemon):
         """fd was closed by the context (peer gone, switch ended)."""
         relay = self._relays.pop(fd, None)
         backlog = self._backlog.pop(fd, None)
+        local = self._local_of.pop(fd, None)
+        if local is not None:
+            self._tcp_of.pop(local, None)
+        tcp = self._tcp_of.pop(fd, None)
+        if tcp is not None:
+            self._local_of.pop(tcp, None)
+        self._partials.pop(fd, None)
         if relay is not None:
             self._say_goodbye(fd, relay, backlog)
         if fd in self._requests:                # ipcd gave up: its dial is abandoned
@@ -485,68 +507,117 @@ class Tlsd(Daemon):
             return False
         self.ctx.add_switch(fd, local)
         self.ctx.set_switch_callbacks(fd, self._on_in, self._on_out)
+        # Both ways the plaintext is the same pyipc stream: relayed in whole
+        # frames as they are, by the read, not cut into payloads (see
+        # _on_in and _on_local_in; _on_out then never runs).
+        self.ctx.set_switch_callbacks(local, self._on_local_in, None)
         self._relays[fd] = relay
+        self._local_of[fd] = local
+        self._tcp_of[local] = fd
         return True
 
     # ------------------------------------------------------------ the relay's callbacks
 
     def _on_in(self, fd: int) -> Tuple[CBEvent, Optional[bytes]]:
-        """Ciphertext from the remote in; the next whole payload out."""
+        """Ciphertext from the remote in; the whole frames it completes out to
+        the local side as they are (one switch_send a read, no payload a
+        message: the core would only frame each payload again). A frame stays
+        in the relay until it is whole, so the local side gets whole frames
+        only, as before; one announced over the limit ends the stream as soon
+        as its header is held, never buffered up to its size."""
         relay = self._relays[fd]
-        if not relay.has_payload():
-            if relay.closed:
-                return CBEvent.FD_CLOSING, None
-            try:
-                # Into one reused buffer: a new 256 KiB bytes object per read
-                # costs page faults (glibc maps large blocks afresh).
-                n = os.readv(fd, self._read_buffers)
-            except BlockingIOError:
-                return CBEvent.IGNORE, None
-            except OSError as e:
-                self.log.info("fd %d: %s", fd, e)
-                return CBEvent.ERROR, None
-            try:
-                relay.feed(self._read_view[:n])
-            except TlsRelayError as e:
-                self.log.warning("fd %d: %s", fd, e)
-                return CBEvent.ERROR, None
-            out = relay.take_output()            # TLS 1.3 tickets, key updates
-            if out and not relay.closed:         # (the remote ended: it reads no more)
-                self._send_tcp(fd, out)
-            if not relay.has_payload():
-                return (CBEvent.FD_CLOSING if relay.closed else CBEvent.IGNORE), None
+        if relay.closed:
+            return CBEvent.FD_CLOSING, None
         try:
-            payload = relay.next_payload()
+            # Into one reused buffer: a new 256 KiB bytes object per read
+            # costs page faults (glibc maps large blocks afresh).
+            n = os.readv(fd, self._read_buffers)
+        except BlockingIOError:
+            return CBEvent.IGNORE, None
+        except OSError as e:
+            self.log.info("fd %d: %s", fd, e)
+            return CBEvent.ERROR, None
+        try:
+            relay.feed(self._read_view[:n])
         except TlsRelayError as e:
             self.log.warning("fd %d: %s", fd, e)
             return CBEvent.ERROR, None
-        more = relay.has_payload() or relay.closed
-        return (CBEvent.MORE if more else CBEvent.NO_ERROR), payload
+        out = relay.take_output()            # TLS 1.3 tickets, key updates
+        if out and not relay.closed:         # (the remote ended: it reads no more)
+            self._send_tcp(fd, out)
+        size, error = relay.whole_frames()
+        if size:
+            try:
+                with relay.frames_view(size) as frames:
+                    self._send_tcp(self._local_of[fd], frames)
+            except IPCError as e:           # the local side is ending: the switch with it
+                self.log.info("fd %d: %s", fd, e)
+                return CBEvent.ERROR, None
+            relay.drop_plain(size)
+        if error is not None:
+            self.log.warning("fd %d: %s", fd, error)
+            return CBEvent.ERROR, None
+        return (CBEvent.FD_CLOSING if relay.closed else CBEvent.IGNORE), None
+
+    def _on_local_in(self, local: int) -> Tuple[CBEvent, Optional[bytes]]:
+        """The local side's stream in (the frames its client or service
+        wrote); its whole frames out to the remote, encrypted as they are:
+        one TLS write and one switch_send a read, not a payload a message.
+        The core's own framing is kept: a frame is sent only once whole,
+        one over the limit or cut by the end of the stream ends the switch
+        with the core's reason."""
+        fd = self._tcp_of[local]
+        try:
+            n = os.readv(local, self._read_buffers)
+        except BlockingIOError:
+            return CBEvent.IGNORE, None
+        except OSError as e:
+            self.ctx.switch_end(local, f"read failed: {e.strerror or e}")
+            return CBEvent.IGNORE, None
+        if not n:
+            if self._partials.pop(local, None) is not None:
+                self.ctx.switch_end(local, MID_MESSAGE)
+                return CBEvent.IGNORE, None
+            return CBEvent.FD_CLOSING, None
+        limit = self.ctx.max_message_size
+        frames, too_large = _whole_frames(self._partials, local, self._read_view[:n], limit)
+        if frames:
+            try:
+                self._send_tcp(fd, self._relays[fd].encrypt_frames(frames))
+            except IPCError as e:           # the TCP side is ending: the switch with it
+                self.log.info("fd %d: %s", local, e)
+                return CBEvent.ERROR, None
+        if too_large >= 0:
+            self._partials.pop(local, None)
+            self.ctx.switch_end(local, too_large_text(too_large, limit))
+        return CBEvent.IGNORE, None
 
     def _on_out(self, fd: int, payload: bytes) -> CBEvent:
-        """A payload from the local side out, encrypted."""
+        """A payload the core forwards to the TCP side, encrypted (none does
+        while _on_local_in reads the local side: kept for completeness)."""
         self._send_tcp(fd, self._relays[fd].encrypt(payload))
         return CBEvent.NO_ERROR
 
     # ------------------------------------------------------------ the TCP side's backlog
 
-    def _send_tcp(self, fd: int, records: bytes) -> None:
-        """Queue TLS records for the TCP fd, in order. From on_out the core
-        never refuses them (that output is forwarding, held back by the
-        local side's back-pressure); records made while reading (TLS 1.3
-        key updates, tickets) are refused while the queue is over its bound
-        (QueueFullError): those wait here, in order, and are queued as soon as
-        there is room (at the next records, or a retry timer)."""
+    def _send_tcp(self, fd: int, records: "bytes | memoryview") -> None:
+        """Queue bytes for a switched fd, in order: TLS records for the TCP
+        fd, or frames for the local side. The core refuses them while the
+        fd's queue is over its bound (QueueFullError; it does not read the
+        other side then, so only records made while reading, such as TLS 1.3
+        key updates and tickets, meet that): those wait here, in order, and
+        are queued as soon as there is room (at the next bytes, or a retry
+        timer)."""
         backlog = self._backlog.get(fd)
         if backlog is None:
             try:
                 self.ctx.switch_send(fd, records)
                 return
             except QueueFullError:
-                self._backlog[fd] = collections.deque([records])
+                self._backlog[fd] = collections.deque([bytes(records)])
                 self._retry_backlog_later(fd)
                 return
-        backlog.append(records)
+        backlog.append(bytes(records))
         self._flush_backlog(fd)
 
     def _flush_backlog(self, fd: int) -> None:
@@ -561,11 +632,55 @@ class Tlsd(Daemon):
 
     def _retry_backlog_later(self, fd: int) -> None:
         def retry() -> None:
-            if fd in self._backlog and fd in self._relays:
+            if fd in self._backlog and (fd in self._relays or fd in self._tcp_of):
                 self._flush_backlog(fd)
                 if fd in self._backlog:
                     self._retry_backlog_later(fd)
         self.call_later(BACKLOG_RETRY_S, retry)
+
+
+# ------------------------------------------------------------ the local side's frames
+
+def _whole_frames(partials: Dict[int, bytearray], fd: int, data: memoryview,
+                  limit: int) -> Tuple[List["bytearray | memoryview"], int]:
+    """The whole frames of `data`, read from the local side `fd`, as they are,
+    in order: first the frame held in `partials[fd]` if `data` completes it,
+    then one view of `data`'s whole frames. The start of a frame left over
+    goes to `partials[fd]`. With them, the size of the frame that follows when
+    it is announced over `limit` (nothing after it is taken), else -1."""
+    frames: List["bytearray | memoryview"] = []
+    at, end = 0, len(data)
+    held = partials.get(fd)
+    if held is not None:
+        if len(held) < 4:
+            at = min(4 - len(held), end)
+            held += data[:at]
+            if len(held) < 4:
+                return frames, -1
+        (size,) = _HEADER.unpack_from(held)
+        if size > limit:
+            return frames, size
+        take = min(4 + size - len(held), end - at)
+        held += data[at:at + take]
+        at += take
+        if len(held) < 4 + size:
+            return frames, -1
+        frames.append(held)
+        del partials[fd]
+    first, too_large = at, -1
+    while end - at >= 4:
+        (size,) = _HEADER.unpack_from(data, at)
+        if size > limit:
+            too_large = size
+            break
+        if end - at < 4 + size:
+            break
+        at += 4 + size
+    if at > first:
+        frames.append(data[first:at])
+    if too_large < 0 and at < end:
+        partials[fd] = bytearray(data[at:])
+    return frames, too_large
 
 
 # ------------------------------------------------------------ sockets

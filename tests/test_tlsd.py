@@ -334,7 +334,11 @@ class FakeRemote:
             while not line.endswith(b"\n"):
                 line += tls.recv(1)
             tls.sendall(b"ok")
-            self.end = _end_seen_by(tls)
+            self.end = self._after_ok(tls)
+
+    def _after_ok(self, tls: ssl.SSLSocket) -> str:
+        """What the remote does once it answered `ok`; how the session ended."""
+        return _end_seen_by(tls)
 
     def close(self) -> str:
         """Wait for the connection to end; how it ended."""
@@ -365,24 +369,15 @@ class RecordingRemote(FakeRemote):
         self.got = b""
         super().__init__(certs)
 
-    def _serve(self) -> None:
-        conn, _ = self.sock.accept()
-        conn.settimeout(20)
-        with self.context.wrap_socket(conn, server_side=True,
-                                      suppress_ragged_eofs=False) as tls:
-            line = b""
-            while not line.endswith(b"\n"):
-                line += tls.recv(1)
-            tls.sendall(b"ok")
-            try:
-                while True:
-                    more = tls.recv(65536)
-                    if not more:
-                        self.end = "close_notify"
-                        return
-                    self.got += more
-            except ssl.SSLEOFError:
-                self.end = "ragged EOF"
+    def _after_ok(self, tls: ssl.SSLSocket) -> str:
+        try:
+            while True:
+                more = tls.recv(65536)
+                if not more:
+                    return "close_notify"
+                self.got += more
+        except ssl.SSLEOFError:
+            return "ragged EOF"
 
 
 def _dial_raw(rundir: str, port: int) -> socket.socket:

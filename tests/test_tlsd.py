@@ -448,6 +448,47 @@ def test_a_remote_frame_over_the_limit_ends_the_stream_at_its_header(backend, ru
                 pass
 
 
+def _bio_session(sock: socket.socket, ctx: ssl.SSLContext) -> "tuple[ssl.SSLObject, ssl.MemoryBIO]":
+    """A TLS client session over `sock` whose records the test sends itself
+    (so that several records and close_notify go out in one write): the
+    SSLObject and its outgoing BIO, handshake done."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+    sock.sendall(outgoing.read())
+    return tls, outgoing
+
+
+def test_whole_remote_frames_before_a_cut_one_and_the_end_still_reach_the_service(
+        backend, rundir, certs):
+    """One TCP write holds a whole frame, the start of another, and
+    close_notify: the whole frame reaches the service, the cut one does not,
+    and the connection ends."""
+    with running(listener(rundir, backend, certs)) as tlsd, \
+            pyipc.Context(rundir=rundir, backend=backend) as service:
+        service.service_init("pong")
+        ctx = ssl.create_default_context(cafile=certs.ca)
+        with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw:
+            tls, outgoing = _bio_session(raw, ctx)
+            tls.write(b"pong\n")
+            raw.sendall(outgoing.read())
+            local = _wait_for(service, pyipc.EventType.CONNECTION).fd
+            tls.write(frame(b"whole"))
+            tls.write(frame(b"cut" * 100)[:20])
+            with pytest.raises(ssl.SSLWantReadError):
+                tls.unwrap()                        # close_notify, into the BIO
+            raw.sendall(outgoing.read())            # all three in one write
+            ev = _wait_for(service, pyipc.EventType.MESSAGE_RX)
+            assert (ev.fd, ev.message) == (local, b"whole")
+            assert _wait_for(service, pyipc.EventType.DISCONNECTION).fd == local
+
+
 # ------------------------------------------------------------ the TCP side's backlog
 
 class RefusingContext:

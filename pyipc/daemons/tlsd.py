@@ -540,11 +540,22 @@ class Tlsd(Daemon):
         try:
             relay.feed(self._read_view[:n])
         except TlsRelayError as e:
+            # The stream broke or ended inside a frame: the whole frames
+            # decrypted before that still go out first, as from the local side.
+            self._relay_whole_frames(fd, relay)
             self.log.warning("fd %d: %s", fd, e)
             return CBEvent.ERROR, None
         out = relay.take_output()            # TLS 1.3 tickets, key updates
         if out and not relay.closed:         # (the remote ended: it reads no more)
             self._send_tcp(fd, out)
+        if not self._relay_whole_frames(fd, relay):
+            return CBEvent.ERROR, None
+        return (CBEvent.FD_CLOSING if relay.closed else CBEvent.IGNORE), None
+
+    def _relay_whole_frames(self, fd: int, relay: TlsRelay) -> bool:
+        """Send the whole frames the relay of TCP fd holds to its local side,
+        as they are; False when the stream is to end (the frame after them
+        announced over the limit, or the local side ending)."""
         size, error = relay.whole_frames()
         if size:
             try:
@@ -552,12 +563,12 @@ class Tlsd(Daemon):
                     self._send_tcp(self._local_of[fd], frames)
             except IPCError as e:           # the local side is ending: the switch with it
                 self.log.info("fd %d: %s", fd, e)
-                return CBEvent.ERROR, None
+                return False
             relay.drop_plain(size)
         if error is not None:
             self.log.warning("fd %d: %s", fd, error)
-            return CBEvent.ERROR, None
-        return (CBEvent.FD_CLOSING if relay.closed else CBEvent.IGNORE), None
+            return False
+        return True
 
     def _on_local_in(self, local: int) -> Tuple[CBEvent, Optional[bytes]]:
         """The local side's stream in (the frames its client or service
@@ -584,7 +595,9 @@ class Tlsd(Daemon):
         if frames:
             try:
                 self._send_tcp(fd, self._relays[fd].encrypt_frames(frames))
-            except IPCError as e:           # the TCP side is ending: the switch with it
+            except (IPCError, ssl.SSLError) as e:
+                # The TCP side is ending (the switch with it), or the session
+                # is (tlsd stopping has said goodbye on it already).
                 self.log.info("fd %d: %s", local, e)
                 return CBEvent.ERROR, None
         if too_large >= 0:
@@ -626,6 +639,12 @@ class Tlsd(Daemon):
             try:
                 self.ctx.switch_send(fd, backlog[0])
             except QueueFullError:
+                return
+            except IPCError as e:
+                # The switch ended (its DISCONNECTION is coming): nothing more
+                # can go out on it; the retry timer stops here.
+                self.log.info("fd %d: backlog dropped: %s", fd, e)
+                del self._backlog[fd]
                 return
             backlog.popleft()
         del self._backlog[fd]

@@ -823,13 +823,18 @@ def test_listen_given_as_one_string_is_refused():
 
 def _cut(reads, limit=100):
     """What _whole_frames makes of successive reads of one local side: the
-    bytes relayed after each read, and the over-limit size met (-1: none)."""
+    bytes relayed after each read, and the over-limit size met (-1: none).
+    Every read lands in one reused buffer, as tlsd's do, and the buffer is
+    scribbled over after each: what _whole_frames keeps must be a copy."""
     from pyipc.daemons.tlsd import _whole_frames
     partials: dict = {}
     out = []
+    buffer = bytearray(max((len(r) for r in reads), default=0))
     for data in reads:
-        frames, too_large = _whole_frames(partials, 5, memoryview(data), limit)
+        buffer[:len(data)] = data
+        frames, too_large = _whole_frames(partials, 5, memoryview(buffer)[:len(data)], limit)
         out.append((b"".join(bytes(f) for f in frames), too_large))
+        buffer[:] = b"\xee" * len(buffer)
     return out, partials.get(5)
 
 

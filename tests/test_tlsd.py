@@ -495,15 +495,16 @@ class RefusingContext:
     """Stands in for the daemon's context: switch_send refuses `refusals`
     times (QueueFullError, as the core does over max_queue_size), then takes."""
 
-    def __init__(self, refusals: int) -> None:
+    def __init__(self, refusals: int, max_queue_size: int = 64 << 20) -> None:
         self.refusals = refusals
+        self.max_queue_size = max_queue_size
         self.sent: list = []
 
     def switch_send(self, fd: int, data: bytes) -> None:
         if self.refusals:
             self.refusals -= 1
             raise pyipc.QueueFullError("send queue of fd 7 is full")
-        self.sent.append(data)
+        self.sent.append(bytes(data))       # the core copies what it queues
 
 
 def test_records_refused_for_now_go_out_later_in_order(backend, rundir, certs, monkeypatch):
@@ -524,6 +525,29 @@ def test_records_refused_for_now_go_out_later_in_order(backend, rundir, certs, m
         assert fake.sent == [b"r1", b"r2"] and 7 not in daemon._backlog
         daemon._send_tcp(7, b"r3")
         assert fake.sent == [b"r1", b"r2", b"r3"]
+    finally:
+        daemon.ctx = real
+        real.close_all()
+
+
+def test_bytes_over_half_the_queue_bound_go_in_pieces_in_order(backend, rundir, certs,
+                                                                monkeypatch):
+    """More than half of max_queue_size at once goes in pieces (the core
+    would refuse the whole for good); a refused view is kept as a copy."""
+    from pyipc.daemons import tlsd as tlsd_module
+    monkeypatch.setattr(tlsd_module, "BACKLOG_RETRY_S", 0.0)
+    daemon = dialer(rundir, backend, certs)
+    real = daemon.ctx
+    try:
+        fake = RefusingContext(refusals=1, max_queue_size=10)
+        daemon.ctx = fake
+        daemon._relays[7] = object()
+        data = bytearray(b"abcdefghijklmnop")
+        daemon._send_tcp(7, memoryview(data))      # pieces of 5; the first refused
+        data[:] = b"x" * len(data)                  # the caller's buffer is reused
+        daemon._timers.run_due()
+        assert fake.sent == [b"abcde", b"fghij", b"klmno", b"p"]
+        assert 7 not in daemon._backlog
     finally:
         daemon.ctx = real
         real.close_all()

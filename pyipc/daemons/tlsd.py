@@ -620,7 +620,16 @@ class Tlsd(Daemon):
         other side then, so only records made while reading, such as TLS 1.3
         key updates and tickets, meet that): those wait here, in order, and
         are queued as soon as there is room (at the next bytes, or a retry
-        timer)."""
+        timer). The bytes are a stream (switch_send does not frame them), so
+        more than half of max_queue_size at once goes in pieces: the core
+        refuses anything larger than the bound for good, which would keep it
+        here forever."""
+        piece = max(1, self.ctx.max_queue_size // 2)
+        if len(records) > piece:
+            view = memoryview(records)
+            for at in range(0, len(view), piece):
+                self._send_tcp(fd, view[at:at + piece])
+            return
         backlog = self._backlog.get(fd)
         if backlog is None:
             try:

@@ -24,7 +24,8 @@ from pyipc.daemons import _netwire as wire  # noqa: E402
 from pyipc.daemons.websocketd.policy import origin_allowed, service_name  # noqa: E402
 
 from conftest import CHILD_ENV, spin_until  # noqa: E402
-from tlsd_harness import Certs, Echo, ask, dialer, frame, listener, port_of  # noqa: E402
+from tlsd_harness import (Certs, Echo, ask, dialer, frame, listener, port_of,  # noqa: E402
+                          recv_exactly, tls_by_hand, tls_client)
 from tlsd_harness import running as tls_running  # noqa: E402
 from wsd_helpers import DaemonThread, ServiceThread  # noqa: E402
 
@@ -94,17 +95,10 @@ def _tlsd_traces(caplog) -> list:
 
 
 def _tlsd_still_serves(tlsd, certs) -> None:
-    ctx = ssl.create_default_context(cafile=certs.ca)
-    with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+    with tls_client(port_of(tlsd), certs, timeout=10) as tls:
         tls.sendall(b"pong\n" + frame(b"still here"))
         want = b"ok" + frame(b"still here")
-        got = b""
-        while len(got) < len(want):
-            more = tls.recv(100)
-            assert more, f"tlsd closed; got {got!r}"
-            got += more
-        assert got == want
+        assert recv_exactly(tls, len(want)) == want
 
 
 @pytest.mark.parametrize("sent", [b"", b"po"])
@@ -159,23 +153,6 @@ def test_tlsd_name_bound_holds_when_the_newline_comes_with_it(backend, rundir, t
     assert past == far == b"ne refused service name longer than %d bytes" % wire.MAX_NAME
 
 
-def _tls_by_hand(port: int, certs) -> tuple:
-    """A TLS client done by hand (MemoryBIO) up to its last handshake flight,
-    which is returned unsent: (socket, session, incoming BIO, outgoing BIO,
-    the flight)."""
-    ctx = ssl.create_default_context(cafile=certs.ca)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    while True:
-        try:
-            tls.do_handshake()
-            return sock, tls, incoming, outgoing, outgoing.read()
-        except ssl.SSLWantReadError:
-            sock.sendall(outgoing.read())
-            incoming.write(sock.recv(65536))
-
-
 def _plaintext_until_the_end(sock: socket.socket, tls, incoming) -> bytes:
     """Everything tlsd sends until it closes, decrypted."""
     try:
@@ -202,7 +179,7 @@ def test_tlsd_refusal_in_the_read_that_ends_the_handshake_decrypts(backend, rund
     with tls_running(Echo(rundir=rundir, backend=backend)), \
             tls_running(listener(rundir, backend, certs)) as tlsd:
         for size in (wire.MAX_NAME + 1, 20_000):
-            sock, tls, incoming, outgoing, finished = _tls_by_hand(port_of(tlsd), certs)
+            sock, tls, incoming, outgoing, finished = tls_by_hand(port_of(tlsd), certs)
             with sock:
                 tls.write(b"n" * size)
                 sock.sendall(finished + outgoing.read())    # in one write
@@ -214,7 +191,7 @@ def test_tlsd_refusal_in_the_read_that_ends_the_handshake_decrypts(backend, rund
 def _refusal_while_sending(port: int, certs, data: bytes) -> bytes:
     """The plaintext a listening tlsd answers a peer that is still sending
     `data` (on another thread) when it is answered."""
-    sock, tls, incoming, outgoing, finished = _tls_by_hand(port, certs)
+    sock, tls, incoming, outgoing, finished = tls_by_hand(port, certs)
     with sock:
         sock.sendall(finished)
         tls.write(data)

@@ -18,7 +18,7 @@ import pyipc
 
 from daemon_harness import reap, stops_cleanly
 from tlsd_harness import (Certs, Echo, ask, connect_through, dialer, frame, listener, port_of,
-                          read_all, running)
+                          read_all, recv_exactly, running, tls_by_hand, tls_client)
 
 import trustme  # a test dependency (pyproject's test extra): missing, the run fails
 
@@ -448,23 +448,6 @@ def test_a_remote_frame_over_the_limit_ends_the_stream_at_its_header(backend, ru
                 pass
 
 
-def _bio_session(sock: socket.socket, ctx: ssl.SSLContext) -> "tuple[ssl.SSLObject, ssl.MemoryBIO]":
-    """A TLS client session over `sock` whose records the test sends itself
-    (so that several records and close_notify go out in one write): the
-    SSLObject and its outgoing BIO, handshake done."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            sock.sendall(outgoing.read())
-            incoming.write(sock.recv(65536))
-    sock.sendall(outgoing.read())
-    return tls, outgoing
-
-
 def test_whole_remote_frames_before_a_cut_one_and_the_end_still_reach_the_service(
         backend, rundir, certs):
     """One TCP write holds a whole frame, the start of another, and
@@ -473,11 +456,10 @@ def test_whole_remote_frames_before_a_cut_one_and_the_end_still_reach_the_servic
     with running(listener(rundir, backend, certs)) as tlsd, \
             pyipc.Context(rundir=rundir, backend=backend) as service:
         service.service_init("pong")
-        ctx = ssl.create_default_context(cafile=certs.ca)
-        with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw:
-            tls, outgoing = _bio_session(raw, ctx)
+        raw, tls, _, outgoing, flight = tls_by_hand(port_of(tlsd), certs)
+        with raw:
             tls.write(b"pong\n")
-            raw.sendall(outgoing.read())
+            raw.sendall(flight + outgoing.read())
             local = _wait_for(service, pyipc.EventType.CONNECTION).fd
             tls.write(frame(b"whole"))
             tls.write(frame(b"cut" * 100)[:20])
@@ -673,35 +655,23 @@ def test_name_at_the_bound_is_read_past_it_refused(backend, rundir, certs):
 
 def test_bare_name_without_newline_is_served_after_the_grace(backend, rundir, certs):
     with running(Echo(rundir=rundir, backend=backend)), \
-            running(listener(rundir, backend, certs)) as tlsd:
-        ctx = ssl.create_default_context(cafile=certs.ca)
-        with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw, \
-                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"pong")                    # libIPC's way: no newline
-            assert tls.recv(2) == b"ok"
-            tls.sendall(frame(b"after the grace"))
-            want = frame(b"after the grace")
-            got = b""
-            while len(got) < len(want):
-                got += tls.recv(100)
-            assert got == want
+            running(listener(rundir, backend, certs)) as tlsd, \
+            tls_client(port_of(tlsd), certs) as tls:
+        tls.sendall(b"pong")                    # libIPC's way: no newline
+        assert tls.recv(2) == b"ok"
+        tls.sendall(frame(b"after the grace"))
+        want = frame(b"after the grace")
+        assert recv_exactly(tls, len(want)) == want
 
 
 def test_a_typed_line_with_cr_lf_is_served(backend, rundir, certs):
     """`NAME\\r\\n` names NAME, as tcpd takes it; what follows is the stream."""
     with running(Echo(rundir=rundir, backend=backend)), \
-            running(listener(rundir, backend, certs)) as tlsd:
-        ctx = ssl.create_default_context(cafile=certs.ca)
-        with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=20) as raw, \
-                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"pong\r\n" + frame(b"x"))
-            want = b"ok" + frame(b"x")
-            got = b""
-            while len(got) < len(want):
-                more = tls.recv(100)
-                assert more, got
-                got += more
-            assert got == want
+            running(listener(rundir, backend, certs)) as tlsd, \
+            tls_client(port_of(tlsd), certs) as tls:
+        tls.sendall(b"pong\r\n" + frame(b"x"))
+        want = b"ok" + frame(b"x")
+        assert recv_exactly(tls, len(want)) == want
 
 
 def test_name_with_cr_lf_at_the_bound_is_read_past_it_refused(backend, rundir, certs):

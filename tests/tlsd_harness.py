@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import os
 import socket
+import ssl
 import struct
 import threading
 from typing import Iterator, List, Optional, Tuple
@@ -90,6 +91,45 @@ def dialer(rundir: str, backend: str, certs: Certs, **kw: object) -> Tlsd:
 
 def port_of(daemon: Tlsd) -> int:
     return int(daemon.addresses[0][1])
+
+
+@contextlib.contextmanager
+def tls_client(port: int, certs: Certs, timeout: float = 20) -> Iterator[ssl.SSLSocket]:
+    """A TLS client of a listening tlsd on 127.0.0.1:`port`, verifying its
+    certificate (CN localhost) against the test CA."""
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        yield tls
+
+
+def recv_exactly(tls: ssl.SSLSocket, n: int) -> bytes:
+    """The next `n` bytes from `tls`; fails if it ends before."""
+    got = b""
+    while len(got) < n:
+        more = tls.recv(n - len(got))
+        assert more, f"tlsd closed; got {got!r}"
+        got += more
+    return got
+
+
+def tls_by_hand(port: int, certs: Certs) -> Tuple[socket.socket, ssl.SSLObject,
+                                                  ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
+    """A TLS client of a listening tlsd done by hand (MemoryBIO), so that a
+    test chooses what goes out in one write: the handshake up to its last
+    flight, which is returned unsent: (socket, session, incoming BIO,
+    outgoing BIO, the flight)."""
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    while True:
+        try:
+            tls.do_handshake()
+            return sock, tls, incoming, outgoing, outgoing.read()
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
 
 
 def ask(rundir: str, uri: str, timeout: float = 20.0) -> Tuple[bytes, Optional[int]]:

@@ -268,6 +268,20 @@ def pair(ctx_factory) -> Pair:
 
 
 @pytest.fixture
+def native_pair(rundir):
+    """A Pair on the native backend, whatever the test's backend (white-box
+    tests of the native backend's internals); both closed at teardown."""
+    require_backend("native")
+    server = pyipc.Context(rundir=rundir, backend="native")
+    client = pyipc.Context(rundir=rundir, backend="native")
+    try:
+        yield Pair(server, client, "svc")
+    finally:
+        client.close_all()
+        server.close_all()
+
+
+@pytest.fixture
 def wait():
     """The wait_for helper, for tests that prefer a fixture to an import."""
     return wait_for

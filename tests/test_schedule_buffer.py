@@ -21,7 +21,7 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import collect, raises, require_backend
+from conftest import collect, raises
 
 TX, RX = EventType.MESSAGE_TX, EventType.MESSAGE_RX
 
@@ -184,53 +184,45 @@ def test_forked_child_does_not_send_the_parents_buffered_messages(pair):
     assert _received(pair.server, 1) == [(pair.server_fd, b"parent's")]
 
 
-def test_native_buffers_small_payloads_only(rundir):
+def test_native_buffers_small_payloads_only(native_pair):
     """White box: what the native backend keeps, and when it hands it over."""
-    require_backend("native")
-    with pyipc.Context(rundir=rundir, backend="native") as server, \
-            pyipc.Context(rundir=rundir, backend="native") as client:
-        server.service_init("svc")
-        fd = client.connect_service("svc")
-        client.schedule(fd, b"x" * 4096)
-        assert client._pending == [fd, b"x" * 4096]
-        client.schedule(fd, b"y")                  # the room is known: the fast path
-        assert client._pending == [fd, b"x" * 4096, fd, b"y"]
-        client.schedule(fd, b"x" * 4097)           # flushes, then the core queues it
-        assert client._pending == [] and client._room == {}
-        client.schedule(fd, b"small")
-        client.fileno()
-        assert client._pending == []
-        client.schedule(fd, b"small")
-        assert client._pending == []               # not buffered after fileno()
+    client, fd = native_pair.client, native_pair.client_fd
+    client.schedule(fd, b"x" * 4096)
+    assert client._pending == [fd, b"x" * 4096]
+    client.schedule(fd, b"y")                  # the room is known: the fast path
+    assert client._pending == [fd, b"x" * 4096, fd, b"y"]
+    client.schedule(fd, b"x" * 4097)           # flushes, then the core queues it
+    assert client._pending == [] and client._room == {}
+    client.schedule(fd, b"small")
+    client.fileno()
+    assert client._pending == []
+    client.schedule(fd, b"small")
+    assert client._pending == []               # not buffered after fileno()
 
 
-def test_native_reads_wait_in_the_kernel_only_when_alone(rundir):
+def test_native_reads_wait_in_the_kernel_only_when_alone(native_pair):
     """White box (issue 21): with one thread a blocking read waits in the
     kernel; once another thread exists it watches the wake-up pipe, so that
     the thread's hand-over ends the wait (tests/test_threads.py)."""
-    require_backend("native")
     assert threading.active_count() == 1, threading.enumerate()
-    with pyipc.Context(rundir=rundir, backend="native") as server, \
-            pyipc.Context(rundir=rundir, backend="native") as client:
-        server.service_init("svc")
-        fd = client.connect_service("svc")
-        conn = collect(server, lambda seen: bool(seen))[0].fd
-        server.write(conn, b"one")
-        assert client.read(fd) == b"one"
-        assert client._alone is True
-        stop = threading.Event()
-        t = threading.Thread(target=stop.wait)
-        t.start()
-        try:
-            server.write(conn, b"two")
-            assert client.read(fd) == b"two"
-            assert client._alone is False
-        finally:
-            stop.set()
-            t.join()
-        server.write(conn, b"three")
-        assert client.read(fd) == b"three"
-        assert client._alone is True
+    server, client = native_pair.server, native_pair.client
+    conn, fd = native_pair.server_fd, native_pair.client_fd
+    server.write(conn, b"one")
+    assert client.read(fd) == b"one"
+    assert client._alone is True
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        server.write(conn, b"two")
+        assert client.read(fd) == b"two"
+        assert client._alone is False
+    finally:
+        stop.set()
+        t.join()
+    server.write(conn, b"three")
+    assert client.read(fd) == b"three"
+    assert client._alone is True
 
 
 def test_a_signal_handler_that_schedules_interleaves_whole_messages(pair):

@@ -19,7 +19,7 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import collect, require_backend
+from conftest import collect
 
 TX, RX = EventType.MESSAGE_TX, EventType.MESSAGE_RX
 #: Over the native backend's pinning threshold.
@@ -140,24 +140,20 @@ def test_a_refused_payload_is_not_kept(ctx_factory):
     assert sys.getrefcount(payload) == before
 
 
-def test_the_native_core_writes_a_large_payload_without_a_copy(rundir):
+def test_the_native_core_writes_a_large_payload_without_a_copy(native_pair):
     # What makes the difference: the pin is held while the frame is queued,
     # and let go after its MESSAGE_TX.
-    require_backend("native")
-    with pyipc.Context(rundir=rundir, backend="native") as server, \
-            pyipc.Context(rundir=rundir, backend="native") as client:
-        server.service_init("svc")
-        fd = client.connect_service("svc")
-        payload = _payload(1)
-        client.schedule(fd, payload)
-        assert client._pins == {id(payload): [payload, 1]}
-        client.schedule(fd, payload)
-        assert client._pins[id(payload)][1] == 2
-        _tx(client, 2)
-        assert client._pins == {}
-        client.schedule(fd, _payload(1, size=1024))     # small: copied, not pinned
-        client.schedule(fd, bytearray(BIG))             # mutable: copied, not pinned
-        assert client._pins == {}
+    client, fd = native_pair.client, native_pair.client_fd
+    payload = _payload(1)
+    client.schedule(fd, payload)
+    assert client._pins == {id(payload): [payload, 1]}
+    client.schedule(fd, payload)
+    assert client._pins[id(payload)][1] == 2
+    _tx(client, 2)
+    assert client._pins == {}
+    client.schedule(fd, _payload(1, size=1024))     # small: copied, not pinned
+    client.schedule(fd, bytearray(BIG))             # mutable: copied, not pinned
+    assert client._pins == {}
 
 
 def test_a_signal_handler_that_schedules_large_payloads_loses_none(pair):
@@ -214,66 +210,61 @@ class _Raised(Exception):
     """What a signal's handler raised (simulated)."""
 
 
-def test_an_exception_right_after_the_core_took_a_payload_keeps_it_pinned(rundir, monkeypatch):
+def test_an_exception_right_after_the_core_took_a_payload_keeps_it_pinned(native_pair,
+                                                                           monkeypatch):
     # A signal's handler can raise as the C call returns, before its code is
     # seen: the payload must stay pinned, since the core may write from it.
-    require_backend("native")
     from pyipc import _native
     real = _native._ipc_schedule_pinned
 
     def took_it_then_raised(*args):
         real(*args)
         raise _Raised()
-    with pyipc.Context(rundir=rundir, backend="native") as server, \
-            pyipc.Context(rundir=rundir, backend="native") as client:
-        server.service_init("svc")
-        fd = client.connect_service("svc")
-        monkeypatch.setattr(_native, "_ipc_schedule_pinned", took_it_then_raised)
-        with pytest.raises(_Raised):
-            client.schedule(fd, _payload(6))        # nobody else keeps it
-        monkeypatch.setattr(_native, "_ipc_schedule_pinned", real)
-        assert [count for _, count in client._pins.values()] == [1]
-        gc.collect()
-        junk = [_payload(0xEEEE) for _ in range(8)]     # would reuse freed memory
-        _tx(client, 1)
-        assert client._pins == {}
-        got = collect(server, lambda seen: any(e.type is RX for e in seen))
-        assert [e.message for e in got if e.type is RX] == [_payload(6)]
-        del junk
+    server, client, fd = native_pair.server, native_pair.client, native_pair.client_fd
+    monkeypatch.setattr(_native, "_ipc_schedule_pinned", took_it_then_raised)
+    with pytest.raises(_Raised):
+        client.schedule(fd, _payload(6))        # nobody else keeps it
+    monkeypatch.setattr(_native, "_ipc_schedule_pinned", real)
+    assert [count for _, count in client._pins.values()] == [1]
+    gc.collect()
+    junk = [_payload(0xEEEE) for _ in range(8)]     # would reuse freed memory
+    _tx(client, 1)
+    assert client._pins == {}
+    got = collect(server, lambda seen: any(e.type is RX for e in seen))
+    assert [e.message for e in got if e.type is RX] == [_payload(6)]
+    del junk
 
 
-def test_a_nested_schedule_while_pins_are_let_go_loses_and_repeats_none(rundir, monkeypatch):
+def test_a_nested_schedule_while_pins_are_let_go_loses_and_repeats_none(native_pair,
+                                                                         monkeypatch):
     # More tokens come back than one call takes (UNPIN_BATCH), and a signal's
     # handler schedules a large payload while they are let go: each pin is let
     # go once, the nested one kept until written.
-    require_backend("native")
     from pyipc import _native
-    with pyipc.Context(rundir=rundir, backend="native") as server, \
-            pyipc.Context(rundir=rundir, backend="native") as client:
-        server.service_init("svc")
-        a, b = client.connect_service("svc"), client.connect_service("svc")
-        shared, nested = _payload(1), _payload(2)
-        before = sys.getrefcount(shared), sys.getrefcount(nested)
-        n = _native.UNPIN_BATCH + 44
-        for i in range(n):
-            client.schedule(a, _payload(1000 + i, size=20 * 1024))
-            client.schedule(a, shared)
-        client.schedule(b, shared)
-        real = _native.NativeContext._release_pin
-        calls = []
+    client = native_pair.client
+    a, b = native_pair.client_fd, client.connect_service("svc")
+    shared, nested = _payload(1), _payload(2)
+    before = sys.getrefcount(shared), sys.getrefcount(nested)
+    n = _native.UNPIN_BATCH + 44
+    for i in range(n):
+        client.schedule(a, _payload(1000 + i, size=20 * 1024))
+        client.schedule(a, shared)
+    client.schedule(b, shared)
+    real = _native.NativeContext._release_pin
+    calls = []
 
-        def handler_in_between(self, token):
-            real(self, token)
-            calls.append(token)
-            if len(calls) == 2:
-                self.schedule(b, nested)        # as a signal's handler would
-        monkeypatch.setattr(_native.NativeContext, "_release_pin", handler_in_between)
-        client.close(a, linger=0)               # 2n tokens come back
-        monkeypatch.setattr(_native.NativeContext, "_release_pin", real)
-        assert len(calls) == 2 * n
-        assert client._pins[id(shared)][1] == 1         # b's frame
-        assert client._pins[id(nested)][1] == 1
-        assert sys.getrefcount(shared) == before[0] + 1
-        _tx(client, 2)
-        assert client._pins == {}
-        assert (sys.getrefcount(shared), sys.getrefcount(nested)) == before
+    def handler_in_between(self, token):
+        real(self, token)
+        calls.append(token)
+        if len(calls) == 2:
+            self.schedule(b, nested)        # as a signal's handler would
+    monkeypatch.setattr(_native.NativeContext, "_release_pin", handler_in_between)
+    client.close(a, linger=0)               # 2n tokens come back
+    monkeypatch.setattr(_native.NativeContext, "_release_pin", real)
+    assert len(calls) == 2 * n
+    assert client._pins[id(shared)][1] == 1         # b's frame
+    assert client._pins[id(nested)][1] == 1
+    assert sys.getrefcount(shared) == before[0] + 1
+    _tx(client, 2)
+    assert client._pins == {}
+    assert (sys.getrefcount(shared), sys.getrefcount(nested)) == before

@@ -21,7 +21,7 @@ from pyipc.daemons.ipcd import Ipcd
 from pyipc.daemons._netwire import MAX_NAME, NAME_TOO_LONG
 from pyipc.daemons.tcpd import Tcpd, parse_uri
 
-from conftest import CHILD_ENV, spin_until
+from conftest import CHILD_ENV, spin_until, unavailable
 from daemon_harness import Pong, frame, read_exactly, read_frame, reap, running, stops_cleanly
 
 
@@ -175,7 +175,7 @@ def test_ipv6_listener(backend, rundir, pong):
     try:
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()
     except OSError as e:
-        pytest.skip(f"no IPv6 loopback here: {e}")
+        unavailable(f"no IPv6 loopback here: {e}", "PYIPC_REQUIRE_NETWORK")
     with running(make_tcpd(backend, rundir, listen=["[::1]:0"])) as daemon:
         host, port = daemon.addresses[0][:2]
         assert host == "::1"

@@ -16,6 +16,7 @@ import pytest
 
 import pyipc
 
+from conftest import unavailable
 from daemon_harness import reap, stops_cleanly
 from tlsd_harness import (Certs, Echo, ask, connect_through, dialer, frame, listener, port_of,
                           read_all, recv_exactly, running, tls_by_hand, tls_client)
@@ -210,12 +211,12 @@ def test_mutual_tls_with_a_client_certificate_connects(hosts, backend, certs):
 
 def test_ipv6_loopback(hosts, backend, certs):
     if not socket.has_ipv6:
-        pytest.skip("no IPv6 in this Python")
+        unavailable("no IPv6 in this Python", "PYIPC_REQUIRE_NETWORK")
     a, b = hosts
     try:
         tlsd = listener(b, backend, certs, listen=("[::1]:0",))
     except OSError as e:
-        pytest.skip(f"no IPv6 loopback here: {e}")
+        unavailable(f"no IPv6 loopback here: {e}", "PYIPC_REQUIRE_NETWORK")
     with running(Echo(rundir=b, backend=backend)), running(tlsd), \
             running(dialer(a, backend, certs)), \
             pyipc.Context(rundir=a, backend=backend) as client:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import stat
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from ._checks import check_name
 from ._types import (DEFAULT_RUNDIR, MAX_SOCKET_PATH, InvalidNameError, IPCError,
@@ -136,6 +137,32 @@ def lock_service(rundir: str, name: str, path: str) -> int:
             raise ServiceBusyError(f"service {name} is already running in {rundir}") from None
         raise _start_failed(name, e.errno) from None
     return fd
+
+
+def listen_service(rundir: str, name: str, path: str) -> Tuple[socket.socket, int]:
+    """Serve `name` at `path` in `rundir` (created if need be): take its lock,
+    replace a stale socket, listen (mode 0660, non-blocking). The listening
+    socket and the lock's fd, both the caller's to close: the socket file
+    removed first (remove_stale_socket(path)), then the lock released.
+    ServiceBusyError while another process serves `name`."""
+    check_rundir(rundir, create=True)
+    lock_fd = lock_service(rundir, name, path)
+    sock = None
+    try:
+        remove_stale_socket(path, name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind(path)
+        os.chmod(path, 0o660)
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        os.close(lock_fd)
+        if isinstance(e, IPCError):
+            raise
+        raise _start_failed(name, e.errno) from None
+    return sock, lock_fd
 
 
 def _start_failed(name: str, errno_: Optional[int]) -> IPCError:

@@ -13,13 +13,14 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Iterator
 
 import pytest
 
 import pyipc
-from pyipc.daemons.ipcd import Ipcd
+from pyipc.daemons.ipcd import MAX_REQUEST as MAX_REQUEST_FOR_TESTS, Ipcd
 from pyipc.daemons._rules import find_rule, target_of
 
 from conftest import CHILD_ENV, spin_until
@@ -164,13 +165,106 @@ def test_a_client_with_a_too_long_ipc_network_is_told_why(ipcd, backend, rundir,
     assert f"ipcd takes at most {MAX_REQUEST} (IPC_NETWORK too long?)" in str(info.value)
 
 
-def test_a_header_past_the_receive_limit_ends_the_connection_unanswered(ipcd, rundir):
-    """What the core does before ipcd sees anything (docs/networking.md)."""
-    from pyipc.daemons.ipcd import REQUEST_RECEIVE_LIMIT
+@pytest.mark.parametrize("announced", [MAX_REQUEST_FOR_TESTS + 1, 16 << 20, 0xFFFFFFFF])
+def test_a_header_past_max_request_is_answered_at_once(ipcd, rundir, announced):
+    """ipcd reads requests itself: one announced over MAX_REQUEST is answered
+    at its header, nothing of it buffered (through a service of its context,
+    the core ended a header over 16 MiB with a bare end of stream)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(os.path.join(rundir, "ipc"))
-        sock.sendall(struct.pack(">I", REQUEST_RECEIVE_LIMIT + 1))
-        assert raw_answer(sock) == (b"", None)
+        sock.sendall(struct.pack(">I", announced) + b"pong;pong pong")
+        assert raw_answer(sock) == (b"ne badrequest a request of %d bytes; ipcd takes at "
+                                    b"most %d (IPC_NETWORK too long?)"
+                                    % (announced, MAX_REQUEST_FOR_TESTS), None)
+        assert_ended(sock)          # ipcd let go of both its fds of the socket
+
+
+def assert_ended(sock: socket.socket) -> None:
+    """The other end is closed: end of stream, or a reset when it closed with
+    bytes of ours unread (a Unix socket reports that once the answer is read)."""
+    try:
+        assert sock.recv(1) == b""
+    except ConnectionResetError:
+        pass
+
+
+def test_a_client_ending_mid_request_is_answered(ipcd, rundir):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(os.path.join(rundir, "ipc"))
+        sock.sendall(struct.pack(">I", 100) + b"pong;")
+        sock.shutdown(socket.SHUT_WR)
+        assert raw_answer(sock) == (b"ne badrequest closed in the middle of a request", None)
+        assert_ended(sock)
+
+
+def test_a_refused_client_still_sending_is_read_to_its_end_not_a_stall(
+        pong, ipcd, backend, rundir, monkeypatch):
+    """Refused at its header, a client still sending the announced request
+    is drained (closed with its bytes unread, its write would fail before it
+    reads the answer), a bounded number of reads per event: others are
+    served meanwhile."""
+    sent: list = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(os.path.join(rundir, "ipc"))
+
+        def send_it_all() -> None:
+            try:
+                sock.sendall(struct.pack(">I", 16 << 20) + bytes(16 << 20))
+                sent.append(True)
+            except OSError as e:
+                sent.append(e)
+        sender = threading.Thread(target=send_it_all)
+        sender.start()
+        assert raw_answer(sock) == (b"ne badrequest a request of %d bytes; ipcd takes at "
+                                    b"most %d (IPC_NETWORK too long?)"
+                                    % (16 << 20, MAX_REQUEST_FOR_TESTS), None)
+        monkeypatch.setenv("IPC_NETWORK", "p pong")
+        with client(backend, rundir) as ctx:
+            assert echo_through(ctx, "p") == b"ping p"
+        sender.join(30)
+        assert sent == [True]               # every byte taken, none refused (EPIPE)
+        assert_ended(sock)
+
+
+def test_bytes_after_the_request_are_refused_and_the_daemon_let_go(backend, rundir):
+    holder: list = []
+    holder.append(FakeScheme(rundir, "slow", hang(holder)))
+    fake = holder[0]
+    try:
+        with running(Ipcd(rundir=rundir, backend=backend)) as daemon:
+            with ask_raw(rundir, b"pong;pong slow://h/pong") as sock:
+                fake.wait_requests(1)
+                spin_until(lambda: daemon.in_flight == 1)
+                sock.sendall(b"more")
+                assert raw_answer(sock) == (b"ne badrequest bytes after the request", None)
+                assert_ended(sock)
+            spin_until(lambda: daemon.in_flight == 0)
+            fake.release.set()
+            fake.threads[0].join(10)
+            assert fake.closed_by_ipcd == [True]
+    finally:
+        fake.close()
+
+
+def test_fds_sent_with_a_request_are_closed(ipcd, rundir):
+    """ipcd takes no fd from a client: one sent with the request is closed,
+    not kept (here the read end of a pipe: once ipcd's copy is closed too, a
+    write to the pipe fails)."""
+    r, w = os.pipe()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(os.path.join(rundir, "ipc"))
+            socket.send_fds(sock, [frame(b"zz;zz nowhere")], [r])
+            os.close(r)
+            r = -1
+            assert raw_answer(sock)[0].startswith(b"ne noservice ")
+            assert_ended(sock)
+        with pytest.raises(BrokenPipeError):
+            os.write(w, b"x")
+    finally:
+        os.close(w)
+        if r >= 0:
+            os.close(r)
 
 
 # ------------------------------------------------------------ scheme daemons
@@ -288,7 +382,7 @@ def test_max_requests_at_and_past_the_edge(backend, rundir):
             fake.release.set()
             for t in fake.threads:
                 t.join(10)
-            spin_until(lambda: daemon.in_flight == 0)   # ...a DISCONNECTION for ipcd
+            spin_until(lambda: daemon.in_flight == 0)   # ...ipcd reads their end
             fake.release.clear()
             with ask_raw(rundir, b"pong;pong slow://h/pong") as again:
                 fake.wait_requests(1)               # room again: asked, not refused

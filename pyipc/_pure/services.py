@@ -37,23 +37,7 @@ class Services:
     def service_init(self: PureState, name: str) -> int:
         path = _rundir.service_path(self.rundir, name)
         self._check_room()
-        _rundir.check_rundir(self.rundir, create=True)
-        lock_fd = _rundir.lock_service(self.rundir, name, path)
-        sock = None
-        try:
-            _rundir.remove_stale_socket(path, name)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.bind(path)
-            os.chmod(path, 0o660)
-            sock.listen(socket.SOMAXCONN)
-            sock.setblocking(False)
-        except OSError as e:
-            if sock is not None:
-                sock.close()
-            os.close(lock_fd)
-            if isinstance(e, IPCError):
-                raise
-            raise os_error(f"cannot start service {name}", e.errno) from None
+        sock, lock_fd = _rundir.listen_service(self.rundir, name, path)
         conn = Conn(sock.fileno(), sock, SERVICE, self.max_message_size)
         conn.path, conn.lock_fd = path, lock_fd
         self._spare_fd.open()

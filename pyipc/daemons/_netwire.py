@@ -51,6 +51,8 @@ MAX_REFUSAL = MAX_IPCD_REASON
 MAX_ANSWER = 4096
 #: Fds received with one answer at most (the first is used, the rest closed).
 MAX_FDS = 8
+#: Bytes a FrameReader asks of the socket per read at most.
+READ_CHUNK = 64 * 1024
 
 _HEADER = struct.Struct(">I")
 _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
@@ -106,23 +108,37 @@ def send_with_fd(fd: int, data: bytes, passed: int) -> bool:
         sock.detach()                            # fd stays the caller's
 
 
-class AnswerReader:
-    """Reads one framed answer and the fds that come with it from a
-    non-blocking socket, in as many reads as it takes."""
+class FrameTooLarge(ValueError):
+    """A frame announced over a FrameReader's limit (`size`: what it announced)."""
 
-    __slots__ = ("data", "fds")
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(f"{what} of {size} bytes (at most {limit})")
+        self.size = size
 
-    def __init__(self) -> None:
-        self.data = b""
+
+class FrameReader:
+    """Reads one framed message and the fds that come with it from a
+    non-blocking socket, in as many reads as it takes: a scheme daemon's
+    answer to ipcd (at most MAX_ANSWER bytes), or a client's request."""
+
+    __slots__ = ("data", "fds", "limit", "what")
+
+    def __init__(self, limit: int = MAX_ANSWER, what: str = "an answer") -> None:
+        self.data = bytearray()
         self.fds: List[int] = []
+        #: Largest payload taken: one announced over it is refused at its header.
+        self.limit = limit
+        self.what = what
 
     def read(self, fd: int) -> Optional[bytes]:
-        """Read what is there: the answer's payload once whole, else None.
-        EOFError when the peer closed first; ValueError for an answer over
-        MAX_ANSWER."""
+        """Read what is there: the payload once whole, else None.
+        EOFError when the peer closed first; FrameTooLarge (a ValueError) for
+        a frame announced over `limit`, raised as soon as its header is read."""
         sock = socket.socket(fileno=fd)
         try:
-            data, fds, _, _ = socket.recv_fds(sock, MAX_ANSWER, MAX_FDS, _CMSG_CLOEXEC)
+            # No further than the largest frame's end (nothing of what may follow).
+            room = max(1, min(READ_CHUNK, _HEADER.size + self.limit - len(self.data)))
+            data, fds, _, _ = socket.recv_fds(sock, room, MAX_FDS, _CMSG_CLOEXEC)
         except BlockingIOError:
             return None
         except OSError as e:
@@ -131,16 +147,17 @@ class AnswerReader:
             sock.detach()
         self.fds.extend(fds)
         if not data:
-            raise EOFError("closed without answering")
+            raise EOFError(f"closed in the middle of {self.what}" if self.data
+                           else "closed without answering")
         self.data += data
         if len(self.data) < _HEADER.size:
             return None
         (size,) = _HEADER.unpack_from(self.data)
-        if size > MAX_ANSWER:
-            raise ValueError(f"an answer of {size} bytes (at most {MAX_ANSWER})")
+        if size > self.limit:
+            raise FrameTooLarge(self.what, size, self.limit)
         if len(self.data) < _HEADER.size + size:
             return None
-        return self.data[_HEADER.size:_HEADER.size + size]
+        return bytes(self.data[_HEADER.size:_HEADER.size + size])
 
     def take_fd(self) -> Optional[int]:
         """The first fd received (the caller owns it); the others are closed."""

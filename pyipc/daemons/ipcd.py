@@ -12,8 +12,14 @@ Nothing here blocks the loop: a scheme daemon's socket is watched as an
 external fd and read when it is readable, so one slow remote never delays the
 other requests. Each request has a deadline (`request_timeout`, from the
 client's connection to ipcd's answer) and at most `max_requests` are served at
-once (the next ones are answered `ne busy`). A request is at most MAX_REQUEST
-bytes (more: `ne badrequest`; see REQUEST_RECEIVE_LIMIT for what no answer reaches).
+once (the next ones are answered `ne busy`).
+
+ipcd listens on its socket itself (or on the one systemd passes) and reads each
+request itself, its clients' sockets watched as external fds, rather than
+through a service of its context: a request announced over MAX_REQUEST bytes is
+then answered `ne badrequest` as soon as its header is read (the core would end
+such a connection at the header, with no chance to answer), and nothing of it
+is buffered.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import sys
 from typing import Any, Dict, Optional
 
 from .. import Event, EventType, InvalidNameError, IPCError, _rundir
-from .._types import DEFAULT_MAX_MESSAGE_SIZE, IPCD_SERVICE
+from .._types import IPCD_SERVICE
 from . import _netwire as wire
 from . import _rules, _sockets, _systemd
 from ._runtime import Daemon
@@ -36,21 +42,20 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 #: Requests served at once (a scheme daemon being asked); more: `ne busy`.
 DEFAULT_MAX_REQUESTS = 256
 #: Longest request "NAME;IPC_NETWORK" ipcd serves, in bytes; a longer one is
-#: answered `ne badrequest`. Twice Linux's longest environment string
-#: (MAX_ARG_STRLEN, 128 KiB): any IPC_NETWORK a program can be started with fits.
+#: answered `ne badrequest` at its header. Twice Linux's longest environment
+#: string (MAX_ARG_STRLEN, 128 KiB): any IPC_NETWORK a program can be started with fits.
 MAX_REQUEST = 256 * 1024
-#: The max_message_size of ipcd's context: the largest request ipcd receives
-#: whole, so that it can answer it (over MAX_REQUEST: `ne badrequest`). pyipc's
-#: default, which a client with default limits cannot exceed. A frame announcing
-#: more is ended by the core as it reads the header, before ipcd sees anything:
-#: that client gets no answer, only the end of the connection.
-REQUEST_RECEIVE_LIMIT = DEFAULT_MAX_MESSAGE_SIZE
+#: Bytes read per call from a refused client still sending (dropped at once),
+#: and calls per event at most (the loop serves the others in between).
+DRAIN_CHUNK = 64 * 1024
+DRAIN_READS = 16
 
 
 class _Request:
     """One client of ipcd, from its connection to ipcd's answer."""
 
-    __slots__ = ("client", "deadline", "name", "daemon_fd", "reader", "scheme")
+    __slots__ = ("client", "deadline", "name", "daemon_fd", "request", "reader", "scheme",
+                 "draining")
 
     def __init__(self, client: int, deadline: TimerHandle) -> None:
         self.client = client
@@ -58,7 +63,19 @@ class _Request:
         self.name = ""
         self.scheme = ""
         self.daemon_fd = -1                  # the scheme daemon's socket, once asked
-        self.reader = wire.AnswerReader()
+        #: Reads the client's request; None once it is whole.
+        self.request: Optional[wire.FrameReader] = wire.FrameReader(MAX_REQUEST, "a request")
+        #: Reads the scheme daemon's answer.
+        self.reader = wire.FrameReader()
+        #: Answered while the client still sends: what it sends is read and
+        #: dropped until its end or the deadline (see _refuse_and_drain).
+        self.draining = False
+
+    def close_readers(self) -> None:
+        """Close the fds that came with the request or the answer, not taken."""
+        if self.request is not None:
+            self.request.close()
+        self.reader.close()
 
 
 class Ipcd(Daemon):
@@ -82,14 +99,14 @@ class Ipcd(Daemon):
             raise ValueError(f"request_timeout must be > 0 seconds, not {request_timeout!r}")
         if max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, not {max_requests!r}")
-        super().__init__(rundir=rundir, backend=backend,
-                         max_message_size=REQUEST_RECEIVE_LIMIT)
+        super().__init__(rundir=rundir, backend=backend)
         self.request_timeout = request_timeout
         self.max_requests = max_requests
         self._requests: Dict[int, _Request] = {}     # by client fd
         self._asking: Dict[int, _Request] = {}       # by scheme daemon fd
-        self._listener: Optional[socket.socket] = None   # systemd's socket, if any
-        self._service_fd = -1
+        self._listener: Optional[socket.socket] = None   # ours, or systemd's
+        self._socket_path: Optional[str] = None          # ours: removed at the end
+        self._lock_fd = -1                               # ours: held while serving
 
     @property
     def in_flight(self) -> int:
@@ -99,7 +116,8 @@ class Ipcd(Daemon):
     # ------------------------------------------------------------ set-up
 
     def setup(self) -> None:
-        """Serve `ipc`: the listening socket systemd passed, else a new service."""
+        """Serve `ipc`: the listening socket systemd passed, else our own in
+        the run dir (locked, as a service's: a second ipcd is refused)."""
         passed = _systemd.listen_fds()
         fds = passed.get(IPCD_SERVICE) or passed.get("unknown") or []
         for fd in fds:
@@ -114,42 +132,51 @@ class Ipcd(Daemon):
                                  "Unix stream socket, or not the first)", fd)
                 sock.close()
         if self._listener is None:
-            self._service_fd = self.ctx.service_init(IPCD_SERVICE)
+            rundir = self.ctx.rundir
+            path = _rundir.service_path(rundir, IPCD_SERVICE)
+            self._listener, self._lock_fd = _rundir.listen_service(rundir, IPCD_SERVICE, path)
+            self._socket_path = path
+            self.ctx.add_external(self._listener.fileno())
 
     def teardown(self) -> None:
-        """Let go of the fds received and of systemd's socket (closed with the context)."""
+        """Let go of the fds received, and of the listening socket (closed with
+        the context): ours is removed, then its lock released."""
         for request in list(self._requests.values()):
-            request.reader.close()
+            request.close_readers()
         if self._listener is not None:
             self._listener.detach()                    # the context closes the fd
+        if self._socket_path is not None:
+            _rundir.remove_stale_socket(self._socket_path)
+            os.close(self._lock_fd)
 
     # ------------------------------------------------------------ events
 
     def on_event(self, ev: Event) -> None:
         """Handle one event (a failure is logged by the runtime, which goes on)."""
-        if ev.type == EventType.CONNECTION:
-            self._admit(ev.fd)
-        elif ev.type == EventType.MESSAGE_RX:
-            request = self._requests.get(ev.fd)
-            if request is not None and not request.name:
-                self._on_request(request, ev.message or b"")
-        elif ev.type == EventType.EXTERNAL:
+        if ev.type == EventType.EXTERNAL:
             if self._listener is not None and ev.fd == self._listener.fileno():
                 self._accept()
             elif ev.fd in self._asking:
                 self._on_daemon_readable(self._asking[ev.fd])
-        elif ev.type == EventType.DISCONNECTION:
-            request = self._requests.get(ev.fd)
-            if request is not None:            # the client gave up: so do we
-                self._end(request)
+            elif ev.fd in self._requests:
+                self._on_client_readable(self._requests[ev.fd])
         elif ev.type == EventType.ERROR:
-            # A request over REQUEST_RECEIVE_LIMIT ends here, unanswered.
             self.log.info("ipcd: fd %d: %s", ev.fd, ev.error)
 
     def _accept(self) -> None:
+        """Each waiting client watched (EXTERNAL when it sends), its request
+        read by ipcd itself (_on_client_readable)."""
         assert self._listener is not None
-        for fd in _sockets.accept_connections(self.ctx, self._listener, "client"):
-            self._admit(fd)
+        for sock in _sockets.accept_some(self._listener):
+            sock.setblocking(False)
+            try:
+                self.ctx.add_external(sock.fileno())
+            except IPCError as e:                      # max_connections reached
+                self.log.warning("ipcd: cannot take a client: %s", e)
+                wire.send_raw(sock.fileno(), wire.refusal(wire.BUSY, f"ipcd: {e}"))
+                sock.close()
+                continue
+            self._admit(sock.detach())                 # the context owns it now
 
     def _admit(self, client: int) -> None:
         handle = self.call_later(self.request_timeout, lambda: self._expired(client))
@@ -157,11 +184,72 @@ class Ipcd(Daemon):
 
     # ------------------------------------------------------------ a request
 
+    def _on_client_readable(self, request: _Request) -> None:
+        if request.draining:
+            return self._drain(request)
+        reader = request.request
+        if reader is None:
+            # Nothing more is to come before the answer: the client gave up
+            # (EOF), or sent more than its one request.
+            try:
+                more = os.read(request.client, 1)
+            except BlockingIOError:
+                return
+            except OSError:
+                more = b""
+            if not more:
+                return self._end(request)
+            return self._refuse_and_drain(request, "bytes after the request")
+        try:
+            payload = reader.read(request.client)
+        except wire.FrameTooLarge as e:
+            return self._refuse_and_drain(request, f"a request of {e.size} bytes; ipcd "
+                                          f"takes at most {MAX_REQUEST} (IPC_NETWORK too long?)")
+        except EOFError as e:
+            if not reader.data:
+                return self._end(request)             # left without asking
+            return self._refuse(request, wire.BADREQUEST, str(e))
+        if payload is None:
+            return                                    # more to come
+        reader.close()                                # fds sent with it: not ours
+        request.request = None
+        self._on_request(request, payload)
+
+    def _refuse_and_drain(self, request: _Request, text: str) -> None:
+        """Answer `ne badrequest TEXT` to a client that is still sending, and
+        read what it sends until it is done (or the deadline): closed with
+        its bytes unread, its socket would fail its write (EPIPE) before it
+        reads the answer (a lingering close, as web servers make)."""
+        self.log.info("ipcd: %s: %s %s", request.name or "?", wire.BADREQUEST, text)
+        wire.send_raw(request.client, wire.refusal(wire.BADREQUEST, text))
+        sock = socket.socket(fileno=request.client)
+        try:
+            sock.shutdown(socket.SHUT_WR)            # the answer, then its end
+        except OSError:
+            return self._end(request)                 # the client is gone already
+        finally:
+            sock.detach()                             # the context owns the fd
+        request.close_readers()
+        request.request = None
+        self._stop_asking(request)
+        request.draining = True
+        self._drain(request)
+
+    def _drain(self, request: _Request) -> None:
+        """Read and drop what a refused client sends; end it at its EOF."""
+        try:
+            for _ in range(DRAIN_READS):     # then the other fds' turn
+                if not os.read(request.client, DRAIN_CHUNK):
+                    break
+            else:
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._end(request)
+
     def _on_request(self, request: _Request, payload: bytes) -> None:
-        if len(payload) > MAX_REQUEST:
-            return self._refuse(request, wire.BADREQUEST, f"a request of {len(payload)} "
-                                f"bytes; ipcd takes at most {MAX_REQUEST} (IPC_NETWORK "
-                                "too long?)")
         try:
             name, rules = _rules.parse_request(payload)
         except _rules.BadRequest as e:
@@ -261,6 +349,8 @@ class Ipcd(Daemon):
         request = self._requests.get(client)
         if request is None:
             return
+        if request.draining:        # refused already; it sent until the deadline
+            return self._end(request)
         if not request.name:        # answered as tcpd and tlsd answer a silent peer
             return self._refuse(request, wire.TIMEOUT, f"no request within "
                                 f"{self.request_timeout:g} s (ipcd --request-timeout)")
@@ -287,14 +377,16 @@ class Ipcd(Daemon):
         """Forget the request: its timer, the scheme daemon's socket, the client."""
         del self._requests[request.client]
         self.cancel(request.deadline)
-        request.reader.close()
+        request.close_readers()
+        self._stop_asking(request)
+        self.ctx.close(request.client)
+
+    def _stop_asking(self, request: _Request) -> None:
+        """Close the scheme daemon's socket of the request, if it was asked."""
         if request.daemon_fd >= 0:
             del self._asking[request.daemon_fd]
             self.ctx.close(request.daemon_fd)
-        try:
-            self.ctx.close(request.client)
-        except IPCError:
-            pass                                 # already gone (its DISCONNECTION)
+            request.daemon_fd = -1
 
 
 # ---------------------------------------------------------------- command line

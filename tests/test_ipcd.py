@@ -7,12 +7,14 @@ readiness, and the command line."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from typing import Iterator
@@ -236,7 +238,7 @@ def test_bytes_after_the_request_are_refused_and_the_daemon_let_go(backend, rund
                 fake.wait_requests(1)
                 spin_until(lambda: daemon.in_flight == 1)
                 sock.sendall(b"more")
-                assert raw_answer(sock) == (b"ne badrequest bytes after the request", None)
+                assert raw_answer(sock) == (b"ne badrequest bytes after a request", None)
                 assert_ended(sock)
             spin_until(lambda: daemon.in_flight == 0)
             fake.release.set()
@@ -246,25 +248,67 @@ def test_bytes_after_the_request_are_refused_and_the_daemon_let_go(backend, rund
         fake.close()
 
 
-def test_fds_sent_with_a_request_are_closed(ipcd, rundir):
-    """ipcd takes no fd from a client: one sent with the request is closed,
-    not kept (here the read end of a pipe: once ipcd's copy is closed too, a
-    write to the pipe fails)."""
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes sock wrote that its peer has not read yet (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def test_fds_sent_with_a_request_are_never_held(ipcd, rundir):
+    """ipcd takes no fd from a client: fds sent with a request are dropped
+    as it is read, not kept until it is whole (a client could make ipcd hold
+    8 fds a byte). Here each byte but the last comes with 8 copies of the
+    read end of a pipe: once ipcd has read them all, a write to the pipe
+    fails, so no copy of its read end is left anywhere."""
+    request = frame(b"zz;zz nowhere")
     r, w = os.pipe()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(os.path.join(rundir, "ipc"))
-            socket.send_fds(sock, [frame(b"zz;zz nowhere")], [r])
+            for i in range(len(request) - 1):
+                socket.send_fds(sock, [request[i:i + 1]], [r] * 8)
             os.close(r)
             r = -1
+            spin_until(lambda: unsent_bytes(sock) == 0)     # ipcd has read them
+            with pytest.raises(BrokenPipeError):
+                os.write(w, b"x")
+            sock.sendall(request[-1:])
             assert raw_answer(sock)[0].startswith(b"ne noservice ")
             assert_ended(sock)
-        with pytest.raises(BrokenPipeError):
-            os.write(w, b"x")
     finally:
         os.close(w)
         if r >= 0:
             os.close(r)
+
+
+def test_bytes_after_the_request_in_its_write_are_refused(pong, ipcd, rundir):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(os.path.join(rundir, "ipc"))
+        sock.sendall(frame(b"pong;pong pong") + b"more")
+        assert raw_answer(sock) == (b"ne badrequest bytes after a request", None)
+        assert_ended(sock)
+
+
+def test_a_nul_in_a_rule_is_answered_at_once(ipcd, rundir):
+    """Not a failure escaping ipcd's handler, answered only at the deadline."""
+    with ask_raw(rundir, b"x;x unix:///a\0b") as sock:
+        answer, fd = raw_answer(sock, timeout=2)
+        assert fd is None and answer.startswith(b"ne norule ")
+        assert b"a NUL in a URI" in answer
+
+
+def test_a_fault_serving_a_request_is_answered_at_once(ipcd, rundir, monkeypatch):
+    """A bug (here find_rule raising) costs that request only, answered at
+    once (on_event_failed), not at the deadline; ipcd goes on serving."""
+    from pyipc.daemons import _rules
+    real = _rules.find_rule
+    monkeypatch.setattr(_rules, "find_rule", lambda name, rules: 1 / 0)
+    with ask_raw(rundir, b"pong;pong pong") as sock:
+        assert raw_answer(sock, timeout=2) == (
+            b"ne refused ipcd failed serving this request (see its log)", None)
+        assert_ended(sock)
+    monkeypatch.setattr(_rules, "find_rule", real)
+    with ask_raw(rundir, b"zz;zz nowhere") as sock:
+        assert raw_answer(sock)[0].startswith(b"ne noservice ")
 
 
 # ------------------------------------------------------------ scheme daemons

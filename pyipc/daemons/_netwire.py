@@ -117,35 +117,37 @@ class FrameTooLarge(ValueError):
 
 
 class FrameReader:
-    """Reads one framed message and the fds that come with it from a
-    non-blocking socket, in as many reads as it takes: a scheme daemon's
-    answer to ipcd (at most MAX_ANSWER bytes), or a client's request."""
+    """Reads one framed message from a non-blocking socket, in as many reads
+    as it takes, and no further than its end: a scheme daemon's answer to
+    ipcd (at most MAX_ANSWER bytes, with the fd that comes with it), or a
+    client's request (`take_fds` False: any fd sent with it is dropped by the
+    kernel, so that a client cannot make ipcd hold fds)."""
 
-    __slots__ = ("data", "fds", "limit", "what")
+    __slots__ = ("data", "fds", "limit", "what", "take_fds")
 
-    def __init__(self, limit: int = MAX_ANSWER, what: str = "an answer") -> None:
+    def __init__(self, limit: int = MAX_ANSWER, what: str = "an answer", *,
+                 take_fds: bool = True) -> None:
         self.data = bytearray()
         self.fds: List[int] = []
         #: Largest payload taken: one announced over it is refused at its header.
         self.limit = limit
         self.what = what
+        self.take_fds = take_fds
 
     def read(self, fd: int) -> Optional[bytes]:
         """Read what is there: the payload once whole, else None.
         EOFError when the peer closed first; FrameTooLarge (a ValueError) for
-        a frame announced over `limit`, raised as soon as its header is read."""
+        a frame announced over `limit`, raised as soon as its header is read;
+        ValueError when bytes follow the frame in the same read."""
         sock = socket.socket(fileno=fd)
         try:
-            # No further than the largest frame's end (nothing of what may follow).
-            room = max(1, min(READ_CHUNK, _HEADER.size + self.limit - len(self.data)))
-            data, fds, _, _ = socket.recv_fds(sock, room, MAX_FDS, _CMSG_CLOEXEC)
+            data = self._recv(sock, self._room())
         except BlockingIOError:
             return None
         except OSError as e:
             raise EOFError(os.strerror(e.errno or errno.EIO)) from None
         finally:
             sock.detach()
-        self.fds.extend(fds)
         if not data:
             raise EOFError(f"closed in the middle of {self.what}" if self.data
                            else "closed without answering")
@@ -155,9 +157,27 @@ class FrameReader:
         (size,) = _HEADER.unpack_from(self.data)
         if size > self.limit:
             raise FrameTooLarge(self.what, size, self.limit)
-        if len(self.data) < _HEADER.size + size:
+        end = _HEADER.size + size
+        if len(self.data) > end:
+            raise ValueError(f"bytes after {self.what}")
+        if len(self.data) < end:
             return None
-        return bytes(self.data[_HEADER.size:_HEADER.size + size])
+        return bytes(self.data[_HEADER.size:])
+
+    def _room(self) -> int:
+        """Bytes to ask for: the header's rest, else the frame's rest and one
+        more (which says that something follows it), at most READ_CHUNK."""
+        if len(self.data) < _HEADER.size:
+            return _HEADER.size - len(self.data)
+        size: int = _HEADER.unpack_from(self.data)[0]
+        return min(READ_CHUNK, _HEADER.size + size + 1 - len(self.data))
+
+    def _recv(self, sock: socket.socket, room: int) -> bytes:
+        if not self.take_fds:
+            return sock.recv(room)
+        data, fds, _, _ = socket.recv_fds(sock, room, MAX_FDS, _CMSG_CLOEXEC)
+        self.fds.extend(fds)
+        return data
 
     def take_fd(self) -> Optional[int]:
         """The first fd received (the caller owns it); the others are closed."""

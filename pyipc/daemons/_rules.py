@@ -54,7 +54,9 @@ def find_rule(name: str, rules: str) -> Optional[str]:
 
 def target_of(uri: str) -> Target:
     """Where `uri` points (see the module's docstring); ValueError for a
-    scheme that cannot name a daemon."""
+    scheme that cannot name a daemon, or a NUL (no path holds one)."""
+    if "\0" in uri:
+        raise ValueError(f"{uri!r}: a NUL in a URI")
     scheme, sep, rest = uri.partition("://")
     if not sep:
         return Target(None, uri)                   # a local alias

@@ -64,7 +64,8 @@ class _Request:
         self.scheme = ""
         self.daemon_fd = -1                  # the scheme daemon's socket, once asked
         #: Reads the client's request; None once it is whole.
-        self.request: Optional[wire.FrameReader] = wire.FrameReader(MAX_REQUEST, "a request")
+        self.request: Optional[wire.FrameReader] = wire.FrameReader(
+            MAX_REQUEST, "a request", take_fds=False)
         #: Reads the scheme daemon's answer.
         self.reader = wire.FrameReader()
         #: Answered while the client still sends: what it sends is read and
@@ -134,9 +135,14 @@ class Ipcd(Daemon):
         if self._listener is None:
             rundir = self.ctx.rundir
             path = _rundir.service_path(rundir, IPCD_SERVICE)
-            self._listener, self._lock_fd = _rundir.listen_service(rundir, IPCD_SERVICE, path)
-            self._socket_path = path
-            self.ctx.add_external(self._listener.fileno())
+            listener, self._lock_fd = _rundir.listen_service(rundir, IPCD_SERVICE, path)
+            self._socket_path = path                  # removed by teardown, lock released
+            try:
+                self.ctx.add_external(listener.fileno())
+            except BaseException:
+                listener.close()                      # not the context's to close
+                raise
+            self._listener = listener
 
     def teardown(self) -> None:
         """Let go of the fds received, and of the listening socket (closed with
@@ -162,6 +168,14 @@ class Ipcd(Daemon):
                 self._on_client_readable(self._requests[ev.fd])
         elif ev.type == EventType.ERROR:
             self.log.info("ipcd: fd %d: %s", ev.fd, ev.error)
+
+    def on_event_failed(self, ev: Event) -> None:
+        """A bug or a resource limit met while serving a request: its client is
+        told so at once (rather than at the deadline) and forgotten."""
+        request = self._requests.get(ev.fd) or self._asking.get(ev.fd)
+        if request is not None and request.client in self._requests:
+            self._refuse(request, wire.REFUSED, "ipcd failed serving this request "
+                         "(see its log)")
 
     def _accept(self) -> None:
         """Each waiting client watched (EXTERNAL when it sends), its request
@@ -199,12 +213,14 @@ class Ipcd(Daemon):
                 more = b""
             if not more:
                 return self._end(request)
-            return self._refuse_and_drain(request, "bytes after the request")
+            return self._refuse_and_drain(request, "bytes after a request")
         try:
             payload = reader.read(request.client)
         except wire.FrameTooLarge as e:
             return self._refuse_and_drain(request, f"a request of {e.size} bytes; ipcd "
                                           f"takes at most {MAX_REQUEST} (IPC_NETWORK too long?)")
+        except ValueError as e:                       # bytes after the request
+            return self._refuse_and_drain(request, str(e))
         except EOFError as e:
             if not reader.data:
                 return self._end(request)             # left without asking

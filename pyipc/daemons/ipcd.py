@@ -124,9 +124,7 @@ class Ipcd(Daemon):
         for fd in fds:
             sock = socket.socket(fileno=fd)
             if self._listener is None and _sockets.is_listening(sock, socket.AF_UNIX):
-                sock.setblocking(False)
-                self._listener = sock
-                self.ctx.add_external(sock.fileno())   # EXTERNAL: clients to accept
+                self._watch_listener(sock)
                 self.log.info("ipcd: serving the socket systemd passed (fd %d)", fd)
             else:
                 self.log.warning("ipcd: ignoring fd %d from systemd (not a listening "
@@ -137,12 +135,18 @@ class Ipcd(Daemon):
             path = _rundir.service_path(rundir, IPCD_SERVICE)
             listener, self._lock_fd = _rundir.listen_service(rundir, IPCD_SERVICE, path)
             self._socket_path = path                  # removed by teardown, lock released
-            try:
-                self.ctx.add_external(listener.fileno())
-            except BaseException:
-                listener.close()                      # not the context's to close
-                raise
-            self._listener = listener
+            self._watch_listener(listener)
+
+    def _watch_listener(self, sock: socket.socket) -> None:
+        """Serve clients from `sock` (EXTERNAL when they wait); the context
+        owns it from then on, else it is closed here."""
+        sock.setblocking(False)
+        try:
+            self.ctx.add_external(sock.fileno())
+        except BaseException:
+            sock.close()
+            raise
+        self._listener = sock
 
     def teardown(self) -> None:
         """Let go of the fds received, and of the listening socket (closed with

@@ -7,11 +7,13 @@ test_network_tcp.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Callable, Iterator, Optional
 
 import pytest
@@ -98,6 +100,20 @@ def test_libipc_bare_name(tcpd):
         assert read_exactly(sock, 2) == b"ok"
         sock.sendall(frame(b"hi"))
         assert read_frame(sock) == b"hi"
+
+
+@pytest.mark.parametrize("name,answer", [
+    (b"pong", b"ok"),
+    (b"hidden", b"ne refused service hidden is not exposed by this tcpd\n"),
+])
+def test_a_bare_name_then_the_end_of_sending_is_answered(tcpd, name, answer):
+    """A name without its newline (libIPC's), then the peer's end of
+    sending: the name is whole, answered at once (it was dropped unanswered
+    when the end came before the grace for a newline was over)."""
+    with dial(tcpd) as sock:
+        sock.sendall(name)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_end(sock) == answer
 
 
 def test_a_typed_line_with_cr_lf(tcpd):
@@ -280,6 +296,11 @@ def test_what_follows_ok_reaches_the_client(dialler):
     (b"", pyipc.NetworkError,
      "(unreachable): the peer at tcp://127.0.0.1:{port}/svc answered nothing (closed), "
      "not ok: is it a pyipc or libIPC tcpd?"),
+    # The start of "ok", then the end: answered at once (tcpd spun on the
+    # unread byte until the timeout, then said timeout).
+    (b"o", pyipc.NetworkError,
+     "(refused): the peer at tcp://127.0.0.1:{port}/svc answered b'o', "
+     "not ok: is it a pyipc or libIPC tcpd?"),
     (None, pyipc.NetworkError,                                        # silent
      "(timeout): no answer from tcp://127.0.0.1:{port}/svc in 1 s"),
 ])
@@ -297,6 +318,113 @@ def test_remote_answers_other_than_ok(dialler, reply, cls, text):
                             + text.format(port=remote.port))
     finally:
         remote.close()
+
+
+def ask_tcpd(rundir: str, uri: str) -> socket.socket:
+    """A stand-in ipcd's request to tcpd: the URI sent, the answer to read."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(os.path.join(rundir, "tcp"))
+    sock.sendall(frame(uri.encode()))
+    sock.settimeout(15)
+    return sock
+
+
+def tcpd_answer(sock: socket.socket) -> bytes:
+    """tcpd's framed answer to ask_tcpd (a fd that comes with it is closed)."""
+    data, fds, _, _ = socket.recv_fds(sock, 1000, 1)
+    for fd in fds:
+        os.close(fd)
+    return data
+
+
+class AnswerCountingTcpd(Tcpd):
+    """Counts how often tcpd reads a remote's answer (once per readiness)."""
+
+    answer_reads = 0
+
+    def _read_answer(self, dial) -> None:
+        self.answer_reads += 1
+        super()._read_answer(dial)
+
+
+def test_an_ok_in_two_segments_is_waited_for_not_spun_on(backend, rundir):
+    """The remote's `o` alone, then `k` and a message: tcpd takes the `o` and
+    sleeps until the rest comes (it peeked and left the byte in the socket,
+    so the loop woke again at once, over 100,000 times a second)."""
+    remote = socket.create_server(("127.0.0.1", 0))
+    port = remote.getsockname()[1]
+    daemon = AnswerCountingTcpd(rundir=rundir, backend=backend, listen=["127.0.0.1:0"],
+                                connect_timeout=10)
+    with running(daemon), remote, ask_tcpd(rundir, f"tcp://127.0.0.1:{port}/svc") as ipcd:
+        conn, _ = remote.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assert read_exactly(conn, 4) == b"svc\n"
+            conn.sendall(b"o")
+            # The gap between the two segments (part of the scenario, not a
+            # synchronisation): a loop spinning on the byte reads it thousands of times.
+            time.sleep(0.3)
+            conn.sendall(b"k" + frame(b"greeting"))
+            data, fds, _, _ = socket.recv_fds(ipcd, 100, 1)
+            assert data == frame(b"ok") and len(fds) == 1
+            with socket.socket(fileno=fds[0]) as client:
+                assert read_exactly(client, 12) == frame(b"greeting")
+    assert daemon.answer_reads <= 4
+
+
+@contextlib.contextmanager
+def silent_host() -> Iterator[int]:
+    """A port on 127.0.0.1 that drops every connection attempt, as a host that
+    does not answer: a listener whose accept queue (backlog 0) is filled by
+    one connection never accepted. A dial to it hangs until its timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            yield port
+
+
+def test_dials_to_a_silent_host_do_not_hold_up_a_dial_to_another(backend, rundir):
+    """32 dials hang on a host that drops connection attempts (more than the
+    16 workers there were): a dial to a host that answers still gets its
+    worker at once, and its `ok`."""
+    with silent_host() as silent_port, socket.create_server(("127.0.0.1", 0)) as good:
+        with running(make_tcpd(backend, rundir, connect_timeout=5)):
+            hanging = [ask_tcpd(rundir, f"tcp://127.0.0.1:{silent_port}/svc")
+                       for _ in range(32)]
+            try:
+                with ask_tcpd(rundir, f"tcp://127.0.0.1:{good.getsockname()[1]}/svc") \
+                        as ipcd:
+                    conn, _ = good.accept()
+                    with conn:
+                        assert read_exactly(conn, 4) == b"svc\n"
+                        conn.sendall(b"ok")
+                        assert tcpd_answer(ipcd) == frame(b"ok")
+                for sock in hanging:
+                    assert tcpd_answer(sock).startswith(b"\0\0\0")   # each answered
+            finally:
+                for sock in hanging:
+                    sock.close()
+
+
+def test_sigterm_does_not_wait_for_a_dial_in_progress(backend, rundir):
+    """A dial hangs on a silent host with --connect-timeout 60: SIGTERM still
+    stops tcpd at once (its worker threads were joined at exit)."""
+    with silent_host() as silent_port:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pyipc", "--rundir", rundir, "--backend", backend,
+             "tcpd", "--listen", "127.0.0.1:0", "--connect-timeout", "60"],
+            env=CHILD_ENV, stderr=subprocess.PIPE)
+        try:
+            spin_until(lambda: os.path.exists(os.path.join(rundir, "tcp")), timeout=30)
+            with ask_tcpd(rundir, f"tcp://127.0.0.1:{silent_port}/svc"):
+                # The dial's worker thread is running (the process's second).
+                spin_until(lambda: len(os.listdir(f"/proc/{proc.pid}/task")) >= 2)
+                proc.terminate()
+                assert proc.wait(20) == 0
+        finally:
+            reap(proc)
 
 
 def test_bad_uri_from_ipcd(backend, rundir):

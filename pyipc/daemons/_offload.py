@@ -1,24 +1,31 @@
 """Blocking work a daemon must not do in its loop (resolving a host name,
 connecting to a remote host), run on worker threads; its result comes back
 to the loop thread through a pipe the loop watches.
+
+The workers are daemon threads, made when needed: a stop never waits for a
+connect or a name lookup still running (a pool's threads would be joined at
+exit), and up to MAX_OFFLOAD_WORKERS calls run at once, as many as a daemon
+has dials in progress (its --max-pending), so that slow dials to one host never
+make a dial to another wait for a worker.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import os
 import threading
 from typing import Any, Callable, Optional
 
 from .._signal_wakeup import drain_pipe
 
-#: Worker threads at most: more blocking calls than this wait for a free worker
-#: (a daemon bounds its concurrent requests anyway, see ipcd --max-requests).
-MAX_OFFLOAD_WORKERS = 16
+#: Worker threads at most (the daemons' default bound on dials in progress,
+#: --max-pending); more calls wait for a worker, in order.
+MAX_OFFLOAD_WORKERS = 256
 
 #: on_done(result, exception): exactly one of the two is None (result may be None too).
 OnDone = Callable[[Any, Optional[BaseException]], None]
+#: A call waiting for a worker: fn and its on_done.
+_Job = tuple[Callable[[], Any], OnDone]
 
 
 class Offloader:
@@ -26,10 +33,13 @@ class Offloader:
     the loop watches `wake_fd` (readable when a result is waiting) and calls
     run_finished()."""
 
-    __slots__ = ("_pool", "_finished", "_lock", "wake_fd", "_wake_w", "_closed")
+    __slots__ = ("_waiting", "_workers", "_finished", "_lock", "wake_fd", "_wake_w",
+                 "_closed", "max_workers")
 
-    def __init__(self) -> None:
-        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None  # made when first used
+    def __init__(self, max_workers: int = MAX_OFFLOAD_WORKERS) -> None:
+        self.max_workers = max_workers
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._workers = 0                       # threads running (under _lock)
         self._finished: collections.deque[tuple[OnDone, Any, Optional[BaseException]]] = \
             collections.deque()
         self._lock = threading.Lock()           # orders a finish against close()
@@ -38,23 +48,37 @@ class Offloader:
 
     def submit(self, fn: Callable[[], Any], on_done: OnDone) -> None:
         """Run fn() on a worker thread; on_done(result, exc) later in the loop."""
-        if self._closed:
-            raise RuntimeError("the daemon is stopping: nothing more can be offloaded")
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                MAX_OFFLOAD_WORKERS, thread_name_prefix="pyipc-daemon")
-        future = self._pool.submit(fn)
-        future.add_done_callback(lambda f: self._finish(on_done, f))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the daemon is stopping: nothing more can be offloaded")
+            if self._workers >= self.max_workers:
+                self._waiting.append((fn, on_done))
+                return
+            self._workers += 1
+        threading.Thread(target=self._work, args=((fn, on_done),), daemon=True,
+                         name="pyipc-daemon-worker").start()
 
-    def _finish(self, on_done: OnDone, future: concurrent.futures.Future[Any]) -> None:
+    def _work(self, job: _Job) -> None:
+        """On a worker thread: run the job, then the waiting ones, then end."""
+        while True:
+            fn, on_done = job
+            try:
+                result, exc = fn(), None
+            except BaseException as e:          # handed to on_done, as a future would
+                result, exc = None, e
+            self._finish(on_done, result, exc)
+            with self._lock:
+                if self._closed or not self._waiting:
+                    self._workers -= 1
+                    return
+                job = self._waiting.popleft()
+
+    def _finish(self, on_done: OnDone, result: Any, exc: Optional[BaseException]) -> None:
         """On the worker thread: park the outcome and wake the loop."""
-        if future.cancelled():
-            return                                  # close() dropped it
-        exc = future.exception()
         with self._lock:
             if self._closed:
                 return
-            self._finished.append((on_done, None if exc else future.result(), exc))
+            self._finished.append((on_done, result, exc))
             try:
                 os.write(self._wake_w, b"x")
             except BlockingIOError:
@@ -69,11 +93,10 @@ class Offloader:
 
     def close(self) -> None:
         """Drop what has not finished (work already running is left to end on
-        its own thread; its outcome is discarded) and close the pipe's write end
-        (the loop's context closes the read end it watches)."""
+        its own daemon thread; its outcome is discarded) and close the pipe's
+        write end (the loop's context closes the read end it watches)."""
         with self._lock:
             self._closed = True
             self._finished.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        os.close(self._wake_w)
+            self._waiting.clear()
+            os.close(self._wake_w)

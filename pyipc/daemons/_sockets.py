@@ -10,7 +10,8 @@ import logging
 import os
 import socket
 import threading
-from typing import List, Optional, Tuple
+import time
+from typing import Callable, List, Optional, Tuple
 
 from .. import Context, IPCError
 
@@ -231,3 +232,31 @@ def tune_tcp(sock: socket.socket, dead_peer_timeout: float) -> None:
                           ("TCP_USER_TIMEOUT", int(dead_peer_timeout * 1000))):
         if hasattr(socket, option):                 # Linux has them all
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def dial_tcp(host: str, port: int, deadline: float,
+             abandoned: Callable[[], bool] = lambda: False) -> socket.socket:
+    """On a worker thread: resolve `host`, then connect to its addresses in
+    turn, each attempt bounded by the time left before `deadline` (a
+    time.monotonic() value), not a full timeout each (socket.create_connection).
+    TimeoutError once the deadline has passed or the caller has given up
+    (`abandoned()`: its request was answered meanwhile), so that a dial
+    nobody waits for gives its worker back. The name lookup is bounded by
+    the resolver's own timeouts only (resolv.conf)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: Optional[OSError] = None
+    for family, kind, proto, _, address in infos:
+        left = deadline - time.monotonic()
+        if left <= 0 or abandoned():
+            break
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(left)
+            sock.connect(address)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    if error is None or deadline - time.monotonic() <= 0 or abandoned():
+        raise TimeoutError("timed out")
+    raise error

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
@@ -66,15 +67,18 @@ class _Incoming:
 class _Dial:
     """ipcd's request for a tcp:// URI, from its message to the answer."""
 
-    __slots__ = ("ipcd", "uri", "name", "sock", "deadline", "done", "answer")
+    __slots__ = ("ipcd", "uri", "name", "sock", "deadline", "deadline_at", "done", "word",
+                 "answer")
 
-    def __init__(self, ipcd: int, deadline: TimerHandle) -> None:
+    def __init__(self, ipcd: int, deadline: TimerHandle, deadline_at: float) -> None:
         self.ipcd = ipcd
         self.deadline = deadline
+        self.deadline_at = deadline_at               # time.monotonic() of the deadline
         self.uri = ""
         self.name = ""
         self.sock: Optional[socket.socket] = None   # once dialled
         self.done = False                            # answered (or ipcd left)
+        self.word = b""                              # the start of "ok" / "ne " read
         self.answer = b""                            # a refusal being read
 
 
@@ -259,10 +263,17 @@ class Tcpd(Daemon):
             seen = sock.recv(wire.MAX_NAME_LINE + 1 - len(incoming.name), socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            seen = b""
-        if not seen:                              # gone before naming anything
+        except OSError:                           # reset: nobody to answer
             return self._forget_incoming(incoming, close=True)
+        if not seen:
+            if not incoming.name:                 # gone before naming anything
+                return self._forget_incoming(incoming, close=True)
+            # A name without its newline, then the end of what the peer
+            # sends: the name is whole (answered, not dropped).
+            if incoming.grace is not None:
+                self.cancel(incoming.grace)
+                incoming.grace = None
+            return self._serve_name(incoming)
         end = seen.find(b"\n")
         taken = sock.recv(end + 1 if end >= 0 else len(seen))
         incoming.name += taken[:end] if end >= 0 else taken
@@ -391,7 +402,8 @@ class Tcpd(Daemon):
     def _new_dial(self, ipcd: int) -> None:
         """ipcd connected to `tcp`: its URI comes next, within connect_timeout."""
         self._dials[ipcd] = _Dial(ipcd, self.call_later(self.connect_timeout,
-                                                        lambda: self._dial_expired(ipcd)))
+                                                        lambda: self._dial_expired(ipcd)),
+                                  time.monotonic() + self.connect_timeout)
 
     def _on_uri(self, dial: _Dial, payload: bytes) -> None:
         try:
@@ -403,8 +415,10 @@ class Tcpd(Daemon):
         if self.pending > self.max_pending:
             return self._answer_ipcd(dial, wire.refusal(
                 wire.BUSY, f"tcpd has {self.max_pending} handshakes in progress"))
-        timeout = self.connect_timeout
-        self.offload(lambda: socket.create_connection((host, port), timeout),
+        # Within the dial's own deadline, on a worker that gives up as soon
+        # as the dial is answered (its deadline, or ipcd leaving).
+        self.offload(lambda: _sockets.dial_tcp(host, port, dial.deadline_at,
+                                               lambda: dial.done),
                      lambda sock, exc: self._dialled(dial, host, port, sock, exc))
 
     def _dialled(self, dial: _Dial, host: str, port: int, sock: Optional[socket.socket],
@@ -442,15 +456,22 @@ class Tcpd(Daemon):
             return
         except OSError:
             seen = b""
-        if dial.answer or seen.startswith(b"ne "):
+        if dial.answer:
             return self._read_refusal(dial, seen)
-        if seen.startswith(b"ok"):
-            dial.sock.recv(2)
+        word = dial.word + seen
+        if word.startswith(b"ne "):
+            dial.answer, dial.word = dial.word, b""
+            return self._read_refusal(dial, seen)
+        if word.startswith(b"ok"):
+            dial.sock.recv(2 - len(dial.word))
             return self._hand_over(dial)
-        if seen and (b"ok".startswith(seen) or b"ne ".startswith(seen)):
-            return                                   # the rest of the word is coming
-        what = repr(seen[:40]) if seen else "nothing (closed)"
-        self._answer_ipcd(dial, wire.refusal(wire.UNREACHABLE if not seen else wire.REFUSED,
+        if seen and (b"ok".startswith(word) or b"ne ".startswith(word)):
+            # The word's start: taken (it is no part of the stream), so that
+            # the socket is not readable again until more comes.
+            dial.word += dial.sock.recv(len(seen))
+            return
+        what = repr(word[:40]) if word else "nothing (closed)"
+        self._answer_ipcd(dial, wire.refusal(wire.UNREACHABLE if not word else wire.REFUSED,
                                              f"the peer at {dial.uri} answered {what}, "
                                              "not ok: is it a pyipc or libIPC tcpd?"))
 

@@ -32,6 +32,7 @@ import socket
 import ssl
 import struct
 import sys
+import time
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .. import CBEvent, Event, EventType, IPCError, QueueFullError
@@ -233,7 +234,11 @@ class Tlsd(Daemon):
         timeout = self.config.connect_timeout
         self._requests[req] = self.call_later(timeout, lambda: self._timed_out(req, uri))
         self._connecting[req] = (host, port, name)
-        self.offload(lambda: _tcp_connect(host, port, timeout),
+        # Within the request's deadline, on a worker that gives up as soon as
+        # the request is answered (its deadline, or ipcd leaving).
+        deadline = time.monotonic() + timeout
+        self.offload(lambda: _sockets.dial_tcp(host, port, deadline,
+                                               lambda: req not in self._connecting),
                      lambda sock, exc: self._connected(req, sock, exc))
 
     def _pending(self) -> int:
@@ -721,11 +726,6 @@ def _check_name(name: str) -> None:
         raise ValueError(wire.NAME_TOO_LONG)
     if any(not ch.isprintable() for ch in name):
         raise ValueError(f"service name {name!r} has a control character")
-
-
-def _tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
-    """On a worker thread: resolve and connect (blocking, bounded by timeout)."""
-    return socket.create_connection((host, port), timeout=timeout)
 
 
 def _dial_failure(where: str, exc: Optional[BaseException]) -> str:

@@ -1186,9 +1186,10 @@ pub const Context = struct {
             if (self.forward and self.conn.peer != null) {
                 try switching.forward(self.ctx, self.conn, payload);
                 if (!self.conn.alive) return error.Stopped;
-            } else if (payload.len > events_mod.chunk_size) {
-                // Large enough for a buffer of its own in the event queue:
-                // it keeps the one it arrived in instead (see takeScratch).
+            } else if (payload.len >= events_mod.chunk_size) {
+                // Large enough for a buffer of its own in the event queue
+                // (with its NUL, a copy would not fit a chunk): it keeps the
+                // one it arrived in instead (see takeScratch).
                 try self.takeScratch(payload);
             } else {
                 try self.copy(payload);

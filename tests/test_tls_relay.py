@@ -80,14 +80,12 @@ def test_payloads_cross_in_order_whatever_the_split(ca):
     assert server.buffered() == 0
 
 
-def test_has_payload_says_what_next_payload_returns(ca):
+def test_next_payload_takes_each_whole_payload_then_none(ca):
     server, client = connected(ca)
     server.feed(client.encrypt(b"one") + client.encrypt(b"two"))
-    assert server.has_payload()
     assert server.next_payload() == b"one"
-    assert server.has_payload()
     assert server.next_payload() == b"two"
-    assert not server.has_payload() and server.next_payload() is None
+    assert server.next_payload() is None
 
 
 def test_a_frame_over_the_limit_is_refused_before_it_is_whole(ca):
@@ -105,10 +103,10 @@ def test_a_frame_at_the_limit_passes(ca):
     assert server.next_payload() == b"a" * 100
 
 
-def test_whole_frames_length_stops_before_a_partial_frame(ca):
+def test_whole_frames_stop_before_a_partial_frame(ca):
     server, client = connected(ca)
     server.feed(client.encrypt_raw(frame(b"a") + frame(b"bb") + frame(b"ccc")[:5]))
-    assert server.whole_frames_length() == len(frame(b"a") + frame(b"bb"))
+    assert server.whole_frames() == (len(frame(b"a") + frame(b"bb")), None)
     assert server.buffered() == len(frame(b"a") + frame(b"bb")) + 5
 
 
@@ -127,8 +125,8 @@ def test_many_messages_through_a_reused_buffer(ca):
     got = []
     for i in range(0, len(sent), 7):            # several frames per feed, some split
         server.feed(b"".join(client.encrypt(p) for p in sent[i:i + 7]))
-        while server.has_payload():
-            got.append(server.next_payload())
+        while (payload := server.next_payload()) is not None:
+            got.append(payload)
     assert got == sent and server.buffered() == 0
 
 

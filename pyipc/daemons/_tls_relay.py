@@ -128,9 +128,20 @@ class TlsRelay:
         """The session ended. Between two frames that is a clean end; inside
         one, the last message was cut (never delivered as if whole)."""
         self.closed = True
-        if self.framed and self.whole_frames_length() != len(self._plain):
+        if self.framed and self._whole_frames_length() != len(self._plain):
             raise self._failure(
                 f"stream ended inside a message ({len(self._plain)} bytes left over)")
+
+    def _whole_frames_length(self) -> int:
+        """How many leading plaintext bytes are whole frames (whatever their size)."""
+        p = self._plain
+        at = p.start
+        while p.end - at >= 4:
+            end = at + 4 + _HEADER.unpack_from(p.buf, at)[0]
+            if end > p.end:
+                break
+            at = end
+        return at - p.start
 
     def plain(self) -> bytes:
         """A copy of the plaintext held (the handshake reads the name or the
@@ -160,12 +171,6 @@ class TlsRelay:
         p.consume(4 + size)
         return payload
 
-    def has_payload(self) -> bool:
-        """Whether next_payload() would return a payload now."""
-        p = self._plain
-        held = p.end - p.start
-        return held >= 4 and held >= 4 + _HEADER.unpack_from(p.buf, p.start)[0]
-
     def whole_frames(self) -> "Tuple[int, Optional[TlsRelayError]]":
         """How many leading plaintext bytes are whole frames, to be relayed
         as they are (`frames_view`, then `drop_plain`): a stream needs no
@@ -189,17 +194,6 @@ class TlsRelay:
         (`with`) before feeding the relay again."""
         p = self._plain
         return p.view[p.start:p.start + n]
-
-    def whole_frames_length(self) -> int:
-        """How many leading plaintext bytes are whole frames."""
-        p = self._plain
-        at = p.start
-        while p.end - at >= 4:
-            end = at + 4 + _HEADER.unpack_from(p.buf, at)[0]
-            if end > p.end:
-                break
-            at = end
-        return at - p.start
 
     def buffered(self) -> int:
         """Plaintext bytes held (not yet returned as payloads)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import pyipc
 from pyipc.daemons import Daemon
 from pyipc.daemons import _systemd
+from pyipc.daemons._offload import Offloader
 
 from conftest import CHILD_ENV, spin_until
 
@@ -356,3 +358,64 @@ def test_a_failing_on_event_is_logged_and_costs_that_connection_only(backend, ru
     assert not runner.is_alive()
     assert len(daemon.failed) == 1
     assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]
+
+
+# ------------------------------------------------------------ the offloader itself
+
+def test_offloaded_calls_past_the_workers_wait_and_all_run():
+    off = Offloader(max_workers=2)
+    outcomes: list = []
+    gate = threading.Event()
+    try:
+        for i in range(6):
+            off.submit(lambda i=i: gate.wait(10) and i,
+                       lambda result, exc: outcomes.append(result))
+        assert off._workers == 2 and len(off._waiting) == 4
+        gate.set()
+        while len(outcomes) < 6:
+            assert select.select([off.wake_fd], [], [], 10)[0], outcomes
+            off.run_finished()
+        assert sorted(outcomes) == list(range(6))
+        spin_until(lambda: off._workers == 0)
+    finally:
+        off.close()
+        os.close(off.wake_fd)
+
+
+def test_a_worker_that_cannot_start_gives_its_slot_back(monkeypatch):
+    """A failed Thread.start() ("can't start new thread") is raised to the
+    caller and leaves no slot taken: with one worker at most, the next call
+    still runs (it waited forever)."""
+    off = Offloader(max_workers=1)
+    real_start = threading.Thread.start
+
+    def cannot_start(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(threading.Thread, "start", cannot_start)
+    try:
+        with pytest.raises(RuntimeError, match="can't start"):
+            off.submit(lambda: 1, lambda result, exc: None)
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        outcomes: list = []
+        off.submit(lambda: 2, lambda result, exc: outcomes.append(result))
+        assert select.select([off.wake_fd], [], [], 10)[0], (off._workers, off._waiting)
+        off.run_finished()
+        assert outcomes == [2]
+    finally:
+        off.close()
+        os.close(off.wake_fd)
+
+
+def test_a_dial_past_its_deadline_or_abandoned_does_no_lookup(monkeypatch):
+    """A dial that waited for a worker past its deadline, or whose request
+    was answered, gives the worker back at once: no name lookup (which may
+    take the resolver's whole timeout)."""
+    from pyipc.daemons import _sockets
+
+    def no_lookup(*args: object, **kwargs: object) -> None:
+        raise AssertionError("looked up a name for a dial nobody waits for")
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    with pytest.raises(TimeoutError):
+        _sockets.dial_tcp("example.invalid", 1, time.monotonic() - 1)
+    with pytest.raises(TimeoutError):
+        _sockets.dial_tcp("example.invalid", 1, time.monotonic() + 60, lambda: True)

@@ -125,6 +125,26 @@ def test_remote_that_never_answers_is_a_timeout(hosts, backend, certs):
     assert fd is None and answer.startswith(b"ne timeout ")
 
 
+def test_a_dial_that_ends_after_its_request_was_answered_is_dropped(hosts, backend, certs):
+    """Requests are known by ipcd's fd number, which the next request may get
+    once one is answered: a dial that ends after its own request was answered
+    (timed out, ipcd gone) must not take the new request's place (it started
+    TLS on its own socket with the other request's host and service)."""
+    a, _ = hosts
+    daemon = dialer(a, backend, certs)
+    try:
+        stale, current = ("127.0.0.1", 1, "old"), ("127.0.0.1", 2, "new")
+        daemon._connecting[7] = current          # fd 7: now another request's
+        left, right = socket.socketpair()
+        with right:
+            daemon._connected(7, stale, left, None)
+            assert left.fileno() == -1            # the stale dial's socket closed
+        assert daemon._connecting[7] is current and not daemon._handshakes
+    finally:
+        daemon.stop()                            # a run that ends at once frees it all
+        daemon.run(handle_signals=False)
+
+
 @pytest.mark.parametrize("uri", ["tls://127.0.0.1:9443/", "tls:///pong", "tcp://h:1/pong",
                                  "tls://h:99999/pong", "tls://h:1/a/b"])
 def test_malformed_uri_is_answered(hosts, backend, certs, uri):

@@ -55,34 +55,45 @@ class Offloader:
                 self._waiting.append((fn, on_done))
                 return
             self._workers += 1
-        threading.Thread(target=self._work, args=((fn, on_done),), daemon=True,
-                         name="pyipc-daemon-worker").start()
+        try:
+            threading.Thread(target=self._work, args=((fn, on_done),), daemon=True,
+                             name="pyipc-daemon-worker").start()
+        except BaseException:               # e.g. "can't start new thread": the slot is free
+            with self._lock:
+                self._workers -= 1
+            raise
 
     def _work(self, job: _Job) -> None:
         """On a worker thread: run the job, then the waiting ones, then end."""
-        while True:
-            fn, on_done = job
+        next_job: Optional[_Job] = job
+        while next_job is not None:
+            fn, on_done = next_job
             try:
                 result, exc = fn(), None
             except BaseException as e:          # handed to on_done, as a future would
                 result, exc = None, e
             self._finish(on_done, result, exc)
-            with self._lock:
-                if self._closed or not self._waiting:
-                    self._workers -= 1
-                    return
-                job = self._waiting.popleft()
+            next_job = self._next_job()
+
+    def _next_job(self) -> Optional[_Job]:
+        """The next waiting job for this worker, or None: it ends (counted out)."""
+        with self._lock:
+            if self._closed or not self._waiting:
+                self._workers -= 1
+                return None
+            return self._waiting.popleft()
 
     def _finish(self, on_done: OnDone, result: Any, exc: Optional[BaseException]) -> None:
-        """On the worker thread: park the outcome and wake the loop."""
+        """On the worker thread: park the outcome and wake the loop (never
+        raises: the worker must go on to count itself out)."""
         with self._lock:
             if self._closed:
                 return
             self._finished.append((on_done, result, exc))
             try:
                 os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass    # the pipe is full: the loop is already woken
+            except OSError:
+                pass    # full (BlockingIOError): the loop is already woken
 
     def run_finished(self) -> None:
         """In the loop: call on_done for every outcome parked so far."""

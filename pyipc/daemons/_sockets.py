@@ -243,6 +243,8 @@ def dial_tcp(host: str, port: int, deadline: float,
     (`abandoned()`: its request was answered meanwhile), so that a dial
     nobody waits for gives its worker back. The name lookup is bounded by
     the resolver's own timeouts only (resolv.conf)."""
+    if deadline - time.monotonic() <= 0 or abandoned():
+        raise TimeoutError("timed out")     # waited for a worker past it: no lookup
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     error: Optional[OSError] = None
     for family, kind, proto, _, address in infos:

@@ -233,22 +233,25 @@ class Tlsd(Daemon):
             return
         timeout = self.config.connect_timeout
         self._requests[req] = self.call_later(timeout, lambda: self._timed_out(req, uri))
-        self._connecting[req] = (host, port, name)
+        # This tuple object stands for this request: `req` is an fd number,
+        # which ipcd's next request may get once this one is answered.
+        target = (host, port, name)
+        self._connecting[req] = target
         # Within the request's deadline, on a worker that gives up as soon as
         # the request is answered (its deadline, or ipcd leaving).
         deadline = time.monotonic() + timeout
-        self.offload(lambda: _sockets.dial_tcp(host, port, deadline,
-                                               lambda: req not in self._connecting),
-                     lambda sock, exc: self._connected(req, sock, exc))
+        self.offload(lambda: _sockets.dial_tcp(
+                         host, port, deadline, lambda: self._connecting.get(req) is not target),
+                     lambda sock, exc: self._connected(req, target, sock, exc))
 
     def _pending(self) -> int:
         return len(self._connecting) + len(self._handshakes)
 
-    def _connected(self, req: int, sock: Optional[socket.socket],
-                   exc: Optional[BaseException]) -> None:
-        """In the loop: the worker's TCP connect ended."""
+    def _connected(self, req: int, target: Tuple[str, int, str],
+                   sock: Optional[socket.socket], exc: Optional[BaseException]) -> None:
+        """In the loop: the worker's TCP connect for request `target` ended."""
         try:
-            self._start_handshake(req, sock, exc)
+            self._start_handshake(req, target, sock, exc)
         except Exception as e:  # a bug or a resource limit: this request, not the daemon
             self.log.exception("tlsd: request %d failed", req)
             if sock is not None and sock.fileno() >= 0:
@@ -256,13 +259,15 @@ class Tlsd(Daemon):
             if req in self._requests:
                 self._answer(req, wire.TLS, f"tlsd could not start TLS: {e}")
 
-    def _start_handshake(self, req: int, sock: Optional[socket.socket],
-                         exc: Optional[BaseException]) -> None:
-        target = self._connecting.pop(req, None)
-        if target is None:                      # timed out or ipcd left meanwhile
+    def _start_handshake(self, req: int, target: Tuple[str, int, str],
+                         sock: Optional[socket.socket], exc: Optional[BaseException]) -> None:
+        if self._connecting.get(req) is not target:
+            # Timed out or ipcd left meanwhile (and `req` may be another
+            # request's by now): not this dial's to go on with.
             if sock is not None:
                 sock.close()
             return
+        del self._connecting[req]
         host, port, name = target
         peer = _host_port(host, port)
         if exc is not None or sock is None:

@@ -21,7 +21,7 @@ import pytest
 import pyipc
 from pyipc.daemons.ipcd import Ipcd
 from pyipc.daemons._netwire import MAX_NAME, NAME_TOO_LONG
-from pyipc.daemons.tcpd import Tcpd, parse_uri
+from pyipc.daemons.tcpd import Tcpd, default_per_host, parse_uri
 
 from conftest import CHILD_ENV, spin_until, unavailable
 from daemon_harness import Pong, frame, read_exactly, read_frame, reap, running, stops_cleanly
@@ -173,7 +173,7 @@ def test_handshake_timeout(backend, rundir):
 
 
 def test_max_pending_at_and_past_the_edge(backend, rundir, pong):
-    with running(make_tcpd(backend, rundir, max_pending=2)) as daemon:
+    with running(make_tcpd(backend, rundir, max_pending=2, max_pending_per_host=2)) as daemon:
         idle = [dial(daemon) for _ in range(2)]   # at the edge: both wait for a name
         try:
             spin_until(lambda: daemon.pending == 2)
@@ -185,6 +185,44 @@ def test_max_pending_at_and_past_the_edge(backend, rundir, pong):
         finally:
             for sock in idle:
                 sock.close()
+
+
+def dial_from(daemon: Tcpd, source: str) -> socket.socket:
+    """A peer of tcpd whose address is `source` (one of 127.0.0.0/8)."""
+    return socket.create_connection(daemon.addresses[0][:2], timeout=10,
+                                    source_address=(source, 0))
+
+
+def test_max_pending_per_host_at_and_past_the_edge(backend, rundir, pong):
+    """One address cannot take every handshake slot: past its share it is
+    answered busy while another address is still served, and its share is
+    given back as its handshakes end."""
+    with running(make_tcpd(backend, rundir, max_pending=10,
+                           max_pending_per_host=2)) as daemon:
+        idle = [dial_from(daemon, "127.0.0.2") for _ in range(2)]     # at the edge
+        try:
+            spin_until(lambda: daemon.pending == 2)
+            with dial_from(daemon, "127.0.0.2") as third:             # past it
+                assert read_to_end(third) == (b"ne busy tcpd has 2 handshakes in progress "
+                                              b"from 127.0.0.2 (--max-pending-per-host)\n")
+            with dial_from(daemon, "127.0.0.3") as other:             # another host
+                other.sendall(b"pong\n" + frame(b"served"))
+                assert read_exactly(other, 2 + 10) == b"ok" + frame(b"served")
+            idle[0].sendall(b"pong\n")                               # one handshake ends...
+            assert read_exactly(idle[0], 2) == b"ok"
+            with dial_from(daemon, "127.0.0.2") as again:             # ...its slot is back
+                again.sendall(b"pong\n" + frame(b"again"))
+                assert read_exactly(again, 2 + 9) == b"ok" + frame(b"again")
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_max_pending_per_host_defaults_to_half_and_is_checked(rundir):
+    assert default_per_host(256) == 128 and default_per_host(9) == 4
+    assert default_per_host(1) == 1
+    with pytest.raises(ValueError, match="max_pending_per_host must be >= 1, not 0"):
+        make_tcpd("pure", rundir, max_pending_per_host=0)
 
 
 def test_ipv6_listener(backend, rundir, pong):
@@ -500,6 +538,8 @@ def test_socket_activation(backend, rundir, pong, tmp_path, monkeypatch):
      "127.0.0.1:{port}: Address already in use"),
     (["tcpd", "--listen", "127.0.0.1:99999"], 2, "pyipc tcpd: '127.0.0.1:99999': bad port"),
     (["tcpd", "--max-pending", "0"], 2, "pyipc tcpd: max_pending must be >= 1, not 0"),
+    (["tcpd", "--max-pending-per-host", "0"], 2,
+     "pyipc tcpd: max_pending_per_host must be >= 1, not 0"),
     (["ipcd", "--max-requests", "0"], 2, "pyipc ipcd: max_requests must be >= 1, not 0"),
 ])
 def test_cli_errors_are_one_line(backend, rundir, args, status, text):

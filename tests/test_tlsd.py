@@ -184,6 +184,24 @@ def test_too_many_pending_handshakes_are_closed_at_once(hosts, backend, certs):
                 first.recv(100)
 
 
+def test_max_pending_per_host_at_and_past_the_edge(hosts, backend, certs):
+    """One address cannot take every handshake slot: past its share its next
+    connection is closed at once, while another address is still served."""
+    _, b = hosts
+    with running(Echo(rundir=b, backend=backend)), \
+            running(listener(b, backend, certs, max_pending=10,
+                             max_pending_per_host=1)) as tlsd:
+        port = port_of(tlsd)
+        with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                      source_address=("127.0.0.2", 0)):      # at the edge
+            with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                          source_address=("127.0.0.2", 0)) as past:
+                assert past.recv(100) == b""                                 # closed at once
+            with tls_client(port, certs, source="127.0.0.3") as other:      # another host
+                other.sendall(b"pong\n" + frame(b"served"))
+                assert recv_exactly(other, 2 + 10) == b"ok" + frame(b"served")
+
+
 # ------------------------------------------------------------ relaying
 
 def test_echo_through_a_pair_of_tlsd(hosts, backend, certs, remote):
@@ -736,6 +754,7 @@ def test_dials_past_max_pending_are_busy(hosts, backend, certs):
     (["--ca", "/nonexistent.pem"], 2, "--ca /nonexistent.pem: No such file or directory"),
     (["--connect-timeout", "0"], 2, "connect_timeout must be positive"),
     (["--max-pending", "0"], 2, "max_pending must be at least 1"),
+    (["--max-pending-per-host", "0"], 2, "max_pending_per_host must be at least 1"),
 ])
 def test_bad_options_are_refused_before_anything_runs(rundir, args, status, text):
     import subprocess

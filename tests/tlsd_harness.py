@@ -94,11 +94,13 @@ def port_of(daemon: Tlsd) -> int:
 
 
 @contextlib.contextmanager
-def tls_client(port: int, certs: Certs, timeout: float = 20) -> Iterator[ssl.SSLSocket]:
-    """A TLS client of a listening tlsd on 127.0.0.1:`port`, verifying its
-    certificate (CN localhost) against the test CA."""
+def tls_client(port: int, certs: Certs, timeout: float = 20,
+               source: str = "127.0.0.1") -> Iterator[ssl.SSLSocket]:
+    """A TLS client of a listening tlsd on 127.0.0.1:`port` from address
+    `source`, verifying its certificate (CN localhost) against the test CA."""
     ctx = ssl.create_default_context(cafile=certs.ca)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw, \
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                  source_address=(source, 0)) as raw, \
             ctx.wrap_socket(raw, server_hostname="localhost") as tls:
         yield tls
 

@@ -43,6 +43,9 @@ class TlsdConfig:
     #: Dials and incoming handshakes in progress at once, at most; more are
     #: refused (`ne busy`) or closed at once.
     max_pending: int = 64
+    #: Incoming handshakes in progress at once from one address, at most;
+    #: more are closed at once. None: half of max_pending (as tcpd's).
+    max_pending_per_host: Optional[int] = None
 
     def __post_init__(self) -> None:
         for what in ("connect_timeout", "handshake_timeout"):
@@ -52,6 +55,11 @@ class TlsdConfig:
             raise ValueError(f"dead_peer_timeout must be >= 0, not {self.dead_peer_timeout}")
         if self.max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, not {self.max_pending}")
+        if self.max_pending_per_host is None:
+            object.__setattr__(self, "max_pending_per_host", max(1, self.max_pending // 2))
+        elif self.max_pending_per_host < 1:
+            raise ValueError(f"max_pending_per_host must be at least 1, "
+                             f"not {self.max_pending_per_host}")
         if self.key is not None and self.cert is None:
             raise ValueError("--key needs --cert")
         if isinstance(cast(object, self.listen), str):  # would be taken letter by letter

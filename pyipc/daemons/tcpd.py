@@ -48,6 +48,15 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_DEAD_PEER_TIMEOUT = 30.0
 #: Handshakes (incoming and outgoing) in progress at once; more: `ne busy`.
 DEFAULT_MAX_PENDING = 256
+
+
+def default_per_host(max_pending: int) -> int:
+    """Incoming handshakes one address may have in progress, unless told:
+    half of max_pending (as Postfix bounds one client to half its processes),
+    so that one host cannot take every slot and have the others refused."""
+    return max(1, max_pending // 2)
+
+
 #: Seconds a refused peer has to read the refusal before its socket is closed.
 REFUSAL_LINGER = 2.0
 
@@ -55,10 +64,11 @@ REFUSAL_LINGER = 2.0
 class _Incoming:
     """A peer that connected and has not finished sending its name."""
 
-    __slots__ = ("sock", "name", "grace", "deadline")
+    __slots__ = ("sock", "host", "name", "grace", "deadline")
 
-    def __init__(self, sock: socket.socket, deadline: TimerHandle) -> None:
+    def __init__(self, sock: socket.socket, host: str, deadline: TimerHandle) -> None:
         self.sock = sock
+        self.host = host                          # the peer's address
         self.name = b""
         self.grace: Optional[TimerHandle] = None
         self.deadline = deadline
@@ -99,6 +109,9 @@ class Tcpd(Daemon):
         handshake_timeout: seconds a peer has to send its service name.
         max_pending: handshakes in progress at once (both ways); more are
             answered `ne busy`.
+        max_pending_per_host: incoming handshakes in progress at once from
+            one address; more are answered `ne busy` (default: half of
+            max_pending).
     """
 
     name = "tcpd"
@@ -108,7 +121,8 @@ class Tcpd(Daemon):
                  dead_peer_timeout: float = DEFAULT_DEAD_PEER_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 max_pending: int = DEFAULT_MAX_PENDING,
+                 max_pending_per_host: Optional[int] = None) -> None:
         for what, value in (("connect_timeout", connect_timeout),
                             ("handshake_timeout", handshake_timeout)):
             if not value > 0:
@@ -117,6 +131,10 @@ class Tcpd(Daemon):
             raise ValueError(f"dead_peer_timeout must be >= 0 seconds, not {dead_peer_timeout!r}")
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, not {max_pending!r}")
+        if max_pending_per_host is None:
+            max_pending_per_host = default_per_host(max_pending)
+        if max_pending_per_host < 1:
+            raise ValueError(f"max_pending_per_host must be >= 1, not {max_pending_per_host!r}")
         for address in listen:
             _sockets.split_address(address, DEFAULT_PORT)     # ValueError now, not later
         super().__init__(rundir=rundir, backend=backend)
@@ -126,11 +144,13 @@ class Tcpd(Daemon):
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.max_pending = max_pending
+        self.max_pending_per_host = max_pending_per_host
         #: The TCP addresses tcpd listens on (host, port, ...), once ready.
         self.addresses: List[Tuple[Any, ...]] = []
         self._listeners: Dict[int, socket.socket] = {}
         self._unix_listener: Optional[socket.socket] = None
         self._incoming: Dict[int, _Incoming] = {}
+        self._incoming_from: Dict[str, int] = {}       # handshakes in progress by address
         self._dials: Dict[int, _Dial] = {}             # by ipcd's connection
         self._answers: Dict[int, _Dial] = {}           # by dialled socket, awaiting ok
         self._closing: Dict[int, Tuple[socket.socket, TimerHandle]] = {}
@@ -245,6 +265,16 @@ class Tcpd(Daemon):
                 self._refuse_peer(sock, wire.BUSY, f"tcpd has {self.max_pending} "
                                   "handshakes in progress (--max-pending)", watched=False)
                 continue
+            try:
+                host = sock.getpeername()[0]
+            except OSError:                       # already reset by the peer
+                sock.close()
+                continue
+            if self._incoming_from.get(host, 0) >= self.max_pending_per_host:
+                self._refuse_peer(sock, wire.BUSY, f"tcpd has {self.max_pending_per_host} "
+                                  f"handshakes in progress from {host} "
+                                  "(--max-pending-per-host)", watched=False)
+                continue
             fd = sock.fileno()
             try:
                 self.ctx.add_external(fd)
@@ -252,8 +282,9 @@ class Tcpd(Daemon):
                 self.log.warning("tcpd: cannot take a peer: %s", e)
                 sock.close()
                 continue
-            self._incoming[fd] = _Incoming(sock, self.call_later(
+            self._incoming[fd] = _Incoming(sock, host, self.call_later(
                 self.handshake_timeout, lambda: self._name_expired(fd)))
+            self._incoming_from[host] = self._incoming_from.get(host, 0) + 1
 
     def _read_name(self, incoming: _Incoming) -> None:
         sock = incoming.sock
@@ -341,6 +372,11 @@ class Tcpd(Daemon):
     def _forget_incoming(self, incoming: _Incoming, close: bool) -> None:
         fd = incoming.sock.fileno()
         del self._incoming[fd]
+        left = self._incoming_from[incoming.host] - 1
+        if left:
+            self._incoming_from[incoming.host] = left
+        else:
+            del self._incoming_from[incoming.host]
         self.cancel(incoming.deadline)
         if incoming.grace is not None:
             self.cancel(incoming.grace)
@@ -578,6 +614,9 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--max-pending", type=int, default=DEFAULT_MAX_PENDING, metavar="N",
                    help=f"handshakes in progress at once; more are answered 'busy' "
                         f"(default {DEFAULT_MAX_PENDING})")
+    p.add_argument("--max-pending-per-host", type=int, default=None, metavar="N",
+                   help="incoming handshakes in progress at once from one address; more "
+                        "are answered 'busy' (default: half of --max-pending)")
     p.set_defaults(func=_run)
 
 
@@ -588,7 +627,8 @@ def _run(args: argparse.Namespace) -> int:
                       listen=args.listen or [DEFAULT_LISTEN], expose=expose,
                       dead_peer_timeout=args.dead_peer_timeout,
                       connect_timeout=args.connect_timeout,
-                      handshake_timeout=args.handshake_timeout, max_pending=args.max_pending)
+                      handshake_timeout=args.handshake_timeout, max_pending=args.max_pending,
+                      max_pending_per_host=args.max_pending_per_host)
     except ValueError as e:                     # a bad option value: usage error
         print(f"pyipc tcpd: {e}", file=sys.stderr)
         return 2

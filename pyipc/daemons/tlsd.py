@@ -74,6 +74,8 @@ class Tlsd(Daemon):
         self._listeners: Dict[int, socket.socket] = {}
         self._unix_listener: Optional[socket.socket] = None   # `tls`, when systemd made it
         self._handshakes: Dict[int, Handshake] = {}     # TCP fd -> its handshake
+        self._incoming_host: Dict[int, str] = {}        # incoming handshake's fd -> address
+        self._incoming_from: Dict[str, int] = {}        # address -> its handshakes
         self._requests: Dict[int, Optional[Any]] = {}   # ipcd fd -> its deadline, once asked
         self._connecting: Dict[int, Tuple[str, int, str]] = {}   # ipcd fd -> host, port, name
         self._relays: Dict[int, TlsRelay] = {}          # switched TCP fd -> its session
@@ -364,6 +366,13 @@ class Tlsd(Daemon):
                                  "(--max-pending)", peer, self.config.max_pending)
                 sock.close()
                 continue
+            host, share = address[0], self.config.max_pending_per_host
+            assert share is not None                # TlsdConfig fills it in
+            if self._incoming_from.get(host, 0) >= share:
+                self.log.warning("refusing %s: %d handshakes already in progress from "
+                                 "%s (--max-pending-per-host)", peer, share, host)
+                sock.close()
+                continue
             fd = self._adopt(sock)
             if fd < 0:
                 continue
@@ -379,6 +388,8 @@ class Tlsd(Daemon):
             hs.timer = self.call_later(self.config.handshake_timeout,
                                        functools.partial(self._expired, hs))
             self._handshakes[fd] = hs
+            self._incoming_host[fd] = host
+            self._incoming_from[host] = self._incoming_from.get(host, 0) + 1
 
     def _adopt(self, sock: socket.socket) -> int:
         """The raw fd of a TCP socket the context is to own: non-blocking, no
@@ -488,9 +499,23 @@ class Tlsd(Daemon):
         if sent != len(data):
             raise HandshakeFailed(wire.TLS, f"{hs.peer}: send buffer full during the handshake")
 
+    def _forget_handshake(self, hs: Handshake) -> bool:
+        """Take `hs` out of the handshakes in progress (and its address's
+        share); False if it was not in them."""
+        if self._handshakes.pop(hs.fd, None) is None:
+            return False
+        host = self._incoming_host.pop(hs.fd, None)
+        if host is not None:
+            left = self._incoming_from[host] - 1
+            if left:
+                self._incoming_from[host] = left
+            else:
+                del self._incoming_from[host]
+        return True
+
     def _drop(self, hs: Handshake) -> None:
         """End a handshake: its timers and its TCP fd."""
-        if self._handshakes.pop(hs.fd, None) is None:
+        if not self._forget_handshake(hs):
             return
         for timer in (hs.timer, hs.grace):
             if timer is not None:
@@ -500,7 +525,7 @@ class Tlsd(Daemon):
     def _switch(self, hs: Handshake, local: int) -> bool:
         """The handshake is over: relay between the TCP fd and `local`.
         False (both closed) when what came with the handshake is not frames."""
-        del self._handshakes[hs.fd]
+        self._forget_handshake(hs)
         for timer in (hs.timer, hs.grace):
             if timer is not None:
                 self.cancel(timer)
@@ -782,6 +807,9 @@ def add_command(subparsers: Any) -> None:
                    f"(cut link, host down; default {d.dead_peer_timeout:g}, 0: never)")
     p.add_argument("--max-pending", type=int, default=d.max_pending, metavar="N",
                    help=f"dials and handshakes in progress at once (default {d.max_pending})")
+    p.add_argument("--max-pending-per-host", type=int, default=None, metavar="N",
+                   help="incoming handshakes in progress at once from one address "
+                        "(default: half of --max-pending)")
     p.set_defaults(func=_run)
 
 
@@ -792,7 +820,8 @@ def _run(args: argparse.Namespace) -> int:
             expose=frozenset(n for item in args.expose for n in item.split(",") if n),
             client_ca=args.client_ca, ca=args.ca, connect_timeout=args.connect_timeout,
             handshake_timeout=args.handshake_timeout,
-            dead_peer_timeout=args.dead_peer_timeout, max_pending=args.max_pending)
+            dead_peer_timeout=args.dead_peer_timeout, max_pending=args.max_pending,
+            max_pending_per_host=args.max_pending_per_host)
         daemon = Tlsd(config, rundir=args.rundir, backend=args.backend)
     except ValueError as e:             # a bad option, a missing or bad certificate file
         print(f"pyipc tlsd: {e}", file=sys.stderr)

@@ -225,6 +225,40 @@ def test_max_pending_per_host_defaults_to_half_and_is_checked(rundir):
         make_tcpd("pure", rundir, max_pending_per_host=0)
 
 
+def test_a_fault_handling_a_peer_ends_that_handshake_only(backend, rundir, pong, monkeypatch):
+    """A bug (here _serve_name raising) costs that peer its connection at
+    once (on_event_failed), not a failure at every wake-up until the
+    handshake timeout; its share of the slots is given back and tcpd goes on."""
+    def broken(self: Tcpd, incoming: object) -> None:
+        raise RuntimeError("a bug")
+    with running(make_tcpd(backend, rundir, handshake_timeout=30)) as daemon:
+        real = Tcpd._serve_name
+        monkeypatch.setattr(Tcpd, "_serve_name", broken)
+        with dial(daemon) as sock:
+            sock.sendall(b"pong\n")
+            assert read_to_end(sock) == b""           # closed at once, not after 30 s
+        spin_until(lambda: daemon.pending == 0 and not daemon._incoming_from)
+        monkeypatch.setattr(Tcpd, "_serve_name", real)
+        with dial(daemon) as sock:
+            sock.sendall(b"pong\n" + frame(b"after"))
+            assert read_exactly(sock, 2 + 9) == b"ok" + frame(b"after")
+
+
+def test_a_fault_reading_a_remote_answer_is_answered_to_ipcd(backend, rundir, monkeypatch):
+    def broken(self: Tcpd, dial: object) -> None:
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(Tcpd, "_read_answer", broken)
+    with running(make_tcpd(backend, rundir, connect_timeout=30)), \
+            socket.create_server(("127.0.0.1", 0)) as remote, \
+            ask_tcpd(rundir, f"tcp://127.0.0.1:{remote.getsockname()[1]}/svc") as ipcd:
+        conn, _ = remote.accept()
+        with conn:
+            assert read_exactly(conn, 4) == b"svc\n"
+            conn.sendall(b"ok")
+            assert tcpd_answer(ipcd) == frame(
+                b"ne refused tcpd failed serving this request (see its log)")
+
+
 def test_ipv6_listener(backend, rundir, pong):
     try:
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()

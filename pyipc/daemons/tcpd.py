@@ -251,6 +251,21 @@ class Tcpd(Daemon):
         elif ev.type == EventType.ERROR:
             self.log.debug("tcpd: fd %d: %s", fd, ev.error)
 
+    def on_event_failed(self, ev: Event) -> None:
+        """A bug or a resource limit met while handling ev: what its fd was
+        doing ends now (a peer's handshake is closed, ipcd's dial answered),
+        rather than failing again at every wake-up until its deadline."""
+        fd = ev.fd
+        incoming = self._incoming.get(fd)
+        if incoming is not None:
+            return self._forget_incoming(incoming, close=True)
+        dial = self._answers.get(fd) or self._dials.get(fd)
+        if dial is not None:
+            return self._answer_ipcd(dial, wire.refusal(
+                wire.REFUSED, "tcpd failed serving this request (see its log)"))
+        if fd in self._closing:
+            self._close(fd)
+
     # ------------------------------------------------------------ incoming
 
     def _accept(self, listener: socket.socket) -> None:

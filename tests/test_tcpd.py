@@ -21,7 +21,8 @@ import pytest
 import pyipc
 from pyipc.daemons.ipcd import Ipcd
 from pyipc.daemons._netwire import MAX_NAME, NAME_TOO_LONG
-from pyipc.daemons.tcpd import Tcpd, default_per_host, parse_uri
+from pyipc.daemons._sockets import default_per_host, peer_key
+from pyipc.daemons.tcpd import Tcpd, parse_uri
 
 from conftest import CHILD_ENV, spin_until, unavailable
 from daemon_harness import Pong, frame, read_exactly, read_frame, reap, running, stops_cleanly
@@ -216,6 +217,16 @@ def test_max_pending_per_host_at_and_past_the_edge(backend, rundir, pong):
         finally:
             for sock in idle:
                 sock.close()
+
+
+def test_peers_are_counted_by_ipv4_address_or_ipv6_64():
+    """One IPv6 host has a whole /64 to send from: it gets one share, not one
+    per address; an IPv4-mapped address (a dual-stack socket's) is its IPv4."""
+    assert peer_key("192.0.2.7") == "192.0.2.7"
+    assert peer_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert peer_key("2001:db8:1:2:aaaa::1") == peer_key("2001:db8:1:2:bbbb::9") \
+        == "2001:db8:1:2::/64"
+    assert peer_key("2001:db8:1:3::1") != peer_key("2001:db8:1:2::1")
 
 
 def test_max_pending_per_host_defaults_to_half_and_is_checked(rundir):

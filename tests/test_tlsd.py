@@ -184,6 +184,14 @@ def test_too_many_pending_handshakes_are_closed_at_once(hosts, backend, certs):
                 first.recv(100)
 
 
+def test_the_share_per_host_follows_max_pending_unless_given():
+    from pyipc.daemons._tls_options import TlsdConfig
+    import dataclasses
+    assert TlsdConfig(max_pending=64).pending_per_host == 32
+    assert dataclasses.replace(TlsdConfig(), max_pending=200).pending_per_host == 100
+    assert TlsdConfig(max_pending=64, max_pending_per_host=5).pending_per_host == 5
+
+
 def test_max_pending_per_host_at_and_past_the_edge(hosts, backend, certs):
     """One address cannot take every handshake slot: past its share its next
     connection is closed at once, while another address is still served."""

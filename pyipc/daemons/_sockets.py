@@ -6,6 +6,7 @@ blocking, and the TCP options every network connection gets.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -232,6 +233,30 @@ def tune_tcp(sock: socket.socket, dead_peer_timeout: float) -> None:
                           ("TCP_USER_TIMEOUT", int(dead_peer_timeout * 1000))):
         if hasattr(socket, option):                 # Linux has them all
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def default_per_host(max_pending: int) -> int:
+    """Incoming handshakes one peer (peer_key) may have in progress unless
+    told (tcpd's and tlsd's --max-pending-per-host): half of max_pending, as
+    Postfix bounds one client to half its processes, so that one host cannot
+    take every slot and have the others refused."""
+    return max(1, max_pending // 2)
+
+
+def peer_key(address: str) -> str:
+    """What a peer's handshakes are counted by (--max-pending-per-host): its
+    IPv4 address (also when it comes as an IPv4-mapped IPv6 one, from a
+    dual-stack socket), or the /64 its IPv6 address lies in, since one IPv6
+    host usually has a whole /64 to send from."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:                  # not an IP address (cannot be for TCP): as is
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def dial_tcp(host: str, port: int, deadline: float,

@@ -10,6 +10,8 @@ import ssl
 import urllib.parse
 from typing import Callable, FrozenSet, Optional, Tuple, cast
 
+from . import _sockets
+
 #: The port of a `tls://` URI without one, and of `--listen HOST` without one.
 DEFAULT_PORT = 9443
 
@@ -55,9 +57,7 @@ class TlsdConfig:
             raise ValueError(f"dead_peer_timeout must be >= 0, not {self.dead_peer_timeout}")
         if self.max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, not {self.max_pending}")
-        if self.max_pending_per_host is None:
-            object.__setattr__(self, "max_pending_per_host", max(1, self.max_pending // 2))
-        elif self.max_pending_per_host < 1:
+        if self.max_pending_per_host is not None and self.max_pending_per_host < 1:
             raise ValueError(f"max_pending_per_host must be at least 1, "
                              f"not {self.max_pending_per_host}")
         if self.key is not None and self.cert is None:
@@ -70,6 +70,15 @@ class TlsdConfig:
         if self.listen and self.cert is None:
             raise ValueError("listening for TLS needs --cert (and --key unless the "
                              "certificate file holds it)")
+
+    @property
+    def pending_per_host(self) -> int:
+        """max_pending_per_host, or its default (_sockets.default_per_host,
+        as tcpd's): computed, so that dataclasses.replace() of max_pending
+        moves it too."""
+        if self.max_pending_per_host is not None:
+            return self.max_pending_per_host
+        return _sockets.default_per_host(self.max_pending)
 
 
 def parse_uri(uri: str) -> Tuple[str, int, str]:

@@ -50,13 +50,6 @@ DEFAULT_DEAD_PEER_TIMEOUT = 30.0
 DEFAULT_MAX_PENDING = 256
 
 
-def default_per_host(max_pending: int) -> int:
-    """Incoming handshakes one address may have in progress, unless told:
-    half of max_pending (as Postfix bounds one client to half its processes),
-    so that one host cannot take every slot and have the others refused."""
-    return max(1, max_pending // 2)
-
-
 #: Seconds a refused peer has to read the refusal before its socket is closed.
 REFUSAL_LINGER = 2.0
 
@@ -68,7 +61,7 @@ class _Incoming:
 
     def __init__(self, sock: socket.socket, host: str, deadline: TimerHandle) -> None:
         self.sock = sock
-        self.host = host                          # the peer's address
+        self.host = host                          # the peer's address (_sockets.peer_key)
         self.name = b""
         self.grace: Optional[TimerHandle] = None
         self.deadline = deadline
@@ -132,7 +125,7 @@ class Tcpd(Daemon):
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, not {max_pending!r}")
         if max_pending_per_host is None:
-            max_pending_per_host = default_per_host(max_pending)
+            max_pending_per_host = _sockets.default_per_host(max_pending)
         if max_pending_per_host < 1:
             raise ValueError(f"max_pending_per_host must be >= 1, not {max_pending_per_host!r}")
         for address in listen:
@@ -281,7 +274,7 @@ class Tcpd(Daemon):
                                   "handshakes in progress (--max-pending)", watched=False)
                 continue
             try:
-                host = sock.getpeername()[0]
+                host = _sockets.peer_key(sock.getpeername()[0])
             except OSError:                       # already reset by the peer
                 sock.close()
                 continue

@@ -366,8 +366,7 @@ class Tlsd(Daemon):
                                  "(--max-pending)", peer, self.config.max_pending)
                 sock.close()
                 continue
-            host, share = address[0], self.config.max_pending_per_host
-            assert share is not None                # TlsdConfig fills it in
+            host, share = _sockets.peer_key(address[0]), self.config.pending_per_host
             if self._incoming_from.get(host, 0) >= share:
                 self.log.warning("refusing %s: %d handshakes already in progress from "
                                  "%s (--max-pending-per-host)", peer, share, host)

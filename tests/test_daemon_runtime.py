@@ -419,3 +419,30 @@ def test_a_dial_past_its_deadline_or_abandoned_does_no_lookup(monkeypatch):
         _sockets.dial_tcp("example.invalid", 1, time.monotonic() - 1)
     with pytest.raises(TimeoutError):
         _sockets.dial_tcp("example.invalid", 1, time.monotonic() + 60, lambda: True)
+
+
+def test_a_dial_tries_each_address_within_one_deadline(monkeypatch):
+    """dial_tcp goes through the name's addresses in turn, all within the
+    dial's deadline: a refused address costs nothing and the next one is
+    tried; one that does not answer uses the time left, not a timeout of its
+    own (socket.create_connection gave each address the whole timeout)."""
+    from pyipc.daemons import _sockets
+    with socket.create_server(("127.0.0.1", 0)) as good, socket.socket() as refused, \
+            socket.socket() as silent:
+        refused.bind(("127.0.0.1", 0))            # bound, not listening: refused
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)                          # its queue filled: SYNs dropped
+        with socket.create_connection(silent.getsockname(), timeout=10):
+            def addresses(*ports: int) -> list:
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p))
+                        for p in ports]
+            monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: addresses(
+                refused.getsockname()[1], good.getsockname()[1]))
+            with _sockets.dial_tcp("h", 1, time.monotonic() + 10) as sock:
+                assert sock.getpeername() == good.getsockname()
+            monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: addresses(
+                silent.getsockname()[1], good.getsockname()[1]))
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                _sockets.dial_tcp("h", 1, started + 0.5)
+            assert time.monotonic() - started < 5     # the deadline, not 0.5 s per address

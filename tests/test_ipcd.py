@@ -228,6 +228,22 @@ def test_a_refused_client_still_sending_is_read_to_its_end_not_a_stall(
         assert_ended(sock)
 
 
+def test_a_refused_client_that_never_stops_sending_is_closed_at_the_deadline(backend,
+                                                                            rundir):
+    """Draining a refused client is bounded by the request's deadline: one
+    that goes on sending for ever is closed then (its sends fail)."""
+    with running(Ipcd(rundir=rundir, backend=backend, request_timeout=0.5)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(os.path.join(rundir, "ipc"))
+            sock.sendall(struct.pack(">I", 0xFFFFFFFF))
+            assert raw_answer(sock)[0].startswith(b"ne badrequest a request of 4294967295")
+            sock.settimeout(10)
+            chunk = bytes(64 * 1024)
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                while True:                       # far more than ipcd reads in 0.5 s
+                    sock.sendall(chunk)
+
+
 def test_bytes_after_the_request_are_refused_and_the_daemon_let_go(backend, rundir):
     holder: list = []
     holder.append(FakeScheme(rundir, "slow", hang(holder)))

@@ -41,13 +41,6 @@ def is_too_large_text(text: str) -> bool:
     return text.startswith("message of ") and " bytes exceeds max_message_size (" in text
 
 
-def too_large_size(text: str) -> Optional[int]:
-    """The size a too_large_text names, or None when `text` is not one."""
-    if not is_too_large_text(text):
-        return None
-    return int(text[len("message of "):].split(" ", 1)[0])
-
-
 def buffer_too_small_text(size: int, message: int) -> str:
     """read_into()'s MessageTooLargeError text: the message stays queued."""
     return f"buffer of {size} bytes is too small for a message of {message} bytes"

@@ -17,7 +17,6 @@ import logging
 import os
 import struct
 import sys
-import _thread
 import time
 import weakref
 from array import array
@@ -33,7 +32,7 @@ from ._checks import (DISCARD_TEXT, Bytes, OnIn, OnOut, as_payload, as_payload_l
 from ._checks import check_reason, check_switch_data      # the switching extension
 from ._context import Context
 from ._events import EventQueue
-from ._threads import guarded_schedule
+from ._threads import _thread_count, guarded_schedule
 from ._native_events import EventDecoder
 from ._types import Buffer, Payload
 from ._types import (DEFAULT_READ_MANY, ERRORS_BY_NAME, READ_MANY_BYTES, BackendError, CBEvent,
@@ -146,7 +145,6 @@ _ipc_schedule_room: Callable[..., int] = lib.ipc_schedule_room
 _ipc_schedule_pinned: Callable[..., int] = lib.ipc_schedule_pinned
 _ipc_unpinned: Callable[..., int] = lib.ipc_unpinned
 _from_buffer = ffi.from_buffer
-_thread_count: Callable[[], int] = _thread._count
 _join = b"".join
 _unpack = ffi.unpack
 #: A bytes-slicing view of this process's memory from address 1: a payload at

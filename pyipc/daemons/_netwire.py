@@ -13,7 +13,7 @@ import errno
 import os
 import socket
 import struct
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .._types import MAX_IPCD_REASON, MAX_SOCKET_PATH
 
@@ -83,6 +83,22 @@ def name_too_long(line: bytes) -> bool:
 def frame(payload: bytes) -> bytes:
     """One framed message."""
     return _HEADER.pack(len(payload)) + payload
+
+
+def scan_frames(data: "bytes | bytearray | memoryview", start: int, end: int,
+                limit: Optional[int] = None) -> Tuple[int, int]:
+    """Where the whole frames of data[start:end] end, and the size a frame
+    after them announces when it is over `limit` (None: no limit), else -1:
+    nothing from such a header on is taken (tlsd's relay, both ways)."""
+    at = start
+    while end - at >= _HEADER.size:
+        (size,) = _HEADER.unpack_from(data, at)
+        if limit is not None and size > limit:
+            return at, size
+        if end - at < _HEADER.size + size:
+            break
+        at += _HEADER.size + size
+    return at, -1
 
 
 def send_raw(fd: int, data: bytes) -> bool:

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import Context, IPCError
 
@@ -257,6 +257,56 @@ def peer_key(address: str) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
+
+
+#: Bytes drop_input() reads per call.
+DROP_CHUNK = 64 * 1024
+
+
+def drop_input(fd: int, reads: int = 1) -> bool:
+    """Read and drop what a refused peer still sends (at most `reads` reads,
+    so that one peer cannot hold the loop): True once its sending side has
+    ended (EOF, or an error), False while more may come."""
+    try:
+        for _ in range(reads):
+            if not os.read(fd, DROP_CHUNK):
+                return True
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    return False
+
+
+class PeerShares:
+    """Incoming handshakes in progress per peer (peer_key), each peer allowed
+    `share` of them at once (tcpd's and tlsd's --max-pending-per-host)."""
+
+    __slots__ = ("share", "_counts")
+
+    def __init__(self, share: int) -> None:
+        self.share = share
+        self._counts: Dict[str, int] = {}
+
+    def __len__(self) -> int:
+        """Peers with a handshake in progress."""
+        return len(self._counts)
+
+    def full(self, peer: str) -> bool:
+        """Whether `peer` has its whole share in progress."""
+        return self._counts.get(peer, 0) >= self.share
+
+    def add(self, peer: str) -> None:
+        """One more handshake of `peer` in progress."""
+        self._counts[peer] = self._counts.get(peer, 0) + 1
+
+    def remove(self, peer: str) -> None:
+        """One handshake of `peer` ended (a peer with none is forgotten)."""
+        left = self._counts[peer] - 1
+        if left:
+            self._counts[peer] = left
+        else:
+            del self._counts[peer]
 
 
 def dial_tcp(host: str, port: int, deadline: float,

@@ -25,6 +25,8 @@ import ssl
 import struct
 from typing import Iterable, List, Optional, Tuple
 
+from ._netwire import scan_frames
+
 _HEADER = struct.Struct(">I")
 #: Room made in the plaintext buffer per SSLObject.read() call (one TLS
 #: record holds at most 16 KiB; a read returns at most one record's data).
@@ -135,13 +137,7 @@ class TlsRelay:
     def _whole_frames_length(self) -> int:
         """How many leading plaintext bytes are whole frames (whatever their size)."""
         p = self._plain
-        at = p.start
-        while p.end - at >= 4:
-            end = at + 4 + _HEADER.unpack_from(p.buf, at)[0]
-            if end > p.end:
-                break
-            at = end
-        return at - p.start
+        return scan_frames(p.buf, p.start, p.end)[0] - p.start
 
     def plain(self) -> bytes:
         """A copy of the plaintext held (the handshake reads the name or the
@@ -177,16 +173,11 @@ class TlsRelay:
         cutting into payloads. With them, the error to end the stream with
         (after relaying them) when the frame that follows is announced over
         the limit, else None: that frame is never buffered up to its size."""
-        p = self._plain
-        buf, at, end, limit = p.buf, p.start, p.end, self.max_message_size
-        while end - at >= 4:
-            (size,) = _HEADER.unpack_from(buf, at)
-            if size > limit:
-                return at - p.start, self._failure(
-                    f"message of {size} bytes exceeds the limit of {limit} bytes")
-            if end - at < 4 + size:
-                break
-            at += 4 + size
+        p, limit = self._plain, self.max_message_size
+        at, too_large = scan_frames(p.buf, p.start, p.end, limit)
+        if too_large >= 0:
+            return at - p.start, self._failure(
+                f"message of {too_large} bytes exceeds the limit of {limit} bytes")
         return at - p.start, None
 
     def frames_view(self, n: int) -> memoryview:

@@ -45,9 +45,8 @@ DEFAULT_MAX_REQUESTS = 256
 #: answered `ne badrequest` at its header. Twice Linux's longest environment
 #: string (MAX_ARG_STRLEN, 128 KiB): any IPC_NETWORK a program can be started with fits.
 MAX_REQUEST = 256 * 1024
-#: Bytes read per call from a refused client still sending (dropped at once),
-#: and calls per event at most (the loop serves the others in between).
-DRAIN_CHUNK = 64 * 1024
+#: Reads per event at most of what a refused client still sends (dropped at
+#: once, _sockets.DROP_CHUNK bytes each; the loop serves the others in between).
 DRAIN_READS = 16
 
 
@@ -257,17 +256,8 @@ class Ipcd(Daemon):
 
     def _drain(self, request: _Request) -> None:
         """Read and drop what a refused client sends; end it at its EOF."""
-        try:
-            for _ in range(DRAIN_READS):     # then the other fds' turn
-                if not os.read(request.client, DRAIN_CHUNK):
-                    break
-            else:
-                return
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        self._end(request)
+        if _sockets.drop_input(request.client, DRAIN_READS):
+            self._end(request)
 
     def _on_request(self, request: _Request, payload: bytes) -> None:
         try:

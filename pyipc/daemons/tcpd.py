@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
-import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
@@ -48,8 +47,6 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_DEAD_PEER_TIMEOUT = 30.0
 #: Handshakes (incoming and outgoing) in progress at once; more: `ne busy`.
 DEFAULT_MAX_PENDING = 256
-
-
 #: Seconds a refused peer has to read the refusal before its socket is closed.
 REFUSAL_LINGER = 2.0
 
@@ -70,13 +67,11 @@ class _Incoming:
 class _Dial:
     """ipcd's request for a tcp:// URI, from its message to the answer."""
 
-    __slots__ = ("ipcd", "uri", "name", "sock", "deadline", "deadline_at", "done", "word",
-                 "answer")
+    __slots__ = ("ipcd", "uri", "name", "sock", "deadline", "done", "word", "answer")
 
-    def __init__(self, ipcd: int, deadline: TimerHandle, deadline_at: float) -> None:
+    def __init__(self, ipcd: int, deadline: TimerHandle) -> None:
         self.ipcd = ipcd
-        self.deadline = deadline
-        self.deadline_at = deadline_at               # time.monotonic() of the deadline
+        self.deadline = deadline                     # its .when: time.monotonic() due
         self.uri = ""
         self.name = ""
         self.sock: Optional[socket.socket] = None   # once dialled
@@ -143,7 +138,7 @@ class Tcpd(Daemon):
         self._listeners: Dict[int, socket.socket] = {}
         self._unix_listener: Optional[socket.socket] = None
         self._incoming: Dict[int, _Incoming] = {}
-        self._incoming_from: Dict[str, int] = {}       # handshakes in progress by address
+        self._incoming_from = _sockets.PeerShares(max_pending_per_host)
         self._dials: Dict[int, _Dial] = {}             # by ipcd's connection
         self._answers: Dict[int, _Dial] = {}           # by dialled socket, awaiting ok
         self._closing: Dict[int, Tuple[socket.socket, TimerHandle]] = {}
@@ -278,7 +273,7 @@ class Tcpd(Daemon):
             except OSError:                       # already reset by the peer
                 sock.close()
                 continue
-            if self._incoming_from.get(host, 0) >= self.max_pending_per_host:
+            if self._incoming_from.full(host):
                 self._refuse_peer(sock, wire.BUSY, f"tcpd has {self.max_pending_per_host} "
                                   f"handshakes in progress from {host} "
                                   "(--max-pending-per-host)", watched=False)
@@ -292,7 +287,7 @@ class Tcpd(Daemon):
                 continue
             self._incoming[fd] = _Incoming(sock, host, self.call_later(
                 self.handshake_timeout, lambda: self._name_expired(fd)))
-            self._incoming_from[host] = self._incoming_from.get(host, 0) + 1
+            self._incoming_from.add(host)
 
     def _read_name(self, incoming: _Incoming) -> None:
         sock = incoming.sock
@@ -380,11 +375,7 @@ class Tcpd(Daemon):
     def _forget_incoming(self, incoming: _Incoming, close: bool) -> None:
         fd = incoming.sock.fileno()
         del self._incoming[fd]
-        left = self._incoming_from[incoming.host] - 1
-        if left:
-            self._incoming_from[incoming.host] = left
-        else:
-            del self._incoming_from[incoming.host]
+        self._incoming_from.remove(incoming.host)
         self.cancel(incoming.deadline)
         if incoming.grace is not None:
             self.cancel(incoming.grace)
@@ -412,15 +403,8 @@ class Tcpd(Daemon):
         self._closing[fd] = (sock, self.call_later(REFUSAL_LINGER, lambda: self._close(fd)))
 
     def _drain(self, fd: int) -> None:
-        sock, _ = self._closing[fd]
-        try:
-            if sock.recv(65536):
-                return                             # discarded; wait for its end
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            pass
-        self._close(fd)
+        if _sockets.drop_input(fd):
+            self._close(fd)
 
     def _close(self, fd: int) -> None:
         entry = self._closing.pop(fd, None)
@@ -446,8 +430,7 @@ class Tcpd(Daemon):
     def _new_dial(self, ipcd: int) -> None:
         """ipcd connected to `tcp`: its URI comes next, within connect_timeout."""
         self._dials[ipcd] = _Dial(ipcd, self.call_later(self.connect_timeout,
-                                                        lambda: self._dial_expired(ipcd)),
-                                  time.monotonic() + self.connect_timeout)
+                                                        lambda: self._dial_expired(ipcd)))
 
     def _on_uri(self, dial: _Dial, payload: bytes) -> None:
         try:
@@ -461,7 +444,7 @@ class Tcpd(Daemon):
                 wire.BUSY, f"tcpd has {self.max_pending} handshakes in progress"))
         # Within the dial's own deadline, on a worker that gives up as soon
         # as the dial is answered (its deadline, or ipcd leaving).
-        self.offload(lambda: _sockets.dial_tcp(host, port, dial.deadline_at,
+        self.offload(lambda: _sockets.dial_tcp(host, port, dial.deadline.when,
                                                lambda: dial.done),
                      lambda sock, exc: self._dialled(dial, host, port, sock, exc))
 

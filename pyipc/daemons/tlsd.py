@@ -32,7 +32,6 @@ import socket
 import ssl
 import struct
 import sys
-import time
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .. import CBEvent, Event, EventType, IPCError, QueueFullError
@@ -75,7 +74,7 @@ class Tlsd(Daemon):
         self._unix_listener: Optional[socket.socket] = None   # `tls`, when systemd made it
         self._handshakes: Dict[int, Handshake] = {}     # TCP fd -> its handshake
         self._incoming_host: Dict[int, str] = {}        # incoming handshake's fd -> address
-        self._incoming_from: Dict[str, int] = {}        # address -> its handshakes
+        self._incoming_from = _sockets.PeerShares(config.pending_per_host)
         self._requests: Dict[int, Optional[Any]] = {}   # ipcd fd -> its deadline, once asked
         self._connecting: Dict[int, Tuple[str, int, str]] = {}   # ipcd fd -> host, port, name
         self._relays: Dict[int, TlsRelay] = {}          # switched TCP fd -> its session
@@ -233,17 +232,18 @@ class Tlsd(Daemon):
             self._answer(req, wire.BUSY, f"tlsd has {self.config.max_pending} dials and "
                                          f"handshakes in progress (--max-pending)")
             return
-        timeout = self.config.connect_timeout
-        self._requests[req] = self.call_later(timeout, lambda: self._timed_out(req, uri))
+        deadline = self.call_later(self.config.connect_timeout,
+                                   lambda: self._timed_out(req, uri))
+        self._requests[req] = deadline
         # This tuple object stands for this request: `req` is an fd number,
         # which ipcd's next request may get once this one is answered.
         target = (host, port, name)
         self._connecting[req] = target
         # Within the request's deadline, on a worker that gives up as soon as
         # the request is answered (its deadline, or ipcd leaving).
-        deadline = time.monotonic() + timeout
         self.offload(lambda: _sockets.dial_tcp(
-                         host, port, deadline, lambda: self._connecting.get(req) is not target),
+                         host, port, deadline.when,
+                         lambda: self._connecting.get(req) is not target),
                      lambda sock, exc: self._connected(req, target, sock, exc))
 
     def _pending(self) -> int:
@@ -366,10 +366,11 @@ class Tlsd(Daemon):
                                  "(--max-pending)", peer, self.config.max_pending)
                 sock.close()
                 continue
-            host, share = _sockets.peer_key(address[0]), self.config.pending_per_host
-            if self._incoming_from.get(host, 0) >= share:
+            host = _sockets.peer_key(address[0])
+            if self._incoming_from.full(host):
                 self.log.warning("refusing %s: %d handshakes already in progress from "
-                                 "%s (--max-pending-per-host)", peer, share, host)
+                                 "%s (--max-pending-per-host)", peer,
+                                 self._incoming_from.share, host)
                 sock.close()
                 continue
             fd = self._adopt(sock)
@@ -388,7 +389,7 @@ class Tlsd(Daemon):
                                        functools.partial(self._expired, hs))
             self._handshakes[fd] = hs
             self._incoming_host[fd] = host
-            self._incoming_from[host] = self._incoming_from.get(host, 0) + 1
+            self._incoming_from.add(host)
 
     def _adopt(self, sock: socket.socket) -> int:
         """The raw fd of a TCP socket the context is to own: non-blocking, no
@@ -505,11 +506,7 @@ class Tlsd(Daemon):
             return False
         host = self._incoming_host.pop(hs.fd, None)
         if host is not None:
-            left = self._incoming_from[host] - 1
-            if left:
-                self._incoming_from[host] = left
-            else:
-                del self._incoming_from[host]
+            self._incoming_from.remove(host)
         return True
 
     def _drop(self, hs: Handshake) -> None:
@@ -729,15 +726,8 @@ def _whole_frames(partials: Dict[int, bytearray], fd: int, data: memoryview,
             return frames, -1
         frames.append(held)
         del partials[fd]
-    first, too_large = at, -1
-    while end - at >= 4:
-        (size,) = _HEADER.unpack_from(data, at)
-        if size > limit:
-            too_large = size
-            break
-        if end - at < 4 + size:
-            break
-        at += 4 + size
+    first = at
+    at, too_large = wire.scan_frames(data, first, end, limit)
     if at > first:
         frames.append(data[first:at])
     if too_large < 0 and at < end:

@@ -294,8 +294,10 @@ def test_parse_uri():
     assert parse_uri("tcp://10.0.0.2:9001/pong") == ("10.0.0.2", 9001, "pong")
     assert parse_uri("tcp://[::1]:9000/pong") == ("::1", 9000, "pong")
     assert parse_uri("tcp://hostb/kv") == ("hostb", 9000, "kv")
+    assert parse_uri("TCP://h:1/a%20b") == ("h", 1, "a b")      # a URI's path is encoded
     for bad in ("tcp://h:1/", "tcp://h:1", "tls://h:1/x", "tcp://:1/x", "tcp://h:1/a/b",
-                "tcp://h:99999/x"):
+                "tcp://h:99999/x", "tcp://h:0/x", "tcp://u:p@h:1/x", "tcp://h:1/x?q=1",
+                "tcp://h:1/x#f", "tcp://h:1/a%0Ab"):
         with pytest.raises(ValueError):
             parse_uri(bad)
 

@@ -13,6 +13,7 @@ import errno
 import os
 import socket
 import struct
+import urllib.parse
 from typing import List, Optional, Tuple
 
 from .._types import MAX_IPCD_REASON, MAX_SOCKET_PATH
@@ -80,6 +81,41 @@ def name_too_long(line: bytes) -> bool:
     return len(line) > MAX_NAME_LINE or len(name_of_line(line)) > MAX_NAME
 
 
+def parse_uri(uri: str, scheme: str, default_port: int) -> Tuple[str, int, str]:
+    """(host, port, service name) of `SCHEME://HOST[:PORT]/NAME` (an IPv6
+    host in brackets; NAME percent-decoded, as websocketd decodes a path),
+    the dial tcpd and tlsd make for ipcd. ValueError saying what is wrong:
+    anything a dial would otherwise take silently in another sense (a user
+    part, port 0, a query) included, and a name the remote could not take
+    (check_remote_name)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme.lower() != scheme:
+        raise ValueError(f"{uri}: not a {scheme}:// URI")
+    if not parts.hostname:
+        raise ValueError(f"{uri}: no host")
+    if parts.username is not None:
+        raise ValueError(f"{uri}: a user part is not taken ({scheme}://HOST:PORT/NAME)")
+    port = parts.port             # ValueError when not a number from 0 to 65535
+    if port == 0:
+        raise ValueError(f"{uri}: port 0")
+    name = urllib.parse.unquote(parts.path[1:]) if parts.path.startswith("/") else ""
+    if not name or "/" in name or parts.query or parts.fragment:
+        raise ValueError(f"{uri}: no service name after the address "
+                         f"({scheme}://HOST:PORT/NAME)")
+    check_remote_name(name)
+    return parts.hostname, default_port if port is None else port, name
+
+
+def check_remote_name(name: str) -> None:
+    """ValueError for a name a remote tcpd or tlsd could not take: longer
+    than MAX_NAME, or with a control character (a newline would end the name
+    line early and make the rest of the name the stream's first bytes)."""
+    if len(name.encode()) > MAX_NAME:
+        raise ValueError(NAME_TOO_LONG)
+    if any(not ch.isprintable() for ch in name):
+        raise ValueError(f"service name {name!r} has a control character")
+
+
 def frame(payload: bytes) -> bytes:
     """One framed message."""
     return _HEADER.pack(len(payload)) + payload
@@ -101,21 +137,33 @@ def scan_frames(data: "bytes | bytearray | memoryview", start: int, end: int,
     return at, -1
 
 
-def send_raw(fd: int, data: bytes) -> bool:
-    """Send a short raw answer on fd without blocking; False when it could not
-    go out whole (the peer is gone or not reading: it will see EOF)."""
+def send_now(fd: int, data: bytes) -> int:
+    """One send() of `data` on socket fd that neither blocks nor raises
+    SIGPIPE (a daemon embedded in a program that restored SIGPIPE's default
+    must not be killed by a peer that reset); how many bytes went. Raises
+    OSError (fd not a socket, or closed, included)."""
     sock = socket.socket(fileno=fd)
-    try:                                         # small: fits an empty socket buffer
-        return sock.send(data, SEND_FLAGS) == len(data)
-    except OSError:
-        return False
+    try:
+        return sock.send(data, SEND_FLAGS)
     finally:
         sock.detach()                            # fd stays the caller's
 
 
+def send_raw(fd: int, data: bytes) -> bool:
+    """Send a short raw answer on fd without blocking; False when it could not
+    go out whole (the peer is gone or not reading: it will see EOF)."""
+    try:                                         # small: fits an empty socket buffer
+        return send_now(fd, data) == len(data)
+    except OSError:
+        return False
+
+
 def send_with_fd(fd: int, data: bytes, passed: int) -> bool:
     """Send `data` and the fd `passed` in one sendmsg; False on failure."""
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
     try:
         return socket.send_fds(sock, [data], [passed], SEND_FLAGS) == len(data)
     except OSError:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import ssl
-import urllib.parse
 from typing import Callable, FrozenSet, Optional, Tuple, cast
 
-from . import _sockets
+from . import _netwire, _sockets
 
 #: The port of a `tls://` URI without one, and of `--listen HOST` without one.
 DEFAULT_PORT = 9443
@@ -83,18 +82,9 @@ class TlsdConfig:
 
 def parse_uri(uri: str) -> Tuple[str, int, str]:
     """(host, port, service name) of `tls://host[:port]/NAME` (IPv6 hosts in
-    brackets: `tls://[::1]:9443/pong`). ValueError saying what is wrong."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme != "tls":
-        raise ValueError(f"not a tls:// URI: {uri!r}")
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"no host in {uri!r}")
-    port = parts.port or DEFAULT_PORT      # .port raises ValueError when not a number
-    name = parts.path[1:] if parts.path.startswith("/") else ""
-    if not name or "/" in name or parts.query or parts.fragment:
-        raise ValueError(f"no service name in {uri!r} (tls://host:port/NAME)")
-    return host, port, urllib.parse.unquote(name)
+    brackets: `tls://[::1]:9443/pong`). ValueError saying what is wrong
+    (_netwire.parse_uri)."""
+    return _netwire.parse_uri(uri, "tls", DEFAULT_PORT)
 
 
 def server_context(config: TlsdConfig) -> ssl.SSLContext:

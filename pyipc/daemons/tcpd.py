@@ -27,7 +27,6 @@ import argparse
 import socket
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
 
 from .. import Event, EventType, InvalidNameError, IPCError, _rundir
 from . import _netwire as wire
@@ -550,19 +549,8 @@ class Tcpd(Daemon):
 
 def parse_uri(uri: str) -> Tuple[str, int, str]:
     """(host, port, service name) of `tcp://HOST[:PORT]/NAME` (IPv6 in
-    brackets); ValueError when it is not one."""
-    parts = urlsplit(uri)
-    if parts.scheme.lower() != "tcp":
-        raise ValueError(f"{uri}: not a tcp:// URI")
-    name = parts.path[1:] if parts.path.startswith("/") else ""
-    if not name or "/" in name or "\n" in name:
-        raise ValueError(f"{uri}: no service name after the address (tcp://HOST:PORT/NAME)")
-    if len(name.encode()) > wire.MAX_NAME:     # the remote would refuse it
-        raise ValueError(wire.NAME_TOO_LONG)
-    if not parts.hostname:
-        raise ValueError(f"{uri}: no host")
-    port = parts.port if parts.port is not None else DEFAULT_PORT   # ValueError if bad
-    return parts.hostname, port, name
+    brackets); ValueError when it is not one (_netwire.parse_uri)."""
+    return wire.parse_uri(uri, "tcp", DEFAULT_PORT)
 
 
 def _dial_failure(where: str, exc: Optional[BaseException]) -> Tuple[str, str]:

@@ -30,6 +30,30 @@ def running(daemon: Daemon) -> Iterator[Daemon]:
         assert not runner.is_alive(), f"{daemon.name} did not stop"
 
 
+@contextlib.contextmanager
+def stuck_service(rundir: str, name: str) -> Iterator[None]:
+    """A service `name` in `rundir` that accepts nobody, its listen backlog
+    full: the next connect() to it would wait (a hung or swamped service)."""
+    path = os.path.join(rundir, name)
+    filling: List[socket.socket] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(0)
+        try:
+            while True:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                try:
+                    sock.connect(path)
+                except BlockingIOError:
+                    sock.close()
+                    break
+                filling.append(sock)
+            yield
+        finally:
+            for sock in filling:
+                sock.close()
+
+
 def stops_cleanly(proc: subprocess.Popen, notify: socket.socket) -> None:
     """SIGTERM a daemon started under (stand-in) systemd: it says
     STOPPING=1 on the notify socket, then exits 0."""

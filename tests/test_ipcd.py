@@ -27,7 +27,7 @@ from pyipc.daemons._rules import find_rule, target_of
 
 from conftest import CHILD_ENV, spin_until
 from daemon_harness import (FakeScheme, Pong, ask_raw, frame, raw_answer, reap, running,
-                            stops_cleanly)
+                            stops_cleanly, stuck_service)
 
 
 @pytest.fixture
@@ -523,25 +523,9 @@ def test_cli_serves_and_stops_on_sigterm(pong, backend, rundir, tmp_path, monkey
 def test_a_service_with_a_full_backlog_is_busy_not_a_stall(ipcd, backend, rundir, monkeypatch):
     """ipcd connects without blocking: a service that accepts nobody and whose
     backlog is full is answered `busy` at once (the loop is not held)."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(os.path.join(rundir, "stuck"))
-    listener.listen(0)
-    filling = []
-    try:
-        while True:                             # fill the backlog: the next one would wait
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            try:
-                sock.connect(os.path.join(rundir, "stuck"))
-            except BlockingIOError:
-                sock.close()
-                break
-            filling.append(sock)
+    with stuck_service(rundir, "stuck"):
         monkeypatch.setenv("IPC_NETWORK", "s stuck")
         with client(backend, rundir) as ctx, pytest.raises(pyipc.NetworkError) as info:
             ctx.connect("s", timeout=10)
         assert str(info.value) == ("ipcd could not connect to service s (busy): "
                                    "service stuck has a full backlog")
-    finally:
-        for sock in filling:
-            sock.close()
-        listener.close()

@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -16,8 +17,8 @@ import pytest
 
 import pyipc
 
-from conftest import unavailable
-from daemon_harness import reap, stops_cleanly
+from conftest import spin_until, unavailable
+from daemon_harness import reap, stops_cleanly, stuck_service
 from tlsd_harness import (Certs, Echo, ask, connect_through, dialer, frame, listener, port_of,
                           read_all, recv_exactly, running, tls_by_hand, tls_client)
 
@@ -61,6 +62,73 @@ def test_missing_service_is_noservice(hosts, backend, certs):
             running(dialer(a, backend, certs)):
         answer, fd = ask(a, f"tls://127.0.0.1:{port_of(tlsd)}/pong")
     assert fd is None and answer.startswith(b"ne noservice ")
+
+
+def test_a_service_with_a_full_backlog_is_busy_and_the_others_are_served(backend, rundir,
+                                                                        certs):
+    """tlsd connects to the local service without blocking: a service that
+    accepts nobody and whose backlog is full is refused `busy` at once, and
+    the loop goes on serving (a blocking connect held every session)."""
+    exposed = frozenset({"stuck", "pong"})
+    with stuck_service(rundir, "stuck"), running(Echo(rundir=rundir, backend=backend)), \
+            running(listener(rundir, backend, certs, expose=exposed)) as tlsd:
+        assert _tls_to(port_of(tlsd), certs, b"stuck\n") == \
+            b"ne busy service stuck has a full backlog"
+        with tls_client(port_of(tlsd), certs) as tls:
+            tls.sendall(b"pong\n" + frame(b"still served"))
+            want = b"ok" + frame(b"still served")
+            assert recv_exactly(tls, len(want)) == want
+
+
+def test_a_remote_gone_before_its_ok_leaves_no_connection_to_the_service(backend, rundir,
+                                                                          certs, monkeypatch):
+    """The `ok` cannot be written (the remote reset after its name): the
+    connection tlsd made to the service for it is closed, not kept."""
+    from pyipc.daemons._tls_handshake import HandshakeFailed
+    from pyipc.daemons._tls_relay import TlsRelay
+
+    oks = []                                # the records carrying `ok`
+    real_encrypt = TlsRelay.encrypt_raw
+
+    def encrypt_raw(relay, data):
+        out = real_encrypt(relay, data)
+        if data == b"ok":
+            oks.append(out)
+        return out
+
+    monkeypatch.setattr(TlsRelay, "encrypt_raw", encrypt_raw)
+    daemon = listener(rundir, backend, certs)
+    real_send = daemon._send
+
+    def reset_at_ok(hs, data):
+        if oks and data is oks[-1]:
+            raise HandshakeFailed("unreachable", f"{hs.peer}: connection reset by peer")
+        real_send(hs, data)
+
+    daemon._send = reset_at_ok
+    with pyipc.Context(rundir=rundir, backend=backend) as service, running(daemon):
+        service.service_init("pong")
+        assert _tls_to(port_of(daemon), certs, b"pong\n") == b""
+        local = _wait_for(service, pyipc.EventType.CONNECTION).fd
+        assert _wait_for(service, pyipc.EventType.DISCONNECTION).fd == local
+
+
+def test_send_now_raises_where_a_write_would_kill_with_sigpipe():
+    """What tlsd and websocketd write to a peer goes with MSG_NOSIGNAL: to a
+    peer that reset, in a program that restored SIGPIPE's default action,
+    the write fails with EPIPE instead of killing the program."""
+    code = ("import signal, socket\n"
+            "from pyipc.daemons._netwire import send_now\n"
+            "signal.signal(signal.SIGPIPE, signal.SIG_DFL)\n"
+            "a, b = socket.socketpair()\n"
+            "b.close()\n"
+            "try:\n"
+            "    send_now(a.fileno(), b'x')\n"
+            "except BrokenPipeError:\n"
+            "    print('EPIPE')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert (out.returncode, out.stdout) == (0, "EPIPE\n"), out.stderr
 
 
 def test_server_certificate_from_another_ca_is_ne_tls(hosts, backend, certs, remote, tmp_path):
@@ -146,7 +214,9 @@ def test_a_dial_that_ends_after_its_request_was_answered_is_dropped(hosts, backe
 
 
 @pytest.mark.parametrize("uri", ["tls://127.0.0.1:9443/", "tls:///pong", "tcp://h:1/pong",
-                                 "tls://h:99999/pong", "tls://h:1/a/b"])
+                                 "tls://h:99999/pong", "tls://h:1/a/b", "tls://h:0/pong",
+                                 "tls://user:pw@h:1/pong", "tls://h:1/pong?x=1",
+                                 "tls://h:1/po%0Ang"])
 def test_malformed_uri_is_answered(hosts, backend, certs, uri):
     a, _ = hosts
     with running(dialer(a, backend, certs)):
@@ -283,6 +353,65 @@ def test_first_messages_sent_with_the_name_are_not_lost(hosts, backend, certs, r
             assert chunk, got
             got += chunk
     assert got == b"ok" + frame(b"one") + frame(b"two")
+
+
+def _name_and_end_in_one_write(port: int, certs: Certs, stream: bytes) -> bytes:
+    """A remote that sends the last handshake flight, `stream` (its name and
+    frames) and close_notify in one write, then waits with TCP open for the
+    answer and tlsd's close_notify (as SSLSocket.unwrap() does): what it got,
+    ending in b"<close_notify>" or b"<EOF>"."""
+    sock, tls, incoming, outgoing, flight = tls_by_hand(port, certs)
+    with sock:
+        tls.write(stream)
+        try:
+            tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass                                # the answer is not awaited here
+        sock.sendall(flight + outgoing.read())
+        sock.settimeout(20)
+        got = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got + b"<EOF>"
+            incoming.write(chunk)
+            try:
+                while True:
+                    got += tls.read(65536)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                return got + b"<close_notify>"
+
+
+def test_frames_and_close_notify_sent_with_the_name_reach_the_service_then_end(
+        backend, rundir, certs):
+    """The session's end came with the name: the frames still reach the
+    service, then both sides end (no later read of the TCP side would have
+    said so), and the remote gets its close_notify."""
+    with running(listener(rundir, backend, certs)) as tlsd, \
+            pyipc.Context(rundir=rundir, backend=backend) as service:
+        service.service_init("pong")
+        got = _name_and_end_in_one_write(port_of(tlsd), certs, b"pong\n" + frame(b"hi"))
+        assert got == b"ok<close_notify>"
+        ev = _wait_for(service, pyipc.EventType.MESSAGE_RX)
+        assert ev.message == b"hi"
+        assert _wait_for(service, pyipc.EventType.DISCONNECTION).fd == ev.fd
+        spin_until(lambda: not tlsd._relays)
+
+
+def test_a_frame_cut_by_an_end_sent_with_the_name_never_reaches_the_service(
+        backend, rundir, certs):
+    with running(listener(rundir, backend, certs)) as tlsd, \
+            pyipc.Context(rundir=rundir, backend=backend) as service:
+        service.service_init("pong")
+        got = _name_and_end_in_one_write(port_of(tlsd), certs,
+                                         b"pong\n" + frame(b"whole") + frame(b"cut")[:5])
+        assert got == b"ok<EOF>"                # a broken stream: no close_notify
+        local = _wait_for(service, pyipc.EventType.CONNECTION).fd
+        ev = _wait_for(service, pyipc.EventType.DISCONNECTION)
+        assert ev.fd == local                   # nothing of the stream reached it
+        assert not tlsd._relays
 
 
 def test_remote_closing_ends_the_client_connection(hosts, backend, certs, remote):
@@ -807,6 +936,91 @@ def test_ipcd_leaving_mid_dial_is_forgotten_and_tlsd_keeps_serving(hosts, backen
                 held.close()
             assert answer == b"ok" and fd is not None
             os.close(fd)
+
+
+def test_ipcd_unable_to_take_ok_ends_the_session_with_close_notify(hosts, backend, certs):
+    """The remote answered `ok` but ipcd cannot take tlsd's (it stopped
+    reading): the switch ends, the remote gets close_notify, and the request
+    is forgotten at once (not at its deadline)."""
+    a, _ = hosts
+    remote = FakeRemote(certs)
+    try:
+        with running(dialer(a, backend, certs, connect_timeout=30)) as tlsd, \
+                socket.socket(socket.AF_UNIX) as ipcd:
+            ipcd.connect(os.path.join(a, "tls"))
+            ipcd.sendall(frame(f"tls://127.0.0.1:{remote.port}/pong".encode()))
+            ipcd.shutdown(socket.SHUT_RD)       # tlsd's answer cannot be written
+            assert remote.close() == "close_notify"
+            spin_until(lambda: not tlsd._requests and not tlsd._relays)
+    finally:
+        remote.close()
+
+
+def test_the_backlog_past_its_bound_ends_the_connection(backend, rundir, certs, monkeypatch):
+    """Records for a remote that never reads, made while tlsd reads it (TLS
+    1.3 key update answers), are held back up to MAX_BACKLOG bytes; past it
+    the connection ends (QueueFullError, the relay marked failed: no
+    close_notify after missing records) rather than tlsd's memory growing."""
+    from pyipc.daemons import tlsd as tlsd_module
+    monkeypatch.setattr(tlsd_module, "MAX_BACKLOG", 10)
+    daemon = dialer(rundir, backend, certs)
+    real = daemon.ctx
+    try:
+        daemon.ctx = RefusingContext(refusals=1000)
+        relay = daemon._relays[7] = tlsd_module.TlsRelay(real_client_context(certs),
+                                                         server_side=False)
+        daemon._send_tcp(7, b"0123")            # refused: held back
+        daemon._send_tcp(7, b"456789")          # 10 bytes held: at the bound
+        assert daemon._backlog[7].size == 10 and not relay.failed
+        with pytest.raises(pyipc.QueueFullError, match="does not read.*MAX_BACKLOG"):
+            daemon._send_tcp(7, b"a")
+        assert relay.failed and relay.goodbye() == b""
+        assert list(daemon._backlog[7]) == [b"0123", b"456789"]
+    finally:
+        daemon.ctx = real
+        real.close_all()
+
+
+def real_client_context(certs: Certs) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=certs.ca)
+
+
+class RefusingRemote(FakeRemote):
+    """A remote tlsd stand-in that answers the name with `answer` and closes."""
+
+    def __init__(self, certs: Certs, answer: bytes) -> None:
+        self.answer = answer
+        super().__init__(certs)
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        conn.settimeout(20)
+        with self.context.wrap_socket(conn, server_side=True) as tls:
+            line = b""
+            while not line.endswith(b"\n"):
+                line += tls.recv(1)
+            tls.sendall(self.answer)
+            try:
+                tls.unwrap()
+            except (ssl.SSLError, OSError):
+                pass                            # tlsd closes without waiting for it
+
+
+@pytest.mark.parametrize("answer, relayed", [
+    (b"ne busy too many", b"ne busy 127.0.0.1:{port}: too many"),
+    (b"ne \x1b[31m\nevil code", b"ne refused 127.0.0.1:{port}:  [31m"),
+    (b"ne word\nthe rest", b"ne word 127.0.0.1:{port}: refused"),     # one line
+])
+def test_a_remote_refusal_is_relayed_with_a_code_that_is_one_word(hosts, backend, certs,
+                                                                  answer, relayed):
+    a, _ = hosts
+    remote = RefusingRemote(certs, answer)
+    try:
+        with running(dialer(a, backend, certs)):
+            got, fd = ask(a, f"tls://127.0.0.1:{remote.port}/pong")
+        assert fd is None and got == relayed.replace(b"{port}", str(remote.port).encode())
+    finally:
+        remote.close()
 
 
 # ------------------------------------------------------------ back-pressure, end to end

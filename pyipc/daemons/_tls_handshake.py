@@ -110,9 +110,11 @@ class Handshake:
         if plain[:3] == b"ne " and not self.relay.closed and len(plain) < MAX_ANSWER_BYTES:
             return None         # the refusal's text goes on until the remote closes
         if plain[:3] == b"ne ":
-            code, _, text = plain[3:MAX_ANSWER_BYTES].decode("utf-8", "replace").partition(" ")
-            raise HandshakeFailed(code or wire.REFUSED,
-                                  f"{self.peer}: {text or 'refused'}")
+            line = plain[3:MAX_ANSWER_BYTES].split(b"\n", 1)[0].decode("utf-8", "replace")
+            code, _, text = line.partition(" ")
+            if not (code.isascii() and code.isalpha()):   # a code is a word: relayed as one
+                code, text = wire.REFUSED, line
+            raise HandshakeFailed(code, f"{self.peer}: {text or 'refused'}")
         if not plain:
             raise HandshakeFailed(wire.UNREACHABLE, f"{self.peer} closed the connection "
                                                  f"without answering")

@@ -130,7 +130,14 @@ class TlsRelay:
         """The session ended. Between two frames that is a clean end; inside
         one, the last message was cut (never delivered as if whole)."""
         self.closed = True
-        if self.framed and self._whole_frames_length() != len(self._plain):
+        if self.framed:
+            self.check_ended_whole()
+
+    def check_ended_whole(self) -> None:
+        """Raise TlsRelayError when the stream ended inside a frame. _end()
+        checks once the plaintext is frames; tlsd checks again when the end
+        came with the handshake (the name or `ok` line, then the end)."""
+        if self._whole_frames_length() != len(self._plain):
             raise self._failure(
                 f"stream ended inside a message ({len(self._plain)} bytes left over)")
 

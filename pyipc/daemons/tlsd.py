@@ -32,9 +32,9 @@ import socket
 import ssl
 import struct
 import sys
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
 
-from .. import CBEvent, Event, EventType, IPCError, QueueFullError
+from .. import CBEvent, Event, EventType, InvalidNameError, IPCError, QueueFullError, _rundir
 from .._checks import too_large_text
 from . import _netwire as wire
 from . import _sockets, _systemd
@@ -57,6 +57,12 @@ _HEADER = struct.Struct(">I")
 #: Seconds between two attempts to queue records the TCP side refused for
 #: now (see Tlsd._send_tcp; only while its queue is over its bound).
 BACKLOG_RETRY_S = 0.005
+#: Bytes tlsd holds back for one switched fd beyond the core's queue (see
+#: Tlsd._send_tcp). What a working peer needs is one read's worth (READ_SIZE,
+#: its records' overhead included); a remote that never reads yet keeps
+#: tlsd answering (TLS 1.3 key update requests) reaches the bound, and its
+#: connection ends with an ERROR rather than tlsd's memory growing.
+MAX_BACKLOG = 4 * READ_SIZE
 
 
 class Tlsd(Daemon):
@@ -82,7 +88,7 @@ class Tlsd(Daemon):
         self._tcp_of: Dict[int, int] = {}               # local side -> its TCP fd
         #: local side -> the start of a frame it wrote, held until it is whole
         self._partials: Dict[int, bytearray] = {}
-        self._backlog: Dict[int, Deque[bytes]] = {}    # switched fd -> bytes refused for now
+        self._backlog: Dict[int, _Backlog] = {}     # switched fd -> bytes refused for now
         self._read_buffer = bytearray(READ_SIZE)        # ciphertext, one read at a time
         self._read_buffers = [self._read_buffer]
         self._read_view = memoryview(self._read_buffer)
@@ -202,8 +208,7 @@ class Tlsd(Daemon):
         if fd in self._requests:                # ipcd gave up: its dial is abandoned
             self._end_request(fd)
 
-    def _say_goodbye(self, fd: int, relay: TlsRelay,
-                     backlog: Optional[Deque[bytes]]) -> None:
+    def _say_goodbye(self, fd: int, relay: TlsRelay, backlog: Optional[_Backlog]) -> None:
         """A switched TCP fd ended (its local side closed, or the remote):
         end its TLS session with close_notify, after the records still held
         back, so the remote sees a clean end and not a ragged EOF. The core
@@ -213,7 +218,7 @@ class Tlsd(Daemon):
         (full socket buffer) or has gone gets what fits, then the close."""
         goodbye = relay.goodbye()
         if goodbye:
-            wire.send_raw(fd, b"".join(backlog or ()) + goodbye)
+            wire.send_raw(fd, b"".join(backlog.pieces if backlog else ()) + goodbye)
 
     # ------------------------------------------------------------ dialing
 
@@ -224,7 +229,6 @@ class Tlsd(Daemon):
         uri = message.decode("utf-8", "replace")
         try:
             host, port, name = parse_uri(uri)
-            _check_name(name)
         except ValueError as e:
             self._answer(req, wire.BADREQUEST, str(e))
             return
@@ -338,13 +342,16 @@ class Tlsd(Daemon):
             theirs.close()
             self._answer(req, wire.TLS, f"{hs.peer}: bad stream after ok")
             return
+        relay_ended = hs.relay.closed           # _switch ended the switch already
         try:
             if wire.send_with_fd(req, wire.frame(b"ok"), theirs.fileno()):
                 self.log.info("dialed %s for service %s", hs.peer, hs.name)
             else:
                 self.log.info("request %d: ipcd left before the answer", req)
-                self.ctx.close(local)           # ends the switch and the TCP side
-                self._gone(hs.fd)
+                # Both sides closed by the core; the remote gets close_notify
+                # at the TCP side's DISCONNECTION (_gone), while its fd is open.
+                if not relay_ended:
+                    self.ctx.switch_end(hs.fd)
         finally:
             theirs.close()
         self._end_request(req)
@@ -431,13 +438,33 @@ class Tlsd(Daemon):
         name = hs.name
         if name not in self.config.expose:
             raise HandshakeFailed(wire.REFUSED, f"service {name} is not exposed")
+        local = self._connect_local(name)
         try:
-            local = self.ctx.connect_service(name)
-        except IPCError as e:
-            raise HandshakeFailed(wire.NOSERVICE, f"no service {name}") from e
-        self._send(hs, hs.relay.encrypt_raw(b"ok"))
+            self._send(hs, hs.relay.encrypt_raw(b"ok"))
+        except HandshakeFailed:                 # the remote is gone: so is its link
+            self.ctx.close(local, linger=0)
+            raise
         self.log.info("%s connected to service %s", hs.peer, name)
         self._switch(hs, local)
+
+    def _connect_local(self, name: str) -> int:
+        """A connection of the context's to local service `name`, made without
+        blocking (as tcpd's): a service whose backlog is full is refused
+        `busy` at once, never holding the loop (every other session with it)."""
+        try:
+            path = _rundir.service_path(self.ctx.rundir, name)
+            local = _sockets.connect_local(path, name, self.ctx.rundir).detach()
+        except InvalidNameError as e:
+            raise HandshakeFailed(wire.REFUSED, str(e)) from None
+        except _sockets.LocalRefusal as e:
+            raise HandshakeFailed(e.code, f"no service {name}"
+                                  if e.code == wire.NOSERVICE else str(e)) from None
+        try:
+            self.ctx.add_connection(local)
+        except IPCError as e:                   # e.g. max_connections reached
+            os.close(local)
+            raise HandshakeFailed(wire.BUSY, f"tlsd cannot take a connection: {e}") from None
+        return local
 
     def _refuse(self, hs: Handshake, e: HandshakeFailed) -> None:
         self.log.info("refusing %s: %s %s", hs.peer, e.code, e.text)
@@ -493,7 +520,7 @@ class Tlsd(Daemon):
         if not data:
             return
         try:
-            sent = os.write(hs.fd, data)
+            sent = wire.send_now(hs.fd, data)   # no SIGPIPE from a reset peer
         except OSError as e:
             raise HandshakeFailed(wire.UNREACHABLE, f"{hs.peer}: {e}") from e
         if sent != len(data):
@@ -531,6 +558,8 @@ class Tlsd(Daemon):
             # Frames that came with the handshake go first, in order.
             while (payload := relay.next_payload()) is not None:
                 self.ctx.schedule(local, payload)
+            if relay.closed:            # and the end of the session came with them
+                relay.check_ended_whole()
         except TlsRelayError as e:
             self.log.warning("%s: %s", hs.peer, e)
             self.ctx.close(local)
@@ -545,6 +574,12 @@ class Tlsd(Daemon):
         self._relays[fd] = relay
         self._local_of[fd] = local
         self._tcp_of[local] = fd
+        if relay.closed:
+            # The remote ended the session right after the handshake: no read
+            # of the TCP side would report it (nothing more comes), so the
+            # switch ends now: the frames go to the local side first, and the
+            # remote gets close_notify at the TCP side's DISCONNECTION.
+            self.ctx.switch_end(fd)
         return True
 
     # ------------------------------------------------------------ the relay's callbacks
@@ -578,7 +613,11 @@ class Tlsd(Daemon):
             return CBEvent.ERROR, None
         out = relay.take_output()            # TLS 1.3 tickets, key updates
         if out and not relay.closed:         # (the remote ended: it reads no more)
-            self._send_tcp(fd, out)
+            try:
+                self._send_tcp(fd, out)
+            except IPCError as e:            # past MAX_BACKLOG, or the switch ending
+                self.log.warning("fd %d: %s", fd, e)
+                return CBEvent.ERROR, None
         if not self._relay_whole_frames(fd, relay):
             return CBEvent.ERROR, None
         return (CBEvent.FD_CLOSING if relay.closed else CBEvent.IGNORE), None
@@ -667,17 +706,25 @@ class Tlsd(Daemon):
                 self.ctx.switch_send(fd, records)
                 return
             except QueueFullError:
-                self._backlog[fd] = collections.deque([bytes(records)])
+                self._backlog[fd] = backlog = _Backlog()
                 self._retry_backlog_later(fd)
-                return
+        elif backlog.size + len(records) > MAX_BACKLOG:
+            # Never sent, not even close_notify: the peer sees a broken
+            # session, not a clean end after missing bytes.
+            relay = self._relays.get(fd) or self._relays.get(self._tcp_of.get(fd, -1))
+            if relay is not None:
+                relay.failed = True
+            raise QueueFullError(f"fd {fd}: its peer does not read; tlsd holds back at "
+                                 f"most {MAX_BACKLOG} bytes for it (MAX_BACKLOG)")
         backlog.append(bytes(records))
-        self._flush_backlog(fd)
+        if len(backlog) > 1:
+            self._flush_backlog(fd)
 
     def _flush_backlog(self, fd: int) -> None:
         backlog = self._backlog[fd]
         while backlog:
             try:
-                self.ctx.switch_send(fd, backlog[0])
+                self.ctx.switch_send(fd, backlog.first())
             except QueueFullError:
                 return
             except IPCError as e:
@@ -686,7 +733,7 @@ class Tlsd(Daemon):
                 self.log.info("fd %d: backlog dropped: %s", fd, e)
                 del self._backlog[fd]
                 return
-            backlog.popleft()
+            backlog.pop_first()
         del self._backlog[fd]
 
     def _retry_backlog_later(self, fd: int) -> None:
@@ -696,6 +743,33 @@ class Tlsd(Daemon):
                 if fd in self._backlog:
                     self._retry_backlog_later(fd)
         self.call_later(BACKLOG_RETRY_S, retry)
+
+
+class _Backlog:
+    """The bytes a switched fd's queue refused for now, in order, and how
+    many they are (bounded by MAX_BACKLOG)."""
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self) -> None:
+        self.pieces: Deque[bytes] = collections.deque()
+        self.size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.pieces)
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def append(self, data: bytes) -> None:
+        self.pieces.append(data)
+        self.size += len(data)
+
+    def first(self) -> bytes:
+        return self.pieces[0]
+
+    def pop_first(self) -> None:
+        self.size -= len(self.pieces.popleft())
 
 
 # ------------------------------------------------------------ the local side's frames
@@ -736,16 +810,6 @@ def _whole_frames(partials: Dict[int, bytearray], fd: int, data: memoryview,
 
 
 # ------------------------------------------------------------ sockets
-
-def _check_name(name: str) -> None:
-    """ValueError for a name the remote could not take: longer than its
-    _netwire.MAX_NAME, or with a control character (a newline would end the
-    name line early and make the rest of the name the stream's first bytes)."""
-    if len(name.encode()) > wire.MAX_NAME:
-        raise ValueError(wire.NAME_TOO_LONG)
-    if any(not ch.isprintable() for ch in name):
-        raise ValueError(f"service name {name!r} has a control character")
-
 
 def _dial_failure(where: str, exc: Optional[BaseException]) -> str:
     """The text of an `unreachable` refusal for a connect that raised `exc`."""

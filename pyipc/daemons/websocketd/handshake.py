@@ -24,6 +24,7 @@ from typing import Optional, Union
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
+from .._netwire import send_now
 from . import responses
 from .transport import Plain, Tls, TransportClosed
 
@@ -135,7 +136,7 @@ class Handshake:
         data = self.transport.send(plain)
         while data:
             try:
-                n = os.write(self.fd, data)
+                n = send_now(self.fd, data)       # no SIGPIPE from a reset client
             except InterruptedError:
                 continue
             except BlockingIOError:

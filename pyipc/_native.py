@@ -145,6 +145,11 @@ _ipc_schedule_room: Callable[..., int] = lib.ipc_schedule_room
 _ipc_schedule_pinned: Callable[..., int] = lib.ipc_schedule_pinned
 _ipc_unpinned: Callable[..., int] = lib.ipc_unpinned
 _from_buffer = ffi.from_buffer
+# The C types _flush makes, resolved once: from a type's name cffi parses it
+# in Python on each call, where a signal's handler can run, and that handler
+# flushing in its turn parses again (endlessly, with a fast timer).
+_INT_ARRAY, _U32_ARRAY, _SIZE_P = ffi.typeof("int[]"), ffi.typeof("uint32_t[]"), \
+    ffi.typeof("size_t *")
 _join = b"".join
 _unpack = ffi.unpack
 #: A bytes-slicing view of this process's memory from address 1: a payload at
@@ -162,7 +167,7 @@ class NativeContext(Context):
 
     __slots__ = ("_handle", "_ctx", "_events", "_decoder", "_ecount", "_sizes", "_count", "_lent",
                  "_rbuf", "_rbuf_at", "_rlen", "_core_timeout", "_handed",
-                 "_close_info", "_pending", "_room", "_room_out", "_sched_done",
+                 "_close_info", "_pending", "_room", "_room_out", "_handovers", "_in_round",
                  "_buffer_max", "_alone", "_pins", "_unpinned", "_unpinning",
                  "_callbacks", "_cb_in", "_cb_out", "_finalizer")
 
@@ -216,7 +221,10 @@ class NativeContext(Context):
         #: An fd with buffered messages always has its entry.
         self._room: dict[int, int] = {}
         self._room_out: _Cell[int] = ffi.new("uint64_t *")
-        self._sched_done: _Cell[int] = ffi.new("size_t *")
+        #: How many times _flush handed the buffer over (see _flush).
+        self._handovers = 0
+        #: The core is running a round (switch callbacks may call schedule()).
+        self._in_round = False
         #: Payloads up to this size are buffered; -1 once fileno() was asked
         #: for (another loop waits on that fd: it must see every schedule()).
         self._buffer_max = min(SCHEDULE_BUFFERED, self.max_message_size)
@@ -348,11 +356,16 @@ class NativeContext(Context):
 
     def switch_send(self, fd: int, data: Buffer) -> None:
         raw = check_switch_data(data)
+        if self._pending:      # in order: what schedule() buffered goes first
+            self._flush()
+        self._handovers += 1
         self._check(lib.ipc_switch_send(self._ctx, _fd_arg(fd), ffi.from_buffer(raw),
                                         len(raw)), fd)
 
     def switch_end(self, fd: int, reason: Optional[str] = None) -> None:
         text = check_reason(reason)
+        if self._pending:      # what schedule() buffered is written before the end
+            self._flush()
         self._check(lib.ipc_switch_end(self._ctx, _fd_arg(fd),
                                        ffi.NULL if text is None else text,
                                        0 if text is None else len(text)), fd)
@@ -368,11 +381,11 @@ class NativeContext(Context):
         # out first, for `linger` seconds at most; what is left is logged as a
         # warning with its count (docs/reference.md, "close").
         linger = self._linger_of(linger)
-        if self._pending:
-            self._flush()
         count, peer, peer_count = self._close_info
         peer[0] = -1
         try:
+            if self._pending:   # inside: fd is closed even if this raises
+                self._flush()
             if lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count) == 0 \
                     and (count[0] or peer_count[0]):
                 self._linger(fd, linger)
@@ -416,7 +429,12 @@ class NativeContext(Context):
         deadline = time.monotonic() + linger
         while True:
             left = max(0, int((deadline - time.monotonic()) * 1e6))
-            if lib.ipc_linger(self._ctx, fd, left) != _E_INTERRUPTED:
+            in_round, self._in_round = self._in_round, True     # (see _take_events)
+            try:
+                rc = lib.ipc_linger(self._ctx, fd, left)
+            finally:
+                self._in_round = in_round
+            if rc != _E_INTERRUPTED:
                 return      # all sent, or time ran out: the caller warns
 
     def _warn_unsent(self) -> None:
@@ -548,11 +566,17 @@ class NativeContext(Context):
         grown by one C call, so a handler sees it whole. Everything else goes
         through the thread guard (pyipc._threads) to _schedule_direct."""
         if type(payload) is bytes and type(fd) is int and not _thread_count():
-            room = self._room.get(fd, -1) - len(payload) - 4
-            if room >= 0 and len(payload) <= self._buffer_max:
-                self._room[fd] = room
-                self._pending += (fd, payload)
-                return None
+            size = len(payload)
+            # No call from reading the room to storing it: a signal's handler
+            # (which runs only after a call) that schedules would otherwise
+            # have its bytes counted over (see _flush).
+            rooms = self._room
+            if fd in rooms and size <= self._buffer_max:
+                room = rooms[fd] - size - 4
+                if room >= 0:
+                    rooms[fd] = room
+                    self._pending += (fd, payload)
+                    return None
         return self._schedule_guarded(fd, payload)
 
     schedule._guarded = True  # type: ignore[attr-defined]
@@ -562,19 +586,22 @@ class NativeContext(Context):
         queued by the core at once."""
         if type(payload) is bytes and type(fd) is int:     # fast path: no conversion
             size = len(payload)
-            if size <= self._buffer_max:
+            if size <= self._buffer_max and not self._in_round:
                 # Buffered while fd's queue has room (learnt from the core
-                # once per round, so every error is still raised here).
-                room = self._room.get(fd)
-                if room is None:
-                    room = self._room_of(fd, size)
-                room -= size + 4
-                if room >= 0:
-                    self._room[fd] = room
-                    self._pending += (fd, payload)
-                    return
+                # once per round, so every error is still raised here). Not
+                # from a switch callback: the core's round goes on with it.
+                if fd not in self._room:
+                    self._learn_room(fd, size)
+                rooms = self._room          # no call from here to the store (see schedule)
+                if fd in rooms:
+                    room = rooms[fd] - size - 4
+                    if room >= 0:
+                        rooms[fd] = room
+                        self._pending += (fd, payload)
+                        return
             if self._pending:      # in order: what was buffered goes first
                 self._flush()
+            self._handovers += 1   # the core's queue changes (see _learn_room)
             try:
                 if size >= SCHEDULE_PINNED:
                     return self._schedule_pinned(fd, payload)
@@ -587,6 +614,7 @@ class NativeContext(Context):
                 return
         if self._pending:
             self._flush()
+        self._handovers += 1
         buf, size = self._payload(fd, payload)
         with buf:       # released before an exception leaves (see _payload)
             rc = lib.ipc_schedule(self._ctx, _fd_arg(fd), buf, size)
@@ -651,37 +679,63 @@ class NativeContext(Context):
     #: schedule() through the thread guard (the slow path of schedule()).
     _schedule_guarded = guarded_schedule(_schedule_direct)
 
-    def _room_of(self, fd: int, size: int) -> int:
-        """What fd's core queue takes now, schedule()'s checks of fd and of a
-        `size`-byte payload made (raising what schedule() would); -1 for an
-        fd out of C's range (schedule()'s slow path then says why)."""
+    def _learn_room(self, fd: int, size: int) -> None:
+        """Learn what fd's core queue takes now, into _room, schedule()'s
+        checks of fd and of a `size`-byte payload made (raising what
+        schedule() would); nothing for an fd out of C's range (schedule()'s
+        slow path then says why). Nothing is buffered for an fd with no
+        room entry, so the core's figure is the whole of it."""
         if not _INT_MIN <= fd <= _INT_MAX:
-            return -1
+            return
+        queued = self._handovers
         self._check(_ipc_schedule_room(self._ctx, fd, size, self._room_out), fd)
-        return int(self._room_out[0])
+        room = int(self._room_out[0])
+        # Kept unless a signal's handler scheduled meanwhile (its room, or the
+        # core's queue, changed since): then learnt again at the next call.
+        if self._handovers == queued and fd not in self._room:
+            self._room[fd] = room
 
     def _flush(self) -> None:
         """Hand what schedule() buffered to the core, in one call, in order,
         before a call into the core (whose round may change what fds take,
         so the room learnt is forgotten). Every message was checked when it
         was scheduled; only running out of memory can fail here, and then
-        what was not queued stays buffered for the next call."""
+        what was not queued stays buffered for the next call.
+
+        Safe when a signal's handler calls in (a nested flush): handlers run
+        only after a call returns, so from the check of _handovers to the C
+        call nothing can run. A handler that flushed while the arguments
+        were made has handed this batch over (it was still buffered), and
+        this call starts again from what is buffered now; one that runs
+        after the C call finds the batch gone from the buffer. Each message
+        goes to the core once, in order."""
         pending = self._pending
-        fds, data = pending[0::2], pending[1::2]
-        self._room.clear()
-        done = self._sched_done
-        done[0] = 0
-        try:
-            rc = _ipc_schedule_many(self._ctx, _from_buffer("int[]", array("i", fds)),
-                                    _join(data),
-                                    _from_buffer("uint32_t[]", array("I", map(len, data))),
-                                    len(fds), done)
-        finally:        # a signal's exception included: what was queued is not sent again
-            del pending[:2 * done[0]]
-        if rc:
-            if rc != _E_NO_MEMORY:      # not expected (checked): reported, not retried
-                del pending[:2]
-            self._check(rc, fds[done[0]])
+        while pending:
+            batch = pending[:]
+            queued = self._handovers
+            fds, data = batch[0::2], batch[1::2]
+            count, items = len(fds), len(batch)
+            fd_array = _from_buffer(_INT_ARRAY, array("i", fds))
+            joined = _join(data)
+            sizes = _from_buffer(_U32_ARRAY, array("I", map(len, data)))
+            done: _Cell[int] = ffi.new(_SIZE_P)
+            ctx = self._ctx
+            if self._handovers != queued:
+                continue        # a handler's flush took this batch: start again
+            # From here to the C call: no call (see above).
+            self._handovers = queued + 1
+            del pending[:items]
+            self._room = {}
+            try:
+                rc = _ipc_schedule_many(ctx, fd_array, joined, sizes, count, done)
+            finally:        # a signal's exception included: what was queued is not sent again
+                taken = done[0]
+                if taken < count:
+                    pending[:0] = batch[2 * taken:]     # first again, in order
+            if rc:
+                if rc != _E_NO_MEMORY:      # not expected (checked): reported, not retried
+                    del pending[:2]
+                self._check(rc, fds[taken])
 
     def _forked(self) -> None:
         # What the parent buffered is the parent's to send; and with no room
@@ -894,6 +948,10 @@ class NativeContext(Context):
             self._flush()
         ctx, events, count = self._ctx, self._events, self._ecount
         out: list[Event] = []
+        # A switch callback's schedule() reaches the core at once, not the
+        # buffer: the round goes on with it (a hang-up in the same round
+        # then reports it unsent, as the pure backend does).
+        in_round, self._in_round = self._in_round, True
         try:
             rc = _ipc_wait_events(ctx, events, capacity, count)
             if rc:
@@ -915,6 +973,8 @@ class NativeContext(Context):
         except BaseException:
             self._keep_handed(out)
             raise
+        finally:
+            self._in_round = in_round
         return out
 
     def _keep_handed(self, converted: list[Event]) -> None:

@@ -225,18 +225,25 @@ def test_native_reads_wait_in_the_kernel_only_when_alone(native_pair):
     assert client._alone is True
 
 
-def test_a_signal_handler_that_schedules_interleaves_whole_messages(pair):
+@pytest.mark.parametrize("large", [False, True], ids=["small", "large-then-small"])
+def test_a_signal_handler_that_schedules_interleaves_whole_messages(pair, large):
     """A signal handler that calls schedule() while the loop schedules (the
     native backend buffers without the lock in a one-thread process, so the
     handler lands anywhere in the loop's schedule()): every message of both
-    arrives once, whole, and each source's messages in its own order."""
+    arrives once, whole, and each source's messages in its own order. A
+    large payload (not buffered) makes the handler hand the buffer to the
+    core, maybe while the loop's own hand-over is under way (which sent
+    messages twice and lost others)."""
     import signal
     from_handler: list[bytes] = []
 
     def handler(signum, frame):
-        message = b"h%d" % len(from_handler)
-        pair.client.schedule(pair.client_fd, message)
-        from_handler.append(message)
+        messages = [b"h%d" % len(from_handler)]
+        if large:
+            messages.insert(0, b"h%d-large:" % len(from_handler) + b"x" * 5000)
+        for message in messages:
+            pair.client.schedule(pair.client_fd, message)
+            from_handler.append(message)
 
     # A handler that waits for itself (the bug this test found) hangs: the
     # run then ends with every thread's traceback instead of never.
@@ -265,3 +272,116 @@ def test_a_signal_handler_that_schedules_interleaves_whole_messages(pair):
     assert [m for m in got if m.startswith(b"m")] == loop
     assert [m for m in got if m.startswith(b"h")] == from_handler
     assert len(got) == len(loop) + len(from_handler)
+
+
+# ------------------------------------------------------------ a handler inside a hand-over
+
+def _schedule_six_with_a_handler_in(monkeypatch, pair, name: str, after: bool) -> list:
+    """Buffer m0..m5, then run a stand-in for a signal handler (a large and
+    a small schedule()) inside the hand-over to the core, where a real one
+    can run: after the call of the native module's function `name` returns
+    (`after`), or before it is called. Returns what the server receives."""
+    from pyipc import _native
+    real, fired = getattr(_native, name), []
+
+    def with_handler(*args):
+        if not after and not fired:
+            fired.append(1)
+            pair.client.schedule(pair.client_fd, b"BIG" + b"x" * 5000)
+            pair.client.schedule(pair.client_fd, b"after-big")
+        result = real(*args)
+        if after and not fired:
+            fired.append(1)
+            pair.client.schedule(pair.client_fd, b"BIG" + b"x" * 5000)
+            pair.client.schedule(pair.client_fd, b"after-big")
+        return result
+
+    monkeypatch.setattr(_native, name, with_handler)
+    for i in range(6):
+        pair.client.schedule(pair.client_fd, b"m%d" % i)
+    assert _tx_count(pair.client, 8) == 8
+    monkeypatch.undo()
+    assert fired
+    return [m[:9] for _, m in _received(pair.server, 8)]
+
+
+@pytest.mark.parametrize("name, after", [("_ipc_schedule_many", True), ("_join", True),
+                                         ("_from_buffer", False)])
+def test_a_handler_inside_the_hand_over_sends_each_message_once_in_order(
+        native_pair, monkeypatch, name, after):
+    """White box (native): a handler that hands the buffer over while the
+    loop's hand-over makes its arguments, or right after the core took them:
+    each message goes to the core once, in order (m0..m5 were buffered
+    first), nothing is lost."""
+    got = _schedule_six_with_a_handler_in(monkeypatch, native_pair, name, after)
+    assert got == [b"m0", b"m1", b"m2", b"m3", b"m4", b"m5", b"BIGxxxxxx", b"after-big"]
+
+
+def test_a_handler_between_learning_the_room_and_using_it_is_counted(native_pair,
+                                                                       monkeypatch):
+    """White box (native): a handler that schedules right after the room of
+    an fd was learnt from the core: its bytes count against the bound, so
+    schedule() raises QueueFullError at the bound, and every message it
+    accepted is sent (a stale room let Python buffer past the bound; the
+    core then refused one at the hand-over and it was lost)."""
+    from pyipc import _native
+    client, fd = native_pair.client, native_pair.client_fd
+    bound = 12 * 1004 - 1                   # room for 11 messages of 1,000 bytes
+    server = pyipc.Context(rundir=client.rundir, backend="native")
+    small = pyipc.Context(rundir=client.rundir, backend="native", max_message_size=2000,
+                          max_queue_size=bound)
+    try:
+        server.service_init("bounded")
+        sfd = small.connect_service("bounded")
+        real, fired = _native._ipc_schedule_room, []
+
+        def room_then_handler(*args):
+            rc = real(*args)
+            if not fired:
+                fired.append(1)
+                small.schedule(sfd, b"H" * 1000)
+            return rc
+
+        monkeypatch.setattr(_native, "_ipc_schedule_room", room_then_handler)
+        accepted = []
+        with pytest.raises(pyipc.QueueFullError):
+            for i in range(20):
+                small.schedule(sfd, b"%04d" % i + b"m" * 996)
+                accepted.append(b"%04d" % i)
+        monkeypatch.undo()
+        assert len(accepted) == 10              # and the handler's: 11 in all
+        assert _tx_count(small, 11) == 11       # no QueueFullError at the hand-over
+        got = [m[:4] for _, m in _received(server, 11)]
+        assert got == [b"HHHH"] + accepted
+    finally:
+        small.close_all()
+        server.close_all()
+
+
+def test_pure_schedule_counts_a_handlers_bytes(rundir, monkeypatch):
+    """White box (pure, whatever the test's backend): a handler that
+    schedules while schedule() makes its frame: the queue's byte count is
+    the bytes queued (it lost the handler's, so the bound loosened and the
+    count drifted below zero)."""
+    from pyipc._pure import send_queue
+    server = pyipc.Context(rundir=rundir, backend="pure")
+    client = pyipc.Context(rundir=rundir, backend="pure")
+    try:
+        server.service_init("svc")
+        fd = client.connect_service("svc")
+        real, fired = send_queue._pack, []
+
+        def pack_with_handler(n):
+            if not fired:
+                fired.append(1)
+                client.schedule(fd, b"h" * 96)
+            return real(n)
+
+        monkeypatch.setattr(send_queue, "_pack", pack_with_handler)
+        client.schedule(fd, b"m" * 96)
+        monkeypatch.undo()
+        conn = client._by_fd[fd]
+        assert conn.queued_bytes == sum(len(frame) for frame, _ in conn.queue) == 200
+    finally:
+        client.close_all()
+        server.close_all()

@@ -548,3 +548,47 @@ def test_only_the_owner_thread_may_call_them(gateway):
     assert isinstance(ev, pyipc.Event) and (ev.type, ev.message) == (RX, b"wake")
     gateway.client.write(gateway.cfd, b"still switched")
     assert gateway.received(15) == b"still switched\n"
+
+
+# -- what schedule() queued, around switch_send, switch_end and callbacks -------------
+def test_a_scheduled_message_goes_before_a_later_switch_send(gateway):
+    """schedule() then switch_send() on the same fd: out in that order (the
+    native backend's schedule() buffer goes to the core first)."""
+    gateway.server.schedule(gateway.fd, b"AAA")
+    gateway.server.switch_send(gateway.fd, b"BBB\n")
+    assert gateway.received(len(frame(b"AAA")) + 4) == frame(b"AAA") + b"BBB\n"
+
+
+def test_a_scheduled_message_is_written_before_switch_end(gateway):
+    gateway.server.schedule(gateway.fd, b"CCC")
+    gateway.server.switch_end(gateway.fd)
+    assert gateway.received(len(frame(b"CCC"))) == frame(b"CCC")
+    assert gateway.at_end()
+
+
+def test_a_message_scheduled_by_a_switch_callback_to_a_peer_gone_in_that_round(
+        gateway, ctx_factory):
+    """A callback runs inside the core's round: what it schedules is queued
+    by the core at once (not left in the native backend's buffer until the
+    next call), so when that connection's peer hung up in the same round the
+    message is reported unsent with it, as on the pure backend, and no
+    later call raises for it."""
+    other = ctx_factory()
+    other.connect_service("gw")
+    oconn = wait_for(gateway.server, EventType.CONNECTION)[-1].fd
+
+    def on_in(fd: int):
+        os.read(fd, 100)
+        gateway.server.schedule(oconn, b"for a peer that left")
+        return CBEvent.IGNORE, None
+
+    gateway.server.set_switch_callbacks(gateway.fd, on_in, gateway.proto.on_out)
+    gateway.outer.sendall(b"x\n")              # readable first (epoll keeps the order),
+    other.close_all()                           # then the hang-up
+    events = collect(gateway.server, lambda seen: any(
+        e.type == EventType.DISCONNECTION and e.fd == oconn for e in seen))
+    assert [(e.type, e.fd, e.error) for e in events if e.fd == oconn] == [
+        (EventType.ERROR, oconn, "peer closed the connection with 1 scheduled message(s) "
+                                 "unsent"),
+        (EventType.DISCONNECTION, oconn, None)]
+    gateway.run_server()                        # nothing left to raise

@@ -55,14 +55,20 @@ class SendQueue:
         if conn is not None and conn.kind == CONNECTION and type(payload) is bytes \
                 and not (conn.write_closed or conn.closing):
             size = len(payload) + 4
-            queued = conn.queued_bytes + size
-            if size <= self.max_message_size + 4 and queued <= self.max_queue_size:
-                conn.queue.append((_pack(size - 4) + payload, _TX))
-                conn.queued_bytes = queued
-                if conn not in self._dirty:
-                    self._dirty[conn] = None
-                    self._set_interest(conn)
-                return
+            if size <= self.max_message_size + 4:
+                frame = _pack(size - 4) + payload
+                bound = self.max_queue_size
+                # No call from reading the count to storing it: a signal's
+                # handler (which runs only after a call) that schedules
+                # would otherwise have its bytes counted over.
+                queued = conn.queued_bytes + size
+                if queued <= bound:
+                    conn.queued_bytes = queued
+                    conn.queue.append((frame, _TX))
+                    if conn not in self._dirty:
+                        self._dirty[conn] = None
+                        self._set_interest(conn)
+                    return
         conn, data = self._prepare(fd, payload)
         size = len(data) + HEADER.size
         if conn.queued_bytes + size > self.max_queue_size:
@@ -72,8 +78,9 @@ class SendQueue:
         self._enqueue(conn, encode(data), _TX)
 
     def _enqueue(self: PureState, conn: Conn, frame: bytes, kind: Optional[EventType]) -> None:
+        size = len(frame)
+        conn.queued_bytes += size           # no call in between (see schedule)
         conn.queue.append((frame, kind))
-        conn.queued_bytes += len(frame)
         if conn not in self._dirty:
             self._dirty[conn] = None
             self._set_interest(conn)

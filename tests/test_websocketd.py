@@ -31,7 +31,7 @@ from websockets.uri import parse_uri  # noqa: E402
 import pyipc  # noqa: E402
 from pyipc import EventType  # noqa: E402
 
-from conftest import CHILD_ENV, wait_for  # noqa: E402
+from conftest import CHILD_ENV, spin_until, wait_for  # noqa: E402
 from wsd_helpers import DaemonThread, ServiceThread, sink  # noqa: E402
 
 KIB = 1024
@@ -509,3 +509,129 @@ def test_socket_activation(backend, rundir):
         proc.wait()
         proc.stdout.close()
         service.stop()
+
+
+# ------------------------------------------------------------ faults the review found
+
+def test_a_service_with_a_full_backlog_is_503_and_the_others_are_served(start, rundir):
+    """websocketd connects to the service without blocking: one that accepts
+    nobody, its backlog full, is answered 503 at once, and the loop goes on
+    serving (a blocking connect froze every WebSocket)."""
+    from daemon_harness import stuck_service
+    from test_websocketd_http import refused
+    start.service()
+    d = start.daemon(expose=frozenset({"echo", "stuck"}))
+    with stuck_service(rundir, "stuck"):
+        assert refused(d.url("/stuck")) == (
+            503, b"503 Service Unavailable: service 'stuck' is busy: its listen backlog "
+                 b"is full\n")
+        with connect(d.url("/echo"), open_timeout=10) as ws:
+            ws.send(b"still served")
+            assert ws.recv(timeout=10) == b"still served"
+
+
+def test_many_small_fragments_cost_the_message_not_a_list(start):
+    """A message in 1-byte fragments (and empty ones) is joined as it comes:
+    the daemon holds its bytes, not an object per fragment; the whole
+    message reaches the service once."""
+    service = start.service("sink", sink)
+    d = start.daemon()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        client = handshake(s, d.url("/sink"))
+        client.send_binary(b"a", fin=False)
+        for byte in b"bcdefghij" * 1000:
+            client.send_continuation(bytes([byte]), fin=False)
+            client.send_continuation(b"", fin=False)
+        client.send_continuation(b"!", fin=True)
+        s.sendall(b"".join(client.data_to_send()))
+        service.wait_for(lambda evs: any(e.type == EventType.MESSAGE_RX for e in evs))
+        sessions = set(d.daemon.sessions.values())
+    assert service.messages() == [b"a" + b"bcdefghij" * 1000 + b"!"]
+    assert all(isinstance(session._parts, bytearray) for session in sessions)
+
+
+def test_fragments_over_the_bound_close_with_1009(start):
+    service = start.service("sink", sink)
+    d = start.daemon(max_message_size=1000)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        client = handshake(s, d.url("/sink"))
+        client.send_binary(b"x" * 600, fin=False)
+        client.send_continuation(b"x" * 401, fin=True)
+        s.sendall(b"".join(client.data_to_send()))
+        frames = read_frames(s, client)
+    assert frames[0].opcode is Opcode.CLOSE and frames[0].data[:2] == b"\x03\xf1"   # 1009
+    assert service.messages() == []
+
+
+def test_nothing_after_a_failed_message_reaches_the_service(start):
+    """Invalid UTF-8 fails the WebSocket (1007): a message sent right after
+    it, in the same read, is not delivered (RFC 6455 7.1.7)."""
+    service = start.service("sink", sink)
+    d = start.daemon()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        client = handshake(s, d.url("/sink"))
+        client.send_binary(b"before")
+        client.send_frame(Frame(Opcode.TEXT, b"\xff\xfe"))
+        client.send_binary(b"after the failure")
+        s.sendall(b"".join(client.data_to_send()))
+        frames = read_frames(s, client)
+    assert frames[0].opcode is Opcode.CLOSE and frames[0].data[:2] == b"\x03\xef"   # 1007
+    disconnected(service)
+    assert service.messages() == [b"before"]
+
+
+def test_a_client_that_never_reads_the_end_is_cut(start, monkeypatch):
+    """The service sends more than the client's socket takes, then closes;
+    the client never reads: FLUSH_TIMEOUT later both fds are closed (the
+    core would otherwise hold them and the queue until the client reads)."""
+    from pyipc.daemons.websocketd import daemon as daemon_module
+    monkeypatch.setattr(daemon_module, "FLUSH_TIMEOUT", 0.5)
+
+    def flood_then_close(ctx, ev):
+        if ev.type == EventType.MESSAGE_RX:
+            for _ in range(64):
+                ctx.schedule(ev.fd, b"z" * 65536)
+            ctx.close(ev.fd, linger=30)
+    service = start.service("sink", flood_then_close)
+    d = start.daemon(max_buffer=8 * MIB)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client = handshake(s, d.url("/sink"))
+        client.send_binary(b"go")
+        s.sendall(b"".join(client.data_to_send()))
+        # Recorded once handled: the service has sent it all, and closed.
+        service.wait_for(lambda evs: any(e.type == EventType.MESSAGE_RX for e in evs))
+        spin_until(lambda: not d.daemon.sessions, timeout=10)
+
+
+def test_a_failure_opening_the_session_closes_both_sides(start, monkeypatch):
+    """Out of fds (or memory) right after the 101: the client's and the
+    service's connections are closed, none left watched by the context and
+    known to no one (it spun the loop at 100% CPU, the client hung)."""
+    from pyipc.daemons.websocketd import daemon as daemon_module
+
+    def out_of_fds(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(daemon_module, "Session", out_of_fds)
+    service = start.service("sink", sink)
+    d = start.daemon()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        handshake(s, d.url("/sink"))
+        assert s.recv(100) == b""                   # closed after the 101
+    disconnected(service)                           # its side too
+    assert not d.daemon.handshakes and not d.daemon.sessions
+
+
+def test_client_sockets_detect_a_vanished_peer(start):
+    """Keepalive and TCP_USER_TIMEOUT on the client's socket (as tcpd's and
+    tlsd's --dead-peer-timeout): a browser that vanished is noticed."""
+    start.service()
+    d = start.daemon(dead_peer_timeout=8)
+    with connect(d.url("/echo"), open_timeout=10) as ws:
+        ws.send(b"x")
+        assert ws.recv(timeout=10) == b"x"
+        (fd,) = {session.fd for session in d.daemon.sessions.values()}
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 8000

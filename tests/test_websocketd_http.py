@@ -136,6 +136,38 @@ def test_bad_handshake_is_400(wsd, echo_service):
     assert echo_service.events == []        # the service never saw it
 
 
+@pytest.mark.parametrize("header", ["Origin", "Host"])
+def test_a_repeated_origin_or_host_header_is_400(wsd, echo_service, header):
+    """Two Origin (or Host) headers: which one the check would take is
+    ambiguous, so the request is refused with a reason (it raised, and the
+    client got a bare close)."""
+    twice = f"{header}: http://127.0.0.1\r\n{header}: http://evil.example\r\n".encode()
+    host = b"" if header == "Host" else b"Host: 127.0.0.1\r\n"
+    answer = raw_exchange(wsd().port, b"GET /echo HTTP/1.1\r\n" + host + twice +
+                          b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert answer.endswith(f"400 Bad Request: more than one {header} header\n".encode())
+    assert echo_service.events == []
+
+
+def test_handshake_timeout_must_be_a_positive_number():
+    from pyipc.daemons.websocketd import Options
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="handshake_timeout must be a positive number"):
+            Options(handshake_timeout=bad)
+    with pytest.raises(ValueError, match="dead_peer_timeout must be >= 0"):
+        Options(dead_peer_timeout=float("nan"))
+
+
+def test_listening_on_double_colon_takes_ipv4_too(wsd):
+    """'::' is every address, as the help says: IPv4 clients included."""
+    d = wsd(host="::")
+    status, _, _ = get(f"http://127.0.0.1:{d.port}/pyipc.js")
+    assert status == 200
+
+
 # ------------------------------------------------------------ deny by default
 
 def test_nothing_is_exposed_by_default(wsd, echo_service):

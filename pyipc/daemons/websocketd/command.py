@@ -7,8 +7,8 @@ import ssl
 from typing import Any, Optional
 
 from ..._types import DEFAULT_MAX_MESSAGE_SIZE
-from .options import (DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_HANDSHAKES,
-                      DEFAULT_PORT, Options, parse_list)
+from .options import (DEFAULT_DEAD_PEER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_BUFFER,
+                      DEFAULT_MAX_HANDSHAKES, DEFAULT_PORT, Options, parse_list)
 
 
 def add_command(subparsers: Any) -> None:
@@ -43,6 +43,10 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--max-handshakes", type=int, default=DEFAULT_MAX_HANDSHAKES,
                    metavar="N", help="connections in their handshake at once "
                    f"(default {DEFAULT_MAX_HANDSHAKES})")
+    p.add_argument("--dead-peer-timeout", type=float, default=DEFAULT_DEAD_PEER_TIMEOUT,
+                   metavar="SECONDS", help="a client that vanished (cut link, host down) "
+                   f"is noticed within about this time (default "
+                   f"{DEFAULT_DEAD_PEER_TIMEOUT:g}; 0: never)")
     p.set_defaults(func=run_command)
 
 
@@ -73,6 +77,7 @@ def run_command(args: argparse.Namespace) -> int:
                           max_buffer=args.max_buffer,
                           handshake_timeout=args.handshake_timeout,
                           max_handshakes=args.max_handshakes,
+                          dead_peer_timeout=args.dead_peer_timeout,
                           ssl_context=ssl_context(args.cert, args.key))
         daemon = WebSocketd(options, rundir=args.rundir, backend=args.backend)
         daemon.run()

@@ -13,14 +13,15 @@ A connection goes through two phases:
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from http import HTTPStatus
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from websockets.frames import CloseCode
+from websockets.datastructures import MultipleValuesError
 from websockets.http11 import Request, Response
 
-from ... import Event, EventType, IPCError, ServiceNotFoundError
+from ... import Event, EventType, InvalidNameError, IPCError, _rundir
 from .. import _sockets, _systemd
 from .._runtime import Daemon
 from . import responses
@@ -34,6 +35,10 @@ log = logging.getLogger("pyipc.daemons.websocketd")
 
 #: Seconds a client has to answer our close frame before its socket is closed.
 CLOSE_TIMEOUT = 2.0
+#: Seconds an ended WebSocket's client has to read what was queued for it
+#: (the service's last messages, the close frame) before both its fds are
+#: closed: a client that never reads would hold them, and its queue, for good.
+FLUSH_TIMEOUT = 10.0
 
 
 class WebSocketd(Daemon):
@@ -88,7 +93,11 @@ class WebSocketd(Daemon):
     def _listen(self) -> socket.socket:
         host, port = self.options.host, self.options.port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.create_server((host, port), family=family, backlog=128)
+        # "::" is every address, IPv4's too (as the help says), where the
+        # system can (else IPv6 only, as create_server makes it).
+        dual = host == "::" and socket.has_dualstack_ipv6()
+        return socket.create_server((host, port), family=family, backlog=128,
+                                    dualstack_ipv6=dual)
 
     def on_event_failed(self, ev: Event) -> None:
         """After a failure (logged by the runtime): a handshake in progress on
@@ -107,6 +116,9 @@ class WebSocketd(Daemon):
             elif ev.fd in self.lingering:
                 if self.lingering[ev.fd][0].linger_read(ev.fd):
                     self._unlinger(ev.fd)
+            else:       # no one's: closed, or its readiness would wake the loop forever
+                log.warning("fd %d: readable but not websocketd's: closed", ev.fd)
+                self.ctx.close(ev.fd, linger=0)
         elif ev.type == EventType.DISCONNECTION:
             self._forget(ev.fd)
         elif ev.type == EventType.ERROR:
@@ -138,18 +150,28 @@ class WebSocketd(Daemon):
                             peer, len(self.handshakes))
                 sock.close()
                 continue
-            self._start(sock, peer)
+            try:
+                self._start(sock, peer)
+            except (OSError, IPCError) as e:
+                log.warning("%s: refused: %s", peer, e)
+                sock.close()
 
     def _start(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):   # given fds may be Unix ones
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        fd = sock.detach()
-        self.ctx.add_external(fd)
-        hs = Handshake(fd, peer, make_transport(self.options.ssl_context),
+            _sockets.tune_tcp(sock, self.options.dead_peer_timeout)
+        # What can fail comes before the context owns the socket: a failure
+        # then closes it with the socket object, never leaving an fd watched
+        # by the context that no handshake knows (its readiness would spin).
+        hs = Handshake(sock.fileno(), peer, make_transport(self.options.ssl_context),
                        self.options.max_message_size)
         hs.timer = self.call_later(self.options.handshake_timeout, lambda: self._expire(hs))
-        self.handshakes[fd] = hs
+        try:
+            self.ctx.add_external(sock.fileno())
+        except IPCError:                            # e.g. max_connections reached
+            self.cancel(hs.timer)
+            raise
+        self.handshakes[sock.detach()] = hs
 
     def _expire(self, hs: Handshake) -> None:
         if self.handshakes.get(hs.fd) is hs:
@@ -197,23 +219,20 @@ class WebSocketd(Daemon):
         if not exposed:
             return responses.error(HTTPStatus.NOT_FOUND,
                                    f"no service {name!r} is exposed here")
-        origin = request.headers.get("Origin")
-        if not origin_allowed(origin, request.headers.get("Host"), self.options.origins):
+        try:
+            origin, host = request.headers.get("Origin"), request.headers.get("Host")
+        except MultipleValuesError as e:
+            return responses.error(HTTPStatus.BAD_REQUEST,
+                                   f"more than one {e.args[0] if e.args else ''} header")
+        if not origin_allowed(origin, host, self.options.origins):
             return responses.error(HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed")
         return hs.protocol.accept(request)   # 101, or 400/426... for a bad handshake
 
     def _open(self, hs: Handshake, request: Request, response: Response) -> None:
         name = service_name(request.path)
-        try:
-            service_fd = self.ctx.connect_service(name)
-        except ServiceNotFoundError:
-            hs.respond(responses.error(HTTPStatus.SERVICE_UNAVAILABLE,
-                                       f"service {name!r} is not running"))
-            self._drop(hs)
-            return
-        except IPCError as e:
-            hs.respond(responses.error(HTTPStatus.SERVICE_UNAVAILABLE,
-                                       f"cannot connect to service {name!r}: {e}"))
+        service_fd = self._connect_service(name)
+        if isinstance(service_fd, str):
+            hs.respond(responses.error(HTTPStatus.SERVICE_UNAVAILABLE, service_fd))
             self._drop(hs)
             return
         try:
@@ -223,16 +242,48 @@ class WebSocketd(Daemon):
             raise
         self._switch(hs, name, service_fd)
 
+    def _connect_service(self, name: str) -> "int | str":
+        """A connection of the context's to service `name`, made without
+        blocking (as tcpd's): a service whose backlog is full is answered at
+        once, never holding the loop (every other WebSocket with it). Else
+        why it cannot be made (the 503's text)."""
+        try:
+            path = _rundir.service_path(self.ctx.rundir, name)
+            fd = _sockets.connect_local(path, name, self.ctx.rundir).detach()
+        except InvalidNameError as e:
+            return f"cannot connect to service {name!r}: {e}"
+        except _sockets.LocalRefusal as e:
+            return f"service {name!r} is not running" if e.code == "noservice" \
+                else f"service {name!r} is busy: its listen backlog is full"
+        try:
+            self.ctx.add_connection(fd)
+        except IPCError as e:                       # e.g. max_connections reached
+            os.close(fd)
+            return f"cannot connect to service {name!r}: {e}"
+        return fd
+
     def _switch(self, hs: Handshake, name: str, service_fd: int) -> None:
+        session: Optional[Session] = None
+        try:
+            session = Session(self.ctx, hs.fd, service_fd, name, hs.peer, hs.protocol,
+                              hs.transport, self._linger)
+            for message in session.take_early_messages(hs.rest):
+                self.ctx.schedule(service_fd, message)
+            self.ctx.add_switch(hs.fd, service_fd)
+            self.ctx.set_switch_callbacks(hs.fd, session.on_in, session.on_out)
+            self.ctx.set_switch_callbacks(service_fd, session.on_service_in, None)
+        except (OSError, IPCError) as e:
+            # Out of fds (the session's dup), or of memory: this WebSocket
+            # ends (its client sees the TCP close), every fd of it closed,
+            # rather than a socket the daemon no longer knows.
+            log.warning("%s: cannot open /%s: %s", hs.peer, name, e)
+            if session is not None:
+                session.release()
+            self.ctx.close(service_fd, linger=0)
+            self._drop(hs)
+            return
         del self.handshakes[hs.fd]
         self.cancel(hs.timer)     # type: ignore[arg-type]
-        session = Session(self.ctx, hs.fd, service_fd, name, hs.peer, hs.protocol,
-                          hs.transport, self._linger)
-        for message in session.take_early_messages(hs.rest):
-            self.ctx.schedule(service_fd, message)
-        self.ctx.add_switch(hs.fd, service_fd)
-        self.ctx.set_switch_callbacks(hs.fd, session.on_in, session.on_out)
-        self.ctx.set_switch_callbacks(service_fd, session.on_service_in, None)
         self.sessions[hs.fd] = self.sessions[service_fd] = session
         log.info("%s: WebSocket open to /%s", hs.peer, name)
         session.start()
@@ -240,11 +291,30 @@ class WebSocketd(Daemon):
     # ------------------------------------------------------------ switched phase
 
     def _linger(self, session: Session, fd: int) -> None:
-        """Watch `fd` (a dup of a client's socket whose switch ended after our
-        close frame) until the client answers it, CLOSE_TIMEOUT at most."""
+        """The switch of `session` ended: its fds close once what is queued
+        is written, FLUSH_TIMEOUT at most. `fd`, unless -1: a dup of the
+        client's socket, watched until the client answers our close frame,
+        CLOSE_TIMEOUT at most."""
+        self.call_later(FLUSH_TIMEOUT, lambda: self._cut(session))
+        if fd < 0:
+            return
         self.ctx.add_external(fd)
         timer = self.call_later(CLOSE_TIMEOUT, lambda: self._unlinger(fd))
         self.lingering[fd] = (session, timer)
+
+    def _cut(self, session: Session) -> None:
+        """FLUSH_TIMEOUT after its end, the session's fds are still open (its
+        client does not read): closed now, what is left dropped."""
+        if self.sessions.get(session.fd) is not session:
+            return                                  # closed in time (DISCONNECTION)
+        log.info("%s: /%s: the client did not read the end within %g s: cut",
+                 session.peer, session.service, FLUSH_TIMEOUT)
+        for fd in (session.fd, session.service_fd):
+            try:
+                self.ctx.close(fd, linger=0)
+            except IPCError:
+                pass                                # closed with its switch peer
+        self._forget(session.fd)
 
     def _unlinger(self, fd: int) -> None:
         entry = self.lingering.pop(fd, None)

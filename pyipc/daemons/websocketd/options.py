@@ -19,6 +19,10 @@ DEFAULT_MAX_BUFFER = 1 << 20
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Connections still in their handshake at once; more are refused at accept.
 DEFAULT_MAX_HANDSHAKES = 256
+#: Seconds after which a client that vanished (a cut link, a host down) is
+#: noticed: TCP keepalive while idle, TCP_USER_TIMEOUT while data waits to be
+#: acknowledged (as tcpd's and tlsd's --dead-peer-timeout); 0: never.
+DEFAULT_DEAD_PEER_TIMEOUT = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Options:
     max_buffer: int = DEFAULT_MAX_BUFFER
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    dead_peer_timeout: float = DEFAULT_DEAD_PEER_TIMEOUT
     #: wss://: a server-side SSLContext (None: plain ws://).
     ssl_context: Optional[ssl.SSLContext] = None
 
@@ -47,8 +52,12 @@ class Options:
         for name in ("max_message_size", "max_buffer", "max_handshakes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.handshake_timeout <= 0:
-            raise ValueError("handshake_timeout must be positive")
+        if not 0 <= self.dead_peer_timeout < float("inf"):
+            raise ValueError(f"dead_peer_timeout must be >= 0 seconds, "
+                             f"not {self.dead_peer_timeout}")
+        if not 0 < self.handshake_timeout < float("inf"):      # nan included
+            raise ValueError(f"handshake_timeout must be a positive number of seconds, "
+                             f"not {self.handshake_timeout}")
 
 
 def parse_list(text: Optional[str]) -> Tuple[str, ...]:

@@ -52,9 +52,10 @@ class Session:
                  protocol: ServerProtocol, transport: Union[Plain, Tls],
                  linger: Callable[["Session", int], None]) -> None:
         self.ctx = ctx
-        # linger(session, dup_fd): the daemon watches a dup of the client's
-        # socket after the switch ended, until the client answers our close
-        # frame (see _end).
+        # linger(session, dup_fd): the switch ended (see _end); the daemon
+        # watches dup_fd (a dup of the client's socket, or -1 for none) until
+        # the client answers our close frame, and cuts a client that does
+        # not read what was left for it.
         self.linger = linger
         self.fd = fd
         self.service_fd = service_fd
@@ -62,7 +63,10 @@ class Session:
         self.peer = peer
         self.protocol = protocol
         self.transport = transport
-        self._parts: List[bytes] = []          # the fragments of the message being read
+        # The message being read, its fragments joined as they come: one
+        # buffer, bounded by max_message_size (a list of them cost ~50 bytes
+        # per fragment, and empty ones counted toward no bound).
+        self._parts = bytearray()
         self._text = False                     # ... which is a text message
         self._messages: Deque[bytes] = collections.deque()   # whole, not yet returned
         self._ending: Optional[str] = None     # why the WebSocket is closing
@@ -187,24 +191,34 @@ class Session:
         for frame in self.protocol.events_received():
             if isinstance(frame, Frame) and (frame.opcode in _DATA
                                              or frame.opcode is Opcode.CONT):
-                self._fragment(frame)
+                if not self._fragment(frame):
+                    return      # failed: nothing after it is taken (RFC 6455 7.1.7)
 
     def _note_closing(self) -> None:
         if self.protocol.state is not State.OPEN and self._ending is None:
             self._ending = self._why_closing()
 
-    def _fragment(self, frame: Frame) -> None:
+    def _fragment(self, frame: Frame) -> bool:
+        """Take one data frame; False when it failed the WebSocket."""
         if frame.opcode is not Opcode.CONT:
             self._text = frame.opcode is Opcode.TEXT
-        self._parts.append(bytes(frame.data))
-        if not frame.fin:
-            return
-        message = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-        self._parts = []
+        if frame.fin and not self._parts:
+            message = bytes(frame.data)            # unfragmented: no buffer
+        else:
+            self._parts += frame.data
+            limit = self.ctx.max_message_size
+            if len(self._parts) > limit:
+                self.protocol.fail(CloseCode.MESSAGE_TOO_BIG,
+                                   f"fragmented message over {limit} bytes")
+                return False
+            if not frame.fin:
+                return True
+            message, self._parts = bytes(self._parts), bytearray()
         if self._text and not _valid_utf8(message):
             self.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
-            return
+            return False
         self._messages.append(message)
+        return True
 
     def _why_closing(self) -> str:
         received = self.protocol.close_rcvd
@@ -256,8 +270,7 @@ class Session:
             self.ctx.switch_end(self.fd, reason[:200] if error else None)
         except IPCError as e:
             log.debug("%s: %s", self.peer, e)
-        if dup >= 0:
-            self.linger(self, dup)
+        self.linger(self, dup)
 
     def linger_read(self, fd: int) -> bool:
         """The dup of the client's socket is readable: read what came; True

@@ -81,8 +81,8 @@ def test_websocketd_malformed_path_is_404_not_a_crash(echo_wsd, upgrade):
 
 
 def test_websocketd_policy_never_raises_on_malformed_urls():
-    assert origin_allowed("http://[", "127.0.0.1", frozenset()) is False
-    assert origin_allowed("http://[::1", "[::1]", frozenset()) is False
+    assert origin_allowed("http://[", "127.0.0.1", frozenset(), frozenset()) is False
+    assert origin_allowed("http://[::1", "[::1]", frozenset(), frozenset()) is False
     assert service_name("//[x") == "/[x"           # not a name any service has
     assert service_name("//echo") == "/echo"       # the path is never a netloc
     assert service_name("/echo#frag") == "echo"

@@ -236,9 +236,32 @@ def test_policy_service_name():
     ("https://app", "h:8080", {"https://app"}, True),
     ("https://evil", "h:8080", {"*"}, True),
     ("http://h:8080", None, set(), False),
+    # DNS rebinding: the page's name resolved to this machine; same "host"
+    # on both headers, but not a name of this machine.
+    ("http://attacker.example:8080", "attacker.example:8080", set(), False),
+    ("http://H.:8080", "h.:8080", set(), True),
+    ("http://127.0.0.1:8080", "127.0.0.1:8080", set(), True),     # addresses: no DNS
+    ("http://[::1]:8080", "[::1]:8080", set(), True),
+    ("http://attacker.example", "attacker.example", {"http://attacker.example"}, True),
 ])
 def test_policy_origin(origin, host, allowed, ok):
-    assert origin_allowed(origin, host, allowed) is ok
+    assert origin_allowed(origin, host, allowed, {"h", "localhost"}) is ok
+
+
+def test_dns_rebinding_is_refused_403(wsd, echo_service):
+    """A page on attacker.example whose name now resolves to 127.0.0.1: the
+    browser sends its own Origin and Host attacker.example, which match;
+    refused all the same (the Host is not a name of this machine)."""
+    d = wsd()
+    site = f"attacker.example:{d.port}".encode()
+    answer = raw_exchange(d.port, b"GET /echo HTTP/1.1\r\nHost: " + site + b"\r\n"
+                          b"Origin: http://" + site + b"\r\n"
+                          b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert answer.endswith(b"origin http://" + site + b" is not allowed\n")
+    assert echo_service.events == []
 
 
 # ------------------------------------------------------------ handshake bounds

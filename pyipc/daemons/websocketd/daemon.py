@@ -27,7 +27,7 @@ from .._runtime import Daemon
 from . import responses
 from .handshake import Handshake, HandshakeFailed
 from .options import Options
-from .policy import origin_allowed, service_name
+from .policy import origin_allowed, own_names, service_name
 from .session import Session
 from .transport import make_transport
 
@@ -70,6 +70,8 @@ class WebSocketd(Daemon):
         self.sessions: Dict[int, Session] = {}     # by client fd and by service fd
         # Dups of client sockets waiting for the answer to our close frame.
         self.lingering: Dict[int, Tuple[Session, object]] = {}
+        #: The Host names the same-origin rule takes (policy.origin_allowed).
+        self._own_names = own_names()
 
     # ------------------------------------------------------------ runtime hooks
 
@@ -224,7 +226,7 @@ class WebSocketd(Daemon):
         except MultipleValuesError as e:
             return responses.error(HTTPStatus.BAD_REQUEST,
                                    f"more than one {e.args[0] if e.args else ''} header")
-        if not origin_allowed(origin, host, self.options.origins):
+        if not origin_allowed(origin, host, self.options.origins, self._own_names):
             return responses.error(HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed")
         return hs.protocol.accept(request)   # 101, or 400/426... for a bad handshake
 

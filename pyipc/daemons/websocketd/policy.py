@@ -9,12 +9,20 @@ header (the page was served by this websocketd, or by the same host:port).
 A request without Origin is not from a browser page and is allowed (a
 non-browser client can send any Origin it likes anyway: Origin protects
 browser users, it does not authenticate).
+
+The same-host rule holds only where the Host header names this machine: an
+IP address, `localhost`, or one of the machine's own names. Else a page
+could rebind its own DNS name to 127.0.0.1 (DNS rebinding): its Origin and
+the Host the browser then sends are the same attacker's name, and would
+match. A page served under another name is allowed by listing its origin.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import urllib.parse
-from typing import AbstractSet, Optional
+from typing import AbstractSet, FrozenSet, Optional
 
 
 def service_name(path: str) -> str:
@@ -27,11 +35,19 @@ def service_name(path: str) -> str:
     return urllib.parse.unquote(path[1:]) if path.startswith("/") else path
 
 
+def own_names() -> FrozenSet[str]:
+    """The names of this machine a Host header may hold for the same-host
+    rule (besides IP addresses): localhost and the machine's own names."""
+    return frozenset(n.lower() for n in ("localhost", socket.gethostname(), socket.getfqdn())
+                     if n)
+
+
 def origin_allowed(origin: Optional[str], host: Optional[str],
-                   allowed: AbstractSet[str]) -> bool:
+                   allowed: AbstractSet[str], names: AbstractSet[str]) -> bool:
     """Whether a request with header Origin `origin` and Host `host` may
-    open a WebSocket: no Origin, or the same host:port, or listed (exactly,
-    scheme://host[:port]), or the list holds "*"."""
+    open a WebSocket: no Origin, or the same host:port where the Host names
+    this machine (an IP address or one of `names`, see own_names), or
+    listed (exactly, scheme://host[:port]), or the list holds "*"."""
     if origin is None:
         return True
     if "*" in allowed or origin in allowed:
@@ -42,7 +58,18 @@ def origin_allowed(origin: Optional[str], host: Optional[str],
         return False
     if parts.scheme not in ("http", "https") or not parts.netloc or host is None:
         return False
-    return _netloc(parts.netloc, parts.scheme) == _netloc(host, parts.scheme)
+    return _netloc(parts.netloc, parts.scheme) == _netloc(host, parts.scheme) \
+        and _names_this_machine(parts.hostname or "", names)
+
+
+def _names_this_machine(hostname: str, names: AbstractSet[str]) -> bool:
+    """An IP address (a browser that was given one asks no DNS), or one of
+    this machine's `names` (lower case)."""
+    try:
+        ipaddress.ip_address(hostname)
+        return True
+    except ValueError:
+        return hostname.lower().rstrip(".") in names
 
 
 def _netloc(netloc: str, scheme: str) -> str:

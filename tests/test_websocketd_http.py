@@ -274,16 +274,48 @@ def test_silent_client_is_closed_after_the_handshake_timeout(wsd):
 
 
 def test_connections_in_handshake_are_bounded(wsd):
-    d = wsd(max_handshakes=2)
+    d = wsd(max_handshakes=2, max_handshakes_per_host=2)
     waiting = [socket.create_connection(("127.0.0.1", d.port), timeout=10) for _ in range(2)]
     try:
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as third:
-            assert third.recv(100) == b""          # over the bound: closed at once
+            answer = b""                           # over the bound: told, closed at once
+            while chunk := third.recv(1000):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert answer.endswith(b"busy: 2 connections already in their handshake "
+                               b"(max_handshakes)\n")
         readable, _, _ = select.select(waiting, [], [], 0)
         assert readable == []                     # the first two still wait
         # A finished handshake frees its place.
         waiting[0].sendall(b"GET /pyipc.js HTTP/1.1\r\nHost: x\r\n\r\n")
         assert waiting[0].recv(100).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        for s in waiting:
+            s.close()
+
+
+def test_one_host_takes_its_share_of_the_handshakes_not_all(wsd):
+    """Connections in their handshake from one peer are bounded by
+    max_handshakes_per_host (default half of max_handshakes): one host that
+    holds its share cannot have every other host refused."""
+    d = wsd(max_handshakes=4)                   # a share of 2 per host
+    waiting = [socket.create_connection(("127.0.0.1", d.port), timeout=10) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as third:
+            answer = b""
+            while chunk := third.recv(1000):
+                answer += chunk
+        assert answer.endswith(b"busy: 2 connections from 127.0.0.1 already in their "
+                               b"handshake (max_handshakes_per_host)\n")
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10,
+                                      source_address=("127.0.0.2", 0)) as other:
+            other.sendall(b"GET /pyipc.js HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert other.recv(100).startswith(b"HTTP/1.1 200 OK")
+        waiting[0].sendall(b"GET /pyipc.js HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert waiting[0].recv(100).startswith(b"HTTP/1.1 200 OK")
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as again:
+            again.sendall(b"GET /pyipc.js HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert again.recv(100).startswith(b"HTTP/1.1 200 OK")     # its slot back
     finally:
         for s in waiting:
             s.close()

@@ -43,6 +43,9 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--max-handshakes", type=int, default=DEFAULT_MAX_HANDSHAKES,
                    metavar="N", help="connections in their handshake at once "
                    f"(default {DEFAULT_MAX_HANDSHAKES})")
+    p.add_argument("--max-handshakes-per-host", type=int, default=None, metavar="N",
+                   help="connections in their handshake at once from one peer (an IPv4 "
+                        "address, an IPv6 /64; default: half of --max-handshakes)")
     p.add_argument("--dead-peer-timeout", type=float, default=DEFAULT_DEAD_PEER_TIMEOUT,
                    metavar="SECONDS", help="a client that vanished (cut link, host down) "
                    f"is noticed within about this time (default "
@@ -77,6 +80,7 @@ def run_command(args: argparse.Namespace) -> int:
                           max_buffer=args.max_buffer,
                           handshake_timeout=args.handshake_timeout,
                           max_handshakes=args.max_handshakes,
+                          max_handshakes_per_host=args.max_handshakes_per_host,
                           dead_peer_timeout=args.dead_peer_timeout,
                           ssl_context=ssl_context(args.cert, args.key))
         daemon = WebSocketd(options, rundir=args.rundir, backend=args.backend)

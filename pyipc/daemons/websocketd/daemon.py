@@ -23,10 +23,11 @@ from websockets.http11 import Request, Response
 
 from ... import Event, EventType, InvalidNameError, IPCError, _rundir
 from .. import _sockets, _systemd
+from .._netwire import send_raw
 from .._runtime import Daemon
 from . import responses
 from .handshake import Handshake, HandshakeFailed
-from .options import Options
+from .options import Options, handshakes_per_host
 from .policy import origin_allowed, own_names, service_name
 from .session import Session
 from .transport import make_transport
@@ -72,6 +73,9 @@ class WebSocketd(Daemon):
         self.lingering: Dict[int, Tuple[Session, object]] = {}
         #: The Host names the same-origin rule takes (policy.origin_allowed).
         self._own_names = own_names()
+        #: Handshakes in progress per peer, and the peer of each (TCP only).
+        self._per_host = _sockets.PeerShares(handshakes_per_host(self.options))
+        self._host_of: Dict[int, str] = {}
 
     # ------------------------------------------------------------ runtime hooks
 
@@ -147,18 +151,37 @@ class WebSocketd(Daemon):
             except OSError:           # already reset by the peer
                 sock.close()
                 continue
+            host = _host_key(sock)
             if len(self.handshakes) >= self.options.max_handshakes:
-                log.warning("%s: refused: %d connections already in their handshake",
-                            peer, len(self.handshakes))
-                sock.close()
+                self._refuse(sock, f"{peer}: refused: {len(self.handshakes)} connections "
+                                   f"already in their handshake (max_handshakes)")
+                continue
+            if host is not None and self._per_host.full(host):
+                self._refuse(sock, f"{peer}: refused: {self._per_host.share} connections "
+                                   f"from {host} already in their handshake "
+                                   f"(max_handshakes_per_host)")
                 continue
             try:
-                self._start(sock, peer)
+                fd = self._start(sock, peer)
             except (OSError, IPCError) as e:
                 log.warning("%s: refused: %s", peer, e)
                 sock.close()
+                continue
+            if host is not None:
+                self._host_of[fd] = host
+                self._per_host.add(host)
 
-    def _start(self, sock: socket.socket, peer: str) -> None:
+    def _refuse(self, sock: socket.socket, why: str) -> None:
+        """Close a connection over a bound, with a 503 saying which (on ws://;
+        before TLS nothing can be said on wss://). One write that never blocks."""
+        log.warning("%s", why)
+        if self.options.ssl_context is None:
+            text = why.split("refused: ", 1)[-1]
+            response = responses.error(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {text}")
+            send_raw(sock.fileno(), response.serialize())
+        sock.close()
+
+    def _start(self, sock: socket.socket, peer: str) -> int:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):   # given fds may be Unix ones
             _sockets.tune_tcp(sock, self.options.dead_peer_timeout)
@@ -173,7 +196,9 @@ class WebSocketd(Daemon):
         except IPCError:                            # e.g. max_connections reached
             self.cancel(hs.timer)
             raise
-        self.handshakes[sock.detach()] = hs
+        fd = sock.detach()
+        self.handshakes[fd] = hs
+        return fd
 
     def _expire(self, hs: Handshake) -> None:
         if self.handshakes.get(hs.fd) is hs:
@@ -182,9 +207,17 @@ class WebSocketd(Daemon):
             self._drop(hs)
 
     def _drop(self, hs: Handshake) -> None:
+        self._end_handshake(hs)
+        self.ctx.close(hs.fd)
+
+    def _end_handshake(self, hs: Handshake) -> None:
+        """`hs` is no longer in its handshake: its slot, its peer's share and
+        its timer are given back."""
         del self.handshakes[hs.fd]
         self.cancel(hs.timer)     # type: ignore[arg-type]
-        self.ctx.close(hs.fd)
+        host = self._host_of.pop(hs.fd, None)
+        if host is not None:
+            self._per_host.remove(host)
 
     def _step(self, hs: Handshake) -> None:
         try:
@@ -284,8 +317,7 @@ class WebSocketd(Daemon):
             self.ctx.close(service_fd, linger=0)
             self._drop(hs)
             return
-        del self.handshakes[hs.fd]
-        self.cancel(hs.timer)     # type: ignore[arg-type]
+        self._end_handshake(hs)
         self.sessions[hs.fd] = self.sessions[service_fd] = session
         log.info("%s: WebSocket open to /%s", hs.peer, name)
         session.start()
@@ -337,6 +369,17 @@ def queue_bound(options: Options) -> int:
     """The context's max_queue_size: options.max_buffer, but never below
     what one whole message needs (the core's own rule)."""
     return max(options.max_buffer, options.max_message_size + 4)
+
+
+def _host_key(sock: socket.socket) -> Optional[str]:
+    """The peer a TCP connection counts against (_sockets.peer_key); None
+    for a Unix socket (given by the caller or systemd)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        return _sockets.peer_key(sock.getpeername()[0])
+    except OSError:
+        return None
 
 
 def _peer_text(address: object) -> str:

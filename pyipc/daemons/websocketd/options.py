@@ -42,6 +42,10 @@ class Options:
     max_buffer: int = DEFAULT_MAX_BUFFER
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    #: Connections in their handshake at once from one peer (an IPv4
+    #: address, an IPv6 /64); None: half of max_handshakes (as tcpd's and
+    #: tlsd's --max-pending-per-host), so one host cannot take every slot.
+    max_handshakes_per_host: Optional[int] = None
     dead_peer_timeout: float = DEFAULT_DEAD_PEER_TIMEOUT
     #: wss://: a server-side SSLContext (None: plain ws://).
     ssl_context: Optional[ssl.SSLContext] = None
@@ -49,8 +53,9 @@ class Options:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, not {self.port}")
-        for name in ("max_message_size", "max_buffer", "max_handshakes"):
-            if getattr(self, name) < 1:
+        for name in ("max_message_size", "max_buffer", "max_handshakes",
+                     "max_handshakes_per_host"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if not 0 <= self.dead_peer_timeout < float("inf"):
             raise ValueError(f"dead_peer_timeout must be >= 0 seconds, "
@@ -58,6 +63,13 @@ class Options:
         if not 0 < self.handshake_timeout < float("inf"):      # nan included
             raise ValueError(f"handshake_timeout must be a positive number of seconds, "
                              f"not {self.handshake_timeout}")
+
+
+def handshakes_per_host(options: Options) -> int:
+    """The share of the handshake slots one peer may hold (see Options)."""
+    if options.max_handshakes_per_host is not None:
+        return options.max_handshakes_per_host
+    return max(1, options.max_handshakes // 2)
 
 
 def parse_list(text: Optional[str]) -> Tuple[str, ...]:

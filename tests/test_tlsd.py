@@ -1121,3 +1121,18 @@ def test_a_frame_over_the_limit_stops_the_cut_after_the_whole_frames_before_it()
     assert _cut([frame(b"ok") + big + b"zz"])[0] == [(frame(b"ok"), 101)]
     assert _cut([frame(b"ok") + big[:2], big[2:]])[0] == [(frame(b"ok"), -1), (b"", 101)]
     assert _cut([frame(b"y" * 100)])[0] == [(frame(b"y" * 100), -1)]     # at the limit
+
+
+def test_a_local_client_that_sends_no_uri_is_answered_and_closed(rundir, backend, certs):
+    """A client of the `tls` service that connects and says nothing is
+    answered `ne badrequest` at --connect-timeout and closed (it held its
+    connection, and a slot of max_connections, for good)."""
+    with running(dialer(rundir, backend, certs, connect_timeout=0.3)) as tlsd, \
+            socket.socket(socket.AF_UNIX) as silent:
+        silent.settimeout(20)
+        silent.connect(os.path.join(rundir, "tls"))
+        got = b""
+        while chunk := silent.recv(1000):
+            got += chunk
+        assert got == frame(b"ne badrequest no URI received within 0.3 s")
+        spin_until(lambda: not tlsd._requests)

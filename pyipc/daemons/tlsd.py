@@ -83,6 +83,7 @@ class Tlsd(Daemon):
         self._incoming_from = _sockets.PeerShares(config.pending_per_host)
         self._requests: Dict[int, Optional[Any]] = {}   # ipcd fd -> its deadline, once asked
         self._connecting: Dict[int, Tuple[str, int, str]] = {}   # ipcd fd -> host, port, name
+        self._uri_timers: Dict[int, Any] = {}    # ipcd fd -> the deadline of its URI
         self._relays: Dict[int, TlsRelay] = {}          # switched TCP fd -> its session
         self._local_of: Dict[int, int] = {}             # switched TCP fd -> its local side
         self._tcp_of: Dict[int, int] = {}               # local side -> its TCP fd
@@ -138,7 +139,7 @@ class Tlsd(Daemon):
     def _accept_ipcd(self, listener: socket.socket) -> None:
         """ipcd connected to the `tls` socket systemd made: a request."""
         for fd in _sockets.accept_connections(self.ctx, listener, "request"):
-            self._requests[fd] = None
+            self._await_uri(fd)
 
     def teardown(self) -> None:
         self._end_sessions()
@@ -184,7 +185,7 @@ class Tlsd(Daemon):
             elif ev.fd in self._handshakes:
                 self._readable(self._handshakes[ev.fd])
         elif t == EventType.CONNECTION:
-            self._requests[ev.fd] = None        # ipcd, about to send a URI
+            self._await_uri(ev.fd)              # ipcd, about to send a URI
         elif t == EventType.MESSAGE_RX and ev.fd in self._requests:
             self._request(ev.fd, ev.message or b"")
         elif t == EventType.DISCONNECTION:
@@ -222,7 +223,23 @@ class Tlsd(Daemon):
 
     # ------------------------------------------------------------ dialing
 
+    def _await_uri(self, req: int) -> None:
+        """A local client (ipcd) connected: its URI must come within
+        connect_timeout, or it is answered and closed (a silent client would
+        hold its connection for good)."""
+        self._requests[req] = None
+        self._uri_timers[req] = self.call_later(self.config.connect_timeout,
+                                                lambda: self._no_uri(req))
+
+    def _no_uri(self, req: int) -> None:
+        if self._uri_timers.pop(req, None) is not None:
+            self._answer(req, wire.BADREQUEST, "no URI received within "
+                                               f"{self.config.connect_timeout:g} s")
+
     def _request(self, req: int, message: bytes) -> None:
+        timer = self._uri_timers.pop(req, None)
+        if timer is not None:
+            self.cancel(timer)
         if self._requests[req] is not None or req in self._connecting:
             self._answer(req, wire.BADREQUEST, "one URI per request")
             return
@@ -314,9 +331,9 @@ class Tlsd(Daemon):
 
     def _end_request(self, req: int) -> None:
         """Forget ipcd's request `req` and whatever still works on it."""
-        timer = self._requests.pop(req, None)
-        if timer is not None:
-            self.cancel(timer)
+        for timer in (self._requests.pop(req, None), self._uri_timers.pop(req, None)):
+            if timer is not None:
+                self.cancel(timer)
         self._connecting.pop(req, None)
         for hs in [h for h in self._handshakes.values() if h.request == req]:
             self._drop(hs)

@@ -592,3 +592,21 @@ def test_a_message_scheduled_by_a_switch_callback_to_a_peer_gone_in_that_round(
                                  "unsent"),
         (EventType.DISCONNECTION, oconn, None)]
     gateway.run_server()                        # nothing left to raise
+
+
+def test_a_foreign_peer_gone_while_written_to_is_not_read_as_frames(gateway):
+    """The foreign peer sent a line and went while bytes were queued for it:
+    the failed write ends the switch, and the line is not decoded as pyipc
+    frames ("hell" read as a 1.7 GB length: a false ERROR)."""
+    gateway.server.set_switch_callbacks(gateway.fd, lambda fd: (CBEvent.IGNORE, None),
+                                        gateway.proto.on_out)
+    gateway.server.switch_send(gateway.fd, b"y" * (1 << 20))   # more than the pair holds
+    gateway.outer.sendall(b"hello\n")
+    gateway.outer.close()
+    events = collect(gateway.server, lambda seen: sum(
+        e.type == EventType.DISCONNECTION for e in seen) == 2)
+    assert [(e.type, e.fd, e.error) for e in events] == [
+        (EventType.ERROR, gateway.fd, "peer closed the connection with 1 scheduled "
+                                      "message(s) unsent"),
+        (EventType.DISCONNECTION, gateway.fd, None),
+        (EventType.DISCONNECTION, gateway.conn, None)]

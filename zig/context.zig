@@ -1154,8 +1154,11 @@ pub const Context = struct {
             .failed => |e| {
                 if (e == .PIPE or e == .CONNRESET) {
                     conn.write_closed = true;
-                    // (A closing side's input has nowhere to go: not read.)
-                    if (!conn.closing) try self.readConn(conn, true);
+                    // What the peer sent before it went is read to the end:
+                    // pyipc frames only. A closing side's input has nowhere
+                    // to go; a foreign protocol's (an `in` callback's) is
+                    // no frames.
+                    if (!conn.closing and conn.cb_in == null) try self.readConn(conn, true);
                     return self.drop(conn, null);
                 }
                 var buf: [160]u8 = undefined;

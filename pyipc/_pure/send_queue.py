@@ -150,7 +150,10 @@ class SendQueue:
             self._send_queued(conn)
         except (BrokenPipeError, ConnectionResetError):
             conn.write_closed = True
-            if not conn.closing:        # a closing side's input has nowhere to go
+            # What the peer sent before it went is read to the end: pyipc
+            # frames only. A closing side's input has nowhere to go; a
+            # foreign protocol's (an on_in callback's) is no frames.
+            if not conn.closing and conn.on_in is None:
                 self._read_conn(conn)
             self._drop(conn, None)
         except OSError as e:

@@ -10,6 +10,7 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -446,3 +447,25 @@ def test_a_dial_tries_each_address_within_one_deadline(monkeypatch):
             with pytest.raises(TimeoutError):
                 _sockets.dial_tcp("h", 1, started + 0.5)
             assert time.monotonic() - started < 5     # the deadline, not 0.5 s per address
+
+
+@pytest.mark.parametrize("command", ["tcpd", "tlsd", "websocketd"])
+def test_an_exposed_name_no_service_could_have_stops_the_daemon_at_start(rundir, command,
+                                                                         tmp_path):
+    """--expose a/b (or '..'): refused at start with the reason, not kept
+    as a name no peer could ever reach."""
+    extra = []
+    if command == "tlsd":
+        import trustme
+        cert = str(tmp_path / "cert.pem")
+        trustme.CA().issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(cert)
+        extra = ["--listen", "127.0.0.1:0", "--cert", cert]
+    if command == "websocketd":
+        extra = ["--port", "0"]
+    if command == "tcpd":
+        extra = ["--listen", "127.0.0.1:0"]
+    out = subprocess.run([sys.executable, "-m", "pyipc", "--rundir", rundir, command,
+                          "--expose", "pong,a/b", *extra], capture_output=True, text=True,
+                         timeout=60, env=CHILD_ENV)
+    assert out.returncode != 0
+    assert "invalid service name: contains '/'" in out.stderr

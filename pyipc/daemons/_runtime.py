@@ -19,9 +19,9 @@ import os
 import signal
 import threading
 from types import FrameType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
-from .. import Context, Event, EventType
+from .. import Context, Event, EventType, _rundir
 from . import _systemd
 from .._signal_wakeup import SignalWakeup
 from ._offload import Offloader, OnDone
@@ -88,6 +88,14 @@ class Daemon:
 
     def setup(self) -> None:
         """Open what the daemon serves (services, listening sockets)."""
+
+    def check_exposed(self, names: Iterable[str]) -> None:
+        """InvalidNameError at start for an exposed name no service of the
+        run dir could have ('a/b', '..', too long for a socket path): it
+        could never be reached, and a typo should not wait for a peer to
+        show it (tcpd, tlsd and websocketd call it in setup)."""
+        for name in sorted(names):
+            _rundir.service_path(self.ctx.rundir, name)
 
     def on_event(self, ev: Event) -> None:
         """Handle one event of the context (other than the stop pipe's). An

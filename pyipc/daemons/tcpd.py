@@ -151,6 +151,7 @@ class Tcpd(Daemon):
 
     def setup(self) -> None:
         """Listen (systemd's sockets, else --listen) and serve `tcp` for ipcd."""
+        self.check_exposed(self.expose)
         # Relayed messages are not reported: on the native backend no Python
         # runs per message; ends and errors of switched fds still are.
         self.ctx.switch_events = False

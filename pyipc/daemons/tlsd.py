@@ -99,6 +99,7 @@ class Tlsd(Daemon):
     # ------------------------------------------------------------ setup
 
     def setup(self) -> None:
+        self.check_exposed(self.config.expose)
         self.ctx.switch_events = False      # no event (no Python) per relayed message
         socks = self._passed_listeners()
         if self._unix_listener is None:

@@ -81,6 +81,7 @@ class WebSocketd(Daemon):
 
     def setup(self) -> None:
         """Listen (given fds, systemd's, or options.host:port)."""
+        self.check_exposed(self.options.expose)
         fds = self._given_fds
         if fds is None:
             fds = [fd for group in _systemd.listen_fds().values() for fd in group]

@@ -10,7 +10,7 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import wait_for
+from conftest import collect, raises, wait_for
 
 
 def test_backend_argument_selects_the_backend(backend, rundir):
@@ -164,6 +164,22 @@ def test_nothing_to_wait_for(ctx_factory):
     assert str(info.value) == "nothing to wait for: no fd and no timer"
     with pytest.raises(pyipc.IPCError):
         ctx.wait_events()
+
+
+def test_a_wait_with_nothing_left_forgets_a_peer_that_ended(pair):
+    """Once its DISCONNECTION was handed out, the next wait forgets the fd,
+    even one that raises "nothing to wait for": a later call on it is
+    UnknownFdError on both backends (pure said ConnectionClosedError)."""
+    pair.server.close_all()
+    assert [e.type for e in collect(pair.client, lambda seen: any(
+        e.type == EventType.DISCONNECTION for e in seen))] == [EventType.DISCONNECTION]
+    raises(pyipc.ConnectionClosedError,
+           f"connection on fd {pair.client_fd} is closed by the peer",
+           pair.client.schedule, pair.client_fd, b"x")
+    raises(pyipc.IPCError, "nothing to wait for: no fd and no timer",
+           pair.client.wait_events)
+    raises(pyipc.UnknownFdError, f"fd {pair.client_fd} is not managed by this context",
+           pair.client.schedule, pair.client_fd, b"x")
 
 
 def test_context_manager_closes_everything(backend, rundir):

@@ -187,12 +187,14 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
             pass                                # full: a wake-up is already pending
 
     def _fetch(self, timeout: Optional[float]) -> None:
+        # First: the ended connections' events were all handed out, so a
+        # wait forgets them (as the core's), even one that raises below.
+        if self._ended:
+            self._release_ended()
         if not self._by_fd and self._timer is None:
             if timeout == 0:    # cannot hang: nothing is ready, as with fds of which none is
                 raise TimeoutError("wait timed out")
             raise IPCError("nothing to wait for: no fd and no timer")
-        if self._ended:
-            self._release_ended()
         now = time.monotonic()
         deadline = None if self._timer is None else \
             (self._timer_base if timeout == 0 else now) + self._timer / 1000

@@ -508,3 +508,70 @@ def test_a_closed_context_refuses_to_work(actx):
         with pytest.raises(pyipc.IPCError, match="is closed"):
             await ctx.connect("svc")
     run(main)
+
+
+# ---------------------------------------------------------------- faults the review found
+
+def test_a_handler_cancelled_before_its_first_step_still_ends(actx):
+    """close_clients() in the same loop iteration that accepted a client:
+    its handler task is cancelled before it ran (asyncio then never runs its
+    body): the connection is closed and wait_closed() returns (it hung)."""
+    async def main() -> None:
+        async with actx() as ctx:
+            server = await ctx.serve("s", echo)
+            accept = server._accept
+
+            def accept_then_close(conn: pyipc.aio.Connection) -> None:
+                accept(conn)
+                server.close()
+                server.close_clients()
+            server._accept = accept_then_close      # type: ignore[method-assign]
+            client = await ctx.connect("s")
+            await asyncio.wait_for(server.wait_closed(), 10)
+            assert server._cancels == {}
+            with pytest.raises(pyipc.ConnectionClosedError):
+                await asyncio.wait_for(client.recv(), 10)    # the client is told
+    run(main)
+
+
+def test_a_cancelled_close_still_closes(actx, ctx_factory):
+    """close() waits for what is unsent (up to linger); cancelled meanwhile
+    (wait_for), the connection is closed all the same, not left open."""
+    async def main() -> None:
+        sink = ctx_factory()
+        sink.service_init("sink")                   # never reads
+        async with actx(linger=5) as ctx:
+            conn = await ctx.connect("sink")
+            for _ in range(12):            # under the high-water mark
+                await conn.send(b"z" * 10000)
+            assert conn.get_write_buffer_size() > 0
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(conn.close(), 0.3)
+            assert conn.closed and conn.fd not in ctx._conns
+    run(main)
+
+
+def test_one_external_event_is_queued_per_readiness(actx):
+    """An external fd readable once: one EXTERNAL event waits, not one per
+    round of the loop's wake, and one handed out means a read will not block
+    (dozens of stale ones named an fd whose read would block)."""
+    async def main() -> None:
+        async with actx() as ctx:
+            r, w = os.pipe()
+            try:
+                ctx.sync.add_external(r)
+                os.write(w, b"x")
+                ev = await asyncio.wait_for(ctx.wait_event(), 10)
+                assert (ev.type, ev.fd) == (EventType.EXTERNAL, r)
+                assert os.read(r, 100) == b"x"
+                os.write(w, b"y")                    # a second readiness: one more event
+                ev = await asyncio.wait_for(ctx.wait_event(), 10)
+                assert (ev.type, ev.fd) == (EventType.EXTERNAL, r)
+                assert os.read(r, 100) == b"y"
+                with pytest.raises(asyncio.TimeoutError):       # none stale is handed out
+                    await asyncio.wait_for(ctx.wait_event(), 0.3)
+                assert len(ctx._external_queued) <= 1
+            finally:
+                ctx.sync.close(r)
+                os.close(w)
+    run(main)

@@ -160,9 +160,11 @@ class Connection:
         `linger` seconds), then close. Idempotent."""
         if self._ended is not None:
             return
-        if self._unsent:
-            await self.ctx._within(self.drain, self.ctx.sync.linger)
-        self.abort()
+        try:
+            if self._unsent:
+                await self.ctx._within(self.drain, self.ctx.sync.linger)
+        finally:        # cancelled while draining: closed all the same, not left open
+            self.abort()
 
     def abort(self) -> None:
         """Close now: what is still unsent is dropped (pyipc logs a WARNING

@@ -13,6 +13,7 @@ handler task; every other event to the queue read by `events()`.
 from __future__ import annotations
 
 import os
+import select
 import socket
 from collections import deque
 from typing import Any, Awaitable, Callable, Optional
@@ -46,6 +47,15 @@ NO_LOOP_TEXT = ("no running asyncio loop: under trio (through anyio), enter the 
 
 _CONNECTION, _DISCONNECTION = EventType.CONNECTION, EventType.DISCONNECTION
 _MESSAGE_RX, _MESSAGE_TX, _ERROR = EventType.MESSAGE_RX, EventType.MESSAGE_TX, EventType.ERROR
+_EXTERNAL = EventType.EXTERNAL
+
+
+def _still_readable(fd: int) -> bool:
+    """Whether fd is readable now (or no longer open: that is for the
+    caller to see); an EXTERNAL event handed out means a read will not block."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class Context:
@@ -77,6 +87,11 @@ class Context:
         self._servers: dict[str, Server] = {}     # by socket path
         self._plain_services = 0                    # service_init() without a Server
         self._events: deque[Event] = deque()
+        #: External fds with an EXTERNAL event in _events not taken yet: the
+        #: core reports one each round while the fd is readable, and a loop
+        #: wake makes several rounds; one queued at a time says it all (more
+        #: would be stale: a read on the fd they name would block).
+        self._external_queued: set[int] = set()
         self._event_waiters: list[Any] = []
         self._failure: Optional[Exception] = None
 
@@ -151,9 +166,9 @@ class Context:
         assert self._flavor is not None
         return await self._flavor.within(make, seconds)
 
-    def _spawn(self, body: TaskBody) -> Cancel:
+    def _spawn(self, body: TaskBody, on_done: Callable[[], None]) -> Cancel:
         assert self._flavor is not None
-        return self._flavor.spawn(body)
+        return self._flavor.spawn(body, on_done)
 
     def _adopt(self, fd: int) -> Connection:
         conn = Connection(self, fd, self.high_water)
@@ -216,6 +231,10 @@ class Context:
         return self._servers.get(os.fsdecode(path))
 
     def _queue(self, ev: Event) -> None:
+        if ev.type is _EXTERNAL:
+            if ev.fd in self._external_queued:
+                return
+            self._external_queued.add(ev.fd)
         self._events.append(ev)
         self._flavor_wake(self._event_waiters)
 
@@ -268,9 +287,15 @@ class Context:
         service made by service_init, its clients' messages, TIMER, EXTERNAL,
         switching...). Cancelled, it has taken nothing."""
         self._bind()
-        while not self._events:
-            await self._wait(self._event_waiters)
-        return self._events.popleft()
+        while True:
+            while not self._events:
+                await self._wait(self._event_waiters)
+            ev = self._events.popleft()
+            if ev.type is not _EXTERNAL:
+                return ev
+            self._external_queued.discard(ev.fd)
+            if _still_readable(ev.fd):      # else stale: the caller read it since
+                return ev
 
     def events(self) -> "EventStream":
         """`async for ev in ctx.events()`: wait_event() forever."""

@@ -45,8 +45,11 @@ class Flavor:
         nothing)."""
         raise NotImplementedError
 
-    def spawn(self, body: TaskBody) -> Cancel:
-        """Run `body` as a task of its own; return the function that cancels it."""
+    def spawn(self, body: TaskBody, on_done: Callable[[], None]) -> Cancel:
+        """Run `body` as a task of its own; return the function that cancels
+        it. `on_done()` runs once the task ended, however: also when it was
+        cancelled before its first step (asyncio then never runs the body,
+        so a `finally` of the body's would not run)."""
         raise NotImplementedError
 
     async def within(self, make: Callable[[], Awaitable[None]], seconds: float) -> bool:
@@ -102,10 +105,11 @@ class AsyncioFlavor(Flavor):
                 fut.set_result(None)
         waiters.clear()
 
-    def spawn(self, body: TaskBody) -> Cancel:
+    def spawn(self, body: TaskBody, on_done: Callable[[], None]) -> Cancel:
         task = self.loop.create_task(body)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: on_done())
 
         def cancel() -> None:
             task.cancel()
@@ -177,12 +181,15 @@ class AnyioFlavor(Flavor):
             event.set()
         waiters.clear()
 
-    def spawn(self, body: TaskBody) -> Cancel:
+    def spawn(self, body: TaskBody, on_done: Callable[[], None]) -> Cancel:
         scope = self._anyio.CancelScope()
 
         async def run() -> None:
-            with scope:
-                await body
+            try:
+                with scope:
+                    await body
+            finally:
+                on_done()
         self._group.start_soon(run)
         return scope.cancel
 

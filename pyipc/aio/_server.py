@@ -50,7 +50,8 @@ class Server:
         if not self._serving:           # a client that came in as we closed
             conn.abort()
             return
-        self._cancels[conn.fd] = self.ctx._spawn(self._run(conn))
+        cancel = self.ctx._spawn(self._run(conn), lambda: self._ended(conn, cancel))
+        self._cancels[conn.fd] = cancel
 
     async def _run(self, conn: Connection) -> None:
         try:
@@ -60,10 +61,15 @@ class Server:
             log.debug("service %s: client on fd %d left", self.name, conn.fd)
         except Exception:
             log.exception("service %s: the handler of fd %d failed", self.name, conn.fd)
-        finally:
-            conn.abort()                # cancelled or failed: now, without lingering
-            self._cancels.pop(conn.fd, None)
-            self.ctx._flavor_wake(self._waiters)
+
+    def _ended(self, conn: Connection, cancel: Cancel) -> None:
+        """The handler task of `conn` ended, however (a task cancelled before
+        it started included: its body never ran): the connection is closed
+        now, without lingering, and waiters see one handler fewer."""
+        conn.abort()
+        if self._cancels.get(conn.fd) is cancel:    # (the fd may be another's by now)
+            del self._cancels[conn.fd]
+        self.ctx._flavor_wake(self._waiters)
 
     def close(self) -> None:
         """Stop listening (the socket file is removed). Handlers go on."""

@@ -297,6 +297,14 @@ class Context:
         it) as if connect() had made it."""
         raise NotImplementedError
 
+    def pause_reading(self, fd: int, paused: bool = True) -> None:
+        """Stop (or, `paused=False`, resume) reading connection or external
+        fd in the event loop: no MESSAGE_RX or EXTERNAL comes for it, and
+        what its peer sends waits in the kernel, so the peer's writes block
+        (back-pressure), as asyncio's transport.pause_reading(). A hang-up
+        while paused is seen once resumed; read() of fd still reads it."""
+        raise NotImplementedError
+
     def add_switch(self, fd1: int, fd2: int) -> None:
         """Forward messages between fd1 and fd2, both ways."""
         raise NotImplementedError

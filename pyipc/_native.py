@@ -334,6 +334,9 @@ class NativeContext(Context):
     def add_connection(self, fd: int) -> None:
         self._check(lib.ipc_add_connection(self._ctx, _fd_arg(fd)), fd)
 
+    def pause_reading(self, fd: int, paused: bool = True) -> None:
+        self._check(lib.ipc_pause_reading(self._ctx, _fd_arg(fd), 1 if paused else 0), fd)
+
     def add_switch(self, fd1: int, fd2: int) -> None:
         if self._pending:
             self._flush()

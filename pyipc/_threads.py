@@ -56,7 +56,8 @@ BUSY_TEXT = ("context is in use by another thread (a context belongs to one thre
 #: Public methods that hold the guard (schedule is handled on its own).
 GUARDED = ("service_init", "connect_service", "connect", "write", "read",
            "write_many", "read_many", "read_into",
-           "wait_event", "wait_events", "add_external", "add_connection", "add_switch",
+           "wait_event", "wait_events", "add_external", "add_connection", "pause_reading",
+           "add_switch",
            "set_switch_callbacks", "peer_credentials", "close", "close_all", "fileno",
            # The switching extension: the owner's thread only (callbacks
            # included: they run inside its wait), never handed over.

@@ -38,6 +38,9 @@ pub const Conn = struct {
     /// Its switch peer ended: not read any more, closed (DISCONNECTION) once
     /// what was forwarded to it is written.
     closing: bool = false,
+    /// Its reads are paused by the caller (ipc_pause_reading): not watched
+    /// for input until resumed, so its peer's writes wait in the kernel.
+    read_paused: bool = false,
     /// What the poller watches it for.
     registered: Interest = .{},
     /// Position in the context's list of fds with queued frames, or null.

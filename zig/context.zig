@@ -401,13 +401,14 @@ pub const Context = struct {
     }
 
     /// Watch reads unless back-pressure pauses them (the switch peer's queue
-    /// is over max_queue_size), and writes while frames are queued.
+    /// is over max_queue_size) or the caller did (pauseReading), and writes
+    /// while frames are queued.
     pub fn updateInterest(self: *Context, conn: *Conn) void {
         if (!conn.alive) return;
         const max = self.limits.max_queue_size;
         const paused = if (conn.peer) |p| p.queue.queuedBytes() > max else false;
         const want: poller_mod.Interest = .{
-            .read = !paused and !conn.closing,
+            .read = !paused and !conn.closing and !conn.read_paused,
             .write = !conn.queue.isEmpty(),
         };
         if (want == conn.registered) return;
@@ -715,6 +716,19 @@ pub const Context = struct {
         try self.checkRoom();
         const conn = try self.addConn(fd, .external);
         conn.is_socket = sys.isSocket(fd);
+    }
+
+    /// Stop (`on`) or resume watching connection or external fd `fd` for
+    /// input: what its peer sends waits in the kernel meanwhile (its writes
+    /// block or fail with EAGAIN: back-pressure), and no MESSAGE_RX or
+    /// EXTERNAL comes for it. A paused fd's hang-up is seen once resumed.
+    /// Blocking reads of fd still read it.
+    pub fn pauseReading(self: *Context, fd: i32, on: bool) Error!void {
+        const conn = try self.lookup(fd);
+        if (conn.role == .service)
+            return self.last.fail(error.UnknownFd, "fd {d} is not a connection", .{fd});
+        conn.read_paused = on;
+        self.updateInterest(conn);
     }
 
     /// Manage `fd`, a connected Unix or TCP stream socket made elsewhere (received

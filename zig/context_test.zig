@@ -794,6 +794,36 @@ test "external fds: EXTERNAL while readable; close drops pending events; close_a
     try testing.expectEqual(@as(u32, 0), p.server.table.get(svc).?.index);
 }
 
+test "pause_reading: a paused connection is not read; resumed, its messages come in order" {
+    var p = try Pair.init("paused");
+    defer p.deinit();
+    try p.server.pauseReading(p.server_fd, true);
+    try testing.expect(!p.server.table.get(p.server_fd).?.registered.read);
+    try p.client.write(p.client_fd, "one");
+    try p.client.write(p.client_fd, "two");
+    // Nothing is read meanwhile: a zero-timeout wait finds nothing.
+    p.server.setCallTimeout(0);
+    try testing.expectError(error.Timeout, p.server.wait(false));
+    p.server.setCallTimeout(-1);
+    try p.server.pauseReading(p.server_fd, false);
+    try expectOnly(p.server, .message_rx, p.server_fd, "one");
+    try expectOnly(p.server, .message_rx, p.server_fd, "two");
+    const svc = p.server.table.get(p.server_fd).?;
+    try testing.expect(svc.registered.read);
+    try testing.expectError(error.UnknownFd, p.server.pauseReading(12345, true));
+    var it = p.server.table.by_fd.valueIterator();
+    while (it.next()) |conn| {
+        if (conn.*.role != .service) continue;
+        try testing.expectError(error.UnknownFd, p.server.pauseReading(conn.*.fd, true));
+        try testing.expectEqualStrings(
+            try std.fmt.bufPrint(&name_buf, "fd {d} is not a connection", .{conn.*.fd}),
+            p.server.last.text(),
+        );
+    }
+}
+
+var name_buf: [64]u8 = undefined;
+
 test "read_fd meeting an oversize announcement: MessageTooLarge, then DISCONNECTION" {
     var p = try Pair.init("rdbig");
     defer p.deinit();

@@ -171,6 +171,14 @@ pub export fn ipc_add_external(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {
     return rc(ctx, ctx.addExternal(fd));
 }
 
+/// pyipc addition: stop (on != 0) or resume watching fd for input
+/// (Context.pauseReading): back-pressure toward its peer.
+pub export fn ipc_pause_reading(ptr: ?*anyopaque, fd: c_int, on: c_int) callconv(.c) c_int {
+    const ctx = context(ptr) orelse return errors.code(error.Generic);
+    defer ctx.syncReadiness();
+    return rc(ctx, ctx.pauseReading(fd, on != 0));
+}
+
 /// pyipc addition: manage fd, a connected Unix or TCP stream socket made
 /// elsewhere, as a connection (Context.addConnection).
 pub export fn ipc_add_connection(ptr: ?*anyopaque, fd: c_int) callconv(.c) c_int {

@@ -208,6 +208,7 @@ size_t ipc_pending_events(void *ctx);
 int ipc_wakeup(void *ctx);
 int ipc_peer_credentials(void *ctx, int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
 int ipc_add_connection(void *ctx, int fd);
+int ipc_pause_reading(void *ctx, int fd, int on);
 int ipc_queued_messages(void *ctx, int fd, size_t *count, int *peer_fd, size_t *peer_count);
 void ipc_context_interruptible(void *ctx, int on);
 void ipc_context_call_timeout(void *ctx, int64_t usec);

@@ -28,7 +28,7 @@ class Conn:
 
     __slots__ = ("fd", "io", "kind", "index", "alive", "decoder", "queue", "sent",
                  "queued_bytes", "write_closed", "closing", "peer", "on_in", "on_out",
-                 "mask", "path", "lock_fd", "more_round")
+                 "mask", "path", "lock_fd", "more_round", "read_paused")
 
     def __init__(self, fd: int, io: socket.socket, kind: str, limit: int) -> None:
         self.fd = fd
@@ -53,6 +53,8 @@ class Conn:
         self.lock_fd = -1
         # The round its on_in was last called in (MORE: one batch a round).
         self.more_round = -1
+        # Reads paused by the caller (pause_reading): not watched for input.
+        self.read_paused = False
 
 
 class ConnTable:
@@ -125,8 +127,9 @@ class ConnTable:
         return conn
 
     def _set_interest(self: PureState, conn: Conn) -> None:
-        """Watch reads (unless back-pressure pauses them) and writes while queued."""
-        mask = 0 if conn.closing or (
+        """Watch reads (unless back-pressure or the caller pauses them) and
+        writes while queued."""
+        mask = 0 if conn.closing or conn.read_paused or (
             conn.peer is not None and conn.peer.queued_bytes > self.max_queue_size) else READ
         if conn.queue:
             mask |= WRITE

@@ -78,6 +78,13 @@ class Services:
             else RawFd(fd)  # type: ignore[assignment]
         self._add(Conn(fd, io, EXTERNAL, self.max_message_size))
 
+    def pause_reading(self: PureState, fd: int, paused: bool = True) -> None:
+        conn = self._lookup(fd)
+        if conn.kind == SERVICE:
+            raise UnknownFdError(f"fd {fd} is not a connection")
+        conn.read_paused = bool(paused)
+        self._set_interest(conn)
+
     def add_connection(self: PureState, fd: int) -> None:
         check_fd(fd)
         if fd in self._ended:

@@ -1,0 +1,74 @@
+"""pause_reading(fd): the event loop stops reading a connection or an
+external fd until resumed, so its peer's writes block (back-pressure, as
+asyncio's transport.pause_reading()); both backends."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+import pyipc
+from pyipc import EventType
+
+from conftest import collect, raises
+
+
+def _messages(ctx: pyipc.Context, n: int) -> list[bytes]:
+    events = collect(ctx, lambda seen: sum(e.type is EventType.MESSAGE_RX for e in seen) >= n)
+    return [e.message for e in events if e.type is EventType.MESSAGE_RX]
+
+
+def test_a_paused_connection_is_not_read_then_resumed_in_order(pair):
+    pair.server.pause_reading(pair.server_fd)
+    for m in (b"one", b"two"):
+        pair.client.write(pair.client_fd, m)
+    with pytest.raises(pyipc.TimeoutError):
+        pair.server.wait_events(timeout=0.2)        # nothing is read meanwhile
+    pair.server.pause_reading(pair.server_fd, False)
+    assert _messages(pair.server, 2) == [b"one", b"two"]
+
+
+def test_a_paused_connection_holds_its_peer_back(pair):
+    """What the peer sends waits in the kernel: its blocking write times out
+    once the socket buffers are full, and nothing was lost or cut."""
+    pair.server.pause_reading(pair.server_fd)
+    chunk, sent = b"z" * 65536, 0
+    with pytest.raises(pyipc.TimeoutError):
+        while sent < 1000:                          # 64 MiB: far past any socket buffer
+            pair.client.write(pair.client_fd, chunk, timeout=0.5)
+            sent += 1
+    assert 0 < sent < 1000
+    pair.server.pause_reading(pair.server_fd, False)
+    got = _messages(pair.server, sent)
+    assert got[:sent] == [chunk] * sent
+
+
+def test_read_still_reads_a_paused_connection(pair):
+    pair.server.pause_reading(pair.server_fd)
+    pair.client.write(pair.client_fd, b"direct")
+    assert pair.server.read(pair.server_fd, timeout=10) == b"direct"
+
+
+def test_a_paused_external_fd_gives_no_event_until_resumed(ctx_factory):
+    ctx = ctx_factory()
+    r, w = os.pipe()
+    try:
+        ctx.add_external(r)
+        ctx.pause_reading(r)
+        os.write(w, b"x")
+        with pytest.raises(pyipc.TimeoutError):
+            ctx.wait_events(timeout=0.2)
+        ctx.pause_reading(r, paused=False)
+        assert [(e.type, e.fd) for e in ctx.wait_events(timeout=10)] == [(EventType.EXTERNAL, r)]
+    finally:
+        ctx.close(r)
+        os.close(w)
+
+
+def test_pause_reading_of_what_has_no_input_is_refused(pair):
+    raises(pyipc.UnknownFdError, "fd 123456 is not managed by this context",
+           pair.server.pause_reading, 123456)
+    raises(pyipc.UnknownFdError, f"fd {pair.service_fd} is not a connection",
+           pair.server.pause_reading, pair.service_fd)

@@ -575,3 +575,69 @@ def test_one_external_event_is_queued_per_readiness(actx):
                 ctx.sync.close(r)
                 os.close(w)
     run(main)
+
+
+def test_a_connection_nobody_reads_holds_its_sender_back(actx, ctx_factory):
+    """The handler never calls recv(): once more than the high-water mark
+    waits in the connection's inbox the context stops reading it, so the
+    (sync) sender's writes block instead of the receiver's memory growing;
+    once recv() takes it down, reading resumes and everything arrives in
+    order (it buffered every message: 2 GB in 4 s)."""
+    high, chunk = 64 << 10, b"m" * 10_000
+    sender = ctx_factory()
+    got: list[bytes] = []
+
+    async def main() -> None:
+        async with actx(high_water=high) as ctx:
+            idle, finished = asyncio.Event(), asyncio.Event()
+            conns: list[pyipc.aio.Connection] = []
+
+            async def hold(conn: pyipc.aio.Connection) -> None:
+                conns.append(conn)
+                await idle.wait()
+                while len(got) < sent:
+                    got.append(await conn.recv())
+                finished.set()
+
+            server = await ctx.serve("s", hold)
+            fd = sender.connect("s")
+            sent = 0
+            loop = asyncio.get_running_loop()
+
+            def write_until_blocked() -> None:
+                nonlocal sent
+                with pytest.raises(pyipc.TimeoutError):
+                    while sent < 100_000:              # 1 GB: far past any buffer
+                        sender.write(fd, b"%08d" % sent + chunk, timeout=1)
+                        sent += 1
+            await loop.run_in_executor(None, write_until_blocked)
+            (conn,) = conns
+            assert sent < 100_000
+            assert conn._inbox_bytes <= high + (1 << 20)   # the mark + one round's reads
+            assert conn._read_paused
+            idle.set()         # (the write that timed out stays queued in the sender)
+            await finished.wait()
+            server.close()
+    run(main)
+    assert [m[:8] for m in got] == [b"%08d" % i for i in range(len(got))]
+
+
+def test_an_unread_external_fd_does_not_spin_the_loop(actx):
+    """An EXTERNAL event nobody takes: the fd is not watched meanwhile, so
+    the loop sleeps (it woke at every round: a CPU at 100%)."""
+    async def main() -> None:
+        async with actx() as ctx:
+            r, w = os.pipe()
+            try:
+                ctx.sync.add_external(r)
+                os.write(w, b"x")
+                await asyncio.sleep(0.1)               # the event is queued, not taken
+                cpu = time.process_time()
+                await asyncio.sleep(1)
+                assert time.process_time() - cpu < 0.2
+                ev = await asyncio.wait_for(ctx.wait_event(), 10)
+                assert (ev.type, ev.fd) == (EventType.EXTERNAL, r)
+            finally:
+                ctx.sync.close(r)
+                os.close(w)
+    run(main)

@@ -49,6 +49,14 @@ class Connection:
         #: The reason the connection failed (an ERROR event's text), if it did.
         self.error: Optional[str] = None
         self._inbox: deque[bytes] = deque()
+        # Receiving back-pressure: while more than `high_water` bytes wait
+        # in the inbox, the context does not read the fd (pause_reading), so
+        # the peer's sends wait; it reads again once recv() took it down to
+        # a quarter. The inbox holds at most high_water plus what one round
+        # of the loop read.
+        self._inbox_bytes = 0
+        self._read_high, self._read_low = high_water, high_water // 4
+        self._read_paused = False
         self._sizes: deque[int] = deque()     # frame sizes scheduled, not yet written
         self._unsent = 0
         self._high = high_water
@@ -130,7 +138,19 @@ class Connection:
         while not self._inbox:
             self._check_open()
             await self.ctx._wait(self._rx_waiters)
-        return self._inbox.popleft()
+        message = self._inbox.popleft()
+        self._inbox_bytes -= len(message)
+        if self._read_paused and self._inbox_bytes <= self._read_low:
+            self._pause_reading(False)
+        return message
+
+    def _pause_reading(self, paused: bool) -> None:
+        self._read_paused = paused
+        if self._ended is None:
+            try:
+                self.ctx.sync.pause_reading(self.fd, paused)
+            except IPCError:
+                pass                        # ended meanwhile: its events say so
 
     @overload
     async def recv_typed(self, registry: "Registry") -> Any: ...
@@ -187,6 +207,9 @@ class Connection:
     # -- what the context's events say (called by Context._dispatch) -------------------
     def _received(self, message: bytes) -> None:
         self._inbox.append(message)
+        self._inbox_bytes += len(message)
+        if not self._read_paused and self._inbox_bytes > self._read_high:
+            self._pause_reading(True)
         if self._rx_waiters:
             self.ctx._flavor_wake(self._rx_waiters)
 

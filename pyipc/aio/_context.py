@@ -235,8 +235,18 @@ class Context:
             if ev.fd in self._external_queued:
                 return
             self._external_queued.add(ev.fd)
+            self._watch_external(ev.fd, False)  # until taken: no event, no busy loop
         self._events.append(ev)
         self._flavor_wake(self._event_waiters)
+
+    def _watch_external(self, fd: int, on: bool) -> None:
+        """Watch external fd again, or not while an EXTERNAL for it waits
+        to be taken (the core reports one each round while the fd is
+        readable: the loop would spin)."""
+        try:
+            self.sync.pause_reading(fd, not on)
+        except IPCError:
+            pass                # closed meanwhile: nothing to watch
 
     def _fail(self, exc: Exception) -> None:
         log.error("pyipc.aio: the context's event loop failed: %r", exc)
@@ -294,6 +304,7 @@ class Context:
             if ev.type is not _EXTERNAL:
                 return ev
             self._external_queued.discard(ev.fd)
+            self._watch_external(ev.fd, True)
             if _still_readable(ev.fd):      # else stale: the caller read it since
                 return ev
 

@@ -291,6 +291,10 @@ class NativeContext(Context):
         one this read took: the reads give it back once they return.)"""
         self._guard.apply(self)
         self._resume_after_handover(deadline)
+        # A signal's handler (run by _resume) may have started a thread: its
+        # hand-overs need the read to watch the wake-up pipe (_reads_wait).
+        if (not _thread_count()) is not self._alone:
+            self._reads_wait()
 
     def _resume_after_handover(self, deadline: Optional[float]) -> None:
         """_resume, after calls handed over were made: they gave the core
@@ -861,7 +865,8 @@ class NativeContext(Context):
         takes three), else polling the wake-up pipe too, so that another
         thread's hand-over (_threads) ends the wait. Checked at each read:
         a thread can only be started by another thread, which would have been
-        counted. (_thread._count(): every thread started from Python, in C
+        counted, or by a signal's handler during the read, which _read_again
+        checks for. (_thread._count(): every thread started from Python, in C
         and so quicker than threading.active_count(); threads started from C
         are not counted: see docs/reference.md.)"""
         self._alone = not _thread_count()

@@ -197,22 +197,30 @@ class ThreadGuard:
         self._handoffs.append(item)
         ctx._wakeup()
         me = _get_ident()
-        while not item.done.is_set():
-            got = False
-            for got in self._tries:         # see _TRIES
-                break
-            if got:                         # the owner left: do it (and others) here
-                self._owner, self._short = me, True
-                self.leave(ctx)
-                continue
-            wait = RECHECK_S
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 and item.claim.acquire(False):
-                    raise TimeoutError(f"write on fd {args[0]} timed out")
-                if left > 0:
-                    wait = min(wait, left)
-            item.done.wait(wait)
+        try:
+            while not item.done.is_set():
+                got = False
+                for got in self._tries:         # see _TRIES
+                    break
+                if got:                         # the owner left: do it (and others) here
+                    self._owner, self._short = me, True
+                    self.leave(ctx)
+                    continue
+                wait = RECHECK_S
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0 and item.claim.acquire(False):
+                        raise TimeoutError(f"write on fd {args[0]} timed out")
+                    if left > 0:
+                        wait = min(wait, left)
+                item.done.wait(wait)
+        except BaseException:
+            # A signal's handler raised in this thread while it waited (or
+            # the timeout above): a call the owner has not taken yet is
+            # withdrawn, so nothing of it is made; one it took goes on to
+            # its end, as a write that has begun does.
+            item.claim.acquire(False)
+            raise
         if item.error is not None:
             raise item.error
         return None

@@ -6,9 +6,11 @@ inside raises IPCError instead of corrupting the context."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,7 +19,7 @@ import pytest
 import pyipc
 from pyipc import EventType
 
-from conftest import raises, spin_until, wait_for
+from conftest import collect, raises, spin_until, wait_for
 
 BUSY = ("context is in use by another thread (a context belongs to one thread "
         "at a time; other threads may only call schedule(), write(), write_many() "
@@ -344,6 +346,77 @@ def test_a_write_that_times_out_before_the_owner_takes_it_is_withdrawn(ctx_facto
     assert type(owner.result()) is pyipc.TimeoutError
     server.write(server_other, b"next")
     assert other.read(other_fd) == b"next"
+
+
+def test_a_handed_over_write_whose_signal_handler_raises_is_withdrawn(ctx_factory):
+    """The main thread's write is handed over to the owner (busy in a write
+    that blocks); a signal's handler raises in the main thread meanwhile:
+    that exception comes out and the write is never made (it was sent
+    later all the same)."""
+    import signal
+    server, (_, _, slow_fd), (other, other_fd, server_other) = two_clients(ctx_factory)
+    server.linger = 0       # closing drops what the slow client never reads
+
+    class Boom(Exception):
+        pass
+
+    def boom(signum: int, frame: Any) -> None:
+        raise Boom()
+
+    old = signal.signal(signal.SIGALRM, boom)
+    try:
+        owner = Owner(server, lambda: server.write(slow_fd, b"z" * (8 << 20), timeout=1.0))
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Boom):
+            server.write(server_other, b"withdrawn")       # handed over, then Boom
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert type(owner.result()) is pyipc.TimeoutError
+    server.write(server_other, b"next")
+    assert other.read(other_fd, timeout=10) == b"next"      # the withdrawn one never came
+
+
+def test_a_thread_a_signal_handler_starts_during_a_read_can_hand_over(ctx_factory):
+    """The only thread blocks in read() (the native core then waits in the
+    kernel, not on the wake-up pipe); a signal's handler starts a thread
+    whose write is handed over: it is made at once, not when the read ends
+    (it waited for the read's end: forever without a timeout)."""
+    import signal
+    server, client = ctx_factory(), ctx_factory()
+    server.service_init("svc")
+    fd, fd2 = client.connect_service("svc"), client.connect_service("svc")
+    server_fds = [e.fd for e in collect(server, lambda seen: sum(
+        e.type is EventType.CONNECTION for e in seen) >= 2) if e.type is EventType.CONNECTION]
+    assert threading.active_count() == 1, threading.enumerate()
+    written: list[float] = []
+    late: list[threading.Thread] = []
+
+    def write_from_a_new_thread() -> None:
+        client.write(fd2, b"from the late thread")
+        written.append(time.monotonic())
+        client.close(fd)                # ends the owner's read (UnknownFdError)
+
+    def start_thread(signum: int, frame: Any) -> None:
+        late.append(threading.Thread(target=write_from_a_new_thread))
+        late[0].start()
+
+    old = signal.signal(signal.SIGALRM, start_thread)
+    # Without a timeout (its wait watches the pipe): a hand-over that is
+    # never seen hangs, and the run ends with every thread's traceback.
+    faulthandler.dump_traceback_later(60, exit=True)
+    start = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(pyipc.UnknownFdError):
+            client.read(fd)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    late[0].join(10)
+    assert written and written[0] - start < 10
+    assert server.read(server_fds[1], timeout=10) == b"from the late thread"
 
 
 def test_guarded_methods_keep_their_signatures(pair):

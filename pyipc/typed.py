@@ -56,6 +56,8 @@ import inspect
 import io
 import json
 import math
+import re
+import reprlib
 import sys
 from typing import (Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Set,
                     Tuple, Type, TypeVar, Union, overload)
@@ -435,8 +437,17 @@ def _build_protocol(entry: _Entry, body: Dict[str, Any], what: str) -> Any:
 def _describe_body(body: object) -> str:
     if isinstance(body, dict):
         key = next(k for k in body if not isinstance(k, str))
-        return f"a map with the key {key!r}"
+        return f"a map with the key {_short_repr(key)}"
     return type(body).__name__
+
+
+def _short_repr(value: object) -> str:
+    """A peer's value in an error text: its repr cut to 60 characters, or its
+    type when even that fails (a peer's value may be huge or odd)."""
+    try:
+        return reprlib.repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
 
 
 # -- CBOR --------------------------------------------------------------------------
@@ -520,9 +531,99 @@ def _locate(value: object, path: str, problem: Callable[[object], Optional[str]]
     return path, problem(value) or "cannot be encoded"
 
 
+#: CBOR tags refused in a received body: string references (25, 256) and
+#: shared values (28, 29) let a few hundred bytes stand for a structure of
+#: 2**depth parts (hashing or printing it never ends); regular expressions
+#: (35) and MIME messages (36) would be objects built from a peer's text.
+#: None of them is what encode() makes.
+REFUSED_CBOR_TAGS = frozenset({25, 256, 28, 29, 35, 36})
+#: The largest CBOR bignum (tags 2 and 3) a received body may hold, in
+#: bytes: 4300 decimal digits, the int limit of the JSON bodies (Python's
+#: sys.get_int_max_str_digits() default): a larger one would cost time
+#: quadratic in its size wherever it became a Decimal, a Fraction or text.
+MAX_CBOR_BIGNUM_BYTES = 1786
+#: The most bignums a received body may hold: Python does not randomize
+#: the hashes of ints, so a map or set of many chosen bignum keys costs time
+#: quadratic in their number (1 MB would take a minute).
+MAX_CBOR_BIGNUMS = 1024
+
+
+#: A byte that could be the head of a CBOR tag (major type 6, a 0-8 byte argument).
+_TAG_HEAD = re.compile(rb"[\xc0-\xdb]")
+
+
+def _cbor_check(data: bytes) -> None:
+    """Walk the items of a CBOR body, making no object, and refuse what
+    would make cbor2's decoding (or any later use of its result) cost out of
+    all proportion to the body's size: REFUSED_CBOR_TAGS, and bignums past
+    MAX_CBOR_BIGNUM_BYTES or MAX_CBOR_BIGNUMS. ValueError says which. A
+    body cut short is left to cbor2 to report."""
+    if _TAG_HEAD.search(data) is None:
+        return              # no byte that could start a tag: no walk (C speed)
+    pos, end, bignums = 0, len(data), 0
+    left: List[Optional[int]] = [1]        # items left per open level; None: until a break
+    while left and pos < end:
+        major, info = data[pos] >> 5, data[pos] & 0x1F
+        pos += 1
+        if major == 7 and info == 31:      # a break ends an indefinite item
+            left.pop()
+            continue
+        size = 0 if info < 24 or info == 31 else 1 << (info - 24) if info < 28 else -1
+        if size < 0:
+            return                         # not CBOR: cbor2 says so
+        arg = info if info < 24 else int.from_bytes(data[pos:pos + size], "big")
+        pos += size
+        if major == 6:                     # a tag: the next item is its content
+            if arg in REFUSED_CBOR_TAGS:
+                raise ValueError(f"CBOR tag {arg} is not taken in a typed message")
+            if arg in (2, 3):
+                bignums += 1
+                if bignums > MAX_CBOR_BIGNUMS:
+                    raise ValueError(f"more than {MAX_CBOR_BIGNUMS} bignums "
+                                     "(MAX_CBOR_BIGNUMS)")
+                if pos < end and (data[pos] >> 5 != 2 or data[pos] & 0x1F == 31 or
+                                  _head_arg(data, pos) > MAX_CBOR_BIGNUM_BYTES):
+                    raise ValueError(f"a bignum of more than {MAX_CBOR_BIGNUM_BYTES} "
+                                     "bytes (MAX_CBOR_BIGNUM_BYTES)")
+            continue
+        _take_one(left)
+        if major in (2, 3):
+            if info == 31:
+                left.append(None)          # chunks until a break
+            else:
+                pos += arg
+        elif major in (4, 5) and (info == 31 or arg):
+            left.append(None if info == 31 else arg * (2 if major == 5 else 1))
+
+
+def _head_arg(data: bytes, pos: int) -> int:
+    """The argument (a length) of the CBOR item head at `pos`."""
+    info = data[pos] & 0x1F
+    if info < 24:
+        return info
+    return int.from_bytes(data[pos + 1:pos + 1 + (1 << (info - 24))], "big") \
+        if info < 28 else 0
+
+
+def _take_one(left: List[Optional[int]]) -> None:
+    """One item of the innermost open level is read: a definite level whose
+    last item it was is closed (an indefinite one, None, closes at its break)."""
+    count = left[-1]
+    if count is None:
+        return
+    if count > 1:
+        left[-1] = count - 1
+    else:
+        left.pop()
+
+
 def _cbor_decode(data: bytes, what: str) -> Any:
     if not data:
         raise CorruptMessageError(f"body of {what} is empty (not valid CBOR)")
+    try:
+        _cbor_check(data)
+    except ValueError as e:
+        raise CorruptMessageError(f"body of {what} is refused: {e}") from None
     stream = io.BytesIO(data)
     try:
         body = cbor2.CBORDecoder(stream, allow_duplicate_keys=False).decode()

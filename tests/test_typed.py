@@ -514,6 +514,40 @@ def test_corrupt_cbor_body(body: bytes, message: str) -> None:
         CBOR.decode(b"\x01" + body)
 
 
+def _shared_tower(depth: int) -> bytes:
+    """CBOR whose every level holds the level below twice, as a shared value
+    (tags 28/29): a few bytes a level, 2**depth parts once built."""
+    body = b"\x01"
+    for _ in range(depth):
+        body = b"\x82\xd8\x1c" + body + b"\xd8\x1d\x00"     # [shareable(x), sharedref]
+    return body
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"\xa1\x61k" + _shared_tower(50), r"is refused: CBOR tag 28 is not taken"),
+    (cbor2.dumps({"k": cbor2.CBORTag(35, "(a+)+$")}), r"CBOR tag 35 is not taken"),
+    (cbor2.dumps({"k": 2 ** (8 * 1786)}), r"a bignum of more than 1786 bytes"),
+    (cbor2.dumps({"k": {n * (2 ** 61 - 1): 0 for n in range(1, 1100)}}),
+     r"more than 1024 bignums \(MAX_CBOR_BIGNUMS\)"),
+])
+def test_cbor_bodies_whose_cost_has_no_bound_are_refused(body: bytes, message: str) -> None:
+    """A few hundred bytes of shared values (2**50 parts), a regex built from
+    a peer's text, a bignum whose conversions cost time quadratic in its size,
+    a map of colliding bignum keys: refused before cbor2 builds anything."""
+    with pytest.raises(CorruptMessageError, match=message):
+        CBOR.decode(b"\x01" + body)
+
+
+def test_cbor_bignums_at_their_bounds_are_taken() -> None:
+    tags = [2 ** (8 * 1786) - 1] + [2 ** 70] * 1023           # 1024 bignums, one at 1786 B
+    assert CBOR.decode(b"\x01" + cbor2.dumps({"seq": 1, "tags": tags})) == Ping(1, tags=tags)
+
+
+def test_a_huge_non_str_key_is_described_briefly() -> None:
+    with pytest.raises(CorruptMessageError, match=r"not a map with the key \(0, 1, 2, 3, 4, 5, \.\.\.\)$"):
+        CBOR.decode(b"\x01" + cbor2.dumps({tuple(range(100000)): 1}))
+
+
 @pytest.mark.parametrize("body, message", [
     (b"", r"body of message type 1 \(Ping\) is not valid JSON: Expecting value"),
     (b"{", r"is not valid JSON: "),

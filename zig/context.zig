@@ -110,6 +110,9 @@ pub const Context = struct {
     /// The buffer a custom switch `in` callback fills (max_message_size bytes),
     /// allocated the first time such a callback runs.
     switch_buf: ?[]u8 = null,
+    /// Switch callbacks running now (one inside another's forward): the
+    /// limits, and with them switch_buf, cannot change under them.
+    callback_depth: u32 = 0,
     /// The switching extension's state: switch_events, fds due for MORE
     /// (switching.zig).
     switch_state: switching.State = .{},
@@ -194,6 +197,14 @@ pub const Context = struct {
 
     /// Same ranges as pyipc.Context's checks (and the same texts).
     pub fn setLimits(self: *Context, limits: Limits) Error!void {
+        // switch_buf (max_message_size bytes) holds what an `in` callback
+        // wrote, read after it returns: freed under it, that was a crash.
+        if (self.callback_depth > 0)
+            return self.last.fail(
+                error.Generic,
+                "the limits cannot change inside a switch callback",
+                .{},
+            );
         if (limits.max_message_size < 1)
             return self.last.fail(
                 error.Generic,
@@ -1872,6 +1883,7 @@ pub const Context = struct {
     /// Timeout when time ran out first; Interrupted on a signal (interruptible).
     /// The rounds also read and accept: those events wait as usual.
     pub fn linger(self: *Context, fd: i32, timeout_ns: i64) Error!void {
+        if (fd >= 0) _ = try self.lookup(fd); // an unknown fd is said, as close() says it
         const deadline = sys.nowNs() +| @max(timeout_ns, 0);
         while (self.hasScheduled(fd)) {
             if (sys.nowNs() >= deadline) return self.last.fail(

@@ -497,6 +497,41 @@ test "switch callbacks: custom in and out" {
     try expectOnly(p.server, .disconnection, p.server_fd, null);
 }
 
+/// The context limitsIn tries to change the limits of, and what it got.
+var limits_ctx: ?*Context = null;
+var limits_refused: bool = false;
+
+/// An `in` callback that tries to change the context's limits (which would
+/// free the buffer it fills) before it returns what it read.
+fn limitsIn(orig: c_int, payload: [*]u8, mlen: *u32) callconv(.c) c_int {
+    const ctx = limits_ctx.?;
+    limits_refused = if (ctx.setLimits(.{ .max_message_size = 1 << 20 })) false else |_| true;
+    return testIn(orig, payload, mlen);
+}
+
+test "the limits cannot change inside a switch callback (its buffer would be freed)" {
+    var p = try Pair.init("cblim");
+    defer p.deinit();
+    var pair: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    defer sys.closeFd(pair[1]);
+    try p.server.addExternal(pair[0]);
+    try switching.setCallbacks(p.server, pair[0], limitsIn, testOut);
+    try switching.add(p.server, p.server_fd, pair[0]);
+    limits_ctx = p.server;
+    defer limits_ctx = null;
+    try sendRaw(pair[1], "raw bytes");
+    try expectOnly(p.server, .switch_rx, pair[0], "raw bytes");
+    try testing.expect(limits_refused);
+    try testing.expectEqualStrings(
+        "the limits cannot change inside a switch callback",
+        p.server.last.text(),
+    );
+    var buf: [64]u8 = undefined;
+    try testing.expectEqualStrings("raw bytes", try readMessage(p.client, p.client_fd, &buf));
+    try p.server.setLimits(.{ .max_message_size = 1 << 20 }); // outside: taken
+}
+
 fn fakeIpcd(ipcd: *Context, result: *anyerror!void) void {
     result.* = serveIpcd(ipcd);
 }

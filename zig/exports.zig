@@ -56,6 +56,14 @@ fn bytes(ptr: ?[*]const u8, len: usize) []const u8 {
     return if (ptr) |p| p[0..len] else "";
 }
 
+/// The caller's `len` bytes at `ptr`: a null pointer with a length is an
+/// error (it was sent as an empty message, success reported).
+fn payloadOf(ctx: *Context, ptr: ?[*]const u8, len: usize) Error![]const u8 {
+    if (ptr == null and len > 0)
+        return ctx.last.fail(error.Generic, "a payload pointer is null ({d} bytes)", .{len});
+    return bytes(ptr, len);
+}
+
 // ------------------------------------------------------------ lifetime
 
 pub export fn ipc_context_init(out: ?*?*anyopaque) callconv(.c) c_int {
@@ -82,7 +90,8 @@ pub export fn ipc_context_set_rundir(
     len: usize,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    return rc(ctx, ctx.setRundir(bytes(dir, len)));
+    const path = payloadOf(ctx, dir, len) catch |err| return rc(ctx, @as(Error!void, err));
+    return rc(ctx, ctx.setRundir(path));
 }
 
 pub export fn ipc_context_set_limits(
@@ -221,7 +230,8 @@ pub export fn ipc_switch_send(
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     defer ctx.syncReadiness();
-    return rc(ctx, switching.send(ctx, fd, bytes(data, len)));
+    const raw = payloadOf(ctx, data, len) catch |err| return rc(ctx, @as(Error!void, err));
+    return rc(ctx, switching.send(ctx, fd, raw));
 }
 
 /// pyipc addition: end the switch of fd (switching.end); `reason` NULL: none.
@@ -323,7 +333,8 @@ pub export fn ipc_write(
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     defer ctx.syncReadiness();
-    return rc(ctx, ctx.write(fd, bytes(payload, len)));
+    const raw = payloadOf(ctx, payload, len) catch |err| return rc(ctx, @as(Error!void, err));
+    return rc(ctx, ctx.write(fd, raw));
 }
 
 pub export fn ipc_schedule(
@@ -333,7 +344,8 @@ pub export fn ipc_schedule(
     len: u32,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    return rc(ctx, ctx.schedule(fd, bytes(payload, len)));
+    const raw = payloadOf(ctx, payload, len) catch |err| return rc(ctx, @as(Error!void, err));
+    return rc(ctx, ctx.schedule(fd, raw));
 }
 
 /// ipc_schedule() without a copy (pyipc extension): the core writes the
@@ -348,7 +360,8 @@ pub export fn ipc_schedule_pinned(
     token: u64,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
-    return rc(ctx, ctx.schedulePinned(fd, bytes(payload, len), token));
+    const raw = payloadOf(ctx, payload, len) catch |err| return rc(ctx, @as(Error!void, err));
+    return rc(ctx, ctx.schedulePinned(fd, raw, token));
 }
 
 /// Tokens of pinned payloads the core no longer reads, oldest first, at most
@@ -378,6 +391,7 @@ pub export fn ipc_write_many(
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     defer ctx.syncReadiness();
+    if (lengths == null and count > 0) return rc(ctx, noPayloads(ctx));
     const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
     var total: usize = 0;
     for (lens) |len| total += len;
@@ -397,6 +411,7 @@ pub export fn ipc_write_many_ptrs(
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     defer ctx.syncReadiness();
+    if (lengths == null and count > 0) return rc(ctx, noPayloads(ctx));
     const lens: []const u32 = if (lengths) |l| l[0..count] else &.{};
     const ptrs = payloads orelse if (count == 0) return rc(
         ctx,
@@ -409,7 +424,7 @@ pub export fn ipc_write_many_ptrs(
 }
 
 fn noPayloads(ctx: *Context) Error!void {
-    return ctx.last.fail(error.Generic, "write_many: a payload pointer is null", .{});
+    return ctx.last.fail(error.Generic, "write_many: a payload or lengths pointer is null", .{});
 }
 
 /// The caller's buffer: `*buflen` bytes at `buffer` (none when either is null).
@@ -536,9 +551,16 @@ pub export fn ipc_read_lent(
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     defer ctx.syncReadiness();
-    const payload = ctx.readLent(fd) catch |err| return rc(ctx, @as(Error!void, err));
-    if (message) |m| m.* = payload.ptr;
-    if (len) |l| l.* = payload.len;
+    // The message would be taken and never seen.
+    if (message == null or len == null)
+        return rc(ctx, @as(Error!void, ctx.last.fail(
+            error.Generic,
+            "read_lent: message or len is null",
+            .{},
+        )));
+    const lent = ctx.readLent(fd) catch |err| return rc(ctx, @as(Error!void, err));
+    message.?.* = lent.ptr;
+    len.?.* = lent.len;
     return IPC_OK;
 }
 
@@ -553,6 +575,9 @@ pub export fn ipc_wait_events(
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     defer ctx.syncReadiness();
     if (count) |n| n.* = 0;
+    // Events copied out could not be counted: they would be lost.
+    if (out != null and capacity > 0 and count == null)
+        return rc(ctx, @as(Error!void, ctx.last.fail(error.Generic, "wait_events: count is null", .{})));
     ctx.beginWait(true) catch |err| return rc(ctx, @as(Error!void, err));
     const dest = out orelse return IPC_OK;
     var n: usize = 0;
@@ -633,6 +658,7 @@ pub export fn ipc_send_fd(
     payload: ?[*]const u8,
     len: u32,
 ) callconv(.c) c_int {
+    if (payload == null and len > 0) return errors.code(error.Generic);
     fdpass.sendFd(sock, fd_to_pass, bytes(payload, len)) catch return errors.code(error.Generic);
     return IPC_OK;
 }
@@ -1253,4 +1279,49 @@ test "C ABI: read_wakeup off: an interruptible context's read waits in the kerne
     len = buf.len;
     try testing.expectEqual(@as(c_int, errors.code(error.Timeout)), ipc_read_fd(client, cfd, &buf, &len));
     ipc_context_read_wakeup(client, 1);
+}
+
+test "C ABI: null pointers that would lose or fake data are refused, nothing taken" {
+    var pair: TestPair = .{};
+    try pair.init("nulls");
+    defer pair.deinit("nulls");
+    const server, const client, const cfd = .{ pair.server, pair.client, pair.cfd };
+    const generic: c_int = errors.code(error.Generic);
+    // A null payload with a length: refused, not sent as an empty message.
+    try testing.expectEqual(generic, ipc_write(client, cfd, null, 5));
+    try testing.expectEqualStrings(
+        "a payload pointer is null (5 bytes)",
+        std.mem.span(ipc_last_error(client)),
+    );
+    try testing.expectEqual(generic, ipc_schedule(client, cfd, null, 5));
+    try testing.expectEqual(generic, ipc_schedule_pinned(client, cfd, null, 5, 1));
+    try testing.expectEqual(generic, ipc_context_set_rundir(client, null, 5));
+    try testing.expectEqual(generic, ipc_send_fd(-1, -1, null, 5));
+    const lens = [_]u32{ 1, 1 };
+    try testing.expectEqual(generic, ipc_write_many(client, cfd, "ab", null, 2));
+    try testing.expectEqual(generic, ipc_write_many_ptrs(client, cfd, null, &lens, 2));
+    // Events copied out with no count, or a message read with nowhere to
+    // put it: refused before anything is taken.
+    var evs: [4]IpcEvent = undefined;
+    try testing.expectEqual(generic, ipc_wait_events(server, &evs, evs.len, null));
+    var count: usize = 0;
+    try expectOk(ipc_wait_events(server, &evs, evs.len, &count));
+    try testing.expectEqual(@as(usize, 1), count); // the CONNECTION, still there
+    try testing.expectEqual(@as(i32, 1), evs[0].type);
+    try expectOk(ipc_write(server, evs[0].fd, "kept", 4));
+    try testing.expectEqual(generic, ipc_read_lent(client, cfd, null, null));
+    var buf: [8]u8 = undefined;
+    var len: usize = buf.len;
+    try expectOk(ipc_read_fd(client, cfd, &buf, &len));
+    try testing.expectEqualStrings("kept", buf[0..len]);
+    // linger of an fd the context does not manage says so.
+    try testing.expectEqual(@as(c_int, errors.code(error.UnknownFd)), ipc_linger(client, 9999, 0));
+    // receive_fd with no room reads nothing (no byte, no fd taken).
+    var fd: c_int = 0;
+    var none: usize = 0;
+    try testing.expectEqual(
+        @as(c_int, errors.code(error.BufferTooSmall)),
+        ipc_receive_fd(cfd, &fd, null, &none),
+    );
+    try testing.expectEqual(@as(c_int, -1), fd);
 }

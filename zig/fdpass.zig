@@ -71,14 +71,16 @@ pub fn sendFd(sock: i32, fd_to_pass: i32, payload: []const u8) Error!void {
 }
 
 /// Receive one message and the fd sent with it (-1 when none came), blocking.
-/// `buf` gets the payload; returns its length. A payload longer than `buf`
-/// is truncated by the kernel (MSG_TRUNC is not reported on stream sockets).
+/// `buf` gets the payload; returns its length. A stream socket keeps no
+/// boundaries: a payload longer than `buf` gives its first bytes, the rest
+/// comes with the next call (libipc.h says so). An empty `buf` is refused
+/// (BufferTooSmall) before anything is read: no byte, no fd is taken.
 /// Only the first fd is kept: any other fd that came with it is closed, so a
 /// peer cannot make us leak fds by sending several.
 pub fn receiveFd(sock: i32, buf: []u8, received: *i32) Error!usize {
     received.* = -1;
-    var one: [1]u8 = undefined;
-    const target: []u8 = if (buf.len == 0) &one else buf;
+    if (buf.len == 0) return error.BufferTooSmall;
+    const target: []u8 = buf;
     var control: Control(receive_space) = .{ .bytes = @splat(0) };
     var iov = [1]std.posix.iovec{.{ .base = target.ptr, .len = target.len }};
     var msg = std.mem.zeroes(c.msghdr);
@@ -104,11 +106,6 @@ pub fn receiveFd(sock: i32, buf: []u8, received: *i32) Error!usize {
         c.F.SETFD,
         @as(c_int, c.FD_CLOEXEC),
     );
-    if (buf.len == 0 and n > 0) {
-        sys.closeFd(received.*);
-        received.* = -1;
-        return error.BufferTooSmall;
-    }
     return n;
 }
 

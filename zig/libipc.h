@@ -55,6 +55,14 @@
  * so begun (the others were not sent): call again with those left out.
  * ipc_context_call_timeout(ctx, usec) bounds every blocking call from then on
  * (negative: no bound): IPC_E_TIMEOUT, with the same guarantees.
+ * ipc_send_fd(sock, fd, payload, len) and ipc_receive_fd(sock, &fd, buffer,
+ * &buflen) are libIPC's raw fd-passing helpers (no framing): receive blocks
+ * for the next bytes and the fd sent with them (-1 when none). A stream
+ * socket keeps no boundaries, so a buffer smaller than what was sent gets its
+ * first bytes and the rest comes with the next call: give it a buffer as
+ * large as the largest payload. An empty or NULL buffer is refused
+ * (IPC_E_BUFFER_TOO_SMALL) before anything is read; a NULL payload with a
+ * length is refused, as by every call that takes one (IPC_E_GENERIC).
  * ipc_linger(ctx, fd, usec) sends what is scheduled for fd (every fd when fd
  * is -1) for at most usec: 0 when all went out, else IPC_E_TIMEOUT (or
  * IPC_E_INTERRUPTED). ipc_scheduled_fds() lists the fds that still have

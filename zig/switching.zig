@@ -135,6 +135,8 @@ pub fn switchIn(ctx: *Context, conn: *Conn) Allocator.Error!void {
 /// One `in` call and what its result does; the result, or IGNORE when the
 /// call ended the switch itself (what it gave has nowhere to go).
 fn callIn(ctx: *Context, conn: *Conn, cb: InCallback) Allocator.Error!CbResult {
+    ctx.callback_depth += 1;
+    defer ctx.callback_depth -= 1;
     const buf = try buffer(ctx);
     var mlen: u32 = @intCast(buf.len);
     var result: CbResult = @fromBackingInt(@intCast(cb(conn.fd, buf.ptr, &mlen)));
@@ -251,7 +253,9 @@ pub fn forward(ctx: *Context, origin: *Conn, payload: []const u8) Allocator.Erro
         const len: u32 = @intCast(payload.len);
         const outer = ctx.switch_state.out_fd; // (an `out` never runs inside another)
         ctx.switch_state.out_fd = dest.fd;
+        ctx.callback_depth += 1;
         const code = out(dest.fd, payload.ptr, len);
+        ctx.callback_depth -= 1;
         ctx.switch_state.out_fd = outer;
         const result: CbResult = @fromBackingInt(@intCast(code));
         if (!dest.alive) return; // the callback closed it itself

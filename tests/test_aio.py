@@ -11,6 +11,7 @@ the Server's life cycle. Every wait is bounded by asyncio.timeout/wait_for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -556,25 +557,31 @@ def test_one_external_event_is_queued_per_readiness(actx):
     round of the loop's wake, and one handed out means a read will not block
     (dozens of stale ones named an fd whose read would block)."""
     async def main() -> None:
-        async with actx() as ctx:
-            r, w = os.pipe()
-            try:
-                ctx.sync.add_external(r)
-                os.write(w, b"x")
-                ev = await asyncio.wait_for(ctx.wait_event(), 10)
-                assert (ev.type, ev.fd) == (EventType.EXTERNAL, r)
-                assert os.read(r, 100) == b"x"
-                os.write(w, b"y")                    # a second readiness: one more event
-                ev = await asyncio.wait_for(ctx.wait_event(), 10)
-                assert (ev.type, ev.fd) == (EventType.EXTERNAL, r)
-                assert os.read(r, 100) == b"y"
-                with pytest.raises(asyncio.TimeoutError):       # none stale is handed out
-                    await asyncio.wait_for(ctx.wait_event(), 0.3)
-                assert len(ctx._external_queued) <= 1
-            finally:
-                ctx.sync.close(r)
-                os.close(w)
+        async with actx() as ctx, _external_pipe(ctx) as (r, w):
+            os.write(w, b"x")
+            ev = await asyncio.wait_for(ctx.wait_event(), 10)
+            assert (ev.type, ev.fd) == (EventType.EXTERNAL, r)
+            assert os.read(r, 100) == b"x"
+            os.write(w, b"y")                    # a second readiness: one more event
+            ev = await asyncio.wait_for(ctx.wait_event(), 10)
+            assert (ev.type, ev.fd) == (EventType.EXTERNAL, r)
+            assert os.read(r, 100) == b"y"
+            with pytest.raises(asyncio.TimeoutError):       # none stale is handed out
+                await asyncio.wait_for(ctx.wait_event(), 0.3)
+            assert len(ctx._external_queued) <= 1
     run(main)
+
+
+@contextlib.asynccontextmanager
+async def _external_pipe(ctx: pyipc.aio.Context) -> Any:
+    """A pipe whose read end ctx watches as an external fd: (read, write)."""
+    r, w = os.pipe()
+    try:
+        ctx.sync.add_external(r)
+        yield r, w
+    finally:
+        ctx.sync.close(r)
+        os.close(w)
 
 
 def test_a_connection_nobody_reads_holds_its_sender_back(actx, ctx_factory):
@@ -626,18 +633,12 @@ def test_an_unread_external_fd_does_not_spin_the_loop(actx):
     """An EXTERNAL event nobody takes: the fd is not watched meanwhile, so
     the loop sleeps (it woke at every round: a CPU at 100%)."""
     async def main() -> None:
-        async with actx() as ctx:
-            r, w = os.pipe()
-            try:
-                ctx.sync.add_external(r)
-                os.write(w, b"x")
-                await asyncio.sleep(0.1)               # the event is queued, not taken
-                cpu = time.process_time()
-                await asyncio.sleep(1)
-                assert time.process_time() - cpu < 0.2
-                ev = await asyncio.wait_for(ctx.wait_event(), 10)
-                assert (ev.type, ev.fd) == (EventType.EXTERNAL, r)
-            finally:
-                ctx.sync.close(r)
-                os.close(w)
+        async with actx() as ctx, _external_pipe(ctx) as (r, w):
+            os.write(w, b"x")
+            await asyncio.sleep(0.1)               # the event is queued, not taken
+            cpu = time.process_time()
+            await asyncio.sleep(1)
+            assert time.process_time() - cpu < 0.2
+            ev = await asyncio.wait_for(ctx.wait_event(), 10)
+            assert (ev.type, ev.fd) == (EventType.EXTERNAL, r)
     run(main)

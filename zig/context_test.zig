@@ -471,15 +471,23 @@ fn testIn(orig: c_int, payload: [*]u8, mlen: *u32) callconv(.c) c_int {
     return 0;
 }
 
+/// A socketpair whose first end p.server watches, with callbacks `in` and
+/// `out`, switched with p's connection; the second end is the caller's.
+fn switchedPair(p: *Pair, in: switching.InCallback, out: switching.OutCallback) ![2]c.fd_t {
+    var pair: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    errdefer sys.closeFd(pair[1]);
+    try p.server.addExternal(pair[0]);
+    try switching.setCallbacks(p.server, pair[0], in, out);
+    try switching.add(p.server, p.server_fd, pair[0]);
+    return pair;
+}
+
 test "switch callbacks: custom in and out" {
     var p = try Pair.init("cb");
     defer p.deinit();
-    var pair: [2]c.fd_t = undefined;
-    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    var pair = try switchedPair(&p, testIn, testOut);
     defer sys.closeFd(pair[1]);
-    try p.server.addExternal(pair[0]);
-    try switching.setCallbacks(p.server, pair[0], testIn, testOut);
-    try switching.add(p.server, p.server_fd, pair[0]);
     // framed in from the client, custom out to the external side
     try p.client.write(p.client_fd, "framed");
     try expectOnly(p.server, .switch_rx, p.server_fd, "framed");
@@ -512,12 +520,8 @@ fn limitsIn(orig: c_int, payload: [*]u8, mlen: *u32) callconv(.c) c_int {
 test "the limits cannot change inside a switch callback (its buffer would be freed)" {
     var p = try Pair.init("cblim");
     defer p.deinit();
-    var pair: [2]c.fd_t = undefined;
-    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    const pair = try switchedPair(&p, limitsIn, testOut);
     defer sys.closeFd(pair[1]);
-    try p.server.addExternal(pair[0]);
-    try switching.setCallbacks(p.server, pair[0], limitsIn, testOut);
-    try switching.add(p.server, p.server_fd, pair[0]);
     limits_ctx = p.server;
     defer limits_ctx = null;
     try sendRaw(pair[1], "raw bytes");
@@ -527,6 +531,7 @@ test "the limits cannot change inside a switch callback (its buffer would be fre
         "the limits cannot change inside a switch callback",
         p.server.last.text(),
     );
+    try expectOnly(p.server, .switch_tx, p.server_fd, null); // (the next round writes it)
     var buf: [64]u8 = undefined;
     try testing.expectEqualStrings("raw bytes", try readMessage(p.client, p.client_fd, &buf));
     try p.server.setLimits(.{ .max_message_size = 1 << 20 }); // outside: taken

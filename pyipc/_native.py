@@ -34,6 +34,7 @@ from ._context import Context
 from ._events import EventQueue
 from ._threads import _thread_count, guarded_schedule
 from ._native_events import EventDecoder
+from ._pure.fdpass import ask_ipcd
 from ._types import Buffer, Payload
 from ._types import (DEFAULT_READ_MANY, ERRORS_BY_NAME, READ_MANY_BYTES, BackendError, CBEvent,
                      Event, EventType, InvalidNameError, IPCError, MessageTooLargeError)
@@ -316,21 +317,17 @@ class NativeContext(Context):
         self._check(lib.ipc_connect_service(self._ctx, fd, raw, len(raw)))
         return fd[0]
 
-    def connect(self, name: str, timeout: Optional[float] = None) -> int:
-        """Connect to service `name`: through ipcd when IPC_NETWORK is set
-        (`timeout` bounds the wait for ipcd's answer)."""
-        deadline = self._start_timeout(timeout)     # first, as the pure backend
-        fd: _Cell[int] = ffi.new("int *")
-        raw = _name_bytes(name)
-        if self._pending:
-            self._flush()
-        while True:
-            rc = lib.ipc_connect(self._ctx, fd, raw, len(raw))
-            if rc != _E_INTERRUPTED:
-                break
-            self._resume(deadline)
-        self._check(rc)
-        return fd[0]
+    def _connect_ipcd(self, name: str, network: str, timeout: Optional[float]) -> int:
+        # The exchange is made here, as the pure backend makes it: the core's
+        # (ipc_connect, for C) starts over after a signal; this one resumes.
+        sock = ask_ipcd(self, name, network, timeout)
+        fd = sock.detach()
+        try:
+            self.add_connection(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def add_external(self, fd: int) -> None:
         self._check(lib.ipc_add_external(self._ctx, _fd_arg(fd)), fd)

@@ -169,3 +169,54 @@ def test_aio_connect_raises_the_same(ipcd, backend):
     err = run(main)
     assert type(err) is NETWORK
     assert str(err) == f"{BASE} (unreachable): 10.9.9.9:9000: No route to host"
+
+
+def test_signals_while_ipcd_answers_do_not_restart_the_request(backend, rundir, monkeypatch):
+    """A handler that returns, running every 50 ms while a slow ipcd answers:
+    connect() waits on, ipcd is asked once, and the fd it hands over is the
+    connection (the native core's exchange started over at each signal:
+    several requests, and with signals faster than ipcd, no end)."""
+    import signal
+    import time
+    requests: list[bytes] = []
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(rundir, "ipc"))
+    listener.listen(8)
+    kept: list[socket.socket] = []
+
+    def slow_ipcd() -> None:
+        listener.settimeout(2)                  # more requests come at once, or none
+        try:
+            while True:
+                conn, _ = listener.accept()
+                kept.append(conn)
+                requests.append(conn.recv(4096))
+                time.sleep(0.3)                 # the slow answer is the scenario
+                mine, theirs = socket.socketpair()
+                kept.append(mine)
+                socket.send_fds(conn, [b"ok"], [theirs.fileno()])
+                theirs.close()
+                mine.sendall(b"\0\0\0\5hello")   # a first message on the connection
+        except OSError:
+            return                              # accept timed out or closed: done
+
+    thread = threading.Thread(target=slow_ipcd, daemon=True)
+    thread.start()
+    monkeypatch.setenv("IPC_NETWORK", "svc tcp://somewhere:1/svc")
+    ticks: list[int] = []
+    old = signal.signal(signal.SIGALRM, lambda *_: ticks.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+        with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+            fd = ctx.connect("svc", timeout=10)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            assert ctx.read(fd, timeout=10) == b"hello"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        listener.close()
+        thread.join(20)
+        for sock in kept:
+            sock.close()
+    assert len(ticks) >= 3
+    assert len(requests) == 1 and requests[0].endswith(b"svc;svc tcp://somewhere:1/svc")

@@ -8,7 +8,7 @@ import os
 import select
 import socket
 import time
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, cast
 
 from .._types import (IPCD_SERVICE, MAX_IPCD_REASON, IPCError, NetworkError,
                       ServiceNotFoundError, TimeoutError)
@@ -18,6 +18,7 @@ from .conn_table import CONNECTION, Conn
 from .services import STREAM_FAMILIES
 
 if TYPE_CHECKING:
+    from .._context import Context
     from .state import PureState
 
 #: Fds received with ipcd's answer at most (the first is used, the others
@@ -35,35 +36,50 @@ class Ipcd:
     __slots__ = ()
 
     def _connect_ipcd(self: PureState, name: str, network: str, timeout: Optional[float]) -> int:
-        _rundir.service_path(self.rundir, name)
-        try:
-            ipcd = self.connect_service(IPCD_SERVICE)
-        except ServiceNotFoundError as e:
-            raise ServiceNotFoundError(
-                f"IPC_NETWORK is set but ipcd is not running "
-                f"(no service {IPCD_SERVICE} in {self.rundir})", e.errno) from None
-        ipcd_sock = self._by_fd[ipcd].io
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            self.write(ipcd, f"{name};{network}", timeout)
-            # An ipcd that accepted but does not answer must not hang us.
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not wait_fd(ipcd, select.POLLIN, left):
-                raise TimeoutError(f"connect to service {name} timed out")
-            answer, fds, _, _ = socket.recv_fds(
-                ipcd_sock, 2000, MAX_RECEIVED_FDS, _CMSG_CLOEXEC)
-        except TimeoutError as e:
-            raise TimeoutError(f"connect to service {name} timed out") from e.__cause__
-        except OSError:
-            answer, fds = b"", []
-        finally:
-            self.close(ipcd)
-        sock = _connected_stream(take_ipcd_answer(name, answer, fds))
-        if sock is None:
-            raise IPCError("ipcd sent a file descriptor that is not a connected "
-                           "Unix or TCP stream socket")
+        # (PureState is the mixins' view of the PureContext, a Context.)
+        sock = ask_ipcd(cast("Context", self), name, network, timeout)
         sock.setblocking(True)
         return self._add(Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
+
+
+def ask_ipcd(ctx: "Context", name: str, network: str, timeout: Optional[float]) -> socket.socket:
+    """connect()'s exchange with ipcd, made through ctx's own calls (both
+    backends): send "NAME;IPC_NETWORK", wait for the answer (at most
+    `timeout` s), take the fd it hands over. Returns that connected stream
+    socket, for the backend to adopt; raises what the answer means. A wait
+    that a signal interrupts goes on once its handler returns (PEP 475), so
+    ipcd is asked once; a handler that raises ends it."""
+    _rundir.service_path(ctx.rundir, name)
+    try:
+        ipcd = ctx.connect_service(IPCD_SERVICE)
+    except ServiceNotFoundError as e:
+        raise ServiceNotFoundError(
+            f"IPC_NETWORK is set but ipcd is not running "
+            f"(no service {IPCD_SERVICE} in {ctx.rundir})", e.errno) from None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        ctx.write(ipcd, f"{name};{network}", timeout)
+        # An ipcd that accepted but does not answer must not hang us.
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not wait_fd(ipcd, select.POLLIN, left):
+            raise TimeoutError(f"connect to service {name} timed out")
+        ipcd_sock = socket.socket(fileno=ipcd)
+        try:
+            answer, fds, _, _ = socket.recv_fds(
+                ipcd_sock, 2000, MAX_RECEIVED_FDS, _CMSG_CLOEXEC)
+        finally:
+            ipcd_sock.detach()                  # the context closes it
+    except TimeoutError as e:
+        raise TimeoutError(f"connect to service {name} timed out") from e.__cause__
+    except OSError:
+        answer, fds = b"", []
+    finally:
+        ctx.close(ipcd)
+    sock = _connected_stream(take_ipcd_answer(name, answer, fds))
+    if sock is None:
+        raise IPCError("ipcd sent a file descriptor that is not a connected "
+                       "Unix or TCP stream socket")
+    return sock
 
 
 def take_ipcd_answer(name: str, answer: bytes, fds: List[int]) -> int:

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .. import Context, IPCError
+from .. import Context, InvalidNameError, IPCError, _rundir
 
 log = logging.getLogger("pyipc.daemons")
 
@@ -205,6 +205,18 @@ def connect_local(path: str, name: str, rundir: str) -> socket.socket:
         sock.close()
         raise LocalRefusal("noservice", f"cannot connect to {name}: "
                            f"{e.strerror or e}") from None
+
+
+def connect_service(rundir: str, name: str) -> int:
+    """The fd of a new connection to local service `name` of `rundir`, made
+    without blocking (connect_local), for the daemon's context to adopt.
+    LocalRefusal: `refused` for a name no service could have (the reason is
+    InvalidNameError's), else connect_local's `noservice` or `busy`."""
+    try:
+        path = _rundir.service_path(rundir, name)
+    except InvalidNameError as e:
+        raise LocalRefusal("refused", str(e)) from None
+    return connect_local(path, name, rundir).detach()
 
 
 def is_listening(sock: socket.socket, family: int) -> bool:

@@ -28,7 +28,7 @@ import socket
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .. import Event, EventType, InvalidNameError, IPCError, _rundir
+from .. import Event, EventType, IPCError
 from . import _netwire as wire
 from . import _sockets, _systemd
 from ._runtime import Daemon
@@ -343,10 +343,7 @@ class Tcpd(Daemon):
             return self._refuse_incoming(incoming, wire.REFUSED,
                                          f"service {name} is not exposed by this tcpd")
         try:
-            path = _rundir.service_path(self.ctx.rundir, name)
-            local = _sockets.connect_local(path, name, self.ctx.rundir).detach()
-        except InvalidNameError as e:
-            return self._refuse_incoming(incoming, wire.REFUSED, str(e))
+            local = _sockets.connect_service(self.ctx.rundir, name)
         except _sockets.LocalRefusal as e:
             text = f"no service {name} on {socket.gethostname()}" \
                 if e.code == wire.NOSERVICE else str(e)

@@ -34,7 +34,7 @@ import struct
 import sys
 from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
 
-from .. import CBEvent, Event, EventType, InvalidNameError, IPCError, QueueFullError, _rundir
+from .. import CBEvent, Event, EventType, IPCError, QueueFullError
 from .._checks import too_large_text
 from . import _netwire as wire
 from . import _sockets, _systemd
@@ -470,10 +470,7 @@ class Tlsd(Daemon):
         blocking (as tcpd's): a service whose backlog is full is refused
         `busy` at once, never holding the loop (every other session with it)."""
         try:
-            path = _rundir.service_path(self.ctx.rundir, name)
-            local = _sockets.connect_local(path, name, self.ctx.rundir).detach()
-        except InvalidNameError as e:
-            raise HandshakeFailed(wire.REFUSED, str(e)) from None
+            local = _sockets.connect_service(self.ctx.rundir, name)
         except _sockets.LocalRefusal as e:
             raise HandshakeFailed(e.code, f"no service {name}"
                                   if e.code == wire.NOSERVICE else str(e)) from None

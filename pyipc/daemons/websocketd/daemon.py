@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from websockets.datastructures import MultipleValuesError
 from websockets.http11 import Request, Response
 
-from ... import Event, EventType, InvalidNameError, IPCError, _rundir
+from ... import Event, EventType, IPCError
 from .. import _sockets, _systemd
 from .._netwire import send_raw
 from .._runtime import Daemon
@@ -284,11 +284,10 @@ class WebSocketd(Daemon):
         once, never holding the loop (every other WebSocket with it). Else
         why it cannot be made (the 503's text)."""
         try:
-            path = _rundir.service_path(self.ctx.rundir, name)
-            fd = _sockets.connect_local(path, name, self.ctx.rundir).detach()
-        except InvalidNameError as e:
-            return f"cannot connect to service {name!r}: {e}"
+            fd = _sockets.connect_service(self.ctx.rundir, name)
         except _sockets.LocalRefusal as e:
+            if e.code == "refused":                 # a name no service could have
+                return f"cannot connect to service {name!r}: {e}"
             return f"service {name!r} is not running" if e.code == "noservice" \
                 else f"service {name!r} is busy: its listen backlog is full"
         try:

@@ -55,12 +55,17 @@ def make(backend, rundir) -> Callable[..., pyipc.aio.Context]:
 # ---------------------------------------------------------------- uvloop
 
 
-def test_uvloop(make):
-    # The test extra installs uvloop on CPython (its marker): missing there,
-    # the run fails; elsewhere there is none to test.
+def _uvloop() -> Any:
+    """uvloop: the test extra installs it on CPython (its marker), so missing
+    there the test fails; elsewhere there is none to test."""
     if platform.python_implementation() != "CPython":
         pytest.skip("uvloop is installed on CPython only (the test extra's marker)")
     import uvloop
+    return uvloop
+
+
+def test_uvloop(make):
+    uvloop = _uvloop()
 
     async def main() -> None:
         assert "uvloop" in type(asyncio.get_running_loop()).__module__
@@ -69,7 +74,7 @@ def test_uvloop(make):
 
 
 def test_uvloop_back_pressure_and_cancelled_recv(make):
-    uvloop = pytest.importorskip("uvloop")
+    uvloop = _uvloop()
 
     async def main() -> None:
         async with make() as server_ctx, make(high_water=1 << 10) as ctx:

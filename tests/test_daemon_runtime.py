@@ -286,8 +286,8 @@ def test_sigterm_right_after_ready_always_stops_the_daemon(backend, rundir):
     without the runtime's wake-up pipe (signal.set_wakeup_fd) that wait was
     not interrupted and the daemon went on serving (native: about 1 run in 5).
     The daemon runs in the main thread, where Python delivers signals."""
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signal handlers run only in the main thread")
+    assert threading.current_thread() is threading.main_thread(), \
+        "signal handlers run only in the main thread (pytest runs tests there)"
     missed = 0
     for _ in range(50):
         daemon = EchoDaemon(rundir=rundir, backend=backend)

@@ -205,7 +205,8 @@ class Context:
 
     def connect(self, name: str, timeout: Optional[float] = None) -> int:
         """Connect to service `name`: through ipcd when IPC_NETWORK is set
-        (`timeout` bounds the wait for ipcd's answer)."""
+        (`timeout` bounds the whole exchange with ipcd: connecting to it,
+        sending the request, waiting for its answer)."""
         timeout = check_timeout(timeout)
         raw = os.environb.get(b"IPC_NETWORK")
         if not raw:

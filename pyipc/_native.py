@@ -34,7 +34,7 @@ from ._context import Context
 from ._events import EventQueue
 from ._threads import _thread_count, guarded_schedule
 from ._native_events import EventDecoder
-from ._pure.fdpass import ask_ipcd
+from ._pure.fdpass import adopt_connection, ask_ipcd
 from ._types import Buffer, Payload
 from ._types import (DEFAULT_READ_MANY, ERRORS_BY_NAME, READ_MANY_BYTES, BackendError, CBEvent,
                      Event, EventType, InvalidNameError, IPCError, MessageTooLargeError)
@@ -320,14 +320,7 @@ class NativeContext(Context):
     def _connect_ipcd(self, name: str, network: str, timeout: Optional[float]) -> int:
         # The exchange is made here, as the pure backend makes it: the core's
         # (ipc_connect, for C) starts over after a signal; this one resumes.
-        sock = ask_ipcd(self, name, network, timeout)
-        fd = sock.detach()
-        try:
-            self.add_connection(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return adopt_connection(self, ask_ipcd(self, name, network, timeout))
 
     def add_external(self, fd: int) -> None:
         self._check(lib.ipc_add_external(self._ctx, _fd_arg(fd)), fd)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -314,6 +315,59 @@ def test_connect_through_a_silent_ipcd_times_out(ctx_factory, rundir, monkeypatc
         ipcd.close()
     assert ipcd.request == b"pong;pong unix://pong"
     assert ipcd.hung_up                       # the connection to ipcd is not leaked
+
+
+def test_connect_through_an_ipcd_with_a_full_backlog_times_out(ctx_factory, rundir,
+                                                                monkeypatch):
+    """An ipcd that accepts no one (its listen backlog full) held connect()
+    in the kernel's connect() past any timeout."""
+    monkeypatch.setenv("IPC_NETWORK", "pong unix://pong")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as filler:
+        listener.bind(os.path.join(rundir, "ipc"))
+        listener.listen(0)
+        filler.connect(os.path.join(rundir, "ipc"))     # the backlog is now full
+        outcome: list[object] = []
+        ctx = ctx_factory()
+
+        def connect() -> None:
+            try:
+                outcome.append(times_out(lambda: ctx.connect("pong", timeout=0.2), 0.2,
+                                         "connect to service pong timed out"))
+            except BaseException as e:      # reported below, not lost in the thread
+                outcome.append(e)
+        thread = threading.Thread(target=connect)
+        thread.start()
+        thread.join(10)
+        if thread.is_alive():
+            listener.close()        # wakes the connect(): the thread ends
+            thread.join(10)
+            pytest.fail("connect(timeout=0.2) still waited for ipcd after 10 s")
+    assert len(outcome) == 1 and not isinstance(outcome[0], BaseException), outcome
+    assert ctx.wait_events(timeout=0) == []     # nothing left behind
+
+
+def test_signals_while_ipcd_backlog_is_full_do_not_end_the_wait(ctx_factory, rundir,
+                                                                 monkeypatch):
+    """A signal interrupts the kernel's connect(); connect() goes on waiting
+    (PEP 475) until its timeout, not failing nor returning unconnected."""
+    monkeypatch.setenv("IPC_NETWORK", "pong unix://pong")
+    caught: list[int] = []
+    old = signal.signal(signal.SIGALRM, lambda *_: caught.append(1))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as filler:
+        listener.bind(os.path.join(rundir, "ipc"))
+        listener.listen(0)
+        filler.connect(os.path.join(rundir, "ipc"))
+        ctx = ctx_factory()
+        signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+        try:
+            times_out(lambda: ctx.connect("pong", timeout=0.4), 0.4,
+                      "connect to service pong timed out")
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    assert len(caught) >= 3
 
 
 # ---------------------------------------------------------------- bad timeouts

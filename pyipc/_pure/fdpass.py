@@ -4,9 +4,11 @@ socket, passed as a file descriptor (the core's fdpass.zig).
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING, List, Optional, cast
 
@@ -16,6 +18,7 @@ from .. import _rundir
 from .blocking import wait_fd
 from .conn_table import CONNECTION, Conn
 from .services import STREAM_FAMILIES
+from .syscalls import os_error
 
 if TYPE_CHECKING:
     from .._context import Context
@@ -50,13 +53,8 @@ def ask_ipcd(ctx: "Context", name: str, network: str, timeout: Optional[float]) 
     that a signal interrupts goes on once its handler returns (PEP 475), so
     ipcd is asked once; a handler that raises ends it."""
     _rundir.service_path(ctx.rundir, name)
-    try:
-        ipcd = ctx.connect_service(IPCD_SERVICE)
-    except ServiceNotFoundError as e:
-        raise ServiceNotFoundError(
-            f"IPC_NETWORK is set but ipcd is not running "
-            f"(no service {IPCD_SERVICE} in {ctx.rundir})", e.errno) from None
     deadline = None if timeout is None else time.monotonic() + timeout
+    ipcd = adopt_connection(ctx, _connect_to_ipcd(ctx.rundir, name, deadline))
     try:
         ctx.write(ipcd, f"{name};{network}", timeout)
         # An ipcd that accepted but does not answer must not hang us.
@@ -80,6 +78,74 @@ def ask_ipcd(ctx: "Context", name: str, network: str, timeout: Optional[float]) 
         raise IPCError("ipcd sent a file descriptor that is not a connected "
                        "Unix or TCP stream socket")
     return sock
+
+
+def _connect_to_ipcd(rundir: str, name: str, deadline: Optional[float]) -> socket.socket:
+    """A connected socket to ipcd's service. An ipcd whose listen backlog is
+    full holds a Unix connect(): with a deadline, SO_SNDTIMEO bounds that wait
+    (Linux and the BSDs), so connect(timeout=) holds for this part too."""
+    path = _rundir.service_path(rundir, IPCD_SERVICE)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except OSError as e:
+        raise os_error(f"cannot connect to service {IPCD_SERVICE}", e.errno) from None
+    try:
+        while not _connected(sock, path, deadline):
+            pass                # a signal cut the wait short: go on waiting
+        _set_send_timeout(sock, None)
+        return sock
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        sock.close()
+        raise ServiceNotFoundError(
+            f"IPC_NETWORK is set but ipcd is not running "
+            f"(no service {IPCD_SERVICE} in {rundir})", e.errno) from None
+    except BlockingIOError:         # SO_SNDTIMEO (or timeout 0) ran out
+        sock.close()
+        raise TimeoutError(f"connect to service {name} timed out") from None
+    except OSError as e:
+        sock.close()
+        raise os_error(f"cannot connect to service {IPCD_SERVICE}", e.errno) from None
+
+
+def _connected(sock: socket.socket, path: str, deadline: Optional[float]) -> bool:
+    """One connect() attempt within the deadline: whether sock is connected
+    (False when a signal interrupted it: CPython then takes the socket for
+    connecting in the background, which a Unix socket never is)."""
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BlockingIOError
+        _set_send_timeout(sock, left)
+    try:
+        sock.connect(path)
+    except OSError as e:
+        if e.errno != errno.EISCONN:
+            raise
+    try:
+        sock.getpeername()
+        return True
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            return False
+        raise
+
+
+def _set_send_timeout(sock: socket.socket, seconds: Optional[float]) -> None:
+    """SO_SNDTIMEO: `seconds` (at least 1 µs: 0 means none), or None for none."""
+    usec = 0 if seconds is None else max(1, round(seconds * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("@ll", usec // 1_000_000, usec % 1_000_000))
+
+
+def adopt_connection(ctx: "Context", sock: socket.socket) -> int:
+    """sock's fd, now a connection of ctx (closed if ctx cannot take it)."""
+    fd = sock.detach()
+    try:
+        ctx.add_connection(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def take_ipcd_answer(name: str, answer: bytes, fds: List[int]) -> int:

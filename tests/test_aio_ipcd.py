@@ -155,3 +155,38 @@ def test_cancelled_while_ipcd_thinks_leaves_nothing_behind(ipcd, backend, rundir
     ipcd.answer(b"")
     ipcd.thread.join(10)
     assert ipcd.hung_up
+
+
+def test_a_long_ipc_network_is_sent_whole(ipcd, backend, rundir, ctx_factory, monkeypatch):
+    """A request longer than the socket's buffer (250 KB of rules, under
+    ipcd's MAX_REQUEST) goes out as ipcd reads it; it raised BlockingIOError."""
+    rules = "x unix://y;" * 23_000 + "pong unix://pong"
+    monkeypatch.setenv("IPC_NETWORK", rules)
+    server = ctx_factory()
+    server.service_init("pong")
+
+    async def main() -> bytes:
+        async with pyipc.aio.Context(rundir=rundir, backend=backend) as ctx:
+            connecting = asyncio.ensure_future(ctx.connect("pong", timeout=30))
+            await asyncio.to_thread(ipcd.got_request.wait, 10)
+            ipcd.answer()
+            conn = await connecting
+            await conn.close()
+            return ipcd.request or b""
+    assert run(main) == b"pong;" + rules.encode()
+
+
+def test_ipcd_that_does_not_read_the_request_in_time(backend, rundir, monkeypatch):
+    """The timeout bounds sending the request too: an ipcd that accepted and
+    never reads a long one does not hold connect() past it."""
+    monkeypatch.setenv("IPC_NETWORK", "x unix://y;" * 23_000 + "pong unix://pong")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(os.path.join(rundir, "ipc"))
+        listener.listen(1)                      # connected in the backlog, never read
+
+        async def main() -> Any:
+            async with pyipc.aio.Context(rundir=rundir, backend=backend) as ctx:
+                with pytest.raises(pyipc.TimeoutError,
+                                   match="connect to service pong timed out"):
+                    await ctx.connect("pong", timeout=0.2)
+        run(main)

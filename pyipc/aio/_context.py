@@ -262,8 +262,9 @@ class Context:
     async def connect(self, name: str, timeout: Optional[float] = None) -> Connection:
         """A Connection to service `name`. Direct (connect_service, which does
         not wait: the service's backlog takes the client), or through ipcd
-        when IPC_NETWORK is set: then the loop awaits ipcd's answer (it
-        may reach another host) for at most `timeout` seconds (default
+        when IPC_NETWORK is set: then the loop awaits the exchange with ipcd
+        (a long request sent as ipcd reads it, then its answer: ipcd may
+        reach another host) for at most `timeout` seconds (default
         DEFAULT_IPCD_TIMEOUT), serving everything else meanwhile."""
         flavor = self._bind()
         await flavor.checkpoint()           # a cancelled connect() connects nothing

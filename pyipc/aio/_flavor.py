@@ -64,6 +64,10 @@ class Flavor:
         """Wait until fd is readable (a one-off wait, not the context's fd)."""
         raise NotImplementedError
 
+    async def wait_writable(self, fd: int) -> None:
+        """Wait until fd is writable (a one-off wait)."""
+        raise NotImplementedError
+
 
 class AsyncioFlavor(Flavor):
     """asyncio and its drop-in loops (uvloop): loop.add_reader and futures."""
@@ -132,6 +136,14 @@ class AsyncioFlavor(Flavor):
             await ready
         finally:
             self.loop.remove_reader(fd)
+
+    async def wait_writable(self, fd: int) -> None:
+        ready = self.loop.create_future()
+        self.loop.add_writer(fd, ready.set_result, None)
+        try:
+            await ready
+        finally:
+            self.loop.remove_writer(fd)
 
 
 class AnyioFlavor(Flavor):
@@ -203,6 +215,9 @@ class AnyioFlavor(Flavor):
 
     async def wait_readable(self, fd: int) -> None:
         await self._anyio.wait_readable(fd)
+
+    async def wait_writable(self, fd: int) -> None:
+        await self._anyio.wait_writable(fd)
 
 
 def running_asyncio_loop() -> Optional[asyncio.AbstractEventLoop]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Awaitable, Optional
 
 from .. import _rundir
 from .._pure.fdpass import MAX_RECEIVED_FDS, take_ipcd_answer
@@ -19,6 +19,7 @@ from .._types import (IPCD_SERVICE, IPCError, ServiceNotFoundError, TimeoutError
 
 if TYPE_CHECKING:
     from ._context import Context
+    from ._flavor import Flavor
 
 NOT_A_STREAM = "ipcd sent a file descriptor that is not a connected Unix or TCP stream socket"
 _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
@@ -43,11 +44,14 @@ async def connect_through_ipcd(ctx: "Context", name: str, rules: str,
     sock = _connect_ipcd(rundir)
     try:
         request = f"{name};{rules}".encode()
-        sock.sendall(struct.pack(">I", len(request)) + request)   # small: it fits
         flavor = ctx._bind()
+        framed = struct.pack(">I", len(request)) + request
+
+        def exchange() -> Awaitable[None]:
+            return _exchange(flavor, sock, framed)
         if timeout is None:
-            await flavor.wait_readable(sock.fileno())
-        elif not await flavor.within(lambda: flavor.wait_readable(sock.fileno()), timeout):
+            await exchange()
+        elif not await flavor.within(exchange, timeout):
             raise TimeoutError(f"connect to service {name} timed out")
         try:
             answer, fds, _, _ = socket.recv_fds(sock, 2000, MAX_RECEIVED_FDS, _CMSG_CLOEXEC)
@@ -62,6 +66,20 @@ async def connect_through_ipcd(ctx: "Context", name: str, rules: str,
         os.close(fd)
         raise IPCError(NOT_A_STREAM) from None
     return fd
+
+
+async def _exchange(flavor: "Flavor", sock: socket.socket, request: bytes) -> None:
+    """Send the framed request (a long IPC_NETWORK does not fit the socket's
+    buffer at once: the rest goes as ipcd reads), then wait for the answer."""
+    view, sent = memoryview(request), 0
+    while sent < len(request):
+        try:
+            sent += sock.send(view[sent:])
+        except BlockingIOError:
+            await flavor.wait_writable(sock.fileno())
+        except OSError:
+            return              # ipcd went away: its answer (none) says so
+    await flavor.wait_readable(sock.fileno())
 
 
 def _connect_ipcd(rundir: str) -> socket.socket:

@@ -12,10 +12,13 @@ and the handler runs. docs/reference.md, "Signals, timeouts and fork".
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 from typing import Optional
+
+log = logging.getLogger("pyipc")
 
 
 class SignalWakeup:
@@ -48,11 +51,29 @@ class SignalWakeup:
 
     def close(self, read_end_too: bool) -> None:
         """uninstall(), close the write end, and the read end unless the
-        context that watches it closes it (close_all)."""
-        self.uninstall()
-        os.close(self._write_fd)
+        context that watches it closes it (close_all). Off the main thread
+        Python cannot give the previous wake-up fd back: the write end is
+        then left open on /dev/null, since a closed one would be reused and
+        a signal would write its byte into whatever file took the number."""
+        if self._previous is not None and \
+                threading.current_thread() is not threading.main_thread():
+            log.warning("signal wake-up fd closed off the main thread: fd %d "
+                        "stays open on /dev/null", self._write_fd)
+            _point_at_null(self._write_fd)
+        else:
+            self.uninstall()
+            os.close(self._write_fd)
         if read_end_too:
             os.close(self.fd)
+
+
+def _point_at_null(fd: int) -> None:
+    """Make fd an fd open on /dev/null (writes vanish; it stays valid)."""
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
 
 
 def drain_pipe(fd: int) -> None:

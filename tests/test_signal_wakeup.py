@@ -55,3 +55,35 @@ def test_a_wait_in_a_context_returns_for_a_signal(backend, rundir):
             wakeup.close(read_end_too=False)
     finally:
         signal.signal(signal.SIGUSR1, old_handler)
+
+
+def test_close_off_the_main_thread_leaves_no_fd_for_a_signal_to_corrupt(tmp_path):
+    """Python's wake-up fd cannot be given back off the main thread: close()
+    there raised ValueError, and a closed write end would have its number
+    reused by the next file opened, into which a signal writes its byte."""
+    old_handler = signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+    wakeup = SignalWakeup()
+    write_fd = wakeup._write_fd
+    errors = []
+    try:
+        assert wakeup.install()
+
+        def close() -> None:
+            try:
+                wakeup.close(read_end_too=True)
+            except BaseException as e:
+                errors.append(e)
+        t = threading.Thread(target=close)
+        t.start()
+        t.join()
+        assert errors == []
+        victim = tmp_path / "victim"
+        with open(victim, "wb") as f:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert f.fileno() != write_fd       # the number was not reused
+        assert victim.read_bytes() == b""
+        assert signal.set_wakeup_fd(-1) == write_fd     # still valid (/dev/null)
+    finally:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGUSR1, old_handler)
+        os.close(write_fd)

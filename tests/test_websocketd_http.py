@@ -20,7 +20,8 @@ from websockets.sync.client import connect  # noqa: E402
 
 from pyipc.daemons.websocketd.policy import origin_allowed, service_name  # noqa: E402
 
-from conftest import CHILD_ENV  # noqa: E402
+from conftest import CHILD_ENV, spin_until  # noqa: E402
+from pyipc import EventType  # noqa: E402
 from wsd_helpers import DaemonThread, ServiceThread  # noqa: E402
 
 
@@ -343,3 +344,32 @@ def test_pyipc_command_works_without_the_websocket_extra():
     assert run.returncode == 1
     assert "pyipc websocketd needs the websocket extra (pip install " \
            "'pyipc-zig[websocket]')" in run.stderr
+
+
+def test_open_websockets_are_bounded(wsd, echo_service):
+    """max_websockets: a request past it is answered 503 saying so, the
+    service never sees it; an ended WebSocket gives its place back."""
+    d = wsd(max_websockets=2)
+    with connect(d.url("/echo"), open_timeout=10) as second:
+        with connect(d.url("/echo"), open_timeout=10) as first:
+            for ws in (first, second):          # both open at the service
+                ws.send(b"open")
+                assert ws.recv(timeout=10) == b"open"
+            assert refused(d.url("/echo")) == (
+                503, b"503 Service Unavailable: busy: 2 WebSockets already open "
+                     b"(max_websockets)\n")
+            connected = [ev for ev in echo_service.events
+                         if ev.type == EventType.CONNECTION]
+            assert len(connected) == 2          # the third never reached the service
+            second.send(b"still served")
+            assert second.recv(timeout=10) == b"still served"
+        spin_until(lambda: d.daemon.open_websockets() == 1)
+        with connect(d.url("/echo"), open_timeout=10) as third:
+            third.send(b"its place")
+            assert third.recv(timeout=10) == b"its place"
+
+
+def test_max_websockets_must_be_positive():
+    from pyipc.daemons.websocketd import Options
+    with pytest.raises(ValueError, match="max_websockets must be at least 1, not 0"):
+        Options(max_websockets=0)

@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 from ..._types import DEFAULT_MAX_MESSAGE_SIZE
 from .options import (DEFAULT_DEAD_PEER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_BUFFER,
-                      DEFAULT_MAX_HANDSHAKES, DEFAULT_PORT, Options, parse_list)
+                      DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_WEBSOCKETS, DEFAULT_PORT, Options,
+                      parse_list)
 
 
 def add_command(subparsers: Any) -> None:
@@ -46,6 +47,9 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--max-handshakes-per-host", type=int, default=None, metavar="N",
                    help="connections in their handshake at once from one peer (an IPv4 "
                         "address, an IPv6 /64; default: half of --max-handshakes)")
+    p.add_argument("--max-websockets", type=int, default=DEFAULT_MAX_WEBSOCKETS,
+                   metavar="N", help="WebSockets open at once; more are answered 503 "
+                   f"(default {DEFAULT_MAX_WEBSOCKETS})")
     p.add_argument("--dead-peer-timeout", type=float, default=DEFAULT_DEAD_PEER_TIMEOUT,
                    metavar="SECONDS", help="a client that vanished (cut link, host down) "
                    f"is noticed within about this time (default "
@@ -81,6 +85,7 @@ def run_command(args: argparse.Namespace) -> int:
                           handshake_timeout=args.handshake_timeout,
                           max_handshakes=args.max_handshakes,
                           max_handshakes_per_host=args.max_handshakes_per_host,
+                          max_websockets=args.max_websockets,
                           dead_peer_timeout=args.dead_peer_timeout,
                           ssl_context=ssl_context(args.cert, args.key))
         daemon = WebSocketd(options, rundir=args.rundir, backend=args.backend)

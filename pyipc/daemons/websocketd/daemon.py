@@ -262,6 +262,12 @@ class WebSocketd(Daemon):
                                    f"more than one {e.args[0] if e.args else ''} header")
         if not origin_allowed(origin, host, self.options.origins, self._own_names):
             return responses.error(HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed")
+        if self.open_websockets() >= self.options.max_websockets:
+            log.warning("%s: refused: %d WebSockets already open (max_websockets)",
+                        hs.peer, self.open_websockets())
+            return responses.error(HTTPStatus.SERVICE_UNAVAILABLE,
+                                   f"busy: {self.open_websockets()} WebSockets already "
+                                   f"open (max_websockets)")
         return hs.protocol.accept(request)   # 101, or 400/426... for a bad handshake
 
     def _open(self, hs: Handshake, request: Request, response: Response) -> None:
@@ -323,6 +329,11 @@ class WebSocketd(Daemon):
         session.start()
 
     # ------------------------------------------------------------ switched phase
+
+    def open_websockets(self) -> int:
+        """WebSockets open, ending ones included until both their fds are
+        closed (each is in `sessions` twice: by client fd and service fd)."""
+        return len(self.sessions) // 2
 
     def _linger(self, session: Session, fd: int) -> None:
         """The switch of `session` ended: its fds close once what is queued

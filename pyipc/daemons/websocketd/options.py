@@ -19,6 +19,9 @@ DEFAULT_MAX_BUFFER = 1 << 20
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Connections still in their handshake at once; more are refused at accept.
 DEFAULT_MAX_HANDSHAKES = 256
+#: WebSockets open at once (each holds two connections: its client's and its
+#: service's); a request past it is answered 503.
+DEFAULT_MAX_WEBSOCKETS = 1024
 #: Seconds after which a client that vanished (a cut link, a host down) is
 #: noticed: TCP keepalive while idle, TCP_USER_TIMEOUT while data waits to be
 #: acknowledged (as tcpd's and tlsd's --dead-peer-timeout); 0: never.
@@ -46,6 +49,7 @@ class Options:
     #: address, an IPv6 /64); None: half of max_handshakes (as tcpd's and
     #: tlsd's --max-pending-per-host), so one host cannot take every slot.
     max_handshakes_per_host: Optional[int] = None
+    max_websockets: int = DEFAULT_MAX_WEBSOCKETS
     dead_peer_timeout: float = DEFAULT_DEAD_PEER_TIMEOUT
     #: wss://: a server-side SSLContext (None: plain ws://).
     ssl_context: Optional[ssl.SSLContext] = None
@@ -54,7 +58,7 @@ class Options:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, not {self.port}")
         for name in ("max_message_size", "max_buffer", "max_handshakes",
-                     "max_handshakes_per_host"):
+                     "max_handshakes_per_host", "max_websockets"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if not 0 <= self.dead_peer_timeout < float("inf"):

@@ -402,7 +402,7 @@ pub const Context = struct {
         const conn = try self.table.add(self.gpa, fd, role);
         errdefer {
             self.table.remove(self.gpa, conn);
-            self.table.reap(self.gpa);
+            self.reapDead();
         }
         const want: poller_mod.Interest = .{ .read = true };
         self.poller.update(self.gpa, fd, .{}, want) catch
@@ -782,6 +782,16 @@ pub const Context = struct {
 
     // ------------------------------------------------------------ closing
 
+    /// Free the records of closed connections, unless a switch callback is
+    /// running: the code that called it still holds its connection's record
+    /// (and checks `alive` after the call), so a close() or close_all() made
+    /// by the callback must not free it under it. The round's own reap,
+    /// once the callbacks have returned, frees them.
+    fn reapDead(self: *Context) void {
+        if (self.callback_depth > 0) return;
+        self.table.reap(self.gpa);
+    }
+
     /// Close fd (and its switch peer) at once, with no event; their pending
     /// events are dropped, and so are their unsent scheduled messages.
     pub fn close(self: *Context, fd: i32) Error!void {
@@ -801,7 +811,7 @@ pub const Context = struct {
             self.events.dropFd(self.gpa, x.fd);
             self.forget(x);
         }
-        self.table.reap(self.gpa);
+        self.reapDead();
     }
 
     /// Close every fd; slot numbers start from 0 again. The context stays usable.
@@ -817,7 +827,7 @@ pub const Context = struct {
         if (self.readiness) |*r| r.deinit();
         self.readiness = null;
         self.table.resetSlots();
-        self.table.reap(self.gpa);
+        self.reapDead();
         assert(self.dirty.items.len == 0);
     }
 
@@ -1452,7 +1462,7 @@ pub const Context = struct {
                         self.limits.max_message_size,
                     );
                     try self.drop(conn, null);
-                    self.table.reap(self.gpa);
+                    self.reapDead();
                     return self.last.failText(error.MessageTooLarge, text);
                 },
             };
@@ -1539,7 +1549,7 @@ pub const Context = struct {
     /// A direct read ended the connection: reported as receiveSome does.
     fn directFailed(self: *Context, conn: *Conn, ended: Ended) Error {
         const fd = conn.fd;
-        defer self.table.reap(self.gpa);
+        defer self.reapDead();
         switch (ended) {
             .stop => unreachable, // directEnded
             .eof => {
@@ -1602,7 +1612,7 @@ pub const Context = struct {
     /// consumed: bytes read so far stay in fd's decoder.
     fn receiveSome(self: *Context, fd: i32, block: *Blocking) Error!void {
         const conn = try self.connection(fd);
-        defer self.table.reap(self.gpa);
+        defer self.reapDead();
         var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = false };
         var buf: [160]u8 = undefined;
         const outcome = self.readUntilMessage(conn, &sink, block) catch |err| switch (err) {
@@ -1849,7 +1859,7 @@ pub const Context = struct {
     /// One round: (1) flush every queue without blocking; (2) wait for
     /// readiness (not at all if step 1 produced events); (3) handle every ready fd.
     fn round(self: *Context, timeout_ms: i32) Error!void {
-        defer self.table.reap(self.gpa);
+        defer self.reapDead();
         self.switch_state.round +%= 1;
         try self.flushDirty();
         // Not waiting either when an `in` callback asked for MORE (switching.zig).
@@ -1891,7 +1901,7 @@ pub const Context = struct {
                 "linger timed out",
                 .{},
             );
-            defer self.table.reap(self.gpa);
+            defer self.reapDead();
             try self.flushDirty();
             if (!self.hasScheduled(fd)) return;
             // Waits even with events pending (a round would not): only the

@@ -387,3 +387,51 @@ test "send from fd's own `out` is never refused: back-pressure bounds it" {
     }
     try testing.expectEqual(@as(usize, 20 * body.len), got.items.len);
 }
+
+// ------------------------------------------------------------ a callback that closes
+
+/// An `in` callback that closes its own fd (and with it the switch) through
+/// the context, then hands a payload back: the code that called it still
+/// holds the connection's record, so the record must outlive the call.
+const Closer = struct {
+    var ctx: ?*Context = null;
+    var dead_after_close: usize = 0;
+    var close_all = false;
+
+    fn in(orig: c_int, payload: [*]u8, mlen: *u32) callconv(.c) c_int {
+        var buf: [64]u8 = undefined;
+        _ = c.read(orig, &buf, buf.len);
+        const context = ctx.?;
+        if (close_all) context.closeAll() else context.close(orig) catch unreachable;
+        dead_after_close = context.table.dead.items.len;
+        payload[0] = 'x';
+        mlen.* = 1;
+        return @backingInt(switching.CbResult.no_error);
+    }
+};
+
+fn closeFromCallback(close_all: bool) !void {
+    var board = try Board.init();
+    defer board.deinit();
+    Closer.ctx = board.ctx;
+    Closer.close_all = close_all;
+    Closer.dead_after_close = 0;
+    try switching.setCallbacks(board.ctx, board.a.inner, Closer.in, null);
+    try sendAll(board.a.outer, "hello");
+    var events: Events = .{};
+    defer events.deinit();
+    try board.round(&events);
+    // Both records (fd and its switch peer) still held when the callback
+    // returned; freed by the round once it had.
+    try testing.expectEqual(@as(usize, 2), Closer.dead_after_close);
+    try testing.expectEqual(@as(usize, 0), board.ctx.table.dead.items.len);
+    try testing.expectEqual(@as(usize, 0), events.kinds.items.len); // closed: no event
+}
+
+test "close() from a switch callback: the records live until the callback returned" {
+    try closeFromCallback(false);
+}
+
+test "close_all() from a switch callback: the records live until the callback returned" {
+    try closeFromCallback(true);
+}

@@ -464,35 +464,57 @@ def test_invalid_limits_are_refused(rundir):
 
 ACTIVATE = """
 import os, sys
+# argv: the listener's fd, LISTEN_FDNAMES, a file (or "") passed first as fd 3.
+import fcntl
+fds = [os.open(sys.argv[3], os.O_RDONLY)] if sys.argv[3] else []
+fds.append(int(sys.argv[1]))
+fds = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds]    # none is 3 or 4 then
+for at, fd in enumerate(fds, 3):
+    os.dup2(fd, at)
 os.environ["LISTEN_PID"] = str(os.getpid())
-os.environ["LISTEN_FDS"] = "1"
-os.environ["LISTEN_FDNAMES"] = "ipc"
-os.dup2(int(sys.argv[1]), 3)
-os.execv(sys.executable, [sys.executable, "-m", "pyipc", *sys.argv[2:], "ipcd"])
+os.environ["LISTEN_FDS"] = str(len(fds))
+os.environ["LISTEN_FDNAMES"] = sys.argv[2]
+os.execv(sys.executable, [sys.executable, "-m", "pyipc", *sys.argv[4:], "ipcd"])
 """
 
 
-def test_socket_activation_and_readiness(pong, backend, rundir, tmp_path, monkeypatch):
-    """systemd passes the listening `ipc` socket as fd 3 and waits for READY=1."""
+@pytest.mark.parametrize("names,a_file_first", [
+    ("ipc", False),
+    ("", False),                        # unnamed
+    ("pyipc-ipcd.socket", False),       # systemd's default name: the unit's
+    ("other.socket:ipc", True),         # a non-socket fd first: closed, not a crash
+])
+def test_socket_activation_and_readiness(pong, backend, rundir, tmp_path, monkeypatch,
+                                         names, a_file_first):
+    """systemd passes the listening `ipc` socket and waits for READY=1; its
+    name only orders the fds (ipcd ignored one named after its unit)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(os.path.join(rundir, "ipc"))
     listener.listen(16)
     notify_path = str(tmp_path / "notify")
+    passed_inode = os.stat(os.path.join(rundir, "ipc")).st_ino
+    activating = ask_raw(rundir, b"p;p pong")     # waits in the passed socket's backlog
     with listener, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(notify_path)
         notify.settimeout(20)
         proc = subprocess.Popen(
-            [sys.executable, "-c", ACTIVATE, str(listener.fileno()), "--rundir", rundir,
+            [sys.executable, "-c", ACTIVATE, str(listener.fileno()), names,
+             __file__ if a_file_first else "", "--rundir", rundir,
              "--backend", backend], pass_fds=[listener.fileno()],
             env=dict(CHILD_ENV, NOTIFY_SOCKET=notify_path), stderr=subprocess.PIPE, text=True)
         try:
             assert notify.recv(100) == b"READY=1"
+            # The client whose connection started ipcd is served from the
+            # passed socket (had ipcd made its own, it would wait forever).
+            assert raw_answer(activating)[0] == b"ok"
+            assert os.stat(os.path.join(rundir, "ipc")).st_ino == passed_inode
             monkeypatch.setenv("IPC_NETWORK", "p pong")
             with client(backend, rundir) as ctx:
                 assert echo_through(ctx, "p") == b"ping p"
             stops_cleanly(proc, notify)
         finally:
             reap(proc)
+            activating.close()
 
 
 def test_cli_serves_and_stops_on_sigterm(pong, backend, rundir, tmp_path, monkeypatch):

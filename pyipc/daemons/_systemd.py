@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 log = logging.getLogger("pyipc.daemons.systemd")
 
@@ -52,6 +52,25 @@ def listen_fds(unset_environment: bool = True) -> Dict[str, List[int]]:
         found.setdefault(label, []).append(fd)
     log.info("socket activation: %s", found)
     return found
+
+
+def passed_sockets(first: Tuple[str, ...] = ()) -> List[socket.socket]:
+    """Every fd systemd passed us that is a socket, as a socket object (the
+    daemon sorts them by kind): those named in `first` before the others, in
+    that order. A name only orders them: systemd names an fd after its
+    socket unit unless FileDescriptorName= says otherwise, so a daemon that
+    took only its own name would ignore a unit named differently. An fd that
+    is not a socket is closed, with a warning."""
+    passed = listen_fds()
+    names = [n for n in first if n in passed] + [n for n in passed if n not in first]
+    sockets = []
+    for fd in (fd for name in names for fd in passed[name]):
+        try:
+            sockets.append(socket.socket(fileno=fd))
+        except OSError:                 # ENOTSOCK: a file, a pipe
+            log.warning("ignoring fd %d from systemd: not a socket", fd)
+            os.close(fd)
+    return sockets
 
 
 def notify(state: str) -> bool:

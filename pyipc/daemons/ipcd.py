@@ -118,10 +118,8 @@ class Ipcd(Daemon):
     def setup(self) -> None:
         """Serve `ipc`: the listening socket systemd passed, else our own in
         the run dir (locked, as a service's: a second ipcd is refused)."""
-        passed = _systemd.listen_fds()
-        fds = passed.get(IPCD_SERVICE) or passed.get("unknown") or []
-        for fd in fds:
-            sock = socket.socket(fileno=fd)
+        for sock in _systemd.passed_sockets(first=(IPCD_SERVICE, "unknown")):
+            fd = sock.fileno()
             if self._listener is None and _sockets.is_listening(sock, socket.AF_UNIX):
                 self._watch_listener(sock)
                 self.log.info("ipcd: serving the socket systemd passed (fd %d)", fd)

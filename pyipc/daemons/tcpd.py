@@ -155,9 +155,9 @@ class Tcpd(Daemon):
         # Relayed messages are not reported: on the native backend no Python
         # runs per message; ends and errors of switched fds still are.
         self.ctx.switch_events = False
-        passed = [fd for fds in _systemd.listen_fds().values() for fd in fds]
-        for fd in passed:
-            self._adopt(socket.socket(fileno=fd))
+        passed = _systemd.passed_sockets(first=("tcp",))
+        for sock in passed:
+            self._adopt(sock)
         if not self._listeners:
             if passed:
                 self.log.warning("tcpd: no TCP socket from systemd: listening on %s",

@@ -123,8 +123,8 @@ class Tlsd(Daemon):
         """The TCP listening sockets systemd passed (socket activation); a
         Unix one becomes our service `tls` (what ipcd connects to)."""
         found = []
-        for fd in (fd for fds in _systemd.listen_fds().values() for fd in fds):
-            sock = socket.socket(fileno=fd)
+        for sock in _systemd.passed_sockets(first=("tls",)):
+            fd = sock.fileno()
             if _sockets.is_listening(sock, socket.AF_INET) or \
                     _sockets.is_listening(sock, socket.AF_INET6):
                 found.append(sock)

@@ -82,10 +82,11 @@ class WebSocketd(Daemon):
     def setup(self) -> None:
         """Listen (given fds, systemd's, or options.host:port)."""
         self.check_exposed(self.options.expose)
-        fds = self._given_fds
-        if fds is None:
-            fds = [fd for group in _systemd.listen_fds().values() for fd in group]
-        sockets = [socket.socket(fileno=fd) for fd in fds] or [self._listen()]
+        if self._given_fds is not None:
+            given = [socket.socket(fileno=fd) for fd in self._given_fds]
+        else:
+            given = _systemd.passed_sockets()
+        sockets = given or [self._listen()]
         self.ctx.switch_events = False   # no SWITCH_RX/TX: nothing to do per message
         for sock in sockets:
             sock.setblocking(False)

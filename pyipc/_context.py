@@ -67,7 +67,7 @@ class Context:
     [behaviour reference](reference.md) (docs/reference.md).
     """
 
-    __slots__ = ("rundir", "max_message_size", "max_queue_size", "max_connections",
+    __slots__ = ("rundir", "_max_message_size", "_max_queue_size", "_max_connections",
                  "_linger_s", "_timer", "_busy_poll", "_switch_events", "_guard", "_unclosed",
                  "__weakref__")
 
@@ -95,15 +95,46 @@ class Context:
         check_limits(max_message_size, max_queue_size, max_connections)
         self._linger_s = check_linger(linger)
         self.rundir: str = resolve_rundir(rundir)
-        self.max_message_size = max_message_size
-        self.max_queue_size = max_queue_size
-        self.max_connections = max_connections
+        self._max_message_size = max_message_size
+        self._max_queue_size = max_queue_size
+        self._max_connections = max_connections
         self._timer: Optional[int] = None
         self._busy_poll = 0
         self._switch_events = True
         self._guard: _threads.ThreadGuard = _threads.ThreadGuard()
         _LIVE.add(self)
         self._unclosed: Optional[weakref.finalize[[str], Context]] = None
+
+    # The limits are the context's for its whole life: the core and every
+    # connection's decoder took them when it was made (assigning one later
+    # used to change a plain attribute that one backend applied in part and
+    # the other not at all).
+    @property
+    def max_message_size(self) -> int:
+        """Largest message sent or accepted, in bytes (set by the constructor)."""
+        return self._max_message_size
+
+    @max_message_size.setter
+    def max_message_size(self, value: int) -> None:
+        _limit_is_fixed("max_message_size")
+
+    @property
+    def max_queue_size(self) -> int:
+        """Bytes queued per connection at most (set by the constructor)."""
+        return self._max_queue_size
+
+    @max_queue_size.setter
+    def max_queue_size(self, value: int) -> None:
+        _limit_is_fixed("max_queue_size")
+
+    @property
+    def max_connections(self) -> int:
+        """Fds this context manages at most (set by the constructor)."""
+        return self._max_connections
+
+    @max_connections.setter
+    def max_connections(self, value: int) -> None:
+        _limit_is_fixed("max_connections")
 
     def _track_unclosed(self) -> None:
         """The end of a backend's __init__: from now on, the context warns
@@ -391,3 +422,8 @@ class Context:
 def _warn_unclosed(description: str) -> None:
     """Finalizer of a context collected without close_all()."""
     warnings.warn(f"unclosed {description}", ResourceWarning, stacklevel=2)
+
+
+def _limit_is_fixed(name: str) -> None:
+    raise AttributeError(f"{name} is fixed for the context's life: give it to the "
+                         f"constructor, Context({name}=...)")

@@ -194,8 +194,8 @@ class NativeContext(Context):
         self._core_timeout: Optional[int] = None
         rundir = os.fsencode(self.rundir)
         self._check(lib.ipc_context_set_rundir(self._ctx, rundir, len(rundir)))
-        self._check(lib.ipc_context_set_limits(self._ctx, self.max_message_size,
-                                               self.max_queue_size, self.max_connections))
+        self._check(lib.ipc_context_set_limits(self._ctx, self._max_message_size,
+                                               self._max_queue_size, self._max_connections))
         self._events = ffi.new("struct ipc_event[]", EVENT_BATCH)
         self._decoder = EventDecoder(ffi, self._events, _MEMORY, _TYPES)
         self._sizes: _Cell[int] = ffi.new("uint32_t[]", DEFAULT_READ_MANY)
@@ -228,7 +228,7 @@ class NativeContext(Context):
         self._in_round = False
         #: Payloads up to this size are buffered; -1 once fileno() was asked
         #: for (another loop waits on that fd: it must see every schedule()).
-        self._buffer_max = min(SCHEDULE_BUFFERED, self.max_message_size)
+        self._buffer_max = min(SCHEDULE_BUFFERED, self._max_message_size)
         #: The core was told that this process has one thread (see _reads_wait).
         self._alone = False
         self._cb_in = ffi.callback("enum cb_event_types(int, char *, uint32_t *)",

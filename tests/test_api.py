@@ -128,6 +128,21 @@ def test_limits_at_their_edges_are_accepted(ctx_factory):
     assert ctx.max_message_size == 0xFFFFFFFF
 
 
+@pytest.mark.parametrize("name", ["max_message_size", "max_queue_size", "max_connections"])
+def test_a_limit_cannot_change_after_the_context_is_made(pair, name):
+    """Assigning a limit was accepted and applied in part (pure: sends and
+    new connections, not the decoders of existing ones) or not at all
+    (native): it is refused, and the limit stays what the constructor got."""
+    before = getattr(pair.server, name)
+    with pytest.raises(AttributeError) as info:
+        setattr(pair.server, name, 10)
+    assert str(info.value) == (f"{name} is fixed for the context's life: give it to "
+                               f"the constructor, Context({name}=...)")
+    assert getattr(pair.server, name) == before
+    pair.client.write(pair.client_fd, b"x" * 50)        # over 10: still accepted
+    assert pair.server.read(pair.server_fd, timeout=10) == b"x" * 50
+
+
 def test_timer_property(ctx_factory):
     ctx = ctx_factory()
     ctx.timer = 0

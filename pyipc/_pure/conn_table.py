@@ -63,9 +63,9 @@ class ConnTable:
     __slots__ = ()
 
     def _check_room(self: PureState) -> None:
-        if len(self._by_fd) >= self.max_connections:
+        if len(self._by_fd) >= self._max_connections:
             raise ConnectionLimitError(
-                f"too many connections (max_connections {self.max_connections})")
+                f"too many connections (max_connections {self._max_connections})")
 
     def _add(self: PureState, conn: Conn) -> Conn:
         """Give conn the lowest free slot and start watching it."""
@@ -130,7 +130,7 @@ class ConnTable:
         """Watch reads (unless back-pressure or the caller pauses them) and
         writes while queued."""
         mask = 0 if conn.closing or conn.read_paused or (
-            conn.peer is not None and conn.peer.queued_bytes > self.max_queue_size) else READ
+            conn.peer is not None and conn.peer.queued_bytes > self._max_queue_size) else READ
         if conn.queue:
             mask |= WRITE
         if mask == conn.mask:

@@ -42,7 +42,7 @@ class Ipcd:
         # (PureState is the mixins' view of the PureContext, a Context.)
         sock = ask_ipcd(cast("Context", self), name, network, timeout)
         sock.setblocking(True)
-        return self._add(Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
+        return self._add(Conn(sock.fileno(), sock, CONNECTION, self._max_message_size)).fd
 
 
 def ask_ipcd(ctx: "Context", name: str, network: str, timeout: Optional[float]) -> socket.socket:

@@ -52,8 +52,8 @@ class Writing:
         block = self._blocking(fd, timeout, "write", spin=False)
         conn = self._connection(fd)
         largest = max(map(len, items), default=0)
-        if largest > self.max_message_size:
-            raise MessageTooLargeError(too_large_text(largest, self.max_message_size))
+        if largest > self._max_message_size:
+            raise MessageTooLargeError(too_large_text(largest, self._max_message_size))
         if conn.write_closed or conn.closing:
             raise closed_by_peer(fd)
         pack = HEADER.pack
@@ -187,7 +187,7 @@ class Reading:
                 return self._direct_eof(conn)
             size: int
             (size,) = HEADER.unpack(header)
-            if size < DIRECT_READ_MIN or size > len(view) or size > self.max_message_size:
+            if size < DIRECT_READ_MIN or size > len(view) or size > self._max_message_size:
                 msgs: list[bytes] = []
                 try:
                     conn.decoder.feed(memoryview(header)[known:], msgs)

@@ -40,8 +40,8 @@ class SendQueue:
         # bytes is as_payload's first case: taken here without the call (hot path).
         data = payload if type(payload) is bytes else as_payload(payload)
         conn = self._connection(fd)
-        if len(data) > self.max_message_size:
-            raise MessageTooLargeError(too_large_text(len(data), self.max_message_size))
+        if len(data) > self._max_message_size:
+            raise MessageTooLargeError(too_large_text(len(data), self._max_message_size))
         if conn.write_closed or conn.closing:
             raise closed_by_peer(fd)
         return conn, data
@@ -55,9 +55,9 @@ class SendQueue:
         if conn is not None and conn.kind == CONNECTION and type(payload) is bytes \
                 and not (conn.write_closed or conn.closing):
             size = len(payload) + 4
-            if size <= self.max_message_size + 4:
+            if size <= self._max_message_size + 4:
                 frame = _pack(size - 4) + payload
-                bound = self.max_queue_size
+                bound = self._max_queue_size
                 # No call from reading the count to storing it: a signal's
                 # handler (which runs only after a call) that schedules
                 # would otherwise have its bytes counted over.
@@ -71,10 +71,10 @@ class SendQueue:
                     return
         conn, data = self._prepare(fd, payload)
         size = len(data) + HEADER.size
-        if conn.queued_bytes + size > self.max_queue_size:
+        if conn.queued_bytes + size > self._max_queue_size:
             raise QueueFullError(
                 f"send queue of fd {fd} is full ({conn.queued_bytes} bytes queued, "
-                f"max_queue_size {self.max_queue_size})")
+                f"max_queue_size {self._max_queue_size})")
         self._enqueue(conn, encode(data), _TX)
 
     def _enqueue(self: PureState, conn: Conn, frame: bytes, kind: Optional[EventType]) -> None:

@@ -38,7 +38,7 @@ class Services:
         path = _rundir.service_path(self.rundir, name)
         self._check_room()
         sock, lock_fd = _rundir.listen_service(self.rundir, name, path)
-        conn = Conn(sock.fileno(), sock, SERVICE, self.max_message_size)
+        conn = Conn(sock.fileno(), sock, SERVICE, self._max_message_size)
         conn.path, conn.lock_fd = path, lock_fd
         self._spare_fd.open()
         return self._add(conn).fd
@@ -60,7 +60,7 @@ class Services:
         except OSError as e:
             sock.close()
             raise os_error(f"cannot connect to service {name}", e.errno) from None
-        return self._add(Conn(sock.fileno(), sock, CONNECTION, self.max_message_size)).fd
+        return self._add(Conn(sock.fileno(), sock, CONNECTION, self._max_message_size)).fd
 
     def add_external(self: PureState, fd: int) -> None:
         check_fd(fd)
@@ -76,7 +76,7 @@ class Services:
         # A RawFd stands in for a socket (it has the methods used on an external fd).
         io: socket.socket = socket.socket(fileno=fd) if stat.S_ISSOCK(mode) \
             else RawFd(fd)  # type: ignore[assignment]
-        self._add(Conn(fd, io, EXTERNAL, self.max_message_size))
+        self._add(Conn(fd, io, EXTERNAL, self._max_message_size))
 
     def pause_reading(self: PureState, fd: int, paused: bool = True) -> None:
         conn = self._lookup(fd)
@@ -100,7 +100,7 @@ class Services:
         self._check_room()
         sock = socket.socket(fileno=fd)
         sock.setblocking(True)        # as the context's own connections (see DONTWAIT)
-        self._add(Conn(fd, sock, CONNECTION, self.max_message_size))
+        self._add(Conn(fd, sock, CONNECTION, self._max_message_size))
 
     def peer_credentials(self: PureState, fd: int) -> Tuple[int, int, int]:
         conn = self._connection(fd)
@@ -135,14 +135,14 @@ class Services:
                 if refused:
                     continue
                 return
-            if len(self._by_fd) >= self.max_connections:
+            if len(self._by_fd) >= self._max_connections:
                 sock.close()
                 self._pending.append(Event(
                     EventType.ERROR, service.fd, service.index, None,
-                    f"connection refused: max_connections ({self.max_connections}) reached"))
+                    f"connection refused: max_connections ({self._max_connections}) reached"))
                 continue
             sock.setblocking(True)        # blocking mode, whatever the listener's (see DONTWAIT)
-            conn = self._add(Conn(sock.fileno(), sock, CONNECTION, self.max_message_size))
+            conn = self._add(Conn(sock.fileno(), sock, CONNECTION, self._max_message_size))
             self._pending.append(Event(EventType.CONNECTION, conn.fd, conn.index))
 
     def _refuse_with_spare(self: PureState, service: Conn) -> Optional[bool]:

@@ -30,9 +30,9 @@ class PureState(Protocol):
 
     # -- the base class's (pyipc.Context) --------------------------------------
     rundir: str
-    max_message_size: int
-    max_queue_size: int
-    max_connections: int
+    _max_message_size: int
+    _max_queue_size: int
+    _max_connections: int
     _busy_poll: int
     _switch_events: bool
 

@@ -80,13 +80,13 @@ class Switching:
     def _check_send_room(self: PureState, conn: Conn, size: int) -> None:
         """switch_send's bound: data alone within max_queue_size, and the
         queue not over it already (the state in which its peer is not read)."""
-        if size > self.max_queue_size:
+        if size > self._max_queue_size:
             raise QueueFullError(
-                f"switch_send of {size} bytes exceeds max_queue_size ({self.max_queue_size})")
-        if conn.queued_bytes > self.max_queue_size:
+                f"switch_send of {size} bytes exceeds max_queue_size ({self._max_queue_size})")
+        if conn.queued_bytes > self._max_queue_size:
             raise QueueFullError(
                 f"send queue of fd {conn.fd} is full ({conn.queued_bytes} bytes queued, "
-                f"max_queue_size {self.max_queue_size})")
+                f"max_queue_size {self._max_queue_size})")
 
     def switch_end(self: PureState, fd: int, reason: Optional[str] = None) -> None:
         text = check_reason(reason)
@@ -139,9 +139,9 @@ class Switching:
             result = CBEvent(result)
             if result in _FORWARDED:
                 payload = bytes(as_payload(data))
-                if len(payload) > self.max_message_size:
+                if len(payload) > self._max_message_size:
                     raise MessageTooLargeError(
-                        too_large_text(len(payload), self.max_message_size))
+                        too_large_text(len(payload), self._max_message_size))
         except Exception:
             log.exception("switch input callback of fd %d failed", conn.fd)
             result = CBEvent.ERROR
@@ -155,7 +155,7 @@ class Switching:
     def _may_read(self: PureState, conn: Conn) -> bool:
         """conn is still switched and its peer's queue is within its bound."""
         return (conn.alive and not conn.closing and conn.peer is not None
-                and conn.peer.queued_bytes <= self.max_queue_size)
+                and conn.peer.queued_bytes <= self._max_queue_size)
 
     def _still_switched(self: PureState, conn: Conn) -> bool:
         """conn may still be read with its on_in (a MORE it asked for is due)."""

@@ -306,6 +306,25 @@ def test_a_callback_may_call_its_own_context(foreign):
     assert seen == [os.getpid()]
 
 
+def test_a_callbacks_first_fileno_does_not_hide_the_rounds_events(foreign):
+    """fileno() made for the first time inside a callback (the loop is about
+    to be handed to another event loop) gives the context a new event queue:
+    the wait that ran the callback still returns its events (pure looked at
+    the old queue and spun until its timeout, or forever)."""
+    seen = []
+
+    def on_in(fd: int):
+        seen.append(foreign.server.fileno())
+        return foreign.proto.on_in(fd)
+
+    foreign.server.set_switch_callbacks(foreign.fd, on_in, foreign.proto.on_out)
+    foreign.server.timer = None
+    foreign.outer.sendall(b"first\n")
+    events = foreign.server.wait_events(timeout=10)
+    assert [(e.type, e.message) for e in events][:1] == [(EventType.SWITCH_RX, b"first")]
+    assert len(seen) == 1 and seen[0] >= 0
+
+
 def test_ignore_drops_the_unit(foreign):
     foreign.outer.sendall(b"# comment\nreal\n")
     events = pump(foreign.server, lambda e: any(x.type == EventType.SWITCH_TX for x in e))

@@ -201,7 +201,6 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         # The call's timeout: a failure, where the timer is an event.
         expiry = None if timeout is None else now + timeout
         until = deadline if expiry is None else expiry if deadline is None else min(deadline, expiry)
-        pending = self._pending
         if self._busy_poll and self._spin(until):
             return
         while True:
@@ -209,10 +208,12 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
                 self._round(None)
             else:
                 self._round(max(0.0, until - time.monotonic()))
-            if pending:
+            # self._pending, not a copy: a callback's first fileno() (or
+            # close_all()) made a new queue, the events are in that one.
+            if self._pending:
                 return
             if deadline is not None and time.monotonic() >= deadline:
-                pending.append(Event(EventType.TIMER))
+                self._pending.append(Event(EventType.TIMER))
                 return
             if expiry is not None and time.monotonic() >= expiry:
                 raise TimeoutError("wait timed out")
@@ -225,10 +226,10 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         end = time.monotonic() + self._busy_poll / 1e6
         if deadline is not None:
             end = min(end, deadline)
-        pending, monotonic = self._pending, time.monotonic
+        monotonic = time.monotonic
         while True:
             self._round(0)
-            if pending:
+            if self._pending:               # (not a copy: see _fetch)
                 return True
             yield_cpu()                    # to a process on this CPU (as native)
             if monotonic() >= end:

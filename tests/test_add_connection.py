@@ -4,6 +4,7 @@ the context, on both backends: framed messages both ways, events, close."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -123,3 +124,41 @@ def test_max_connections_counts_what_is_added(ctx_factory):
     for _, theirs in pairs:
         theirs.close()
     second.close()
+
+
+def test_an_fd_the_poller_refuses_is_not_kept(ctx_factory, tmp_path):
+    """epoll refuses a regular file: add_external() says why (errno set), and
+    the fd is not managed (pure kept it: a later close_all() closed the
+    caller's file)."""
+    ctx = ctx_factory()
+    with open(tmp_path / "plain", "wb") as f:
+        with pytest.raises(pyipc.IPCError) as info:
+            ctx.add_external(f.fileno())
+        assert type(info.value) is pyipc.IPCError
+        assert str(info.value) == (f"cannot watch fd {f.fileno()}: "
+                                   f"{os.strerror(errno.EPERM)}")
+        assert info.value.errno == errno.EPERM
+        with pytest.raises(pyipc.UnknownFdError):
+            ctx.close(f.fileno())
+        ctx.close_all()
+        os.fstat(f.fileno())                    # still the caller's, still open
+
+
+@pytest.mark.parametrize("how", ["close", "close_all"])
+def test_an_fd_its_owner_closed_behind_the_context_is_closed_quietly(ctx_factory, rundir,
+                                                                     how):
+    """An external fd closed by its owner (a misuse, EBADF underneath):
+    close() returns, and close_all() goes on to close what comes after it
+    (pure raised OSError half way, leaving a later service listening)."""
+    ctx = ctx_factory()
+    r, w = os.pipe()
+    ctx.add_external(r)
+    ctx.service_init("later")
+    os.close(r)
+    if how == "close":
+        assert ctx.close(r) is None
+    ctx.close_all()
+    os.close(w)
+    assert not os.path.exists(os.path.join(rundir, "later"))
+    again = ctx_factory()
+    again.service_init("later")                 # not busy: the first one let go

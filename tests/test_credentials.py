@@ -60,3 +60,20 @@ def test_credentials_of_a_switched_external_socket(ctx_factory):
     finally:
         b.close()
         os.close(w)
+
+
+def test_credentials_of_a_tcp_connection_are_unsigned(ctx_factory):
+    """A TCP socket has no peer credentials: the kernel says uid and gid
+    "nobody known", (uid_t)-1, the same number on both backends (pure said -1)."""
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    ctx = ctx_factory()
+    fd = client.detach()
+    ctx.add_connection(fd)
+    try:
+        _, uid, gid = ctx.peer_credentials(fd)
+    finally:
+        accepted.close()
+    assert (uid, gid) == (2**32 - 1, 2**32 - 1)

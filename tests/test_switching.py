@@ -528,3 +528,18 @@ def test_frames_written_into_a_switched_pipe_arrive_whole(ctx_factory):
     finally:
         os.close(r)
         peer.close()
+
+
+@pytest.mark.parametrize("call", [
+    lambda ctx, svc: ctx.add_switch(999, "x"),
+    lambda ctx, svc: ctx.add_switch(svc, "x"),
+    lambda ctx, svc: ctx.set_switch_callbacks(999, "not callable", None),
+    lambda ctx, svc: ctx.set_switch_callbacks(svc, None, "not callable"),
+])
+def test_arguments_are_checked_before_the_fds_are_looked_up(ctx_factory, call):
+    """The same misuse gets the same error on both backends: a bad argument's
+    TypeError first, whatever the fd (pure looked the fd up first)."""
+    ctx = ctx_factory()
+    svc = ctx.service_init("svc")
+    with pytest.raises(TypeError):
+        call(ctx, svc)

@@ -405,8 +405,16 @@ pub const Context = struct {
             self.reapDead();
         }
         const want: poller_mod.Interest = .{ .read = true };
-        self.poller.update(self.gpa, fd, .{}, want) catch
-            return self.last.fail(error.Generic, "cannot watch fd {d}", .{fd});
+        self.poller.update(self.gpa, fd, .{}, want) catch {
+            // errno is still the poller's call's (epoll: EPERM for a regular file).
+            const e = c.errno(@as(c_int, -1));
+            return self.last.failErrno(
+                error.Generic,
+                e,
+                "cannot watch fd {d}: {s}",
+                .{ fd, errors.errText(e) },
+            );
+        };
         conn.registered = want;
         return conn;
     }

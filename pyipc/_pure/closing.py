@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional
 from .. import _rundir
 from .._checks import DISCARD_TEXT
 from .._types import Event, EventType
-from .conn_table import Conn
+from .conn_table import Conn, close_io
 from .poller import Poller
 from .syscalls import SpareFd
 
@@ -57,7 +57,7 @@ class Closing:
         if io is None:
             return False
         self._pending.drop(fd)
-        io.close()
+        close_io(io)
         return True
 
     def close_all(self: PureState) -> None:
@@ -104,7 +104,7 @@ class Closing:
             self._by_fd.pop(conn.fd, None)
             if conn.lock_fd >= 0:
                 os.close(conn.lock_fd)
-            conn.io.close()
+            close_io(conn.io)
         if fd is None:
             self._release_ended()
             self._pending.clear()
@@ -144,7 +144,7 @@ def release(pid: int, by_fd: dict[int, Conn], ended: dict[int, socket.socket], r
             conn.io.close()
     by_fd.clear()
     for io in ended.values():
-        io.close()
+        close_io(io)
     ended.clear()
     poller.close()
     os.close(r)

@@ -15,6 +15,7 @@ from .. import _rundir
 from .._checks import OnIn, OnOut, check_fd, closed_by_peer
 from .._types import ConnectionLimitError, EventType, UnknownFdError
 from .framing import FrameDecoder
+from .syscalls import os_error
 from .poller import READ, WRITE
 
 if TYPE_CHECKING:
@@ -57,6 +58,17 @@ class Conn:
         self.read_paused = False
 
 
+def close_io(io: socket.socket) -> None:
+    """Close a managed fd's object. An fd its owner closed behind the
+    context's back (EBADF) is closed all the same: as the core's close(),
+    close() and close_all() go on (close_all used to stop half way, leaving
+    the services after it listening)."""
+    try:
+        io.close()
+    except OSError:
+        pass
+
+
 class ConnTable:
     """PureContext's table of managed fds (slots, lookup, poller interest)."""
 
@@ -68,14 +80,19 @@ class ConnTable:
                 f"too many connections (max_connections {self._max_connections})")
 
     def _add(self: PureState, conn: Conn) -> Conn:
-        """Give conn the lowest free slot and start watching it."""
+        """Start watching conn and give it the lowest free slot. An fd the
+        poller refuses (epoll: a regular file) is not kept: IPCError
+        "cannot watch fd N: REASON", as the core's."""
+        try:
+            self._set_interest(conn)
+        except OSError as e:
+            raise os_error(f"cannot watch fd {conn.fd}", e.errno) from None
         conn.index = heapq.heappop(self._free) if self._free else len(self._slots)
         if conn.index == len(self._slots):
             self._slots.append(conn)
         else:
             self._slots[conn.index] = conn
         self._by_fd[conn.fd] = conn
-        self._set_interest(conn)
         return conn
 
     def _forget(self: PureState, conn: Conn, keep_fd: bool = False) -> None:
@@ -101,12 +118,12 @@ class ConnTable:
                     pass
             self._ended[conn.fd] = conn.io
         else:
-            conn.io.close()
+            close_io(conn.io)
 
     def _release_ended(self: PureState) -> None:
         """Close the fds of ended connections: all their events were handed out."""
         for io in self._ended.values():
-            io.close()
+            close_io(io)
         self._ended.clear()
 
     def _lookup(self: PureState, fd: int) -> Conn:

@@ -26,7 +26,9 @@ STREAM_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
 if TYPE_CHECKING:
     from .state import PureState
 
-_PEERCRED = struct.Struct("3i")
+#: struct ucred: pid_t (signed), uid_t and gid_t (unsigned: a TCP socket's
+#: "no one" is 4294967295, as the core's uint32 out-params say, not -1).
+_PEERCRED = struct.Struct("iII")
 
 
 class Services:

@@ -10,8 +10,8 @@ import logging
 import os
 from typing import TYPE_CHECKING, Optional
 
-from .._checks import (OnIn, OnOut, as_payload, check_callbacks, check_reason, check_switch_data,
-                       closed_by_peer, too_large_text)
+from .._checks import (OnIn, OnOut, as_payload, check_callbacks, check_fd, check_reason,
+                       check_switch_data, closed_by_peer, too_large_text)
 from .._types import (MAX_MORE_PER_ROUND, Buffer, CBEvent, Event, EventType, IPCError,
                       MessageTooLargeError, QueueFullError, UnknownFdError)
 from .conn_table import CONNECTION, SERVICE, Conn
@@ -35,6 +35,8 @@ class Switching:
     __slots__ = ()
 
     def add_switch(self: PureState, fd1: int, fd2: int) -> None:
+        check_fd(fd1)           # both are ints before either is looked up (as native)
+        check_fd(fd2)
         if fd1 == fd2:
             raise IPCError(f"cannot switch fd {fd1} with itself")
         c1, c2 = self._switchable(fd1), self._switchable(fd2)
@@ -57,8 +59,8 @@ class Switching:
 
     def set_switch_callbacks(self: PureState, fd: int, on_in: Optional[OnIn],
                              on_out: Optional[OnOut]) -> None:
+        check_callbacks(on_in, on_out)      # before the fd, as native
         conn = self._switchable(fd)
-        check_callbacks(on_in, on_out)
         conn.on_in, conn.on_out = on_in, on_out
 
     # -- the extension's calls ---------------------------------------------------

@@ -117,6 +117,19 @@ def test_a_bare_name_then_the_end_of_sending_is_answered(tcpd, name, answer):
         assert read_to_end(sock) == answer
 
 
+def test_a_name_sent_a_byte_at_a_time_is_not_cut_short(tcpd):
+    """The grace for a bare name runs from the last byte, not the first: a
+    name typed (or sent) slower than NAME_GRACE a byte is whole once its
+    newline comes (it was taken as "pon" and refused)."""
+    from pyipc.daemons._netwire import NAME_GRACE
+    with dial(tcpd) as sock:
+        for byte in b"pong":
+            sock.sendall(bytes([byte]))
+            time.sleep(NAME_GRACE / 2)      # the stimulus' pace, not a synchronisation
+        sock.sendall(b"\n" + frame(b"whole"))
+        assert read_exactly(sock, 2 + 9) == b"ok" + frame(b"whole")
+
+
 def test_a_typed_line_with_cr_lf(tcpd):
     with dial(tcpd) as sock:
         sock.sendall(b"pong\r\n" + frame(b"x"))

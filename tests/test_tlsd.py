@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import ssl
 import struct
 import subprocess
@@ -837,6 +838,20 @@ def test_bare_name_without_newline_is_served_after_the_grace(backend, rundir, ce
         assert tls.recv(2) == b"ok"
         tls.sendall(frame(b"after the grace"))
         want = frame(b"after the grace")
+        assert recv_exactly(tls, len(want)) == want
+
+
+def test_a_name_sent_a_byte_at_a_time_is_not_cut_short(backend, rundir, certs):
+    """The grace for a bare name runs from the last bytes (as tcpd's)."""
+    from pyipc.daemons._netwire import NAME_GRACE
+    with running(Echo(rundir=rundir, backend=backend)), \
+            running(listener(rundir, backend, certs)) as tlsd, \
+            tls_client(port_of(tlsd), certs) as tls:
+        for byte in b"pong":
+            tls.sendall(bytes([byte]))
+            time.sleep(NAME_GRACE / 2)      # the stimulus' pace, not a synchronisation
+        tls.sendall(b"\n" + frame(b"whole"))
+        want = b"ok" + frame(b"whole")
         assert recv_exactly(tls, len(want)) == want
 
 

@@ -42,8 +42,9 @@ NAME_TOO_LONG = f"service name longer than {MAX_NAME} bytes"
 #: Longest name line read before its newline: the name (MAX_NAME) and the
 #: "\r" of a line typed into the daemon (tcpd and tlsd).
 MAX_NAME_LINE = MAX_NAME + 1
-#: Seconds a listening daemon (tcpd, tlsd) waits for the newline after the
-#: first bytes of a name before it takes them as libIPC's bare name.
+#: Seconds a listening daemon (tcpd, tlsd) waits for more of a name (its
+#: newline) after the last bytes it got, before it takes them as libIPC's
+#: bare name.
 NAME_GRACE = 0.2
 #: Bytes of a refusal kept at most (code and text): the client shows no more.
 MAX_REFUSAL = MAX_IPCD_REASON

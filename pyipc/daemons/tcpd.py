@@ -315,9 +315,13 @@ class Tcpd(Daemon):
             return self._serve_name(incoming)
         if wire.name_too_long(incoming.name):
             return self._refuse_incoming(incoming, wire.REFUSED, wire.NAME_TOO_LONG)
-        if incoming.grace is None:                # libIPC's tcpd sends no newline
-            fd = sock.fileno()
-            incoming.grace = self.call_later(wire.NAME_GRACE, lambda: self._bare_name(fd))
+        # libIPC's tcpd sends no newline: the name is whole once NAME_GRACE
+        # passed after its last byte (from the first, a name typed or sent
+        # a byte at a time was cut short).
+        if incoming.grace is not None:
+            self.cancel(incoming.grace)
+        fd = sock.fileno()
+        incoming.grace = self.call_later(wire.NAME_GRACE, lambda: self._bare_name(fd))
 
     def _bare_name(self, fd: int) -> None:
         incoming = self._incoming.get(fd)

@@ -514,7 +514,10 @@ class Tlsd(Daemon):
                 self._dialed(hs)
             elif outcome == "name":
                 self._serve(hs, hs.name)
-            elif not hs.dialing and hs.secure and hs.relay.plain() and hs.grace is None:
+            elif not hs.dialing and hs.secure and hs.relay.plain():
+                # NAME_GRACE after the last bytes (see tcpd's)
+                if hs.grace is not None:
+                    self.cancel(hs.grace)
                 hs.grace = self.call_later(wire.NAME_GRACE, lambda: self._bare_name(hs))
         except HandshakeFailed as e:
             self._failed(hs, e)

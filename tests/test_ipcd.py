@@ -345,6 +345,24 @@ def test_scheme_daemon_gets_the_uri_and_its_fd_reaches_the_client(
         fake.close()
 
 
+def test_a_uri_past_max_uri_is_a_bad_request_not_a_daemon_fault(ipcd, rundir):
+    """ipcd bounds the URI it hands a scheme daemon (MAX_URI): a longer one
+    is the request's fault, said so (it was sent, did not fit the socket, and
+    the daemon was blamed: "the tcp daemon is not reading")."""
+    from pyipc.daemons._netwire import MAX_URI
+    fake = FakeScheme(rundir, "fake", lambda conn, uri: conn.sendall(frame(b"ne refused x")))
+    try:
+        at = "fake://h:1/" + "x" * (MAX_URI - len("fake://h:1/"))
+        with ask_raw(rundir, f"p;p {at}".encode()) as sock:
+            assert raw_answer(sock)[0] == b"ne refused x"
+        with ask_raw(rundir, f"p;p {at}x".encode()) as sock:
+            assert raw_answer(sock)[0] == (b"ne badrequest a URI of %d bytes; ipcd takes "
+                                           b"at most %d" % (MAX_URI + 1, MAX_URI))
+        assert fake.uris == [at.encode()]
+    finally:
+        fake.close()
+
+
 @pytest.mark.parametrize("reply,cls,text", [
     (frame(b"ne unreachable 10.1.1.1:9000: No route to host"), pyipc.NetworkError,
      "(unreachable): 10.1.1.1:9000: No route to host"),

@@ -308,6 +308,9 @@ def test_parse_uri():
     assert parse_uri("tcp://[::1]:9000/pong") == ("::1", 9000, "pong")
     assert parse_uri("tcp://hostb/kv") == ("hostb", 9000, "kv")
     assert parse_uri("TCP://h:1/a%20b") == ("h", 1, "a b")      # a URI's path is encoded
+    # An IPv6 zone, written %25 in a URI (RFC 6874), is dialled as getaddrinfo
+    # takes it (it stayed "%25lo": "Name or service not known").
+    assert parse_uri("tcp://[fe80::1%25lo]:9/pong") == ("fe80::1%lo", 9, "pong")
     for bad in ("tcp://h:1/", "tcp://h:1", "tls://h:1/x", "tcp://:1/x", "tcp://h:1/a/b",
                 "tcp://h:99999/x", "tcp://h:0/x", "tcp://u:p@h:1/x", "tcp://h:1/x?q=1",
                 "tcp://h:1/x#f", "tcp://h:1/a%0Ab"):

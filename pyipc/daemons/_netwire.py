@@ -42,6 +42,10 @@ NAME_TOO_LONG = f"service name longer than {MAX_NAME} bytes"
 #: Longest name line read before its newline: the name (MAX_NAME) and the
 #: "\r" of a line typed into the daemon (tcpd and tlsd).
 MAX_NAME_LINE = MAX_NAME + 1
+#: Longest URI ipcd hands a scheme daemon, in bytes: a host name (253), a
+#: port and a service name (MAX_NAME), all percent-encoded, fit with room to
+#: spare. A longer rule's target is refused as a bad request by ipcd itself.
+MAX_URI = 2048
 #: Seconds a listening daemon (tcpd, tlsd) waits for more of a name (its
 #: newline) after the last bytes it got, before it takes them as libIPC's
 #: bare name.
@@ -104,7 +108,10 @@ def parse_uri(uri: str, scheme: str, default_port: int) -> Tuple[str, int, str]:
         raise ValueError(f"{uri}: no service name after the address "
                          f"({scheme}://HOST:PORT/NAME)")
     check_remote_name(name)
-    return parts.hostname, default_port if port is None else port, name
+    host = parts.hostname
+    if ":" in host:             # an IPv6 address: its zone is written %25 (RFC 6874)
+        host = urllib.parse.unquote(host)
+    return host, default_port if port is None else port, name
 
 
 def check_remote_name(name: str) -> None:

@@ -234,3 +234,31 @@ def test_close_with_a_bad_linger_changes_nothing(ctx_factory, bad, error):
     events = collect(client, lambda e: e and e[-1].type == EventType.DISCONNECTION)
     assert [(e.type, e.fd, e.message) for e in events] == [
         (EventType.MESSAGE_RX, cfd, b"still here"), (EventType.DISCONNECTION, cfd, None)]
+
+
+def test_a_readable_external_fd_is_reported_once_during_a_linger(ctx_factory, rundir):
+    """A linger's loop never reads an external fd: it stayed readable, so
+    each pass reported it again at once (native: 300,000 EXTERNAL in half a
+    second at 100% CPU). It is reported once, muted until the linger ends,
+    then watched as before."""
+    import os
+    server = ctx_factory(linger=0.2)
+    server.service_init("svc")
+    r, w = os.pipe()
+    try:
+        server.add_external(r)
+        os.write(w, b"x")
+        peer = raw_connect(rundir, "svc")       # never reads until the close is over
+        fd = accept(server)
+        for _ in range(FILL_COUNT):
+            server.schedule(fd, bytes(FILL_SIZE))
+        server.close(fd)                        # lingers 0.2 s, then warns
+        events = server.wait_events(timeout=0)
+        assert [(e.type, e.fd) for e in events] == [(EventType.EXTERNAL, r)]
+        assert os.read(r, 10) == b"x"
+        os.write(w, b"y")                       # watched again
+        assert [(e.type, e.fd) for e in server.wait_events(timeout=10)] == \
+            [(EventType.EXTERNAL, r)]
+        peer.close()
+    finally:
+        os.close(w)

@@ -41,6 +41,11 @@ pub const Conn = struct {
     /// Its reads are paused by the caller (ipc_pause_reading): not watched
     /// for input until resumed, so its peer's writes wait in the kernel.
     read_paused: bool = false,
+    /// An external fd reported readable (EXTERNAL) during a linger: not
+    /// watched for input until the linger ends. A linger never reads it, so
+    /// it would stay readable and each pass of the linger's loop would
+    /// report it again at once (a spinning CPU, an EXTERNAL per pass).
+    muted: bool = false,
     /// What the poller watches it for.
     registered: Interest = .{},
     /// Position in the context's list of fds with queued frames, or null.

@@ -118,6 +118,10 @@ pub const Context = struct {
     switch_state: switching.State = .{},
     /// Connections with queued frames: what step 1 of a round flushes.
     dirty: std.ArrayList(*Conn) = .empty,
+    /// Lingers running (one may run inside a callback of another), and the
+    /// external fds muted by them (Conn.muted), unmuted when the last ends.
+    linger_depth: u32 = 0,
+    muted: std.ArrayList(i32) = .empty,
     /// Pinned payloads (schedulePinned) the core still reads from.
     pinned: usize = 0,
     /// Tokens of pinned payloads the core no longer reads (written, or their
@@ -176,6 +180,7 @@ pub const Context = struct {
         self.wakeup.deinit();
         sys.closeFd(self.spare_fd);
         self.dirty.deinit(gpa);
+        self.muted.deinit(gpa);
         self.unpinned.deinit(gpa);
         self.ended.deinit(gpa);
         if (self.scratch) |s| gpa.free(s);
@@ -427,7 +432,7 @@ pub const Context = struct {
         const max = self.limits.max_queue_size;
         const paused = if (conn.peer) |p| p.queue.queuedBytes() > max else false;
         const want: poller_mod.Interest = .{
-            .read = !paused and !conn.closing and !conn.read_paused,
+            .read = !paused and !conn.closing and !conn.read_paused and !conn.muted,
             .write = !conn.queue.isEmpty(),
         };
         if (want == conn.registered) return;
@@ -1902,6 +1907,11 @@ pub const Context = struct {
     /// The rounds also read and accept: those events wait as usual.
     pub fn linger(self: *Context, fd: i32, timeout_ns: i64) Error!void {
         if (fd >= 0) _ = try self.lookup(fd); // an unknown fd is said, as close() says it
+        self.linger_depth += 1;
+        defer {
+            self.linger_depth -= 1;
+            if (self.linger_depth == 0) self.unmuteAll();
+        }
         const deadline = sys.nowNs() +| @max(timeout_ns, 0);
         while (self.hasScheduled(fd)) {
             if (sys.nowNs() >= deadline) return self.last.fail(
@@ -1916,6 +1926,26 @@ pub const Context = struct {
             // queues' room or the deadline ends it.
             try self.pollAndHandle(msUntil(deadline));
         }
+    }
+
+    /// Stop watching an external fd for input until the lingers end (Conn.muted).
+    fn mute(self: *Context, conn: *Conn) Allocator.Error!void {
+        if (conn.muted) return;
+        try self.muted.append(self.gpa, conn.fd);
+        conn.muted = true;
+        self.updateInterest(conn);
+    }
+
+    /// The last linger ended: its muted fds are watched again (those still
+    /// open and external: a number may have been closed and reused meanwhile).
+    fn unmuteAll(self: *Context) void {
+        for (self.muted.items) |fd| {
+            const conn = self.table.get(fd) orelse continue;
+            if (!conn.muted) continue;
+            conn.muted = false;
+            self.updateInterest(conn);
+        }
+        self.muted.clearRetainingCapacity();
     }
 
     fn hasScheduled(self: *Context, fd: i32) bool {
@@ -1971,7 +2001,9 @@ pub const Context = struct {
         if (conn.peer != null) {
             if (r.readable) try switching.switchIn(self, conn);
         } else if (conn.role == .external) {
-            if (r.readable) try self.events.push(self.gpa, .external, conn.fd, conn.index);
+            if (!r.readable) return;
+            try self.events.push(self.gpa, .external, conn.fd, conn.index);
+            if (self.linger_depth > 0) try self.mute(conn);
             return;
         } else if (r.readable) {
             try self.readConn(conn, true);

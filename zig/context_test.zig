@@ -1108,3 +1108,28 @@ test "addConnection: one end of a socketpair becomes a connection; others are re
     try testing.expect(std.mem.endsWith(u8, ctx.last.text(), "is not a connected Unix or TCP stream socket"));
     try testing.expect(sys.isOpen(pipe[0]));
 }
+
+test "linger: a readable external fd is reported once, then watched again after it" {
+    const ctx = try Context.create(gpa);
+    defer ctx.destroy();
+    var pipe: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.pipe(&pipe));
+    defer sys.closeFd(pipe[1]);
+    try ctx.addExternal(pipe[0]); // the context owns the read end
+    try testing.expectEqual(@as(isize, 1), c.write(pipe[1], "x", 1));
+    var pair: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    defer sys.closeFd(pair[1]); // never read: the linger runs to its deadline
+    try ctx.addConnection(pair[0]);
+    const big = try gpa.alloc(u8, 4 << 20);
+    defer gpa.free(big);
+    @memset(big, 'b');
+    try ctx.schedule(pair[0], big);
+    try testing.expectError(error.Timeout, ctx.linger(pair[0], 100 * std.time.ns_per_ms));
+    // Each pass of the linger's loop reported it again (hundreds of
+    // thousands of EXTERNAL in 100 ms, and a spinning CPU).
+    try testing.expectEqual(@as(usize, 1), ctx.pendingEvents());
+    try testing.expectEqual(EventType.external, ctx.firstEvent().?.kind);
+    const conn = ctx.table.get(pipe[0]).?;
+    try testing.expect(!conn.muted and conn.registered.read);
+}

@@ -84,16 +84,30 @@ class Closing:
         if not linger or not scheduled():
             return
         deadline = time.monotonic() + linger
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._flush_dirty()
-            # Only wait while something is left: the flush may have sent it
-            # all, or ended the connection (its peer hung up).
-            if not scheduled():
-                return
-            self._round(left, wait=True)
+        self._linger_depth += 1
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._flush_dirty()
+                # Only wait while something is left: the flush may have sent it
+                # all, or ended the connection (its peer hung up).
+                if not scheduled():
+                    return
+                self._round(left, wait=True)
+        finally:
+            self._linger_depth -= 1
+            if not self._linger_depth:
+                self._unmute_all()
+
+    def _unmute_all(self: PureState) -> None:
+        """The last linger ended: the external fds it muted are watched again."""
+        muted, self._muted = self._muted, []
+        for conn in muted:
+            conn.muted = False
+            if conn.alive:
+                self._set_interest(conn)
 
     def _close_in_child(self: PureState, fd: Optional[int]) -> None:
         # This process's copies only: the parent's socket files, lock and

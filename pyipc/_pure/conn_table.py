@@ -29,7 +29,7 @@ class Conn:
 
     __slots__ = ("fd", "io", "kind", "index", "alive", "decoder", "queue", "sent",
                  "queued_bytes", "write_closed", "closing", "peer", "on_in", "on_out",
-                 "mask", "path", "lock_fd", "more_round", "read_paused")
+                 "mask", "path", "lock_fd", "more_round", "read_paused", "muted")
 
     def __init__(self, fd: int, io: socket.socket, kind: str, limit: int) -> None:
         self.fd = fd
@@ -56,6 +56,11 @@ class Conn:
         self.more_round = -1
         # Reads paused by the caller (pause_reading): not watched for input.
         self.read_paused = False
+        # An external fd reported readable (EXTERNAL) during a linger: not
+        # watched for input until the linger ends. A linger never reads it, so
+        # it would stay readable and each pass of the linger's loop would
+        # report it again at once (a spinning CPU, an EXTERNAL per pass).
+        self.muted = False
 
 
 def close_io(io: socket.socket) -> None:
@@ -146,7 +151,7 @@ class ConnTable:
     def _set_interest(self: PureState, conn: Conn) -> None:
         """Watch reads (unless back-pressure or the caller pauses them) and
         writes while queued."""
-        mask = 0 if conn.closing or conn.read_paused or (
+        mask = 0 if conn.closing or conn.read_paused or conn.muted or (
             conn.peer is not None and conn.peer.queued_bytes > self._max_queue_size) else READ
         if conn.queue:
             mask |= WRITE

@@ -51,7 +51,7 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
     __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_poller", "_pending",
                  "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
                  "_spare_fd", "_ready", "_timer_base", "_plain_reads", "_more", "_round_no",
-                 "_out_fd")
+                 "_out_fd", "_linger_depth", "_muted")
 
     backend = "pure"
 
@@ -71,6 +71,9 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         self._more: dict[Conn, None] = {}
         self._round_no = 0
         self._out_fd = -1                          # the fd whose on_out runs (switching.py)
+        # Lingers running, and the external fds they muted (Conn.muted).
+        self._linger_depth = 0
+        self._muted: list[Conn] = []
         # Connections that ended (DISCONNECTION reported) keep their fd open until
         # the next round, so a new connection cannot get the same number while
         # the old one's events are handled (a reply would reach the wrong peer).
@@ -270,6 +273,10 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
                 self._flush(conn)
         elif conn.kind == EXTERNAL:
             self._pending.append(Event(EventType.EXTERNAL, conn.fd, conn.index))
+            if self._linger_depth and not conn.muted:   # see Conn.muted
+                conn.muted = True
+                self._muted.append(conn)
+                self._set_interest(conn)
         else:
             if mask & READ:
                 self._read_conn(conn)

@@ -103,7 +103,8 @@ class Closing:
 
     def _unmute_all(self: PureState) -> None:
         """The last linger ended: the external fds it muted are watched again."""
-        muted, self._muted = self._muted, []
+        muted = list(self._muted)
+        self._muted.clear()
         for conn in muted:
             conn.muted = False
             if conn.alive:

@@ -170,6 +170,37 @@ def test_schedule_to_a_gone_peer_in_this_process(pair):
         (EventType.DISCONNECTION, None)]
 
 
+def test_a_write_to_a_gone_peer_first_delivers_all_it_sent(ctx_factory, rundir):
+    """A peer sends more than one round reads (READ_BUDGET, 256 KiB), then
+    closes; the service's next scheduled write fails (EPIPE). Every whole
+    message the peer sent is delivered before the end (one budget's worth
+    was, the rest dropped with no word)."""
+    server = ctx_factory()
+    server.service_init("svc")
+    peer = raw_connect(rundir, "svc")
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    fd = wait_for(server, EventType.CONNECTION)[-1].fd
+    one = frame(b"m" * 1000)
+    whole, sent = 0, 0
+    peer.setblocking(False)
+    while True:                     # as much as the socket holds, unread
+        try:
+            n = peer.send(one)
+        except BlockingIOError:
+            break
+        sent += n
+        if n < len(one):
+            break                   # a cut frame: the service says so at the end
+        whole += 1
+    assert sent > 256 * 1024, sent  # more than one round's budget
+    peer.close()
+    server.schedule(fd, b"x")
+    events = collect(server, lambda e: e and e[-1].type == EventType.DISCONNECTION)
+    got = [e for e in events if e.type == EventType.MESSAGE_RX]
+    assert len(got) == whole and all(e.message == b"m" * 1000 for e in got)
+    assert [e.type for e in events[len(got):]] == [EventType.ERROR, EventType.DISCONNECTION]
+
+
 def test_last_messages_before_close_are_delivered(ctx_factory, rundir, processes, backend):
     """A peer writes, then exits at once: every message it wrote arrives."""
     server = ctx_factory()

@@ -1206,7 +1206,10 @@ pub const Context = struct {
                     // pyipc frames only. A closing side's input has nowhere
                     // to go; a foreign protocol's (an `in` callback's) is
                     // no frames.
-                    if (!conn.closing and conn.cb_in == null) try self.readConn(conn, true);
+                    // All of it, with no budget: nothing follows it (read
+                    // once, the rest beyond read_budget was dropped unsaid).
+                    if (!conn.closing and conn.cb_in == null)
+                        try self.readUpTo(conn, true, std.math.maxInt(usize));
                     return self.drop(conn, null);
                 }
                 var buf: [160]u8 = undefined;
@@ -1363,16 +1366,22 @@ pub const Context = struct {
         return if (n < target.len) .{ .read_short = n } else .{ .read = n };
     }
 
-    /// Read conn until it would block (at most read_budget bytes), deliver
-    /// every complete frame; on EOF, a bad frame or an error, end it.
+    /// Read conn until it would block (at most read_budget bytes: the
+    /// round's fairness), deliver every complete frame; on EOF, a bad frame
+    /// or an error, end it.
     pub fn readConn(self: *Context, conn: *Conn, forward: bool) Allocator.Error!void {
+        return self.readUpTo(conn, forward, read_budget);
+    }
+
+    /// readConn with its own budget of bytes.
+    fn readUpTo(self: *Context, conn: *Conn, forward: bool, budget: usize) Allocator.Error!void {
         var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = forward };
         var total: usize = 0;
         var buf: [160]u8 = undefined;
-        while (total < read_budget) {
+        while (total < budget) {
             const reason: ?[]const u8 = switch (try self.readOnce(
                 conn,
-                read_budget - total,
+                budget - total,
                 .no,
                 &sink,
             )) {

@@ -287,13 +287,15 @@ class Reading:
                 error = str(e)
         return msgs, error
 
-    def _read_conn(self: PureState, conn: Conn) -> None:
-        """Read conn until it would block (or the budget is spent); deliver messages."""
+    def _read_conn(self: PureState, conn: Conn, budget: float = READ_BUDGET) -> None:
+        """Read conn until it would block (or `budget` bytes are read: the
+        round's fairness; a peer that is gone is read with no budget, its
+        input being all there is); deliver messages."""
         msgs: list[bytes] = []
         error: Optional[str] = None
         ended = False
         view, total = self._scratch_view, 0
-        while total < READ_BUDGET:
+        while total < budget:
             try:
                 n = conn.io.recv_into(view, 0, DONTWAIT)
             except BlockingIOError:

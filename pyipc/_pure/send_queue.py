@@ -5,6 +5,7 @@ each frame reported (MESSAGE_TX, SWITCH_TX) once it is written whole.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from typing import TYPE_CHECKING, Optional, Tuple
@@ -154,7 +155,7 @@ class SendQueue:
             # frames only. A closing side's input has nowhere to go; a
             # foreign protocol's (an on_in callback's) is no frames.
             if not conn.closing and conn.on_in is None:
-                self._read_conn(conn)
+                self._read_conn(conn, budget=math.inf)    # all of it: nothing follows
             self._drop(conn, None)
         except OSError as e:
             self._drop(conn, f"write failed: {os.strerror(e.errno or 0)}")

@@ -157,6 +157,37 @@ def test_request_at_max_request_is_served_past_it_answered(ipcd, rundir):
                                     % (MAX_REQUEST + 1, MAX_REQUEST), None)
 
 
+def test_bytes_of_requests_being_read_are_bounded(ipcd, rundir, monkeypatch):
+    """MAX_BUFFERED bounds what ipcd holds of unfinished requests, all
+    clients together: at the bound they wait, one byte past it the client
+    that brought it is answered busy; the others are served."""
+    import select
+    import pyipc.daemons.ipcd as ipcd_module
+    monkeypatch.setattr(ipcd_module, "MAX_BUFFERED", 300_000)
+    request = b"zz;" + b"x" * 249_997                   # no rule for zz: ne norule
+
+    def held() -> int:          # read from this thread while ipcd's changes it
+        try:
+            return ipcd._buffered()
+        except RuntimeError:    # "dictionary changed size during iteration"
+            return -1
+    a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        a.connect(os.path.join(rundir, "ipc"))
+        b.connect(os.path.join(rundir, "ipc"))
+        a.sendall(frame(request)[:200_004])
+        spin_until(lambda: held() == 200_004)
+        b.sendall(frame(request)[:4 + 99_992])
+        spin_until(lambda: held() == 300_000)             # at the bound
+        assert select.select([a, b], [], [], 0)[0] == []   # both wait
+        b.sendall(b"x")                                    # one byte past it
+        assert raw_answer(b)[0] == (b"ne busy ipcd holds 300001 bytes of requests "
+                                    b"being read, at most 300000")
+        a.sendall(frame(request)[200_004:])
+        assert raw_answer(a)[0].startswith(b"ne norule no rule for zz")
+
+
 def test_a_client_with_a_too_long_ipc_network_is_told_why(ipcd, backend, rundir,
                                                           monkeypatch):
     from pyipc.daemons.ipcd import MAX_REQUEST
@@ -360,6 +391,29 @@ def test_a_uri_past_max_uri_is_a_bad_request_not_a_daemon_fault(ipcd, rundir):
                                            b"at most %d" % (MAX_URI + 1, MAX_URI))
         assert fake.uris == [at.encode()]
     finally:
+        fake.close()
+
+
+def test_a_client_that_ends_its_sending_side_still_gets_its_answer(ipcd, rundir):
+    """A client that sends its request, then shuts down its sending side
+    (a half-close), waits for the answer: ipcd answers it when the scheme
+    daemon does (it took the EOF for the client leaving: a bare EOF)."""
+    def answer(conn: socket.socket, uri: bytes) -> None:
+        fake.release.wait(10)
+        conn.sendall(frame(b"ne unreachable far away"))
+    fake = FakeScheme(rundir, "fake", answer)
+    try:
+        with ask_raw(rundir, b"p;p fake://h:1/p") as half:
+            half.shutdown(socket.SHUT_WR)
+            fake.wait_requests(1)
+            # A barrier: ipcd handles every ready fd each round, so once a
+            # later client is answered, the first one's EOF has been seen.
+            with ask_raw(rundir, b"zz;") as later:
+                assert raw_answer(later)[0].startswith(b"ne norule")
+            fake.release.set()
+            assert raw_answer(half) == (b"ne unreachable far away", None)
+    finally:
+        fake.release.set()
         fake.close()
 
 

@@ -45,6 +45,11 @@ DEFAULT_MAX_REQUESTS = 256
 #: answered `ne badrequest` at its header. Twice Linux's longest environment
 #: string (MAX_ARG_STRLEN, 128 KiB): any IPC_NETWORK a program can be started with fits.
 MAX_REQUEST = 256 * 1024
+#: Bytes of requests being read that ipcd holds at most, all clients together
+#: (128 requests of MAX_REQUEST): a client whose bytes would pass it is
+#: answered `ne busy`. Without it, clients that each send most of a long
+#: request and wait held MAX_REQUEST each, up to the fd limit.
+MAX_BUFFERED = 32 * 1024 * 1024
 #: Reads per event at most of what a refused client still sends (dropped at
 #: once, _sockets.DROP_CHUNK bytes each; the loop serves the others in between).
 DRAIN_READS = 16
@@ -204,8 +209,12 @@ class Ipcd(Daemon):
             return self._drain(request)
         reader = request.request
         if reader is None:
-            # Nothing more is to come before the answer: the client gave up
-            # (EOF), or sent more than its one request.
+            # Nothing more is to come before the answer: more bytes are a
+            # second request (refused); an EOF is the end of the client's
+            # sending side, not of its wait (a half-close after the request):
+            # it is answered as any other, and one that left makes only that
+            # answer's send fail. Its input is not watched any more (its EOF
+            # would wake the loop at every round).
             try:
                 more = os.read(request.client, 1)
             except BlockingIOError:
@@ -213,7 +222,7 @@ class Ipcd(Daemon):
             except OSError:
                 more = b""
             if not more:
-                return self._end(request)
+                return self.ctx.pause_reading(request.client, True)
             return self._refuse_and_drain(request, "bytes after a request")
         try:
             payload = reader.read(request.client)
@@ -226,19 +235,29 @@ class Ipcd(Daemon):
             if not reader.data:
                 return self._end(request)             # left without asking
             return self._refuse(request, wire.BADREQUEST, str(e))
-        if payload is None:
-            return                                    # more to come
+        if payload is None:                           # more to come
+            held = self._buffered()
+            if held > MAX_BUFFERED:
+                self._refuse_and_drain(request, f"ipcd holds {held} bytes of requests "
+                                       f"being read, at most {MAX_BUFFERED}", wire.BUSY)
+            return
         reader.close()                                # fds sent with it: not ours
         request.request = None
         self._on_request(request, payload)
 
-    def _refuse_and_drain(self, request: _Request, text: str) -> None:
-        """Answer `ne badrequest TEXT` to a client that is still sending, and
+    def _buffered(self) -> int:
+        """Bytes of the requests being read, all clients together."""
+        return sum(len(r.request.data) for r in self._requests.values()
+                   if r.request is not None)
+
+    def _refuse_and_drain(self, request: _Request, text: str,
+                          code: str = wire.BADREQUEST) -> None:
+        """Answer `ne CODE TEXT` to a client that is still sending, and
         read what it sends until it is done (or the deadline): closed with
         its bytes unread, its socket would fail its write (EPIPE) before it
         reads the answer (a lingering close, as web servers make)."""
-        self.log.info("ipcd: %s: %s %s", request.name or "?", wire.BADREQUEST, text)
-        wire.send_raw(request.client, wire.refusal(wire.BADREQUEST, text))
+        self.log.info("ipcd: %s: %s %s", request.name or "?", code, text)
+        wire.send_raw(request.client, wire.refusal(code, text))
         sock = socket.socket(fileno=request.client)
         try:
             sock.shutdown(socket.SHUT_WR)            # the answer, then its end

@@ -417,6 +417,21 @@ def test_a_client_that_ends_its_sending_side_still_gets_its_answer(ipcd, rundir)
         fake.close()
 
 
+def test_a_request_in_progress_when_ipcd_stops_is_told_why(backend, rundir):
+    """ipcd stopping (SIGTERM's path) answers the requests it still holds
+    (`ne nodaemon ipcd is stopping`) instead of closing them with a bare EOF."""
+    fake = FakeScheme(rundir, "fake", lambda conn, uri: fake.release.wait(10))
+    try:
+        with running(Ipcd(rundir=rundir, backend=backend, request_timeout=5)):
+            waiting = ask_raw(rundir, b"p;p fake://h:1/p")
+            fake.wait_requests(1)
+        with waiting:
+            assert raw_answer(waiting) == (b"ne nodaemon ipcd is stopping", None)
+    finally:
+        fake.release.set()
+        fake.close()
+
+
 @pytest.mark.parametrize("reply,cls,text", [
     (frame(b"ne unreachable 10.1.1.1:9000: No route to host"), pyipc.NetworkError,
      "(unreachable): 10.1.1.1:9000: No route to host"),

@@ -438,6 +438,24 @@ def tcpd_answer(sock: socket.socket) -> bytes:
     return data
 
 
+def test_what_is_in_progress_when_tcpd_stops_is_told_why(backend, rundir, pong):
+    """tcpd stopping (SIGTERM's path) answers a peer in its handshake and
+    ipcd's dial in progress, instead of closing them with a bare EOF."""
+    remote = socket.create_server(("127.0.0.1", 0))       # accepts, never answers
+    port = remote.getsockname()[1]
+    daemon = make_tcpd(backend, rundir, connect_timeout=10)
+    with remote:
+        with running(daemon):
+            peer = dial(daemon)
+            peer.sendall(b"po")                            # half a name
+            ipcd = ask_tcpd(rundir, f"tcp://127.0.0.1:{port}/svc")
+            conn, _ = remote.accept()                      # tcpd dialled: in progress
+            assert read_exactly(conn, 4) == b"svc\n"
+        with peer, ipcd, conn:
+            assert read_to_end(peer) == b"ne refused tcpd is stopping\n"
+            assert tcpd_answer(ipcd) == frame(b"ne nodaemon tcpd is stopping")
+
+
 class AnswerCountingTcpd(Tcpd):
     """Counts how often tcpd reads a remote's answer (once per readiness)."""
 

@@ -1151,3 +1151,22 @@ def test_a_local_client_that_sends_no_uri_is_answered_and_closed(rundir, backend
             got += chunk
         assert got == frame(b"ne badrequest no URI received within 0.3 s")
         spin_until(lambda: not tlsd._requests)
+
+
+def test_a_dial_in_progress_when_tlsd_stops_is_told_why(rundir, backend, certs):
+    """tlsd stopping (SIGTERM's path) answers ipcd's requests still in
+    progress (`ne nodaemon tlsd is stopping`), not a bare EOF."""
+    with socket.create_server(("127.0.0.1", 0)) as silent_remote, \
+            socket.socket(socket.AF_UNIX) as ipcd:
+        port = silent_remote.getsockname()[1]
+        with running(dialer(rundir, backend, certs, connect_timeout=30)) as tlsd:
+            ipcd.connect(os.path.join(rundir, "tls"))
+            ipcd.sendall(frame(f"tls://127.0.0.1:{port}/pong".encode()))
+            conn, _ = silent_remote.accept()            # dialled: its handshake waits
+            spin_until(lambda: bool(tlsd._requests))
+        with conn:
+            ipcd.settimeout(20)
+            got = b""
+            while chunk := ipcd.recv(1000):
+                got += chunk
+            assert got == frame(b"ne nodaemon tlsd is stopping")

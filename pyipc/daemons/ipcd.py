@@ -154,6 +154,8 @@ class Ipcd(Daemon):
         """Let go of the fds received, and of the listening socket (closed with
         the context): ours is removed, then its lock released."""
         for request in list(self._requests.values()):
+            if not request.draining:        # told why, not left with a bare EOF
+                wire.send_raw(request.client, wire.refusal(wire.NODAEMON, "ipcd is stopping"))
             request.close_readers()
         if self._listener is not None:
             self._listener.detach()                    # the context closes the fd

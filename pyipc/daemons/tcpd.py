@@ -201,11 +201,18 @@ class Tcpd(Daemon):
             sock.detach()
         if self._unix_listener is not None:
             self._unix_listener.detach()
+        # Peers in their handshake and ipcd's requests in progress are told
+        # why the end comes (one write that never blocks), not left with a
+        # bare EOF.
+        stopping = "tcpd is stopping"
         for incoming in self._incoming.values():
+            wire.send_raw(incoming.sock.fileno(), wire.refusal(wire.REFUSED, stopping) + b"\n")
             incoming.sock.detach()
         for sock, _ in self._closing.values():
             sock.detach()
         for dial in self._dials.values():
+            if not dial.done:
+                wire.send_raw(dial.ipcd, wire.frame(wire.refusal(wire.NODAEMON, stopping)))
             dial.done = True
             if dial.sock is not None and dial.sock.fileno() in self._answers:
                 dial.sock.detach()

@@ -144,6 +144,8 @@ class Tlsd(Daemon):
 
     def teardown(self) -> None:
         self._end_sessions()
+        for req in self._requests:      # ipcd's dials in progress: told why, no bare EOF
+            wire.send_raw(req, wire.frame(wire.refusal(wire.NODAEMON, "tlsd is stopping")))
         # The context closes every fd it watches (listeners included): the
         # socket objects must not close them a second time.
         for sock in self._listeners.values():

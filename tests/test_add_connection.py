@@ -162,3 +162,35 @@ def test_an_fd_its_owner_closed_behind_the_context_is_closed_quietly(ctx_factory
     assert not os.path.exists(os.path.join(rundir, "later"))
     again = ctx_factory()
     again.service_init("later")                 # not busy: the first one let go
+
+
+def test_a_client_the_poller_refuses_is_an_error_of_the_service(rundir, monkeypatch):
+    """epoll refuses to watch a new client (fs.epoll.max_user_watches, which
+    a test cannot lower for one process: the pure backend's poller is made to
+    refuse instead): that client is closed and the service gets ERROR, the
+    wait goes on (pure raised out of the wait, native failed it as out of
+    memory). White-box: pure only."""
+    ctx = pyipc.Context(rundir=rundir, backend="pure")
+    try:
+        svc = ctx.service_init("svc")
+        poller_class = type(ctx._poller)
+        real = poller_class.register
+
+        def refuse_once(self, fd, mask, data):
+            monkeypatch.setattr(poller_class, "register", real)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(poller_class, "register", refuse_once)
+        refused = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        refused.connect(os.path.join(rundir, "svc"))
+        events = ctx.wait_events(timeout=10)
+        assert [(e.type, e.fd) for e in events] == [(EventType.ERROR, svc)]
+        assert events[0].error.startswith("cannot watch fd ")
+        assert events[0].error.endswith(": " + os.strerror(errno.ENOSPC))
+        assert refused.recv(1) == b""                  # closed
+        later = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        later.connect(os.path.join(rundir, "svc"))
+        assert wait_for(ctx, EventType.CONNECTION)      # the service goes on
+        refused.close()
+        later.close()
+    finally:
+        ctx.close_all()

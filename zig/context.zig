@@ -2073,9 +2073,20 @@ pub const Context = struct {
                 try self.events.pushData(self.gpa, .err, service.fd, service.index, text);
                 continue;
             }
-            const conn = self.addConn(fd, .connection) catch {
+            const conn = self.addConn(fd, .connection) catch |err| {
                 sys.closeFd(fd);
-                return error.OutOfMemory;
+                if (err == error.OutOfMemory) return error.OutOfMemory;
+                // The poller refused it (epoll's max_user_watches): that
+                // client is closed and the service told why, as past
+                // max_connections; the wait itself did not fail.
+                try self.events.pushData(
+                    self.gpa,
+                    .err,
+                    service.fd,
+                    service.index,
+                    self.last.text(),
+                );
+                continue;
             };
             try self.events.push(self.gpa, .connection, conn.fd, conn.index);
         }

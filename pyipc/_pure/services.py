@@ -144,7 +144,15 @@ class Services:
                     f"connection refused: max_connections ({self._max_connections}) reached"))
                 continue
             sock.setblocking(True)        # blocking mode, whatever the listener's (see DONTWAIT)
-            conn = self._add(Conn(sock.fileno(), sock, CONNECTION, self._max_message_size))
+            try:
+                conn = self._add(Conn(sock.fileno(), sock, CONNECTION, self._max_message_size))
+            except IPCError as e:
+                # The poller refused it (epoll's max_user_watches): that client
+                # is closed and the service told why; the wait goes on.
+                sock.close()
+                self._pending.append(Event(EventType.ERROR, service.fd, service.index, None,
+                                           str(e)))
+                continue
             self._pending.append(Event(EventType.CONNECTION, conn.fd, conn.index))
 
     def _refuse_with_spare(self: PureState, service: Conn) -> Optional[bool]:

@@ -55,6 +55,12 @@ def require_socat() -> None:
         unavailable("socat is not installed (ci/test installs it)", "PYIPC_REQUIRE_NETWORK")
 
 
+def require_openssl() -> None:
+    """The same for the openssl command (a TLS peer no one here wrote)."""
+    if shutil.which("openssl") is None:
+        unavailable("openssl is not installed (ci/test installs it)", "PYIPC_REQUIRE_NETWORK")
+
+
 def require_backend(name: str) -> str:
     """``name`` if it loads; else skip, or fail when PYIPC_REQUIRE_NATIVE=1."""
     why = pyipc.available_backends()[name]

@@ -18,7 +18,7 @@ import pytest
 
 import pyipc
 
-from conftest import spin_until, unavailable
+from conftest import require_openssl, spin_until, unavailable
 from daemon_harness import reap, stops_cleanly, stuck_service
 from tlsd_harness import (Certs, Echo, ask, connect_through, dialer, frame, listener, port_of,
                           read_all, recv_exactly, running, tls_by_hand, tls_client)
@@ -1170,3 +1170,59 @@ def test_a_dial_in_progress_when_tlsd_stops_is_told_why(rundir, backend, certs):
             while chunk := ipcd.recv(1000):
                 got += chunk
             assert got == frame(b"ne nodaemon tlsd is stopping")
+
+
+def _read_until(stream, marker: bytes, timeout: float = 10) -> bytes:
+    """What `stream` (a pipe) gives until `marker` is in it."""
+    import select
+    got, end = b"", time.monotonic() + timeout
+    while marker not in got:
+        left = end - time.monotonic()
+        assert left > 0, f"{marker!r} not seen; got {got[-300:]!r}"
+        if select.select([stream], [], [], left)[0]:
+            chunk = os.read(stream.fileno(), 65536)
+            assert chunk, f"{marker!r} not seen before the end; got {got[-300:]!r}"
+            got += chunk
+    return got
+
+
+def test_a_remote_that_renegotiates_is_refused(rundir, backend, certs):
+    """TLS 1.2 renegotiation is refused both ways (OP_NO_RENEGOTIATION): a
+    remote server asking for it (openssl s_server's `r` command) is answered
+    with the no_renegotiation alert, and the session ends cleanly (s_server
+    makes that alert fatal). Accepted, a renegotiation made ssl's write ask
+    to read while the relay wrote, and the session died at random."""
+    require_openssl()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-tls1_2", "-accept", f"127.0.0.1:{port}", "-cert",
+         certs.server, "-naccept", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _read_until(server.stdout, b"ACCEPT")
+        with running(dialer(rundir, backend, certs, connect_timeout=10)), \
+                socket.socket(socket.AF_UNIX) as ipcd:
+            ipcd.connect(os.path.join(rundir, "tls"))
+            ipcd.sendall(frame(f"tls://localhost:{port}/pong".encode()))
+            _read_until(server.stdout, b"pong\n")      # tlsd named the service
+            server.stdin.write(b"ok")
+            server.stdin.flush()
+            ipcd.settimeout(20)
+            answer, fds, _, _ = socket.recv_fds(ipcd, 100, 1)
+            assert answer == frame(b"ok") and len(fds) == 1
+            with socket.socket(fileno=fds[0]) as local:
+                local.settimeout(20)
+                local.sendall(frame(b"up"))
+                _read_until(server.stdout, frame(b"up"))
+                server.stdin.write(frame(b"down"))
+                server.stdin.flush()
+                assert recv_exactly(local, 8) == frame(b"down")
+                server.stdin.write(b"r\n")                  # renegotiate, please
+                server.stdin.flush()
+                assert local.recv(100) == b""               # the session ended
+        assert b"no renegotiation" in _read_until(server.stdout, b"CONNECTION CLOSED")
+    finally:
+        server.kill()
+        server.communicate()

@@ -87,11 +87,20 @@ def parse_uri(uri: str) -> Tuple[str, int, str]:
     return _netwire.parse_uri(uri, "tls", DEFAULT_PORT)
 
 
+#: TLS 1.2 renegotiation refused both ways (TLS 1.3 has none): a session
+#: renegotiating while the relay writes made ssl's write ask to read first
+#: (SSLWantReadError), which ended the session; renegotiation also lets a
+#: remote make tlsd spend CPU on handshakes at will. A remote's request is
+#: answered with the no_renegotiation alert.
+_NO_RENEGOTIATION = getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+
+
 def server_context(config: TlsdConfig) -> ssl.SSLContext:
     """The context of connections we accept: our certificate; the client's
     verified against --client-ca when given (mutual TLS)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= _NO_RENEGOTIATION
     cert = config.cert
     assert cert is not None             # checked by TlsdConfig
     _load("--cert/--key", cert, lambda: ctx.load_cert_chain(cert, config.key))
@@ -108,6 +117,7 @@ def client_context(config: TlsdConfig) -> ssl.SSLContext:
     certificate presented when we have one."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)   # CERT_REQUIRED, check_hostname
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= _NO_RENEGOTIATION
     if config.ca is not None:
         _load("--ca", config.ca, lambda: ctx.load_verify_locations(config.ca))
     else:

@@ -1,4 +1,5 @@
-"""The pyipc command: demo, pongd (an echo service), pong (its client) and bench.
+"""The pyipc command: demo, pongd (an echo service), pong (its client), bench,
+and the networking daemons ipcd, tcpd, tlsd and websocketd.
 
 Exit codes: 0 success; 1 a pyipc error (service busy, not found, ...) or an echo
 that did not match; 2 bad usage (argparse).
@@ -243,8 +244,8 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-DESCRIPTION = ("The pyipc command: demo, pongd (an echo service), pong (its client) "
-               "and bench.")
+DESCRIPTION = ("The pyipc command: demo, pongd (an echo service), pong (its client), "
+               "bench, and the networking daemons ipcd, tcpd, tlsd and websocketd.")
 
 
 def parser() -> argparse.ArgumentParser:

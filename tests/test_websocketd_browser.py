@@ -184,6 +184,46 @@ def test_browser_sees_the_close_when_the_service_stops(site, service):
                       "wasClean": True}
 
 
+CLIENT_EDGES = """async () => {
+  const out = {};
+  // A query after the name is kept, not escaped into the name.
+  const conn = await pyipc.connect("echo?token=x");
+  // Messages buffered before onmessage is set are handed to it first, in order.
+  for (const m of ["a", "b"]) conn.send(m);
+  await new Promise((resolve) => { const t = () => conn.received.length === 2 ?
+      resolve() : setTimeout(t, 5); t(); });
+  const seen = [];
+  conn.onmessage = (bytes) => seen.push(new TextDecoder().decode(bytes));
+  out.buffered = seen.slice();
+  // A recv() waiting is served before onmessage.
+  conn.onmessage = null;
+  const waiting = conn.recv();
+  conn.onmessage = (bytes) => seen.push("late:" + new TextDecoder().decode(bytes));
+  conn.send("c");
+  out.waited = new TextDecoder().decode(await waiting);
+  try { conn.sendTyped("Ping", {}); } catch (e) { out.typedName = e.name; }
+  // An onclose that throws does not leave `closed` pending.
+  conn.onclose = () => { throw new Error("a careless handler"); };
+  out.closed = (await conn.close()).code;
+  try { conn.send("after"); } catch (e) { out.afterClose = e.message; }
+  return out;
+}"""
+
+
+def test_browser_client_edges(site, service):
+    """pyipc.js: connect() keeps a query; setting onmessage hands it what was
+    buffered (it stayed in the buffer); a waiting recv() is served first (it
+    never settled); sendTyped with a name says what to do; a throwing onclose
+    leaves close() settled (it hung); send after the end says closed."""
+    echo = service()
+    page = site.page()
+    page.on("pageerror", lambda e: None)         # the careless onclose's throw
+    assert page.evaluate(CLIENT_EDGES) == {
+        "buffered": ["a", "b"], "waited": "c", "typedName": "TypeError", "closed": 1000,
+        "afterClose": "connection closed (1000 closed)"}
+    assert echo.messages() == [b"a", b"b", b"c"]
+
+
 def test_browser_chat_between_two_pages(site, backend, rundir):
     chat = subprocess.Popen([sys.executable, str(ROOT / "examples" / "chat_service.py"),
                              "--rundir", rundir, "--backend", backend],
@@ -209,6 +249,34 @@ def test_browser_chat_between_two_pages(site, backend, rundir):
         chat.terminate()
         chat.wait(10)
         chat.stdout.close()
+
+
+def test_browser_chat_join_twice_then_rejoin(site, backend, rundir):
+    """chat.html: a second submit while joining makes no second connection
+    (it left a ghost member and a stuck page); after the connection ends the
+    join form is back (it stayed hidden: no way to rejoin but a reload)."""
+    chat = subprocess.Popen([sys.executable, str(ROOT / "examples" / "chat_service.py"),
+                             "--rundir", rundir, "--backend", backend],
+                            env=CHILD_ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "ready" in chat.stdout.readline()
+        ada, bob = site.page("/chat.html"), site.page("/chat.html")
+        ada.fill("#name", "ada")
+        ada.evaluate("() => { const f = document.getElementById('join');"
+                     " f.requestSubmit(); f.requestSubmit(); }")
+        ada.get_by_text("(joined as ada").wait_for()
+        join(bob, "bob")
+        bob.get_by_text("(joined as bob; members: ada, bob)").wait_for()
+        assert ada.locator("#status").text_content() == "(joined as ada; members: ada, bob)"
+        ada.evaluate("async () => await conn.close()")
+        bob.get_by_text("* ada left").wait_for()
+        assert bob.locator("#status").text_content() == "(joined as bob; members: bob)"
+        assert ada.locator("#join").is_visible()
+        join(ada, "ada")                        # again, without a reload
+        bob.get_by_text("* ada joined").wait_for()
+    finally:
+        chat.terminate()
+        chat.wait(timeout=10)
 
 
 def join(page, name):

@@ -16,7 +16,10 @@
 //   const {type, body} = registry.decode(await conn.recv());   // type: "Welcome"
 //
 // Errors: send() on a closed connection throws; recv() rejects once the
-// connection is closed and no message is left (error.code, error.reason).
+// connection is closed and no message is left (error.code, error.reason);
+// recvText() throws a TypeError for a message that is not UTF-8 (the message
+// is consumed). close(code, reason): the browser takes code 1000 or
+// 3000-4999 and a reason of at most 123 UTF-8 bytes (else it throws).
 (function (root) {
   "use strict";
 
@@ -78,13 +81,14 @@
     }
   }
 
-  // One WebSocket to one service. Messages arrive in order: to onmessage
-  // when it is set, else to recv(), which buffers them.
+  // One WebSocket to one service. Messages arrive in order: first to the
+  // recv() calls waiting, then to onmessage when it is set, else they are
+  // buffered for recv(). Setting onmessage hands it the buffered ones first.
   class Connection {
     constructor(url) {
       this.ws = new WebSocket(url);
       this.ws.binaryType = "arraybuffer";
-      this.onmessage = null;     // function (Uint8Array)
+      this._onmessage = null;    // function (Uint8Array)
       this.onclose = null;       // function ({code, reason, wasClean})
       this.received = [];
       this.waiters = [];
@@ -97,30 +101,49 @@
         this.ws.addEventListener("close", (ev) => {
           this.closeEvent = { code: ev.code, reason: ev.reason, wasClean: ev.wasClean };
           for (const w of this.waiters.splice(0)) w.reject(new ConnectionClosed(ev.code, ev.reason));
-          if (this.onclose) this.onclose(this.closeEvent);
+          // Settled before the user's handler runs: one that throws must not
+          // leave `closed` (and close()) pending forever.
           resolve(this.closeEvent);
+          if (this.onclose) this.onclose(this.closeEvent);
         });
       });
       this.ws.addEventListener("message", (ev) => this._receive(ev.data));
     }
 
+    get onmessage() { return this._onmessage; }
+    set onmessage(handler) {
+      this._onmessage = handler;
+      // What was buffered goes to it first, in order (it was kept for a
+      // recv() that will not come).
+      while (handler && this._onmessage === handler && this.received.length)
+        handler(this.received.shift());
+    }
+
     _receive(data) {
       // websocketd sends binary only; a text message (another server) is UTF-8.
       const bytes = typeof data === "string" ? encoder.encode(data) : new Uint8Array(data);
-      if (this.onmessage) this.onmessage(bytes);
-      else if (this.waiters.length) this.waiters.shift().resolve(bytes);
+      if (this.waiters.length) this.waiters.shift().resolve(bytes);
+      else if (this._onmessage) this._onmessage(bytes);
       else this.received.push(bytes);
     }
 
     // One message: a string goes as a text message (the service gets its
     // UTF-8 bytes), anything else as a binary message.
     send(data) {
-      if (this.ws.readyState !== WebSocket.OPEN)
-        throw new ConnectionClosed(this.closeEvent ? this.closeEvent.code : 0, "not open");
+      const state = this.ws.readyState;
+      if (state !== WebSocket.OPEN)
+        throw new ConnectionClosed(this.closeEvent ? this.closeEvent.code : 0,
+                                   state === WebSocket.CONNECTING ? "not open yet" :
+                                   state === WebSocket.CLOSING ? "closing" : "closed");
       this.ws.send(typeof data === "string" ? data : asBytes(data));
     }
 
+    // A typed message: sendTyped(number, body), or the bytes of
+    // registry.encode(name, body).
     sendTyped(number, body) {
+      if (typeof number === "string")
+        throw new TypeError("sendTyped(number, body) takes a type number; for a type " +
+                            "name use sendTyped(registry.encode(name, body))");
       this.send(typeof number === "number" ? encodeTyped(number, body) : asBytes(number));
     }
 
@@ -145,13 +168,17 @@
     close(code, reason) { this.ws.close(code || 1000, reason || ""); return this.closed; }
   }
 
-  // A Connection to service `name` on the host that served the page (or a
-  // full ws:// / wss:// URL); resolves once open.
+  // A Connection to service `name` on the host that served the page, with
+  // an optional query ("chat?token=x": the name is encoded, the query kept),
+  // or a full ws:// / wss:// URL; resolves once open.
   function connect(nameOrUrl) {
     let url = nameOrUrl;
     if (!/^wss?:\/\//.test(url)) {
       const scheme = root.location && root.location.protocol === "https:" ? "wss://" : "ws://";
-      url = scheme + root.location.host + "/" + encodeURIComponent(nameOrUrl);
+      const at = nameOrUrl.indexOf("?");
+      const name = at < 0 ? nameOrUrl : nameOrUrl.slice(0, at);
+      const query = at < 0 ? "" : nameOrUrl.slice(at);
+      url = scheme + root.location.host + "/" + encodeURIComponent(name) + query;
     }
     return new Connection(url).opened;
   }

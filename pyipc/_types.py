@@ -66,6 +66,9 @@ DEFAULT_LINGER = 1.0
 scheduled messages to go out before it drops them (ZeroMQ's LINGER)."""
 
 MAX_MORE_PER_ROUND = 64
+#: on_in calls at most that let a switched fd whose write failed (its other
+#: end gone) read what is left and meet its end (the core's max_drain_calls).
+MAX_DRAIN_CALLS = 1 << 16
 """Calls of one fd's `on_in` in one event-loop round at most, when it keeps
 returning `CBEvent.MORE`: the rest continue in the next round (even if the fd
 is not readable), so one fd with much buffered input cannot starve the others."""

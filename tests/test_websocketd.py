@@ -217,6 +217,28 @@ def test_service_closing_the_connection_closes_with_1000(start):
         assert closed_by_server(ws) == (1000, "the service closed the connection")
 
 
+def test_service_closing_while_the_client_sends_still_closes_with_1000(start):
+    """The service answers and hangs up while the client is still sending:
+    websocketd's next write to it fails (EPIPE). Its last message and the
+    close frame still reach the client (the core dropped the service's side
+    without letting the session read it: no message, no close frame, 1006)."""
+    def last_word(ctx, ev):
+        if ev.type == EventType.MESSAGE_RX and ev.message == b"bye":
+            ctx.write(ev.fd, b"last")
+            ctx.close(ev.fd)
+    start.service("sink", last_word)
+    d = start.daemon()
+    with connect(d.url("/sink"), open_timeout=10) as ws:
+        ws.send(b"bye")
+        for _ in range(200):
+            try:
+                ws.send(b"m" * 100)
+            except ConnectionClosed:    # the close came: it takes no more
+                break
+        assert ws.recv(timeout=10) == b"last"
+        assert closed_by_server(ws) == (1000, "the service closed the connection")
+
+
 def test_client_that_never_answers_our_close_is_cut_after_close_timeout(start):
     # The service hangs up; the client gets the close frame, does not answer,
     # and websocketd closes the TCP connection CLOSE_TIMEOUT (2 s) later.

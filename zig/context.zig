@@ -1202,14 +1202,22 @@ pub const Context = struct {
             .failed => |e| {
                 if (e == .PIPE or e == .CONNRESET) {
                     conn.write_closed = true;
-                    // What the peer sent before it went is read to the end:
-                    // pyipc frames only. A closing side's input has nowhere
-                    // to go; a foreign protocol's (an `in` callback's) is
-                    // no frames.
-                    // All of it, with no budget: nothing follows it (read
-                    // once, the rest beyond read_budget was dropped unsaid).
-                    if (!conn.closing and conn.cb_in == null)
-                        try self.readUpTo(conn, true, std.math.maxInt(usize));
+                    // What the peer sent before it went is read to the end
+                    // (a closing side's input has nowhere to go): pyipc
+                    // frames all at once, with no budget since nothing
+                    // follows them (one budget's worth was read, the rest
+                    // dropped unsaid); a foreign protocol's by its `in`
+                    // callback, which meets the end itself (it was dropped
+                    // unread: websocketd's client lost the last message and
+                    // the close frame).
+                    if (!conn.closing) {
+                        if (conn.cb_in == null) {
+                            try self.readUpTo(conn, true, std.math.maxInt(usize));
+                        } else if (conn.peer != null) {
+                            try switching.drainIn(self, conn);
+                        }
+                    }
+                    if (!conn.alive) return;
                     return self.drop(conn, null);
                 }
                 var buf: [160]u8 = undefined;

@@ -44,6 +44,9 @@ pub const CbResult = enum(c_int) {
 /// Calls of one fd's `in` callback per round at most while it returns MORE
 /// (pyipc.MAX_MORE_PER_ROUND): one fd's buffered input cannot starve the others.
 pub const max_more_per_round = 64;
+/// drainIn's bound on `in` calls (a callback that says NO_ERROR for ever
+/// without reading must not hold the loop).
+pub const max_drain_calls = 1 << 16;
 
 /// Longest reason end() takes, in bytes (pyipc.MAX_SWITCH_END_REASON).
 pub const max_end_reason = 1024;
@@ -130,6 +133,18 @@ pub fn switchIn(ctx: *Context, conn: *Conn) Allocator.Error!void {
         try wantMore(ctx, conn)
     else
         unwantMore(ctx, conn);
+}
+
+/// A write to conn failed (the other end is gone): its `in` callback reads
+/// what is left and meets the end itself, since a foreign protocol's end may
+/// call for words of its own (websocketd's close frame), before conn is
+/// dropped. Called while it hands out messages, max_drain_calls at most.
+pub fn drainIn(ctx: *Context, conn: *Conn) Allocator.Error!void {
+    const cb = conn.cb_in orelse return;
+    for (0..max_drain_calls) |_| {
+        if (!stillSwitched(conn)) return;
+        if (!isForwarded(try callIn(ctx, conn, cb))) return;
+    }
 }
 
 /// One `in` call and what its result does; the result, or IGNORE when the

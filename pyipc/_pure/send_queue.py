@@ -151,12 +151,17 @@ class SendQueue:
             self._send_queued(conn)
         except (BrokenPipeError, ConnectionResetError):
             conn.write_closed = True
-            # What the peer sent before it went is read to the end: pyipc
-            # frames only. A closing side's input has nowhere to go; a
-            # foreign protocol's (an on_in callback's) is no frames.
-            if not conn.closing and conn.on_in is None:
-                self._read_conn(conn, budget=math.inf)    # all of it: nothing follows
-            self._drop(conn, None)
+            # What the peer sent before it went is read to the end (a closing
+            # side's input has nowhere to go): pyipc frames all at once (no
+            # budget: nothing follows them), a foreign protocol's by its
+            # on_in, which meets the end itself (see the core's flushConn).
+            if not conn.closing:
+                if conn.on_in is None:
+                    self._read_conn(conn, budget=math.inf)
+                elif conn.peer is not None:
+                    self._drain_in(conn)
+            if conn.alive:
+                self._drop(conn, None)
         except OSError as e:
             self._drop(conn, f"write failed: {os.strerror(e.errno or 0)}")
         else:

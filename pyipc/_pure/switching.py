@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Optional
 
 from .._checks import (OnIn, OnOut, as_payload, check_callbacks, check_fd, check_reason,
                        check_switch_data, closed_by_peer, too_large_text)
-from .._types import (MAX_MORE_PER_ROUND, Buffer, CBEvent, Event, EventType, IPCError,
-                      MessageTooLargeError, QueueFullError, UnknownFdError)
+from .._types import (MAX_DRAIN_CALLS, MAX_MORE_PER_ROUND, Buffer, CBEvent, Event, EventType,
+                      IPCError, MessageTooLargeError, QueueFullError, UnknownFdError)
 from .conn_table import CONNECTION, SERVICE, Conn
 from .framing import encode
 
@@ -130,6 +130,15 @@ class Switching:
             self._more[conn] = None
         else:
             self._more.pop(conn, None)
+
+    def _drain_in(self: PureState, conn: Conn) -> None:
+        """A write to conn failed (the other end is gone): its on_in reads
+        what is left and meets the end itself (a foreign protocol's end may
+        call for words of its own: websocketd's close frame) before conn is
+        dropped; called while it hands out messages, MAX_DRAIN_CALLS at most."""
+        for _ in range(MAX_DRAIN_CALLS):
+            if not self._still_switched(conn) or self._call_in(conn) not in _FORWARDED:
+                return
 
     def _call_in(self: PureState, conn: Conn) -> CBEvent:
         """One on_in call and what its result does; the result, or IGNORE

@@ -42,6 +42,11 @@ class ServiceReader:
             data = self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
+        except ConnectionResetError:
+            # A service that closed with our bytes unread: the kernel says
+            # ECONNRESET instead of EOF once what it sent is read (as the
+            # core's reads take it): its end, as any other.
+            data = b""
         except OSError as e:
             self.end = (CloseCode.INTERNAL_ERROR, f"service connection failed: {e.strerror}")
             return

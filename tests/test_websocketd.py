@@ -271,6 +271,26 @@ def test_service_stopping_closes_with_1000(start):
         assert closed_by_server(ws) == (1000, "the service closed the connection")
 
 
+def test_daemon_stopping_waits_for_the_clients_close_answer(start):
+    """Stopping, websocketd sends 1001 and waits (CLOSE_TIMEOUT at most) for
+    the client's answering close frame before it closes the TCP connection:
+    a clean close (browsers said wasClean false: the answer reached a closed
+    socket, which answered with a reset)."""
+    service = start.service()
+    d = start.daemon()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        client = handshake(s, d.url("/echo"))
+        client.send_binary(b"x")
+        s.sendall(b"".join(client.data_to_send()))
+        service.wait_for(lambda evs: any(e.type == EventType.MESSAGE_RX for e in evs))
+        d.daemon.stop()
+        frames = read_frames(s, client)         # answers the close, then reads to EOF
+    d.thread.join(10)
+    assert [(f.opcode, f.data[:2]) for f in frames] == [
+        (Opcode.BINARY, b"x"), (Opcode.CLOSE, b"\x03\xe9")]
+    assert client.close_rcvd.code == 1001 and client.close_sent.code == 1001
+
+
 def test_daemon_stopping_closes_with_1001(start):
     service = start.service()
     d = start.daemon()

@@ -387,3 +387,94 @@ def test_calls_cut_anywhere_by_a_handler_leave_the_context_usable(pair):
     assert cut > 100
     ctx.write(fd, b"still usable")
     assert pair.server.read(pair.server_fd) == b"still usable"
+
+
+class Boom(Exception):
+    """Raised by a signal handler while data streams in."""
+
+
+def _stamped(seq: int, size: int) -> bytes:
+    return seq.to_bytes(4, "big") * (size // 4 + 1)
+
+
+@pytest.mark.parametrize("call", ["read", "read_many", "read_into", "wait_event"])
+def test_handlers_raising_while_data_streams_in_never_corrupt_it(backend, rundir, processes,
+                                                                  call):
+    """A handler raises every few signals (every 150 µs) while messages of
+    up to 1 MiB stream in. No message is ever returned torn or out of order:
+    native keeps the stream; pure may lose bytes taken between a read and
+    their delivery, and then ends the connection with FRAMING_LOST, said
+    (it decoded the rest of the stream with a hole in it: messages of garbage,
+    then a 'message of 167772160 bytes')."""
+    server = pyipc.Context(rundir=rundir, backend=backend)
+    server.service_init("stream")
+    sizes = [0, 7, 60, 5000, 70_000, 1 << 20] * 25
+    code = ("import sys, pyipc\n"
+            "sizes = [int(s) for s in sys.argv[3].split(',')]\n"
+            "with pyipc.Context(rundir=sys.argv[1], backend=sys.argv[2]) as c:\n"
+            "    fd = c.connect_service('stream')\n"
+            "    for i, n in enumerate(sizes):\n"
+            "        c.write(fd, (i.to_bytes(4, 'big') * (n // 4 + 1))[:n + 4])\n"
+            "    c.write(fd, b'END')\n")
+    writer = processes(code, rundir, backend, ",".join(map(str, sizes)))
+    conn = wait_for(server, EventType.CONNECTION)[-1].fd
+    ticks, inside = [0], [False]
+
+    def handler(signum: int, frame_: object) -> None:
+        ticks[0] += 1
+        if inside[0] and ticks[0] % 7 == 0:     # only in the call under test
+            raise Boom()
+
+    got: list[int] = []
+    ended = None
+    buf = bytearray(2 << 20)
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.00015)
+    try:
+        deadline = time.monotonic() + 60
+        while ended is None and time.monotonic() < deadline:
+            try:
+                inside[0] = True
+                if call == "read":
+                    batch = [server.read(conn)]
+                elif call == "read_many":
+                    batch = server.read_many(conn)
+                elif call == "read_into":
+                    batch = [bytes(buf[:server.read_into(conn, buf)])]
+                else:
+                    ev = server.wait_event()
+                    batch = [ev.message] if ev.type == EventType.MESSAGE_RX else []
+                    if ev.type == EventType.ERROR:
+                        ended = ev.error
+                    elif ev.type == EventType.DISCONNECTION:
+                        ended = "closed"
+                inside[0] = False
+            except Boom:
+                inside[0] = False
+                continue
+            except pyipc.ConnectionClosedError:
+                inside[0] = False
+                ended = "closed"        # the writer's end (END lost to a Boom at return)
+            except pyipc.IPCError as e:
+                inside[0] = False
+                ended = str(e)
+                break
+            for message in batch:
+                if message == b"END":
+                    ended = "END"
+                    break
+                seq = int.from_bytes(message[:4], "big")
+                assert message == _stamped(seq, sizes[seq])[:sizes[seq] + 4], f"torn: {seq}"
+                assert not got or seq > got[-1], f"out of order: {seq} after {got[-1]}"
+                got.append(seq)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    from pyipc._pure.io import FRAMING_LOST
+    # A message may be lost to a Boom at a call's return (documented, both
+    # backends); the stream is never torn, and only pure ends it for a hole.
+    if ended not in ("END", "closed"):
+        assert backend == "pure" and ended == FRAMING_LOST, ended
+    assert got, "no message arrived"
+    writer.wait(timeout=30)
+    server.close_all()

@@ -134,9 +134,13 @@ def recv_exactly(sock: socket.socket, buf: Buffer, filled: list[int], at: int, e
     filled[at] up to date (so an interruption knows how far it got); False
     at EOF. The reads wait as `spin` says (busy_poll)."""
     view = memoryview(buf)
+    n = -1
     while filled[at] < end:
         try:
-            n = sock.recv_into(view[filled[at]:end], 0, spin.flags())
+            # Counted as taken, with no call in between: a signal handler's
+            # exception (Ctrl-C) lands before both or after both.
+            for n in map(sock.recv_into, (view[filled[at]:end],), (0,), (spin.flags(),)):
+                filled[at] += n
         except BlockingIOError:
             spin.idle(sock.fileno())
             continue
@@ -144,7 +148,6 @@ def recv_exactly(sock: socket.socket, buf: Buffer, filled: list[int], at: int, e
             continue
         if n == 0:
             return False
-        filled[at] += n
     return True
 
 

@@ -42,11 +42,17 @@ def encode(payload: bytes | memoryview) -> bytes:
 class FrameDecoder:
     """Turns a byte stream into payloads; keeps only an unfinished frame."""
 
-    __slots__ = ("_buf", "_limit")
+    __slots__ = ("_buf", "_limit", "unsettled")
 
     def __init__(self, limit: int) -> None:
         self._buf = bytearray()
         self._limit = limit
+        #: Bytes were taken from the socket and are neither in this decoder
+        #: nor delivered yet (set by the reader right as they are taken,
+        #: cleared once they are): a signal handler's exception in between
+        #: leaves it set, and the next read ends the connection with
+        #: FRAMING_LOST instead of decoding a stream with a hole in it.
+        self.unsettled = False
 
     @property
     def partial(self) -> bool:
@@ -84,6 +90,10 @@ class FrameDecoder:
             used = self._decode(data, out)    # fast path: no copy into the buffer
             if used < len(data):
                 self._buf = bytearray(data[used:])
+        if not out:
+            # Every byte is in the buffer: settled (no call from here to the
+            # return, so no signal handler runs in between).
+            self.unsettled = False
 
     def _decode(self, view: memoryview, out: list[bytes]) -> int:
         """Decode whole frames from `view`; return the number of bytes used."""

@@ -110,6 +110,13 @@ class Writing:
             raise
 
 
+#: The ERROR of a connection whose stream lost bytes to a signal handler's
+#: exception raised between their read and their delivery (pure only: the
+#: core takes no Python step there); the read that finds it raises it.
+FRAMING_LOST = ("a signal handler raised while bytes of this connection were being "
+                "read: the stream's framing is lost")
+
+
 class Reading:
     """PureContext's blocking reads and the event loop's reads."""
 
@@ -173,6 +180,7 @@ class Reading:
         """The next frame of conn read into `view` when it is large and fits
         (as native does): its size; else None, with the header bytes read
         given to the decoder. The reads wait as `spin` says (poll())."""
+        self._check_settled(conn)
         had = conn.decoder.buffered()
         known = min(len(had), HEADER.size)
         header = bytearray(HEADER.size)
@@ -243,11 +251,31 @@ class Reading:
         # Messages beyond `keep` wait as events, like any received, before the
         # ERROR and DISCONNECTION of a bad header that followed them.
         if len(msgs) > keep:
-            self._pending.extend(Event(_RX, fd, conn.index, m) for m in msgs[keep:])
+            self._settle(conn, [Event(_RX, fd, conn.index, m) for m in msgs[keep:]])
             del msgs[keep:]
         if error is not None:
             self._drop(conn, error)
+        # The rest is returned: a signal's exception on the way replaces the
+        # call's return value (docs/reference.md), as native's.
+        conn.decoder.unsettled = False
         return msgs
+
+    def _settle(self: PureState, conn: Conn, events: list[Event]) -> None:
+        """Queue the events of messages decoded from conn, marked settled with
+        no call in between (a signal's exception lands before both or after)."""
+        decoder = conn.decoder
+        for _ in map(self._pending.extend, (events,)):
+            decoder.unsettled = False
+
+    def _check_settled(self: PureState, conn: Conn) -> None:
+        """A read of conn was stopped by a signal's exception between taking
+        bytes from the socket and delivering them (FrameDecoder.unsettled):
+        the stream has a hole, so the connection ends (ERROR FRAMING_LOST,
+        DISCONNECTION) and the read raises IPCError(FRAMING_LOST), rather
+        than decode what follows the hole as frames."""
+        if conn.decoder.unsettled:
+            self._drop(conn, FRAMING_LOST)
+            raise IPCError(FRAMING_LOST)
 
     def _read_until_message(self: PureState, conn: Conn,
                             spin: Blocking) -> Tuple[list[bytes], Optional[str]]:
@@ -258,13 +286,18 @@ class Reading:
         wait; a plain read polls first (a recv that finds nothing costs a
         Python exception more)."""
         fd = conn.fd
+        self._check_settled(conn)
         msgs: list[bytes] = []
         error: Optional[str] = None
         if spin.poll_first and type(conn.io) is socket.socket:     # a RawFd never waits
             spin.idle(fd)
+        decoder, recv_into, view = conn.decoder, conn.io.recv_into, self._scratch_view
+        n = 0
         while not msgs and error is None:
             try:
-                n = conn.io.recv_into(self._scratch_view, 0, spin.flags())
+                # Taken and marked with no call in between (see _taking).
+                for n in map(recv_into, (view,), (0,), (spin.flags(),)):
+                    decoder.unsettled = True
             except (BlockingIOError, InterruptedError):
                 spin.idle(fd)
                 continue
@@ -282,7 +315,7 @@ class Reading:
                 self._drop(conn, None)
                 raise closed_by_peer(fd)
             try:
-                conn.decoder.feed(self._scratch_view[:n], msgs)
+                decoder.feed(view[:n], msgs)
             except FrameTooLarge as e:
                 error = str(e)
         return msgs, error
@@ -291,13 +324,19 @@ class Reading:
         """Read conn until it would block (or `budget` bytes are read: the
         round's fairness; a peer that is gone is read with no budget, its
         input being all there is); deliver messages."""
+        if conn.decoder.unsettled:        # see _check_settled
+            self._drop(conn, FRAMING_LOST)
+            return
         msgs: list[bytes] = []
         error: Optional[str] = None
         ended = False
         view, total = self._scratch_view, 0
+        decoder, recv_into, n = conn.decoder, conn.io.recv_into, 0
         while total < budget:
             try:
-                n = conn.io.recv_into(view, 0, DONTWAIT)
+                # Taken and marked with no call in between (see _check_settled).
+                for n in map(recv_into, (view,), (0,), (DONTWAIT,)):
+                    decoder.unsettled = True
             except BlockingIOError:
                 break
             except InterruptedError:
@@ -314,7 +353,7 @@ class Reading:
                 break
             total += n
             try:
-                conn.decoder.feed(view[:n], msgs)
+                decoder.feed(view[:n], msgs)
             except FrameTooLarge as e:
                 error, ended = str(e), True
                 break
@@ -325,15 +364,17 @@ class Reading:
             self._drop(conn, error)
 
     def _deliver(self: PureState, conn: Conn, msgs: Iterable[bytes]) -> None:
+        """MESSAGE_RX events, or forwarded to the switch peer; then the
+        decoder is settled (see _check_settled)."""
         if conn.peer is None:
-            fd, index, append = conn.fd, conn.index, self._pending.append
-            for m in msgs:
-                append(Event(_RX, fd, index, m))
+            fd, index = conn.fd, conn.index
+            self._settle(conn, [Event(_RX, fd, index, m) for m in msgs])
             return
         for m in msgs:
             if not conn.alive:
                 return
             self._forward(conn, m)
+        conn.decoder.unsettled = False
 
 
 def _fitting(msgs: list[bytes], room: int) -> int:

@@ -224,59 +224,57 @@ def test_browser_client_edges(site, service):
     assert echo.messages() == [b"a", b"b", b"c"]
 
 
-def test_browser_chat_between_two_pages(site, backend, rundir):
-    chat = subprocess.Popen([sys.executable, str(ROOT / "examples" / "chat_service.py"),
+@pytest.fixture
+def chat(backend, rundir):
+    """examples/chat_service.py, running (ended at the end of the test)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "chat_service.py"),
                              "--rundir", rundir, "--backend", backend],
                             env=CHILD_ENV, stdout=subprocess.PIPE, text=True)
     try:
-        assert "ready" in chat.stdout.readline()
-        ada, bob = site.page("/chat.html"), site.page("/chat.html")
-        join(ada, "ada")
-        join(bob, "bob")
-        ada.get_by_text("* bob joined").wait_for()
-        say(ada, "hello bob, this is ada")
-        bob.get_by_text("ada: hello bob, this is ada").wait_for()
-        say(bob, "hi ada! seen through websocketd")
-        ada.get_by_text("bob: hi ada! seen through websocketd").wait_for()
-        assert "members: ada, bob" in bob.text_content("#status")
-        assert "members: ada, bob" in ada.text_content("#status")
-        if backend == "native":          # one picture per run
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            ada.set_viewport_size({"width": 720, "height": 420})
-            ada.screenshot(path=str(SCREENSHOT))
-            assert SCREENSHOT.stat().st_size > 5000
+        assert "ready" in proc.stdout.readline()
+        yield proc
     finally:
-        chat.terminate()
-        chat.wait(10)
-        chat.stdout.close()
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
 
 
-def test_browser_chat_join_twice_then_rejoin(site, backend, rundir):
+def test_browser_chat_between_two_pages(site, backend, chat):
+    ada, bob = site.page("/chat.html"), site.page("/chat.html")
+    join(ada, "ada")
+    join(bob, "bob")
+    ada.get_by_text("* bob joined").wait_for()
+    say(ada, "hello bob, this is ada")
+    bob.get_by_text("ada: hello bob, this is ada").wait_for()
+    say(bob, "hi ada! seen through websocketd")
+    ada.get_by_text("bob: hi ada! seen through websocketd").wait_for()
+    assert "members: ada, bob" in bob.text_content("#status")
+    assert "members: ada, bob" in ada.text_content("#status")
+    if backend == "native":          # one picture per run
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        ada.set_viewport_size({"width": 720, "height": 420})
+        ada.screenshot(path=str(SCREENSHOT))
+        assert SCREENSHOT.stat().st_size > 5000
+
+
+def test_browser_chat_join_twice_then_rejoin(site, chat):
     """chat.html: a second submit while joining makes no second connection
     (it left a ghost member and a stuck page); after the connection ends the
     join form is back (it stayed hidden: no way to rejoin but a reload)."""
-    chat = subprocess.Popen([sys.executable, str(ROOT / "examples" / "chat_service.py"),
-                             "--rundir", rundir, "--backend", backend],
-                            env=CHILD_ENV, stdout=subprocess.PIPE, text=True)
-    try:
-        assert "ready" in chat.stdout.readline()
-        ada, bob = site.page("/chat.html"), site.page("/chat.html")
-        ada.fill("#name", "ada")
-        ada.evaluate("() => { const f = document.getElementById('join');"
-                     " f.requestSubmit(); f.requestSubmit(); }")
-        ada.get_by_text("(joined as ada").wait_for()
-        join(bob, "bob")
-        bob.get_by_text("(joined as bob; members: ada, bob)").wait_for()
-        assert ada.locator("#status").text_content() == "(joined as ada; members: ada, bob)"
-        ada.evaluate("async () => await conn.close()")
-        bob.get_by_text("* ada left").wait_for()
-        assert bob.locator("#status").text_content() == "(joined as bob; members: bob)"
-        assert ada.locator("#join").is_visible()
-        join(ada, "ada")                        # again, without a reload
-        bob.get_by_text("* ada joined").wait_for()
-    finally:
-        chat.terminate()
-        chat.wait(timeout=10)
+    ada, bob = site.page("/chat.html"), site.page("/chat.html")
+    ada.fill("#name", "ada")
+    ada.evaluate("() => { const f = document.getElementById('join');"
+                 " f.requestSubmit(); f.requestSubmit(); }")
+    ada.get_by_text("(joined as ada").wait_for()
+    join(bob, "bob")
+    bob.get_by_text("(joined as bob; members: ada, bob)").wait_for()
+    assert ada.locator("#status").text_content() == "(joined as ada; members: ada, bob)"
+    ada.evaluate("async () => await conn.close()")
+    bob.get_by_text("* ada left").wait_for()
+    assert bob.locator("#status").text_content() == "(joined as bob; members: bob)"
+    assert ada.locator("#join").is_visible()
+    join(ada, "ada")                        # again, without a reload
+    bob.get_by_text("* ada joined").wait_for()
 
 
 def join(page, name):

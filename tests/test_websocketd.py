@@ -276,19 +276,45 @@ def test_daemon_stopping_waits_for_the_clients_close_answer(start):
     the client's answering close frame before it closes the TCP connection:
     a clean close (browsers said wasClean false: the answer reached a closed
     socket, which answered with a reset)."""
-    service = start.service()
+    start.service()
     d = start.daemon()
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
         client = handshake(s, d.url("/echo"))
         client.send_binary(b"x")
         s.sendall(b"".join(client.data_to_send()))
-        service.wait_for(lambda evs: any(e.type == EventType.MESSAGE_RX for e in evs))
+        echoed: list = []
+        while not echoed:                       # the echo first: then nothing is in flight
+            client.receive_data(s.recv(65536))
+            echoed = [e for e in client.events_received() if isinstance(e, Frame)]
         d.daemon.stop()
-        frames = read_frames(s, client)         # answers the close, then reads to EOF
+        frames = echoed + read_frames(s, client)    # answers the close, then reads to EOF
     d.thread.join(10)
     assert [(f.opcode, f.data[:2]) for f in frames] == [
         (Opcode.BINARY, b"x"), (Opcode.CLOSE, b"\x03\xe9")]
     assert client.close_rcvd.code == 1001 and client.close_sent.code == 1001
+
+
+def test_daemon_stopping_takes_no_new_client_and_does_not_spin(start):
+    """While it waits for close answers, websocketd no longer listens: a
+    client in the backlog is refused (its connection reset or closed), not
+    left to make each wait return at once (100% CPU for CLOSE_TIMEOUT)."""
+    import resource
+    start.service()
+    d = start.daemon()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        handshake(s, d.url("/echo"))                # open, and never answers a close
+        late = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        d.daemon.stop()
+        d.thread.join(10)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    with late:
+        try:
+            assert late.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 1.0, f"{cpu:.2f} s of CPU while waiting CLOSE_TIMEOUT (2 s)"
 
 
 def test_daemon_stopping_closes_with_1001(start):

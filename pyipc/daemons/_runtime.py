@@ -18,12 +18,13 @@ import logging
 import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any, Callable, Iterable, Optional
 
 from .. import Context, Event, EventType, _rundir
 from . import _systemd
-from .._signal_wakeup import SignalWakeup
+from .._signal_wakeup import SignalWakeup, drain_pipe
 from ._offload import Offloader, OnDone
 from ._timers import TimerHandle, Timers
 
@@ -54,6 +55,7 @@ class Daemon:
         # (then close_all() closes them).
         self._unwatched = [self._stop_r, self._wakeup.fd, self._offloader.wake_fd]
         self._stopping = False
+        self._finishing = False           # serving in teardown (serve_while)
         self._timers = Timers()
 
     # ------------------------------------------------------------ for daemons
@@ -145,23 +147,45 @@ class Daemon:
 
     def _loop(self) -> None:
         while not self._stopping:
-            try:
-                events = self.ctx.wait_events(self._timers.timeout())
-            except TimeoutError:    # pyipc's derives from the built-in: a timer is due
-                events = []
-            for ev in events:
-                if self._stopping:
-                    break
-                if ev.type == EventType.EXTERNAL and ev.fd == self._stop_r:
-                    self._stopping = True
-                elif ev.type == EventType.EXTERNAL and ev.fd == self._offloader.wake_fd:
-                    self._offloader.run_finished()
-                elif ev.type == EventType.EXTERNAL and ev.fd == self._wakeup.fd:
-                    self._wakeup.drain()        # the handler itself has run, in Python
-                else:
-                    self._handle(ev)
-            if not self._stopping:
-                self._timers.run_due()
+            self._serve_once(self._timers.timeout())
+
+    def _serve_once(self, timeout: Optional[float]) -> None:
+        """One wait (at most `timeout` s), its events handled, the due timers run."""
+        try:
+            events = self.ctx.wait_events(timeout)
+        except TimeoutError:    # pyipc's derives from the built-in: a timer is due
+            events = []
+        for ev in events:
+            if self._stopping and not self._finishing:
+                break
+            if ev.type == EventType.EXTERNAL and ev.fd == self._stop_r:
+                drain_pipe(self._stop_r)        # (else it stays readable)
+                self._stopping = True
+            elif ev.type == EventType.EXTERNAL and ev.fd == self._offloader.wake_fd:
+                self._offloader.run_finished()
+            elif ev.type == EventType.EXTERNAL and ev.fd == self._wakeup.fd:
+                self._wakeup.drain()        # the handler itself has run, in Python
+            else:
+                self._handle(ev)
+        if not self._stopping or self._finishing:
+            self._timers.run_due()
+
+    def serve_while(self, busy: Callable[[], bool], seconds: float) -> None:
+        """From teardown(): go on serving events (on_event, timers) while
+        busy() and for `seconds` at most, e.g. the last exchanges a daemon
+        owes before it closes (websocketd's close answers). A daemon stops
+        taking new work first (closes its listeners) so that none comes."""
+        deadline = time.monotonic() + seconds
+        self._finishing = True
+        try:
+            while busy():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                due = self._timers.timeout()
+                self._serve_once(left if due is None else min(left, due))
+        finally:
+            self._finishing = False
 
     def _handle(self, ev: Event) -> None:
         """on_event(ev), guarded: a fault with one client must not end the

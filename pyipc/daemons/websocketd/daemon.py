@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from http import HTTPStatus
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -138,33 +137,18 @@ class WebSocketd(Daemon):
         at most, for the clients' answers (RFC 6455 7.1.1: the TCP close comes
         after them; closed before, a client's answer meets a reset and a
         browser reports an unclean close); then the rest."""
+        # Nothing new: a client waiting in a listener's backlog would make
+        # every wait below return at once (a spinning CPU for CLOSE_TIMEOUT).
+        for sock in self.listeners.values():
+            self.ctx.close(sock.detach())
+        self.listeners.clear()
         for hs in list(self.handshakes.values()):
             self._drop(hs)
         for session in set(self.sessions.values()):
             session.going_away("websocketd is stopping")
-        self._wait_for_close_answers(time.monotonic() + CLOSE_TIMEOUT)
+        self.serve_while(lambda: bool(self.sessions or self.lingering), CLOSE_TIMEOUT)
         for session in set(self.sessions.values()):
             session.release()
-        for sock in self.listeners.values():
-            sock.detach()          # the context closes the fd
-
-    def _wait_for_close_answers(self, deadline: float) -> None:
-        """Serve the open WebSockets' events (their clients' close frames end
-        them) until none is left or the deadline; nothing new is accepted."""
-        while self.sessions or self.lingering:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            try:
-                events = self.ctx.wait_events(timeout=left)
-            except TimeoutError:
-                return
-            for ev in events:
-                if ev.type == EventType.DISCONNECTION:
-                    self._forget(ev.fd)
-                elif ev.type == EventType.EXTERNAL and ev.fd in self.lingering:
-                    if self.lingering[ev.fd][0].linger_read(ev.fd):
-                        self._unlinger(ev.fd)
 
     # ------------------------------------------------------------ handshake phase
 

@@ -159,18 +159,16 @@ def test_request_at_max_request_is_served_past_it_answered(ipcd, rundir):
 
 def test_bytes_of_requests_being_read_are_bounded(ipcd, rundir, monkeypatch):
     """MAX_BUFFERED bounds what ipcd holds of unfinished requests, all
-    clients together: at the bound they wait, one byte past it the client
-    that brought it is answered busy; the others are served."""
+    clients together: at the bound they wait, and a short request (up to
+    SMALL_REQUEST) is still served; one byte past it the client that brought
+    it is answered busy; the others are served."""
     import select
     import pyipc.daemons.ipcd as ipcd_module
     monkeypatch.setattr(ipcd_module, "MAX_BUFFERED", 300_000)
     request = b"zz;" + b"x" * 249_997                   # no rule for zz: ne norule
 
-    def held() -> int:          # read from this thread while ipcd's changes it
-        try:
-            return ipcd._buffered()
-        except RuntimeError:    # "dictionary changed size during iteration"
-            return -1
+    def held() -> int:
+        return ipcd._held
     a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:
@@ -181,6 +179,8 @@ def test_bytes_of_requests_being_read_are_bounded(ipcd, rundir, monkeypatch):
         b.sendall(frame(request)[:4 + 99_992])
         spin_until(lambda: held() == 300_000)             # at the bound
         assert select.select([a, b], [], [], 0)[0] == []   # both wait
+        with ask_raw(rundir, b"zz;") as small:              # a short request is served
+            assert raw_answer(small)[0].startswith(b"ne norule")
         b.sendall(b"x")                                    # one byte past it
         assert raw_answer(b)[0] == (b"ne busy ipcd holds 300001 bytes of requests "
                                     b"being read, at most 300000")
@@ -412,6 +412,26 @@ def test_a_client_that_ends_its_sending_side_still_gets_its_answer(ipcd, rundir)
                 assert raw_answer(later)[0].startswith(b"ne norule")
             fake.release.set()
             assert raw_answer(half) == (b"ne unreachable far away", None)
+    finally:
+        fake.release.set()
+        fake.close()
+
+
+def test_a_client_that_left_frees_its_request_slot(backend, rundir):
+    """A client that closed its socket (not a half-close) while its request
+    waited for a scheme daemon: its slot of max_requests is free at once
+    (it was held until the request timeout, answering others busy)."""
+    fake = FakeScheme(rundir, "fake", lambda conn, uri: fake.release.wait(10))
+    try:
+        with running(Ipcd(rundir=rundir, backend=backend, request_timeout=5,
+                          max_requests=1)):
+            with ask_raw(rundir, b"p;p fake://h:1/p"):
+                fake.wait_requests(1)
+            # A barrier: once a later client is answered, the close was seen.
+            with ask_raw(rundir, b"zz;") as later:
+                assert raw_answer(later)[0].startswith(b"ne norule")
+            with ask_raw(rundir, b"p;p fake://h:1/p"):
+                fake.wait_requests(1)               # asked too, not answered busy
     finally:
         fake.release.set()
         fake.close()

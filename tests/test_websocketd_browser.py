@@ -210,6 +210,36 @@ CLIENT_EDGES = """async () => {
 }"""
 
 
+THROWING_HANDLER = """async () => {
+  const conn = await pyipc.connect("echo");
+  for (const m of ["a", "b", "c"]) conn.send(m);
+  await new Promise((resolve) => { const t = () => conn.received.length === 3 ?
+      resolve() : setTimeout(t, 5); t(); });
+  const seen = [];
+  try {
+    conn.onmessage = (bytes) => {
+      const text = new TextDecoder().decode(bytes);
+      if (text === "a") throw new Error("a careless handler");
+      seen.push(text);
+    };
+  } catch (e) { seen.push("threw"); }
+  conn.send("d");
+  const end = Date.now() + 5000;       // what came by then (a stranded one never does)
+  await new Promise((resolve) => { const t = () => seen.length === 4 || Date.now() > end ?
+      resolve() : setTimeout(t, 5); t(); });
+  await conn.close();
+  return seen;
+}"""
+
+
+def test_browser_messages_stay_in_order_after_a_handler_threw(site, service):
+    """A handler that throws while the buffered messages are handed to it:
+    the rest stay buffered and come before later ones (a later message
+    overtook them, and they were stranded)."""
+    service()
+    assert site.page().evaluate(THROWING_HANDLER) == ["threw", "b", "c", "d"]
+
+
 def test_browser_client_edges(site, service):
     """pyipc.js: connect() keeps a query; setting onmessage hands it what was
     buffered (it stayed in the buffer); a waiting recv() is served first (it

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import socket
 import sys
 from typing import Any, Dict, Optional
@@ -50,6 +51,10 @@ MAX_REQUEST = 256 * 1024
 #: answered `ne busy`. Without it, clients that each send most of a long
 #: request and wait held MAX_REQUEST each, up to the fd limit.
 MAX_BUFFERED = 32 * 1024 * 1024
+#: Requests up to this many bytes are never refused by MAX_BUFFERED (ipcd
+#: reads them in two reads, header and body): only longer ones hold memory
+#: for long, and a client with a short request is served whatever the rest do.
+SMALL_REQUEST = 64 * 1024
 #: Reads per event at most of what a refused client still sends (dropped at
 #: once, _sockets.DROP_CHUNK bytes each; the loop serves the others in between).
 DRAIN_READS = 16
@@ -109,6 +114,7 @@ class Ipcd(Daemon):
         self.max_requests = max_requests
         self._requests: Dict[int, _Request] = {}     # by client fd
         self._asking: Dict[int, _Request] = {}       # by scheme daemon fd
+        self._held = 0          # bytes of requests being read, all clients (MAX_BUFFERED)
         self._listener: Optional[socket.socket] = None   # ours, or systemd's
         self._socket_path: Optional[str] = None          # ours: removed at the end
         self._lock_fd = -1                               # ours: held while serving
@@ -224,8 +230,11 @@ class Ipcd(Daemon):
             except OSError:
                 more = b""
             if not more:
+                if _closed_by_peer(request.client):
+                    return self._end(request)         # it left: its slot is free
                 return self.ctx.pause_reading(request.client, True)
             return self._refuse_and_drain(request, "bytes after a request")
+        before = len(reader.data)
         try:
             payload = reader.read(request.client)
         except wire.FrameTooLarge as e:
@@ -237,20 +246,25 @@ class Ipcd(Daemon):
             if not reader.data:
                 return self._end(request)             # left without asking
             return self._refuse(request, wire.BADREQUEST, str(e))
+        finally:
+            self._held += len(reader.data) - before
         if payload is None:                           # more to come
-            held = self._buffered()
-            if held > MAX_BUFFERED:
-                self._refuse_and_drain(request, f"ipcd holds {held} bytes of requests "
-                                       f"being read, at most {MAX_BUFFERED}", wire.BUSY)
+            if len(reader.data) > SMALL_REQUEST and self._held > MAX_BUFFERED:
+                self._refuse_and_drain(request, f"ipcd holds {self._held} bytes of "
+                                       f"requests being read, at most {MAX_BUFFERED}",
+                                       wire.BUSY)
             return
-        reader.close()                                # fds sent with it: not ours
-        request.request = None
+        self._drop_request_reader(request)            # fds sent with it: not ours
         self._on_request(request, payload)
 
-    def _buffered(self) -> int:
-        """Bytes of the requests being read, all clients together."""
-        return sum(len(r.request.data) for r in self._requests.values()
-                   if r.request is not None)
+    def _drop_request_reader(self, request: _Request) -> None:
+        """The request is read (or refused, or ended): its bytes no longer
+        count toward MAX_BUFFERED, its reader is closed."""
+        reader = request.request
+        if reader is not None:
+            self._held -= len(reader.data)
+            reader.close()
+            request.request = None
 
     def _refuse_and_drain(self, request: _Request, text: str,
                           code: str = wire.BADREQUEST) -> None:
@@ -267,8 +281,8 @@ class Ipcd(Daemon):
             return self._end(request)                 # the client is gone already
         finally:
             sock.detach()                             # the context owns the fd
+        self._drop_request_reader(request)
         request.close_readers()
-        request.request = None
         self._stop_asking(request)
         request.draining = True
         self._drain(request)
@@ -409,6 +423,7 @@ class Ipcd(Daemon):
         """Forget the request: its timer, the scheme daemon's socket, the client."""
         del self._requests[request.client]
         self.cancel(request.deadline)
+        self._drop_request_reader(request)
         request.close_readers()
         self._stop_asking(request)
         self.ctx.close(request.client)
@@ -451,3 +466,12 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     daemon.run()
     return 0
+
+
+def _closed_by_peer(fd: int) -> bool:
+    """Whether the client at fd closed its socket (POLLHUP), rather than
+    only its sending side (a half-close, EOF without POLLHUP): one that left
+    frees its request at once; a half-closed one waits for its answer."""
+    poll = select.poll()
+    poll.register(fd, 0)                # POLLHUP is always reported
+    return any(mask & select.POLLHUP for _, mask in poll.poll(0))

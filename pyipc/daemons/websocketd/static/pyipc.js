@@ -123,8 +123,13 @@
       // websocketd sends binary only; a text message (another server) is UTF-8.
       const bytes = typeof data === "string" ? encoder.encode(data) : new Uint8Array(data);
       if (this.waiters.length) this.waiters.shift().resolve(bytes);
-      else if (this._onmessage) this._onmessage(bytes);
-      else this.received.push(bytes);
+      else if (this._onmessage && !this.received.length) this._onmessage(bytes);
+      else {
+        // Behind messages still buffered (a handler that threw while they
+        // were handed over): in order, after them.
+        this.received.push(bytes);
+        if (this._onmessage) this.onmessage = this._onmessage;
+      }
     }
 
     // One message: a string goes as a text message (the service gets its

@@ -478,3 +478,39 @@ def test_handlers_raising_while_data_streams_in_never_corrupt_it(backend, rundir
     assert got, "no message arrived"
     writer.wait(timeout=30)
     server.close_all()
+
+
+def test_pure_a_signal_as_the_readiness_pipe_is_raised_loses_nothing(rundir, monkeypatch):
+    """Once fileno() was asked for, pure's event queue raises a pipe when it
+    holds events (a Python step after the events are queued). A handler
+    raising there must not mark the connection's stream as broken: its
+    events were queued (the next message gave a false FRAMING_LOST). White-box:
+    pure only (native has no Python step there)."""
+    from pyipc._pure import readiness
+    ctx = pyipc.Context(rundir=rundir, backend="pure")
+    a, b = __import__("socket").socketpair()
+    fd = a.detach()
+    ctx.add_connection(fd)
+    ctx.fileno()
+    fire = [False]
+    real = readiness.Readiness.set_pending
+
+    def set_pending(self, yes):
+        if fire[0] and yes:
+            fire[0] = False
+            raise Boom()                     # a signal's handler raising right here
+        return real(self, yes)
+    monkeypatch.setattr(readiness.Readiness, "set_pending", set_pending)
+    try:
+        b.sendall(frame(b"one") + frame(b"two"))
+        fire[0] = True
+        got: list[bytes] = []
+        with pytest.raises(Boom):
+            got += [e.message for e in ctx.wait_events(timeout=10)]
+        got += [e.message for e in ctx.wait_events(timeout=10)]
+        b.sendall(frame(b"three"))
+        got += [e.message for e in ctx.wait_events(timeout=10)]
+        assert got == [b"one", b"two", b"three"]
+    finally:
+        b.close()
+        ctx.close_all()

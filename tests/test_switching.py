@@ -543,3 +543,49 @@ def test_arguments_are_checked_before_the_fds_are_looked_up(ctx_factory, call):
     svc = ctx.service_init("svc")
     with pytest.raises(TypeError):
         call(ctx, svc)
+
+
+def test_an_on_in_that_closes_its_fd_while_drained_ends_once(ctx_factory):
+    """A write to a switched fd fails (its peer is gone): its on_in reads what
+    is left and, at the end, closes the fd itself. The close lingers, and the
+    linger flushed the failed queue again, which drained again, which closed
+    again... (pure: RecursionError; native: memory without end). Once."""
+    ctx = ctx_factory(linger=1.0)
+    x1, x2 = socket.socketpair()
+    y1, y2 = socket.socketpair()
+    a, b = x1.detach(), y1.detach()
+    ctx.add_connection(a)
+    ctx.add_connection(b)
+    ctx.add_switch(a, b)
+    calls: list[bytes] = []
+
+    def on_in(fd: int):
+        try:
+            data = os.read(fd, 3)
+        except BlockingIOError:
+            return CBEvent.IGNORE, None
+        calls.append(data)
+        if not data:
+            ctx.close(fd)
+            return CBEvent.NO_ERROR, b"after close"
+        return CBEvent.NO_ERROR, data
+
+    ctx.set_switch_callbacks(a, on_in, None)
+    ctx.pause_reading(a)                # read by the drain only
+    x2.sendall(b"hello world")
+    x2.close()
+    y2.sendall(frame(b"hi"))            # forwarded to a: its write fails (EPIPE)
+    want = frame(b"hel") + frame(b"lo ") + frame(b"wor") + frame(b"ld")
+    got = b""
+    tick = deadline()
+    while len(got) < len(want):
+        tick()
+        ctx.timer = 0
+        ctx.wait_events()
+        try:
+            got += y2.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+    assert calls == [b"hel", b"lo ", b"wor", b"ld", b""]
+    assert got.startswith(want)
+    y2.close()

@@ -347,6 +347,20 @@ def test_connect_through_an_ipcd_with_a_full_backlog_times_out(ctx_factory, rund
     assert ctx.wait_events(timeout=0) == []     # nothing left behind
 
 
+def test_connect_through_an_ipcd_that_does_not_read_a_long_request_times_out(
+        ctx_factory, rundir, monkeypatch):
+    """The timeout bounds the whole exchange: a request too long for the
+    socket to an ipcd that never reads it timed out after the write's own
+    timeout, then the close lingered a second more (1.5 s for 0.5)."""
+    monkeypatch.setenv("IPC_NETWORK", "x unix://y;" * 200_000 + "pong unix://pong")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(os.path.join(rundir, "ipc"))
+        listener.listen(1)                  # connected in the backlog, never read
+        ctx = ctx_factory()
+        times_out(lambda: ctx.connect("pong", timeout=0.3), 0.3,
+                  "connect to service pong timed out")
+
+
 def test_signals_while_ipcd_backlog_is_full_do_not_end_the_wait(ctx_factory, rundir,
                                                                  monkeypatch):
     """A signal interrupts the kernel's connect(); connect() goes on waiting

@@ -46,6 +46,9 @@ pub const Conn = struct {
     /// it would stay readable and each pass of the linger's loop would
     /// report it again at once (a spinning CPU, an EXTERNAL per pass).
     muted: bool = false,
+    /// Its `in` callback is being called to the end after a failed write
+    /// (switching.drainIn): not started again from inside.
+    draining: bool = false,
     /// What the poller watches it for.
     registered: Interest = .{},
     /// Position in the context's list of fds with queued frames, or null.

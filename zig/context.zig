@@ -442,7 +442,9 @@ pub const Context = struct {
     }
 
     pub fn markDirty(self: *Context, conn: *Conn) Allocator.Error!void {
-        if (conn.dirty_pos != null) return;
+        // A write already failed (EPIPE): its queue can only be dropped with
+        // it; flushing it again would fail again (and drain again).
+        if (conn.dirty_pos != null or conn.write_closed) return;
         try self.dirty.append(self.gpa, conn);
         conn.dirty_pos = @intCast(self.dirty.items.len - 1);
     }
@@ -1202,6 +1204,7 @@ pub const Context = struct {
             .failed => |e| {
                 if (e == .PIPE or e == .CONNRESET) {
                     conn.write_closed = true;
+                    self.unmarkDirty(conn); // nothing more to write (see markDirty)
                     // What the peer sent before it went is read to the end
                     // (a closing side's input has nowhere to go): pyipc
                     // frames all at once, with no budget since nothing
@@ -1968,9 +1971,10 @@ pub const Context = struct {
     fn hasScheduled(self: *Context, fd: i32) bool {
         if (fd < 0) return self.dirty.items.len > 0;
         const conn = self.table.get(fd) orelse return false;
-        if (!conn.queue.isEmpty()) return true;
+        // A queue whose write failed (EPIPE) is never sent: nothing to wait for.
+        if (!conn.queue.isEmpty() and !conn.write_closed) return true;
         const peer = conn.peer orelse return false;
-        return !peer.queue.isEmpty();
+        return !peer.queue.isEmpty() and !peer.write_closed;
     }
 
     /// The fds with scheduled messages still queued, and how many each has

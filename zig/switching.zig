@@ -141,6 +141,10 @@ pub fn switchIn(ctx: *Context, conn: *Conn) Allocator.Error!void {
 /// dropped. Called while it hands out messages, max_drain_calls at most.
 pub fn drainIn(ctx: *Context, conn: *Conn) Allocator.Error!void {
     const cb = conn.cb_in orelse return;
+    // Not inside itself (its callback may close or linger, which flushes).
+    if (conn.draining) return;
+    conn.draining = true;
+    defer conn.draining = false;
     for (0..max_drain_calls) |_| {
         if (!stillSwitched(conn)) return;
         if (!isForwarded(try callIn(ctx, conn, cb))) return;

@@ -29,7 +29,8 @@ class Conn:
 
     __slots__ = ("fd", "io", "kind", "index", "alive", "decoder", "queue", "sent",
                  "queued_bytes", "write_closed", "closing", "peer", "on_in", "on_out",
-                 "mask", "path", "lock_fd", "more_round", "read_paused", "muted")
+                 "mask", "path", "lock_fd", "more_round", "read_paused", "muted",
+                 "draining")
 
     def __init__(self, fd: int, io: socket.socket, kind: str, limit: int) -> None:
         self.fd = fd
@@ -61,6 +62,9 @@ class Conn:
         # it would stay readable and each pass of the linger's loop would
         # report it again at once (a spinning CPU, an EXTERNAL per pass).
         self.muted = False
+        # Its on_in is being called to the end after a failed write
+        # (Switching._drain_in): not started again from inside.
+        self.draining = False
 
 
 def close_io(io: socket.socket) -> None:

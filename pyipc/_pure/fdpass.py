@@ -55,11 +55,13 @@ def ask_ipcd(ctx: "Context", name: str, network: str, timeout: Optional[float]) 
     _rundir.service_path(ctx.rundir, name)
     deadline = None if timeout is None else time.monotonic() + timeout
     ipcd = adopt_connection(ctx, _connect_to_ipcd(ctx.rundir, name, deadline))
+
+    def left() -> Optional[float]:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
-        ctx.write(ipcd, f"{name};{network}", timeout)
+        ctx.write(ipcd, f"{name};{network}", left())
         # An ipcd that accepted but does not answer must not hang us.
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not wait_fd(ipcd, select.POLLIN, left):
+        if not wait_fd(ipcd, select.POLLIN, left()):
             raise TimeoutError(f"connect to service {name} timed out")
         ipcd_sock = socket.socket(fileno=ipcd)
         try:
@@ -72,7 +74,9 @@ def ask_ipcd(ctx: "Context", name: str, network: str, timeout: Optional[float]) 
     except OSError:
         answer, fds = b"", []
     finally:
-        ctx.close(ipcd)
+        # At once: what is left of a request that timed out is not for
+        # anyone (the context's linger would wait for it past the timeout).
+        ctx.close(ipcd, linger=0)
     sock = _connected_stream(take_ipcd_answer(name, answer, fds))
     if sock is None:
         raise IPCError("ipcd sent a file descriptor that is not a connected "

@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import select
 import socket
+from collections import deque
 from typing import TYPE_CHECKING, Iterable, Optional, Tuple
 
 from .._checks import (Bytes, as_payload_list, check_max_messages, closed_by_peer,
                        too_large_text, writable_view)
+from .._events import EventQueue
 from .._types import Buffer, Payload
 from .._types import (DEFAULT_READ_MANY, READ_MANY_BYTES, Event, EventType, IPCError,
                       MessageTooLargeError)
@@ -18,7 +20,7 @@ from .blocking import Blocking, Woken, recv_exactly
 from .conn_table import CONNECTION, Conn
 from .framing import DIRECT_READ_MIN, HEADER, FrameTooLarge, encode
 from .send_queue import advance
-from .syscalls import DONTWAIT, SEND_NOW, os_error, sending
+from .syscalls import DONTWAIT, SEND_NOW, RawFd, os_error, sending
 
 if TYPE_CHECKING:
     from .state import PureState
@@ -110,6 +112,8 @@ class Writing:
             raise
 
 
+#: deque.extend itself (C): what _settle calls with no Python step.
+_deque_extend = deque.extend
 #: The ERROR of a connection whose stream lost bytes to a signal handler's
 #: exception raised between their read and their delivery (pure only: the
 #: core takes no Python step there); the read that finds it raises it.
@@ -263,9 +267,13 @@ class Reading:
     def _settle(self: PureState, conn: Conn, events: list[Event]) -> None:
         """Queue the events of messages decoded from conn, marked settled with
         no call in between (a signal's exception lands before both or after)."""
-        decoder = conn.decoder
-        for _ in map(self._pending.extend, (events,)):
+        decoder, pending = conn.decoder, self._pending
+        # deque's own extend, in C: the queue fileno() made overrides it in
+        # Python (then its readiness pipe is raised after).
+        for _ in map(_deque_extend, (pending,), (events,)):
             decoder.unsettled = False
+        if type(pending) is not EventQueue:
+            pending.extend(())              # PendingQueue: the pipe follows the queue
 
     def _check_settled(self: PureState, conn: Conn) -> None:
         """A read of conn was stopped by a signal's exception between taking
@@ -291,12 +299,12 @@ class Reading:
         error: Optional[str] = None
         if spin.poll_first and type(conn.io) is socket.socket:     # a RawFd never waits
             spin.idle(fd)
-        decoder, recv_into, view = conn.decoder, conn.io.recv_into, self._scratch_view
+        decoder, io, view = conn.decoder, conn.io, self._scratch_view
         n = 0
         while not msgs and error is None:
             try:
-                # Taken and marked with no call in between (see _taking).
-                for n in map(recv_into, (view,), (0,), (spin.flags(),)):
+                # Taken and marked with no call in between (see taking).
+                for n in taking(io, view, spin.flags()):
                     decoder.unsettled = True
             except (BlockingIOError, InterruptedError):
                 spin.idle(fd)
@@ -331,11 +339,11 @@ class Reading:
         error: Optional[str] = None
         ended = False
         view, total = self._scratch_view, 0
-        decoder, recv_into, n = conn.decoder, conn.io.recv_into, 0
+        decoder, io, n = conn.decoder, conn.io, 0
         while total < budget:
             try:
-                # Taken and marked with no call in between (see _check_settled).
-                for n in map(recv_into, (view,), (0,), (DONTWAIT,)):
+                # Taken and marked with no call in between (see taking).
+                for n in taking(io, view, DONTWAIT):
                     decoder.unsettled = True
             except BlockingIOError:
                 break
@@ -386,3 +394,13 @@ def _fitting(msgs: list[bytes], room: int) -> int:
             break
         count += 1
     return count
+
+
+def taking(io: "socket.socket | RawFd", view: memoryview, flags: int) -> "map[int]":
+    """One read into `view`, made when the result is iterated (see
+    syscalls.sending): `for n in taking(...)`, so that no Python step comes
+    between the bytes taken and their count. A RawFd (a pipe switched in) is
+    read with os.readv itself: its recv_into is a Python method."""
+    if type(io) is socket.socket:
+        return map(io.recv_into, (view,), (0,), (flags,))
+    return map(os.readv, (io.fileno(),), ([view],))

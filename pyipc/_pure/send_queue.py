@@ -82,7 +82,9 @@ class SendQueue:
         size = len(frame)
         conn.queued_bytes += size           # no call in between (see schedule)
         conn.queue.append((frame, kind))
-        if conn not in self._dirty:
+        # A write already failed (EPIPE): the queue goes with the connection;
+        # flushed again it would fail again (and drain again).
+        if conn not in self._dirty and not conn.write_closed:
             self._dirty[conn] = None
             self._set_interest(conn)
 
@@ -151,6 +153,7 @@ class SendQueue:
             self._send_queued(conn)
         except (BrokenPipeError, ConnectionResetError):
             conn.write_closed = True
+            self._dirty.pop(conn, None)     # nothing more to write (see _enqueue)
             # What the peer sent before it went is read to the end (a closing
             # side's input has nowhere to go): pyipc frames all at once (no
             # budget: nothing follows them), a foreign protocol's by its

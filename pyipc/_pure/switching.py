@@ -136,9 +136,15 @@ class Switching:
         what is left and meets the end itself (a foreign protocol's end may
         call for words of its own: websocketd's close frame) before conn is
         dropped; called while it hands out messages, MAX_DRAIN_CALLS at most."""
-        for _ in range(MAX_DRAIN_CALLS):
-            if not self._still_switched(conn) or self._call_in(conn) not in _FORWARDED:
-                return
+        if conn.draining:                   # not inside itself (its on_in may close)
+            return
+        conn.draining = True
+        try:
+            for _ in range(MAX_DRAIN_CALLS):
+                if not self._still_switched(conn) or self._call_in(conn) not in _FORWARDED:
+                    return
+        finally:
+            conn.draining = False
 
     def _call_in(self: PureState, conn: Conn) -> CBEvent:
         """One on_in call and what its result does; the result, or IGNORE

@@ -262,3 +262,41 @@ def test_a_readable_external_fd_is_reported_once_during_a_linger(ctx_factory, ru
         peer.close()
     finally:
         os.close(w)
+
+
+def test_pure_a_linger_ends_when_its_last_bytes_go_out(rundir, monkeypatch):
+    """The linger flushes, finds bytes left, and waits for room. Pure's
+    round flushed once more before that wait: when the peer had read in
+    between, that flush sent the rest and the wait then lasted its whole
+    timeout for nothing (a close(linger=30) held 30 s; seen as a websocketd
+    test that timed out once in a loaded run). White-box, pure only: the peer
+    reads exactly between the linger's flush and the round."""
+    server = pyipc.Context(rundir=rundir, backend="pure", linger=30)
+    try:
+        server.service_init("svc")
+        peer = raw_connect(rundir, "svc")
+        fd = accept(server)
+        flushes = 0
+        real = type(server)._flush_dirty
+
+        def flush_then_peer_reads(self) -> None:
+            nonlocal flushes
+            real(self)
+            flushes += 1
+            if flushes == 1:                  # the linger's own flush: the peer reads
+                peer.setblocking(False)
+                try:
+                    while peer.recv(1 << 20):
+                        pass
+                except BlockingIOError:
+                    pass
+        monkeypatch.setattr(type(server), "_flush_dirty", flush_then_peer_reads)
+        for _ in range(6):                    # 384 KiB: more than one socket buffer
+            server.schedule(fd, bytes(FILL_SIZE))
+        start = time.monotonic()
+        server.close(fd)
+        took = time.monotonic() - start
+        assert took < 5, f"close lingered {took:.1f} s after its last byte"
+        peer.close()
+    finally:
+        server.close_all()

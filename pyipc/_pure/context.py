@@ -241,9 +241,13 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
     def _round(self, timeout: Optional[float], wait: bool = False) -> None:
         """Flush every queue without blocking, wait up to `timeout` seconds
         (None: forever; not at all when the flush brought events, unless
-        `wait`: the linger) for readiness, then handle every ready fd."""
+        `wait`: the linger) for readiness, then handle every ready fd. The
+        linger (`wait`) flushes and checks what is left itself right before:
+        a flush here could send the rest and then wait its whole timeout
+        for nothing (a close(linger=30) held for 30 s, as native's is not)."""
         self._round_no += 1
-        self._flush_dirty()
+        if not wait:
+            self._flush_dirty()
         if (self._pending or (self._more and self._more_ready())) and not wait:
             timeout = 0
         woken = False

@@ -1369,7 +1369,14 @@ pub const Context = struct {
             self.limits.max_message_size,
             sink,
         ) catch |err| return switch (err) {
-            error.OutOfMemory => error.OutOfMemory,
+            error.OutOfMemory => {
+                // Bytes of this read are lost (a frame that could not be
+                // queued, the rest of the read): kept, the connection would
+                // decode what follows as if nothing were missing. It ends,
+                // said if memory allows; the call fails with OutOfMemory.
+                self.drop(conn, "out of memory: messages of this connection were lost") catch {};
+                return error.OutOfMemory;
+            },
             error.Stopped => .stopped,
             error.FrameTooLarge => .too_large,
         };

@@ -1133,3 +1133,34 @@ test "linger: a readable external fd is reported once, then watched again after 
     const conn = ctx.table.get(pipe[0]).?;
     try testing.expect(!conn.muted and conn.registered.read);
 }
+
+test "out of memory while a read is decoded: the connection ends, no hole in its stream" {
+    var failing = std.testing.FailingAllocator.init(gpa, .{});
+    const ctx = try Context.create(failing.allocator());
+    defer ctx.destroy();
+    var pair: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    defer sys.closeFd(pair[1]);
+    try ctx.addConnection(pair[0]);
+    // A first message through: the buffers every read uses are there.
+    const warm = framing.encodeHeader(4) ++ "warm".*;
+    try testing.expectEqual(@as(isize, warm.len), c.write(pair[1], &warm, warm.len));
+    try expectOnly(ctx, .message_rx, pair[0], "warm");
+    // Four messages of 30,000 bytes in one read: more than one chunk of the
+    // event queue holds, so queuing them needs memory.
+    var frames: [4 * (4 + 30_000)]u8 = undefined;
+    for (0..4) |i| {
+        const at = i * (4 + 30_000);
+        frames[at..][0..4].* = framing.encodeHeader(30_000);
+        @memset(frames[at + 4 ..][0..30_000], 'a' + @as(u8, @intCast(i)));
+    }
+    try testing.expectEqual(@as(isize, frames.len), c.write(pair[1], &frames, frames.len));
+    // Every allocation from here fails: the decoded messages cannot be queued.
+    failing.fail_index = failing.alloc_index;
+    const result = ctx.wait(false);
+    failing.fail_index = std.math.maxInt(usize);
+    try testing.expectError(error.OutOfMemory, result);
+    // Kept, the connection would decode what comes next after a hole (the
+    // frames of that read were lost): it is ended instead.
+    try testing.expect(ctx.table.get(pair[0]) == null);
+}

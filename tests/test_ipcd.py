@@ -181,6 +181,20 @@ def test_bytes_of_requests_being_read_are_bounded(ipcd, rundir, monkeypatch):
         assert select.select([a, b], [], [], 0)[0] == []   # both wait
         with ask_raw(rundir, b"zz;") as small:              # a short request is served
             assert raw_answer(small)[0].startswith(b"ne norule")
+        # SMALL_REQUEST: a request announced at it is never refused for the
+        # bound (sent in two parts, it waits for its rest), one byte more is.
+        at_small = b"zz;" + b"y" * (ipcd_module.SMALL_REQUEST - 3)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as edge:
+            edge.connect(os.path.join(rundir, "ipc"))
+            edge.sendall(frame(at_small)[:1000])
+            with ask_raw(rundir, b"zz;") as later:          # a barrier: its part was read
+                assert raw_answer(later)[0].startswith(b"ne norule")
+            edge.sendall(frame(at_small)[1000:])
+            assert raw_answer(edge)[0].startswith(b"ne norule")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as past:
+            past.connect(os.path.join(rundir, "ipc"))
+            past.sendall(frame(at_small + b"y")[:1000])
+            assert raw_answer(past)[0].startswith(b"ne busy ipcd holds")
         b.sendall(b"x")                                    # one byte past it
         assert raw_answer(b)[0] == (b"ne busy ipcd holds 300001 bytes of requests "
                                     b"being read, at most 300000")

@@ -51,9 +51,10 @@ MAX_REQUEST = 256 * 1024
 #: answered `ne busy`. Without it, clients that each send most of a long
 #: request and wait held MAX_REQUEST each, up to the fd limit.
 MAX_BUFFERED = 32 * 1024 * 1024
-#: Requests up to this many bytes are never refused by MAX_BUFFERED (ipcd
-#: reads them in two reads, header and body): only longer ones hold memory
-#: for long, and a client with a short request is served whatever the rest do.
+#: Requests announced at up to this many bytes are never refused by
+#: MAX_BUFFERED (ipcd reads them in two reads, header and body): only longer
+#: ones hold memory for long, and a client with a short request is served
+#: whatever the rest do.
 SMALL_REQUEST = 64 * 1024
 #: Reads per event at most of what a refused client still sends (dropped at
 #: once, _sockets.DROP_CHUNK bytes each; the loop serves the others in between).
@@ -249,7 +250,7 @@ class Ipcd(Daemon):
         finally:
             self._held += len(reader.data) - before
         if payload is None:                           # more to come
-            if len(reader.data) > SMALL_REQUEST and self._held > MAX_BUFFERED:
+            if _announced(reader.data) > SMALL_REQUEST and self._held > MAX_BUFFERED:
                 self._refuse_and_drain(request, f"ipcd holds {self._held} bytes of "
                                        f"requests being read, at most {MAX_BUFFERED}",
                                        wire.BUSY)
@@ -466,6 +467,11 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     daemon.run()
     return 0
+
+
+def _announced(data: bytearray) -> int:
+    """The size a request's header announces (0 while the header is not whole)."""
+    return int.from_bytes(data[:4], "big") if len(data) >= 4 else 0
 
 
 def _closed_by_peer(fd: int) -> bool:

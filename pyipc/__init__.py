@@ -18,7 +18,8 @@ from ._backend import available as available_backends
 from ._context import Context
 from ._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                      DEFAULT_MAX_QUEUE_SIZE, DEFAULT_READ_MANY, DEFAULT_RUNDIR,
-                     MAX_BUSY_POLL, MAX_MORE_PER_ROUND, MAX_READ_MANY, MAX_SWITCH_END_REASON,
+                     MAX_BUSY_POLL, MAX_DRAIN_CALLS, MAX_MORE_PER_ROUND, MAX_READ_MANY,
+                     MAX_SWITCH_END_REASON,
                      READ_MANY_BYTES, BackendError, CBEvent,
                      ConnectionClosedError, ConnectionLimitError, Event, EventType,
                      InvalidNameError, IPCError, MessageTooLargeError, NetworkError, QueueFullError,
@@ -43,7 +44,7 @@ __all__ = [
     "UnknownFdError", "ConnectionLimitError", "BackendError", "NetworkError",
     "DEFAULT_LINGER", "DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_MAX_QUEUE_SIZE", "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_RUNDIR", "DEFAULT_READ_MANY", "MAX_READ_MANY", "MAX_BUSY_POLL", "READ_MANY_BYTES",
-    "MAX_MORE_PER_ROUND", "MAX_SWITCH_END_REASON",
+    "MAX_MORE_PER_ROUND", "MAX_DRAIN_CALLS", "MAX_SWITCH_END_REASON",
     "Registry", "TypedMessageError", "InvalidTypeNumberError", "DuplicateTypeError",
     "DuplicateClassError", "NotAMessageClassError", "UnregisteredClassError",
     "UnencodableValueError", "UnknownTypeError", "UnexpectedTypeError", "CorruptMessageError",

@@ -589,3 +589,33 @@ def test_an_on_in_that_closes_its_fd_while_drained_ends_once(ctx_factory):
     assert calls == [b"hel", b"lo ", b"wor", b"ld", b""]
     assert got.startswith(want)
     y2.close()
+
+
+def test_the_drain_after_a_failed_write_is_bounded(ctx_factory):
+    """MAX_DRAIN_CALLS: an on_in that hands out messages for ever without
+    reading is called that many times after its fd's write failed, not more
+    (the loop would never end), then the fd ends as any other."""
+    ctx = ctx_factory(linger=0)
+    x1, x2 = socket.socketpair()
+    y1, y2 = socket.socketpair()
+    a, b = x1.detach(), y1.detach()
+    ctx.add_connection(a)
+    ctx.add_connection(b)
+    ctx.add_switch(a, b)
+    ctx.switch_events = False
+    calls = [0]
+
+    def on_in(fd: int):
+        calls[0] += 1
+        return CBEvent.NO_ERROR, b""
+
+    ctx.set_switch_callbacks(a, on_in, None)
+    ctx.pause_reading(a)                # called by the drain only
+    ctx.pause_reading(b)
+    x2.close()
+    ctx.pause_reading(b, False)
+    y2.sendall(frame(b"hi"))            # forwarded to a: its write fails (EPIPE)
+    collect(ctx, lambda evs: any(e.type == EventType.DISCONNECTION and e.fd == a
+                                 for e in evs))
+    assert calls[0] == pyipc.MAX_DRAIN_CALLS
+    y2.close()

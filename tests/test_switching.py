@@ -545,18 +545,25 @@ def test_arguments_are_checked_before_the_fds_are_looked_up(ctx_factory, call):
         call(ctx, svc)
 
 
-def test_an_on_in_that_closes_its_fd_while_drained_ends_once(ctx_factory):
-    """A write to a switched fd fails (its peer is gone): its on_in reads what
-    is left and, at the end, closes the fd itself. The close lingers, and the
-    linger flushed the failed queue again, which drained again, which closed
-    again... (pure: RecursionError; native: memory without end). Once."""
-    ctx = ctx_factory(linger=1.0)
+def _switched_socketpairs(ctx):
+    """Two socket pairs, one end of each a connection of ctx, those two
+    switched: (a, a's other end, b, b's other end)."""
     x1, x2 = socket.socketpair()
     y1, y2 = socket.socketpair()
     a, b = x1.detach(), y1.detach()
     ctx.add_connection(a)
     ctx.add_connection(b)
     ctx.add_switch(a, b)
+    return a, x2, b, y2
+
+
+def test_an_on_in_that_closes_its_fd_while_drained_ends_once(ctx_factory):
+    """A write to a switched fd fails (its peer is gone): its on_in reads what
+    is left and, at the end, closes the fd itself. The close lingers, and the
+    linger flushed the failed queue again, which drained again, which closed
+    again... (pure: RecursionError; native: memory without end). Once."""
+    ctx = ctx_factory(linger=1.0)
+    a, x2, b, y2 = _switched_socketpairs(ctx)
     calls: list[bytes] = []
 
     def on_in(fd: int):
@@ -596,12 +603,7 @@ def test_the_drain_after_a_failed_write_is_bounded(ctx_factory):
     reading is called that many times after its fd's write failed, not more
     (the loop would never end), then the fd ends as any other."""
     ctx = ctx_factory(linger=0)
-    x1, x2 = socket.socketpair()
-    y1, y2 = socket.socketpair()
-    a, b = x1.detach(), y1.detach()
-    ctx.add_connection(a)
-    ctx.add_connection(b)
-    ctx.add_switch(a, b)
+    a, x2, b, y2 = _switched_socketpairs(ctx)
     ctx.switch_events = False
     calls = [0]
 

@@ -621,3 +621,26 @@ def test_the_drain_after_a_failed_write_is_bounded(ctx_factory):
                                  for e in evs))
     assert calls[0] == pyipc.MAX_DRAIN_CALLS
     y2.close()
+
+
+def test_close_all_from_a_callback_ends_the_wait_that_ran_it(ctx_factory):
+    """A callback closes everything: the wait that ran it has nothing left to
+    wait for and says so at once (it waited its whole timeout, or for ever
+    without one)."""
+    import time
+    ctx = ctx_factory()
+    a, x2, b, y2 = _switched_socketpairs(ctx)
+
+    def on_in(fd: int):
+        os.read(fd, 100)
+        ctx.close_all()
+        return CBEvent.IGNORE, None
+
+    ctx.set_switch_callbacks(a, on_in, None)
+    x2.sendall(b"bye")
+    start = time.monotonic()
+    with pytest.raises(pyipc.IPCError, match="nothing to wait for: no fd and no timer"):
+        ctx.wait_events(timeout=5)
+    assert time.monotonic() - start < 2
+    x2.close()
+    y2.close()

@@ -1847,6 +1847,10 @@ pub const Context = struct {
             }
         }
         while (true) {
+            // Again each round: a callback may have called close_all (the
+            // poll would then wait for nothing, for ever without a timeout).
+            if (self.table.count() == 0 and self.timer_ms < 0)
+                return self.last.fail(error.Generic, "nothing to wait for: no fd and no timer", .{});
             const until = earliest(deadline, block.deadline_ns);
             const timeout: i32 = if (until) |d| msUntil(d) else -1;
             try self.round(timeout);

@@ -207,6 +207,10 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         if self._busy_poll and self._spin(until):
             return
         while True:
+            # Again each round: a callback may have called close_all() (the
+            # round would then wait for nothing, for ever without a timeout).
+            if not self._by_fd and self._timer is None:
+                raise IPCError("nothing to wait for: no fd and no timer")
             if until is None:
                 self._round(None)
             else:

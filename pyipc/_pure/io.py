@@ -181,9 +181,10 @@ class Reading:
 
     def _read_frame_into(self: PureState, conn: Conn, view: memoryview,
                          spin: Blocking) -> Optional[int]:
-        """The next frame of conn read into `view` when it is large and fits
-        (as native does): its size; else None, with the header bytes read
-        given to the decoder. The reads wait as `spin` says (poll())."""
+        """The next frame of conn read into `view` when it is large (or
+        empty) and fits (as native does): its size; else None, with the
+        header bytes read given to the decoder. The reads wait as `spin`
+        says (poll())."""
         self._check_settled(conn)
         had = conn.decoder.buffered()
         known = min(len(had), HEADER.size)
@@ -199,19 +200,19 @@ class Reading:
                 return self._direct_eof(conn)
             size: int
             (size,) = HEADER.unpack(header)
-            if size < DIRECT_READ_MIN or size > len(view) or size > self._max_message_size:
-                msgs: list[bytes] = []
-                try:
-                    conn.decoder.feed(memoryview(header)[known:], msgs)
-                except FrameTooLarge as e:
-                    self._drop(conn, None)
-                    raise MessageTooLargeError(str(e)) from None
-                # A header alone may be an empty message: it waits as an event
-                # (read_into reads fd even when it is switched: not forwarded).
-                self._pending.extend(Event(_RX, conn.fd, conn.index, m) for m in msgs)
+            if size > self._max_message_size:
+                self._drop(conn, None)
+                raise MessageTooLargeError(too_large_text(size, self._max_message_size))
+            if size > len(view) or 0 < size < DIRECT_READ_MIN:
+                # Not read here: the decoder gets the header back (it holds
+                # it already when it had more) and the caller reads on.
+                if len(had) < HEADER.size:
+                    conn.decoder.restore(bytes(header))
                 return None
-            got[1] = len(had) - HEADER.size if len(had) > HEADER.size else 0
-            view[:got[1]] = had[HEADER.size:]
+            # The payload bytes the decoder held move to `view`, counted, and
+            # only then is the decoder emptied (see _read_so_far).
+            view[:max(len(had) - HEADER.size, 0)] = had[HEADER.size:]
+            got[1] = max(len(had) - HEADER.size, 0)
             conn.decoder.discard()
             if not recv_exactly(sock, view, got, 1, size, spin):
                 return self._direct_eof(conn)
@@ -226,11 +227,11 @@ class Reading:
             # Ours (an IPCError is an OSError) or a signal handler's (no
             # errno), as raised; what was read is kept.
             if conn.alive:
-                conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
+                conn.decoder.restore(_read_so_far(conn, had, header, got, view))
             raise
         except BaseException:
             if conn.alive:
-                conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
+                conn.decoder.restore(_read_so_far(conn, had, header, got, view))
             raise
 
     def _direct_eof(self: PureState, conn: Conn) -> int:
@@ -383,6 +384,19 @@ class Reading:
                 return
             self._forward(conn, m)
         conn.decoder.unsettled = False
+
+
+def _read_so_far(conn: Conn, had: bytes, header: bytearray, got: list[int],
+                  view: memoryview) -> bytes:
+    """What a direct read stopped midway (a signal handler's exception) had
+    of its frame, for the decoder to hold again: while the decoder still
+    holds what it `had` (not yet emptied), that and the header bytes read
+    since; once emptied, the header and the payload counted in `view`. Right
+    at every step, so no byte is lost or doubled wherever the exception lands."""
+    known = min(len(had), HEADER.size)
+    if conn.decoder.partial:
+        return had + bytes(header[known:got[0]])
+    return bytes(header[:got[0]]) + bytes(view[:got[1]])
 
 
 def _fitting(msgs: list[bytes], room: int) -> int:

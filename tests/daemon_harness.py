@@ -11,6 +11,8 @@ import subprocess
 import threading
 from typing import Callable, Iterator, List, Optional
 
+import pytest
+
 import pyipc
 from pyipc.daemons import Daemon
 from conftest import frame
@@ -184,3 +186,23 @@ def raw_answer(sock: socket.socket, timeout: float = 10) -> tuple[bytes, Optiona
     for extra in fds[1:]:
         os.close(extra)
     return data, (fds[0] if fds else None)
+
+
+@contextlib.contextmanager
+def hung_lookups(monkeypatch: pytest.MonkeyPatch, host: str) -> Iterator[None]:
+    """Name lookups of `host` hang until the block ends, as with a resolver
+    that never answers (stood in for in this process: the daemon runs in a
+    thread of it); other names resolve as usual."""
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(name, *args, **kw):
+        if name == host:
+            release.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(name, *args, **kw)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        yield
+    finally:
+        release.set()

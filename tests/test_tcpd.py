@@ -25,7 +25,8 @@ from pyipc.daemons._sockets import default_per_host, peer_key
 from pyipc.daemons.tcpd import Tcpd, parse_uri
 
 from conftest import CHILD_ENV, spin_until, unavailable
-from daemon_harness import Pong, frame, read_exactly, read_frame, reap, running, stops_cleanly
+from daemon_harness import (Pong, frame, hung_lookups, read_exactly, read_frame, reap,
+                            running, stops_cleanly)
 
 
 @pytest.fixture
@@ -525,6 +526,33 @@ def test_dials_to_a_silent_host_do_not_hold_up_a_dial_to_another(backend, rundir
             finally:
                 for sock in hanging:
                     sock.close()
+
+
+def test_hung_name_lookups_of_one_host_leave_workers_for_others(backend, rundir,
+                                                                 monkeypatch):
+    """Lookups of one host hang. Each dial is answered at its deadline, but
+    its worker stays in the lookup (it cannot be stopped); past
+    --max-pending-per-host of those, dials to that host are refused `busy`
+    at once, so a dial to another host still finds a worker (with 4 workers,
+    four hung lookups made it wait out its timeout)."""
+    daemon = make_tcpd(backend, rundir, connect_timeout=1, max_pending_per_host=2)
+    daemon._offloader.max_workers = 4
+    with hung_lookups(monkeypatch, "hung.example"), \
+            socket.create_server(("127.0.0.1", 0)) as good, running(daemon):
+        answers = []
+        for _ in range(4):
+            with ask_tcpd(rundir, "tcp://hung.example:9000/svc") as sock:
+                answers.append(tcpd_answer(sock))
+        assert answers[:2] == [frame(b"ne timeout no answer from "
+                                     b"tcp://hung.example:9000/svc in 1 s")] * 2
+        assert answers[2:] == [frame(b"ne busy tcpd has 2 dials to hung.example in "
+                                     b"progress (--max-pending-per-host)")] * 2
+        with ask_tcpd(rundir, f"tcp://127.0.0.1:{good.getsockname()[1]}/svc") as ipcd:
+            conn, _ = good.accept()
+            with conn:
+                assert read_exactly(conn, 4) == b"svc\n"
+                conn.sendall(b"ok")
+                assert tcpd_answer(ipcd) == frame(b"ok")
 
 
 def test_sigterm_does_not_wait_for_a_dial_in_progress(backend, rundir):

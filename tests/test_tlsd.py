@@ -19,7 +19,7 @@ import pytest
 import pyipc
 
 from conftest import require_openssl, spin_until, unavailable
-from daemon_harness import reap, stops_cleanly, stuck_service
+from daemon_harness import hung_lookups, reap, stops_cleanly, stuck_service
 from tlsd_harness import (Certs, Echo, ask, connect_through, dialer, frame, listener, port_of,
                           read_all, recv_exactly, running, tls_by_hand, tls_client)
 
@@ -194,6 +194,27 @@ def test_remote_that_never_answers_is_a_timeout(hosts, backend, certs):
     assert fd is None and answer.startswith(b"ne timeout ")
 
 
+def test_hung_name_lookups_of_one_host_leave_workers_for_others(hosts, backend, certs,
+                                                                 remote, monkeypatch):
+    """As tcpd's: lookups of one host hang, each holding its worker past its
+    request's answer; past --max-pending-per-host of those, requests for
+    that host are refused `busy` at once, and a dial to another host still
+    finds a worker (4 workers here)."""
+    a, _ = hosts
+    daemon = dialer(a, backend, certs, connect_timeout=1, max_pending_per_host=2)
+    daemon._offloader.max_workers = 4
+    with hung_lookups(monkeypatch, "hung.example"), running(daemon):
+        answers = [ask(a, "tls://hung.example:9000/pong") for _ in range(4)]
+        assert answers[:2] == [(b"ne timeout tls://hung.example:9000/pong: no answer "
+                                b"within 1 s", None)] * 2
+        assert answers[2:] == [(b"ne busy tlsd has 2 dials to hung.example in progress "
+                                b"(--max-pending-per-host)", None)] * 2
+        answer, fd = ask(a, f"tls://127.0.0.1:{port_of(remote)}/pong")
+        assert fd is not None
+        os.close(fd)
+        assert answer == b"ok"
+
+
 def test_a_dial_that_ends_after_its_request_was_answered_is_dropped(hosts, backend, certs):
     """Requests are known by ipcd's fd number, which the next request may get
     once one is answered: a dial that ends after its own request was answered
@@ -204,11 +225,13 @@ def test_a_dial_that_ends_after_its_request_was_answered_is_dropped(hosts, backe
     try:
         stale, current = ("127.0.0.1", 1, "old"), ("127.0.0.1", 2, "new")
         daemon._connecting[7] = current          # fd 7: now another request's
+        daemon._dialling_to.add("127.0.0.1")     # the stale dial's worker, still out
         left, right = socket.socketpair()
         with right:
             daemon._connected(7, stale, left, None)
             assert left.fileno() == -1            # the stale dial's socket closed
         assert daemon._connecting[7] is current and not daemon._handshakes
+        assert len(daemon._dialling_to) == 0     # its worker counted back
     finally:
         daemon.stop()                            # a run that ends at once frees it all
         daemon.run(handle_signals=False)

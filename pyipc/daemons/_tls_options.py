@@ -44,8 +44,10 @@ class TlsdConfig:
     #: Dials and incoming handshakes in progress at once, at most; more are
     #: refused (`ne busy`) or closed at once.
     max_pending: int = 64
-    #: Incoming handshakes in progress at once from one address, at most;
-    #: more are closed at once. None: half of max_pending (as tcpd's).
+    #: Incoming handshakes in progress at once from one address, at most
+    #: (more are closed at once), and dials to one host whose worker is not
+    #: back (a hung name lookup outlives its request's answer; more are
+    #: refused `ne busy`). None: half of max_pending (as tcpd's).
     max_pending_per_host: Optional[int] = None
 
     def __post_init__(self) -> None:

@@ -97,8 +97,9 @@ class Tcpd(Daemon):
         max_pending: handshakes in progress at once (both ways); more are
             answered `ne busy`.
         max_pending_per_host: incoming handshakes in progress at once from
-            one address; more are answered `ne busy` (default: half of
-            max_pending).
+            one address, and dials to one host whose worker is not back
+            (a hung name lookup outlives its dial's answer); more are
+            answered `ne busy` (default: half of max_pending).
     """
 
     name = "tcpd"
@@ -138,6 +139,9 @@ class Tcpd(Daemon):
         self._unix_listener: Optional[socket.socket] = None
         self._incoming: Dict[int, _Incoming] = {}
         self._incoming_from = _sockets.PeerShares(max_pending_per_host)
+        # Dials per remote host whose worker is not back yet: a name lookup
+        # cannot be stopped, and one that hangs outlives its dial's answer.
+        self._dialling_to = _sockets.PeerShares(max_pending_per_host)
         self._dials: Dict[int, _Dial] = {}             # by ipcd's connection
         self._answers: Dict[int, _Dial] = {}           # by dialled socket, awaiting ok
         self._closing: Dict[int, Tuple[socket.socket, TimerHandle]] = {}
@@ -450,6 +454,12 @@ class Tcpd(Daemon):
         if self.pending > self.max_pending:
             return self._answer_ipcd(dial, wire.refusal(
                 wire.BUSY, f"tcpd has {self.max_pending} handshakes in progress"))
+        key = host.lower()
+        if self._dialling_to.full(key):
+            return self._answer_ipcd(dial, wire.refusal(
+                wire.BUSY, f"tcpd has {self.max_pending_per_host} dials to {host} in "
+                           "progress (--max-pending-per-host)"))
+        self._dialling_to.add(key)
         # Within the dial's own deadline, on a worker that gives up as soon
         # as the dial is answered (its deadline, or ipcd leaving).
         self.offload(lambda: _sockets.dial_tcp(host, port, dial.deadline.when,
@@ -458,6 +468,7 @@ class Tcpd(Daemon):
 
     def _dialled(self, dial: _Dial, host: str, port: int, sock: Optional[socket.socket],
                  exc: Optional[BaseException]) -> None:
+        self._dialling_to.remove(host.lower())       # the worker is back
         if dial.done:                                # timed out, or ipcd left
             if sock is not None:
                 sock.close()
@@ -603,8 +614,9 @@ def add_command(subparsers: Any) -> None:
                    help=f"handshakes in progress at once; more are answered 'busy' "
                         f"(default {DEFAULT_MAX_PENDING})")
     p.add_argument("--max-pending-per-host", type=int, default=None, metavar="N",
-                   help="incoming handshakes in progress at once from one address; more "
-                        "are answered 'busy' (default: half of --max-pending)")
+                   help="incoming handshakes in progress at once from one address, and "
+                        "dials to one host whose worker is not back; more are answered "
+                        "'busy' (default: half of --max-pending)")
     p.set_defaults(func=_run)
 
 

@@ -81,6 +81,9 @@ class Tlsd(Daemon):
         self._handshakes: Dict[int, Handshake] = {}     # TCP fd -> its handshake
         self._incoming_host: Dict[int, str] = {}        # incoming handshake's fd -> address
         self._incoming_from = _sockets.PeerShares(config.pending_per_host)
+        # Dials per remote host whose worker is not back yet: a name lookup
+        # cannot be stopped, and one that hangs outlives its request's answer.
+        self._dialling_to = _sockets.PeerShares(config.pending_per_host)
         self._requests: Dict[int, Optional[Any]] = {}   # ipcd fd -> its deadline, once asked
         self._connecting: Dict[int, Tuple[str, int, str]] = {}   # ipcd fd -> host, port, name
         self._uri_timers: Dict[int, Any] = {}    # ipcd fd -> the deadline of its URI
@@ -256,6 +259,11 @@ class Tlsd(Daemon):
             self._answer(req, wire.BUSY, f"tlsd has {self.config.max_pending} dials and "
                                          f"handshakes in progress (--max-pending)")
             return
+        if self._dialling_to.full(host.lower()):
+            self._answer(req, wire.BUSY, f"tlsd has {self.config.pending_per_host} dials "
+                                         f"to {host} in progress (--max-pending-per-host)")
+            return
+        self._dialling_to.add(host.lower())
         deadline = self.call_later(self.config.connect_timeout,
                                    lambda: self._timed_out(req, uri))
         self._requests[req] = deadline
@@ -276,6 +284,7 @@ class Tlsd(Daemon):
     def _connected(self, req: int, target: Tuple[str, int, str],
                    sock: Optional[socket.socket], exc: Optional[BaseException]) -> None:
         """In the loop: the worker's TCP connect for request `target` ended."""
+        self._dialling_to.remove(target[0].lower())     # the worker is back
         try:
             self._start_handshake(req, target, sock, exc)
         except Exception as e:  # a bug or a resource limit: this request, not the daemon
@@ -881,7 +890,8 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--max-pending", type=int, default=d.max_pending, metavar="N",
                    help=f"dials and handshakes in progress at once (default {d.max_pending})")
     p.add_argument("--max-pending-per-host", type=int, default=None, metavar="N",
-                   help="incoming handshakes in progress at once from one address "
+                   help="incoming handshakes in progress at once from one address, and "
+                        "dials to one host whose worker is not back "
                         "(default: half of --max-pending)")
     p.set_defaults(func=_run)
 

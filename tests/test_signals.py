@@ -555,3 +555,36 @@ def test_pure_a_signal_as_read_into_takes_over_a_buffered_frame_loses_nothing(ru
     finally:
         b.close()
         ctx.close_all()
+
+
+def test_pure_a_signal_as_read_into_ends_a_frame_leaves_it_for_any_read(rundir, monkeypatch):
+    """A handler raising right after read_into has the last byte of a large
+    frame (before it returns): the frame is the next message for any read,
+    not only another read_into. It was put back in the decoder, which only
+    decodes when more bytes come: read() then waited, with the message
+    there, for a peer that waited for the answer. White-box: pure only."""
+    from pyipc._pure import io as pure_io
+    ctx = pyipc.Context(rundir=rundir, backend="pure")
+    a, b = __import__("socket").socketpair()
+    fd = a.detach()
+    ctx.add_connection(fd)
+    big = bytes(range(256)) * 400
+    real = pure_io.recv_exactly
+
+    def recv_then_raise(sock, buf, filled, at, end, spin):
+        done = real(sock, buf, filled, at, end, spin)
+        if at == 1:                               # the payload, read to its end
+            monkeypatch.setattr(pure_io, "recv_exactly", real)
+            raise Boom()
+        return done
+    monkeypatch.setattr(pure_io, "recv_exactly", recv_then_raise)
+    try:
+        b.sendall(frame(big))
+        with pytest.raises(Boom):
+            ctx.read_into(fd, bytearray(200_000), timeout=10)
+        assert ctx.read(fd, timeout=5) == big
+        b.sendall(frame(b"after"))
+        assert ctx.read(fd, timeout=10) == b"after"
+    finally:
+        b.close()
+        ctx.close_all()

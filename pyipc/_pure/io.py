@@ -210,7 +210,7 @@ class Reading:
                     conn.decoder.restore(bytes(header))
                 return None
             # The payload bytes the decoder held move to `view`, counted, and
-            # only then is the decoder emptied (see _read_so_far).
+            # only then is the decoder emptied (see _keep_read_so_far).
             view[:max(len(had) - HEADER.size, 0)] = had[HEADER.size:]
             got[1] = max(len(had) - HEADER.size, 0)
             conn.decoder.discard()
@@ -227,12 +227,30 @@ class Reading:
             # Ours (an IPCError is an OSError) or a signal handler's (no
             # errno), as raised; what was read is kept.
             if conn.alive:
-                conn.decoder.restore(_read_so_far(conn, had, header, got, view))
+                self._keep_read_so_far(conn, had, header, got, view)
             raise
         except BaseException:
             if conn.alive:
-                conn.decoder.restore(_read_so_far(conn, had, header, got, view))
+                self._keep_read_so_far(conn, had, header, got, view)
             raise
+
+    def _keep_read_so_far(self: PureState, conn: Conn, had: bytes, header: bytearray,
+                          got: list[int], view: memoryview) -> None:
+        """A direct read stopped midway (a signal handler's exception): what it
+        had of its frame is kept, right wherever the exception landed, so that
+        no byte is lost or doubled. While the decoder still holds what it
+        `had` (not yet emptied): that and the header bytes read since. Once
+        emptied: the header and the payload counted in `view`; a whole frame
+        becomes the next message (held in the decoder, it waited for more
+        bytes to come before a read() or an event saw it)."""
+        if conn.decoder.partial:
+            known = min(len(had), HEADER.size)
+            conn.decoder.restore(had + bytes(header[known:got[0]]))
+            return
+        if got[0] == HEADER.size and got[1] == HEADER.unpack(header)[0]:
+            self._pending.extend([Event(_RX, conn.fd, conn.index, bytes(view[:got[1]]))])
+            return
+        conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
 
     def _direct_eof(self: PureState, conn: Conn) -> int:
         """The peer closed during a direct read: as read() reports it."""
@@ -384,19 +402,6 @@ class Reading:
                 return
             self._forward(conn, m)
         conn.decoder.unsettled = False
-
-
-def _read_so_far(conn: Conn, had: bytes, header: bytearray, got: list[int],
-                  view: memoryview) -> bytes:
-    """What a direct read stopped midway (a signal handler's exception) had
-    of its frame, for the decoder to hold again: while the decoder still
-    holds what it `had` (not yet emptied), that and the header bytes read
-    since; once emptied, the header and the payload counted in `view`. Right
-    at every step, so no byte is lost or doubled wherever the exception lands."""
-    known = min(len(had), HEADER.size)
-    if conn.decoder.partial:
-        return had + bytes(header[known:got[0]])
-    return bytes(header[:got[0]]) + bytes(view[:got[1]])
 
 
 def _fitting(msgs: list[bytes], room: int) -> int:

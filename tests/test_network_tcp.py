@@ -1,8 +1,9 @@
 """A client on host A reaches services on host B by name through ipcd + tcpd,
 across two network namespaces joined by a veth link (tests/netns.py), each
-host with its own run directory and daemons (`pyipc ... ipcd|tcpd|pongd` as
-processes under `ip netns exec`), on both backends: messages both ways, a
-1 MiB message, 1,000 messages in order; the remote tcpd down, a missing or
+host with its own run directory and daemons (`pyipc ... ipcd|tcpd|websocketd|pongd`
+as processes under `ip netns exec`), on both backends: messages both ways, a
+1 MiB message, 1,000 messages in order (through tcpd, and through websocketd:
+the ws scheme); the remote tcpd down, a missing or
 unexposed remote service; a link cut mid-stream; a handshake and first
 messages in one segment; socat (a standard tool) talking to tcpd.
 
@@ -39,6 +40,8 @@ def namespaces() -> None:
 #: here so that the cut-link test is quick).
 DEAD_PEER = 2.0
 PORT = 9000
+#: websocketd's port on B (A's websocketd, which dials, listens on A's own loopback).
+WS_PORT = 8080
 
 
 class Stack:
@@ -58,6 +61,10 @@ class Stack:
         self.a.daemon(["tcpd", "--dead-peer-timeout", str(DEAD_PEER),
                        "--connect-timeout", "5"], env, backend)
         self.a.daemon(["ipcd", "--request-timeout", "10"], env, backend)
+        ws_addr = f"{self.b.address}:{WS_PORT}"
+        self.b.daemon(["websocketd", "--host", self.b.address, "--port", str(WS_PORT),
+                       "--expose", "pong,missing"], env, backend)
+        self.a.daemon(["websocketd", "--connect-timeout", "5"], env, backend)
         self.network = ";".join([
             f"pong tcp://{b_addr}/pong",
             f"pong6 tcp://{b_addr6}/pong",
@@ -65,6 +72,9 @@ class Stack:
             f"missing tcp://{b_addr}/missing",
             f"hidden tcp://{b_addr}/hidden",
             f"down tcp://{self.b.address}:{PORT + 1}/pong",
+            f"wspong ws://{ws_addr}/pong",
+            f"wsmissing ws://{ws_addr}/missing",
+            f"wshidden ws://{ws_addr}/hidden",
         ])
 
     def client(self) -> pyipc.Context:
@@ -116,6 +126,23 @@ def test_over_ipv6(client, stack):
     client.write(fd, b"over IPv6")
     assert client.read(fd, timeout=10) == b"over IPv6"
     client.close(fd)
+
+
+def test_through_websocketd_both_ways_large_and_in_order(client):
+    """The ws scheme: A's websocketd dials B's, which serves pong."""
+    check_echo_large_and_in_order(client, client.connect("wspong", timeout=15),
+                                  b"hello B over a WebSocket")
+
+
+def test_through_websocketd_refusals_are_said(client):
+    with pytest.raises(pyipc.ServiceNotFoundError) as info:
+        client.connect("wsmissing", timeout=15)
+    assert str(info.value) == ("ipcd could not connect to service wsmissing (noservice): "
+                               "503 Service Unavailable: service 'missing' is not running")
+    with pytest.raises(pyipc.NetworkError) as info:
+        client.connect("wshidden", timeout=15)
+    assert str(info.value) == ("ipcd could not connect to service wshidden (refused): "
+                               "404 Not Found: no service 'hidden' is exposed here")
 
 
 def test_by_host_name(client, stack):

@@ -15,6 +15,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import Context, InvalidNameError, IPCError, _rundir
+from . import _netwire as wire
 
 log = logging.getLogger("pyipc.daemons")
 
@@ -319,6 +320,18 @@ class PeerShares:
             self._counts[peer] = left
         else:
             del self._counts[peer]
+
+
+def dial_failure(where: str, exc: Optional[BaseException]) -> Tuple[str, str]:
+    """The refusal code and text for a dial (dial_tcp) that raised `exc`
+    (tcpd and websocketd)."""
+    if isinstance(exc, socket.gaierror):
+        return wire.UNREACHABLE, f"cannot resolve {where}: {exc.strerror}"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return wire.UNREACHABLE, f"{where}: no answer to connecting (timed out)"
+    if isinstance(exc, OSError):
+        return wire.UNREACHABLE, f"{where}: {exc.strerror or exc}"
+    return wire.UNREACHABLE, f"{where}: {exc!r}"
 
 
 def dial_tcp(host: str, port: int, deadline: float,

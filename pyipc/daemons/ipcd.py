@@ -348,8 +348,9 @@ class Ipcd(Daemon):
         except _sockets.LocalRefusal as e:
             if e.code == wire.BUSY:
                 return self._refuse(request, wire.BUSY, f"the {scheme} daemon: {e}")
+            command = "websocketd" if scheme == "ws" else f"{scheme}d"
             return self._refuse(request, wire.NODAEMON, f"{e} (is the {scheme} daemon, "
-                                f"pyipc {scheme}d, running?)")
+                                f"pyipc {command}, running?)")
         try:
             sent = sock.send(wire.frame(uri.encode()), wire.SEND_FLAGS)
         except OSError as e:

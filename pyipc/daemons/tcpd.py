@@ -475,7 +475,7 @@ class Tcpd(Daemon):
             return
         where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         if sock is None:
-            return self._answer_ipcd(dial, wire.refusal(*_dial_failure(where, exc)))
+            return self._answer_ipcd(dial, wire.refusal(*_sockets.dial_failure(where, exc)))
         try:
             _sockets.tune_tcp(sock, self.dead_peer_timeout)
             sock.setblocking(False)
@@ -571,17 +571,6 @@ def parse_uri(uri: str) -> Tuple[str, int, str]:
     """(host, port, service name) of `tcp://HOST[:PORT]/NAME` (IPv6 in
     brackets); ValueError when it is not one (_netwire.parse_uri)."""
     return wire.parse_uri(uri, "tcp", DEFAULT_PORT)
-
-
-def _dial_failure(where: str, exc: Optional[BaseException]) -> Tuple[str, str]:
-    """The refusal code and text for a dial that raised `exc`."""
-    if isinstance(exc, socket.gaierror):
-        return wire.UNREACHABLE, f"cannot resolve {where}: {exc.strerror}"
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return wire.UNREACHABLE, f"{where}: no answer to connecting (timed out)"
-    if isinstance(exc, OSError):
-        return wire.UNREACHABLE, f"{where}: {exc.strerror or exc}"
-    return wire.UNREACHABLE, f"{where}: {exc!r}"
 
 
 # ---------------------------------------------------------------- command line

@@ -4,7 +4,8 @@
 parsed by the `websockets` package's sans-I/O layer) at ws://HOST:PORT/NAME,
 connects to the local service NAME and switches the two fds: one WebSocket
 message is one pyipc message, both ways. It also serves a JavaScript client
-(/pyipc.js) and the chat example's page (/chat.html). See docs/websocket.md.
+(/pyipc.js) and the chat example's page (/chat.html), and the `ws` scheme for
+ipcd (dialer.py). See docs/websocket.md.
 
 Needs the `websocket` extra: pip install 'pyipc-zig[websocket]'.
 """

@@ -7,9 +7,9 @@ import ssl
 from typing import Any, Optional
 
 from ..._types import DEFAULT_MAX_MESSAGE_SIZE
-from .options import (DEFAULT_DEAD_PEER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_BUFFER,
-                      DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_WEBSOCKETS, DEFAULT_PORT, Options,
-                      parse_list)
+from .options import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEAD_PEER_TIMEOUT,
+                      DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_HANDSHAKES,
+                      DEFAULT_MAX_WEBSOCKETS, DEFAULT_PORT, Options, parse_list)
 
 
 def add_command(subparsers: Any) -> None:
@@ -18,7 +18,8 @@ def add_command(subparsers: Any) -> None:
         "websocketd", help="serve pyipc services to WebSocket clients (browsers)",
         description="Accept WebSocket connections at ws://HOST:PORT/NAME and switch each "
                     "with the local service NAME (one WebSocket message = one pyipc "
-                    "message). Serves /pyipc.js and /chat.html too. Stops cleanly on "
+                    "message). Serves /pyipc.js and /chat.html too, and the ws scheme for "
+                    "ipcd (rules such as 'pong ws://HOST:PORT/pong'). Stops cleanly on "
                     "SIGTERM/SIGINT; supports systemd socket activation and readiness.")
     # --rundir and --backend are pyipc's own options (pyipc --rundir DIR websocketd).
     p.add_argument("--host", default="127.0.0.1",
@@ -54,6 +55,12 @@ def add_command(subparsers: Any) -> None:
                    metavar="SECONDS", help="a client that vanished (cut link, host down) "
                    f"is noticed within about this time (default "
                    f"{DEFAULT_DEAD_PEER_TIMEOUT:g}; 0: never)")
+    p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+                   metavar="SECONDS", help="time a dial for ipcd (a ws:// rule) has to "
+                   f"connect and get the remote's answer (default {DEFAULT_CONNECT_TIMEOUT:g})")
+    p.add_argument("--no-dial", dest="dial", action="store_false",
+                   help="do not serve the ws scheme for ipcd (the service 'ws' in the run "
+                        "dir), e.g. for a second websocketd in the same run dir")
     p.set_defaults(func=run_command)
 
 
@@ -87,6 +94,7 @@ def run_command(args: argparse.Namespace) -> int:
                           max_handshakes_per_host=args.max_handshakes_per_host,
                           max_websockets=args.max_websockets,
                           dead_peer_timeout=args.dead_peer_timeout,
+                          dial=args.dial, connect_timeout=args.connect_timeout,
                           ssl_context=ssl_context(args.cert, args.key))
         daemon = WebSocketd(options, rundir=args.rundir, backend=args.backend)
         daemon.run()

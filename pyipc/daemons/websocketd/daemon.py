@@ -16,21 +16,23 @@ import logging
 import os
 import socket
 from http import HTTPStatus
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from websockets.datastructures import MultipleValuesError
 from websockets.http11 import Request, Response
+from websockets.protocol import Protocol
 
 from ... import Event, EventType, IPCError
 from .. import _sockets, _systemd
 from .._netwire import send_raw
 from .._runtime import Daemon
 from . import responses
+from .dialer import Dialer
 from .handshake import Handshake, HandshakeFailed
 from .options import Options, handshakes_per_host
 from .policy import origin_allowed, own_names, service_name
 from .session import Session
-from .transport import make_transport
+from .transport import Plain, Tls, make_transport
 
 log = logging.getLogger("pyipc.daemons.websocketd")
 
@@ -76,6 +78,8 @@ class WebSocketd(Daemon):
         #: Handshakes in progress per peer, and the peer of each (TCP only).
         self._per_host = _sockets.PeerShares(handshakes_per_host(self.options))
         self._host_of: Dict[int, str] = {}
+        #: The `ws` scheme for ipcd (options.dial), else None.
+        self.dialer = Dialer(self) if self.options.dial else None
 
     # ------------------------------------------------------------ runtime hooks
 
@@ -94,6 +98,8 @@ class WebSocketd(Daemon):
             self.listeners[sock.fileno()] = sock
             name = sock.getsockname()
             self.addresses.append(name[:2] if isinstance(name, tuple) else (name, 0))
+        if self.dialer is not None:
+            self.dialer.start()
         scheme = "wss" if self.options.ssl_context else "ws"
         log.info("websocketd: %s on %s, exposing %s", scheme, self.addresses,
                  ", ".join(sorted(self.options.expose)) or "nothing")
@@ -113,9 +119,13 @@ class WebSocketd(Daemon):
         hs = self.handshakes.get(ev.fd)
         if hs is not None:
             self._drop(hs)
+        elif self.dialer is not None:
+            self.dialer.on_failure(ev.fd)
 
     def on_event(self, ev: Event) -> None:
-        """Accept, advance a handshake, or forget an ended WebSocket."""
+        """Accept, advance a handshake, serve a dial, or forget an ended WebSocket."""
+        if self.dialer is not None and self.dialer.on_event(ev):
+            return
         if ev.type == EventType.EXTERNAL:
             if ev.fd in self.listeners:
                 self._accept(self.listeners[ev.fd])
@@ -144,6 +154,8 @@ class WebSocketd(Daemon):
         self.listeners.clear()
         for hs in list(self.handshakes.values()):
             self._drop(hs)
+        if self.dialer is not None:
+            self.dialer.stop()
         for session in set(self.sessions.values()):
             session.going_away("websocketd is stopping")
         self.serve_while(lambda: bool(self.sessions or self.lingering), CLOSE_TIMEOUT)
@@ -313,29 +325,42 @@ class WebSocketd(Daemon):
         return fd
 
     def _switch(self, hs: Handshake, name: str, service_fd: int) -> None:
+        if self.start_session(hs.fd, service_fd, name, hs.peer, hs.protocol, hs.transport,
+                              lambda session: session.take_early_messages(hs.rest)):
+            self._end_handshake(hs)
+        else:
+            self._drop(hs)
+
+    def start_session(self, fd: int, service_fd: int, name: str, peer: str,
+                      protocol: Protocol, transport: Union[Plain, Tls],
+                      early: Callable[[Session], List[bytes]]) -> bool:
+        """Switch the WebSocket on `fd` (open) with `service_fd`, a connection
+        of the context, through a Session; `early(session)`: the whole
+        messages that came with the handshake, handed to the service first.
+        False when it cannot be done: `service_fd` is closed then, `fd` is
+        the caller's to close."""
         session: Optional[Session] = None
         try:
-            session = Session(self.ctx, hs.fd, service_fd, name, hs.peer, hs.protocol,
-                              hs.transport, self._linger)
-            for message in session.take_early_messages(hs.rest):
+            session = Session(self.ctx, fd, service_fd, name, peer, protocol,
+                              transport, self._linger)
+            for message in early(session):
                 self.ctx.schedule(service_fd, message)
-            self.ctx.add_switch(hs.fd, service_fd)
-            self.ctx.set_switch_callbacks(hs.fd, session.on_in, session.on_out)
+            self.ctx.add_switch(fd, service_fd)
+            self.ctx.set_switch_callbacks(fd, session.on_in, session.on_out)
             self.ctx.set_switch_callbacks(service_fd, session.on_service_in, None)
         except (OSError, IPCError) as e:
             # Out of fds (the session's dup), or of memory: this WebSocket
             # ends (its client sees the TCP close), every fd of it closed,
             # rather than a socket the daemon no longer knows.
-            log.warning("%s: cannot open /%s: %s", hs.peer, name, e)
+            log.warning("%s: cannot open /%s: %s", peer, name, e)
             if session is not None:
                 session.release()
             self.ctx.close(service_fd, linger=0)
-            self._drop(hs)
-            return
-        self._end_handshake(hs)
-        self.sessions[hs.fd] = self.sessions[service_fd] = session
-        log.info("%s: WebSocket open to /%s", hs.peer, name)
+            return False
+        self.sessions[fd] = self.sessions[service_fd] = session
+        log.info("%s: WebSocket open to /%s", peer, name)
         session.start()
+        return True
 
     # ------------------------------------------------------------ switched phase
 

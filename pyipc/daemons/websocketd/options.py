@@ -17,6 +17,8 @@ DEFAULT_PORT = 8080
 DEFAULT_MAX_BUFFER = 1 << 20
 #: Seconds a client has to complete its TLS and HTTP handshake.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Seconds a dial for ipcd (a ws:// rule) has to connect and get the remote's 101.
+DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Connections still in their handshake at once; more are refused at accept.
 DEFAULT_MAX_HANDSHAKES = 256
 #: WebSockets open at once (each holds two connections: its client's and its
@@ -53,6 +55,10 @@ class Options:
     dead_peer_timeout: float = DEFAULT_DEAD_PEER_TIMEOUT
     #: wss://: a server-side SSLContext (None: plain ws://).
     ssl_context: Optional[ssl.SSLContext] = None
+    #: Serve the `ws` scheme for ipcd (the service `ws` in the run dir):
+    #: dial ws://HOST:PORT/NAME and hand the client a connection to it.
+    dial: bool = True
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -64,9 +70,10 @@ class Options:
         if not 0 <= self.dead_peer_timeout < float("inf"):
             raise ValueError(f"dead_peer_timeout must be >= 0 seconds, "
                              f"not {self.dead_peer_timeout}")
-        if not 0 < self.handshake_timeout < float("inf"):      # nan included
-            raise ValueError(f"handshake_timeout must be a positive number of seconds, "
-                             f"not {self.handshake_timeout}")
+        for name in ("handshake_timeout", "connect_timeout"):
+            if not 0 < getattr(self, name) < float("inf"):      # nan included
+                raise ValueError(f"{name} must be a positive number of seconds, "
+                                 f"not {getattr(self, name)}")
 
 
 def handshakes_per_host(options: Options) -> int:

@@ -25,11 +25,10 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from typing import Callable, Deque, List, Optional, Tuple, Union
+from typing import Callable, Deque, List, Optional, Sequence, Tuple, Union
 
 from websockets.frames import CloseCode, Frame, Opcode
-from websockets.protocol import State
-from websockets.server import ServerProtocol
+from websockets.protocol import Protocol, State
 
 from ... import CBEvent, Context, QueueFullError
 from ..._types import IPCError
@@ -49,7 +48,7 @@ class Session:
                  "linger", "_parts", "_text", "_messages", "_ending", "_ended", "_service")
 
     def __init__(self, ctx: Context, fd: int, service_fd: int, service: str, peer: str,
-                 protocol: ServerProtocol, transport: Union[Plain, Tls],
+                 protocol: Protocol, transport: Union[Plain, Tls],
                  linger: Callable[["Session", int], None]) -> None:
         self.ctx = ctx
         # linger(session, dup_fd): the switch ended (see _end); the daemon
@@ -122,7 +121,13 @@ class Session:
         close frame) wait in the protocol until `start()`."""
         if rest:
             self.protocol.receive_data(rest)
-        self._parse()
+        return self.take_early_frames(self.protocol.events_received())
+
+    def take_early_frames(self, frames: Sequence[object]) -> List[bytes]:
+        """The whole messages of frames parsed along with the handshake (a
+        dialled WebSocket's: they came with the remote's 101), as
+        take_early_messages."""
+        self._parse(frames)
         messages = list(self._messages)
         self._messages.clear()
         return messages
@@ -187,8 +192,10 @@ class Session:
         self._flush()
         self._note_closing()
 
-    def _parse(self) -> None:
-        for frame in self.protocol.events_received():
+    def _parse(self, frames: Optional[Sequence[object]] = None) -> None:
+        """Data frames -> whole messages (`frames`: those already taken from
+        the protocol, else its new ones)."""
+        for frame in self.protocol.events_received() if frames is None else frames:
             if isinstance(frame, Frame) and (frame.opcode in _DATA
                                              or frame.opcode is Opcode.CONT):
                 if not self._fragment(frame):

@@ -1,0 +1,279 @@
+"""websocketd's dialling side: the local daemon of the `ws` scheme.
+
+ipcd asks the service `ws` in the run directory with one framed URI,
+ws://HOST[:PORT]/NAME (an IPC_NETWORK rule such as `pong ws://hostb:8080/pong`).
+websocketd connects to HOST:PORT (another websocketd, or any WebSocket
+server), asks for /NAME with a WebSocket handshake (the `websockets`
+package's ClientProtocol), and on its 101 answers ipcd `ok` with one end of
+a local socket pair; the other end is switched with the WebSocket by a
+Session, as an accepted WebSocket is with its service: one pyipc message is
+one binary WebSocket message, both ways. Anything else is answered
+`ne CODE TEXT`: the remote's HTTP refusal (404: not exposed there; 503: not
+running there, or busy), unreachable, or no answer in time.
+
+The connect (name lookup included) runs on a worker thread (the runtime's
+offload); the handshake is read in the loop, never blocking it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import urllib.parse
+from typing import TYPE_CHECKING, Dict, Optional, Sequence
+
+from websockets.client import ClientProtocol
+from websockets.http11 import Response
+from websockets.uri import parse_uri as parse_ws_uri
+
+from ... import Event, EventType, IPCError
+from .. import _netwire as wire
+from .. import _sockets
+from .._timers import TimerHandle
+from .handshake import READ_SIZE
+from .options import handshakes_per_host
+from .transport import Plain
+
+if TYPE_CHECKING:
+    from .daemon import WebSocketd
+
+log = logging.getLogger("pyipc.daemons.websocketd")
+
+#: The service ipcd asks for ws:// URIs.
+WS_SERVICE = "ws"
+#: The port of a ws:// URI that names none (RFC 6455).
+WS_DEFAULT_PORT = 80
+
+
+class _Dial:
+    """ipcd's request for a ws:// URI, from its connection to the answer."""
+
+    __slots__ = ("ipcd", "timer", "uri", "host", "port", "name", "sock", "protocol", "done")
+
+    def __init__(self, ipcd: int, timer: TimerHandle) -> None:
+        self.ipcd = ipcd
+        self.timer = timer
+        self.uri = ""
+        self.host = ""
+        self.port = 0
+        self.name = ""
+        self.sock: Optional[socket.socket] = None       # once connected
+        self.protocol: Optional[ClientProtocol] = None  # once the request is sent
+        self.done = False                                # answered (or ipcd left)
+
+
+class Dialer:
+    """The `ws` service of a WebSocketd (see the module's docstring)."""
+
+    def __init__(self, daemon: "WebSocketd") -> None:
+        self.daemon = daemon
+        self.ctx = daemon.ctx
+        self.options = daemon.options
+        self._dials: Dict[int, _Dial] = {}          # by ipcd's connection
+        self._answers: Dict[int, _Dial] = {}        # by dialled socket, awaiting the 101
+        # Dials per remote host whose worker is not back yet (a hung name
+        # lookup outlives its dial's answer), as tcpd's.
+        self._dialling_to = _sockets.PeerShares(handshakes_per_host(daemon.options))
+
+    def start(self) -> None:
+        """Serve `ws` in the run directory."""
+        self.ctx.service_init(WS_SERVICE)
+
+    def in_progress(self) -> int:
+        """Dials with a URI being served now (they count as handshakes)."""
+        return sum(1 for d in self._dials.values() if d.uri)
+
+    # ------------------------------------------------------------ events
+
+    def on_event(self, ev: Event) -> bool:
+        """Handle ev if it is a dial's; False when it is not."""
+        fd = ev.fd
+        if ev.type == EventType.CONNECTION:         # ipcd, asking (`ws` is our only service)
+            self._dials[fd] = _Dial(fd, self.daemon.call_later(
+                self.options.connect_timeout, lambda: self._expired(fd)))
+            return True
+        if ev.type == EventType.EXTERNAL and fd in self._answers:
+            self._read_answer(self._answers[fd])
+            return True
+        dial = self._dials.get(fd)
+        if dial is None:
+            return False
+        if ev.type == EventType.MESSAGE_RX and not dial.uri:
+            self._on_uri(dial, ev.message or b"")
+        elif ev.type == EventType.DISCONNECTION:    # ipcd gave up (its own timeout)
+            self._end(dial)
+        return True
+
+    def on_failure(self, fd: int) -> bool:
+        """A fault handling fd's event (logged by the runtime): its dial is
+        answered now; False when fd is no dial's."""
+        dial = self._answers.get(fd) or self._dials.get(fd)
+        if dial is None:
+            return False
+        self._refuse(dial, wire.NODAEMON, "websocketd failed on this request")
+        return True
+
+    def stop(self) -> None:
+        """The daemon stops: every dial in progress is told why."""
+        for dial in list(self._dials.values()):
+            self._refuse(dial, wire.NODAEMON, "websocketd is stopping")
+
+    # ------------------------------------------------------------ a dial
+
+    def _on_uri(self, dial: _Dial, payload: bytes) -> None:
+        try:
+            dial.uri = payload.decode("utf-8")
+            dial.host, dial.port, dial.name = wire.parse_uri(dial.uri, "ws", WS_DEFAULT_PORT)
+        except (UnicodeDecodeError, ValueError) as e:
+            dial.uri = dial.uri or "?"
+            return self._refuse(dial, wire.BADREQUEST, f"bad URI: {e}")
+        limit = self.options.max_handshakes
+        if len(self.daemon.handshakes) + self.in_progress() > limit:
+            return self._refuse(dial, wire.BUSY, f"websocketd has {limit} handshakes in "
+                                                 "progress (max_handshakes)")
+        key = dial.host.lower()
+        if self._dialling_to.full(key):
+            return self._refuse(dial, wire.BUSY, f"websocketd has {self._dialling_to.share} "
+                                f"dials to {dial.host} in progress (max_handshakes_per_host)")
+        self._dialling_to.add(key)
+        deadline = dial.timer.when
+        self.daemon.offload(
+            lambda: _sockets.dial_tcp(dial.host, dial.port, deadline, lambda: dial.done),
+            lambda sock, exc: self._connected(dial, key, sock, exc))
+
+    def _connected(self, dial: _Dial, key: str, sock: Optional[socket.socket],
+                   exc: Optional[BaseException]) -> None:
+        """In the loop: the worker's connect ended; the handshake's request goes out."""
+        self._dialling_to.remove(key)               # the worker is back
+        if dial.done:                               # timed out, or ipcd left
+            if sock is not None:
+                sock.close()
+            return
+        where = _host_port(dial.host, dial.port)
+        if sock is None:
+            return self._refuse(dial, *_sockets.dial_failure(where, exc))
+        path = "/" + urllib.parse.quote(dial.name, safe="")
+        protocol = ClientProtocol(parse_ws_uri(f"ws://{_host_port(dial.host, dial.port)}{path}"),
+                                  max_size=self.ctx.max_message_size)
+        protocol.send_request(protocol.connect())
+        request = b"".join(protocol.data_to_send())
+        try:
+            _sockets.tune_tcp(sock, self.options.dead_peer_timeout)
+            sock.setblocking(False)
+            sent = sock.send(request, wire.SEND_FLAGS)   # small: fits an empty socket buffer
+        except OSError as e:
+            sock.close()
+            return self._refuse(dial, wire.UNREACHABLE, f"{where}: {e.strerror or e}")
+        if sent != len(request):
+            sock.close()
+            return self._refuse(dial, wire.UNREACHABLE, f"{where}: the request did not go out")
+        try:
+            self.ctx.add_external(sock.fileno())
+        except IPCError as e:                       # max_connections reached
+            sock.close()
+            return self._refuse(dial, wire.BUSY, str(e))
+        dial.sock, dial.protocol = sock, protocol
+        self._answers[sock.fileno()] = dial
+
+    def _read_answer(self, dial: _Dial) -> None:
+        """The dialled socket is readable: the remote's answer, maybe in parts."""
+        assert dial.sock is not None and dial.protocol is not None
+        where = _host_port(dial.host, dial.port)
+        try:
+            data = dial.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            return self._refuse(dial, wire.UNREACHABLE, f"{where}: {e.strerror or e}")
+        if data:
+            dial.protocol.receive_data(data)
+        else:
+            dial.protocol.receive_eof()
+        events = dial.protocol.events_received()
+        if not events or not isinstance(events[0], Response):
+            if not data:
+                self._refuse(dial, wire.UNREACHABLE, f"{where} closed the connection "
+                                                     "without answering the WebSocket request")
+            return
+        response = events[0]
+        if dial.protocol.handshake_exc is not None:
+            return self._refuse(dial, *_http_refusal(response, dial.protocol.handshake_exc))
+        self._open(dial, events[1:])
+
+    def _open(self, dial: _Dial, frames: Sequence[object]) -> None:
+        """The remote's 101: ipcd gets one end of a socket pair, switched
+        with the WebSocket through a Session."""
+        assert dial.sock is not None and dial.protocol is not None
+        if self.daemon.open_websockets() >= self.options.max_websockets:
+            return self._refuse(dial, wire.BUSY, f"websocketd has {self.options.max_websockets}"
+                                                 " WebSockets open (max_websockets)")
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.ctx.add_connection(mine.fileno())
+        except IPCError as e:
+            mine.close()
+            theirs.close()
+            return self._refuse(dial, wire.BUSY, str(e))
+        local = mine.detach()
+        with theirs:
+            if not wire.send_with_fd(dial.ipcd, wire.frame(b"ok"), theirs.fileno()):
+                log.info("ws: ipcd left before the answer for %s", dial.uri)
+                self.ctx.close(local, linger=0)
+                return self._end(dial)
+        sock, protocol = dial.sock, dial.protocol
+        self._answers.pop(sock.fileno(), None)
+        dial.sock = None                            # now the session's
+        self._end(dial)
+        fd = sock.detach()
+        if not self.daemon.start_session(fd, local, dial.name, _host_port(dial.host, dial.port),
+                                         protocol, Plain(),
+                                         lambda session: session.take_early_frames(frames)):
+            self.ctx.close(fd, linger=0)
+            return
+        log.info("ws: connected to %s", dial.uri)
+
+    def _expired(self, ipcd: int) -> None:
+        dial = self._dials.get(ipcd)
+        if dial is not None:
+            self._refuse(dial, wire.TIMEOUT if dial.uri else wire.BADREQUEST,
+                         f"no answer from {dial.uri} in {self.options.connect_timeout:g} s"
+                         if dial.uri else "no URI received")
+
+    def _refuse(self, dial: _Dial, code: str, text: str) -> None:
+        log.info("ws: %s: ne %s %s", dial.uri or "?", code, text)
+        wire.send_raw(dial.ipcd, wire.frame(wire.refusal(code, text)))
+        self._end(dial)
+
+    def _end(self, dial: _Dial) -> None:
+        """The dial is over: ipcd's connection and any dialled socket closed."""
+        dial.done = True
+        self._dials.pop(dial.ipcd, None)
+        self.daemon.cancel(dial.timer)
+        if dial.sock is not None:
+            fd = dial.sock.fileno()
+            self._answers.pop(fd, None)
+            dial.sock.detach()
+            self.ctx.close(fd, linger=0)
+            dial.sock = None
+        try:
+            self.ctx.close(dial.ipcd)
+        except IPCError:
+            pass                                     # already gone
+
+
+def _http_refusal(response: Response, exc: Exception) -> tuple[str, str]:
+    """The refusal code and text of a remote's answer other than 101: its
+    status and the first line of its body (websocketd says why there)."""
+    body = (response.body or b"").decode("utf-8", "replace").strip().split("\n", 1)[0]
+    text = body or f"{response.status_code} {response.reason_phrase}"
+    if response.status_code == 101:             # a 101 the protocol refused
+        return wire.REFUSED, f"bad WebSocket answer: {exc}"
+    if response.status_code == 503 and "is not running" in body:
+        return wire.NOSERVICE, text
+    if response.status_code == 503:
+        return wire.BUSY, text
+    return wire.REFUSED, text
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,183 @@
+"""websocketd as the `ws` scheme's daemon: a client on host A reaches `pong`
+on host B by name through A's ipcd and websocketd (which dials) and B's
+websocketd (which serves), on both backends. Hosts are two run directories
+on 127.0.0.1 here; across network namespaces: test_network_tcp.py.
+Refusals are answered with their reason: not exposed, not running, nothing
+listening, no answer in time, a bad URI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+from typing import Iterator, Tuple
+
+import pytest
+
+import pyipc
+from pyipc.daemons.ipcd import Ipcd
+from pyipc.daemons.websocketd import Options, WebSocketd
+
+from conftest import spin_until
+from daemon_harness import Pong, frame, read_frame, running
+
+
+@pytest.fixture
+def hosts() -> Iterator[Tuple[str, str]]:
+    """Two run directories: host A (the client's) and host B (pong's)."""
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        yield a, b
+
+
+@contextlib.contextmanager
+def host_b(rundir: str, backend: str, **options: object) -> Iterator[WebSocketd]:
+    """pong and a websocketd exposing it (and `missing`, not running)."""
+    options.setdefault("expose", frozenset({"pong", "missing"}))
+    with running(Pong(rundir=rundir, backend=backend)), \
+            running(WebSocketd(Options(port=0, **options), rundir=rundir,  # type: ignore[arg-type]
+                               backend=backend)) as wsd:
+        yield wsd                                                 # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def host_a(rundir: str, backend: str, **options: object) -> Iterator[WebSocketd]:
+    """ipcd and a websocketd that dials (it exposes nothing)."""
+    with running(Ipcd(rundir=rundir, backend=backend, request_timeout=10)), \
+            running(WebSocketd(Options(port=0, **options), rundir=rundir,  # type: ignore[arg-type]
+                               backend=backend)) as wsd:
+        yield wsd                                                 # type: ignore[misc]
+
+
+def port_of(wsd: WebSocketd) -> int:
+    return int(wsd.addresses[0][1])
+
+
+def test_a_client_reaches_a_service_on_another_host_by_name(hosts, backend, monkeypatch):
+    a, b = hosts
+    with host_b(b, backend) as remote, host_a(a, backend):
+        monkeypatch.setenv("IPC_NETWORK", f"p ws://127.0.0.1:{port_of(remote)}/pong")
+        with pyipc.Context(rundir=a, backend=backend) as ctx:
+            fd = ctx.connect("p", timeout=10)
+            big = os.urandom(1 << 20)
+            messages = [b"", b"ping", big] + [i.to_bytes(4, "big") for i in range(1000)]
+            ctx.write_many(fd, messages)
+            got = [ctx.read(fd, timeout=10) for _ in messages]
+            assert got == messages                    # whole, in order, each once
+
+
+def test_the_remote_ending_ends_the_clients_connection(hosts, backend, monkeypatch):
+    """B's websocketd stops (1001 to A's): the client reads what was sent
+    before, then sees the connection closed."""
+    a, b = hosts
+    with host_a(a, backend):
+        with host_b(b, backend) as remote:
+            monkeypatch.setenv("IPC_NETWORK", f"p ws://127.0.0.1:{port_of(remote)}/pong")
+            ctx = pyipc.Context(rundir=a, backend=backend)
+            fd = ctx.connect("p", timeout=10)
+            ctx.write(fd, b"last")
+            assert ctx.read(fd, timeout=10) == b"last"
+        with ctx, pytest.raises(pyipc.ConnectionClosedError):
+            ctx.read(fd, timeout=10)
+
+
+def test_the_client_leaving_ends_the_remote_services_connection(hosts, backend, monkeypatch):
+    """The client closes: B's service sees its connection end (A's
+    websocketd closed the WebSocket with 1000)."""
+    a, b = hosts
+    with host_b(b, backend) as remote, host_a(a, backend):
+        monkeypatch.setenv("IPC_NETWORK", f"p ws://127.0.0.1:{port_of(remote)}/pong")
+        with pyipc.Context(rundir=a, backend=backend) as ctx:
+            fd = ctx.connect("p", timeout=10)
+            ctx.write(fd, b"hello")
+            assert ctx.read(fd, timeout=10) == b"hello"
+            assert len(remote.sessions) == 2              # its WebSocket and pong's side
+            ctx.close(fd)
+        spin_until(lambda: not remote.sessions, timeout=10)   # the remote's own thread
+
+
+@pytest.mark.parametrize("path, cls, text", [
+    ("secret", pyipc.NetworkError, "404 Not Found: no service 'secret' is exposed here"),
+    ("missing", pyipc.ServiceNotFoundError, "service 'missing' is not running"),
+])
+def test_remote_refusals_are_said(hosts, backend, monkeypatch, path, cls, text):
+    a, b = hosts
+    with host_b(b, backend) as remote, host_a(a, backend):
+        monkeypatch.setenv("IPC_NETWORK", f"p ws://127.0.0.1:{port_of(remote)}/{path}")
+        with pyipc.Context(rundir=a, backend=backend) as ctx:
+            with pytest.raises(cls, match=text):
+                ctx.connect("p", timeout=10)
+
+
+def test_nothing_listening_is_unreachable(hosts, backend, monkeypatch):
+    a, _ = hosts
+    with socket.socket() as s, host_a(a, backend):
+        s.bind(("127.0.0.1", 0))                       # bound, not listening: refused
+        monkeypatch.setenv("IPC_NETWORK", f"p ws://127.0.0.1:{s.getsockname()[1]}/pong")
+        with pyipc.Context(rundir=a, backend=backend) as ctx:
+            with pytest.raises(pyipc.NetworkError, match="unreachable.*Connection refused"):
+                ctx.connect("p", timeout=10)
+
+
+def test_a_remote_that_never_answers_is_a_timeout(hosts, backend):
+    """A listener that accepts (in the kernel) and never answers the
+    request: the dial is answered at --connect-timeout."""
+    a, _ = hosts
+    with socket.create_server(("127.0.0.1", 0)) as silent, \
+            host_a(a, backend, connect_timeout=0.5):
+        uri = f"ws://127.0.0.1:{silent.getsockname()[1]}/pong"
+        assert ask_ws(a, uri) == f"ne timeout no answer from {uri} in 0.5 s".encode()
+
+
+def test_dials_count_against_max_handshakes_at_and_past_the_edge(hosts, backend):
+    """max_handshakes 1: one dial is made (the remote sees its connection);
+    the next, while it is in progress, is answered busy at once."""
+    a, _ = hosts
+    with socket.create_server(("127.0.0.1", 0)) as silent, \
+            host_a(a, backend, max_handshakes=1, connect_timeout=10):
+        uri = f"ws://127.0.0.1:{silent.getsockname()[1]}/pong"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
+            first.connect(os.path.join(a, "ws"))
+            first.sendall(frame(uri.encode()))
+            conn, _ = silent.accept()                  # the first dial, in progress
+            with conn:
+                assert ask_ws(a, uri) == (b"ne busy websocketd has 1 handshakes in "
+                                          b"progress (max_handshakes)")
+
+
+@pytest.mark.parametrize("uri, text", [
+    ("ws://127.0.0.1:1/", b"ne badrequest bad URI: ws://127.0.0.1:1/: no service name"),
+    ("tcp://127.0.0.1:1/pong", b"ne badrequest bad URI: tcp://127.0.0.1:1/pong: not a ws://"),
+    ("ws://127.0.0.1:1/pong?x=1", b"ne badrequest bad URI: ws://127.0.0.1:1/pong?x=1: no "
+                                  b"service name"),
+])
+def test_a_bad_uri_is_answered(hosts, backend, uri, text):
+    a, _ = hosts
+    with host_a(a, backend):
+        assert ask_ws(a, uri).startswith(text)
+
+
+def test_without_dial_there_is_no_ws_service_and_two_share_a_run_dir(hosts, backend):
+    a, _ = hosts
+    with running(WebSocketd(Options(port=0, dial=False), rundir=a, backend=backend)):
+        assert not os.path.exists(os.path.join(a, "ws"))
+        with running(WebSocketd(Options(port=0), rundir=a, backend=backend)):
+            assert os.path.exists(os.path.join(a, "ws"))
+
+
+def test_ipcd_names_websocketd_when_the_ws_daemon_is_missing(hosts, backend, monkeypatch):
+    a, _ = hosts
+    with running(Ipcd(rundir=a, backend=backend, request_timeout=5)):
+        monkeypatch.setenv("IPC_NETWORK", "p ws://127.0.0.1:1/pong")
+        with pyipc.Context(rundir=a, backend=backend) as ctx:
+            with pytest.raises(pyipc.NetworkError, match="pyipc websocketd, running"):
+                ctx.connect("p", timeout=10)
+
+
+def ask_ws(rundir: str, uri: str) -> bytes:
+    """Do what ipcd does: send the `ws` service the framed URI; its answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(os.path.join(rundir, "ws"))
+        sock.sendall(frame(uri.encode()))
+        return read_frame(sock)

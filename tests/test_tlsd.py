@@ -278,6 +278,25 @@ def test_too_many_pending_handshakes_are_closed_at_once(hosts, backend, certs):
                 first.recv(100)
 
 
+def test_a_remote_at_its_bounds_is_unreachable_not_a_tls_failure(hosts, backend, certs):
+    """The remote tlsd holds max_pending handshakes and closes the dial's
+    connection at once: that is said as such (it was `ne tls ...
+    UNEXPECTED_EOF_WHILE_READING`, as if a certificate were wrong)."""
+    a, b = hosts
+    with running(listener(b, backend, certs, max_pending=1)) as remote, \
+            running(dialer(a, backend, certs)):
+        port = port_of(remote)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as holder:
+            holder.sendall(b"\x16")                # its slot, held (half a record)
+            answer, fd = ask(a, f"tls://127.0.0.1:{port}/pong")
+    assert fd is None
+    # Closed with our ClientHello unread, the remote's kernel may reset the
+    # connection instead: unreachable too, said as the reset.
+    assert answer in ((f"ne unreachable 127.0.0.1:{port} closed the connection during "
+                       f"the TLS handshake (at its bounds, or not a tlsd?)").encode(),
+                      f"ne unreachable 127.0.0.1:{port}: Connection reset by peer".encode())
+
+
 def test_the_share_per_host_follows_max_pending_unless_given():
     from pyipc.daemons._tls_options import TlsdConfig
     import dataclasses

@@ -76,14 +76,20 @@ class Handshake:
         if not self.secure:
             try:
                 done = relay.handshake()
+            except ssl.SSLEOFError as e:
+                # The peer closed before any TLS failure: a daemon at its
+                # bounds closes new connections at once (ssl says
+                # UNEXPECTED_EOF_WHILE_READING, which sounded like a
+                # certificate problem).
+                raise HandshakeFailed(wire.UNREACHABLE, self._closed_in_handshake(),
+                                      relay.take_output()) from e
             except ssl.SSLError as e:
                 raise HandshakeFailed(wire.TLS, _tls_reason(e, self.peer),
                                       relay.take_output()) from e
             out = relay.take_output()
             if not done:
                 if not ciphertext:
-                    raise HandshakeFailed(wire.TLS, f"{self.peer} closed the connection "
-                                                 f"during the TLS handshake")
+                    raise HandshakeFailed(wire.UNREACHABLE, self._closed_in_handshake())
                 return out, None
             self.secure = True
             if self.dialing:
@@ -98,6 +104,10 @@ class Handshake:
         except HandshakeFailed as e:
             e.alert = out + e.alert     # the records made so far go out first
             raise
+
+    def _closed_in_handshake(self) -> str:
+        return (f"{self.peer} closed the connection during the TLS handshake (at its "
+                f"bounds, or not a tlsd?)")
 
     def _answer(self) -> Optional[str]:
         """A dialer reads the remote's `ok` or `ne CODE TEXT` (then its end)."""

@@ -516,7 +516,7 @@ class Tlsd(Daemon):
         except BlockingIOError:
             return
         except OSError as e:
-            self._failed(hs, HandshakeFailed(wire.UNREACHABLE, f"{hs.peer}: {e}"))
+            self._failed(hs, HandshakeFailed(wire.UNREACHABLE, f"{hs.peer}: {e.strerror or e}"))
             return
         try:
             out, outcome = hs.step(data)

@@ -13,6 +13,7 @@ import pyipc
 from pyipc import CBEvent, EventType
 
 from conftest import collect, deadline, frame, quiet, raw_connect, settle, wait_for
+from daemon_harness import read_exactly
 
 
 class Switchboard:
@@ -304,6 +305,38 @@ def test_a_callback_may_call_its_own_context(foreign):
     foreign.client.write(foreign.cfd, b"nested")
     assert foreign.lines(1) == [b"nested"]
     assert seen == [os.getpid()]
+
+
+def test_a_read_or_a_wait_inside_a_callback_is_refused_and_nothing_is_lost(foreign):
+    """The loop that calls a callback is still decoding the bytes it read;
+    a read or a wait inside the callback would decode into the same
+    buffers (native sent one connection's bytes to another's peer and lost
+    frames): both backends refuse them, saying why."""
+    refused: list = []
+    other = foreign.client.connect_service("lines")
+    other_conn = wait_for(foreign.server, EventType.CONNECTION)[-1].fd
+    foreign.client.write(other, b"for the other connection")
+
+    def on_out(fd: int, payload: bytes):
+        for call in (lambda: foreign.server.read(other_conn, timeout=0),
+                     lambda: foreign.server.read_many(other_conn, timeout=0),
+                     lambda: foreign.server.read_into(other_conn, bytearray(100), timeout=0),
+                     lambda: foreign.server.wait_event(timeout=0),
+                     lambda: foreign.server.wait_events(timeout=0)):
+            with pytest.raises(pyipc.IPCError) as info:
+                call()
+            refused.append(str(info.value))
+        return foreign.proto.on_out(fd, payload)
+
+    foreign.server.set_switch_callbacks(foreign.fd, foreign.proto.on_in, on_out)
+    foreign.client.write_many(foreign.cfd, [b"AAAAA", b"CCCCC"])
+    events = pump(foreign.server, lambda e: sum(x.type == EventType.SWITCH_TX for x in e) >= 2
+                  and any(x.type == EventType.MESSAGE_RX for x in e))
+    assert [e.message for e in events if e.type == EventType.MESSAGE_RX] == \
+        [b"for the other connection"]                 # whole, once, to its own connection
+    assert read_exactly(foreign.outer, 12) == b"AAAAA\nCCCCC\n"
+    assert refused == (["cannot read inside a switch callback"] * 3 +
+                       ["cannot wait inside a switch callback"] * 2) * 2
 
 
 def test_a_callbacks_first_fileno_does_not_hide_the_rounds_events(foreign):

@@ -200,6 +200,15 @@ pub const Context = struct {
         self.rundir = copy;
     }
 
+    /// Reads and waits are refused inside a switch callback: they decode
+    /// into buffers the loop that called it is still decoding from (the read
+    /// scratch buffer, a connection's decoder, switch_buf), so a callback that
+    /// read sent one connection's bytes to another's peer and lost frames.
+    fn notInCallback(self: *Context, what: []const u8) Error!void {
+        if (self.callback_depth > 0)
+            return self.last.fail(error.Generic, "cannot {s} inside a switch callback", .{what});
+    }
+
     /// Same ranges as pyipc.Context's checks (and the same texts).
     pub fn setLimits(self: *Context, limits: Limits) Error!void {
         // switch_buf (max_message_size bytes) holds what an `in` callback
@@ -1434,6 +1443,7 @@ pub const Context = struct {
     /// Messages that came in the same read wait as MESSAGE_RX events.
     /// A message larger than `out` is kept (BufferTooSmall, *len = its size).
     pub fn readFd(self: *Context, fd: i32, out: []u8, len: *usize) Error!void {
+        try self.notInCallback("read");
         if (try self.takePending(fd, out, len)) return;
         var block = self.blocking(true);
         try self.receiveSome(fd, &block);
@@ -1447,6 +1457,7 @@ pub const Context = struct {
     /// into `out`: no copy through the core, only the kernel's. BufferTooSmall
     /// (*len = its size) when the next message does not fit; it stays queued.
     pub fn readInto(self: *Context, fd: i32, out: []u8, len: *usize) Error!void {
+        try self.notInCallback("read");
         if (try self.takePending(fd, out, len)) return;
         const conn = try self.connection(fd);
         var block = self.blocking(true); // one busy_poll for the whole call
@@ -1614,6 +1625,7 @@ pub const Context = struct {
     /// DISCONNECTION, in order, as long as `taker.put(payload)` accepts them
     /// (it copies each). Returns how many; 0 when the first was refused.
     pub fn readMany(self: *Context, fd: i32, max: usize, taker: anytype) Error!usize {
+        try self.notInCallback("read");
         if (max == 0) return self.last.fail(
             error.Generic,
             "read_many needs room for at least one message",
@@ -1631,6 +1643,7 @@ pub const Context = struct {
     /// read() without a copy: fd's next message (blocking for it as readFd
     /// does), lent until the next wait or readLent call.
     pub fn readLent(self: *Context, fd: i32) Error![]const u8 {
+        try self.notInCallback("read");
         self.events.releaseLent(self.gpa);
         var next = try self.events.lendNext(self.gpa, fd);
         if (next == .none) {
@@ -1752,6 +1765,7 @@ pub const Context = struct {
     /// Start of every wait call: what the previous one handed out by pointer
     /// may now be reused; then wait (see wait).
     pub fn beginWait(self: *Context, stop_on_wakeup: bool) Error!void {
+        try self.notInCallback("wait");
         self.events.releaseLent(self.gpa);
         try self.wait(stop_on_wakeup);
         // Something happened: the timer counts from now.

@@ -435,3 +435,61 @@ test "close() from a switch callback: the records live until the callback return
 test "close_all() from a switch callback: the records live until the callback returned" {
     try closeFromCallback(true);
 }
+
+// ------------------------------------------------------------ a callback that reads
+
+/// An `out` callback that tries to read and to wait before it forwards: the
+/// loop that called it is still decoding from the buffers a read would
+/// decode into (one connection's bytes went to another's peer), so both are
+/// refused, saying why.
+const Reader = struct {
+    var ctx: ?*Context = null;
+    var read_text: [64]u8 = undefined;
+    var read_len: usize = 0;
+    var wait_refused = false;
+
+    fn out(dest: c_int, payload: [*]const u8, mlen: u32) callconv(.c) c_int {
+        const context = ctx.?;
+        var buf: [64]u8 = undefined;
+        var len: usize = 0;
+        if (context.readFd(dest, &buf, &len)) |_| {
+            read_len = 0;
+        } else |e| {
+            const text = context.last.text();
+            read_len = if (e == error.Generic) @min(text.len, read_text.len) else 0;
+            @memcpy(read_text[0..read_len], text[0..read_len]);
+        }
+        wait_refused = if (context.beginWait(false)) |_| false else |e| e == error.Generic;
+        switching.send(ctx.?, dest, payload[0..mlen]) catch
+            return @backingInt(switching.CbResult.err);
+        return @backingInt(switching.CbResult.no_error);
+    }
+};
+
+test "a read or a wait inside a switch callback is refused, and nothing is lost" {
+    var board = try Board.init();
+    defer board.deinit();
+    Reader.ctx = board.ctx;
+    Reader.read_len = 0;
+    Reader.wait_refused = false;
+    try switching.setCallbacks(board.ctx, board.b.inner, null, Reader.out);
+    var frames: std.ArrayList(u8) = .empty;
+    defer frames.deinit(gpa);
+    for ([_][]const u8{ "AAAAA", "CCCCC" }) |m| {
+        try frames.appendSlice(gpa, &framing.encodeHeader(@intCast(m.len)));
+        try frames.appendSlice(gpa, m);
+    }
+    try sendAll(board.a.outer, frames.items);
+    var events: Events = .{};
+    defer events.deinit();
+    _ = sys.setNonblocking(board.b.outer, true);
+    var got: std.ArrayList(u8) = .empty;
+    defer got.deinit(gpa);
+    while (got.items.len < 10) {
+        try board.round(&events);
+        _ = try readAvailable(board.b.outer, &got);
+    }
+    try testing.expectEqualStrings("cannot read inside a switch callback", Reader.read_text[0..Reader.read_len]);
+    try testing.expect(Reader.wait_refused);
+    try testing.expectEqualStrings("AAAAACCCCC", got.items);
+}

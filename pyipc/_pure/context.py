@@ -51,7 +51,7 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
     __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_poller", "_pending",
                  "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
                  "_spare_fd", "_ready", "_timer_base", "_plain_reads", "_more", "_round_no",
-                 "_out_fd", "_linger_depth", "_muted")
+                 "_out_fd", "_linger_depth", "_muted", "_callback_depth")
 
     backend = "pure"
 
@@ -71,6 +71,7 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         self._more: dict[Conn, None] = {}
         self._round_no = 0
         self._out_fd = -1                          # the fd whose on_out runs (switching.py)
+        self._callback_depth = 0                   # switch callbacks running (reads refused)
         # Lingers running, and the external fds they muted (Conn.muted).
         self._linger_depth = 0
         self._muted: list[Conn] = []
@@ -98,6 +99,7 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
     # -- the event loop ----------------------------------------------------------
     def wait_event(self, timeout: Optional[float] = None) -> Event:
         timeout = check_timeout(timeout)    # even when an event is there to return
+        self._not_in_callback("wait")
         if not self._pending:
             self._fetch(timeout)
         ev = self._pending.popleft()
@@ -106,6 +108,7 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
 
     def wait_events(self, timeout: Optional[float] = None) -> list[Event]:
         timeout = check_timeout(timeout)    # even when events are there to return
+        self._not_in_callback("wait")
         if not self._pending:
             if timeout == 0:
                 return self._poll_events()

@@ -132,6 +132,7 @@ class Reading:
     def read(self: PureState, fd: int, timeout: Optional[float] = None) -> bytes:
         # The timeout first: a bad one is refused even when a message is there.
         block = self._blocking(fd, timeout, "read")
+        self._not_in_callback("read")
         while True:
             if self._pending:
                 message = self._pending.take_message(fd)
@@ -146,6 +147,7 @@ class Reading:
                   timeout: Optional[float] = None) -> list[bytes]:
         check_max_messages(max_messages)
         block = self._blocking(fd, timeout, "read")
+        self._not_in_callback("read")
         while True:
             taken = self._pending.take_messages(fd, max_messages)
             try:
@@ -156,6 +158,7 @@ class Reading:
     def read_into(self: PureState, fd: int, buffer: Buffer, timeout: Optional[float] = None) -> int:
         view = writable_view(buffer)
         spin = self._blocking(fd, timeout, "read")   # one busy_poll for the whole call
+        self._not_in_callback("read")
         while True:
             try:
                 return self._read_into(fd, view, spin)
@@ -251,6 +254,13 @@ class Reading:
             self._pending.extend([Event(_RX, conn.fd, conn.index, bytes(view[:got[1]]))])
             return
         conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
+
+    def _not_in_callback(self: PureState, what: str) -> None:
+        """Reads and waits are refused inside a switch callback, as native's
+        core refuses them (there they decode into buffers the loop that
+        called the callback is still decoding from)."""
+        if self._callback_depth:
+            raise IPCError(f"cannot {what} inside a switch callback")
 
     def _direct_eof(self: PureState, conn: Conn) -> int:
         """The peer closed during a direct read: as read() reports it."""

@@ -151,6 +151,7 @@ class Switching:
         when the call ended the switch itself (nothing more to forward)."""
         assert conn.on_in is not None
         payload: Optional[bytes] = None
+        self._callback_depth += 1
         try:
             result, data = conn.on_in(conn.fd)
             result = CBEvent(result)
@@ -162,6 +163,8 @@ class Switching:
         except Exception:
             log.exception("switch input callback of fd %d failed", conn.fd)
             result = CBEvent.ERROR
+        finally:
+            self._callback_depth -= 1
         if not conn.alive or (conn.peer is None and result in _FORWARDED):
             # The callback closed fd or ended the switch itself (switch_end):
             # what it returned has nowhere to go.
@@ -215,6 +218,7 @@ class Switching:
             self._set_interest(origin)       # pause reading if dest is over its bound
             return
         self._out_fd = dest.fd                # (an on_out never runs inside another)
+        self._callback_depth += 1
         try:
             result = CBEvent(dest.on_out(dest.fd, payload))
         except Exception:
@@ -222,6 +226,7 @@ class Switching:
             result = CBEvent.ERROR
         finally:
             self._out_fd = -1
+            self._callback_depth -= 1
         if not dest.alive:
             return                          # on_out closed it itself
         if result == CBEvent.NO_ERROR:

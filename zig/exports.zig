@@ -671,14 +671,24 @@ pub export fn ipc_receive_fd(
 ) callconv(.c) c_int {
     var fd: i32 = -1;
     const n = fdpass.receiveFd(sock, outBuffer(buffer, buflen), &fd) catch |err| {
-        if (received) |r| r.* = fd;
+        handOver(received, fd);
         return errors.code(
             if (err == error.BufferTooSmall) error.BufferTooSmall else error.Generic,
         );
     };
-    if (received) |r| r.* = fd;
+    handOver(received, fd);
     if (buflen) |l| l.* = n;
     return IPC_OK;
+}
+
+/// A received fd goes to the caller, or is closed when it gave no place for
+/// it (NULL): it was left open, unknown to anyone.
+fn handOver(received: ?*c_int, fd: i32) void {
+    if (received) |r| {
+        r.* = fd;
+    } else if (fd >= 0) {
+        sys.closeFd(fd);
+    }
 }
 
 // ------------------------------------------------------------ errno
@@ -1324,4 +1334,21 @@ test "C ABI: null pointers that would lose or fake data are refused, nothing tak
         ipc_receive_fd(cfd, &fd, null, &none),
     );
     try testing.expectEqual(@as(c_int, -1), fd);
+}
+
+test "C ABI: ipc_receive_fd with no place for the fd closes it" {
+    var pair: [2]std.c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), std.c.socketpair(std.c.AF.UNIX, std.c.SOCK.STREAM, 0, &pair));
+    defer sys.closeFd(pair[0]);
+    defer sys.closeFd(pair[1]);
+    // The lowest free fd number, before: a leaked fd would take it.
+    const before = std.c.dup(0);
+    sys.closeFd(before);
+    try testing.expectEqual(IPC_OK, ipc_send_fd(pair[0], 0, "x", 1));
+    var buf: [8]u8 = undefined;
+    var len: usize = buf.len;
+    try testing.expectEqual(IPC_OK, ipc_receive_fd(pair[1], null, &buf, &len));
+    const after = std.c.dup(0);
+    defer sys.closeFd(after);
+    try testing.expectEqual(before, after);
 }

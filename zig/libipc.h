@@ -45,7 +45,10 @@
  * Signals and timeouts: by default a blocking call goes on waiting through a
  * signal (libIPC's behaviour). After ipc_context_interruptible(ctx, 1), a
  * signal ends it with IPC_E_INTERRUPTED, having consumed nothing: call it
- * again. In such a context ipc_wakeup(ctx) from another thread also ends a
+ * again. (With busy_poll on, such a context also returns IPC_E_INTERRUPTED,
+ * nothing consumed, when a busy_poll spin ends without data, before it
+ * sleeps, so that Python's signal handlers run then: call it again.)
+ * In such a context ipc_wakeup(ctx) from another thread also ends a
  * blocking read (ipc_read_fd, ipc_read, ipc_read_many, ipc_read_into,
  * ipc_read_lent) with IPC_E_INTERRUPTED, nothing consumed, so that the thread
  * can do what the other one asked before it reads again. A write stopped in
@@ -57,7 +60,8 @@
  * (negative: no bound): IPC_E_TIMEOUT, with the same guarantees.
  * ipc_send_fd(sock, fd, payload, len) and ipc_receive_fd(sock, &fd, buffer,
  * &buflen) are libIPC's raw fd-passing helpers (no framing): receive blocks
- * for the next bytes and the fd sent with them (-1 when none). A stream
+ * for the next bytes and the fd sent with them (-1 when none; a NULL &fd:
+ * a received fd is closed, not leaked). A stream
  * socket keeps no boundaries, so a buffer smaller than what was sent gets its
  * first bytes and the rest comes with the next call: give it a buffer as
  * large as the largest payload. An empty or NULL buffer is refused
@@ -120,7 +124,11 @@
  * already ended). ipc_context_switch_events(ctx, 0) stops the SWITCH_RX and
  * SWITCH_TX events of what is relayed from then on (1: reported again, the
  * default); ERROR and DISCONNECTION are always reported. The calls may be
- * made from inside a switching callback.
+ * made from inside a switching callback. Reads and waits may not
+ * (ipc_read_fd, ipc_read, ipc_read_many, ipc_read_into, ipc_read_lent,
+ * ipc_wait_event, ipc_wait_events: IPC_E_GENERIC, "cannot read inside a
+ * switch callback" or "cannot wait ..."): the loop that called it is still
+ * decoding what it read, into the buffers a read would use.
  */
 #ifndef LIBIPC
 #define LIBIPC

@@ -134,8 +134,10 @@ class FakeScheme:
             except OSError:
                 return
             t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            # Listed before it starts: a test woken by what the thread does
+            # (wait_requests) may look at `threads` at once.
+            self.threads.append(t)
             t.start()
-            self.threads.append(t)              # close() joins started threads only
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:

@@ -24,7 +24,7 @@ def _cpu_of(call) -> tuple[object, float]:
     return result, time.thread_time() - start
 
 
-def _most_cpu(attempt, at_least: float, tries: int = 3) -> float:
+def _most_cpu(attempt, at_least: float, tries: int = 6) -> float:
     """The most CPU seconds of up to ``tries`` calls of attempt() (each
     checks its own upper bounds and returns its CPU time), stopping once one
     spent more than ``at_least``. A spin yields the CPU and ends by the clock,

@@ -555,16 +555,22 @@ def test_hung_name_lookups_of_one_host_leave_workers_for_others(backend, rundir,
                 assert tcpd_answer(ipcd) == frame(b"ok")
 
 
-def test_sigterm_does_not_wait_for_a_dial_in_progress(backend, rundir):
+def test_sigterm_does_not_wait_for_a_dial_in_progress(backend, rundir, tmp_path):
     """A dial hangs on a silent host with --connect-timeout 60: SIGTERM still
     stops tcpd at once (its worker threads were joined at exit)."""
-    with silent_host() as silent_port:
+    notify_path = str(tmp_path / "notify")
+    with silent_host() as silent_port, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(notify_path)
+        notify.settimeout(30)
         proc = subprocess.Popen(
             [sys.executable, "-m", "pyipc", "--rundir", rundir, "--backend", backend,
              "tcpd", "--listen", "127.0.0.1:0", "--connect-timeout", "60"],
-            env=CHILD_ENV, stderr=subprocess.PIPE)
+            env=dict(CHILD_ENV, NOTIFY_SOCKET=notify_path), stderr=subprocess.PIPE)
         try:
-            spin_until(lambda: os.path.exists(os.path.join(rundir, "tcp")), timeout=30)
+            # READY=1: `tcp` listens (its socket file exists from bind on,
+            # before listen: a connect then was refused).
+            assert notify.recv(100) == b"READY=1"
             with ask_tcpd(rundir, f"tcp://127.0.0.1:{silent_port}/svc"):
                 # The dial's worker thread is running (the process's second).
                 spin_until(lambda: len(os.listdir(f"/proc/{proc.pid}/task")) >= 2)

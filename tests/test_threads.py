@@ -263,8 +263,9 @@ def test_write_from_another_thread_raises_what_write_raises(ctx_factory):
     assert type(error) is TypeError and str(error) == "payload must be bytes-like or str, not int"
     error = in_thread(lambda: server.write(fd, b"x", timeout=-1))
     assert type(error) is ValueError
-    # The client reads nothing: a large write times out, made by the owner.
-    assert in_thread(lambda: server.write_typed(fd, Note("x" * 900), REGISTRY, timeout=0.2)) \
+    # The client reads nothing: a small write fits (its timeout only bounds
+    # the hand-over to the owner), a large one times out, made by the owner.
+    assert in_thread(lambda: server.write_typed(fd, Note("x" * 900), REGISTRY, timeout=5)) \
         is None
     big = [b"y" * 1000] * 20_000
     error = in_thread(lambda: server.write_many(fd, big, timeout=0.2))

@@ -90,6 +90,39 @@ class Pong(Daemon):
             self.ctx.schedule(ev.fd, ev.message)
 
 
+class Burst(Daemon):
+    """The service `burst`: to each client, `count` messages of `size`
+    bytes (message i filled with its number), then it closes (waiting,
+    linger, until they are written)."""
+
+    name = "burst"
+
+    def __init__(self, count: int = 40, size: int = 1 << 20, **kw) -> None:
+        super().__init__(**kw)
+        self.messages = [(b"%08d" % i) * (size // 8) for i in range(count)]
+
+    def setup(self) -> None:
+        self.ctx.service_init("burst")
+
+    def on_event(self, ev: pyipc.Event) -> None:
+        if ev.type == pyipc.EventType.CONNECTION:
+            for message in self.messages:
+                self.ctx.schedule(ev.fd, message)
+            self.ctx.close(ev.fd, linger=60)
+
+
+def frames_of(data: bytes) -> List[bytes]:
+    """The payloads of the whole frames in `data` (a partial one left out)."""
+    out, at = [], 0
+    while len(data) - at >= 4:
+        (size,) = struct.unpack_from(">I", data, at)
+        if len(data) - at - 4 < size:
+            break
+        out.append(data[at + 4:at + 4 + size])
+        at += 4 + size
+    return out
+
+
 def read_exactly(sock: socket.socket, n: int) -> bytes:
     """n bytes from sock (fewer only at its end). MSG_WAITALL does not wait
     on a socket with a timeout set: hence the loop."""

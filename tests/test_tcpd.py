@@ -25,8 +25,8 @@ from pyipc.daemons._sockets import default_per_host, peer_key
 from pyipc.daemons.tcpd import Tcpd, parse_uri
 
 from conftest import CHILD_ENV, spin_until, unavailable
-from daemon_harness import (Pong, frame, hung_lookups, read_exactly, read_frame, reap,
-                            running, stops_cleanly)
+from daemon_harness import (Burst, Pong, frame, frames_of, hung_lookups, read_exactly,
+                            read_frame, reap, running, stops_cleanly)
 
 
 @pytest.fixture
@@ -54,11 +54,11 @@ def dial(daemon: Tcpd) -> socket.socket:
 
 
 def read_to_end(sock: socket.socket) -> bytes:
-    got = b""
+    got = bytearray()
     while True:
-        more = sock.recv(4096)
+        more = sock.recv(1 << 16)
         if not more:
-            return got
+            return bytes(got)
         got += more
 
 
@@ -693,6 +693,53 @@ def test_many_clients_connect_at_once(backend, rundir, pong, monkeypatch):
         for t in threads:
             t.join(60)
         assert errors == []
+
+
+def test_a_services_last_messages_reach_a_peer_that_is_still_sending(backend, rundir):
+    """The service writes 40 MiB and closes while the remote peer is still
+    sending (it is slow to read): the peer gets every message, then EOF.
+    tcpd closed its TCP socket with the peer's bytes unread, which makes
+    the kernel send a reset, and the peer's kernel dropped the last
+    messages it had not read yet (38 of 40 came, then ECONNRESET)."""
+    with running(Burst(rundir=rundir, backend=backend)) as burst, \
+            running(make_tcpd(backend, rundir, expose=["burst"])) as daemon, \
+            dial(daemon) as sock:
+        sock.settimeout(30)
+        sock.sendall(b"burst\n")
+        assert read_exactly(sock, 2) == b"ok"
+        # The scenario's pace, not a synchronisation: the peer is busy for a
+        # moment (the service has written and closed meanwhile), sends, and
+        # is busy again before it reads.
+        time.sleep(1)
+        for _ in range(200):
+            sock.sendall(frame(b"y" * 1000))
+        time.sleep(1)
+        data = read_to_end(sock)
+    assert frames_of(data) == burst.messages
+
+
+def test_a_lingering_close_ends_at_the_peers_close_or_its_timeout(backend, rundir,
+                                                                    monkeypatch):
+    """After a relay's end tcpd keeps the TCP socket open (our side shut
+    down: the peer reads EOF) until the peer closes its side, and
+    LINGER_CLOSE_TIMEOUT at most; what the peer sends meanwhile is dropped."""
+    from pyipc.daemons import _graceful_close
+    monkeypatch.setattr(_graceful_close, "LINGER_CLOSE_TIMEOUT", 0.5)
+    burst = Burst(count=1, size=8, rundir=rundir, backend=backend)
+    with running(burst), running(make_tcpd(backend, rundir, expose=["burst"])) as daemon:
+        closer = daemon._closer
+        with dial(daemon) as polite, dial(daemon) as silent:
+            for sock in (polite, silent):
+                sock.sendall(b"burst\n")
+                assert read_exactly(sock, 2) == b"ok"
+                assert frames_of(read_to_end(sock)) == burst.messages   # then EOF
+            spin_until(lambda: len(closer) == 2)
+            silent.sendall(b"dropped")                # taken and dropped, no reset
+            polite.shutdown(socket.SHUT_WR)           # its close: the linger ends at once
+            spin_until(lambda: len(closer) == 1)
+            began = time.monotonic()
+            spin_until(lambda: len(closer) == 0)      # the silent one: at the timeout
+            assert time.monotonic() - began < 0.5 + 2
 
 
 def test_a_bad_frame_after_ok_ends_that_relay_only(tcpd):

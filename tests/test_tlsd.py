@@ -19,7 +19,7 @@ import pytest
 import pyipc
 
 from conftest import require_openssl, spin_until, unavailable
-from daemon_harness import hung_lookups, reap, stops_cleanly, stuck_service
+from daemon_harness import Burst, frames_of, hung_lookups, reap, stops_cleanly, stuck_service
 from tlsd_harness import (Certs, Echo, ask, connect_through, dialer, frame, listener, port_of,
                           read_all, recv_exactly, running, tls_by_hand, tls_client)
 
@@ -295,6 +295,35 @@ def test_a_remote_at_its_bounds_is_unreachable_not_a_tls_failure(hosts, backend,
     assert answer in ((f"ne unreachable 127.0.0.1:{port} closed the connection during "
                        f"the TLS handshake (at its bounds, or not a tlsd?)").encode(),
                       f"ne unreachable 127.0.0.1:{port}: Connection reset by peer".encode())
+
+
+def test_a_services_last_messages_reach_a_peer_that_is_still_sending(backend, rundir,
+                                                                     certs):
+    """As tcpd's: the service writes 40 MiB and closes while the remote
+    peer is still sending and slow to read: every message, then
+    close_notify (tlsd closed its TCP socket with the peer's records unread:
+    a reset, and the peer lost its last messages, 36 of 40 came)."""
+    burst = Burst(rundir=rundir, backend=backend)
+    with running(burst), \
+            running(listener(rundir, backend, certs, expose=frozenset({"burst"}))) as tlsd:
+        ctx = ssl.create_default_context(cafile=certs.ca)
+        with socket.create_connection(("127.0.0.1", port_of(tlsd)), timeout=30) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost",
+                                suppress_ragged_eofs=False) as tls:
+            tls.sendall(b"burst\n")
+            assert recv_exactly(tls, 2) == b"ok"
+            # The scenario's pace, not a synchronisation (as tcpd's test).
+            time.sleep(1)
+            for _ in range(200):
+                tls.sendall(frame(b"y" * 1000))
+            time.sleep(1)
+            data = bytearray()
+            while True:
+                chunk = tls.recv(1 << 20)       # b"" at close_notify; a ragged end raises
+                if not chunk:
+                    break
+                data += chunk
+    assert frames_of(bytes(data)) == burst.messages
 
 
 def test_the_share_per_host_follows_max_pending_unless_given():

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 from .. import Context, Event, EventType, _rundir
 from . import _systemd
 from .._signal_wakeup import SignalWakeup, drain_pipe
+from ._graceful_close import GracefulCloser
 from ._offload import Offloader, OnDone
 from ._timers import TimerHandle, Timers
 
@@ -57,6 +58,7 @@ class Daemon:
         self._stopping = False
         self._finishing = False           # serving in teardown (serve_while)
         self._timers = Timers()
+        self._closer = GracefulCloser(self.ctx, self.call_later, self.cancel)
 
     # ------------------------------------------------------------ for daemons
 
@@ -69,6 +71,12 @@ class Daemon:
     def cancel(self, handle: TimerHandle) -> None:
         """Never run a callback asked for with call_later (no effect once run)."""
         self._timers.cancel(handle)
+
+    def close_gracefully(self, fd: int) -> None:
+        """From a switched TCP socket's DISCONNECTION: keep it open until its
+        peer closed its side too (_graceful_close.py), so that what was
+        written to it is not lost to a reset."""
+        self._closer.close(fd)
 
     def offload(self, fn: Callable[[], Any], on_done: OnDone) -> None:
         """Run the blocking fn() on a worker thread, then on_done(result, exc)
@@ -165,6 +173,8 @@ class Daemon:
                 self._offloader.run_finished()
             elif ev.type == EventType.EXTERNAL and ev.fd == self._wakeup.fd:
                 self._wakeup.drain()        # the handler itself has run, in Python
+            elif ev.type == EventType.EXTERNAL and self._closer.owns(ev.fd):
+                self._closer.readable(ev.fd)
             else:
                 self._handle(ev)
         if not self._stopping or self._finishing:

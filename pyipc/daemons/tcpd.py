@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .. import Event, EventType, IPCError
 from . import _netwire as wire
@@ -145,6 +145,7 @@ class Tcpd(Daemon):
         self._dials: Dict[int, _Dial] = {}             # by ipcd's connection
         self._answers: Dict[int, _Dial] = {}           # by dialled socket, awaiting ok
         self._closing: Dict[int, Tuple[socket.socket, TimerHandle]] = {}
+        self._relayed: Set[int] = set()                 # switched TCP fds
 
     @property
     def pending(self) -> int:
@@ -247,6 +248,9 @@ class Tcpd(Daemon):
             dial = self._dials.get(fd)
             if dial is not None:                 # ipcd gave up (its timeout)
                 self._end_dial(dial)
+            elif fd in self._relayed:            # a relay ended: its last bytes kept
+                self._relayed.discard(fd)
+                self.close_gracefully(fd)
         elif ev.type == EventType.ERROR:
             self.log.debug("tcpd: fd %d: %s", fd, ev.error)
 
@@ -377,6 +381,7 @@ class Tcpd(Daemon):
             self.ctx.close(tcp)
             return
         self.ctx.add_switch(tcp, local)
+        self._relayed.add(tcp)
         self.log.info("tcpd: a peer reached %s", name)
 
     def _refuse_incoming(self, incoming: _Incoming, code: str, text: str) -> None:

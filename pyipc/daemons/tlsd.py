@@ -212,6 +212,7 @@ class Tlsd(Daemon):
         self._partials.pop(fd, None)
         if relay is not None:
             self._say_goodbye(fd, relay, backlog)
+            self.close_gracefully(fd)           # its last records kept
         if fd in self._requests:                # ipcd gave up: its dial is abandoned
             self._end_request(fd)
 

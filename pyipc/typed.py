@@ -732,7 +732,39 @@ def _json_object(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
 def _json_decode(data: bytes, what: str) -> Any:
     try:
         text = data.decode("utf-8")
-        return json.loads(text, parse_constant=_json_constant, parse_float=_json_float,
-                          object_pairs_hook=_json_object)
+        value = json.loads(text, parse_constant=_json_constant, parse_float=_json_float,
+                           object_pairs_hook=_json_object)
     except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError
         raise CorruptMessageError(f"body of {what} is not valid JSON: {_reason(e)}") from e
+    # The body is valid UTF-8, so a lone surrogate can only come from a \uD800-\uDFFF
+    # escape: walk the value only when the body holds one (most bodies do not).
+    if _SURROGATE_ESCAPE.search(data) and _has_lone_surrogate(value):
+        raise CorruptMessageError(
+            f"body of {what} is refused: a str holds a lone surrogate (not valid UTF-8; "
+            f"encode() refuses it too)")
+    return value
+
+
+#: What precedes every escaped surrogate in a JSON body (the hex digits' case is free).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD]")
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    """Whether a str in the decoded JSON value (dict keys included) is not
+    valid UTF-8: json.loads pairs escaped surrogates where it can and keeps
+    lone ones, which encode() (and CBOR's decode) refuse. Iterative: the
+    value may be nested as deep as json.loads allowed."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False

@@ -575,6 +575,25 @@ def test_corrupt_json_body(body: bytes, message: str) -> None:
         JSON.decode(b"\x01" + body)
 
 
+@pytest.mark.parametrize("body", [
+    rb'{"seq": 1, "note": "\ud800"}',                 # a lone high surrogate
+    rb'{"seq": 1, "note": "a\uDFFFb"}',               # a lone low one, upper-case hex
+    rb'{"seq": 1, "tags": [{"\uDbff": 1}]}',          # in a nested key
+    rb'{"seq": 1, "note": "\ude00\ud83d"}',           # a pair in the wrong order
+])
+def test_json_refuses_a_lone_surrogate_as_cbor_does(body: bytes) -> None:
+    """json.loads keeps an escaped lone surrogate, a str that encode() then
+    refuses: decoding refuses it as CBOR decoding does (it returned it)."""
+    with pytest.raises(CorruptMessageError, match=r"^body of message type 1 \(Ping\) is "
+                                                  r"refused: a str holds a lone surrogate"):
+        JSON.decode(b"\x01" + body)
+
+
+def test_json_takes_an_escaped_surrogate_pair() -> None:
+    assert JSON.decode(b"\x01" + rb'{"seq": 1, "note": "\ud83d\uDE00 \\ud800"}') == \
+        Ping(1, note="\U0001f600 \\ud800")
+
+
 @pytest.mark.parametrize("reg", [CBOR, JSON], ids=["cbor", "json"])
 def test_field_mismatch(reg: Registry) -> None:
     inner = (cbor2.dumps({"note": "x", "bogus": 1, "zzz": 2}) if reg.codec == "cbor"

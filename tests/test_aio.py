@@ -642,3 +642,45 @@ def test_an_unread_external_fd_does_not_spin_the_loop(actx):
             ev = await asyncio.wait_for(ctx.wait_event(), 10)
             assert (ev.type, ev.fd) == (EventType.EXTERNAL, r)
     run(main)
+
+
+def test_a_flood_of_empty_messages_holds_its_sender_back(actx, ctx_factory):
+    """Receive back-pressure counts each message's header, as send() does:
+    empty messages unread in the inbox reach the high-water mark too, so
+    reading pauses and the sender's writes block (counting payload bytes
+    only, the inbox never paused and grew without bound)."""
+    high = 1024
+    sender = ctx_factory()
+    got: list[bytes] = []
+
+    async def main() -> None:
+        async with actx(high_water=high) as ctx:
+            idle, finished = asyncio.Event(), asyncio.Event()
+            conns: list[pyipc.aio.Connection] = []
+
+            async def hold(conn: pyipc.aio.Connection) -> None:
+                conns.append(conn)
+                await idle.wait()
+                while len(got) < sent:
+                    got.append(await conn.recv())
+                finished.set()
+
+            server = await ctx.serve("s", hold)
+            fd = sender.connect("s")
+            sent = 0
+
+            def write_until_blocked() -> None:
+                nonlocal sent
+                with pytest.raises(pyipc.TimeoutError):
+                    while sent < 100_000:          # far past the socket's buffers
+                        sender.write(fd, b"", timeout=1)
+                        sent += 1
+            await asyncio.get_running_loop().run_in_executor(None, write_until_blocked)
+            (conn,) = conns
+            assert conn._read_paused
+            assert conn._inbox_bytes == 4 * len(conn._inbox) <= high + (1 << 20)
+            idle.set()             # reading resumes as recv() takes the inbox down
+            await finished.wait()
+            server.close()
+    run(main)
+    assert got == [b""] * len(got)

@@ -53,7 +53,8 @@ class Connection:
         # in the inbox, the context does not read the fd (pause_reading), so
         # the peer's sends wait; it reads again once recv() took it down to
         # a quarter. The inbox holds at most high_water plus what one round
-        # of the loop read.
+        # of the loop read. Each message counts its header too (as send()
+        # does): a flood of empty messages costs memory all the same.
         self._inbox_bytes = 0
         self._read_high, self._read_low = high_water, high_water // 4
         self._read_paused = False
@@ -139,7 +140,7 @@ class Connection:
             self._check_open()
             await self.ctx._wait(self._rx_waiters)
         message = self._inbox.popleft()
-        self._inbox_bytes -= len(message)
+        self._inbox_bytes -= HEADER + len(message)
         if self._read_paused and self._inbox_bytes <= self._read_low:
             self._pause_reading(False)
         return message
@@ -207,7 +208,7 @@ class Connection:
     # -- what the context's events say (called by Context._dispatch) -------------------
     def _received(self, message: bytes) -> None:
         self._inbox.append(message)
-        self._inbox_bytes += len(message)
+        self._inbox_bytes += HEADER + len(message)
         if not self._read_paused and self._inbox_bytes > self._read_high:
             self._pause_reading(True)
         if self._rx_waiters:

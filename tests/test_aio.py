@@ -684,3 +684,30 @@ def test_a_flood_of_empty_messages_holds_its_sender_back(actx, ctx_factory):
             server.close()
     run(main)
     assert got == [b""] * len(got)
+
+
+def test_a_connection_this_side_dropped_says_why(actx):
+    """The context drops a connection whose peer sent a frame over
+    max_message_size: recv() and send() say it failed, and why, not that
+    the peer closed it (the reason was only in conn.error)."""
+    async def main() -> None:
+        async with actx(max_message_size=100) as server_ctx, actx() as ctx:
+            texts: asyncio.Future[tuple[pyipc.aio.Connection, str, str]] = \
+                asyncio.get_running_loop().create_future()
+
+            async def handler(conn: pyipc.aio.Connection) -> None:
+                # (an assertion failing here would only be logged: main asserts)
+                with pytest.raises(pyipc.ConnectionClosedError) as on_recv:
+                    await conn.recv()
+                with pytest.raises(pyipc.ConnectionClosedError) as on_send:
+                    await conn.send(b"late")
+                texts.set_result((conn, str(on_recv.value), str(on_send.value)))
+
+            await server_ctx.serve("s", handler)
+            client = await ctx.connect("s")
+            await client.send(b"x" * 1000)
+            conn, on_recv, on_send = await asyncio.wait_for(texts, 10)
+            reason = "message of 1000 bytes exceeds max_message_size (100)"
+            assert conn.error == reason
+            assert on_recv == on_send == f"connection on fd {conn.fd} failed: {reason}"
+    run(main)

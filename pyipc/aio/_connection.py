@@ -36,6 +36,11 @@ def closed_here(fd: int) -> str:
     return f"connection on fd {fd} is closed"
 
 
+def failed_text(fd: int, error: str) -> str:
+    """The error text of a call on a connection that failed (an ERROR event)."""
+    return f"connection on fd {fd} failed: {error}"
+
+
 class Connection:
     """A connection of a `pyipc.aio.Context`, made by `ctx.connect(name)` or
     handed to a service's handler. `await send(payload)`, `await recv()`,
@@ -221,9 +226,15 @@ class Connection:
                 self.ctx._flavor_wake(self._tx_waiters)
 
     def _disconnected(self) -> None:
+        """The connection ended: closed by the peer, or dropped by the context
+        after an ERROR (a frame over max_message_size, a failed read...),
+        whose reason the error's text then gives: 'closed by the peer' would
+        blame the peer for what this side did."""
         if self.error is not None:
             log.debug("connection on fd %d failed: %s", self.fd, self.error)
-        self._end(str(closed_by_peer(self.fd)))
+            self._end(failed_text(self.fd, self.error))
+        else:
+            self._end(str(closed_by_peer(self.fd)))
 
     def _end(self, error: str) -> None:
         self._ended = error

@@ -190,3 +190,25 @@ def test_ipcd_that_does_not_read_the_request_in_time(backend, rundir, monkeypatc
                                    match="connect to service pong timed out"):
                     await ctx.connect("pong", timeout=0.2)
         run(main)
+
+
+def test_a_context_full_when_ipcd_answers_is_the_sync_connects_error(ipcd, backend, rundir,
+                                                                   ctx_factory):
+    """The last free connection is taken while ipcd thinks: the fd it hands
+    over cannot be added, and that is ConnectionLimitError, as the sync
+    connect() raises it (every refusal read 'ipcd sent a file descriptor
+    that is not a connected Unix or TCP stream socket')."""
+    server = ctx_factory()
+    server.service_init("pong")
+
+    async def main() -> Any:
+        async with pyipc.aio.Context(rundir=rundir, backend=backend,
+                                     max_connections=1) as ctx:
+            connecting = asyncio.ensure_future(ctx.connect("pong"))
+            await asyncio.to_thread(ipcd.got_request.wait, 10)
+            ctx.sync.connect_service("pong")        # the last one it may have
+            ipcd.answer()
+            with pytest.raises(pyipc.ConnectionLimitError,
+                               match=r"^too many connections \(max_connections 1\)$"):
+                await connecting
+    run(main)

@@ -14,7 +14,8 @@ import struct
 from typing import TYPE_CHECKING, Awaitable, Optional
 
 from .. import _rundir
-from .._pure.fdpass import MAX_RECEIVED_FDS, take_ipcd_answer
+from .._pure.fdpass import (MAX_RECEIVED_FDS, _connected_stream, adopt_connection,
+                            take_ipcd_answer)
 from .._types import (IPCD_SERVICE, IPCError, ServiceNotFoundError, TimeoutError)
 
 if TYPE_CHECKING:
@@ -59,13 +60,13 @@ async def connect_through_ipcd(ctx: "Context", name: str, rules: str,
             answer, fds = b"", []
     finally:
         sock.close()                            # ipcd sees the end of the exchange
-    fd = take_ipcd_answer(name, answer, fds)
-    try:
-        ctx.sync.add_connection(fd)
-    except IPCError:
-        os.close(fd)
-        raise IPCError(NOT_A_STREAM) from None
-    return fd
+    # As the sync connect(): an fd that is not a connected stream is said so;
+    # any other refusal of add_connection (ConnectionLimitError at
+    # max_connections...) is raised as it is, the fd closed.
+    handed = _connected_stream(take_ipcd_answer(name, answer, fds))
+    if handed is None:
+        raise IPCError(NOT_A_STREAM)
+    return adopt_connection(ctx.sync, handed)
 
 
 async def _exchange(flavor: "Flavor", sock: socket.socket, request: bytes) -> None:

@@ -711,3 +711,70 @@ def test_a_connection_this_side_dropped_says_why(actx):
             assert conn.error == reason
             assert on_recv == on_send == f"connection on fd {conn.fd} failed: {reason}"
     run(main)
+
+
+async def _idle_handler_on(ctx: pyipc.aio.Context, client: pyipc.aio.Context,
+                           handler: Callable[[pyipc.aio.Connection], Awaitable[None]],
+                           started: asyncio.Event) -> pyipc.aio.Server:
+    """A server of ctx whose one client (of `client`) runs `handler`, started."""
+    server = await ctx.serve("s", handler)
+    await client.connect("s")
+    await asyncio.wait_for(started.wait(), 10)
+    return server
+
+
+def test_closing_the_context_stops_the_handlers_of_a_closed_server(actx):
+    """server.close() stops listening, its handlers go on; closing the
+    context then cancels them too, and a pending wait_closed() returns
+    (the closed server was out of the context's sight: its handler ran on
+    after the context closed, and wait_closed() hung)."""
+    async def main() -> None:
+        started, outcome = asyncio.Event(), []
+
+        async def handler(conn: pyipc.aio.Connection) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()      # works on something else than conn
+            except asyncio.CancelledError:
+                outcome.append("cancelled")
+                raise
+
+        async with actx() as client:
+            server_ctx = actx()
+            server = await _idle_handler_on(server_ctx, client, handler, started)
+            server.close()
+            waiting = asyncio.ensure_future(server.wait_closed())
+            await server_ctx.aclose()
+            assert outcome == ["cancelled"]
+            await asyncio.wait_for(waiting, 10)
+            assert server._cancels == {} and not server_ctx._closed_servers
+    run(main)
+
+
+def test_wait_closed_returns_once_the_context_is_closed(actx):
+    """aclose() cancelled while it waits for a handler's cleanup: the
+    context is closed all the same, and wait_closed() returns instead of
+    waiting for a wake-up that nothing can send any more."""
+    async def main() -> None:
+        started, cleaning = asyncio.Event(), asyncio.Event()
+
+        async def handler(conn: pyipc.aio.Connection) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                cleaning.set()
+                await asyncio.Event().wait()      # a cleanup that does not end by itself
+
+        async with actx() as client:
+            server_ctx = actx()
+            server = await _idle_handler_on(server_ctx, client, handler, started)
+            waiting = asyncio.ensure_future(server.wait_closed())
+            closing = asyncio.ensure_future(server_ctx.aclose())
+            await asyncio.wait_for(cleaning.wait(), 10)
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+            await asyncio.wait_for(waiting, 10)
+            await asyncio.wait_for(server.wait_closed(), 10)     # a new one too
+    run(main)

@@ -85,6 +85,9 @@ class Context:
         self._closed = False
         self._conns: dict[int, Connection] = {}
         self._servers: dict[str, Server] = {}     # by socket path
+        #: Servers closed (no longer in _servers) whose handlers still run:
+        #: aclose() stops them too, as it stops the serving ones.
+        self._closed_servers: set[Server] = set()
         self._plain_services = 0                    # service_init() without a Server
         self._events: deque[Event] = deque()
         #: External fds with an EXTERNAL event in _events not taken yet: the
@@ -157,6 +160,11 @@ class Context:
         if flavor is None:
             raise IPCError(CLOSED_TEXT)
         await flavor.wait(waiters)
+
+    def _shut(self) -> bool:
+        """Whether aclose() has finished (or given up): nothing will wake a
+        waiter any more, so a Server's wait_closed() returns."""
+        return self._closed and self._flavor is None
 
     def _flavor_wake(self, waiters: list[Any]) -> None:
         if waiters and self._flavor is not None:
@@ -314,14 +322,15 @@ class Context:
         return EventStream(self)
 
     async def aclose(self) -> None:
-        """Stop the servers (their handlers are cancelled), let what is
-        scheduled go out (at most `linger` seconds in all), close every fd."""
+        """Stop the servers, closed ones included (their handlers are
+        cancelled and awaited), let what is scheduled go out (at most
+        `linger` seconds in all), close every fd."""
         if self._closed:
             return
         self._closed = True
         conns = list(self._conns.values())
         try:
-            servers = list(self._servers.values())
+            servers = list(self._servers.values()) + list(self._closed_servers)
             for server in servers:
                 server.close()
                 server.close_clients()
@@ -349,6 +358,10 @@ class Context:
                 conn._end(f"connection on fd {conn.fd} is closed")
         self._conns.clear()
         self._flavor_wake(self._event_waiters)
+        # Last chance to wake a server's wait_closed(): a handler that ends
+        # after this cannot (aclose() cancelled while it waited for one).
+        for server in list(self._servers.values()) + list(self._closed_servers):
+            self._flavor_wake(server._waiters)
         self._flavor = None
 
 

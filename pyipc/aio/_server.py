@@ -69,6 +69,13 @@ class Server:
         conn.abort()
         if self._cancels.get(conn.fd) is cancel:    # (the fd may be another's by now)
             del self._cancels[conn.fd]
+        self._one_fewer()
+
+    def _one_fewer(self) -> None:
+        """A task of the server ended: waiters re-check; a closed server
+        with none left is no longer the context's to stop."""
+        if not self._serving and not self._cancels:
+            self.ctx._closed_servers.discard(self)
         self.ctx._flavor_wake(self._waiters)
 
     def close(self) -> None:
@@ -77,6 +84,8 @@ class Server:
             return
         self._serving = False
         self.ctx._servers.pop(self.path, None)
+        if self._cancels:       # the context's aclose() still stops its handlers
+            self.ctx._closed_servers.add(self)
         if not self.ctx._closed or self.ctx._flavor is not None:
             self.ctx.sync.close(self.fd, linger=0)
         self.ctx._flavor_wake(self._waiters)
@@ -87,9 +96,10 @@ class Server:
             cancel()
 
     async def wait_closed(self) -> None:
-        """Wait until closed and every handler has ended; then close the
-        context too if serve() made it."""
-        while self._serving or self._cancels:
+        """Wait until closed and every handler has ended, or the context is
+        closed (it cancels the handlers); then close the context too if
+        serve() made it."""
+        while (self._serving or self._cancels) and not self.ctx._shut():
             await self.ctx._wait(self._waiters)
         if self._owns_ctx:
             await self.ctx.aclose()

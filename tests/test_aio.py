@@ -778,3 +778,66 @@ def test_wait_closed_returns_once_the_context_is_closed(actx):
             await asyncio.wait_for(waiting, 10)
             await asyncio.wait_for(server.wait_closed(), 10)     # a new one too
     run(main)
+
+
+@pytest.mark.parametrize("leave", ["server", "context"])
+@pytest.mark.parametrize("then", ["waits", "returns"])
+def test_a_reply_sent_before_the_service_stops_goes_out(actx, leave, then):
+    """The handler sent a reply (send() returned: queued whole), then the
+    service stops: leaving `async with server:` or closing the context
+    cancels the handler (waiting for the next request, or in the close
+    that follows its return), and its reply still goes out before its
+    connection closes (it was aborted, the reply dropped)."""
+    reply = b"r" * (4 << 20)           # far more than the sockets' buffers hold
+
+    async def main() -> None:
+        replied = asyncio.Event()
+
+        async def handler(conn: pyipc.aio.Connection) -> None:
+            async for _ in conn:
+                await conn.send(reply)
+                replied.set()
+                if then == "returns":
+                    return
+
+        async with actx() as client_ctx, actx() as server_ctx:
+            server = await server_ctx.serve("s", handler)
+            conn = await client_ctx.connect("s")
+            await conn.send(b"ask")
+            await asyncio.wait_for(replied.wait(), 10)
+            receiving = asyncio.ensure_future(conn.recv())
+            if leave == "server":
+                async with server:
+                    pass
+            else:
+                await server_ctx.aclose()
+            assert await asyncio.wait_for(receiving, 10) == reply
+            with pytest.raises(pyipc.ConnectionClosedError, match="closed by the peer"):
+                await asyncio.wait_for(conn.recv(), 10)
+    run(main)
+
+
+def test_a_reply_nobody_reads_holds_the_stop_for_at_most_linger(actx, ctx_factory):
+    """The reply of a cancelled handler goes out within `linger` seconds or
+    is dropped: a client that never reads does not hold wait_closed()."""
+    async def main() -> float:
+        replied = asyncio.Event()
+
+        async def handler(conn: pyipc.aio.Connection) -> None:
+            await conn.recv()
+            await conn.send(b"r" * (4 << 20))
+            replied.set()
+            await conn.recv()
+
+        sink = ctx_factory()                        # connects, asks, never reads
+        async with actx(linger=0.5) as server_ctx:
+            server = await server_ctx.serve("s", handler)
+            fd = sink.connect("s")
+            sink.write(fd, b"ask", timeout=10)
+            await asyncio.wait_for(replied.wait(), 10)
+            started = time.monotonic()
+            async with server:
+                pass
+            assert server._closing == set() and server_ctx._conns == {}
+            return time.monotonic() - started
+    assert 0.4 < run(main) < 5

@@ -330,20 +330,30 @@ class Context:
         self._closed = True
         conns = list(self._conns.values())
         try:
-            servers = list(self._servers.values()) + list(self._closed_servers)
-            for server in servers:
-                server.close()
-                server.close_clients()
-            for server in servers:          # their handlers' cleanup runs now
-                while server._cancels:
-                    await self._wait(server._waiters)
-            if self._flavor is not None and any(c.get_write_buffer_size() for c in conns):
+            servers = await self._stop_servers()
+            if self._flavor is not None and (any(c.get_write_buffer_size() for c in conns)
+                                             or any(s._closing for s in servers)):
                 async def drained() -> None:
                     for conn in conns:
                         await conn.drain()
+                    for server in servers:      # their handlers' replies go out
+                        while server._closing:
+                            await self._wait(server._waiters)
                 await self._flavor.within(drained, self.sync.linger)
         finally:
             self._close_now(conns)
+
+    async def _stop_servers(self) -> list[Server]:
+        """Close every server (closed ones have handlers left), cancel their
+        handlers and wait until they ended; the servers."""
+        servers = list(self._servers.values()) + list(self._closed_servers)
+        for server in servers:
+            server.close()
+            server.close_clients()
+        for server in servers:          # their handlers' cleanup runs now
+            while server._cancels:
+                await self._wait(server._waiters)
+        return servers
 
     def _close_now(self, conns: list[Connection]) -> None:
         if self._flavor is not None:

@@ -3,7 +3,9 @@
 Shaped as asyncio.start_unix_server's Server: close(), close_clients(),
 wait_closed(), serve_forever(), `async with`. A handler that returns has its
 connection closed after what it sent has gone out; one that raises is
-logged (a peer that left, ConnectionClosedError, is not an error).
+logged (a peer that left, ConnectionClosedError, is not an error); one that
+is cancelled (close_clients(), the context's aclose()) has its connection
+closed once what it sent is out too (at most `linger` seconds).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Server:
         self._owns_ctx = owns_ctx
         self._serving = True
         self._cancels: dict[int, Cancel] = {}      # handler tasks, by connection fd
+        #: Connections of ended handlers closing once what they sent is out.
+        self._closing: set[Connection] = set()
         self._waiters: list[Any] = []              # woken when closed or a handler ends
         ctx._servers[self.path] = self
 
@@ -54,27 +58,44 @@ class Server:
         self._cancels[conn.fd] = cancel
 
     async def _run(self, conn: Connection) -> None:
+        # The connection is closed by _ended once the task is over, not here:
+        # a close here, cancelled by close_clients(), would drop the replies.
         try:
             await self._handler(conn)
-            await conn.close()
         except ConnectionClosedError:
             log.debug("service %s: client on fd %d left", self.name, conn.fd)
         except Exception:
             log.exception("service %s: the handler of fd %d failed", self.name, conn.fd)
 
     def _ended(self, conn: Connection, cancel: Cancel) -> None:
-        """The handler task of `conn` ended, however (a task cancelled before
-        it started included: its body never ran): the connection is closed
-        now, without lingering, and waiters see one handler fewer."""
-        conn.abort()
+        """The handler task of `conn` ended, however (returned, raised, or
+        cancelled: before its first step included, when its body never
+        ran), and waiters see one handler fewer. Its connection is closed
+        now if nothing it sent is unsent; else once that is out (at most
+        `linger` seconds): a handler cancelled by close_clients() or the
+        context's aclose() may have replied, and its reply is not dropped."""
+        if conn.get_write_buffer_size() and self.ctx._flavor is not None:
+            self._close_when_sent(conn)
+        else:
+            conn.abort()
         if self._cancels.get(conn.fd) is cancel:    # (the fd may be another's by now)
             del self._cancels[conn.fd]
         self._one_fewer()
 
+    def _close_when_sent(self, conn: Connection) -> None:
+        """conn.close() as a task of its own, which wait_closed() and the
+        context's aclose() wait for."""
+        self._closing.add(conn)
+
+        def closed() -> None:
+            self._closing.discard(conn)
+            self._one_fewer()
+        self.ctx._spawn(conn.close(), closed)
+
     def _one_fewer(self) -> None:
         """A task of the server ended: waiters re-check; a closed server
         with none left is no longer the context's to stop."""
-        if not self._serving and not self._cancels:
+        if not self._serving and not self._cancels and not self._closing:
             self.ctx._closed_servers.discard(self)
         self.ctx._flavor_wake(self._waiters)
 
@@ -84,22 +105,23 @@ class Server:
             return
         self._serving = False
         self.ctx._servers.pop(self.path, None)
-        if self._cancels:       # the context's aclose() still stops its handlers
+        if self._cancels or self._closing:      # the context's aclose() still stops them
             self.ctx._closed_servers.add(self)
         if not self.ctx._closed or self.ctx._flavor is not None:
             self.ctx.sync.close(self.fd, linger=0)
         self.ctx._flavor_wake(self._waiters)
 
     def close_clients(self) -> None:
-        """Cancel every handler task (their connections are closed)."""
+        """Cancel every handler task (their connections are closed once what
+        they sent is out, at most `linger` seconds)."""
         for cancel in list(self._cancels.values()):
             cancel()
 
     async def wait_closed(self) -> None:
-        """Wait until closed and every handler has ended, or the context is
-        closed (it cancels the handlers); then close the context too if
-        serve() made it."""
-        while (self._serving or self._cancels) and not self.ctx._shut():
+        """Wait until closed, every handler has ended and their replies are
+        out (at most `linger` seconds), or the context is closed (it cancels
+        the handlers); then close the context too if serve() made it."""
+        while (self._serving or self._cancels or self._closing) and not self.ctx._shut():
             await self.ctx._wait(self._waiters)
         if self._owns_ctx:
             await self.ctx.aclose()

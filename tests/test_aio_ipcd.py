@@ -212,3 +212,27 @@ def test_a_context_full_when_ipcd_answers_is_the_sync_connects_error(ipcd, backe
                                match=r"^too many connections \(max_connections 1\)$"):
                 await connecting
     run(main)
+
+
+def test_a_full_context_does_not_ask_ipcd(backend, rundir, ctx_factory, monkeypatch):
+    """No room for one more connection: ConnectionLimitError at once, and
+    ipcd is not asked for a connection (to a service that may be on another
+    host) that could not be taken, as the sync connect() does not ask."""
+    monkeypatch.setenv("IPC_NETWORK", "pong unix://pong")
+    server = ctx_factory()
+    server.service_init("pong")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(os.path.join(rundir, "ipc"))
+        listener.listen(1)
+
+        async def main() -> Any:
+            async with pyipc.aio.Context(rundir=rundir, backend=backend,
+                                         max_connections=1) as ctx:
+                ctx.sync.connect_service("pong")    # the one connection it may have
+                with pytest.raises(pyipc.ConnectionLimitError,
+                                   match=r"^too many connections \(max_connections 1\)$"):
+                    await ctx.connect("pong")
+        run(main)
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):        # nobody connected to "ipcd"
+            listener.accept()

@@ -19,6 +19,7 @@ from .._pure.fdpass import (MAX_RECEIVED_FDS, _connected_stream, adopt_connectio
 from .._types import (IPCD_SERVICE, IPCError, ServiceNotFoundError, TimeoutError)
 
 if TYPE_CHECKING:
+    from .._context import Context as SyncContext
     from ._context import Context
     from ._flavor import Flavor
 
@@ -42,6 +43,7 @@ async def connect_through_ipcd(ctx: "Context", name: str, rules: str,
     """Ask ipcd for a connection to `name`; the fd, now a connection of ctx.sync."""
     rundir = ctx.sync.rundir
     _rundir.service_path(rundir, name)          # InvalidNameError before anything
+    _check_room(ctx.sync)
     sock = _connect_ipcd(rundir)
     try:
         request = f"{name};{rules}".encode()
@@ -67,6 +69,17 @@ async def connect_through_ipcd(ctx: "Context", name: str, rules: str,
     if handed is None:
         raise IPCError(NOT_A_STREAM)
     return adopt_connection(ctx.sync, handed)
+
+
+def _check_room(sync: "SyncContext") -> None:
+    """ConnectionLimitError now when the context has no room for one more
+    connection, before ipcd is asked for one (and reaches the service, maybe
+    on another host) that could not be taken: the sync connect() refuses
+    then too (its exchange with ipcd is a connection of its context). An
+    end of a socket pair is added and closed at once (no event comes of it)."""
+    probe, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with other:
+        sync.close(adopt_connection(sync, probe), linger=0)
 
 
 async def _exchange(flavor: "Flavor", sock: socket.socket, request: bytes) -> None:

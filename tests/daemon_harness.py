@@ -241,3 +241,16 @@ def hung_lookups(monkeypatch: pytest.MonkeyPatch, host: str) -> Iterator[None]:
         yield
     finally:
         release.set()
+
+
+def fail_first_offload(daemon: Daemon) -> None:
+    """The daemon's first offload() raises, as when no worker thread can be
+    started ("can't start new thread"); the next ones work."""
+    real, calls = daemon.offload, []
+
+    def offload(fn, on_done) -> None:
+        calls.append(fn)
+        if len(calls) == 1:
+            raise RuntimeError("can't start new thread")
+        real(fn, on_done)
+    daemon.offload = offload          # type: ignore[method-assign]

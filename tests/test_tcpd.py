@@ -25,8 +25,8 @@ from pyipc.daemons._sockets import default_per_host, peer_key
 from pyipc.daemons.tcpd import Tcpd, parse_uri
 
 from conftest import CHILD_ENV, spin_until, unavailable
-from daemon_harness import (Burst, Pong, frame, frames_of, hung_lookups, read_exactly,
-                            read_frame, reap, running, stops_cleanly)
+from daemon_harness import (Burst, Pong, fail_first_offload, frame, frames_of, hung_lookups,
+                            read_exactly, read_frame, reap, running, stops_cleanly)
 
 
 @pytest.fixture
@@ -553,6 +553,20 @@ def test_hung_name_lookups_of_one_host_leave_workers_for_others(backend, rundir,
                 assert read_exactly(conn, 4) == b"svc\n"
                 conn.sendall(b"ok")
                 assert tcpd_answer(ipcd) == frame(b"ok")
+
+
+def test_a_hosts_share_comes_back_when_no_worker_can_be_started(backend, rundir):
+    """The first dial's worker thread cannot start: that dial is answered,
+    and the host's share of dials is given back (later dials to it were all
+    'busy' until a restart)."""
+    daemon = make_tcpd(backend, rundir, max_pending_per_host=1, connect_timeout=5)
+    fail_first_offload(daemon)
+    with socket.socket() as closed, running(daemon):
+        closed.bind(("127.0.0.1", 0))                 # bound, not listening: refused
+        uri = f"tcp://127.0.0.1:{closed.getsockname()[1]}/svc"
+        for expected in (b"ne refused tcpd failed serving this request", b"ne unreachable "):
+            with ask_tcpd(rundir, uri) as sock:
+                assert tcpd_answer(sock)[4:].startswith(expected)
 
 
 def test_sigterm_does_not_wait_for_a_dial_in_progress(backend, rundir, tmp_path):

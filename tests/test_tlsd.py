@@ -19,7 +19,8 @@ import pytest
 import pyipc
 
 from conftest import require_openssl, spin_until, unavailable
-from daemon_harness import Burst, frames_of, hung_lookups, reap, stops_cleanly, stuck_service
+from daemon_harness import (Burst, fail_first_offload, frames_of, hung_lookups, reap,
+                            stops_cleanly, stuck_service)
 from tlsd_harness import (Certs, Echo, ask, connect_through, dialer, frame, listener, port_of,
                           read_all, recv_exactly, running, tls_by_hand, tls_client)
 
@@ -213,6 +214,21 @@ def test_hung_name_lookups_of_one_host_leave_workers_for_others(hosts, backend, 
         assert fd is not None
         os.close(fd)
         assert answer == b"ok"
+
+
+def test_a_hosts_share_comes_back_when_no_worker_can_be_started(hosts, backend, certs):
+    """As tcpd's: the first request's worker thread cannot start; it is
+    answered, and the host's share of dials is given back (not 'busy')."""
+    a, _ = hosts
+    daemon = dialer(a, backend, certs, connect_timeout=1, max_pending_per_host=1)
+    fail_first_offload(daemon)
+    with socket.socket() as closed, running(daemon):
+        closed.bind(("127.0.0.1", 0))                 # bound, not listening: refused
+        uri = f"tls://127.0.0.1:{closed.getsockname()[1]}/pong"
+        first, _ = ask(a, uri)
+        second, _ = ask(a, uri)
+    assert first == b"ne refused tlsd failed serving this request (see its log)"
+    assert second.startswith(b"ne unreachable "), second
 
 
 def test_a_dial_that_ends_after_its_request_was_answered_is_dropped(hosts, backend, certs):

@@ -7,10 +7,13 @@ listening, no answer in time, a bad URI."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import os
 import socket
 import tempfile
+import threading
 from typing import Iterator, Tuple
 
 import pytest
@@ -20,7 +23,7 @@ from pyipc.daemons.ipcd import Ipcd
 from pyipc.daemons.websocketd import Options, WebSocketd
 
 from conftest import spin_until
-from daemon_harness import Pong, frame, read_frame, running
+from daemon_harness import Pong, fail_first_offload, frame, read_frame, running
 
 
 @pytest.fixture
@@ -179,5 +182,111 @@ def ask_ws(rundir: str, uri: str) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(20)
         sock.connect(os.path.join(rundir, "ws"))
-        sock.sendall(frame(uri.encode()))
+        try:
+            sock.sendall(frame(uri.encode()))
+        except (BrokenPipeError, ConnectionResetError):
+            pass                # refused before it asked (stopping): the answer is there
         return read_frame(sock)
+
+
+# ------------------------------------------------------------ faults found by review
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+@contextlib.contextmanager
+def fake_remote(answer) -> Iterator[int]:
+    """A WebSocket 'server' on 127.0.0.1 that reads each request and sends
+    answer(request); its port. Connections stay open until the block ends."""
+    server = socket.create_server(("127.0.0.1", 0))
+    conns: list = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                more = conn.recv(4096)
+                if not more:
+                    break
+                request += more
+            conn.sendall(answer(request))
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.shutdown(socket.SHUT_RDWR)     # wakes the accept (a close would not)
+        server.close()
+        thread.join(10)
+        for conn in conns:
+            conn.close()
+
+
+def accept_101(request: bytes) -> bytes:
+    key = [line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+           if line.lower().startswith(b"sec-websocket-key")][0]
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+
+
+def test_an_answer_that_is_not_http_is_said_at_once(hosts, backend):
+    """It waited out the whole connect timeout, then blamed a silent remote."""
+    a, _ = hosts
+    with fake_remote(lambda request: b"garbage\r\n\r\n") as port, \
+            host_a(a, backend, connect_timeout=60):
+        answer = ask_ws(a, f"ws://127.0.0.1:{port}/pong")
+    assert answer.startswith(f"ne refused 127.0.0.1:{port}: not a WebSocket answer: ".encode())
+
+
+def test_a_dial_asked_while_stopping_is_refused(hosts, backend):
+    """Stopping, websocketd serves on for its WebSockets' close answers (a
+    remote that never answers its 1001 holds it CLOSE_TIMEOUT): a dial asked
+    meanwhile is refused; it was served, a WebSocket opened after the 1001s."""
+    a, _ = hosts
+    with fake_remote(accept_101) as silent_closer, fake_remote(accept_101) as other:
+        wsd = WebSocketd(Options(port=0), rundir=a, backend=backend)
+        with running(wsd):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
+                first.connect(os.path.join(a, "ws"))
+                first.sendall(frame(f"ws://127.0.0.1:{silent_closer}/pong".encode()))
+                assert read_frame(first) == b"ok"
+            wsd.stop()
+            assert wsd.dialer is not None
+            spin_until(lambda: wsd.dialer._stopping)       # in its last CLOSE_TIMEOUT
+            assert ask_ws(a, f"ws://127.0.0.1:{other}/pong") == \
+                b"ne nodaemon websocketd is stopping"
+
+
+def test_served_handshakes_count_the_dials_too(hosts, backend):
+    """max_handshakes 1 and a dial in progress: a browser's connection is
+    answered 503 busy (dials counted against the bound one way only)."""
+    a, _ = hosts
+    with socket.create_server(("127.0.0.1", 0)) as silent, \
+            host_a(a, backend, max_handshakes=1) as wsd:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
+            first.connect(os.path.join(a, "ws"))
+            first.sendall(frame(f"ws://127.0.0.1:{silent.getsockname()[1]}/pong".encode()))
+            conn, _ = silent.accept()                       # the dial, in progress
+            with conn, socket.create_connection(("127.0.0.1", port_of(wsd)),
+                                                timeout=10) as browser:
+                assert browser.recv(100).startswith(b"HTTP/1.1 503 Service Unavailable")
+
+
+def test_a_hosts_share_comes_back_when_no_worker_can_be_started(hosts, backend):
+    """The dial's worker thread cannot start: that dial fails, and the host's
+    share of dials is given back (every later dial to it was 'busy')."""
+    a, _ = hosts
+    wsd = WebSocketd(Options(port=0, max_handshakes_per_host=1, connect_timeout=5),
+                     rundir=a, backend=backend)
+    fail_first_offload(wsd)
+    with socket.socket() as closed, running(wsd):
+        closed.bind(("127.0.0.1", 0))                 # bound, not listening: refused
+        uri = f"ws://127.0.0.1:{closed.getsockname()[1]}/pong"
+        assert ask_ws(a, uri).startswith(b"ne nodaemon ")    # the failed one, answered
+        assert ask_ws(a, uri).startswith(b"ne unreachable ")

@@ -467,9 +467,13 @@ class Tcpd(Daemon):
         self._dialling_to.add(key)
         # Within the dial's own deadline, on a worker that gives up as soon
         # as the dial is answered (its deadline, or ipcd leaving).
-        self.offload(lambda: _sockets.dial_tcp(host, port, dial.deadline.when,
-                                               lambda: dial.done),
-                     lambda sock, exc: self._dialled(dial, host, port, sock, exc))
+        try:
+            self.offload(lambda: _sockets.dial_tcp(host, port, dial.deadline.when,
+                                                   lambda: dial.done),
+                         lambda sock, exc: self._dialled(dial, host, port, sock, exc))
+        except BaseException:                     # no worker (no thread): its share back
+            self._dialling_to.remove(key)
+            raise
 
     def _dialled(self, dial: _Dial, host: str, port: int, sock: Optional[socket.socket],
                  exc: Optional[BaseException]) -> None:

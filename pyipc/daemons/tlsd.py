@@ -177,8 +177,8 @@ class Tlsd(Daemon):
         hs = self._handshakes.get(fd)
         if hs is not None:
             self._drop(hs)
-        if fd in self._requests:
-            self._end_request(fd)
+        if fd in self._requests:               # answered, as tcpd does (not a bare EOF)
+            self._answer(fd, wire.REFUSED, "tlsd failed serving this request (see its log)")
 
     def on_event(self, ev: Event) -> None:
         """Handle one event (see on_event_failed for a failure)."""
@@ -274,10 +274,15 @@ class Tlsd(Daemon):
         self._connecting[req] = target
         # Within the request's deadline, on a worker that gives up as soon as
         # the request is answered (its deadline, or ipcd leaving).
-        self.offload(lambda: _sockets.dial_tcp(
-                         host, port, deadline.when,
-                         lambda: self._connecting.get(req) is not target),
-                     lambda sock, exc: self._connected(req, target, sock, exc))
+        try:
+            self.offload(lambda: _sockets.dial_tcp(
+                             host, port, deadline.when,
+                             lambda: self._connecting.get(req) is not target),
+                         lambda sock, exc: self._connected(req, target, sock, exc))
+        except BaseException:   # no worker (no thread): its share back; the deadline answers
+            self._dialling_to.remove(host.lower())
+            self._connecting.pop(req, None)
+            raise
 
     def _pending(self) -> int:
         return len(self._connecting) + len(self._handshakes)

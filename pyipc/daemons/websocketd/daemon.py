@@ -174,9 +174,10 @@ class WebSocketd(Daemon):
                 sock.close()
                 continue
             host = _host_key(sock)
-            if len(self.handshakes) >= self.options.max_handshakes:
-                self._refuse(sock, f"{peer}: refused: {len(self.handshakes)} connections "
-                                   f"already in their handshake (max_handshakes)")
+            dialling = self.dialer.in_progress() if self.dialer is not None else 0
+            if len(self.handshakes) + dialling >= self.options.max_handshakes:
+                self._refuse(sock, f"{peer}: refused: {len(self.handshakes) + dialling} "
+                                   f"connections already in their handshake (max_handshakes)")
                 continue
             if host is not None and self._per_host.full(host):
                 self._refuse(sock, f"{peer}: refused: {self._per_host.share} connections "

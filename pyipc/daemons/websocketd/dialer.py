@@ -74,6 +74,7 @@ class Dialer:
         # Dials per remote host whose worker is not back yet (a hung name
         # lookup outlives its dial's answer), as tcpd's.
         self._dialling_to = _sockets.PeerShares(handshakes_per_host(daemon.options))
+        self._stopping = False
 
     def start(self) -> None:
         """Serve `ws` in the run directory."""
@@ -91,6 +92,8 @@ class Dialer:
         if ev.type == EventType.CONNECTION:         # ipcd, asking (`ws` is our only service)
             self._dials[fd] = _Dial(fd, self.daemon.call_later(
                 self.options.connect_timeout, lambda: self._expired(fd)))
+            if self._stopping:                      # while the last WebSockets close
+                self._refuse(self._dials[fd], wire.NODAEMON, "websocketd is stopping")
             return True
         if ev.type == EventType.EXTERNAL and fd in self._answers:
             self._read_answer(self._answers[fd])
@@ -114,7 +117,10 @@ class Dialer:
         return True
 
     def stop(self) -> None:
-        """The daemon stops: every dial in progress is told why."""
+        """The daemon stops: every dial in progress is told why, and so is
+        every new one (the daemon serves a little longer, for the close
+        frames of its WebSockets)."""
+        self._stopping = True
         for dial in list(self._dials.values()):
             self._refuse(dial, wire.NODAEMON, "websocketd is stopping")
 
@@ -137,9 +143,13 @@ class Dialer:
                                 f"dials to {dial.host} in progress (max_handshakes_per_host)")
         self._dialling_to.add(key)
         deadline = dial.timer.when
-        self.daemon.offload(
-            lambda: _sockets.dial_tcp(dial.host, dial.port, deadline, lambda: dial.done),
-            lambda sock, exc: self._connected(dial, key, sock, exc))
+        try:
+            self.daemon.offload(
+                lambda: _sockets.dial_tcp(dial.host, dial.port, deadline, lambda: dial.done),
+                lambda sock, exc: self._connected(dial, key, sock, exc))
+        except BaseException:                       # no worker (no thread): its share back
+            self._dialling_to.remove(key)
+            raise
 
     def _connected(self, dial: _Dial, key: str, sock: Optional[socket.socket],
                    exc: Optional[BaseException]) -> None:
@@ -190,6 +200,9 @@ class Dialer:
         else:
             dial.protocol.receive_eof()
         events = dial.protocol.events_received()
+        if not events and dial.protocol.handshake_exc is not None:   # not HTTP it can read
+            return self._refuse(dial, wire.REFUSED, f"{where}: not a WebSocket answer: "
+                                                    f"{dial.protocol.handshake_exc}")
         if not events or not isinstance(events[0], Response):
             if not data:
                 self._refuse(dial, wire.UNREACHABLE, f"{where} closed the connection "

@@ -584,13 +584,13 @@ async def _external_pipe(ctx: pyipc.aio.Context) -> Any:
         os.close(w)
 
 
-def test_a_connection_nobody_reads_holds_its_sender_back(actx, ctx_factory):
-    """The handler never calls recv(): once more than the high-water mark
-    waits in the connection's inbox the context stops reading it, so the
-    (sync) sender's writes block instead of the receiver's memory growing;
-    once recv() takes it down, reading resumes and everything arrives in
-    order (it buffered every message: 2 GB in 4 s)."""
-    high, chunk = 64 << 10, b"m" * 10_000
+def _flood_an_unread_connection(actx, ctx_factory, high: int,
+                                message: Callable[[int], bytes]) -> list[bytes]:
+    """A sync sender writes message(n) for n = 0, 1, ... to a handler that
+    does not recv() until the sender's writes block (a write timing out);
+    checks that the context stopped reading the connection, with at most
+    the mark plus one round's reads in its inbox; then lets the handler take
+    everything: what it got, in order."""
     sender = ctx_factory()
     got: list[bytes] = []
 
@@ -609,23 +609,35 @@ def test_a_connection_nobody_reads_holds_its_sender_back(actx, ctx_factory):
             server = await ctx.serve("s", hold)
             fd = sender.connect("s")
             sent = 0
-            loop = asyncio.get_running_loop()
 
             def write_until_blocked() -> None:
                 nonlocal sent
                 with pytest.raises(pyipc.TimeoutError):
-                    while sent < 100_000:              # 1 GB: far past any buffer
-                        sender.write(fd, b"%08d" % sent + chunk, timeout=1)
+                    while sent < 100_000:              # far past any socket buffer
+                        sender.write(fd, message(sent), timeout=1)
                         sent += 1
-            await loop.run_in_executor(None, write_until_blocked)
+            await asyncio.get_running_loop().run_in_executor(None, write_until_blocked)
             (conn,) = conns
             assert sent < 100_000
-            assert conn._inbox_bytes <= high + (1 << 20)   # the mark + one round's reads
             assert conn._read_paused
+            assert conn._inbox_bytes == sum(4 + len(m) for m in conn._inbox)
+            assert conn._inbox_bytes <= high + (1 << 20)   # the mark + one round's reads
             idle.set()         # (the write that timed out stays queued in the sender)
             await finished.wait()
             server.close()
     run(main)
+    return got
+
+
+def test_a_connection_nobody_reads_holds_its_sender_back(actx, ctx_factory):
+    """The handler never calls recv(): once more than the high-water mark
+    waits in the connection's inbox the context stops reading it, so the
+    (sync) sender's writes block instead of the receiver's memory growing;
+    once recv() takes it down, reading resumes and everything arrives in
+    order (it buffered every message: 2 GB in 4 s)."""
+    chunk = b"m" * 10_000
+    got = _flood_an_unread_connection(actx, ctx_factory, 64 << 10,
+                                      lambda n: b"%08d" % n + chunk)
     assert [m[:8] for m in got] == [b"%08d" % i for i in range(len(got))]
 
 
@@ -649,40 +661,7 @@ def test_a_flood_of_empty_messages_holds_its_sender_back(actx, ctx_factory):
     empty messages unread in the inbox reach the high-water mark too, so
     reading pauses and the sender's writes block (counting payload bytes
     only, the inbox never paused and grew without bound)."""
-    high = 1024
-    sender = ctx_factory()
-    got: list[bytes] = []
-
-    async def main() -> None:
-        async with actx(high_water=high) as ctx:
-            idle, finished = asyncio.Event(), asyncio.Event()
-            conns: list[pyipc.aio.Connection] = []
-
-            async def hold(conn: pyipc.aio.Connection) -> None:
-                conns.append(conn)
-                await idle.wait()
-                while len(got) < sent:
-                    got.append(await conn.recv())
-                finished.set()
-
-            server = await ctx.serve("s", hold)
-            fd = sender.connect("s")
-            sent = 0
-
-            def write_until_blocked() -> None:
-                nonlocal sent
-                with pytest.raises(pyipc.TimeoutError):
-                    while sent < 100_000:          # far past the socket's buffers
-                        sender.write(fd, b"", timeout=1)
-                        sent += 1
-            await asyncio.get_running_loop().run_in_executor(None, write_until_blocked)
-            (conn,) = conns
-            assert conn._read_paused
-            assert conn._inbox_bytes == 4 * len(conn._inbox) <= high + (1 << 20)
-            idle.set()             # reading resumes as recv() takes the inbox down
-            await finished.wait()
-            server.close()
-    run(main)
+    got = _flood_an_unread_connection(actx, ctx_factory, 1024, lambda n: b"")
     assert got == [b""] * len(got)
 
 

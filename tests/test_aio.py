@@ -759,6 +759,94 @@ def test_wait_closed_returns_once_the_context_is_closed(actx):
     run(main)
 
 
+ABANDONED_AT_SHUTDOWN = """
+import asyncio, gc, sys
+import pyipc, pyipc.aio
+rundir, backend, runner = sys.argv[1], sys.argv[2], sys.argv[3]
+if runner == "uvloop":
+    import uvloop
+    asyncio.run = uvloop.run
+sink = pyipc.Context(rundir=rundir, backend=backend)
+
+async def main():
+    replied = asyncio.Event()
+    async def handler(conn):
+        await conn.recv()
+        await conn.send(b"r" * (4 << 20))   # to a client that does not read
+        replied.set()
+        await conn.recv()
+    server = await pyipc.aio.serve("s", handler, rundir=rundir, backend=backend)
+    fd = sink.connect("s")
+    sink.write(fd, b"ask", timeout=10)
+    await asyncio.wait_for(replied.wait(), 10)
+    try:                                    # serve_forever ended by a timeout (or Ctrl-C)
+        await asyncio.wait_for(server.serve_forever(), 0.2)
+    except asyncio.TimeoutError:
+        pass
+
+asyncio.run(main())
+gc.collect()
+print("done")
+"""
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "uvloop"])
+def test_a_handler_cancelled_by_asyncio_run_leaves_no_task_behind(backend, rundir, runner):
+    """asyncio.run ends with a handler still running (its reply unsent, the
+    server closed, the context not): asyncio.run cancels it. Its connection
+    is aborted then, as before; a close task started then was left pending
+    on the closed loop ('Task was destroyed but it is pending!')."""
+    done = __import__("subprocess").run(
+        [sys.executable, "-c", ABANDONED_AT_SHUTDOWN, rundir, backend, runner],
+        env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "done", done.stderr
+    assert "Task was destroyed" not in done.stderr, done.stderr
+    assert "Event loop is closed" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("library", ["asyncio", "trio"])
+def test_a_failure_while_a_reply_drains_is_logged_not_escaped(backend, rundir, library,
+                                                              caplog):
+    """The context's loop fails (as when wait_events raises) while a
+    cancelled handler's reply drains: the close task's failure is logged,
+    as a handler's is; it escaped its task (asyncio: 'never retrieved';
+    trio: the context's task group torn down). White-box: ctx._fail."""
+    import anyio
+    sink = pyipc.Context(rundir=rundir, backend=backend)
+    escaped: list[BaseException] = []
+
+    async def main() -> None:
+        replied = anyio.Event()
+
+        async def handler(conn: pyipc.aio.Connection) -> None:
+            await conn.recv()
+            await conn.send(b"r" * (4 << 20))
+            replied.set()
+            await conn.recv()
+        try:
+            async with pyipc.aio.Context(rundir=rundir, backend=backend, linger=3) as ctx:
+                server = await ctx.serve("s", handler)
+                fd = sink.connect("s")
+                sink.write(fd, b"ask", timeout=10)
+                await replied.wait()
+                server.close_clients()          # its reply drains in a close task
+                while not server._closing:
+                    await anyio.sleep(0.01)
+                ctx._fail(RuntimeError("boom"))
+                while server._closing:
+                    await anyio.sleep(0.01)
+        except BaseException as e:              # noqa: B036 (what leaves the block)
+            escaped.append(e)
+    try:
+        with caplog.at_level(logging.ERROR, logger="pyipc.aio"):
+            anyio.run(main, backend=library)
+    finally:
+        sink.close_all()
+    assert not any("boom" in repr(e) and "Group" in type(e).__name__ for e in escaped), escaped
+    assert any("closing fd" in r.getMessage() and "failed" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 @pytest.mark.parametrize("leave", ["server", "context"])
 @pytest.mark.parametrize("then", ["waits", "returns"])
 def test_a_reply_sent_before_the_service_stops_goes_out(actx, leave, then):

@@ -244,6 +244,26 @@ def test_an_answer_that_is_not_http_is_said_at_once(hosts, backend):
     assert answer.startswith(f"ne refused 127.0.0.1:{port}: not a WebSocket answer: ".encode())
 
 
+def test_a_remote_that_closes_without_answering_is_unreachable(hosts, backend):
+    """A bare close is said as such ('refused ... not a WebSocket answer'
+    took it for garbage once answers that are not HTTP were refused)."""
+    a, _ = hosts
+    with socket.create_server(("127.0.0.1", 0)) as server, host_a(a, backend):
+        def close_unanswered() -> None:
+            conn, _ = server.accept()
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(4096)
+        closer = threading.Thread(target=close_unanswered)
+        closer.start()
+        port = server.getsockname()[1]
+        answer = ask_ws(a, f"ws://127.0.0.1:{port}/pong")
+        closer.join(10)
+    assert answer == (f"ne unreachable 127.0.0.1:{port} closed the connection without "
+                      f"answering the WebSocket request").encode()
+
+
 def test_a_dial_asked_while_stopping_is_refused(hosts, backend):
     """Stopping, websocketd serves on for its WebSockets' close answers (a
     remote that never answers its 1001 holds it CLOSE_TIMEOUT): a dial asked

@@ -40,6 +40,10 @@ class Server:
         self._cancels: dict[int, Cancel] = {}      # handler tasks, by connection fd
         #: Connections of ended handlers closing once what they sent is out.
         self._closing: set[Connection] = set()
+        #: Connections whose handler ended on its own (returned or raised).
+        self._done: set[Connection] = set()
+        #: close_clients() was called: a handler cancelled since is ours to stop.
+        self._stopping_clients = False
         self._waiters: list[Any] = []              # woken when closed or a handler ends
         ctx._servers[self.path] = self
 
@@ -66,6 +70,7 @@ class Server:
             log.debug("service %s: client on fd %d left", self.name, conn.fd)
         except Exception:
             log.exception("service %s: the handler of fd %d failed", self.name, conn.fd)
+        self._done.add(conn)
 
     def _ended(self, conn: Connection, cancel: Cancel) -> None:
         """The handler task of `conn` ended, however (returned, raised, or
@@ -74,7 +79,12 @@ class Server:
         now if nothing it sent is unsent; else once that is out (at most
         `linger` seconds): a handler cancelled by close_clients() or the
         context's aclose() may have replied, and its reply is not dropped."""
-        if conn.get_write_buffer_size() and self.ctx._flavor is not None:
+        # Cancelled by someone else (asyncio.run's shutdown cancels every
+        # task, then closes the loop): a close task started now would be
+        # left pending on a closed loop; the connection is aborted, as before.
+        ours = conn in self._done or self._stopping_clients
+        self._done.discard(conn)
+        if ours and conn.get_write_buffer_size() and self.ctx._flavor is not None:
             self._close_when_sent(conn)
         else:
             conn.abort()
@@ -90,7 +100,15 @@ class Server:
         def closed() -> None:
             self._closing.discard(conn)
             self._one_fewer()
-        self.ctx._spawn(conn.close(), closed)
+        self.ctx._spawn(self._close_logged(conn), closed)
+
+    async def _close_logged(self, conn: Connection) -> None:
+        """conn.close(); a failure is logged, as a handler's is (it would
+        escape the task: never retrieved, or a trio nursery torn down)."""
+        try:
+            await conn.close()
+        except Exception:
+            log.exception("service %s: closing fd %d failed", self.name, conn.fd)
 
     def _one_fewer(self) -> None:
         """A task of the server ended: waiters re-check; a closed server
@@ -114,6 +132,7 @@ class Server:
     def close_clients(self) -> None:
         """Cancel every handler task (their connections are closed once what
         they sent is out, at most `linger` seconds)."""
+        self._stopping_clients = True
         for cancel in list(self._cancels.values()):
             cancel()
 

@@ -48,7 +48,8 @@ WS_DEFAULT_PORT = 80
 class _Dial:
     """ipcd's request for a ws:// URI, from its connection to the answer."""
 
-    __slots__ = ("ipcd", "timer", "uri", "host", "port", "name", "sock", "protocol", "done")
+    __slots__ = ("ipcd", "timer", "uri", "host", "port", "name", "sock", "protocol", "done",
+                 "heard")
 
     def __init__(self, ipcd: int, timer: TimerHandle) -> None:
         self.ipcd = ipcd
@@ -60,6 +61,7 @@ class _Dial:
         self.sock: Optional[socket.socket] = None       # once connected
         self.protocol: Optional[ClientProtocol] = None  # once the request is sent
         self.done = False                                # answered (or ipcd left)
+        self.heard = False                               # the remote sent some answer
 
 
 class Dialer:
@@ -196,11 +198,14 @@ class Dialer:
         except OSError as e:
             return self._refuse(dial, wire.UNREACHABLE, f"{where}: {e.strerror or e}")
         if data:
+            dial.heard = True
             dial.protocol.receive_data(data)
         else:
             dial.protocol.receive_eof()
         events = dial.protocol.events_received()
-        if not events and dial.protocol.handshake_exc is not None:   # not HTTP it can read
+        if not events and dial.protocol.handshake_exc is not None and dial.heard:
+            # Bytes came that are not an HTTP answer it can read (a bare
+            # close is said as such below).
             return self._refuse(dial, wire.REFUSED, f"{where}: not a WebSocket answer: "
                                                     f"{dial.protocol.handshake_exc}")
         if not events or not isinstance(events[0], Response):

@@ -214,8 +214,9 @@ class Reading:
                 return None
             # The payload bytes the decoder held move to `view`, counted, and
             # only then is the decoder emptied (see _keep_read_so_far).
-            view[:max(len(had) - HEADER.size, 0)] = had[HEADER.size:]
-            got[1] = max(len(had) - HEADER.size, 0)
+            moved = max(len(had) - HEADER.size, 0)
+            view[:moved] = had[HEADER.size:]
+            got[1] = moved
             conn.decoder.discard()
             if not recv_exactly(sock, view, got, 1, size, spin):
                 return self._direct_eof(conn)

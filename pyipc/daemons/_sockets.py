@@ -322,9 +322,14 @@ class PeerShares:
             del self._counts[peer]
 
 
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT as refusals and logs write it ([HOST]:PORT for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def dial_failure(where: str, exc: Optional[BaseException]) -> Tuple[str, str]:
     """The refusal code and text for a dial (dial_tcp) that raised `exc`
-    (tcpd and websocketd)."""
+    (tcpd, tlsd and websocketd)."""
     if isinstance(exc, socket.gaierror):
         return wire.UNREACHABLE, f"cannot resolve {where}: {exc.strerror}"
     if isinstance(exc, (socket.timeout, TimeoutError)):

@@ -482,7 +482,7 @@ class Tcpd(Daemon):
             if sock is not None:
                 sock.close()
             return
-        where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        where = _sockets.host_port(host, port)
         if sock is None:
             return self._answer_ipcd(dial, wire.refusal(*_sockets.dial_failure(where, exc)))
         try:

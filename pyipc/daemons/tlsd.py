@@ -310,9 +310,9 @@ class Tlsd(Daemon):
             return
         del self._connecting[req]
         host, port, name = target
-        peer = _host_port(host, port)
+        peer = _sockets.host_port(host, port)
         if exc is not None or sock is None:
-            self._answer(req, wire.UNREACHABLE, _dial_failure(peer, exc))
+            self._answer(req, *_sockets.dial_failure(peer, exc))
             return
         relay = TlsRelay(self._client_ctx, server_side=False, server_hostname=host,
                          max_message_size=self.ctx.max_message_size)
@@ -401,7 +401,7 @@ class Tlsd(Daemon):
             except OSError:                     # already reset by the peer
                 sock.close()
                 continue
-            peer = _host_port(address[0], address[1])
+            peer = _sockets.host_port(address[0], address[1])
             if self._pending() >= self.config.max_pending:
                 # Before TLS there is no way to answer: closed at once.
                 self.log.warning("refusing %s: %d handshakes already in progress "
@@ -845,21 +845,6 @@ def _whole_frames(partials: Dict[int, bytearray], fd: int, data: memoryview,
 
 
 # ------------------------------------------------------------ sockets
-
-def _dial_failure(where: str, exc: Optional[BaseException]) -> str:
-    """The text of an `unreachable` refusal for a connect that raised `exc`."""
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve {where}: {exc.strerror}"
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return f"{where}: no answer to connecting (timed out)"
-    if isinstance(exc, OSError):
-        return f"{where}: {exc.strerror or exc}"
-    return f"{where}: {exc!r}"
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
 
 # ------------------------------------------------------------ command line
 

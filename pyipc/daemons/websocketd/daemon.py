@@ -174,10 +174,10 @@ class WebSocketd(Daemon):
                 sock.close()
                 continue
             host = _host_key(sock)
-            dialling = self.dialer.in_progress() if self.dialer is not None else 0
-            if len(self.handshakes) + dialling >= self.options.max_handshakes:
-                self._refuse(sock, f"{peer}: refused: {len(self.handshakes) + dialling} "
-                                   f"connections already in their handshake (max_handshakes)")
+            in_progress = self.handshakes_in_progress()
+            if in_progress >= self.options.max_handshakes:
+                self._refuse(sock, f"{peer}: refused: {in_progress} connections already "
+                                   f"in their handshake (max_handshakes)")
                 continue
             if host is not None and self._per_host.full(host):
                 self._refuse(sock, f"{peer}: refused: {self._per_host.share} connections "
@@ -193,6 +193,12 @@ class WebSocketd(Daemon):
             if host is not None:
                 self._host_of[fd] = host
                 self._per_host.add(host)
+
+    def handshakes_in_progress(self) -> int:
+        """Handshakes being served and dials for ipcd in progress: both
+        count against max_handshakes."""
+        dialling = self.dialer.in_progress() if self.dialer is not None else 0
+        return len(self.handshakes) + dialling
 
     def _refuse(self, sock: socket.socket, why: str) -> None:
         """Close a connection over a bound, with a 503 saying which (on ws://;

@@ -48,8 +48,8 @@ WS_DEFAULT_PORT = 80
 class _Dial:
     """ipcd's request for a ws:// URI, from its connection to the answer."""
 
-    __slots__ = ("ipcd", "timer", "uri", "host", "port", "name", "sock", "protocol", "done",
-                 "heard")
+    __slots__ = ("ipcd", "timer", "uri", "host", "port", "where", "name", "sock", "protocol",
+                 "done", "heard")
 
     def __init__(self, ipcd: int, timer: TimerHandle) -> None:
         self.ipcd = ipcd
@@ -57,6 +57,7 @@ class _Dial:
         self.uri = ""
         self.host = ""
         self.port = 0
+        self.where = ""                                  # HOST:PORT, as refusals say it
         self.name = ""
         self.sock: Optional[socket.socket] = None       # once connected
         self.protocol: Optional[ClientProtocol] = None  # once the request is sent
@@ -132,11 +133,12 @@ class Dialer:
         try:
             dial.uri = payload.decode("utf-8")
             dial.host, dial.port, dial.name = wire.parse_uri(dial.uri, "ws", WS_DEFAULT_PORT)
+            dial.where = _sockets.host_port(dial.host, dial.port)
         except (UnicodeDecodeError, ValueError) as e:
             dial.uri = dial.uri or "?"
             return self._refuse(dial, wire.BADREQUEST, f"bad URI: {e}")
         limit = self.options.max_handshakes
-        if len(self.daemon.handshakes) + self.in_progress() > limit:
+        if self.daemon.handshakes_in_progress() > limit:
             return self._refuse(dial, wire.BUSY, f"websocketd has {limit} handshakes in "
                                                  "progress (max_handshakes)")
         key = dial.host.lower()
@@ -161,11 +163,11 @@ class Dialer:
             if sock is not None:
                 sock.close()
             return
-        where = _host_port(dial.host, dial.port)
+        where = dial.where
         if sock is None:
             return self._refuse(dial, *_sockets.dial_failure(where, exc))
         path = "/" + urllib.parse.quote(dial.name, safe="")
-        protocol = ClientProtocol(parse_ws_uri(f"ws://{_host_port(dial.host, dial.port)}{path}"),
+        protocol = ClientProtocol(parse_ws_uri(f"ws://{where}{path}"),
                                   max_size=self.ctx.max_message_size)
         protocol.send_request(protocol.connect())
         request = b"".join(protocol.data_to_send())
@@ -190,7 +192,7 @@ class Dialer:
     def _read_answer(self, dial: _Dial) -> None:
         """The dialled socket is readable: the remote's answer, maybe in parts."""
         assert dial.sock is not None and dial.protocol is not None
-        where = _host_port(dial.host, dial.port)
+        where = dial.where
         try:
             data = dial.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -243,7 +245,7 @@ class Dialer:
         dial.sock = None                            # now the session's
         self._end(dial)
         fd = sock.detach()
-        if not self.daemon.start_session(fd, local, dial.name, _host_port(dial.host, dial.port),
+        if not self.daemon.start_session(fd, local, dial.name, dial.where,
                                          protocol, Plain(),
                                          lambda session: session.take_early_frames(frames)):
             self.ctx.close(fd, linger=0)
@@ -291,7 +293,3 @@ def _http_refusal(response: Response, exc: Exception) -> tuple[str, str]:
     if response.status_code == 503:
         return wire.BUSY, text
     return wire.REFUSED, text
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

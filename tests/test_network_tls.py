@@ -46,6 +46,7 @@ PORT = 9443          # B's tlsd (certificate from A's CA)
 EXPIRED_PORT = 9444  # B's tlsd with an expired certificate
 STRANGER_PORT = 9445  # B's tlsd with a certificate from a CA A does not trust
 MUTUAL_PORT = 9446   # B's tlsd asking for a client certificate
+WSS_PORT = 8443      # B's websocketd (wss://, asking for a client certificate)
 
 
 class Stack:
@@ -90,7 +91,15 @@ class Stack:
         self.a.daemon(["tlsd", "--ca", certs.ca, "--dead-peer-timeout", str(DEAD_PEER),
                        "--connect-timeout", "5"], env, backend)
         self.a.daemon(["ipcd", "--request-timeout", "10"], env, backend)
+        # The wss scheme, with mutual TLS: B's websocketd asks for a client
+        # certificate, A's presents one and verifies B's.
+        self.b.daemon(["websocketd", "--host", b, "--port", str(WSS_PORT), "--cert", server,
+                       "--client-ca", certs.ca, "--expose", "pong"], env, backend)
+        self.a.daemon(["websocketd", "--dial-ca", certs.ca, "--dial-cert",
+                       certs._issue(tmp, f"a-{backend}.pem", "host-a"),
+                       "--connect-timeout", "5"], env, backend)
         self.network = ";".join([
+            f"wsspong wss://{b}:{WSS_PORT}/pong",
             f"pong tls://{b}:{PORT}/pong",
             f"missing tls://{b}:{PORT}/missing",
             f"hidden tls://{b}:{PORT}/hidden",
@@ -154,6 +163,13 @@ def test_messages_both_ways_large_and_in_order(client):
 
 
 # ------------------------------------------------------------ faults, answered
+
+def test_through_websocketd_over_wss_with_mutual_tls(client):
+    """The wss scheme: A's websocketd dials B's over TLS (each verifies the
+    other's certificate), which serves pong."""
+    check_echo_large_and_in_order(client, client.connect("wsspong", timeout=15),
+                                  b"hello B over wss")
+
 
 def test_remote_tlsd_down(client, stack):
     with pytest.raises(pyipc.NetworkError, match=r"\(unreachable\): .*Connection refused"):

@@ -164,8 +164,10 @@ def test_without_dial_there_is_no_ws_service_and_two_share_a_run_dir(hosts, back
     a, _ = hosts
     with running(WebSocketd(Options(port=0, dial=False), rundir=a, backend=backend)):
         assert not os.path.exists(os.path.join(a, "ws"))
+        assert not os.path.exists(os.path.join(a, "wss"))
         with running(WebSocketd(Options(port=0), rundir=a, backend=backend)):
             assert os.path.exists(os.path.join(a, "ws"))
+            assert os.path.exists(os.path.join(a, "wss"))
 
 
 def test_ipcd_names_websocketd_when_the_ws_daemon_is_missing(hosts, backend, monkeypatch):
@@ -177,11 +179,12 @@ def test_ipcd_names_websocketd_when_the_ws_daemon_is_missing(hosts, backend, mon
                 ctx.connect("p", timeout=10)
 
 
-def ask_ws(rundir: str, uri: str) -> bytes:
-    """Do what ipcd does: send the `ws` service the framed URI; its answer."""
+def ask_ws(rundir: str, uri: str, service: str = "ws") -> bytes:
+    """Do what ipcd does: send the `ws` (or `wss`) service the framed URI;
+    its answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(20)
-        sock.connect(os.path.join(rundir, "ws"))
+        sock.connect(os.path.join(rundir, service))
         try:
             sock.sendall(frame(uri.encode()))
         except (BrokenPipeError, ConnectionResetError):

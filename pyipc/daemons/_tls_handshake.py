@@ -84,7 +84,7 @@ class Handshake:
                 raise HandshakeFailed(wire.UNREACHABLE, self._closed_in_handshake(),
                                       relay.take_output()) from e
             except ssl.SSLError as e:
-                raise HandshakeFailed(wire.TLS, _tls_reason(e, self.peer),
+                raise HandshakeFailed(wire.TLS, tls_reason(e, self.peer),
                                       relay.take_output()) from e
             out = relay.take_output()
             if not done:
@@ -160,7 +160,7 @@ class Handshake:
         return "name"
 
 
-def _tls_reason(e: ssl.SSLError, peer: str) -> str:
+def tls_reason(e: ssl.SSLError, peer: str) -> str:
     """A TLS failure in a few words a user can act on."""
     if isinstance(e, ssl.SSLCertVerificationError):
         return f"{peer}: certificate verify failed: {e.verify_message}"

@@ -348,7 +348,7 @@ class Ipcd(Daemon):
         except _sockets.LocalRefusal as e:
             if e.code == wire.BUSY:
                 return self._refuse(request, wire.BUSY, f"the {scheme} daemon: {e}")
-            command = "websocketd" if scheme == "ws" else f"{scheme}d"
+            command = "websocketd" if scheme in ("ws", "wss") else f"{scheme}d"
             return self._refuse(request, wire.NODAEMON, f"{e} (is the {scheme} daemon, "
                                 f"pyipc {command}, running?)")
         try:

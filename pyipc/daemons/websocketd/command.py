@@ -33,6 +33,9 @@ def add_command(subparsers: Any) -> None:
                         "https://app.example.com; '*' allows any")
     p.add_argument("--cert", help="certificate chain (PEM) for wss://")
     p.add_argument("--key", help="private key (PEM) of --cert (default: in --cert)")
+    p.add_argument("--client-ca", metavar="FILE",
+                   help="wss:// with mutual TLS: clients must present a certificate from "
+                        "this CA bundle (PEM)")
     p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
                    metavar="BYTES", help="largest message, as the services' own "
                    f"(default {DEFAULT_MAX_MESSAGE_SIZE}); a larger one closes with 1009")
@@ -59,19 +62,46 @@ def add_command(subparsers: Any) -> None:
                    metavar="SECONDS", help="time a dial for ipcd (a ws:// rule) has to "
                    f"connect and get the remote's answer (default {DEFAULT_CONNECT_TIMEOUT:g})")
     p.add_argument("--no-dial", dest="dial", action="store_false",
-                   help="do not serve the ws scheme for ipcd (the service 'ws' in the run "
-                        "dir), e.g. for a second websocketd in the same run dir")
+                   help="do not serve the ws and wss schemes for ipcd (the services 'ws' and "
+                        "'wss' in the run dir), e.g. for a second websocketd in the same "
+                        "run dir")
+    p.add_argument("--dial-ca", metavar="FILE",
+                   help="wss:// dials: verify the remote's certificate against this CA "
+                        "bundle (PEM; default: the system's trust store)")
+    p.add_argument("--dial-cert", metavar="FILE",
+                   help="wss:// dials: our certificate chain (PEM), for a remote that asks "
+                        "for one (mutual TLS)")
+    p.add_argument("--dial-key", metavar="FILE",
+                   help="private key (PEM) of --dial-cert (default: in --dial-cert)")
     p.set_defaults(func=run_command)
 
 
-def ssl_context(cert: Optional[str], key: Optional[str]) -> Optional[ssl.SSLContext]:
-    """The server SSLContext of --cert/--key (None without --cert)."""
+def ssl_context(cert: Optional[str], key: Optional[str],
+                client_ca: Optional[str] = None) -> Optional[ssl.SSLContext]:
+    """The server SSLContext of --cert/--key (None without --cert), asking
+    clients for a certificate from --client-ca when given."""
     if cert is None:
-        if key is not None:
-            raise SystemExit("pyipc websocketd: --key needs --cert")
+        if key is not None or client_ca is not None:
+            raise SystemExit("pyipc websocketd: --key and --client-ca need --cert")
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(client_ca)
+    return context
+
+
+def dial_ssl_context(ca: Optional[str], cert: Optional[str],
+                     key: Optional[str]) -> ssl.SSLContext:
+    """The client SSLContext of wss:// dials: the remote's certificate and
+    host name always verified, against --dial-ca or the system's trust store;
+    our certificate presented when we have one."""
+    if key is not None and cert is None:
+        raise SystemExit("pyipc websocketd: --dial-key needs --dial-cert")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
     return context
 
 
@@ -95,7 +125,9 @@ def run_command(args: argparse.Namespace) -> int:
                           max_websockets=args.max_websockets,
                           dead_peer_timeout=args.dead_peer_timeout,
                           dial=args.dial, connect_timeout=args.connect_timeout,
-                          ssl_context=ssl_context(args.cert, args.key))
+                          ssl_context=ssl_context(args.cert, args.key, args.client_ca),
+                          dial_ssl_context=dial_ssl_context(args.dial_ca, args.dial_cert,
+                                                            args.dial_key))
         daemon = WebSocketd(options, rundir=args.rundir, backend=args.backend)
         daemon.run()
     except (ValueError, OSError, IPCError) as e:

@@ -1,15 +1,18 @@
-"""websocketd's dialling side: the local daemon of the `ws` scheme.
+"""websocketd's dialling side: the local daemon of the `ws` and `wss` schemes.
 
-ipcd asks the service `ws` in the run directory with one framed URI,
-ws://HOST[:PORT]/NAME (an IPC_NETWORK rule such as `pong ws://hostb:8080/pong`).
-websocketd connects to HOST:PORT (another websocketd, or any WebSocket
-server), asks for /NAME with a WebSocket handshake (the `websockets`
-package's ClientProtocol), and on its 101 answers ipcd `ok` with one end of
-a local socket pair; the other end is switched with the WebSocket by a
-Session, as an accepted WebSocket is with its service: one pyipc message is
-one binary WebSocket message, both ways. Anything else is answered
-`ne CODE TEXT`: the remote's HTTP refusal (404: not exposed there; 503: not
-running there, or busy), unreachable, or no answer in time.
+ipcd asks the service `ws` (or `wss`) in the run directory with one framed
+URI, ws://HOST[:PORT]/NAME or wss://HOST[:PORT]/NAME (an IPC_NETWORK rule
+such as `pong ws://hostb:8080/pong`). websocketd connects to HOST:PORT
+(another websocketd, or any WebSocket server), for wss:// makes a TLS
+session with it (the remote's certificate verified, as Options'
+dial_ssl_context says), asks for /NAME with a WebSocket handshake (the
+`websockets` package's ClientProtocol), and on its 101 answers ipcd `ok`
+with one end of a local socket pair; the other end is switched with the
+WebSocket by a Session, as an accepted WebSocket is with its service: one
+pyipc message is one binary WebSocket message, both ways. Anything else is
+answered `ne CODE TEXT`: the remote's HTTP refusal (404: not exposed there;
+503: not running there, or busy), a TLS failure, unreachable, or no answer
+in time.
 
 The connect (name lookup included) runs on a worker thread (the runtime's
 offload); the handshake is read in the loop, never blocking it.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import urllib.parse
 from typing import TYPE_CHECKING, Dict, Optional, Sequence
 
@@ -30,26 +34,29 @@ from ... import Event, EventType, IPCError
 from .. import _netwire as wire
 from .. import _sockets
 from .._timers import TimerHandle
+from .._tls_handshake import tls_reason
 from .handshake import READ_SIZE
 from .options import handshakes_per_host
-from .transport import Plain
+from .transport import Plain, Tls, TransportClosed
 
 if TYPE_CHECKING:
     from .daemon import WebSocketd
 
 log = logging.getLogger("pyipc.daemons.websocketd")
 
-#: The service ipcd asks for ws:// URIs.
+#: The service ipcd asks for ws:// URIs, and the port of one that names none (RFC 6455).
 WS_SERVICE = "ws"
-#: The port of a ws:// URI that names none (RFC 6455).
 WS_DEFAULT_PORT = 80
+#: The same for wss:// URIs (WebSocket over TLS).
+WSS_SERVICE = "wss"
+WSS_DEFAULT_PORT = 443
 
 
 class _Dial:
     """ipcd's request for a ws:// URI, from its connection to the answer."""
 
-    __slots__ = ("ipcd", "timer", "uri", "host", "port", "where", "name", "sock", "protocol",
-                 "done", "heard")
+    __slots__ = ("ipcd", "timer", "uri", "host", "port", "where", "name", "secure", "sock",
+                 "transport", "request", "protocol", "done", "heard")
 
     def __init__(self, ipcd: int, timer: TimerHandle) -> None:
         self.ipcd = ipcd
@@ -59,8 +66,11 @@ class _Dial:
         self.port = 0
         self.where = ""                                  # HOST:PORT, as refusals say it
         self.name = ""
+        self.secure = False                              # wss://
         self.sock: Optional[socket.socket] = None       # once connected
-        self.protocol: Optional[ClientProtocol] = None  # once the request is sent
+        self.transport: "Plain | Tls" = Plain()         # a Tls once a wss:// dial connects
+        self.request = b""                               # the HTTP request, until sent
+        self.protocol: Optional[ClientProtocol] = None  # once connected
         self.done = False                                # answered (or ipcd left)
         self.heard = False                               # the remote sent some answer
 
@@ -78,10 +88,14 @@ class Dialer:
         # lookup outlives its dial's answer), as tcpd's.
         self._dialling_to = _sockets.PeerShares(handshakes_per_host(daemon.options))
         self._stopping = False
+        # wss:// dials: the caller's context, else one verifying the remote's
+        # certificate and name against the system's trust store.
+        self._tls = daemon.options.dial_ssl_context or ssl.create_default_context()
 
     def start(self) -> None:
-        """Serve `ws` in the run directory."""
+        """Serve `ws` and `wss` in the run directory."""
         self.ctx.service_init(WS_SERVICE)
+        self.ctx.service_init(WSS_SERVICE)
 
     def in_progress(self) -> int:
         """Dials with a URI being served now (they count as handshakes)."""
@@ -92,7 +106,7 @@ class Dialer:
     def on_event(self, ev: Event) -> bool:
         """Handle ev if it is a dial's; False when it is not."""
         fd = ev.fd
-        if ev.type == EventType.CONNECTION:         # ipcd, asking (`ws` is our only service)
+        if ev.type == EventType.CONNECTION:         # ipcd, asking (`ws` and `wss` are ours)
             self._dials[fd] = _Dial(fd, self.daemon.call_later(
                 self.options.connect_timeout, lambda: self._expired(fd)))
             if self._stopping:                      # while the last WebSockets close
@@ -132,7 +146,10 @@ class Dialer:
     def _on_uri(self, dial: _Dial, payload: bytes) -> None:
         try:
             dial.uri = payload.decode("utf-8")
-            dial.host, dial.port, dial.name = wire.parse_uri(dial.uri, "ws", WS_DEFAULT_PORT)
+            # The URI's scheme says which (ipcd asks the service named after it).
+            dial.secure = dial.uri[:6].lower() == "wss://"
+            scheme, port = ("wss", WSS_DEFAULT_PORT) if dial.secure else ("ws", WS_DEFAULT_PORT)
+            dial.host, dial.port, dial.name = wire.parse_uri(dial.uri, scheme, port)
             dial.where = _sockets.host_port(dial.host, dial.port)
         except (UnicodeDecodeError, ValueError) as e:
             dial.uri = dial.uri or "?"
@@ -157,7 +174,8 @@ class Dialer:
 
     def _connected(self, dial: _Dial, key: str, sock: Optional[socket.socket],
                    exc: Optional[BaseException]) -> None:
-        """In the loop: the worker's connect ended; the handshake's request goes out."""
+        """In the loop: the worker's connect ended; the handshake's request
+        (over TLS: the TLS handshake's first flight) goes out."""
         self._dialling_to.remove(key)               # the worker is back
         if dial.done:                               # timed out, or ipcd left
             if sock is not None:
@@ -167,30 +185,41 @@ class Dialer:
         if sock is None:
             return self._refuse(dial, *_sockets.dial_failure(where, exc))
         path = "/" + urllib.parse.quote(dial.name, safe="")
-        protocol = ClientProtocol(parse_ws_uri(f"ws://{where}{path}"),
+        scheme = "wss" if dial.secure else "ws"
+        protocol = ClientProtocol(parse_ws_uri(f"{scheme}://{where}{path}"),
                                   max_size=self.ctx.max_message_size)
         protocol.send_request(protocol.connect())
-        request = b"".join(protocol.data_to_send())
+        dial.request = b"".join(protocol.data_to_send())
+        dial.protocol = protocol
+        if dial.secure:
+            try:
+                dial.transport = Tls(self._tls, server_hostname=dial.host)
+            except ValueError as e:                 # a name TLS cannot check
+                sock.close()
+                return self._refuse(dial, wire.TLS, f"{where}: {e}")
+            first = dial.transport.begin()
+        else:
+            first, dial.request = dial.request, b""
         try:
             _sockets.tune_tcp(sock, self.options.dead_peer_timeout)
             sock.setblocking(False)
-            sent = sock.send(request, wire.SEND_FLAGS)   # small: fits an empty socket buffer
+            failed = _write_handshake(sock, first, where)
         except OSError as e:
+            failed = f"{where}: {e.strerror or e}"
+        if failed:
             sock.close()
-            return self._refuse(dial, wire.UNREACHABLE, f"{where}: {e.strerror or e}")
-        if sent != len(request):
-            sock.close()
-            return self._refuse(dial, wire.UNREACHABLE, f"{where}: the request did not go out")
+            return self._refuse(dial, wire.UNREACHABLE, failed)
         try:
             self.ctx.add_external(sock.fileno())
         except IPCError as e:                       # max_connections reached
             sock.close()
             return self._refuse(dial, wire.BUSY, str(e))
-        dial.sock, dial.protocol = sock, protocol
+        dial.sock = sock
         self._answers[sock.fileno()] = dial
 
     def _read_answer(self, dial: _Dial) -> None:
-        """The dialled socket is readable: the remote's answer, maybe in parts."""
+        """The dialled socket is readable: the remote's answer, maybe in parts
+        (over TLS: first the TLS handshake's)."""
         assert dial.sock is not None and dial.protocol is not None
         where = dial.where
         try:
@@ -199,6 +228,11 @@ class Dialer:
             return
         except OSError as e:
             return self._refuse(dial, wire.UNREACHABLE, f"{where}: {e.strerror or e}")
+        if dial.secure:
+            taken = self._decrypt(dial, data)
+            if taken is None:
+                return
+            data = taken
         if data:
             dial.heard = True
             dial.protocol.receive_data(data)
@@ -219,6 +253,37 @@ class Dialer:
         if dial.protocol.handshake_exc is not None:
             return self._refuse(dial, *_http_refusal(response, dial.protocol.handshake_exc))
         self._open(dial, events[1:])
+
+    def _decrypt(self, dial: _Dial, data: bytes) -> Optional[bytes]:
+        """wss://: the plaintext TLS makes of the bytes read (b"": the end);
+        the HTTP request goes out once TLS is up. None when there is nothing
+        to take yet (the TLS handshake goes on), or the dial was refused."""
+        transport = dial.transport
+        was_up = transport.handshake_done
+        try:
+            plain = transport.receive(data)
+        except TransportClosed as e:
+            cause = e.__cause__
+            ended = not data or isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+            if ended and was_up:        # the remote ended TLS before its answer: an end
+                return b""
+            if ended:                   # a websocketd at its bounds closes at once
+                self._refuse(dial, wire.UNREACHABLE, f"{dial.where} closed the connection "
+                             "during the TLS handshake (at its bounds, or no wss:// there?)")
+            else:                       # a failure, or the remote's alert (after our
+                self._refuse(dial, wire.TLS, tls_reason(cause, dial.where)  # certificate)
+                             if isinstance(cause, ssl.SSLError) else f"{dial.where}: {e}")
+            return None
+        out = transport.pending()
+        if transport.handshake_done and dial.request:
+            out += transport.send(dial.request)
+            dial.request = b""
+        assert dial.sock is not None
+        failed = _write_handshake(dial.sock, out, dial.where)
+        if failed:
+            self._refuse(dial, wire.UNREACHABLE, failed)
+            return None
+        return plain if plain or not data else None
 
     def _open(self, dial: _Dial, frames: Sequence[object]) -> None:
         """The remote's 101: ipcd gets one end of a socket pair, switched
@@ -246,7 +311,7 @@ class Dialer:
         self._end(dial)
         fd = sock.detach()
         if not self.daemon.start_session(fd, local, dial.name, dial.where,
-                                         protocol, Plain(),
+                                         protocol, dial.transport,
                                          lambda session: session.take_early_frames(frames)):
             self.ctx.close(fd, linger=0)
             return
@@ -279,6 +344,16 @@ class Dialer:
             self.ctx.close(dial.ipcd)
         except IPCError:
             pass                                     # already gone
+
+
+def _write_handshake(sock: socket.socket, data: bytes, where: str) -> Optional[str]:
+    """Write a handshake's bytes (small: they fit an empty socket buffer);
+    None when all went out, else why not."""
+    try:
+        sent = sock.send(data, wire.SEND_FLAGS) if data else 0
+    except OSError as e:
+        return f"{where}: {e.strerror or e}"
+    return None if sent == len(data) else f"{where}: the request did not go out"
 
 
 def _http_refusal(response: Response, exc: Exception) -> tuple[str, str]:

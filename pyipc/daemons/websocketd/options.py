@@ -55,10 +55,15 @@ class Options:
     dead_peer_timeout: float = DEFAULT_DEAD_PEER_TIMEOUT
     #: wss://: a server-side SSLContext (None: plain ws://).
     ssl_context: Optional[ssl.SSLContext] = None
-    #: Serve the `ws` scheme for ipcd (the service `ws` in the run dir):
-    #: dial ws://HOST:PORT/NAME and hand the client a connection to it.
+    #: Serve the `ws` and `wss` schemes for ipcd (the services `ws` and
+    #: `wss` in the run dir): dial ws://HOST:PORT/NAME (or wss://) and hand
+    #: the client a connection to it.
     dial: bool = True
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    #: wss:// dials: a client-side SSLContext (our certificate for mutual
+    #: TLS, the CAs the remote's is checked against). None: the system's
+    #: trust store, the remote's certificate and host name always verified.
+    dial_ssl_context: Optional[ssl.SSLContext] = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

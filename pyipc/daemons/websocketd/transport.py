@@ -14,7 +14,7 @@ from typing import Optional
 
 
 class TransportClosed(Exception):
-    """The client ended TLS (close_notify) or sent something TLS refuses."""
+    """The peer ended TLS (close_notify) or sent something TLS refuses."""
 
 
 class Plain:
@@ -38,15 +38,27 @@ class Plain:
 
 
 class Tls:
-    """wss://: a server-side TLS session driven by the bytes given to it."""
+    """wss://: a TLS session driven by the bytes given to it. Server side
+    (an accepted client), or client side when `server_hostname` is given (a
+    dial: the remote's certificate is checked as `context` says, and its
+    name against server_hostname when the context checks host names)."""
 
     __slots__ = ("_obj", "_in", "_out", "handshake_done")
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+    def __init__(self, context: ssl.SSLContext, server_hostname: Optional[str] = None) -> None:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self._obj = context.wrap_bio(self._in, self._out, server_side=True)
+        self._obj = context.wrap_bio(self._in, self._out, server_side=server_hostname is None,
+                                     server_hostname=server_hostname)
         self.handshake_done = False
+
+    def begin(self) -> bytes:
+        """A client's first flight (its ClientHello): what to write first."""
+        try:
+            self._obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return self._out.read()
 
     def receive(self, data: bytes) -> bytes:
         """Feed what was read; return the plaintext it completes (maybe b"").
@@ -63,7 +75,7 @@ class Tls:
         except ssl.SSLWantReadError:
             return b""
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError) as e:
-            raise TransportClosed("the client ended TLS") from e
+            raise TransportClosed("the peer ended TLS") from e
         except ssl.SSLError as e:
             raise TransportClosed(f"TLS error: {e.reason or e}") from e
 

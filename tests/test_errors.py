@@ -399,6 +399,32 @@ def test_connection_limit(ctx_factory, rundir):
 
 # -- IPCError misuse ---------------------------------------------------------------------
 
+def _open_fds() -> set:
+    """The process's open fds (not the one listdir opened to list them)."""
+    listed = os.listdir("/proc/self/fd")
+    return {int(fd) for fd in listed if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+def test_the_contexts_own_fds_are_refused_as_connections(backend, tmp_path):
+    """The poller, the wake-up pipe, the spare fd and fileno()'s fds: taken
+    as an external fd, one was closed twice (a close of it, then the
+    context's) and the write end of the wake-up pipe was accepted."""
+    before = _open_fds()
+    with pyipc.Context(rundir=str(tmp_path), backend=backend) as ctx:
+        service = ctx.service_init("own")              # opens the spare fd (and a lock)
+        ctx.fileno()                                   # the outer poller, a pipe, a timer
+        own = {fd for fd in _open_fds() - before - {service}
+               if not os.readlink(f"/proc/self/fd/{fd}").endswith("own.lock")}
+        assert len(own) == 8
+        for fd in own:
+            text = f"fd {fd} is the context's own (its poller, wake-up pipe or spare fd)"
+            raises(pyipc.IPCError, text, ctx.add_external, fd)
+            raises(pyipc.IPCError, text, ctx.add_connection, fd)
+        pyipc.Context(rundir=str(tmp_path), backend=backend).connect("own")
+        assert ctx.wait_event(timeout=10).type == EventType.CONNECTION   # still serving
+
+
 def test_misuse_texts(pair):
     ctx = pair.server
     r, w = os.pipe()

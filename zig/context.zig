@@ -733,7 +733,7 @@ pub const Context = struct {
     }
 
     /// What add_external and add_connection check first: fd is open and not
-    /// managed (nor just ended) here.
+    /// managed (nor just ended) here, nor one of the context's own fds.
     fn checkNewFd(self: *Context, fd: i32) Error!void {
         if (self.ended.contains(fd)) return self.closedByPeer(fd);
         if (self.table.get(fd) != null)
@@ -742,8 +742,25 @@ pub const Context = struct {
                 "fd {d} is already managed by this context",
                 .{fd},
             );
+        // Watched or closed as a connection, one of these would be closed
+        // twice (the second time maybe someone else's fd) or lose the
+        // context its wake-ups.
+        if (self.ownsFd(fd))
+            return self.last.fail(
+                error.Generic,
+                "fd {d} is the context's own (its poller, wake-up pipe or spare fd)",
+                .{fd},
+            );
         if (!sys.isOpen(fd))
             return self.last.fail(error.UnknownFd, "fd {d} is not an open file descriptor", .{fd});
+    }
+
+    /// Whether fd is one the context made for itself (never a connection).
+    fn ownsFd(self: *const Context, fd: i32) bool {
+        if (self.poller.fileno()) |own| if (fd == own) return true;
+        if (self.readiness) |*r| if (r.owns(fd)) return true;
+        return fd == self.wakeup.read_fd or fd == self.wakeup.write_fd or
+            (self.spare_fd >= 0 and fd == self.spare_fd);
     }
 
     pub fn addExternal(self: *Context, fd: i32) Error!void {

@@ -1081,6 +1081,24 @@ test "busy_poll: read and a direct read_into spin, then wait in the kernel" {
     }
 }
 
+test "the context's own fds are refused as externals and connections" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    const ctx = try run.newContext();
+    defer ctx.destroy();
+    _ = try ctx.serviceInit("own"); // opens the spare fd
+    const outer = try ctx.contextFd(); // makes the readiness fds
+    const r = ctx.readiness.?;
+    const own = [_]i32{ ctx.poller.fileno().?, ctx.wakeup.read_fd, ctx.wakeup.write_fd, ctx.spare_fd, outer, r.flag.read_fd, r.flag.write_fd, r.timer_fd };
+    for (own) |fd| {
+        if (fd < 0) continue; // the timerfd is Linux's
+        try testing.expectError(error.Generic, ctx.addExternal(fd));
+        try testing.expect(std.mem.endsWith(u8, ctx.last.text(), " is the context's own (its poller, wake-up pipe or spare fd)"));
+        try testing.expectError(error.Generic, ctx.addConnection(fd));
+    }
+    try testing.expectEqual(@as(usize, 1), ctx.table.count()); // the service only
+}
+
 test "addConnection: one end of a socketpair becomes a connection; others are refused" {
     var run = TmpRun.init();
     defer run.deinit();

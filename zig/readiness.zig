@@ -40,6 +40,12 @@ pub const Readiness = struct {
     /// The monotonic time (ns) the timer is armed for; null: disarmed.
     armed_ns: ?i64 = null,
 
+    /// Whether fd is one of this Readiness's own fds.
+    pub fn owns(self: *const Readiness, fd: i32) bool {
+        return fd == self.outer or fd == self.flag.read_fd or fd == self.flag.write_fd or
+            (self.timer_fd >= 0 and fd == self.timer_fd);
+    }
+
     /// A Readiness over `inner`, the context's poller fd.
     pub fn init(inner: i32) Error!Readiness {
         const outer = try newOuter();

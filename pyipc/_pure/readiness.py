@@ -113,6 +113,11 @@ class Readiness:
         """The fd handed out."""
         return self._outer.fileno()  # type: ignore[no-any-return]
 
+    def owns(self, fd: int) -> bool:
+        """Whether fd is one of this object's own fds."""
+        return fd in (self.fileno(), self._r, self._w) or \
+            (self._timer is not None and fd == self._timer.fd)
+
     def set_pending(self, yes: bool) -> None:
         """Readable while ``yes`` (events wait); a system call only on a change."""
         if yes == self.raised:

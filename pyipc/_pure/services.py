@@ -64,12 +64,25 @@ class Services:
             raise os_error(f"cannot connect to service {name}", e.errno) from None
         return self._add(Conn(sock.fileno(), sock, CONNECTION, self._max_message_size)).fd
 
-    def add_external(self: PureState, fd: int) -> None:
+    def _check_new_fd(self: PureState, fd: int) -> None:
+        """What add_external and add_connection check first: fd is not
+        managed (nor just ended) here, nor one of the context's own fds."""
         check_fd(fd)
         if fd in self._ended:
             raise closed_by_peer(fd)
         if fd in self._by_fd:
             raise IPCError(f"fd {fd} is already managed by this context")
+        # Watched or closed as a connection, one of these would be closed
+        # twice (the second time maybe someone else's fd) or lose the
+        # context its wake-ups.
+        if fd >= 0 and (fd in (self._poller.fileno(), self._wake_r, self._wake_w,
+                               self._spare_fd.fd)
+                        or (self._ready is not None and self._ready.owns(fd))):
+            raise IPCError(f"fd {fd} is the context's own (its poller, wake-up pipe or "
+                           "spare fd)")
+
+    def add_external(self: PureState, fd: int) -> None:
+        self._check_new_fd(fd)
         try:
             mode = os.fstat(fd).st_mode
         except (OSError, OverflowError, TypeError):
@@ -88,11 +101,7 @@ class Services:
         self._set_interest(conn)
 
     def add_connection(self: PureState, fd: int) -> None:
-        check_fd(fd)
-        if fd in self._ended:
-            raise closed_by_peer(fd)
-        if fd in self._by_fd:
-            raise IPCError(f"fd {fd} is already managed by this context")
+        self._check_new_fd(fd)
         try:
             os.fstat(fd)
         except (OSError, OverflowError):

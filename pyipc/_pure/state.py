@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .blocking import Blocking
     from .conn_table import Conn
     from .poller import Poller
+    from .readiness import Readiness
     from .syscalls import SpareFd
 
 
@@ -55,6 +56,8 @@ class PureState(Protocol):
     _scratch_view: memoryview
     _spare_fd: SpareFd
     _wake_r: int
+    _wake_w: int
+    _ready: Optional[Readiness]
     _plain_reads: Blocking
     _guard: ThreadGuard
     _more: dict[Conn, None]

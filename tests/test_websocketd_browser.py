@@ -240,6 +240,38 @@ def test_browser_messages_stay_in_order_after_a_handler_threw(site, service):
     assert site.page().evaluate(THROWING_HANDLER) == ["threw", "b", "c", "d"]
 
 
+NOT_READ = """async () => {
+  const conn = await pyipc.connect("echo", {maxBuffered: 1200});
+  const sent = [];
+  for (let i = 0; i < 10; i++) {
+    const m = new Uint8Array(300).fill(i);
+    sent.push(m);
+    conn.send(m);
+  }
+  const closed = await conn.closed;         // nothing taken: past 1200 bytes, closed
+  const taken = [];
+  for (;;) {
+    try { taken.push(await conn.recv()); } catch (e) { taken.push(e.code); break; }
+  }
+  const end = taken.pop();
+  return {code: closed.code, reason: closed.reason, end: end, count: taken.length,
+          inOrder: taken.every((m, i) => m.length === 300 && m.every((b) => b === i))};
+}"""
+
+
+def test_browser_a_page_that_does_not_read_is_closed_past_max_buffered(site, service):
+    """pyipc.js's bound on what a page has not taken: past maxBuffered the
+    WebSocket is closed (4001) and the service sees its connection end;
+    what was buffered is still taken, whole and in order, then recv()
+    rejects. (It grew without bound.)"""
+    echo = service()
+    got = site.page().evaluate(NOT_READ)
+    assert got["code"] == 4001 and got["end"] == 4001
+    assert got["reason"] == "more than 1200 bytes received and not taken (maxBuffered)"
+    assert 5 <= got["count"] <= 10 and got["inOrder"]   # 4 are at the bound; the 5th closed it
+    echo.wait_for(lambda evs: any(ev.type == EventType.DISCONNECTION for ev in evs))
+
+
 def test_browser_client_edges(site, service):
     """pyipc.js: connect() keeps a query; setting onmessage hands it what was
     buffered (it stayed in the buffer); a waiting recv() is served first (it

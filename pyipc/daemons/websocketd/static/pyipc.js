@@ -15,6 +15,12 @@
 //   conn.sendTyped(registry.encode("Join", {name: "ada"}));
 //   const {type, body} = registry.decode(await conn.recv());   // type: "Welcome"
 //
+// Bound: messages received and not yet taken (by recv() or onmessage) are
+// buffered up to `maxBuffered` bytes (pyipc.connect(name, {maxBuffered}),
+// default pyipc.DEFAULT_MAX_BUFFERED, 64 MiB; Infinity: no bound). Past it the
+// page is not keeping up: the connection is closed with code 4001 (the
+// service sees its connection end); what was buffered can still be taken.
+//
 // Errors: send() on a closed connection throws; recv() rejects once the
 // connection is closed and no message is left (error.code, error.reason);
 // recvText() throws a TypeError for a message that is not UTF-8 (the message
@@ -23,6 +29,9 @@
 (function (root) {
   "use strict";
 
+  const DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024;
+  // The close code of a connection whose page did not take its messages.
+  const CLOSE_NOT_READ = 4001;
   const encoder = new TextEncoder();
   const decoder = new TextDecoder("utf-8", { fatal: true });
 
@@ -85,12 +94,18 @@
   // recv() calls waiting, then to onmessage when it is set, else they are
   // buffered for recv(). Setting onmessage hands it the buffered ones first.
   class Connection {
-    constructor(url) {
+    constructor(url, options) {
+      const max = options && options.maxBuffered !== undefined ?
+        options.maxBuffered : DEFAULT_MAX_BUFFERED;
+      if (typeof max !== "number" || !(max >= 0))
+        throw new RangeError("maxBuffered is a number of bytes >= 0, not " + max);
       this.ws = new WebSocket(url);
       this.ws.binaryType = "arraybuffer";
       this._onmessage = null;    // function (Uint8Array)
       this.onclose = null;       // function ({code, reason, wasClean})
       this.received = [];
+      this.maxBuffered = max;
+      this.bufferedBytes = 0;    // the bytes of the messages in `received`
       this.waiters = [];
       this.closeEvent = null;
       this.opened = new Promise((resolve, reject) => {
@@ -116,7 +131,13 @@
       // What was buffered goes to it first, in order (it was kept for a
       // recv() that will not come).
       while (handler && this._onmessage === handler && this.received.length)
-        handler(this.received.shift());
+        handler(this._take());
+    }
+
+    _take() {
+      const bytes = this.received.shift();
+      this.bufferedBytes -= bytes.length;
+      return bytes;
     }
 
     _receive(data) {
@@ -128,6 +149,10 @@
         // Behind messages still buffered (a handler that threw while they
         // were handed over): in order, after them.
         this.received.push(bytes);
+        this.bufferedBytes += bytes.length;
+        if (this.bufferedBytes > this.maxBuffered && this.ws.readyState === WebSocket.OPEN)
+          this.ws.close(CLOSE_NOT_READ, "more than " + this.maxBuffered +
+                        " bytes received and not taken (maxBuffered)");
         if (this._onmessage) this.onmessage = this._onmessage;
       }
     }
@@ -154,7 +179,7 @@
 
     // The next message (Uint8Array).
     recv() {
-      if (this.received.length) return Promise.resolve(this.received.shift());
+      if (this.received.length) return Promise.resolve(this._take());
       if (this.closeEvent)
         return Promise.reject(new ConnectionClosed(this.closeEvent.code, this.closeEvent.reason));
       return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
@@ -175,8 +200,8 @@
 
   // A Connection to service `name` on the host that served the page, with
   // an optional query ("chat?token=x": the name is encoded, the query kept),
-  // or a full ws:// / wss:// URL; resolves once open.
-  function connect(nameOrUrl) {
+  // or a full ws:// / wss:// URL; resolves once open. options: {maxBuffered}.
+  function connect(nameOrUrl, options) {
     let url = nameOrUrl;
     if (!/^wss?:\/\//.test(url)) {
       const scheme = root.location && root.location.protocol === "https:" ? "wss://" : "ws://";
@@ -185,8 +210,9 @@
       const query = at < 0 ? "" : nameOrUrl.slice(at);
       url = scheme + root.location.host + "/" + encodeURIComponent(name) + query;
     }
-    return new Connection(url).opened;
+    return new Connection(url, options).opened;
   }
 
-  root.pyipc = { connect, Connection, ConnectionClosed, Registry, encodeTyped, decodeTyped };
+  root.pyipc = { connect, Connection, ConnectionClosed, Registry, encodeTyped, decodeTyped,
+                 DEFAULT_MAX_BUFFERED, CLOSE_NOT_READ };
 })(typeof self !== "undefined" ? self : this);

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import resource
+import socket
 import sys
 import threading
 import time
@@ -908,3 +909,51 @@ def test_a_reply_nobody_reads_holds_the_stop_for_at_most_linger(actx, ctx_factor
             assert server._closing == set() and server_ctx._conns == {}
             return time.monotonic() - started
     assert 0.4 < run(main) < 5
+
+
+def test_a_handler_whose_client_left_is_stopped_when_its_fd_is_taken_again(actx):
+    """A handler awaiting something else while its client leaves: its fd
+    number goes to a later client. close_clients() cancels every handler and
+    wait_closed() waits for all (the first was forgotten: its entry, kept by
+    fd, was overwritten by the later one's)."""
+    async def main() -> None:
+        started: asyncio.Queue[pyipc.aio.Connection] = asyncio.Queue()
+        cancelled: list[int] = []
+        never = asyncio.Event()
+
+        async def handler(conn: pyipc.aio.Connection) -> None:
+            started.put_nowait(conn)
+            try:
+                await never.wait()                   # not reading its client
+            except asyncio.CancelledError:
+                cancelled.append(len(cancelled))
+                raise
+
+        # The clients' sockets are made first, so that the number the first
+        # client's connection gives back is free for the server's accept.
+        clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(10)]
+        try:
+            async with actx() as ctx:
+                server = await ctx.serve("s", handler)
+                clients[0].connect(server.path)
+                first = await asyncio.wait_for(started.get(), 10)
+                clients[0].close()
+                fds = [first.fd]
+                # The number is given back at one of the server's next
+                # waits: clients come (their handlers wait too) until one
+                # is given it.
+                for client in clients[1:]:
+                    client.connect(server.path)
+                    fds.append((await asyncio.wait_for(started.get(), 10)).fd)
+                    if fds[-1] == fds[0]:
+                        break
+                assert fds[-1] == fds[0], f"fd {fds[0]} never taken again: {fds}"
+                assert first.closed
+                server.close()
+                server.close_clients()
+                await asyncio.wait_for(server.wait_closed(), 10)
+                assert cancelled == list(range(len(fds)))   # every handler, the first's too
+        finally:
+            for client in clients:
+                client.close()
+    run(main)

@@ -37,7 +37,9 @@ class Server:
         self._handler = handler
         self._owns_ctx = owns_ctx
         self._serving = True
-        self._cancels: dict[int, Cancel] = {}      # handler tasks, by connection fd
+        # Handler tasks, by connection (not by fd: a connection its client
+        # left gives its number back while its handler may still run).
+        self._cancels: dict[Connection, Cancel] = {}
         #: Connections of ended handlers closing once what they sent is out.
         self._closing: set[Connection] = set()
         #: Connections whose handler ended on its own (returned or raised).
@@ -58,8 +60,7 @@ class Server:
         if not self._serving:           # a client that came in as we closed
             conn.abort()
             return
-        cancel = self.ctx._spawn(self._run(conn), lambda: self._ended(conn, cancel))
-        self._cancels[conn.fd] = cancel
+        self._cancels[conn] = self.ctx._spawn(self._run(conn), lambda: self._ended(conn))
 
     async def _run(self, conn: Connection) -> None:
         # The connection is closed by _ended once the task is over, not here:
@@ -72,7 +73,7 @@ class Server:
             log.exception("service %s: the handler of fd %d failed", self.name, conn.fd)
         self._done.add(conn)
 
-    def _ended(self, conn: Connection, cancel: Cancel) -> None:
+    def _ended(self, conn: Connection) -> None:
         """The handler task of `conn` ended, however (returned, raised, or
         cancelled: before its first step included, when its body never
         ran), and waiters see one handler fewer. Its connection is closed
@@ -88,8 +89,7 @@ class Server:
             self._close_when_sent(conn)
         else:
             conn.abort()
-        if self._cancels.get(conn.fd) is cancel:    # (the fd may be another's by now)
-            del self._cancels[conn.fd]
+        self._cancels.pop(conn, None)
         self._one_fewer()
 
     def _close_when_sent(self, conn: Connection) -> None:

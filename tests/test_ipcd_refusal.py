@@ -32,6 +32,9 @@ class RefusingIpcd:
         self.listener.bind(self.path)
         self.listener.listen(8)
         self.reply = b""
+        #: False: an ipcd at its bounds, which answers without reading.
+        self.read_requests = True
+        self.closing = False
         self.requests: List[bytes] = []
         #: Requests answered and their connection closed (the fd is gone).
         self.done = threading.Semaphore(0)
@@ -45,6 +48,12 @@ class RefusingIpcd:
             except OSError:
                 return              # closed: the test is over
             with conn:
+                if self.closing:
+                    return          # the wake-up connection of close()
+                if not self.read_requests:
+                    conn.sendall(self.reply)
+                    self.done.release()
+                    continue
                 head = conn.recv(4, socket.MSG_WAITALL)
                 if len(head) < 4:
                     return          # the wake-up connection of close()
@@ -54,6 +63,7 @@ class RefusingIpcd:
             self.done.release()
 
     def close(self) -> None:
+        self.closing = True
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:
             wake.connect(self.path)     # ends accept() in the thread
         self.thread.join(10)
@@ -220,3 +230,77 @@ def test_signals_while_ipcd_answers_do_not_restart_the_request(backend, rundir, 
             sock.close()
     assert len(ticks) >= 3
     assert len(requests) == 1 and requests[0].endswith(b"svc;svc tcp://somewhere:1/svc")
+
+
+# ------------------------------------------------------------ faults found by review
+
+def test_a_refusal_sent_before_ipcd_closed_on_the_request_is_raised(ipcd, ctx_factory,
+                                                                     monkeypatch):
+    """ipcd at its bounds answers at once and closes without reading: a
+    request larger than the socket's buffer meets EPIPE, and the answer
+    waiting in the socket is what connect() raises (a bare IPCError, and
+    aio said it, until then)."""
+    monkeypatch.setenv("IPC_NETWORK", "x" * (4 << 20))
+    ipcd.read_requests = False
+    ipcd.reply = b"ne busy ipcd is full"
+    raises(NETWORK, f"{BASE} (busy): ipcd is full", ctx_factory().connect, "pong")
+
+
+def test_a_request_over_max_message_size_is_that_error(ipcd, ctx_factory, backend,
+                                                        monkeypatch):
+    """Both backends and aio: MessageTooLargeError, not ipcd's bare failure."""
+    monkeypatch.setenv("IPC_NETWORK", "x" * 2000)
+    text = "message of 2005 bytes exceeds max_message_size (1024)"
+    raises(pyipc.MessageTooLargeError, text, ctx_factory(max_message_size=1024).connect, "pong")
+
+    async def main() -> None:
+        async with pyipc.aio.Context(rundir=os.path.dirname(ipcd.path), backend=backend,
+                                     max_message_size=1024) as ctx:
+            with pytest.raises(pyipc.MessageTooLargeError, match=text.replace("(", r"\(")
+                               .replace(")", r"\)")):
+                await ctx.connect("pong")
+    run(main)
+    assert ipcd.requests == []                      # ipcd was never asked
+
+
+@pytest.mark.parametrize("via", ["sync", "aio"])
+def test_a_name_ipcd_cannot_be_asked_for_is_an_invalid_name(ipcd, ctx_factory, backend, via):
+    """A lone surrogate (a file name's undecodable byte) cannot be sent as
+    UTF-8: InvalidNameError, not UnicodeEncodeError."""
+    text = "service name 'x\\udcff' is not valid UTF-8: ipcd cannot be asked for it"
+    if via == "sync":
+        raises(pyipc.InvalidNameError, text, ctx_factory().connect, "x\udcff")
+        return
+
+    async def main() -> None:
+        async with pyipc.aio.Context(rundir=os.path.dirname(ipcd.path), backend=backend) as ctx:
+            with pytest.raises(pyipc.InvalidNameError):
+                await ctx.connect("x\udcff")
+    run(main)
+
+
+def test_a_signal_handlers_exception_comes_out_of_connect(backend, rundir, monkeypatch):
+    """ipcd never answers; a SIGALRM handler raises an OSError subclass:
+    that exception comes out of connect() (it was taken for a socket
+    failure and replaced by ipcd's bare failure)."""
+    import signal
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(rundir, "ipc"))
+    listener.listen(8)                              # accepted by the backlog, never answered
+
+    class Watchdog(ConnectionAbortedError):
+        pass
+
+    def fire(*_: object) -> None:
+        raise Watchdog("my own watchdog fired")
+    monkeypatch.setenv("IPC_NETWORK", "pong tcp://10.9.9.9:9000/pong")
+    old = signal.signal(signal.SIGALRM, fire)
+    try:
+        with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(Watchdog, match="my own watchdog fired"):
+                ctx.connect("pong", timeout=20)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        listener.close()

@@ -707,7 +707,10 @@ pub const Context = struct {
     }
 
     /// The request/answer exchange with ipcd; null when it failed. It waits
-    /// as a blocking call does: a signal or the call timeout stops it.
+    /// as a blocking call does: a signal or the call timeout stops it. A
+    /// request over max_message_size is that error; an ipcd that closed
+    /// before it took the whole request (a refusal at its bounds) has its
+    /// answer read all the same.
     fn askIpcd(
         self: *Context,
         ipcd: i32,
@@ -715,7 +718,7 @@ pub const Context = struct {
         network: []const u8,
         answer: []u8,
         received: *i32,
-    ) Stop!?usize {
+    ) Error!?usize {
         const request = std.fmt.allocPrint(
             self.gpa,
             "{s};{s}",
@@ -724,7 +727,8 @@ pub const Context = struct {
         defer self.gpa.free(request);
         var block = self.blocking(false);
         self.writeFrame(ipcd, request, &block) catch |err| switch (err) {
-            error.Interrupted, error.Timeout => |stop| return stop,
+            error.Interrupted, error.Timeout, error.MessageTooLarge => |e| return e,
+            error.ConnectionClosed => {}, // its answer may be there
             else => return null,
         };
         // An ipcd that accepted but does not answer must not hang us.

@@ -588,6 +588,66 @@ test "connect through ipcd when IPC_NETWORK is set (fd passing)" {
     try expectOnly(server, .message_rx, ev.fd, "via ipcd");
 }
 
+test "connect through ipcd: a request over max_message_size is that error" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    const ipcd = try run.newContext();
+    defer ipcd.destroy();
+    _ = try ipcd.serviceInit("ipc"); // listening: the connect is taken by the backlog
+    const client = try run.newContext();
+    defer client.destroy();
+    try client.setLimits(.{ .max_message_size = 10, .max_queue_size = 14, .max_connections = 8 });
+    _ = setenv("IPC_NETWORK", "somewhere", 1);
+    defer _ = unsetenv("IPC_NETWORK");
+    try testing.expectError(error.MessageTooLarge, client.connect("target"));
+    try testing.expectEqualStrings(
+        "message of 16 bytes exceeds max_message_size (10)",
+        client.last.text(),
+    );
+    try testing.expectEqual(@as(usize, 0), client.table.count()); // ipcd's connection closed
+}
+
+/// An ipcd at its bounds: it answers a refusal at once and closes, without
+/// reading the request.
+fn refusingIpcd(ipcd: *Context, result: *anyerror!void) void {
+    result.* = refuseOne(ipcd);
+}
+
+fn refuseOne(ipcd: *Context) !void {
+    var conn = try expectEvent(ipcd, .connection, -2, null);
+    defer conn.deinit();
+    const answer = "ne busy ipcd is full";
+    try testing.expectEqual(@as(isize, answer.len), c.write(conn.fd, answer, answer.len));
+    try ipcd.close(conn.fd);
+}
+
+test "connect through ipcd: a refusal sent before ipcd closed on the request is read" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    const ipcd = try run.newContext();
+    defer ipcd.destroy();
+    _ = try ipcd.serviceInit("ipc");
+    const client = try run.newContext();
+    defer client.destroy();
+    // A request larger than the socket's buffer: its write fails (EPIPE)
+    // once ipcd has closed, with the answer waiting to be read.
+    const network = try testing.allocator.allocSentinel(u8, 4 << 20, 0);
+    defer testing.allocator.free(network);
+    @memset(network, 'x');
+    _ = setenv("IPC_NETWORK", network.ptr, 1);
+    defer _ = unsetenv("IPC_NETWORK");
+    var result: anyerror!void = {};
+    const thread = try std.Thread.spawn(.{}, refusingIpcd, .{ ipcd, &result });
+    const fd = client.connect("target");
+    thread.join();
+    try result;
+    try testing.expectError(error.Network, fd);
+    try testing.expectEqualStrings(
+        "ipcd could not connect to service target (busy): ipcd is full",
+        client.last.text(),
+    );
+}
+
 test "read_fd: pending message first, a small buffer keeps the message" {
     var p = try Pair.init("rd");
     defer p.deinit();

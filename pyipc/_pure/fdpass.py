@@ -10,9 +10,11 @@ import select
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, List, Optional, cast
+from typing import TYPE_CHECKING, List, Optional, Tuple, cast
 
-from .._types import (IPCD_SERVICE, MAX_IPCD_REASON, IPCError, NetworkError,
+from .._checks import too_large_text
+from .._types import (IPCD_SERVICE, MAX_IPCD_REASON, ConnectionClosedError, IPCError,
+                      InvalidNameError, MessageTooLargeError, NetworkError,
                       ServiceNotFoundError, TimeoutError)
 from .. import _rundir
 from .blocking import wait_fd
@@ -51,28 +53,28 @@ def ask_ipcd(ctx: "Context", name: str, network: str, timeout: Optional[float]) 
     `timeout` s), take the fd it hands over. Returns that connected stream
     socket, for the backend to adopt; raises what the answer means. A wait
     that a signal interrupts goes on once its handler returns (PEP 475), so
-    ipcd is asked once; a handler that raises ends it."""
+    ipcd is asked once; a handler that raises ends it (its exception comes
+    out). A request too large for ctx raises MessageTooLargeError."""
     _rundir.service_path(ctx.rundir, name)
+    request = ipcd_request(name, network)
+    if len(request) > ctx.max_message_size:         # before ipcd is asked (as aio)
+        raise MessageTooLargeError(too_large_text(len(request), ctx.max_message_size))
     deadline = None if timeout is None else time.monotonic() + timeout
     ipcd = adopt_connection(ctx, _connect_to_ipcd(ctx.rundir, name, deadline))
 
     def left() -> Optional[float]:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
-        ctx.write(ipcd, f"{name};{network}", left())
+        try:
+            ctx.write(ipcd, request, left())
+        except ConnectionClosedError:
+            pass        # ipcd closed before taking it all (at its bounds): its answer is there
         # An ipcd that accepted but does not answer must not hang us.
         if not wait_fd(ipcd, select.POLLIN, left()):
             raise TimeoutError(f"connect to service {name} timed out")
-        ipcd_sock = socket.socket(fileno=ipcd)
-        try:
-            answer, fds, _, _ = socket.recv_fds(
-                ipcd_sock, 2000, MAX_RECEIVED_FDS, _CMSG_CLOEXEC)
-        finally:
-            ipcd_sock.detach()                  # the context closes it
+        answer, fds = receive_answer(ipcd)
     except TimeoutError as e:
         raise TimeoutError(f"connect to service {name} timed out") from e.__cause__
-    except OSError:
-        answer, fds = b"", []
     finally:
         # At once: what is left of a request that timed out is not for
         # anyone (the context's linger would wait for it past the timeout).
@@ -82,6 +84,33 @@ def ask_ipcd(ctx: "Context", name: str, network: str, timeout: Optional[float]) 
         raise IPCError("ipcd sent a file descriptor that is not a connected "
                        "Unix or TCP stream socket")
     return sock
+
+
+def ipcd_request(name: str, network: str) -> bytes:
+    """The request to ipcd, "NAME;IPC_NETWORK", as UTF-8 (ipcd reads it as
+    text); InvalidNameError for a name that cannot be (a lone surrogate,
+    from a file name's undecodable bytes)."""
+    try:
+        return f"{name};{network}".encode()
+    except UnicodeEncodeError:
+        raise InvalidNameError(f"service name {name!r} is not valid UTF-8: ipcd "
+                               "cannot be asked for it") from None
+
+
+def receive_answer(ipcd: int) -> Tuple[bytes, List[int]]:
+    """ipcd's raw answer and the fds passed with it; (b"", []) when the
+    socket fails (ipcd reset it). An exception a signal handler raised
+    comes out, even an OSError (it has no errno)."""
+    ipcd_sock = socket.socket(fileno=ipcd)
+    try:
+        answer, fds, _, _ = socket.recv_fds(ipcd_sock, 2000, MAX_RECEIVED_FDS, _CMSG_CLOEXEC)
+        return answer, fds
+    except OSError as e:
+        if e.errno is None:
+            raise
+        return b"", []
+    finally:
+        ipcd_sock.detach()                  # the context closes it
 
 
 def _connect_to_ipcd(rundir: str, name: str, deadline: Optional[float]) -> socket.socket:

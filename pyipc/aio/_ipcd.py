@@ -14,9 +14,11 @@ import struct
 from typing import TYPE_CHECKING, Awaitable, Optional
 
 from .. import _rundir
-from .._pure.fdpass import (MAX_RECEIVED_FDS, _connected_stream, adopt_connection,
+from .._checks import too_large_text
+from .._pure.fdpass import (_connected_stream, adopt_connection, ipcd_request, receive_answer,
                             take_ipcd_answer)
-from .._types import (IPCD_SERVICE, IPCError, ServiceNotFoundError, TimeoutError)
+from .._types import (IPCD_SERVICE, IPCError, MessageTooLargeError, ServiceNotFoundError,
+                      TimeoutError)
 
 if TYPE_CHECKING:
     from .._context import Context as SyncContext
@@ -43,10 +45,12 @@ async def connect_through_ipcd(ctx: "Context", name: str, rules: str,
     """Ask ipcd for a connection to `name`; the fd, now a connection of ctx.sync."""
     rundir = ctx.sync.rundir
     _rundir.service_path(rundir, name)          # InvalidNameError before anything
+    request = ipcd_request(name, rules)
+    if len(request) > ctx.sync.max_message_size:    # as the sync connect()'s write
+        raise MessageTooLargeError(too_large_text(len(request), ctx.sync.max_message_size))
     _check_room(ctx.sync)
     sock = _connect_ipcd(rundir)
     try:
-        request = f"{name};{rules}".encode()
         flavor = ctx._bind()
         framed = struct.pack(">I", len(request)) + request
 
@@ -56,10 +60,7 @@ async def connect_through_ipcd(ctx: "Context", name: str, rules: str,
             await exchange()
         elif not await flavor.within(exchange, timeout):
             raise TimeoutError(f"connect to service {name} timed out")
-        try:
-            answer, fds, _, _ = socket.recv_fds(sock, 2000, MAX_RECEIVED_FDS, _CMSG_CLOEXEC)
-        except OSError:
-            answer, fds = b"", []
+        answer, fds = receive_answer(sock.fileno())
     finally:
         sock.close()                            # ipcd sees the end of the exchange
     # As the sync connect(): an fd that is not a connected stream is said so;

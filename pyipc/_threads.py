@@ -67,6 +67,14 @@ GUARDED = ("service_init", "connect_service", "connect", "write", "read",
 #: (handed over); schedule() is the fourth.
 HANDED = frozenset({"write", "write_many", "close"})
 
+#: What a handed-over call raises on its own (pyipc's errors, a bad argument,
+#: no memory): reported to the thread that handed it over. Anything else
+#: raised while the owner makes it is the owner thread's (a signal handler's
+#: exception): raised there, and to the calling thread too.
+CALL_ERRORS = (IPCError, ValueError, TypeError, OverflowError, MemoryError)
+#: acquire()'s argument for a claim that does not wait.
+_NO_WAIT = (False,)
+
 #: How often a handing-over thread rechecks whether the owner left, or its
 #: write's timeout passed (seconds). A hand-over is normally picked up at once
 #: (the owner is woken); this only bounds the rare case of an owner that
@@ -169,21 +177,27 @@ class ThreadGuard:
 
     def apply(self, ctx: Any) -> None:
         """In the owner's thread: make every call handed over, in order, and
-        report each outcome to its thread. A KeyboardInterrupt (any
-        BaseException but a call's own error) goes to both."""
+        report each outcome to its thread. Any other exception (a signal
+        handler's in this thread, a KeyboardInterrupt) goes to both."""
         while self._handoffs:
-            item = self._handoffs.popleft()
-            if not item.claim.acquire(False):
-                continue                    # withdrawn: its write timed out first
+            item = self._handoffs[0]
+            # Claimed in a map step (see _TRIES): a signal handler's exception
+            # cannot come between the claim and the try that settles it.
+            for claimed in map(item.claim.acquire, _NO_WAIT):
+                break
+            if not claimed:                 # withdrawn: its thread gave up first
+                self._handoffs.popleft()
+                continue
             try:
+                self._handoffs.popleft()
                 item.run(ctx)
-            except Exception as exc:        # reported to the thread that handed it over
+            except CALL_ERRORS as exc:      # the call's own: reported to its thread
                 item.error = exc
             except BaseException as exc:
                 item.error = exc
-                item.done.set()
                 raise
-            item.done.set()
+            finally:
+                item.done.set()
 
     def hand_over(self, ctx: Any, method: Method, args: tuple[Any, ...]) -> Any:
         """From a thread that is not the owner: have the owner make the call
@@ -194,10 +208,12 @@ class ThreadGuard:
         if method.__name__ in ("write", "write_many") and args[-1] is not None:
             deadline = time.monotonic() + args[-1]
         item = _Handoff(method, args, deadline)
-        self._handoffs.append(item)
-        ctx._wakeup()
         me = _get_ident()
         try:
+            # Queued inside the try: a handler's exception right after it
+            # withdraws the call too (below).
+            self._handoffs.append(item)
+            ctx._wakeup()
             while not item.done.is_set():
                 got = False
                 for got in self._tries:         # see _TRIES

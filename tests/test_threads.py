@@ -378,6 +378,63 @@ def test_a_handed_over_write_whose_signal_handler_raises_is_withdrawn(ctx_factor
     assert other.read(other_fd, timeout=10) == b"next"      # the withdrawn one never came
 
 
+def test_an_exception_not_the_calls_own_while_the_owner_makes_it_is_the_owners(
+        pair, monkeypatch):
+    """The owner (this thread, waiting) makes a call another thread handed
+    over, and an exception that is not the call's own comes meanwhile (a
+    signal handler's, in the owner's thread: simulated here). It comes out
+    of the owner's wait, and of the other thread's call (it went to the other
+    thread only: the owner's loop never saw its handler's exception)."""
+    class Stop(Exception):
+        pass
+
+    def interrupted(self: Any, ctx: Any) -> None:
+        raise Stop("a signal handler's")
+    monkeypatch.setattr(pyipc._threads._Handoff, "run", interrupted)
+    server, me = pair.server, threading.get_ident()
+    outcome: list[Any] = []
+
+    def other() -> None:
+        spin_until(lambda: server._guard._owner == me)      # the owner is inside: handed over
+        try:
+            server.schedule(pair.server_fd, b"x")
+        except Stop as exc:
+            outcome.append(exc)
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        with pytest.raises(Stop):
+            server.wait_events(timeout=10)
+    finally:
+        thread.join(10)
+    assert len(outcome) == 1 and type(outcome[0]) is Stop
+
+
+def test_a_call_queued_just_before_a_handler_raised_is_withdrawn(ctx_factory, monkeypatch):
+    """A signal handler raises in the handing thread right after its call
+    was queued (simulated: the owner's wake-up raises): the exception comes
+    out and the call is withdrawn, never made (it was made later all the
+    same)."""
+    server, (_, _, _), (other, other_fd, server_other) = two_clients(ctx_factory)
+    poke = Poke(server)
+    owner = Owner(server, lambda: server.wait_events(timeout=10))
+
+    class Boom(Exception):
+        pass
+
+    def wakeup_then_boom(self: Any) -> None:
+        raise Boom()
+    with monkeypatch.context() as m:
+        m.setattr(type(server), "_wakeup", wakeup_then_boom)
+        with pytest.raises(Boom):
+            server.schedule(server_other, b"withdrawn")
+    poke.poke()
+    assert [e.type for e in owner.result()] == [EventType.EXTERNAL]
+    poke.done()
+    server.write(server_other, b"next")
+    assert other.read(other_fd, timeout=10) == b"next"      # the withdrawn one never came
+
+
 def test_a_thread_a_signal_handler_starts_during_a_read_can_hand_over(ctx_factory):
     """The only thread blocks in read() (the native core then waits in the
     kernel, not on the wake-up pipe); a signal's handler starts a thread

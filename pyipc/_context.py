@@ -156,6 +156,8 @@ class Context:
     @timer.setter
     def timer(self, value: Optional[int]) -> None:
         check_timer(value)
+        if self._guard.forked:          # the timer is the parent's (fileno()'s timerfd)
+            raise IPCError(_threads.FORK_TEXT)
         self._timer = value
         self._timer_changed(value)
 

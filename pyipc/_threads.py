@@ -35,7 +35,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
-from ._checks import as_payload, as_payload_list, check_timeout
+from ._checks import as_payload, as_payload_list, check_linger, check_timeout
 from ._types import IPCError, Payload, TimeoutError
 
 #: A context's method as the guard calls it: the context, then the method's
@@ -407,7 +407,9 @@ class ForkedGuard(ThreadGuard):
              kwargs: dict[str, Any]) -> Any:
         if method.__name__ == "close":
             # args is (fd, linger): no linger here, the child never sends
-            # what its parent scheduled.
+            # what its parent scheduled (a bad one is refused all the same).
+            if args[1] is not None:
+                check_linger(args[1])
             return ctx._close_in_child(args[0])
         if method.__name__ == "close_all":
             return ctx._close_in_child(None)

@@ -79,6 +79,8 @@ def child_forbidden(service, client, sfd):
         "service_init": lambda: service.service_init("other"),
         "connect_service": lambda: service.connect_service(NAME),
         "client write": lambda: client.write(CFD, b"from the child"),
+        # fileno()'s timer is the parent's: setting it re-armed the parent's.
+        "timer": lambda: setattr(service, "timer", None),
     }
     wrong = []
     for name, call in calls.items():
@@ -88,6 +90,11 @@ def child_forbidden(service, client, sfd):
         except pyipc.IPCError as e:
             if not str(e).startswith(FORK_TEXT):
                 wrong.append(f"{name}: {e!r}")
+    try:
+        service.close(sfd, linger=-1)
+        wrong.append("close(linger=-1): no error")
+    except ValueError:
+        pass
     service.close(sfd)      # allowed: this process's copy only
     service.close_all()
     client.close_all()
@@ -225,3 +232,67 @@ def test_forked_child_leaves_the_parents_service_alone(processes, backend, rundi
     expected = dict(EXPECTED, scheduled=True) if mode == "forbidden_after_schedule" \
         else EXPECTED
     assert results == expected, err
+
+
+#: A forked child closes an ended fd and one fd of a switched pair.
+CLOSE_IN_CHILD = r'''
+import json, os, socket, sys
+import pyipc
+from pyipc import EventType
+
+ctx = pyipc.Context(rundir=sys.argv[1])
+a, a_peer = socket.socketpair()
+b, b_peer = socket.socketpair()
+f1, f2 = a.detach(), b.detach()
+ctx.add_connection(f1)
+ctx.add_connection(f2)
+ctx.add_switch(f1, f2)
+e, e_peer = socket.socketpair()
+ended = e.detach()
+ctx.add_connection(ended)
+e_peer.close()
+ev = ctx.wait_event(timeout=5)
+assert (ev.type, ev.fd) == (EventType.DISCONNECTION, ended), ev
+
+
+def is_open(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+pid = os.fork()
+if pid == 0:
+    out = {}
+    try:
+        ctx.close(ended)
+        out["ended"] = "closed"
+    except pyipc.IPCError as exc:
+        out["ended"] = repr(exc)
+    ctx.close(f1)
+    try:
+        ctx.close(f2)
+        out["f2"] = "closed again"
+    except pyipc.UnknownFdError:
+        out["f2"] = "gone"
+    out["open"] = [fd for fd in (ended, f1, f2) if is_open(fd)]
+    print("RESULT " + json.dumps(out), flush=True)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+ctx.close_all()
+sys.exit(os.waitstatus_to_exitcode(status))
+'''
+
+
+def test_a_forked_childs_close_is_the_same_on_both_backends(processes, backend, rundir):
+    """close() of an ended fd closes the child's copy; close() of one fd of a
+    switched pair closes both (as close() does); the pure backend raised
+    ConnectionClosedError for the first and left the second's peer open."""
+    proc = processes(CLOSE_IN_CHILD, rundir, env=dict(CHILD_ENV, PYIPC_BACKEND=backend),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    line = [x for x in out.splitlines() if x.startswith("RESULT ")][0]
+    assert json.loads(line[len("RESULT "):]) == {"ended": "closed", "f2": "gone", "open": []}

@@ -114,7 +114,13 @@ class Closing:
     def _close_in_child(self: PureState, fd: Optional[int]) -> None:
         # This process's copies only: the parent's socket files, lock and
         # epoll instance (shared through fork) are left alone.
-        conns = list(self._by_fd.values()) if fd is None else [self._lookup(fd)]
+        if fd is None:
+            conns = list(self._by_fd.values())
+        elif self._close_ended(fd):
+            return
+        else:                       # with its switch peer, as close() and native
+            conn = self._lookup(fd)
+            conns = [c for c in (conn, conn.peer) if c is not None and c.alive]
         for conn in conns:
             conn.alive = False
             self._by_fd.pop(conn.fd, None)

@@ -170,10 +170,12 @@ def test_without_dial_there_is_no_ws_service_and_two_share_a_run_dir(hosts, back
             assert os.path.exists(os.path.join(a, "wss"))
 
 
-def test_ipcd_names_websocketd_when_the_ws_daemon_is_missing(hosts, backend, monkeypatch):
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_ipcd_names_websocketd_when_the_ws_daemon_is_missing(hosts, backend, monkeypatch,
+                                                             scheme):
     a, _ = hosts
     with running(Ipcd(rundir=a, backend=backend, request_timeout=5)):
-        monkeypatch.setenv("IPC_NETWORK", "p ws://127.0.0.1:1/pong")
+        monkeypatch.setenv("IPC_NETWORK", f"p {scheme}://127.0.0.1:1/pong")
         with pyipc.Context(rundir=a, backend=backend) as ctx:
             with pytest.raises(pyipc.NetworkError, match="pyipc websocketd, running"):
                 ctx.connect("p", timeout=10)

@@ -17,10 +17,8 @@ import pytest
 import trustme  # a test dependency (pyproject's test extra): missing, the run fails
 
 import pyipc
-from pyipc.daemons.ipcd import Ipcd
 from pyipc.daemons.websocketd.command import dial_ssl_context, ssl_context
 
-from daemon_harness import running
 from test_websocketd_dial import ask_ws, host_a, host_b, hosts, port_of  # noqa: F401
 
 BIG = 1 << 20
@@ -133,15 +131,6 @@ def test_a_remote_closing_in_the_tls_handshake_is_unreachable(hosts, backend, ca
         closer.join(10)
     assert answer == (f"ne unreachable 127.0.0.1:{port} closed the connection during the "
                       f"TLS handshake (at its bounds, or no wss:// there?)").encode()
-
-
-def test_ipcd_names_websocketd_for_wss(hosts, backend, monkeypatch):
-    a, _ = hosts
-    with running(Ipcd(rundir=a, backend=backend, request_timeout=5)):
-        monkeypatch.setenv("IPC_NETWORK", "p wss://127.0.0.1:1/pong")
-        with pyipc.Context(rundir=a, backend=backend) as ctx:
-            with pytest.raises(pyipc.NetworkError, match="pyipc websocketd, running"):
-                ctx.connect("p", timeout=10)
 
 
 def test_the_cli_refuses_a_dial_key_without_its_certificate():

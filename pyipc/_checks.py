@@ -96,11 +96,17 @@ def check_timeout(timeout: Optional[float]) -> Optional[float]:
 
 
 def check_linger(linger: float) -> float:
-    """`Context(linger=)`: seconds >= 0 that closing waits for scheduled messages."""
+    """`Context(linger=)`: seconds from 0 to threading.TIMEOUT_MAX that
+    closing waits for scheduled messages (the bound of check_timeout)."""
     if not isinstance(linger, (int, float)) or isinstance(linger, bool):
         raise TypeError(f"linger must be a number of seconds, not {type(linger).__name__}")
-    if not linger >= 0 or math.isinf(linger):
+    if not linger >= 0 or linger == math.inf:   # NaN fails >= 0
         raise ValueError("linger must be a finite number of seconds >= 0")
+    if linger > threading.TIMEOUT_MAX:
+        # A larger one overflows the core's microseconds (int64_t: 1e13 s
+        # raised OverflowError in native, after closing fd with no warning).
+        raise ValueError("linger must be at most threading.TIMEOUT_MAX "
+                         f"({threading.TIMEOUT_MAX} s)")
     return float(linger)
 
 

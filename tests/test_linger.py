@@ -12,6 +12,7 @@ import math
 import re
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -195,10 +196,18 @@ def test_a_peer_that_hung_up_ends_the_linger_at_once(ctx_factory, rundir, how, c
 
 
 # -- the linger argument and property ----------------------------------------------
+TOO_LONG = f"linger must be at most threading.TIMEOUT_MAX ({threading.TIMEOUT_MAX} s)"
+
+
 @pytest.mark.parametrize("bad, error, text", [
     (-1, ValueError, "linger must be a finite number of seconds >= 0"),
     (math.nan, ValueError, "linger must be a finite number of seconds >= 0"),
     (math.inf, ValueError, "linger must be a finite number of seconds >= 0"),
+    # Past Python's bound for blocking calls (native raised OverflowError at
+    # 1e13 s, the core's microseconds being an int64_t; pure lingered).
+    (1e13, ValueError, TOO_LONG),
+    (1e300, ValueError, TOO_LONG),
+    pytest.param(10**400, ValueError, TOO_LONG, id="10**400"),
     ("x", TypeError, "linger must be a number of seconds, not str"),
     (True, TypeError, "linger must be a number of seconds, not bool"),
     (None, TypeError, "linger must be a number of seconds, not NoneType"),
@@ -217,7 +226,27 @@ def test_bad_linger_is_refused_everywhere(ctx_factory, backend, rundir, bad, err
     assert ctx.linger == 0.0
 
 
-@pytest.mark.parametrize("bad, error", [(-1, ValueError), ("x", TypeError)])
+def test_the_longest_linger_waits_until_all_is_sent(ctx_factory, rundir, caplog):
+    """linger=threading.TIMEOUT_MAX is taken (by the core too, in
+    microseconds): close() returns once the peer has read everything."""
+    server = ctx_factory(linger=threading.TIMEOUT_MAX)
+    server.service_init("svc")
+    peer = raw_connect(rundir, "svc")
+    fd = accept(server)
+    for _ in range(FILL_COUNT):
+        server.schedule(fd, bytes(FILL_SIZE))
+    got: list[int] = []
+    reader = threading.Thread(target=lambda: got.append(whole_frames_until_eof(peer)))
+    reader.start()
+    with caplog.at_level(logging.WARNING, logger="pyipc"):
+        server.close(fd)
+    reader.join()
+    peer.close()
+    assert caplog.records == []
+    assert got == [FILL_COUNT]
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), ("x", TypeError), (1e300, ValueError)])
 def test_close_with_a_bad_linger_changes_nothing(ctx_factory, bad, error):
     """close(fd, linger=bad) raises before anything is closed or dropped,
     whether or not something is scheduled for fd."""

@@ -383,17 +383,15 @@ class NativeContext(Context):
         try:
             if self._pending:   # inside: fd is closed even if this raises
                 self._flush()
-            if lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count) == 0 \
-                    and (count[0] or peer_count[0]):
+            if self._queued(fd):
                 self._linger(fd, linger)
-                if lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count):
-                    # fd ended during the linger (its peer hung up): nothing
-                    # more could go out; closed with no warning (as pure).
-                    count[0] = peer_count[0] = 0
+        finally:    # closed even when a signal's handler raised during the linger
+            # What is left is dropped with its WARNING, also when the handler
+            # raised (as pure; docs/reference.md, "Signals, timeouts and fork").
+            if self._queued(fd):
                 for f, n in ((fd, count[0]), (peer[0], peer_count[0])):
                     if n:
                         log.warning(DISCARD_TEXT, f, n)
-        finally:    # closed even when a signal's handler raised during the linger
             rc = lib.ipc_close_fd(self._ctx, _fd_arg(fd))
             if self._pins:
                 self._unpin()
@@ -403,13 +401,22 @@ class NativeContext(Context):
                 self._callbacks.pop(f, None)
                 self._handed.drop(f)
 
+    def _queued(self, fd: int) -> bool:
+        """Whether messages are scheduled for fd or its switch peer (their
+        counts and the peer's fd are left in _close_info). False for an fd
+        that ended (its peer hung up, maybe during the linger): nothing more
+        could go out, so it is closed with no warning (as pure)."""
+        count, peer, peer_count = self._close_info
+        return lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count) == 0 \
+            and bool(count[0] or peer_count[0])
+
     def close_all(self) -> None:
         try:
             if self._pending:
                 self._flush()
             self._linger(-1, self.linger)
-            self._warn_unsent()
         finally:
+            self._warn_unsent()     # also when a signal's handler raised (as close)
             rc = lib.ipc_close_all(self._ctx)
             if self._pins:
                 self._unpin()

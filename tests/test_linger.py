@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -170,6 +171,41 @@ def test_linger_zero_drops_at_once_and_warns_with_the_count(ctx_factory, rundir,
     assert warnings_of(caplog) == {fd: FILL_COUNT}    # no round ran: none went out
     assert whole_frames_until_eof(peer) == 0
     peer.close()
+
+
+class Alarm(Exception):
+    """What the SIGALRM handler raises during a linger."""
+
+
+def raise_alarm(signum: int, frame_: object) -> None:
+    raise Alarm("alarm")
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_a_handler_raising_during_the_linger_closes_and_warns(ctx_factory, rundir, how, caplog):
+    """The handler's exception comes out after the close is done, and what
+    was not sent is dropped with the WARNING, as when the linger runs out
+    (native logged none: its warnings were skipped by the exception)."""
+    server = ctx_factory(linger=30)
+    server.service_init("svc")
+    peer = raw_connect(rundir, "svc")     # never reads until the close is over
+    fd = accept(server)
+    for _ in range(FILL_COUNT):
+        server.schedule(fd, bytes(FILL_SIZE))
+    old = signal.signal(signal.SIGALRM, raise_alarm)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pyipc"), pytest.raises(Alarm):
+            signal.setitimer(signal.ITIMER_REAL, 0.05)  # during the linger (30 s)
+            close_by(server, how, fd)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    warned = warnings_of(caplog)
+    assert list(warned) == [fd] and 0 < warned[fd] < FILL_COUNT
+    assert whole_frames_until_eof(peer) + warned[fd] == FILL_COUNT    # fd was closed
+    peer.close()
+    with pytest.raises(pyipc.UnknownFdError):
+        server.close(fd)
 
 
 @pytest.mark.parametrize("how", HOWS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import struct
 import sys
@@ -270,7 +271,10 @@ class NativeContext(Context):
         if timeout is None:
             self._set_core_timeout(None)
             return None
-        self._set_core_timeout(int(timeout * 1e6))
+        # Rounded up: a positive timeout under 1 us must not become 0, the
+        # core's zero-timeout mode (its timer counted from when it last
+        # started, no "nothing to wait for"); pure tells them apart as 0 or not.
+        self._set_core_timeout(math.ceil(timeout * 1e6))
         return time.monotonic() + timeout
 
     def _set_core_timeout(self, us: Optional[int]) -> None:
@@ -282,7 +286,9 @@ class NativeContext(Context):
         """A blocking call came back with _E_INTERRUPTED and the signal's
         handler returned: the call goes on, with what is left of its timeout."""
         if deadline is not None:
-            self._set_core_timeout(max(0, int((deadline - time.monotonic()) * 1e6)))
+            # (rounded up as _start_timeout does: a zero-timeout call's
+            # deadline has passed, it is given 0 again)
+            self._set_core_timeout(max(0, math.ceil((deadline - time.monotonic()) * 1e6)))
 
     def _read_again(self, deadline: Optional[float]) -> None:
         """A blocking read came back with _E_INTERRUPTED, nothing consumed: a

@@ -167,6 +167,43 @@ def test_write_timeout_zero_with_room_writes(pair: Pair):
     assert pair.server.read_many(pair.server_fd) == [b"room", b"for", b"these"]
 
 
+#: A positive timeout under a microsecond (native truncated it to 0 us: the
+#: core's zero-timeout mode, unlike pure, where only 0 is that).
+TINY = 1e-7
+
+
+@pytest.mark.parametrize("call", ["wait_event", "wait_events"])
+def test_a_tiny_timeout_is_not_timeout_zero(ctx_factory, call):
+    """With nothing to wait for, timeout=0 finds nothing (a loop driven by
+    fileno() cannot hang) but any positive timeout is an error, as None is."""
+    ctx = ctx_factory()
+    if call == "wait_events":
+        assert ctx.wait_events(timeout=0) == []
+    else:
+        times_out(lambda: ctx.wait_event(timeout=0), 0, "wait timed out")
+    with pytest.raises(pyipc.IPCError, match="^nothing to wait for: no fd and no timer$"):
+        getattr(ctx, call)(timeout=TINY)
+
+
+@pytest.mark.parametrize("call", ["wait_event", "wait_events"])
+def test_a_tiny_timeout_counts_the_timer_from_the_call(pair: Pair, call):
+    """timeout=0 counts the timer from when it last started (TIMER once it
+    has passed); a positive timeout, however small, from the call: shorter
+    than the timer, it times out."""
+    server = pair.server
+    server.timer = 20
+
+    def idle_past_the_timer() -> None:
+        assert server.wait_event(timeout=5.0).type == EventType.TIMER   # it starts again
+        time.sleep(0.1)     # the time itself is under test, not an event
+
+    idle_past_the_timer()
+    result = getattr(server, call)(timeout=0)
+    assert (result if call == "wait_event" else result[0]).type == EventType.TIMER
+    idle_past_the_timer()
+    times_out(lambda: getattr(server, call)(timeout=TINY), 0, "wait timed out")
+
+
 # ---------------------------------------------------------------- the timer and the timeout
 
 

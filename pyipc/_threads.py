@@ -133,15 +133,6 @@ class ThreadGuard:
         self._short = False
         self._handoffs: deque[_Handoff] = deque()
 
-    def leave(self, ctx: Any) -> None:
-        """End the outermost call: make the calls handed over, then release."""
-        try:
-            if self._handoffs:
-                self.apply(ctx)
-        finally:
-            self._owner, self._short = None, False
-            self._lock.release()
-
     def call(self, ctx: Any, method: Method, args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> Any:
         """The slow path of a guarded call (the lock was taken): a nested call
@@ -164,7 +155,12 @@ class ThreadGuard:
         try:
             return method(ctx, *args, **kwargs)
         finally:
-            self.leave(ctx)
+            try:                # the outermost call ends (see _LEAVE)
+                if self._handoffs:
+                    self.apply(ctx)
+            finally:
+                self._owner, self._short = None, False
+                self._lock.release()
 
     def schedule(self, ctx: Any, direct: Direct, fd: int, payload: Payload) -> None:
         """The slow path of schedule() (the lock was taken): direct when this
@@ -220,7 +216,11 @@ class ThreadGuard:
                     break
                 if got:                         # the owner left: do it (and others) here
                     self._owner, self._short = me, True
-                    self.leave(ctx)
+                    try:                        # see _LEAVE
+                        self.apply(ctx)
+                    finally:
+                        self._owner, self._short = None, False
+                        self._lock.release()
                     continue
                 wait = RECHECK_S
                 if deadline is not None:
@@ -270,6 +270,13 @@ def _checked(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
 #: was held and no owner recorded, and a handler that called schedule() then
 #: took itself for another thread and waited for itself forever.
 #:
+#: _LEAVE: the outermost call ends by making the calls handed over (apply),
+#: then releasing the lock, in a try/finally written where the lock was taken,
+#: not in a method of its own: a signal handler's exception can come as a
+#: Python function is entered, before its first line, and with the try inside
+#: a `leave()` method a KeyboardInterrupt there left the lock held for good
+#: (every later call "in use by another thread", every hand-over waiting).
+#:
 #: The guarded method's source: its own parameters (so positional and keyword
 #: calls cost what a plain call costs; a `*args, **kwargs` wrapper costs about
 #: three times more on CPython 3.11), the lock taken without blocking on the
@@ -291,9 +298,10 @@ def make(method, _get_ident):
                 return method(self, {args})
         finally:
             if got:
-                if guard._handoffs:
-                    guard.leave(self)
-                else:
+                try:
+                    if guard._handoffs:
+                        guard.apply(self)
+                finally:
                     {leave}
                     guard._lock.release()
         return guard.call(self, method, ({args}{comma}), {{}})
@@ -356,9 +364,10 @@ def guarded_schedule(direct: Direct) -> Direct:
                 return direct(self, fd, payload)
         finally:
             if got:
-                if guard._handoffs:
-                    guard.leave(self)
-                else:
+                try:            # see _LEAVE
+                    if guard._handoffs:
+                        guard.apply(self)
+                finally:
                     guard._owner, guard._short = None, False
                     guard._lock.release()
         return guard.schedule(self, direct, fd, payload)

@@ -410,6 +410,65 @@ def test_an_exception_not_the_calls_own_while_the_owner_makes_it_is_the_owners(
     assert len(outcome) == 1 and type(outcome[0]) is Stop
 
 
+def test_a_signal_as_a_handing_thread_takes_over_leaves_the_context_free(pair):
+    """The owner leaves just as another thread hands a write over, so that
+    thread makes it itself; a signal handler's KeyboardInterrupt comes as it
+    enters the guard's exit path (simulated with a trace function, where
+    CPython runs handlers: at a function's entry). The exception comes out
+    and the context is free again (its lock was held for good: every later
+    call hung or was 'in use by another thread')."""
+    import sys
+    import pyipc._threads as threads_mod
+    ctx, fd = pair.client, pair.client_fd
+    source = open(threads_mod.__file__).read().splitlines()
+    release_line = source.index(next(line for line in source
+                                     if line.strip() == "guard._lock.release()")) + 1
+    at_release, queued = threading.Event(), threading.Event()
+    fired: list[str] = []
+
+    def owner_tracer(frame: Any, event: str, arg: Any) -> Any:
+        # The owner's wait_event, about to release: held until the write is queued.
+        if event == "line" and frame.f_code.co_filename == threads_mod.__file__ \
+                and frame.f_lineno == release_line and frame.f_code.co_name == "wait_event":
+            at_release.set()
+            queued.wait(10)
+        return owner_tracer
+
+    def owner() -> None:
+        sys.settrace(owner_tracer)
+        try:
+            with pytest.raises(pyipc.TimeoutError):
+                ctx.wait_event(timeout=0.2)
+        finally:
+            sys.settrace(None)
+
+    def handing_tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event != "call":
+            return None
+        caller = frame.f_back
+        if frame.f_code.co_name == "_wakeup":
+            queued.set()
+        elif not fired and frame.f_code.co_name in ("leave", "apply") \
+                and caller is not None and caller.f_code.co_name == "hand_over":
+            fired.append(frame.f_code.co_name)           # the exit path's first function
+            raise KeyboardInterrupt("a signal as the guard is left")
+        return None
+
+    thread = threading.Thread(target=owner)
+    thread.start()
+    assert at_release.wait(10)
+    sys.settrace(handing_tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ctx.write(fd, b"x", timeout=5)
+    finally:
+        sys.settrace(None)
+        queued.set()
+        thread.join(10)
+    assert fired and not ctx._guard._lock.locked()
+    assert in_thread(lambda: ctx.wait_events(timeout=0)) == []   # free, from any thread
+
+
 def test_a_call_queued_just_before_a_handler_raised_is_withdrawn(ctx_factory, monkeypatch):
     """A signal handler raises in the handing thread right after its call
     was queued (simulated: the owner's wake-up raises): the exception comes

@@ -8,10 +8,14 @@ a missing client certificate. Hosts are two run directories on 127.0.0.1
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import os
 import socket
 import ssl
 import threading
+from typing import Callable, Iterator
 
 import pytest
 import trustme  # a test dependency (pyproject's test extra): missing, the run fails
@@ -137,3 +141,110 @@ def test_the_cli_refuses_a_dial_key_without_its_certificate():
     with pytest.raises(SystemExit, match="--dial-key needs --dial-cert"):
         dial_ssl_context(None, None, "key.pem")
 
+
+
+# ------------------------------------------------------------ faults found by review
+
+def _accept_key(request: bytes) -> bytes:
+    key = [line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+           if line.lower().startswith(b"sec-websocket-key")][0]
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
+                            .digest())
+
+
+def _switching(request: bytes) -> bytes:
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + _accept_key(request) +
+            b"\r\n\r\n")
+
+
+MESSAGE_THEN_CLOSE = b"\x82\x0blast-words!" + b"\x88\x02\x03\xe8"   # binary, Close 1000
+
+
+@contextlib.contextmanager
+def closing_remote(ca: trustme.CA, answers: Callable[[bytes], list],
+                   proceed: threading.Event) -> Iterator[int]:
+    """A wss:// remote on 127.0.0.1 (its port) that reads the WebSocket
+    request and writes each of answers(request) (TLS plaintext, one TCP
+    segment each; before each after the first it waits for `proceed`), the
+    last one together with close_notify (as nginx and most servers close);
+    the TCP connection stays open until the block ends."""
+    context = server_side(ca)
+    server = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = context.wrap_bio(incoming, outgoing, server_side=True)
+
+            def more() -> None:
+                conn.sendall(outgoing.read())
+                incoming.write(conn.recv(65536))
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    more()
+            request = b""
+            while b"\r\n\r\n" not in request:
+                try:
+                    request += tls.read(65536)
+                except ssl.SSLWantReadError:
+                    more()
+            parts = answers(request)
+            for i, part in enumerate(parts):
+                if i:
+                    proceed.wait(10)
+                tls.write(part)
+                if i == len(parts) - 1:
+                    with contextlib.suppress(ssl.SSLWantReadError):
+                        tls.unwrap()                    # close_notify, with the last part
+                conn.sendall(outgoing.read())
+            done.wait(20)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        done.set()
+        proceed.set()
+        thread.join(10)
+        server.close()
+
+
+def test_a_refusal_that_comes_with_close_notify_is_said(hosts, backend, ca):
+    """The remote's 404 and its TLS end in one read: the 404's text is the
+    refusal (it was 'closed the connection without answering')."""
+    a, _ = hosts
+    body = b"no such thing here"
+    refusal = b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    with closing_remote(ca, lambda request: [refusal], threading.Event()) as port, \
+            host_a(a, backend, dial_ssl_context=client_side(ca)):
+        assert ask_ws(a, f"wss://127.0.0.1:{port}/pong", "wss") == \
+            b"ne refused no such thing here"
+
+
+@pytest.mark.parametrize("when", ["with the 101", "after the 101"])
+def test_a_last_message_that_comes_with_close_notify_is_delivered(hosts, backend, ca,
+                                                                   monkeypatch, when):
+    """The remote's last message, its Close and its TLS end in one read:
+    the client gets the message, then the end (the message was lost)."""
+    a, _ = hosts
+    connected = threading.Event()           # the rest comes to the open WebSocket
+
+    def answers(request: bytes) -> list:
+        if when == "with the 101":
+            return [_switching(request) + MESSAGE_THEN_CLOSE]
+        return [_switching(request), MESSAGE_THEN_CLOSE]
+    with closing_remote(ca, answers, connected) as port, \
+            host_a(a, backend, dial_ssl_context=client_side(ca)):
+        ctx, fd = connect_through(a, backend, port, monkeypatch)
+        connected.set()
+        with ctx:
+            assert ctx.read(fd, timeout=10) == b"last-words!"
+            with pytest.raises(pyipc.ConnectionClosedError):
+                ctx.read(fd, timeout=10)

@@ -236,7 +236,7 @@ class Dialer:
         if data:
             dial.heard = True
             dial.protocol.receive_data(data)
-        else:
+        if not data or dial.transport.ended:       # (TLS ended after that answer)
             dial.protocol.receive_eof()
         events = dial.protocol.events_received()
         if not events and dial.protocol.handshake_exc is not None and dial.heard:
@@ -270,9 +270,13 @@ class Dialer:
             if ended:                   # a websocketd at its bounds closes at once
                 self._refuse(dial, wire.UNREACHABLE, f"{dial.where} closed the connection "
                              "during the TLS handshake (at its bounds, or no wss:// there?)")
-            else:                       # a failure, or the remote's alert (after our
-                self._refuse(dial, wire.TLS, tls_reason(cause, dial.where)  # certificate)
-                             if isinstance(cause, ssl.SSLError) else f"{dial.where}: {e}")
+                return None
+            # A failure (our alert goes out: the remote sees why), or the
+            # remote's alert (after our certificate).
+            assert dial.sock is not None
+            _write_handshake(dial.sock, transport.pending(), dial.where)
+            self._refuse(dial, wire.TLS, tls_reason(cause, dial.where)
+                         if isinstance(cause, ssl.SSLError) else f"{dial.where}: {e}")
             return None
         out = transport.pending()
         if transport.handshake_done and dial.request:

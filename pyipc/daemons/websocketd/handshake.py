@@ -82,7 +82,7 @@ class Handshake:
             self._feed(plain)
         elif not data:
             self.protocol.receive_eof()
-        return self._request(ended=not data)
+        return self._request(ended=not data or self.transport.ended)
 
     def _feed(self, plain: bytes) -> None:
         """Give the protocol the request's head, and no byte past its end."""

@@ -182,7 +182,7 @@ class Session:
             return
         if plain:
             self.protocol.receive_data(plain)
-        if not data:
+        if not data or self.transport.ended:    # (TLS ended after that plaintext)
             self.protocol.receive_eof()
         self._collect()
 
@@ -294,12 +294,13 @@ class Session:
             return True
         if plain:
             self.protocol.receive_data(plain)
-        if not data:
+        if not data or self.transport.ended:
             self.protocol.receive_eof()
         self.protocol.events_received()       # data after our close frame is discarded
         # After a failure (1009, 1007...) the protocol discards what comes:
         # whatever arrives then is taken as the client's answer.
-        return not data or self.protocol.close_rcvd is not None or self._failed()
+        return not data or self.transport.ended or self.protocol.close_rcvd is not None \
+            or self._failed()
 
 
 def _valid_utf8(data: bytes) -> bool:

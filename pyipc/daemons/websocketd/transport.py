@@ -23,6 +23,8 @@ class Plain:
     __slots__ = ()
 
     handshake_done = True
+    #: (TLS's end comes with the socket's for plain TCP.)
+    ended = False
 
     def receive(self, data: bytes) -> bytes:
         """Bytes read from the socket -> bytes for the WebSocket protocol."""
@@ -43,7 +45,7 @@ class Tls:
     dial: the remote's certificate is checked as `context` says, and its
     name against server_hostname when the context checks host names)."""
 
-    __slots__ = ("_obj", "_in", "_out", "handshake_done")
+    __slots__ = ("_obj", "_in", "_out", "handshake_done", "ended")
 
     def __init__(self, context: ssl.SSLContext, server_hostname: Optional[str] = None) -> None:
         self._in = ssl.MemoryBIO()
@@ -51,6 +53,9 @@ class Tls:
         self._obj = context.wrap_bio(self._in, self._out, server_side=server_hostname is None,
                                      server_hostname=server_hostname)
         self.handshake_done = False
+        #: The peer ended TLS (close_notify, or EOF) right after the plaintext
+        #: the last receive() returned: the caller takes that as the end.
+        self.ended = False
 
     def begin(self) -> bytes:
         """A client's first flight (its ClientHello): what to write first."""
@@ -62,7 +67,11 @@ class Tls:
 
     def receive(self, data: bytes) -> bytes:
         """Feed what was read; return the plaintext it completes (maybe b"").
-        The handshake's own records to send are then in pending()."""
+        The handshake's own records to send are then in pending(). The
+        peer's end raises TransportClosed, unless plaintext came before it
+        in the same bytes: that is returned, with `ended` set."""
+        if self.ended:
+            raise TransportClosed("the peer ended TLS")
         if data:
             self._in.write(data)
         else:
@@ -84,10 +93,17 @@ class Tls:
         while True:
             try:
                 chunk = self._obj.read(1 << 16)
+                if not chunk:
+                    raise ssl.SSLZeroReturnError(ssl.SSL_ERROR_ZERO_RETURN, "close_notify")
             except ssl.SSLWantReadError:
                 break
-            if not chunk:
-                raise ssl.SSLZeroReturnError(ssl.SSL_ERROR_ZERO_RETURN, "close_notify")
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                if not chunks:
+                    raise
+                # A last message and close_notify in one read (servers close
+                # so): the message is not lost with the end.
+                self.ended = True
+                break
             chunks.append(chunk)
         return b"".join(chunks)
 

@@ -658,6 +658,21 @@ pub const Context = struct {
     fn connectThroughIpcd(self: *Context, name: []const u8, network: []const u8) Error!i32 {
         var pbuf: rundir_mod.PathBuf = undefined;
         _ = try rundir_mod.servicePath(&pbuf, self.rundir, name, &self.last);
+        // Refused before ipcd is asked, as the Python calls refuse them: the
+        // request is text, and one frame.
+        if (!std.unicode.utf8ValidateSlice(name))
+            return self.last.fail(
+                error.InvalidName,
+                "service name is not valid UTF-8: ipcd cannot be asked for it",
+                .{},
+            );
+        const request_len = name.len + 1 + network.len;
+        if (request_len > self.limits.max_message_size)
+            return self.last.fail(
+                error.MessageTooLarge,
+                "message of {d} bytes exceeds max_message_size ({d})",
+                .{ request_len, self.limits.max_message_size },
+            );
         const ipcd = self.connectService(ipcd_service) catch |e| {
             if (e != error.ServiceNotFound) return e;
             return self.last.failKeepErrno(

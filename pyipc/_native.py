@@ -394,10 +394,8 @@ class NativeContext(Context):
         finally:    # closed even when a signal's handler raised during the linger
             # What is left is dropped with its WARNING, also when the handler
             # raised (as pure; docs/reference.md, "Signals, timeouts and fork").
-            if self._queued(fd):
-                for f, n in ((fd, count[0]), (peer[0], peer_count[0])):
-                    if n:
-                        log.warning(DISCARD_TEXT, f, n)
+            for f, n in self._unsent(fd):
+                log.warning(DISCARD_TEXT, f, n)
             rc = lib.ipc_close_fd(self._ctx, _fd_arg(fd))
             if self._pins:
                 self._unpin()
@@ -415,6 +413,38 @@ class NativeContext(Context):
         count, peer, peer_count = self._close_info
         return lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count) == 0 \
             and bool(count[0] or peer_count[0])
+
+    def _unsent(self, fd: int) -> list[Tuple[int, int]]:
+        """(fd, count) for what close(fd) drops, of fd and of its switch peer:
+        what the core still holds, and what schedule() buffered that a
+        signal handler's exception kept from reaching the core (taken out of
+        the buffer now). None for an fd that ended (its peer hung up, maybe
+        during the linger): closed with no warning, as pure."""
+        count, peer, peer_count = self._close_info
+        if lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count) != 0:
+            self._unbuffer((fd,))
+            return []
+        buffered = self._unbuffer((fd, peer[0]))
+        unsent = ((fd, count[0] + buffered.get(fd, 0)),
+                  (peer[0], peer_count[0] + buffered.get(peer[0], 0)))
+        return [(f, n) for f, n in unsent if f >= 0 and n]
+
+    def _unbuffer(self, fds: Tuple[int, ...]) -> dict[int, int]:
+        """Take the messages buffered for `fds` out of schedule()'s buffer
+        (a flush a handler's exception cut short left them); their count per fd."""
+        pending = self._pending
+        dropped: dict[int, int] = {}
+        if not any(pending[i] in fds for i in range(0, len(pending), 2)):
+            return dropped
+        kept: list[Any] = []
+        for i in range(0, len(pending), 2):
+            if pending[i] in fds:
+                dropped[pending[i]] = dropped.get(pending[i], 0) + 1
+            else:
+                kept += pending[i:i + 2]
+        pending[:] = kept
+        self._room = {}
+        return dropped
 
     def close_all(self) -> None:
         try:
@@ -448,11 +478,15 @@ class NativeContext(Context):
                 return      # all sent, or time ran out: the caller warns
 
     def _warn_unsent(self) -> None:
-        """One WARNING per fd whose scheduled messages close_all() drops."""
+        """One WARNING per fd whose scheduled messages close_all() drops
+        (those the core holds, and those a flush cut short left buffered)."""
+        buffered = self._unbuffer(tuple(self._pending[0::2]))
         fds, counts = ffi.new("int[]", SCHEDULED_FDS), ffi.new("size_t[]", SCHEDULED_FDS)
         total = lib.ipc_scheduled_fds(self._ctx, fds, counts, SCHEDULED_FDS)
         for i in range(min(total, SCHEDULED_FDS)):
-            log.warning(DISCARD_TEXT, fds[i], counts[i])
+            log.warning(DISCARD_TEXT, fds[i], counts[i] + buffered.pop(fds[i], 0))
+        for fd, n in buffered.items():
+            log.warning(DISCARD_TEXT, fd, n)
         if total > SCHEDULED_FDS:
             log.warning("closing %d more fds discards their scheduled messages",
                         total - SCHEDULED_FDS)

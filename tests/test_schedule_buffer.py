@@ -391,3 +391,39 @@ def test_pure_schedule_counts_a_handlers_bytes(rundir, monkeypatch):
     finally:
         client.close_all()
         server.close_all()
+
+
+@pytest.mark.parametrize("closing", ["close", "close_all"])
+def test_a_flush_a_handler_cut_short_in_close_is_dropped_with_its_warning(native_pair, caplog,
+                                                                           closing):
+    """close(fd) hands schedule()'s buffer to the core first; a signal
+    handler's exception comes before that C call (simulated with a trace
+    function at the first function _flush enters). The exception comes out,
+    the buffered messages of fd are dropped with the WARNING, and later calls
+    are unaffected (they were left buffered for a closed fd: no WARNING,
+    and each later wait raised UnknownFdError for them)."""
+    import sys
+    client, fd = native_pair.client, native_pair.client_fd
+    other = client.connect_service(native_pair.name)
+    for _ in range(3):
+        client.schedule(fd, b"a")
+    assert len(client._pending) == 6                    # buffered, not in the core yet
+
+    def tracer(frame: object, event: str, arg: object) -> object:
+        caller = getattr(frame, "f_back", None)
+        if event == "call" and caller is not None and caller.f_code.co_name == "_flush":
+            sys.settrace(None)
+            raise KeyboardInterrupt("a signal as close() flushes")
+        return None
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.close(fd) if closing == "close" else client.close_all()
+    finally:
+        sys.settrace(None)
+    assert client._pending == []
+    assert f"closing fd {fd} discards 3 scheduled message(s)" in caplog.text
+    if closing == "close":
+        client.schedule(other, b"still fine")
+        assert [(e.type, e.fd) for e in client.wait_events(timeout=10)] == \
+            [(EventType.MESSAGE_TX, other)]

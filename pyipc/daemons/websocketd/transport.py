@@ -89,7 +89,7 @@ class Tls:
             raise TransportClosed(f"TLS error: {e.reason or e}") from e
 
     def _read_all(self) -> bytes:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             try:
                 chunk = self._obj.read(1 << 16)

@@ -98,7 +98,12 @@ class _Handoff:
         #: write()'s timeout as a monotonic deadline: the owner gets what is left.
         self.deadline = deadline
         self.claim = threading.Lock()
-        self.done = threading.Event()
+        #: Held until the call is settled. A lock, not a threading.Event:
+        #: released in C, it cannot be cut short by a signal handler's
+        #: exception the way entering Event.set() (Python code) can, which
+        #: left a settled call's thread waiting for good.
+        self.done = _thread.allocate_lock()
+        self.done.acquire()
         self.error: Optional[BaseException] = None
 
     def run(self, ctx: Any) -> None:
@@ -193,7 +198,7 @@ class ThreadGuard:
                 item.error = exc
                 raise
             finally:
-                item.done.set()
+                item.done.release()
 
     def hand_over(self, ctx: Any, method: Method, args: tuple[Any, ...]) -> Any:
         """From a thread that is not the owner: have the owner make the call
@@ -210,7 +215,7 @@ class ThreadGuard:
             # withdraws the call too (below).
             self._handoffs.append(item)
             ctx._wakeup()
-            while not item.done.is_set():
+            while item.done.locked():
                 got = False
                 for got in self._tries:         # see _TRIES
                     break
@@ -229,7 +234,8 @@ class ThreadGuard:
                         raise TimeoutError(f"write on fd {args[0]} timed out")
                     if left > 0:
                         wait = min(wait, left)
-                item.done.wait(wait)
+                if item.done.acquire(True, wait):
+                    break                       # settled (nobody else waits on it)
         except BaseException:
             # A signal's handler raised in this thread while it waited (or
             # the timeout above): a call the owner has not taken yet is

@@ -469,6 +469,50 @@ def test_a_signal_as_a_handing_thread_takes_over_leaves_the_context_free(pair):
     assert in_thread(lambda: ctx.wait_events(timeout=0)) == []   # free, from any thread
 
 
+def test_a_signal_as_the_owner_settles_a_handed_call_leaves_no_thread_waiting(pair):
+    """The owner (this thread) makes a write another thread handed over; a
+    signal handler's KeyboardInterrupt comes as it settles it (simulated
+    with a trace function: at the entry of any function apply() calls after
+    the call, where CPython runs handlers). The write's thread returns (it
+    waited for good when settling entered threading.Event.set)."""
+    import sys
+    ctx, fd, me = pair.client, pair.client_fd, threading.get_ident()
+    outcome: list[Any] = []
+
+    def hand_over() -> None:
+        spin_until(lambda: ctx._guard._owner == me)
+        try:
+            ctx.write(fd, b"x", timeout=1)
+            outcome.append("written")
+        except BaseException as exc:                # noqa: B036 - checked below
+            outcome.append(exc)
+
+    made: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        caller = frame.f_back
+        if event == "call" and caller is not None and caller.f_code.co_name == "apply":
+            if frame.f_code.co_name == "run":
+                made.append(True)
+            elif made:                               # after the call: settling it
+                sys.settrace(None)
+                raise KeyboardInterrupt("a signal as the call is settled")
+        return None
+    thread = threading.Thread(target=hand_over)
+    thread.start()
+    sys.settrace(tracer)
+    try:
+        ctx.wait_events(timeout=2)      # the write made inside it: no event of its own
+    except (KeyboardInterrupt, pyipc.TimeoutError):
+        pass
+    finally:
+        sys.settrace(None)
+    thread.join(10)
+    assert not thread.is_alive(), "the handed-over write's thread waits for good"
+    assert made and outcome in (["written"], [KeyboardInterrupt])
+    assert pair.server.read(pair.server_fd, timeout=10) == b"x"
+
+
 def test_a_call_queued_just_before_a_handler_raised_is_withdrawn(ctx_factory, monkeypatch):
     """A signal handler raises in the handing thread right after its call
     was queued (simulated: the owner's wake-up raises): the exception comes

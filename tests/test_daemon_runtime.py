@@ -237,6 +237,42 @@ def connect_when_served(client, name, timeout=10):
             time.sleep(0.01)    # polling for a service another thread opens
 
 
+def test_a_timer_due_past_what_a_wait_takes_does_not_end_the_loop(backend, rundir):
+    """The only timers due in 1e10 s (past threading.TIMEOUT_MAX) and never:
+    the loop waits MAX_TIMEOUT at most at once and goes on serving (the
+    wait's ValueError ended the daemon, as ipcd's --request-timeout inf did)."""
+    from pyipc.daemons._timers import MAX_TIMEOUT, Timers
+    class Busy(ScriptedDaemon):
+        def on_event(self, ev):
+            if ev.type == pyipc.EventType.MESSAGE_RX:
+                self.ctx.schedule(ev.fd, ev.message)
+
+    def script(d):
+        d.ctx.service_init("busy")
+        d.call_later(1e10, lambda: d.note("in 300 years"))
+        d.call_later(float("inf"), lambda: d.note("never"))
+        d.done.set()
+
+    timers = Timers()
+    timers.call_later(float("inf"), lambda: None)
+    assert timers.timeout() == MAX_TIMEOUT
+    daemon = Busy(script, rundir=rundir, backend=backend)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        assert daemon.done.wait(10)
+        with pyipc.Context(rundir=rundir, backend=backend) as client:
+            fd = connect_when_served(client, "busy")
+            for _ in range(3):
+                client.write(fd, b"x")
+                assert client.read(fd, timeout=10) == b"x"
+        assert runner.is_alive() and daemon.seen == []
+    finally:
+        daemon.stop()
+        runner.join(10)
+    assert not runner.is_alive()
+
+
 def test_call_later_refuses_a_negative_or_nan_delay(backend, rundir):
     daemon = Daemon(rundir=rundir, backend=backend)
     try:

@@ -21,7 +21,7 @@ import pytest
 import pyipc
 from pyipc.daemons.ipcd import Ipcd
 from pyipc.daemons._netwire import MAX_NAME, NAME_TOO_LONG
-from pyipc.daemons._sockets import default_per_host, peer_key
+from pyipc.daemons._sockets import MAX_DEAD_PEER_TIMEOUT, default_per_host, peer_key, tune_tcp
 from pyipc.daemons.tcpd import Tcpd, parse_uri
 
 from conftest import CHILD_ENV, spin_until, unavailable
@@ -302,6 +302,16 @@ def test_bad_settings_are_refused(rundir):
                {"connect_timeout": 0}, {"dead_peer_timeout": -1}):
         with pytest.raises(ValueError):
             Tcpd(rundir=rundir, **kw)
+
+
+@pytest.mark.parametrize("seconds", [MAX_DEAD_PEER_TIMEOUT + 1, 1e10, float("inf")])
+def test_tune_tcp_takes_a_longer_dead_peer_timeout_as_the_bound(seconds):
+    """tune_tcp never hands the kernel a value it refuses (EINVAL failed the
+    connection), whatever it is given."""
+    with socket.socket() as sock:
+        tune_tcp(sock, seconds)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 16383
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 32767000
 
 
 def test_parse_uri():

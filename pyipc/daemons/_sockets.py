@@ -24,6 +24,12 @@ LISTEN_BACKLOG = 128
 #: Connections accepted from one listening socket per event at most, so a
 #: flood of connections cannot hold the loop.
 MAX_ACCEPT_PER_EVENT = 64
+#: The longest --dead-peer-timeout (seconds) of tcpd, tlsd and websocketd:
+#: Linux takes TCP_KEEPIDLE and TCP_KEEPINTVL up to 32767 s (MAX_TCP_KEEPIDLE)
+#: and refuses more with EINVAL, which failed every connection the daemon
+#: tuned (peers reset, dials "Invalid argument"). At it, the keepalive probes
+#: start after 16383 s and TCP_USER_TIMEOUT is 32767000 ms (a C int).
+MAX_DEAD_PEER_TIMEOUT = 32767
 
 
 def split_address(address: str, default_port: int) -> Tuple[str, int]:
@@ -229,21 +235,33 @@ def is_listening(sock: socket.socket, family: int) -> bool:
         return False
 
 
+def check_dead_peer_timeout(seconds: float) -> None:
+    """ValueError unless `seconds` is a --dead-peer-timeout tune_tcp can set:
+    0 (never) up to MAX_DEAD_PEER_TIMEOUT (NaN and infinity refused)."""
+    if not 0 <= seconds <= MAX_DEAD_PEER_TIMEOUT:       # NaN fails both
+        raise ValueError(f"dead_peer_timeout must be >= 0 and at most "
+                         f"{MAX_DEAD_PEER_TIMEOUT} seconds (Linux's longest TCP keepalive "
+                         f"idle time), not {seconds!r}")
+
+
 def tune_tcp(sock: socket.socket, dead_peer_timeout: float) -> None:
     """No Nagle delay (messages are often small), and a peer that vanished
     (a cut link, a host down) ends the connection within about
     `dead_peer_timeout` seconds: keepalive probes while idle, and
-    TCP_USER_TIMEOUT while data waits to be acknowledged."""
+    TCP_USER_TIMEOUT while data waits to be acknowledged. A value past
+    MAX_DEAD_PEER_TIMEOUT is taken as it (the daemons refuse one, but a
+    value the kernel refuses would fail the connection); 0 or NaN: off."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if dead_peer_timeout <= 0:
+    if not dead_peer_timeout > 0:
         return
-    idle = max(1, int(dead_peer_timeout / 2))
+    seconds = min(dead_peer_timeout, MAX_DEAD_PEER_TIMEOUT)
+    idle = max(1, int(seconds / 2))
     probes = 3
-    interval = max(1, int((dead_peer_timeout - idle) / probes))
+    interval = max(1, int((seconds - idle) / probes))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
                           ("TCP_KEEPCNT", probes),
-                          ("TCP_USER_TIMEOUT", int(dead_peer_timeout * 1000))):
+                          ("TCP_USER_TIMEOUT", int(seconds * 1000))):
         if hasattr(socket, option):                 # Linux has them all
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 

@@ -12,6 +12,22 @@ import itertools
 import time
 from typing import Callable, Optional
 
+#: The longest timeout option of a daemon (seconds): ipcd's --request-timeout,
+#: tcpd's, tlsd's and websocketd's --handshake-timeout and --connect-timeout.
+#: A request, a handshake or a dial not done in a day never will be, so a
+#: longer value is a mistake (inf, 1e10); one past threading.TIMEOUT_MAX
+#: made the loop's wait_events() raise and the daemon end at its first client.
+#: Also the longest wait of the loop (Timers.timeout).
+MAX_TIMEOUT = 86400.0
+
+
+def check_timeout(what: str, seconds: float) -> None:
+    """ValueError naming option `what` unless `seconds` is > 0 and at most
+    MAX_TIMEOUT (NaN and infinity refused)."""
+    if not 0 < seconds <= MAX_TIMEOUT:          # NaN fails both
+        raise ValueError(f"{what} must be > 0 and at most {MAX_TIMEOUT:g} seconds "
+                         f"(a day), not {seconds!r}")
+
 
 class TimerHandle:
     """What call_later() returns; pass it to cancel()."""
@@ -49,12 +65,14 @@ class Timers:
         handle.cancelled = True
 
     def timeout(self) -> Optional[float]:
-        """Seconds until the next callback is due (0 if one is), or None."""
+        """Seconds until the next callback is due (0 if one is), or None;
+        MAX_TIMEOUT at most, a wait every backend takes (a timer due later,
+        or never, is waited for over several waits)."""
         while self._heap and self._heap[0][2].cancelled:
             heapq.heappop(self._heap)
         if not self._heap:
             return None
-        return max(0.0, self._heap[0][0] - time.monotonic())
+        return min(MAX_TIMEOUT, max(0.0, self._heap[0][0] - time.monotonic()))
 
     def run_due(self) -> None:
         """Run every callback due by now, in due order. A callback that asks

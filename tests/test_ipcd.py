@@ -24,6 +24,7 @@ import pytest
 import pyipc
 from pyipc.daemons.ipcd import MAX_REQUEST as MAX_REQUEST_FOR_TESTS, Ipcd
 from pyipc.daemons._rules import find_rule, target_of
+from pyipc.daemons._timers import MAX_TIMEOUT
 
 from conftest import CHILD_ENV, spin_until
 from daemon_harness import (FakeScheme, Pong, ask_raw, frame, raw_answer, reap, running,
@@ -518,6 +519,22 @@ def test_request_timeout(backend, rundir, monkeypatch):
         fake.close()
 
 
+def test_request_timeout_at_its_bound_serves_every_client(pong, backend, rundir, monkeypatch):
+    """--request-timeout at MAX_TIMEOUT (a day): clients after the first are
+    served too (at inf, the first's deadline ended ipcd's loop)."""
+    with running(Ipcd(rundir=rundir, backend=backend, request_timeout=MAX_TIMEOUT)) as daemon:
+        monkeypatch.setenv("IPC_NETWORK", "p pong")
+        with client(backend, rundir) as ctx:
+            for _ in range(3):
+                assert echo_through(ctx, "p") == b"ping p"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+            idle.connect(os.path.join(rundir, "ipc"))     # its deadline the only timer
+            spin_until(lambda: len(daemon._requests) == 1)
+            time.sleep(0.2)                               # the loop waits on it
+            with client(backend, rundir) as ctx:
+                assert echo_through(ctx, "p") == b"ping p"
+
+
 def test_a_client_that_never_asks_is_answered_at_the_timeout(backend, rundir):
     with running(Ipcd(rundir=rundir, backend=backend, request_timeout=0.3)):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -577,6 +594,12 @@ def test_max_requests_at_and_past_the_edge(backend, rundir):
 def test_invalid_limits_are_refused(rundir):
     with pytest.raises(ValueError):
         Ipcd(rundir=rundir, request_timeout=0)
+    # Past a day (inf, past threading.TIMEOUT_MAX): the loop's wait refused
+    # it and ipcd ended at its first client.
+    for bad in (MAX_TIMEOUT + 1, 1e10, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="^request_timeout must be > 0 and at most "
+                                             "86400 seconds"):
+            Ipcd(rundir=rundir, request_timeout=bad)
     with pytest.raises(ValueError):
         Ipcd(rundir=rundir, max_requests=0)
 

@@ -22,6 +22,7 @@ import pyipc
 from pyipc.daemons.ipcd import Ipcd
 from pyipc.daemons._netwire import MAX_NAME, NAME_TOO_LONG
 from pyipc.daemons._sockets import MAX_DEAD_PEER_TIMEOUT, default_per_host, peer_key, tune_tcp
+from pyipc.daemons._timers import MAX_TIMEOUT
 from pyipc.daemons.tcpd import Tcpd, parse_uri
 
 from conftest import CHILD_ENV, spin_until, unavailable
@@ -302,6 +303,43 @@ def test_bad_settings_are_refused(rundir):
                {"connect_timeout": 0}, {"dead_peer_timeout": -1}):
         with pytest.raises(ValueError):
             Tcpd(rundir=rundir, **kw)
+
+
+def test_options_at_their_bounds_serve_both_ways(backend, rundir, pong, monkeypatch):
+    """--dead-peer-timeout at MAX_DEAD_PEER_TIMEOUT, the timeouts at
+    MAX_TIMEOUT: a peer is served and a dial made (tcpd dialling itself), the
+    sockets tuned to the bound."""
+    with running(make_tcpd(backend, rundir, dead_peer_timeout=MAX_DEAD_PEER_TIMEOUT,
+                           connect_timeout=MAX_TIMEOUT,
+                           handshake_timeout=MAX_TIMEOUT)) as daemon, \
+            running(Ipcd(rundir=rundir, backend=backend, request_timeout=MAX_TIMEOUT)):
+        with dial(daemon) as sock:
+            sock.sendall(b"pong\n" + frame(b"at the bound"))
+            assert read_exactly(sock, 2 + 16) == b"ok" + frame(b"at the bound")
+        monkeypatch.setenv("IPC_NETWORK", f"p tcp://127.0.0.1:{daemon.addresses[0][1]}/pong")
+        with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+            fd = ctx.connect("p", timeout=10)
+            ctx.write(fd, b"dialled")
+            assert ctx.read(fd, timeout=10) == b"dialled"
+            with socket.socket(fileno=os.dup(fd)) as handed:      # tcpd's dialled socket
+                assert handed.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 16383
+                assert handed.getsockopt(socket.IPPROTO_TCP,
+                                         socket.TCP_USER_TIMEOUT) == 32767000
+
+
+@pytest.mark.parametrize("option, value", [
+    ("dead_peer_timeout", MAX_DEAD_PEER_TIMEOUT + 1), ("dead_peer_timeout", 86400),
+    ("dead_peer_timeout", float("inf")), ("dead_peer_timeout", float("nan")),
+    ("connect_timeout", MAX_TIMEOUT + 1), ("connect_timeout", 1e10),
+    ("connect_timeout", float("inf")), ("handshake_timeout", float("inf")),
+    ("handshake_timeout", float("nan")), ("handshake_timeout", 1e10)])
+def test_options_past_their_bounds_are_refused(rundir, option, value):
+    """Past Linux's keepalive bound every connection failed (EINVAL from
+    setsockopt: peers reset, dials 'Invalid argument'); a timeout of inf or
+    past threading.TIMEOUT_MAX ended the loop at its first peer."""
+    bound = MAX_DEAD_PEER_TIMEOUT if option == "dead_peer_timeout" else int(MAX_TIMEOUT)
+    with pytest.raises(ValueError, match=f"^{option} must be .* at most {bound} seconds"):
+        Tcpd(rundir=rundir, **{option: value})
 
 
 @pytest.mark.parametrize("seconds", [MAX_DEAD_PEER_TIMEOUT + 1, 1e10, float("inf")])
@@ -680,6 +718,19 @@ def test_socket_activation(backend, rundir, pong, tmp_path, monkeypatch):
     (["tcpd", "--max-pending-per-host", "0"], 2,
      "pyipc tcpd: max_pending_per_host must be >= 1, not 0"),
     (["ipcd", "--max-requests", "0"], 2, "pyipc ipcd: max_requests must be >= 1, not 0"),
+    (["tcpd", "--dead-peer-timeout", "32768"], 2, "pyipc tcpd: dead_peer_timeout must be >= 0 "
+     "and at most 32767 seconds (Linux's longest TCP keepalive idle time), not 32768.0"),
+    (["tcpd", "--dead-peer-timeout", "inf"], 2,
+     "pyipc tcpd: dead_peer_timeout must be >= 0 and at most 32767 seconds"),
+    (["tcpd", "--handshake-timeout", "inf"], 2,
+     "pyipc tcpd: handshake_timeout must be > 0 and at most 86400 seconds (a day), not inf"),
+    (["tcpd", "--connect-timeout", "1e10"], 2,
+     "pyipc tcpd: connect_timeout must be > 0 and at most 86400 seconds (a day), "
+     "not 10000000000.0"),
+    (["ipcd", "--request-timeout", "inf"], 2,
+     "pyipc ipcd: request_timeout must be > 0 and at most 86400 seconds (a day), not inf"),
+    (["ipcd", "--request-timeout", "86401"], 2,
+     "pyipc ipcd: request_timeout must be > 0 and at most 86400 seconds"),
 ])
 def test_cli_errors_are_one_line(backend, rundir, args, status, text):
     with socket.create_server(("127.0.0.1", 0)) as busy:

@@ -17,6 +17,9 @@ import threading
 import pytest
 
 import pyipc
+from pyipc.daemons._sockets import MAX_DEAD_PEER_TIMEOUT
+from pyipc.daemons._timers import MAX_TIMEOUT
+from pyipc.daemons._tls_options import TlsdConfig
 
 from conftest import require_openssl, spin_until, unavailable
 from daemon_harness import (Burst, fail_first_offload, frames_of, hung_lookups, reap,
@@ -379,6 +382,32 @@ def test_echo_through_a_pair_of_tlsd(hosts, backend, certs, remote):
         assert client.read(fd, timeout=20) == b"hello over TLS"
         client.write(fd, b"")                       # an empty message is a message
         assert client.read(fd, timeout=20) == b""
+
+
+def test_options_at_their_bounds_relay(hosts, backend, certs):
+    """--dead-peer-timeout at MAX_DEAD_PEER_TIMEOUT (past it every connection
+    failed: setsockopt EINVAL), the timeouts at MAX_TIMEOUT, on both tlsds."""
+    a, b = hosts
+    bounds = dict(dead_peer_timeout=MAX_DEAD_PEER_TIMEOUT, connect_timeout=MAX_TIMEOUT,
+                  handshake_timeout=MAX_TIMEOUT)
+    with running(Echo(rundir=b, backend=backend)), \
+            running(listener(b, backend, certs, **bounds)) as remote, \
+            running(dialer(a, backend, certs, **bounds)), \
+            pyipc.Context(rundir=a, backend=backend) as client:
+        fd = connect_through(a, f"tls://127.0.0.1:{port_of(remote)}/pong", client)
+        client.write(fd, b"at the bounds")
+        assert client.read(fd, timeout=20) == b"at the bounds"
+
+
+@pytest.mark.parametrize("option, value", [
+    ("dead_peer_timeout", MAX_DEAD_PEER_TIMEOUT + 1), ("dead_peer_timeout", float("inf")),
+    ("dead_peer_timeout", float("nan")), ("connect_timeout", MAX_TIMEOUT + 1),
+    ("connect_timeout", float("inf")), ("handshake_timeout", 1e10),
+    ("handshake_timeout", float("nan"))])
+def test_options_past_their_bounds_are_refused(option, value):
+    bound = MAX_DEAD_PEER_TIMEOUT if option == "dead_peer_timeout" else int(MAX_TIMEOUT)
+    with pytest.raises(ValueError, match=f"^{option} must be .* at most {bound} seconds"):
+        TlsdConfig(**{option: value})
 
 
 def test_one_mebibyte_message(hosts, backend, certs, remote):
@@ -991,7 +1020,14 @@ def test_dials_past_max_pending_are_busy(hosts, backend, certs):
     (["--listen", "127.0.0.1:0", "--cert", "/nonexistent.pem"], 2,
      "--cert/--key /nonexistent.pem: No such file or directory"),
     (["--ca", "/nonexistent.pem"], 2, "--ca /nonexistent.pem: No such file or directory"),
-    (["--connect-timeout", "0"], 2, "connect_timeout must be positive"),
+    (["--connect-timeout", "0"], 2,
+     "connect_timeout must be > 0 and at most 86400 seconds (a day), not 0.0"),
+    (["--connect-timeout", "inf"], 2,
+     "connect_timeout must be > 0 and at most 86400 seconds (a day), not inf"),
+    (["--handshake-timeout", "1e10"], 2,
+     "handshake_timeout must be > 0 and at most 86400 seconds (a day), not 10000000000.0"),
+    (["--dead-peer-timeout", "86400"], 2, "dead_peer_timeout must be >= 0 and at most 32767 "
+     "seconds (Linux's longest TCP keepalive idle time), not 86400.0"),
     (["--max-pending", "0"], 2, "max_pending must be at least 1"),
     (["--max-pending-per-host", "0"], 2, "max_pending_per_host must be at least 1"),
 ])

@@ -522,11 +522,16 @@ def test_service_that_does_not_read_pauses_the_client_not_the_daemon(start, back
 
 # ------------------------------------------------------------ the command line
 
-def test_cli_serves_and_stops_cleanly_on_sigterm(backend, rundir):
+@pytest.mark.parametrize("bounds", [
+    [], ["--dead-peer-timeout", "32767", "--handshake-timeout", "86400",
+         "--connect-timeout", "86400"]], ids=["defaults", "at-the-bounds"])
+def test_cli_serves_and_stops_cleanly_on_sigterm(backend, rundir, bounds):
+    """Also with the timeouts at their bounds (_sockets.MAX_DEAD_PEER_TIMEOUT,
+    _timers.MAX_TIMEOUT): accepted, and a client served."""
     service = ServiceThread(rundir, backend, "echo")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyipc", "-v", "--rundir", rundir, "--backend", backend,
-         "websocketd", "--port", "0", "--expose", "echo"],
+         "websocketd", "--port", "0", "--expose", "echo", *bounds],
         env=CHILD_ENV, stderr=subprocess.PIPE, text=True)
     try:
         port = None
@@ -693,6 +698,23 @@ def test_a_failure_opening_the_session_closes_both_sides(start, monkeypatch):
         assert s.recv(100) == b""                   # closed after the 101
     disconnected(service)                           # its side too
     assert not d.daemon.handshakes and not d.daemon.sessions
+
+
+def test_timeouts_at_their_bounds_serve(start):
+    """--dead-peer-timeout at MAX_DEAD_PEER_TIMEOUT (Linux's keepalive bound:
+    past it setsockopt failed every connection), the timeouts at MAX_TIMEOUT."""
+    from pyipc.daemons._sockets import MAX_DEAD_PEER_TIMEOUT
+    from pyipc.daemons._timers import MAX_TIMEOUT
+    start.service()
+    d = start.daemon(dead_peer_timeout=MAX_DEAD_PEER_TIMEOUT, handshake_timeout=MAX_TIMEOUT,
+                     connect_timeout=MAX_TIMEOUT)
+    with connect(d.url("/echo"), open_timeout=10) as ws:
+        ws.send(b"at the bounds")
+        assert ws.recv(timeout=10) == b"at the bounds"
+        (fd,) = {session.fd for session in d.daemon.sessions.values()}
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 16383
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 32767000
 
 
 def test_client_sockets_detect_a_vanished_peer(start):

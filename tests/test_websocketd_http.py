@@ -156,10 +156,41 @@ def test_a_repeated_origin_or_host_header_is_400(wsd, echo_service, header):
 def test_handshake_timeout_must_be_a_positive_number():
     from pyipc.daemons.websocketd import Options
     for bad in (0, -1, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="handshake_timeout must be a positive number"):
+        with pytest.raises(ValueError, match="handshake_timeout must be > 0"):
             Options(handshake_timeout=bad)
     with pytest.raises(ValueError, match="dead_peer_timeout must be >= 0"):
         Options(dead_peer_timeout=float("nan"))
+
+
+@pytest.mark.parametrize("option, value", [
+    ("dead_peer_timeout", 32768), ("dead_peer_timeout", 86400),
+    ("dead_peer_timeout", float("inf")), ("handshake_timeout", 86401),
+    ("handshake_timeout", 1e10), ("connect_timeout", 86401), ("connect_timeout", 1e10),
+    ("connect_timeout", float("inf")), ("connect_timeout", float("nan"))])
+def test_timeouts_past_their_bounds_are_refused(option, value):
+    """Past Linux's keepalive bound (32767 s) every connection failed
+    (setsockopt EINVAL); a timeout past threading.TIMEOUT_MAX ended the loop
+    at its first client. Both are bounded (_sockets.MAX_DEAD_PEER_TIMEOUT,
+    _timers.MAX_TIMEOUT: a day)."""
+    from pyipc.daemons.websocketd import Options
+    bound = 32767 if option == "dead_peer_timeout" else 86400
+    with pytest.raises(ValueError, match=f"^{option} must be .* at most {bound} seconds"):
+        Options(**{option: value})
+
+
+@pytest.mark.parametrize("option, value, text", [
+    ("--dead-peer-timeout", "32768", "dead_peer_timeout must be >= 0 and at most 32767 "
+     "seconds (Linux's longest TCP keepalive idle time), not 32768.0"),
+    ("--handshake-timeout", "inf",
+     "handshake_timeout must be > 0 and at most 86400 seconds (a day), not inf"),
+    ("--connect-timeout", "1e10",
+     "connect_timeout must be > 0 and at most 86400 seconds (a day), not 10000000000.0")])
+def test_the_cli_refuses_a_timeout_past_its_bound(rundir, option, value, text):
+    out = subprocess.run([sys.executable, "-m", "pyipc", "--rundir", rundir, "websocketd",
+                          "--port", "0", option, value],
+                         env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr == f"pyipc websocketd: {text}\n"
 
 
 def test_listening_on_double_colon_takes_ipv4_too(wsd):

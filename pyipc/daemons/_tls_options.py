@@ -10,6 +10,7 @@ import ssl
 from typing import Callable, FrozenSet, Optional, Tuple, cast
 
 from . import _netwire, _sockets
+from ._timers import check_timeout
 
 #: The port of a `tls://` URI without one, and of `--listen HOST` without one.
 DEFAULT_PORT = 9443
@@ -34,12 +35,14 @@ class TlsdConfig:
     #: CA bundle the servers we dial are verified against; None: the
     #: system's default trust store.
     ca: Optional[str] = None
-    #: Seconds one dial may take: connect, TLS handshake, the remote's answer.
+    #: Seconds one dial may take: connect, TLS handshake, the remote's answer
+    #: (at most _timers.MAX_TIMEOUT, a day, as the other timeouts).
     connect_timeout: float = 10.0
     #: Seconds a remote peer has for the TLS handshake and the service name.
     handshake_timeout: float = 10.0
     #: A connection whose peer is silent this long ends (keepalive and
-    #: TCP_USER_TIMEOUT, as tcpd); 0: never.
+    #: TCP_USER_TIMEOUT, as tcpd); 0: never; at most
+    #: _sockets.MAX_DEAD_PEER_TIMEOUT (32767, Linux's keepalive bound).
     dead_peer_timeout: float = 30.0
     #: Dials and incoming handshakes in progress at once, at most; more are
     #: refused (`ne busy`) or closed at once.
@@ -51,11 +54,9 @@ class TlsdConfig:
     max_pending_per_host: Optional[int] = None
 
     def __post_init__(self) -> None:
-        for what in ("connect_timeout", "handshake_timeout"):
-            if not getattr(self, what) > 0:
-                raise ValueError(f"{what} must be positive, not {getattr(self, what)}")
-        if not self.dead_peer_timeout >= 0:
-            raise ValueError(f"dead_peer_timeout must be >= 0, not {self.dead_peer_timeout}")
+        check_timeout("connect_timeout", self.connect_timeout)
+        check_timeout("handshake_timeout", self.handshake_timeout)
+        _sockets.check_dead_peer_timeout(self.dead_peer_timeout)
         if self.max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, not {self.max_pending}")
         if self.max_pending_per_host is not None and self.max_pending_per_host < 1:

@@ -36,7 +36,7 @@ from .._types import IPCD_SERVICE
 from . import _netwire as wire
 from . import _rules, _sockets, _systemd
 from ._runtime import Daemon
-from ._timers import TimerHandle
+from ._timers import MAX_TIMEOUT, TimerHandle, check_timeout
 
 #: Seconds a request may take, from the client's connection to the answer.
 DEFAULT_REQUEST_TIMEOUT = 10.0
@@ -96,7 +96,8 @@ class Ipcd(Daemon):
         rundir: the run directory (default: env `RUNDIR`, else `/tmp/.libipc-run`).
         backend: the pyipc backend of its context (default: as `Context`).
         request_timeout: seconds a request may take, from the client's
-            connection to ipcd's answer (then `ne timeout`).
+            connection to ipcd's answer (then `ne timeout`); at most
+            MAX_TIMEOUT (a day).
         max_requests: requests waiting for a scheme daemon at once; the next
             ones are answered `ne busy`.
     """
@@ -106,8 +107,7 @@ class Ipcd(Daemon):
     def __init__(self, *, rundir: Optional[str] = None, backend: Optional[str] = None,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
                  max_requests: int = DEFAULT_MAX_REQUESTS) -> None:
-        if not request_timeout > 0:
-            raise ValueError(f"request_timeout must be > 0 seconds, not {request_timeout!r}")
+        check_timeout("request_timeout", request_timeout)
         if max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, not {max_requests!r}")
         super().__init__(rundir=rundir, backend=backend)
@@ -452,7 +452,8 @@ def add_command(subparsers: Any) -> None:
     # --rundir and --backend are pyipc's own options (pyipc --rundir DIR ipcd).
     p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
                    metavar="SECONDS",
-                   help=f"time a request may take (default {DEFAULT_REQUEST_TIMEOUT:g})")
+                   help=f"time a request may take (default {DEFAULT_REQUEST_TIMEOUT:g}, "
+                        f"at most {MAX_TIMEOUT:g})")
     p.add_argument("--max-requests", type=int, default=DEFAULT_MAX_REQUESTS, metavar="N",
                    help=f"requests served at once; more are answered 'busy' "
                         f"(default {DEFAULT_MAX_REQUESTS})")

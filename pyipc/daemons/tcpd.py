@@ -32,7 +32,7 @@ from .. import Event, EventType, IPCError
 from . import _netwire as wire
 from . import _sockets, _systemd
 from ._runtime import Daemon
-from ._timers import TimerHandle
+from ._timers import MAX_TIMEOUT, TimerHandle, check_timeout
 
 #: The local service ipcd asks for tcp:// URIs.
 TCP_SERVICE = "tcp"
@@ -91,9 +91,11 @@ class Tcpd(Daemon):
             TCP sockets.
         expose: the local services peers may reach; nothing else is.
         dead_peer_timeout: seconds after which a silent peer ends its
-            connection (keepalive, TCP_USER_TIMEOUT); 0: never.
+            connection (keepalive, TCP_USER_TIMEOUT); 0: never; at most
+            _sockets.MAX_DEAD_PEER_TIMEOUT (32767, Linux's keepalive bound).
         connect_timeout: seconds to dial a remote tcpd and get its answer.
         handshake_timeout: seconds a peer has to send its service name.
+            Both at most _timers.MAX_TIMEOUT (a day).
         max_pending: handshakes in progress at once (both ways); more are
             answered `ne busy`.
         max_pending_per_host: incoming handshakes in progress at once from
@@ -111,12 +113,9 @@ class Tcpd(Daemon):
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_pending: int = DEFAULT_MAX_PENDING,
                  max_pending_per_host: Optional[int] = None) -> None:
-        for what, value in (("connect_timeout", connect_timeout),
-                            ("handshake_timeout", handshake_timeout)):
-            if not value > 0:
-                raise ValueError(f"{what} must be > 0 seconds, not {value!r}")
-        if not dead_peer_timeout >= 0:
-            raise ValueError(f"dead_peer_timeout must be >= 0 seconds, not {dead_peer_timeout!r}")
+        check_timeout("connect_timeout", connect_timeout)
+        check_timeout("handshake_timeout", handshake_timeout)
+        _sockets.check_dead_peer_timeout(dead_peer_timeout)
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, not {max_pending!r}")
         if max_pending_per_host is None:
@@ -601,13 +600,14 @@ def add_command(subparsers: Any) -> None:
                    help="services that peers may reach (none by default)")
     p.add_argument("--dead-peer-timeout", type=float, default=DEFAULT_DEAD_PEER_TIMEOUT,
                    metavar="SECONDS", help="end a connection whose peer is silent this long "
-                   f"(cut link, host down; default {DEFAULT_DEAD_PEER_TIMEOUT:g}, 0: never)")
+                   f"(cut link, host down; default {DEFAULT_DEAD_PEER_TIMEOUT:g}, 0: never, "
+                   f"at most {_sockets.MAX_DEAD_PEER_TIMEOUT})")
     p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
                    metavar="SECONDS", help="time to dial a remote tcpd and get its answer "
-                   f"(default {DEFAULT_CONNECT_TIMEOUT:g})")
+                   f"(default {DEFAULT_CONNECT_TIMEOUT:g}, at most {MAX_TIMEOUT:g})")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT,
                    metavar="SECONDS", help="time a peer has to send a service name "
-                   f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
+                   f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g}, at most {MAX_TIMEOUT:g})")
     p.add_argument("--max-pending", type=int, default=DEFAULT_MAX_PENDING, metavar="N",
                    help=f"handshakes in progress at once; more are answered 'busy' "
                         f"(default {DEFAULT_MAX_PENDING})")

@@ -39,6 +39,7 @@ from .._checks import too_large_text
 from . import _netwire as wire
 from . import _sockets, _systemd
 from ._runtime import Daemon
+from ._timers import MAX_TIMEOUT
 from ._tls_handshake import Handshake, HandshakeFailed
 from ._tls_options import DEFAULT_PORT, TlsdConfig, client_context, parse_uri, server_context
 from ._tls_relay import TlsRelay, TlsRelayError
@@ -871,13 +872,14 @@ def add_command(subparsers: Any) -> None:
     d = TlsdConfig()
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
                    metavar="SECONDS", help="time to dial a remote tlsd: connect, TLS "
-                   f"handshake, its answer (default {d.connect_timeout:g})")
+                   f"handshake, its answer (default {d.connect_timeout:g}, at most {MAX_TIMEOUT:g})")
     p.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout,
                    metavar="SECONDS", help="time a remote peer has for the TLS handshake "
-                   f"and the service name (default {d.handshake_timeout:g})")
+                   f"and the service name (default {d.handshake_timeout:g}, at most {MAX_TIMEOUT:g})")
     p.add_argument("--dead-peer-timeout", type=float, default=d.dead_peer_timeout,
                    metavar="SECONDS", help="end a connection whose peer is silent this long "
-                   f"(cut link, host down; default {d.dead_peer_timeout:g}, 0: never)")
+                   f"(cut link, host down; default {d.dead_peer_timeout:g}, 0: never, "
+                   f"at most {_sockets.MAX_DEAD_PEER_TIMEOUT})")
     p.add_argument("--max-pending", type=int, default=d.max_pending, metavar="N",
                    help=f"dials and handshakes in progress at once (default {d.max_pending})")
     p.add_argument("--max-pending-per-host", type=int, default=None, metavar="N",

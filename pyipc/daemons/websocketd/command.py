@@ -7,6 +7,8 @@ import ssl
 from typing import Any, Optional
 
 from ..._types import DEFAULT_MAX_MESSAGE_SIZE
+from .._sockets import MAX_DEAD_PEER_TIMEOUT
+from .._timers import MAX_TIMEOUT
 from .options import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEAD_PEER_TIMEOUT,
                       DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_HANDSHAKES,
                       DEFAULT_MAX_WEBSOCKETS, DEFAULT_PORT, Options, parse_list)
@@ -44,7 +46,7 @@ def add_command(subparsers: Any) -> None:
                         f"read (default {DEFAULT_MAX_BUFFER}, at least max-message-size+4)")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT,
                    metavar="SECONDS", help="time a client has to send its request "
-                   f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
+                   f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g}, at most {MAX_TIMEOUT:g})")
     p.add_argument("--max-handshakes", type=int, default=DEFAULT_MAX_HANDSHAKES,
                    metavar="N", help="connections in their handshake at once "
                    f"(default {DEFAULT_MAX_HANDSHAKES})")
@@ -57,10 +59,11 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--dead-peer-timeout", type=float, default=DEFAULT_DEAD_PEER_TIMEOUT,
                    metavar="SECONDS", help="a client that vanished (cut link, host down) "
                    f"is noticed within about this time (default "
-                   f"{DEFAULT_DEAD_PEER_TIMEOUT:g}; 0: never)")
+                   f"{DEFAULT_DEAD_PEER_TIMEOUT:g}; 0: never; at most {MAX_DEAD_PEER_TIMEOUT})")
     p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
                    metavar="SECONDS", help="time a dial for ipcd (a ws:// rule) has to "
-                   f"connect and get the remote's answer (default {DEFAULT_CONNECT_TIMEOUT:g})")
+                   f"connect and get the remote's answer (default {DEFAULT_CONNECT_TIMEOUT:g}, "
+                   f"at most {MAX_TIMEOUT:g})")
     p.add_argument("--no-dial", dest="dial", action="store_false",
                    help="do not serve the ws and wss schemes for ipcd (the services 'ws' and "
                         "'wss' in the run dir), e.g. for a second websocketd in the same "

@@ -8,6 +8,8 @@ import ssl
 from typing import FrozenSet, Optional, Tuple
 
 from ..._types import DEFAULT_MAX_MESSAGE_SIZE
+from .._sockets import check_dead_peer_timeout
+from .._timers import check_timeout
 
 #: Default TCP port (the CLI's --port).
 DEFAULT_PORT = 8080
@@ -26,7 +28,8 @@ DEFAULT_MAX_HANDSHAKES = 256
 DEFAULT_MAX_WEBSOCKETS = 1024
 #: Seconds after which a client that vanished (a cut link, a host down) is
 #: noticed: TCP keepalive while idle, TCP_USER_TIMEOUT while data waits to be
-#: acknowledged (as tcpd's and tlsd's --dead-peer-timeout); 0: never.
+#: acknowledged (as tcpd's and tlsd's --dead-peer-timeout); 0: never; at most
+#: _sockets.MAX_DEAD_PEER_TIMEOUT. The timeouts: at most _timers.MAX_TIMEOUT.
 DEFAULT_DEAD_PEER_TIMEOUT = 30.0
 
 
@@ -72,13 +75,9 @@ class Options:
                      "max_handshakes_per_host", "max_websockets"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if not 0 <= self.dead_peer_timeout < float("inf"):
-            raise ValueError(f"dead_peer_timeout must be >= 0 seconds, "
-                             f"not {self.dead_peer_timeout}")
-        for name in ("handshake_timeout", "connect_timeout"):
-            if not 0 < getattr(self, name) < float("inf"):      # nan included
-                raise ValueError(f"{name} must be a positive number of seconds, "
-                                 f"not {getattr(self, name)}")
+        check_dead_peer_timeout(self.dead_peer_timeout)
+        check_timeout("handshake_timeout", self.handshake_timeout)
+        check_timeout("connect_timeout", self.connect_timeout)
 
 
 def handshakes_per_host(options: Options) -> int:

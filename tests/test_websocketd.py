@@ -434,6 +434,42 @@ def test_wss_refuses_plain_http_and_untrusted_clients_see_tls_errors(start, cert
         connect(d.url("/echo"), ssl=ssl.create_default_context(), open_timeout=10)
 
 
+def _masked_binary(payload: bytes) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    return bytes([0x82, 0x80 | len(payload)]) + mask + \
+        bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_wss_a_client_ending_tls_along_with_its_request_is_ended(start, certificates):
+    """Request, a message and close_notify in one segment, TCP kept open:
+    the service gets the message, then its connection ends, and websocketd
+    closes the client's socket (the WebSocket stayed open for good: TLS's
+    end was noted by the handshake and passed to no one)."""
+    server, client = certificates
+    echo = start.service()
+    d = start.daemon(ssl_context=server)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        tls.write(b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                  b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  b"Sec-WebSocket-Version: 13\r\n\r\n" + _masked_binary(b"hello"))
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.unwrap()
+        sock.sendall(outgoing.read())                   # all of it in one segment
+        while sock.recv(65536):                         # until websocketd closes
+            pass
+    events = disconnected(echo)
+    assert [e.message for e in events if e.type == EventType.MESSAGE_RX] == [b"hello"]
+
+
 def test_wss_daemon_stop_closes_with_1001(start, certificates):
     server, client = certificates
     start.service()

@@ -121,6 +121,8 @@ class Session:
         close frame) wait in the protocol until `start()`."""
         if rest:
             self.protocol.receive_data(rest)
+        if self.transport.ended:        # TLS ended with the request: start() ends it
+            self.protocol.receive_eof()
         return self.take_early_frames(self.protocol.events_received())
 
     def take_early_frames(self, frames: Sequence[object]) -> List[bytes]:

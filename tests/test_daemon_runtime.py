@@ -199,19 +199,22 @@ def test_call_later_waits_its_delay(backend, rundir):
     assert d.seen[0] >= 0.3
 
 
+class Echoing(ScriptedDaemon):
+    """A scripted daemon that echoes every message it gets."""
+
+    def on_event(self, ev):
+        if ev.type == pyipc.EventType.MESSAGE_RX:
+            self.ctx.schedule(ev.fd, ev.message)
+
+
 def test_timers_fire_while_events_flow(backend, rundir):
     """A daemon busy with messages still runs its timers (the wait's timeout is
     the next timer's, and due timers run after every round of events)."""
-    class Busy(ScriptedDaemon):
-        def on_event(self, ev):
-            if ev.type == pyipc.EventType.MESSAGE_RX:
-                self.ctx.schedule(ev.fd, ev.message)
-
     def script(d):
         d.ctx.service_init("busy")
         d.call_later(0.2, lambda: (d.note("fired"), d.done.set()))
 
-    daemon = Busy(script, rundir=rundir, backend=backend)
+    daemon = Echoing(script, rundir=rundir, backend=backend)
     runner = threading.Thread(target=daemon.run)
     runner.start()
     try:
@@ -242,11 +245,6 @@ def test_a_timer_due_past_what_a_wait_takes_does_not_end_the_loop(backend, rundi
     the loop waits MAX_TIMEOUT at most at once and goes on serving (the
     wait's ValueError ended the daemon, as ipcd's --request-timeout inf did)."""
     from pyipc.daemons._timers import MAX_TIMEOUT, Timers
-    class Busy(ScriptedDaemon):
-        def on_event(self, ev):
-            if ev.type == pyipc.EventType.MESSAGE_RX:
-                self.ctx.schedule(ev.fd, ev.message)
-
     def script(d):
         d.ctx.service_init("busy")
         d.call_later(1e10, lambda: d.note("in 300 years"))
@@ -256,7 +254,7 @@ def test_a_timer_due_past_what_a_wait_takes_does_not_end_the_loop(backend, rundi
     timers = Timers()
     timers.call_later(float("inf"), lambda: None)
     assert timers.timeout() == MAX_TIMEOUT
-    daemon = Busy(script, rundir=rundir, backend=backend)
+    daemon = Echoing(script, rundir=rundir, backend=backend)
     runner = threading.Thread(target=daemon.run)
     runner.start()
     try:

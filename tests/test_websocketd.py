@@ -747,10 +747,8 @@ def test_timeouts_at_their_bounds_serve(start):
     with connect(d.url("/echo"), open_timeout=10) as ws:
         ws.send(b"at the bounds")
         assert ws.recv(timeout=10) == b"at the bounds"
-        (fd,) = {session.fd for session in d.daemon.sessions.values()}
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 16383
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 32767000
+        assert client_sockopt(d, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 16383
+        assert client_sockopt(d, socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 32767000
 
 
 def test_client_sockets_detect_a_vanished_peer(start):
@@ -761,7 +759,12 @@ def test_client_sockets_detect_a_vanished_peer(start):
     with connect(d.url("/echo"), open_timeout=10) as ws:
         ws.send(b"x")
         assert ws.recv(timeout=10) == b"x"
-        (fd,) = {session.fd for session in d.daemon.sessions.values()}
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 8000
+        assert client_sockopt(d, socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert client_sockopt(d, socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 8000
+
+
+def client_sockopt(d, level: int, option: int) -> int:
+    """An option of the one WebSocket client's socket websocketd holds."""
+    (fd,) = {session.fd for session in d.daemon.sessions.values()}
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return sock.getsockopt(level, option)

@@ -23,7 +23,8 @@ import weakref
 from array import array
 from itertools import accumulate
 from pathlib import Path
-from typing import (TYPE_CHECKING, Any, Callable, Iterable, NoReturn, Optional, Protocol, Tuple,
+from typing import (TYPE_CHECKING, Any, Callable, Collection, Iterable, NoReturn, Optional,
+                    Protocol, Tuple,
                     TypeVar)
 
 from . import _libpath
@@ -57,8 +58,8 @@ if TYPE_CHECKING:
 
     from ._native_events import Memory as _Memory
 
-#: close_all() asks the core for this many fds with scheduled messages left
-#: (for its warnings; a larger number is reported as a total).
+#: close_all() first asks the core for this many fds with scheduled messages
+#: left (for its warnings; when more have some, it asks again with room for all).
 SCHEDULED_FDS = 64
 #: Events fetched from the core per call (more stay queued in the core).
 EVENT_BATCH = 1024
@@ -422,14 +423,14 @@ class NativeContext(Context):
         during the linger): closed with no warning, as pure."""
         count, peer, peer_count = self._close_info
         if lib.ipc_queued_messages(self._ctx, _fd_arg(fd), count, peer, peer_count) != 0:
-            self._unbuffer((fd,))
+            self._unbuffer({fd})
             return []
-        buffered = self._unbuffer((fd, peer[0]))
+        buffered = self._unbuffer({fd, peer[0]})
         unsent = ((fd, count[0] + buffered.get(fd, 0)),
                   (peer[0], peer_count[0] + buffered.get(peer[0], 0)))
         return [(f, n) for f, n in unsent if f >= 0 and n]
 
-    def _unbuffer(self, fds: Tuple[int, ...]) -> dict[int, int]:
+    def _unbuffer(self, fds: Collection[int]) -> dict[int, int]:
         """Take the messages buffered for `fds` out of schedule()'s buffer
         (a flush a handler's exception cut short left them); their count per fd."""
         pending = self._pending
@@ -480,16 +481,18 @@ class NativeContext(Context):
     def _warn_unsent(self) -> None:
         """One WARNING per fd whose scheduled messages close_all() drops
         (those the core holds, and those a flush cut short left buffered)."""
-        buffered = self._unbuffer(tuple(self._pending[0::2]))
-        fds, counts = ffi.new("int[]", SCHEDULED_FDS), ffi.new("size_t[]", SCHEDULED_FDS)
-        total = lib.ipc_scheduled_fds(self._ctx, fds, counts, SCHEDULED_FDS)
-        for i in range(min(total, SCHEDULED_FDS)):
+        buffered = self._unbuffer(set(self._pending[0::2]))
+        room = SCHEDULED_FDS
+        while True:         # (the core says how many; asked again with room for all)
+            fds, counts = ffi.new("int[]", room), ffi.new("size_t[]", room)
+            total = lib.ipc_scheduled_fds(self._ctx, fds, counts, room)
+            if total <= room:
+                break
+            room = total
+        for i in range(total):
             log.warning(DISCARD_TEXT, fds[i], counts[i] + buffered.pop(fds[i], 0))
         for fd, n in buffered.items():
             log.warning(DISCARD_TEXT, fd, n)
-        if total > SCHEDULED_FDS:
-            log.warning("closing %d more fds discards their scheduled messages",
-                        total - SCHEDULED_FDS)
 
     def _close_in_child(self, fd: Optional[int]) -> None:
         # The core sees it is in a forked child: it closes its copies of the

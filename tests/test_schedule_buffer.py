@@ -427,3 +427,33 @@ def test_a_flush_a_handler_cut_short_in_close_is_dropped_with_its_warning(native
         client.schedule(other, b"still fine")
         assert [(e.type, e.fd) for e in client.wait_events(timeout=10)] == \
             [(EventType.MESSAGE_TX, other)]
+
+
+def test_close_all_warns_each_fd_with_its_whole_count_past_64_fds(native_pair, caplog):
+    """70 fds, each with a message the core holds and one schedule() buffered
+    that a handler's exception kept from the core: one WARNING per fd, each
+    counting both, as pure (past 64 fds native counted the buffered one
+    apart and summed the rest up in one line)."""
+    import sys
+    client = native_pair.client
+    client.linger = 0
+    fds = [client.connect_service(native_pair.name) for _ in range(70)]
+    for fd in fds:
+        client.schedule(fd, b"x" * 70_000)          # not buffered: in the core
+    for fd in fds:
+        client.schedule(fd, b"s")                   # buffered
+
+    def tracer(frame: object, event: str, arg: object) -> object:
+        caller = getattr(frame, "f_back", None)
+        if event == "call" and caller is not None and caller.f_code.co_name == "_flush":
+            sys.settrace(None)
+            raise KeyboardInterrupt("a signal as close_all() flushes")
+        return None
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.close_all()
+    finally:
+        sys.settrace(None)
+    warned = sorted(r.getMessage() for r in caplog.records if r.name == "pyipc")
+    assert warned == sorted(f"closing fd {fd} discards 2 scheduled message(s)" for fd in fds)

@@ -588,3 +588,99 @@ def test_pure_a_signal_as_read_into_ends_a_frame_leaves_it_for_any_read(rundir, 
     finally:
         b.close()
         ctx.close_all()
+
+
+def test_pure_a_second_signal_as_a_stopped_write_is_kept_loses_nothing(rundir, monkeypatch):
+    """A 1 MiB write to a peer that does not read stops on a handler's
+    exception after part of the frame went out; a second one comes as the
+    rest is being queued (at _keep_framed's entry). The rest still goes out
+    before the next message (it was dropped: the 1 MiB frame never
+    completed and the next one landed inside it). White-box: pure only (the
+    native core takes no Python step while it writes)."""
+    import sys
+    from pyipc._pure import context as pure_context
+    server = pyipc.Context(rundir=rundir, backend="pure")
+    client = pyipc.Context(rundir=rundir, backend="pure")
+    try:
+        server.service_init("svc")
+        fd = client.connect_service("svc")
+        big = bytes(range(256)) * 4096
+        cls = pure_context.PureContext
+        real = cls._keep_framed
+        stops: list[str] = []
+
+        def keep_framed(self: object, conn: object) -> None:
+            if len(stops) == 1:
+                stops.append("keep")
+                raise Boom("a second handler, as the rest is being queued")
+            real(self, conn)
+        monkeypatch.setattr(cls, "_keep_framed", keep_framed)
+
+        def tracer(frame_: object, event: str, arg: object) -> object:
+            if event == "call" and getattr(frame_, "f_code").co_name == "idle" and not stops:
+                stops.append("idle")
+                raise Boom("a handler, as the write waits for room")
+            return None
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(Boom):
+                client.write(fd, big, timeout=10)
+        finally:
+            sys.settrace(None)
+        assert stops == ["idle", "keep"]
+        got: list[bytes] = []
+
+        def read_two() -> None:
+            while len(got) < 2:
+                ev = server.wait_event(timeout=10)
+                if ev.type is EventType.MESSAGE_RX:
+                    got.append(ev.message)
+        reader = threading.Thread(target=read_two)
+        reader.start()
+        client.write(fd, b"after", timeout=10)
+        reader.join(20)
+        assert [len(m) for m in got] == [len(big), 5] and got == [big, b"after"]
+    finally:
+        client.close_all()
+        server.close_all()
+
+
+def test_pure_a_signal_as_sent_frames_leave_the_queue_loses_nothing(rundir):
+    """A handler's exception right after a sent frame left the queue (as
+    _account_sent reports it): the frame must not stay counted as sent bytes
+    (the next frame was then taken for sent, or sent from its middle, and
+    the stream torn). White-box: pure only (the core does this in Zig)."""
+    import linecache
+    import sys
+    pair = Pair(pyipc.Context(rundir=rundir, backend="pure"),
+                pyipc.Context(rundir=rundir, backend="pure"), "svc")
+    client, fd = pair.client, pair.client_fd
+    fired: list[int] = []
+
+    def tracer(frame_: object, event: str, arg: object) -> object:
+        code = getattr(frame_, "f_code")
+        if event == "call":
+            return tracer if code.co_name == "_account_sent" and not fired else None
+        if event == "line" and not fired:
+            previous = linecache.getline(code.co_filename, getattr(frame_, "f_lineno") - 1)
+            if "popleft()" in previous:
+                fired.append(1)
+                raise Boom("a handler, as a sent frame leaves the queue")
+        return tracer
+    for n in range(3):
+        client.schedule(fd, b"frame %d" % n)
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(Boom):
+            client.wait_events(timeout=10)
+    finally:
+        sys.settrace(None)
+    assert fired
+    client.schedule(fd, b"next")
+    wait_for(client, EventType.MESSAGE_TX)
+    try:
+        got = [pair.server.read(pair.server_fd, timeout=10) for _ in range(4)]
+        assert got == [b"frame 0", b"frame 1", b"frame 2", b"next"]
+    finally:
+        client.close_all()
+        pair.server.close_all()

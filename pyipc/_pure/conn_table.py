@@ -9,7 +9,7 @@ import heapq
 import os
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from .. import _rundir
 from .._checks import OnIn, OnOut, check_fd, closed_by_peer
@@ -30,7 +30,7 @@ class Conn:
     __slots__ = ("fd", "io", "kind", "index", "alive", "decoder", "queue", "sent",
                  "queued_bytes", "write_closed", "closing", "peer", "on_in", "on_out",
                  "mask", "path", "lock_fd", "more_round", "read_paused", "muted",
-                 "draining")
+                 "draining", "stopped")
 
     def __init__(self, fd: int, io: socket.socket, kind: str, limit: int) -> None:
         self.fd = fd
@@ -43,6 +43,9 @@ class Conn:
         self.queue: deque[Tuple[bytes, Optional[EventType]]] = deque()
         self.sent = 0                   # bytes of queue[0] already written
         self.queued_bytes = 0
+        # A write() stopped midway (buffers, payload sizes, bytes sent) whose
+        # rest is not queued yet (see _keep_framed); None: none.
+        self.stopped: Optional[Tuple[list[Any], list[int], int]] = None
         self.write_closed = False
         # Its switch peer ended: not read any more, closed (DISCONNECTION)
         # once what was forwarded to it is written.

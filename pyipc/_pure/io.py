@@ -84,6 +84,8 @@ class Writing:
         # harmless (_keep_framed).
         sent = 0
         rest = frame
+        if conn.stopped is not None:        # an earlier write's rest goes first
+            self._keep_framed(conn)
         try:
             while conn.queue:
                 if not self._send_queued(conn):
@@ -103,12 +105,15 @@ class Writing:
             raise closed_by_peer(fd) \
                 from None
         except OSError as e:
+            conn.stopped = (frame, lens, sent)      # first: no call before it
             if isinstance(e, IPCError) or e.errno is None:  # the timeout, a handler's
-                self._keep_framed(conn, frame, lens, sent)
+                self._keep_framed(conn)
                 raise
+            conn.stopped = None
             raise os_error("write failed", e.errno) from None      # native's text
         except BaseException:
-            self._keep_framed(conn, frame, lens, sent)
+            conn.stopped = (frame, lens, sent)      # first: no call before it
+            self._keep_framed(conn)
             raise
 
 

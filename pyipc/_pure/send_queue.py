@@ -79,6 +79,8 @@ class SendQueue:
         self._enqueue(conn, encode(data), _TX)
 
     def _enqueue(self: PureState, conn: Conn, frame: bytes, kind: Optional[EventType]) -> None:
+        if conn.stopped is not None:        # the rest of a stopped write goes first
+            self._keep_framed(conn)
         size = len(frame)
         conn.queued_bytes += size           # no call in between (see schedule)
         conn.queue.append((frame, kind))
@@ -88,16 +90,36 @@ class SendQueue:
             self._dirty[conn] = None
             self._set_interest(conn)
 
-    def _keep_framed(self: PureState, conn: Conn, frame: list[Bytes], lens: list[int],
-                     sent: int) -> None:
-        """A write of `frame` (buffers: frames of payload sizes `lens`)
-        stopped after `sent` bytes: the rest of the frame in progress is
-        queued ahead of anything scheduled later, reported as no event, so the
-        peer never finds a later frame inside it. Frames not begun are not sent."""
+    def _keep_framed(self: PureState, conn: Conn) -> None:
+        """A write stopped midway (conn.stopped: its buffers, frames of
+        payload sizes `lens`, `sent` bytes out): the rest of the frame in
+        progress is queued ahead of anything else (a signal handler may have
+        scheduled meanwhile), reported as no event, so the peer never finds
+        another frame inside it. Frames not begun are not sent.
+
+        The stopped write records conn.stopped before any call, and calls
+        this; a second handler's exception as this is entered leaves it to
+        the next send or schedule on conn, which calls it first."""
+        stopped = conn.stopped
+        if stopped is None:
+            return
+        frame, lens, sent = stopped
         rest = frame_rest(lens, sent)
-        if rest and conn.alive:
-            left = advance(frame, sent)
-            self._enqueue(conn, b"".join(bytes(b) for b in left)[:rest], None)
+        if not rest or not conn.alive:
+            conn.stopped = None
+            return
+        data = b"".join(bytes(b) for b in advance(frame, sent))[:rest]
+        size = len(data)
+        # From the store to the appendleft no call: a handler's exception
+        # cannot leave the rest queued twice (conn.stopped still set) nor
+        # not at all. (Nothing of queue[0] went out since the write began:
+        # conn.sent is 0, so the rest can go first.)
+        conn.stopped = None
+        conn.queued_bytes += size
+        conn.queue.appendleft((data, None))
+        if conn not in self._dirty and not conn.write_closed:
+            self._dirty[conn] = None
+            self._set_interest(conn)
 
     def _send_queued(self: PureState, conn: Conn) -> bool:
         """Write queued frames without waiting; True when the queue is empty.
@@ -106,6 +128,8 @@ class SendQueue:
         Reports MESSAGE_TX/SWITCH_TX per frame written; lets EPIPE through.
         """
         queue = conn.queue
+        if conn.stopped is not None:        # (see _keep_framed)
+            self._keep_framed(conn)
         # Bytes a stopped call counted but did not account for (see _sending).
         self._account_sent(conn)
         while queue:
@@ -130,22 +154,26 @@ class SendQueue:
         first one on) leave the queue, each reported by its event. Events
         are immutable: the MESSAGE_TX of one call are one Event repeated, as
         the native backend reports them (no Event made per message)."""
-        queue, append = conn.queue, self._pending.append
-        n, done, popleft = conn.sent, 0, queue.popleft
+        queue, append, popleft = conn.queue, self._pending.append, conn.queue.popleft
         fd, index = conn.fd, conn.index
         tx: Optional[Event] = None
-        while queue and n >= len(queue[0][0]):
-            frame, kind = popleft()
-            n -= len(frame)
-            done += len(frame)
+        while queue:
+            size = len(queue[0][0])
+            if conn.sent < size:
+                break
+            # From the first store to the popleft no call: a signal handler's
+            # exception cannot leave a frame that left the queue counted in
+            # conn.sent (the next frame, not sent, would then be taken for
+            # sent and the stream torn), nor the other way round.
+            conn.sent -= size
+            conn.queued_bytes -= size
+            kind = popleft()[1]
             if kind is _TX:
                 if tx is None:
                     tx = Event(_TX, fd, index)
                 append(tx)
             elif kind is not None:      # None: the rest of a stopped write()
                 append(Event(kind, fd, index))
-        conn.queued_bytes -= done
-        conn.sent = n
 
     def _flush(self: PureState, conn: Conn) -> None:
         """Event-loop flush: a peer that is gone is read to the end, then dropped."""

@@ -590,13 +590,16 @@ def test_pure_a_signal_as_read_into_ends_a_frame_leaves_it_for_any_read(rundir, 
         ctx.close_all()
 
 
-def test_pure_a_second_signal_as_a_stopped_write_is_kept_loses_nothing(rundir, monkeypatch):
+@pytest.mark.parametrize("then", ["write", "loop", "close"])
+def test_pure_a_second_signal_as_a_stopped_write_is_kept_loses_nothing(rundir, monkeypatch,
+                                                                       then):
     """A 1 MiB write to a peer that does not read stops on a handler's
     exception after part of the frame went out; a second one comes as the
-    rest is being queued (at _keep_framed's entry). The rest still goes out
+    rest is being queued (at _keep_framed's entry). The rest still goes out:
     before the next message (it was dropped: the 1 MiB frame never
-    completed and the next one landed inside it). White-box: pure only (the
-    native core takes no Python step while it writes)."""
+    completed and the next one landed inside it), from the event loop alone,
+    and within close()'s linger (neither flushed it). White-box: pure only
+    (the native core takes no Python step while it writes)."""
     import sys
     from pyipc._pure import context as pure_context
     server = pyipc.Context(rundir=rundir, backend="pure")
@@ -628,59 +631,87 @@ def test_pure_a_second_signal_as_a_stopped_write_is_kept_loses_nothing(rundir, m
         finally:
             sys.settrace(None)
         assert stops == ["idle", "keep"]
+        want = [big, b"after"] if then == "write" else [big]
         got: list[bytes] = []
 
-        def read_two() -> None:
-            while len(got) < 2:
+        def read_all() -> None:
+            while len(got) < len(want):
                 ev = server.wait_event(timeout=10)
                 if ev.type is EventType.MESSAGE_RX:
                     got.append(ev.message)
-        reader = threading.Thread(target=read_two)
+        reader = threading.Thread(target=read_all)
         reader.start()
-        client.write(fd, b"after", timeout=10)
+        if then == "write":
+            client.write(fd, b"after", timeout=10)
+        elif then == "close":
+            client.close(fd, linger=10)
+        while then == "loop" and reader.is_alive():     # the loop alone sends the rest
+            try:
+                client.wait_events(timeout=0.05)
+            except pyipc.TimeoutError:
+                pass
         reader.join(20)
-        assert [len(m) for m in got] == [len(big), 5] and got == [big, b"after"]
+        assert [len(m) for m in got] == [len(m) for m in want] and got == want
     finally:
         client.close_all()
         server.close_all()
 
 
-def test_pure_a_signal_as_sent_frames_leave_the_queue_loses_nothing(rundir):
-    """A handler's exception right after a sent frame left the queue (as
-    _account_sent reports it): the frame must not stay counted as sent bytes
-    (the next frame was then taken for sent, or sent from its middle, and
-    the stream torn). White-box: pure only (the core does this in Zig)."""
-    import linecache
-    import sys
-    pair = Pair(pyipc.Context(rundir=rundir, backend="pure"),
-                pyipc.Context(rundir=rundir, backend="pure"), "svc")
-    client, fd = pair.client, pair.client_fd
-    fired: list[int] = []
+def _lines_with_calls(function: object) -> list[int]:
+    """The line numbers of `function`'s body that make a call (a '(' in its
+    code): where CPython can run a signal handler, once the call returns."""
+    import inspect
+    lines, first = inspect.getsourcelines(function)   # type: ignore[arg-type]
+    body = [(first + i, line.split("#")[0]) for i, line in enumerate(lines)]
+    return [n for n, code in body[1:] if "(" in code and '"""' not in code
+            and not code.strip().startswith(("def ", '"'))]
 
-    def tracer(frame_: object, event: str, arg: object) -> object:
-        code = getattr(frame_, "f_code")
-        if event == "call":
-            return tracer if code.co_name == "_account_sent" and not fired else None
-        if event == "line" and not fired:
-            previous = linecache.getline(code.co_filename, getattr(frame_, "f_lineno") - 1)
-            if "popleft()" in previous:
-                fired.append(1)
-                raise Boom("a handler, as a sent frame leaves the queue")
-        return tracer
-    for n in range(3):
-        client.schedule(fd, b"frame %d" % n)
-    sys.settrace(tracer)
-    try:
-        with pytest.raises(Boom):
-            client.wait_events(timeout=10)
-    finally:
-        sys.settrace(None)
-    assert fired
-    client.schedule(fd, b"next")
-    wait_for(client, EventType.MESSAGE_TX)
-    try:
-        got = [pair.server.read(pair.server_fd, timeout=10) for _ in range(4)]
-        assert got == [b"frame 0", b"frame 1", b"frame 2", b"next"]
-    finally:
-        client.close_all()
-        pair.server.close_all()
+
+def test_pure_a_signal_after_any_call_as_sent_frames_leave_the_queue_loses_nothing(rundir):
+    """A handler's exception after any call _account_sent makes (one run per
+    call): no frame stays counted as sent bytes once it left the queue (the
+    next frame was taken for sent, or sent from its middle, and the stream
+    torn) and no frame loses its MESSAGE_TX. White-box: pure only (the core
+    does this in Zig)."""
+    import sys
+    from pyipc._pure.send_queue import SendQueue
+    points = _lines_with_calls(SendQueue._account_sent)
+    assert len(points) >= 3
+    for point in points:
+        pair = Pair(pyipc.Context(rundir=rundir, backend="pure"),
+                    pyipc.Context(rundir=rundir, backend="pure"), f"svc{point}")
+        client, fd = pair.client, pair.client_fd
+        fired: list[int] = []
+        last: list[int] = [0]
+
+        def tracer(frame_: object, event: str, arg: object) -> object:
+            code = getattr(frame_, "f_code")
+            if event == "call":
+                return tracer if code.co_name == "_account_sent" and not fired else None
+            if event == "line" and not fired:
+                if last[0] == point:
+                    fired.append(point)
+                    raise Boom(f"a handler, after the call on line {point}")
+                last[0] = getattr(frame_, "f_lineno")
+            return tracer
+        try:
+            for n in range(3):
+                client.schedule(fd, b"frame %d" % n)
+            tx: list[pyipc.Event] = []
+            sys.settrace(tracer)
+            try:
+                tx += [e for e in client.wait_events(timeout=10)]
+            except Boom:
+                pass
+            finally:
+                sys.settrace(None)
+            client.schedule(fd, b"next")
+            while len(tx) < 4:
+                tx += [e for e in client.wait_events(timeout=10)
+                       if e.type is EventType.MESSAGE_TX]
+            assert len(tx) == 4, (point, tx)
+            got = [pair.server.read(pair.server_fd, timeout=10) for _ in range(4)]
+            assert got == [b"frame 0", b"frame 1", b"frame 2", b"next"], point
+        finally:
+            client.close_all()
+            pair.server.close_all()

@@ -79,8 +79,10 @@ class Closing:
         """Send what is scheduled for `conns` for at most `linger` seconds,
         in event-loop rounds: what they read or accept waits as events."""
         def scheduled() -> bool:
-            # (a queue whose write failed is never sent: nothing to wait for)
-            return any(c.alive and c.queue and not c.write_closed for c in conns)
+            # (a queue whose write failed is never sent: nothing to wait for;
+            # a stopped write's rest not queued yet is sent: see _keep_framed)
+            return any(c.alive and (c.queue or c.stopped is not None) and not c.write_closed
+                       for c in conns)
 
         if not linger or not scheduled():
             return

@@ -106,6 +106,8 @@ class Writing:
                 from None
         except OSError as e:
             conn.stopped = (frame, lens, sent)      # first: no call before it
+            if not conn.write_closed:
+                self._dirty[conn] = None            # flushed by the loop (see _keep_framed)
             if isinstance(e, IPCError) or e.errno is None:  # the timeout, a handler's
                 self._keep_framed(conn)
                 raise
@@ -113,6 +115,8 @@ class Writing:
             raise os_error("write failed", e.errno) from None      # native's text
         except BaseException:
             conn.stopped = (frame, lens, sent)      # first: no call before it
+            if not conn.write_closed:
+                self._dirty[conn] = None            # flushed by the loop (see _keep_framed)
             self._keep_framed(conn)
             raise
 

@@ -64,10 +64,15 @@ class SendQueue:
                 # would otherwise have its bytes counted over.
                 queued = conn.queued_bytes + size
                 if queued <= bound:
+                    # Marked dirty before the append (a call: a handler's
+                    # exception can come after it): a queued frame is
+                    # always on a connection the loop flushes.
+                    newly = conn not in self._dirty
+                    if newly:
+                        self._dirty[conn] = None
                     conn.queued_bytes = queued
                     conn.queue.append((frame, _TX))
-                    if conn not in self._dirty:
-                        self._dirty[conn] = None
+                    if newly:
                         self._set_interest(conn)
                     return
         conn, data = self._prepare(fd, payload)
@@ -82,12 +87,15 @@ class SendQueue:
         if conn.stopped is not None:        # the rest of a stopped write goes first
             self._keep_framed(conn)
         size = len(frame)
+        # A write already failed (EPIPE): the queue goes with the connection;
+        # flushed again it would fail again (and drain again). Else marked
+        # dirty first, as schedule() does.
+        newly = conn not in self._dirty and not conn.write_closed
+        if newly:
+            self._dirty[conn] = None
         conn.queued_bytes += size           # no call in between (see schedule)
         conn.queue.append((frame, kind))
-        # A write already failed (EPIPE): the queue goes with the connection;
-        # flushed again it would fail again (and drain again).
-        if conn not in self._dirty and not conn.write_closed:
-            self._dirty[conn] = None
+        if newly:
             self._set_interest(conn)
 
     def _keep_framed(self: PureState, conn: Conn) -> None:
@@ -110,15 +118,18 @@ class SendQueue:
             return
         data = b"".join(bytes(b) for b in advance(frame, sent))[:rest]
         size = len(data)
-        # From the store to the appendleft no call: a handler's exception
-        # cannot leave the rest queued twice (conn.stopped still set) nor
-        # not at all. (Nothing of queue[0] went out since the write began:
-        # conn.sent is 0, so the rest can go first.)
+        newly = conn not in self._dirty and not conn.write_closed
+        # From here to the appendleft no call: a handler's exception cannot
+        # leave the rest queued twice (conn.stopped still set), nor not at
+        # all, nor on a connection the loop does not flush. (Nothing of
+        # queue[0] went out since the write began: conn.sent is 0, so the
+        # rest can go first.)
+        if newly:
+            self._dirty[conn] = None
         conn.stopped = None
         conn.queued_bytes += size
         conn.queue.appendleft((data, None))
-        if conn not in self._dirty and not conn.write_closed:
-            self._dirty[conn] = None
+        if newly:
             self._set_interest(conn)
 
     def _send_queued(self: PureState, conn: Conn) -> bool:
@@ -154,26 +165,31 @@ class SendQueue:
         first one on) leave the queue, each reported by its event. Events
         are immutable: the MESSAGE_TX of one call are one Event repeated, as
         the native backend reports them (no Event made per message)."""
-        queue, append, popleft = conn.queue, self._pending.append, conn.queue.popleft
-        fd, index = conn.fd, conn.index
-        tx: Optional[Event] = None
+        queue = conn.queue
+        if not queue or conn.sent < len(queue[0][0]):
+            return
+        append, fd, index = self._pending.append, conn.fd, conn.index
+        tx = Event(_TX, fd, index)
+        # Each next() of it is a popleft() (a frame is never None).
+        pop_one = iter(queue.popleft, None)
         while queue:
-            size = len(queue[0][0])
+            frame, kind = queue[0]
+            size = len(frame)
             if conn.sent < size:
                 break
-            # From the first store to the popleft no call: a signal handler's
-            # exception cannot leave a frame that left the queue counted in
-            # conn.sent (the next frame, not sent, would then be taken for
-            # sent and the stream torn), nor the other way round.
+            # None: the rest of a stopped write(), reported by no event.
+            event = tx if kind is _TX else None if kind is None else Event(kind, fd, index)
+            # One frame's accounting with no handler in between: its bytes
+            # off conn.sent (else the next frame, not sent, would be taken
+            # for sent and the stream torn) and queued_bytes, the frame off
+            # the queue (a for loop's step, in C), its event appended (the
+            # call; a handler's exception comes only after it returns).
             conn.sent -= size
             conn.queued_bytes -= size
-            kind = popleft()[1]
-            if kind is _TX:
-                if tx is None:
-                    tx = Event(_TX, fd, index)
-                append(tx)
-            elif kind is not None:      # None: the rest of a stopped write()
-                append(Event(kind, fd, index))
+            for _ in pop_one:
+                break
+            if event is not None:
+                append(event)
 
     def _flush(self: PureState, conn: Conn) -> None:
         """Event-loop flush: a peer that is gone is read to the end, then dropped."""

@@ -204,6 +204,17 @@ def test_a_tiny_timeout_counts_the_timer_from_the_call(pair: Pair, call):
     times_out(lambda: getattr(server, call)(timeout=TINY), 0, "wait timed out")
 
 
+@pytest.mark.parametrize("call", ["wait_event", "wait_events"])
+def test_a_timeout_shorter_than_a_one_ms_timer_times_out(pair: Pair, call):
+    """timer=1 ms, timeout=TINY: the timeout comes first, so the wait times
+    out, every time (native's poll waits whole milliseconds: it woke with
+    both due and said TIMER about half the time, where pure times out)."""
+    server = pair.server
+    server.timer = 1
+    for _ in range(20):
+        times_out(lambda: getattr(server, call)(timeout=TINY), 0, "wait timed out")
+
+
 # ---------------------------------------------------------------- the timer and the timeout
 
 

@@ -1909,12 +1909,20 @@ pub const Context = struct {
                 self.woken = false;
                 if (stop_on_wakeup) return;
             }
-            if (deadline) |d| if (sys.nowNs() >= d) {
+            // Both due (the poll waits whole milliseconds): the one due
+            // first is what this wait says, as the pure backend does.
+            if (deadline) |d| if (sys.nowNs() >= d and !endsBefore(block.deadline_ns, d)) {
                 try self.events.push(self.gpa, .timer, -1, -1);
                 return;
             };
             if (block.expired()) return self.last.fail(error.Timeout, "wait timed out", .{});
         }
+    }
+
+    /// Whether a call's deadline comes before the timer is due.
+    fn endsBefore(call_deadline: ?i64, timer_due: i64) bool {
+        const ends = call_deadline orelse return false;
+        return ends < timer_due;
     }
 
     fn earliest(a: ?i64, b: ?i64) ?i64 {

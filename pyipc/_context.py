@@ -9,6 +9,7 @@ behave the same. This module imports no backend: they import it.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 import weakref
 from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Tuple, Type,
@@ -158,8 +159,19 @@ class Context:
         check_timer(value)
         if self._guard.forked:          # the timer is the parent's (fileno()'s timerfd)
             raise IPCError(_threads.FORK_TEXT)
+        self._check_settable()
         self._timer = value
         self._timer_changed(value)
+
+    def _check_settable(self) -> None:
+        """timer, busy_poll and switch_events are set by the owner's thread,
+        or while no thread is inside: another thread's wait reads them (the
+        native core's, with the GIL released). IPCError as for any call but
+        the four handed over (a short call of another thread is not a wait)."""
+        guard = self._guard
+        owner = guard._owner
+        if owner is not None and owner != threading.get_ident() and not guard._short:
+            raise IPCError(_threads.BUSY_TEXT)
 
     def _timer_changed(self, value: Optional[int]) -> None:
         """Hook for backends that keep the timer elsewhere."""
@@ -194,6 +206,7 @@ class Context:
     @busy_poll.setter
     def busy_poll(self, value: int) -> None:
         check_busy_poll(value)
+        self._check_settable()
         self._busy_poll_changed(value)      # first: if it fails, nothing changed
         self._busy_poll = value
 
@@ -213,6 +226,7 @@ class Context:
     @switch_events.setter
     def switch_events(self, value: bool) -> None:
         value = check_switch_events(value)
+        self._check_settable()
         self._switch_events_changed(value)
         self._switch_events = value
 

@@ -513,6 +513,28 @@ def test_a_signal_as_the_owner_settles_a_handed_call_leaves_no_thread_waiting(pa
     assert pair.server.read(pair.server_fd, timeout=10) == b"x"
 
 
+@pytest.mark.parametrize("name, value", [("timer", 5), ("busy_poll", 10),
+                                         ("switch_events", True)])
+def test_settings_from_another_thread_while_the_owner_waits_are_refused(pair, name, value):
+    """timer, busy_poll and switch_events are read by the owner's wait (the
+    native core's, with the GIL released): set from another thread meanwhile,
+    they raise IPCError and change nothing (they were changed under the
+    wait)."""
+    server = pair.server
+    poke = Poke(server)
+    before = getattr(server, name)
+    owner = Owner(server, lambda: server.wait_events(timeout=10))
+    try:
+        raises(pyipc.IPCError, BUSY, setattr, server, name, value)
+        assert getattr(server, name) == before
+    finally:
+        poke.poke()
+    assert [e.type for e in owner.result()] == [EventType.EXTERNAL]
+    poke.done()
+    setattr(server, name, value)                # nobody inside: taken
+    assert getattr(server, name) == value
+
+
 def test_a_call_queued_just_before_a_handler_raised_is_withdrawn(ctx_factory, monkeypatch):
     """A signal handler raises in the handing thread right after its call
     was queued (simulated: the owner's wake-up raises): the exception comes

@@ -15,6 +15,7 @@ import os
 import select
 import threading
 import time
+from typing import Callable
 
 import pytest
 
@@ -393,6 +394,20 @@ def test_pure_schedule_counts_a_handlers_bytes(rundir, monkeypatch):
         server.close_all()
 
 
+def raising_in_flush(why: str) -> Callable[..., object]:
+    """A trace function raising KeyboardInterrupt(why) at the first function
+    native's _flush enters: a signal handler's exception before its C call."""
+    import sys
+
+    def tracer(frame: object, event: str, arg: object) -> object:
+        caller = getattr(frame, "f_back", None)
+        if event == "call" and caller is not None and caller.f_code.co_name == "_flush":
+            sys.settrace(None)
+            raise KeyboardInterrupt(why)
+        return None
+    return tracer
+
+
 @pytest.mark.parametrize("closing", ["close", "close_all"])
 def test_a_flush_a_handler_cut_short_in_close_is_dropped_with_its_warning(native_pair, caplog,
                                                                            closing):
@@ -409,13 +424,7 @@ def test_a_flush_a_handler_cut_short_in_close_is_dropped_with_its_warning(native
         client.schedule(fd, b"a")
     assert len(client._pending) == 6                    # buffered, not in the core yet
 
-    def tracer(frame: object, event: str, arg: object) -> object:
-        caller = getattr(frame, "f_back", None)
-        if event == "call" and caller is not None and caller.f_code.co_name == "_flush":
-            sys.settrace(None)
-            raise KeyboardInterrupt("a signal as close() flushes")
-        return None
-    sys.settrace(tracer)
+    sys.settrace(raising_in_flush("a signal as close() flushes"))
     try:
         with pytest.raises(KeyboardInterrupt):
             client.close(fd) if closing == "close" else client.close_all()
@@ -443,13 +452,7 @@ def test_close_all_warns_each_fd_with_its_whole_count_past_64_fds(native_pair, c
     for fd in fds:
         client.schedule(fd, b"s")                   # buffered
 
-    def tracer(frame: object, event: str, arg: object) -> object:
-        caller = getattr(frame, "f_back", None)
-        if event == "call" and caller is not None and caller.f_code.co_name == "_flush":
-            sys.settrace(None)
-            raise KeyboardInterrupt("a signal as close_all() flushes")
-        return None
-    sys.settrace(tracer)
+    sys.settrace(raising_in_flush("a signal as close_all() flushes"))
     try:
         with pytest.raises(KeyboardInterrupt):
             client.close_all()

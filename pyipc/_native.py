@@ -385,7 +385,7 @@ class NativeContext(Context):
         # out first, for `linger` seconds at most; what is left is logged as a
         # warning with its count (docs/reference.md, "close").
         linger = self._linger_of(linger)
-        count, peer, peer_count = self._close_info
+        peer = self._close_info[1]          # the switch peer's fd, set by _queued/_unsent
         peer[0] = -1
         try:
             if self._pending:   # inside: fd is closed even if this raises

@@ -56,9 +56,7 @@ def ask_ipcd(ctx: "Context", name: str, network: str, timeout: Optional[float]) 
     ipcd is asked once; a handler that raises ends it (its exception comes
     out). A request too large for ctx raises MessageTooLargeError."""
     _rundir.service_path(ctx.rundir, name)
-    request = ipcd_request(name, network)
-    if len(request) > ctx.max_message_size:         # before ipcd is asked (as aio)
-        raise MessageTooLargeError(too_large_text(len(request), ctx.max_message_size))
+    request = ipcd_request(name, network, ctx.max_message_size)
     deadline = None if timeout is None else time.monotonic() + timeout
     ipcd = adopt_connection(ctx, _connect_to_ipcd(ctx.rundir, name, deadline))
 
@@ -86,15 +84,20 @@ def ask_ipcd(ctx: "Context", name: str, network: str, timeout: Optional[float]) 
     return sock
 
 
-def ipcd_request(name: str, network: str) -> bytes:
+def ipcd_request(name: str, network: str, max_message_size: int) -> bytes:
     """The request to ipcd, "NAME;IPC_NETWORK", as UTF-8 (ipcd reads it as
-    text); InvalidNameError for a name that cannot be (a lone surrogate,
-    from a file name's undecodable bytes)."""
+    text), checked before ipcd is asked (sync and aio connect() alike):
+    InvalidNameError for a name that cannot be UTF-8 (a lone surrogate, from
+    a file name's undecodable bytes), MessageTooLargeError for a request
+    over the context's max_message_size (one frame)."""
     try:
-        return f"{name};{network}".encode()
+        request = f"{name};{network}".encode()
     except UnicodeEncodeError:
         raise InvalidNameError(f"service name {name!r} is not valid UTF-8: ipcd "
                                "cannot be asked for it") from None
+    if len(request) > max_message_size:
+        raise MessageTooLargeError(too_large_text(len(request), max_message_size))
+    return request
 
 
 def receive_answer(ipcd: int) -> Tuple[bytes, List[int]]:

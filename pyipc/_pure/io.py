@@ -104,19 +104,15 @@ class Writing:
             conn.write_closed = True
             raise closed_by_peer(fd) \
                 from None
-        except OSError as e:
+        except BaseException as e:
             conn.stopped = (frame, lens, sent)      # first: no call before it
             if not conn.write_closed:
                 self._dirty[conn] = None            # flushed by the loop (see _keep_framed)
-            if isinstance(e, IPCError) or e.errno is None:  # the timeout, a handler's
-                self._keep_framed(conn)
-                raise
-            conn.stopped = None
-            raise os_error("write failed", e.errno) from None      # native's text
-        except BaseException:
-            conn.stopped = (frame, lens, sent)      # first: no call before it
-            if not conn.write_closed:
-                self._dirty[conn] = None            # flushed by the loop (see _keep_framed)
+            # An OS error of the write itself (not the timeout, an IPCError,
+            # nor a handler's, with no errno) leaves nothing to keep.
+            if isinstance(e, OSError) and not isinstance(e, IPCError) and e.errno is not None:
+                conn.stopped = None
+                raise os_error("write failed", e.errno) from None  # native's text
             self._keep_framed(conn)
             raise
 

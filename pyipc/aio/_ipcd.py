@@ -14,11 +14,9 @@ import struct
 from typing import TYPE_CHECKING, Awaitable, Optional
 
 from .. import _rundir
-from .._checks import too_large_text
 from .._pure.fdpass import (_connected_stream, adopt_connection, ipcd_request, receive_answer,
                             take_ipcd_answer)
-from .._types import (IPCD_SERVICE, IPCError, MessageTooLargeError, ServiceNotFoundError,
-                      TimeoutError)
+from .._types import IPCD_SERVICE, IPCError, ServiceNotFoundError, TimeoutError
 
 if TYPE_CHECKING:
     from .._context import Context as SyncContext
@@ -45,9 +43,7 @@ async def connect_through_ipcd(ctx: "Context", name: str, rules: str,
     """Ask ipcd for a connection to `name`; the fd, now a connection of ctx.sync."""
     rundir = ctx.sync.rundir
     _rundir.service_path(rundir, name)          # InvalidNameError before anything
-    request = ipcd_request(name, rules)
-    if len(request) > ctx.sync.max_message_size:    # as the sync connect()'s write
-        raise MessageTooLargeError(too_large_text(len(request), ctx.sync.max_message_size))
+    request = ipcd_request(name, rules, ctx.sync.max_message_size)
     _check_room(ctx.sync)
     sock = _connect_ipcd(rundir)
     try:

@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from typing import Callable, Iterator, List, Optional
 
 import pytest
@@ -109,6 +110,17 @@ class Burst(Daemon):
             for message in self.messages:
                 self.ctx.schedule(ev.fd, message)
             self.ctx.close(ev.fd, linger=60)
+
+
+def send_while_slow_to_read(sendall) -> None:
+    """A relay's peer that is busy for a moment (the service has written
+    and closed meanwhile), sends 200 messages, and is busy again before it
+    reads (the graceful-close tests of tcpd and tlsd). The scenario's pace,
+    not a synchronisation."""
+    time.sleep(1)
+    for _ in range(200):
+        sendall(frame(b"y" * 1000))
+    time.sleep(1)
 
 
 def frames_of(data: bytes) -> List[bytes]:

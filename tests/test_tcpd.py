@@ -27,7 +27,8 @@ from pyipc.daemons.tcpd import Tcpd, parse_uri
 
 from conftest import CHILD_ENV, spin_until, unavailable
 from daemon_harness import (Burst, Pong, fail_first_offload, frame, frames_of, hung_lookups,
-                            read_exactly, read_frame, reap, running, stops_cleanly)
+                            read_exactly, read_frame, reap, running, send_while_slow_to_read,
+                            stops_cleanly)
 
 
 @pytest.fixture
@@ -782,13 +783,7 @@ def test_a_services_last_messages_reach_a_peer_that_is_still_sending(backend, ru
         sock.settimeout(30)
         sock.sendall(b"burst\n")
         assert read_exactly(sock, 2) == b"ok"
-        # The scenario's pace, not a synchronisation: the peer is busy for a
-        # moment (the service has written and closed meanwhile), sends, and
-        # is busy again before it reads.
-        time.sleep(1)
-        for _ in range(200):
-            sock.sendall(frame(b"y" * 1000))
-        time.sleep(1)
+        send_while_slow_to_read(sock.sendall)
         data = read_to_end(sock)
     assert frames_of(data) == burst.messages
 

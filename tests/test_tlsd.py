@@ -23,7 +23,7 @@ from pyipc.daemons._tls_options import TlsdConfig
 
 from conftest import require_openssl, spin_until, unavailable
 from daemon_harness import (Burst, fail_first_offload, frames_of, hung_lookups, reap,
-                            stops_cleanly, stuck_service)
+                            send_while_slow_to_read, stops_cleanly, stuck_service)
 from tlsd_harness import (Certs, Echo, ask, connect_through, dialer, frame, listener, port_of,
                           read_all, recv_exactly, running, tls_by_hand, tls_client)
 
@@ -331,11 +331,7 @@ def test_a_services_last_messages_reach_a_peer_that_is_still_sending(backend, ru
                                 suppress_ragged_eofs=False) as tls:
             tls.sendall(b"burst\n")
             assert recv_exactly(tls, 2) == b"ok"
-            # The scenario's pace, not a synchronisation (as tcpd's test).
-            time.sleep(1)
-            for _ in range(200):
-                tls.sendall(frame(b"y" * 1000))
-            time.sleep(1)
+            send_while_slow_to_read(tls.sendall)
             data = bytearray()
             while True:
                 chunk = tls.recv(1 << 20)       # b"" at close_notify; a ragged end raises

@@ -408,10 +408,11 @@ def test_tlsd_dialer_refuses_a_name_the_remote_could_not_take(backend, tmp_path)
         newline, _ = ask(str(a), base + "po%0Ang")
         nul, _ = ask(str(a), base + "po%00ng")
     assert at.startswith(b"ne refused ") and at.endswith(b"is not exposed")
-    want = b"ne badrequest service name longer than %d bytes" % wire.MAX_NAME
-    assert past.startswith(want) and far.startswith(want) and multibyte.startswith(want)
-    assert newline.startswith(b"ne badrequest ") and b"control character" in newline
-    assert nul.startswith(b"ne badrequest ") and b"control character" in nul
+    want = b"ne norule bad URI: service name longer than %d bytes" % wire.MAX_NAME
+    assert past.startswith(want) and multibyte.startswith(want)
+    assert far.startswith(b"ne badrequest a URI of ")       # past MAX_URI, as ipcd says
+    assert newline.startswith(b"ne norule ") and b"control character" in newline
+    assert nul.startswith(b"ne norule ") and b"control character" in nul
 
 
 def test_tlsd_peer_silent_after_tls_is_told_why_it_is_closed(backend, rundir, tmp_path):

@@ -20,7 +20,7 @@ import pytest
 
 import pyipc
 from pyipc.daemons.ipcd import Ipcd
-from pyipc.daemons._netwire import MAX_NAME, NAME_TOO_LONG
+from pyipc.daemons._netwire import MAX_NAME, MAX_URI, NAME_TOO_LONG
 from pyipc.daemons._sockets import MAX_DEAD_PEER_TIMEOUT, default_per_host, peer_key, tune_tcp
 from pyipc.daemons._timers import MAX_TIMEOUT
 from pyipc.daemons.tcpd import Tcpd, parse_uri
@@ -649,6 +649,21 @@ def test_bad_uri_from_ipcd(backend, rundir):
             sock.connect(os.path.join(rundir, "tcp"))
             sock.sendall(frame(b"tcp://host:1/"))
             assert read_frame(sock).startswith(b"ne norule bad URI: tcp://host:1/: no service")
+
+
+def test_a_uri_past_max_uri_is_refused_as_ipcd_refuses_it(backend, rundir):
+    """ipcd hands tcpd no URI over MAX_URI; a local client may send one (the
+    core takes messages up to 16 MiB): at the bound it is parsed, past it
+    refused as ipcd refuses it, with the same code."""
+    base = b"tcp://127.0.0.1:1/"
+    with running(make_tcpd(backend, rundir)):
+        for size, answer in ((MAX_URI, b"ne norule bad URI: " + NAME_TOO_LONG.encode()),
+                             (MAX_URI + 1, b"ne badrequest a URI of %d bytes; tcpd takes "
+                                           b"at most %d" % (MAX_URI + 1, MAX_URI))):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(os.path.join(rundir, "tcp"))
+                sock.sendall(frame(base + b"x" * (size - len(base))))
+                assert read_frame(sock) == answer
 
 
 def test_host_names_to_listen_on_and_to_dial(backend, rundir, pong, monkeypatch):

@@ -17,6 +17,7 @@ import threading
 import pytest
 
 import pyipc
+from pyipc.daemons import _netwire as wire
 from pyipc.daemons._sockets import MAX_DEAD_PEER_TIMEOUT
 from pyipc.daemons._timers import MAX_TIMEOUT
 from pyipc.daemons._tls_options import TlsdConfig
@@ -264,7 +265,18 @@ def test_malformed_uri_is_answered(hosts, backend, certs, uri):
     a, _ = hosts
     with running(dialer(a, backend, certs)):
         answer, fd = ask(a, uri)
-    assert fd is None and answer.startswith(b"ne badrequest ")
+    assert fd is None and answer.startswith(b"ne norule bad URI: ")
+
+
+def test_a_uri_past_max_uri_is_refused_as_ipcd_refuses_it(hosts, backend, certs):
+    base = "tls://127.0.0.1:1/"
+    a, _ = hosts
+    with running(dialer(a, backend, certs)):
+        at, _ = ask(a, base + "x" * (wire.MAX_URI - len(base)))
+        past, _ = ask(a, base + "x" * (wire.MAX_URI + 1 - len(base)))
+    assert at == b"ne norule bad URI: " + wire.NAME_TOO_LONG.encode()
+    assert past == b"ne badrequest a URI of %d bytes; tlsd takes at most %d" % (
+        wire.MAX_URI + 1, wire.MAX_URI)
 
 
 def test_plaintext_client_is_refused_and_the_daemon_keeps_serving(hosts, backend, certs,

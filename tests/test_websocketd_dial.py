@@ -19,6 +19,7 @@ from typing import Iterator, Tuple
 import pytest
 
 import pyipc
+from pyipc.daemons._netwire import MAX_URI
 from pyipc.daemons.ipcd import Ipcd
 from pyipc.daemons.websocketd import Options, WebSocketd
 
@@ -148,11 +149,18 @@ def test_dials_count_against_max_handshakes_at_and_past_the_edge(hosts, backend)
                                           b"progress (max_handshakes)")
 
 
+_WS_BASE = "ws://127.0.0.1:1/"
+
+
 @pytest.mark.parametrize("uri, text", [
-    ("ws://127.0.0.1:1/", b"ne badrequest bad URI: ws://127.0.0.1:1/: no service name"),
-    ("tcp://127.0.0.1:1/pong", b"ne badrequest bad URI: tcp://127.0.0.1:1/pong: not a ws://"),
-    ("ws://127.0.0.1:1/pong?x=1", b"ne badrequest bad URI: ws://127.0.0.1:1/pong?x=1: no "
+    ("ws://127.0.0.1:1/", b"ne norule bad URI: ws://127.0.0.1:1/: no service name"),
+    ("tcp://127.0.0.1:1/pong", b"ne norule bad URI: tcp://127.0.0.1:1/pong: not a ws://"),
+    ("ws://127.0.0.1:1/pong?x=1", b"ne norule bad URI: ws://127.0.0.1:1/pong?x=1: no "
                                   b"service name"),
+    # At MAX_URI a URI is parsed; past it, refused as ipcd refuses it.
+    (_WS_BASE + "x" * (MAX_URI - len(_WS_BASE)), b"ne norule bad URI: service name longer"),
+    (_WS_BASE + "x" * (MAX_URI + 1 - len(_WS_BASE)),
+     b"ne badrequest a URI of %d bytes; websocketd takes at most %d" % (MAX_URI + 1, MAX_URI)),
 ])
 def test_a_bad_uri_is_answered(hosts, backend, uri, text):
     a, _ = hosts

@@ -86,6 +86,15 @@ def name_too_long(line: bytes) -> bool:
     return len(line) > MAX_NAME_LINE or len(name_of_line(line)) > MAX_NAME
 
 
+def uri_too_long(uri: bytes, daemon: str) -> Optional[str]:
+    """The refusal's text (code BADREQUEST) for a URI longer than MAX_URI, or
+    None. ipcd hands a scheme daemon none; any local client of the daemon's
+    service may send one, and each daemon answers it as ipcd would."""
+    if len(uri) <= MAX_URI:
+        return None
+    return f"a URI of {len(uri)} bytes; {daemon} takes at most {MAX_URI}"
+
+
 def parse_uri(uri: str, scheme: str, default_port: int) -> Tuple[str, int, str]:
     """(host, port, service name) of `SCHEME://HOST[:PORT]/NAME` (an IPv6
     host in brackets; NAME percent-decoded, as websocketd decodes a path),

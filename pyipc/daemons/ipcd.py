@@ -339,9 +339,9 @@ class Ipcd(Daemon):
         if self.in_flight >= self.max_requests:
             return self._refuse(request, wire.BUSY, f"ipcd serves {self.max_requests} "
                                 "requests at once (--max-requests)")
-        if len(uri.encode()) > wire.MAX_URI:
-            return self._refuse(request, wire.BADREQUEST, f"a URI of {len(uri.encode())} "
-                                f"bytes; ipcd takes at most {wire.MAX_URI}")
+        too_long = wire.uri_too_long(uri.encode(), "ipcd")
+        if too_long is not None:
+            return self._refuse(request, wire.BADREQUEST, too_long)
         path = os.path.join(self.ctx.rundir, scheme)
         try:
             sock = _sockets.connect_local(path, scheme, self.ctx.rundir)

@@ -449,6 +449,10 @@ class Tcpd(Daemon):
                                                         lambda: self._dial_expired(ipcd)))
 
     def _on_uri(self, dial: _Dial, payload: bytes) -> None:
+        too_long = wire.uri_too_long(payload, "tcpd")
+        if too_long is not None:
+            dial.uri = "?"
+            return self._answer_ipcd(dial, wire.refusal(wire.BADREQUEST, too_long))
         try:
             dial.uri = payload.decode("utf-8")
             host, port, dial.name = parse_uri(dial.uri)

@@ -251,11 +251,15 @@ class Tlsd(Daemon):
         if self._requests[req] is not None or req in self._connecting:
             self._answer(req, wire.BADREQUEST, "one URI per request")
             return
+        too_long = wire.uri_too_long(message, "tlsd")
+        if too_long is not None:
+            self._answer(req, wire.BADREQUEST, too_long)
+            return
         uri = message.decode("utf-8", "replace")
         try:
             host, port, name = parse_uri(uri)
         except ValueError as e:
-            self._answer(req, wire.BADREQUEST, str(e))
+            self._answer(req, wire.NORULE, f"bad URI: {e}")
             return
         if self._pending() >= self.config.max_pending:
             self._answer(req, wire.BUSY, f"tlsd has {self.config.max_pending} dials and "

@@ -144,6 +144,10 @@ class Dialer:
     # ------------------------------------------------------------ a dial
 
     def _on_uri(self, dial: _Dial, payload: bytes) -> None:
+        too_long = wire.uri_too_long(payload, "websocketd")
+        if too_long is not None:
+            dial.uri = "?"
+            return self._refuse(dial, wire.BADREQUEST, too_long)
         try:
             dial.uri = payload.decode("utf-8")
             # The URI's scheme says which (ipcd asks the service named after it).
@@ -153,7 +157,7 @@ class Dialer:
             dial.where = _sockets.host_port(dial.host, dial.port)
         except (UnicodeDecodeError, ValueError) as e:
             dial.uri = dial.uri or "?"
-            return self._refuse(dial, wire.BADREQUEST, f"bad URI: {e}")
+            return self._refuse(dial, wire.NORULE, f"bad URI: {e}")
         limit = self.options.max_handshakes
         if self.daemon.handshakes_in_progress() > limit:
             return self._refuse(dial, wire.BUSY, f"websocketd has {limit} handshakes in "

@@ -398,6 +398,13 @@ class Context:
         when None) and nothing else (see _threads.ForkedGuard)."""
         raise NotImplementedError
 
+    def _nested_call(self, method: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+        """`method` called inside another call of this thread (a signal
+        handler's, a switch callback's; see _threads.ThreadGuard.call): the
+        native backend keeps the core's state of the outer call across it."""
+        return method(self, *args, **kwargs)
+
     def _forked(self) -> None:
         """In a forked child, at once (the at-fork hook): forget what this
         process's copy holds that a call could use without the guard (the

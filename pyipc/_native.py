@@ -569,10 +569,25 @@ class NativeContext(Context):
         one's rest is queued and goes out first), the others are."""
         rc = _E_INTERRUPTED
         while rc == _E_INTERRUPTED:
-            self._resume(deadline)
+            # The call's own timeout again: the handler's calls gave the core theirs.
+            self._resume_after_handover(deadline)
+            # (The handler's calls kept the count: see _nested_call.)
             items = items[lib.ipc_write_count(self._ctx):]
             rc = self._write_items(fd, items)
         return rc
+
+    def _nested_call(self, method: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+        """A call made inside one of this thread's (a signal handler's, run
+        as a stopped write returned, before it asked the core how far it got:
+        _write_on). The call may write and so reset the core's count of the
+        stopped write's messages (the write then sent them again): it is
+        given back afterwards."""
+        count = lib.ipc_write_count(self._ctx)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            lib.ipc_set_write_count(self._ctx, count)
 
     def _write_items(self, fd: int, items: list[Bytes]) -> int:
         """One ipc_write_many of `items` (bytes-like, checked); its code.

@@ -146,7 +146,7 @@ class ThreadGuard:
         misuse (IPCError)."""
         me = _get_ident()
         if self._owner == me:
-            return method(ctx, *args, **kwargs)
+            return ctx._nested_call(method, args, kwargs)
         if method.__name__ in HANDED:
             return self.hand_over(ctx, method, _checked(method.__name__, args))
         if not self._short:

@@ -281,6 +281,78 @@ def test_an_interrupted_write_many_sends_what_it_began_and_nothing_after(pair):
     assert 1 <= len(sent) < len(chunks)
 
 
+@pytest.mark.parametrize("nested", ["write", "write_many", "schedule"])
+@pytest.mark.parametrize("outer", ["write", "write_many"])
+def test_a_handler_that_sends_during_a_blocked_write_goes_after_its_frame(pair, outer, nested):
+    """A handler that returns may send on the fd the interrupted write is
+    writing: its message goes after the frame in progress (pure wrote it
+    inside that frame: the stream was corrupt), and the write then goes on
+    with its other messages, each sent once (native sent them again: the
+    handler's write reset the core's count of what the stopped one sent)."""
+    client, fd = pair.client, pair.client_fd
+    big = [bytes([k]) * (1 << 20) + bytes(range(256)) for k in range(3)]  # each > a socket buffer
+    mine = [b"from the handler"]
+    received: list[bytes] = []
+
+    def drain() -> None:
+        while not received or received[-1] != b"end":
+            received.append(pair.server.read(pair.server_fd))
+
+    reader = threading.Thread(target=drain)
+
+    def send(signum: int, frame_: object) -> None:
+        reader.start()                      # the handler's own send must not block for good
+        if nested == "write":
+            client.write(fd, mine[0])
+        elif nested == "write_many":
+            client.write_many(fd, mine)
+        else:
+            client.schedule(fd, mine[0])
+
+    with watchdog(lambda: None), alarm(send) as fired:
+        if outer == "write":
+            client.write(fd, big[0])
+        else:
+            client.write_many(fd, big)
+        assert_prompt(fired)
+    client.write(fd, b"end")                # (after what schedule() queued)
+    reader.join(timeout=30)
+    assert received.count(mine[0]) == 1
+    at = received.index(mine[0])
+    assert 1 <= at                          # after the frame in progress, whole
+    rest = received[:at] + received[at + 1:]
+    assert rest == (big[:1] if outer == "write" else big) + [b"end"]
+
+
+def test_a_handler_write_with_a_timeout_does_not_bound_the_write_it_interrupted(pair):
+    """The interrupted write_many had no timeout; the handler's write had one,
+    which the core kept for the rest of the interrupted call (native): it
+    raised TimeoutError while the reader was only slow."""
+    client, fd = pair.client, pair.client_fd
+    big = [bytes([k]) * (1 << 20) for k in range(3)]
+    slow_after_handler = threading.Event()
+    received: list[bytes] = []
+
+    def drain() -> None:
+        while len(received) < 4:
+            received.append(pair.server.read(pair.server_fd))
+            if slow_after_handler.is_set() and received[-1] == b"x":
+                time.sleep(0.5)             # a slow reader: longer than the handler's timeout
+
+    reader = threading.Thread(target=drain)
+
+    def send(signum: int, frame_: object) -> None:
+        slow_after_handler.set()
+        reader.start()
+        client.write(fd, b"x", timeout=0.1)
+
+    with watchdog(lambda: None), alarm(send) as fired:
+        client.write_many(fd, big)
+        assert fired
+    reader.join(timeout=30)
+    assert sorted(received, key=len) == [b"x"] + big
+
+
 def test_native_keeps_events_a_handler_exception_interrupted_the_hand_over(rundir, monkeypatch):
     """A signal whose handler raises just as the core hands a batch of events
     over (its exception comes inside the conversion): the batch waits for the

@@ -300,6 +300,14 @@ pub export fn ipc_write_count(ptr: ?*anyopaque) callconv(.c) usize {
     return ctx.write_count;
 }
 
+/// For a binding whose own calls can run between a stopped write and its
+/// ipc_write_count (Python's signal handlers run as the write returns, and
+/// may write): it takes the count before such a call and gives it back after.
+pub export fn ipc_set_write_count(ptr: ?*anyopaque, count: usize) callconv(.c) void {
+    const ctx = context(ptr) orelse return;
+    ctx.write_count = count;
+}
+
 pub export fn ipc_linger(ptr: ?*anyopaque, fd: c_int, usec: i64) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     defer ctx.syncReadiness();

@@ -55,7 +55,9 @@
  * the middle of a frame has queued the rest of that
  * frame, which goes out before anything else on the connection; then
  * ipc_write_count(ctx) tells how many of the call's messages were written or
- * so begun (the others were not sent): call again with those left out.
+ * so begun (the others were not sent): call again with those left out. A
+ * binding whose own calls can run in between (a signal handler that writes)
+ * keeps the count with ipc_set_write_count(ctx, n) after them.
  * ipc_context_call_timeout(ctx, usec) bounds every blocking call from then on
  * (negative: no bound): IPC_E_TIMEOUT, with the same guarantees.
  * ipc_send_fd(sock, fd, payload, len) and ipc_receive_fd(sock, &fd, buffer,
@@ -229,6 +231,7 @@ int ipc_queued_messages(void *ctx, int fd, size_t *count, int *peer_fd, size_t *
 void ipc_context_interruptible(void *ctx, int on);
 void ipc_context_call_timeout(void *ctx, int64_t usec);
 size_t ipc_write_count(void *ctx);
+void ipc_set_write_count(void *ctx, size_t count);
 int ipc_linger(void *ctx, int fd, int64_t usec);
 size_t ipc_scheduled_fds(void *ctx, int *fds, size_t *counts, size_t capacity);
 int ipc_send_fd(int sock, int fd_to_pass, const char *payload, uint32_t payload_len);

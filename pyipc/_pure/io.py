@@ -19,7 +19,7 @@ from .._types import (DEFAULT_READ_MANY, READ_MANY_BYTES, Event, EventType, IPCE
 from .blocking import Blocking, Woken, recv_exactly
 from .conn_table import CONNECTION, Conn
 from .framing import DIRECT_READ_MIN, HEADER, FrameTooLarge, encode
-from .send_queue import advance
+from .send_queue import advance, frame_rest
 from .syscalls import DONTWAIT, SEND_NOW, RawFd, os_error, sending
 
 if TYPE_CHECKING:
@@ -74,8 +74,15 @@ class Writing:
                         block: Blocking) -> None:
         """Flush conn's queue, then write every byte of `frame` (buffers:
         frames of payload sizes `lens`), waiting as `block` says while the
-        socket is full. Stopped midway (an exception of a signal's handler,
-        the timeout), the rest of the frame in progress is queued (_keep_framed)."""
+        socket is full.
+
+        While a frame is being written, conn.stopped records it and how much
+        went out (stored with no call since the bytes left). A signal's
+        handler that sends on conn meanwhile (a nested write, schedule)
+        queues that frame's rest first (_keep_framed), so its message never
+        lands inside it; this write then goes on from its next frame, after
+        what is queued. Stopped midway (a handler's exception, the timeout),
+        the rest of the frame in progress is queued the same way."""
         fd = conn.fd
         # MSG_DONTWAIT, then poll() for room: a send that waits in the kernel
         # returns a partial count when a signal comes, and a handler that
@@ -83,29 +90,44 @@ class Writing:
         # stream then corrupt). poll() moves no bytes: an exception there is
         # harmless (_keep_framed).
         sent = 0
-        rest = frame
+        mine: Optional[Tuple[list[Bytes], list[int], int]] = None   # our record in conn.stopped
         if conn.stopped is not None:        # an earlier write's rest goes first
             self._keep_framed(conn)
         try:
-            while conn.queue:
-                if not self._send_queued(conn):
-                    block.idle(fd, select.POLLOUT)
-            while rest:
+            while True:
+                while conn.queue:
+                    if not self._send_queued(conn):
+                        block.idle(fd, select.POLLOUT)
+                rest = advance(frame, sent)
+                sends = sending(conn.io, rest, SEND_NOW)
+                # From this check to the send, no call: a handler cannot take
+                # the frame's rest in between (the same bytes would go twice).
+                if mine is not None and conn.stopped is not mine:
+                    sent += frame_rest(lens, sent)      # its rest was queued: the next frame
+                    mine = None
+                    continue
+                if not rest:
+                    break
+                mine = (frame, lens, sent)
+                conn.stopped = mine
                 try:
-                    for n in sending(conn.io, rest, SEND_NOW):
-                        sent += n       # counted at once (see _sending)
+                    for n in sends:
+                        sent += n       # counted and recorded at once (see _sending)
+                        mine = (frame, lens, sent)
+                        conn.stopped = mine
                 except BlockingIOError:
                     block.idle(fd, select.POLLOUT)
-                    continue
                 except InterruptedError:
-                    continue
-                rest = advance(frame, sent)
+                    pass
+            conn.stopped = None
         except (BrokenPipeError, ConnectionResetError):
             conn.write_closed = True
+            conn.stopped = None
             raise closed_by_peer(fd) \
                 from None
         except BaseException as e:
-            conn.stopped = (frame, lens, sent)      # first: no call before it
+            # conn.stopped is this write's record of its frame in progress,
+            # or None (nothing begun, or a handler's send queued its rest).
             if not conn.write_closed:
                 self._dirty[conn] = None            # flushed by the loop (see _keep_framed)
             # An OS error of the write itself (not the timeout, an IPCError,

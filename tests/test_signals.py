@@ -170,6 +170,49 @@ def test_a_partial_frame_read_before_the_signal_is_kept(pair, rundir):
     assert bytes(buf) == message
 
 
+def _take(ctx: pyipc.Context, fd: int, how: str) -> list[bytes]:
+    """The messages of fd one call `how` returns (read_into: into a buffer of
+    its own; wait_events: its MESSAGE_RX)."""
+    if how == "read":
+        return [ctx.read(fd, timeout=5)]
+    if how == "read_many":
+        return ctx.read_many(fd, timeout=5)
+    if how == "read_into":
+        buf = bytearray(1 << 20)
+        return [bytes(buf[:ctx.read_into(fd, buf, timeout=5)])]
+    return [ev.message for ev in ctx.wait_events(timeout=5) if ev.type == EventType.MESSAGE_RX]
+
+
+@pytest.mark.parametrize("nested", ["read", "read_many", "read_into", "wait_events"])
+@pytest.mark.parametrize("outer", ["read", "read_many", "read_into", "wait_events"])
+def test_a_handler_that_reads_during_a_blocked_read_takes_the_next_message(
+        pair, rundir, outer, nested):
+    """Half of A has come when the signal comes; the handler sends the rest
+    with B, reads, then sends C. Each message is returned once, in order,
+    by whichever call comes first (the handler's). Pure's outer read_into,
+    holding half of A in its buffer, went on reading after the handler had
+    read from the stream (the rest of A taken for a header: the connection
+    dropped), and its outer read waited on the socket for a B the handler's
+    read had already decoded (for good, without a timeout)."""
+    a, b, c = b"A" * 100_000, b"B" * 50, b"C" * 70_000       # read_into reads A directly
+    raw = _raw_client(pair, rundir)
+    raw.sendall(frame(a)[:5000])
+    returned: list[bytes] = []
+
+    def read_in_handler(signum: int, frame_: object) -> None:
+        raw.sendall(frame(a)[5000:] + frame(b))
+        returned.extend(_take(pair.server, raw.server_fd, nested))
+        raw.sendall(frame(c))
+
+    with alarm(read_in_handler) as fired:
+        returned.extend(_take(pair.server, raw.server_fd, outer))
+        assert fired
+    while len(returned) < 3:
+        returned.extend(_take(pair.server, raw.server_fd, "read_many"))
+    assert [m[:1] for m in returned] == [b"A", b"B", b"C"]
+    assert returned == [a, b, c]
+
+
 class _Raw:
     """A raw socket client of the pair's service and its server-side fd."""
 
@@ -643,8 +686,8 @@ def test_pure_a_signal_as_read_into_ends_a_frame_leaves_it_for_any_read(rundir, 
     big = bytes(range(256)) * 400
     real = pure_io.recv_exactly
 
-    def recv_then_raise(sock, buf, filled, at, end, spin):
-        done = real(sock, buf, filled, at, end, spin)
+    def recv_then_raise(sock, buf, filled, at, end, spin, *taken_over):
+        done = real(sock, buf, filled, at, end, spin, *taken_over)
         if at == 1:                               # the payload, read to its end
             monkeypatch.setattr(pure_io, "recv_exactly", real)
             raise Boom()

@@ -129,17 +129,23 @@ class Waits:
 
 
 def recv_exactly(sock: socket.socket, buf: Buffer, filled: list[int], at: int, end: int,
-                  spin: Blocking) -> bool:
+                  spin: Blocking, ctx: Optional[PureState] = None, mine: object = None) -> bool:
     """Fill buf from filled[at] to `end` from a blocking socket, keeping
     filled[at] up to date (so an interruption knows how far it got); False
-    at EOF. The reads wait as `spin` says (busy_poll)."""
+    at EOF. The reads wait as `spin` says (busy_poll). With `ctx`: Woken as
+    soon as ctx._direct_read is no longer `mine` (a signal handler's read
+    took over, see Reading._read_frame_into), checked with no call between
+    the check and the read."""
     view = memoryview(buf)
     n = -1
     while filled[at] < end:
+        reads = map(sock.recv_into, (view[filled[at]:end],), (0,), (spin.flags(),))
+        if ctx is not None and ctx._direct_read is not mine:
+            raise Woken()
         try:
             # Counted as taken, with no call in between: a signal handler's
             # exception (Ctrl-C) lands before both or after both.
-            for n in map(sock.recv_into, (view[filled[at]:end],), (0,), (spin.flags(),)):
+            for n in reads:
                 filled[at] += n
         except BlockingIOError:
             spin.idle(sock.fileno())

@@ -18,7 +18,7 @@ import os
 import time
 import weakref
 import socket
-from typing import Final, Optional
+from typing import Any, Callable, Final, Optional
 
 from .._checks import check_timeout
 from .._context import Context
@@ -28,7 +28,7 @@ from .blocking import Blocking, Waits, yield_cpu
 from .closing import Closing, release
 from .conn_table import SERVICE, EXTERNAL, Conn, ConnTable
 from .fdpass import Ipcd
-from .io import Reading, Writing
+from .io import DirectRead, Reading, Writing
 from .poller import READ, WRITE, Poller, new_poller
 from .readiness import PendingQueue, Readiness
 from .send_queue import SendQueue
@@ -51,7 +51,8 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
     __slots__ = ("_by_fd", "_slots", "_free", "_dirty", "_poller", "_pending",
                  "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
                  "_spare_fd", "_ready", "_timer_base", "_plain_reads", "_more", "_round_no",
-                 "_out_fd", "_linger_depth", "_muted", "_callback_depth")
+                 "_out_fd", "_linger_depth", "_muted", "_callback_depth", "_direct_read",
+                 "_nested_events")
 
     backend = "pure"
 
@@ -72,6 +73,13 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         self._round_no = 0
         self._out_fd = -1                          # the fd whose on_out runs (switching.py)
         self._callback_depth = 0                   # switch callbacks running (reads refused)
+        # read_into's frame read straight into the caller's buffer, while it is
+        # read (see Reading._take_direct_read); None: none.
+        self._direct_read: Optional[DirectRead] = None
+        # Set when a nested call (a signal handler's) ended with events
+        # waiting: a read it interrupted takes its fd's messages from them
+        # before it reads the socket again (Reading._read_until_message).
+        self._nested_events = False
         # Lingers running, and the external fds they muted (Conn.muted).
         self._linger_depth = 0
         self._muted: list[Conn] = []
@@ -185,6 +193,21 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
             ready, self._ready = self._ready, None
             self._pending = EventQueue(self._pending)
             ready.close()
+
+    def _nested_call(self, method: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+        """A call made inside one of this thread's (a signal handler's). A
+        nested read may leave messages of the fd an outer read waits on as
+        events (it read more than it returned): that read must return them
+        before anything it reads next (_nested_events), and the wake-up
+        pipe, which the reads poll, ends its wait (else it waited on the
+        socket for more, for good without a timeout)."""
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if self._pending:
+                self._nested_events = True
+                self._wakeup()
 
     def _wakeup(self) -> None:
         try:

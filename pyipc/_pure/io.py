@@ -139,6 +139,11 @@ class Writing:
             raise
 
 
+#: A direct read in progress (read_into's frame read straight into the
+#: caller's buffer): its connection, what the decoder had, the header read,
+#: how far header and payload got, the buffer (see _read_frame_into).
+DirectRead = Tuple[Conn, bytes, bytearray, list[int], memoryview]
+
 #: deque.extend itself (C): what _settle calls with no Python step.
 _deque_extend = deque.extend
 #: The ERROR of a connection whose stream lost bytes to a signal handler's
@@ -152,6 +157,7 @@ class Reading:
     """PureContext's blocking reads and the event loop's reads."""
 
     __slots__ = ()
+    _direct_read: Optional[DirectRead]     # (PureContext's slot: see _read_frame_into)
 
     # Each read, woken by another thread (Woken: nothing consumed), makes the
     # calls handed over to it, then reads again (pyipc/_threads.py).
@@ -160,6 +166,8 @@ class Reading:
         # The timeout first: a bad one is refused even when a message is there.
         block = self._blocking(fd, timeout, "read")
         self._not_in_callback("read")
+        if self._direct_read is not None:   # a handler's read, inside a read_into
+            self._take_direct_read()
         while True:
             if self._pending:
                 message = self._pending.take_message(fd)
@@ -175,6 +183,8 @@ class Reading:
         check_max_messages(max_messages)
         block = self._blocking(fd, timeout, "read")
         self._not_in_callback("read")
+        if self._direct_read is not None:   # (see read)
+            self._take_direct_read()
         while True:
             taken = self._pending.take_messages(fd, max_messages)
             try:
@@ -194,6 +204,8 @@ class Reading:
 
     def _read_into(self: PureState, fd: int, view: memoryview, spin: Blocking) -> int:
         """read_into's one try (Woken when another thread wakes it)."""
+        if self._direct_read is not None:   # (see read)
+            self._take_direct_read()
         size = self._pending.take_into(fd, view)
         if size is not None:
             return size
@@ -214,19 +226,29 @@ class Reading:
         """The next frame of conn read into `view` when it is large (or
         empty) and fits (as native does): its size; else None, with the
         header bytes read given to the decoder. The reads wait as `spin`
-        says (poll())."""
+        says (poll()).
+
+        While it reads, self._direct_read records it: a signal's handler that
+        reads conn meanwhile (a nested read, read_into, wait) first takes what
+        it has of the frame (_take_direct_read), and this read, finding its
+        record gone before it next touches the stream or the decoder, ends
+        with Woken (nothing consumed: the caller takes the next message from
+        the events, as after another thread's wake-up)."""
         self._check_settled(conn)
         had = conn.decoder.buffered()
         known = min(len(had), HEADER.size)
         header = bytearray(HEADER.size)
         header[:known] = had[:known]
         sock = conn.io
+        decoder = conn.decoder
         # How far the header and the payload were read: what the decoder gets
         # back if a signal handler's exception (Ctrl-C) stops the read midway,
-        # so that the next read goes on from there.
+        # or a handler's read takes it over, so that no byte is lost or doubled.
         got = [known, 0]
+        mine: DirectRead = (conn, had, header, got, view)
+        self._direct_read = mine
         try:
-            if not recv_exactly(sock, header, got, 0, HEADER.size, spin):
+            if not recv_exactly(sock, header, got, 0, HEADER.size, spin, self, mine):
                 return self._direct_eof(conn)
             size: int
             (size,) = HEADER.unpack(header)
@@ -235,18 +257,29 @@ class Reading:
                 raise MessageTooLargeError(too_large_text(size, self._max_message_size))
             if size > len(view) or 0 < size < DIRECT_READ_MIN:
                 # Not read here: the decoder gets the header back (it holds
-                # it already when it had more) and the caller reads on.
-                if len(had) < HEADER.size:
-                    conn.decoder.restore(bytes(header))
+                # it already when it had more) and the caller reads on. No
+                # call from the check to the hand-over (see above).
+                start = bytearray(header) if len(had) < HEADER.size else decoder._buf
+                if self._direct_read is not mine:
+                    raise Woken()
+                decoder._buf = start
+                self._direct_read = None
                 return None
             # The payload bytes the decoder held move to `view`, counted, and
-            # only then is the decoder emptied (see _keep_read_so_far).
+            # only then is the decoder emptied (see _keep_read_so_far); no
+            # call from the check on.
             moved = max(len(had) - HEADER.size, 0)
+            emptied = bytearray()
+            if self._direct_read is not mine:
+                raise Woken()
             view[:moved] = had[HEADER.size:]
             got[1] = moved
-            conn.decoder.discard()
-            if not recv_exactly(sock, view, got, 1, size, spin):
+            decoder._buf = emptied
+            if not recv_exactly(sock, view, got, 1, size, spin, self, mine):
                 return self._direct_eof(conn)
+            if self._direct_read is not mine:   # a handler took the whole frame
+                raise Woken()
+            self._direct_read = None
             return size
         except ConnectionResetError:
             return self._direct_eof(conn)
@@ -257,13 +290,27 @@ class Reading:
                 raise err from None
             # Ours (an IPCError is an OSError) or a signal handler's (no
             # errno), as raised; what was read is kept.
-            if conn.alive:
-                self._keep_read_so_far(conn, had, header, got, view)
+            self._take_direct_read(mine)
             raise
         except BaseException:
-            if conn.alive:
-                self._keep_read_so_far(conn, had, header, got, view)
+            self._take_direct_read(mine)
             raise
+        finally:
+            if self._direct_read is mine:       # ended otherwise (EOF, too large)
+                self._direct_read = None
+
+    def _take_direct_read(self: PureState, record: Optional[DirectRead] = None) -> None:
+        """Give the decoder (or the events) what the direct read in progress
+        has of its frame (_keep_read_so_far): before a nested read touches
+        the stream, or when that read stops (then only if it is `record`,
+        not taken already)."""
+        current = self._direct_read
+        if current is None or (record is not None and current is not record):
+            return
+        self._direct_read = None
+        conn, had, header, got, view = current
+        if conn.alive:
+            self._keep_read_so_far(conn, had, header, got, view)
 
     def _keep_read_so_far(self: PureState, conn: Conn, had: bytes, header: bytearray,
                           got: list[int], view: memoryview) -> None:
@@ -359,9 +406,15 @@ class Reading:
         decoder, io, view = conn.decoder, conn.io, self._scratch_view
         n = 0
         while not msgs and error is None:
+            reads = taking(io, view, spin.flags())
+            # No call from here to the read: messages a handler's read left
+            # as events come before anything read now (see _nested_call).
+            if self._nested_events:
+                self._nested_events = False
+                raise Woken()
             try:
                 # Taken and marked with no call in between (see taking).
-                for n in taking(io, view, spin.flags()):
+                for n in reads:
                     decoder.unsettled = True
             except (BlockingIOError, InterruptedError):
                 spin.idle(fd)
@@ -389,6 +442,8 @@ class Reading:
         """Read conn until it would block (or `budget` bytes are read: the
         round's fairness; a peer that is gone is read with no budget, its
         input being all there is); deliver messages."""
+        if self._direct_read is not None:   # a handler's wait, inside a read_into
+            self._take_direct_read()
         if conn.decoder.unsettled:        # see _check_settled
             self._drop(conn, FRAMING_LOST)
             return

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .._types import CBEvent, Event, EventType, Payload
     from .blocking import Blocking
     from .conn_table import Conn
+    from .io import DirectRead
     from .poller import Poller
     from .readiness import Readiness
     from .syscalls import SpareFd
@@ -66,6 +67,8 @@ class PureState(Protocol):
     _linger_depth: int
     _callback_depth: int
     _muted: list[Conn]
+    _direct_read: Optional[DirectRead]
+    _nested_events: bool
 
     def _round(self, timeout: Optional[float], wait: bool = False) -> None: ...
 
@@ -103,6 +106,7 @@ class PureState(Protocol):
     def _read_until_message(self, conn: Conn,
                             spin: Blocking) -> Tuple[list[bytes], Optional[str]]: ...
     def _read_conn(self, conn: Conn, budget: float = ...) -> None: ...
+    def _take_direct_read(self, record: Optional[DirectRead] = ...) -> None: ...
     def _drain_in(self, conn: Conn) -> None: ...
     def _check_settled(self, conn: Conn) -> None: ...
     def _settle(self, conn: Conn, events: list[Event]) -> None: ...

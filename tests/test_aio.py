@@ -957,3 +957,31 @@ def test_a_handler_whose_client_left_is_stopped_when_its_fd_is_taken_again(actx)
             for client in clients:
                 client.close()
     run(main)
+
+
+def open_fds() -> set[str]:
+    """The fds this process has open."""
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_connect_racing_aclose_connects_nothing(actx, ctx_factory):
+    """aclose() runs while connect() waits at its checkpoint: connect()
+    raises the closed context's IPCError and connects nothing (it returned
+    an open Connection on the closed context: its fd leaked, sends lost)."""
+    from conftest import quiet
+    service = ctx_factory()
+    service.service_init("pong")
+
+    async def main() -> None:
+        ctx = actx()
+        await ctx.__aenter__()
+        before = open_fds()
+        connecting = asyncio.ensure_future(ctx.connect("pong"))
+        await asyncio.sleep(0)              # connect() is at its checkpoint
+        await ctx.aclose()
+        with pytest.raises(pyipc.IPCError, match="^this pyipc.aio.Context is closed$"):
+            await connecting
+        assert not ctx._conns
+        assert not open_fds() - before          # aclose() closed some; none is new
+    run(main)
+    assert EventType.CONNECTION not in [ev.type for ev in quiet(service)]

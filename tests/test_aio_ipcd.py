@@ -18,7 +18,7 @@ import pyipc
 import pyipc.aio
 
 from conftest import raw_connect
-from test_aio import run
+from test_aio import open_fds, run
 
 
 class SlowIpcd:
@@ -236,3 +236,29 @@ def test_a_full_context_does_not_ask_ipcd(backend, rundir, ctx_factory, monkeypa
         listener.setblocking(False)
         with pytest.raises(BlockingIOError):        # nobody connected to "ipcd"
             listener.accept()
+
+
+def test_a_context_closed_while_ipcd_thinks_takes_no_connection(ipcd, backend, rundir,
+                                                                ctx_factory):
+    """aclose() while connect() waits for ipcd, then ipcd answers: connect()
+    raises the closed context's IPCError and the fd ipcd handed over is
+    closed (it returned an open Connection on the closed context, its fd
+    leaked and what was sent on it lost)."""
+    server = ctx_factory()
+    server.service_init("pong")
+
+    async def main() -> None:
+        ctx = pyipc.aio.Context(rundir=rundir, backend=backend)
+        await ctx.__aenter__()
+        before = open_fds()
+        connecting = asyncio.ensure_future(ctx.connect("pong"))
+        await asyncio.to_thread(ipcd.got_request.wait, 10)
+        await ctx.aclose()
+        ipcd.answer()
+        with pytest.raises(pyipc.IPCError, match="^this pyipc.aio.Context is closed$"):
+            await connecting
+        await asyncio.to_thread(ipcd.thread.join, 10)
+        assert not ctx._conns
+        assert not open_fds() - before          # aclose() closed some; none is new
+    run(main)
+    assert ipcd.hung_up

@@ -179,6 +179,16 @@ class Context:
         return self._flavor.spawn(body, on_done)
 
     def _adopt(self, fd: int) -> Connection:
+        """A Connection for fd, a new connection of ctx.sync. On a closed
+        context (aclose() ran while connect() awaited) nothing would ever
+        drive or close it: the fd is closed and IPCError raised, as any
+        call on a closed context raises."""
+        if self._closed:
+            try:
+                self.sync.close(fd, linger=0)
+            except IPCError:
+                pass                # closed with the others already
+            raise IPCError(CLOSED_TEXT)
         conn = Connection(self, fd, self.high_water)
         self._conns[fd] = conn
         return conn
@@ -276,6 +286,7 @@ class Context:
         DEFAULT_IPCD_TIMEOUT), serving everything else meanwhile."""
         flavor = self._bind()
         await flavor.checkpoint()           # a cancelled connect() connects nothing
+        self._bind()                        # closed meanwhile: connect nothing
         rules = network()
         if rules is None:
             fd = self.sync.connect_service(name)

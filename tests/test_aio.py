@@ -959,9 +959,15 @@ def test_a_handler_whose_client_left_is_stopped_when_its_fd_is_taken_again(actx)
     run(main)
 
 
-def open_fds() -> set[str]:
-    """The fds this process has open."""
-    return set(os.listdir("/proc/self/fd"))
+def open_fds() -> set[int]:
+    """The fds this process has open (not the one listdir read them with)."""
+    def is_open(fd: int) -> bool:
+        try:
+            os.fstat(fd)
+            return True
+        except OSError:
+            return False
+    return set(filter(is_open, map(int, os.listdir("/proc/self/fd"))))
 
 
 def test_a_connect_racing_aclose_connects_nothing(actx, ctx_factory):

@@ -991,3 +991,37 @@ def test_a_connect_racing_aclose_connects_nothing(actx, ctx_factory):
         assert not open_fds() - before          # aclose() closed some; none is new
     run(main)
     assert EventType.CONNECTION not in [ev.type for ev in quiet(service)]
+
+
+def test_a_client_of_a_plain_service_nobody_reads_is_held_back(actx, ctx_factory):
+    """libIPC's style (service_init + events()) with a consumer that takes
+    nothing: once more than the high-water mark of a client's messages waits
+    in the events queue the context stops reading it, so the (sync)
+    client's writes block instead of the queue growing (1.4 GB in 4 s, the reviewer measured);
+    then every message comes out of events(), in order."""
+    high = 64 << 10
+    sender = ctx_factory()
+
+    async def main() -> None:
+        async with actx(high_water=high) as ctx:
+            ctx.service_init("plain")
+            fd = sender.connect("plain")
+            sent = 0
+
+            def write_until_blocked() -> None:
+                nonlocal sent
+                with pytest.raises(pyipc.TimeoutError):
+                    while sent < 100_000:              # far past any socket buffer
+                        sender.write(fd, b"%08d" % sent + b"m" * 1000, timeout=1)
+                        sent += 1
+            await asyncio.get_running_loop().run_in_executor(None, write_until_blocked)
+            assert sent < 100_000
+            queued = [ev.message for ev in ctx._events if ev.type == EventType.MESSAGE_RX]
+            assert sum(4 + len(m) for m in queued) <= high + (1 << 20)  # + one round's reads
+            got: list[bytes] = []
+            while len(got) < sent:
+                ev = await asyncio.wait_for(ctx.wait_event(), 10)
+                if ev.type == EventType.MESSAGE_RX:
+                    got.append(ev.message[:8])
+            assert got == [b"%08d" % i for i in range(sent)]
+    run(main)

@@ -22,7 +22,7 @@ from .._context import Context as SyncContext
 from .._rundir import PathLike
 from .._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                       DEFAULT_MAX_QUEUE_SIZE, Event, EventType, IPCError, Payload)
-from ._connection import Connection
+from ._connection import HEADER, Connection
 from ._ipcd import connect_through_ipcd, network
 from ._flavor import AnyioFlavor, AsyncioFlavor, Flavor, TaskBody, Cancel, log, \
     running_asyncio_loop
@@ -62,7 +62,9 @@ class Context:
     """A `pyipc.Context` for async code: `async with pyipc.aio.Context() as ctx`.
 
     Same arguments as `pyipc.Context`, and `high_water` (bytes a connection
-    may have unsent before send() waits). It binds to the running loop when
+    may have unsent before send() waits; bytes of one fd's messages waiting
+    unread, in a Connection or in the events() queue, before the fd is not
+    read until they are down to a quarter). It binds to the running loop when
     first used (entered, connect, serve, events), not when made. `sync` is
     the underlying pyipc.Context. See docs/asyncio.md.
     """
@@ -95,6 +97,13 @@ class Context:
         #: wake makes several rounds; one queued at a time says it all (more
         #: would be stale: a read on the fd they name would block).
         self._external_queued: set[int] = set()
+        # Receiving back-pressure for the fds whose messages come out of
+        # events() (clients of a service_init() service...), as a
+        # Connection's inbox has it: bytes of their MESSAGE_RX waiting in
+        # _events (headers included), by fd; the fds not read meanwhile
+        # (pause_reading) because more than high_water of theirs waits.
+        self._queued_bytes: dict[int, int] = {}
+        self._queue_paused: set[int] = set()
         self._event_waiters: list[Any] = []
         self._failure: Optional[Exception] = None
 
@@ -191,6 +200,7 @@ class Context:
             raise IPCError(CLOSED_TEXT)
         conn = Connection(self, fd, self.high_water)
         self._conns[fd] = conn
+        self._queue_paused.discard(fd)      # a number events() had: the Connection's now
         return conn
 
     def _forget(self, fd: int) -> None:
@@ -227,6 +237,10 @@ class Context:
             else:
                 self._queue(ev)
             return
+        if kind is _CONNECTION or kind is _DISCONNECTION:
+            # A new connection on this number is not paused; an ended one
+            # took its pause with it (its messages still queued count on).
+            self._queue_paused.discard(ev.fd)
         if kind is _CONNECTION and self._servers:
             server = self._server_of(ev.fd)
             if server is not None:
@@ -254,8 +268,33 @@ class Context:
                 return
             self._external_queued.add(ev.fd)
             self._watch_external(ev.fd, False)  # until taken: no event, no busy loop
+        elif ev.type is _MESSAGE_RX:
+            self._count_queued(ev.fd, HEADER + len(ev.message))  # type: ignore[arg-type]
         self._events.append(ev)
         self._flavor_wake(self._event_waiters)
+
+    def _count_queued(self, fd: int, size: int) -> None:
+        """Count `size` more (less, when negative) bytes of fd's messages
+        in the queue; stop reading fd past the high-water mark, read it
+        again at a quarter of it (as a Connection's inbox does)."""
+        queued = self._queued_bytes.get(fd, 0) + size
+        if queued > 0:
+            self._queued_bytes[fd] = queued
+        else:
+            self._queued_bytes.pop(fd, None)
+        if fd in self._queue_paused:
+            if queued <= self.high_water // 4:
+                self._queue_paused.discard(fd)
+                self._pause(fd, False)
+        elif queued > self.high_water:
+            self._queue_paused.add(fd)
+            self._pause(fd, True)
+
+    def _pause(self, fd: int, paused: bool) -> None:
+        try:
+            self.sync.pause_reading(fd, paused)
+        except IPCError:
+            pass                # ended meanwhile: its events say so
 
     def _watch_external(self, fd: int, on: bool) -> None:
         """Watch external fd again, or not while an EXTERNAL for it waits
@@ -321,6 +360,8 @@ class Context:
             while not self._events:
                 await self._wait(self._event_waiters)
             ev = self._events.popleft()
+            if ev.type is _MESSAGE_RX:
+                self._count_queued(ev.fd, -HEADER - len(ev.message))  # type: ignore[arg-type]
             if ev.type is not _EXTERNAL:
                 return ev
             self._external_queued.discard(ev.fd)

@@ -1025,3 +1025,47 @@ def test_a_client_of_a_plain_service_nobody_reads_is_held_back(actx, ctx_factory
                     got.append(ev.message[:8])
             assert got == [b"%08d" % i for i in range(sent)]
     run(main)
+
+
+def test_a_context_is_used_from_its_loop_only(actx):
+    """Every method of a Connection, a Server and the Context, called from
+    another thread's loop, raises the documented RuntimeError (send() was
+    accepted, its unsent count then raced the owning loop's and drain()
+    hung; recv() raised asyncio's 'attached to a different loop').
+    From a thread, loop.call_soon_threadsafe(conn.abort) is the way: it
+    wakes the connection's recv()."""
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            server = await server_ctx.serve("echo", echo)
+            conn = await ctx.connect("echo")
+            calls: dict[str, Callable[[], Any]] = {
+                "send": lambda: conn.send(b"x"), "recv": conn.recv, "drain": conn.drain,
+                "close": conn.close, "abort": conn.abort,
+                "set_write_buffer_limits": conn.set_write_buffer_limits,
+                "connect": lambda: ctx.connect("echo"), "wait_event": ctx.wait_event,
+                "aclose": ctx.aclose, "wait_closed": server.wait_closed,
+                "serve_forever": server.serve_forever, "server.close": server.close,
+                "close_clients": server.close_clients}
+
+            async def each() -> dict[str, str]:
+                said = {}
+                for name, call in calls.items():
+                    try:
+                        result = call()
+                        if asyncio.iscoroutine(result):
+                            await asyncio.wait_for(result, 5)
+                        said[name] = "returned"
+                    except RuntimeError as e:
+                        said[name] = str(e)
+                return said
+            said = await asyncio.to_thread(asyncio.run, each())
+            assert said == dict.fromkeys(calls, pyipc.aio._context.OTHER_LOOP_TEXT)
+            await conn.send(b"still ours")
+            assert await asyncio.wait_for(conn.recv(), 10) == b"still ours"
+            assert server.is_serving()
+            waiting = asyncio.ensure_future(conn.recv())
+            loop = asyncio.get_running_loop()
+            await asyncio.to_thread(loop.call_soon_threadsafe, conn.abort)
+            with pytest.raises(pyipc.ConnectionClosedError):
+                await asyncio.wait_for(waiting, 10)
+    run(main)

@@ -136,3 +136,36 @@ def test_trio_needs_the_context_entered(make):
             await ctx.connect("echo")
         ctx.sync.close_all()
     anyio_run(main, "trio")
+
+
+def test_a_context_is_used_from_its_trio_run_only(make):
+    """Another trio run (in a thread) that uses a context bound to this run
+    gets the documented RuntimeError (its connect() and send() were
+    accepted, and the reply, woken from this run, crashed it: trio's
+    AssertionError tore the context's task group down)."""
+    import anyio
+    import trio
+    from pyipc.aio._context import OTHER_LOOP_TEXT
+
+    async def main() -> None:
+        async with make() as server_ctx, make() as ctx:
+            await server_ctx.serve("echo", echo)
+            conn = await ctx.connect("echo")
+            calls: list[Callable[[], Awaitable[Any]]] = [
+                lambda: ctx.connect("echo"), lambda: conn.send(b"x"), conn.recv, conn.close]
+
+            async def each() -> list[str]:
+                said = []
+                for call in calls:
+                    try:
+                        with trio.fail_after(5):
+                            await call()
+                        said.append("returned")
+                    except RuntimeError as e:
+                        said.append(str(e))
+                return said
+            said = await anyio.to_thread.run_sync(trio.run, each)
+            assert said == [OTHER_LOOP_TEXT] * len(calls)
+            await conn.send(b"still ours")
+            assert await conn.recv() == b"still ours"
+    anyio_run(main, "trio")

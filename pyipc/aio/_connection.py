@@ -99,6 +99,7 @@ class Connection:
         if not 0 <= low <= high:
             raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
         self._high, self._low = high, low
+        self.ctx._check_loop()
         self.ctx._flavor_wake(self._tx_waiters)
 
     def peer_credentials(self) -> Tuple[int, int, int]:
@@ -117,6 +118,7 @@ class Connection:
         reached. Cancelled, it has queued nothing; returned, its whole
         message is queued and goes out in order. ConnectionClosedError once
         the connection has ended."""
+        self.ctx._check_loop()
         if self._unsent > self._high:
             while self._unsent > self._low and self._ended is None:
                 await self.ctx._wait(self._tx_waiters)
@@ -130,6 +132,7 @@ class Connection:
     async def drain(self) -> None:
         """Wait until everything scheduled on this connection is written
         (or the connection ends)."""
+        self.ctx._check_loop()
         while self._unsent and self._ended is None:
             await self.ctx._wait(self._tx_waiters)
 
@@ -141,6 +144,7 @@ class Connection:
     async def recv(self) -> bytes:
         """The next message. Messages that arrived before the peer left are
         all returned first; then ConnectionClosedError."""
+        self.ctx._check_loop()
         while not self._inbox:
             self._check_open()
             await self.ctx._wait(self._rx_waiters)
@@ -186,6 +190,7 @@ class Connection:
         `linger` seconds), then close. Idempotent."""
         if self._ended is not None:
             return
+        self.ctx._check_loop()
         try:
             if self._unsent:
                 await self.ctx._within(self.drain, self.ctx.sync.linger)
@@ -194,9 +199,12 @@ class Connection:
 
     def abort(self) -> None:
         """Close now: what is still unsent is dropped (pyipc logs a WARNING
-        with its count)."""
+        with its count). From another thread:
+        `loop.call_soon_threadsafe(conn.abort)` (it raises RuntimeError
+        there: the waiters it wakes are the loop's)."""
         if self._ended is not None:
             return
+        self.ctx._check_loop()
         self.ctx._forget(self.fd)
         try:
             self.ctx.sync.close(self.fd, linger=0)

@@ -136,6 +136,17 @@ class Context:
             raise RuntimeError(NO_LOOP_TEXT)
         return self._start(AsyncioFlavor(loop))
 
+    def _check_loop(self) -> None:
+        """RuntimeError when the caller is not in the loop (thread, trio run)
+        the context is bound to: its objects are that loop's alone (their
+        counts and waiters are not locked; a waiter woken from elsewhere is
+        never woken, or crashes trio). Every public method of Connection
+        and Server calls it first; a closed or unbound context has nothing
+        to check."""
+        flavor = self._flavor
+        if flavor is not None and not flavor.owns_the_running_loop():
+            raise RuntimeError(OTHER_LOOP_TEXT)
+
     def _start(self, flavor: Flavor) -> Flavor:
         self._flavor = flavor
         flavor.watch(self.sync.fileno(), self._on_ready)
@@ -163,6 +174,7 @@ class Context:
 
     # -- what connections and servers ask of it ------------------------------------------
     async def _wait(self, waiters: list[Any]) -> None:
+        self._check_loop()
         if self._failure is not None:
             raise self._failure
         flavor = self._flavor
@@ -379,6 +391,7 @@ class Context:
         `linger` seconds in all), close every fd."""
         if self._closed:
             return
+        self._check_loop()
         self._closed = True
         conns = list(self._conns.values())
         try:

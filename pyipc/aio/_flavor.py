@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any, Awaitable, Callable, Coroutine, Optional
 
 log = logging.getLogger("pyipc.aio")
@@ -157,10 +158,14 @@ class AnyioFlavor(Flavor):
         self._anyio = anyio
         self._group = group
         self._watching: Optional[Any] = None     # the CancelScope of the fd's task
+        #: The run it was made in: another trio run (in another thread) that
+        #: used the context would have its waiters woken from this run, which
+        #: trio refuses (an AssertionError that tore this run down).
+        self._run = current_anyio_run()
 
     def owns_the_running_loop(self) -> bool:
         # Made only where no asyncio loop runs (trio): it is not asyncio's.
-        return running_asyncio_loop() is None
+        return running_asyncio_loop() is None and current_anyio_run() == self._run
 
     def watch(self, fd: int, on_ready: Callable[[], None]) -> None:
         anyio = self._anyio
@@ -218,6 +223,21 @@ class AnyioFlavor(Flavor):
 
     async def wait_writable(self, fd: int) -> None:
         await self._anyio.wait_writable(fd)
+
+
+def current_anyio_run() -> object:
+    """What identifies the running anyio loop that is not asyncio's: trio's
+    token for its run, else the library and the thread; None where no async
+    library runs (a plain thread)."""
+    import sniffio          # anyio's dependency: only under anyio
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return None
+    if library == "trio":
+        import trio
+        return trio.lowlevel.current_trio_token()
+    return library, threading.get_ident()
 
 
 def running_asyncio_loop() -> Optional[asyncio.AbstractEventLoop]:

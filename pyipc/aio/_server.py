@@ -121,6 +121,7 @@ class Server:
         """Stop listening (the socket file is removed). Handlers go on."""
         if not self._serving:
             return
+        self.ctx._check_loop()
         self._serving = False
         self.ctx._servers.pop(self.path, None)
         if self._cancels or self._closing:      # the context's aclose() still stops them
@@ -132,6 +133,7 @@ class Server:
     def close_clients(self) -> None:
         """Cancel every handler task (their connections are closed once what
         they sent is out, at most `linger` seconds)."""
+        self.ctx._check_loop()
         self._stopping_clients = True
         for cancel in list(self._cancels.values()):
             cancel()
@@ -140,6 +142,7 @@ class Server:
         """Wait until closed, every handler has ended and their replies are
         out (at most `linger` seconds), or the context is closed (it cancels
         the handlers); then close the context too if serve() made it."""
+        self.ctx._check_loop()
         while (self._serving or self._cancels or self._closing) and not self.ctx._shut():
             await self.ctx._wait(self._waiters)
         if self._owns_ctx:
@@ -147,6 +150,7 @@ class Server:
 
     async def serve_forever(self) -> None:
         """Wait until the server is closed; cancelled, it closes the server."""
+        self.ctx._check_loop()
         try:
             while self._serving:
                 await self.ctx._wait(self._waiters)

@@ -1069,3 +1069,33 @@ def test_a_context_is_used_from_its_loop_only(actx):
             with pytest.raises(pyipc.ConnectionClosedError):
                 await asyncio.wait_for(waiting, 10)
     run(main)
+
+
+def test_aclose_after_the_loop_failed_awaits_the_handlers(actx):
+    """The context's loop failed (as when a switch callback raises;
+    white-box: ctx._fail): aclose() still cancels the handlers and awaits
+    their cleanup before it returns (it raised the failure at its first
+    wait and left them running on closed connections), then raises it."""
+    async def main() -> None:
+        done: list[str] = []
+        started = asyncio.Event()
+
+        async def handler(conn: pyipc.aio.Connection) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.05)       # cleanup that takes a while
+                done.append("cleaned up")
+                raise
+        async with actx() as client:
+            ctx = actx()
+            await ctx.__aenter__()
+            await ctx.serve("s", handler)
+            await client.connect("s")
+            await asyncio.wait_for(started.wait(), 10)
+            ctx._fail(RuntimeError("boom"))
+            with pytest.raises(RuntimeError, match="^boom$"):
+                await ctx.aclose()
+            assert done == ["cleaned up"]
+    run(main)

@@ -388,7 +388,10 @@ class Context:
     async def aclose(self) -> None:
         """Stop the servers, closed ones included (their handlers are
         cancelled and awaited), let what is scheduled go out (at most
-        `linger` seconds in all), close every fd."""
+        `linger` seconds in all), close every fd. If the context's loop
+        failed (a switch callback raised), the handlers are awaited all the
+        same, nothing can go out any more, and the failure is raised once
+        every fd is closed."""
         if self._closed:
             return
         self._check_loop()
@@ -396,8 +399,9 @@ class Context:
         conns = list(self._conns.values())
         try:
             servers = await self._stop_servers()
-            if self._flavor is not None and (any(c.get_write_buffer_size() for c in conns)
-                                             or any(s._closing for s in servers)):
+            if self._failure is None and self._flavor is not None and (
+                    any(c.get_write_buffer_size() for c in conns)
+                    or any(s._closing for s in servers)):
                 async def drained() -> None:
                     for conn in conns:
                         await conn.drain()
@@ -407,6 +411,8 @@ class Context:
                 await self._flavor.within(drained, self.sync.linger)
         finally:
             self._close_now(conns)
+        if self._failure is not None:
+            raise self._failure
 
     async def _stop_servers(self) -> list[Server]:
         """Close every server (closed ones have handlers left), cancel their
@@ -415,9 +421,12 @@ class Context:
         for server in servers:
             server.close()
             server.close_clients()
+        flavor = self._flavor
         for server in servers:          # their handlers' cleanup runs now
-            while server._cancels:
-                await self._wait(server._waiters)
+            while server._cancels and flavor is not None:
+                # Not _wait(): after a failure of the loop it raises at once,
+                # and aclose() returned with the handlers still running.
+                await flavor.wait(server._waiters)
         return servers
 
     def _close_now(self, conns: list[Connection]) -> None:

@@ -791,14 +791,26 @@ print("done")
 """
 
 
+#: The same, with a close_clients() (of no client yet) right after serve().
+CLOSE_CLIENTS_THEN_ABANDONED = ABANDONED_AT_SHUTDOWN.replace(
+    "handler, rundir=rundir, backend=backend)\n",
+    "handler, rundir=rundir, backend=backend)\n    server.close_clients()\n", 1)
+
+
 @pytest.mark.parametrize("runner", ["asyncio", "uvloop"])
-def test_a_handler_cancelled_by_asyncio_run_leaves_no_task_behind(backend, rundir, runner):
+@pytest.mark.parametrize("script", [ABANDONED_AT_SHUTDOWN, CLOSE_CLIENTS_THEN_ABANDONED],
+                         ids=["plain", "after_close_clients"])
+def test_a_handler_cancelled_by_asyncio_run_leaves_no_task_behind(backend, rundir, runner,
+                                                                   script):
     """asyncio.run ends with a handler still running (its reply unsent, the
     server closed, the context not): asyncio.run cancels it. Its connection
     is aborted then, as before; a close task started then was left pending
-    on the closed loop ('Task was destroyed but it is pending!')."""
+    on the closed loop ('Task was destroyed but it is pending!'). So also
+    after an earlier close_clients() (it left a flag set for good, and
+    every later cancellation was taken for its own)."""
+    assert script.count("close_clients") == (script is CLOSE_CLIENTS_THEN_ABANDONED)
     done = __import__("subprocess").run(
-        [sys.executable, "-c", ABANDONED_AT_SHUTDOWN, rundir, backend, runner],
+        [sys.executable, "-c", script, rundir, backend, runner],
         env=CHILD_ENV, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "done", done.stderr
     assert "Task was destroyed" not in done.stderr, done.stderr

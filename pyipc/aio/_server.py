@@ -44,8 +44,10 @@ class Server:
         self._closing: set[Connection] = set()
         #: Connections whose handler ended on its own (returned or raised).
         self._done: set[Connection] = set()
-        #: close_clients() was called: a handler cancelled since is ours to stop.
-        self._stopping_clients = False
+        #: Connections whose handler close_clients() cancelled: ours to close
+        #: once their replies are out. Only those: a handler cancelled by
+        #: anyone else later (asyncio.run's shutdown) is not.
+        self._stopped: set[Connection] = set()
         self._waiters: list[Any] = []              # woken when closed or a handler ends
         ctx._servers[self.path] = self
 
@@ -83,8 +85,9 @@ class Server:
         # Cancelled by someone else (asyncio.run's shutdown cancels every
         # task, then closes the loop): a close task started now would be
         # left pending on a closed loop; the connection is aborted, as before.
-        ours = conn in self._done or self._stopping_clients
+        ours = conn in self._done or conn in self._stopped
         self._done.discard(conn)
+        self._stopped.discard(conn)
         if ours and conn.get_write_buffer_size() and self.ctx._flavor is not None:
             self._close_when_sent(conn)
         else:
@@ -134,8 +137,8 @@ class Server:
         """Cancel every handler task (their connections are closed once what
         they sent is out, at most `linger` seconds)."""
         self.ctx._check_loop()
-        self._stopping_clients = True
-        for cancel in list(self._cancels.values()):
+        for conn, cancel in list(self._cancels.items()):
+            self._stopped.add(conn)
             cancel()
 
     async def wait_closed(self) -> None:

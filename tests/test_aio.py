@@ -1111,3 +1111,42 @@ def test_aclose_after_the_loop_failed_awaits_the_handlers(actx):
                 await ctx.aclose()
             assert done == ["cleaned up"]
     run(main)
+
+
+def test_send_waits_for_room_in_a_send_queue_smaller_than_the_high_water_mark(actx,
+                                                                               ctx_factory):
+    """max_queue_size (8 KiB) below the high-water mark (64 KiB): send()
+    waits while the message would not fit in the fd's send queue (it
+    raised QueueFullError, the sync schedule()'s), and every message
+    arrives, in order, once the peer reads."""
+    peer = ctx_factory()
+    peer.service_init("slow")
+    messages = [b"%04d" % i + b"x" * 996 for i in range(2000)]     # 2 MB: past any buffer
+
+    async def main() -> None:
+        async with actx(max_message_size=1024, max_queue_size=8192) as ctx:
+            conn = await ctx.connect("slow")
+
+            async def send_all() -> None:
+                for message in messages:
+                    await conn.send(message)
+                    assert conn.get_write_buffer_size() <= 8192
+            def read_all() -> list[bytes]:
+                return [ev.message for ev in collect_messages(peer, len(messages))]
+            sending = asyncio.ensure_future(send_all())
+            # The peer reads nothing yet: send() waits for room (it failed).
+            await asyncio.wait({sending}, timeout=0.5)
+            failed = sending.exception() if sending.done() else None
+            assert failed is None, repr(failed)
+            got = await asyncio.to_thread(read_all)
+            await asyncio.wait_for(sending, 10)
+            assert got == messages
+    run(main)
+
+
+def collect_messages(ctx: pyipc.Context, count: int) -> list[pyipc.Event]:
+    """The next `count` MESSAGE_RX events of ctx (bounded waits)."""
+    got: list[pyipc.Event] = []
+    while len(got) < count:
+        got.extend(ev for ev in ctx.wait_events(timeout=10) if ev.type == EventType.MESSAGE_RX)
+    return got

@@ -115,19 +115,33 @@ class Connection:
     async def send(self, payload: Payload) -> None:
         """Queue one message (bytes-like, or str as UTF-8). Waits first while
         more than the high-water mark is unsent, until the low-water mark is
-        reached. Cancelled, it has queued nothing; returned, its whole
+        reached (and, with a context's max_queue_size below the high-water
+        mark, while the message would not fit in the fd's send queue).
+        Cancelled, it has queued nothing; returned, its whole
         message is queued and goes out in order. ConnectionClosedError once
         the connection has ended."""
         self.ctx._check_loop()
         if self._unsent > self._high:
-            while self._unsent > self._low and self._ended is None:
-                await self.ctx._wait(self._tx_waiters)
+            await self._wait_for_room(self._low)
         self._check_open()
         data = as_payload(payload)
-        self.ctx.sync.schedule(self.fd, data)    # whole frame, or nothing and an error
         size = HEADER + len(data)
+        # What the fd's send queue may hold besides this frame: past
+        # max_queue_size schedule() refuses it (QueueFullError), so with a
+        # max_queue_size below the high-water mark send() waits here too.
+        room = self.ctx.sync.max_queue_size - size
+        if 0 <= room < self._unsent:
+            await self._wait_for_room(min(room, self._low))
+            self._check_open()
+        self.ctx.sync.schedule(self.fd, data)    # whole frame, or nothing and an error
         self._sizes.append(size)
         self._unsent += size
+
+    async def _wait_for_room(self, level: int) -> None:
+        """Wait until at most `level` bytes are unsent (woken at each
+        MESSAGE_TX once at most the low-water mark is), or the end."""
+        while self._unsent > level and self._ended is None:
+            await self.ctx._wait(self._tx_waiters)
 
     async def drain(self) -> None:
         """Wait until everything scheduled on this connection is written

@@ -1150,3 +1150,26 @@ def collect_messages(ctx: pyipc.Context, count: int) -> list[pyipc.Event]:
     while len(got) < count:
         got.extend(ev for ev in ctx.wait_events(timeout=10) if ev.type == EventType.MESSAGE_RX)
     return got
+
+
+def test_a_client_of_a_service_made_on_ctx_sync_comes_out_of_events(actx):
+    """One Server, and a service made with ctx.sync.service_init() (the
+    underlying context): its client's events come out of events(), not
+    to the Server's handler (the only Server took every client)."""
+    async def main() -> None:
+        async with actx() as ctx, actx() as client:
+            handled: list[bytes] = []
+
+            async def handler(conn: pyipc.aio.Connection) -> None:
+                async for message in conn:
+                    handled.append(message)
+            await ctx.serve("a", handler)
+            ctx.sync.service_init("plain")
+            conn = await client.connect("plain")
+            await conn.send(b"for plain")
+            async for ev in ctx.events():
+                if ev.type == EventType.MESSAGE_RX:
+                    assert ev.message == b"for plain"
+                    break
+            assert handled == []
+    run(main, timeout=10)

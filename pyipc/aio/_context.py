@@ -90,7 +90,6 @@ class Context:
         #: Servers closed (no longer in _servers) whose handlers still run:
         #: aclose() stops them too, as it stops the serving ones.
         self._closed_servers: set[Server] = set()
-        self._plain_services = 0                    # service_init() without a Server
         self._events: deque[Event] = deque()
         #: External fds with an EXTERNAL event in _events not taken yet: the
         #: core reports one each round while the fd is readable, and a loop
@@ -262,9 +261,8 @@ class Context:
 
     def _server_of(self, fd: int) -> Optional[Server]:
         """The Server that accepted client fd (the socket's local address is
-        the service's path)."""
-        if len(self._servers) == 1 and not self._plain_services:
-            return next(iter(self._servers.values()))
+        the service's path). Asked for every client, even with one Server:
+        a service made on ctx.sync (not seen here) may have taken it."""
         sock = socket.socket(fileno=fd)
         try:
             path = sock.getsockname()
@@ -355,9 +353,7 @@ class Context:
         """Listen as service `name` without a handler: its clients' events
         come out of `events()` (libIPC's single-loop style)."""
         self._bind()
-        fd = self.sync.service_init(name)
-        self._plain_services += 1
-        return fd
+        return self.sync.service_init(name)
 
     def schedule(self, fd: int, payload: Payload) -> None:
         """Queue a message for fd (sync.schedule; the loop sends it)."""

@@ -1173,3 +1173,19 @@ def test_a_client_of_a_service_made_on_ctx_sync_comes_out_of_events(actx):
                     break
             assert handled == []
     run(main, timeout=10)
+
+
+def test_timer_events_do_not_pile_up_in_events(actx):
+    """A 1 ms timer nobody reads for 0.3 s: one TIMER waits in the events
+    queue, not one per expiry (~300, stale when taken), and the next one
+    comes once it is taken, as the sync API's wait_events() gives them."""
+    async def main() -> None:
+        async with actx() as ctx:
+            ctx.sync.timer = 1
+            await asyncio.sleep(0.3)        # the timer expires ~300 times meanwhile
+            assert [ev.type for ev in ctx._events] == [EventType.TIMER]
+            for _ in range(3):
+                ev = await asyncio.wait_for(ctx.wait_event(), 10)
+                assert ev.type == EventType.TIMER
+            assert len(ctx._events) <= 1
+    run(main)

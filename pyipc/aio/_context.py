@@ -47,7 +47,7 @@ NO_LOOP_TEXT = ("no running asyncio loop: under trio (through anyio), enter the 
 
 _CONNECTION, _DISCONNECTION = EventType.CONNECTION, EventType.DISCONNECTION
 _MESSAGE_RX, _MESSAGE_TX, _ERROR = EventType.MESSAGE_RX, EventType.MESSAGE_TX, EventType.ERROR
-_EXTERNAL = EventType.EXTERNAL
+_EXTERNAL, _TIMER = EventType.EXTERNAL, EventType.TIMER
 
 
 def _still_readable(fd: int) -> bool:
@@ -96,6 +96,11 @@ class Context:
         #: wake makes several rounds; one queued at a time says it all (more
         #: would be stale: a read on the fd they name would block).
         self._external_queued: set[int] = set()
+        #: A TIMER waits in _events: the loop reads the context at every
+        #: wake-up, so a short timer nobody reads would pile up TIMERs
+        #: (~1,000 a second at 1 ms), stale ones; one says "time passed",
+        #: as the sync API's wait_events() returns at most one a call.
+        self._timer_queued = False
         # Receiving back-pressure for the fds whose messages come out of
         # events() (clients of a service_init() service...), as a
         # Connection's inbox has it: bytes of their MESSAGE_RX waiting in
@@ -273,7 +278,11 @@ class Context:
         return self._servers.get(os.fsdecode(path))
 
     def _queue(self, ev: Event) -> None:
-        if ev.type is _EXTERNAL:
+        if ev.type is _TIMER:
+            if self._timer_queued:
+                return
+            self._timer_queued = True
+        elif ev.type is _EXTERNAL:
             if ev.fd in self._external_queued:
                 return
             self._external_queued.add(ev.fd)
@@ -368,7 +377,9 @@ class Context:
             while not self._events:
                 await self._wait(self._event_waiters)
             ev = self._events.popleft()
-            if ev.type is _MESSAGE_RX:
+            if ev.type is _TIMER:
+                self._timer_queued = False
+            elif ev.type is _MESSAGE_RX:
                 self._count_queued(ev.fd, -HEADER - len(ev.message))  # type: ignore[arg-type]
             if ev.type is not _EXTERNAL:
                 return ev

@@ -169,3 +169,24 @@ def test_a_context_is_used_from_its_trio_run_only(make):
             await conn.send(b"still ours")
             assert await conn.recv() == b"still ours"
     anyio_run(main, "trio")
+
+
+def test_serve_without_a_context_under_trio_says_what_to_do(make, rundir, backend):
+    """pyipc.aio.serve() without ctx= under trio: a RuntimeError that says
+    to serve on a context entered first (it asked to enter the context
+    serve() made itself, which the caller cannot), nothing left listening;
+    serve(..., ctx=ctx) on an entered context serves."""
+    import os
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError) as info:
+            await pyipc.aio.serve("echo", echo, rundir=rundir, backend=backend)
+        assert "without ctx=" in str(info.value)
+        assert "ctx.serve(name, handler)" in str(info.value)
+        assert not os.path.exists(os.path.join(rundir, "echo"))
+        async with make() as server_ctx, make() as ctx:
+            await pyipc.aio.serve("echo", echo, ctx=server_ctx)
+            conn = await ctx.connect("echo")
+            await conn.send(b"served")
+            assert await conn.recv() == b"served"
+    anyio_run(main, "trio")

@@ -548,52 +548,128 @@ MAX_CBOR_BIGNUM_BYTES = 1786
 MAX_CBOR_BIGNUMS = 1024
 
 
-#: A byte that could be the head of a CBOR tag (major type 6, a 0-8 byte argument).
+#: The most CBOR items a received body may spend on map keys and set
+#: elements (tag 258) that are not a plain int, float, str, bytes, bool or
+#: None: arrays, maps and tagged values (Fraction, Decimal, UUID, ...), each
+#: counted with the items it holds. Python randomizes only the hashes of str
+#: and bytes, so a peer can choose thousands of such keys with one hash, and
+#: building the map then costs time quadratic in their number (a 350 KB body
+#: took a minute). At this bound the worst case (all with one hash) takes ~20 ms.
+MAX_CBOR_COMPOSITE_KEY_ITEMS = 1024
+
+# The kinds of an open level in _cbor_check: its items are hashed when they
+# are map keys (even places of a map), set elements, or inside such a key.
+_ARRAY, _MAP, _SET, _KEY = 0, 1, 2, 3
+#: One-byte items that are never a composite key: small ints, empty strings,
+#: simple values (false, true, null, ...). Runs of them are skipped at C speed.
+_ONE_BYTE_ITEMS = re.compile(rb"[\x00-\x17\x20-\x37\x40\x60\xe0-\xf7]+")
+_IS_ONE_BYTE_ITEM = bytes(
+    1 if _ONE_BYTE_ITEMS.fullmatch(bytes((b,))) else 0 for b in range(256))
+#: A byte that could be the head of a tag; of an array, a map or a tag.
 _TAG_HEAD = re.compile(rb"[\xc0-\xdb]")
+_COMPOSITE_HEAD = re.compile(rb"[\x80-\xdb]")
 
 
 def _cbor_check(data: bytes) -> None:
     """Walk the items of a CBOR body, making no object, and refuse what
     would make cbor2's decoding (or any later use of its result) cost out of
-    all proportion to the body's size: REFUSED_CBOR_TAGS, and bignums past
-    MAX_CBOR_BIGNUM_BYTES or MAX_CBOR_BIGNUMS. ValueError says which. A
+    all proportion to the body's size: REFUSED_CBOR_TAGS, bignums past
+    MAX_CBOR_BIGNUM_BYTES or MAX_CBOR_BIGNUMS, and composite map keys or set
+    elements past MAX_CBOR_COMPOSITE_KEY_ITEMS. ValueError says which. A
     body cut short is left to cbor2 to report."""
-    if _TAG_HEAD.search(data) is None:
-        return              # no byte that could start a tag: no walk (C speed)
-    pos, end, bignums = 0, len(data), 0
-    left: List[Optional[int]] = [1]        # items left per open level; None: until a break
-    while left and pos < end:
-        major, info = data[pos] >> 5, data[pos] & 0x1F
+    if not _may_be_refused(data):
+        return
+    pos, end, bignums, keyed = 0, len(data), 0, 0
+    levels: List[List[Any]] = [[1, _ARRAY, 0]]   # [items left or None (until a break), kind, read]
+    after_tag = set_next = False
+    while levels and pos < end:
+        head = data[pos]
+        if _IS_ONE_BYTE_ITEM[head]:        # a run of one-byte items, at C speed
+            run = _ONE_BYTE_ITEMS.match(data, pos)
+            assert run is not None
+            level = levels[-1]
+            if after_tag and (level[1] == _SET or level[1] == _MAP and not level[2] & 1):
+                keyed += 1                 # a key's tag counted: its content counts too
+            keyed += _take(levels, run.end() - pos)
+            pos, after_tag = run.end(), False
+            if keyed > MAX_CBOR_COMPOSITE_KEY_ITEMS:
+                raise ValueError(_COMPOSITE_KEYS_REFUSED)
+            continue
         pos += 1
-        if major == 7 and info == 31:      # a break ends an indefinite item
-            left.pop()
+        info = head & 0x1F
+        if info < 24:
+            arg = info
+        elif info < 28:
+            arg = int.from_bytes(data[pos:pos + (1 << (info - 24))], "big")
+            pos += 1 << (info - 24)
+        elif head == 0xFF:                 # a break ends an indefinite item
+            levels.pop()
             continue
-        size = 0 if info < 24 or info == 31 else 1 << (info - 24) if info < 28 else -1
-        if size < 0:
+        elif info == 31:                   # an indefinite string, array or map
+            arg = 0
+        else:
             return                         # not CBOR: cbor2 says so
-        arg = info if info < 24 else int.from_bytes(data[pos:pos + size], "big")
-        pos += size
+        major = head >> 5
+        level = levels[-1]
+        kind = level[1]
+        hashed = kind >= _SET or kind == _MAP and not level[2] & 1
+        if hashed and (kind == _KEY or after_tag or 4 <= major <= 6):
+            keyed += 1
+            if keyed > MAX_CBOR_COMPOSITE_KEY_ITEMS:
+                raise ValueError(_COMPOSITE_KEYS_REFUSED)
         if major == 6:                     # a tag: the next item is its content
-            if arg in REFUSED_CBOR_TAGS:
-                raise ValueError(f"CBOR tag {arg} is not taken in a typed message")
-            if arg in (2, 3):
-                bignums += 1
-                if bignums > MAX_CBOR_BIGNUMS:
-                    raise ValueError(f"more than {MAX_CBOR_BIGNUMS} bignums "
-                                     "(MAX_CBOR_BIGNUMS)")
-                if pos < end and (data[pos] >> 5 != 2 or data[pos] & 0x1F == 31 or
-                                  _head_arg(data, pos) > MAX_CBOR_BIGNUM_BYTES):
-                    raise ValueError(f"a bignum of more than {MAX_CBOR_BIGNUM_BYTES} "
-                                     "bytes (MAX_CBOR_BIGNUM_BYTES)")
+            bignums += _check_tag(data, pos, arg, bignums)
+            after_tag, set_next = True, arg == 258
             continue
-        _take_one(left)
-        if major in (2, 3):
-            if info == 31:
-                left.append(None)          # chunks until a break
+        after_tag = False
+        left = level[0]                    # this item is read (_take(levels, 1), inline)
+        level[2] += 1
+        if left == 1:
+            levels.pop()
+        elif left is not None:
+            level[0] = left - 1
+        if major == 2 or major == 3:
+            if info == 31:                 # chunks until a break
+                levels.append([None, _KEY if kind == _KEY else _ARRAY, 0])
             else:
                 pos += arg
-        elif major in (4, 5) and (info == 31 or arg):
-            left.append(None if info == 31 else arg * (2 if major == 5 else 1))
+        elif (major == 4 or major == 5) and (info == 31 or arg):
+            inner = _KEY if hashed else _MAP if major == 5 else _SET if set_next else _ARRAY
+            levels.append([None if info == 31 else arg * (2 if major == 5 else 1), inner, 0])
+        set_next = False
+
+
+def _may_be_refused(data: bytes) -> bool:
+    """Whether _cbor_check must walk `data`, told by one scan at C speed: a
+    body may be refused only for a tag, or for the composite-key bound, which
+    needs more items (so bytes) than the bound and an array or map besides
+    the body's own map."""
+    if len(data) <= MAX_CBOR_COMPOSITE_KEY_ITEMS:
+        return _TAG_HEAD.search(data) is not None
+    first = 1 if 0xA0 <= data[0] <= 0xBF else 0      # the body's own map
+    return _COMPOSITE_HEAD.search(data, first) is not None
+
+
+_COMPOSITE_KEYS_REFUSED = (
+    f"more than {MAX_CBOR_COMPOSITE_KEY_ITEMS} items in map keys or set elements that are "
+    f"arrays, maps or tagged values (MAX_CBOR_COMPOSITE_KEY_ITEMS)")
+
+
+def _check_tag(data: bytes, pos: int, tag: int, bignums: int) -> int:
+    """Refuse a tag of REFUSED_CBOR_TAGS, or a bignum past the bounds (its
+    content starts at `pos`, `bignums` were met before it). Returns how many
+    bignums the tag adds (0 or 1)."""
+    if tag in REFUSED_CBOR_TAGS:
+        raise ValueError(f"CBOR tag {tag} is not taken in a typed message")
+    if tag not in (2, 3):
+        return 0
+    if bignums >= MAX_CBOR_BIGNUMS:
+        raise ValueError(f"more than {MAX_CBOR_BIGNUMS} bignums (MAX_CBOR_BIGNUMS)")
+    if pos < len(data) and (data[pos] >> 5 != 2 or data[pos] & 0x1F == 31 or
+                            _head_arg(data, pos) > MAX_CBOR_BIGNUM_BYTES):
+        raise ValueError(f"a bignum of more than {MAX_CBOR_BIGNUM_BYTES} "
+                         "bytes (MAX_CBOR_BIGNUM_BYTES)")
+    return 1
 
 
 def _head_arg(data: bytes, pos: int) -> int:
@@ -605,16 +681,25 @@ def _head_arg(data: bytes, pos: int) -> int:
         if info < 28 else 0
 
 
-def _take_one(left: List[Optional[int]]) -> None:
-    """One item of the innermost open level is read: a definite level whose
-    last item it was is closed (an indefinite one, None, closes at its break)."""
-    count = left[-1]
-    if count is None:
-        return
-    if count > 1:
-        left[-1] = count - 1
-    else:
-        left.pop()
+def _take(levels: List[List[Any]], count: int) -> int:
+    """`count` items are read, the innermost open levels' first: a definite
+    level whose last item is read is closed (an indefinite one closes at its
+    break). Returns how many of them were inside a composite key (_KEY)."""
+    keyed = 0
+    while count and levels:
+        level = levels[-1]
+        left = level[0]
+        took = count if left is None or left > count else left
+        level[2] += took
+        if level[1] == _KEY:
+            keyed += took
+        count -= took
+        if left is not None:
+            if left == took:
+                levels.pop()
+            else:
+                level[0] = left - took
+    return keyed
 
 
 def _cbor_decode(data: bytes, what: str) -> Any:

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import cbor2
@@ -536,13 +537,17 @@ def _shared_tower(depth: int) -> bytes:
     (b"\xa1\x61k" + _shared_tower(50), r"is refused: CBOR tag 28 is not taken"),
     (cbor2.dumps({"k": cbor2.CBORTag(35, "(a+)+$")}), r"CBOR tag 35 is not taken"),
     (cbor2.dumps({"k": 2 ** (8 * 1786)}), r"a bignum of more than 1786 bytes"),
-    (cbor2.dumps({"k": {n * (2 ** 61 - 1): 0 for n in range(1, 1100)}}),
+    (cbor2.dumps({"k": [n * (2 ** 61 - 1) for n in range(1, 1100)]}),
      r"more than 1024 bignums \(MAX_CBOR_BIGNUMS\)"),
+    (cbor2.dumps({"k": {n * (2 ** 61 - 1): 0 for n in range(1, 1000)}}),
+     r"more than 1024 items in map keys or set elements that are arrays, maps or tagged "
+     r"values \(MAX_CBOR_COMPOSITE_KEY_ITEMS\)"),
 ])
 def test_cbor_bodies_whose_cost_has_no_bound_are_refused(body: bytes, message: str) -> None:
     """A few hundred bytes of shared values (2**50 parts), a regex built from
     a peer's text, a bignum whose conversions cost time quadratic in its size,
-    a map of colliding bignum keys: refused before cbor2 builds anything."""
+    too many bignums, a map of colliding bignum keys: refused before cbor2
+    builds anything."""
     with pytest.raises(CorruptMessageError, match=message):
         CBOR.decode(b"\x01" + body)
 
@@ -554,7 +559,53 @@ def test_cbor_bignums_at_their_bounds_are_taken() -> None:
 
 def test_a_huge_non_str_key_is_described_briefly() -> None:
     with pytest.raises(CorruptMessageError, match=r"not a map with the key \(0, 1, 2, 3, 4, 5, \.\.\.\)$"):
-        CBOR.decode(b"\x01" + cbor2.dumps({tuple(range(100000)): 1}))
+        CBOR.decode(b"\x01" + cbor2.dumps({tuple(range(1000)): 1}))
+
+
+_HASH_MODULUS = 2 ** 61 - 1      # CPython's hash of a rational number is taken modulo this
+
+
+def _colliding_fractions(count: int) -> bytes:
+    """CBOR of a map of `count` Fraction keys (tag 30) that all have one hash:
+    a/b with a = h*b mod the hash modulus. Built by hand (a dict of them would
+    take as long to build here as the peer's decode)."""
+    body = bytearray(b"\xa1\x65value\xba" + count.to_bytes(4, "big"))
+    for b in range(2 ** 40, 2 ** 40 + count):
+        body += b"\xd8\x1e\x82" + cbor2.dumps(123456789 * b % _HASH_MODULUS) + cbor2.dumps(b)
+        body += b"\x00"
+    return bytes(body)
+
+
+@pytest.mark.parametrize("body", [
+    _colliding_fractions(2000),                     # unchecked, cbor2 takes ~1 s on it
+    _colliding_fractions(16000),                    # ~66 s
+    b"\xa1\x65value\xd9\x01\x02\x99\x04\x00" + b"\x82\x01\x02" * 1024,   # a set of pairs
+    b"\xa1\x65value\xbf" + b"".join(b"\x9f\x01" + cbor2.dumps(n) + b"\xff\x00"
+                                 for n in range(400)) + b"\xff",       # indefinite ones
+    cbor2.dumps({"value": [{(1, (n, 2)): 0} for n in range(300)]}),   # in many maps: summed
+    cbor2.dumps({"value": {frozenset({n}): 0 for n in range(600)}}),   # frozensets (tag 258)
+    cbor2.dumps({"value": {Fraction(n, 7): 0 for n in range(257)}}),   # 1028 items: one past
+])
+def test_cbor_many_composite_keys_are_refused(body: bytes) -> None:
+    """Map keys and set elements whose hash the peer chooses (arrays, maps,
+    tagged values: only str and bytes hashes are randomized) could make
+    building the map quadratic: past MAX_CBOR_COMPOSITE_KEY_ITEMS items they
+    are refused, before cbor2 builds anything."""
+    with pytest.raises(CorruptMessageError, match=r"is refused: more than 1024 items in map "
+                                                  r"keys or set elements .*COMPOSITE_KEY_ITEMS"):
+        CBOR.decode(b"\x00" + body)
+
+
+def test_cbor_composite_keys_up_to_the_bound_and_plain_keys_are_taken() -> None:
+    fractions = {Fraction(n, 7): n for n in range(256)}      # tag, array, 2 ints: 1024 items
+    pairs = {(n, n): 0 for n in range(341)}                  # 341 * 3 = 1023 items
+    plain = {n: {str(n), n, float(n) + 0.5, bytes([n % 256]), None, True} for n in range(3000)}
+    values = [[[n, n]] for n in range(3000)]                  # arrays that are not keys
+    for value in (fractions, pairs, plain, values):
+        assert CBOR.decode(CBOR.encode(Holder(value))) == Holder(value)
+    epochs = b"\xa1\x65value\x99\x0b\xb8" + b"\xc1\x05" * 3000   # tagged values, not keys
+    assert len(CBOR.decode(b"\x00" + epochs).value) == 3000
+    assert pyipc.typed.MAX_CBOR_COMPOSITE_KEY_ITEMS == 1024
 
 
 @pytest.mark.parametrize("body, message", [

@@ -50,17 +50,19 @@ Values are not checked against the class's annotations.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import datetime
 import inspect
 import io
+import itertools
 import json
 import math
 import re
 import reprlib
 import sys
-from typing import (Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Set,
-                    Tuple, Type, TypeVar, Union, overload)
+from typing import (Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional,
+                    Set, Tuple, Type, TypeVar, Union, overload)
 
 import cbor2
 
@@ -483,13 +485,153 @@ def _cbor_dumps(value: object) -> bytes:
 
 
 def _cbor_encode(body: Dict[str, Any], what: str) -> bytes:
+    near = _cbor_check_nesting(body, what)
     try:
-        return _cbor_dumps(body)
+        data = _cbor_dumps(body)
     except (cbor2.CBORError, _DatetimeRefused, ValueError, TypeError, RecursionError) as e:
-        path, reason = _locate(body, "", _cbor_problem)
+        try:
+            path, reason = _locate(body, "", _cbor_problem)
+        except RecursionError:   # the caller's own stack was already deep
+            path, reason = "", _reason(e)
         raise UnencodableValueError(
             f"cannot encode {what} as CBOR: field {path}: {reason}"
             if path else f"cannot encode {what} as CBOR: {_reason(e)}") from None
+    for name in near:       # what its leaves add may take it past (rare: tried)
+        if _too_deep_to_decode(_cbor_dumps({name: body[name]})):
+            raise UnencodableValueError(f"cannot encode {what} as CBOR: field {name}: {_TOO_DEEP}")
+    return data
+
+
+#: The deepest nesting of a CBOR body: the body's map is level 1, and every
+#: array, map and tag in it adds one. decode() refuses deeper bodies (cbor2's
+#: max_depth), so encode() refuses deeper values before cbor2 sees them: every
+#: receiver would refuse them, and from ~10,000 levels cbor2's encoder
+#: overflows the C stack (the process dies).
+MAX_CBOR_DEPTH = 400
+#: The most levels a value that is not a container adds below itself: a
+#: Fraction or Decimal of bignums is a tag, an array, then a bignum's tag.
+_LEAF_LEVELS = 3
+_TOO_DEEP = f"nested too deeply (more than {MAX_CBOR_DEPTH} levels, the receiver's limit)"
+
+
+def _cbor_check_nesting(body: Dict[str, Any], what: str) -> List[str]:
+    """UnencodableValueError naming the field whose containers nest past
+    MAX_CBOR_DEPTH (`body` is level 1), or that holds itself (a cycle nests
+    without end); else the fields that nest so near it that their leaves may
+    take them past."""
+    near = []
+    for name, value in body.items():
+        levels = _type_levels[type(value)]
+        deepest = _cbor_nesting(value, 1 + levels) if levels else 1
+        if deepest > MAX_CBOR_DEPTH:
+            reason = "cyclic data structure" if _has_cycle(value) else _TOO_DEEP
+            raise UnencodableValueError(f"cannot encode {what} as CBOR: field {name}: {reason}")
+        if deepest + _LEAF_LEVELS > MAX_CBOR_DEPTH:
+            near.append(name)
+    return near
+
+
+class _TypeLevels(Dict[type, int]):
+    """The CBOR levels a value of a class opens as cbor2 encodes it, by class:
+    a mapping, a sequence (not str, bytes, bytearray) or a CBORTag 1, a set 2
+    (tag 258, then an array); anything else 0 (at most _LEAF_LEVELS below it).
+    A dict, so that map(_type_levels.__getitem__, ...) runs at C speed."""
+
+    def __missing__(self, cls: type) -> int:
+        if issubclass(cls, (str, bytes, bytearray)):
+            levels = 0
+        elif issubclass(cls, (collections.abc.Mapping, collections.abc.Sequence, cbor2.CBORTag)):
+            levels = 1
+        else:
+            levels = 2 if issubclass(cls, collections.abc.Set) else 0
+        if len(self) < 1024:        # classes made on the fly must not grow it for ever
+            self[cls] = levels
+        return levels
+
+
+_type_levels = _TypeLevels()
+
+
+def _cbor_children(container: Any) -> Iterable[Any]:
+    """What cbor2 encodes inside a container (a mapping's keys and values)."""
+    if isinstance(container, collections.abc.Mapping):
+        return itertools.chain(container.keys(), container.values())
+    if isinstance(container, cbor2.CBORTag):
+        return (container.value,)
+    return container          # type: ignore[no-any-return]
+
+
+def _cbor_nesting(container: Any, level: int) -> int:
+    """The deepest container level in `container`, itself at `level`:
+    iterative, a level at a time, each level's items sorted at C speed (most
+    are not containers), a container met twice in one level walked once.
+    Stops past MAX_CBOR_DEPTH (a cycle gets there too)."""
+    pending: Dict[int, List[Any]] = {level: [container]}
+    deepest = level
+    while pending and deepest <= MAX_CBOR_DEPTH:
+        deepest = min(pending)
+        containers = pending.pop(deepest)
+        if len(containers) > 1:
+            containers = list(dict(zip(map(id, containers), containers)).values())
+        if not any(map(_type_levels.__getitem__, set(map(type, _items_of(containers))))):
+            continue                       # no container in this level's items
+        items = list(_items_of(containers))
+        levels = list(map(_type_levels.__getitem__, map(type, items)))
+        for step in (1, 2):
+            inner = list(itertools.compress(items, map(step.__eq__, levels)))
+            if inner:
+                pending.setdefault(deepest + step, []).extend(inner)
+    return deepest
+
+
+def _items_of(containers: List[Any]) -> Iterator[Any]:
+    """What cbor2 encodes inside each of `containers`: at C speed when they
+    are all lists, tuples, sets (or all dicts), as they mostly are."""
+    classes = set(map(type, containers))
+    if classes <= _PLAIN_SEQUENCES:
+        return itertools.chain.from_iterable(containers)
+    if classes == {dict}:
+        return itertools.chain(itertools.chain.from_iterable(containers),
+                               itertools.chain.from_iterable(map(dict.values, containers)))
+    return itertools.chain.from_iterable(map(_cbor_children, containers))
+
+
+_PLAIN_SEQUENCES = frozenset({list, tuple, set, frozenset})
+
+
+def _has_cycle(container: Any) -> bool:
+    """Whether a container holds itself, at any depth (iterative; error path)."""
+    done: Set[int] = set()
+    path = {id(container)}
+    stack: List[Tuple[Any, Iterator[Any]]] = [(container, iter(_cbor_children(container)))]
+    while stack:
+        node, items = stack[-1]
+        for item in items:
+            if _type_levels[type(item)] and id(item) not in done:
+                if id(item) in path:
+                    return True
+                path.add(id(item))
+                stack.append((item, iter(_cbor_children(item))))
+                break
+        else:
+            stack.pop()
+            path.discard(id(node))
+            done.add(id(node))
+    return False
+
+
+def _too_deep_to_decode(data: bytes) -> bool:
+    """Whether a body that nests near MAX_CBOR_DEPTH (counting what its
+    leaves add: Fractions, Decimals, ...) would be refused for its depth."""
+    try:
+        cbor2.loads(data, max_depth=MAX_CBOR_DEPTH)
+    except cbor2.CBORDecodeError:
+        try:
+            cbor2.loads(data, max_depth=MAX_CBOR_DEPTH + _LEAF_LEVELS)
+        except cbor2.CBORDecodeError:
+            return False          # not its depth: left to the receiver's checks
+        return True
+    return False
 
 
 def _cbor_problem(value: object) -> Optional[str]:
@@ -711,7 +853,8 @@ def _cbor_decode(data: bytes, what: str) -> Any:
         raise CorruptMessageError(f"body of {what} is refused: {e}") from None
     stream = io.BytesIO(data)
     try:
-        body = cbor2.CBORDecoder(stream, allow_duplicate_keys=False).decode()
+        body = cbor2.CBORDecoder(stream, allow_duplicate_keys=False,
+                                 max_depth=MAX_CBOR_DEPTH).decode()
     except Exception as e:   # cbor2's own errors, and those of its tag decoders
         raise CorruptMessageError(f"body of {what} is not valid CBOR: {_reason(e)}") from e
     left = len(data) - stream.tell()

@@ -463,6 +463,59 @@ def test_cbor_refuses_cycles() -> None:
         CBOR.encode(Holder(loop))
 
 
+def _nested(levels: int, leaf: object = 0, wrap: Any = lambda inner: [inner]) -> object:
+    """`leaf` inside `levels` containers made by `wrap` (built iteratively)."""
+    value = leaf
+    for _ in range(levels):
+        value = wrap(value)
+    return value
+
+
+@pytest.mark.parametrize("value, levels", [
+    (_nested(399), 400),                                  # the body's map is level 1
+    (_nested(397, Fraction(1, 3)), 400),                  # a Fraction is a tag and an array
+    (_nested(397, {1}), 400),                             # a set is tag 258 and an array
+    (_nested(399, wrap=lambda inner: {"k": inner}), 400),
+    (_nested(399, wrap=lambda inner: cbor2.CBORTag(4000, inner)), 400),
+])
+def test_cbor_nesting_up_to_the_receivers_limit_travels(value: object, levels: int) -> None:
+    assert levels == pyipc.typed.MAX_CBOR_DEPTH
+    assert CBOR.decode(CBOR.encode(Holder(value))) == Holder(value)
+
+
+@pytest.mark.parametrize("value", [
+    _nested(400),
+    _nested(398, Fraction(1, 3)),                         # only its leaf is past the limit
+    _nested(398, {1}),
+    _nested(400, wrap=lambda inner: {"k": inner}),
+    _nested(400, wrap=lambda inner: (inner,)),
+    _nested(400, wrap=lambda inner: cbor2.CBORTag(4000, inner)),
+    _nested(1500, dt.datetime(2026, 1, 1)),               # unencodable leaf: was a RecursionError
+    _nested(1500, object()),
+    _nested(100_000),                                     # cbor2's encoder crashed the process
+])
+def test_cbor_nesting_past_the_receivers_limit_is_refused(value: object) -> None:
+    """decode() refuses bodies nested deeper than 400 levels: encode() does
+    not make them (cbor2 crashed from ~10,000 levels; the error path raised a
+    bare RecursionError past ~1,000)."""
+    with pytest.raises(UnencodableValueError,
+                       match=r"^cannot encode Holder \(message type 0\) as CBOR: field value: "
+                             r"nested too deeply \(more than 400 levels, the receiver's limit\)$"):
+        CBOR.encode(Holder(value))
+
+
+def test_json_refuses_deep_nesting_too() -> None:
+    with pytest.raises(UnencodableValueError, match=r"as JSON: nested too deeply$"):
+        JSON.encode(Holder(_nested(100_000)))
+
+
+def test_cbor_deep_cycle_is_a_cycle() -> None:
+    loop: list = [1]
+    loop.append(loop)
+    with pytest.raises(UnencodableValueError, match=r"as CBOR: field value: cyclic data structure$"):
+        CBOR.encode(Holder(_nested(20_000, loop)))
+
+
 def test_to_dict_must_return_a_dict_with_str_keys() -> None:
     class Bad:
         def __init__(self, d: object) -> None:
@@ -825,6 +878,8 @@ def test_encode_errors_send_nothing(connected) -> None:
         client.write_typed(cfd, object(), CBOR)
     with pytest.raises(UnencodableValueError):
         client.schedule_typed(cfd, Holder(b"x"), JSON)
+    with pytest.raises(UnencodableValueError, match="nested too deeply"):
+        client.write_typed(cfd, Holder(_nested(1000)), CBOR)
     client.write_typed(cfd, Ping(1), JSON)
     assert server.read_typed(sfd, JSON) == Ping(1)
 

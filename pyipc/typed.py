@@ -137,7 +137,8 @@ class UnexpectedTypeError(TypedMessageError):
 class CorruptMessageError(TypedMessageError):
     """decode() got an empty payload, a body that is not valid CBOR/JSON, has
     trailing bytes, is not a map with str keys, or from which the class refuses
-    to be built (its constructor or `from_dict` raised)."""
+    to be built (its constructor or `from_dict` raised, or `from_dict`
+    returned something that is not an instance of the class)."""
 
 
 class FieldMismatchError(TypedMessageError):
@@ -426,7 +427,7 @@ def _build_dataclass(entry: _Entry, body: Dict[str, Any], what: str) -> Any:
 
 def _build_protocol(entry: _Entry, body: Dict[str, Any], what: str) -> Any:
     try:
-        return entry.cls.from_dict(body)  # type: ignore[attr-defined]
+        obj = entry.cls.from_dict(body)  # type: ignore[attr-defined]
     except KeyError as e:
         name = str(e.args[0]) if e.args else "?"
         raise FieldMismatchError(f"{what}: missing field(s) {name!r}", (name,), ()) from e
@@ -434,6 +435,13 @@ def _build_protocol(entry: _Entry, body: Dict[str, Any], what: str) -> Any:
         raise CorruptMessageError(
             f"{what}: {_name(entry.cls)}.from_dict refused the body: "
             f"{type(e).__name__}: {e}") from e
+    # decode(payload, cls) promises a cls (a type checker takes it at its word):
+    # a from_dict that returns something else must not get through.
+    if not isinstance(obj, entry.cls):
+        raise CorruptMessageError(
+            f"{what}: {_name(entry.cls)}.from_dict returned {type(obj).__name__}, not "
+            f"{_name(entry.cls)}")
+    return obj
 
 
 def _describe_body(body: object) -> str:

@@ -512,7 +512,8 @@ def test_json_refuses_deep_nesting_too() -> None:
 def test_cbor_deep_cycle_is_a_cycle() -> None:
     loop: list = [1]
     loop.append(loop)
-    with pytest.raises(UnencodableValueError, match=r"as CBOR: field value: cyclic data structure$"):
+    with pytest.raises(UnencodableValueError,
+                       match=r"as CBOR: field value: cyclic data structure$"):
         CBOR.encode(Holder(_nested(20_000, loop)))
 
 
@@ -743,6 +744,36 @@ def test_class_refusing_the_values_is_a_corrupt_message() -> None:
         reg = Registry()
         reg.register(1, Strict)
         reg.decode(b"\x01" + cbor2.dumps({"amount": 1, "cur": "X"}))
+
+
+@pytest.mark.parametrize("codec", ["cbor", "json"])
+def test_from_dict_must_return_an_instance_of_the_class(codec: str) -> None:
+    """decode(payload, Put) promises a Put: a from_dict that returns anything
+    else (a bug in the class) is refused, with or without the expected class."""
+    class Put:
+        def __init__(self, k: str) -> None:
+            self.k = k
+
+        def to_dict(self) -> dict:
+            return {"k": self.k}
+
+        @classmethod
+        def from_dict(cls, d: dict) -> Any:
+            return d.get("k")                      # not a Put
+
+    class SubPut(Put):
+        pass
+
+    reg = Registry(codec)
+    reg.register(1, Put)
+    payload = reg.encode(Put("v"))
+    message = r"^message type 1 \(.*Put\): .*Put.from_dict returned str, not .*Put$"
+    with pytest.raises(CorruptMessageError, match=message):
+        reg.decode(payload)
+    with pytest.raises(CorruptMessageError, match=message):
+        reg.decode(payload, Put)
+    Put.from_dict = classmethod(lambda cls, d: SubPut(d["k"]))  # type: ignore[assignment]
+    assert type(reg.decode(reg.encode(Put("v")), Put)) is SubPut   # a subclass is a Put
 
 
 @SETTINGS

@@ -493,7 +493,8 @@ def _cbor_dumps(value: object) -> bytes:
 
 
 def _cbor_encode(body: Dict[str, Any], what: str) -> bytes:
-    near = _cbor_check_nesting(body, what)
+    seen = _Seen()
+    near = _cbor_check_nesting(body, what, seen)
     try:
         data = _cbor_dumps(body)
     except (cbor2.CBORError, _DatetimeRefused, ValueError, TypeError, RecursionError) as e:
@@ -507,7 +508,59 @@ def _cbor_encode(body: Dict[str, Any], what: str) -> bytes:
     for name in near:       # what its leaves add may take it past (rare: tried)
         if _too_deep_to_decode(_cbor_dumps({name: body[name]})):
             raise UnencodableValueError(f"cannot encode {what} as CBOR: field {name}: {_TOO_DEEP}")
+    if seen.bignum or not seen.classes <= _PLAIN_VALUES or not seen.keys <= _PLAIN_KEYS:
+        _check_as_receiver(body, data, what)    # it may break a bound of decode()'s check
     return data
+
+
+#: Values that never make a body the receiver's _cbor_check refuses (no tag:
+#: but an int past 64 bits, a bignum), and the map keys that are not composite.
+_PLAIN_VALUES = frozenset({int, float, str, bytes, bool, type(None), list, tuple, dict})
+_PLAIN_KEYS = frozenset({int, float, str, bytes, bool, type(None)})
+#: cbor2 encodes an int as a bignum (tag 2 or 3) outside [-2**64, 2**64).
+_BIGNUM = 2 ** 64
+
+
+class _Seen:
+    """What encode()'s nesting walk met: the classes of the values and of
+    the map keys, and whether an int needs a bignum."""
+
+    __slots__ = ("classes", "keys", "bignum")
+
+    def __init__(self) -> None:
+        self.classes: Set[type] = set()
+        self.keys: Set[type] = set()
+        self.bignum = False
+
+    def add(self, items: List[Any], classes: Set[type]) -> None:
+        """Items of one level, and their classes."""
+        self.classes |= classes
+        if int in classes and not self.bignum:
+            ints = items if classes <= {int, bool} else [x for x in items if type(x) is int]
+            self.bignum = bool(ints) and (max(ints) >= _BIGNUM or min(ints) < -_BIGNUM)
+
+
+def _check_as_receiver(body: Dict[str, Any], data: bytes, what: str) -> None:
+    """UnencodableValueError when decode() would refuse the encoded body
+    (REFUSED_CBOR_TAGS: a re.Pattern is tag 35, an email message tag 36;
+    MAX_CBOR_BIGNUM_BYTES, MAX_CBOR_BIGNUMS, MAX_CBOR_COMPOSITE_KEY_ITEMS),
+    naming the field when one alone breaks the bound."""
+    try:
+        _cbor_check(data)
+    except ValueError as e:
+        path, reason = _locate(body, "", _receiver_problem)
+        where = f"field {path}: " if path else ""
+        raise UnencodableValueError(f"cannot encode {what} as CBOR: {where}{reason or e} "
+                                    f"(decode() would refuse it)") from None
+
+
+def _receiver_problem(value: object) -> Optional[str]:
+    """Why the receiver's check refuses `value` encoded alone, else None."""
+    try:
+        _cbor_check(_cbor_dumps(value))
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 #: The deepest nesting of a CBOR body: the body's map is level 1, and every
@@ -522,15 +575,17 @@ _LEAF_LEVELS = 3
 _TOO_DEEP = f"nested too deeply (more than {MAX_CBOR_DEPTH} levels, the receiver's limit)"
 
 
-def _cbor_check_nesting(body: Dict[str, Any], what: str) -> List[str]:
+def _cbor_check_nesting(body: Dict[str, Any], what: str, seen: _Seen) -> List[str]:
     """UnencodableValueError naming the field whose containers nest past
     MAX_CBOR_DEPTH (`body` is level 1), or that holds itself (a cycle nests
     without end); else the fields that nest so near it that their leaves may
-    take them past."""
+    take them past. Records what it meets in `seen`."""
     near = []
+    values = list(body.values())
+    seen.add(values, set(map(type, values)))
     for name, value in body.items():
         levels = _type_levels[type(value)]
-        deepest = _cbor_nesting(value, 1 + levels) if levels else 1
+        deepest = _cbor_nesting(value, 1 + levels, seen) if levels else 1
         if deepest > MAX_CBOR_DEPTH:
             reason = "cyclic data structure" if _has_cycle(value) else _TOO_DEEP
             raise UnencodableValueError(f"cannot encode {what} as CBOR: field {name}: {reason}")
@@ -569,11 +624,12 @@ def _cbor_children(container: Any) -> Iterable[Any]:
     return container          # type: ignore[no-any-return]
 
 
-def _cbor_nesting(container: Any, level: int) -> int:
+def _cbor_nesting(container: Any, level: int, seen: _Seen) -> int:
     """The deepest container level in `container`, itself at `level`:
     iterative, a level at a time, each level's items sorted at C speed (most
     are not containers), a container met twice in one level walked once.
-    Stops past MAX_CBOR_DEPTH (a cycle gets there too)."""
+    Stops past MAX_CBOR_DEPTH (a cycle gets there too). Records what it
+    meets in `seen`."""
     pending: Dict[int, List[Any]] = {level: [container]}
     deepest = level
     while pending and deepest <= MAX_CBOR_DEPTH:
@@ -581,9 +637,14 @@ def _cbor_nesting(container: Any, level: int) -> int:
         containers = pending.pop(deepest)
         if len(containers) > 1:
             containers = list(dict(zip(map(id, containers), containers)).values())
-        if not any(map(_type_levels.__getitem__, set(map(type, _items_of(containers))))):
+        kinds = set(map(type, containers))
+        items = list(_items_of(containers, kinds))
+        found = set(map(type, items))
+        seen.add(items, found)
+        if not kinds <= _PLAIN_SEQUENCES:
+            seen.keys |= _key_classes(containers, kinds)
+        if not any(map(_type_levels.__getitem__, found)):
             continue                       # no container in this level's items
-        items = list(_items_of(containers))
         levels = list(map(_type_levels.__getitem__, map(type, items)))
         for step in (1, 2):
             inner = list(itertools.compress(items, map(step.__eq__, levels)))
@@ -592,19 +653,26 @@ def _cbor_nesting(container: Any, level: int) -> int:
     return deepest
 
 
-def _items_of(containers: List[Any]) -> Iterator[Any]:
-    """What cbor2 encodes inside each of `containers`: at C speed when they
-    are all lists, tuples, sets (or all dicts), as they mostly are."""
-    classes = set(map(type, containers))
+def _items_of(containers: List[Any], classes: Set[type]) -> Iterator[Any]:
+    """What cbor2 encodes inside each of `containers` (of `classes`): at C
+    speed when they are all lists, tuples, sets (or all dicts), as they mostly are."""
     if classes <= _PLAIN_SEQUENCES:
         return itertools.chain.from_iterable(containers)
-    if classes == {dict}:
+    if classes == _DICT:
         return itertools.chain(itertools.chain.from_iterable(containers),
                                itertools.chain.from_iterable(map(dict.values, containers)))
     return itertools.chain.from_iterable(map(_cbor_children, containers))
 
 
 _PLAIN_SEQUENCES = frozenset({list, tuple, set, frozenset})
+_DICT = frozenset({dict})
+
+
+def _key_classes(containers: List[Any], classes: Set[type]) -> Set[type]:
+    """The classes of the keys of the mappings among `containers` (of `classes`)."""
+    if classes != _DICT:
+        containers = [c for c in containers if isinstance(c, collections.abc.Mapping)]
+    return set(map(type, itertools.chain.from_iterable(containers)))
 
 
 def _has_cycle(container: Any) -> bool:

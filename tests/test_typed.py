@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -504,6 +505,43 @@ def test_cbor_nesting_past_the_receivers_limit_is_refused(value: object) -> None
         CBOR.encode(Holder(value))
 
 
+@pytest.mark.parametrize("value, message", [
+    (re.compile("(a+)+$"), r"field value: CBOR tag 35 is not taken in a typed message"),
+    ([cbor2.CBORTag(28, 1)], r"field value\[0\]: CBOR tag 28 is not taken in a typed message"),
+    ({"k": cbor2.CBORTag(256, "x")}, r"field value\['k'\]: CBOR tag 256 is not taken"),
+    (2 ** (8 * 1786), r"field value: a bignum of more than 1786 bytes \(MAX_CBOR_BIGNUM_BYTES\)"),
+    ([-2 ** 70] * 1025, r"field value: more than 1024 bignums \(MAX_CBOR_BIGNUMS\)"),
+    ({(n, n): 0 for n in range(342)},                          # 1026 items
+     r"field value: more than 1024 items in map keys or set elements .*COMPOSITE_KEY_ITEMS"),
+], ids=["regex", "tag28", "tag256", "bignum-size", "bignum-count", "composite-keys"])
+def test_cbor_encode_refuses_what_decode_refuses(value: object, message: str) -> None:
+    """cbor2 encodes these, but every receiver's decode() refuses them: the
+    sender gets the error instead, with the same bounds."""
+    with pytest.raises(UnencodableValueError,
+                       match=r"^cannot encode Holder \(message type 0\) as CBOR: " + message
+                             + r".* \(decode\(\) would refuse it\)$"):
+        CBOR.encode(Holder(value))
+
+
+def test_cbor_encode_refuses_bounds_added_up_over_fields() -> None:
+    """No field alone breaks the bound: the error names none."""
+    with pytest.raises(UnencodableValueError, match=r"^cannot encode Ping \(message type 1\) "
+                                                    r"as CBOR: more than 1024 bignums"):
+        CBOR.encode(Ping(2 ** 70, "", [2 ** 70] * 1024))
+    ok = Ping(1, "", [2 ** 70] * 1024)
+    assert CBOR.decode(CBOR.encode(ok)) == ok
+
+
+@pytest.mark.parametrize("value", [
+    2 ** (8 * 1786) - 1, -2 ** (8 * 1786), [2 ** 64] * 1024, 2 ** 64 - 1, -2 ** 64,
+    {(n, n): 0 for n in range(341)}, {Fraction(n, 3) for n in range(256)},
+    [re.escape("x")], cbor2.CBORTag(4000, "x"),
+], ids=["biggest-bignum", "biggest-negative-bignum", "1024-bignums", "uint64", "negint64",
+        "1023-key-items", "1024-key-items", "str", "unknown-tag"])
+def test_cbor_encode_takes_values_at_the_bounds(value: object) -> None:
+    assert CBOR.decode(CBOR.encode(Holder(value))) == Holder(value)
+
+
 def test_json_refuses_deep_nesting_too() -> None:
     with pytest.raises(UnencodableValueError, match=r"as JSON: nested too deeply$"):
         JSON.encode(Holder(_nested(100_000)))
@@ -911,6 +949,8 @@ def test_encode_errors_send_nothing(connected) -> None:
         client.schedule_typed(cfd, Holder(b"x"), JSON)
     with pytest.raises(UnencodableValueError, match="nested too deeply"):
         client.write_typed(cfd, Holder(_nested(1000)), CBOR)
+    with pytest.raises(UnencodableValueError, match="tag 35 is not taken"):
+        client.write_typed(cfd, Holder(re.compile("a")), CBOR)
     client.write_typed(cfd, Ping(1), JSON)
     assert server.read_typed(sfd, JSON) == Ping(1)
 

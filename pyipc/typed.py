@@ -920,7 +920,16 @@ def _take(levels: List[List[Any]], count: int) -> int:
     return keyed
 
 
+#: The self-describe tag 55799 (RFC 8949 3.4.6) that some CBOR encoders put
+#: before a document: it says "CBOR" and nothing else.
+_SELF_DESCRIBED = b"\xd9\xd9\xf7"
+
+
 def _cbor_decode(data: bytes, what: str) -> Any:
+    if data.startswith(_SELF_DESCRIBED):
+        # Skipped: cbor2 would decode what it wraps as immutable (a frozendict
+        # body, tuples), which is not a body of fields.
+        data = data[len(_SELF_DESCRIBED):]
     if not data:
         raise CorruptMessageError(f"body of {what} is empty (not valid CBOR)")
     try:

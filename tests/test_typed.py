@@ -616,6 +616,15 @@ def test_corrupt_cbor_body(body: bytes, message: str) -> None:
         CBOR.decode(b"\x01" + body)
 
 
+def test_cbor_self_described_body_is_taken() -> None:
+    """A peer's encoder may put the self-describe tag 55799 (d9d9f7) before
+    the body (RFC 8949 3.4.6): it is skipped, and what it wraps is a body."""
+    body = cbor2.dumps({"seq": 1, "tags": [1, {"k": [2]}]})
+    assert CBOR.decode(b"\x01\xd9\xd9\xf7" + body) == Ping(1, tags=[1, {"k": [2]}])
+    with pytest.raises(CorruptMessageError, match=r"is empty \(not valid CBOR\)"):
+        CBOR.decode(b"\x01\xd9\xd9\xf7")
+
+
 def _shared_tower(depth: int) -> bytes:
     """CBOR whose every level holds the level below twice, as a shared value
     (tags 28/29): a few bytes a level, 2**depth parts once built."""

@@ -779,10 +779,15 @@ MAX_CBOR_COMPOSITE_KEY_ITEMS = 1024
 # are map keys (even places of a map), set elements, or inside such a key.
 _ARRAY, _MAP, _SET, _KEY = 0, 1, 2, 3
 #: One-byte items that are never a composite key: small ints, empty strings,
-#: simple values (false, true, null, ...). Runs of them are skipped at C speed.
+#: simple values (false, true, null, ...). Runs of them are skipped at C speed;
+#: in a level where nothing is a key (an array) or everything counts (a key),
+#: empty arrays and maps too, up to the level's end (_ANY_ONE_BYTE_ITEMS).
 _ONE_BYTE_ITEMS = re.compile(rb"[\x00-\x17\x20-\x37\x40\x60\xe0-\xf7]+")
+_ANY_ONE_BYTE_ITEMS = re.compile(rb"[\x00-\x17\x20-\x37\x40\x60\x80\xa0\xe0-\xf7]+")
+#: Per head byte: 1 a one-byte item, 2 an empty array or map, else 0.
 _IS_ONE_BYTE_ITEM = bytes(
-    1 if _ONE_BYTE_ITEMS.fullmatch(bytes((b,))) else 0 for b in range(256))
+    1 if _ONE_BYTE_ITEMS.fullmatch(bytes((b,))) else 2 if b in (0x80, 0xA0) else 0
+    for b in range(256))
 #: A byte that could be the head of a tag; of an array, a map or a tag.
 _TAG_HEAD = re.compile(rb"[\xc0-\xdb]")
 _COMPOSITE_HEAD = re.compile(rb"[\x80-\xdb]")
@@ -802,14 +807,14 @@ def _cbor_check(data: bytes) -> None:
     after_tag = set_next = False
     while levels and pos < end:
         head = data[pos]
-        if _IS_ONE_BYTE_ITEM[head]:        # a run of one-byte items, at C speed
-            run = _ONE_BYTE_ITEMS.match(data, pos)
-            assert run is not None
-            level = levels[-1]
+        one_byte = _IS_ONE_BYTE_ITEM[head]
+        level = levels[-1]
+        if one_byte == 1 or one_byte and (level[1] == _ARRAY or level[1] == _KEY):
+            count = _one_byte_run(data, pos, level, one_byte)
             if after_tag and (level[1] == _SET or level[1] == _MAP and not level[2] & 1):
                 keyed += 1                 # a key's tag counted: its content counts too
-            keyed += _take(levels, run.end() - pos)
-            pos, after_tag = run.end(), False
+            keyed += _take(levels, count)
+            pos, after_tag, set_next = pos + count, False, False
             if keyed > MAX_CBOR_COMPOSITE_KEY_ITEMS:
                 raise ValueError(_COMPOSITE_KEYS_REFUSED)
             continue
@@ -855,6 +860,21 @@ def _cbor_check(data: bytes) -> None:
             inner = _KEY if hashed else _MAP if major == 5 else _SET if set_next else _ARRAY
             levels.append([None if info == 31 else arg * (2 if major == 5 else 1), inner, 0])
         set_next = False
+
+
+def _one_byte_run(data: bytes, pos: int, level: List[Any], one_byte: int) -> int:
+    """How many one-byte items from `pos` the walk may take at once: a run of
+    _ONE_BYTE_ITEMS (never composite, wherever they fall), or in an array or a
+    key level, of _ANY_ONE_BYTE_ITEMS up to the level's end (an empty array
+    or map is composite where a key or set element begins)."""
+    if one_byte == 1 and not (level[1] == _ARRAY or level[1] == _KEY):
+        run = _ONE_BYTE_ITEMS.match(data, pos)
+        assert run is not None
+        return run.end() - pos
+    run = _ANY_ONE_BYTE_ITEMS.match(data, pos)
+    assert run is not None
+    count = run.end() - pos
+    return count if level[0] is None or level[0] >= count else int(level[0])
 
 
 def _may_be_refused(data: bytes) -> bool:

@@ -706,6 +706,8 @@ def test_cbor_composite_keys_up_to_the_bound_and_plain_keys_are_taken() -> None:
         assert CBOR.decode(CBOR.encode(Holder(value))) == Holder(value)
     epochs = b"\xa1\x65value\x99\x0b\xb8" + b"\xc1\x05" * 3000   # tagged values, not keys
     assert len(CBOR.decode(b"\x00" + epochs).value) == 3000
+    empties = b"\xa1\x65value\x82\x99\x0b\xb8" + b"\x80" * 3000 + b"\xa1\x80\x00"
+    assert CBOR.decode(b"\x00" + empties).value == [[[]] * 3000, {(): 0}]
     assert pyipc.typed.MAX_CBOR_COMPOSITE_KEY_ITEMS == 1024
 
 

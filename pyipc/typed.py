@@ -630,6 +630,9 @@ def _cbor_nesting(container: Any, level: int, seen: _Seen) -> int:
     are not containers), a container met twice in one level walked once.
     Stops past MAX_CBOR_DEPTH (a cycle gets there too). Records what it
     meets in `seen`."""
+    deepest = _small_nesting(container, level, seen)
+    if deepest is not None:
+        return deepest
     pending: Dict[int, List[Any]] = {level: [container]}
     deepest = level
     while pending and deepest <= MAX_CBOR_DEPTH:
@@ -650,6 +653,39 @@ def _cbor_nesting(container: Any, level: int, seen: _Seen) -> int:
             inner = list(itertools.compress(items, map(step.__eq__, levels)))
             if inner:
                 pending.setdefault(deepest + step, []).extend(inner)
+    return deepest
+
+
+#: How many items _small_nesting walks one by one before it leaves a value
+#: to _cbor_nesting's level-at-a-time walk (whose fixed cost is higher).
+_SMALL_NESTING_ITEMS = 64
+
+
+def _small_nesting(container: Any, level: int, seen: _Seen) -> Optional[int]:
+    """_cbor_nesting for a small value, item by item; None when it holds more
+    than _SMALL_NESTING_ITEMS items (what it recorded in `seen` holds)."""
+    stack = [(container, level)]
+    deepest, budget = level, _SMALL_NESTING_ITEMS
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(value, dict):
+            seen.keys.update(map(type, value))
+            items: Any = (*value, *value.values())
+        elif isinstance(value, collections.abc.Mapping):
+            seen.keys.update(map(type, value))
+            items = tuple(_cbor_children(value))
+        else:
+            items = value if type(value) in _PLAIN_SEQUENCES else tuple(_cbor_children(value))
+        budget -= len(items)
+        if budget < 0:
+            return None
+        found = set(map(type, items))
+        seen.add(list(items), found)
+        for item in items:
+            levels = _type_levels[type(item)]
+            if levels:
+                stack.append((item, depth + levels))
     return deepest
 
 
@@ -701,10 +737,10 @@ def _too_deep_to_decode(data: bytes) -> bool:
     leaves add: Fractions, Decimals, ...) would be refused for its depth."""
     try:
         cbor2.loads(data, max_depth=MAX_CBOR_DEPTH)
-    except cbor2.CBORDecodeError:
+    except Exception:             # cbor2's errors, and those of its tag decoders
         try:
             cbor2.loads(data, max_depth=MAX_CBOR_DEPTH + _LEAF_LEVELS)
-        except cbor2.CBORDecodeError:
+        except Exception:
             return False          # not its depth: left to the receiver's checks
         return True
     return False
@@ -833,9 +869,8 @@ def _cbor_check(data: bytes) -> None:
         else:
             return                         # not CBOR: cbor2 says so
         major = head >> 5
-        level = levels[-1]
         kind = level[1]
-        hashed = kind >= _SET or kind == _MAP and not level[2] & 1
+        hashed = kind >= _SET or kind == _MAP and not level[2] & 1   # _SET or _KEY, or a key
         if hashed and (kind == _KEY or after_tag or 4 <= major <= 6):
             keyed += 1
             if keyed > MAX_CBOR_COMPOSITE_KEY_ITEMS:

@@ -33,7 +33,10 @@ What a field may hold:
   with an offset of whole minutes (RFC 3339, CBOR tag 0); they come back with a
   fixed offset (a `ZoneInfo` zone becomes its offset at that instant, the same
   instant). Naive datetimes are refused: they would mean different instants to
-  the two ends.
+  the two ends. A received body is refused past the bounds that keep its
+  decoding linear (MAX_CBOR_DEPTH, REFUSED_CBOR_TAGS, MAX_CBOR_BIGNUM_BYTES,
+  MAX_CBOR_BIGNUMS, MAX_CBOR_COMPOSITE_KEY_ITEMS), and encode() refuses a
+  value whose body would break them.
 * JSON: strict RFC 8259 JSON, so any JSON parser can read the bodies: None,
   bools, ints (exact between Python peers; other parsers may round those beyond
   2**53; at most `sys.get_int_max_str_digits()` digits, 4300 by default),

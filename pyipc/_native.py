@@ -239,11 +239,12 @@ class NativeContext(Context):
                                     _trampoline_out(weakref.ref(self)))
         self._track_unclosed()
 
-    def _check(self, rc: int, *fds: int) -> int:
+    def _check(self, rc: int, *fds: int, passed: Tuple[int, ...] = ()) -> int:
         """Raise the error class of a negative return code, with the core's text.
 
         `fds` are the Python fd arguments of the call: one out of C's int
-        range was passed as -1, and is named as given in the message.
+        range was passed as -1 (or as `passed` gives, fd by fd), and is
+        named as given in the message.
         """
         if rc >= 0:
             return rc
@@ -251,9 +252,10 @@ class NativeContext(Context):
             raise MemoryError(ffi.string(lib.ipc_last_error(self._ctx)).decode())
         cls = _ERRORS.get(rc, IPCError)
         text = ffi.string(lib.ipc_last_error(self._ctx)).decode("utf-8", "replace")
-        for fd in fds:
-            if _fd_arg(fd) != fd and text.startswith("fd -1 "):
-                text = f"fd {fd} " + text[len("fd -1 "):]
+        for fd, c_fd in zip(fds, passed or map(_fd_arg, fds)):
+            prefix = f"fd {c_fd} "
+            if c_fd != fd and text.startswith(prefix):
+                text = f"fd {fd} " + text[len(prefix):]
                 break
         raise cls(text, lib.ipc_last_errno(self._ctx) or None)
 
@@ -341,7 +343,19 @@ class NativeContext(Context):
     def add_switch(self, fd1: int, fd2: int) -> None:
         if self._pending:
             self._flush()
-        self._check(lib.ipc_add_switch(self._ctx, _fd_arg(fd1), _fd_arg(fd2)), fd1, fd2)
+        c1, c2 = _fd_arg(fd1), _fd_arg(fd2)
+        if c1 == c2 and fd1 != fd2:
+            # Two fds the core would take for one: one out of C's int range
+            # and the other -1 or out of it too. The out-of-range one is
+            # passed as -2 (unknown too), so the core names the first of
+            # them that is not managed, as pure does.
+            if c1 != fd1:
+                c1 = -2
+            else:
+                c2 = -2
+        elif c1 != fd1 and fd1 == fd2:
+            raise IPCError(f"cannot switch fd {fd1} with itself")
+        self._check(lib.ipc_add_switch(self._ctx, c1, c2), fd1, fd2, passed=(c1, c2))
 
     def set_switch_callbacks(self, fd: int, on_in: Optional[OnIn],
                              on_out: Optional[OnOut]) -> None:

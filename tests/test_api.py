@@ -341,6 +341,25 @@ def test_wrong_fd_types_and_numbers_agree(pair):
     assert str(info.value) == f"fd {huge} is not an open file descriptor"
 
 
+def test_huge_fds_in_add_switch_agree(pair):
+    """add_switch takes two fds: one out of C's int range is unknown like any
+    other, named as given; only the same number twice is "with itself"."""
+    ctx, fd = pair.client, pair.client_fd
+    for fd1, fd2, named in ((-1, 1 << 31, -1), (1 << 31, -1, 1 << 31),
+                            (10 ** 30, -1, 10 ** 30), ((1 << 32) + 5, 1 << 40, (1 << 32) + 5),
+                            (-(1 << 31) - 1, 1 << 31, -(1 << 31) - 1),
+                            (fd, 1 << 31, 1 << 31), (1 << 31, fd, 1 << 31),
+                            (fd, -1, -1), (-1, fd, -1)):
+        with pytest.raises(pyipc.UnknownFdError) as info:
+            ctx.add_switch(fd1, fd2)
+        assert str(info.value) == f"fd {named} is not managed by this context", (fd1, fd2)
+    for same in (1 << 63, 1 << 31, -1):
+        with pytest.raises(pyipc.IPCError) as info:
+            ctx.add_switch(same, same)
+        assert type(info.value) is pyipc.IPCError
+        assert str(info.value) == f"cannot switch fd {same} with itself"
+
+
 def test_a_missing_backend_fails_under_require_native(monkeypatch):
     """The backend fixture's rule: skip with the reason, but fail in CI."""
     import conftest

@@ -29,8 +29,14 @@ def load(name: str) -> type:
 
 
 def select(name: Optional[str]) -> type:
-    """Resolve `backend=` (None means env PYIPC_BACKEND, else automatic)."""
-    name = name or os.environ.get("PYIPC_BACKEND") or None
+    """Resolve `backend=` (None means env PYIPC_BACKEND, else automatic).
+
+    Only None means "choose": "" or another name is unknown (BackendError),
+    and a non-str (0, False) is a TypeError, not taken for None."""
+    if name is None:
+        name = os.environ.get("PYIPC_BACKEND") or None
+    elif not isinstance(name, str):
+        raise TypeError(f"backend must be str or None, not {type(name).__name__}")
     if name is not None:
         return load(name)
     try:

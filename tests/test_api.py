@@ -50,6 +50,21 @@ def test_unknown_backend_is_a_backend_error(rundir, monkeypatch):
         pyipc.Context(rundir=rundir)
 
 
+def test_only_none_chooses_the_backend(backend, rundir, monkeypatch):
+    """A falsy backend= is not None: "" is an unknown name, and 0 or False
+    a TypeError; neither falls back to the env or the automatic choice."""
+    monkeypatch.setenv("PYIPC_BACKEND", backend)
+    with pytest.raises(pyipc.BackendError) as info:
+        pyipc.Context(rundir=rundir, backend="")
+    assert str(info.value) == "unknown backend '' (expected 'native' or 'pure')"
+    for value, name in ((0, "int"), (False, "bool"), (0.0, "float"), (b"", "bytes")):
+        with pytest.raises(TypeError) as info:
+            pyipc.Context(rundir=rundir, backend=value)
+        assert str(info.value) == f"backend must be str or None, not {name}"
+    with pyipc.Context(rundir=rundir, backend=None) as ctx:
+        assert ctx.backend == backend
+
+
 def test_native_asked_by_name_never_falls_back(rundir, monkeypatch, tmp_path):
     """A native library that cannot load raises BackendError with the reason."""
     import subprocess

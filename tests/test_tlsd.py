@@ -1121,8 +1121,11 @@ def test_the_backlog_past_its_bound_ends_the_connection(backend, rundir, certs, 
         daemon._send_tcp(7, b"0123")            # refused: held back
         daemon._send_tcp(7, b"456789")          # 10 bytes held: at the bound
         assert daemon._backlog[7].size == 10 and not relay.failed
-        with pytest.raises(pyipc.QueueFullError, match="does not read.*MAX_BACKLOG"):
+        with pytest.raises(pyipc.QueueFullError) as info:
             daemon._send_tcp(7, b"a")
+        # No fd in the text: the log line around it names the fd ("fd 7: fd 7: ...").
+        assert str(info.value) == ("its peer does not read; tlsd holds back at most 10 "
+                                   "bytes for it (MAX_BACKLOG)")
         assert relay.failed and relay.goodbye() == b""
         assert list(daemon._backlog[7]) == [b"0123", b"456789"]
     finally:
@@ -1170,6 +1173,35 @@ def test_a_remote_refusal_is_relayed_with_a_code_that_is_one_word(hosts, backend
         assert fd is None and got == relayed.replace(b"{port}", str(remote.port).encode())
     finally:
         remote.close()
+
+
+@pytest.mark.parametrize("pad", [b"", b"x"])
+def test_a_long_remote_refusal_is_cut_on_a_character_boundary(hosts, backend, certs, pad):
+    """The relayed text is cut to MAX_REFUSAL bytes (the "HOST:PORT: " prefix
+    included), never inside a UTF-8 character (one of the two pads puts the
+    cut inside one, whatever the port's length)."""
+    a, _ = hosts
+    remote = RefusingRemote(certs, b"ne busy " + pad + "é".encode() * 700)
+    try:
+        with running(dialer(a, backend, certs)):
+            got, fd = ask(a, f"tls://127.0.0.1:{remote.port}/pong")
+        whole = f"ne busy 127.0.0.1:{remote.port}: ".encode() + pad + "é".encode() * 700
+        assert fd is None
+        assert wire.MAX_REFUSAL + 2 <= len(got) <= wire.MAX_REFUSAL + 3 and whole.startswith(got)
+        assert got.decode("utf-8").endswith("é")
+    finally:
+        remote.close()
+
+
+def test_refusal_texts_are_cut_on_character_boundaries():
+    for char in ("é", "€", "😀"):               # 2, 3 and 4 bytes
+        for pad in range(4):
+            got = wire.refusal("busy", "x" * pad + char * 500)
+            assert len(got) > wire.MAX_REFUSAL + 3 - len(char.encode())
+            assert ("ne busy " + "x" * pad + char * 500).encode().startswith(got)
+            assert got.decode("utf-8").endswith(char)
+            assert wire.cut_answer(got) == got
+    assert wire.cut_answer(b"ne " + b"a" * 500) == b"ne " + b"a" * wire.MAX_REFUSAL
 
 
 # ------------------------------------------------------------ back-pressure, end to end

@@ -69,9 +69,23 @@ SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0) | socket.MSG_DONTWAIT
 
 def refusal(code: str, text: str) -> bytes:
     """`ne CODE TEXT` as sent: one line (control characters become spaces),
-    cut at MAX_REFUSAL bytes."""
+    cut at MAX_REFUSAL bytes (on a character boundary)."""
     line = "".join(ch if ch.isprintable() else " " for ch in text)
-    return f"ne {code} {line}".encode("utf-8", "replace")[:MAX_REFUSAL + 3]
+    return cut_answer(f"ne {code} {line}".encode("utf-8", "replace"))
+
+
+def cut_answer(answer: bytes) -> bytes:
+    """An `ne ...` answer cut to MAX_REFUSAL bytes after its `ne `, not inside
+    a UTF-8 character: a cut one would reach the client as U+FFFD."""
+    size = MAX_REFUSAL + 3
+    if len(answer) <= size:
+        return answer
+    end = size
+    # Back over the continuation bytes (10xxxxxx) of the character the cut
+    # falls in, to its first byte (a character has at most 3 of them).
+    while end > size - 3 and answer[end] & 0xC0 == 0x80:
+        end -= 1
+    return answer[:end]
 
 
 def name_of_line(line: bytes) -> bytes:

@@ -668,11 +668,12 @@ class Tlsd(Daemon):
         announced over the limit, or the local side ending)."""
         size, error = relay.whole_frames()
         if size:
+            local = self._local_of[fd]
             try:
                 with relay.frames_view(size) as frames:
-                    self._send_tcp(self._local_of[fd], frames)
+                    self._send_tcp(local, frames)
             except IPCError as e:           # the local side is ending: the switch with it
-                self.log.info("fd %d: %s", fd, e)
+                self.log.info("fd %d: %s", local, e)
                 return False
             relay.drop_plain(size)
         if error is not None:
@@ -708,7 +709,7 @@ class Tlsd(Daemon):
             except (IPCError, ssl.SSLError) as e:
                 # The TCP side is ending (the switch with it), or the session
                 # is (tlsd stopping has said goodbye on it already).
-                self.log.info("fd %d: %s", local, e)
+                self.log.info("fd %d: %s", fd, e)
                 return CBEvent.ERROR, None
         if too_large >= 0:
             self._partials.pop(local, None)
@@ -754,7 +755,8 @@ class Tlsd(Daemon):
             relay = self._relays.get(fd) or self._relays.get(self._tcp_of.get(fd, -1))
             if relay is not None:
                 relay.failed = True
-            raise QueueFullError(f"fd {fd}: its peer does not read; tlsd holds back at "
+            # (no fd in the text: the callers' log lines name the fd)
+            raise QueueFullError(f"its peer does not read; tlsd holds back at "
                                  f"most {MAX_BACKLOG} bytes for it (MAX_BACKLOG)")
         backlog.append(bytes(records))
         if len(backlog) > 1:

@@ -417,6 +417,43 @@ def test_on_out_exception(foreign):
         (EventType.DISCONNECTION, foreign.conn, None)]
 
 
+@pytest.mark.parametrize("queued", [False, True])
+def test_messages_read_after_the_switch_ended_are_dropped(foreign, queued):
+    """on_out fails on the first of two messages that came in one read: the
+    switch ends (ERROR), and the second, read with it, has nowhere to go. It
+    is dropped, as the unread rest of the stream is, on both backends: never
+    an exception out of wait_events() (pure's AssertionError), nor a
+    MESSAGE_RX on the switched fd (native's, while the fd was still flushing
+    what was forwarded to it: `queued`). The fd then closes once flushed."""
+    server, client = foreign.server, foreign.client
+    server.set_switch_callbacks(foreign.fd, None, lambda fd, payload: CBEvent.ERROR)
+    big = b"b" * (3 << 20)                      # more than the socket takes at once
+    if queued:
+        server.switch_send(foreign.conn, frame(big))
+    client.write(foreign.cfd, b"one")
+    client.write(foreign.cfd, b"two")           # both in the socket: one read
+    events = pump(server, lambda e: any(x.type == EventType.DISCONNECTION
+                                        and x.fd == foreign.fd for x in e))
+    got = []
+    tick = deadline()
+    while not any(e.fd == foreign.cfd and e.type == EventType.DISCONNECTION for e in got):
+        tick()                                  # the client reads; the server flushes
+        server.timer = client.timer = 0
+        events += server.wait_events()
+        got += client.wait_events()
+    events = [e for e in events if e.type != EventType.TIMER]
+    assert [(e.type, e.fd, e.message, e.error) for e in events
+            if e.type != EventType.SWITCH_TX] == [
+        (EventType.SWITCH_RX, foreign.conn, b"one", None),
+        (EventType.ERROR, foreign.fd, None, f"switch callback failed on fd {foreign.fd}"),
+        (EventType.DISCONNECTION, foreign.fd, None, None),
+        (EventType.DISCONNECTION, foreign.conn, None, None)]
+    got = [e for e in got if e.type != EventType.TIMER]
+    assert [(e.type, e.message) for e in got] == \
+        [(EventType.MESSAGE_RX, big)] * queued + [(EventType.DISCONNECTION, None)]
+    assert foreign.outer.recv(100) == b""       # the foreign fd is closed
+
+
 def test_on_in_payload_too_large(ctx_factory):
     server = ctx_factory(max_message_size=4)
     left, right = socket.socketpair()

@@ -1287,11 +1287,19 @@ pub const Context = struct {
         ctx: *Context,
         conn: *Conn,
         forward: bool,
+        /// Forwarding, and the connection was switched when the read began.
+        switched: bool = false,
         frames: usize = 0,
         /// The chunk of a scratch buffer that an event took in this read.
         shared: ?*events_mod.Chunk = null,
         pub fn frame(self: *RxSink, payload: []const u8) framing.SinkError!void {
             if (!self.conn.alive) return error.Stopped;
+            // The switch ended during this read (a callback failed, or
+            // switch_end): the rest of it has nowhere to go, and is dropped
+            // as the unread rest of the stream is (the fd closes once what
+            // was forwarded to it is written), never a MESSAGE_RX on a
+            // switched fd. Pure does the same.
+            if (self.switched and self.conn.peer == null) return error.Stopped;
             self.frames += 1;
             if (self.forward and self.conn.peer != null) {
                 try switching.forward(self.ctx, self.conn, payload);
@@ -1438,7 +1446,12 @@ pub const Context = struct {
 
     /// readConn with its own budget of bytes.
     fn readUpTo(self: *Context, conn: *Conn, forward: bool, budget: usize) Allocator.Error!void {
-        var sink: RxSink = .{ .ctx = self, .conn = conn, .forward = forward };
+        var sink: RxSink = .{
+            .ctx = self,
+            .conn = conn,
+            .forward = forward,
+            .switched = forward and conn.peer != null,
+        };
         var total: usize = 0;
         var buf: [160]u8 = undefined;
         while (total < budget) {

@@ -493,8 +493,20 @@ class Reading:
         for m in msgs:
             if not conn.alive:
                 return
+            if _unpaired(conn):
+                # The switch ended during this read (a callback failed, or
+                # switch_end): the rest of it has nowhere to go, and is dropped
+                # as the unread rest of the stream is (conn closes once what
+                # was forwarded to it is written). Native does the same.
+                break
             self._forward(conn, m)
         conn.decoder.unsettled = False
+
+
+def _unpaired(conn: Conn) -> bool:
+    """conn's switch has ended (a function: a callback may have ended it
+    since conn.peer was last looked at)."""
+    return conn.peer is None
 
 
 def _fitting(msgs: list[bytes], room: int) -> int:

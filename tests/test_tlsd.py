@@ -965,6 +965,57 @@ def test_bare_name_without_newline_is_served_after_the_grace(backend, rundir, ce
         assert recv_exactly(tls, len(want)) == want
 
 
+def _bare_name_then_fin(port: int, certs: Certs, name: bytes) -> bytes:
+    """A remote that sends the last handshake flight and `name` without a
+    newline in one write, then ends its sending side with a FIN and no
+    close_notify: what it got, ending in b"<close_notify>" or b"<EOF>"."""
+    sock, tls, incoming, outgoing, flight = tls_by_hand(port, certs)
+    with sock:
+        tls.write(name)
+        sock.sendall(flight + outgoing.read())
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(20)
+        got = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got + b"<EOF>"
+            incoming.write(chunk)
+            try:
+                while True:
+                    more = tls.read(65536)
+                    if not more:                # (the session's end, as ssl sees it)
+                        return got + b"<close_notify>"
+                    got += more
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                return got + b"<close_notify>"
+
+
+def test_a_bare_name_then_the_peers_end_is_served_at_once(backend, rundir, certs):
+    """A name without a newline and then the end of the peer's sending side
+    (close_notify, or a FIN without it) is the whole name, served at once as
+    tcpd serves it: not refused as "closed before sending a service name",
+    nor answered with a decode_error alert (OpenSSL 3's unexpected EOF)."""
+    service = pyipc.Context(rundir=rundir, backend=backend)
+    try:
+        service.service_init("pong")
+        with running(listener(rundir, backend, certs)) as tlsd:
+            port = port_of(tlsd)
+            for send in (lambda name: _name_and_end_in_one_write(port, certs, name),
+                         lambda name: _bare_name_then_fin(port, certs, name)):
+                got = send(b"pong")
+                assert got in (b"ok<close_notify>", b"ok<EOF>"), got
+                assert _wait_for(service, pyipc.EventType.CONNECTION)
+                assert _wait_for(service, pyipc.EventType.DISCONNECTION)
+                got = send(b"nope")
+                assert got.startswith(b"ne refused service nope is not exposed"), got
+            spin_until(lambda: not tlsd._handshakes and not tlsd._relays)
+    finally:
+        service.close_all()
+
+
 def test_a_name_sent_a_byte_at_a_time_is_not_cut_short(backend, rundir, certs):
     """The grace for a bare name runs from the last bytes (as tcpd's)."""
     from pyipc.daemons._netwire import NAME_GRACE

@@ -76,11 +76,12 @@ class Handshake:
         if not self.secure:
             try:
                 done = relay.handshake()
-            except ssl.SSLEOFError as e:
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
                 # The peer closed before any TLS failure: a daemon at its
                 # bounds closes new connections at once (ssl says
                 # UNEXPECTED_EOF_WHILE_READING, which sounded like a
-                # certificate problem).
+                # certificate problem; a zero return under
+                # OP_IGNORE_UNEXPECTED_EOF, see _tls_options).
                 raise HandshakeFailed(wire.UNREACHABLE, self._closed_in_handshake(),
                                       relay.take_output()) from e
             except ssl.SSLError as e:
@@ -133,7 +134,8 @@ class Handshake:
 
     def _name_line(self) -> Optional[str]:
         """A listener reads `NAME\\n` or `NAME\\r\\n` (a typed line, as tcpd
-        takes it), or, after the grace, a bare NAME."""
+        takes it), or a bare NAME: after the grace, or at once when the peer
+        ends its sending side (close_notify or FIN), as tcpd serves it."""
         plain = self.relay.plain()
         # A newline past the bound (the name and a "\r"): none.
         end = plain.find(b"\n", 0, wire.MAX_NAME_LINE + 1)
@@ -141,6 +143,8 @@ class Handshake:
             if wire.name_too_long(plain):
                 raise HandshakeFailed(wire.REFUSED, wire.NAME_TOO_LONG)
             if self.relay.closed:
+                if plain:                   # all it will send: a bare name
+                    return self.take_name(len(plain), len(plain))
                 raise HandshakeFailed(wire.REFUSED, "closed before sending a service name")
             return None
         return self.take_name(end, end + 1)

@@ -97,13 +97,21 @@ def parse_uri(uri: str) -> Tuple[str, int, str]:
 #: answered with the no_renegotiation alert.
 _NO_RENEGOTIATION = getattr(ssl, "OP_NO_RENEGOTIATION", 0)
 
+#: A peer's end of stream without close_notify (a FIN) reads as an end
+#: (SSLZeroReturnError), as close_notify does, not as OpenSSL 3's fatal
+#: UNEXPECTED_EOF_WHILE_READING: that error killed the session and queued a
+#: decode_error alert, so a bare name followed by a FIN got that alert, never
+#: an answer. Whether the end cut anything is the frames' to say (pyipc's
+#: framing tells a whole message from a cut one), as the relay does already.
+_IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+
 
 def server_context(config: TlsdConfig) -> ssl.SSLContext:
     """The context of connections we accept: our certificate; the client's
     verified against --client-ca when given (mutual TLS)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= _NO_RENEGOTIATION
+    ctx.options |= _NO_RENEGOTIATION | _IGNORE_UNEXPECTED_EOF
     cert = config.cert
     assert cert is not None             # checked by TlsdConfig
     _load("--cert/--key", cert, lambda: ctx.load_cert_chain(cert, config.key))
@@ -120,7 +128,7 @@ def client_context(config: TlsdConfig) -> ssl.SSLContext:
     certificate presented when we have one."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)   # CERT_REQUIRED, check_hostname
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= _NO_RENEGOTIATION
+    ctx.options |= _NO_RENEGOTIATION | _IGNORE_UNEXPECTED_EOF
     if config.ca is not None:
         _load("--ca", config.ca, lambda: ctx.load_verify_locations(config.ca))
     else:

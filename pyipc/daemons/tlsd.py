@@ -40,7 +40,7 @@ from . import _netwire as wire
 from . import _sockets, _systemd
 from ._runtime import Daemon
 from ._timers import MAX_TIMEOUT
-from ._tls_handshake import Handshake, HandshakeFailed
+from ._tls_handshake import Handshake, HandshakeFailed, tls_reason
 from ._tls_options import DEFAULT_PORT, TlsdConfig, client_context, parse_uri, server_context
 from ._tls_relay import TlsRelay, TlsRelayError
 
@@ -484,6 +484,9 @@ class Tlsd(Daemon):
         except HandshakeFailed:                 # the remote is gone: so is its link
             self.ctx.close(local, linger=0)
             raise
+        except ssl.SSLError as e:               # the session broke: no answer can go
+            self.ctx.close(local, linger=0)
+            raise HandshakeFailed(wire.TLS, tls_reason(e, hs.peer)) from e
         self.log.info("%s connected to service %s", hs.peer, name)
         self._switch(hs, local)
 

@@ -119,6 +119,35 @@ def test_a_remote_gone_before_its_ok_leaves_no_connection_to_the_service(backend
         assert _wait_for(service, pyipc.EventType.DISCONNECTION).fd == local
 
 
+def test_a_session_broken_at_the_ok_closes_the_service_connection(backend, rundir,
+                                                                   certs, monkeypatch):
+    """Encrypting the `ok` fails (an SSLError: the session broke, as after
+    a ragged EOF without OP_IGNORE_UNEXPECTED_EOF): the connection tlsd made
+    to the service for it is closed, not kept, and the failure is a
+    refusal, not an exception out of the event."""
+    from pyipc.daemons._tls_relay import TlsRelay
+
+    real_encrypt = TlsRelay.encrypt_raw
+
+    def encrypt_raw(relay, data):
+        if data == b"ok":
+            broken = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+            broken.reason = "UNEXPECTED_EOF_WHILE_READING"    # (as ssl sets it)
+            raise broken
+        return real_encrypt(relay, data)
+
+    monkeypatch.setattr(TlsRelay, "encrypt_raw", encrypt_raw)
+    with pyipc.Context(rundir=rundir, backend=backend) as service, \
+            running(listener(rundir, backend, certs)) as tlsd:
+        service.service_init("pong")
+        got = _tls_to(port_of(tlsd), certs, b"pong\n")
+        assert got.startswith(b"ne tls 127.0.0.1:"), got
+        assert got.endswith(b": UNEXPECTED_EOF_WHILE_READING"), got
+        local = _wait_for(service, pyipc.EventType.CONNECTION).fd
+        assert _wait_for(service, pyipc.EventType.DISCONNECTION).fd == local
+        spin_until(lambda: not tlsd._handshakes and not tlsd._relays)
+
+
 def test_send_now_raises_where_a_write_would_kill_with_sigpipe():
     """What tlsd and websocketd write to a peer goes with MSG_NOSIGNAL: to a
     peer that reset, in a program that restored SIGPIPE's default action,

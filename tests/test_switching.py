@@ -714,3 +714,82 @@ def test_close_all_from_a_callback_ends_the_wait_that_ran_it(ctx_factory):
     assert time.monotonic() - start < 2
     x2.close()
     y2.close()
+
+
+def test_a_close_inside_a_callback_lingers_writing_only(ctx_factory, caplog):
+    """close() of fds with scheduled messages from inside a callback: a
+    linger there ran rounds of the loop under the loop that called the
+    callback (native read another connection into the buffer the outer read
+    was still decoding: the frames after the one being forwarded were
+    replaced by that connection's bytes). On both backends it only writes:
+    what fits goes out, the rest is dropped with its WARNING when the linger
+    ends, and nothing else is read meanwhile."""
+    import logging
+    ctx = ctx_factory(linger=0.3)
+    a, x2, b, y2 = _switched_socketpairs(ctx)
+    c1, c2 = socket.socketpair()        # a connection whose peer never reads
+    stuck = c1.detach()
+    ctx.add_connection(stuck)
+    ctx.schedule(stuck, bytes(4 << 20))
+    e1, e2 = socket.socketpair()        # one whose scheduled message fits
+    fits = e1.detach()
+    ctx.add_connection(fits)
+    ctx.schedule(fits, b"goodbye")
+    d1, d2 = socket.socketpair()        # one that sends while the callback runs
+    other = d1.detach()
+    ctx.add_connection(other)
+    p1, p2 = socket.socketpair()        # another switched pair, with an on_in
+    q1, q2 = socket.socketpair()
+    p, q = p1.detach(), q1.detach()
+    ctx.add_connection(p)
+    ctx.add_connection(q)
+    ctx.add_switch(p, q)
+    closed: list[bool] = []
+    nested: list[bool] = []             # on_in calls, and whether inside on_out
+
+    def on_in(fd: int):
+        nested.append(inside[0])
+        return CBEvent.NO_ERROR, os.read(fd, 100)
+
+    inside = [False]
+
+    def on_out(fd: int, payload: bytes):
+        if not closed:
+            inside[0] = True
+            d2.sendall(frame(b"DDDDD") * 3)
+            p2.sendall(b"PPP")
+            ctx.close(fits)
+            ctx.close(stuck)
+            inside[0] = False
+            closed.append(True)
+        os.write(fd, payload)
+        return CBEvent.NO_ERROR
+
+    ctx.set_switch_callbacks(b, None, on_out)
+    ctx.set_switch_callbacks(p, on_in, None)
+    x2.sendall(frame(b"AAAAA") * 3)     # one read decodes all three
+    got, got_q = bytearray(), bytearray()
+    messages: list[tuple[int, bytes]] = []
+    tick = deadline()
+    with caplog.at_level(logging.WARNING, logger="pyipc"):
+        while len(got) < 15 or len(messages) < 3 or len(got_q) < 7:
+            tick()
+            ctx.timer = 0
+            messages += [(e.fd, e.message) for e in ctx.wait_events()
+                         if e.type == EventType.MESSAGE_RX]
+            for sock, into in ((y2, got), (q2, got_q)):
+                try:
+                    into += sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+    assert got == b"AAAAA" * 3
+    assert messages == [(other, b"DDDDD")] * 3
+    assert nested == [False]            # not run by the close inside on_out
+    assert got_q == frame(b"PPP")
+    e2.settimeout(10)
+    assert read_exactly(e2, 11) == frame(b"goodbye")
+    assert e2.recv(1) == b""
+    assert [r.getMessage() for r in caplog.records] == \
+        [f"closing fd {stuck} discards 1 scheduled message(s)"]
+    for s in (x2, y2, c2, d2, e2, p2, q2):
+        s.close()

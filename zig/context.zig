@@ -118,8 +118,8 @@ pub const Context = struct {
     switch_state: switching.State = .{},
     /// Connections with queued frames: what step 1 of a round flushes.
     dirty: std.ArrayList(*Conn) = .empty,
-    /// Lingers running (one may run inside a callback of another), and the
-    /// external fds muted by them (Conn.muted), unmuted when the last ends.
+    /// Lingers running (their rounds: not inside a switch callback, see
+    /// linger), and the external fds muted by them (Conn.muted), unmuted when the last ends.
     linger_depth: u32 = 0,
     muted: std.ArrayList(i32) = .empty,
     /// Pinned payloads (schedulePinned) the core still reads from.
@@ -2006,9 +2006,15 @@ pub const Context = struct {
     /// close()'s linger: send what is scheduled for fd (for every fd when fd
     /// is negative) for at most `timeout_ns`. Returns when nothing is left;
     /// Timeout when time ran out first; Interrupted on a signal (interruptible).
-    /// The rounds also read and accept: those events wait as usual.
+    /// The rounds also read and accept: those events wait as usual. Inside a
+    /// switch callback it only writes (lingerWriting): rounds there read
+    /// other connections into the scratch buffer the loop that called the
+    /// callback is still decoding (forwarded frames were replaced by another
+    /// client's bytes), ran other fds' callbacks into switch_buf, and
+    /// overwrote `ready` under that loop.
     pub fn linger(self: *Context, fd: i32, timeout_ns: i64) Error!void {
         if (fd >= 0) _ = try self.lookup(fd); // an unknown fd is said, as close() says it
+        if (self.callback_depth > 0) return self.lingerWriting(fd, timeout_ns);
         self.linger_depth += 1;
         defer {
             self.linger_depth -= 1;
@@ -2027,6 +2033,62 @@ pub const Context = struct {
             // Waits even with events pending (a round would not): only the
             // queues' room or the deadline ends it.
             try self.pollAndHandle(msUntil(deadline));
+        }
+    }
+
+    /// linger inside a switch callback: the lingering queues are written,
+    /// with poll(2) for room on their fds only; nothing is read or accepted
+    /// and no other callback runs. A queue whose write fails is left as it
+    /// is, for the loop's next flush (flushConn: its EPIPE path reads the
+    /// peer's last input, which cannot happen here): the linger no longer
+    /// waits for it.
+    fn lingerWriting(self: *Context, fd: i32, timeout_ns: i64) Error!void {
+        const gpa = self.gpa;
+        const deadline = sys.nowNs() +| @max(timeout_ns, 0);
+        // Records live until the callback returned (reapDead): the pointers
+        // stay valid, alive or not.
+        var left: std.ArrayList(*Conn) = .empty;
+        defer left.deinit(gpa);
+        if (fd >= 0) {
+            const conn = try self.lookup(fd);
+            try left.append(gpa, conn);
+            if (conn.peer) |p| try left.append(gpa, p);
+        } else {
+            try left.appendSlice(gpa, self.dirty.items);
+        }
+        var pfds: std.ArrayList(c.pollfd) = .empty;
+        defer pfds.deinit(gpa);
+        while (true) {
+            // One attempt each; those sent, ended or failed leave the list.
+            var i: usize = 0;
+            while (i < left.items.len) {
+                const conn = left.items[i];
+                if (conn.alive and !conn.write_closed and !conn.queue.isEmpty()) {
+                    var sink: TxSink = .{ .ctx = self, .conn = conn };
+                    const result = try conn.queue.flush(gpa, conn.fd, conn.is_socket, .no, &sink);
+                    if (result != .failed) {
+                        self.queueChanged(conn);
+                        if (conn.closing and conn.queue.isEmpty()) try self.drop(conn, null);
+                        if (conn.alive and !conn.queue.isEmpty()) {
+                            i += 1;
+                            continue;
+                        }
+                    }
+                }
+                _ = left.swapRemove(i);
+            }
+            if (left.items.len == 0) return;
+            if (sys.nowNs() >= deadline) return self.last.fail(
+                error.Timeout,
+                "linger timed out",
+                .{},
+            );
+            pfds.clearRetainingCapacity();
+            for (left.items) |conn|
+                try pfds.append(gpa, .{ .fd = conn.fd, .events = sys.POLLOUT, .revents = 0 });
+            const rc = c.poll(pfds.items.ptr, @intCast(pfds.items.len), msUntil(deadline));
+            if (rc < 0 and sys.errno(rc) == .INTR and self.interruptible)
+                return self.last.fail(error.Interrupted, "wait was interrupted by a signal", .{});
         }
     }
 

@@ -71,7 +71,11 @@
  * length is refused, as by every call that takes one (IPC_E_GENERIC).
  * ipc_linger(ctx, fd, usec) sends what is scheduled for fd (every fd when fd
  * is -1) for at most usec: 0 when all went out, else IPC_E_TIMEOUT (or
- * IPC_E_INTERRUPTED). ipc_scheduled_fds() lists the fds that still have
+ * IPC_E_INTERRUPTED). Its rounds read and accept (those events wait as
+ * usual); inside a switching callback it only writes, waiting for room on
+ * the lingering fds alone (nothing is read or accepted, no other callback
+ * runs; a queue whose write fails is left to the loop, which reports it).
+ * ipc_scheduled_fds() lists the fds that still have
  * scheduled messages and their counts (up to `capacity`; returns how many
  * there are). In a forked child, ipc_close_fd, ipc_close_all and
  * ipc_context_deinit close the child's copies of the fds only: the parent's
@@ -129,8 +133,9 @@
  * made from inside a switching callback. Reads and waits may not
  * (ipc_read_fd, ipc_read, ipc_read_many, ipc_read_into, ipc_read_lent,
  * ipc_wait_event, ipc_wait_events: IPC_E_GENERIC, "cannot read inside a
- * switch callback" or "cannot wait ..."): the loop that called it is still
- * decoding what it read, into the buffers a read would use.
+ * switch callback" or "cannot wait ..."; ipc_linger only writes there): the
+ * loop that called it is still decoding what it read, into the buffers a
+ * read would use.
  */
 #ifndef LIBIPC
 #define LIBIPC

@@ -493,3 +493,90 @@ test "a read or a wait inside a switch callback is refused, and nothing is lost"
     try testing.expect(Reader.wait_refused);
     try testing.expectEqualStrings("AAAAACCCCC", got.items);
 }
+
+// ------------------------------------------------------------ a callback that lingers
+
+/// An `out` callback that, on its first call, makes another framed
+/// connection readable and lingers: a linger runs rounds of the loop, which
+/// read that connection into the scratch buffer the read that called the
+/// callback is still decoding (the frames after this one were replaced by
+/// the other connection's bytes). There it only writes, and waits for room.
+const Lingerer = struct {
+    var ctx: ?*Context = null;
+    var other_outer: i32 = -1;
+    var calls: usize = 0;
+    var text: [64]u8 = undefined;
+    var text_len: usize = 0;
+
+    fn out(dest: c_int, payload: [*]const u8, mlen: u32) callconv(.c) c_int {
+        const context = ctx.?;
+        calls += 1;
+        if (calls == 1) {
+            var frames: [3 * 9]u8 = undefined;
+            for (0..3) |i| {
+                frames[i * 9 ..][0..4].* = framing.encodeHeader(5);
+                @memcpy(frames[i * 9 + 4 ..][0..5], "DDDDD");
+            }
+            sendAll(other_outer, &frames) catch return @backingInt(switching.CbResult.err);
+            if (context.linger(-1, 100 * std.time.ns_per_ms)) |_| {
+                text_len = 0;
+            } else |_| {
+                const t = context.last.text();
+                text_len = @min(t.len, text.len);
+                @memcpy(text[0..text_len], t[0..text_len]);
+            }
+        }
+        switching.send(context, dest, payload[0..mlen]) catch
+            return @backingInt(switching.CbResult.err);
+        return @backingInt(switching.CbResult.no_error);
+    }
+};
+
+test "a linger inside a switch callback only writes: it would read into the loop's buffers" {
+    var board = try Board.init();
+    defer board.deinit();
+    const ctx = board.ctx;
+    // A framed connection whose peer never reads, with more scheduled than
+    // its socket takes (something for the linger to wait for), and another
+    // that sends while the callback runs.
+    const stuck = try Side.init();
+    defer sys.closeFd(stuck.outer);
+    try ctx.addConnection(stuck.inner);
+    const other = try Side.init();
+    defer sys.closeFd(other.outer);
+    try ctx.addConnection(other.inner);
+    const big = try gpa.alloc(u8, 4 << 20);
+    defer gpa.free(big);
+    @memset(big, 's');
+    try ctx.schedule(stuck.inner, big);
+    Lingerer.ctx = ctx;
+    Lingerer.other_outer = other.outer;
+    Lingerer.calls = 0;
+    Lingerer.text_len = 0;
+    try switching.setCallbacks(ctx, board.b.inner, null, Lingerer.out);
+    // Three frames in one write: one read decodes them all.
+    var frames: std.ArrayList(u8) = .empty;
+    defer frames.deinit(gpa);
+    for (0..3) |_| {
+        try frames.appendSlice(gpa, &framing.encodeHeader(5));
+        try frames.appendSlice(gpa, "AAAAA");
+    }
+    try sendAll(board.a.outer, frames.items);
+    var events: Events = .{};
+    defer events.deinit();
+    _ = sys.setNonblocking(board.b.outer, true);
+    var got: std.ArrayList(u8) = .empty;
+    defer got.deinit(gpa);
+    while (got.items.len < 15 or events.count(.message_rx) < 3) {
+        try board.round(&events);
+        _ = try readAvailable(board.b.outer, &got);
+    }
+    try testing.expectEqualStrings("AAAAAAAAAAAAAAA", got.items);
+    for (events.kinds.items, events.fds.items, events.data.items) |k, fd, d| {
+        if (k != .message_rx) continue;
+        try testing.expectEqual(other.inner, fd);
+        try testing.expectEqualStrings("DDDDD", d);
+    }
+    // It waited for the stuck connection, writing only.
+    try testing.expectEqualStrings("linger timed out", Lingerer.text[0..Lingerer.text_len]);
+}

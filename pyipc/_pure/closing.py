@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import select
 import socket
 import time
 from typing import TYPE_CHECKING, Optional
@@ -77,7 +79,10 @@ class Closing:
 
     def _linger(self: PureState, conns: list[Conn], linger: float) -> None:
         """Send what is scheduled for `conns` for at most `linger` seconds,
-        in event-loop rounds: what they read or accept waits as events."""
+        in event-loop rounds: what they read or accept waits as events.
+        Inside a switch callback it only writes (_linger_writing), as native:
+        rounds there would read other fds and run their callbacks under the
+        loop that called this one."""
         def scheduled() -> bool:
             # (a queue whose write failed is never sent: nothing to wait for;
             # a stopped write's rest not queued yet is sent: see _keep_framed)
@@ -87,6 +92,8 @@ class Closing:
         if not linger or not scheduled():
             return
         deadline = time.monotonic() + linger
+        if self._callback_depth:
+            return self._linger_writing(conns, deadline)
         self._linger_depth += 1
         try:
             while True:
@@ -103,6 +110,36 @@ class Closing:
             self._linger_depth -= 1
             if not self._linger_depth:
                 self._unmute_all()
+
+    def _linger_writing(self: PureState, conns: list[Conn], deadline: float) -> None:
+        """_linger inside a switch callback: the queues of `conns` are
+        written, with poll(2) for room on their fds only; nothing is read or
+        accepted and no other callback runs (the core's lingerWriting). A
+        queue whose write fails is left as it is for the loop's next flush
+        (_flush: its EPIPE path reads the peer's last input, which cannot
+        happen here); the linger no longer waits for it."""
+        left = list(conns)
+        while True:
+            still: list[Conn] = []
+            for conn in left:
+                if not conn.alive or conn.write_closed or not (conn.queue or conn.stopped is not None):
+                    continue
+                try:
+                    self._send_queued(conn)
+                except OSError:
+                    continue
+                if conn.closing and not conn.queue:
+                    self._drop(conn, None)
+                if conn.alive and conn.queue:
+                    still.append(conn)
+            left = still
+            wait = deadline - time.monotonic()
+            if not left or wait <= 0:
+                return
+            poller = select.poll()
+            for conn in left:
+                poller.register(conn.fd, select.POLLOUT)
+            poller.poll(math.ceil(wait * 1000))
 
     def _unmute_all(self: PureState) -> None:
         """The last linger ended: the external fds it muted are watched again."""

@@ -2022,14 +2022,16 @@ pub const Context = struct {
         }
         const deadline = sys.nowNs() +| @max(timeout_ns, 0);
         while (self.hasScheduled(fd)) {
+            defer self.reapDead();
+            // One attempt before the deadline is looked at: linger(fd, 0)
+            // sends what the socket takes now, as every zero-timeout call.
+            try self.flushDirty();
+            if (!self.hasScheduled(fd)) return;
             if (sys.nowNs() >= deadline) return self.last.fail(
                 error.Timeout,
                 "linger timed out",
                 .{},
             );
-            defer self.reapDead();
-            try self.flushDirty();
-            if (!self.hasScheduled(fd)) return;
             // Waits even with events pending (a round would not): only the
             // queues' room or the deadline ends it.
             try self.pollAndHandle(msUntil(deadline));

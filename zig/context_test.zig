@@ -1245,3 +1245,26 @@ test "out of memory while a read is decoded: the connection ends, no hole in its
     // frames of that read were lost): it is ended instead.
     try testing.expect(ctx.table.get(pair[0]) == null);
 }
+
+test "linger with no time left still makes one attempt: linger(fd, 0) sends what fits" {
+    const ctx = try Context.create(gpa);
+    defer ctx.destroy();
+    var pair: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    defer sys.closeFd(pair[1]);
+    try ctx.addConnection(pair[0]);
+    try ctx.schedule(pair[0], "hello");
+    // It timed out before its first flush: nothing was sent.
+    try ctx.linger(pair[0], 0);
+    const q = try ctx.queuedMessages(pair[0]);
+    try testing.expectEqual(@as(usize, 0), q.count);
+    var buf: [16]u8 = undefined;
+    try testing.expectEqual(@as(isize, 9), c.read(pair[1], &buf, buf.len));
+    try testing.expectEqualStrings("hello", buf[4..9]);
+    // What does not fit: one attempt, then Timeout (not a wait).
+    const big = try gpa.alloc(u8, 4 << 20);
+    defer gpa.free(big);
+    @memset(big, 'b');
+    try ctx.schedule(pair[0], big);
+    try testing.expectError(error.Timeout, ctx.linger(pair[0], 0));
+}

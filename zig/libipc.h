@@ -70,8 +70,8 @@
  * (IPC_E_BUFFER_TOO_SMALL) before anything is read; a NULL payload with a
  * length is refused, as by every call that takes one (IPC_E_GENERIC).
  * ipc_linger(ctx, fd, usec) sends what is scheduled for fd (every fd when fd
- * is -1) for at most usec: 0 when all went out, else IPC_E_TIMEOUT (or
- * IPC_E_INTERRUPTED). Its rounds read and accept (those events wait as
+ * is -1) for at most usec (0: one attempt that does not wait): 0 when all
+ * went out, else IPC_E_TIMEOUT (or IPC_E_INTERRUPTED). Its rounds read and accept (those events wait as
  * usual); inside a switching callback it only writes, waiting for room on
  * the lingering fds alone (nothing is read or accepted, no other callback
  * runs; a queue whose write fails is left to the loop, which reports it).

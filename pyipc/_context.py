@@ -253,11 +253,12 @@ class Context:
     def connect(self, name: str, timeout: Optional[float] = None) -> int:
         """Connect to service `name`: through ipcd when IPC_NETWORK is set
         (`timeout` bounds the whole exchange with ipcd: connecting to it,
-        sending the request, waiting for its answer)."""
+        sending the request, waiting for its answer); else straight, with
+        `timeout` bounding the wait of a service whose listen backlog is full."""
         timeout = check_timeout(timeout)
         raw = os.environb.get(b"IPC_NETWORK")
         if not raw:
-            return self.connect_service(name)
+            return self._connect_direct(name, timeout)
         try:
             network = raw.decode("utf-8")
         except UnicodeDecodeError:      # sent to ipcd as text: refused as native does
@@ -274,6 +275,10 @@ class Context:
 
     def connect_service(self, name: str) -> int:
         """Connect straight to service `name`; return the connection fd."""
+        raise NotImplementedError
+
+    def _connect_direct(self, name: str, timeout: Optional[float]) -> int:
+        """connect_service() bounded by `timeout` (connect() without IPC_NETWORK)."""
         raise NotImplementedError
 
     def _connect_ipcd(self, name: str, network: str, timeout: Optional[float]) -> int:

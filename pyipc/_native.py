@@ -321,9 +321,21 @@ class NativeContext(Context):
         return fd[0]
 
     def connect_service(self, name: str) -> int:
+        return self._connect_direct(name, None)
+
+    def _connect_direct(self, name: str, timeout: Optional[float]) -> int:
+        # The core waits for a service whose listen backlog is full as for
+        # any blocking call: the call timeout bounds it, and a signal stops
+        # it (nothing made): once its handler returned, it is made again.
         fd: _Cell[int] = ffi.new("int *")
         raw = _name_bytes(name)
-        self._check(lib.ipc_connect_service(self._ctx, fd, raw, len(raw)))
+        deadline = self._start_timeout(timeout)
+        while True:
+            rc = lib.ipc_connect_service(self._ctx, fd, raw, len(raw))
+            if rc != _E_INTERRUPTED:
+                break
+            self._resume(deadline)
+        self._check(rc)
         return fd[0]
 
     def _connect_ipcd(self, name: str, network: str, timeout: Optional[float]) -> int:

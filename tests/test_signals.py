@@ -14,6 +14,7 @@ import builtins
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -830,3 +831,87 @@ def test_pure_a_signal_after_any_call_as_sent_frames_leave_the_queue_loses_nothi
         finally:
             client.close_all()
             pair.server.close_all()
+
+
+# ---------------------------------------------------------------- connect
+
+
+class FullService:
+    """A service whose listen backlog is full (hung or overloaded): a Unix
+    listener in the run dir with backlog 0 that never accepts by itself,
+    and the clients that fill its backlog. A Unix connect() to it waits."""
+
+    def __init__(self, rundir: str, name: str) -> None:
+        self.path = os.path.join(rundir, name)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(0)
+        self.listener.settimeout(10)
+        self.fillers: list[socket.socket] = []
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(self.path)
+            except BlockingIOError:
+                s.close()
+                break
+            self.fillers.append(s)
+        self.accepted: list[socket.socket] = []
+
+    def accept_one(self) -> None:
+        """Make room: the oldest waiting client is accepted."""
+        self.accepted.append(self.listener.accept()[0])
+
+    def close(self) -> None:
+        for s in self.fillers + self.accepted + [self.listener]:
+            s.close()
+
+
+@pytest.fixture
+def full_service(rundir):
+    service = FullService(rundir, "full")
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("how", ["connect_service", "connect"])
+def test_a_handler_that_returns_during_a_connect_lets_it_go_on(
+        ctx_factory, full_service, monkeypatch, how):
+    """A signal while connect waits for a full backlog: Linux gives an
+    interrupted Unix connect up (the socket stays unconnected, no error to
+    read), and both backends took it for connected (a dead fd, every write
+    ENOTCONN). The connect goes on: the handler makes room, the fd works."""
+    monkeypatch.delenv("IPC_NETWORK", raising=False)
+    ctx = ctx_factory()
+    with watchdog(full_service.accept_one), alarm(lambda s, f: full_service.accept_one()) as fired:
+        fd = ctx.connect_service("full") if how == "connect_service" else \
+            ctx.connect("full", timeout=30)
+    assert len(fired) == 1
+    while len(full_service.accepted) < len(full_service.fillers) + 1:
+        full_service.accept_one()       # the fillers first, then ours
+    mine = full_service.accepted[-1]
+    ctx.write(fd, b"connected")
+    mine.settimeout(10)
+    assert mine.recv(100) == frame(b"connected")
+
+
+def test_connect_with_a_timeout_is_bounded_by_it(ctx_factory, full_service, monkeypatch):
+    """connect(name, timeout=) without IPC_NETWORK: a full backlog held it
+    for ever (the timeout was not passed on; native's core ignored the call
+    timeout there). Now pyipc.TimeoutError after about the timeout; 0 makes
+    one attempt."""
+    monkeypatch.delenv("IPC_NETWORK", raising=False)
+    ctx = ctx_factory()
+    for timeout in (0.2, 0):
+        start = time.monotonic()
+        with watchdog(full_service.accept_one), \
+                pytest.raises(pyipc.TimeoutError, match="^connect to service full timed out$"):
+            ctx.connect("full", timeout=timeout)
+        assert timeout <= time.monotonic() - start < timeout + 2
+    # Nothing left behind; a connect that finds room still works.
+    full_service.accept_one()
+    fd = ctx.connect("full", timeout=0.2)
+    ctx.write(fd, b"ok")

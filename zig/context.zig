@@ -636,7 +636,17 @@ pub const Context = struct {
                 "no service {s} in {s}",
                 .{ name, self.rundir },
             );
-        const fd = try rundir_mod.connectTo(path, name, self.rundir, &self.last);
+        // A service whose listen backlog is full holds the connect: it waits
+        // as a blocking call does (call timeout, signals: sys.connectUnix).
+        const block = self.blocking(false);
+        const fd = rundir_mod.connectTo(
+            path,
+            name,
+            self.rundir,
+            &self.last,
+            block.deadline_ns,
+            block.interruptible,
+        ) catch |e| return self.stopped(e, "connect to service {s}", .{name});
         errdefer sys.closeFd(fd);
         _ = try self.addConn(fd, .connection);
         return fd;
@@ -674,6 +684,8 @@ pub const Context = struct {
                 .{ request_len, self.limits.max_message_size },
             );
         const ipcd = self.connectService(ipcd_service) catch |e| {
+            if (e == error.Timeout or e == error.Interrupted)
+                return self.stopped(e, "connect to service {s}", .{name});
             if (e != error.ServiceNotFound) return e;
             return self.last.failKeepErrno(
                 error.ServiceNotFound,

@@ -1268,3 +1268,100 @@ test "linger with no time left still makes one attempt: linger(fd, 0) sends what
     try ctx.schedule(pair[0], big);
     try testing.expectError(error.Timeout, ctx.linger(pair[0], 0));
 }
+
+/// A service whose listen backlog is full (a hung or overloaded service): a
+/// listener with backlog 0 that never accepts, and the clients that fill it.
+const FullService = struct {
+    listen_fd: i32,
+    fillers: [8]i32 = undefined,
+    n: usize = 0,
+
+    fn init(run: *const TmpRun, name: []const u8) !FullService {
+        _ = c.mkdir(run.path().ptr, 0o700);
+        var buf: [200]u8 = undefined;
+        const path = try sys.printZ(&buf, "{s}/{s}", .{ run.path(), name });
+        const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0);
+        try testing.expect(fd >= 0);
+        var self: FullService = .{ .listen_fd = fd };
+        errdefer self.deinit();
+        const addr = sys.unixAddress(path);
+        try testing.expectEqual(@as(c_int, 0), c.bind(fd, @ptrCast(&addr), @sizeOf(c.sockaddr.un)));
+        try testing.expectEqual(@as(c_int, 0), c.listen(fd, 0));
+        while (self.n < self.fillers.len) {
+            const s = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC | c.SOCK.NONBLOCK, 0);
+            try testing.expect(s >= 0);
+            if (c.connect(s, @ptrCast(&addr), @sizeOf(c.sockaddr.un)) != 0) {
+                sys.closeFd(s);
+                try testing.expectEqual(c.E.AGAIN, sys.errno(@as(c_int, -1)));
+                return self; // full
+            }
+            self.fillers[self.n] = s;
+            self.n += 1;
+        }
+        return error.BacklogNeverFull;
+    }
+
+    fn deinit(self: *FullService) void {
+        for (self.fillers[0..self.n]) |s| sys.closeFd(s);
+        sys.closeFd(self.listen_fd);
+    }
+};
+
+test "connect to a service whose backlog is full: the call timeout bounds it" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    var full = try FullService.init(&run, "full");
+    defer full.deinit();
+    const ctx = try run.newContext();
+    defer ctx.destroy();
+    // It waited for ever (the kernel holds connect() while the backlog is full).
+    ctx.setCallTimeout(200 * std.time.ns_per_ms);
+    const start = sys.nowNs();
+    try testing.expectError(error.Timeout, ctx.connectService("full"));
+    try testing.expect(sys.nowNs() - start < 5 * std.time.ns_per_s);
+    try testing.expectEqualStrings("connect to service full timed out", ctx.last.text());
+    ctx.setCallTimeout(0); // one attempt
+    try testing.expectError(error.Timeout, ctx.connectService("full"));
+    try testing.expectEqual(@as(usize, 0), ctx.table.count());
+}
+
+const itimerval = extern struct { interval: c.timeval, value: c.timeval };
+extern "c" fn setitimer(which: c_int, new: *const itimerval, old: ?*itimerval) c_int;
+
+fn ignoreSignal(_: c.SIG) callconv(.c) void {}
+
+/// A SIGALRM in 50 ms, with a handler that returns (no SA_RESTART).
+fn alarmSoon() !void {
+    const it: itimerval = .{
+        .interval = .{ .sec = 0, .usec = 0 },
+        .value = .{ .sec = 0, .usec = 50_000 },
+    };
+    try testing.expectEqual(@as(c_int, 0), setitimer(0, &it, null));
+}
+
+test "a signal during a connect to a full service never gives an unconnected fd" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    var full = try FullService.init(&run, "full");
+    defer full.deinit();
+    var act = std.mem.zeroes(c.Sigaction);
+    act.handler = .{ .handler = ignoreSignal };
+    var saved: c.Sigaction = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.sigaction(c.SIG.ALRM, &act, &saved));
+    defer _ = c.sigaction(c.SIG.ALRM, &saved, null);
+    const ctx = try run.newContext();
+    defer ctx.destroy();
+    // Not interruptible (C, libIPC's way): the connect goes on after the
+    // signal, until the call timeout. It returned an fd that was not
+    // connected (Linux gives an interrupted Unix connect up).
+    ctx.setCallTimeout(300 * std.time.ns_per_ms);
+    try alarmSoon();
+    try testing.expectError(error.Timeout, ctx.connectService("full"));
+    // Interruptible (the Python binding, which resumes it): Interrupted.
+    ctx.interruptible = true;
+    ctx.setCallTimeout(5 * std.time.ns_per_s);
+    try alarmSoon();
+    try testing.expectError(error.Interrupted, ctx.connectService("full"));
+    try testing.expectEqualStrings("connect to service full was interrupted by a signal", ctx.last.text());
+    try testing.expectEqual(@as(usize, 0), ctx.table.count());
+}

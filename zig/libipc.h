@@ -60,6 +60,13 @@
  * keeps the count with ipc_set_write_count(ctx, n) after them.
  * ipc_context_call_timeout(ctx, usec) bounds every blocking call from then on
  * (negative: no bound): IPC_E_TIMEOUT, with the same guarantees.
+ * ipc_connect_service and ipc_connect are blocking calls too: a service whose
+ * listen backlog is full holds the connect until it accepts, the call
+ * timeout passes (IPC_E_TIMEOUT, "connect to service NAME timed out"; a zero
+ * timeout makes one attempt) or, in an interruptible context, a signal comes
+ * (IPC_E_INTERRUPTED: nothing was made, call it again); a signal in another
+ * context connects again (an interrupted Unix connect is never left half
+ * done).
  * ipc_send_fd(sock, fd, payload, len) and ipc_receive_fd(sock, &fd, buffer,
  * &buflen) are libIPC's raw fd-passing helpers (no framing): receive blocks
  * for the next bytes and the fd sent with them (-1 when none; a NULL &fd:

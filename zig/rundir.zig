@@ -224,14 +224,20 @@ pub fn listenAt(path: [:0]const u8, name: []const u8, last: *LastError) Error!i3
 
 /// Connect to the service socket at `path`; returns the socket, in blocking
 /// mode (see sys.Wait).
+/// See sys.connectUnix for `deadline_ns` and `interruptible`: Timeout and
+/// Interrupted are returned with no text (the caller says what stopped).
 pub fn connectTo(
     path: [:0]const u8,
     name: []const u8,
     rundir: []const u8,
     last: *LastError,
+    deadline_ns: ?i64,
+    interruptible: bool,
 ) Error!i32 {
-    return switch (sys.connectUnix(path)) {
+    return switch (sys.connectUnix(path, deadline_ns, interruptible)) {
         .fd => |fd| fd,
+        .timed_out => error.Timeout,
+        .interrupted => error.Interrupted,
         .failed => |e| switch (e) {
             .NOENT, .CONNREFUSED, .NOTDIR => last.failErrno(
                 error.ServiceNotFound,

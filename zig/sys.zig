@@ -248,32 +248,73 @@ pub fn listenUnix(path: [:0]const u8, mode: c.mode_t) SocketResult {
     return .{ .fd = fd };
 }
 
+/// What connectUnix ended with.
+pub const ConnectResult = union(enum) {
+    fd: fd_t,
+    failed: E,
+    /// The deadline passed while the service's listen backlog was full.
+    timed_out,
+    /// A signal came while it waited (interruptible calls only).
+    interrupted,
+};
+
 /// A Unix stream socket connected to `path`, in blocking mode (see Wait).
-/// A connect interrupted by a signal completes in the background: it is
-/// waited for. On failure the socket is closed.
-pub fn connectUnix(path: [:0]const u8) SocketResult {
+/// A service whose listen backlog is full holds connect(): `deadline_ns`
+/// (monotonic; null: no limit) bounds that wait through SO_SNDTIMEO, which
+/// Linux and the BSDs apply to a Unix connect (.timed_out; one attempt even
+/// when it has passed). A signal during the wait gives .interrupted when
+/// `interruptible`, else connect() is made again: an interrupted Unix
+/// connect does not go on in the background (Linux leaves the socket
+/// unconnected, with no error to read, so taking it for connected gave a
+/// dead fd). On failure the socket is closed.
+pub fn connectUnix(path: [:0]const u8, deadline_ns: ?i64, interruptible: bool) ConnectResult {
     const fd = c.socket(c.AF.UNIX, c.SOCK.STREAM | c.SOCK.CLOEXEC, 0);
     if (fd < 0) return .{ .failed = errno(fd) };
+    const result = connectLoop(fd, path, deadline_ns, interruptible);
+    if (result != .fd) closeFd(fd);
+    return result;
+}
+
+fn connectLoop(fd: fd_t, path: [:0]const u8, deadline_ns: ?i64, interruptible: bool) ConnectResult {
     const addr = unixAddress(path);
-    if (c.connect(fd, @ptrCast(&addr), @sizeOf(c.sockaddr.un)) != 0) {
-        var e = errno(@as(c_int, -1));
-        if (e == .INTR) e = finishConnect(fd);
-        if (e != .SUCCESS) {
-            closeFd(fd);
-            return .{ .failed = e };
+    while (true) {
+        if (deadline_ns) |d| setSendTimeout(fd, @max(d - nowNs(), 0));
+        if (c.connect(fd, @ptrCast(&addr), @sizeOf(c.sockaddr.un)) == 0) break;
+        switch (errno(@as(c_int, -1))) {
+            .INTR => if (interruptible) return .interrupted,
+            // An earlier attempt that went on after all (not Linux).
+            .ISCONN => break,
+            .ALREADY, .INPROGRESS => {
+                const timeout_ms: i32 = if (deadline_ns) |d| msUntilNs(d) else -1;
+                switch (pollFd(fd, POLLOUT, timeout_ms)) {
+                    .interrupted => if (interruptible) return .interrupted,
+                    .timed_out => return .timed_out,
+                    .ready => {},
+                }
+            },
+            .AGAIN => return if (deadline_ns != null) .timed_out else .{ .failed = .AGAIN },
+            else => |e| return .{ .failed = e },
         }
     }
+    if (deadline_ns != null) setSendTimeout(fd, null); // the writes wait as before
     if (send_flags == 0) setNoSigpipe(fd);
     return .{ .fd = fd };
 }
 
-/// The outcome of a connect that goes on in the background.
-fn finishConnect(fd: fd_t) E {
-    waitFd(fd, POLLOUT);
-    var err: c_int = 0;
-    var len: c.socklen_t = @sizeOf(c_int);
-    if (c.getsockopt(fd, c.SOL.SOCKET, c.SO.ERROR, &err, &len) != 0) return .SUCCESS;
-    return @fromBackingInt(@intCast(err));
+/// SO_SNDTIMEO: `ns` (at least 1 us: 0 means none), or null for none.
+fn setSendTimeout(fd: fd_t, ns: ?i64) void {
+    const us: i64 = if (ns) |n| @max(1, @divTrunc(n + 999, 1000)) else 0;
+    const tv: c.timeval = .{
+        .sec = @intCast(@divTrunc(us, 1_000_000)),
+        .usec = @intCast(@mod(us, 1_000_000)),
+    };
+    _ = c.setsockopt(fd, c.SOL.SOCKET, c.SO.SNDTIMEO, &tv, @sizeOf(c.timeval));
+}
+
+/// Whole milliseconds until `deadline_ns`, rounded up, at least 0.
+fn msUntilNs(deadline_ns: i64) i32 {
+    const left = @divTrunc(deadline_ns - nowNs() + 999_999, 1_000_000);
+    return @intCast(std.math.clamp(left, 0, std.math.maxInt(i32)));
 }
 
 /// Accept one client of a listening socket, in blocking mode (see Wait),

@@ -4,11 +4,9 @@ socket, passed as a file descriptor (the core's fdpass.zig).
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import socket
-import struct
 import time
 from typing import TYPE_CHECKING, List, Optional, Tuple, cast
 
@@ -19,7 +17,7 @@ from .._types import (IPCD_SERVICE, MAX_IPCD_REASON, ConnectionClosedError, IPCE
 from .. import _rundir
 from .blocking import wait_fd
 from .conn_table import CONNECTION, Conn
-from .services import STREAM_FAMILIES
+from .services import STREAM_FAMILIES, connected_unix, set_send_timeout
 from .syscalls import os_error
 
 if TYPE_CHECKING:
@@ -126,9 +124,9 @@ def _connect_to_ipcd(rundir: str, name: str, deadline: Optional[float]) -> socke
     except OSError as e:
         raise os_error(f"cannot connect to service {IPCD_SERVICE}", e.errno) from None
     try:
-        while not _connected(sock, path, deadline):
+        while not connected_unix(sock, path, deadline):
             pass                # a signal cut the wait short: go on waiting
-        _set_send_timeout(sock, None)
+        set_send_timeout(sock, None)
         return sock
     except (FileNotFoundError, ConnectionRefusedError) as e:
         sock.close()
@@ -141,36 +139,6 @@ def _connect_to_ipcd(rundir: str, name: str, deadline: Optional[float]) -> socke
     except OSError as e:
         sock.close()
         raise os_error(f"cannot connect to service {IPCD_SERVICE}", e.errno) from None
-
-
-def _connected(sock: socket.socket, path: str, deadline: Optional[float]) -> bool:
-    """One connect() attempt within the deadline: whether sock is connected
-    (False when a signal interrupted it: CPython then takes the socket for
-    connecting in the background, which a Unix socket never is)."""
-    if deadline is not None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise BlockingIOError
-        _set_send_timeout(sock, left)
-    try:
-        sock.connect(path)
-    except OSError as e:
-        if e.errno != errno.EISCONN:
-            raise
-    try:
-        sock.getpeername()
-        return True
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            return False
-        raise
-
-
-def _set_send_timeout(sock: socket.socket, seconds: Optional[float]) -> None:
-    """SO_SNDTIMEO: `seconds` (at least 1 µs: 0 means none), or None for none."""
-    usec = 0 if seconds is None else max(1, round(seconds * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                    struct.pack("@ll", usec // 1_000_000, usec % 1_000_000))
 
 
 def adopt_connection(ctx: "Context", sock: socket.socket) -> int:

@@ -10,12 +10,13 @@ import os
 import socket
 import stat
 import struct
+import time
 from typing import TYPE_CHECKING, Optional, Tuple
 
 from .. import _rundir
-from .._checks import check_fd, closed_by_peer
-from .._types import (Event, EventType, IPCError,
-                      ServiceNotFoundError, UnknownFdError)
+from .._checks import check_fd, check_timeout, closed_by_peer
+from .._types import (Event, EventType, IPCError, ServiceNotFoundError, TimeoutError,
+                      UnknownFdError)
 from .conn_table import CONNECTION, EXTERNAL, SERVICE, Conn
 from .syscalls import RawFd, os_error
 
@@ -46,22 +47,41 @@ class Services:
         return self._add(conn).fd
 
     def connect_service(self: PureState, name: str) -> int:
+        return self._connect_direct(name, None)
+
+    def _connect_direct(self: PureState, name: str, timeout: Optional[float]) -> int:
+        """connect_service(), and connect() without IPC_NETWORK: `timeout`
+        bounds the wait of a service whose listen backlog is full (the core's
+        connectUnix)."""
+        timeout = check_timeout(timeout)
         path = _rundir.service_path(self.rundir, name)
         self._check_room()
         if not _rundir.check_rundir(self.rundir, create=False):
             raise ServiceNotFoundError(f"no service {name} in {self.rundir}", errno.ENOENT)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         except OSError as e:        # out of fds: native's text, with errno
             raise os_error(f"cannot connect to service {name}", e.errno) from None
         try:
-            sock.connect(path)
+            while not connected_unix(sock, path, deadline):
+                pass                # a signal whose handler returned: connect again
+            if deadline is not None:
+                set_send_timeout(sock, None)    # the writes wait as before
         except (FileNotFoundError, ConnectionRefusedError) as e:
             sock.close()
             raise ServiceNotFoundError(f"no service {name} in {self.rundir}", e.errno) from None
+        except BlockingIOError as e:    # SO_SNDTIMEO ran out
+            sock.close()
+            if deadline is None:
+                raise os_error(f"cannot connect to service {name}", e.errno) from None
+            raise TimeoutError(f"connect to service {name} timed out") from None
         except OSError as e:
             sock.close()
             raise os_error(f"cannot connect to service {name}", e.errno) from None
+        except BaseException:       # a signal handler's exception
+            sock.close()
+            raise
         return self._add(Conn(sock.fileno(), sock, CONNECTION, self._max_message_size)).fd
 
     def _check_new_fd(self: PureState, fd: int) -> None:
@@ -179,6 +199,37 @@ class Services:
             taken = False
         self._spare_fd.open()
         return taken
+
+
+def connected_unix(sock: socket.socket, path: str, deadline: Optional[float]) -> bool:
+    """One connect() attempt within the deadline (one attempt that does not
+    wait when it has passed; SO_SNDTIMEO bounds a Unix connect held by a full
+    listen backlog on Linux and the BSDs: BlockingIOError): whether sock is
+    connected. False when a signal interrupted it and its handler returned:
+    CPython then takes the socket for connecting in the background and
+    reports success, which a Unix socket never is (Linux leaves it
+    unconnected): the caller connects again."""
+    if deadline is not None:
+        set_send_timeout(sock, max(0.0, deadline - time.monotonic()))
+    try:
+        sock.connect(path)
+    except OSError as e:
+        if e.errno != errno.EISCONN:
+            raise
+    try:
+        sock.getpeername()
+        return True
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            return False
+        raise
+
+
+def set_send_timeout(sock: socket.socket, seconds: Optional[float]) -> None:
+    """SO_SNDTIMEO: `seconds` (at least 1 µs: 0 means none), or None for none."""
+    usec = 0 if seconds is None else max(1, round(seconds * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("@ll", usec // 1_000_000, usec % 1_000_000))
 
 
 def _is_connected_stream(fd: int) -> bool:

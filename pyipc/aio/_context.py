@@ -336,8 +336,9 @@ class Context:
 
     # -- the API -----------------------------------------------------------------------------
     async def connect(self, name: str, timeout: Optional[float] = None) -> Connection:
-        """A Connection to service `name`. Direct (connect_service, which does
-        not wait: the service's backlog takes the client), or through ipcd
+        """A Connection to service `name`. Direct (connect_service, which
+        waits only while the service's listen backlog is full, for at most
+        `timeout` seconds when given, blocking the loop), or through ipcd
         when IPC_NETWORK is set: then the loop awaits the exchange with ipcd
         (a long request sent as ipcd reads it, then its answer: ipcd may
         reach another host) for at most `timeout` seconds (default
@@ -347,7 +348,7 @@ class Context:
         self._bind()                        # closed meanwhile: connect nothing
         rules = network()
         if rules is None:
-            fd = self.sync.connect_service(name)
+            fd = self.sync._connect_direct(name, timeout)
         else:
             fd = await connect_through_ipcd(
                 self, name, rules, DEFAULT_IPCD_TIMEOUT if timeout is None else timeout)

@@ -793,3 +793,27 @@ def test_a_close_inside_a_callback_lingers_writing_only(ctx_factory, caplog):
         [f"closing fd {stuck} discards 1 scheduled message(s)"]
     for s in (x2, y2, c2, d2, e2, p2, q2):
         s.close()
+
+
+def test_add_switch_refuses_a_side_whose_switch_ended_and_drains(ctx_factory):
+    """After switch_end, the other side writes what is queued for it, then
+    closes. add_switch took it as free: when its drain ended, it closed its
+    new partner too. Refused as switch_send refuses it, on both backends."""
+    ctx = ctx_factory(linger=0)
+    a, x2, b, y2 = _switched_socketpairs(ctx)
+    ctx.switch_send(b, bytes(1 << 20))      # more than the socketpair holds
+    ctx.switch_end(a)                       # a closed; b drains
+    z1, z2 = socket.socketpair()
+    c = z1.detach()
+    ctx.add_connection(c)
+    with pytest.raises(pyipc.ConnectionClosedError,
+                       match=f"^connection on fd {b} is closed by the peer$"):
+        ctx.add_switch(b, c)
+    with pytest.raises(pyipc.ConnectionClosedError):
+        ctx.add_switch(c, b)
+    # c is untouched: still a plain connection.
+    z2.sendall(frame(b"still mine"))
+    assert [e.message for e in wait_for(ctx, EventType.MESSAGE_RX)
+            if e.type == EventType.MESSAGE_RX] == [b"still mine"]
+    for s in (x2, y2, z2):
+        s.close()

@@ -134,7 +134,9 @@
  * then each side stops being read, writes what is queued for it, and is
  * closed with a DISCONNECTION event. Both take an fd that is switched
  * (IPC_E_UNKNOWN_FD otherwise; IPC_E_CONNECTION_CLOSED for an fd whose switch
- * already ended). ipc_context_switch_events(ctx, 0) stops the SWITCH_RX and
+ * already ended). ipc_add_switch refuses such an fd too, still writing what
+ * is queued for it or with its write failed (IPC_E_CONNECTION_CLOSED): its
+ * end would close the new partner. ipc_context_switch_events(ctx, 0) stops the SWITCH_RX and
  * SWITCH_TX events of what is relayed from then on (1: reported again, the
  * default); ERROR and DISCONNECTION are always reported. The calls may be
  * made from inside a switching callback. Reads and waits may not

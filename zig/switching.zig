@@ -88,6 +88,10 @@ pub fn add(ctx: *Context, fd1: i32, fd2: i32) Error!void {
     const c1 = try switchable(ctx, fd1);
     const c2 = try switchable(ctx, fd2);
     for ([_]*Conn{ c1, c2 }) |x| {
+        // A side whose switch ended and still writes what is queued for it
+        // (closing), or whose write failed: its end would close the new
+        // partner (drop closes the peer), as switch_send refuses it.
+        if (x.closing or x.write_closed) return ctx.closedByPeer(x.fd);
         if (x.peer != null)
             return ctx.last.fail(error.Generic, "fd {d} is already switched", .{x.fd});
     }

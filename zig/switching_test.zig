@@ -297,6 +297,25 @@ test "end: what is queued goes out first, then both sides close" {
     try testing.expectEqual(board.a.inner, events.fds.items[events.fds.items.len - 1]);
 }
 
+test "add: a side whose switch ended and still drains is refused (its end would close the new partner)" {
+    var board = try Board.init();
+    defer board.deinit();
+    const ctx = board.ctx;
+    const big = try gpa.alloc(u8, 1 << 20); // more than the socketpair holds
+    defer gpa.free(big);
+    @memset(big, 'q');
+    try switching.send(ctx, board.a.inner, big);
+    try switching.end(ctx, board.b.inner, null); // b closed; a drains its queue
+    const third = try Side.init();
+    defer sys.closeFd(third.outer);
+    try ctx.addExternal(third.inner);
+    try testing.expectError(error.ConnectionClosed, switching.add(ctx, board.a.inner, third.inner));
+    var buf: [64]u8 = undefined;
+    const want = try std.fmt.bufPrint(&buf, "connection on fd {d} is closed by the peer", .{board.a.inner});
+    try testing.expectEqualStrings(want, ctx.last.text());
+    try testing.expect(ctx.table.get(third.inner).?.peer == null);
+}
+
 test "C ABI: ipc_switch_send, ipc_switch_end and ipc_context_switch_events" {
     const abi = @import("exports.zig");
     const errors = @import("errors.zig");

@@ -41,6 +41,11 @@ class Switching:
             raise IPCError(f"cannot switch fd {fd1} with itself")
         c1, c2 = self._switchable(fd1), self._switchable(fd2)
         for c in (c1, c2):
+            # A side whose switch ended and still writes what is queued for
+            # it, or whose write failed: its end would close the new
+            # partner, as switch_send refuses it (the core's switching.add).
+            if c.closing or c.write_closed:
+                raise closed_by_peer(c.fd)
             if c.peer is not None:
                 raise IPCError(f"fd {c.fd} is already switched")
         c1.peer, c2.peer = c2, c1

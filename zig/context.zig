@@ -113,6 +113,11 @@ pub const Context = struct {
     /// Switch callbacks running now (one inside another's forward): the
     /// limits, and with them switch_buf, cannot change under them.
     callback_depth: u32 = 0,
+    /// ipc_context_deinit was called inside a switch callback: everything
+    /// was closed at once, and the context is freed when the call that ran
+    /// the callback returns (freed under the callback, the loop that called
+    /// it used freed memory). See deinitInCallback.
+    deinit_pending: bool = false,
     /// The switching extension's state: switch_events, fds due for MORE
     /// (switching.zig).
     switch_state: switching.State = .{},
@@ -189,6 +194,21 @@ pub const Context = struct {
         self.switch_state.deinit(gpa);
         gpa.free(self.rundir);
         gpa.destroy(self);
+    }
+
+    /// ipc_context_deinit inside a switch callback: close everything now
+    /// (safe there: the records live until the callback returned); the
+    /// call that ran the callback ends (checkDeinit) and frees the context
+    /// as it returns (exports.zig).
+    pub fn deinitInCallback(self: *Context) void {
+        self.closeAll();
+        self.deinit_pending = true;
+    }
+
+    /// The loop stops once a callback asked for the context to be freed.
+    fn checkDeinit(self: *Context) Error!void {
+        if (self.deinit_pending)
+            return self.last.fail(error.Generic, "the context was deinitialised inside a switch callback", .{});
     }
 
     pub fn setRundir(self: *Context, dir: []const u8) Error!void {
@@ -1992,7 +2012,9 @@ pub const Context = struct {
         // Not waiting either when an `in` callback asked for MORE (switching.zig).
         const busy = self.events.live > 0 or switching.moreReady(self);
         try self.pollAndHandle(if (busy) 0 else timeout_ms);
+        try self.checkDeinit();
         try switching.runMore(self);
+        try self.checkDeinit();
     }
 
     /// Steps 2 and 3 of a round. A signal that ends the wait ends an
@@ -2047,6 +2069,7 @@ pub const Context = struct {
             // Waits even with events pending (a round would not): only the
             // queues' room or the deadline ends it.
             try self.pollAndHandle(msUntil(deadline));
+            try self.checkDeinit();
         }
     }
 

@@ -75,8 +75,21 @@ pub export fn ipc_context_init(out: ?*?*anyopaque) callconv(.c) c_int {
 
 pub export fn ipc_context_deinit(ptr: ?*?*anyopaque) callconv(.c) void {
     const slot = ptr orelse return;
-    if (context(slot.*)) |ctx| ctx.destroy();
+    if (context(slot.*)) |ctx| {
+        // Inside a switch callback the loop that called it still uses the
+        // context: closed now, freed when that call returns (finishCall).
+        if (ctx.callback_depth > 0) ctx.deinitInCallback() else ctx.destroy();
+    }
     slot.* = null;
+}
+
+/// The end of a call that may run switch callbacks (the waits, linger):
+/// a context that one of them deinitialised is freed now, and the call
+/// returns IPC_E_GENERIC (there is no context left to ask why).
+fn finishCall(ctx: *Context, code: c_int) c_int {
+    if (!ctx.deinit_pending or ctx.callback_depth > 0) return code;
+    ctx.destroy();
+    return errors.code(error.Generic);
 }
 
 pub export fn ipc_last_error(ptr: ?*anyopaque) callconv(.c) [*:0]const u8 {
@@ -310,6 +323,10 @@ pub export fn ipc_set_write_count(ptr: ?*anyopaque, count: usize) callconv(.c) v
 
 pub export fn ipc_linger(ptr: ?*anyopaque, fd: c_int, usec: i64) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return finishCall(ctx, linger(ctx, fd, usec));
+}
+
+fn linger(ctx: *Context, fd: c_int, usec: i64) c_int {
     defer ctx.syncReadiness();
     return rc(ctx, ctx.linger(fd, usec *| std.time.ns_per_us));
 }
@@ -581,6 +598,10 @@ pub export fn ipc_wait_events(
     count: ?*usize,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return finishCall(ctx, waitEventsInto(ctx, out, capacity, count));
+}
+
+fn waitEventsInto(ctx: *Context, out: ?[*]IpcEvent, capacity: usize, count: ?*usize) c_int {
     defer ctx.syncReadiness();
     if (count) |n| n.* = 0;
     // Events copied out could not be counted: they would be lost.
@@ -636,6 +657,17 @@ pub export fn ipc_wait_event(
     buflen: ?*usize,
 ) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
+    return finishCall(ctx, waitEvent(ctx, t, index, originfd, buffer, buflen));
+}
+
+fn waitEvent(
+    ctx: *Context,
+    t: ?*u8,
+    index: ?*usize,
+    originfd: ?*c_int,
+    buffer: ?[*]u8,
+    buflen: ?*usize,
+) c_int {
     defer ctx.syncReadiness();
     ctx.beginWait(false) catch |err| return rc(ctx, @as(Error!void, err));
     const ev = ctx.firstEvent().?;

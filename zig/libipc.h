@@ -144,7 +144,10 @@
  * ipc_wait_event, ipc_wait_events: IPC_E_GENERIC, "cannot read inside a
  * switch callback" or "cannot wait ..."; ipc_linger only writes there): the
  * loop that called it is still decoding what it read, into the buffers a
- * read would use.
+ * read would use. ipc_context_deinit(&ctx) there closes everything at once
+ * and sets ctx to NULL; the context is freed when the call that ran the
+ * callback (ipc_wait_event, ipc_wait_events, ipc_linger) returns, which it
+ * does at once with IPC_E_GENERIC (there is no context left to ask why).
  */
 #ifndef LIBIPC
 #define LIBIPC

@@ -599,3 +599,52 @@ test "a linger inside a switch callback only writes: it would read into the loop
     // It waited for the stuck connection, writing only.
     try testing.expectEqualStrings("linger timed out", Lingerer.text[0..Lingerer.text_len]);
 }
+
+// ------------------------------------------------------------ a callback that deinits
+
+/// An `in` callback that tears the context down (a fatal protocol error),
+/// through the C ABI, then says its fd is closing.
+const Deiniter = struct {
+    var handle: ?*anyopaque = null;
+    var after: ?*anyopaque = undefined;
+
+    fn in(orig: c_int, payload: [*]u8, mlen: *u32) callconv(.c) c_int {
+        _ = payload;
+        mlen.* = 0;
+        var buf: [64]u8 = undefined;
+        _ = c.read(orig, &buf, buf.len);
+        @import("exports.zig").ipc_context_deinit(&handle);
+        after = handle;
+        return @backingInt(switching.CbResult.fd_closing);
+    }
+};
+
+test "C ABI: ipc_context_deinit inside a switch callback frees the context when the wait returns" {
+    const abi = @import("exports.zig");
+    const errors = @import("errors.zig");
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_context_init(&Deiniter.handle));
+    // Freed by the callback; a failed test frees it here.
+    defer abi.ipc_context_deinit(&Deiniter.handle);
+    const local = Deiniter.handle;
+    const a = try Side.init();
+    defer sys.closeFd(a.outer);
+    const b = try Side.init();
+    defer sys.closeFd(b.outer);
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_add_external(local, a.inner));
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_add_external(local, b.inner));
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_add_switch(local, a.inner, b.inner));
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_set_switch_callbacks(local, a.inner, Deiniter.in, null));
+    abi.ipc_context_timer(local, 1000);
+    try sendAll(a.outer, "fatal");
+    // The context was freed under the callback, and the wait that ran it
+    // went on with it (use after free: a Debug panic in runMore).
+    var evs: [4]abi.IpcEvent = undefined;
+    var n: usize = 0;
+    try testing.expectEqual(errors.code(error.Generic), abi.ipc_wait_events(local, &evs, evs.len, &n));
+    try testing.expectEqual(@as(usize, 0), n);
+    try testing.expectEqual(@as(?*anyopaque, null), Deiniter.after);
+    // Everything was closed: the peers see the end.
+    var buf: [8]u8 = undefined;
+    try testing.expectEqual(@as(isize, 0), c.read(a.outer, &buf, buf.len));
+    try testing.expectEqual(@as(isize, 0), c.read(b.outer, &buf, buf.len));
+}

@@ -77,3 +77,34 @@ def test_close_releases_an_ended_fd_at_once(pair):
         os.fstat(pair.server_fd)
     with pytest.raises(pyipc.UnknownFdError):
         pair.server.close(pair.server_fd)
+
+
+def test_an_ended_connection_keeps_its_index_until_the_next_round(ctx_factory, rundir):
+    """The index too: a client accepted in the round that drops another got
+    the dropped one's slot, so both were reported with the same index in the
+    same batch (libIPC's ipc_close(ctx, index) on the old one's ERROR closed
+    the new client). The new client gets another; the slot is free again
+    from the next round (both backends)."""
+    import struct
+    from conftest import collect, raw_connect
+    server = ctx_factory()
+    server.service_init("svc")
+    a = raw_connect(rundir, "svc")
+    a_conn = wait_for(server, EventType.CONNECTION)[-1]
+    # An empty round: the service is not ready any more, so the next round
+    # handles a's fd first, as it became ready first.
+    assert server.wait_events(timeout=0) == []
+    a.sendall(struct.pack("<I", 0xFFFFFFFF))     # over every limit: dropped
+    b = raw_connect(rundir, "svc")               # waits for the same round
+    events = collect(server, lambda evs: any(e.type == EventType.CONNECTION for e in evs)
+                     and any(e.type == EventType.DISCONNECTION for e in evs))
+    ends = [(e.type, e.fd, e.index) for e in events if e.type != EventType.CONNECTION]
+    assert ends == [(EventType.ERROR, a_conn.fd, a_conn.index),
+                    (EventType.DISCONNECTION, a_conn.fd, a_conn.index)]
+    b_conn = [e for e in events if e.type == EventType.CONNECTION][0]
+    assert b_conn.index != a_conn.index
+    server.close(a_conn.fd)                      # released: the next client takes it
+    c = raw_connect(rundir, "svc")
+    assert wait_for(server, EventType.CONNECTION)[-1].index == a_conn.index
+    for s in (a, b, c):
+        s.close()

@@ -125,16 +125,23 @@ pub const Table = struct {
         return conn;
     }
 
-    /// Take conn out of the table (its slot becomes free). The record stays
+    /// Take conn out of the table (its slot becomes free, unless
+    /// `keep_slot`: then releaseSlot frees it later). The record stays
     /// readable until reap(); the caller closes the fd.
-    pub fn remove(self: *Table, gpa: Allocator, conn: *Conn) void {
+    pub fn remove(self: *Table, gpa: Allocator, conn: *Conn, keep_slot: bool) void {
         assert(conn.alive);
         conn.alive = false;
         assert(self.by_fd.remove(conn.fd));
         self.slots.items[conn.index] = null;
         // Capacity was reserved by add (free has room: see pushFree's fallback).
-        self.pushFree(gpa, conn.index);
+        if (!keep_slot) self.pushFree(gpa, conn.index);
         self.dead.appendAssumeCapacity(conn);
+    }
+
+    /// Free a slot that remove() kept.
+    pub fn releaseSlot(self: *Table, gpa: Allocator, index: u32) void {
+        assert(index < self.slots.items.len and self.slots.items[index] == null);
+        self.pushFree(gpa, index);
     }
 
     /// Destroy the records removed since the last reap.
@@ -203,8 +210,8 @@ test "a new entry takes the lowest free slot" {
         c.* = try t.add(gpa, @intCast(100 + i), .connection);
         try testing.expectEqual(@as(u32, @intCast(i)), c.*.index);
     }
-    t.remove(gpa, conns[3]);
-    t.remove(gpa, conns[1]);
+    t.remove(gpa, conns[3], false);
+    t.remove(gpa, conns[1], false);
     t.reap(gpa);
     const a = try t.add(gpa, 200, .connection);
     try testing.expectEqual(@as(u32, 1), a.index);
@@ -215,7 +222,7 @@ test "a new entry takes the lowest free slot" {
     try testing.expectEqual(a, t.get(200).?);
     try testing.expectEqual(b, t.atSlot(3).?);
     try testing.expectEqual(@as(usize, 6), t.count());
-    for ([_]*Conn{ conns[0], conns[2], conns[4], a, b, c }) |x| t.remove(gpa, x);
+    for ([_]*Conn{ conns[0], conns[2], conns[4], a, b, c }) |x| t.remove(gpa, x, false);
 }
 
 test "a record stays readable until reap" {
@@ -223,7 +230,7 @@ test "a record stays readable until reap" {
     var t: Table = .{};
     defer t.deinit(gpa);
     const x = try t.add(gpa, 7, .external);
-    t.remove(gpa, x);
+    t.remove(gpa, x, false);
     try testing.expect(!x.alive);
     try testing.expect(t.get(7) == null);
     t.reap(gpa);
@@ -231,4 +238,19 @@ test "a record stays readable until reap" {
 
 test "an idle connection record is small" {
     try testing.expect(@sizeOf(Conn) <= 256);
+}
+
+test "a kept slot is not reused until released" {
+    const gpa = testing.allocator;
+    var t: Table = .{};
+    defer t.deinit(gpa);
+    const x = try t.add(gpa, 7, .connection);
+    t.remove(gpa, x, true);
+    const y = try t.add(gpa, 8, .connection);
+    try testing.expectEqual(@as(u32, 1), y.index);
+    t.releaseSlot(gpa, 0);
+    const z = try t.add(gpa, 9, .connection);
+    try testing.expectEqual(@as(u32, 0), z.index);
+    t.remove(gpa, y, false);
+    t.remove(gpa, z, false);
 }

@@ -138,7 +138,7 @@ pub const Context = struct {
     /// closed yet: the number stays taken until the next round, so a new
     /// connection cannot get it while the old one's events are being handled
     /// (a reply to them would go to the wrong peer). See releaseEnded.
-    ended: std.AutoHashMapUnmanaged(i32, void) = .empty,
+    ended: std.AutoHashMapUnmanaged(i32, u32) = .empty,
     ready: [poller_mod.max_batch]poller_mod.Ready = undefined,
     /// Lets another thread end a wait (ipc_wakeup); watched by the poller.
     wakeup: Wakeup,
@@ -394,12 +394,16 @@ pub const Context = struct {
 
     /// The fd in slot `index`, for libIPC's index-based calls.
     pub fn fdAtIndex(self: *Context, index: usize) Error!i32 {
-        const conn = self.table.atSlot(index) orelse return self.last.fail(
+        if (self.table.atSlot(index)) |conn| return conn.fd;
+        // A connection that ended keeps its slot until the next round, as
+        // its fd: its index still names it (ipc_close releases it).
+        var it = self.ended.iterator();
+        while (it.next()) |e| if (e.value_ptr.* == index) return e.key_ptr.*;
+        return self.last.fail(
             error.UnknownFd,
             "index {d} is not managed by this context",
             .{index},
         );
-        return conn.fd;
     }
 
     /// What close(fd) would discard: see queuedMessages.
@@ -435,7 +439,7 @@ pub const Context = struct {
     fn addConn(self: *Context, fd: i32, role: conn_table.Role) Error!*Conn {
         const conn = try self.table.add(self.gpa, fd, role);
         errdefer {
-            self.table.remove(self.gpa, conn);
+            self.table.remove(self.gpa, conn, false);
             self.reapDead();
         }
         const want: poller_mod.Interest = .{ .read = true };
@@ -498,12 +502,13 @@ pub const Context = struct {
     /// Close fd and take it out of everything, with no event. A service's
     /// socket file is removed and its lock released. The record is freed by reap.
     fn forget(self: *Context, conn: *Conn) void {
-        self.unwatch(conn);
+        self.unwatch(conn, false);
         sys.closeFd(conn.fd);
     }
 
-    /// forget() but for closing the fd: the caller closes it or keeps it reserved.
-    fn unwatch(self: *Context, conn: *Conn) void {
+    /// forget() but for closing the fd: the caller closes it or keeps it
+    /// reserved, and with `keep_slot` its slot too (table.releaseSlot).
+    fn unwatch(self: *Context, conn: *Conn, keep_slot: bool) void {
         assert(conn.alive);
         self.unmarkDirty(conn);
         // A forked child shares the poller and the socket file with its
@@ -518,14 +523,18 @@ pub const Context = struct {
         // What it still had to write is not written: its pins are free.
         var sink: TxSink = .{ .ctx = self, .conn = conn };
         conn.queue.discard(self.gpa, &sink);
-        self.table.remove(self.gpa, conn);
+        self.table.remove(self.gpa, conn, keep_slot);
     }
 
-    /// Close the fds of connections that ended before this round: every event
-    /// about them has been handed out, since a round only runs when none is pending.
+    /// Close the fds of connections that ended before this round, and free
+    /// their slots: every event about them has been handed out, since a
+    /// round only runs when none is pending.
     fn releaseEnded(self: *Context) void {
-        var it = self.ended.keyIterator();
-        while (it.next()) |fd| sys.closeFd(fd.*);
+        var it = self.ended.iterator();
+        while (it.next()) |e| {
+            sys.closeFd(e.key_ptr.*);
+            self.table.releaseSlot(self.gpa, e.value_ptr.*);
+        }
         self.ended.clearRetainingCapacity();
     }
 
@@ -547,13 +556,17 @@ pub const Context = struct {
         const peer = conn.peer;
         conn.peer = null;
         if (peer) |p| p.peer = null;
-        self.unwatch(conn);
-        // The peer sees the end now (EOF, EPIPE); only the number stays taken.
+        self.unwatch(conn, true);
+        // The peer sees the end now (EOF, EPIPE); only the number stays taken,
+        // and the slot: a client accepted in the same round got it, and
+        // libIPC's ipc_close(ctx, index) / ipc_read on this one's events
+        // reached that client.
         // (Not for an external fd: it may be shared, shutdown would end it for all.)
         if (conn.role == .connection) _ = c.shutdown(fd, c.SHUT.RDWR);
         var failed: ?Allocator.Error = null;
-        self.ended.put(self.gpa, fd, {}) catch |e| {
+        self.ended.put(self.gpa, fd, conn.index) catch |e| {
             sys.closeFd(fd); // cannot keep it reserved: close it now
+            self.table.releaseSlot(self.gpa, conn.index);
             failed = e;
         };
         if (text) |t| self.events.pushData(self.gpa, .err, fd, index, t) catch |e| {
@@ -888,9 +901,10 @@ pub const Context = struct {
     /// events are dropped, and so are their unsent scheduled messages.
     pub fn close(self: *Context, fd: i32) Error!void {
         _ = self.noticeFork();
-        if (self.ended.remove(fd)) {
+        if (self.ended.fetchRemove(fd)) |kv| {
             self.events.dropFd(self.gpa, fd);
             sys.closeFd(fd);
+            self.table.releaseSlot(self.gpa, kv.value);
             return;
         }
         const conn = try self.lookup(fd);

@@ -1365,3 +1365,46 @@ test "a signal during a connect to a full service never gives an unconnected fd"
     try testing.expectEqualStrings("connect to service full was interrupted by a signal", ctx.last.text());
     try testing.expectEqual(@as(usize, 0), ctx.table.count());
 }
+
+test "an ended connection keeps its index until the next round: a client accepted meanwhile gets another" {
+    var p = try Pair.init("slotkeep");
+    defer p.deinit();
+    const a_index = p.server.table.get(p.server_fd).?.index;
+    // A announces a frame over every limit (it is dropped), then B connects:
+    // one round of the server drops A and accepts B.
+    const bad = framing.encodeHeader(0xFFFF_FFFF);
+    try sendRaw(p.client_fd, &bad);
+    const b_client = try p.client.connectService("slotkeep");
+    _ = b_client;
+    var b_fd: i32 = -1;
+    var b_index: i64 = -1;
+    var a_events: usize = 0;
+    while (b_fd < 0 or a_events < 2) {
+        var ev = try nextEvent(p.server);
+        defer ev.deinit();
+        switch (ev.kind) {
+            .connection => {
+                b_fd = ev.fd;
+                b_index = ev.index;
+            },
+            .err, .disconnection => {
+                try testing.expectEqual(p.server_fd, ev.fd);
+                try testing.expectEqual(@as(i64, a_index), ev.index);
+                a_events += 1;
+            },
+            else => return error.UnexpectedEvent,
+        }
+    }
+    // B took A's slot in the same round: libIPC's ipc_close(ctx, index) on
+    // A's ERROR closed B instead.
+    try testing.expect(b_index != a_index);
+    try testing.expectEqual(p.server_fd, try p.server.fdAtIndex(a_index));
+    try p.server.close(try p.server.fdAtIndex(a_index));
+    try testing.expect(p.server.table.get(b_fd) != null);
+    try testing.expectError(error.UnknownFd, p.server.fdAtIndex(a_index));
+    // Released: the next client takes it.
+    _ = try p.client.connectService("slotkeep");
+    var ev = try expectEvent(p.server, .connection, -2, null);
+    defer ev.deinit();
+    try testing.expectEqual(@as(i64, a_index), ev.index);
+}

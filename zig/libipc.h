@@ -76,6 +76,10 @@
  * large as the largest payload. An empty or NULL buffer is refused
  * (IPC_E_BUFFER_TOO_SMALL) before anything is read; a NULL payload with a
  * length is refused, as by every call that takes one (IPC_E_GENERIC).
+ * Indices: a connection that ends (ERROR, DISCONNECTION) keeps its slot, as
+ * its fd number, until the next wait or its close: ipc_close(ctx, index) and
+ * ipc_read(ctx, index) on its events reach it (IPC_E_CONNECTION_CLOSED for
+ * the read), never a client accepted in the same round, which gets another.
  * ipc_linger(ctx, fd, usec) sends what is scheduled for fd (every fd when fd
  * is -1) for at most usec (0: one attempt that does not wait): 0 when all
  * went out, else IPC_E_TIMEOUT (or IPC_E_INTERRUPTED). Its rounds read and accept (those events wait as

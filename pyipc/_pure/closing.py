@@ -6,6 +6,7 @@ the finalizer of a context dropped without close_all().
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import math
 import os
@@ -60,6 +61,7 @@ class Closing:
             return False
         self._pending.drop(fd)
         close_io(io)
+        heapq.heappush(self._free, self._ended_slots.pop(fd))
         return True
 
     def close_all(self: PureState) -> None:

@@ -108,13 +108,17 @@ class ConnTable:
         return conn
 
     def _forget(self: PureState, conn: Conn, keep_fd: bool = False) -> None:
-        """Stop watching conn, close its fd (or keep it reserved), free its slot."""
+        """Stop watching conn, close its fd and free its slot (or keep both
+        reserved until the next round: _release_ended)."""
         conn.alive = False
         if conn.mask:
             self._poller.unregister(conn.fd)
         del self._by_fd[conn.fd]
         self._slots[conn.index] = None
-        heapq.heappush(self._free, conn.index)
+        if keep_fd:
+            self._ended_slots[conn.fd] = conn.index
+        else:
+            heapq.heappush(self._free, conn.index)
         self._dirty.pop(conn, None)
         if conn.path is not None:
             _rundir.remove_stale_socket(conn.path)
@@ -137,6 +141,9 @@ class ConnTable:
         for io in self._ended.values():
             close_io(io)
         self._ended.clear()
+        for index in self._ended_slots.values():
+            heapq.heappush(self._free, index)
+        self._ended_slots.clear()
 
     def _lookup(self: PureState, fd: int) -> Conn:
         if type(fd) is not int:         # the check costs a call: a plain int needs none

@@ -52,7 +52,7 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
                  "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
                  "_spare_fd", "_ready", "_timer_base", "_plain_reads", "_more", "_round_no",
                  "_out_fd", "_linger_depth", "_muted", "_callback_depth", "_direct_read",
-                 "_nested_events")
+                 "_nested_events", "_ended_slots")
 
     backend = "pure"
 
@@ -87,6 +87,9 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         # the next round, so a new connection cannot get the same number while
         # the old one's events are handled (a reply would reach the wrong peer).
         self._ended: dict[int, socket.socket] = {}
+        # ...and their slot, so that a client accepted in the same round gets
+        # another index (as the core's: libIPC's index calls reached it).
+        self._ended_slots: dict[int, int] = {}
         self._poller, self._wake_r, self._wake_w = _context_fds()
         self._scratch = bytearray(SCRATCH_SIZE)
         self._scratch_view = memoryview(self._scratch)

@@ -54,6 +54,7 @@ class PureState(Protocol):
     _free: list[int]
     _dirty: dict[Conn, None]
     _ended: dict[int, socket.socket]
+    _ended_slots: dict[int, int]
     _poller: Poller
     _scratch_view: memoryview
     _spare_fd: SpareFd

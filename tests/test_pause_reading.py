@@ -72,3 +72,24 @@ def test_pause_reading_of_what_has_no_input_is_refused(pair):
            pair.server.pause_reading, 123456)
     raises(pyipc.UnknownFdError, f"fd {pair.service_fd} is not a connection",
            pair.server.pause_reading, pair.service_fd)
+
+
+def test_a_paused_connection_with_a_queued_write_sees_its_peer_end_once_resumed(pair):
+    """With a write queued for it, the poller reports a paused fd's hang-up:
+    it was read then (its messages, ERROR and DISCONNECTION while paused).
+    Now the flush meets the hang-up and the fd waits: all of it comes once
+    resumed, in order (both backends)."""
+    pair.server.pause_reading(pair.server_fd)
+    pair.server.schedule(pair.server_fd, bytes(4 << 20))  # the client never reads it
+    for m in (b"one", b"two"):
+        pair.client.write(pair.client_fd, m)
+    pair.client.close(pair.client_fd, linger=0)
+    for _ in range(3):      # the hang-up is there at once: each round sees it
+        assert pair.server.wait_events(timeout=0) == []
+    pair.server.pause_reading(pair.server_fd, False)
+    events = collect(pair.server, lambda seen: any(e.type is EventType.DISCONNECTION
+                                                   for e in seen))
+    assert [(e.type, e.message or e.error) for e in events] == [
+        (EventType.MESSAGE_RX, b"one"), (EventType.MESSAGE_RX, b"two"),
+        (EventType.ERROR, "peer closed the connection with 1 scheduled message(s) unsent"),
+        (EventType.DISCONNECTION, None)]

@@ -466,7 +466,9 @@ pub const Context = struct {
         const paused = if (conn.peer) |p| p.queue.queuedBytes() > max else false;
         const want: poller_mod.Interest = .{
             .read = !paused and !conn.closing and !conn.read_paused and !conn.muted,
-            .write = !conn.queue.isEmpty(),
+            // A queue whose write failed is never sent (a paused fd keeps it
+            // until resumed: see flushConn).
+            .write = !conn.queue.isEmpty() and !conn.write_closed,
         };
         if (want == conn.registered) return;
         // On failure the old interest stays registered; the next change retries.
@@ -1296,6 +1298,10 @@ pub const Context = struct {
                 if (e == .PIPE or e == .CONNRESET) {
                     conn.write_closed = true;
                     self.unmarkDirty(conn); // nothing more to write (see markDirty)
+                    // A paused fd is not read: what the peer sent, and its
+                    // end, are seen once it is resumed (pause_reading).
+                    if (conn.read_paused and !conn.closing and conn.peer == null)
+                        return self.updateInterest(conn);
                     // What the peer sent before it went is read to the end
                     // (a closing side's input has nowhere to go): pyipc
                     // frames all at once, with no budget since nothing
@@ -2222,6 +2228,9 @@ pub const Context = struct {
             if (self.linger_depth > 0) try self.mute(conn);
             return;
         } else if (r.readable) {
+            // A hang-up shows as readable while a write is queued: a paused
+            // fd is not read, the flush meets the hang-up (flushConn).
+            if (conn.read_paused) return self.flushConn(conn);
             try self.readConn(conn, true);
         }
         if (conn.alive and r.writable) try self.flushConn(conn);

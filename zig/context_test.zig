@@ -1408,3 +1408,28 @@ test "an ended connection keeps its index until the next round: a client accepte
     defer ev.deinit();
     try testing.expectEqual(@as(i64, a_index), ev.index);
 }
+
+test "a paused connection with a queued write sees its peer's end only once resumed" {
+    var p = try Pair.init("pausehup");
+    defer p.deinit();
+    try p.server.pauseReading(p.server_fd, true);
+    const big = try gpa.alloc(u8, 4 << 20); // more than the socket takes: stays queued
+    defer gpa.free(big);
+    @memset(big, 'b');
+    try p.server.schedule(p.server_fd, big);
+    try p.client.write(p.client_fd, "one");
+    try p.client.close(p.client_fd);
+    // The hang-up is there at once; with write interest the poller reports
+    // it, and the paused fd was read (MESSAGE_RX, ERROR, DISCONNECTION).
+    p.server.setCallTimeout(0);
+    for (0..3) |_| {
+        p.server.events.releaseLent(gpa);
+        try testing.expectError(error.Timeout, p.server.wait(false));
+        try testing.expectEqual(@as(usize, 0), p.server.pendingEvents());
+    }
+    p.server.setCallTimeout(-1);
+    try p.server.pauseReading(p.server_fd, false);
+    try expectOnly(p.server, .message_rx, p.server_fd, "one");
+    try expectOnly(p.server, .err, p.server_fd, "peer closed the connection with 1 scheduled message(s) unsent");
+    try expectOnly(p.server, .disconnection, p.server_fd, null);
+}

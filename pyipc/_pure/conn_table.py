@@ -167,7 +167,7 @@ class ConnTable:
         writes while queued."""
         mask = 0 if conn.closing or conn.read_paused or conn.muted or (
             conn.peer is not None and conn.peer.queued_bytes > self._max_queue_size) else READ
-        if conn.queue:
+        if conn.queue and not conn.write_closed:    # (a failed queue is never sent)
             mask |= WRITE
         if mask == conn.mask:
             return

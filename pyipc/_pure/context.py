@@ -316,6 +316,11 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
                 self._set_interest(conn)
         else:
             if mask & READ:
+                # A hang-up shows as readable while a write is queued: a
+                # paused fd is not read, the flush meets the hang-up (_flush).
+                if conn.read_paused:
+                    self._flush(conn)
+                    return
                 self._read_conn(conn)
             if conn.alive and mask & WRITE:
                 self._flush(conn)

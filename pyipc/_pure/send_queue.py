@@ -198,6 +198,11 @@ class SendQueue:
         except (BrokenPipeError, ConnectionResetError):
             conn.write_closed = True
             self._dirty.pop(conn, None)     # nothing more to write (see _enqueue)
+            # A paused fd is not read: what the peer sent, and its end, are
+            # seen once it is resumed (pause_reading; the core's flushConn).
+            if conn.read_paused and not conn.closing and conn.peer is None:
+                self._set_interest(conn)
+                return
             # What the peer sent before it went is read to the end (a closing
             # side's input has nowhere to go): pyipc frames all at once (no
             # budget: nothing follows them), a foreign protocol's by its

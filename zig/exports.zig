@@ -534,7 +534,7 @@ pub export fn ipc_read_many(
     const out = outBuffer(buffer, buflen);
     if (out.len > std.math.maxInt(u32)) return rc(
         ctx,
-        @as(Error!void, ctx.last.fail(error.Generic, "read_many: buffer over 4 GiB", .{})),
+        @as(Error!void, ctx.last.fail(error.Generic, "read_many: a buffer of 4 GiB or more", .{})),
     );
     var copier: MessageCopier = .{
         .buffer = out,

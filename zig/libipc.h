@@ -35,7 +35,7 @@
  * that fits the buffer is read from the socket straight into it. ipc_read_many(ctx, fd, buffer, buflen, lengths, capacity,
  * count) blocks like ipc_read_fd() until fd has a message, then copies fd's
  * next messages, at least one and at most `capacity`, back to back into
- * `buffer` (*buflen bytes, at most 4 GiB), their sizes into `lengths` (*count
+ * `buffer` (*buflen bytes, less than 4 GiB), their sizes into `lengths` (*count
  * messages). When the first does not fit, it stays queued and the call
  * returns IPC_E_BUFFER_TOO_SMALL with *buflen set to its size. One context belongs to one thread at a
  * time; the only call another thread may make is ipc_wakeup(ctx), which makes
@@ -70,7 +70,10 @@
  * ipc_send_fd(sock, fd, payload, len) and ipc_receive_fd(sock, &fd, buffer,
  * &buflen) are libIPC's raw fd-passing helpers (no framing): receive blocks
  * for the next bytes and the fd sent with them (-1 when none; a NULL &fd:
- * a received fd is closed, not leaked). A stream
+ * a received fd is closed, not leaked). At the end of the stream receive
+ * returns IPC_OK with *buflen 0 and no fd: a loop waiting for an fd stops
+ * there. SCM_RIGHTS needs a byte to travel with: send with an empty payload
+ * sends one NUL byte, which the receiver gets (*buflen 1). A stream
  * socket keeps no boundaries, so a buffer smaller than what was sent gets its
  * first bytes and the rest comes with the next call: give it a buffer as
  * large as the largest payload. An empty or NULL buffer is refused

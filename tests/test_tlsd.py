@@ -522,20 +522,29 @@ def _name_and_end_in_one_write(port: int, certs: Certs, stream: bytes) -> bytes:
         except ssl.SSLWantReadError:
             pass                                # the answer is not awaited here
         sock.sendall(flight + outgoing.read())
-        sock.settimeout(20)
-        got = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return got + b"<EOF>"
-            incoming.write(chunk)
-            try:
-                while True:
-                    got += tls.read(65536)
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLZeroReturnError:
-                return got + b"<close_notify>"
+        return _answer_by_hand(sock, tls, incoming)
+
+
+def _answer_by_hand(sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO) -> bytes:
+    """What tlsd sends back on a session made by hand (tls_by_hand), to
+    its end: ending in b"<close_notify>" or b"<EOF>" (TCP closed without it)."""
+    sock.settimeout(20)
+    got = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return got + b"<EOF>"
+        incoming.write(chunk)
+        try:
+            while True:
+                more = tls.read(65536)
+                if not more:                # (the session's end, as ssl sees it)
+                    return got + b"<close_notify>"
+                got += more
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            return got + b"<close_notify>"
 
 
 def test_frames_and_close_notify_sent_with_the_name_reach_the_service_then_end(
@@ -1003,23 +1012,7 @@ def _bare_name_then_fin(port: int, certs: Certs, name: bytes) -> bytes:
         tls.write(name)
         sock.sendall(flight + outgoing.read())
         sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(20)
-        got = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return got + b"<EOF>"
-            incoming.write(chunk)
-            try:
-                while True:
-                    more = tls.read(65536)
-                    if not more:                # (the session's end, as ssl sees it)
-                        return got + b"<close_notify>"
-                    got += more
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLZeroReturnError:
-                return got + b"<close_notify>"
+        return _answer_by_hand(sock, tls, incoming)
 
 
 def test_a_bare_name_then_the_peers_end_is_served_at_once(backend, rundir, certs):

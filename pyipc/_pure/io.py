@@ -89,7 +89,7 @@ class Writing:
         # raises right after it would leave those bytes unaccounted (the
         # stream then corrupt). poll() moves no bytes: an exception there is
         # harmless (_keep_framed).
-        sent = 0
+        sent, size = 0, sum(map(len, frame))
         mine: Optional[Tuple[list[Bytes], list[int], int]] = None   # our record in conn.stopped
         if conn.stopped is not None:        # an earlier write's rest goes first
             self._keep_framed(conn)
@@ -115,6 +115,8 @@ class Writing:
                         sent += n       # counted and recorded at once (see _sending)
                         mine = (frame, lens, sent)
                         conn.stopped = mine
+                    if sent == size:    # every byte out (a handler taking the record now finds no rest)
+                        break
                 except BlockingIOError:
                     block.idle(fd, select.POLLOUT)
                 except InterruptedError:

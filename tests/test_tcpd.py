@@ -20,7 +20,7 @@ import pytest
 
 import pyipc
 from pyipc.daemons.ipcd import Ipcd
-from pyipc.daemons._netwire import MAX_NAME, MAX_URI, NAME_TOO_LONG
+from pyipc.daemons._netwire import MAX_NAME, MAX_REFUSAL, MAX_URI, NAME_TOO_LONG
 from pyipc.daemons._sockets import MAX_DEAD_PEER_TIMEOUT, default_per_host, peer_key, tune_tcp
 from pyipc.daemons._timers import MAX_TIMEOUT
 from pyipc.daemons.tcpd import Tcpd, parse_uri
@@ -454,6 +454,10 @@ def test_what_follows_ok_reaches_the_client(dialler):
      "not ok: is it a pyipc or libIPC tcpd?"),
     (None, pyipc.NetworkError,                                        # silent
      "(timeout): no answer from tcp://127.0.0.1:{port}/svc in 1 s"),
+    # A refusal past MAX_REFUSAL is cut on a character boundary (cut inside
+    # the last "é", the client's text ended in U+FFFD).
+    (b"ne refused x" + "é".encode() * 300 + b"\n", pyipc.NetworkError,
+     "(refused): x" + "é" * ((MAX_REFUSAL - len("refused x")) // 2)),
 ])
 def test_remote_answers_other_than_ok(dialler, reply, cls, text):
     def behave(conn: socket.socket, name: bytes) -> None:

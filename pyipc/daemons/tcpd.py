@@ -540,7 +540,7 @@ class Tcpd(Daemon):
         dial.answer += dial.sock.recv(end + 1 if end >= 0 else max(1, len(seen)))
         if end < 0 and seen and len(dial.answer) <= wire.MAX_REFUSAL + 3:
             return
-        line = dial.answer.split(b"\n", 1)[0][:wire.MAX_REFUSAL + 3]
+        line = wire.cut_answer(dial.answer.split(b"\n", 1)[0])
         self._answer_ipcd(dial, line)
 
     def _hand_over(self, dial: _Dial) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple, Type, TypeVar, overload
 
 from .._checks import as_payload, closed_by_peer
 from .._types import ConnectionClosedError, IPCError, Payload
+from ._flavor import get_running_loop
 
 if TYPE_CHECKING:
     from ..typed import Registry
@@ -51,6 +52,8 @@ class Connection:
         self.ctx = ctx
         #: The connection's fd in the underlying pyipc.Context (ctx.sync).
         self.fd = fd
+        # The context's max_queue_size (fixed for its life), read per send().
+        self._queue_max = ctx.sync.max_queue_size
         #: The reason the connection failed (an ERROR event's text), if it did.
         self.error: Optional[str] = None
         self._inbox: deque[bytes] = deque()
@@ -94,12 +97,12 @@ class Connection:
                                 low: Optional[int] = None) -> None:
         """Set the high-water mark (default the context's `high_water`) and the
         low-water mark (default high // 4), as asyncio's transports do."""
+        self.ctx._check_loop()          # before anything changes
         high = self._high if high is None else high
         low = high // 4 if low is None else low
         if not 0 <= low <= high:
             raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
         self._high, self._low = high, low
-        self.ctx._check_loop()
         self.ctx._flavor_wake(self._tx_waiters)
 
     def peer_credentials(self) -> Tuple[int, int, int]:
@@ -120,7 +123,8 @@ class Connection:
         Cancelled, it has queued nothing; returned, its whole
         message is queued and goes out in order. ConnectionClosedError once
         the connection has ended."""
-        self.ctx._check_loop()
+        if get_running_loop() is not self.ctx._loop:      # (see Context._check_loop)
+            self.ctx._check_loop()
         if self._unsent > self._high:
             await self._wait_for_room(self._low)
         self._check_open()
@@ -129,7 +133,7 @@ class Connection:
         # What the fd's send queue may hold besides this frame: past
         # max_queue_size schedule() refuses it (QueueFullError), so with a
         # max_queue_size below the high-water mark send() waits here too.
-        room = self.ctx.sync.max_queue_size - size
+        room = self._queue_max - size
         if 0 <= room < self._unsent:
             await self._wait_for_room(min(room, self._low))
             self._check_open()
@@ -146,7 +150,8 @@ class Connection:
     async def drain(self) -> None:
         """Wait until everything scheduled on this connection is written
         (or the connection ends)."""
-        self.ctx._check_loop()
+        if get_running_loop() is not self.ctx._loop:      # (see Context._check_loop)
+            self.ctx._check_loop()
         while self._unsent and self._ended is None:
             await self.ctx._wait(self._tx_waiters)
 
@@ -158,7 +163,8 @@ class Connection:
     async def recv(self) -> bytes:
         """The next message. Messages that arrived before the peer left are
         all returned first; then ConnectionClosedError."""
-        self.ctx._check_loop()
+        if get_running_loop() is not self.ctx._loop:      # (see Context._check_loop)
+            self.ctx._check_loop()
         while not self._inbox:
             self._check_open()
             await self.ctx._wait(self._rx_waiters)

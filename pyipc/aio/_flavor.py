@@ -240,6 +240,15 @@ def current_anyio_run() -> object:
     return library, threading.get_ident()
 
 
+#: The running asyncio loop or None, in one C call (asyncio's own
+#: _get_running_loop: no exception when there is none).
+get_running_loop: Callable[[], Optional[asyncio.AbstractEventLoop]] = \
+    asyncio.events._get_running_loop
+#: What a context's _loop is when no asyncio loop is its own: never the
+#: running loop, nor None (so that the full check runs).
+NOT_ASYNCIO = object()
+
+
 def running_asyncio_loop() -> Optional[asyncio.AbstractEventLoop]:
     """The running asyncio loop, or None (under trio, or no loop at all)."""
     try:

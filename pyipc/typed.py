@@ -496,6 +496,19 @@ def _cbor_dumps(value: object) -> bytes:
 
 
 def _cbor_encode(body: Dict[str, Any], what: str) -> bytes:
+    if _small_and_plain(body):
+        # Nowhere near MAX_CBOR_DEPTH, no cycle: the nesting walk (which cost
+        # more than cbor2 itself on such bodies) is not needed, and the
+        # receiver's check runs only when a scan of the bytes says it may
+        # refuse them. A failure is said by the full path below.
+        try:
+            data = _cbor_dumps(body)
+        except (cbor2.CBORError, ValueError, TypeError):
+            pass
+        else:
+            if _may_be_refused(data):
+                _check_as_receiver(body, data, what)
+            return data
     seen = _Seen()
     near = _cbor_check_nesting(body, what, seen)
     try:
@@ -522,6 +535,40 @@ _PLAIN_VALUES = frozenset({int, float, str, bytes, bool, type(None), list, tuple
 _PLAIN_KEYS = frozenset({int, float, str, bytes, bool, type(None)})
 #: cbor2 encodes an int as a bignum (tag 2 or 3) outside [-2**64, 2**64).
 _BIGNUM = 2 ** 64
+
+
+#: What encode()'s quick path takes (see _small_and_plain): scalars, and at
+#: most _QUICK_ITEMS values in all, in the plain containers cbor2 writes as
+#: arrays and maps (and sets, as tag 258).
+_QUICK_LEAVES = frozenset({int, float, str, bytes, bool, type(None)})
+_QUICK_CONTAINERS = frozenset({list, tuple, dict, set, frozenset})
+_QUICK_ITEMS = 256
+
+
+def _small_and_plain(body: Dict[str, Any]) -> bool:
+    """Whether `body` holds only scalars (ints within 64 bits: past them
+    cbor2 writes a bignum) and plain containers, at most _QUICK_ITEMS values
+    and keys in all: then it nests at most that deep (far below
+    MAX_CBOR_DEPTH) and has no cycle (one would count without end)."""
+    stack = list(body.values())
+    seen = 0
+    while stack:
+        seen += 1
+        if seen > _QUICK_ITEMS:
+            return False
+        value = stack.pop()
+        kind = type(value)
+        if kind in _QUICK_LEAVES:
+            if kind is int and not -_BIGNUM <= value < _BIGNUM:
+                return False
+        elif kind is dict:
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif kind in _QUICK_CONTAINERS:
+            stack.extend(value)
+        else:
+            return False
+    return True
 
 
 class _Seen:

@@ -334,7 +334,8 @@ class NativeContext(Context):
             rc = lib.ipc_connect_service(self._ctx, fd, raw, len(raw))
             if rc != _E_INTERRUPTED:
                 break
-            self._resume(deadline)
+            # The call's own timeout again: the handler's calls gave the core theirs.
+            self._resume_after_handover(deadline)
         self._check(rc)
         return fd[0]
 

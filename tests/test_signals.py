@@ -368,6 +368,42 @@ def test_a_handler_that_sends_during_a_blocked_write_goes_after_its_frame(pair, 
     assert rest == (big[:1] if outer == "write" else big) + [b"end"]
 
 
+def test_a_handler_that_closes_the_fd_of_a_blocked_write_sends_its_frame(pair):
+    """The handler closes (with a linger) the fd the interrupted write is
+    writing: the linger sends the frame in progress, whole, and ends as soon
+    as it is out. Pure's linger saw the write's record and waited the whole
+    linger sending nothing (the peer then got a cut frame)."""
+    client, fd = pair.client, pair.client_fd
+    big = bytes(range(256)) * (32 * 1024)            # 8 MiB
+    received: list[object] = []
+
+    def drain() -> None:
+        try:
+            while True:
+                received.append(pair.server.read(pair.server_fd, timeout=20))
+        except pyipc.ConnectionClosedError:
+            received.append("closed")
+
+    reader = threading.Thread(target=drain)
+    took: list[float] = []
+
+    def close_it(signum: int, frame_: object) -> None:
+        reader.start()
+        start = time.monotonic()
+        client.close(fd, linger=10)
+        took.append(time.monotonic() - start)
+
+    with watchdog(lambda: None), alarm(close_it) as fired:
+        try:
+            client.write(fd, big)
+        except pyipc.UnknownFdError:
+            pass                    # native: the fd is gone when the write goes on
+        assert fired
+    reader.join(timeout=30)
+    assert took and took[0] < 5                     # not the whole linger
+    assert received == [big, "closed"]
+
+
 def test_a_handler_write_with_a_timeout_does_not_bound_the_write_it_interrupted(pair):
     """The interrupted write_many had no timeout; the handler's write had one,
     which the core kept for the rest of the interrupted call (native): it
@@ -896,6 +932,29 @@ def test_a_handler_that_returns_during_a_connect_lets_it_go_on(
     ctx.write(fd, b"connected")
     mine.settimeout(10)
     assert mine.recv(100) == frame(b"connected")
+
+
+def test_a_handler_call_with_a_timeout_does_not_bound_the_connect_it_interrupted(
+        ctx_factory, full_service, monkeypatch, rundir):
+    """The connect had no timeout; the handler's write had one, which
+    native's core kept for the rest of the connect: TimeoutError while the
+    service was only slow to accept (as for writes, see above)."""
+    monkeypatch.delenv("IPC_NETWORK", raising=False)
+    ctx = ctx_factory()
+    ctx.service_init("own")
+    own = ctx.connect_service("own")
+    slow = threading.Timer(0.5, full_service.accept_one)    # longer than the handler's 0.1 s
+
+    def write_then_accept_later(signum: int, frame_: object) -> None:
+        ctx.write(own, b"x", timeout=0.1)
+        slow.start()
+
+    try:
+        with watchdog(full_service.accept_one), alarm(write_then_accept_later) as fired:
+            ctx.connect_service("full")
+        assert fired
+    finally:
+        slow.cancel()
 
 
 def test_connect_with_a_timeout_is_bounded_by_it(ctx_factory, full_service, monkeypatch):

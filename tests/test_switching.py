@@ -817,3 +817,48 @@ def test_add_switch_refuses_a_side_whose_switch_ended_and_drains(ctx_factory):
             if e.type == EventType.MESSAGE_RX] == [b"still mine"]
     for s in (x2, y2, z2):
         s.close()
+
+
+def test_pure_a_relaying_callback_writes_no_wake_up(rundir, monkeypatch):
+    """A switch callback that relays with switch_send() is a nested call of
+    the loop: pure's nested calls raise the wake-up pipe when events are
+    pending (for a read they interrupted), which in a callback, where no
+    read can wait, cost a write(2) and a spurious wake-up per message.
+    White-box: pure only."""
+    from pyipc._pure.context import PureContext
+    server = pyipc.Context(rundir=rundir, backend="pure")
+    client = pyipc.Context(rundir=rundir, backend="pure")
+    wakes: list[int] = []
+    real = PureContext._wakeup
+    monkeypatch.setattr(PureContext, "_wakeup", lambda self: (wakes.append(1), real(self)))
+    try:
+        server.service_init("lines")
+        cfd = client.connect_service("lines")
+        conn = next(ev.fd for ev in server.wait_events(timeout=5)
+                    if ev.type == EventType.CONNECTION)
+        inner, outer = socket.socketpair()
+        fd = inner.detach()
+        server.add_external(fd)
+        server.add_switch(fd, conn)
+
+        def on_out(f: int, payload: bytes) -> CBEvent:
+            server.switch_send(f, payload + b"\n")
+            return CBEvent.NO_ERROR
+        server.set_switch_callbacks(fd, None, on_out)
+        client.write_many(cfd, [b"m%d" % i for i in range(100)])
+        got = b""
+        outer.settimeout(0.05)
+        for _ in range(1000):       # rounds: each relays what came and flushes
+            if got.count(b"\n") == 100:
+                break
+            server.wait_events(timeout=0)           # (switch_send's bytes make no event)
+            try:
+                got += outer.recv(1 << 16)
+            except socket.timeout:
+                pass
+        assert got.split(b"\n")[:100] == [b"m%d" % i for i in range(100)]
+        assert wakes == []
+        outer.close()
+    finally:
+        server.close_all()
+        client.close_all()

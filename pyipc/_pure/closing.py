@@ -93,6 +93,12 @@ class Closing:
 
         if not linger or not scheduled():
             return
+        # A write in progress (a signal handler's close, inside it) has its
+        # frame's rest queued first, so the linger sends it: its record alone
+        # is sent by nobody (the linger then waited it out, sending nothing).
+        for conn in conns:
+            if conn.stopped is not None:
+                self._keep_framed(conn)
         deadline = time.monotonic() + linger
         if self._callback_depth:
             return self._linger_writing(conns, deadline)

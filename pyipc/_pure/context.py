@@ -208,7 +208,10 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         try:
             return method(self, *args, **kwargs)
         finally:
-            if self._pending:
+            # Not inside a switch callback: no read can be waiting there
+            # (they are refused), and a relaying callback would pay a wake-up
+            # for every message (SWITCH events are pending in every round).
+            if self._pending and not self._callback_depth:
                 self._nested_events = True
                 self._wakeup()
 

@@ -609,15 +609,8 @@ def _flood_an_unread_connection(actx, ctx_factory, high: int,
 
             server = await ctx.serve("s", hold)
             fd = sender.connect("s")
-            sent = 0
-
-            def write_until_blocked() -> None:
-                nonlocal sent
-                with pytest.raises(pyipc.TimeoutError):
-                    while sent < 100_000:              # far past any socket buffer
-                        sender.write(fd, message(sent), timeout=1)
-                        sent += 1
-            await asyncio.get_running_loop().run_in_executor(None, write_until_blocked)
+            sent = await asyncio.get_running_loop().run_in_executor(
+                None, write_until_blocked, sender, fd, message)
             (conn,) = conns
             assert sent < 100_000
             assert conn._read_paused
@@ -628,6 +621,18 @@ def _flood_an_unread_connection(actx, ctx_factory, high: int,
             server.close()
     run(main)
     return got
+
+
+def write_until_blocked(sender: pyipc.Context, fd: int,
+                        message: Callable[[int], bytes]) -> int:
+    """Write message(0), message(1), ... to fd until a write times out (the
+    peer's socket and ours are full): how many went."""
+    sent = 0
+    with pytest.raises(pyipc.TimeoutError):
+        while sent < 100_000:              # far past any socket buffer
+            sender.write(fd, message(sent), timeout=1)
+            sent += 1
+    return sent
 
 
 def test_a_connection_nobody_reads_holds_its_sender_back(actx, ctx_factory):
@@ -1018,15 +1023,8 @@ def test_a_client_of_a_plain_service_nobody_reads_is_held_back(actx, ctx_factory
         async with actx(high_water=high) as ctx:
             ctx.service_init("plain")
             fd = sender.connect("plain")
-            sent = 0
-
-            def write_until_blocked() -> None:
-                nonlocal sent
-                with pytest.raises(pyipc.TimeoutError):
-                    while sent < 100_000:              # far past any socket buffer
-                        sender.write(fd, b"%08d" % sent + b"m" * 1000, timeout=1)
-                        sent += 1
-            await asyncio.get_running_loop().run_in_executor(None, write_until_blocked)
+            sent = await asyncio.get_running_loop().run_in_executor(
+                None, write_until_blocked, sender, fd, lambda i: b"%08d" % i + b"m" * 1000)
             assert sent < 100_000
             queued = [ev.message for ev in ctx._events if ev.type == EventType.MESSAGE_RX]
             assert sum(4 + len(m) for m in queued) <= high + (1 << 20)  # + one round's reads

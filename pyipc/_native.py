@@ -609,7 +609,11 @@ class NativeContext(Context):
         as a stopped write returned, before it asked the core how far it got:
         _write_on). The call may write and so reset the core's count of the
         stopped write's messages (the write then sent them again): it is
-        given back afterwards."""
+        given back afterwards. Not inside the core's round (a switch
+        callback's call): no write of this thread is stopped there, and a
+        relaying callback would pay two C calls a message."""
+        if self._in_round:
+            return method(self, *args, **kwargs)
         count = lib.ipc_write_count(self._ctx)
         try:
             return method(self, *args, **kwargs)

@@ -86,19 +86,19 @@ class Closing:
         rounds there would read other fds and run their callbacks under the
         loop that called this one."""
         def scheduled() -> bool:
-            # (a queue whose write failed is never sent: nothing to wait for;
-            # a stopped write's rest not queued yet is sent: see _keep_framed)
-            return any(c.alive and (c.queue or c.stopped is not None) and not c.write_closed
-                       for c in conns)
+            # (a queue whose write failed is never sent: nothing to wait for)
+            return any(c.alive and c.queue and not c.write_closed for c in conns)
 
-        if not linger or not scheduled():
+        if not linger:
             return
-        # A write in progress (a signal handler's close, inside it) has its
-        # frame's rest queued first, so the linger sends it: its record alone
-        # is sent by nobody (the linger then waited it out, sending nothing).
+        # A write in progress (a signal handler's close, inside it), or one a
+        # second exception stopped, has its frame's rest queued first, so the
+        # linger sends it: its record alone is sent by nobody.
         for conn in conns:
             if conn.stopped is not None:
                 self._keep_framed(conn)
+        if not scheduled():
+            return
         deadline = time.monotonic() + linger
         if self._callback_depth:
             return self._linger_writing(conns, deadline)
@@ -130,7 +130,7 @@ class Closing:
         while True:
             still: list[Conn] = []
             for conn in left:
-                if not conn.alive or conn.write_closed or not (conn.queue or conn.stopped is not None):
+                if not conn.alive or conn.write_closed or not conn.queue:
                     continue
                 try:
                     self._send_queued(conn)

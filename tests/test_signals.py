@@ -393,15 +393,40 @@ def test_a_handler_that_closes_the_fd_of_a_blocked_write_sends_its_frame(pair):
         client.close(fd, linger=10)
         took.append(time.monotonic() - start)
 
-    with watchdog(lambda: None), alarm(close_it) as fired:
-        try:
-            client.write(fd, big)
-        except pyipc.UnknownFdError:
-            pass                    # native: the fd is gone when the write goes on
-        assert fired
+    with watchdog(lambda: None), alarm(close_it) as fired, \
+            pytest.raises(pyipc.UnknownFdError, match=f"fd {fd} is not managed"):
+        client.write(fd, big)       # the fd is gone when the write goes on
+    assert fired
     reader.join(timeout=30)
     assert took and took[0] < 5                     # not the whole linger
     assert received == [big, "closed"]
+
+
+@pytest.mark.parametrize("call", ["read", "read_many", "read_into", "write", "write_many"])
+def test_a_handler_that_closes_the_fd_of_a_blocked_call_ends_it_with_unknown_fd(pair, call):
+    """The handler closes the fd the call waits on (nothing comes; a write
+    finds the peer's buffer full): the call raises UnknownFdError, what it
+    would have raised had it begun after the close, on both backends. Pure
+    raised IPCError "read failed: Bad file descriptor" (its socket object
+    closed under it)."""
+    client, fd = pair.client, pair.client_fd
+    big = b"w" * (8 << 20)                  # never read: the write waits for room
+    calls = {"read": lambda: client.read(fd), "read_many": lambda: client.read_many(fd),
+             "read_into": lambda: client.read_into(fd, bytearray(1 << 20)),
+             "write": lambda: client.write(fd, big),
+             "write_many": lambda: client.write_many(fd, [big, b"after"])}
+
+    def close_it(signum: int, frame_: object) -> None:
+        client.close(fd, linger=0)
+
+    with watchdog(lambda: pair.server.close(pair.server_fd)), alarm(close_it) as fired, \
+            pytest.raises(pyipc.UnknownFdError, match=f"fd {fd} is not managed"):
+        calls[call]()
+    assert_prompt(fired)
+    # The context goes on: a new connection works.
+    again = client.connect(pair.name)
+    client.write(again, b"still here")
+    assert wait_for(pair.server, EventType.MESSAGE_RX)[-1].message == b"still here"
 
 
 def test_a_handler_write_with_a_timeout_does_not_bound_the_write_it_interrupted(pair):

@@ -15,7 +15,7 @@ from .._checks import (Bytes, as_payload_list, check_max_messages, closed_by_pee
 from .._events import EventQueue
 from .._types import Buffer, Payload
 from .._types import (DEFAULT_READ_MANY, READ_MANY_BYTES, Event, EventType, IPCError,
-                      MessageTooLargeError)
+                      MessageTooLargeError, UnknownFdError)
 from .blocking import Blocking, Woken, recv_exactly
 from .conn_table import CONNECTION, Conn
 from .framing import DIRECT_READ_MIN, HEADER, FrameTooLarge, encode
@@ -35,6 +35,19 @@ WRITE_MANY_BATCH = 512
 WRITE_JOINED_MAX = 4096
 
 _RX = EventType.MESSAGE_RX
+
+
+def transfer_error(ctx: PureState, conn: Conn, what: str, errno_: Optional[int]) -> IPCError:
+    """The error of a blocking read or write of conn that failed with
+    errno_: IPCError "WHAT failed: REASON", or, when a signal handler closed
+    conn while the call waited (its socket object closed: EBADF), what the
+    call would have raised had it begun then, as native's does:
+    UnknownFdError, or the peer's end if the connection had ended."""
+    if conn.alive:
+        return os_error(f"{what} failed", errno_)
+    if conn.fd in ctx._ended:
+        return closed_by_peer(conn.fd)
+    return UnknownFdError(f"fd {conn.fd} is not managed by this context")
 
 
 class Writing:
@@ -105,6 +118,8 @@ class Writing:
                 if mine is not None and conn.stopped is not mine:
                     sent += frame_rest(lens, sent)      # its rest was queued: the next frame
                     mine = None
+                    if not conn.alive:      # by the handler's close(), which sent it
+                        raise transfer_error(self, conn, "write", None)
                     continue
                 if not rest:
                     break
@@ -130,13 +145,13 @@ class Writing:
         except BaseException as e:
             # conn.stopped is this write's record of its frame in progress,
             # or None (nothing begun, or a handler's send queued its rest).
-            if not conn.write_closed:
+            if conn.alive and not conn.write_closed:
                 self._dirty[conn] = None            # flushed by the loop (see _keep_framed)
             # An OS error of the write itself (not the timeout, an IPCError,
             # nor a handler's, with no errno) leaves nothing to keep.
             if isinstance(e, OSError) and not isinstance(e, IPCError) and e.errno is not None:
                 conn.stopped = None
-                raise os_error("write failed", e.errno) from None  # native's text
+                raise transfer_error(self, conn, "write", e.errno) from None  # native's text
             self._keep_framed(conn)
             raise
 
@@ -287,7 +302,7 @@ class Reading:
             return self._direct_eof(conn)
         except OSError as e:
             if not isinstance(e, IPCError) and e.errno is not None:
-                err = os_error("read failed", e.errno)
+                err = transfer_error(self, conn, "read", e.errno)
                 self._drop(conn, str(err))
                 raise err from None
             # Ours (an IPCError is an OSError) or a signal handler's (no
@@ -428,7 +443,7 @@ class Reading:
                     raise
                 # Like the event loop (and native): the connection ends with an
                 # ERROR and a DISCONNECTION; the caller gets the same text.
-                err = os_error("read failed", e.errno)
+                err = transfer_error(self, conn, "read", e.errno)
                 self._drop(conn, str(err))
                 raise err from None
             if n == 0:

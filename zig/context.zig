@@ -661,6 +661,14 @@ pub const Context = struct {
     }
 
     pub fn connectService(self: *Context, name: []const u8) Error!i32 {
+        // A service whose listen backlog is full holds the connect: it waits
+        // as a blocking call does (call timeout, signals: sys.connectUnix).
+        return self.connectServiceWaiting(name, self.blocking(false));
+    }
+
+    /// connectService(), waiting at most as `block` says (its deadline is
+    /// the whole call's: connect() through ipcd shares it with the exchange).
+    fn connectServiceWaiting(self: *Context, name: []const u8, block: Blocking) Error!i32 {
         var pbuf: rundir_mod.PathBuf = undefined;
         const path = try rundir_mod.servicePath(&pbuf, self.rundir, name, &self.last);
         try self.checkRoom();
@@ -671,9 +679,6 @@ pub const Context = struct {
                 "no service {s} in {s}",
                 .{ name, self.rundir },
             );
-        // A service whose listen backlog is full holds the connect: it waits
-        // as a blocking call does (call timeout, signals: sys.connectUnix).
-        const block = self.blocking(false);
         const fd = rundir_mod.connectTo(
             path,
             name,
@@ -718,7 +723,10 @@ pub const Context = struct {
                 "message of {d} bytes exceeds max_message_size ({d})",
                 .{ request_len, self.limits.max_message_size },
             );
-        const ipcd = self.connectService(ipcd_service) catch |e| {
+        // One deadline for the whole call: the connect to ipcd, the request
+        // and the answer (as the pure backend's connect()).
+        var block = self.blocking(false);
+        const ipcd = self.connectServiceWaiting(ipcd_service, block) catch |e| {
             if (e == error.Timeout or e == error.Interrupted)
                 return self.stopped(e, "connect to service {s}", .{name});
             if (e != error.ServiceNotFound) return e;
@@ -730,7 +738,7 @@ pub const Context = struct {
         };
         var answer: [2000]u8 = undefined;
         var received: i32 = -1;
-        const n = self.askIpcd(ipcd, name, network, &answer, &received) catch |stop| {
+        const n = self.askIpcd(ipcd, name, network, &answer, &received, &block) catch |stop| {
             self.close(ipcd) catch {};
             return self.stopped(stop, "connect to service {s}", .{name});
         };
@@ -769,10 +777,11 @@ pub const Context = struct {
     }
 
     /// The request/answer exchange with ipcd; null when it failed. It waits
-    /// as a blocking call does: a signal or the call timeout stops it. A
-    /// request over max_message_size is that error; an ipcd that closed
-    /// before it took the whole request (a refusal at its bounds) has its
-    /// answer read all the same.
+    /// as `block` says (the call's deadline, shared with the connect to
+    /// ipcd): a signal or the call timeout stops it. A request over
+    /// max_message_size is that error; an ipcd that closed before it took
+    /// the whole request (a refusal at its bounds) has its answer read all
+    /// the same.
     fn askIpcd(
         self: *Context,
         ipcd: i32,
@@ -780,6 +789,7 @@ pub const Context = struct {
         network: []const u8,
         answer: []u8,
         received: *i32,
+        block: *Blocking,
     ) Error!?usize {
         const request = std.fmt.allocPrint(
             self.gpa,
@@ -787,8 +797,7 @@ pub const Context = struct {
             .{ name, network },
         ) catch return null;
         defer self.gpa.free(request);
-        var block = self.blocking(false);
-        self.writeFrame(ipcd, request, &block) catch |err| switch (err) {
+        self.writeFrame(ipcd, request, block) catch |err| switch (err) {
             error.Interrupted, error.Timeout, error.MessageTooLarge => |e| return e,
             error.ConnectionClosed => {}, // its answer may be there
             else => return null,

@@ -1325,6 +1325,36 @@ test "connect to a service whose backlog is full: the call timeout bounds it" {
     try testing.expectEqual(@as(usize, 0), ctx.table.count());
 }
 
+/// After `delay_ms`, take one client off a full service's backlog (room for
+/// one connect that waited); the service never answers it.
+fn acceptOneLater(full: *FullService, delay_ms: i32) void {
+    var none: [0]c.pollfd = .{};
+    _ = c.poll(&none, 0, delay_ms); // a sleep
+    const fd = c.accept(full.listen_fd, null, null);
+    if (fd >= 0) sys.closeFd(fd);
+}
+
+test "connect through ipcd: one call timeout bounds the connect to ipcd and the exchange" {
+    var run = TmpRun.init();
+    defer run.deinit();
+    // An ipcd slow to accept, then silent.
+    var full = try FullService.init(&run, "ipc");
+    defer full.deinit();
+    const ctx = try run.newContext();
+    defer ctx.destroy();
+    _ = setenv("IPC_NETWORK", "somewhere", 1);
+    defer _ = unsetenv("IPC_NETWORK");
+    ctx.setCallTimeout(1500 * std.time.ns_per_ms);
+    const thread = try std.Thread.spawn(.{}, acceptOneLater, .{ &full, 1000 });
+    defer thread.join();
+    const start = sys.nowNs();
+    try testing.expectError(error.Timeout, ctx.connect("target"));
+    // Each step had a deadline of its own: 1 s to connect, then 1.5 s more.
+    try testing.expect(sys.nowNs() - start < 2200 * std.time.ns_per_ms);
+    try testing.expectEqualStrings("connect to service target timed out", ctx.last.text());
+    try testing.expectEqual(@as(usize, 0), ctx.table.count());
+}
+
 const itimerval = extern struct { interval: c.timeval, value: c.timeval };
 extern "c" fn setitimer(which: c_int, new: *const itimerval, old: ?*itimerval) c_int;
 

@@ -66,7 +66,8 @@
  * timeout makes one attempt) or, in an interruptible context, a signal comes
  * (IPC_E_INTERRUPTED: nothing was made, call it again); a signal in another
  * context connects again (an interrupted Unix connect is never left half
- * done).
+ * done). ipc_connect through ipcd has one deadline for all it does: the
+ * connect to ipcd, the request and the answer.
  * ipc_send_fd(sock, fd, payload, len) and ipc_receive_fd(sock, &fd, buffer,
  * &buflen) are libIPC's raw fd-passing helpers (no framing): receive blocks
  * for the next bytes and the fd sent with them (-1 when none; a NULL &fd:

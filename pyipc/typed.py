@@ -529,10 +529,11 @@ def _cbor_encode(body: Dict[str, Any], what: str) -> bytes:
     return data
 
 
-#: Values that never make a body the receiver's _cbor_check refuses (no tag:
-#: but an int past 64 bits, a bignum), and the map keys that are not composite.
-_PLAIN_VALUES = frozenset({int, float, str, bytes, bool, type(None), list, tuple, dict})
+#: The scalars: the map keys that are not composite.
 _PLAIN_KEYS = frozenset({int, float, str, bytes, bool, type(None)})
+#: Values that never make a body the receiver's _cbor_check refuses (no tag:
+#: but an int past 64 bits, a bignum).
+_PLAIN_VALUES = _PLAIN_KEYS | {list, tuple, dict}
 #: cbor2 encodes an int as a bignum (tag 2 or 3) outside [-2**64, 2**64).
 _BIGNUM = 2 ** 64
 
@@ -540,7 +541,7 @@ _BIGNUM = 2 ** 64
 #: What encode()'s quick path takes (see _small_and_plain): scalars, and at
 #: most _QUICK_ITEMS values in all, in the plain containers cbor2 writes as
 #: arrays and maps (and sets, as tag 258).
-_QUICK_LEAVES = frozenset({int, float, str, bytes, bool, type(None)})
+_QUICK_LEAVES = _PLAIN_KEYS
 _QUICK_CONTAINERS = frozenset({list, tuple, dict, set, frozenset})
 _QUICK_ITEMS = 256
 

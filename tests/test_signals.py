@@ -16,10 +16,11 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -999,3 +1000,73 @@ def test_connect_with_a_timeout_is_bounded_by_it(ctx_factory, full_service, monk
     full_service.accept_one()
     fd = ctx.connect("full", timeout=0.2)
     ctx.write(fd, b"ok")
+
+
+def _read_into_with_a_handler_read_at_call(rundir: str, nested: str, split: int,
+                                           k: int) -> Optional[tuple[list, list, list]]:
+    """Pure's read_into of A (100 kB, `split` bytes of the stream there), a
+    handler read (`nested`) at the k-th pyipc function entry in it, which
+    first lets the rest of A, B, C and D come, and sends E after its read.
+    (messages the handler got, the outer call's, the rest), or None when
+    the k-th entry was not reached before the outer read waited."""
+    a, b, c, d, e = b"A" * 100_000, b"B" * 50, b"C" * 70_000, b"D" * 30, b"E" * 20
+    stream = b"".join(map(frame, (a, b, c, d)))
+    ctx = pyipc.Context(rundir=rundir, backend="pure")
+    mine, peer = socket.socketpair()
+    fd = mine.detach()
+    ctx.add_connection(fd)
+    peer.sendall(stream[:split])
+    calls, handler_got, fired_at = [0], [], [0.0]
+
+    def tracer(frame_: Any, event: str, arg: object) -> None:
+        if event == "call" and "pyipc" in frame_.f_code.co_filename and not handler_got:
+            calls[0] += 1
+            if calls[0] == k:
+                sys.settrace(None)
+                fired_at[0] = time.monotonic()
+                peer.sendall(stream[split:])
+                handler_got.append(_take(ctx, fd, nested))
+                peer.sendall(frame(e))
+    try:
+        buf = bytearray(1 << 20)
+        start = time.monotonic()
+        sys.settrace(tracer)
+        try:
+            outer = [bytes(buf[:ctx.read_into(fd, buf, timeout=0.3)])]
+        except pyipc.TimeoutError:
+            # It waited for the rest of A: the k-th entry came only as the
+            # timeout was raised, or not at all (k was too far).
+            assert not handler_got or fired_at[0] - start >= 0.3
+            return None
+        finally:
+            sys.settrace(None)
+        rest: list[bytes] = []
+        while len(handler_got[0]) + len(outer) + len(rest) < 5:
+            rest += ctx.read_many(fd, timeout=5)
+        return handler_got[0], outer, rest
+    finally:
+        peer.close()
+        ctx.close_all()
+
+
+@pytest.mark.parametrize("split", [4, 5000])
+@pytest.mark.parametrize("nested", ["read", "read_many", "read_into", "wait_events"])
+def test_pure_a_handler_read_anywhere_in_read_into_keeps_the_stream_in_order(
+        rundir, nested, split):
+    """A signal handler's read that lands at any function entry of pure's
+    read_into (a trace function stands for the signal): every message comes
+    once, whole, and in the stream's order, but for the one the outer call
+    had already taken (it may come after the handler's). Pure reordered them
+    when the handler read before read_into's direct read was recorded (the
+    handler left B as an event, read_into returned C), and tore the stream
+    when it read as read_into gave back the frame it had begun (A's payload
+    read as a header). White-box: pure only (native runs no Python there)."""
+    expected = [b"A" * 100_000, b"B" * 50, b"C" * 70_000, b"D" * 30, b"E" * 20]
+    k = 1
+    while (got := _read_into_with_a_handler_read_at_call(rundir, nested, split, k)):
+        handler, outer, rest = got
+        first = sorted(handler + outer, key=expected.index)
+        assert [m[:1] for m in first + rest] == [m[:1] for m in expected], k
+        assert first + rest == expected, k
+        k += 1
+    assert k > 10                       # the handler read at many places

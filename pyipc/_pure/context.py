@@ -52,6 +52,7 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
                  "_scratch", "_scratch_view", "_ended", "_wake_r", "_wake_w",
                  "_spare_fd", "_ready", "_timer_base", "_plain_reads", "_more", "_round_no",
                  "_out_fd", "_linger_depth", "_muted", "_callback_depth", "_direct_read",
+                 "_stream_reads",
                  "_nested_events", "_ended_slots")
 
     backend = "pure"
@@ -76,6 +77,10 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         # read_into's frame read straight into the caller's buffer, while it is
         # read (see Reading._take_direct_read); None: none.
         self._direct_read: Optional[DirectRead] = None
+        # Reads that began taking a connection's stream (blocking reads and
+        # the loop's): read_into, about to read a frame directly, knows by it
+        # that a signal handler's read came in between.
+        self._stream_reads = 0
         # Set when a nested call (a signal handler's) ended with events
         # waiting: a read it interrupted takes its fd's messages from them
         # before it reads the socket again (Reading._read_until_message).

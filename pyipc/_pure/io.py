@@ -223,12 +223,13 @@ class Reading:
         """read_into's one try (Woken when another thread wakes it)."""
         if self._direct_read is not None:   # (see read)
             self._take_direct_read()
+        reads = self._stream_reads          # (see _read_frame_into)
         size = self._pending.take_into(fd, view)
         if size is not None:
             return size
         conn = self._connection(fd)
         if len(view) >= DIRECT_READ_MIN and conn.kind == CONNECTION:
-            size = self._read_frame_into(conn, view, spin)
+            size = self._read_frame_into(conn, view, spin, reads)
             if size is None:
                 size = self._pending.take_into(fd, view)
             if size is not None:
@@ -239,7 +240,7 @@ class Reading:
         return size
 
     def _read_frame_into(self: PureState, conn: Conn, view: memoryview,
-                         spin: Blocking) -> Optional[int]:
+                         spin: Blocking, reads: int) -> Optional[int]:
         """The next frame of conn read into `view` when it is large (or
         empty) and fits (as native does): its size; else None, with the
         header bytes read given to the decoder. The reads wait as `spin`
@@ -250,7 +251,9 @@ class Reading:
         it has of the frame (_take_direct_read), and this read, finding its
         record gone before it next touches the stream or the decoder, ends
         with Woken (nothing consumed: the caller takes the next message from
-        the events, as after another thread's wake-up)."""
+        the events, as after another thread's wake-up). So does a handler's
+        read that came since `reads` was counted (_stream_reads), before the
+        caller looked at the events."""
         self._check_settled(conn)
         had = conn.decoder.buffered()
         known = min(len(had), HEADER.size)
@@ -263,6 +266,13 @@ class Reading:
         # or a handler's read takes it over, so that no byte is lost or doubled.
         got = [known, 0]
         mine: DirectRead = (conn, had, header, got, view)
+        # A handler's read since `reads` may have changed the decoder (`had`
+        # is stale) and left messages as events, which come before the frame
+        # read here: start again from them. No call from the check to the
+        # record: from the record on, a handler's read takes this one over.
+        if self._stream_reads != reads:
+            raise Woken()
+        self._stream_reads += 1
         self._direct_read = mine
         try:
             if not recv_exactly(sock, header, got, 0, HEADER.size, spin, self, mine):
@@ -283,7 +293,7 @@ class Reading:
                 self._direct_read = None
                 return None
             # The payload bytes the decoder held move to `view`, counted, and
-            # only then is the decoder emptied (see _keep_read_so_far); no
+            # only then is the decoder emptied (see _read_so_far); no
             # call from the check on.
             moved = max(len(had) - HEADER.size, 0)
             emptied = bytearray()
@@ -318,34 +328,48 @@ class Reading:
 
     def _take_direct_read(self: PureState, record: Optional[DirectRead] = None) -> None:
         """Give the decoder (or the events) what the direct read in progress
-        has of its frame (_keep_read_so_far): before a nested read touches
+        has of its frame (_read_so_far): before a nested read touches
         the stream, or when that read stops (then only if it is `record`,
         not taken already)."""
         current = self._direct_read
         if current is None or (record is not None and current is not record):
             return
-        self._direct_read = None
         conn, had, header, got, view = current
-        if conn.alive:
-            self._keep_read_so_far(conn, had, header, got, view)
+        if not conn.alive:
+            self._direct_read = None
+            return
+        kept, whole = self._read_so_far(conn, had, header, got, view)
+        # What was read goes back and the record goes, with no call in
+        # between: a handler's read never sees the stream without it, nor
+        # finds the record to give it back a second time.
+        if self._direct_read is not current:    # a handler's read took it meanwhile
+            return
+        if whole is None:
+            conn.decoder._buf = kept
+            self._direct_read = None
+            return
+        pending = self._pending
+        for _ in map(_deque_extend, (pending,), ([whole],)):
+            self._direct_read = None
+        if type(pending) is not EventQueue:
+            pending.extend(())              # PendingQueue: the pipe follows the queue
 
-    def _keep_read_so_far(self: PureState, conn: Conn, had: bytes, header: bytearray,
-                          got: list[int], view: memoryview) -> None:
-        """A direct read stopped midway (a signal handler's exception): what it
-        had of its frame is kept, right wherever the exception landed, so that
-        no byte is lost or doubled. While the decoder still holds what it
-        `had` (not yet emptied): that and the header bytes read since. Once
-        emptied: the header and the payload counted in `view`; a whole frame
-        becomes the next message (held in the decoder, it waited for more
+    def _read_so_far(self: PureState, conn: Conn, had: bytes, header: bytearray,
+                     got: list[int], view: memoryview) -> Tuple[bytearray, Optional[Event]]:
+        """What a direct read stopped midway (a signal handler's exception or
+        read) gives back, wherever it stopped, so that no byte is lost or
+        doubled: (the decoder's new buffer, None), or (unused, the frame as
+        the next message) when it is whole. While the decoder still holds
+        what it `had` (not yet emptied): that and the header bytes read
+        since. Once emptied: the header and the payload counted in `view`; a
+        whole frame is a message (held in the decoder, it waited for more
         bytes to come before a read() or an event saw it)."""
         if conn.decoder.partial:
             known = min(len(had), HEADER.size)
-            conn.decoder.restore(had + bytes(header[known:got[0]]))
-            return
+            return bytearray(had + bytes(header[known:got[0]])), None
         if got[0] == HEADER.size and got[1] == HEADER.unpack(header)[0]:
-            self._pending.extend([Event(_RX, conn.fd, conn.index, bytes(view[:got[1]]))])
-            return
-        conn.decoder.restore(bytes(header[:got[0]]) + bytes(view[:got[1]]))
+            return bytearray(), Event(_RX, conn.fd, conn.index, bytes(view[:got[1]]))
+        return bytearray(bytes(header[:got[0]]) + bytes(view[:got[1]])), None
 
     def _not_in_callback(self: PureState, what: str) -> None:
         """Reads and waits are refused inside a switch callback, as native's
@@ -415,6 +439,7 @@ class Reading:
         wait; a plain read polls first (a recv that finds nothing costs a
         Python exception more)."""
         fd = conn.fd
+        self._stream_reads += 1             # (see _stream_reads)
         self._check_settled(conn)
         msgs: list[bytes] = []
         error: Optional[str] = None
@@ -461,6 +486,7 @@ class Reading:
         input being all there is); deliver messages."""
         if self._direct_read is not None:   # a handler's wait, inside a read_into
             self._take_direct_read()
+        self._stream_reads += 1             # (see _stream_reads)
         if conn.decoder.unsettled:        # see _check_settled
             self._drop(conn, FRAMING_LOST)
             return

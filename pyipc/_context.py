@@ -8,6 +8,7 @@ behave the same. This module imports no backend: they import it.
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import warnings
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 #: The message class a caller of read_typed(..., cls=) expects.
 M = TypeVar("M")
+#: A backend's class (see named_as_context).
+_Class = TypeVar("_Class", bound=type)
 
 #: Context()'s choice of backend: its `backend` argument in, the subclass
 #: to make out. pyipc._backend plugs it in (set_chooser) as pyipc is
@@ -455,3 +458,23 @@ def _warn_unclosed(description: str) -> None:
 def _limit_is_fixed(name: str) -> None:
     raise AttributeError(f"{name} is fixed for the context's life: give it to the "
                          f"constructor, Context({name}=...)")
+
+
+def named_as_context(cls: _Class) -> _Class:
+    """Name every public method of backend class `cls` (and its properties'
+    accessors) `Context.NAME`, as the caller knows it: Python's own
+    TypeError for a call with wrong arguments names the function's
+    `__qualname__`, which was the backend's class or mixin
+    (`NativeContext.read()`, `Reading.read()`), so the two backends' texts
+    differed for the same mistake. A class decorator: returns cls."""
+    for name in dir(Context):
+        if name.startswith("_"):
+            continue
+        member = inspect.getattr_static(cls, name)
+        parts = (member.fget, member.fset, member.fdel) if isinstance(member, property) \
+            else (getattr(member, "__func__", member),)
+        for part in parts:
+            if inspect.isfunction(part):
+                part.__qualname__ = f"Context.{name}"
+    return cls
+

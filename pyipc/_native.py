@@ -32,7 +32,7 @@ from ._checks import (DISCARD_TEXT, Bytes, OnIn, OnOut, as_payload, as_payload_l
                       buffer_too_small_text, check_callbacks, check_fd, check_max_messages,
                       check_name, check_timeout, too_large_text, writable_view)
 from ._checks import check_reason, check_switch_data      # the switching extension
-from ._context import Context
+from ._context import Context, named_as_context
 from ._events import EventQueue
 from ._threads import _thread_count, guarded_schedule
 from ._native_events import EventDecoder
@@ -165,6 +165,7 @@ _MEMORY: _Memory = ffi.buffer(ffi.cast("char *", 1), sys.maxsize - 1)
 _INT_MIN, _INT_MAX = -0x80000000, 0x7FFFFFFF
 
 
+@named_as_context
 class NativeContext(Context):
     """The native (Zig) backend of `pyipc.Context`."""
 

@@ -65,3 +65,23 @@ def test_each_backend_has_no_other_public_method(backend):
     cls = load(backend)
     extra = {name for name in dir(cls) if not name.startswith("_")} - set(dir(pyipc.Context))
     assert extra == set()
+
+
+#: The public methods (not properties): called with too many arguments below.
+METHODS = [name for name in PUBLIC if not isinstance(getattr(pyipc.Context, name), property)]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_call_with_wrong_arguments_names_context_on_both_backends(ctx_factory, name):
+    """Python's TypeError for a call with wrong arguments names the method as
+    the caller knows it, Context.NAME, on both backends: it named the
+    backend's class or mixin (NativeContext.read(), Reading.read()), so the
+    same mistake gave two texts."""
+    with pytest.raises(TypeError, match=rf"^Context\.{name}\(\) (takes|got)"):
+        getattr(ctx_factory(), name)(*range(20))
+
+
+def test_read_without_its_fd_says_the_same_on_both_backends(ctx_factory):
+    with pytest.raises(TypeError) as caught:
+        ctx_factory().read()           # type: ignore[call-arg]
+    assert str(caught.value) == "Context.read() missing 1 required positional argument: 'fd'"

@@ -21,7 +21,7 @@ import socket
 from typing import Any, Callable, Final, Optional
 
 from .._checks import check_timeout
-from .._context import Context
+from .._context import Context, named_as_context
 from .._events import EventQueue
 from .._types import Event, EventType, IPCError, TimeoutError
 from .blocking import Blocking, Waits, yield_cpu
@@ -44,6 +44,7 @@ SCRATCH_SIZE = 64 * 1024
 _WAKE: Final = None
 
 
+@named_as_context
 class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Services, Ipcd,
                   Closing, Context):
     """The pure-Python backend of `pyipc.Context`."""

@@ -18,6 +18,8 @@ from ._types import (DEFAULT_RUNDIR, MAX_SOCKET_PATH, InvalidNameError, IPCError
                      RunDirError, ServiceBusyError)
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: Which file a path names: (st_dev, st_ino), equal for the same file.
+FileId = Tuple[int, int]
 
 
 def resolve_rundir(rundir: Optional[PathLike]) -> str:
@@ -139,11 +141,12 @@ def lock_service(rundir: str, name: str, path: str) -> int:
     return fd
 
 
-def listen_service(rundir: str, name: str, path: str) -> Tuple[socket.socket, int]:
+def listen_service(rundir: str, name: str, path: str) -> Tuple[socket.socket, int, FileId]:
     """Serve `name` at `path` in `rundir` (created if need be): take its lock,
     replace a stale socket, listen (mode 0660, non-blocking). The listening
-    socket and the lock's fd, both the caller's to close: the socket file
-    removed first (remove_stale_socket(path)), then the lock released.
+    socket, the lock's fd and the socket file's FileId, the first two the
+    caller's to close: the socket file removed first
+    (remove_own_socket(path, file_id)), then the lock released.
     ServiceBusyError while another process serves `name`."""
     check_rundir(rundir, create=True)
     lock_fd = lock_service(rundir, name, path)
@@ -152,6 +155,7 @@ def listen_service(rundir: str, name: str, path: str) -> Tuple[socket.socket, in
         remove_stale_socket(path, name)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.bind(path)
+        file_id = socket_file_id(path)
         os.chmod(path, 0o660)
         sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
@@ -162,7 +166,7 @@ def listen_service(rundir: str, name: str, path: str) -> Tuple[socket.socket, in
         if isinstance(e, IPCError):
             raise
         raise _start_failed(name, e.errno) from None
-    return sock, lock_fd
+    return sock, lock_fd, file_id
 
 
 def _start_failed(name: str, errno_: Optional[int]) -> IPCError:
@@ -171,21 +175,39 @@ def _start_failed(name: str, errno_: Optional[int]) -> IPCError:
     return err
 
 
-def remove_stale_socket(path: str, name: Optional[str] = None) -> None:
+def remove_stale_socket(path: str, name: str) -> None:
     """Remove a socket file left by a dead service (we hold the lock).
 
-    With `name` (service_init), anything but a socket at `path` is left
-    alone and refused: it may be another service's lock file (service
-    "x.lock" next to service "x") or a file that is not ours to delete.
+    Anything but a socket at `path` is left alone and refused: it may be
+    another service's lock file (service "x.lock" next to service "x") or a
+    file that is not ours to delete.
     """
-    if name is not None:
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(mode):
-            raise IPCError(f"cannot start service {name}: {path} exists and is not a socket")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise IPCError(f"cannot start service {name}: {path} exists and is not a socket")
     try:
         os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def socket_file_id(path: str) -> FileId:
+    """The FileId of the file at `path` (not following a symlink)."""
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+def remove_own_socket(path: str, file_id: FileId) -> None:
+    """Remove a closing service's socket file, only if `path` still names the
+    file it bound (`file_id`): the run dir may have been removed and a new
+    service of the same name started there since (or a tmp cleaner removed
+    NAME.lock and another context took the name), and that socket is not
+    ours to remove. The core's rundir.removeOwnSocket."""
+    try:
+        if socket_file_id(path) == file_id:
+            os.unlink(path)
     except FileNotFoundError:
         pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -114,6 +115,37 @@ def test_socket_removed_on_close_and_close_all(ctx_factory, rundir):
     assert not os.path.exists(os.path.join(rundir, "two"))
     with pytest.raises(pyipc.ServiceNotFoundError):
         ctx_factory().connect_service("two")
+
+
+def _clean_rundir(rundir: str) -> None:
+    """What a tmp cleaner does to a run dir in use: remove it all."""
+    shutil.rmtree(rundir)
+
+
+def _clean_lock(rundir: str) -> None:
+    """What a tmp cleaner does to an old lock file: remove it."""
+    os.unlink(os.path.join(rundir, "x.lock"))
+
+
+@pytest.mark.parametrize("clean", [_clean_rundir, _clean_lock], ids=["rundir", "lock"])
+@pytest.mark.parametrize("close", ["close", "close_all"])
+def test_closing_an_old_service_keeps_a_new_ones_socket(ctx_factory, rundir, clean, close):
+    """The old service's path now names another service's socket (the run
+    dir re-created, or the name taken again once its lock file was gone):
+    closing the old one must not remove it."""
+    old = ctx_factory()
+    old_fd = old.service_init("x")
+    clean(rundir)
+    new, client = ctx_factory(), ctx_factory()
+    new.service_init("x")
+    if close == "close":
+        old.close(old_fd)
+    else:
+        old.close_all()
+    assert stat.S_ISSOCK(os.lstat(os.path.join(rundir, "x")).st_mode)
+    fd = client.connect_service("x")
+    client.write(fd, b"reached the new one")
+    assert wait_for(new, EventType.MESSAGE_RX)[-1].message == b"reached the new one"
 
 
 def test_service_recreated_in_the_same_process(ctx_factory, rundir):

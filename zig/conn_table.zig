@@ -13,6 +13,7 @@ const framing = @import("framing.zig");
 const SendQueue = @import("send_queue.zig").SendQueue;
 const Interest = @import("poller/api.zig").Interest;
 const switching = @import("switching.zig");
+const SocketFile = @import("rundir.zig").SocketFile;
 
 /// What a managed fd is to the context.
 pub const Role = enum(u8) {
@@ -64,15 +65,16 @@ pub const Conn = struct {
     more_round: u64 = 0,
     decoder: framing.Decoder = .{},
     queue: SendQueue = .{},
-    /// Services: socket path (removed on close) and NAME.lock fd (kept locked).
-    service_path: ?[:0]u8 = null,
+    /// Services: socket file (removed on close while still ours) and
+    /// NAME.lock fd (kept locked).
+    service_file: ?*SocketFile = null,
     lock_fd: i32 = -1,
 
     fn freeBuffers(self: *Conn, gpa: Allocator) void {
         self.decoder.deinit(gpa);
         self.queue.deinit(gpa);
-        if (self.service_path) |p| gpa.free(p);
-        self.service_path = null;
+        if (self.service_file) |f| f.destroy(gpa);
+        self.service_file = null;
     }
 };
 

@@ -517,7 +517,7 @@ pub const Context = struct {
         // parent: it leaves both alone (noticeFork).
         if (!self.forked) {
             self.poller.update(self.gpa, conn.fd, conn.registered, .{}) catch {};
-            if (conn.service_path) |p| _ = c.unlink(p.ptr);
+            if (conn.service_file) |f| f.remove();
         }
         conn.registered = .{};
         sys.closeFd(conn.lock_fd);
@@ -647,14 +647,16 @@ pub const Context = struct {
         const lock_fd = try rundir_mod.lockService(path, name, self.rundir, &self.last);
         errdefer sys.closeFd(lock_fd);
         const fd = try rundir_mod.listenAt(path, name, &self.last);
+        // Which file we bound: closing removes the path only while it is still ours.
+        const id = sys.lstatId(path.ptr);
         errdefer {
             sys.closeFd(fd);
-            _ = c.unlink(path.ptr);
+            rundir_mod.removeOwnSocket(path, id);
         }
-        const owned_path = try self.gpa.dupeSentinel(u8, path, 0);
-        errdefer self.gpa.free(owned_path);
+        const file = try rundir_mod.SocketFile.create(self.gpa, path, id);
+        errdefer file.destroy(self.gpa);
         const conn = try self.addConn(fd, .service);
-        conn.service_path = owned_path;
+        conn.service_file = file;
         conn.lock_fd = lock_fd;
         if (self.spare_fd < 0) self.spare_fd = openSpare();
         return fd;

@@ -222,6 +222,43 @@ pub fn listenAt(path: [:0]const u8, name: []const u8, last: *LastError) Error!i3
     };
 }
 
+/// A service's socket file as its Conn keeps it (allocated, so an idle
+/// connection record stays small): the path, removed on close while it
+/// still names the file bound (`id`, read after bind).
+pub const SocketFile = struct {
+    path: [:0]u8,
+    id: ?sys.FileId,
+
+    pub fn create(gpa: std.mem.Allocator, path: [:0]const u8, id: ?sys.FileId) !*SocketFile {
+        const self = try gpa.create(SocketFile);
+        errdefer gpa.destroy(self);
+        self.* = .{ .path = try gpa.dupeSentinel(u8, path, 0), .id = id };
+        return self;
+    }
+
+    pub fn destroy(self: *SocketFile, gpa: std.mem.Allocator) void {
+        gpa.free(self.path);
+        gpa.destroy(self);
+    }
+
+    /// Remove the socket file if it is still ours (removeOwnSocket).
+    pub fn remove(self: *const SocketFile) void {
+        removeOwnSocket(self.path, self.id);
+    }
+};
+
+/// Remove a closing service's socket file, only if `path` still names the
+/// file it bound (`id`, read after bind): the run dir may have been removed
+/// and a new service of the same name started there since (or a tmp cleaner
+/// removed NAME.lock and another context took the name), and that socket is
+/// not ours to remove. With no `id` nothing is removed. (Our listening socket
+/// holds its file's inode while open, so the number is not reused meanwhile.)
+pub fn removeOwnSocket(path: [:0]const u8, id: ?sys.FileId) void {
+    const ours = id orelse return;
+    const now = sys.lstatId(path.ptr) orelse return;
+    if (std.meta.eql(now, ours)) _ = c.unlink(path.ptr);
+}
+
 /// Connect to the service socket at `path`; returns the socket, in blocking
 /// mode (see sys.Wait).
 /// See sys.connectUnix for `deadline_ns` and `interruptible`: Timeout and
@@ -351,4 +388,27 @@ test "lock: a symlink NAME.lock is refused and its target not created" {
         last.text(),
     );
     try testing.expect(sys.lstatMode(target.ptr) == .failed);
+}
+
+test "removeOwnSocket: removes the socket it bound, not one bound there since" {
+    var last: LastError = .{};
+    var dir_buf: [64]u8 = undefined;
+    const dir = try sys.printZ(&dir_buf, "/tmp/pyipc-zig-own-{d}", .{sys.nowMs() ^ c.getpid()});
+    try testing.expectEqual(@as(c_int, 0), c.mkdir(dir.ptr, 0o700));
+    defer _ = c.rmdir(dir.ptr);
+    var path_buf: PathBuf = undefined;
+    const path = try sys.printZ(&path_buf, "{s}/x", .{dir});
+    const old = try listenAt(path, "x", &last);
+    defer sys.closeFd(old);
+    const old_id = sys.lstatId(path.ptr).?;
+    _ = c.unlink(path.ptr); // the run dir was cleaned under the old service
+    const new = try listenAt(path, "x", &last);
+    defer sys.closeFd(new);
+    const new_id = sys.lstatId(path.ptr).?;
+    removeOwnSocket(path, old_id);
+    try testing.expect(sys.lstatId(path.ptr) != null); // the new one's: kept
+    removeOwnSocket(path, null);
+    try testing.expect(sys.lstatId(path.ptr) != null);
+    removeOwnSocket(path, new_id);
+    try testing.expect(sys.lstatId(path.ptr) == null);
 }

@@ -405,6 +405,32 @@ pub fn lstatMode(path: [*:0]const u8) LstatResult {
     }
 }
 
+/// Which file a path names: device and inode (equal for the same file).
+pub const FileId = struct { dev: u64, ino: u64 };
+
+/// The FileId of a path (not following a final symlink), or null when it
+/// cannot be read (e.g. the path is gone).
+pub fn lstatId(path: [*:0]const u8) ?FileId {
+    if (builtin.os.tag == .linux) {
+        var stx: linux.Statx = undefined;
+        const rc = linux.statx(
+            linux.AT.FDCWD,
+            path,
+            linux.AT.SYMLINK_NOFOLLOW,
+            .{ .INO = true },
+            &stx,
+        );
+        if (linux.errno(rc) != .SUCCESS) return null;
+        return .{ .dev = (@as(u64, stx.dev_major) << 32) | stx.dev_minor, .ino = stx.ino };
+    } else {
+        var st: c.Stat = undefined;
+        if (c.fstatat(c.AT.FDCWD, path, &st, c.AT.SYMLINK_NOFOLLOW) != 0) return null;
+        // dev_t is signed on some systems: its bits, not its value.
+        const Dev = @Int(.unsigned, @bitSizeOf(@TypeOf(st.dev)));
+        return .{ .dev = @as(Dev, @bitCast(st.dev)), .ino = @intCast(st.ino) };
+    }
+}
+
 /// The owner of a path (not following a final symlink), or null when it
 /// cannot be read.
 pub fn lstatOwner(path: [*:0]const u8) ?u32 {
@@ -500,6 +526,13 @@ test "a blocking-mode socket: Wait.no returns at once, Wait.yes takes what is th
         }
     }
     try std.testing.expect(total > 0);
+}
+
+test "lstatId: one file, one id; another file, another; a missing path, null" {
+    const tmp = lstatId("/tmp").?;
+    try std.testing.expectEqual(tmp, lstatId("/tmp/").?);
+    try std.testing.expect(!std.meta.eql(tmp, lstatId("/").?));
+    try std.testing.expect(lstatId("/nonexistent-pyipc-path") == null);
 }
 
 test "lstatMode sees a directory and a missing path" {

@@ -206,7 +206,7 @@ def release(pid: int, by_fd: dict[int, Conn], ended: dict[int, socket.socket], r
     for conn in list(by_fd.values()):
         if conn.path is not None and owner:
             with contextlib.suppress(OSError):
-                _rundir.remove_stale_socket(conn.path)
+                _rundir.remove_own_socket(conn.path, conn.path_id)
         if conn.lock_fd >= 0:
             os.close(conn.lock_fd)
         with contextlib.suppress(OSError):  # an external fd its owner closed already

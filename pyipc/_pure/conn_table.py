@@ -29,7 +29,7 @@ class Conn:
 
     __slots__ = ("fd", "io", "kind", "index", "alive", "decoder", "queue", "sent",
                  "queued_bytes", "write_closed", "closing", "peer", "on_in", "on_out",
-                 "mask", "path", "lock_fd", "more_round", "read_paused", "muted",
+                 "mask", "path", "path_id", "lock_fd", "more_round", "read_paused", "muted",
                  "draining", "stopped")
 
     def __init__(self, fd: int, io: socket.socket, kind: str, limit: int) -> None:
@@ -55,6 +55,9 @@ class Conn:
         self.on_out: Optional[OnOut] = None
         self.mask = 0
         self.path: Optional[str] = None
+        # The socket file bound at path (a service's): removed on close
+        # only while path still names it (_rundir.remove_own_socket).
+        self.path_id: _rundir.FileId = (0, 0)
         self.lock_fd = -1
         # The round its on_in was last called in (MORE: one batch a round).
         self.more_round = -1
@@ -121,7 +124,7 @@ class ConnTable:
             heapq.heappush(self._free, conn.index)
         self._dirty.pop(conn, None)
         if conn.path is not None:
-            _rundir.remove_stale_socket(conn.path)
+            _rundir.remove_own_socket(conn.path, conn.path_id)
         if conn.lock_fd >= 0:
             os.close(conn.lock_fd)
         if keep_fd:

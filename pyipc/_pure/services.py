@@ -40,9 +40,10 @@ class Services:
     def service_init(self: PureState, name: str) -> int:
         path = _rundir.service_path(self.rundir, name)
         self._check_room()
-        sock, lock_fd = _rundir.listen_service(self.rundir, name, path)
+        sock, lock_fd, file_id = _rundir.listen_service(self.rundir, name, path)
         conn = Conn(sock.fileno(), sock, SERVICE, self._max_message_size)
         conn.path, conn.lock_fd = path, lock_fd
+        conn.path_id = file_id
         self._spare_fd.open()
         return self._add(conn).fd
 

@@ -119,6 +119,7 @@ class Ipcd(Daemon):
         self._listener: Optional[socket.socket] = None   # ours, or systemd's
         self._socket_path: Optional[str] = None          # ours: removed at the end
         self._lock_fd = -1                               # ours: held while serving
+        self._socket_id: _rundir.FileId = (0, 0)         # which file we bound at _socket_path
 
     @property
     def in_flight(self) -> int:
@@ -142,7 +143,8 @@ class Ipcd(Daemon):
         if self._listener is None:
             rundir = self.ctx.rundir
             path = _rundir.service_path(rundir, IPCD_SERVICE)
-            listener, self._lock_fd = _rundir.listen_service(rundir, IPCD_SERVICE, path)
+            listener, self._lock_fd, self._socket_id = _rundir.listen_service(
+                rundir, IPCD_SERVICE, path)
             self._socket_path = path                  # removed by teardown, lock released
             self._watch_listener(listener)
 
@@ -167,7 +169,7 @@ class Ipcd(Daemon):
         if self._listener is not None:
             self._listener.detach()                    # the context closes the fd
         if self._socket_path is not None:
-            _rundir.remove_stale_socket(self._socket_path)
+            _rundir.remove_own_socket(self._socket_path, self._socket_id)
             os.close(self._lock_fd)
 
     # ------------------------------------------------------------ events

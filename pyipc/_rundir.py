@@ -138,7 +138,22 @@ def lock_service(rundir: str, name: str, path: str) -> int:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise ServiceBusyError(f"service {name} is already running in {rundir}") from None
         raise _start_failed(name, e.errno) from None
+    _share_lock(fd, name)
     return fd
+
+
+def _share_lock(fd: int, name: str) -> None:
+    """Give the lock file mode 0660, as the run dir (0770) and socket (0660)
+    are: open()'s mode is filtered by the umask, and a lock file the group
+    cannot open made another member's service_init fail with EACCES instead
+    of ServiceBusyError. Another user's lock file keeps its owner's mode
+    (EPERM): we may use it, not change it."""
+    try:
+        os.fchmod(fd, 0o660)
+    except OSError as e:
+        if e.errno != errno.EPERM:
+            os.close(fd)
+            raise _start_failed(name, e.errno) from None
 
 
 def listen_service(rundir: str, name: str, path: str) -> Tuple[socket.socket, int, FileId]:

@@ -43,7 +43,18 @@ def test_socket_mode_0660_and_lock_file(ctx_factory, rundir):
     st = os.lstat(os.path.join(rundir, "svc"))
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o660
-    assert os.path.isfile(os.path.join(rundir, "svc.lock"))
+    lock = os.lstat(os.path.join(rundir, "svc.lock"))
+    assert stat.S_ISREG(lock.st_mode)
+    # The group shares the run dir: its members must be able to open the lock.
+    assert stat.S_IMODE(lock.st_mode) == 0o660
+
+
+def test_an_old_lock_file_of_ours_gets_mode_0660(ctx_factory, rundir):
+    lock = os.path.join(rundir, "svc.lock")
+    os.close(os.open(lock, os.O_CREAT | os.O_RDWR, 0o600))
+    os.chmod(lock, 0o600)
+    ctx_factory().service_init("svc")
+    assert stat.S_IMODE(os.lstat(lock).st_mode) == 0o660
 
 
 def test_lock_is_an_exclusive_flock(ctx_factory, rundir):

@@ -187,6 +187,14 @@ pub fn lockService(
             else => |e| return startFailed(name, e, last),
         }
     }
+    // Mode 0660 as the run dir (0770) and socket (0660): open()'s mode is
+    // filtered by the umask, and a lock file the group cannot open made
+    // another member's service_init fail with EACCES, not ServiceBusy.
+    // Another user's lock file keeps its owner's mode (EPERM).
+    if (c.fchmod(fd, 0o660) != 0) switch (c.errno(@as(c_int, -1))) {
+        .PERM => {},
+        else => |e| return startFailed(name, e, last),
+    };
     return fd;
 }
 
@@ -411,4 +419,22 @@ test "removeOwnSocket: removes the socket it bound, not one bound there since" {
     try testing.expect(sys.lstatId(path.ptr) != null);
     removeOwnSocket(path, new_id);
     try testing.expect(sys.lstatId(path.ptr) == null);
+}
+
+test "lock: the lock file is mode 0660 whatever the umask" {
+    var last: LastError = .{};
+    var dir_buf: [64]u8 = undefined;
+    const dir = try sys.printZ(&dir_buf, "/tmp/pyipc-zig-lm-{d}", .{sys.nowMs() ^ c.getpid()});
+    try testing.expectEqual(@as(c_int, 0), c.mkdir(dir.ptr, 0o700));
+    defer _ = c.rmdir(dir.ptr);
+    var path_buf: PathBuf = undefined;
+    const path = try sys.printZ(&path_buf, "{s}/m", .{dir});
+    var lock_buf: PathBuf = undefined;
+    const lock = try sys.printZ(&lock_buf, "{s}.lock", .{path});
+    defer _ = c.unlink(lock.ptr);
+    const old_mask = c.umask(0o077);
+    defer _ = c.umask(old_mask);
+    const fd = try lockService(path, "m", dir, &last);
+    sys.closeFd(fd);
+    try testing.expectEqual(@as(u32, 0o660), sys.lstatMode(lock.ptr).mode & 0o777);
 }

@@ -11,8 +11,8 @@ import math
 import threading
 from typing import Callable, Optional, Tuple, Union, overload
 
-from ._types import (MAX_BUSY_POLL, MAX_MESSAGE_SIZE_LIMIT, MAX_READ_MANY,
-                     MAX_SWITCH_END_REASON, CBEvent, ConnectionClosedError)
+from ._types import (MAX_BUSY_POLL, MAX_MESSAGE_SIZE_LIMIT, MAX_QUEUE_SIZE_LIMIT,
+                     MAX_READ_MANY, MAX_SWITCH_END_REASON, CBEvent, ConnectionClosedError)
 
 OnIn = Callable[[int], Tuple[CBEvent, Optional[bytes]]]
 OnOut = Callable[[int, bytes], CBEvent]
@@ -144,8 +144,10 @@ def check_limits(max_message_size: int, max_queue_size: int, max_connections: in
         _require_int(name, value)
     if not 1 <= max_message_size <= MAX_MESSAGE_SIZE_LIMIT:
         raise ValueError(f"max_message_size must be between 1 and {MAX_MESSAGE_SIZE_LIMIT}")
-    if not max_message_size + 4 <= max_queue_size < 1 << 63:
+    if max_queue_size < max_message_size + 4:
         raise ValueError("max_queue_size must be at least max_message_size + 4")
+    if max_queue_size > MAX_QUEUE_SIZE_LIMIT:
+        raise ValueError(f"max_queue_size must be at most {MAX_QUEUE_SIZE_LIMIT}")
     if not 1 <= max_connections <= 0x7FFFFFFF:
         raise ValueError("max_connections must be between 1 and 2147483647")
 

@@ -32,6 +32,8 @@ DEFAULT_MAX_CONNECTIONS = 65536
 connections and external fds together)."""
 
 MAX_MESSAGE_SIZE_LIMIT = 0xFFFFFFFF
+#: The largest max_queue_size (2**63 - 1): the core's queue byte counts stay in 64 bits.
+MAX_QUEUE_SIZE_LIMIT = (1 << 63) - 1
 """Hard upper bound of `max_message_size`: the 4-byte length header."""
 
 DEFAULT_READ_MANY = 1024

@@ -122,6 +122,8 @@ def test_repr(ctx_factory, backend, rundir):
      "max_message_size must be between 1 and 4294967295"),
     ({"max_message_size": 100, "max_queue_size": 103}, ValueError,
      "max_queue_size must be at least max_message_size + 4"),
+    ({"max_message_size": 1, "max_queue_size": 1 << 63}, ValueError,
+     "max_queue_size must be at most 9223372036854775807"),
     ({"max_connections": 0}, ValueError, "max_connections must be between 1 and 2147483647"),
     ({"max_connections": 1 << 31}, ValueError,
      "max_connections must be between 1 and 2147483647"),
@@ -138,6 +140,8 @@ def test_limits_are_validated(backend, rundir, kwargs, error, text):
 def test_limits_at_their_edges_are_accepted(ctx_factory):
     ctx = ctx_factory(max_message_size=1, max_queue_size=5, max_connections=1)
     assert (ctx.max_message_size, ctx.max_queue_size, ctx.max_connections) == (1, 5, 1)
+    big = ctx_factory(max_message_size=1, max_queue_size=(1 << 63) - 1)
+    assert big.max_queue_size == (1 << 63) - 1
     ctx = ctx_factory(max_message_size=0xFFFFFFFF, max_queue_size=0xFFFFFFFF + 4,
                       max_connections=0x7FFFFFFF)
     assert ctx.max_message_size == 0xFFFFFFFF

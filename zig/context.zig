@@ -39,6 +39,10 @@ pub const Limits = struct {
     max_connections: u32 = 65536,
 };
 
+/// Largest max_queue_size (2^63 - 1, pyipc's MAX_QUEUE_SIZE_LIMIT): a queue's
+/// bytes plus a frame's (compared with it) stay far from overflowing 64 bits.
+pub const max_queue_size_limit: u64 = (1 << 63) - 1;
+
 /// Longest busy_poll a context takes, in microseconds (10 ms): it bounds the
 /// CPU one wait may burn to save a wake-up that costs tens of microseconds.
 pub const max_busy_poll_us = 10_000;
@@ -246,11 +250,17 @@ pub const Context = struct {
                 .{},
             );
         const queue_min = @as(u64, limits.max_message_size) + framing.header_size;
-        if (limits.max_queue_size < queue_min or limits.max_queue_size >= 1 << 63)
+        if (limits.max_queue_size < queue_min)
             return self.last.fail(
                 error.Generic,
                 "max_queue_size must be at least max_message_size + 4",
                 .{},
+            );
+        if (limits.max_queue_size > max_queue_size_limit)
+            return self.last.fail(
+                error.Generic,
+                "max_queue_size must be at most {d}",
+                .{max_queue_size_limit},
             );
         if (limits.max_connections < 1 or limits.max_connections > 0x7FFF_FFFF)
             return self.last.fail(

@@ -1463,3 +1463,22 @@ test "a paused connection with a queued write sees its peer's end only once resu
     try expectOnly(p.server, .err, p.server_fd, "peer closed the connection with 1 scheduled message(s) unsent");
     try expectOnly(p.server, .disconnection, p.server_fd, null);
 }
+
+test "C ABI: ipc_context_set_limits refuses max_queue_size 2^63 with its own text" {
+    const abi = @import("exports.zig");
+    const errors = @import("errors.zig");
+    var handle: ?*anyopaque = null;
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_context_init(&handle));
+    defer abi.ipc_context_deinit(&handle);
+    try testing.expectEqual(@as(c_int, 0), abi.ipc_context_set_limits(handle, 1, (1 << 63) - 1, 1));
+    try testing.expectEqual(errors.code(error.Generic), abi.ipc_context_set_limits(handle, 1, 1 << 63, 1));
+    try testing.expectEqualStrings(
+        "max_queue_size must be at most 9223372036854775807",
+        std.mem.span(abi.ipc_last_error(handle)),
+    );
+    try testing.expectEqual(errors.code(error.Generic), abi.ipc_context_set_limits(handle, 100, 103, 1));
+    try testing.expectEqualStrings(
+        "max_queue_size must be at least max_message_size + 4",
+        std.mem.span(abi.ipc_last_error(handle)),
+    );
+}

@@ -19,6 +19,12 @@
  * "ne CODE TEXT": remote unreachable, daemon missing, ...), in ipc_last_error();
  * a refusal coded norule or noservice is IPC_E_SERVICE_NOT_FOUND.
  *
+ * Limits: ipc_context_set_limits(ctx, max_message_size, max_queue_size,
+ * max_connections) takes max_message_size from 1 to 2^32-1, max_queue_size
+ * from max_message_size + 4 to 2^63-1 and max_connections from 1 to 2^31-1;
+ * out of range it changes nothing and returns IPC_E_GENERIC, whose text
+ * names the bound ("max_queue_size must be at most 9223372036854775807").
+ *
  * Payloads handed out by ipc_wait_events() and ipc_read_lent() point into
  * memory the context owns; they stay valid until the next wait call or
  * ipc_read_lent() call, or ipc_context_deinit(), on that context.

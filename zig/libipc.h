@@ -144,7 +144,8 @@
  * (the state in which its peer is not read) or `len` alone is larger, except
  * from fd's own `out` callback (forwarding, held back by back-pressure).
  * ipc_switch_end(ctx, fd, reason, reason_len) ends the switch of fd: an
- * ERROR event with `reason` (UTF-8, 1 to 1024 bytes; NULL for none) for fd,
+ * ERROR event with `reason` (UTF-8, 1 to 1024 bytes; NULL for none: an
+ * empty one is refused, IPC_E_GENERIC) for fd,
  * then each side stops being read, writes what is queued for it, and is
  * closed with a DISCONNECTION event. Both take an fd that is switched
  * (IPC_E_UNKNOWN_FD otherwise; IPC_E_CONNECTION_CLOSED for an fd whose switch

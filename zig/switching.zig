@@ -340,10 +340,11 @@ pub fn end(ctx: *Context, fd: i32, reason: ?[]const u8) Error!void {
     }
 }
 
-/// The texts are pyipc._checks.check_reason's (Python checks first).
+/// The texts are pyipc._checks.check_reason's (Python checks first), but
+/// for the empty reason's: a C caller passes NULL for none, not Python's None.
 fn checkReason(ctx: *Context, reason: []const u8) Error!void {
     if (reason.len == 0)
-        return ctx.last.fail(error.Generic, "reason must not be empty (None for no reason)", .{});
+        return ctx.last.fail(error.Generic, "reason must not be empty (NULL for no reason)", .{});
     if (reason.len > max_end_reason) return ctx.last.fail(
         error.Generic,
         "reason must be at most {d} bytes in UTF-8",

@@ -350,6 +350,10 @@ test "C ABI: ipc_switch_send, ipc_switch_end and ipc_context_switch_events" {
     );
     // A reason that is there but empty is refused; NULL is no reason.
     try testing.expectEqual(errors.code(error.Generic), abi.ipc_switch_end(handle, a.inner, "", 0));
+    try testing.expectEqualStrings(
+        "reason must not be empty (NULL for no reason)",
+        std.mem.span(abi.ipc_last_error(handle)),
+    );
     try testing.expectEqual(@as(c_int, 0), abi.ipc_switch_end(handle, a.inner, null, 0));
     try testing.expectEqual(
         errors.code(error.ConnectionClosed),

@@ -386,7 +386,8 @@ class Context:
         raise NotImplementedError
 
     def peer_credentials(self, fd: int) -> Tuple[int, int, int]:
-        """(pid, uid, gid) of the process at the other end of connection fd."""
+        """(pid, uid, gid) of the process at the other end of connection fd;
+        IPCError for a connection that is not a Unix socket (TCP has none)."""
         raise NotImplementedError
 
     def close(self, fd: int, linger: Optional[float] = None) -> None:

@@ -899,6 +899,11 @@ pub const Context = struct {
         const conn = try self.connection(fd);
         return switch (credentials.peer(conn.fd)) {
             .ok => |cred| cred,
+            .not_unix => self.last.fail(
+                error.Generic,
+                "cannot read peer credentials of fd {d}: not a Unix socket",
+                .{fd},
+            ),
             .failed => |e| self.last.failErrno(
                 error.Generic,
                 e,

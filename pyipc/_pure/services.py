@@ -147,6 +147,10 @@ class Services:
                 from None
         except OSError as e:
             raise os_error(f"cannot read peer credentials of fd {fd}", e.errno) from None
+        # Linux answers SO_PEERCRED on a TCP socket too, with "nobody"
+        # (0, 2**32-1, 2**32-1): that is no answer.
+        if conn.io.family != socket.AF_UNIX:
+            raise IPCError(f"cannot read peer credentials of fd {fd}: not a Unix socket")
         return _PEERCRED.unpack(raw)
 
     def _accept(self: PureState, service: Conn) -> None:

@@ -183,11 +183,22 @@ def check_reason(reason: object) -> Optional[bytes]:
     return data
 
 
+def _require_bool(name: str, value: object) -> bool:
+    """A bool (TypeError otherwise): a switch given "no" or None must not
+    be taken for its truth value."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be bool, not {type(value).__name__}")
+    return value
+
+
 def check_switch_events(value: object) -> bool:
     """The `switch_events` property: a bool."""
-    if not isinstance(value, bool):
-        raise TypeError(f"switch_events must be bool, not {type(value).__name__}")
-    return value
+    return _require_bool("switch_events", value)
+
+
+def check_paused(paused: object) -> bool:
+    """pause_reading()'s `paused`: a bool, as switch_events."""
+    return _require_bool("paused", paused)
 
 
 # -- payloads and buffers ------------------------------------------------------------

@@ -358,7 +358,8 @@ class Context:
         fd in the event loop: no MESSAGE_RX or EXTERNAL comes for it, and
         what its peer sends waits in the kernel, so the peer's writes block
         (back-pressure), as asyncio's transport.pause_reading(). A hang-up
-        while paused is seen once resumed; read() of fd still reads it."""
+        while paused is seen once resumed; read() of fd still reads it.
+        `paused` must be a bool (TypeError otherwise)."""
         raise NotImplementedError
 
     def add_switch(self, fd1: int, fd2: int) -> None:

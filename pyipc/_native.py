@@ -30,7 +30,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Collection, Iterable, NoReturn
 from . import _libpath
 from ._checks import (DISCARD_TEXT, Bytes, OnIn, OnOut, as_payload, as_payload_list,
                       buffer_too_small_text, check_callbacks, check_fd, check_max_messages,
-                      check_name, check_timeout, too_large_text, writable_view)
+                      check_name, check_paused, check_timeout, too_large_text, writable_view)
 from ._checks import check_reason, check_switch_data      # the switching extension
 from ._context import Context, named_as_context
 from ._events import EventQueue
@@ -352,7 +352,9 @@ class NativeContext(Context):
         self._check(lib.ipc_add_connection(self._ctx, _fd_arg(fd)), fd)
 
     def pause_reading(self, fd: int, paused: bool = True) -> None:
-        self._check(lib.ipc_pause_reading(self._ctx, _fd_arg(fd), 1 if paused else 0), fd)
+        c_fd = _fd_arg(fd)
+        on = 1 if check_paused(paused) else 0
+        self._check(lib.ipc_pause_reading(self._ctx, c_fd, on), fd)
 
     def add_switch(self, fd1: int, fd2: int) -> None:
         if self._pending:

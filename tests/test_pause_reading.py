@@ -74,6 +74,16 @@ def test_pause_reading_of_what_has_no_input_is_refused(pair):
            pair.server.pause_reading, pair.service_fd)
 
 
+@pytest.mark.parametrize("paused", ["no", None, 0, 1])
+def test_paused_must_be_a_bool(pair, paused):
+    """As switch_events: "no" would pause and None resume by truth value."""
+    with pytest.raises(TypeError) as info:
+        pair.server.pause_reading(pair.server_fd, paused)
+    assert str(info.value) == f"paused must be bool, not {type(paused).__name__}"
+    pair.client.write(pair.client_fd, b"still read")    # nothing was changed
+    assert _messages(pair.server, 1) == [b"still read"]
+
+
 def test_a_paused_connection_with_a_queued_write_sees_its_peer_end_once_resumed(pair):
     """With a write queued for it, the poller reports a paused fd's hang-up:
     it was read then (its messages, ERROR and DISCONNECTION while paused).

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Optional, Tuple
 
 from .. import _rundir
-from .._checks import check_fd, check_timeout, closed_by_peer
+from .._checks import check_fd, check_paused, check_timeout, closed_by_peer
 from .._types import (Event, EventType, IPCError, ServiceNotFoundError, TimeoutError,
                       UnknownFdError)
 from .conn_table import CONNECTION, EXTERNAL, SERVICE, Conn
@@ -115,10 +115,12 @@ class Services:
         self._add(Conn(fd, io, EXTERNAL, self._max_message_size))
 
     def pause_reading(self: PureState, fd: int, paused: bool = True) -> None:
+        check_fd(fd)
+        check_paused(paused)
         conn = self._lookup(fd)
         if conn.kind == SERVICE:
             raise UnknownFdError(f"fd {fd} is not a connection")
-        conn.read_paused = bool(paused)
+        conn.read_paused = paused
         self._set_interest(conn)
 
     def add_connection(self: PureState, fd: int) -> None:

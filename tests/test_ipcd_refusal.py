@@ -137,6 +137,22 @@ def test_reason_is_bounded_at_max_reason(ipcd, ctx_factory):
         raises(NETWORK, f"{BASE} (busy): {shown}", ctx_factory().connect, "pong")
 
 
+CUT_CASES = [(ch, k) for ch in ("\u00e9", "\u20ac", "\U0001f600")
+             for k in range(1, len(ch.encode()) + 1)]
+
+
+@pytest.mark.parametrize("char,start", CUT_CASES,
+                         ids=[f"{len(c.encode())}bytes-{k}before" for c, k in CUT_CASES])
+def test_reason_is_cut_between_utf8_characters(ipcd, ctx_factory, char, start):
+    """A foreign ipcd's reason cut at MAX_REASON inside a character leaves
+    that character out (no U+FFFD); one ending at the cut is kept. `start`:
+    the character's first byte is that many bytes before the cut."""
+    pad = "x" * (MAX_REASON - 5 - start)
+    ipcd.reply = f"ne busy {pad}{char}yyyy".encode()
+    fits = start >= len(char.encode())
+    raises(NETWORK, f"{BASE} (busy): {pad}{char if fits else ''}", ctx_factory().connect, "pong")
+
+
 def _open_fds() -> set[int]:
     """This process's open fds, without the one that listing them used."""
     listed = [int(name) for name in os.listdir("/proc/self/fd")]

@@ -30,12 +30,23 @@ pub const Refusal = struct {
 /// The refusal in `answer`, or null when it is not one ("ok", empty, other).
 pub fn refusal(answer: []const u8) ?Refusal {
     if (!std.mem.startsWith(u8, answer, "ne ")) return null;
-    const line = firstLine(answer[3..]);
-    const rest = line[0..@min(line.len, max_reason)];
+    const rest = cutUtf8(firstLine(answer[3..]), max_reason);
     const space = std.mem.indexOfScalar(u8, rest, ' ') orelse rest.len;
     if (space == 0) return null;
     const text = if (space < rest.len) rest[space + 1 ..] else "";
     return .{ .code = rest[0..space], .text = text };
+}
+
+/// `s` cut to `max` bytes at most, not inside a UTF-8 character: a cut one
+/// would be shown as U+FFFD (pyipc's daemons cut their answers the same way,
+/// _netwire.cut_answer; a foreign ipcd may not).
+fn cutUtf8(s: []const u8, max: usize) []const u8 {
+    if (s.len <= max) return s;
+    var end = max;
+    // Back over the continuation bytes (10xxxxxx) of the character the cut
+    // falls in, to its first byte (a character has at most 3 of them).
+    while (end > max -| 3 and s[end] & 0xC0 == 0x80) end -= 1;
+    return s[0..end];
 }
 
 /// `s` up to its first NUL, CR or LF: a reason is one line of text.
@@ -70,4 +81,23 @@ test "a refusal's text is one line, bounded" {
     @memcpy(long[0..8], "ne busy ");
     @memset(long[8..], 'x');
     try testing.expectEqual(@as(usize, max_reason - 5), refusal(&long).?.text.len);
+}
+
+test "a refusal is not cut inside a UTF-8 character" {
+    var long: [8 + max_reason + 10]u8 = undefined;
+    @memcpy(long[0..8], "ne busy ");
+    @memset(long[8..], 'x');
+    // "€" (3 bytes) over the cut at max_reason: left out whole.
+    const at = 3 + max_reason - 1;
+    @memcpy(long[at .. at + 3], "\xe2\x82\xac");
+    const text = refusal(&long).?.text;
+    try testing.expectEqual(@as(usize, max_reason - 5 - 1), text.len);
+    try testing.expect(std.unicode.utf8ValidateSlice(text));
+    // Ending at the cut exactly: kept.
+    @memset(long[8..], 'x');
+    @memcpy(long[3 + max_reason - 3 .. 3 + max_reason], "\xe2\x82\xac");
+    try testing.expect(std.mem.endsWith(u8, refusal(&long).?.text, "\xe2\x82\xac"));
+    try testing.expectEqualStrings("ab", cutUtf8("ab\xc3\xa9", 3));
+    try testing.expectEqualStrings("ab\xc3\xa9", cutUtf8("ab\xc3\xa9", 4));
+    try testing.expectEqualStrings("a", cutUtf8("a\xf0\x9f\x98\x80", 4));
 }

@@ -11,8 +11,9 @@ import math
 import threading
 from typing import Callable, Optional, Tuple, Union, overload
 
-from ._types import (MAX_BUSY_POLL, MAX_MESSAGE_SIZE_LIMIT, MAX_QUEUE_SIZE_LIMIT,
-                     MAX_READ_MANY, MAX_SWITCH_END_REASON, CBEvent, ConnectionClosedError)
+from ._types import (MAX_BUSY_POLL, MAX_CONNECTIONS_LIMIT, MAX_MESSAGE_SIZE_LIMIT,
+                     MAX_QUEUE_SIZE_LIMIT, MAX_READ_MANY, MAX_SWITCH_END_REASON, MAX_TIMER,
+                     CBEvent, ConnectionClosedError)
 
 OnIn = Callable[[int], Tuple[CBEvent, Optional[bytes]]]
 OnOut = Callable[[int, bytes], CBEvent]
@@ -118,15 +119,15 @@ def check_max_messages(max_messages: int) -> None:
 
 
 def check_timer(value: Optional[int]) -> None:
-    """The `timer` property: None or milliseconds from 0 to 2**31 - 1."""
+    """The `timer` property: None or milliseconds from 0 to MAX_TIMER."""
     if value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"timer must be None or int, not {type(value).__name__}")
     if value < 0:
         raise ValueError("timer must be None or >= 0 ms")
-    if value > 0x7FFFFFFF:
-        raise ValueError("timer must be at most 2147483647 ms")
+    if value > MAX_TIMER:
+        raise ValueError(f"timer must be at most {MAX_TIMER} ms")
 
 
 def check_busy_poll(value: int) -> None:
@@ -148,8 +149,8 @@ def check_limits(max_message_size: int, max_queue_size: int, max_connections: in
         raise ValueError("max_queue_size must be at least max_message_size + 4")
     if max_queue_size > MAX_QUEUE_SIZE_LIMIT:
         raise ValueError(f"max_queue_size must be at most {MAX_QUEUE_SIZE_LIMIT}")
-    if not 1 <= max_connections <= 0x7FFFFFFF:
-        raise ValueError("max_connections must be between 1 and 2147483647")
+    if not 1 <= max_connections <= MAX_CONNECTIONS_LIMIT:
+        raise ValueError(f"max_connections must be between 1 and {MAX_CONNECTIONS_LIMIT}")
 
 
 # -- the switching extension (switch_send, switch_end, switch_events) ------------------

@@ -32,9 +32,18 @@ DEFAULT_MAX_CONNECTIONS = 65536
 connections and external fds together)."""
 
 MAX_MESSAGE_SIZE_LIMIT = 0xFFFFFFFF
-#: The largest max_queue_size (2**63 - 1): the core's queue byte counts stay in 64 bits.
-MAX_QUEUE_SIZE_LIMIT = (1 << 63) - 1
 """Hard upper bound of `max_message_size`: the 4-byte length header."""
+
+MAX_QUEUE_SIZE_LIMIT = (1 << 63) - 1
+"""Hard upper bound of `max_queue_size` (2**63 - 1): the core's queue byte
+counts stay in 64 bits."""
+
+MAX_CONNECTIONS_LIMIT = 0x7FFFFFFF
+"""Hard upper bound of `max_connections` (2**31 - 1): the core's C int."""
+
+MAX_TIMER = 0x7FFFFFFF
+"""Longest `timer` a context takes, in milliseconds (2**31 - 1, about 24.8
+days: poll()'s timeout is a C int)."""
 
 DEFAULT_READ_MANY = 1024
 """Default `max_messages` of `read_many()`: messages returned by one call, at most."""
@@ -68,12 +77,13 @@ DEFAULT_LINGER = 1.0
 scheduled messages to go out before it drops them (ZeroMQ's LINGER)."""
 
 MAX_MORE_PER_ROUND = 64
-#: on_in calls at most that let a switched fd whose write failed (its other
-#: end gone) read what is left and meet its end (the core's max_drain_calls).
-MAX_DRAIN_CALLS = 1 << 16
 """Calls of one fd's `on_in` in one event-loop round at most, when it keeps
 returning `CBEvent.MORE`: the rest continue in the next round (even if the fd
 is not readable), so one fd with much buffered input cannot starve the others."""
+
+MAX_DRAIN_CALLS = 1 << 16
+"""`on_in` calls at most that let a switched fd whose write failed (its other
+end gone) read what is left and meet its end (the core's max_drain_calls)."""
 
 MAX_SWITCH_END_REASON = 1024
 """Longest `reason` `switch_end()` takes, in bytes of UTF-8."""

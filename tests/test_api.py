@@ -142,9 +142,11 @@ def test_limits_at_their_edges_are_accepted(ctx_factory):
     assert (ctx.max_message_size, ctx.max_queue_size, ctx.max_connections) == (1, 5, 1)
     big = ctx_factory(max_message_size=1, max_queue_size=(1 << 63) - 1)
     assert big.max_queue_size == (1 << 63) - 1
-    ctx = ctx_factory(max_message_size=0xFFFFFFFF, max_queue_size=0xFFFFFFFF + 4,
-                      max_connections=0x7FFFFFFF)
-    assert ctx.max_message_size == 0xFFFFFFFF
+    ctx = ctx_factory(max_message_size=pyipc.MAX_MESSAGE_SIZE_LIMIT,
+                      max_queue_size=pyipc.MAX_MESSAGE_SIZE_LIMIT + 4,
+                      max_connections=pyipc.MAX_CONNECTIONS_LIMIT)
+    assert ctx.max_message_size == 0xFFFFFFFF and ctx.max_connections == 0x7FFFFFFF
+    assert pyipc.MAX_QUEUE_SIZE_LIMIT == (1 << 63) - 1
 
 
 @pytest.mark.parametrize("name", ["max_message_size", "max_queue_size", "max_connections"])
@@ -172,8 +174,11 @@ def test_timer_property(ctx_factory):
     assert ctx.timer is None
     with pytest.raises(ValueError):
         ctx.timer = -1
-    with pytest.raises(ValueError):
-        ctx.timer = 1 << 31
+    ctx.timer = pyipc.MAX_TIMER                  # the edge: accepted
+    assert ctx.timer == pyipc.MAX_TIMER == (1 << 31) - 1
+    ctx.timer = None
+    with pytest.raises(ValueError, match=rf"^timer must be at most {pyipc.MAX_TIMER} ms$"):
+        ctx.timer = pyipc.MAX_TIMER + 1
     for bad in (1.5, "10", True):
         with pytest.raises(TypeError):
             ctx.timer = bad

@@ -82,6 +82,21 @@ def test_a_message_that_does_not_fit_stays_queued(pair: Pair, size, room):
     assert read_into_bytes(pair.server, pair.server_fd, bytearray(room)) == b"next"
 
 
+@pytest.mark.parametrize("size", [1, 65_535, 65_536, 300_000])
+def test_a_buffer_of_exactly_the_size_fits_and_one_byte_less_does_not(pair: Pair, size):
+    """The edge of read_into's one bound, the caller's buffer, on both sides
+    of the direct read's threshold (64 KiB)."""
+    message = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    thread = sender(pair.client, pair.client_fd, [message, message])
+    with pytest.raises(pyipc.MessageTooLargeError,
+                       match=f"^buffer of {size - 1} bytes is too small for a message of {size} bytes$"):
+        pair.server.read_into(pair.server_fd, bytearray(size - 1))
+    exact = bytearray(size)
+    assert pair.server.read_into(pair.server_fd, exact) == size and exact == message
+    assert pair.server.read_into(pair.server_fd, exact) == size and exact == message
+    thread.join()
+
+
 def test_buffer_types(pair: Pair):
     pair.client.write_many(pair.client_fd, [b"abcd", b"efgh"])
     words = array.array("I", [0, 0])

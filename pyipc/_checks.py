@@ -118,6 +118,20 @@ def check_max_messages(max_messages: int) -> None:
         raise ValueError(f"max_messages must be between 1 and {MAX_READ_MANY}")
 
 
+#: The largest `high_water` of pyipc.aio (bytes): an int64, as max_queue_size.
+MAX_HIGH_WATER = (1 << 63) - 1
+
+
+def check_high_water(value: object, name: str = "high_water") -> None:
+    """pyipc.aio's high-water marks (`Context(high_water=)`,
+    `set_write_buffer_limits()`): an int of bytes from 0 to MAX_HIGH_WATER.
+    A float would slip past the comparisons that apply it (NaN compares
+    false: no back-pressure at all), so it is refused as every count is."""
+    _require_int(name, value)
+    if not 0 <= value <= MAX_HIGH_WATER:  # type: ignore[operator]
+        raise ValueError(f"{name} must be between 0 and {MAX_HIGH_WATER}, not {value!r}")
+
+
 def check_timer(value: Optional[int]) -> None:
     """The `timer` property: None or milliseconds from 0 to MAX_TIMER."""
     if value is None:

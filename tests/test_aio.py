@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import resource
 import socket
@@ -1186,4 +1187,37 @@ def test_timer_events_do_not_pile_up_in_events(actx):
                 ev = await asyncio.wait_for(ctx.wait_event(), 10)
                 assert ev.type == EventType.TIMER
             assert len(ctx._events) <= 1
+    run(main)
+
+
+HIGH_WATER_REFUSED = [
+    (-1, ValueError), ((1 << 63), ValueError), (10**30, ValueError),
+    (math.nan, TypeError), (1.5, TypeError), (True, TypeError), ("x", TypeError)]
+
+
+@pytest.mark.parametrize("value, error", HIGH_WATER_REFUSED)
+def test_high_water_is_an_int_from_0_to_the_int64_bound(actx, value, error):
+    """high_water (and set_write_buffer_limits' marks) is checked as the
+    other counts are: NaN was taken and turned receive back-pressure off
+    (every comparison with it is false), 1.5, True and 10**30 were taken,
+    "x" raised a raw TypeError from the comparison."""
+    MAX_HIGH_WATER = pyipc.aio.MAX_HIGH_WATER
+    assert MAX_HIGH_WATER == (1 << 63) - 1
+    with pytest.raises(error, match="high_water must be"):
+        actx(high_water=value)
+
+    async def main() -> None:
+        async with actx(high_water=0) as server_ctx, \
+                actx(high_water=MAX_HIGH_WATER) as ctx:          # both edges taken
+            await server_ctx.serve("echo", echo)
+            conn = await ctx.connect("echo")
+            assert conn.get_write_buffer_limits() == (MAX_HIGH_WATER // 4, MAX_HIGH_WATER)
+            conn.set_write_buffer_limits(0)
+            conn.set_write_buffer_limits(MAX_HIGH_WATER, MAX_HIGH_WATER)
+            for name, kwargs in (("high", {"high": value}), ("low", {"high": 8, "low": value})):
+                with pytest.raises(error, match=f"{name} must be"):
+                    conn.set_write_buffer_limits(**kwargs)
+            assert conn.get_write_buffer_limits() == (MAX_HIGH_WATER, MAX_HIGH_WATER)
+            await conn.send(b"ping")
+            assert await asyncio.wait_for(conn.recv(), 10) == b"ping"
     run(main)

@@ -11,10 +11,11 @@ A `pyipc.aio.Context` wraps a `pyipc.Context` and lets the running loop drive
 it through `fileno()`; see docs/asyncio.md.
 """
 
+from .._checks import MAX_HIGH_WATER
 from ._connection import Connection
 from ._context import DEFAULT_HIGH_WATER, DEFAULT_IPCD_TIMEOUT, Context, EventStream
 from ._serve import serve
 from ._server import Handler, Server
 
 __all__ = ["Context", "Connection", "Server", "EventStream", "Handler", "serve",
-           "DEFAULT_HIGH_WATER", "DEFAULT_IPCD_TIMEOUT"]
+           "DEFAULT_HIGH_WATER", "DEFAULT_IPCD_TIMEOUT", "MAX_HIGH_WATER"]

@@ -16,7 +16,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any, Optional, Tuple, Type, TypeVar, overload
 
-from .._checks import as_payload, closed_by_peer
+from .._checks import as_payload, check_high_water, closed_by_peer
 from .._types import ConnectionClosedError, IPCError, Payload
 from ._flavor import get_running_loop
 
@@ -99,8 +99,10 @@ class Connection:
         low-water mark (default high // 4), as asyncio's transports do."""
         self.ctx._check_loop()          # before anything changes
         high = self._high if high is None else high
+        check_high_water(high, "high")
         low = high // 4 if low is None else low
-        if not 0 <= low <= high:
+        check_high_water(low, "low")
+        if not low <= high:
             raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
         self._high, self._low = high, low
         self.ctx._flavor_wake(self._tx_waiters)

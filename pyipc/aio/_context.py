@@ -18,6 +18,7 @@ import socket
 from collections import deque
 from typing import Any, Awaitable, Callable, Optional
 
+from .._checks import check_high_water
 from .._context import Context as SyncContext
 from .._rundir import PathLike
 from .._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
@@ -76,8 +77,7 @@ class Context:
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  linger: float = DEFAULT_LINGER, *,
                  high_water: int = DEFAULT_HIGH_WATER) -> None:
-        if high_water < 0:
-            raise ValueError(f"high_water must be >= 0, not {high_water!r}")
+        check_high_water(high_water)
         #: The underlying pyipc.Context (its fds, timer, switches...).
         self.sync: SyncContext = SyncContext(rundir, max_message_size, backend,
                                              max_queue_size, max_connections, linger)

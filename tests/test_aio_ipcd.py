@@ -262,3 +262,30 @@ def test_a_context_closed_while_ipcd_thinks_takes_no_connection(ipcd, backend, r
         assert not open_fds() - before          # aclose() closed some; none is new
     run(main)
     assert ipcd.hung_up
+
+
+@pytest.mark.parametrize("timeout", [-1, -1e-9, float("nan"), float("inf"), 1e300, True, "1"])
+def test_a_bad_timeout_is_refused_before_ipcd_is_asked(ipcd, backend, rundir, ctx_factory,
+                                                       timeout):
+    """connect(timeout=) is checked as the sync connect() checks it, before
+    anything goes to ipcd: -1 sent the request then raised TimeoutError
+    (sync: ValueError), NaN, inf, 1e300 and True ran the exchange, "1" was
+    a raw TypeError from the comparison. The one connection the stand-in
+    ipcd accepts is then the good call's: had a refused call reached ipcd,
+    the good one would wait unaccepted."""
+    server = ctx_factory()
+    server.service_init("pong")
+    with pytest.raises((TypeError, ValueError)) as sync_error:
+        ctx_factory().connect("pong", timeout=timeout)
+
+    async def main() -> None:
+        async with pyipc.aio.Context(rundir=rundir, backend=backend) as ctx:
+            with pytest.raises(sync_error.type) as error:
+                await ctx.connect("pong", timeout=timeout)
+            assert str(error.value) == str(sync_error.value)
+            assert not ipcd.got_request.is_set()
+            ipcd.answer()
+            conn = await ctx.connect("pong", timeout=10)
+            await conn.close()
+    run(main)
+    assert ipcd.request == b"pong;pong unix://pong"

@@ -18,7 +18,7 @@ import socket
 from collections import deque
 from typing import Any, Awaitable, Callable, Optional
 
-from .._checks import check_high_water
+from .._checks import check_high_water, check_timeout
 from .._context import Context as SyncContext
 from .._rundir import PathLike
 from .._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
@@ -354,6 +354,7 @@ class Context:
         (a long request sent as ipcd reads it, then its answer: ipcd may
         reach another host) for at most `timeout` seconds (default
         DEFAULT_IPCD_TIMEOUT), serving everything else meanwhile."""
+        timeout = check_timeout(timeout)    # as the sync connect(): before anything is sent
         flavor = self._bind()
         await flavor.checkpoint()           # a cancelled connect() connects nothing
         self._bind()                        # closed meanwhile: connect nothing

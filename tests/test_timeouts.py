@@ -238,6 +238,31 @@ def test_a_timeout_shorter_than_the_timer_raises(pair: Pair, call):
     assert server.timer == 5000
 
 
+@pytest.mark.parametrize("call", ["wait_event", "wait_events"])
+@pytest.mark.parametrize("timer_ms, timeout", [(10, 0.0095), (1, 0.0005)])
+def test_a_timeout_just_before_the_timer_raises_though_both_are_due(pair: Pair, call,
+                                                                    timer_ms, timeout):
+    """The timeout is due half a millisecond before the timer; the wait
+    ends with both due (the poll waits whole milliseconds) or with the
+    timeout alone: either way the one due first, the timeout, is what it
+    says, as the core decides (pure said TIMER every time)."""
+    server = pair.server
+    server.timer = timer_ms
+    for _ in range(20):
+        times_out(lambda: getattr(server, call)(timeout=timeout), timeout, "wait timed out")
+
+
+@pytest.mark.parametrize("call", ["wait_event", "wait_events"])
+def test_a_timeout_due_with_the_timer_gives_timer(pair: Pair, call):
+    """timeout == timer: the timer is due no later than the call (counted
+    from the same start), so the wait says TIMER, on both backends."""
+    server = pair.server
+    server.timer = 10
+    for _ in range(20):
+        result = getattr(server, call)(timeout=0.010)
+        assert (result if call == "wait_event" else result[0]).type == EventType.TIMER
+
+
 # ---------------------------------------------------------------- writes
 
 

@@ -257,7 +257,11 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
             # close_all()) made a new queue, the events are in that one.
             if self._pending:
                 return
-            if deadline is not None and time.monotonic() >= deadline:
+            # Both due (the wait ends late: the poll waits whole ms, the
+            # scheduler more): the one due first is what this wait says,
+            # the timer when they tie, as the core's endsBefore decides.
+            if deadline is not None and time.monotonic() >= deadline \
+                    and (expiry is None or expiry >= deadline):
                 self._pending.append(Event(EventType.TIMER))
                 return
             if expiry is not None and time.monotonic() >= expiry:

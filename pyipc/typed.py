@@ -1042,17 +1042,95 @@ def _cbor_decode(data: bytes, what: str) -> Any:
         _cbor_check(data)
     except ValueError as e:
         raise CorruptMessageError(f"body of {what} is refused: {e}") from None
-    stream = io.BytesIO(data)
     try:
-        body = cbor2.CBORDecoder(stream, allow_duplicate_keys=False,
-                                 max_depth=MAX_CBOR_DEPTH).decode()
+        # One level short first: cbor2 counts the levels that hold an item,
+        # so an empty array or map (or an empty set's array) one level past
+        # its max_depth passes it. A body that nests to the limit is decoded
+        # again with the limit and walked for such an empty container.
+        body, stream = _cbor_load(data, MAX_CBOR_DEPTH - 1)
     except Exception as e:   # cbor2's own errors, and those of its tag decoders
-        raise CorruptMessageError(f"body of {what} is not valid CBOR: {_reason(e)}") from e
+        if _DEPTH_EXCEEDED not in str(e):
+            raise CorruptMessageError(f"body of {what} is not valid CBOR: {_reason(e)}") from e
+        body, stream = _cbor_deepest(data, what)
     left = len(data) - stream.tell()
     if left:
         raise CorruptMessageError(
             f"body of {what} has {left} trailing byte(s) after its CBOR value")
     return body
+
+
+#: cbor2's text for a body past max_depth (its own count: see _cbor_decode).
+_DEPTH_EXCEEDED = "maximum container nesting depth"
+
+
+def _cbor_load(data: bytes, max_depth: int) -> Tuple[Any, io.BytesIO]:
+    """cbor2's decoding of `data` with `max_depth`; the value and the stream."""
+    stream = io.BytesIO(data)
+    return cbor2.CBORDecoder(stream, allow_duplicate_keys=False,
+                             max_depth=max_depth).decode(), stream
+
+
+def _cbor_deepest(data: bytes, what: str) -> Tuple[Any, io.BytesIO]:
+    """_cbor_decode of a body cbor2 found MAX_CBOR_DEPTH levels deep by its
+    count: decoded with the limit, then refused as cbor2 refuses a deeper
+    body if an empty container nests past the limit (encode() refuses it)."""
+    try:
+        decoded = _cbor_load(data, MAX_CBOR_DEPTH)
+    except Exception as e:
+        raise CorruptMessageError(f"body of {what} is not valid CBOR: {_reason(e)}") from e
+    if _cbor_levels_past(data, MAX_CBOR_DEPTH):
+        raise CorruptMessageError(f"body of {what} is not valid CBOR: {_DEPTH_EXCEEDED} "
+                                  f"({MAX_CBOR_DEPTH}) exceeded")
+    return decoded
+
+
+def _cbor_levels_past(data: bytes, limit: int) -> bool:
+    """Whether the CBOR item `data` starts with nests past `limit` levels,
+    every array, map and tag counted, empty ones too (docs/typed.md's
+    count). Only for a body cbor2 decoded (well formed); a walk in Python,
+    made for bodies that nest to the limit only."""
+    # Per open level: [items left, or None until a break; whether it counts
+    # (arrays, maps, tags do; an indefinite string's chunks do not)].
+    stack: List[List[Any]] = []
+    levels, pos = 0, 0
+    while pos < len(data):
+        head = data[pos]
+        major, info = head >> 5, head & 0x1F
+        arg = _cbor_arg(data, pos + 1, info)
+        pos += 1 + _ARG_BYTES[info]
+        if head == 0xFF:                          # a break: its indefinite level ends
+            levels -= stack.pop()[1]
+        elif major >= 4 and major != 7 or info == 31:
+            counts = major >= 4                   # (else an indefinite string)
+            items = None if info == 31 else 1 if major == 6 else arg << (major == 5)
+            levels += counts
+            if levels > limit:
+                return True
+            if items != 0:
+                stack.append([items, counts])
+                continue
+            levels -= counts                      # empty: ended as soon as opened
+        elif major == 2 or major == 3:
+            pos += arg                            # a string's bytes
+        # An item ended, and with it each level it was the last item of.
+        while stack and stack[-1][0] is not None:
+            stack[-1][0] -= 1
+            if stack[-1][0]:
+                break
+            levels -= stack.pop()[1]
+        if not stack:
+            return False
+    return False
+
+
+#: Bytes of an item head's argument after its first byte, by its low 5 bits.
+_ARG_BYTES = [0] * 24 + [1, 2, 4, 8, 0, 0, 0, 0]
+
+
+def _cbor_arg(data: bytes, pos: int, info: int) -> int:
+    """The argument of a head whose first byte's low 5 bits are `info`,
+    its bytes (if any) from `pos`."""
+    return info if info < 24 else int.from_bytes(data[pos:pos + _ARG_BYTES[info]], "big")
 
 
 # -- JSON --------------------------------------------------------------------------

@@ -505,6 +505,37 @@ def test_cbor_nesting_past_the_receivers_limit_is_refused(value: object) -> None
         CBOR.encode(Holder(value))
 
 
+@pytest.mark.parametrize("empty", [[], {}, (), set()], ids=["list", "dict", "tuple", "set"])
+def test_cbor_decode_counts_an_empty_innermost_container_as_encode_does(empty: Any) -> None:
+    """Decoded directly (raw bodies, not encode()'s): 400 levels with an
+    empty container innermost decode; 401 are refused, as encode() refuses
+    them (cbor2 counts only levels that hold an item: it took them). A set
+    is two levels (tag 258, an array)."""
+    levels = 2 if isinstance(empty, set) else 1
+    at_limit = {"value": _nested(399 - levels, empty)}           # 1 + 399 levels
+    past = {"value": _nested(400 - levels, empty)}               # 1 + 400 levels
+    body = cbor2.dumps(at_limit)
+    assert CBOR.decode(b"\x00" + body) == Holder(cbor2.loads(body)["value"])  # () comes as []
+    with pytest.raises(CorruptMessageError, match=r"^body of message type 0 \(Holder\) is not "
+                       r"valid CBOR: maximum container nesting depth \(400\) exceeded$"):
+        CBOR.decode(b"\x00" + cbor2.dumps(past))
+    with pytest.raises(UnencodableValueError, match=r"nested too deeply \(more than 400 levels"):
+        CBOR.encode(Holder(_nested(400 - levels, empty)))
+
+
+@pytest.mark.parametrize("body", [
+    b"\xbf\x65value" + b"\x9f" * 399 + b"\xff" * 399 + b"\xff",   # indefinite: 400 levels
+    cbor2.dumps({"value": [b"x" * 70_000, "y" * 300, 2 ** 70, 1.5,
+                           _nested(396, cbor2.CBORTag(4000, []))]}),
+], ids=["indefinite", "mixed"])
+def test_cbor_decode_takes_400_levels_of_every_kind(body: bytes) -> None:
+    CBOR.decode(b"\x00" + body)
+    deeper = body.replace(b"\x9f", b"\x9f\x9f", 1).replace(b"\xff", b"\xff\xff", 1) \
+        if body.startswith(b"\xbf") else cbor2.dumps({"value": [cbor2.loads(body)["value"]]})
+    with pytest.raises(CorruptMessageError, match=r"nesting depth \(400\) exceeded$"):
+        CBOR.decode(b"\x00" + deeper)
+
+
 @pytest.mark.parametrize("value, message", [
     (re.compile("(a+)+$"), r"field value: CBOR tag 35 is not taken in a typed message"),
     ([cbor2.CBORTag(28, 1)], r"field value\[0\]: CBOR tag 28 is not taken in a typed message"),

@@ -103,3 +103,26 @@ def test_a_paused_connection_with_a_queued_write_sees_its_peer_end_once_resumed(
         (EventType.MESSAGE_RX, b"one"), (EventType.MESSAGE_RX, b"two"),
         (EventType.ERROR, "peer closed the connection with 1 scheduled message(s) unsent"),
         (EventType.DISCONNECTION, None)]
+
+
+@pytest.mark.parametrize("first", ["wait_event", "read"])
+def test_messages_decoded_before_the_pause_still_come(pair, first):
+    """Pausing stops reading the socket, not handing out what was already
+    read: the rest of the batch wait_event() kept, or the messages read()
+    decoded along with the one it returned, still come as MESSAGE_RX, in
+    order; what was sent after waits for the resume (docs/reference.md)."""
+    server, fd = pair.server, pair.server_fd
+    pair.client.write_many(pair.client_fd, [b"m1", b"m2", b"m3"])   # in the socket at once
+    if first == "read":
+        assert server.read(fd, timeout=10) == b"m1"
+    else:
+        ev = server.wait_event(timeout=10)
+        assert (ev.type, ev.message) == (EventType.MESSAGE_RX, b"m1")
+    server.pause_reading(fd)
+    pair.client.write(pair.client_fd, b"m4")
+    assert [(e.type, e.message) for e in server.wait_events(timeout=10)] == [
+        (EventType.MESSAGE_RX, b"m2"), (EventType.MESSAGE_RX, b"m3")]
+    with pytest.raises(pyipc.TimeoutError):
+        server.wait_events(timeout=0.2)             # m4 is not read meanwhile
+    server.pause_reading(fd, False)
+    assert _messages(server, 1) == [b"m4"]

@@ -503,3 +503,40 @@ def test_an_exposed_name_no_service_could_have_stops_the_daemon_at_start(rundir,
                          timeout=60, env=CHILD_ENV)
     assert out.returncode != 0
     assert "invalid service name: contains '/'" in out.stderr
+
+
+def _start_args(command: str, tmp_path) -> list:
+    """What `pyipc COMMAND` needs besides --expose to start on a free port."""
+    if command == "tlsd":
+        import trustme
+        cert = str(tmp_path / "cert.pem")
+        trustme.CA().issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(cert)
+        return ["--listen", "127.0.0.1:0", "--cert", cert]
+    return ["--port", "0"] if command == "websocketd" else ["--listen", "127.0.0.1:0"]
+
+
+@pytest.mark.parametrize("command,name", [("tcpd", "tcp"), ("tcpd", "ws"),
+                                          ("tlsd", "tls"), ("tlsd", "ipc"),
+                                          ("websocketd", "ws"), ("websocketd", "wss"),
+                                          ("websocketd", "tcp")])
+def test_exposing_a_daemons_own_service_stops_the_daemon_at_start(rundir, command, name,
+                                                                  tmp_path, backend):
+    """--expose ws (or any daemon's service, a dialer): refused at start, or
+    any peer could make this host connect anywhere (an open proxy)."""
+    out = subprocess.run([sys.executable, "-m", "pyipc", "--backend", backend,
+                          "--rundir", rundir, command,
+                          "--expose", f"pong,{name}", *_start_args(command, tmp_path)],
+                         capture_output=True, text=True, timeout=60, env=CHILD_ENV)
+    assert out.returncode != 0
+    assert f"cannot expose {name!r}: it is a pyipc daemon's own service" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_daemon_services_names_every_daemons_own_service():
+    """DAEMON_SERVICES holds the service each daemon registers."""
+    from pyipc._types import IPCD_SERVICE
+    from pyipc.daemons import tcpd, tlsd
+    from pyipc.daemons._runtime import DAEMON_SERVICES
+    from pyipc.daemons.websocketd import dialer
+    assert DAEMON_SERVICES == {IPCD_SERVICE, tcpd.TCP_SERVICE, tlsd.SERVICE,
+                               dialer.WS_SERVICE, dialer.WSS_SERVICE}

@@ -29,6 +29,12 @@ from ._graceful_close import GracefulCloser
 from ._offload import Offloader, OnDone
 from ._timers import TimerHandle, Timers
 
+#: The services the pyipc daemons serve themselves, each a dialer: ipcd's
+#: `ipc`, tcpd's `tcp`, tlsd's `tls`, websocketd's `ws` and `wss`. Exposed,
+#: any remote peer could make this host connect anywhere (an open proxy, a
+#: port scanner), so check_exposed refuses them.
+DAEMON_SERVICES = frozenset({"ipc", "tcp", "tls", "ws", "wss"})
+
 
 class Daemon:
     """A foreground daemon on one pyipc Context.
@@ -103,8 +109,14 @@ class Daemon:
         """InvalidNameError at start for an exposed name no service of the
         run dir could have ('a/b', '..', too long for a socket path): it
         could never be reached, and a typo should not wait for a peer to
-        show it (tcpd, tlsd and websocketd call it in setup)."""
+        show it (tcpd, tlsd and websocketd call it in setup). ValueError
+        for a daemon's own service (DAEMON_SERVICES)."""
         for name in sorted(names):
+            if name in DAEMON_SERVICES:
+                raise ValueError(
+                    f"cannot expose {name!r}: it is a pyipc daemon's own service (a "
+                    f"dialer); exposed, any peer could make this host connect to any "
+                    f"host and port. Expose the services themselves")
             _rundir.service_path(self.ctx.rundir, name)
 
     def on_event(self, ev: Event) -> None:

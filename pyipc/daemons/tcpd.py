@@ -634,6 +634,12 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:                     # a bad option value: usage error
         print(f"pyipc tcpd: {e}", file=sys.stderr)
         return 2
-    daemon.run()
+    try:
+        daemon.run()
+    except (OSError, ValueError) as e:
+        if isinstance(e, IPCError):
+            raise                       # pyipc's own: the CLI says it (exit 1)
+        print(f"pyipc tcpd: {e}", file=sys.stderr)  # e.g. a daemon's service exposed
+        return 1
     return 0
 

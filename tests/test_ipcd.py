@@ -69,6 +69,27 @@ def test_rules_last_match_wins():
             target_of(bad)
 
 
+@pytest.mark.parametrize("scheme", ["a", "Z", "a1", "a+b", "a-b", "a.b", "x-1.2+3"])
+def test_an_rfc3986_scheme_names_a_daemon(scheme):
+    assert target_of(f"{scheme}://h/x") == (scheme.lower(), f"{scheme}://h/x")
+
+
+@pytest.mark.parametrize("scheme", ["1x", "-", "+a", ".a", ".", "..", "a_b", "a b", "é",
+                                    "\u212acp", "a/b", "a:b", ""])
+def test_a_scheme_that_is_not_rfc3986s_is_refused(scheme):
+    """RFC 3986: ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ) (a non-ASCII
+    letter too, even one whose lower case is ASCII, as the Kelvin sign's)."""
+    with pytest.raises(ValueError, match="not a scheme"):
+        target_of(f"{scheme}://h/x")
+
+
+@pytest.mark.parametrize("uri", ["ipc://h/x", "IPC://x", "ipc://"])
+def test_the_ipc_scheme_is_refused(uri):
+    """ipc:// would make ipcd ask itself."""
+    with pytest.raises(ValueError, match="ipc:// would send the request to ipcd itself"):
+        target_of(uri)
+
+
 def test_local_alias_and_unix_rule(pong, ipcd, backend, rundir, monkeypatch):
     monkeypatch.setenv("IPC_NETWORK", "p pong;q unix://pong;r unix://nothing;r unix://pong")
     with client(backend, rundir) as ctx:
@@ -122,7 +143,18 @@ REFUSALS = [
      "ipcd could not connect to service zz (norule): ../pong: invalid service name: "
      "contains '/'"),
     ("zz a/b://x", "zz", pyipc.ServiceNotFoundError,
-     "ipcd could not connect to service zz (norule): a/b://x: not a scheme"),
+     "ipcd could not connect to service zz (norule): a/b://x: not a scheme (RFC 3986: a "
+     "letter, then letters, digits, '+', '-' or '.')"),
+    ("zz 1x://h/zz", "zz", pyipc.ServiceNotFoundError,
+     "ipcd could not connect to service zz (norule): 1x://h/zz: not a scheme (RFC 3986: "
+     "a letter, then letters, digits, '+', '-' or '.')"),
+    ("zz -://h/zz", "zz", pyipc.ServiceNotFoundError,
+     "ipcd could not connect to service zz (norule): -://h/zz: not a scheme (RFC 3986: "
+     "a letter, then letters, digits, '+', '-' or '.')"),
+    ("zz ipc://h/zz", "zz", pyipc.ServiceNotFoundError,
+     "ipcd could not connect to service zz (norule): ipc://h/zz: ipc:// would send the "
+     "request to ipcd itself; name the service (unix://NAME) or a daemon's scheme "
+     "(tcp://, tls://, ws://)"),
 ]
 
 

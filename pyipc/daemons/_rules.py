@@ -5,15 +5,20 @@ IPC_NETWORK: rules "SVC URI" separated by ';'. The last rule whose SVC is NAME
 wins. Its URI is either a local alias (no "://": the local service of that
 name), `unix://X` (the local service X, or the socket at X when it is an
 absolute path), or `SCHEME://...`, served by the local daemon whose service
-is named after the scheme (`tcp`, `tls`, ...).
+is named after the scheme (`tcp`, `tls`, ...). A scheme is RFC 3986's
+(a letter, then letters, digits, '+', '-', '.'), compared in lower case; `ipc`
+is none (ipcd itself: it would ask itself).
 """
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple, Optional
 
-#: A scheme's name: what may be a service name of the local daemon serving it.
-_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789+-.")
+from .._types import IPCD_SERVICE
+
+#: A scheme (RFC 3986, 3.1): ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
 
 class BadRequest(ValueError):
@@ -60,11 +65,15 @@ def target_of(uri: str) -> Target:
     scheme, sep, rest = uri.partition("://")
     if not sep:
         return Target(None, uri)                   # a local alias
+    if not _SCHEME.fullmatch(scheme):      # (before lower(): the Kelvin sign's is "k")
+        raise ValueError(f"{uri}: not a scheme (RFC 3986: a letter, then letters, "
+                         f"digits, '+', '-' or '.')")
     scheme = scheme.lower()
     if scheme == "unix":
         if not rest:
             raise ValueError(f"{uri}: no service after unix://")
         return Target(None, rest)
-    if not scheme or not set(scheme) <= _SCHEME_CHARS or scheme in (".", ".."):
-        raise ValueError(f"{uri}: not a scheme")
+    if scheme == IPCD_SERVICE:
+        raise ValueError(f"{uri}: ipc:// would send the request to ipcd itself; name the "
+                         f"service (unix://NAME) or a daemon's scheme (tcp://, tls://, ws://)")
     return Target(scheme, uri)

@@ -540,3 +540,36 @@ def test_daemon_services_names_every_daemons_own_service():
     from pyipc.daemons.websocketd import dialer
     assert DAEMON_SERVICES == {IPCD_SERVICE, tcpd.TCP_SERVICE, tlsd.SERVICE,
                                dialer.WS_SERVICE, dialer.WSS_SERVICE}
+
+
+def _daemon_bounded_at(kind: str, bound: int, rundir: str, backend: str) -> Daemon:
+    """A tcpd, tlsd (dials only) or websocketd (no dialer's services
+    needed: port 0) whose bound on dials in progress is `bound`."""
+    if kind == "tcpd":
+        from pyipc.daemons.tcpd import Tcpd
+        return Tcpd(rundir=rundir, backend=backend, listen=["127.0.0.1:0"],
+                    max_pending=bound)
+    if kind == "tlsd":
+        from pyipc.daemons.tlsd import Tlsd, TlsdConfig
+        return Tlsd(TlsdConfig(max_pending=bound), rundir=rundir, backend=backend)
+    from pyipc.daemons.websocketd import Options, WebSocketd
+    return WebSocketd(Options(port=0, max_handshakes=bound), rundir=rundir, backend=backend)
+
+
+@pytest.mark.parametrize("kind", ["tcpd", "tlsd", "websocketd"])
+def test_every_dial_a_daemon_admits_has_a_worker(kind, rundir, backend):
+    """--max-pending 600 (websocketd: --max-handshakes): 599 offloaded dials
+    hung (a host that does not answer) leave a worker for the next one. With
+    the pool fixed at 256 workers, it waited behind the hung ones (one host
+    at its default share, 300, took every worker)."""
+    from daemon_harness import running
+    bound = 600
+    gate, ran = threading.Event(), threading.Event()
+    with running(_daemon_bounded_at(kind, bound, rundir, backend)) as daemon:
+        try:
+            for _ in range(bound - 1):
+                daemon.offload(lambda: gate.wait(30), lambda result, exc: None)
+            daemon.offload(ran.set, lambda result, exc: None)
+            assert ran.wait(10), "the last dial admitted waited for a worker"
+        finally:
+            gate.set()

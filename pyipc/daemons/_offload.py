@@ -4,9 +4,10 @@ to the loop thread through a pipe the loop watches.
 
 The workers are daemon threads, made when needed: a stop never waits for a
 connect or a name lookup still running (a pool's threads would be joined at
-exit), and up to MAX_OFFLOAD_WORKERS calls run at once, as many as a daemon
-has dials in progress (its --max-pending), so that slow dials to one host never
-make a dial to another wait for a worker.
+exit), and as many calls run at once as a daemon may have dials in progress
+(its --max-pending; websocketd's --max-handshakes), MAX_OFFLOAD_WORKERS at
+least (offload_workers), so that slow dials to one host never make a dial to
+another wait for a worker.
 """
 
 from __future__ import annotations
@@ -18,9 +19,18 @@ from typing import Any, Callable, Optional
 
 from .._signal_wakeup import drain_pipe
 
-#: Worker threads at most (the daemons' default bound on dials in progress,
-#: --max-pending); more calls wait for a worker, in order.
+#: Worker threads at most when a daemon's bound on dials in progress is
+#: lower (the daemons' default --max-pending); more calls wait for a worker,
+#: in order.
 MAX_OFFLOAD_WORKERS = 256
+
+
+def offload_workers(max_dials: int) -> int:
+    """The worker threads of a daemon that has at most `max_dials` dials in
+    progress: one each, so that dials to a hung host (at most its per-host
+    share of them) never take every worker; MAX_OFFLOAD_WORKERS at least
+    (threads are made only when needed: a larger pool costs nothing idle)."""
+    return max(max_dials, MAX_OFFLOAD_WORKERS)
 
 #: on_done(result, exception): exactly one of the two is None (result may be None too).
 OnDone = Callable[[Any, Optional[BaseException]], None]

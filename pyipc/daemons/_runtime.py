@@ -26,7 +26,7 @@ from .. import Context, Event, EventType, _rundir
 from . import _systemd
 from .._signal_wakeup import SignalWakeup, drain_pipe
 from ._graceful_close import GracefulCloser
-from ._offload import Offloader, OnDone
+from ._offload import MAX_OFFLOAD_WORKERS, Offloader, OnDone, offload_workers
 from ._timers import TimerHandle, Timers
 
 #: The services the pyipc daemons serve themselves, each a dialer: ipcd's
@@ -49,15 +49,17 @@ class Daemon:
     name = "daemon"
 
     def __init__(self, *, rundir: Optional[str] = None, backend: Optional[str] = None,
-                 **context_options: Any) -> None:
+                 max_offloads: int = MAX_OFFLOAD_WORKERS, **context_options: Any) -> None:
         """`context_options` go to the daemon's Context (e.g. max_message_size,
-        max_queue_size, when the daemon's bounds are not pyipc's defaults)."""
+        max_queue_size, when the daemon's bounds are not pyipc's defaults).
+        `max_offloads`: the offloads the daemon may have running at once (its
+        bound on dials in progress): the workers are offload_workers() of it."""
         self.log = logging.getLogger(f"pyipc.daemons.{self.name}")
         self.ctx = Context(rundir=rundir, backend=backend, **context_options)
         self.ready = threading.Event()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wakeup = SignalWakeup()       # see pyipc/_signal_wakeup.py
-        self._offloader = Offloader()
+        self._offloader = Offloader(offload_workers(max_offloads))
         # Read ends this object closes itself until the context watches them
         # (then close_all() closes them).
         self._unwatched = [self._stop_r, self._wakeup.fd, self._offloader.wake_fd]

@@ -124,7 +124,7 @@ class Tcpd(Daemon):
             raise ValueError(f"max_pending_per_host must be >= 1, not {max_pending_per_host!r}")
         for address in listen:
             _sockets.split_address(address, DEFAULT_PORT)     # ValueError now, not later
-        super().__init__(rundir=rundir, backend=backend)
+        super().__init__(rundir=rundir, backend=backend, max_offloads=max_pending)
         self.listen = list(listen)
         self.expose = frozenset(expose)
         self.dead_peer_timeout = dead_peer_timeout

@@ -73,7 +73,7 @@ class Tlsd(Daemon):
 
     def __init__(self, config: TlsdConfig, *, rundir: Optional[str] = None,
                  backend: Optional[str] = None) -> None:
-        super().__init__(rundir=rundir, backend=backend)
+        super().__init__(rundir=rundir, backend=backend, max_offloads=config.max_pending)
         self.config = config
         self._client_ctx = client_context(config)
         self._server_ctx = server_context(config) if config.cert is not None else None

@@ -63,7 +63,9 @@ class WebSocketd(Daemon):
                  listen_fds: Optional[Sequence[int]] = None) -> None:
         self.options = options or Options()
         # websocketd's message size and backpressure bound are its own.
+        # Its dials count against max_handshakes: that many workers at least.
         super().__init__(rundir=rundir, backend=backend,
+                         max_offloads=self.options.max_handshakes,
                          max_message_size=self.options.max_message_size,
                          max_queue_size=queue_bound(self.options))
         self._given_fds = list(listen_fds) if listen_fds is not None else None

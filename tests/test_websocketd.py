@@ -768,3 +768,118 @@ def client_sockopt(d, level: int, option: int) -> int:
     (fd,) = {session.fd for session in d.daemon.sessions.values()}
     with socket.socket(fileno=os.dup(fd)) as sock:
         return sock.getsockopt(level, option)
+
+
+# ------------------------------------------------------------ out of file descriptors
+
+#: A websocketd under a low RLIMIT_NOFILE; on a line from stdin it takes every
+#: fd left (EMFILE from then on), on the next it gives them back and stops.
+_FD_STARVED_DAEMON = """
+import logging, os, resource, sys, threading
+from pyipc.daemons.websocketd import Options, WebSocketd
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+d = WebSocketd(Options(expose=frozenset({"echo"}), port=0, max_message_size=1000),
+               rundir=sys.argv[1], backend=sys.argv[2])
+def control():
+    d.ready.wait()
+    print(d.addresses[0][1], flush=True)
+    sys.stdin.readline()
+    held = []
+    try:
+        while True:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    print("full", flush=True)
+    sys.stdin.readline()
+    for fd in held:
+        os.close(fd)
+    d.stop()
+threading.Thread(target=control, daemon=True).start()
+d.run(handle_signals=False)
+"""
+
+
+def test_out_of_fds_a_failing_websocket_still_gets_its_close_frame(start, backend, rundir):
+    """EMFILE when a WebSocket fails (1009): the dup that waits for the
+    client's close answer cannot be made. The client still gets its close
+    frame (the connection closes without waiting for the answer), the log a
+    warning, no traceback (os.dup raised inside the switch callback: no
+    close frame, a bare TCP close)."""
+    start.service("echo")
+    proc = subprocess.Popen([sys.executable, "-c", _FD_STARVED_DAEMON, rundir, backend],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+    try:
+        port = int(proc.stdout.readline())
+        with connect(f"ws://127.0.0.1:{port}/echo", open_timeout=10) as ws:
+            ws.send(b"ping")
+            assert ws.recv(timeout=10) == b"ping"
+            proc.stdin.write("fill\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == "full\n"
+            ws.send(b"x" * 1001)                       # over max_message_size: 1009
+            with pytest.raises(ConnectionClosed) as info:
+                ws.recv(timeout=10)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert "cannot wait for the client's close answer" in err
+
+
+class _RefusingAddExternal:
+    """A daemon's context whose add_external refuses once a WebSocket is
+    open (the linger's dup of its client's socket), as at max_connections;
+    `refused` holds the inode of each socket refused."""
+
+    def __init__(self, daemon: object) -> None:
+        self._daemon = daemon
+        self._ctx = daemon.ctx
+        self.refused: list = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._ctx, name)
+
+    def add_external(self, fd: int) -> None:
+        if self._daemon.sessions:
+            self.refused.append(os.fstat(fd).st_ino)
+            raise pyipc.IPCError("too many connections")
+        self._ctx.add_external(fd)
+
+
+def _socket_open(inode: int) -> bool:
+    """Whether a fd of this process is the socket `inode` (a dup included)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == f"socket:[{inode}]":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def test_a_close_answer_that_cannot_be_watched_is_not_waited_for(start, caplog):
+    """add_external of the dup failing (max_connections, out of memory): the
+    dup is closed and a warning logged; the client has its close frame."""
+    start.service("echo")
+    d = start.daemon(max_message_size=1000)
+    refusing = _RefusingAddExternal(d.daemon)
+    d.daemon.ctx = refusing
+    with connect(d.url("/echo"), open_timeout=10) as ws:
+        ws.send(b"x" * 1001)
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=10)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+    assert len(refusing.refused) == 1
+    spin_until(lambda: not d.daemon.sessions and not _socket_open(refusing.refused[0]))
+    assert not d.daemon.lingering
+    assert "cannot wait for the client's close answer (too many connections)" in caplog.text

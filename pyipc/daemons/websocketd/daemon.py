@@ -386,7 +386,14 @@ class WebSocketd(Daemon):
         self.call_later(FLUSH_TIMEOUT, lambda: self._cut(session))
         if fd < 0:
             return
-        self.ctx.add_external(fd)
+        try:
+            self.ctx.add_external(fd)
+        except (OSError, IPCError) as e:      # e.g. max_connections, out of memory
+            log.warning("%s: /%s: cannot wait for the client's close answer (%s): "
+                        "the connection closes after our close frame", session.peer,
+                        session.service, e)
+            os.close(fd)
+            return
         timer = self.call_later(CLOSE_TIMEOUT, lambda: self._unlinger(fd))
         self.lingering[fd] = (session, timer)
 

@@ -24,7 +24,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Connections still in their handshake at once; more are refused at accept.
 DEFAULT_MAX_HANDSHAKES = 256
 #: WebSockets open at once (each holds two connections: its client's and its
-#: service's); a request past it is answered 503.
+#: service's; 3 fds, 4 while it waits for a close answer: docs/websocket.md); a
+#: request past it is answered 503.
 DEFAULT_MAX_WEBSOCKETS = 1024
 #: Seconds after which a client that vanished (a cut link, a host down) is
 #: noticed: TCP keepalive while idle, TCP_USER_TIMEOUT while data waits to be

@@ -274,12 +274,24 @@ class Session:
         # while switch_end writes the close frame and releases both sides.
         waits = self.protocol.close_sent is not None and self.protocol.close_rcvd is None \
             and self.protocol.state is not State.CLOSED
-        dup = os.dup(self.fd) if waits else -1
+        dup = self._dup_for_answer() if waits else -1
         try:
             self.ctx.switch_end(self.fd, reason[:200] if error else None)
         except IPCError as e:
             log.debug("%s: %s", self.peer, e)
         self.linger(self, dup)
+
+    def _dup_for_answer(self) -> int:
+        """A dup of the client's socket, to wait for its close answer; -1
+        when none can be made (out of fds): the close frame is still sent,
+        only the TCP close comes without waiting for the answer."""
+        try:
+            return os.dup(self.fd)
+        except OSError as e:
+            log.warning("%s: /%s: cannot wait for the client's close answer (%s): "
+                        "the connection closes after our close frame", self.peer,
+                        self.service, e.strerror)
+            return -1
 
     def linger_read(self, fd: int) -> bool:
         """The dup of the client's socket is readable: read what came; True

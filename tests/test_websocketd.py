@@ -384,6 +384,46 @@ def test_frames_sent_with_the_request_are_not_lost(start):
     assert service.messages() == [b"one", b"two"]
 
 
+@pytest.mark.parametrize("close_too", [False, True])
+def test_frames_with_the_request_past_the_queue_bound_all_reach_the_service(start,
+                                                                            close_too):
+    """--max-buffer 1000: 200 messages (11 KB) sent along with the request
+    go to the service as its queue drains (back-pressure), in order, then a
+    close frame sent with them is answered (after it no echo is sent: the
+    client is closing). They were dropped: 101, then a bare TCP close (the
+    first that did not fit made it fail)."""
+    service = start.service()
+    d = start.daemon(max_buffer=1000, max_message_size=100)
+    client = ClientProtocol(parse_uri(d.url("/echo")))
+    client.send_request(client.connect())
+    request = b"".join(client.data_to_send())
+    early = ClientProtocol(parse_uri(d.url("/echo")), state=State.OPEN)
+    sent = [b"%03d" % i + b"x" * 47 for i in range(200)]
+    for m in sent:
+        early.send_binary(m)
+    if close_too:
+        early.send_close(1000, "done")
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        s.sendall(request + b"".join(early.data_to_send()))    # all in one segment
+        if close_too:       # (`client` does not know `early` closed: it is not answered)
+            while client.close_rcvd is None:
+                data = s.recv(65536)
+                assert data, "closed without a close frame"
+                client.receive_data(data)
+            assert client.close_rcvd.code == 1000
+        else:
+            echoed: list = []
+            while len(echoed) < len(sent):
+                data = s.recv(65536)
+                assert data, f"closed after {len(echoed)} echoes"
+                client.receive_data(data)
+                echoed += [e.data for e in client.events_received() if isinstance(e, Frame)]
+            assert echoed == sent
+    service.wait_for(lambda evs: len([e for e in evs if e.type == EventType.MESSAGE_RX])
+                     == len(sent))
+    assert service.messages() == sent
+
+
 def test_bytes_that_are_not_http_close_the_connection_with_400(start):
     d = start.daemon()
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:

@@ -323,3 +323,19 @@ def test_a_hosts_share_comes_back_when_no_worker_can_be_started(hosts, backend):
         uri = f"ws://127.0.0.1:{closed.getsockname()[1]}/pong"
         assert ask_ws(a, uri).startswith(b"ne nodaemon ")    # the failed one, answered
         assert ask_ws(a, uri).startswith(b"ne unreachable ")
+
+
+def test_frames_with_the_remotes_101_past_the_queue_bound_all_reach_the_client(
+        hosts, backend, monkeypatch):
+    """--max-buffer 1000: 200 messages (11 KB) that came in one segment with
+    the remote's 101 reach ipcd's client as its queue drains, in order. They
+    were dropped: the client was told ok, then its socket ended."""
+    a, _ = hosts
+    sent = [b"%03d" % i + b"x" * 47 for i in range(200)]
+    frames = b"".join(b"\x82" + bytes([len(m)]) + m for m in sent)   # unmasked, binary
+    with fake_remote(lambda request: accept_101(request) + frames) as port, \
+            host_a(a, backend, max_buffer=1000, max_message_size=100):
+        monkeypatch.setenv("IPC_NETWORK", f"p ws://127.0.0.1:{port}/pong")
+        with pyipc.Context(rundir=a, backend=backend) as ctx:
+            fd = ctx.connect("p", timeout=10)
+            assert [ctx.read(fd, timeout=10) for _ in sent] == sent

@@ -7,7 +7,9 @@ A connection goes through two phases:
    event feeds what arrived to its Handshake (TLS, then HTTP). The request
    is answered with a static file, a clear HTTP error, or a 101;
 2. switched: from the 101 on, the core moves the messages (Session's
-   callbacks), and this module only sees the two fds' DISCONNECTION.
+   callbacks), and this module only sees the two fds' DISCONNECTION, and
+   the MESSAGE_TX of the messages that came with the handshake (each makes
+   room for the next: Session.feed_early).
 """
 
 from __future__ import annotations
@@ -139,6 +141,10 @@ class WebSocketd(Daemon):
             else:       # no one's: closed, or its readiness would wake the loop forever
                 log.warning("fd %d: readable but not websocketd's: closed", ev.fd)
                 self.ctx.close(ev.fd, linger=0)
+        elif ev.type == EventType.MESSAGE_TX:     # an early message written: room
+            session = self.sessions.get(ev.fd)
+            if session is not None:
+                session.feed_early()
         elif ev.type == EventType.DISCONNECTION:
             self._forget(ev.fd)
         elif ev.type == EventType.ERROR:
@@ -342,18 +348,18 @@ class WebSocketd(Daemon):
 
     def start_session(self, fd: int, service_fd: int, name: str, peer: str,
                       protocol: Protocol, transport: Union[Plain, Tls],
-                      early: Callable[[Session], List[bytes]]) -> bool:
+                      early: Callable[[Session], None]) -> bool:
         """Switch the WebSocket on `fd` (open) with `service_fd`, a connection
-        of the context, through a Session; `early(session)`: the whole
-        messages that came with the handshake, handed to the service first.
-        False when it cannot be done: `service_fd` is closed then, `fd` is
-        the caller's to close."""
+        of the context, through a Session; `early(session)` gives it the
+        frames that came with the handshake: their messages go to the
+        service first, with back-pressure (Session.feed_early). False when
+        it cannot be done: `service_fd` is closed then, `fd` is the caller's
+        to close."""
         session: Optional[Session] = None
         try:
             session = Session(self.ctx, fd, service_fd, name, peer, protocol,
                               transport, self._linger)
-            for message in early(session):
-                self.ctx.schedule(service_fd, message)
+            early(session)
             self.ctx.add_switch(fd, service_fd)
             self.ctx.set_switch_callbacks(fd, session.on_in, session.on_out)
             self.ctx.set_switch_callbacks(service_fd, session.on_service_in, None)

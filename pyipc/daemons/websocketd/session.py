@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from typing import Callable, Deque, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Optional, Sequence, Tuple, Union
 
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import Protocol, State
@@ -113,35 +113,51 @@ class Session:
 
     # ------------------------------------------------------------ from the daemon
 
-    def take_early_messages(self, rest: bytes) -> List[bytes]:
+    def take_early_messages(self, rest: bytes) -> None:
         """Whole messages the client sent along with its request (`rest`: the
         bytes after it, parsed now that the protocol is OPEN, so that a close
-        or a broken frame among them is acted on): the daemon hands them to
-        the service before the switch. The replies they call for (pongs, a
-        close frame) wait in the protocol until `start()`."""
+        or a broken frame among them is acted on): they wait in the session
+        and go to the service first (`feed_early`). The replies they call
+        for (pongs, a close frame) wait in the protocol until `start()`."""
         if rest:
             self.protocol.receive_data(rest)
         if self.transport.ended:        # TLS ended with the request: start() ends it
             self.protocol.receive_eof()
-        return self.take_early_frames(self.protocol.events_received())
+        self.take_early_frames(self.protocol.events_received())
 
-    def take_early_frames(self, frames: Sequence[object]) -> List[bytes]:
+    def take_early_frames(self, frames: Sequence[object]) -> None:
         """The whole messages of frames parsed along with the handshake (a
         dialled WebSocket's: they came with the remote's 101), as
         take_early_messages."""
         self._parse(frames)
-        messages = list(self._messages)
-        self._messages.clear()
-        return messages
 
     def start(self) -> None:
-        """Right after the switch: send the replies early frames called for,
-        and end a WebSocket that closed along with its request (its close
-        frame, a protocol error or EOF came with it), as no read will come
-        to notice it."""
+        """Right after the switch: hand the service the early messages that
+        fit its queue, send the replies early frames called for, and end a
+        WebSocket that closed along with its request (its close frame, a
+        protocol error or EOF came with it), as no read will come to notice
+        it (once its early messages are all handed over)."""
         self._flush()
         self._note_closing()
-        if self._ending is not None:
+        self.feed_early()
+
+    def feed_early(self) -> None:
+        """Hand the service the messages waiting in the session (the early
+        ones, or those on_in has not returned yet) while its queue has room:
+        back-pressure, as the core's. The daemon calls it again each time a
+        message it scheduled is written (MESSAGE_TX on the service's fd);
+        new messages of the client wait behind them (on_in returns these
+        first). Once none is left, a WebSocket that was closing ends."""
+        while self._messages and not self._ended:
+            try:
+                self.ctx.schedule(self.service_fd, self._messages[0])
+            except QueueFullError:
+                return                          # the rest at the next MESSAGE_TX
+            except IPCError as e:               # the service's fd is gone
+                log.debug("%s: %s", self.peer, e)
+                return
+            self._messages.popleft()
+        if self._ending is not None and not self._messages:
             self._end(self._ending, error=self._failed())
 
     def close(self, code: int, reason: str) -> None:

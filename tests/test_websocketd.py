@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -923,3 +924,78 @@ def test_a_close_answer_that_cannot_be_watched_is_not_waited_for(start, caplog):
     spin_until(lambda: not d.daemon.sessions and not _socket_open(refusing.refused[0]))
     assert not d.daemon.lingering
     assert "cannot wait for the client's close answer (too many connections)" in caplog.text
+
+
+# ------------------------------------------------------------ messages toward a service
+
+def _unsent_bytes(sock: socket.socket) -> int:
+    """Bytes of sock's TCP send queue not yet acknowledged (SIOCOUTQ)."""
+    import fcntl
+    import struct
+    import termios
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def test_a_flood_of_empty_messages_to_a_service_that_does_not_read_stays_bounded(start):
+    """The core's queue bound counts 4 bytes per empty message, which costs
+    ~44 B (native) to ~100 B (pure): websocketd queues at most
+    bound // MESSAGE_CHARGE messages toward a service, then stops reading
+    the WebSocket (plus what its last read held). Messages websocketd holds
+    = read from the client (sent, less what waits in the kernel on either
+    side) less those in the service's socket buffer. Without the charge it
+    read on until the core's byte bound: 262,144 empty messages for 1 MiB
+    (this test then never sees websocketd stop reading)."""
+    from conftest import unread_bytes
+    from pyipc.daemons.websocketd.credit import MESSAGE_CHARGE
+    from pyipc.daemons.websocketd.handshake import READ_SIZE
+
+    def pause(ctx: pyipc.Context, ev: pyipc.Event) -> None:    # reads nothing
+        if ev.type == EventType.CONNECTION:
+            ctx.pause_reading(ev.fd)
+    service = start.service("sink", pause)
+    d = start.daemon(max_buffer=MIB, max_message_size=1000)
+    frame = b"\x82\x80" + b"\0" * 4                   # an empty binary frame, masked
+    data = frame * 400_000
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        handshake(s, d.url("/sink"))
+        conn = service.wait_for(lambda evs: any(
+            e.type == EventType.CONNECTION for e in evs))[0].fd
+        spin_until(lambda: bool(d.daemon.sessions))     # (the 101 comes just before)
+        session = next(iter(d.daemon.sessions.values()))
+        s.setblocking(False)
+        sent = 0
+
+        def stopped_reading() -> bool:
+            """websocketd paused the client (the bound), or read all."""
+            return getattr(session, "_paused", False) or \
+                (sent == len(data) and unread_bytes(session.fd) == 0
+                 and _unsent_bytes(s) == 0)
+        deadline = time.monotonic() + 30
+        while not stopped_reading():
+            assert time.monotonic() < deadline, "websocketd never stopped reading"
+            try:
+                sent += s.send(data[sent:sent + 65536])
+            except BlockingIOError:
+                select.select([], [s], [], 0.05)
+        read = (sent - _unsent_bytes(s) - unread_bytes(session.fd)) // len(frame)
+        held = read - unread_bytes(conn) // 4
+        limit = MIB // MESSAGE_CHARGE
+        assert held <= limit + READ_SIZE // len(frame), (held, limit)
+
+
+def test_the_message_charge_at_and_past_its_edge():
+    """Credit: bound // MESSAGE_CHARGE messages (1 at least); a mark every
+    quarter of them; over only with a mark to wait for."""
+    from pyipc.daemons.websocketd.credit import MESSAGE_CHARGE, Credit
+    assert Credit(MESSAGE_CHARGE - 1).limit == 1
+    assert Credit(MESSAGE_CHARGE).limit == 1
+    assert Credit(2 * MESSAGE_CHARGE).limit == 2
+    credit = Credit(MIB)
+    assert (credit.limit, credit.mark_every) == (MIB // MESSAGE_CHARGE, MIB // MESSAGE_CHARGE // 4)
+    for _ in range(credit.limit):
+        credit.forwarded()
+    assert credit.mark_due() and not credit.over()   # no mark yet: the byte bound holds
+    credit.scheduled()
+    assert credit.over() and credit.in_flight == credit.limit + 1
+    credit.written()
+    assert credit.in_flight == 0 and not credit.over()

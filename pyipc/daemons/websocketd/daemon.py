@@ -8,8 +8,8 @@ A connection goes through two phases:
    is answered with a static file, a clear HTTP error, or a 101;
 2. switched: from the 101 on, the core moves the messages (Session's
    callbacks), and this module only sees the two fds' DISCONNECTION, and
-   the MESSAGE_TX of the messages that came with the handshake (each makes
-   room for the next: Session.feed_early).
+   the MESSAGE_TX of the messages it scheduled for a service (those that
+   came with the handshake, and marks: credit.py), each making room.
 """
 
 from __future__ import annotations
@@ -141,10 +141,10 @@ class WebSocketd(Daemon):
             else:       # no one's: closed, or its readiness would wake the loop forever
                 log.warning("fd %d: readable but not websocketd's: closed", ev.fd)
                 self.ctx.close(ev.fd, linger=0)
-        elif ev.type == EventType.MESSAGE_TX:     # an early message written: room
+        elif ev.type == EventType.MESSAGE_TX:     # a mark written: room
             session = self.sessions.get(ev.fd)
-            if session is not None:
-                session.feed_early()
+            if session is not None and ev.fd == session.service_fd:
+                session.service_wrote()
         elif ev.type == EventType.DISCONNECTION:
             self._forget(ev.fd)
         elif ev.type == EventType.ERROR:

@@ -32,6 +32,7 @@ from websockets.protocol import Protocol, State
 
 from ... import CBEvent, Context, QueueFullError
 from ..._types import IPCError
+from .credit import Credit
 from .handshake import READ_SIZE
 from .service_side import ServiceReader
 from .transport import Plain, Tls, TransportClosed
@@ -45,7 +46,8 @@ class Session:
     """A WebSocket client's fd switched with its service's fd."""
 
     __slots__ = ("ctx", "fd", "service_fd", "service", "peer", "protocol", "transport",
-                 "linger", "_parts", "_text", "_messages", "_ending", "_ended", "_service")
+                 "linger", "_parts", "_text", "_messages", "_ending", "_ended", "_service",
+                 "_credit", "_paused")
 
     def __init__(self, ctx: Context, fd: int, service_fd: int, service: str, peer: str,
                  protocol: Protocol, transport: Union[Plain, Tls],
@@ -71,18 +73,27 @@ class Session:
         self._ending: Optional[str] = None     # why the WebSocket is closing
         self._ended = False                    # switch_end was called
         self._service = ServiceReader(service_fd, ctx.max_message_size)
+        self._credit = Credit(ctx.max_queue_size)   # messages toward the service
+        self._paused = False                   # the client is not read (_credit over)
 
     # ------------------------------------------------------------ callbacks
 
     def on_in(self, fd: int) -> Tuple[CBEvent, Optional[bytes]]:
-        """The client's socket is readable (or MORE asked to be called)."""
-        if not self._messages and self._ending is None:
+        """The client's socket is readable (or MORE asked to be called).
+        Every message is counted toward the service's Credit; a mark is
+        scheduled rather than returned; while paused, nothing is returned
+        (what was read waits for feed_early)."""
+        if not self._paused and not self._messages and self._ending is None:
             self._receive()
-        if self._messages:
+        while self._messages and not self._paused:
             payload = self._messages.popleft()
+            if self._credit.mark_due() and self._schedule(payload):
+                continue
+            self._credit.forwarded()
+            self._pause_if_over()
             more = bool(self._messages) or self._ending is not None
             return (CBEvent.MORE if more else CBEvent.NO_ERROR), payload
-        if self._ending is not None:
+        if self._ending is not None and not self._messages:
             self._end(self._ending, error=self._failed())
         return CBEvent.IGNORE, None
 
@@ -143,22 +154,53 @@ class Session:
 
     def feed_early(self) -> None:
         """Hand the service the messages waiting in the session (the early
-        ones, or those on_in has not returned yet) while its queue has room:
-        back-pressure, as the core's. The daemon calls it again each time a
-        message it scheduled is written (MESSAGE_TX on the service's fd);
-        new messages of the client wait behind them (on_in returns these
-        first). Once none is left, a WebSocket that was closing ends."""
-        while self._messages and not self._ended:
-            try:
-                self.ctx.schedule(self.service_fd, self._messages[0])
-            except QueueFullError:
+        ones, or those read before a pause) while its queue has room, in
+        bytes and in messages (_credit): back-pressure, as the core's. The
+        daemon calls it again each time a message scheduled is written
+        (service_wrote); new messages of the client wait behind them (on_in
+        returns these first). Once none is left, a closing WebSocket ends."""
+        while self._messages and not self._ended and not self._credit.over():
+            if not self._schedule(self._messages[0]):
                 return                          # the rest at the next MESSAGE_TX
-            except IPCError as e:               # the service's fd is gone
-                log.debug("%s: %s", self.peer, e)
-                return
             self._messages.popleft()
         if self._ending is not None and not self._messages:
             self._end(self._ending, error=self._failed())
+
+    def service_wrote(self) -> None:
+        """A message scheduled for the service was written (MESSAGE_TX), and
+        all queued before it: the client is read again below the limit, and
+        the messages waiting in the session go on."""
+        self._credit.written()
+        if self._paused and not self._credit.over() and not self._ended:
+            self._set_paused(False)
+        self.feed_early()
+
+    def _schedule(self, payload: bytes) -> bool:
+        """Schedule one message for the service (a mark); False when its
+        queue has no room (or is gone)."""
+        try:
+            self.ctx.schedule(self.service_fd, payload)
+        except QueueFullError:
+            return False
+        except IPCError as e:                   # the service's fd is gone
+            log.debug("%s: %s", self.peer, e)
+            return False
+        self._credit.scheduled()
+        self._pause_if_over()
+        return True
+
+    def _pause_if_over(self) -> None:
+        if not self._paused and self._credit.over():
+            self._set_paused(True)
+
+    def _set_paused(self, paused: bool) -> None:
+        """Stop (or resume) reading the client's socket."""
+        try:
+            self.ctx.pause_reading(self.fd, paused)
+        except IPCError as e:                   # the client's fd is gone
+            log.debug("%s: %s", self.peer, e)
+            return
+        self._paused = paused
 
     def close(self, code: int, reason: str) -> None:
         """Close the WebSocket with `code` (the service went away, the daemon

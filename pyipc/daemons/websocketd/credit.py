@@ -1,0 +1,66 @@
+"""How many messages one WebSocket has queued toward its service.
+
+The core's queue bound (max_queue_size) counts frame bytes: an empty message
+is charged 4 bytes, but each queued message costs ~44 bytes (native) to ~100
+bytes (pure) more in memory, so a client flooding tiny messages to a service
+that does not read would make websocketd hold 11 to 25 times its bound.
+websocketd therefore charges every message at least MESSAGE_CHARGE bytes: at
+most `queue bound // MESSAGE_CHARGE` messages are queued toward a service;
+past that, the WebSocket is no longer read until the service takes some
+(docs/websocket.md, Bounds). The core's bound is unchanged.
+
+The core reports nothing when a switched message is written (switch_events
+is off), so every `mark_every`-th message goes through ctx.schedule instead:
+its MESSAGE_TX says that it, and everything queued before it, was written.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Deque
+
+#: Bytes each message toward a service counts as at least (what a queued
+#: message costs in memory, rounded up: see the module's docstring).
+MESSAGE_CHARGE = 128
+
+
+class Credit:
+    """The messages queued toward one service, counted at marks."""
+
+    __slots__ = ("limit", "mark_every", "in_flight", "_since_mark", "_marks")
+
+    def __init__(self, queue_bound: int) -> None:
+        #: Messages toward the service at most before the client is paused.
+        self.limit = max(1, queue_bound // MESSAGE_CHARGE)
+        #: A mark every that many messages (a quarter of the limit).
+        self.mark_every = max(1, self.limit // 4)
+        #: Messages queued and not yet known to be written.
+        self.in_flight = 0
+        self._since_mark = 0                   # forwarded since the last mark
+        self._marks: Deque[int] = collections.deque()   # messages each mark confirms
+
+    def mark_due(self) -> bool:
+        """Whether the next message should be a mark (scheduled)."""
+        return self._since_mark + 1 >= self.mark_every or self.in_flight >= self.limit
+
+    def forwarded(self) -> None:
+        """One message was handed to the core (on_in's payload)."""
+        self.in_flight += 1
+        self._since_mark += 1
+
+    def scheduled(self) -> None:
+        """One message was scheduled: a mark."""
+        self._marks.append(self._since_mark + 1)
+        self._since_mark = 0
+        self.in_flight += 1
+
+    def written(self) -> None:
+        """The oldest mark was written (its MESSAGE_TX), and all before it."""
+        if self._marks:
+            self.in_flight -= self._marks.popleft()
+
+    def over(self) -> bool:
+        """At the limit with a mark to wait for (without one, nothing would
+        say the queue drained: the core's byte bound holds the client then,
+        as a mark is refused only by a queue near it)."""
+        return self.in_flight >= self.limit and bool(self._marks)

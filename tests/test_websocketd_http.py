@@ -404,3 +404,38 @@ def test_max_websockets_must_be_positive():
     from pyipc.daemons.websocketd import Options
     with pytest.raises(ValueError, match="max_websockets must be at least 1, not 0"):
         Options(max_websockets=0)
+
+
+# ------------------------------------------------------------ the request head's bound
+
+def _head_of(size: int) -> bytes:
+    """A GET /nothing request whose head (its blank line included) has
+    exactly `size` bytes: header lines of 4 KiB at most (under the websockets
+    package's own 8 KiB line bound)."""
+    head = b"GET /nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    end = b"\r\n"
+    i = 0
+    while len(head) + len(end) < size:
+        room = size - len(head) - len(end) - len(b"X-Pad-000: \r\n")
+        assert room >= 1, "a size this code cannot make exactly"
+        pad = min(room, 4096) if room - 4096 >= 16 or room <= 4096 else room - 16
+        head += b"X-Pad-%03d: " % i + b"p" * pad + b"\r\n"
+        i += 1
+    head += end
+    assert len(head) == size
+    return head
+
+
+def test_a_request_head_at_its_bound_is_served_past_it_is_431(wsd):
+    """MAX_REQUEST_HEAD bounds what one unfinished handshake holds (the
+    websockets package alone takes 128 lines of 8 KiB: over 1 MiB each)."""
+    from pyipc.daemons.websocketd.handshake import MAX_REQUEST_HEAD
+    d = wsd()
+    assert raw_exchange(d.port, _head_of(MAX_REQUEST_HEAD)).startswith(b"HTTP/1.1 404")
+    answer = raw_exchange(d.port, _head_of(MAX_REQUEST_HEAD + 1))
+    assert answer.startswith(b"HTTP/1.1 431")
+    assert f"request head over {MAX_REQUEST_HEAD} bytes".encode() in answer
+    # Without its end: refused once past the bound, not held until the timeout.
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        s.sendall(_head_of(MAX_REQUEST_HEAD + 3)[:-2])       # one byte past it
+        assert s.recv(65536).startswith(b"HTTP/1.1 431")

@@ -32,6 +32,10 @@ from .transport import Plain, Tls, TransportClosed
 READ_SIZE = 1 << 18
 #: The end of an HTTP request's head (websocketd's requests have no body).
 _HEAD_END = b"\r\n\r\n"
+#: Bytes a request's head may have, its end included: what one unfinished
+#: handshake can make websocketd hold (the websockets package alone allows
+#: 128 header lines of 8 KiB: over 1 MiB). Past it: 431.
+MAX_REQUEST_HEAD = 64 * 1024
 
 #: websockets logs each connection at INFO under this name (below ours).
 PROTOCOL_LOG = logging.getLogger("pyipc.daemons.websocketd.protocol")
@@ -47,7 +51,7 @@ class Handshake:
     """An accepted connection in its handshake."""
 
     __slots__ = ("fd", "peer", "transport", "protocol", "started", "timer", "rest", "_tail",
-                 "_head_done")
+                 "_head_done", "_head_size")
 
     def __init__(self, fd: int, peer: str, transport: Union[Plain, Tls],
                  max_message_size: int) -> None:
@@ -61,6 +65,7 @@ class Handshake:
         self.rest = b""
         self._tail = b""            # the last bytes fed, to find a head end split across reads
         self._head_done = False
+        self._head_size = 0         # bytes of the head fed so far
 
     def step(self) -> Optional[Request]:
         """The socket is readable: read it and return the request once it is
@@ -92,13 +97,25 @@ class Handshake:
         seen = self._tail + plain
         end = seen.find(_HEAD_END)
         if end < 0:
+            self._count_head(len(plain))
             self._tail = seen[-(len(_HEAD_END) - 1):]
             self.protocol.receive_data(plain)
             return
         cut = end + len(_HEAD_END) - len(self._tail)     # in plain
+        self._count_head(cut)
         self._head_done = True
         self.rest = plain[cut:]
         self.protocol.receive_data(plain[:cut])
+
+    def _count_head(self, size: int) -> None:
+        """`size` more bytes of the head: past MAX_REQUEST_HEAD, a 431 and
+        HandshakeFailed (nothing more is held for it)."""
+        self._head_size += size
+        if self._head_size > MAX_REQUEST_HEAD:
+            why = f"request head over {MAX_REQUEST_HEAD} bytes"
+            self.write(responses.error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                       why).serialize())
+            raise HandshakeFailed(why)
 
     def _request(self, ended: bool) -> Optional[Request]:
         for event in self.protocol.events_received():

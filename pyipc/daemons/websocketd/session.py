@@ -11,6 +11,10 @@ for the client goes through ctx.switch_send, so the core's send queue of the
 client's fd orders it and bounds it (backpressure: while that queue is over
 the context's max_queue_size the core stops reading the service).
 
+Messages toward the service are also counted (credit.py): past a count the
+client is no longer read (pause_reading) until the service takes some, as a
+queued message costs more memory than the bytes the core's bound counts.
+
 The service's side is read by `on_service_in` through a ServiceReader
 (service_side.py), so that the service's end becomes a close frame with a code.
 

@@ -263,3 +263,18 @@ def writable_view(buffer: object) -> memoryview:
     if view.readonly or not view.c_contiguous:
         raise TypeError("buffer must be a writable, contiguous bytes-like object")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def cut_utf8(data: bytes, size: int) -> bytes:
+    """`data` cut to `size` bytes at most, not inside a UTF-8 character (a
+    cut one would be shown as U+FFFD): ipcd refusals, as the client keeps
+    them and as pyipc's daemons send them (the core's cutUtf8)."""
+    if len(data) <= size:
+        return data
+    end = size
+    # Back over the continuation bytes (10xxxxxx) of the character the cut
+    # falls in, to its first byte (a character has at most 3 of them).
+    while end > size - 3 and data[end] & 0xC0 == 0x80:
+        end -= 1
+    return data[:end]
+

@@ -5,7 +5,6 @@ asyncio's transport.pause_reading()); both backends."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 

@@ -408,48 +408,44 @@ pub fn lstatMode(path: [*:0]const u8) LstatResult {
 /// Which file a path names: device and inode (equal for the same file).
 pub const FileId = struct { dev: u64, ino: u64 };
 
-/// The FileId of a path (not following a final symlink), or null when it
-/// cannot be read (e.g. the path is gone).
-pub fn lstatId(path: [*:0]const u8) ?FileId {
+/// What lstat tells of a path that lstatId and lstatOwner need.
+const PathStat = struct { id: FileId, uid: u32 };
+
+/// The id and owner of a path (not following a final symlink), or null when
+/// it cannot be read (e.g. the path is gone).
+fn lstatPath(path: [*:0]const u8) ?PathStat {
     if (builtin.os.tag == .linux) {
         var stx: linux.Statx = undefined;
         const rc = linux.statx(
             linux.AT.FDCWD,
             path,
             linux.AT.SYMLINK_NOFOLLOW,
-            .{ .INO = true },
+            .{ .INO = true, .UID = true },
             &stx,
         );
         if (linux.errno(rc) != .SUCCESS) return null;
-        return .{ .dev = (@as(u64, stx.dev_major) << 32) | stx.dev_minor, .ino = stx.ino };
+        const dev = (@as(u64, stx.dev_major) << 32) | stx.dev_minor;
+        return .{ .id = .{ .dev = dev, .ino = stx.ino }, .uid = stx.uid };
     } else {
         var st: c.Stat = undefined;
         if (c.fstatat(c.AT.FDCWD, path, &st, c.AT.SYMLINK_NOFOLLOW) != 0) return null;
         // dev_t is signed on some systems: its bits, not its value.
         const Dev = @Int(.unsigned, @bitSizeOf(@TypeOf(st.dev)));
-        return .{ .dev = @as(Dev, @bitCast(st.dev)), .ino = @intCast(st.ino) };
+        const id: FileId = .{ .dev = @as(Dev, @bitCast(st.dev)), .ino = @intCast(st.ino) };
+        return .{ .id = id, .uid = @intCast(st.uid) };
     }
+}
+
+/// The FileId of a path (not following a final symlink), or null when it
+/// cannot be read (e.g. the path is gone).
+pub fn lstatId(path: [*:0]const u8) ?FileId {
+    return if (lstatPath(path)) |st| st.id else null;
 }
 
 /// The owner of a path (not following a final symlink), or null when it
 /// cannot be read.
 pub fn lstatOwner(path: [*:0]const u8) ?u32 {
-    if (builtin.os.tag == .linux) {
-        var stx: linux.Statx = undefined;
-        const rc = linux.statx(
-            linux.AT.FDCWD,
-            path,
-            linux.AT.SYMLINK_NOFOLLOW,
-            .{ .UID = true },
-            &stx,
-        );
-        if (linux.errno(rc) != .SUCCESS) return null;
-        return stx.uid;
-    } else {
-        var st: c.Stat = undefined;
-        if (c.fstatat(c.AT.FDCWD, path, &st, c.AT.SYMLINK_NOFOLLOW) != 0) return null;
-        return @intCast(st.uid);
-    }
+    return if (lstatPath(path)) |st| st.uid else null;
 }
 
 pub const S_IFMT: u32 = 0o170000;

@@ -10,7 +10,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, List, Optional, Tuple, cast
 
-from .._checks import too_large_text
+from .._checks import cut_utf8, too_large_text
 from .._types import (IPCD_SERVICE, MAX_IPCD_REASON, ConnectionClosedError, IPCError,
                       InvalidNameError, MessageTooLargeError, NetworkError,
                       ServiceNotFoundError, TimeoutError)
@@ -175,7 +175,7 @@ def _refusal_error(name: str, answer: bytes) -> IPCError:
     rest = answer[3:]
     for stop in (b"\0", b"\r", b"\n"):          # a reason is one line
         rest = rest.split(stop, 1)[0]
-    code, _, text = _cut_utf8(rest, MAX_IPCD_REASON).partition(b" ")
+    code, _, text = cut_utf8(rest, MAX_IPCD_REASON).partition(b" ")
     if not code:
         return IPCError(base)
     cls = ServiceNotFoundError if code in _NOT_FOUND_CODES else NetworkError
@@ -183,20 +183,6 @@ def _refusal_error(name: str, answer: bytes) -> IPCError:
     if text:
         message += ": " + text.decode("utf-8", "replace")
     return cls(message)
-
-
-def _cut_utf8(data: bytes, size: int) -> bytes:
-    """`data` cut to `size` bytes at most, not inside a UTF-8 character: a cut
-    one would be shown as U+FFFD (pyipc's daemons cut their answers the same
-    way, _netwire.cut_answer; a foreign ipcd may not). The core's cutUtf8."""
-    if len(data) <= size:
-        return data
-    end = size
-    # Back over the continuation bytes (10xxxxxx) of the character the cut
-    # falls in, to its first byte (a character has at most 3 of them).
-    while end > size - 3 and data[end] & 0xC0 == 0x80:
-        end -= 1
-    return data[:end]
 
 
 def _connected_stream(fd: int) -> Optional[socket.socket]:

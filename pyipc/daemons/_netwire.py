@@ -16,6 +16,7 @@ import struct
 import urllib.parse
 from typing import List, Optional, Tuple
 
+from .._checks import cut_utf8
 from .._types import MAX_IPCD_REASON, MAX_SOCKET_PATH
 
 #: The refusal codes (the client raises ServiceNotFoundError for the first two,
@@ -77,15 +78,7 @@ def refusal(code: str, text: str) -> bytes:
 def cut_answer(answer: bytes) -> bytes:
     """An `ne ...` answer cut to MAX_REFUSAL bytes after its `ne `, not inside
     a UTF-8 character: a cut one would reach the client as U+FFFD."""
-    size = MAX_REFUSAL + 3
-    if len(answer) <= size:
-        return answer
-    end = size
-    # Back over the continuation bytes (10xxxxxx) of the character the cut
-    # falls in, to its first byte (a character has at most 3 of them).
-    while end > size - 3 and answer[end] & 0xC0 == 0x80:
-        end -= 1
-    return answer[:end]
+    return cut_utf8(answer, MAX_REFUSAL + 3)
 
 
 def name_of_line(line: bytes) -> bytes:

@@ -59,6 +59,17 @@ class Credit:
         if self._marks:
             self.in_flight -= self._marks.popleft()
 
+    def before_mark(self) -> int:
+        """Messages that may be forwarded (not scheduled) before a mark is due."""
+        return max(0, min(self.mark_every - 1 - self._since_mark,
+                          self.limit - 1 - self.in_flight))
+
+    def may_resume(self) -> bool:
+        """Whether a paused client may be read again: half the limit or less
+        in flight (resumed as soon as it was under the limit, a client paused
+        and resumed once a message, each message then a mark of its own)."""
+        return self.in_flight <= self.limit // 2 or not self._marks
+
     def over(self) -> bool:
         """At the limit with a mark to wait for (without one, nothing would
         say the queue drained: the core's byte bound holds the client then,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import struct
 from typing import Callable, Deque, Optional, Sequence, Tuple, Union
 
 from websockets.frames import CloseCode, Frame, Opcode
@@ -40,6 +41,9 @@ from .credit import Credit
 from .handshake import READ_SIZE
 from .service_side import ServiceReader
 from .transport import Plain, Tls, TransportClosed
+
+#: A pyipc frame's header: the payload's length, 4 bytes big-endian.
+_HEADER = struct.Struct(">I")
 
 log = logging.getLogger("pyipc.daemons.websocketd")
 
@@ -164,6 +168,8 @@ class Session:
         (service_wrote); new messages of the client wait behind them (on_in
         returns these first). Once none is left, a closing WebSocket ends."""
         while self._messages and not self._ended and not self._credit.over():
+            if self._forward_held(self._credit.before_mark()):
+                continue
             if not self._schedule(self._messages[0]):
                 return                          # the rest at the next MESSAGE_TX
             self._messages.popleft()
@@ -175,9 +181,33 @@ class Session:
         all queued before it: the client is read again below the limit, and
         the messages waiting in the session go on."""
         self._credit.written()
-        if self._paused and not self._credit.over() and not self._ended:
+        if self._paused and self._credit.may_resume() and not self._ended:
             self._set_paused(False)
         self.feed_early()
+
+    def _forward_held(self, count: int) -> bool:
+        """Hand the service up to `count` held messages (none of them a mark)
+        framed in one switch_send, as the core frames what on_in returns:
+        one call for the run, no MESSAGE_TX each. False when none went (no
+        count, or the service's queue is over its bound: a mark then)."""
+        run: list[bytes] = []
+        size, piece = 0, max(1, self.ctx.max_queue_size // 2)
+        for payload in self._messages:
+            if len(run) == count or size + 4 + len(payload) > piece:
+                break
+            run.append(payload)
+            size += 4 + len(payload)
+        if not run:
+            return False
+        try:
+            self.ctx.switch_send(self.service_fd,
+                                 b"".join(b for p in run for b in (_HEADER.pack(len(p)), p)))
+        except IPCError:                        # QueueFullError, or the fd is gone
+            return False
+        for _ in run:
+            self._messages.popleft()
+            self._credit.forwarded()
+        return True
 
     def _schedule(self, payload: bytes) -> bool:
         """Schedule one message for the service (a mark); False when its

@@ -173,7 +173,7 @@ class NativeContext(Context):
                  "_rbuf", "_rbuf_at", "_rlen", "_core_timeout", "_handed",
                  "_close_info", "_pending", "_room", "_room_out", "_handovers", "_in_round",
                  "_buffer_max", "_alone", "_pins", "_unpinned", "_unpinning",
-                 "_callbacks", "_cb_in", "_cb_out", "_finalizer")
+                 "_callbacks", "_cb_in", "_cb_out", "_finalizer", "_reading")
 
     backend = "native"
 
@@ -213,6 +213,9 @@ class NativeContext(Context):
         self._rbuf_at = int(ffi.cast("uintptr_t", self._rbuf)) - 1
         self._lent: Tuple[_Cell[Any], _Cell[int]] = (ffi.new("char **"), ffi.new("size_t *"))
         self._rlen: _Cell[int] = ffi.new("size_t *")
+        #: A read is between its C call and copying out what it got (see
+        #: _read_nested): the cells above hold its result meanwhile.
+        self._reading = False
         self._close_info: Tuple[_Cell[int], _Cell[int], _Cell[int]] = (
             ffi.new("size_t *"), ffi.new("int *"), ffi.new("size_t *"))
         self._callbacks: dict[int, Tuple[Optional[OnIn], Optional[OnOut]]] = {}
@@ -851,27 +854,32 @@ class NativeContext(Context):
             message = self._handed.take_message(fd)
             if message is not None:
                 return message
+        if self._reading:
+            return self._read_nested(NativeContext.read, fd, timeout)
         if (not _thread_count()) is not self._alone:
             self._reads_wait()
-        buf, rlen = self._rbuf, self._rlen
+        buf, rlen, at = self._rbuf, self._rlen, self._rbuf_at
         # A plain int goes straight in (no _fd_arg call: it is a hot path).
         c_fd = fd if type(fd) is int and _INT_MIN <= fd <= _INT_MAX else _fd_arg(fd)
-        while True:
-            if self._pending:      # also after a hand-over (_read_again)
-                self._flush()
-            rlen[0] = READ_BUFFER
-            rc = _ipc_read_fd(self._ctx, c_fd, buf, rlen)
-            if rc != _E_INTERRUPTED:
-                break
-            self._read_again(deadline)
-        if self._handed:        # the read may have taken their wake-up
-            self._wakeup()
-        if rc == _E_BUFFER_TOO_SMALL:
-            return self._read_large(fd)
-        if rc:
-            self._check(rc, fd)
-        at = self._rbuf_at
-        return _MEMORY[at:at + rlen[0]]
+        self._reading = True
+        try:
+            while True:
+                if self._pending:      # also after a hand-over (_read_again)
+                    self._flush()
+                rlen[0] = READ_BUFFER
+                rc = _ipc_read_fd(self._ctx, c_fd, buf, rlen)
+                if rc != _E_INTERRUPTED:
+                    break
+                self._read_again(deadline)
+            if self._handed:        # the read may have taken their wake-up
+                self._wakeup()
+            if rc == _E_BUFFER_TOO_SMALL:
+                return self._read_large(fd)
+            if rc:
+                self._check(rc, fd)
+            return _MEMORY[at:at + rlen[0]]
+        finally:
+            self._reading = False
 
     def write_many(self, fd: int, payloads: Iterable[Payload],
                    timeout: Optional[float] = None) -> None:
@@ -897,26 +905,33 @@ class NativeContext(Context):
             taken = self._handed.take_messages(fd, max_messages)
             if taken:
                 return taken
+        if self._reading:
+            return self._read_nested(NativeContext.read_many, fd, max_messages, timeout)
         if (not _thread_count()) is not self._alone:
             self._reads_wait()
         sizes = self._sizes if max_messages <= DEFAULT_READ_MANY else \
             ffi.new("uint32_t[]", max_messages)
         buf, rlen, count = self._rbuf, self._rlen, self._count
-        while True:
-            if self._pending:
-                self._flush()
-            rlen[0] = READ_BUFFER
-            rc = _ipc_read_many(self._ctx, _fd_arg(fd), buf, rlen, sizes, max_messages, count)
-            if rc != _E_INTERRUPTED:
-                break
-            self._read_again(deadline)
-        if self._handed:        # the read may have taken their wake-up
-            self._wakeup()
-        if rc == _E_BUFFER_TOO_SMALL:
-            return [self._read_large(fd)]
-        if rc:
-            self._check(rc, fd)
-        return split_payloads(ffi.buffer(buf), _unpack(sizes, count[0]))
+        self._reading = True
+        try:
+            while True:
+                if self._pending:
+                    self._flush()
+                rlen[0] = READ_BUFFER
+                rc = _ipc_read_many(self._ctx, _fd_arg(fd), buf, rlen, sizes, max_messages,
+                                    count)
+                if rc != _E_INTERRUPTED:
+                    break
+                self._read_again(deadline)
+            if self._handed:        # the read may have taken their wake-up
+                self._wakeup()
+            if rc == _E_BUFFER_TOO_SMALL:
+                return [self._read_large(fd)]
+            if rc:
+                self._check(rc, fd)
+            return split_payloads(ffi.buffer(buf), _unpack(sizes, count[0]))
+        finally:
+            self._reading = False
 
     def read_into(self, fd: int, buffer: Buffer, timeout: Optional[float] = None) -> int:
         view = writable_view(buffer)
@@ -926,27 +941,55 @@ class NativeContext(Context):
             size = self._handed.take_into(fd, view)
             if size is not None:
                 return size
+        if self._reading:
+            return self._read_nested(NativeContext.read_into, fd, buffer, timeout)
         if (not _thread_count()) is not self._alone:
             self._reads_wait()
         rlen = self._rlen
-        # Released before an exception leaves, a signal handler's included
-        # (see _payload).
-        with ffi.from_buffer(view) as target:
-            while True:
-                if self._pending:
-                    self._flush()
-                rlen[0] = len(view)
-                rc = _ipc_read_into(self._ctx, _fd_arg(fd), target, rlen)
-                if rc != _E_INTERRUPTED:
-                    break
-                self._read_again(deadline)
-            if self._handed:        # the read may have taken their wake-up
-                self._wakeup()
-        if rc == _E_BUFFER_TOO_SMALL:
-            raise MessageTooLargeError(buffer_too_small_text(len(view), rlen[0]))
-        if rc:
-            self._check(rc, fd)
-        return rlen[0]
+        self._reading = True
+        try:
+            # Released before an exception leaves, a signal handler's included
+            # (see _payload).
+            with ffi.from_buffer(view) as target:
+                while True:
+                    if self._pending:
+                        self._flush()
+                    rlen[0] = len(view)
+                    rc = _ipc_read_into(self._ctx, _fd_arg(fd), target, rlen)
+                    if rc != _E_INTERRUPTED:
+                        break
+                    self._read_again(deadline)
+                if self._handed:        # the read may have taken their wake-up
+                    self._wakeup()
+            if rc == _E_BUFFER_TOO_SMALL:
+                raise MessageTooLargeError(buffer_too_small_text(len(view), rlen[0]))
+            if rc:
+                self._check(rc, fd)
+            return rlen[0]
+        finally:
+            self._reading = False
+
+    def _read_nested(self, method: Callable[..., Any], *args: Any) -> Any:
+        """A read made while another read of this context is between its C
+        call and copying out its result (a signal handler's, run as that C
+        call returned): it gets cells of its own for the core's results, so
+        that it neither overwrites the other's message and size nor reads
+        them. (It used the same: the outer read returned the handler's
+        message, and its own was lost.)"""
+        saved = (self._rbuf, self._rbuf_at, self._rlen, self._count, self._sizes,
+                 self._lent)
+        self._rbuf = ffi.new("char[]", READ_BUFFER)
+        self._rbuf_at = int(ffi.cast("uintptr_t", self._rbuf)) - 1
+        self._rlen, self._count = ffi.new("size_t *"), ffi.new("size_t *")
+        self._sizes = ffi.new("uint32_t[]", DEFAULT_READ_MANY)
+        self._lent = (ffi.new("char **"), ffi.new("size_t *"))
+        self._reading = False
+        try:
+            return method(self, *args)
+        finally:
+            (self._rbuf, self._rbuf_at, self._rlen, self._count, self._sizes,
+             self._lent) = saved
+            self._reading = True
 
     def _reads_wait(self) -> None:
         """Tell the core how the blocking reads wait: in the kernel while

@@ -1070,3 +1070,38 @@ def test_pure_a_handler_read_anywhere_in_read_into_keeps_the_stream_in_order(
         assert first + rest == expected, k
         k += 1
     assert k > 10                       # the handler read at many places
+
+
+@pytest.mark.parametrize("nested", ["read", "read_many", "read_into"])
+@pytest.mark.parametrize("outer", ["read", "read_many", "read_into"])
+def test_native_a_handler_read_as_a_read_returns_from_the_core_keeps_both_results(
+        native_pair, monkeypatch, outer, nested):
+    """Python runs a signal's handler as a C call returns: a handler that
+    reads the same context right after the core's read gave back the outer
+    read's message, before the outer read copied it out. Both used the
+    context's one set of result cells: the outer read returned the handler's
+    message (A lost, B twice), or read_into A's bytes with B's size. Each
+    keeps its own now. White-box: native only (the C call is wrapped to run
+    the 'handler' at that moment)."""
+    from pyipc import _native
+    pair = native_pair
+    fd = pair.server_fd
+    a, b = b"A" * 10, b"B" * 5
+    pair.client.write_many(pair.client_fd, [a, b])
+    name = {"read": "_ipc_read_fd", "read_many": "_ipc_read_many",
+            "read_into": "_ipc_read_into"}[outer]
+    real = getattr(_native, name)
+    handler_got: list[bytes] = []
+
+    def core_then_handler(*args: Any) -> int:
+        rc = real(*args)
+        if not handler_got:
+            monkeypatch.setattr(_native, name, real)
+            handler_got.extend(_take(pair.server, fd, nested))
+        return rc
+    monkeypatch.setattr(_native, name, core_then_handler)
+    if outer == "read_many":
+        got = pair.server.read_many(fd, 1)
+    else:
+        got = _take(pair.server, fd, outer)
+    assert got == [a] and handler_got == [b]

@@ -146,8 +146,12 @@ def _share_lock(fd: int, name: str) -> None:
     """Give the lock file mode 0660, as the run dir (0770) and socket (0660)
     are: open()'s mode is filtered by the umask, and a lock file the group
     cannot open made another member's service_init fail with EACCES instead
-    of ServiceBusyError. Another user's lock file keeps its owner's mode
-    (EPERM): we may use it, not change it."""
+    of ServiceBusyError. Only our own lock file of one link: another user's
+    keeps its owner's mode (root included), and a hard link to some other
+    file is not made group-readable through it."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+        return
     try:
         os.fchmod(fd, 0o660)
     except OSError as e:

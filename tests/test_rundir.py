@@ -57,6 +57,27 @@ def test_an_old_lock_file_of_ours_gets_mode_0660(ctx_factory, rundir):
     assert stat.S_IMODE(os.lstat(lock).st_mode) == 0o660
 
 
+def test_a_lock_file_that_is_a_hard_link_or_another_users_keeps_its_mode(ctx_factory, rundir,
+                                                                          tmp_path):
+    """The lock's mode is changed only on our own file of one link: a hard
+    link planted at NAME.lock made the file it links to group-readable (a
+    0600 secret became 0660), and root changed another user's lock file."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s")
+    os.chmod(secret, 0o600)
+    os.link(secret, os.path.join(rundir, "svc.lock"))
+    ctx = ctx_factory()
+    ctx.service_init("svc")
+    assert stat.S_IMODE(os.lstat(secret).st_mode) == 0o600
+    if os.geteuid() == 0:           # root: a lock file of another user's
+        lock = os.path.join(rundir, "other.lock")
+        os.close(os.open(lock, os.O_CREAT | os.O_RDWR, 0o600))
+        os.chown(lock, 1000, 1000)
+        os.chmod(lock, 0o600)
+        ctx.service_init("other")
+        assert stat.S_IMODE(os.lstat(lock).st_mode) == 0o600
+
+
 def test_lock_is_an_exclusive_flock(ctx_factory, rundir):
     ctx = ctx_factory()
     sfd = ctx.service_init("svc")

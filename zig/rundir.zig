@@ -190,8 +190,10 @@ pub fn lockService(
     // Mode 0660 as the run dir (0770) and socket (0660): open()'s mode is
     // filtered by the umask, and a lock file the group cannot open made
     // another member's service_init fail with EACCES, not ServiceBusy.
-    // Another user's lock file keeps its owner's mode (EPERM).
-    if (c.fchmod(fd, 0o660) != 0) switch (c.errno(@as(c_int, -1))) {
+    // Only our own lock file of one link: another user's keeps its owner's
+    // mode (root included), and a hard link to some other file is not made
+    // group-readable through it.
+    if (sys.ownSoleFile(fd) and c.fchmod(fd, 0o660) != 0) switch (c.errno(@as(c_int, -1))) {
         .PERM => {},
         else => |e| return startFailed(name, e, last),
     };

@@ -448,7 +448,28 @@ pub fn lstatOwner(path: [*:0]const u8) ?u32 {
     return if (lstatPath(path)) |st| st.uid else null;
 }
 
+/// True when fd is a regular file of one link owned by the effective user:
+/// a file whose mode may be changed for it (a hard link made to someone
+/// else's file, or another user's file as seen by root, is not).
+pub fn ownSoleFile(fd: fd_t) bool {
+    var mode: u32 = 0;
+    var nlink: u64 = 0;
+    var uid: u32 = 0;
+    if (builtin.os.tag == .linux) {
+        var stx: linux.Statx = undefined;
+        const rc = linux.statx(fd, "", linux.AT.EMPTY_PATH, .{ .TYPE = true, .NLINK = true, .UID = true }, &stx);
+        if (linux.errno(rc) != .SUCCESS) return false;
+        mode, nlink, uid = .{ stx.mode, stx.nlink, stx.uid };
+    } else {
+        var st: c.Stat = undefined;
+        if (c.fstat(fd, &st) != 0) return false;
+        mode, nlink, uid = .{ @intCast(st.mode), @intCast(st.nlink), @intCast(st.uid) };
+    }
+    return mode & S_IFMT == S_IFREG and nlink == 1 and uid == c.geteuid();
+}
+
 pub const S_IFMT: u32 = 0o170000;
+pub const S_IFREG: u32 = 0o100000;
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFLNK: u32 = 0o120000;
 pub const S_IFSOCK: u32 = 0o140000;

@@ -170,6 +170,7 @@ def listen_service(rundir: str, name: str, path: str) -> Tuple[socket.socket, in
     check_rundir(rundir, create=True)
     lock_fd = lock_service(rundir, name, path)
     sock = None
+    file_id: Optional[FileId] = None
     try:
         remove_stale_socket(path, name)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -181,6 +182,8 @@ def listen_service(rundir: str, name: str, path: str) -> Tuple[socket.socket, in
     except OSError as e:
         if sock is not None:
             sock.close()
+        if file_id is not None:             # bound: the file is ours (as the core's errdefer)
+            remove_own_socket(path, file_id)
         os.close(lock_fd)
         if isinstance(e, IPCError):
             raise

@@ -313,3 +313,22 @@ def test_rundir_owned_by_another_user_is_refused(backend, rundir):
     ctx = pyipc.Context(rundir=other, backend=backend)
     ctx.service_init("svc")
     ctx.close_all()
+
+
+def test_pure_a_service_that_fails_after_bind_leaves_no_socket_file(rundir, monkeypatch):
+    """service_init failing after its socket was bound (chmod or listen
+    refused) removes the socket file it made, as the core's does; pure left
+    it there. White-box: pure only (the failure is injected in its chmod)."""
+    from pyipc import _rundir
+    ctx = pyipc.Context(rundir=rundir, backend="pure")
+    try:
+        def refuse(path: str, mode: int) -> None:
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(_rundir.os, "chmod", refuse)
+        with pytest.raises(pyipc.IPCError, match="^cannot start service svc: Permission denied$"):
+            ctx.service_init("svc")
+        monkeypatch.undo()
+        assert not os.path.exists(os.path.join(rundir, "svc"))
+        ctx.service_init("svc")                         # and the name can be served
+    finally:
+        ctx.close_all()

@@ -163,11 +163,12 @@ DirectRead = Tuple[Conn, bytes, bytearray, list[int], memoryview]
 
 #: deque.extend itself (C): what _settle calls with no Python step.
 _deque_extend = deque.extend
-#: The ERROR of a connection whose stream lost bytes to a signal handler's
-#: exception raised between their read and their delivery (pure only: the
-#: core takes no Python step there); the read that finds it raises it.
-FRAMING_LOST = ("a signal handler raised while bytes of this connection were being "
-                "read: the stream's framing is lost")
+#: The ERROR of a connection whose stream a signal handler broke between the
+#: read of some bytes and their delivery: by raising there (the bytes are
+#: lost), or by reading the connection itself (pure only: the core takes no
+#: Python step there); the read that finds it raises it.
+FRAMING_LOST = ("a signal handler interrupted a read of this connection between its "
+                "bytes and their delivery: the stream's framing is lost")
 
 
 class Reading:

@@ -855,7 +855,8 @@ class NativeContext(Context):
             if message is not None:
                 return message
         if self._reading:
-            return self._read_nested(NativeContext.read, fd, timeout)
+            nested: bytes = self._read_nested(NativeContext.read, fd, timeout)
+            return nested
         if (not _thread_count()) is not self._alone:
             self._reads_wait()
         buf, rlen, at = self._rbuf, self._rlen, self._rbuf_at
@@ -906,7 +907,9 @@ class NativeContext(Context):
             if taken:
                 return taken
         if self._reading:
-            return self._read_nested(NativeContext.read_many, fd, max_messages, timeout)
+            batch: list[bytes] = self._read_nested(NativeContext.read_many, fd, max_messages,
+                                                   timeout)
+            return batch
         if (not _thread_count()) is not self._alone:
             self._reads_wait()
         sizes = self._sizes if max_messages <= DEFAULT_READ_MANY else \
@@ -942,7 +945,8 @@ class NativeContext(Context):
             if size is not None:
                 return size
         if self._reading:
-            return self._read_nested(NativeContext.read_into, fd, buffer, timeout)
+            nested_size: int = self._read_nested(NativeContext.read_into, fd, buffer, timeout)
+            return nested_size
         if (not _thread_count()) is not self._alone:
             self._reads_wait()
         rlen = self._rlen

@@ -8,12 +8,14 @@ without waiting for the echoes. At the end it tells the service how many
 messages it wrote on each connection, and prints a JSON summary line.
 
     python tests/soak_client.py RUNDIR BACKEND NAME CLIENT_ID MESSAGES SEED
+    python tests/soak_client.py --fork RUNDIR BACKEND NAME MESSAGES OUTDIR SEED...
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import os
 import random
 import struct
 import sys
@@ -134,12 +136,51 @@ class SoakClient:
         self.ctx.close(self.fd)
 
 
-def main() -> None:
-    rundir, backend, name, client_id, messages, seed = sys.argv[1:7]
+def run_client(rundir: str, backend: str, name: str, client_id: int, messages: int,
+               seed: int) -> dict:
+    """One client's whole run; its summary (the stats)."""
     with pyipc.Context(rundir=rundir, backend=backend) as ctx:
-        client = SoakClient(ctx, name, int(client_id), int(seed))
-        client.run(int(messages))
-    print(json.dumps(client.stats), flush=True)
+        client = SoakClient(ctx, name, client_id, seed)
+        client.run(messages)
+    return client.stats
+
+
+def fork_clients(rundir: str, backend: str, name: str, messages: int, outdir: str,
+                 seeds: list[int]) -> int:
+    """One client process per seed, forked from this one (pyipc imported
+    once, not once a client: 200 interpreters cost the soak seconds of CPU);
+    client i writes its summary to OUTDIR/i.json. 0 when every one exited 0."""
+    children = []
+    for client_id, seed in enumerate(seeds):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                stats = run_client(rundir, backend, name, client_id, messages, seed)
+                with open(os.path.join(outdir, f"{client_id}.json"), "w") as out:
+                    json.dump(stats, out)
+                code = 0
+            finally:
+                os._exit(code)          # (a traceback, if any, went to stderr)
+        children.append(pid)
+    failed = 0
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        failed += status != 0
+    return 1 if failed else 0
+
+
+def main() -> None:
+    """`RUNDIR BACKEND NAME CLIENT_ID MESSAGES SEED`: one client, its summary
+    printed; `--fork RUNDIR BACKEND NAME MESSAGES OUTDIR SEED...`: a client per
+    seed (fork_clients)."""
+    if sys.argv[1] == "--fork":
+        rundir, backend, name, messages, outdir, *seeds = sys.argv[2:]
+        sys.exit(fork_clients(rundir, backend, name, int(messages), outdir,
+                              [int(s) for s in seeds]))
+    rundir, backend, name, client_id, messages, seed = sys.argv[1:7]
+    stats = run_client(rundir, backend, name, int(client_id), int(messages), int(seed))
+    print(json.dumps(stats), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -30,8 +31,18 @@ DEADLINE_S = 480
 
 
 def _start(args: list[str]) -> subprocess.Popen:
+    """A program of its own process group (the client launcher's children
+    are killed with it: _kill)."""
     return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill proc and what it forked (its process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _finish(proc: subprocess.Popen, deadline: float) -> str:
@@ -39,14 +50,14 @@ def _finish(proc: subprocess.Popen, deadline: float) -> str:
     try:
         out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _kill(proc)
         out, err = proc.communicate()
         pytest.fail(f"soak process {proc.args[1:]} did not finish in time: {err[-2000:]}")
     assert proc.returncode == 0 or out, f"{proc.args[1:]} failed: {err[-2000:]}"
     return out
 
 
-def test_soak_nothing_lost(backend, rundir):
+def test_soak_nothing_lost(backend, rundir, tmp_path):
     deadline = time.monotonic() + DEADLINE_S
     seeds = random.Random(SEED)
     procs: list[subprocess.Popen] = []
@@ -54,11 +65,13 @@ def test_soak_nothing_lost(backend, rundir):
         service = _start([str(HERE / "soak_service.py"), rundir, backend, "soak", str(SEED)])
         procs.append(service)
         assert service.stdout.readline() == "ready\n", service.stderr.read()
-        clients = [_start([str(HERE / "soak_client.py"), rundir, backend, "soak", str(i),
-                           str(MESSAGES), str(seeds.randrange(1 << 30))])
-                   for i in range(CLIENTS)]
-        procs += clients
-        summaries = [json.loads(_finish(c, deadline).splitlines()[-1]) for c in clients]
+        # The client processes are forked by one launcher (see fork_clients).
+        clients = _start([str(HERE / "soak_client.py"), "--fork", rundir, backend, "soak",
+                          str(MESSAGES), str(tmp_path),
+                          *(str(seeds.randrange(1 << 30)) for _ in range(CLIENTS))])
+        procs.append(clients)
+        _finish(clients, deadline)          # (fails, with their stderr, if one failed)
+        summaries = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(CLIENTS)]
         with pyipc.Context(rundir=rundir, backend=backend) as ctx:
             fd = ctx.connect("soak")
             ctx.write(fd, b"stats")
@@ -66,8 +79,7 @@ def test_soak_nothing_lost(backend, rundir):
         _finish(service, deadline)
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            _kill(p)        # (its group: a launcher's clients may outlive it)
             p.wait()
 
     where = f"backend {backend}, PYIPC_SOAK_SEED={SEED}"

@@ -1096,7 +1096,7 @@ def _cbor_levels_past(data: bytes, limit: int) -> bool:
     while pos < len(data):
         head = data[pos]
         major, info = head >> 5, head & 0x1F
-        arg = _cbor_arg(data, pos + 1, info)
+        arg = _head_arg(data, pos)
         pos += 1 + _ARG_BYTES[info]
         if head == 0xFF:                          # a break: its indefinite level ends
             levels -= stack.pop()[1]
@@ -1125,12 +1125,6 @@ def _cbor_levels_past(data: bytes, limit: int) -> bool:
 
 #: Bytes of an item head's argument after its first byte, by its low 5 bits.
 _ARG_BYTES = [0] * 24 + [1, 2, 4, 8, 0, 0, 0, 0]
-
-
-def _cbor_arg(data: bytes, pos: int, info: int) -> int:
-    """The argument of a head whose first byte's low 5 bits are `info`,
-    its bytes (if any) from `pos`."""
-    return info if info < 24 else int.from_bytes(data[pos:pos + _ARG_BYTES[info]], "big")
 
 
 # -- JSON --------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import Protocol, State
 
 from ... import CBEvent, Context, QueueFullError
+from ..._checks import cut_utf8
 from ..._types import IPCError
 from .credit import Credit
 from .handshake import READ_SIZE
@@ -243,7 +244,7 @@ class Session:
             return
         if self.protocol.state is State.OPEN:
             # A close frame's reason holds 123 bytes of UTF-8 at most.
-            self.protocol.send_close(code, reason.encode()[:120].decode("utf-8", "ignore"))
+            self.protocol.send_close(code, cut_utf8(reason.encode(), 120).decode())
             self._flush()
         self._end(f"{code} {reason}", error=code == CloseCode.INTERNAL_ERROR)
 

@@ -119,7 +119,7 @@ def check_max_messages(max_messages: int) -> None:
 
 
 #: The largest `high_water` of pyipc.aio (bytes): an int64, as max_queue_size.
-MAX_HIGH_WATER = (1 << 63) - 1
+MAX_HIGH_WATER = MAX_QUEUE_SIZE_LIMIT
 
 
 def check_high_water(value: object, name: str = "high_water") -> None:

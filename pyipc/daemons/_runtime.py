@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 from .. import Context, Event, EventType, _rundir
 from . import _systemd
 from .._signal_wakeup import SignalWakeup, drain_pipe
+from .._types import IPCD_SERVICE
 from ._graceful_close import GracefulCloser
 from ._offload import MAX_OFFLOAD_WORKERS, Offloader, OnDone, offload_workers
 from ._timers import TimerHandle, Timers
@@ -33,7 +34,7 @@ from ._timers import TimerHandle, Timers
 #: `ipc`, tcpd's `tcp`, tlsd's `tls`, websocketd's `ws` and `wss`. Exposed,
 #: any remote peer could make this host connect anywhere (an open proxy, a
 #: port scanner), so check_exposed refuses them.
-DAEMON_SERVICES = frozenset({"ipc", "tcp", "tls", "ws", "wss"})
+DAEMON_SERVICES = frozenset({IPCD_SERVICE, "tcp", "tls", "ws", "wss"})
 
 
 class Daemon:

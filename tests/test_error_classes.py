@@ -22,7 +22,7 @@ import pytest
 import pyipc
 from pyipc._types import ERRORS_BY_CODE
 
-from conftest import ROOT
+from conftest import ROOT, require_backend
 
 #: Every public error class of pyipc.
 ERROR_CLASSES = [pyipc.IPCError, pyipc.ServiceBusyError, pyipc.ServiceNotFoundError,
@@ -225,6 +225,20 @@ def test_context_out_of_fds(backend, rundir, spare):
     assert type(e) is pyipc.IPCError
     assert (e.errno, str(e)) == (errno.EMFILE, "cannot create context: Too many open files")
     assert set(_open_fds()) - before == set()       # nothing it opened is left open
+
+
+@pytest.mark.parametrize("spare", [0, 1], ids=["no-fd", "one-fd"])
+def test_c_context_init_out_of_fds_is_not_out_of_memory(spare):
+    """The C call's own code: IPC_E_GENERIC with errno EMFILE (it said
+    IPC_E_NO_MEMORY, which a C caller takes for out of memory)."""
+    require_backend("native")
+    from pyipc._native import ffi, lib
+    handle = ffi.new("void **")
+    with out_of_fds(spare):
+        rc = lib.ipc_context_init(handle)
+        err = ffi.errno
+    assert (rc, err) == (lib.IPC_E_GENERIC, errno.EMFILE)
+    assert handle[0] == ffi.NULL
 
 
 def test_connect_out_of_fds(ctx_factory):

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 import pyipc
-from pyipc import CBEvent, EventType
+from pyipc import CBEvent, EventType, MAX_MORE_PER_ROUND
 
 from conftest import collect, deadline, frame, quiet, raw_connect, settle, wait_for
 from daemon_harness import read_exactly
@@ -519,6 +519,61 @@ def test_callbacks_can_be_removed(foreign):
     foreign.client.write(foreign.cfd, b"back")
     pump(foreign.server, lambda e: any(x.type == EventType.SWITCH_TX for x in e))
     assert foreign.outer.recv(100) == frame(b"back")
+
+
+def test_an_on_in_that_removes_itself_is_not_called_again(foreign):
+    """An on_in that unregisters its callbacks and returns MORE: what it
+    returned is forwarded, it is not called again (the native core called
+    the old function for the rest of the round; pure raised AssertionError),
+    and the fd is read with pyipc framing from then on."""
+    calls = []
+
+    def on_in(fd: int):
+        calls.append(os.read(fd, 64))
+        foreign.server.set_switch_callbacks(fd, None, None)
+        return CBEvent.MORE, b"held"
+
+    foreign.server.set_switch_callbacks(foreign.fd, on_in, None)
+    foreign.outer.sendall(b"go\n")
+    pump(foreign.server, lambda e: any(x.type == EventType.SWITCH_TX for x in e))
+    foreign.outer.sendall(frame(b"framed"))
+    events = pump(foreign.server, lambda e: any(x.type == EventType.SWITCH_TX for x in e))
+    assert [(e.type, e.message) for e in events] == [
+        (EventType.SWITCH_RX, b"framed"), (EventType.SWITCH_TX, None)]
+    assert calls == [b"go\n"]
+    assert [foreign.client.read(foreign.cfd) for _ in range(2)] == [b"held", b"framed"]
+
+
+def test_a_paused_fd_on_in_is_not_called_for_its_more(foreign):
+    """pause_reading(fd): calling fd's on_in reads it, so a MORE it asked for
+    waits until fd is resumed (both backends called it 64 times a round)."""
+    calls = [0]
+    held = [3 * MAX_MORE_PER_ROUND]
+
+    def on_in(fd: int):
+        if calls[0] == 0:
+            os.read(fd, 64)
+        calls[0] += 1
+        held[0] -= 1
+        return (CBEvent.MORE if held[0] else CBEvent.NO_ERROR), b"r"
+
+    server = foreign.server
+    server.set_switch_callbacks(foreign.fd, on_in, None)
+    foreign.outer.sendall(b"go\n")
+    server.timer = 0
+    server.wait_events()                    # one round: the most it calls on_in
+    assert calls[0] == MAX_MORE_PER_ROUND
+    server.pause_reading(foreign.fd)
+    for _ in range(3):                      # what those calls forwarded goes out
+        server.timer = 0
+        assert EventType.SWITCH_RX not in [e.type for e in server.wait_events()]
+    assert calls[0] == MAX_MORE_PER_ROUND
+    server.pause_reading(foreign.fd, False)
+    events = pump(server, lambda e: sum(x.type == EventType.SWITCH_RX for x in e)
+                  >= 2 * MAX_MORE_PER_ROUND)
+    assert calls[0] == 3 * MAX_MORE_PER_ROUND
+    assert [e.message for e in events if e.type == EventType.SWITCH_RX] == \
+        [b"r"] * (2 * MAX_MORE_PER_ROUND)
 
 
 def test_callback_type_checks(foreign):

@@ -163,11 +163,13 @@ pub const Context = struct {
         const dir: []const u8 = if (env) |e| std.mem.span(e) else "";
         const rundir = try gpa.dupe(u8, if (dir.len > 0) dir else rundir_mod.default_rundir);
         errdefer gpa.free(rundir);
-        var poller = poller_mod.Poller.init(gpa) catch return error.OutOfMemory;
+        // No fd left (EMFILE, ENFILE) is not out of memory: Generic, and
+        // errno tells the caller why (there is no context to ask).
+        var poller = poller_mod.Poller.init(gpa) catch return error.Generic;
         errdefer poller.deinit(gpa);
-        var wakeup = Wakeup.init() catch return error.OutOfMemory;
+        var wakeup = Wakeup.init() catch return error.Generic;
         errdefer wakeup.deinit();
-        poller.update(gpa, wakeup.read_fd, .{}, .{ .read = true }) catch return error.OutOfMemory;
+        poller.update(gpa, wakeup.read_fd, .{}, .{ .read = true }) catch return error.Generic;
         self.* = .{
             .gpa = gpa,
             .rundir = rundir,

@@ -13,7 +13,8 @@
  * ipc_last_error(ctx) gives the message, the same text the pure-Python backend
  * puts in its exception, and ipc_last_errno(ctx) the errno of the OS error that
  * caused it (0 when none did). ipc_context_init() has no context to ask when it
- * fails: errno says why (EMFILE, ENOMEM, ...). IPC_E_TIMEOUT: a blocking call's
+ * fails: IPC_E_NO_MEMORY when out of memory, else IPC_E_GENERIC, and errno says
+ * why (EMFILE, ENFILE, ...). IPC_E_TIMEOUT: a blocking call's
  * timeout expired; IPC_E_INTERRUPTED: a blocking call was interrupted by a signal.
  * IPC_E_NETWORK: ipc_connect() through ipcd was refused with a reason (ipcd's
  * "ne CODE TEXT": remote unreachable, daemon missing, ...), in ipc_last_error();

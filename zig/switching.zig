@@ -125,10 +125,13 @@ fn switchable(ctx: *Context, fd: i32) Error!*Conn {
 /// `in` callback, at most max_more_per_round calls, or with pyipc framing
 /// (every complete frame forwarded).
 pub fn switchIn(ctx: *Context, conn: *Conn) Allocator.Error!void {
-    const cb = conn.cb_in orelse return ctx.readConn(conn, true);
+    if (conn.cb_in == null) return ctx.readConn(conn, true);
     conn.more_round = ctx.switch_state.round;
     var result: CbResult = .ignore;
     for (0..max_more_per_round) |_| {
+        // Read again each time: a call may have unregistered or replaced
+        // its callback (whose state its owner may then free).
+        const cb = conn.cb_in orelse break;
         result = try callIn(ctx, conn, cb);
         if (result != .more or !mayRead(ctx, conn)) break;
     }
@@ -144,14 +147,14 @@ pub fn switchIn(ctx: *Context, conn: *Conn) Allocator.Error!void {
 /// call for words of its own (websocketd's close frame), before conn is
 /// dropped. Called while it hands out messages, max_drain_calls at most.
 pub fn drainIn(ctx: *Context, conn: *Conn) Allocator.Error!void {
-    const cb = conn.cb_in orelse return;
     // Not inside itself (its callback may close or linger, which flushes).
-    if (conn.draining) return;
+    if (conn.cb_in == null or conn.draining) return;
     conn.draining = true;
     defer conn.draining = false;
     for (0..max_drain_calls) |_| {
         if (!stillSwitched(conn)) return;
-        if (!isForwarded(try callIn(ctx, conn, cb))) return;
+        // The callback of now: a call may have replaced it (see switchIn).
+        if (!isForwarded(try callIn(ctx, conn, conn.cb_in.?))) return;
     }
 }
 
@@ -178,10 +181,11 @@ fn isForwarded(result: CbResult) bool {
     return result == .no_error or result == .more;
 }
 
-/// conn is still switched and its peer's queue is within its bound.
+/// conn is still switched, not paused (pause_reading: calling its `in`
+/// reads it), and its peer's queue is within its bound.
 fn mayRead(ctx: *const Context, conn: *const Conn) bool {
     const peer = conn.peer orelse return false;
-    return conn.alive and !conn.closing and
+    return conn.alive and !conn.closing and !conn.read_paused and
         peer.queue.queuedBytes() <= ctx.limits.max_queue_size;
 }
 

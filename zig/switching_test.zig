@@ -190,6 +190,80 @@ test "MORE: every record of one read, in order, at most max_more_per_round calls
     }
 }
 
+test "pause_reading: a paused fd's `in` is not called for its MORE until it is resumed" {
+    var board = try Board.init();
+    defer board.deinit();
+    Lines.reset();
+    try switching.setCallbacks(board.ctx, board.a.inner, Lines.in, null);
+    const n = 2 * switching.max_more_per_round;
+    var text: std.ArrayList(u8) = .empty;
+    defer text.deinit(gpa);
+    for (0..n) |i| try text.print(gpa, "r{d:0>3}\n", .{i});
+    try sendAll(board.a.outer, text.items);
+
+    var events: Events = .{};
+    defer events.deinit();
+    try board.round(&events);
+    try testing.expectEqual(switching.max_more_per_round, Lines.calls);
+    try board.ctx.pauseReading(board.a.inner, true);
+    // Calling `in` reads the fd: not while it is paused, and the round may sleep.
+    try testing.expect(!switching.moreReady(board.ctx));
+    for (0..3) |_| try board.round(&events);
+    try testing.expectEqual(switching.max_more_per_round, Lines.calls);
+    try board.ctx.pauseReading(board.a.inner, false);
+    var rounds: usize = 0;
+    while (events.count(.switch_rx) < n) : (rounds += 1) {
+        try testing.expect(rounds < 4);
+        try board.round(&events);
+    }
+    try testing.expectEqual(n, Lines.calls);
+}
+
+/// An `in` that replaces itself by `second`, which unregisters itself: each
+/// returns MORE (one record each), as if more were held.
+const Replacer = struct {
+    var ctx: *Context = undefined;
+    var first_calls: usize = 0;
+    var second_calls: usize = 0;
+
+    fn first(orig: c_int, payload: [*]u8, mlen: *u32) callconv(.c) c_int {
+        first_calls += 1;
+        switching.setCallbacks(ctx, orig, second, null) catch return @backingInt(switching.CbResult.err);
+        return give(payload, mlen, "one");
+    }
+
+    fn second(orig: c_int, payload: [*]u8, mlen: *u32) callconv(.c) c_int {
+        second_calls += 1;
+        switching.setCallbacks(ctx, orig, null, null) catch return @backingInt(switching.CbResult.err);
+        return give(payload, mlen, "two");
+    }
+
+    fn give(payload: [*]u8, mlen: *u32, record: []const u8) c_int {
+        @memcpy(payload[0..record.len], record);
+        mlen.* = @intCast(record.len);
+        return @backingInt(switching.CbResult.more);
+    }
+};
+
+test "an `in` that replaces or unregisters itself is not called again through the old pointer" {
+    var board = try Board.init();
+    defer board.deinit();
+    Replacer.ctx = board.ctx;
+    Replacer.first_calls = 0;
+    Replacer.second_calls = 0;
+    try switching.setCallbacks(board.ctx, board.a.inner, Replacer.first, null);
+    try sendAll(board.a.outer, "x");
+    var events: Events = .{};
+    defer events.deinit();
+    try board.round(&events);
+    try board.round(&events);
+    try testing.expectEqual(@as(usize, 1), Replacer.first_calls);
+    try testing.expectEqual(@as(usize, 1), Replacer.second_calls);
+    try testing.expectEqual(@as(usize, 2), events.count(.switch_rx));
+    try testing.expectEqualStrings("one", events.data.items[0]);
+    try testing.expectEqualStrings("two", events.data.items[1]);
+}
+
 test "switch_events off: relayed without SWITCH_RX/TX; the end is still reported" {
     var board = try Board.init();
     defer board.deinit();

@@ -128,7 +128,9 @@ class Switching:
         result = CBEvent.IGNORE
         for _ in range(MAX_MORE_PER_ROUND):
             result = self._call_in(conn)
-            if result != CBEvent.MORE or not self._may_read(conn):
+            # A call may have unregistered its on_in (or replaced it: the
+            # next call is the new one's).
+            if result != CBEvent.MORE or not self._may_read(conn) or conn.on_in is None:
                 break
         # MORE after the bound, or paused by back-pressure: called again later.
         if result == CBEvent.MORE and self._still_switched(conn):
@@ -178,8 +180,10 @@ class Switching:
         return result
 
     def _may_read(self: PureState, conn: Conn) -> bool:
-        """conn is still switched and its peer's queue is within its bound."""
-        return (conn.alive and not conn.closing and conn.peer is not None
+        """conn is still switched, not paused (pause_reading: calling its
+        on_in reads it), and its peer's queue is within its bound."""
+        return (conn.alive and not conn.closing and not conn.read_paused
+                and conn.peer is not None
                 and conn.peer.queued_bytes <= self._max_queue_size)
 
     def _still_switched(self: PureState, conn: Conn) -> bool:

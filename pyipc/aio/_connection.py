@@ -139,7 +139,14 @@ class Connection:
         if 0 <= room < self._unsent:
             await self._wait_for_room(min(room, self._low))
             self._check_open()
+        self._schedule(data)
+
+    def _schedule(self, data: bytes | memoryview) -> None:
+        """Queue one frame of `data` now and count it as unsent: every frame
+        queued on this fd must be counted (send()'s and the context's
+        schedule()'s), as each MESSAGE_TX takes the oldest count off."""
         self.ctx.sync.schedule(self.fd, data)    # whole frame, or nothing and an error
+        size = HEADER + len(data)
         self._sizes.append(size)
         self._unsent += size
 

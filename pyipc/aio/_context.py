@@ -18,7 +18,7 @@ import socket
 from collections import deque
 from typing import Any, Awaitable, Callable, Optional
 
-from .._checks import check_high_water, check_timeout
+from .._checks import as_payload, check_high_water, check_timeout
 from .._context import Context as SyncContext
 from .._rundir import PathLike
 from .._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
@@ -378,8 +378,21 @@ class Context:
         return self.sync.service_init(name)
 
     def schedule(self, fd: int, payload: Payload) -> None:
-        """Queue a message for fd (sync.schedule; the loop sends it)."""
-        self.sync.schedule(fd, payload)
+        """Queue a message for fd (sync.schedule; the loop sends it), at
+        once: no back-pressure wait. Any thread may call it, except on a
+        Connection's fd: there the message is counted in the connection's
+        unsent bytes as send() counts its own (each MESSAGE_TX takes the
+        oldest count off: uncounted, its MESSAGE_TX would take a send()'s,
+        and drain()/close() would drop that send()'s message as written),
+        and those counts are the loop's (RuntimeError from elsewhere)."""
+        conn = self._conns.get(fd)
+        if conn is None:
+            self.sync.schedule(fd, payload)
+            return
+        if get_running_loop() is not self._loop:        # (see _check_loop)
+            self._check_loop()
+        conn._check_open()
+        conn._schedule(as_payload(payload))
 
     async def wait_event(self) -> Event:
         """The next event that no Connection or Server took (CONNECTION of a

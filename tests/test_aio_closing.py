@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections import deque
 from typing import Any, Awaitable, Callable
 
 import pytest
@@ -84,3 +85,76 @@ def test_schedule_on_a_connection_is_counted_with_its_sends(actx, ctx_factory):
             return got
     got = run(main)
     assert [len(m) for m in got] == [len(b"small"), len(big)]
+
+
+# ---------------------------------------------------------------- finding 7
+def frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def test_a_connection_closed_through_sync_ends_when_its_number_is_reused(actx):
+    """ctx.sync.close(conn.fd) reports no event; once the number is a new
+    client's, the old Connection ends (its recv() raises) and the new
+    client goes to the Server, a handler of its own. The old Connection
+    stayed open and was handed the new client's messages (a handler
+    serving another client), and the CONNECTION went to events()."""
+    async def main() -> None:
+        started: asyncio.Queue[pyipc.aio.Connection] = asyncio.Queue()
+
+        async def handler(conn: pyipc.aio.Connection) -> None:
+            started.put_nowait(conn)
+            await echo(conn)
+
+        # Made first, so that the number the close gives back is free for
+        # the server's accept (not taken by a client's socket).
+        import socket
+        clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(10)]
+        try:
+            async with actx() as ctx:
+                server = await ctx.serve("s", handler)
+                clients[0].connect(server.path)
+                old = await asyncio.wait_for(started.get(), WAIT_S)
+                receiving = asyncio.ensure_future(old.recv())
+                await asyncio.to_thread(ctx.sync.close, old.fd)     # any thread may
+                for client in clients[1:]:
+                    client.connect(server.path)
+                    new = await asyncio.wait_for(started.get(), WAIT_S)
+                    if new.fd == old.fd:
+                        break
+                assert new.fd == old.fd, f"fd {old.fd} never taken again"
+                with pytest.raises(pyipc.ConnectionClosedError, match="is closed"):
+                    await asyncio.wait_for(receiving, WAIT_S)
+                assert old.closed and not new.closed and ctx._events == deque()
+                client.sendall(frame(b"to the new handler"))
+                reply = await asyncio.wait_for(new_reply(client), WAIT_S)
+                assert reply == frame(b"to the new handler")
+        finally:
+            for client in clients:
+                client.close()
+
+    async def new_reply(sock: Any) -> bytes:
+        want = len(frame(b"to the new handler"))
+        got = b""
+        while len(got) < want:
+            got += await asyncio.to_thread(sock.recv, want - len(got))
+        return got
+    run(main)
+
+
+def test_a_client_connection_closed_through_sync_ends_when_its_number_is_reused(actx):
+    """The client side: ctx.sync.close(conn.fd), then a connect() given the
+    same number ends the old Connection; the new one works (the old one
+    was left open, sharing the new one's number)."""
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            await server_ctx.serve("s", echo)
+            old = await ctx.connect("s")
+            ctx.sync.close(old.fd)
+            new = await ctx.connect("s")
+            assert new.fd == old.fd             # the lowest free number
+            assert old.closed and ctx._conns == {new.fd: new}
+            with pytest.raises(pyipc.ConnectionClosedError, match="is closed"):
+                await old.recv()
+            await new.send(b"new")
+            assert await asyncio.wait_for(new.recv(), WAIT_S) == b"new"
+    run(main)

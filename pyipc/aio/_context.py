@@ -23,7 +23,7 @@ from .._context import Context as SyncContext
 from .._rundir import PathLike
 from .._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                       DEFAULT_MAX_QUEUE_SIZE, Event, EventType, IPCError, Payload)
-from ._connection import HEADER, Connection
+from ._connection import HEADER, Connection, closed_here
 from ._ipcd import connect_through_ipcd, network
 from ._flavor import NOT_ASYNCIO, AnyioFlavor, AsyncioFlavor, Flavor, TaskBody, Cancel, log, \
     get_running_loop, running_asyncio_loop
@@ -222,6 +222,9 @@ class Context:
             except IPCError:
                 pass                # closed with the others already
             raise IPCError(CLOSED_TEXT)
+        stale = self._conns.get(fd)
+        if stale is not None:
+            self._end_stale(stale)
         conn = Connection(self, fd, self.high_water)
         self._conns[fd] = conn
         self._queue_paused.discard(fd)      # a number events() had: the Connection's now
@@ -229,6 +232,14 @@ class Context:
 
     def _forget(self, fd: int) -> None:
         self._conns.pop(fd, None)
+
+    def _end_stale(self, conn: Connection) -> None:
+        """conn's fd number is a new connection's: its fd was closed behind
+        this layer's back (ctx.sync.close(), which no event reports), so
+        conn has ended. Left in _conns, it would be handed the new peer's
+        messages, and a new client would not reach its Server."""
+        del self._conns[conn.fd]
+        conn._end(closed_here(conn.fd))
 
     # -- the loop's callback ---------------------------------------------------------------
     def _on_ready(self) -> None:
@@ -248,6 +259,9 @@ class Context:
     def _dispatch(self, ev: Event) -> None:
         kind = ev.type
         conn = self._conns.get(ev.fd)
+        if conn is not None and kind is _CONNECTION:
+            self._end_stale(conn)       # a new client on a number closed through ctx.sync
+            conn = None
         if conn is not None:
             if kind is _MESSAGE_RX:
                 conn._received(ev.message)          # type: ignore[arg-type]

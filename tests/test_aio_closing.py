@@ -158,3 +158,42 @@ def test_a_client_connection_closed_through_sync_ends_when_its_number_is_reused(
             await new.send(b"new")
             assert await asyncio.wait_for(new.recv(), WAIT_S) == b"new"
     run(main)
+
+
+# ---------------------------------------------------------------- finding 2
+def test_leaving_the_context_lets_out_what_schedule_queued_for_any_fd(actx, ctx_factory):
+    """libIPC's style: a service_init() service answers with ctx.schedule(),
+    and the context is left at once. The reply goes out (within linger),
+    as the sync `with` sends it: it was dropped (close_all() with linger
+    0: only Connections were drained). A reply for a fd closed through
+    ctx.sync.close() meanwhile (no event says it) does not hold the exit."""
+    big = b"r" * (4 << 20)          # far more than the sockets' buffers hold
+    client = ctx_factory()
+
+    async def main() -> tuple[bytes, float]:
+        ctx = actx(linger=WAIT_S)
+        async with ctx:
+            ctx.service_init("s")
+            fd = client.connect("s")
+            gone = client.connect("s")
+            client.write(fd, b"ask", timeout=WAIT_S)
+            clients, asker = set(), None
+            async for ev in ctx.events():   # both clients, and the request
+                if ev.type == EventType.CONNECTION:
+                    clients.add(ev.fd)
+                elif ev.type == EventType.MESSAGE_RX:
+                    asker = ev.fd
+                if asker is not None and len(clients) == 2:
+                    break
+            ctx.schedule(asker, big)
+            (other,) = clients - {asker}
+            ctx.schedule(other, b"to a fd closed behind the loop's back")
+            ctx.sync.close(other)
+            reading = asyncio.ensure_future(asyncio.to_thread(client.read, fd, WAIT_S))
+            started = asyncio.get_running_loop().time()
+        took = asyncio.get_running_loop().time() - started
+        client.close(gone)
+        return await reading, took
+    reply, took = run(main)
+    assert reply == big
+    assert took < WAIT_S / 2

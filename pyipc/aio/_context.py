@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import threading
 from collections import deque
 from typing import Any, Awaitable, Callable, Optional
 
@@ -22,7 +23,8 @@ from .._checks import as_payload, check_high_water, check_timeout
 from .._context import Context as SyncContext
 from .._rundir import PathLike
 from .._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
-                      DEFAULT_MAX_QUEUE_SIZE, Event, EventType, IPCError, Payload)
+                      DEFAULT_MAX_QUEUE_SIZE, Event, EventType, IPCError, Payload,
+                      UnknownFdError)
 from ._connection import HEADER, Connection, closed_here
 from ._ipcd import connect_through_ipcd, network
 from ._flavor import NOT_ASYNCIO, AnyioFlavor, AsyncioFlavor, Flavor, TaskBody, Cancel, log, \
@@ -112,6 +114,14 @@ class Context:
         self._queued_bytes: dict[int, int] = {}
         self._queue_paused: set[int] = set()
         self._event_waiters: list[Any] = []
+        #: Messages that schedule() queued for fds that are not Connections
+        #: (clients of a service_init() service...) and whose MESSAGE_TX has
+        #: not come, by fd: aclose() lets them go out as a Connection's
+        #: drain() does. Any thread may schedule(): the lock keeps the
+        #: counts whole; waiters (the loop's) are woken when one ends.
+        self._scheduled: dict[int, int] = {}
+        self._scheduled_lock = threading.Lock()
+        self._scheduled_waiters: list[Any] = []
         self._failure: Optional[Exception] = None
 
     def __repr__(self) -> str:
@@ -227,8 +237,43 @@ class Context:
             self._end_stale(stale)
         conn = Connection(self, fd, self.high_water)
         self._conns[fd] = conn
+        self._forget_scheduled(fd)          # counted for a fd that had the number
         self._queue_paused.discard(fd)      # a number events() had: the Connection's now
         return conn
+
+    def _written_for(self, fd: int, wake: bool = True) -> None:
+        """One message schedule() counted for fd (not a Connection's) is
+        written, or was not queued. Never below 0: a MESSAGE_TX of a
+        message queued through ctx.sync.schedule() was not counted."""
+        with self._scheduled_lock:
+            left = self._scheduled.get(fd, 0) - 1
+            if left > 0:
+                self._scheduled[fd] = left
+            else:
+                self._scheduled.pop(fd, None)
+        if left <= 0 and wake:
+            self._flavor_wake(self._scheduled_waiters)
+
+    def _forget_scheduled(self, fd: int) -> None:
+        """fd ended, or its number is a new fd's: nothing counted for it
+        will go out (the loop's call)."""
+        with self._scheduled_lock:
+            if self._scheduled.pop(fd, None) is None:
+                return
+        self._flavor_wake(self._scheduled_waiters)
+
+    def _forget_closed_scheduled(self) -> None:
+        """Forget the counts of fds closed through ctx.sync.close() (no event
+        says so; close() sent what it could): the context no longer knows
+        them (UnknownFdError). A fd that cannot say (not a Unix socket) is
+        waited for."""
+        for fd in list(self._scheduled):
+            try:
+                self.sync.peer_credentials(fd)
+            except UnknownFdError:
+                self._forget_scheduled(fd)
+            except IPCError:
+                pass
 
     def _forget(self, fd: int) -> None:
         self._conns.pop(fd, None)
@@ -279,6 +324,9 @@ class Context:
             # A new connection on this number is not paused; an ended one
             # took its pause with it (its messages still queued count on).
             self._queue_paused.discard(ev.fd)
+            self._forget_scheduled(ev.fd)        # an ended fd sends no more
+        elif kind is _MESSAGE_TX and self._scheduled:
+            self._written_for(ev.fd)
         if kind is _CONNECTION and self._servers:
             server = self._server_of(ev.fd)
             if server is not None:
@@ -401,7 +449,16 @@ class Context:
         and those counts are the loop's (RuntimeError from elsewhere)."""
         conn = self._conns.get(fd)
         if conn is None:
-            self.sync.schedule(fd, payload)
+            # Counted before it is queued: its MESSAGE_TX (the loop's) can
+            # only come after, so the count never misses it.
+            with self._scheduled_lock:
+                self._scheduled[fd] = self._scheduled.get(fd, 0) + 1
+            try:
+                self.sync.schedule(fd, payload)
+            except BaseException:
+                self._written_for(fd, wake=self._flavor is not None
+                                  and self._flavor.owns_the_running_loop())
+                raise
             return
         if get_running_loop() is not self._loop:        # (see _check_loop)
             self._check_loop()
@@ -446,15 +503,18 @@ class Context:
         conns = list(self._conns.values())
         try:
             servers = await self._stop_servers()
+            self._forget_closed_scheduled()
             if self._failure is None and self._flavor is not None and (
                     any(c.get_write_buffer_size() for c in conns)
-                    or any(s._closing for s in servers)):
+                    or any(s._closing for s in servers) or self._scheduled):
                 async def drained() -> None:
                     for conn in conns:
                         await conn.drain()
                     for server in servers:      # their handlers' replies go out
                         while server._closing:
                             await self._wait(server._waiters)
+                    while self._scheduled:      # what schedule() queued for other fds
+                        await self._wait(self._scheduled_waiters)
                 await self._flavor.within(drained, self.sync.linger)
         finally:
             self._close_now(conns)
@@ -488,6 +548,7 @@ class Context:
             if not conn.closed:
                 conn._end(f"connection on fd {conn.fd} is closed")
         self._conns.clear()
+        self._scheduled.clear()                 # closed: none of it goes out any more
         self._flavor_wake(self._event_waiters)
         # Last chance to wake a server's wait_closed(): a handler that ends
         # after this cannot (aclose() cancelled while it waited for one).

@@ -197,3 +197,71 @@ def test_leaving_the_context_lets_out_what_schedule_queued_for_any_fd(actx, ctx_
     reply, took = run(main)
     assert reply == big
     assert took < WAIT_S / 2
+
+
+# ---------------------------------------------------------------- finding 5
+@pytest.mark.parametrize("library", ["asyncio", "trio"])
+def test_a_handler_that_closes_its_context_still_sends_its_reply(actx, library):
+    """A "shutdown" command: the handler replies, then closes its own
+    context. aclose() does not cancel the handler that called it, and the
+    reply goes out before the fds close: aclose() cancelled its caller,
+    whose first await then ended the stop with everything dropped (and
+    under trio the fd's watcher could then wait on the closed fd: EBADF)."""
+    import anyio
+    reply = b"r" * (4 << 20)         # far more than the sockets' buffers hold
+
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            async def handler(conn: pyipc.aio.Connection) -> None:
+                async for _ in conn:
+                    await conn.send(reply)
+                    await server_ctx.aclose()
+                    assert conn.closed
+
+            await server_ctx.serve("s", handler)
+            conn = await ctx.connect("s")
+            await conn.send(b"shutdown")
+            with anyio.fail_after(WAIT_S):
+                assert await conn.recv() == reply
+                with pytest.raises(pyipc.ConnectionClosedError, match="closed by the peer"):
+                    await conn.recv()
+    anyio.run(main, backend=library)
+
+
+@pytest.mark.parametrize("closed_by", ["on_ready", "another task"])
+def test_the_trio_watcher_stops_before_its_fd_is_closed(closed_by):
+    """Under trio the context's fd is watched by a task (AnyioFlavor.watch).
+    unwatch() then closing the fd, while that task was about to wait on it
+    again (woken, or inside on_ready()), tore the run down with EBADF from
+    trio's epoll: the watcher now stops at once, and a watcher waiting on
+    the fd is woken before it is closed. (No pyipc backend is involved: the
+    flavor watches any fd; a pipe here.)"""
+    import anyio
+    from pyipc.aio._flavor import AnyioFlavor
+
+    async def main() -> None:
+        read_end, write_end = os.pipe()
+        readied = anyio.Event()
+        try:
+            async with anyio.create_task_group() as group:
+                flavor = AnyioFlavor(group)
+
+                def on_ready() -> None:
+                    readied.set()
+                    if closed_by == "on_ready":
+                        flavor.unwatch()
+                        os.close(read_end)
+
+                flavor.watch(read_end, on_ready)
+                if closed_by == "on_ready":
+                    os.write(write_end, b"x")       # the watcher calls on_ready
+                    with anyio.fail_after(WAIT_S):
+                        await readied.wait()
+                else:
+                    await anyio.lowlevel.checkpoint()   # the watcher waits on the fd
+                    await anyio.lowlevel.checkpoint()
+                    flavor.unwatch()
+                    os.close(read_end)
+        finally:
+            os.close(write_end)
+    anyio.run(main, backend="trio")

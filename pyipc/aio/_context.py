@@ -30,7 +30,7 @@ from ._ipcd import connect_through_ipcd, network
 from ._flavor import NOT_ASYNCIO, AnyioFlavor, AsyncioFlavor, Flavor, TaskBody, Cancel, log, \
     get_running_loop, running_asyncio_loop
 
-from ._server import Handler, Server
+from ._server import Handler, Server, running_handler
 
 #: send() waits while a connection has more unsent bytes than this (the
 #: default of asyncio's transports), until it has at most a quarter of it.
@@ -491,8 +491,9 @@ class Context:
 
     async def aclose(self) -> None:
         """Stop the servers, closed ones included (their handlers are
-        cancelled and awaited), let what is scheduled go out (at most
-        `linger` seconds in all), close every fd. If the context's loop
+        cancelled and awaited, but not the handler that calls it), let
+        what is scheduled go out (at most `linger` seconds in all), close
+        every fd. If the context's loop
         failed (a switch callback raised), the handlers are awaited all the
         same, nothing can go out any more, and the failure is raised once
         every fd is closed."""
@@ -525,12 +526,15 @@ class Context:
         """Close every server (closed ones have handlers left), cancel their
         handlers and wait until they ended; the servers."""
         servers = list(self._servers.values()) + list(self._closed_servers)
+        # A handler that calls aclose() is not cancelled, nor waited for
+        # (it waits for us): its replies are drained with the others.
+        me = running_handler.get()
         for server in servers:
             server.close()
-            server.close_clients()
+            server._cancel_handlers(spare=me)
         flavor = self._flavor
         for server in servers:          # their handlers' cleanup runs now
-            while server._cancels and flavor is not None:
+            while flavor is not None and any(conn is not me for conn in server._cancels):
                 # Not _wait(): after a failure of the loop it raises at once,
                 # and aclose() returned with the handlers still running.
                 await flavor.wait(server._waiters)

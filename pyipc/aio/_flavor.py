@@ -158,6 +158,7 @@ class AnyioFlavor(Flavor):
         self._anyio = anyio
         self._group = group
         self._watching: Optional[Any] = None     # the CancelScope of the fd's task
+        self._fd = -1                             # the fd it watches
         #: The run it was made in: another trio run (in another thread) that
         #: used the context would have its waiters woken from this run, which
         #: trio refuses (an AssertionError that tore this run down).
@@ -174,15 +175,26 @@ class AnyioFlavor(Flavor):
 
         async def pump() -> None:
             with scope:
-                while True:
-                    await anyio.wait_readable(fd)
-                    on_ready()
+                # Checked after each wait and each on_ready(): unwatch() may
+                # have run meanwhile and the fd be closed (a wait on it then
+                # raises EBADF from trio's epoll, before any cancellation).
+                while not scope.cancel_called:
+                    try:
+                        await anyio.wait_readable(fd)
+                    except anyio.ClosedResourceError:
+                        return          # unwatch()'s notify_closing: the fd is being closed
+                    if not scope.cancel_called:
+                        on_ready()
+        self._fd = fd
         self._group.start_soon(pump)
 
     def unwatch(self) -> None:
         if self._watching is not None:
             self._watching.cancel()
             self._watching = None
+            # A pump waiting on the fd is woken now (ClosedResourceError),
+            # as trio asks before a watched fd is closed.
+            self._anyio.notify_closing(self._fd)
 
     async def wait(self, waiters: list[Any]) -> None:
         event = self._anyio.Event()

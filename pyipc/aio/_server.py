@@ -11,7 +11,8 @@ closed once what it sent is out too (at most `linger` seconds).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
 from .._types import ConnectionClosedError
 from ._connection import Connection
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
 
 #: What serve() runs per client: `async def handler(conn): ...`.
 Handler = Callable[[Connection], Awaitable[None]]
+
+#: The connection whose handler the running task is (or was started by):
+#: set in the handler's task, so the context's aclose() called from the
+#: handler does not cancel it (its reply would be dropped, the stop
+#: aborted at the handler's first await).
+running_handler: ContextVar[Optional[Connection]] = ContextVar("running_handler", default=None)
 
 
 class Server:
@@ -67,6 +74,7 @@ class Server:
     async def _run(self, conn: Connection) -> None:
         # The connection is closed by _ended once the task is over, not here:
         # a close here, cancelled by close_clients(), would drop the replies.
+        running_handler.set(conn)       # this task's context only
         try:
             await self._handler(conn)
         except ConnectionClosedError:
@@ -137,9 +145,15 @@ class Server:
         """Cancel every handler task (their connections are closed once what
         they sent is out, at most `linger` seconds)."""
         self.ctx._check_loop()
+        self._cancel_handlers(spare=None)
+
+    def _cancel_handlers(self, spare: Optional[Connection]) -> None:
+        """close_clients(), but the handler of `spare` goes on (the one
+        that called the context's aclose())."""
         for conn, cancel in list(self._cancels.items()):
-            self._stopped.add(conn)
-            cancel()
+            if conn is not spare:
+                self._stopped.add(conn)
+                cancel()
 
     async def wait_closed(self) -> None:
         """Wait until closed, every handler has ended and their replies are

@@ -265,3 +265,36 @@ def test_the_trio_watcher_stops_before_its_fd_is_closed(closed_by):
         finally:
             os.close(write_end)
     anyio.run(main, backend="trio")
+
+
+# ---------------------------------------------------------------- finding 8
+def test_a_forked_child_leaves_async_with_cleanly(actx):
+    """os.fork() inside `async with pyipc.aio.Context()`: the child leaves
+    the block (only its copies of the fds are closed) and exits 0; the
+    parent's context goes on serving. The child's exit raised RuntimeError
+    (the fork reset the running loop: "bound to another event loop")."""
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            await server_ctx.serve("s", echo)
+            conn = await ctx.connect("s")
+            await conn.send(b"before")
+            assert await asyncio.wait_for(conn.recv(), WAIT_S) == b"before"
+            pid = os.fork()
+            if pid == 0:                    # the child: leave both blocks, then exit
+                status = 1
+                try:
+                    await ctx.aclose()
+                    await server_ctx.aclose()
+                    status = 0 if conn.closed and ctx._conns == {} else 2
+                finally:
+                    os._exit(status)
+            try:
+                _, status = await asyncio.wait_for(asyncio.to_thread(os.waitpid, pid, 0), WAIT_S)
+            except BaseException:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise
+            assert os.waitstatus_to_exitcode(status) == 0
+            await conn.send(b"after")       # the parent's loop still watches its contexts
+            assert await asyncio.wait_for(conn.recv(), WAIT_S) == b"after"
+    run(main)

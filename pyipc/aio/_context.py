@@ -499,6 +499,9 @@ class Context:
         every fd is closed."""
         if self._closed:
             return
+        if self.sync._guard.forked:
+            self._close_in_forked_child()
+            return
         self._check_loop()
         self._closed = True
         conns = list(self._conns.values())
@@ -521,6 +524,21 @@ class Context:
             self._close_now(conns)
         if self._failure is not None:
             raise self._failure
+
+    def _close_in_forked_child(self) -> None:
+        """aclose() in a forked child (the at-fork hook marked ctx.sync): the
+        loop is the parent's copy (its epoll is shared with the parent:
+        un-watching the fd here would un-watch it there), and so are the
+        handlers and waiters; none is touched. Only the child's copies of
+        the fds are closed, as the sync close_all() does in a child."""
+        self._closed = True
+        self._flavor = None                 # no waiter is woken, nothing watched
+        self._loop = NOT_ASYNCIO
+        for conn in self._conns.values():
+            conn._end(closed_here(conn.fd))
+        self._conns.clear()
+        self._scheduled.clear()
+        self.sync.close_all()
 
     async def _stop_servers(self) -> list[Server]:
         """Close every server (closed ones have handlers left), cancel their

@@ -493,10 +493,10 @@ class Context:
         """Stop the servers, closed ones included (their handlers are
         cancelled and awaited, but not the handler that calls it), let
         what is scheduled go out (at most `linger` seconds in all), close
-        every fd. If the context's loop
-        failed (a switch callback raised), the handlers are awaited all the
-        same, nothing can go out any more, and the failure is raised once
-        every fd is closed."""
+        every fd. If the context's loop failed (a switch callback raised),
+        the handlers are awaited all the same, nothing can go out any
+        more, and the failure is raised once every fd is closed. In a
+        forked child it closes the child's copies of the fds only."""
         if self._closed:
             return
         if self.sync._guard.forked:

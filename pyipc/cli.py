@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Any, Optional, Sequence
 
 from . import (BackendError, ConnectionClosedError, Context, Event, EventType, IPCError,
-               available_backends)
+               QueueFullError, available_backends)
 from ._signal_wakeup import SignalWakeup
 from ._version import DISTRIBUTION, __version__
 from .daemons._commands import add_daemon_commands
@@ -54,11 +54,12 @@ def cmd_pongd(args: argparse.Namespace) -> int:
             print(f"pongd: serving {args.name} in {ctx.rundir} (backend {ctx.backend})",
                   flush=True)
             while True:
+                dropped: set[int] = set()     # fds closed while handling this batch
                 for ev in ctx.wait_events():
                     if ev.type == EventType.EXTERNAL and ev.fd == wakeup.fd:
                         wakeup.drain()
-                    else:
-                        served += _handle(ctx, ev)
+                    elif ev.fd not in dropped:   # the batch may hold more of its events
+                        served += _handle(ctx, ev, dropped)
         except KeyboardInterrupt:
             pass      # leaving `with` sends the echoes still scheduled, then closes all
         finally:
@@ -67,14 +68,21 @@ def cmd_pongd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _handle(ctx: Context, ev: Event) -> int:
-    """pongd's answer to one event; the number of messages it echoed (0 or 1)."""
+def _handle(ctx: Context, ev: Event, dropped: set[int]) -> int:
+    """pongd's answer to one event; the number of messages it echoed (0 or 1).
+    A client that never reads is closed and its fd added to `dropped`."""
     if ev.type == EventType.MESSAGE_RX and ev.message is not None:   # it always has one
         try:
             ctx.schedule(ev.fd, ev.message)   # never blocks on a slow client
             return 1
         except ConnectionClosedError:
             pass      # the client hung up after sending (its DISCONNECTION follows)
+        except QueueFullError:
+            # It sends and never reads: its queue reached max_queue_size. Drop
+            # that client (as examples/pong_service.py does), serve the others.
+            log.warning("fd %d never reads its echoes (send queue full): closed", ev.fd)
+            ctx.close(ev.fd, linger=0)
+            dropped.add(ev.fd)
     elif ev.type == EventType.CONNECTION:
         log.info("client connected on fd %d", ev.fd)
     elif ev.type == EventType.DISCONNECTION:

@@ -103,6 +103,25 @@ def test_pongd_survives_clients_that_hang_up_after_sending(backend, rundir, pong
     assert done.stdout == "sent 'still here', received 'still here'\n"
 
 
+def test_pongd_drops_a_client_that_never_reads_and_keeps_serving(backend, rundir, pongd):
+    """A client that sends and never reads fills pongd's queue to it past
+    max_queue_size (64 MiB): pongd closes that client, as the examples do,
+    and still serves the others (it used to exit 1 on the QueueFullError)."""
+    chunk = b"x" * 65536
+    with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+        fd = ctx.connect("p")
+        with pytest.raises(pyipc.ConnectionClosedError):
+            for _ in range(4 * 1024):                 # 256 MiB: far past the 64 MiB
+                ctx.write(fd, chunk, timeout=30)
+    assert pongd.poll() is None, pongd.stderr.read()
+    done = _pyipc("--rundir", rundir, "--backend", backend, "pong", "p", "still here")
+    assert done.returncode == 0, (done.stderr, pongd.poll())
+    pongd.send_signal(signal.SIGTERM)
+    out, err = pongd.communicate(timeout=30)
+    assert pongd.returncode == 0, err
+    assert "never reads its echoes" in err
+
+
 def test_exit_codes(rundir):
     missing = _pyipc("--rundir", rundir, "pong", "nobody", "hi")
     assert missing.returncode == 1

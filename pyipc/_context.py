@@ -424,10 +424,12 @@ class Context:
     def write_typed(self, fd: int, obj: object, registry: "Registry",
                     timeout: Optional[float] = None) -> None:
         """write() the typed message `registry.encode(obj)` to fd."""
+        _check_typed(registry)
         self.write(fd, registry.encode(obj), timeout)
 
     def schedule_typed(self, fd: int, obj: object, registry: "Registry") -> None:
         """schedule() the typed message `registry.encode(obj)` for fd."""
+        _check_typed(registry)
         self.schedule(fd, registry.encode(obj))
 
     @overload
@@ -446,10 +448,20 @@ class Context:
         knows it is.
 
         A message that does not decode is consumed all the same: the
-        TypedMessageError is raised and the connection stays open.
+        TypedMessageError is raised and the connection stays open. A wrong
+        `registry` or `cls` (TypeError) is refused before reading: the message
+        stays queued.
         """
+        _check_typed(registry, cls)
         payload = self.read(fd, timeout)
         return registry.decode(payload) if cls is None else registry.decode(payload, cls)
+
+
+def _check_typed(registry: object, cls: object = None) -> None:
+    """pyipc.typed.check_typed_arguments(), imported when first needed (a
+    context that sends no typed message does not import typed and cbor2)."""
+    from .typed import check_typed_arguments
+    check_typed_arguments(registry, cls)
 
 
 def _warn_unclosed(description: str) -> None:

@@ -358,6 +358,16 @@ class Registry:
 
 
 # -- registration helpers ----------------------------------------------------------
+def check_typed_arguments(registry: object, cls: object = None) -> None:
+    """TypeError unless `registry` is a Registry and `cls` None or a class:
+    what read_typed()/recv_typed() check before reading, so that a wrong
+    argument never costs the peer's message (and write_typed() before encoding)."""
+    if not isinstance(registry, Registry):
+        raise TypeError(f"registry must be a pyipc.typed.Registry, not {type(registry).__name__}")
+    if cls is not None and not isinstance(cls, type):
+        raise TypeError(f"cls must be a class, not {type(cls).__name__}")
+
+
 def _name(cls: type) -> str:
     name = getattr(cls, "__qualname__", None) or getattr(cls, "__name__", None)
     return name if isinstance(name, str) else repr(cls)

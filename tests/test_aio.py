@@ -427,6 +427,32 @@ def test_typed_messages(actx):
     run(main)
 
 
+def test_recv_typed_refuses_a_wrong_argument_before_receiving(actx):
+    """recv_typed with a registry that is not one, or a cls that is not a
+    class: TypeError, and the message is still there for the next recv (it
+    used to be received first and lost); send_typed(obj, None): TypeError."""
+    registry = pyipc.Registry()
+    registry.register(1, Greeting)
+
+    async def handler(conn: pyipc.aio.Connection) -> None:
+        await conn.send_typed(Greeting("hi"), registry)
+        await conn.recv()                   # until the client goes
+
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            await server_ctx.serve("svc", handler)
+            conn = await ctx.connect("svc")
+            with pytest.raises(TypeError, match="^registry must be a pyipc.typed.Registry"):
+                await conn.recv_typed(None)
+            with pytest.raises(TypeError, match="^cls must be a class, not str$"):
+                await conn.recv_typed(registry, cls="Greeting")
+            assert await conn.recv_typed(registry, cls=Greeting) == Greeting("hi")
+            with pytest.raises(TypeError, match="^registry must be a pyipc.typed.Registry"):
+                await conn.send_typed(Greeting("x"), None)
+            await conn.close()
+    run(main)
+
+
 def test_messages_before_a_disconnection_come_first(actx):
     async def handler(conn: pyipc.aio.Connection) -> None:
         for i in range(3):

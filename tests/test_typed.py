@@ -997,6 +997,26 @@ def test_encode_errors_send_nothing(connected) -> None:
     assert server.read_typed(sfd, JSON) == Ping(1)
 
 
+def test_a_wrong_argument_is_refused_before_the_message_is_read(connected) -> None:
+    """read_typed with a registry that is not one, or a cls that is not a
+    class, raises TypeError and leaves the message queued (it used to read it
+    first and lose it); write_typed/schedule_typed with no registry raise
+    TypeError (not AttributeError) and send nothing."""
+    server, sfd, client, cfd = connected
+    client.write_typed(cfd, Ping(7), CBOR)
+    with pytest.raises(TypeError, match="^registry must be a pyipc.typed.Registry, not NoneType$"):
+        server.read_typed(sfd, None)                               # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="^cls must be a class, not str$"):
+        server.read_typed(sfd, CBOR, cls="Ping")                   # type: ignore[call-overload]
+    assert server.read_typed(sfd, CBOR, timeout=5) == Ping(7)      # still there
+    with pytest.raises(TypeError, match="^registry must be a pyipc.typed.Registry, not NoneType$"):
+        client.write_typed(cfd, Ping(8), None)                     # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="^registry must be a pyipc.typed.Registry, not dict$"):
+        client.schedule_typed(cfd, Ping(8), {})                    # type: ignore[arg-type]
+    client.write_typed(cfd, Ping(9), CBOR)
+    assert server.read_typed(sfd, CBOR, timeout=5) == Ping(9)      # nothing else was sent
+
+
 def test_typed_and_plain_messages_mix(connected) -> None:
     server, sfd, client, cfd = connected
     client.write(cfd, b"plain")

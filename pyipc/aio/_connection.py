@@ -166,6 +166,8 @@ class Connection:
 
     async def send_typed(self, obj: object, registry: "Registry") -> None:
         """send() the typed message `registry.encode(obj)`."""
+        from ..typed import check_typed_arguments
+        check_typed_arguments(registry)
         await self.send(registry.encode(obj))
 
     # -- receiving -------------------------------------------------------------------
@@ -199,7 +201,10 @@ class Connection:
 
     async def recv_typed(self, registry: "Registry", *, cls: Optional[Type[M]] = None) -> Any:
         """recv() and `registry.decode()` the message (with `cls`: it must be
-        of that class). A message that does not decode is consumed all the same."""
+        of that class). A message that does not decode is consumed all the same;
+        a wrong `registry` or `cls` (TypeError) is refused before receiving."""
+        from ..typed import check_typed_arguments
+        check_typed_arguments(registry, cls)
         payload = await self.recv()
         return registry.decode(payload) if cls is None else registry.decode(payload, cls)
 

@@ -98,9 +98,13 @@ def cmd_pong(args: argparse.Namespace) -> int:
         fd = ctx.connect(args.name)
         ok = True
         for text in args.messages:
-            ctx.write(fd, text)
-            answer = ctx.read(fd).decode("utf-8", "replace")
-            same = answer == text
+            # The bytes given on the command line, even those that are not
+            # UTF-8 (a str with surrogate escapes, which write() refuses).
+            payload = os.fsencode(text)
+            ctx.write(fd, payload)
+            echo = ctx.read(fd)
+            same = echo == payload
+            answer = os.fsdecode(echo)
             ok &= same
             print(f"{args.label}sent {text!r}, received {answer!r}{'' if same else '  MISMATCH'}",
                   flush=True)

@@ -122,6 +122,16 @@ def test_pongd_drops_a_client_that_never_reads_and_keeps_serving(backend, rundir
     assert "never reads its echoes" in err
 
 
+def test_pong_sends_an_argument_that_is_not_utf8_as_its_bytes(backend, rundir, pongd):
+    """A command-line argument with a byte that is not UTF-8 (b'\\xff', a
+    surrogate escape in sys.argv) is sent as those bytes and compared as
+    bytes: no UnicodeEncodeError traceback."""
+    done = _pyipc("--rundir", rundir, "--backend", backend, "pong", "p", "a\udcffb")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "sent 'a\\udcffb', received 'a\\udcffb'\n"
+    assert done.stderr == ""
+
+
 def test_exit_codes(rundir):
     missing = _pyipc("--rundir", rundir, "pong", "nobody", "hi")
     assert missing.returncode == 1

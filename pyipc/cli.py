@@ -2,13 +2,13 @@
 and the networking daemons ipcd, tcpd, tlsd and websocketd.
 
 Exit codes: 0 success; 1 a pyipc error (service busy, not found, ...) or an echo
-that did not match; 2 bad usage (argparse).
+that did not match; 2 bad usage (argparse); 128 + signal (130, 143) for demo or
+pong stopped by SIGINT/SIGTERM (the services stop with 0).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import logging
 import os
@@ -93,7 +93,10 @@ def _handle(ctx: Context, ev: Event, dropped: set[int]) -> int:
 
 
 def cmd_pong(args: argparse.Namespace) -> int:
-    """Send each MESSAGE to the service and check that it comes back unchanged."""
+    """Send each MESSAGE to the service and check that it comes back unchanged.
+    SIGINT/SIGTERM stop it quietly (exit 130/143)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     with _context(args) as ctx:
         fd = ctx.connect(args.name)
         ok = True
@@ -125,9 +128,61 @@ def _say(text: str) -> None:
         _quiet_stdout()
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived while a command that is not a service
+    (demo, pong) ran; main() stops it quietly with exit 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Signal handler: raise Interrupted(signum) where the program is."""
+    raise Interrupted(signum)
+
+
+#: How long demo waits for a child it stopped before it kills it.
+DEMO_STOP_S = 10.0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Start pongd and a few pong clients as separate processes; print a summary."""
+    """Start pongd and a few pong clients as separate processes; print a summary.
+    On SIGINT/SIGTERM, a failure or the end, the children still running are
+    stopped and the temporary directory removed."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     workdir = tempfile.mkdtemp(prefix="pyipc-demo-", dir="/tmp")
+    children: list[subprocess.Popen[str]] = []
+    try:
+        return _demo(args, workdir, children)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):   # a second Ctrl-C: the cleanup goes on
+            signal.signal(sig, signal.SIG_IGN)
+        # The clients first (killed: nothing of theirs to keep), then pongd
+        # (children[0]), which SIGTERM stops cleanly, removing its socket.
+        for proc in reversed(children[1:]):
+            _stop_child(proc, signal.SIGKILL)
+        for proc in children[:1]:
+            _stop_child(proc, signal.SIGTERM)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _stop_child(proc: "subprocess.Popen[str]", sig: int) -> None:
+    """Send `sig` to `proc` if it still runs, kill it if it is not gone
+    within DEMO_STOP_S, and reap it."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.communicate(timeout=DEMO_STOP_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+def _demo(args: argparse.Namespace, workdir: str,
+          children: "list[subprocess.Popen[str]]") -> int:
+    """cmd_demo's work; every process it starts is appended to `children`."""
     rundir = os.path.abspath(args.rundir) if args.rundir else os.path.join(workdir, "run")
     base = [sys.executable, "-m", "pyipc", "--rundir", rundir]
     if args.backend:
@@ -135,39 +190,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The children import this very pyipc: `python -m` puts the working
     # directory first on sys.path, so they start in an empty one (from a source
     # checkout they would otherwise import its pyipc, maybe without the library).
+    # Each has its own session: a Ctrl-C in the terminal reaches demo only,
+    # which then stops them (no traceback from a child still importing).
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")) if p))
-    spawn = functools.partial(subprocess.Popen, stdout=subprocess.PIPE, text=True,
-                              cwd=workdir, env=env)
+
+    def spawn(command: list[str]) -> "subprocess.Popen[str]":
+        # A signal that interrupted Popen() after its fork would leave a child
+        # that nobody stops: it is held until the child is in `children`.
+        caught: list[int] = []
+        previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=workdir,
+                                    env=env, start_new_session=True)
+            children.append(proc)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if caught:
+            raise Interrupted(caught[0])
+        return proc
+
     service = spawn(base + ["pongd", "demo"])
-    try:
-        assert service.stdout is not None      # stdout=PIPE
-        ready = service.stdout.readline()      # pongd prints once it listens
-        if not ready:
-            print("demo: pongd did not start", file=sys.stderr)
-            return 1
-        _say(ready.rstrip())
-        started = time.monotonic()
-        clients = [
-            spawn(base + ["pong", "--label", f"client {i}: ", "demo"]
-                  + [f"message {j} from client {i}" for j in range(args.messages)])
-            for i in range(args.clients)]
-        failures = 0
-        for proc in clients:
-            out, _ = proc.communicate()
-            _say(out.rstrip())
-            failures += proc.returncode != 0
-        elapsed = time.monotonic() - started
-    finally:
-        service.send_signal(signal.SIGTERM)
-        out, _ = service.communicate()
+    assert service.stdout is not None          # stdout=PIPE
+    ready = service.stdout.readline()          # pongd prints once it listens
+    if not ready:
+        print("demo: pongd did not start", file=sys.stderr)
+        return 1
+    _say(ready.rstrip())
+    started = time.monotonic()
+    clients = [spawn(base + ["pong", "--label", f"client {i}: ", "demo"]
+                     + [f"message {j} from client {i}" for j in range(args.messages)])
+               for i in range(args.clients)]
+    failures = 0
+    for proc in clients:
+        out, _ = proc.communicate()
         _say(out.rstrip())
+        failures += proc.returncode != 0
+    elapsed = time.monotonic() - started
+    service.send_signal(signal.SIGTERM)
+    out, _ = service.communicate()
+    _say(out.rstrip())
     total = args.clients * args.messages
     verdict = "all echoes matched" if not failures else f"{failures} client(s) failed"
     removed = not os.path.exists(os.path.join(rundir, "demo"))
     _say(f"demo: {args.clients} clients exchanged {total} messages with pongd in "
-          f"{elapsed:.2f} s; {verdict}; socket removed: {removed}")
-    shutil.rmtree(workdir, ignore_errors=True)
+         f"{elapsed:.2f} s; {verdict}; socket removed: {removed}")
     return 0 if not failures and service.returncode == 0 else 1
 
 
@@ -265,7 +334,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pyipc", description=DESCRIPTION,
         epilog="exit codes: 0 success; 1 a pyipc error (service busy or not found, ...) "
-               "or an echo that did not match; 2 bad usage. "
+               "or an echo that did not match; 2 bad usage; 130/143 demo or pong "
+               "stopped by Ctrl-C/SIGTERM. "
                "'pyipc COMMAND --help' explains each command.")
     p.add_argument("--version", action=_VersionAction,
                    help="print the version and the backend in use (after --backend: "
@@ -316,6 +386,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except IPCError as e:
         print(f"pyipc {args.command}: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        # Ctrl-C or SIGTERM stopped demo or pong (services stop at once with 0).
+        print(f"pyipc {args.command}: interrupted by {e}", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:
         # Whoever read our output stopped (`pyipc pong ... | head`): not a failure.
         _quiet_stdout()

@@ -156,6 +156,79 @@ def test_demo_whose_reader_stops_early_still_ends_cleanly(backend):
             proc.wait()
 
 
+def _processes_naming(text: str) -> list[str]:
+    """The command lines of the running processes that contain `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue                                  # it ended meanwhile
+        if text in line:
+            found.append(line)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_demo_stopped_by_a_signal_stops_its_children_and_cleans_up(backend, sig):
+    """SIGTERM or SIGINT (Ctrl-C) while demo starts its clients: one line, no
+    traceback, exit 128 + signal, no pongd or client left running, temp dir
+    removed (SIGTERM used to kill demo at once and leave all of them; SIGINT
+    printed tracebacks)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pyipc", "--backend", backend, "demo",
+                             "--clients", "40"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+    try:
+        ready = proc.stdout.readline()
+        workdir = re.fullmatch(r"pongd: serving demo in (/tmp/pyipc-demo-\w+)/run .*\n",
+                               ready)
+        assert workdir, (ready, proc.stderr.read())
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)    # EOF: no child holds demo's stdout
+        assert proc.returncode == 128 + sig
+        assert err == f"pyipc demo: interrupted by {signal.Signals(sig).name}\n"
+        assert not os.path.exists(workdir[1])
+        assert _processes_naming(workdir[1]) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_demo_whose_pongd_cannot_start_removes_its_temp_dir(backend, rundir):
+    """demo in a run dir where demo is already served: exit 1, and its
+    temporary directory is removed all the same (it was left behind)."""
+    before = set(Path("/tmp").glob("pyipc-demo-*"))
+    with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+        ctx.service_init("demo")
+        done = _pyipc("--rundir", rundir, "--backend", backend, "demo", "--clients", "1")
+    assert done.returncode == 1
+    assert "demo: pongd did not start" in done.stderr
+    assert set(Path("/tmp").glob("pyipc-demo-*")) <= before
+
+
+def test_pong_interrupted_while_waiting_for_its_echo_exits_quietly(backend, rundir):
+    """Ctrl-C while pong waits for an echo that never comes: one line, exit
+    130, no KeyboardInterrupt traceback."""
+    with pyipc.Context(rundir=rundir, backend=backend) as mute:
+        mute.service_init("mute")                     # accepts, never answers
+        proc = subprocess.Popen([sys.executable, "-m", "pyipc", "--rundir", rundir,
+                                 "--backend", backend, "pong", "mute", "anyone?"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=CHILD_ENV)
+        try:
+            while (ev := mute.wait_event(timeout=60)).type != pyipc.EventType.MESSAGE_RX:
+                pass                                  # pong sent: it now waits for the echo
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+            assert (proc.returncode, out, err) == (130, "", "pyipc pong: interrupted by SIGINT\n")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
 # -- --version, help texts, bench options ------------------------------------------
 def test_version_names_the_distribution_and_the_backend(backend):
     done = _pyipc("--backend", backend, "--version")

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from types import ModuleType
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from . import (BackendError, ConnectionClosedError, Context, Event, EventType, IPCError,
                QueueFullError, available_backends)
@@ -32,6 +32,29 @@ log = logging.getLogger("pyipc.cli")
 #: The directory that holds this pyipc package: a source checkout (with bench/
 #: beside pyipc/) or site-packages.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def int_from(low: int, high: int) -> Callable[[str], int]:
+    """An argparse `type=`: an int from `low` to `high`, else the one-line
+    usage error `must be an integer from LOW to HIGH, not 'TEXT'` (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {low} to {high}, not {text!r}")
+        return value
+    parse.__name__ = "int"           # argparse's fallback text names the type
+    return parse
+
+
+#: Bounds of demo's counts: every client is a process.
+MAX_DEMO_CLIENTS = 1000
+MAX_DEMO_MESSAGES = 100_000
+#: Bound of bench --repeats.
+MAX_BENCH_REPEATS = 1000
+
 
 def _context(args: argparse.Namespace) -> Context:
     return Context(rundir=args.rundir, backend=args.backend)
@@ -273,11 +296,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `pyipc bench` (also used by `python -m bench.main`)."""
     p.add_argument("--quick", action="store_true", help="fewer messages per run")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="runs of each case per system (default 3, quick: 1)")
+    p.add_argument("--repeats", type=int_from(1, MAX_BENCH_REPEATS), default=None,
+                   metavar="N", help="runs of each case per system, 1 to "
+                   f"{MAX_BENCH_REPEATS} (default 3, quick: 1)")
     p.add_argument("--cases", nargs="+", choices=BENCH_CASES, metavar="CASE",
                    help="cases to run: " + ", ".join(BENCH_CASES) + " (default: all)")
-    p.add_argument("--systems", nargs="+", metavar="SYSTEM",
+    p.add_argument("--systems", nargs="+", choices=BENCH_SYSTEMS, metavar="SYSTEM",
                    help="systems to run (default: all): " + " ".join(BENCH_SYSTEMS))
     p.add_argument("--placement", choices=BENCH_PLACEMENTS, default="split",
                    help="CPUs of the two peers: split (default: the server on one CPU, "
@@ -350,8 +374,10 @@ def parser() -> argparse.ArgumentParser:
         description="Start 'pyipc pongd demo' and N 'pyipc pong' clients as separate "
                     "processes (in a temporary run dir unless --rundir is given), print "
                     "every exchange and a summary. Exit 0 when every echo matched.")
-    d.add_argument("--clients", type=int, default=3, help="client processes (default 3)")
-    d.add_argument("--messages", type=int, default=3, help="messages per client (default 3)")
+    d.add_argument("--clients", type=int_from(1, MAX_DEMO_CLIENTS), default=3, metavar="N",
+                   help=f"client processes, 1 to {MAX_DEMO_CLIENTS} (default 3)")
+    d.add_argument("--messages", type=int_from(1, MAX_DEMO_MESSAGES), default=3, metavar="N",
+                   help=f"messages per client, 1 to {MAX_DEMO_MESSAGES} (default 3)")
     d.set_defaults(func=cmd_demo)
     s = sub.add_parser(
         "pongd", help="run an echo service until Ctrl-C or SIGTERM",

@@ -140,6 +140,36 @@ def test_exit_codes(rundir):
     assert _pyipc("--backend", "nosuch", "demo").returncode == 2
 
 
+@pytest.mark.parametrize("args, error", [
+    (["demo", "--clients", "-1"], "argument --clients: must be an integer from 1 to 1000, not '-1'"),
+    (["demo", "--clients", "0"], "argument --clients: must be an integer from 1 to 1000, not '0'"),
+    (["demo", "--clients", "100000000"],
+     "argument --clients: must be an integer from 1 to 1000, not '100000000'"),
+    (["demo", "--messages", "-5"],
+     "argument --messages: must be an integer from 1 to 100000, not '-5'"),
+    (["demo", "--messages", "x"], "argument --messages: must be an integer from 1 to 100000, not 'x'"),
+    (["bench", "--repeats", "0"], "argument --repeats: must be an integer from 1 to 1000, not '0'"),
+    (["bench", "--repeats", "-1"], "argument --repeats: must be an integer from 1 to 1000, not '-1'"),
+    (["bench", "--systems", "nosuch"], "argument --systems: invalid choice: 'nosuch' (choose from "),
+])
+def test_nonsense_numbers_and_systems_are_bad_usage(args, error):
+    """Counts below 1 (or absurdly high) and unknown bench systems: argparse's
+    one-line error and exit 2 before anything runs (they used to run, exit 0)."""
+    done = _pyipc(*args)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.splitlines()[-1].startswith(f"pyipc {args[0]}: error: {error}")
+
+
+def test_tlsd_client_ca_without_listen_is_refused(rundir):
+    """--client-ca only checks the peers tlsd accepts: without --listen it is
+    refused at once (it used to start and serve with no complaint)."""
+    done = _pyipc("--rundir", rundir, "tlsd", "--client-ca", "/nonexistent.pem")
+    assert done.returncode == 1
+    assert done.stderr == ("pyipc tlsd: --client-ca checks the peers we accept: it needs "
+                           "--listen (or listening sockets passed by systemd)\n")
+
+
 def test_demo_whose_reader_stops_early_still_ends_cleanly(backend):
     """`pyipc demo | head -1`: no traceback, no client left failing, exit 0."""
     proc = subprocess.Popen([sys.executable, "-m", "pyipc", "--backend", backend, "demo"],

@@ -115,6 +115,9 @@ class Tlsd(Daemon):
             for sock in socks:
                 sock.close()
             raise ValueError("listening for TLS needs --cert")
+        if not socks and self.config.client_ca:
+            raise ValueError("--client-ca checks the peers we accept: it needs --listen "
+                             "(or listening sockets passed by systemd)")
         for sock in socks:
             sock.setblocking(False)
             self.ctx.add_external(sock.fileno())

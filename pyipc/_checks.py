@@ -13,7 +13,7 @@ from typing import Callable, Optional, Tuple, Union, overload
 
 from ._types import (MAX_BUSY_POLL, MAX_CONNECTIONS_LIMIT, MAX_MESSAGE_SIZE_LIMIT,
                      MAX_QUEUE_SIZE_LIMIT, MAX_READ_MANY, MAX_SWITCH_END_REASON, MAX_TIMER,
-                     CBEvent, ConnectionClosedError)
+                     CBEvent, ConnectionClosedError, InvalidNameError)
 
 OnIn = Callable[[int], Tuple[CBEvent, Optional[bytes]]]
 OnOut = Callable[[int, bytes], CBEvent]
@@ -60,10 +60,18 @@ def check_fd(fd: object) -> None:
 
 
 def check_name(name: object) -> None:
-    """A service name is a str (TypeError otherwise); its text is checked
-    by the run directory's rules (pyipc._rundir, the core's rundir.zig)."""
+    """A service name is a str (TypeError otherwise) that can be a file name:
+    UTF-8, where a surrogate escape (a file name's undecodable byte, as
+    os.fsdecode gives it) stands for its byte; another lone surrogate is an
+    InvalidNameError on both backends. The rest of its text is checked by
+    the run directory's rules (pyipc._rundir, the core's rundir.zig)."""
     if not isinstance(name, str):
         raise TypeError(f"service name must be str, not {type(name).__name__}")
+    try:
+        name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise InvalidNameError("invalid service name: a lone surrogate that is not an "
+                               "undecodable byte's escape cannot be a file name") from None
 
 
 def check_callbacks(on_in: object, on_out: object) -> None:

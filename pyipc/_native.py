@@ -255,7 +255,9 @@ class NativeContext(Context):
         if rc == _E_NO_MEMORY:
             raise MemoryError(ffi.string(lib.ipc_last_error(self._ctx)).decode())
         cls = _ERRORS.get(rc, IPCError)
-        text = ffi.string(lib.ipc_last_error(self._ctx)).decode("utf-8", "replace")
+        # surrogateescape: a name or run dir with an undecodable byte is shown
+        # as the pure backend shows it (the str given, os.fsdecode's escape).
+        text = ffi.string(lib.ipc_last_error(self._ctx)).decode("utf-8", "surrogateescape")
         for fd, c_fd in zip(fds, passed or map(_fd_arg, fds)):
             prefix = f"fd {c_fd} "
             if c_fd != fd and text.startswith(prefix):

@@ -97,6 +97,10 @@ BAD_NAMES = [
     ("..", "'.' and '..' are not names"),
     ("a;b", "contains ';'"),
     (";", "contains ';'"),
+    # A lone surrogate that no file name's byte gives (UnicodeEncodeError
+    # before, with each backend's own text); checked first.
+    ("\ud800", "a lone surrogate that is not an undecodable byte's escape cannot be a file name"),
+    ("a\udfff/", "a lone surrogate that is not an undecodable byte's escape cannot be a file name"),
 ]
 
 
@@ -115,6 +119,22 @@ def test_bad_names_do_not_create_the_rundir(ctx_factory, tmp_path, name, reason)
     ctx = ctx_factory(rundir=missing)
     raises(pyipc.InvalidNameError, f"invalid service name: {reason}", ctx.service_init, name)
     assert not os.path.exists(missing)
+
+
+def test_a_name_or_rundir_with_an_undecodable_byte_reads_the_same_on_both_backends(
+        ctx_factory, rundir):
+    """A surrogate escape (os.fsdecode's '\\udcff' for the byte 0xff) stands
+    for its byte on disk, and errors show the name and run dir as given (the
+    native backend showed U+FFFD where pure showed the escape)."""
+    server, client = ctx_factory(), ctx_factory()
+    server.service_init("na\udcffme")
+    client.connect_service("na\udcffme")
+    assert sorted(os.listdir(os.fsencode(rundir))) == [b"na\xffme", b"na\xffme.lock"]
+    raises(pyipc.ServiceNotFoundError, f"no service nosuch\udcff in {rundir}",
+           client.connect_service, "nosuch\udcff")
+    elsewhere = os.path.join(rundir, "x\udcff", "y")
+    raises(pyipc.ServiceNotFoundError, f"no service a in {elsewhere}",
+           ctx_factory(rundir=elsewhere).connect_service, "a")
 
 
 def test_dots_inside_a_name_are_fine(ctx_factory, rundir):

@@ -138,7 +138,7 @@ def test_a_remote_closing_in_the_tls_handshake_is_unreachable(hosts, backend, ca
 
 
 def test_the_cli_refuses_a_dial_key_without_its_certificate():
-    with pytest.raises(SystemExit, match="--dial-key needs --dial-cert"):
+    with pytest.raises(ValueError, match="^--dial-key needs --dial-cert$"):
         dial_ssl_context(None, None, "key.pem")
 
 

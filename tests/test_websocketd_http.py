@@ -186,11 +186,33 @@ def test_timeouts_past_their_bounds_are_refused(option, value):
     ("--connect-timeout", "1e10",
      "connect_timeout must be > 0 and at most 86400 seconds (a day), not 10000000000.0")])
 def test_the_cli_refuses_a_timeout_past_its_bound(rundir, option, value, text):
+    """Bad usage: exit 2, as tcpd and tlsd (it was 1)."""
     out = subprocess.run([sys.executable, "-m", "pyipc", "--rundir", rundir, "websocketd",
                           "--port", "0", option, value],
                          env=CHILD_ENV, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert out.stderr == f"pyipc websocketd: {text}\n"
+
+
+@pytest.mark.parametrize("options, text", [
+    (["--port", "99999"], "port must be 0..65535, not 99999"),
+    (["--cert", "/nonexistent.pem"], "--cert/--key /nonexistent.pem: No such file or directory"),
+    (["--cert", __file__], f"--cert/--key {__file__}: [SSL] PEM lib"),
+    (["--dial-ca", "/nonexistent.pem"], "--dial-ca /nonexistent.pem: No such file or directory"),
+    (["--dial-cert", "/nonexistent.pem"],
+     "--dial-cert/--dial-key /nonexistent.pem: No such file or directory"),
+    (["--client-ca", "ca.pem"], "--key and --client-ca need --cert"),
+])
+def test_the_cli_refuses_bad_options_and_names_bad_files_with_exit_2(rundir, options, text):
+    """A bad option value or certificate file: one line naming the option
+    and the file, exit 2 as tcpd's and tlsd's (exit 1 and a bare
+    '[Errno 2] No such file or directory' before)."""
+    out = subprocess.run([sys.executable, "-m", "pyipc", "--rundir", rundir, "websocketd",
+                          "--host", "127.0.0.1", "--port", "0", *options],
+                         env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"pyipc websocketd: {text}")
+    assert len(out.stderr.splitlines()) == 1
 
 
 def test_listening_on_double_colon_takes_ipv4_too(wsd):

@@ -114,10 +114,10 @@ def server_context(config: TlsdConfig) -> ssl.SSLContext:
     ctx.options |= _NO_RENEGOTIATION | _IGNORE_UNEXPECTED_EOF
     cert = config.cert
     assert cert is not None             # checked by TlsdConfig
-    _load("--cert/--key", cert, lambda: ctx.load_cert_chain(cert, config.key))
+    load_tls_file("--cert/--key", cert, lambda: ctx.load_cert_chain(cert, config.key))
     if config.client_ca is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
-        _load("--client-ca", config.client_ca,
+        load_tls_file("--client-ca", config.client_ca,
               lambda: ctx.load_verify_locations(config.client_ca))
     return ctx
 
@@ -130,16 +130,16 @@ def client_context(config: TlsdConfig) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= _NO_RENEGOTIATION | _IGNORE_UNEXPECTED_EOF
     if config.ca is not None:
-        _load("--ca", config.ca, lambda: ctx.load_verify_locations(config.ca))
+        load_tls_file("--ca", config.ca, lambda: ctx.load_verify_locations(config.ca))
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     cert = config.cert
     if cert is not None:
-        _load("--cert/--key", cert, lambda: ctx.load_cert_chain(cert, config.key))
+        load_tls_file("--cert/--key", cert, lambda: ctx.load_cert_chain(cert, config.key))
     return ctx
 
 
-def _load(option: str, path: str, load: Callable[[], None]) -> None:
+def load_tls_file(option: str, path: str, load: Callable[[], None]) -> None:
     """Run `load`; a missing or bad file becomes a ValueError naming it."""
     try:
         load()

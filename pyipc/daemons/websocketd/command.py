@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import ssl
+import sys
 from typing import Any, Optional
 
 from ..._types import DEFAULT_MAX_MESSAGE_SIZE
 from .._sockets import MAX_DEAD_PEER_TIMEOUT
+from .._tls_options import load_tls_file
 from .._timers import MAX_TIMEOUT
 from .options import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEAD_PEER_TIMEOUT,
                       DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_HANDSHAKES,
@@ -85,13 +87,13 @@ def ssl_context(cert: Optional[str], key: Optional[str],
     clients for a certificate from --client-ca when given."""
     if cert is None:
         if key is not None or client_ca is not None:
-            raise SystemExit("pyipc websocketd: --key and --client-ca need --cert")
+            raise ValueError("--key and --client-ca need --cert")
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
+    load_tls_file("--cert/--key", cert, lambda: context.load_cert_chain(cert, key))
     if client_ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(client_ca)
+        load_tls_file("--client-ca", client_ca, lambda: context.load_verify_locations(client_ca))
     return context
 
 
@@ -101,15 +103,19 @@ def dial_ssl_context(ca: Optional[str], cert: Optional[str],
     host name always verified, against --dial-ca or the system's trust store;
     our certificate presented when we have one."""
     if key is not None and cert is None:
-        raise SystemExit("pyipc websocketd: --dial-key needs --dial-cert")
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        raise ValueError("--dial-key needs --dial-cert")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca is not None:
+        load_tls_file("--dial-ca", ca, lambda: context.load_verify_locations(ca))
     if cert is not None:
-        context.load_cert_chain(cert, key)
+        load_tls_file("--dial-cert/--dial-key", cert, lambda: context.load_cert_chain(cert, key))
     return context
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Build the daemon from the options and serve until SIGTERM/SIGINT."""
+    """Build the daemon from the options and serve until SIGTERM/SIGINT.
+    Exit 2 for a bad option value or certificate file (as tcpd and tlsd),
+    1 when serving fails (a port in use, a pyipc error)."""
     from ... import IPCError
     try:
         from .daemon import WebSocketd
@@ -132,6 +138,12 @@ def run_command(args: argparse.Namespace) -> int:
                           dial_ssl_context=dial_ssl_context(args.dial_ca, args.dial_cert,
                                                             args.dial_key))
         daemon = WebSocketd(options, rundir=args.rundir, backend=args.backend)
+    except ValueError as e:             # a bad option, a missing or bad certificate file
+        print(f"pyipc websocketd: {e}", file=sys.stderr)
+        return 2
+    except (OSError, IPCError) as e:
+        raise SystemExit(f"pyipc websocketd: {e}") from None
+    try:
         daemon.run()
     except (ValueError, OSError, IPCError) as e:
         raise SystemExit(f"pyipc websocketd: {e}") from None

@@ -498,7 +498,18 @@ def _cbor_datetime(encoder: Any, value: datetime.datetime) -> None:
     encoder.encode(cbor2.CBORTag(0, text))
 
 
-_CBOR_ENCODERS: Dict[type, Callable[[Any, Any], None]] = {datetime.datetime: _cbor_datetime}
+def _cbor_memoryview(encoder: Any, value: memoryview) -> None:
+    """A memoryview of bytes is bytes, as bytearray is (cbor2 took it for a
+    sequence: an array of ints, a list once decoded). Another format (ints,
+    floats) is refused: its bytes depend on the machine."""
+    if value.format not in ("B", "b", "c"):
+        raise ValueError(f"memoryview of format {value.format!r} is not bytes: "
+                         "give its bytes (or a list) yourself")
+    encoder.encode(value.tobytes())
+
+
+_CBOR_ENCODERS: Dict[type, Callable[[Any, Any], None]] = {datetime.datetime: _cbor_datetime,
+                                                          memoryview: _cbor_memoryview}
 
 
 def _cbor_dumps(value: object) -> bytes:
@@ -657,12 +668,12 @@ def _cbor_check_nesting(body: Dict[str, Any], what: str, seen: _Seen) -> List[st
 
 class _TypeLevels(Dict[type, int]):
     """The CBOR levels a value of a class opens as cbor2 encodes it, by class:
-    a mapping, a sequence (not str, bytes, bytearray) or a CBORTag 1, a set 2
+    a mapping, a sequence (not str, bytes, bytearray, memoryview) or a CBORTag 1, a set 2
     (tag 258, then an array); anything else 0 (at most _LEAF_LEVELS below it).
     A dict, so that map(_type_levels.__getitem__, ...) runs at C speed."""
 
     def __missing__(self, cls: type) -> int:
-        if issubclass(cls, (str, bytes, bytearray)):
+        if issubclass(cls, (str, bytes, bytearray, memoryview)):
             levels = 0
         elif issubclass(cls, (collections.abc.Mapping, collections.abc.Sequence, cbor2.CBORTag)):
             levels = 1

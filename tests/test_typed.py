@@ -3,6 +3,7 @@ typed messages sent between two contexts on both backends."""
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import datetime as dt
 import math
@@ -928,6 +929,18 @@ def connected(backend: str, rundir: str):
 
 SAMPLES = [Ping(1, "hello", ["a", "b"]), Point(1.5, -2.25), Money(250, "GBP"),
            Holder({"nested": [1, 2**80, None, True, "x"], "f": 0.5}), Derived(21)]
+
+
+def test_a_memoryview_of_bytes_is_cbor_bytes_and_another_format_is_refused() -> None:
+    """docs/typed.md: bytes travel by CBOR; a memoryview of bytes is bytes
+    (it was silently an array of ints, a list once decoded), one of ints is
+    refused with the field named."""
+    back = CBOR.decode(CBOR.encode(Holder([memoryview(b"ab"), {"k": memoryview(bytearray(b"xy"))}])))
+    assert back == Holder([b"ab", {"k": b"xy"}])
+    assert type(back.value[0]) is bytes
+    with pytest.raises(UnencodableValueError, match=re.escape(
+            "field value[0]: memoryview of format 'i' is not bytes")):
+        CBOR.encode(Holder([memoryview(array.array("i", [1, 2]))]))
 
 
 @pytest.mark.parametrize("codec", ["cbor", "json"])

@@ -1010,10 +1010,14 @@ def _check_tag(data: bytes, pos: int, tag: int, bignums: int) -> int:
         return 0
     if bignums >= MAX_CBOR_BIGNUMS:
         raise ValueError(f"more than {MAX_CBOR_BIGNUMS} bignums (MAX_CBOR_BIGNUMS)")
-    if pos < len(data) and (data[pos] >> 5 != 2 or data[pos] & 0x1F == 31 or
-                            _head_arg(data, pos) > MAX_CBOR_BIGNUM_BYTES):
-        raise ValueError(f"a bignum of more than {MAX_CBOR_BIGNUM_BYTES} "
-                         "bytes (MAX_CBOR_BIGNUM_BYTES)")
+    if pos < len(data):
+        if data[pos] >> 5 != 2:
+            raise ValueError(f"a bignum (tag {tag}) whose content is not a byte string")
+        if data[pos] & 0x1F == 31:
+            raise ValueError(f"a bignum (tag {tag}) of indefinite length")
+        if _head_arg(data, pos) > MAX_CBOR_BIGNUM_BYTES:
+            raise ValueError(f"a bignum of more than {MAX_CBOR_BIGNUM_BYTES} "
+                             "bytes (MAX_CBOR_BIGNUM_BYTES)")
     return 1
 
 

@@ -931,6 +931,18 @@ SAMPLES = [Ping(1, "hello", ["a", "b"]), Point(1.5, -2.25), Money(250, "GBP"),
            Holder({"nested": [1, 2**80, None, True, "x"], "f": 0.5}), Derived(21)]
 
 
+@pytest.mark.parametrize("content, reason", [
+    (b"\x61a", "a bignum (tag 2) whose content is not a byte string"),
+    (b"\x5f\x41\x01\xff", "a bignum (tag 2) of indefinite length"),
+])
+def test_a_malformed_bignum_is_refused_for_what_it_is(content: bytes, reason: str) -> None:
+    """A tag-2 bignum holding a text string (or a byte string of indefinite
+    length) is refused as such, not as 'a bignum of more than 1786 bytes'."""
+    payload = b"\x00" + b"\xa1\x65value\xc2" + content        # Holder(value=tag 2 ...)
+    with pytest.raises(CorruptMessageError, match=re.escape(reason)):
+        CBOR.decode(payload)
+
+
 def test_a_memoryview_of_bytes_is_cbor_bytes_and_another_format_is_refused() -> None:
     """docs/typed.md: bytes travel by CBOR; a memoryview of bytes is bytes
     (it was silently an array of ints, a list once decoded), one of ints is

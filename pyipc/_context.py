@@ -457,6 +457,17 @@ class Context:
         return registry.decode(payload) if cls is None else registry.decode(payload, cls)
 
 
+def _constructor_signature() -> inspect.Signature:
+    """Context(...)'s signature: __init__'s without self. inspect.signature
+    (help(), IDEs) reads __new__ first, whose (*args, **kwargs) hid it."""
+    init = inspect.signature(Context.__init__)
+    return init.replace(parameters=list(init.parameters.values())[1:])
+
+
+# Inherited by the backends' classes, whose __init__ has the same parameters.
+setattr(Context, "__signature__", _constructor_signature())
+
+
 def _check_typed(registry: object, cls: object = None) -> None:
     """pyipc.typed.check_typed_arguments(), imported when first needed (a
     context that sends no typed message does not import typed and cbor2)."""

@@ -85,3 +85,12 @@ def test_read_without_its_fd_says_the_same_on_both_backends(ctx_factory):
     with pytest.raises(TypeError) as caught:
         ctx_factory().read()           # type: ignore[call-arg]
     assert str(caught.value) == "Context.read() missing 1 required positional argument: 'fd'"
+
+
+def test_the_constructor_shows_its_parameters(backend):
+    """inspect.signature(pyipc.Context) (help(), IDEs), and the backend's
+    class's, is __init__'s without self: it was (*args, **kwargs), __new__'s."""
+    for cls in (pyipc.Context, load(backend)):
+        assert list(inspect.signature(cls).parameters) == [
+            "rundir", "max_message_size", "backend", "max_queue_size", "max_connections",
+            "linger"], cls

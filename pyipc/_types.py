@@ -69,8 +69,9 @@ IPCD_SERVICE = "ipc"
 """Name of ipcd's service, reached by `connect()` when IPC_NETWORK is set."""
 
 MAX_IPCD_REASON = 400
-"""Bytes of an ipcd refusal ("ne " then code and text) kept at most: what the
-client shows, and what the daemons send (zig/ipcd_answer.zig's max_reason)."""
+"""Bytes of an ipcd refusal after its "ne " (the code, a space and the text)
+kept at most: what the client shows, and what the daemons send
+(zig/ipcd_answer.zig's max_reason)."""
 
 DEFAULT_LINGER = 1.0
 """Default `linger` of a Context, in seconds: how long closing waits for

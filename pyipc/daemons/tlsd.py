@@ -110,7 +110,13 @@ class Tlsd(Daemon):
             self.ctx.service_init(SERVICE)
         if not socks:
             for address in self.config.listen:
-                socks += _sockets.tcp_listeners(address, DEFAULT_PORT)
+                try:
+                    socks += _sockets.tcp_listeners(address, DEFAULT_PORT)
+                except OSError as e:            # in use, not ours, no such name (as tcpd)
+                    for sock in socks:
+                        sock.close()
+                    raise IPCError(f"tlsd cannot listen on {address}: "
+                                   f"{e.strerror or e}", e.errno) from None
         if socks and self._server_ctx is None:
             for sock in socks:
                 sock.close()

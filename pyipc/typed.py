@@ -256,7 +256,10 @@ class Registry:
         return entry.number
 
     def message_class(self, number: int) -> type:
-        """The class registered as type `number`."""
+        """The class registered as type `number`: InvalidTypeNumberError for
+        a number that cannot be one (not an int from 0 to 255), as register()
+        says; UnknownTypeError for one not registered."""
+        _check_number(number)
         return self._entry_of(number).cls
 
     def _entry_of(self, number: int) -> _Entry:

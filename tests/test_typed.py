@@ -629,6 +629,18 @@ def test_unknown_type(reg: Registry) -> None:
         reg.message_class(9)
 
 
+@pytest.mark.parametrize("number, text", [
+    ("x", "message type number must be an int from 0 to 255, not str"),
+    (True, "message type number must be an int from 0 to 255, not bool"),
+    (256, "message type number 256 is out of range (0 to 255)"),
+])
+def test_message_class_of_a_number_that_cannot_be_one(number: object, text: str) -> None:
+    """message_class('x') is a wrong argument, said as register() says it,
+    not 'unknown message type x (registered: ...)'."""
+    with pytest.raises(InvalidTypeNumberError, match=f"^{re.escape(text)}$"):
+        CBOR.message_class(number)                                 # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("body, message", [
     (b"", r"^body of message type 1 \(Ping\) is empty \(not valid CBOR\)"),
     (b"\xff", r"body of message type 1 \(Ping\) is not valid CBOR: "),

@@ -1466,3 +1466,16 @@ def test_a_remote_that_renegotiates_is_refused(rundir, backend, certs):
     finally:
         server.kill()
         server.communicate()
+
+
+@pytest.mark.parametrize("uri, text", [
+    ("tls://127.0.0.1:99999/pong", "tls://127.0.0.1:99999/pong: Port out of range 0-65535"),
+    ("tls://127.0.0.1:x/pong", "tls://127.0.0.1:x/pong: Port could not be cast to integer"),
+])
+def test_a_bad_port_in_a_uri_names_the_uri(uri, text):
+    """The `ne norule bad URI` text of a bad port says which URI, as every
+    other bad URI's does (it was urllib's bare 'Port out of range 0-65535')."""
+    from pyipc.daemons._tls_options import parse_uri
+    with pytest.raises(ValueError) as info:
+        parse_uri(uri)
+    assert str(info.value).startswith(text)

@@ -116,7 +116,10 @@ def parse_uri(uri: str, scheme: str, default_port: int) -> Tuple[str, int, str]:
         raise ValueError(f"{uri}: no host")
     if parts.username is not None:
         raise ValueError(f"{uri}: a user part is not taken ({scheme}://HOST:PORT/NAME)")
-    port = parts.port             # ValueError when not a number from 0 to 65535
+    try:
+        port = parts.port         # ValueError when not a number from 0 to 65535
+    except ValueError as e:       # urllib's text does not say which URI
+        raise ValueError(f"{uri}: {e}") from None
     if port == 0:
         raise ValueError(f"{uri}: port 0")
     name = urllib.parse.unquote(parts.path[1:]) if parts.path.startswith("/") else ""

@@ -161,6 +161,19 @@ def test_nonsense_numbers_and_systems_are_bad_usage(args, error):
     assert done.stderr.splitlines()[-1].startswith(f"pyipc {args[0]}: error: {error}")
 
 
+@pytest.mark.parametrize("daemon", ["tcpd", "tlsd"])
+@pytest.mark.parametrize("value", ["", ","])
+def test_an_expose_naming_no_service_is_bad_usage(rundir, daemon, value):
+    """--expose '' or ',' exposes nothing: a usage error (exit 2, one line),
+    where it used to start the daemon exposing nothing without a word."""
+    done = _pyipc("--rundir", rundir, daemon, "--expose", value)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"pyipc {daemon}: error: argument --expose: {value!r} names no service "
+        "(NAME[,NAME...])")
+    assert os.listdir(rundir) == []
+
+
 def test_tlsd_client_ca_without_listen_is_refused(rundir):
     """--client-ca only checks the peers tlsd accepts: without --listen it is
     refused at once (it used to start and serve with no complaint)."""

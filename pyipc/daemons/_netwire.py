@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import socket
@@ -131,6 +132,16 @@ def parse_uri(uri: str, scheme: str, default_port: int) -> Tuple[str, int, str]:
     if ":" in host:             # an IPv6 address: its zone is written %25 (RFC 6874)
         host = urllib.parse.unquote(host)
     return host, default_port if port is None else port, name
+
+
+def expose_option(text: str) -> List[str]:
+    """The argparse `type=` of tcpd's and tlsd's --expose NAME[,NAME...]:
+    its names; an argument that names none ('', ',') is a usage error (it
+    used to start the daemon exposing nothing, without a word)."""
+    names = [name for name in text.split(",") if name]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no service (NAME[,NAME...])")
+    return names
 
 
 def check_remote_name(name: str) -> None:

@@ -601,6 +601,7 @@ def add_command(subparsers: Any) -> None:
                    help=f"HOST[:PORT] or [IPV6][:PORT] to listen on, a host name listens on "
                         f"each of its addresses; repeat for several (default {DEFAULT_LISTEN})")
     p.add_argument("--expose", action="append", default=[], metavar="NAME[,NAME...]",
+                   type=wire.expose_option,
                    help="services that peers may reach (none by default)")
     p.add_argument("--dead-peer-timeout", type=float, default=DEFAULT_DEAD_PEER_TIMEOUT,
                    metavar="SECONDS", help="end a connection whose peer is silent this long "
@@ -623,7 +624,7 @@ def add_command(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    expose = [n for item in args.expose for n in item.split(",") if n]
+    expose = [name for names in args.expose for name in names]
     try:
         daemon = Tcpd(rundir=args.rundir, backend=args.backend,
                       listen=args.listen or [DEFAULT_LISTEN], expose=expose,

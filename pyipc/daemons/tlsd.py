@@ -882,6 +882,7 @@ def add_command(subparsers: Any) -> None:
                                   "listening, the client certificate when dialing")
     p.add_argument("--key", help="the private key of --cert (PEM), when not in that file")
     p.add_argument("--expose", action="append", default=[], metavar="NAME[,NAME...]",
+                   type=wire.expose_option,
                    help="services remote peers may reach (none by default)")
     p.add_argument("--client-ca", help="require client certificates issued by this CA "
                                        "bundle (mutual TLS)")
@@ -911,7 +912,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = TlsdConfig(
             listen=tuple(args.listen), cert=args.cert, key=args.key,
-            expose=frozenset(n for item in args.expose for n in item.split(",") if n),
+            expose=frozenset(name for names in args.expose for name in names),
             client_ca=args.client_ca, ca=args.ca, connect_timeout=args.connect_timeout,
             handshake_timeout=args.handshake_timeout,
             dead_peer_timeout=args.dead_peer_timeout, max_pending=args.max_pending,

@@ -25,8 +25,10 @@ FileId = Tuple[int, int]
 def resolve_rundir(rundir: Optional[PathLike]) -> str:
     """The `rundir` argument, else env RUNDIR, else libIPC's default.
 
-    A str or str path only (TypeError otherwise), without NUL (ValueError):
-    both backends refuse these the same way, before anything is touched.
+    A str or str path only (TypeError otherwise), without NUL and without a
+    lone surrogate that is not a surrogate escape (ValueError: no file name
+    gives one): both backends refuse these the same way, before anything is
+    touched.
     """
     if rundir is None:
         return os.environ.get("RUNDIR") or DEFAULT_RUNDIR
@@ -35,6 +37,11 @@ def resolve_rundir(rundir: Optional[PathLike]) -> str:
         raise TypeError(f"rundir must be str or os.PathLike[str], not {type(path).__name__}")
     if "\0" in path:
         raise ValueError("rundir must not contain NUL")
+    try:
+        path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ValueError("rundir must not contain a lone surrogate that is not an "
+                         "undecodable byte's escape") from None
     return path
 
 

@@ -408,6 +408,15 @@ def test_rundir_argument_type_and_nul(backend, tmp_path):
         pyipc.Context(rundir=str(tmp_path / "a\0b"), backend=backend)
     assert str(info.value) == "rundir must not contain NUL"
     assert list(tmp_path.iterdir()) == []       # nothing made of a cut-short path
+    # A lone surrogate no file name gives: the same ValueError on both backends,
+    # at construction (a UnicodeEncodeError before, native's at construction,
+    # pure's at the first call).
+    with pytest.raises(ValueError) as info:
+        pyipc.Context(rundir=str(tmp_path / "a\ud800"), backend=backend)
+    assert type(info.value) is ValueError
+    assert str(info.value) == ("rundir must not contain a lone surrogate that is not an "
+                               "undecodable byte's escape")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_strided_memoryview_payload(pair):

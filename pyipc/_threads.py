@@ -18,7 +18,13 @@ one thread keep their order.
 
 Any other call while another thread is inside (a second read(), wait_event()
 from a second thread) is misuse that cannot be made safe: it raises IPCError
-(BUSY_TEXT) and changes nothing. The table of what may be called from where
+(BUSY_TEXT) and changes nothing. Except while that thread runs a call any
+thread may make (schedule, write, write_many, close): then the call waits
+for it to leave, at most its own timeout= (TIMED; timeout=0: not at all),
+and ends as with nothing ready when that passes: a write to a peer that
+does not read can last for ever, and a loop driven by fileno() (pyipc.aio)
+must not wait for it (held, when_free and try_call are what pyipc.aio uses
+not to). The table of what may be called from where
 is in docs/reference.md, "Threads".
 """
 
@@ -72,6 +78,32 @@ HANDED = frozenset({"write", "write_many", "close"})
 #: raised while the owner makes it is the owner thread's (a signal handler's
 #: exception): raised there, and to the calling thread too.
 CALL_ERRORS = (IPCError, ValueError, TypeError, OverflowError, MemoryError)
+#: The guarded calls with a `timeout=` that bounds how long they wait for
+#: another thread's short call (schedule, write, write_many, close) to
+#: leave the context: the timeout's index in the positional arguments, and
+#: what the call says when it passes (as it says it with nothing ready).
+TIMED: dict[str, tuple[int, str]] = {
+    "wait_event": (0, "wait"), "wait_events": (0, "wait"),
+    "read": (1, "read"), "read_into": (2, "read"), "read_many": (2, "read"),
+    "connect": (1, "connect"),
+}
+
+
+def _timed_out(name: str, args: tuple[Any, ...]) -> Any:
+    """What a TIMED call returns or raises when its timeout passes before
+    another thread's short call leaves the context: wait_events(timeout=0)
+    returns [] (nothing ready); the others raise pyipc.TimeoutError with the
+    text they raise when nothing came in time."""
+    what = TIMED[name][1]
+    if name == "wait_events" and args[0] == 0:
+        return []
+    if what == "read":
+        raise TimeoutError(f"read on fd {args[0]} timed out")
+    if what == "connect":
+        raise TimeoutError(f"connect to service {args[0]} timed out")
+    raise TimeoutError("wait timed out")
+
+
 #: acquire()'s argument for a claim that does not wait.
 _NO_WAIT = (False,)
 
@@ -151,21 +183,79 @@ class ThreadGuard:
             return self.hand_over(ctx, method, _checked(method.__name__, args))
         if not self._short:
             raise IPCError(BUSY_TEXT)
-        # Taken in a map step, the owner stored with no call in between: a
-        # signal handler that calls in cannot find the lock held by nobody
-        # (see _TRIES).
-        for _ in map(self._lock.acquire, (True,)):
-            break
-        self._owner = me
+        # The short call may take long (a write to a peer that does not
+        # read): a call with a timeout waits for it at most that long
+        # (timeout=0: not at all), then ends as it ends when nothing is
+        # ready; the time waited counts in its timeout.
+        at = TIMED[method.__name__][0] if method.__name__ in TIMED else -1
+        wait, deadline = -1.0, 0.0     # Lock.acquire's "no limit"
+        if at >= 0:
+            timeout = check_timeout(args[at])
+            if timeout is not None:
+                wait = timeout
+                deadline = time.monotonic() + timeout
+        got = False
         try:
+            # Taken in a map step, the owner stored with no call in between: a
+            # signal handler that calls in cannot find the lock held by nobody
+            # (see _TRIES).
+            for got in map(self._lock.acquire, (True,), (wait,)):
+                break
+            if not got:
+                return _timed_out(method.__name__, args)
+            self._owner = me
+            if wait >= 0:           # what is left of the call's timeout
+                args = args[:at] + (max(0.0, deadline - time.monotonic()),) + args[at + 1:]
             return method(ctx, *args, **kwargs)
         finally:
-            try:                # the outermost call ends (see _LEAVE)
-                if self._handoffs:
-                    self.apply(ctx)
-            finally:
-                self._owner, self._short = None, False
-                self._lock.release()
+            if got:
+                try:                # the outermost call ends (see _LEAVE)
+                    if self._handoffs:
+                        self.apply(ctx)
+                finally:
+                    self._owner, self._short = None, False
+                    self._lock.release()
+
+    def held(self) -> bool:
+        """Whether a thread is inside the context (asked by a thread that is
+        not: pyipc.aio's loop, to tell "busy" from "nothing ready")."""
+        return not self.forked and self._lock.locked()
+
+    def when_free(self, ctx: Any, callback: Callable[[Any], None]) -> "_Handoff":
+        """Have callback(ctx) called when the thread inside leaves, in its
+        thread (queued as a hand-over, made when its outermost call ends),
+        without waiting for it. It must be quick and must not raise.
+
+        Not waited for, so it can be missed: queued just after the holder
+        looked at the queue and just before it left, it is made only by the
+        next call that takes the context. A caller that waits for it must
+        also check now and then (try_call); `done` of the item returned is
+        released once it was called."""
+        item = _Handoff(callback, (), None)
+        self._handoffs.append(item)
+        return item
+
+    def try_call(self, ctx: Any, fn: Callable[[Any], Any]) -> tuple[bool, Any]:
+        """(True, fn(ctx)) made inside the context if no thread is inside
+        now, else (False, None) at once (never waits): for pyipc.aio's loop,
+        which must not block. fn may make the context's calls (nested)."""
+        me = _get_ident()
+        got = False
+        try:        # the lock taken as in _TEMPLATE (see _TRIES, _LEAVE)
+            for got in self._tries:
+                break
+            if not got:
+                return False, None
+            self._owner = me
+            return True, fn(ctx)
+        finally:
+            if got:
+                try:
+                    if self._handoffs:
+                        self.apply(ctx)
+                finally:
+                    self._owner = None
+                    self._lock.release()
 
     def schedule(self, ctx: Any, direct: Direct, fd: int, payload: Payload) -> None:
         """The slow path of schedule() (the lock was taken): direct when this

@@ -614,3 +614,31 @@ def test_guarded_methods_keep_their_signatures(pair):
         pair.client.write(pair.client_fd)          # type: ignore[call-arg]
     with pytest.raises(TypeError, match="unexpected keyword argument 'size'"):
         pair.client.read(pair.client_fd, size=3)   # type: ignore[call-arg]
+
+
+def test_a_call_with_a_timeout_waits_for_another_threads_write_at_most_that_long(ctx_factory):
+    """Another thread's write() holds the context (its peer does not read):
+    a wait or read with timeout= waits for it at most that long, then ends
+    as it ends when nothing is ready (timeout=0 does not wait at all)."""
+    server, (slow, slow_fd, server_slow), (_, _, server_other) = two_clients(ctx_factory)
+    owner = Owner(server, lambda: server.write(server_slow, b"z" * (8 << 20), timeout=5.0))
+
+    def took(call: Callable[[], Any]) -> tuple[Any, float]:
+        start = time.monotonic()
+        try:
+            outcome = call()
+        except pyipc.IPCError as exc:
+            outcome = exc
+        return outcome, time.monotonic() - start
+
+    assert took(lambda: server.wait_events(timeout=0)) == ([], pytest.approx(0, abs=0.5))
+    for call, text in ((lambda: server.wait_event(timeout=0.1), "wait timed out"),
+                       (lambda: server.wait_events(timeout=0.1), "wait timed out"),
+                       (lambda: server.read(server_other, timeout=0.1),
+                        f"read on fd {server_other} timed out")):
+        error, seconds = took(call)
+        assert (type(error), str(error)) == (pyipc.TimeoutError, text)
+        assert 0.1 <= seconds < 1.0
+    assert owner.thread.is_alive()      # its write still waits: nothing waited for it
+    assert len(slow.read(slow_fd)) == 8 << 20
+    assert owner.result() is None

@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from .._checks import as_payload, check_high_water, check_timeout
 from .._context import Context as SyncContext
+from .._threads import BUSY_TEXT, RECHECK_S
 from .._rundir import PathLike
 from .._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
                       DEFAULT_MAX_QUEUE_SIZE, Event, EventType, IPCError, Payload,
@@ -40,6 +41,10 @@ DEFAULT_IPCD_TIMEOUT = 10.0
 #: wait_events(timeout=0) calls per wake-up of the loop at most (fairness: a
 #: flood of messages cannot hold the loop's timers and other callbacks back).
 MAX_ROUNDS = 16
+#: While another thread is inside the context, the loop tries it again
+#: after this many seconds, doubled each time up to MAX_RECHECK_S, in case
+#: the wake-up at that thread's leaving was missed (see _watch_when_free).
+MAX_RECHECK_S = 0.25
 
 CLOSED_TEXT = "this pyipc.aio.Context is closed"
 OTHER_LOOP_TEXT = ("this pyipc.aio.Context is bound to another event loop (it binds to "
@@ -51,6 +56,10 @@ NO_LOOP_TEXT = ("no running asyncio loop: under trio (through anyio), enter the 
 _CONNECTION, _DISCONNECTION = EventType.CONNECTION, EventType.DISCONNECTION
 _MESSAGE_RX, _MESSAGE_TX, _ERROR = EventType.MESSAGE_RX, EventType.MESSAGE_TX, EventType.ERROR
 _EXTERNAL, _TIMER = EventType.EXTERNAL, EventType.TIMER
+
+
+def _fileno(sync: SyncContext) -> int:
+    return sync.fileno()
 
 
 def _still_readable(fd: int) -> bool:
@@ -293,13 +302,73 @@ class Context:
         for _ in range(MAX_ROUNDS):
             try:
                 events = wait_events(timeout=0)
-            except Exception as exc:     # e.g. a switch callback's: every waiter sees it
+            except IPCError as exc:
+                if exc.args != (BUSY_TEXT,):
+                    self._fail(exc)     # e.g. a switch callback's: every waiter sees it
+                    return
+                events = []             # another thread's read... is inside: see below
+            except Exception as exc:
                 self._fail(exc)
                 return
             if not events:
+                # [] also when another thread's call (a write, a read through
+                # asyncio.to_thread) holds the context: its events wait, the fd
+                # stays readable, and the loop would spin. Stop watching until
+                # it leaves (if it left already, the fd wakes the loop again).
+                if self.sync._guard.held():
+                    self._watch_when_free()
                 return
             for ev in events:
                 dispatch(ev)
+
+    def _watch_when_free(self) -> None:
+        """Another thread is inside ctx.sync: stop watching its fd, and
+        watch it again once that thread's call ends (the loop must not wait
+        for it: that call may need the loop, e.g. a write to a peer served
+        by it). The thread's call ends by making the calls handed over to
+        it (see pyipc/_threads.py): one of them writes a byte to a socket
+        pair this loop waits on. That hand-over can be missed (queued as the
+        thread leaves), so the wait also gives up after RECHECK_S, doubling
+        up to MAX_RECHECK_S, and tries the context again: no missed events,
+        no busy loop while the thread's call lasts."""
+        flavor, sync = self._flavor, self.sync
+        if flavor is None:
+            return
+        guard = sync._guard
+        flavor.unwatch()
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+
+        def notify(_: object) -> None:     # in the thread that leaves the context
+            try:
+                wake_w.send(b"\0")
+            except OSError:         # full (a wake-up is pending), or closed: done with
+                pass
+
+        async def rewatch() -> None:
+            delay = RECHECK_S
+            item = None
+            try:
+                while True:
+                    got, fd = guard.try_call(sync, _fileno)
+                    if got:
+                        break
+                    if item is None or not item.done.locked():
+                        item = guard.when_free(sync, notify)
+                    await flavor.within(lambda: flavor.wait_readable(wake_r.fileno()), delay)
+                    try:
+                        wake_r.recv(64)
+                    except BlockingIOError:
+                        pass
+                    delay = min(delay * 2, MAX_RECHECK_S)
+            finally:
+                wake_r.close()
+                wake_w.close()
+            if self._flavor is flavor and not self._closed and self._failure is None:
+                flavor.watch(fd, self._on_ready)
+
+        self._spawn(rewatch(), lambda: None)
 
     def _dispatch(self, ev: Event) -> None:
         kind = ev.type

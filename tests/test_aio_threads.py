@@ -1,0 +1,110 @@
+"""pyipc.aio and other threads' calls on ctx.sync: while a thread is inside
+the sync context (its write() to a peer this loop serves, a read() through
+asyncio.to_thread), the loop neither waits for it (it may need the loop) nor
+fails, nor spins on the readable fd: it watches the fd again once the
+thread's call ends (docs/asyncio.md, "Threads")."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import pyipc
+import pyipc.aio
+
+
+@pytest.fixture
+def actx(backend, rundir):
+    """Make pyipc.aio.Contexts on the test's backend and run dir."""
+    def make(**kwargs: Any) -> pyipc.aio.Context:
+        kwargs.setdefault("rundir", rundir)
+        kwargs.setdefault("backend", backend)
+        return pyipc.aio.Context(**kwargs)
+    return make
+
+
+async def until_held(ctx: pyipc.aio.Context) -> None:
+    """Wait until a thread is inside ctx.sync (no event says it)."""
+    deadline = time.monotonic() + 10
+    while not ctx.sync._guard._lock.locked():
+        assert time.monotonic() < deadline, "the thread did not enter the context"
+        await asyncio.sleep(0.001)
+
+
+def test_a_threads_write_to_a_peer_this_loop_serves_does_not_freeze_the_loop(actx):
+    """A thread write()s through ctx.sync to a service of the same loop that
+    has not read yet; a message for the writing context arrives meanwhile.
+    The loop's wait_events(timeout=0) waited for the write, which waited for
+    the loop (the thread's write then timed out, the loop frozen till then)."""
+    async def main() -> None:
+        async with actx() as server_ctx, actx() as ctx:
+            reply, got = asyncio.Event(), []
+
+            async def handler(conn: pyipc.aio.Connection) -> None:
+                await reply.wait()
+                await conn.send(b"hello")       # readable for ctx while the thread writes
+                got.append(len(await conn.recv()))
+            await server_ctx.serve("svc", handler)
+            conn = await ctx.connect("svc")
+            outcome: list[Any] = []
+
+            def write() -> None:
+                try:
+                    outcome.append(ctx.sync.write(conn.fd, b"w" * (8 << 20), timeout=3.0))
+                except pyipc.IPCError as exc:
+                    outcome.append(exc)
+            thread = threading.Thread(target=write)
+            thread.start()
+            await until_held(ctx)
+            start = time.monotonic()
+            reply.set()
+            assert await asyncio.wait_for(conn.recv(), 10) == b"hello"
+            while thread.is_alive():
+                await asyncio.sleep(0.01)
+            assert outcome == [None] and got == [8 << 20]
+            assert time.monotonic() - start < 2.5
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_worker_threads_read_on_ctx_sync_is_waited_for_not_fatal(actx):
+    """asyncio.to_thread(ctx.sync.read, fd) holds the context while it
+    waits; a client of the context's Server sends meanwhile. The loop's
+    wait_events raised "in use by another thread", which failed the context
+    for good. Now it is answered once the read ends, and the loop does not
+    spin on the readable fd while it waits."""
+    async def main() -> None:
+        ctx, client = actx(), actx()
+        rounds = 0
+        on_ready = ctx._on_ready
+
+        def counted() -> None:
+            nonlocal rounds
+            rounds += 1
+            on_ready()
+        ctx._on_ready = counted         # type: ignore[method-assign]
+        async with ctx, client:
+            async def echo(conn: pyipc.aio.Connection) -> None:
+                async for message in conn:
+                    await conn.send(message)
+            await ctx.serve("echo", echo)
+            ctx.service_init("raw")
+            raw = await client.connect("raw")
+            raw_fd = (await ctx.wait_event()).fd        # its CONNECTION
+            conn = await client.connect("echo")
+            read = asyncio.ensure_future(asyncio.to_thread(ctx.sync.read, raw_fd))
+            await until_held(ctx)
+            await conn.send(b"during")
+            await asyncio.sleep(0.3)    # a while the context is busy: counted, not waited on
+            busy_rounds, rounds = rounds, 0
+            assert busy_rounds < 20
+            await raw.send(b"ends the read")
+            assert await asyncio.wait_for(read, 10) == b"ends the read"
+            assert await asyncio.wait_for(conn.recv(), 10) == b"during"
+            await conn.send(b"after")
+            assert await asyncio.wait_for(conn.recv(), 10) == b"after"
+            assert ctx._failure is None
+    asyncio.run(asyncio.wait_for(main(), 30))

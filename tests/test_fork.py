@@ -296,3 +296,59 @@ def test_a_forked_childs_close_is_the_same_on_both_backends(processes, backend, 
     assert proc.returncode == 0, err
     line = [x for x in out.splitlines() if x.startswith("RESULT ")][0]
     assert json.loads(line[len("RESULT "):]) == {"ended": "closed", "f2": "gone", "open": []}
+
+
+#: A process forks a worker that never calls pyipc (multiprocessing's fork
+#: start method), then closes a connection and its service.
+IDLE_CHILD = r'''
+import json, os, sys
+import pyipc
+from pyipc import EventType
+
+rundir = sys.argv[1]
+service, client = pyipc.Context(rundir=rundir), pyipc.Context(rundir=rundir)
+service.service_init("idle")
+cfd = client.connect_service("idle")
+ev = service.wait_event(timeout=5)
+assert ev.type is EventType.CONNECTION, ev
+go_r, go_w = os.pipe()
+pid = os.fork()
+if pid == 0:                # the worker: idle until the parent is done
+    os.close(go_w)
+    os.read(go_r, 1)
+    os._exit(0)
+os.close(go_r)
+out = {}
+service.close(ev.fd)
+try:
+    out["peer"] = client.wait_event(timeout=5).type.name
+except pyipc.TimeoutError:
+    out["peer"] = "nothing"
+service.close_all()
+again = pyipc.Context(rundir=rundir)
+try:
+    again.service_init("idle")
+    out["serve_again"] = "ok"
+except pyipc.IPCError as exc:
+    out["serve_again"] = type(exc).__name__
+os.write(go_w, b"x")
+_, status = os.waitpid(pid, 0)
+out["worker"] = os.waitstatus_to_exitcode(status)
+again.close_all()
+client.close_all()
+print("RESULT " + json.dumps(out, sort_keys=True), flush=True)
+'''
+
+
+def test_an_idle_forked_worker_keeps_no_closed_service_or_connection(processes, backend, rundir):
+    """The worker's copies of the lock fd and sockets are /dev/null from the
+    fork on: the parent's close ends the connection for its peer and frees
+    the service name. The worker kept both (flock and a socket end with
+    their last reference): no DISCONNECTION, and ServiceBusyError."""
+    proc = processes(IDLE_CHILD, rundir, env=dict(CHILD_ENV, PYIPC_BACKEND=backend),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    line = [x for x in out.splitlines() if x.startswith("RESULT ")][0]
+    assert json.loads(line[len("RESULT "):]) == {
+        "peer": "DISCONNECTION", "serve_again": "ok", "worker": 0}

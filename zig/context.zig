@@ -951,6 +951,36 @@ pub const Context = struct {
     }
 
     /// Close every fd; slot numbers start from 0 again. The context stays usable.
+    /// In a forked child, as soon as it runs (the binding's at-fork hook):
+    /// drop this process's references to what the parent shares and may
+    /// close, by putting /dev/null on their fd numbers: the services' lock
+    /// fds, the listening and connected sockets (those that ended too).
+    /// Else a child that never calls in would keep a closed (or crashed)
+    /// parent's service name locked (flock ends with the last reference)
+    /// and its closed connections open for their peers. The numbers stay
+    /// taken, so the child's later close_fd/close_all close them as
+    /// before. External fds (the caller's), the poller and the context's fd
+    /// are left alone. Nothing happens in the process that made the context.
+    pub fn dropSharedInChild(self: *Context) void {
+        if (!self.noticeFork()) return;
+        const null_fd = c.open("/dev/null", .{ .ACCMODE = .RDWR, .CLOEXEC = true });
+        if (null_fd < 0) return; // out of fds: the references stay, as before
+        defer sys.closeFd(null_fd);
+        for (self.table.slots.items) |maybe| {
+            const conn = maybe orelse continue;
+            if (conn.lock_fd >= 0) coverWith(null_fd, conn.lock_fd);
+            if (conn.role != .external) coverWith(null_fd, conn.fd);
+        }
+        var it = self.ended.keyIterator();
+        while (it.next()) |fd| coverWith(null_fd, fd.*);
+    }
+
+    /// dup2 `with` onto `fd`, close-on-exec as every fd of ours is.
+    fn coverWith(with: i32, fd: i32) void {
+        if (c.dup2(with, fd) < 0) return;
+        _ = c.fcntl(fd, c.F.SETFD, @as(c_int, c.FD_CLOEXEC));
+    }
+
     pub fn closeAll(self: *Context) void {
         _ = self.noticeFork();
         for (self.table.slots.items) |maybe| {

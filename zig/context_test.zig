@@ -1482,3 +1482,36 @@ test "C ABI: ipc_context_set_limits refuses max_queue_size 2^63 with its own tex
         std.mem.span(abi.ipc_last_error(handle)),
     );
 }
+
+test "dropSharedInChild: a forked child's copies of locks and sockets become /dev/null, externals stay" {
+    var p = try Pair.init("forkdrop");
+    defer p.deinit();
+    var pair: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    defer sys.closeFd(pair[1]);
+    try p.server.addExternal(pair[0]);
+    const lock_fd = p.server.table.get(p.service_fd).?.lock_fd;
+    try testing.expect(lock_fd >= 0);
+
+    // In the process that made the context: nothing happens.
+    p.server.dropSharedInChild();
+    try testing.expect(sys.isSocket(p.server_fd));
+
+    // As in a forked child (another pid): every fd of ours but the external
+    // one now refers to /dev/null; here, where they were the only references,
+    // the connection ends for its peer and the service name is free.
+    p.server.owner_pid = c.getpid() +% 1;
+    p.server.dropSharedInChild();
+    for ([_]i32{ lock_fd, p.service_fd, p.server_fd }) |fd| {
+        try testing.expect(!sys.isSocket(fd));
+        try testing.expect(c.fcntl(fd, c.F.GETFD) == c.FD_CLOEXEC);
+    }
+    try testing.expect(sys.isSocket(pair[0]));
+    try expectOnly(p.client, .disconnection, p.client_fd, null);
+    const other = try p.run.newContext();
+    defer other.destroy();
+    _ = try other.serviceInit("forkdrop");
+    p.server.closeAll(); // the numbers were kept: closed as before
+    try testing.expect(!sys.isOpen(p.server_fd));
+    try testing.expect(sys.isOpen(pair[1]));
+}

@@ -342,6 +342,11 @@ pub export fn ipc_scheduled_fds(
     return ctx.scheduledFds(if (fds) |f| f[0..n] else &.{}, if (counts) |k| k[0..n] else &.{});
 }
 
+pub export fn ipc_after_fork_in_child(ptr: ?*anyopaque) callconv(.c) void {
+    const ctx = context(ptr) orelse return;
+    ctx.dropSharedInChild();
+}
+
 pub export fn ipc_close_all(ptr: ?*anyopaque) callconv(.c) c_int {
     const ctx = context(ptr) orelse return errors.code(error.Generic);
     ctx.closeAll();

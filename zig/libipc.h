@@ -101,7 +101,13 @@
  * scheduled messages and their counts (up to `capacity`; returns how many
  * there are). In a forked child, ipc_close_fd, ipc_close_all and
  * ipc_context_deinit close the child's copies of the fds only: the parent's
- * socket files, locks and poller are left alone.
+ * socket files, locks and poller are left alone. ipc_after_fork_in_child(ctx),
+ * called in the child right after fork (pyipc does, at fork), puts /dev/null
+ * on the child's copies of the services' lock fds and of the listening and
+ * connected sockets (not external fds, the poller or ipc_context_fd's fd):
+ * a child that never closes them no longer keeps the parent's service name
+ * locked nor its closed connections open; the numbers stay taken until the
+ * child closes them. In the process that made ctx it does nothing.
  *
  * Batched scheduling: ipc_schedule_many(ctx, fds, payloads, lengths, count,
  * done) is ipc_schedule() of `count` messages in order, the i-th to fds[i],
@@ -234,6 +240,7 @@ void ipc_context_timer(void *ctx, int timer);
 int ipc_close_fd(void *ctx, int fd);
 int ipc_close(void *ctx, size_t index);
 int ipc_close_all(void *ctx);
+void ipc_after_fork_in_child(void *ctx);
 int ipc_add_external(void *ctx, int newfd);
 int ipc_add_switch(void *ctx, int fd1, int fd2);
 int ipc_set_switch_callbacks(void *ctx, int fd,

@@ -13,12 +13,12 @@ import os
 import select
 import socket
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from .. import _rundir
 from .._checks import DISCARD_TEXT
 from .._types import Event, EventType
-from .conn_table import Conn, close_io
+from .conn_table import EXTERNAL, Conn, close_io
 from .poller import Poller
 from .syscalls import SpareFd
 
@@ -193,6 +193,31 @@ class Closing:
         peer = conn.peer
         if peer is not None and peer.alive:
             self._close_after_flush(peer)
+
+
+def drop_shared_in_child(conns: Iterable[Conn], ended: Iterable[int]) -> None:
+    """In a forked child, at fork: put /dev/null on this process's copies
+    of the services' lock fds and of the listening and connected sockets
+    (those that ended too). Else a child that never calls in would keep a
+    closed (or crashed) parent's service name locked (flock ends with the
+    last reference) and its closed connections open for their peers. The
+    numbers stay taken (a later close in the child closes them, as
+    before); external fds (the caller's), the poller and fileno()'s fds are
+    left alone. The native core does the same (dropSharedInChild)."""
+    fds = [fd for conn in conns
+           for fd in ((conn.lock_fd, conn.fd) if conn.kind != EXTERNAL else (conn.lock_fd,))
+           if fd >= 0]
+    fds.extend(ended)
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return                  # out of fds: the references stay, as before
+    try:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
 
 
 def release(pid: int, by_fd: dict[int, Conn], ended: dict[int, socket.socket], r: int, w: int,

@@ -25,7 +25,7 @@ from .._context import Context, named_as_context
 from .._events import EventQueue
 from .._types import Event, EventType, IPCError, TimeoutError
 from .blocking import Blocking, Waits, yield_cpu
-from .closing import Closing, release
+from .closing import Closing, drop_shared_in_child, release
 from .conn_table import SERVICE, EXTERNAL, Conn, ConnTable
 from .fdpass import Ipcd
 from .io import DirectRead, Reading, Writing
@@ -195,6 +195,9 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
         if fd is None:      # first: the queue must not drain the pipe the parent shares
             self._close_ready()
         Closing._close_in_child(self, fd)
+
+    def _forked(self) -> None:
+        drop_shared_in_child(self._by_fd.values(), self._ended)
 
     def _close_ready(self) -> None:
         """close_all(): fileno()'s fds are closed (a later call makes new ones)."""

@@ -70,12 +70,15 @@ def test_a_threads_write_to_a_peer_this_loop_serves_does_not_freeze_the_loop(act
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
-def test_a_worker_threads_read_on_ctx_sync_is_waited_for_not_fatal(actx):
-    """asyncio.to_thread(ctx.sync.read, fd) holds the context while it
-    waits; a client of the context's Server sends meanwhile. The loop's
-    wait_events raised "in use by another thread", which failed the context
-    for good. Now it is answered once the read ends, and the loop does not
-    spin on the readable fd while it waits."""
+@pytest.mark.parametrize("library", ["asyncio", "trio"])
+def test_a_worker_threads_read_on_ctx_sync_is_waited_for_not_fatal(actx, library):
+    """A worker thread's read on ctx.sync (asyncio.to_thread, anyio's
+    to_thread) holds the context while it waits; a client of the context's
+    Server sends meanwhile. The loop's wait_events raised "in use by another
+    thread", which failed the context for good. Now it is answered once the
+    read ends, and the loop does not spin on the readable fd while it waits."""
+    import anyio
+
     async def main() -> None:
         ctx, client = actx(), actx()
         rounds = 0
@@ -95,16 +98,23 @@ def test_a_worker_threads_read_on_ctx_sync_is_waited_for_not_fatal(actx):
             raw = await client.connect("raw")
             raw_fd = (await ctx.wait_event()).fd        # its CONNECTION
             conn = await client.connect("echo")
-            read = asyncio.ensure_future(asyncio.to_thread(ctx.sync.read, raw_fd))
-            await until_held(ctx)
-            await conn.send(b"during")
-            await asyncio.sleep(0.3)    # a while the context is busy: counted, not waited on
-            busy_rounds, rounds = rounds, 0
-            assert busy_rounds < 20
-            await raw.send(b"ends the read")
-            assert await asyncio.wait_for(read, 10) == b"ends the read"
-            assert await asyncio.wait_for(conn.recv(), 10) == b"during"
-            await conn.send(b"after")
-            assert await asyncio.wait_for(conn.recv(), 10) == b"after"
+            read: list[Any] = []
+
+            async def reader() -> None:
+                read.append(await anyio.to_thread.run_sync(ctx.sync.read, raw_fd))
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(reader)
+                    while not ctx.sync._guard._lock.locked():   # the thread is inside
+                        await anyio.sleep(0.001)
+                    await conn.send(b"during")
+                    await anyio.sleep(0.3)  # a while the context is busy: counted, not waited on
+                    busy_rounds = rounds
+                    assert busy_rounds < 20
+                    await raw.send(b"ends the read")
+                assert read == [b"ends the read"]
+                assert await conn.recv() == b"during"
+                await conn.send(b"after")
+                assert await conn.recv() == b"after"
             assert ctx._failure is None
-    asyncio.run(asyncio.wait_for(main(), 30))
+    anyio.run(main, backend=library)

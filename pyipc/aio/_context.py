@@ -346,11 +346,16 @@ class Context:
             except OSError:         # full (a wake-up is pending), or closed: done with
                 pass
 
+        def ours() -> bool:     # not closed nor failed meanwhile: still to watch
+            return self._flavor is flavor and not self._closed and self._failure is None
+
         async def rewatch() -> None:
             delay = RECHECK_S
             item = None
             try:
                 while True:
+                    if not ours():
+                        return
                     got, fd = guard.try_call(sync, _fileno)
                     if got:
                         break
@@ -365,7 +370,7 @@ class Context:
             finally:
                 wake_r.close()
                 wake_w.close()
-            if self._flavor is flavor and not self._closed and self._failure is None:
+            if ours():
                 flavor.watch(fd, self._on_ready)
 
         self._spawn(rewatch(), lambda: None)

@@ -62,6 +62,36 @@ def _fileno(sync: SyncContext) -> int:
     return sync.fileno()
 
 
+class _Waker:
+    """A socket pair: wake() (from any thread) makes fileno() readable.
+    Socket objects, not bare fds: a wake() after close() fails with
+    OSError, never writes to a number reused meanwhile."""
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def wake(self, _: object = None) -> None:
+        try:
+            self._w.send(b"\0")
+        except OSError:         # full (a wake-up is pending), or closed: done with
+            pass
+
+    def drain(self) -> None:
+        try:
+            self._r.recv(64)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
 def _still_readable(fd: int) -> bool:
     """Whether fd is readable now (or no longer open: that is for the
     caller to see); an EXTERNAL event handed out means a read will not block."""
@@ -326,25 +356,17 @@ class Context:
         watch it again once that thread's call ends (the loop must not wait
         for it: that call may need the loop, e.g. a write to a peer served
         by it). The thread's call ends by making the calls handed over to
-        it (see pyipc/_threads.py): one of them writes a byte to a socket
-        pair this loop waits on. That hand-over can be missed (queued as the
-        thread leaves), so the wait also gives up after RECHECK_S, doubling
-        up to MAX_RECHECK_S, and tries the context again: no missed events,
-        no busy loop while the thread's call lasts."""
+        it (see pyipc/_threads.py): one of them wakes this loop (_Waker).
+        That hand-over can be missed (queued as the thread leaves), so the
+        wait also gives up after RECHECK_S, doubling up to MAX_RECHECK_S,
+        and tries the context again: no missed events, no busy loop while
+        the thread's call lasts."""
         flavor, sync = self._flavor, self.sync
         if flavor is None:
             return
         guard = sync._guard
         flavor.unwatch()
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-
-        def notify(_: object) -> None:     # in the thread that leaves the context
-            try:
-                wake_w.send(b"\0")
-            except OSError:         # full (a wake-up is pending), or closed: done with
-                pass
+        waker: list[_Waker] = []        # made only if the thread is still inside
 
         def ours() -> bool:     # not closed nor failed meanwhile: still to watch
             return self._flavor is flavor and not self._closed and self._failure is None
@@ -352,28 +374,23 @@ class Context:
         async def rewatch() -> None:
             delay = RECHECK_S
             item = None
-            try:
-                while True:
-                    if not ours():
-                        return
-                    got, fd = guard.try_call(sync, _fileno)
-                    if got:
-                        break
-                    if item is None or not item.done.locked():
-                        item = guard.when_free(sync, notify)
-                    await flavor.within(lambda: flavor.wait_readable(wake_r.fileno()), delay)
-                    try:
-                        wake_r.recv(64)
-                    except BlockingIOError:
-                        pass
-                    delay = min(delay * 2, MAX_RECHECK_S)
-            finally:
-                wake_r.close()
-                wake_w.close()
-            if ours():
-                flavor.watch(fd, self._on_ready)
+            while ours():
+                got, fd = guard.try_call(sync, _fileno)
+                if got:
+                    flavor.watch(fd, self._on_ready)
+                    return
+                if not waker:
+                    waker.append(_Waker())
+                if item is None or not item.done.locked():     # none pending
+                    item = guard.when_free(sync, waker[0].wake)
+                await flavor.within(lambda: flavor.wait_readable(waker[0].fileno()), delay)
+                waker[0].drain()
+                delay = min(delay * 2, MAX_RECHECK_S)
 
-        self._spawn(rewatch(), lambda: None)
+        def done() -> None:             # however the task ended (cancelled before its start too)
+            if waker:
+                waker[0].close()
+        self._spawn(rewatch(), done)
 
     def _dispatch(self, ev: Event) -> None:
         kind = ev.type

@@ -51,8 +51,11 @@ _LIVE: "weakref.WeakSet[Context]" = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for ctx in list(_LIVE):
-        ctx._guard = _threads.ForkedGuard(ctx._guard)
-        ctx._forked()
+        inherited = ctx._guard
+        ctx._guard = _threads.ForkedGuard(inherited)
+        # A thread was inside at the fork: the context's state (its table
+        # of fds) may have been half changed, so it is not walked.
+        ctx._forked(settled=not inherited._lock.locked())
 
 
 if hasattr(os, "register_at_fork"):
@@ -415,10 +418,13 @@ class Context:
         native backend keeps the core's state of the outer call across it."""
         return method(self, *args, **kwargs)
 
-    def _forked(self) -> None:
+    def _forked(self, settled: bool) -> None:
         """In a forked child, at once (the at-fork hook): forget what this
         process's copy holds that a call could use without the guard (the
-        native backend's schedule() buffer). Nothing by default."""
+        native backend's schedule() buffer); when `settled` (no thread was
+        inside at the fork), put /dev/null on the child's copies of the
+        lock fds and sockets (docs/reference.md, "Signals, timeouts and
+        fork"). Nothing by default."""
 
     # -- typed messages (pyipc.typed; the same on both backends) -----------------
     def write_typed(self, fd: int, obj: object, registry: "Registry",

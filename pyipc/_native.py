@@ -838,13 +838,14 @@ class NativeContext(Context):
                     del pending[:2]
                 self._check(rc, fds[taken])
 
-    def _forked(self) -> None:
+    def _forked(self, settled: bool) -> None:
         # What the parent buffered is the parent's to send; and with no room
         # known, the child's schedule() takes the guarded path, which raises.
         self._drop_buffered()
         # The child's copies of the lock fds and sockets become /dev/null
         # (see drop_shared_in_child in _pure/closing.py).
-        lib.ipc_after_fork_in_child(self._ctx)
+        if settled:
+            lib.ipc_after_fork_in_child(self._ctx)
 
     def _drop_buffered(self) -> None:
         """Forget what schedule() buffered (a forked child's copy)."""

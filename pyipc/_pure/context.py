@@ -196,8 +196,9 @@ class PureContext(ConnTable, SendQueue, Writing, Reading, Waits, Switching, Serv
             self._close_ready()
         Closing._close_in_child(self, fd)
 
-    def _forked(self) -> None:
-        drop_shared_in_child(self._by_fd.values(), self._ended)
+    def _forked(self, settled: bool) -> None:
+        if settled:
+            drop_shared_in_child(self._by_fd.values(), self._ended)
 
     def _close_ready(self) -> None:
         """close_all(): fileno()'s fds are closed (a later call makes new ones)."""

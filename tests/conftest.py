@@ -7,6 +7,7 @@ the test fails, so a broken native build can never pass as "skipped".
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import shutil
@@ -18,11 +19,12 @@ import tempfile
 import termios
 import time
 from pathlib import Path
-from typing import Callable, NoReturn, Union
+from typing import Any, Awaitable, Callable, NoReturn, Union
 
 import pytest
 
 import pyipc
+import pyipc.aio
 from pyipc import Event, EventType
 
 BACKENDS = ["pure", "native"]
@@ -328,3 +330,22 @@ def processes():
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
+
+
+# -- pyipc.aio -------------------------------------------------------------------------
+
+def run_aio(coro_fn: Callable[[], Awaitable[Any]], timeout: float = 30.0) -> Any:
+    """asyncio.run the coroutine, bounded."""
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro_fn(), timeout)
+    return asyncio.run(bounded())
+
+
+@pytest.fixture
+def actx(backend, rundir):
+    """Make pyipc.aio.Contexts on the test's backend and run dir."""
+    def make(**kwargs: Any) -> pyipc.aio.Context:
+        kwargs.setdefault("rundir", rundir)
+        kwargs.setdefault("backend", backend)
+        return pyipc.aio.Context(**kwargs)
+    return make

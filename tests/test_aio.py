@@ -28,7 +28,7 @@ import pytest
 import pyipc
 import pyipc.aio
 from pyipc import EventType
-from conftest import CHILD_ENV
+from conftest import CHILD_ENV, run_aio
 
 WAIT_S = 30.0
 ECHOES = 10_000
@@ -52,20 +52,8 @@ asyncio.run(main())
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]], timeout: float = WAIT_S) -> Any:
-    """asyncio.run the coroutine, bounded."""
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro_fn(), timeout)
-    return asyncio.run(bounded())
-
-
-@pytest.fixture
-def actx(backend, rundir):
-    """Make pyipc.aio.Contexts on the test's backend and run dir."""
-    def make(**kwargs: Any) -> pyipc.aio.Context:
-        kwargs.setdefault("rundir", rundir)
-        kwargs.setdefault("backend", backend)
-        return pyipc.aio.Context(**kwargs)
-    return make
+    """asyncio.run the coroutine, bounded by this file's WAIT_S."""
+    return run_aio(coro_fn, timeout)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from collections import deque
 from typing import Any, Awaitable, Callable
 
@@ -24,25 +23,15 @@ import pyipc
 import pyipc.aio
 from pyipc import EventType
 
+from conftest import run_aio
+
 WAIT_S = 10.0
 HEADER = 4
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]], timeout: float = WAIT_S) -> Any:
-    """asyncio.run the coroutine, bounded."""
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro_fn(), timeout)
-    return asyncio.run(bounded())
-
-
-@pytest.fixture
-def actx(backend, rundir):
-    """Make pyipc.aio.Contexts on the test's backend and run dir."""
-    def make(**kwargs: Any) -> pyipc.aio.Context:
-        kwargs.setdefault("rundir", rundir)
-        kwargs.setdefault("backend", backend)
-        return pyipc.aio.Context(**kwargs)
-    return make
+    """asyncio.run the coroutine, bounded by this file's WAIT_S."""
+    return run_aio(coro_fn, timeout)
 
 
 def messages_until_disconnection(ctx: pyipc.Context) -> list[bytes]:

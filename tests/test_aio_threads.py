@@ -17,16 +17,6 @@ import pyipc
 import pyipc.aio
 
 
-@pytest.fixture
-def actx(backend, rundir):
-    """Make pyipc.aio.Contexts on the test's backend and run dir."""
-    def make(**kwargs: Any) -> pyipc.aio.Context:
-        kwargs.setdefault("rundir", rundir)
-        kwargs.setdefault("backend", backend)
-        return pyipc.aio.Context(**kwargs)
-    return make
-
-
 async def until_held(ctx: pyipc.aio.Context) -> None:
     """Wait until a thread is inside ctx.sync (no event says it)."""
     deadline = time.monotonic() + 10

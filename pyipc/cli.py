@@ -60,13 +60,21 @@ def _context(args: argparse.Namespace) -> Context:
     return Context(rundir=args.rundir, backend=args.backend)
 
 
+#: The signals that stop a command: Ctrl-C and `kill`.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _on_stop_signals(handler: Any) -> dict[int, Any]:
+    """Install `handler` for SIGINT and SIGTERM; the handlers it replaced."""
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+
 def cmd_pongd(args: argparse.Namespace) -> int:
     """Echo every message back to its sender until SIGINT/SIGTERM."""
     # Both signals raise KeyboardInterrupt in the call that waits (it returns to
     # Python so the handler runs), which ends the loop below. The wake-up pipe
     # makes the wait return for a signal that came just before it began.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.default_int_handler)
+    _on_stop_signals(signal.default_int_handler)
     served = 0
     wakeup = SignalWakeup()
     with _context(args) as ctx:
@@ -118,8 +126,7 @@ def _handle(ctx: Context, ev: Event, dropped: set[int]) -> int:
 def cmd_pong(args: argparse.Namespace) -> int:
     """Send each MESSAGE to the service and check that it comes back unchanged.
     SIGINT/SIGTERM stop it quietly (exit 130/143)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
+    _on_stop_signals(_interrupt)
     with _context(args) as ctx:
         fd = ctx.connect(args.name)
         ok = True
@@ -173,15 +180,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Start pongd and a few pong clients as separate processes; print a summary.
     On SIGINT/SIGTERM, a failure or the end, the children still running are
     stopped and the temporary directory removed."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
+    _on_stop_signals(_interrupt)
     workdir = tempfile.mkdtemp(prefix="pyipc-demo-", dir="/tmp")
     children: list[subprocess.Popen[str]] = []
     try:
         return _demo(args, workdir, children)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):   # a second Ctrl-C: the cleanup goes on
-            signal.signal(sig, signal.SIG_IGN)
+        _on_stop_signals(signal.SIG_IGN)      # a second Ctrl-C: the cleanup goes on
         # The clients first (killed: nothing of theirs to keep), then pongd
         # (children[0]), which SIGTERM stops cleanly, removing its socket.
         for proc in reversed(children[1:]):
@@ -222,8 +227,7 @@ def _demo(args: argparse.Namespace, workdir: str,
         # A signal that interrupted Popen() after its fork would leave a child
         # that nobody stops: it is held until the child is in `children`.
         caught: list[int] = []
-        previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = _on_stop_signals(lambda signum, frame: caught.append(signum))
         try:
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=workdir,
                                     env=env, start_new_session=True)

@@ -137,6 +137,20 @@ def test_bad_handshake_is_400(wsd, echo_service):
     assert echo_service.events == []        # the service never saw it
 
 
+@pytest.mark.parametrize("target", ["echo", "*", "http://127.0.0.1/echo"])
+def test_a_request_target_that_is_not_a_path_is_400(wsd, echo_service, target):
+    """Only a target starting with "/" names a service: "GET echo" reached
+    the exposed service echo as if it were "/echo"."""
+    answer = raw_exchange(wsd().port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert answer.endswith(f"400 Bad Request: the request target {target!r} is not a "
+                           f"path starting with /\n".encode())
+    assert echo_service.events == []
+
+
 @pytest.mark.parametrize("header", ["Origin", "Host"])
 def test_a_repeated_origin_or_host_header_is_400(wsd, echo_service, header):
     """Two Origin (or Host) headers: which one the check would take is

@@ -278,6 +278,12 @@ class WebSocketd(Daemon):
     def _check(self, hs: Handshake, request: Request) -> Response:
         """The 101 of a valid WebSocket request to an exposed service from an
         allowed origin; else the HTTP error that says what is wrong."""
+        if not request.path.startswith("/"):
+            # Only a path (RFC 9112's origin-form) names a service: "echo",
+            # "*" or "http://h/echo" are not read as one.
+            return responses.error(HTTPStatus.BAD_REQUEST,
+                                   f"the request target {request.path!r} is not a path "
+                                   f"starting with /")
         name = service_name(request.path)
         exposed = name in self.options.expose
         if not responses.is_upgrade(request):

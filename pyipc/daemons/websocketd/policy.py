@@ -30,9 +30,11 @@ def service_name(path: str) -> str:
     "/a%20b" -> "a b". Whatever it is, only an exposed name is reachable
     (and those were checked as service names at start). The request target
     is a path, never parsed as a URL: "//x" would be a netloc to urlsplit,
-    which raises ValueError on some ("//[x")."""
+    which raises ValueError on some ("//[x"). A target that is not a path
+    (no leading "/") is refused before this is asked."""
+    assert path.startswith("/"), path
     path = path.split("?", 1)[0].split("#", 1)[0]
-    return urllib.parse.unquote(path[1:]) if path.startswith("/") else path
+    return urllib.parse.unquote(path[1:])
 
 
 def own_names() -> FrozenSet[str]:

@@ -128,5 +128,6 @@ def targets_markdown(samples: Samples) -> str:
     rows = ["| target | measured | goal | met |", "|---|---|---|---|"]
     for what, value, goal, ok in targets(samples):
         shown = "–" if value is None else (fmt(value) if value >= 10 else f"{value:.2f}")
-        rows.append(f"| {what} | {shown} | {goal} | {'yes' if ok else 'no'} |")
+        met = "not measured" if value is None else ("yes" if ok else "no")
+        rows.append(f"| {what} | {shown} | {goal} | {met} |")
     return "\n".join(rows)

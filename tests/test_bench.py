@@ -79,6 +79,18 @@ def _expected_figure(row: str, system: str) -> bool:
     return not (system in ROUND_TRIP_ONLY or system.startswith(ROUND_TRIP_ONLY_PREFIX))
 
 
+def test_a_target_not_measured_in_the_run_says_so():
+    """A run of some cases leaves other targets without a figure: "not
+    measured", not "no" (which read as a goal missed)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.report import targets_markdown
+    table = targets_markdown({("rtt", "native", "rtt_us"): [100.0],
+                              ("rtt", "raw", "rtt_us"): [80.0, 90.0, 95.0]})
+    assert "| native round trip / raw socket | 1.11 | <= 1.15 | yes |" in table
+    assert "| native one-way 64 B (msg/s) | – | >= 1,500,000 | not measured |" in table
+    assert "| no |" not in table
+
+
 def test_idle_cpu_reports_both_windows():
     """bench/idle_cpu.py runs (short windows, few clients) and fills its table."""
     require_backend("native")

@@ -13,8 +13,8 @@ import os
 import threading
 import warnings
 import weakref
-from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Tuple, Type,
-                    TypeVar, overload)
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, NoReturn, Optional, Tuple,
+                    Type, TypeVar, overload)
 
 from . import _threads
 from ._checks import (OnIn, OnOut, check_busy_poll, check_limits, check_linger,
@@ -60,6 +60,11 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+#: The TypeError of pickling or copying a context (its class's name in {}).
+NOT_COPIED = ("a {} cannot be pickled or copied: it owns this process's sockets and "
+              "poller; make a new one where it is needed")
 
 
 class Context:
@@ -245,6 +250,11 @@ class Context:
         raise NotImplementedError
 
     # -- conveniences ------------------------------------------------------------
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        """A Context is not pickled, copied or deep-copied: it owns this
+        process's sockets and poller, which no copy could share or rebuild."""
+        raise TypeError(NOT_COPIED.format("pyipc.Context"))
+
     def __enter__(self) -> "Context":
         return self
 

@@ -4,6 +4,8 @@ timer, context manager, iteration, repr and payload types."""
 from __future__ import annotations
 
 import array
+import copy
+import pickle
 
 import pytest
 
@@ -114,6 +116,31 @@ def test_rundir_default_and_env(backend, monkeypatch, rundir):
 
 def test_repr(ctx_factory, backend, rundir):
     assert repr(ctx_factory()) == f"<pyipc.Context backend={backend} rundir={rundir!r}>"
+
+
+COPIES = {"pickle": pickle.dumps, "copy": copy.copy, "deepcopy": copy.deepcopy,
+          "pickle a bound method": lambda ctx: pickle.dumps(ctx.connect)}
+
+
+@pytest.mark.parametrize("how", COPIES)
+def test_a_context_is_not_pickled_or_copied(ctx_factory, how):
+    """Both backends refuse with one TypeError that says why: a shallow copy
+    was made and shared the native handle (or the pure poller) with the
+    original, and pickling failed on some inner object's name."""
+    ctx = ctx_factory()
+    ctx.service_init("svc")
+    with pytest.raises(TypeError) as info:
+        COPIES[how](ctx)
+    assert str(info.value) == ("a pyipc.Context cannot be pickled or copied: it owns this "
+                               "process's sockets and poller; make a new one where it is needed")
+    assert ctx.wait_events(timeout=0) == []       # the context is as it was
+
+
+@pytest.mark.parametrize("how", COPIES)
+def test_an_aio_context_is_not_pickled_or_copied(actx, how):
+    ctx = actx()
+    with pytest.raises(TypeError, match="^a pyipc.aio.Context cannot be pickled or copied"):
+        COPIES[how](ctx)
 
 
 @pytest.mark.parametrize("kwargs, error, text", [

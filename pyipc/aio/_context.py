@@ -17,10 +17,10 @@ import select
 import socket
 import threading
 from collections import deque
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, NoReturn, Optional
 
 from .._checks import as_payload, check_high_water, check_timeout
-from .._context import Context as SyncContext
+from .._context import NOT_COPIED, Context as SyncContext
 from .._threads import BUSY_TEXT, RECHECK_S
 from .._rundir import PathLike
 from .._types import (DEFAULT_LINGER, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
@@ -211,6 +211,11 @@ class Context:
         self._loop = flavor.loop if isinstance(flavor, AsyncioFlavor) else NOT_ASYNCIO
         flavor.watch(self.sync.fileno(), self._on_ready)
         return flavor
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        """Not pickled or copied, as pyipc.Context (a copy would share its
+        loop's state and the underlying context)."""
+        raise TypeError(NOT_COPIED.format("pyipc.aio.Context"))
 
     async def __aenter__(self) -> "Context":
         if running_asyncio_loop() is not None or self._flavor is not None:

@@ -208,6 +208,27 @@ def _stop_child(proc: "subprocess.Popen[str]", sig: int) -> None:
         proc.communicate()
 
 
+#: prctl()'s option: the signal the calling process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _dies_with_parent(sig: int) -> Optional[Callable[[], None]]:
+    """A preexec_fn that has the child sent `sig` when demo dies, even by
+    SIGKILL, which runs none of demo's cleanup (Linux: prctl's
+    PR_SET_PDEATHSIG); None elsewhere, where such a child outlives demo."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl   # found before the fork
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:          # demo died before the prctl
+            os.kill(os.getpid(), sig)
+    return arm
+
+
 def _demo(args: argparse.Namespace, workdir: str,
           children: "list[subprocess.Popen[str]]") -> int:
     """cmd_demo's work; every process it starts is appended to `children`."""
@@ -229,8 +250,11 @@ def _demo(args: argparse.Namespace, workdir: str,
         caught: list[int] = []
         previous = _on_stop_signals(lambda signum, frame: caught.append(signum))
         try:
+            # pongd (the first) stops cleanly on SIGTERM; the clients are killed.
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=workdir,
-                                    env=env, start_new_session=True)
+                                    env=env, start_new_session=True,
+                                    preexec_fn=_dies_with_parent(
+                                        signal.SIGKILL if children else signal.SIGTERM))
             children.append(proc)
         finally:
             for sig, handler in previous.items():

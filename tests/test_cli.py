@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -201,14 +202,19 @@ def test_demo_whose_reader_stops_early_still_ends_cleanly(backend):
 
 def _processes_naming(text: str) -> list[str]:
     """The command lines of the running processes that contain `text`."""
-    found = []
+    return list(_pids_naming(text).values())
+
+
+def _pids_naming(text: str) -> dict[int, str]:
+    """The running processes whose command line contains `text`: pid -> it."""
+    found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             line = cmdline.read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
         except OSError:
             continue                                  # it ended meanwhile
         if text in line:
-            found.append(line)
+            found[int(cmdline.parent.name)] = line
     return found
 
 
@@ -233,6 +239,40 @@ def test_demo_stopped_by_a_signal_stops_its_children_and_cleans_up(backend, sig)
         assert err == f"pyipc demo: interrupted by {signal.Signals(sig).name}\n"
         assert not os.path.exists(workdir[1])
         assert _processes_naming(workdir[1]) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"),
+                    reason="a child ends with demo where prctl(PR_SET_PDEATHSIG) exists")
+def test_demo_killed_leaves_no_child_running(backend, rundir):
+    """SIGKILL runs none of demo's cleanup: its pongd and clients are ended
+    by the kernel (PR_SET_PDEATHSIG), where pongd used to serve on forever."""
+    proc = subprocess.Popen([sys.executable, "-m", "pyipc", "--rundir", rundir, "--backend",
+                             backend, "demo", "--clients", "20", "--messages", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=CHILD_ENV)
+    try:
+        assert proc.stdout.readline().startswith("pongd: serving demo in ")
+        children = [pid for pid in _pids_naming(rundir) if pid != proc.pid]
+        assert children, "demo's children are running"
+        pidfds = []
+        for pid in children:
+            try:
+                pidfds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                pass                                  # it ended meanwhile
+        proc.kill()
+        proc.communicate()
+        try:
+            for pidfd in pidfds:      # readable when the process has ended
+                assert select.select([pidfd], [], [], 30)[0], "a child outlived demo"
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+        assert not os.path.exists(os.path.join(rundir, "demo"))   # pongd's SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -484,6 +484,51 @@ def test_a_client_that_left_frees_its_request_slot(backend, rundir):
         fake.close()
 
 
+def test_a_client_that_half_closed_then_left_frees_its_request_slot(backend, rundir):
+    """A client that ended its sending side after its request, then closed:
+    ipcd no longer watches it after the half-close, and kept its slot of
+    max_requests until the request timeout, answering the next client busy.
+    It is found gone when the next request needs the slot."""
+    fake = FakeScheme(rundir, "fake", lambda conn, uri: fake.release.wait(10))
+    try:
+        with running(Ipcd(rundir=rundir, backend=backend, request_timeout=30,
+                          max_requests=1)):
+            first = ask_raw(rundir, b"p;p fake://h:1/p")
+            fake.wait_requests(1)
+            first.shutdown(socket.SHUT_WR)
+            # A barrier: once a later client is answered, the EOF was seen.
+            with ask_raw(rundir, b"zz;") as later:
+                assert raw_answer(later)[0].startswith(b"ne norule")
+            first.close()                           # it leaves: no event says so
+            with ask_raw(rundir, b"p;p fake://h:1/p"):
+                fake.wait_requests(1)               # asked too, not answered busy
+    finally:
+        fake.release.set()
+        fake.close()
+
+
+def test_a_scheme_daemons_long_refusal_is_cut_between_characters(backend, rundir,
+                                                                  monkeypatch):
+    """A scheme daemon's `ne` longer than 400 bytes is cut on a UTF-8
+    character's boundary (ipcd cut it at a byte count, and the client's text
+    ended in U+FFFD)."""
+    refusal = ("ne refused x" + "é" * 300).encode()
+    fake = FakeScheme(rundir, "fake", lambda conn, uri: conn.sendall(frame(refusal)))
+    try:
+        with running(Ipcd(rundir=rundir, backend=backend, request_timeout=5)):
+            monkeypatch.setenv("IPC_NETWORK", "svc fake://h/svc")
+            with pyipc.Context(rundir=rundir, backend=backend) as ctx:
+                with pytest.raises(pyipc.NetworkError) as err:
+                    ctx.connect("svc", timeout=5)
+        text = str(err.value)
+        assert text.startswith("ipcd could not connect to service svc (refused): xéé")
+        assert text.endswith("é") and "\ufffd" not in text
+        # 400 bytes with its code ("refused " and 392), less the é it would cut.
+        assert len(text.split("(refused): ", 1)[1].encode()) == 391
+    finally:
+        fake.close()
+
+
 def test_a_request_in_progress_when_ipcd_stops_is_told_why(backend, rundir):
     """ipcd stopping (SIGTERM's path) answers the requests it still holds
     (`ne nodaemon ipcd is stopping`) instead of closing them with a bare EOF."""

@@ -29,7 +29,7 @@ import os
 import select
 import socket
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 from .. import Event, EventType, InvalidNameError, IPCError, _rundir
 from .._types import IPCD_SERVICE
@@ -115,6 +115,9 @@ class Ipcd(Daemon):
         self.max_requests = max_requests
         self._requests: Dict[int, _Request] = {}     # by client fd
         self._asking: Dict[int, _Request] = {}       # by scheme daemon fd
+        #: Clients that ended their sending side, waiting for their answer:
+        #: not watched (see _on_client_readable), so a hang-up is not reported.
+        self._half_closed: Set[int] = set()
         self._held = 0          # bytes of requests being read, all clients (MAX_BUFFERED)
         self._listener: Optional[socket.socket] = None   # ours, or systemd's
         self._socket_path: Optional[str] = None          # ours: removed at the end
@@ -235,6 +238,7 @@ class Ipcd(Daemon):
             if not more:
                 if _closed_by_peer(request.client):
                     return self._end(request)         # it left: its slot is free
+                self._half_closed.add(request.client)
                 return self.ctx.pause_reading(request.client, True)
             return self._refuse_and_drain(request, "bytes after a request")
         before = len(reader.data)
@@ -339,6 +343,8 @@ class Ipcd(Daemon):
 
     def _ask_daemon(self, request: _Request, scheme: str, uri: str) -> None:
         if self.in_flight >= self.max_requests:
+            self._forget_gone()
+        if self.in_flight >= self.max_requests:
             return self._refuse(request, wire.BUSY, f"ipcd serves {self.max_requests} "
                                 "requests at once (--max-requests)")
         too_long = wire.uri_too_long(uri.encode(), "ipcd")
@@ -388,7 +394,8 @@ class Ipcd(Daemon):
             finally:
                 os.close(fd)
         elif answer.startswith(b"ne ") and fd is None:
-            self._answer(request, answer[:wire.MAX_REFUSAL + 3])   # relayed unchanged
+            # Relayed unchanged, but cut between UTF-8 characters when long.
+            self._answer(request, wire.cut_answer(answer))
         else:
             if fd is not None:
                 os.close(fd)
@@ -423,9 +430,16 @@ class Ipcd(Daemon):
         wire.send_raw(request.client, data)
         self._end(request)
 
+    def _forget_gone(self) -> None:
+        """End the requests of half-closed clients that have left since (no
+        event says so): their slots are free for the request that needs one."""
+        for client in [c for c in self._half_closed if _closed_by_peer(c)]:
+            self._end(self._requests[client])
+
     def _end(self, request: _Request) -> None:
         """Forget the request: its timer, the scheme daemon's socket, the client."""
         del self._requests[request.client]
+        self._half_closed.discard(request.client)
         self.cancel(request.deadline)
         self._drop_request_reader(request)
         request.close_readers()

@@ -7,7 +7,9 @@ test_network_tcp.py."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -20,10 +22,13 @@ import pytest
 
 import pyipc
 from pyipc.daemons.ipcd import Ipcd
-from pyipc.daemons._netwire import MAX_NAME, MAX_REFUSAL, MAX_URI, NAME_TOO_LONG
-from pyipc.daemons._sockets import MAX_DEAD_PEER_TIMEOUT, default_per_host, peer_key, tune_tcp
+from pyipc.daemons._netwire import MAX_NAME, MAX_REFUSAL, MAX_URI, NAME_TOO_LONG, expose_option
+from pyipc.daemons._sockets import (MAX_DEAD_PEER_TIMEOUT, default_per_host, dial_failure,
+                                    peer_key, tune_tcp)
+from pyipc.daemons._tls_options import TlsdConfig
 from pyipc.daemons._timers import MAX_TIMEOUT
 from pyipc.daemons.tcpd import Tcpd, parse_uri
+from pyipc.daemons.websocketd.options import Options as WebsocketdOptions
 
 from conftest import CHILD_ENV, spin_until, unavailable
 from daemon_harness import (Burst, Pong, fail_first_offload, frame, frames_of, hung_lookups,
@@ -181,6 +186,43 @@ def test_a_dial_for_a_name_past_the_edge_is_refused_before_dialing(backend, rund
             sock.sendall(frame(b"tcp://127.0.0.1:1/" + b"x" * (MAX_NAME + 1)))
             assert read_frame(sock) == b"ne norule bad URI: " + NAME_TOO_LONG.encode()
     assert parse_uri("tcp://h:1/" + "x" * MAX_NAME)[2] == "x" * MAX_NAME
+
+
+def test_expose_option_drops_the_spaces_around_names():
+    """`--expose 'pong, kv'` exposed " kv" (with its space), and a peer
+    asking for kv was refused, with nothing to say why."""
+    assert expose_option("pong, kv ,x") == ["pong", "kv", "x"]
+    with pytest.raises(argparse.ArgumentTypeError):
+        expose_option(" , ")
+
+
+@pytest.mark.parametrize("make", [
+    lambda rundir: Tcpd(rundir=rundir, expose="pong"),
+    lambda rundir: Tcpd(rundir=rundir, listen="127.0.0.1:0"),
+    lambda rundir: TlsdConfig(expose="pong"),
+    lambda rundir: WebsocketdOptions(expose="pong"),
+    lambda rundir: WebsocketdOptions(origins="https://app.example"),
+])
+def test_a_daemons_names_given_as_one_str_are_refused(rundir, make):
+    """A str is a collection of its letters: Tcpd(expose="pong") exposed the
+    services p, o, n and g, and not pong."""
+    with pytest.raises(TypeError, match="must be a (collection of names|list of addresses), "
+                                        "not str"):
+        make(rundir)
+
+
+def test_a_peers_name_is_logged_without_its_control_characters(backend, rundir, caplog):
+    """The name a remote peer sends reaches the log as one line: with ESC and
+    CR in it, a peer wrote to the operator's terminal (`pyipc -v`) or forged
+    a log line."""
+    caplog.set_level(logging.INFO, logger="pyipc")
+    with running(make_tcpd(backend, rundir)) as daemon:
+        with dial(daemon) as sock:
+            sock.sendall(b"x\x1b[2J\rtcpd: a peer reached pong\n")
+            assert read_to_end(sock).startswith(b"ne refused service x [2J tcpd")
+    lines = [r.getMessage() for r in caplog.records if "refused a peer" in r.getMessage()]
+    assert lines == ["tcpd: refused a peer: refused service x [2J tcpd: a peer reached pong "
+                     "is not exposed by this tcpd"]
 
 
 def test_handshake_timeout(backend, rundir):
@@ -546,16 +588,60 @@ def test_an_ok_in_two_segments_is_waited_for_not_spun_on(backend, rundir):
 
 
 @contextlib.contextmanager
-def silent_host() -> Iterator[int]:
-    """A port on 127.0.0.1 that drops every connection attempt, as a host that
+def silent_host(address: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
+    """A port of `address` that drops every connection attempt, as a host that
     does not answer: a listener whose accept queue (backlog 0) is filled by
     one connection never accepted. A dial to it hangs until its timeout."""
     with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
+        listener.bind((address, port))
         listener.listen(0)
         port = listener.getsockname()[1]
-        with socket.create_connection(("127.0.0.1", port), timeout=10):
+        with socket.create_connection((address, port), timeout=10):
             yield port
+
+
+def test_a_dial_out_of_time_is_always_answered_timeout(backend, rundir):
+    """The dial's worker and its deadline's timer end together: whichever
+    the loop handled first answered, `timeout` or `unreachable` with another
+    text, at random (4 of 8 unreachable measured)."""
+    with silent_host() as port, running(make_tcpd(backend, rundir, connect_timeout=0.3)):
+        for _ in range(6):
+            with ask_tcpd(rundir, f"tcp://127.0.0.1:{port}/svc") as sock:
+                assert tcpd_answer(sock) == frame(
+                    b"ne timeout no answer from tcp://127.0.0.1:%d/svc in 0.3 s" % port)
+
+
+def test_a_dial_that_timed_out_is_said_as_the_deadline_says_it():
+    """dial_failure() of a worker's TimeoutError: the deadline's code and text."""
+    assert dial_failure("h:1", TimeoutError("timed out"), "no answer in 5 s") == \
+        ("timeout", "no answer in 5 s")
+    assert dial_failure("h:1", ConnectionRefusedError(111, "Connection refused"), "") == \
+        ("unreachable", "h:1: Connection refused")
+
+
+def test_a_first_address_that_drops_the_dial_leaves_time_for_the_next(backend, rundir,
+                                                                       monkeypatch):
+    """A host name whose first address drops connection attempts (a broken
+    IPv6 route) and whose second answers: the dial gets there. The first took
+    the whole --connect-timeout, and the second was never tried."""
+    with socket.create_server(("127.0.0.1", 0)) as good:
+        good.settimeout(10)
+        port = good.getsockname()[1]
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, *args, **kw):          # the daemon's worker runs here
+            if host == "two.test":
+                return real("127.0.0.3", *args, **kw) + real("127.0.0.1", *args, **kw)
+            return real(host, *args, **kw)
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        with silent_host("127.0.0.3", port), \
+                running(make_tcpd(backend, rundir, connect_timeout=4)):
+            with ask_tcpd(rundir, f"tcp://two.test:{port}/svc") as ipcd:
+                conn, _ = good.accept()
+                with conn:
+                    assert read_exactly(conn, 4) == b"svc\n"
+                    conn.sendall(b"ok")
+                    assert tcpd_answer(ipcd) == frame(b"ok")
 
 
 def test_dials_to_a_silent_host_do_not_hold_up_a_dial_to_another(backend, rundir):
@@ -647,12 +733,19 @@ def test_sigterm_does_not_wait_for_a_dial_in_progress(backend, rundir, tmp_path)
             reap(proc)
 
 
-def test_bad_uri_from_ipcd(backend, rundir):
+@pytest.mark.parametrize("uri,why", [
+    (b"tcp://host:1/", b"tcp://host:1/: no service"),
+    # Not a host name (an empty label, one over 63 bytes): said so, where
+    # the lookup's UnicodeError came back as `unreachable` with its repr.
+    (b"tcp://a..b:1/svc", b"tcp://a..b:1/svc: bad host name 'a..b' (a label is empty"),
+    (b"tcp://%s:1/svc" % (b"x" * 64), b"tcp://%s:1/svc: bad host name" % (b"x" * 64)),
+])
+def test_bad_uri_from_ipcd(backend, rundir, uri, why):
     with running(make_tcpd(backend, rundir)):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(os.path.join(rundir, "tcp"))
-            sock.sendall(frame(b"tcp://host:1/"))
-            assert read_frame(sock).startswith(b"ne norule bad URI: tcp://host:1/: no service")
+            sock.sendall(frame(uri))
+            assert read_frame(sock).startswith(b"ne norule bad URI: " + why)
 
 
 def test_a_uri_past_max_uri_is_refused_as_ipcd_refuses_it(backend, rundir):

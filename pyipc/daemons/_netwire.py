@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 import urllib.parse
-from typing import List, Optional, Tuple
+from typing import FrozenSet, Iterable, List, Optional, Tuple
 
 from .._checks import cut_utf8
 from .._types import MAX_IPCD_REASON, MAX_SOCKET_PATH
@@ -69,11 +69,28 @@ _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0) | socket.MSG_DONTWAIT
 
 
+def printable(text: str) -> str:
+    """`text` as one line with no control characters (they become spaces):
+    what a refusal sends, and what a log line shows of a text a remote peer
+    chose (a name, a refusal), so that it cannot write escape sequences to
+    the operator's terminal or forge a log line."""
+    return "".join(ch if ch.isprintable() else " " for ch in text)
+
+
+def names_argument(what: str, names: Iterable[str]) -> FrozenSet[str]:
+    """A daemon class's collection of names (expose=, origins=), as a set.
+    A str is refused: it would be taken letter by letter (expose="pong"
+    exposed p, o, n and g)."""
+    if isinstance(names, (str, bytes)):
+        raise TypeError(f"{what} must be a collection of names, not "
+                        f"{type(names).__name__} {names!r}")
+    return frozenset(names)
+
+
 def refusal(code: str, text: str) -> bytes:
     """`ne CODE TEXT` as sent: one line (control characters become spaces),
     cut at MAX_REFUSAL bytes (on a character boundary)."""
-    line = "".join(ch if ch.isprintable() else " " for ch in text)
-    return cut_answer(f"ne {code} {line}".encode("utf-8", "replace"))
+    return cut_answer(f"ne {code} {printable(text)}".encode("utf-8", "replace"))
 
 
 def cut_answer(answer: bytes) -> bytes:
@@ -131,14 +148,21 @@ def parse_uri(uri: str, scheme: str, default_port: int) -> Tuple[str, int, str]:
     host = parts.hostname
     if ":" in host:             # an IPv6 address: its zone is written %25 (RFC 6874)
         host = urllib.parse.unquote(host)
+    else:
+        try:                    # as the name lookup will (an empty or too long label)
+            host.encode("idna")
+        except UnicodeError:
+            raise ValueError(f"{uri}: bad host name {host!r} (a label is empty or "
+                             "longer than 63 bytes)") from None
     return host, default_port if port is None else port, name
 
 
 def expose_option(text: str) -> List[str]:
     """The argparse `type=` of tcpd's and tlsd's --expose NAME[,NAME...]:
-    its names; an argument that names none ('', ',') is a usage error (it
-    used to start the daemon exposing nothing, without a word)."""
-    names = [name for name in text.split(",") if name]
+    its names, without the spaces around them ("pong, kv" is pong and kv,
+    as websocketd's lists); an argument that names none ('', ',') is a
+    usage error (it used to start the daemon exposing nothing, without a word)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise argparse.ArgumentTypeError(f"{text!r} names no service (NAME[,NAME...])")
     return names

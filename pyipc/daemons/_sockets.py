@@ -345,23 +345,29 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def dial_failure(where: str, exc: Optional[BaseException]) -> Tuple[str, str]:
+def dial_failure(where: str, exc: Optional[BaseException],
+                 no_answer: str) -> Tuple[str, str]:
     """The refusal code and text for a dial (dial_tcp) that raised `exc`
-    (tcpd, tlsd and websocketd)."""
+    (tcpd, tlsd and websocketd). A dial out of time is `timeout` with the
+    text of the daemon's own deadline (`no_answer`): its worker and its
+    timer end at the same moment, and either may be handled first."""
     if isinstance(exc, socket.gaierror):
         return wire.UNREACHABLE, f"cannot resolve {where}: {exc.strerror}"
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return wire.UNREACHABLE, f"{where}: no answer to connecting (timed out)"
+    if isinstance(exc, TimeoutError):        # socket.timeout, ETIMEDOUT too
+        return wire.TIMEOUT, no_answer
     if isinstance(exc, OSError):
         return wire.UNREACHABLE, f"{where}: {exc.strerror or exc}"
-    return wire.UNREACHABLE, f"{where}: {exc!r}"
+    return wire.UNREACHABLE, f"{where}: {exc}"
 
 
 def dial_tcp(host: str, port: int, deadline: float,
              abandoned: Callable[[], bool] = lambda: False) -> socket.socket:
     """On a worker thread: resolve `host`, then connect to its addresses in
-    turn, each attempt bounded by the time left before `deadline` (a
-    time.monotonic() value), not a full timeout each (socket.create_connection).
+    turn, each attempt given an equal share of the time left before
+    `deadline` (a time.monotonic() value), the last all of it: not a full
+    timeout each (socket.create_connection), and not all of it to the first
+    (an address that drops the attempts, a broken IPv6 route, would leave
+    none to the others).
     TimeoutError once the deadline has passed or the caller has given up
     (`abandoned()`: its request was answered meanwhile), so that a dial
     nobody waits for gives its worker back. The name lookup is bounded by
@@ -370,13 +376,13 @@ def dial_tcp(host: str, port: int, deadline: float,
         raise TimeoutError("timed out")     # waited for a worker past it: no lookup
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     error: Optional[OSError] = None
-    for family, kind, proto, _, address in infos:
+    for tried, (family, kind, proto, _, address) in enumerate(infos):
         left = deadline - time.monotonic()
         if left <= 0 or abandoned():
             break
         sock = socket.socket(family, kind, proto)
         try:
-            sock.settimeout(left)
+            sock.settimeout(left / (len(infos) - tried))
             sock.connect(address)
             return sock
         except OSError as e:

@@ -68,7 +68,7 @@ class TlsdConfig:
             raise TypeError(f"listen must be a tuple of addresses, not str {self.listen!r}")
         # A list of addresses, any collection of names: kept as the fields say.
         object.__setattr__(self, "listen", tuple(self.listen))
-        object.__setattr__(self, "expose", frozenset(self.expose))
+        object.__setattr__(self, "expose", _netwire.names_argument("expose", self.expose))
         if self.listen and self.cert is None:
             raise ValueError("listening for TLS needs --cert (and --key unless the "
                              "certificate file holds it)")

@@ -122,11 +122,14 @@ class Tcpd(Daemon):
             max_pending_per_host = _sockets.default_per_host(max_pending)
         if max_pending_per_host < 1:
             raise ValueError(f"max_pending_per_host must be >= 1, not {max_pending_per_host!r}")
+        if isinstance(listen, (str, bytes)):     # would be taken letter by letter
+            raise TypeError(f"listen must be a list of addresses, not str {listen!r}")
+        expose = wire.names_argument("expose", expose)
         for address in listen:
             _sockets.split_address(address, DEFAULT_PORT)     # ValueError now, not later
         super().__init__(rundir=rundir, backend=backend, max_offloads=max_pending)
         self.listen = list(listen)
-        self.expose = frozenset(expose)
+        self.expose = expose
         self.dead_peer_timeout = dead_peer_timeout
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
@@ -403,7 +406,7 @@ class Tcpd(Daemon):
         """Answer `ne CODE TEXT` and close once the peer has read it (or after
         REFUSAL_LINGER): closing with its bytes unread would send a reset,
         which may destroy the refusal before the peer reads it."""
-        self.log.info("tcpd: refused a peer: %s %s", code, text)
+        self.log.info("tcpd: refused a peer: %s %s", code, wire.printable(text))
         fd = sock.fileno()
         wire.send_raw(fd, wire.refusal(code, text) + b"\n")
         try:
@@ -487,7 +490,8 @@ class Tcpd(Daemon):
             return
         where = _sockets.host_port(host, port)
         if sock is None:
-            return self._answer_ipcd(dial, wire.refusal(*_sockets.dial_failure(where, exc)))
+            return self._answer_ipcd(dial, wire.refusal(
+                *_sockets.dial_failure(where, exc, self._no_answer(dial))))
         try:
             _sockets.tune_tcp(sock, self.dead_peer_timeout)
             sock.setblocking(False)
@@ -555,11 +559,15 @@ class Tcpd(Daemon):
         if dial is not None:
             self._answer_ipcd(dial, wire.refusal(
                 wire.TIMEOUT if dial.uri else wire.BADREQUEST,
-                f"no answer from {dial.uri} in {self.connect_timeout:g} s"
-                if dial.uri else "no URI received"))
+                self._no_answer(dial) if dial.uri else "no URI received"))
+
+    def _no_answer(self, dial: _Dial) -> str:
+        """The text of a dial that ran out of time."""
+        return f"no answer from {dial.uri} in {self.connect_timeout:g} s"
 
     def _answer_ipcd(self, dial: _Dial, refusal: bytes) -> None:
-        self.log.info("tcpd: %s: %s", dial.uri, refusal.decode("utf-8", "replace"))
+        self.log.info("tcpd: %s: %s", dial.uri,
+                      wire.printable(refusal.decode("utf-8", "replace")))
         wire.send_raw(dial.ipcd, wire.frame(refusal))
         self._end_dial(dial)
 

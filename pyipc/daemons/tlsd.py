@@ -284,7 +284,7 @@ class Tlsd(Daemon):
         self._requests[req] = deadline
         # This tuple object stands for this request: `req` is an fd number,
         # which ipcd's next request may get once this one is answered.
-        target = (host, port, name)
+        target = (host, port, name, uri)
         self._connecting[req] = target
         # Within the request's deadline, on a worker that gives up as soon as
         # the request is answered (its deadline, or ipcd leaving).
@@ -301,7 +301,7 @@ class Tlsd(Daemon):
     def _pending(self) -> int:
         return len(self._connecting) + len(self._handshakes)
 
-    def _connected(self, req: int, target: Tuple[str, int, str],
+    def _connected(self, req: int, target: Tuple[str, int, str, str],
                    sock: Optional[socket.socket], exc: Optional[BaseException]) -> None:
         """In the loop: the worker's TCP connect for request `target` ended."""
         self._dialling_to.remove(target[0].lower())     # the worker is back
@@ -314,7 +314,7 @@ class Tlsd(Daemon):
             if req in self._requests:
                 self._answer(req, wire.TLS, f"tlsd could not start TLS: {e}")
 
-    def _start_handshake(self, req: int, target: Tuple[str, int, str],
+    def _start_handshake(self, req: int, target: Tuple[str, int, str, str],
                          sock: Optional[socket.socket], exc: Optional[BaseException]) -> None:
         if self._connecting.get(req) is not target:
             # Timed out or ipcd left meanwhile (and `req` may be another
@@ -323,10 +323,10 @@ class Tlsd(Daemon):
                 sock.close()
             return
         del self._connecting[req]
-        host, port, name = target
+        host, port, name, uri = target
         peer = _sockets.host_port(host, port)
         if exc is not None or sock is None:
-            self._answer(req, *_sockets.dial_failure(peer, exc))
+            self._answer(req, *_sockets.dial_failure(peer, exc, self._no_answer(uri)))
             return
         relay = TlsRelay(self._client_ctx, server_side=False, server_hostname=host,
                          max_message_size=self.ctx.max_message_size)
@@ -349,12 +349,15 @@ class Tlsd(Daemon):
 
     def _timed_out(self, req: int, uri: str) -> None:
         self._requests[req] = None              # the timer has run: nothing to cancel
-        self._answer(req, wire.TIMEOUT,
-                     f"{uri}: no answer within {self.config.connect_timeout:g} s")
+        self._answer(req, wire.TIMEOUT, self._no_answer(uri))
+
+    def _no_answer(self, uri: str) -> str:
+        """The text of a request that ran out of time."""
+        return f"{uri}: no answer within {self.config.connect_timeout:g} s"
 
     def _answer(self, req: int, code: str, text: str) -> None:
         """Answer ipcd `ne CODE TEXT` and end its request."""
-        self.log.info("request %d: ne %s %s", req, code, text)
+        self.log.info("request %d: ne %s %s", req, code, wire.printable(text))
         # Without waiting: a small answer fits an empty socket buffer, and an
         # ipcd that does not read must not hold the loop.
         if not wire.send_raw(req, wire.frame(wire.refusal(code, text))):
@@ -516,7 +519,7 @@ class Tlsd(Daemon):
         return local
 
     def _refuse(self, hs: Handshake, e: HandshakeFailed) -> None:
-        self.log.info("refusing %s: %s %s", hs.peer, e.code, e.text)
+        self.log.info("refusing %s: %s %s", hs.peer, e.code, wire.printable(e.text))
         out = e.alert
         if hs.secure:
             try:

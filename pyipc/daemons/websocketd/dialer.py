@@ -187,7 +187,7 @@ class Dialer:
             return
         where = dial.where
         if sock is None:
-            return self._refuse(dial, *_sockets.dial_failure(where, exc))
+            return self._refuse(dial, *_sockets.dial_failure(where, exc, self._no_answer(dial)))
         path = "/" + urllib.parse.quote(dial.name, safe="")
         scheme = "wss" if dial.secure else "ws"
         protocol = ClientProtocol(parse_ws_uri(f"{scheme}://{where}{path}"),
@@ -329,8 +329,11 @@ class Dialer:
         dial = self._dials.get(ipcd)
         if dial is not None:
             self._refuse(dial, wire.TIMEOUT if dial.uri else wire.BADREQUEST,
-                         f"no answer from {dial.uri} in {self.options.connect_timeout:g} s"
-                         if dial.uri else "no URI received")
+                         self._no_answer(dial) if dial.uri else "no URI received")
+
+    def _no_answer(self, dial: _Dial) -> str:
+        """The text of a dial that ran out of time."""
+        return f"no answer from {dial.uri} in {self.options.connect_timeout:g} s"
 
     def _refuse(self, dial: _Dial, code: str, text: str) -> None:
         log.info("ws: %s: ne %s %s", dial.uri or "?", code, text)

@@ -8,6 +8,7 @@ import ssl
 from typing import FrozenSet, Optional, Tuple
 
 from ..._types import DEFAULT_MAX_MESSAGE_SIZE
+from .._netwire import names_argument
 from .._sockets import check_dead_peer_timeout
 from .._timers import check_timeout
 
@@ -76,6 +77,8 @@ class Options:
                      "max_handshakes_per_host", "max_websockets"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("expose", "origins"):
+            object.__setattr__(self, name, names_argument(name, getattr(self, name)))
         check_dead_peer_timeout(self.dead_peer_timeout)
         check_timeout("handshake_timeout", self.handshake_timeout)
         check_timeout("connect_timeout", self.connect_timeout)

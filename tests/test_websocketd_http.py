@@ -151,6 +151,44 @@ def test_a_request_target_that_is_not_a_path_is_400(wsd, echo_service, target):
     assert echo_service.events == []
 
 
+UPGRADE = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+
+
+def test_a_request_without_host_is_400(wsd, echo_service):
+    """RFC 9112 3.2 and RFC 6455 4.2.1: no Host header is a 400 (it was
+    upgraded, with no Origin either)."""
+    answer = raw_exchange(wsd().port, b"GET /echo HTTP/1.1\r\n" + UPGRADE + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert answer.endswith(b"400 Bad Request: no Host header\n")
+    assert echo_service.events == []
+
+
+@pytest.mark.parametrize("request_line, headers, status", [
+    (b"GET /echo HTTP/1.1", b"Upgrade: websocket\r\n", b"426 Upgrade Required"),
+    (b"POST /echo HTTP/1.1", UPGRADE, b"405 Method Not Allowed"),
+    (b"GET /echo HTTP/1.0", UPGRADE, b"505 HTTP Version Not Supported"),
+])
+def test_websockets_own_refusals_of_a_handshake(wsd, echo_service, request_line, headers,
+                                                status):
+    """What docs/websocket.md says of the requests that websockets' parser
+    refuses itself: its own status, with its reason in the body."""
+    answer = raw_exchange(wsd().port, request_line + b"\r\nHost: 127.0.0.1\r\n" + headers
+                          + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 " + status + b"\r\n"), answer[:60]
+    assert echo_service.events == []
+
+
+@pytest.mark.parametrize("path, status", [(b"/echo", b"426"), (b"/nothing", b"404")])
+def test_head_of_an_error_has_its_headers_and_no_body(wsd, path, status):
+    """RFC 9110 9.3.2: a response to HEAD has no content (the error's text
+    was sent as a body, which a client reads as the next response's start)."""
+    answer = raw_exchange(wsd().port, b"HEAD " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 " + status) and b"\r\nContent-Length: " in head
+    assert body == b""
+
+
 @pytest.mark.parametrize("header", ["Origin", "Host"])
 def test_a_repeated_origin_or_host_header_is_400(wsd, echo_service, header):
     """Two Origin (or Host) headers: which one the check would take is

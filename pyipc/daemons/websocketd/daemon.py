@@ -26,7 +26,7 @@ from websockets.protocol import Protocol
 
 from ... import Event, EventType, IPCError
 from .. import _sockets, _systemd
-from .._netwire import send_raw
+from .._netwire import printable, send_raw
 from .._runtime import Daemon
 from . import responses
 from .dialer import Dialer
@@ -266,24 +266,19 @@ class WebSocketd(Daemon):
             self._drop(hs)
 
     def _answer(self, hs: Handshake, request: Request) -> None:
-        response = responses.static_response(request) or self._check(hs, request)
+        response = (responses.malformed(request) or responses.static_response(request)
+                    or self._check(hs, request))
         if response.status_code == 101:
             self._open(hs, request, response)
             return
-        log.info("%s: %s %s -> %d", hs.peer, request.method, request.path,
+        log.info("%s: %s %s -> %d", hs.peer, request.method, printable(request.path),
                  response.status_code)
-        hs.respond(response)
+        hs.respond(responses.for_method(response, request.method))
         self._drop(hs)
 
     def _check(self, hs: Handshake, request: Request) -> Response:
         """The 101 of a valid WebSocket request to an exposed service from an
         allowed origin; else the HTTP error that says what is wrong."""
-        if not request.path.startswith("/"):
-            # Only a path (RFC 9112's origin-form) names a service: "echo",
-            # "*" or "http://h/echo" are not read as one.
-            return responses.error(HTTPStatus.BAD_REQUEST,
-                                   f"the request target {request.path!r} is not a path "
-                                   f"starting with /")
         name = service_name(request.path)
         exposed = name in self.options.expose
         if not responses.is_upgrade(request):

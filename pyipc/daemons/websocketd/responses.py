@@ -8,6 +8,7 @@ HTTP is formatted by hand here.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import functools
 import http
@@ -37,6 +38,25 @@ def is_upgrade(request: Request) -> bool:
     return any("websocket" in value.lower() for value in upgrade)
 
 
+def malformed(request: Request) -> Optional[Response]:
+    """The 400 of a request no answer can be given to, else None: a target
+    that is not a path (only "/NAME" names a service: "GET echo" reached
+    echo as if it were "/echo"), or no Host header (RFC 9112 3.2, RFC 6455
+    4.2.1: it was upgraded)."""
+    if not request.path.startswith("/"):
+        return error(http.HTTPStatus.BAD_REQUEST,
+                     f"the request target {request.path!r} is not a path starting with /")
+    if "Host" not in request.headers:
+        return error(http.HTTPStatus.BAD_REQUEST, "no Host header")
+    return None
+
+
+def for_method(response: Response, method: str) -> Response:
+    """`response` as sent to a request of `method`: to a HEAD without its
+    body (RFC 9110 9.3.2), its headers as they are."""
+    return dataclasses.replace(response, body=b"") if method == "HEAD" else response
+
+
 def static_response(request: Request) -> Optional[Response]:
     """The response to a GET (or HEAD) of one of the static files, else None."""
     entry = STATIC_FILES.get(request.path.split("?", 1)[0])
@@ -51,7 +71,7 @@ def static_response(request: Request) -> Optional[Response]:
     body = static_body(filename)
     headers = _headers(content_type, len(body))
     headers["Cache-Control"] = "no-cache"
-    return Response(200, "OK", headers, b"" if request.method == "HEAD" else body)
+    return for_method(Response(200, "OK", headers, body), request.method)
 
 
 def error(status: http.HTTPStatus, text: str) -> Response:

@@ -459,8 +459,10 @@ def test_a_dial_past_its_deadline_or_abandoned_does_no_lookup(monkeypatch):
 def test_a_dial_tries_each_address_within_one_deadline(monkeypatch):
     """dial_tcp goes through the name's addresses in turn, all within the
     dial's deadline: a refused address costs nothing and the next one is
-    tried; one that does not answer uses the time left, not a timeout of its
-    own (socket.create_connection gave each address the whole timeout)."""
+    tried; one that does not answer uses its share of the time left (the
+    last all of it), not a timeout of its own (socket.create_connection gave
+    each address the whole timeout), nor all of it (the next one was never
+    tried)."""
     from pyipc.daemons import _sockets
     with socket.create_server(("127.0.0.1", 0)) as good, socket.socket() as refused, \
             socket.socket() as silent:
@@ -477,6 +479,10 @@ def test_a_dial_tries_each_address_within_one_deadline(monkeypatch):
                 assert sock.getpeername() == good.getsockname()
             monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: addresses(
                 silent.getsockname()[1], good.getsockname()[1]))
+            with _sockets.dial_tcp("h", 1, time.monotonic() + 1) as sock:
+                assert sock.getpeername() == good.getsockname()
+            monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: addresses(
+                *[silent.getsockname()[1]] * 3))
             started = time.monotonic()
             with pytest.raises(TimeoutError):
                 _sockets.dial_tcp("h", 1, started + 0.5)

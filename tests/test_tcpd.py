@@ -587,6 +587,16 @@ def test_an_ok_in_two_segments_is_waited_for_not_spun_on(backend, rundir):
     assert daemon.answer_reads <= 4
 
 
+def remote_answers_ok(remote: socket.socket, ipcd: socket.socket) -> None:
+    """A stand-in remote tcpd listening on `remote` takes tcpd's dial for
+    svc and answers ok: tcpd then answers ipcd (ask_tcpd's `ipcd`) ok."""
+    conn, _ = remote.accept()
+    with conn:
+        assert read_exactly(conn, 4) == b"svc\n"
+        conn.sendall(b"ok")
+        assert tcpd_answer(ipcd) == frame(b"ok")
+
+
 @contextlib.contextmanager
 def silent_host(address: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
     """A port of `address` that drops every connection attempt, as a host that
@@ -637,11 +647,7 @@ def test_a_first_address_that_drops_the_dial_leaves_time_for_the_next(backend, r
         with silent_host("127.0.0.3", port), \
                 running(make_tcpd(backend, rundir, connect_timeout=4)):
             with ask_tcpd(rundir, f"tcp://two.test:{port}/svc") as ipcd:
-                conn, _ = good.accept()
-                with conn:
-                    assert read_exactly(conn, 4) == b"svc\n"
-                    conn.sendall(b"ok")
-                    assert tcpd_answer(ipcd) == frame(b"ok")
+                remote_answers_ok(good, ipcd)
 
 
 def test_dials_to_a_silent_host_do_not_hold_up_a_dial_to_another(backend, rundir):
@@ -655,11 +661,7 @@ def test_dials_to_a_silent_host_do_not_hold_up_a_dial_to_another(backend, rundir
             try:
                 with ask_tcpd(rundir, f"tcp://127.0.0.1:{good.getsockname()[1]}/svc") \
                         as ipcd:
-                    conn, _ = good.accept()
-                    with conn:
-                        assert read_exactly(conn, 4) == b"svc\n"
-                        conn.sendall(b"ok")
-                        assert tcpd_answer(ipcd) == frame(b"ok")
+                    remote_answers_ok(good, ipcd)
                 for sock in hanging:
                     assert tcpd_answer(sock).startswith(b"\0\0\0")   # each answered
             finally:
@@ -687,11 +689,7 @@ def test_hung_name_lookups_of_one_host_leave_workers_for_others(backend, rundir,
         assert answers[2:] == [frame(b"ne busy tcpd has 2 dials to hung.example in "
                                      b"progress (--max-pending-per-host)")] * 2
         with ask_tcpd(rundir, f"tcp://127.0.0.1:{good.getsockname()[1]}/svc") as ipcd:
-            conn, _ = good.accept()
-            with conn:
-                assert read_exactly(conn, 4) == b"svc\n"
-                conn.sendall(b"ok")
-                assert tcpd_answer(ipcd) == frame(b"ok")
+            remote_answers_ok(good, ipcd)
 
 
 def test_a_hosts_share_comes_back_when_no_worker_can_be_started(backend, rundir):

@@ -86,7 +86,7 @@ class Tlsd(Daemon):
         # cannot be stopped, and one that hangs outlives its request's answer.
         self._dialling_to = _sockets.PeerShares(config.pending_per_host)
         self._requests: Dict[int, Optional[Any]] = {}   # ipcd fd -> its deadline, once asked
-        self._connecting: Dict[int, Tuple[str, int, str]] = {}   # ipcd fd -> host, port, name
+        self._connecting: Dict[int, Tuple[str, int, str, str]] = {}   # ipcd fd -> host, port, name, URI
         self._uri_timers: Dict[int, Any] = {}    # ipcd fd -> the deadline of its URI
         self._relays: Dict[int, TlsRelay] = {}          # switched TCP fd -> its session
         self._local_of: Dict[int, int] = {}             # switched TCP fd -> its local side

@@ -426,6 +426,35 @@ def test_frames_with_the_request_past_the_queue_bound_all_reach_the_service(star
     assert service.messages() == sent
 
 
+@pytest.mark.parametrize("size, count", [(900, 20), (1000, 12)])
+def test_frames_with_the_request_past_the_byte_bound_before_a_mark_all_reach_the_service(
+        start, size, count):
+    """--max-buffer 4096 --max-message-size 1000 (a mark every 8 messages by
+    count): messages of 900 bytes, and of the size bound itself, sent with
+    the request take the service's queue over its byte bound before a mark
+    was due. All are echoed, in order; the rest waited in the session for
+    good (6 of 20 echoed: no MESSAGE_TX was to come to hand them over)."""
+    service = start.service()
+    d = start.daemon(max_buffer=4096, max_message_size=1000)
+    client = ClientProtocol(parse_uri(d.url("/echo")))
+    client.send_request(client.connect())
+    request = b"".join(client.data_to_send())
+    early = ClientProtocol(parse_uri(d.url("/echo")), state=State.OPEN)
+    sent = [b"%04d" % i + b"x" * (size - 4) for i in range(count)]
+    for m in sent:
+        early.send_binary(m)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
+        s.sendall(request + b"".join(early.data_to_send()))    # all in one segment
+        echoed: list = []
+        while len(echoed) < len(sent):
+            data = s.recv(65536)        # (a hang is socket.timeout)
+            assert data, f"closed after {len(echoed)} echoes"
+            client.receive_data(data)
+            echoed += [e.data for e in client.events_received() if isinstance(e, Frame)]
+    assert echoed == sent
+    assert service.messages() == sent
+
+
 def test_bytes_that_are_not_http_close_the_connection_with_400(start):
     d = start.daemon()
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
@@ -988,18 +1017,36 @@ def test_the_message_charge_at_and_past_its_edge():
     """Credit: bound // MESSAGE_CHARGE messages (1 at least); a mark every
     quarter of them; over only with a mark to wait for."""
     from pyipc.daemons.websocketd.credit import MESSAGE_CHARGE, Credit
-    assert Credit(MESSAGE_CHARGE - 1).limit == 1
-    assert Credit(MESSAGE_CHARGE).limit == 1
-    assert Credit(2 * MESSAGE_CHARGE).limit == 2
-    credit = Credit(MIB)
+    assert Credit(MESSAGE_CHARGE - 1, 0).limit == 1
+    assert Credit(MESSAGE_CHARGE, 0).limit == 1
+    assert Credit(2 * MESSAGE_CHARGE, 0).limit == 2
+    credit = Credit(MIB, 0)
     assert (credit.limit, credit.mark_every) == (MIB // MESSAGE_CHARGE, MIB // MESSAGE_CHARGE // 4)
     for _ in range(credit.limit):
-        credit.forwarded()
-    assert credit.mark_due() and not credit.over()   # no mark yet: the byte bound holds
+        credit.forwarded(0)
+    assert credit.mark_due(0) and not credit.over()   # no mark yet: the byte bound holds
     credit.scheduled()
     assert credit.over() and credit.in_flight == credit.limit + 1
     credit.written()
     assert credit.in_flight == 0 and not credit.over()
+
+
+def test_the_unmarked_room_at_and_past_its_edge():
+    """Credit: what follows the last mark stays within queue bound - (message
+    bound + 4), so that a mark of any size always fits once every mark is
+    written; a message that would go past it is a mark."""
+    from pyipc.daemons.websocketd.credit import Credit
+    credit = Credit(4096, 1000)
+    assert credit.unmarked_room == 4096 - 1004
+    credit.forwarded(1000)
+    credit.forwarded(1000)                          # 2008 bytes unmarked
+    left = credit.unmarked_left()
+    assert left == 4096 - 1004 - 2008
+    assert not credit.mark_due(left - 4)            # at the edge: unmarked
+    assert credit.mark_due(left - 3)                # one past: a mark
+    credit.scheduled()
+    assert credit.unmarked_left() == credit.unmarked_room
+    assert Credit(1004, 1000).mark_due(0)           # no room: every message a mark
 
 
 def test_a_client_at_its_message_limit_is_not_paused_once_a_message(start, monkeypatch):

@@ -339,3 +339,20 @@ def test_frames_with_the_remotes_101_past_the_queue_bound_all_reach_the_client(
         with pyipc.Context(rundir=a, backend=backend) as ctx:
             fd = ctx.connect("p", timeout=10)
             assert [ctx.read(fd, timeout=10) for _ in sent] == sent
+
+
+def test_frames_with_the_remotes_101_past_the_byte_bound_before_a_mark_all_reach_the_client(
+        hosts, backend, monkeypatch):
+    """--max-buffer 4096 --max-message-size 1000: 20 x 900-byte frames with
+    the remote's 101 take the client's queue over its byte bound before a
+    mark (credit.py) was due. They all reach the client, in order; 14 of
+    them waited in websocketd for good (no MESSAGE_TX was to come)."""
+    a, _ = hosts
+    sent = [b"%03d" % i + b"x" * 897 for i in range(20)]
+    frames = b"".join(b"\x82\x7e" + len(m).to_bytes(2, "big") + m for m in sent)
+    with fake_remote(lambda request: accept_101(request) + frames) as port, \
+            host_a(a, backend, max_buffer=4096, max_message_size=1000):
+        monkeypatch.setenv("IPC_NETWORK", f"p ws://127.0.0.1:{port}/pong")
+        with pyipc.Context(rundir=a, backend=backend) as ctx:
+            fd = ctx.connect("p", timeout=10)
+            assert [ctx.read(fd, timeout=5) for _ in sent] == sent

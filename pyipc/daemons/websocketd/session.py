@@ -82,7 +82,8 @@ class Session:
         self._ending: Optional[str] = None     # why the WebSocket is closing
         self._ended = False                    # switch_end was called
         self._service = ServiceReader(service_fd, ctx.max_message_size)
-        self._credit = Credit(ctx.max_queue_size)   # messages toward the service
+        # Messages toward the service.
+        self._credit = Credit(ctx.max_queue_size, ctx.max_message_size)
         self._paused = False                   # the client is not read (_credit over)
 
     # ------------------------------------------------------------ callbacks
@@ -96,9 +97,18 @@ class Session:
             self._receive()
         while self._messages and not self._paused:
             payload = self._messages.popleft()
-            if self._credit.mark_due() and self._schedule(payload):
-                continue
-            self._credit.forwarded()
+            if self._credit.mark_due(len(payload)):
+                if self._schedule(payload):
+                    continue
+                if self._credit.marks_pending():
+                    # No room for it: it waits (feed_early at the next
+                    # MESSAGE_TX), and the client is not read meanwhile.
+                    # Forwarded unmarked, it would leave bytes queued past
+                    # the unmarked room (credit.py) with nothing to report them.
+                    self._messages.appendleft(payload)
+                    self._set_paused(True)
+                    return CBEvent.IGNORE, None
+            self._credit.forwarded(len(payload))
             self._pause_if_over()
             more = bool(self._messages) or self._ending is not None
             return (CBEvent.MORE if more else CBEvent.NO_ERROR), payload
@@ -167,12 +177,14 @@ class Session:
         bytes and in messages (_credit): back-pressure, as the core's. The
         daemon calls it again each time a message scheduled is written
         (service_wrote); new messages of the client wait behind them (on_in
-        returns these first). Once none is left, a closing WebSocket ends."""
+        returns these first). Once none is left, a closing WebSocket ends.
+        A mark is refused only while another is pending (credit.py's
+        unmarked room), so messages never wait here with no MESSAGE_TX to come."""
         while self._messages and not self._ended and not self._credit.over():
             if self._forward_held(self._credit.before_mark()):
                 continue
             if not self._schedule(self._messages[0]):
-                return                          # the rest at the next MESSAGE_TX
+                return                          # the rest at the pending mark's MESSAGE_TX
             self._messages.popleft()
         if self._ending is not None and not self._messages:
             self._end(self._ending, error=self._failed())
@@ -189,10 +201,12 @@ class Session:
     def _forward_held(self, count: int) -> bool:
         """Hand the service up to `count` held messages (none of them a mark)
         framed in one switch_send, as the core frames what on_in returns:
-        one call for the run, no MESSAGE_TX each. False when none went (no
-        count, or the service's queue is over its bound: a mark then)."""
+        one call for the run, no MESSAGE_TX each; within the bytes that may
+        go unmarked. False when none went (no count, no room before a mark,
+        or the service's queue is over its bound: a mark then)."""
         run: list[bytes] = []
-        size, piece = 0, max(1, self.ctx.max_queue_size // 2)
+        size = 0
+        piece = min(max(1, self.ctx.max_queue_size // 2), self._credit.unmarked_left())
         for payload in self._messages:
             if len(run) == count or size + 4 + len(payload) > piece:
                 break
@@ -205,9 +219,9 @@ class Session:
                                  b"".join(b for p in run for b in (_HEADER.pack(len(p)), p)))
         except IPCError:                        # QueueFullError, or the fd is gone
             return False
-        for _ in run:
+        for payload in run:
             self._messages.popleft()
-            self._credit.forwarded()
+            self._credit.forwarded(len(payload))
         return True
 
     def _schedule(self, payload: bytes) -> bool:

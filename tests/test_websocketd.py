@@ -172,6 +172,64 @@ def test_fragmented_message_over_the_bound_is_1009(start):
     assert service.messages() == []
 
 
+def test_a_client_message_far_over_the_bound_is_told_1009(start):
+    """--max-message-size 1 MiB, a standard client sends 8 MB, 8 times: each
+    time it reads the 1009. websocketd closed the socket at the first bytes
+    after the failure, the rest of the message unread: a reset, which the
+    client often met before it read the close frame (1006 instead)."""
+    start.service()
+    d = start.daemon(max_message_size=MIB)
+    codes = []
+    for _ in range(8):
+        with connect(d.url("/echo"), max_size=None, open_timeout=10) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.send(b"x" * 8_000_000)
+                ws.recv(timeout=10)
+            codes.append(closed.value.rcvd.code if closed.value.rcvd else None)
+    assert codes == [1009] * 8
+
+
+def test_after_a_1009_the_clients_input_is_read_to_its_end(start):
+    """A lingering close: after the 1009, websocketd half-closes (the client
+    reads the close frame, then the end) and reads what the client still
+    sends, until the client's own end; never a reset."""
+    start.service()
+    d = start.daemon(max_message_size=MIB)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        client = handshake(s, d.url("/echo"))
+        # A masked binary frame announcing 8 MB, its first 64 KiB.
+        s.sendall(b"\x82\xff" + struct.pack(">Q", 8_000_000) + b"\0" * 4 + b"x" * 65536)
+        while client.close_rcvd is None:
+            data = s.recv(65536)
+            assert data, "the end before the close frame"
+            client.receive_data(data)
+        assert client.close_rcvd.code == 1009
+        assert s.recv(65536) == b""                 # its FIN right after the close frame
+        s.sendall(b"x" * (2 * MIB))                 # the rest of the message: read, no reset
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(5)
+        assert s.recv(65536) == b""                 # (ConnectionResetError without it)
+
+
+def test_after_a_1009_a_client_that_never_ends_is_closed_at_close_timeout(start,
+                                                                         monkeypatch):
+    """The lingering close is bounded: a client that neither ends nor stops
+    sending has its socket closed CLOSE_TIMEOUT after the 1009."""
+    from pyipc.daemons.websocketd import daemon as daemon_module
+    monkeypatch.setattr(daemon_module, "CLOSE_TIMEOUT", 1.0)
+    start.service()
+    d = start.daemon(max_message_size=MIB)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        client = handshake(s, d.url("/echo"))
+        s.sendall(b"\x82\xff" + struct.pack(">Q", 8_000_000) + b"\0" * 4 + b"x" * 65536)
+        while client.close_rcvd is None:
+            client.receive_data(s.recv(65536))
+        assert s.recv(65536) == b""
+        assert d.daemon.lingering                   # still reading it
+        s.sendall(b"x" * 65536)
+        spin_until(lambda: not d.daemon.lingering, timeout=5)
+
+
 def test_invalid_utf8_in_a_text_message_is_1007(start):
     service = start.service()
     d = start.daemon()

@@ -75,8 +75,10 @@ class WebSocketd(Daemon):
         self.addresses: List[Tuple[str, int]] = []
         self.handshakes: Dict[int, Handshake] = {}
         self.sessions: Dict[int, Session] = {}     # by client fd and by service fd
-        # Dups of client sockets waiting for the answer to our close frame.
+        # Dups of client sockets waiting for the answer to our close frame,
+        # and the dup of each client fd (until that fd's DISCONNECTION).
         self.lingering: Dict[int, Tuple[Session, object]] = {}
+        self._dup_of: Dict[int, int] = {}
         #: The Host names the same-origin rule takes (policy.origin_allowed).
         self._own_names = own_names()
         #: Handshakes in progress per peer, and the peer of each (TCP only).
@@ -146,6 +148,7 @@ class WebSocketd(Daemon):
             if session is not None and ev.fd == session.service_fd:
                 session.service_wrote()
         elif ev.type == EventType.DISCONNECTION:
+            self._half_close(ev.fd)
             self._forget(ev.fd)
         elif ev.type == EventType.ERROR:
             log.warning("fd %d: %s", ev.fd, ev.error)
@@ -403,6 +406,25 @@ class WebSocketd(Daemon):
             return
         timer = self.call_later(CLOSE_TIMEOUT, lambda: self._unlinger(fd))
         self.lingering[fd] = (session, timer)
+        self._dup_of[session.fd] = fd
+
+    def _half_close(self, fd: int) -> None:
+        """The core closed client fd `fd`, everything queued for it written
+        (our close frame last). After a failure its dup sends our FIN now,
+        a lingering close: the client sees the end after the close frame,
+        and we read (discard) what it still sends until its own end, so
+        that the close is never a reset that could overtake the frame."""
+        dup = self._dup_of.pop(fd, None)
+        entry = self.lingering.get(dup) if dup is not None else None
+        if entry is None or not entry[0].failed():
+            return
+        sock = socket.socket(fileno=dup)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass                                    # already reset by the client
+        finally:
+            sock.detach()
 
     def _cut(self, session: Session) -> None:
         """FLUSH_TIMEOUT after its end, the session's fds are still open (its
@@ -421,6 +443,8 @@ class WebSocketd(Daemon):
     def _unlinger(self, fd: int) -> None:
         entry = self.lingering.pop(fd, None)
         if entry is not None:
+            if self._dup_of.get(entry[0].fd) == fd:
+                del self._dup_of[entry[0].fd]
             self.cancel(entry[1])     # type: ignore[arg-type]
             self.ctx.close(fd)
 

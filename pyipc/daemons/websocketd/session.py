@@ -359,6 +359,12 @@ class Session:
         except IPCError as e:          # the fd is already gone
             log.debug("%s: %s", self.peer, e)
 
+    def failed(self) -> bool:
+        """Whether the WebSocket ended on a failure: the daemon half-closes
+        the client's socket once our close frame is out, and reads it to its
+        end (linger_read)."""
+        return self._failed()
+
     def _failed(self) -> bool:
         """Whether the WebSocket ends on a failure (not a close handshake)."""
         sent = self.protocol.close_sent
@@ -418,10 +424,13 @@ class Session:
         if not data or self.transport.ended:
             self.protocol.receive_eof()
         self.protocol.events_received()       # data after our close frame is discarded
-        # After a failure (1009, 1007...) the protocol discards what comes:
-        # whatever arrives then is taken as the client's answer.
-        return not data or self.transport.ended or self.protocol.close_rcvd is not None \
-            or self._failed()
+        # After a failure (1009, 1007...) the protocol discards what comes (no
+        # answer can be recognised): read until the client's EOF (or the
+        # daemon's CLOSE_TIMEOUT), a lingering close. Closed at the first
+        # bytes, the rest of the client's input (an oversize message being
+        # sent) stayed unread and the close became a reset, which often
+        # reached the client before our close frame was read: no 1009.
+        return not data or self.transport.ended or self.protocol.close_rcvd is not None
 
 
 def _valid_utf8(data: bytes) -> bool:

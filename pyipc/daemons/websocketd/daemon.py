@@ -25,9 +25,11 @@ from websockets.http11 import Request, Response
 from websockets.protocol import Protocol
 
 from ... import Event, EventType, IPCError
+from ..._signal_wakeup import drain_pipe
 from .. import _sockets, _systemd
 from .._netwire import printable, send_raw
 from .._runtime import Daemon
+from .._timers import TimerHandle
 from . import responses
 from .dialer import Dialer
 from .handshake import Handshake, HandshakeFailed
@@ -86,6 +88,8 @@ class WebSocketd(Daemon):
         self._host_of: Dict[int, str] = {}
         #: The `ws` scheme for ipcd (options.dial), else None.
         self.dialer = Dialer(self) if self.options.dial else None
+        #: A pipe whose byte wakes the loop's wait (later()); -1 when closed.
+        self._nudge_r, self._nudge_w = -1, -1
 
     # ------------------------------------------------------------ runtime hooks
 
@@ -98,6 +102,8 @@ class WebSocketd(Daemon):
             given = _systemd.passed_sockets()
         sockets = given or [self._listen()]
         self.ctx.switch_events = False   # no SWITCH_RX/TX: nothing to do per message
+        self._nudge_r, self._nudge_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.ctx.add_external(self._nudge_r)     # the context closes it (close_all)
         for sock in sockets:
             sock.setblocking(False)
             self.ctx.add_external(sock.fileno())
@@ -133,7 +139,9 @@ class WebSocketd(Daemon):
         if self.dialer is not None and self.dialer.on_event(ev):
             return
         if ev.type == EventType.EXTERNAL:
-            if ev.fd in self.listeners:
+            if ev.fd == self._nudge_r:
+                drain_pipe(ev.fd)                 # the loop's wait is over: timers run
+            elif ev.fd in self.listeners:
                 self._accept(self.listeners[ev.fd])
             elif ev.fd in self.handshakes:
                 self._step(self.handshakes[ev.fd])
@@ -172,6 +180,22 @@ class WebSocketd(Daemon):
         self.serve_while(lambda: bool(self.sessions or self.lingering), CLOSE_TIMEOUT)
         for session in set(self.sessions.values()):
             session.release()
+        if self._nudge_w >= 0:
+            os.close(self._nudge_w)
+            self._nudge_w = -1
+
+    def later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        """call_later from a switching callback: those run inside the loop's
+        wait, whose timeout was set for the timers before; a byte on the
+        nudge pipe ends that wait, so that the next one counts this timer
+        (else it ran only at the next event, however late)."""
+        handle = self.call_later(delay, callback)
+        if self._nudge_w >= 0:
+            try:
+                os.write(self._nudge_w, b"x")
+            except BlockingIOError:
+                pass                              # full: a wake is pending anyway
+        return handle
 
     # ------------------------------------------------------------ handshake phase
 
@@ -393,7 +417,7 @@ class WebSocketd(Daemon):
         is written, FLUSH_TIMEOUT at most. `fd`, unless -1: a dup of the
         client's socket, watched until the client answers our close frame,
         CLOSE_TIMEOUT at most."""
-        self.call_later(FLUSH_TIMEOUT, lambda: self._cut(session))
+        self.later(FLUSH_TIMEOUT, lambda: self._cut(session))
         if fd < 0:
             return
         try:
@@ -404,7 +428,7 @@ class WebSocketd(Daemon):
                         session.service, e)
             os.close(fd)
             return
-        timer = self.call_later(CLOSE_TIMEOUT, lambda: self._unlinger(fd))
+        timer = self.later(CLOSE_TIMEOUT, lambda: self._unlinger(fd))
         self.lingering[fd] = (session, timer)
         self._dup_of[session.fd] = fd
 

@@ -35,7 +35,8 @@ import pyipc  # noqa: E402
 from pyipc import EventType  # noqa: E402
 
 from conftest import CHILD_ENV, spin_until, wait_for  # noqa: E402
-from wsd_helpers import DaemonThread, ServiceThread, sink  # noqa: E402
+from wsd_helpers import (ClientQueueWatch, DaemonThread, Flood, ServiceThread,  # noqa: E402
+                         sink)
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -643,6 +644,128 @@ def test_slow_client_gets_backpressure_not_unbounded_buffering(start):
             m = ws.recv(timeout=10)
             assert m == got.to_bytes(4, "big") * (chunk // 4)
             got += 1
+
+
+def behind(start, monkeypatch):
+    """A client whose queue in websocketd is over its bound (1 MiB + 4) as it
+    does not read; its service (`Flood`) has more to send. The socket, its
+    client protocol and the Flood."""
+    watch = ClientQueueWatch(monkeypatch)
+    flood = Flood(64, 256 * KIB)
+    start.service("sink", flood, max_message_size=256 * KIB)
+    d = start.daemon(max_message_size=MIB, max_buffer=MIB)
+    watch.daemon = d.daemon
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", d.port))
+    client = handshake(s, d.url("/sink"))
+    assert watch.over.wait(10)
+    return d, s, client, flood
+
+
+def read_until(s, client, done):
+    """Frames (data, pongs, close) read until done(frames); a close frame is
+    answered. Fails at the end of the connection before."""
+    frames = []
+    while not done(frames):
+        data = s.recv(65536)
+        assert data, f"ended after {len(frames)} frames, no close frame" \
+            if not any(f.opcode is Opcode.CLOSE for f in frames) else "ended"
+        client.receive_data(data)
+        frames += [e for e in client.events_received() if isinstance(e, Frame)]
+        s.sendall(b"".join(client.data_to_send()))
+    return frames
+
+
+def test_a_ping_from_a_client_behind_on_its_reading_is_answered_and_loses_nothing(
+        start, monkeypatch):
+    """A client reads slower than its service writes (its queue at the
+    bound: backpressure) and pings (a keepalive). The pong waits for room:
+    every message arrives, in order, then the pong. The pong was refused and
+    the WebSocket ended with no close frame, the messages queued lost."""
+    d, s, client, flood = behind(start, monkeypatch)
+    with s:
+        client.send_ping(b"keepalive")
+        s.sendall(b"".join(client.data_to_send()))
+        frames = read_until(s, client, lambda fs: sum(f.opcode is Opcode.BINARY
+                                                      for f in fs) == flood.count)
+        data = [f.data for f in frames if f.opcode is Opcode.BINARY]
+        assert data == [flood.message(i) for i in range(flood.count)]
+        assert [f.data for f in frames if f.opcode is Opcode.PONG] == [b"keepalive"]
+
+
+def test_a_close_from_a_client_behind_on_its_reading_is_answered(start, monkeypatch):
+    """Its close frame is echoed (after what was queued for it), not dropped
+    with the WebSocket ended bare."""
+    d, s, client, flood = behind(start, monkeypatch)
+    with s:
+        client.send_close(1000, "bye")
+        s.sendall(b"".join(client.data_to_send()))
+        frames = read_until(s, client, lambda fs: client.close_rcvd is not None)
+        data = [f.data for f in frames if f.opcode is Opcode.BINARY]
+        assert data == [flood.message(i) for i in range(len(data))]
+        assert client.close_rcvd.code == 1000
+
+
+def test_stopping_with_a_client_behind_on_its_reading_sends_1001_after_its_messages(
+        start, monkeypatch):
+    """The daemon stops while a client's queue is at its bound: the 1001 goes
+    after what is queued for the client, which reads it all (it got the
+    messages and a bare TCP close)."""
+    d, s, client, flood = behind(start, monkeypatch)
+    with s:
+        d.daemon.stop()
+        frames = read_until(s, client, lambda fs: client.close_rcvd is not None)
+        data = [f.data for f in frames if f.opcode is Opcode.BINARY]
+        assert data == [flood.message(i) for i in range(len(data))]
+        assert (client.close_rcvd.code, client.close_rcvd.reason) == \
+            (1001, "websocketd is stopping")
+
+
+def test_an_end_whose_close_frame_never_fits_is_cut_after_flush_timeout(start, monkeypatch,
+                                                                       caplog):
+    """The client closes while behind on its reading, and then never reads:
+    the echo of its close waits for room FLUSH_TIMEOUT at most, then the
+    WebSocket ends without it (both its connections closed)."""
+    from pyipc.daemons.websocketd import daemon as daemon_module
+    monkeypatch.setattr(daemon_module, "FLUSH_TIMEOUT", 0.5)
+    d, s, client, flood = behind(start, monkeypatch)
+    with s, caplog.at_level("INFO", logger="pyipc.daemons.websocketd"):
+        client.send_close(1000, "bye")
+        s.sendall(b"".join(client.data_to_send()))
+        spin_until(lambda: "closed without our close frame" in caplog.text, timeout=5)
+        spin_until(lambda: not d.daemon.sessions, timeout=5)
+
+
+def test_pings_from_a_client_that_does_not_read_are_bounded_then_all_answered(
+        start, monkeypatch):
+    """A client behind on its reading floods pings: websocketd owes one
+    read's pongs at most, then stops reading it (the pings wait in the
+    kernel: the client's sends stop). Once the client reads, every ping is
+    answered, in order, after the messages."""
+    d, s, client, flood = behind(start, monkeypatch)
+    with s:
+        s.setblocking(False)
+        ping = b"\x89\xfd\0\0\0\0" + b"p" * 125          # masked (zero key), 125 bytes
+        cap, pings, rest = (64 * MIB) // len(ping), 0, b""
+        with contextlib.suppress(BlockingIOError):
+            while pings < cap and not rest:
+                rest = ping[s.send(ping):]
+                pings += 1
+        assert pings < cap, pings                          # stopped: not read
+        s.settimeout(10)
+        # The end of a ping the kernel took in part, sent as websocketd reads.
+        finish = threading.Thread(target=s.sendall, args=(rest,))
+        finish.start()
+        frames = read_until(s, client, lambda fs: sum(f.opcode is Opcode.PONG
+                                                      for f in fs) == pings
+                            and sum(f.opcode is Opcode.BINARY for f in fs) == flood.count)
+        finish.join(10)
+        data = [f.data for f in frames if f.opcode is Opcode.BINARY]
+        assert data == [flood.message(i) for i in range(flood.count)]
+        assert [f.data for f in frames if f.opcode is Opcode.PONG] == [b"p" * 125] * pings
 
 
 def test_service_that_does_not_read_pauses_the_client_not_the_daemon(start, backend, rundir):

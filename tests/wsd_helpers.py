@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import pyipc
 from pyipc import EventType
@@ -127,3 +127,55 @@ def echo(ctx: pyipc.Context, ev: pyipc.Event) -> None:
 
 def sink(ctx: pyipc.Context, ev: pyipc.Event) -> None:
     """Keep what arrives (recorded in ServiceThread.events), answer nothing."""
+
+
+
+class Flood:
+    """A service's handler that sends `count` numbered `size`-byte messages
+    to its client as fast as its queue takes them (the rest at each
+    MESSAGE_TX). Message i is `i` (4 bytes, big-endian) repeated."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.count, self.size = count, size
+        self.sent = 0
+
+    def message(self, i: int) -> bytes:
+        return i.to_bytes(4, "big") * (self.size // 4)
+
+    def __call__(self, ctx: pyipc.Context, ev: pyipc.Event) -> None:
+        if ev.type in (EventType.CONNECTION, EventType.MESSAGE_TX):
+            try:
+                while self.sent < self.count:
+                    ctx.schedule(ev.fd, self.message(self.sent))
+                    self.sent += 1
+            except pyipc.QueueFullError:
+                pass                        # the rest at the next MESSAGE_TX
+
+
+class ClientQueueWatch:
+    """Sets `over` once a WebSocket client's queue in websocketd is over its
+    bound (backpressure: websocketd no longer reads the service): after
+    each message of a service, an empty switch_send (which the core refuses
+    then, and is otherwise nothing) probes it from `daemon`'s loop (set it
+    before a client connects)."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        from pyipc.daemons.websocketd import session as session_mod
+        self.over = threading.Event()
+        self.daemon: Any = None
+        on_out = session_mod.Session.on_out
+
+        def probing_on_out(session: Any, fd: int, payload: bytes) -> Any:
+            result = on_out(session, fd, payload)
+            if not self.over.is_set():      # (a timer: inside on_out nothing is refused)
+                self.daemon.later(0, lambda: self._probe(session))
+            return result
+        monkeypatch.setattr(session_mod.Session, "on_out", probing_on_out)
+
+    def _probe(self, session: Any) -> None:
+        try:
+            session.ctx.switch_send(session.fd, b"")
+        except pyipc.QueueFullError:
+            self.over.set()
+        except pyipc.IPCError:
+            pass                            # ended meanwhile

@@ -386,7 +386,7 @@ class WebSocketd(Daemon):
         session: Optional[Session] = None
         try:
             session = Session(self.ctx, fd, service_fd, name, peer, protocol,
-                              transport, self._linger)
+                              transport, self._linger, self.later, FLUSH_TIMEOUT)
             early(session)
             self.ctx.add_switch(fd, service_fd)
             self.ctx.set_switch_callbacks(fd, session.on_in, session.on_out)

@@ -30,6 +30,7 @@ import collections
 import logging
 import os
 import struct
+import time
 from typing import Callable, Deque, Optional, Sequence, Tuple, Union
 
 from websockets.frames import CloseCode, Frame, Opcode
@@ -50,18 +51,33 @@ log = logging.getLogger("pyipc.daemons.websocketd")
 
 _DATA = (Opcode.TEXT, Opcode.BINARY)
 
+#: Seconds between two tries to queue the replies owed to a client (pongs, a
+#: close frame) that its queue refused, being over its bound (backpressure: the
+#: client reads slower than its service writes). The service's next message
+#: takes them along at once (on_out is never refused); this is for a service
+#: that sends nothing more.
+OWED_RETRY = 0.05
+
+#: later(delay, callback): the daemon's call_later.
+Later = Callable[[float, Callable[[], None]], object]
+
 
 class Session:
     """A WebSocket client's fd switched with its service's fd."""
 
     __slots__ = ("ctx", "fd", "service_fd", "service", "peer", "protocol", "transport",
                  "linger", "_parts", "_text", "_messages", "_ending", "_ended", "_service",
-                 "_credit", "_paused")
+                 "_credit", "_paused", "_not_read", "_owed", "_paying", "_end_after",
+                 "_end_by", "later", "flush_timeout")
 
     def __init__(self, ctx: Context, fd: int, service_fd: int, service: str, peer: str,
                  protocol: Protocol, transport: Union[Plain, Tls],
-                 linger: Callable[["Session", int], None]) -> None:
+                 linger: Callable[["Session", int], None], later: Later,
+                 flush_timeout: float) -> None:
         self.ctx = ctx
+        self.later = later
+        # Seconds an end waits for the close frame to fit the client's queue.
+        self.flush_timeout = flush_timeout
         # linger(session, dup_fd): the switch ended (see _end); the daemon
         # watches dup_fd (a dup of the client's socket, or -1 for none) until
         # the client answers our close frame, and cuts a client that does
@@ -85,6 +101,13 @@ class Session:
         # Messages toward the service.
         self._credit = Credit(ctx.max_queue_size, ctx.max_message_size)
         self._paused = False                   # the client is not read (_credit over)
+        self._not_read = False                 # pause_reading of the client is on
+        # Bytes for the client its queue refused (over its bound), in order:
+        # queued as soon as they fit (_pay); the client is not read meanwhile.
+        self._owed = bytearray()
+        self._paying = False                   # a _pay timer is set
+        self._end_after: Optional[Tuple[str, bool]] = None   # an _end waiting for _owed
+        self._end_by = 0.0                     # ... until then (monotonic)
 
     # ------------------------------------------------------------ callbacks
 
@@ -93,7 +116,8 @@ class Session:
         Every message is counted toward the service's Credit; a mark is
         scheduled rather than returned; while paused, nothing is returned
         (what was read waits for feed_early)."""
-        if not self._paused and not self._messages and self._ending is None:
+        if not self._paused and not self._owed and not self._messages \
+                and self._ending is None:
             self._receive()
         while self._messages and not self._paused:
             payload = self._messages.popleft()
@@ -117,15 +141,26 @@ class Session:
         return CBEvent.IGNORE, None
 
     def on_out(self, fd: int, payload: bytes) -> CBEvent:
-        """One message of the service: one binary WebSocket message."""
-        if self.protocol.state is not State.OPEN:
+        """One message of the service: one binary WebSocket message, after
+        the replies owed to the client (from on_out nothing is refused)."""
+        result = CBEvent.NO_ERROR
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_binary(payload)
+        else:
             # The client is closing: it no longer takes messages (RFC 6455 7.1.2).
             log.debug("%s: %d-byte message for a closing WebSocket dropped",
                       self.peer, len(payload))
-            return CBEvent.IGNORE
-        self.protocol.send_binary(payload)
-        self._flush()
-        return CBEvent.NO_ERROR
+            result = CBEvent.IGNORE
+        out = bytes(self._owed) + self.transport.send(b"".join(self.protocol.data_to_send()))
+        if self._owed:
+            self._owed.clear()
+            self._apply_reading()
+        if out:
+            try:
+                self.ctx.switch_send(self.fd, out)
+            except IPCError as e:          # the fd is already gone
+                log.debug("%s: %s", self.peer, e)
+        return result
 
     def on_service_in(self, fd: int) -> Tuple[CBEvent, Optional[bytes]]:
         """The service's socket is readable (or MORE asked to be called):
@@ -243,13 +278,23 @@ class Session:
             self._set_paused(True)
 
     def _set_paused(self, paused: bool) -> None:
-        """Stop (or resume) reading the client's socket."""
+        """Stop (or resume) reading the client's socket for the credit."""
+        self._paused = paused
+        self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        """Read the client unless the credit is over or replies are owed to
+        it (then its pings wait in the kernel: at most one read's pongs are
+        owed, however many pings it sends without reading)."""
+        stop = self._paused or bool(self._owed)
+        if stop == self._not_read:
+            return
         try:
-            self.ctx.pause_reading(self.fd, paused)
+            self.ctx.pause_reading(self.fd, stop)
         except IPCError as e:                   # the client's fd is gone
             log.debug("%s: %s", self.peer, e)
             return
-        self._paused = paused
+        self._not_read = stop
 
     def close(self, code: int, reason: str) -> None:
         """Close the WebSocket with `code` (the service went away, the daemon
@@ -348,16 +393,62 @@ class Session:
     # ------------------------------------------------------------ writing
 
     def _flush(self) -> None:
-        """Queue for the client what the protocol (and TLS) has to send."""
+        """Queue for the client what the protocol (and TLS) has to send. A
+        queue over its bound is backpressure, not a dead client: what it
+        refuses (pongs, a close frame) is owed, queued as soon as it fits
+        (the service's next message, or _pay), never dropped (they were: the
+        WebSocket ended with no close frame and the messages queued lost).
+        A client that never reads is cut by FLUSH_TIMEOUT or dead-peer
+        detection, as without replies."""
         out = self.transport.send(b"".join(self.protocol.data_to_send()))
         if not out or self._ended:
             return
-        try:
-            self.ctx.switch_send(self.fd, out)
-        except QueueFullError:
-            self._ending = "the client does not read (its queue is full)"
-        except IPCError as e:          # the fd is already gone
-            log.debug("%s: %s", self.peer, e)
+        self._owed += out
+        self._queue_owed()
+        if self._owed:
+            self._apply_reading()
+            self._pay_later()
+
+    def _queue_owed(self) -> None:
+        """Queue what is owed to the client, in pieces its bound takes, as
+        far as its queue has room."""
+        bound = self.ctx.max_queue_size
+        while self._owed:
+            piece = bytes(self._owed[:bound])
+            try:
+                self.ctx.switch_send(self.fd, piece)
+            except QueueFullError:
+                return
+            except IPCError as e:          # the fd is already gone
+                log.debug("%s: %s", self.peer, e)
+                self._owed.clear()
+                return
+            del self._owed[:len(piece)]
+
+    def _pay_later(self) -> None:
+        if not self._paying:
+            self._paying = True
+            self.later(OWED_RETRY, self._pay)
+
+    def _pay(self) -> None:
+        """OWED_RETRY later: queue what is still owed; once it is all queued,
+        read the client again, or end (an end waits for its close frame).
+        An end whose close frame does not fit within flush_timeout ends
+        without it."""
+        self._paying = False
+        if self._ended:
+            return
+        self._queue_owed()
+        if self._owed:
+            if self._end_after is None or time.monotonic() < self._end_by:
+                self._pay_later()
+                return
+            log.info("%s: /%s: the client did not read within %g s: closed without "
+                     "our close frame", self.peer, self.service, self.flush_timeout)
+            self._owed.clear()
+        self._apply_reading()
+        if self._end_after is not None:
+            self._end(*self._end_after)
 
     def failed(self) -> bool:
         """Whether the WebSocket ended on a failure: the daemon half-closes
@@ -376,7 +467,7 @@ class Session:
         """End the switch: what is queued for the client is written, then
         both the client and the service connection are closed. A failure
         (`error`) is also an ERROR event with the reason."""
-        if self._ended:
+        if self._ended or self._end_waits(reason, error):
             return
         self._ended = True
         log.info("%s: /%s closed: %s", self.peer, self.service, reason)
@@ -393,6 +484,22 @@ class Session:
         except IPCError as e:
             log.debug("%s: %s", self.peer, e)
         self.linger(self, dup)
+
+    def _end_waits(self, reason: str, error: bool) -> bool:
+        """Whether the end waits for what is owed to the client (its close
+        frame): switch_end would drop it. The service is not read meanwhile
+        (its end would be seen again and again)."""
+        if not self._owed:
+            self._end_after = None
+            return False
+        if self._end_after is None:
+            self._end_after = (reason, error)
+            self._end_by = time.monotonic() + self.flush_timeout
+            try:
+                self.ctx.pause_reading(self.service_fd, True)
+            except IPCError as e:
+                log.debug("%s: %s", self.peer, e)
+        return True
 
     def _dup_for_answer(self) -> int:
         """A dup of the client's socket, to wait for its close answer; -1

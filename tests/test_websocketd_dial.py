@@ -356,3 +356,60 @@ def test_frames_with_the_remotes_101_past_the_byte_bound_before_a_mark_all_reach
         with pyipc.Context(rundir=a, backend=backend) as ctx:
             fd = ctx.connect("p", timeout=10)
             assert [ctx.read(fd, timeout=5) for _ in sent] == sent
+
+
+def test_a_ping_from_a_remote_behind_on_its_reading_is_answered_and_loses_nothing(
+        hosts, backend, monkeypatch):
+    """The remote reads slower than the local client writes (websocketd's
+    queue toward it at its bound: backpressure) and pings, as `websockets`
+    servers do every 20 s. The pong waits for room: every message reaches
+    the remote, in order, and the pong. The WebSocket ended with no close
+    frame (a third of the messages lost, the client's write failed)."""
+    from websockets.frames import Frame, Opcode
+    from websockets.protocol import State
+    from websockets.server import ServerProtocol
+
+    from wsd_helpers import ClientQueueWatch, Flood
+
+    a, _ = hosts
+    watch = ClientQueueWatch(monkeypatch)
+    flood = Flood(64, 256 * 1024)          # 16 MiB: past the bound and the socket buffers
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            host_a(a, backend, max_buffer=1 << 20, max_message_size=1 << 20) as wsd:
+        watch.daemon = wsd
+        monkeypatch.setenv("IPC_NETWORK", f"p ws://127.0.0.1:{server.getsockname()[1]}/pong")
+        failures: list = []
+
+        def local_client() -> None:
+            try:
+                with pyipc.Context(rundir=a, backend=backend) as ctx:
+                    fd = ctx.connect("p", timeout=10)
+                    for i in range(flood.count):
+                        ctx.write(fd, flood.message(i), timeout=10)
+                    ctx.read(fd, timeout=10)          # held open until the remote ends
+            except pyipc.IPCError as e:
+                failures.append(e)
+        writer = threading.Thread(target=local_client)
+        writer.start()
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            conn.sendall(accept_101(request))
+            assert watch.over.wait(10)
+            conn.sendall(b"\x89\x04ping")                 # unmasked: from the server side
+            remote = ServerProtocol(state=State.OPEN)
+            frames: list = []
+            while sum(f.opcode is Opcode.BINARY for f in frames) < flood.count:
+                data = conn.recv(65536)
+                assert data, (f"ended after {len(frames)} frames",
+                              [(f.opcode.name, len(f.data)) for f in frames], failures)
+                remote.receive_data(data)
+                frames += [e for e in remote.events_received() if isinstance(e, Frame)]
+            assert [f.data for f in frames if f.opcode is Opcode.BINARY] == \
+                [flood.message(i) for i in range(flood.count)]
+            assert [f.data for f in frames if f.opcode is Opcode.PONG] == [b"ping"]
+        writer.join(15)
+        assert not failures or isinstance(failures[0], pyipc.ConnectionClosedError), failures

@@ -102,8 +102,14 @@ class WebSocketd(Daemon):
             given = _systemd.passed_sockets()
         sockets = given or [self._listen()]
         self.ctx.switch_events = False   # no SWITCH_RX/TX: nothing to do per message
-        self._nudge_r, self._nudge_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self.ctx.add_external(self._nudge_r)     # the context closes it (close_all)
+        nudge_r, nudge_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            self.ctx.add_external(nudge_r)       # the context closes it (close_all)
+        except BaseException:
+            os.close(nudge_r)
+            os.close(nudge_w)
+            raise
+        self._nudge_r, self._nudge_w = nudge_r, nudge_w
         for sock in sockets:
             sock.setblocking(False)
             self.ctx.add_external(sock.fileno())

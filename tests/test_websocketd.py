@@ -190,6 +190,18 @@ def test_a_client_message_far_over_the_bound_is_told_1009(start):
     assert codes == [1009] * 8
 
 
+def _start_oversize_until_1009(s: socket.socket, client: ClientProtocol) -> None:
+    """Send the first 64 KiB of a masked binary frame announcing 8 MB, then
+    read websocketd's 1009 close frame and, right after it, its FIN."""
+    s.sendall(b"\x82\xff" + struct.pack(">Q", 8_000_000) + b"\0" * 4 + b"x" * 65536)
+    while client.close_rcvd is None:
+        data = s.recv(65536)
+        assert data, "the end before the close frame"
+        client.receive_data(data)
+    assert client.close_rcvd.code == 1009
+    assert s.recv(65536) == b""                     # its FIN right after the close frame
+
+
 def test_after_a_1009_the_clients_input_is_read_to_its_end(start):
     """A lingering close: after the 1009, websocketd half-closes (the client
     reads the close frame, then the end) and reads what the client still
@@ -197,15 +209,7 @@ def test_after_a_1009_the_clients_input_is_read_to_its_end(start):
     start.service()
     d = start.daemon(max_message_size=MIB)
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
-        client = handshake(s, d.url("/echo"))
-        # A masked binary frame announcing 8 MB, its first 64 KiB.
-        s.sendall(b"\x82\xff" + struct.pack(">Q", 8_000_000) + b"\0" * 4 + b"x" * 65536)
-        while client.close_rcvd is None:
-            data = s.recv(65536)
-            assert data, "the end before the close frame"
-            client.receive_data(data)
-        assert client.close_rcvd.code == 1009
-        assert s.recv(65536) == b""                 # its FIN right after the close frame
+        _start_oversize_until_1009(s, handshake(s, d.url("/echo")))
         s.sendall(b"x" * (2 * MIB))                 # the rest of the message: read, no reset
         s.shutdown(socket.SHUT_WR)
         s.settimeout(5)
@@ -221,11 +225,7 @@ def test_after_a_1009_a_client_that_never_ends_is_closed_at_close_timeout(start,
     start.service()
     d = start.daemon(max_message_size=MIB)
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
-        client = handshake(s, d.url("/echo"))
-        s.sendall(b"\x82\xff" + struct.pack(">Q", 8_000_000) + b"\0" * 4 + b"x" * 65536)
-        while client.close_rcvd is None:
-            client.receive_data(s.recv(65536))
-        assert s.recv(65536) == b""
+        _start_oversize_until_1009(s, handshake(s, d.url("/echo")))
         assert d.daemon.lingering                   # still reading it
         s.sendall(b"x" * 65536)
         spin_until(lambda: not d.daemon.lingering, timeout=5)
@@ -445,6 +445,21 @@ def test_frames_sent_with_the_request_are_not_lost(start):
     assert service.messages() == [b"one", b"two"]
 
 
+def _request_with_messages(url: str, messages: list, close_too: bool = False
+                           ) -> tuple[ClientProtocol, bytes]:
+    """A client of `url` and the bytes of its WebSocket request followed by
+    `messages` (and a close frame): all sent before any answer."""
+    client = ClientProtocol(parse_uri(url))
+    client.send_request(client.connect())
+    request = b"".join(client.data_to_send())
+    early = ClientProtocol(parse_uri(url), state=State.OPEN)
+    for m in messages:
+        early.send_binary(m)
+    if close_too:
+        early.send_close(1000, "done")
+    return client, request + b"".join(early.data_to_send())
+
+
 @pytest.mark.parametrize("close_too", [False, True])
 def test_frames_with_the_request_past_the_queue_bound_all_reach_the_service(start,
                                                                             close_too):
@@ -455,17 +470,10 @@ def test_frames_with_the_request_past_the_queue_bound_all_reach_the_service(star
     first that did not fit made it fail)."""
     service = start.service()
     d = start.daemon(max_buffer=1000, max_message_size=100)
-    client = ClientProtocol(parse_uri(d.url("/echo")))
-    client.send_request(client.connect())
-    request = b"".join(client.data_to_send())
-    early = ClientProtocol(parse_uri(d.url("/echo")), state=State.OPEN)
     sent = [b"%03d" % i + b"x" * 47 for i in range(200)]
-    for m in sent:
-        early.send_binary(m)
-    if close_too:
-        early.send_close(1000, "done")
+    client, opening = _request_with_messages(d.url("/echo"), sent, close_too)
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
-        s.sendall(request + b"".join(early.data_to_send()))    # all in one segment
+        s.sendall(opening)                                     # all in one segment
         if close_too:       # (`client` does not know `early` closed: it is not answered)
             while client.close_rcvd is None:
                 data = s.recv(65536)
@@ -495,15 +503,10 @@ def test_frames_with_the_request_past_the_byte_bound_before_a_mark_all_reach_the
     good (6 of 20 echoed: no MESSAGE_TX was to come to hand them over)."""
     service = start.service()
     d = start.daemon(max_buffer=4096, max_message_size=1000)
-    client = ClientProtocol(parse_uri(d.url("/echo")))
-    client.send_request(client.connect())
-    request = b"".join(client.data_to_send())
-    early = ClientProtocol(parse_uri(d.url("/echo")), state=State.OPEN)
     sent = [b"%04d" % i + b"x" * (size - 4) for i in range(count)]
-    for m in sent:
-        early.send_binary(m)
+    client, opening = _request_with_messages(d.url("/echo"), sent)
     with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
-        s.sendall(request + b"".join(early.data_to_send()))    # all in one segment
+        s.sendall(opening)                                     # all in one segment
         echoed: list = []
         while len(echoed) < len(sent):
             data = s.recv(65536)        # (a hang is socket.timeout)

@@ -325,37 +325,36 @@ def test_a_hosts_share_comes_back_when_no_worker_can_be_started(hosts, backend):
         assert ask_ws(a, uri).startswith(b"ne unreachable ")
 
 
+def _unmasked_binary_frames(messages: list) -> bytes:
+    """Server-to-client binary frames (unmasked), one per message."""
+    def header(size: int) -> bytes:
+        return bytes([0x82, size]) if size < 126 else b"\x82\x7e" + size.to_bytes(2, "big")
+    return b"".join(header(len(m)) + m for m in messages)
+
+
+@pytest.mark.parametrize("size, count, max_buffer, max_message_size", [
+    # 200 messages (11 KB): they were dropped, the client told ok, then its
+    # socket ended.
+    (50, 200, 1000, 100),
+    # 20 x 900 bytes take the queue over its byte bound before a mark
+    # (credit.py) was due: 14 of them waited in websocketd for good (no
+    # MESSAGE_TX was to come).
+    (900, 20, 4096, 1000),
+])
 def test_frames_with_the_remotes_101_past_the_queue_bound_all_reach_the_client(
-        hosts, backend, monkeypatch):
-    """--max-buffer 1000: 200 messages (11 KB) that came in one segment with
-    the remote's 101 reach ipcd's client as its queue drains, in order. They
-    were dropped: the client was told ok, then its socket ended."""
+        hosts, backend, monkeypatch, size, count, max_buffer, max_message_size):
+    """Messages that came in one segment with the remote's 101, more than
+    websocketd's queue toward ipcd's client takes at once, reach the client
+    as its queue drains, all, in order."""
     a, _ = hosts
-    sent = [b"%03d" % i + b"x" * 47 for i in range(200)]
-    frames = b"".join(b"\x82" + bytes([len(m)]) + m for m in sent)   # unmasked, binary
+    sent = [b"%03d" % i + b"x" * (size - 3) for i in range(count)]
+    frames = _unmasked_binary_frames(sent)
     with fake_remote(lambda request: accept_101(request) + frames) as port, \
-            host_a(a, backend, max_buffer=1000, max_message_size=100):
+            host_a(a, backend, max_buffer=max_buffer, max_message_size=max_message_size):
         monkeypatch.setenv("IPC_NETWORK", f"p ws://127.0.0.1:{port}/pong")
         with pyipc.Context(rundir=a, backend=backend) as ctx:
             fd = ctx.connect("p", timeout=10)
             assert [ctx.read(fd, timeout=10) for _ in sent] == sent
-
-
-def test_frames_with_the_remotes_101_past_the_byte_bound_before_a_mark_all_reach_the_client(
-        hosts, backend, monkeypatch):
-    """--max-buffer 4096 --max-message-size 1000: 20 x 900-byte frames with
-    the remote's 101 take the client's queue over its byte bound before a
-    mark (credit.py) was due. They all reach the client, in order; 14 of
-    them waited in websocketd for good (no MESSAGE_TX was to come)."""
-    a, _ = hosts
-    sent = [b"%03d" % i + b"x" * 897 for i in range(20)]
-    frames = b"".join(b"\x82\x7e" + len(m).to_bytes(2, "big") + m for m in sent)
-    with fake_remote(lambda request: accept_101(request) + frames) as port, \
-            host_a(a, backend, max_buffer=4096, max_message_size=1000):
-        monkeypatch.setenv("IPC_NETWORK", f"p ws://127.0.0.1:{port}/pong")
-        with pyipc.Context(rundir=a, backend=backend) as ctx:
-            fd = ctx.connect("p", timeout=10)
-            assert [ctx.read(fd, timeout=5) for _ in sent] == sent
 
 
 def test_a_ping_from_a_remote_behind_on_its_reading_is_answered_and_loses_nothing(

@@ -247,16 +247,21 @@ def test_demo_stopped_by_a_signal_stops_its_children_and_cleans_up(backend, sig)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"),
                     reason="a child ends with demo where prctl(PR_SET_PDEATHSIG) exists")
-def test_demo_killed_leaves_no_child_running(backend, rundir):
+def test_demo_killed_leaves_no_child_running(backend):
     """SIGKILL runs none of demo's cleanup: its pongd and clients are ended
-    by the kernel (PR_SET_PDEATHSIG), where pongd used to serve on forever."""
-    proc = subprocess.Popen([sys.executable, "-m", "pyipc", "--rundir", rundir, "--backend",
-                             backend, "demo", "--clients", "20", "--messages", "100000"],
+    by the kernel (PR_SET_PDEATHSIG), where pongd used to serve on forever.
+    (Its temporary directory stays: removed here.)"""
+    proc = subprocess.Popen([sys.executable, "-m", "pyipc", "--backend", backend, "demo",
+                             "--clients", "20", "--messages", "100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=CHILD_ENV)
+    workdir = None
     try:
-        assert proc.stdout.readline().startswith("pongd: serving demo in ")
-        children = [pid for pid in _pids_naming(rundir) if pid != proc.pid]
+        ready = proc.stdout.readline()
+        found = re.fullmatch(r"pongd: serving demo in (/tmp/pyipc-demo-\w+)/run .*\n", ready)
+        assert found, ready
+        workdir = found[1]
+        children = [pid for pid in _pids_naming(workdir) if pid != proc.pid]
         assert children, "demo's children are running"
         pidfds = []
         for pid in children:
@@ -272,11 +277,13 @@ def test_demo_killed_leaves_no_child_running(backend, rundir):
         finally:
             for pidfd in pidfds:
                 os.close(pidfd)
-        assert not os.path.exists(os.path.join(rundir, "demo"))   # pongd's SIGTERM
+        assert not os.path.exists(os.path.join(workdir, "run", "demo"))   # pongd's SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_demo_whose_pongd_cannot_start_removes_its_temp_dir(backend, rundir):

@@ -668,6 +668,39 @@ def behind(start, monkeypatch):
     return d, s, client, flood
 
 
+def test_a_session_forgotten_with_replies_owed_does_nothing_more(start, monkeypatch):
+    """A client behind on its reading closes (its close echo is owed, the end
+    waits for it), then vanishes (a reset): the session is forgotten at the
+    DISCONNECTION. Its retry timer, still set, ended the session's old fds
+    (a dup for lingering, switch_end) and sent them the owed bytes: by then
+    those numbers may be the next client's."""
+    from pyipc.daemons.websocketd import daemon as daemon_module
+    from pyipc.daemons.websocketd import session as session_module
+    late, paid = [], threading.Event()
+    linger, pay = daemon_module.WebSocketd._linger, session_module.Session._pay
+
+    def spied_linger(self, session, fd):
+        if self.sessions.get(session.fd) is not session:
+            late.append((session.fd, fd))
+        return linger(self, session, fd)
+
+    def spied_pay(self):
+        pay(self)
+        if self._ended:
+            paid.set()
+    monkeypatch.setattr(daemon_module.WebSocketd, "_linger", spied_linger)
+    monkeypatch.setattr(session_module.Session, "_pay", spied_pay)
+    d, s, client, _ = behind(start, monkeypatch)
+    client.send_close(1000, "bye")
+    s.sendall(b"".join(client.data_to_send()))
+    spin_until(lambda: any(x._end_after for x in d.daemon.sessions.values()), timeout=5)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()                                          # a reset
+    spin_until(lambda: not d.daemon.sessions, timeout=5)
+    assert paid.wait(5)                                # the timer ran, after the end
+    assert late == []
+
+
 def read_until(s, client, done):
     """Frames (data, pongs, close) read until done(frames); a close frame is
     answered. Fails at the end of the connection before."""

@@ -316,7 +316,13 @@ class Session:
             log.info("%s: /%s closed: 1001 %s", self.peer, self.service, reason)
 
     def release(self) -> None:
-        """Both fds are gone: close the dup of the service's socket."""
+        """Both fds are gone: close the dup of the service's socket, and do
+        nothing more for them. A _pay timer still set finds the session
+        ended: the fd numbers may be another connection's by then (it sent
+        the owed bytes there, and ended that connection)."""
+        self._ended = True
+        self._owed.clear()
+        self._end_after = None
         self._service.close()
 
     # ------------------------------------------------------------ reading

@@ -138,6 +138,13 @@ const Pair = struct {
     }
 };
 
+/// A connected pair of Unix stream sockets (blocking); the caller closes both.
+fn unixSocketPair() ![2]c.fd_t {
+    var pair: [2]c.fd_t = undefined;
+    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    return pair;
+}
+
 fn sendRaw(fd: i32, bytes: []const u8) !void {
     var off: usize = 0;
     while (off < bytes.len) {
@@ -474,8 +481,7 @@ fn testIn(orig: c_int, payload: [*]u8, mlen: *u32) callconv(.c) c_int {
 /// A socketpair whose first end p.server watches, with callbacks `in` and
 /// `out`, switched with p's connection; the second end is the caller's.
 fn switchedPair(p: *Pair, in: switching.InCallback, out: switching.OutCallback) ![2]c.fd_t {
-    var pair: [2]c.fd_t = undefined;
-    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    const pair = try unixSocketPair();
     errdefer sys.closeFd(pair[1]);
     try p.server.addExternal(pair[0]);
     try switching.setCallbacks(p.server, pair[0], in, out);
@@ -874,8 +880,7 @@ test "an idle connection costs the core well under 2 KiB" {
 test "external fds: EXTERNAL while readable; close drops pending events; close_all restarts slots" {
     var p = try Pair.init("ext");
     defer p.deinit();
-    var pair: [2]c.fd_t = undefined;
-    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    const pair = try unixSocketPair();
     defer sys.closeFd(pair[1]);
     try p.server.addExternal(pair[0]);
     try testing.expectError(error.Generic, p.server.addExternal(pair[0]));
@@ -1167,8 +1172,7 @@ test "addConnection: one end of a socketpair becomes a connection; others are re
     defer run.deinit();
     const ctx = try run.newContext();
     defer ctx.destroy();
-    var pair: [2]c.fd_t = undefined;
-    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    const pair = try unixSocketPair();
     defer sys.closeFd(pair[1]);
     try ctx.addConnection(pair[0]); // the context owns pair[0] from now on
     try testing.expectError(error.Generic, ctx.addConnection(pair[0]));
@@ -1198,8 +1202,7 @@ test "linger: a readable external fd is reported once, then watched again after 
     defer sys.closeFd(pipe[1]);
     try ctx.addExternal(pipe[0]); // the context owns the read end
     try testing.expectEqual(@as(isize, 1), c.write(pipe[1], "x", 1));
-    var pair: [2]c.fd_t = undefined;
-    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    const pair = try unixSocketPair();
     defer sys.closeFd(pair[1]); // never read: the linger runs to its deadline
     try ctx.addConnection(pair[0]);
     const big = try gpa.alloc(u8, 4 << 20);
@@ -1219,8 +1222,7 @@ test "out of memory while a read is decoded: the connection ends, no hole in its
     var failing = std.testing.FailingAllocator.init(gpa, .{});
     const ctx = try Context.create(failing.allocator());
     defer ctx.destroy();
-    var pair: [2]c.fd_t = undefined;
-    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    const pair = try unixSocketPair();
     defer sys.closeFd(pair[1]);
     try ctx.addConnection(pair[0]);
     // A first message through: the buffers every read uses are there.
@@ -1249,8 +1251,7 @@ test "out of memory while a read is decoded: the connection ends, no hole in its
 test "linger with no time left still makes one attempt: linger(fd, 0) sends what fits" {
     const ctx = try Context.create(gpa);
     defer ctx.destroy();
-    var pair: [2]c.fd_t = undefined;
-    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    const pair = try unixSocketPair();
     defer sys.closeFd(pair[1]);
     try ctx.addConnection(pair[0]);
     try ctx.schedule(pair[0], "hello");
@@ -1486,8 +1487,7 @@ test "C ABI: ipc_context_set_limits refuses max_queue_size 2^63 with its own tex
 test "dropSharedInChild: a forked child's copies of locks and sockets become /dev/null, externals stay" {
     var p = try Pair.init("forkdrop");
     defer p.deinit();
-    var pair: [2]c.fd_t = undefined;
-    try testing.expectEqual(@as(c_int, 0), c.socketpair(c.AF.UNIX, c.SOCK.STREAM, 0, &pair));
+    const pair = try unixSocketPair();
     defer sys.closeFd(pair[1]);
     try p.server.addExternal(pair[0]);
     const lock_fd = p.server.table.get(p.service_fd).?.lock_fd;

@@ -137,7 +137,7 @@ class Session:
             more = bool(self._messages) or self._ending is not None
             return (CBEvent.MORE if more else CBEvent.NO_ERROR), payload
         if self._ending is not None and not self._messages:
-            self._end(self._ending, error=self._failed())
+            self._end(self._ending, error=self.failed())
         return CBEvent.IGNORE, None
 
     def on_out(self, fd: int, payload: bytes) -> CBEvent:
@@ -222,7 +222,7 @@ class Session:
                 return                          # the rest at the pending mark's MESSAGE_TX
             self._messages.popleft()
         if self._ending is not None and not self._messages:
-            self._end(self._ending, error=self._failed())
+            self._end(self._ending, error=self.failed())
 
     def service_wrote(self) -> None:
         """A message scheduled for the service was written (MESSAGE_TX), and
@@ -457,13 +457,10 @@ class Session:
             self._end(*self._end_after)
 
     def failed(self) -> bool:
-        """Whether the WebSocket ended on a failure: the daemon half-closes
-        the client's socket once our close frame is out, and reads it to its
-        end (linger_read)."""
-        return self._failed()
-
-    def _failed(self) -> bool:
-        """Whether the WebSocket ends on a failure (not a close handshake)."""
+        """Whether the WebSocket ends on a failure (not a close handshake):
+        an ERROR event says why, and the daemon half-closes the client's
+        socket once our close frame is out, then reads it to its end
+        (linger_read)."""
         sent = self.protocol.close_sent
         return sent is not None and sent.code not in (CloseCode.NORMAL_CLOSURE,
                                                       CloseCode.GOING_AWAY) \

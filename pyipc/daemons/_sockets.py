@@ -345,6 +345,12 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def no_answer(uri: str, seconds: float) -> str:
+    """The text of a dial for `uri` that ran out of its `seconds` (tcpd's
+    and websocketd's `ne timeout`)."""
+    return f"no answer from {uri} in {seconds:g} s"
+
+
 def dial_failure(where: str, exc: Optional[BaseException],
                  no_answer: str) -> Tuple[str, str]:
     """The refusal code and text for a dial (dial_tcp) that raised `exc`

@@ -563,7 +563,7 @@ class Tcpd(Daemon):
 
     def _no_answer(self, dial: _Dial) -> str:
         """The text of a dial that ran out of time."""
-        return f"no answer from {dial.uri} in {self.connect_timeout:g} s"
+        return _sockets.no_answer(dial.uri, self.connect_timeout)
 
     def _answer_ipcd(self, dial: _Dial, refusal: bytes) -> None:
         self.log.info("tcpd: %s: %s", dial.uri,

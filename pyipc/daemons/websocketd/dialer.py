@@ -333,7 +333,7 @@ class Dialer:
 
     def _no_answer(self, dial: _Dial) -> str:
         """The text of a dial that ran out of time."""
-        return f"no answer from {dial.uri} in {self.options.connect_timeout:g} s"
+        return _sockets.no_answer(dial.uri, self.options.connect_timeout)
 
     def _refuse(self, dial: _Dial, code: str, text: str) -> None:
         log.info("ws: %s: ne %s %s", dial.uri or "?", code, text)
